@@ -1,0 +1,1209 @@
+//! The change log: a redb database (`log.redb`) in the archive directory.
+//!
+//! # Tables
+//!
+//! | table          | key                                   | value                                   |
+//! |----------------|---------------------------------------|-----------------------------------------|
+//! | `changes`      | `(commit_lsn u64, seq u32)`           | encoded [`ChangeRecord`]                |
+//! | `transactions` | `commit_lsn u64`                      | encoded [`TxnRecord`]                   |
+//! | `relations`    | `(relation_id u32, commit_lsn, seq)`  | encoded [`RelationVersion`]             |
+//! | `types`        | `type_oid u32`                        | encoded `(schema, name)` of a non-builtin type |
+//! | `current_rows` | `(relation_id u32, key bytes)`        | encoded [`Row`]: the latest version     |
+//! | `current_undo` | `(commit_lsn u64, relation_id, key)`  | encoded `Option<Row>` before the open transaction touched it |
+//! | `meta`         | name                                  | position, last commit, source identity  |
+//! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
+//!
+//! Values are postcard-encoded, with a one-byte prefix: `0` plain, `1` zstd-compressed (used
+//! when the encoding is larger than [`COMPRESS_ABOVE`] bytes).
+//!
+//! # Commit protocol and why it is crash safe
+//!
+//! A source transaction is written under its commit LSN (the `final_lsn` of its Begin
+//! message), which is known before its first change, so a transaction of any size streams
+//! into `changes` without being held in memory: the writer commits a large transaction in
+//! several non-durable redb commits and finishes it at the source Commit, where the
+//! `transactions` record, `last_commit` and `position` are written in the same redb
+//! transaction. Only a durable ([`Durability::Immediate`]) commit makes `position` eligible
+//! for acknowledgement.
+//!
+//! After a crash at any point, [`ChangeLog::open`] sees redb at its last commit (durable or
+//! not) and removes whatever belongs to a source transaction that has no `transactions`
+//! record yet: changes and relation versions keyed after `last_commit`, and the current-row
+//! index is put back from `current_undo`. PostgreSQL then sends that transaction again from
+//! the slot, because nothing past the durable `position` was acknowledged. A source
+//! transaction whose commit LSN is below `position` is a replay of one already stored and is
+//! skipped whole, so nothing is stored twice.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::change::{Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row};
+use crate::error::LogError;
+use crate::lsn::{ChangeKey, Lsn};
+use crate::relation::RelationVersion;
+
+const CHANGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("changes");
+const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> = TableDefinition::new("relations");
+const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
+const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("current_rows");
+const UNDO: TableDefinition<(u64, u32, &[u8]), &[u8]> = TableDefinition::new("current_undo");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
+
+const META_FORMAT: &str = "format_version";
+const META_POSITION: &str = "position";
+const META_LAST_COMMIT: &str = "last_commit";
+const META_SOURCE: &str = "source";
+
+/// The on-disk format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Encoded values larger than this are zstd-compressed.
+pub const COMPRESS_ABOVE: usize = 1024;
+/// The log's file name inside the archive directory.
+pub const LOG_FILE: &str = "log.redb";
+
+/// What the log knows of one stored source transaction.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    pub xid: u32,
+    /// The Commit message's end LSN: the position to acknowledge once this is durable.
+    pub end_lsn: Lsn,
+    pub committed_at_us: i64,
+    pub change_count: u32,
+}
+
+/// A range of the source's history that the archive does not hold, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gap {
+    pub from: Lsn,
+    pub to: Lsn,
+    pub reason: String,
+    pub recorded_at_us: i64,
+}
+
+/// The identity of the source this archive captures, fixed at the first run and checked on
+/// every later connect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceIdentity {
+    pub system_id: String,
+    pub timeline: u32,
+    pub database: String,
+    pub slot: String,
+    pub publication: String,
+    /// The slot's consistent point; the initial snapshot is stored just before it.
+    pub consistent_point: Lsn,
+    /// Set once every snapshot row is durable.
+    pub snapshot_complete: bool,
+}
+
+/// One write to the log, in stream order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LogOp {
+    /// A Relation message: becomes a new schema version when its shape differs from the
+    /// latest stored one. `valid_from` is filled in by the log.
+    Relation(RelationVersion),
+    /// A Type message: the name of a non-builtin type.
+    Type { oid: u32, schema: String, name: String },
+    Begin { final_lsn: Lsn, xid: u32, committed_at_us: i64 },
+    Change(IncomingChange),
+    /// Application context (JSON text) for the changes that follow it in the transaction;
+    /// the first one of a transaction also labels the changes before it.
+    Context(String),
+    /// A transactional logical message of another prefix, kept as a change.
+    Message(LogicalMessage),
+    Commit { end_lsn: Lsn },
+    /// A non-transactional logical message, stored at its own LSN.
+    NonTransactionalMessage { lsn: Lsn, at_us: i64, message: LogicalMessage },
+    /// The server's WAL end while nothing is in flight and everything received is stored:
+    /// no transaction of the captured tables commits before it, so it may be acknowledged
+    /// (and the slot released) once durable, even when the captured tables are idle.
+    Advance(Lsn),
+}
+
+/// What one [`ChangeLog::apply`] call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub transactions: u64,
+    pub changes: u64,
+    /// Transactions skipped because the log already holds them (replays after a restart).
+    pub duplicates_skipped: u64,
+}
+
+struct InFlight {
+    final_lsn: Lsn,
+    xid: u32,
+    committed_at_us: i64,
+    next_seq: u32,
+    context: Option<String>,
+    saw_context: bool,
+    skip: bool,
+}
+
+/// The redb change log of one archive. It has one writer (the capture writer thread owns
+/// it); readers open their own read transactions through [`ChangeLog::reader`].
+pub struct ChangeLog {
+    db: Database,
+    dir: PathBuf,
+    relations: HashMap<u32, RelationVersion>,
+    /// Everything before this LSN is stored (in the last commit of this handle).
+    position: Lsn,
+    /// What the last durable commit made safe to acknowledge.
+    durable_position: Lsn,
+    last_commit: Lsn,
+    inflight: Option<InFlight>,
+    /// Set when an apply failed half-way: the in-memory state no longer matches the file.
+    poisoned: bool,
+}
+
+impl ChangeLog {
+    /// Open (or create) the log in `dir`, creating the directory private (0700), and recover
+    /// from any crash: see the module doc for why the recovery is safe.
+    pub fn open(dir: &Path) -> Result<ChangeLog, LogError> {
+        ensure_private_dir(dir)?;
+        let path = dir.join(LOG_FILE);
+        let existed = path.exists();
+        let db = Database::builder().create(&path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
+            source => LogError::Open { path: path.clone(), source },
+        })?;
+        if !existed {
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                .map_err(|source| LogError::Directory { path: path.clone(), source })?;
+        }
+        let mut log = ChangeLog {
+            db,
+            dir: dir.to_path_buf(),
+            relations: HashMap::new(),
+            position: Lsn::ZERO,
+            durable_position: Lsn::ZERO,
+            last_commit: Lsn::ZERO,
+            inflight: None,
+            poisoned: false,
+        };
+        log.recover()?;
+        Ok(log)
+    }
+
+    fn recover(&mut self) -> Result<(), LogError> {
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            let mut meta = wtx.open_table(META)?;
+            match get_u64(&meta, META_FORMAT)? {
+                None => {
+                    meta.insert(META_FORMAT, u64::from(FORMAT_VERSION).to_le_bytes().as_slice())?;
+                }
+                Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                Some(v) => {
+                    return Err(LogError::FormatVersion {
+                        found: u32::try_from(v).unwrap_or(u32::MAX),
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+            self.position = Lsn(get_u64(&meta, META_POSITION)?.unwrap_or(0));
+            self.last_commit = Lsn(get_u64(&meta, META_LAST_COMMIT)?.unwrap_or(0));
+            self.durable_position = self.position;
+
+            // Put back the current-row index as it was before the unfinished transaction
+            // touched it. Safe to redo after a crash during this recovery: the undo rows are
+            // deleted in the same redb transaction that restores them.
+            let mut undo = wtx.open_table(UNDO)?;
+            let mut current = wtx.open_table(CURRENT)?;
+            let mut restored = 0u64;
+            while let Some((k, v)) = undo.pop_first()? {
+                let (_, relation_id, key) = k.value();
+                let before: Option<Row> = decode(v.value(), "current_undo")?;
+                match before {
+                    Some(row) => {
+                        current.insert((relation_id, key), encode(&row).as_slice())?;
+                    }
+                    None => {
+                        current.remove((relation_id, key))?;
+                    }
+                }
+                restored += 1;
+            }
+            // Remove what belongs to a transaction that was never finished: everything
+            // keyed after the last finished transaction.
+            let first_unfinished = self.last_commit.0 + 1;
+            let mut changes = wtx.open_table(CHANGES)?;
+            let mut removed = 0u64;
+            changes.retain_in((first_unfinished, 0u32).., |_, _| {
+                removed += 1;
+                false
+            })?;
+            let mut relations = wtx.open_table(RELATIONS)?;
+            let stale: Vec<(u32, u64, u32)> = relations
+                .iter()?
+                .filter_map(|e| e.ok())
+                .map(|(k, _)| k.value())
+                .filter(|(_, lsn, _)| *lsn >= first_unfinished)
+                .collect();
+            for k in stale {
+                relations.remove(k)?;
+            }
+            if restored > 0 || removed > 0 {
+                tracing::warn!(
+                    removed_changes = removed,
+                    restored_index_rows = restored,
+                    last_commit = %self.last_commit,
+                    "discarded an unfinished source transaction left by a crash; PostgreSQL will send it again"
+                );
+            }
+            for t in [TXNS] {
+                wtx.open_table(t)?;
+            }
+            wtx.open_table(TYPES)?;
+            wtx.open_table(GAPS)?;
+        }
+        wtx.commit()?;
+        self.relations = self.load_latest_relations()?;
+        Ok(())
+    }
+
+    fn load_latest_relations(&self) -> Result<HashMap<u32, RelationVersion>, LogError> {
+        let rtx = self.db.begin_read()?;
+        let table = rtx.open_table(RELATIONS)?;
+        let mut latest = HashMap::new();
+        for entry in table.iter()? {
+            let (_, v) = entry?;
+            let rel: RelationVersion = decode(v.value(), "relations")?;
+            latest.insert(rel.relation_id, rel);
+        }
+        Ok(latest)
+    }
+
+    /// The archive directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The position made safe to acknowledge by the last durable commit: every source
+    /// transaction committing before it is durably stored.
+    pub fn durable_position(&self) -> Lsn {
+        self.durable_position
+    }
+
+    /// The commit LSN of the last stored source transaction.
+    pub fn last_commit(&self) -> Lsn {
+        self.last_commit
+    }
+
+    /// Whether a source transaction is open (between Begin and Commit).
+    pub fn in_transaction(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// Changes written so far for the open transaction.
+    pub fn inflight_changes(&self) -> u32 {
+        self.inflight.as_ref().map_or(0, |t| t.next_seq)
+    }
+
+    /// The latest known version of a relation.
+    pub fn relation(&self, relation_id: u32) -> Option<&RelationVersion> {
+        self.relations.get(&relation_id)
+    }
+
+    /// The source identity recorded at the first run, if any.
+    pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
+        let rtx = self.db.begin_read()?;
+        let meta = rtx.open_table(META)?;
+        match meta.get(META_SOURCE)? {
+            Some(v) => Ok(Some(decode(v.value(), "meta source")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Record the source identity durably.
+    pub fn set_source_identity(&mut self, identity: &SourceIdentity) -> Result<(), LogError> {
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            let mut meta = wtx.open_table(META)?;
+            meta.insert(META_SOURCE, encode(identity).as_slice())?;
+        }
+        wtx.commit()?;
+        Ok(())
+    }
+
+    /// Record a gap durably.
+    pub fn record_gap(&mut self, gap: &Gap) -> Result<(), LogError> {
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            let mut gaps = wtx.open_table(GAPS)?;
+            gaps.insert(gap.from.0, encode(gap).as_slice())?;
+        }
+        wtx.commit()?;
+        Ok(())
+    }
+
+    /// Remove every stored change and relation version and reset the position: used only when
+    /// an initial snapshot was interrupted before it completed (nothing was acknowledged past
+    /// the slot's creation, and the slot is dropped and created again).
+    pub fn reset_for_snapshot(&mut self) -> Result<(), LogError> {
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            for t in [CHANGES] {
+                wtx.delete_table(t)?;
+            }
+            wtx.delete_table(TXNS)?;
+            wtx.delete_table(RELATIONS)?;
+            wtx.delete_table(CURRENT)?;
+            wtx.delete_table(UNDO)?;
+            let mut meta = wtx.open_table(META)?;
+            meta.remove(META_POSITION)?;
+            meta.remove(META_LAST_COMMIT)?;
+            meta.remove(META_SOURCE)?;
+        }
+        wtx.commit()?;
+        self.position = Lsn::ZERO;
+        self.durable_position = Lsn::ZERO;
+        self.last_commit = Lsn::ZERO;
+        self.relations.clear();
+        self.inflight = None;
+        self.recover()
+    }
+
+    /// Apply `ops` in one redb write transaction. With [`Durability::Immediate`] the commit is
+    /// durable when this returns and [`durable_position`](Self::durable_position) moves on;
+    /// with [`Durability::None`] nothing becomes eligible for acknowledgement.
+    ///
+    /// An error leaves this handle poisoned: drop it and open the log again, which recovers
+    /// to the last commit (nothing after the durable position was acknowledged).
+    pub fn apply(
+        &mut self,
+        ops: impl IntoIterator<Item = LogOp>,
+        durability: Durability,
+    ) -> Result<Applied, LogError> {
+        if self.poisoned {
+            return Err(LogError::Corrupt {
+                what: "this log handle".into(),
+                source: "an earlier write failed; reopen the log".into(),
+            });
+        }
+        self.poisoned = true;
+        let durable = matches!(durability, Durability::Immediate);
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        if !durable {
+            wtx.set_durability(Durability::None).map_err(|e| LogError::Corrupt {
+                what: "durability".into(),
+                source: format!("{e:?}").into(),
+            })?;
+        }
+        let mut applied = Applied::default();
+        {
+            let mut tables = Tables {
+                changes: wtx.open_table(CHANGES)?,
+                txns: wtx.open_table(TXNS)?,
+                relations: wtx.open_table(RELATIONS)?,
+                types: wtx.open_table(TYPES)?,
+                current: wtx.open_table(CURRENT)?,
+                undo: wtx.open_table(UNDO)?,
+            };
+            for op in ops {
+                self.apply_one(&mut tables, op, &mut applied)?;
+            }
+            let mut meta = wtx.open_table(META)?;
+            meta.insert(META_POSITION, self.position.0.to_le_bytes().as_slice())?;
+            meta.insert(META_LAST_COMMIT, self.last_commit.0.to_le_bytes().as_slice())?;
+        }
+        wtx.commit()?;
+        if durable {
+            self.durable_position = self.position;
+        }
+        self.poisoned = false;
+        Ok(applied)
+    }
+
+    fn apply_one(&mut self, t: &mut Tables<'_>, op: LogOp, applied: &mut Applied) -> Result<(), LogError> {
+        match op {
+            LogOp::Relation(mut rel) => {
+                let Some(tx) = &self.inflight else {
+                    // pgoutput sends Relation messages inside transactions; one outside is
+                    // remembered for the next change without becoming a stored version.
+                    self.relations.entry(rel.relation_id).or_insert(rel);
+                    return Ok(());
+                };
+                if tx.skip {
+                    // A replayed transaction may describe an older shape; the stored versions
+                    // already cover it.
+                    return Ok(());
+                }
+                if self.relations.get(&rel.relation_id).is_some_and(|r| r.same_shape(&rel)) {
+                    return Ok(());
+                }
+                rel.valid_from = ChangeKey::new(tx.final_lsn, tx.next_seq);
+                t.relations.insert(
+                    (rel.relation_id, rel.valid_from.commit_lsn.0, rel.valid_from.seq),
+                    encode(&rel).as_slice(),
+                )?;
+                self.relations.insert(rel.relation_id, rel);
+            }
+            LogOp::Type { oid, schema, name } => {
+                t.types.insert(oid, encode(&(schema, name)).as_slice())?;
+            }
+            LogOp::Begin { final_lsn, xid, committed_at_us } => {
+                self.inflight = Some(InFlight {
+                    final_lsn,
+                    xid,
+                    committed_at_us,
+                    next_seq: 0,
+                    context: None,
+                    saw_context: false,
+                    // Everything before `position` is stored: this is a replay.
+                    skip: final_lsn < self.position,
+                });
+            }
+            LogOp::Change(change) => {
+                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
+                if tx.skip {
+                    return Ok(());
+                }
+                let (final_lsn, seq) = (tx.final_lsn, tx.next_seq);
+                let rel = self
+                    .relations
+                    .get(&change.relation_id)
+                    .ok_or(LogError::UnknownRelation { relation_id: change.relation_id })?;
+                let record = complete_change(t, rel, final_lsn, tx, change)?;
+                t.changes.insert((final_lsn.0, seq), encode(&record).as_slice())?;
+                self.bump_seq()?;
+                applied.changes += 1;
+            }
+            LogOp::Context(json) => {
+                let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
+                if tx.skip {
+                    return Ok(());
+                }
+                if !tx.saw_context && tx.next_seq > 0 {
+                    // The first context of a transaction labels the changes before it too.
+                    let keys: Vec<(u64, u32)> = t
+                        .changes
+                        .range((tx.final_lsn.0, 0u32)..(tx.final_lsn.0, tx.next_seq))?
+                        .filter_map(|e| e.ok())
+                        .map(|(k, _)| k.value())
+                        .collect();
+                    for k in keys {
+                        let mut rec: ChangeRecord = {
+                            let v = t.changes.get(k)?.ok_or_else(|| LogError::Corrupt {
+                                what: format!("change {}#{}", Lsn(k.0), k.1),
+                                source: "vanished during context backfill".into(),
+                            })?;
+                            decode(v.value(), "changes")?
+                        };
+                        if rec.context.is_none() && rec.op != Op::Message {
+                            rec.context = Some(json.clone());
+                            t.changes.insert(k, encode(&rec).as_slice())?;
+                        }
+                    }
+                }
+                tx.saw_context = true;
+                tx.context = Some(json);
+            }
+            LogOp::Message(message) => {
+                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
+                if tx.skip {
+                    return Ok(());
+                }
+                let record = ChangeRecord {
+                    xid: tx.xid,
+                    committed_at_us: tx.committed_at_us,
+                    relation_id: 0,
+                    schema_version: ChangeKey::default(),
+                    op: Op::Message,
+                    key: None,
+                    before: None,
+                    after: None,
+                    context: tx.context.clone(),
+                    message: Some(message),
+                };
+                t.changes.insert((tx.final_lsn.0, tx.next_seq), encode(&record).as_slice())?;
+                self.bump_seq()?;
+                applied.changes += 1;
+            }
+            LogOp::Commit { end_lsn } => {
+                let tx = self.inflight.take().ok_or(LogError::NoTransaction)?;
+                if tx.skip {
+                    applied.duplicates_skipped += 1;
+                    return Ok(());
+                }
+                let record = TxnRecord {
+                    xid: tx.xid,
+                    end_lsn,
+                    committed_at_us: tx.committed_at_us,
+                    change_count: tx.next_seq,
+                };
+                t.txns.insert(tx.final_lsn.0, encode(&record).as_slice())?;
+                // The transaction is finished in this redb transaction: its undo rows are no
+                // longer needed (a crash now either keeps all of this or none of it).
+                t.undo.retain_in((tx.final_lsn.0, 0u32, &[][..])..(tx.final_lsn.0 + 1, 0u32, &[][..]), |_, _| false)?;
+                self.last_commit = tx.final_lsn;
+                self.position = self.position.max(end_lsn);
+                applied.transactions += 1;
+            }
+            LogOp::NonTransactionalMessage { lsn, at_us, message } => {
+                if lsn < self.position {
+                    applied.duplicates_skipped += 1;
+                    return Ok(());
+                }
+                let record = ChangeRecord {
+                    xid: 0,
+                    committed_at_us: at_us,
+                    relation_id: 0,
+                    schema_version: ChangeKey::default(),
+                    op: Op::Message,
+                    key: None,
+                    before: None,
+                    after: None,
+                    context: None,
+                    message: Some(message),
+                };
+                t.changes.insert((lsn.0, 0), encode(&record).as_slice())?;
+                let txn = TxnRecord { xid: 0, end_lsn: Lsn(lsn.0 + 1), committed_at_us: at_us, change_count: 1 };
+                t.txns.insert(lsn.0, encode(&txn).as_slice())?;
+                self.last_commit = lsn;
+                // The message is stored; anything the server sends later lies after it.
+                self.position = Lsn(lsn.0 + 1);
+                applied.changes += 1;
+            }
+            LogOp::Advance(lsn) => {
+                if self.inflight.is_none() && lsn > self.position {
+                    self.position = lsn;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn bump_seq(&mut self) -> Result<(), LogError> {
+        let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
+        tx.next_seq = tx.next_seq.checked_add(1).ok_or(LogError::TransactionTooLarge)?;
+        Ok(())
+    }
+
+    /// A reader over the log's latest commit.
+    pub fn reader(&self) -> Result<LogReader, LogError> {
+        LogReader::from_db(&self.db)
+    }
+}
+
+struct Tables<'w> {
+    changes: redb::Table<'w, (u64, u32), &'static [u8]>,
+    txns: redb::Table<'w, u64, &'static [u8]>,
+    relations: redb::Table<'w, (u32, u64, u32), &'static [u8]>,
+    types: redb::Table<'w, u32, &'static [u8]>,
+    current: redb::Table<'w, (u32, &'static [u8]), &'static [u8]>,
+    undo: redb::Table<'w, (u64, u32, &'static [u8]), &'static [u8]>,
+}
+
+/// Build the stored record of one incoming change: complete the before and after images from
+/// the old tuple and the current-row index, and keep the index current.
+fn complete_change(
+    t: &mut Tables<'_>,
+    rel: &RelationVersion,
+    final_lsn: Lsn,
+    tx: &InFlight,
+    change: IncomingChange,
+) -> Result<ChangeRecord, LogError> {
+    let key_pos = rel.key_positions();
+    let indexed = rel.needs_current_index();
+    let width = rel.columns.len();
+    let key_of = |row: &Row| -> Option<Vec<Option<String>>> {
+        if key_pos.is_empty() {
+            return None;
+        }
+        Some(key_pos.iter().map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string))).collect())
+    };
+    let key_from_incoming = |cells: &[IncomingCell]| -> Vec<Option<String>> {
+        key_pos
+            .iter()
+            .map(|&i| match cells.get(i) {
+                Some(IncomingCell::Text(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut before: Option<Row> = None;
+    let mut after: Option<Row> = None;
+    let mut key = None;
+    match change.op {
+        Op::Insert | Op::Snapshot => {
+            let row = plain_row(change.new.as_deref().unwrap_or_default(), width);
+            key = key_of(&row);
+            if indexed && let Some(k) = &key {
+                set_current(t, rel.relation_id, final_lsn, k, Some(&row))?;
+            }
+            after = Some(row);
+        }
+        Op::Update => {
+            let new = change.new.unwrap_or_default();
+            let lookup_key = match &change.old {
+                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => key_from_incoming(cells),
+                None => key_from_incoming(&new),
+            };
+            let prev = if indexed { get_current(t, rel.relation_id, &lookup_key)? } else { None };
+            let b = match change.old {
+                Some(OldImage::Full(cells)) => fill_row(&cells, prev.as_ref(), width),
+                Some(OldImage::Key(cells)) => prev.clone().unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
+                None => prev.clone().unwrap_or_else(|| key_only_row(&new, &key_pos, width)),
+            };
+            let a = fill_row(&new, Some(&b), width);
+            key = key_of(&a);
+            if indexed {
+                let new_key = key_from_incoming_row(&a, &key_pos);
+                if new_key != lookup_key {
+                    set_current(t, rel.relation_id, final_lsn, &lookup_key, None)?;
+                }
+                set_current(t, rel.relation_id, final_lsn, &new_key, Some(&a))?;
+            }
+            before = Some(b);
+            after = Some(a);
+        }
+        Op::Delete => {
+            let (b, lookup_key) = match change.old {
+                Some(OldImage::Full(cells)) => {
+                    let k = key_from_incoming(&cells);
+                    let prev = if indexed { get_current(t, rel.relation_id, &k)? } else { None };
+                    (fill_row(&cells, prev.as_ref(), width), k)
+                }
+                Some(OldImage::Key(cells)) => {
+                    let k = key_from_incoming(&cells);
+                    let prev = if indexed { get_current(t, rel.relation_id, &k)? } else { None };
+                    (prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width)), k)
+                }
+                None => (vec![Cell::Unknown; width], Vec::new()),
+            };
+            key = key_of(&b);
+            if indexed {
+                set_current(t, rel.relation_id, final_lsn, &lookup_key, None)?;
+            }
+            before = Some(b);
+        }
+        Op::Truncate => {
+            if indexed {
+                let keys: Vec<Vec<u8>> = t
+                    .current
+                    .range((rel.relation_id, &[][..])..(rel.relation_id + 1, &[][..]))?
+                    .filter_map(|e| e.ok())
+                    .map(|(k, _)| k.value().1.to_vec())
+                    .collect();
+                for k in keys {
+                    let old = t.current.get((rel.relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
+                    save_undo(t, rel.relation_id, final_lsn, &k, old)?;
+                    t.current.remove((rel.relation_id, k.as_slice()))?;
+                }
+            }
+        }
+        Op::Message => {}
+    }
+    Ok(ChangeRecord {
+        xid: tx.xid,
+        committed_at_us: tx.committed_at_us,
+        relation_id: rel.relation_id,
+        schema_version: rel.valid_from,
+        op: change.op,
+        key,
+        before,
+        after,
+        context: tx.context.clone(),
+        message: None,
+    })
+}
+
+fn key_from_incoming_row(row: &Row, key_pos: &[usize]) -> Vec<Option<String>> {
+    key_pos.iter().map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string))).collect()
+}
+
+/// A row from cells that cannot hold `u` (inserts, snapshot rows).
+fn plain_row(cells: &[IncomingCell], width: usize) -> Row {
+    fill_row(cells, None, width)
+}
+
+/// A row from incoming cells, taking each unsent (`u`) value from `fallback` where it is
+/// known and marking it unknown otherwise (never NULL).
+fn fill_row(cells: &[IncomingCell], fallback: Option<&Row>, width: usize) -> Row {
+    (0..width)
+        .map(|i| match cells.get(i) {
+            Some(IncomingCell::Null) => Cell::Null,
+            Some(IncomingCell::Text(s)) => Cell::Text(s.clone()),
+            Some(IncomingCell::UnchangedToast) | None => match fallback.and_then(|r| r.get(i)) {
+                Some(c @ (Cell::Null | Cell::Text(_))) => c.clone(),
+                _ => Cell::Unknown,
+            },
+        })
+        .collect()
+}
+
+/// A row that knows only its key columns (REPLICA IDENTITY DEFAULT with no earlier version in
+/// the archive): the other columns are unknown.
+fn key_only_row(cells: &[IncomingCell], key_pos: &[usize], width: usize) -> Row {
+    (0..width)
+        .map(|i| {
+            if key_pos.contains(&i) {
+                match cells.get(i) {
+                    Some(IncomingCell::Text(s)) => Cell::Text(s.clone()),
+                    Some(IncomingCell::Null) => Cell::Null,
+                    _ => Cell::Unknown,
+                }
+            } else {
+                Cell::Unknown
+            }
+        })
+        .collect()
+}
+
+fn get_current(t: &Tables<'_>, relation_id: u32, key: &[Option<String>]) -> Result<Option<Row>, LogError> {
+    let k = encode_plain(&key);
+    match t.current.get((relation_id, k.as_slice()))? {
+        Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
+        None => Ok(None),
+    }
+}
+
+fn set_current(
+    t: &mut Tables<'_>,
+    relation_id: u32,
+    final_lsn: Lsn,
+    key: &[Option<String>],
+    row: Option<&Row>,
+) -> Result<(), LogError> {
+    let k = encode_plain(&key);
+    let old = t.current.get((relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
+    save_undo(t, relation_id, final_lsn, &k, old)?;
+    match row {
+        Some(row) => {
+            t.current.insert((relation_id, k.as_slice()), encode(row).as_slice())?;
+        }
+        None => {
+            t.current.remove((relation_id, k.as_slice()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Remember a current-row entry as it was before the open transaction first touched it, so
+/// that recovery can put it back if the transaction never finishes.
+fn save_undo(
+    t: &mut Tables<'_>,
+    relation_id: u32,
+    final_lsn: Lsn,
+    key: &[u8],
+    old_encoded: Option<Vec<u8>>,
+) -> Result<(), LogError> {
+    let undo_key = (final_lsn.0, relation_id, key);
+    if t.undo.get(undo_key)?.is_some() {
+        return Ok(());
+    }
+    let old: Option<Row> = match old_encoded {
+        Some(bytes) => Some(decode(&bytes, "current_rows")?),
+        None => None,
+    };
+    t.undo.insert(undo_key, encode(&old).as_slice())?;
+    Ok(())
+}
+
+/// A consistent read view of the log (one redb read transaction).
+pub struct LogReader {
+    rtx: redb::ReadTransaction,
+}
+
+/// One entry of [`LogReader::changes`].
+pub type ChangeEntry = (ChangeKey, ChangeRecord);
+
+impl LogReader {
+    fn from_db(db: &Database) -> Result<LogReader, LogError> {
+        Ok(LogReader { rtx: db.begin_read()? })
+    }
+
+    /// Open a read view of the log in `dir` without taking the writer's place; fails with
+    /// [`LogError::InUse`] while a capture holds the log.
+    pub fn open(dir: &Path) -> Result<(Database, LogReader), LogError> {
+        let path = dir.join(LOG_FILE);
+        if !path.exists() {
+            return Err(LogError::Open {
+                path: path.clone(),
+                source: redb::DatabaseError::Storage(redb::StorageError::Io(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no change log in this directory (is it a pgtrail archive?)",
+                ))),
+            });
+        }
+        let db = Database::builder().create(&path).map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
+            source => LogError::Open { path: path.clone(), source },
+        })?;
+        let reader = LogReader::from_db(&db)?;
+        Ok((db, reader))
+    }
+
+    pub fn position(&self) -> Result<Lsn, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        Ok(Lsn(get_u64(&meta, META_POSITION)?.unwrap_or(0)))
+    }
+
+    pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_SOURCE)? {
+            Some(v) => Ok(Some(decode(v.value(), "meta source")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every stored change in key order.
+    pub fn changes(&self) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
+        let table = self.rtx.open_table(CHANGES)?;
+        let iter = table.range::<(u64, u32)>(..)?;
+        Ok(iter.map(|e| {
+            let (k, v) = e?;
+            let (lsn, seq) = k.value();
+            let rec: ChangeRecord = decode(v.value(), "changes")?;
+            Ok((ChangeKey::new(Lsn(lsn), seq), rec))
+        }))
+    }
+
+    pub fn change_count(&self) -> Result<u64, LogError> {
+        Ok(self.rtx.open_table(CHANGES)?.len()?)
+    }
+
+    /// Every stored source transaction: commit LSN and record.
+    pub fn transactions(&self) -> Result<Vec<(Lsn, TxnRecord)>, LogError> {
+        let table = self.rtx.open_table(TXNS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.push((Lsn(k.value()), decode(v.value(), "transactions")?));
+        }
+        Ok(out)
+    }
+
+    /// Every stored relation version, in (relation, valid_from) order.
+    pub fn relations(&self) -> Result<Vec<RelationVersion>, LogError> {
+        let table = self.rtx.open_table(RELATIONS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (_, v) = e?;
+            out.push(decode(v.value(), "relations")?);
+        }
+        Ok(out)
+    }
+
+    /// Every recorded gap.
+    pub fn gaps(&self) -> Result<Vec<Gap>, LogError> {
+        let table = self.rtx.open_table(GAPS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (_, v) = e?;
+            out.push(decode(v.value(), "gaps")?);
+        }
+        Ok(out)
+    }
+
+    /// The number of rows in the current-row index of a relation.
+    pub fn current_row_count(&self, relation_id: u32) -> Result<u64, LogError> {
+        let table = self.rtx.open_table(CURRENT)?;
+        Ok(table.range((relation_id, &[][..])..(relation_id + 1, &[][..]))?.count() as u64)
+    }
+}
+
+fn get_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<Option<u64>, LogError> {
+    match table.get(name)? {
+        Some(v) => {
+            let bytes: [u8; 8] = v.value().try_into().map_err(|_| LogError::Corrupt {
+                what: format!("meta {name}"),
+                source: "not 8 bytes".into(),
+            })?;
+            Ok(Some(u64::from_le_bytes(bytes)))
+        }
+        None => Ok(None),
+    }
+}
+
+fn encode_plain<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    // Serializing these plain data types into a Vec cannot fail.
+    postcard::to_allocvec(value).unwrap_or_default()
+}
+
+/// Encode a stored value: postcard, zstd-compressed when large (see the module doc).
+pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let plain = encode_plain(value);
+    if plain.len() > COMPRESS_ABOVE
+        && let Ok(compressed) = zstd::bulk::compress(&plain, 1)
+        && compressed.len() + 4 < plain.len()
+    {
+        let mut out = Vec::with_capacity(compressed.len() + 5);
+        out.push(1);
+        let len = u32::try_from(plain.len()).unwrap_or(u32::MAX);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&compressed);
+        return out;
+    }
+    let mut out = Vec::with_capacity(plain.len() + 1);
+    out.push(0);
+    out.extend_from_slice(&plain);
+    out
+}
+
+/// Decode a stored value written by [`encode`]; `what` names the table for the error.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LogError> {
+    let corrupt = |source: Box<dyn std::error::Error + Send + Sync>| LogError::Corrupt { what: what.to_string(), source };
+    match bytes.split_first() {
+        Some((0, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(Box::new(e))),
+        Some((1, rest)) => {
+            let (len, data) = rest.split_at_checked(4).ok_or_else(|| corrupt("short compressed value".into()))?;
+            let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt("bad length".into()))?) as usize;
+            let plain = zstd::bulk::decompress(data, len).map_err(|e| corrupt(Box::new(e)))?;
+            postcard::from_bytes(&plain).map_err(|e| corrupt(Box::new(e)))
+        }
+        Some((tag, _)) => Err(corrupt(format!("unknown value encoding {tag}").into())),
+        None => Err(corrupt("empty value".into())),
+    }
+}
+
+/// Create `dir` (and parents) with mode 0700, or check that an existing one is not open to
+/// other users.
+fn ensure_private_dir(dir: &Path) -> Result<(), LogError> {
+    if dir.exists() {
+        let meta = fs::metadata(dir).map_err(|source| LogError::Directory { path: dir.to_path_buf(), source })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(LogError::Permissions { path: dir.to_path_buf(), mode });
+        }
+        return Ok(());
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| LogError::Directory { path: dir.to_path_buf(), source })?;
+    // Make the new directory entry durable too.
+    if let Some(parent) = dir.parent()
+        && let Ok(f) = fs::File::open(parent)
+    {
+        let _ = f.sync_all();
+    }
+    let _ = std::io::stderr().flush();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relation::Column;
+
+    fn rel(replica_identity: u8) -> RelationVersion {
+        let col = |name: &str, is_key: bool| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key };
+        RelationVersion {
+            relation_id: 7,
+            valid_from: ChangeKey::default(),
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity,
+            columns: vec![col("id", true), col("v", replica_identity == b'f'), col("big", replica_identity == b'f')],
+            primary_key: vec!["id".into()],
+        }
+    }
+
+    fn text(s: &str) -> IncomingCell {
+        IncomingCell::Text(s.into())
+    }
+
+    fn txn(lsn: u64, ops: Vec<LogOp>) -> Vec<LogOp> {
+        let mut v = vec![LogOp::Begin { final_lsn: Lsn(lsn), xid: 1, committed_at_us: 0 }];
+        v.extend(ops);
+        v.push(LogOp::Commit { end_lsn: Lsn(lsn + 8) });
+        v
+    }
+
+    fn insert(id: &str, v: &str, big: &str) -> LogOp {
+        LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Insert,
+            old: None,
+            new: Some(vec![text(id), text(v), text(big)]),
+        })
+    }
+
+    fn all_changes(log: &ChangeLog) -> Vec<ChangeEntry> {
+        let reader = log.reader().unwrap();
+        reader.changes().unwrap().map(|e| e.unwrap()).collect()
+    }
+
+    #[test]
+    fn replayed_transaction_is_not_stored_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 }, LogOp::Relation(rel(b'd'))];
+        ops.push(insert("1", "a", "x"));
+        ops.push(LogOp::Commit { end_lsn: Lsn(108) });
+        log.apply(ops.clone(), Durability::Immediate).unwrap();
+        assert_eq!(log.durable_position(), Lsn(108));
+        let applied = log.apply(ops, Durability::Immediate).unwrap();
+        assert_eq!(applied.duplicates_skipped, 1);
+        assert_eq!(all_changes(&log).len(), 1);
+    }
+
+    #[test]
+    fn unfinished_transaction_is_discarded_on_reopen_and_index_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        {
+            let mut log = ChangeLog::open(&archive).unwrap();
+            let mut first = txn(100, vec![insert("1", "a", "x")]);
+            first.insert(1, LogOp::Relation(rel(b'd')));
+            log.apply(first, Durability::Immediate).unwrap();
+            // A second transaction, written in part (as a big transaction is) and never finished.
+            let partial = vec![
+                LogOp::Begin { final_lsn: Lsn(200), xid: 2, committed_at_us: 0 },
+                LogOp::Change(IncomingChange {
+                    relation_id: 7,
+                    op: Op::Update,
+                    old: None,
+                    new: Some(vec![text("1"), text("b"), IncomingCell::UnchangedToast]),
+                }),
+                insert("2", "c", "y"),
+            ];
+            log.apply(partial, Durability::Immediate).unwrap();
+            assert_eq!(all_changes(&log).len(), 3);
+        }
+        let log = ChangeLog::open(&archive).unwrap();
+        let changes = all_changes(&log);
+        assert_eq!(changes.len(), 1, "the unfinished transaction must be gone");
+        assert_eq!(log.durable_position(), Lsn(108));
+        let reader = log.reader().unwrap();
+        assert_eq!(reader.current_row_count(7).unwrap(), 1, "row 2 must be gone from the index");
+        // The index holds row 1 as the finished transaction left it.
+        drop(reader);
+        let mut log = log;
+        let upd = txn(
+            200,
+            vec![LogOp::Change(IncomingChange {
+                relation_id: 7,
+                op: Op::Update,
+                old: None,
+                new: Some(vec![text("1"), text("b"), IncomingCell::UnchangedToast]),
+            })],
+        );
+        log.apply(upd, Durability::Immediate).unwrap();
+        let changes = all_changes(&log);
+        let rec = &changes[1].1;
+        assert_eq!(rec.before.as_ref().unwrap()[1], Cell::Text("a".into()));
+    }
+
+    #[test]
+    fn default_identity_update_gets_full_images_from_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
+        let mut ops = txn(100, vec![insert("1", "a", "BIG")]);
+        ops.insert(1, LogOp::Relation(rel(b'd')));
+        log.apply(ops, Durability::Immediate).unwrap();
+        let upd = |lsn, v: &str| {
+            txn(
+                lsn,
+                vec![LogOp::Change(IncomingChange {
+                    relation_id: 7,
+                    op: Op::Update,
+                    old: None,
+                    new: Some(vec![text("1"), text(v), IncomingCell::UnchangedToast]),
+                })],
+            )
+        };
+        log.apply(upd(200, "b"), Durability::Immediate).unwrap();
+        let del = txn(
+            300,
+            vec![LogOp::Change(IncomingChange {
+                relation_id: 7,
+                op: Op::Delete,
+                old: Some(OldImage::Key(vec![text("1"), IncomingCell::Null, IncomingCell::Null])),
+                new: None,
+            })],
+        );
+        log.apply(del, Durability::Immediate).unwrap();
+        let changes = all_changes(&log);
+        let update = &changes[1].1;
+        assert_eq!(
+            update.before.as_ref().unwrap(),
+            &vec![Cell::Text("1".into()), Cell::Text("a".into()), Cell::Text("BIG".into())]
+        );
+        assert_eq!(
+            update.after.as_ref().unwrap(),
+            &vec![Cell::Text("1".into()), Cell::Text("b".into()), Cell::Text("BIG".into())]
+        );
+        let delete = &changes[2].1;
+        assert_eq!(delete.before, update.after, "delete before image comes from the archive");
+        assert_eq!(delete.key, Some(vec![Some("1".to_string())]));
+    }
+
+    #[test]
+    fn unchanged_toast_without_earlier_version_is_unknown_not_null() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
+        let ops = vec![
+            LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 },
+            LogOp::Relation(rel(b'd')),
+            LogOp::Change(IncomingChange {
+                relation_id: 7,
+                op: Op::Update,
+                old: None,
+                new: Some(vec![text("9"), text("b"), IncomingCell::UnchangedToast]),
+            }),
+            LogOp::Commit { end_lsn: Lsn(108) },
+        ];
+        log.apply(ops, Durability::Immediate).unwrap();
+        let rec = &all_changes(&log)[0].1;
+        assert_eq!(rec.after.as_ref().unwrap()[2], Cell::Unknown);
+        assert_eq!(rec.before.as_ref().unwrap()[1], Cell::Unknown);
+        assert_eq!(rec.before.as_ref().unwrap()[0], Cell::Text("9".into()));
+    }
+
+    #[test]
+    fn first_context_labels_earlier_changes_and_later_context_applies_forward() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
+        let ops = vec![
+            LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 },
+            LogOp::Relation(rel(b'd')),
+            insert("1", "a", "x"),
+            LogOp::Context("{\"user_id\":1}".into()),
+            insert("2", "a", "x"),
+            LogOp::Context("{\"user_id\":2}".into()),
+            insert("3", "a", "x"),
+            LogOp::Commit { end_lsn: Lsn(108) },
+        ];
+        log.apply(ops, Durability::Immediate).unwrap();
+        let contexts: Vec<_> = all_changes(&log).into_iter().map(|(_, r)| r.context.unwrap()).collect();
+        assert_eq!(contexts, vec!["{\"user_id\":1}", "{\"user_id\":1}", "{\"user_id\":2}"]);
+    }
+
+    #[test]
+    fn large_values_round_trip_through_compression() {
+        let row: Row = vec![Cell::Text("x".repeat(100_000)), Cell::Null, Cell::Unknown];
+        let bytes = encode(&row);
+        assert_eq!(bytes[0], 1);
+        assert!(bytes.len() < 10_000);
+        let back: Row = decode(&bytes, "test").unwrap();
+        assert_eq!(back, row);
+        assert!(decode::<Row>(&[9, 1, 2], "test").is_err());
+        assert!(decode::<Row>(&[1, 1], "test").is_err());
+    }
+
+    #[test]
+    fn world_readable_archive_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("open");
+        fs::create_dir(&archive).unwrap();
+        fs::set_permissions(&archive, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(matches!(ChangeLog::open(&archive), Err(LogError::Permissions { .. })));
+    }
+}
