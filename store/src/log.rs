@@ -347,34 +347,6 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Remove every stored change and relation version and reset the position: used only when
-    /// an initial snapshot was interrupted before it completed (nothing was acknowledged past
-    /// the slot's creation, and the slot is dropped and created again).
-    pub fn reset_for_snapshot(&mut self) -> Result<(), LogError> {
-        let mut wtx = self.db.begin_write()?;
-        wtx.set_two_phase_commit(true);
-        {
-            for t in [CHANGES] {
-                wtx.delete_table(t)?;
-            }
-            wtx.delete_table(TXNS)?;
-            wtx.delete_table(RELATIONS)?;
-            wtx.delete_table(CURRENT)?;
-            wtx.delete_table(UNDO)?;
-            let mut meta = wtx.open_table(META)?;
-            meta.remove(META_POSITION)?;
-            meta.remove(META_LAST_COMMIT)?;
-            meta.remove(META_SOURCE)?;
-        }
-        wtx.commit()?;
-        self.position = Lsn::ZERO;
-        self.durable_position = Lsn::ZERO;
-        self.last_commit = Lsn::ZERO;
-        self.relations.clear();
-        self.inflight = None;
-        self.recover()
-    }
-
     /// Apply `ops` in one redb write transaction. With [`Durability::Immediate`] the commit is
     /// durable when this returns and [`durable_position`](Self::durable_position) moves on;
     /// with [`Durability::None`] nothing becomes eligible for acknowledgement.

@@ -1,1 +1,186 @@
-fn main(){}
+//! `pgtrail`: capture PostgreSQL row changes into a local archive and inspect it.
+
+mod demo;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pgtrail_capture::{CaptureConfig, CaptureError, Progress, SourceConfig};
+use pgtrail_store::Lsn;
+
+#[derive(Parser)]
+#[command(name = "pgtrail", version, about = "A verifiable, queryable history of every row change of a PostgreSQL database")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stream every committed row change from PostgreSQL into an archive directory.
+    Capture(CaptureArgs),
+    /// Summarise an archive: changes per table, LSN and time range, size, gaps, slot lag.
+    Status(StatusArgs),
+    /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
+    Demo(DemoArgs),
+}
+
+#[derive(clap::Args)]
+struct CaptureArgs {
+    /// Source database URL, e.g. postgresql://user:password@host:5432/db.
+    #[arg(long, env = "PGTRAIL_SOURCE", hide_env_values = true)]
+    source: String,
+    /// Archive directory (created 0700 if missing).
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    archive: PathBuf,
+    /// Replication slot name.
+    #[arg(long, default_value = "pgtrail")]
+    slot: String,
+    /// Publication name.
+    #[arg(long, default_value = "pgtrail")]
+    publication: String,
+    /// Tables to capture, as PostgreSQL parses them: public.orders,public."Odd Name".
+    /// Default: every table with a primary key or REPLICA IDENTITY FULL.
+    #[arg(long)]
+    tables: Option<String>,
+    /// After a gap was detected: record it, create a new slot and take a new snapshot.
+    #[arg(long)]
+    resnapshot: bool,
+    /// Stop cleanly once everything up to this LSN is durable (e.g. 0/1A2B3C4).
+    #[arg(long)]
+    stop_at: Option<String>,
+    /// Seconds between progress lines on stderr.
+    #[arg(long, default_value_t = 5)]
+    progress_secs: u64,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    archive: PathBuf,
+    /// Source URL, to report the slot's lag (optional).
+    #[arg(long, env = "PGTRAIL_SOURCE", hide_env_values = true)]
+    source: Option<String>,
+    /// Output format: table (for people) or json (for programs).
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+}
+
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Where to write the demo archive (replaced if it is an earlier demo archive).
+    #[arg(long, default_value = "pgtrail-demo")]
+    archive: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PGTRAIL_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Capture(args) => capture(args).await,
+            Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
+            Command::Demo(args) => demo::run(args.archive).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+                return ExitCode::SUCCESS;
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Resolves when SIGINT or SIGTERM arrives.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stopping: finishing the batch in hand");
+}
+
+pub(crate) fn progress_line(p: &Progress) {
+    eprintln!(
+        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s{}",
+        p.changes,
+        p.changes_per_sec,
+        p.transactions,
+        p.transactions_per_sec,
+        p.durable,
+        p.lag_bytes,
+        p.lag_seconds,
+        if p.reconnects > 0 { format!(", {} reconnects", p.reconnects) } else { String::new() }
+    );
+}
+
+async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
+    let source = SourceConfig::parse(&args.source)?;
+    let tables = args.tables.as_deref().map(pgtrail_capture::slot::split_table_list).unwrap_or_default();
+    let stop_at = args
+        .stop_at
+        .as_deref()
+        .map(|s| s.parse::<Lsn>())
+        .transpose()
+        .context("--stop-at")?;
+    let config = CaptureConfig {
+        source,
+        archive: args.archive,
+        slot: args.slot,
+        publication: args.publication,
+        tables,
+        resnapshot: args.resnapshot,
+        progress_interval: Duration::from_secs(args.progress_secs.max(1)),
+        stop_at,
+    };
+    tracing::info!(source = %config.source.display(), archive = %config.archive.display(), "capture starting");
+    match pgtrail_capture::run(config, shutdown_signal(), progress_line).await {
+        Ok(summary) => {
+            eprintln!(
+                "capture stopped: {} changes in {} transactions stored, {} replayed transactions skipped, durable through {}",
+                summary.changes, summary.transactions, summary.duplicates_skipped, summary.durable
+            );
+            Ok(())
+        }
+        Err(e) => Err(explain(e)),
+    }
+}
+
+fn explain(e: CaptureError) -> anyhow::Error {
+    let kind = e.kind();
+    anyhow::Error::new(e).context(match kind {
+        pgtrail_capture::ErrorKind::Setup => "capture cannot start with this configuration",
+        pgtrail_capture::ErrorKind::Fatal => "capture stopped to protect the archive",
+        pgtrail_capture::ErrorKind::Transient => "capture failed",
+    })
+}

@@ -1,0 +1,614 @@
+//! The capture loop: setup, initial snapshot, streaming, acknowledgement and reconnects.
+//!
+//! # Progress and acknowledgement
+//!
+//! The stream task decodes pgoutput and sends [`LogOp`]s to the writer thread; the writer
+//! publishes the position its last *durable* redb commit covers, and only that position is
+//! passed to `update_applied_lsn` (the flush LSN PostgreSQL keeps as the slot's
+//! `confirmed_flush_lsn`). A crash at any line therefore leaves the slot at or behind what the
+//! archive durably holds: PostgreSQL sends the rest again, and the log skips what it already
+//! has by commit LSN.
+//!
+//! Before every START_REPLICATION the archive is compared with the slot (existence, system
+//! identifier, `wal_status`, `confirmed_flush_lsn` not ahead of the archive), because the
+//! server silently starts from the slot's position: any mismatch is a recorded gap and a stop,
+//! never a silent resume.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use pgtrail_store::{
+    Column, ChangeKey, Gap, IncomingCell, IncomingChange, LogOp, LogicalMessage, Lsn, OldImage, Op, RelationVersion,
+    SourceIdentity,
+};
+use pgwire_replication::{ReplicationClient, ReplicationEvent};
+
+use crate::error::CaptureError;
+use crate::pgoutput::{self, Message, OldTuple, TupleCell};
+use crate::slot;
+use crate::source::SourceConfig;
+use crate::writer::WriterHandle;
+use crate::{preflight, snapshot};
+
+/// The logical message prefix that carries application context (Bemi-compatible).
+pub const CONTEXT_PREFIX: &str = "_bemi";
+
+/// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+/// A validated capture configuration.
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    pub source: SourceConfig,
+    pub archive: PathBuf,
+    pub slot: String,
+    pub publication: String,
+    /// Tables as PostgreSQL would parse them; empty means every eligible table.
+    pub tables: Vec<String>,
+    /// After a gap: record it, create a new slot and take a new snapshot into this archive.
+    pub resnapshot: bool,
+    pub progress_interval: Duration,
+    /// Stop (cleanly) once the durable position reaches this LSN; for tests and tools.
+    pub stop_at: Option<Lsn>,
+}
+
+/// Figures of a running or finished capture.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub changes: u64,
+    pub transactions: u64,
+    pub duplicates_skipped: u64,
+    pub changes_per_sec: f64,
+    pub transactions_per_sec: f64,
+    /// Server WAL end minus the durable position, in bytes.
+    pub lag_bytes: u64,
+    /// Age of the oldest commit received but not yet durable, in seconds.
+    pub lag_seconds: f64,
+    pub durable: Lsn,
+    pub reconnects: u64,
+    pub snapshot_rows: u64,
+}
+
+/// What [`run`] did before it stopped.
+pub type CaptureSummary = Progress;
+
+enum SessionEnd {
+    Shutdown,
+    StopAtReached,
+}
+
+/// Run capture until `shutdown` completes (or `stop_at` is reached). Transient failures
+/// reconnect with backoff; setup errors and gaps return an error.
+pub async fn run(
+    config: CaptureConfig,
+    shutdown: impl Future<Output = ()>,
+    mut on_progress: impl FnMut(&Progress),
+) -> Result<CaptureSummary, CaptureError> {
+    let archive = config.archive.clone();
+    let mut writer = tokio::task::spawn_blocking(move || WriterHandle::start(archive))
+        .await
+        .map_err(|_| CaptureError::WriterGone)??;
+    tokio::pin!(shutdown);
+    let mut summary = Progress::default();
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let started = Instant::now();
+        let result = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress).await;
+        match result {
+            Ok(_) => break,
+            Err(CaptureError::WriterGone) => return Err(writer.into_error()),
+            Err(e) if e.is_transient() => {
+                summary.reconnects += 1;
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(250);
+                }
+                tracing::warn!(error = %error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "capture interrupted; reconnecting");
+                writer.discard_partial().await?;
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                let _ = writer.finish();
+                return Err(e);
+            }
+        }
+    }
+    summary.durable = writer.durable();
+    fill_stats(&mut summary, &writer);
+    writer.finish()?;
+    Ok(summary)
+}
+
+fn fill_stats(p: &mut Progress, writer: &WriterHandle) {
+    p.changes = writer.stats.changes.load(Ordering::Relaxed);
+    p.transactions = writer.stats.transactions.load(Ordering::Relaxed);
+    p.duplicates_skipped = writer.stats.duplicates_skipped.load(Ordering::Relaxed);
+}
+
+/// `error: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+async fn session(
+    config: &CaptureConfig,
+    writer: &mut WriterHandle,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    summary: &mut Progress,
+    on_progress: &mut impl FnMut(&Progress),
+) -> Result<SessionEnd, CaptureError> {
+    let sql = config.source.connect_sql().await?;
+    preflight::check(&sql, config.source.user()).await?;
+
+    let mut stored = writer.stored_identity().cloned();
+    if let Some(id) = &stored
+        && !id.snapshot_complete
+        && writer.durable() >= id.consistent_point
+    {
+        // The snapshot transaction is durable; only its completion mark is missing.
+        let mut done = id.clone();
+        done.snapshot_complete = true;
+        writer.set_identity(done.clone()).await?;
+        stored = Some(done);
+    }
+    if let Some(id) = &stored
+        && (id.slot != config.slot || id.publication != config.publication)
+    {
+        return Err(CaptureError::setup(
+            format!(
+                "this archive captures through slot {:?} and publication {:?}, not {:?} and {:?}",
+                id.slot, id.publication, config.slot, config.publication
+            ),
+            format!("pass --slot {} --publication {} (or use a new archive directory)", id.slot, id.publication),
+        ));
+    }
+
+    let mut client;
+    match stored {
+        Some(id) if id.snapshot_complete => {
+            if !config.tables.is_empty() {
+                let (tables, _) = slot::choose_tables(&sql, &config.tables).await?;
+                slot::ensure_publication(&sql, &config.publication, &tables).await?;
+            }
+            let durable = writer.durable();
+            match check_slot(&sql, &id, durable, config).await {
+                Ok(()) => {}
+                Err(gap @ CaptureError::Gap { .. }) if config.resnapshot => {
+                    tracing::warn!(error = %gap, "gap recorded; taking a new snapshot as --resnapshot asks");
+                    if slot::slot_state(&sql, &config.slot).await?.is_some_and(|s| !s.active) {
+                        slot::drop_slot(&sql, &config.slot).await?;
+                    }
+                    client = initial_snapshot(config, writer, &sql, summary).await?;
+                    return stream(config, writer, client, &sql, shutdown, summary, on_progress).await;
+                }
+                Err(e) => return Err(e),
+            }
+            let rcfg = config
+                .source
+                .replication_config(&config.slot, &config.publication)
+                .with_start_lsn(to_wire(durable))
+                .with_ack_lsn(to_wire(durable));
+            client = ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)?;
+            let system = client.identify_system().await.map_err(CaptureError::Replication)?;
+            if system.system_id != id.system_id {
+                let reason = format!(
+                    "the source is a different cluster (system identifier {} where the archive was captured from {})",
+                    system.system_id, id.system_id
+                );
+                return Err(gap(writer, durable, Lsn(system.xlogpos.as_u64()), reason).await);
+            }
+            client.start().await.map_err(CaptureError::Replication)?;
+        }
+        Some(_) => {
+            // The initial snapshot did not finish: nothing of it is in the archive (the log's
+            // recovery removed the partial rows), nothing was acknowledged past the slot's
+            // creation, so the slot is dropped and the snapshot taken again.
+            if slot::slot_state(&sql, &config.slot).await?.is_some() {
+                tracing::warn!(slot = %config.slot, "dropping the slot of an interrupted initial snapshot to take it again");
+                slot::drop_slot(&sql, &config.slot).await?;
+            }
+            client = initial_snapshot(config, writer, &sql, summary).await?;
+        }
+        None => {
+            if slot::slot_state(&sql, &config.slot).await?.is_some() {
+                return Err(CaptureError::setup(
+                    format!("replication slot {:?} already exists, but this archive is new", config.slot),
+                    format!(
+                        "choose another name with --slot, or, if no other consumer uses it, drop it: SELECT pg_drop_replication_slot('{}');",
+                        config.slot.replace('\'', "''")
+                    ),
+                ));
+            }
+            client = initial_snapshot(config, writer, &sql, summary).await?;
+        }
+    }
+    stream(config, writer, client, &sql, shutdown, summary, on_progress).await
+}
+
+async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn, reason: String) -> CaptureError {
+    let record = Gap { from: archive_position, to: source_position, reason: reason.clone(), recorded_at_us: now_us() };
+    if let Err(e) = writer.record_gap(record).await {
+        return e;
+    }
+    CaptureError::Gap { reason, archive_position, source_position }
+}
+
+/// Compare the slot with the archive before resuming.
+async fn check_slot(
+    sql: &tokio_postgres::Client,
+    id: &SourceIdentity,
+    durable: Lsn,
+    config: &CaptureConfig,
+) -> Result<(), CaptureError> {
+    let state = slot::slot_state(sql, &config.slot).await?;
+    let Some(state) = state else {
+        let current: String = sql
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(|e| CaptureError::sql("reading the WAL position", e))?
+            .get(0);
+        return Err(CaptureError::Gap {
+            reason: format!("replication slot {:?} no longer exists (dropped, or the server was restored or failed over)", config.slot),
+            archive_position: durable,
+            source_position: current.parse().unwrap_or_default(),
+        });
+    };
+    if state.plugin.as_deref() != Some("pgoutput") || state.database.as_deref() != Some(id.database.as_str()) {
+        return Err(CaptureError::setup(
+            format!("slot {:?} is not a pgoutput slot of database {:?}", config.slot, id.database),
+            "use the slot this archive was created with",
+        ));
+    }
+    if state.active {
+        return Err(CaptureError::setup(
+            format!("replication slot {:?} is in use by another connection", config.slot),
+            "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
+        ));
+    }
+    if state.wal_status.as_deref() == Some("lost") {
+        return Err(CaptureError::Gap {
+            reason: format!("replication slot {:?} was invalidated (wal_status = lost): the WAL it needed is gone", config.slot),
+            archive_position: durable,
+            source_position: state.confirmed_flush.unwrap_or_default(),
+        });
+    }
+    if let Some(confirmed) = state.confirmed_flush
+        && confirmed > durable
+    {
+        return Err(CaptureError::Gap {
+            reason: format!(
+                "the slot has confirmed {confirmed}, past what this archive durably holds ({durable}): the archive was restored from an older copy, or the slot was recreated or used by another consumer"
+            ),
+            archive_position: durable,
+            source_position: confirmed,
+        });
+    }
+    Ok(())
+}
+
+/// Create the publication and the slot, and copy every table inside the slot's snapshot.
+async fn initial_snapshot(
+    config: &CaptureConfig,
+    writer: &mut WriterHandle,
+    sql: &tokio_postgres::Client,
+    summary: &mut Progress,
+) -> Result<ReplicationClient, CaptureError> {
+    let (tables, excluded) = slot::choose_tables(sql, &config.tables).await?;
+    for t in &excluded {
+        tracing::warn!(table = %t.qualified, reason = %t.reason, "table left out of the publication");
+    }
+    // The publication must exist before the slot: a slot decodes with the catalog as of each
+    // change, and a publication created later is unknown to its earlier changes.
+    slot::ensure_publication(sql, &config.publication, &tables).await?;
+    let rcfg = config.source.replication_config(&config.slot, &config.publication);
+    let mut client = ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)?;
+    let system = client.identify_system().await.map_err(CaptureError::Replication)?;
+    let rows = client
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            pgtrail_store::quote_ident(&config.slot)
+        ))
+        .await
+        .map_err(CaptureError::Replication)?;
+    let row = rows.first().ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let text = |i: usize| -> Result<String, CaptureError> {
+        row.get(i)
+            .and_then(|v| v.as_ref())
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .ok_or_else(|| CaptureError::Protocol(format!("CREATE_REPLICATION_SLOT: column {i} missing")))
+    };
+    let consistent_point: Lsn = text(1)?
+        .parse()
+        .map_err(|_| CaptureError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into()))?;
+    let snapshot_name = text(2)?;
+    let mut identity = SourceIdentity {
+        system_id: system.system_id.clone(),
+        timeline: system.timeline,
+        database: config.source.database().to_string(),
+        slot: config.slot.clone(),
+        publication: config.publication.clone(),
+        consistent_point,
+        snapshot_complete: false,
+    };
+    // Recorded before the copy, so that a crash during it is recognised on the next start.
+    writer.set_identity(identity.clone()).await?;
+    tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");
+    // The replication session stays idle (it holds the exported snapshot) while an ordinary
+    // connection copies the tables inside that snapshot.
+    let snapshot_sql = config.source.connect_sql().await?;
+    let rows = snapshot::copy_tables(&snapshot_sql, &snapshot_name, consistent_point, &tables, writer).await?;
+    writer.wait_durable(consistent_point).await?;
+    identity.snapshot_complete = true;
+    writer.set_identity(identity).await?;
+    summary.snapshot_rows += rows;
+    tracing::info!(rows, "initial snapshot stored");
+    let _ = sql;
+    client.start().await.map_err(CaptureError::Replication)?;
+    Ok(client)
+}
+
+fn to_wire(lsn: Lsn) -> pgwire_replication::Lsn {
+    pgwire_replication::Lsn::from_u64(lsn.0)
+}
+
+fn from_wire(lsn: pgwire_replication::Lsn) -> Lsn {
+    Lsn(lsn.as_u64())
+}
+
+/// Stream from the slot until shutdown, an error, or `stop_at`.
+async fn stream(
+    config: &CaptureConfig,
+    writer: &mut WriterHandle,
+    mut client: ReplicationClient,
+    sql: &tokio_postgres::Client,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    summary: &mut Progress,
+    on_progress: &mut impl FnMut(&Progress),
+) -> Result<SessionEnd, CaptureError> {
+    client.wait_started().await.map_err(|e| match &e {
+        pgwire_replication::PgWireError::Server(msg) if msg.contains("is active for PID") => CaptureError::setup(
+            format!("replication slot {:?} is in use by another connection ({msg})", config.slot),
+            "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
+        ),
+        _ => CaptureError::Replication(e),
+    })?;
+    tracing::info!(slot = %config.slot, from = %writer.durable(), "streaming");
+    let mut durable_rx = writer.durable_watch();
+    client.update_applied_lsn(to_wire(writer.durable()));
+    let mut state = StreamState::default();
+    let mut tick = tokio::time::interval(config.progress_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_tick = (Instant::now(), 0u64, 0u64);
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.as_mut() => {
+                graceful_stop(writer, &mut client, &state).await?;
+                return Ok(SessionEnd::Shutdown);
+            }
+            changed = durable_rx.changed() => {
+                if changed.is_err() {
+                    return Err(CaptureError::WriterGone);
+                }
+                let durable = *durable_rx.borrow_and_update();
+                // Safe: `durable` is what the writer's last durable commit covers.
+                client.update_applied_lsn(to_wire(durable));
+                if let Some(stop) = config.stop_at && durable >= stop {
+                    graceful_stop(writer, &mut client, &state).await?;
+                    return Ok(SessionEnd::StopAtReached);
+                }
+            }
+            event = client.recv() => {
+                let event = event.map_err(CaptureError::Replication)?;
+                let Some(event) = event else {
+                    return Err(CaptureError::Replication(pgwire_replication::PgWireError::Io(std::sync::Arc::new(
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"),
+                    ))));
+                };
+                let ops = handle_event(event, &mut state, sql).await?;
+                if !ops.is_empty() {
+                    writer.send(ops).await?;
+                }
+            }
+            _ = tick.tick() => {
+                let durable = writer.durable();
+                fill_stats(summary, writer);
+                let elapsed = last_tick.0.elapsed().as_secs_f64().max(1e-3);
+                summary.changes_per_sec = (summary.changes - last_tick.1) as f64 / elapsed;
+                summary.transactions_per_sec = (summary.transactions - last_tick.2) as f64 / elapsed;
+                last_tick = (Instant::now(), summary.changes, summary.transactions);
+                summary.durable = durable;
+                summary.lag_bytes = state.wal_end.0.saturating_sub(durable.0);
+                summary.lag_seconds = match state.oldest_pending_commit_us {
+                    Some(at) if state.last_commit_end > durable => ((now_us() - at) as f64 / 1e6).max(0.0),
+                    _ => 0.0,
+                };
+                if state.last_commit_end <= durable {
+                    state.oldest_pending_commit_us = None;
+                }
+                on_progress(summary);
+            }
+        }
+    }
+}
+
+async fn graceful_stop(writer: &WriterHandle, client: &mut ReplicationClient, state: &StreamState) -> Result<(), CaptureError> {
+    // Everything up to the last received Commit is queued; wait until it is durable, report
+    // it, and give the feedback a moment to reach the server before ending the stream.
+    if state.last_commit_end > Lsn::ZERO {
+        writer.wait_durable(state.last_commit_end).await?;
+    }
+    let durable = writer.durable();
+    client.update_applied_lsn(to_wire(durable));
+    let metrics = client.metrics();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while from_wire(metrics.last_applied_lsn()) < durable && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    client.stop();
+    let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
+    Ok(())
+}
+
+#[derive(Default)]
+struct StreamState {
+    in_txn: bool,
+    wal_end: Lsn,
+    last_commit_end: Lsn,
+    last_advance: Lsn,
+    oldest_pending_commit_us: Option<i64>,
+    primary_keys: HashMap<u32, Vec<String>>,
+}
+
+fn cells(tuple: Vec<TupleCell>) -> Vec<IncomingCell> {
+    tuple
+        .into_iter()
+        .map(|c| match c {
+            TupleCell::Null => IncomingCell::Null,
+            TupleCell::UnchangedToast => IncomingCell::UnchangedToast,
+            TupleCell::Text(s) => IncomingCell::Text(s),
+            // Binary mode is never requested; keep the bytes as hex text rather than lose them.
+            TupleCell::Binary(b) => IncomingCell::Text(b.iter().map(|x| format!("{x:02x}")).collect()),
+        })
+        .collect()
+}
+
+fn old_image(old: OldTuple) -> OldImage {
+    match old {
+        OldTuple::Key(t) => OldImage::Key(cells(t)),
+        OldTuple::Full(t) => OldImage::Full(cells(t)),
+    }
+}
+
+/// Normalise a context payload to JSON text: valid JSON is kept as sent, anything else is
+/// kept as a JSON string so that nothing is lost and queries can still parse it.
+fn context_json(content: &[u8]) -> String {
+    let text = String::from_utf8_lossy(content);
+    if serde_json::from_str::<serde_json::Value>(&text).is_ok() {
+        text.into_owned()
+    } else {
+        serde_json::Value::String(text.into_owned()).to_string()
+    }
+}
+
+async fn handle_event(
+    event: ReplicationEvent,
+    state: &mut StreamState,
+    sql: &tokio_postgres::Client,
+) -> Result<Vec<LogOp>, CaptureError> {
+    Ok(match event {
+        ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+            state.in_txn = true;
+            let committed_at_us = commit_time_micros + PG_EPOCH_OFFSET_US;
+            state.oldest_pending_commit_us.get_or_insert(committed_at_us);
+            vec![LogOp::Begin { final_lsn: from_wire(final_lsn), xid, committed_at_us }]
+        }
+        ReplicationEvent::Commit { end_lsn, .. } => {
+            state.in_txn = false;
+            state.last_commit_end = from_wire(end_lsn);
+            state.wal_end = state.wal_end.max(state.last_commit_end);
+            vec![LogOp::Commit { end_lsn: from_wire(end_lsn) }]
+        }
+        ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+            if transactional && prefix == CONTEXT_PREFIX {
+                vec![LogOp::Context(context_json(&content))]
+            } else {
+                let message = LogicalMessage { transactional, prefix, content: content.to_vec() };
+                if transactional {
+                    vec![LogOp::Message(message)]
+                } else {
+                    vec![LogOp::NonTransactionalMessage { lsn: from_wire(lsn), at_us: now_us(), message }]
+                }
+            }
+        }
+        ReplicationEvent::KeepAlive { wal_end, .. } => {
+            let wal_end = from_wire(wal_end);
+            state.wal_end = state.wal_end.max(wal_end);
+            // Between transactions every transaction of the captured tables that commits
+            // before the server's WAL end has been received (they are sent in commit order),
+            // so once the writer has stored what was queued before this op, the WAL end may
+            // be acknowledged: this keeps the slot moving when the captured tables are idle.
+            if !state.in_txn && wal_end > state.last_advance {
+                state.last_advance = wal_end;
+                vec![LogOp::Advance(wal_end)]
+            } else {
+                Vec::new()
+            }
+        }
+        ReplicationEvent::XLogData { wal_start, data, .. } => {
+            let message = pgoutput::decode(&data).map_err(|source| CaptureError::Decode { lsn: from_wire(wal_start), source })?;
+            match message {
+                Message::Relation(r) => {
+                    let primary_key = match state.primary_keys.get(&r.id) {
+                        Some(pk) => pk.clone(),
+                        None => {
+                            let pk = slot::primary_key(sql, r.id).await?;
+                            state.primary_keys.insert(r.id, pk.clone());
+                            pk
+                        }
+                    };
+                    vec![LogOp::Relation(RelationVersion {
+                        relation_id: r.id,
+                        valid_from: ChangeKey::default(),
+                        schema: r.schema,
+                        name: r.name,
+                        replica_identity: r.replica_identity,
+                        columns: r
+                            .columns
+                            .into_iter()
+                            .map(|c| Column { name: c.name, type_oid: c.type_oid, type_modifier: c.type_modifier, is_key: c.is_key })
+                            .collect(),
+                        primary_key,
+                    })]
+                }
+                Message::Type { oid, schema, name } => vec![LogOp::Type { oid, schema, name }],
+                Message::Insert { relation_id, new } => vec![LogOp::Change(IncomingChange {
+                    relation_id,
+                    op: Op::Insert,
+                    old: None,
+                    new: Some(cells(new)),
+                })],
+                Message::Update { relation_id, old, new } => vec![LogOp::Change(IncomingChange {
+                    relation_id,
+                    op: Op::Update,
+                    old: old.map(old_image),
+                    new: Some(cells(new)),
+                })],
+                Message::Delete { relation_id, old } => vec![LogOp::Change(IncomingChange {
+                    relation_id,
+                    op: Op::Delete,
+                    old: Some(old_image(old)),
+                    new: None,
+                })],
+                Message::Truncate { relation_ids, .. } => relation_ids
+                    .into_iter()
+                    .map(|relation_id| LogOp::Change(IncomingChange { relation_id, op: Op::Truncate, old: None, new: None }))
+                    .collect(),
+                Message::Origin { .. } => Vec::new(),
+                // Begin, Commit and Message arrive as their own events from the client.
+                Message::Begin { .. } | Message::Commit { .. } | Message::Message { .. } => Vec::new(),
+            }
+        }
+        ReplicationEvent::StoppedAt { .. } => Vec::new(),
+    })
+}

@@ -1,0 +1,261 @@
+//! The publication, the table list and the replication slot.
+
+use pgtrail_store::{Column, ChangeKey, Lsn, RelationVersion, quote_ident};
+
+use crate::error::CaptureError;
+
+/// A table chosen for capture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CapturedTable {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+}
+
+impl CapturedTable {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// A table left out of the default list, and why.
+#[derive(Clone, Debug)]
+pub struct ExcludedTable {
+    pub qualified: String,
+    pub reason: String,
+}
+
+/// Split a `--tables` list at commas outside double quotes.
+pub fn split_table_list(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in list.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                cur.push(ch);
+            }
+            ',' if !quoted => {
+                if !cur.trim().is_empty() {
+                    out.push(cur.trim().to_string());
+                }
+                cur.clear();
+            }
+            _ => cur.push(ch),
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+const TABLE_INFO: &str = "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text, \
+        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
+
+/// Resolve the tables to capture: the listed ones (parsed by PostgreSQL itself, so quoted
+/// identifiers work), or every table with a primary key or REPLICA IDENTITY FULL.
+pub async fn choose_tables(
+    sql: &tokio_postgres::Client,
+    listed: &[String],
+) -> Result<(Vec<CapturedTable>, Vec<ExcludedTable>), CaptureError> {
+    let mut chosen = Vec::new();
+    let mut excluded = Vec::new();
+    if listed.is_empty() {
+        let rows = sql
+            .query(
+                &format!(
+                    "{TABLE_INFO} WHERE c.relkind IN ('r','p') AND NOT c.relispartition \
+                     AND n.nspname NOT IN ('pg_catalog','information_schema') \
+                     AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%' \
+                     ORDER BY 2, 3"
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| CaptureError::sql("listing tables", e))?;
+        for row in rows {
+            let table = CapturedTable { oid: row.get(0), schema: row.get(1), name: row.get(2) };
+            match ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
+                None => chosen.push(table),
+                Some(reason) => excluded.push(ExcludedTable { qualified: table.qualified(), reason }),
+            }
+        }
+    } else {
+        for name in listed {
+            let row = sql
+                .query_opt(&format!("{TABLE_INFO} WHERE c.oid = to_regclass($1)"), &[name])
+                .await
+                .map_err(|e| CaptureError::sql(format!("looking up table {name}"), e))?
+                .ok_or_else(|| {
+                    CaptureError::setup(
+                        format!("table {name} does not exist in the source database"),
+                        "check the name in --tables (write it as PostgreSQL would parse it, e.g. public.\"Odd Name\")",
+                    )
+                })?;
+            let table = CapturedTable { oid: row.get(0), schema: row.get(1), name: row.get(2) };
+            let kind: String = row.get(4);
+            if kind != "r" && kind != "p" {
+                return Err(CaptureError::setup(format!("{name} is not a table"), "list only tables in --tables"));
+            }
+            if let Some(reason) = ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
+                return Err(CaptureError::setup(
+                    format!("table {} cannot be captured safely: {reason}", table.qualified()),
+                    format!("run `ALTER TABLE {} REPLICA IDENTITY FULL;` or add a primary key", table.qualified()),
+                ));
+            }
+            if !chosen.contains(&table) {
+                chosen.push(table);
+            }
+        }
+    }
+    Ok((chosen, excluded))
+}
+
+fn ineligible_reason(replident: &str, has_pk: bool) -> Option<String> {
+    match (replident, has_pk) {
+        ("f", _) | ("i", _) | ("d", true) => None,
+        ("n", _) => Some("REPLICA IDENTITY NOTHING: publishing it would make UPDATE and DELETE fail in the application".into()),
+        _ => Some(
+            "no primary key and REPLICA IDENTITY is not FULL: publishing it would make UPDATE and DELETE fail in the application; run ALTER TABLE ... REPLICA IDENTITY FULL to capture it".into(),
+        ),
+    }
+}
+
+/// Create the publication for exactly these tables, or set an existing one to them.
+pub async fn ensure_publication(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    tables: &[CapturedTable],
+) -> Result<(), CaptureError> {
+    if tables.is_empty() {
+        return Err(CaptureError::setup(
+            "there is no table to capture",
+            "create a table with a primary key, or name tables with --tables",
+        ));
+    }
+    let list = tables.iter().map(CapturedTable::qualified).collect::<Vec<_>>().join(", ");
+    let exists = sql
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(|e| CaptureError::sql("looking up the publication", e))?
+        .is_some();
+    let stmt = if exists {
+        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(publication))
+    } else {
+        format!("CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)", quote_ident(publication))
+    };
+    sql.batch_execute(&stmt).await.map_err(|e| {
+        if e.code().is_some_and(|c| c.code() == "42501") {
+            CaptureError::setup(
+                format!("not allowed to create or change publication {publication:?}: {}", e.as_db_error().map(|d| d.message()).unwrap_or_default()),
+                "run capture as the owner of the tables (or a superuser), or have a DBA create the publication for these tables",
+            )
+        } else {
+            CaptureError::sql(format!("creating publication {publication}"), e)
+        }
+    })
+}
+
+/// The state of a replication slot, as `pg_replication_slots` shows it.
+#[derive(Clone, Debug)]
+pub struct SlotState {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active: bool,
+    pub confirmed_flush: Option<Lsn>,
+    pub wal_status: Option<String>,
+}
+
+pub async fn slot_state(sql: &tokio_postgres::Client, slot: &str) -> Result<Option<SlotState>, CaptureError> {
+    let row = sql
+        .query_opt(
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status \
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading pg_replication_slots", e))?;
+    Ok(row.map(|row| SlotState {
+        plugin: row.get(0),
+        database: row.get(1),
+        active: row.get(2),
+        confirmed_flush: row.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
+        wal_status: row.get(4),
+    }))
+}
+
+pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+    sql.execute("SELECT pg_drop_replication_slot($1) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+        .await
+        .map_err(|e| CaptureError::sql(format!("dropping slot {slot}"), e))?;
+    Ok(())
+}
+
+/// Build a table's relation version from the catalog, shaped as pgoutput's Relation message
+/// shapes it (published columns in attnum order, replica identity flags).
+pub async fn relation_from_catalog(
+    sql: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<RelationVersion, CaptureError> {
+    let head = sql
+        .query_one(
+            "SELECT n.nspname::text, c.relname::text, c.relreplident::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the table's catalog entry", e))?;
+    let replident: String = head.get(2);
+    let replica_identity = replident.bytes().next().unwrap_or(b'd');
+    let rows = sql
+        .query(
+            "SELECT a.attname::text, a.atttypid, a.atttypmod, \
+                    COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisprimary)::int2[]), false), \
+                    COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisreplident)::int2[]), false) \
+             FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' \
+             ORDER BY a.attnum",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the table's columns", e))?;
+    let mut columns = Vec::new();
+    let primary_key = primary_key(sql, oid).await?;
+    for row in rows {
+        let name: String = row.get(0);
+        let in_pk: bool = row.get(3);
+        let in_replident_index: bool = row.get(4);
+        let is_key = match replica_identity {
+            b'f' => true,
+            b'i' => in_replident_index,
+            b'd' => in_pk,
+            _ => false,
+        };
+        columns.push(Column { name, type_oid: row.get(1), type_modifier: row.get(2), is_key });
+    }
+    Ok(RelationVersion {
+        relation_id: oid,
+        valid_from: ChangeKey::default(),
+        schema: head.get(0),
+        name: head.get(1),
+        replica_identity,
+        columns,
+        primary_key,
+    })
+}
+
+/// Primary key column names of a relation (empty when it has none).
+pub async fn primary_key(sql: &tokio_postgres::Client, oid: u32) -> Result<Vec<String>, CaptureError> {
+    let rows = sql
+        .query(
+            "SELECT a.attname::text FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
+            &[&oid],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the primary key", e))?;
+    Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}

@@ -1,0 +1,169 @@
+//! The initial snapshot: every captured table read with COPY inside the slot's exported
+//! snapshot, streamed row by row to the log writer (bounded memory whatever the table size).
+
+use futures_util::StreamExt;
+use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, quote_ident};
+
+use crate::error::CaptureError;
+use crate::slot::{CapturedTable, relation_from_catalog};
+use crate::writer::WriterHandle;
+
+/// Rows sent to the writer per message.
+const ROWS_PER_BATCH: usize = 512;
+
+/// Read every table inside `snapshot_name` and send it to the writer as one transaction of
+/// `snapshot` changes keyed just before the consistent point: a transaction that commits
+/// exactly at the consistent point then sorts after the snapshot, as it happened after it.
+pub async fn copy_tables(
+    sql: &tokio_postgres::Client,
+    snapshot_name: &str,
+    consistent_point: Lsn,
+    tables: &[CapturedTable],
+    writer: &WriterHandle,
+) -> Result<u64, CaptureError> {
+    sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(|e| CaptureError::sql("starting the snapshot transaction", e))?;
+    sql.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''")))
+        .await
+        .map_err(|e| CaptureError::sql("importing the slot's snapshot", e))?;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    writer
+        .send(vec![LogOp::Begin { final_lsn: Lsn(consistent_point.0 - 1), xid: 0, committed_at_us: now_us }])
+        .await?;
+    let mut total = 0u64;
+    for table in tables {
+        let relation = relation_from_catalog(sql, table.oid).await?;
+        let columns = relation.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let width = relation.columns.len();
+        writer.send(vec![LogOp::Relation(relation)]).await?;
+        let stmt = format!("COPY (SELECT {columns} FROM {}) TO STDOUT", table.qualified());
+        let stream = sql
+            .copy_out(&stmt)
+            .await
+            .map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
+        futures_util::pin_mut!(stream);
+        let mut pending: Vec<u8> = Vec::new();
+        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+        let mut rows = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
+            pending.extend_from_slice(&chunk);
+            let mut start = 0;
+            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+                let line = &pending[start..start + nl];
+                let cells = parse_copy_line(line, width).map_err(|detail| {
+                    CaptureError::Protocol(format!("COPY of {} returned a malformed row: {detail}", table.qualified()))
+                })?;
+                batch.push(LogOp::Change(IncomingChange {
+                    relation_id: table.oid,
+                    op: Op::Snapshot,
+                    old: None,
+                    new: Some(cells),
+                }));
+                rows += 1;
+                start += nl + 1;
+                if batch.len() == ROWS_PER_BATCH {
+                    writer.send(std::mem::take(&mut batch)).await?;
+                }
+            }
+            pending.drain(..start);
+        }
+        if !batch.is_empty() {
+            writer.send(batch).await?;
+        }
+        tracing::info!(table = %table.qualified(), rows, "snapshot copied");
+        total += rows;
+    }
+    writer.send(vec![LogOp::Commit { end_lsn: consistent_point }]).await?;
+    sql.batch_execute("COMMIT").await.map_err(|e| CaptureError::sql("ending the snapshot transaction", e))?;
+    Ok(total)
+}
+
+/// Parse one line of COPY's text format into cells (`\N` is NULL; backslash escapes).
+pub fn parse_copy_line(line: &[u8], width: usize) -> Result<Vec<IncomingCell>, String> {
+    let mut cells = Vec::with_capacity(width);
+    for field in line.split(|&b| b == b'\t') {
+        if field == b"\\N" {
+            cells.push(IncomingCell::Null);
+            continue;
+        }
+        let mut out = Vec::with_capacity(field.len());
+        let mut i = 0;
+        while i < field.len() {
+            let b = field[i];
+            if b != b'\\' {
+                out.push(b);
+                i += 1;
+                continue;
+            }
+            let Some(&e) = field.get(i + 1) else {
+                return Err("line ends with a backslash".into());
+            };
+            i += 2;
+            match e {
+                b'b' => out.push(8),
+                b'f' => out.push(12),
+                b'n' => out.push(b'\n'),
+                b'r' => out.push(b'\r'),
+                b't' => out.push(b'\t'),
+                b'v' => out.push(11),
+                b'0'..=b'7' => {
+                    let mut v = u32::from(e - b'0');
+                    let mut n = 1;
+                    while n < 3 && i < field.len() && (b'0'..=b'7').contains(&field[i]) {
+                        v = v * 8 + u32::from(field[i] - b'0');
+                        i += 1;
+                        n += 1;
+                    }
+                    out.push((v & 0xFF) as u8);
+                }
+                b'x' => {
+                    let mut v = 0u32;
+                    let mut n = 0;
+                    while n < 2 && i < field.len() && field[i].is_ascii_hexdigit() {
+                        v = v * 16 + (field[i] as char).to_digit(16).unwrap_or(0);
+                        i += 1;
+                        n += 1;
+                    }
+                    if n == 0 {
+                        out.push(b'x');
+                    } else {
+                        out.push((v & 0xFF) as u8);
+                    }
+                }
+                other => out.push(other),
+            }
+        }
+        let text = String::from_utf8(out).map_err(|_| "a value is not valid UTF-8".to_string())?;
+        cells.push(IncomingCell::Text(text));
+    }
+    if cells.len() != width {
+        return Err(format!("{} fields where {width} columns were expected", cells.len()));
+    }
+    Ok(cells)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_text_format_escapes_are_decoded() {
+        let cells = parse_copy_line(b"1\t\\N\ta\\tb\\nc\\\\d\t\\101\\x42", 4).unwrap();
+        assert_eq!(
+            cells,
+            vec![
+                IncomingCell::Text("1".into()),
+                IncomingCell::Null,
+                IncomingCell::Text("a\tb\nc\\d".into()),
+                IncomingCell::Text("AB".into()),
+            ]
+        );
+        assert!(parse_copy_line(b"1\t2", 3).is_err());
+        assert!(parse_copy_line(b"1\\", 1).is_err());
+    }
+}

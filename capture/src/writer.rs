@@ -1,0 +1,251 @@
+//! The log writer: one dedicated OS thread that owns the redb [`ChangeLog`].
+//!
+//! redb is synchronous and its commits block on fsync, so it never runs on a tokio worker.
+//! The stream task sends [`LogOp`] batches over a bounded channel (the channel is also the
+//! backpressure: a slow disk slows the stream, and PostgreSQL keeps the WAL). The thread
+//! drains whatever is queued into one redb transaction (group commit) and publishes the
+//! durable position on a watch channel; only that position is ever acknowledged upstream.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use pgtrail_store::{ChangeLog, Durability, Gap, LogError, LogOp, Lsn, SourceIdentity};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::CaptureError;
+
+/// Ops applied per redb transaction at most (bounds the memory of one commit).
+const MAX_OPS_PER_COMMIT: usize = 20_000;
+
+enum WriterMsg {
+    Ops(Vec<LogOp>),
+    /// Drop the open source transaction's partial writes (the stream broke mid-transaction;
+    /// PostgreSQL sends it again after the reconnect).
+    DiscardPartial(oneshot::Sender<Result<(), LogError>>),
+    SetIdentity(SourceIdentity, oneshot::Sender<Result<(), LogError>>),
+    RecordGap(Gap, oneshot::Sender<Result<(), LogError>>),
+}
+
+/// Counters the writer keeps, for progress lines.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub changes: AtomicU64,
+    pub transactions: AtomicU64,
+    pub duplicates_skipped: AtomicU64,
+    pub commits: AtomicU64,
+}
+
+/// The async side's handle on the writer thread.
+pub struct WriterHandle {
+    tx: mpsc::Sender<WriterMsg>,
+    durable: watch::Receiver<Lsn>,
+    join: Option<JoinHandle<Result<(), LogError>>>,
+    pub stats: Arc<WriterStats>,
+    identity: Option<SourceIdentity>,
+    last_commit: Lsn,
+}
+
+impl WriterHandle {
+    /// Open the log in `archive` on a new thread.
+    pub fn start(archive: PathBuf) -> Result<WriterHandle, CaptureError> {
+        let (tx, rx) = mpsc::channel::<WriterMsg>(1024);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let stats = Arc::new(WriterStats::default());
+        let thread_stats = stats.clone();
+        let (durable_tx, durable_rx) = watch::channel(Lsn::ZERO);
+        let join = std::thread::Builder::new()
+            .name("pgtrail-log-writer".into())
+            .spawn(move || {
+                let log = match ChangeLog::open(&archive) {
+                    Ok(log) => log,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
+                let identity = log.source_identity();
+                let _ = durable_tx.send(log.durable_position());
+                let _ = ready_tx.send(identity.map(|i| (i, log.last_commit())));
+                run_writer(log, archive, rx, durable_tx, thread_stats)
+            })
+            .map_err(|e| CaptureError::Protocol(format!("cannot start the writer thread: {e}")))?;
+        let (identity, last_commit) = ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
+        Ok(WriterHandle { tx, durable: durable_rx, join: Some(join), stats, identity, last_commit })
+    }
+
+    /// The source identity stored in the archive when it was opened.
+    pub fn stored_identity(&self) -> Option<&SourceIdentity> {
+        self.identity.as_ref()
+    }
+
+    pub fn last_commit_at_open(&self) -> Lsn {
+        self.last_commit
+    }
+
+    /// Queue ops for the log (waits while the queue is full).
+    pub async fn send(&self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        if self.tx.send(WriterMsg::Ops(ops)).await.is_err() {
+            return Err(self.writer_error());
+        }
+        Ok(())
+    }
+
+    async fn call(&self, make: impl FnOnce(oneshot::Sender<Result<(), LogError>>) -> WriterMsg) -> Result<(), CaptureError> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(make(tx)).await.is_err() {
+            return Err(self.writer_error());
+        }
+        match rx.await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(self.writer_error()),
+        }
+    }
+
+    pub async fn discard_partial(&self) -> Result<(), CaptureError> {
+        self.call(WriterMsg::DiscardPartial).await
+    }
+
+    pub async fn set_identity(&mut self, identity: SourceIdentity) -> Result<(), CaptureError> {
+        self.call(|tx| WriterMsg::SetIdentity(identity.clone(), tx)).await?;
+        self.identity = Some(identity);
+        Ok(())
+    }
+
+    pub async fn record_gap(&self, gap: Gap) -> Result<(), CaptureError> {
+        self.call(|tx| WriterMsg::RecordGap(gap, tx)).await
+    }
+
+    /// The position made durable so far (safe to acknowledge).
+    pub fn durable(&self) -> Lsn {
+        *self.durable.borrow()
+    }
+
+    /// A receiver that sees every new durable position.
+    pub fn durable_watch(&self) -> watch::Receiver<Lsn> {
+        self.durable.clone()
+    }
+
+    /// Wait until the durable position reaches `target`.
+    pub async fn wait_durable(&self, target: Lsn) -> Result<(), CaptureError> {
+        let mut rx = self.durable.clone();
+        loop {
+            if *rx.borrow_and_update() >= target {
+                return Ok(());
+            }
+            if rx.changed().await.is_err() {
+                return Err(self.writer_error());
+            }
+        }
+    }
+
+    /// Stop the thread after it has applied everything queued, and return its error if any.
+    pub fn finish(mut self) -> Result<(), CaptureError> {
+        drop(self.tx);
+        match self.join.take().map(JoinHandle::join) {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(e.into()),
+            Some(Err(_)) => Err(CaptureError::WriterGone),
+        }
+    }
+
+    fn writer_error(&self) -> CaptureError {
+        CaptureError::WriterGone
+    }
+
+    /// After a send failed: wait for the thread and return the error that stopped it.
+    pub fn into_error(self) -> CaptureError {
+        match self.finish() {
+            Err(e) => e,
+            Ok(()) => CaptureError::WriterGone,
+        }
+    }
+}
+
+fn run_writer(
+    mut log: ChangeLog,
+    archive: PathBuf,
+    mut rx: mpsc::Receiver<WriterMsg>,
+    durable_tx: watch::Sender<Lsn>,
+    stats: Arc<WriterStats>,
+) -> Result<(), LogError> {
+    let mut batch: Vec<LogOp> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut control = None;
+        match first {
+            WriterMsg::Ops(ops) => batch.extend(ops),
+            other => control = Some(other),
+        }
+        // Group commit: take whatever else is already queued.
+        while control.is_none() && batch.len() < MAX_OPS_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(WriterMsg::Ops(ops)) => batch.extend(ops),
+                Ok(other) => control = Some(other),
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            write_batch(&mut log, std::mem::take(&mut batch), &durable_tx, &stats)?;
+        }
+        match control {
+            None => {}
+            Some(WriterMsg::Ops(ops)) => batch.extend(ops),
+            Some(WriterMsg::DiscardPartial(reply)) => {
+                // Reopening runs the log's crash recovery, which removes exactly the partial
+                // transaction (nothing of it was acknowledged).
+                if log.in_transaction() {
+                    drop(log);
+                    log = match ChangeLog::open(&archive) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = reply.send(Err(LogError::Corrupt { what: "reopen".into(), source: e.to_string().into() }));
+                            return Err(e);
+                        }
+                    };
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Some(WriterMsg::SetIdentity(identity, reply)) => {
+                let _ = reply.send(log.set_source_identity(&identity));
+            }
+            Some(WriterMsg::RecordGap(gap, reply)) => {
+                let _ = reply.send(log.record_gap(&gap));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Apply a batch: everything up to the last transaction boundary in one durable commit, and
+/// the rest (the beginning of a transaction still streaming) in a non-durable commit that
+/// nothing is acknowledged for.
+fn write_batch(
+    log: &mut ChangeLog,
+    mut ops: Vec<LogOp>,
+    durable_tx: &watch::Sender<Lsn>,
+    stats: &WriterStats,
+) -> Result<(), LogError> {
+    let boundary = ops.iter().rposition(|op| {
+        matches!(op, LogOp::Commit { .. } | LogOp::Advance(_) | LogOp::NonTransactionalMessage { .. })
+    });
+    let tail = match boundary {
+        Some(i) => ops.split_off(i + 1),
+        None => std::mem::take(&mut ops),
+    };
+    for (part, durability) in [(ops, Durability::Immediate), (tail, Durability::None)] {
+        if part.is_empty() {
+            continue;
+        }
+        let applied = log.apply(part, durability)?;
+        stats.changes.fetch_add(applied.changes, Ordering::Relaxed);
+        stats.transactions.fetch_add(applied.transactions, Ordering::Relaxed);
+        stats.duplicates_skipped.fetch_add(applied.duplicates_skipped, Ordering::Relaxed);
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        if matches!(durability, Durability::Immediate) {
+            // Published only after the durable commit returned: this is what may be acked.
+            let _ = durable_tx.send(log.durable_position());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,128 @@
+//! `pgtrail demo`: the quickstart on a throwaway PostgreSQL.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use pgtrail_capture::cluster::{Cluster, ClusterOptions};
+use pgtrail_capture::{CaptureConfig, SourceConfig};
+use pgtrail_store::Lsn;
+
+const SCHEMA: &str = "
+CREATE TABLE customers (id bigint PRIMARY KEY, name text NOT NULL, email text, created_at timestamptz NOT NULL DEFAULT now());
+CREATE TABLE products (id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, tags text[]);
+CREATE TABLE orders (id bigint PRIMARY KEY, customer_id bigint REFERENCES customers, product_id bigint REFERENCES products,
+                     quantity int NOT NULL, status text NOT NULL, note jsonb);
+INSERT INTO customers (id, name, email) VALUES (1, 'Ada', 'ada@example.com'), (2, 'Grace', 'grace@example.com');
+INSERT INTO products VALUES (1, 'Keyboard', 49.90, '{input}'), (2, 'Mouse', 19.50, '{input,small}'), (3, 'Monitor', 189.00, NULL);
+";
+
+/// The workload, one transaction per entry; the first statement of most sets the context the
+/// way an application (or Bemi's libraries) would.
+const WORKLOAD: &[&str] = &[
+    "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 42, \"endpoint\": \"/orders\"}');
+     INSERT INTO orders VALUES (1, 1, 1, 1, 'new', '{\"gift\": false}'), (2, 2, 2, 3, 'new', NULL);",
+    "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 7, \"endpoint\": \"/admin/prices\"}');
+     UPDATE products SET price = 44.90 WHERE id = 1;",
+    "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 42, \"endpoint\": \"/orders/1/pay\"}');
+     UPDATE orders SET status = 'paid' WHERE id = 1;",
+    "INSERT INTO customers (id, name) VALUES (3, 'Linus');",
+    "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 7, \"endpoint\": \"/admin/orders/2\"}');
+     DELETE FROM orders WHERE id = 2;",
+    "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 3, \"endpoint\": \"/orders\"}');
+     INSERT INTO orders VALUES (3, 3, 3, 1, 'new', NULL); UPDATE orders SET quantity = 2 WHERE id = 3;",
+];
+
+pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
+    if archive.exists() {
+        if !archive.join(pgtrail_store::LOG_FILE).exists() {
+            bail!(
+                "{} exists and is not a pgtrail archive; choose another --archive",
+                archive.display()
+            );
+        }
+        std::fs::remove_dir_all(&archive).with_context(|| format!("removing the earlier demo archive {}", archive.display()))?;
+    }
+    eprintln!("demo: starting a throwaway PostgreSQL");
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
+    cluster.psql("postgres", "CREATE DATABASE shop")?;
+    let url = cluster.url("shop");
+    let source = SourceConfig::parse(&url)?;
+    let sql = source.connect_sql().await?;
+    sql.batch_execute(SCHEMA).await.context("creating the shop schema")?;
+    eprintln!("demo: PostgreSQL {} on port {}; shop schema created", cluster.bin_dir().display(), cluster.port());
+
+    let config = CaptureConfig {
+        source: source.clone(),
+        archive: archive.clone(),
+        slot: "pgtrail".into(),
+        publication: "pgtrail".into(),
+        tables: Vec::new(),
+        resnapshot: false,
+        progress_interval: Duration::from_secs(2),
+        stop_at: None,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let capture = tokio::spawn(pgtrail_capture::run(
+        config,
+        async move {
+            let _ = stop_rx.await;
+        },
+        crate::progress_line,
+    ));
+    // Wait for the slot (and the initial snapshot) before changing anything, so that the
+    // workload is streamed rather than folded into the snapshot.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let active = sql
+            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgtrail' AND active", &[])
+            .await?
+            .is_some();
+        if active {
+            break;
+        }
+        if capture.is_finished() || std::time::Instant::now() > deadline {
+            let _ = stop_tx.send(());
+            capture.await??;
+            bail!("capture did not start streaming");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("demo: capture is streaming; running the workload");
+    for statement in WORKLOAD {
+        sql.batch_execute(&format!("BEGIN; {statement} COMMIT;")).await.context("running the demo workload")?;
+    }
+    let end: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let end: Lsn = end.parse()?;
+    // Wait until the archive is durable past the workload (the slot confirms it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let confirmed: Option<String> = sql
+            .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'pgtrail'", &[])
+            .await?
+            .get(0);
+        if confirmed.and_then(|c| c.parse::<Lsn>().ok()).is_some_and(|c| c >= end) {
+            break;
+        }
+        if capture.is_finished() || std::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop_tx.send(());
+    let summary = capture.await??;
+    eprintln!(
+        "demo: captured {} snapshot rows and {} changes in {} transactions into {}",
+        summary.snapshot_rows,
+        summary.changes - summary.snapshot_rows,
+        summary.transactions,
+        archive.display()
+    );
+    drop(sql);
+    drop(cluster);
+    println!();
+    crate::status::run(archive.clone(), None, "table").await?;
+    println!();
+    println!("Next: pgtrail status --archive {}", archive.display());
+    Ok(())
+}
