@@ -191,7 +191,14 @@ async fn session(
                 slot::ensure_publication(&sql, &config.publication, &tables).await?;
             }
             let durable = writer.durable();
-            match check_slot(&sql, &id, durable, config).await {
+            let checked = match check_slot(&sql, &id, durable, config).await {
+                // Every gap is recorded in the archive before anything else happens.
+                Err(CaptureError::Gap { reason, archive_position, source_position }) => {
+                    Err(gap(writer, archive_position, source_position, reason).await)
+                }
+                other => other,
+            };
+            match checked {
                 Ok(()) => {}
                 Err(gap @ CaptureError::Gap { .. }) if config.resnapshot => {
                     tracing::warn!(error = %gap, "gap recorded; taking a new snapshot as --resnapshot asks");
@@ -395,6 +402,12 @@ async fn stream(
     tracing::info!(slot = %config.slot, from = %writer.durable(), "streaming");
     let mut durable_rx = writer.durable_watch();
     client.update_applied_lsn(to_wire(writer.durable()));
+    if let Some(stop) = config.stop_at
+        && writer.durable() >= stop
+    {
+        graceful_stop(writer, &mut client, &StreamState::default()).await?;
+        return Ok(SessionEnd::StopAtReached);
+    }
     let mut state = StreamState::default();
     let mut tick = tokio::time::interval(config.progress_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -92,7 +92,7 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     for statement in WORKLOAD {
         sql.batch_execute(&format!("BEGIN; {statement} COMMIT;")).await.context("running the demo workload")?;
     }
-    let end: String = sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    let end: String = sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
     let end: Lsn = end.parse()?;
     // Wait until the archive is durable past the workload (the slot confirms it).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
