@@ -36,6 +36,9 @@ use crate::{preflight, snapshot};
 /// The logical message prefix that carries application context (Bemi-compatible).
 pub const CONTEXT_PREFIX: &str = "_bemi";
 
+/// How long a slot held by another connection is waited for before it counts as in use.
+const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
+
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -267,7 +270,14 @@ async fn check_slot(
     durable: Lsn,
     config: &CaptureConfig,
 ) -> Result<(), CaptureError> {
-    let state = slot::slot_state(sql, &config.slot).await?;
+    let mut state = slot::slot_state(sql, &config.slot).await?;
+    // A walsender of a consumer that just died (kill -9, a dropped network) holds the slot
+    // until the server notices; give it that long before calling the slot "in use".
+    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+    while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        state = slot::slot_state(sql, &config.slot).await?;
+    }
     let Some(state) = state else {
         let current: String = sql
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
