@@ -27,16 +27,10 @@ pub enum ClusterError {
 }
 
 /// Server settings of a throwaway cluster.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct ClusterOptions {
     /// Extra `-c name=value` settings, after the defaults.
     pub settings: Vec<(String, String)>,
-}
-
-impl Default for ClusterOptions {
-    fn default() -> Self {
-        ClusterOptions { settings: Vec::new() }
-    }
 }
 
 /// A running throwaway cluster. Dropping it stops the server and removes its directory.

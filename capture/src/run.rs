@@ -166,6 +166,7 @@ async fn session(
     let mut stored = writer.stored_identity().cloned();
     if let Some(id) = &stored
         && !id.snapshot_complete
+        && id.consistent_point > Lsn::ZERO
         && writer.durable() >= id.consistent_point
     {
         // The snapshot transaction is durable; only its completion mark is missing.
@@ -233,7 +234,7 @@ async fn session(
             // The initial snapshot did not finish: nothing of it is in the archive (the log's
             // recovery removed the partial rows), nothing was acknowledged past the slot's
             // creation, so the slot is dropped and the snapshot taken again.
-            if slot::slot_state(&sql, &config.slot).await?.is_some() {
+            if slot_when_released(&sql, &config.slot).await?.is_some() {
                 tracing::warn!(slot = %config.slot, "dropping the slot of an interrupted initial snapshot to take it again");
                 slot::drop_slot(&sql, &config.slot).await?;
             }
@@ -263,6 +264,19 @@ async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn,
     CaptureError::Gap { reason, archive_position, source_position }
 }
 
+/// The slot's state, after waiting for a walsender of a consumer that just died (kill -9, a
+/// dropped network) to release it: the server notices only after a while, so the slot counts
+/// as "in use" only when it stays held for [`SLOT_RELEASE_WAIT`].
+async fn slot_when_released(sql: &tokio_postgres::Client, slot_name: &str) -> Result<Option<slot::SlotState>, CaptureError> {
+    let mut state = slot::slot_state(sql, slot_name).await?;
+    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+    while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        state = slot::slot_state(sql, slot_name).await?;
+    }
+    Ok(state)
+}
+
 /// Compare the slot with the archive before resuming.
 async fn check_slot(
     sql: &tokio_postgres::Client,
@@ -270,14 +284,7 @@ async fn check_slot(
     durable: Lsn,
     config: &CaptureConfig,
 ) -> Result<(), CaptureError> {
-    let mut state = slot::slot_state(sql, &config.slot).await?;
-    // A walsender of a consumer that just died (kill -9, a dropped network) holds the slot
-    // until the server notices; give it that long before calling the slot "in use".
-    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
-    while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        state = slot::slot_state(sql, &config.slot).await?;
-    }
+    let state = slot_when_released(sql, &config.slot).await?;
     let Some(state) = state else {
         let current: String = sql
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -340,6 +347,19 @@ async fn initial_snapshot(
     let rcfg = config.source.replication_config(&config.slot, &config.publication);
     let mut client = ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)?;
     let system = client.identify_system().await.map_err(CaptureError::Replication)?;
+    let mut identity = SourceIdentity {
+        system_id: system.system_id.clone(),
+        timeline: system.timeline,
+        database: config.source.database().to_string(),
+        slot: config.slot.clone(),
+        publication: config.publication.clone(),
+        consistent_point: Lsn::ZERO,
+        snapshot_complete: false,
+    };
+    // Recorded before the slot exists: a crash between creating the slot and the end of the
+    // snapshot is then recognised on the next start, which drops this archive's slot and
+    // takes the snapshot again (nothing was acknowledged past the slot's creation).
+    writer.set_identity(identity.clone()).await?;
     let rows = client
         .simple_query(&format!(
             "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
@@ -358,16 +378,7 @@ async fn initial_snapshot(
         .parse()
         .map_err(|_| CaptureError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into()))?;
     let snapshot_name = text(2)?;
-    let mut identity = SourceIdentity {
-        system_id: system.system_id.clone(),
-        timeline: system.timeline,
-        database: config.source.database().to_string(),
-        slot: config.slot.clone(),
-        publication: config.publication.clone(),
-        consistent_point,
-        snapshot_complete: false,
-    };
-    // Recorded before the copy, so that a crash during it is recognised on the next start.
+    identity.consistent_point = consistent_point;
     writer.set_identity(identity.clone()).await?;
     tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");
     // The replication session stays idle (it holds the exported snapshot) while an ordinary

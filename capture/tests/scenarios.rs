@@ -171,8 +171,7 @@ async fn schema_changes_mid_stream_become_new_relation_versions() {
     for (key, c) in &changes {
         let version = rels
             .iter()
-            .filter(|r| r.relation_id == c.relation_id && r.valid_from <= *key)
-            .next_back()
+            .rfind(|r| r.relation_id == c.relation_id && r.valid_from <= *key)
             .unwrap();
         assert_eq!(version.valid_from, c.schema_version);
         if let Some(after) = &c.after {

@@ -259,9 +259,7 @@ impl ChangeLog {
                     "discarded an unfinished source transaction left by a crash; PostgreSQL will send it again"
                 );
             }
-            for t in [TXNS] {
-                wtx.open_table(t)?;
-            }
+            wtx.open_table(TXNS)?;
             wtx.open_table(TYPES)?;
             wtx.open_table(GAPS)?;
         }
