@@ -390,7 +390,6 @@ async fn initial_snapshot(
     writer.set_identity(identity).await?;
     summary.snapshot_rows += rows;
     tracing::info!(rows, "initial snapshot stored");
-    let _ = sql;
     client.start().await.map_err(CaptureError::Replication)?;
     Ok(client)
 }

@@ -67,10 +67,6 @@ pub fn read_archive(dir: &Path) -> (Vec<(pgtrail_store::ChangeKey, ChangeRecord)
     (changes, reader.relations().unwrap())
 }
 
-pub fn rel_named<'a>(rels: &'a [RelationVersion], name: &str) -> &'a RelationVersion {
-    rels.iter().rev().find(|r| r.name == name).unwrap_or_else(|| panic!("no relation {name}"))
-}
-
 fn cell_text(c: &Cell) -> String {
     match c {
         Cell::Null => "<NULL>".into(),

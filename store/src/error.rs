@@ -20,6 +20,8 @@ pub enum LogError {
         "the archive directory {path} is accessible to other users (mode {mode:o}); it holds a copy of production data: run `chmod 700 {path}`"
     )]
     Permissions { path: PathBuf, mode: u32 },
+    #[error("{path} is not a pgtrail archive (it has no {file}); check --archive", file = crate::LOG_FILE)]
+    NotAnArchive { path: PathBuf },
     #[error("cannot open the change log {path}")]
     Open {
         path: PathBuf,

@@ -36,7 +36,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -587,14 +586,11 @@ fn complete_change(
     change: IncomingChange,
 ) -> Result<ChangeRecord, LogError> {
     let key_pos = rel.key_positions();
-    let indexed = rel.needs_current_index();
+    // The index is needed where old images are partial (REPLICA IDENTITY DEFAULT or USING
+    // INDEX), not under FULL, whose old tuple carries the whole row.
+    let indexed = rel.replica_identity != b'f' && !key_pos.is_empty();
     let width = rel.columns.len();
-    let key_of = |row: &Row| -> Option<Vec<Option<String>>> {
-        if key_pos.is_empty() {
-            return None;
-        }
-        Some(key_pos.iter().map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string))).collect())
-    };
+    let key_of = |row: &Row| (!key_pos.is_empty()).then(|| row_key(row, &key_pos));
     let key_from_incoming = |cells: &[IncomingCell]| -> Vec<Option<String>> {
         key_pos
             .iter()
@@ -609,7 +605,8 @@ fn complete_change(
     let mut key = None;
     match change.op {
         Op::Insert | Op::Snapshot => {
-            let row = plain_row(change.new.as_deref().unwrap_or_default(), width);
+            // Inserts and snapshot rows never carry `u`.
+            let row = fill_row(change.new.as_deref().unwrap_or_default(), None, width);
             key = key_of(&row);
             if indexed && let Some(k) = &key {
                 set_current(t, rel.relation_id, final_lsn, k, Some(&row))?;
@@ -631,7 +628,7 @@ fn complete_change(
             let a = fill_row(&new, Some(&b), width);
             key = key_of(&a);
             if indexed {
-                let new_key = key_from_incoming_row(&a, &key_pos);
+                let new_key = row_key(&a, &key_pos);
                 if new_key != lookup_key {
                     set_current(t, rel.relation_id, final_lsn, &lookup_key, None)?;
                 }
@@ -641,18 +638,15 @@ fn complete_change(
             after = Some(a);
         }
         Op::Delete => {
-            let (b, lookup_key) = match change.old {
-                Some(OldImage::Full(cells)) => {
-                    let k = key_from_incoming(&cells);
-                    let prev = if indexed { get_current(t, rel.relation_id, &k)? } else { None };
-                    (fill_row(&cells, prev.as_ref(), width), k)
-                }
-                Some(OldImage::Key(cells)) => {
-                    let k = key_from_incoming(&cells);
-                    let prev = if indexed { get_current(t, rel.relation_id, &k)? } else { None };
-                    (prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width)), k)
-                }
-                None => (vec![Cell::Unknown; width], Vec::new()),
+            let lookup_key = match &change.old {
+                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => key_from_incoming(cells),
+                None => Vec::new(),
+            };
+            let prev = if indexed { get_current(t, rel.relation_id, &lookup_key)? } else { None };
+            let b = match change.old {
+                Some(OldImage::Full(cells)) => fill_row(&cells, prev.as_ref(), width),
+                Some(OldImage::Key(cells)) => prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
+                None => vec![Cell::Unknown; width],
             };
             key = key_of(&b);
             if indexed {
@@ -691,13 +685,9 @@ fn complete_change(
     })
 }
 
-fn key_from_incoming_row(row: &Row, key_pos: &[usize]) -> Vec<Option<String>> {
+/// The key column values of a complete row (text form; NULL or unknown as `None`).
+fn row_key(row: &Row, key_pos: &[usize]) -> Vec<Option<String>> {
     key_pos.iter().map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string))).collect()
-}
-
-/// A row from cells that cannot hold `u` (inserts, snapshot rows).
-fn plain_row(cells: &[IncomingCell], width: usize) -> Row {
-    fill_row(cells, None, width)
 }
 
 /// A row from incoming cells, taking each unsent (`u`) value from `fallback` where it is
@@ -801,13 +791,7 @@ impl LogReader {
     pub fn open(dir: &Path) -> Result<(Database, LogReader), LogError> {
         let path = dir.join(LOG_FILE);
         if !path.exists() {
-            return Err(LogError::Open {
-                path: path.clone(),
-                source: redb::DatabaseError::Storage(redb::StorageError::Io(std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    "no change log in this directory (is it a pgtrail archive?)",
-                ))),
-            });
+            return Err(LogError::NotAnArchive { path: dir.to_path_buf() });
         }
         let db = Database::builder().create(&path).map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
@@ -962,7 +946,6 @@ fn ensure_private_dir(dir: &Path) -> Result<(), LogError> {
     {
         let _ = f.sync_all();
     }
-    let _ = std::io::stderr().flush();
     Ok(())
 }
 

@@ -56,13 +56,6 @@ impl RelationVersion {
         }
     }
 
-    /// Whether the archive keeps a current-row index for this relation: needed when old
-    /// images are partial (REPLICA IDENTITY DEFAULT or USING INDEX), not under FULL, whose old
-    /// tuple carries the whole row.
-    pub fn needs_current_index(&self) -> bool {
-        self.replica_identity != b'f' && !self.key_positions().is_empty()
-    }
-
     /// `schema.name` with each part quoted only when PostgreSQL would need it.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
