@@ -53,3 +53,60 @@ pub enum LogError {
     #[error("a transaction has more than 4294967295 changes")]
     TransactionTooLarge,
 }
+
+/// An error writing or reading a segment file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SegmentError {
+    #[error("I/O error on {path} (disk full?)")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("Parquet error on {path}")]
+    Parquet {
+        path: PathBuf,
+        #[source]
+        source: datafusion::parquet::errors::ParquetError,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: datafusion::arrow::error::ArrowError,
+    },
+    #[error("Arrow error building a segment batch")]
+    Arrow(#[source] datafusion::arrow::error::ArrowError),
+    #[error("segment {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "segment {path} does not match the manifest (SHA-256 {found}, manifest says {expected}): it was changed or damaged after it was written; restore it from a backup"
+    )]
+    Checksum { path: PathBuf, expected: String, found: String },
+}
+
+/// An error of a compaction run. Nothing is trimmed from the log unless the run finished.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CompactError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error("the log changed under the compactor ({expected} changes compacted, {found} found to trim); nothing was trimmed")]
+    LogChanged { expected: u64, found: u64 },
+    #[error("change {key} names relation version {relation_id}@{version} that the log does not hold")]
+    MissingRelation { key: String, relation_id: u32, version: String },
+}
+
+macro_rules! redb_into_compact {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CompactError {
+            fn from(e: $t) -> Self {
+                CompactError::Log(LogError::from(e))
+            }
+        }
+    )*};
+}
+redb_into_compact!(redb::StorageError, redb::TransactionError, redb::TableError, redb::CommitError);

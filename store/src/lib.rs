@@ -1,21 +1,29 @@
-//! pgtrail-store owns the archive's data model and its durable change log.
+//! pgtrail-store owns the archive's data model and everything it keeps on disk.
 //!
 //! It defines what a captured change is ([`ChangeRecord`], keyed by [`ChangeKey`]: the source
 //! transaction's commit LSN and the change's position in it), the schema versions of captured
-//! relations ([`RelationVersion`]), and the redb log ([`ChangeLog`]) that stores them durably,
-//! completes before/after images from its current-row index, skips replayed transactions and
-//! recovers from a crash at any point. It knows nothing of the PostgreSQL wire protocol or of
-//! SQL: `pgtrail-capture` feeds it [`LogOp`]s, and readers use [`LogReader`]. It is synchronous
-//! and never runs on an async runtime; callers keep it on a dedicated thread.
+//! relations ([`RelationVersion`]), the redb log ([`ChangeLog`]) that stores changes durably
+//! and recovers from a crash at any point, and the archive of record: typed zstd Parquet
+//! [`segment`]s listed in a [`SegmentManifest`] inside the same redb database, produced by the
+//! [`Compactor`], which trims the log in the same transaction that lists a segment. It knows
+//! nothing of the PostgreSQL wire protocol or of SQL: `pgtrail-capture` feeds it [`LogOp`]s,
+//! and readers use [`LogReader`] and [`segment::SegmentReader`]. It is synchronous and never
+//! runs on an async runtime; callers keep it on dedicated threads.
 
+mod atomic_file;
 mod change;
+mod compact;
+mod crashpoint;
 mod error;
 mod log;
 mod lsn;
 mod relation;
+pub mod segment;
 
 pub use change::{Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row};
-pub use error::LogError;
+pub use compact::{CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest};
+pub use error::{CompactError, LogError, SegmentError};
+pub use redb::Database;
 pub use log::{
     Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SourceIdentity, TxnRecord,
 };

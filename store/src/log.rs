@@ -38,6 +38,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -48,18 +49,18 @@ use crate::error::LogError;
 use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
 
-const CHANGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("changes");
-const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
-const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> = TableDefinition::new("relations");
+pub(crate) const CHANGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("changes");
+pub(crate) const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> = TableDefinition::new("relations");
 const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
-const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("current_rows");
+pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("current_rows");
 const UNDO: TableDefinition<(u64, u32, &[u8]), &[u8]> = TableDefinition::new("current_undo");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
 
 const META_FORMAT: &str = "format_version";
 const META_POSITION: &str = "position";
-const META_LAST_COMMIT: &str = "last_commit";
+pub(crate) const META_LAST_COMMIT: &str = "last_commit";
 const META_SOURCE: &str = "source";
 
 /// The on-disk format this code writes and reads.
@@ -149,7 +150,8 @@ struct InFlight {
 /// The redb change log of one archive. It has one writer (the capture writer thread owns
 /// it); readers open their own read transactions through [`ChangeLog::reader`].
 pub struct ChangeLog {
-    db: Database,
+    /// Shared with the compactor, which runs on its own thread (redb serialises writers).
+    db: Arc<Database>,
     dir: PathBuf,
     relations: HashMap<u32, RelationVersion>,
     /// Everything before this LSN is stored (in the last commit of this handle).
@@ -178,7 +180,7 @@ impl ChangeLog {
                 .map_err(|source| LogError::Directory { path: path.clone(), source })?;
         }
         let mut log = ChangeLog {
-            db,
+            db: Arc::new(db),
             dir: dir.to_path_buf(),
             relations: HashMap::new(),
             position: Lsn::ZERO,
@@ -277,6 +279,21 @@ impl ChangeLog {
             latest.insert(rel.relation_id, rel);
         }
         Ok(latest)
+    }
+
+    /// The redb database, for a [`Compactor`](crate::Compactor) on another thread.
+    pub fn database(&self) -> Arc<Database> {
+        self.db.clone()
+    }
+
+    /// Drop the open source transaction's partial writes (the stream broke mid-transaction;
+    /// PostgreSQL sends it again). This is the crash recovery run in place: it removes exactly
+    /// what is keyed after the last finished transaction, none of which was acknowledged.
+    pub fn discard_partial(&mut self) -> Result<(), LogError> {
+        self.inflight = None;
+        self.recover()?;
+        self.poisoned = false;
+        Ok(())
     }
 
     /// The archive directory.
@@ -786,6 +803,15 @@ impl LogReader {
         Ok(LogReader { rtx: db.begin_read()? })
     }
 
+    /// A read view of an already open log database (see [`ChangeLog::database`]).
+    pub fn from_database(db: &Database) -> Result<LogReader, LogError> {
+        LogReader::from_db(db)
+    }
+
+    pub(crate) fn read_transaction(&self) -> &redb::ReadTransaction {
+        &self.rtx
+    }
+
     /// Open a read view of the log in `dir` without taking the writer's place; fails with
     /// [`LogError::InUse`] while a capture holds the log.
     pub fn open(dir: &Path) -> Result<(Database, LogReader), LogError> {
@@ -906,6 +932,14 @@ pub(crate) fn encode<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out.push(0);
     out.extend_from_slice(&plain);
     out
+}
+
+/// The uncompressed size of a stored value (its record encoding), without decoding it.
+pub(crate) fn raw_len(bytes: &[u8]) -> u64 {
+    match bytes.split_first() {
+        Some((1, rest)) if rest.len() >= 4 => u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]])),
+        _ => bytes.len().saturating_sub(1) as u64,
+    }
 }
 
 /// Decode a stored value written by [`encode`]; `what` names the table for the error.

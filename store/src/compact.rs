@@ -1,0 +1,776 @@
+//! The segment manifest and the compactor.
+//!
+//! # Manifest
+//!
+//! The manifest lives in the log's redb database, next to the changes it replaces:
+//!
+//! | table      | key              | value |
+//! |------------|------------------|-------|
+//! | `segments` | `segment_id u64` | encoded [`SegmentEntry`]: file, content, key and time range, rows, bytes, SHA-256 |
+//! | `retired`  | file name        | `i64` µs when a merge stopped listing it (deleted after a grace period) |
+//! | `meta`     | `compacted_through`, `next_segment_id`, `compacted_changes`, `compacted_transactions` | `u64` |
+//!
+//! Because segments and the log share one database, recording a segment and trimming the log
+//! entries it covers is **one redb transaction**, and any read transaction sees the segments
+//! and the remaining log as one consistent cut: a change is in exactly one of them.
+//!
+//! # Why every step is crash safe
+//!
+//! A compaction run reads the log in a read transaction, writes segment files, then commits
+//! one write transaction. At each point a crash leaves:
+//! 1. while a segment is written (`.<name>.tmp`): a temporary file, removed at the next run;
+//!    the log is untouched;
+//! 2. after a segment's rename, before the manifest commit: a complete file the manifest does
+//!    not list. Its rows are still in the log (trimming happens only in the commit), so the
+//!    orphan is deleted at the next run and the rows are compacted again;
+//! 3. after the commit: the segment is listed and the log trimmed, atomically. Nothing to redo.
+//!
+//! Merges follow the same rule: the merged file is an orphan until the commit that lists it
+//! and unlists its sources; the sources then become `retired` and are deleted only after a
+//! grace period, so a query that listed them a moment earlier can still read them.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::atomic_file::{fsync_dir, remove_if_exists};
+use crate::change::{ChangeRecord, Op};
+use crate::crashpoint;
+use crate::error::{CompactError, LogError};
+use crate::log::{CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, raw_len};
+use crate::lsn::{ChangeKey, Lsn};
+use crate::relation::RelationVersion;
+use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
+
+const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
+const RETIRED: TableDefinition<&str, i64> = TableDefinition::new("retired");
+const META_COMPACTED_THROUGH: &str = "compacted_through";
+const META_NEXT_SEGMENT: &str = "next_segment_id";
+const META_COMPACTED_CHANGES: &str = "compacted_changes";
+const META_COMPACTED_TXNS: &str = "compacted_transactions";
+
+/// The directory of segment files inside the archive.
+pub const SEGMENTS_DIR: &str = "segments";
+
+/// One segment as the manifest lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentEntry {
+    pub id: u64,
+    /// File name inside the archive's `segments/` directory.
+    pub file_name: String,
+    pub content: SegmentContent,
+    pub min_key: ChangeKey,
+    pub max_key: ChangeKey,
+    pub min_committed_at_us: i64,
+    pub max_committed_at_us: i64,
+    pub rows: u64,
+    pub bytes: u64,
+    /// The size of the same changes in the log's record encoding (for compression ratios).
+    pub raw_bytes: u64,
+    pub sha256: String,
+    pub created_at_us: i64,
+}
+
+impl SegmentEntry {
+    pub fn table_name(&self) -> String {
+        self.content.table_name()
+    }
+}
+
+/// The manifest as one read transaction saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SegmentManifest {
+    pub segments: Vec<SegmentEntry>,
+    /// Every change with a commit LSN at or below this is in a segment, none in the log.
+    pub compacted_through: Lsn,
+    pub compacted_changes: u64,
+    pub compacted_transactions: u64,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
+fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<u64, LogError> {
+    match meta.get(name)? {
+        Some(v) => {
+            let b: [u8; 8] = v.value().try_into().map_err(|_| LogError::Corrupt {
+                what: format!("meta {name}"),
+                source: "not 8 bytes".into(),
+            })?;
+            Ok(u64::from_le_bytes(b))
+        }
+        None => Ok(0),
+    }
+}
+
+impl LogReader {
+    /// The segment manifest, consistent with [`changes`](LogReader::changes) of this reader.
+    pub fn manifest(&self) -> Result<SegmentManifest, LogError> {
+        let rtx = self.read_transaction();
+        let meta = rtx.open_table(META)?;
+        let mut manifest = SegmentManifest {
+            segments: Vec::new(),
+            compacted_through: Lsn(meta_u64(&meta, META_COMPACTED_THROUGH)?),
+            compacted_changes: meta_u64(&meta, META_COMPACTED_CHANGES)?,
+            compacted_transactions: meta_u64(&meta, META_COMPACTED_TXNS)?,
+        };
+        let segments = match rtx.open_table(SEGMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(manifest),
+            Err(e) => return Err(e.into()),
+        };
+        for e in segments.iter()? {
+            let (_, v) = e?;
+            manifest.segments.push(decode(v.value(), "segments")?);
+        }
+        Ok(manifest)
+    }
+
+    /// Changes in the log (not yet compacted) and the oldest one's commit time.
+    pub fn log_backlog(&self) -> Result<(u64, Option<i64>), LogError> {
+        let table = self.read_transaction().open_table(CHANGES)?;
+        let count = table.len()?;
+        let oldest = match table.first()? {
+            Some((_, v)) => Some(decode::<ChangeRecord>(v.value(), "changes")?.committed_at_us),
+            None => None,
+        };
+        Ok((count, oldest))
+    }
+}
+
+/// How the compactor works.
+#[derive(Clone, Debug)]
+pub struct CompactOptions {
+    pub segment: SegmentOptions,
+    /// A segment is closed when it reaches this size, and merging builds segments up to it.
+    pub target_segment_bytes: u64,
+    /// Merge a run of consecutive small segments of one table once it has this many.
+    pub merge_min_segments: usize,
+    /// Memory the open segment writers may hold together before row groups are cut early.
+    pub memory_budget_bytes: usize,
+    /// How long a segment unlisted by a merge stays on disk for readers that listed it before.
+    pub retire_grace: Duration,
+}
+
+impl Default for CompactOptions {
+    fn default() -> Self {
+        CompactOptions {
+            segment: SegmentOptions::default(),
+            target_segment_bytes: 128 << 20,
+            merge_min_segments: 4,
+            memory_budget_bytes: 256 << 20,
+            retire_grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What one [`Compactor::run`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CompactReport {
+    /// Changes moved from the log into new segments.
+    pub changes: u64,
+    pub transactions: u64,
+    pub segments_written: u64,
+    pub bytes_written: u64,
+    /// Segments merged away, and the segments they became.
+    pub merged_inputs: u64,
+    pub merged_outputs: u64,
+    pub orphans_removed: u64,
+    pub retired_removed: u64,
+    pub compacted_through: Lsn,
+}
+
+/// Turns the log into segments and merges small segments. One compactor per archive at a
+/// time (the capture runs one on its own thread; `pgtrail compact` holds the log exclusively).
+pub struct Compactor {
+    db: Arc<Database>,
+    segments_dir: PathBuf,
+    options: CompactOptions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Group {
+    Table { relation_id: u32, version: ChangeKey },
+    Messages,
+}
+
+fn group_of(entry: &SegmentEntry) -> Group {
+    match &entry.content {
+        SegmentContent::Table(rel) => Group::Table { relation_id: rel.relation_id, version: rel.valid_from },
+        SegmentContent::Messages => Group::Messages,
+    }
+}
+
+/// A file-name-safe form of a table name: letters, digits, `_`, `-` and `.` stay, every other
+/// byte becomes `%XX`.
+fn file_safe(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `<id>_<table>_<first lsn>.<seq>-<last lsn>.<seq>.parquet`: what the file holds, in a name
+/// that sorts by id.
+fn segment_file_name(id: u64, content: &SegmentContent, min: ChangeKey, max: ChangeKey) -> String {
+    format!(
+        "{id:08}_{}_{:016X}.{}-{:016X}.{}.parquet",
+        file_safe(&content.table_name()),
+        min.commit_lsn.0,
+        min.seq,
+        max.commit_lsn.0,
+        max.seq
+    )
+}
+
+fn finish(id: u64, content: SegmentContent, w: SegmentWriter) -> Result<SegmentEntry, CompactError> {
+    let name_content = content.clone();
+    let w = w.finish(|min, max| segment_file_name(id, &name_content, min, max))?;
+    Ok(SegmentEntry {
+        id,
+        file_name: w.file_name,
+        content,
+        min_key: w.min_key,
+        max_key: w.max_key,
+        min_committed_at_us: w.min_committed_at_us,
+        max_committed_at_us: w.max_committed_at_us,
+        rows: w.rows,
+        bytes: w.bytes,
+        raw_bytes: w.raw_bytes,
+        sha256: w.sha256,
+        created_at_us: now_us(),
+    })
+}
+
+impl Compactor {
+    /// A compactor for the archive in `archive_dir` whose log database is `db`.
+    pub fn new(db: Arc<Database>, archive_dir: &Path, options: CompactOptions) -> Compactor {
+        Compactor { db, segments_dir: archive_dir.join(SEGMENTS_DIR), options }
+    }
+
+    pub fn segments_dir(&self) -> &Path {
+        &self.segments_dir
+    }
+
+    /// Compact the log, merge small segments and remove files no longer needed.
+    pub fn run(&self) -> Result<CompactReport, CompactError> {
+        let mut report = CompactReport::default();
+        self.ensure_dir()?;
+        self.remove_unlisted(&mut report)?;
+        self.compact_log(&mut report)?;
+        self.merge_small(&mut report)?;
+        self.remove_retired(&mut report)?;
+        Ok(report)
+    }
+
+    fn ensure_dir(&self) -> Result<(), CompactError> {
+        use std::os::unix::fs::DirBuilderExt;
+        if !self.segments_dir.exists() {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.segments_dir)
+                .map_err(|source| crate::SegmentError::Io { path: self.segments_dir.clone(), source })?;
+            if let Some(parent) = self.segments_dir.parent() {
+                fsync_dir(parent)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn listed_files(&self) -> Result<HashSet<String>, CompactError> {
+        let rtx = self.db.begin_read()?;
+        let mut names = HashSet::new();
+        if let Ok(t) = rtx.open_table(SEGMENTS) {
+            for e in t.iter()? {
+                let (_, v) = e?;
+                names.insert(decode::<SegmentEntry>(v.value(), "segments")?.file_name);
+            }
+        }
+        if let Ok(t) = rtx.open_table(RETIRED) {
+            for e in t.iter()? {
+                names.insert(e?.0.value().to_string());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Remove temporary files and segment files the manifest does not list.
+    ///
+    /// Safe because the manifest entry and the log trim are one redb transaction: a file that
+    /// no committed manifest lists never had its rows trimmed from the log (they are still
+    /// there and will be compacted again), and a file a merge unlisted is in `retired` until
+    /// its grace period ends. Only one compactor runs at a time, so no file of a run in
+    /// progress can be mistaken for an orphan.
+    fn remove_unlisted(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        let listed = self.listed_files()?;
+        let entries = std::fs::read_dir(&self.segments_dir)
+            .map_err(|source| crate::SegmentError::Io { path: self.segments_dir.clone(), source })?;
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = name.ends_with(".tmp") || (name.ends_with(".parquet") && !listed.contains(&name));
+            if orphan {
+                tracing::info!(file = %name, "removing a segment file no manifest lists (left by an interrupted compaction)");
+                remove_if_exists(&entry.path());
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            fsync_dir(&self.segments_dir)?;
+        }
+        report.orphans_removed += removed;
+        Ok(())
+    }
+
+    /// Move every finished transaction in the log into segments and trim it from the log.
+    fn compact_log(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        let rtx = self.db.begin_read()?;
+        let meta = rtx.open_table(META)?;
+        // The cut: the last finished source transaction. Keys at or below it never change
+        // again (replays are skipped whole and recovery only removes keys above it), so the
+        // set read here is exactly the set trimmed below.
+        let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
+        let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
+        let changes = rtx.open_table(CHANGES)?;
+        let relations = rtx.open_table(RELATIONS)?;
+        let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
+        let mut entries: Vec<SegmentEntry> = Vec::new();
+        let mut rel_cache: HashMap<(u32, ChangeKey), RelationVersion> = HashMap::new();
+        let (mut count, mut txns, mut last_lsn) = (0u64, 0u64, None);
+        for e in changes.range(..=(cut.0, u32::MAX))? {
+            let (k, v) = e?;
+            let (lsn, seq) = k.value();
+            let key = ChangeKey::new(Lsn(lsn), seq);
+            let record: ChangeRecord = decode(v.value(), "changes")?;
+            let group = if record.op == Op::Message {
+                Group::Messages
+            } else {
+                Group::Table { relation_id: record.relation_id, version: record.schema_version }
+            };
+            if !writers.contains_key(&group) {
+                let content = match group {
+                    Group::Messages => SegmentContent::Messages,
+                    Group::Table { relation_id, version } => {
+                        let rel = match rel_cache.get(&(relation_id, version)) {
+                            Some(r) => r.clone(),
+                            None => {
+                                let v = relations
+                                    .get((relation_id, version.commit_lsn.0, version.seq))?
+                                    .ok_or_else(|| CompactError::MissingRelation {
+                                        key: key.to_string(),
+                                        relation_id,
+                                        version: version.to_string(),
+                                    })?;
+                                let r: RelationVersion = decode(v.value(), "relations")?;
+                                rel_cache.insert((relation_id, version), r.clone());
+                                r
+                            }
+                        };
+                        SegmentContent::Table(rel)
+                    }
+                };
+                let id = next_id;
+                next_id += 1;
+                let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
+                let w = SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
+                writers.insert(group, (id, content, w));
+            }
+            let Some((_, _, w)) = writers.get_mut(&group) else { continue };
+            w.push(key, &record, raw_len(v.value()))?;
+            count += 1;
+            if last_lsn != Some(lsn) {
+                txns += 1;
+                last_lsn = Some(lsn);
+            }
+            if w.bytes_written() >= self.options.target_segment_bytes
+                && let Some((id, content, w)) = writers.remove(&group)
+            {
+                entries.push(finish(id, content, w)?);
+            }
+            if count % 1024 == 0 {
+                self.keep_memory_in_budget(&mut writers)?;
+            }
+        }
+        drop((changes, relations, meta, rtx));
+        for (_, (id, content, w)) in std::mem::take(&mut writers) {
+            entries.push(finish(id, content, w)?);
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        crashpoint::hit("compact:before_manifest");
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            let mut segments = wtx.open_table(SEGMENTS)?;
+            for entry in &entries {
+                report.bytes_written += entry.bytes;
+                segments.insert(entry.id, encode(&entry).as_slice())?;
+            }
+            let mut changes = wtx.open_table(CHANGES)?;
+            let mut trimmed = 0u64;
+            changes.retain_in(..=(cut.0, u32::MAX), |_, _| {
+                trimmed += 1;
+                false
+            })?;
+            if trimmed != count {
+                // Dropping the transaction without commit leaves the log and manifest as
+                // they were; the files just written become orphans.
+                return Err(CompactError::LogChanged { expected: count, found: trimmed });
+            }
+            let mut txn_table = wtx.open_table(TXNS)?;
+            txn_table.retain_in(..=cut.0, |_, _| false)?;
+            let mut meta = wtx.open_table(META)?;
+            let put = |meta: &mut redb::Table<&str, &[u8]>, name: &str, v: u64| {
+                meta.insert(name, v.to_le_bytes().as_slice()).map(|_| ())
+            };
+            let changes_total = meta_u64(&meta, META_COMPACTED_CHANGES)? + count;
+            let txns_total = meta_u64(&meta, META_COMPACTED_TXNS)? + txns;
+            put(&mut meta, META_COMPACTED_THROUGH, cut.0)?;
+            put(&mut meta, META_NEXT_SEGMENT, next_id)?;
+            put(&mut meta, META_COMPACTED_CHANGES, changes_total)?;
+            put(&mut meta, META_COMPACTED_TXNS, txns_total)?;
+        }
+        // The one commit that lists the segments and trims the log (two-phase, durable).
+        wtx.commit()?;
+        crashpoint::hit("compact:after_commit");
+        report.changes += count;
+        report.transactions += txns;
+        report.segments_written += entries.len() as u64;
+        report.compacted_through = cut;
+        tracing::info!(changes = count, segments = entries.len(), through = %cut, "compacted the log into segments");
+        Ok(())
+    }
+
+    /// Cut row groups early in the writers holding the most memory until all fit the budget.
+    fn keep_memory_in_budget(
+        &self,
+        writers: &mut BTreeMap<Group, (u64, SegmentContent, SegmentWriter)>,
+    ) -> Result<(), CompactError> {
+        loop {
+            let total: usize = writers.values().map(|(_, _, w)| w.memory_bytes()).sum();
+            if total <= self.options.memory_budget_bytes {
+                return Ok(());
+            }
+            let Some((_, _, largest)) = writers.values_mut().max_by_key(|(_, _, w)| w.memory_bytes()) else {
+                return Ok(());
+            };
+            let before = largest.memory_bytes();
+            largest.flush_row_group()?;
+            if largest.memory_bytes() >= before {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Merge runs of small consecutive segments of one table version into larger ones.
+    fn merge_small(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        let manifest = LogReader::from_database(&self.db)?.manifest()?;
+        let mut groups: BTreeMap<Group, Vec<SegmentEntry>> = BTreeMap::new();
+        for s in manifest.segments {
+            groups.entry(group_of(&s)).or_default().push(s);
+        }
+        let small = self.options.target_segment_bytes / 2;
+        for (_, mut segs) in groups {
+            segs.sort_by_key(|s| s.min_key);
+            let mut run: Vec<SegmentEntry> = Vec::new();
+            let mut run_bytes = 0u64;
+            for s in segs {
+                if s.bytes >= small || run_bytes + s.bytes > self.options.target_segment_bytes {
+                    self.merge_run(std::mem::take(&mut run), report)?;
+                    run_bytes = 0;
+                }
+                if s.bytes < small {
+                    run_bytes += s.bytes;
+                    run.push(s);
+                }
+            }
+            self.merge_run(run, report)?;
+        }
+        Ok(())
+    }
+
+    fn merge_run(&self, run: Vec<SegmentEntry>, report: &mut CompactReport) -> Result<(), CompactError> {
+        if run.len() >= self.options.merge_min_segments.max(2) { self.merge(run, report) } else { Ok(()) }
+    }
+
+    fn merge(&self, inputs: Vec<SegmentEntry>, report: &mut CompactReport) -> Result<(), CompactError> {
+        let first = &inputs[0];
+        let content = first.content.clone();
+        let id = {
+            let rtx = self.db.begin_read()?;
+            meta_u64(&rtx.open_table(META)?, META_NEXT_SEGMENT)?.max(1)
+        };
+        let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
+        let mut w = SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
+        for input in &inputs {
+            let path = self.segments_dir.join(&input.file_name);
+            let reader = SegmentReader::open(&path, Some(&input.sha256), self.options.segment.batch_rows)?;
+            let mut raw = input.raw_bytes;
+            for batch in reader {
+                w.push_batch(&batch?, std::mem::take(&mut raw))?;
+            }
+        }
+        let entry = finish(id, content, w)?;
+        crashpoint::hit("merge:before_manifest");
+        let rows_in: u64 = inputs.iter().map(|s| s.rows).sum();
+        if entry.rows != rows_in {
+            return Err(CompactError::LogChanged { expected: rows_in, found: entry.rows });
+        }
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        {
+            let mut segments = wtx.open_table(SEGMENTS)?;
+            let mut retired = wtx.open_table(RETIRED)?;
+            let now = now_us();
+            for input in &inputs {
+                segments.remove(input.id)?;
+                retired.insert(input.file_name.as_str(), now)?;
+            }
+            segments.insert(entry.id, encode(&entry).as_slice())?;
+            let mut meta = wtx.open_table(META)?;
+            meta.insert(META_NEXT_SEGMENT, (id + 1).to_le_bytes().as_slice())?;
+        }
+        // One commit swaps the inputs for the merged segment: readers see either all inputs
+        // or the merged file, never both and never neither.
+        wtx.commit()?;
+        crashpoint::hit("merge:after_commit");
+        report.merged_inputs += inputs.len() as u64;
+        report.merged_outputs += 1;
+        report.bytes_written += entry.bytes;
+        tracing::info!(table = %entry.table_name(), inputs = inputs.len(), rows = entry.rows, "merged small segments");
+        Ok(())
+    }
+
+    /// Delete files that merges unlisted more than the grace period ago.
+    ///
+    /// Safe: a retired file is listed by no manifest, its rows live in the merged segment;
+    /// the file is removed before its `retired` entry, so a crash in between leaves an entry
+    /// whose file is already gone, which the next run simply drops.
+    fn remove_retired(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        let cutoff = now_us() - self.options.retire_grace.as_micros() as i64;
+        let expired: Vec<String> = {
+            let rtx = self.db.begin_read()?;
+            match rtx.open_table(RETIRED) {
+                Ok(t) => t
+                    .iter()?
+                    .filter_map(Result::ok)
+                    .filter(|(_, at)| at.value() <= cutoff)
+                    .map(|(name, _)| name.value().to_string())
+                    .collect(),
+                Err(_) => Vec::new(),
+            }
+        };
+        if expired.is_empty() {
+            return Ok(());
+        }
+        for name in &expired {
+            remove_if_exists(&self.segments_dir.join(name));
+        }
+        fsync_dir(&self.segments_dir)?;
+        let wtx = self.db.begin_write()?;
+        {
+            let mut retired = wtx.open_table(RETIRED)?;
+            for name in &expired {
+                retired.remove(name.as_str())?;
+            }
+        }
+        wtx.commit()?;
+        report.retired_removed += expired.len() as u64;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+    use datafusion::arrow::datatypes::{UInt32Type, UInt64Type};
+
+    use super::*;
+    use crate::change::{IncomingCell, IncomingChange, LogicalMessage};
+    use crate::log::{ChangeLog, LogOp};
+    use crate::relation::Column;
+    use crate::segment::{PgKind, render};
+    use redb::Durability;
+
+    fn rel() -> RelationVersion {
+        let col = |name: &str, type_oid, type_modifier, is_key| Column { name: name.into(), type_oid, type_modifier, is_key };
+        RelationVersion {
+            relation_id: 7,
+            valid_from: ChangeKey::default(),
+            schema: "public".into(),
+            name: "Odd Name".into(),
+            replica_identity: b'd',
+            columns: vec![col("id", 23, -1, true), col("v", 25, -1, false), col("amount", 1700, (5 << 16 | 2) + 4, false)],
+            primary_key: vec!["id".into()],
+        }
+    }
+
+    fn t(s: &str) -> IncomingCell {
+        IncomingCell::Text(s.into())
+    }
+
+    /// Transaction `n` at commit LSN 100·n: an insert of row n and an update of it, plus a
+    /// logical message in every third transaction.
+    fn txn(n: u64) -> Vec<LogOp> {
+        let id = n.to_string();
+        let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100 * n), xid: n as u32, committed_at_us: 1_000_000 * n as i64 }];
+        if n == 1 {
+            ops.push(LogOp::Relation(rel()));
+        }
+        ops.push(LogOp::Change(IncomingChange { relation_id: 7, op: Op::Insert, old: None, new: Some(vec![t(&id), t("a"), t("NaN")]) }));
+        ops.push(LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Update,
+            old: None,
+            new: Some(vec![t(&id), IncomingCell::UnchangedToast, t("-12.50")]),
+        }));
+        if n % 3 == 0 {
+            ops.push(LogOp::Message(LogicalMessage { transactional: true, prefix: "oracle".into(), content: b"hash".to_vec() }));
+        }
+        ops.push(LogOp::Commit { end_lsn: Lsn(100 * n + 8) });
+        ops
+    }
+
+    fn read_all(dir: &Path, manifest: &SegmentManifest) -> Vec<(SegmentEntry, RecordBatch)> {
+        let mut out = Vec::new();
+        for s in &manifest.segments {
+            let reader = SegmentReader::open(&dir.join(SEGMENTS_DIR).join(&s.file_name), Some(&s.sha256), 1000).unwrap();
+            for b in reader {
+                out.push((s.clone(), b.unwrap()));
+            }
+        }
+        out
+    }
+
+    fn keys(batches: &[(SegmentEntry, RecordBatch)]) -> Vec<(u64, u32)> {
+        let mut keys: Vec<(u64, u32)> = batches
+            .iter()
+            .flat_map(|(_, b)| {
+                let lsn = b.column(0).as_primitive::<UInt64Type>().clone();
+                let seq = b.column(1).as_primitive::<UInt32Type>().clone();
+                (0..b.num_rows()).map(move |i| (lsn.value(i), seq.value(i)))
+            })
+            .collect();
+        keys.sort();
+        keys
+    }
+
+    #[test]
+    fn compaction_moves_every_finished_change_into_segments_once_and_trims_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        for n in 1..=6 {
+            log.apply(txn(n), Durability::Immediate).unwrap();
+        }
+        // A transaction still streaming in: it must stay in the log.
+        let mut open = txn(7);
+        open.pop();
+        log.apply(open, Durability::None).unwrap();
+        let before: Vec<(u64, u32)> =
+            log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
+
+        let compactor = Compactor::new(log.database(), &archive, CompactOptions::default());
+        let report = compactor.run().unwrap();
+        assert_eq!(report.changes, 14, "12 row changes and 2 messages");
+        assert_eq!(report.compacted_through, Lsn(600));
+
+        let reader = log.reader().unwrap();
+        let manifest = reader.manifest().unwrap();
+        let left: Vec<(u64, u32)> = reader.changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
+        assert_eq!(left, vec![(700, 0), (700, 1)], "only the unfinished transaction stays in the log");
+        assert!(reader.transactions().unwrap().is_empty());
+        assert_eq!(manifest.compacted_changes, 14);
+        assert_eq!(manifest.segments.len(), 2);
+        let batches = read_all(&archive, &manifest);
+        let mut all = keys(&batches);
+        all.extend(left);
+        all.sort();
+        assert_eq!(all, before, "every change exactly once across segments and log");
+
+        let (entry, batch) = batches.iter().find(|(s, _)| matches!(s.content, SegmentContent::Table(_))).unwrap();
+        assert!(entry.file_name.contains("public.%22Odd%20Name%22"), "{}", entry.file_name);
+        assert_eq!(entry.min_key, ChangeKey::new(Lsn(100), 0));
+        assert_eq!(entry.min_committed_at_us, 1_000_000);
+        let after = batch.column_by_name("after").unwrap().as_struct();
+        let amount = after.column_by_name("amount").unwrap();
+        let kind = PgKind::of(1700, (5 << 16 | 2) + 4);
+        // Row 0 is an insert whose numeric NaN does not fit Decimal(5,2): null plus exact text.
+        assert!(amount.is_null(0));
+        let text = batch.column_by_name("after_text").unwrap().as_map();
+        assert_eq!(text.value(0).column(1).as_string::<i32>().value(0), "NaN");
+        assert_eq!(render(&kind, amount.as_ref(), 1).as_deref(), Some("-12.50"));
+        // Row 1 is the update: the unchanged TOAST value came from the index, not unknown.
+        assert_eq!(render(&PgKind::Text, after.column_by_name("v").unwrap().as_ref(), 1).as_deref(), Some("a"));
+        assert!(batch.column_by_name("after_unknown").unwrap().is_null(1));
+        let changed = batch.column_by_name("changed").unwrap().as_list::<i32>().value(1);
+        assert_eq!(changed.as_string::<i32>().iter().flatten().collect::<Vec<_>>(), vec!["amount"]);
+
+        // A second run has nothing new to compact and changes nothing.
+        let again = compactor.run().unwrap();
+        assert_eq!(again.changes, 0);
+        assert_eq!(log.reader().unwrap().manifest().unwrap().segments.len(), 2);
+    }
+
+    #[test]
+    fn small_segments_merge_and_orphans_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        let options = CompactOptions { retire_grace: Duration::ZERO, ..CompactOptions::default() };
+        let compactor = Compactor::new(log.database(), &archive, options);
+        let mut expected = Vec::new();
+        for n in 1..=5 {
+            log.apply(txn(n), Durability::Immediate).unwrap();
+            expected.extend(log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)));
+            compactor.run().unwrap();
+        }
+        expected.sort();
+        let manifest = log.reader().unwrap().manifest().unwrap();
+        let tables: Vec<&SegmentEntry> =
+            manifest.segments.iter().filter(|s| matches!(s.content, SegmentContent::Table(_))).collect();
+        assert_eq!(tables.len(), 2, "four single-transaction segments merged into one, plus the fifth");
+        assert_eq!(tables.iter().map(|s| s.rows).sum::<u64>(), 10);
+        assert_eq!(keys(&read_all(&archive, &manifest)), expected);
+
+        // Files no manifest lists are removed; listed ones stay.
+        let seg_dir = archive.join(SEGMENTS_DIR);
+        std::fs::write(seg_dir.join("00000099_public.x_0.0-0.0.parquet"), b"half a file").unwrap();
+        std::fs::write(seg_dir.join(".00000100_public.x.tmp"), b"").unwrap();
+        let report = compactor.run().unwrap();
+        assert_eq!(report.orphans_removed, 2);
+        let mut on_disk: Vec<String> =
+            std::fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        on_disk.sort();
+        let mut listed: Vec<String> = manifest.segments.iter().map(|s| s.file_name.clone()).collect();
+        listed.sort();
+        assert_eq!(on_disk, listed, "retired inputs are gone after the (zero) grace period");
+    }
+
+    #[test]
+    fn a_damaged_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        log.apply(txn(1), Durability::Immediate).unwrap();
+        Compactor::new(log.database(), &archive, CompactOptions::default()).run().unwrap();
+        let s = log.reader().unwrap().manifest().unwrap().segments.remove(0);
+        let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let err = SegmentReader::open(&path, Some(&s.sha256), 10).err().unwrap();
+        assert!(matches!(err, crate::SegmentError::Checksum { .. }), "{err}");
+    }
+}

@@ -1,0 +1,16 @@
+//! Crash points for the reliability tests: with the `crashpoints` feature, a process whose
+//! `PGTRAIL_CRASH_AT` names a point aborts there (like a `kill -9`, with no cleanup and no
+//! destructors). Without the feature every point compiles to nothing.
+
+/// Abort the process here when `PGTRAIL_CRASH_AT` names `point` (feature `crashpoints`).
+#[cfg(feature = "crashpoints")]
+pub fn hit(point: &str) {
+    if std::env::var("PGTRAIL_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("pgtrail: crash point {point} reached, aborting");
+        std::process::abort();
+    }
+}
+
+#[cfg(not(feature = "crashpoints"))]
+#[inline(always)]
+pub fn hit(_point: &str) {}
