@@ -54,6 +54,8 @@ pub enum CaptureError {
     Log(#[from] LogError),
     #[error("the archive writer thread stopped unexpectedly")]
     WriterGone,
+    #[error("background compaction failed; the log still holds every change it did not list in a segment")]
+    Compaction(#[source] Option<Box<pgtrail_store::CompactError>>),
 }
 
 impl CaptureError {
@@ -70,7 +72,7 @@ impl CaptureError {
         match self {
             CaptureError::InvalidUrl { .. } | CaptureError::Setup { .. } => ErrorKind::Setup,
             CaptureError::Gap { .. } | CaptureError::Decode { .. } | CaptureError::Protocol(_) => ErrorKind::Fatal,
-            CaptureError::Log(_) | CaptureError::WriterGone => ErrorKind::Fatal,
+            CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => ErrorKind::Fatal,
             CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => pg_error_kind(source),
             CaptureError::Replication(e) => wire_error_kind(e),
         }

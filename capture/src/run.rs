@@ -26,6 +26,7 @@ use pgtrail_store::{
 };
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
+use crate::compaction::{BackgroundCompactor, CompactionPolicy};
 use crate::error::CaptureError;
 use crate::pgoutput::{self, Message, OldTuple, TupleCell};
 use crate::slot;
@@ -56,6 +57,8 @@ pub struct CaptureConfig {
     pub progress_interval: Duration,
     /// Stop (cleanly) once the durable position reaches this LSN; for tests and tools.
     pub stop_at: Option<Lsn>,
+    /// Compact in the background while capturing; `None` leaves everything in the log.
+    pub compaction: Option<CompactionPolicy>,
 }
 
 /// Figures of a running or finished capture.
@@ -73,6 +76,8 @@ pub struct Progress {
     pub durable: Lsn,
     pub reconnects: u64,
     pub snapshot_rows: u64,
+    /// Changes moved from the log into segments by the background compactor.
+    pub compacted: u64,
 }
 
 /// What [`run`] did before it stopped.
@@ -97,9 +102,30 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut summary = Progress::default();
     let mut backoff = Duration::from_millis(250);
+    let mut compactor = config
+        .compaction
+        .clone()
+        .map(|policy| BackgroundCompactor::start(writer.database(), config.archive.clone(), policy));
+    let compacted = compactor.as_ref().map(|c| c.compacted.clone());
+    let mut on_progress = move |p: &Progress| {
+        let mut p = p.clone();
+        p.compacted = compacted.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
+        on_progress(&p)
+    };
     loop {
         let started = Instant::now();
-        let result = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress).await;
+        let result = {
+            let session = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress);
+            match compactor.as_mut() {
+                // A failed compactor stops the capture; dropping the session mid-stream is safe
+                // because nothing past the durable position was acknowledged.
+                Some(c) => tokio::select! {
+                    r = session => r,
+                    _ = c.failed() => Err(CaptureError::Compaction(c.take_failure().map(Box::new))),
+                },
+                None => session.await,
+            }
+        };
         match result {
             Ok(_) => break,
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
@@ -117,10 +143,17 @@ pub async fn run(
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             Err(e) => {
+                if let Some(c) = compactor {
+                    c.stop();
+                }
                 let _ = writer.finish();
                 return Err(e);
             }
         }
+    }
+    if let Some(c) = compactor {
+        summary.compacted = c.compacted.load(Ordering::Relaxed);
+        c.stop();
     }
     summary.durable = writer.durable();
     fill_stats(&mut summary, &writer);

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use pgtrail_store::{ChangeLog, Durability, Gap, LogError, LogOp, Lsn, SourceIdentity};
+use pgtrail_store::{ChangeLog, Database, Durability, Gap, LogError, LogOp, Lsn, SourceIdentity};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::CaptureError;
@@ -45,6 +45,7 @@ pub struct WriterHandle {
     pub stats: Arc<WriterStats>,
     identity: Option<SourceIdentity>,
     last_commit: Lsn,
+    database: Arc<Database>,
 }
 
 impl WriterHandle {
@@ -67,17 +68,22 @@ impl WriterHandle {
                 };
                 let identity = log.source_identity();
                 let _ = durable_tx.send(log.durable_position());
-                let _ = ready_tx.send(identity.map(|i| (i, log.last_commit())));
-                run_writer(log, archive, rx, durable_tx, thread_stats)
+                let _ = ready_tx.send(identity.map(|i| (i, log.last_commit(), log.database())));
+                run_writer(log, rx, durable_tx, thread_stats)
             })
             .map_err(|e| CaptureError::Protocol(format!("cannot start the writer thread: {e}")))?;
-        let (identity, last_commit) = ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
-        Ok(WriterHandle { tx, durable: durable_rx, join: Some(join), stats, identity, last_commit })
+        let (identity, last_commit, database) = ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
+        Ok(WriterHandle { tx, durable: durable_rx, join: Some(join), stats, identity, last_commit, database })
     }
 
     /// The source identity stored in the archive when it was opened.
     pub fn stored_identity(&self) -> Option<&SourceIdentity> {
         self.identity.as_ref()
+    }
+
+    /// The log's database, shared with the background compactor.
+    pub fn database(&self) -> Arc<Database> {
+        self.database.clone()
     }
 
     pub fn last_commit_at_open(&self) -> Lsn {
@@ -165,7 +171,6 @@ impl WriterHandle {
 
 fn run_writer(
     mut log: ChangeLog,
-    archive: PathBuf,
     mut rx: mpsc::Receiver<WriterMsg>,
     durable_tx: watch::Sender<Lsn>,
     stats: Arc<WriterStats>,
@@ -192,17 +197,13 @@ fn run_writer(
             None => {}
             Some(WriterMsg::Ops(ops)) => batch.extend(ops),
             Some(WriterMsg::DiscardPartial(reply)) => {
-                // Reopening runs the log's crash recovery, which removes exactly the partial
+                // The log's crash recovery, run in place, removes exactly the partial
                 // transaction (nothing of it was acknowledged).
                 if log.in_transaction() {
-                    drop(log);
-                    log = match ChangeLog::open(&archive) {
-                        Ok(l) => l,
-                        Err(e) => {
-                            let _ = reply.send(Err(LogError::Corrupt { what: "reopen".into(), source: e.to_string().into() }));
-                            return Err(e);
-                        }
-                    };
+                    if let Err(e) = log.discard_partial() {
+                        let _ = reply.send(Err(LogError::Corrupt { what: "discard".into(), source: e.to_string().into() }));
+                        return Err(e);
+                    }
                 }
                 let _ = reply.send(Ok(()));
             }

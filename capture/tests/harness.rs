@@ -43,6 +43,7 @@ impl TestDb {
             resnapshot: false,
             progress_interval: Duration::from_secs(1),
             stop_at: None,
+            compaction: None,
         }
     }
 
@@ -63,7 +64,8 @@ impl TestDb {
 /// Every change of the archive with the relation version it follows.
 pub fn read_archive(dir: &Path) -> (Vec<(pgtrail_store::ChangeKey, ChangeRecord)>, Vec<RelationVersion>) {
     let (_db, reader) = LogReader::open(dir).expect("open archive");
-    let changes = reader.changes().unwrap().map(|e| e.unwrap()).collect();
+    // Segments and the log tail together, as one consistent read.
+    let changes = reader.all_changes(dir).expect("read segments and log");
     (changes, reader.relations().unwrap())
 }
 

@@ -61,6 +61,8 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         resnapshot: false,
         progress_interval: Duration::from_secs(2),
         stop_at: None,
+        // The demo compacts once, explicitly, after the capture stops.
+        compaction: None,
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let capture = tokio::spawn(pgtrail_capture::run(
@@ -120,6 +122,13 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     );
     drop(sql);
     drop(cluster);
+    eprintln!("demo: compacting the log into Parquet segments");
+    crate::compact::run(crate::compact::CompactArgs {
+        archive: archive.clone(),
+        segments: crate::compact::SegmentArgs { zstd_level: 3, target_segment_mib: 128 },
+        json: false,
+    })
+    .await?;
     println!();
     crate::status::run(archive.clone(), None, "table").await?;
     println!();

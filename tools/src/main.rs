@@ -1,5 +1,6 @@
 //! `pgtrail`: capture PostgreSQL row changes into a local archive and inspect it.
 
+mod compact;
 mod demo;
 mod status;
 
@@ -23,8 +24,10 @@ struct Cli {
 enum Command {
     /// Stream every committed row change from PostgreSQL into an archive directory.
     Capture(CaptureArgs),
-    /// Summarise an archive: changes per table, LSN and time range, size, gaps, slot lag.
+    /// Summarise an archive: changes per table, LSN and time range, segments, size, gaps, slot lag.
     Status(StatusArgs),
+    /// Move the log's finished transactions into Parquet segments now, and merge small segments.
+    Compact(compact::CompactArgs),
     /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
     Demo(DemoArgs),
 }
@@ -56,6 +59,17 @@ struct CaptureArgs {
     /// Seconds between progress lines on stderr.
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
+    /// Compact in the background once the log holds this many changes ...
+    #[arg(long, default_value_t = 200_000)]
+    compact_after_changes: u64,
+    /// ... or once its oldest change is this many seconds old.
+    #[arg(long, default_value_t = 300)]
+    compact_after_secs: u64,
+    /// Never compact while capturing (run `pgtrail compact` yourself).
+    #[arg(long)]
+    no_compact: bool,
+    #[command(flatten)]
+    segments: compact::SegmentArgs,
 }
 
 #[derive(clap::Args)]
@@ -99,6 +113,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Capture(args) => capture(args).await,
             Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
+            Command::Compact(args) => compact::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
         }
     });
@@ -132,7 +147,7 @@ async fn shutdown_signal() {
 
 pub(crate) fn progress_line(p: &Progress) {
     eprintln!(
-        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s{}",
+        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s, {} compacted{}",
         p.changes,
         p.changes_per_sec,
         p.transactions,
@@ -140,6 +155,7 @@ pub(crate) fn progress_line(p: &Progress) {
         p.durable,
         p.lag_bytes,
         p.lag_seconds,
+        p.compacted,
         if p.reconnects > 0 { format!(", {} reconnects", p.reconnects) } else { String::new() }
     );
 }
@@ -162,13 +178,19 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         resnapshot: args.resnapshot,
         progress_interval: Duration::from_secs(args.progress_secs.max(1)),
         stop_at,
+        compaction: (!args.no_compact).then(|| pgtrail_capture::CompactionPolicy {
+            options: args.segments.options(),
+            min_changes: args.compact_after_changes.max(1),
+            max_age: Duration::from_secs(args.compact_after_secs),
+            ..Default::default()
+        }),
     };
     tracing::info!(source = %config.source.display(), archive = %config.archive.display(), "capture starting");
     match pgtrail_capture::run(config, shutdown_signal(), progress_line).await {
         Ok(summary) => {
             eprintln!(
-                "capture stopped: {} changes in {} transactions stored, {} replayed transactions skipped, durable through {}",
-                summary.changes, summary.transactions, summary.duplicates_skipped, summary.durable
+                "capture stopped: {} changes in {} transactions stored, {} replayed transactions skipped, durable through {}, {} changes compacted",
+                summary.changes, summary.transactions, summary.duplicates_skipped, summary.durable, summary.compacted
             );
             Ok(())
         }

@@ -9,10 +9,26 @@ use serde_json::json;
 
 #[derive(Default)]
 struct TableStats {
-    by_op: BTreeMap<&'static str, u64>,
+    by_op: BTreeMap<String, u64>,
     total: u64,
     first: Option<(Lsn, i64)>,
     last: Option<(Lsn, i64)>,
+    /// Changes still in the log (not yet in a segment).
+    in_log: u64,
+    segments: u64,
+    segment_bytes: u64,
+    raw_bytes: u64,
+}
+
+impl TableStats {
+    fn see(&mut self, first: (Lsn, i64), last: (Lsn, i64)) {
+        if self.first.is_none_or(|f| first.0 < f.0) {
+            self.first = Some(first);
+        }
+        if self.last.is_none_or(|l| last.0 > l.0) {
+            self.last = Some(last);
+        }
+    }
 }
 
 /// Format microseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00`.
@@ -74,19 +90,41 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
     let (mut min_lsn, mut max_lsn) = (None::<Lsn>, None::<Lsn>);
     let (mut min_t, mut max_t) = (None::<i64>, None::<i64>);
     let mut total = 0u64;
+    let manifest = reader.manifest()?;
+    let (mut seg_bytes, mut seg_raw) = (0u64, 0u64);
+    for seg in &manifest.segments {
+        let t = tables.entry(seg.table_name()).or_default();
+        for (op, n) in &seg.op_counts {
+            *t.by_op.entry(op.clone()).or_default() += n;
+        }
+        t.total += seg.rows;
+        t.segments += 1;
+        t.segment_bytes += seg.bytes;
+        t.raw_bytes += seg.raw_bytes;
+        t.see((seg.min_key.commit_lsn, seg.min_committed_at_us), (seg.max_key.commit_lsn, seg.max_committed_at_us));
+        total += seg.rows;
+        seg_bytes += seg.bytes;
+        seg_raw += seg.raw_bytes;
+        min_lsn = Some(min_lsn.map_or(seg.min_key.commit_lsn, |m| m.min(seg.min_key.commit_lsn)));
+        max_lsn = Some(max_lsn.map_or(seg.max_key.commit_lsn, |m| m.max(seg.max_key.commit_lsn)));
+        min_t = Some(min_t.map_or(seg.min_committed_at_us, |m| m.min(seg.min_committed_at_us)));
+        max_t = Some(max_t.map_or(seg.max_committed_at_us, |m| m.max(seg.max_committed_at_us)));
+    }
+    let mut in_log = 0u64;
     for entry in reader.changes()? {
         let (key, rec) = entry?;
         total += 1;
+        in_log += 1;
         let name = if rec.op == Op::Message {
-            "(messages)".to_string()
+            "pgtrail.messages".to_string()
         } else {
             names.get(&rec.relation_id).cloned().unwrap_or_else(|| format!("(relation {})", rec.relation_id))
         };
         let t = tables.entry(name).or_default();
-        *t.by_op.entry(rec.op.as_str()).or_default() += 1;
+        *t.by_op.entry(rec.op.as_str().to_string()).or_default() += 1;
         t.total += 1;
-        t.first.get_or_insert((key.commit_lsn, rec.committed_at_us));
-        t.last = Some((key.commit_lsn, rec.committed_at_us));
+        t.in_log += 1;
+        t.see((key.commit_lsn, rec.committed_at_us), (key.commit_lsn, rec.committed_at_us));
         min_lsn = Some(min_lsn.map_or(key.commit_lsn, |m| m.min(key.commit_lsn)));
         max_lsn = Some(max_lsn.map_or(key.commit_lsn, |m| m.max(key.commit_lsn)));
         min_t = Some(min_t.map_or(rec.committed_at_us, |m| m.min(rec.committed_at_us)));
@@ -103,7 +141,17 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
         })),
         "position": reader.position()?.to_string(),
         "changes": total,
-        "transactions": transactions.len(),
+        "transactions": transactions.len() as u64 + manifest.compacted_transactions,
+        "segments": {
+            "files": manifest.segments.len(), "bytes": seg_bytes, "raw_bytes": seg_raw,
+            "compression_ratio": if seg_bytes > 0 { seg_raw as f64 / seg_bytes as f64 } else { 0.0 },
+            "changes": manifest.compacted_changes,
+            "compacted_through": manifest.compacted_through.to_string(),
+        },
+        "log": {
+            "changes": in_log, "transactions": transactions.len(),
+            "file_bytes": std::fs::metadata(dir.join(pgtrail_store::LOG_FILE)).map(|m| m.len()).unwrap_or(0),
+        },
         "lsn_range": [min_lsn.map(|l| l.to_string()), max_lsn.map(|l| l.to_string())],
         "time_range": [min_t.map(format_us), max_t.map(format_us)],
         "last_commit_us": last_commit_us,
@@ -111,7 +159,8 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
         "schema_versions": relations.len(),
         "gaps": gaps.iter().map(|g| json!({"from": g.from.to_string(), "to": g.to.to_string(), "reason": g.reason, "recorded_at": format_us(g.recorded_at_us)})).collect::<Vec<_>>(),
         "tables": tables.iter().map(|(name, t)| json!({
-            "table": name, "changes": t.total, "by_op": t.by_op,
+            "table": name, "changes": t.total, "by_op": t.by_op, "in_log": t.in_log,
+            "segments": t.segments, "segment_bytes": t.segment_bytes, "raw_bytes": t.raw_bytes,
             "first_lsn": t.first.map(|f| f.0.to_string()), "last_lsn": t.last.map(|l| l.0.to_string()),
             "first_at": t.first.map(|f| format_us(f.1)), "last_at": t.last.map(|l| format_us(l.1)),
         })).collect::<Vec<_>>(),
@@ -163,6 +212,15 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     println!("lsn range     {} .. {}", s(&r["lsn_range"][0]), s(&r["lsn_range"][1]));
     println!("time range    {} .. {}", s(&r["time_range"][0]), s(&r["time_range"][1]));
     println!("durable to    {}", s(&r["position"]));
+    let seg = &r["segments"];
+    println!(
+        "segments      {} files, {} bytes ({:.1}x smaller than the {} bytes of raw change records), compacted through {}",
+        seg["files"], seg["bytes"], seg["compression_ratio"].as_f64().unwrap_or(0.0), seg["raw_bytes"], s(&seg["compacted_through"])
+    );
+    println!(
+        "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
+        r["log"]["changes"], r["log"]["transactions"], r["log"]["file_bytes"]
+    );
     println!("size          {} bytes", r["bytes"]);
     match r["gaps"].as_array() {
         Some(g) if !g.is_empty() => {
@@ -185,12 +243,18 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         }
     }
     println!();
-    println!("{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}  last change", "table", "changes", "snapshot", "insert", "update", "delete", "truncate");
+    println!(
+        "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  last change",
+        "table", "changes", "snapshot", "insert", "update", "delete", "truncate", "in log", "segs", "seg bytes", "ratio"
+    );
     for t in r["tables"].as_array().into_iter().flatten() {
         let n = |op: &str| t["by_op"][op].as_u64().unwrap_or(0);
+        let u = |k: &str| t[k].as_u64().unwrap_or(0);
+        let ratio = if u("segment_bytes") > 0 { format!("{:.1}x", u("raw_bytes") as f64 / u("segment_bytes") as f64) } else { "-".into() };
         println!(
-            "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}  {}",
-            s(&t["table"]), t["changes"].as_u64().unwrap_or(0), n("snapshot"), n("insert"), n("update"), n("delete"), n("truncate"), s(&t["last_at"])
+            "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  {}",
+            s(&t["table"]), u("changes"), n("snapshot"), n("insert"), n("update"), n("delete"), n("truncate"),
+            u("in_log"), u("segments"), u("segment_bytes"), ratio, s(&t["last_at"])
         );
     }
 }

@@ -42,7 +42,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 
 use crate::relation::RelationVersion;
 
-pub use reader::{SegmentReader, sha256_file};
+pub use reader::{SegmentReader, read_records, sha256_file};
 pub use types::{DoesNotFit, PgKind, ValueBuilder, render};
 pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment};
 

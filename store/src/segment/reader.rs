@@ -4,14 +4,17 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::RecordBatch;
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use sha2::{Digest, Sha256};
 
+use super::types::{PgKind, render};
 use super::writer::hex;
 use super::{SEGMENT_FORMAT_VERSION, SEGMENT_METADATA_KEY, SegmentContent};
+use crate::change::{Cell, ChangeRecord, LogicalMessage, Op, Row};
 use crate::error::SegmentError;
+use crate::lsn::{ChangeKey, Lsn};
 
 /// The SHA-256 (hex) of a file, read in a streaming fashion.
 pub fn sha256_file(path: &Path) -> Result<String, SegmentError> {
@@ -103,4 +106,137 @@ impl Iterator for SegmentReader {
         let path = &self.path;
         self.reader.next().map(|r| r.map_err(|source| SegmentError::Read { path: path.clone(), source }))
     }
+}
+
+/// Turn a batch of a segment back into change records with text cells: typed values rendered
+/// as text PostgreSQL reads as the same value ([`render`](super::render)), values kept as
+/// exact text from the `*_text` columns, and `Unknown` cells from the `*_unknown` columns.
+/// This is the inverse of what compaction wrote, for audits, tests and tools that want the
+/// log's view of a segment.
+pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec<(ChangeKey, ChangeRecord)>, SegmentError> {
+    let bad = |reason: &str| SegmentError::Corrupt { path: PathBuf::new(), reason: reason.to_string() };
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(&format!("no column {name}")));
+    let lsn = col("lsn")?.as_primitive_opt::<UInt64Type>().ok_or_else(|| bad("lsn type"))?.clone();
+    let seq = col("seq")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| bad("seq type"))?.clone();
+    let xid = col("xid")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| bad("xid type"))?.clone();
+    let ts = col("committed_at")?.as_primitive_opt::<TimestampMicrosecondType>().ok_or_else(|| bad("committed_at type"))?.clone();
+    let mut out = Vec::with_capacity(batch.num_rows());
+    match content {
+        SegmentContent::Messages => {
+            let transactional = col("transactional")?.as_boolean_opt().ok_or_else(|| bad("transactional type"))?.clone();
+            let prefix = col("prefix")?.as_string_opt::<i32>().ok_or_else(|| bad("prefix type"))?.clone();
+            let body = col("content")?.as_binary_opt::<i32>().ok_or_else(|| bad("content type"))?.clone();
+            for i in 0..batch.num_rows() {
+                out.push((
+                    ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)),
+                    ChangeRecord {
+                        xid: xid.value(i),
+                        committed_at_us: ts.value(i),
+                        relation_id: 0,
+                        schema_version: ChangeKey::default(),
+                        op: Op::Message,
+                        key: None,
+                        before: None,
+                        after: None,
+                        context: None,
+                        message: Some(LogicalMessage {
+                            transactional: transactional.value(i),
+                            prefix: prefix.value(i).to_string(),
+                            content: body.value(i).to_vec(),
+                        }),
+                    },
+                ));
+            }
+        }
+        SegmentContent::Table(rel) => {
+            let kinds: Vec<PgKind> = rel.columns.iter().map(|c| PgKind::of(c.type_oid, c.type_modifier)).collect();
+            let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8).map_err(SegmentError::Arrow)?;
+            let op = op.as_string::<i32>();
+            let context = col("context")?.as_string_opt::<i32>().ok_or_else(|| bad("context type"))?.clone();
+            let image = |name: &str| -> Result<Option<StructArray>, SegmentError> {
+                Ok(batch.column_by_name(name).and_then(|c| c.as_struct_opt().cloned()))
+            };
+            let (before, after) = (image("before")?, image("after")?);
+            let names = |name: &str| -> Result<ListArray, SegmentError> {
+                col(name)?.as_list_opt::<i32>().cloned().ok_or_else(|| bad(&format!("{name} type")))
+            };
+            let (before_unknown, after_unknown) = (names("before_unknown")?, names("after_unknown")?);
+            let map = |name: &str| -> Result<MapArray, SegmentError> {
+                col(name)?.as_map_opt().cloned().ok_or_else(|| bad(&format!("{name} type")))
+            };
+            let (before_text, after_text) = (map("before_text")?, map("after_text")?);
+            let row_of = |image: &Option<StructArray>, unknown: &ListArray, exact: &MapArray, i: usize| -> Option<Row> {
+                let present = match image {
+                    Some(s) => !s.is_null(i),
+                    None => !unknown.is_null(i) || !exact.is_null(i),
+                };
+                if !present {
+                    return None;
+                }
+                let unknown: Vec<String> = if unknown.is_null(i) {
+                    Vec::new()
+                } else {
+                    unknown.value(i).as_string::<i32>().iter().flatten().map(str::to_string).collect()
+                };
+                let exact: Vec<(String, String)> = if exact.is_null(i) {
+                    Vec::new()
+                } else {
+                    let entries = exact.value(i);
+                    let k = entries.column(0).as_string::<i32>();
+                    let v = entries.column(1).as_string::<i32>();
+                    (0..entries.len()).map(|j| (k.value(j).to_string(), v.value(j).to_string())).collect()
+                };
+                Some(
+                    rel.columns
+                        .iter()
+                        .enumerate()
+                        .map(|(c, column)| {
+                            if unknown.contains(&column.name) {
+                                return Cell::Unknown;
+                            }
+                            if let Some((_, t)) = exact.iter().find(|(k, _)| k == &column.name) {
+                                return Cell::Text(t.clone());
+                            }
+                            match image.as_ref().and_then(|s| render(&kinds[c], s.column(c).as_ref(), i)) {
+                                Some(t) => Cell::Text(t),
+                                None => Cell::Null,
+                            }
+                        })
+                        .collect(),
+                )
+            };
+            let key_pos = rel.key_positions();
+            for i in 0..batch.num_rows() {
+                let op = match op.value(i) {
+                    "insert" => Op::Insert,
+                    "update" => Op::Update,
+                    "delete" => Op::Delete,
+                    "truncate" => Op::Truncate,
+                    "snapshot" => Op::Snapshot,
+                    other => return Err(bad(&format!("unknown op {other}"))),
+                };
+                let b = row_of(&before, &before_unknown, &before_text, i);
+                let a = row_of(&after, &after_unknown, &after_text, i);
+                let key = a.as_ref().or(b.as_ref()).filter(|_| !key_pos.is_empty()).map(|row| {
+                    key_pos.iter().map(|&p| row.get(p).and_then(|c| c.as_text().map(str::to_string))).collect()
+                });
+                out.push((
+                    ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)),
+                    ChangeRecord {
+                        xid: xid.value(i),
+                        committed_at_us: ts.value(i),
+                        relation_id: rel.relation_id,
+                        schema_version: rel.valid_from,
+                        op,
+                        key,
+                        before: b,
+                        after: a,
+                        context: (!context.is_null(i)).then(|| context.value(i).to_string()),
+                        message: None,
+                    },
+                ));
+            }
+        }
+    }
+    Ok(out)
 }

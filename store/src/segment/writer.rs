@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -118,7 +119,14 @@ impl SegmentWriter {
     ) -> Result<SegmentWriter, SegmentError> {
         let tmp_path = dir.join(format!(".{stem}.tmp"));
         let schema = segment_schema(content);
-        let file = File::create(&tmp_path).map_err(|source| SegmentError::Io { path: tmp_path.clone(), source })?;
+        // Private like the log: a segment holds a copy of production data.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp_path)
+            .map_err(|source| SegmentError::Io { path: tmp_path.clone(), source })?;
         let sink = HashingFile { out: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
         let description = serde_json::json!({
             "format_version": SEGMENT_FORMAT_VERSION,

@@ -1,0 +1,120 @@
+//! Background compaction inside `pgtrail capture`: a dedicated OS thread that turns the log
+//! into segments when it holds enough changes or its oldest change is old enough.
+//!
+//! It never stalls the replication stream: Parquet work runs on this thread, and the only
+//! contact with the writer is redb's write lock for the one short transaction that lists new
+//! segments and trims the log. Its failure stops the capture with the error (a storage error
+//! is fatal for the process), and nothing is lost: the log keeps every change that was not
+//! listed in a committed manifest.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use pgtrail_store::{CompactError, CompactOptions, Compactor, Database, LogReader};
+
+/// When the capture compacts.
+#[derive(Clone, Debug)]
+pub struct CompactionPolicy {
+    pub options: CompactOptions,
+    /// Compact once the log holds at least this many changes ...
+    pub min_changes: u64,
+    /// ... or once its oldest change committed this long ago.
+    pub max_age: Duration,
+    /// How often the thresholds are checked.
+    pub check_every: Duration,
+}
+
+impl Default for CompactionPolicy {
+    fn default() -> Self {
+        CompactionPolicy {
+            options: CompactOptions::default(),
+            min_changes: 200_000,
+            max_age: Duration::from_secs(300),
+            check_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The running compactor thread.
+pub struct BackgroundCompactor {
+    stop: Arc<AtomicBool>,
+    join: Option<JoinHandle<()>>,
+    failure: Arc<Mutex<Option<CompactError>>>,
+    failed: tokio::sync::watch::Receiver<bool>,
+    /// Changes moved into segments by this process.
+    pub compacted: Arc<AtomicU64>,
+}
+
+impl BackgroundCompactor {
+    pub fn start(db: Arc<Database>, archive: PathBuf, policy: CompactionPolicy) -> BackgroundCompactor {
+        let stop = Arc::new(AtomicBool::new(false));
+        let failure = Arc::new(Mutex::new(None));
+        let compacted = Arc::new(AtomicU64::new(0));
+        let (failed_tx, failed) = tokio::sync::watch::channel(false);
+        let (t_stop, t_failure, t_compacted) = (stop.clone(), failure.clone(), compacted.clone());
+        let join = std::thread::Builder::new()
+            .name("pgtrail-compactor".into())
+            .spawn(move || {
+                let compactor = Compactor::new(db.clone(), &archive, policy.options.clone());
+                let mut last_check = Instant::now() - policy.check_every;
+                while !t_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                    if last_check.elapsed() < policy.check_every {
+                        continue;
+                    }
+                    last_check = Instant::now();
+                    let result = due(&db, &policy).map_err(CompactError::from).and_then(|due| {
+                        if due { compactor.run().map(Some) } else { Ok(None) }
+                    });
+                    match result {
+                        Ok(Some(report)) => {
+                            t_compacted.fetch_add(report.changes, Ordering::Relaxed);
+                        }
+                        Ok(None) => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "compaction failed; stopping capture");
+                            if let Ok(mut slot) = t_failure.lock() {
+                                *slot = Some(e);
+                            }
+                            let _ = failed_tx.send(true);
+                            return;
+                        }
+                    }
+                }
+            })
+            .ok();
+        BackgroundCompactor { stop, join, failure, failed, compacted }
+    }
+
+    /// Completes when the compactor has failed.
+    pub async fn failed(&mut self) {
+        while !*self.failed.borrow_and_update() {
+            if self.failed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Take the failure, if any.
+    pub fn take_failure(&self) -> Option<CompactError> {
+        self.failure.lock().ok().and_then(|mut f| f.take())
+    }
+
+    /// Stop the thread (after the run in progress, if any, finishes).
+    pub fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+    }
+}
+
+fn due(db: &Database, policy: &CompactionPolicy) -> Result<bool, pgtrail_store::LogError> {
+    let (count, oldest) = LogReader::from_database(db)?.log_backlog()?;
+    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    let old = oldest.is_some_and(|t| now_us - t >= policy.max_age.as_micros() as i64);
+    Ok(count >= policy.min_changes || (count > 0 && old))
+}

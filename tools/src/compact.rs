@@ -1,0 +1,91 @@
+//! `pgtrail compact`: move the log's finished transactions into Parquet segments on demand.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use pgtrail_store::segment::SegmentOptions;
+use pgtrail_store::{ChangeLog, CompactOptions, Compactor, LogError};
+
+/// How segments are written (shared by `capture` and `compact`).
+#[derive(clap::Args, Clone, Debug)]
+pub struct SegmentArgs {
+    /// zstd level of segment files (1 fastest … 22 smallest).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=22))]
+    pub zstd_level: i32,
+    /// Segments are closed at, and small ones merged up to, this size in MiB.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub target_segment_mib: u64,
+}
+
+impl SegmentArgs {
+    pub fn options(&self) -> CompactOptions {
+        CompactOptions {
+            segment: SegmentOptions { zstd_level: self.zstd_level, ..SegmentOptions::default() },
+            target_segment_bytes: self.target_segment_mib << 20,
+            ..CompactOptions::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+pub struct CompactArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    #[command(flatten)]
+    pub segments: SegmentArgs,
+    /// Print the report as JSON on stdout (for programs).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
+    let archive = args.archive.clone();
+    let options = args.segments.options();
+    let started = Instant::now();
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if !archive.join(pgtrail_store::LOG_FILE).exists() {
+            return Err(LogError::NotAnArchive { path: archive.clone() }.into());
+        }
+        let log = ChangeLog::open(&archive).map_err(|e| match e {
+            LogError::InUse => anyhow::anyhow!(
+                "the archive is held by a running `pgtrail capture`, which compacts in the background \
+                 (see --compact-after-changes); stop it first to compact by hand"
+            ),
+            e => anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display())),
+        })?;
+        let compactor = Compactor::new(log.database(), &archive, options);
+        compactor.run().context("compaction failed; the log still holds every change not listed in a segment")
+    })
+    .await??;
+    let secs = started.elapsed().as_secs_f64();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "changes": report.changes, "transactions": report.transactions,
+                "segments_written": report.segments_written, "bytes_written": report.bytes_written,
+                "merged_inputs": report.merged_inputs, "merged_outputs": report.merged_outputs,
+                "orphans_removed": report.orphans_removed, "retired_removed": report.retired_removed,
+                "compacted_through": report.compacted_through.to_string(), "seconds": secs,
+            })
+        );
+    } else {
+        eprintln!(
+            "compact: {} changes of {} transactions into {} segments ({} bytes) in {:.2} s ({:.0} changes/s), through {}; merged {} small segments into {}; removed {} orphaned and {} retired files",
+            report.changes,
+            report.transactions,
+            report.segments_written,
+            report.bytes_written,
+            secs,
+            report.changes as f64 / secs.max(1e-9),
+            report.compacted_through,
+            report.merged_inputs,
+            report.merged_outputs,
+            report.orphans_removed,
+            report.retired_removed,
+        );
+    }
+    Ok(())
+}
