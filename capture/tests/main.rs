@@ -3,4 +3,5 @@
 
 mod harness;
 mod scenarios;
+mod segments;
 mod setup_errors;

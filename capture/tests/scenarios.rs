@@ -9,7 +9,7 @@ const TYPED_COLUMNS: &[&str] = &[
     "id", "i2", "i8", "f4", "f8", "n", "n2", "CASE WHEN b THEN 't' WHEN NOT b THEN 'f' END", "t", "vc", "u", "d", "tm", "ts", "tstz", "iv", "j", "jb", "by", "arr", "tarr", "e",
 ];
 
-const TYPED_TABLE: &str = "
+pub const TYPED_TABLE: &str = "
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE TABLE typed (id int PRIMARY KEY, i2 int2, i8 int8, f4 float4, f8 float8, n numeric, n2 numeric(12,3), b bool,
   t text, vc varchar(10), u uuid, d date, tm time, ts timestamp, tstz timestamptz, iv interval, j json, jb jsonb,

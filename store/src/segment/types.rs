@@ -14,13 +14,12 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayBuilder, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
     FixedSizeBinaryBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder,
-    IntervalMonthDayNanoBuilder, ListArray, StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    Int32Array, Int64Array, ListArray, StringBuilder, StructArray, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Decimal128Type, Field, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
-    IntervalMonthDayNano, IntervalMonthDayNanoType, IntervalUnit, Time64MicrosecondType, TimeUnit,
-    TimestampMicrosecondType,
+    DataType, Date32Type, Decimal128Type, Field, Fields, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
+    IntervalMonthDayNano, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
 };
 
 /// How a PostgreSQL column type is kept in a segment.
@@ -115,10 +114,21 @@ impl PgKind {
             PgKind::Time => DataType::Time64(TimeUnit::Microsecond),
             PgKind::Timestamp => DataType::Timestamp(TimeUnit::Microsecond, None),
             PgKind::TimestampTz => DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            PgKind::Interval => DataType::Interval(IntervalUnit::MonthDayNano),
+            // Parquet has no exact interval type (its INTERVAL is unsigned milliseconds), so
+            // PostgreSQL's three fields are kept as they are.
+            PgKind::Interval => DataType::Struct(interval_fields()),
             PgKind::Array(e) => DataType::List(Arc::new(Field::new("element", e.arrow_type(), true))),
         }
     }
+}
+
+/// The fields of a stored interval: PostgreSQL's own representation, exact.
+pub fn interval_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("months", DataType::Int32, false),
+        Field::new("days", DataType::Int32, false),
+        Field::new("microseconds", DataType::Int64, false),
+    ])
 }
 
 fn numeric_kind(type_modifier: i32) -> PgKind {
@@ -156,7 +166,8 @@ enum Inner {
     Date(Date32Builder),
     Time(Time64MicrosecondBuilder),
     Ts(TimestampMicrosecondBuilder),
-    Interval(IntervalMonthDayNanoBuilder),
+    /// months, days, microseconds, validity.
+    Interval(Vec<i32>, Vec<i32>, Vec<i64>, Vec<bool>),
     /// Elements, list offsets and list validity.
     List(Box<ValueBuilder>, Vec<i32>, Vec<bool>),
 }
@@ -184,7 +195,7 @@ impl ValueBuilder {
             PgKind::Time => Inner::Time(Time64MicrosecondBuilder::new()),
             PgKind::Timestamp => Inner::Ts(TimestampMicrosecondBuilder::new()),
             PgKind::TimestampTz => Inner::Ts(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
-            PgKind::Interval => Inner::Interval(IntervalMonthDayNanoBuilder::new()),
+            PgKind::Interval => Inner::Interval(Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             PgKind::Array(e) => Inner::List(Box::new(ValueBuilder::new(e)), vec![0], Vec::new()),
         };
         ValueBuilder { kind: kind.clone(), inner }
@@ -205,7 +216,7 @@ impl ValueBuilder {
             Inner::Date(b) => b.len(),
             Inner::Time(b) => b.len(),
             Inner::Ts(b) => b.len(),
-            Inner::Interval(b) => b.len(),
+            Inner::Interval(_, _, _, valid) => valid.len(),
             Inner::List(_, _, valid) => valid.len(),
         }
     }
@@ -229,7 +240,12 @@ impl ValueBuilder {
             Inner::Date(b) => b.append_null(),
             Inner::Time(b) => b.append_null(),
             Inner::Ts(b) => b.append_null(),
-            Inner::Interval(b) => b.append_null(),
+            Inner::Interval(m, d, us, valid) => {
+                m.push(0);
+                d.push(0);
+                us.push(0);
+                valid.push(false);
+            }
             Inner::List(e, offsets, valid) => {
                 offsets.push(e.len() as i32);
                 valid.push(false);
@@ -260,7 +276,13 @@ impl ValueBuilder {
             Inner::Date(b) => b.append_value(parse_date(text)?),
             Inner::Time(b) => b.append_value(parse_time(text)?),
             Inner::Ts(b) => b.append_value(parse_timestamp(text, self.kind == PgKind::TimestampTz)?),
-            Inner::Interval(b) => b.append_value(parse_interval(text)?),
+            Inner::Interval(m, d, us, valid) => {
+                let v = parse_interval(text)?;
+                m.push(v.months);
+                d.push(v.days);
+                us.push(v.nanoseconds / 1000);
+                valid.push(true);
+            }
             Inner::List(e, offsets, valid) => {
                 let elements = parse_array(text)?;
                 // Check every element first so that a refused array appends nothing.
@@ -298,7 +320,15 @@ impl ValueBuilder {
             Inner::Date(b) => Arc::new(b.finish()),
             Inner::Time(b) => Arc::new(b.finish()),
             Inner::Ts(b) => Arc::new(b.finish()),
-            Inner::Interval(b) => Arc::new(b.finish()),
+            Inner::Interval(m, d, us, valid) => {
+                let columns: Vec<ArrayRef> = vec![
+                    Arc::new(Int32Array::from(std::mem::take(m))),
+                    Arc::new(Int32Array::from(std::mem::take(d))),
+                    Arc::new(Int64Array::from(std::mem::take(us))),
+                ];
+                let nulls = std::mem::take(valid).into();
+                Arc::new(StructArray::new(interval_fields(), columns, Some(nulls)))
+            }
             Inner::List(e, offsets, valid) => {
                 let values = e.finish();
                 let offsets = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
@@ -607,10 +637,12 @@ pub fn render(kind: &PgKind, array: &dyn Array, i: usize) -> Option<String> {
             render_timestamp(array.as_primitive::<TimestampMicrosecondType>().value(i), *kind == PgKind::TimestampTz)
         }
         PgKind::Interval => {
-            let v = array.as_primitive::<IntervalMonthDayNanoType>().value(i);
-            let micros = v.nanoseconds / 1000;
+            let s = array.as_struct();
+            let months = s.column(0).as_primitive::<Int32Type>().value(i);
+            let days = s.column(1).as_primitive::<Int32Type>().value(i);
+            let micros = s.column(2).as_primitive::<Int64Type>().value(i);
             let sign = if micros < 0 { "-" } else { "" };
-            format!("{} mons {} days {sign}{}", v.months, v.days, render_hms(micros.abs()))
+            format!("{months} mons {days} days {sign}{}", render_hms(micros.unsigned_abs() as i64))
         }
         PgKind::Array(ek) => {
             let list = array.as_list::<i32>().value(i);
