@@ -184,7 +184,7 @@ impl Default for CompactOptions {
             segment: SegmentOptions::default(),
             target_segment_bytes: 128 << 20,
             merge_min_segments: 4,
-            memory_budget_bytes: 256 << 20,
+            memory_budget_bytes: 64 << 20,
             retire_grace: Duration::from_secs(300),
         }
     }

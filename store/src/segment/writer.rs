@@ -48,9 +48,9 @@ impl Default for SegmentOptions {
         SegmentOptions {
             zstd_level: 3,
             batch_rows: 8192,
-            batch_bytes: 32 << 20,
+            batch_bytes: 8 << 20,
             row_group_rows: 128 * 1024,
-            row_group_bytes: 64 << 20,
+            row_group_bytes: 32 << 20,
         }
     }
 }
