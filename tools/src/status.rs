@@ -214,8 +214,8 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     println!("durable to    {}", s(&r["position"]));
     let seg = &r["segments"];
     println!(
-        "segments      {} files, {} bytes ({:.1}x smaller than the {} bytes of raw change records), compacted through {}",
-        seg["files"], seg["bytes"], seg["compression_ratio"].as_f64().unwrap_or(0.0), seg["raw_bytes"], s(&seg["compacted_through"])
+        "segments      {} files, {} bytes holding {} bytes of change records (ratio {:.2}), compacted through {}",
+        seg["files"], seg["bytes"], seg["raw_bytes"], seg["compression_ratio"].as_f64().unwrap_or(0.0), s(&seg["compacted_through"])
     );
     println!(
         "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
@@ -250,7 +250,7 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     for t in r["tables"].as_array().into_iter().flatten() {
         let n = |op: &str| t["by_op"][op].as_u64().unwrap_or(0);
         let u = |k: &str| t[k].as_u64().unwrap_or(0);
-        let ratio = if u("segment_bytes") > 0 { format!("{:.1}x", u("raw_bytes") as f64 / u("segment_bytes") as f64) } else { "-".into() };
+        let ratio = if u("segment_bytes") > 0 { format!("{:.2}", u("raw_bytes") as f64 / u("segment_bytes") as f64) } else { "-".into() };
         println!(
             "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  {}",
             s(&t["table"]), u("changes"), n("snapshot"), n("insert"), n("update"), n("delete"), n("truncate"),
