@@ -1,5 +1,24 @@
-//! pgtrail-query will own offline SQL over an archive (DataFusion over Parquet segments plus
-//! the redb tail: per-table history, the `changes` view, `as_of`, `diff`, `row_history`).
+//! pgtrail-query owns offline SQL over an archive: DataFusion over the Parquet segments plus
+//! the redb log tail, read as one consistent cut.
 //!
-//! It depends only on `pgtrail-store`, never on the source database. Nothing is implemented
-//! here yet (issue 4); until then an archive is read through `pgtrail_store::LogReader`.
+//! It registers each captured table's history under its schema-qualified name (typed
+//! `before`/`after` structs merged across schema versions), the Bemi-style `changes` view over
+//! all tables, the `pgtrail.messages` table, and the table functions `as_of`, `as_of_lsn`,
+//! `diff` and `row_history` that reconstruct a table at a moment. It depends only on
+//! `pgtrail-store`, never on the source database; segment reads run on blocking threads.
+
+mod archive;
+mod changes;
+mod error;
+mod history;
+mod merge;
+mod pit;
+mod session;
+
+pub use archive::{ArchiveSnapshot, TableHistory, parse_qualified};
+pub use error::QueryError;
+pub use history::HistoryTable;
+pub use merge::{history_schema, merged_row_fields};
+pub use pit::{Moment, TableState, state_at};
+pub use changes::{changes_schema, row_json};
+pub use session::{open_session, session};

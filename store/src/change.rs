@@ -8,7 +8,7 @@ use crate::lsn::ChangeKey;
 ///
 /// The column's type OID lives in the [`RelationVersion`](crate::RelationVersion) the image
 /// belongs to, so a value plus its column is enough to reinterpret it later without loss.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Cell {
     Null,
     /// PostgreSQL's text output of the value.

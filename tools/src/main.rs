@@ -2,6 +2,7 @@
 
 mod compact;
 mod demo;
+mod sql;
 mod status;
 
 use std::path::PathBuf;
@@ -28,6 +29,8 @@ enum Command {
     Status(StatusArgs),
     /// Move the log's finished transactions into Parquet segments now, and merge small segments.
     Compact(compact::CompactArgs),
+    /// Run SQL over an archive, offline (history tables, `changes`, as_of, diff, row_history).
+    Sql(sql::SqlArgs),
     /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
     Demo(DemoArgs),
 }
@@ -114,6 +117,7 @@ fn main() -> ExitCode {
             Command::Capture(args) => capture(args).await,
             Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
             Command::Compact(args) => compact::run(args).await,
+            Command::Sql(args) => sql::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
         }
     });

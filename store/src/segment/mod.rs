@@ -44,7 +44,7 @@ use crate::relation::RelationVersion;
 
 pub use reader::{SegmentReader, read_records, sha256_file};
 pub use types::{DoesNotFit, PgKind, ValueBuilder, render};
-pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment};
+pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment, records_to_batch};
 
 /// The version of the segment layout described above.
 pub const SEGMENT_FORMAT_VERSION: u32 = 1;

@@ -560,3 +560,13 @@ impl BatchBuilder {
         RecordBatch::try_new(self.schema.clone(), columns).map_err(SegmentError::Arrow)
     }
 }
+
+/// Build one batch in the segment layout of `content` from change records (the log tail,
+/// for readers that show segments and tail as one table).
+pub fn records_to_batch(content: &SegmentContent, records: &[(ChangeKey, ChangeRecord)]) -> Result<RecordBatch, SegmentError> {
+    let mut builder = BatchBuilder::new(content, segment_schema(content));
+    for (key, record) in records {
+        builder.push(*key, record);
+    }
+    builder.finish()
+}

@@ -1,0 +1,217 @@
+//! One consistent read of an archive: the manifest, the log tail and the schema versions, taken
+//! in a single redb read transaction, grouped per table.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use pgtrail_store::segment::SegmentContent;
+use pgtrail_store::{ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry, SourceIdentity};
+
+use crate::error::QueryError;
+
+/// Everything known of one table (by its latest schema-qualified name).
+#[derive(Clone, Debug)]
+pub struct TableHistory {
+    pub schema: String,
+    pub name: String,
+    /// Every schema version, in the order they took effect.
+    pub versions: Vec<RelationVersion>,
+    /// Segments in key order.
+    pub segments: Vec<SegmentEntry>,
+    /// Changes still in the log, in key order.
+    pub tail: Vec<(ChangeKey, ChangeRecord)>,
+}
+
+impl TableHistory {
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", pgtrail_store::quote_ident(&self.schema), pgtrail_store::quote_ident(&self.name))
+    }
+
+    /// The latest schema version.
+    pub fn latest(&self) -> &RelationVersion {
+        self.versions.last().expect("a table has at least one version")
+    }
+}
+
+/// The archive as one read saw it.
+#[derive(Clone, Debug)]
+pub struct ArchiveSnapshot {
+    pub dir: PathBuf,
+    pub source: Option<SourceIdentity>,
+    pub position: Lsn,
+    pub gaps: Vec<Gap>,
+    pub tables: BTreeMap<String, TableHistory>,
+    /// Logical messages (segments and tail).
+    pub message_segments: Vec<SegmentEntry>,
+    pub message_tail: Vec<(ChangeKey, ChangeRecord)>,
+    /// The commit time of the earliest change (the initial snapshot), if any.
+    pub first_commit_us: Option<i64>,
+    pub first_key: Option<ChangeKey>,
+}
+
+impl ArchiveSnapshot {
+    /// Read the archive in `dir`. The log tail is held in memory (it is bounded by the
+    /// compaction thresholds); segments are read lazily by queries.
+    pub fn open(dir: &Path) -> Result<ArchiveSnapshot, QueryError> {
+        let (_db, reader) = LogReader::open(dir).map_err(|source| QueryError::Open { path: dir.to_path_buf(), source })?;
+        Self::from_reader(dir, &reader)
+    }
+
+    /// Build from an open reader (a capture process may pass its own).
+    pub fn from_reader(dir: &Path, reader: &LogReader) -> Result<ArchiveSnapshot, QueryError> {
+        let manifest = reader.manifest()?;
+        let relations = reader.relations()?;
+        let mut tail: Vec<(ChangeKey, ChangeRecord)> = Vec::new();
+        for entry in reader.changes()? {
+            tail.push(entry?);
+        }
+        // Group relation OIDs under their latest name; a table recreated under the same name
+        // continues that name's history.
+        let mut latest_name: BTreeMap<u32, (String, String)> = BTreeMap::new();
+        for r in &relations {
+            latest_name.insert(r.relation_id, (r.schema.clone(), r.name.clone()));
+        }
+        let mut tables: BTreeMap<String, TableHistory> = BTreeMap::new();
+        let mut by_oid: BTreeMap<u32, String> = BTreeMap::new();
+        for (oid, (schema, name)) in &latest_name {
+            let key = format!("{}.{}", pgtrail_store::quote_ident(schema), pgtrail_store::quote_ident(name));
+            by_oid.insert(*oid, key.clone());
+            tables.entry(key).or_insert_with(|| TableHistory {
+                schema: schema.clone(),
+                name: name.clone(),
+                versions: Vec::new(),
+                segments: Vec::new(),
+                tail: Vec::new(),
+            });
+        }
+        for r in relations {
+            if let Some(t) = by_oid.get(&r.relation_id).and_then(|k| tables.get_mut(k)) {
+                t.versions.push(r);
+            }
+        }
+        let mut message_segments = Vec::new();
+        let (mut first_commit_us, mut first_key) = (None::<i64>, None::<ChangeKey>);
+        let mut see = |key: ChangeKey, at: i64| {
+            if first_key.is_none_or(|k| key < k) {
+                first_key = Some(key);
+                first_commit_us = Some(at);
+            }
+        };
+        for seg in manifest.segments {
+            see(seg.min_key, seg.min_committed_at_us);
+            match &seg.content {
+                SegmentContent::Messages => message_segments.push(seg),
+                SegmentContent::Table(rel) => {
+                    if let Some(t) = by_oid.get(&rel.relation_id).and_then(|k| tables.get_mut(k)) {
+                        t.segments.push(seg);
+                    }
+                }
+            }
+        }
+        let mut message_tail = Vec::new();
+        for (key, rec) in tail {
+            see(key, rec.committed_at_us);
+            if rec.op == Op::Message {
+                message_tail.push((key, rec));
+            } else if let Some(t) = by_oid.get(&rec.relation_id).and_then(|k| tables.get_mut(k)) {
+                t.tail.push((key, rec));
+            }
+        }
+        for t in tables.values_mut() {
+            t.versions.sort_by_key(|v| v.valid_from);
+            t.segments.sort_by_key(|s| s.min_key);
+        }
+        tables.retain(|_, t| !t.versions.is_empty());
+        message_segments.sort_by_key(|s| s.min_key);
+        Ok(ArchiveSnapshot {
+            dir: dir.to_path_buf(),
+            source: reader.source_identity()?,
+            position: reader.position()?,
+            gaps: reader.gaps()?,
+            tables,
+            message_segments,
+            message_tail,
+            first_commit_us,
+            first_key,
+        })
+    }
+
+    pub fn segment_path(&self, seg: &SegmentEntry) -> PathBuf {
+        self.dir.join(pgtrail_store::SEGMENTS_DIR).join(&seg.file_name)
+    }
+
+    /// Find a table by a name written as PostgreSQL would parse it: `orders`, `public.orders`,
+    /// `public."Odd Name"`.
+    pub fn table(&self, name: &str) -> Result<&TableHistory, QueryError> {
+        let (schema, table) = parse_qualified(name).ok_or_else(|| QueryError::BadTableName(name.to_string()))?;
+        let found = self.tables.values().find(|t| t.name == table && schema.as_deref().is_none_or(|s| s == t.schema));
+        found.ok_or_else(|| QueryError::NoSuchTable {
+            name: name.to_string(),
+            known: self.tables.keys().cloned().collect::<Vec<_>>().join(", "),
+        })
+    }
+}
+
+/// Split `schema.table` with PostgreSQL's identifier rules: unquoted parts fold to lower case,
+/// quoted parts keep their case and may contain dots and doubled quotes.
+pub fn parse_qualified(name: &str) -> Option<(Option<String>, String)> {
+    let mut parts = Vec::new();
+    let mut chars = name.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            if part.is_empty() || part.contains(char::is_whitespace) {
+                return None;
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => {}
+            Some(_) => return None,
+        }
+    }
+    match parts.len() {
+        1 => Some((None, parts.remove(0))),
+        2 => {
+            let table = parts.remove(1);
+            Some((Some(parts.remove(0)), table))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_qualified;
+
+    #[test]
+    fn table_names_parse_like_postgres() {
+        assert_eq!(parse_qualified("Orders"), Some((None, "orders".into())));
+        assert_eq!(parse_qualified("public.orders"), Some((Some("public".into()), "orders".into())));
+        assert_eq!(parse_qualified("public.\"Odd Name\""), Some((Some("public".into()), "Odd Name".into())));
+        assert_eq!(parse_qualified("\"a.b\".\"q\"\"x\""), Some((Some("a.b".into()), "q\"x".into())));
+        assert_eq!(parse_qualified("a.b.c"), None);
+        assert_eq!(parse_qualified("\"open"), None);
+        assert_eq!(parse_qualified(""), None);
+    }
+}

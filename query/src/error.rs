@@ -1,0 +1,36 @@
+//! Errors of opening and querying an archive.
+
+use std::path::PathBuf;
+
+/// An error opening or querying an archive.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QueryError {
+    #[error("cannot open the archive {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: pgtrail_store::LogError,
+    },
+    #[error(transparent)]
+    Log(#[from] pgtrail_store::LogError),
+    #[error(transparent)]
+    Segment(#[from] pgtrail_store::SegmentError),
+    #[error("{0:?} is not a table name (write it as PostgreSQL would: orders, public.orders, public.\"Odd Name\")")]
+    BadTableName(String),
+    #[error("the archive has no table {name} (it has: {known})")]
+    NoSuchTable { name: String, known: String },
+    #[error("{moment} is before the archive's history begins ({begins}); nothing is known of the table then")]
+    BeforeArchive { moment: String, begins: String },
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+}
+
+impl From<QueryError> for datafusion::error::DataFusionError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::DataFusion(e) => e,
+            e => datafusion::error::DataFusionError::External(Box::new(e)),
+        }
+    }
+}

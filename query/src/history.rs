@@ -1,0 +1,330 @@
+//! Per-table history tables: segments (read on blocking threads, checked against their
+//! SHA-256) plus the log tail, adapted to one merged schema, with filters on `lsn` and
+//! `committed_at` pruning segments through the manifest before any file is opened.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
+use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
+use pgtrail_store::segment::{SegmentContent, SegmentReader, records_to_batch};
+use pgtrail_store::{ChangeKey, ChangeRecord, RelationVersion, SegmentEntry};
+
+use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::merge::{adapt, history_schema};
+
+/// Bounds on `lsn` (commit LSN) and `committed_at` (µs) implied by a query's filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub lsn: (u64, u64),
+    pub time: (i64, i64),
+}
+
+impl Default for Bounds {
+    fn default() -> Self {
+        Bounds { lsn: (0, u64::MAX), time: (i64::MIN, i64::MAX) }
+    }
+}
+
+impl Bounds {
+    pub fn from_filters(filters: &[Expr]) -> Bounds {
+        let mut b = Bounds::default();
+        for f in filters {
+            b.narrow(f);
+        }
+        b
+    }
+
+    fn narrow(&mut self, e: &Expr) {
+        match e {
+            Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+                self.narrow(left);
+                self.narrow(right);
+            }
+            Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                let (column, op, value) = match (column_name(left), column_name(right)) {
+                    (Some(c), None) => (c, *op, constant(right)),
+                    (None, Some(c)) => match op.swap() {
+                        Some(op) => (c, op, constant(left)),
+                        None => return,
+                    },
+                    _ => return,
+                };
+                let Some(value) = value else { return };
+                match column.as_str() {
+                    "lsn" => {
+                        if let Some(v) = as_u64(&value) {
+                            narrow_range(&mut self.lsn, op, v, 1);
+                        }
+                    }
+                    "committed_at" => {
+                        if let Some(v) = as_micros(&value) {
+                            narrow_range(&mut self.time, op, v, 1);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Expr::Between(between) if !between.negated => {
+                for (op, bound) in [(Operator::GtEq, &between.low), (Operator::LtEq, &between.high)] {
+                    self.narrow(&Expr::BinaryExpr(BinaryExpr::new(between.expr.clone(), op, bound.clone())));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn overlaps(&self, seg: &SegmentEntry) -> bool {
+        seg.max_key.commit_lsn.0 >= self.lsn.0
+            && seg.min_key.commit_lsn.0 <= self.lsn.1
+            && seg.max_committed_at_us >= self.time.0
+            && seg.min_committed_at_us <= self.time.1
+    }
+
+    pub fn contains(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+        (self.lsn.0..=self.lsn.1).contains(&key.commit_lsn.0) && (self.time.0..=self.time.1).contains(&committed_at_us)
+    }
+}
+
+fn narrow_range<T: Ord + Copy + std::ops::Add<Output = T> + std::ops::Sub<Output = T>>(
+    range: &mut (T, T),
+    op: Operator,
+    v: T,
+    one: T,
+) where
+    T: Bounded,
+{
+    match op {
+        Operator::Eq => {
+            range.0 = range.0.max(v);
+            range.1 = range.1.min(v);
+        }
+        Operator::Gt => range.0 = range.0.max(if v == T::MAX { v } else { v + one }),
+        Operator::GtEq => range.0 = range.0.max(v),
+        Operator::Lt => range.1 = range.1.min(if v == T::MIN { v } else { v - one }),
+        Operator::LtEq => range.1 = range.1.min(v),
+        _ => {}
+    }
+}
+
+trait Bounded {
+    const MIN: Self;
+    const MAX: Self;
+}
+impl Bounded for u64 {
+    const MIN: u64 = u64::MIN;
+    const MAX: u64 = u64::MAX;
+}
+impl Bounded for i64 {
+    const MIN: i64 = i64::MIN;
+    const MAX: i64 = i64::MAX;
+}
+
+fn column_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Column(c) => Some(c.name.clone()),
+        Expr::Cast(c) => column_name(&c.expr),
+        _ => None,
+    }
+}
+
+/// The value of a constant expression (a literal, possibly cast).
+pub fn constant(e: &Expr) -> Option<ScalarValue> {
+    match e {
+        Expr::Literal(v, _) => Some(v.clone()),
+        Expr::Cast(c) => constant(&c.expr)?.cast_to(c.field.data_type()).ok(),
+        Expr::TryCast(c) => constant(&c.expr)?.cast_to(c.field.data_type()).ok(),
+        _ => None,
+    }
+}
+
+fn as_u64(v: &ScalarValue) -> Option<u64> {
+    match v {
+        ScalarValue::UInt64(Some(v)) => Some(*v),
+        ScalarValue::Int64(Some(v)) => u64::try_from(*v).ok(),
+        ScalarValue::UInt32(Some(v)) => Some(u64::from(*v)),
+        ScalarValue::Int32(Some(v)) => u64::try_from(*v).ok(),
+        _ => None,
+    }
+}
+
+/// Microseconds since the Unix epoch of a timestamp value.
+pub fn as_micros(v: &ScalarValue) -> Option<i64> {
+    match v {
+        ScalarValue::TimestampMicrosecond(Some(v), _) => Some(*v),
+        ScalarValue::TimestampNanosecond(Some(v), _) => Some(v.div_euclid(1000)),
+        ScalarValue::TimestampMillisecond(Some(v), _) => v.checked_mul(1000),
+        ScalarValue::TimestampSecond(Some(v), _) => v.checked_mul(1_000_000),
+        _ => None,
+    }
+}
+
+/// One table's history as a DataFusion table.
+pub struct HistoryTable {
+    archive: Arc<ArchiveSnapshot>,
+    table: String,
+    schema: SchemaRef,
+}
+
+impl fmt::Debug for HistoryTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "HistoryTable({})", self.table)
+    }
+}
+
+impl HistoryTable {
+    pub fn new(archive: Arc<ArchiveSnapshot>, table: &TableHistory) -> HistoryTable {
+        HistoryTable { schema: history_schema(&table.versions), table: table.qualified_name(), archive }
+    }
+
+    fn history(&self) -> Result<&TableHistory> {
+        self.archive.tables.get(&self.table).ok_or_else(|| DataFusionError::Internal(format!("table {} vanished", self.table)))
+    }
+}
+
+#[async_trait]
+impl TableProvider for HistoryTable {
+    fn schema(&self) -> SchemaRef {
+        self.schema.clone()
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+        // Filters are used to skip whole segments; DataFusion still applies them to the rows.
+        Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let history = self.history()?;
+        let bounds = Bounds::from_filters(filters);
+        let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
+        for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
+            let SegmentContent::Table(version) = &seg.content else { continue };
+            partitions.push(Arc::new(SegmentPartition {
+                path: self.archive.segment_path(seg),
+                sha256: seg.sha256.clone(),
+                version: version.clone(),
+                schema: self.schema.clone(),
+            }));
+        }
+        let tail: Vec<(ChangeKey, ChangeRecord)> =
+            history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
+        partitions.push(Arc::new(TailPartition {
+            batches: tail_batches(&history.versions, &tail, &self.schema)?,
+            schema: self.schema.clone(),
+        }));
+        Ok(Arc::new(StreamingTableExec::try_new(self.schema.clone(), partitions, projection, [], false, limit)?))
+    }
+}
+
+/// Log-tail records as batches of the history schema, one per schema version in key order.
+pub fn tail_batches(
+    versions: &[RelationVersion],
+    tail: &[(ChangeKey, ChangeRecord)],
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>> {
+    let mut batches = Vec::new();
+    let mut start = 0;
+    while start < tail.len() {
+        let version_key = tail[start].1.schema_version;
+        let relation_id = tail[start].1.relation_id;
+        let end = tail[start..]
+            .iter()
+            .position(|(_, r)| r.schema_version != version_key || r.relation_id != relation_id)
+            .map_or(tail.len(), |p| start + p);
+        let version = versions
+            .iter()
+            .find(|v| v.relation_id == relation_id && v.valid_from == version_key)
+            .ok_or_else(|| DataFusionError::Internal(format!("no schema version {version_key} of relation {relation_id}")))?;
+        let content = SegmentContent::Table(version.clone());
+        let batch = records_to_batch(&content, &tail[start..end]).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        batches.push(adapt(&batch, version, schema)?);
+        start = end;
+    }
+    Ok(batches)
+}
+
+/// Segments per table already verified against the manifest in this process.
+fn verified() -> &'static std::sync::Mutex<BTreeMap<std::path::PathBuf, String>> {
+    static VERIFIED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<std::path::PathBuf, String>>> = std::sync::OnceLock::new();
+    VERIFIED.get_or_init(Default::default)
+}
+
+/// Open a segment, checking its SHA-256 the first time this process reads it.
+pub fn open_segment(path: &std::path::Path, sha256: &str, batch_rows: usize) -> Result<SegmentReader> {
+    let known = verified().lock().ok().and_then(|m| m.get(path).cloned()).is_some_and(|s| s == sha256);
+    let reader = SegmentReader::open(path, (!known).then_some(sha256), batch_rows)
+        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    if !known && let Ok(mut m) = verified().lock() {
+        m.insert(path.to_path_buf(), sha256.to_string());
+    }
+    Ok(reader)
+}
+
+#[derive(Debug)]
+struct SegmentPartition {
+    path: std::path::PathBuf,
+    sha256: String,
+    version: RelationVersion,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for SegmentPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let (path, sha, version, schema) = (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone());
+        // Parquet decoding is blocking work: keep it off the async workers.
+        builder.spawn_blocking(move || {
+            for batch in open_segment(&path, &sha, 8192)? {
+                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                if tx.blocking_send(adapt(&batch, &version, &schema)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        builder.build()
+    }
+}
+
+#[derive(Debug)]
+struct TailPartition {
+    batches: Vec<RecordBatch>,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for TailPartition {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches: Vec<Result<RecordBatch>> = self.batches.iter().cloned().map(Ok).collect();
+        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches)))
+    }
+}

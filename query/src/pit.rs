@@ -1,0 +1,420 @@
+//! Point-in-time reconstruction: a table's rows as they were at a moment (commit time or
+//! commit LSN), diffs between two moments, and the history of one row. The state is rebuilt
+//! from the initial snapshot and every change up to the moment; segments that begin after the
+//! moment are never opened.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, StructArray};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
+use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::Expr;
+use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder, read_records};
+use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
+
+use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::error::QueryError;
+use crate::history::{as_micros, constant, open_segment, tail_batches};
+use crate::merge::history_schema;
+
+/// A moment of the source's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// Every transaction committed at or before this time (µs since the Unix epoch, UTC).
+    Time(i64),
+    /// Every transaction whose commit LSN is at or before this LSN.
+    Lsn(Lsn),
+}
+
+impl Moment {
+    fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+        match self {
+            Moment::Time(t) => committed_at_us <= *t,
+            Moment::Lsn(l) => key.commit_lsn <= *l,
+        }
+    }
+
+    /// Whether a segment might hold changes at or before this moment.
+    fn may_include(&self, min_key: ChangeKey, min_committed_at_us: i64) -> bool {
+        match self {
+            Moment::Time(t) => min_committed_at_us <= *t,
+            Moment::Lsn(l) => min_key.commit_lsn <= *l,
+        }
+    }
+}
+
+impl fmt::Display for Moment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Moment::Time(t) => write!(f, "{}", format_us(*t)),
+            Moment::Lsn(l) => write!(f, "LSN {l}"),
+        }
+    }
+}
+
+fn format_us(us: i64) -> String {
+    match datafusion::arrow::temporal_conversions::timestamp_us_to_datetime(us) {
+        Some(t) => format!("{t}+00"),
+        None => format!("{us} µs since 1970"),
+    }
+}
+
+/// Call `f` with every change of `table` in key order, up to `until` when given.
+pub fn for_each_change(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    until: Option<Moment>,
+    f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
+) -> Result<()> {
+    for_each_change_where(
+        archive,
+        table,
+        |seg| until.is_none_or(|m| m.may_include(seg.min_key, seg.min_committed_at_us)),
+        |key, rec| until.is_none_or(|m| m.includes(key, rec.committed_at_us)),
+        f,
+    )
+}
+
+/// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments
+/// `read_segment` rejects without opening them.
+pub fn for_each_change_where(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    read_segment: impl Fn(&pgtrail_store::SegmentEntry) -> bool,
+    keep: impl Fn(ChangeKey, &ChangeRecord) -> bool,
+    mut f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
+) -> Result<()> {
+    let version_of = |rec: &ChangeRecord| {
+        table
+            .versions
+            .iter()
+            .find(|v| v.relation_id == rec.relation_id && v.valid_from == rec.schema_version)
+            .ok_or_else(|| DataFusionError::Internal(format!("no schema version {} of relation {}", rec.schema_version, rec.relation_id)))
+    };
+    let mut last = None::<ChangeKey>;
+    let mut check_order = |key: ChangeKey| -> Result<()> {
+        if last.is_some_and(|l| key <= l) {
+            return Err(DataFusionError::Execution(format!(
+                "changes of {} are not in key order at {key}; the archive is inconsistent (run the verifier)",
+                table.qualified_name()
+            )));
+        }
+        last = Some(key);
+        Ok(())
+    };
+    for seg in &table.segments {
+        if !read_segment(seg) {
+            continue;
+        }
+        let SegmentContent::Table(version) = &seg.content else { continue };
+        for batch in open_segment(&archive.segment_path(seg), &seg.sha256, 8192)? {
+            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+            let content = SegmentContent::Table(version.clone());
+            for (key, rec) in read_records(&content, &batch).map_err(|e| DataFusionError::External(Box::new(e)))? {
+                if keep(key, &rec) {
+                    check_order(key)?;
+                    f(version, key, &rec)?;
+                }
+            }
+        }
+    }
+    for (key, rec) in &table.tail {
+        if keep(*key, rec) {
+            check_order(*key)?;
+            f(version_of(rec)?, *key, rec)?;
+        }
+    }
+    Ok(())
+}
+
+/// A row's identity: its key values, or for a table without a key the whole row.
+type RowKey = Vec<Cell>;
+
+/// A table's rows at a moment, each with the schema version it was written in.
+pub struct TableState {
+    /// The schema version in force at the moment (the output columns).
+    pub version: RelationVersion,
+    pub rows: BTreeMap<RowKey, Vec<(RelationVersion, Row)>>,
+}
+
+fn row_key(version: &RelationVersion, row: &Row) -> RowKey {
+    let positions = version.key_positions();
+    if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
+}
+
+/// Rebuild `table` at `moment`.
+pub fn state_at(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<TableState> {
+    let begins_before = match moment {
+        Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
+        Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
+    };
+    if !begins_before {
+        let begins = match (archive.first_key, archive.first_commit_us) {
+            (Some(k), Some(t)) => format!("LSN {}, {}", k.commit_lsn, format_us(t)),
+            _ => "nothing captured yet".into(),
+        };
+        return Err(QueryError::BeforeArchive { moment: moment.to_string(), begins }.into());
+    }
+    let mut rows: BTreeMap<RowKey, Vec<(RelationVersion, Row)>> = BTreeMap::new();
+    let mut last_version = table.versions[0].clone();
+    for_each_change(archive, table, Some(moment), |version, _, rec| {
+        if version.valid_from != last_version.valid_from || version.relation_id != last_version.relation_id {
+            last_version = version.clone();
+        }
+        let remove = |rows: &mut BTreeMap<RowKey, Vec<(RelationVersion, Row)>>, row: &Row| {
+            let k = row_key(version, row);
+            if let Some(list) = rows.get_mut(&k) {
+                // Without a key, one identical row goes; with a key, the row goes.
+                let pos = list.iter().position(|(_, r)| r == row).unwrap_or(0);
+                list.remove(pos);
+                if list.is_empty() {
+                    rows.remove(&k);
+                }
+            }
+        };
+        let keyed = !version.key_positions().is_empty();
+        match rec.op {
+            Op::Insert | Op::Snapshot | Op::Update => {
+                if let (Op::Update, Some(before)) = (rec.op, &rec.before) {
+                    remove(&mut rows, before);
+                }
+                if let Some(after) = &rec.after {
+                    let k = row_key(version, after);
+                    let entry = rows.entry(k).or_default();
+                    if keyed {
+                        entry.clear();
+                    }
+                    entry.push((version.clone(), after.clone()));
+                }
+            }
+            Op::Delete => {
+                if let Some(before) = &rec.before {
+                    remove(&mut rows, before);
+                }
+            }
+            Op::Truncate => rows.retain(|_, list| {
+                list.retain(|(v, _)| v.relation_id != rec.relation_id);
+                !list.is_empty()
+            }),
+            Op::Message => {}
+        }
+        Ok(())
+    })?;
+    // The schema in force: the latest version that took effect at or before the moment.
+    let version = match moment {
+        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).unwrap_or(&last_version).clone(),
+        Moment::Time(_) => last_version,
+    };
+    Ok(TableState { version, rows })
+}
+
+/// Typed columns of `version` for `rows`; a column with a value that does not fit its type is
+/// returned as text (PostgreSQL's exact text) rather than losing the value.
+fn typed_columns(version: &RelationVersion, rows: &[Option<(&RelationVersion, &Row)>]) -> (Fields, Vec<ArrayRef>) {
+    let mut fields = Vec::new();
+    let mut arrays = Vec::new();
+    for column in &version.columns {
+        let cells: Vec<Option<&Cell>> = rows
+            .iter()
+            .map(|r| r.and_then(|(v, row)| v.columns.iter().position(|c| c.name == column.name).and_then(|i| row.get(i))))
+            .collect();
+        let kind = PgKind::of(column.type_oid, column.type_modifier);
+        let mut builder = ValueBuilder::new(&kind);
+        let mut fits = true;
+        for cell in &cells {
+            match cell {
+                Some(Cell::Text(t)) => {
+                    if builder.append_text(t).is_err() {
+                        fits = false;
+                        break;
+                    }
+                }
+                _ => builder.append_null(),
+            }
+        }
+        if fits {
+            fields.push(Field::new(&column.name, kind.arrow_type(), true));
+            arrays.push(builder.finish());
+        } else {
+            let mut text = StringBuilder::new();
+            for cell in &cells {
+                text.append_option(cell.and_then(|c| c.as_text()));
+            }
+            fields.push(Field::new(&column.name, DataType::Utf8, true));
+            arrays.push(Arc::new(text.finish()) as ArrayRef);
+        }
+    }
+    (fields.into(), arrays)
+}
+
+fn state_batch(state: &TableState) -> Result<RecordBatch> {
+    let rows: Vec<Option<(&RelationVersion, &Row)>> =
+        state.rows.values().flat_map(|list| list.iter().map(|(v, r)| Some((v, r)))).collect();
+    let (fields, arrays) = typed_columns(&state.version, &rows);
+    if fields.is_empty() {
+        return Ok(RecordBatch::try_new_with_options(
+            Arc::new(Schema::empty()),
+            vec![],
+            &datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows.len())),
+        )?);
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), arrays)?)
+}
+
+fn text_arg(args: &[Expr], i: usize, what: &str) -> Result<String> {
+    match args.get(i).and_then(constant) {
+        Some(ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s))) => Ok(s),
+        Some(other) if what == "key" && !other.is_null() => Ok(other.to_string()),
+        _ => Err(DataFusionError::Plan(format!("argument {} ({what}) must be a constant text, e.g. 'public.orders'", i + 1))),
+    }
+}
+
+fn moment_arg(args: &[Expr], i: usize, lsn: bool) -> Result<Moment> {
+    let value = args.get(i).and_then(constant);
+    if lsn {
+        return match value {
+            Some(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s))) => {
+                s.parse::<Lsn>().map(Moment::Lsn).map_err(|e| DataFusionError::Plan(e.to_string()))
+            }
+            Some(ScalarValue::Int64(Some(v))) if v >= 0 => Ok(Moment::Lsn(Lsn(v as u64))),
+            Some(ScalarValue::UInt64(Some(v))) => Ok(Moment::Lsn(Lsn(v))),
+            _ => Err(DataFusionError::Plan(format!("argument {} must be an LSN such as '0/1A2B3C4'", i + 1))),
+        };
+    }
+    let value = match value {
+        Some(v @ (ScalarValue::Utf8(_) | ScalarValue::Utf8View(_) | ScalarValue::LargeUtf8(_))) => {
+            v.cast_to(&DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()))).ok()
+        }
+        v => v,
+    };
+    value
+        .as_ref()
+        .and_then(as_micros)
+        .map(Moment::Time)
+        .ok_or_else(|| DataFusionError::Plan(format!("argument {} must be a timestamp, e.g. TIMESTAMP '2026-11-20 12:00:00+00'", i + 1)))
+}
+
+fn table_arg<'a>(archive: &'a ArchiveSnapshot, args: &[Expr]) -> Result<&'a TableHistory> {
+    let name = text_arg(args, 0, "table name")?;
+    Ok(archive.table(&name)?)
+}
+
+/// `as_of(table, timestamp)` and `as_of_lsn(table, lsn)`.
+#[derive(Debug)]
+pub struct AsOf {
+    pub archive: Arc<ArchiveSnapshot>,
+    pub by_lsn: bool,
+}
+
+impl TableFunctionImpl for AsOf {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let args = args.exprs();
+        if args.len() != 2 {
+            return Err(DataFusionError::Plan("as_of(table, moment) takes two arguments".into()));
+        }
+        let table = table_arg(&self.archive, args)?;
+        let moment = moment_arg(args, 1, self.by_lsn)?;
+        let batch = state_batch(&state_at(&self.archive, table, moment)?)?;
+        Ok(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+    }
+}
+
+/// `diff(table, from, to)`: rows inserted, deleted and changed between two moments (timestamps
+/// or LSN texts).
+#[derive(Debug)]
+pub struct Diff {
+    pub archive: Arc<ArchiveSnapshot>,
+}
+
+fn moment_any(args: &[Expr], i: usize) -> Result<Moment> {
+    match args.get(i).and_then(constant) {
+        Some(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s))) if s.contains('/') => moment_arg(args, i, true),
+        _ => moment_arg(args, i, false),
+    }
+}
+
+impl TableFunctionImpl for Diff {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let args = args.exprs();
+        if args.len() != 3 {
+            return Err(DataFusionError::Plan("diff(table, from, to) takes three arguments".into()));
+        }
+        let table = table_arg(&self.archive, args)?;
+        let (from, to) = (moment_any(args, 1)?, moment_any(args, 2)?);
+        let a = state_at(&self.archive, table, from)?;
+        let b = state_at(&self.archive, table, to)?;
+        let mut change = StringBuilder::new();
+        let mut key_text = StringBuilder::new();
+        let (mut before_rows, mut after_rows) = (Vec::new(), Vec::new());
+        let keys: std::collections::BTreeSet<&RowKey> = a.rows.keys().chain(b.rows.keys()).collect();
+        for k in keys {
+            let (old, new) = (a.rows.get(k), b.rows.get(k));
+            let label = match (old, new) {
+                (Some(o), Some(n)) if o.iter().map(|(_, r)| r).eq(n.iter().map(|(_, r)| r)) => continue,
+                (Some(_), Some(_)) => "update",
+                (Some(_), None) => "delete",
+                (None, Some(_)) => "insert",
+                (None, None) => continue,
+            };
+            change.append_value(label);
+            key_text.append_value(k.iter().map(|c| c.as_text().unwrap_or("NULL")).collect::<Vec<_>>().join("|"));
+            before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (v, r)));
+            after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (v, r)));
+        }
+        let image = |rows: &[Option<(&RelationVersion, &Row)>]| -> Result<(Field, ArrayRef)> {
+            let (fields, arrays) = typed_columns(&b.version, rows);
+            let nulls: Vec<bool> = rows.iter().map(Option::is_some).collect();
+            let array = StructArray::try_new(fields.clone(), arrays, Some(nulls.into()))?;
+            Ok((Field::new("x", DataType::Struct(fields), true), Arc::new(array) as ArrayRef))
+        };
+        let (bf, ba) = image(&before_rows)?;
+        let (af, aa) = image(&after_rows)?;
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("change", DataType::Utf8, false),
+            Field::new("key", DataType::Utf8, false),
+            bf.with_name("before"),
+            af.with_name("after"),
+        ]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(change.finish()), Arc::new(key_text.finish()), ba, aa])?;
+        Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+    }
+}
+
+/// `row_history(table, key...)`: every change of one row (by its primary key values), with
+/// the history table's columns.
+#[derive(Debug)]
+pub struct RowHistory {
+    pub archive: Arc<ArchiveSnapshot>,
+}
+
+impl TableFunctionImpl for RowHistory {
+    fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
+        let args = args.exprs();
+        if args.len() < 2 {
+            return Err(DataFusionError::Plan("row_history(table, key value, ...) takes the table and its key values".into()));
+        }
+        let table = table_arg(&self.archive, args)?;
+        let wanted: Vec<String> = (1..args.len()).map(|i| text_arg(args, i, "key")).collect::<Result<_>>()?;
+        let schema = history_schema(&table.versions);
+        let mut picked: Vec<(ChangeKey, ChangeRecord)> = Vec::new();
+        for_each_change(&self.archive, table, None, |version, key, rec| {
+            let positions = version.key_positions();
+            let matches = |row: &Option<Row>| {
+                row.as_ref().is_some_and(|r| {
+                    positions.len() == wanted.len()
+                        && positions.iter().zip(&wanted).all(|(&p, w)| r.get(p).and_then(|c| c.as_text()) == Some(w.as_str()))
+                })
+            };
+            if matches(&rec.before) || matches(&rec.after) {
+                picked.push((key, rec.clone()));
+            }
+            Ok(())
+        })?;
+        let batches = tail_batches(&table.versions, &picked, &schema)?;
+        Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+    }
+}

@@ -1,0 +1,63 @@
+//! The SQL session over an archive: every table, the `changes` view, `pgtrail.messages` and
+//! the point-in-time table functions, registered in one DataFusion context.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use datafusion::catalog::{MemorySchemaProvider, MemTable};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::common::TableReference;
+use pgtrail_store::segment::{SegmentContent, records_to_batch, segment_schema};
+
+use crate::archive::ArchiveSnapshot;
+use crate::changes::ChangesTable;
+use crate::error::QueryError;
+use crate::history::{HistoryTable, open_segment};
+use crate::pit::{AsOf, Diff, RowHistory};
+
+/// Open `dir` and build a session over it.
+pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>), QueryError> {
+    let archive = Arc::new(ArchiveSnapshot::open(dir)?);
+    Ok((session(archive.clone())?, archive))
+}
+
+/// A session over one consistent read of an archive.
+pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryError> {
+    let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("datafusion", "public");
+    let ctx = SessionContext::new_with_config(config);
+    let catalog = ctx.catalog("datafusion").ok_or_else(|| QueryError::BadTableName("datafusion catalog".into()))?;
+    let mut schemas: Vec<String> = archive.tables.values().map(|t| t.schema.clone()).collect();
+    schemas.push("pgtrail".into());
+    for schema in schemas {
+        if catalog.schema(&schema).is_none() {
+            catalog.register_schema(&schema, Arc::new(MemorySchemaProvider::new()))?;
+        }
+    }
+    for table in archive.tables.values() {
+        let provider = HistoryTable::new(archive.clone(), table);
+        ctx.register_table(TableReference::partial(table.schema.clone(), table.name.clone()), Arc::new(provider))?;
+    }
+    ctx.register_table(TableReference::partial("public", "changes"), Arc::new(ChangesTable::new(archive.clone())))?;
+    ctx.register_table(TableReference::partial("pgtrail", "changes"), Arc::new(ChangesTable::new(archive.clone())))?;
+    ctx.register_table(TableReference::partial("pgtrail", "messages"), Arc::new(messages_table(&archive)?))?;
+    ctx.register_udtf("as_of", Arc::new(AsOf { archive: archive.clone(), by_lsn: false }));
+    ctx.register_udtf("as_of_lsn", Arc::new(AsOf { archive: archive.clone(), by_lsn: true }));
+    ctx.register_udtf("diff", Arc::new(Diff { archive: archive.clone() }));
+    ctx.register_udtf("row_history", Arc::new(RowHistory { archive }));
+    Ok(ctx)
+}
+
+/// Logical messages are few: they are read into memory.
+fn messages_table(archive: &ArchiveSnapshot) -> Result<MemTable, QueryError> {
+    let schema = segment_schema(&SegmentContent::Messages);
+    let mut batches = Vec::new();
+    for seg in &archive.message_segments {
+        for batch in open_segment(&archive.segment_path(seg), &seg.sha256, 8192)? {
+            batches.push(batch?);
+        }
+    }
+    if !archive.message_tail.is_empty() {
+        batches.push(records_to_batch(&SegmentContent::Messages, &archive.message_tail)?);
+    }
+    Ok(MemTable::try_new(schema, vec![batches])?)
+}

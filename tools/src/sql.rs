@@ -1,0 +1,185 @@
+//! `pgtrail sql`: SQL over an archive, offline, for people (aligned tables, an interactive
+//! prompt) and for programs (CSV, JSON lines, Parquet).
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use datafusion::arrow::array::{ArrayRef, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::prelude::SessionContext;
+
+#[derive(clap::Args)]
+pub struct SqlArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// Output format: table (for people), csv, json (one object per line) or parquet.
+    #[arg(long, default_value = "table", value_parser = ["table", "csv", "json", "parquet"])]
+    pub format: String,
+    /// Write the result here instead of stdout (required for parquet).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// The SQL to run; without it, an interactive prompt opens.
+    pub sql: Option<String>,
+}
+
+pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
+    let dir = args.archive.clone();
+    let (ctx, _archive) = tokio::task::spawn_blocking(move || pgtrail_query::open_session(&dir))
+        .await?
+        .map_err(|e| match e {
+            pgtrail_query::QueryError::Open { source: pgtrail_store::LogError::InUse, .. } => anyhow::anyhow!(
+                "the archive is held by a running `pgtrail capture` (the log is single-process); stop it, or query a copy (cp -a)"
+            ),
+            e => anyhow::Error::new(e),
+        })?;
+    match args.sql {
+        Some(sql) => {
+            let batches = execute(&ctx, &sql).await?;
+            write_result(&batches, &args.format, args.output.as_ref())
+        }
+        None => prompt(&ctx).await,
+    }
+}
+
+async fn execute(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
+    let frame = ctx.sql(sql).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    frame.collect().await.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Nested columns (structs, lists, maps) as JSON text, for formats that hold only scalars.
+fn flatten_nested(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
+    let mut fields = Vec::new();
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        if matches!(field.data_type(), DataType::Struct(_) | DataType::List(_) | DataType::Map(_, _) | DataType::LargeList(_)) {
+            let one = RecordBatch::try_new(Arc::new(Schema::new(vec![field.as_ref().clone()])), vec![column.clone()])?;
+            let mut out = Vec::new();
+            {
+                let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
+                w.write(&one)?;
+                w.finish()?;
+            }
+            let mut b = datafusion::arrow::array::StringBuilder::new();
+            for (i, line) in String::from_utf8(out)?.lines().enumerate() {
+                let v: serde_json::Value = serde_json::from_str(line)?;
+                match v.get(field.name()) {
+                    Some(inner) if column.is_valid(i) => b.append_value(inner.to_string()),
+                    _ => b.append_null(),
+                }
+            }
+            fields.push(Field::new(field.name(), DataType::Utf8, true));
+            columns.push(Arc::new(b.finish()));
+        } else if matches!(field.data_type(), DataType::Dictionary(_, _)) {
+            fields.push(Field::new(field.name(), DataType::Utf8, field.is_nullable()));
+            columns.push(cast(column, &DataType::Utf8)?);
+        } else {
+            fields.push(field.as_ref().clone());
+            columns.push(column.clone());
+        }
+    }
+    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+}
+
+fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>) -> anyhow::Result<()> {
+    let mut sink: Box<dyn Write> = match output {
+        Some(path) if format != "parquet" => {
+            Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
+        }
+        _ => Box::new(std::io::stdout().lock()),
+    };
+    match format {
+        "table" => {
+            let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
+            writeln!(sink, "{text}")?;
+            let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+            eprintln!("({rows} row{})", if rows == 1 { "" } else { "s" });
+        }
+        "csv" => {
+            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(sink);
+            for b in batches {
+                w.write(&flatten_nested(b)?)?;
+            }
+        }
+        "json" => {
+            let mut w = datafusion::arrow::json::LineDelimitedWriter::new(sink);
+            for b in batches {
+                w.write(b)?;
+            }
+            w.finish()?;
+        }
+        "parquet" => {
+            let path = output.context("--format parquet needs --output FILE")?;
+            let schema = batches.first().map(|b| b.schema()).context("the query returned no schema")?;
+            let tmp = path.with_extension("parquet.tmp");
+            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            let props = datafusion::parquet::file::properties::WriterProperties::builder()
+                .set_compression(datafusion::parquet::basic::Compression::ZSTD(Default::default()))
+                .build();
+            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))?;
+            for b in batches {
+                w.write(b)?;
+            }
+            w.close()?.file_metadata();
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, path)?;
+        }
+        other => anyhow::bail!("unknown format {other}"),
+    }
+    Ok(())
+}
+
+async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
+    eprintln!("pgtrail sql: end statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits.");
+    let stdin = std::io::stdin();
+    let mut statement = String::new();
+    loop {
+        eprint!("{}", if statement.is_empty() { "pgtrail> " } else { "     ... " });
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let trimmed = line.trim();
+        if statement.is_empty() && trimmed.starts_with('\\') {
+            let mut words = trimmed.split_whitespace();
+            match (words.next(), words.next()) {
+                (Some("\\q"), _) => return Ok(()),
+                (Some("\\d"), None) => run_and_print(ctx, "SELECT table_schema, table_name, table_type FROM information_schema.tables WHERE table_schema NOT IN ('information_schema') ORDER BY 1, 2").await,
+                (Some("\\d"), Some(name)) => {
+                    let (schema, table) = pgtrail_query::parse_qualified(name).map(|(s, t)| (s.unwrap_or_else(|| "public".into()), t)).unwrap_or_default();
+                    run_and_print(
+                        ctx,
+                        &format!(
+                            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = '{}' AND table_name = '{}' ORDER BY ordinal_position",
+                            schema.replace('\'', "''"),
+                            table.replace('\'', "''")
+                        ),
+                    )
+                    .await
+                }
+                _ => eprintln!("unknown command {trimmed}; try \\d, \\d NAME or \\q"),
+            }
+            continue;
+        }
+        statement.push_str(&line);
+        if trimmed.ends_with(';') {
+            let sql = std::mem::take(&mut statement);
+            run_and_print(ctx, sql.trim().trim_end_matches(';')).await;
+        }
+    }
+}
+
+async fn run_and_print(ctx: &SessionContext, sql: &str) {
+    match execute(ctx, sql).await {
+        Ok(batches) => {
+            if let Err(e) = write_result(&batches, "table", None) {
+                eprintln!("error: {e:#}");
+            }
+        }
+        Err(e) => eprintln!("error: {e:#}"),
+    }
+}
