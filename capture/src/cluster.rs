@@ -146,6 +146,11 @@ impl Cluster {
         self.pg_ctl_start()
     }
 
+    /// Start the server again after [`stop`](Self::stop), on the same port.
+    pub fn start_again(&self) -> Result<(), ClusterError> {
+        self.pg_ctl_start()
+    }
+
     /// Change a setting in `postgresql.auto.conf` (takes effect at the next restart).
     pub fn set(&self, name: &str, value: &str) -> Result<(), ClusterError> {
         let path = self.data_dir().join("postgresql.auto.conf");
