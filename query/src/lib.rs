@@ -10,6 +10,7 @@
 mod archive;
 mod changes;
 mod error;
+mod functions;
 mod history;
 mod merge;
 mod pit;

@@ -44,6 +44,9 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
     ctx.register_udtf("as_of_lsn", Arc::new(AsOf { archive: archive.clone(), by_lsn: true }));
     ctx.register_udtf("diff", Arc::new(Diff { archive: archive.clone() }));
     ctx.register_udtf("row_history", Arc::new(RowHistory { archive }));
+    for f in crate::functions::all() {
+        ctx.register_udf(f);
+    }
     Ok(ctx)
 }
 

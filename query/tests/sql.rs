@@ -110,6 +110,18 @@ async fn history_changes_diff_and_row_history_agree_across_segments_and_tail() {
     let json = query(&archive, &log, "SELECT after FROM changes WHERE position = '0/3E8' AND operation = 'CREATE'").await;
     assert_eq!(column_text(&json, 0), [r#"{"id":10,"v":"new"}"#]);
 
+    let users = query(
+        &archive,
+        &log,
+        "SELECT json_get(context, 'user_id') AS u, count(*) AS n FROM changes GROUP BY 1 ORDER BY 1",
+    )
+    .await;
+    assert_eq!(column_text(&users, 0), ["0", "1", "2"]);
+    assert_eq!(column_i64(&users, 1), [9, 10, 8], "user n % 3: transactions 3,6,9 / 1,4,7,10 / 2,5,8");
+    let lsns = query(&archive, &log, "SELECT pg_lsn(max(lsn)), lsn('0/3E8') FROM public.\"Odd Name\"").await;
+    assert_eq!(column_text(&lsns, 0), ["0/3E8"]);
+    assert_eq!(column_text(&lsns, 1), ["1000"]);
+
     // Pruning by lsn still returns exactly the rows in range (here: only the tail).
     let tail_only = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\" WHERE lsn > 850").await;
     assert_eq!(column_i64(&tail_only, 0), [6]);
