@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
-use pgtrail_store::{ChangeLog, Database, Durability, Gap, LogError, LogOp, Lsn, SourceIdentity};
+use pgtrail_store::{ChangeLog, Database, Gap, LogError, LogOp, Lsn, SourceIdentity};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::CaptureError;
@@ -218,35 +218,21 @@ fn run_writer(
     Ok(())
 }
 
-/// Apply a batch: everything up to the last transaction boundary in one durable commit, and
-/// the rest (the beginning of a transaction still streaming) in a non-durable commit that
-/// nothing is acknowledged for.
+/// Apply a batch in one durable commit (group commit) and publish the durable position: the
+/// end of the last transaction the batch finished. A transaction still streaming may be partly
+/// in the commit; it is not acknowledged until its own Commit is stored.
 fn write_batch(
     log: &mut ChangeLog,
-    mut ops: Vec<LogOp>,
+    ops: Vec<LogOp>,
     durable_tx: &watch::Sender<Lsn>,
     stats: &WriterStats,
 ) -> Result<(), LogError> {
-    let boundary = ops.iter().rposition(|op| {
-        matches!(op, LogOp::Commit { .. } | LogOp::Advance(_) | LogOp::NonTransactionalMessage { .. })
-    });
-    let tail = match boundary {
-        Some(i) => ops.split_off(i + 1),
-        None => std::mem::take(&mut ops),
-    };
-    for (part, durability) in [(ops, Durability::Immediate), (tail, Durability::None)] {
-        if part.is_empty() {
-            continue;
-        }
-        let applied = log.apply(part, durability)?;
-        stats.changes.fetch_add(applied.changes, Ordering::Relaxed);
-        stats.transactions.fetch_add(applied.transactions, Ordering::Relaxed);
-        stats.duplicates_skipped.fetch_add(applied.duplicates_skipped, Ordering::Relaxed);
-        stats.commits.fetch_add(1, Ordering::Relaxed);
-        if matches!(durability, Durability::Immediate) {
-            // Published only after the durable commit returned: this is what may be acked.
-            let _ = durable_tx.send(log.durable_position());
-        }
-    }
+    let applied = log.apply(ops)?;
+    stats.changes.fetch_add(applied.changes, Ordering::Relaxed);
+    stats.transactions.fetch_add(applied.transactions, Ordering::Relaxed);
+    stats.duplicates_skipped.fetch_add(applied.duplicates_skipped, Ordering::Relaxed);
+    stats.commits.fetch_add(1, Ordering::Relaxed);
+    // Published only after the durable commit returned: this is what may be acked.
+    let _ = durable_tx.send(log.durable_position());
     Ok(())
 }

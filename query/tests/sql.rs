@@ -10,7 +10,7 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
 use pgtrail_query::{ArchiveSnapshot, session};
 use pgtrail_store::{
-    ChangeKey, ChangeLog, Column, CompactOptions, Compactor, Durability, IncomingCell, IncomingChange, LogOp, Lsn, Op,
+    ChangeKey, ChangeLog, Column, CompactOptions, Compactor, IncomingCell, IncomingChange, LogOp, Lsn, Op,
     RelationVersion,
 };
 
@@ -61,7 +61,7 @@ fn build(dir: &Path, txns: u64, compact_every: u64) -> ChangeLog {
     let mut log = ChangeLog::open(dir).unwrap();
     let compactor = Compactor::new(log.database(), dir, CompactOptions::default());
     for n in 1..=txns {
-        log.apply(txn(n), Durability::Immediate).unwrap();
+        log.apply(txn(n)).unwrap();
         if compact_every > 0 && n % compact_every == 0 {
             compactor.run().unwrap();
         }
@@ -188,7 +188,7 @@ async fn every_read_is_a_consistent_cut_while_compaction_runs() {
         })
     };
     for n in 2..=40u64 {
-        log.apply(txn(n), Durability::Immediate).unwrap();
+        log.apply(txn(n)).unwrap();
         let expected = (n + (n - 1) + n.saturating_sub(2)) as i64;
         let count = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\"").await;
         assert_eq!(column_i64(&count, 0), [expected], "after transaction {n}: no change missing or twice");

@@ -634,7 +634,6 @@ mod tests {
     use crate::log::{ChangeLog, LogOp};
     use crate::relation::Column;
     use crate::segment::{PgKind, render};
-    use redb::Durability;
 
     fn rel() -> RelationVersion {
         let col = |name: &str, type_oid, type_modifier, is_key| Column { name: name.into(), type_oid, type_modifier, is_key };
@@ -705,12 +704,12 @@ mod tests {
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
         for n in 1..=6 {
-            log.apply(txn(n), Durability::Immediate).unwrap();
+            log.apply(txn(n)).unwrap();
         }
         // A transaction still streaming in: it must stay in the log.
         let mut open = txn(7);
         open.pop();
-        log.apply(open, Durability::None).unwrap();
+        log.apply(open).unwrap();
         let before: Vec<(u64, u32)> =
             log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
 
@@ -722,8 +721,15 @@ mod tests {
         let reader = log.reader().unwrap();
         let manifest = reader.manifest().unwrap();
         let left: Vec<(u64, u32)> = reader.changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
-        assert_eq!(left, vec![(700, 0), (700, 1)], "only the unfinished transaction stays in the log");
+        assert!(left.is_empty(), "every finished change left the log: {left:?}");
         assert!(reader.transactions().unwrap().is_empty());
+        drop(reader);
+        // The unfinished transaction was not touched: finishing it shows both its changes.
+        log.apply([LogOp::Commit { end_lsn: Lsn(708) }]).unwrap();
+        let finished: Vec<(u64, u32)> =
+            log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
+        assert_eq!(finished, vec![(700, 0), (700, 1)]);
+        let reader = log.reader().unwrap();
         assert_eq!(manifest.compacted_changes, 14);
         assert_eq!(manifest.segments.len(), 2);
         let batches = read_all(&archive, &manifest);
@@ -750,10 +756,10 @@ mod tests {
         let changed = batch.column_by_name("changed").unwrap().as_list::<i32>().value(1);
         assert_eq!(changed.as_string::<i32>().iter().flatten().collect::<Vec<_>>(), vec!["amount"]);
 
-        // A second run has nothing new to compact and changes nothing.
-        let again = compactor.run().unwrap();
-        assert_eq!(again.changes, 0);
-        assert_eq!(log.reader().unwrap().manifest().unwrap().segments.len(), 2);
+        // The next run compacts transaction 7, now finished; a run after it finds nothing.
+        assert_eq!(compactor.run().unwrap().changes, 2);
+        assert_eq!(compactor.run().unwrap().changes, 0);
+        assert_eq!(log.reader().unwrap().manifest().unwrap().segments.len(), 3);
     }
 
     #[test]
@@ -765,7 +771,7 @@ mod tests {
         let compactor = Compactor::new(log.database(), &archive, options);
         let mut expected = Vec::new();
         for n in 1..=5 {
-            log.apply(txn(n), Durability::Immediate).unwrap();
+            log.apply(txn(n)).unwrap();
             expected.extend(log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)));
             compactor.run().unwrap();
         }
@@ -796,7 +802,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
-        log.apply(txn(1), Durability::Immediate).unwrap();
+        log.apply(txn(1)).unwrap();
         Compactor::new(log.database(), &archive, CompactOptions::default()).run().unwrap();
         let s = log.reader().unwrap().manifest().unwrap().segments.remove(0);
         let path = archive.join(SEGMENTS_DIR).join(&s.file_name);

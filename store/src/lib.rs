@@ -28,5 +28,4 @@ pub use log::{
     Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SourceIdentity, TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
-pub use redb::Durability;
 pub use relation::{Column, RelationVersion, quote_ident};

@@ -40,7 +40,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -171,7 +171,9 @@ impl ChangeLog {
         ensure_private_dir(dir)?;
         let path = dir.join(LOG_FILE);
         let existed = path.exists();
-        let db = Database::builder().create(&path).map_err(|source| match source {
+        // One writer process (this one); any number of read-only processes (`status`, `sql`)
+        // may follow its commits meanwhile.
+        let db = Database::builder().set_concurrency_mode(ConcurrencyMode::SingleWriter).create(&path).map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
             source => LogError::Open { path: path.clone(), source },
         })?;
@@ -361,17 +363,16 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// Apply `ops` in one redb write transaction. With [`Durability::Immediate`] the commit is
-    /// durable when this returns and [`durable_position`](Self::durable_position) moves on;
-    /// with [`Durability::None`] nothing becomes eligible for acknowledgement.
+    /// Apply `ops` in one durable redb write transaction (two-phase commit, fsync): when this
+    /// returns, [`durable_position`](Self::durable_position) covers every transaction finished
+    /// in it. The start of a transaction still streaming may be part of the commit; it is not
+    /// acknowledged, readers do not show it, and recovery removes it after a crash. (Every
+    /// commit is durable because the log is opened for one writer plus read-only processes,
+    /// and redb supports only durable commits in that mode.)
     ///
     /// An error leaves this handle poisoned: drop it and open the log again, which recovers
     /// to the last commit (nothing after the durable position was acknowledged).
-    pub fn apply(
-        &mut self,
-        ops: impl IntoIterator<Item = LogOp>,
-        durability: Durability,
-    ) -> Result<Applied, LogError> {
+    pub fn apply(&mut self, ops: impl IntoIterator<Item = LogOp>) -> Result<Applied, LogError> {
         if self.poisoned {
             return Err(LogError::Corrupt {
                 what: "this log handle".into(),
@@ -379,15 +380,8 @@ impl ChangeLog {
             });
         }
         self.poisoned = true;
-        let durable = matches!(durability, Durability::Immediate);
         let mut wtx = self.db.begin_write()?;
         wtx.set_two_phase_commit(true);
-        if !durable {
-            wtx.set_durability(Durability::None).map_err(|e| LogError::Corrupt {
-                what: "durability".into(),
-                source: format!("{e:?}").into(),
-            })?;
-        }
         let mut applied = Applied::default();
         {
             let mut tables = Tables {
@@ -406,9 +400,7 @@ impl ChangeLog {
             meta.insert(META_LAST_COMMIT, self.last_commit.0.to_le_bytes().as_slice())?;
         }
         wtx.commit()?;
-        if durable {
-            self.durable_position = self.position;
-        }
+        self.durable_position = self.position;
         self.poisoned = false;
         Ok(applied)
     }
@@ -812,18 +804,30 @@ impl LogReader {
         &self.rtx
     }
 
-    /// Open a read view of the log in `dir` without taking the writer's place; fails with
-    /// [`LogError::InUse`] while a capture holds the log.
-    pub fn open(dir: &Path) -> Result<(Database, LogReader), LogError> {
+    /// Open a read-only view of the log in `dir`. It works beside a running capture (the
+    /// log's one writer), seeing its latest commit; it never changes the file and never runs
+    /// recovery, so it shows only finished transactions (see [`changes`](Self::changes)).
+    pub fn open(dir: &Path) -> Result<(redb::ReadOnlyDatabase, LogReader), LogError> {
         let path = dir.join(LOG_FILE);
         if !path.exists() {
             return Err(LogError::NotAnArchive { path: dir.to_path_buf() });
         }
-        let db = Database::builder().create(&path).map_err(|source| match source {
+        let open = || Database::builder().set_concurrency_mode(ConcurrencyMode::SingleWriter).open_read_only(&path);
+        let db = match open() {
+            // The last writer stopped without closing the file (a crash): a read-only handle
+            // cannot repair it. With no writer running, open the log for writing once, which
+            // repairs the file and runs the log's crash recovery, then read.
+            Err(redb::DatabaseError::RepairAborted) => {
+                drop(ChangeLog::open(dir)?);
+                open()
+            }
+            other => other,
+        }
+        .map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
             source => LogError::Open { path: path.clone(), source },
         })?;
-        let reader = LogReader::from_db(&db)?;
+        let reader = LogReader { rtx: db.begin_read()? };
         Ok((db, reader))
     }
 
@@ -840,10 +844,13 @@ impl LogReader {
         }
     }
 
-    /// Every stored change in key order.
+    /// Every change of a finished source transaction, in key order. Changes of a transaction
+    /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
+    /// them) are keyed after the last finished one and are not shown.
     pub fn changes(&self) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
+        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
         let table = self.rtx.open_table(CHANGES)?;
-        let iter = table.range::<(u64, u32)>(..)?;
+        let iter = table.range::<(u64, u32)>(..=(last_commit, u32::MAX))?;
         Ok(iter.map(|e| {
             let (k, v) = e?;
             let (lsn, seq) = k.value();
@@ -852,8 +859,10 @@ impl LogReader {
         }))
     }
 
+    /// The number of changes [`changes`](Self::changes) yields.
     pub fn change_count(&self) -> Result<u64, LogError> {
-        Ok(self.rtx.open_table(CHANGES)?.len()?)
+        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
+        Ok(self.rtx.open_table(CHANGES)?.range::<(u64, u32)>(..=(last_commit, u32::MAX))?.count() as u64)
     }
 
     /// Every stored source transaction: commit LSN and record.
@@ -1034,9 +1043,9 @@ mod tests {
         let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 }, LogOp::Relation(rel(b'd'))];
         ops.push(insert("1", "a", "x"));
         ops.push(LogOp::Commit { end_lsn: Lsn(108) });
-        log.apply(ops.clone(), Durability::Immediate).unwrap();
+        log.apply(ops.clone()).unwrap();
         assert_eq!(log.durable_position(), Lsn(108));
-        let applied = log.apply(ops, Durability::Immediate).unwrap();
+        let applied = log.apply(ops).unwrap();
         assert_eq!(applied.duplicates_skipped, 1);
         assert_eq!(all_changes(&log).len(), 1);
     }
@@ -1049,7 +1058,7 @@ mod tests {
             let mut log = ChangeLog::open(&archive).unwrap();
             let mut first = txn(100, vec![insert("1", "a", "x")]);
             first.insert(1, LogOp::Relation(rel(b'd')));
-            log.apply(first, Durability::Immediate).unwrap();
+            log.apply(first).unwrap();
             // A second transaction, written in part (as a big transaction is) and never finished.
             let partial = vec![
                 LogOp::Begin { final_lsn: Lsn(200), xid: 2, committed_at_us: 0 },
@@ -1061,8 +1070,10 @@ mod tests {
                 }),
                 insert("2", "c", "y"),
             ];
-            log.apply(partial, Durability::Immediate).unwrap();
-            assert_eq!(all_changes(&log).len(), 3);
+            log.apply(partial).unwrap();
+            // Readers show only finished transactions; the partial one is stored but hidden.
+            assert_eq!(all_changes(&log).len(), 1);
+            assert_eq!(log.inflight_changes(), 2);
         }
         let log = ChangeLog::open(&archive).unwrap();
         let changes = all_changes(&log);
@@ -1082,7 +1093,7 @@ mod tests {
                 new: Some(vec![text("1"), text("b"), IncomingCell::UnchangedToast]),
             })],
         );
-        log.apply(upd, Durability::Immediate).unwrap();
+        log.apply(upd).unwrap();
         let changes = all_changes(&log);
         let rec = &changes[1].1;
         assert_eq!(rec.before.as_ref().unwrap()[1], Cell::Text("a".into()));
@@ -1094,7 +1105,7 @@ mod tests {
         let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
         let mut ops = txn(100, vec![insert("1", "a", "BIG")]);
         ops.insert(1, LogOp::Relation(rel(b'd')));
-        log.apply(ops, Durability::Immediate).unwrap();
+        log.apply(ops).unwrap();
         let upd = |lsn, v: &str| {
             txn(
                 lsn,
@@ -1106,7 +1117,7 @@ mod tests {
                 })],
             )
         };
-        log.apply(upd(200, "b"), Durability::Immediate).unwrap();
+        log.apply(upd(200, "b")).unwrap();
         let del = txn(
             300,
             vec![LogOp::Change(IncomingChange {
@@ -1116,7 +1127,7 @@ mod tests {
                 new: None,
             })],
         );
-        log.apply(del, Durability::Immediate).unwrap();
+        log.apply(del).unwrap();
         let changes = all_changes(&log);
         let update = &changes[1].1;
         assert_eq!(
@@ -1147,7 +1158,7 @@ mod tests {
             }),
             LogOp::Commit { end_lsn: Lsn(108) },
         ];
-        log.apply(ops, Durability::Immediate).unwrap();
+        log.apply(ops).unwrap();
         let rec = &all_changes(&log)[0].1;
         assert_eq!(rec.after.as_ref().unwrap()[2], Cell::Unknown);
         assert_eq!(rec.before.as_ref().unwrap()[1], Cell::Unknown);
@@ -1168,7 +1179,7 @@ mod tests {
             insert("3", "a", "x"),
             LogOp::Commit { end_lsn: Lsn(108) },
         ];
-        log.apply(ops, Durability::Immediate).unwrap();
+        log.apply(ops).unwrap();
         let contexts: Vec<_> = all_changes(&log).into_iter().map(|(_, r)| r.context.unwrap()).collect();
         assert_eq!(contexts, vec!["{\"user_id\":1}", "{\"user_id\":1}", "{\"user_id\":2}"]);
     }

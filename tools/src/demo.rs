@@ -91,9 +91,14 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eprintln!("demo: capture is streaming; running the workload");
+    let mut before_delete = None::<String>;
     for statement in WORKLOAD {
+        if statement.contains("DELETE FROM orders") {
+            before_delete = Some(sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0));
+        }
         sql.batch_execute(&format!("BEGIN; {statement} COMMIT;")).await.context("running the demo workload")?;
     }
+    let before_delete = before_delete.context("the workload deletes an order")?;
     let end: String = sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
     let end: Lsn = end.parse()?;
     // Wait until the archive is durable past the workload (the slot confirms it).
@@ -132,6 +137,36 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     println!();
     crate::status::run(archive.clone(), None, "table").await?;
     println!();
-    println!("Next: pgtrail status --archive {}", archive.display());
+    let queries = [
+        (
+            "The history of public.orders, with who did it (context)",
+            "SELECT pg_lsn(lsn) AS lsn, op, after.id AS id, after.status AS status, before.status AS was, json_get(context, 'user_id') AS user_id FROM public.orders ORDER BY lsn, seq".to_string(),
+        ),
+        (
+            "public.orders as it was just before order 2 was deleted (PostgreSQL is stopped)",
+            format!("SELECT * FROM as_of_lsn('public.orders', '{before_delete}') ORDER BY id"),
+        ),
+        (
+            "What changed in public.orders since then",
+            format!("SELECT change, key, before.status AS was, after.status AS now, after.quantity AS quantity FROM diff('public.orders', '{before_delete}', '{end}') ORDER BY key"),
+        ),
+        (
+            "Everything user 7 did, across tables (the Bemi-style changes view)",
+            "SELECT committed_at, \"table\", operation, primary_key, json_get(context, 'endpoint') AS endpoint FROM changes WHERE json_get(context, 'user_id') = '7' ORDER BY lsn, seq".to_string(),
+        ),
+    ];
+    for (title, query) in &queries {
+        println!("-- {title}");
+        println!("{query};");
+        crate::sql::run(crate::sql::SqlArgs {
+            archive: archive.clone(),
+            format: "table".into(),
+            output: None,
+            sql: Some(query.clone()),
+        })
+        .await?;
+        println!();
+    }
+    println!("Next: pgtrail sql --archive {}   (an interactive prompt; \\d lists tables)", archive.display());
     Ok(())
 }

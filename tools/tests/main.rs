@@ -291,4 +291,8 @@ fn demo_captures_the_shop_workload() {
     assert_eq!(changes.iter().filter(|c| c.op != Op::Snapshot).count(), 8);
     assert!(changes.iter().any(|c| c.context.as_deref().is_some_and(|j| j.contains("/orders/1/pay"))));
     assert!(stdout.contains("public.orders"), "{stdout}");
+    // The example queries ran on the archive alone: the diff shows order 2 deleted and the
+    // changes view finds user 7's delete through its context.
+    assert!(stdout.contains("| delete | 2   | new |"), "{stdout}");
+    assert!(stdout.contains("/admin/orders/2"), "{stdout}");
 }

@@ -177,3 +177,46 @@ fn parse_pg_timestamp(text: &str) -> i64 {
     let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
     days * 86_400_000_000 + h * 3_600_000_000 + mi * 60_000_000 + (s * 1e6).round() as i64
 }
+
+#[test]
+fn sql_and_status_read_a_live_archive_while_capture_runs() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("live").unwrap();
+    cluster.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut child = crate::spawn_capture(&cluster.url(&db), &archive, &db, None);
+    wait_slot_active(cluster, &db, &db, &mut child);
+    for round in 0..3 {
+        cluster.psql(&db, &format!("INSERT INTO t SELECT g, 'r{round}' FROM generate_series({a}, {b}) g", a = round * 10, b = round * 10 + 9)).unwrap();
+        let end = crate::insert_lsn(cluster, &db);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while cluster
+            .psql(&db, &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{db}'"))
+            .unwrap()
+            != "t"
+        {
+            assert!(Instant::now() < deadline, "capture did not catch up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The capture holds the log as its one writer; readers follow its commits.
+        let out = pgtrail()
+            .args(["sql", "--format", "json", "--archive"])
+            .arg(&archive)
+            .arg("SELECT count(*) AS n FROM public.t")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["n"].as_u64(), Some((round as u64 + 1) * 10), "the live tail is visible");
+        let status = pgtrail().args(["status", "--format", "json", "--archive"]).arg(&archive).output().unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+        assert_eq!(s["changes"].as_u64(), Some((round as u64 + 1) * 10));
+        // Compaction by hand is refused while capture compacts in the background.
+        let compact = pgtrail().args(["compact", "--archive"]).arg(&archive).output().unwrap();
+        assert!(!compact.status.success());
+        assert!(String::from_utf8_lossy(&compact.stderr).contains("running `pgtrail capture`"));
+    }
+    terminate(&mut child);
+}
