@@ -238,6 +238,7 @@ impl PartitionStream for TablePartition {
             for_each_change_where(
                 &archive,
                 history,
+                bounds,
                 |seg| bounds.overlaps(seg),
                 |key, rec| bounds.contains(key, rec.committed_at_us),
                 |version, key, rec| {

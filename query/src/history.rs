@@ -221,6 +221,7 @@ impl TableProvider for HistoryTable {
         for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
             let SegmentContent::Table(version) = &seg.content else { continue };
             partitions.push(Arc::new(SegmentPartition {
+                bounds,
                 path: self.archive.segment_path(seg),
                 sha256: seg.sha256.clone(),
                 version: version.clone(),
@@ -272,8 +273,13 @@ fn verified() -> &'static std::sync::Mutex<BTreeMap<std::path::PathBuf, String>>
 
 /// Open a segment, checking its SHA-256 the first time this process reads it.
 pub fn open_segment(path: &std::path::Path, sha256: &str, batch_rows: usize) -> Result<SegmentReader> {
+    open_segment_pruned(path, sha256, batch_rows, Bounds::default())
+}
+
+/// [`open_segment`], reading only row groups whose statistics overlap `bounds`.
+pub fn open_segment_pruned(path: &std::path::Path, sha256: &str, batch_rows: usize, bounds: Bounds) -> Result<SegmentReader> {
     let known = verified().lock().ok().and_then(|m| m.get(path).cloned()).is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open(path, (!known).then_some(sha256), batch_rows)
+    let reader = SegmentReader::open_pruned(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time)
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
     if !known && let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());
@@ -283,6 +289,7 @@ pub fn open_segment(path: &std::path::Path, sha256: &str, batch_rows: usize) -> 
 
 #[derive(Debug)]
 struct SegmentPartition {
+    bounds: Bounds,
     path: std::path::PathBuf,
     sha256: String,
     version: RelationVersion,
@@ -297,10 +304,11 @@ impl PartitionStream for SegmentPartition {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
-        let (path, sha, version, schema) = (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone());
+        let (path, sha, version, schema, bounds) =
+            (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone(), self.bounds);
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
-            for batch in open_segment(&path, &sha, 8192)? {
+            for batch in open_segment_pruned(&path, &sha, 8192, bounds)? {
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
                 if tx.blocking_send(adapt(&batch, &version, &schema)).is_err() {
                     break;

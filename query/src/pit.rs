@@ -18,7 +18,7 @@ use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{as_micros, constant, open_segment, tail_batches};
+use crate::history::{Bounds, as_micros, constant, open_segment_pruned, tail_batches};
 use crate::merge::history_schema;
 
 /// A moment of the source's history.
@@ -70,9 +70,15 @@ pub fn for_each_change(
     until: Option<Moment>,
     f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
 ) -> Result<()> {
+    let row_groups = match until {
+        Some(Moment::Lsn(l)) => Bounds { lsn: (0, l.0), ..Bounds::default() },
+        Some(Moment::Time(t)) => Bounds { time: (i64::MIN, t), ..Bounds::default() },
+        None => Bounds::default(),
+    };
     for_each_change_where(
         archive,
         table,
+        row_groups,
         |seg| until.is_none_or(|m| m.may_include(seg.min_key, seg.min_committed_at_us)),
         |key, rec| until.is_none_or(|m| m.includes(key, rec.committed_at_us)),
         f,
@@ -84,6 +90,7 @@ pub fn for_each_change(
 pub fn for_each_change_where(
     archive: &ArchiveSnapshot,
     table: &TableHistory,
+    row_groups: Bounds,
     read_segment: impl Fn(&pgtrail_store::SegmentEntry) -> bool,
     keep: impl Fn(ChangeKey, &ChangeRecord) -> bool,
     mut f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
@@ -111,7 +118,7 @@ pub fn for_each_change_where(
             continue;
         }
         let SegmentContent::Table(version) = &seg.content else { continue };
-        for batch in open_segment(&archive.segment_path(seg), &seg.sha256, 8192)? {
+        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
             let content = SegmentContent::Table(version.clone());
             for (key, rec) in read_records(&content, &batch).map_err(|e| DataFusionError::External(Box::new(e)))? {

@@ -729,7 +729,6 @@ mod tests {
         let finished: Vec<(u64, u32)> =
             log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
         assert_eq!(finished, vec![(700, 0), (700, 1)]);
-        let reader = log.reader().unwrap();
         assert_eq!(manifest.compacted_changes, 14);
         assert_eq!(manifest.segments.len(), 2);
         let batches = read_all(&archive, &manifest);
@@ -795,6 +794,29 @@ mod tests {
         let mut listed: Vec<String> = manifest.segments.iter().map(|s| s.file_name.clone()).collect();
         listed.sort();
         assert_eq!(on_disk, listed, "retired inputs are gone after the (zero) grace period");
+    }
+
+    #[test]
+    fn row_groups_outside_the_asked_range_are_skipped_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        for n in 1..=6 {
+            log.apply(txn(n)).unwrap();
+        }
+        let segment = SegmentOptions { row_group_rows: 2, batch_rows: 2, ..SegmentOptions::default() };
+        Compactor::new(log.database(), &archive, CompactOptions { segment, ..CompactOptions::default() }).run().unwrap();
+        let s = log.reader().unwrap().manifest().unwrap().segments.into_iter().find(|s| s.rows == 12).unwrap();
+        let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
+        let read = |lsn: (u64, u64), time: (i64, i64)| -> Vec<(u64, u32)> {
+            let batches: Vec<RecordBatch> =
+                SegmentReader::open_pruned(&path, Some(&s.sha256), 100, lsn, time).unwrap().map(|b| b.unwrap()).collect();
+            keys(&batches.into_iter().map(|b| (s.clone(), b)).collect::<Vec<_>>())
+        };
+        // Two rows per transaction and two per row group: exactly transaction 3's group.
+        assert_eq!(read((300, 300), (i64::MIN, i64::MAX)), vec![(300, 0), (300, 1)]);
+        assert_eq!(read((0, u64::MAX), (4_000_000, 5_000_000)), vec![(400, 0), (400, 1), (500, 0), (500, 1)]);
+        assert_eq!(read((0, u64::MAX), (i64::MIN, i64::MAX)).len(), 12);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 
 use super::types::{PgKind, render};
@@ -50,6 +51,18 @@ impl SegmentReader {
     /// Open `path`; with `expected_sha256`, refuse a file whose bytes differ from what the
     /// manifest recorded (a flipped bit, a truncated copy, a swapped file).
     pub fn open(path: &Path, expected_sha256: Option<&str>, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
+        Self::open_pruned(path, expected_sha256, batch_rows, (0, u64::MAX), (i64::MIN, i64::MAX))
+    }
+
+    /// Like [`open`](Self::open), reading only the row groups whose `lsn` and `committed_at`
+    /// statistics overlap the given inclusive ranges (the rest is skipped unread).
+    pub fn open_pruned(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+        lsn: (u64, u64),
+        committed_at: (i64, i64),
+    ) -> Result<SegmentReader, SegmentError> {
         if let Some(expected) = expected_sha256 {
             let found = sha256_file(path)?;
             if found != expected {
@@ -83,7 +96,25 @@ impl SegmentReader {
             });
         }
         let schema = builder.schema().clone();
+        let keep: Vec<usize> = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .enumerate()
+            .filter(|(_, rg)| {
+                let range = |i: usize| match rg.column(i).statistics() {
+                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
+                    _ => None,
+                };
+                // UInt64 is stored as INT64 with the same bits; LSNs stay below 2^63.
+                let lsn_ok = range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
+                let time_ok = range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
+                lsn_ok && time_ok
+            })
+            .map(|(i, _)| i)
+            .collect();
         let reader = builder
+            .with_row_groups(keep)
             .with_batch_size(batch_rows.max(1))
             .build()
             .map_err(|source| SegmentError::Parquet { path: path.to_path_buf(), source })?;
