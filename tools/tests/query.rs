@@ -13,15 +13,21 @@ use pgtrail_store::{Cell, Lsn};
 
 use crate::{pgtrail, terminate, wait_slot_active};
 
-const TABLE: &str = "CREATE TABLE acct (id int PRIMARY KEY, owner text, balance numeric(12,2), ratio float8,
-  tags text[], meta jsonb, opened date, seen timestamptz, span interval, active bool, ref uuid, blob bytea, n numeric);";
+/// Every column type of the capture round-trip table (and a few more).
+const TABLE: &str = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
+CREATE TABLE acct (id int PRIMARY KEY, owner text, balance numeric(12,2), ratio float8,
+  tags text[], meta jsonb, opened date, seen timestamptz, span interval, active bool, ref uuid, blob bytea, n numeric,
+  i2 int2, i8 int8, f4 float4, vc varchar(10), tm time, ts timestamp, j json, arr int[], e mood);";
 
 fn round_sql(round: u32) -> String {
     let a = round * 7;
     format!(
         "INSERT INTO acct SELECT g, 'owner ' || g, g * 10.25, g / 3.0, ARRAY['t' || g, NULL], jsonb_build_object('r', {round}, 'g', g),
            DATE '2026-01-01' + g, TIMESTAMPTZ '2026-11-20 12:00:00+00' + g * INTERVAL '1 hour', g * INTERVAL '1 day 2 min',
-           g % 2 = 0, md5(g::text)::uuid, decode(md5(g::text), 'hex'), CASE WHEN g % 5 = 0 THEN 'NaN' ELSE g::numeric / 7 END
+           g % 2 = 0, md5(g::text)::uuid, decode(md5(g::text), 'hex'), CASE WHEN g % 5 = 0 THEN 'NaN' ELSE g::numeric / 7 END,
+           (g % 32000)::int2, g::int8 * 1000000007, g / 7.0, 'vc' || g, CASE WHEN g % 6 = 0 THEN '24:00:00' ELSE TIME '00:00:01' * g END,
+           CASE WHEN g % 8 = 0 THEN 'infinity' ELSE TIMESTAMP '0044-03-15 BC' + g * INTERVAL '1 day' END, json_build_object('g', g),
+           CASE WHEN g % 3 = 0 THEN ARRAY[[g, NULL], [1, 2]] ELSE ARRAY[g, NULL] END, (ARRAY['sad','ok','happy'])[g % 3 + 1]::mood
          FROM generate_series({a}, {b}) g ON CONFLICT (id) DO NOTHING;
        UPDATE acct SET balance = balance + {round}, owner = owner || '*', ratio = 'Infinity' WHERE id % 4 = {m};
        DELETE FROM acct WHERE id % 9 = {m} AND id < {a};
