@@ -1,7 +1,7 @@
 //! `pgtrail sql`: SQL over an archive, offline, for people (aligned tables, an interactive
 //! prompt) and for programs (CSV, JSON lines, Parquet).
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -132,22 +132,38 @@ fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>)
     Ok(())
 }
 
+/// The interactive prompt: line editing and a history file (`~/.pgtrail_history`), statements
+/// ending with `;` over several lines, and `\d` commands.
 async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
+    use rustyline::error::ReadlineError;
     eprintln!("pgtrail sql: end statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits.");
-    let stdin = std::io::stdin();
+    let mut editor = rustyline::DefaultEditor::new().context("starting the prompt")?;
+    let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgtrail_history"));
+    if let Some(h) = &history {
+        let _ = editor.load_history(h);
+    }
     let mut statement = String::new();
     loop {
-        eprint!("{}", if statement.is_empty() { "pgtrail> " } else { "     ... " });
-        let _ = std::io::stderr().flush();
-        let mut line = String::new();
-        if stdin.lock().read_line(&mut line)? == 0 {
-            return Ok(());
-        }
+        let prompt = if statement.is_empty() { "pgtrail> " } else { "     ... " };
+        // Reading a line blocks; keep it off the async workers.
+        let line = match tokio::task::block_in_place(|| editor.readline(prompt)) {
+            Ok(line) => line,
+            Err(ReadlineError::Interrupted) => {
+                statement.clear();
+                continue;
+            }
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e).context("reading the prompt"),
+        };
         let trimmed = line.trim();
+        if trimmed.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(trimmed);
         if statement.is_empty() && trimmed.starts_with('\\') {
             let mut words = trimmed.split_whitespace();
             match (words.next(), words.next()) {
-                (Some("\\q"), _) => return Ok(()),
+                (Some("\\q"), _) => break,
                 (Some("\\d"), None) => run_and_print(ctx, "SELECT table_schema, table_name, table_type FROM information_schema.tables WHERE table_schema NOT IN ('information_schema') ORDER BY 1, 2").await,
                 (Some("\\d"), Some(name)) => {
                     let (schema, table) = pgtrail_query::parse_qualified(name).map(|(s, t)| (s.unwrap_or_else(|| "public".into()), t)).unwrap_or_default();
@@ -166,11 +182,16 @@ async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
             continue;
         }
         statement.push_str(&line);
+        statement.push('\n');
         if trimmed.ends_with(';') {
             let sql = std::mem::take(&mut statement);
             run_and_print(ctx, sql.trim().trim_end_matches(';')).await;
         }
     }
+    if let Some(h) = &history {
+        let _ = editor.save_history(h);
+    }
+    Ok(())
 }
 
 async fn run_and_print(ctx: &SessionContext, sql: &str) {

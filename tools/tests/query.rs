@@ -224,5 +224,26 @@ fn sql_and_status_read_a_live_archive_while_capture_runs() {
         assert!(!compact.status.success());
         assert!(String::from_utf8_lossy(&compact.stderr).contains("running `pgtrail capture`"));
     }
+    // The interactive prompt: a statement over two lines, \d, and a history file.
+    let mut prompt = pgtrail()
+        .args(["sql", "--archive"])
+        .arg(&archive)
+        .env("HOME", dir.path())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = prompt.stdin.take().unwrap();
+        stdin.write_all(b"\\d\nSELECT max(after.id) AS highest\n  FROM public.t;\n\\q\n").unwrap();
+    }
+    let out = prompt.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("| 29      |"), "{stdout}");
+    assert!(stdout.contains("| public       | t "), "{stdout}");
+    assert!(std::fs::read_to_string(dir.path().join(".pgtrail_history")).unwrap().contains("FROM public.t;"));
     terminate(&mut child);
 }
