@@ -59,30 +59,31 @@ impl BackgroundCompactor {
             .name("pgtrail-compactor".into())
             .spawn(move || {
                 let compactor = Compactor::new(db.clone(), &archive, policy.options.clone());
+                // Files a crash left mid-compaction go at start, not at the first compaction.
+                let mut result = compactor.remove_orphans().map(|_| ());
                 let mut last_check = Instant::now() - policy.check_every;
                 while !t_stop.load(Ordering::Relaxed) {
+                    if let Err(e) = std::mem::replace(&mut result, Ok(())) {
+                        tracing::error!(error = %e, "compaction failed; stopping capture");
+                        if let Ok(mut slot) = t_failure.lock() {
+                            *slot = Some(e);
+                        }
+                        let _ = failed_tx.send(true);
+                        return;
+                    }
                     std::thread::sleep(Duration::from_millis(100));
                     if last_check.elapsed() < policy.check_every {
                         continue;
                     }
                     last_check = Instant::now();
-                    let result = due(&db, &policy).map_err(CompactError::from).and_then(|due| {
+                    let outcome = due(&db, &policy).map_err(CompactError::from).and_then(|due| {
                         if due { compactor.run().map(Some) } else { Ok(None) }
                     });
-                    match result {
-                        Ok(Some(report)) => {
+                    result = outcome.map(|report| {
+                        if let Some(report) = report {
                             t_compacted.fetch_add(report.changes, Ordering::Relaxed);
                         }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::error!(error = %e, "compaction failed; stopping capture");
-                            if let Ok(mut slot) = t_failure.lock() {
-                                *slot = Some(e);
-                            }
-                            let _ = failed_tx.send(true);
-                            return;
-                        }
-                    }
+                    });
                 }
             })
             .ok();

@@ -300,6 +300,15 @@ impl Compactor {
         Ok(report)
     }
 
+    /// Remove files an interrupted run left behind (temporary files, segments no manifest
+    /// lists) without compacting; the capture calls it at start.
+    pub fn remove_orphans(&self) -> Result<u64, CompactError> {
+        let mut report = CompactReport::default();
+        self.ensure_dir()?;
+        self.remove_unlisted(&mut report)?;
+        Ok(report.orphans_removed)
+    }
+
     fn ensure_dir(&self) -> Result<(), CompactError> {
         use std::os::unix::fs::DirBuilderExt;
         if !self.segments_dir.exists() {
