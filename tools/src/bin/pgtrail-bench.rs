@@ -1,0 +1,213 @@
+//! `pgtrail-bench`: pgtrail measured side by side with what users would run instead, on a
+//! throwaway PostgreSQL with fixed, printed settings.
+//!
+//! Suites (more follow in issue 5):
+//! - `decode`: drain the same backlog of changes from two slots created before it existed:
+//!   pgtrail (durably into its redb log) and `pg_recvlogical` (pgoutput, into a file). The
+//!   server's decoder is the limit both share; the ratio says what pgtrail costs on top.
+//!
+//! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
+//! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
+//! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
+//! contestant produced a number, never how fast.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use pgtrail_capture::cluster::{Cluster, ClusterOptions};
+use pgtrail_capture::{CaptureConfig, SourceConfig};
+use pgtrail_store::Lsn;
+
+#[derive(Parser)]
+#[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
+struct Args {
+    /// Which suite: decode, or all.
+    #[arg(default_value = "all", value_parser = ["decode", "all"])]
+    suite: String,
+    /// Tiny workloads (for CI: proves the harness runs, measures nothing meaningful).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions per contestant (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Where to write the JSON lines.
+    #[arg(long, default_value = "bench-results.jsonl")]
+    out: PathBuf,
+}
+
+/// The fixed server settings every suite runs with (printed with the results).
+const SETTINGS: &[(&str, &str)] = &[
+    ("fsync", "on"),
+    ("synchronous_commit", "on"),
+    ("shared_buffers", "256MB"),
+    ("max_wal_size", "8GB"),
+    ("checkpoint_timeout", "1h"),
+    ("logical_decoding_work_mem", "64MB"),
+];
+
+struct Measurement {
+    suite: &'static str,
+    contestant: &'static str,
+    workload: String,
+    rep: usize,
+    metric: &'static str,
+    value: f64,
+    unit: &'static str,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let settings = SETTINGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let cluster = Cluster::start(ClusterOptions { settings }).context("starting the benchmark PostgreSQL")?;
+    let version = cluster.psql("postgres", "SHOW server_version")?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let mut results: Vec<Measurement> = Vec::new();
+    if matches!(args.suite.as_str(), "decode" | "all") {
+        decode_suite(&cluster, &rt, &args, &mut results)?;
+    }
+    let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    for m in &results {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({"suite": m.suite, "contestant": m.contestant, "workload": m.workload, "rep": m.rep,
+                "metric": m.metric, "value": m.value, "unit": m.unit})
+        )?;
+    }
+    print_report(&results, &version, &args)?;
+    Ok(())
+}
+
+/// A backlog of `rows` 200-byte-row changes: inserts, then updates and deletes of a share.
+fn backlog_sql(rows: u64) -> Vec<String> {
+    let batch = 10_000u64;
+    let mut sql = Vec::new();
+    let mut start = 1;
+    while start <= rows {
+        let end = (start + batch - 1).min(rows);
+        sql.push(format!(
+            "INSERT INTO bench SELECT g, repeat(md5(g::text), 6), g FROM generate_series({start}, {end}) g"
+        ));
+        start = end + 1;
+    }
+    sql.push(format!("UPDATE bench SET n = n + 1 WHERE id % 4 = 0 AND id <= {rows}"));
+    sql.push(format!("DELETE FROM bench WHERE id % 8 = 1 AND id <= {rows}"));
+    sql
+}
+
+fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+    let rows: u64 = if args.quick { 20_000 } else { 1_000_000 };
+    let changes = rows + rows / 4 + rows / 8;
+    let workload = format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8)");
+    for rep in 0..args.reps.max(1) {
+        let db = cluster.fresh_database("bench_decode")?;
+        cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint); CREATE PUBLICATION recv FOR TABLE bench")?;
+        let dir = tempfile::tempdir()?;
+        let archive = dir.path().join("archive");
+        let config = CaptureConfig {
+            source: SourceConfig::parse(&cluster.url(&db))?,
+            archive: archive.clone(),
+            slot: "pgtrail".into(),
+            publication: "pgtrail".into(),
+            tables: vec!["public.bench".into()],
+            resnapshot: false,
+            progress_interval: Duration::from_secs(5),
+            stop_at: None,
+            compaction: None,
+        };
+        // Both slots exist before the backlog: the first capture creates pgtrail's slot and
+        // its (empty) snapshot and stops.
+        let mut first = config.clone();
+        first.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
+        rt.block_on(pgtrail_capture::run(first, std::future::pending(), |_| {}))?;
+        cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
+        for statement in backlog_sql(rows) {
+            cluster.psql(&db, &statement)?;
+        }
+        let end: Lsn = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse()?;
+        // Alternate which contestant goes first.
+        let order: [&str; 2] = if rep % 2 == 0 { ["pgtrail", "pg_recvlogical"] } else { ["pg_recvlogical", "pgtrail"] };
+        for contestant in order {
+            let started = Instant::now();
+            match contestant {
+                "pgtrail" => {
+                    let mut c = config.clone();
+                    c.stop_at = Some(end);
+                    let summary = rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?;
+                    if summary.changes < changes {
+                        bail!("pgtrail stored {} changes, expected {changes}", summary.changes);
+                    }
+                }
+                _ => {
+                    let file = dir.path().join("recv.out");
+                    let status = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
+                        .args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
+                        .args(["-o", "proto_version=1", "-o", "publication_names=recv"])
+                        .args(["--endpos", &end.to_string(), "-f"])
+                        .arg(&file)
+                        .stderr(std::process::Stdio::null())
+                        .status()
+                        .context("running pg_recvlogical")?;
+                    if !status.success() {
+                        bail!("pg_recvlogical failed: {status}");
+                    }
+                }
+            }
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!("decode rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s)", changes as f64 / secs);
+            results.push(Measurement {
+                suite: "decode",
+                contestant: if contestant == "pgtrail" { "pgtrail" } else { "pg_recvlogical" },
+                workload: workload.clone(),
+                rep,
+                metric: "changes_per_second",
+                value: changes as f64 / secs,
+                unit: "changes/s",
+            });
+        }
+        cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    }
+    Ok(())
+}
+
+fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
+fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    println!("## pgtrail-bench{}", if args.quick { " (--quick: tiny data, not a measurement)" } else { "" });
+    println!();
+    println!("Machine: {cores} cores, {} GiB memory; PostgreSQL {version}; {} repetitions, median (min-max).", mem_kib >> 20, args.reps);
+    println!("Server settings: {}", SETTINGS.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
+    println!();
+    println!("| suite | workload | contestant | metric | median | min-max |");
+    println!("|---|---|---|---|---|---|");
+    let mut keys: Vec<(&str, &str, &str)> = results.iter().map(|m| (m.suite, m.contestant, m.metric)).collect();
+    keys.dedup();
+    let mut medians = std::collections::BTreeMap::new();
+    for (suite, contestant, metric) in keys {
+        let values: Vec<f64> = results
+            .iter()
+            .filter(|m| m.suite == suite && m.contestant == contestant && m.metric == metric)
+            .map(|m| m.value)
+            .collect();
+        let workload = &results.iter().find(|m| m.suite == suite).map(|m| m.workload.clone()).unwrap_or_default();
+        let (med, lo, hi) = median_min_max(values);
+        medians.insert((suite, contestant), med);
+        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.0} | {lo:.0}-{hi:.0} |");
+    }
+    println!();
+    if let (Some(p), Some(r)) = (medians.get(&("decode", "pgtrail")), medians.get(&("decode", "pg_recvlogical"))) {
+        println!("Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**", p / r);
+    }
+    Ok(())
+}
