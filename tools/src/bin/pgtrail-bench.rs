@@ -78,6 +78,14 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     print_report(&results, &version, &args)?;
+    // Every contestant of every suite run must have produced a number.
+    let expected: &[(&str, &str)] = &[("decode", "pgtrail"), ("decode", "pg_recvlogical")];
+    for (suite, contestant) in expected {
+        let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
+        if ran && !results.iter().any(|m| m.suite == *suite && m.contestant == *contestant && m.value.is_finite() && m.value > 0.0) {
+            bail!("{suite}: {contestant} produced no measurement");
+        }
+    }
     Ok(())
 }
 
@@ -191,8 +199,12 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
     println!();
     println!("| suite | workload | contestant | metric | median | min-max |");
     println!("|---|---|---|---|---|---|");
-    let mut keys: Vec<(&str, &str, &str)> = results.iter().map(|m| (m.suite, m.contestant, m.metric)).collect();
-    keys.dedup();
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for m in results {
+        if !keys.contains(&(m.suite, m.contestant, m.metric)) {
+            keys.push((m.suite, m.contestant, m.metric));
+        }
+    }
     let mut medians = std::collections::BTreeMap::new();
     for (suite, contestant, metric) in keys {
         let values: Vec<f64> = results
