@@ -88,13 +88,19 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
 
     // One writer: ledger rows strictly increasing, mutable rows updated, deleted, re-inserted.
     let workload_url = url.clone();
+    // The writer runs until the capture has been killed enough times (at least 3000
+    // transactions): a fixed count could finish before the first kill on a fast machine.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer_stop = stop.clone();
     let writer = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             let (client, conn) = tokio_postgres::connect(&workload_url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-            for seq in 1..=3000i64 {
+            let mut seq = 0i64;
+            while seq < 3000 || !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                seq += 1;
                 let id = (rng.next() % 200) as i32 + 1;
                 let sql = match rng.next() % 4 {
                     0 => format!("DELETE FROM mutable WHERE id = {id}"),
@@ -109,24 +115,27 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
                     .await
                     .unwrap();
             }
-        });
+            seq
+        })
     });
 
     let mut rng = Rng(42);
     let mut kills = 0;
     let mut child = spawn_capture(&url, &archive, &db, None);
     wait_slot_active(cluster, &db, &db, &mut child);
-    while !writer.is_finished() {
+    while kills < 4 || !writer.is_finished() {
         std::thread::sleep(Duration::from_millis(150 + rng.next() % 400));
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
+        if kills >= 4 {
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         child = spawn_capture(&url, &archive, &db, None);
     }
-    writer.join().unwrap();
+    let last_seq = writer.join().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(kills >= 2, "the workload ended before the capture was killed twice");
 
     // Finish cleanly up to the end of the workload.
     let end = insert_lsn(cluster, &db);
@@ -169,7 +178,7 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
             _ => {}
         }
     }
-    let expected: BTreeSet<i64> = (1..=3000).chain(1_000_001..=1_003_000).collect();
+    let expected: BTreeSet<i64> = (1..=last_seq).chain(1_000_001..=1_000_000 + last_seq).collect();
     let missing: Vec<_> = expected.iter().filter(|s| !seen.contains_key(s)).take(5).collect();
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).take(5).collect();
     assert!(missing.is_empty() && twice.is_empty(), "{kills} kills: missing {missing:?}, duplicated {twice:?}");
