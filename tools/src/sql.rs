@@ -32,7 +32,7 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
         .await?
         .map_err(|e| match e {
             pgtrail_query::QueryError::Open { source: pgtrail_store::LogError::InUse, .. } => anyhow::anyhow!(
-                "the archive is held by a running `pgtrail capture` (the log is single-process); stop it, or query a copy (cp -a)"
+                "the archive is held by a process that does not share it (an older pgtrail, or one opening it for writing); stop it and retry"
             ),
             e => anyhow::Error::new(e),
         })?;
