@@ -1,4 +1,4 @@
-//! `pgtrail`: capture PostgreSQL row changes into a local archive and inspect it.
+//! `pgtrail`: capture PostgreSQL row changes into a local archive, compact it into Parquet, and query it offline with SQL.
 
 mod compact;
 mod demo;
