@@ -41,7 +41,7 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::{CompactError, LogError};
-use crate::log::{CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, raw_len};
+use crate::log::{CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, get_u64, raw_len};
 use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
 use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
@@ -97,17 +97,9 @@ fn now_us() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
 }
 
+/// A counter of the `meta` table (absent means 0).
 fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<u64, LogError> {
-    match meta.get(name)? {
-        Some(v) => {
-            let b: [u8; 8] = v.value().try_into().map_err(|_| LogError::Corrupt {
-                what: format!("meta {name}"),
-                source: "not 8 bytes".into(),
-            })?;
-            Ok(u64::from_le_bytes(b))
-        }
-        None => Ok(0),
-    }
+    Ok(get_u64(meta, name)?.unwrap_or(0))
 }
 
 impl LogReader {
@@ -254,6 +246,11 @@ fn segment_file_name(id: u64, content: &SegmentContent, min: ChangeKey, max: Cha
     )
 }
 
+/// Per-operation counts as the manifest stores them.
+fn owned(counts: Option<BTreeMap<&'static str, u64>>) -> BTreeMap<String, u64> {
+    counts.unwrap_or_default().into_iter().map(|(op, n)| (op.to_string(), n)).collect()
+}
+
 fn finish(
     id: u64,
     content: SegmentContent,
@@ -324,15 +321,9 @@ impl Compactor {
     }
 
     fn listed_files(&self) -> Result<HashSet<String>, CompactError> {
-        let rtx = self.db.begin_read()?;
-        let mut names = HashSet::new();
-        if let Ok(t) = rtx.open_table(SEGMENTS) {
-            for e in t.iter()? {
-                let (_, v) = e?;
-                names.insert(decode::<SegmentEntry>(v.value(), "segments")?.file_name);
-            }
-        }
-        if let Ok(t) = rtx.open_table(RETIRED) {
+        let reader = LogReader::from_database(&self.db)?;
+        let mut names: HashSet<String> = reader.manifest()?.segments.into_iter().map(|s| s.file_name).collect();
+        if let Ok(t) = reader.read_transaction().open_table(RETIRED) {
             for e in t.iter()? {
                 names.insert(e?.0.value().to_string());
             }
@@ -380,7 +371,7 @@ impl Compactor {
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
-        let mut op_counts: BTreeMap<Group, BTreeMap<String, u64>> = BTreeMap::new();
+        let mut op_counts: BTreeMap<Group, BTreeMap<&'static str, u64>> = BTreeMap::new();
         let mut entries: Vec<SegmentEntry> = Vec::new();
         let mut rel_cache: HashMap<(u32, ChangeKey), RelationVersion> = HashMap::new();
         let (mut count, mut txns, mut last_lsn) = (0u64, 0u64, None);
@@ -424,7 +415,7 @@ impl Compactor {
             }
             let Some((_, _, w)) = writers.get_mut(&group) else { continue };
             w.push(key, &record, raw_len(v.value()))?;
-            *op_counts.entry(group).or_default().entry(record.op.as_str().to_string()).or_default() += 1;
+            *op_counts.entry(group).or_default().entry(record.op.as_str()).or_default() += 1;
             count += 1;
             if last_lsn != Some(lsn) {
                 txns += 1;
@@ -433,7 +424,7 @@ impl Compactor {
             if w.bytes_written() >= self.options.target_segment_bytes
                 && let Some((id, content, w)) = writers.remove(&group)
             {
-                entries.push(finish(id, content, w, op_counts.remove(&group).unwrap_or_default())?);
+                entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
             }
             if count % 1024 == 0 {
                 self.keep_memory_in_budget(&mut writers)?;
@@ -441,7 +432,7 @@ impl Compactor {
         }
         drop((changes, relations, meta, rtx));
         for (group, (id, content, w)) in std::mem::take(&mut writers) {
-            entries.push(finish(id, content, w, op_counts.remove(&group).unwrap_or_default())?);
+            entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
         }
         if count == 0 {
             return Ok(());

@@ -905,7 +905,7 @@ impl LogReader {
     }
 }
 
-fn get_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<Option<u64>, LogError> {
+pub(crate) fn get_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<Option<u64>, LogError> {
     match table.get(name)? {
         Some(v) => {
             let bytes: [u8; 8] = v.value().try_into().map_err(|_| LogError::Corrupt {
