@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, ListBuilder, MapBuilder, RecordBatch, StringBuilder,
+    ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, ListBuilder, MapBuilder, RecordBatch, StringBuilder,
     StringDictionaryBuilder, StructArray, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
 };
 use datafusion::arrow::datatypes::{DataType, Int8Type, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
@@ -544,19 +544,6 @@ impl BatchBuilder {
         }
         self.rows = 0;
         self.pending_bytes = 0;
-        // Builders produce the exact field types the schema names, except for nullability
-        // flags on nested fields, so build against the schema and report any mismatch.
-        let columns = columns
-            .into_iter()
-            .zip(self.schema.fields())
-            .map(|(c, f)| {
-                if c.data_type() == f.data_type() {
-                    Ok(c)
-                } else {
-                    datafusion::arrow::compute::cast(&c, f.data_type()).map_err(SegmentError::Arrow)
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         RecordBatch::try_new(self.schema.clone(), columns).map_err(SegmentError::Arrow)
     }
 }
