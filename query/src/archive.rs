@@ -27,6 +27,14 @@ impl TableHistory {
         format!("{}.{}", pgtrail_store::quote_ident(&self.schema), pgtrail_store::quote_ident(&self.name))
     }
 
+    /// The schema version a change names (its relation OID and the key it took effect at).
+    pub fn version(&self, relation_id: u32, valid_from: ChangeKey) -> Result<&RelationVersion, QueryError> {
+        self.versions
+            .iter()
+            .find(|v| v.relation_id == relation_id && v.valid_from == valid_from)
+            .ok_or(QueryError::NoSuchVersion { relation_id, valid_from })
+    }
+
     /// The latest schema version.
     pub fn latest(&self) -> &RelationVersion {
         self.versions.last().expect("a table has at least one version")

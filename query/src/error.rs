@@ -22,6 +22,8 @@ pub enum QueryError {
     NoSuchTable { name: String, known: String },
     #[error("{moment} is before the archive's history begins ({begins}); nothing is known of the table then")]
     BeforeArchive { moment: String, begins: String },
+    #[error("the archive names schema version {valid_from} of relation {relation_id} but does not hold it; the archive is inconsistent")]
+    NoSuchVersion { relation_id: u32, valid_from: pgtrail_store::ChangeKey },
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),
 }

@@ -231,7 +231,7 @@ impl TableProvider for HistoryTable {
         let tail: Vec<(ChangeKey, ChangeRecord)> =
             history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
         partitions.push(Arc::new(TailPartition {
-            batches: tail_batches(&history.versions, &tail, &self.schema)?,
+            batches: tail_batches(history, &tail, &self.schema)?,
             schema: self.schema.clone(),
         }));
         Ok(Arc::new(StreamingTableExec::try_new(self.schema.clone(), partitions, projection, [], false, limit)?))
@@ -239,28 +239,14 @@ impl TableProvider for HistoryTable {
 }
 
 /// Log-tail records as batches of the history schema, one per schema version in key order.
-pub fn tail_batches(
-    versions: &[RelationVersion],
-    tail: &[(ChangeKey, ChangeRecord)],
-    schema: &SchemaRef,
-) -> Result<Vec<RecordBatch>> {
+pub fn tail_batches(table: &TableHistory, tail: &[(ChangeKey, ChangeRecord)], schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
     let mut batches = Vec::new();
-    let mut start = 0;
-    while start < tail.len() {
-        let version_key = tail[start].1.schema_version;
-        let relation_id = tail[start].1.relation_id;
-        let end = tail[start..]
-            .iter()
-            .position(|(_, r)| r.schema_version != version_key || r.relation_id != relation_id)
-            .map_or(tail.len(), |p| start + p);
-        let version = versions
-            .iter()
-            .find(|v| v.relation_id == relation_id && v.valid_from == version_key)
-            .ok_or_else(|| DataFusionError::Internal(format!("no schema version {version_key} of relation {relation_id}")))?;
+    for run in tail.chunk_by(|(_, a), (_, b)| a.relation_id == b.relation_id && a.schema_version == b.schema_version) {
+        let first = &run[0].1;
+        let version = table.version(first.relation_id, first.schema_version)?;
         let content = SegmentContent::Table(version.clone());
-        let batch = records_to_batch(&content, &tail[start..end]).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let batch = records_to_batch(&content, run).map_err(|e| DataFusionError::External(Box::new(e)))?;
         batches.push(adapt(&batch, version, schema)?);
-        start = end;
     }
     Ok(batches)
 }

@@ -64,11 +64,11 @@ fn format_us(us: i64) -> String {
 }
 
 /// Call `f` with every change of `table` in key order, up to `until` when given.
-pub fn for_each_change(
+pub fn for_each_change<'t>(
     archive: &ArchiveSnapshot,
-    table: &TableHistory,
+    table: &'t TableHistory,
     until: Option<Moment>,
-    f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
+    f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
 ) -> Result<()> {
     let row_groups = match until {
         Some(Moment::Lsn(l)) => Bounds { lsn: (0, l.0), ..Bounds::default() },
@@ -87,21 +87,15 @@ pub fn for_each_change(
 
 /// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments
 /// `read_segment` rejects without opening them.
-pub fn for_each_change_where(
+/// The schema version passed to `f` is the table's own (it lives as long as `table`).
+pub fn for_each_change_where<'t>(
     archive: &ArchiveSnapshot,
-    table: &TableHistory,
+    table: &'t TableHistory,
     row_groups: Bounds,
     read_segment: impl Fn(&pgtrail_store::SegmentEntry) -> bool,
     keep: impl Fn(ChangeKey, &ChangeRecord) -> bool,
-    mut f: impl FnMut(&RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
+    mut f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
 ) -> Result<()> {
-    let version_of = |rec: &ChangeRecord| {
-        table
-            .versions
-            .iter()
-            .find(|v| v.relation_id == rec.relation_id && v.valid_from == rec.schema_version)
-            .ok_or_else(|| DataFusionError::Internal(format!("no schema version {} of relation {}", rec.schema_version, rec.relation_id)))
-    };
     let mut last = None::<ChangeKey>;
     let mut check_order = |key: ChangeKey| -> Result<()> {
         if last.is_some_and(|l| key <= l) {
@@ -117,11 +111,11 @@ pub fn for_each_change_where(
         if !read_segment(seg) {
             continue;
         }
-        let SegmentContent::Table(version) = &seg.content else { continue };
+        let SegmentContent::Table(rel) = &seg.content else { continue };
+        let version = table.version(rel.relation_id, rel.valid_from)?;
         for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            let content = SegmentContent::Table(version.clone());
-            for (key, rec) in read_records(&content, &batch).map_err(|e| DataFusionError::External(Box::new(e)))? {
+            for (key, rec) in read_records(&seg.content, &batch).map_err(|e| DataFusionError::External(Box::new(e)))? {
                 if keep(key, &rec) {
                     check_order(key)?;
                     f(version, key, &rec)?;
@@ -132,7 +126,7 @@ pub fn for_each_change_where(
     for (key, rec) in &table.tail {
         if keep(*key, rec) {
             check_order(*key)?;
-            f(version_of(rec)?, *key, rec)?;
+            f(table.version(rec.relation_id, rec.schema_version)?, *key, rec)?;
         }
     }
     Ok(())
@@ -141,20 +135,22 @@ pub fn for_each_change_where(
 /// A row's identity: its key values, or for a table without a key the whole row.
 type RowKey = Vec<Cell>;
 
-/// A table's rows at a moment, each with the schema version it was written in.
-pub struct TableState {
+/// A table's rows at a moment, each with the schema version it was written in (borrowed from
+/// the table's history, not copied per row).
+pub struct TableState<'t> {
     /// The schema version in force at the moment (the output columns).
-    pub version: RelationVersion,
-    pub rows: BTreeMap<RowKey, Vec<(RelationVersion, Row)>>,
+    pub version: &'t RelationVersion,
+    pub rows: BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>,
 }
 
-fn row_key(version: &RelationVersion, row: &Row) -> RowKey {
-    let positions = version.key_positions();
+type Rows<'t> = BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>;
+
+fn row_key(positions: &[usize], row: &Row) -> RowKey {
     if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
 }
 
 /// Rebuild `table` at `moment`.
-pub fn state_at(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<TableState> {
+pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: Moment) -> Result<TableState<'t>> {
     let begins_before = match moment {
         Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
         Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
@@ -166,14 +162,19 @@ pub fn state_at(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment)
         };
         return Err(QueryError::BeforeArchive { moment: moment.to_string(), begins }.into());
     }
-    let mut rows: BTreeMap<RowKey, Vec<(RelationVersion, Row)>> = BTreeMap::new();
-    let mut last_version = table.versions[0].clone();
+    // Key positions once per schema version, not once per change.
+    let key_positions: Vec<Vec<usize>> = table.versions.iter().map(RelationVersion::key_positions).collect();
+    let positions_of = |version: &RelationVersion| {
+        let i = table.versions.iter().position(|v| std::ptr::eq(v, version)).unwrap_or(0);
+        key_positions[i].as_slice()
+    };
+    let mut rows: Rows<'t> = BTreeMap::new();
+    let mut last_version = &table.versions[0];
     for_each_change(archive, table, Some(moment), |version, _, rec| {
-        if version.valid_from != last_version.valid_from || version.relation_id != last_version.relation_id {
-            last_version = version.clone();
-        }
-        let remove = |rows: &mut BTreeMap<RowKey, Vec<(RelationVersion, Row)>>, row: &Row| {
-            let k = row_key(version, row);
+        last_version = version;
+        let positions = positions_of(version);
+        let remove = |rows: &mut Rows<'t>, row: &Row| {
+            let k = row_key(positions, row);
             if let Some(list) = rows.get_mut(&k) {
                 // Without a key, one identical row goes; with a key, the row goes.
                 let pos = list.iter().position(|(_, r)| r == row).unwrap_or(0);
@@ -183,19 +184,17 @@ pub fn state_at(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment)
                 }
             }
         };
-        let keyed = !version.key_positions().is_empty();
         match rec.op {
             Op::Insert | Op::Snapshot | Op::Update => {
                 if let (Op::Update, Some(before)) = (rec.op, &rec.before) {
                     remove(&mut rows, before);
                 }
                 if let Some(after) = &rec.after {
-                    let k = row_key(version, after);
-                    let entry = rows.entry(k).or_default();
-                    if keyed {
+                    let entry = rows.entry(row_key(positions, after)).or_default();
+                    if !positions.is_empty() {
                         entry.clear();
                     }
-                    entry.push((version.clone(), after.clone()));
+                    entry.push((version, after.clone()));
                 }
             }
             Op::Delete => {
@@ -213,7 +212,7 @@ pub fn state_at(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment)
     })?;
     // The schema in force: the latest version that took effect at or before the moment.
     let version = match moment {
-        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).unwrap_or(&last_version).clone(),
+        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).unwrap_or(last_version),
         Moment::Time(_) => last_version,
     };
     Ok(TableState { version, rows })
@@ -260,8 +259,8 @@ fn typed_columns(version: &RelationVersion, rows: &[Option<(&RelationVersion, &R
 
 fn state_batch(state: &TableState) -> Result<RecordBatch> {
     let rows: Vec<Option<(&RelationVersion, &Row)>> =
-        state.rows.values().flat_map(|list| list.iter().map(|(v, r)| Some((v, r)))).collect();
-    let (fields, arrays) = typed_columns(&state.version, &rows);
+        state.rows.values().flat_map(|list| list.iter().map(|(v, r)| Some((*v, r)))).collect();
+    let (fields, arrays) = typed_columns(state.version, &rows);
     if fields.is_empty() {
         return Ok(RecordBatch::try_new_with_options(
             Arc::new(Schema::empty()),
@@ -369,11 +368,11 @@ impl TableFunctionImpl for Diff {
             };
             change.append_value(label);
             key_text.append_value(k.iter().map(|c| c.as_text().unwrap_or("NULL")).collect::<Vec<_>>().join("|"));
-            before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (v, r)));
-            after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (v, r)));
+            before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
+            after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
         }
         let image = |rows: &[Option<(&RelationVersion, &Row)>]| -> Result<(Field, ArrayRef)> {
-            let (fields, arrays) = typed_columns(&b.version, rows);
+            let (fields, arrays) = typed_columns(b.version, rows);
             let nulls: Vec<bool> = rows.iter().map(Option::is_some).collect();
             let array = StructArray::try_new(fields.clone(), arrays, Some(nulls.into()))?;
             Ok((Field::new("x", DataType::Struct(fields), true), Arc::new(array) as ArrayRef))
@@ -421,7 +420,7 @@ impl TableFunctionImpl for RowHistory {
             }
             Ok(())
         })?;
-        let batches = tail_batches(&table.versions, &picked, &schema)?;
+        let batches = tail_batches(table, &picked, &schema)?;
         Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
     }
 }
