@@ -65,12 +65,15 @@ impl Bounds {
                 match column.as_str() {
                     "lsn" => {
                         if let Some(v) = as_u64(&value) {
-                            narrow_range(&mut self.lsn, op, v, 1);
+                            let (lo, hi) = narrow_range((self.lsn.0.into(), self.lsn.1.into()), op, v.into());
+                            self.lsn = (lo.clamp(0, u64::MAX.into()) as u64, hi.clamp(0, u64::MAX.into()) as u64);
                         }
                     }
                     "committed_at" => {
                         if let Some(v) = as_micros(&value) {
-                            narrow_range(&mut self.time, op, v, 1);
+                            let (lo, hi) = narrow_range((self.time.0.into(), self.time.1.into()), op, v.into());
+                            let clamp = |x: i128| x.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
+                            self.time = (clamp(lo), clamp(hi));
                         }
                     }
                     _ => {}
@@ -97,38 +100,16 @@ impl Bounds {
     }
 }
 
-fn narrow_range<T: Ord + Copy + std::ops::Add<Output = T> + std::ops::Sub<Output = T>>(
-    range: &mut (T, T),
-    op: Operator,
-    v: T,
-    one: T,
-) where
-    T: Bounded,
-{
+/// Narrow an inclusive range by `column op v`; i128 holds both u64 LSNs and i64 times.
+fn narrow_range(range: (i128, i128), op: Operator, v: i128) -> (i128, i128) {
     match op {
-        Operator::Eq => {
-            range.0 = range.0.max(v);
-            range.1 = range.1.min(v);
-        }
-        Operator::Gt => range.0 = range.0.max(if v == T::MAX { v } else { v + one }),
-        Operator::GtEq => range.0 = range.0.max(v),
-        Operator::Lt => range.1 = range.1.min(if v == T::MIN { v } else { v - one }),
-        Operator::LtEq => range.1 = range.1.min(v),
-        _ => {}
+        Operator::Eq => (range.0.max(v), range.1.min(v)),
+        Operator::Gt => (range.0.max(v + 1), range.1),
+        Operator::GtEq => (range.0.max(v), range.1),
+        Operator::Lt => (range.0, range.1.min(v - 1)),
+        Operator::LtEq => (range.0, range.1.min(v)),
+        _ => range,
     }
-}
-
-trait Bounded {
-    const MIN: Self;
-    const MAX: Self;
-}
-impl Bounded for u64 {
-    const MIN: u64 = u64::MIN;
-    const MAX: u64 = u64::MAX;
-}
-impl Bounded for i64 {
-    const MIN: i64 = i64::MIN;
-    const MAX: i64 = i64::MAX;
 }
 
 fn column_name(e: &Expr) -> Option<String> {

@@ -19,8 +19,7 @@ use pgtrail_store::segment::{PgKind, render, row_struct_fields, segment_schema, 
 pub fn merged_row_fields(versions: &[RelationVersion]) -> Fields {
     let mut fields: Vec<Field> = Vec::new();
     for version in versions.iter().rev() {
-        for (i, f) in row_struct_fields(version).iter().enumerate() {
-            let _ = i;
+        for f in row_struct_fields(version).iter() {
             match fields.iter_mut().find(|g| g.name() == f.name()) {
                 Some(existing) if existing.data_type() != f.data_type() => {
                     *existing = Field::new(f.name(), DataType::Utf8, true);
@@ -39,6 +38,7 @@ pub fn history_schema(versions: &[RelationVersion]) -> SchemaRef {
     let latest = versions.last().expect("a table has a version");
     let base = segment_schema(&SegmentContent::Table(latest.clone()));
     let row = DataType::Struct(merged_row_fields(versions));
+    // A zero-column latest version has no image columns (`segment_schema` leaves them out).
     let fields: Vec<Field> = base
         .fields()
         .iter()
@@ -48,11 +48,6 @@ pub fn history_schema(versions: &[RelationVersion]) -> SchemaRef {
             _ => f.as_ref().clone(),
         })
         .collect();
-    let mut fields = fields;
-    if latest.columns.is_empty() {
-        // A zero-column table still gets (empty-struct-free) image columns for a uniform shape.
-        fields.retain(|f| f.name() != "before" && f.name() != "after");
-    }
     Arc::new(Schema::new(fields))
 }
 
