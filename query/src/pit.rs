@@ -57,10 +57,7 @@ impl fmt::Display for Moment {
 }
 
 fn format_us(us: i64) -> String {
-    match datafusion::arrow::temporal_conversions::timestamp_us_to_datetime(us) {
-        Some(t) => format!("{t}+00"),
-        None => format!("{us} µs since 1970"),
-    }
+    pgtrail_store::segment::format_utc_micros(us)
 }
 
 /// Call `f` with every change of `table` in key order, up to `until` when given.

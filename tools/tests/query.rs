@@ -175,12 +175,7 @@ fn parse_pg_timestamp(text: &str) -> i64 {
     let mut t = time.split(':');
     let (h, mi) = (t.next().unwrap().parse::<i64>().unwrap(), t.next().unwrap().parse::<i64>().unwrap());
     let s: f64 = t.next().unwrap().parse().unwrap();
-    // Days from civil (1970-01-01 = 0).
-    let yy = if m <= 2 { y - 1 } else { y };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + day - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    let days = pgtrail_store::segment::days_from_civil(y, m as u32, day as u32);
     days * 86_400_000_000 + h * 3_600_000_000 + mi * 60_000_000 + (s * 1e6).round() as i64
 }
 

@@ -43,7 +43,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 use crate::relation::RelationVersion;
 
 pub use reader::{SegmentReader, read_records, sha256_file};
-pub use types::{DoesNotFit, PgKind, ValueBuilder, render};
+pub use types::{DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros, render};
 pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment, records_to_batch};
 
 /// The version of the segment layout described above.

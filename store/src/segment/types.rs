@@ -400,7 +400,7 @@ fn parse_uuid(text: &str) -> Result<[u8; 16], DoesNotFit> {
 }
 
 /// Days from 1970-01-01 of a proleptic Gregorian date (astronomical year: 1 BC is year 0).
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let y = if month <= 2 { year - 1 } else { year };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
@@ -411,7 +411,7 @@ fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
 }
 
 /// The inverse of [`days_from_civil`].
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
@@ -696,6 +696,15 @@ fn render_hms(micros: i64) -> String {
     let (m, rest) = (rest / 60_000_000, rest % 60_000_000);
     let (s, us) = (rest / 1_000_000, rest % 1_000_000);
     if us == 0 { format!("{h:02}:{m:02}:{s:02}") } else { format!("{h:02}:{m:02}:{s:02}.{us:06}") }
+}
+
+/// Microseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00` (always six fraction
+/// digits; for people reading status lines and messages).
+pub fn format_utc_micros(micros: i64) -> String {
+    let (year, m, d) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
+    let tod = micros.rem_euclid(MICROS_PER_DAY);
+    let (h, min, s, us) = (tod / 3_600_000_000, tod / 60_000_000 % 60, tod / 1_000_000 % 60, tod % 1_000_000);
+    format!("{year:04}-{m:02}-{d:02} {h:02}:{min:02}:{s:02}.{us:06}+00")
 }
 
 fn render_timestamp(micros: i64, with_zone: bool) -> String {
