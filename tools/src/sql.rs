@@ -85,24 +85,38 @@ fn flatten_nested(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
 }
 
 fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>) -> anyhow::Result<()> {
-    let mut sink: Box<dyn Write> = match output {
-        Some(path) if format != "parquet" => {
-            Box::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?)
-        }
-        _ => Box::new(std::io::stdout().lock()),
+    let Some(path) = output else {
+        anyhow::ensure!(format != "parquet", "--format parquet needs --output FILE");
+        write_to(std::io::stdout(), batches, format)?;
+        return Ok(());
     };
+    // The file appears whole or not at all: temp file, fsync, rename, fsync of the directory.
+    let tmp = path.with_extension("pgtrail-tmp");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file = write_to(file, batches, format)?;
+    file.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    pgtrail_store::fsync_dir(dir)?;
+    Ok(())
+}
+
+/// Write the result to `sink` in `format` and hand the sink back (to be synced).
+fn write_to<W: Write + Send>(mut sink: W, batches: &[RecordBatch], format: &str) -> anyhow::Result<W> {
     match format {
         "table" => {
             let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
             writeln!(sink, "{text}")?;
             let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
             eprintln!("({rows} row{})", if rows == 1 { "" } else { "s" });
+            Ok(sink)
         }
         "csv" => {
             let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(sink);
             for b in batches {
                 w.write(&flatten_nested(b)?)?;
             }
+            Ok(w.into_inner())
         }
         "json" => {
             let mut w = datafusion::arrow::json::LineDelimitedWriter::new(sink);
@@ -110,26 +124,21 @@ fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>)
                 w.write(b)?;
             }
             w.finish()?;
+            Ok(w.into_inner())
         }
         "parquet" => {
-            let path = output.context("--format parquet needs --output FILE")?;
             let schema = batches.first().map(|b| b.schema()).context("the query returned no schema")?;
-            let tmp = path.with_extension("parquet.tmp");
-            let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
             let props = datafusion::parquet::file::properties::WriterProperties::builder()
                 .set_compression(datafusion::parquet::basic::Compression::ZSTD(Default::default()))
                 .build();
-            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(file, schema, Some(props))?;
+            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(sink, schema, Some(props))?;
             for b in batches {
                 w.write(b)?;
             }
-            w.close()?.file_metadata();
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, path)?;
+            Ok(w.into_inner()?)
         }
         other => anyhow::bail!("unknown format {other}"),
     }
-    Ok(())
 }
 
 /// The interactive prompt: line editing and a history file (`~/.pgtrail_history`), statements

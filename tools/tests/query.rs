@@ -125,6 +125,24 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["n"].as_u64(), Some(rebuilt[first_snap].len() as u64), "{sql}");
     }
+    // Parquet for programs: written whole under --output, readable by the parquet crate alone.
+    let export = dir.path().join("as_of.parquet");
+    let out = pgtrail()
+        .args(["sql", "--format", "parquet", "--output"])
+        .arg(&export)
+        .arg("--archive")
+        .arg(&archive)
+        .arg(format!("SELECT * FROM as_of_lsn('public.acct', '{first_lsn}')"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reader = datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&export).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, rebuilt[first_snap].len());
+    assert!(!export.with_extension("pgtrail-tmp").exists());
     let before = pgtrail()
         .args(["sql", "--archive"])
         .arg(&archive)
