@@ -11,6 +11,16 @@ use crate::error::CaptureError;
 pub const SESSION_OPTIONS: &str =
     "-c datestyle=ISO -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1 -c bytea_output=hex";
 
+/// [`SESSION_OPTIONS`] as SQL `SET` statements, for sessions (tests, tools) that must print
+/// values exactly as capture reads them.
+pub fn session_settings_sql() -> String {
+    SESSION_OPTIONS
+        .split("-c ")
+        .filter_map(|o| o.trim().split_once('='))
+        .map(|(name, value)| format!("SET {name} = '{value}'; "))
+        .collect()
+}
+
 /// A parsed source URL.
 #[derive(Clone)]
 pub struct SourceConfig {

@@ -117,22 +117,24 @@ pub fn select_state(db: &TestDb, table: &str, key: &[&str], columns: &[&str]) ->
     let key_expr = key.iter().map(|k| format!("{k}::text")).collect::<Vec<_>>().join(" || '|' || ");
     let cols = columns.iter().map(|c| format!("{c}::text")).collect::<Vec<_>>().join(", ");
     let json = db.sql(&format!(
-        "SET timezone = 'UTC'; SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 1; \
-         SET bytea_output = hex; SELECT coalesce(json_agg(json_build_array({key_expr}, {cols})), '[]') FROM {table}"
+        "{} SELECT coalesce(json_agg(json_build_array({key_expr}, {cols})), '[]') FROM {table}",
+        pgtrail_capture::source::session_settings_sql()
     ));
     let rows: Vec<Vec<serde_json::Value>> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
     rows.into_iter()
         .map(|mut r| {
             let k = r.remove(0).as_str().unwrap().to_string();
-            let values = r
-                .into_iter()
-                .map(|v| match v {
-                    serde_json::Value::Null => "<NULL>".into(),
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                })
-                .collect();
+            let values = r.into_iter().map(json_text).collect();
             (k, values)
         })
         .collect()
+}
+
+/// A JSON value PostgreSQL printed, in the text form [`reconstruct`] uses (`<NULL>` for null).
+pub fn json_text(v: serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "<NULL>".into(),
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
 }

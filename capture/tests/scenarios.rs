@@ -24,20 +24,25 @@ INSERT INTO typed VALUES
   '-infinity', '-infinity', '-178000000 years', '[]', '{}', E'\\\\x', '{}', '{}', 'sad');
 ";
 
+/// Streamed changes of every kind to the typed table: copies, updates to special values, a key
+/// change and a delete.
+pub const TYPED_CHANGES: &str =
+    "INSERT INTO typed SELECT id + 10, i2, i8, f4, f8, n, n2, b, t, vc, u, d, tm, ts, tstz, iv, j, jb, by, arr, tarr, e FROM typed;
+     UPDATE typed SET t = 'changed', n = 'Infinity', f8 = 'NaN' WHERE id = 1;
+     UPDATE typed SET id = 99 WHERE id = 3;
+     DELETE FROM typed WHERE id = 2;";
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_type_and_operation_reconstructs_exactly_what_postgres_holds() {
     let db = TestDb::new("typed");
     db.sql(TYPED_TABLE);
     // Rows 1-3 are captured by the initial snapshot; the rest by the stream.
     db.capture_until_now(db.config()).await.unwrap();
-    db.sql(
-        "INSERT INTO typed SELECT id + 10, i2, i8, f4, f8, n, n2, b, t, vc, u, d, tm, ts, tstz, iv, j, jb, by, arr, tarr, e FROM typed;
-         UPDATE typed SET t = 'changed', n = 'Infinity', f8 = 'NaN' WHERE id = 1;
-         UPDATE typed SET id = 99 WHERE id = 3;
-         DELETE FROM typed WHERE id = 2;
+    db.sql(&format!(
+        "{TYPED_CHANGES}
          INSERT INTO typed (id, t) SELECT g, 'row ' || g FROM generate_series(100, 150) g;
-         DELETE FROM typed WHERE id BETWEEN 120 AND 130;",
-    );
+         DELETE FROM typed WHERE id BETWEEN 120 AND 130;"
+    ));
     let summary = db.capture_until_now(db.config()).await.unwrap();
     assert!(summary.changes >= 60, "{summary:?}");
     let expected = select_state(&db, "typed", &["id"], TYPED_COLUMNS);

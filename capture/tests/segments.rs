@@ -7,8 +7,8 @@ use pgtrail_capture::CompactionPolicy;
 use pgtrail_store::segment::{PgKind, SegmentContent};
 use pgtrail_store::{ChangeLog, CompactOptions, Compactor, LogReader, Op};
 
-use crate::harness::{TestDb, read_archive, reconstruct, select_state};
-use crate::scenarios::TYPED_TABLE;
+use crate::harness::{TestDb, json_text, read_archive, reconstruct, select_state};
+use crate::scenarios::{TYPED_CHANGES, TYPED_TABLE};
 
 const MORE_TYPES: &str = "
 CREATE TABLE more (id int PRIMARY KEY, small numeric(5,2), tz timetz, ch \"char\", nm name, o oid, r int4range,
@@ -42,8 +42,7 @@ fn assert_same_values_as_postgres(db: &TestDb, table: &str) {
     let expected = select_state(db, table, &["id"], &names);
     let archived = reconstruct(&db.archive_dir(), table);
     assert_eq!(archived.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
-    let settings = "SET timezone = 'UTC'; SET datestyle = ISO; SET intervalstyle = postgres; \
-                    SET extra_float_digits = 1; SET bytea_output = hex;";
+    let settings = pgtrail_capture::source::session_settings_sql();
     for (key, row) in &archived {
         let exprs: Vec<String> = row
             .iter()
@@ -56,14 +55,7 @@ fn assert_same_values_as_postgres(db: &TestDb, table: &str) {
             .collect();
         let json = db.sql(&format!("{settings} SELECT json_build_array({})", exprs.join(", ")));
         let read_back: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
-        let read_back: Vec<String> = read_back
-            .into_iter()
-            .map(|v| match v {
-                serde_json::Value::Null => "<NULL>".into(),
-                serde_json::Value::String(s) => s,
-                other => other.to_string(),
-            })
-            .collect();
+        let read_back: Vec<String> = read_back.into_iter().map(json_text).collect();
         for (i, (name, _)) in columns.iter().enumerate() {
             assert_eq!(read_back[i], expected[key][i], "{table} row {key} column {name}: archived as {:?}", row[i]);
         }
@@ -84,12 +76,11 @@ async fn every_type_reads_back_from_segments_as_the_value_postgres_holds() {
     db.sql(MORE_TYPES);
     db.capture_until_now(db.config()).await.unwrap();
     db.sql(
-        "INSERT INTO typed SELECT id + 10, i2, i8, f4, f8, n, n2, b, t, vc, u, d, tm, ts, tstz, iv, j, jb, by, arr, tarr, e FROM typed;
-         UPDATE typed SET t = 'changed', n = 'Infinity', f8 = 'NaN' WHERE id = 1;
-         UPDATE typed SET id = 99 WHERE id = 3;
-         DELETE FROM typed WHERE id = 2;
+        &format!(
+            "{TYPED_CHANGES}
          INSERT INTO more SELECT id + 10, small, tz, ch, nm, o, r, fa, da, ua, na, big, neg FROM more;
-         UPDATE more SET small = -1.5 WHERE id = 1;",
+         UPDATE more SET small = -1.5 WHERE id = 1;"
+        ),
     );
     db.capture_until_now(db.config()).await.unwrap();
     compact(&db);

@@ -156,7 +156,7 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     // the snapshot PostgreSQL took at that moment.
     cluster.start_again().unwrap();
     for (snap, rows) in &rebuilt {
-        let settings = "SET timezone = 'UTC'; SET datestyle = ISO; SET intervalstyle = postgres; SET extra_float_digits = 1; SET bytea_output = hex;";
+        let settings = pgtrail_capture::source::session_settings_sql();
         let exprs: Vec<String> = rows
             .iter()
             .map(|row| {
