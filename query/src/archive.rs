@@ -20,6 +20,8 @@ pub struct TableHistory {
     pub segments: Vec<SegmentEntry>,
     /// Changes still in the log, in key order.
     pub tail: Vec<(ChangeKey, ChangeRecord)>,
+    /// `versions[i].key_positions()`, computed once rather than for every change.
+    key_positions: Vec<Vec<usize>>,
 }
 
 impl TableHistory {
@@ -33,6 +35,13 @@ impl TableHistory {
             .iter()
             .find(|v| v.relation_id == relation_id && v.valid_from == valid_from)
             .ok_or(QueryError::NoSuchVersion { relation_id, valid_from })
+    }
+
+    /// The key positions of one of this table's versions (see
+    /// [`RelationVersion::key_positions`]); `version` must be one of `self.versions`.
+    pub fn key_positions(&self, version: &RelationVersion) -> &[usize] {
+        let i = self.versions.iter().position(|v| std::ptr::eq(v, version)).unwrap_or(0);
+        self.key_positions.get(i).map_or(&[], Vec::as_slice)
     }
 
     /// The latest schema version.
@@ -90,6 +99,7 @@ impl ArchiveSnapshot {
                 versions: Vec::new(),
                 segments: Vec::new(),
                 tail: Vec::new(),
+                key_positions: Vec::new(),
             });
         }
         for r in relations {
@@ -127,6 +137,7 @@ impl ArchiveSnapshot {
         }
         for t in tables.values_mut() {
             t.versions.sort_by_key(|v| v.valid_from);
+            t.key_positions = t.versions.iter().map(RelationVersion::key_positions).collect();
             t.segments.sort_by_key(|s| s.min_key);
         }
         tables.retain(|_, t| !t.versions.is_empty());

@@ -159,17 +159,11 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
         };
         return Err(QueryError::BeforeArchive { moment: moment.to_string(), begins }.into());
     }
-    // Key positions once per schema version, not once per change.
-    let key_positions: Vec<Vec<usize>> = table.versions.iter().map(RelationVersion::key_positions).collect();
-    let positions_of = |version: &RelationVersion| {
-        let i = table.versions.iter().position(|v| std::ptr::eq(v, version)).unwrap_or(0);
-        key_positions[i].as_slice()
-    };
     let mut rows: Rows<'t> = BTreeMap::new();
     let mut last_version = &table.versions[0];
     for_each_change(archive, table, Some(moment), |version, _, rec| {
         last_version = version;
-        let positions = positions_of(version);
+        let positions = table.key_positions(version);
         let remove = |rows: &mut Rows<'t>, row: &Row| {
             let k = row_key(positions, row);
             if let Some(list) = rows.get_mut(&k) {
@@ -405,7 +399,7 @@ impl TableFunctionImpl for RowHistory {
         let schema = history_schema(&table.versions);
         let mut picked: Vec<(ChangeKey, ChangeRecord)> = Vec::new();
         for_each_change(&self.archive, table, None, |version, key, rec| {
-            let positions = version.key_positions();
+            let positions = table.key_positions(version);
             let matches = |row: &Option<Row>| {
                 row.as_ref().is_some_and(|r| {
                     positions.len() == wanted.len()
