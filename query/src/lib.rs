@@ -4,12 +4,14 @@
 //! It registers each captured table's history under its schema-qualified name (typed
 //! `before`/`after` structs merged across schema versions), the Bemi-style `changes` view over
 //! all tables, the `pgtrail.messages` table, and the table functions `as_of`, `as_of_lsn`,
-//! `diff` and `row_history` that reconstruct a table at a moment. It depends only on
+//! `diff` and `row_history` that reconstruct a table at a moment, and [`export`]s the history
+//! to a directory or S3 in the layouts lake engines read (changes, cdf, scd2, snapshot). It depends only on
 //! `pgtrail-store`, never on the source database; segment reads run on blocking threads.
 
 mod archive;
 mod changes;
 mod error;
+pub mod export;
 mod functions;
 mod history;
 mod merge;

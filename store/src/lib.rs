@@ -13,7 +13,8 @@
 mod atomic_file;
 mod change;
 mod compact;
-mod crashpoint;
+#[doc(hidden)]
+pub mod crashpoint;
 mod error;
 mod log;
 mod lsn;

@@ -2,6 +2,7 @@
 
 mod compact;
 mod demo;
+mod export;
 mod sql;
 mod status;
 
@@ -31,6 +32,8 @@ enum Command {
     Compact(compact::CompactArgs),
     /// Run SQL over an archive, offline (history tables, `changes`, as_of, diff, row_history).
     Sql(sql::SqlArgs),
+    /// Export the history to a directory or S3 as Parquet (changes, cdf, scd2 or snapshot layout), incrementally.
+    Export(export::ExportArgs),
     /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
     Demo(DemoArgs),
 }
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
             Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
             Command::Compact(args) => compact::run(args).await,
             Command::Sql(args) => sql::run(args).await,
+            Command::Export(args) => export::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
         }
     });

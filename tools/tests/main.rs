@@ -10,6 +10,7 @@ use pgtrail_capture::cluster::Cluster;
 use pgtrail_store::{LogReader, Lsn, Op};
 
 mod compaction;
+mod export;
 mod faults;
 mod query;
 

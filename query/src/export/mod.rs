@@ -1,0 +1,748 @@
+//! Exports of an archive to a data lake (a directory or S3) in layouts lake engines read with
+//! no adapter: `changes` (the change log with typed images), `cdf` (Delta/Iceberg change data
+//! feed), `scd2` (one row per row version with validity) and `snapshot` (a table as of a
+//! moment). Exports are incremental and exactly once: see [`export`].
+
+mod destination;
+mod files;
+mod rows;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimestampMicrosecondType, UInt64Type};
+use pgtrail_store::segment::{SegmentContent, civil_from_days};
+use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
+
+use serde::{Deserialize, Serialize};
+use tokio::runtime::Handle;
+
+pub use destination::Destination;
+pub use files::WrittenFile;
+
+use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::error::QueryError;
+use crate::history::{Bounds, open_segment_pruned, tail_batches};
+use crate::merge::{adapt, history_schema, merged_row_fields};
+use crate::pit::{Moment, for_each_change};
+use files::PartitionedFiles;
+use rows::{LakeRows, MetaType, MetaValue};
+
+/// An export failed. Nothing a reader could see is half-written; rerunning the same command
+/// finishes the interrupted run first.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExportError {
+    #[error("cannot export to {destination:?}: {why}")]
+    BadDestination { destination: String, why: String },
+    #[error(
+        "no S3 credentials for {destination}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION, and AWS_ENDPOINT_URL for an S3-compatible store)"
+    )]
+    MissingCredentials { destination: String },
+    #[error("cannot {action} {path} at {destination}: {source} (check the bucket, the credentials, and that AWS_ENDPOINT_URL is reachable)")]
+    Destination {
+        destination: String,
+        action: &'static str,
+        path: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the export state {path} at {destination} is unreadable ({why}); it is not pgtrail's, or it was damaged")]
+    BadState { destination: String, path: String, why: String },
+    #[error(
+        "{destination} holds a {layout} export of another archive (source {found}, this archive is {expected}); export to another prefix"
+    )]
+    OtherArchive { destination: String, layout: &'static str, found: String, expected: String },
+    #[error("--since does not apply to the snapshot layout (a snapshot is the whole table as of --until)")]
+    SinceWithSnapshot,
+    #[error(transparent)]
+    Query(#[from] QueryError),
+    #[error(transparent)]
+    Arrow(#[from] datafusion::arrow::error::ArrowError),
+    #[error(transparent)]
+    Parquet(#[from] datafusion::parquet::errors::ParquetError),
+    #[error(transparent)]
+    DataFusion(#[from] datafusion::error::DataFusionError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The shape of the exported files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    Changes,
+    Cdf,
+    Scd2,
+    Snapshot,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Changes => "changes",
+            Layout::Cdf => "cdf",
+            Layout::Scd2 => "scd2",
+            Layout::Snapshot => "snapshot",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Layout> {
+        [Layout::Changes, Layout::Cdf, Layout::Scd2, Layout::Snapshot].into_iter().find(|l| l.name() == s)
+    }
+}
+
+/// What to export.
+#[derive(Clone, Debug)]
+pub struct ExportRequest {
+    pub archive: PathBuf,
+    pub destination: String,
+    pub layout: Layout,
+    /// Table names as PostgreSQL writes them; empty for every table.
+    pub tables: Vec<String>,
+    /// Only changes committed at or after this moment (the first export; later ones continue
+    /// from where the last one stopped).
+    pub since: Option<Moment>,
+    /// Only changes committed at or before this moment (default: everything archived).
+    pub until: Option<Moment>,
+    pub max_rows_per_file: usize,
+}
+
+/// What one table's export wrote.
+#[derive(Clone, Debug, Serialize)]
+pub struct TableExport {
+    pub table: String,
+    /// Changes after `from_lsn` up to and including `until_lsn`.
+    pub from_lsn: String,
+    pub until_lsn: String,
+    pub rows: u64,
+    pub bytes: u64,
+    pub files: Vec<String>,
+}
+
+/// The outcome of [`export`].
+#[derive(Clone, Debug, Serialize)]
+pub struct ExportReport {
+    pub destination: String,
+    pub layout: &'static str,
+    /// An interrupted earlier run was finished first.
+    pub resumed: bool,
+    pub tables: Vec<TableExport>,
+    pub seconds: f64,
+}
+
+/// One run: a fixed LSN range per table. It is recorded in the state before any file is
+/// written, so an interrupted run is repeated exactly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Run {
+    until_lsn: String,
+    max_rows_per_file: usize,
+    /// Table -> the LSN its changes start after.
+    tables: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct TableProgress {
+    /// Every change up to this commit LSN is exported.
+    through_lsn: String,
+    /// scd2: the files holding the current versions (replaced by each run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    current_files: Vec<String>,
+    /// scd2: the directory of those files.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    current_dir: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct ExportState {
+    format: u32,
+    layout: Layout,
+    /// The archive's source (system identifier, database, slot).
+    source: String,
+    tables: BTreeMap<String, TableProgress>,
+    pending: Option<Run>,
+}
+
+const STATE_DIR: &str = "_pgtrail_export";
+
+fn state_path(layout: Layout) -> String {
+    format!("{STATE_DIR}/{}.json", layout.name())
+}
+
+fn parse_lsn(s: &str, dest: &Destination, layout: Layout) -> Result<Lsn, ExportError> {
+    s.parse().map_err(|_| ExportError::BadState { destination: dest.display().to_string(), path: state_path(layout), why: format!("bad LSN {s:?}") })
+}
+
+impl ExportState {
+    fn load(dest: &Destination, layout: Layout) -> Result<Option<ExportState>, ExportError> {
+        let path = state_path(layout);
+        let Some(bytes) = dest.get(&path)? else { return Ok(None) };
+        let state: ExportState = serde_json::from_slice(&bytes)
+            .map_err(|e| ExportError::BadState { destination: dest.display().to_string(), path: path.clone(), why: e.to_string() })?;
+        if state.format != 1 || state.layout != layout {
+            return Err(ExportError::BadState { destination: dest.display().to_string(), path, why: "unknown format or layout".into() });
+        }
+        Ok(Some(state))
+    }
+
+    /// Replace the state object whole (one PUT, or rename + fsync on a directory).
+    fn save(&self, dest: &Destination) -> Result<(), ExportError> {
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| ExportError::Internal(e.to_string()))?;
+        dest.put_bytes(&state_path(self.layout), bytes)
+    }
+}
+
+fn source_name(archive: &ArchiveSnapshot) -> String {
+    match &archive.source {
+        Some(s) => format!("system {} database {} slot {}", s.system_id, s.database, s.slot),
+        None => "unknown".into(),
+    }
+}
+
+/// An LSN in file names: fixed-width hex, so names sort as LSNs do.
+fn lsn_name(lsn: Lsn) -> String {
+    format!("{:016X}", lsn.0)
+}
+
+/// An LSN as a partition value: fixed width and sortable like [`lsn_name`], and never read
+/// as a number by engines that infer partition types.
+fn lsn_partition(lsn: Lsn) -> String {
+    format!("{:08X}-{:08X}", lsn.0 >> 32, lsn.0 & 0xFFFF_FFFF)
+}
+
+/// A Hive partition value: letters, digits and `_.-` kept, every other byte as `%XX`.
+fn partition_value(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn table_partition(table: &TableHistory) -> String {
+    format!("table={}", partition_value(&format!("{}.{}", table.schema, table.name)))
+}
+
+fn date_of(us: i64) -> String {
+    let (y, m, d) = civil_from_days(us.div_euclid(86_400_000_000));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The commit LSN of the last change committed at or before `t` (0 when none).
+fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
+    let mut best = Lsn(0);
+    for table in archive.tables.values() {
+        for seg in &table.segments {
+            if seg.max_committed_at_us <= t {
+                best = best.max(seg.max_key.commit_lsn);
+            }
+        }
+        // Segments straddling `t`, and the tail, are read (pruned to the row groups before t).
+        for_each_change(archive, table, Some(Moment::Time(t)), |_, key, _| {
+            best = best.max(key.commit_lsn);
+            Ok(())
+        })?;
+    }
+    Ok(best)
+}
+
+fn has_changes(table: &TableHistory, from: Lsn, until: Lsn) -> bool {
+    table.segments.iter().any(|s| s.max_key.commit_lsn > from && s.min_key.commit_lsn <= until)
+        || table.tail.iter().any(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until)
+}
+
+/// Export `request`. Blocking: call it off the async runtime; `handle` runs the destination's
+/// I/O. `progress` receives one line per file and per table for people to read.
+///
+/// Exactly once: (1) the run (each table's LSN range) is written into the destination's state
+/// object before any data file; (2) data files have names fixed by the run and appear whole;
+/// (3) the state then records the range as exported and clears the run. A crash before (1)
+/// wrote nothing; between (1) and (3) the next export repeats the recorded run first, rewriting
+/// the same objects with the same rows; after (3) the next run starts where this one ended.
+pub fn export(request: &ExportRequest, handle: &Handle, progress: &mut dyn FnMut(&str)) -> Result<ExportReport, ExportError> {
+    let started = Instant::now();
+    let dest = Destination::open(&request.destination, handle.clone())?;
+    let layout = request.layout;
+    if layout == Layout::Snapshot && request.since.is_some() {
+        return Err(ExportError::SinceWithSnapshot);
+    }
+    let archive = ArchiveSnapshot::open(&request.archive)?;
+    let source = source_name(&archive);
+    let mut state = match ExportState::load(&dest, layout)? {
+        Some(s) if s.source != source => {
+            return Err(ExportError::OtherArchive {
+                destination: dest.display().to_string(),
+                layout: layout.name(),
+                found: s.source,
+                expected: source,
+            });
+        }
+        Some(s) => s,
+        None => ExportState { format: 1, layout, source, tables: BTreeMap::new(), pending: None },
+    };
+    let spool = tempfile::Builder::new().prefix("pgtrail-export-").tempdir().map_err(|source| ExportError::Io { path: std::env::temp_dir(), source })?;
+    let mut report = ExportReport { destination: dest.display().to_string(), layout: layout.name(), resumed: false, tables: Vec::new(), seconds: 0.0 };
+
+    if let Some(run) = state.pending.clone() {
+        progress(&format!("finishing the interrupted export up to LSN {}", run.until_lsn));
+        report.resumed = true;
+        report.tables.extend(execute(&archive, &dest, spool.path(), layout, &run, &mut state, progress)?);
+    }
+    // Leftovers of a run interrupted after its state was saved (scd2's replaced current files).
+    remove_stale_current(&dest, &state)?;
+
+    let run = plan(&archive, &dest, &state, request)?;
+    if run.tables.is_empty() {
+        progress(&format!("nothing new to export to {} ({} layout)", dest.display(), layout.name()));
+    } else {
+        // Step (1): the intent, before any file.
+        state.pending = Some(run.clone());
+        state.save(&dest)?;
+        report.tables.extend(execute(&archive, &dest, spool.path(), layout, &run, &mut state, progress)?);
+        remove_stale_current(&dest, &state)?;
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Decide each table's LSN range.
+fn plan(archive: &ArchiveSnapshot, dest: &Destination, state: &ExportState, request: &ExportRequest) -> Result<Run, ExportError> {
+    let until = match request.until {
+        None => archive.position,
+        Some(Moment::Lsn(l)) => l.min(archive.position),
+        Some(Moment::Time(t)) => lsn_at_time(archive, t)?.min(archive.position),
+    };
+    let since_after = match request.since {
+        None => Lsn(0),
+        // "since X" includes X: changes after the LSN just below it.
+        Some(Moment::Lsn(l)) => Lsn(l.0.saturating_sub(1)),
+        Some(Moment::Time(t)) => lsn_at_time(archive, t.saturating_sub(1))?,
+    };
+    let names: Vec<String> = if request.tables.is_empty() {
+        archive.tables.keys().cloned().collect()
+    } else {
+        request.tables.iter().map(|n| archive.table(n).map(|t| t.qualified_name())).collect::<Result<_, _>>()?
+    };
+    let mut tables = BTreeMap::new();
+    for name in names {
+        let table = &archive.tables[&name];
+        let done = match state.tables.get(&name) {
+            Some(p) => parse_lsn(&p.through_lsn, dest, request.layout)?,
+            None => Lsn(0),
+        };
+        let from = done.max(since_after);
+        if from < until && has_changes(table, from, until) {
+            tables.insert(name, from.to_string());
+        }
+    }
+    Ok(Run { until_lsn: until.to_string(), max_rows_per_file: request.max_rows_per_file, tables })
+}
+
+/// Steps (2) and (3) of [`export`] for one run.
+fn execute(
+    archive: &ArchiveSnapshot,
+    dest: &Destination,
+    spool: &std::path::Path,
+    layout: Layout,
+    run: &Run,
+    state: &mut ExportState,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<TableExport>, ExportError> {
+    let until = parse_lsn(&run.until_lsn, dest, layout)?;
+    let mut done = Vec::new();
+    for (name, from) in &run.tables {
+        let from = parse_lsn(from, dest, layout)?;
+        let Some(table) = archive.tables.get(name) else {
+            return Err(ExportError::Internal(format!("the recorded export names table {name}, which the archive does not hold")));
+        };
+        let started = Instant::now();
+        let mut on_file = |f: &WrittenFile| progress(&format!("  {} ({} rows, {} bytes)", f.path, f.rows, f.bytes));
+        let mut files = PartitionedFiles::new(dest, spool, Arc::new(Schema::empty()), run.max_rows_per_file, &mut on_file);
+        match layout {
+            Layout::Changes => export_changes(archive, table, from, until, &mut files)?,
+            Layout::Cdf | Layout::Scd2 | Layout::Snapshot => replay(archive, table, from, until, layout, &mut files)?,
+        }
+        let written = files.finish()?;
+        let rows: u64 = written.iter().map(|f| f.rows).sum();
+        let bytes: u64 = written.iter().map(|f| f.bytes).sum();
+        let seconds = started.elapsed().as_secs_f64().max(1e-6);
+        progress(&format!(
+            "{name}: {rows} rows in {} files, {bytes} bytes, {:.0} rows/s (LSN {from} .. {until})",
+            written.len(),
+            rows as f64 / seconds
+        ));
+        let entry = state.tables.entry(name.clone()).or_default();
+        entry.through_lsn = until.to_string();
+        if layout == Layout::Scd2 {
+            entry.current_dir = format!("{}/state=current", table_partition(table));
+            let stem = current_stem(table, until);
+            entry.current_files = written.iter().filter(|f| f.path.starts_with(&stem)).map(|f| f.path.clone()).collect();
+        }
+        done.push(TableExport {
+            table: name.clone(),
+            from_lsn: from.to_string(),
+            until_lsn: until.to_string(),
+            rows,
+            bytes,
+            files: written.into_iter().map(|f| f.path).collect(),
+        });
+    }
+    // Step (3): the range is exported. A crash before this line repeats the run; after it, the
+    // next run starts at `until`.
+    state.pending = None;
+    state.save(dest)?;
+    Ok(done)
+}
+
+fn current_stem(table: &TableHistory, until: Lsn) -> String {
+    format!("{}/state=current/scd2-{}", table_partition(table), lsn_name(until))
+}
+
+/// Delete scd2 current-version files the state no longer lists. Safe at any point: the state
+/// (saved before this runs) lists the files that hold the current versions; any other file
+/// under `state=current` belongs to a replaced run.
+fn remove_stale_current(dest: &Destination, state: &ExportState) -> Result<(), ExportError> {
+    if state.layout != Layout::Scd2 || state.pending.is_some() {
+        return Ok(());
+    }
+    for progress in state.tables.values().filter(|p| !p.current_dir.is_empty()) {
+        for object in dest.list(&progress.current_dir)? {
+            if !progress.current_files.contains(&object) {
+                dest.delete(&object)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `changes` layout: the table's history rows (typed `before`/`after`), unsigned
+/// metadata as Int64 for engines without unsigned types, partitioned by commit date.
+fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, files: &mut PartitionedFiles) -> Result<(), ExportError> {
+    let versions: Vec<RelationVersion> = table.versions.iter().filter(|v| v.valid_from.commit_lsn <= until).cloned().collect();
+    let versions = if versions.is_empty() { table.versions[..1].to_vec() } else { versions };
+    let history = history_schema(&versions);
+    let out_schema: SchemaRef = Arc::new(Schema::new(
+        history
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "lsn" | "seq" | "xid" => Field::new(f.name(), DataType::Int64, false),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<_>>(),
+    ));
+    files.schema = out_schema.clone();
+    let partition = table_partition(table);
+    let stem = format!("changes-{}-{}", lsn_name(from), lsn_name(until));
+    let mut emit = |batch: RecordBatch| -> Result<(), ExportError> {
+        let lsn = batch.column_by_name("lsn").and_then(|c| c.as_primitive_opt::<UInt64Type>()).ok_or_else(|| ExportError::Internal("lsn column".into()))?;
+        let keep: BooleanArray = lsn.iter().map(|l| l.map(|l| l > from.0 && l <= until.0)).collect();
+        let batch = filter_record_batch(&batch, &keep)?;
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        let columns = batch
+            .columns()
+            .iter()
+            .zip(out_schema.fields())
+            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { cast(c, f.data_type()) })
+            .collect::<Result<Vec<_>, _>>()?;
+        let batch = RecordBatch::try_new(out_schema.clone(), columns)?;
+        let at = batch
+            .column_by_name("committed_at")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or_else(|| ExportError::Internal("committed_at column".into()))?
+            .clone();
+        // Split into runs of one commit date (rows are in commit order).
+        let mut start = 0;
+        for i in 1..=batch.num_rows() {
+            if i == batch.num_rows() || date_of(at.value(i)) != date_of(at.value(start)) {
+                let dir = format!("{partition}/date={}", date_of(at.value(start)));
+                files.write(&dir, &stem, &batch.slice(start, i - start))?;
+                start = i;
+            }
+        }
+        Ok(())
+    };
+    let bounds = Bounds { lsn: (from.0.saturating_add(1), until.0), ..Bounds::default() };
+    for seg in &table.segments {
+        if !(seg.max_key.commit_lsn > from && seg.min_key.commit_lsn <= until) {
+            continue;
+        }
+        let SegmentContent::Table(version) = &seg.content else { continue };
+        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, bounds)? {
+            let batch = batch.map_err(|e| ExportError::Query(QueryError::Segment(e)))?;
+            emit(adapt(&batch, version, &history)?)?;
+        }
+    }
+    let tail: Vec<(ChangeKey, ChangeRecord)> =
+        table.tail.iter().filter(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until).cloned().collect();
+    for batch in tail_batches(table, &tail, &history)? {
+        emit(batch)?;
+    }
+    Ok(())
+}
+
+/// A row version open (current) during the replay.
+struct OpenVersion<'t> {
+    version: &'t RelationVersion,
+    row: Row,
+    from: ChangeKey,
+    from_us: i64,
+    op: Op,
+    context: Option<String>,
+}
+
+type RowKey = Vec<Cell>;
+
+/// Remove and return the open version `row` is an image of: with a key, the key's version;
+/// without one, one identical row.
+fn take_version<'t>(open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>, positions: &[usize], row: &Row) -> Option<OpenVersion<'t>> {
+    let k = row_key(positions, row);
+    let list = open.get_mut(&k)?;
+    let i = if positions.is_empty() { list.iter().position(|v| &v.row == row)? } else { 0 };
+    let v = list.remove(i);
+    if list.is_empty() {
+        open.remove(&k);
+    }
+    Some(v)
+}
+
+fn row_key(positions: &[usize], row: &Row) -> RowKey {
+    if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
+}
+
+const BATCH_ROWS: usize = 8192;
+
+/// Per-partition row buffers flushed to the files every [`BATCH_ROWS`] rows.
+struct Buffers<'a> {
+    columns: Fields,
+    versions: &'a [RelationVersion],
+    meta: &'static [(&'static str, MetaType)],
+    open: BTreeMap<(String, String), LakeRows>,
+}
+
+impl Buffers<'_> {
+    fn push(
+        &mut self,
+        files: &mut PartitionedFiles,
+        partition: String,
+        stem: &str,
+        image: Option<(&RelationVersion, &Row)>,
+        meta: &[MetaValue],
+    ) -> Result<(), ExportError> {
+        let key = (partition, stem.to_string());
+        let rows = self.open.entry(key.clone()).or_insert_with(|| LakeRows::new(&self.columns, self.versions, self.meta));
+        rows.push(image, meta)?;
+        if rows.len() >= BATCH_ROWS {
+            let batch = rows.finish()?;
+            files.write(&key.0, &key.1, &batch)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, files: &mut PartitionedFiles) -> Result<(), ExportError> {
+        for ((partition, stem), rows) in &mut self.open {
+            if rows.len() > 0 {
+                let batch = rows.finish()?;
+                files.write(partition, stem, &batch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+const CDF_META: &[(&str, MetaType)] = &[
+    ("_change_type", MetaType::Text),
+    ("_commit_lsn", MetaType::Int64),
+    ("_commit_seq", MetaType::Int64),
+    ("_commit_timestamp", MetaType::Timestamp),
+    ("_xid", MetaType::Int64),
+    ("_context", MetaType::Text),
+];
+
+const SCD2_META: &[(&str, MetaType)] = &[
+    ("_valid_from", MetaType::Timestamp),
+    ("_valid_to", MetaType::Timestamp),
+    ("_valid_from_lsn", MetaType::Int64),
+    ("_valid_to_lsn", MetaType::Int64),
+    ("_is_current", MetaType::Bool),
+    ("_op", MetaType::Text),
+    ("_context", MetaType::Text),
+];
+
+const SNAPSHOT_META: &[(&str, MetaType)] = &[];
+
+/// Replay the table's history up to `until`, keeping its open row versions, and write the
+/// `cdf`, `scd2` or `snapshot` rows of the changes after `from`.
+fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, layout: Layout, files: &mut PartitionedFiles) -> Result<(), ExportError> {
+    let known: Vec<RelationVersion> = table.versions.iter().filter(|v| v.valid_from.commit_lsn <= until).cloned().collect();
+    let known = if known.is_empty() { table.versions[..1].to_vec() } else { known };
+    let columns = match layout {
+        // A snapshot has the columns of the schema in force at its moment.
+        Layout::Snapshot => pgtrail_store::segment::row_struct_fields(known.last().expect("one version")),
+        _ => merged_row_fields(&known),
+    };
+    let meta = match layout {
+        Layout::Cdf => CDF_META,
+        Layout::Scd2 => SCD2_META,
+        _ => SNAPSHOT_META,
+    };
+    files.schema = rows::lake_schema(&columns, meta);
+    let mut buffers = Buffers { columns, versions: &table.versions, meta, open: BTreeMap::new() };
+    let partition = table_partition(table);
+    let range = format!("{}-{}", lsn_name(from), lsn_name(until));
+    let cdf_stem = format!("cdf-{range}");
+    let closed_stem = format!("scd2-{range}");
+    let closed_dir = format!("{partition}/state=closed");
+
+    let mut open: BTreeMap<RowKey, Vec<OpenVersion>> = BTreeMap::new();
+    for_each_change(archive, table, Some(Moment::Lsn(until)), |version, key, rec| {
+        let step = (|| -> Result<(), ExportError> {
+            let in_range = key.commit_lsn > from;
+            let positions = table.key_positions(version);
+            let keyed = !positions.is_empty();
+            let cdf_dir = || format!("{partition}/date={}", date_of(rec.committed_at_us));
+            let cdf_meta = |change_type: &'static str| {
+                [
+                    MetaValue::Text(Some(change_type)),
+                    MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
+                    MetaValue::Int64(Some(i64::from(key.seq))),
+                    MetaValue::Timestamp(Some(rec.committed_at_us)),
+                    MetaValue::Int64(Some(i64::from(rec.xid))),
+                    MetaValue::Text(rec.context.as_deref()),
+                ]
+            };
+            let close = |buffers: &mut Buffers, files: &mut PartitionedFiles, old: OpenVersion| -> Result<(), ExportError> {
+                if in_range && layout == Layout::Scd2 {
+                    let meta = [
+                        MetaValue::Timestamp(Some(old.from_us)),
+                        MetaValue::Timestamp(Some(rec.committed_at_us)),
+                        MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
+                        MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
+                        MetaValue::Bool(false),
+                        MetaValue::Text(Some(old.op.as_str())),
+                        MetaValue::Text(old.context.as_deref()),
+                    ];
+                    buffers.push(files, closed_dir.clone(), &closed_stem, Some((old.version, &old.row)), &meta)?;
+                }
+                Ok(())
+            };
+            match rec.op {
+                Op::Insert | Op::Snapshot | Op::Update => {
+                    if rec.op == Op::Update
+                        && let Some(before) = &rec.before
+                    {
+                        let old = take_version(&mut open, positions, before);
+                        if in_range && layout == Layout::Cdf {
+                            let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
+                            buffers.push(files, cdf_dir(), &cdf_stem, Some(image), &cdf_meta("update_preimage"))?;
+                        }
+                        if let Some(old) = old {
+                            close(&mut buffers, files, old)?;
+                        }
+                    }
+                    if let Some(after) = &rec.after {
+                        let k = row_key(positions, after);
+                        if keyed && let Some(list) = open.remove(&k) {
+                            for old in list {
+                                close(&mut buffers, files, old)?;
+                            }
+                        }
+                        if in_range && layout == Layout::Cdf {
+                            let change_type = if rec.op == Op::Update { "update_postimage" } else { "insert" };
+                            buffers.push(files, cdf_dir(), &cdf_stem, Some((version, after)), &cdf_meta(change_type))?;
+                        }
+                        open.entry(k).or_default().push(OpenVersion {
+                            version,
+                            row: after.clone(),
+                            from: key,
+                            from_us: rec.committed_at_us,
+                            op: rec.op,
+                            context: rec.context.clone(),
+                        });
+                    }
+                }
+                Op::Delete => {
+                    if let Some(before) = &rec.before {
+                        let old = take_version(&mut open, positions, before);
+                        if in_range && layout == Layout::Cdf {
+                            let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
+                            buffers.push(files, cdf_dir(), &cdf_stem, Some(image), &cdf_meta("delete"))?;
+                        }
+                        if let Some(old) = old {
+                            close(&mut buffers, files, old)?;
+                        }
+                    }
+                }
+                // A TRUNCATE deletes every row of the relation: each gets its delete image
+                // (cdf) or its closing (scd2).
+                Op::Truncate => {
+                    let keys: Vec<RowKey> = open.keys().cloned().collect();
+                    for k in keys {
+                        let list = open.remove(&k).unwrap_or_default();
+                        let (gone, kept): (Vec<_>, Vec<_>) = list.into_iter().partition(|v| v.version.relation_id == rec.relation_id);
+                        for old in gone {
+                            if in_range && layout == Layout::Cdf {
+                                buffers.push(files, cdf_dir(), &cdf_stem, Some((old.version, &old.row)), &cdf_meta("delete"))?;
+                            }
+                            close(&mut buffers, files, old)?;
+                        }
+                        if !kept.is_empty() {
+                            open.insert(k, kept);
+                        }
+                    }
+                }
+                Op::Message => {}
+            }
+            Ok(())
+        })();
+        step.map_err(|e| match e {
+            ExportError::DataFusion(e) => e,
+            e => datafusion::error::DataFusionError::External(Box::new(e)),
+        })
+    })
+    .map_err(ExportError::DataFusion)?;
+
+    // The versions open at `until`: scd2's current files, or the snapshot.
+    match layout {
+        Layout::Scd2 => {
+            let dir = format!("{partition}/state=current");
+            let stem = format!("scd2-{}", lsn_name(until));
+            for v in open.values().flatten() {
+                let meta = [
+                    MetaValue::Timestamp(Some(v.from_us)),
+                    MetaValue::Timestamp(None),
+                    MetaValue::Int64(Some(v.from.commit_lsn.0 as i64)),
+                    MetaValue::Int64(None),
+                    MetaValue::Bool(true),
+                    MetaValue::Text(Some(v.op.as_str())),
+                    MetaValue::Text(v.context.as_deref()),
+                ];
+                buffers.push(files, dir.clone(), &stem, Some((v.version, &v.row)), &meta)?;
+            }
+        }
+        Layout::Snapshot => {
+            let dir = format!("{partition}/snapshot_lsn={}", lsn_partition(until));
+            for v in open.values().flatten() {
+                buffers.push(files, dir.clone(), "snapshot", Some((v.version, &v.row)), &[])?;
+            }
+        }
+        _ => {}
+    }
+    buffers.flush(files)
+}

@@ -1,0 +1,94 @@
+//! `pgtrail export`: hand the archive's history to a data lake (a directory or S3) in the
+//! `changes`, `cdf`, `scd2` or `snapshot` layout, incrementally and exactly once.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use datafusion::arrow::datatypes::{DataType, TimeUnit};
+use datafusion::common::ScalarValue;
+use pgtrail_query::Moment;
+use pgtrail_query::export::{ExportRequest, Layout};
+use pgtrail_store::Lsn;
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    archive: PathBuf,
+    /// A directory, or s3://bucket/prefix (credentials from AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION; AWS_ENDPOINT_URL for an S3-compatible store).
+    #[arg(long)]
+    to: String,
+    /// changes (the change log), cdf (change data feed), scd2 (row versions with validity),
+    /// snapshot (the tables as of --until).
+    #[arg(long, value_parser = ["changes", "cdf", "scd2", "snapshot"])]
+    layout: String,
+    /// Tables to export (as PostgreSQL writes them, comma-separated); default every table.
+    #[arg(long)]
+    tables: Option<String>,
+    /// The first export starts at this commit time or LSN (later runs continue where the
+    /// last one stopped).
+    #[arg(long)]
+    since: Option<String>,
+    /// Export up to this commit time or LSN (default: everything archived).
+    #[arg(long)]
+    until: Option<String>,
+    /// Start a new file after this many rows.
+    #[arg(long, default_value_t = 1_000_000)]
+    max_rows_per_file: usize,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `0/1A2B3C4` is an LSN; anything else a timestamp (`2026-11-26 12:00:00+00`; without a zone, UTC).
+fn moment(text: &str, flag: &str) -> anyhow::Result<Moment> {
+    if text.contains('/') {
+        return text.parse::<Lsn>().map(Moment::Lsn).with_context(|| format!("{flag} {text:?} is not an LSN such as 0/1A2B3C4"));
+    }
+    let ts = ScalarValue::Utf8(Some(text.to_string()))
+        .cast_to(&DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())))
+        .ok()
+        .and_then(|v| match v {
+            ScalarValue::TimestampMicrosecond(Some(us), _) => Some(us),
+            _ => None,
+        });
+    ts.map(Moment::Time)
+        .with_context(|| format!("{flag} {text:?} is neither an LSN (0/1A2B3C4) nor a timestamp (2026-11-26 12:00:00+00)"))
+}
+
+pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let request = ExportRequest {
+        archive: args.archive,
+        destination: args.to,
+        layout: Layout::parse(&args.layout).context("--layout")?,
+        tables: args.tables.as_deref().map(pgtrail_capture::slot::split_table_list).unwrap_or_default(),
+        since: args.since.as_deref().map(|s| moment(s, "--since")).transpose()?,
+        until: args.until.as_deref().map(|s| moment(s, "--until")).transpose()?,
+        max_rows_per_file: args.max_rows_per_file.max(1),
+    };
+    let handle = tokio::runtime::Handle::current();
+    // Reading segments and writing Parquet is blocking work; the destination's requests run
+    // on this runtime through `handle`.
+    let report = tokio::task::spawn_blocking(move || {
+        pgtrail_query::export::export(&request, &handle, &mut |line| eprintln!("export: {line}"))
+    })
+    .await
+    .context("the export thread failed")??;
+    let rows: u64 = report.tables.iter().map(|t| t.rows).sum();
+    let bytes: u64 = report.tables.iter().map(|t| t.bytes).sum();
+    let files: usize = report.tables.iter().map(|t| t.files.len()).sum();
+    eprintln!(
+        "export: {} layout to {}: {} tables, {rows} rows, {files} files, {bytes} bytes in {:.1} s ({:.0} rows/s){}",
+        report.layout,
+        report.destination,
+        report.tables.len(),
+        report.seconds,
+        rows as f64 / report.seconds.max(1e-6),
+        if report.resumed { ", after finishing an interrupted export" } else { "" }
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}

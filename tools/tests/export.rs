@@ -1,0 +1,343 @@
+//! `pgtrail export` to a directory and to a real S3-compatible server (moto), read back by
+//! DuckDB and pyarrow as lake users read it: every layout; scd2 and snapshot equal pgtrail's
+//! own as_of at several moments; reruns add only new changes; an export killed mid-way and
+//! rerun holds every change exactly once; bad destinations fail clearly.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pgtrail_capture::cluster::{Cluster, ClusterOptions};
+use serde_json::Value;
+
+use crate::pgtrail;
+
+const TABLES: &str = "CREATE TABLE acct (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
+     opened timestamptz, active bool, note text); \
+     CREATE TABLE audit_free (k text, v int); ALTER TABLE audit_free REPLICA IDENTITY FULL;";
+
+/// Round `r` of the workload: inserts, updates (some of the key), deletes, application
+/// context, and a TRUNCATE of the keyless table in round 3.
+fn round_sql(r: u32) -> String {
+    let base = r * 40;
+    let mut sql = format!(
+        "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{{\"round\": {r}}}'); \
+         INSERT INTO acct SELECT g, 'owner ' || g, g * 1.25, timestamptz '2026-01-01 00:00:00+00' + g * interval '1 hour', g % 2 = 0, NULL \
+         FROM generate_series({base} + 1, {base} + 40) g; \
+         UPDATE acct SET balance = balance + 10, note = 'round {r}' WHERE id % 3 = {m}; \
+         DELETE FROM acct WHERE id % 7 = {m} AND id <= {base}; \
+         UPDATE acct SET id = id + 100000 WHERE id = {base} + 5; \
+         INSERT INTO audit_free SELECT 'k' || (g % 5), g FROM generate_series(1, 10) g; \
+         UPDATE audit_free SET v = v + 1 WHERE v = 3; COMMIT;",
+        m = r % 3
+    );
+    if r == 3 {
+        sql.push_str(" TRUNCATE audit_free;");
+    }
+    sql
+}
+
+fn lake(args: &[&str]) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_check.py");
+    let out = Command::new("python3").arg(script).args(args).output().unwrap();
+    assert!(out.status.success(), "lake_check {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn lake_tools_present() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import duckdb, pyarrow, boto3, moto"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("PGTRAIL_REQUIRE_LAKE_TOOLS").is_none(),
+            "duckdb, pyarrow and moto[server] are required here: pip install duckdb pyarrow 'moto[server]'"
+        );
+        eprintln!("note: duckdb/pyarrow/moto are not installed; the export test was skipped");
+    }
+    ok
+}
+
+struct Moto {
+    child: Child,
+    endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("python3")
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start moto's S3 server");
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "moto did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Moto { child, endpoint }
+}
+
+fn export(archive: &Path, to: &str, layout: &str, extra: &[&str], moto: &Moto, crash_at: Option<&str>) -> std::process::Output {
+    let mut cmd = pgtrail();
+    cmd.args(["export", "--archive"]).arg(archive).args(["--to", to, "--layout", layout, "--json"]).args(extra);
+    cmd.env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_ENDPOINT_URL", &moto.endpoint);
+    if let Some(point) = crash_at {
+        cmd.env("PGTRAIL_CRASH_AT", point);
+    }
+    cmd.output().unwrap()
+}
+
+fn export_ok(archive: &Path, to: &str, layout: &str, extra: &[&str], moto: &Moto) -> Value {
+    let out = export(archive, to, layout, extra, moto, None);
+    assert!(out.status.success(), "export {layout} to {to} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sql_to_parquet(archive: &Path, sql: &str, out: &Path) {
+    let status = pgtrail()
+        .args(["sql", "--archive"])
+        .arg(archive)
+        .args(["--format", "parquet", "--output"])
+        .arg(out)
+        .arg(sql)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{sql}");
+}
+
+fn sql_json(archive: &Path, sql: &str) -> Vec<Value> {
+    let out = pgtrail().args(["sql", "--archive"]).arg(archive).args(["--format", "json", sql]).output().unwrap();
+    assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn capture_to(cluster: &Cluster, db: &str, archive: &Path) {
+    let lsn = cluster.psql(db, "SELECT pg_current_wal_insert_lsn()").unwrap();
+    let status = pgtrail()
+        .args(["capture", "--slot", db, "--publication", db, "--no-compact", "--stop-at", &lsn])
+        .env("PGTRAIL_SOURCE", cluster.url(db))
+        .env("PGTRAIL_ARCHIVE", archive)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Per table: (changes, by operation) as the archive holds them.
+fn archive_counts(archive: &Path) -> BTreeMap<String, (u64, BTreeMap<String, u64>)> {
+    let mut out: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
+    for row in sql_json(archive, r#"SELECT "schema", "table", operation, count(*) AS n FROM changes GROUP BY 1, 2, 3"#) {
+        let table = format!("{}.{}", row["schema"].as_str().unwrap(), row["table"].as_str().unwrap());
+        let e = out.entry(table).or_default();
+        let n = row["n"].as_u64().unwrap();
+        e.0 += n;
+        e.1.insert(row["operation"].as_str().unwrap().to_string(), n);
+    }
+    out
+}
+
+/// The local copy of a destination (S3 is downloaded first).
+fn local_view(to: &str, moto: &Moto, scratch: &Path) -> PathBuf {
+    match to.strip_prefix("s3://") {
+        None => PathBuf::from(to),
+        Some(rest) => {
+            let (bucket, prefix) = rest.split_once('/').unwrap();
+            let dir = scratch.join(format!("s3-copy-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+            lake(&["download", &moto.endpoint, bucket, prefix, dir.to_str().unwrap()]);
+            dir
+        }
+    }
+}
+
+fn check_exactly_once(to: &str, layout: &str, moto: &Moto, scratch: &Path, archive: &Path) {
+    let view = local_view(to, moto, scratch);
+    let counts = lake(&["counts", view.to_str().unwrap(), layout]);
+    let expected = archive_counts(archive);
+    for (table, (changes, ops)) in &expected {
+        let got = &counts[table.as_str()];
+        let op = |o: &str| ops.get(o).copied().unwrap_or(0);
+        match layout {
+            "changes" => {
+                assert_eq!(got["rows"].as_u64(), Some(*changes), "{to} {table}: every change once");
+                assert_eq!(got["distinct"].as_u64(), Some(*changes), "{to} {table}: no duplicate (lsn, seq)");
+            }
+            "cdf" => {
+                let types = &got["types"];
+                assert_eq!(types["insert"].as_u64().unwrap_or(0), op("CREATE") + op("SNAPSHOT"), "{to} {table}: inserts");
+                assert_eq!(types["update_preimage"].as_u64().unwrap_or(0), op("UPDATE"), "{to} {table}: preimages");
+                assert_eq!(types["update_postimage"].as_u64().unwrap_or(0), op("UPDATE"), "{to} {table}: postimages");
+                assert!(types["delete"].as_u64().unwrap_or(0) >= op("DELETE"), "{to} {table}: deletes (a TRUNCATE adds one per row)");
+                assert_eq!(got["rows"], got["distinct"], "{to} {table}: no duplicate change rows");
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn export_layouts_to_a_directory_and_s3_are_exact_incremental_and_exactly_once() {
+    if !lake_tools_present() {
+        return;
+    }
+    let moto = start_moto();
+    lake(&["mkbucket", &moto.endpoint, "lake"]);
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let db = "exp";
+    cluster.psql("postgres", "CREATE DATABASE exp").unwrap();
+    cluster.psql(db, TABLES).unwrap();
+    cluster.psql(db, "INSERT INTO acct VALUES (-1, 'before capture', 0, now(), true, 'snapshot row')").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let local = dir.path().join("lake");
+    let local_to = local.to_str().unwrap().to_string();
+    let destinations = [local_to.clone(), "s3://lake/exports/run1".to_string()];
+    let layouts = ["changes", "cdf", "scd2", "snapshot"];
+
+    // (lsn, time) after each round.
+    let mut moments: Vec<(String, String)> = Vec::new();
+    let run_rounds = |rounds: std::ops::Range<u32>, moments: &mut Vec<(String, String)>| {
+        for r in rounds {
+            cluster.psql(db, &round_sql(r)).unwrap();
+            let lsn = cluster.psql(db, "SELECT pg_current_wal_lsn() - '0/0'").unwrap();
+            let at = cluster.psql(db, "SELECT clock_timestamp()::text").unwrap();
+            moments.push((lsn, at));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    run_rounds(0..3, &mut moments);
+    capture_to(&cluster, db, &archive);
+    assert!(pgtrail().args(["compact", "--archive"]).arg(&archive).status().unwrap().success());
+    run_rounds(3..5, &mut moments);
+    capture_to(&cluster, db, &archive);
+
+    // First export of every layout to both destinations; the changes layout to the directory
+    // is killed after its first file and rerun.
+    let killed = export(&archive, &local_to, "changes", &["--max-rows-per-file", "50"], &moto, Some("export:after_file"));
+    assert!(!killed.status.success(), "the crash point stopped the export");
+    assert!(local.join("_pgtrail_export/changes.json").exists(), "the run was recorded before the first file");
+    let resumed = export_ok(&archive, &local_to, "changes", &["--max-rows-per-file", "50"], &moto);
+    assert_eq!(resumed["resumed"], true, "the rerun finished the interrupted run first");
+    for to in &destinations {
+        for layout in layouts {
+            if !(to == &local_to && layout == "changes") {
+                export_ok(&archive, to, layout, &[], &moto);
+            }
+        }
+    }
+    for to in &destinations {
+        check_exactly_once(to, "changes", &moto, dir.path(), &archive);
+        check_exactly_once(to, "cdf", &moto, dir.path(), &archive);
+    }
+
+    // More changes (in the log tail this time), then incremental exports: only new rows.
+    run_rounds(5..7, &mut moments);
+    capture_to(&cluster, db, &archive);
+    let before: Vec<PathBuf> = walk(&local);
+    let killed = export(&archive, &local_to, "scd2", &[], &moto, Some("export:after_file"));
+    assert!(!killed.status.success());
+    for to in &destinations {
+        for layout in layouts {
+            let report = export_ok(&archive, to, layout, &[], &moto);
+            let rows: u64 = report["tables"].as_array().unwrap().iter().map(|t| t["rows"].as_u64().unwrap()).sum();
+            if layout == "changes" {
+                let new = archive_counts(&archive).values().map(|c| c.0).sum::<u64>();
+                assert!(rows > 0 && rows < new, "{to}: the second changes export holds only the new changes ({rows} of {new})");
+            }
+        }
+        check_exactly_once(to, "changes", &moto, dir.path(), &archive);
+        check_exactly_once(to, "cdf", &moto, dir.path(), &archive);
+        let again = export_ok(&archive, to, "changes", &[], &moto);
+        assert!(again["tables"].as_array().unwrap().is_empty(), "{to}: nothing new the third time");
+    }
+    let after = walk(&local);
+    for file in before.iter().filter(|f| !f.to_string_lossy().contains("state=current") && !f.to_string_lossy().contains("_pgtrail_export")) {
+        assert!(after.contains(file), "{} was kept: reruns append, they do not rewrite history files", file.display());
+    }
+
+    // scd2 at every moment, by LSN and by time, equals pgtrail's own as_of; the latest
+    // snapshot equals as_of at the end.
+    for to in &destinations {
+        let view = local_view(to, &moto, dir.path());
+        let view_s = view.to_str().unwrap();
+        for table in ["public.acct", "public.audit_free"] {
+            for (i, (lsn, at)) in moments.iter().enumerate() {
+                let expected = dir.path().join(format!("asof-{i}.parquet"));
+                sql_to_parquet(&archive, &format!("SELECT * FROM as_of_lsn('{table}', {lsn})"), &expected);
+                let v = lake(&["asof", view_s, "scd2", table, lsn, expected.to_str().unwrap()]);
+                assert_eq!(v["equal"], true, "{to} {table} scd2 at LSN {lsn}: {v}");
+                if i % 3 == 0 {
+                    let v = lake(&["asof", view_s, "scd2", table, at, expected.to_str().unwrap()]);
+                    assert_eq!(v["equal"], true, "{to} {table} scd2 at {at}: {v}");
+                }
+            }
+            let expected = dir.path().join("asof-end.parquet");
+            sql_to_parquet(&archive, &format!("SELECT * FROM as_of_lsn('{table}', {})", moments.last().unwrap().0), &expected);
+            let v = lake(&["asof", view_s, "snapshot", table, "latest", expected.to_str().unwrap()]);
+            assert_eq!(v["equal"], true, "{to} {table} snapshot: {v}");
+            if table == "public.acct" {
+                assert!(v["rows"].as_u64().unwrap() > 100, "a real table: {v}");
+            }
+        }
+    }
+
+    // Bad destinations and credentials fail clearly.
+    let fail = |to: &str, env: &[(&str, &str)], clear: bool| -> String {
+        let mut cmd = pgtrail();
+        cmd.args(["export", "--archive"]).arg(&archive).args(["--to", to, "--layout", "changes"]);
+        if clear {
+            for k in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_REGION"] {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success(), "export to {to} must fail");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(fail("ftp://host/x", &[], false).contains("not supported"));
+    assert!(fail("s3://lake/x", &[], true).contains("no S3 credentials"));
+    let started = Instant::now();
+    let unreachable = fail(
+        "s3://lake/x",
+        &[("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_ENDPOINT_URL", "http://127.0.0.1:9")],
+        true,
+    );
+    assert!(unreachable.contains("cannot read _pgtrail_export/changes.json"), "{unreachable}");
+    assert!(started.elapsed() < Duration::from_secs(90), "an unreachable endpoint fails in bounded time");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(fail(file.to_str().unwrap(), &[], false).contains("not a directory"));
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() { stack.push(p) } else { out.push(p) }
+        }
+    }
+    out.sort();
+    out
+}
