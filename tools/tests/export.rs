@@ -264,6 +264,7 @@ fn export_layouts_to_a_directory_and_s3_are_exact_incremental_and_exactly_once()
         for layout in layouts {
             let to = format!("{base}/{layout}");
             let report = export_ok(&archive, &to, layout, &[], &moto);
+            assert_eq!(report["resumed"], base == &local_to && layout == "scd2", "{to}: only the killed export resumes");
             let rows: u64 = report["tables"].as_array().unwrap().iter().map(|t| t["rows"].as_u64().unwrap()).sum();
             if layout == "changes" {
                 let all = archive_counts(&archive).values().map(|c| c.0).sum::<u64>();
@@ -332,6 +333,16 @@ fn export_layouts_to_a_directory_and_s3_are_exact_incremental_and_exactly_once()
     );
     assert!(unreachable.contains("cannot read _pgtrail_export/changes.json"), "{unreachable}");
     assert!(started.elapsed() < Duration::from_secs(90), "an unreachable endpoint fails in bounded time");
+    // Another archive into the same destination is refused, not mixed in.
+    cluster.psql("postgres", "CREATE DATABASE exp_other").unwrap();
+    cluster.psql("exp_other", TABLES).unwrap();
+    cluster.psql("exp_other", "INSERT INTO acct VALUES (1, 'x', 1, now(), true, NULL)").unwrap();
+    let other = dir.path().join("other-archive");
+    capture_to(&cluster, "exp_other", &other);
+    let mut cmd = pgtrail();
+    let out = cmd.args(["export", "--archive"]).arg(&other).args(["--to", &local_changes, "--layout", "changes"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("export of another archive"), "{}", String::from_utf8_lossy(&out.stderr));
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     assert!(fail(file.to_str().unwrap(), &[], false).contains("not a directory"));
