@@ -24,6 +24,8 @@ pub enum QueryError {
     BeforeArchive { moment: String, begins: String },
     #[error("the archive names schema version {valid_from} of relation {relation_id} but does not hold it; the archive is inconsistent")]
     NoSuchVersion { relation_id: u32, valid_from: pgtrail_store::ChangeKey },
+    #[error("the archive is read-only: SQL here runs queries only (SELECT, WITH, VALUES, EXPLAIN); {0} is refused")]
+    ReadOnly(String),
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),
 }

@@ -24,4 +24,4 @@ pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
 pub use pit::{Moment, TableState, state_at};
 pub use changes::{changes_schema, row_json};
-pub use session::{open_session, session};
+pub use session::{open_session, read_only_query, session};

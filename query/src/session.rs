@@ -5,7 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use datafusion::catalog::{MemorySchemaProvider, MemTable};
-use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::execution::context::SQLOptions;
+use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
 use datafusion::common::TableReference;
 use pgtrail_store::segment::{SegmentContent, records_to_batch, segment_schema};
 
@@ -48,6 +49,23 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
         ctx.register_udf(f);
     }
     Ok(ctx)
+}
+
+/// Plan `sql` on a session over an archive, for reading only: queries (`SELECT`, `WITH`,
+/// `VALUES`, `EXPLAIN`). DDL (`CREATE [EXTERNAL] TABLE`, `CREATE VIEW`, `DROP`), DML (`INSERT`,
+/// `COPY ... TO`) and other statements (`SET`, transactions) are refused, so SQL can neither
+/// write files nor read any file but the archive's.
+pub async fn read_only_query(ctx: &SessionContext, sql: &str) -> Result<DataFrame, QueryError> {
+    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    ctx.sql_with_options(sql, options).await.map_err(|e| {
+        let text = e.to_string();
+        if ["DDL not supported", "DML not supported", "Statement not supported"].iter().any(|m| text.contains(m)) {
+            let what = text.rsplit("not supported: ").next().unwrap_or(&text).trim().to_string();
+            QueryError::ReadOnly(what)
+        } else {
+            QueryError::DataFusion(e)
+        }
+    })
 }
 
 /// Logical messages are few: they are read into memory.

@@ -170,6 +170,24 @@ async fn bad_names_early_moments_and_malformed_sql_are_clear_errors() {
         let err = result.err().unwrap_or_else(|| panic!("{sql} must fail")).to_string();
         assert!(err.contains(expected), "{sql}: {err}");
     }
+    // The SQL surface is read-only: nothing that writes, or reads a file outside the archive.
+    let outside = dir.path().join("outside.csv");
+    std::fs::write(&outside, "a\n1\n").unwrap();
+    for sql in [
+        format!("COPY (SELECT 1 AS a) TO '{}'", dir.path().join("written.csv").display()),
+        format!("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{}'", outside.display()),
+        "CREATE TABLE t AS SELECT 1 AS a".to_string(),
+        "CREATE VIEW v AS SELECT 1 AS a".to_string(),
+        "INSERT INTO public.changes SELECT * FROM public.changes".to_string(),
+        "DROP TABLE public.changes".to_string(),
+        "SET datafusion.execution.batch_size = 1".to_string(),
+    ] {
+        let err = pgtrail_query::read_only_query(&ctx, &sql).await.err().unwrap_or_else(|| panic!("{sql} must be refused"));
+        assert!(err.to_string().contains("the archive is read-only"), "{sql}: {err}");
+    }
+    assert!(!dir.path().join("written.csv").exists(), "COPY wrote nothing");
+    let rows = pgtrail_query::read_only_query(&ctx, "SELECT count(*) FROM public.changes").await.unwrap().collect().await.unwrap();
+    assert_eq!(column_i64(&rows, 0).len(), 1, "queries still run");
 }
 
 #[tokio::test(flavor = "multi_thread")]

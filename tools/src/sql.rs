@@ -46,7 +46,7 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
 }
 
 async fn execute(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
-    let frame = ctx.sql(sql).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let frame = pgtrail_query::read_only_query(ctx, sql).await.map_err(|e| anyhow::anyhow!("{e}"))?;
     frame.collect().await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
