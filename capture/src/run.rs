@@ -112,7 +112,11 @@ pub async fn run(
         p.compacted = compacted.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
         on_progress(&p)
     };
+    // Whether a session has started: before that, a source that cannot be reached is a
+    // configuration error (wrong URL, server down), reported at once rather than retried.
+    let mut attempts = 0u32;
     loop {
+        attempts += 1;
         let started = Instant::now();
         let result = {
             let session = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress);
@@ -129,7 +133,7 @@ pub async fn run(
         match result {
             Ok(_) => break,
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
-            Err(e) if e.is_transient() => {
+            Err(e) if e.is_transient() && !(attempts == 1 && matches!(e, CaptureError::Connect { .. })) => {
                 summary.reconnects += 1;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(250);

@@ -22,6 +22,6 @@ pub use archive::{ArchiveSnapshot, TableHistory, parse_qualified};
 pub use error::QueryError;
 pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
-pub use pit::{Moment, TableState, state_at};
+pub use pit::{Moment, TableState, for_each_change, state_at};
 pub use changes::{changes_schema, row_json};
 pub use session::{open_session, read_only_query, session};

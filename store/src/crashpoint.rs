@@ -5,7 +5,9 @@
 /// Abort the process here when `PGTRAIL_CRASH_AT` names `point` (feature `crashpoints`).
 #[cfg(feature = "crashpoints")]
 pub fn hit(point: &str) {
-    if std::env::var("PGTRAIL_CRASH_AT").is_ok_and(|p| p == point) {
+    // Read once: some points sit on the log's commit path.
+    static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if AT.get_or_init(|| std::env::var("PGTRAIL_CRASH_AT").ok()).as_deref() == Some(point) {
         eprintln!("pgtrail: crash point {point} reached, aborting");
         std::process::abort();
     }

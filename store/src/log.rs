@@ -399,7 +399,10 @@ impl ChangeLog {
             meta.insert(META_POSITION, self.position.0.to_le_bytes().as_slice())?;
             meta.insert(META_LAST_COMMIT, self.last_commit.0.to_le_bytes().as_slice())?;
         }
+        crate::crashpoint::hit("log:before_commit");
         wtx.commit()?;
+        // Durable, not yet acknowledged: the caller reports the flush LSN after this returns.
+        crate::crashpoint::hit("log:after_commit");
         self.durable_position = self.position;
         self.poisoned = false;
         Ok(applied)

@@ -211,6 +211,6 @@ fn explain(e: CaptureError) -> anyhow::Error {
     anyhow::Error::new(e).context(match kind {
         pgtrail_capture::ErrorKind::Setup => "capture cannot start with this configuration",
         pgtrail_capture::ErrorKind::Fatal => "capture stopped to protect the archive",
-        pgtrail_capture::ErrorKind::Transient => "capture failed",
+        pgtrail_capture::ErrorKind::Transient => "capture could not reach the source (check the URL and that PostgreSQL runs there; once connected, capture reconnects by itself)",
     })
 }

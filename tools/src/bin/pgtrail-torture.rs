@@ -1,0 +1,701 @@
+//! `pgtrail-torture`: the reliability suite. It starts a throwaway PostgreSQL, drives the real
+//! `pgtrail` binary (which must sit beside this one, built with `--features crashpoints`)
+//! under a ledger and point-in-time-oracle workload, injects faults (kill -9, crash points in
+//! the log's commit window and in every compaction step, walsender terminations, PostgreSQL
+//! restarts fast and immediate, a stall past `wal_sender_timeout`), then feeds it bad input
+//! (damaged segments, a wrong URL, writing SQL), and checks the archive against PostgreSQL.
+//!
+//! Oracles: the ledger (one writer, strictly increasing `seq`: every committed value exactly
+//! once), the point in time (the workload hashes `acct` under `LOCK ... IN SHARE MODE` and emits
+//! the hash with `pg_logical_emit_message(true, 'oracle', …)` in the same transaction;
+//! `as_of_lsn` at that commit must hash the same), exactly once (`(commit_lsn, seq)` unique
+//! across log and segments), and the final state equal to PostgreSQL's.
+//!
+//! The last line is the verdict: `F faults injected, S survived, B bad inputs, L rows lost,
+//! D duplicates, G unexpected gaps`; the exit status is non-zero on any loss, duplicate,
+//! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pgtrail_capture::cluster::{Cluster, ClusterOptions};
+use pgtrail_query::{ArchiveSnapshot, Moment, state_at};
+use pgtrail_store::segment::{SegmentContent, read_records};
+use pgtrail_store::{Cell, ChangeKey, LogReader, Lsn, Op};
+use sha2::{Digest, Sha256};
+
+#[derive(Parser)]
+#[command(name = "pgtrail-torture", about = "Inject faults and bad input into a real capture and prove nothing is lost or duplicated")]
+struct Args {
+    /// ci: one fixed pass over every fault; soak: random faults for --minutes.
+    #[arg(long, default_value = "ci", value_parser = ["ci", "soak"])]
+    tier: String,
+    /// Soak duration.
+    #[arg(long, default_value_t = 30)]
+    minutes: u64,
+    /// Seed of the fault timings and the workload (printed; pass it again to replay).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Keep the work directory (archive, capture logs) at the end.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// A small deterministic generator (xorshift).
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo + 1)
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Fault {
+    Kill9,
+    CrashAt(&'static str),
+    TerminateWalsender,
+    Restart(&'static str),
+    Stall,
+}
+
+/// Crash points the capture can hit: the log's commit window, and each step of the
+/// background compaction.
+const CRASH_POINTS: &[&str] = &[
+    "log:before_commit",
+    "log:after_commit",
+    "segment:before_footer",
+    "segment:before_fsync",
+    "segment:before_rename",
+    "segment:before_dir_fsync",
+    "compact:before_manifest",
+    "compact:after_commit",
+];
+
+const DB: &str = "torture";
+const MAX_ORACLE_CHECKS: usize = 12;
+const SLOT: &str = "torture";
+const WAL_SENDER_TIMEOUT_S: u64 = 5;
+
+struct Harness {
+    cluster: Cluster,
+    bin: PathBuf,
+    work: PathBuf,
+    archive: PathBuf,
+    capture: Option<Child>,
+    runs: u32,
+}
+
+impl Harness {
+    fn start_capture(&mut self, crash_at: Option<&str>) -> Result<(), String> {
+        self.runs += 1;
+        let log = std::fs::File::create(self.work.join(format!("capture-{:03}.log", self.runs))).map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["capture", "--slot", SLOT, "--publication", SLOT, "--progress-secs", "1"])
+            .args(["--compact-after-changes", "400", "--compact-after-secs", "2"])
+            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
+            .env("PGTRAIL_ARCHIVE", &self.archive)
+            .env("PGTRAIL_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        match crash_at {
+            Some(p) => cmd.env("PGTRAIL_CRASH_AT", p),
+            None => cmd.env_remove("PGTRAIL_CRASH_AT"),
+        };
+        self.capture = Some(cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?);
+        Ok(())
+    }
+
+    fn pid(&self) -> u32 {
+        self.capture.as_ref().map_or(0, Child::id)
+    }
+
+    fn signal(&self, sig: &str) {
+        let _ = Command::new("kill").args([sig, &self.pid().to_string()]).status();
+    }
+
+    /// Wait until the capture streams (its slot active). Fails if it exited.
+    fn wait_streaming(&mut self, limit: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.capture.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                return Err(format!("capture exited ({status}) instead of streaming; see {}", self.work.display()));
+            }
+            let active = self
+                .cluster
+                .psql(DB, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active"))
+                .unwrap_or_default();
+            if active == "1" {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("capture did not stream again within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        let child = self.capture.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.capture.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Inject `fault`; Ok when the capture streams again afterwards.
+    fn inject(&mut self, fault: &Fault) -> Result<(), String> {
+        match fault {
+            Fault::Kill9 => {
+                self.kill9();
+                self.start_capture(None)?;
+            }
+            Fault::CrashAt(point) => {
+                self.kill9();
+                self.start_capture(Some(point))?;
+                // Commits happen continuously; compaction every ~2 s: the point is reached soon.
+                match self.wait_exit(Duration::from_secs(60)) {
+                    Some(status) if !status.success() => {}
+                    Some(status) => return Err(format!("capture exited {status} instead of aborting at {point}")),
+                    None => {
+                        self.kill9();
+                        return Err(format!(
+                            "crash point {point} was not reached in 60 s (is {} built with --features crashpoints?)",
+                            self.bin.display()
+                        ));
+                    }
+                }
+                self.start_capture(None)?;
+            }
+            Fault::TerminateWalsender => {
+                let sql = format!(
+                    "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
+                );
+                self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
+            }
+            Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
+            Fault::Stall => {
+                self.signal("-STOP");
+                std::thread::sleep(Duration::from_secs(WAL_SENDER_TIMEOUT_S + 2));
+                self.signal("-CONT");
+            }
+        }
+        self.wait_streaming(Duration::from_secs(120))
+    }
+}
+
+/// The workload: one writer of ledger rows and account updates, with an oracle transaction
+/// every 250 ms. Returns the number of committed ledger rows.
+fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, committed: Arc<AtomicU64>, pause: Duration) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async move {
+            let mut rng = Rng(seed | 1);
+            let mut seq: i64;
+            let mut n: u64 = 0;
+            let mut last_oracle = Instant::now();
+            'connect: while !stop.load(Ordering::Relaxed) {
+                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
+                tokio::spawn(conn);
+                // After a failure the last commit may or may not have happened: ask.
+                if let Ok(row) = client.query_one("SELECT coalesce(max(seq), 0) FROM ledger", &[]).await {
+                    seq = row.get::<_, i64>(0) + 1;
+                } else {
+                    continue;
+                }
+                while !stop.load(Ordering::Relaxed) {
+                    let id = rng.between(1, 60);
+                    let body = match rng.next() % 10 {
+                        0 => format!("DELETE FROM acct WHERE id = {id};"),
+                        1 => format!("INSERT INTO acct VALUES ({id}, 0, 'i{seq}') ON CONFLICT (id) DO UPDATE SET note = 'r{seq}';"),
+                        _ => format!("UPDATE acct SET balance = balance + {}, note = 'u{seq}' WHERE id = {id};", rng.between(1, 100)),
+                    };
+                    let sql = format!("BEGIN; INSERT INTO ledger VALUES ({seq}, 'w'); {body} COMMIT;");
+                    if client.batch_execute(&sql).await.is_err() {
+                        continue 'connect;
+                    }
+                    seq += 1;
+                    n += 1;
+                    committed.store(n, Ordering::Relaxed);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                    if last_oracle.elapsed() >= Duration::from_millis(250) {
+                        last_oracle = Instant::now();
+                        if client.batch_execute(ORACLE_SQL).await.is_err() {
+                            continue 'connect;
+                        }
+                    }
+                }
+            }
+            n
+        })
+    })
+}
+
+/// The point-in-time oracle: the hash of `acct`, ordered by key, emitted in the transaction
+/// that computed it under a lock that keeps writers out.
+const ORACLE_SQL: &str = "BEGIN; LOCK acct IN SHARE MODE; \
+    SELECT pg_logical_emit_message(true, 'oracle', (SELECT coalesce(encode(sha256(convert_to(\
+    string_agg(format('(%s,%s,%s)', id, balance, note), ',' ORDER BY id), 'UTF8')), 'hex'), 'empty') FROM acct)); COMMIT;";
+
+/// The same hash of rows rebuilt from the archive.
+fn rows_hash(mut rows: Vec<(i64, String)>) -> String {
+    if rows.is_empty() {
+        return "empty".into();
+    }
+    rows.sort();
+    let text: Vec<String> = rows.into_iter().map(|(_, r)| r).collect();
+    let digest = Sha256::digest(text.join(",").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn cell(c: Option<&Cell>) -> String {
+    c.and_then(Cell::as_text).unwrap_or("").to_string()
+}
+
+#[derive(Default)]
+struct Verdict {
+    faults: u32,
+    survived: u32,
+    bad_inputs: u32,
+    bad_inputs_failed: u32,
+    lost: u64,
+    duplicates: u64,
+    gaps: u64,
+    oracles: u64,
+    oracle_mismatches: u64,
+    panics: u64,
+    problems: Vec<String>,
+}
+
+fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
+    let (_db, reader) = LogReader::open(&h.archive).map_err(|e| format!("open the archive: {e}"))?;
+    v.gaps = reader.gaps().map_err(|e| e.to_string())?.len() as u64;
+    let all = reader.all_changes(&h.archive).map_err(|e| e.to_string())?;
+    // Exactly once: keys strictly increasing across segments and log.
+    let mut last: Option<ChangeKey> = None;
+    let mut ledger: BTreeMap<i64, u64> = BTreeMap::new();
+    let acct_oid = reader.relations().map_err(|e| e.to_string())?.iter().find(|r| r.name == "acct").map(|r| r.relation_id);
+    let ledger_oid = reader.relations().map_err(|e| e.to_string())?.iter().find(|r| r.name == "ledger").map(|r| r.relation_id);
+    for (key, rec) in &all {
+        if last.is_some_and(|l| *key <= l) {
+            v.duplicates += 1;
+            v.problems.push(format!("change key {key} repeated or out of order"));
+        }
+        last = Some(*key);
+        if Some(rec.relation_id) == ledger_oid && matches!(rec.op, Op::Insert | Op::Snapshot) {
+            let seq = rec.key.as_ref().and_then(|k| k.first().cloned().flatten()).and_then(|s| s.parse().ok()).unwrap_or(-1);
+            *ledger.entry(seq).or_default() += 1;
+        }
+    }
+    let _ = acct_oid;
+    let expected: Vec<i64> = h
+        .cluster
+        .psql(DB, "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger")
+        .map_err(|e| e.to_string())
+        .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
+    for seq in &expected {
+        match ledger.get(seq) {
+            None => {
+                v.lost += 1;
+                if v.problems.len() < 20 {
+                    v.problems.push(format!("ledger seq {seq} committed in PostgreSQL, missing from the archive"));
+                }
+            }
+            Some(&n) if n > 1 => {
+                v.duplicates += n - 1;
+                v.problems.push(format!("ledger seq {seq} archived {n} times"));
+            }
+            _ => {}
+        }
+    }
+    let phantoms = ledger.keys().filter(|s| expected.binary_search(s).is_err()).count() as u64;
+    if phantoms > 0 {
+        v.duplicates += phantoms;
+        v.problems.push(format!("{phantoms} ledger rows archived that PostgreSQL does not hold"));
+    }
+
+    // Point-in-time oracles and the final state, from the archive alone.
+    let snapshot = ArchiveSnapshot::open(&h.archive).map_err(|e| e.to_string())?;
+    let table = snapshot.table("public.acct").map_err(|e| e.to_string())?;
+    let mut oracles: Vec<(Lsn, String)> = Vec::new();
+    for seg in &snapshot.message_segments {
+        let path = snapshot.segment_path(seg);
+        let reader = pgtrail_store::segment::SegmentReader::open(&path, Some(&seg.sha256), 8192).map_err(|e| e.to_string())?;
+        for batch in reader {
+            let batch = batch.map_err(|e| e.to_string())?;
+            for (key, rec) in read_records(&SegmentContent::Messages, &batch).map_err(|e| e.to_string())? {
+                if let Some(m) = rec.message.filter(|m| m.prefix == "oracle") {
+                    oracles.push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+                }
+            }
+        }
+    }
+    for (key, rec) in &snapshot.message_tail {
+        if let Some(m) = rec.message.as_ref().filter(|m| m.prefix == "oracle") {
+            oracles.push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+        }
+    }
+    let rebuilt = |moment: Moment| -> Result<Vec<(i64, String)>, String> {
+        let state = state_at(&snapshot, table, moment).map_err(|e| e.to_string())?;
+        Ok(state
+            .rows
+            .values()
+            .flatten()
+            .map(|(_, r)| {
+                let id: i64 = cell(r.first()).parse().unwrap_or(i64::MIN);
+                (id, format!("({},{},{})", cell(r.first()), cell(r.get(1)), cell(r.get(2))))
+            })
+            .collect())
+    };
+    oracles.sort();
+    // Every oracle, in one pass over the table's changes in commit order: before the first
+    // change committed after an oracle, the rows so far must hash as PostgreSQL's did.
+    let mut rows: BTreeMap<i64, String> = BTreeMap::new();
+    let mut next = 0usize;
+    let mut check = |upto: Option<Lsn>, rows: &BTreeMap<i64, String>, v: &mut Verdict| {
+        while next < oracles.len() && upto.is_none_or(|l| oracles[next].0 < l) {
+            let (lsn, hash) = &oracles[next];
+            let got = rows_hash(rows.iter().map(|(k, r)| (*k, r.clone())).collect());
+            v.oracles += 1;
+            if &got != hash {
+                v.oracle_mismatches += 1;
+                v.problems.push(format!("the archive's acct at the oracle of {lsn} hashes {got}, PostgreSQL hashed {hash}"));
+            }
+            next += 1;
+        }
+    };
+    let row_text = |r: &pgtrail_store::Row| format!("({},{},{})", cell(r.first()), cell(r.get(1)), cell(r.get(2)));
+    let id_of = |r: &pgtrail_store::Row| cell(r.first()).parse::<i64>().unwrap_or(i64::MIN);
+    pgtrail_query::for_each_change(&snapshot, table, None, |_, key, rec| {
+        check(Some(key.commit_lsn), &rows, v);
+        match rec.op {
+            Op::Insert | Op::Snapshot | Op::Update => {
+                if let Some(before) = &rec.before {
+                    rows.remove(&id_of(before));
+                }
+                if let Some(after) = &rec.after {
+                    rows.insert(id_of(after), row_text(after));
+                }
+            }
+            Op::Delete => {
+                if let Some(before) = &rec.before {
+                    rows.remove(&id_of(before));
+                }
+            }
+            Op::Truncate => rows.clear(),
+            Op::Message => {}
+        }
+        Ok(())
+    })
+    .map_err(|e| e.to_string())?;
+    check(None, &rows, v);
+    // pgtrail's own as_of_lsn at a sample of the oracles (each replays the table), always
+    // including the last one, taken after the workload stopped.
+    let step = oracles.len().div_ceil(MAX_ORACLE_CHECKS).max(1);
+    let last = oracles.len().saturating_sub(1);
+    for (lsn, hash) in oracles.iter().enumerate().filter(|(i, _)| i % step == 0 || *i == last).map(|(_, o)| o) {
+        let got = rows_hash(rebuilt(Moment::Lsn(*lsn))?);
+        if &got != hash {
+            v.oracle_mismatches += 1;
+            v.problems.push(format!("as_of_lsn at the oracle of {lsn} hashes {got}, PostgreSQL hashed {hash}"));
+        }
+    }
+    let end = rebuilt(Moment::Lsn(Lsn(u64::MAX)))?;
+    let pg: Vec<(i64, String)> = h
+        .cluster
+        .psql(DB, "SELECT coalesce(json_agg(json_build_array(id, format('(%s,%s,%s)', id, balance, note)) ORDER BY id), '[]') FROM acct")
+        .map_err(|e| e.to_string())
+        .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
+    let mut end_sorted = end;
+    end_sorted.sort();
+    for row in &pg {
+        if !end_sorted.contains(row) {
+            v.lost += 1;
+            v.problems.push(format!("final acct row {} differs or is missing in the archive", row.1));
+        }
+    }
+    for row in &end_sorted {
+        if !pg.contains(row) {
+            v.duplicates += 1;
+            v.problems.push(format!("the archive's final acct holds {} which PostgreSQL does not", row.1));
+        }
+    }
+    Ok(())
+}
+
+/// Bad input: each must give a clear error and no panic, never wrong rows.
+fn bad_inputs(h: &Harness, v: &mut Verdict) {
+    let copy = h.work.join("damaged");
+    let _ = Command::new("cp").arg("-a").arg(&h.archive).arg(&copy).status();
+    // A segment the manifest lists (merged-away files linger for a grace period and are
+    // rightly never read).
+    let listed: Option<String> = LogReader::open(&copy)
+        .ok()
+        .and_then(|(_db, r)| r.manifest().ok())
+        .and_then(|m| m.segments.iter().find(|s| s.table_name() == "public.acct").map(|s| s.file_name.clone()));
+    let first_segment = || -> Option<PathBuf> { listed.as_ref().map(|f| copy.join(pgtrail_store::SEGMENTS_DIR).join(f)) };
+    let count_sql = "SELECT count(*) FROM public.acct";
+    let mut case = |name: &str, damage: &dyn Fn() -> Option<String>, args: Vec<String>, must_say: &str| {
+        v.bad_inputs += 1;
+        let Some(file) = damage() else {
+            v.bad_inputs_failed += 1;
+            v.problems.push(format!("bad input {name}: could not prepare it"));
+            return;
+        };
+        let out = Command::new(&h.bin).args(&args).output();
+        let ok = match &out {
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                !o.status.success() && !err.contains("panicked") && err.contains(must_say) && (file.is_empty() || err.contains(&file))
+            }
+            Err(_) => false,
+        };
+        if !ok {
+            v.bad_inputs_failed += 1;
+            let detail = out.map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+            v.problems.push(format!("bad input {name}: not a clear error naming {file:?}: {}", detail.trim()));
+        }
+    };
+    let sql_args = vec!["sql".into(), "--archive".into(), copy.display().to_string(), "--format".into(), "csv".into(), count_sql.into()];
+    case(
+        "a flipped byte in a segment",
+        &|| {
+            let f = first_segment()?;
+            let mut bytes = std::fs::read(&f).ok()?;
+            let mid = bytes.len() / 2;
+            bytes[mid] ^= 0x40;
+            std::fs::write(&f, bytes).ok()?;
+            Some(f.file_name()?.to_string_lossy().into_owned())
+        },
+        sql_args.clone(),
+        "",
+    );
+    case(
+        "a truncated segment",
+        &|| {
+            let f = first_segment()?;
+            let bytes = std::fs::read(&f).ok()?;
+            std::fs::write(&f, &bytes[..bytes.len() / 3]).ok()?;
+            Some(f.file_name()?.to_string_lossy().into_owned())
+        },
+        sql_args.clone(),
+        "",
+    );
+    case(
+        "a deleted segment",
+        &|| {
+            let f = first_segment()?;
+            std::fs::remove_file(&f).ok()?;
+            Some(f.file_name()?.to_string_lossy().into_owned())
+        },
+        sql_args.clone(),
+        "",
+    );
+    case(
+        "SQL that writes a file",
+        &|| Some(String::new()),
+        vec!["sql".into(), "--archive".into(), h.archive.display().to_string(), "COPY (SELECT 1) TO '/tmp/pgtrail-torture-copy.csv'".into()],
+        "read-only",
+    );
+    case(
+        "a source URL with nothing listening",
+        &|| Some(String::new()),
+        vec![
+            "capture".into(),
+            "--source".into(),
+            "postgresql://postgres:secret-password@127.0.0.1:9/x".into(),
+            "--archive".into(),
+            h.work.join("never").display().to_string(),
+        ],
+        "127.0.0.1",
+    );
+    // The password must not appear in the error of the last case.
+    if let Ok(out) = Command::new(&h.bin)
+        .args(["capture", "--source", "postgresql://postgres:secret-password@127.0.0.1:9/x", "--archive"])
+        .arg(h.work.join("never"))
+        .output()
+        && String::from_utf8_lossy(&out.stderr).contains("secret-password")
+    {
+        v.bad_inputs_failed += 1;
+        v.problems.push("the connection password appears in capture's error output".into());
+    }
+    let _ = std::fs::remove_dir_all(&copy);
+}
+
+fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
+    let bin = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("pgtrail");
+    if !bin.exists() {
+        return Err(format!("{} not found: build it first with `cargo build -p pgtrail --features crashpoints --bins`", bin.display()));
+    }
+    let work = tempfile::Builder::new().prefix("pgtrail-torture-").tempdir().map_err(|e| e.to_string())?;
+    let settings = vec![("wal_sender_timeout".to_string(), format!("{WAL_SENDER_TIMEOUT_S}s"))];
+    let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
+    cluster
+        .psql(
+            "postgres",
+            &format!("CREATE DATABASE {DB}"),
+        )
+        .map_err(|e| e.to_string())?;
+    cluster
+        .psql(
+            DB,
+            "CREATE TABLE ledger (seq bigint PRIMARY KEY, writer text NOT NULL); \
+             CREATE TABLE acct (id int PRIMARY KEY, balance bigint NOT NULL, note text NOT NULL); \
+             INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
+        )
+        .map_err(|e| e.to_string())?;
+    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0 };
+    let mut v = Verdict::default();
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    h.start_capture(None)?;
+    h.wait_streaming(Duration::from_secs(120))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    // A soak runs for long: a gentler rate keeps its archive checkable in minutes.
+    let pause = if args.tier == "soak" { Duration::from_millis(2) } else { Duration::ZERO };
+    let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause);
+
+    let mut schedule: Vec<Fault> = vec![Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
+    schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
+    schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
+    let soak_until = (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
+    let started = Instant::now();
+    let mut i = 0usize;
+    loop {
+        let fault = match soak_until {
+            None if i >= schedule.len() => break,
+            None => schedule[i].clone(),
+            Some(until) if Instant::now() >= until => break,
+            Some(_) => schedule[(rng.next() as usize) % schedule.len()].clone(),
+        };
+        i += 1;
+        std::thread::sleep(Duration::from_millis(rng.between(300, 1500)));
+        v.faults += 1;
+        let at = committed.load(Ordering::Relaxed);
+        match h.inject(&fault) {
+            Ok(()) => {
+                v.survived += 1;
+                eprintln!("torture: fault {} {fault:?} at {at} transactions: survived ({:.0} s)", v.faults, started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                eprintln!("torture: fault {} {fault:?}: NOT survived: {e}", v.faults);
+                v.problems.push(format!("fault {fault:?}: {e}"));
+                // Carry on with a fresh capture so that the rest still runs.
+                h.kill9();
+                h.start_capture(None)?;
+                h.wait_streaming(Duration::from_secs(120))?;
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let transactions = writer.join().map_err(|_| "the workload thread panicked".to_string())?;
+    h.cluster.psql(DB, ORACLE_SQL).map_err(|e| e.to_string())?;
+    let end = h.cluster.psql(DB, "SELECT pg_current_wal_insert_lsn()::text").map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let done = h
+            .cluster
+            .psql(DB, &format!("SELECT coalesce(bool_and(confirmed_flush_lsn >= '{end}'), false) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
+            .unwrap_or_default();
+        if done == "t" {
+            break;
+        }
+        if Instant::now() > deadline {
+            v.problems.push("capture did not catch up within 180 s after the last fault".into());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    h.signal("-TERM");
+    if h.wait_exit(Duration::from_secs(60)).is_none_or(|s| !s.success()) {
+        v.problems.push("capture did not stop cleanly on SIGTERM".into());
+        h.kill9();
+    }
+    eprintln!("torture: {transactions} workload transactions committed; checking the archive");
+    for entry in std::fs::read_dir(&h.work).map_err(|e| e.to_string())?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("capture-") && std::fs::read_to_string(entry.path()).is_ok_and(|t| t.contains("panicked")) {
+            v.panics += 1;
+            v.problems.push(format!("a capture panicked: {}", entry.path().display()));
+        }
+    }
+    if transactions < 100 {
+        v.problems.push(format!("the workload committed only {transactions} transactions"));
+    }
+    check_archive(&h, &mut v)?;
+    bad_inputs(&h, &mut v);
+    if args.keep {
+        let kept = work.keep();
+        eprintln!("torture: work directory kept at {}", kept.display());
+    }
+    Ok(v)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("torture: tier {}, seed {seed}", args.tier);
+    let v = match run(&args, seed) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("torture: could not run: {e}");
+            eprintln!("torture: replay with: pgtrail-torture --tier {} --seed {seed}", args.tier);
+            return ExitCode::from(2);
+        }
+    };
+    for p in &v.problems {
+        eprintln!("torture: PROBLEM: {p}");
+    }
+    eprintln!("torture: {} point-in-time oracles checked, {} mismatched; {} panics", v.oracles, v.oracle_mismatches, v.panics);
+    let failed = v.lost > 0
+        || v.duplicates > 0
+        || v.gaps > 0
+        || v.oracle_mismatches > 0
+        || v.panics > 0
+        || v.survived < v.faults
+        || v.bad_inputs_failed > 0
+        || v.oracles == 0
+        || !v.problems.is_empty();
+    if failed {
+        eprintln!("torture: FAILED; replay with: pgtrail-torture --tier {} --seed {seed}", args.tier);
+    }
+    println!(
+        "{} faults injected, {} survived, {} bad inputs, {} rows lost, {} duplicates, {} unexpected gaps",
+        v.faults, v.survived, v.bad_inputs, v.lost, v.duplicates, v.gaps
+    );
+    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+}
