@@ -67,6 +67,7 @@ enum Fault {
     TerminateWalsender,
     Restart(&'static str),
     Stall,
+    DiskFull,
 }
 
 /// Crash points the capture can hit: the log's commit window, and each step of the
@@ -94,6 +95,8 @@ struct Harness {
     archive: PathBuf,
     capture: Option<Child>,
     runs: u32,
+    /// The archive of the disk-full fault, moved off the full disk, to resume at the end.
+    full_disk_archive: Option<PathBuf>,
 }
 
 impl Harness {
@@ -169,6 +172,89 @@ impl Harness {
         }
     }
 
+    /// A second capture (its own slot, no compaction) with its archive on a 24 MiB tmpfs runs
+    /// under the workload until the disk fills. It must stop with an error that says so, with
+    /// no panic; its archive is then copied to a disk with space and resumed at the end.
+    /// Skipped (and not counted) where a tmpfs cannot be mounted.
+    fn disk_full(&mut self) -> Result<(), String> {
+        let mnt = self.work.join("full-disk");
+        std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(&mnt)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            return Err("SKIP: cannot mount a tmpfs here (needs root)".into());
+        }
+        let log_path = self.work.join("capture-full-disk.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let archive = mnt.join("archive");
+        let mut child = Command::new(&self.bin)
+            .args(["capture", "--slot", "torture_full", "--publication", SLOT, "--no-compact", "--progress-secs", "1"])
+            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
+            .env("PGTRAIL_ARCHIVE", &archive)
+            .env_remove("PGTRAIL_CRASH_AT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let copy = self.work.join("full-disk-archive");
+        let copied = Command::new("cp").arg("-a").arg(&archive).arg(&copy).status().is_ok_and(|s| s.success());
+        let _ = Command::new("umount").arg(&mnt).status();
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
+        match status {
+            None => return Err("the capture did not stop within 240 s on a full disk".into()),
+            Some(s) if s.success() => return Err("the capture exited 0 on a full disk".into()),
+            Some(_) if text.contains("panicked") => return Err(format!("the capture panicked on a full disk: {tail}")),
+            Some(_) if !text.contains("No space left on device") => {
+                return Err(format!("the error does not say the disk is full: {tail}"));
+            }
+            Some(_) => {}
+        }
+        if !copied {
+            return Err("could not copy the archive off the full disk".into());
+        }
+        eprintln!("torture: the disk filled and capture stopped: {tail}");
+        self.full_disk_archive = Some(copy);
+        Ok(())
+    }
+
+    /// Resume the disk-full capture on its copied archive up to `end`.
+    fn resume_full_disk(&self, end: &str) -> Result<(), String> {
+        let Some(archive) = &self.full_disk_archive else { return Ok(()) };
+        let log = std::fs::File::create(self.work.join("capture-full-disk-resumed.log")).map_err(|e| e.to_string())?;
+        let status = Command::new(&self.bin)
+            .args(["capture", "--slot", "torture_full", "--publication", SLOT, "--no-compact", "--stop-at", end])
+            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
+            .env("PGTRAIL_ARCHIVE", archive)
+            .env_remove("PGTRAIL_CRASH_AT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .status()
+            .map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!("the capture did not resume after the full disk was freed ({status}); see capture-full-disk-resumed.log"));
+        }
+        Ok(())
+    }
+
     /// Inject `fault`; Ok when the capture streams again afterwards.
     fn inject(&mut self, fault: &Fault) -> Result<(), String> {
         match fault {
@@ -200,6 +286,7 @@ impl Harness {
                 self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
             }
             Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
+            Fault::DiskFull => self.disk_full()?,
             Fault::Stall => {
                 self.signal("-STOP");
                 std::thread::sleep(Duration::from_secs(WAL_SENDER_TIMEOUT_S + 2));
@@ -298,19 +385,19 @@ struct Verdict {
     problems: Vec<String>,
 }
 
-fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
-    let (_db, reader) = LogReader::open(&h.archive).map_err(|e| format!("open the archive: {e}"))?;
-    v.gaps = reader.gaps().map_err(|e| e.to_string())?.len() as u64;
-    let all = reader.all_changes(&h.archive).map_err(|e| e.to_string())?;
-    // Exactly once: keys strictly increasing across segments and log.
+/// The ledger and exactly-once checks of one archive: every committed `seq` once, nothing
+/// else, change keys strictly increasing across segments and log, no gap recorded.
+fn check_ledger(archive: &std::path::Path, expected: &[i64], what: &str, v: &mut Verdict) -> Result<(), String> {
+    let (_db, reader) = LogReader::open(archive).map_err(|e| format!("open the {what}: {e}"))?;
+    v.gaps += reader.gaps().map_err(|e| e.to_string())?.len() as u64;
+    let all = reader.all_changes(archive).map_err(|e| e.to_string())?;
     let mut last: Option<ChangeKey> = None;
     let mut ledger: BTreeMap<i64, u64> = BTreeMap::new();
-    let acct_oid = reader.relations().map_err(|e| e.to_string())?.iter().find(|r| r.name == "acct").map(|r| r.relation_id);
     let ledger_oid = reader.relations().map_err(|e| e.to_string())?.iter().find(|r| r.name == "ledger").map(|r| r.relation_id);
     for (key, rec) in &all {
         if last.is_some_and(|l| *key <= l) {
             v.duplicates += 1;
-            v.problems.push(format!("change key {key} repeated or out of order"));
+            v.problems.push(format!("{what}: change key {key} repeated or out of order"));
         }
         last = Some(*key);
         if Some(rec.relation_id) == ledger_oid && matches!(rec.op, Op::Insert | Op::Snapshot) {
@@ -318,23 +405,17 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
             *ledger.entry(seq).or_default() += 1;
         }
     }
-    let _ = acct_oid;
-    let expected: Vec<i64> = h
-        .cluster
-        .psql(DB, "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger")
-        .map_err(|e| e.to_string())
-        .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
-    for seq in &expected {
+    for seq in expected {
         match ledger.get(seq) {
             None => {
                 v.lost += 1;
                 if v.problems.len() < 20 {
-                    v.problems.push(format!("ledger seq {seq} committed in PostgreSQL, missing from the archive"));
+                    v.problems.push(format!("{what}: ledger seq {seq} committed in PostgreSQL, missing from the archive"));
                 }
             }
             Some(&n) if n > 1 => {
                 v.duplicates += n - 1;
-                v.problems.push(format!("ledger seq {seq} archived {n} times"));
+                v.problems.push(format!("{what}: ledger seq {seq} archived {n} times"));
             }
             _ => {}
         }
@@ -342,7 +423,20 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     let phantoms = ledger.keys().filter(|s| expected.binary_search(s).is_err()).count() as u64;
     if phantoms > 0 {
         v.duplicates += phantoms;
-        v.problems.push(format!("{phantoms} ledger rows archived that PostgreSQL does not hold"));
+        v.problems.push(format!("{what}: {phantoms} ledger rows archived that PostgreSQL does not hold"));
+    }
+    Ok(())
+}
+
+fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
+    let expected: Vec<i64> = h
+        .cluster
+        .psql(DB, "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger")
+        .map_err(|e| e.to_string())
+        .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
+    check_ledger(&h.archive, &expected, "archive", v)?;
+    if let Some(full) = &h.full_disk_archive {
+        check_ledger(full, &expected, "archive resumed after a full disk", v)?;
     }
 
     // Point-in-time oracles and the final state, from the archive alone.
@@ -575,7 +669,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
              INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
         )
         .map_err(|e| e.to_string())?;
-    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0 };
+    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0, full_disk_archive: None };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     h.start_capture(None)?;
@@ -587,7 +681,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let pause = if args.tier == "soak" { Duration::from_millis(2) } else { Duration::ZERO };
     let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause);
 
-    let mut schedule: Vec<Fault> = vec![Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
+    let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
     schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
     let soak_until = (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
@@ -598,7 +692,11 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             None if i >= schedule.len() => break,
             None => schedule[i].clone(),
             Some(until) if Instant::now() >= until => break,
-            Some(_) => schedule[(rng.next() as usize) % schedule.len()].clone(),
+            // One disk-full run is enough: it keeps a slot (and WAL) until the end.
+            Some(_) => match schedule[(rng.next() as usize) % schedule.len()].clone() {
+                Fault::DiskFull if h.full_disk_archive.is_some() => Fault::Kill9,
+                f => f,
+            },
         };
         i += 1;
         std::thread::sleep(Duration::from_millis(rng.between(300, 1500)));
@@ -608,6 +706,10 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             Ok(()) => {
                 v.survived += 1;
                 eprintln!("torture: fault {} {fault:?} at {at} transactions: survived ({:.0} s)", v.faults, started.elapsed().as_secs_f64());
+            }
+            Err(e) if e.starts_with("SKIP: ") => {
+                v.faults -= 1;
+                eprintln!("torture: fault {fault:?} skipped: {}", &e[6..]);
             }
             Err(e) => {
                 eprintln!("torture: fault {} {fault:?}: NOT survived: {e}", v.faults);
@@ -637,6 +739,9 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
+    }
+    if let Err(e) = h.resume_full_disk(&end) {
+        v.problems.push(e);
     }
     h.signal("-TERM");
     if h.wait_exit(Duration::from_secs(60)).is_none_or(|s| !s.success()) {
