@@ -6,6 +6,13 @@
 //!   pgtrail (durably into its redb log) and `pg_recvlogical` (pgoutput, into a file). The
 //!   server's decoder is the limit both share; the ratio says what pgtrail costs on top.
 //!
+//! - `storage`: the same changes kept three ways: pgtrail's Parquet segments (after compaction),
+//!   a generic JSONB audit-trigger table (the supa_audit / audit-trigger shape: heap, TOAST and
+//!   its indexes) and a Bemi-style `changes` table (uuid key, JSONB images and context, Bemi's
+//!   indexes) loaded from it; plus DuckDB's zstd rewrite of pgtrail's rows, when the duckdb
+//!   Python package is installed. Bytes per change; ratios trigger / pgtrail, Bemi-style /
+//!   pgtrail, pgtrail / rewrite.
+//!
 //! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
 //! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
 //! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
@@ -24,8 +31,8 @@ use pgtrail_store::Lsn;
 #[derive(Parser)]
 #[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
 struct Args {
-    /// Which suite: decode, or all.
-    #[arg(default_value = "all", value_parser = ["decode", "all"])]
+    /// Which suite: decode, storage, or all.
+    #[arg(default_value = "all", value_parser = ["decode", "storage", "all"])]
     suite: String,
     /// Tiny workloads (for CI: proves the harness runs, measures nothing meaningful).
     #[arg(long)]
@@ -68,6 +75,9 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.suite.as_str(), "decode" | "all") {
         decode_suite(&cluster, &rt, &args, &mut results)?;
     }
+    if matches!(args.suite.as_str(), "storage" | "all") {
+        storage_suite(&cluster, &rt, &args, &mut results)?;
+    }
     let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
@@ -79,8 +89,17 @@ fn main() -> anyhow::Result<()> {
     }
     print_report(&results, &version, &args)?;
     // Every contestant of every suite run must have produced a number.
-    let expected: &[(&str, &str)] = &[("decode", "pgtrail"), ("decode", "pg_recvlogical")];
-    for (suite, contestant) in expected {
+    let mut expected: Vec<(&str, &str)> = vec![
+        ("decode", "pgtrail"),
+        ("decode", "pg_recvlogical"),
+        ("storage", "pgtrail"),
+        ("storage", "trigger"),
+        ("storage", "bemi-style"),
+    ];
+    if has_duckdb() {
+        expected.push(("storage", "duckdb-rewrite"));
+    }
+    for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
         if ran && !results.iter().any(|m| m.suite == *suite && m.contestant == *contestant && m.value.is_finite() && m.value > 0.0) {
             bail!("{suite}: {contestant} produced no measurement");
@@ -181,6 +200,119 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
     Ok(())
 }
 
+fn has_duckdb() -> bool {
+    std::process::Command::new("python3").args(["-c", "import duckdb"]).status().is_ok_and(|s| s.success())
+}
+
+/// A generic row-level audit trigger, as supa_audit and the classic audit-trigger install it:
+/// every change as JSONB in one table, indexed by time and table.
+const AUDIT_TRIGGER_SQL: &str = "
+CREATE TABLE audit_log (id bigserial PRIMARY KEY, table_oid oid NOT NULL, table_name text NOT NULL, op text NOT NULL,
+  ts timestamptz NOT NULL DEFAULT clock_timestamp(), txid bigint NOT NULL DEFAULT txid_current(), record jsonb, old_record jsonb);
+CREATE INDEX audit_log_ts ON audit_log USING brin (ts);
+CREATE INDEX audit_log_table_oid ON audit_log (table_oid);
+CREATE FUNCTION audit_row() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO audit_log (table_oid, table_name, op, record, old_record)
+  VALUES (TG_RELID, TG_TABLE_NAME, TG_OP,
+          CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END,
+          CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END);
+  RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON bench FOR EACH ROW EXECUTE FUNCTION audit_row();";
+
+/// A Bemi-style changes table (its columns and indexes), loaded from the audit rows.
+const BEMI_SQL: &str = "
+CREATE TABLE bemi_changes (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), primary_key text, \"table\" text NOT NULL,
+  \"schema\" text NOT NULL, \"database\" text NOT NULL, operation text NOT NULL, before jsonb NOT NULL DEFAULT '{}',
+  after jsonb NOT NULL DEFAULT '{}', context jsonb NOT NULL DEFAULT '{}', committed_at timestamptz NOT NULL,
+  queued_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), transaction_id bigint NOT NULL, position bigint NOT NULL);
+CREATE INDEX bemi_changes_table_pk ON bemi_changes (\"table\", primary_key);
+CREATE INDEX bemi_changes_committed_at ON bemi_changes (committed_at);
+CREATE INDEX bemi_changes_operation ON bemi_changes (operation);
+CREATE INDEX bemi_changes_context ON bemi_changes USING gin (context jsonb_path_ops);
+INSERT INTO bemi_changes (primary_key, \"table\", \"schema\", \"database\", operation, before, after, context, committed_at, queued_at, transaction_id, position)
+SELECT coalesce(record, old_record)->>'id', table_name, 'public', current_database(),
+       CASE op WHEN 'INSERT' THEN 'CREATE' ELSE op END, coalesce(old_record, '{}'), coalesce(record, '{}'), '{}',
+       ts, ts, txid, id FROM audit_log;";
+
+/// The same changes stored by pgtrail (compacted), the audit trigger, a Bemi-style table and
+/// DuckDB's rewrite of pgtrail's rows.
+fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+    let rows: u64 = if args.quick { 20_000 } else { 1_000_000 };
+    let changes = rows + rows / 4 + rows / 8;
+    let workload = format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8)");
+    // Sizes are deterministic up to page fill: one repetition is the measurement.
+    let db = cluster.fresh_database("bench_storage")?;
+    cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint)")?;
+    cluster.psql(&db, AUDIT_TRIGGER_SQL)?;
+    let dir = tempfile::tempdir()?;
+    let archive = dir.path().join("archive");
+    let config = CaptureConfig {
+        source: SourceConfig::parse(&cluster.url(&db))?,
+        archive: archive.clone(),
+        slot: "pgtrail".into(),
+        publication: "pgtrail".into(),
+        tables: vec!["public.bench".into()],
+        resnapshot: false,
+        progress_interval: Duration::from_secs(5),
+        stop_at: Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?),
+        compaction: None,
+    };
+    rt.block_on(pgtrail_capture::run(config.clone(), std::future::pending(), |_| {}))?;
+    for statement in backlog_sql(rows) {
+        cluster.psql(&db, &statement)?;
+    }
+    let mut c = config;
+    c.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
+    let summary = rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?;
+    if summary.changes < changes {
+        bail!("pgtrail stored {} changes, expected {changes}", summary.changes);
+    }
+    let log = pgtrail_store::ChangeLog::open(&archive)?;
+    pgtrail_store::Compactor::new(log.database(), &archive, pgtrail_store::CompactOptions::default()).run()?;
+    drop(log);
+    let (_db, reader) = pgtrail_store::LogReader::open(&archive)?;
+    let manifest = reader.manifest()?;
+    let segment_bytes: u64 = manifest.segments.iter().map(|s| s.bytes).sum();
+    let audited: u64 = cluster.psql(&db, "SELECT count(*) FROM audit_log")?.parse()?;
+    if audited != changes {
+        bail!("the audit trigger recorded {audited} changes, expected {changes}");
+    }
+    let trigger_bytes: u64 = cluster.psql(&db, "SELECT pg_total_relation_size('audit_log')")?.parse()?;
+    cluster.psql(&db, BEMI_SQL)?;
+    cluster.psql(&db, "VACUUM ANALYZE bemi_changes")?;
+    let bemi_bytes: u64 = cluster.psql(&db, "SELECT pg_total_relation_size('bemi_changes')")?.parse()?;
+    let mut sizes: Vec<(&'static str, u64)> = vec![("pgtrail", segment_bytes), ("trigger", trigger_bytes), ("bemi-style", bemi_bytes)];
+    if has_duckdb() {
+        let rewrite = dir.path().join("rewrite.parquet");
+        let script = "import sys, duckdb; duckdb.sql(\"COPY (SELECT * FROM read_parquet('%s/*.parquet') ORDER BY lsn, seq) TO '%s' (FORMAT parquet, COMPRESSION zstd)\" % (sys.argv[1], sys.argv[2]))";
+        let status = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(archive.join(pgtrail_store::SEGMENTS_DIR))
+            .arg(&rewrite)
+            .status()?;
+        if !status.success() {
+            bail!("the DuckDB rewrite failed");
+        }
+        sizes.push(("duckdb-rewrite", std::fs::metadata(&rewrite)?.len()));
+    }
+    for (contestant, bytes) in sizes {
+        eprintln!("storage: {contestant} keeps {changes} changes in {bytes} bytes ({:.1} bytes/change)", bytes as f64 / changes as f64);
+        results.push(Measurement {
+            suite: "storage",
+            contestant,
+            workload: workload.clone(),
+            rep: 0,
+            metric: "bytes_per_change",
+            value: bytes as f64 / changes as f64,
+            unit: "bytes/change",
+        });
+    }
+    cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    Ok(())
+}
+
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -215,11 +347,23 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
         let workload = &results.iter().find(|m| m.suite == suite).map(|m| m.workload.clone()).unwrap_or_default();
         let (med, lo, hi) = median_min_max(values);
         medians.insert((suite, contestant), med);
-        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.0} | {lo:.0}-{hi:.0} |");
+
+        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.1} | {lo:.1}-{hi:.1} |");
     }
     println!();
     if let (Some(p), Some(r)) = (medians.get(&("decode", "pgtrail")), medians.get(&("decode", "pg_recvlogical"))) {
         println!("Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**", p / r);
+    }
+    if let Some(p) = medians.get(&("storage", "pgtrail")) {
+        if let Some(t) = medians.get(&("storage", "trigger")) {
+            println!("Ratio storage: trigger table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 5)", t / p);
+        }
+        if let Some(b) = medians.get(&("storage", "bemi-style")) {
+            println!("Ratio storage: Bemi-style table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 8)", b / p);
+        }
+        if let Some(d) = medians.get(&("storage", "duckdb-rewrite")) {
+            println!("Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)", p / d);
+        }
     }
     Ok(())
 }
