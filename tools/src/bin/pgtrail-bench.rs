@@ -310,6 +310,9 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
         });
     }
     cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
+        eprintln!("storage: files kept in {}", dir.keep().display());
+    }
     Ok(())
 }
 
