@@ -319,12 +319,36 @@ pub fn export(request: &ExportRequest, handle: &Handle, progress: &mut dyn FnMut
     Ok(report)
 }
 
+/// The commit LSN of the last change this read of the archive shows. Exports stop there, not
+/// at the log's stream position: a transaction still being written (a large one streams in
+/// over several log commits) is hidden from readers, and a range recorded as exported must
+/// never cover a commit LSN whose changes were not visible yet.
+fn visible_until(archive: &ArchiveSnapshot) -> Lsn {
+    let mut until = Lsn(0);
+    for table in archive.tables.values() {
+        for seg in &table.segments {
+            until = until.max(seg.max_key.commit_lsn);
+        }
+        if let Some((key, _)) = table.tail.last() {
+            until = until.max(key.commit_lsn);
+        }
+    }
+    for seg in &archive.message_segments {
+        until = until.max(seg.max_key.commit_lsn);
+    }
+    if let Some((key, _)) = archive.message_tail.last() {
+        until = until.max(key.commit_lsn);
+    }
+    until
+}
+
 /// Decide each table's LSN range.
 fn plan(archive: &ArchiveSnapshot, dest: &Destination, state: &ExportState, request: &ExportRequest) -> Result<Run, ExportError> {
+    let visible = visible_until(archive);
     let until = match request.until {
-        None => archive.position,
-        Some(Moment::Lsn(l)) => l.min(archive.position),
-        Some(Moment::Time(t)) => lsn_at_time(archive, t)?.min(archive.position),
+        None => visible,
+        Some(Moment::Lsn(l)) => l.min(visible),
+        Some(Moment::Time(t)) => lsn_at_time(archive, t)?.min(visible),
     };
     let since_after = match request.since {
         None => Lsn(0),
