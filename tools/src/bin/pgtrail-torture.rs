@@ -41,7 +41,7 @@ struct Args {
     /// Seed of the fault timings and the workload (printed; pass it again to replay).
     #[arg(long)]
     seed: Option<u64>,
-    /// Keep the work directory (archive, capture logs) at the end.
+    /// Keep the work directory (archive, capture logs) at the end (always kept on a failure).
     #[arg(long)]
     keep: bool,
 }
@@ -761,7 +761,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     }
     check_archive(&h, &mut v)?;
     bad_inputs(&h, &mut v);
-    if args.keep {
+    // Keep the evidence (capture logs, archives) of any failure.
+    if args.keep || !v.problems.is_empty() || v.lost + v.duplicates + v.gaps + v.panics > 0 {
         let kept = work.keep();
         eprintln!("torture: work directory kept at {}", kept.display());
     }
