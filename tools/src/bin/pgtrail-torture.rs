@@ -97,6 +97,10 @@ struct Harness {
     runs: u32,
     /// The archive of the disk-full fault, moved off the full disk, to resume at the end.
     full_disk_archive: Option<PathBuf>,
+    /// The disk-full fault runs once (it leaves a slot behind).
+    disk_full_tried: bool,
+    /// Set while the disk fills: the workload runs unthrottled.
+    unthrottled: Arc<AtomicBool>,
 }
 
 impl Harness {
@@ -177,6 +181,18 @@ impl Harness {
     /// no panic; its archive is then copied to a disk with space and resumed at the end.
     /// Skipped (and not counted) where a tmpfs cannot be mounted.
     fn disk_full(&mut self) -> Result<(), String> {
+        self.disk_full_tried = true;
+        self.unthrottled.store(true, Ordering::Relaxed);
+        let result = self.fill_disk();
+        self.unthrottled.store(false, Ordering::Relaxed);
+        if result.is_err() {
+            // Leave no slot behind to hold WAL.
+            let _ = self.cluster.psql(DB, "SELECT pg_drop_replication_slot('torture_full') FROM pg_replication_slots WHERE slot_name = 'torture_full' AND NOT active");
+        }
+        result
+    }
+
+    fn fill_disk(&mut self) -> Result<(), String> {
         let mnt = self.work.join("full-disk");
         std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
         let mounted = Command::new("mount")
@@ -201,7 +217,7 @@ impl Harness {
             .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + Duration::from_secs(240);
+        let deadline = Instant::now() + Duration::from_secs(600);
         let status = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 break Some(status);
@@ -219,7 +235,7 @@ impl Harness {
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
         match status {
-            None => return Err("the capture did not stop within 240 s on a full disk".into()),
+            None => return Err("the capture did not stop within 600 s on a full disk".into()),
             Some(s) if s.success() => return Err("the capture exited 0 on a full disk".into()),
             Some(_) if text.contains("panicked") => return Err(format!("the capture panicked on a full disk: {tail}")),
             Some(_) if !text.contains("No space left on device") => {
@@ -299,7 +315,14 @@ impl Harness {
 
 /// The workload: one writer of ledger rows and account updates, with an oracle transaction
 /// every 250 ms. Returns the number of committed ledger rows.
-fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, committed: Arc<AtomicU64>, pause: Duration) -> std::thread::JoinHandle<u64> {
+fn workload(
+    url: String,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    committed: Arc<AtomicU64>,
+    pause: Duration,
+    unthrottled: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async move {
@@ -333,7 +356,7 @@ fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, committed: Arc<Atomic
                     seq += 1;
                     n += 1;
                     committed.store(n, Ordering::Relaxed);
-                    if !pause.is_zero() {
+                    if !pause.is_zero() && !unthrottled.load(Ordering::Relaxed) {
                         tokio::time::sleep(pause).await;
                     }
                     if last_oracle.elapsed() >= Duration::from_millis(250) {
@@ -669,7 +692,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
              INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
         )
         .map_err(|e| e.to_string())?;
-    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0, full_disk_archive: None };
+    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0, full_disk_archive: None, disk_full_tried: false, unthrottled: Arc::new(AtomicBool::new(false)) };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     h.start_capture(None)?;
@@ -679,7 +702,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let committed = Arc::new(AtomicU64::new(0));
     // A soak runs for long: a gentler rate keeps its archive checkable in minutes.
     let pause = if args.tier == "soak" { Duration::from_millis(2) } else { Duration::ZERO };
-    let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause);
+    let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause, h.unthrottled.clone());
 
     let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
@@ -694,7 +717,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             Some(until) if Instant::now() >= until => break,
             // One disk-full run is enough: it keeps a slot (and WAL) until the end.
             Some(_) => match schedule[(rng.next() as usize) % schedule.len()].clone() {
-                Fault::DiskFull if h.full_disk_archive.is_some() => Fault::Kill9,
+                Fault::DiskFull if h.disk_full_tried => Fault::Kill9,
                 f => f,
             },
         };
