@@ -114,7 +114,29 @@ fn wire_error_kind(e: &pgwire_replication::PgWireError) -> ErrorKind {
                 ErrorKind::Transient
             }
         }
+        // The replication worker already ended (the server terminated the walsender, and its
+        // error went to an earlier call): the connection is gone, nothing past the durable
+        // position was acknowledged, so reconnecting is safe. Found by pgtrail-torture's soak.
+        W::Internal(msg) if msg.contains("already joined") => ErrorKind::Transient,
         W::MessageTooLarge { .. } | W::Protocol(_) | W::Internal(_) => ErrorKind::Fatal,
         _ => ErrorKind::Transient,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pgwire_replication::PgWireError as W;
+
+    #[test]
+    fn a_replication_worker_that_already_ended_is_a_reconnect_not_a_stop() {
+        let ended = CaptureError::Replication(W::Internal("replication worker already joined".into()));
+        assert_eq!(ended.kind(), ErrorKind::Transient);
+        let terminated = CaptureError::Replication(W::Server(
+            "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
+        ));
+        assert_eq!(terminated.kind(), ErrorKind::Transient);
+        assert_eq!(CaptureError::Replication(W::Protocol("bad frame".into())).kind(), ErrorKind::Fatal);
+        assert_eq!(CaptureError::Replication(W::Internal("something else".into())).kind(), ErrorKind::Fatal);
     }
 }
