@@ -130,7 +130,7 @@ pub fn for_each_change_where<'t>(
 }
 
 /// A row's identity: its key values, or for a table without a key the whole row.
-type RowKey = Vec<Cell>;
+pub(crate) type RowKey = Vec<Cell>;
 
 /// A table's rows at a moment, each with the schema version it was written in (borrowed from
 /// the table's history, not copied per row).
@@ -142,7 +142,7 @@ pub struct TableState<'t> {
 
 type Rows<'t> = BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>;
 
-fn row_key(positions: &[usize], row: &Row) -> RowKey {
+pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
     if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
 }
 

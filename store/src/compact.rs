@@ -220,8 +220,8 @@ fn group_of(entry: &SegmentEntry) -> Group {
 }
 
 /// A file-name-safe form of a table name: letters, digits, `_`, `-` and `.` stay, every other
-/// byte becomes `%XX`.
-fn file_safe(name: &str) -> String {
+/// byte becomes `%XX` (also the Hive partition-value form exports use).
+pub fn file_safe(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
     for b in name.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.') {

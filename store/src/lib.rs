@@ -23,7 +23,7 @@ pub mod segment;
 
 pub use change::{Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row};
 pub use atomic_file::fsync_dir;
-pub use compact::{CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest};
+pub use compact::{CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest, file_safe};
 pub use error::{CompactError, LogError, SegmentError};
 pub use redb::Database;
 pub use log::{

@@ -16,7 +16,7 @@ use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::{cast, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimestampMicrosecondType, UInt64Type};
 use pgtrail_store::segment::{SegmentContent, civil_from_days};
-use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
+use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
 
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
@@ -28,7 +28,7 @@ use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
 use crate::history::{Bounds, open_segment_pruned, tail_batches};
 use crate::merge::{adapt, history_schema, merged_row_fields};
-use crate::pit::{Moment, for_each_change};
+use crate::pit::{Moment, RowKey, for_each_change, for_each_change_where, row_key};
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
 
@@ -220,21 +220,9 @@ fn lsn_partition(lsn: Lsn) -> String {
     format!("{:08X}-{:08X}", lsn.0 >> 32, lsn.0 & 0xFFFF_FFFF)
 }
 
-/// A Hive partition value: letters, digits and `_.-` kept, every other byte as `%XX`.
-fn partition_value(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
+/// `table=<schema>.<table>`, the Hive partition value encoded like segment file names.
 fn table_partition(table: &TableHistory) -> String {
-    format!("table={}", partition_value(&format!("{}.{}", table.schema, table.name)))
+    format!("table={}", pgtrail_store::file_safe(&format!("{}.{}", table.schema, table.name)))
 }
 
 fn date_of(us: i64) -> String {
@@ -246,16 +234,22 @@ fn date_of(us: i64) -> String {
 fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
     let mut best = Lsn(0);
     for table in archive.tables.values() {
-        for seg in &table.segments {
-            if seg.max_committed_at_us <= t {
-                best = best.max(seg.max_key.commit_lsn);
-            }
+        // Segments wholly before `t` answer from the manifest; only those straddling it (and
+        // the tail) are read, pruned to the row groups before `t`.
+        for seg in table.segments.iter().filter(|s| s.max_committed_at_us <= t) {
+            best = best.max(seg.max_key.commit_lsn);
         }
-        // Segments straddling `t`, and the tail, are read (pruned to the row groups before t).
-        for_each_change(archive, table, Some(Moment::Time(t)), |_, key, _| {
-            best = best.max(key.commit_lsn);
-            Ok(())
-        })?;
+        for_each_change_where(
+            archive,
+            table,
+            Bounds { time: (i64::MIN, t), ..Bounds::default() },
+            |seg| seg.min_committed_at_us <= t && seg.max_committed_at_us > t,
+            |_, rec| rec.committed_at_us <= t,
+            |_, key, _| {
+                best = best.max(key.commit_lsn);
+                Ok(())
+            },
+        )?;
     }
     Ok(best)
 }
@@ -531,8 +525,6 @@ struct OpenVersion<'t> {
     context: Option<String>,
 }
 
-type RowKey = Vec<Cell>;
-
 /// Remove and return the open version `row` is an image of: with a key, the key's version;
 /// without one, one identical row.
 fn take_version<'t>(open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>, positions: &[usize], row: &Row) -> Option<OpenVersion<'t>> {
@@ -544,10 +536,6 @@ fn take_version<'t>(open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>, positions
         open.remove(&k);
     }
     Some(v)
-}
-
-fn row_key(positions: &[usize], row: &Row) -> RowKey {
-    if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
 }
 
 const BATCH_ROWS: usize = 8192;
