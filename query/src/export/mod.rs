@@ -225,8 +225,10 @@ fn table_partition(table: &TableHistory) -> String {
     format!("table={}", pgtrail_store::file_safe(&format!("{}.{}", table.schema, table.name)))
 }
 
+const DAY_US: i64 = 86_400_000_000;
+
 fn date_of(us: i64) -> String {
-    let (y, m, d) = civil_from_days(us.div_euclid(86_400_000_000));
+    let (y, m, d) = civil_from_days(us.div_euclid(DAY_US));
     format!("{y:04}-{m:02}-{d:02}")
 }
 
@@ -488,7 +490,7 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
         // Split into runs of one commit date (rows are in commit order).
         let mut start = 0;
         for i in 1..=batch.num_rows() {
-            if i == batch.num_rows() || date_of(at.value(i)) != date_of(at.value(start)) {
+            if i == batch.num_rows() || at.value(i).div_euclid(DAY_US) != at.value(start).div_euclid(DAY_US) {
                 let dir = format!("{partition}/date={}", date_of(at.value(start)));
                 files.write(&dir, &stem, &batch.slice(start, i - start))?;
                 start = i;
@@ -545,30 +547,37 @@ struct Buffers<'a> {
     columns: Fields,
     versions: &'a [RelationVersion],
     meta: &'static [(&'static str, MetaType)],
-    open: BTreeMap<(String, String), LakeRows>,
+    /// (partition, stem, rows): a handful at most, found without allocating per row.
+    open: Vec<(String, String, LakeRows)>,
 }
 
 impl Buffers<'_> {
     fn push(
         &mut self,
         files: &mut PartitionedFiles,
-        partition: String,
+        partition: &str,
         stem: &str,
         image: Option<(&RelationVersion, &Row)>,
         meta: &[MetaValue],
     ) -> Result<(), ExportError> {
-        let key = (partition, stem.to_string());
-        let rows = self.open.entry(key.clone()).or_insert_with(|| LakeRows::new(&self.columns, self.versions, self.meta));
+        let i = match self.open.iter().position(|(p, s, _)| p == partition && s == stem) {
+            Some(i) => i,
+            None => {
+                self.open.push((partition.to_string(), stem.to_string(), LakeRows::new(&self.columns, self.versions, self.meta)));
+                self.open.len() - 1
+            }
+        };
+        let (partition, stem, rows) = &mut self.open[i];
         rows.push(image, meta)?;
         if rows.len() >= BATCH_ROWS {
             let batch = rows.finish()?;
-            files.write(&key.0, &key.1, &batch)?;
+            files.write(partition, stem, &batch)?;
         }
         Ok(())
     }
 
     fn flush(&mut self, files: &mut PartitionedFiles) -> Result<(), ExportError> {
-        for ((partition, stem), rows) in &mut self.open {
+        for (partition, stem, rows) in &mut self.open {
             if rows.len() > 0 {
                 let batch = rows.finish()?;
                 files.write(partition, stem, &batch)?;
@@ -615,7 +624,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
         _ => SNAPSHOT_META,
     };
     files.schema = rows::lake_schema(&columns, meta);
-    let mut buffers = Buffers { columns, versions: &table.versions, meta, open: BTreeMap::new() };
+    let mut buffers = Buffers { columns, versions: &table.versions, meta, open: Vec::new() };
     let partition = table_partition(table);
     let range = format!("{}-{}", lsn_name(from), lsn_name(until));
     let cdf_stem = format!("cdf-{range}");
@@ -623,12 +632,17 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
     let closed_dir = format!("{partition}/state=closed");
 
     let mut open: BTreeMap<RowKey, Vec<OpenVersion>> = BTreeMap::new();
+    // The cdf partition of the current commit day, formatted once per day.
+    let mut cdf_dir: (i64, String) = (i64::MIN, String::new());
     for_each_change(archive, table, Some(Moment::Lsn(until)), |version, key, rec| {
         let step = (|| -> Result<(), ExportError> {
             let in_range = key.commit_lsn > from;
             let positions = table.key_positions(version);
             let keyed = !positions.is_empty();
-            let cdf_dir = || format!("{partition}/date={}", date_of(rec.committed_at_us));
+            let day = rec.committed_at_us.div_euclid(DAY_US);
+            if layout == Layout::Cdf && day != cdf_dir.0 {
+                cdf_dir = (day, format!("{partition}/date={}", date_of(rec.committed_at_us)));
+            }
             let cdf_meta = |change_type: &'static str| {
                 [
                     MetaValue::Text(Some(change_type)),
@@ -650,7 +664,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                         MetaValue::Text(Some(old.op.as_str())),
                         MetaValue::Text(old.context.as_deref()),
                     ];
-                    buffers.push(files, closed_dir.clone(), &closed_stem, Some((old.version, &old.row)), &meta)?;
+                    buffers.push(files, &closed_dir, &closed_stem, Some((old.version, &old.row)), &meta)?;
                 }
                 Ok(())
             };
@@ -662,7 +676,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                         let old = take_version(&mut open, positions, before);
                         if in_range && layout == Layout::Cdf {
                             let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
-                            buffers.push(files, cdf_dir(), &cdf_stem, Some(image), &cdf_meta("update_preimage"))?;
+                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some(image), &cdf_meta("update_preimage"))?;
                         }
                         if let Some(old) = old {
                             close(&mut buffers, files, old)?;
@@ -677,7 +691,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                         }
                         if in_range && layout == Layout::Cdf {
                             let change_type = if rec.op == Op::Update { "update_postimage" } else { "insert" };
-                            buffers.push(files, cdf_dir(), &cdf_stem, Some((version, after)), &cdf_meta(change_type))?;
+                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some((version, after)), &cdf_meta(change_type))?;
                         }
                         open.entry(k).or_default().push(OpenVersion {
                             version,
@@ -694,7 +708,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                         let old = take_version(&mut open, positions, before);
                         if in_range && layout == Layout::Cdf {
                             let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
-                            buffers.push(files, cdf_dir(), &cdf_stem, Some(image), &cdf_meta("delete"))?;
+                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some(image), &cdf_meta("delete"))?;
                         }
                         if let Some(old) = old {
                             close(&mut buffers, files, old)?;
@@ -710,7 +724,7 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                         let (gone, kept): (Vec<_>, Vec<_>) = list.into_iter().partition(|v| v.version.relation_id == rec.relation_id);
                         for old in gone {
                             if in_range && layout == Layout::Cdf {
-                                buffers.push(files, cdf_dir(), &cdf_stem, Some((old.version, &old.row)), &cdf_meta("delete"))?;
+                                buffers.push(files, &cdf_dir.1, &cdf_stem, Some((old.version, &old.row)), &cdf_meta("delete"))?;
                             }
                             close(&mut buffers, files, old)?;
                         }
@@ -745,13 +759,13 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
                     MetaValue::Text(Some(v.op.as_str())),
                     MetaValue::Text(v.context.as_deref()),
                 ];
-                buffers.push(files, dir.clone(), &stem, Some((v.version, &v.row)), &meta)?;
+                buffers.push(files, &dir, &stem, Some((v.version, &v.row)), &meta)?;
             }
         }
         Layout::Snapshot => {
             let dir = format!("{partition}/snapshot_lsn={}", lsn_partition(until));
             for v in open.values().flatten() {
-                buffers.push(files, dir.clone(), "snapshot", Some((v.version, &v.row)), &[])?;
+                buffers.push(files, &dir, "snapshot", Some((v.version, &v.row)), &[])?;
             }
         }
         _ => {}
