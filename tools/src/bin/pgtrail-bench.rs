@@ -108,6 +108,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// pgtrail capturing `public.bench` of `db` into `archive` (no compaction, no stop LSN).
+fn bench_capture(cluster: &Cluster, db: &str, archive: &std::path::Path) -> anyhow::Result<CaptureConfig> {
+    Ok(CaptureConfig {
+        source: SourceConfig::parse(&cluster.url(db))?,
+        archive: archive.to_path_buf(),
+        slot: "pgtrail".into(),
+        publication: "pgtrail".into(),
+        tables: vec!["public.bench".into()],
+        resnapshot: false,
+        progress_interval: Duration::from_secs(5),
+        stop_at: None,
+        compaction: None,
+    })
+}
+
 /// A backlog of `rows` 200-byte-row changes: inserts, then updates and deletes of a share.
 fn backlog_sql(rows: u64) -> Vec<String> {
     let batch = 10_000u64;
@@ -134,17 +149,7 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
         cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint); CREATE PUBLICATION recv FOR TABLE bench")?;
         let dir = tempfile::tempdir()?;
         let archive = dir.path().join("archive");
-        let config = CaptureConfig {
-            source: SourceConfig::parse(&cluster.url(&db))?,
-            archive: archive.clone(),
-            slot: "pgtrail".into(),
-            publication: "pgtrail".into(),
-            tables: vec!["public.bench".into()],
-            resnapshot: false,
-            progress_interval: Duration::from_secs(5),
-            stop_at: None,
-            compaction: None,
-        };
+        let config = bench_capture(cluster, &db, &archive)?;
         // Both slots exist before the backlog: the first capture creates pgtrail's slot and
         // its (empty) snapshot and stops.
         let mut first = config.clone();
@@ -248,17 +253,8 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
     cluster.psql(&db, AUDIT_TRIGGER_SQL)?;
     let dir = tempfile::tempdir()?;
     let archive = dir.path().join("archive");
-    let config = CaptureConfig {
-        source: SourceConfig::parse(&cluster.url(&db))?,
-        archive: archive.clone(),
-        slot: "pgtrail".into(),
-        publication: "pgtrail".into(),
-        tables: vec!["public.bench".into()],
-        resnapshot: false,
-        progress_interval: Duration::from_secs(5),
-        stop_at: Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?),
-        compaction: None,
-    };
+    let mut config = bench_capture(cluster, &db, &archive)?;
+    config.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
     rt.block_on(pgtrail_capture::run(config.clone(), std::future::pending(), |_| {}))?;
     for statement in backlog_sql(rows) {
         cluster.psql(&db, &statement)?;
