@@ -41,8 +41,7 @@ struct OpenFile {
 pub struct PartitionedFiles<'d> {
     dest: &'d Destination,
     spool_dir: &'d Path,
-    /// Set by the layout before the first write.
-    pub(super) schema: SchemaRef,
+    schema: SchemaRef,
     max_rows: usize,
     open: Vec<OpenFile>,
     parts: std::collections::BTreeMap<String, usize>,
@@ -67,6 +66,10 @@ impl<'d> PartitionedFiles<'d> {
         on_file: &'d mut dyn FnMut(&WrittenFile),
     ) -> PartitionedFiles<'d> {
         PartitionedFiles { dest, spool_dir, schema, max_rows: max_rows.max(1), open: Vec::new(), parts: Default::default(), written: Vec::new(), on_file }
+    }
+
+    pub fn schema(&self) -> &SchemaRef {
+        &self.schema
     }
 
     /// Append `batch` to the files `partition/stem-NNNNN.parquet`.

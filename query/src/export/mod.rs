@@ -391,7 +391,8 @@ fn execute(
         };
         let started = Instant::now();
         let mut on_file = |f: &WrittenFile| progress(&format!("  {} ({} rows, {} bytes)", f.path, f.rows, f.bytes));
-        let mut files = PartitionedFiles::new(dest, spool, Arc::new(Schema::empty()), run.max_rows_per_file, &mut on_file);
+        let schema = output_schema(table, until, layout);
+        let mut files = PartitionedFiles::new(dest, spool, schema, run.max_rows_per_file, &mut on_file);
         match layout {
             Layout::Changes => export_changes(archive, table, from, until, &mut files)?,
             Layout::Cdf | Layout::Scd2 | Layout::Snapshot => replay(archive, table, from, until, layout, &mut files)?,
@@ -449,23 +450,54 @@ fn remove_stale_current(dest: &Destination, state: &ExportState) -> Result<(), E
     Ok(())
 }
 
+/// The schema versions in force up to `until` (at least the first): a run's columns depend on
+/// them only, so a repeated run writes the same columns.
+fn versions_until(table: &TableHistory, until: Lsn) -> &[RelationVersion] {
+    let n = table.versions.iter().take_while(|v| v.valid_from.commit_lsn <= until).count();
+    &table.versions[..n.max(1)]
+}
+
+/// The table columns of the lake layouts.
+fn lake_columns(known: &[RelationVersion], layout: Layout) -> Fields {
+    match layout {
+        // A snapshot has the columns of the schema in force at its moment.
+        Layout::Snapshot => pgtrail_store::segment::row_struct_fields(known.last().expect("a table has a version")),
+        _ => merged_row_fields(known),
+    }
+}
+
+fn layout_meta(layout: Layout) -> &'static [(&'static str, MetaType)] {
+    match layout {
+        Layout::Cdf => CDF_META,
+        Layout::Scd2 => SCD2_META,
+        _ => SNAPSHOT_META,
+    }
+}
+
+/// The schema of a run's files for `table`.
+fn output_schema(table: &TableHistory, until: Lsn, layout: Layout) -> SchemaRef {
+    let known = versions_until(table, until);
+    match layout {
+        // The history schema with unsigned metadata as Int64, for engines without unsigned types.
+        Layout::Changes => Arc::new(Schema::new(
+            history_schema(known)
+                .fields()
+                .iter()
+                .map(|f| match f.name().as_str() {
+                    "lsn" | "seq" | "xid" => Field::new(f.name(), DataType::Int64, false),
+                    _ => f.as_ref().clone(),
+                })
+                .collect::<Vec<_>>(),
+        )),
+        _ => rows::lake_schema(&lake_columns(known, layout), layout_meta(layout)),
+    }
+}
+
 /// The `changes` layout: the table's history rows (typed `before`/`after`), unsigned
 /// metadata as Int64 for engines without unsigned types, partitioned by commit date.
 fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, files: &mut PartitionedFiles) -> Result<(), ExportError> {
-    let versions: Vec<RelationVersion> = table.versions.iter().filter(|v| v.valid_from.commit_lsn <= until).cloned().collect();
-    let versions = if versions.is_empty() { table.versions[..1].to_vec() } else { versions };
-    let history = history_schema(&versions);
-    let out_schema: SchemaRef = Arc::new(Schema::new(
-        history
-            .fields()
-            .iter()
-            .map(|f| match f.name().as_str() {
-                "lsn" | "seq" | "xid" => Field::new(f.name(), DataType::Int64, false),
-                _ => f.as_ref().clone(),
-            })
-            .collect::<Vec<_>>(),
-    ));
-    files.schema = out_schema.clone();
+    let history = history_schema(versions_until(table, until));
+    let out_schema = files.schema().clone();
     let partition = table_partition(table);
     let stem = format!("changes-{}-{}", lsn_name(from), lsn_name(until));
     let mut emit = |batch: RecordBatch| -> Result<(), ExportError> {
@@ -611,19 +643,8 @@ const SNAPSHOT_META: &[(&str, MetaType)] = &[];
 /// Replay the table's history up to `until`, keeping its open row versions, and write the
 /// `cdf`, `scd2` or `snapshot` rows of the changes after `from`.
 fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, layout: Layout, files: &mut PartitionedFiles) -> Result<(), ExportError> {
-    let known: Vec<RelationVersion> = table.versions.iter().filter(|v| v.valid_from.commit_lsn <= until).cloned().collect();
-    let known = if known.is_empty() { table.versions[..1].to_vec() } else { known };
-    let columns = match layout {
-        // A snapshot has the columns of the schema in force at its moment.
-        Layout::Snapshot => pgtrail_store::segment::row_struct_fields(known.last().expect("one version")),
-        _ => merged_row_fields(&known),
-    };
-    let meta = match layout {
-        Layout::Cdf => CDF_META,
-        Layout::Scd2 => SCD2_META,
-        _ => SNAPSHOT_META,
-    };
-    files.schema = rows::lake_schema(&columns, meta);
+    let columns = lake_columns(versions_until(table, until), layout);
+    let meta = layout_meta(layout);
     let mut buffers = Buffers { columns, versions: &table.versions, meta, open: Vec::new() };
     let partition = table_partition(table);
     let range = format!("{}-{}", lsn_name(from), lsn_name(until));
