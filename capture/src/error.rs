@@ -114,9 +114,11 @@ fn wire_error_kind(e: &pgwire_replication::PgWireError) -> ErrorKind {
                 ErrorKind::Transient
             }
         }
-        // The replication worker already ended (the server terminated the walsender, and its
-        // error went to an earlier call): the connection is gone, nothing past the durable
-        // position was acknowledged, so reconnecting is safe. Found by pgtrail-torture's soak.
+        // The replication worker already ended and its error was lost: `recv` takes the
+        // worker's join handle before awaiting it, so when `stream`'s select! drops that recv
+        // future for another branch, the next recv finds no handle. The connection is gone and
+        // nothing past the durable position was acknowledged, so reconnecting is safe. (Found
+        // by pgtrail-torture's soak; the cancellation gap is pgwire-replication's.)
         W::Internal(msg) if msg.contains("already joined") => ErrorKind::Transient,
         W::MessageTooLarge { .. } | W::Protocol(_) | W::Internal(_) => ErrorKind::Fatal,
         _ => ErrorKind::Transient,
