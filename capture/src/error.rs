@@ -42,6 +42,10 @@ pub enum CaptureError {
     },
     #[error("replication stream failed")]
     Replication(#[source] pgwire_replication::PgWireError),
+    /// The replication connection is dead without having said so (a network black hole, a
+    /// middlebox that dropped the connection): found by the stream liveness check.
+    #[error("the replication stream went silent: {why}; reconnecting")]
+    StreamSilent { why: String },
     #[error("cannot decode a replication message near {lsn}")]
     Decode {
         lsn: Lsn,
@@ -75,6 +79,7 @@ impl CaptureError {
             CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => ErrorKind::Fatal,
             CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => pg_error_kind(source),
             CaptureError::Replication(e) => wire_error_kind(e),
+            CaptureError::StreamSilent { .. } => ErrorKind::Transient,
         }
     }
 

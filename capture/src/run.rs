@@ -40,6 +40,9 @@ pub const CONTEXT_PREFIX: &str = "_bemi";
 /// How long a slot held by another connection is waited for before it counts as in use.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
 
+/// The default of [`CaptureConfig::stream_timeout`].
+pub const DEFAULT_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Microseconds between the Unix epoch and PostgreSQL's epoch (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
@@ -55,6 +58,9 @@ pub struct CaptureConfig {
     /// After a gap: record it, create a new slot and take a new snapshot into this archive.
     pub resnapshot: bool,
     pub progress_interval: Duration,
+    /// How long the replication stream may stay silent before the source is asked whether
+    /// the connection still works (see [`Liveness`]); also the limit for connecting.
+    pub stream_timeout: Duration,
     /// Stop (cleanly) once the durable position reaches this LSN; for tests and tools.
     pub stop_at: Option<Lsn>,
     /// Compact in the background while capturing; `None` leaves everything in the log.
@@ -115,11 +121,14 @@ pub async fn run(
     // Whether a session has started: before that, a source that cannot be reached is a
     // configuration error (wrong URL, server down), reported at once rather than retried.
     let mut attempts = 0u32;
+    // The walsender of this process's last session: after a network failure the server may
+    // still hold the slot for it until `wal_sender_timeout`, and only that one may be ended.
+    let mut own_walsender: Option<i32> = None;
     loop {
         attempts += 1;
         let started = Instant::now();
         let result = {
-            let session = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress);
+            let session = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress, &mut own_walsender);
             match compactor.as_mut() {
                 // A failed compactor stops the capture; dropping the session mid-stream is safe
                 // because nothing past the durable position was acknowledged.
@@ -196,6 +205,7 @@ async fn session(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     summary: &mut Progress,
     on_progress: &mut impl FnMut(&Progress),
+    own_walsender: &mut Option<i32>,
 ) -> Result<SessionEnd, CaptureError> {
     let sql = config.source.connect_sql().await?;
     preflight::check(&sql, config.source.user()).await?;
@@ -232,7 +242,7 @@ async fn session(
                 slot::ensure_publication(&sql, &config.publication, &tables).await?;
             }
             let durable = writer.durable();
-            let checked = match check_slot(&sql, &id, durable, config).await {
+            let checked = match check_slot(&sql, &id, durable, config, *own_walsender).await {
                 // Every gap is recorded in the archive before anything else happens.
                 Err(CaptureError::Gap { reason, archive_position, source_position }) => {
                     Err(gap(writer, archive_position, source_position, reason).await)
@@ -247,17 +257,18 @@ async fn session(
                         slot::drop_slot(&sql, &config.slot).await?;
                     }
                     client = initial_snapshot(config, writer, &sql, summary).await?;
-                    return stream(config, writer, client, &sql, shutdown, summary, on_progress).await;
+                    return stream(config, writer, client, &sql, shutdown, summary, on_progress, own_walsender).await;
                 }
                 Err(e) => return Err(e),
             }
-            let rcfg = config
-                .source
-                .replication_config(&config.slot, &config.publication)
-                .with_start_lsn(to_wire(durable))
-                .with_ack_lsn(to_wire(durable));
-            client = ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)?;
-            let system = client.identify_system().await.map_err(CaptureError::Replication)?;
+            let rcfg = replication_config(config).with_start_lsn(to_wire(durable)).with_ack_lsn(to_wire(durable));
+            let limit = config.stream_timeout;
+            client = within(limit, "connecting for replication", async {
+                ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
+            })
+            .await?;
+            let system =
+                within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
             if system.system_id != id.system_id {
                 let reason = format!(
                     "the source is a different cluster (system identifier {} where the archive was captured from {})",
@@ -271,7 +282,7 @@ async fn session(
             // The initial snapshot did not finish: nothing of it is in the archive (the log's
             // recovery removed the partial rows), nothing was acknowledged past the slot's
             // creation, so the slot is dropped and the snapshot taken again.
-            if slot_when_released(&sql, &config.slot).await?.is_some() {
+            if slot_when_released(&sql, &config.slot, *own_walsender).await?.is_some() {
                 tracing::warn!(slot = %config.slot, "dropping the slot of an interrupted initial snapshot to take it again");
                 slot::drop_slot(&sql, &config.slot).await?;
             }
@@ -290,7 +301,26 @@ async fn session(
             client = initial_snapshot(config, writer, &sql, summary).await?;
         }
     }
-    stream(config, writer, client, &sql, shutdown, summary, on_progress).await
+    stream(config, writer, client, &sql, shutdown, summary, on_progress, own_walsender).await
+}
+
+/// The replication settings of `config`: status updates often enough that the liveness check
+/// sees several of them arrive at the server within one `stream_timeout`.
+fn replication_config(config: &CaptureConfig) -> pgwire_replication::ReplicationConfig {
+    let wakeup = (config.stream_timeout / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
+    config.source.replication_config(&config.slot, &config.publication).with_wakeup_interval(wakeup)
+}
+
+/// `fut`, or a [`CaptureError::StreamSilent`] (a reconnect) if it takes longer than `limit`:
+/// a connection into a network black hole never fails by itself.
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    fut: impl Future<Output = Result<T, CaptureError>>,
+) -> Result<T, CaptureError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(CaptureError::StreamSilent { why: format!("{what} got no answer within {} s", limit.as_secs_f64()) })
+    })
 }
 
 async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn, reason: String) -> CaptureError {
@@ -303,9 +333,21 @@ async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn,
 
 /// The slot's state, after waiting for a walsender of a consumer that just died (kill -9, a
 /// dropped network) to release it: the server notices only after a while, so the slot counts
-/// as "in use" only when it stays held for [`SLOT_RELEASE_WAIT`].
-async fn slot_when_released(sql: &tokio_postgres::Client, slot_name: &str) -> Result<Option<slot::SlotState>, CaptureError> {
+/// as "in use" only when it stays held for [`SLOT_RELEASE_WAIT`]. A walsender that served this
+/// process's own earlier session (`own`, after a network failure) is ended instead of waited
+/// for: nothing else can be using that session.
+async fn slot_when_released(
+    sql: &tokio_postgres::Client,
+    slot_name: &str,
+    own: Option<i32>,
+) -> Result<Option<slot::SlotState>, CaptureError> {
     let mut state = slot::slot_state(sql, slot_name).await?;
+    if let Some(pid) = state.as_ref().and_then(|s| s.active_pid).filter(|pid| Some(*pid) == own) {
+        tracing::warn!(slot = slot_name, pid, "ending this capture's earlier walsender, which the server still counts as connected");
+        sql.execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .map_err(|e| CaptureError::sql("ending this capture's earlier walsender", e))?;
+    }
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -320,8 +362,9 @@ async fn check_slot(
     id: &SourceIdentity,
     durable: Lsn,
     config: &CaptureConfig,
+    own_walsender: Option<i32>,
 ) -> Result<(), CaptureError> {
-    let state = slot_when_released(sql, &config.slot).await?;
+    let state = slot_when_released(sql, &config.slot, own_walsender).await?;
     let Some(state) = state else {
         let current: String = sql
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
@@ -381,9 +424,13 @@ async fn initial_snapshot(
     // The publication must exist before the slot: a slot decodes with the catalog as of each
     // change, and a publication created later is unknown to its earlier changes.
     slot::ensure_publication(sql, &config.publication, &tables).await?;
-    let rcfg = config.source.replication_config(&config.slot, &config.publication);
-    let mut client = ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)?;
-    let system = client.identify_system().await.map_err(CaptureError::Replication)?;
+    let rcfg = replication_config(config);
+    let limit = config.stream_timeout;
+    let mut client = within(limit, "connecting for replication", async {
+        ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
+    })
+    .await?;
+    let system = within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
     let mut identity = SourceIdentity {
         system_id: system.system_id.clone(),
         timeline: system.timeline,
@@ -448,14 +495,23 @@ async fn stream(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     summary: &mut Progress,
     on_progress: &mut impl FnMut(&Progress),
+    own_walsender: &mut Option<i32>,
 ) -> Result<SessionEnd, CaptureError> {
-    client.wait_started().await.map_err(|e| match &e {
-        pgwire_replication::PgWireError::Server(msg) if msg.contains("is active for PID") => CaptureError::setup(
-            format!("replication slot {:?} is in use by another connection ({msg})", config.slot),
-            "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
-        ),
-        _ => CaptureError::Replication(e),
+    let started = within(config.stream_timeout, "START_REPLICATION", async {
+        client.wait_started().await.map_err(CaptureError::Replication)
+    })
+    .await;
+    started.map_err(|e| match &e {
+        CaptureError::Replication(pgwire_replication::PgWireError::Server(msg)) if msg.contains("is active for PID") => {
+            CaptureError::setup(
+                format!("replication slot {:?} is in use by another connection ({msg})", config.slot),
+                "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
+            )
+        }
+        _ => e,
     })?;
+    *own_walsender = slot::slot_state(sql, &config.slot).await?.and_then(|s| s.active_pid);
+    let mut liveness = Liveness::new(config.stream_timeout, *own_walsender);
     tracing::info!(slot = %config.slot, from = %writer.durable(), "streaming");
     let mut durable_rx = writer.durable_watch();
     client.update_applied_lsn(to_wire(writer.durable()));
@@ -490,6 +546,7 @@ async fn stream(
             }
             event = client.recv() => {
                 let event = event.map_err(CaptureError::Replication)?;
+                liveness.heard();
                 let Some(event) = event else {
                     return Err(CaptureError::Replication(pgwire_replication::PgWireError::Io(std::sync::Arc::new(
                         std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"),
@@ -500,6 +557,7 @@ async fn stream(
                     writer.send(ops).await?;
                 }
             }
+            _ = liveness.tick.tick() => liveness.check(sql, &config.slot).await?,
             _ = tick.tick() => {
                 let durable = writer.durable();
                 fill_stats(summary, writer);
@@ -517,6 +575,83 @@ async fn stream(
                     state.oldest_pending_commit_us = None;
                 }
                 on_progress(summary);
+            }
+        }
+    }
+}
+
+/// Finds a replication connection that died without a word (a network black hole, a NAT
+/// entry dropped by a middlebox): such a connection neither delivers nor fails, and the
+/// kernel gives up on it only after about 15 minutes.
+///
+/// Silence alone proves nothing: an idle source sends nothing, and a walsender decoding a
+/// large transaction from a backlog sends nothing until its commit. So once the stream has
+/// been silent for `timeout`, the source is asked over the SQL connection about this
+/// session's walsender, and the connection counts as dead only on evidence: the slot is gone
+/// or held by another process, the server has received none of the status updates this
+/// client sends every few seconds for `timeout`, or the walsender is blocked writing data
+/// that never arrives. A dead connection is a reconnect; nothing past the durable position
+/// was acknowledged, so nothing can be lost by abandoning it.
+struct Liveness {
+    timeout: Duration,
+    last_heard: Instant,
+    walsender: Option<i32>,
+    tick: tokio::time::Interval,
+}
+
+impl Liveness {
+    fn new(timeout: Duration, walsender: Option<i32>) -> Self {
+        let mut tick = tokio::time::interval((timeout / 3).max(Duration::from_millis(200)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Liveness { timeout, last_heard: Instant::now(), walsender, tick }
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    async fn check(&self, sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+        let silent = self.last_heard.elapsed();
+        if silent < self.timeout {
+            return Ok(());
+        }
+        let secs = self.timeout.as_secs_f64();
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slot, &secs];
+        let query = sql.query_opt(
+            "SELECT s.active_pid, coalesce(r.reply_time > now() - make_interval(secs => $2), false), a.wait_event \
+             FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &params,
+        );
+        let row = within(self.timeout, "a query about the replication session", async {
+            query.await.map_err(|e| CaptureError::sql("asking the source about the replication session", e))
+        })
+        .await?;
+        let silent_s = silent.as_secs();
+        let why = match row {
+            None => Some("the slot no longer exists".to_string()),
+            Some(row) => {
+                let pid: Option<i32> = row.get(0);
+                let replies_arrive: bool = row.get(1);
+                let wait_event: Option<String> = row.get(2);
+                if pid.is_none() || (self.walsender.is_some() && pid != self.walsender) {
+                    Some(format!("nothing heard for {silent_s} s and the server no longer runs this capture's walsender"))
+                } else if !replies_arrive {
+                    Some(format!("nothing heard for {silent_s} s and the server received none of this capture's status updates"))
+                } else if wait_event.as_deref() == Some("WalSenderWriteData") {
+                    Some(format!("nothing heard for {silent_s} s while the server's walsender is blocked sending to this capture"))
+                } else {
+                    None
+                }
+            }
+        };
+        match why {
+            Some(why) => Err(CaptureError::StreamSilent { why }),
+            None => {
+                tracing::debug!(silent_s, "replication stream silent; the server is alive and receiving status updates");
+                Ok(())
             }
         }
     }

@@ -165,6 +165,8 @@ pub struct SlotState {
     pub plugin: Option<String>,
     pub database: Option<String>,
     pub active: bool,
+    /// The walsender holding the slot, while it is active.
+    pub active_pid: Option<i32>,
     pub confirmed_flush: Option<Lsn>,
     pub wal_status: Option<String>,
 }
@@ -172,7 +174,7 @@ pub struct SlotState {
 pub async fn slot_state(sql: &tokio_postgres::Client, slot: &str) -> Result<Option<SlotState>, CaptureError> {
     let row = sql
         .query_opt(
-            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status \
+            "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, active_pid \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -184,6 +186,7 @@ pub async fn slot_state(sql: &tokio_postgres::Client, slot: &str) -> Result<Opti
         active: row.get(2),
         confirmed_flush: row.get::<_, Option<String>>(3).and_then(|s| s.parse().ok()),
         wal_status: row.get(4),
+        active_pid: row.get(5),
     }))
 }
 

@@ -55,6 +55,9 @@ impl SourceConfig {
         pg.application_name("pgtrail");
         pg.connect_timeout(Duration::from_secs(10));
         pg.keepalives_idle(Duration::from_secs(30));
+        // A query sent into a dead network (no FIN, no RST) fails after this long instead of
+        // waiting for the kernel's retransmissions (about 15 minutes).
+        pg.tcp_user_timeout(Duration::from_secs(30));
         let display = format!(
             "{}@{}:{}/{}",
             pg.get_user().unwrap_or_default(),

@@ -42,6 +42,7 @@ impl TestDb {
             tables: Vec::new(),
             resnapshot: false,
             progress_interval: Duration::from_secs(1),
+            stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
             stop_at: None,
             compaction: None,
         }

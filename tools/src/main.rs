@@ -65,6 +65,11 @@ struct CaptureArgs {
     /// Seconds between progress lines on stderr.
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
+    /// Seconds the replication stream may stay silent before the source is asked whether the
+    /// connection still works; a dead one (network black hole) is replaced. Also the limit for
+    /// connecting.
+    #[arg(long, default_value_t = 30)]
+    stream_timeout_secs: u64,
     /// Compact in the background once the log holds this many changes ...
     #[arg(long, default_value_t = 200_000)]
     compact_after_changes: u64,
@@ -185,6 +190,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         tables,
         resnapshot: args.resnapshot,
         progress_interval: Duration::from_secs(args.progress_secs.max(1)),
+        stream_timeout: Duration::from_secs(args.stream_timeout_secs.max(2)),
         stop_at,
         compaction: (!args.no_compact).then(|| pgtrail_capture::CompactionPolicy {
             options: args.segments.options(),

@@ -118,6 +118,7 @@ fn bench_capture(cluster: &Cluster, db: &str, archive: &std::path::Path) -> anyh
         tables: vec!["public.bench".into()],
         resnapshot: false,
         progress_interval: Duration::from_secs(5),
+        stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
         stop_at: None,
         compaction: None,
     })

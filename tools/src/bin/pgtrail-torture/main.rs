@@ -15,6 +15,8 @@
 //! D duplicates, G unexpected gaps`; the exit status is non-zero on any loss, duplicate,
 //! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
 
+mod proxy;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -68,6 +70,12 @@ enum Fault {
     Restart(&'static str),
     Stall,
     DiskFull,
+    /// The capture's connections reset through the proxy.
+    NetReset,
+    /// The server's next chunk cut in the middle, then closed.
+    NetCloseMidFrame,
+    /// The capture's connections silently dead: it must notice within its stream timeout.
+    BlackHole,
 }
 
 /// Crash points the capture can hit: the log's commit window, and each step of the
@@ -87,9 +95,13 @@ const DB: &str = "torture";
 const MAX_ORACLE_CHECKS: usize = 12;
 const SLOT: &str = "torture";
 const WAL_SENDER_TIMEOUT_S: u64 = 5;
+/// The capture's `--stream-timeout-secs`: how soon it must notice a black hole.
+const STREAM_TIMEOUT_S: u64 = 4;
 
 struct Harness {
     cluster: Cluster,
+    /// The capture reaches PostgreSQL through this proxy, which cuts its connections.
+    proxy: proxy::Proxy,
     bin: PathBuf,
     work: PathBuf,
     archive: PathBuf,
@@ -110,7 +122,8 @@ impl Harness {
         let mut cmd = Command::new(&self.bin);
         cmd.args(["capture", "--slot", SLOT, "--publication", SLOT, "--progress-secs", "1"])
             .args(["--compact-after-changes", "400", "--compact-after-secs", "2"])
-            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
+            .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
+            .env("PGTRAIL_SOURCE", format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port))
             .env("PGTRAIL_ARCHIVE", &self.archive)
             .env("PGTRAIL_LOG", "info")
             .stdin(Stdio::null())
@@ -132,8 +145,16 @@ impl Harness {
         let _ = Command::new("kill").args([sig, &self.pid().to_string()]).status();
     }
 
-    /// Wait until the capture streams (its slot active). Fails if it exited.
-    fn wait_streaming(&mut self, limit: Duration) -> Result<(), String> {
+    /// The walsender streaming to the capture now, if any.
+    fn walsender(&self) -> String {
+        self.cluster
+            .psql(DB, &format!("SELECT coalesce(active_pid::text, '') FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active"))
+            .unwrap_or_default()
+    }
+
+    /// Wait until the capture streams (its slot active, by a walsender other than `not` when
+    /// the fault broke the old session). Fails if it exited.
+    fn wait_streaming(&mut self, limit: Duration, not: Option<&str>) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(child) = self.capture.as_mut()
@@ -141,11 +162,8 @@ impl Harness {
             {
                 return Err(format!("capture exited ({status}) instead of streaming; see {}", self.work.display()));
             }
-            let active = self
-                .cluster
-                .psql(DB, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active"))
-                .unwrap_or_default();
-            if active == "1" {
+            let pid = self.walsender();
+            if !pid.is_empty() && Some(pid.as_str()) != not {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -256,6 +274,8 @@ impl Harness {
 
     /// Inject `fault`; Ok when the capture streams again afterwards.
     fn inject(&mut self, fault: &Fault) -> Result<(), String> {
+        let before = self.walsender();
+        let injected = Instant::now();
         match fault {
             Fault::Kill9 => {
                 self.kill9();
@@ -291,8 +311,26 @@ impl Harness {
                 std::thread::sleep(Duration::from_secs(WAL_SENDER_TIMEOUT_S + 2));
                 self.signal("-CONT");
             }
+            Fault::NetReset => {
+                self.proxy.cut(proxy::Cut::Reset);
+            }
+            Fault::NetCloseMidFrame => {
+                self.proxy.cut(proxy::Cut::CloseMidFrame);
+            }
+            Fault::BlackHole => {
+                self.proxy.cut(proxy::Cut::BlackHole);
+                // Silence for the stream timeout, then a status query that gets no answer
+                // for as long again, then a new session.
+                let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20);
+                self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()))
+                    .map_err(|e| format!("a black hole was not detected and replaced within {bound:?}: {e}"))?;
+                eprintln!("torture: black hole noticed and replaced in {:.1} s", injected.elapsed().as_secs_f64());
+                return Ok(());
+            }
         }
-        self.wait_streaming(Duration::from_secs(120))
+        // The disk-full fault uses a capture of its own; the main session goes on unharmed.
+        let not = (!matches!(fault, Fault::DiskFull) && !before.is_empty()).then_some(before.as_str());
+        self.wait_streaming(Duration::from_secs(120), not)
     }
 }
 
@@ -682,11 +720,13 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
              INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
         )
         .map_err(|e| e.to_string())?;
-    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, capture: None, runs: 0, full_disk_archive: None, disk_full_tried: false, unthrottled: Arc::new(AtomicBool::new(false)) };
+    let upstream = format!("127.0.0.1:{}", cluster.port()).parse().map_err(|e| format!("{e}"))?;
+    let proxy = proxy::Proxy::start(upstream)?;
+    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, proxy, capture: None, runs: 0, full_disk_archive: None, disk_full_tried: false, unthrottled: Arc::new(AtomicBool::new(false)) };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     h.start_capture(None)?;
-    h.wait_streaming(Duration::from_secs(120))?;
+    h.wait_streaming(Duration::from_secs(120), None)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
@@ -697,6 +737,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
     schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
+    schedule.extend([Fault::NetReset, Fault::NetCloseMidFrame, Fault::BlackHole, Fault::NetReset]);
     let soak_until = (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
     let started = Instant::now();
     let mut i = 0usize;
@@ -730,7 +771,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
                 // Carry on with a fresh capture so that the rest still runs.
                 h.kill9();
                 h.start_capture(None)?;
-                h.wait_streaming(Duration::from_secs(120))?;
+                h.wait_streaming(Duration::from_secs(120), None)?;
             }
         }
     }

@@ -1,0 +1,112 @@
+//! A TCP proxy between the capture and PostgreSQL that breaks connections on request: a reset
+//! (RST), a close in the middle of a frame the server was sending (part of a chunk forwarded,
+//! then FIN), and a black hole (the connections stay open and nothing passes either way, no
+//! FIN, no RST, as when a middlebox forgets a connection). Connections opened after a fault
+//! pass normally, so the capture can recover by reconnecting.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// What the proxy does to the connections open when it is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cut {
+    Pass,
+    /// Both sides reset at once.
+    Reset,
+    /// The server's next chunk is forwarded in part, then both sides are closed (FIN).
+    CloseMidFrame,
+    /// Nothing passes either way any more, and nothing is closed.
+    BlackHole,
+}
+
+pub struct Proxy {
+    pub port: u16,
+    open: Arc<Mutex<Vec<watch::Sender<Cut>>>>,
+    /// Owns the listener and every connection; dropping the proxy closes them all.
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Proxy {
+    /// Listen on a free loopback port and forward to `upstream`.
+    pub fn start(upstream: SocketAddr) -> Result<Proxy, String> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).map_err(|e| e.to_string())?;
+        let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+        let open: Arc<Mutex<Vec<watch::Sender<Cut>>>> = Arc::default();
+        let registry = open.clone();
+        runtime.spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (tx, rx) = watch::channel(Cut::Pass);
+                registry.lock().expect("proxy registry").push(tx);
+                tokio::spawn(forward(client, upstream, rx));
+            }
+        });
+        Ok(Proxy { port, open, _runtime: runtime })
+    }
+
+    /// Apply `cut` to every connection open now; later ones are not affected.
+    pub fn cut(&self, cut: Cut) -> usize {
+        let open: Vec<_> = std::mem::take(&mut *self.open.lock().expect("proxy registry"));
+        let mut n = 0;
+        for tx in open {
+            if tx.send(cut).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<Cut>) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let what = loop {
+        tokio::select! {
+            // Bytes in flight inside the copy when a cut arrives are lost, as on a real network.
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+            changed = cut.changed() => {
+                if changed.is_err() {
+                    // The proxy is going away; its runtime ends every connection.
+                    std::future::pending::<()>().await;
+                }
+                match *cut.borrow_and_update() {
+                    Cut::Pass => continue,
+                    other => break other,
+                }
+            }
+        }
+    };
+    match what {
+        Cut::Pass => {}
+        Cut::Reset => {
+            let _ = client.set_zero_linger();
+            let _ = server.set_zero_linger();
+        }
+        Cut::CloseMidFrame => {
+            let mut buf = vec![0u8; 64 * 1024];
+            let read = tokio::time::timeout(std::time::Duration::from_secs(2), server.read(&mut buf)).await;
+            if let Ok(Ok(n)) = read
+                && n > 1
+            {
+                // Part of the server's next chunk (inside a frame unless frames are 1 byte).
+                let _ = client.write_all(&buf[..n / 2]).await;
+            }
+            let _ = client.shutdown().await;
+            let _ = server.shutdown().await;
+        }
+        Cut::BlackHole => {
+            // Nothing passes and nothing is closed: hold both sockets until the proxy ends.
+            let _keep = (client, server);
+            std::future::pending::<()>().await;
+        }
+    }
+}
