@@ -34,6 +34,14 @@ pub enum CaptureError {
         "gap in the archive: {reason} (the archive holds the source's changes up to {archive_position}; the source can now only provide them from {source_position}). The gap is recorded in the archive. To continue, start a new archive directory (a fresh initial snapshot), or pass --resnapshot to take a new snapshot into this one with the gap recorded"
     )]
     Gap { reason: String, archive_position: Lsn, source_position: Lsn },
+    #[error(
+        "the source at this URL is a different PostgreSQL cluster (system identifier {found}; this archive was captured from {expected}). Nothing was read from it; the event is recorded in the archive. Point --source at the original cluster, or start a new archive directory for this one (--resnapshot cannot continue an archive from another cluster: its LSNs are another history)"
+    )]
+    OtherCluster { found: String, expected: String },
+    #[error(
+        "the source's WAL position ({source_position}) is behind what this archive holds ({archive_position}): it was restored from a backup or is another server. This archive's history cannot continue from it in LSN order; start a new archive directory"
+    )]
+    SourceBehind { archive_position: Lsn, source_position: Lsn },
     #[error("source query failed: {context}")]
     Sql {
         context: String,
@@ -76,6 +84,7 @@ impl CaptureError {
         match self {
             CaptureError::InvalidUrl { .. } | CaptureError::Setup { .. } => ErrorKind::Setup,
             CaptureError::Gap { .. } | CaptureError::Decode { .. } | CaptureError::Protocol(_) => ErrorKind::Fatal,
+            CaptureError::OtherCluster { .. } | CaptureError::SourceBehind { .. } => ErrorKind::Fatal,
             CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => ErrorKind::Fatal,
             CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => pg_error_kind(source),
             CaptureError::Replication(e) => wire_error_kind(e),

@@ -242,6 +242,20 @@ async fn session(
                 slot::ensure_publication(&sql, &config.publication, &tables).await?;
             }
             let durable = writer.durable();
+            let rcfg = replication_config(config).with_start_lsn(to_wire(durable)).with_ack_lsn(to_wire(durable));
+            let limit = config.stream_timeout;
+            client = within(limit, "connecting for replication", async {
+                ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
+            })
+            .await?;
+            let system =
+                within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
+            // Checked before the slot, and never answered by --resnapshot: another cluster's
+            // LSNs are another history, and continuing this archive from them would interleave
+            // the two.
+            if system.system_id != id.system_id {
+                return Err(other_cluster(writer, durable, &system, &id.system_id).await);
+            }
             let checked = match check_slot(&sql, &id, durable, config, *own_walsender).await {
                 // Every gap is recorded in the archive before anything else happens.
                 Err(CaptureError::Gap { reason, archive_position, source_position }) => {
@@ -253,6 +267,7 @@ async fn session(
                 Ok(()) => {}
                 Err(gap @ CaptureError::Gap { .. }) if config.resnapshot => {
                     tracing::warn!(error = %gap, "gap recorded; taking a new snapshot as --resnapshot asks");
+                    drop(client);
                     if slot::slot_state(&sql, &config.slot).await?.is_some_and(|s| !s.active) {
                         slot::drop_slot(&sql, &config.slot).await?;
                     }
@@ -260,21 +275,6 @@ async fn session(
                     return stream(config, writer, client, &sql, shutdown, summary, on_progress, own_walsender).await;
                 }
                 Err(e) => return Err(e),
-            }
-            let rcfg = replication_config(config).with_start_lsn(to_wire(durable)).with_ack_lsn(to_wire(durable));
-            let limit = config.stream_timeout;
-            client = within(limit, "connecting for replication", async {
-                ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
-            })
-            .await?;
-            let system =
-                within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
-            if system.system_id != id.system_id {
-                let reason = format!(
-                    "the source is a different cluster (system identifier {} where the archive was captured from {})",
-                    system.system_id, id.system_id
-                );
-                return Err(gap(writer, durable, Lsn(system.xlogpos.as_u64()), reason).await);
             }
             client.start().await.map_err(CaptureError::Replication)?;
         }
@@ -321,6 +321,20 @@ async fn within<T>(
     tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
         Err(CaptureError::StreamSilent { why: format!("{what} got no answer within {} s", limit.as_secs_f64()) })
     })
+}
+
+/// Record that another cluster answered at the source URL (as a gap of no length: nothing was
+/// read from it) and return the error that stops capture.
+async fn other_cluster(writer: &WriterHandle, durable: Lsn, system: &pgwire_replication::IdentifySystem, expected: &str) -> CaptureError {
+    let reason = format!(
+        "a different cluster answered at the source URL (system identifier {} where the archive was captured from {expected}); nothing was read from it",
+        system.system_id
+    );
+    let record = Gap { from: durable, to: durable, reason, recorded_at_us: now_us() };
+    if let Err(e) = writer.record_gap(record).await {
+        return e;
+    }
+    CaptureError::OtherCluster { found: system.system_id.clone(), expected: expected.to_string() }
 }
 
 async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn, reason: String) -> CaptureError {
@@ -431,6 +445,22 @@ async fn initial_snapshot(
     })
     .await?;
     let system = within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
+    // A re-snapshot (after a gap, or an interrupted one) continues this archive: only from
+    // the same cluster, and only forward in LSN order (a snapshot keyed before what the log
+    // holds would be taken for a replay and skipped).
+    let durable = writer.durable();
+    if durable > Lsn::ZERO {
+        if let Some(prev) = writer.stored_identity()
+            && prev.system_id != system.system_id
+        {
+            let expected = prev.system_id.clone();
+            return Err(other_cluster(writer, durable, &system, &expected).await);
+        }
+        let at = from_wire(system.xlogpos);
+        if at <= durable {
+            return Err(CaptureError::SourceBehind { archive_position: durable, source_position: at });
+        }
+    }
     let mut identity = SourceIdentity {
         system_id: system.system_id.clone(),
         timeline: system.timeline,
@@ -462,6 +492,12 @@ async fn initial_snapshot(
         .parse()
         .map_err(|_| CaptureError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into()))?;
     let snapshot_name = text(2)?;
+    if durable > Lsn::ZERO && Lsn(consistent_point.0.saturating_sub(1)) < durable {
+        // Nothing was read from the slot yet: dropping it loses nothing.
+        drop(client);
+        slot::drop_slot(sql, &config.slot).await?;
+        return Err(CaptureError::SourceBehind { archive_position: durable, source_position: consistent_point });
+    }
     identity.consistent_point = consistent_point;
     writer.set_identity(identity.clone()).await?;
     tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");

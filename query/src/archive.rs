@@ -57,6 +57,9 @@ pub struct ArchiveSnapshot {
     pub source: Option<SourceIdentity>,
     pub position: Lsn,
     pub gaps: Vec<Gap>,
+    /// Snapshot transactions (commit LSN, commit time) in LSN order: the initial snapshot and
+    /// each re-snapshot after a gap. Each holds a table's whole state at that point.
+    pub snapshots: Vec<(Lsn, i64)>,
     pub tables: BTreeMap<String, TableHistory>,
     /// Logical messages (segments and tail).
     pub message_segments: Vec<SegmentEntry>,
@@ -147,6 +150,7 @@ impl ArchiveSnapshot {
             source: reader.source_identity()?,
             position: reader.position()?,
             gaps: reader.gaps()?,
+            snapshots: reader.snapshots()?,
             tables,
             message_segments,
             message_tail,

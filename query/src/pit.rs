@@ -129,6 +129,45 @@ pub fn for_each_change_where<'t>(
     Ok(())
 }
 
+/// The snapshot points a replay in key order passes. A snapshot holds a table's whole state,
+/// so a replay starts the table afresh at each one: after a gap and `--resnapshot`, rows the
+/// new snapshot does not hold were deleted while the archive could not see, and must not
+/// survive into the reconstruction.
+pub(crate) struct SnapshotResets<'a> {
+    points: &'a [(Lsn, i64)],
+    next: usize,
+}
+
+impl<'a> SnapshotResets<'a> {
+    pub(crate) fn new(archive: &'a ArchiveSnapshot) -> Self {
+        SnapshotResets { points: &archive.snapshots, next: 0 }
+    }
+
+    /// The last snapshot point at or before `key` not passed yet, if any.
+    pub(crate) fn passed(&mut self, key: ChangeKey) -> Option<(Lsn, i64)> {
+        self.passed_where(|(lsn, _)| lsn <= key.commit_lsn)
+    }
+
+    /// The last snapshot point within `moment` not passed yet, if any.
+    pub(crate) fn passed_by(&mut self, moment: Moment) -> Option<(Lsn, i64)> {
+        self.passed_where(|(lsn, at)| match moment {
+            Moment::Lsn(l) => lsn <= l,
+            Moment::Time(t) => at <= t,
+        })
+    }
+
+    fn passed_where(&mut self, within: impl Fn((Lsn, i64)) -> bool) -> Option<(Lsn, i64)> {
+        let mut hit = None;
+        while let Some(&point) = self.points.get(self.next)
+            && within(point)
+        {
+            hit = Some(point);
+            self.next += 1;
+        }
+        hit
+    }
+}
+
 /// A row's identity: its key values, or for a table without a key the whole row.
 pub(crate) type RowKey = Vec<Cell>;
 
@@ -161,7 +200,11 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
     }
     let mut rows: Rows<'t> = BTreeMap::new();
     let mut last_version = &table.versions[0];
-    for_each_change(archive, table, Some(moment), |version, _, rec| {
+    let mut resets = SnapshotResets::new(archive);
+    for_each_change(archive, table, Some(moment), |version, key, rec| {
+        if resets.passed(key).is_some() {
+            rows.clear();
+        }
         last_version = version;
         let positions = table.key_positions(version);
         let remove = |rows: &mut Rows<'t>, row: &Row| {
@@ -201,6 +244,10 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
         }
         Ok(())
     })?;
+    // A snapshot after the table's last change (a table empty when re-snapshotted).
+    if resets.passed_by(moment).is_some() {
+        rows.clear();
+    }
     // The schema in force: the latest version that took effect at or before the moment.
     let version = match moment {
         Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).unwrap_or(last_version),

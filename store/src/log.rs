@@ -57,6 +57,10 @@ pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition
 const UNDO: TableDefinition<(u64, u32, &[u8]), &[u8]> = TableDefinition::new("current_undo");
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
+/// Snapshot transactions (the initial one, and each `--resnapshot` after a gap): commit LSN to
+/// commit time. Never trimmed: a reader replaying history starts each table afresh at these
+/// points, because a snapshot is the whole state, not changes to the state before it.
+const SNAPSHOTS: TableDefinition<u64, i64> = TableDefinition::new("snapshots");
 
 const META_FORMAT: &str = "format_version";
 const META_POSITION: &str = "position";
@@ -265,6 +269,7 @@ impl ChangeLog {
             wtx.open_table(TXNS)?;
             wtx.open_table(TYPES)?;
             wtx.open_table(GAPS)?;
+            wtx.open_table(SNAPSHOTS)?;
         }
         wtx.commit()?;
         self.relations = self.load_latest_relations()?;
@@ -391,6 +396,7 @@ impl ChangeLog {
                 types: wtx.open_table(TYPES)?,
                 current: wtx.open_table(CURRENT)?,
                 undo: wtx.open_table(UNDO)?,
+                snapshots: wtx.open_table(SNAPSHOTS)?,
             };
             for op in ops {
                 self.apply_one(&mut tables, op, &mut applied)?;
@@ -526,6 +532,10 @@ impl ChangeLog {
                     change_count: tx.next_seq,
                 };
                 t.txns.insert(tx.final_lsn.0, encode(&record).as_slice())?;
+                // Only a snapshot begins with xid 0 (no PostgreSQL transaction has it).
+                if tx.xid == 0 {
+                    t.snapshots.insert(tx.final_lsn.0, tx.committed_at_us)?;
+                }
                 // The transaction is finished in this redb transaction: its undo rows are no
                 // longer needed (a crash now either keeps all of this or none of it).
                 t.undo.retain_in((tx.final_lsn.0, 0u32, &[][..])..(tx.final_lsn.0 + 1, 0u32, &[][..]), |_, _| false)?;
@@ -586,6 +596,7 @@ struct Tables<'w> {
     types: redb::Table<'w, u32, &'static [u8]>,
     current: redb::Table<'w, (u32, &'static [u8]), &'static [u8]>,
     undo: redb::Table<'w, (u64, u32, &'static [u8]), &'static [u8]>,
+    snapshots: redb::Table<'w, u64, i64>,
 }
 
 /// Build the stored record of one incoming change: complete the before and after images from
@@ -886,6 +897,22 @@ impl LogReader {
         for e in table.iter()? {
             let (_, v) = e?;
             out.push(decode(v.value(), "relations")?);
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot transaction: its commit LSN and commit time, in LSN order. An archive
+    /// written before snapshots were recorded has none (and no re-snapshot either).
+    pub fn snapshots(&self) -> Result<Vec<(Lsn, i64)>, LogError> {
+        let table = match self.rtx.open_table(SNAPSHOTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.push((Lsn(k.value()), v.value()));
         }
         Ok(out)
     }

@@ -28,7 +28,7 @@ use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
 use crate::history::{Bounds, open_segment_pruned, tail_batches};
 use crate::merge::{adapt, history_schema, merged_row_fields};
-use crate::pit::{Moment, RowKey, for_each_change, for_each_change_where, row_key};
+use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, for_each_change_where, row_key};
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
 
@@ -655,8 +655,51 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
     let mut open: BTreeMap<RowKey, Vec<OpenVersion>> = BTreeMap::new();
     // The cdf partition of the current commit day, formatted once per day.
     let mut cdf_dir: (i64, String) = (i64::MIN, String::new());
+    let mut resets = SnapshotResets::new(archive);
+    // A snapshot holds the whole state (after a gap, rows it lacks were deleted unseen):
+    // every version open before it ends at it, as deletes (cdf) or closings (scd2).
+    let end_all_at = |(lsn, at_us): (Lsn, i64), open: &mut BTreeMap<RowKey, Vec<OpenVersion>>, buffers: &mut Buffers, files: &mut PartitionedFiles| -> Result<(), ExportError> {
+        if lsn <= from || open.is_empty() {
+            open.clear();
+            return Ok(());
+        }
+        let cdf_dir = format!("{partition}/date={}", date_of(at_us));
+        for old in std::mem::take(open).into_values().flatten() {
+            let row = Some((old.version, &old.row));
+            match layout {
+                Layout::Cdf => {
+                    let meta = [
+                        MetaValue::Text(Some("delete")),
+                        MetaValue::Int64(Some(lsn.0 as i64)),
+                        MetaValue::Int64(Some(0)),
+                        MetaValue::Timestamp(Some(at_us)),
+                        MetaValue::Int64(Some(0)),
+                        MetaValue::Text(None),
+                    ];
+                    buffers.push(files, &cdf_dir, &cdf_stem, row, &meta)?;
+                }
+                Layout::Scd2 => {
+                    let meta = [
+                        MetaValue::Timestamp(Some(old.from_us)),
+                        MetaValue::Timestamp(Some(at_us)),
+                        MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
+                        MetaValue::Int64(Some(lsn.0 as i64)),
+                        MetaValue::Bool(false),
+                        MetaValue::Text(Some(old.op.as_str())),
+                        MetaValue::Text(old.context.as_deref()),
+                    ];
+                    buffers.push(files, &closed_dir, &closed_stem, row, &meta)?;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    };
     for_each_change(archive, table, Some(Moment::Lsn(until)), |version, key, rec| {
         let step = (|| -> Result<(), ExportError> {
+            if let Some(point) = resets.passed(key) {
+                end_all_at(point, &mut open, &mut buffers, files)?;
+            }
             let in_range = key.commit_lsn > from;
             let positions = table.key_positions(version);
             let keyed = !positions.is_empty();
@@ -764,6 +807,9 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
         })
     })
     .map_err(ExportError::DataFusion)?;
+    if let Some(point) = resets.passed_by(Moment::Lsn(until)) {
+        end_all_at(point, &mut open, &mut buffers, files)?;
+    }
 
     // The versions open at `until`: scd2's current files, or the snapshot.
     match layout {

@@ -15,6 +15,7 @@
 //! D duplicates, G unexpected gaps`; the exit status is non-zero on any loss, duplicate,
 //! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
 
+mod gaps;
 mod proxy;
 
 use std::collections::BTreeMap;
@@ -46,6 +47,9 @@ struct Args {
     /// Keep the work directory (archive, capture logs) at the end (always kept on a failure).
     #[arg(long)]
     keep: bool,
+    /// Run only the gap cases (to replay them quickly).
+    #[arg(long)]
+    gaps_only: bool,
 }
 
 /// A small deterministic generator (xorshift).
@@ -704,6 +708,14 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         return Err(format!("{} not found: build it first with `cargo build -p pgtrail --features crashpoints --bins`", bin.display()));
     }
     let work = tempfile::Builder::new().prefix("pgtrail-torture-").tempdir().map_err(|e| e.to_string())?;
+    if args.gaps_only {
+        let mut v = Verdict::default();
+        gaps::run(&bin, work.path(), &mut v)?;
+        if args.keep || !v.problems.is_empty() {
+            eprintln!("torture: work directory kept at {}", work.keep().display());
+        }
+        return Ok(v);
+    }
     let settings = vec![("wal_sender_timeout".to_string(), format!("{WAL_SENDER_TIMEOUT_S}s"))];
     let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
     cluster
@@ -814,6 +826,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         v.problems.push(format!("the workload committed only {transactions} transactions"));
     }
     check_archive(&h, &mut v)?;
+    gaps::run(&h.bin, &h.work, &mut v)?;
     bad_inputs(&h, &mut v);
     // Keep the evidence (capture logs, archives) of any failure.
     if args.keep || !v.problems.is_empty() || v.lost + v.duplicates + v.gaps + v.panics > 0 {
@@ -848,7 +861,7 @@ fn main() -> ExitCode {
         || v.panics > 0
         || v.survived < v.faults
         || v.bad_inputs_failed > 0
-        || v.oracles == 0
+        || (v.oracles == 0 && !args.gaps_only)
         || !v.problems.is_empty();
     if failed {
         eprintln!("torture: FAILED; replay with: pgtrail-torture --tier {} --seed {seed}", args.tier);

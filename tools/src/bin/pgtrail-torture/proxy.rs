@@ -26,6 +26,7 @@ pub enum Cut {
 pub struct Proxy {
     pub port: u16,
     open: Arc<Mutex<Vec<watch::Sender<Cut>>>>,
+    upstream: Arc<Mutex<SocketAddr>>,
     /// Owns the listener and every connection; dropping the proxy closes them all.
     _runtime: tokio::runtime::Runtime,
 }
@@ -42,14 +43,22 @@ impl Proxy {
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
         let open: Arc<Mutex<Vec<watch::Sender<Cut>>>> = Arc::default();
         let registry = open.clone();
+        let upstream = Arc::new(Mutex::new(upstream));
+        let target = upstream.clone();
         runtime.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (tx, rx) = watch::channel(Cut::Pass);
                 registry.lock().expect("proxy registry").push(tx);
-                tokio::spawn(forward(client, upstream, rx));
+                let to = *target.lock().expect("proxy upstream");
+                tokio::spawn(forward(client, to, rx));
             }
         });
-        Ok(Proxy { port, open, _runtime: runtime })
+        Ok(Proxy { port, open, upstream, _runtime: runtime })
+    }
+
+    /// Send connections opened from now on to another server (the same URL, another cluster).
+    pub fn set_upstream(&self, to: SocketAddr) {
+        *self.upstream.lock().expect("proxy upstream") = to;
     }
 
     /// Apply `cut` to every connection open now; later ones are not affected.
