@@ -360,3 +360,81 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// After a gap and `--resnapshot`, the new snapshot is the whole state: rows deleted while the
+/// archive could not see must be gone from as_of after it, from the scd2 export's versions
+/// valid then and from the snapshot export, while moments before the gap keep their rows.
+#[test]
+fn a_resnapshot_after_a_gap_starts_each_table_afresh_in_as_of_and_exports() {
+    if !lake_tools_present() {
+        return;
+    }
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let db = "exp_gap";
+    cluster.psql("postgres", "CREATE DATABASE exp_gap").unwrap();
+    cluster.psql(db, TABLES).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    cluster.psql(db, &round_sql(1)).unwrap();
+    capture_to(&cluster, db, &archive);
+    let before_gap = cluster.psql(db, "SELECT pg_current_wal_lsn() - '0/0'").unwrap();
+    let rows_before_gap = cluster.psql(db, "SELECT count(*) FROM acct").unwrap();
+    // The slot is lost while rows are deleted (and the keyless table emptied): a gap.
+    cluster.psql(db, "SELECT pg_drop_replication_slot('exp_gap')").unwrap();
+    cluster.psql(db, "DELETE FROM acct WHERE id % 2 = 0; DELETE FROM audit_free; UPDATE acct SET note = 'in the gap'").unwrap();
+    let run = |extra: &[&str]| {
+        let lsn = cluster.psql(db, "SELECT pg_current_wal_insert_lsn()").unwrap();
+        pgtrail()
+            .args(["capture", "--slot", db, "--publication", db, "--no-compact", "--stop-at", &lsn])
+            .args(extra)
+            .env("PGTRAIL_SOURCE", cluster.url(db))
+            .env("PGTRAIL_ARCHIVE", &archive)
+            .output()
+            .unwrap()
+    };
+    let gap = run(&[]);
+    assert!(!gap.status.success() && String::from_utf8_lossy(&gap.stderr).contains("gap in the archive"));
+    assert!(run(&["--resnapshot"]).status.success());
+    cluster.psql(db, &round_sql(2)).unwrap();
+    assert!(run(&[]).status.success());
+    let end = cluster.psql(db, "SELECT pg_current_wal_lsn() - '0/0'").unwrap();
+
+    let pg: Vec<Value> = serde_json::from_str(
+        &cluster.psql(db, "SELECT coalesce(json_agg(json_build_array(id, note) ORDER BY id), '[]') FROM acct").unwrap(),
+    )
+    .unwrap();
+    let archived: Vec<Value> = sql_json(&archive, &format!("SELECT id, note FROM as_of_lsn('public.acct', {end}) ORDER BY id"))
+        .into_iter()
+        .map(|r| serde_json::json!([r["id"], r["note"]]))
+        .collect();
+    assert_eq!(archived, pg, "as_of after the re-snapshot equals PostgreSQL");
+    let empty = sql_json(&archive, &format!("SELECT count(*) AS n FROM as_of_lsn('public.audit_free', {end})"));
+    let in_pg: u64 = cluster.psql(db, "SELECT count(*) FROM audit_free").unwrap().parse().unwrap();
+    assert_eq!(empty[0]["n"].as_u64(), Some(in_pg), "a table emptied in the gap is empty after the re-snapshot");
+    let old = sql_json(&archive, &format!("SELECT count(*) AS n FROM as_of_lsn('public.acct', {before_gap})"));
+    assert_eq!(old[0]["n"].to_string(), rows_before_gap, "before the gap the archive still shows what it saw");
+
+    // The lake layouts agree with as_of at both moments.
+    let lake_dir = dir.path().join("lake");
+    for layout in ["scd2", "snapshot"] {
+        let out = pgtrail()
+            .args(["export", "--archive"])
+            .arg(&archive)
+            .args(["--to", lake_dir.join(layout).to_str().unwrap(), "--layout", layout])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "export {layout}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    for table in ["public.acct", "public.audit_free"] {
+        for (i, lsn) in [&before_gap, &end].into_iter().enumerate() {
+            let expected = dir.path().join(format!("expected-{i}.parquet"));
+            sql_to_parquet(&archive, &format!("SELECT * FROM as_of_lsn('{table}', {lsn})"), &expected);
+            let v = lake(&["asof", lake_dir.join("scd2").to_str().unwrap(), "scd2", table, lsn, expected.to_str().unwrap()]);
+            assert_eq!(v["equal"], true, "{table} scd2 at {lsn}: {v}");
+        }
+        let expected = dir.path().join("expected-end.parquet");
+        sql_to_parquet(&archive, &format!("SELECT * FROM as_of_lsn('{table}', {end})"), &expected);
+        let v = lake(&["asof", lake_dir.join("snapshot").to_str().unwrap(), "snapshot", table, "latest", expected.to_str().unwrap()]);
+        assert_eq!(v["equal"], true, "{table} snapshot: {v}");
+    }
+}
