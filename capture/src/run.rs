@@ -588,7 +588,7 @@ async fn stream(
                         std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"),
                     ))));
                 };
-                let ops = handle_event(event, &mut state, sql).await?;
+                let ops = handle_event(event, &mut state, sql, config.stream_timeout).await?;
                 if !ops.is_empty() {
                     writer.send(ops).await?;
                 }
@@ -756,6 +756,7 @@ async fn handle_event(
     event: ReplicationEvent,
     state: &mut StreamState,
     sql: &tokio_postgres::Client,
+    limit: Duration,
 ) -> Result<Vec<LogOp>, CaptureError> {
     Ok(match event {
         ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
@@ -803,7 +804,9 @@ async fn handle_event(
                     let primary_key = match state.primary_keys.get(&r.id) {
                         Some(pk) => pk.clone(),
                         None => {
-                            let pk = slot::primary_key(sql, r.id).await?;
+                            // Bounded: the SQL connection may sit in the same dead network
+                            // as the stream.
+                            let pk = within(limit, "reading a primary key", slot::primary_key(sql, r.id)).await?;
                             state.primary_keys.insert(r.id, pk.clone());
                             pk
                         }

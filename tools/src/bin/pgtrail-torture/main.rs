@@ -17,6 +17,7 @@
 
 mod gaps;
 mod proxy;
+mod shapes;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -97,6 +98,8 @@ const CRASH_POINTS: &[&str] = &[
 
 const DB: &str = "torture";
 const MAX_ORACLE_CHECKS: usize = 12;
+/// Shapes oracles checked with `as_of_lsn` (each checks every shape table).
+const MAX_SHAPE_CHECKS: usize = 30;
 const SLOT: &str = "torture";
 const WAL_SENDER_TIMEOUT_S: u64 = 5;
 /// The capture's `--stream-timeout-secs`: how soon it must notice a black hole.
@@ -504,24 +507,34 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     // Point-in-time oracles and the final state, from the archive alone.
     let snapshot = ArchiveSnapshot::open(&h.archive).map_err(|e| e.to_string())?;
     let table = snapshot.table("public.acct").map_err(|e| e.to_string())?;
-    let mut oracles: Vec<(Lsn, String)> = Vec::new();
+    // Oracle messages by prefix: the ledger workload's and the shapes workload's.
+    let mut by_prefix: BTreeMap<String, Vec<(Lsn, String)>> = BTreeMap::new();
+    let mut keep = |key: ChangeKey, m: &pgtrail_store::LogicalMessage| {
+        if m.prefix.starts_with("oracle") {
+            by_prefix.entry(m.prefix.clone()).or_default().push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+        }
+    };
     for seg in &snapshot.message_segments {
         let path = snapshot.segment_path(seg);
         let reader = pgtrail_store::segment::SegmentReader::open(&path, Some(&seg.sha256), 8192).map_err(|e| e.to_string())?;
         for batch in reader {
             let batch = batch.map_err(|e| e.to_string())?;
             for (key, rec) in read_records(&SegmentContent::Messages, &batch).map_err(|e| e.to_string())? {
-                if let Some(m) = rec.message.filter(|m| m.prefix == "oracle") {
-                    oracles.push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+                if let Some(m) = &rec.message {
+                    keep(key, m);
                 }
             }
         }
     }
     for (key, rec) in &snapshot.message_tail {
-        if let Some(m) = rec.message.as_ref().filter(|m| m.prefix == "oracle") {
-            oracles.push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+        if let Some(m) = &rec.message {
+            keep(*key, m);
         }
     }
+    let mut shape_oracles = by_prefix.remove("oracle_shapes").unwrap_or_default();
+    shape_oracles.sort();
+    shapes::check(&snapshot, &shape_oracles, MAX_SHAPE_CHECKS, v)?;
+    let mut oracles = by_prefix.remove("oracle").unwrap_or_default();
     let rebuilt = |moment: Moment| -> Result<Vec<(i64, String)>, String> {
         let state = state_at(&snapshot, table, moment).map_err(|e| e.to_string())?;
         Ok(state
@@ -716,7 +729,10 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         }
         return Ok(v);
     }
-    let settings = vec![("wal_sender_timeout".to_string(), format!("{WAL_SENDER_TIMEOUT_S}s"))];
+    let settings = vec![
+        ("wal_sender_timeout".to_string(), format!("{WAL_SENDER_TIMEOUT_S}s")),
+        ("max_prepared_transactions".to_string(), "10".to_string()),
+    ];
     let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
     cluster
         .psql(
@@ -732,6 +748,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
              INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
         )
         .map_err(|e| e.to_string())?;
+    cluster.psql(DB, shapes::SCHEMA).map_err(|e| e.to_string())?;
     let upstream = format!("127.0.0.1:{}", cluster.port()).parse().map_err(|e| format!("{e}"))?;
     let proxy = proxy::Proxy::start(upstream)?;
     let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, proxy, capture: None, runs: 0, full_disk_archive: None, disk_full_tried: false, unthrottled: Arc::new(AtomicBool::new(false)) };
@@ -745,6 +762,9 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     // A soak runs for long: a gentler rate keeps its archive checkable in minutes.
     let pause = if args.tier == "soak" { Duration::from_millis(2) } else { Duration::ZERO };
     let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause, h.unthrottled.clone());
+    let shape_rounds = Arc::new(AtomicU64::new(0));
+    let big_rows = if args.tier == "soak" { 300_000 } else { 50_000 };
+    let shaper = shapes::workload(h.cluster.url(DB), stop.clone(), seed, big_rows, shape_rounds.clone());
 
     let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
@@ -789,7 +809,9 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     }
     stop.store(true, Ordering::Relaxed);
     let transactions = writer.join().map_err(|_| "the workload thread panicked".to_string())?;
+    let rounds = shaper.join().map_err(|_| "the shapes workload thread panicked".to_string())?;
     h.cluster.psql(DB, ORACLE_SQL).map_err(|e| e.to_string())?;
+    h.cluster.psql(DB, &shapes::oracle_sql()).map_err(|e| e.to_string())?;
     let end = h.cluster.psql(DB, "SELECT pg_current_wal_insert_lsn()::text").map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
@@ -814,7 +836,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         v.problems.push("capture did not stop cleanly on SIGTERM".into());
         h.kill9();
     }
-    eprintln!("torture: {transactions} workload transactions committed; checking the archive");
+    eprintln!("torture: {transactions} workload transactions and {rounds} shape rounds committed; checking the archive");
     for entry in std::fs::read_dir(&h.work).map_err(|e| e.to_string())?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("capture-") && std::fs::read_to_string(entry.path()).is_ok_and(|t| t.contains("panicked")) {
