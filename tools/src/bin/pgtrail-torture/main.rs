@@ -75,6 +75,8 @@ enum Fault {
     Restart(&'static str),
     Stall,
     DiskFull,
+    /// A full disk under a capture that compacts every second.
+    DiskFullCompacting,
     /// The capture's connections reset through the proxy.
     NetReset,
     /// The server's next chunk cut in the middle, then closed.
@@ -115,9 +117,9 @@ struct Harness {
     capture: Option<Child>,
     runs: u32,
     /// The archive of the disk-full fault, moved off the full disk, to resume at the end.
-    full_disk_archive: Option<PathBuf>,
+    full_disk_archives: Vec<(PathBuf, bool)>,
     /// The disk-full fault runs once (it leaves a slot behind).
-    disk_full_tried: bool,
+    disk_full_tried: [bool; 2],
     /// Set while the disk fills: the workload runs unthrottled.
     unthrottled: Arc<AtomicBool>,
 }
@@ -191,27 +193,31 @@ impl Harness {
         }
     }
 
-    /// A second capture (its own slot, no compaction) with its archive on a 24 MiB tmpfs runs
-    /// under the workload until the disk fills. It must stop with an error that says so, with
-    /// no panic; its archive is then copied to a disk with space and resumed at the end.
-    /// Skipped (and not counted) where a tmpfs cannot be mounted.
-    fn disk_full(&mut self) -> Result<(), String> {
-        self.disk_full_tried = true;
+    /// A second capture (its own slot) with its archive on a small tmpfs runs under the
+    /// workload until the disk fills: without compaction the full disk hits a redb commit;
+    /// compacting every second, it most often hits a segment write or a merge. It must stop
+    /// with an error that says so, with no panic; its archive is then copied to a disk with
+    /// space and resumed at the end. Skipped (and not counted) where a tmpfs cannot be mounted.
+    fn disk_full(&mut self, compacting: bool) -> Result<(), String> {
+        self.disk_full_tried[usize::from(compacting)] = true;
         self.unthrottled.store(true, Ordering::Relaxed);
-        let result = self.fill_disk();
+        let result = self.fill_disk(compacting);
         self.unthrottled.store(false, Ordering::Relaxed);
         if result.is_err() {
             // Leave no slot behind to hold WAL.
-            let _ = self.cluster.psql(DB, "SELECT pg_drop_replication_slot('torture_full') FROM pg_replication_slots WHERE slot_name = 'torture_full' AND NOT active");
+            let slot = full_disk_slot(compacting);
+            let _ = self.cluster.psql(DB, &format!("SELECT pg_drop_replication_slot('{slot}') FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"));
         }
         result
     }
 
-    fn fill_disk(&mut self) -> Result<(), String> {
-        let mnt = self.work.join("full-disk");
+    fn fill_disk(&mut self, compacting: bool) -> Result<(), String> {
+        let slot = full_disk_slot(compacting);
+        let mnt = self.work.join(format!("{slot}-disk"));
         std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
+        let size = if compacting { "size=8m" } else { "size=24m" };
         let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", size, "tmpfs"])
             .arg(&mnt)
             .stderr(Stdio::null())
             .status()
@@ -219,11 +225,17 @@ impl Harness {
         if !mounted {
             return Err("SKIP: cannot mount a tmpfs here (needs root)".into());
         }
-        let log_path = self.work.join("capture-full-disk.log");
+        let log_path = self.work.join(format!("capture-{slot}.log"));
         let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let archive = mnt.join("archive");
-        let mut child = Command::new(&self.bin)
-            .args(["capture", "--slot", "torture_full", "--publication", SLOT, "--no-compact", "--progress-secs", "1"])
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["capture", "--slot", slot, "--publication", SLOT, "--progress-secs", "1"]);
+        if compacting {
+            cmd.args(["--compact-after-changes", "2000", "--compact-after-secs", "1"]);
+        } else {
+            cmd.arg("--no-compact");
+        }
+        let mut child = cmd
             .env("PGTRAIL_SOURCE", self.cluster.url(DB))
             .env("PGTRAIL_ARCHIVE", &archive)
             .env_remove("PGTRAIL_CRASH_AT")
@@ -237,7 +249,7 @@ impl Harness {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let copy = self.work.join("full-disk-archive");
+        let copy = self.work.join(format!("{slot}-archive"));
         let copied = Command::new("cp").arg("-a").arg(&archive).arg(&copy).status().is_ok_and(|s| s.success());
         let _ = Command::new("umount").arg(&mnt).status();
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -254,27 +266,34 @@ impl Harness {
         if !copied {
             return Err("could not copy the archive off the full disk".into());
         }
-        eprintln!("torture: the disk filled and capture stopped: {tail}");
-        self.full_disk_archive = Some(copy);
+        let during = if text.contains("compaction failed") { "during compaction" } else { "during a log commit" };
+        eprintln!("torture: the disk filled {during} and capture stopped: {tail}");
+        self.full_disk_archives.push((copy, compacting));
         Ok(())
     }
 
-    /// Resume the disk-full capture on its copied archive up to `end`.
-    fn resume_full_disk(&self, end: &str) -> Result<(), String> {
-        let Some(archive) = &self.full_disk_archive else { return Ok(()) };
-        let log = std::fs::File::create(self.work.join("capture-full-disk-resumed.log")).map_err(|e| e.to_string())?;
-        let status = Command::new(&self.bin)
-            .args(["capture", "--slot", "torture_full", "--publication", SLOT, "--no-compact", "--stop-at", end])
-            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
-            .env("PGTRAIL_ARCHIVE", archive)
-            .env_remove("PGTRAIL_CRASH_AT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .status()
-            .map_err(|e| e.to_string())?;
-        if !status.success() {
-            return Err(format!("the capture did not resume after the full disk was freed ({status}); see capture-full-disk-resumed.log"));
+    /// Resume the disk-full captures on their copied archives up to `end`.
+    fn resume_full_disks(&self, end: &str) -> Result<(), String> {
+        for (archive, compacting) in &self.full_disk_archives {
+            let slot = full_disk_slot(*compacting);
+            let log = std::fs::File::create(self.work.join(format!("capture-{slot}-resumed.log"))).map_err(|e| e.to_string())?;
+            let mut cmd = Command::new(&self.bin);
+            cmd.args(["capture", "--slot", slot, "--publication", SLOT, "--stop-at", end]);
+            if !compacting {
+                cmd.arg("--no-compact");
+            }
+            let status = cmd
+                .env("PGTRAIL_SOURCE", self.cluster.url(DB))
+                .env("PGTRAIL_ARCHIVE", archive)
+                .env_remove("PGTRAIL_CRASH_AT")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .status()
+                .map_err(|e| e.to_string())?;
+            if !status.success() {
+                return Err(format!("the capture did not resume after the full disk was freed ({status}); see capture-{slot}-resumed.log"));
+            }
         }
         Ok(())
     }
@@ -312,7 +331,8 @@ impl Harness {
                 self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
             }
             Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
-            Fault::DiskFull => self.disk_full()?,
+            Fault::DiskFull => self.disk_full(false)?,
+            Fault::DiskFullCompacting => self.disk_full(true)?,
             Fault::Stall => {
                 self.signal("-STOP");
                 std::thread::sleep(Duration::from_secs(WAL_SENDER_TIMEOUT_S + 2));
@@ -336,9 +356,13 @@ impl Harness {
             }
         }
         // The disk-full fault uses a capture of its own; the main session goes on unharmed.
-        let not = (!matches!(fault, Fault::DiskFull) && !before.is_empty()).then_some(before.as_str());
+        let not = (!matches!(fault, Fault::DiskFull | Fault::DiskFullCompacting) && !before.is_empty()).then_some(before.as_str());
         self.wait_streaming(Duration::from_secs(120), not)
     }
+}
+
+fn full_disk_slot(compacting: bool) -> &'static str {
+    if compacting { "torture_full_compacting" } else { "torture_full" }
 }
 
 /// The child's exit status, or `None` if it still runs after `limit`.
@@ -500,8 +524,9 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
         .map_err(|e| e.to_string())
         .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
     check_ledger(&h.archive, &expected, "archive", v)?;
-    if let Some(full) = &h.full_disk_archive {
-        check_ledger(full, &expected, "archive resumed after a full disk", v)?;
+    for (full, compacting) in &h.full_disk_archives {
+        let what = if *compacting { "archive resumed after a full disk (compacting)" } else { "archive resumed after a full disk" };
+        check_ledger(full, &expected, what, v)?;
     }
 
     // Point-in-time oracles and the final state, from the archive alone.
@@ -751,7 +776,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     cluster.psql(DB, shapes::SCHEMA).map_err(|e| e.to_string())?;
     let upstream = format!("127.0.0.1:{}", cluster.port()).parse().map_err(|e| format!("{e}"))?;
     let proxy = proxy::Proxy::start(upstream)?;
-    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, proxy, capture: None, runs: 0, full_disk_archive: None, disk_full_tried: false, unthrottled: Arc::new(AtomicBool::new(false)) };
+    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, proxy, capture: None, runs: 0, full_disk_archives: Vec::new(), disk_full_tried: [false; 2], unthrottled: Arc::new(AtomicBool::new(false)) };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     h.start_capture(None)?;
@@ -766,7 +791,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let big_rows = if args.tier == "soak" { 300_000 } else { 50_000 };
     let shaper = shapes::workload(h.cluster.url(DB), stop.clone(), seed, big_rows, shape_rounds.clone());
 
-    let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
+    let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::DiskFullCompacting, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
     schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
     schedule.extend([Fault::NetReset, Fault::NetCloseMidFrame, Fault::BlackHole, Fault::NetReset]);
@@ -780,7 +805,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             Some(until) if Instant::now() >= until => break,
             // One disk-full run is enough: it keeps a slot (and WAL) until the end.
             Some(_) => match schedule[(rng.next() as usize) % schedule.len()].clone() {
-                Fault::DiskFull if h.disk_full_tried => Fault::Kill9,
+                Fault::DiskFull if h.disk_full_tried[0] => Fault::Kill9,
+                Fault::DiskFullCompacting if h.disk_full_tried[1] => Fault::Kill9,
                 f => f,
             },
         };
@@ -828,7 +854,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    if let Err(e) = h.resume_full_disk(&end) {
+    if let Err(e) = h.resume_full_disks(&end) {
         v.problems.push(e);
     }
     h.signal("-TERM");
