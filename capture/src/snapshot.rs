@@ -27,6 +27,15 @@ pub async fn copy_tables(
     sql.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''")))
         .await
         .map_err(|e| CaptureError::sql("importing the slot's snapshot", e))?;
+    // Hold off DDL on the tables until the copy ends (as pg_dump does): each table's columns
+    // are read from the catalog, which is not versioned by the snapshot, and a column dropped
+    // between that read and the COPY would fail it (found by pgtrail-torture's ALTER storm).
+    if !tables.is_empty() {
+        let list = tables.iter().map(CapturedTable::qualified).collect::<Vec<_>>().join(", ");
+        sql.batch_execute(&format!("LOCK TABLE {list} IN ACCESS SHARE MODE"))
+            .await
+            .map_err(|e| CaptureError::sql("locking the captured tables against DDL for the snapshot", e))?;
+    }
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
