@@ -23,5 +23,5 @@ pub mod writer;
 
 pub use compaction::CompactionPolicy;
 pub use error::{CaptureError, ErrorKind};
-pub use run::{CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, Progress, run};
+pub use run::{CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver, Progress, run};
 pub use source::SourceConfig;

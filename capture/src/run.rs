@@ -65,6 +65,19 @@ pub struct CaptureConfig {
     pub stop_at: Option<Lsn>,
     /// Compact in the background while capturing; `None` leaves everything in the log.
     pub compaction: Option<CompactionPolicy>,
+    /// Called with each new durable position as soon as the stream learns of it (for
+    /// benchmarks measuring commit-to-durable latency; `None` in normal use).
+    pub durable_observer: Option<DurableObserver>,
+}
+
+/// See [`CaptureConfig::durable_observer`].
+#[derive(Clone)]
+pub struct DurableObserver(pub std::sync::Arc<dyn Fn(Lsn) + Send + Sync>);
+
+impl std::fmt::Debug for DurableObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DurableObserver")
+    }
 }
 
 /// Figures of a running or finished capture.
@@ -575,6 +588,9 @@ async fn stream(
                 let durable = *durable_rx.borrow_and_update();
                 // Safe: `durable` is what the writer's last durable commit covers.
                 client.update_applied_lsn(to_wire(durable));
+                if let Some(observer) = &config.durable_observer {
+                    (observer.0)(durable);
+                }
                 if let Some(stop) = config.stop_at && durable >= stop {
                     graceful_stop(writer, &mut client, &state).await?;
                     return Ok(SessionEnd::StopAtReached);

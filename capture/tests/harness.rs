@@ -43,6 +43,7 @@ impl TestDb {
             resnapshot: false,
             progress_interval: Duration::from_secs(1),
             stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
+            durable_observer: None,
             stop_at: None,
             compaction: None,
         }

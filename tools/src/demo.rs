@@ -61,6 +61,7 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         resnapshot: false,
         progress_interval: Duration::from_secs(2),
         stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
+        durable_observer: None,
         stop_at: None,
         // The demo compacts once, explicitly, after the capture stops.
         compaction: None,

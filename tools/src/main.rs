@@ -191,6 +191,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         resnapshot: args.resnapshot,
         progress_interval: Duration::from_secs(args.progress_secs.max(1)),
         stream_timeout: Duration::from_secs(args.stream_timeout_secs.max(2)),
+        durable_observer: None,
         stop_at,
         compaction: (!args.no_compact).then(|| pgtrail_capture::CompactionPolicy {
             options: args.segments.options(),

@@ -13,6 +13,13 @@
 //!   Python package is installed. Bytes per change; ratios trigger / pgtrail, Bemi-style /
 //!   pgtrail, pgtrail / rewrite.
 //!
+//! - `overhead`: what capture costs the source. pgbench tpcb-like on the same database with
+//!   (a) nothing, (b) pgtrail capturing live (REPLICA IDENTITY DEFAULT), (c) pgtrail with
+//!   REPLICA IDENTITY FULL, (d) the JSONB audit trigger on the same four tables. TPS at
+//!   saturation, p99 latency at a fixed rate (half of (a)'s saturation TPS), WAL bytes per
+//!   transaction. Ratios: TPS pgtrail / nothing, TPS pgtrail / trigger, p99 trigger / pgtrail,
+//!   WAL per transaction pgtrail (DEFAULT and FULL) / trigger.
+//!
 //! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
 //! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
 //! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
@@ -32,7 +39,7 @@ use pgtrail_store::Lsn;
 #[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
 struct Args {
     /// Which suite: decode, storage, or all.
-    #[arg(default_value = "all", value_parser = ["decode", "storage", "all"])]
+    #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "all"])]
     suite: String,
     /// Tiny workloads (for CI: proves the harness runs, measures nothing meaningful).
     #[arg(long)]
@@ -78,6 +85,9 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.suite.as_str(), "storage" | "all") {
         storage_suite(&cluster, &rt, &args, &mut results)?;
     }
+    if matches!(args.suite.as_str(), "overhead" | "all") {
+        overhead_suite(&cluster, &rt, &args, &mut results)?;
+    }
     let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
@@ -87,7 +97,7 @@ fn main() -> anyhow::Result<()> {
                 "metric": m.metric, "value": m.value, "unit": m.unit})
         )?;
     }
-    print_report(&results, &version, &args)?;
+    print_report(&results, &version, fdatasync_rate(cluster.bin_dir()), &args)?;
     // Every contestant of every suite run must have produced a number.
     let mut expected: Vec<(&str, &str)> = vec![
         ("decode", "pgtrail"),
@@ -98,6 +108,9 @@ fn main() -> anyhow::Result<()> {
     ];
     if has_duckdb() {
         expected.push(("storage", "duckdb-rewrite"));
+    }
+    for contestant in OVERHEAD_CONTESTANTS {
+        expected.push(("overhead", contestant));
     }
     for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
@@ -119,6 +132,7 @@ fn bench_capture(cluster: &Cluster, db: &str, archive: &std::path::Path) -> anyh
         resnapshot: false,
         progress_interval: Duration::from_secs(5),
         stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
+        durable_observer: None,
         stop_at: None,
         compaction: None,
     })
@@ -313,12 +327,229 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
     Ok(())
 }
 
+const OVERHEAD_CONTESTANTS: [&str; 4] = ["nothing", "pgtrail", "pgtrail-full", "trigger"];
+const PGBENCH_TABLES: [&str; 4] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"];
+
+/// Run pgbench tpcb-like against `db`; returns (transactions, tps, p99 latency in ms when
+/// `rate` asks for a fixed rate and per-transaction logs).
+fn pgbench(cluster: &Cluster, db: &str, secs: u64, rate: Option<f64>) -> anyhow::Result<(u64, f64, Option<f64>)> {
+    let logs = tempfile::tempdir()?;
+    let mut cmd = std::process::Command::new(cluster.bin_dir().join("pgbench"));
+    cmd.args(["-h", "127.0.0.1", "-p", &cluster.port().to_string(), "-U", "postgres", "-n", "-M", "prepared"])
+        .args(["-c", "8", "-j", "2", "-T", &secs.to_string()]);
+    if let Some(rate) = rate {
+        cmd.args(["-R", &format!("{rate:.0}"), "-l", "--log-prefix"]).arg(logs.path().join("tx"));
+    }
+    let out = cmd.arg(db).output().context("running pgbench")?;
+    if !out.status.success() {
+        bail!("pgbench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<f64> {
+        text.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+    };
+    let transactions = field("number of transactions actually processed:").context("pgbench printed no transaction count")? as u64;
+    let tps = field("tps =").context("pgbench printed no tps")?;
+    let p99 = if rate.is_some() {
+        // Per-transaction log lines: client, transaction, latency (us), script, epoch, us, lag.
+        let mut latencies: Vec<f64> = Vec::new();
+        for entry in std::fs::read_dir(logs.path())?.flatten() {
+            for line in std::fs::read_to_string(entry.path())?.lines() {
+                if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+                    latencies.push(us / 1000.0);
+                }
+            }
+        }
+        if latencies.is_empty() {
+            bail!("pgbench wrote no per-transaction log");
+        }
+        latencies.sort_by(f64::total_cmp);
+        Some(latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)])
+    } else {
+        None
+    };
+    Ok((transactions, tps, p99))
+}
+
+/// Commit a probe row every 20 ms until told to stop; each probe is the moment its commit
+/// returned and the server's WAL flush position then (at or past its commit record), so
+/// "durable at or past that position" is a slight overestimate of its commit-to-durable time.
+fn start_probes(
+    rt: &tokio::runtime::Runtime,
+    url: String,
+) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Lsn)>>>) {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let task = rt.spawn(async move {
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let mut out = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            client.execute("INSERT INTO bench_probe DEFAULT VALUES", &[]).await?;
+            let at = Instant::now();
+            let lsn: String = client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await?.get(0);
+            out.push((at, lsn.parse::<Lsn>()?));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(out)
+    });
+    (stop, task)
+}
+
+fn wal_lsn(cluster: &Cluster, db: &str) -> anyhow::Result<u64> {
+    Ok(cluster.psql(db, "SELECT pg_current_wal_lsn() - '0/0'")?.parse::<f64>()? as u64)
+}
+
+/// The audit trigger of the storage suite, on pgbench's tables.
+fn install_audit_trigger(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
+    let base = AUDIT_TRIGGER_SQL.split("CREATE TRIGGER").next().unwrap_or_default();
+    cluster.psql(db, base)?;
+    for t in PGBENCH_TABLES {
+        cluster.psql(db, &format!("CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit_row()"))?;
+    }
+    Ok(())
+}
+
+fn remove_audit_trigger(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
+    for t in PGBENCH_TABLES {
+        cluster.psql(db, &format!("DROP TRIGGER audit ON {t}"))?;
+    }
+    cluster.psql(db, "DROP TABLE audit_log; DROP FUNCTION audit_row()")?;
+    Ok(())
+}
+
+fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+    let (scale, secs) = if args.quick { (1, 3) } else { (10, 30) };
+    let db = cluster.fresh_database("bench_overhead")?;
+    let init = std::process::Command::new(cluster.bin_dir().join("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &cluster.port().to_string(), "-U", "postgres", "-i", "-q", "-s", &scale.to_string()])
+        .arg(&db)
+        .output()
+        .context("running pgbench -i")?;
+    if !init.status.success() {
+        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+    }
+    // pgbench_history has no key: REPLICA IDENTITY FULL lets pgtrail publish it (it only
+    // receives inserts, so the WAL is the same for every contestant).
+    cluster.psql(&db, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL; CHECKPOINT")?;
+    // Lag probes: one small autocommit insert every 20 ms during the fixed-rate runs.
+    cluster.psql(&db, "CREATE TABLE bench_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")?;
+    let workload = format!("pgbench tpcb-like, scale {scale}, 8 clients, {secs} s per run");
+    let mut rate: Option<f64> = None;
+    for rep in 0..args.reps.max(1) {
+        let mut order = OVERHEAD_CONTESTANTS.to_vec();
+        order.rotate_left(rep % OVERHEAD_CONTESTANTS.len());
+        // The fixed rate is half of what the source sustains alone, measured first.
+        if rate.is_none() {
+            let (_, tps, _) = pgbench(cluster, &db, secs, None)?;
+            rate = Some((tps / 2.0).max(10.0));
+            eprintln!("overhead: fixed rate for latency runs: {:.0} tps (half of {tps:.0})", tps / 2.0);
+        }
+        for contestant in order {
+            let dir = tempfile::tempdir()?;
+            let mut capture = None;
+            // Each durable position pgtrail reaches, with the moment it was reached.
+            let durable_log: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Lsn)>>> = Default::default();
+            let identity = if contestant == "pgtrail-full" { "FULL" } else { "DEFAULT" };
+            for t in &PGBENCH_TABLES[..3] {
+                cluster.psql(&db, &format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"))?;
+            }
+            match contestant {
+                "pgtrail" | "pgtrail-full" => {
+                    let mut config = bench_capture(cluster, &db, &dir.path().join("archive"))?;
+                    config.tables = PGBENCH_TABLES.iter().chain(&["bench_probe"]).map(|t| format!("public.{t}")).collect();
+                    config.compaction = Some(pgtrail_capture::CompactionPolicy::default());
+                    let log = durable_log.clone();
+                    config.durable_observer = Some(pgtrail_capture::DurableObserver(std::sync::Arc::new(move |lsn| {
+                        log.lock().expect("durable log").push((Instant::now(), lsn));
+                    })));
+                    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+                    let task = rt.spawn(pgtrail_capture::run(config, async move { let _ = stopped.await; }, |_| {}));
+                    // Measure once the initial snapshot is stored and the slot streams.
+                    let deadline = Instant::now() + Duration::from_secs(600);
+                    while cluster.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgtrail' AND active")? != "1" {
+                        if Instant::now() > deadline || task.is_finished() {
+                            bail!("pgtrail did not start streaming");
+                        }
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                    capture = Some((stop, task));
+                }
+                "trigger" => install_audit_trigger(cluster, &db)?,
+                _ => {}
+            }
+            let wal_before = wal_lsn(cluster, &db)?;
+            let (transactions, tps, _) = pgbench(cluster, &db, secs, None)?;
+            let wal = wal_lsn(cluster, &db)? - wal_before;
+            let mut lag_metrics: Vec<(&'static str, f64, &'static str)> = Vec::new();
+            if contestant == "pgtrail" {
+                // How long after a saturated run pgtrail holds everything committed in it.
+                let end: Lsn = cluster.psql(&db, "SELECT pg_current_wal_flush_lsn()")?.parse()?;
+                let ended = Instant::now();
+                let deadline = ended + Duration::from_secs(600);
+                while !durable_log.lock().expect("durable log").iter().any(|(_, l)| *l >= end) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                lag_metrics.push(("catch_up_after_saturation", ended.elapsed().as_secs_f64(), "s"));
+            }
+            let probing = (contestant == "pgtrail").then(|| start_probes(rt, cluster.url(&db)));
+            let (_, _, p99) = pgbench(cluster, &db, secs, rate)?;
+            if let Some((stop_probes, probes)) = probing {
+                stop_probes.store(true, std::sync::atomic::Ordering::Relaxed);
+                let probes = rt.block_on(probes)??;
+                std::thread::sleep(Duration::from_secs(1));
+                let durable = durable_log.lock().expect("durable log").clone();
+                let mut lags: Vec<f64> = probes
+                    .iter()
+                    .filter_map(|(at, lsn)| durable.iter().find(|(_, l)| l >= lsn).map(|(t, _)| t.saturating_duration_since(*at).as_secs_f64() * 1000.0))
+                    .collect();
+                if lags.len() < probes.len() / 2 {
+                    bail!("pgtrail made only {} of {} lag probes durable", lags.len(), probes.len());
+                }
+                lags.sort_by(f64::total_cmp);
+                let pct = |p: usize| lags[(lags.len() * p / 100).min(lags.len() - 1)];
+                lag_metrics.push(("commit_to_durable_p50", pct(50), "ms"));
+                lag_metrics.push(("commit_to_durable_p99", pct(99), "ms"));
+                eprintln!("overhead rep {rep}: pgtrail commit-to-durable p50 {:.1} ms, p99 {:.1} ms ({} probes)", pct(50), pct(99), lags.len());
+            }
+            if let Some((stop, task)) = capture {
+                let _ = stop.send(());
+                let summary = rt.block_on(task)??;
+                if summary.changes == 0 {
+                    bail!("pgtrail captured nothing during pgbench");
+                }
+                cluster.psql(&db, "SELECT pg_drop_replication_slot('pgtrail'); DROP PUBLICATION pgtrail")?;
+            }
+            if contestant == "trigger" {
+                remove_audit_trigger(cluster, &db)?;
+            }
+            let per_tx = wal as f64 / transactions.max(1) as f64;
+            let p99 = p99.unwrap_or(f64::NAN);
+            eprintln!("overhead rep {rep}: {contestant}: {tps:.0} tps, p99 {p99:.2} ms at a fixed rate, {per_tx:.0} WAL bytes per transaction");
+            let metrics = [("tps", tps, "transactions/s"), ("p99_latency_fixed_rate", p99, "ms"), ("wal_bytes_per_transaction", per_tx, "bytes")];
+            for (metric, value, unit) in metrics.into_iter().chain(lag_metrics) {
+                results.push(Measurement { suite: "overhead", contestant, workload: workload.clone(), rep, metric, value, unit });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::Result<()> {
+/// The machine's fdatasync rate of one 8 kB write (`pg_test_fsync`, 1 s per method), which
+/// bounds every durable commit, pgtrail's and PostgreSQL's alike.
+fn fdatasync_rate(bin: &std::path::Path) -> Option<f64> {
+    let dir = tempfile::tempdir().ok()?;
+    let out = std::process::Command::new(bin.join("pg_test_fsync")).args(["-s", "1", "-f"]).arg(dir.path().join("f")).output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines().find(|l| l.trim_start().starts_with("fdatasync")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+}
+
+fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, args: &Args) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
@@ -326,7 +557,8 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
         .unwrap_or(0);
     println!("## pgtrail-bench{}", if args.quick { " (--quick: tiny data, not a measurement)" } else { "" });
     println!();
-    println!("Machine: {cores} cores, {} GiB memory; PostgreSQL {version}; {} repetitions, median (min-max).", mem_kib >> 20, args.reps);
+    let fsync = fdatasync.map_or("fdatasync rate unknown".to_string(), |r| format!("fdatasync {r:.0}/s (pg_test_fsync, one 8 kB write)"));
+    println!("Machine: {cores} cores, {} GiB memory, {fsync}; PostgreSQL {version}; {} repetitions, median (min-max).", mem_kib >> 20, args.reps);
     println!("Server settings: {}", SETTINGS.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
     println!();
     println!("| suite | workload | contestant | metric | median | min-max |");
@@ -338,6 +570,7 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
         }
     }
     let mut medians = std::collections::BTreeMap::new();
+    let mut metric_medians = std::collections::BTreeMap::new();
     for (suite, contestant, metric) in keys {
         let values: Vec<f64> = results
             .iter()
@@ -347,6 +580,7 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
         let workload = &results.iter().find(|m| m.suite == suite).map(|m| m.workload.clone()).unwrap_or_default();
         let (med, lo, hi) = median_min_max(values);
         medians.insert((suite, contestant), med);
+        metric_medians.insert((suite, contestant, metric), med);
 
         println!("| {suite} | {workload} | {contestant} | {metric} | {med:.1} | {lo:.1}-{hi:.1} |");
     }
@@ -364,6 +598,27 @@ fn print_report(results: &[Measurement], version: &str, args: &Args) -> anyhow::
         if let Some(d) = medians.get(&("storage", "duckdb-rewrite")) {
             println!("Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)", p / d);
         }
+    }
+    let m = |c: &str, metric: &str| metric_medians.get(&("overhead", c, metric)).copied();
+    if let (Some(p), Some(n)) = (m("pgtrail", "tps"), m("nothing", "tps")) {
+        println!("Ratio overhead: TPS with pgtrail / TPS alone = **{:.2}** (goal >= 0.90, target 0.95)", p / n);
+    }
+    if let (Some(p), Some(t)) = (m("pgtrail", "tps"), m("trigger", "tps")) {
+        println!("Ratio overhead: TPS with pgtrail / TPS with the audit trigger = **{:.2}** (goal >= 1.3)", p / t);
+    }
+    if let (Some(p), Some(t)) = (m("pgtrail", "p99_latency_fixed_rate"), m("trigger", "p99_latency_fixed_rate")) {
+        println!("Ratio overhead: p99 latency at a fixed rate, trigger / pgtrail = **{:.2}**", t / p);
+    }
+    if let (Some(p), Some(f), Some(t)) =
+        (m("pgtrail", "wal_bytes_per_transaction"), m("pgtrail-full", "wal_bytes_per_transaction"), m("trigger", "wal_bytes_per_transaction"))
+    {
+        println!("Ratio overhead: WAL bytes per transaction, pgtrail / trigger = **{:.2}** (REPLICA IDENTITY DEFAULT), **{:.2}** (FULL)", p / t, f / t);
+    }
+    if let (Some(p50), Some(p99)) = (m("pgtrail", "commit_to_durable_p50"), m("pgtrail", "commit_to_durable_p99")) {
+        println!("Lag: commit to durable in pgtrail's log at the fixed rate: p50 **{p50:.1} ms**, p99 **{p99:.1} ms** (goal p99 <= 50 ms)");
+    }
+    if let (Some(c), Some(t)) = (m("pgtrail", "catch_up_after_saturation"), m("pgtrail", "tps")) {
+        println!("Lag: after a run at the source's saturation ({t:.0} tps), pgtrail held all of it {c:.2} s after the run ended");
     }
     Ok(())
 }
