@@ -20,6 +20,10 @@
 //!   transaction. Ratios: TPS pgtrail / nothing, TPS pgtrail / trigger, p99 trigger / pgtrail,
 //!   WAL per transaction pgtrail (DEFAULT and FULL) / trigger.
 //!
+//! - `bigtx`: one transaction of many rows (10,000,000; 200,000 with `--quick`), drained from
+//!   a slot created before it by the `pgtrail` binary (durably, compacting as it goes) and by
+//!   `pg_recvlogical` (to a file): drain time and peak memory (VmHWM) of each process.
+//!
 //! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
 //! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
 //! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
@@ -39,7 +43,7 @@ use pgtrail_store::Lsn;
 #[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
 struct Args {
     /// Which suite: decode, storage, or all.
-    #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "all"])]
+    #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "bigtx", "all"])]
     suite: String,
     /// Tiny workloads (for CI: proves the harness runs, measures nothing meaningful).
     #[arg(long)]
@@ -88,6 +92,9 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.suite.as_str(), "overhead" | "all") {
         overhead_suite(&cluster, &rt, &args, &mut results)?;
     }
+    if matches!(args.suite.as_str(), "bigtx" | "all") {
+        bigtx_suite(&cluster, &args, &mut results)?;
+    }
     let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
@@ -112,6 +119,8 @@ fn main() -> anyhow::Result<()> {
     for contestant in OVERHEAD_CONTESTANTS {
         expected.push(("overhead", contestant));
     }
+    expected.push(("bigtx", "pgtrail"));
+    expected.push(("bigtx", "pg_recvlogical"));
     for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
         if ran && !results.iter().any(|m| m.suite == *suite && m.contestant == *contestant && m.value.is_finite() && m.value > 0.0) {
@@ -535,6 +544,80 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
     Ok(())
 }
 
+/// Run `cmd` to completion, sampling its peak resident memory (VmHWM) until it exits.
+fn run_measured(mut cmd: std::process::Command) -> anyhow::Result<(f64, f64)> {
+    let started = Instant::now();
+    let mut child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?;
+    let pid = child.id();
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("{cmd:?} failed ({status}): {}", err.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+    }
+    Ok((started.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0))
+}
+
+fn bigtx_suite(cluster: &Cluster, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+    let rows: u64 = if args.quick { 200_000 } else { 10_000_000 };
+    let bin = std::env::current_exe()?.with_file_name("pgtrail");
+    if !bin.exists() {
+        bail!("{} not found: build it with the benchmark (cargo build --profile bench-light -p pgtrail --bins)", bin.display());
+    }
+    let workload = format!("one transaction inserting {rows} rows (int key, 40-byte text)");
+    for rep in 0..args.reps.max(1) {
+        let db = cluster.fresh_database("bench_bigtx")?;
+        cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text); CREATE PUBLICATION recv FOR TABLE bench")?;
+        let dir = tempfile::tempdir()?;
+        let archive = dir.path().join("archive");
+        let capture = |stop: &str| {
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.args(["capture", "--slot", "pgtrail", "--publication", "pgtrail", "--tables", "public.bench", "--stop-at", stop])
+                .env("PGTRAIL_SOURCE", cluster.url(&db))
+                .env("PGTRAIL_ARCHIVE", &archive)
+                .env("PGTRAIL_LOG", "warn");
+            cmd
+        };
+        // Both slots exist before the transaction.
+        run_measured(capture(&cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?))?;
+        cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
+        cluster.psql(&db, &format!("INSERT INTO bench SELECT g, md5(g::text) || 'abcdefgh' FROM generate_series(1, {rows}) g"))?;
+        let end = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
+        let order: [&'static str; 2] = if rep % 2 == 0 { ["pgtrail", "pg_recvlogical"] } else { ["pg_recvlogical", "pgtrail"] };
+        for contestant in order {
+            let (secs, peak_mib) = if contestant == "pgtrail" {
+                run_measured(capture(&end))?
+            } else {
+                let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"));
+                cmd.args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
+                    .args(["-o", "proto_version=1", "-o", "publication_names=recv", "--endpos", &end, "-f"])
+                    .arg(dir.path().join("recv.out"));
+                run_measured(cmd)?
+            };
+            eprintln!("bigtx rep {rep}: {contestant} drained {rows} rows in {secs:.1} s, peak memory {peak_mib:.0} MiB");
+            results.push(Measurement { suite: "bigtx", contestant, workload: workload.clone(), rep, metric: "drain_seconds", value: secs, unit: "s" });
+            results.push(Measurement { suite: "bigtx", contestant, workload: workload.clone(), rep, metric: "peak_rss", value: peak_mib, unit: "MiB" });
+        }
+        cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+        cluster.psql("postgres", &format!("DROP DATABASE {db}"))?;
+    }
+    Ok(())
+}
+
 fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
@@ -613,6 +696,12 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
         (m("pgtrail", "wal_bytes_per_transaction"), m("pgtrail-full", "wal_bytes_per_transaction"), m("trigger", "wal_bytes_per_transaction"))
     {
         println!("Ratio overhead: WAL bytes per transaction, pgtrail / trigger = **{:.2}** (REPLICA IDENTITY DEFAULT), **{:.2}** (FULL)", p / t, f / t);
+    }
+    let b = |c: &str, metric: &str| metric_medians.get(&("bigtx", c, metric)).copied();
+    if let (Some(ps), Some(rs), Some(pm), Some(rm)) =
+        (b("pgtrail", "drain_seconds"), b("pg_recvlogical", "drain_seconds"), b("pgtrail", "peak_rss"), b("pg_recvlogical", "peak_rss"))
+    {
+        println!("Large transaction: pgtrail drains it in {ps:.1} s with a peak of **{pm:.0} MiB** (goal <= 256 MiB); pg_recvlogical {rs:.1} s, {rm:.0} MiB (time ratio pg_recvlogical / pgtrail = **{:.2}**)", rs / ps);
     }
     if let (Some(p50), Some(p99)) = (m("pgtrail", "commit_to_durable_p50"), m("pgtrail", "commit_to_durable_p99")) {
         println!("Lag: commit to durable in pgtrail's log at the fixed rate: p50 **{p50:.1} ms**, p99 **{p99:.1} ms** (goal p99 <= 50 ms)");
