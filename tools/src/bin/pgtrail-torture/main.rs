@@ -215,7 +215,9 @@ impl Harness {
         let slot = full_disk_slot(compacting);
         let mnt = self.work.join(format!("{slot}-disk"));
         std::fs::create_dir_all(&mnt).map_err(|e| e.to_string())?;
-        let size = if compacting { "size=8m" } else { "size=24m" };
+        // Compacting, the archive first needs room for its initial snapshot; the disk is then
+        // filled by a ballast file once compaction is under way.
+        let size = if compacting { "size=256m" } else { "size=24m" };
         let mounted = Command::new("mount")
             .args(["-t", "tmpfs", "-o", size, "tmpfs"])
             .arg(&mnt)
@@ -244,11 +246,20 @@ impl Harness {
             .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
+        if compacting {
+            let segments = archive.join(pgtrail_store::SEGMENTS_DIR);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while std::fs::read_dir(&segments).map_or(true, |d| d.count() == 0) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            leave_free(&mnt.join("ballast"), 2 << 20).map_err(|e| format!("cannot fill the disk: {e}"))?;
+        }
         let status = wait_child(&mut child, Duration::from_secs(600));
         if status.is_none() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let _ = std::fs::remove_file(mnt.join("ballast"));
         let copy = self.work.join(format!("{slot}-archive"));
         let copied = Command::new("cp").arg("-a").arg(&archive).arg(&copy).status().is_ok_and(|s| s.success());
         let _ = Command::new("umount").arg(&mnt).status();
@@ -359,6 +370,24 @@ impl Harness {
         let not = (!matches!(fault, Fault::DiskFull | Fault::DiskFullCompacting) && !before.is_empty()).then_some(before.as_str());
         self.wait_streaming(Duration::from_secs(120), not)
     }
+}
+
+/// Write `path` until the disk is full, then shorten it to leave `free` bytes.
+fn leave_free(path: &std::path::Path, free: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0u64;
+    loop {
+        match file.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    file.set_len(written.saturating_sub(free))?;
+    file.sync_all()
 }
 
 fn full_disk_slot(compacting: bool) -> &'static str {
