@@ -12,6 +12,7 @@
 //! | `current_undo` | `(commit_lsn u64, relation_id, key)`  | encoded `Option<Row>` before the open transaction touched it |
 //! | `meta`         | name                                  | position, last commit, source identity  |
 //! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
+//! | `snapshots`    | `commit_lsn u64`                      | commit time (µs) of a snapshot transaction |
 //!
 //! Values are postcard-encoded, with a one-byte prefix: `0` plain, `1` zstd-compressed (used
 //! when the encoding is larger than [`COMPRESS_ABOVE`] bytes).
@@ -29,7 +30,10 @@
 //! After a crash at any point, [`ChangeLog::open`] sees redb at its last commit (durable or
 //! not) and removes whatever belongs to a source transaction that has no `transactions`
 //! record yet: changes and relation versions keyed after `last_commit`, and the current-row
-//! index is put back from `current_undo`. PostgreSQL then sends that transaction again from
+//! index is put back from `current_undo`. A transaction whose Begin and Commit arrive in the
+//! same batch (one redb write transaction: almost every transaction) writes no undo rows: its
+//! index changes are committed or lost together with its `transactions` record, so there is
+//! never an unfinished part of it to undo. PostgreSQL then sends that transaction again from
 //! the slot, because nothing past the durable `position` was acknowledged. A source
 //! transaction whose commit LSN is below `position` is a replay of one already stored and is
 //! skipped whole, so nothing is stored twice.
@@ -149,6 +153,9 @@ struct InFlight {
     context: Option<String>,
     saw_context: bool,
     skip: bool,
+    /// The transaction's Commit is in the same redb write transaction as its Begin: its
+    /// current-row index changes commit or vanish together with it, so no undo rows.
+    atomic: bool,
 }
 
 /// The redb change log of one archive. It has one writer (the capture writer thread owns
@@ -166,6 +173,9 @@ pub struct ChangeLog {
     inflight: Option<InFlight>,
     /// Set when an apply failed half-way: the in-memory state no longer matches the file.
     poisoned: bool,
+    /// Whether the Begin being applied has its Commit in the same batch (see
+    /// `InFlight::atomic`).
+    begin_atomic: bool,
 }
 
 impl ChangeLog {
@@ -194,6 +204,7 @@ impl ChangeLog {
             last_commit: Lsn::ZERO,
             inflight: None,
             poisoned: false,
+            begin_atomic: false,
         };
         log.recover()?;
         Ok(log)
@@ -398,7 +409,23 @@ impl ChangeLog {
                 undo: wtx.open_table(UNDO)?,
                 snapshots: wtx.open_table(SNAPSHOTS)?,
             };
-            for op in ops {
+            let ops: Vec<LogOp> = ops.into_iter().collect();
+            // Which Begins have their Commit in this batch (see `InFlight::atomic`).
+            let mut atomic = vec![false; ops.len()];
+            let mut open = None;
+            for (i, op) in ops.iter().enumerate() {
+                match op {
+                    LogOp::Begin { .. } => open = Some(i),
+                    LogOp::Commit { .. } => {
+                        if let Some(b) = open.take() {
+                            atomic[b] = true;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            for (op, atomic) in ops.into_iter().zip(atomic) {
+                self.begin_atomic = atomic;
                 self.apply_one(&mut tables, op, &mut applied)?;
             }
             let mut meta = wtx.open_table(META)?;
@@ -451,6 +478,7 @@ impl ChangeLog {
                     saw_context: false,
                     // Everything before `position` is stored: this is a replay.
                     skip: final_lsn < self.position,
+                    atomic: self.begin_atomic,
                 });
             }
             LogOp::Change(change) => {
@@ -537,8 +565,11 @@ impl ChangeLog {
                     t.snapshots.insert(tx.final_lsn.0, tx.committed_at_us)?;
                 }
                 // The transaction is finished in this redb transaction: its undo rows are no
-                // longer needed (a crash now either keeps all of this or none of it).
-                t.undo.retain_in((tx.final_lsn.0, 0u32, &[][..])..(tx.final_lsn.0 + 1, 0u32, &[][..]), |_, _| false)?;
+                // longer needed (a crash now either keeps all of this or none of it). An
+                // atomic one wrote none.
+                if !tx.atomic {
+                    t.undo.retain_in((tx.final_lsn.0, 0u32, &[][..])..(tx.final_lsn.0 + 1, 0u32, &[][..]), |_, _| false)?;
+                }
                 self.last_commit = tx.final_lsn;
                 self.position = self.position.max(end_lsn);
                 applied.transactions += 1;
@@ -632,7 +663,7 @@ fn complete_change(
             let row = fill_row(change.new.as_deref().unwrap_or_default(), None, width);
             key = key_of(&row);
             if indexed && let Some(k) = &key {
-                set_current(t, rel.relation_id, final_lsn, k, Some(&row))?;
+                set_current(t, rel.relation_id, tx, k, Some(&row))?;
             }
             after = Some(row);
         }
@@ -653,9 +684,9 @@ fn complete_change(
             if indexed {
                 let new_key = row_key(&a, &key_pos);
                 if new_key != lookup_key {
-                    set_current(t, rel.relation_id, final_lsn, &lookup_key, None)?;
+                    set_current(t, rel.relation_id, tx, &lookup_key, None)?;
                 }
-                set_current(t, rel.relation_id, final_lsn, &new_key, Some(&a))?;
+                set_current(t, rel.relation_id, tx, &new_key, Some(&a))?;
             }
             before = Some(b);
             after = Some(a);
@@ -673,7 +704,7 @@ fn complete_change(
             };
             key = key_of(&b);
             if indexed {
-                set_current(t, rel.relation_id, final_lsn, &lookup_key, None)?;
+                set_current(t, rel.relation_id, tx, &lookup_key, None)?;
             }
             before = Some(b);
         }
@@ -686,8 +717,10 @@ fn complete_change(
                     .map(|(k, _)| k.value().1.to_vec())
                     .collect();
                 for k in keys {
-                    let old = t.current.get((rel.relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
-                    save_undo(t, rel.relation_id, final_lsn, &k, old)?;
+                    if !tx.atomic {
+                        let old = t.current.get((rel.relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
+                        save_undo(t, rel.relation_id, final_lsn, &k, old)?;
+                    }
                     t.current.remove((rel.relation_id, k.as_slice()))?;
                 }
             }
@@ -757,13 +790,15 @@ fn get_current(t: &Tables<'_>, relation_id: u32, key: &[Option<String>]) -> Resu
 fn set_current(
     t: &mut Tables<'_>,
     relation_id: u32,
-    final_lsn: Lsn,
+    tx: &InFlight,
     key: &[Option<String>],
     row: Option<&Row>,
 ) -> Result<(), LogError> {
     let k = encode_plain(&key);
-    let old = t.current.get((relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
-    save_undo(t, relation_id, final_lsn, &k, old)?;
+    if !tx.atomic {
+        let old = t.current.get((relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
+        save_undo(t, relation_id, tx.final_lsn, &k, old)?;
+    }
     match row {
         Some(row) => {
             t.current.insert((relation_id, k.as_slice()), encode(row).as_slice())?;
