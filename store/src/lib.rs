@@ -26,6 +26,8 @@ pub use atomic_file::fsync_dir;
 pub use compact::{CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest, file_safe};
 pub use error::{CompactError, LogError, SegmentError};
 pub use redb::Database;
+#[doc(hidden)]
+pub use log::fuzzing;
 pub use log::{
     Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SourceIdentity, TxnRecord,
 };

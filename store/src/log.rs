@@ -1024,7 +1024,14 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T,
         Some((1, rest)) => {
             let (len, data) = rest.split_at_checked(4).ok_or_else(|| corrupt("short compressed value".into()))?;
             let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt("bad length".into()))?) as usize;
-            let plain = zstd::bulk::decompress(data, len).map_err(|e| corrupt(Box::new(e)))?;
+            // Streamed, not `bulk::decompress(data, len)`: that reserves `len` bytes up front,
+            // and a damaged length (up to 4 GiB) would then exhaust memory before any check.
+            let mut plain = Vec::new();
+            let decoder = zstd::stream::read::Decoder::with_buffer(data).map_err(|e| corrupt(Box::new(e)))?;
+            std::io::Read::read_to_end(&mut std::io::Read::take(decoder, len as u64 + 1), &mut plain).map_err(|e| corrupt(Box::new(e)))?;
+            if plain.len() != len {
+                return Err(corrupt(format!("compressed value holds {} bytes, its header says {len}", plain.len()).into()));
+            }
             postcard::from_bytes(&plain).map_err(|e| corrupt(Box::new(e)))
         }
         Some((tag, _)) => Err(corrupt(format!("unknown value encoding {tag}").into())),
@@ -1259,6 +1266,13 @@ mod tests {
         assert_eq!(back, row);
         assert!(decode::<Row>(&[9, 1, 2], "test").is_err());
         assert!(decode::<Row>(&[1, 1], "test").is_err());
+        // A damaged length header (4 GiB) is an error, not a 4 GiB allocation.
+        let mut damaged = bytes.clone();
+        damaged[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode::<Row>(&damaged, "test").unwrap_err().to_string().contains("test"));
+        let mut short = bytes.clone();
+        short[1..5].copy_from_slice(&10u32.to_le_bytes());
+        assert!(decode::<Row>(&short, "test").is_err());
     }
 
     #[test]
@@ -1268,5 +1282,23 @@ mod tests {
         fs::create_dir(&archive).unwrap();
         fs::set_permissions(&archive, fs::Permissions::from_mode(0o755)).unwrap();
         assert!(matches!(ChangeLog::open(&archive), Err(LogError::Permissions { .. })));
+    }
+}
+
+/// Entry points for the fuzz targets (`tools/fuzz`): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// Decode `bytes` as each kind of value the log stores; any outcome but a panic is fine.
+    pub fn decode_log_values(bytes: &[u8]) {
+        let _ = decode::<ChangeRecord>(bytes, "changes");
+        let _ = decode::<TxnRecord>(bytes, "transactions");
+        let _ = decode::<RelationVersion>(bytes, "relations");
+        let _ = decode::<Gap>(bytes, "gaps");
+        let _ = decode::<SourceIdentity>(bytes, "meta source");
+        let _ = decode::<Option<Row>>(bytes, "current_undo");
+        let _ = decode::<Row>(bytes, "current_rows");
+        let _ = decode::<crate::SegmentEntry>(bytes, "segments");
     }
 }
