@@ -17,7 +17,8 @@
 //!   (a) nothing, (b) pgtrail capturing live (REPLICA IDENTITY DEFAULT), (c) pgtrail with
 //!   REPLICA IDENTITY FULL, (d) the JSONB audit trigger on the same four tables. TPS at
 //!   saturation, p99 latency at a fixed rate (half of (a)'s saturation TPS), WAL bytes per
-//!   transaction. Ratios: TPS pgtrail / nothing, TPS pgtrail / trigger, p99 trigger / pgtrail,
+//!   transaction; and (e) `pg_recvlogical` consuming a slot, the cost of logical decoding
+//!   itself. Ratios: TPS pgtrail / nothing, TPS pgtrail / trigger, p99 trigger / pgtrail,
 //!   WAL per transaction pgtrail (DEFAULT and FULL) / trigger.
 //!
 //! - `bigtx`: one transaction of many rows (10,000,000; 200,000 with `--quick`), drained from
@@ -51,6 +52,9 @@ struct Args {
     /// Repetitions per contestant (the median is reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
+    /// Only these contestants of the overhead suite (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    contestants: Vec<String>,
     /// Where to write the JSON lines.
     #[arg(long, default_value = "bench-results.jsonl")]
     out: PathBuf,
@@ -117,7 +121,9 @@ fn main() -> anyhow::Result<()> {
         expected.push(("storage", "duckdb-rewrite"));
     }
     for contestant in OVERHEAD_CONTESTANTS {
-        expected.push(("overhead", contestant));
+        if args.contestants.is_empty() || args.contestants.iter().any(|c| c == contestant) {
+            expected.push(("overhead", contestant));
+        }
     }
     expected.push(("bigtx", "pgtrail"));
     expected.push(("bigtx", "pg_recvlogical"));
@@ -336,7 +342,7 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
     Ok(())
 }
 
-const OVERHEAD_CONTESTANTS: [&str; 4] = ["nothing", "pgtrail", "pgtrail-full", "trigger"];
+const OVERHEAD_CONTESTANTS: [&str; 5] = ["nothing", "pgtrail", "pgtrail-full", "trigger", "pg_recvlogical"];
 const PGBENCH_TABLES: [&str; 4] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"];
 
 /// Run pgbench tpcb-like against `db`; returns (transactions, tps, p99 latency in ms when
@@ -448,6 +454,7 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
     for rep in 0..args.reps.max(1) {
         let mut order = OVERHEAD_CONTESTANTS.to_vec();
         order.rotate_left(rep % OVERHEAD_CONTESTANTS.len());
+        order.retain(|c| args.contestants.is_empty() || args.contestants.iter().any(|w| w == c));
         // The fixed rate is half of what the source sustains alone, measured first.
         if rate.is_none() {
             let (_, tps, _) = pgbench(cluster, &db, secs, None)?;
@@ -459,6 +466,7 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
             let mut capture = None;
             // Each durable position pgtrail reaches, with the moment it was reached.
             let durable_log: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Lsn)>>> = Default::default();
+            let mut recvlogical: Option<std::process::Child> = None;
             let identity = if contestant == "pgtrail-full" { "FULL" } else { "DEFAULT" };
             for t in &PGBENCH_TABLES[..3] {
                 cluster.psql(&db, &format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"))?;
@@ -485,6 +493,21 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
                     capture = Some((stop, task));
                 }
                 "trigger" => install_audit_trigger(cluster, &db)?,
+                "pg_recvlogical" => {
+                    // The cost of logical decoding itself: the server's walsender decodes for a
+                    // consumer that only appends to a file.
+                    let tables = PGBENCH_TABLES.join(", ");
+                    cluster.psql(&db, &format!("CREATE PUBLICATION recv FOR TABLE {tables}"))?;
+                    cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
+                    let child = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
+                        .args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
+                        .args(["-o", "proto_version=1", "-o", "publication_names=recv", "-f"])
+                        .arg(dir.path().join("recv.out"))
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .context("running pg_recvlogical")?;
+                    recvlogical = Some(child);
+                }
                 _ => {}
             }
             let wal_before = wal_lsn(cluster, &db)?;
@@ -531,6 +554,11 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
             }
             if contestant == "trigger" {
                 remove_audit_trigger(cluster, &db)?;
+            }
+            if let Some(mut child) = recvlogical {
+                let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+                let _ = child.wait();
+                cluster.psql(&db, "SELECT pg_drop_replication_slot('recv'); DROP PUBLICATION recv")?;
             }
             let per_tx = wal as f64 / transactions.max(1) as f64;
             let p99 = p99.unwrap_or(f64::NAN);
@@ -685,6 +713,9 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
     let m = |c: &str, metric: &str| metric_medians.get(&("overhead", c, metric)).copied();
     if let (Some(p), Some(n)) = (m("pgtrail", "tps"), m("nothing", "tps")) {
         println!("Ratio overhead: TPS with pgtrail / TPS alone = **{:.2}** (goal >= 0.90, target 0.95)", p / n);
+    }
+    if let (Some(r), Some(n)) = (m("pg_recvlogical", "tps"), m("nothing", "tps")) {
+        println!("Ratio overhead: TPS with pg_recvlogical (logical decoding alone) / TPS alone = **{:.2}**", r / n);
     }
     if let (Some(p), Some(t)) = (m("pgtrail", "tps"), m("trigger", "tps")) {
         println!("Ratio overhead: TPS with pgtrail / TPS with the audit trigger = **{:.2}** (goal >= 1.3)", p / t);
