@@ -649,28 +649,32 @@ struct Liveness {
     last_heard: Instant,
     walsender: Option<i32>,
     tick: tokio::time::Interval,
+    /// The walsender's `reply_time` at the last check and since when it has not changed.
+    /// `reply_time` is this client's own clock in its last status update, so it is compared
+    /// with itself, never with the server's clock (the two may disagree).
+    last_reply: Option<(Option<String>, Instant)>,
 }
 
 impl Liveness {
     fn new(timeout: Duration, walsender: Option<i32>) -> Self {
         let mut tick = tokio::time::interval((timeout / 3).max(Duration::from_millis(200)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        Liveness { timeout, last_heard: Instant::now(), walsender, tick }
+        Liveness { timeout, last_heard: Instant::now(), walsender, tick, last_reply: None }
     }
 
     fn heard(&mut self) {
         self.last_heard = Instant::now();
+        self.last_reply = None;
     }
 
-    async fn check(&self, sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+    async fn check(&mut self, sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
         let silent = self.last_heard.elapsed();
         if silent < self.timeout {
             return Ok(());
         }
-        let secs = self.timeout.as_secs_f64();
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&slot, &secs];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
         let query = sql.query_opt(
-            "SELECT s.active_pid, coalesce(r.reply_time > now() - make_interval(secs => $2), false), a.wait_event \
+            "SELECT s.active_pid, r.reply_time::text, a.wait_event \
              FROM pg_replication_slots s \
              LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
              LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
@@ -686,8 +690,16 @@ impl Liveness {
             None => Some("the slot no longer exists".to_string()),
             Some(row) => {
                 let pid: Option<i32> = row.get(0);
-                let replies_arrive: bool = row.get(1);
+                let reply: Option<String> = row.get(1);
                 let wait_event: Option<String> = row.get(2);
+                // Replies arrive unless the same reply_time (or none) has been seen for a whole
+                // timeout, in which the client sent several.
+                let unchanged_since = match &self.last_reply {
+                    Some((seen, since)) if *seen == reply => *since,
+                    _ => Instant::now(),
+                };
+                self.last_reply = Some((reply, unchanged_since));
+                let replies_arrive = unchanged_since.elapsed() < self.timeout;
                 if pid.is_none() || (self.walsender.is_some() && pid != self.walsender) {
                     Some(format!("nothing heard for {silent_s} s and the server no longer runs this capture's walsender"))
                 } else if !replies_arrive {

@@ -83,6 +83,8 @@ enum Fault {
     NetCloseMidFrame,
     /// The capture's connections silently dead: it must notice within its stream timeout.
     BlackHole,
+    /// Only the replication connection silently dead; the SQL connection still answers.
+    BlackHoleStream,
 }
 
 /// Crash points the capture can hit: the log's commit window, and each step of the
@@ -355,14 +357,14 @@ impl Harness {
             Fault::NetCloseMidFrame => {
                 self.proxy.cut(proxy::Cut::CloseMidFrame);
             }
-            Fault::BlackHole => {
-                self.proxy.cut(proxy::Cut::BlackHole);
+            Fault::BlackHole | Fault::BlackHoleStream => {
+                self.proxy.cut(if matches!(fault, Fault::BlackHole) { proxy::Cut::BlackHole } else { proxy::Cut::BlackHoleReplication });
                 // Silence for the stream timeout, then a status query that gets no answer
                 // for as long again, then a new session.
                 let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20);
                 self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()))
                     .map_err(|e| format!("a black hole was not detected and replaced within {bound:?}: {e}"))?;
-                eprintln!("torture: black hole noticed and replaced in {:.1} s", injected.elapsed().as_secs_f64());
+                eprintln!("torture: {fault:?} noticed and replaced in {:.1} s", injected.elapsed().as_secs_f64());
                 return Ok(());
             }
         }
@@ -823,7 +825,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::DiskFullCompacting, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
     schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
-    schedule.extend([Fault::NetReset, Fault::NetCloseMidFrame, Fault::BlackHole, Fault::NetReset]);
+    schedule.extend([Fault::NetReset, Fault::NetCloseMidFrame, Fault::BlackHole, Fault::NetReset, Fault::BlackHoleStream]);
     let soak_until = (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
     let started = Instant::now();
     let mut i = 0usize;

@@ -21,11 +21,14 @@ pub enum Cut {
     CloseMidFrame,
     /// Nothing passes either way any more, and nothing is closed.
     BlackHole,
+    /// A black hole for replication connections only: the capture's SQL connection still
+    /// works, so it must tell from the server's view of its walsender that the stream is dead.
+    BlackHoleReplication,
 }
 
 pub struct Proxy {
     pub port: u16,
-    open: Arc<Mutex<Vec<watch::Sender<Cut>>>>,
+    open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>>,
     upstream: Arc<Mutex<SocketAddr>>,
     /// Owns the listener and every connection; dropping the proxy closes them all.
     _runtime: tokio::runtime::Runtime,
@@ -41,16 +44,17 @@ impl Proxy {
             .map_err(|e| e.to_string())?;
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        let open: Arc<Mutex<Vec<watch::Sender<Cut>>>> = Arc::default();
+        let open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>> = Arc::default();
         let registry = open.clone();
         let upstream = Arc::new(Mutex::new(upstream));
         let target = upstream.clone();
         runtime.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (tx, rx) = watch::channel(Cut::Pass);
-                registry.lock().expect("proxy registry").push(tx);
+                let replication = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                registry.lock().expect("proxy registry").push((tx, replication.clone()));
                 let to = *target.lock().expect("proxy upstream");
-                tokio::spawn(forward(client, to, rx));
+                tokio::spawn(forward(client, to, rx, replication));
             }
         });
         Ok(Proxy { port, open, upstream, _runtime: runtime })
@@ -63,9 +67,18 @@ impl Proxy {
 
     /// Apply `cut` to every connection open now; later ones are not affected.
     pub fn cut(&self, cut: Cut) -> usize {
-        let open: Vec<_> = std::mem::take(&mut *self.open.lock().expect("proxy registry"));
+        let mut registry = self.open.lock().expect("proxy registry");
+        let open: Vec<_> = std::mem::take(&mut *registry);
         let mut n = 0;
-        for tx in open {
+        for (tx, replication) in open {
+            let hit = cut != Cut::BlackHoleReplication || replication.load(std::sync::atomic::Ordering::Relaxed);
+            if !hit {
+                // Not affected: it stays open to later cuts.
+                if !tx.is_closed() {
+                    registry.push((tx, replication));
+                }
+                continue;
+            }
             if tx.send(cut).is_ok() {
                 n += 1;
             }
@@ -74,10 +87,19 @@ impl Proxy {
     }
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<Cut>) {
+async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<Cut>, replication: Arc<std::sync::atomic::AtomicBool>) {
     let Ok(mut server) = TcpStream::connect(upstream).await else { return };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
+    // The startup message names a replication connection (`replication` = `database`).
+    let mut first = vec![0u8; 8192];
+    let Ok(n) = client.read(&mut first).await else { return };
+    if first[..n].windows(12).any(|w| w == b"replication\0") {
+        replication.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    if server.write_all(&first[..n]).await.is_err() {
+        return;
+    }
     let what = loop {
         tokio::select! {
             // Bytes in flight inside the copy when a cut arrives are lost, as on a real network.
@@ -112,7 +134,7 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Re
             let _ = client.shutdown().await;
             let _ = server.shutdown().await;
         }
-        Cut::BlackHole => {
+        Cut::BlackHole | Cut::BlackHoleReplication => {
             // Nothing passes and nothing is closed: hold both sockets until the proxy ends.
             let _keep = (client, server);
             std::future::pending::<()>().await;
