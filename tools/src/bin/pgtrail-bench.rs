@@ -205,11 +205,7 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
                 }
                 _ => {
                     let file = dir.path().join("recv.out");
-                    let status = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
-                        .args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
-                        .args(["-o", "proto_version=1", "-o", "publication_names=recv"])
-                        .args(["--endpos", &end.to_string(), "-f"])
-                        .arg(&file)
+                    let status = recvlogical_command(cluster, &db, &file, Some(&end.to_string()))
                         .stderr(std::process::Stdio::null())
                         .status()
                         .context("running pg_recvlogical")?;
@@ -233,6 +229,18 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
         cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
     }
     Ok(())
+}
+
+/// `pg_recvlogical` streaming slot `recv` (pgoutput, publication `recv`) of `db` into `file`,
+/// up to `endpos` when given.
+fn recvlogical_command(cluster: &Cluster, db: &str, file: &std::path::Path, endpos: Option<&str>) -> std::process::Command {
+    let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"));
+    cmd.args(["-d", &cluster.url(db), "-S", "recv", "--start", "--no-loop"]).args(["-o", "proto_version=1", "-o", "publication_names=recv"]);
+    if let Some(end) = endpos {
+        cmd.args(["--endpos", end]);
+    }
+    cmd.arg("-f").arg(file);
+    cmd
 }
 
 fn has_duckdb() -> bool {
@@ -499,10 +507,7 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
                     let tables = PGBENCH_TABLES.join(", ");
                     cluster.psql(&db, &format!("CREATE PUBLICATION recv FOR TABLE {tables}"))?;
                     cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
-                    let child = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
-                        .args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
-                        .args(["-o", "proto_version=1", "-o", "publication_names=recv", "-f"])
-                        .arg(dir.path().join("recv.out"))
+                    let child = recvlogical_command(cluster, &db, &dir.path().join("recv.out"), None)
                         .stderr(std::process::Stdio::null())
                         .spawn()
                         .context("running pg_recvlogical")?;
@@ -630,11 +635,7 @@ fn bigtx_suite(cluster: &Cluster, args: &Args, results: &mut Vec<Measurement>) -
             let (secs, peak_mib) = if contestant == "pgtrail" {
                 run_measured(capture(&end))?
             } else {
-                let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"));
-                cmd.args(["-d", &cluster.url(&db), "-S", "recv", "--start", "--no-loop"])
-                    .args(["-o", "proto_version=1", "-o", "publication_names=recv", "--endpos", &end, "-f"])
-                    .arg(dir.path().join("recv.out"));
-                run_measured(cmd)?
+                run_measured(recvlogical_command(cluster, &db, &dir.path().join("recv.out"), Some(&end)))?
             };
             eprintln!("bigtx rep {rep}: {contestant} drained {rows} rows in {secs:.1} s, peak memory {peak_mib:.0} MiB");
             results.push(Measurement { suite: "bigtx", contestant, workload: workload.clone(), rep, metric: "drain_seconds", value: secs, unit: "s" });
@@ -681,7 +682,6 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
         }
     }
     let mut medians = std::collections::BTreeMap::new();
-    let mut metric_medians = std::collections::BTreeMap::new();
     for (suite, contestant, metric) in keys {
         let values: Vec<f64> = results
             .iter()
@@ -690,27 +690,29 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
             .collect();
         let workload = &results.iter().find(|m| m.suite == suite).map(|m| m.workload.clone()).unwrap_or_default();
         let (med, lo, hi) = median_min_max(values);
-        medians.insert((suite, contestant), med);
-        metric_medians.insert((suite, contestant, metric), med);
+        medians.insert((suite, contestant, metric), med);
 
         println!("| {suite} | {workload} | {contestant} | {metric} | {med:.1} | {lo:.1}-{hi:.1} |");
     }
     println!();
-    if let (Some(p), Some(r)) = (medians.get(&("decode", "pgtrail")), medians.get(&("decode", "pg_recvlogical"))) {
+    let median = |suite: &str, c: &str, metric: &str| medians.get(&(suite, c, metric)).copied();
+    let d = |c: &str| median("decode", c, "changes_per_second");
+    if let (Some(p), Some(r)) = (d("pgtrail"), d("pg_recvlogical")) {
         println!("Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**", p / r);
     }
-    if let Some(p) = medians.get(&("storage", "pgtrail")) {
-        if let Some(t) = medians.get(&("storage", "trigger")) {
+    let st = |c: &str| median("storage", c, "bytes_per_change");
+    if let Some(p) = st("pgtrail") {
+        if let Some(t) = st("trigger") {
             println!("Ratio storage: trigger table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 5)", t / p);
         }
-        if let Some(b) = medians.get(&("storage", "bemi-style")) {
+        if let Some(b) = st("bemi-style") {
             println!("Ratio storage: Bemi-style table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 8)", b / p);
         }
-        if let Some(d) = medians.get(&("storage", "duckdb-rewrite")) {
+        if let Some(d) = st("duckdb-rewrite") {
             println!("Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)", p / d);
         }
     }
-    let m = |c: &str, metric: &str| metric_medians.get(&("overhead", c, metric)).copied();
+    let m = |c: &str, metric: &str| median("overhead", c, metric);
     if let (Some(p), Some(n)) = (m("pgtrail", "tps"), m("nothing", "tps")) {
         println!("Ratio overhead: TPS with pgtrail / TPS alone = **{:.2}** (goal >= 0.90, target 0.95)", p / n);
     }
@@ -728,7 +730,7 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
     {
         println!("Ratio overhead: WAL bytes per transaction, pgtrail / trigger = **{:.2}** (REPLICA IDENTITY DEFAULT), **{:.2}** (FULL)", p / t, f / t);
     }
-    let b = |c: &str, metric: &str| metric_medians.get(&("bigtx", c, metric)).copied();
+    let b = |c: &str, metric: &str| median("bigtx", c, metric);
     if let (Some(ps), Some(rs), Some(pm), Some(rm)) =
         (b("pgtrail", "drain_seconds"), b("pg_recvlogical", "drain_seconds"), b("pgtrail", "peak_rss"), b("pg_recvlogical", "peak_rss"))
     {
