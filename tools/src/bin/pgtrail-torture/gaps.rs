@@ -6,7 +6,7 @@
 //! a second capture on a slot in use must be refused without disturbing the first.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
 use pgtrail_capture::cluster::{Cluster, ClusterOptions};
@@ -14,7 +14,7 @@ use pgtrail_query::{ArchiveSnapshot, Moment, state_at};
 use pgtrail_store::{LogReader, Lsn};
 
 use crate::proxy::Proxy;
-use crate::{Verdict, wait_child};
+use crate::{Verdict, capture_command, wait_child};
 
 const DB: &str = "gaps";
 
@@ -41,16 +41,9 @@ impl GapBench<'_> {
 
     fn capture(&self, name: &str, archive: &Path, slot: &str, extra: &[&str], limit: Duration) -> Result<Run, String> {
         let log_path = self.work.join(format!("gap-{name}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let mut child = Command::new(self.bin)
-            .args(["capture", "--slot", slot, "--publication", "gaps", "--no-compact", "--stream-timeout-secs", "4"])
+        let mut child = capture_command(self.bin, &self.url(), archive, slot, "gaps", &log_path)?
+            .args(["--no-compact", "--stream-timeout-secs", "4"])
             .args(extra)
-            .env("PGTRAIL_SOURCE", self.url())
-            .env("PGTRAIL_ARCHIVE", archive)
-            .env_remove("PGTRAIL_CRASH_AT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
             .spawn()
             .map_err(|e| e.to_string())?;
         let status = wait_child(&mut child, limit);
@@ -212,15 +205,8 @@ pub fn run(bin: &Path, work: &Path, v: &mut Verdict) -> Result<(), String> {
     case("second capture on a slot in use", &mut bench, &mut |b| {
         let archive = dir("second");
         b.catch_up("second-first", &archive, "gap_second", &[])?;
-        let log = std::fs::File::create(b.work.join("gap-second-streaming.log")).map_err(|e| e.to_string())?;
-        let mut first = Command::new(b.bin)
-            .args(["capture", "--slot", "gap_second", "--publication", "gaps", "--no-compact"])
-            .env("PGTRAIL_SOURCE", b.url())
-            .env("PGTRAIL_ARCHIVE", &archive)
-            .env_remove("PGTRAIL_CRASH_AT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
+        let mut first = capture_command(b.bin, &b.url(), &archive, "gap_second", "gaps", &b.work.join("gap-second-streaming.log"))?
+            .arg("--no-compact")
             .spawn()
             .map_err(|e| e.to_string())?;
         let result = (|| {

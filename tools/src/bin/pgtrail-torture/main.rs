@@ -129,21 +129,15 @@ struct Harness {
 impl Harness {
     fn start_capture(&mut self, crash_at: Option<&str>) -> Result<(), String> {
         self.runs += 1;
-        let log = std::fs::File::create(self.work.join(format!("capture-{:03}.log", self.runs))).map_err(|e| e.to_string())?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["capture", "--slot", SLOT, "--publication", SLOT, "--progress-secs", "1"])
-            .args(["--compact-after-changes", "400", "--compact-after-secs", "2"])
+        let url = format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port);
+        let log = self.work.join(format!("capture-{:03}.log", self.runs));
+        let mut cmd = capture_command(&self.bin, &url, &self.archive, SLOT, SLOT, &log)?;
+        cmd.args(["--progress-secs", "1", "--compact-after-changes", "400", "--compact-after-secs", "2"])
             .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
-            .env("PGTRAIL_SOURCE", format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port))
-            .env("PGTRAIL_ARCHIVE", &self.archive)
-            .env("PGTRAIL_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        match crash_at {
-            Some(p) => cmd.env("PGTRAIL_CRASH_AT", p),
-            None => cmd.env_remove("PGTRAIL_CRASH_AT"),
-        };
+            .env("PGTRAIL_LOG", "info");
+        if let Some(p) = crash_at {
+            cmd.env("PGTRAIL_CRASH_AT", p);
+        }
         self.capture = Some(cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?);
         Ok(())
     }
@@ -230,24 +224,15 @@ impl Harness {
             return Err("SKIP: cannot mount a tmpfs here (needs root)".into());
         }
         let log_path = self.work.join(format!("capture-{slot}.log"));
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let archive = mnt.join("archive");
-        let mut cmd = Command::new(&self.bin);
-        cmd.args(["capture", "--slot", slot, "--publication", SLOT, "--progress-secs", "1"]);
+        let mut cmd = capture_command(&self.bin, &self.cluster.url(DB), &archive, slot, SLOT, &log_path)?;
+        cmd.args(["--progress-secs", "1"]);
         if compacting {
             cmd.args(["--compact-after-changes", "2000", "--compact-after-secs", "1"]);
         } else {
             cmd.arg("--no-compact");
         }
-        let mut child = cmd
-            .env("PGTRAIL_SOURCE", self.cluster.url(DB))
-            .env("PGTRAIL_ARCHIVE", &archive)
-            .env_remove("PGTRAIL_CRASH_AT")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| e.to_string())?;
+        let mut child = cmd.spawn().map_err(|e| e.to_string())?;
         if compacting {
             let segments = archive.join(pgtrail_store::SEGMENTS_DIR);
             let deadline = Instant::now() + Duration::from_secs(120);
@@ -289,21 +274,13 @@ impl Harness {
     fn resume_full_disks(&self, end: &str) -> Result<(), String> {
         for (archive, compacting) in &self.full_disk_archives {
             let slot = full_disk_slot(*compacting);
-            let log = std::fs::File::create(self.work.join(format!("capture-{slot}-resumed.log"))).map_err(|e| e.to_string())?;
-            let mut cmd = Command::new(&self.bin);
-            cmd.args(["capture", "--slot", slot, "--publication", SLOT, "--stop-at", end]);
+            let log = self.work.join(format!("capture-{slot}-resumed.log"));
+            let mut cmd = capture_command(&self.bin, &self.cluster.url(DB), archive, slot, SLOT, &log)?;
+            cmd.args(["--stop-at", end]);
             if !compacting {
                 cmd.arg("--no-compact");
             }
-            let status = cmd
-                .env("PGTRAIL_SOURCE", self.cluster.url(DB))
-                .env("PGTRAIL_ARCHIVE", archive)
-                .env_remove("PGTRAIL_CRASH_AT")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .status()
-                .map_err(|e| e.to_string())?;
+            let status = cmd.status().map_err(|e| e.to_string())?;
             if !status.success() {
                 return Err(format!("the capture did not resume after the full disk was freed ({status}); see capture-{slot}-resumed.log"));
             }
@@ -358,12 +335,31 @@ impl Harness {
                 self.proxy.cut(proxy::Cut::CloseMidFrame);
             }
             Fault::BlackHole | Fault::BlackHoleStream => {
-                self.proxy.cut(if matches!(fault, Fault::BlackHole) { proxy::Cut::BlackHole } else { proxy::Cut::BlackHoleReplication });
+                let stream_only = matches!(fault, Fault::BlackHoleStream);
+                if stream_only {
+                    // Long enough that the server does not end the dead walsender first: the
+                    // capture must tell from its own status updates not arriving.
+                    self.cluster.psql("postgres", "ALTER SYSTEM SET wal_sender_timeout = '120s'").map_err(|e| e.to_string())?;
+                    self.cluster.psql("postgres", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+                }
+                self.proxy.cut(if stream_only { proxy::Cut::BlackHoleReplication } else { proxy::Cut::BlackHole });
                 // Silence for the stream timeout, then a status query that gets no answer
-                // for as long again, then a new session.
+                // (or shows no status update arriving) for as long again, then a new session.
                 let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20);
-                self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()))
-                    .map_err(|e| format!("a black hole was not detected and replaced within {bound:?}: {e}"))?;
+                let replaced = self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()));
+                if stream_only {
+                    // Back to the suite's own value (RESET would fall back to PostgreSQL's 60 s).
+                    let back = format!("ALTER SYSTEM SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'");
+                    self.cluster.psql("postgres", &back).map_err(|e| e.to_string())?;
+                    self.cluster.psql("postgres", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+                }
+                replaced.map_err(|e| format!("a black hole was not detected and replaced within {bound:?}: {e}"))?;
+                if stream_only {
+                    let log = std::fs::read_to_string(self.work.join(format!("capture-{:03}.log", self.runs))).unwrap_or_default();
+                    if !log.contains("received none of this capture's status updates") && !log.contains("blocked sending to this capture") {
+                        return Err("the replication-only black hole was not recognised from the server's view of the walsender".into());
+                    }
+                }
                 eprintln!("torture: {fault:?} noticed and replaced in {:.1} s", injected.elapsed().as_secs_f64());
                 return Ok(());
             }
@@ -390,6 +386,21 @@ fn leave_free(path: &std::path::Path, free: u64) -> std::io::Result<()> {
     }
     file.set_len(written.saturating_sub(free))?;
     file.sync_all()
+}
+
+/// `pgtrail capture` of `slot` through `publication` from `url` into `archive`, its stderr in
+/// `log`, no crash point (callers add their own arguments).
+fn capture_command(bin: &std::path::Path, url: &str, archive: &std::path::Path, slot: &str, publication: &str, log: &std::path::Path) -> Result<Command, String> {
+    let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let mut cmd = Command::new(bin);
+    cmd.args(["capture", "--slot", slot, "--publication", publication])
+        .env("PGTRAIL_SOURCE", url)
+        .env("PGTRAIL_ARCHIVE", archive)
+        .env_remove("PGTRAIL_CRASH_AT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    Ok(cmd)
 }
 
 fn full_disk_slot(compacting: bool) -> &'static str {
