@@ -54,6 +54,11 @@ pub enum CaptureError {
     /// middlebox that dropped the connection): found by the stream liveness check.
     #[error("the replication stream went silent: {why}; reconnecting")]
     StreamSilent { why: String },
+    /// A column changed between the slot's snapshot and the copy of its table (catalog
+    /// queries see the snapshot, the COPY's parser the current catalog): the snapshot is
+    /// taken again.
+    #[error("the initial snapshot of {table} raced a schema change ({detail}); taking it again")]
+    SnapshotRaced { table: String, detail: String },
     #[error("cannot decode a replication message near {lsn}")]
     Decode {
         lsn: Lsn,
@@ -88,7 +93,7 @@ impl CaptureError {
             CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => ErrorKind::Fatal,
             CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => pg_error_kind(source),
             CaptureError::Replication(e) => wire_error_kind(e),
-            CaptureError::StreamSilent { .. } => ErrorKind::Transient,
+            CaptureError::StreamSilent { .. } | CaptureError::SnapshotRaced { .. } => ErrorKind::Transient,
         }
     }
 

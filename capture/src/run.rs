@@ -361,21 +361,30 @@ async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn,
 /// The slot's state, after waiting for a walsender of a consumer that just died (kill -9, a
 /// dropped network) to release it: the server notices only after a while, so the slot counts
 /// as "in use" only when it stays held for [`SLOT_RELEASE_WAIT`]. A walsender that served this
-/// process's own earlier session (`own`, after a network failure) is ended instead of waited
-/// for: nothing else can be using that session.
+/// process's own earlier session (`own`, after a network failure) is waited for up to
+/// `wal_sender_timeout` (plus a margin): nothing else can be using that session, and only the
+/// server's timeout ends it. It is not terminated: a walsender blocked writing into a dead
+/// connection would block again sending the termination message to it, and then hold the
+/// slot until the kernel gives up on the socket (found by pgtrail-torture's black hole).
 async fn slot_when_released(
     sql: &tokio_postgres::Client,
     slot_name: &str,
     own: Option<i32>,
 ) -> Result<Option<slot::SlotState>, CaptureError> {
     let mut state = slot::slot_state(sql, slot_name).await?;
+    let mut wait = SLOT_RELEASE_WAIT;
     if let Some(pid) = state.as_ref().and_then(|s| s.active_pid).filter(|pid| Some(*pid) == own) {
-        tracing::warn!(slot = slot_name, pid, "ending this capture's earlier walsender, which the server still counts as connected");
-        sql.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        let timeout_ms: i64 = sql
+            .query_one("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'", &[])
             .await
-            .map_err(|e| CaptureError::sql("ending this capture's earlier walsender", e))?;
+            .map_err(|e| CaptureError::sql("reading wal_sender_timeout", e))?
+            .get(0);
+        if timeout_ms > 0 {
+            wait = wait.max(Duration::from_millis(timeout_ms as u64) + Duration::from_secs(10));
+        }
+        tracing::warn!(slot = slot_name, pid, wait_s = wait.as_secs(), "waiting for the server to end this capture's earlier walsender (wal_sender_timeout)");
     }
-    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
+    let deadline = Instant::now() + wait;
     while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         state = slot::slot_state(sql, slot_name).await?;

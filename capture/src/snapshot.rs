@@ -50,10 +50,12 @@ pub async fn copy_tables(
         let width = relation.columns.len();
         writer.send(vec![LogOp::Relation(relation)]).await?;
         let stmt = format!("COPY (SELECT {columns} FROM {}) TO STDOUT", table.qualified());
-        let stream = sql
-            .copy_out(&stmt)
-            .await
-            .map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
+        let stream = sql.copy_out(&stmt).await.map_err(|e| match e.code() {
+            Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
+                CaptureError::SnapshotRaced { table: table.qualified(), detail: e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()) }
+            }
+            _ => CaptureError::sql(format!("copying {}", table.qualified()), e),
+        })?;
         futures_util::pin_mut!(stream);
         let mut pending: Vec<u8> = Vec::new();
         let mut batch = Vec::with_capacity(ROWS_PER_BATCH);

@@ -106,6 +106,9 @@ const MAX_ORACLE_CHECKS: usize = 12;
 const MAX_SHAPE_CHECKS: usize = 30;
 const SLOT: &str = "torture";
 const WAL_SENDER_TIMEOUT_S: u64 = 5;
+/// `wal_sender_timeout` while only the replication connection is black-holed: longer than the
+/// capture needs to notice (about twice its stream timeout).
+const BLACK_HOLE_WAL_SENDER_TIMEOUT_S: u64 = 20;
 /// The capture's `--stream-timeout-secs`: how soon it must notice a black hole.
 const STREAM_TIMEOUT_S: u64 = 4;
 
@@ -337,15 +340,17 @@ impl Harness {
             Fault::BlackHole | Fault::BlackHoleStream => {
                 let stream_only = matches!(fault, Fault::BlackHoleStream);
                 if stream_only {
-                    // Long enough that the server does not end the dead walsender first: the
-                    // capture must tell from its own status updates not arriving.
-                    self.cluster.psql("postgres", "ALTER SYSTEM SET wal_sender_timeout = '120s'").map_err(|e| e.to_string())?;
+                    // Longer than the capture needs to notice, so the server does not end the
+                    // dead walsender first: the capture must tell from its own status updates
+                    // not arriving. It then waits for the server to release the slot.
+                    let sql = format!("ALTER SYSTEM SET wal_sender_timeout = '{BLACK_HOLE_WAL_SENDER_TIMEOUT_S}s'");
+                    self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
                     self.cluster.psql("postgres", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
                 }
                 self.proxy.cut(if stream_only { proxy::Cut::BlackHoleReplication } else { proxy::Cut::BlackHole });
                 // Silence for the stream timeout, then a status query that gets no answer
                 // (or shows no status update arriving) for as long again, then a new session.
-                let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20);
+                let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20 + if stream_only { BLACK_HOLE_WAL_SENDER_TIMEOUT_S + 10 } else { 0 });
                 let replaced = self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()));
                 if stream_only {
                     // Back to the suite's own value (RESET would fall back to PostgreSQL's 60 s).
