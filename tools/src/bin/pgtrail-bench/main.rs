@@ -25,10 +25,17 @@
 //!   a slot created before it by the `pgtrail` binary (durably, compacting as it goes) and by
 //!   `pg_recvlogical` (to a file): drain time and peak memory (VmHWM) of each process.
 //!
+//! - `queries`: the questions asked of a change archive (changes per table per minute, top
+//!   keys, one key's history, text search, as_of, diff, export of a window) on 10M+ changes:
+//!   pgtrail vs DuckDB on the same Parquet files vs PostgreSQL on the audit-trigger table
+//!   with its best indexes; every contestant must give the same answer (see queries.rs).
+//!
 //! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
 //! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
 //! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
 //! contestant produced a number, never how fast.
+
+mod queries;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -43,8 +50,8 @@ use pgtrail_store::Lsn;
 #[derive(Parser)]
 #[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
 struct Args {
-    /// Which suite: decode, storage, or all.
-    #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "bigtx", "all"])]
+    /// Which suite: decode, storage, overhead, bigtx, queries, or all.
+    #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "bigtx", "queries", "all"])]
     suite: String,
     /// Tiny workloads (for CI: proves the harness runs, measures nothing meaningful).
     #[arg(long)]
@@ -55,6 +62,9 @@ struct Args {
     /// Only these contestants of the overhead suite (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     contestants: Vec<String>,
+    /// Size of the queries suite's dataset as a fraction of its full 10.6M changes.
+    #[arg(long, default_value_t = 1.0)]
+    queries_scale: f64,
     /// Where to write the JSON lines.
     #[arg(long, default_value = "bench-results.jsonl")]
     out: PathBuf,
@@ -99,6 +109,9 @@ fn main() -> anyhow::Result<()> {
     if matches!(args.suite.as_str(), "bigtx" | "all") {
         bigtx_suite(&cluster, &args, &mut results)?;
     }
+    if matches!(args.suite.as_str(), "queries" | "all") {
+        queries::queries_suite(&cluster, &rt, &args, &mut results)?;
+    }
     let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
@@ -127,6 +140,9 @@ fn main() -> anyhow::Result<()> {
     }
     expected.push(("bigtx", "pgtrail"));
     expected.push(("bigtx", "pg_recvlogical"));
+    for contestant in ["pgtrail", "duckdb", "postgres"] {
+        expected.push(("queries", contestant));
+    }
     for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
         if ran && !results.iter().any(|m| m.suite == *suite && m.contestant == *contestant && m.value.is_finite() && m.value > 0.0) {
@@ -742,5 +758,6 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
     if let (Some(c), Some(t)) = (m("pgtrail", "catch_up_after_saturation"), m("pgtrail", "tps")) {
         println!("Lag: after a run at the source's saturation ({t:.0} tps), pgtrail held all of it {c:.2} s after the run ended");
     }
+    queries::report(&medians);
     Ok(())
 }
