@@ -198,6 +198,18 @@ impl TableProvider for HistoryTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let history = self.history()?;
         let bounds = Bounds::from_filters(filters);
+        // Only the columns the query uses are read from the files; `adapt` fills the others
+        // with nulls, which the projection below drops again.
+        let schema = match projection {
+            Some(p) => Arc::new(self.schema.project(p)?),
+            None => self.schema.clone(),
+        };
+        // With no column at all (`count(*)`), the smallest one is read for the row counts.
+        let mut names: Vec<Vec<String>> = schema.fields().iter().map(|f| vec![f.name().clone()]).collect();
+        if names.is_empty() {
+            names.push(vec!["seq".into()]);
+        }
+        let columns = Some(names);
         let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
         for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
             let SegmentContent::Table(version) = &seg.content else { continue };
@@ -206,16 +218,18 @@ impl TableProvider for HistoryTable {
                 path: self.archive.segment_path(seg),
                 sha256: seg.sha256.clone(),
                 version: version.clone(),
-                schema: self.schema.clone(),
+                schema: schema.clone(),
+                columns: columns.clone(),
             }));
         }
         let tail: Vec<(ChangeKey, ChangeRecord)> =
             history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
-        partitions.push(Arc::new(TailPartition {
-            batches: tail_batches(history, &tail, &self.schema)?,
-            schema: self.schema.clone(),
-        }));
-        Ok(Arc::new(StreamingTableExec::try_new(self.schema.clone(), partitions, projection, [], false, limit)?))
+        let mut batches = tail_batches(history, &tail, &self.schema)?;
+        if let Some(p) = projection {
+            batches = batches.iter().map(|b| b.project(p)).collect::<std::result::Result<_, _>>()?;
+        }
+        partitions.push(Arc::new(TailPartition { batches, schema: schema.clone() }));
+        Ok(Arc::new(StreamingTableExec::try_new(schema, partitions, None, [], false, limit)?))
     }
 }
 
@@ -245,8 +259,20 @@ pub fn open_segment(path: &std::path::Path, sha256: &str, batch_rows: usize) -> 
 
 /// [`open_segment`], reading only row groups whose statistics overlap `bounds`.
 pub fn open_segment_pruned(path: &std::path::Path, sha256: &str, batch_rows: usize, bounds: Bounds) -> Result<SegmentReader> {
+    open_segment_projected(path, sha256, batch_rows, bounds, None)
+}
+
+/// [`open_segment_pruned`], decoding only the columns under `columns` (see
+/// [`SegmentReader::open_projected`]).
+pub fn open_segment_projected(
+    path: &std::path::Path,
+    sha256: &str,
+    batch_rows: usize,
+    bounds: Bounds,
+    columns: Option<&[Vec<String>]>,
+) -> Result<SegmentReader> {
     let known = verified().lock().ok().and_then(|m| m.get(path).cloned()).is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open_pruned(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time)
+    let reader = SegmentReader::open_projected(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time, columns)
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
     if !known && let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());
@@ -261,6 +287,7 @@ struct SegmentPartition {
     sha256: String,
     version: RelationVersion,
     schema: SchemaRef,
+    columns: Option<Vec<Vec<String>>>,
 }
 
 impl PartitionStream for SegmentPartition {
@@ -271,11 +298,11 @@ impl PartitionStream for SegmentPartition {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
-        let (path, sha, version, schema, bounds) =
-            (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone(), self.bounds);
+        let (path, sha, version, schema, bounds, columns) =
+            (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone(), self.bounds, self.columns.clone());
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
-            for batch in open_segment_pruned(&path, &sha, 8192, bounds)? {
+            for batch in open_segment_projected(&path, &sha, 8192, bounds, columns.as_deref())? {
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
                 if tx.blocking_send(adapt(&batch, &version, &schema)).is_err() {
                     break;

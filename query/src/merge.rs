@@ -72,7 +72,9 @@ pub fn adapt(batch: &RecordBatch, version: &RelationVersion, target: &SchemaRef)
         };
         columns.push(column);
     }
-    Ok(RecordBatch::try_new(target.clone(), columns)?)
+    // The row count is explicit: a projection may ask for no column at all (`count(*)`).
+    let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(RecordBatch::try_new_with_options(target.clone(), columns, &options)?)
 }
 
 fn adapt_row(source: &ArrayRef, version: &RelationVersion, target_fields: &Fields) -> Result<ArrayRef> {

@@ -185,8 +185,8 @@ pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
     if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
 }
 
-/// Rebuild `table` at `moment`.
-pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: Moment) -> Result<TableState<'t>> {
+/// An error unless the archive holds `moment` (it begins at or before it).
+fn check_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
     let begins_before = match moment {
         Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
         Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
@@ -198,6 +198,12 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
         };
         return Err(QueryError::BeforeArchive { moment: moment.to_string(), begins }.into());
     }
+    Ok(())
+}
+
+/// Rebuild `table` at `moment`.
+pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: Moment) -> Result<TableState<'t>> {
+    check_begins(archive, moment)?;
     let mut rows: Rows<'t> = BTreeMap::new();
     let mut last_version = &table.versions[0];
     let mut resets = SnapshotResets::new(archive);
@@ -295,6 +301,21 @@ fn typed_columns(version: &RelationVersion, rows: &[Option<(&RelationVersion, &R
     (fields.into(), arrays)
 }
 
+/// `as_of`'s result: the columnar reconstruction where it applies, else the row replay.
+pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<RecordBatch> {
+    check_begins(archive, moment)?;
+    match crate::columnar::as_of_batch(archive, table, moment)? {
+        Some(batch) => Ok(batch),
+        None => state_batch(&state_at(archive, table, moment)?),
+    }
+}
+
+/// `as_of` by the row replay alone (to check the columnar path against).
+#[doc(hidden)]
+pub fn row_replay_as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<RecordBatch> {
+    state_batch(&state_at(archive, table, moment)?)
+}
+
 fn state_batch(state: &TableState) -> Result<RecordBatch> {
     let rows: Vec<Option<(&RelationVersion, &Row)>> =
         state.rows.values().flat_map(|list| list.iter().map(|(v, r)| Some((*v, r)))).collect();
@@ -362,7 +383,7 @@ impl TableFunctionImpl for AsOf {
         }
         let table = table_arg(&self.archive, args)?;
         let moment = moment_arg(args, 1, self.by_lsn)?;
-        let batch = state_batch(&state_at(&self.archive, table, moment)?)?;
+        let batch = as_of_batch(&self.archive, table, moment)?;
         Ok(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))
     }
 }
@@ -389,8 +410,27 @@ impl TableFunctionImpl for Diff {
         }
         let table = table_arg(&self.archive, args)?;
         let (from, to) = (moment_any(args, 1)?, moment_any(args, 2)?);
-        let a = state_at(&self.archive, table, from)?;
-        let b = state_at(&self.archive, table, to)?;
+        let batch = diff_batch(&self.archive, table, from, to)?;
+        Ok(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+    }
+}
+
+/// `diff`'s result: the columnar reconstruction where it applies, else the row replay.
+pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment, to: Moment) -> Result<RecordBatch> {
+    check_begins(archive, from)?;
+    check_begins(archive, to)?;
+    match crate::columnar::diff_batch(archive, table, from, to)? {
+        Some(batch) => Ok(batch),
+        None => row_replay_diff_batch(archive, table, from, to),
+    }
+}
+
+/// `diff` by the row replay alone (to check the columnar path against).
+#[doc(hidden)]
+pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment, to: Moment) -> Result<RecordBatch> {
+    {
+        let a = state_at(archive, table, from)?;
+        let b = state_at(archive, table, to)?;
         let mut change = StringBuilder::new();
         let mut key_text = StringBuilder::new();
         let (mut before_rows, mut after_rows) = (Vec::new(), Vec::new());
@@ -423,8 +463,7 @@ impl TableFunctionImpl for Diff {
             bf.with_name("before"),
             af.with_name("after"),
         ]));
-        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(change.finish()), Arc::new(key_text.finish()), ba, aa])?;
-        Ok(Arc::new(MemTable::try_new(schema, vec![vec![batch]])?))
+        Ok(RecordBatch::try_new(schema, vec![Arc::new(change.finish()), Arc::new(key_text.finish()), ba, aa])?)
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
+use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
@@ -78,6 +79,20 @@ impl SegmentReader {
         lsn: (u64, u64),
         committed_at: (i64, i64),
     ) -> Result<SegmentReader, SegmentError> {
+        Self::open_projected(path, expected_sha256, batch_rows, lsn, committed_at, None)
+    }
+
+    /// Like [`open_pruned`](Self::open_pruned), decoding only the columns under the given
+    /// paths (`["lsn"]`, `["after"]`, `["before", "id"]`): a struct keeps only the children
+    /// asked for. Columns not asked for are never read from disk nor decompressed.
+    pub fn open_projected(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+        lsn: (u64, u64),
+        committed_at: (i64, i64),
+        columns: Option<&[Vec<String>]>,
+    ) -> Result<SegmentReader, SegmentError> {
         if let Some(expected) = expected_sha256 {
             let found = sha256_file(path)?;
             if found != expected {
@@ -85,10 +100,17 @@ impl SegmentReader {
             }
         }
         let file = File::open(path).map_err(|source| SegmentError::Io { path: path.to_path_buf(), source })?;
-        contained(path, "opening the segment", || Self::open_file(path, file, batch_rows, lsn, committed_at))
+        contained(path, "opening the segment", || Self::open_file(path, file, batch_rows, lsn, committed_at, columns))
     }
 
-    fn open_file(path: &Path, file: File, batch_rows: usize, lsn: (u64, u64), committed_at: (i64, i64)) -> Result<SegmentReader, SegmentError> {
+    fn open_file(
+        path: &Path,
+        file: File,
+        batch_rows: usize,
+        lsn: (u64, u64),
+        committed_at: (i64, i64),
+        columns: Option<&[Vec<String>]>,
+    ) -> Result<SegmentReader, SegmentError> {
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|source| SegmentError::Parquet { path: path.to_path_buf(), source })?;
         let description = builder
@@ -148,6 +170,18 @@ impl SegmentReader {
             })
             .map(|(i, _)| i)
             .collect();
+        let mut builder = builder;
+        if let Some(columns) = columns {
+            let descr = builder.parquet_schema();
+            let leaves: Vec<usize> = (0..descr.num_columns())
+                .filter(|&i| {
+                    let parts = descr.column(i).path().parts().to_vec();
+                    columns.iter().any(|want| want.len() <= parts.len() && want.iter().zip(&parts).all(|(a, b)| a == b))
+                })
+                .collect();
+            let mask = ProjectionMask::leaves(descr, leaves);
+            builder = builder.with_projection(mask);
+        }
         let reader = builder
             .with_row_groups(keep)
             .with_batch_size(batch_rows.max(1))
