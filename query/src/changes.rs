@@ -5,22 +5,24 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Int8Type, Schema, SchemaRef, TimeUnit, UInt64Type};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
-use pgtrail_store::segment::PgKind;
+use pgtrail_store::segment::{PgKind, SegmentContent};
 use pgtrail_store::{Cell, ChangeRecord, Op, RelationVersion, Row};
 use serde_json::{Map, Value};
 
 use crate::archive::ArchiveSnapshot;
-use crate::history::Bounds;
+use crate::history::{Bounds, open_segment_projected};
 use crate::pit::for_each_change_where;
 
 /// The view's schema.
@@ -198,6 +200,38 @@ impl TableProvider for ChangesTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let bounds = Bounds::from_filters(filters);
+        // Without the JSON columns (primary_key, before, after) the view is the segments'
+        // own columns relabelled: read those columnar, per segment, in parallel.
+        if let Some(p) = projection
+            && !p.iter().any(|&i| matches!(self.schema.field(i).name().as_str(), "primary_key" | "before" | "after"))
+        {
+            let schema = Arc::new(self.schema.project(p)?);
+            let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
+            for history in self.archive.tables.values() {
+                for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
+                    let SegmentContent::Table(version) = &seg.content else { continue };
+                    partitions.push(Arc::new(SegmentChanges {
+                        path: self.archive.segment_path(seg),
+                        sha256: seg.sha256.clone(),
+                        table: version.name.clone(),
+                        schema_name: version.schema.clone(),
+                        bounds,
+                        schema: schema.clone(),
+                    }));
+                }
+                let mut b = Builders::new();
+                for (key, rec) in history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)) {
+                    b.push(history.version(rec.relation_id, rec.schema_version)?, *key, rec);
+                }
+                let batch = b.finish(&self.schema)?.project(p)?;
+                partitions.push(Arc::new(TailChanges { batch, schema: schema.clone() }));
+            }
+            if partitions.is_empty() {
+                let empty = datafusion::catalog::MemTable::try_new(schema.clone(), vec![vec![]])?;
+                return empty.scan(_state, None, filters, limit).await;
+            }
+            return Ok(Arc::new(StreamingTableExec::try_new(schema, partitions, None, [], false, limit)?));
+        }
         let partitions: Vec<Arc<dyn PartitionStream>> = self
             .archive
             .tables
@@ -212,6 +246,125 @@ impl TableProvider for ChangesTable {
             return empty.scan(_state, projection, filters, limit).await;
         }
         Ok(Arc::new(StreamingTableExec::try_new(self.schema.clone(), partitions, projection, [], false, limit)?))
+    }
+}
+
+/// The view's non-JSON columns of one segment, built from its columns as stored.
+#[derive(Debug)]
+struct SegmentChanges {
+    path: std::path::PathBuf,
+    sha256: String,
+    table: String,
+    schema_name: String,
+    bounds: Bounds,
+    /// The projected view schema.
+    schema: SchemaRef,
+}
+
+impl SegmentChanges {
+    fn batch(&self, stored: &RecordBatch) -> Result<RecordBatch> {
+        let n = stored.num_rows();
+        let column = |name: &str| {
+            stored.column_by_name(name).cloned().ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")))
+        };
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
+        for field in self.schema.fields() {
+            columns.push(match field.name().as_str() {
+                "table" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.table, n))),
+                "schema" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.schema_name, n))),
+                "operation" => {
+                    let op = column("op")?;
+                    let op = op.as_dictionary_opt::<Int8Type>().ok_or_else(|| DataFusionError::Internal("op type".into()))?;
+                    let values = op.values().as_string_opt::<i32>().ok_or_else(|| DataFusionError::Internal("op values".into()))?;
+                    let names: Vec<&str> = (0..values.len())
+                        .map(|i| match values.value(i) {
+                            "insert" => "CREATE",
+                            "update" => "UPDATE",
+                            "delete" => "DELETE",
+                            "truncate" => "TRUNCATE",
+                            "snapshot" => "SNAPSHOT",
+                            _ => "MESSAGE",
+                        })
+                        .collect();
+                    Arc::new(StringArray::from_iter_values(op.keys().iter().map(|k| names[k.unwrap_or_default() as usize])))
+                }
+                "context" => column("context")?,
+                "committed_at" => column("committed_at")?,
+                "transaction_id" => column("xid")?,
+                "lsn" => column("lsn")?,
+                "seq" => column("seq")?,
+                "position" => {
+                    let lsn = column("lsn")?;
+                    let lsn = lsn.as_primitive_opt::<UInt64Type>().ok_or_else(|| DataFusionError::Internal("lsn type".into()))?;
+                    Arc::new(StringArray::from_iter_values(lsn.values().iter().map(|v| pgtrail_store::Lsn(*v).to_string())))
+                }
+                other => return Err(DataFusionError::Internal(format!("changes column {other} is not built columnar"))),
+            });
+        }
+        let options = RecordBatchOptions::new().with_row_count(Some(n));
+        Ok(RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?)
+    }
+}
+
+impl PartitionStream for SegmentChanges {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let me = SegmentChanges {
+            path: self.path.clone(),
+            sha256: self.sha256.clone(),
+            table: self.table.clone(),
+            schema_name: self.schema_name.clone(),
+            bounds: self.bounds,
+            schema: self.schema.clone(),
+        };
+        builder.spawn_blocking(move || {
+            let mut read: Vec<Vec<String>> = Vec::new();
+            for field in me.schema.fields() {
+                let stored = match field.name().as_str() {
+                    "operation" => "op",
+                    "transaction_id" => "xid",
+                    "position" => "lsn",
+                    "table" | "schema" => continue,
+                    other => other,
+                };
+                read.push(vec![stored.to_string()]);
+            }
+            if read.is_empty() {
+                // `count(*)`: the smallest column, for the row counts.
+                read.push(vec!["seq".to_string()]);
+            }
+            for batch in open_segment_projected(&me.path, &me.sha256, 8192, me.bounds, Some(&read))? {
+                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                if tx.blocking_send(me.batch(&batch)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        builder.build()
+    }
+}
+
+/// The view's rows of a table's log tail (few: the tail is compacted away).
+#[derive(Debug)]
+struct TailChanges {
+    batch: RecordBatch,
+    schema: SchemaRef,
+}
+
+impl PartitionStream for TailChanges {
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
+        let batches: Vec<Result<RecordBatch>> = vec![Ok(self.batch.clone())];
+        Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches)))
     }
 }
 
