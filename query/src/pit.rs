@@ -467,6 +467,41 @@ pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, fr
     }
 }
 
+/// `row_history` as a view over the table's history: the changes whose `before` or `after`
+/// key equals the values (read to the key columns' types), in key order. Filtering the
+/// stored columns spares rendering every change as text; it applies when every schema version
+/// has the same primary key and each value reads as its column's type (else `None`: the row
+/// scan compares PostgreSQL's text).
+fn row_history_view(archive: &Arc<ArchiveSnapshot>, table: &TableHistory, wanted: &[String]) -> Result<Option<Arc<dyn TableProvider>>> {
+    use datafusion::functions::core::expr_fn::get_field;
+    use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+    let key = &table.latest().primary_key;
+    if key.is_empty() || key.len() != wanted.len() || table.versions.iter().any(|v| &v.primary_key != key) {
+        return Ok(None);
+    }
+    let schema = history_schema(&table.versions);
+    let Ok(after_field) = schema.field_with_name("after") else { return Ok(None) };
+    let DataType::Struct(row_fields) = after_field.data_type() else { return Ok(None) };
+    let (mut in_before, mut in_after): (Option<Expr>, Option<Expr>) = (None, None);
+    for (name, text) in key.iter().zip(wanted) {
+        let Some(field) = row_fields.iter().find(|f| f.name() == name) else { return Ok(None) };
+        let Ok(value) = ScalarValue::Utf8(Some(text.clone())).cast_to(field.data_type()) else { return Ok(None) };
+        if value.is_null() {
+            return Ok(None);
+        }
+        let and = |acc: Option<Expr>, e: Expr| Some(acc.map_or(e.clone(), |a| a.and(e)));
+        in_before = and(in_before, get_field(col("before"), name.as_str()).eq(lit(value.clone())));
+        in_after = and(in_after, get_field(col("after"), name.as_str()).eq(lit(value)));
+    }
+    let (Some(in_before), Some(in_after)) = (in_before, in_after) else { return Ok(None) };
+    let history = Arc::new(crate::history::HistoryTable::new(archive.clone(), table));
+    let plan = LogicalPlanBuilder::scan("history", datafusion::datasource::provider_as_source(history), None)?
+        .filter(in_before.or(in_after))?
+        .sort(vec![col("lsn").sort(true, false), col("seq").sort(true, false)])?
+        .build()?;
+    Ok(Some(Arc::new(datafusion::datasource::ViewTable::new(plan, None))))
+}
+
 /// `row_history(table, key...)`: every change of one row (by its primary key values), with
 /// the history table's columns.
 #[derive(Debug)]
@@ -482,14 +517,27 @@ impl TableFunctionImpl for RowHistory {
         }
         let table = table_arg(&self.archive, args)?;
         let wanted: Vec<String> = (1..args.len()).map(|i| text_arg(args, i, "key")).collect::<Result<_>>()?;
+        if let Some(view) = row_history_view(&self.archive, table, &wanted)? {
+            return Ok(view);
+        }
+        let schema = history_schema(&table.versions);
+        Ok(Arc::new(MemTable::try_new(schema, vec![row_replay_row_history(&self.archive, table, &wanted)?])?))
+    }
+}
+
+/// `row_history` by scanning every change as text rows (to check the view against, and for
+/// the tables the view does not cover).
+#[doc(hidden)]
+pub fn row_replay_row_history(archive: &ArchiveSnapshot, table: &TableHistory, wanted: &[String]) -> Result<Vec<RecordBatch>> {
+    {
         let schema = history_schema(&table.versions);
         let mut picked: Vec<(ChangeKey, ChangeRecord)> = Vec::new();
-        for_each_change(&self.archive, table, None, |version, key, rec| {
+        for_each_change(archive, table, None, |version, key, rec| {
             let positions = table.key_positions(version);
             let matches = |row: &Option<Row>| {
                 row.as_ref().is_some_and(|r| {
                     positions.len() == wanted.len()
-                        && positions.iter().zip(&wanted).all(|(&p, w)| r.get(p).and_then(|c| c.as_text()) == Some(w.as_str()))
+                        && positions.iter().zip(wanted).all(|(&p, w)| r.get(p).and_then(|c| c.as_text()) == Some(w.as_str()))
                 })
             };
             if matches(&rec.before) || matches(&rec.after) {
@@ -497,7 +545,6 @@ impl TableFunctionImpl for RowHistory {
             }
             Ok(())
         })?;
-        let batches = tail_batches(table, &picked, &schema)?;
-        Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
+        tail_batches(table, &picked, &schema)
     }
 }

@@ -170,6 +170,16 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     assert!(columnar.len() > 200, "the changes view lists the changes ({})", columnar.len());
     assert_eq!(columnar, row_path, "the columnar changes view differs from the row path");
     assert_eq!(run("SELECT count(*) FROM changes"), vec![columnar.len().to_string()]);
+    // row_history through the view over stored columns, and by the text scan: the same changes.
+    for id in ["3", "100007", "7", "0", "6"] {
+        let view = run(&format!("SELECT * FROM row_history('public.plain', {id})"));
+        let scanned: Vec<String> = pgtrail_query::row_replay_row_history(&snapshot, plain, &[id.to_string()]).unwrap().iter().flat_map(rows_text).collect();
+        let (mut view, mut scanned) = (view, scanned);
+        view.sort();
+        scanned.sort();
+        assert!(!view.is_empty(), "row {id} has a history");
+        assert_eq!(view, scanned, "row_history of {id}");
+    }
     assert!(plain_rows.values().filter(|n| **n >= 10).count() >= 3, "plain holds real tables");
     assert!(rebuilt["snap_5"].is_empty(), "the truncate of round 5 empties the table");
     // The same through SQL, offline, as a user runs it.
