@@ -26,9 +26,9 @@ pub use files::WrittenFile;
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{Bounds, open_segment_pruned, tail_batches};
+use crate::history::{Bounds, open_segment_projected, open_segment_pruned, tail_batches};
 use crate::merge::{adapt, history_schema, merged_row_fields};
-use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, for_each_change_where, row_key};
+use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, row_key};
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
 
@@ -241,17 +241,30 @@ fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
         for seg in table.segments.iter().filter(|s| s.max_committed_at_us <= t) {
             best = best.max(seg.max_key.commit_lsn);
         }
-        for_each_change_where(
-            archive,
-            table,
-            Bounds { time: (i64::MIN, t), ..Bounds::default() },
-            |seg| seg.min_committed_at_us <= t && seg.max_committed_at_us > t,
-            |_, rec| rec.committed_at_us <= t,
-            |_, key, _| {
+        // Of the segments straddling `t`, only the key and time columns are read.
+        let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
+        for seg in table.segments.iter().filter(|s| s.min_committed_at_us <= t && s.max_committed_at_us > t) {
+            let bounds = Bounds { time: (i64::MIN, t), ..Bounds::default() };
+            for batch in open_segment_projected(&archive.segment_path(seg), &seg.sha256, 8192, bounds, Some(&columns))? {
+                let batch = batch.map_err(|e| ExportError::Query(QueryError::Segment(e)))?;
+                let (Some(lsn), Some(at)) = (
+                    batch.column_by_name("lsn").and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+                    batch.column_by_name("committed_at").and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>()),
+                ) else {
+                    return Err(ExportError::Internal("segment without lsn or committed_at".into()));
+                };
+                for (l, a) in lsn.values().iter().zip(at.values().iter()) {
+                    if *a <= t {
+                        best = best.max(Lsn(*l));
+                    }
+                }
+            }
+        }
+        for (key, rec) in &table.tail {
+            if rec.committed_at_us <= t {
                 best = best.max(key.commit_lsn);
-                Ok(())
-            },
-        )?;
+            }
+        }
     }
     Ok(best)
 }

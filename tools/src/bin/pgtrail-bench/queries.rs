@@ -495,6 +495,9 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
         }
     }
     cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
+        eprintln!("queries: archive kept in {} (moments {} / {} / {})", dir.keep().display(), moments.t1, moments.tmid, moments.t2);
+    }
     Ok(())
 }
 
