@@ -284,6 +284,9 @@ fn has_changes(table: &TableHistory, from: Lsn, until: Lsn) -> bool {
 /// the same objects with the same rows; after (3) the next run starts where this one ended.
 pub fn export(request: &ExportRequest, handle: &Handle, progress: &mut dyn FnMut(&str)) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
+    // The destination's multipart uploads spawn tasks on the runtime: enter it, so a caller
+    // on a plain thread (not one of the runtime's blocking threads) works too.
+    let _runtime = handle.enter();
     let dest = Destination::open(&request.destination, handle.clone())?;
     let layout = request.layout;
     if layout == Layout::Snapshot && request.since.is_some() {

@@ -62,7 +62,7 @@ struct Args {
     /// Only these contestants of the overhead suite (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     contestants: Vec<String>,
-    /// Size of the queries suite's dataset as a fraction of its full 10.6M changes.
+    /// Size of the queries suite's dataset as a fraction of its full 10.4M changes.
     #[arg(long, default_value_t = 1.0)]
     queries_scale: f64,
     /// Where to write the JSON lines.
@@ -97,21 +97,26 @@ fn main() -> anyhow::Result<()> {
     let version = cluster.psql("postgres", "SHOW server_version")?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut results: Vec<Measurement> = Vec::new();
-    if matches!(args.suite.as_str(), "decode" | "all") {
-        decode_suite(&cluster, &rt, &args, &mut results)?;
-    }
-    if matches!(args.suite.as_str(), "storage" | "all") {
-        storage_suite(&cluster, &rt, &args, &mut results)?;
-    }
-    if matches!(args.suite.as_str(), "overhead" | "all") {
-        overhead_suite(&cluster, &rt, &args, &mut results)?;
-    }
-    if matches!(args.suite.as_str(), "bigtx" | "all") {
-        bigtx_suite(&cluster, &args, &mut results)?;
-    }
-    if matches!(args.suite.as_str(), "queries" | "all") {
-        queries::queries_suite(&cluster, &rt, &args, &mut results)?;
-    }
+    // A suite that fails does not lose the measurements of the suites before it: they are
+    // written and reported, then the error is returned.
+    let outcome = (|| -> anyhow::Result<()> {
+        if matches!(args.suite.as_str(), "decode" | "all") {
+            decode_suite(&cluster, &rt, &args, &mut results)?;
+        }
+        if matches!(args.suite.as_str(), "storage" | "all") {
+            storage_suite(&cluster, &rt, &args, &mut results)?;
+        }
+        if matches!(args.suite.as_str(), "overhead" | "all") {
+            overhead_suite(&cluster, &rt, &args, &mut results)?;
+        }
+        if matches!(args.suite.as_str(), "bigtx" | "all") {
+            bigtx_suite(&cluster, &args, &mut results)?;
+        }
+        if matches!(args.suite.as_str(), "queries" | "all") {
+            queries::queries_suite(&cluster, &rt, &args, &mut results)?;
+        }
+        Ok(())
+    })();
     let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
@@ -122,6 +127,7 @@ fn main() -> anyhow::Result<()> {
         )?;
     }
     print_report(&results, &version, fdatasync_rate(cluster.bin_dir()), &args)?;
+    outcome?;
     // Every contestant of every suite run must have produced a number.
     let mut expected: Vec<(&str, &str)> = vec![
         ("decode", "pgtrail"),

@@ -431,12 +431,12 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
     let shape = if args.quick {
         Shape { accounts: 10_000, rounds: 9, updates: 300, events: 100, deletes: 10, inserts: 10 }
     } else {
-        // 10.6M changes at --queries-scale 1; a smaller scale shrinks the table and the rounds.
+        // 10.4M changes at --queries-scale 1; a smaller scale shrinks the table and the rounds.
         let f = args.queries_scale.clamp(0.001, 100.0);
         let scaled = |v: f64| ((v * f).round() as u64).max(1);
         Shape {
             accounts: scaled(1_000_000.0).max(2_000),
-            rounds: scaled(350.0).max(6),
+            rounds: scaled(380.0).max(6),
             updates: 25_000,
             events: 5_000,
             deletes: 500,
