@@ -317,9 +317,22 @@ fn key_order(rows: &StructArray, key_names: &[String]) -> Result<UInt32Array> {
     Ok(lexsort_to_indices(&columns, None)?)
 }
 
+/// Whether the row replay would show the table at `moment` in `plan`'s version: at an LSN it
+/// shows the latest version in force then, which may be a newer one no change used yet (an
+/// `ALTER TABLE` followed by no write); at a time, the version of the last change.
+fn shown_in_plan_version(table: &TableHistory, plan: &Plan, moment: Moment) -> bool {
+    match moment {
+        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).is_none_or(|v| std::ptr::eq(v, plan.version)),
+        Moment::Time(_) => true,
+    }
+}
+
 /// `as_of` of a keyed table in one schema version, or `None` (use the row replay).
 pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<Option<RecordBatch>> {
     let Some(plan) = plan(table, moment)? else { return Ok(None) };
+    if !shown_in_plan_version(table, &plan, moment) {
+        return Ok(None);
+    }
     let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: HashMap::new() }];
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.values().copied().collect();
@@ -342,6 +355,9 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         _ => return Ok(None),
     };
     let Some(plan) = plan(table, later)? else { return Ok(None) };
+    if !shown_in_plan_version(table, &plan, to) {
+        return Ok(None);
+    }
     let mut replays = [
         Replay { moment: from, resets: SnapshotResets::new(archive), rows: HashMap::new() },
         Replay { moment: to, resets: SnapshotResets::new(archive), rows: HashMap::new() },

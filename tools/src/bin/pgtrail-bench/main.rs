@@ -96,6 +96,9 @@ fn main() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions { settings }).context("starting the benchmark PostgreSQL")?;
     let version = cluster.psql("postgres", "SHOW server_version")?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if matches!(args.suite.as_str(), "storage" | "queries" | "all") {
+        ensure_duckdb()?;
+    }
     let mut results: Vec<Measurement> = Vec::new();
     // A suite that fails does not lose the measurements of the suites before it: they are
     // written and reported, then the error is returned.
@@ -266,7 +269,26 @@ fn recvlogical_command(cluster: &Cluster, db: &str, file: &std::path::Path, endp
 }
 
 fn has_duckdb() -> bool {
-    std::process::Command::new("python3").args(["-c", "import duckdb"]).status().is_ok_and(|s| s.success())
+    std::process::Command::new("python3").args(["-c", "import duckdb, pyarrow"]).status().is_ok_and(|s| s.success())
+}
+
+/// The Python packages the DuckDB contestant needs, at the versions measured here.
+const PYTHON_PACKAGES: [&str; 2] = ["duckdb==2.0.1", "pyarrow"];
+
+/// The benchmark's setup step: install DuckDB's Python package (and pyarrow) when missing,
+/// as the user, so that `pgtrail-bench all` runs on a fresh machine.
+fn ensure_duckdb() -> anyhow::Result<()> {
+    if has_duckdb() {
+        return Ok(());
+    }
+    eprintln!("setup: installing {} with pip (DuckDB is a contestant of the storage and queries suites)", PYTHON_PACKAGES.join(" "));
+    for extra in [&[][..], &["--user"][..], &["--break-system-packages"][..]] {
+        let status = std::process::Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(extra).args(PYTHON_PACKAGES).status();
+        if status.is_ok_and(|s| s.success()) && has_duckdb() {
+            return Ok(());
+        }
+    }
+    bail!("could not install {} (python3 -m pip install failed); install them and run again", PYTHON_PACKAGES.join(" "))
 }
 
 /// A generic row-level audit trigger, as supa_audit and the classic audit-trigger install it:
@@ -342,7 +364,7 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
     let mut sizes: Vec<(&'static str, u64)> = vec![("pgtrail", segment_bytes), ("trigger", trigger_bytes), ("bemi-style", bemi_bytes)];
     if has_duckdb() {
         let rewrite = dir.path().join("rewrite.parquet");
-        let script = "import sys, duckdb; duckdb.sql(\"COPY (SELECT * FROM read_parquet('%s/*.parquet') ORDER BY lsn, seq) TO '%s' (FORMAT parquet, COMPRESSION zstd)\" % (sys.argv[1], sys.argv[2]))";
+        let script = "import sys, duckdb; duckdb.sql(\"SET enable_progress_bar = false\"); duckdb.sql(\"COPY (SELECT * FROM read_parquet('%s/*.parquet') ORDER BY lsn, seq) TO '%s' (FORMAT parquet, COMPRESSION zstd)\" % (sys.argv[1], sys.argv[2]))";
         let status = std::process::Command::new("python3")
             .args(["-c", script])
             .arg(archive.join(pgtrail_store::SEGMENTS_DIR))

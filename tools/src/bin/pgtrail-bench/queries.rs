@@ -333,6 +333,7 @@ import json, sys, time, duckdb, pyarrow.compute as pc
 spec = json.load(sys.stdin)
 con = duckdb.connect()
 con.execute("SET TimeZone = 'UTC'")
+con.execute("SET enable_progress_bar = false")
 for q in spec["queries"]:
     started = time.perf_counter()
     if q["name"] == "export_window":
@@ -373,8 +374,9 @@ fn run_duckdb(segments: &BTreeMap<&str, Vec<PathBuf>>, moments: &Moments, out_di
     }
     let _ = std::fs::remove_file(&out);
     let mut results = Vec::new();
-    for line in String::from_utf8_lossy(&output.stdout).lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
+    // One JSON object per line; anything else DuckDB may print (a progress bar) is skipped.
+    for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("DuckDB printed {line:?}"))?;
         let name = QUERIES.iter().find(|q| q.name == v["name"]).context("DuckDB answered an unknown query")?.name;
         results.push((name, v["seconds"].as_f64().unwrap_or(f64::NAN), v["check"].as_f64().unwrap_or(f64::NAN)));
     }
