@@ -736,7 +736,9 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
         let (med, lo, hi) = median_min_max(values);
         medians.insert((suite, contestant, metric), med);
 
-        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.1} | {lo:.1}-{hi:.1} |");
+        // Sub-second query times need more digits than throughputs and sizes.
+        let digits = if hi < 10.0 { 3 } else { 1 };
+        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.digits$} | {lo:.digits$}-{hi:.digits$} |");
     }
     println!();
     let median = |suite: &str, c: &str, metric: &str| medians.get(&(suite, c, metric)).copied();
