@@ -22,7 +22,7 @@ use pgtrail_store::{Cell, ChangeRecord, Op, RelationVersion, Row};
 use serde_json::{Map, Value};
 
 use crate::archive::ArchiveSnapshot;
-use crate::history::{Bounds, open_segment_projected};
+use crate::history::{Bounds, TailPartition, open_segment_projected};
 use crate::pit::for_each_change_where;
 
 /// The view's schema.
@@ -224,7 +224,8 @@ impl TableProvider for ChangesTable {
                     b.push(history.version(rec.relation_id, rec.schema_version)?, *key, rec);
                 }
                 let batch = b.finish(&self.schema)?.project(p)?;
-                partitions.push(Arc::new(TailChanges { batch, schema: schema.clone() }));
+                // The view's rows of the log tail (few: the tail is compacted away).
+                partitions.push(Arc::new(TailPartition { batches: vec![batch], schema: schema.clone() }));
             }
             if partitions.is_empty() {
                 let empty = datafusion::catalog::MemTable::try_new(schema.clone(), vec![vec![]])?;
@@ -250,7 +251,7 @@ impl TableProvider for ChangesTable {
 }
 
 /// The view's non-JSON columns of one segment, built from its columns as stored.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct SegmentChanges {
     path: std::path::PathBuf,
     sha256: String,
@@ -314,14 +315,7 @@ impl PartitionStream for SegmentChanges {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
-        let me = SegmentChanges {
-            path: self.path.clone(),
-            sha256: self.sha256.clone(),
-            table: self.table.clone(),
-            schema_name: self.schema_name.clone(),
-            bounds: self.bounds,
-            schema: self.schema.clone(),
-        };
+        let me = self.clone();
         builder.spawn_blocking(move || {
             let mut read: Vec<Vec<String>> = Vec::new();
             for field in me.schema.fields() {
@@ -347,24 +341,6 @@ impl PartitionStream for SegmentChanges {
             Ok(())
         });
         builder.build()
-    }
-}
-
-/// The view's rows of a table's log tail (few: the tail is compacted away).
-#[derive(Debug)]
-struct TailChanges {
-    batch: RecordBatch,
-    schema: SchemaRef,
-}
-
-impl PartitionStream for TailChanges {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let batches: Vec<Result<RecordBatch>> = vec![Ok(self.batch.clone())];
-        Box::pin(datafusion::physical_plan::stream::RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches)))
     }
 }
 

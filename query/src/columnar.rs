@@ -77,11 +77,7 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
     };
     let mut sources = Vec::new();
     for seg in &table.segments {
-        let may_include = match until {
-            Moment::Time(t) => seg.min_committed_at_us <= t,
-            Moment::Lsn(l) => seg.min_key.commit_lsn <= l,
-        };
-        if !may_include {
+        if !until.may_include(seg.min_key, seg.min_committed_at_us) {
             continue;
         }
         let SegmentContent::Table(rel) = &seg.content else { continue };
@@ -93,10 +89,7 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
     let tail: Vec<(ChangeKey, ChangeRecord)> = table
         .tail
         .iter()
-        .filter(|(k, r)| match until {
-            Moment::Time(t) => r.committed_at_us <= t,
-            Moment::Lsn(l) => k.commit_lsn <= l,
-        })
+        .filter(|(k, r)| until.includes(*k, r.committed_at_us))
         .cloned()
         .collect();
     for (_, r) in &tail {
@@ -114,11 +107,7 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
         sources.push(Source::Tail(batch));
     }
     let key_names = positions.iter().map(|&i| version.columns[i].name.clone()).collect();
-    let row_groups = match until {
-        Moment::Lsn(l) => Bounds { lsn: (0, l.0), ..Bounds::default() },
-        Moment::Time(t) => Bounds { time: (i64::MIN, t), ..Bounds::default() },
-    };
-    Ok(Some(Plan { version, key_names, sources, row_groups }))
+    Ok(Some(Plan { version, key_names, sources, row_groups: until.row_group_bounds() }))
 }
 
 /// Read `columns` of every source in turn, calling `f(source index, first row number, batch)`.
@@ -220,11 +209,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             let change_key = ChangeKey { commit_lsn: Lsn(key.0), seq: key.1 };
             let code = op.keys().is_valid(i).then(|| codes.get(op.keys().value(i) as usize).copied()).flatten().unwrap_or(OpCode::Other);
             for r in replays.iter_mut() {
-                let included = match r.moment {
-                    Moment::Time(t) => at.value(i) <= t,
-                    Moment::Lsn(l) => change_key.commit_lsn <= l,
-                };
-                if !included {
+                if !r.moment.includes(change_key, at.value(i)) {
                     continue;
                 }
                 if r.resets.passed(change_key).is_some() {

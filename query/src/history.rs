@@ -314,10 +314,11 @@ impl PartitionStream for SegmentPartition {
     }
 }
 
+/// Batches already in memory (a table's log tail) as a partition.
 #[derive(Debug)]
-struct TailPartition {
-    batches: Vec<RecordBatch>,
-    schema: SchemaRef,
+pub(crate) struct TailPartition {
+    pub(crate) batches: Vec<RecordBatch>,
+    pub(crate) schema: SchemaRef,
 }
 
 impl PartitionStream for TailPartition {

@@ -31,7 +31,7 @@ pub enum Moment {
 }
 
 impl Moment {
-    fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+    pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
         match self {
             Moment::Time(t) => committed_at_us <= *t,
             Moment::Lsn(l) => key.commit_lsn <= *l,
@@ -39,10 +39,18 @@ impl Moment {
     }
 
     /// Whether a segment might hold changes at or before this moment.
-    fn may_include(&self, min_key: ChangeKey, min_committed_at_us: i64) -> bool {
+    pub(crate) fn may_include(&self, min_key: ChangeKey, min_committed_at_us: i64) -> bool {
         match self {
             Moment::Time(t) => min_committed_at_us <= *t,
             Moment::Lsn(l) => min_key.commit_lsn <= *l,
+        }
+    }
+
+    /// The row-group statistics bounds of everything at or before this moment.
+    pub(crate) fn row_group_bounds(&self) -> Bounds {
+        match self {
+            Moment::Lsn(l) => Bounds { lsn: (0, l.0), ..Bounds::default() },
+            Moment::Time(t) => Bounds { time: (i64::MIN, *t), ..Bounds::default() },
         }
     }
 }
@@ -67,11 +75,7 @@ pub fn for_each_change<'t>(
     until: Option<Moment>,
     f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
 ) -> Result<()> {
-    let row_groups = match until {
-        Some(Moment::Lsn(l)) => Bounds { lsn: (0, l.0), ..Bounds::default() },
-        Some(Moment::Time(t)) => Bounds { time: (i64::MIN, t), ..Bounds::default() },
-        None => Bounds::default(),
-    };
+    let row_groups = until.map_or_else(Bounds::default, |m| m.row_group_bounds());
     for_each_change_where(
         archive,
         table,
