@@ -86,6 +86,9 @@ pub struct Progress {
     pub changes: u64,
     pub transactions: u64,
     pub duplicates_skipped: u64,
+    /// Durable redb commits of the log (each is one fsync; group commit keeps this far below
+    /// the number of transactions under load).
+    pub log_commits: u64,
     pub changes_per_sec: f64,
     pub transactions_per_sec: f64,
     /// Server WAL end minus the durable position, in bytes.
@@ -191,6 +194,7 @@ fn fill_stats(p: &mut Progress, writer: &WriterHandle) {
     p.changes = writer.stats.changes.load(Ordering::Relaxed);
     p.transactions = writer.stats.transactions.load(Ordering::Relaxed);
     p.duplicates_skipped = writer.stats.duplicates_skipped.load(Ordering::Relaxed);
+    p.log_commits = writer.stats.commits.load(Ordering::Relaxed);
 }
 
 /// `error: cause: cause` on one line.

@@ -51,7 +51,7 @@ pub struct WriterHandle {
 impl WriterHandle {
     /// Open the log in `archive` on a new thread.
     pub fn start(archive: PathBuf) -> Result<WriterHandle, CaptureError> {
-        let (tx, rx) = mpsc::channel::<WriterMsg>(1024);
+        let (tx, rx) = mpsc::channel::<WriterMsg>(16384);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();

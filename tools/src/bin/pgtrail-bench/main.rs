@@ -227,6 +227,7 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
                     if summary.changes < changes {
                         bail!("pgtrail stored {} changes, expected {changes}", summary.changes);
                     }
+                    eprintln!("decode rep {rep}: pgtrail wrote {} changes in {} log commits", summary.changes, summary.log_commits);
                 }
                 _ => {
                     let file = dir.path().join("recv.out");
