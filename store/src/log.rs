@@ -62,7 +62,8 @@ pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> = TableDefin
 const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
 pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("current_rows");
 /// The two undo tables (see the module doc); a spanning transaction uses `UNDO[slot]`.
-const UNDO: [TableDefinition<(u32, &[u8]), &[u8]>; 2] =
+type UndoTable = TableDefinition<'static, (u32, &'static [u8]), &'static [u8]>;
+const UNDO: [UndoTable; 2] =
     [TableDefinition::new("current_undo_0"), TableDefinition::new("current_undo_1")];
 /// The undo table of earlier versions (one table keyed by commit LSN, values encoded
 /// `Option<Row>`): drained by recovery when a log written by them was left mid-transaction.
@@ -488,9 +489,9 @@ impl ChangeLog {
         // The undo rows of a spanning transaction finished in this batch go in the same redb
         // commit as its `transactions` record (a crash keeps both or neither). Deleting the
         // table frees its pages without a per-row delete.
-        for slot in 0..2 {
-            if std::mem::take(&mut self.finished_undo[slot]) {
-                wtx.delete_table(UNDO[slot])?;
+        for (finished, definition) in self.finished_undo.iter_mut().zip(UNDO) {
+            if std::mem::take(finished) {
+                wtx.delete_table(definition)?;
             }
         }
         crate::crashpoint::hit("log:before_commit");
@@ -689,13 +690,16 @@ impl ChangeLog {
     }
 }
 
+/// A table keyed by `(relation_id, encoded key)`: the current-row index and the undo tables.
+type RowKeyed<'w> = redb::Table<'w, (u32, &'static [u8]), &'static [u8]>;
+
 struct Tables<'w> {
     changes: redb::Table<'w, (u64, u32), &'static [u8]>,
     txns: redb::Table<'w, u64, &'static [u8]>,
     relations: redb::Table<'w, (u32, u64, u32), &'static [u8]>,
     types: redb::Table<'w, u32, &'static [u8]>,
-    current: redb::Table<'w, (u32, &'static [u8]), &'static [u8]>,
-    undo: [redb::Table<'w, (u32, &'static [u8]), &'static [u8]>; 2],
+    current: RowKeyed<'w>,
+    undo: [RowKeyed<'w>; 2],
     snapshots: redb::Table<'w, u64, i64>,
     scratch: Vec<u8>,
 }
