@@ -103,6 +103,12 @@ struct DemoArgs {
     archive: PathBuf,
 }
 
+/// mimalloc instead of glibc's malloc: the capture allocates each change on the stream task and
+/// frees it on the log-writer thread, and glibc's arenas spent a fifth of pgtrail's CPU on
+/// that (perf, decode suite).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

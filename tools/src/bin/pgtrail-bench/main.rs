@@ -90,6 +90,12 @@ struct Measurement {
     unit: &'static str,
 }
 
+/// mimalloc instead of glibc's malloc: the capture allocates each change on the stream task and
+/// frees it on the log-writer thread, and glibc's arenas spent a fifth of pgtrail's CPU on
+/// that (perf, decode suite).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = SETTINGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
