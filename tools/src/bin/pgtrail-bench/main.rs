@@ -225,6 +225,7 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
         let order: [&str; 2] = if rep % 2 == 0 { ["pgtrail", "pg_recvlogical"] } else { ["pg_recvlogical", "pgtrail"] };
         for contestant in order {
             let started = Instant::now();
+            let cpu_before = cpu_seconds()?;
             match contestant {
                 "pgtrail" => {
                     let mut c = config.clone();
@@ -247,7 +248,22 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
                 }
             }
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("decode rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s)", changes as f64 / secs);
+            // pgtrail runs in this process; pg_recvlogical is the only child waited for meanwhile.
+            let cpu_after = cpu_seconds()?;
+            let cpu = if contestant == "pgtrail" { cpu_after.0 - cpu_before.0 } else { cpu_after.1 - cpu_before.1 };
+            eprintln!(
+                "decode rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s, {cpu:.2} CPU s)",
+                changes as f64 / secs
+            );
+            results.push(Measurement {
+                suite: "decode",
+                contestant: if contestant == "pgtrail" { "pgtrail" } else { "pg_recvlogical" },
+                workload: workload.clone(),
+                rep,
+                metric: "cpu_seconds_per_million_changes",
+                value: cpu / (changes as f64 / 1e6),
+                unit: "s",
+            });
             results.push(Measurement {
                 suite: "decode",
                 contestant: if contestant == "pgtrail" { "pgtrail" } else { "pg_recvlogical" },
@@ -261,6 +277,17 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
         cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
     }
     Ok(())
+}
+
+/// CPU seconds (user + system) used so far by this process, and by its children waited for.
+fn cpu_seconds() -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).context("malformed /proc/self/stat");
+    // utime, stime, cutime, cstime are fields 14-17 of stat(5); `fields` starts at field 3.
+    let ticks = 100.0; // USER_HZ on Linux
+    Ok(((field(11)? + field(12)?) / ticks, (field(13)? + field(14)?) / ticks))
 }
 
 /// `pg_recvlogical` streaming slot `recv` (pgoutput, publication `recv`) of `db` into `file`,
@@ -752,6 +779,10 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
     let d = |c: &str| median("decode", c, "changes_per_second");
     if let (Some(p), Some(r)) = (d("pgtrail"), d("pg_recvlogical")) {
         println!("Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**", p / r);
+    }
+    let c = |c: &str| median("decode", c, "cpu_seconds_per_million_changes");
+    if let (Some(p), Some(r)) = (c("pgtrail"), c("pg_recvlogical")) {
+        println!("Decode CPU per million changes (the client's process, not the server's walsender): pgtrail {p:.2} s, pg_recvlogical {r:.2} s");
     }
     let st = |c: &str| median("storage", c, "bytes_per_change");
     if let Some(p) = st("pgtrail") {
