@@ -86,8 +86,8 @@ pub struct Progress {
     pub changes: u64,
     pub transactions: u64,
     pub duplicates_skipped: u64,
-    /// Durable redb commits of the log (each is one fsync; group commit keeps this far below
-    /// the number of transactions under load).
+    /// Durable redb commits of the log (each is two fsyncs, two-phase; group commit keeps this
+    /// far below the number of transactions under load).
     pub log_commits: u64,
     pub changes_per_sec: f64,
     pub transactions_per_sec: f64,
