@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use pgtrail_store::{ChangeLog, Database, Gap, LogError, LogOp, Lsn, SourceIdentity};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -24,7 +25,7 @@ const MAX_OPS_PER_COMMIT: usize = 20_000;
 /// a rewrite of the pages it touched; at 2,700 commits in a 12 s drain they were a quarter of
 /// the writer's CPU (perf, decode suite). It adds at most this much to commit-to-durable lag,
 /// and nothing when commits are rarer (light load).
-const MIN_COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
+const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
 enum WriterMsg {
     Ops(Vec<LogOp>),
@@ -183,7 +184,7 @@ fn run_writer(
     stats: Arc<WriterStats>,
 ) -> Result<(), LogError> {
     let mut batch: Vec<LogOp> = Vec::new();
-    let mut last_commit = std::time::Instant::now() - MIN_COMMIT_INTERVAL;
+    let mut last_commit = Instant::now() - MIN_COMMIT_INTERVAL;
     while let Some(first) = rx.blocking_recv() {
         let mut control = None;
         match first {
@@ -201,13 +202,13 @@ fn run_writer(
                     if since >= MIN_COMMIT_INTERVAL {
                         break;
                     }
-                    std::thread::sleep((MIN_COMMIT_INTERVAL - since).min(std::time::Duration::from_millis(1)));
+                    std::thread::sleep((MIN_COMMIT_INTERVAL - since).min(Duration::from_millis(1)));
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => break,
             }
         }
         if !batch.is_empty() {
-            last_commit = std::time::Instant::now();
+            last_commit = Instant::now();
             write_batch(&mut log, std::mem::take(&mut batch), &durable_tx, &stats)?;
         }
         match control {

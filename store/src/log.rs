@@ -36,7 +36,8 @@
 //! never an unfinished part of it to undo. A transaction spanning batches writes its undo rows
 //! to one of two tables, alternating, and the table is deleted whole in the redb transaction
 //! that stores its `transactions` record; so no commit ever holds undo rows of a finished
-//! transaction. Two tables because one batch can finish one such transaction and start the next. PostgreSQL then sends that transaction again from
+//! transaction. Two tables because one batch can finish one such transaction and start the
+//! next. PostgreSQL then sends that transaction again from
 //! the slot, because nothing past the durable `position` was acknowledged. A source
 //! transaction whose commit LSN is below `position` is a replay of one already stored and is
 //! skipped whole, so nothing is stored twice.
@@ -264,25 +265,19 @@ impl ChangeLog {
             // deleted in the same redb transaction that restores them.
             let mut current = wtx.open_table(CURRENT)?;
             let mut restored = 0u64;
+            let mut put_back = |relation_id: u32, key: &[u8], before: Option<&[u8]>| -> Result<(), LogError> {
+                match before {
+                    Some(row) => current.insert((relation_id, key), row).map(drop)?,
+                    None => current.remove((relation_id, key)).map(drop)?,
+                }
+                restored += 1;
+                Ok(())
+            };
             for definition in UNDO {
                 let mut undo = wtx.open_table(definition)?;
                 while let Some((k, v)) = undo.pop_first()? {
                     let (relation_id, key) = k.value();
-                    match v.value().split_first() {
-                        Some((1, row)) => {
-                            current.insert((relation_id, key), row)?;
-                        }
-                        Some((0, [])) => {
-                            current.remove((relation_id, key))?;
-                        }
-                        _ => {
-                            return Err(LogError::Corrupt {
-                                what: "current_undo".into(),
-                                source: "an undo value is neither absent (0) nor a row (1)".into(),
-                            });
-                        }
-                    }
-                    restored += 1;
+                    put_back(relation_id, key, parse_undo_value(v.value())?)?;
                 }
             }
             {
@@ -290,15 +285,7 @@ impl ChangeLog {
                 while let Some((k, v)) = undo.pop_first()? {
                     let (_, relation_id, key) = k.value();
                     let before: Option<Row> = decode(v.value(), "current_undo")?;
-                    match before {
-                        Some(row) => {
-                            current.insert((relation_id, key), encode(&row).as_slice())?;
-                        }
-                        None => {
-                            current.remove((relation_id, key))?;
-                        }
-                    }
-                    restored += 1;
+                    put_back(relation_id, key, before.map(|row| encode(&row)).as_deref())?;
                 }
             }
             wtx.delete_table(UNDO_V1)?;
@@ -790,9 +777,11 @@ fn complete_change(
                     .map(|(k, _)| k.value().1.to_vec())
                     .collect();
                 for k in keys {
-                    let old = t.current.remove((rel.relation_id, k.as_slice()))?.map(|v| v.value().to_vec());
+                    let old = t.current.remove((rel.relation_id, k.as_slice()))?;
                     if !tx.atomic {
-                        save_undo(t, tx.undo_slot, rel.relation_id, &k, old.as_deref())?;
+                        let undo = undo_value(old.as_ref().map(|v| v.value()));
+                        drop(old);
+                        save_undo(t, tx.undo_slot, rel.relation_id, &k, &undo)?;
                     }
                 }
             }
@@ -869,27 +858,40 @@ fn set_current(
 ) -> Result<(), LogError> {
     let k = encode_plain(&key);
     // The replaced value comes back from the insert or remove itself: one lookup, not two.
-    let old = match row {
+    let undo = match row {
         Some(row) => {
             encode_into(&mut t.scratch, row);
             let old = t.current.insert((relation_id, k.as_slice()), t.scratch.as_slice())?;
-            old.filter(|_| !tx.atomic).map(|v| v.value().to_vec())
+            (!tx.atomic).then(|| undo_value(old.as_ref().map(|v| v.value())))
         }
         None => {
             let old = t.current.remove((relation_id, k.as_slice()))?;
-            old.filter(|_| !tx.atomic).map(|v| v.value().to_vec())
+            (!tx.atomic).then(|| undo_value(old.as_ref().map(|v| v.value())))
         }
     };
-    if !tx.atomic {
-        save_undo(t, tx.undo_slot, relation_id, &k, old.as_deref())?;
+    if let Some(undo) = undo {
+        save_undo(t, tx.undo_slot, relation_id, &k, &undo)?;
     }
     Ok(())
 }
 
 /// Remember a current-row entry as it was before the open transaction first touched it
-/// (`old`: its stored value, or `None` when absent), so that recovery can put it back if the
-/// transaction never finishes.
-fn save_undo(t: &mut Tables<'_>, slot: usize, relation_id: u32, key: &[u8], old: Option<&[u8]>) -> Result<(), LogError> {
+/// (`value` from [`undo_value`]), so that recovery can put it back if the transaction never
+/// finishes.
+fn save_undo(t: &mut Tables<'_>, slot: usize, relation_id: u32, key: &[u8], value: &[u8]) -> Result<(), LogError> {
+    let undo = &mut t.undo[slot];
+    // One insert in the common case; when the transaction touched this key before, the first
+    // value (the one from before the transaction) is put back.
+    let earlier = undo.insert((relation_id, key), value)?.map(|v| v.value().to_vec());
+    if let Some(earlier) = earlier {
+        undo.insert((relation_id, key), earlier.as_slice())?;
+    }
+    Ok(())
+}
+
+/// An undo table's value: `0` when the key had no current row, `1` and the stored
+/// `current_rows` value otherwise. [`parse_undo_value`] reads it back.
+fn undo_value(old: Option<&[u8]>) -> Vec<u8> {
     let mut value = Vec::with_capacity(1 + old.map_or(0, <[u8]>::len));
     match old {
         Some(bytes) => {
@@ -898,14 +900,18 @@ fn save_undo(t: &mut Tables<'_>, slot: usize, relation_id: u32, key: &[u8], old:
         }
         None => value.push(0),
     }
-    let undo = &mut t.undo[slot];
-    // One insert in the common case; when the transaction touched this key before, the first
-    // value (the one from before the transaction) is put back.
-    let earlier = undo.insert((relation_id, key), value.as_slice())?.map(|v| v.value().to_vec());
-    if let Some(earlier) = earlier {
-        undo.insert((relation_id, key), earlier.as_slice())?;
+    value
+}
+
+fn parse_undo_value(value: &[u8]) -> Result<Option<&[u8]>, LogError> {
+    match value.split_first() {
+        Some((1, row)) => Ok(Some(row)),
+        Some((0, [])) => Ok(None),
+        _ => Err(LogError::Corrupt {
+            what: "current_undo".into(),
+            source: "an undo value is neither absent (0) nor a row (1)".into(),
+        }),
     }
-    Ok(())
 }
 
 /// A consistent read view of the log (one redb read transaction).
