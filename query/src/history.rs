@@ -15,14 +15,15 @@ use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
-use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::streaming::PartitionStream;
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 use pgtrail_store::segment::{SegmentContent, SegmentReader, records_to_batch};
-use pgtrail_store::{ChangeKey, ChangeRecord, RelationVersion, SegmentEntry};
+use pgtrail_store::{ChangeKey, ChangeRecord, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::merge::{adapt, history_schema};
+use crate::scan::{HistoryScanExec, ScanColumn, SegmentSource};
 
 /// Bounds on `lsn` (commit LSN) and `committed_at` (µs) implied by a query's filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,38 +199,30 @@ impl TableProvider for HistoryTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let history = self.history()?;
         let bounds = Bounds::from_filters(filters);
-        // Only the columns the query uses are read from the files; `adapt` fills the others
-        // with nulls, which the projection below drops again.
         let schema = match projection {
             Some(p) => Arc::new(self.schema.project(p)?),
             None => self.schema.clone(),
         };
-        // With no column at all (`count(*)`), the smallest one is read for the row counts.
-        let mut names: Vec<Vec<String>> = schema.fields().iter().map(|f| vec![f.name().clone()]).collect();
-        if names.is_empty() {
-            names.push(vec!["seq".into()]);
-        }
-        let columns = Some(names);
-        let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
-        for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
-            let SegmentContent::Table(version) = &seg.content else { continue };
-            partitions.push(Arc::new(SegmentPartition {
-                bounds,
-                path: self.archive.segment_path(seg),
-                sha256: seg.sha256.clone(),
-                version: version.clone(),
-                schema: schema.clone(),
-                columns: columns.clone(),
-            }));
-        }
+        // Only the columns the query uses are read from the files; the scan narrows them
+        // further to single fields of a row image when the query uses no more than those.
+        let columns = schema.fields().iter().map(|f| ScanColumn::Stored(f.name().clone())).collect();
+        let segments: Vec<SegmentSource> = history
+            .segments
+            .iter()
+            .filter(|s| bounds.overlaps(s))
+            .filter_map(|seg| match &seg.content {
+                SegmentContent::Table(version) => Some(SegmentSource {
+                    path: self.archive.segment_path(seg),
+                    sha256: seg.sha256.clone(),
+                    version: version.clone(),
+                }),
+                SegmentContent::Messages => None,
+            })
+            .collect();
         let tail: Vec<(ChangeKey, ChangeRecord)> =
             history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
-        let mut batches = tail_batches(history, &tail, &self.schema)?;
-        if let Some(p) = projection {
-            batches = batches.iter().map(|b| b.project(p)).collect::<std::result::Result<_, _>>()?;
-        }
-        partitions.push(Arc::new(TailPartition { batches, schema: schema.clone() }));
-        Ok(Arc::new(StreamingTableExec::try_new(schema, partitions, None, [], false, limit)?))
+        let tail = tail_batches(history, &tail, &self.schema)?;
+        Ok(Arc::new(HistoryScanExec::new(self.schema.clone(), columns, schema, segments.into(), bounds, tail.into(), limit)))
     }
 }
 
@@ -278,40 +271,6 @@ pub fn open_segment_projected(
         m.insert(path.to_path_buf(), sha256.to_string());
     }
     Ok(reader)
-}
-
-#[derive(Debug)]
-struct SegmentPartition {
-    bounds: Bounds,
-    path: std::path::PathBuf,
-    sha256: String,
-    version: RelationVersion,
-    schema: SchemaRef,
-    columns: Option<Vec<Vec<String>>>,
-}
-
-impl PartitionStream for SegmentPartition {
-    fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
-    fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
-        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
-        let tx = builder.tx();
-        let (path, sha, version, schema, bounds, columns) =
-            (self.path.clone(), self.sha256.clone(), self.version.clone(), self.schema.clone(), self.bounds, self.columns.clone());
-        // Parquet decoding is blocking work: keep it off the async workers.
-        builder.spawn_blocking(move || {
-            for batch in open_segment_projected(&path, &sha, 8192, bounds, columns.as_deref())? {
-                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                if tx.blocking_send(adapt(&batch, &version, &schema)).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        });
-        builder.build()
-    }
 }
 
 /// Batches already in memory (a table's log tail) as a partition.

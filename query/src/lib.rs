@@ -18,6 +18,7 @@ mod functions;
 mod history;
 mod merge;
 mod pit;
+mod scan;
 mod session;
 
 pub use archive::{ArchiveSnapshot, TableHistory, parse_qualified};

@@ -11,7 +11,7 @@ use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder, Stru
 use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use datafusion::error::{DataFusionError, Result};
-use pgtrail_store::RelationVersion;
+use pgtrail_store::{Column, RelationVersion};
 use pgtrail_store::segment::{PgKind, render, row_struct_fields, segment_schema, SegmentContent};
 
 /// The row fields of a history: the latest version's columns in order, then columns that
@@ -60,21 +60,26 @@ pub fn adapt(batch: &RecordBatch, version: &RelationVersion, target: &SchemaRef)
     let rows = batch.num_rows();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for field in target.fields() {
-        let column = match batch.column_by_name(field.name()) {
-            None => new_null_array(field.data_type(), rows),
-            Some(source) if source.data_type() == field.data_type() => source.clone(),
-            Some(source) => match (source.data_type(), field.data_type()) {
-                (DataType::Struct(_), DataType::Struct(target_fields)) if matches!(field.name().as_str(), "before" | "after") => {
-                    adapt_row(source, version, target_fields)?
-                }
-                _ => cast_with_options(source, field.data_type(), &strict())?,
-            },
-        };
-        columns.push(column);
+        columns.push(adapt_column(batch, version, field)?);
     }
     // The row count is explicit: a projection may ask for no column at all (`count(*)`).
     let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
     Ok(RecordBatch::try_new_with_options(target.clone(), columns, &options)?)
+}
+
+/// Column `field` of the history schema from a batch written under `version` (null if the
+/// batch does not have it).
+pub(crate) fn adapt_column(batch: &RecordBatch, version: &RelationVersion, field: &Field) -> Result<ArrayRef> {
+    Ok(match batch.column_by_name(field.name()) {
+        None => new_null_array(field.data_type(), batch.num_rows()),
+        Some(source) if source.data_type() == field.data_type() => source.clone(),
+        Some(source) => match (source.data_type(), field.data_type()) {
+            (DataType::Struct(_), DataType::Struct(target_fields)) if matches!(field.name().as_str(), "before" | "after") => {
+                adapt_row(source, version, target_fields)?
+            }
+            _ => cast_with_options(source, field.data_type(), &strict())?,
+        },
+    })
 }
 
 fn adapt_row(source: &ArrayRef, version: &RelationVersion, target_fields: &Fields) -> Result<ArrayRef> {
@@ -88,25 +93,27 @@ fn adapt_row(source: &ArrayRef, version: &RelationVersion, target_fields: &Field
         let position = version.columns.iter().position(|c| &c.name == field.name());
         let column = match position {
             None => new_null_array(field.data_type(), rows),
-            Some(i) => {
-                let values = source.column(i);
-                if values.data_type() == field.data_type() {
-                    values.clone()
-                } else if field.data_type() == &DataType::Utf8 {
-                    // The column's type changed across versions: PostgreSQL's text, exact.
-                    let c = &version.columns[i];
-                    let kind = PgKind::of(c.type_oid, c.type_modifier);
-                    let mut b = StringBuilder::new();
-                    for r in 0..rows {
-                        b.append_option(render(&kind, values.as_ref(), r));
-                    }
-                    Arc::new(b.finish()) as ArrayRef
-                } else {
-                    cast_with_options(values, field.data_type(), &strict())?
-                }
-            }
+            Some(i) => adapt_image_column(source.column(i), &version.columns[i], field.data_type())?,
         };
         columns.push(column);
     }
     Ok(Arc::new(StructArray::try_new(target_fields.clone(), columns, source.nulls().cloned())?))
+}
+
+/// The values of one row-image column as `column` stored them, in the history's type for it:
+/// as stored while every version agrees, else PostgreSQL's text of each value (exact).
+pub(crate) fn adapt_image_column(values: &ArrayRef, column: &Column, target: &DataType) -> Result<ArrayRef> {
+    if values.data_type() == target {
+        Ok(values.clone())
+    } else if target == &DataType::Utf8 {
+        // The column's type changed across versions: PostgreSQL's text, exact.
+        let kind = PgKind::of(column.type_oid, column.type_modifier);
+        let mut b = StringBuilder::new();
+        for r in 0..values.len() {
+            b.append_option(render(&kind, values.as_ref(), r));
+        }
+        Ok(Arc::new(b.finish()))
+    } else {
+        Ok(cast_with_options(values, target, &strict())?)
+    }
 }

@@ -1,0 +1,298 @@
+//! The physical scan of one table's history: one partition per segment (decoded on a blocking
+//! thread) and one for the log tail, producing exactly the columns a query uses.
+//!
+//! A query that uses a field of a row image (`after.id`, `before.note`) reaches the scan as a
+//! projection of `get_field(after, 'id')` right above it. The scan takes that projection in
+//! ([`ExecutionPlan::try_swapping_with_projection`]) and decodes only that field's Parquet
+//! leaf, instead of every column of the row image: what a columnar engine reading the same
+//! files does. The field comes out exactly as `get_field` would give it: the history's type
+//! for the column, null where the image is absent.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, make_array, new_null_array};
+use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::expressions::{Column, Literal};
+use datafusion::physical_expr::{EquivalenceProperties, Partitioning, PhysicalExpr, ScalarFunctionExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions};
+use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream};
+use pgtrail_store::RelationVersion;
+
+use crate::history::{Bounds, open_segment_projected};
+use crate::merge::{adapt_column, adapt_image_column};
+
+/// One output column of a history scan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum ScanColumn {
+    /// A column of the history schema as it is (`lsn`, `op`, a whole `after` image, ...).
+    Stored(String),
+    /// One column of a row image (`after.id`): only its leaf of each segment is decoded.
+    ImageField { image: String, field: String },
+}
+
+impl ScanColumn {
+    /// The column's path in a segment file, as [`open_segment_projected`] takes it.
+    fn path(&self) -> Vec<String> {
+        match self {
+            ScanColumn::Stored(name) => vec![name.clone()],
+            ScanColumn::ImageField { image, field } => vec![image.clone(), field.clone()],
+        }
+    }
+}
+
+impl fmt::Display for ScanColumn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ScanColumn::Stored(name) => f.write_str(name),
+            ScanColumn::ImageField { image, field } => write!(f, "{image}.{field}"),
+        }
+    }
+}
+
+/// A segment of the table, with the schema version its rows were written under.
+#[derive(Clone, Debug)]
+pub(crate) struct SegmentSource {
+    pub path: PathBuf,
+    pub sha256: String,
+    pub version: RelationVersion,
+}
+
+/// Scan of one table's history: segments, then the log tail, as partitions.
+#[derive(Debug)]
+pub(crate) struct HistoryScanExec {
+    /// The table's whole history schema (every type a column can come out in).
+    history: SchemaRef,
+    columns: Vec<ScanColumn>,
+    /// The output: `columns`, named as the plan above expects.
+    schema: SchemaRef,
+    segments: Arc<[SegmentSource]>,
+    bounds: Bounds,
+    /// The log tail's changes in the query's cut, in the history schema.
+    tail: Arc<[RecordBatch]>,
+    /// At most this many rows per partition (a hint: the plan above still applies its limit).
+    limit: Option<usize>,
+    properties: Arc<PlanProperties>,
+}
+
+impl HistoryScanExec {
+    pub(crate) fn new(
+        history: SchemaRef,
+        columns: Vec<ScanColumn>,
+        schema: SchemaRef,
+        segments: Arc<[SegmentSource]>,
+        bounds: Bounds,
+        tail: Arc<[RecordBatch]>,
+        limit: Option<usize>,
+    ) -> HistoryScanExec {
+        let properties = PlanProperties::new(
+            EquivalenceProperties::new(schema.clone()),
+            Partitioning::UnknownPartitioning(segments.len() + 1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        );
+        HistoryScanExec { history, columns, schema, segments, bounds, tail, limit, properties: Arc::new(properties) }
+    }
+
+    /// The type `column` comes out in (`None` if the history has no such column).
+    fn column_type(&self, column: &ScanColumn) -> Option<DataType> {
+        match column {
+            ScanColumn::Stored(name) => self.history.field_with_name(name).ok().map(|f| f.data_type().clone()),
+            ScanColumn::ImageField { image, field } => match self.history.field_with_name(image).ok()?.data_type() {
+                DataType::Struct(fields) => fields.find(field).map(|(_, f)| f.data_type().clone()),
+                _ => None,
+            },
+        }
+    }
+
+    /// `get_field(image, 'name')` over one of this scan's whole row images, as a scan column.
+    fn image_field(&self, expr: &Arc<dyn PhysicalExpr>) -> Option<ScanColumn> {
+        let function = expr.downcast_ref::<ScalarFunctionExpr>()?;
+        let [base, name] = function.args() else { return None };
+        if function.name() != "get_field" {
+            return None;
+        }
+        let ScanColumn::Stored(image) = self.columns.get(base.downcast_ref::<Column>()?.index())? else { return None };
+        if image != "before" && image != "after" {
+            return None;
+        }
+        let field = match name.downcast_ref::<Literal>()?.value() {
+            ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => s.clone(),
+            _ => return None,
+        };
+        Some(ScanColumn::ImageField { image: image.clone(), field })
+    }
+}
+
+impl DisplayAs for HistoryScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let columns: Vec<String> = self.columns.iter().map(ToString::to_string).collect();
+        write!(f, "HistoryScanExec: segments={}, columns=[{}]", self.segments.len(), columns.join(", "))?;
+        if let Some(limit) = self.limit {
+            write!(f, ", limit={limit}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ExecutionPlan for HistoryScanExec {
+    fn name(&self) -> &str {
+        "HistoryScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        Vec::new()
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>, _: ReplaceChildrenOptions) -> Result<Arc<dyn ExecutionPlan>> {
+        if children.is_empty() {
+            Ok(self)
+        } else {
+            Err(DataFusionError::Internal("a history scan has no children".into()))
+        }
+    }
+
+    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))
+    }
+
+    fn fetch(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// Take in a projection of this scan's columns and of fields of its row images, so that
+    /// only the Parquet leaves the query uses are decoded. Anything else stays above.
+    fn try_swapping_with_projection(&self, projection: &ProjectionExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+        let schema = projection.schema();
+        let mut columns = Vec::with_capacity(projection.expr().len());
+        for (i, e) in projection.expr().iter().enumerate() {
+            let column = match e.expr.downcast_ref::<Column>() {
+                Some(c) => self.columns.get(c.index()).cloned(),
+                None => self.image_field(&e.expr),
+            };
+            // The scan gives the column in the type the projection promises, or not at all.
+            match column {
+                Some(c) if self.column_type(&c).as_ref() == Some(schema.field(i).data_type()) => columns.push(c),
+                _ => return Ok(None),
+            }
+        }
+        Ok(Some(Arc::new(HistoryScanExec::new(
+            self.history.clone(),
+            columns,
+            schema,
+            self.segments.clone(),
+            self.bounds,
+            self.tail.clone(),
+            self.limit,
+        ))))
+    }
+
+    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+        let mut left = self.limit.unwrap_or(usize::MAX);
+        let Some(segment) = self.segments.get(partition) else {
+            if partition > self.segments.len() {
+                return Err(DataFusionError::Internal(format!("history scan has no partition {partition}")));
+            }
+            let mut batches = Vec::new();
+            for batch in self.tail.iter() {
+                if left == 0 {
+                    break;
+                }
+                let batch = batch.slice(0, batch.num_rows().min(left));
+                left -= batch.num_rows();
+                batches.push(project(&batch, None, &self.history, &self.columns, &self.schema));
+            }
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches))));
+        };
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let (segment, history, columns, schema, bounds) =
+            (segment.clone(), self.history.clone(), self.columns.clone(), self.schema.clone(), self.bounds);
+        // Parquet decoding is blocking work: keep it off the async workers.
+        builder.spawn_blocking(move || {
+            let mut paths: Vec<Vec<String>> = columns.iter().map(ScanColumn::path).collect();
+            // With no column at all (`count(*)`), the smallest one is read for the row counts.
+            if paths.is_empty() {
+                paths.push(vec!["seq".into()]);
+            }
+            for batch in open_segment_projected(&segment.path, &segment.sha256, 8192, bounds, Some(&paths))? {
+                if left == 0 {
+                    break;
+                }
+                let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                let batch = batch.slice(0, batch.num_rows().min(left));
+                left -= batch.num_rows();
+                if tx.blocking_send(project(&batch, Some(&segment.version), &history, &columns, &schema)).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        Ok(builder.build())
+    }
+}
+
+/// The scan's `columns` from a batch read from a segment written under `version`, or from a
+/// tail batch (`version` `None`: already in the history schema).
+fn project(
+    batch: &RecordBatch,
+    version: Option<&RelationVersion>,
+    history: &SchemaRef,
+    columns: &[ScanColumn],
+    schema: &SchemaRef,
+) -> Result<RecordBatch> {
+    let rows = batch.num_rows();
+    let mut arrays = Vec::with_capacity(columns.len());
+    for (column, field) in columns.iter().zip(schema.fields()) {
+        let array = match column {
+            ScanColumn::Stored(name) => match version {
+                Some(version) => adapt_column(batch, version, history.field_with_name(name)?)?,
+                None => batch.column_by_name(name).cloned().unwrap_or_else(|| new_null_array(field.data_type(), rows)),
+            },
+            ScanColumn::ImageField { image, field: name } => image_field(batch, version, image, name, field.data_type())?,
+        };
+        arrays.push(array);
+    }
+    // The row count is explicit: a projection may ask for no column at all (`count(*)`).
+    let options = RecordBatchOptions::new().with_row_count(Some(rows));
+    Ok(RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?)
+}
+
+/// Column `name` of row image `image` in the history's type `target`, null where the image is.
+fn image_field(batch: &RecordBatch, version: Option<&RelationVersion>, image: &str, name: &str, target: &DataType) -> Result<ArrayRef> {
+    let rows = batch.num_rows();
+    let Some(image) = batch.column_by_name(image) else { return Ok(new_null_array(target, rows)) };
+    let image = image.as_struct_opt().ok_or_else(|| DataFusionError::Internal("row image is not a struct".into()))?;
+    let Some(values) = image.column_by_name(name) else { return Ok(new_null_array(target, rows)) };
+    let values = match version {
+        // A segment's values are as its schema version stored them.
+        Some(version) => match version.columns.iter().find(|c| c.name == name) {
+            Some(column) => adapt_image_column(values, column, target)?,
+            None => new_null_array(target, rows),
+        },
+        None => values.clone(),
+    };
+    // A field of an absent image is absent.
+    let Some(image_nulls) = image.nulls() else { return Ok(values) };
+    let nulls = NullBuffer::union(Some(image_nulls), values.nulls());
+    Ok(make_array(values.to_data().into_builder().nulls(nulls).build()?))
+}
