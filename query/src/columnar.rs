@@ -13,21 +13,23 @@
 //! takes the row replay: a table with a primary key whose changes up to the moment are all in
 //! one schema version, with no value kept as exact text (a value its Arrow type cannot hold).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringBuilder, StructArray, UInt32Array, new_empty_array,
 };
-use datafusion::arrow::compute::{SortColumn, concat, lexsort_to_indices, take};
+use datafusion::arrow::compute::{SortColumn, concat, lexsort_to_indices, take, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Int8Type, Schema, TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::common::HashMap;
 use datafusion::error::{DataFusionError, Result};
 use pgtrail_store::segment::{PgKind, SegmentContent, records_to_batch, render, row_struct_fields};
 use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, RelationVersion, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
-use crate::history::{Bounds, open_segment_projected};
+use crate::history::{Bounds, READ_AHEAD_BATCHES, open_segment_selected};
 use crate::pit::{Moment, SnapshotResets};
 
 /// Where the changes are read from, in key order: segments, then the log tail as one batch.
@@ -110,28 +112,77 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
     Ok(Some(Plan { version, key_names, sources, row_groups: until.row_group_bounds() }))
 }
 
-/// Read `columns` of every source in turn, calling `f(source index, first row number, batch)`.
-fn scan(archive: &ArchiveSnapshot, plan: &Plan, columns: &[Vec<String>], mut f: impl FnMut(usize, usize, &RecordBatch) -> Result<bool>) -> Result<()> {
-    for (i, source) in plan.sources.iter().enumerate() {
-        match source {
-            Source::Segment(seg) => {
-                let mut row = 0;
-                for batch in open_segment_projected(&archive.segment_path(seg), &seg.sha256, 8192, plan.row_groups, Some(columns))? {
-                    let batch = batch.map_err(external)?;
-                    if !f(i, row, &batch)? {
-                        return Ok(());
-                    }
-                    row += batch.num_rows();
+/// Read `columns` of every source in key order, calling `f(source index, first row number,
+/// batch)` on this thread until it returns `false`. Segments are decoded on their own threads,
+/// as many at a time as there are cores, a few batches ahead of `f`: decoding is most of a
+/// pass, and `f` (the replay) must see the changes in order. With `rows` (per source, sorted
+/// row numbers), a source's batches hold only those rows, and a source with none is not read.
+fn scan(
+    archive: &ArchiveSnapshot,
+    plan: &Plan,
+    columns: &[Vec<String>],
+    rows: Option<&[Vec<usize>]>,
+    mut f: impl FnMut(usize, usize, &RecordBatch) -> Result<bool>,
+) -> Result<()> {
+    let width = std::thread::available_parallelism().map_or(1, |n| n.get());
+    std::thread::scope(|scope| {
+        let decode = |i: usize| -> Receiver<Result<RecordBatch>> {
+            let (tx, rx) = sync_channel(READ_AHEAD_BATCHES);
+            let selected = rows.map(|r| r[i].as_slice());
+            match &plan.sources[i] {
+                _ if selected.is_some_and(<[usize]>::is_empty) => {}
+                Source::Tail(batch) => {
+                    let batch = match selected {
+                        None => Ok(batch.clone()),
+                        Some(selected) => {
+                            let indices = UInt32Array::from_iter_values(selected.iter().map(|&r| r as u32));
+                            take_record_batch(batch, &indices).map_err(DataFusionError::from)
+                        }
+                    };
+                    let _ = tx.send(batch);
+                }
+                Source::Segment(seg) => {
+                    let path = archive.segment_path(seg);
+                    let (sha256, row_groups) = (&seg.sha256, plan.row_groups);
+                    scope.spawn(move || {
+                        let reader = match open_segment_selected(&path, sha256, 8192, row_groups, Some(columns), selected) {
+                            Ok(reader) => reader,
+                            Err(e) => {
+                                let _ = tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        for batch in reader {
+                            // A failed send: the pass stopped (done early, or failed); so do we.
+                            if tx.send(batch.map_err(external)).is_err() {
+                                return;
+                            }
+                        }
+                    });
                 }
             }
-            Source::Tail(batch) => {
-                if !f(i, 0, batch)? {
+            rx
+        };
+        let mut ahead: VecDeque<Receiver<Result<RecordBatch>>> = VecDeque::new();
+        let mut started = 0;
+        for source in 0..plan.sources.len() {
+            while started < plan.sources.len() && started < source + width {
+                ahead.push_back(decode(started));
+                started += 1;
+            }
+            let batches = ahead.pop_front().ok_or_else(|| DataFusionError::Internal("source not started".into()))?;
+            let mut row = 0;
+            for batch in batches {
+                let batch = batch?;
+                // Returning drops the receivers still ahead: their decoders stop at their next send.
+                if !f(source, row, &batch)? {
                     return Ok(());
                 }
+                row += batch.num_rows();
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -161,7 +212,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
         }
     }
     let mut last: Option<(u64, u32)> = None;
-    scan(archive, plan, &columns, |source, first_row, batch| {
+    scan(archive, plan, &columns, None, |source, first_row, batch| {
         let col = |name: &str| batch.column_by_name(name).ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")));
         let lsn = col("lsn")?.as_primitive_opt::<UInt64Type>().ok_or_else(|| DataFusionError::Internal("lsn type".into()))?.clone();
         let seq = col("seq")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| DataFusionError::Internal("seq type".into()))?.clone();
@@ -217,13 +268,25 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 }
                 match code {
                     OpCode::Write | OpCode::Update => {
+                        let a = valid(&after, i);
+                        // An update that moves the row to another key; most keep theirs, and
+                        // then the entry is overwritten in place (a remove and re-insert per
+                        // update cost a third of the pass: tombstones lengthen every probe).
                         if code == OpCode::Update
                             && let Some(b) = valid(&before, i)
+                            && a.is_none_or(|a| a != b)
                         {
                             r.rows.remove(b.as_ref());
                         }
-                        if let Some(a) = valid(&after, i) {
-                            r.rows.insert(a.as_ref().into(), loc(source, first_row + i));
+                        if let Some(a) = a {
+                            // The key is copied into the map only when it is new there.
+                            let at = loc(source, first_row + i);
+                            match r.rows.get_mut(a.as_ref()) {
+                                Some(l) => *l = at,
+                                None => {
+                                    r.rows.insert(a.as_ref().into(), at);
+                                }
+                            }
                         }
                     }
                     OpCode::Delete => {
@@ -248,41 +311,35 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
 }
 
 /// Second pass: the stored `after` images at `locs` (sorted, distinct), in that order; `None`
-/// when one holds a value kept as exact text.
+/// when one holds a value kept as exact text. Only those rows are decoded, and sources
+/// holding none of them are not read.
 fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option<StructArray>> {
     let fields = row_struct_fields(plan.version);
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); plan.sources.len()];
+    for &l in locs {
+        let (source, row) = loc_parts(l);
+        rows.get_mut(source).ok_or_else(|| DataFusionError::Internal("a change of an unknown source".into()))?.push(row);
+    }
     let mut parts: Vec<ArrayRef> = Vec::new();
-    let mut next = 0;
+    let mut found = 0;
     let mut exact_text = false;
     let columns = vec![vec!["after".to_string()], vec!["after_text".to_string()]];
-    scan(archive, plan, &columns, |source, first_row, batch| {
-        let n = batch.num_rows();
-        let mut picked = Vec::new();
-        while let Some(&l) = locs.get(next) {
-            let (s, row) = loc_parts(l);
-            if s != source || row >= first_row + n {
-                break;
-            }
-            picked.push((row - first_row) as u32);
-            next += 1;
+    scan(archive, plan, &columns, Some(&rows), |_, _, batch| {
+        if let Some(text) = batch.column_by_name("after_text")
+            && text.null_count() != text.len()
+        {
+            exact_text = true;
+            return Ok(false);
         }
-        if !picked.is_empty() {
-            let indices = UInt32Array::from(picked);
-            if let Some(text) = batch.column_by_name("after_text")
-                && take(text, &indices, None)?.null_count() != indices.len()
-            {
-                exact_text = true;
-                return Ok(false);
-            }
-            let after = batch.column_by_name("after").ok_or_else(|| DataFusionError::Internal("segment without after".into()))?;
-            parts.push(take(after, &indices, None)?);
-        }
-        Ok(next < locs.len())
+        let after = batch.column_by_name("after").ok_or_else(|| DataFusionError::Internal("segment without after".into()))?;
+        parts.push(after.clone());
+        found += batch.num_rows();
+        Ok(true)
     })?;
     if exact_text {
         return Ok(None);
     }
-    if next != locs.len() {
+    if found != locs.len() {
         return Err(DataFusionError::Execution("a change found by the first pass was not there in the second".into()));
     }
     let array = if parts.is_empty() {
@@ -318,7 +375,7 @@ pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Mome
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
-    let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: HashMap::new() }];
+    let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: HashMap::default() }];
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.values().copied().collect();
     locs.sort_unstable();
@@ -344,8 +401,8 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         return Ok(None);
     }
     let mut replays = [
-        Replay { moment: from, resets: SnapshotResets::new(archive), rows: HashMap::new() },
-        Replay { moment: to, resets: SnapshotResets::new(archive), rows: HashMap::new() },
+        Replay { moment: from, resets: SnapshotResets::new(archive), rows: HashMap::default() },
+        Replay { moment: to, resets: SnapshotResets::new(archive), rows: HashMap::default() },
     ];
     replay(archive, &plan, &mut replays)?;
     let [a, b] = replays;

@@ -239,6 +239,9 @@ pub fn tail_batches(table: &TableHistory, tail: &[(ChangeKey, ChangeRecord)], sc
     Ok(batches)
 }
 
+/// Batches a segment's decoder thread may hold ready ahead of the pass consuming them.
+pub(crate) const READ_AHEAD_BATCHES: usize = 4;
+
 /// Segments per table already verified against the manifest in this process.
 fn verified() -> &'static std::sync::Mutex<BTreeMap<std::path::PathBuf, String>> {
     static VERIFIED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<std::path::PathBuf, String>>> = std::sync::OnceLock::new();
@@ -264,8 +267,21 @@ pub fn open_segment_projected(
     bounds: Bounds,
     columns: Option<&[Vec<String>]>,
 ) -> Result<SegmentReader> {
+    open_segment_selected(path, sha256, batch_rows, bounds, columns, None)
+}
+
+/// [`open_segment_projected`], decoding only the rows at `rows` (see
+/// [`SegmentReader::open_selected`]).
+pub fn open_segment_selected(
+    path: &std::path::Path,
+    sha256: &str,
+    batch_rows: usize,
+    bounds: Bounds,
+    columns: Option<&[Vec<String>]>,
+    rows: Option<&[usize]>,
+) -> Result<SegmentReader> {
     let known = verified().lock().ok().and_then(|m| m.get(path).cloned()).is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open_projected(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time, columns)
+    let reader = SegmentReader::open_selected(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time, columns, rows)
         .map_err(|e| DataFusionError::External(Box::new(e)))?;
     if !known && let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());

@@ -10,6 +10,7 @@ mod rows;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::mpsc::sync_channel;
 use std::time::Instant;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
@@ -26,7 +27,7 @@ pub use files::WrittenFile;
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{Bounds, open_segment_projected, open_segment_pruned, tail_batches};
+use crate::history::{Bounds, READ_AHEAD_BATCHES, open_segment_projected, open_segment_pruned, tail_batches};
 use crate::merge::{adapt, history_schema, merged_row_fields};
 use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, row_key};
 use files::PartitionedFiles;
@@ -547,16 +548,41 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
         Ok(())
     };
     let bounds = Bounds { lsn: (from.0.saturating_add(1), until.0), ..Bounds::default() };
-    for seg in &table.segments {
-        if !(seg.max_key.commit_lsn > from && seg.min_key.commit_lsn <= until) {
-            continue;
+    // Segments are decoded on a thread of their own, a few batches ahead of the files' encoding
+    // here: the two halves of the work then run on two cores.
+    std::thread::scope(|scope| -> Result<(), ExportError> {
+        let (tx, rx) = sync_channel::<Result<RecordBatch, ExportError>>(READ_AHEAD_BATCHES);
+        let history = &history;
+        scope.spawn(move || {
+            for seg in &table.segments {
+                if !(seg.max_key.commit_lsn > from && seg.min_key.commit_lsn <= until) {
+                    continue;
+                }
+                let SegmentContent::Table(version) = &seg.content else { continue };
+                let reader = match open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, bounds) {
+                    Ok(reader) => reader,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                for batch in reader {
+                    let batch = batch
+                        .map_err(|e| ExportError::Query(QueryError::Segment(e)))
+                        .and_then(|batch| Ok(adapt(&batch, version, history)?));
+                    // A failed send: the export stopped on an error of its own; so do we.
+                    if tx.send(batch).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        // Returning early drops the receiver, which stops the decoder at its next send.
+        for batch in rx {
+            emit(batch?)?;
         }
-        let SegmentContent::Table(version) = &seg.content else { continue };
-        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, bounds)? {
-            let batch = batch.map_err(|e| ExportError::Query(QueryError::Segment(e)))?;
-            emit(adapt(&batch, version, &history)?)?;
-        }
-    }
+        Ok(())
+    })?;
     let tail: Vec<(ChangeKey, ChangeRecord)> =
         table.tail.iter().filter(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until).cloned().collect();
     for batch in tail_batches(table, &tail, &history)? {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
 use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::parquet::arrow::ProjectionMask;
-use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
 use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 
@@ -47,6 +47,41 @@ fn contained<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T, SegmentEr
             .unwrap_or("a panic in the Parquet reader");
         Err(SegmentError::Corrupt { path: path.to_path_buf(), reason: format!("{what} failed on malformed data: {detail}") })
     })
+}
+
+/// What of a segment to read: row-group ranges, columns, rows.
+struct ReadBounds<'a> {
+    lsn: (u64, u64),
+    committed_at: (i64, i64),
+    columns: Option<&'a [Vec<String>]>,
+    rows: Option<&'a [usize]>,
+}
+
+/// The selection of `rows` (sorted, distinct) out of `total`: runs of selected rows and the
+/// gaps between them. Rows past `total` are left out (the caller's numbering was wrong; the
+/// read then yields fewer rows, which the caller checks).
+fn row_selection(rows: &[usize], total: usize) -> RowSelection {
+    let mut selectors = Vec::new();
+    let mut at = 0;
+    let mut i = 0;
+    while i < rows.len() && rows[i] < total {
+        let start = rows[i];
+        let mut end = start + 1;
+        i += 1;
+        while i < rows.len() && rows[i] == end && end < total {
+            end += 1;
+            i += 1;
+        }
+        if start > at {
+            selectors.push(RowSelector::skip(start - at));
+        }
+        selectors.push(RowSelector::select(end - start));
+        at = end;
+    }
+    if total > at {
+        selectors.push(RowSelector::skip(total - at));
+    }
+    selectors.into()
 }
 
 /// An opened, verified segment.
@@ -93,6 +128,22 @@ impl SegmentReader {
         committed_at: (i64, i64),
         columns: Option<&[Vec<String>]>,
     ) -> Result<SegmentReader, SegmentError> {
+        Self::open_selected(path, expected_sha256, batch_rows, lsn, committed_at, columns, None)
+    }
+
+    /// Like [`open_projected`](Self::open_projected), reading only the rows at `rows` (sorted,
+    /// distinct; numbered across the row groups that `lsn` and `committed_at` keep, as an
+    /// unselected read of the same ranges yields them). Values of the other rows are skipped
+    /// without being decoded into arrays.
+    pub fn open_selected(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+        lsn: (u64, u64),
+        committed_at: (i64, i64),
+        columns: Option<&[Vec<String>]>,
+        rows: Option<&[usize]>,
+    ) -> Result<SegmentReader, SegmentError> {
         if let Some(expected) = expected_sha256 {
             let found = sha256_file(path)?;
             if found != expected {
@@ -100,17 +151,12 @@ impl SegmentReader {
             }
         }
         let file = File::open(path).map_err(|source| SegmentError::Io { path: path.to_path_buf(), source })?;
-        contained(path, "opening the segment", || Self::open_file(path, file, batch_rows, lsn, committed_at, columns))
+        let bounds = ReadBounds { lsn, committed_at, columns, rows };
+        contained(path, "opening the segment", || Self::open_file(path, file, batch_rows, bounds))
     }
 
-    fn open_file(
-        path: &Path,
-        file: File,
-        batch_rows: usize,
-        lsn: (u64, u64),
-        committed_at: (i64, i64),
-        columns: Option<&[Vec<String>]>,
-    ) -> Result<SegmentReader, SegmentError> {
+    fn open_file(path: &Path, file: File, batch_rows: usize, bounds: ReadBounds<'_>) -> Result<SegmentReader, SegmentError> {
+        let ReadBounds { lsn, committed_at, columns, rows } = bounds;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file)
             .map_err(|source| SegmentError::Parquet { path: path.to_path_buf(), source })?;
         let description = builder
@@ -181,6 +227,10 @@ impl SegmentReader {
                 .collect();
             let mask = ProjectionMask::leaves(descr, leaves);
             builder = builder.with_projection(mask);
+        }
+        if let Some(rows) = rows {
+            let kept: usize = keep.iter().map(|&i| builder.metadata().row_group(i).num_rows().max(0) as usize).sum();
+            builder = builder.with_row_selection(row_selection(rows, kept));
         }
         let reader = builder
             .with_row_groups(keep)
@@ -370,6 +420,41 @@ mod tests {
         let path = dir.path().join("s.parquet");
         std::fs::write(&path, SEGMENT).unwrap();
         assert!(read_all(&path).unwrap() > 0);
+    }
+
+    /// A selected read yields exactly the chosen rows of a whole read, in order: first and
+    /// last rows, runs, single rows, and numbers past the end (left out).
+    #[test]
+    fn a_selected_read_yields_exactly_the_chosen_rows() {
+        // 60 changes in row groups of 7 rows, copies of a change of the fixture.
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = dir.path().join("fixture.parquet");
+        std::fs::write(&fixture, SEGMENT).unwrap();
+        let reader = SegmentReader::open(&fixture, None, 64).unwrap();
+        let content = reader.content().clone();
+        let (_, record) = read_records(&content, &reader.into_iter().next().unwrap().unwrap()).unwrap().remove(0);
+        let options = super::super::SegmentOptions { batch_rows: 5, row_group_rows: 7, ..Default::default() };
+        let mut writer = super::super::SegmentWriter::create(dir.path(), "s", &content, &options).unwrap();
+        for n in 1..=60u64 {
+            writer.push(ChangeKey::new(Lsn(100 * n), (n % 3) as u32), &ChangeRecord { committed_at_us: n as i64, ..record.clone() }, 1).unwrap();
+        }
+        let path = dir.path().join(writer.finish(|_, _| "s.parquet".into()).unwrap().file_name);
+        let whole = |p: &Path| -> Vec<(u64, u32)> {
+            let reader = SegmentReader::open(p, None, 3).unwrap();
+            let content = reader.content().clone();
+            reader.flat_map(|b| read_records(&content, &b.unwrap()).unwrap()).map(|(k, _)| (k.commit_lsn.0, k.seq)).collect()
+        };
+        let all = whole(&path);
+        assert_eq!(all.len(), 60);
+        let last = all.len() - 1;
+        for rows in [vec![0], vec![last], vec![0, 1, 2], vec![1, last], vec![6, 7, 8, 20, 21, 50, last, last + 5], vec![], (0..=last).collect()] {
+            let reader = SegmentReader::open_selected(&path, None, 2, (0, u64::MAX), (i64::MIN, i64::MAX), None, Some(&rows)).unwrap();
+            let content = reader.content().clone();
+            let got: Vec<(u64, u32)> =
+                reader.flat_map(|b| read_records(&content, &b.unwrap()).unwrap()).map(|(k, _)| (k.commit_lsn.0, k.seq)).collect();
+            let want: Vec<(u64, u32)> = rows.iter().filter(|&&r| r <= last).map(|&r| all[r]).collect();
+            assert_eq!(got, want, "rows {rows:?}");
+        }
     }
 
     /// Random corruptions of a real segment read without its checksum (seeded, so a failure
