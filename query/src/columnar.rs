@@ -51,7 +51,112 @@ fn loc_parts(l: Loc) -> (usize, usize) {
 struct Replay<'a> {
     moment: Moment,
     resets: SnapshotResets<'a>,
-    rows: HashMap<Box<[u8]>, Loc>,
+    rows: RowMap,
+}
+
+/// A row's key as the replay looks it up.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KeyRef<'a> {
+    /// A key of one integer column (most tables), null only in a damaged archive.
+    Int(Option<i64>),
+    /// Any other key, in Arrow's row format (byte-comparable, one per key).
+    Bytes(&'a [u8]),
+}
+
+/// Each row's key to the place of its last change. A single integer key is kept as the
+/// integer: no key bytes to copy or compare, which made a third of the replay's time.
+enum RowMap {
+    Int(HashMap<Option<i64>, Loc>),
+    Bytes(HashMap<Box<[u8]>, Loc>),
+}
+
+impl RowMap {
+    fn new(int_key: bool) -> RowMap {
+        if int_key { RowMap::Int(HashMap::default()) } else { RowMap::Bytes(HashMap::default()) }
+    }
+
+    fn set(&mut self, key: KeyRef<'_>, at: Loc) {
+        match (self, key) {
+            (RowMap::Int(m), KeyRef::Int(k)) => {
+                m.insert(k, at);
+            }
+            // The key is copied into the map only when it is new there.
+            (RowMap::Bytes(m), KeyRef::Bytes(k)) => match m.get_mut(k) {
+                Some(l) => *l = at,
+                None => {
+                    m.insert(k.into(), at);
+                }
+            },
+            _ => unreachable!("a replay's keys are all of its map's kind"),
+        }
+    }
+
+    fn remove(&mut self, key: KeyRef<'_>) {
+        match (self, key) {
+            (RowMap::Int(m), KeyRef::Int(k)) => {
+                m.remove(&k);
+            }
+            (RowMap::Bytes(m), KeyRef::Bytes(k)) => {
+                m.remove(k);
+            }
+            _ => unreachable!("a replay's keys are all of its map's kind"),
+        }
+    }
+
+    fn clear(&mut self) {
+        match self {
+            RowMap::Int(m) => m.clear(),
+            RowMap::Bytes(m) => m.clear(),
+        }
+    }
+
+    fn locs(&self) -> Vec<Loc> {
+        match self {
+            RowMap::Int(m) => m.values().copied().collect(),
+            RowMap::Bytes(m) => m.values().copied().collect(),
+        }
+    }
+
+    /// The keys whose last change differs from `other`'s (absent on one side, or another
+    /// change), as (place here, place in `other`).
+    fn differences(&self, other: &RowMap) -> Vec<(Option<Loc>, Option<Loc>)> {
+        fn pairs<K: std::hash::Hash + Eq>(a: &HashMap<K, Loc>, b: &HashMap<K, Loc>) -> Vec<(Option<Loc>, Option<Loc>)> {
+            let mut out = Vec::new();
+            for (k, la) in a {
+                match b.get(k) {
+                    Some(lb) if lb == la => {}
+                    lb => out.push((Some(*la), lb.copied())),
+                }
+            }
+            for (k, lb) in b {
+                if !a.contains_key(k) {
+                    out.push((None, Some(*lb)));
+                }
+            }
+            out
+        }
+        match (self, other) {
+            (RowMap::Int(a), RowMap::Int(b)) => pairs(a, b),
+            (RowMap::Bytes(a), RowMap::Bytes(b)) => pairs(a, b),
+            _ => unreachable!("the replays of one plan have maps of one kind"),
+        }
+    }
+}
+
+/// The key columns of one batch's row image, as [`KeyRef`]s.
+enum ImageKeys {
+    Int(StructArray, datafusion::arrow::array::Int64Array),
+    Bytes(StructArray, datafusion::arrow::row::Rows),
+}
+
+impl ImageKeys {
+    /// Row `i`'s key, if the image is there.
+    fn key(&self, i: usize) -> Option<KeyRef<'_>> {
+        match self {
+            ImageKeys::Int(s, k) => s.is_valid(i).then(|| KeyRef::Int(k.is_valid(i).then(|| k.value(i)))),
+            ImageKeys::Bytes(s, rows) => s.is_valid(i).then(|| KeyRef::Bytes(rows.row(i).data())),
+        }
+    }
 }
 
 /// What the first pass needs to know about the table.
@@ -60,6 +165,20 @@ struct Plan<'t> {
     key_names: Vec<String>,
     sources: Vec<Source<'t>>,
     row_groups: Bounds,
+}
+
+impl Plan<'_> {
+    /// Whether the key is one integer column (the replay then keys its maps by the integer).
+    fn int_key(&self) -> bool {
+        let fields = row_struct_fields(self.version);
+        match self.key_names.as_slice() {
+            [k] => fields
+                .iter()
+                .find(|f| f.name() == k)
+                .is_some_and(|f| matches!(f.data_type(), DataType::Int16 | DataType::Int32 | DataType::Int64)),
+            _ => false,
+        }
+    }
 }
 
 fn external(e: impl std::error::Error + Send + Sync + 'static) -> DataFusionError {
@@ -204,6 +323,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             .collect::<Option<_>>()
             .ok_or_else(|| DataFusionError::Internal("a key column is missing from its version".into()))?
     };
+    let int_key = plan.int_key();
     let converter = RowConverter::new(key_fields)?;
     let mut columns: Vec<Vec<String>> = ["lsn", "seq", "committed_at", "op"].iter().map(|c| vec![c.to_string()]).collect();
     for image in ["before", "after"] {
@@ -231,7 +351,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 _ => OpCode::Other,
             })
             .collect();
-        let keys_of = |image: &str| -> Result<Option<(StructArray, datafusion::arrow::row::Rows)>> {
+        let keys_of = |image: &str| -> Result<Option<ImageKeys>> {
             let Some(s) = batch.column_by_name(image).and_then(|c| c.as_struct_opt().cloned()) else { return Ok(None) };
             let children: Vec<ArrayRef> = plan
                 .key_names
@@ -239,13 +359,17 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 .map(|k| s.column_by_name(k).cloned())
                 .collect::<Option<_>>()
                 .ok_or_else(|| DataFusionError::Internal(format!("{image} without its key columns")))?;
+            if int_key {
+                let key = datafusion::arrow::compute::cast(&children[0], &DataType::Int64)?;
+                return Ok(Some(ImageKeys::Int(s, key.as_primitive::<datafusion::arrow::datatypes::Int64Type>().clone())));
+            }
             let rows = converter.convert_columns(&children)?;
-            Ok(Some((s, rows)))
+            Ok(Some(ImageKeys::Bytes(s, rows)))
         };
         let before = keys_of("before")?;
         let after = keys_of("after")?;
-        fn valid(img: &Option<(StructArray, datafusion::arrow::row::Rows)>, i: usize) -> Option<datafusion::arrow::row::Row<'_>> {
-            img.as_ref().filter(|(s, _)| s.is_valid(i)).map(|(_, r)| r.row(i))
+        fn valid(img: &Option<ImageKeys>, i: usize) -> Option<KeyRef<'_>> {
+            img.as_ref().and_then(|k| k.key(i))
         }
         for i in 0..batch.num_rows() {
             let key = (lsn.value(i), seq.value(i));
@@ -276,22 +400,15 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                             && let Some(b) = valid(&before, i)
                             && a.is_none_or(|a| a != b)
                         {
-                            r.rows.remove(b.as_ref());
+                            r.rows.remove(b);
                         }
                         if let Some(a) = a {
-                            // The key is copied into the map only when it is new there.
-                            let at = loc(source, first_row + i);
-                            match r.rows.get_mut(a.as_ref()) {
-                                Some(l) => *l = at,
-                                None => {
-                                    r.rows.insert(a.as_ref().into(), at);
-                                }
-                            }
+                            r.rows.set(a, loc(source, first_row + i));
                         }
                     }
                     OpCode::Delete => {
                         if let Some(b) = valid(&before, i) {
-                            r.rows.remove(b.as_ref());
+                            r.rows.remove(b);
                         }
                     }
                     OpCode::Truncate => r.rows.clear(),
@@ -375,9 +492,9 @@ pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Mome
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
-    let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: HashMap::default() }];
+    let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) }];
     replay(archive, &plan, &mut replays)?;
-    let mut locs: Vec<Loc> = replays[0].rows.values().copied().collect();
+    let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
     let Some(rows) = images(archive, &plan, &locs)? else { return Ok(None) };
     let order = key_order(&rows, &plan.key_names)?;
@@ -401,24 +518,13 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         return Ok(None);
     }
     let mut replays = [
-        Replay { moment: from, resets: SnapshotResets::new(archive), rows: HashMap::default() },
-        Replay { moment: to, resets: SnapshotResets::new(archive), rows: HashMap::default() },
+        Replay { moment: from, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) },
+        Replay { moment: to, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) },
     ];
     replay(archive, &plan, &mut replays)?;
     let [a, b] = replays;
     // Keys whose last change differs between the moments (the same change: the same row).
-    let mut pairs: Vec<(Option<Loc>, Option<Loc>)> = Vec::new();
-    for (k, la) in &a.rows {
-        match b.rows.get(k) {
-            Some(lb) if lb == la => {}
-            lb => pairs.push((Some(*la), lb.copied())),
-        }
-    }
-    for (k, lb) in &b.rows {
-        if !a.rows.contains_key(k) {
-            pairs.push((None, Some(*lb)));
-        }
-    }
+    let pairs = a.rows.differences(&b.rows);
     let mut locs: Vec<Loc> = pairs.iter().flat_map(|(x, y)| x.iter().chain(y.iter()).copied()).collect();
     locs.sort_unstable();
     locs.dedup();

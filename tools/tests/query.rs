@@ -18,7 +18,8 @@ const TABLE: &str = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
 CREATE TABLE acct (id int PRIMARY KEY, owner text, balance numeric(12,2), ratio float8,
   tags text[], meta jsonb, opened date, seen timestamptz, span interval, active bool, ref uuid, blob bytea, n numeric,
   i2 int2, i8 int8, f4 float4, vc varchar(10), tm time, ts timestamp, j json, arr int[], e mood);
-CREATE TABLE plain (id int PRIMARY KEY, note text, amount numeric(12,2), at timestamptz, arr int[], span interval);";
+CREATE TABLE plain (id int PRIMARY KEY, note text, amount numeric(12,2), at timestamptz, arr int[], span interval);
+CREATE TABLE pair (region text, n int, v text, PRIMARY KEY (region, n));";
 
 fn round_sql(round: u32) -> String {
     let a = round * 7;
@@ -39,7 +40,11 @@ fn round_sql(round: u32) -> String {
        UPDATE plain SET note = note WHERE id % 5 = 0;
        UPDATE plain SET id = id + 100000 WHERE id = {a};
        DELETE FROM plain WHERE id % 7 = {m} AND id < {a};
-       {truncate_plain}",
+       {truncate_plain}
+       INSERT INTO pair SELECT 'r' || (g % 3), g, 'v' || g FROM generate_series({a}, {b}) g ON CONFLICT DO NOTHING;
+       UPDATE pair SET v = v || '+' WHERE n % 3 = {m3};
+       UPDATE pair SET region = 'moved', n = n + 100000 WHERE n = {a} + 1;
+       DELETE FROM pair WHERE n % 5 = {m} AND n < {a};",
         b = a + 9,
         m = round % 4,
         m3 = round % 3,
@@ -64,7 +69,7 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let mut child = pgtrail()
-        .args(["capture", "--slot", "pit", "--publication", "pit", "--tables", "public.acct,public.plain"])
+        .args(["capture", "--slot", "pit", "--publication", "pit", "--tables", "public.acct,public.plain,public.pair"])
         .args(["--compact-after-changes", "25", "--progress-secs", "1"])
         .env("PGTRAIL_SOURCE", cluster.url("pit"))
         .env("PGTRAIL_ARCHIVE", &archive)
@@ -127,6 +132,8 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     // row replay's table; for `plain` (a key, one schema version, every value typed) it must
     // apply; for `acct` (values kept as exact text) either path must give the same.
     let plain = snapshot.table("public.plain").unwrap();
+    let pair = snapshot.table("public.pair").unwrap();
+    let (mut pair_rows, mut pair_diffs) = (0, 0);
     let mut plain_rows: BTreeMap<String, usize> = BTreeMap::new();
     // The previous moment of each kind (by LSN, by time), for diffs between consecutive ones.
     let mut previous: [Option<Moment>; 2] = [None, None];
@@ -138,6 +145,11 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
             assert_eq!(fast.schema(), slow.schema(), "{snap} {moment}");
             assert_eq!(rows_text(&fast), rows_text(&slow), "{snap} {moment}: columnar as_of differs from the row replay");
             plain_rows.insert(snap.clone(), fast.num_rows());
+            // A composite key (text, int): the replay keys its map by the key's bytes.
+            let fast = pgtrail_query::columnar::as_of_batch(&snapshot, pair, moment).unwrap().expect("the columnar path applies to pair");
+            let slow = pgtrail_query::row_replay_as_of_batch(&snapshot, pair, moment).unwrap();
+            assert_eq!(rows_text(&fast), rows_text(&slow), "{snap} {moment}: columnar as_of of pair differs from the row replay");
+            pair_rows += fast.num_rows();
             let acct_fast = pgtrail_query::as_of_batch(&snapshot, table, moment).unwrap();
             let acct_slow = pgtrail_query::row_replay_as_of_batch(&snapshot, table, moment).unwrap();
             assert_eq!(rows_text(&acct_fast), rows_text(&acct_slow), "{snap} {moment}: acct");
@@ -147,12 +159,17 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
                 assert_eq!(fast.schema(), slow.schema(), "diff to {snap}");
                 assert_eq!(rows_text(&fast), rows_text(&slow), "diff {from} -> {moment}: columnar differs from the row replay");
                 diffs += fast.num_rows();
+                let fast = pgtrail_query::columnar::diff_batch(&snapshot, pair, from, moment).unwrap().expect("columnar diff applies to pair");
+                let slow = pgtrail_query::row_replay_diff_batch(&snapshot, pair, from, moment).unwrap();
+                assert_eq!(rows_text(&fast), rows_text(&slow), "diff of pair {from} -> {moment}: columnar differs from the row replay");
+                pair_diffs += fast.num_rows();
             }
             previous[kind] = Some(moment);
         }
     }
     assert_eq!(plain_rows["snap_6"], 0, "the truncate of round 6 empties plain");
     assert!(diffs >= 50, "the diffs between moments found changed rows ({diffs})");
+    assert!(pair_rows >= 100 && pair_diffs >= 30, "pair's moments and diffs hold rows ({pair_rows}, {pair_diffs})");
     // The `changes` view without its JSON columns is built from the segments' columns; with
     // one of them (primary_key) it takes the row path. Both must list the same changes.
     let rt = tokio::runtime::Runtime::new().unwrap();
