@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, StructArray};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringBuilder, StructArray, UInt32Array};
+use datafusion::arrow::compute::kernels::boolean::{and_kleene, or_kleene};
+use datafusion::arrow::compute::kernels::cmp::eq;
+use datafusion::arrow::compute::take_record_batch;
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::ScalarValue;
@@ -18,8 +21,9 @@ use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{Bounds, as_micros, constant, open_segment_pruned, tail_batches};
-use crate::merge::history_schema;
+use crate::history::{Bounds, as_micros, constant, open_segment_projected, open_segment_pruned, open_segment_selected, tail_batches};
+use crate::scan::image_field;
+use crate::merge::{adapt, history_schema};
 
 /// A moment of the source's history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -471,14 +475,12 @@ pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, fr
     }
 }
 
-/// `row_history` as a view over the table's history: the changes whose `before` or `after`
-/// key equals the values (read to the key columns' types), in key order. Filtering the
-/// stored columns spares rendering every change as text; it applies when every schema version
-/// has the same primary key and each value reads as its column's type (else `None`: the row
-/// scan compares PostgreSQL's text).
-fn row_history_view(archive: &Arc<ArchiveSnapshot>, table: &TableHistory, wanted: &[String]) -> Result<Option<Arc<dyn TableProvider>>> {
-    use datafusion::functions::core::expr_fn::get_field;
-    use datafusion::logical_expr::{LogicalPlanBuilder, col, lit};
+/// `row_history` read in two passes over each segment: the key fields of every change's
+/// `before` and `after`, then every column of the changes whose key equals the values (read
+/// to the key columns' types), and only of those (Parquet row selection). It applies when every
+/// schema version has the same primary key and each value reads as its column's type (else
+/// `None`: the row scan compares PostgreSQL's text). The changes come out in key order.
+fn row_history_columnar(archive: &ArchiveSnapshot, table: &TableHistory, wanted: &[String]) -> Result<Option<Vec<RecordBatch>>> {
     let key = &table.latest().primary_key;
     if key.is_empty() || key.len() != wanted.len() || table.versions.iter().any(|v| &v.primary_key != key) {
         return Ok(None);
@@ -486,24 +488,73 @@ fn row_history_view(archive: &Arc<ArchiveSnapshot>, table: &TableHistory, wanted
     let schema = history_schema(&table.versions);
     let Ok(after_field) = schema.field_with_name("after") else { return Ok(None) };
     let DataType::Struct(row_fields) = after_field.data_type() else { return Ok(None) };
-    let (mut in_before, mut in_after): (Option<Expr>, Option<Expr>) = (None, None);
+    let mut values: Vec<(&str, DataType, ScalarValue)> = Vec::new();
     for (name, text) in key.iter().zip(wanted) {
         let Some(field) = row_fields.iter().find(|f| f.name() == name) else { return Ok(None) };
         let Ok(value) = ScalarValue::Utf8(Some(text.clone())).cast_to(field.data_type()) else { return Ok(None) };
         if value.is_null() {
             return Ok(None);
         }
-        let and = |acc: Option<Expr>, e: Expr| Some(acc.map_or(e.clone(), |a| a.and(e)));
-        in_before = and(in_before, get_field(col("before"), name.as_str()).eq(lit(value.clone())));
-        in_after = and(in_after, get_field(col("after"), name.as_str()).eq(lit(value)));
+        values.push((name, field.data_type().clone(), value));
     }
-    let (Some(in_before), Some(in_after)) = (in_before, in_after) else { return Ok(None) };
-    let history = Arc::new(crate::history::HistoryTable::new(archive.clone(), table));
-    let plan = LogicalPlanBuilder::scan("history", datafusion::datasource::provider_as_source(history), None)?
-        .filter(in_before.or(in_after))?
-        .sort(vec![col("lsn").sort(true, false), col("seq").sort(true, false)])?
-        .build()?;
-    Ok(Some(Arc::new(datafusion::datasource::ViewTable::new(plan, None))))
+    // Rows of `batch` (written under `version`; `None`: the log tail, in the history schema)
+    // whose `before` or `after` has the key.
+    let matching = |batch: &RecordBatch, version: Option<&RelationVersion>| -> Result<Vec<usize>> {
+        let mut any: Option<BooleanArray> = None;
+        for image in ["before", "after"] {
+            let mut all: Option<BooleanArray> = None;
+            for (name, data_type, value) in &values {
+                let field = image_field(batch, version, image, name, data_type)?;
+                let equal = eq(&field, &value.to_scalar()?)?;
+                all = Some(match all {
+                    None => equal,
+                    Some(a) => and_kleene(&a, &equal)?,
+                });
+            }
+            if let Some(all) = all {
+                any = Some(match any {
+                    None => all,
+                    Some(a) => or_kleene(&a, &all)?,
+                });
+            }
+        }
+        // Kleene logic: an absent image (null) does not hide a match of the other; alone, a
+        // null is no match.
+        Ok(any.map(|m| (0..m.len()).filter(|&i| m.is_valid(i) && m.value(i)).collect()).unwrap_or_default())
+    };
+    let key_columns: Vec<Vec<String>> =
+        ["before", "after"].iter().flat_map(|image| key.iter().map(move |k| vec![image.to_string(), k.clone()])).collect();
+    let mut out = Vec::new();
+    for seg in &table.segments {
+        let SegmentContent::Table(version) = &seg.content else { continue };
+        let path = archive.segment_path(seg);
+        let mut rows = Vec::new();
+        let mut first = 0;
+        for batch in open_segment_projected(&path, &seg.sha256, 8192, Bounds::default(), Some(&key_columns))? {
+            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+            rows.extend(matching(&batch, Some(version))?.into_iter().map(|r| first + r));
+            first += batch.num_rows();
+        }
+        if rows.is_empty() {
+            continue;
+        }
+        let mut found = 0;
+        for batch in open_segment_selected(&path, &seg.sha256, 8192, Bounds::default(), None, Some(&rows))? {
+            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+            found += batch.num_rows();
+            out.push(adapt(&batch, version, &schema)?);
+        }
+        if found != rows.len() {
+            return Err(DataFusionError::Execution(format!("segment {} changed between two reads", seg.file_name)));
+        }
+    }
+    for batch in tail_batches(table, &table.tail, &schema)? {
+        let rows = matching(&batch, None)?;
+        if !rows.is_empty() {
+            out.push(take_record_batch(&batch, &UInt32Array::from_iter_values(rows.iter().map(|&r| r as u32)))?);
+        }
+    }
+    Ok(Some(out))
 }
 
 /// `row_history(table, key...)`: every change of one row (by its primary key values), with
@@ -521,11 +572,12 @@ impl TableFunctionImpl for RowHistory {
         }
         let table = table_arg(&self.archive, args)?;
         let wanted: Vec<String> = (1..args.len()).map(|i| text_arg(args, i, "key")).collect::<Result<_>>()?;
-        if let Some(view) = row_history_view(&self.archive, table, &wanted)? {
-            return Ok(view);
-        }
         let schema = history_schema(&table.versions);
-        Ok(Arc::new(MemTable::try_new(schema, vec![row_replay_row_history(&self.archive, table, &wanted)?])?))
+        let batches = match row_history_columnar(&self.archive, table, &wanted)? {
+            Some(batches) => batches,
+            None => row_replay_row_history(&self.archive, table, &wanted)?,
+        };
+        Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
     }
 }
 

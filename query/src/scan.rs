@@ -278,7 +278,7 @@ fn project(
 }
 
 /// Column `name` of row image `image` in the history's type `target`, null where the image is.
-fn image_field(batch: &RecordBatch, version: Option<&RelationVersion>, image: &str, name: &str, target: &DataType) -> Result<ArrayRef> {
+pub(crate) fn image_field(batch: &RecordBatch, version: Option<&RelationVersion>, image: &str, name: &str, target: &DataType) -> Result<ArrayRef> {
     let rows = batch.num_rows();
     let Some(image) = batch.column_by_name(image) else { return Ok(new_null_array(target, rows)) };
     let image = image.as_struct_opt().ok_or_else(|| DataFusionError::Internal("row image is not a struct".into()))?;
