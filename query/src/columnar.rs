@@ -64,7 +64,8 @@ enum KeyRef<'a> {
 }
 
 /// Each row's key to the place of its last change. A single integer key is kept as the
-/// integer: no key bytes to copy or compare, which made a third of the replay's time.
+/// integer: no key bytes to hash, copy or compare (hashing and comparing them were a fifth of
+/// an as_of's samples at 10M changes).
 enum RowMap {
     Int(HashMap<Option<i64>, Loc>),
     Bytes(HashMap<Box<[u8]>, Loc>),
