@@ -166,19 +166,13 @@ struct Plan<'t> {
     key_names: Vec<String>,
     sources: Vec<Source<'t>>,
     row_groups: Bounds,
+    /// The key is one integer column: the replay keys its maps by the integer.
+    int_key: bool,
 }
 
-impl Plan<'_> {
-    /// Whether the key is one integer column (the replay then keys its maps by the integer).
-    fn int_key(&self) -> bool {
-        let fields = row_struct_fields(self.version);
-        match self.key_names.as_slice() {
-            [k] => fields
-                .iter()
-                .find(|f| f.name() == k)
-                .is_some_and(|f| matches!(f.data_type(), DataType::Int16 | DataType::Int32 | DataType::Int64)),
-            _ => false,
-        }
+impl<'a> Replay<'a> {
+    fn new(archive: &'a ArchiveSnapshot, plan: &Plan<'_>, moment: Moment) -> Replay<'a> {
+        Replay { moment, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key) }
     }
 }
 
@@ -229,7 +223,11 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
         sources.push(Source::Tail(batch));
     }
     let key_names = positions.iter().map(|&i| version.columns[i].name.clone()).collect();
-    Ok(Some(Plan { version, key_names, sources, row_groups: until.row_group_bounds() }))
+    let int_key = match positions {
+        [i] => matches!(row_struct_fields(version)[*i].data_type(), DataType::Int16 | DataType::Int32 | DataType::Int64),
+        _ => false,
+    };
+    Ok(Some(Plan { version, key_names, sources, row_groups: until.row_group_bounds(), int_key }))
 }
 
 /// Read `columns` of every source in key order, calling `f(source index, first row number,
@@ -324,7 +322,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             .collect::<Option<_>>()
             .ok_or_else(|| DataFusionError::Internal("a key column is missing from its version".into()))?
     };
-    let int_key = plan.int_key();
+    let int_key = plan.int_key;
     let converter = RowConverter::new(key_fields)?;
     let mut columns: Vec<Vec<String>> = ["lsn", "seq", "committed_at", "op"].iter().map(|c| vec![c.to_string()]).collect();
     for image in ["before", "after"] {
@@ -396,7 +394,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                         let a = valid(&after, i);
                         // An update that moves the row to another key; most keep theirs, and
                         // then the entry is overwritten in place (a remove and re-insert per
-                        // update cost a third of the pass: tombstones lengthen every probe).
+                        // update, with the key comparisons under it, were a third of the pass).
                         if code == OpCode::Update
                             && let Some(b) = valid(&before, i)
                             && a.is_none_or(|a| a != b)
@@ -493,7 +491,7 @@ pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Mome
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
-    let mut replays = [Replay { moment, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) }];
+    let mut replays = [Replay::new(archive, &plan, moment)];
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
@@ -519,8 +517,8 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         return Ok(None);
     }
     let mut replays = [
-        Replay { moment: from, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) },
-        Replay { moment: to, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key()) },
+        Replay::new(archive, &plan, from),
+        Replay::new(archive, &plan, to),
     ];
     replay(archive, &plan, &mut replays)?;
     let [a, b] = replays;

@@ -23,7 +23,7 @@ use pgtrail_store::{ChangeKey, ChangeRecord, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::merge::{adapt, history_schema};
-use crate::scan::{HistoryScanExec, ScanColumn, SegmentSource};
+use crate::scan::{HistoryScanExec, HistorySource, SegmentSource};
 
 /// Bounds on `lsn` (commit LSN) and `committed_at` (µs) implied by a query's filters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -205,7 +205,6 @@ impl TableProvider for HistoryTable {
         };
         // Only the columns the query uses are read from the files; the scan narrows them
         // further to single fields of a row image when the query uses no more than those.
-        let columns = schema.fields().iter().map(|f| ScanColumn::Stored(f.name().clone())).collect();
         let segments: Vec<SegmentSource> = history
             .segments
             .iter()
@@ -222,7 +221,8 @@ impl TableProvider for HistoryTable {
         let tail: Vec<(ChangeKey, ChangeRecord)> =
             history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
         let tail = tail_batches(history, &tail, &self.schema)?;
-        Ok(Arc::new(HistoryScanExec::new(self.schema.clone(), columns, schema, segments.into(), bounds, tail.into(), limit)))
+        let source = HistorySource { history: self.schema.clone(), segments, bounds, tail, limit };
+        Ok(Arc::new(HistoryScanExec::new(Arc::new(source), schema)))
     }
 }
 

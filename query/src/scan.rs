@@ -66,47 +66,51 @@ pub(crate) struct SegmentSource {
     pub version: RelationVersion,
 }
 
+/// What a history scan reads, whichever columns it produces.
+#[derive(Debug)]
+pub(crate) struct HistorySource {
+    /// The table's whole history schema (every type a column can come out in).
+    pub history: SchemaRef,
+    pub segments: Vec<SegmentSource>,
+    pub bounds: Bounds,
+    /// The log tail's changes in the query's cut, in the history schema.
+    pub tail: Vec<RecordBatch>,
+    /// At most this many rows per partition (a hint: the plan above still applies its limit).
+    pub limit: Option<usize>,
+}
+
 /// Scan of one table's history: segments, then the log tail, as partitions.
 #[derive(Debug)]
 pub(crate) struct HistoryScanExec {
-    /// The table's whole history schema (every type a column can come out in).
-    history: SchemaRef,
+    source: Arc<HistorySource>,
     columns: Vec<ScanColumn>,
     /// The output: `columns`, named as the plan above expects.
     schema: SchemaRef,
-    segments: Arc<[SegmentSource]>,
-    bounds: Bounds,
-    /// The log tail's changes in the query's cut, in the history schema.
-    tail: Arc<[RecordBatch]>,
-    /// At most this many rows per partition (a hint: the plan above still applies its limit).
-    limit: Option<usize>,
     properties: Arc<PlanProperties>,
 }
 
 impl HistoryScanExec {
-    pub(crate) fn new(
-        history: SchemaRef,
-        columns: Vec<ScanColumn>,
-        schema: SchemaRef,
-        segments: Arc<[SegmentSource]>,
-        bounds: Bounds,
-        tail: Arc<[RecordBatch]>,
-        limit: Option<usize>,
-    ) -> HistoryScanExec {
+    /// A scan producing the history's columns in `schema` (a projection of the history's).
+    pub(crate) fn new(source: Arc<HistorySource>, schema: SchemaRef) -> HistoryScanExec {
+        let columns = schema.fields().iter().map(|f| ScanColumn::Stored(f.name().clone())).collect();
+        HistoryScanExec::with_columns(source, columns, schema)
+    }
+
+    fn with_columns(source: Arc<HistorySource>, columns: Vec<ScanColumn>, schema: SchemaRef) -> HistoryScanExec {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
-            Partitioning::UnknownPartitioning(segments.len() + 1),
+            Partitioning::UnknownPartitioning(source.segments.len() + 1),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        HistoryScanExec { history, columns, schema, segments, bounds, tail, limit, properties: Arc::new(properties) }
+        HistoryScanExec { source, columns, schema, properties: Arc::new(properties) }
     }
 
     /// The type `column` comes out in (`None` if the history has no such column).
     fn column_type(&self, column: &ScanColumn) -> Option<DataType> {
         match column {
-            ScanColumn::Stored(name) => self.history.field_with_name(name).ok().map(|f| f.data_type().clone()),
-            ScanColumn::ImageField { image, field } => match self.history.field_with_name(image).ok()?.data_type() {
+            ScanColumn::Stored(name) => self.source.history.field_with_name(name).ok().map(|f| f.data_type().clone()),
+            ScanColumn::ImageField { image, field } => match self.source.history.field_with_name(image).ok()?.data_type() {
                 DataType::Struct(fields) => fields.find(field).map(|(_, f)| f.data_type().clone()),
                 _ => None,
             },
@@ -114,7 +118,7 @@ impl HistoryScanExec {
     }
 
     /// `get_field(image, 'name')` over one of this scan's whole row images, as a scan column.
-    fn image_field(&self, expr: &Arc<dyn PhysicalExpr>) -> Option<ScanColumn> {
+    fn field_access(&self, expr: &Arc<dyn PhysicalExpr>) -> Option<ScanColumn> {
         let function = expr.downcast_ref::<ScalarFunctionExpr>()?;
         let [base, name] = function.args() else { return None };
         if function.name() != "get_field" {
@@ -135,8 +139,8 @@ impl HistoryScanExec {
 impl DisplayAs for HistoryScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let columns: Vec<String> = self.columns.iter().map(ToString::to_string).collect();
-        write!(f, "HistoryScanExec: segments={}, columns=[{}]", self.segments.len(), columns.join(", "))?;
-        if let Some(limit) = self.limit {
+        write!(f, "HistoryScanExec: segments={}, columns=[{}]", self.source.segments.len(), columns.join(", "))?;
+        if let Some(limit) = self.source.limit {
             write!(f, ", limit={limit}")?;
         }
         Ok(())
@@ -176,7 +180,7 @@ impl ExecutionPlan for HistoryScanExec {
     }
 
     fn fetch(&self) -> Option<usize> {
-        self.limit
+        self.source.limit
     }
 
     /// Take in a projection of this scan's columns and of fields of its row images, so that
@@ -187,7 +191,7 @@ impl ExecutionPlan for HistoryScanExec {
         for (i, e) in projection.expr().iter().enumerate() {
             let column = match e.expr.downcast_ref::<Column>() {
                 Some(c) => self.columns.get(c.index()).cloned(),
-                None => self.image_field(&e.expr),
+                None => self.field_access(&e.expr),
             };
             // The scan gives the column in the type the projection promises, or not at all.
             match column {
@@ -195,38 +199,30 @@ impl ExecutionPlan for HistoryScanExec {
                 _ => return Ok(None),
             }
         }
-        Ok(Some(Arc::new(HistoryScanExec::new(
-            self.history.clone(),
-            columns,
-            schema,
-            self.segments.clone(),
-            self.bounds,
-            self.tail.clone(),
-            self.limit,
-        ))))
+        Ok(Some(Arc::new(HistoryScanExec::with_columns(self.source.clone(), columns, schema))))
     }
 
     fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
-        let mut left = self.limit.unwrap_or(usize::MAX);
-        let Some(segment) = self.segments.get(partition) else {
-            if partition > self.segments.len() {
+        let mut left = self.source.limit.unwrap_or(usize::MAX);
+        let Some(segment) = self.source.segments.get(partition) else {
+            if partition > self.source.segments.len() {
                 return Err(DataFusionError::Internal(format!("history scan has no partition {partition}")));
             }
             let mut batches = Vec::new();
-            for batch in self.tail.iter() {
+            for batch in &self.source.tail {
                 if left == 0 {
                     break;
                 }
                 let batch = batch.slice(0, batch.num_rows().min(left));
                 left -= batch.num_rows();
-                batches.push(project(&batch, None, &self.history, &self.columns, &self.schema));
+                batches.push(project(&batch, None, &self.source.history, &self.columns, &self.schema));
             }
             return Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches))));
         };
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
         let (segment, history, columns, schema, bounds) =
-            (segment.clone(), self.history.clone(), self.columns.clone(), self.schema.clone(), self.bounds);
+            (segment.clone(), self.source.history.clone(), self.columns.clone(), self.schema.clone(), self.source.bounds);
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
             let mut paths: Vec<Vec<String>> = columns.iter().map(ScanColumn::path).collect();
