@@ -259,7 +259,7 @@ pub fn open_segment_pruned(path: &std::path::Path, sha256: &str, batch_rows: usi
 }
 
 /// [`open_segment_pruned`], decoding only the columns under `columns` (see
-/// [`SegmentReader::open_projected`]).
+/// [`SegmentReader::open_selected`]).
 pub fn open_segment_projected(
     path: &std::path::Path,
     sha256: &str,

@@ -267,7 +267,7 @@ fn versioned_txn(n: u64) -> Vec<LogOp> {
         let mut cells = vec![t(&id.to_string()), t(&format!("{tag}{n}")), t(&(id * 1000 + n).to_string())];
         if width == 4 {
             // Null in every other row: a null field of a present image stays null.
-            cells.push(if id % 2 == 0 { IncomingCell::Null } else { t(&format!("w{id}")) });
+            cells.push(if id.is_multiple_of(2) { IncomingCell::Null } else { t(&format!("w{id}")) });
         }
         cells
     };

@@ -114,27 +114,15 @@ impl SegmentReader {
         lsn: (u64, u64),
         committed_at: (i64, i64),
     ) -> Result<SegmentReader, SegmentError> {
-        Self::open_projected(path, expected_sha256, batch_rows, lsn, committed_at, None)
+        Self::open_selected(path, expected_sha256, batch_rows, lsn, committed_at, None, None)
     }
 
-    /// Like [`open_pruned`](Self::open_pruned), decoding only the columns under the given
-    /// paths (`["lsn"]`, `["after"]`, `["before", "id"]`): a struct keeps only the children
-    /// asked for. Columns not asked for are never read from disk nor decompressed.
-    pub fn open_projected(
-        path: &Path,
-        expected_sha256: Option<&str>,
-        batch_rows: usize,
-        lsn: (u64, u64),
-        committed_at: (i64, i64),
-        columns: Option<&[Vec<String>]>,
-    ) -> Result<SegmentReader, SegmentError> {
-        Self::open_selected(path, expected_sha256, batch_rows, lsn, committed_at, columns, None)
-    }
-
-    /// Like [`open_projected`](Self::open_projected), reading only the rows at `rows` (sorted,
-    /// distinct; numbered across the row groups that `lsn` and `committed_at` keep, as an
-    /// unselected read of the same ranges yields them). Values of the other rows are skipped
-    /// without being decoded into arrays.
+    /// Like [`open_pruned`](Self::open_pruned), decoding only the columns under the paths in
+    /// `columns` (`["lsn"]`, `["after"]`, `["before", "id"]`: a struct keeps only the children
+    /// asked for; columns not asked for are never read from disk nor decompressed), and only
+    /// the rows at `rows` (sorted, distinct; numbered across the row groups that `lsn` and
+    /// `committed_at` keep, as an unselected read of the same ranges yields them: the values
+    /// of other rows are skipped without being decoded into arrays).
     pub fn open_selected(
         path: &Path,
         expected_sha256: Option<&str>,
