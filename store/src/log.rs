@@ -73,9 +73,9 @@ pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
 /// redb's page cache for the log. Its default (1 GiB) is a ceiling that a large transaction
 /// fills: a 10,000,000-row transaction peaked at 1,092 MiB resident (pgtrail-bench bigtx).
-/// The capture's resident memory plateaus at about this plus 80 MiB: a 1,000,000-row
-/// transaction (debug build) peaked at 205 MiB with 96 MiB and 140 MiB with 48 MiB, and the
-/// decode suite measured the same throughput and CPU per change at both sizes.
+/// The capture's resident memory plateaus at about this plus 85 MiB: a 1,000,000-row
+/// transaction (debug build) peaked at 201 MiB with 96 MiB and 137 MiB with 48 MiB before its
+/// compaction, and the decode suite measured the same throughput and CPU per change at both.
 const LOG_CACHE_BYTES: usize = 48 << 20;
 
 /// Snapshot transactions (the initial one, and each `--resnapshot` after a gap): commit LSN to
