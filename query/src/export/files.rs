@@ -13,7 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::parquet::arrow::ArrowWriter;
-use datafusion::parquet::arrow::arrow_writer::{ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory, compute_leaves};
+use datafusion::parquet::arrow::arrow_writer::{
+    ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
+    compute_leaves,
+};
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::errors::ParquetError;
 use datafusion::parquet::file::properties::WriterProperties;
@@ -60,10 +63,15 @@ pub struct PartitionedFiles<'d> {
 
 fn properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("zstd level 3 exists")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("zstd level 3 exists"),
+        ))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()
 }
+
+/// One column chunk's encoder and its values, until a thread takes them.
+type ColumnJob = Mutex<Option<(ArrowColumnWriter, Vec<ArrowLeafColumn>)>>;
 
 /// A Parquet writer that encodes each row group's columns on several threads at once.
 ///
@@ -85,8 +93,16 @@ struct ParallelWriter {
 impl ParallelWriter {
     fn try_new(file: File, schema: SchemaRef) -> Result<ParallelWriter, ParquetError> {
         // ArrowWriter builds the Parquet schema and embeds the Arrow one in the footer.
-        let (file, columns) = ArrowWriter::try_new(file, schema.clone(), Some(properties()))?.into_serialized_writer()?;
-        Ok(ParallelWriter { file, columns, schema, pending: Vec::new(), pending_rows: 0, row_groups: 0 })
+        let (file, columns) = ArrowWriter::try_new(file, schema.clone(), Some(properties()))?
+            .into_serialized_writer()?;
+        Ok(ParallelWriter {
+            file,
+            columns,
+            schema,
+            pending: Vec::new(),
+            pending_rows: 0,
+            row_groups: 0,
+        })
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<(), ParquetError> {
@@ -125,16 +141,27 @@ impl ParallelWriter {
             let mut leaf = 0;
             for (field, column) in self.schema.fields().iter().zip(batch.columns()) {
                 for l in compute_leaves(field, column)? {
-                    leaves.get_mut(leaf).ok_or_else(|| ParquetError::General("more leaves than column writers".into()))?.push(l);
+                    leaves
+                        .get_mut(leaf)
+                        .ok_or_else(|| {
+                            ParquetError::General("more leaves than column writers".into())
+                        })?
+                        .push(l);
                     leaf += 1;
                 }
             }
         }
-        let jobs: Vec<Mutex<Option<(ArrowColumnWriter, Vec<ArrowLeafColumn>)>>> =
-            writers.into_iter().zip(leaves).map(|job| Mutex::new(Some(job))).collect();
-        let done: Vec<Mutex<Option<Result<ArrowColumnChunk, ParquetError>>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+        let jobs: Vec<ColumnJob> = writers
+            .into_iter()
+            .zip(leaves)
+            .map(|job| Mutex::new(Some(job)))
+            .collect();
+        let done: Vec<Mutex<Option<Result<ArrowColumnChunk, ParquetError>>>> =
+            jobs.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
-        let width = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len());
+        let width = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(jobs.len());
         std::thread::scope(|scope| {
             for _ in 0..width {
                 scope.spawn(|| {
@@ -143,8 +170,14 @@ impl ParallelWriter {
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(job) = jobs.get(i) else { return };
-                        let Some((mut writer, leaves)) = job.lock().ok().and_then(|mut j| j.take()) else { return };
-                        let chunk = leaves.iter().try_for_each(|l| writer.write(l)).and_then(|()| writer.close());
+                        let Some((mut writer, leaves)) = job.lock().ok().and_then(|mut j| j.take())
+                        else {
+                            return;
+                        };
+                        let chunk = leaves
+                            .iter()
+                            .try_for_each(|l| writer.write(l))
+                            .and_then(|()| writer.close());
                         if let Ok(mut slot) = done[i].lock() {
                             *slot = Some(chunk);
                         }
@@ -154,11 +187,10 @@ impl ParallelWriter {
         });
         let mut group = self.file.next_row_group()?;
         for slot in done {
-            let chunk = slot
-                .into_inner()
-                .ok()
-                .flatten()
-                .ok_or_else(|| ParquetError::General("a column encoder thread stopped".into()))??;
+            let chunk =
+                slot.into_inner().ok().flatten().ok_or_else(|| {
+                    ParquetError::General("a column encoder thread stopped".into())
+                })??;
             chunk.append_to_row_group(&mut group)?;
         }
         group.close()?;
@@ -182,7 +214,16 @@ impl<'d> PartitionedFiles<'d> {
         max_rows: usize,
         on_file: &'d mut dyn FnMut(&WrittenFile),
     ) -> PartitionedFiles<'d> {
-        PartitionedFiles { dest, spool_dir, schema, max_rows: max_rows.max(1), open: Vec::new(), parts: Default::default(), written: Vec::new(), on_file }
+        PartitionedFiles {
+            dest,
+            spool_dir,
+            schema,
+            max_rows: max_rows.max(1),
+            open: Vec::new(),
+            parts: Default::default(),
+            written: Vec::new(),
+            on_file,
+        }
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -190,7 +231,12 @@ impl<'d> PartitionedFiles<'d> {
     }
 
     /// Append `batch` to the files `partition/stem-NNNNN.parquet`.
-    pub fn write(&mut self, partition: &str, stem: &str, batch: &RecordBatch) -> Result<(), ExportError> {
+    pub fn write(
+        &mut self,
+        partition: &str,
+        stem: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), ExportError> {
         let key = format!("{partition}/{stem}");
         let mut offset = 0;
         while offset < batch.num_rows() {
@@ -224,21 +270,45 @@ impl<'d> PartitionedFiles<'d> {
         let part = self.parts.entry(key.to_string()).or_insert(0);
         let object = format!("{key}-{part:05}.parquet");
         *part += 1;
-        let spool = self.spool_dir.join(format!("{}.parquet", self.written.len() + self.open.len()));
-        let file = File::create(&spool).map_err(|source| ExportError::Io { path: spool.clone(), source })?;
+        let spool = self
+            .spool_dir
+            .join(format!("{}.parquet", self.written.len() + self.open.len()));
+        let file = File::create(&spool).map_err(|source| ExportError::Io {
+            path: spool.clone(),
+            source,
+        })?;
         let writer = ParallelWriter::try_new(file, self.schema.clone())?;
-        self.open.push(OpenFile { key: key.to_string(), object, spool, writer, rows: 0 });
+        self.open.push(OpenFile {
+            key: key.to_string(),
+            object,
+            spool,
+            writer,
+            rows: 0,
+        });
         Ok(self.open.len() - 1)
     }
 
     fn close(&mut self, file: OpenFile) -> Result<(), ExportError> {
-        let OpenFile { object, spool, writer, rows, .. } = file;
+        let OpenFile {
+            object,
+            spool,
+            writer,
+            rows,
+            ..
+        } = file;
         let f = writer.into_inner()?;
-        f.sync_all().map_err(|source| ExportError::Io { path: spool.clone(), source })?;
+        f.sync_all().map_err(|source| ExportError::Io {
+            path: spool.clone(),
+            source,
+        })?;
         drop(f);
         let bytes = self.dest.put_file(&object, &spool)?;
         let _ = std::fs::remove_file(&spool);
-        let written = WrittenFile { path: object, rows: rows as u64, bytes };
+        let written = WrittenFile {
+            path: object,
+            rows: rows as u64,
+            bytes,
+        };
         (self.on_file)(&written);
         self.written.push(written);
         pgtrail_store::crashpoint::hit("export:after_file");
@@ -275,41 +345,80 @@ mod tests {
                 let ids: Vec<i64> = (start..start + n as i64).collect();
                 start += n as i64;
                 let id = Int64Array::from_iter_values(ids.iter().copied());
-                let note = StringArray::from_iter(ids.iter().map(|i| (i % 7 != 0).then(|| format!("note {}", i % 1000))));
-                let Some(DataType::Struct(fields)) = schema.fields().get(1).map(|f| f.data_type().clone()) else { unreachable!() };
+                let note = StringArray::from_iter(
+                    ids.iter()
+                        .map(|i| (i % 7 != 0).then(|| format!("note {}", i % 1000))),
+                );
+                let Some(DataType::Struct(fields)) =
+                    schema.fields().get(1).map(|f| f.data_type().clone())
+                else {
+                    unreachable!()
+                };
                 let image = StructArray::new(
                     fields,
-                    vec![Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i * 3))) as ArrayRef, Arc::new(note)],
+                    vec![
+                        Arc::new(Int64Array::from_iter_values(ids.iter().map(|i| i * 3)))
+                            as ArrayRef,
+                        Arc::new(note),
+                    ],
                     Some(ids.iter().map(|i| i % 11 != 0).collect()),
                 );
-                RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(image)]).expect("batch")
+                RecordBatch::try_new(schema.clone(), vec![Arc::new(id), Arc::new(image)])
+                    .expect("batch")
             })
             .collect()
     }
 
     fn read(path: &Path) -> (Vec<RecordBatch>, Vec<i64>, Option<String>) {
-        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).expect("open")).expect("reader");
-        let groups = builder.metadata().row_groups().iter().map(|g| g.num_rows()).collect();
+        let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).expect("open"))
+            .expect("reader");
+        let groups = builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows())
+            .collect();
         let arrow_schema = builder
             .metadata()
             .file_metadata()
             .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|kv| kv.key == "ARROW:schema").and_then(|kv| kv.value.clone()));
-        let rows = builder.build().expect("build").collect::<Result<Vec<_>, _>>().expect("rows");
+            .and_then(|kv| {
+                kv.iter()
+                    .find(|kv| kv.key == "ARROW:schema")
+                    .and_then(|kv| kv.value.clone())
+            });
+        let rows = builder
+            .build()
+            .expect("build")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("rows");
         (rows, groups, arrow_schema)
     }
 
     #[test]
     fn the_parallel_writer_writes_the_file_arrow_writer_writes() {
-        let image = Fields::from(vec![Field::new("id", DataType::Int64, true), Field::new("note", DataType::Utf8, true)]);
+        let image = Fields::from(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("note", DataType::Utf8, true),
+        ]);
         let schema = Arc::new(Schema::new(vec![
             Field::new("lsn", DataType::Int64, false),
             Field::new("after", DataType::Struct(image), true),
         ]));
         let dir = tempfile::tempdir().expect("tempdir");
-        let (serial, parallel) = (dir.path().join("serial.parquet"), dir.path().join("parallel.parquet"));
-        let mut writer = ArrowWriter::try_new(File::create(&serial).expect("create"), schema.clone(), Some(properties())).expect("writer");
-        let mut ours = ParallelWriter::try_new(File::create(&parallel).expect("create"), schema.clone()).expect("writer");
+        let (serial, parallel) = (
+            dir.path().join("serial.parquet"),
+            dir.path().join("parallel.parquet"),
+        );
+        let mut writer = ArrowWriter::try_new(
+            File::create(&serial).expect("create"),
+            schema.clone(),
+            Some(properties()),
+        )
+        .expect("writer");
+        let mut ours =
+            ParallelWriter::try_new(File::create(&parallel).expect("create"), schema.clone())
+                .expect("writer");
         for batch in batches(&schema) {
             writer.write(&batch).expect("write");
             ours.write(&batch).expect("write");
@@ -322,7 +431,9 @@ mod tests {
         assert_eq!(groups.iter().sum::<i64>(), 185_536);
         assert!(groups.len() > 2, "several row groups: {groups:?}");
         assert_eq!(arrow_schema, expected_schema, "embedded Arrow schema");
-        let concat = |b: &[RecordBatch]| datafusion::arrow::compute::concat_batches(&schema, b).expect("concat");
+        let concat = |b: &[RecordBatch]| {
+            datafusion::arrow::compute::concat_batches(&schema, b).expect("concat")
+        };
         assert_eq!(concat(&got), concat(&expected));
     }
 }
