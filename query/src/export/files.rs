@@ -7,8 +7,9 @@
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -70,8 +71,93 @@ fn properties() -> WriterProperties {
         .build()
 }
 
-/// One column chunk's encoder and its values, until a thread takes them.
-type ColumnJob = Mutex<Option<(ArrowColumnWriter, Vec<ArrowLeafColumn>)>>;
+/// One column chunk to encode: its place in the row group, its encoder and its values.
+type ColumnJob = (usize, ArrowColumnWriter, Vec<ArrowLeafColumn>);
+/// An encoded column chunk, by its place in the row group.
+type ColumnDone = (usize, Result<ArrowColumnChunk, ParquetError>);
+
+/// Threads that encode column chunks, as long as one writer lives.
+///
+/// They are kept for the file's life rather than started per row group: threads started per
+/// group each grew fresh memory, and the kernel zeroing it was a tenth of an export's samples.
+struct EncoderPool {
+    jobs: Option<Sender<ColumnJob>>,
+    done: Receiver<ColumnDone>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl EncoderPool {
+    fn new() -> EncoderPool {
+        let width = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (jobs, queue) = channel::<ColumnJob>();
+        let (finished, done) = channel::<ColumnDone>();
+        let queue = Arc::new(Mutex::new(queue));
+        let threads = (0..width)
+            .map(|_| {
+                let (queue, finished) = (queue.clone(), finished.clone());
+                // Each thread takes the next column not yet taken: columns differ in cost (a
+                // text column against a delta-encoded integer), so there is no fixed split.
+                std::thread::spawn(move || {
+                    loop {
+                        let job = queue.lock().ok().and_then(|q| q.recv().ok());
+                        let Some((i, mut writer, leaves)) = job else {
+                            return;
+                        };
+                        let chunk = leaves
+                            .iter()
+                            .try_for_each(|l| writer.write(l))
+                            .and_then(|()| writer.close());
+                        if finished.send((i, chunk)).is_err() {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        EncoderPool {
+            jobs: Some(jobs),
+            done,
+            threads,
+        }
+    }
+
+    /// Encode each writer's values; the chunks in the writers' order.
+    fn encode(
+        &self,
+        columns: Vec<(ArrowColumnWriter, Vec<ArrowLeafColumn>)>,
+    ) -> Result<Vec<ArrowColumnChunk>, ParquetError> {
+        let stopped = || ParquetError::General("a column encoder thread stopped".into());
+        let n = columns.len();
+        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
+        for (i, (writer, leaves)) in columns.into_iter().enumerate() {
+            jobs.send((i, writer, leaves)).map_err(|_| stopped())?;
+        }
+        let mut chunks: Vec<Option<ArrowColumnChunk>> = (0..n).map(|_| None).collect();
+        // Every job is received even after an error, so none is left for the next group.
+        let mut failed = None;
+        for _ in 0..n {
+            let (i, chunk) = self.done.recv().map_err(|_| stopped())?;
+            match chunk {
+                Ok(c) => chunks[i] = Some(c),
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        chunks.into_iter().map(|c| c.ok_or_else(stopped)).collect()
+    }
+}
+
+impl Drop for EncoderPool {
+    fn drop(&mut self) {
+        // Closing the queue ends each thread at its next receive.
+        self.jobs = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A Parquet writer that encodes each row group's columns on several threads at once.
 ///
@@ -88,6 +174,7 @@ struct ParallelWriter {
     pending: Vec<RecordBatch>,
     pending_rows: usize,
     row_groups: usize,
+    pool: EncoderPool,
 }
 
 impl ParallelWriter {
@@ -102,6 +189,7 @@ impl ParallelWriter {
             pending: Vec::new(),
             pending_rows: 0,
             row_groups: 0,
+            pool: EncoderPool::new(),
         })
     }
 
@@ -151,46 +239,11 @@ impl ParallelWriter {
                 }
             }
         }
-        let jobs: Vec<ColumnJob> = writers
-            .into_iter()
-            .zip(leaves)
-            .map(|job| Mutex::new(Some(job)))
-            .collect();
-        let done: Vec<Mutex<Option<Result<ArrowColumnChunk, ParquetError>>>> =
-            jobs.iter().map(|_| Mutex::new(None)).collect();
-        let next = AtomicUsize::new(0);
-        let width = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(jobs.len());
-        std::thread::scope(|scope| {
-            for _ in 0..width {
-                scope.spawn(|| {
-                    // Each thread takes the next column not yet taken: columns differ in cost
-                    // (a text column against a delta-encoded integer), so no fixed split.
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(job) = jobs.get(i) else { return };
-                        let Some((mut writer, leaves)) = job.lock().ok().and_then(|mut j| j.take())
-                        else {
-                            return;
-                        };
-                        let chunk = leaves
-                            .iter()
-                            .try_for_each(|l| writer.write(l))
-                            .and_then(|()| writer.close());
-                        if let Ok(mut slot) = done[i].lock() {
-                            *slot = Some(chunk);
-                        }
-                    }
-                });
-            }
-        });
+        let chunks = self
+            .pool
+            .encode(writers.into_iter().zip(leaves).collect())?;
         let mut group = self.file.next_row_group()?;
-        for slot in done {
-            let chunk =
-                slot.into_inner().ok().flatten().ok_or_else(|| {
-                    ParquetError::General("a column encoder thread stopped".into())
-                })??;
+        for chunk in chunks {
             chunk.append_to_row_group(&mut group)?;
         }
         group.close()?;
@@ -327,8 +380,6 @@ impl<'d> PartitionedFiles<'d> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use datafusion::arrow::array::{ArrayRef, Int64Array, StringArray, StructArray};
     use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
     use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
