@@ -934,7 +934,7 @@ mod tests {
                         Some(-((r >> 8) as i64 % 1000) - 1)
                     }
                     2 if step >= sparse_from && seed % 4 != 3 => {
-                        Some(1 << 40 | (r >> 8) as i64 % 1000)
+                        Some((1 << 40) | ((r >> 8) as i64 % 1000))
                     }
                     _ => Some(((r >> 8) % 3_000) as i64),
                 };
@@ -952,7 +952,7 @@ mod tests {
                             map.remove(KeyRef::Int(key));
                             reference.remove(&key);
                         }
-                        _ if (r >> 40) % 50 == 0 => {
+                        _ if (r >> 40).is_multiple_of(50) => {
                             map.clear();
                             reference.clear();
                         }
