@@ -13,7 +13,8 @@
 //! takes the row replay: a table with a primary key whose changes up to the moment are all in
 //! one schema version, with no value kept as exact text (a value its Arrow type cannot hold).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
+use std::fmt::Write;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, sync_channel};
 
@@ -25,7 +26,8 @@ use datafusion::arrow::compute::{
     SortColumn, SortOptions, concat, lexsort_to_indices, take, take_record_batch,
 };
 use datafusion::arrow::datatypes::{
-    DataType, Field, Fields, Int8Type, Schema, TimestampMicrosecondType, UInt32Type, UInt64Type,
+    DataType, Field, Fields, Int8Type, Int16Type, Int32Type, Int64Type, Schema,
+    TimestampMicrosecondType, UInt32Type, UInt64Type,
 };
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::HashMap;
@@ -301,6 +303,10 @@ impl<'a> Replay<'a> {
     }
 }
 
+fn fmt_error(e: std::fmt::Error) -> DataFusionError {
+    DataFusionError::Internal(format!("writing a key's text: {e}"))
+}
+
 fn external(e: impl std::error::Error + Send + Sync + 'static) -> DataFusionError {
     DataFusionError::External(Box::new(e))
 }
@@ -547,8 +553,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 let key = datafusion::arrow::compute::cast(&children[0], &DataType::Int64)?;
                 return Ok(Some(ImageKeys::Int(
                     s,
-                    key.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
-                        .clone(),
+                    key.as_primitive::<Int64Type>().clone(),
                 )));
             }
             let rows = converter.convert_columns(&children)?;
@@ -783,22 +788,23 @@ pub fn diff_batch(
     let Some(images) = images(archive, &plan, &locs)? else {
         return Ok(None);
     };
-    let index: BTreeMap<Loc, u32> = locs
-        .iter()
-        .enumerate()
-        .map(|(i, l)| (*l, i as u32))
-        .collect();
+    // `locs` is sorted and distinct: a change's image is at its place in it.
+    let index = |l: Loc| -> Result<u32> {
+        locs.binary_search(&l)
+            .map(|i| i as u32)
+            .map_err(|_| DataFusionError::Internal("a changed row without its image".into()))
+    };
     let before_idx = UInt32Array::from(
         pairs
             .iter()
-            .map(|(x, _)| x.map(|l| index[&l]))
-            .collect::<Vec<_>>(),
+            .map(|(x, _)| x.map(index).transpose())
+            .collect::<Result<Vec<_>>>()?,
     );
     let after_idx = UInt32Array::from(
         pairs
             .iter()
-            .map(|(_, y)| y.map(|l| index[&l]))
-            .collect::<Vec<_>>(),
+            .map(|(_, y)| y.map(index).transpose())
+            .collect::<Result<Vec<_>>>()?,
     );
     // Two different changes may still leave the same row (an update to the same values).
     let same = same_rows(&images)?;
@@ -857,13 +863,28 @@ pub fn diff_batch(
             (true, false) => "delete",
             _ => "insert",
         });
-        let text: Vec<String> = kinds
-            .iter()
-            .map(|(array, kind)| {
-                render(kind, array.as_ref(), o as usize).unwrap_or_else(|| "NULL".into())
-            })
-            .collect();
-        key_text.append_value(text.join("|"));
+        // Each key column's text, joined by '|', written straight into the column.
+        for (n, (array, kind)) in kinds.iter().enumerate() {
+            let o = o as usize;
+            if n > 0 {
+                key_text.write_str("|").map_err(fmt_error)?;
+            }
+            // An integer's text is its decimal digits; other types go through `render`.
+            let int = match array.data_type() {
+                _ if array.is_null(o) => None,
+                DataType::Int64 => Some(array.as_primitive::<Int64Type>().value(o)),
+                DataType::Int32 => Some(array.as_primitive::<Int32Type>().value(o).into()),
+                DataType::Int16 => Some(array.as_primitive::<Int16Type>().value(o).into()),
+                _ => None,
+            };
+            match int {
+                Some(v) => write!(key_text, "{v}").map_err(fmt_error)?,
+                None => key_text
+                    .write_str(&render(kind, array.as_ref(), o).unwrap_or_else(|| "NULL".into()))
+                    .map_err(fmt_error)?,
+            }
+        }
+        key_text.append_value("");
     }
     let fields: Fields = images.fields().clone();
     let row_type = DataType::Struct(fields);
