@@ -51,7 +51,8 @@ impl Cluster {
     /// reaper process when this process exits.
     pub fn shared() -> &'static Cluster {
         let result = SHARED.get_or_init(|| {
-            let mut cluster = Cluster::start(ClusterOptions::default()).map_err(|e| e.to_string())?;
+            let mut cluster =
+                Cluster::start(ClusterOptions::default()).map_err(|e| e.to_string())?;
             cluster.spawn_reaper().map_err(|e| e.to_string())?;
             cluster.keep_on_drop = true;
             Ok(cluster)
@@ -69,13 +70,34 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix("pgtrail-pg-").tempdir()?;
         if as_postgres {
             // The postgres user must create the data directory, socket and log in here.
-            run(Command::new("chown").args(["postgres:postgres"]).arg(dir.path()), "chown")?;
+            run(
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(dir.path()),
+                "chown",
+            )?;
         }
-        let mut cluster = Cluster { dir, bin, port: 0, as_postgres, keep_on_drop: false };
+        let mut cluster = Cluster {
+            dir,
+            bin,
+            port: 0,
+            as_postgres,
+            keep_on_drop: false,
+        };
         let data = cluster.data_dir();
         cluster.run_pg(
             "initdb",
-            &["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"],
+            &[
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "-D",
+            ],
             &[data.as_os_str()],
         )?;
         let mut conf = String::from(
@@ -86,7 +108,10 @@ impl Cluster {
         for (name, value) in &options.settings {
             conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
         }
-        conf.push_str(&format!("unix_socket_directories = '{}'\n", cluster.dir.path().display()));
+        conf.push_str(&format!(
+            "unix_socket_directories = '{}'\n",
+            cluster.dir.path().display()
+        ));
         let conf_path = data.join("postgresql.auto.conf");
         let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
         existing.push_str(&conf);
@@ -127,8 +152,19 @@ impl Cluster {
         match e {
             ClusterError::Command { what, detail } => {
                 let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-                let tail: String = log.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-                ClusterError::Command { what, detail: format!("{detail}\nserver log:\n{tail}") }
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(15)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                ClusterError::Command {
+                    what,
+                    detail: format!("{detail}\nserver log:\n{tail}"),
+                }
             }
             other => other,
         }
@@ -137,7 +173,11 @@ impl Cluster {
     /// Stop the server (`fast` or `immediate`).
     pub fn stop(&self, mode: &str) -> Result<(), ClusterError> {
         let data = self.data_dir();
-        self.run_pg("pg_ctl", &["-w", "stop", "-m", mode, "-D"], &[data.as_os_str()])
+        self.run_pg(
+            "pg_ctl",
+            &["-w", "stop", "-m", mode, "-D"],
+            &[data.as_os_str()],
+        )
     }
 
     /// Start the server again after [`stop`](Self::stop), on the same port.
@@ -190,7 +230,18 @@ impl Cluster {
     /// Run SQL with psql against `database` and return its unaligned, tuples-only output.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let out = Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-U", "postgres"])
+            .args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-d")
@@ -208,7 +259,12 @@ impl Cluster {
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }
 
-    fn run_pg(&self, program: &str, args: &[&str], more: &[&std::ffi::OsStr]) -> Result<(), ClusterError> {
+    fn run_pg(
+        &self,
+        program: &str,
+        args: &[&str],
+        more: &[&std::ffi::OsStr],
+    ) -> Result<(), ClusterError> {
         let exe = self.bin.join(program);
         let mut cmd = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -227,9 +283,17 @@ impl Cluster {
         let pg_ctl = self.bin.join("pg_ctl");
         let data = self.data_dir();
         let stop = if self.as_postgres {
-            format!("runuser -u postgres -- '{}' stop -m immediate -D '{}'", pg_ctl.display(), data.display())
+            format!(
+                "runuser -u postgres -- '{}' stop -m immediate -D '{}'",
+                pg_ctl.display(),
+                data.display()
+            )
         } else {
-            format!("'{}' stop -m immediate -D '{}'", pg_ctl.display(), data.display())
+            format!(
+                "'{}' stop -m immediate -D '{}'",
+                pg_ctl.display(),
+                data.display()
+            )
         };
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 0.5; done; {stop} >/dev/null 2>&1; rm -rf '{dir}'",
@@ -271,7 +335,9 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), ClusterError> {
 }
 
 fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 fn free_port() -> Result<u16, ClusterError> {
@@ -284,7 +350,11 @@ pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     if let Some(dir) = std::env::var_os("PGTRAIL_TEST_PG_BIN") {
         let dir = PathBuf::from(dir);
-        return if has_server(&dir) { Ok(dir) } else { Err(ClusterError::NotFound) };
+        return if has_server(&dir) {
+            Ok(dir)
+        } else {
+            Err(ClusterError::NotFound)
+        };
     }
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
         && out.status.success()
@@ -305,5 +375,8 @@ pub fn find_bin_dir() -> Result<PathBuf, ClusterError> {
         })
         .collect();
     versions.sort();
-    versions.pop().map(|(_, dir)| dir).ok_or(ClusterError::NotFound)
+    versions
+        .pop()
+        .map(|(_, dir)| dir)
+        .ok_or(ClusterError::NotFound)
 }

@@ -49,7 +49,11 @@ pub struct BackgroundCompactor {
 }
 
 impl BackgroundCompactor {
-    pub fn start(db: Arc<Database>, archive: PathBuf, policy: CompactionPolicy) -> BackgroundCompactor {
+    pub fn start(
+        db: Arc<Database>,
+        archive: PathBuf,
+        policy: CompactionPolicy,
+    ) -> BackgroundCompactor {
         let stop = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
         let compacted = Arc::new(AtomicU64::new(0));
@@ -76,9 +80,15 @@ impl BackgroundCompactor {
                         continue;
                     }
                     last_check = Instant::now();
-                    let outcome = due(&db, &policy).map_err(CompactError::from).and_then(|due| {
-                        if due { compactor.run().map(Some) } else { Ok(None) }
-                    });
+                    let outcome = due(&db, &policy)
+                        .map_err(CompactError::from)
+                        .and_then(|due| {
+                            if due {
+                                compactor.run().map(Some)
+                            } else {
+                                Ok(None)
+                            }
+                        });
                     result = outcome.map(|report| {
                         if let Some(report) = report {
                             t_compacted.fetch_add(report.changes, Ordering::Relaxed);
@@ -87,7 +97,13 @@ impl BackgroundCompactor {
                 }
             })
             .ok();
-        BackgroundCompactor { stop, join, failure, failed, compacted }
+        BackgroundCompactor {
+            stop,
+            join,
+            failure,
+            failed,
+            compacted,
+        }
     }
 
     /// Completes when the compactor has failed.
@@ -115,7 +131,9 @@ impl BackgroundCompactor {
 
 fn due(db: &Database, policy: &CompactionPolicy) -> Result<bool, pgtrail_store::LogError> {
     let (count, oldest) = LogReader::from_database(db)?.log_backlog()?;
-    let now_us = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    let now_us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64);
     let old = oldest.is_some_and(|t| now_us - t >= policy.max_age.as_micros() as i64);
     Ok(count >= policy.min_changes || (count > 0 && old))
 }

@@ -20,7 +20,9 @@ pub enum ErrorKind {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CaptureError {
-    #[error("invalid source URL: {detail} (expected postgresql://user[:password]@host[:port]/database)")]
+    #[error(
+        "invalid source URL: {detail} (expected postgresql://user[:password]@host[:port]/database)"
+    )]
     InvalidUrl { detail: String },
     #[error("cannot connect to the source database at {target}")]
     Connect {
@@ -33,7 +35,11 @@ pub enum CaptureError {
     #[error(
         "gap in the archive: {reason} (the archive holds the source's changes up to {archive_position}; the source can now only provide them from {source_position}). The gap is recorded in the archive. To continue, start a new archive directory (a fresh initial snapshot), or pass --resnapshot to take a new snapshot into this one with the gap recorded"
     )]
-    Gap { reason: String, archive_position: Lsn, source_position: Lsn },
+    Gap {
+        reason: String,
+        archive_position: Lsn,
+        source_position: Lsn,
+    },
     #[error(
         "the source at this URL is a different PostgreSQL cluster (system identifier {found}; this archive was captured from {expected}). Nothing was read from it; the event is recorded in the archive. Point --source at the original cluster, or start a new archive directory for this one (--resnapshot cannot continue an archive from another cluster: its LSNs are another history)"
     )]
@@ -41,7 +47,10 @@ pub enum CaptureError {
     #[error(
         "the source's WAL position ({source_position}) is behind what this archive holds ({archive_position}): it was restored from a backup or is another server. This archive's history cannot continue from it in LSN order; start a new archive directory"
     )]
-    SourceBehind { archive_position: Lsn, source_position: Lsn },
+    SourceBehind {
+        archive_position: Lsn,
+        source_position: Lsn,
+    },
     #[error("source query failed: {context}")]
     Sql {
         context: String,
@@ -71,29 +80,47 @@ pub enum CaptureError {
     Log(#[from] LogError),
     #[error("the archive writer thread stopped unexpectedly")]
     WriterGone,
-    #[error("background compaction failed; the log still holds every change it did not list in a segment")]
+    #[error(
+        "background compaction failed; the log still holds every change it did not list in a segment"
+    )]
     Compaction(#[source] Option<Box<pgtrail_store::CompactError>>),
 }
 
 impl CaptureError {
     pub fn setup(problem: impl Into<String>, fix: impl Into<String>) -> Self {
-        CaptureError::Setup { problem: problem.into(), fix: fix.into() }
+        CaptureError::Setup {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
     }
 
     pub(crate) fn sql(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
-        CaptureError::Sql { context: context.into(), source }
+        CaptureError::Sql {
+            context: context.into(),
+            source,
+        }
     }
 
     /// The one place that decides how each error is handled.
     pub fn kind(&self) -> ErrorKind {
         match self {
             CaptureError::InvalidUrl { .. } | CaptureError::Setup { .. } => ErrorKind::Setup,
-            CaptureError::Gap { .. } | CaptureError::Decode { .. } | CaptureError::Protocol(_) => ErrorKind::Fatal,
-            CaptureError::OtherCluster { .. } | CaptureError::SourceBehind { .. } => ErrorKind::Fatal,
-            CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => ErrorKind::Fatal,
-            CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => pg_error_kind(source),
+            CaptureError::Gap { .. } | CaptureError::Decode { .. } | CaptureError::Protocol(_) => {
+                ErrorKind::Fatal
+            }
+            CaptureError::OtherCluster { .. } | CaptureError::SourceBehind { .. } => {
+                ErrorKind::Fatal
+            }
+            CaptureError::Log(_) | CaptureError::WriterGone | CaptureError::Compaction(_) => {
+                ErrorKind::Fatal
+            }
+            CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => {
+                pg_error_kind(source)
+            }
             CaptureError::Replication(e) => wire_error_kind(e),
-            CaptureError::StreamSilent { .. } | CaptureError::SnapshotRaced { .. } => ErrorKind::Transient,
+            CaptureError::StreamSilent { .. } | CaptureError::SnapshotRaced { .. } => {
+                ErrorKind::Transient
+            }
         }
     }
 
@@ -106,7 +133,12 @@ fn pg_error_kind(e: &tokio_postgres::Error) -> ErrorKind {
     match e.code() {
         Some(code) => {
             let c = code.code();
-            if c.starts_with("28") || c.starts_with("42") || c.starts_with("3D") || c.starts_with("3F") || c == "55006" {
+            if c.starts_with("28")
+                || c.starts_with("42")
+                || c.starts_with("3D")
+                || c.starts_with("3F")
+                || c == "55006"
+            {
                 // authentication, privileges/syntax, unknown database or schema, object in use
                 ErrorKind::Setup
             } else {
@@ -124,8 +156,11 @@ fn wire_error_kind(e: &pgwire_replication::PgWireError) -> ErrorKind {
     match e {
         W::Auth(_) | W::Tls(_) => ErrorKind::Setup,
         W::Server(msg) => {
-            if msg.contains("is active for PID") || msg.contains("does not exist") || msg.contains("permission denied")
-                || msg.contains("must be superuser or replication role") || msg.contains("can no longer get changes")
+            if msg.contains("is active for PID")
+                || msg.contains("does not exist")
+                || msg.contains("permission denied")
+                || msg.contains("must be superuser or replication role")
+                || msg.contains("can no longer get changes")
                 || msg.contains("has been invalidated")
             {
                 ErrorKind::Setup
@@ -151,13 +186,20 @@ mod tests {
 
     #[test]
     fn a_replication_worker_that_already_ended_is_a_reconnect_not_a_stop() {
-        let ended = CaptureError::Replication(W::Internal("replication worker already joined".into()));
+        let ended =
+            CaptureError::Replication(W::Internal("replication worker already joined".into()));
         assert_eq!(ended.kind(), ErrorKind::Transient);
         let terminated = CaptureError::Replication(W::Server(
             "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
         ));
         assert_eq!(terminated.kind(), ErrorKind::Transient);
-        assert_eq!(CaptureError::Replication(W::Protocol("bad frame".into())).kind(), ErrorKind::Fatal);
-        assert_eq!(CaptureError::Replication(W::Internal("something else".into())).kind(), ErrorKind::Fatal);
+        assert_eq!(
+            CaptureError::Replication(W::Protocol("bad frame".into())).kind(),
+            ErrorKind::Fatal
+        );
+        assert_eq!(
+            CaptureError::Replication(W::Internal("something else".into())).kind(),
+            ErrorKind::Fatal
+        );
     }
 }

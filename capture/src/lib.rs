@@ -23,5 +23,8 @@ pub mod writer;
 
 pub use compaction::CompactionPolicy;
 pub use error::{CaptureError, ErrorKind};
-pub use run::{CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver, Progress, run};
+pub use run::{
+    CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver,
+    Progress, run,
+};
 pub use source::SourceConfig;

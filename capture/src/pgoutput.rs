@@ -10,16 +10,50 @@ use std::fmt;
 /// One pgoutput message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
-    Begin { final_lsn: u64, commit_time_us: i64, xid: u32 },
-    Commit { flags: u8, commit_lsn: u64, end_lsn: u64, commit_time_us: i64 },
-    Origin { commit_lsn: u64, name: String },
+    Begin {
+        final_lsn: u64,
+        commit_time_us: i64,
+        xid: u32,
+    },
+    Commit {
+        flags: u8,
+        commit_lsn: u64,
+        end_lsn: u64,
+        commit_time_us: i64,
+    },
+    Origin {
+        commit_lsn: u64,
+        name: String,
+    },
     Relation(Relation),
-    Type { oid: u32, schema: String, name: String },
-    Insert { relation_id: u32, new: Vec<TupleCell> },
-    Update { relation_id: u32, old: Option<OldTuple>, new: Vec<TupleCell> },
-    Delete { relation_id: u32, old: OldTuple },
-    Truncate { options: u8, relation_ids: Vec<u32> },
-    Message { transactional: bool, lsn: u64, prefix: String, content: Vec<u8> },
+    Type {
+        oid: u32,
+        schema: String,
+        name: String,
+    },
+    Insert {
+        relation_id: u32,
+        new: Vec<TupleCell>,
+    },
+    Update {
+        relation_id: u32,
+        old: Option<OldTuple>,
+        new: Vec<TupleCell>,
+    },
+    Delete {
+        relation_id: u32,
+        old: OldTuple,
+    },
+    Truncate {
+        options: u8,
+        relation_ids: Vec<u32>,
+    },
+    Message {
+        transactional: bool,
+        lsn: u64,
+        prefix: String,
+        content: Vec<u8>,
+    },
 }
 
 /// The old tuple of an Update or Delete.
@@ -91,15 +125,23 @@ pub enum DecodeErrorKind {
 impl fmt::Display for DecodeErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            DecodeErrorKind::Truncated { needed } => write!(f, "truncated: {needed} more bytes needed"),
+            DecodeErrorKind::Truncated { needed } => {
+                write!(f, "truncated: {needed} more bytes needed")
+            }
             DecodeErrorKind::UnterminatedString => write!(f, "string without terminating NUL"),
             DecodeErrorKind::InvalidUtf8 => write!(f, "text is not valid UTF-8"),
-            DecodeErrorKind::UnknownMessage(t) => write!(f, "unknown message type {:?}", *t as char),
-            DecodeErrorKind::UnknownCellKind(t) => write!(f, "unknown tuple cell kind {:?}", *t as char),
+            DecodeErrorKind::UnknownMessage(t) => {
+                write!(f, "unknown message type {:?}", *t as char)
+            }
+            DecodeErrorKind::UnknownCellKind(t) => {
+                write!(f, "unknown tuple cell kind {:?}", *t as char)
+            }
             DecodeErrorKind::UnexpectedTag { expected, found } => {
                 write!(f, "expected {expected}, found {:?}", *found as char)
             }
-            DecodeErrorKind::TrailingBytes(n) => write!(f, "{n} unexpected bytes after the message"),
+            DecodeErrorKind::TrailingBytes(n) => {
+                write!(f, "{n} unexpected bytes after the message")
+            }
             DecodeErrorKind::Empty => write!(f, "empty message"),
         }
     }
@@ -112,7 +154,10 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, kind: DecodeErrorKind) -> DecodeError {
-        DecodeError { offset: self.pos, kind }
+        DecodeError {
+            offset: self.pos,
+            kind,
+        }
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
@@ -122,7 +167,9 @@ impl<'a> Cursor<'a> {
                 self.pos += n;
                 Ok(bytes)
             }
-            None => Err(self.err(DecodeErrorKind::Truncated { needed: n - rest.len() })),
+            None => Err(self.err(DecodeErrorKind::Truncated {
+                needed: n - rest.len(),
+            })),
         }
     }
 
@@ -157,7 +204,8 @@ impl<'a> Cursor<'a> {
             .iter()
             .position(|&c| c == 0)
             .ok_or_else(|| self.err(DecodeErrorKind::UnterminatedString))?;
-        let s = std::str::from_utf8(&rest[..end]).map_err(|_| self.err(DecodeErrorKind::InvalidUtf8))?;
+        let s = std::str::from_utf8(&rest[..end])
+            .map_err(|_| self.err(DecodeErrorKind::InvalidUtf8))?;
         self.pos += end + 1;
         Ok(s.to_string())
     }
@@ -175,8 +223,10 @@ impl<'a> Cursor<'a> {
                     let len = self.u32()? as usize;
                     let at = self.pos;
                     let bytes = self.take(len)?;
-                    let s = std::str::from_utf8(bytes)
-                        .map_err(|_| DecodeError { offset: at, kind: DecodeErrorKind::InvalidUtf8 })?;
+                    let s = std::str::from_utf8(bytes).map_err(|_| DecodeError {
+                        offset: at,
+                        kind: DecodeErrorKind::InvalidUtf8,
+                    })?;
                     TupleCell::Text(s.to_string())
                 }
                 b'b' => {
@@ -184,7 +234,10 @@ impl<'a> Cursor<'a> {
                     TupleCell::Binary(self.take(len)?.to_vec())
                 }
                 k => {
-                    return Err(DecodeError { offset: kind_at, kind: DecodeErrorKind::UnknownCellKind(k) });
+                    return Err(DecodeError {
+                        offset: kind_at,
+                        kind: DecodeErrorKind::UnknownCellKind(k),
+                    });
                 }
             });
         }
@@ -197,7 +250,10 @@ impl<'a> Cursor<'a> {
         } else {
             Err(DecodeError {
                 offset: self.pos - 1,
-                kind: DecodeErrorKind::UnexpectedTag { expected: "N", found: tag },
+                kind: DecodeErrorKind::UnexpectedTag {
+                    expected: "N",
+                    found: tag,
+                },
             })
         }
     }
@@ -206,11 +262,26 @@ impl<'a> Cursor<'a> {
 /// Decode one pgoutput message.
 pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     let mut c = Cursor { buf, pos: 0 };
-    let tag = c.take(1).map_err(|_| DecodeError { offset: 0, kind: DecodeErrorKind::Empty })?[0];
+    let tag = c.take(1).map_err(|_| DecodeError {
+        offset: 0,
+        kind: DecodeErrorKind::Empty,
+    })?[0];
     let msg = match tag {
-        b'B' => Message::Begin { final_lsn: c.u64()?, commit_time_us: c.i64()?, xid: c.u32()? },
-        b'C' => Message::Commit { flags: c.u8()?, commit_lsn: c.u64()?, end_lsn: c.u64()?, commit_time_us: c.i64()? },
-        b'O' => Message::Origin { commit_lsn: c.u64()?, name: c.cstr()? },
+        b'B' => Message::Begin {
+            final_lsn: c.u64()?,
+            commit_time_us: c.i64()?,
+            xid: c.u32()?,
+        },
+        b'C' => Message::Commit {
+            flags: c.u8()?,
+            commit_lsn: c.u64()?,
+            end_lsn: c.u64()?,
+            commit_time_us: c.i64()?,
+        },
+        b'O' => Message::Origin {
+            commit_lsn: c.u64()?,
+            name: c.cstr()?,
+        },
         b'R' => {
             let id = c.u32()?;
             let schema = c.cstr()?;
@@ -223,16 +294,34 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 let name = c.cstr()?;
                 let type_oid = c.u32()?;
                 let type_modifier = c.u32()? as i32;
-                columns.push(RelationColumn { is_key: flags & 1 == 1, name, type_oid, type_modifier });
+                columns.push(RelationColumn {
+                    is_key: flags & 1 == 1,
+                    name,
+                    type_oid,
+                    type_modifier,
+                });
             }
-            Message::Relation(Relation { id, schema, name, replica_identity, columns })
+            Message::Relation(Relation {
+                id,
+                schema,
+                name,
+                replica_identity,
+                columns,
+            })
         }
-        b'Y' => Message::Type { oid: c.u32()?, schema: c.cstr()?, name: c.cstr()? },
+        b'Y' => Message::Type {
+            oid: c.u32()?,
+            schema: c.cstr()?,
+            name: c.cstr()?,
+        },
         b'I' => {
             let relation_id = c.u32()?;
             let t = c.u8()?;
             c.expect_new_tuple_tag(t)?;
-            Message::Insert { relation_id, new: c.tuple()? }
+            Message::Insert {
+                relation_id,
+                new: c.tuple()?,
+            }
         }
         b'U' => {
             let relation_id = c.u32()?;
@@ -251,7 +340,11 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 _ => None,
             };
             c.expect_new_tuple_tag(t)?;
-            Message::Update { relation_id, old, new: c.tuple()? }
+            Message::Update {
+                relation_id,
+                old,
+                new: c.tuple()?,
+            }
         }
         b'D' => {
             let relation_id = c.u32()?;
@@ -262,7 +355,10 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
                 found => {
                     return Err(DecodeError {
                         offset: c.pos - 1,
-                        kind: DecodeErrorKind::UnexpectedTag { expected: "K or O", found },
+                        kind: DecodeErrorKind::UnexpectedTag {
+                            expected: "K or O",
+                            found,
+                        },
                     });
                 }
             };
@@ -275,16 +371,29 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
             for _ in 0..n {
                 relation_ids.push(c.u32()?);
             }
-            Message::Truncate { options, relation_ids }
+            Message::Truncate {
+                options,
+                relation_ids,
+            }
         }
         b'M' => {
             let flags = c.u8()?;
             let lsn = c.u64()?;
             let prefix = c.cstr()?;
             let len = c.u32()? as usize;
-            Message::Message { transactional: flags & 1 == 1, lsn, prefix, content: c.take(len)?.to_vec() }
+            Message::Message {
+                transactional: flags & 1 == 1,
+                lsn,
+                prefix,
+                content: c.take(len)?.to_vec(),
+            }
         }
-        other => return Err(DecodeError { offset: 0, kind: DecodeErrorKind::UnknownMessage(other) }),
+        other => {
+            return Err(DecodeError {
+                offset: 0,
+                kind: DecodeErrorKind::UnknownMessage(other),
+            });
+        }
     };
     if c.pos != buf.len() {
         return Err(c.err(DecodeErrorKind::TrailingBytes(buf.len() - c.pos)));
@@ -320,13 +429,22 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         }
     }
     match msg {
-        Message::Begin { final_lsn, commit_time_us, xid } => {
+        Message::Begin {
+            final_lsn,
+            commit_time_us,
+            xid,
+        } => {
             out.push(b'B');
             out.extend_from_slice(&final_lsn.to_be_bytes());
             out.extend_from_slice(&commit_time_us.to_be_bytes());
             out.extend_from_slice(&xid.to_be_bytes());
         }
-        Message::Commit { flags, commit_lsn, end_lsn, commit_time_us } => {
+        Message::Commit {
+            flags,
+            commit_lsn,
+            end_lsn,
+            commit_time_us,
+        } => {
             out.push(b'C');
             out.push(*flags);
             out.extend_from_slice(&commit_lsn.to_be_bytes());
@@ -364,7 +482,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(b'N');
             tuple(&mut out, new);
         }
-        Message::Update { relation_id, old, new } => {
+        Message::Update {
+            relation_id,
+            old,
+            new,
+        } => {
             out.push(b'U');
             out.extend_from_slice(&relation_id.to_be_bytes());
             match old {
@@ -395,7 +517,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 }
             }
         }
-        Message::Truncate { options, relation_ids } => {
+        Message::Truncate {
+            options,
+            relation_ids,
+        } => {
             out.push(b'T');
             out.extend_from_slice(&(relation_ids.len() as u32).to_be_bytes());
             out.push(*options);
@@ -403,7 +528,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
                 out.extend_from_slice(&id.to_be_bytes());
             }
         }
-        Message::Message { transactional, lsn, prefix, content } => {
+        Message::Message {
+            transactional,
+            lsn,
+            prefix,
+            content,
+        } => {
             out.push(b'M');
             out.push(u8::from(*transactional));
             out.extend_from_slice(&lsn.to_be_bytes());
@@ -450,17 +580,55 @@ mod tests {
         let has = |f: &dyn Fn(&Message) -> bool| decoded.iter().any(f);
         assert!(has(&|m| matches!(m, Message::Begin { .. })));
         assert!(has(&|m| matches!(m, Message::Commit { .. })));
-        assert!(has(&|m| matches!(m, Message::Type { name, .. } if name == "mood")));
-        assert!(has(&|m| matches!(m, Message::Relation(r) if r.name == "items" && r.columns.len() == 8)));
-        assert!(has(&|m| matches!(m, Message::Update { old: Some(OldTuple::Key(_)), .. })));
-        assert!(has(&|m| matches!(m, Message::Update { old: Some(OldTuple::Full(_)), .. })));
-        assert!(has(&|m| matches!(m, Message::Update { old: None, new, .. } if new.contains(&TupleCell::UnchangedToast))));
-        assert!(has(&|m| matches!(m, Message::Delete { old: OldTuple::Key(_), .. })));
-        assert!(has(&|m| matches!(m, Message::Delete { old: OldTuple::Full(_), .. })));
-        assert!(has(&|m| matches!(m, Message::Truncate { relation_ids, options: 2 } if relation_ids.len() == 2)));
-        assert!(has(&|m| matches!(m, Message::Message { transactional: true, prefix, .. } if prefix == "_bemi")));
-        assert!(has(&|m| matches!(m, Message::Message { transactional: false, prefix, .. } if prefix == "heartbeat")));
-        assert!(has(&|m| matches!(m, Message::Insert { new, .. } if new.contains(&TupleCell::Text("tab\there".into())))));
+        assert!(has(
+            &|m| matches!(m, Message::Type { name, .. } if name == "mood")
+        ));
+        assert!(has(
+            &|m| matches!(m, Message::Relation(r) if r.name == "items" && r.columns.len() == 8)
+        ));
+        assert!(has(&|m| matches!(
+            m,
+            Message::Update {
+                old: Some(OldTuple::Key(_)),
+                ..
+            }
+        )));
+        assert!(has(&|m| matches!(
+            m,
+            Message::Update {
+                old: Some(OldTuple::Full(_)),
+                ..
+            }
+        )));
+        assert!(has(
+            &|m| matches!(m, Message::Update { old: None, new, .. } if new.contains(&TupleCell::UnchangedToast))
+        ));
+        assert!(has(&|m| matches!(
+            m,
+            Message::Delete {
+                old: OldTuple::Key(_),
+                ..
+            }
+        )));
+        assert!(has(&|m| matches!(
+            m,
+            Message::Delete {
+                old: OldTuple::Full(_),
+                ..
+            }
+        )));
+        assert!(has(
+            &|m| matches!(m, Message::Truncate { relation_ids, options: 2 } if relation_ids.len() == 2)
+        ));
+        assert!(has(
+            &|m| matches!(m, Message::Message { transactional: true, prefix, .. } if prefix == "_bemi")
+        ));
+        assert!(has(
+            &|m| matches!(m, Message::Message { transactional: false, prefix, .. } if prefix == "heartbeat")
+        ));
+        assert!(has(
+            &|m| matches!(m, Message::Insert { new, .. } if new.contains(&TupleCell::Text("tab\there".into())))
+        ));
     }
 
     #[test]
@@ -472,7 +640,13 @@ mod tests {
             }
             let mut longer = bytes.to_vec();
             longer.push(0);
-            assert!(matches!(decode(&longer), Err(DecodeError { kind: DecodeErrorKind::TrailingBytes(1), .. })));
+            assert!(matches!(
+                decode(&longer),
+                Err(DecodeError {
+                    kind: DecodeErrorKind::TrailingBytes(1),
+                    ..
+                })
+            ));
             // Every single-byte corruption either decodes to something or is an error.
             for i in 0..bytes.len().min(200) {
                 let mut flipped = bytes.to_vec();
@@ -481,7 +655,10 @@ mod tests {
             }
         }
         assert_eq!(decode(&[]).unwrap_err().kind, DecodeErrorKind::Empty);
-        assert!(matches!(decode(b"Z").unwrap_err().kind, DecodeErrorKind::UnknownMessage(b'Z')));
+        assert!(matches!(
+            decode(b"Z").unwrap_err().kind,
+            DecodeErrorKind::UnknownMessage(b'Z')
+        ));
         // A huge announced count with no bytes behind it must not allocate or panic.
         let mut huge = vec![b'T'];
         huge.extend_from_slice(&u32::MAX.to_be_bytes());
@@ -521,10 +698,15 @@ mod tests {
             }
             if let Ok(msg) = decode(&bytes) {
                 decoded_ok += 1;
-                let again = decode(&encode(&msg)).unwrap_or_else(|e| panic!("round {round}: {msg:?} re-encoded does not decode: {e}"));
+                let again = decode(&encode(&msg)).unwrap_or_else(|e| {
+                    panic!("round {round}: {msg:?} re-encoded does not decode: {e}")
+                });
                 assert_eq!(again, msg, "round {round}");
             }
         }
-        assert!(decoded_ok > 100, "the corruptions must also produce decodable messages ({decoded_ok})");
+        assert!(
+            decoded_ok > 100,
+            "the corruptions must also produce decodable messages ({decoded_ok})"
+        );
     }
 }

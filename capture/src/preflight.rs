@@ -30,20 +30,29 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
     let database: String = row.get(6);
     if version_num < 140000 {
         return Err(CaptureError::setup(
-            format!("the source runs PostgreSQL {}.{}; pgtrail needs 14 or newer", version_num / 10000, version_num % 10000 / 100),
+            format!(
+                "the source runs PostgreSQL {}.{}; pgtrail needs 14 or newer",
+                version_num / 10000,
+                version_num % 10000 / 100
+            ),
             "upgrade the source server to PostgreSQL 14 or newer",
         ));
     }
     if wal_level != "logical" {
         return Err(CaptureError::setup(
-            format!("the source has wal_level = {wal_level}; logical replication needs wal_level = logical"),
+            format!(
+                "the source has wal_level = {wal_level}; logical replication needs wal_level = logical"
+            ),
             "run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL",
         ));
     }
     if !replication && !superuser {
         return Err(CaptureError::setup(
             format!("role {user:?} has neither the REPLICATION attribute nor superuser"),
-            format!("run `ALTER ROLE \"{}\" WITH REPLICATION;` as a superuser", user.replace('"', "\"\"")),
+            format!(
+                "run `ALTER ROLE \"{}\" WITH REPLICATION;` as a superuser",
+                user.replace('"', "\"\"")
+            ),
         ));
     }
     if encoding != "UTF8" && encoding != "SQL_ASCII" {
@@ -58,5 +67,8 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
             "run `ALTER SYSTEM SET max_replication_slots = 10;` and restart PostgreSQL",
         ));
     }
-    Ok(ServerFacts { version_num, database })
+    Ok(ServerFacts {
+        version_num,
+        database,
+    })
 }

@@ -21,8 +21,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use pgtrail_store::{
-    Column, ChangeKey, Gap, IncomingCell, IncomingChange, LogOp, LogicalMessage, Lsn, OldImage, Op, RelationVersion,
-    SourceIdentity,
+    ChangeKey, Column, Gap, IncomingCell, IncomingChange, LogOp, LogicalMessage, Lsn, OldImage, Op,
+    RelationVersion, SourceIdentity,
 };
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
@@ -124,10 +124,9 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut summary = Progress::default();
     let mut backoff = Duration::from_millis(250);
-    let mut compactor = config
-        .compaction
-        .clone()
-        .map(|policy| BackgroundCompactor::start(writer.database(), config.archive.clone(), policy));
+    let mut compactor = config.compaction.clone().map(|policy| {
+        BackgroundCompactor::start(writer.database(), config.archive.clone(), policy)
+    });
     let compacted = compactor.as_ref().map(|c| c.compacted.clone());
     let mut on_progress = move |p: &Progress| {
         let mut p = p.clone();
@@ -144,7 +143,14 @@ pub async fn run(
         attempts += 1;
         let started = Instant::now();
         let result = {
-            let session = session(&config, &mut writer, &mut shutdown, &mut summary, &mut on_progress, &mut own_walsender);
+            let session = session(
+                &config,
+                &mut writer,
+                &mut shutdown,
+                &mut summary,
+                &mut on_progress,
+                &mut own_walsender,
+            );
             match compactor.as_mut() {
                 // A failed compactor stops the capture; dropping the session mid-stream is safe
                 // because nothing past the durable position was acknowledged.
@@ -158,7 +164,10 @@ pub async fn run(
         match result {
             Ok(_) => break,
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
-            Err(e) if e.is_transient() && !(attempts == 1 && matches!(e, CaptureError::Connect { .. })) => {
+            Err(e)
+                if e.is_transient()
+                    && !(attempts == 1 && matches!(e, CaptureError::Connect { .. })) =>
+            {
                 summary.reconnects += 1;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(250);
@@ -247,7 +256,10 @@ async fn session(
                 "this archive captures through slot {:?} and publication {:?}, not {:?} and {:?}",
                 id.slot, id.publication, config.slot, config.publication
             ),
-            format!("pass --slot {} --publication {} (or use a new archive directory)", id.slot, id.publication),
+            format!(
+                "pass --slot {} --publication {} (or use a new archive directory)",
+                id.slot, id.publication
+            ),
         ));
     }
 
@@ -259,14 +271,23 @@ async fn session(
                 slot::ensure_publication(&sql, &config.publication, &tables).await?;
             }
             let durable = writer.durable();
-            let rcfg = replication_config(config).with_start_lsn(to_wire(durable)).with_ack_lsn(to_wire(durable));
+            let rcfg = replication_config(config)
+                .with_start_lsn(to_wire(durable))
+                .with_ack_lsn(to_wire(durable));
             let limit = config.stream_timeout;
             client = within(limit, "connecting for replication", async {
-                ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
+                ReplicationClient::connect_gated(rcfg)
+                    .await
+                    .map_err(CaptureError::Replication)
             })
             .await?;
-            let system =
-                within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
+            let system = within(limit, "IDENTIFY_SYSTEM", async {
+                client
+                    .identify_system()
+                    .await
+                    .map_err(CaptureError::Replication)
+            })
+            .await?;
             // Checked before the slot, and never answered by --resnapshot: another cluster's
             // LSNs are another history, and continuing this archive from them would interleave
             // the two.
@@ -275,9 +296,11 @@ async fn session(
             }
             let checked = match check_slot(&sql, &id, durable, config, *own_walsender).await {
                 // Every gap is recorded in the archive before anything else happens.
-                Err(CaptureError::Gap { reason, archive_position, source_position }) => {
-                    Err(gap(writer, archive_position, source_position, reason).await)
-                }
+                Err(CaptureError::Gap {
+                    reason,
+                    archive_position,
+                    source_position,
+                }) => Err(gap(writer, archive_position, source_position, reason).await),
                 other => other,
             };
             match checked {
@@ -285,11 +308,24 @@ async fn session(
                 Err(gap @ CaptureError::Gap { .. }) if config.resnapshot => {
                     tracing::warn!(error = %gap, "gap recorded; taking a new snapshot as --resnapshot asks");
                     drop(client);
-                    if slot::slot_state(&sql, &config.slot).await?.is_some_and(|s| !s.active) {
+                    if slot::slot_state(&sql, &config.slot)
+                        .await?
+                        .is_some_and(|s| !s.active)
+                    {
                         slot::drop_slot(&sql, &config.slot).await?;
                     }
                     client = initial_snapshot(config, writer, &sql, summary).await?;
-                    return stream(config, writer, client, &sql, shutdown, summary, on_progress, own_walsender).await;
+                    return stream(
+                        config,
+                        writer,
+                        client,
+                        &sql,
+                        shutdown,
+                        summary,
+                        on_progress,
+                        own_walsender,
+                    )
+                    .await;
                 }
                 Err(e) => return Err(e),
             }
@@ -299,7 +335,10 @@ async fn session(
             // The initial snapshot did not finish: nothing of it is in the archive (the log's
             // recovery removed the partial rows), nothing was acknowledged past the slot's
             // creation, so the slot is dropped and the snapshot taken again.
-            if slot_when_released(&sql, &config.slot, *own_walsender).await?.is_some() {
+            if slot_when_released(&sql, &config.slot, *own_walsender)
+                .await?
+                .is_some()
+            {
                 tracing::warn!(slot = %config.slot, "dropping the slot of an interrupted initial snapshot to take it again");
                 slot::drop_slot(&sql, &config.slot).await?;
             }
@@ -308,7 +347,10 @@ async fn session(
         None => {
             if slot::slot_state(&sql, &config.slot).await?.is_some() {
                 return Err(CaptureError::setup(
-                    format!("replication slot {:?} already exists, but this archive is new", config.slot),
+                    format!(
+                        "replication slot {:?} already exists, but this archive is new",
+                        config.slot
+                    ),
                     format!(
                         "choose another name with --slot, or, if no other consumer uses it, drop it: SELECT pg_drop_replication_slot('{}');",
                         config.slot.replace('\'', "''")
@@ -318,14 +360,28 @@ async fn session(
             client = initial_snapshot(config, writer, &sql, summary).await?;
         }
     }
-    stream(config, writer, client, &sql, shutdown, summary, on_progress, own_walsender).await
+    stream(
+        config,
+        writer,
+        client,
+        &sql,
+        shutdown,
+        summary,
+        on_progress,
+        own_walsender,
+    )
+    .await
 }
 
 /// The replication settings of `config`: status updates often enough that the liveness check
 /// sees several of them arrive at the server within one `stream_timeout`.
 fn replication_config(config: &CaptureConfig) -> pgwire_replication::ReplicationConfig {
-    let wakeup = (config.stream_timeout / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
-    config.source.replication_config(&config.slot, &config.publication).with_wakeup_interval(wakeup)
+    let wakeup =
+        (config.stream_timeout / 3).clamp(Duration::from_millis(500), Duration::from_secs(5));
+    config
+        .source
+        .replication_config(&config.slot, &config.publication)
+        .with_wakeup_interval(wakeup)
 }
 
 /// `fut`, or a [`CaptureError::StreamSilent`] (a reconnect) if it takes longer than `limit`:
@@ -336,30 +392,59 @@ async fn within<T>(
     fut: impl Future<Output = Result<T, CaptureError>>,
 ) -> Result<T, CaptureError> {
     tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-        Err(CaptureError::StreamSilent { why: format!("{what} got no answer within {} s", limit.as_secs_f64()) })
+        Err(CaptureError::StreamSilent {
+            why: format!("{what} got no answer within {} s", limit.as_secs_f64()),
+        })
     })
 }
 
 /// Record that another cluster answered at the source URL (as a gap of no length: nothing was
 /// read from it) and return the error that stops capture.
-async fn other_cluster(writer: &WriterHandle, durable: Lsn, system: &pgwire_replication::IdentifySystem, expected: &str) -> CaptureError {
+async fn other_cluster(
+    writer: &WriterHandle,
+    durable: Lsn,
+    system: &pgwire_replication::IdentifySystem,
+    expected: &str,
+) -> CaptureError {
     let reason = format!(
         "a different cluster answered at the source URL (system identifier {} where the archive was captured from {expected}); nothing was read from it",
         system.system_id
     );
-    let record = Gap { from: durable, to: durable, reason, recorded_at_us: now_us() };
+    let record = Gap {
+        from: durable,
+        to: durable,
+        reason,
+        recorded_at_us: now_us(),
+    };
     if let Err(e) = writer.record_gap(record).await {
         return e;
     }
-    CaptureError::OtherCluster { found: system.system_id.clone(), expected: expected.to_string() }
+    CaptureError::OtherCluster {
+        found: system.system_id.clone(),
+        expected: expected.to_string(),
+    }
 }
 
-async fn gap(writer: &WriterHandle, archive_position: Lsn, source_position: Lsn, reason: String) -> CaptureError {
-    let record = Gap { from: archive_position, to: source_position, reason: reason.clone(), recorded_at_us: now_us() };
+async fn gap(
+    writer: &WriterHandle,
+    archive_position: Lsn,
+    source_position: Lsn,
+    reason: String,
+) -> CaptureError {
+    let record = Gap {
+        from: archive_position,
+        to: source_position,
+        reason: reason.clone(),
+        recorded_at_us: now_us(),
+    };
     if let Err(e) = writer.record_gap(record).await {
         return e;
     }
-    CaptureError::Gap { reason, archive_position, source_position }
+    CaptureError::Gap {
+        reason,
+        archive_position,
+        source_position,
+    }
 }
 
 /// The slot's state, after waiting for a walsender of a consumer that just died (kill -9, a
@@ -377,16 +462,28 @@ async fn slot_when_released(
 ) -> Result<Option<slot::SlotState>, CaptureError> {
     let mut state = slot::slot_state(sql, slot_name).await?;
     let mut wait = SLOT_RELEASE_WAIT;
-    if let Some(pid) = state.as_ref().and_then(|s| s.active_pid).filter(|pid| Some(*pid) == own) {
+    if let Some(pid) = state
+        .as_ref()
+        .and_then(|s| s.active_pid)
+        .filter(|pid| Some(*pid) == own)
+    {
         let timeout_ms: i64 = sql
-            .query_one("SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'", &[])
+            .query_one(
+                "SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'",
+                &[],
+            )
             .await
             .map_err(|e| CaptureError::sql("reading wal_sender_timeout", e))?
             .get(0);
         if timeout_ms > 0 {
             wait = wait.max(Duration::from_millis(timeout_ms as u64) + Duration::from_secs(10));
         }
-        tracing::warn!(slot = slot_name, pid, wait_s = wait.as_secs(), "waiting for the server to end this capture's earlier walsender (wal_sender_timeout)");
+        tracing::warn!(
+            slot = slot_name,
+            pid,
+            wait_s = wait.as_secs(),
+            "waiting for the server to end this capture's earlier walsender (wal_sender_timeout)"
+        );
     }
     let deadline = Instant::now() + wait;
     while state.as_ref().is_some_and(|s| s.active) && Instant::now() < deadline {
@@ -412,26 +509,40 @@ async fn check_slot(
             .map_err(|e| CaptureError::sql("reading the WAL position", e))?
             .get(0);
         return Err(CaptureError::Gap {
-            reason: format!("replication slot {:?} no longer exists (dropped, or the server was restored or failed over)", config.slot),
+            reason: format!(
+                "replication slot {:?} no longer exists (dropped, or the server was restored or failed over)",
+                config.slot
+            ),
             archive_position: durable,
             source_position: current.parse().unwrap_or_default(),
         });
     };
-    if state.plugin.as_deref() != Some("pgoutput") || state.database.as_deref() != Some(id.database.as_str()) {
+    if state.plugin.as_deref() != Some("pgoutput")
+        || state.database.as_deref() != Some(id.database.as_str())
+    {
         return Err(CaptureError::setup(
-            format!("slot {:?} is not a pgoutput slot of database {:?}", config.slot, id.database),
+            format!(
+                "slot {:?} is not a pgoutput slot of database {:?}",
+                config.slot, id.database
+            ),
             "use the slot this archive was created with",
         ));
     }
     if state.active {
         return Err(CaptureError::setup(
-            format!("replication slot {:?} is in use by another connection", config.slot),
+            format!(
+                "replication slot {:?} is in use by another connection",
+                config.slot
+            ),
             "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
         ));
     }
     if state.wal_status.as_deref() == Some("lost") {
         return Err(CaptureError::Gap {
-            reason: format!("replication slot {:?} was invalidated (wal_status = lost): the WAL it needed is gone", config.slot),
+            reason: format!(
+                "replication slot {:?} was invalidated (wal_status = lost): the WAL it needed is gone",
+                config.slot
+            ),
             archive_position: durable,
             source_position: state.confirmed_flush.unwrap_or_default(),
         });
@@ -467,10 +578,18 @@ async fn initial_snapshot(
     let rcfg = replication_config(config);
     let limit = config.stream_timeout;
     let mut client = within(limit, "connecting for replication", async {
-        ReplicationClient::connect_gated(rcfg).await.map_err(CaptureError::Replication)
+        ReplicationClient::connect_gated(rcfg)
+            .await
+            .map_err(CaptureError::Replication)
     })
     .await?;
-    let system = within(limit, "IDENTIFY_SYSTEM", async { client.identify_system().await.map_err(CaptureError::Replication) }).await?;
+    let system = within(limit, "IDENTIFY_SYSTEM", async {
+        client
+            .identify_system()
+            .await
+            .map_err(CaptureError::Replication)
+    })
+    .await?;
     // A re-snapshot (after a gap, or an interrupted one) continues this archive: only from
     // the same cluster, and only forward in LSN order (a snapshot keyed before what the log
     // holds would be taken for a replay and skipped).
@@ -484,7 +603,10 @@ async fn initial_snapshot(
         }
         let at = from_wire(system.xlogpos);
         if at <= durable {
-            return Err(CaptureError::SourceBehind { archive_position: durable, source_position: at });
+            return Err(CaptureError::SourceBehind {
+                archive_position: durable,
+                source_position: at,
+            });
         }
     }
     let mut identity = SourceIdentity {
@@ -507,22 +629,29 @@ async fn initial_snapshot(
         ))
         .await
         .map_err(CaptureError::Replication)?;
-    let row = rows.first().ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
     let text = |i: usize| -> Result<String, CaptureError> {
         row.get(i)
             .and_then(|v| v.as_ref())
             .map(|b| String::from_utf8_lossy(b).into_owned())
-            .ok_or_else(|| CaptureError::Protocol(format!("CREATE_REPLICATION_SLOT: column {i} missing")))
+            .ok_or_else(|| {
+                CaptureError::Protocol(format!("CREATE_REPLICATION_SLOT: column {i} missing"))
+            })
     };
-    let consistent_point: Lsn = text(1)?
-        .parse()
-        .map_err(|_| CaptureError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into()))?;
+    let consistent_point: Lsn = text(1)?.parse().map_err(|_| {
+        CaptureError::Protocol("CREATE_REPLICATION_SLOT: bad consistent_point".into())
+    })?;
     let snapshot_name = text(2)?;
     if durable > Lsn::ZERO && Lsn(consistent_point.0.saturating_sub(1)) < durable {
         // Nothing was read from the slot yet: dropping it loses nothing.
         drop(client);
         slot::drop_slot(sql, &config.slot).await?;
-        return Err(CaptureError::SourceBehind { archive_position: durable, source_position: consistent_point });
+        return Err(CaptureError::SourceBehind {
+            archive_position: durable,
+            source_position: consistent_point,
+        });
     }
     identity.consistent_point = consistent_point;
     writer.set_identity(identity.clone()).await?;
@@ -530,7 +659,14 @@ async fn initial_snapshot(
     // The replication session stays idle (it holds the exported snapshot) while an ordinary
     // connection copies the tables inside that snapshot.
     let snapshot_sql = config.source.connect_sql().await?;
-    let rows = snapshot::copy_tables(&snapshot_sql, &snapshot_name, consistent_point, &tables, writer).await?;
+    let rows = snapshot::copy_tables(
+        &snapshot_sql,
+        &snapshot_name,
+        consistent_point,
+        &tables,
+        writer,
+    )
+    .await?;
     writer.wait_durable(consistent_point).await?;
     identity.snapshot_complete = true;
     writer.set_identity(identity).await?;
@@ -560,7 +696,10 @@ async fn stream(
     own_walsender: &mut Option<i32>,
 ) -> Result<SessionEnd, CaptureError> {
     let started = within(config.stream_timeout, "START_REPLICATION", async {
-        client.wait_started().await.map_err(CaptureError::Replication)
+        client
+            .wait_started()
+            .await
+            .map_err(CaptureError::Replication)
     })
     .await;
     started.map_err(|e| match &e {
@@ -572,7 +711,9 @@ async fn stream(
         }
         _ => e,
     })?;
-    *own_walsender = slot::slot_state(sql, &config.slot).await?.and_then(|s| s.active_pid);
+    *own_walsender = slot::slot_state(sql, &config.slot)
+        .await?
+        .and_then(|s| s.active_pid);
     let mut liveness = Liveness::new(config.stream_timeout, *own_walsender);
     tracing::info!(slot = %config.slot, from = %writer.durable(), "streaming");
     let mut durable_rx = writer.durable_watch();
@@ -672,7 +813,13 @@ impl Liveness {
     fn new(timeout: Duration, walsender: Option<i32>) -> Self {
         let mut tick = tokio::time::interval((timeout / 3).max(Duration::from_millis(200)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        Liveness { timeout, last_heard: Instant::now(), walsender, tick, last_reply: None }
+        Liveness {
+            timeout,
+            last_heard: Instant::now(),
+            walsender,
+            tick,
+            last_reply: None,
+        }
     }
 
     fn heard(&mut self) {
@@ -680,7 +827,11 @@ impl Liveness {
         self.last_reply = None;
     }
 
-    async fn check(&mut self, sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
+    async fn check(
+        &mut self,
+        sql: &tokio_postgres::Client,
+        slot: &str,
+    ) -> Result<(), CaptureError> {
         let silent = self.last_heard.elapsed();
         if silent < self.timeout {
             return Ok(());
@@ -694,9 +845,15 @@ impl Liveness {
              WHERE s.slot_name = $1",
             &params,
         );
-        let row = within(self.timeout, "a query about the replication session", async {
-            query.await.map_err(|e| CaptureError::sql("asking the source about the replication session", e))
-        })
+        let row = within(
+            self.timeout,
+            "a query about the replication session",
+            async {
+                query.await.map_err(|e| {
+                    CaptureError::sql("asking the source about the replication session", e)
+                })
+            },
+        )
         .await?;
         let silent_s = silent.as_secs();
         let why = match row {
@@ -714,11 +871,17 @@ impl Liveness {
                 self.last_reply = Some((reply, unchanged_since));
                 let replies_arrive = unchanged_since.elapsed() < self.timeout;
                 if pid.is_none() || (self.walsender.is_some() && pid != self.walsender) {
-                    Some(format!("nothing heard for {silent_s} s and the server no longer runs this capture's walsender"))
+                    Some(format!(
+                        "nothing heard for {silent_s} s and the server no longer runs this capture's walsender"
+                    ))
                 } else if !replies_arrive {
-                    Some(format!("nothing heard for {silent_s} s and the server received none of this capture's status updates"))
+                    Some(format!(
+                        "nothing heard for {silent_s} s and the server received none of this capture's status updates"
+                    ))
                 } else if wait_event.as_deref() == Some("WalSenderWriteData") {
-                    Some(format!("nothing heard for {silent_s} s while the server's walsender is blocked sending to this capture"))
+                    Some(format!(
+                        "nothing heard for {silent_s} s while the server's walsender is blocked sending to this capture"
+                    ))
                 } else {
                     None
                 }
@@ -727,14 +890,21 @@ impl Liveness {
         match why {
             Some(why) => Err(CaptureError::StreamSilent { why }),
             None => {
-                tracing::debug!(silent_s, "replication stream silent; the server is alive and receiving status updates");
+                tracing::debug!(
+                    silent_s,
+                    "replication stream silent; the server is alive and receiving status updates"
+                );
                 Ok(())
             }
         }
     }
 }
 
-async fn graceful_stop(writer: &WriterHandle, client: &mut ReplicationClient, state: &StreamState) -> Result<(), CaptureError> {
+async fn graceful_stop(
+    writer: &WriterHandle,
+    client: &mut ReplicationClient,
+    state: &StreamState,
+) -> Result<(), CaptureError> {
     // Everything up to the last received Commit is queued; wait until it is durable, report
     // it, and give the feedback a moment to reach the server before ending the stream.
     if state.last_commit_end > Lsn::ZERO {
@@ -770,7 +940,9 @@ fn cells(tuple: Vec<TupleCell>) -> Vec<IncomingCell> {
             TupleCell::UnchangedToast => IncomingCell::UnchangedToast,
             TupleCell::Text(s) => IncomingCell::Text(s),
             // Binary mode is never requested; keep the bytes as hex text rather than lose them.
-            TupleCell::Binary(b) => IncomingCell::Text(b.iter().map(|x| format!("{x:02x}")).collect()),
+            TupleCell::Binary(b) => {
+                IncomingCell::Text(b.iter().map(|x| format!("{x:02x}")).collect())
+            }
         })
         .collect()
 }
@@ -800,27 +972,52 @@ async fn handle_event(
     limit: Duration,
 ) -> Result<Vec<LogOp>, CaptureError> {
     Ok(match event {
-        ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+        ReplicationEvent::Begin {
+            final_lsn,
+            xid,
+            commit_time_micros,
+        } => {
             state.in_txn = true;
             let committed_at_us = commit_time_micros + PG_EPOCH_OFFSET_US;
-            state.oldest_pending_commit_us.get_or_insert(committed_at_us);
-            vec![LogOp::Begin { final_lsn: from_wire(final_lsn), xid, committed_at_us }]
+            state
+                .oldest_pending_commit_us
+                .get_or_insert(committed_at_us);
+            vec![LogOp::Begin {
+                final_lsn: from_wire(final_lsn),
+                xid,
+                committed_at_us,
+            }]
         }
         ReplicationEvent::Commit { end_lsn, .. } => {
             state.in_txn = false;
             state.last_commit_end = from_wire(end_lsn);
             state.wal_end = state.wal_end.max(state.last_commit_end);
-            vec![LogOp::Commit { end_lsn: from_wire(end_lsn) }]
+            vec![LogOp::Commit {
+                end_lsn: from_wire(end_lsn),
+            }]
         }
-        ReplicationEvent::Message { transactional, lsn, prefix, content } => {
+        ReplicationEvent::Message {
+            transactional,
+            lsn,
+            prefix,
+            content,
+        } => {
             if transactional && prefix == CONTEXT_PREFIX {
                 vec![LogOp::Context(context_json(&content))]
             } else {
-                let message = LogicalMessage { transactional, prefix, content: content.to_vec() };
+                let message = LogicalMessage {
+                    transactional,
+                    prefix,
+                    content: content.to_vec(),
+                };
                 if transactional {
                     vec![LogOp::Message(message)]
                 } else {
-                    vec![LogOp::NonTransactionalMessage { lsn: from_wire(lsn), at_us: now_us(), message }]
+                    vec![LogOp::NonTransactionalMessage {
+                        lsn: from_wire(lsn),
+                        at_us: now_us(),
+                        message,
+                    }]
                 }
             }
         }
@@ -838,8 +1035,13 @@ async fn handle_event(
                 Vec::new()
             }
         }
-        ReplicationEvent::XLogData { wal_start, data, .. } => {
-            let message = pgoutput::decode(&data).map_err(|source| CaptureError::Decode { lsn: from_wire(wal_start), source })?;
+        ReplicationEvent::XLogData {
+            wal_start, data, ..
+        } => {
+            let message = pgoutput::decode(&data).map_err(|source| CaptureError::Decode {
+                lsn: from_wire(wal_start),
+                source,
+            })?;
             match message {
                 Message::Relation(r) => {
                     let primary_key = match state.primary_keys.get(&r.id) {
@@ -847,7 +1049,12 @@ async fn handle_event(
                         None => {
                             // Bounded: the SQL connection may sit in the same dead network
                             // as the stream.
-                            let pk = within(limit, "reading a primary key", slot::primary_key(sql, r.id)).await?;
+                            let pk = within(
+                                limit,
+                                "reading a primary key",
+                                slot::primary_key(sql, r.id),
+                            )
+                            .await?;
                             state.primary_keys.insert(r.id, pk.clone());
                             pk
                         }
@@ -861,7 +1068,12 @@ async fn handle_event(
                         columns: r
                             .columns
                             .into_iter()
-                            .map(|c| Column { name: c.name, type_oid: c.type_oid, type_modifier: c.type_modifier, is_key: c.is_key })
+                            .map(|c| Column {
+                                name: c.name,
+                                type_oid: c.type_oid,
+                                type_modifier: c.type_modifier,
+                                is_key: c.is_key,
+                            })
                             .collect(),
                         primary_key,
                     })]
@@ -873,7 +1085,11 @@ async fn handle_event(
                     old: None,
                     new: Some(cells(new)),
                 })],
-                Message::Update { relation_id, old, new } => vec![LogOp::Change(IncomingChange {
+                Message::Update {
+                    relation_id,
+                    old,
+                    new,
+                } => vec![LogOp::Change(IncomingChange {
                     relation_id,
                     op: Op::Update,
                     old: old.map(old_image),
@@ -887,11 +1103,20 @@ async fn handle_event(
                 })],
                 Message::Truncate { relation_ids, .. } => relation_ids
                     .into_iter()
-                    .map(|relation_id| LogOp::Change(IncomingChange { relation_id, op: Op::Truncate, old: None, new: None }))
+                    .map(|relation_id| {
+                        LogOp::Change(IncomingChange {
+                            relation_id,
+                            op: Op::Truncate,
+                            old: None,
+                            new: None,
+                        })
+                    })
                     .collect(),
                 Message::Origin { .. } => Vec::new(),
                 // Begin, Commit and Message arrive as their own events from the client.
-                Message::Begin { .. } | Message::Commit { .. } | Message::Message { .. } => Vec::new(),
+                Message::Begin { .. } | Message::Commit { .. } | Message::Message { .. } => {
+                    Vec::new()
+                }
             }
         }
         ReplicationEvent::StoppedAt { .. } => Vec::new(),

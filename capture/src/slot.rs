@@ -1,6 +1,6 @@
 //! The publication, the table list and the replication slot.
 
-use pgtrail_store::{Column, ChangeKey, Lsn, RelationVersion, quote_ident};
+use pgtrail_store::{ChangeKey, Column, Lsn, RelationVersion, quote_ident};
 
 use crate::error::CaptureError;
 
@@ -77,10 +77,17 @@ pub async fn choose_tables(
             .await
             .map_err(|e| CaptureError::sql("listing tables", e))?;
         for row in rows {
-            let table = CapturedTable { oid: row.get(0), schema: row.get(1), name: row.get(2) };
+            let table = CapturedTable {
+                oid: row.get(0),
+                schema: row.get(1),
+                name: row.get(2),
+            };
             match ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
                 None => chosen.push(table),
-                Some(reason) => excluded.push(ExcludedTable { qualified: table.qualified(), reason }),
+                Some(reason) => excluded.push(ExcludedTable {
+                    qualified: table.qualified(),
+                    reason,
+                }),
             }
         }
     } else {
@@ -95,15 +102,28 @@ pub async fn choose_tables(
                         "check the name in --tables (write it as PostgreSQL would parse it, e.g. public.\"Odd Name\")",
                     )
                 })?;
-            let table = CapturedTable { oid: row.get(0), schema: row.get(1), name: row.get(2) };
+            let table = CapturedTable {
+                oid: row.get(0),
+                schema: row.get(1),
+                name: row.get(2),
+            };
             let kind: String = row.get(4);
             if kind != "r" && kind != "p" {
-                return Err(CaptureError::setup(format!("{name} is not a table"), "list only tables in --tables"));
+                return Err(CaptureError::setup(
+                    format!("{name} is not a table"),
+                    "list only tables in --tables",
+                ));
             }
             if let Some(reason) = ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
                 return Err(CaptureError::setup(
-                    format!("table {} cannot be captured safely: {reason}", table.qualified()),
-                    format!("run `ALTER TABLE {} REPLICA IDENTITY FULL;` or add a primary key", table.qualified()),
+                    format!(
+                        "table {} cannot be captured safely: {reason}",
+                        table.qualified()
+                    ),
+                    format!(
+                        "run `ALTER TABLE {} REPLICA IDENTITY FULL;` or add a primary key",
+                        table.qualified()
+                    ),
                 ));
             }
             if !chosen.contains(&table) {
@@ -136,16 +156,29 @@ pub async fn ensure_publication(
             "create a table with a primary key, or name tables with --tables",
         ));
     }
-    let list = tables.iter().map(CapturedTable::qualified).collect::<Vec<_>>().join(", ");
+    let list = tables
+        .iter()
+        .map(CapturedTable::qualified)
+        .collect::<Vec<_>>()
+        .join(", ");
     let exists = sql
-        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(|e| CaptureError::sql("looking up the publication", e))?
         .is_some();
     let stmt = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(publication))
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {list}",
+            quote_ident(publication)
+        )
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)", quote_ident(publication))
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
+            quote_ident(publication)
+        )
     };
     sql.batch_execute(&stmt).await.map_err(|e| {
         if e.code().is_some_and(|c| c.code() == "42501") {
@@ -171,7 +204,10 @@ pub struct SlotState {
     pub wal_status: Option<String>,
 }
 
-pub async fn slot_state(sql: &tokio_postgres::Client, slot: &str) -> Result<Option<SlotState>, CaptureError> {
+pub async fn slot_state(
+    sql: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<Option<SlotState>, CaptureError> {
     let row = sql
         .query_opt(
             "SELECT plugin::text, database::text, active, confirmed_flush_lsn::text, wal_status, active_pid \
@@ -191,9 +227,12 @@ pub async fn slot_state(sql: &tokio_postgres::Client, slot: &str) -> Result<Opti
 }
 
 pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<(), CaptureError> {
-    sql.execute("SELECT pg_drop_replication_slot($1) FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
-        .await
-        .map_err(|e| CaptureError::sql(format!("dropping slot {slot}"), e))?;
+    sql.execute(
+        "SELECT pg_drop_replication_slot($1) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .map_err(|e| CaptureError::sql(format!("dropping slot {slot}"), e))?;
     Ok(())
 }
 
@@ -236,7 +275,12 @@ pub async fn relation_from_catalog(
             b'd' => in_pk,
             _ => false,
         };
-        columns.push(Column { name, type_oid: row.get(1), type_modifier: row.get(2), is_key });
+        columns.push(Column {
+            name,
+            type_oid: row.get(1),
+            type_modifier: row.get(2),
+            is_key,
+        });
     }
     Ok(RelationVersion {
         relation_id: oid,
@@ -250,7 +294,10 @@ pub async fn relation_from_catalog(
 }
 
 /// Primary key column names of a relation (empty when it has none).
-pub async fn primary_key(sql: &tokio_postgres::Client, oid: u32) -> Result<Vec<String>, CaptureError> {
+pub async fn primary_key(
+    sql: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<Vec<String>, CaptureError> {
     let rows = sql
         .query(
             "SELECT a.attname::text FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true \

@@ -24,35 +24,64 @@ pub async fn copy_tables(
     sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| CaptureError::sql("starting the snapshot transaction", e))?;
-    sql.batch_execute(&format!("SET TRANSACTION SNAPSHOT '{}'", snapshot_name.replace('\'', "''")))
-        .await
-        .map_err(|e| CaptureError::sql("importing the slot's snapshot", e))?;
+    sql.batch_execute(&format!(
+        "SET TRANSACTION SNAPSHOT '{}'",
+        snapshot_name.replace('\'', "''")
+    ))
+    .await
+    .map_err(|e| CaptureError::sql("importing the slot's snapshot", e))?;
     // Hold off DDL on the tables until the copy ends (as pg_dump does): each table's columns
     // are read from the catalog, which is not versioned by the snapshot, and a column dropped
     // between that read and the COPY would fail it (found by pgtrail-torture's ALTER storm).
     if !tables.is_empty() {
-        let list = tables.iter().map(CapturedTable::qualified).collect::<Vec<_>>().join(", ");
+        let list = tables
+            .iter()
+            .map(CapturedTable::qualified)
+            .collect::<Vec<_>>()
+            .join(", ");
         sql.batch_execute(&format!("LOCK TABLE {list} IN ACCESS SHARE MODE"))
             .await
-            .map_err(|e| CaptureError::sql("locking the captured tables against DDL for the snapshot", e))?;
+            .map_err(|e| {
+                CaptureError::sql(
+                    "locking the captured tables against DDL for the snapshot",
+                    e,
+                )
+            })?;
     }
     let now_us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0);
     writer
-        .send(vec![LogOp::Begin { final_lsn: Lsn(consistent_point.0 - 1), xid: 0, committed_at_us: now_us }])
+        .send(vec![LogOp::Begin {
+            final_lsn: Lsn(consistent_point.0 - 1),
+            xid: 0,
+            committed_at_us: now_us,
+        }])
         .await?;
     let mut total = 0u64;
     for table in tables {
         let relation = relation_from_catalog(sql, table.oid).await?;
-        let columns = relation.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let columns = relation
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
         let width = relation.columns.len();
         writer.send(vec![LogOp::Relation(relation)]).await?;
-        let stmt = format!("COPY (SELECT {columns} FROM {}) TO STDOUT", table.qualified());
+        let stmt = format!(
+            "COPY (SELECT {columns} FROM {}) TO STDOUT",
+            table.qualified()
+        );
         let stream = sql.copy_out(&stmt).await.map_err(|e| match e.code() {
             Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
-                CaptureError::SnapshotRaced { table: table.qualified(), detail: e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string()) }
+                CaptureError::SnapshotRaced {
+                    table: table.qualified(),
+                    detail: e
+                        .as_db_error()
+                        .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                }
             }
             _ => CaptureError::sql(format!("copying {}", table.qualified()), e),
         })?;
@@ -61,13 +90,17 @@ pub async fn copy_tables(
         let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
         let mut rows = 0u64;
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
+            let chunk = chunk
+                .map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
             pending.extend_from_slice(&chunk);
             let mut start = 0;
             while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
                 let line = &pending[start..start + nl];
                 let cells = parse_copy_line(line, width).map_err(|detail| {
-                    CaptureError::Protocol(format!("COPY of {} returned a malformed row: {detail}", table.qualified()))
+                    CaptureError::Protocol(format!(
+                        "COPY of {} returned a malformed row: {detail}",
+                        table.qualified()
+                    ))
                 })?;
                 batch.push(LogOp::Change(IncomingChange {
                     relation_id: table.oid,
@@ -89,8 +122,14 @@ pub async fn copy_tables(
         tracing::info!(table = %table.qualified(), rows, "snapshot copied");
         total += rows;
     }
-    writer.send(vec![LogOp::Commit { end_lsn: consistent_point }]).await?;
-    sql.batch_execute("COMMIT").await.map_err(|e| CaptureError::sql("ending the snapshot transaction", e))?;
+    writer
+        .send(vec![LogOp::Commit {
+            end_lsn: consistent_point,
+        }])
+        .await?;
+    sql.batch_execute("COMMIT")
+        .await
+        .map_err(|e| CaptureError::sql("ending the snapshot transaction", e))?;
     Ok(total)
 }
 
@@ -153,7 +192,10 @@ pub fn parse_copy_line(line: &[u8], width: usize) -> Result<Vec<IncomingCell>, S
         cells.push(IncomingCell::Text(text));
     }
     if cells.len() != width {
-        return Err(format!("{} fields where {width} columns were expected", cells.len()));
+        return Err(format!(
+            "{} fields where {width} columns were expected",
+            cells.len()
+        ));
     }
     Ok(cells)
 }

@@ -8,8 +8,7 @@ use crate::error::CaptureError;
 
 /// Session settings pinned on every connection, so that text values read by COPY (the
 /// snapshot) and sent by the walsender (the stream) are printed the same way.
-pub const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1 -c bytea_output=hex";
+pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c intervalstyle=postgres -c extra_float_digits=1 -c bytea_output=hex";
 
 /// [`SESSION_OPTIONS`] as SQL `SET` statements, for sessions (tests, tools) that must print
 /// values exactly as capture reads them.
@@ -31,21 +30,27 @@ pub struct SourceConfig {
 impl std::fmt::Debug for SourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
-        f.debug_struct("SourceConfig").field("target", &self.display).finish()
+        f.debug_struct("SourceConfig")
+            .field("target", &self.display)
+            .finish()
     }
 }
 
 impl SourceConfig {
     /// Parse a `postgresql://` URL or a `key=value` connection string.
     pub fn parse(url: &str) -> Result<SourceConfig, CaptureError> {
-        let mut pg: tokio_postgres::Config = url.parse().map_err(|e: tokio_postgres::Error| CaptureError::InvalidUrl {
-            detail: redact(&e.to_string(), url),
-        })?;
+        let mut pg: tokio_postgres::Config =
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| CaptureError::InvalidUrl {
+                    detail: redact(&e.to_string(), url),
+                })?;
         if pg.get_hosts().is_empty() {
             pg.host("localhost");
         }
         if pg.get_user().is_none() {
-            return Err(CaptureError::InvalidUrl { detail: "no user name".into() });
+            return Err(CaptureError::InvalidUrl {
+                detail: "no user name".into(),
+            });
         }
         if pg.get_dbname().is_none() {
             let user = pg.get_user().unwrap_or_default().to_string();
@@ -83,11 +88,14 @@ impl SourceConfig {
 
     /// Open an ordinary SQL connection (its driver runs on a spawned task).
     pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, CaptureError> {
-        let (client, connection) = self
-            .pg
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|source| CaptureError::Connect { target: self.display.clone(), source })?;
+        let (client, connection) =
+            self.pg
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| CaptureError::Connect {
+                    target: self.display.clone(),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "source sql connection ended");
@@ -97,17 +105,32 @@ impl SourceConfig {
     }
 
     /// Settings for the replication connection.
-    pub fn replication_config(&self, slot: &str, publication: &str) -> pgwire_replication::ReplicationConfig {
+    pub fn replication_config(
+        &self,
+        slot: &str,
+        publication: &str,
+    ) -> pgwire_replication::ReplicationConfig {
         let host = host_text(&self.pg.get_hosts()[0]);
         let port = self.pg.get_ports().first().copied().unwrap_or(5432);
-        let password = self.pg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
-        pgwire_replication::ReplicationConfig::new(host, self.user(), password, self.database(), slot, publication)
-            .with_port(port)
-            .with_tls(pgwire_replication::TlsConfig::disabled())
-            .with_options(SESSION_OPTIONS)
-            .with_application_name("pgtrail")
-            .with_status_interval(Duration::from_millis(500))
-            .with_wakeup_interval(Duration::from_secs(5))
+        let password = self
+            .pg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        pgwire_replication::ReplicationConfig::new(
+            host,
+            self.user(),
+            password,
+            self.database(),
+            slot,
+            publication,
+        )
+        .with_port(port)
+        .with_tls(pgwire_replication::TlsConfig::disabled())
+        .with_options(SESSION_OPTIONS)
+        .with_application_name("pgtrail")
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(5))
     }
 }
 

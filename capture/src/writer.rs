@@ -80,8 +80,17 @@ impl WriterHandle {
                 run_writer(log, rx, durable_tx, thread_stats)
             })
             .map_err(|e| CaptureError::Protocol(format!("cannot start the writer thread: {e}")))?;
-        let (identity, last_commit, database) = ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
-        Ok(WriterHandle { tx, durable: durable_rx, join: Some(join), stats, identity, last_commit, database })
+        let (identity, last_commit, database) =
+            ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
+        Ok(WriterHandle {
+            tx,
+            durable: durable_rx,
+            join: Some(join),
+            stats,
+            identity,
+            last_commit,
+            database,
+        })
     }
 
     /// The source identity stored in the archive when it was opened.
@@ -106,7 +115,10 @@ impl WriterHandle {
         Ok(())
     }
 
-    async fn call(&self, make: impl FnOnce(oneshot::Sender<Result<(), LogError>>) -> WriterMsg) -> Result<(), CaptureError> {
+    async fn call(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<(), LogError>>) -> WriterMsg,
+    ) -> Result<(), CaptureError> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(make(tx)).await.is_err() {
             return Err(self.writer_error());
@@ -122,7 +134,8 @@ impl WriterHandle {
     }
 
     pub async fn set_identity(&mut self, identity: SourceIdentity) -> Result<(), CaptureError> {
-        self.call(|tx| WriterMsg::SetIdentity(identity.clone(), tx)).await?;
+        self.call(|tx| WriterMsg::SetIdentity(identity.clone(), tx))
+            .await?;
         self.identity = Some(identity);
         Ok(())
     }
@@ -219,7 +232,10 @@ fn run_writer(
                 // transaction (nothing of it was acknowledged).
                 if log.in_transaction() {
                     if let Err(e) = log.discard_partial() {
-                        let _ = reply.send(Err(LogError::Corrupt { what: "discard".into(), source: e.to_string().into() }));
+                        let _ = reply.send(Err(LogError::Corrupt {
+                            what: "discard".into(),
+                            source: e.to_string().into(),
+                        }));
                         return Err(e);
                     }
                 }
@@ -247,8 +263,12 @@ fn write_batch(
 ) -> Result<(), LogError> {
     let applied = log.apply(ops)?;
     stats.changes.fetch_add(applied.changes, Ordering::Relaxed);
-    stats.transactions.fetch_add(applied.transactions, Ordering::Relaxed);
-    stats.duplicates_skipped.fetch_add(applied.duplicates_skipped, Ordering::Relaxed);
+    stats
+        .transactions
+        .fetch_add(applied.transactions, Ordering::Relaxed);
+    stats
+        .duplicates_skipped
+        .fetch_add(applied.duplicates_skipped, Ordering::Relaxed);
     stats.commits.fetch_add(1, Ordering::Relaxed);
     // Published only after the durable commit returned: this is what may be acked.
     let _ = durable_tx.send(log.durable_position());

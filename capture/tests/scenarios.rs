@@ -6,7 +6,28 @@ use pgtrail_store::{Cell, Op};
 use crate::harness::{TestDb, read_archive, reconstruct, select_state};
 
 const TYPED_COLUMNS: &[&str] = &[
-    "id", "i2", "i8", "f4", "f8", "n", "n2", "CASE WHEN b THEN 't' WHEN NOT b THEN 'f' END", "t", "vc", "u", "d", "tm", "ts", "tstz", "iv", "j", "jb", "by", "arr", "tarr", "e",
+    "id",
+    "i2",
+    "i8",
+    "f4",
+    "f8",
+    "n",
+    "n2",
+    "CASE WHEN b THEN 't' WHEN NOT b THEN 'f' END",
+    "t",
+    "vc",
+    "u",
+    "d",
+    "tm",
+    "ts",
+    "tstz",
+    "iv",
+    "j",
+    "jb",
+    "by",
+    "arr",
+    "tarr",
+    "e",
 ];
 
 pub const TYPED_TABLE: &str = "
@@ -53,7 +74,10 @@ async fn every_type_and_operation_reconstructs_exactly_what_postgres_holds() {
     }
     let (changes, _) = read_archive(&db.archive_dir());
     let snapshot_rows = changes.iter().filter(|(_, c)| c.op == Op::Snapshot).count();
-    assert_eq!(snapshot_rows, 3, "the snapshot holds the three rows present at slot creation");
+    assert_eq!(
+        snapshot_rows, 3,
+        "the snapshot holds the three rows present at slot creation"
+    );
     // (commit_lsn, seq) keys are unique by construction; check the stream kept PostgreSQL's order.
     assert!(changes.windows(2).all(|w| w[0].0 < w[1].0));
 }
@@ -71,11 +95,20 @@ async fn truncate_empties_the_table_and_restarts_resume_without_duplicates() {
     let second = db.capture_until_now(db.config()).await.unwrap();
     // The same archive captured three times: every source transaction is stored once.
     let third = db.capture_until_now(db.config()).await.unwrap();
-    assert_eq!(third.changes, 0, "nothing new, nothing stored twice: {third:?} after {second:?}");
+    assert_eq!(
+        third.changes, 0,
+        "nothing new, nothing stored twice: {third:?} after {second:?}"
+    );
     let (changes, _) = read_archive(&db.archive_dir());
     let truncates = changes.iter().filter(|(_, c)| c.op == Op::Truncate).count();
-    assert_eq!(truncates, 4, "TRUNCATE a, b and TRUNCATE a CASCADE (which cascades to b)");
-    assert_eq!(reconstruct(&db.archive_dir(), "a"), select_state(&db, "a", &["id"], &["id", "v"]));
+    assert_eq!(
+        truncates, 4,
+        "TRUNCATE a, b and TRUNCATE a CASCADE (which cascades to b)"
+    );
+    assert_eq!(
+        reconstruct(&db.archive_dir(), "a"),
+        select_state(&db, "a", &["id"], &["id", "v"])
+    );
     assert!(reconstruct(&db.archive_dir(), "b").is_empty());
 }
 
@@ -97,20 +130,34 @@ async fn context_messages_label_the_changes_of_their_transaction() {
     );
     db.capture_until_now(db.config()).await.unwrap();
     let (changes, _) = read_archive(&db.archive_dir());
-    let rows: Vec<_> = changes.iter().filter(|(_, c)| c.op != Op::Message).map(|(_, c)| c.context.clone()).collect();
+    let rows: Vec<_> = changes
+        .iter()
+        .filter(|(_, c)| c.op != Op::Message)
+        .map(|(_, c)| c.context.clone())
+        .collect();
     let u42 = Some("{\"user_id\": 42}".to_string());
     let u43 = Some("{\"user_id\": 43}".to_string());
     assert_eq!(rows, vec![u42.clone(), u42, u43, None, None]);
     let messages: Vec<_> = changes
         .iter()
         .filter_map(|(_, c)| c.message.as_ref())
-        .map(|m| (m.transactional, m.prefix.clone(), String::from_utf8_lossy(&m.content).into_owned()))
+        .map(|m| {
+            (
+                m.transactional,
+                m.prefix.clone(),
+                String::from_utf8_lossy(&m.content).into_owned(),
+            )
+        })
         .collect();
     assert_eq!(
         messages,
         vec![
             (true, "audit".to_string(), "kept as a message".to_string()),
-            (false, "heartbeat".to_string(), "outside a transaction".to_string())
+            (
+                false,
+                "heartbeat".to_string(),
+                "outside a transaction".to_string()
+            )
         ]
     );
 }
@@ -131,16 +178,28 @@ async fn default_replica_identity_and_unchanged_toast_get_complete_images() {
     );
     db.capture_until_now(db.config()).await.unwrap();
     let (changes, _) = read_archive(&db.archive_dir());
-    for (_, c) in changes.iter().filter(|(_, c)| c.op == Op::Update || c.op == Op::Delete) {
+    for (_, c) in changes
+        .iter()
+        .filter(|(_, c)| c.op == Op::Update || c.op == Op::Delete)
+    {
         let before = c.before.as_ref().unwrap();
-        assert!(before.iter().all(|cell| cell != &Cell::Unknown), "incomplete before image: {c:?}");
+        assert!(
+            before.iter().all(|cell| cell != &Cell::Unknown),
+            "incomplete before image: {c:?}"
+        );
         let big = before[2].as_text().unwrap();
         assert!(big.len() >= 20000, "the TOASTed value is carried forward");
         if let Some(after) = &c.after {
-            assert_eq!(after[2], before[2], "unchanged TOAST is the previous value, not NULL");
+            assert_eq!(
+                after[2], before[2],
+                "unchanged TOAST is the previous value, not NULL"
+            );
         }
     }
-    assert_eq!(reconstruct(&db.archive_dir(), "d"), select_state(&db, "d", &["id"], &["id", "v", "big"]));
+    assert_eq!(
+        reconstruct(&db.archive_dir(), "d"),
+        select_state(&db, "d", &["id"], &["id", "v", "big"])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -160,7 +219,12 @@ async fn schema_changes_mid_stream_become_new_relation_versions() {
     let versions: Vec<Vec<String>> = rels
         .iter()
         .filter(|r| r.name == "s")
-        .map(|r| r.columns.iter().map(|c| format!("{}:{}", c.name, c.type_oid)).collect())
+        .map(|r| {
+            r.columns
+                .iter()
+                .map(|c| format!("{}:{}", c.name, c.type_oid))
+                .collect()
+        })
         .collect();
     assert_eq!(
         versions,
@@ -184,11 +248,13 @@ async fn schema_changes_mid_stream_become_new_relation_versions() {
         }
     }
     // Rows 1-3 last changed before DROP COLUMN b, so their latest image still has b.
-    let got: std::collections::BTreeMap<_, _> =
-        reconstruct(&db.archive_dir(), "s").into_iter().map(|(k, mut v)| {
+    let got: std::collections::BTreeMap<_, _> = reconstruct(&db.archive_dir(), "s")
+        .into_iter()
+        .map(|(k, mut v)| {
             v.truncate(2);
             (k, v)
-        }).collect();
+        })
+        .collect();
     assert_eq!(got, select_state(&db, "s", &["id"], &["id", "a2"]));
 }
 
@@ -199,13 +265,28 @@ async fn idle_captured_tables_still_let_the_slot_advance() {
     db.sql("CREATE TABLE quiet (id int PRIMARY KEY);");
     other.sql("CREATE TABLE noisy (id int PRIMARY KEY, pad text);");
     db.capture_until_now(db.config()).await.unwrap();
-    let before: pgtrail_store::Lsn = db.sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'", db.name)).parse().unwrap();
+    let before: pgtrail_store::Lsn = db
+        .sql(&format!(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+            db.name
+        ))
+        .parse()
+        .unwrap();
     other.sql("INSERT INTO noisy SELECT g, repeat('p', 200) FROM generate_series(1, 20000) g;");
     // Returns only once the archive's durable position passes the other database's WAL.
     let target = db.current_lsn();
     db.capture_until_now(db.config()).await.unwrap();
-    let after: pgtrail_store::Lsn = db.sql(&format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'", db.name)).parse().unwrap();
-    assert!(after >= target && after > before, "slot stayed at {after} (before {before}, target {target})");
+    let after: pgtrail_store::Lsn = db
+        .sql(&format!(
+            "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{}'",
+            db.name
+        ))
+        .parse()
+        .unwrap();
+    assert!(
+        after >= target && after > before,
+        "slot stayed at {after} (before {before}, target {target})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -223,7 +304,11 @@ async fn a_restored_old_archive_or_a_dropped_slot_is_a_recorded_gap() {
     let err = db.capture_until_now(config).await.unwrap_err();
     assert!(matches!(err, CaptureError::Gap { .. }), "{err}");
     let (_d, reader) = pgtrail_store::LogReader::open(&old_copy).unwrap();
-    assert_eq!(reader.gaps().unwrap().len(), 1, "the gap is recorded in the archive");
+    assert_eq!(
+        reader.gaps().unwrap().len(),
+        1,
+        "the gap is recorded in the archive"
+    );
     drop(reader);
     // A dropped slot is a gap too.
     db.sql(&format!("SELECT pg_drop_replication_slot('{}')", db.name));
@@ -236,8 +321,14 @@ async fn a_restored_old_archive_or_a_dropped_slot_is_a_recorded_gap() {
     config.resnapshot = true;
     db.capture_until_now(config).await.unwrap();
     let (changes, _) = read_archive(&db.archive_dir());
-    assert_eq!(changes.iter().filter(|(_, c)| c.op == Op::Insert).count(), 10);
-    assert_eq!(changes.iter().filter(|(_, c)| c.op == Op::Snapshot).count(), 11);
+    assert_eq!(
+        changes.iter().filter(|(_, c)| c.op == Op::Insert).count(),
+        10
+    );
+    assert_eq!(
+        changes.iter().filter(|(_, c)| c.op == Op::Snapshot).count(),
+        11
+    );
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
@@ -280,12 +371,32 @@ async fn odd_identifiers_ranges_network_geometry_and_a_10_mb_value_reconstruct_e
     ));
     db.capture_until_now(db.config()).await.unwrap();
     let columns = [
-        "id", "\"Col \"\"q\"\"\"", "\"spaced col\"", "\"ünï\"", "mr", "ip", "net", "mac", "m", "b3", "vb", "pt", "bx", "tsv", "x", "ttz", "c5",
-        "o", "big",
+        "id",
+        "\"Col \"\"q\"\"\"",
+        "\"spaced col\"",
+        "\"ünï\"",
+        "mr",
+        "ip",
+        "net",
+        "mac",
+        "m",
+        "b3",
+        "vb",
+        "pt",
+        "bx",
+        "tsv",
+        "x",
+        "ttz",
+        "c5",
+        "o",
+        "big",
     ];
     // Each value as its type's output function prints it (what PostgreSQL sends), not as a cast
     // to text prints it (inet::text adds the netmask, char(n)::text drops the padding).
-    let printed: Vec<String> = columns.iter().map(|c| format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END")).collect();
+    let printed: Vec<String> = columns
+        .iter()
+        .map(|c| format!("CASE WHEN {c} IS NULL THEN NULL ELSE concat({c}) END"))
+        .collect();
     let printed: Vec<&str> = printed.iter().map(String::as_str).collect();
     let expected = select_state(&db, &quoted, &["id"], &printed);
     let got = reconstruct(&db.archive_dir(), &table);
@@ -293,10 +404,20 @@ async fn odd_identifiers_ranges_network_geometry_and_a_10_mb_value_reconstruct_e
     for (key, row) in &expected {
         let archived = got.get(key).unwrap_or_else(|| panic!("row {key} missing"));
         for (i, (want, have)) in row.iter().zip(archived).enumerate() {
-            assert!(want == have, "row {key}, column {}: archive {:.80} PostgreSQL {:.80}", columns[i], have, want);
+            assert!(
+                want == have,
+                "row {key}, column {}: archive {:.80} PostgreSQL {:.80}",
+                columns[i],
+                have,
+                want
+            );
         }
     }
-    assert_eq!(got["11"][18].len(), 10 * 1024 * 1024 + 1, "the 10 MB value survived its update");
+    assert_eq!(
+        got["11"][18].len(),
+        10 * 1024 * 1024 + 1,
+        "the 10 MB value survived its update"
+    );
 }
 
 /// A table of 1,600 columns (PostgreSQL's maximum): snapshot, insert, an update of one column
@@ -305,9 +426,21 @@ async fn odd_identifiers_ranges_network_geometry_and_a_10_mb_value_reconstruct_e
 async fn a_table_of_1600_columns_reconstructs_exactly() {
     let db = TestDb::new("wide");
     let cols: Vec<String> = (1..1600).map(|i| format!("c{i} int")).collect();
-    db.sql(&format!("CREATE TABLE wide (id int PRIMARY KEY, {})", cols.join(", ")));
-    let values = |id: i64| (1..1600).map(|i| (id * 10_000 + i).to_string()).collect::<Vec<_>>().join(", ");
-    db.sql(&format!("INSERT INTO wide VALUES (1, {}), (2, {})", values(1), values(2)));
+    db.sql(&format!(
+        "CREATE TABLE wide (id int PRIMARY KEY, {})",
+        cols.join(", ")
+    ));
+    let values = |id: i64| {
+        (1..1600)
+            .map(|i| (id * 10_000 + i).to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    db.sql(&format!(
+        "INSERT INTO wide VALUES (1, {}), (2, {})",
+        values(1),
+        values(2)
+    ));
     db.capture_until_now(db.config()).await.unwrap();
     db.sql(&format!("INSERT INTO wide VALUES (3, {}); UPDATE wide SET c800 = -1 WHERE id = 1; DELETE FROM wide WHERE id = 2;", values(3)));
     db.capture_until_now(db.config()).await.unwrap();
@@ -317,7 +450,11 @@ async fn a_table_of_1600_columns_reconstructs_exactly() {
         let id: i64 = id.parse().unwrap();
         assert_eq!(row.len(), 1600);
         for (i, v) in row.iter().enumerate().skip(1) {
-            let want = if id == 1 && i == 800 { -1 } else { id * 10_000 + i as i64 };
+            let want = if id == 1 && i == 800 {
+                -1
+            } else {
+                id * 10_000 + i as i64
+            };
             assert_eq!(v, &want.to_string(), "row {id} column c{i}");
         }
     }

@@ -24,7 +24,10 @@ fn literal(text: Option<&str>, ty: &str) -> String {
     match text {
         None => format!("NULL::{ty}"),
         Some(t) => {
-            assert!(!t.contains("$v$"), "test value contains the quote delimiter");
+            assert!(
+                !t.contains("$v$"),
+                "test value contains the quote delimiter"
+            );
             format!("$v${t}$v$::{ty}")
         }
     }
@@ -41,32 +44,52 @@ fn assert_same_values_as_postgres(db: &TestDb, table: &str) {
     let names: Vec<&str> = columns.iter().map(|(n, _)| n.as_str()).collect();
     let expected = select_state(db, table, &["id"], &names);
     let archived = reconstruct(&db.archive_dir(), table);
-    assert_eq!(archived.keys().collect::<Vec<_>>(), expected.keys().collect::<Vec<_>>());
+    assert_eq!(
+        archived.keys().collect::<Vec<_>>(),
+        expected.keys().collect::<Vec<_>>()
+    );
     let settings = pgtrail_capture::source::session_settings_sql();
     for (key, row) in &archived {
         let exprs: Vec<String> = row
             .iter()
             .zip(&columns)
             .map(|(v, (_, ty))| {
-                assert_ne!(v, "<UNKNOWN>", "row {key}: an unknown value in a fully captured table");
+                assert_ne!(
+                    v, "<UNKNOWN>",
+                    "row {key}: an unknown value in a fully captured table"
+                );
                 let text = (v != "<NULL>").then_some(v.as_str());
                 format!("({})::text", literal(text, ty))
             })
             .collect();
-        let json = db.sql(&format!("{settings} SELECT json_build_array({})", exprs.join(", ")));
-        let read_back: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+        let json = db.sql(&format!(
+            "{settings} SELECT json_build_array({})",
+            exprs.join(", ")
+        ));
+        let read_back: Vec<serde_json::Value> =
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
         let read_back: Vec<String> = read_back.into_iter().map(json_text).collect();
         for (i, (name, _)) in columns.iter().enumerate() {
-            assert_eq!(read_back[i], expected[key][i], "{table} row {key} column {name}: archived as {:?}", row[i]);
+            assert_eq!(
+                read_back[i], expected[key][i],
+                "{table} row {key} column {name}: archived as {:?}",
+                row[i]
+            );
         }
     }
 }
 
 fn compact(db: &TestDb) {
     let log = ChangeLog::open(&db.archive_dir()).unwrap();
-    let report = Compactor::new(log.database(), &db.archive_dir(), CompactOptions::default()).run().unwrap();
+    let report = Compactor::new(log.database(), &db.archive_dir(), CompactOptions::default())
+        .run()
+        .unwrap();
     assert!(report.changes > 0);
-    assert_eq!(log.reader().unwrap().change_count().unwrap(), 0, "the log is trimmed after compaction");
+    assert_eq!(
+        log.reader().unwrap().change_count().unwrap(),
+        0,
+        "the log is trimmed after compaction"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -100,7 +123,13 @@ async fn every_type_reads_back_from_segments_as_the_value_postgres_holds() {
         let c = typed.columns.iter().find(|c| c.name == name).unwrap();
         PgKind::of(c.type_oid, c.type_modifier)
     };
-    assert_eq!(kind("n2"), PgKind::Decimal { precision: 12, scale: 3 });
+    assert_eq!(
+        kind("n2"),
+        PgKind::Decimal {
+            precision: 12,
+            scale: 3
+        }
+    );
     assert_eq!(kind("tstz"), PgKind::TimestampTz);
     assert_eq!(kind("arr"), PgKind::Array(Box::new(PgKind::Int4)));
     drop((reader, _d));
@@ -116,7 +145,11 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
     db.sql("INSERT INTO acct SELECT g, 0 FROM generate_series(1, 20) g");
     let mut config = db.config();
     config.compaction = Some(CompactionPolicy {
-        options: CompactOptions { merge_min_segments: 3, retire_grace: Duration::ZERO, ..CompactOptions::default() },
+        options: CompactOptions {
+            merge_min_segments: 3,
+            retire_grace: Duration::ZERO,
+            ..CompactOptions::default()
+        },
         min_changes: 40,
         max_age: Duration::from_secs(3600),
         check_every: Duration::from_millis(50),
@@ -124,7 +157,13 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
     // The slot and the initial snapshot first, so that every round below is streamed.
     db.capture_until_now(config.clone()).await.unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let live = tokio::spawn(pgtrail_capture::run(config.clone(), async move { let _ = stop_rx.await; }, |_| {}));
+    let live = tokio::spawn(pgtrail_capture::run(
+        config.clone(),
+        async move {
+            let _ = stop_rx.await;
+        },
+        |_| {},
+    ));
     let (cluster, name) = (db.cluster, db.name.clone());
     tokio::task::spawn_blocking(move || {
         for round in 0..60 {
@@ -146,14 +185,24 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(());
     let summary = live.await.unwrap().unwrap();
-    assert!(summary.compacted > 0, "the background compactor ran during capture: {summary:?}");
+    assert!(
+        summary.compacted > 0,
+        "the background compactor ran during capture: {summary:?}"
+    );
     db.capture_until_now(config).await.unwrap();
 
     let (changes, rels) = read_archive(&db.archive_dir());
-    let ledger_ids: Vec<u32> = rels.iter().filter(|r| r.name == "ledger").map(|r| r.relation_id).collect();
+    let ledger_ids: Vec<u32> = rels
+        .iter()
+        .filter(|r| r.name == "ledger")
+        .map(|r| r.relation_id)
+        .collect();
     let (_d, reader) = LogReader::open(&db.archive_dir()).unwrap();
     let manifest = reader.manifest().unwrap();
-    assert!(manifest.segments.len() >= 2, "the background compactor wrote segments: {manifest:?}");
+    assert!(
+        manifest.segments.len() >= 2,
+        "the background compactor wrote segments: {manifest:?}"
+    );
     drop((reader, _d));
     let mut keys: Vec<_> = changes.iter().map(|(k, _)| *k).collect();
     let n = keys.len();
@@ -161,12 +210,18 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
     assert_eq!(keys.len(), n, "no change twice across segments and log");
     let ledger: Vec<i64> = changes
         .iter()
-        .filter(|(_, c)| matches!(c.op, Op::Insert | Op::Snapshot) && ledger_ids.contains(&c.relation_id))
+        .filter(|(_, c)| {
+            matches!(c.op, Op::Insert | Op::Snapshot) && ledger_ids.contains(&c.relation_id)
+        })
         .filter_map(|(_, c)| c.key.as_ref()?.first()?.as_ref()?.parse().ok())
         .collect();
     let mut sorted = ledger.clone();
     sorted.sort();
-    assert_eq!(sorted, (0..600).collect::<Vec<i64>>(), "every ledger row exactly once");
+    assert_eq!(
+        sorted,
+        (0..600).collect::<Vec<i64>>(),
+        "every ledger row exactly once"
+    );
     let messages = changes.iter().filter(|(_, c)| c.op == Op::Message).count();
     assert_eq!(messages, 60);
     let expected = select_state(&db, "acct", &["id"], &["id", "balance"]);
@@ -193,11 +248,19 @@ async fn a_schema_change_mid_stream_gives_one_segment_per_schema_version() {
         .segments
         .iter()
         .filter_map(|s| match &s.content {
-            SegmentContent::Table(rel) if rel.name == "s" => Some(rel.columns.iter().map(|c| c.name.clone()).collect()),
+            SegmentContent::Table(rel) if rel.name == "s" => {
+                Some(rel.columns.iter().map(|c| c.name.clone()).collect())
+            }
             _ => None,
         })
         .collect();
-    assert_eq!(versions, vec![vec!["id".to_string(), "a".into()], vec!["id".into(), "a".into(), "b".into()]]);
+    assert_eq!(
+        versions,
+        vec![
+            vec!["id".to_string(), "a".into()],
+            vec!["id".into(), "a".into(), "b".into()]
+        ]
+    );
     drop((reader, _d));
     let expected = select_state(&db, "s", &["id"], &["id", "a", "b"]);
     let got = reconstruct(&db.archive_dir(), "s");

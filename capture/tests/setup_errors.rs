@@ -7,17 +7,25 @@ use crate::harness::TestDb;
 
 fn assert_setup(err: &CaptureError, needle: &str) {
     assert_eq!(err.kind(), ErrorKind::Setup, "{err}");
-    assert!(err.to_string().contains(needle), "{err:?} does not mention {needle:?}");
+    assert!(
+        err.to_string().contains(needle),
+        "{err:?} does not mention {needle:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wal_level_replica_is_refused_with_the_fix() {
-    let cluster = Cluster::start(ClusterOptions { settings: vec![("wal_level".into(), "replica".into())] }).unwrap();
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![("wal_level".into(), "replica".into())],
+    })
+    .unwrap();
     let archive = tempfile::tempdir().unwrap();
     let mut config = TestDb::new("walcfg").config();
     config.source = SourceConfig::parse(&cluster.url("postgres")).unwrap();
     config.archive = archive.path().join("a");
-    let err = pgtrail_capture::run(config, std::future::pending(), |_| {}).await.unwrap_err();
+    let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
     assert_setup(&err, "wal_level = logical");
 }
 
@@ -26,8 +34,15 @@ async fn role_without_replication_is_refused_with_the_fix() {
     let db = TestDb::new("norepl");
     db.sql("CREATE ROLE plain_user LOGIN; CREATE TABLE t (id int PRIMARY KEY);");
     let mut config = db.config();
-    config.source = SourceConfig::parse(&format!("postgresql://plain_user@127.0.0.1:{}/{}", db.cluster.port(), db.name)).unwrap();
-    let err = pgtrail_capture::run(config, std::future::pending(), |_| {}).await.unwrap_err();
+    config.source = SourceConfig::parse(&format!(
+        "postgresql://plain_user@127.0.0.1:{}/{}",
+        db.cluster.port(),
+        db.name
+    ))
+    .unwrap();
+    let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
     assert_setup(&err, "WITH REPLICATION");
 }
 
@@ -37,11 +52,15 @@ async fn unknown_or_unsafe_tables_are_refused() {
     db.sql("CREATE TABLE nopk (v int); CREATE TABLE \"Odd Name\" (id int PRIMARY KEY);");
     let mut config = db.config();
     config.tables = vec!["public.missing".into()];
-    let err = pgtrail_capture::run(config, std::future::pending(), |_| {}).await.unwrap_err();
+    let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
     assert_setup(&err, "does not exist");
     let mut config = db.config();
     config.tables = pgtrail_capture::slot::split_table_list("public.\"Odd Name\", public.nopk");
-    let err = pgtrail_capture::run(config, std::future::pending(), |_| {}).await.unwrap_err();
+    let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
     assert_setup(&err, "REPLICA IDENTITY FULL");
     // By default the table without a key is left out, and the quoted one captured.
     db.sql("INSERT INTO \"Odd Name\" VALUES (1); INSERT INTO nopk VALUES (1);");
@@ -54,10 +73,18 @@ async fn unknown_or_unsafe_tables_are_refused() {
 async fn malformed_url_and_foreign_slot_are_clear_errors() {
     let err = SourceConfig::parse("postgresql://user:sekrit@host:notaport/db").unwrap_err();
     assert!(matches!(err, CaptureError::InvalidUrl { .. }));
-    assert!(!err.to_string().contains("sekrit"), "the password must not be echoed: {err}");
+    assert!(
+        !err.to_string().contains("sekrit"),
+        "the password must not be echoed: {err}"
+    );
     let db = TestDb::new("foreign");
     db.sql("CREATE TABLE t (id int PRIMARY KEY)");
-    db.sql(&format!("SELECT pg_create_logical_replication_slot('{}', 'pgoutput')", db.name));
-    let err = pgtrail_capture::run(db.config(), std::future::pending(), |_| {}).await.unwrap_err();
+    db.sql(&format!(
+        "SELECT pg_create_logical_replication_slot('{}', 'pgoutput')",
+        db.name
+    ));
+    let err = pgtrail_capture::run(db.config(), std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
     assert_setup(&err, "already exists");
 }

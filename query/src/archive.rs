@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use pgtrail_store::segment::SegmentContent;
-use pgtrail_store::{ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry, SourceIdentity};
+use pgtrail_store::{
+    ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry, SourceIdentity,
+};
 
 use crate::error::QueryError;
 
@@ -26,27 +28,44 @@ pub struct TableHistory {
 
 impl TableHistory {
     pub fn qualified_name(&self) -> String {
-        format!("{}.{}", pgtrail_store::quote_ident(&self.schema), pgtrail_store::quote_ident(&self.name))
+        format!(
+            "{}.{}",
+            pgtrail_store::quote_ident(&self.schema),
+            pgtrail_store::quote_ident(&self.name)
+        )
     }
 
     /// The schema version a change names (its relation OID and the key it took effect at).
-    pub fn version(&self, relation_id: u32, valid_from: ChangeKey) -> Result<&RelationVersion, QueryError> {
+    pub fn version(
+        &self,
+        relation_id: u32,
+        valid_from: ChangeKey,
+    ) -> Result<&RelationVersion, QueryError> {
         self.versions
             .iter()
             .find(|v| v.relation_id == relation_id && v.valid_from == valid_from)
-            .ok_or(QueryError::NoSuchVersion { relation_id, valid_from })
+            .ok_or(QueryError::NoSuchVersion {
+                relation_id,
+                valid_from,
+            })
     }
 
     /// The key positions of one of this table's versions (see
     /// [`RelationVersion::key_positions`]); `version` must be one of `self.versions`.
     pub fn key_positions(&self, version: &RelationVersion) -> &[usize] {
-        let i = self.versions.iter().position(|v| std::ptr::eq(v, version)).unwrap_or(0);
+        let i = self
+            .versions
+            .iter()
+            .position(|v| std::ptr::eq(v, version))
+            .unwrap_or(0);
         self.key_positions.get(i).map_or(&[], Vec::as_slice)
     }
 
     /// The latest schema version.
     pub fn latest(&self) -> &RelationVersion {
-        self.versions.last().expect("a table has at least one version")
+        self.versions
+            .last()
+            .expect("a table has at least one version")
     }
 }
 
@@ -73,7 +92,10 @@ impl ArchiveSnapshot {
     /// Read the archive in `dir`. The log tail is held in memory (it is bounded by the
     /// compaction thresholds); segments are read lazily by queries.
     pub fn open(dir: &Path) -> Result<ArchiveSnapshot, QueryError> {
-        let (_db, reader) = LogReader::open(dir).map_err(|source| QueryError::Open { path: dir.to_path_buf(), source })?;
+        let (_db, reader) = LogReader::open(dir).map_err(|source| QueryError::Open {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         Self::from_reader(dir, &reader)
     }
 
@@ -94,7 +116,11 @@ impl ArchiveSnapshot {
         let mut tables: BTreeMap<String, TableHistory> = BTreeMap::new();
         let mut by_oid: BTreeMap<u32, String> = BTreeMap::new();
         for (oid, (schema, name)) in &latest_name {
-            let key = format!("{}.{}", pgtrail_store::quote_ident(schema), pgtrail_store::quote_ident(name));
+            let key = format!(
+                "{}.{}",
+                pgtrail_store::quote_ident(schema),
+                pgtrail_store::quote_ident(name)
+            );
             by_oid.insert(*oid, key.clone());
             tables.entry(key).or_insert_with(|| TableHistory {
                 schema: schema.clone(),
@@ -140,7 +166,11 @@ impl ArchiveSnapshot {
         }
         for t in tables.values_mut() {
             t.versions.sort_by_key(|v| v.valid_from);
-            t.key_positions = t.versions.iter().map(RelationVersion::key_positions).collect();
+            t.key_positions = t
+                .versions
+                .iter()
+                .map(RelationVersion::key_positions)
+                .collect();
             t.segments.sort_by_key(|s| s.min_key);
         }
         tables.retain(|_, t| !t.versions.is_empty());
@@ -160,14 +190,20 @@ impl ArchiveSnapshot {
     }
 
     pub fn segment_path(&self, seg: &SegmentEntry) -> PathBuf {
-        self.dir.join(pgtrail_store::SEGMENTS_DIR).join(&seg.file_name)
+        self.dir
+            .join(pgtrail_store::SEGMENTS_DIR)
+            .join(&seg.file_name)
     }
 
     /// Find a table by a name written as PostgreSQL would parse it: `orders`, `public.orders`,
     /// `public."Odd Name"`.
     pub fn table(&self, name: &str) -> Result<&TableHistory, QueryError> {
-        let (schema, table) = parse_qualified(name).ok_or_else(|| QueryError::BadTableName(name.to_string()))?;
-        let found = self.tables.values().find(|t| t.name == table && schema.as_deref().is_none_or(|s| s == t.schema));
+        let (schema, table) =
+            parse_qualified(name).ok_or_else(|| QueryError::BadTableName(name.to_string()))?;
+        let found = self
+            .tables
+            .values()
+            .find(|t| t.name == table && schema.as_deref().is_none_or(|s| s == t.schema));
         found.ok_or_else(|| QueryError::NoSuchTable {
             name: name.to_string(),
             known: self.tables.keys().cloned().collect::<Vec<_>>().join(", "),
@@ -230,9 +266,18 @@ mod tests {
     #[test]
     fn table_names_parse_like_postgres() {
         assert_eq!(parse_qualified("Orders"), Some((None, "orders".into())));
-        assert_eq!(parse_qualified("public.orders"), Some((Some("public".into()), "orders".into())));
-        assert_eq!(parse_qualified("public.\"Odd Name\""), Some((Some("public".into()), "Odd Name".into())));
-        assert_eq!(parse_qualified("\"a.b\".\"q\"\"x\""), Some((Some("a.b".into()), "q\"x".into())));
+        assert_eq!(
+            parse_qualified("public.orders"),
+            Some((Some("public".into()), "orders".into()))
+        );
+        assert_eq!(
+            parse_qualified("public.\"Odd Name\""),
+            Some((Some("public".into()), "Odd Name".into()))
+        );
+        assert_eq!(
+            parse_qualified("\"a.b\".\"q\"\"x\""),
+            Some((Some("a.b".into()), "q\"x".into()))
+        );
         assert_eq!(parse_qualified("a.b.c"), None);
         assert_eq!(parse_qualified("\"open"), None);
         assert_eq!(parse_qualified(""), None);

@@ -6,9 +6,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringArray, StringBuilder,
+    TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Int8Type, Schema, SchemaRef, TimeUnit, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Int8Type, Schema, SchemaRef, TimeUnit, UInt64Type,
+};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
@@ -35,7 +38,11 @@ pub fn changes_schema() -> SchemaRef {
         Field::new("before", DataType::Utf8, true),
         Field::new("after", DataType::Utf8, true),
         Field::new("context", DataType::Utf8, true),
-        Field::new("committed_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "committed_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
         Field::new("transaction_id", DataType::UInt32, false),
         // Named like the history tables' columns so that the same filters prune segments.
         Field::new("lsn", DataType::UInt64, false),
@@ -54,7 +61,10 @@ pub fn row_json(version: &RelationVersion, row: &Row) -> Value {
             Cell::Unknown => continue,
             Cell::Null => Value::Null,
             Cell::Text(t) => match PgKind::of(column.type_oid, column.type_modifier) {
-                PgKind::Int2 | PgKind::Int4 | PgKind::Int8 => t.parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::from(t.clone())),
+                PgKind::Int2 | PgKind::Int4 | PgKind::Int8 => t
+                    .parse::<i64>()
+                    .map(Value::from)
+                    .unwrap_or_else(|_| Value::from(t.clone())),
                 PgKind::Float4 | PgKind::Float8 => match t.parse::<f64>() {
                     Ok(f) if f.is_finite() => Value::from(f),
                     _ => Value::from(t.clone()),
@@ -115,20 +125,35 @@ impl Builders {
         }
     }
 
-    fn push(&mut self, version: &RelationVersion, key: pgtrail_store::ChangeKey, rec: &ChangeRecord) {
+    fn push(
+        &mut self,
+        version: &RelationVersion,
+        key: pgtrail_store::ChangeKey,
+        rec: &ChangeRecord,
+    ) {
         let pk = rec.key.as_ref().map(|k| {
             if k.len() == 1 {
                 k[0].clone().unwrap_or_default()
             } else {
-                Value::from(k.iter().map(|v| v.clone().map_or(Value::Null, Value::from)).collect::<Vec<_>>()).to_string()
+                Value::from(
+                    k.iter()
+                        .map(|v| v.clone().map_or(Value::Null, Value::from))
+                        .collect::<Vec<_>>(),
+                )
+                .to_string()
             }
         });
         self.pk.append_option(pk);
         self.table.append_value(&version.name);
         self.schema.append_value(&version.schema);
         self.op.append_value(operation(rec.op));
-        self.before.append_option(rec.before.as_ref().map(|r| row_json(version, r).to_string()));
-        self.after.append_option(rec.after.as_ref().map(|r| row_json(version, r).to_string()));
+        self.before.append_option(
+            rec.before
+                .as_ref()
+                .map(|r| row_json(version, r).to_string()),
+        );
+        self.after
+            .append_option(rec.after.as_ref().map(|r| row_json(version, r).to_string()));
         self.context.append_option(rec.context.as_deref());
         self.at.append_value(rec.committed_at_us);
         self.xid.append_value(rec.xid);
@@ -168,7 +193,10 @@ pub struct ChangesTable {
 
 impl ChangesTable {
     pub fn new(archive: Arc<ArchiveSnapshot>) -> ChangesTable {
-        ChangesTable { archive, schema: changes_schema() }
+        ChangesTable {
+            archive,
+            schema: changes_schema(),
+        }
     }
 }
 
@@ -188,7 +216,10 @@ impl TableProvider for ChangesTable {
         TableType::View
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
 
@@ -203,13 +234,20 @@ impl TableProvider for ChangesTable {
         // Without the JSON columns (primary_key, before, after) the view is the segments'
         // own columns relabelled: read those columnar, per segment, in parallel.
         if let Some(p) = projection
-            && !p.iter().any(|&i| matches!(self.schema.field(i).name().as_str(), "primary_key" | "before" | "after"))
+            && !p.iter().any(|&i| {
+                matches!(
+                    self.schema.field(i).name().as_str(),
+                    "primary_key" | "before" | "after"
+                )
+            })
         {
             let schema = Arc::new(self.schema.project(p)?);
             let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
             for history in self.archive.tables.values() {
                 for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
-                    let SegmentContent::Table(version) = &seg.content else { continue };
+                    let SegmentContent::Table(version) = &seg.content else {
+                        continue;
+                    };
                     partitions.push(Arc::new(SegmentChanges {
                         path: self.archive.segment_path(seg),
                         sha256: seg.sha256.clone(),
@@ -220,33 +258,62 @@ impl TableProvider for ChangesTable {
                     }));
                 }
                 let mut b = Builders::new();
-                for (key, rec) in history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)) {
-                    b.push(history.version(rec.relation_id, rec.schema_version)?, *key, rec);
+                for (key, rec) in history
+                    .tail
+                    .iter()
+                    .filter(|(k, r)| bounds.contains(*k, r.committed_at_us))
+                {
+                    b.push(
+                        history.version(rec.relation_id, rec.schema_version)?,
+                        *key,
+                        rec,
+                    );
                 }
                 let batch = b.finish(&self.schema)?.project(p)?;
                 // The view's rows of the log tail (few: the tail is compacted away).
-                partitions.push(Arc::new(TailPartition { batches: vec![batch], schema: schema.clone() }));
+                partitions.push(Arc::new(TailPartition {
+                    batches: vec![batch],
+                    schema: schema.clone(),
+                }));
             }
             if partitions.is_empty() {
                 let empty = datafusion::catalog::MemTable::try_new(schema.clone(), vec![vec![]])?;
                 return empty.scan(_state, None, filters, limit).await;
             }
-            return Ok(Arc::new(StreamingTableExec::try_new(schema, partitions, None, [], false, limit)?));
+            return Ok(Arc::new(StreamingTableExec::try_new(
+                schema,
+                partitions,
+                None,
+                [],
+                false,
+                limit,
+            )?));
         }
         let partitions: Vec<Arc<dyn PartitionStream>> = self
             .archive
             .tables
             .keys()
             .map(|t| {
-                Arc::new(TablePartition { archive: self.archive.clone(), table: t.clone(), bounds, schema: self.schema.clone() })
-                    as Arc<dyn PartitionStream>
+                Arc::new(TablePartition {
+                    archive: self.archive.clone(),
+                    table: t.clone(),
+                    bounds,
+                    schema: self.schema.clone(),
+                }) as Arc<dyn PartitionStream>
             })
             .collect();
         if partitions.is_empty() {
             let empty = datafusion::catalog::MemTable::try_new(self.schema.clone(), vec![vec![]])?;
             return empty.scan(_state, projection, filters, limit).await;
         }
-        Ok(Arc::new(StreamingTableExec::try_new(self.schema.clone(), partitions, projection, [], false, limit)?))
+        Ok(Arc::new(StreamingTableExec::try_new(
+            self.schema.clone(),
+            partitions,
+            projection,
+            [],
+            false,
+            limit,
+        )?))
     }
 }
 
@@ -266,17 +333,31 @@ impl SegmentChanges {
     fn batch(&self, stored: &RecordBatch) -> Result<RecordBatch> {
         let n = stored.num_rows();
         let column = |name: &str| {
-            stored.column_by_name(name).cloned().ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")))
+            stored
+                .column_by_name(name)
+                .cloned()
+                .ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")))
         };
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.schema.fields().len());
         for field in self.schema.fields() {
             columns.push(match field.name().as_str() {
-                "table" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.table, n))),
-                "schema" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(&self.schema_name, n))),
+                "table" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                    &self.table,
+                    n,
+                ))),
+                "schema" => Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                    &self.schema_name,
+                    n,
+                ))),
                 "operation" => {
                     let op = column("op")?;
-                    let op = op.as_dictionary_opt::<Int8Type>().ok_or_else(|| DataFusionError::Internal("op type".into()))?;
-                    let values = op.values().as_string_opt::<i32>().ok_or_else(|| DataFusionError::Internal("op values".into()))?;
+                    let op = op
+                        .as_dictionary_opt::<Int8Type>()
+                        .ok_or_else(|| DataFusionError::Internal("op type".into()))?;
+                    let values = op
+                        .values()
+                        .as_string_opt::<i32>()
+                        .ok_or_else(|| DataFusionError::Internal("op values".into()))?;
                     let names: Vec<&str> = (0..values.len())
                         .map(|i| match values.value(i) {
                             "insert" => "CREATE",
@@ -287,7 +368,11 @@ impl SegmentChanges {
                             _ => "MESSAGE",
                         })
                         .collect();
-                    Arc::new(StringArray::from_iter_values(op.keys().iter().map(|k| names[k.unwrap_or_default() as usize])))
+                    Arc::new(StringArray::from_iter_values(
+                        op.keys()
+                            .iter()
+                            .map(|k| names[k.unwrap_or_default() as usize]),
+                    ))
                 }
                 "context" => column("context")?,
                 "committed_at" => column("committed_at")?,
@@ -296,14 +381,28 @@ impl SegmentChanges {
                 "seq" => column("seq")?,
                 "position" => {
                     let lsn = column("lsn")?;
-                    let lsn = lsn.as_primitive_opt::<UInt64Type>().ok_or_else(|| DataFusionError::Internal("lsn type".into()))?;
-                    Arc::new(StringArray::from_iter_values(lsn.values().iter().map(|v| pgtrail_store::Lsn(*v).to_string())))
+                    let lsn = lsn
+                        .as_primitive_opt::<UInt64Type>()
+                        .ok_or_else(|| DataFusionError::Internal("lsn type".into()))?;
+                    Arc::new(StringArray::from_iter_values(
+                        lsn.values()
+                            .iter()
+                            .map(|v| pgtrail_store::Lsn(*v).to_string()),
+                    ))
                 }
-                other => return Err(DataFusionError::Internal(format!("changes column {other} is not built columnar"))),
+                other => {
+                    return Err(DataFusionError::Internal(format!(
+                        "changes column {other} is not built columnar"
+                    )));
+                }
             });
         }
         let options = RecordBatchOptions::new().with_row_count(Some(n));
-        Ok(RecordBatch::try_new_with_options(self.schema.clone(), columns, &options)?)
+        Ok(RecordBatch::try_new_with_options(
+            self.schema.clone(),
+            columns,
+            &options,
+        )?)
     }
 }
 
@@ -332,7 +431,8 @@ impl PartitionStream for SegmentChanges {
                 // `count(*)`: the smallest column, for the row counts.
                 read.push(vec!["seq".to_string()]);
             }
-            for batch in open_segment_projected(&me.path, &me.sha256, 8192, me.bounds, Some(&read))? {
+            for batch in open_segment_projected(&me.path, &me.sha256, 8192, me.bounds, Some(&read))?
+            {
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
                 if tx.blocking_send(me.batch(&batch)).is_err() {
                     break;
@@ -360,9 +460,16 @@ impl PartitionStream for TablePartition {
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
-        let (archive, table, bounds, schema) = (self.archive.clone(), self.table.clone(), self.bounds, self.schema.clone());
+        let (archive, table, bounds, schema) = (
+            self.archive.clone(),
+            self.table.clone(),
+            self.bounds,
+            self.schema.clone(),
+        );
         builder.spawn_blocking(move || {
-            let Some(history) = archive.tables.get(&table) else { return Ok(()) };
+            let Some(history) = archive.tables.get(&table) else {
+                return Ok(());
+            };
             let mut b = Builders::new();
             for_each_change_where(
                 &archive,
@@ -375,7 +482,9 @@ impl PartitionStream for TablePartition {
                     if b.rows >= 8192 {
                         let batch = b.finish(&schema)?;
                         if tx.blocking_send(Ok(batch)).is_err() {
-                            return Err(datafusion::error::DataFusionError::Execution("query cancelled".into()));
+                            return Err(datafusion::error::DataFusionError::Execution(
+                                "query cancelled".into(),
+                            ));
                         }
                     }
                     Ok(())

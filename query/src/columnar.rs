@@ -14,15 +14,19 @@
 //! one schema version, with no value kept as exact text (a value its Arrow type cannot hold).
 
 use std::collections::VecDeque;
-use std::sync::mpsc::{Receiver, sync_channel};
 use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringBuilder, StructArray, UInt32Array, make_comparator,
-    new_empty_array,
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringBuilder, StructArray,
+    UInt32Array, make_comparator, new_empty_array,
 };
-use datafusion::arrow::compute::{SortColumn, SortOptions, concat, lexsort_to_indices, take, take_record_batch};
-use datafusion::arrow::datatypes::{DataType, Field, Fields, Int8Type, Schema, TimestampMicrosecondType, UInt32Type, UInt64Type};
+use datafusion::arrow::compute::{
+    SortColumn, SortOptions, concat, lexsort_to_indices, take, take_record_batch,
+};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Fields, Int8Type, Schema, TimestampMicrosecondType, UInt32Type, UInt64Type,
+};
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::HashMap;
 use datafusion::error::{DataFusionError, Result};
@@ -269,7 +273,9 @@ impl ImageKeys {
     /// Row `i`'s key, if the image is there.
     fn key(&self, i: usize) -> Option<KeyRef<'_>> {
         match self {
-            ImageKeys::Int(s, k) => s.is_valid(i).then(|| KeyRef::Int(k.is_valid(i).then(|| k.value(i)))),
+            ImageKeys::Int(s, k) => s
+                .is_valid(i)
+                .then(|| KeyRef::Int(k.is_valid(i).then(|| k.value(i)))),
             ImageKeys::Bytes(s, rows) => s.is_valid(i).then(|| KeyRef::Bytes(rows.row(i).data())),
         }
     }
@@ -287,7 +293,11 @@ struct Plan<'t> {
 
 impl<'a> Replay<'a> {
     fn new(archive: &'a ArchiveSnapshot, plan: &Plan<'_>, moment: Moment) -> Replay<'a> {
-        Replay { moment, resets: SnapshotResets::new(archive), rows: RowMap::new(plan.int_key) }
+        Replay {
+            moment,
+            resets: SnapshotResets::new(archive),
+            rows: RowMap::new(plan.int_key),
+        }
     }
 }
 
@@ -311,7 +321,9 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
         if !until.may_include(seg.min_key, seg.min_committed_at_us) {
             continue;
         }
-        let SegmentContent::Table(rel) = &seg.content else { continue };
+        let SegmentContent::Table(rel) = &seg.content else {
+            continue;
+        };
         if !same(table.version(rel.relation_id, rel.valid_from)?) {
             return Ok(None);
         }
@@ -328,21 +340,36 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
             return Ok(None);
         }
     }
-    let Some(version) = version else { return Ok(None) };
+    let Some(version) = version else {
+        return Ok(None);
+    };
     let positions = table.key_positions(version);
     if positions.is_empty() || version.columns.is_empty() {
         return Ok(None);
     }
     if !tail.is_empty() {
-        let batch = records_to_batch(&SegmentContent::Table(version.clone()), &tail).map_err(external)?;
+        let batch =
+            records_to_batch(&SegmentContent::Table(version.clone()), &tail).map_err(external)?;
         sources.push(Source::Tail(batch));
     }
-    let key_names = positions.iter().map(|&i| version.columns[i].name.clone()).collect();
+    let key_names = positions
+        .iter()
+        .map(|&i| version.columns[i].name.clone())
+        .collect();
     let int_key = match positions {
-        [i] => matches!(row_struct_fields(version)[*i].data_type(), DataType::Int16 | DataType::Int32 | DataType::Int64),
+        [i] => matches!(
+            row_struct_fields(version)[*i].data_type(),
+            DataType::Int16 | DataType::Int32 | DataType::Int64
+        ),
         _ => false,
     };
-    Ok(Some(Plan { version, key_names, sources, row_groups: until.row_group_bounds(), int_key }))
+    Ok(Some(Plan {
+        version,
+        key_names,
+        sources,
+        row_groups: until.row_group_bounds(),
+        int_key,
+    }))
 }
 
 /// Read `columns` of every source in key order, calling `f(source index, first row number,
@@ -368,7 +395,8 @@ fn scan(
                     let batch = match selected {
                         None => Ok(batch.clone()),
                         Some(selected) => {
-                            let indices = UInt32Array::from_iter_values(selected.iter().map(|&r| r as u32));
+                            let indices =
+                                UInt32Array::from_iter_values(selected.iter().map(|&r| r as u32));
                             take_record_batch(batch, &indices).map_err(DataFusionError::from)
                         }
                     };
@@ -378,7 +406,14 @@ fn scan(
                     let path = archive.segment_path(seg);
                     let (sha256, row_groups) = (&seg.sha256, plan.row_groups);
                     scope.spawn(move || {
-                        let reader = match open_segment_selected(&path, sha256, 8192, row_groups, Some(columns), selected) {
+                        let reader = match open_segment_selected(
+                            &path,
+                            sha256,
+                            8192,
+                            row_groups,
+                            Some(columns),
+                            selected,
+                        ) {
                             Ok(reader) => reader,
                             Err(e) => {
                                 let _ = tx.send(Err(e));
@@ -403,7 +438,9 @@ fn scan(
                 ahead.push_back(decode(started));
                 started += 1;
             }
-            let batches = ahead.pop_front().ok_or_else(|| DataFusionError::Internal("source not started".into()))?;
+            let batches = ahead
+                .pop_front()
+                .ok_or_else(|| DataFusionError::Internal("source not started".into()))?;
             let mut row = 0;
             for batch in batches {
                 let batch = batch?;
@@ -433,13 +470,23 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
         let fields = row_struct_fields(plan.version);
         plan.key_names
             .iter()
-            .map(|k| fields.iter().find(|f| f.name() == k).map(|f| SortField::new(f.data_type().clone())))
+            .map(|k| {
+                fields
+                    .iter()
+                    .find(|f| f.name() == k)
+                    .map(|f| SortField::new(f.data_type().clone()))
+            })
             .collect::<Option<_>>()
-            .ok_or_else(|| DataFusionError::Internal("a key column is missing from its version".into()))?
+            .ok_or_else(|| {
+                DataFusionError::Internal("a key column is missing from its version".into())
+            })?
     };
     let int_key = plan.int_key;
     let converter = RowConverter::new(key_fields)?;
-    let mut columns: Vec<Vec<String>> = ["lsn", "seq", "committed_at", "op"].iter().map(|c| vec![c.to_string()]).collect();
+    let mut columns: Vec<Vec<String>> = ["lsn", "seq", "committed_at", "op"]
+        .iter()
+        .map(|c| vec![c.to_string()])
+        .collect();
     for image in ["before", "after"] {
         for k in &plan.key_names {
             columns.push(vec![image.to_string(), k.clone()]);
@@ -447,15 +494,31 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
     }
     let mut last: Option<(u64, u32)> = None;
     scan(archive, plan, &columns, None, |source, first_row, batch| {
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")));
-        let lsn = col("lsn")?.as_primitive_opt::<UInt64Type>().ok_or_else(|| DataFusionError::Internal("lsn type".into()))?.clone();
-        let seq = col("seq")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| DataFusionError::Internal("seq type".into()))?.clone();
+        let col = |name: &str| {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| DataFusionError::Internal(format!("segment without {name}")))
+        };
+        let lsn = col("lsn")?
+            .as_primitive_opt::<UInt64Type>()
+            .ok_or_else(|| DataFusionError::Internal("lsn type".into()))?
+            .clone();
+        let seq = col("seq")?
+            .as_primitive_opt::<UInt32Type>()
+            .ok_or_else(|| DataFusionError::Internal("seq type".into()))?
+            .clone();
         let at = col("committed_at")?
             .as_primitive_opt::<TimestampMicrosecondType>()
             .ok_or_else(|| DataFusionError::Internal("committed_at type".into()))?
             .clone();
-        let op = col("op")?.as_dictionary_opt::<Int8Type>().ok_or_else(|| DataFusionError::Internal("op type".into()))?.clone();
-        let op_values = op.values().as_string_opt::<i32>().ok_or_else(|| DataFusionError::Internal("op values".into()))?;
+        let op = col("op")?
+            .as_dictionary_opt::<Int8Type>()
+            .ok_or_else(|| DataFusionError::Internal("op type".into()))?
+            .clone();
+        let op_values = op
+            .values()
+            .as_string_opt::<i32>()
+            .ok_or_else(|| DataFusionError::Internal("op values".into()))?;
         let codes: Vec<OpCode> = (0..op_values.len())
             .map(|i| match op_values.value(i) {
                 "insert" | "snapshot" => OpCode::Write,
@@ -466,16 +529,27 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             })
             .collect();
         let keys_of = |image: &str| -> Result<Option<ImageKeys>> {
-            let Some(s) = batch.column_by_name(image).and_then(|c| c.as_struct_opt().cloned()) else { return Ok(None) };
+            let Some(s) = batch
+                .column_by_name(image)
+                .and_then(|c| c.as_struct_opt().cloned())
+            else {
+                return Ok(None);
+            };
             let children: Vec<ArrayRef> = plan
                 .key_names
                 .iter()
                 .map(|k| s.column_by_name(k).cloned())
                 .collect::<Option<_>>()
-                .ok_or_else(|| DataFusionError::Internal(format!("{image} without its key columns")))?;
+                .ok_or_else(|| {
+                    DataFusionError::Internal(format!("{image} without its key columns"))
+                })?;
             if int_key {
                 let key = datafusion::arrow::compute::cast(&children[0], &DataType::Int64)?;
-                return Ok(Some(ImageKeys::Int(s, key.as_primitive::<datafusion::arrow::datatypes::Int64Type>().clone())));
+                return Ok(Some(ImageKeys::Int(
+                    s,
+                    key.as_primitive::<datafusion::arrow::datatypes::Int64Type>()
+                        .clone(),
+                )));
             }
             let rows = converter.convert_columns(&children)?;
             Ok(Some(ImageKeys::Bytes(s, rows)))
@@ -495,8 +569,16 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 )));
             }
             last = Some(key);
-            let change_key = ChangeKey { commit_lsn: Lsn(key.0), seq: key.1 };
-            let code = op.keys().is_valid(i).then(|| codes.get(op.keys().value(i) as usize).copied()).flatten().unwrap_or(OpCode::Other);
+            let change_key = ChangeKey {
+                commit_lsn: Lsn(key.0),
+                seq: key.1,
+            };
+            let code = op
+                .keys()
+                .is_valid(i)
+                .then(|| codes.get(op.keys().value(i) as usize).copied())
+                .flatten()
+                .unwrap_or(OpCode::Other);
             for r in replays.iter_mut() {
                 if !r.moment.includes(change_key, at.value(i)) {
                     continue;
@@ -549,7 +631,9 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); plan.sources.len()];
     for &l in locs {
         let (source, row) = loc_parts(l);
-        rows.get_mut(source).ok_or_else(|| DataFusionError::Internal("a change of an unknown source".into()))?.push(row);
+        rows.get_mut(source)
+            .ok_or_else(|| DataFusionError::Internal("a change of an unknown source".into()))?
+            .push(row);
     }
     let mut parts: Vec<ArrayRef> = Vec::new();
     let mut found = 0;
@@ -562,7 +646,9 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
             exact_text = true;
             return Ok(false);
         }
-        let after = batch.column_by_name("after").ok_or_else(|| DataFusionError::Internal("segment without after".into()))?;
+        let after = batch
+            .column_by_name("after")
+            .ok_or_else(|| DataFusionError::Internal("segment without after".into()))?;
         parts.push(after.clone());
         found += batch.num_rows();
         Ok(true)
@@ -571,7 +657,9 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
         return Ok(None);
     }
     if found != locs.len() {
-        return Err(DataFusionError::Execution("a change found by the first pass was not there in the second".into()));
+        return Err(DataFusionError::Execution(
+            "a change found by the first pass was not there in the second".into(),
+        ));
     }
     let array = if parts.is_empty() {
         new_empty_array(&DataType::Struct(fields))
@@ -589,7 +677,9 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
 fn same_rows(images: &StructArray) -> Result<Box<dyn Fn(usize, usize) -> bool + '_>> {
     let array: ArrayRef = Arc::new(images.clone());
     if let Ok(compare) = make_comparator(array.as_ref(), array.as_ref(), SortOptions::default()) {
-        return Ok(Box::new(move |i, j| compare(i, j) == std::cmp::Ordering::Equal));
+        return Ok(Box::new(move |i, j| {
+            compare(i, j) == std::cmp::Ordering::Equal
+        }));
     }
     // A type the comparators do not handle: the row format handles every type.
     let converter = RowConverter::new(vec![SortField::new(images.data_type().clone())])?;
@@ -601,7 +691,12 @@ fn same_rows(images: &StructArray) -> Result<Box<dyn Fn(usize, usize) -> bool + 
 fn key_order(rows: &StructArray, key_names: &[String]) -> Result<UInt32Array> {
     let columns: Vec<SortColumn> = key_names
         .iter()
-        .filter_map(|k| rows.column_by_name(k).map(|c| SortColumn { values: c.clone(), options: None }))
+        .filter_map(|k| {
+            rows.column_by_name(k).map(|c| SortColumn {
+                values: c.clone(),
+                options: None,
+            })
+        })
         .collect();
     Ok(lexsort_to_indices(&columns, None)?)
 }
@@ -611,14 +706,25 @@ fn key_order(rows: &StructArray, key_names: &[String]) -> Result<UInt32Array> {
 /// `ALTER TABLE` followed by no write); at a time, the version of the last change.
 fn shown_in_plan_version(table: &TableHistory, plan: &Plan, moment: Moment) -> bool {
     match moment {
-        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).is_none_or(|v| std::ptr::eq(v, plan.version)),
+        Moment::Lsn(l) => table
+            .versions
+            .iter()
+            .rev()
+            .find(|v| v.valid_from.commit_lsn <= l)
+            .is_none_or(|v| std::ptr::eq(v, plan.version)),
         Moment::Time(_) => true,
     }
 }
 
 /// `as_of` of a keyed table in one schema version, or `None` (use the row replay).
-pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<Option<RecordBatch>> {
-    let Some(plan) = plan(table, moment)? else { return Ok(None) };
+pub fn as_of_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    moment: Moment,
+) -> Result<Option<RecordBatch>> {
+    let Some(plan) = plan(table, moment)? else {
+        return Ok(None);
+    };
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
@@ -626,24 +732,37 @@ pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Mome
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
-    let Some(rows) = images(archive, &plan, &locs)? else { return Ok(None) };
+    let Some(rows) = images(archive, &plan, &locs)? else {
+        return Ok(None);
+    };
     let order = key_order(&rows, &plan.key_names)?;
     let sorted = take(&rows, &order, None)?;
     let sorted = sorted.as_struct();
     let schema = Arc::new(Schema::new(sorted.fields().clone()));
     let options = RecordBatchOptions::new().with_row_count(Some(sorted.len()));
-    Ok(Some(RecordBatch::try_new_with_options(schema, sorted.columns().to_vec(), &options)?))
+    Ok(Some(RecordBatch::try_new_with_options(
+        schema,
+        sorted.columns().to_vec(),
+        &options,
+    )?))
 }
 
 /// `diff` of a keyed table in one schema version between two moments, or `None`.
-pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment, to: Moment) -> Result<Option<RecordBatch>> {
+pub fn diff_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    from: Moment,
+    to: Moment,
+) -> Result<Option<RecordBatch>> {
     // The later moment decides which changes are read.
     let later = match (from, to) {
         (Moment::Time(a), Moment::Time(b)) => Moment::Time(a.max(b)),
         (Moment::Lsn(a), Moment::Lsn(b)) => Moment::Lsn(a.max(b)),
         _ => return Ok(None),
     };
-    let Some(plan) = plan(table, later)? else { return Ok(None) };
+    let Some(plan) = plan(table, later)? else {
+        return Ok(None);
+    };
     if !shown_in_plan_version(table, &plan, to) {
         return Ok(None);
     }
@@ -655,16 +774,33 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
     let [a, b] = replays;
     // Keys whose last change differs between the moments (the same change: the same row).
     let pairs = a.rows.differences(&b.rows);
-    let mut locs: Vec<Loc> = pairs.iter().flat_map(|(x, y)| x.iter().chain(y.iter()).copied()).collect();
+    let mut locs: Vec<Loc> = pairs
+        .iter()
+        .flat_map(|(x, y)| x.iter().chain(y.iter()).copied())
+        .collect();
     locs.sort_unstable();
     locs.dedup();
-    let Some(images) = images(archive, &plan, &locs)? else { return Ok(None) };
+    let Some(images) = images(archive, &plan, &locs)? else {
+        return Ok(None);
+    };
     // `locs` is sorted and distinct: a change's image is at its place in it.
     let index = |l: Loc| -> Result<u32> {
-        locs.binary_search(&l).map(|i| i as u32).map_err(|_| DataFusionError::Internal("a changed row without its image".into()))
+        locs.binary_search(&l)
+            .map(|i| i as u32)
+            .map_err(|_| DataFusionError::Internal("a changed row without its image".into()))
     };
-    let before_idx = UInt32Array::from(pairs.iter().map(|(x, _)| x.map(index).transpose()).collect::<Result<Vec<_>>>()?);
-    let after_idx = UInt32Array::from(pairs.iter().map(|(_, y)| y.map(index).transpose()).collect::<Result<Vec<_>>>()?);
+    let before_idx = UInt32Array::from(
+        pairs
+            .iter()
+            .map(|(x, _)| x.map(index).transpose())
+            .collect::<Result<Vec<_>>>()?,
+    );
+    let after_idx = UInt32Array::from(
+        pairs
+            .iter()
+            .map(|(_, y)| y.map(index).transpose())
+            .collect::<Result<Vec<_>>>()?,
+    );
     // Two different changes may still leave the same row (an update to the same values).
     let same = same_rows(&images)?;
     let keep: Vec<usize> = (0..pairs.len())
@@ -676,7 +812,13 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
     // The key columns of whichever image exists, to label and order the rows.
     let present = UInt32Array::from(
         keep.iter()
-            .map(|&i| if after_idx.is_valid(i) { after_idx.value(i) } else { before_idx.value(i) })
+            .map(|&i| {
+                if after_idx.is_valid(i) {
+                    after_idx.value(i)
+                } else {
+                    before_idx.value(i)
+                }
+            })
             .collect::<Vec<_>>(),
     );
     let key_rows = take(&images, &present, None)?;
@@ -685,7 +827,12 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
     // The kept pairs in key order; each side's images are taken once, already in that order.
     let sorted: Vec<usize> = order.values().iter().map(|&o| keep[o as usize]).collect();
     let pick = |idx: &UInt32Array| -> Result<ArrayRef> {
-        let chosen = UInt32Array::from(sorted.iter().map(|&i| idx.is_valid(i).then(|| idx.value(i))).collect::<Vec<_>>());
+        let chosen = UInt32Array::from(
+            sorted
+                .iter()
+                .map(|&i| idx.is_valid(i).then(|| idx.value(i)))
+                .collect::<Vec<_>>(),
+        );
         Ok(take(&images, &chosen, None)?)
     };
     let mut change = StringBuilder::new();
@@ -694,8 +841,16 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         .key_names
         .iter()
         .map(|k| {
-            let c = plan.version.columns.iter().find(|c| &c.name == k).expect("key column of its version");
-            (key_rows.column_by_name(k).expect("key column").clone(), PgKind::of(c.type_oid, c.type_modifier))
+            let c = plan
+                .version
+                .columns
+                .iter()
+                .find(|c| &c.name == k)
+                .expect("key column of its version");
+            (
+                key_rows.column_by_name(k).expect("key column").clone(),
+                PgKind::of(c.type_oid, c.type_modifier),
+            )
         })
         .collect();
     for (&o, &i) in order.values().iter().zip(&sorted) {
@@ -704,8 +859,12 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
             (true, false) => "delete",
             _ => "insert",
         });
-        let text: Vec<String> =
-            kinds.iter().map(|(array, kind)| render(kind, array.as_ref(), o as usize).unwrap_or_else(|| "NULL".into())).collect();
+        let text: Vec<String> = kinds
+            .iter()
+            .map(|(array, kind)| {
+                render(kind, array.as_ref(), o as usize).unwrap_or_else(|| "NULL".into())
+            })
+            .collect();
         key_text.append_value(text.join("|"));
     }
     let fields: Fields = images.fields().clone();
@@ -716,7 +875,12 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
         Field::new("before", row_type.clone(), true),
         Field::new("after", row_type, true),
     ]));
-    let columns: Vec<ArrayRef> = vec![Arc::new(change.finish()), Arc::new(key_text.finish()), pick(&before_idx)?, pick(&after_idx)?];
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(change.finish()),
+        Arc::new(key_text.finish()),
+        pick(&before_idx)?,
+        pick(&after_idx)?,
+    ];
     Ok(Some(RecordBatch::try_new(schema, columns)?))
 }
 

@@ -16,15 +16,26 @@ pub enum QueryError {
     Log(#[from] pgtrail_store::LogError),
     #[error(transparent)]
     Segment(#[from] pgtrail_store::SegmentError),
-    #[error("{0:?} is not a table name (write it as PostgreSQL would: orders, public.orders, public.\"Odd Name\")")]
+    #[error(
+        "{0:?} is not a table name (write it as PostgreSQL would: orders, public.orders, public.\"Odd Name\")"
+    )]
     BadTableName(String),
     #[error("the archive has no table {name} (it has: {known})")]
     NoSuchTable { name: String, known: String },
-    #[error("{moment} is before the archive's history begins ({begins}); nothing is known of the table then")]
+    #[error(
+        "{moment} is before the archive's history begins ({begins}); nothing is known of the table then"
+    )]
     BeforeArchive { moment: String, begins: String },
-    #[error("the archive names schema version {valid_from} of relation {relation_id} but does not hold it; the archive is inconsistent")]
-    NoSuchVersion { relation_id: u32, valid_from: pgtrail_store::ChangeKey },
-    #[error("the archive is read-only: SQL here runs queries only (SELECT, WITH, VALUES, EXPLAIN); {0} is refused")]
+    #[error(
+        "the archive names schema version {valid_from} of relation {relation_id} but does not hold it; the archive is inconsistent"
+    )]
+    NoSuchVersion {
+        relation_id: u32,
+        valid_from: pgtrail_store::ChangeKey,
+    },
+    #[error(
+        "the archive is read-only: SQL here runs queries only (SELECT, WITH, VALUES, EXPLAIN); {0} is refused"
+    )]
     ReadOnly(String),
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),

@@ -16,13 +16,18 @@ fn arrays(args: &[ColumnarValue]) -> Result<(Vec<ArrayRef>, bool)> {
         ColumnarValue::Array(a) => Some(a.len()),
         _ => None,
     });
-    let arrays = args.iter().map(|a| a.clone().into_array(len.unwrap_or(1))).collect::<Result<Vec<_>>>()?;
+    let arrays = args
+        .iter()
+        .map(|a| a.clone().into_array(len.unwrap_or(1)))
+        .collect::<Result<Vec<_>>>()?;
     Ok((arrays, scalar))
 }
 
 fn done(array: ArrayRef, scalar: bool) -> Result<ColumnarValue> {
     if scalar {
-        Ok(ColumnarValue::Scalar(datafusion::common::ScalarValue::try_from_array(&array, 0)?))
+        Ok(ColumnarValue::Scalar(
+            datafusion::common::ScalarValue::try_from_array(&array, 0)?,
+        ))
     } else {
         Ok(ColumnarValue::Array(array))
     }
@@ -61,7 +66,11 @@ fn lsn_number() -> ScalarUDF {
             let mut out = UInt64Builder::new();
             for v in text.as_string::<i32>().iter() {
                 match v {
-                    Some(t) => out.append_value(t.parse::<Lsn>().map_err(|e| DataFusionError::Execution(e.to_string()))?.0),
+                    Some(t) => out.append_value(
+                        t.parse::<Lsn>()
+                            .map_err(|e| DataFusionError::Execution(e.to_string()))?
+                            .0,
+                    ),
                     None => out.append_null(),
                 }
             }

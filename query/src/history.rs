@@ -34,7 +34,10 @@ pub struct Bounds {
 
 impl Default for Bounds {
     fn default() -> Self {
-        Bounds { lsn: (0, u64::MAX), time: (i64::MIN, i64::MAX) }
+        Bounds {
+            lsn: (0, u64::MAX),
+            time: (i64::MIN, i64::MAX),
+        }
     }
 }
 
@@ -49,7 +52,11 @@ impl Bounds {
 
     fn narrow(&mut self, e: &Expr) {
         match e {
-            Expr::BinaryExpr(BinaryExpr { left, op: Operator::And, right }) => {
+            Expr::BinaryExpr(BinaryExpr {
+                left,
+                op: Operator::And,
+                right,
+            }) => {
                 self.narrow(left);
                 self.narrow(right);
             }
@@ -66,13 +73,21 @@ impl Bounds {
                 match column.as_str() {
                     "lsn" => {
                         if let Some(v) = as_u64(&value) {
-                            let (lo, hi) = narrow_range((self.lsn.0.into(), self.lsn.1.into()), op, v.into());
-                            self.lsn = (lo.clamp(0, u64::MAX.into()) as u64, hi.clamp(0, u64::MAX.into()) as u64);
+                            let (lo, hi) =
+                                narrow_range((self.lsn.0.into(), self.lsn.1.into()), op, v.into());
+                            self.lsn = (
+                                lo.clamp(0, u64::MAX.into()) as u64,
+                                hi.clamp(0, u64::MAX.into()) as u64,
+                            );
                         }
                     }
                     "committed_at" => {
                         if let Some(v) = as_micros(&value) {
-                            let (lo, hi) = narrow_range((self.time.0.into(), self.time.1.into()), op, v.into());
+                            let (lo, hi) = narrow_range(
+                                (self.time.0.into(), self.time.1.into()),
+                                op,
+                                v.into(),
+                            );
                             let clamp = |x: i128| x.clamp(i64::MIN.into(), i64::MAX.into()) as i64;
                             self.time = (clamp(lo), clamp(hi));
                         }
@@ -81,8 +96,15 @@ impl Bounds {
                 }
             }
             Expr::Between(between) if !between.negated => {
-                for (op, bound) in [(Operator::GtEq, &between.low), (Operator::LtEq, &between.high)] {
-                    self.narrow(&Expr::BinaryExpr(BinaryExpr::new(between.expr.clone(), op, bound.clone())));
+                for (op, bound) in [
+                    (Operator::GtEq, &between.low),
+                    (Operator::LtEq, &between.high),
+                ] {
+                    self.narrow(&Expr::BinaryExpr(BinaryExpr::new(
+                        between.expr.clone(),
+                        op,
+                        bound.clone(),
+                    )));
                 }
             }
             _ => {}
@@ -97,7 +119,8 @@ impl Bounds {
     }
 
     pub fn contains(&self, key: ChangeKey, committed_at_us: i64) -> bool {
-        (self.lsn.0..=self.lsn.1).contains(&key.commit_lsn.0) && (self.time.0..=self.time.1).contains(&committed_at_us)
+        (self.lsn.0..=self.lsn.1).contains(&key.commit_lsn.0)
+            && (self.time.0..=self.time.1).contains(&committed_at_us)
     }
 }
 
@@ -167,11 +190,18 @@ impl fmt::Debug for HistoryTable {
 
 impl HistoryTable {
     pub fn new(archive: Arc<ArchiveSnapshot>, table: &TableHistory) -> HistoryTable {
-        HistoryTable { schema: history_schema(&table.versions), table: table.qualified_name(), archive }
+        HistoryTable {
+            schema: history_schema(&table.versions),
+            table: table.qualified_name(),
+            archive,
+        }
     }
 
     fn history(&self) -> Result<&TableHistory> {
-        self.archive.tables.get(&self.table).ok_or_else(|| DataFusionError::Internal(format!("table {} vanished", self.table)))
+        self.archive
+            .tables
+            .get(&self.table)
+            .ok_or_else(|| DataFusionError::Internal(format!("table {} vanished", self.table)))
     }
 }
 
@@ -185,7 +215,10 @@ impl TableProvider for HistoryTable {
         TableType::Base
     }
 
-    fn supports_filters_pushdown(&self, filters: &[&Expr]) -> Result<Vec<TableProviderFilterPushDown>> {
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
         // Filters are used to skip whole segments; DataFusion still applies them to the rows.
         Ok(vec![TableProviderFilterPushDown::Inexact; filters.len()])
     }
@@ -218,22 +251,39 @@ impl TableProvider for HistoryTable {
                 SegmentContent::Messages => None,
             })
             .collect();
-        let tail: Vec<(ChangeKey, ChangeRecord)> =
-            history.tail.iter().filter(|(k, r)| bounds.contains(*k, r.committed_at_us)).cloned().collect();
+        let tail: Vec<(ChangeKey, ChangeRecord)> = history
+            .tail
+            .iter()
+            .filter(|(k, r)| bounds.contains(*k, r.committed_at_us))
+            .cloned()
+            .collect();
         let tail = tail_batches(history, &tail, &self.schema)?;
-        let source = HistorySource { history: self.schema.clone(), segments, bounds, tail, limit };
+        let source = HistorySource {
+            history: self.schema.clone(),
+            segments,
+            bounds,
+            tail,
+            limit,
+        };
         Ok(Arc::new(HistoryScanExec::new(Arc::new(source), schema)))
     }
 }
 
 /// Log-tail records as batches of the history schema, one per schema version in key order.
-pub fn tail_batches(table: &TableHistory, tail: &[(ChangeKey, ChangeRecord)], schema: &SchemaRef) -> Result<Vec<RecordBatch>> {
+pub fn tail_batches(
+    table: &TableHistory,
+    tail: &[(ChangeKey, ChangeRecord)],
+    schema: &SchemaRef,
+) -> Result<Vec<RecordBatch>> {
     let mut batches = Vec::new();
-    for run in tail.chunk_by(|(_, a), (_, b)| a.relation_id == b.relation_id && a.schema_version == b.schema_version) {
+    for run in tail.chunk_by(|(_, a), (_, b)| {
+        a.relation_id == b.relation_id && a.schema_version == b.schema_version
+    }) {
         let first = &run[0].1;
         let version = table.version(first.relation_id, first.schema_version)?;
         let content = SegmentContent::Table(version.clone());
-        let batch = records_to_batch(&content, run).map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let batch =
+            records_to_batch(&content, run).map_err(|e| DataFusionError::External(Box::new(e)))?;
         batches.push(adapt(&batch, version, schema)?);
     }
     Ok(batches)
@@ -244,17 +294,27 @@ pub(crate) const READ_AHEAD_BATCHES: usize = 4;
 
 /// Segments per table already verified against the manifest in this process.
 fn verified() -> &'static std::sync::Mutex<BTreeMap<std::path::PathBuf, String>> {
-    static VERIFIED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<std::path::PathBuf, String>>> = std::sync::OnceLock::new();
+    static VERIFIED: std::sync::OnceLock<std::sync::Mutex<BTreeMap<std::path::PathBuf, String>>> =
+        std::sync::OnceLock::new();
     VERIFIED.get_or_init(Default::default)
 }
 
 /// Open a segment, checking its SHA-256 the first time this process reads it.
-pub fn open_segment(path: &std::path::Path, sha256: &str, batch_rows: usize) -> Result<SegmentReader> {
+pub fn open_segment(
+    path: &std::path::Path,
+    sha256: &str,
+    batch_rows: usize,
+) -> Result<SegmentReader> {
     open_segment_pruned(path, sha256, batch_rows, Bounds::default())
 }
 
 /// [`open_segment`], reading only row groups whose statistics overlap `bounds`.
-pub fn open_segment_pruned(path: &std::path::Path, sha256: &str, batch_rows: usize, bounds: Bounds) -> Result<SegmentReader> {
+pub fn open_segment_pruned(
+    path: &std::path::Path,
+    sha256: &str,
+    batch_rows: usize,
+    bounds: Bounds,
+) -> Result<SegmentReader> {
     open_segment_projected(path, sha256, batch_rows, bounds, None)
 }
 
@@ -280,9 +340,21 @@ pub fn open_segment_selected(
     columns: Option<&[Vec<String>]>,
     rows: Option<&[usize]>,
 ) -> Result<SegmentReader> {
-    let known = verified().lock().ok().and_then(|m| m.get(path).cloned()).is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open_selected(path, (!known).then_some(sha256), batch_rows, bounds.lsn, bounds.time, columns, rows)
-        .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let known = verified()
+        .lock()
+        .ok()
+        .and_then(|m| m.get(path).cloned())
+        .is_some_and(|s| s == sha256);
+    let reader = SegmentReader::open_selected(
+        path,
+        (!known).then_some(sha256),
+        batch_rows,
+        bounds.lsn,
+        bounds.time,
+        columns,
+        rows,
+    )
+    .map_err(|e| DataFusionError::External(Box::new(e)))?;
     if !known && let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());
     }
@@ -303,6 +375,9 @@ impl PartitionStream for TailPartition {
 
     fn execute(&self, _ctx: Arc<TaskContext>) -> SendableRecordBatchStream {
         let batches: Vec<Result<RecordBatch>> = self.batches.iter().cloned().map(Ok).collect();
-        Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches)))
+        Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            futures_util::stream::iter(batches),
+        ))
     }
 }

@@ -22,9 +22,12 @@ mod scan;
 mod session;
 
 pub use archive::{ArchiveSnapshot, TableHistory, parse_qualified};
+pub use changes::{changes_schema, row_json};
 pub use error::QueryError;
 pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
-pub use pit::{Moment, TableState, as_of_batch, diff_batch, for_each_change, row_replay_as_of_batch, row_replay_diff_batch, row_replay_row_history, state_at};
-pub use changes::{changes_schema, row_json};
+pub use pit::{
+    Moment, TableState, as_of_batch, diff_batch, for_each_change, row_replay_as_of_batch,
+    row_replay_diff_batch, row_replay_row_history, state_at,
+};
 pub use session::{open_session, read_only_query, session};

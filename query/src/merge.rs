@@ -7,12 +7,14 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, RecordBatch, StringBuilder, StructArray, new_null_array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, RecordBatch, StringBuilder, StructArray, new_null_array,
+};
 use datafusion::arrow::compute::{CastOptions, cast_with_options};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef};
 use datafusion::error::{DataFusionError, Result};
+use pgtrail_store::segment::{PgKind, SegmentContent, render, row_struct_fields, segment_schema};
 use pgtrail_store::{Column, RelationVersion};
-use pgtrail_store::segment::{PgKind, render, row_struct_fields, segment_schema, SegmentContent};
 
 /// The row fields of a history: the latest version's columns in order, then columns that
 /// only older versions had.
@@ -52,11 +54,18 @@ pub fn history_schema(versions: &[RelationVersion]) -> SchemaRef {
 }
 
 fn strict() -> CastOptions<'static> {
-    CastOptions { safe: false, ..CastOptions::default() }
+    CastOptions {
+        safe: false,
+        ..CastOptions::default()
+    }
 }
 
 /// Adapt a batch written under `version` to the history `target` schema.
-pub fn adapt(batch: &RecordBatch, version: &RelationVersion, target: &SchemaRef) -> Result<RecordBatch> {
+pub fn adapt(
+    batch: &RecordBatch,
+    version: &RelationVersion,
+    target: &SchemaRef,
+) -> Result<RecordBatch> {
     let rows = batch.num_rows();
     let mut columns: Vec<ArrayRef> = Vec::with_capacity(target.fields().len());
     for field in target.fields() {
@@ -64,17 +73,27 @@ pub fn adapt(batch: &RecordBatch, version: &RelationVersion, target: &SchemaRef)
     }
     // The row count is explicit: a projection may ask for no column at all (`count(*)`).
     let options = datafusion::arrow::array::RecordBatchOptions::new().with_row_count(Some(rows));
-    Ok(RecordBatch::try_new_with_options(target.clone(), columns, &options)?)
+    Ok(RecordBatch::try_new_with_options(
+        target.clone(),
+        columns,
+        &options,
+    )?)
 }
 
 /// Column `field` of the history schema from a batch written under `version` (null if the
 /// batch does not have it).
-pub(crate) fn adapt_column(batch: &RecordBatch, version: &RelationVersion, field: &Field) -> Result<ArrayRef> {
+pub(crate) fn adapt_column(
+    batch: &RecordBatch,
+    version: &RelationVersion,
+    field: &Field,
+) -> Result<ArrayRef> {
     Ok(match batch.column_by_name(field.name()) {
         None => new_null_array(field.data_type(), batch.num_rows()),
         Some(source) if source.data_type() == field.data_type() => source.clone(),
         Some(source) => match (source.data_type(), field.data_type()) {
-            (DataType::Struct(_), DataType::Struct(target_fields)) if matches!(field.name().as_str(), "before" | "after") => {
+            (DataType::Struct(_), DataType::Struct(target_fields))
+                if matches!(field.name().as_str(), "before" | "after") =>
+            {
                 adapt_row(source, version, target_fields)?
             }
             _ => cast_with_options(source, field.data_type(), &strict())?,
@@ -82,7 +101,11 @@ pub(crate) fn adapt_column(batch: &RecordBatch, version: &RelationVersion, field
     })
 }
 
-fn adapt_row(source: &ArrayRef, version: &RelationVersion, target_fields: &Fields) -> Result<ArrayRef> {
+fn adapt_row(
+    source: &ArrayRef,
+    version: &RelationVersion,
+    target_fields: &Fields,
+) -> Result<ArrayRef> {
     let source = source
         .as_any()
         .downcast_ref::<StructArray>()
@@ -93,16 +116,26 @@ fn adapt_row(source: &ArrayRef, version: &RelationVersion, target_fields: &Field
         let position = version.columns.iter().position(|c| &c.name == field.name());
         let column = match position {
             None => new_null_array(field.data_type(), rows),
-            Some(i) => adapt_image_column(source.column(i), &version.columns[i], field.data_type())?,
+            Some(i) => {
+                adapt_image_column(source.column(i), &version.columns[i], field.data_type())?
+            }
         };
         columns.push(column);
     }
-    Ok(Arc::new(StructArray::try_new(target_fields.clone(), columns, source.nulls().cloned())?))
+    Ok(Arc::new(StructArray::try_new(
+        target_fields.clone(),
+        columns,
+        source.nulls().cloned(),
+    )?))
 }
 
 /// The values of one row-image column as `column` stored them, in the history's type for it:
 /// as stored while every version agrees, else PostgreSQL's text of each value (exact).
-pub(crate) fn adapt_image_column(values: &ArrayRef, column: &Column, target: &DataType) -> Result<ArrayRef> {
+pub(crate) fn adapt_image_column(
+    values: &ArrayRef,
+    column: &Column,
+    target: &DataType,
+) -> Result<ArrayRef> {
     if values.data_type() == target {
         Ok(values.clone())
     } else if target == &DataType::Utf8 {

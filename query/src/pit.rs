@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, StringBuilder, StructArray, UInt32Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, RecordBatch, StringBuilder, StructArray, UInt32Array,
+};
 use datafusion::arrow::compute::kernels::boolean::{and_kleene, or_kleene};
 use datafusion::arrow::compute::kernels::cmp::eq;
 use datafusion::arrow::compute::take_record_batch;
@@ -21,9 +23,12 @@ use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{Bounds, as_micros, constant, open_segment_projected, open_segment_pruned, open_segment_selected, tail_batches};
-use crate::scan::image_field;
+use crate::history::{
+    Bounds, as_micros, constant, open_segment_projected, open_segment_pruned,
+    open_segment_selected, tail_batches,
+};
 use crate::merge::{adapt, history_schema};
+use crate::scan::image_field;
 
 /// A moment of the source's history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,8 +58,14 @@ impl Moment {
     /// The row-group statistics bounds of everything at or before this moment.
     pub(crate) fn row_group_bounds(&self) -> Bounds {
         match self {
-            Moment::Lsn(l) => Bounds { lsn: (0, l.0), ..Bounds::default() },
-            Moment::Time(t) => Bounds { time: (i64::MIN, *t), ..Bounds::default() },
+            Moment::Lsn(l) => Bounds {
+                lsn: (0, l.0),
+                ..Bounds::default()
+            },
+            Moment::Time(t) => Bounds {
+                time: (i64::MIN, *t),
+                ..Bounds::default()
+            },
         }
     }
 }
@@ -116,11 +127,16 @@ pub fn for_each_change_where<'t>(
         if !read_segment(seg) {
             continue;
         }
-        let SegmentContent::Table(rel) = &seg.content else { continue };
+        let SegmentContent::Table(rel) = &seg.content else {
+            continue;
+        };
         let version = table.version(rel.relation_id, rel.valid_from)?;
-        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)? {
+        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)?
+        {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            for (key, rec) in read_records(&seg.content, &batch).map_err(|e| DataFusionError::External(Box::new(e)))? {
+            for (key, rec) in read_records(&seg.content, &batch)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?
+            {
                 if keep(key, &rec) {
                     check_order(key)?;
                     f(version, key, &rec)?;
@@ -131,7 +147,11 @@ pub fn for_each_change_where<'t>(
     for (key, rec) in &table.tail {
         if keep(*key, rec) {
             check_order(*key)?;
-            f(table.version(rec.relation_id, rec.schema_version)?, *key, rec)?;
+            f(
+                table.version(rec.relation_id, rec.schema_version)?,
+                *key,
+                rec,
+            )?;
         }
     }
     Ok(())
@@ -148,7 +168,10 @@ pub(crate) struct SnapshotResets<'a> {
 
 impl<'a> SnapshotResets<'a> {
     pub(crate) fn new(archive: &'a ArchiveSnapshot) -> Self {
-        SnapshotResets { points: &archive.snapshots, next: 0 }
+        SnapshotResets {
+            points: &archive.snapshots,
+            next: 0,
+        }
     }
 
     /// The last snapshot point at or before `key` not passed yet, if any.
@@ -190,7 +213,14 @@ pub struct TableState<'t> {
 type Rows<'t> = BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>;
 
 pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
-    if positions.is_empty() { row.clone() } else { positions.iter().map(|&i| row.get(i).cloned().unwrap_or(Cell::Null)).collect() }
+    if positions.is_empty() {
+        row.clone()
+    } else {
+        positions
+            .iter()
+            .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
+            .collect()
+    }
 }
 
 /// An error unless the archive holds `moment` (it begins at or before it).
@@ -204,13 +234,21 @@ fn check_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
             (Some(k), Some(t)) => format!("LSN {}, {}", k.commit_lsn, format_us(t)),
             _ => "nothing captured yet".into(),
         };
-        return Err(QueryError::BeforeArchive { moment: moment.to_string(), begins }.into());
+        return Err(QueryError::BeforeArchive {
+            moment: moment.to_string(),
+            begins,
+        }
+        .into());
     }
     Ok(())
 }
 
 /// Rebuild `table` at `moment`.
-pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: Moment) -> Result<TableState<'t>> {
+pub fn state_at<'t>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    moment: Moment,
+) -> Result<TableState<'t>> {
     check_begins(archive, moment)?;
     let mut rows: Rows<'t> = BTreeMap::new();
     let mut last_version = &table.versions[0];
@@ -264,7 +302,12 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
     }
     // The schema in force: the latest version that took effect at or before the moment.
     let version = match moment {
-        Moment::Lsn(l) => table.versions.iter().rev().find(|v| v.valid_from.commit_lsn <= l).unwrap_or(last_version),
+        Moment::Lsn(l) => table
+            .versions
+            .iter()
+            .rev()
+            .find(|v| v.valid_from.commit_lsn <= l)
+            .unwrap_or(last_version),
         Moment::Time(_) => last_version,
     };
     Ok(TableState { version, rows })
@@ -272,13 +315,23 @@ pub fn state_at<'t>(archive: &ArchiveSnapshot, table: &'t TableHistory, moment: 
 
 /// Typed columns of `version` for `rows`; a column with a value that does not fit its type is
 /// returned as text (PostgreSQL's exact text) rather than losing the value.
-fn typed_columns(version: &RelationVersion, rows: &[Option<(&RelationVersion, &Row)>]) -> (Fields, Vec<ArrayRef>) {
+fn typed_columns(
+    version: &RelationVersion,
+    rows: &[Option<(&RelationVersion, &Row)>],
+) -> (Fields, Vec<ArrayRef>) {
     let mut fields = Vec::new();
     let mut arrays = Vec::new();
     for column in &version.columns {
         let cells: Vec<Option<&Cell>> = rows
             .iter()
-            .map(|r| r.and_then(|(v, row)| v.columns.iter().position(|c| c.name == column.name).and_then(|i| row.get(i))))
+            .map(|r| {
+                r.and_then(|(v, row)| {
+                    v.columns
+                        .iter()
+                        .position(|c| c.name == column.name)
+                        .and_then(|i| row.get(i))
+                })
+            })
             .collect();
         let kind = PgKind::of(column.type_oid, column.type_modifier);
         let mut builder = ValueBuilder::new(&kind);
@@ -310,7 +363,11 @@ fn typed_columns(version: &RelationVersion, rows: &[Option<(&RelationVersion, &R
 }
 
 /// `as_of`'s result: the columnar reconstruction where it applies, else the row replay.
-pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<RecordBatch> {
+pub fn as_of_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    moment: Moment,
+) -> Result<RecordBatch> {
     check_begins(archive, moment)?;
     match crate::columnar::as_of_batch(archive, table, moment)? {
         Some(batch) => Ok(batch),
@@ -320,13 +377,20 @@ pub fn as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Mome
 
 /// `as_of` by the row replay alone (to check the columnar path against).
 #[doc(hidden)]
-pub fn row_replay_as_of_batch(archive: &ArchiveSnapshot, table: &TableHistory, moment: Moment) -> Result<RecordBatch> {
+pub fn row_replay_as_of_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    moment: Moment,
+) -> Result<RecordBatch> {
     state_batch(&state_at(archive, table, moment)?)
 }
 
 fn state_batch(state: &TableState) -> Result<RecordBatch> {
-    let rows: Vec<Option<(&RelationVersion, &Row)>> =
-        state.rows.values().flat_map(|list| list.iter().map(|(v, r)| Some((*v, r)))).collect();
+    let rows: Vec<Option<(&RelationVersion, &Row)>> = state
+        .rows
+        .values()
+        .flat_map(|list| list.iter().map(|(v, r)| Some((*v, r))))
+        .collect();
     let (fields, arrays) = typed_columns(state.version, &rows);
     if fields.is_empty() {
         return Ok(RecordBatch::try_new_with_options(
@@ -340,9 +404,16 @@ fn state_batch(state: &TableState) -> Result<RecordBatch> {
 
 fn text_arg(args: &[Expr], i: usize, what: &str) -> Result<String> {
     match args.get(i).and_then(constant) {
-        Some(ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s))) => Ok(s),
+        Some(
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::LargeUtf8(Some(s))
+            | ScalarValue::Utf8View(Some(s)),
+        ) => Ok(s),
         Some(other) if what == "key" && !other.is_null() => Ok(other.to_string()),
-        _ => Err(DataFusionError::Plan(format!("argument {} ({what}) must be a constant text, e.g. 'public.orders'", i + 1))),
+        _ => Err(DataFusionError::Plan(format!(
+            "argument {} ({what}) must be a constant text, e.g. 'public.orders'",
+            i + 1
+        ))),
     }
 }
 
@@ -350,17 +421,29 @@ fn moment_arg(args: &[Expr], i: usize, lsn: bool) -> Result<Moment> {
     let value = args.get(i).and_then(constant);
     if lsn {
         return match value {
-            Some(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s)) | ScalarValue::LargeUtf8(Some(s))) => {
-                s.parse::<Lsn>().map(Moment::Lsn).map_err(|e| DataFusionError::Plan(e.to_string()))
-            }
+            Some(
+                ScalarValue::Utf8(Some(s))
+                | ScalarValue::Utf8View(Some(s))
+                | ScalarValue::LargeUtf8(Some(s)),
+            ) => s
+                .parse::<Lsn>()
+                .map(Moment::Lsn)
+                .map_err(|e| DataFusionError::Plan(e.to_string())),
             Some(ScalarValue::Int64(Some(v))) if v >= 0 => Ok(Moment::Lsn(Lsn(v as u64))),
             Some(ScalarValue::UInt64(Some(v))) => Ok(Moment::Lsn(Lsn(v))),
-            _ => Err(DataFusionError::Plan(format!("argument {} must be an LSN such as '0/1A2B3C4'", i + 1))),
+            _ => Err(DataFusionError::Plan(format!(
+                "argument {} must be an LSN such as '0/1A2B3C4'",
+                i + 1
+            ))),
         };
     }
     let value = match value {
         Some(v @ (ScalarValue::Utf8(_) | ScalarValue::Utf8View(_) | ScalarValue::LargeUtf8(_))) => {
-            v.cast_to(&DataType::Timestamp(datafusion::arrow::datatypes::TimeUnit::Microsecond, Some("UTC".into()))).ok()
+            v.cast_to(&DataType::Timestamp(
+                datafusion::arrow::datatypes::TimeUnit::Microsecond,
+                Some("UTC".into()),
+            ))
+            .ok()
         }
         v => v,
     };
@@ -368,7 +451,12 @@ fn moment_arg(args: &[Expr], i: usize, lsn: bool) -> Result<Moment> {
         .as_ref()
         .and_then(as_micros)
         .map(Moment::Time)
-        .ok_or_else(|| DataFusionError::Plan(format!("argument {} must be a timestamp, e.g. TIMESTAMP '2026-11-20 12:00:00+00'", i + 1)))
+        .ok_or_else(|| {
+            DataFusionError::Plan(format!(
+                "argument {} must be a timestamp, e.g. TIMESTAMP '2026-11-20 12:00:00+00'",
+                i + 1
+            ))
+        })
 }
 
 fn table_arg<'a>(archive: &'a ArchiveSnapshot, args: &[Expr]) -> Result<&'a TableHistory> {
@@ -387,12 +475,17 @@ impl TableFunctionImpl for AsOf {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let args = args.exprs();
         if args.len() != 2 {
-            return Err(DataFusionError::Plan("as_of(table, moment) takes two arguments".into()));
+            return Err(DataFusionError::Plan(
+                "as_of(table, moment) takes two arguments".into(),
+            ));
         }
         let table = table_arg(&self.archive, args)?;
         let moment = moment_arg(args, 1, self.by_lsn)?;
         let batch = as_of_batch(&self.archive, table, moment)?;
-        Ok(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+        Ok(Arc::new(MemTable::try_new(
+            batch.schema(),
+            vec![vec![batch]],
+        )?))
     }
 }
 
@@ -405,7 +498,9 @@ pub struct Diff {
 
 fn moment_any(args: &[Expr], i: usize) -> Result<Moment> {
     match args.get(i).and_then(constant) {
-        Some(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s))) if s.contains('/') => moment_arg(args, i, true),
+        Some(ScalarValue::Utf8(Some(s)) | ScalarValue::Utf8View(Some(s))) if s.contains('/') => {
+            moment_arg(args, i, true)
+        }
         _ => moment_arg(args, i, false),
     }
 }
@@ -414,17 +509,27 @@ impl TableFunctionImpl for Diff {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let args = args.exprs();
         if args.len() != 3 {
-            return Err(DataFusionError::Plan("diff(table, from, to) takes three arguments".into()));
+            return Err(DataFusionError::Plan(
+                "diff(table, from, to) takes three arguments".into(),
+            ));
         }
         let table = table_arg(&self.archive, args)?;
         let (from, to) = (moment_any(args, 1)?, moment_any(args, 2)?);
         let batch = diff_batch(&self.archive, table, from, to)?;
-        Ok(Arc::new(MemTable::try_new(batch.schema(), vec![vec![batch]])?))
+        Ok(Arc::new(MemTable::try_new(
+            batch.schema(),
+            vec![vec![batch]],
+        )?))
     }
 }
 
 /// `diff`'s result: the columnar reconstruction where it applies, else the row replay.
-pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment, to: Moment) -> Result<RecordBatch> {
+pub fn diff_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    from: Moment,
+    to: Moment,
+) -> Result<RecordBatch> {
     check_begins(archive, from)?;
     check_begins(archive, to)?;
     match crate::columnar::diff_batch(archive, table, from, to)? {
@@ -435,25 +540,38 @@ pub fn diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment,
 
 /// `diff` by the row replay alone (to check the columnar path against).
 #[doc(hidden)]
-pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, from: Moment, to: Moment) -> Result<RecordBatch> {
+pub fn row_replay_diff_batch(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    from: Moment,
+    to: Moment,
+) -> Result<RecordBatch> {
     {
         let a = state_at(archive, table, from)?;
         let b = state_at(archive, table, to)?;
         let mut change = StringBuilder::new();
         let mut key_text = StringBuilder::new();
         let (mut before_rows, mut after_rows) = (Vec::new(), Vec::new());
-        let keys: std::collections::BTreeSet<&RowKey> = a.rows.keys().chain(b.rows.keys()).collect();
+        let keys: std::collections::BTreeSet<&RowKey> =
+            a.rows.keys().chain(b.rows.keys()).collect();
         for k in keys {
             let (old, new) = (a.rows.get(k), b.rows.get(k));
             let label = match (old, new) {
-                (Some(o), Some(n)) if o.iter().map(|(_, r)| r).eq(n.iter().map(|(_, r)| r)) => continue,
+                (Some(o), Some(n)) if o.iter().map(|(_, r)| r).eq(n.iter().map(|(_, r)| r)) => {
+                    continue;
+                }
                 (Some(_), Some(_)) => "update",
                 (Some(_), None) => "delete",
                 (None, Some(_)) => "insert",
                 (None, None) => continue,
             };
             change.append_value(label);
-            key_text.append_value(k.iter().map(|c| c.as_text().unwrap_or("NULL")).collect::<Vec<_>>().join("|"));
+            key_text.append_value(
+                k.iter()
+                    .map(|c| c.as_text().unwrap_or("NULL"))
+                    .collect::<Vec<_>>()
+                    .join("|"),
+            );
             before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
             after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
         }
@@ -461,7 +579,10 @@ pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, fr
             let (fields, arrays) = typed_columns(b.version, rows);
             let nulls: Vec<bool> = rows.iter().map(Option::is_some).collect();
             let array = StructArray::try_new(fields.clone(), arrays, Some(nulls.into()))?;
-            Ok((Field::new("x", DataType::Struct(fields), true), Arc::new(array) as ArrayRef))
+            Ok((
+                Field::new("x", DataType::Struct(fields), true),
+                Arc::new(array) as ArrayRef,
+            ))
         };
         let (bf, ba) = image(&before_rows)?;
         let (af, aa) = image(&after_rows)?;
@@ -471,7 +592,15 @@ pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, fr
             bf.with_name("before"),
             af.with_name("after"),
         ]));
-        Ok(RecordBatch::try_new(schema, vec![Arc::new(change.finish()), Arc::new(key_text.finish()), ba, aa])?)
+        Ok(RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(change.finish()),
+                Arc::new(key_text.finish()),
+                ba,
+                aa,
+            ],
+        )?)
     }
 }
 
@@ -480,18 +609,33 @@ pub fn row_replay_diff_batch(archive: &ArchiveSnapshot, table: &TableHistory, fr
 /// to the key columns' types), and only of those (Parquet row selection). It applies when every
 /// schema version has the same primary key and each value reads as its column's type (else
 /// `None`: the row scan compares PostgreSQL's text). The changes come out in key order.
-fn row_history_columnar(archive: &ArchiveSnapshot, table: &TableHistory, wanted: &[String]) -> Result<Option<Vec<RecordBatch>>> {
+fn row_history_columnar(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    wanted: &[String],
+) -> Result<Option<Vec<RecordBatch>>> {
     let key = &table.latest().primary_key;
-    if key.is_empty() || key.len() != wanted.len() || table.versions.iter().any(|v| &v.primary_key != key) {
+    if key.is_empty()
+        || key.len() != wanted.len()
+        || table.versions.iter().any(|v| &v.primary_key != key)
+    {
         return Ok(None);
     }
     let schema = history_schema(&table.versions);
-    let Ok(after_field) = schema.field_with_name("after") else { return Ok(None) };
-    let DataType::Struct(row_fields) = after_field.data_type() else { return Ok(None) };
+    let Ok(after_field) = schema.field_with_name("after") else {
+        return Ok(None);
+    };
+    let DataType::Struct(row_fields) = after_field.data_type() else {
+        return Ok(None);
+    };
     let mut values: Vec<(&str, DataType, ScalarValue)> = Vec::new();
     for (name, text) in key.iter().zip(wanted) {
-        let Some(field) = row_fields.iter().find(|f| f.name() == name) else { return Ok(None) };
-        let Ok(value) = ScalarValue::Utf8(Some(text.clone())).cast_to(field.data_type()) else { return Ok(None) };
+        let Some(field) = row_fields.iter().find(|f| f.name() == name) else {
+            return Ok(None);
+        };
+        let Ok(value) = ScalarValue::Utf8(Some(text.clone())).cast_to(field.data_type()) else {
+            return Ok(None);
+        };
         if value.is_null() {
             return Ok(None);
         }
@@ -520,38 +664,71 @@ fn row_history_columnar(archive: &ArchiveSnapshot, table: &TableHistory, wanted:
         }
         // Kleene logic: an absent image (null) does not hide a match of the other; alone, a
         // null is no match.
-        Ok(any.map(|m| (0..m.len()).filter(|&i| m.is_valid(i) && m.value(i)).collect()).unwrap_or_default())
+        Ok(any
+            .map(|m| {
+                (0..m.len())
+                    .filter(|&i| m.is_valid(i) && m.value(i))
+                    .collect()
+            })
+            .unwrap_or_default())
     };
-    let key_columns: Vec<Vec<String>> =
-        ["before", "after"].iter().flat_map(|image| key.iter().map(move |k| vec![image.to_string(), k.clone()])).collect();
+    let key_columns: Vec<Vec<String>> = ["before", "after"]
+        .iter()
+        .flat_map(|image| key.iter().map(move |k| vec![image.to_string(), k.clone()]))
+        .collect();
     let mut out = Vec::new();
     for seg in &table.segments {
-        let SegmentContent::Table(version) = &seg.content else { continue };
+        let SegmentContent::Table(version) = &seg.content else {
+            continue;
+        };
         let path = archive.segment_path(seg);
         let mut rows = Vec::new();
         let mut first = 0;
-        for batch in open_segment_projected(&path, &seg.sha256, 8192, Bounds::default(), Some(&key_columns))? {
+        for batch in open_segment_projected(
+            &path,
+            &seg.sha256,
+            8192,
+            Bounds::default(),
+            Some(&key_columns),
+        )? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            rows.extend(matching(&batch, Some(version))?.into_iter().map(|r| first + r));
+            rows.extend(
+                matching(&batch, Some(version))?
+                    .into_iter()
+                    .map(|r| first + r),
+            );
             first += batch.num_rows();
         }
         if rows.is_empty() {
             continue;
         }
         let mut found = 0;
-        for batch in open_segment_selected(&path, &seg.sha256, 8192, Bounds::default(), None, Some(&rows))? {
+        for batch in open_segment_selected(
+            &path,
+            &seg.sha256,
+            8192,
+            Bounds::default(),
+            None,
+            Some(&rows),
+        )? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
             found += batch.num_rows();
             out.push(adapt(&batch, version, &schema)?);
         }
         if found != rows.len() {
-            return Err(DataFusionError::Execution(format!("segment {} changed between two reads", seg.file_name)));
+            return Err(DataFusionError::Execution(format!(
+                "segment {} changed between two reads",
+                seg.file_name
+            )));
         }
     }
     for batch in tail_batches(table, &table.tail, &schema)? {
         let rows = matching(&batch, None)?;
         if !rows.is_empty() {
-            out.push(take_record_batch(&batch, &UInt32Array::from_iter_values(rows.iter().map(|&r| r as u32)))?);
+            out.push(take_record_batch(
+                &batch,
+                &UInt32Array::from_iter_values(rows.iter().map(|&r| r as u32)),
+            )?);
         }
     }
     Ok(Some(out))
@@ -568,10 +745,14 @@ impl TableFunctionImpl for RowHistory {
     fn call_with_args(&self, args: TableFunctionArgs) -> Result<Arc<dyn TableProvider>> {
         let args = args.exprs();
         if args.len() < 2 {
-            return Err(DataFusionError::Plan("row_history(table, key value, ...) takes the table and its key values".into()));
+            return Err(DataFusionError::Plan(
+                "row_history(table, key value, ...) takes the table and its key values".into(),
+            ));
         }
         let table = table_arg(&self.archive, args)?;
-        let wanted: Vec<String> = (1..args.len()).map(|i| text_arg(args, i, "key")).collect::<Result<_>>()?;
+        let wanted: Vec<String> = (1..args.len())
+            .map(|i| text_arg(args, i, "key"))
+            .collect::<Result<_>>()?;
         let schema = history_schema(&table.versions);
         let batches = match row_history_columnar(&self.archive, table, &wanted)? {
             Some(batches) => batches,
@@ -584,7 +765,11 @@ impl TableFunctionImpl for RowHistory {
 /// `row_history` by scanning every change as text rows (to check the view against, and for
 /// the tables the view does not cover).
 #[doc(hidden)]
-pub fn row_replay_row_history(archive: &ArchiveSnapshot, table: &TableHistory, wanted: &[String]) -> Result<Vec<RecordBatch>> {
+pub fn row_replay_row_history(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    wanted: &[String],
+) -> Result<Vec<RecordBatch>> {
     {
         let schema = history_schema(&table.versions);
         let mut picked: Vec<(ChangeKey, ChangeRecord)> = Vec::new();
@@ -593,7 +778,10 @@ pub fn row_replay_row_history(archive: &ArchiveSnapshot, table: &TableHistory, w
             let matches = |row: &Option<Row>| {
                 row.as_ref().is_some_and(|r| {
                     positions.len() == wanted.len()
-                        && positions.iter().zip(wanted).all(|(&p, w)| r.get(p).and_then(|c| c.as_text()) == Some(w.as_str()))
+                        && positions
+                            .iter()
+                            .zip(wanted)
+                            .all(|(&p, w)| r.get(p).and_then(|c| c.as_text()) == Some(w.as_str()))
                 })
             };
             if matches(&rec.before) || matches(&rec.after) {

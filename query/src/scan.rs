@@ -12,7 +12,9 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, make_array, new_null_array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, make_array, new_null_array,
+};
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
@@ -20,11 +22,19 @@ use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::expressions::{Column, Literal};
-use datafusion::physical_expr::{EquivalenceProperties, Partitioning, PhysicalExpr, ScalarFunctionExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions};
+use datafusion::physical_expr::{
+    EquivalenceProperties, Partitioning, PhysicalExpr, ScalarFunctionExpr,
+};
+use datafusion::physical_plan::execution_plan::{
+    Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
+};
 use datafusion::physical_plan::projection::ProjectionExec;
-use datafusion::physical_plan::stream::{RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter};
-use datafusion::physical_plan::{DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream};
+use datafusion::physical_plan::stream::{
+    RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter,
+};
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
+};
 use pgtrail_store::RelationVersion;
 
 use crate::history::{Bounds, open_segment_projected};
@@ -92,54 +102,91 @@ pub(crate) struct HistoryScanExec {
 impl HistoryScanExec {
     /// A scan producing the history's columns in `schema` (a projection of the history's).
     pub(crate) fn new(source: Arc<HistorySource>, schema: SchemaRef) -> HistoryScanExec {
-        let columns = schema.fields().iter().map(|f| ScanColumn::Stored(f.name().clone())).collect();
+        let columns = schema
+            .fields()
+            .iter()
+            .map(|f| ScanColumn::Stored(f.name().clone()))
+            .collect();
         HistoryScanExec::with_columns(source, columns, schema)
     }
 
-    fn with_columns(source: Arc<HistorySource>, columns: Vec<ScanColumn>, schema: SchemaRef) -> HistoryScanExec {
+    fn with_columns(
+        source: Arc<HistorySource>,
+        columns: Vec<ScanColumn>,
+        schema: SchemaRef,
+    ) -> HistoryScanExec {
         let properties = PlanProperties::new(
             EquivalenceProperties::new(schema.clone()),
             Partitioning::UnknownPartitioning(source.segments.len() + 1),
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
-        HistoryScanExec { source, columns, schema, properties: Arc::new(properties) }
+        HistoryScanExec {
+            source,
+            columns,
+            schema,
+            properties: Arc::new(properties),
+        }
     }
 
     /// The type `column` comes out in (`None` if the history has no such column).
     fn column_type(&self, column: &ScanColumn) -> Option<DataType> {
         match column {
-            ScanColumn::Stored(name) => self.source.history.field_with_name(name).ok().map(|f| f.data_type().clone()),
-            ScanColumn::ImageField { image, field } => match self.source.history.field_with_name(image).ok()?.data_type() {
-                DataType::Struct(fields) => fields.find(field).map(|(_, f)| f.data_type().clone()),
-                _ => None,
-            },
+            ScanColumn::Stored(name) => self
+                .source
+                .history
+                .field_with_name(name)
+                .ok()
+                .map(|f| f.data_type().clone()),
+            ScanColumn::ImageField { image, field } => {
+                match self.source.history.field_with_name(image).ok()?.data_type() {
+                    DataType::Struct(fields) => {
+                        fields.find(field).map(|(_, f)| f.data_type().clone())
+                    }
+                    _ => None,
+                }
+            }
         }
     }
 
     /// `get_field(image, 'name')` over one of this scan's whole row images, as a scan column.
     fn field_access(&self, expr: &Arc<dyn PhysicalExpr>) -> Option<ScanColumn> {
         let function = expr.downcast_ref::<ScalarFunctionExpr>()?;
-        let [base, name] = function.args() else { return None };
+        let [base, name] = function.args() else {
+            return None;
+        };
         if function.name() != "get_field" {
             return None;
         }
-        let ScanColumn::Stored(image) = self.columns.get(base.downcast_ref::<Column>()?.index())? else { return None };
+        let ScanColumn::Stored(image) = self.columns.get(base.downcast_ref::<Column>()?.index())?
+        else {
+            return None;
+        };
         if image != "before" && image != "after" {
             return None;
         }
         let field = match name.downcast_ref::<Literal>()?.value() {
-            ScalarValue::Utf8(Some(s)) | ScalarValue::LargeUtf8(Some(s)) | ScalarValue::Utf8View(Some(s)) => s.clone(),
+            ScalarValue::Utf8(Some(s))
+            | ScalarValue::LargeUtf8(Some(s))
+            | ScalarValue::Utf8View(Some(s)) => s.clone(),
             _ => return None,
         };
-        Some(ScanColumn::ImageField { image: image.clone(), field })
+        Some(ScanColumn::ImageField {
+            image: image.clone(),
+            field,
+        })
     }
 }
 
 impl DisplayAs for HistoryScanExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let columns: Vec<String> = self.columns.iter().map(ToString::to_string).collect();
-        write!(f, "HistoryScanExec: segments={}, columns=[{}]", self.source.segments.len(), columns.join(", "))?;
+        write!(
+            f,
+            "HistoryScanExec: segments={}, columns=[{}]",
+            self.source.segments.len(),
+            columns.join(", ")
+        )?;
         if let Some(limit) = self.source.limit {
             write!(f, ", limit={limit}")?;
         }
@@ -167,16 +214,28 @@ impl ExecutionPlan for HistoryScanExec {
         Ok(TreeNodeRecursion::Continue)
     }
 
-    fn replace_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>, _: ReplaceChildrenOptions) -> Result<Arc<dyn ExecutionPlan>> {
+    fn replace_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+        _: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         if children.is_empty() {
             Ok(self)
         } else {
-            Err(DataFusionError::Internal("a history scan has no children".into()))
+            Err(DataFusionError::Internal(
+                "a history scan has no children".into(),
+            ))
         }
     }
 
-    fn with_new_children(self: Arc<Self>, children: Vec<Arc<dyn ExecutionPlan>>) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(children, ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute))
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
     }
 
     fn fetch(&self) -> Option<usize> {
@@ -185,7 +244,10 @@ impl ExecutionPlan for HistoryScanExec {
 
     /// Take in a projection of this scan's columns and of fields of its row images, so that
     /// only the Parquet leaves the query uses are decoded. Anything else stays above.
-    fn try_swapping_with_projection(&self, projection: &ProjectionExec) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    fn try_swapping_with_projection(
+        &self,
+        projection: &ProjectionExec,
+    ) -> Result<Option<Arc<dyn ExecutionPlan>>> {
         let schema = projection.schema();
         let mut columns = Vec::with_capacity(projection.expr().len());
         for (i, e) in projection.expr().iter().enumerate() {
@@ -195,18 +257,30 @@ impl ExecutionPlan for HistoryScanExec {
             };
             // The scan gives the column in the type the projection promises, or not at all.
             match column {
-                Some(c) if self.column_type(&c).as_ref() == Some(schema.field(i).data_type()) => columns.push(c),
+                Some(c) if self.column_type(&c).as_ref() == Some(schema.field(i).data_type()) => {
+                    columns.push(c)
+                }
                 _ => return Ok(None),
             }
         }
-        Ok(Some(Arc::new(HistoryScanExec::with_columns(self.source.clone(), columns, schema))))
+        Ok(Some(Arc::new(HistoryScanExec::with_columns(
+            self.source.clone(),
+            columns,
+            schema,
+        ))))
     }
 
-    fn execute(&self, partition: usize, _context: Arc<TaskContext>) -> Result<SendableRecordBatchStream> {
+    fn execute(
+        &self,
+        partition: usize,
+        _context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
         let mut left = self.source.limit.unwrap_or(usize::MAX);
         let Some(segment) = self.source.segments.get(partition) else {
             if partition > self.source.segments.len() {
-                return Err(DataFusionError::Internal(format!("history scan has no partition {partition}")));
+                return Err(DataFusionError::Internal(format!(
+                    "history scan has no partition {partition}"
+                )));
             }
             let mut batches = Vec::new();
             for batch in &self.source.tail {
@@ -215,14 +289,28 @@ impl ExecutionPlan for HistoryScanExec {
                 }
                 let batch = batch.slice(0, batch.num_rows().min(left));
                 left -= batch.num_rows();
-                batches.push(project(&batch, None, &self.source.history, &self.columns, &self.schema));
+                batches.push(project(
+                    &batch,
+                    None,
+                    &self.source.history,
+                    &self.columns,
+                    &self.schema,
+                ));
             }
-            return Ok(Box::pin(RecordBatchStreamAdapter::new(self.schema.clone(), futures_util::stream::iter(batches))));
+            return Ok(Box::pin(RecordBatchStreamAdapter::new(
+                self.schema.clone(),
+                futures_util::stream::iter(batches),
+            )));
         };
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
-        let (segment, history, columns, schema, bounds) =
-            (segment.clone(), self.source.history.clone(), self.columns.clone(), self.schema.clone(), self.source.bounds);
+        let (segment, history, columns, schema, bounds) = (
+            segment.clone(),
+            self.source.history.clone(),
+            self.columns.clone(),
+            self.schema.clone(),
+            self.source.bounds,
+        );
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
             let mut paths: Vec<Vec<String>> = columns.iter().map(ScanColumn::path).collect();
@@ -230,14 +318,25 @@ impl ExecutionPlan for HistoryScanExec {
             if paths.is_empty() {
                 paths.push(vec!["seq".into()]);
             }
-            for batch in open_segment_projected(&segment.path, &segment.sha256, 8192, bounds, Some(&paths))? {
+            for batch in
+                open_segment_projected(&segment.path, &segment.sha256, 8192, bounds, Some(&paths))?
+            {
                 if left == 0 {
                     break;
                 }
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
                 let batch = batch.slice(0, batch.num_rows().min(left));
                 left -= batch.num_rows();
-                if tx.blocking_send(project(&batch, Some(&segment.version), &history, &columns, &schema)).is_err() {
+                if tx
+                    .blocking_send(project(
+                        &batch,
+                        Some(&segment.version),
+                        &history,
+                        &columns,
+                        &schema,
+                    ))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -262,23 +361,44 @@ fn project(
         let array = match column {
             ScanColumn::Stored(name) => match version {
                 Some(version) => adapt_column(batch, version, history.field_with_name(name)?)?,
-                None => batch.column_by_name(name).cloned().unwrap_or_else(|| new_null_array(field.data_type(), rows)),
+                None => batch
+                    .column_by_name(name)
+                    .cloned()
+                    .unwrap_or_else(|| new_null_array(field.data_type(), rows)),
             },
-            ScanColumn::ImageField { image, field: name } => image_field(batch, version, image, name, field.data_type())?,
+            ScanColumn::ImageField { image, field: name } => {
+                image_field(batch, version, image, name, field.data_type())?
+            }
         };
         arrays.push(array);
     }
     // The row count is explicit: a projection may ask for no column at all (`count(*)`).
     let options = RecordBatchOptions::new().with_row_count(Some(rows));
-    Ok(RecordBatch::try_new_with_options(schema.clone(), arrays, &options)?)
+    Ok(RecordBatch::try_new_with_options(
+        schema.clone(),
+        arrays,
+        &options,
+    )?)
 }
 
 /// Column `name` of row image `image` in the history's type `target`, null where the image is.
-pub(crate) fn image_field(batch: &RecordBatch, version: Option<&RelationVersion>, image: &str, name: &str, target: &DataType) -> Result<ArrayRef> {
+pub(crate) fn image_field(
+    batch: &RecordBatch,
+    version: Option<&RelationVersion>,
+    image: &str,
+    name: &str,
+    target: &DataType,
+) -> Result<ArrayRef> {
     let rows = batch.num_rows();
-    let Some(image) = batch.column_by_name(image) else { return Ok(new_null_array(target, rows)) };
-    let image = image.as_struct_opt().ok_or_else(|| DataFusionError::Internal("row image is not a struct".into()))?;
-    let Some(values) = image.column_by_name(name) else { return Ok(new_null_array(target, rows)) };
+    let Some(image) = batch.column_by_name(image) else {
+        return Ok(new_null_array(target, rows));
+    };
+    let image = image
+        .as_struct_opt()
+        .ok_or_else(|| DataFusionError::Internal("row image is not a struct".into()))?;
+    let Some(values) = image.column_by_name(name) else {
+        return Ok(new_null_array(target, rows));
+    };
     let values = match version {
         // A segment's values are as its schema version stored them.
         Some(version) => match version.columns.iter().find(|c| c.name == name) {
@@ -288,7 +408,11 @@ pub(crate) fn image_field(batch: &RecordBatch, version: Option<&RelationVersion>
         None => values.clone(),
     };
     // A field of an absent image is absent.
-    let Some(image_nulls) = image.nulls() else { return Ok(values) };
+    let Some(image_nulls) = image.nulls() else {
+        return Ok(values);
+    };
     let nulls = NullBuffer::union(Some(image_nulls), values.nulls());
-    Ok(make_array(values.to_data().into_builder().nulls(nulls).build()?))
+    Ok(make_array(
+        values.to_data().into_builder().nulls(nulls).build()?,
+    ))
 }

@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use datafusion::catalog::{MemorySchemaProvider, MemTable};
+use datafusion::catalog::{MemTable, MemorySchemaProvider};
+use datafusion::common::TableReference;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
-use datafusion::common::TableReference;
 use pgtrail_store::segment::{SegmentContent, records_to_batch, segment_schema};
 
 use crate::archive::ArchiveSnapshot;
@@ -24,9 +24,13 @@ pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>)
 
 /// A session over one consistent read of an archive.
 pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryError> {
-    let config = SessionConfig::new().with_information_schema(true).with_default_catalog_and_schema("datafusion", "public");
+    let config = SessionConfig::new()
+        .with_information_schema(true)
+        .with_default_catalog_and_schema("datafusion", "public");
     let ctx = SessionContext::new_with_config(config);
-    let catalog = ctx.catalog("datafusion").ok_or_else(|| QueryError::BadTableName("datafusion catalog".into()))?;
+    let catalog = ctx
+        .catalog("datafusion")
+        .ok_or_else(|| QueryError::BadTableName("datafusion catalog".into()))?;
     let mut schemas: Vec<String> = archive.tables.values().map(|t| t.schema.clone()).collect();
     schemas.push("pgtrail".into());
     for schema in schemas {
@@ -36,14 +40,43 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
     }
     for table in archive.tables.values() {
         let provider = HistoryTable::new(archive.clone(), table);
-        ctx.register_table(TableReference::partial(table.schema.clone(), table.name.clone()), Arc::new(provider))?;
+        ctx.register_table(
+            TableReference::partial(table.schema.clone(), table.name.clone()),
+            Arc::new(provider),
+        )?;
     }
-    ctx.register_table(TableReference::partial("public", "changes"), Arc::new(ChangesTable::new(archive.clone())))?;
-    ctx.register_table(TableReference::partial("pgtrail", "changes"), Arc::new(ChangesTable::new(archive.clone())))?;
-    ctx.register_table(TableReference::partial("pgtrail", "messages"), Arc::new(messages_table(&archive)?))?;
-    ctx.register_udtf("as_of", Arc::new(AsOf { archive: archive.clone(), by_lsn: false }));
-    ctx.register_udtf("as_of_lsn", Arc::new(AsOf { archive: archive.clone(), by_lsn: true }));
-    ctx.register_udtf("diff", Arc::new(Diff { archive: archive.clone() }));
+    ctx.register_table(
+        TableReference::partial("public", "changes"),
+        Arc::new(ChangesTable::new(archive.clone())),
+    )?;
+    ctx.register_table(
+        TableReference::partial("pgtrail", "changes"),
+        Arc::new(ChangesTable::new(archive.clone())),
+    )?;
+    ctx.register_table(
+        TableReference::partial("pgtrail", "messages"),
+        Arc::new(messages_table(&archive)?),
+    )?;
+    ctx.register_udtf(
+        "as_of",
+        Arc::new(AsOf {
+            archive: archive.clone(),
+            by_lsn: false,
+        }),
+    );
+    ctx.register_udtf(
+        "as_of_lsn",
+        Arc::new(AsOf {
+            archive: archive.clone(),
+            by_lsn: true,
+        }),
+    );
+    ctx.register_udtf(
+        "diff",
+        Arc::new(Diff {
+            archive: archive.clone(),
+        }),
+    );
     ctx.register_udtf("row_history", Arc::new(RowHistory { archive }));
     for f in crate::functions::all() {
         ctx.register_udf(f);
@@ -56,11 +89,26 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
 /// `COPY ... TO`) and other statements (`SET`, transactions) are refused, so SQL can neither
 /// write files nor read any file but the archive's.
 pub async fn read_only_query(ctx: &SessionContext, sql: &str) -> Result<DataFrame, QueryError> {
-    let options = SQLOptions::new().with_allow_ddl(false).with_allow_dml(false).with_allow_statements(false);
+    let options = SQLOptions::new()
+        .with_allow_ddl(false)
+        .with_allow_dml(false)
+        .with_allow_statements(false);
     ctx.sql_with_options(sql, options).await.map_err(|e| {
         let text = e.to_string();
-        if ["DDL not supported", "DML not supported", "Statement not supported"].iter().any(|m| text.contains(m)) {
-            let what = text.rsplit("not supported: ").next().unwrap_or(&text).trim().to_string();
+        if [
+            "DDL not supported",
+            "DML not supported",
+            "Statement not supported",
+        ]
+        .iter()
+        .any(|m| text.contains(m))
+        {
+            let what = text
+                .rsplit("not supported: ")
+                .next()
+                .unwrap_or(&text)
+                .trim()
+                .to_string();
             QueryError::ReadOnly(what)
         } else {
             QueryError::DataFusion(e)
@@ -78,7 +126,10 @@ fn messages_table(archive: &ArchiveSnapshot) -> Result<MemTable, QueryError> {
         }
     }
     if !archive.message_tail.is_empty() {
-        batches.push(records_to_batch(&SegmentContent::Messages, &archive.message_tail)?);
+        batches.push(records_to_batch(
+            &SegmentContent::Messages,
+            &archive.message_tail,
+        )?);
     }
     Ok(MemTable::try_new(schema, vec![batches])?)
 }

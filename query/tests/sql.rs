@@ -10,12 +10,17 @@ use datafusion::arrow::array::{Array, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::Int64Type;
 use pgtrail_query::{ArchiveSnapshot, session};
 use pgtrail_store::{
-    ChangeKey, ChangeLog, Column, CompactOptions, Compactor, IncomingCell, IncomingChange, LogOp, Lsn, Op,
-    RelationVersion,
+    ChangeKey, ChangeLog, Column, CompactOptions, Compactor, IncomingCell, IncomingChange, LogOp,
+    Lsn, Op, RelationVersion,
 };
 
 fn rel() -> RelationVersion {
-    let col = |name: &str, type_oid, is_key| Column { name: name.into(), type_oid, type_modifier: -1, is_key };
+    let col = |name: &str, type_oid, is_key| Column {
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+        is_key,
+    };
     RelationVersion {
         relation_id: 7,
         valid_from: ChangeKey::default(),
@@ -34,26 +39,45 @@ fn t(s: &str) -> IncomingCell {
 /// Transaction n (commit LSN 100·n, committed at n seconds): insert row n, update row n-1,
 /// delete row n-2, with context {"user_id": n % 3}.
 fn txn(n: u64) -> Vec<LogOp> {
-    let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100 * n), xid: n as u32, committed_at_us: 1_000_000 * n as i64 }];
+    let mut ops = vec![LogOp::Begin {
+        final_lsn: Lsn(100 * n),
+        xid: n as u32,
+        committed_at_us: 1_000_000 * n as i64,
+    }];
     if n == 1 {
         ops.push(LogOp::Relation(rel()));
     }
     ops.push(LogOp::Context(format!("{{\"user_id\": {}}}", n % 3)));
-    ops.push(LogOp::Change(IncomingChange { relation_id: 7, op: Op::Insert, old: None, new: Some(vec![t(&n.to_string()), t("new")]) }));
+    ops.push(LogOp::Change(IncomingChange {
+        relation_id: 7,
+        op: Op::Insert,
+        old: None,
+        new: Some(vec![t(&n.to_string()), t("new")]),
+    }));
     if n >= 2 {
         let id = (n - 1).to_string();
-        ops.push(LogOp::Change(IncomingChange { relation_id: 7, op: Op::Update, old: None, new: Some(vec![t(&id), t(&format!("v{n}"))]) }));
+        ops.push(LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Update,
+            old: None,
+            new: Some(vec![t(&id), t(&format!("v{n}"))]),
+        }));
     }
     if n >= 3 {
         let id = (n - 2).to_string();
         ops.push(LogOp::Change(IncomingChange {
             relation_id: 7,
             op: Op::Delete,
-            old: Some(pgtrail_store::OldImage::Key(vec![t(&id), IncomingCell::Null])),
+            old: Some(pgtrail_store::OldImage::Key(vec![
+                t(&id),
+                IncomingCell::Null,
+            ])),
             new: None,
         }));
     }
-    ops.push(LogOp::Commit { end_lsn: Lsn(100 * n + 8) });
+    ops.push(LogOp::Commit {
+        end_lsn: Lsn(100 * n + 8),
+    });
     ops
 }
 
@@ -72,19 +96,45 @@ fn build(dir: &Path, txns: u64, compact_every: u64) -> ChangeLog {
 async fn query(dir: &Path, log: &ChangeLog, sql: &str) -> Vec<RecordBatch> {
     let archive = ArchiveSnapshot::from_reader(dir, &log.reader().unwrap()).unwrap();
     let ctx = session(Arc::new(archive)).unwrap();
-    ctx.sql(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}")).collect().await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    ctx.sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 fn column_i64(batches: &[RecordBatch], i: usize) -> Vec<i64> {
-    batches.iter().flat_map(|b| b.column(i).as_primitive::<Int64Type>().iter().map(|v| v.unwrap()).collect::<Vec<_>>()).collect()
+    batches
+        .iter()
+        .flat_map(|b| {
+            b.column(i)
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|v| v.unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 fn column_text(batches: &[RecordBatch], i: usize) -> Vec<String> {
     batches
         .iter()
         .flat_map(|b| {
-            let c = datafusion::arrow::compute::cast(b.column(i), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
-            (0..c.len()).map(|r| if c.is_null(r) { "NULL".into() } else { c.as_string::<i32>().value(r).to_string() }).collect::<Vec<_>>()
+            let c = datafusion::arrow::compute::cast(
+                b.column(i),
+                &datafusion::arrow::datatypes::DataType::Utf8,
+            )
+            .unwrap();
+            (0..c.len())
+                .map(|r| {
+                    if c.is_null(r) {
+                        "NULL".into()
+                    } else {
+                        c.as_string::<i32>().value(r).to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
         })
         .collect()
 }
@@ -95,7 +145,12 @@ async fn history_changes_diff_and_row_history_agree_across_segments_and_tail() {
     let archive = dir.path().join("a");
     // 10 transactions, compacted every 4: segments hold 1-8, the tail 9-10.
     let log = build(&archive, 10, 4);
-    let counts = query(&archive, &log, "SELECT op, count(*) AS n FROM public.\"Odd Name\" GROUP BY op ORDER BY op").await;
+    let counts = query(
+        &archive,
+        &log,
+        "SELECT op, count(*) AS n FROM public.\"Odd Name\" GROUP BY op ORDER BY op",
+    )
+    .await;
     assert_eq!(column_text(&counts, 0), ["delete", "insert", "update"]);
     assert_eq!(column_i64(&counts, 1), [8, 10, 9]);
 
@@ -107,7 +162,12 @@ async fn history_changes_diff_and_row_history_agree_across_segments_and_tail() {
     )
     .await;
     assert_eq!(column_i64(&by_user, 0), [4], "transactions 1, 4, 7, 10");
-    let json = query(&archive, &log, "SELECT after FROM changes WHERE position = '0/3E8' AND operation = 'CREATE'").await;
+    let json = query(
+        &archive,
+        &log,
+        "SELECT after FROM changes WHERE position = '0/3E8' AND operation = 'CREATE'",
+    )
+    .await;
     assert_eq!(column_text(&json, 0), [r#"{"id":10,"v":"new"}"#]);
 
     let users = query(
@@ -117,17 +177,36 @@ async fn history_changes_diff_and_row_history_agree_across_segments_and_tail() {
     )
     .await;
     assert_eq!(column_text(&users, 0), ["0", "1", "2"]);
-    assert_eq!(column_i64(&users, 1), [9, 10, 8], "user n % 3: transactions 3,6,9 / 1,4,7,10 / 2,5,8");
-    let lsns = query(&archive, &log, "SELECT pg_lsn(max(lsn)), lsn('0/3E8') FROM public.\"Odd Name\"").await;
+    assert_eq!(
+        column_i64(&users, 1),
+        [9, 10, 8],
+        "user n % 3: transactions 3,6,9 / 1,4,7,10 / 2,5,8"
+    );
+    let lsns = query(
+        &archive,
+        &log,
+        "SELECT pg_lsn(max(lsn)), lsn('0/3E8') FROM public.\"Odd Name\"",
+    )
+    .await;
     assert_eq!(column_text(&lsns, 0), ["0/3E8"]);
     assert_eq!(column_text(&lsns, 1), ["1000"]);
 
     // Pruning by lsn still returns exactly the rows in range (here: only the tail).
-    let tail_only = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\" WHERE lsn > 850").await;
+    let tail_only = query(
+        &archive,
+        &log,
+        "SELECT count(*) FROM public.\"Odd Name\" WHERE lsn > 850",
+    )
+    .await;
     assert_eq!(column_i64(&tail_only, 0), [6]);
 
     // as_of by LSN at transaction 5: rows 4 (updated by 5) and 5; 1-3 deleted.
-    let state = query(&archive, &log, "SELECT id, v FROM as_of_lsn('public.\"Odd Name\"', '0/1F4') ORDER BY id").await;
+    let state = query(
+        &archive,
+        &log,
+        "SELECT id, v FROM as_of_lsn('public.\"Odd Name\"', '0/1F4') ORDER BY id",
+    )
+    .await;
     assert_eq!(column_text(&state, 0), ["4", "5"]);
     assert_eq!(column_text(&state, 1), ["v5", "new"]);
 
@@ -138,12 +217,20 @@ async fn history_changes_diff_and_row_history_agree_across_segments_and_tail() {
     )
     .await;
     // At 0/3E8 rows 9 (updated by 10) and 10 exist: 4 and 5 went, 9 and 10 came.
-    assert_eq!(column_text(&diff, 0), ["insert", "delete", "delete", "insert"]);
+    assert_eq!(
+        column_text(&diff, 0),
+        ["insert", "delete", "delete", "insert"]
+    );
     assert_eq!(column_text(&diff, 1), ["10", "4", "5", "9"]);
     assert_eq!(column_text(&diff, 2), ["NULL", "v5", "new", "NULL"]);
     assert_eq!(column_text(&diff, 3), ["new", "NULL", "NULL", "v10"]);
 
-    let history = query(&archive, &log, "SELECT op, after.v AS v, context FROM row_history('public.\"Odd Name\"', 6) ORDER BY lsn").await;
+    let history = query(
+        &archive,
+        &log,
+        "SELECT op, after.v AS v, context FROM row_history('public.\"Odd Name\"', 6) ORDER BY lsn",
+    )
+    .await;
     assert_eq!(column_text(&history, 0), ["insert", "update", "delete"]);
     assert_eq!(column_text(&history, 1), ["new", "v7", "NULL"]);
 }
@@ -153,40 +240,79 @@ async fn bad_names_early_moments_and_malformed_sql_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a");
     let log = build(&archive, 3, 0);
-    let snapshot = Arc::new(ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap());
+    let snapshot =
+        Arc::new(ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap());
     let ctx = session(snapshot).unwrap();
     for (sql, expected) in [
-        ("SELECT * FROM as_of_lsn('public.nope', '0/64')", "has no table public.nope"),
-        ("SELECT * FROM as_of_lsn('public.\"Odd Name', '0/64')", "is not a table name"),
-        ("SELECT * FROM as_of_lsn('public.\"Odd Name\"', '0/10')", "before the archive's history begins"),
-        ("SELECT * FROM as_of('public.\"Odd Name\"', TIMESTAMP '1970-01-01 00:00:00')", "before the archive's history begins"),
-        ("SELECT * FROM as_of_lsn('public.\"Odd Name\"', 'zz')", "invalid LSN"),
+        (
+            "SELECT * FROM as_of_lsn('public.nope', '0/64')",
+            "has no table public.nope",
+        ),
+        (
+            "SELECT * FROM as_of_lsn('public.\"Odd Name', '0/64')",
+            "is not a table name",
+        ),
+        (
+            "SELECT * FROM as_of_lsn('public.\"Odd Name\"', '0/10')",
+            "before the archive's history begins",
+        ),
+        (
+            "SELECT * FROM as_of('public.\"Odd Name\"', TIMESTAMP '1970-01-01 00:00:00')",
+            "before the archive's history begins",
+        ),
+        (
+            "SELECT * FROM as_of_lsn('public.\"Odd Name\"', 'zz')",
+            "invalid LSN",
+        ),
         ("SELEC 1", "Expected: an SQL statement"),
     ] {
         let result = match ctx.sql(sql).await {
             Ok(frame) => frame.collect().await.map(|_| ()),
             Err(e) => Err(e),
         };
-        let err = result.err().unwrap_or_else(|| panic!("{sql} must fail")).to_string();
+        let err = result
+            .err()
+            .unwrap_or_else(|| panic!("{sql} must fail"))
+            .to_string();
         assert!(err.contains(expected), "{sql}: {err}");
     }
     // The SQL surface is read-only: nothing that writes, or reads a file outside the archive.
     let outside = dir.path().join("outside.csv");
     std::fs::write(&outside, "a\n1\n").unwrap();
     for sql in [
-        format!("COPY (SELECT 1 AS a) TO '{}'", dir.path().join("written.csv").display()),
-        format!("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{}'", outside.display()),
+        format!(
+            "COPY (SELECT 1 AS a) TO '{}'",
+            dir.path().join("written.csv").display()
+        ),
+        format!(
+            "CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '{}'",
+            outside.display()
+        ),
         "CREATE TABLE t AS SELECT 1 AS a".to_string(),
         "CREATE VIEW v AS SELECT 1 AS a".to_string(),
         "INSERT INTO public.changes SELECT * FROM public.changes".to_string(),
         "DROP TABLE public.changes".to_string(),
         "SET datafusion.execution.batch_size = 1".to_string(),
     ] {
-        let err = pgtrail_query::read_only_query(&ctx, &sql).await.err().unwrap_or_else(|| panic!("{sql} must be refused"));
-        assert!(err.to_string().contains("the archive is read-only"), "{sql}: {err}");
+        let err = pgtrail_query::read_only_query(&ctx, &sql)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{sql} must be refused"));
+        assert!(
+            err.to_string().contains("the archive is read-only"),
+            "{sql}: {err}"
+        );
     }
-    assert!(!dir.path().join("written.csv").exists(), "COPY wrote nothing");
-    let rows = pgtrail_query::read_only_query(&ctx, "SELECT count(*) FROM public.changes").await.unwrap().collect().await.unwrap();
+    assert!(
+        !dir.path().join("written.csv").exists(),
+        "COPY wrote nothing"
+    );
+    let rows = pgtrail_query::read_only_query(&ctx, "SELECT count(*) FROM public.changes")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap();
     assert_eq!(column_i64(&rows, 0).len(), 1, "queries still run");
 }
 
@@ -195,7 +321,14 @@ async fn every_read_is_a_consistent_cut_while_compaction_runs() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a");
     let mut log = build(&archive, 1, 0);
-    let compactor = Compactor::new(log.database(), &archive, CompactOptions { merge_min_segments: 3, ..CompactOptions::default() });
+    let compactor = Compactor::new(
+        log.database(),
+        &archive,
+        CompactOptions {
+            merge_min_segments: 3,
+            ..CompactOptions::default()
+        },
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let compacting = {
         let stop = stop.clone();
@@ -209,7 +342,11 @@ async fn every_read_is_a_consistent_cut_while_compaction_runs() {
         log.apply(txn(n)).unwrap();
         let expected = (n + (n - 1) + n.saturating_sub(2)) as i64;
         let count = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\"").await;
-        assert_eq!(column_i64(&count, 0), [expected], "after transaction {n}: no change missing or twice");
+        assert_eq!(
+            column_i64(&count, 0),
+            [expected],
+            "after transaction {n}: no change missing or twice"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     compacting.join().unwrap();
@@ -224,34 +361,71 @@ async fn pruned_segments_are_never_opened() {
     let archive = dir.path().join("a");
     let log = build(&archive, 10, 4);
     let manifest = log.reader().unwrap().manifest().unwrap();
-    let later = manifest.segments.iter().find(|s| s.min_key.commit_lsn == Lsn(500)).expect("a segment of 5-8");
-    let path = archive.join(pgtrail_store::SEGMENTS_DIR).join(&later.file_name);
+    let later = manifest
+        .segments
+        .iter()
+        .find(|s| s.min_key.commit_lsn == Lsn(500))
+        .expect("a segment of 5-8");
+    let path = archive
+        .join(pgtrail_store::SEGMENTS_DIR)
+        .join(&later.file_name);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[20] ^= 0xFF;
     std::fs::write(&path, bytes).unwrap();
 
-    let state = query(&archive, &log, "SELECT id FROM as_of_lsn('public.\"Odd Name\"', '0/190') ORDER BY id").await;
+    let state = query(
+        &archive,
+        &log,
+        "SELECT id FROM as_of_lsn('public.\"Odd Name\"', '0/190') ORDER BY id",
+    )
+    .await;
     assert_eq!(column_text(&state, 0), ["3", "4"]);
-    let tail = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\" WHERE lsn > 850").await;
+    let tail = query(
+        &archive,
+        &log,
+        "SELECT count(*) FROM public.\"Odd Name\" WHERE lsn > 850",
+    )
+    .await;
     assert_eq!(column_i64(&tail, 0), [6]);
 
-    let snapshot = Arc::new(ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap());
+    let snapshot =
+        Arc::new(ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap());
     let ctx = session(snapshot).unwrap();
-    let err = ctx.sql("SELECT count(*) FROM public.\"Odd Name\"").await.unwrap().collect().await.unwrap_err().to_string();
+    let err = ctx
+        .sql("SELECT count(*) FROM public.\"Odd Name\"")
+        .await
+        .unwrap()
+        .collect()
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("does not match the manifest"), "{err}");
 }
 
 /// A table whose schema changed: `n` went from int4 to int8 (so the history has it as text)
 /// and `w` was added. Transactions 1-4 are in version 1, 5-8 in version 2.
 fn versioned_txn(n: u64) -> Vec<LogOp> {
-    let col = |name: &str, type_oid, is_key| Column { name: name.into(), type_oid, type_modifier: -1, is_key };
+    let col = |name: &str, type_oid, is_key| Column {
+        name: name.into(),
+        type_oid,
+        type_modifier: -1,
+        is_key,
+    };
     let v2 = n >= 5;
-    let mut columns = vec![col("id", 23, true), col("v", 25, false), col("n", if v2 { 20 } else { 23 }, false)];
+    let mut columns = vec![
+        col("id", 23, true),
+        col("v", 25, false),
+        col("n", if v2 { 20 } else { 23 }, false),
+    ];
     if v2 {
         columns.push(col("w", 25, false));
     }
     let width = columns.len();
-    let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100 * n), xid: n as u32, committed_at_us: 1_000_000 * n as i64 }];
+    let mut ops = vec![LogOp::Begin {
+        final_lsn: Lsn(100 * n),
+        xid: n as u32,
+        committed_at_us: 1_000_000 * n as i64,
+    }];
     if n == 1 || n == 5 {
         ops.push(LogOp::Relation(RelationVersion {
             relation_id: 9,
@@ -264,23 +438,48 @@ fn versioned_txn(n: u64) -> Vec<LogOp> {
         }));
     }
     let row = |id: u64, tag: &str| {
-        let mut cells = vec![t(&id.to_string()), t(&format!("{tag}{n}")), t(&(id * 1000 + n).to_string())];
+        let mut cells = vec![
+            t(&id.to_string()),
+            t(&format!("{tag}{n}")),
+            t(&(id * 1000 + n).to_string()),
+        ];
         if width == 4 {
             // Null in every other row: a null field of a present image stays null.
-            cells.push(if id.is_multiple_of(2) { IncomingCell::Null } else { t(&format!("w{id}")) });
+            cells.push(if id.is_multiple_of(2) {
+                IncomingCell::Null
+            } else {
+                t(&format!("w{id}"))
+            });
         }
         cells
     };
-    ops.push(LogOp::Change(IncomingChange { relation_id: 9, op: Op::Insert, old: None, new: Some(row(n, "new")) }));
+    ops.push(LogOp::Change(IncomingChange {
+        relation_id: 9,
+        op: Op::Insert,
+        old: None,
+        new: Some(row(n, "new")),
+    }));
     if n >= 2 {
-        ops.push(LogOp::Change(IncomingChange { relation_id: 9, op: Op::Update, old: None, new: Some(row(n - 1, "upd")) }));
+        ops.push(LogOp::Change(IncomingChange {
+            relation_id: 9,
+            op: Op::Update,
+            old: None,
+            new: Some(row(n - 1, "upd")),
+        }));
     }
     if n >= 3 {
         let mut key = vec![t(&(n - 2).to_string())];
         key.resize(width, IncomingCell::Null);
-        ops.push(LogOp::Change(IncomingChange { relation_id: 9, op: Op::Delete, old: Some(pgtrail_store::OldImage::Key(key)), new: None }));
+        ops.push(LogOp::Change(IncomingChange {
+            relation_id: 9,
+            op: Op::Delete,
+            old: Some(pgtrail_store::OldImage::Key(key)),
+            new: None,
+        }));
     }
-    ops.push(LogOp::Commit { end_lsn: Lsn(100 * n + 8) });
+    ops.push(LogOp::Commit {
+        end_lsn: Lsn(100 * n + 8),
+    });
     ops
 }
 
@@ -308,30 +507,70 @@ async fn row_image_fields_read_alone_equal_the_fields_of_whole_images() {
         "the scan decodes the fields alone:\n{plan}"
     );
     let narrow = query(&archive, &log, fields).await;
-    let whole = query(&archive, &log, "SELECT lsn, seq, after, before FROM public.versioned ORDER BY lsn, seq").await;
+    let whole = query(
+        &archive,
+        &log,
+        "SELECT lsn, seq, after, before FROM public.versioned ORDER BY lsn, seq",
+    )
+    .await;
     let field_of = |image: usize, name: &str| -> Vec<String> {
         whole
             .iter()
             .flat_map(|b| {
                 let image = b.column(image).as_struct();
-                let values = datafusion::arrow::compute::cast(image.column_by_name(name).unwrap(), &datafusion::arrow::datatypes::DataType::Utf8).unwrap();
+                let values = datafusion::arrow::compute::cast(
+                    image.column_by_name(name).unwrap(),
+                    &datafusion::arrow::datatypes::DataType::Utf8,
+                )
+                .unwrap();
                 let values = values.as_string::<i32>();
                 (0..image.len())
-                    .map(|r| if image.is_null(r) || values.is_null(r) { "NULL".to_string() } else { values.value(r).to_string() })
+                    .map(|r| {
+                        if image.is_null(r) || values.is_null(r) {
+                            "NULL".to_string()
+                        } else {
+                            values.value(r).to_string()
+                        }
+                    })
                     .collect::<Vec<_>>()
             })
             .collect()
     };
     assert_eq!(column_text(&narrow, 0), column_text(&whole, 0));
     assert_eq!(column_text(&narrow, 1), column_text(&whole, 1));
-    for (i, (image, name)) in [(2, "id"), (2, "v"), (2, "n"), (2, "w"), (3, "id"), (3, "v"), (3, "w")].into_iter().enumerate() {
-        assert_eq!(column_text(&narrow, i + 2), field_of(image, name), "{} {name}", if image == 2 { "after" } else { "before" });
+    for (i, (image, name)) in [
+        (2, "id"),
+        (2, "v"),
+        (2, "n"),
+        (2, "w"),
+        (3, "id"),
+        (3, "v"),
+        (3, "w"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(
+            column_text(&narrow, i + 2),
+            field_of(image, name),
+            "{} {name}",
+            if image == 2 { "after" } else { "before" }
+        );
     }
     // What the comparison covers: both versions, absent images, null fields, the retyped column.
     let after_n = column_text(&narrow, 4);
-    assert!(after_n.contains(&"1001".to_string()) && after_n.contains(&"8008".to_string()), "{after_n:?}");
+    assert!(
+        after_n.contains(&"1001".to_string()) && after_n.contains(&"8008".to_string()),
+        "{after_n:?}"
+    );
     let after_w = column_text(&narrow, 5);
-    assert!(after_w.contains(&"w5".to_string()) && after_w.iter().filter(|w| *w == "NULL").count() > 4, "{after_w:?}");
-    assert!(column_text(&narrow, 6).contains(&"NULL".to_string()) && column_text(&narrow, 6).contains(&"6".to_string()));
+    assert!(
+        after_w.contains(&"w5".to_string()) && after_w.iter().filter(|w| *w == "NULL").count() > 4,
+        "{after_w:?}"
+    );
+    assert!(
+        column_text(&narrow, 6).contains(&"NULL".to_string())
+            && column_text(&narrow, 6).contains(&"6".to_string())
+    );
     assert_eq!(column_text(&narrow, 0).len(), 8 + 7 + 6);
 }

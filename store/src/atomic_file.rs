@@ -11,7 +11,10 @@ use crate::error::SegmentError;
 pub fn fsync_dir(dir: &Path) -> Result<(), SegmentError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|source| SegmentError::Io { path: dir.to_path_buf(), source })
+        .map_err(|source| SegmentError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
 }
 
 /// Remove a file if it exists; used for temporary files whose absence is the goal.

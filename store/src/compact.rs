@@ -41,7 +41,9 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::{CompactError, LogError};
-use crate::log::{CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, get_u64, raw_len};
+use crate::log::{
+    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, get_u64, raw_len,
+};
 use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
 use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
@@ -94,11 +96,16 @@ pub struct SegmentManifest {
 }
 
 fn now_us() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as i64)
 }
 
 /// A counter of the `meta` table (absent means 0).
-fn meta_u64(meta: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<u64, LogError> {
+fn meta_u64(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<u64, LogError> {
     Ok(get_u64(meta, name)?.unwrap_or(0))
 }
 
@@ -129,7 +136,10 @@ impl LogReader {
     /// read, in key order, with segment values rendered back to text (see
     /// [`read_records`](crate::segment::read_records)). Each segment is checked against its
     /// SHA-256 first. It holds everything in memory: for audits and tests of modest archives.
-    pub fn all_changes(&self, archive_dir: &Path) -> Result<Vec<(ChangeKey, ChangeRecord)>, CompactError> {
+    pub fn all_changes(
+        &self,
+        archive_dir: &Path,
+    ) -> Result<Vec<(ChangeKey, ChangeRecord)>, CompactError> {
         let mut out = Vec::new();
         for seg in self.manifest()?.segments {
             let path = archive_dir.join(SEGMENTS_DIR).join(&seg.file_name);
@@ -208,13 +218,19 @@ pub struct Compactor {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Group {
-    Table { relation_id: u32, version: ChangeKey },
+    Table {
+        relation_id: u32,
+        version: ChangeKey,
+    },
     Messages,
 }
 
 fn group_of(entry: &SegmentEntry) -> Group {
     match &entry.content {
-        SegmentContent::Table(rel) => Group::Table { relation_id: rel.relation_id, version: rel.valid_from },
+        SegmentContent::Table(rel) => Group::Table {
+            relation_id: rel.relation_id,
+            version: rel.valid_from,
+        },
         SegmentContent::Messages => Group::Messages,
     }
 }
@@ -248,7 +264,11 @@ fn segment_file_name(id: u64, content: &SegmentContent, min: ChangeKey, max: Cha
 
 /// Per-operation counts as the manifest stores them.
 fn owned(counts: Option<BTreeMap<&'static str, u64>>) -> BTreeMap<String, u64> {
-    counts.unwrap_or_default().into_iter().map(|(op, n)| (op.to_string(), n)).collect()
+    counts
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(op, n)| (op.to_string(), n))
+        .collect()
 }
 
 fn finish(
@@ -279,7 +299,11 @@ fn finish(
 impl Compactor {
     /// A compactor for the archive in `archive_dir` whose log database is `db`.
     pub fn new(db: Arc<Database>, archive_dir: &Path, options: CompactOptions) -> Compactor {
-        Compactor { db, segments_dir: archive_dir.join(SEGMENTS_DIR), options }
+        Compactor {
+            db,
+            segments_dir: archive_dir.join(SEGMENTS_DIR),
+            options,
+        }
     }
 
     pub fn segments_dir(&self) -> &Path {
@@ -312,7 +336,10 @@ impl Compactor {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&self.segments_dir)
-                .map_err(|source| crate::SegmentError::Io { path: self.segments_dir.clone(), source })?;
+                .map_err(|source| crate::SegmentError::Io {
+                    path: self.segments_dir.clone(),
+                    source,
+                })?;
             if let Some(parent) = self.segments_dir.parent() {
                 fsync_dir(parent)?;
             }
@@ -322,7 +349,12 @@ impl Compactor {
 
     fn listed_files(&self) -> Result<HashSet<String>, CompactError> {
         let reader = LogReader::from_database(&self.db)?;
-        let mut names: HashSet<String> = reader.manifest()?.segments.into_iter().map(|s| s.file_name).collect();
+        let mut names: HashSet<String> = reader
+            .manifest()?
+            .segments
+            .into_iter()
+            .map(|s| s.file_name)
+            .collect();
         if let Ok(t) = reader.read_transaction().open_table(RETIRED) {
             for e in t.iter()? {
                 names.insert(e?.0.value().to_string());
@@ -340,12 +372,16 @@ impl Compactor {
     /// progress can be mistaken for an orphan.
     fn remove_unlisted(&self, report: &mut CompactReport) -> Result<(), CompactError> {
         let listed = self.listed_files()?;
-        let entries = std::fs::read_dir(&self.segments_dir)
-            .map_err(|source| crate::SegmentError::Io { path: self.segments_dir.clone(), source })?;
+        let entries =
+            std::fs::read_dir(&self.segments_dir).map_err(|source| crate::SegmentError::Io {
+                path: self.segments_dir.clone(),
+                source,
+            })?;
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let orphan = name.ends_with(".tmp") || (name.ends_with(".parquet") && !listed.contains(&name));
+            let orphan =
+                name.ends_with(".tmp") || (name.ends_with(".parquet") && !listed.contains(&name));
             if orphan {
                 tracing::info!(file = %name, "removing a segment file no manifest lists (left by an interrupted compaction)");
                 remove_if_exists(&entry.path());
@@ -383,12 +419,18 @@ impl Compactor {
             let group = if record.op == Op::Message {
                 Group::Messages
             } else {
-                Group::Table { relation_id: record.relation_id, version: record.schema_version }
+                Group::Table {
+                    relation_id: record.relation_id,
+                    version: record.schema_version,
+                }
             };
             if !writers.contains_key(&group) {
                 let content = match group {
                     Group::Messages => SegmentContent::Messages,
-                    Group::Table { relation_id, version } => {
+                    Group::Table {
+                        relation_id,
+                        version,
+                    } => {
                         let rel = match rel_cache.get(&(relation_id, version)) {
                             Some(r) => r.clone(),
                             None => {
@@ -410,12 +452,23 @@ impl Compactor {
                 let id = next_id;
                 next_id += 1;
                 let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
-                let w = SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
+                let w = SegmentWriter::create(
+                    &self.segments_dir,
+                    &stem,
+                    &content,
+                    &self.options.segment,
+                )?;
                 writers.insert(group, (id, content, w));
             }
-            let Some((_, _, w)) = writers.get_mut(&group) else { continue };
+            let Some((_, _, w)) = writers.get_mut(&group) else {
+                continue;
+            };
             w.push(key, &record, raw_len(v.value()))?;
-            *op_counts.entry(group).or_default().entry(record.op.as_str()).or_default() += 1;
+            *op_counts
+                .entry(group)
+                .or_default()
+                .entry(record.op.as_str())
+                .or_default() += 1;
             count += 1;
             if last_lsn != Some(lsn) {
                 txns += 1;
@@ -455,7 +508,10 @@ impl Compactor {
             if trimmed != count {
                 // Dropping the transaction without commit leaves the log and manifest as
                 // they were; the files just written become orphans.
-                return Err(CompactError::LogChanged { expected: count, found: trimmed });
+                return Err(CompactError::LogChanged {
+                    expected: count,
+                    found: trimmed,
+                });
             }
             let mut txn_table = wtx.open_table(TXNS)?;
             txn_table.retain_in(..=cut.0, |_, _| false)?;
@@ -491,7 +547,10 @@ impl Compactor {
             if total <= self.options.memory_budget_bytes {
                 return Ok(());
             }
-            let Some((_, _, largest)) = writers.values_mut().max_by_key(|(_, _, w)| w.memory_bytes()) else {
+            let Some((_, _, largest)) = writers
+                .values_mut()
+                .max_by_key(|(_, _, w)| w.memory_bytes())
+            else {
                 return Ok(());
             };
             let before = largest.memory_bytes();
@@ -529,11 +588,23 @@ impl Compactor {
         Ok(())
     }
 
-    fn merge_run(&self, run: Vec<SegmentEntry>, report: &mut CompactReport) -> Result<(), CompactError> {
-        if run.len() >= self.options.merge_min_segments.max(2) { self.merge(run, report) } else { Ok(()) }
+    fn merge_run(
+        &self,
+        run: Vec<SegmentEntry>,
+        report: &mut CompactReport,
+    ) -> Result<(), CompactError> {
+        if run.len() >= self.options.merge_min_segments.max(2) {
+            self.merge(run, report)
+        } else {
+            Ok(())
+        }
     }
 
-    fn merge(&self, inputs: Vec<SegmentEntry>, report: &mut CompactReport) -> Result<(), CompactError> {
+    fn merge(
+        &self,
+        inputs: Vec<SegmentEntry>,
+        report: &mut CompactReport,
+    ) -> Result<(), CompactError> {
         let first = &inputs[0];
         let content = first.content.clone();
         let id = {
@@ -541,10 +612,12 @@ impl Compactor {
             meta_u64(&rtx.open_table(META)?, META_NEXT_SEGMENT)?.max(1)
         };
         let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
-        let mut w = SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
+        let mut w =
+            SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
         for input in &inputs {
             let path = self.segments_dir.join(&input.file_name);
-            let reader = SegmentReader::open(&path, Some(&input.sha256), self.options.segment.batch_rows)?;
+            let reader =
+                SegmentReader::open(&path, Some(&input.sha256), self.options.segment.batch_rows)?;
             let mut raw = input.raw_bytes;
             for batch in reader {
                 w.push_batch(&batch?, std::mem::take(&mut raw))?;
@@ -558,7 +631,10 @@ impl Compactor {
         crashpoint::hit("merge:before_manifest");
         let rows_in: u64 = inputs.iter().map(|s| s.rows).sum();
         if entry.rows != rows_in {
-            return Err(CompactError::LogChanged { expected: rows_in, found: entry.rows });
+            return Err(CompactError::LogChanged {
+                expected: rows_in,
+                found: entry.rows,
+            });
         }
         let mut wtx = self.db.begin_write()?;
         wtx.set_two_phase_commit(true);
@@ -636,14 +712,23 @@ mod tests {
     use crate::segment::{PgKind, render};
 
     fn rel() -> RelationVersion {
-        let col = |name: &str, type_oid, type_modifier, is_key| Column { name: name.into(), type_oid, type_modifier, is_key };
+        let col = |name: &str, type_oid, type_modifier, is_key| Column {
+            name: name.into(),
+            type_oid,
+            type_modifier,
+            is_key,
+        };
         RelationVersion {
             relation_id: 7,
             valid_from: ChangeKey::default(),
             schema: "public".into(),
             name: "Odd Name".into(),
             replica_identity: b'd',
-            columns: vec![col("id", 23, -1, true), col("v", 25, -1, false), col("amount", 1700, (5 << 16 | 2) + 4, false)],
+            columns: vec![
+                col("id", 23, -1, true),
+                col("v", 25, -1, false),
+                col("amount", 1700, (5 << 16 | 2) + 4, false),
+            ],
             primary_key: vec!["id".into()],
         }
     }
@@ -656,11 +741,20 @@ mod tests {
     /// logical message in every third transaction.
     fn txn(n: u64) -> Vec<LogOp> {
         let id = n.to_string();
-        let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100 * n), xid: n as u32, committed_at_us: 1_000_000 * n as i64 }];
+        let mut ops = vec![LogOp::Begin {
+            final_lsn: Lsn(100 * n),
+            xid: n as u32,
+            committed_at_us: 1_000_000 * n as i64,
+        }];
         if n == 1 {
             ops.push(LogOp::Relation(rel()));
         }
-        ops.push(LogOp::Change(IncomingChange { relation_id: 7, op: Op::Insert, old: None, new: Some(vec![t(&id), t("a"), t("NaN")]) }));
+        ops.push(LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Insert,
+            old: None,
+            new: Some(vec![t(&id), t("a"), t("NaN")]),
+        }));
         ops.push(LogOp::Change(IncomingChange {
             relation_id: 7,
             op: Op::Update,
@@ -668,16 +762,27 @@ mod tests {
             new: Some(vec![t(&id), IncomingCell::UnchangedToast, t("-12.50")]),
         }));
         if n % 3 == 0 {
-            ops.push(LogOp::Message(LogicalMessage { transactional: true, prefix: "oracle".into(), content: b"hash".to_vec() }));
+            ops.push(LogOp::Message(LogicalMessage {
+                transactional: true,
+                prefix: "oracle".into(),
+                content: b"hash".to_vec(),
+            }));
         }
-        ops.push(LogOp::Commit { end_lsn: Lsn(100 * n + 8) });
+        ops.push(LogOp::Commit {
+            end_lsn: Lsn(100 * n + 8),
+        });
         ops
     }
 
     fn read_all(dir: &Path, manifest: &SegmentManifest) -> Vec<(SegmentEntry, RecordBatch)> {
         let mut out = Vec::new();
         for s in &manifest.segments {
-            let reader = SegmentReader::open(&dir.join(SEGMENTS_DIR).join(&s.file_name), Some(&s.sha256), 1000).unwrap();
+            let reader = SegmentReader::open(
+                &dir.join(SEGMENTS_DIR).join(&s.file_name),
+                Some(&s.sha256),
+                1000,
+            )
+            .unwrap();
             for b in reader {
                 out.push((s.clone(), b.unwrap()));
             }
@@ -710,8 +815,14 @@ mod tests {
         let mut open = txn(7);
         open.pop();
         log.apply(open).unwrap();
-        let before: Vec<(u64, u32)> =
-            log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
+        let before: Vec<(u64, u32)> = log
+            .reader()
+            .unwrap()
+            .changes()
+            .unwrap()
+            .map(|e| e.unwrap().0)
+            .map(|k| (k.commit_lsn.0, k.seq))
+            .collect();
 
         let compactor = Compactor::new(log.database(), &archive, CompactOptions::default());
         let report = compactor.run().unwrap();
@@ -720,14 +831,28 @@ mod tests {
 
         let reader = log.reader().unwrap();
         let manifest = reader.manifest().unwrap();
-        let left: Vec<(u64, u32)> = reader.changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
-        assert!(left.is_empty(), "every finished change left the log: {left:?}");
+        let left: Vec<(u64, u32)> = reader
+            .changes()
+            .unwrap()
+            .map(|e| e.unwrap().0)
+            .map(|k| (k.commit_lsn.0, k.seq))
+            .collect();
+        assert!(
+            left.is_empty(),
+            "every finished change left the log: {left:?}"
+        );
         assert!(reader.transactions().unwrap().is_empty());
         drop(reader);
         // The unfinished transaction was not touched: finishing it shows both its changes.
         log.apply([LogOp::Commit { end_lsn: Lsn(708) }]).unwrap();
-        let finished: Vec<(u64, u32)> =
-            log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)).collect();
+        let finished: Vec<(u64, u32)> = log
+            .reader()
+            .unwrap()
+            .changes()
+            .unwrap()
+            .map(|e| e.unwrap().0)
+            .map(|k| (k.commit_lsn.0, k.seq))
+            .collect();
         assert_eq!(finished, vec![(700, 0), (700, 1)]);
         assert_eq!(manifest.compacted_changes, 14);
         assert_eq!(manifest.segments.len(), 2);
@@ -735,10 +860,20 @@ mod tests {
         let mut all = keys(&batches);
         all.extend(left);
         all.sort();
-        assert_eq!(all, before, "every change exactly once across segments and log");
+        assert_eq!(
+            all, before,
+            "every change exactly once across segments and log"
+        );
 
-        let (entry, batch) = batches.iter().find(|(s, _)| matches!(s.content, SegmentContent::Table(_))).unwrap();
-        assert!(entry.file_name.contains("public.%22Odd%20Name%22"), "{}", entry.file_name);
+        let (entry, batch) = batches
+            .iter()
+            .find(|(s, _)| matches!(s.content, SegmentContent::Table(_)))
+            .unwrap();
+        assert!(
+            entry.file_name.contains("public.%22Odd%20Name%22"),
+            "{}",
+            entry.file_name
+        );
         assert_eq!(entry.min_key, ChangeKey::new(Lsn(100), 0));
         assert_eq!(entry.min_committed_at_us, 1_000_000);
         let after = batch.column_by_name("after").unwrap().as_struct();
@@ -750,10 +885,29 @@ mod tests {
         assert_eq!(text.value(0).column(1).as_string::<i32>().value(0), "NaN");
         assert_eq!(render(&kind, amount.as_ref(), 1).as_deref(), Some("-12.50"));
         // Row 1 is the update: the unchanged TOAST value came from the index, not unknown.
-        assert_eq!(render(&PgKind::Text, after.column_by_name("v").unwrap().as_ref(), 1).as_deref(), Some("a"));
+        assert_eq!(
+            render(
+                &PgKind::Text,
+                after.column_by_name("v").unwrap().as_ref(),
+                1
+            )
+            .as_deref(),
+            Some("a")
+        );
         assert!(batch.column_by_name("after_unknown").unwrap().is_null(1));
-        let changed = batch.column_by_name("changed").unwrap().as_list::<i32>().value(1);
-        assert_eq!(changed.as_string::<i32>().iter().flatten().collect::<Vec<_>>(), vec!["amount"]);
+        let changed = batch
+            .column_by_name("changed")
+            .unwrap()
+            .as_list::<i32>()
+            .value(1);
+        assert_eq!(
+            changed
+                .as_string::<i32>()
+                .iter()
+                .flatten()
+                .collect::<Vec<_>>(),
+            vec!["amount"]
+        );
 
         // The next run compacts transaction 7, now finished; a run after it finds nothing.
         assert_eq!(compactor.run().unwrap().changes, 2);
@@ -766,34 +920,64 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
-        let options = CompactOptions { retire_grace: Duration::ZERO, ..CompactOptions::default() };
+        let options = CompactOptions {
+            retire_grace: Duration::ZERO,
+            ..CompactOptions::default()
+        };
         let compactor = Compactor::new(log.database(), &archive, options);
         let mut expected = Vec::new();
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
-            expected.extend(log.reader().unwrap().changes().unwrap().map(|e| e.unwrap().0).map(|k| (k.commit_lsn.0, k.seq)));
+            expected.extend(
+                log.reader()
+                    .unwrap()
+                    .changes()
+                    .unwrap()
+                    .map(|e| e.unwrap().0)
+                    .map(|k| (k.commit_lsn.0, k.seq)),
+            );
             compactor.run().unwrap();
         }
         expected.sort();
         let manifest = log.reader().unwrap().manifest().unwrap();
-        let tables: Vec<&SegmentEntry> =
-            manifest.segments.iter().filter(|s| matches!(s.content, SegmentContent::Table(_))).collect();
-        assert_eq!(tables.len(), 2, "four single-transaction segments merged into one, plus the fifth");
+        let tables: Vec<&SegmentEntry> = manifest
+            .segments
+            .iter()
+            .filter(|s| matches!(s.content, SegmentContent::Table(_)))
+            .collect();
+        assert_eq!(
+            tables.len(),
+            2,
+            "four single-transaction segments merged into one, plus the fifth"
+        );
         assert_eq!(tables.iter().map(|s| s.rows).sum::<u64>(), 10);
         assert_eq!(keys(&read_all(&archive, &manifest)), expected);
 
         // Files no manifest lists are removed; listed ones stay.
         let seg_dir = archive.join(SEGMENTS_DIR);
-        std::fs::write(seg_dir.join("00000099_public.x_0.0-0.0.parquet"), b"half a file").unwrap();
+        std::fs::write(
+            seg_dir.join("00000099_public.x_0.0-0.0.parquet"),
+            b"half a file",
+        )
+        .unwrap();
         std::fs::write(seg_dir.join(".00000100_public.x.tmp"), b"").unwrap();
         let report = compactor.run().unwrap();
         assert_eq!(report.orphans_removed, 2);
-        let mut on_disk: Vec<String> =
-            std::fs::read_dir(&seg_dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut on_disk: Vec<String> = std::fs::read_dir(&seg_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         on_disk.sort();
-        let mut listed: Vec<String> = manifest.segments.iter().map(|s| s.file_name.clone()).collect();
+        let mut listed: Vec<String> = manifest
+            .segments
+            .iter()
+            .map(|s| s.file_name.clone())
+            .collect();
         listed.sort();
-        assert_eq!(on_disk, listed, "retired inputs are gone after the (zero) grace period");
+        assert_eq!(
+            on_disk, listed,
+            "retired inputs are gone after the (zero) grace period"
+        );
     }
 
     #[test]
@@ -804,18 +988,53 @@ mod tests {
         for n in 1..=6 {
             log.apply(txn(n)).unwrap();
         }
-        let segment = SegmentOptions { row_group_rows: 2, batch_rows: 2, ..SegmentOptions::default() };
-        Compactor::new(log.database(), &archive, CompactOptions { segment, ..CompactOptions::default() }).run().unwrap();
-        let s = log.reader().unwrap().manifest().unwrap().segments.into_iter().find(|s| s.rows == 12).unwrap();
+        let segment = SegmentOptions {
+            row_group_rows: 2,
+            batch_rows: 2,
+            ..SegmentOptions::default()
+        };
+        Compactor::new(
+            log.database(),
+            &archive,
+            CompactOptions {
+                segment,
+                ..CompactOptions::default()
+            },
+        )
+        .run()
+        .unwrap();
+        let s = log
+            .reader()
+            .unwrap()
+            .manifest()
+            .unwrap()
+            .segments
+            .into_iter()
+            .find(|s| s.rows == 12)
+            .unwrap();
         let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
         let read = |lsn: (u64, u64), time: (i64, i64)| -> Vec<(u64, u32)> {
             let batches: Vec<RecordBatch> =
-                SegmentReader::open_pruned(&path, Some(&s.sha256), 100, lsn, time).unwrap().map(|b| b.unwrap()).collect();
-            keys(&batches.into_iter().map(|b| (s.clone(), b)).collect::<Vec<_>>())
+                SegmentReader::open_pruned(&path, Some(&s.sha256), 100, lsn, time)
+                    .unwrap()
+                    .map(|b| b.unwrap())
+                    .collect();
+            keys(
+                &batches
+                    .into_iter()
+                    .map(|b| (s.clone(), b))
+                    .collect::<Vec<_>>(),
+            )
         };
         // Two rows per transaction and two per row group: exactly transaction 3's group.
-        assert_eq!(read((300, 300), (i64::MIN, i64::MAX)), vec![(300, 0), (300, 1)]);
-        assert_eq!(read((0, u64::MAX), (4_000_000, 5_000_000)), vec![(400, 0), (400, 1), (500, 0), (500, 1)]);
+        assert_eq!(
+            read((300, 300), (i64::MIN, i64::MAX)),
+            vec![(300, 0), (300, 1)]
+        );
+        assert_eq!(
+            read((0, u64::MAX), (4_000_000, 5_000_000)),
+            vec![(400, 0), (400, 1), (500, 0), (500, 1)]
+        );
         assert_eq!(read((0, u64::MAX), (i64::MIN, i64::MAX)).len(), 12);
     }
 
@@ -825,13 +1044,17 @@ mod tests {
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply(txn(1)).unwrap();
-        Compactor::new(log.database(), &archive, CompactOptions::default()).run().unwrap();
+        Compactor::new(log.database(), &archive, CompactOptions::default())
+            .run()
+            .unwrap();
         let s = log.reader().unwrap().manifest().unwrap().segments.remove(0);
         let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[10] ^= 1;
         std::fs::write(&path, bytes).unwrap();
-        let err = SegmentReader::open(&path, Some(&s.sha256), 10).err().unwrap();
+        let err = SegmentReader::open(&path, Some(&s.sha256), 10)
+            .err()
+            .unwrap();
         assert!(matches!(err, crate::SegmentError::Checksum { .. }), "{err}");
     }
 }

@@ -7,7 +7,11 @@
 pub fn hit(point: &str) {
     // Read once: some points sit on the log's commit path.
     static AT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    if AT.get_or_init(|| std::env::var("PGTRAIL_CRASH_AT").ok()).as_deref() == Some(point) {
+    if AT
+        .get_or_init(|| std::env::var("PGTRAIL_CRASH_AT").ok())
+        .as_deref()
+        == Some(point)
+    {
         eprintln!("pgtrail: crash point {point} reached, aborting");
         std::process::abort();
     }

@@ -28,9 +28,13 @@ pub enum LogError {
         #[source]
         source: redb::DatabaseError,
     },
-    #[error("the change log is held by another process (is another `pgtrail capture` running on this archive?)")]
+    #[error(
+        "the change log is held by another process (is another `pgtrail capture` running on this archive?)"
+    )]
     InUse,
-    #[error("change log storage error (disk full or I/O failure?); nothing past the last durable commit was acknowledged")]
+    #[error(
+        "change log storage error (disk full or I/O failure?); nothing past the last durable commit was acknowledged"
+    )]
     Storage(#[from] redb::StorageError),
     #[error("change log transaction error")]
     Transaction(#[from] redb::TransactionError),
@@ -44,7 +48,9 @@ pub enum LogError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
-    #[error("archive format version {found} is not supported by this pgtrail (it reads version {supported})")]
+    #[error(
+        "archive format version {found} is not supported by this pgtrail (it reads version {supported})"
+    )]
     FormatVersion { found: u32, supported: u32 },
     #[error("change for relation {relation_id} arrived before its Relation message")]
     UnknownRelation { relation_id: u32 },
@@ -83,7 +89,11 @@ pub enum SegmentError {
     #[error(
         "segment {path} does not match the manifest (SHA-256 {found}, manifest says {expected}): it was changed or damaged after it was written; restore it from a backup"
     )]
-    Checksum { path: PathBuf, expected: String, found: String },
+    Checksum {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
 }
 
 /// An error of a compaction run. Nothing is trimmed from the log unless the run finished.
@@ -94,10 +104,18 @@ pub enum CompactError {
     Log(#[from] LogError),
     #[error(transparent)]
     Segment(#[from] SegmentError),
-    #[error("the log changed under the compactor ({expected} changes compacted, {found} found to trim); nothing was trimmed")]
+    #[error(
+        "the log changed under the compactor ({expected} changes compacted, {found} found to trim); nothing was trimmed"
+    )]
     LogChanged { expected: u64, found: u64 },
-    #[error("change {key} names relation version {relation_id}@{version} that the log does not hold")]
-    MissingRelation { key: String, relation_id: u32, version: String },
+    #[error(
+        "change {key} names relation version {relation_id}@{version} that the log does not hold"
+    )]
+    MissingRelation {
+        key: String,
+        relation_id: u32,
+        version: String,
+    },
 }
 
 macro_rules! redb_into_compact {
@@ -109,4 +127,9 @@ macro_rules! redb_into_compact {
         }
     )*};
 }
-redb_into_compact!(redb::StorageError, redb::TransactionError, redb::TableError, redb::CommitError);
+redb_into_compact!(
+    redb::StorageError,
+    redb::TransactionError,
+    redb::TableError,
+    redb::CommitError
+);

@@ -21,15 +21,21 @@ mod lsn;
 mod relation;
 pub mod segment;
 
-pub use change::{Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row};
 pub use atomic_file::fsync_dir;
-pub use compact::{CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest, file_safe};
+pub use change::{
+    Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
+};
+pub use compact::{
+    CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest,
+    file_safe,
+};
 pub use error::{CompactError, LogError, SegmentError};
-pub use redb::Database;
 #[doc(hidden)]
 pub use log::fuzzing;
 pub use log::{
-    Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SourceIdentity, TxnRecord,
+    Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader,
+    SourceIdentity, TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
+pub use redb::Database;
 pub use relation::{Column, RelationVersion, quote_ident};

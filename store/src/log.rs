@@ -52,20 +52,26 @@ use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefi
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::change::{Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row};
+use crate::change::{
+    Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
+};
 use crate::error::LogError;
 use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
 
 pub(crate) const CHANGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("changes");
 pub(crate) const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
-pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> = TableDefinition::new("relations");
+pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> =
+    TableDefinition::new("relations");
 const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
-pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> = TableDefinition::new("current_rows");
+pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> =
+    TableDefinition::new("current_rows");
 /// The two undo tables (see the module doc); a spanning transaction uses `UNDO[slot]`.
 type UndoTable = TableDefinition<'static, (u32, &'static [u8]), &'static [u8]>;
-const UNDO: [UndoTable; 2] =
-    [TableDefinition::new("current_undo_0"), TableDefinition::new("current_undo_1")];
+const UNDO: [UndoTable; 2] = [
+    TableDefinition::new("current_undo_0"),
+    TableDefinition::new("current_undo_1"),
+];
 /// The undo table of earlier versions (one table keyed by commit LSN, values encoded
 /// `Option<Row>`): drained by recovery when a log written by them was left mid-transaction.
 const UNDO_V1: TableDefinition<(u64, u32, &[u8]), &[u8]> = TableDefinition::new("current_undo");
@@ -136,17 +142,31 @@ pub enum LogOp {
     /// latest stored one. `valid_from` is filled in by the log.
     Relation(RelationVersion),
     /// A Type message: the name of a non-builtin type.
-    Type { oid: u32, schema: String, name: String },
-    Begin { final_lsn: Lsn, xid: u32, committed_at_us: i64 },
+    Type {
+        oid: u32,
+        schema: String,
+        name: String,
+    },
+    Begin {
+        final_lsn: Lsn,
+        xid: u32,
+        committed_at_us: i64,
+    },
     Change(IncomingChange),
     /// Application context (JSON text) for the changes that follow it in the transaction;
     /// the first one of a transaction also labels the changes before it.
     Context(String),
     /// A transactional logical message of another prefix, kept as a change.
     Message(LogicalMessage),
-    Commit { end_lsn: Lsn },
+    Commit {
+        end_lsn: Lsn,
+    },
     /// A non-transactional logical message, stored at its own LSN.
-    NonTransactionalMessage { lsn: Lsn, at_us: i64, message: LogicalMessage },
+    NonTransactionalMessage {
+        lsn: Lsn,
+        at_us: i64,
+        message: LogicalMessage,
+    },
     /// The server's WAL end while nothing is in flight and everything received is stored:
     /// no transaction of the captured tables commits before it, so it may be acknowledged
     /// (and the slot released) once durable, even when the captured tables are idle.
@@ -216,13 +236,21 @@ impl ChangeLog {
         let db = Database::builder()
             .set_concurrency_mode(ConcurrencyMode::SingleWriter)
             .set_cache_size(LOG_CACHE_BYTES)
-            .create(&path).map_err(|source| match source {
-            redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
-            source => LogError::Open { path: path.clone(), source },
-        })?;
+            .create(&path)
+            .map_err(|source| match source {
+                redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
+                source => LogError::Open {
+                    path: path.clone(),
+                    source,
+                },
+            })?;
         if !existed {
-            fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-                .map_err(|source| LogError::Directory { path: path.clone(), source })?;
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+                LogError::Directory {
+                    path: path.clone(),
+                    source,
+                }
+            })?;
         }
         let mut log = ChangeLog {
             db: Arc::new(db),
@@ -249,7 +277,10 @@ impl ChangeLog {
             let mut meta = wtx.open_table(META)?;
             match get_u64(&meta, META_FORMAT)? {
                 None => {
-                    meta.insert(META_FORMAT, u64::from(FORMAT_VERSION).to_le_bytes().as_slice())?;
+                    meta.insert(
+                        META_FORMAT,
+                        u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
+                    )?;
                 }
                 Some(v) if v == u64::from(FORMAT_VERSION) => {}
                 Some(v) => {
@@ -268,14 +299,15 @@ impl ChangeLog {
             // deleted in the same redb transaction that restores them.
             let mut current = wtx.open_table(CURRENT)?;
             let mut restored = 0u64;
-            let mut put_back = |relation_id: u32, key: &[u8], before: Option<&[u8]>| -> Result<(), LogError> {
-                match before {
-                    Some(row) => current.insert((relation_id, key), row).map(drop)?,
-                    None => current.remove((relation_id, key)).map(drop)?,
-                }
-                restored += 1;
-                Ok(())
-            };
+            let mut put_back =
+                |relation_id: u32, key: &[u8], before: Option<&[u8]>| -> Result<(), LogError> {
+                    match before {
+                        Some(row) => current.insert((relation_id, key), row).map(drop)?,
+                        None => current.remove((relation_id, key)).map(drop)?,
+                    }
+                    restored += 1;
+                    Ok(())
+                };
             for definition in UNDO {
                 let mut undo = wtx.open_table(definition)?;
                 while let Some((k, v)) = undo.pop_first()? {
@@ -474,7 +506,10 @@ impl ChangeLog {
             self.scratch = std::mem::take(&mut tables.scratch);
             let mut meta = wtx.open_table(META)?;
             meta.insert(META_POSITION, self.position.0.to_le_bytes().as_slice())?;
-            meta.insert(META_LAST_COMMIT, self.last_commit.0.to_le_bytes().as_slice())?;
+            meta.insert(
+                META_LAST_COMMIT,
+                self.last_commit.0.to_le_bytes().as_slice(),
+            )?;
         }
         // The undo rows of a spanning transaction finished in this batch go in the same redb
         // commit as its `transactions` record (a crash keeps both or neither). Deleting the
@@ -493,7 +528,12 @@ impl ChangeLog {
         Ok(applied)
     }
 
-    fn apply_one(&mut self, t: &mut Tables<'_>, op: LogOp, applied: &mut Applied) -> Result<(), LogError> {
+    fn apply_one(
+        &mut self,
+        t: &mut Tables<'_>,
+        op: LogOp,
+        applied: &mut Applied,
+    ) -> Result<(), LogError> {
         match op {
             LogOp::Relation(mut rel) => {
                 let Some(tx) = &self.inflight else {
@@ -507,12 +547,20 @@ impl ChangeLog {
                     // already cover it.
                     return Ok(());
                 }
-                if self.relations.get(&rel.relation_id).is_some_and(|r| r.same_shape(&rel)) {
+                if self
+                    .relations
+                    .get(&rel.relation_id)
+                    .is_some_and(|r| r.same_shape(&rel))
+                {
                     return Ok(());
                 }
                 rel.valid_from = ChangeKey::new(tx.final_lsn, tx.next_seq);
                 t.relations.insert(
-                    (rel.relation_id, rel.valid_from.commit_lsn.0, rel.valid_from.seq),
+                    (
+                        rel.relation_id,
+                        rel.valid_from.commit_lsn.0,
+                        rel.valid_from.seq,
+                    ),
                     encode(&rel).as_slice(),
                 )?;
                 self.relations.insert(rel.relation_id, rel);
@@ -520,7 +568,11 @@ impl ChangeLog {
             LogOp::Type { oid, schema, name } => {
                 t.types.insert(oid, encode(&(schema, name)).as_slice())?;
             }
-            LogOp::Begin { final_lsn, xid, committed_at_us } => {
+            LogOp::Begin {
+                final_lsn,
+                xid,
+                committed_at_us,
+            } => {
                 let undo_slot = self.next_undo_slot;
                 if !self.begin_atomic {
                     // The previous spanning transaction may finish in this same batch, and its
@@ -546,10 +598,12 @@ impl ChangeLog {
                     return Ok(());
                 }
                 let (final_lsn, seq) = (tx.final_lsn, tx.next_seq);
-                let rel = self
-                    .relations
-                    .get(&change.relation_id)
-                    .ok_or(LogError::UnknownRelation { relation_id: change.relation_id })?;
+                let rel =
+                    self.relations
+                        .get(&change.relation_id)
+                        .ok_or(LogError::UnknownRelation {
+                            relation_id: change.relation_id,
+                        })?;
                 let record = complete_change(t, rel, tx, change)?;
                 encode_into(&mut t.scratch, &record);
                 t.changes.insert((final_lsn.0, seq), t.scratch.as_slice())?;
@@ -603,7 +657,8 @@ impl ChangeLog {
                     context: tx.context.clone(),
                     message: Some(message),
                 };
-                t.changes.insert((tx.final_lsn.0, tx.next_seq), encode(&record).as_slice())?;
+                t.changes
+                    .insert((tx.final_lsn.0, tx.next_seq), encode(&record).as_slice())?;
                 self.bump_seq()?;
                 applied.changes += 1;
             }
@@ -634,7 +689,11 @@ impl ChangeLog {
                 self.position = self.position.max(end_lsn);
                 applied.transactions += 1;
             }
-            LogOp::NonTransactionalMessage { lsn, at_us, message } => {
+            LogOp::NonTransactionalMessage {
+                lsn,
+                at_us,
+                message,
+            } => {
                 if lsn < self.position {
                     applied.duplicates_skipped += 1;
                     return Ok(());
@@ -652,7 +711,12 @@ impl ChangeLog {
                     message: Some(message),
                 };
                 t.changes.insert((lsn.0, 0), encode(&record).as_slice())?;
-                let txn = TxnRecord { xid: 0, end_lsn: Lsn(lsn.0 + 1), committed_at_us: at_us, change_count: 1 };
+                let txn = TxnRecord {
+                    xid: 0,
+                    end_lsn: Lsn(lsn.0 + 1),
+                    committed_at_us: at_us,
+                    change_count: 1,
+                };
                 t.txns.insert(lsn.0, encode(&txn).as_slice())?;
                 self.last_commit = lsn;
                 // The message is stored; anything the server sends later lies after it.
@@ -670,7 +734,10 @@ impl ChangeLog {
 
     fn bump_seq(&mut self) -> Result<(), LogError> {
         let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
-        tx.next_seq = tx.next_seq.checked_add(1).ok_or(LogError::TransactionTooLarge)?;
+        tx.next_seq = tx
+            .next_seq
+            .checked_add(1)
+            .ok_or(LogError::TransactionTooLarge)?;
         Ok(())
     }
 
@@ -733,14 +800,24 @@ fn complete_change(
         Op::Update => {
             let new = change.new.unwrap_or_default();
             let lookup_key = match &change.old {
-                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => key_from_incoming(cells),
+                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => {
+                    key_from_incoming(cells)
+                }
                 None => key_from_incoming(&new),
             };
-            let prev = if indexed { get_current(t, rel.relation_id, &lookup_key)? } else { None };
+            let prev = if indexed {
+                get_current(t, rel.relation_id, &lookup_key)?
+            } else {
+                None
+            };
             let b = match change.old {
                 Some(OldImage::Full(cells)) => fill_row(cells, prev.as_ref(), width),
-                Some(OldImage::Key(cells)) => prev.clone().unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
-                None => prev.clone().unwrap_or_else(|| key_only_row(&new, &key_pos, width)),
+                Some(OldImage::Key(cells)) => prev
+                    .clone()
+                    .unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
+                None => prev
+                    .clone()
+                    .unwrap_or_else(|| key_only_row(&new, &key_pos, width)),
             };
             let a = fill_row(new, Some(&b), width);
             key = key_of(&a);
@@ -756,13 +833,21 @@ fn complete_change(
         }
         Op::Delete => {
             let lookup_key = match &change.old {
-                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => key_from_incoming(cells),
+                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => {
+                    key_from_incoming(cells)
+                }
                 None => Vec::new(),
             };
-            let prev = if indexed { get_current(t, rel.relation_id, &lookup_key)? } else { None };
+            let prev = if indexed {
+                get_current(t, rel.relation_id, &lookup_key)?
+            } else {
+                None
+            };
             let b = match change.old {
                 Some(OldImage::Full(cells)) => fill_row(cells, prev.as_ref(), width),
-                Some(OldImage::Key(cells)) => prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
+                Some(OldImage::Key(cells)) => {
+                    prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width))
+                }
                 None => vec![Cell::Unknown; width],
             };
             key = key_of(&b);
@@ -807,7 +892,10 @@ fn complete_change(
 
 /// The key column values of a complete row (text form; NULL or unknown as `None`).
 fn row_key(row: &Row, key_pos: &[usize]) -> Vec<Option<String>> {
-    key_pos.iter().map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string))).collect()
+    key_pos
+        .iter()
+        .map(|&i| row.get(i).and_then(|c| c.as_text().map(str::to_string)))
+        .collect()
 }
 
 /// A row from incoming cells (moved, not copied), taking each unsent (`u`) value from
@@ -844,7 +932,11 @@ fn key_only_row(cells: &[IncomingCell], key_pos: &[usize], width: usize) -> Row 
         .collect()
 }
 
-fn get_current(t: &Tables<'_>, relation_id: u32, key: &[Option<String>]) -> Result<Option<Row>, LogError> {
+fn get_current(
+    t: &Tables<'_>,
+    relation_id: u32,
+    key: &[Option<String>],
+) -> Result<Option<Row>, LogError> {
     let k = encode_plain(&key);
     match t.current.get((relation_id, k.as_slice()))? {
         Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
@@ -864,7 +956,9 @@ fn set_current(
     let undo = match row {
         Some(row) => {
             encode_into(&mut t.scratch, row);
-            let old = t.current.insert((relation_id, k.as_slice()), t.scratch.as_slice())?;
+            let old = t
+                .current
+                .insert((relation_id, k.as_slice()), t.scratch.as_slice())?;
             (!tx.atomic).then(|| undo_value(old.as_ref().map(|v| v.value())))
         }
         None => {
@@ -881,11 +975,19 @@ fn set_current(
 /// Remember a current-row entry as it was before the open transaction first touched it
 /// (`value` from [`undo_value`]), so that recovery can put it back if the transaction never
 /// finishes.
-fn save_undo(t: &mut Tables<'_>, slot: usize, relation_id: u32, key: &[u8], value: &[u8]) -> Result<(), LogError> {
+fn save_undo(
+    t: &mut Tables<'_>,
+    slot: usize,
+    relation_id: u32,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), LogError> {
     let undo = &mut t.undo[slot];
     // One insert in the common case; when the transaction touched this key before, the first
     // value (the one from before the transaction) is put back.
-    let earlier = undo.insert((relation_id, key), value)?.map(|v| v.value().to_vec());
+    let earlier = undo
+        .insert((relation_id, key), value)?
+        .map(|v| v.value().to_vec());
     if let Some(earlier) = earlier {
         undo.insert((relation_id, key), earlier.as_slice())?;
     }
@@ -927,7 +1029,9 @@ pub type ChangeEntry = (ChangeKey, ChangeRecord);
 
 impl LogReader {
     fn from_db(db: &Database) -> Result<LogReader, LogError> {
-        Ok(LogReader { rtx: db.begin_read()? })
+        Ok(LogReader {
+            rtx: db.begin_read()?,
+        })
     }
 
     /// A read view of an already open log database (see [`ChangeLog::database`]).
@@ -945,9 +1049,15 @@ impl LogReader {
     pub fn open(dir: &Path) -> Result<(redb::ReadOnlyDatabase, LogReader), LogError> {
         let path = dir.join(LOG_FILE);
         if !path.exists() {
-            return Err(LogError::NotAnArchive { path: dir.to_path_buf() });
+            return Err(LogError::NotAnArchive {
+                path: dir.to_path_buf(),
+            });
         }
-        let open = || Database::builder().set_concurrency_mode(ConcurrencyMode::SingleWriter).open_read_only(&path);
+        let open = || {
+            Database::builder()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .open_read_only(&path)
+        };
         let db = match open() {
             // The last writer stopped without closing the file (a crash): a read-only handle
             // cannot repair it. With no writer running, open the log for writing once, which
@@ -960,9 +1070,14 @@ impl LogReader {
         }
         .map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
-            source => LogError::Open { path: path.clone(), source },
+            source => LogError::Open {
+                path: path.clone(),
+                source,
+            },
         })?;
-        let reader = LogReader { rtx: db.begin_read()? };
+        let reader = LogReader {
+            rtx: db.begin_read()?,
+        };
         Ok((db, reader))
     }
 
@@ -982,7 +1097,9 @@ impl LogReader {
     /// Every change of a finished source transaction, in key order. Changes of a transaction
     /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
     /// them) are keyed after the last finished one and are not shown.
-    pub fn changes(&self) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
+    pub fn changes(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
         let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
         let table = self.rtx.open_table(CHANGES)?;
         let iter = table.range::<(u64, u32)>(..=(last_commit, u32::MAX))?;
@@ -997,7 +1114,11 @@ impl LogReader {
     /// The number of changes [`changes`](Self::changes) yields.
     pub fn change_count(&self) -> Result<u64, LogError> {
         let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
-        Ok(self.rtx.open_table(CHANGES)?.range::<(u64, u32)>(..=(last_commit, u32::MAX))?.count() as u64)
+        Ok(self
+            .rtx
+            .open_table(CHANGES)?
+            .range::<(u64, u32)>(..=(last_commit, u32::MAX))?
+            .count() as u64)
     }
 
     /// Every stored source transaction: commit LSN and record.
@@ -1052,11 +1173,16 @@ impl LogReader {
     /// The number of rows in the current-row index of a relation.
     pub fn current_row_count(&self, relation_id: u32) -> Result<u64, LogError> {
         let table = self.rtx.open_table(CURRENT)?;
-        Ok(table.range((relation_id, &[][..])..(relation_id + 1, &[][..]))?.count() as u64)
+        Ok(table
+            .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
+            .count() as u64)
     }
 }
 
-pub(crate) fn get_u64(table: &impl ReadableTable<&'static str, &'static [u8]>, name: &str) -> Result<Option<u64>, LogError> {
+pub(crate) fn get_u64(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    name: &str,
+) -> Result<Option<u64>, LogError> {
     match table.get(name)? {
         Some(v) => {
             let bytes: [u8; 8] = v.value().try_into().map_err(|_| LogError::Corrupt {
@@ -1104,26 +1230,45 @@ pub(crate) fn encode_into<T: Serialize + ?Sized>(buf: &mut Vec<u8>, value: &T) {
 /// The uncompressed size of a stored value (its record encoding), without decoding it.
 pub(crate) fn raw_len(bytes: &[u8]) -> u64 {
     match bytes.split_first() {
-        Some((1, rest)) if rest.len() >= 4 => u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]])),
+        Some((1, rest)) if rest.len() >= 4 => {
+            u64::from(u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]))
+        }
         _ => bytes.len().saturating_sub(1) as u64,
     }
 }
 
 /// Decode a stored value written by [`encode`]; `what` names the table for the error.
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, LogError> {
-    let corrupt = |source: Box<dyn std::error::Error + Send + Sync>| LogError::Corrupt { what: what.to_string(), source };
+    let corrupt = |source: Box<dyn std::error::Error + Send + Sync>| LogError::Corrupt {
+        what: what.to_string(),
+        source,
+    };
     match bytes.split_first() {
         Some((0, rest)) => postcard::from_bytes(rest).map_err(|e| corrupt(Box::new(e))),
         Some((1, rest)) => {
-            let (len, data) = rest.split_at_checked(4).ok_or_else(|| corrupt("short compressed value".into()))?;
-            let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt("bad length".into()))?) as usize;
+            let (len, data) = rest
+                .split_at_checked(4)
+                .ok_or_else(|| corrupt("short compressed value".into()))?;
+            let len = u32::from_le_bytes(len.try_into().map_err(|_| corrupt("bad length".into()))?)
+                as usize;
             // Streamed, not `bulk::decompress(data, len)`: that reserves `len` bytes up front,
             // and a damaged length (up to 4 GiB) would then exhaust memory before any check.
             let mut plain = Vec::new();
-            let decoder = zstd::stream::read::Decoder::with_buffer(data).map_err(|e| corrupt(Box::new(e)))?;
-            std::io::Read::read_to_end(&mut std::io::Read::take(decoder, len as u64 + 1), &mut plain).map_err(|e| corrupt(Box::new(e)))?;
+            let decoder =
+                zstd::stream::read::Decoder::with_buffer(data).map_err(|e| corrupt(Box::new(e)))?;
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(decoder, len as u64 + 1),
+                &mut plain,
+            )
+            .map_err(|e| corrupt(Box::new(e)))?;
             if plain.len() != len {
-                return Err(corrupt(format!("compressed value holds {} bytes, its header says {len}", plain.len()).into()));
+                return Err(corrupt(
+                    format!(
+                        "compressed value holds {} bytes, its header says {len}",
+                        plain.len()
+                    )
+                    .into(),
+                ));
             }
             postcard::from_bytes(&plain).map_err(|e| corrupt(Box::new(e)))
         }
@@ -1136,10 +1281,16 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T,
 /// other users.
 fn ensure_private_dir(dir: &Path) -> Result<(), LogError> {
     if dir.exists() {
-        let meta = fs::metadata(dir).map_err(|source| LogError::Directory { path: dir.to_path_buf(), source })?;
+        let meta = fs::metadata(dir).map_err(|source| LogError::Directory {
+            path: dir.to_path_buf(),
+            source,
+        })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
-            return Err(LogError::Permissions { path: dir.to_path_buf(), mode });
+            return Err(LogError::Permissions {
+                path: dir.to_path_buf(),
+                mode,
+            });
         }
         return Ok(());
     }
@@ -1147,7 +1298,10 @@ fn ensure_private_dir(dir: &Path) -> Result<(), LogError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|source| LogError::Directory { path: dir.to_path_buf(), source })?;
+        .map_err(|source| LogError::Directory {
+            path: dir.to_path_buf(),
+            source,
+        })?;
     // Make the new directory entry durable too.
     if let Some(parent) = dir.parent()
         && let Ok(f) = fs::File::open(parent)
@@ -1163,14 +1317,23 @@ mod tests {
     use crate::relation::Column;
 
     fn rel(replica_identity: u8) -> RelationVersion {
-        let col = |name: &str, is_key: bool| Column { name: name.into(), type_oid: 25, type_modifier: -1, is_key };
+        let col = |name: &str, is_key: bool| Column {
+            name: name.into(),
+            type_oid: 25,
+            type_modifier: -1,
+            is_key,
+        };
         RelationVersion {
             relation_id: 7,
             valid_from: ChangeKey::default(),
             schema: "public".into(),
             name: "t".into(),
             replica_identity,
-            columns: vec![col("id", true), col("v", replica_identity == b'f'), col("big", replica_identity == b'f')],
+            columns: vec![
+                col("id", true),
+                col("v", replica_identity == b'f'),
+                col("big", replica_identity == b'f'),
+            ],
             primary_key: vec!["id".into()],
         }
     }
@@ -1180,9 +1343,15 @@ mod tests {
     }
 
     fn txn(lsn: u64, ops: Vec<LogOp>) -> Vec<LogOp> {
-        let mut v = vec![LogOp::Begin { final_lsn: Lsn(lsn), xid: 1, committed_at_us: 0 }];
+        let mut v = vec![LogOp::Begin {
+            final_lsn: Lsn(lsn),
+            xid: 1,
+            committed_at_us: 0,
+        }];
         v.extend(ops);
-        v.push(LogOp::Commit { end_lsn: Lsn(lsn + 8) });
+        v.push(LogOp::Commit {
+            end_lsn: Lsn(lsn + 8),
+        });
         v
     }
 
@@ -1205,7 +1374,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
-        let mut ops = vec![LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 }, LogOp::Relation(rel(b'd'))];
+        let mut ops = vec![
+            LogOp::Begin {
+                final_lsn: Lsn(100),
+                xid: 1,
+                committed_at_us: 0,
+            },
+            LogOp::Relation(rel(b'd')),
+        ];
         ops.push(insert("1", "a", "x"));
         ops.push(LogOp::Commit { end_lsn: Lsn(108) });
         log.apply(ops.clone()).unwrap();
@@ -1226,7 +1402,11 @@ mod tests {
             log.apply(first).unwrap();
             // A second transaction, written in part (as a big transaction is) and never finished.
             let partial = vec![
-                LogOp::Begin { final_lsn: Lsn(200), xid: 2, committed_at_us: 0 },
+                LogOp::Begin {
+                    final_lsn: Lsn(200),
+                    xid: 2,
+                    committed_at_us: 0,
+                },
                 LogOp::Change(IncomingChange {
                     relation_id: 7,
                     op: Op::Update,
@@ -1245,7 +1425,11 @@ mod tests {
         assert_eq!(changes.len(), 1, "the unfinished transaction must be gone");
         assert_eq!(log.durable_position(), Lsn(108));
         let reader = log.reader().unwrap();
-        assert_eq!(reader.current_row_count(7).unwrap(), 1, "row 2 must be gone from the index");
+        assert_eq!(
+            reader.current_row_count(7).unwrap(),
+            1,
+            "row 2 must be gone from the index"
+        );
         // The index holds row 1 as the finished transaction left it.
         drop(reader);
         let mut log = log;
@@ -1273,25 +1457,43 @@ mod tests {
             .unwrap()
             .map(|e| {
                 let (k, v) = e.unwrap();
-                (k.value().1.to_vec(), decode::<Row>(v.value(), "current_rows").unwrap())
+                (
+                    k.value().1.to_vec(),
+                    decode::<Row>(v.value(), "current_rows").unwrap(),
+                )
             })
             .collect()
     }
 
     fn update(id: &str, v: &str) -> LogOp {
-        LogOp::Change(IncomingChange { relation_id: 7, op: Op::Update, old: None, new: Some(vec![text(id), text(v), text("x")]) })
+        LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Update,
+            old: None,
+            new: Some(vec![text(id), text(v), text("x")]),
+        })
     }
 
     fn undo_rows(log: &ChangeLog) -> [u64; 2] {
         let rtx = log.db.begin_read().unwrap();
-        UNDO.map(|d| rtx.open_table(d).map(|t| t.iter().unwrap().count() as u64).unwrap_or(0))
+        UNDO.map(|d| {
+            rtx.open_table(d)
+                .map(|t| t.iter().unwrap().count() as u64)
+                .unwrap_or(0)
+        })
     }
 
     #[test]
     fn spanning_transactions_meeting_in_one_batch_keep_their_own_undo() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
-        let row = |id: &str, v: &str| vec![Cell::Text(id.into()), Cell::Text(v.into()), Cell::Text("x".into())];
+        let row = |id: &str, v: &str| {
+            vec![
+                Cell::Text(id.into()),
+                Cell::Text(v.into()),
+                Cell::Text("x".into()),
+            ]
+        };
         let key = |id: &str| encode_plain(&vec![Some(id.to_string())]);
         {
             let mut log = ChangeLog::open(&archive).unwrap();
@@ -1299,17 +1501,33 @@ mod tests {
             first.insert(1, LogOp::Relation(rel(b'd')));
             log.apply(first).unwrap();
             // A spans two batches; B starts in the batch that finishes A and never finishes.
-            log.apply(vec![LogOp::Begin { final_lsn: Lsn(200), xid: 2, committed_at_us: 0 }, update("1", "a2"), insert("3", "c", "x")])
-                .unwrap();
+            log.apply(vec![
+                LogOp::Begin {
+                    final_lsn: Lsn(200),
+                    xid: 2,
+                    committed_at_us: 0,
+                },
+                update("1", "a2"),
+                insert("3", "c", "x"),
+            ])
+            .unwrap();
             log.apply(vec![
                 update("2", "b2"),
                 LogOp::Commit { end_lsn: Lsn(208) },
-                LogOp::Begin { final_lsn: Lsn(300), xid: 3, committed_at_us: 0 },
+                LogOp::Begin {
+                    final_lsn: Lsn(300),
+                    xid: 3,
+                    committed_at_us: 0,
+                },
                 update("1", "a3"),
                 LogOp::Change(IncomingChange {
                     relation_id: 7,
                     op: Op::Delete,
-                    old: Some(OldImage::Key(vec![text("2"), IncomingCell::Null, IncomingCell::Null])),
+                    old: Some(OldImage::Key(vec![
+                        text("2"),
+                        IncomingCell::Null,
+                        IncomingCell::Null,
+                    ])),
                     new: None,
                 }),
                 insert("4", "d", "x"),
@@ -1322,15 +1540,28 @@ mod tests {
             assert_eq!(counts, [0, 3]);
         }
         // The crash: B is undone to exactly what A left.
-        let after_a = vec![(key("1"), row("1", "a2")), (key("2"), row("2", "b2")), (key("3"), row("3", "c"))];
+        let after_a = vec![
+            (key("1"), row("1", "a2")),
+            (key("2"), row("2", "b2")),
+            (key("3"), row("3", "c")),
+        ];
         assert_eq!(current_rows(&archive), after_a);
         {
             let mut log = ChangeLog::open(&archive).unwrap();
             assert_eq!(all_changes(&log).len(), 5);
             assert_eq!(undo_rows(&log), [0, 0]);
             // A finished spanning transaction leaves nothing that a later recovery would undo.
-            log.apply(vec![LogOp::Begin { final_lsn: Lsn(300), xid: 3, committed_at_us: 0 }, update("3", "c2")]).unwrap();
-            log.apply(vec![LogOp::Commit { end_lsn: Lsn(308) }]).unwrap();
+            log.apply(vec![
+                LogOp::Begin {
+                    final_lsn: Lsn(300),
+                    xid: 3,
+                    committed_at_us: 0,
+                },
+                update("3", "c2"),
+            ])
+            .unwrap();
+            log.apply(vec![LogOp::Commit { end_lsn: Lsn(308) }])
+                .unwrap();
             assert_eq!(undo_rows(&log), [0, 0]);
         }
         let mut expected = after_a;
@@ -1362,7 +1593,11 @@ mod tests {
             vec![LogOp::Change(IncomingChange {
                 relation_id: 7,
                 op: Op::Delete,
-                old: Some(OldImage::Key(vec![text("1"), IncomingCell::Null, IncomingCell::Null])),
+                old: Some(OldImage::Key(vec![
+                    text("1"),
+                    IncomingCell::Null,
+                    IncomingCell::Null,
+                ])),
                 new: None,
             })],
         );
@@ -1371,14 +1606,25 @@ mod tests {
         let update = &changes[1].1;
         assert_eq!(
             update.before.as_ref().unwrap(),
-            &vec![Cell::Text("1".into()), Cell::Text("a".into()), Cell::Text("BIG".into())]
+            &vec![
+                Cell::Text("1".into()),
+                Cell::Text("a".into()),
+                Cell::Text("BIG".into())
+            ]
         );
         assert_eq!(
             update.after.as_ref().unwrap(),
-            &vec![Cell::Text("1".into()), Cell::Text("b".into()), Cell::Text("BIG".into())]
+            &vec![
+                Cell::Text("1".into()),
+                Cell::Text("b".into()),
+                Cell::Text("BIG".into())
+            ]
         );
         let delete = &changes[2].1;
-        assert_eq!(delete.before, update.after, "delete before image comes from the archive");
+        assert_eq!(
+            delete.before, update.after,
+            "delete before image comes from the archive"
+        );
         assert_eq!(delete.key, Some(vec![Some("1".to_string())]));
     }
 
@@ -1387,7 +1633,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
         let ops = vec![
-            LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 },
+            LogOp::Begin {
+                final_lsn: Lsn(100),
+                xid: 1,
+                committed_at_us: 0,
+            },
             LogOp::Relation(rel(b'd')),
             LogOp::Change(IncomingChange {
                 relation_id: 7,
@@ -1409,7 +1659,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
         let ops = vec![
-            LogOp::Begin { final_lsn: Lsn(100), xid: 1, committed_at_us: 0 },
+            LogOp::Begin {
+                final_lsn: Lsn(100),
+                xid: 1,
+                committed_at_us: 0,
+            },
             LogOp::Relation(rel(b'd')),
             insert("1", "a", "x"),
             LogOp::Context("{\"user_id\":1}".into()),
@@ -1419,8 +1673,14 @@ mod tests {
             LogOp::Commit { end_lsn: Lsn(108) },
         ];
         log.apply(ops).unwrap();
-        let contexts: Vec<_> = all_changes(&log).into_iter().map(|(_, r)| r.context.unwrap()).collect();
-        assert_eq!(contexts, vec!["{\"user_id\":1}", "{\"user_id\":1}", "{\"user_id\":2}"]);
+        let contexts: Vec<_> = all_changes(&log)
+            .into_iter()
+            .map(|(_, r)| r.context.unwrap())
+            .collect();
+        assert_eq!(
+            contexts,
+            vec!["{\"user_id\":1}", "{\"user_id\":1}", "{\"user_id\":2}"]
+        );
     }
 
     #[test]
@@ -1436,7 +1696,12 @@ mod tests {
         // A damaged length header (4 GiB) is an error, not a 4 GiB allocation.
         let mut damaged = bytes.clone();
         damaged[1..5].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(decode::<Row>(&damaged, "test").unwrap_err().to_string().contains("test"));
+        assert!(
+            decode::<Row>(&damaged, "test")
+                .unwrap_err()
+                .to_string()
+                .contains("test")
+        );
         let mut short = bytes.clone();
         short[1..5].copy_from_slice(&10u32.to_le_bytes());
         assert!(decode::<Row>(&short, "test").is_err());
@@ -1448,7 +1713,10 @@ mod tests {
         let archive = dir.path().join("open");
         fs::create_dir(&archive).unwrap();
         fs::set_permissions(&archive, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(matches!(ChangeLog::open(&archive), Err(LogError::Permissions { .. })));
+        assert!(matches!(
+            ChangeLog::open(&archive),
+            Err(LogError::Permissions { .. })
+        ));
     }
 }
 

@@ -6,7 +6,9 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 /// A PostgreSQL WAL position, written as PostgreSQL writes it (`16/B374D848`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Lsn(pub u64);
 
 impl Lsn {
@@ -21,7 +23,9 @@ impl fmt::Display for Lsn {
 
 /// The text was not an LSN of the form `X/Y` with hexadecimal halves.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid LSN {text:?}: expected two hexadecimal numbers separated by '/', like 16/B374D848")]
+#[error(
+    "invalid LSN {text:?}: expected two hexadecimal numbers separated by '/', like 16/B374D848"
+)]
 pub struct ParseLsnError {
     text: String,
 }
@@ -30,7 +34,9 @@ impl FromStr for Lsn {
     type Err = ParseLsnError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseLsnError { text: s.to_string() };
+        let err = || ParseLsnError {
+            text: s.to_string(),
+        };
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
@@ -43,7 +49,9 @@ impl FromStr for Lsn {
 ///
 /// Several changes can share one WAL LSN (COPY, multi-row INSERT), so the per-change LSN
 /// alone is not a key; the position inside the transaction is.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct ChangeKey {
     pub commit_lsn: Lsn,
     pub seq: u32,

@@ -52,7 +52,12 @@ impl RelationVersion {
                 .filter_map(|k| self.columns.iter().position(|c| &c.name == k))
                 .collect()
         } else {
-            self.columns.iter().enumerate().filter(|(_, c)| c.is_key).map(|(i, _)| i).collect()
+            self.columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_key)
+                .map(|(i, _)| i)
+                .collect()
         }
     }
 
@@ -65,8 +70,13 @@ impl RelationVersion {
 /// Quote an identifier the way `quote_ident` does: only when it is not a plain lowercase name.
 pub fn quote_ident(name: &str) -> String {
     let plain = !name.is_empty()
-        && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+        && name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
     if plain {
         name.to_string()
     } else {

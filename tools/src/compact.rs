@@ -21,7 +21,10 @@ pub struct SegmentArgs {
 impl SegmentArgs {
     pub fn options(&self) -> CompactOptions {
         CompactOptions {
-            segment: SegmentOptions { zstd_level: self.zstd_level, ..SegmentOptions::default() },
+            segment: SegmentOptions {
+                zstd_level: self.zstd_level,
+                ..SegmentOptions::default()
+            },
             target_segment_bytes: self.target_segment_mib << 20,
             ..CompactOptions::default()
         }

@@ -41,16 +41,24 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
                 archive.display()
             );
         }
-        std::fs::remove_dir_all(&archive).with_context(|| format!("removing the earlier demo archive {}", archive.display()))?;
+        std::fs::remove_dir_all(&archive)
+            .with_context(|| format!("removing the earlier demo archive {}", archive.display()))?;
     }
     eprintln!("demo: starting a throwaway PostgreSQL");
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
+    let cluster =
+        tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
     cluster.psql("postgres", "CREATE DATABASE shop")?;
     let url = cluster.url("shop");
     let source = SourceConfig::parse(&url)?;
     let sql = source.connect_sql().await?;
-    sql.batch_execute(SCHEMA).await.context("creating the shop schema")?;
-    eprintln!("demo: PostgreSQL {} on port {}; shop schema created", cluster.bin_dir().display(), cluster.port());
+    sql.batch_execute(SCHEMA)
+        .await
+        .context("creating the shop schema")?;
+    eprintln!(
+        "demo: PostgreSQL {} on port {}; shop schema created",
+        cluster.bin_dir().display(),
+        cluster.port()
+    );
 
     let config = CaptureConfig {
         source: source.clone(),
@@ -79,7 +87,10 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let active = sql
-            .query_opt("SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgtrail' AND active", &[])
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'pgtrail' AND active",
+                &[],
+            )
             .await?
             .is_some();
         if active {
@@ -96,12 +107,21 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     let mut before_delete = None::<String>;
     for statement in WORKLOAD {
         if statement.contains("DELETE FROM orders") {
-            before_delete = Some(sql.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0));
+            before_delete = Some(
+                sql.query_one("SELECT pg_current_wal_lsn()::text", &[])
+                    .await?
+                    .get(0),
+            );
         }
-        sql.batch_execute(&format!("BEGIN; {statement} COMMIT;")).await.context("running the demo workload")?;
+        sql.batch_execute(&format!("BEGIN; {statement} COMMIT;"))
+            .await
+            .context("running the demo workload")?;
     }
     let before_delete = before_delete.context("the workload deletes an order")?;
-    let end: String = sql.query_one("SELECT pg_current_wal_insert_lsn()::text", &[]).await?.get(0);
+    let end: String = sql
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
     let end: Lsn = end.parse()?;
     // Wait until the archive is durable past the workload (the slot confirms it).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -110,7 +130,10 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
             .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'pgtrail'", &[])
             .await?
             .get(0);
-        if confirmed.and_then(|c| c.parse::<Lsn>().ok()).is_some_and(|c| c >= end) {
+        if confirmed
+            .and_then(|c| c.parse::<Lsn>().ok())
+            .is_some_and(|c| c >= end)
+        {
             break;
         }
         if capture.is_finished() || std::time::Instant::now() > deadline {
@@ -132,7 +155,10 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
     eprintln!("demo: compacting the log into Parquet segments");
     crate::compact::run(crate::compact::CompactArgs {
         archive: archive.clone(),
-        segments: crate::compact::SegmentArgs { zstd_level: 3, target_segment_mib: 128 },
+        segments: crate::compact::SegmentArgs {
+            zstd_level: 3,
+            target_segment_mib: 128,
+        },
         json: false,
     })
     .await?;
@@ -169,6 +195,9 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         .await?;
         println!();
     }
-    println!("Next: pgtrail sql --archive {}   (an interactive prompt; \\d lists tables)", archive.display());
+    println!(
+        "Next: pgtrail sql --archive {}   (an interactive prompt; \\d lists tables)",
+        archive.display()
+    );
     Ok(())
 }

@@ -44,17 +44,26 @@ pub struct ExportArgs {
 /// `0/1A2B3C4` is an LSN; anything else a timestamp (`2026-11-26 12:00:00+00`; without a zone, UTC).
 fn moment(text: &str, flag: &str) -> anyhow::Result<Moment> {
     if text.contains('/') {
-        return text.parse::<Lsn>().map(Moment::Lsn).with_context(|| format!("{flag} {text:?} is not an LSN such as 0/1A2B3C4"));
+        return text
+            .parse::<Lsn>()
+            .map(Moment::Lsn)
+            .with_context(|| format!("{flag} {text:?} is not an LSN such as 0/1A2B3C4"));
     }
     let ts = ScalarValue::Utf8(Some(text.to_string()))
-        .cast_to(&DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())))
+        .cast_to(&DataType::Timestamp(
+            TimeUnit::Microsecond,
+            Some("UTC".into()),
+        ))
         .ok()
         .and_then(|v| match v {
             ScalarValue::TimestampMicrosecond(Some(us), _) => Some(us),
             _ => None,
         });
-    ts.map(Moment::Time)
-        .with_context(|| format!("{flag} {text:?} is neither an LSN (0/1A2B3C4) nor a timestamp (2026-11-26 12:00:00+00)"))
+    ts.map(Moment::Time).with_context(|| {
+        format!(
+            "{flag} {text:?} is neither an LSN (0/1A2B3C4) nor a timestamp (2026-11-26 12:00:00+00)"
+        )
+    })
 }
 
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
@@ -62,9 +71,21 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         archive: args.archive,
         destination: args.to,
         layout: Layout::parse(&args.layout).context("--layout")?,
-        tables: args.tables.as_deref().map(pgtrail_capture::slot::split_table_list).unwrap_or_default(),
-        since: args.since.as_deref().map(|s| moment(s, "--since")).transpose()?,
-        until: args.until.as_deref().map(|s| moment(s, "--until")).transpose()?,
+        tables: args
+            .tables
+            .as_deref()
+            .map(pgtrail_capture::slot::split_table_list)
+            .unwrap_or_default(),
+        since: args
+            .since
+            .as_deref()
+            .map(|s| moment(s, "--since"))
+            .transpose()?,
+        until: args
+            .until
+            .as_deref()
+            .map(|s| moment(s, "--until"))
+            .transpose()?,
         max_rows_per_file: args.max_rows_per_file.max(1),
     };
     let handle = tokio::runtime::Handle::current();
@@ -85,7 +106,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         report.tables.len(),
         report.seconds,
         rows as f64 / report.seconds.max(1e-6),
-        if report.resumed { ", after finishing an interrupted export" } else { "" }
+        if report.resumed {
+            ", after finishing an interrupted export"
+        } else {
+            ""
+        }
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

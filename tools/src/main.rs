@@ -16,7 +16,11 @@ use pgtrail_capture::{CaptureConfig, CaptureError, Progress, SourceConfig};
 use pgtrail_store::Lsn;
 
 #[derive(Parser)]
-#[command(name = "pgtrail", version, about = "A verifiable, queryable history of every row change of a PostgreSQL database")]
+#[command(
+    name = "pgtrail",
+    version,
+    about = "A verifiable, queryable history of every row change of a PostgreSQL database"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -112,14 +116,18 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PGTRAIL_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("PGTRAIL_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -139,7 +147,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)) {
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) {
                 return ExitCode::SUCCESS;
             }
             eprintln!("error: {e:#}");
@@ -175,13 +186,21 @@ pub(crate) fn progress_line(p: &Progress) {
         p.lag_bytes,
         p.lag_seconds,
         p.compacted,
-        if p.reconnects > 0 { format!(", {} reconnects", p.reconnects) } else { String::new() }
+        if p.reconnects > 0 {
+            format!(", {} reconnects", p.reconnects)
+        } else {
+            String::new()
+        }
     );
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let source = SourceConfig::parse(&args.source)?;
-    let tables = args.tables.as_deref().map(pgtrail_capture::slot::split_table_list).unwrap_or_default();
+    let tables = args
+        .tables
+        .as_deref()
+        .map(pgtrail_capture::slot::split_table_list)
+        .unwrap_or_default();
     let stop_at = args
         .stop_at
         .as_deref()
@@ -211,7 +230,11 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         Ok(summary) => {
             eprintln!(
                 "capture stopped: {} changes in {} transactions stored, {} replayed transactions skipped, durable through {}, {} changes compacted",
-                summary.changes, summary.transactions, summary.duplicates_skipped, summary.durable, summary.compacted
+                summary.changes,
+                summary.transactions,
+                summary.duplicates_skipped,
+                summary.durable,
+                summary.compacted
             );
             Ok(())
         }

@@ -46,7 +46,9 @@ pub async fn run(args: SqlArgs) -> anyhow::Result<()> {
 }
 
 async fn execute(ctx: &SessionContext, sql: &str) -> anyhow::Result<Vec<RecordBatch>> {
-    let frame = pgtrail_query::read_only_query(ctx, sql).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let frame = pgtrail_query::read_only_query(ctx, sql)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     frame.collect().await.map_err(|e| anyhow::anyhow!("{e}"))
 }
 
@@ -55,8 +57,14 @@ fn flatten_nested(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
     let mut fields = Vec::new();
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
-        if matches!(field.data_type(), DataType::Struct(_) | DataType::List(_) | DataType::Map(_, _) | DataType::LargeList(_)) {
-            let one = RecordBatch::try_new(Arc::new(Schema::new(vec![field.as_ref().clone()])), vec![column.clone()])?;
+        if matches!(
+            field.data_type(),
+            DataType::Struct(_) | DataType::List(_) | DataType::Map(_, _) | DataType::LargeList(_)
+        ) {
+            let one = RecordBatch::try_new(
+                Arc::new(Schema::new(vec![field.as_ref().clone()])),
+                vec![column.clone()],
+            )?;
             let mut out = Vec::new();
             {
                 let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
@@ -74,17 +82,28 @@ fn flatten_nested(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
             fields.push(Field::new(field.name(), DataType::Utf8, true));
             columns.push(Arc::new(b.finish()));
         } else if matches!(field.data_type(), DataType::Dictionary(_, _)) {
-            fields.push(Field::new(field.name(), DataType::Utf8, field.is_nullable()));
+            fields.push(Field::new(
+                field.name(),
+                DataType::Utf8,
+                field.is_nullable(),
+            ));
             columns.push(cast(column, &DataType::Utf8)?);
         } else {
             fields.push(field.as_ref().clone());
             columns.push(column.clone());
         }
     }
-    Ok(RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?)
+    Ok(RecordBatch::try_new(
+        Arc::new(Schema::new(fields)),
+        columns,
+    )?)
 }
 
-fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>) -> anyhow::Result<()> {
+fn write_result(
+    batches: &[RecordBatch],
+    format: &str,
+    output: Option<&PathBuf>,
+) -> anyhow::Result<()> {
     let Some(path) = output else {
         anyhow::ensure!(format != "parquet", "--format parquet needs --output FILE");
         write_to(std::io::stdout(), batches, format)?;
@@ -92,17 +111,27 @@ fn write_result(batches: &[RecordBatch], format: &str, output: Option<&PathBuf>)
     };
     // The file appears whole or not at all: temp file, fsync, rename, fsync of the directory.
     let tmp = path.with_extension("pgtrail-tmp");
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let file = write_to(file, batches, format)?;
-    file.sync_all().with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    file.sync_all()
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
     pgtrail_store::fsync_dir(dir)?;
     Ok(())
 }
 
 /// Write the result to `sink` in `format` and hand the sink back (to be synced).
-fn write_to<W: Write + Send>(mut sink: W, batches: &[RecordBatch], format: &str) -> anyhow::Result<W> {
+fn write_to<W: Write + Send>(
+    mut sink: W,
+    batches: &[RecordBatch],
+    format: &str,
+) -> anyhow::Result<W> {
     match format {
         "table" => {
             let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)?;
@@ -112,7 +141,9 @@ fn write_to<W: Write + Send>(mut sink: W, batches: &[RecordBatch], format: &str)
             Ok(sink)
         }
         "csv" => {
-            let mut w = datafusion::arrow::csv::WriterBuilder::new().with_header(true).build(sink);
+            let mut w = datafusion::arrow::csv::WriterBuilder::new()
+                .with_header(true)
+                .build(sink);
             for b in batches {
                 w.write(&flatten_nested(b)?)?;
             }
@@ -127,11 +158,17 @@ fn write_to<W: Write + Send>(mut sink: W, batches: &[RecordBatch], format: &str)
             Ok(w.into_inner())
         }
         "parquet" => {
-            let schema = batches.first().map(|b| b.schema()).context("the query returned no schema")?;
+            let schema = batches
+                .first()
+                .map(|b| b.schema())
+                .context("the query returned no schema")?;
             let props = datafusion::parquet::file::properties::WriterProperties::builder()
-                .set_compression(datafusion::parquet::basic::Compression::ZSTD(Default::default()))
+                .set_compression(datafusion::parquet::basic::Compression::ZSTD(
+                    Default::default(),
+                ))
                 .build();
-            let mut w = datafusion::parquet::arrow::ArrowWriter::try_new(sink, schema, Some(props))?;
+            let mut w =
+                datafusion::parquet::arrow::ArrowWriter::try_new(sink, schema, Some(props))?;
             for b in batches {
                 w.write(b)?;
             }
@@ -145,7 +182,9 @@ fn write_to<W: Write + Send>(mut sink: W, batches: &[RecordBatch], format: &str)
 /// ending with `;` over several lines, and `\d` commands.
 async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
     use rustyline::error::ReadlineError;
-    eprintln!("pgtrail sql: end statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits.");
+    eprintln!(
+        "pgtrail sql: end statements with ';'. \\d lists tables, \\d NAME describes one, \\q quits."
+    );
     let mut editor = rustyline::DefaultEditor::new().context("starting the prompt")?;
     let history = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".pgtrail_history"));
     if let Some(h) = &history {
@@ -153,7 +192,11 @@ async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
     }
     let mut statement = String::new();
     loop {
-        let prompt = if statement.is_empty() { "pgtrail> " } else { "     ... " };
+        let prompt = if statement.is_empty() {
+            "pgtrail> "
+        } else {
+            "     ... "
+        };
         // Reading a line blocks; keep it off the async workers.
         let line = match tokio::task::block_in_place(|| editor.readline(prompt)) {
             Ok(line) => line,

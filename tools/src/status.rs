@@ -54,7 +54,9 @@ pub async fn run(archive: PathBuf, source: Option<String>, format: &str) -> anyh
     let report = tokio::task::spawn_blocking(move || collect(&dir)).await??;
     let mut report = report;
     if let Some(url) = source {
-        report["slot"] = slot_lag(&url, &report).await.unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
+        report["slot"] = slot_lag(&url, &report)
+            .await
+            .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     }
     if format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -65,7 +67,8 @@ pub async fn run(archive: PathBuf, source: Option<String>, format: &str) -> anyh
 }
 
 fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
-    let (_db, reader) = LogReader::open(dir).with_context(|| format!("cannot read the archive {}", dir.display()))?;
+    let (_db, reader) = LogReader::open(dir)
+        .with_context(|| format!("cannot read the archive {}", dir.display()))?;
     let identity = reader.source_identity()?;
     let relations = reader.relations()?;
     let mut names: BTreeMap<u32, String> = BTreeMap::new();
@@ -87,7 +90,10 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
         t.segments += 1;
         t.segment_bytes += seg.bytes;
         t.raw_bytes += seg.raw_bytes;
-        t.see((seg.min_key.commit_lsn, seg.min_committed_at_us), (seg.max_key.commit_lsn, seg.max_committed_at_us));
+        t.see(
+            (seg.min_key.commit_lsn, seg.min_committed_at_us),
+            (seg.max_key.commit_lsn, seg.max_committed_at_us),
+        );
         total += seg.rows;
         seg_bytes += seg.bytes;
         seg_raw += seg.raw_bytes;
@@ -104,13 +110,19 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
         let name = if rec.op == Op::Message {
             "pgtrail.messages".to_string()
         } else {
-            names.get(&rec.relation_id).cloned().unwrap_or_else(|| format!("(relation {})", rec.relation_id))
+            names
+                .get(&rec.relation_id)
+                .cloned()
+                .unwrap_or_else(|| format!("(relation {})", rec.relation_id))
         };
         let t = tables.entry(name).or_default();
         *t.by_op.entry(rec.op.as_str().to_string()).or_default() += 1;
         t.total += 1;
         t.in_log += 1;
-        t.see((key.commit_lsn, rec.committed_at_us), (key.commit_lsn, rec.committed_at_us));
+        t.see(
+            (key.commit_lsn, rec.committed_at_us),
+            (key.commit_lsn, rec.committed_at_us),
+        );
         min_lsn = Some(min_lsn.map_or(key.commit_lsn, |m| m.min(key.commit_lsn)));
         max_lsn = Some(max_lsn.map_or(key.commit_lsn, |m| m.max(key.commit_lsn)));
         min_t = Some(min_t.map_or(rec.committed_at_us, |m| m.min(rec.committed_at_us)));
@@ -155,7 +167,10 @@ fn collect(dir: &Path) -> anyhow::Result<serde_json::Value> {
 
 async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
     let source = pgtrail_capture::SourceConfig::parse(url)?;
-    let slot = report["source"]["slot"].as_str().unwrap_or("pgtrail").to_string();
+    let slot = report["source"]["slot"]
+        .as_str()
+        .unwrap_or("pgtrail")
+        .to_string();
     let sql = source.connect_sql().await?;
     let row = sql
         .query_opt(
@@ -168,7 +183,9 @@ async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde
         return Ok(json!({ "name": slot, "exists": false }));
     };
     let lag_bytes: Option<i64> = row.get(1);
-    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_micros() as i64;
     let lag_seconds = match (lag_bytes, report["last_commit_us"].as_i64()) {
         (Some(b), Some(last)) if b > 0 => (now_us - last) as f64 / 1e6,
         _ => 0.0,
@@ -186,22 +203,44 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     if let Some(src) = r["source"].as_object() {
         println!(
             "source        database {} (system {}), slot {}, publication {}",
-            s(&src["database"]), s(&src["system_id"]), s(&src["slot"]), s(&src["publication"])
+            s(&src["database"]),
+            s(&src["system_id"]),
+            s(&src["slot"]),
+            s(&src["publication"])
         );
         println!(
             "snapshot      at {} ({})",
             s(&src["consistent_point"]),
-            if src["snapshot_complete"].as_bool() == Some(true) { "complete" } else { "INCOMPLETE" }
+            if src["snapshot_complete"].as_bool() == Some(true) {
+                "complete"
+            } else {
+                "INCOMPLETE"
+            }
         );
     }
-    println!("changes       {} in {} transactions", r["changes"], r["transactions"]);
-    println!("lsn range     {} .. {}", s(&r["lsn_range"][0]), s(&r["lsn_range"][1]));
-    println!("time range    {} .. {}", s(&r["time_range"][0]), s(&r["time_range"][1]));
+    println!(
+        "changes       {} in {} transactions",
+        r["changes"], r["transactions"]
+    );
+    println!(
+        "lsn range     {} .. {}",
+        s(&r["lsn_range"][0]),
+        s(&r["lsn_range"][1])
+    );
+    println!(
+        "time range    {} .. {}",
+        s(&r["time_range"][0]),
+        s(&r["time_range"][1])
+    );
     println!("durable to    {}", s(&r["position"]));
     let seg = &r["segments"];
     println!(
         "segments      {} files, {} bytes holding {} bytes of change records (ratio {:.2}), compacted through {}",
-        seg["files"], seg["bytes"], seg["raw_bytes"], seg["compression_ratio"].as_f64().unwrap_or(0.0), s(&seg["compacted_through"])
+        seg["files"],
+        seg["bytes"],
+        seg["raw_bytes"],
+        seg["compression_ratio"].as_f64().unwrap_or(0.0),
+        s(&seg["compacted_through"])
     );
     println!(
         "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
@@ -211,7 +250,12 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     match r["gaps"].as_array() {
         Some(g) if !g.is_empty() => {
             for gap in g {
-                println!("GAP           {} .. {}: {}", s(&gap["from"]), s(&gap["to"]), s(&gap["reason"]));
+                println!(
+                    "GAP           {} .. {}: {}",
+                    s(&gap["from"]),
+                    s(&gap["to"]),
+                    s(&gap["reason"])
+                );
             }
         }
         _ => println!("gaps          none"),
@@ -220,7 +264,10 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         if slot.get("exists").and_then(|v| v.as_bool()) == Some(true) {
             println!(
                 "slot lag      {} bytes, {:.1} s (confirmed {}, wal_status {})",
-                slot["lag_bytes"], slot["lag_seconds"].as_f64().unwrap_or(0.0), s(&slot["confirmed_flush_lsn"]), s(&slot["wal_status"])
+                slot["lag_bytes"],
+                slot["lag_seconds"].as_f64().unwrap_or(0.0),
+                s(&slot["confirmed_flush_lsn"]),
+                s(&slot["wal_status"])
             );
         } else if let Some(e) = slot.get("error") {
             println!("slot lag      unavailable: {}", s(e));
@@ -231,16 +278,40 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
     println!();
     println!(
         "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  last change",
-        "table", "changes", "snapshot", "insert", "update", "delete", "truncate", "in log", "segs", "seg bytes", "ratio"
+        "table",
+        "changes",
+        "snapshot",
+        "insert",
+        "update",
+        "delete",
+        "truncate",
+        "in log",
+        "segs",
+        "seg bytes",
+        "ratio"
     );
     for t in r["tables"].as_array().into_iter().flatten() {
         let n = |op: &str| t["by_op"][op].as_u64().unwrap_or(0);
         let u = |k: &str| t[k].as_u64().unwrap_or(0);
-        let ratio = if u("segment_bytes") > 0 { format!("{:.2}", u("raw_bytes") as f64 / u("segment_bytes") as f64) } else { "-".into() };
+        let ratio = if u("segment_bytes") > 0 {
+            format!("{:.2}", u("raw_bytes") as f64 / u("segment_bytes") as f64)
+        } else {
+            "-".into()
+        };
         println!(
             "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  {}",
-            s(&t["table"]), u("changes"), n("snapshot"), n("insert"), n("update"), n("delete"), n("truncate"),
-            u("in_log"), u("segments"), u("segment_bytes"), ratio, s(&t["last_at"])
+            s(&t["table"]),
+            u("changes"),
+            n("snapshot"),
+            n("insert"),
+            n("update"),
+            n("delete"),
+            n("truncate"),
+            u("in_log"),
+            u("segments"),
+            u("segment_bytes"),
+            ratio,
+            s(&t["last_at"])
         );
     }
 }
@@ -252,7 +323,10 @@ mod tests {
     #[test]
     fn timestamps_format_as_utc() {
         assert_eq!(format_us(0), "1970-01-01 00:00:00.000000+00");
-        assert_eq!(format_us(1_795_000_000_123_456), "2026-11-18 11:06:40.123456+00");
+        assert_eq!(
+            format_us(1_795_000_000_123_456),
+            "2026-11-18 11:06:40.123456+00"
+        );
         assert_eq!(format_us(-1), "1969-12-31 23:59:59.999999+00");
     }
 }

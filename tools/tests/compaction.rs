@@ -7,7 +7,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
-use datafusion::parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReaderBuilder};
+use datafusion::parquet::arrow::arrow_reader::{
+    ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
 use datafusion::parquet::file::metadata::PageIndexPolicy;
 use pgtrail_capture::cluster::Cluster;
 use pgtrail_store::{ChangeKey, ChangeRecord, LogReader, SEGMENTS_DIR};
@@ -28,7 +30,16 @@ const CRASH_POINTS: &[&str] = &[
 
 fn capture_until(url: &str, archive: &Path, slot: &str, lsn: &str) {
     let mut child = pgtrail()
-        .args(["capture", "--slot", slot, "--publication", slot, "--no-compact", "--stop-at", lsn])
+        .args([
+            "capture",
+            "--slot",
+            slot,
+            "--publication",
+            slot,
+            "--no-compact",
+            "--stop-at",
+            lsn,
+        ])
         .env("PGTRAIL_SOURCE", url)
         .env("PGTRAIL_ARCHIVE", archive)
         .stdin(Stdio::null())
@@ -54,7 +65,12 @@ fn everything(archive: &Path) -> Vec<(ChangeKey, ChangeRecord)> {
 }
 
 fn copy_archive(from: &Path, to: &Path) {
-    let status = std::process::Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -88,7 +104,11 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
         capture_until(&url, &base, &db, &insert_lsn(cluster, &db));
         if round < 3 {
             let out = compact(&base, None);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let expected = everything(&base);
@@ -107,18 +127,39 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
         // Right after the crash: every change is in exactly one place.
         assert_eq!(everything(&archive), expected, "after a crash at {point}");
         let rerun = compact(&archive, None);
-        assert!(rerun.status.success(), "rerun after {point}: {}", String::from_utf8_lossy(&rerun.stderr));
-        assert_eq!(everything(&archive), expected, "after a crash at {point} and a rerun");
+        assert!(
+            rerun.status.success(),
+            "rerun after {point}: {}",
+            String::from_utf8_lossy(&rerun.stderr)
+        );
+        assert_eq!(
+            everything(&archive),
+            expected,
+            "after a crash at {point} and a rerun"
+        );
         let (_db, reader) = LogReader::open(&archive).unwrap();
-        assert_eq!(reader.change_count().unwrap(), 0, "the rerun compacted the whole log");
-        let listed: Vec<String> = reader.manifest().unwrap().segments.iter().map(|s| s.file_name.clone()).collect();
+        assert_eq!(
+            reader.change_count().unwrap(),
+            0,
+            "the rerun compacted the whole log"
+        );
+        let listed: Vec<String> = reader
+            .manifest()
+            .unwrap()
+            .segments
+            .iter()
+            .map(|s| s.file_name.clone())
+            .collect();
         let on_disk: Vec<String> = std::fs::read_dir(archive.join(SEGMENTS_DIR))
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| !listed.contains(n))
             .collect();
         // Only inputs of a merge may remain unlisted, retired for their grace period.
-        assert!(on_disk.iter().all(|n| n.ends_with(".parquet")), "after {point}: stray files {on_disk:?}");
+        assert!(
+            on_disk.iter().all(|n| n.ends_with(".parquet")),
+            "after {point}: stray files {on_disk:?}"
+        );
     }
     independent_readers_see_the_documented_schema(&base);
 }
@@ -130,37 +171,87 @@ fn independent_readers_see_the_documented_schema(archive: &Path) {
     assert!(out.status.success());
     let (_db, reader) = LogReader::open(archive).unwrap();
     let manifest = reader.manifest().unwrap();
-    let seg = manifest.segments.iter().find(|s| s.table_name() == "public.t").unwrap();
+    let seg = manifest
+        .segments
+        .iter()
+        .find(|s| s.table_name() == "public.t")
+        .unwrap();
     let path = archive.join(SEGMENTS_DIR).join(&seg.file_name);
 
     let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Required);
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(std::fs::File::open(&path).unwrap(), options).unwrap();
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(
+        std::fs::File::open(&path).unwrap(),
+        options,
+    )
+    .unwrap();
     let schema = builder.schema().clone();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
     assert_eq!(
         names,
-        ["lsn", "seq", "xid", "committed_at", "op", "context", "changed", "before", "after", "before_unknown", "after_unknown", "before_text", "after_text"]
+        [
+            "lsn",
+            "seq",
+            "xid",
+            "committed_at",
+            "op",
+            "context",
+            "changed",
+            "before",
+            "after",
+            "before_unknown",
+            "after_unknown",
+            "before_text",
+            "after_text"
+        ]
     );
-    assert_eq!(schema.field_with_name("lsn").unwrap().data_type(), &DataType::UInt64);
+    assert_eq!(
+        schema.field_with_name("lsn").unwrap().data_type(),
+        &DataType::UInt64
+    );
     assert_eq!(
         schema.field_with_name("committed_at").unwrap().data_type(),
         &DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
     );
-    let DataType::Struct(after) = schema.field_with_name("after").unwrap().data_type() else { panic!("after is a struct") };
-    let after: Vec<(String, DataType)> = after.iter().map(|f| (f.name().clone(), f.data_type().clone())).collect();
+    let DataType::Struct(after) = schema.field_with_name("after").unwrap().data_type() else {
+        panic!("after is a struct")
+    };
+    let after: Vec<(String, DataType)> = after
+        .iter()
+        .map(|f| (f.name().clone(), f.data_type().clone()))
+        .collect();
     assert_eq!(
         after,
-        vec![("id".into(), DataType::Int32), ("v".into(), DataType::Utf8), ("n".into(), DataType::Decimal128(10, 2))]
+        vec![
+            ("id".into(), DataType::Int32),
+            ("v".into(), DataType::Utf8),
+            ("n".into(), DataType::Decimal128(10, 2))
+        ]
     );
     let meta = builder.metadata().clone();
-    assert!(meta.row_group(0).column(0).statistics().is_some(), "lsn statistics for pruning");
-    assert!(meta.column_index().is_some() && meta.offset_index().is_some(), "page index written");
-    let rows: usize = builder.build().unwrap().map(|b| b.unwrap().num_rows()).sum();
+    assert!(
+        meta.row_group(0).column(0).statistics().is_some(),
+        "lsn statistics for pruning"
+    );
+    assert!(
+        meta.column_index().is_some() && meta.offset_index().is_some(),
+        "page index written"
+    );
+    let rows: usize = builder
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap().num_rows())
+        .sum();
     assert_eq!(rows as u64, seg.rows);
 
-    let has_pyarrow = std::process::Command::new("python3").args(["-c", "import pyarrow"]).status().is_ok_and(|s| s.success());
+    let has_pyarrow = std::process::Command::new("python3")
+        .args(["-c", "import pyarrow"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !has_pyarrow {
-        assert!(std::env::var_os("PGTRAIL_REQUIRE_PYARROW").is_none(), "pyarrow is required here: pip install pyarrow");
+        assert!(
+            std::env::var_os("PGTRAIL_REQUIRE_PYARROW").is_none(),
+            "pyarrow is required here: pip install pyarrow"
+        );
         eprintln!("note: pyarrow is not installed; the pyarrow check of segments was skipped");
         return;
     }
@@ -168,11 +259,22 @@ fn independent_readers_see_the_documented_schema(archive: &Path) {
                   t = pq.read_table(sys.argv[1])\n\
                   print(json.dumps({'rows': t.num_rows, 'fields': [f.name for f in t.schema], \
                   'after': str(t.schema.field('after').type), 'codec': pq.ParquetFile(sys.argv[1]).metadata.row_group(0).column(0).compression}))";
-    let out = std::process::Command::new("python3").args(["-c", script]).arg(&path).output().unwrap();
-    assert!(out.status.success(), "pyarrow failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["rows"].as_u64(), Some(seg.rows));
     assert_eq!(v["fields"].as_array().unwrap().len(), 13);
-    assert_eq!(v["after"], "struct<id: int32, v: string, n: decimal128(10, 2)>");
+    assert_eq!(
+        v["after"],
+        "struct<id: int32, v: string, n: decimal128(10, 2)>"
+    );
     assert_eq!(v["codec"], "ZSTD");
 }

@@ -15,7 +15,12 @@ use crate::{spawn_capture, terminate, wait_slot_active};
 fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing() {
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();
     cluster.psql("postgres", "CREATE DATABASE faults").unwrap();
-    cluster.psql("faults", "CREATE TABLE ledger (seq bigint PRIMARY KEY, note text)").unwrap();
+    cluster
+        .psql(
+            "faults",
+            "CREATE TABLE ledger (seq bigint PRIMARY KEY, note text)",
+        )
+        .unwrap();
     let url = cluster.url("faults");
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
@@ -26,7 +31,10 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
     let writer = {
         let (url, stop) = (url.clone(), stop.clone());
         std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             rt.block_on(async move {
                 let mut seq = 0i64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
@@ -63,7 +71,9 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.join().unwrap();
 
-    let end = cluster.psql("faults", "SELECT pg_current_wal_insert_lsn()::text").unwrap();
+    let end = cluster
+        .psql("faults", "SELECT pg_current_wal_insert_lsn()::text")
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let done = cluster
@@ -72,17 +82,29 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
         if done == "t" {
             break;
         }
-        assert!(child.try_wait().unwrap().is_none(), "capture exited instead of reconnecting");
-        assert!(Instant::now() < deadline, "capture did not catch up after the faults");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "capture exited instead of reconnecting"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "capture did not catch up after the faults"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     terminate(&mut child);
 
     let expected: Vec<i64> = cluster
-        .psql("faults", "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger")
+        .psql(
+            "faults",
+            "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger",
+        )
         .map(|j| serde_json::from_str(&j).unwrap())
         .unwrap();
-    assert!(expected.len() > 100, "the workload committed rows throughout");
+    assert!(
+        expected.len() > 100,
+        "the workload committed rows throughout"
+    );
     let (_db, reader) = LogReader::open(&archive).unwrap();
     let mut seen: BTreeMap<i64, u32> = BTreeMap::new();
     for (_, rec) in reader.all_changes(&archive).unwrap() {
@@ -91,11 +113,17 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
             *seen.entry(seq).or_default() += 1;
         }
     }
-    assert!(reader.gaps().unwrap().is_empty(), "a reconnect is not a gap");
+    assert!(
+        reader.gaps().unwrap().is_empty(),
+        "a reconnect is not a gap"
+    );
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "stored twice: {twice:?}");
     let archived: Vec<i64> = seen.keys().copied().collect();
-    assert_eq!(archived, expected, "the archive holds exactly the rows PostgreSQL holds");
+    assert_eq!(
+        archived, expected,
+        "the archive holds exactly the rows PostgreSQL holds"
+    );
 }
 
 /// SIGSTOP the capture past `wal_sender_timeout` (10 s in the test clusters) while rows are
@@ -105,27 +133,48 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
 fn a_stalled_capture_past_wal_sender_timeout_resumes_without_loss() {
     let cluster = Cluster::shared();
     let db = cluster.fresh_database("stall").unwrap();
-    cluster.psql(&db, "CREATE TABLE ledger (seq bigint PRIMARY KEY)").unwrap();
+    cluster
+        .psql(&db, "CREATE TABLE ledger (seq bigint PRIMARY KEY)")
+        .unwrap();
     let url = cluster.url(&db);
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let mut child = spawn_capture(&url, &archive, &db, None);
     wait_slot_active(cluster, &db, &db, &mut child);
     let signal = |sig: &str| {
-        assert!(std::process::Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success());
+        assert!(
+            std::process::Command::new("kill")
+                .args([sig, &child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
     };
     let walsender = |cluster: &Cluster| {
         cluster.psql(&db, &format!("SELECT coalesce(active_pid, 0) FROM pg_replication_slots WHERE slot_name = '{db}'")).unwrap()
     };
     let before = walsender(cluster);
-    cluster.psql(&db, "INSERT INTO ledger SELECT generate_series(1, 100)").unwrap();
+    cluster
+        .psql(&db, "INSERT INTO ledger SELECT generate_series(1, 100)")
+        .unwrap();
     signal("-STOP");
     for round in 1..=12 {
-        cluster.psql(&db, &format!("INSERT INTO ledger SELECT generate_series({}, {})", round * 100 + 1, round * 100 + 100)).unwrap();
+        cluster
+            .psql(
+                &db,
+                &format!(
+                    "INSERT INTO ledger SELECT generate_series({}, {})",
+                    round * 100 + 1,
+                    round * 100 + 100
+                ),
+            )
+            .unwrap();
         std::thread::sleep(Duration::from_secs(1));
     }
     signal("-CONT");
-    cluster.psql(&db, "INSERT INTO ledger SELECT generate_series(2001, 2100)").unwrap();
+    cluster
+        .psql(&db, "INSERT INTO ledger SELECT generate_series(2001, 2100)")
+        .unwrap();
     let end = crate::insert_lsn(cluster, &db);
     let deadline = Instant::now() + Duration::from_secs(120);
     while cluster
@@ -138,7 +187,10 @@ fn a_stalled_capture_past_wal_sender_timeout_resumes_without_loss() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let after = walsender(cluster);
-    assert!(after != before && after != "0", "the server dropped the stalled connection and the capture reconnected");
+    assert!(
+        after != before && after != "0",
+        "the server dropped the stalled connection and the capture reconnected"
+    );
     terminate(&mut child);
     let (_db, reader) = LogReader::open(&archive).unwrap();
     let mut seqs: Vec<i64> = reader

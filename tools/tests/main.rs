@@ -20,7 +20,14 @@ fn pgtrail() -> Command {
 
 fn spawn_capture(url: &str, archive: &Path, slot: &str, stop_at: Option<&str>) -> Child {
     let mut cmd = pgtrail();
-    cmd.arg("capture").args(["--slot", slot, "--publication", slot, "--progress-secs", "1"]);
+    cmd.arg("capture").args([
+        "--slot",
+        slot,
+        "--publication",
+        slot,
+        "--progress-secs",
+        "1",
+    ]);
     if let Some(lsn) = stop_at {
         cmd.args(["--stop-at", lsn]);
     }
@@ -39,7 +46,10 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(Instant::now() < deadline, "pgtrail capture did not finish in {limit:?}");
+        assert!(
+            Instant::now() < deadline,
+            "pgtrail capture did not finish in {limit:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -53,14 +63,19 @@ fn wait_slot_active(cluster: &Cluster, db: &str, slot: &str, child: &mut Child) 
         if active == "1" {
             return;
         }
-        assert!(child.try_wait().unwrap().is_none(), "capture exited before streaming");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "capture exited before streaming"
+        );
         assert!(Instant::now() < deadline, "capture never started streaming");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
 
 fn insert_lsn(cluster: &Cluster, db: &str) -> String {
-    cluster.psql(db, "SELECT pg_current_wal_insert_lsn()").unwrap()
+    cluster
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .unwrap()
 }
 
 /// A tiny deterministic generator (no dependency needed for a test's randomness).
@@ -79,9 +94,12 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
     let cluster = Cluster::shared();
     let db = cluster.fresh_database("kill").unwrap();
     cluster
-        .psql(&db, "CREATE TABLE ledger (seq bigint PRIMARY KEY, payload text);
+        .psql(
+            &db,
+            "CREATE TABLE ledger (seq bigint PRIMARY KEY, payload text);
                     CREATE TABLE mutable (id int PRIMARY KEY, v int, note text);
-                    INSERT INTO mutable SELECT g, 0, 'start' FROM generate_series(1, 200) g;")
+                    INSERT INTO mutable SELECT g, 0, 'start' FROM generate_series(1, 200) g;",
+        )
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
@@ -94,7 +112,10 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer_stop = stop.clone();
     let writer = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let (client, conn) = tokio_postgres::connect(&workload_url, tokio_postgres::NoTls).await.unwrap();
             tokio::spawn(conn);
@@ -144,17 +165,32 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
     let status = wait_exit(&mut last, Duration::from_secs(120));
     if !status.success() {
         let out = pgtrail()
-            .args(["capture", "--slot", &db, "--publication", &db, "--stop-at", &end])
+            .args([
+                "capture",
+                "--slot",
+                &db,
+                "--publication",
+                &db,
+                "--stop-at",
+                &end,
+            ])
             .env("PGTRAIL_SOURCE", &url)
             .env("PGTRAIL_ARCHIVE", &archive)
             .output()
             .unwrap();
-        panic!("final capture failed ({status}); a rerun said: {}", String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "final capture failed ({status}); a rerun said: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     let (_db, reader) = LogReader::open(&archive).unwrap();
     let relations = reader.relations().unwrap();
-    let ledger_id = relations.iter().find(|r| r.name == "ledger").unwrap().relation_id;
+    let ledger_id = relations
+        .iter()
+        .find(|r| r.name == "ledger")
+        .unwrap()
+        .relation_id;
     let mut seen = BTreeMap::new();
     let mut keys = BTreeSet::new();
     let mut mutable: BTreeMap<String, String> = BTreeMap::new();
@@ -167,7 +203,12 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
             continue;
         }
         let row = |r: &Option<Vec<pgtrail_store::Cell>>| {
-            r.as_ref().unwrap().iter().map(|c| c.as_text().unwrap_or("<NULL>").to_string()).collect::<Vec<_>>().join(",")
+            r.as_ref()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_text().unwrap_or("<NULL>").to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         match rec.op {
             Op::Insert | Op::Snapshot | Op::Update => {
@@ -179,13 +220,25 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
             _ => {}
         }
     }
-    let expected: BTreeSet<i64> = (1..=last_seq).chain(1_000_001..=1_000_000 + last_seq).collect();
-    let missing: Vec<_> = expected.iter().filter(|s| !seen.contains_key(s)).take(5).collect();
+    let expected: BTreeSet<i64> = (1..=last_seq)
+        .chain(1_000_001..=1_000_000 + last_seq)
+        .collect();
+    let missing: Vec<_> = expected
+        .iter()
+        .filter(|s| !seen.contains_key(s))
+        .take(5)
+        .collect();
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n != 1).take(5).collect();
-    assert!(missing.is_empty() && twice.is_empty(), "{kills} kills: missing {missing:?}, duplicated {twice:?}");
+    assert!(
+        missing.is_empty() && twice.is_empty(),
+        "{kills} kills: missing {missing:?}, duplicated {twice:?}"
+    );
     assert_eq!(seen.len(), expected.len());
     let source: BTreeMap<String, String> = cluster
-        .psql(&db, "SELECT id || '=' || id || ',' || v || ',' || note FROM mutable ORDER BY id")
+        .psql(
+            &db,
+            "SELECT id || '=' || id || ',' || v || ',' || note FROM mutable ORDER BY id",
+        )
         .unwrap()
         .lines()
         .map(|l| {
@@ -193,10 +246,18 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
             (k.to_string(), v.to_string())
         })
         .collect();
-    assert_eq!(mutable, source, "the archive's final state differs from PostgreSQL's after {kills} kills");
+    assert_eq!(
+        mutable, source,
+        "the archive's final state differs from PostgreSQL's after {kills} kills"
+    );
     // The slot never got ahead of the archive.
     let confirmed: Lsn = cluster
-        .psql(&db, &format!("SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{db}'"))
+        .psql(
+            &db,
+            &format!(
+                "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = '{db}'"
+            ),
+        )
         .unwrap()
         .parse()
         .unwrap();
@@ -205,21 +266,32 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 #[test]
 fn a_million_row_transaction_is_captured_in_bounded_memory() {
     let cluster = Cluster::shared();
     let db = cluster.fresh_database("big").unwrap();
-    cluster.psql(&db, "CREATE TABLE big (id int PRIMARY KEY, v text)").unwrap();
+    cluster
+        .psql(&db, "CREATE TABLE big (id int PRIMARY KEY, v text)")
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let url = cluster.url(&db);
     let mut child = spawn_capture(&url, &archive, &db, None);
     wait_slot_active(cluster, &db, &db, &mut child);
     cluster
-        .psql(&db, "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 1000000) g")
+        .psql(
+            &db,
+            "INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, 1000000) g",
+        )
         .unwrap();
     let end = insert_lsn(cluster, &db);
     // Wait until the slot confirms the whole transaction (acked only once durable), watching
@@ -235,7 +307,10 @@ fn a_million_row_transaction_is_captured_in_bounded_memory() {
             break;
         }
         assert!(child.try_wait().unwrap().is_none(), "capture exited");
-        assert!(Instant::now() < deadline, "the million-row transaction was not captured in 600 s");
+        assert!(
+            Instant::now() < deadline,
+            "the million-row transaction was not captured in 600 s"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // The background compactor (1,000,000 changes > its threshold) now turns the transaction
@@ -249,11 +324,16 @@ fn a_million_row_transaction_is_captured_in_bounded_memory() {
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        if names.iter().any(|n| n.ends_with(".parquet")) && !names.iter().any(|n| n.ends_with(".tmp")) {
+        if names.iter().any(|n| n.ends_with(".parquet"))
+            && !names.iter().any(|n| n.ends_with(".tmp"))
+        {
             break;
         }
         assert!(child.try_wait().unwrap().is_none(), "capture exited");
-        assert!(Instant::now() < deadline, "the transaction was not compacted in time");
+        assert!(
+            Instant::now() < deadline,
+            "the transaction was not compacted in time"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
@@ -279,28 +359,58 @@ fn a_million_row_transaction_is_captured_in_bounded_memory() {
     assert_eq!(inserts, 1_000_000);
     assert_eq!(commit_lsns.len(), 1, "all in one transaction");
     // The rows alone are ~70 MB of text; holding the transaction would take far more.
-    assert!(peak < 256 * 1024, "peak RSS {peak} KiB during a 1,000,000-row transaction");
+    assert!(
+        peak < 256 * 1024,
+        "peak RSS {peak} KiB during a 1,000,000-row transaction"
+    );
 }
 
 fn terminate(child: &mut Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let status = wait_exit(child, Duration::from_secs(60));
-    assert!(status.success(), "SIGTERM must stop capture cleanly (exit 0), got {status}");
+    assert!(
+        status.success(),
+        "SIGTERM must stop capture cleanly (exit 0), got {status}"
+    );
 }
 
 #[test]
 fn demo_captures_the_shop_workload() {
     let dir = tempfile::tempdir().unwrap();
-    let out = pgtrail().arg("demo").current_dir(dir.path()).output().unwrap();
+    let out = pgtrail()
+        .arg("demo")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}\n{}", stdout, String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (_db, reader) = LogReader::open(&dir.path().join("pgtrail-demo")).unwrap();
-    let changes: Vec<_> = reader.all_changes(&dir.path().join("pgtrail-demo")).unwrap().into_iter().map(|e| e.1).collect();
-    assert_eq!(reader.change_count().unwrap(), 0, "the demo compacts the whole log");
+    let changes: Vec<_> = reader
+        .all_changes(&dir.path().join("pgtrail-demo"))
+        .unwrap()
+        .into_iter()
+        .map(|e| e.1)
+        .collect();
+    assert_eq!(
+        reader.change_count().unwrap(),
+        0,
+        "the demo compacts the whole log"
+    );
     assert!(!reader.manifest().unwrap().segments.is_empty());
     assert_eq!(changes.iter().filter(|c| c.op == Op::Snapshot).count(), 5);
     assert_eq!(changes.iter().filter(|c| c.op != Op::Snapshot).count(), 8);
-    assert!(changes.iter().any(|c| c.context.as_deref().is_some_and(|j| j.contains("/orders/1/pay"))));
+    assert!(changes.iter().any(|c| {
+        c.context
+            .as_deref()
+            .is_some_and(|j| j.contains("/orders/1/pay"))
+    }));
     assert!(stdout.contains("public.orders"), "{stdout}");
     // The example queries ran on the archive alone: the diff shows order 2 deleted and the
     // changes view finds user 7's delete through its context.

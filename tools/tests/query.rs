@@ -69,7 +69,15 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let mut child = pgtrail()
-        .args(["capture", "--slot", "pit", "--publication", "pit", "--tables", "public.acct,public.plain,public.pair"])
+        .args([
+            "capture",
+            "--slot",
+            "pit",
+            "--publication",
+            "pit",
+            "--tables",
+            "public.acct,public.plain,public.pair",
+        ])
         .args(["--compact-after-changes", "25", "--progress-secs", "1"])
         .env("PGTRAIL_SOURCE", cluster.url("pit"))
         .env("PGTRAIL_ARCHIVE", &archive)
@@ -84,15 +92,21 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     let mut moments: Vec<(String, String, String)> = Vec::new();
     for round in 0..9 {
         cluster.psql("pit", &round_sql(round)).unwrap();
-        let at = cluster.psql("pit", "SELECT clock_timestamp()::text").unwrap();
-        let lsn = cluster.psql("pit", "SELECT pg_current_wal_lsn()::text").unwrap();
+        let at = cluster
+            .psql("pit", "SELECT clock_timestamp()::text")
+            .unwrap();
+        let lsn = cluster
+            .psql("pit", "SELECT pg_current_wal_lsn()::text")
+            .unwrap();
         let snap = format!("snap_{round}");
         cluster.psql("pit", &format!("CREATE TABLE {snap} AS SELECT * FROM acct; CREATE TABLE p{snap} AS SELECT * FROM plain")).unwrap();
         moments.push((at, lsn, snap));
         // Give the background compactor a chance between rounds.
         std::thread::sleep(Duration::from_millis(400));
     }
-    let end = cluster.psql("pit", "SELECT pg_current_wal_insert_lsn()::text").unwrap();
+    let end = cluster
+        .psql("pit", "SELECT pg_current_wal_insert_lsn()::text")
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while cluster
         .psql("pit", &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = 'pit'"))
@@ -116,18 +130,32 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     cluster.stop("fast").unwrap();
     let snapshot = ArchiveSnapshot::open(&archive).unwrap();
     let table = snapshot.table("public.acct").unwrap();
-    assert!(!table.segments.is_empty(), "the background compactor wrote segments");
+    assert!(
+        !table.segments.is_empty(),
+        "the background compactor wrote segments"
+    );
     let mut rebuilt: BTreeMap<String, Vec<Vec<Cell>>> = BTreeMap::new();
     for (at, lsn, snap) in &moments {
         let by_lsn = state_at(&snapshot, table, Moment::Lsn(lsn.parse::<Lsn>().unwrap())).unwrap();
-        let rows: Vec<Vec<Cell>> = by_lsn.rows.values().flat_map(|l| l.iter().map(|(_, r)| r.clone())).collect();
+        let rows: Vec<Vec<Cell>> = by_lsn
+            .rows
+            .values()
+            .flat_map(|l| l.iter().map(|(_, r)| r.clone()))
+            .collect();
         let at_us = parse_pg_timestamp(at);
         let by_time = state_at(&snapshot, table, Moment::Time(at_us)).unwrap();
-        let rows_by_time: Vec<Vec<Cell>> = by_time.rows.values().flat_map(|l| l.iter().map(|(_, r)| r.clone())).collect();
+        let rows_by_time: Vec<Vec<Cell>> = by_time
+            .rows
+            .values()
+            .flat_map(|l| l.iter().map(|(_, r)| r.clone()))
+            .collect();
         assert_eq!(rows, rows_by_time, "{snap}: as_of by time and by LSN agree");
         rebuilt.insert(snap.clone(), rows);
     }
-    assert!(rebuilt.values().filter(|r| r.len() >= 20).count() >= 3, "the moments hold real tables");
+    assert!(
+        rebuilt.values().filter(|r| r.len() >= 20).count() >= 3,
+        "the moments hold real tables"
+    );
     // The columnar reconstruction (what as_of and diff use where it applies) gives exactly the
     // row replay's table; for `plain` (a key, one schema version, every value typed) it must
     // apply; for `acct` (values kept as exact text) either path must give the same.
@@ -139,76 +167,165 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     let mut previous: [Option<Moment>; 2] = [None, None];
     let mut diffs = 0;
     for (at, lsn, snap) in &moments {
-        for (kind, moment) in [Moment::Lsn(lsn.parse::<Lsn>().unwrap()), Moment::Time(parse_pg_timestamp(at))].into_iter().enumerate() {
-            let fast = pgtrail_query::columnar::as_of_batch(&snapshot, plain, moment).unwrap().expect("the columnar path applies to plain");
+        for (kind, moment) in [
+            Moment::Lsn(lsn.parse::<Lsn>().unwrap()),
+            Moment::Time(parse_pg_timestamp(at)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let fast = pgtrail_query::columnar::as_of_batch(&snapshot, plain, moment)
+                .unwrap()
+                .expect("the columnar path applies to plain");
             let slow = pgtrail_query::row_replay_as_of_batch(&snapshot, plain, moment).unwrap();
             assert_eq!(fast.schema(), slow.schema(), "{snap} {moment}");
-            assert_eq!(rows_text(&fast), rows_text(&slow), "{snap} {moment}: columnar as_of differs from the row replay");
+            assert_eq!(
+                rows_text(&fast),
+                rows_text(&slow),
+                "{snap} {moment}: columnar as_of differs from the row replay"
+            );
             plain_rows.insert(snap.clone(), fast.num_rows());
             // A composite key (text, int): the replay keys its map by the key's bytes.
-            let fast = pgtrail_query::columnar::as_of_batch(&snapshot, pair, moment).unwrap().expect("the columnar path applies to pair");
+            let fast = pgtrail_query::columnar::as_of_batch(&snapshot, pair, moment)
+                .unwrap()
+                .expect("the columnar path applies to pair");
             let slow = pgtrail_query::row_replay_as_of_batch(&snapshot, pair, moment).unwrap();
-            assert_eq!(rows_text(&fast), rows_text(&slow), "{snap} {moment}: columnar as_of of pair differs from the row replay");
+            assert_eq!(
+                rows_text(&fast),
+                rows_text(&slow),
+                "{snap} {moment}: columnar as_of of pair differs from the row replay"
+            );
             pair_rows += fast.num_rows();
             let acct_fast = pgtrail_query::as_of_batch(&snapshot, table, moment).unwrap();
-            let acct_slow = pgtrail_query::row_replay_as_of_batch(&snapshot, table, moment).unwrap();
-            assert_eq!(rows_text(&acct_fast), rows_text(&acct_slow), "{snap} {moment}: acct");
+            let acct_slow =
+                pgtrail_query::row_replay_as_of_batch(&snapshot, table, moment).unwrap();
+            assert_eq!(
+                rows_text(&acct_fast),
+                rows_text(&acct_slow),
+                "{snap} {moment}: acct"
+            );
             if let Some(from) = previous[kind] {
-                let fast = pgtrail_query::columnar::diff_batch(&snapshot, plain, from, moment).unwrap().expect("columnar diff applies");
-                let slow = pgtrail_query::row_replay_diff_batch(&snapshot, plain, from, moment).unwrap();
+                let fast = pgtrail_query::columnar::diff_batch(&snapshot, plain, from, moment)
+                    .unwrap()
+                    .expect("columnar diff applies");
+                let slow =
+                    pgtrail_query::row_replay_diff_batch(&snapshot, plain, from, moment).unwrap();
                 assert_eq!(fast.schema(), slow.schema(), "diff to {snap}");
-                assert_eq!(rows_text(&fast), rows_text(&slow), "diff {from} -> {moment}: columnar differs from the row replay");
+                assert_eq!(
+                    rows_text(&fast),
+                    rows_text(&slow),
+                    "diff {from} -> {moment}: columnar differs from the row replay"
+                );
                 diffs += fast.num_rows();
-                let fast = pgtrail_query::columnar::diff_batch(&snapshot, pair, from, moment).unwrap().expect("columnar diff applies to pair");
-                let slow = pgtrail_query::row_replay_diff_batch(&snapshot, pair, from, moment).unwrap();
-                assert_eq!(rows_text(&fast), rows_text(&slow), "diff of pair {from} -> {moment}: columnar differs from the row replay");
+                let fast = pgtrail_query::columnar::diff_batch(&snapshot, pair, from, moment)
+                    .unwrap()
+                    .expect("columnar diff applies to pair");
+                let slow =
+                    pgtrail_query::row_replay_diff_batch(&snapshot, pair, from, moment).unwrap();
+                assert_eq!(
+                    rows_text(&fast),
+                    rows_text(&slow),
+                    "diff of pair {from} -> {moment}: columnar differs from the row replay"
+                );
                 pair_diffs += fast.num_rows();
             }
             previous[kind] = Some(moment);
         }
     }
-    assert_eq!(plain_rows["snap_6"], 0, "the truncate of round 6 empties plain");
-    assert!(diffs >= 50, "the diffs between moments found changed rows ({diffs})");
-    assert!(pair_rows >= 100 && pair_diffs >= 30, "pair's moments and diffs hold rows ({pair_rows}, {pair_diffs})");
+    assert_eq!(
+        plain_rows["snap_6"], 0,
+        "the truncate of round 6 empties plain"
+    );
+    assert!(
+        diffs >= 50,
+        "the diffs between moments found changed rows ({diffs})"
+    );
+    assert!(
+        pair_rows >= 100 && pair_diffs >= 30,
+        "pair's moments and diffs hold rows ({pair_rows}, {pair_diffs})"
+    );
     // The `changes` view without its JSON columns is built from the segments' columns; with
     // one of them (primary_key) it takes the row path. Both must list the same changes.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (ctx, _) = pgtrail_query::open_session(&archive).unwrap();
     let run = |sql: &str| -> Vec<String> {
-        let batches = rt.block_on(async { pgtrail_query::read_only_query(&ctx, sql).await.unwrap().collect().await.unwrap() });
+        let batches = rt.block_on(async {
+            pgtrail_query::read_only_query(&ctx, sql)
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+        });
         batches.iter().flat_map(rows_text).collect()
     };
     let view_columns = "\"table\", \"schema\", operation, context, committed_at, transaction_id, lsn, seq, position";
     let columnar = run(&format!("SELECT {view_columns} FROM changes"));
-    let row_path = run(&format!("SELECT {view_columns} FROM (SELECT primary_key, {view_columns} FROM changes) WHERE primary_key IS NULL OR primary_key IS NOT NULL"));
+    let row_path = run(&format!(
+        "SELECT {view_columns} FROM (SELECT primary_key, {view_columns} FROM changes) WHERE primary_key IS NULL OR primary_key IS NOT NULL"
+    ));
     let (mut columnar, mut row_path) = (columnar, row_path);
     columnar.sort();
     row_path.sort();
-    assert!(columnar.len() > 200, "the changes view lists the changes ({})", columnar.len());
-    assert_eq!(columnar, row_path, "the columnar changes view differs from the row path");
-    assert_eq!(run("SELECT count(*) FROM changes"), vec![columnar.len().to_string()]);
+    assert!(
+        columnar.len() > 200,
+        "the changes view lists the changes ({})",
+        columnar.len()
+    );
+    assert_eq!(
+        columnar, row_path,
+        "the columnar changes view differs from the row path"
+    );
+    assert_eq!(
+        run("SELECT count(*) FROM changes"),
+        vec![columnar.len().to_string()]
+    );
     // row_history through the view over stored columns, and by the text scan: the same changes.
     for id in ["3", "100007", "7", "0", "6"] {
         let view = run(&format!("SELECT * FROM row_history('public.plain', {id})"));
-        let scanned: Vec<String> = pgtrail_query::row_replay_row_history(&snapshot, plain, &[id.to_string()]).unwrap().iter().flat_map(rows_text).collect();
+        let scanned: Vec<String> =
+            pgtrail_query::row_replay_row_history(&snapshot, plain, &[id.to_string()])
+                .unwrap()
+                .iter()
+                .flat_map(rows_text)
+                .collect();
         let (mut view, mut scanned) = (view, scanned);
         view.sort();
         scanned.sort();
         assert!(!view.is_empty(), "row {id} has a history");
         assert_eq!(view, scanned, "row_history of {id}");
     }
-    assert!(plain_rows.values().filter(|n| **n >= 10).count() >= 3, "plain holds real tables");
-    assert!(rebuilt["snap_5"].is_empty(), "the truncate of round 5 empties the table");
+    assert!(
+        plain_rows.values().filter(|n| **n >= 10).count() >= 3,
+        "plain holds real tables"
+    );
+    assert!(
+        rebuilt["snap_5"].is_empty(),
+        "the truncate of round 5 empties the table"
+    );
     // The same through SQL, offline, as a user runs it.
     let (first_at, first_lsn, first_snap) = &moments[2];
     for sql in [
         format!("SELECT count(*) AS n FROM as_of_lsn('public.acct', '{first_lsn}')"),
         format!("SELECT count(*) AS n FROM as_of('public.acct', TIMESTAMP '{first_at}')"),
     ] {
-        let out = pgtrail().args(["sql", "--format", "json", "--archive"]).arg(&archive).arg(&sql).output().unwrap();
-        assert!(out.status.success(), "{sql}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = pgtrail()
+            .args(["sql", "--format", "json", "--archive"])
+            .arg(&archive)
+            .arg(&sql)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["n"].as_u64(), Some(rebuilt[first_snap].len() as u64), "{sql}");
+        assert_eq!(
+            v["n"].as_u64(),
+            Some(rebuilt[first_snap].len() as u64),
+            "{sql}"
+        );
     }
     // Parquet for programs: written whole under --output, readable by the parquet crate alone.
     let export = dir.path().join("as_of.parquet");
@@ -217,11 +334,20 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         .arg(&export)
         .arg("--archive")
         .arg(&archive)
-        .arg(format!("SELECT * FROM as_of_lsn('public.acct', '{first_lsn}')"))
+        .arg(format!(
+            "SELECT * FROM as_of_lsn('public.acct', '{first_lsn}')"
+        ))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let reader = datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&export).unwrap())
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&export).unwrap(),
+        )
         .unwrap()
         .build()
         .unwrap();
@@ -235,13 +361,19 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         .output()
         .unwrap();
     assert!(!before.status.success());
-    assert!(String::from_utf8_lossy(&before.stderr).contains("before the archive's history begins"));
+    assert!(
+        String::from_utf8_lossy(&before.stderr).contains("before the archive's history begins")
+    );
 
     // PostgreSQL again, as the judge: every archived value read back as its column type equals
     // the snapshot PostgreSQL took at that moment.
     cluster.start_again().unwrap();
     for (snap, n) in &plain_rows {
-        let expected: usize = cluster.psql("pit", &format!("SELECT count(*) FROM p{snap}")).unwrap().parse().unwrap();
+        let expected: usize = cluster
+            .psql("pit", &format!("SELECT count(*) FROM p{snap}"))
+            .unwrap()
+            .parse()
+            .unwrap();
         assert_eq!(*n, expected, "p{snap}: rows of plain");
     }
     for (snap, rows) in &rebuilt {
@@ -249,8 +381,11 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         let exprs: Vec<String> = rows
             .iter()
             .map(|row| {
-                let cells: Vec<String> =
-                    row.iter().zip(&columns).map(|(c, (_, ty))| format!("({})::text", cell_sql(c, ty))).collect();
+                let cells: Vec<String> = row
+                    .iter()
+                    .zip(&columns)
+                    .map(|(c, (_, ty))| format!("({})::text", cell_sql(c, ty)))
+                    .collect();
                 format!("json_build_array({})", cells.join(", "))
             })
             .collect();
@@ -268,7 +403,10 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
             .unwrap();
         let archived: serde_json::Value = serde_json::from_str(&archived).unwrap();
         let expected: serde_json::Value = serde_json::from_str(&expected).unwrap();
-        assert_eq!(archived, expected, "{snap}: the archive's table differs from PostgreSQL's");
+        assert_eq!(
+            archived, expected,
+            "{snap}: the archive's table differs from PostgreSQL's"
+        );
     }
 }
 
@@ -276,9 +414,20 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
 fn rows_text(batch: &datafusion::arrow::record_batch::RecordBatch) -> Vec<String> {
     use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
     let options = FormatOptions::default().with_null("NULL");
-    let formatters: Vec<ArrayFormatter> = batch.columns().iter().map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap()).collect();
-    let mut rows: Vec<String> =
-        (0..batch.num_rows()).map(|i| formatters.iter().map(|f| f.value(i).to_string()).collect::<Vec<_>>().join(" | ")).collect();
+    let formatters: Vec<ArrayFormatter> = batch
+        .columns()
+        .iter()
+        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options).unwrap())
+        .collect();
+    let mut rows: Vec<String> = (0..batch.num_rows())
+        .map(|i| {
+            formatters
+                .iter()
+                .map(|f| f.value(i).to_string())
+                .collect::<Vec<_>>()
+                .join(" | ")
+        })
+        .collect();
     rows.sort();
     rows
 }
@@ -291,7 +440,10 @@ fn parse_pg_timestamp(text: &str) -> i64 {
     let (time, offset) = rest.split_at(rest.rfind(['+', '-']).unwrap());
     assert_eq!(offset, "+00", "the test cluster runs in UTC");
     let mut t = time.split(':');
-    let (h, mi) = (t.next().unwrap().parse::<i64>().unwrap(), t.next().unwrap().parse::<i64>().unwrap());
+    let (h, mi) = (
+        t.next().unwrap().parse::<i64>().unwrap(),
+        t.next().unwrap().parse::<i64>().unwrap(),
+    );
     let s: f64 = t.next().unwrap().parse().unwrap();
     let days = pgtrail_store::segment::days_from_civil(y, m as u32, day as u32);
     days * 86_400_000_000 + h * 3_600_000_000 + mi * 60_000_000 + (s * 1e6).round() as i64
@@ -301,13 +453,24 @@ fn parse_pg_timestamp(text: &str) -> i64 {
 fn sql_and_status_read_a_live_archive_while_capture_runs() {
     let cluster = Cluster::shared();
     let db = cluster.fresh_database("live").unwrap();
-    cluster.psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)").unwrap();
+    cluster
+        .psql(&db, "CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
     let mut child = crate::spawn_capture(&cluster.url(&db), &archive, &db, None);
     wait_slot_active(cluster, &db, &db, &mut child);
     for round in 0..3 {
-        cluster.psql(&db, &format!("INSERT INTO t SELECT g, 'r{round}' FROM generate_series({a}, {b}) g", a = round * 10, b = round * 10 + 9)).unwrap();
+        cluster
+            .psql(
+                &db,
+                &format!(
+                    "INSERT INTO t SELECT g, 'r{round}' FROM generate_series({a}, {b}) g",
+                    a = round * 10,
+                    b = round * 10 + 9
+                ),
+            )
+            .unwrap();
         let end = crate::insert_lsn(cluster, &db);
         let deadline = Instant::now() + Duration::from_secs(60);
         while cluster
@@ -325,15 +488,35 @@ fn sql_and_status_read_a_live_archive_while_capture_runs() {
             .arg("SELECT count(*) AS n FROM public.t")
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(v["n"].as_u64(), Some((round as u64 + 1) * 10), "the live tail is visible");
-        let status = pgtrail().args(["status", "--format", "json", "--archive"]).arg(&archive).output().unwrap();
-        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        assert_eq!(
+            v["n"].as_u64(),
+            Some((round as u64 + 1) * 10),
+            "the live tail is visible"
+        );
+        let status = pgtrail()
+            .args(["status", "--format", "json", "--archive"])
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let s: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
         assert_eq!(s["changes"].as_u64(), Some((round as u64 + 1) * 10));
         // Compaction by hand is refused while capture compacts in the background.
-        let compact = pgtrail().args(["compact", "--archive"]).arg(&archive).output().unwrap();
+        let compact = pgtrail()
+            .args(["compact", "--archive"])
+            .arg(&archive)
+            .output()
+            .unwrap();
         assert!(!compact.status.success());
         assert!(String::from_utf8_lossy(&compact.stderr).contains("running `pgtrail capture`"));
     }
@@ -350,13 +533,23 @@ fn sql_and_status_read_a_live_archive_while_capture_runs() {
     {
         use std::io::Write;
         let mut stdin = prompt.stdin.take().unwrap();
-        stdin.write_all(b"\\d\nSELECT max(after.id) AS highest\n  FROM public.t;\n\\q\n").unwrap();
+        stdin
+            .write_all(b"\\d\nSELECT max(after.id) AS highest\n  FROM public.t;\n\\q\n")
+            .unwrap();
     }
     let out = prompt.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("| 29      |"), "{stdout}");
     assert!(stdout.contains("| public       | t "), "{stdout}");
-    assert!(std::fs::read_to_string(dir.path().join(".pgtrail_history")).unwrap().contains("FROM public.t;"));
+    assert!(
+        std::fs::read_to_string(dir.path().join(".pgtrail_history"))
+            .unwrap()
+            .contains("FROM public.t;")
+    );
     terminate(&mut child);
 }

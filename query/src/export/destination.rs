@@ -11,7 +11,9 @@ use std::time::Duration;
 use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+};
 use tokio::runtime::Handle;
 
 use super::ExportError;
@@ -33,7 +35,10 @@ impl Destination {
     /// Open `url` (`s3://bucket/prefix` or a directory path). S3 settings come from the
     /// environment as AWS tools take them.
     pub fn open(url: &str, handle: Handle) -> Result<Destination, ExportError> {
-        let bad = |why: String| ExportError::BadDestination { destination: url.to_string(), why };
+        let bad = |why: String| ExportError::BadDestination {
+            destination: url.to_string(),
+            why,
+        };
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             if bucket.is_empty() {
@@ -41,13 +46,17 @@ impl Destination {
             }
             let has = |k: &str| std::env::var(k).is_ok_and(|v| !v.is_empty());
             if !has("AWS_ACCESS_KEY_ID") || !has("AWS_SECRET_ACCESS_KEY") {
-                return Err(ExportError::MissingCredentials { destination: url.to_string() });
+                return Err(ExportError::MissingCredentials {
+                    destination: url.to_string(),
+                });
             }
             let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
             if !has("AWS_REGION") && !has("AWS_DEFAULT_REGION") {
                 builder = builder.with_region("us-east-1");
             }
-            let endpoint = std::env::var("AWS_ENDPOINT_URL").or_else(|_| std::env::var("AWS_ENDPOINT")).unwrap_or_default();
+            let endpoint = std::env::var("AWS_ENDPOINT_URL")
+                .or_else(|_| std::env::var("AWS_ENDPOINT"))
+                .unwrap_or_default();
             // An S3-compatible store on plain HTTP (MinIO, moto) is named by its endpoint.
             let client = ClientOptions::new()
                 .with_allow_http(endpoint.starts_with("http://"))
@@ -55,28 +64,57 @@ impl Destination {
                 .with_timeout(Duration::from_secs(120));
             // Fail within seconds when the endpoint is unreachable rather than retrying for
             // the library's default three minutes.
-            let retry = RetryConfig { max_retries: 3, retry_timeout: Duration::from_secs(20), ..RetryConfig::default() };
-            let s3 = builder.with_client_options(client).with_retry(retry).build().map_err(|e| bad(e.to_string()))?;
+            let retry = RetryConfig {
+                max_retries: 3,
+                retry_timeout: Duration::from_secs(20),
+                ..RetryConfig::default()
+            };
+            let s3 = builder
+                .with_client_options(client)
+                .with_retry(retry)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
             let store: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
                 Arc::new(s3)
             } else {
-                Arc::new(object_store::prefix::PrefixStore::new(s3, prefix.trim_matches('/')))
+                Arc::new(object_store::prefix::PrefixStore::new(
+                    s3,
+                    prefix.trim_matches('/'),
+                ))
             };
-            return Ok(Destination { store, display: url.to_string(), local_root: None, handle });
+            return Ok(Destination {
+                store,
+                display: url.to_string(),
+                local_root: None,
+                handle,
+            });
         }
         if let Some((scheme, _)) = url.split_once("://")
             && scheme != "file"
         {
-            return Err(bad(format!("{scheme}:// is not supported; use a directory path or s3://bucket/prefix")));
+            return Err(bad(format!(
+                "{scheme}:// is not supported; use a directory path or s3://bucket/prefix"
+            )));
         }
         let dir = PathBuf::from(url.strip_prefix("file://").unwrap_or(url));
         if dir.exists() && !dir.is_dir() {
             return Err(bad("it exists and is not a directory".into()));
         }
-        std::fs::create_dir_all(&dir).map_err(|source| ExportError::Io { path: dir.clone(), source })?;
-        let dir = dir.canonicalize().map_err(|source| ExportError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| ExportError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let dir = dir.canonicalize().map_err(|source| ExportError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         let local = LocalFileSystem::new_with_prefix(&dir).map_err(|e| bad(e.to_string()))?;
-        Ok(Destination { store: Arc::new(local), display: url.to_string(), local_root: Some(dir), handle })
+        Ok(Destination {
+            store: Arc::new(local),
+            display: url.to_string(),
+            local_root: Some(dir),
+            handle,
+        })
     }
 
     pub fn display(&self) -> &str {
@@ -84,7 +122,12 @@ impl Destination {
     }
 
     fn error(&self, action: &'static str, path: &str, source: object_store::Error) -> ExportError {
-        ExportError::Destination { destination: self.display.clone(), action, path: path.to_string(), source: Box::new(source) }
+        ExportError::Destination {
+            destination: self.display.clone(),
+            action,
+            path: path.to_string(),
+            source: Box::new(source),
+        }
     }
 
     /// The object at `path`, or `None` when there is none.
@@ -97,7 +140,8 @@ impl Destination {
                 Err(e) => Err(e),
             }
         });
-        got.map(|b| b.map(|b| b.to_vec())).map_err(|e| self.error("read", path, e))
+        got.map(|b| b.map(|b| b.to_vec()))
+            .map_err(|e| self.error("read", path, e))
     }
 
     /// Write `bytes` as the whole object `path`.
@@ -111,7 +155,10 @@ impl Destination {
 
     /// Upload the local file `file` as the whole object `path`; returns its size.
     pub fn put_file(&self, path: &str, file: &Path) -> Result<u64, ExportError> {
-        let io = |source| ExportError::Io { path: file.to_path_buf(), source };
+        let io = |source| ExportError::Io {
+            path: file.to_path_buf(),
+            source,
+        };
         let size = std::fs::metadata(file).map_err(io)?.len();
         let location = ObjectPath::from(path);
         if size <= SINGLE_PUT_BYTES {
@@ -121,7 +168,10 @@ impl Destination {
                 .map_err(|e| self.error("write", path, e))?;
         } else {
             // A multipart upload becomes visible only when completed, and whole.
-            let upload = self.handle.block_on(self.store.put_multipart(&location)).map_err(|e| self.error("write", path, e))?;
+            let upload = self
+                .handle
+                .block_on(self.store.put_multipart(&location))
+                .map_err(|e| self.error("write", path, e))?;
             let mut writer = WriteMultipart::new_with_chunk_size(upload, SINGLE_PUT_BYTES as usize);
             let mut input = std::fs::File::open(file).map_err(io)?;
             let mut buf = vec![0u8; 1 << 20];
@@ -130,10 +180,14 @@ impl Destination {
                 if n == 0 {
                     break;
                 }
-                self.handle.block_on(writer.wait_for_capacity(4)).map_err(|e| self.error("write", path, e))?;
+                self.handle
+                    .block_on(writer.wait_for_capacity(4))
+                    .map_err(|e| self.error("write", path, e))?;
                 writer.write(&buf[..n]);
             }
-            self.handle.block_on(writer.finish()).map_err(|e| self.error("write", path, e))?;
+            self.handle
+                .block_on(writer.finish())
+                .map_err(|e| self.error("write", path, e))?;
         }
         self.sync_local(path)?;
         Ok(size)
@@ -142,14 +196,26 @@ impl Destination {
     /// On a local destination, make a renamed-into-place file durable: the file, then its
     /// directory entry (object_store renames but does not fsync).
     fn sync_local(&self, path: &str) -> Result<(), ExportError> {
-        let Some(root) = &self.local_root else { return Ok(()) };
+        let Some(root) = &self.local_root else {
+            return Ok(());
+        };
         let full = root.join(path);
-        let io = |source| ExportError::Io { path: full.clone(), source };
-        std::fs::File::open(&full).and_then(|f| f.sync_all()).map_err(io)?;
+        let io = |source| ExportError::Io {
+            path: full.clone(),
+            source,
+        };
+        std::fs::File::open(&full)
+            .and_then(|f| f.sync_all())
+            .map_err(io)?;
         let mut dir = full.parent();
         // Directories created for new partitions must be durable too, up to the root.
         while let Some(d) = dir {
-            std::fs::File::open(d).and_then(|f| f.sync_all()).map_err(|source| ExportError::Io { path: d.to_path_buf(), source })?;
+            std::fs::File::open(d)
+                .and_then(|f| f.sync_all())
+                .map_err(|source| ExportError::Io {
+                    path: d.to_path_buf(),
+                    source,
+                })?;
             if d == root.as_path() {
                 break;
             }
@@ -162,9 +228,14 @@ impl Destination {
     pub fn list(&self, prefix: &str) -> Result<Vec<String>, ExportError> {
         use futures_util::TryStreamExt;
         let location = ObjectPath::from(prefix);
-        let listed: Result<Vec<_>, _> = self.handle.block_on(self.store.list(Some(&location)).try_collect());
+        let listed: Result<Vec<_>, _> = self
+            .handle
+            .block_on(self.store.list(Some(&location)).try_collect());
         match listed {
-            Ok(objects) => Ok(objects.into_iter().map(|m| m.location.to_string()).collect()),
+            Ok(objects) => Ok(objects
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect()),
             Err(object_store::Error::NotFound { .. }) => Ok(Vec::new()),
             Err(e) => Err(self.error("list", prefix, e)),
         }

@@ -15,7 +15,8 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_writer::{
-    ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory, compute_leaves,
+    ArrowColumnChunk, ArrowColumnWriter, ArrowLeafColumn, ArrowRowGroupWriterFactory,
+    compute_leaves,
 };
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::errors::ParquetError;
@@ -63,7 +64,9 @@ pub struct PartitionedFiles<'d> {
 
 fn properties() -> WriterProperties {
     WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("zstd level 3 exists")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(3).expect("zstd level 3 exists"),
+        ))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
         .build()
 }
@@ -264,7 +267,16 @@ impl<'d> PartitionedFiles<'d> {
         max_rows: usize,
         on_file: &'d mut dyn FnMut(&WrittenFile),
     ) -> PartitionedFiles<'d> {
-        PartitionedFiles { dest, spool_dir, schema, max_rows: max_rows.max(1), open: Vec::new(), parts: Default::default(), written: Vec::new(), on_file }
+        PartitionedFiles {
+            dest,
+            spool_dir,
+            schema,
+            max_rows: max_rows.max(1),
+            open: Vec::new(),
+            parts: Default::default(),
+            written: Vec::new(),
+            on_file,
+        }
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -272,7 +284,12 @@ impl<'d> PartitionedFiles<'d> {
     }
 
     /// Append `batch` to the files `partition/stem-NNNNN.parquet`.
-    pub fn write(&mut self, partition: &str, stem: &str, batch: &RecordBatch) -> Result<(), ExportError> {
+    pub fn write(
+        &mut self,
+        partition: &str,
+        stem: &str,
+        batch: &RecordBatch,
+    ) -> Result<(), ExportError> {
         let key = format!("{partition}/{stem}");
         let mut offset = 0;
         while offset < batch.num_rows() {
@@ -306,21 +323,45 @@ impl<'d> PartitionedFiles<'d> {
         let part = self.parts.entry(key.to_string()).or_insert(0);
         let object = format!("{key}-{part:05}.parquet");
         *part += 1;
-        let spool = self.spool_dir.join(format!("{}.parquet", self.written.len() + self.open.len()));
-        let file = File::create(&spool).map_err(|source| ExportError::Io { path: spool.clone(), source })?;
+        let spool = self
+            .spool_dir
+            .join(format!("{}.parquet", self.written.len() + self.open.len()));
+        let file = File::create(&spool).map_err(|source| ExportError::Io {
+            path: spool.clone(),
+            source,
+        })?;
         let writer = ParallelWriter::try_new(file, self.schema.clone())?;
-        self.open.push(OpenFile { key: key.to_string(), object, spool, writer, rows: 0 });
+        self.open.push(OpenFile {
+            key: key.to_string(),
+            object,
+            spool,
+            writer,
+            rows: 0,
+        });
         Ok(self.open.len() - 1)
     }
 
     fn close(&mut self, file: OpenFile) -> Result<(), ExportError> {
-        let OpenFile { object, spool, writer, rows, .. } = file;
+        let OpenFile {
+            object,
+            spool,
+            writer,
+            rows,
+            ..
+        } = file;
         let f = writer.into_inner()?;
-        f.sync_all().map_err(|source| ExportError::Io { path: spool.clone(), source })?;
+        f.sync_all().map_err(|source| ExportError::Io {
+            path: spool.clone(),
+            source,
+        })?;
         drop(f);
         let bytes = self.dest.put_file(&object, &spool)?;
         let _ = std::fs::remove_file(&spool);
-        let written = WrittenFile { path: object, rows: rows as u64, bytes };
+        let written = WrittenFile {
+            path: object,
+            rows: rows as u64,
+            bytes,
+        };
         (self.on_file)(&written);
         self.written.push(written);
         pgtrail_store::crashpoint::hit("export:after_file");

@@ -15,7 +15,9 @@ use std::time::Instant;
 
 use datafusion::arrow::array::{Array, AsArray, BooleanArray, RecordBatch};
 use datafusion::arrow::compute::{cast, filter_record_batch};
-use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimestampMicrosecondType, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Fields, Schema, SchemaRef, TimestampMicrosecondType, UInt64Type,
+};
 use pgtrail_store::segment::{SegmentContent, civil_from_days};
 use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
 
@@ -27,7 +29,9 @@ pub use files::WrittenFile;
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{Bounds, READ_AHEAD_BATCHES, open_segment_projected, open_segment_pruned, tail_batches};
+use crate::history::{
+    Bounds, READ_AHEAD_BATCHES, open_segment_projected, open_segment_pruned, tail_batches,
+};
 use crate::merge::{adapt, history_schema, merged_row_fields};
 use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, row_key};
 use files::PartitionedFiles;
@@ -44,7 +48,9 @@ pub enum ExportError {
         "no S3 credentials for {destination}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION, and AWS_ENDPOINT_URL for an S3-compatible store)"
     )]
     MissingCredentials { destination: String },
-    #[error("cannot {action} {path} at {destination}: {source} (check the bucket, the credentials, and that AWS_ENDPOINT_URL is reachable)")]
+    #[error(
+        "cannot {action} {path} at {destination}: {source} (check the bucket, the credentials, and that AWS_ENDPOINT_URL is reachable)"
+    )]
     Destination {
         destination: String,
         action: &'static str,
@@ -58,13 +64,26 @@ pub enum ExportError {
         #[source]
         source: std::io::Error,
     },
-    #[error("the export state {path} at {destination} is unreadable ({why}); it is not pgtrail's, or it was damaged")]
-    BadState { destination: String, path: String, why: String },
+    #[error(
+        "the export state {path} at {destination} is unreadable ({why}); it is not pgtrail's, or it was damaged"
+    )]
+    BadState {
+        destination: String,
+        path: String,
+        why: String,
+    },
     #[error(
         "{destination} holds a {layout} export of another archive (source {found}, this archive is {expected}); export to another prefix"
     )]
-    OtherArchive { destination: String, layout: &'static str, found: String, expected: String },
-    #[error("--since does not apply to the snapshot layout (a snapshot is the whole table as of --until)")]
+    OtherArchive {
+        destination: String,
+        layout: &'static str,
+        found: String,
+        expected: String,
+    },
+    #[error(
+        "--since does not apply to the snapshot layout (a snapshot is the whole table as of --until)"
+    )]
     SinceWithSnapshot,
     #[error(transparent)]
     Query(#[from] QueryError),
@@ -99,7 +118,9 @@ impl Layout {
     }
 
     pub fn parse(s: &str) -> Option<Layout> {
-        [Layout::Changes, Layout::Cdf, Layout::Scd2, Layout::Snapshot].into_iter().find(|l| l.name() == s)
+        [Layout::Changes, Layout::Cdf, Layout::Scd2, Layout::Snapshot]
+            .into_iter()
+            .find(|l| l.name() == s)
     }
 }
 
@@ -181,31 +202,49 @@ fn state_path(layout: Layout) -> String {
 }
 
 fn parse_lsn(s: &str, dest: &Destination, layout: Layout) -> Result<Lsn, ExportError> {
-    s.parse().map_err(|_| ExportError::BadState { destination: dest.display().to_string(), path: state_path(layout), why: format!("bad LSN {s:?}") })
+    s.parse().map_err(|_| ExportError::BadState {
+        destination: dest.display().to_string(),
+        path: state_path(layout),
+        why: format!("bad LSN {s:?}"),
+    })
 }
 
 impl ExportState {
     fn load(dest: &Destination, layout: Layout) -> Result<Option<ExportState>, ExportError> {
         let path = state_path(layout);
-        let Some(bytes) = dest.get(&path)? else { return Ok(None) };
-        let state: ExportState = serde_json::from_slice(&bytes)
-            .map_err(|e| ExportError::BadState { destination: dest.display().to_string(), path: path.clone(), why: e.to_string() })?;
+        let Some(bytes) = dest.get(&path)? else {
+            return Ok(None);
+        };
+        let state: ExportState =
+            serde_json::from_slice(&bytes).map_err(|e| ExportError::BadState {
+                destination: dest.display().to_string(),
+                path: path.clone(),
+                why: e.to_string(),
+            })?;
         if state.format != 1 || state.layout != layout {
-            return Err(ExportError::BadState { destination: dest.display().to_string(), path, why: "unknown format or layout".into() });
+            return Err(ExportError::BadState {
+                destination: dest.display().to_string(),
+                path,
+                why: "unknown format or layout".into(),
+            });
         }
         Ok(Some(state))
     }
 
     /// Replace the state object whole (one PUT, or rename + fsync on a directory).
     fn save(&self, dest: &Destination) -> Result<(), ExportError> {
-        let bytes = serde_json::to_vec_pretty(self).map_err(|e| ExportError::Internal(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(self).map_err(|e| ExportError::Internal(e.to_string()))?;
         dest.put_bytes(&state_path(self.layout), bytes)
     }
 }
 
 fn source_name(archive: &ArchiveSnapshot) -> String {
     match &archive.source {
-        Some(s) => format!("system {} database {} slot {}", s.system_id, s.database, s.slot),
+        Some(s) => format!(
+            "system {} database {} slot {}",
+            s.system_id, s.database, s.slot
+        ),
         None => "unknown".into(),
     }
 }
@@ -223,7 +262,10 @@ fn lsn_partition(lsn: Lsn) -> String {
 
 /// `table=<schema>.<table>`, the Hive partition value encoded like segment file names.
 fn table_partition(table: &TableHistory) -> String {
-    format!("table={}", pgtrail_store::file_safe(&format!("{}.{}", table.schema, table.name)))
+    format!(
+        "table={}",
+        pgtrail_store::file_safe(&format!("{}.{}", table.schema, table.name))
+    )
 }
 
 const DAY_US: i64 = 86_400_000_000;
@@ -244,15 +286,34 @@ fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
         }
         // Of the segments straddling `t`, only the key and time columns are read.
         let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
-        for seg in table.segments.iter().filter(|s| s.min_committed_at_us <= t && s.max_committed_at_us > t) {
-            let bounds = Bounds { time: (i64::MIN, t), ..Bounds::default() };
-            for batch in open_segment_projected(&archive.segment_path(seg), &seg.sha256, 8192, bounds, Some(&columns))? {
+        for seg in table
+            .segments
+            .iter()
+            .filter(|s| s.min_committed_at_us <= t && s.max_committed_at_us > t)
+        {
+            let bounds = Bounds {
+                time: (i64::MIN, t),
+                ..Bounds::default()
+            };
+            for batch in open_segment_projected(
+                &archive.segment_path(seg),
+                &seg.sha256,
+                8192,
+                bounds,
+                Some(&columns),
+            )? {
                 let batch = batch.map_err(|e| ExportError::Query(QueryError::Segment(e)))?;
                 let (Some(lsn), Some(at)) = (
-                    batch.column_by_name("lsn").and_then(|c| c.as_primitive_opt::<UInt64Type>()),
-                    batch.column_by_name("committed_at").and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>()),
+                    batch
+                        .column_by_name("lsn")
+                        .and_then(|c| c.as_primitive_opt::<UInt64Type>()),
+                    batch
+                        .column_by_name("committed_at")
+                        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>()),
                 ) else {
-                    return Err(ExportError::Internal("segment without lsn or committed_at".into()));
+                    return Err(ExportError::Internal(
+                        "segment without lsn or committed_at".into(),
+                    ));
                 };
                 for (l, a) in lsn.values().iter().zip(at.values().iter()) {
                     if *a <= t {
@@ -271,8 +332,14 @@ fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
 }
 
 fn has_changes(table: &TableHistory, from: Lsn, until: Lsn) -> bool {
-    table.segments.iter().any(|s| s.max_key.commit_lsn > from && s.min_key.commit_lsn <= until)
-        || table.tail.iter().any(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until)
+    table
+        .segments
+        .iter()
+        .any(|s| s.max_key.commit_lsn > from && s.min_key.commit_lsn <= until)
+        || table
+            .tail
+            .iter()
+            .any(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until)
 }
 
 /// Export `request`. Blocking: call it off the async runtime; `handle` runs the destination's
@@ -283,7 +350,11 @@ fn has_changes(table: &TableHistory, from: Lsn, until: Lsn) -> bool {
 /// (3) the state then records the range as exported and clears the run. A crash before (1)
 /// wrote nothing; between (1) and (3) the next export repeats the recorded run first, rewriting
 /// the same objects with the same rows; after (3) the next run starts where this one ended.
-pub fn export(request: &ExportRequest, handle: &Handle, progress: &mut dyn FnMut(&str)) -> Result<ExportReport, ExportError> {
+pub fn export(
+    request: &ExportRequest,
+    handle: &Handle,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ExportReport, ExportError> {
     let started = Instant::now();
     // The destination's multipart uploads spawn tasks on the runtime: enter it, so a caller
     // on a plain thread (not one of the runtime's blocking threads) works too.
@@ -305,27 +376,68 @@ pub fn export(request: &ExportRequest, handle: &Handle, progress: &mut dyn FnMut
             });
         }
         Some(s) => s,
-        None => ExportState { format: 1, layout, source, tables: BTreeMap::new(), pending: None },
+        None => ExportState {
+            format: 1,
+            layout,
+            source,
+            tables: BTreeMap::new(),
+            pending: None,
+        },
     };
-    let spool = tempfile::Builder::new().prefix("pgtrail-export-").tempdir().map_err(|source| ExportError::Io { path: std::env::temp_dir(), source })?;
-    let mut report = ExportReport { destination: dest.display().to_string(), layout: layout.name(), resumed: false, tables: Vec::new(), seconds: 0.0 };
+    let spool = tempfile::Builder::new()
+        .prefix("pgtrail-export-")
+        .tempdir()
+        .map_err(|source| ExportError::Io {
+            path: std::env::temp_dir(),
+            source,
+        })?;
+    let mut report = ExportReport {
+        destination: dest.display().to_string(),
+        layout: layout.name(),
+        resumed: false,
+        tables: Vec::new(),
+        seconds: 0.0,
+    };
 
     if let Some(run) = state.pending.clone() {
-        progress(&format!("finishing the interrupted export up to LSN {}", run.until_lsn));
+        progress(&format!(
+            "finishing the interrupted export up to LSN {}",
+            run.until_lsn
+        ));
         report.resumed = true;
-        report.tables.extend(execute(&archive, &dest, spool.path(), layout, &run, &mut state, progress)?);
+        report.tables.extend(execute(
+            &archive,
+            &dest,
+            spool.path(),
+            layout,
+            &run,
+            &mut state,
+            progress,
+        )?);
     }
     // Leftovers of a run interrupted after its state was saved (scd2's replaced current files).
     remove_stale_current(&dest, &state)?;
 
     let run = plan(&archive, &dest, &state, request)?;
     if run.tables.is_empty() {
-        progress(&format!("nothing new to export to {} ({} layout)", dest.display(), layout.name()));
+        progress(&format!(
+            "nothing new to export to {} ({} layout)",
+            dest.display(),
+            layout.name()
+        ));
     } else {
         // Step (1): the intent, before any file.
         state.pending = Some(run.clone());
         state.save(&dest)?;
-        report.tables.extend(execute(&archive, &dest, spool.path(), layout, &run, &mut state, progress)?);
+        report.tables.extend(execute(
+            &archive,
+            &dest,
+            spool.path(),
+            layout,
+            &run,
+            &mut state,
+            progress,
+        )?);
         remove_stale_current(&dest, &state)?;
     }
     report.seconds = started.elapsed().as_secs_f64();
@@ -356,7 +468,12 @@ fn visible_until(archive: &ArchiveSnapshot) -> Lsn {
 }
 
 /// Decide each table's LSN range.
-fn plan(archive: &ArchiveSnapshot, dest: &Destination, state: &ExportState, request: &ExportRequest) -> Result<Run, ExportError> {
+fn plan(
+    archive: &ArchiveSnapshot,
+    dest: &Destination,
+    state: &ExportState,
+    request: &ExportRequest,
+) -> Result<Run, ExportError> {
     let visible = visible_until(archive);
     let until = match request.until {
         None => visible,
@@ -372,7 +489,11 @@ fn plan(archive: &ArchiveSnapshot, dest: &Destination, state: &ExportState, requ
     let names: Vec<String> = if request.tables.is_empty() {
         archive.tables.keys().cloned().collect()
     } else {
-        request.tables.iter().map(|n| archive.table(n).map(|t| t.qualified_name())).collect::<Result<_, _>>()?
+        request
+            .tables
+            .iter()
+            .map(|n| archive.table(n).map(|t| t.qualified_name()))
+            .collect::<Result<_, _>>()?
     };
     let mut tables = BTreeMap::new();
     for name in names {
@@ -386,7 +507,11 @@ fn plan(archive: &ArchiveSnapshot, dest: &Destination, state: &ExportState, requ
             tables.insert(name, from.to_string());
         }
     }
-    Ok(Run { until_lsn: until.to_string(), max_rows_per_file: request.max_rows_per_file, tables })
+    Ok(Run {
+        until_lsn: until.to_string(),
+        max_rows_per_file: request.max_rows_per_file,
+        tables,
+    })
 }
 
 /// Steps (2) and (3) of [`export`] for one run.
@@ -404,15 +529,25 @@ fn execute(
     for (name, from) in &run.tables {
         let from = parse_lsn(from, dest, layout)?;
         let Some(table) = archive.tables.get(name) else {
-            return Err(ExportError::Internal(format!("the recorded export names table {name}, which the archive does not hold")));
+            return Err(ExportError::Internal(format!(
+                "the recorded export names table {name}, which the archive does not hold"
+            )));
         };
         let started = Instant::now();
-        let mut on_file = |f: &WrittenFile| progress(&format!("  {} ({} rows, {} bytes)", f.path, f.rows, f.bytes));
+        let mut on_file = |f: &WrittenFile| {
+            progress(&format!(
+                "  {} ({} rows, {} bytes)",
+                f.path, f.rows, f.bytes
+            ))
+        };
         let schema = output_schema(table, until, layout);
-        let mut files = PartitionedFiles::new(dest, spool, schema, run.max_rows_per_file, &mut on_file);
+        let mut files =
+            PartitionedFiles::new(dest, spool, schema, run.max_rows_per_file, &mut on_file);
         match layout {
             Layout::Changes => export_changes(archive, table, from, until, &mut files)?,
-            Layout::Cdf | Layout::Scd2 | Layout::Snapshot => replay(archive, table, from, until, layout, &mut files)?,
+            Layout::Cdf | Layout::Scd2 | Layout::Snapshot => {
+                replay(archive, table, from, until, layout, &mut files)?
+            }
         }
         let written = files.finish()?;
         let rows: u64 = written.iter().map(|f| f.rows).sum();
@@ -428,7 +563,11 @@ fn execute(
         if layout == Layout::Scd2 {
             entry.current_dir = format!("{}/state=current", table_partition(table));
             let stem = current_stem(table, until);
-            entry.current_files = written.iter().filter(|f| f.path.starts_with(&stem)).map(|f| f.path.clone()).collect();
+            entry.current_files = written
+                .iter()
+                .filter(|f| f.path.starts_with(&stem))
+                .map(|f| f.path.clone())
+                .collect();
         }
         done.push(TableExport {
             table: name.clone(),
@@ -447,7 +586,11 @@ fn execute(
 }
 
 fn current_stem(table: &TableHistory, until: Lsn) -> String {
-    format!("{}/state=current/scd2-{}", table_partition(table), lsn_name(until))
+    format!(
+        "{}/state=current/scd2-{}",
+        table_partition(table),
+        lsn_name(until)
+    )
 }
 
 /// Delete scd2 current-version files the state no longer lists. Safe at any point: the state
@@ -470,7 +613,11 @@ fn remove_stale_current(dest: &Destination, state: &ExportState) -> Result<(), E
 /// The schema versions in force up to `until` (at least the first): a run's columns depend on
 /// them only, so a repeated run writes the same columns.
 fn versions_until(table: &TableHistory, until: Lsn) -> &[RelationVersion] {
-    let n = table.versions.iter().take_while(|v| v.valid_from.commit_lsn <= until).count();
+    let n = table
+        .versions
+        .iter()
+        .take_while(|v| v.valid_from.commit_lsn <= until)
+        .count();
     &table.versions[..n.max(1)]
 }
 
@@ -478,7 +625,9 @@ fn versions_until(table: &TableHistory, until: Lsn) -> &[RelationVersion] {
 fn lake_columns(known: &[RelationVersion], layout: Layout) -> Fields {
     match layout {
         // A snapshot has the columns of the schema in force at its moment.
-        Layout::Snapshot => pgtrail_store::segment::row_struct_fields(known.last().expect("a table has a version")),
+        Layout::Snapshot => {
+            pgtrail_store::segment::row_struct_fields(known.last().expect("a table has a version"))
+        }
         _ => merged_row_fields(known),
     }
 }
@@ -512,14 +661,26 @@ fn output_schema(table: &TableHistory, until: Lsn, layout: Layout) -> SchemaRef 
 
 /// The `changes` layout: the table's history rows (typed `before`/`after`), unsigned
 /// metadata as Int64 for engines without unsigned types, partitioned by commit date.
-fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, files: &mut PartitionedFiles) -> Result<(), ExportError> {
+fn export_changes(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    from: Lsn,
+    until: Lsn,
+    files: &mut PartitionedFiles,
+) -> Result<(), ExportError> {
     let history = history_schema(versions_until(table, until));
     let out_schema = files.schema().clone();
     let partition = table_partition(table);
     let stem = format!("changes-{}-{}", lsn_name(from), lsn_name(until));
     let mut emit = |batch: RecordBatch| -> Result<(), ExportError> {
-        let lsn = batch.column_by_name("lsn").and_then(|c| c.as_primitive_opt::<UInt64Type>()).ok_or_else(|| ExportError::Internal("lsn column".into()))?;
-        let keep: BooleanArray = lsn.iter().map(|l| l.map(|l| l > from.0 && l <= until.0)).collect();
+        let lsn = batch
+            .column_by_name("lsn")
+            .and_then(|c| c.as_primitive_opt::<UInt64Type>())
+            .ok_or_else(|| ExportError::Internal("lsn column".into()))?;
+        let keep: BooleanArray = lsn
+            .iter()
+            .map(|l| l.map(|l| l > from.0 && l <= until.0))
+            .collect();
         let batch = filter_record_batch(&batch, &keep)?;
         if batch.num_rows() == 0 {
             return Ok(());
@@ -528,7 +689,13 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
             .columns()
             .iter()
             .zip(out_schema.fields())
-            .map(|(c, f)| if c.data_type() == f.data_type() { Ok(c.clone()) } else { cast(c, f.data_type()) })
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c.clone())
+                } else {
+                    cast(c, f.data_type())
+                }
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let batch = RecordBatch::try_new(out_schema.clone(), columns)?;
         let at = batch
@@ -539,7 +706,9 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
         // Split into runs of one commit date (rows are in commit order).
         let mut start = 0;
         for i in 1..=batch.num_rows() {
-            if i == batch.num_rows() || at.value(i).div_euclid(DAY_US) != at.value(start).div_euclid(DAY_US) {
+            if i == batch.num_rows()
+                || at.value(i).div_euclid(DAY_US) != at.value(start).div_euclid(DAY_US)
+            {
                 let dir = format!("{partition}/date={}", date_of(at.value(start)));
                 files.write(&dir, &stem, &batch.slice(start, i - start))?;
                 start = i;
@@ -547,7 +716,10 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
         }
         Ok(())
     };
-    let bounds = Bounds { lsn: (from.0.saturating_add(1), until.0), ..Bounds::default() };
+    let bounds = Bounds {
+        lsn: (from.0.saturating_add(1), until.0),
+        ..Bounds::default()
+    };
     // Segments are decoded on a thread of their own, a few batches ahead of the files' encoding
     // here: the two halves of the work then run on two cores.
     std::thread::scope(|scope| -> Result<(), ExportError> {
@@ -558,8 +730,15 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
                 if !(seg.max_key.commit_lsn > from && seg.min_key.commit_lsn <= until) {
                     continue;
                 }
-                let SegmentContent::Table(version) = &seg.content else { continue };
-                let reader = match open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, bounds) {
+                let SegmentContent::Table(version) = &seg.content else {
+                    continue;
+                };
+                let reader = match open_segment_pruned(
+                    &archive.segment_path(seg),
+                    &seg.sha256,
+                    8192,
+                    bounds,
+                ) {
                     Ok(reader) => reader,
                     Err(e) => {
                         let _ = tx.send(Err(e.into()));
@@ -583,8 +762,12 @@ fn export_changes(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, un
         }
         Ok(())
     })?;
-    let tail: Vec<(ChangeKey, ChangeRecord)> =
-        table.tail.iter().filter(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until).cloned().collect();
+    let tail: Vec<(ChangeKey, ChangeRecord)> = table
+        .tail
+        .iter()
+        .filter(|(k, _)| k.commit_lsn > from && k.commit_lsn <= until)
+        .cloned()
+        .collect();
     for batch in tail_batches(table, &tail, &history)? {
         emit(batch)?;
     }
@@ -603,10 +786,18 @@ struct OpenVersion<'t> {
 
 /// Remove and return the open version `row` is an image of: with a key, the key's version;
 /// without one, one identical row.
-fn take_version<'t>(open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>, positions: &[usize], row: &Row) -> Option<OpenVersion<'t>> {
+fn take_version<'t>(
+    open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>,
+    positions: &[usize],
+    row: &Row,
+) -> Option<OpenVersion<'t>> {
     let k = row_key(positions, row);
     let list = open.get_mut(&k)?;
-    let i = if positions.is_empty() { list.iter().position(|v| &v.row == row)? } else { 0 };
+    let i = if positions.is_empty() {
+        list.iter().position(|v| &v.row == row)?
+    } else {
+        0
+    };
     let v = list.remove(i);
     if list.is_empty() {
         open.remove(&k);
@@ -634,10 +825,18 @@ impl Buffers<'_> {
         image: Option<(&RelationVersion, &Row)>,
         meta: &[MetaValue],
     ) -> Result<(), ExportError> {
-        let i = match self.open.iter().position(|(p, s, _)| p == partition && s == stem) {
+        let i = match self
+            .open
+            .iter()
+            .position(|(p, s, _)| p == partition && s == stem)
+        {
             Some(i) => i,
             None => {
-                self.open.push((partition.to_string(), stem.to_string(), LakeRows::new(&self.columns, self.versions, self.meta)));
+                self.open.push((
+                    partition.to_string(),
+                    stem.to_string(),
+                    LakeRows::new(&self.columns, self.versions, self.meta),
+                ));
                 self.open.len() - 1
             }
         };
@@ -684,10 +883,22 @@ const SNAPSHOT_META: &[(&str, MetaType)] = &[];
 
 /// Replay the table's history up to `until`, keeping its open row versions, and write the
 /// `cdf`, `scd2` or `snapshot` rows of the changes after `from`.
-fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn, layout: Layout, files: &mut PartitionedFiles) -> Result<(), ExportError> {
+fn replay(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    from: Lsn,
+    until: Lsn,
+    layout: Layout,
+    files: &mut PartitionedFiles,
+) -> Result<(), ExportError> {
     let columns = lake_columns(versions_until(table, until), layout);
     let meta = layout_meta(layout);
-    let mut buffers = Buffers { columns, versions: &table.versions, meta, open: Vec::new() };
+    let mut buffers = Buffers {
+        columns,
+        versions: &table.versions,
+        meta,
+        open: Vec::new(),
+    };
     let partition = table_partition(table);
     let range = format!("{}-{}", lsn_name(from), lsn_name(until));
     let cdf_stem = format!("cdf-{range}");
@@ -700,7 +911,11 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
     let mut resets = SnapshotResets::new(archive);
     // A snapshot holds the whole state (after a gap, rows it lacks were deleted unseen):
     // every version open before it ends at it, as deletes (cdf) or closings (scd2).
-    let end_all_at = |(lsn, at_us): (Lsn, i64), open: &mut BTreeMap<RowKey, Vec<OpenVersion>>, buffers: &mut Buffers, files: &mut PartitionedFiles| -> Result<(), ExportError> {
+    let end_all_at = |(lsn, at_us): (Lsn, i64),
+                      open: &mut BTreeMap<RowKey, Vec<OpenVersion>>,
+                      buffers: &mut Buffers,
+                      files: &mut PartitionedFiles|
+     -> Result<(), ExportError> {
         if lsn <= from || open.is_empty() {
             open.clear();
             return Ok(());
@@ -737,117 +952,168 @@ fn replay(archive: &ArchiveSnapshot, table: &TableHistory, from: Lsn, until: Lsn
         }
         Ok(())
     };
-    for_each_change(archive, table, Some(Moment::Lsn(until)), |version, key, rec| {
-        let step = (|| -> Result<(), ExportError> {
-            if let Some(point) = resets.passed(key) {
-                end_all_at(point, &mut open, &mut buffers, files)?;
-            }
-            let in_range = key.commit_lsn > from;
-            let positions = table.key_positions(version);
-            let keyed = !positions.is_empty();
-            let day = rec.committed_at_us.div_euclid(DAY_US);
-            if layout == Layout::Cdf && day != cdf_dir.0 {
-                cdf_dir = (day, format!("{partition}/date={}", date_of(rec.committed_at_us)));
-            }
-            let cdf_meta = |change_type: &'static str| {
-                [
-                    MetaValue::Text(Some(change_type)),
-                    MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
-                    MetaValue::Int64(Some(i64::from(key.seq))),
-                    MetaValue::Timestamp(Some(rec.committed_at_us)),
-                    MetaValue::Int64(Some(i64::from(rec.xid))),
-                    MetaValue::Text(rec.context.as_deref()),
-                ]
-            };
-            let close = |buffers: &mut Buffers, files: &mut PartitionedFiles, old: OpenVersion| -> Result<(), ExportError> {
-                if in_range && layout == Layout::Scd2 {
-                    let meta = [
-                        MetaValue::Timestamp(Some(old.from_us)),
-                        MetaValue::Timestamp(Some(rec.committed_at_us)),
-                        MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
-                        MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
-                        MetaValue::Bool(false),
-                        MetaValue::Text(Some(old.op.as_str())),
-                        MetaValue::Text(old.context.as_deref()),
-                    ];
-                    buffers.push(files, &closed_dir, &closed_stem, Some((old.version, &old.row)), &meta)?;
+    for_each_change(
+        archive,
+        table,
+        Some(Moment::Lsn(until)),
+        |version, key, rec| {
+            let step = (|| -> Result<(), ExportError> {
+                if let Some(point) = resets.passed(key) {
+                    end_all_at(point, &mut open, &mut buffers, files)?;
                 }
-                Ok(())
-            };
-            match rec.op {
-                Op::Insert | Op::Snapshot | Op::Update => {
-                    if rec.op == Op::Update
-                        && let Some(before) = &rec.before
-                    {
-                        let old = take_version(&mut open, positions, before);
-                        if in_range && layout == Layout::Cdf {
-                            let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
-                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some(image), &cdf_meta("update_preimage"))?;
-                        }
-                        if let Some(old) = old {
-                            close(&mut buffers, files, old)?;
-                        }
+                let in_range = key.commit_lsn > from;
+                let positions = table.key_positions(version);
+                let keyed = !positions.is_empty();
+                let day = rec.committed_at_us.div_euclid(DAY_US);
+                if layout == Layout::Cdf && day != cdf_dir.0 {
+                    cdf_dir = (
+                        day,
+                        format!("{partition}/date={}", date_of(rec.committed_at_us)),
+                    );
+                }
+                let cdf_meta = |change_type: &'static str| {
+                    [
+                        MetaValue::Text(Some(change_type)),
+                        MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
+                        MetaValue::Int64(Some(i64::from(key.seq))),
+                        MetaValue::Timestamp(Some(rec.committed_at_us)),
+                        MetaValue::Int64(Some(i64::from(rec.xid))),
+                        MetaValue::Text(rec.context.as_deref()),
+                    ]
+                };
+                let close = |buffers: &mut Buffers,
+                             files: &mut PartitionedFiles,
+                             old: OpenVersion|
+                 -> Result<(), ExportError> {
+                    if in_range && layout == Layout::Scd2 {
+                        let meta = [
+                            MetaValue::Timestamp(Some(old.from_us)),
+                            MetaValue::Timestamp(Some(rec.committed_at_us)),
+                            MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
+                            MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
+                            MetaValue::Bool(false),
+                            MetaValue::Text(Some(old.op.as_str())),
+                            MetaValue::Text(old.context.as_deref()),
+                        ];
+                        buffers.push(
+                            files,
+                            &closed_dir,
+                            &closed_stem,
+                            Some((old.version, &old.row)),
+                            &meta,
+                        )?;
                     }
-                    if let Some(after) = &rec.after {
-                        let k = row_key(positions, after);
-                        if keyed && let Some(list) = open.remove(&k) {
-                            for old in list {
+                    Ok(())
+                };
+                match rec.op {
+                    Op::Insert | Op::Snapshot | Op::Update => {
+                        if rec.op == Op::Update
+                            && let Some(before) = &rec.before
+                        {
+                            let old = take_version(&mut open, positions, before);
+                            if in_range && layout == Layout::Cdf {
+                                let image = old
+                                    .as_ref()
+                                    .map_or((version, before), |o| (o.version, &o.row));
+                                buffers.push(
+                                    files,
+                                    &cdf_dir.1,
+                                    &cdf_stem,
+                                    Some(image),
+                                    &cdf_meta("update_preimage"),
+                                )?;
+                            }
+                            if let Some(old) = old {
                                 close(&mut buffers, files, old)?;
                             }
                         }
-                        if in_range && layout == Layout::Cdf {
-                            let change_type = if rec.op == Op::Update { "update_postimage" } else { "insert" };
-                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some((version, after)), &cdf_meta(change_type))?;
-                        }
-                        open.entry(k).or_default().push(OpenVersion {
-                            version,
-                            row: after.clone(),
-                            from: key,
-                            from_us: rec.committed_at_us,
-                            op: rec.op,
-                            context: rec.context.clone(),
-                        });
-                    }
-                }
-                Op::Delete => {
-                    if let Some(before) = &rec.before {
-                        let old = take_version(&mut open, positions, before);
-                        if in_range && layout == Layout::Cdf {
-                            let image = old.as_ref().map_or((version, before), |o| (o.version, &o.row));
-                            buffers.push(files, &cdf_dir.1, &cdf_stem, Some(image), &cdf_meta("delete"))?;
-                        }
-                        if let Some(old) = old {
-                            close(&mut buffers, files, old)?;
-                        }
-                    }
-                }
-                // A TRUNCATE deletes every row of the relation: each gets its delete image
-                // (cdf) or its closing (scd2).
-                Op::Truncate => {
-                    let keys: Vec<RowKey> = open.keys().cloned().collect();
-                    for k in keys {
-                        let list = open.remove(&k).unwrap_or_default();
-                        let (gone, kept): (Vec<_>, Vec<_>) = list.into_iter().partition(|v| v.version.relation_id == rec.relation_id);
-                        for old in gone {
-                            if in_range && layout == Layout::Cdf {
-                                buffers.push(files, &cdf_dir.1, &cdf_stem, Some((old.version, &old.row)), &cdf_meta("delete"))?;
+                        if let Some(after) = &rec.after {
+                            let k = row_key(positions, after);
+                            if keyed && let Some(list) = open.remove(&k) {
+                                for old in list {
+                                    close(&mut buffers, files, old)?;
+                                }
                             }
-                            close(&mut buffers, files, old)?;
-                        }
-                        if !kept.is_empty() {
-                            open.insert(k, kept);
+                            if in_range && layout == Layout::Cdf {
+                                let change_type = if rec.op == Op::Update {
+                                    "update_postimage"
+                                } else {
+                                    "insert"
+                                };
+                                buffers.push(
+                                    files,
+                                    &cdf_dir.1,
+                                    &cdf_stem,
+                                    Some((version, after)),
+                                    &cdf_meta(change_type),
+                                )?;
+                            }
+                            open.entry(k).or_default().push(OpenVersion {
+                                version,
+                                row: after.clone(),
+                                from: key,
+                                from_us: rec.committed_at_us,
+                                op: rec.op,
+                                context: rec.context.clone(),
+                            });
                         }
                     }
+                    Op::Delete => {
+                        if let Some(before) = &rec.before {
+                            let old = take_version(&mut open, positions, before);
+                            if in_range && layout == Layout::Cdf {
+                                let image = old
+                                    .as_ref()
+                                    .map_or((version, before), |o| (o.version, &o.row));
+                                buffers.push(
+                                    files,
+                                    &cdf_dir.1,
+                                    &cdf_stem,
+                                    Some(image),
+                                    &cdf_meta("delete"),
+                                )?;
+                            }
+                            if let Some(old) = old {
+                                close(&mut buffers, files, old)?;
+                            }
+                        }
+                    }
+                    // A TRUNCATE deletes every row of the relation: each gets its delete image
+                    // (cdf) or its closing (scd2).
+                    Op::Truncate => {
+                        let keys: Vec<RowKey> = open.keys().cloned().collect();
+                        for k in keys {
+                            let list = open.remove(&k).unwrap_or_default();
+                            let (gone, kept): (Vec<_>, Vec<_>) = list
+                                .into_iter()
+                                .partition(|v| v.version.relation_id == rec.relation_id);
+                            for old in gone {
+                                if in_range && layout == Layout::Cdf {
+                                    buffers.push(
+                                        files,
+                                        &cdf_dir.1,
+                                        &cdf_stem,
+                                        Some((old.version, &old.row)),
+                                        &cdf_meta("delete"),
+                                    )?;
+                                }
+                                close(&mut buffers, files, old)?;
+                            }
+                            if !kept.is_empty() {
+                                open.insert(k, kept);
+                            }
+                        }
+                    }
+                    Op::Message => {}
                 }
-                Op::Message => {}
-            }
-            Ok(())
-        })();
-        step.map_err(|e| match e {
-            ExportError::DataFusion(e) => e,
-            e => datafusion::error::DataFusionError::External(Box::new(e)),
-        })
-    })
+                Ok(())
+            })();
+            step.map_err(|e| match e {
+                ExportError::DataFusion(e) => e,
+                e => datafusion::error::DataFusionError::External(Box::new(e)),
+            })
+        },
+    )
     .map_err(ExportError::DataFusion)?;
     if let Some(point) = resets.passed_by(Moment::Lsn(until)) {
         end_all_at(point, &mut open, &mut buffers, files)?;

@@ -10,7 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanBuilder, Int64Builder, ListBuilder, MapBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayRef, BooleanBuilder, Int64Builder, ListBuilder, MapBuilder, RecordBatch,
+    StringBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use pgtrail_store::segment::{PgKind, ValueBuilder};
@@ -60,7 +61,11 @@ pub fn lake_schema(columns: &Fields, meta: &[(&str, MetaType)]) -> SchemaRef {
         };
         fields.push(Field::new(*name, data_type, nullable));
     }
-    fields.push(Field::new("_unknown_columns", DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))), true));
+    fields.push(Field::new(
+        "_unknown_columns",
+        DataType::List(Arc::new(Field::new_list_field(DataType::Utf8, true))),
+        true,
+    ));
     let map = MapBuilder::new(None, StringBuilder::new(), StringBuilder::new()).finish();
     fields.push(Field::new("_exact_text", map.data_type().clone(), true));
     Arc::new(Schema::new(fields))
@@ -82,11 +87,18 @@ pub struct LakeRows {
 impl LakeRows {
     /// `columns` are the merged columns of `versions` (which must include every version a
     /// pushed row belongs to).
-    pub fn new(columns: &Fields, versions: &[RelationVersion], meta: &[(&str, MetaType)]) -> LakeRows {
+    pub fn new(
+        columns: &Fields,
+        versions: &[RelationVersion],
+        meta: &[(&str, MetaType)],
+    ) -> LakeRows {
         let kinds: Vec<PgKind> = columns
             .iter()
             .map(|f| {
-                let latest = versions.iter().rev().find_map(|v| v.columns.iter().find(|c| &c.name == f.name()));
+                let latest = versions
+                    .iter()
+                    .rev()
+                    .find_map(|v| v.columns.iter().find(|c| &c.name == f.name()));
                 match latest.map(|c| PgKind::of(c.type_oid, c.type_modifier)) {
                     // A column whose type changed across versions is PostgreSQL's text.
                     Some(kind) if &kind.arrow_type() == f.data_type() => kind,
@@ -100,7 +112,9 @@ impl LakeRows {
             .map(|(_, ty)| match ty {
                 MetaType::Text => MetaBuilder::Text(StringBuilder::new()),
                 MetaType::Int64 => MetaBuilder::Int64(Int64Builder::new()),
-                MetaType::Timestamp => MetaBuilder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
+                MetaType::Timestamp => {
+                    MetaBuilder::Timestamp(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+                }
                 MetaType::Bool => MetaBuilder::Bool(BooleanBuilder::new()),
             })
             .collect();
@@ -121,7 +135,11 @@ impl LakeRows {
     }
 
     /// Append one row image of `version` (or an all-null row for `None`) with its metadata.
-    pub fn push(&mut self, image: Option<(&RelationVersion, &Row)>, meta: &[MetaValue]) -> Result<(), ExportError> {
+    pub fn push(
+        &mut self,
+        image: Option<(&RelationVersion, &Row)>,
+        meta: &[MetaValue],
+    ) -> Result<(), ExportError> {
         let mut unknown: Vec<&str> = Vec::new();
         let mut exact: Vec<(&str, &str)> = Vec::new();
         let positions: Option<&Vec<Option<usize>>> = match image {
@@ -129,7 +147,10 @@ impl LakeRows {
                 let address = std::ptr::from_ref(version) as usize;
                 let columns = &self.columns;
                 Some(self.positions.entry(address).or_insert_with(|| {
-                    columns.iter().map(|f| version.columns.iter().position(|c| &c.name == f.name())).collect()
+                    columns
+                        .iter()
+                        .map(|f| version.columns.iter().position(|c| &c.name == f.name()))
+                        .collect()
                 }))
             }
             None => None,
@@ -155,7 +176,11 @@ impl LakeRows {
             }
         }
         if meta.len() != self.meta.len() {
-            return Err(ExportError::Internal(format!("{} metadata values for {} columns", meta.len(), self.meta.len())));
+            return Err(ExportError::Internal(format!(
+                "{} metadata values for {} columns",
+                meta.len(),
+                self.meta.len()
+            )));
         }
         for (builder, value) in self.meta.iter_mut().zip(meta) {
             match (builder, value) {
@@ -163,7 +188,11 @@ impl LakeRows {
                 (MetaBuilder::Int64(b), MetaValue::Int64(v)) => b.append_option(*v),
                 (MetaBuilder::Timestamp(b), MetaValue::Timestamp(v)) => b.append_option(*v),
                 (MetaBuilder::Bool(b), MetaValue::Bool(v)) => b.append_value(*v),
-                _ => return Err(ExportError::Internal("metadata value of the wrong type".into())),
+                _ => {
+                    return Err(ExportError::Internal(
+                        "metadata value of the wrong type".into(),
+                    ));
+                }
             }
         }
         if unknown.is_empty() {

@@ -43,7 +43,9 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 use crate::relation::RelationVersion;
 
 pub use reader::{SegmentReader, read_records, sha256_file};
-pub use types::{DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros, render};
+pub use types::{
+    DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros, render,
+};
 pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment, records_to_batch};
 
 /// The version of the segment layout described above.
@@ -75,7 +77,11 @@ fn metadata_fields() -> Vec<Field> {
         Field::new("lsn", DataType::UInt64, false),
         Field::new("seq", DataType::UInt32, false),
         Field::new("xid", DataType::UInt32, false),
-        Field::new("committed_at", DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())), false),
+        Field::new(
+            "committed_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            false,
+        ),
     ]
 }
 
@@ -99,7 +105,13 @@ fn text_map() -> DataType {
 pub fn row_struct_fields(rel: &RelationVersion) -> Fields {
     rel.columns
         .iter()
-        .map(|c| Field::new(&c.name, PgKind::of(c.type_oid, c.type_modifier).arrow_type(), true))
+        .map(|c| {
+            Field::new(
+                &c.name,
+                PgKind::of(c.type_oid, c.type_modifier).arrow_type(),
+                true,
+            )
+        })
         .collect()
 }
 
@@ -108,7 +120,11 @@ pub fn segment_schema(content: &SegmentContent) -> SchemaRef {
     let mut fields = metadata_fields();
     match content {
         SegmentContent::Table(rel) => {
-            fields.push(Field::new("op", DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8)), false));
+            fields.push(Field::new(
+                "op",
+                DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8)),
+                false,
+            ));
             fields.push(Field::new("context", DataType::Utf8, true));
             fields.push(Field::new("changed", names_list(), true));
             if !rel.columns.is_empty() {

@@ -5,9 +5,13 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type,
+};
 use datafusion::parquet::arrow::ProjectionMask;
-use datafusion::parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector};
+use datafusion::parquet::arrow::arrow_reader::{
+    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+};
 use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 
@@ -20,7 +24,10 @@ use crate::lsn::{ChangeKey, Lsn};
 
 /// The SHA-256 (hex) of a file, read in a streaming fashion.
 pub fn sha256_file(path: &Path) -> Result<String, SegmentError> {
-    let io = |source| SegmentError::Io { path: path.to_path_buf(), source };
+    let io = |source| SegmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = File::open(path).map_err(io)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -38,14 +45,21 @@ pub fn sha256_file(path: &Path) -> Result<String, SegmentError> {
 /// readers panic on some malformed files (arrow-ipc on an impossible integer width in the
 /// embedded schema, found by the segment reader's fuzz target); a damaged segment must be an
 /// error that names it, never a crash of the process reading it.
-fn contained<T>(path: &Path, what: &str, f: impl FnOnce() -> Result<T, SegmentError>) -> Result<T, SegmentError> {
+fn contained<T>(
+    path: &Path,
+    what: &str,
+    f: impl FnOnce() -> Result<T, SegmentError>,
+) -> Result<T, SegmentError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
         let detail = payload
             .downcast_ref::<String>()
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("a panic in the Parquet reader");
-        Err(SegmentError::Corrupt { path: path.to_path_buf(), reason: format!("{what} failed on malformed data: {detail}") })
+        Err(SegmentError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("{what} failed on malformed data: {detail}"),
+        })
     })
 }
 
@@ -101,8 +115,18 @@ struct Description {
 impl SegmentReader {
     /// Open `path`; with `expected_sha256`, refuse a file whose bytes differ from what the
     /// manifest recorded (a flipped bit, a truncated copy, a swapped file).
-    pub fn open(path: &Path, expected_sha256: Option<&str>, batch_rows: usize) -> Result<SegmentReader, SegmentError> {
-        Self::open_pruned(path, expected_sha256, batch_rows, (0, u64::MAX), (i64::MIN, i64::MAX))
+    pub fn open(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+    ) -> Result<SegmentReader, SegmentError> {
+        Self::open_pruned(
+            path,
+            expected_sha256,
+            batch_rows,
+            (0, u64::MAX),
+            (i64::MIN, i64::MAX),
+        )
     }
 
     /// Like [`open`](Self::open), reading only the row groups whose `lsn` and `committed_at`
@@ -114,7 +138,15 @@ impl SegmentReader {
         lsn: (u64, u64),
         committed_at: (i64, i64),
     ) -> Result<SegmentReader, SegmentError> {
-        Self::open_selected(path, expected_sha256, batch_rows, lsn, committed_at, None, None)
+        Self::open_selected(
+            path,
+            expected_sha256,
+            batch_rows,
+            lsn,
+            committed_at,
+            None,
+            None,
+        )
     }
 
     /// Like [`open_pruned`](Self::open_pruned), decoding only the columns under the paths in
@@ -135,18 +167,46 @@ impl SegmentReader {
         if let Some(expected) = expected_sha256 {
             let found = sha256_file(path)?;
             if found != expected {
-                return Err(SegmentError::Checksum { path: path.to_path_buf(), expected: expected.into(), found });
+                return Err(SegmentError::Checksum {
+                    path: path.to_path_buf(),
+                    expected: expected.into(),
+                    found,
+                });
             }
         }
-        let file = File::open(path).map_err(|source| SegmentError::Io { path: path.to_path_buf(), source })?;
-        let bounds = ReadBounds { lsn, committed_at, columns, rows };
-        contained(path, "opening the segment", || Self::open_file(path, file, batch_rows, bounds))
+        let file = File::open(path).map_err(|source| SegmentError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bounds = ReadBounds {
+            lsn,
+            committed_at,
+            columns,
+            rows,
+        };
+        contained(path, "opening the segment", || {
+            Self::open_file(path, file, batch_rows, bounds)
+        })
     }
 
-    fn open_file(path: &Path, file: File, batch_rows: usize, bounds: ReadBounds<'_>) -> Result<SegmentReader, SegmentError> {
-        let ReadBounds { lsn, committed_at, columns, rows } = bounds;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|source| SegmentError::Parquet { path: path.to_path_buf(), source })?;
+    fn open_file(
+        path: &Path,
+        file: File,
+        batch_rows: usize,
+        bounds: ReadBounds<'_>,
+    ) -> Result<SegmentReader, SegmentError> {
+        let ReadBounds {
+            lsn,
+            committed_at,
+            columns,
+            rows,
+        } = bounds;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
+            SegmentError::Parquet {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
         let description = builder
             .metadata()
             .file_metadata()
@@ -157,10 +217,11 @@ impl SegmentReader {
                 path: path.to_path_buf(),
                 reason: format!("no {SEGMENT_METADATA_KEY} metadata: not a pgtrail segment"),
             })?;
-        let description: Description = serde_json::from_str(description).map_err(|e| SegmentError::Corrupt {
-            path: path.to_path_buf(),
-            reason: format!("unreadable {SEGMENT_METADATA_KEY} metadata: {e}"),
-        })?;
+        let description: Description =
+            serde_json::from_str(description).map_err(|e| SegmentError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("unreadable {SEGMENT_METADATA_KEY} metadata: {e}"),
+            })?;
         if description.format_version != SEGMENT_FORMAT_VERSION {
             return Err(SegmentError::Corrupt {
                 path: path.to_path_buf(),
@@ -180,7 +241,10 @@ impl SegmentReader {
                 .fields()
                 .iter()
                 .zip(expected.fields())
-                .all(|(found, want)| found.name() == want.name() && found.data_type().equals_datatype(want.data_type()));
+                .all(|(found, want)| {
+                    found.name() == want.name()
+                        && found.data_type().equals_datatype(want.data_type())
+                });
         if !same {
             return Err(SegmentError::Corrupt {
                 path: path.to_path_buf(),
@@ -198,8 +262,10 @@ impl SegmentReader {
                     _ => None,
                 };
                 // UInt64 is stored as INT64 with the same bits; LSNs stay below 2^63.
-                let lsn_ok = range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
-                let time_ok = range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
+                let lsn_ok =
+                    range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
+                let time_ok =
+                    range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
                 lsn_ok && time_ok
             })
             .map(|(i, _)| i)
@@ -210,22 +276,35 @@ impl SegmentReader {
             let leaves: Vec<usize> = (0..descr.num_columns())
                 .filter(|&i| {
                     let parts = descr.column(i).path().parts().to_vec();
-                    columns.iter().any(|want| want.len() <= parts.len() && want.iter().zip(&parts).all(|(a, b)| a == b))
+                    columns.iter().any(|want| {
+                        want.len() <= parts.len() && want.iter().zip(&parts).all(|(a, b)| a == b)
+                    })
                 })
                 .collect();
             let mask = ProjectionMask::leaves(descr, leaves);
             builder = builder.with_projection(mask);
         }
         if let Some(rows) = rows {
-            let kept: usize = keep.iter().map(|&i| builder.metadata().row_group(i).num_rows().max(0) as usize).sum();
+            let kept: usize = keep
+                .iter()
+                .map(|&i| builder.metadata().row_group(i).num_rows().max(0) as usize)
+                .sum();
             builder = builder.with_row_selection(row_selection(rows, kept));
         }
         let reader = builder
             .with_row_groups(keep)
             .with_batch_size(batch_rows.max(1))
             .build()
-            .map_err(|source| SegmentError::Parquet { path: path.to_path_buf(), source })?;
-        Ok(SegmentReader { path: path.to_path_buf(), content: description.content, schema, reader })
+            .map_err(|source| SegmentError::Parquet {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(SegmentReader {
+            path: path.to_path_buf(),
+            content: description.content,
+            schema,
+            reader,
+        })
     }
 
     pub fn content(&self) -> &SegmentContent {
@@ -243,7 +322,12 @@ impl Iterator for SegmentReader {
     fn next(&mut self) -> Option<Self::Item> {
         let (path, reader) = (&self.path, &mut self.reader);
         let next = contained(path, "reading the segment", || {
-            Ok(reader.next().map(|r| r.map_err(|source| SegmentError::Read { path: path.clone(), source })))
+            Ok(reader.next().map(|r| {
+                r.map_err(|source| SegmentError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            }))
         });
         match next {
             Ok(next) => next,
@@ -257,19 +341,50 @@ impl Iterator for SegmentReader {
 /// exact text from the `*_text` columns, and `Unknown` cells from the `*_unknown` columns.
 /// This is the inverse of what compaction wrote, for audits, tests and tools that want the
 /// log's view of a segment.
-pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec<(ChangeKey, ChangeRecord)>, SegmentError> {
-    let bad = |reason: &str| SegmentError::Corrupt { path: PathBuf::new(), reason: reason.to_string() };
-    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| bad(&format!("no column {name}")));
-    let lsn = col("lsn")?.as_primitive_opt::<UInt64Type>().ok_or_else(|| bad("lsn type"))?.clone();
-    let seq = col("seq")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| bad("seq type"))?.clone();
-    let xid = col("xid")?.as_primitive_opt::<UInt32Type>().ok_or_else(|| bad("xid type"))?.clone();
-    let ts = col("committed_at")?.as_primitive_opt::<TimestampMicrosecondType>().ok_or_else(|| bad("committed_at type"))?.clone();
+pub fn read_records(
+    content: &SegmentContent,
+    batch: &RecordBatch,
+) -> Result<Vec<(ChangeKey, ChangeRecord)>, SegmentError> {
+    let bad = |reason: &str| SegmentError::Corrupt {
+        path: PathBuf::new(),
+        reason: reason.to_string(),
+    };
+    let col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| bad(&format!("no column {name}")))
+    };
+    let lsn = col("lsn")?
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| bad("lsn type"))?
+        .clone();
+    let seq = col("seq")?
+        .as_primitive_opt::<UInt32Type>()
+        .ok_or_else(|| bad("seq type"))?
+        .clone();
+    let xid = col("xid")?
+        .as_primitive_opt::<UInt32Type>()
+        .ok_or_else(|| bad("xid type"))?
+        .clone();
+    let ts = col("committed_at")?
+        .as_primitive_opt::<TimestampMicrosecondType>()
+        .ok_or_else(|| bad("committed_at type"))?
+        .clone();
     let mut out = Vec::with_capacity(batch.num_rows());
     match content {
         SegmentContent::Messages => {
-            let transactional = col("transactional")?.as_boolean_opt().ok_or_else(|| bad("transactional type"))?.clone();
-            let prefix = col("prefix")?.as_string_opt::<i32>().ok_or_else(|| bad("prefix type"))?.clone();
-            let body = col("content")?.as_binary_opt::<i32>().ok_or_else(|| bad("content type"))?.clone();
+            let transactional = col("transactional")?
+                .as_boolean_opt()
+                .ok_or_else(|| bad("transactional type"))?
+                .clone();
+            let prefix = col("prefix")?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| bad("prefix type"))?
+                .clone();
+            let body = col("content")?
+                .as_binary_opt::<i32>()
+                .ok_or_else(|| bad("content type"))?
+                .clone();
             for i in 0..batch.num_rows() {
                 out.push((
                     ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)),
@@ -293,23 +408,44 @@ pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec
             }
         }
         SegmentContent::Table(rel) => {
-            let kinds: Vec<PgKind> = rel.columns.iter().map(|c| PgKind::of(c.type_oid, c.type_modifier)).collect();
-            let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8).map_err(SegmentError::Arrow)?;
+            let kinds: Vec<PgKind> = rel
+                .columns
+                .iter()
+                .map(|c| PgKind::of(c.type_oid, c.type_modifier))
+                .collect();
+            let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8)
+                .map_err(SegmentError::Arrow)?;
             let op = op.as_string::<i32>();
-            let context = col("context")?.as_string_opt::<i32>().ok_or_else(|| bad("context type"))?.clone();
+            let context = col("context")?
+                .as_string_opt::<i32>()
+                .ok_or_else(|| bad("context type"))?
+                .clone();
             let image = |name: &str| -> Result<Option<StructArray>, SegmentError> {
-                Ok(batch.column_by_name(name).and_then(|c| c.as_struct_opt().cloned()))
+                Ok(batch
+                    .column_by_name(name)
+                    .and_then(|c| c.as_struct_opt().cloned()))
             };
             let (before, after) = (image("before")?, image("after")?);
             let names = |name: &str| -> Result<ListArray, SegmentError> {
-                col(name)?.as_list_opt::<i32>().cloned().ok_or_else(|| bad(&format!("{name} type")))
+                col(name)?
+                    .as_list_opt::<i32>()
+                    .cloned()
+                    .ok_or_else(|| bad(&format!("{name} type")))
             };
-            let (before_unknown, after_unknown) = (names("before_unknown")?, names("after_unknown")?);
+            let (before_unknown, after_unknown) =
+                (names("before_unknown")?, names("after_unknown")?);
             let map = |name: &str| -> Result<MapArray, SegmentError> {
-                col(name)?.as_map_opt().cloned().ok_or_else(|| bad(&format!("{name} type")))
+                col(name)?
+                    .as_map_opt()
+                    .cloned()
+                    .ok_or_else(|| bad(&format!("{name} type")))
             };
             let (before_text, after_text) = (map("before_text")?, map("after_text")?);
-            let row_of = |image: &Option<StructArray>, unknown: &ListArray, exact: &MapArray, i: usize| -> Option<Row> {
+            let row_of = |image: &Option<StructArray>,
+                          unknown: &ListArray,
+                          exact: &MapArray,
+                          i: usize|
+             -> Option<Row> {
                 let present = match image {
                     Some(s) => !s.is_null(i),
                     None => !unknown.is_null(i) || !exact.is_null(i),
@@ -320,7 +456,13 @@ pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec
                 let unknown: Vec<String> = if unknown.is_null(i) {
                     Vec::new()
                 } else {
-                    unknown.value(i).as_string::<i32>().iter().flatten().map(str::to_string).collect()
+                    unknown
+                        .value(i)
+                        .as_string::<i32>()
+                        .iter()
+                        .flatten()
+                        .map(str::to_string)
+                        .collect()
                 };
                 let exact: Vec<(String, String)> = if exact.is_null(i) {
                     Vec::new()
@@ -328,7 +470,9 @@ pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec
                     let entries = exact.value(i);
                     let k = entries.column(0).as_string::<i32>();
                     let v = entries.column(1).as_string::<i32>();
-                    (0..entries.len()).map(|j| (k.value(j).to_string(), v.value(j).to_string())).collect()
+                    (0..entries.len())
+                        .map(|j| (k.value(j).to_string(), v.value(j).to_string()))
+                        .collect()
                 };
                 Some(
                     rel.columns
@@ -341,7 +485,10 @@ pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec
                             if let Some((_, t)) = exact.iter().find(|(k, _)| k == &column.name) {
                                 return Cell::Text(t.clone());
                             }
-                            match image.as_ref().and_then(|s| render(&kinds[c], s.column(c).as_ref(), i)) {
+                            match image
+                                .as_ref()
+                                .and_then(|s| render(&kinds[c], s.column(c).as_ref(), i))
+                            {
                                 Some(t) => Cell::Text(t),
                                 None => Cell::Null,
                             }
@@ -361,9 +508,16 @@ pub fn read_records(content: &SegmentContent, batch: &RecordBatch) -> Result<Vec
                 };
                 let b = row_of(&before, &before_unknown, &before_text, i);
                 let a = row_of(&after, &after_unknown, &after_text, i);
-                let key = a.as_ref().or(b.as_ref()).filter(|_| !key_pos.is_empty()).map(|row| {
-                    key_pos.iter().map(|&p| row.get(p).and_then(|c| c.as_text().map(str::to_string))).collect()
-                });
+                let key = a
+                    .as_ref()
+                    .or(b.as_ref())
+                    .filter(|_| !key_pos.is_empty())
+                    .map(|row| {
+                        key_pos
+                            .iter()
+                            .map(|&p| row.get(p).and_then(|c| c.as_text().map(str::to_string)))
+                            .collect()
+                    });
                 out.push((
                     ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)),
                     ChangeRecord {
@@ -420,27 +574,71 @@ mod tests {
         std::fs::write(&fixture, SEGMENT).unwrap();
         let reader = SegmentReader::open(&fixture, None, 64).unwrap();
         let content = reader.content().clone();
-        let (_, record) = read_records(&content, &reader.into_iter().next().unwrap().unwrap()).unwrap().remove(0);
-        let options = super::super::SegmentOptions { batch_rows: 5, row_group_rows: 7, ..Default::default() };
-        let mut writer = super::super::SegmentWriter::create(dir.path(), "s", &content, &options).unwrap();
+        let (_, record) = read_records(&content, &reader.into_iter().next().unwrap().unwrap())
+            .unwrap()
+            .remove(0);
+        let options = super::super::SegmentOptions {
+            batch_rows: 5,
+            row_group_rows: 7,
+            ..Default::default()
+        };
+        let mut writer =
+            super::super::SegmentWriter::create(dir.path(), "s", &content, &options).unwrap();
         for n in 1..=60u64 {
-            writer.push(ChangeKey::new(Lsn(100 * n), (n % 3) as u32), &ChangeRecord { committed_at_us: n as i64, ..record.clone() }, 1).unwrap();
+            writer
+                .push(
+                    ChangeKey::new(Lsn(100 * n), (n % 3) as u32),
+                    &ChangeRecord {
+                        committed_at_us: n as i64,
+                        ..record.clone()
+                    },
+                    1,
+                )
+                .unwrap();
         }
-        let path = dir.path().join(writer.finish(|_, _| "s.parquet".into()).unwrap().file_name);
+        let path = dir
+            .path()
+            .join(writer.finish(|_, _| "s.parquet".into()).unwrap().file_name);
         let whole = |p: &Path| -> Vec<(u64, u32)> {
             let reader = SegmentReader::open(p, None, 3).unwrap();
             let content = reader.content().clone();
-            reader.flat_map(|b| read_records(&content, &b.unwrap()).unwrap()).map(|(k, _)| (k.commit_lsn.0, k.seq)).collect()
+            reader
+                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
+                .map(|(k, _)| (k.commit_lsn.0, k.seq))
+                .collect()
         };
         let all = whole(&path);
         assert_eq!(all.len(), 60);
         let last = all.len() - 1;
-        for rows in [vec![0], vec![last], vec![0, 1, 2], vec![1, last], vec![6, 7, 8, 20, 21, 50, last, last + 5], vec![], (0..=last).collect()] {
-            let reader = SegmentReader::open_selected(&path, None, 2, (0, u64::MAX), (i64::MIN, i64::MAX), None, Some(&rows)).unwrap();
+        for rows in [
+            vec![0],
+            vec![last],
+            vec![0, 1, 2],
+            vec![1, last],
+            vec![6, 7, 8, 20, 21, 50, last, last + 5],
+            vec![],
+            (0..=last).collect(),
+        ] {
+            let reader = SegmentReader::open_selected(
+                &path,
+                None,
+                2,
+                (0, u64::MAX),
+                (i64::MIN, i64::MAX),
+                None,
+                Some(&rows),
+            )
+            .unwrap();
             let content = reader.content().clone();
-            let got: Vec<(u64, u32)> =
-                reader.flat_map(|b| read_records(&content, &b.unwrap()).unwrap()).map(|(k, _)| (k.commit_lsn.0, k.seq)).collect();
-            let want: Vec<(u64, u32)> = rows.iter().filter(|&&r| r <= last).map(|&r| all[r]).collect();
+            let got: Vec<(u64, u32)> = reader
+                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
+                .map(|(k, _)| (k.commit_lsn.0, k.seq))
+                .collect();
+            let want: Vec<(u64, u32)> = rows
+                .iter()
+                .filter(|&&r| r <= last)
+                .map(|&r| all[r])
+                .collect();
             assert_eq!(got, want, "rows {rows:?}");
         }
     }
@@ -463,14 +661,21 @@ mod tests {
             let mut bytes = SEGMENT.to_vec();
             for _ in 0..1 + next() % 8 {
                 // Mostly in the footer (schema, metadata, statistics), where readers trust most.
-                let at = if next() % 2 == 0 { bytes.len() - 1 - (next() as usize) % 600.min(bytes.len()) } else { (next() as usize) % bytes.len() };
+                let at = if next() % 2 == 0 {
+                    bytes.len() - 1 - (next() as usize) % 600.min(bytes.len())
+                } else {
+                    (next() as usize) % bytes.len()
+                };
                 bytes[at] = next() as u8;
             }
             std::fs::write(&path, &bytes).unwrap();
             if let Err(e) = read_all(&path) {
                 errors += 1;
                 let text = e.to_string();
-                assert!(text.contains("s.parquet"), "the error names the file: {text}");
+                assert!(
+                    text.contains("s.parquet"),
+                    "the error names the file: {text}"
+                );
             }
         }
         assert!(errors > 50, "corruptions must be noticed ({errors} of 300)");
@@ -478,11 +683,18 @@ mod tests {
 
     #[test]
     fn a_panic_inside_the_parquet_reader_is_an_error_naming_the_file() {
-        let err = contained(Path::new("/archive/segments/x.parquet"), "reading the segment", || -> Result<(), SegmentError> {
-            panic!("Int type with bit width of 1048640 and signed of true not supported")
-        })
+        let err = contained(
+            Path::new("/archive/segments/x.parquet"),
+            "reading the segment",
+            || -> Result<(), SegmentError> {
+                panic!("Int type with bit width of 1048640 and signed of true not supported")
+            },
+        )
         .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("x.parquet") && text.contains("bit width"), "{text}");
+        assert!(
+            text.contains("x.parquet") && text.contains("bit width"),
+            "{text}"
+        );
     }
 }

@@ -12,14 +12,16 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayBuilder, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder,
-    FixedSizeBinaryBuilder, Float32Builder, Float64Builder, Int16Builder, Int32Builder, Int64Builder,
-    Int32Array, Int64Array, ListArray, StringBuilder, StructArray, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
+    Array, ArrayBuilder, ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, Date32Builder,
+    Decimal128Builder, FixedSizeBinaryBuilder, Float32Builder, Float64Builder, Int16Builder,
+    Int32Array, Int32Builder, Int64Array, Int64Builder, ListArray, StringBuilder, StructArray,
+    Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
 use datafusion::arrow::buffer::OffsetBuffer;
 use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Decimal128Type, Field, Fields, Float32Type, Float64Type, Int16Type, Int32Type, Int64Type,
-    IntervalMonthDayNano, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType,
+    DataType, Date32Type, Decimal128Type, Field, Fields, Float32Type, Float64Type, Int16Type,
+    Int32Type, Int64Type, IntervalMonthDayNano, Time64MicrosecondType, TimeUnit,
+    TimestampMicrosecondType,
 };
 
 /// How a PostgreSQL column type is kept in a segment.
@@ -32,7 +34,10 @@ pub enum PgKind {
     Float4,
     Float8,
     /// `numeric(p, s)` with 1 <= p <= 38 and 0 <= s <= p: exact in a Decimal128.
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// Kept as PostgreSQL's text: text types, unconstrained numeric, and every type without a
     /// closer Arrow match.
     Text,
@@ -117,7 +122,9 @@ impl PgKind {
             // Parquet has no exact interval type (its INTERVAL is unsigned milliseconds), so
             // PostgreSQL's three fields are kept as they are.
             PgKind::Interval => DataType::Struct(interval_fields()),
-            PgKind::Array(e) => DataType::List(Arc::new(Field::new("element", e.arrow_type(), true))),
+            PgKind::Array(e) => {
+                DataType::List(Arc::new(Field::new("element", e.arrow_type(), true)))
+            }
         }
     }
 }
@@ -140,7 +147,10 @@ fn numeric_kind(type_modifier: i32) -> PgKind {
     let precision = (m >> 16) & 0xFFFF;
     let scale = ((m & 0x7FF) ^ 1024) - 1024;
     if (1..=38).contains(&precision) && (0..=precision).contains(&scale) {
-        PgKind::Decimal { precision: precision as u8, scale: scale as i8 }
+        PgKind::Decimal {
+            precision: precision as u8,
+            scale: scale as i8,
+        }
     } else {
         PgKind::Text
     }
@@ -185,20 +195,25 @@ impl ValueBuilder {
             PgKind::Int8 => Inner::I64(Int64Builder::new()),
             PgKind::Float4 => Inner::F32(Float32Builder::new()),
             PgKind::Float8 => Inner::F64(Float64Builder::new()),
-            PgKind::Decimal { precision, scale } => {
-                Inner::Dec(Decimal128Builder::new().with_data_type(DataType::Decimal128(*precision, *scale)))
-            }
+            PgKind::Decimal { precision, scale } => Inner::Dec(
+                Decimal128Builder::new().with_data_type(DataType::Decimal128(*precision, *scale)),
+            ),
             PgKind::Text | PgKind::Json => Inner::Str(StringBuilder::new()),
             PgKind::Bytea => Inner::Bin(BinaryBuilder::new()),
             PgKind::Uuid => Inner::Uuid(FixedSizeBinaryBuilder::new(16)),
             PgKind::Date => Inner::Date(Date32Builder::new()),
             PgKind::Time => Inner::Time(Time64MicrosecondBuilder::new()),
             PgKind::Timestamp => Inner::Ts(TimestampMicrosecondBuilder::new()),
-            PgKind::TimestampTz => Inner::Ts(TimestampMicrosecondBuilder::new().with_timezone("UTC")),
+            PgKind::TimestampTz => {
+                Inner::Ts(TimestampMicrosecondBuilder::new().with_timezone("UTC"))
+            }
             PgKind::Interval => Inner::Interval(Vec::new(), Vec::new(), Vec::new(), Vec::new()),
             PgKind::Array(e) => Inner::List(Box::new(ValueBuilder::new(e)), vec![0], Vec::new()),
         };
-        ValueBuilder { kind: kind.clone(), inner }
+        ValueBuilder {
+            kind: kind.clone(),
+            inner,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -267,7 +282,9 @@ impl ValueBuilder {
             Inner::F32(b) => b.append_value(parse_float(text)?),
             Inner::F64(b) => b.append_value(parse_float(text)?),
             Inner::Dec(b) => {
-                let PgKind::Decimal { precision, scale } = self.kind else { return Err(DoesNotFit) };
+                let PgKind::Decimal { precision, scale } = self.kind else {
+                    return Err(DoesNotFit);
+                };
                 b.append_value(parse_decimal(text, precision, scale)?)
             }
             Inner::Str(b) => b.append_value(text),
@@ -275,7 +292,9 @@ impl ValueBuilder {
             Inner::Uuid(b) => b.append_value(parse_uuid(text)?).map_err(|_| DoesNotFit)?,
             Inner::Date(b) => b.append_value(parse_date(text)?),
             Inner::Time(b) => b.append_value(parse_time(text)?),
-            Inner::Ts(b) => b.append_value(parse_timestamp(text, self.kind == PgKind::TimestampTz)?),
+            Inner::Ts(b) => {
+                b.append_value(parse_timestamp(text, self.kind == PgKind::TimestampTz)?)
+            }
             Inner::Interval(m, d, us, valid) => {
                 let v = parse_interval(text)?;
                 m.push(v.months);
@@ -333,7 +352,9 @@ impl ValueBuilder {
                 let values = e.finish();
                 let offsets = OffsetBuffer::new(std::mem::replace(offsets, vec![0]).into());
                 let nulls = std::mem::take(valid).into();
-                let PgKind::Array(ek) = &self.kind else { unreachable!("list builder of a non-array kind") };
+                let PgKind::Array(ek) = &self.kind else {
+                    unreachable!("list builder of a non-array kind")
+                };
                 let field = Arc::new(Field::new("element", ek.arrow_type(), true));
                 Arc::new(ListArray::new(field, offsets, values, Some(nulls)))
             }
@@ -353,7 +374,10 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, DoesNotFi
     };
     let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
     let scale = usize::try_from(scale).map_err(|_| DoesNotFit)?;
-    if int.is_empty() || frac.len() > scale || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+    if int.is_empty()
+        || frac.len() > scale
+        || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
+    {
         return Err(DoesNotFit);
     }
     let significant = int.trim_start_matches('0').len() + scale;
@@ -362,7 +386,10 @@ fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, DoesNotFi
     }
     let mut v: i128 = 0;
     for b in int.bytes().chain(frac.bytes()) {
-        v = v.checked_mul(10).and_then(|v| v.checked_add(i128::from(b - b'0'))).ok_or(DoesNotFit)?;
+        v = v
+            .checked_mul(10)
+            .and_then(|v| v.checked_add(i128::from(b - b'0')))
+            .ok_or(DoesNotFit)?;
     }
     for _ in frac.len()..scale {
         v = v.checked_mul(10).ok_or(DoesNotFit)?;
@@ -375,7 +402,9 @@ fn parse_bytea(text: &str) -> Result<Vec<u8>, DoesNotFit> {
     if hex.len() % 2 != 0 {
         return Err(DoesNotFit);
     }
-    hex.chunks(2).map(|pair| Ok(hex_val(pair[0])? << 4 | hex_val(pair[1])?)).collect()
+    hex.chunks(2)
+        .map(|pair| Ok(hex_val(pair[0])? << 4 | hex_val(pair[1])?))
+        .collect()
 }
 
 fn hex_val(b: u8) -> Result<u8, DoesNotFit> {
@@ -428,9 +457,21 @@ pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
 /// year given as written and `bc` saying whether " BC" followed.
 fn parse_ymd(text: &str, bc: bool) -> Result<i64, DoesNotFit> {
     let mut parts = text.splitn(3, '-');
-    let y: i64 = parts.next().ok_or(DoesNotFit)?.parse().map_err(|_| DoesNotFit)?;
-    let m: u32 = parts.next().ok_or(DoesNotFit)?.parse().map_err(|_| DoesNotFit)?;
-    let d: u32 = parts.next().ok_or(DoesNotFit)?.parse().map_err(|_| DoesNotFit)?;
+    let y: i64 = parts
+        .next()
+        .ok_or(DoesNotFit)?
+        .parse()
+        .map_err(|_| DoesNotFit)?;
+    let m: u32 = parts
+        .next()
+        .ok_or(DoesNotFit)?
+        .parse()
+        .map_err(|_| DoesNotFit)?;
+    let d: u32 = parts
+        .next()
+        .ok_or(DoesNotFit)?
+        .parse()
+        .map_err(|_| DoesNotFit)?;
     if y < 1 || !(1..=12).contains(&m) || !(1..=31).contains(&d) {
         return Err(DoesNotFit);
     }
@@ -455,21 +496,36 @@ fn parse_date(text: &str) -> Result<i32, DoesNotFit> {
     }
     let (ymd, bc) = strip_bc(text);
     let days = parse_ymd(ymd, bc)?;
-    i32::try_from(days).ok().filter(|d| *d != i32::MAX && *d != i32::MIN).ok_or(DoesNotFit)
+    i32::try_from(days)
+        .ok()
+        .filter(|d| *d != i32::MAX && *d != i32::MIN)
+        .ok_or(DoesNotFit)
 }
 
 /// `HH:MM:SS[.ffffff]` into microseconds (hours may exceed 24 only in intervals).
 fn parse_hms(text: &str) -> Result<i64, DoesNotFit> {
     let mut parts = text.splitn(3, ':');
-    let h: i64 = parts.next().ok_or(DoesNotFit)?.parse().map_err(|_| DoesNotFit)?;
-    let m: i64 = parts.next().ok_or(DoesNotFit)?.parse().map_err(|_| DoesNotFit)?;
+    let h: i64 = parts
+        .next()
+        .ok_or(DoesNotFit)?
+        .parse()
+        .map_err(|_| DoesNotFit)?;
+    let m: i64 = parts
+        .next()
+        .ok_or(DoesNotFit)?
+        .parse()
+        .map_err(|_| DoesNotFit)?;
     let s = parts.next().ok_or(DoesNotFit)?;
     let (secs, frac) = s.split_once('.').unwrap_or((s, ""));
     let secs: i64 = secs.parse().map_err(|_| DoesNotFit)?;
     if !(0..60).contains(&m) || !(0..=60).contains(&secs) || h < 0 || frac.len() > 6 {
         return Err(DoesNotFit);
     }
-    let mut micros: i64 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| DoesNotFit)? };
+    let mut micros: i64 = if frac.is_empty() {
+        0
+    } else {
+        frac.parse().map_err(|_| DoesNotFit)?
+    };
     for _ in frac.len()..6 {
         micros *= 10;
     }
@@ -481,7 +537,11 @@ fn parse_hms(text: &str) -> Result<i64, DoesNotFit> {
 fn parse_time(text: &str) -> Result<i64, DoesNotFit> {
     let v = parse_hms(text)?;
     // 24:00:00 is a valid PostgreSQL time but outside Arrow's time-of-day range.
-    if v >= MICROS_PER_DAY { Err(DoesNotFit) } else { Ok(v) }
+    if v >= MICROS_PER_DAY {
+        Err(DoesNotFit)
+    } else {
+        Ok(v)
+    }
 }
 
 fn parse_timestamp(text: &str, with_zone: bool) -> Result<i64, DoesNotFit> {
@@ -514,7 +574,11 @@ fn parse_timestamp(text: &str, with_zone: bool) -> Result<i64, DoesNotFit> {
         .and_then(|v| v.checked_add(tod))
         .and_then(|v| v.checked_sub(offset_us))
         .ok_or(DoesNotFit)?;
-    if v == i64::MAX || v == i64::MIN { Err(DoesNotFit) } else { Ok(v) }
+    if v == i64::MAX || v == i64::MIN {
+        Err(DoesNotFit)
+    } else {
+        Ok(v)
+    }
 }
 
 /// An interval in `IntervalStyle=postgres`: `1 year 2 mons -3 days +04:05:06.5`.
@@ -530,12 +594,18 @@ fn parse_interval(text: &str) -> Result<IntervalMonthDayNano, DoesNotFit> {
                 Some(b'+') => (1, &w[1..]),
                 _ => (1, w),
             };
-            micros = micros.checked_add(sign * parse_hms(hms)?).ok_or(DoesNotFit)?;
+            micros = micros
+                .checked_add(sign * parse_hms(hms)?)
+                .ok_or(DoesNotFit)?;
             continue;
         }
         let n: i64 = w.parse().map_err(|_| DoesNotFit)?;
         match words.next().ok_or(DoesNotFit)? {
-            "year" | "years" => months = months.checked_add(n.checked_mul(12).ok_or(DoesNotFit)?).ok_or(DoesNotFit)?,
+            "year" | "years" => {
+                months = months
+                    .checked_add(n.checked_mul(12).ok_or(DoesNotFit)?)
+                    .ok_or(DoesNotFit)?
+            }
             "mon" | "mons" => months = months.checked_add(n).ok_or(DoesNotFit)?,
             "day" | "days" => days = days.checked_add(n).ok_or(DoesNotFit)?,
             _ => return Err(DoesNotFit),
@@ -551,7 +621,10 @@ fn parse_interval(text: &str) -> Result<IntervalMonthDayNano, DoesNotFit> {
 /// The elements of a one-dimensional PostgreSQL array literal (`None` for NULL). Arrays with
 /// explicit bounds or more than one dimension do not fit a flat list.
 fn parse_array(text: &str) -> Result<Vec<Option<String>>, DoesNotFit> {
-    let inner = text.strip_prefix('{').and_then(|t| t.strip_suffix('}')).ok_or(DoesNotFit)?;
+    let inner = text
+        .strip_prefix('{')
+        .and_then(|t| t.strip_suffix('}'))
+        .ok_or(DoesNotFit)?;
     let mut out = Vec::new();
     if inner.is_empty() {
         return Ok(out);
@@ -586,7 +659,11 @@ fn parse_array(text: &str) -> Result<Vec<Option<String>>, DoesNotFit> {
                 }
             }
         }
-        out.push(if !quoted && value.eq_ignore_ascii_case("NULL") { None } else { Some(value) });
+        out.push(if !quoted && value.eq_ignore_ascii_case("NULL") {
+            None
+        } else {
+            Some(value)
+        });
         match chars.next() {
             None => return Ok(out),
             Some(',') => {}
@@ -602,20 +679,27 @@ pub fn render(kind: &PgKind, array: &dyn Array, i: usize) -> Option<String> {
         return None;
     }
     Some(match kind {
-        PgKind::Bool => if array.as_boolean().value(i) { "t" } else { "f" }.to_string(),
+        PgKind::Bool => if array.as_boolean().value(i) {
+            "t"
+        } else {
+            "f"
+        }
+        .to_string(),
         PgKind::Int2 => array.as_primitive::<Int16Type>().value(i).to_string(),
         PgKind::Int4 => array.as_primitive::<Int32Type>().value(i).to_string(),
         PgKind::Int8 => array.as_primitive::<Int64Type>().value(i).to_string(),
-        PgKind::Float4 => render_float(f64::from(array.as_primitive::<Float32Type>().value(i)), || {
-            array.as_primitive::<Float32Type>().value(i).to_string()
-        }),
+        PgKind::Float4 => render_float(
+            f64::from(array.as_primitive::<Float32Type>().value(i)),
+            || array.as_primitive::<Float32Type>().value(i).to_string(),
+        ),
         PgKind::Float8 => {
             let v = array.as_primitive::<Float64Type>().value(i);
             render_float(v, || v.to_string())
         }
-        PgKind::Decimal { scale, .. } => {
-            render_decimal(array.as_primitive::<Decimal128Type>().value(i), usize::try_from(*scale).unwrap_or(0))
-        }
+        PgKind::Decimal { scale, .. } => render_decimal(
+            array.as_primitive::<Decimal128Type>().value(i),
+            usize::try_from(*scale).unwrap_or(0),
+        ),
         PgKind::Text | PgKind::Json => array.as_string::<i32>().value(i).to_string(),
         PgKind::Bytea => {
             let bytes = array.as_binary::<i32>().value(i);
@@ -629,20 +713,31 @@ pub fn render(kind: &PgKind, array: &dyn Array, i: usize) -> Option<String> {
         PgKind::Uuid => {
             let b = array.as_fixed_size_binary().value(i);
             let hex: String = b.iter().map(|b| format!("{b:02x}")).collect();
-            format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+            format!(
+                "{}-{}-{}-{}-{}",
+                &hex[0..8],
+                &hex[8..12],
+                &hex[12..16],
+                &hex[16..20],
+                &hex[20..32]
+            )
         }
         PgKind::Date => render_date(array.as_primitive::<Date32Type>().value(i)),
         PgKind::Time => render_hms(array.as_primitive::<Time64MicrosecondType>().value(i)),
-        PgKind::Timestamp | PgKind::TimestampTz => {
-            render_timestamp(array.as_primitive::<TimestampMicrosecondType>().value(i), *kind == PgKind::TimestampTz)
-        }
+        PgKind::Timestamp | PgKind::TimestampTz => render_timestamp(
+            array.as_primitive::<TimestampMicrosecondType>().value(i),
+            *kind == PgKind::TimestampTz,
+        ),
         PgKind::Interval => {
             let s = array.as_struct();
             let months = s.column(0).as_primitive::<Int32Type>().value(i);
             let days = s.column(1).as_primitive::<Int32Type>().value(i);
             let micros = s.column(2).as_primitive::<Int64Type>().value(i);
             let sign = if micros < 0 { "-" } else { "" };
-            format!("{months} mons {days} days {sign}{}", render_hms(micros.unsigned_abs() as i64))
+            format!(
+                "{months} mons {days} days {sign}{}",
+                render_hms(micros.unsigned_abs() as i64)
+            )
         }
         PgKind::Array(ek) => {
             let list = array.as_list::<i32>().value(i);
@@ -675,12 +770,20 @@ fn render_decimal(v: i128, scale: usize) -> String {
     let digits = format!("{digits:0>width$}", width = scale + 1);
     let (int, frac) = digits.split_at(digits.len() - scale);
     let sign = if v < 0 { "-" } else { "" };
-    if scale == 0 { format!("{sign}{int}") } else { format!("{sign}{int}.{frac}") }
+    if scale == 0 {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    }
 }
 
 fn render_ymd(days: i64) -> String {
     let (year, m, d) = civil_from_days(days);
-    if year <= 0 { format!("{:04}-{m:02}-{d:02} BC", 1 - year) } else { format!("{year:04}-{m:02}-{d:02}") }
+    if year <= 0 {
+        format!("{:04}-{m:02}-{d:02} BC", 1 - year)
+    } else {
+        format!("{year:04}-{m:02}-{d:02}")
+    }
 }
 
 fn render_date(days: i32) -> String {
@@ -695,7 +798,11 @@ fn render_hms(micros: i64) -> String {
     let (h, rest) = (micros / 3_600_000_000, micros % 3_600_000_000);
     let (m, rest) = (rest / 60_000_000, rest % 60_000_000);
     let (s, us) = (rest / 1_000_000, rest % 1_000_000);
-    if us == 0 { format!("{h:02}:{m:02}:{s:02}") } else { format!("{h:02}:{m:02}:{s:02}.{us:06}") }
+    if us == 0 {
+        format!("{h:02}:{m:02}:{s:02}")
+    } else {
+        format!("{h:02}:{m:02}:{s:02}.{us:06}")
+    }
 }
 
 /// Microseconds since the Unix epoch as `YYYY-MM-DD HH:MM:SS.ffffff+00` (always six fraction
@@ -703,7 +810,12 @@ fn render_hms(micros: i64) -> String {
 pub fn format_utc_micros(micros: i64) -> String {
     let (year, m, d) = civil_from_days(micros.div_euclid(MICROS_PER_DAY));
     let tod = micros.rem_euclid(MICROS_PER_DAY);
-    let (h, min, s, us) = (tod / 3_600_000_000, tod / 60_000_000 % 60, tod / 1_000_000 % 60, tod % 1_000_000);
+    let (h, min, s, us) = (
+        tod / 3_600_000_000,
+        tod / 60_000_000 % 60,
+        tod / 1_000_000 % 60,
+        tod % 1_000_000,
+    );
     format!("{year:04}-{m:02}-{d:02} {h:02}:{min:02}:{s:02}.{us:06}+00")
 }
 
@@ -717,7 +829,11 @@ fn render_timestamp(micros: i64, with_zone: bool) -> String {
     let tod = micros.rem_euclid(MICROS_PER_DAY);
     let (year, m, d) = civil_from_days(days);
     let zone = if with_zone { "+00" } else { "" };
-    let (y, bc) = if year <= 0 { (1 - year, " BC") } else { (year, "") };
+    let (y, bc) = if year <= 0 {
+        (1 - year, " BC")
+    } else {
+        (year, "")
+    };
     format!("{y:04}-{m:02}-{d:02} {}{zone}{bc}", render_hms(tod))
 }
 
@@ -740,35 +856,97 @@ mod tests {
             (PgKind::Float8, "NaN", "NaN"),
             (PgKind::Float4, "-Infinity", "-Infinity"),
             (PgKind::Float4, "0.1", "0.1"),
-            (PgKind::Decimal { precision: 12, scale: 2 }, "-0.05", "-0.05"),
-            (PgKind::Decimal { precision: 12, scale: 2 }, "1234567890.10", "1234567890.10"),
+            (
+                PgKind::Decimal {
+                    precision: 12,
+                    scale: 2,
+                },
+                "-0.05",
+                "-0.05",
+            ),
+            (
+                PgKind::Decimal {
+                    precision: 12,
+                    scale: 2,
+                },
+                "1234567890.10",
+                "1234567890.10",
+            ),
             (PgKind::Bytea, "\\x00ff10", "\\x00ff10"),
-            (PgKind::Uuid, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            (
+                PgKind::Uuid,
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+                "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            ),
             (PgKind::Date, "0044-03-15 BC", "0044-03-15 BC"),
             (PgKind::Date, "2026-02-28", "2026-02-28"),
             (PgKind::Date, "infinity", "infinity"),
             (PgKind::Time, "23:59:59.999999", "23:59:59.999999"),
-            (PgKind::Timestamp, "1999-12-31 23:59:59.5", "1999-12-31 23:59:59.500000"),
-            (PgKind::TimestampTz, "2026-11-20 12:00:00+00", "2026-11-20 12:00:00+00"),
-            (PgKind::TimestampTz, "0001-01-01 00:00:00+00 BC", "0001-01-01 00:00:00+00 BC"),
+            (
+                PgKind::Timestamp,
+                "1999-12-31 23:59:59.5",
+                "1999-12-31 23:59:59.500000",
+            ),
+            (
+                PgKind::TimestampTz,
+                "2026-11-20 12:00:00+00",
+                "2026-11-20 12:00:00+00",
+            ),
+            (
+                PgKind::TimestampTz,
+                "0001-01-01 00:00:00+00 BC",
+                "0001-01-01 00:00:00+00 BC",
+            ),
             (PgKind::TimestampTz, "-infinity", "-infinity"),
-            (PgKind::TimestampTz, "10000-01-01 00:00:00+00", "10000-01-01 00:00:00+00"),
-            (PgKind::Interval, "1 year 2 mons -3 days +04:05:06.5", "14 mons -3 days 04:05:06.500000"),
+            (
+                PgKind::TimestampTz,
+                "10000-01-01 00:00:00+00",
+                "10000-01-01 00:00:00+00",
+            ),
+            (
+                PgKind::Interval,
+                "1 year 2 mons -3 days +04:05:06.5",
+                "14 mons -3 days 04:05:06.500000",
+            ),
             (PgKind::Interval, "-00:00:01", "0 mons 0 days -00:00:01"),
-            (PgKind::Array(Box::new(PgKind::Int4)), "{1,NULL,-3}", "{\"1\",NULL,\"-3\"}"),
-            (PgKind::Array(Box::new(PgKind::Text)), "{\"a b\",\"q\\\"u\",NULL,\"NULL\"}", "{\"a b\",\"q\\\"u\",NULL,\"NULL\"}"),
+            (
+                PgKind::Array(Box::new(PgKind::Int4)),
+                "{1,NULL,-3}",
+                "{\"1\",NULL,\"-3\"}",
+            ),
+            (
+                PgKind::Array(Box::new(PgKind::Text)),
+                "{\"a b\",\"q\\\"u\",NULL,\"NULL\"}",
+                "{\"a b\",\"q\\\"u\",NULL,\"NULL\"}",
+            ),
             (PgKind::Array(Box::new(PgKind::Int4)), "{}", "{}"),
         ];
         for (kind, input, expected) in cases {
-            assert_eq!(round_trip(kind, input).as_deref(), Some(*expected), "{kind:?} {input}");
+            assert_eq!(
+                round_trip(kind, input).as_deref(),
+                Some(*expected),
+                "{kind:?} {input}"
+            );
         }
     }
 
     #[test]
     fn values_that_do_not_fit_are_refused_not_mangled() {
         let refused: &[(PgKind, &str)] = &[
-            (PgKind::Decimal { precision: 5, scale: 2 }, "NaN"),
-            (PgKind::Decimal { precision: 5, scale: 2 }, "1234.5"),
+            (
+                PgKind::Decimal {
+                    precision: 5,
+                    scale: 2,
+                },
+                "NaN",
+            ),
+            (
+                PgKind::Decimal {
+                    precision: 5,
+                    scale: 2,
+                },
+                "1234.5",
+            ),
             (PgKind::Time, "24:00:00"),
             (PgKind::Array(Box::new(PgKind::Int4)), "{{1,2},{3,4}}"),
             (PgKind::Array(Box::new(PgKind::Int4)), "[0:1]={1,2}"),
@@ -785,10 +963,22 @@ mod tests {
     #[test]
     fn numeric_type_modifiers_decode() {
         // numeric(12,2): ((12 << 16) | 2) + 4
-        assert_eq!(PgKind::of(1700, (12 << 16 | 2) + 4), PgKind::Decimal { precision: 12, scale: 2 });
+        assert_eq!(
+            PgKind::of(1700, (12 << 16 | 2) + 4),
+            PgKind::Decimal {
+                precision: 12,
+                scale: 2
+            }
+        );
         assert_eq!(PgKind::of(1700, -1), PgKind::Text);
         assert_eq!(PgKind::of(1700, (50 << 16) + 4), PgKind::Text);
-        assert_eq!(PgKind::of(1231, (5 << 16 | 1) + 4), PgKind::Array(Box::new(PgKind::Decimal { precision: 5, scale: 1 })));
+        assert_eq!(
+            PgKind::of(1231, (5 << 16 | 1) + 4),
+            PgKind::Array(Box::new(PgKind::Decimal {
+                precision: 5,
+                scale: 1
+            }))
+        );
     }
 
     #[test]

@@ -8,10 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, ListBuilder, MapBuilder, RecordBatch, StringBuilder,
-    StringDictionaryBuilder, StructArray, TimestampMicrosecondBuilder, UInt32Builder, UInt64Builder,
+    ArrayRef, AsArray, BinaryBuilder, BooleanBuilder, ListBuilder, MapBuilder, RecordBatch,
+    StringBuilder, StringDictionaryBuilder, StructArray, TimestampMicrosecondBuilder,
+    UInt32Builder, UInt64Builder,
 };
-use datafusion::arrow::datatypes::{DataType, Int8Type, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type};
+use datafusion::arrow::datatypes::{
+    DataType, Int8Type, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type,
+};
 use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, Encoding, ZstdLevel};
 
@@ -128,14 +131,24 @@ impl SegmentWriter {
             .truncate(true)
             .mode(0o600)
             .open(&tmp_path)
-            .map_err(|source| SegmentError::Io { path: tmp_path.clone(), source })?;
-        let sink = HashingFile { out: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), bytes: 0 };
+            .map_err(|source| SegmentError::Io {
+                path: tmp_path.clone(),
+                source,
+            })?;
+        let sink = HashingFile {
+            out: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
         let description = serde_json::json!({
             "format_version": SEGMENT_FORMAT_VERSION,
             "content": content,
         });
-        let zstd = ZstdLevel::try_new(options.zstd_level)
-            .map_err(|source| SegmentError::Parquet { path: tmp_path.clone(), source })?;
+        let zstd =
+            ZstdLevel::try_new(options.zstd_level).map_err(|source| SegmentError::Parquet {
+                path: tmp_path.clone(),
+                source,
+            })?;
         let props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(zstd))
             .set_max_row_group_row_count(Some(options.row_group_rows.max(1)))
@@ -143,7 +156,10 @@ impl SegmentWriter {
             .set_statistics_enabled(EnabledStatistics::Chunk)
             // Page statistics (and with them the page index) on the columns readers prune by.
             .set_column_statistics_enabled(ColumnPath::from("lsn"), EnabledStatistics::Page)
-            .set_column_statistics_enabled(ColumnPath::from("committed_at"), EnabledStatistics::Page);
+            .set_column_statistics_enabled(
+                ColumnPath::from("committed_at"),
+                EnabledStatistics::Page,
+            );
         // Rows are in (lsn, seq) order: the metadata columns are runs of equal or slowly
         // rising integers, which delta encoding stores in a few bits each (dictionaries and
         // plain values cost more, even after zstd).
@@ -162,23 +178,45 @@ impl SegmentWriter {
                 for child in children {
                     if matches!(
                         child.data_type(),
-                        DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::Date32 | DataType::Time64(_) | DataType::Timestamp(_, _)
+                        DataType::Int16
+                            | DataType::Int32
+                            | DataType::Int64
+                            | DataType::Date32
+                            | DataType::Time64(_)
+                            | DataType::Timestamp(_, _)
                     ) {
                         let path = ColumnPath::new(vec![image.to_string(), child.name().clone()]);
-                        props = props.set_column_dictionary_enabled(path.clone(), false).set_column_encoding(path, IMAGE_INT_ENCODING);
+                        props = props
+                            .set_column_dictionary_enabled(path.clone(), false)
+                            .set_column_encoding(path, IMAGE_INT_ENCODING);
                     }
                 }
             }
         }
         let props = props
             .set_sorting_columns(Some(vec![
-                SortingColumn { column_idx: 0, descending: false, nulls_first: false },
-                SortingColumn { column_idx: 1, descending: false, nulls_first: false },
+                SortingColumn {
+                    column_idx: 0,
+                    descending: false,
+                    nulls_first: false,
+                },
+                SortingColumn {
+                    column_idx: 1,
+                    descending: false,
+                    nulls_first: false,
+                },
             ]))
-            .set_key_value_metadata(Some(vec![KeyValue::new(SEGMENT_METADATA_KEY.into(), description.to_string())]))
+            .set_key_value_metadata(Some(vec![KeyValue::new(
+                SEGMENT_METADATA_KEY.into(),
+                description.to_string(),
+            )]))
             .build();
-        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props))
-            .map_err(|source| SegmentError::Parquet { path: tmp_path.clone(), source })?;
+        let writer = ArrowWriter::try_new(sink, schema.clone(), Some(props)).map_err(|source| {
+            SegmentError::Parquet {
+                path: tmp_path.clone(),
+                source,
+            }
+        })?;
         Ok(SegmentWriter {
             dir: dir.to_path_buf(),
             tmp_path,
@@ -222,11 +260,18 @@ impl SegmentWriter {
     }
 
     /// Append one change from the log. Keys must come in increasing order.
-    pub fn push(&mut self, key: ChangeKey, record: &ChangeRecord, raw_len: u64) -> Result<(), SegmentError> {
+    pub fn push(
+        &mut self,
+        key: ChangeKey,
+        record: &ChangeRecord,
+        raw_len: u64,
+    ) -> Result<(), SegmentError> {
         self.note(key, record.committed_at_us);
         self.raw_bytes += raw_len;
         self.batch.push(key, record);
-        if self.batch.rows >= self.options.batch_rows || self.batch.pending_bytes >= self.options.batch_bytes {
+        if self.batch.rows >= self.options.batch_rows
+            || self.batch.pending_bytes >= self.options.batch_bytes
+        {
             self.write_batch()?;
         }
         Ok(())
@@ -243,7 +288,8 @@ impl SegmentWriter {
         let seq = batch.column(1).as_primitive::<UInt32Type>();
         let ts = batch.column(3).as_primitive::<TimestampMicrosecondType>();
         let last = batch.num_rows() - 1;
-        self.min_key.get_or_insert(ChangeKey::new(Lsn(lsn.value(0)), seq.value(0)));
+        self.min_key
+            .get_or_insert(ChangeKey::new(Lsn(lsn.value(0)), seq.value(0)));
         self.max_key = ChangeKey::new(Lsn(lsn.value(last)), seq.value(last));
         self.rows += batch.num_rows() as u64;
         for t in ts.values().iter() {
@@ -251,7 +297,10 @@ impl SegmentWriter {
             self.max_ts = self.max_ts.max(*t);
         }
         self.raw_bytes += raw_bytes;
-        let batch = batch.clone().with_schema(self.schema.clone()).map_err(SegmentError::Arrow)?;
+        let batch = batch
+            .clone()
+            .with_schema(self.schema.clone())
+            .map_err(SegmentError::Arrow)?;
         self.write(&batch)
     }
 
@@ -268,7 +317,10 @@ impl SegmentWriter {
             path: self.tmp_path.clone(),
             reason: "segment writer used after an error".into(),
         })?;
-        writer.write(batch).map_err(|source| SegmentError::Parquet { path: self.tmp_path.clone(), source })
+        writer.write(batch).map_err(|source| SegmentError::Parquet {
+            path: self.tmp_path.clone(),
+            source,
+        })
     }
 
     /// End the open row group now (bounds memory when many segments are open at once).
@@ -276,7 +328,9 @@ impl SegmentWriter {
         self.write_batch()?;
         let path = self.tmp_path.clone();
         match self.writer.as_mut() {
-            Some(w) => w.flush().map_err(|source| SegmentError::Parquet { path, source }),
+            Some(w) => w
+                .flush()
+                .map_err(|source| SegmentError::Parquet { path, source }),
             None => Ok(()),
         }
     }
@@ -289,7 +343,10 @@ impl SegmentWriter {
     /// durable but listed nowhere; the caller records it in the manifest, and a file the
     /// manifest does not list is an orphan that startup removes (its rows are still in the log,
     /// because the log is trimmed in the same redb transaction that lists the segment).
-    pub fn finish(mut self, name_for: impl FnOnce(ChangeKey, ChangeKey) -> String) -> Result<WrittenSegment, SegmentError> {
+    pub fn finish(
+        mut self,
+        name_for: impl FnOnce(ChangeKey, ChangeKey) -> String,
+    ) -> Result<WrittenSegment, SegmentError> {
         self.write_batch()?;
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -300,10 +357,18 @@ impl SegmentWriter {
             reason: "segment writer used after an error".into(),
         })?;
         crashpoint::hit("segment:before_footer");
-        let mut sink = writer.into_inner().map_err(|source| SegmentError::Parquet { path: self.tmp_path.clone(), source })?;
+        let mut sink = writer
+            .into_inner()
+            .map_err(|source| SegmentError::Parquet {
+                path: self.tmp_path.clone(),
+                source,
+            })?;
         sink.flush().map_err(io(&self.tmp_path))?;
         let HashingFile { out, hasher, bytes } = sink;
-        let file = out.into_inner().map_err(|e| SegmentError::Io { path: self.tmp_path.clone(), source: e.into_error() })?;
+        let file = out.into_inner().map_err(|e| SegmentError::Io {
+            path: self.tmp_path.clone(),
+            source: e.into_error(),
+        })?;
         crashpoint::hit("segment:before_fsync");
         // A failed fsync is never retried (fsyncgate): the error aborts this segment and its
         // rows stay in the log.
@@ -440,14 +505,24 @@ impl Image {
         bytes
     }
 
-    fn finish(&mut self, fields: &datafusion::arrow::datatypes::Fields) -> Result<ArrayRef, SegmentError> {
+    fn finish(
+        &mut self,
+        fields: &datafusion::arrow::datatypes::Fields,
+    ) -> Result<ArrayRef, SegmentError> {
         let arrays: Vec<ArrayRef> = self.values.iter_mut().map(ValueBuilder::finish).collect();
         let nulls = std::mem::take(&mut self.valid).into();
-        Ok(Arc::new(StructArray::try_new(fields.clone(), arrays, Some(nulls)).map_err(SegmentError::Arrow)?))
+        Ok(Arc::new(
+            StructArray::try_new(fields.clone(), arrays, Some(nulls))
+                .map_err(SegmentError::Arrow)?,
+        ))
     }
 }
 
-fn changed_columns(names: &[String], before: Option<&Row>, after: Option<&Row>) -> Option<Vec<String>> {
+fn changed_columns(
+    names: &[String],
+    before: Option<&Row>,
+    after: Option<&Row>,
+) -> Option<Vec<String>> {
     let (before, after) = (before?, after?);
     Some(
         names
@@ -467,8 +542,11 @@ impl BatchBuilder {
     fn new(content: &SegmentContent, schema: SchemaRef) -> BatchBuilder {
         let body = match content {
             SegmentContent::Table(rel) => {
-                let kinds: Vec<PgKind> =
-                    rel.columns.iter().map(|c| PgKind::of(c.type_oid, c.type_modifier)).collect();
+                let kinds: Vec<PgKind> = rel
+                    .columns
+                    .iter()
+                    .map(|c| PgKind::of(c.type_oid, c.type_modifier))
+                    .collect();
                 Body::Table {
                     names: rel.columns.iter().map(|c| c.name.clone()).collect(),
                     op: StringDictionaryBuilder::new(),
@@ -506,7 +584,15 @@ impl BatchBuilder {
         self.rows += 1;
         self.pending_bytes += 64;
         match &mut self.body {
-            Body::Table { names, op, context, changed, before, after, .. } => {
+            Body::Table {
+                names,
+                op,
+                context,
+                changed,
+                before,
+                after,
+                ..
+            } => {
                 op.append_value(record.op.as_str());
                 context.append_option(record.context.as_deref());
                 self.pending_bytes += record.context.as_ref().map_or(0, String::len);
@@ -522,7 +608,12 @@ impl BatchBuilder {
                 self.pending_bytes += before.push(names, record.before.as_ref());
                 self.pending_bytes += after.push(names, record.after.as_ref());
             }
-            Body::Messages { transactional, prefix, content, content_text } => {
+            Body::Messages {
+                transactional,
+                prefix,
+                content,
+                content_text,
+            } => {
                 let m = record.message.as_ref();
                 transactional.append_value(m.is_some_and(|m| m.transactional));
                 prefix.append_value(m.map_or("", |m| m.prefix.as_str()));
@@ -542,16 +633,31 @@ impl BatchBuilder {
             Arc::new(self.committed_at.finish()),
         ];
         match &mut self.body {
-            Body::Table { kinds, op, context, changed, before, after, .. } => {
+            Body::Table {
+                kinds,
+                op,
+                context,
+                changed,
+                before,
+                after,
+                ..
+            } => {
                 columns.push(Arc::new(op.finish()));
                 columns.push(Arc::new(context.finish()));
                 columns.push(Arc::new(changed.finish()));
                 if !kinds.is_empty() {
-                    let DataType::Struct(fields) = self.schema.field_with_name("before").map_err(SegmentError::Arrow)?.data_type().clone()
+                    let DataType::Struct(fields) = self
+                        .schema
+                        .field_with_name("before")
+                        .map_err(SegmentError::Arrow)?
+                        .data_type()
+                        .clone()
                     else {
-                        return Err(SegmentError::Arrow(datafusion::arrow::error::ArrowError::SchemaError(
-                            "before is not a struct".into(),
-                        )));
+                        return Err(SegmentError::Arrow(
+                            datafusion::arrow::error::ArrowError::SchemaError(
+                                "before is not a struct".into(),
+                            ),
+                        ));
                     };
                     columns.push(before.finish(&fields)?);
                     columns.push(after.finish(&fields)?);
@@ -564,7 +670,12 @@ impl BatchBuilder {
                 columns.push(Arc::new(before.text.finish()));
                 columns.push(Arc::new(after.text.finish()));
             }
-            Body::Messages { transactional, prefix, content, content_text } => {
+            Body::Messages {
+                transactional,
+                prefix,
+                content,
+                content_text,
+            } => {
                 columns.push(Arc::new(transactional.finish()));
                 columns.push(Arc::new(prefix.finish()));
                 columns.push(Arc::new(content.finish()));
@@ -579,7 +690,10 @@ impl BatchBuilder {
 
 /// Build one batch in the segment layout of `content` from change records (the log tail,
 /// for readers that show segments and tail as one table).
-pub fn records_to_batch(content: &SegmentContent, records: &[(ChangeKey, ChangeRecord)]) -> Result<RecordBatch, SegmentError> {
+pub fn records_to_batch(
+    content: &SegmentContent,
+    records: &[(ChangeKey, ChangeRecord)],
+) -> Result<RecordBatch, SegmentError> {
     let mut builder = BatchBuilder::new(content, segment_schema(content));
     for (key, record) in records {
         builder.push(*key, record);

@@ -12,16 +12,26 @@ use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 fn main() -> anyhow::Result<()> {
     let fixtures = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fixtures".into()));
     let cluster = Cluster::start(ClusterOptions::default())?;
-    let mut scenarios: Vec<_> = std::fs::read_dir(fixtures.join("sql"))?.flatten().map(|e| e.path()).collect();
+    let mut scenarios: Vec<_> = std::fs::read_dir(fixtures.join("sql"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     scenarios.sort();
     for path in scenarios {
-        let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
         let script = std::fs::read_to_string(&path)?;
         let (setup, workload) = script.split_once("-- capture\n").unwrap_or(("", &script));
         let db = cluster.fresh_database("fixture")?;
         cluster.psql(&db, setup)?;
         cluster.psql(&db, "CREATE PUBLICATION fx FOR ALL TABLES")?;
-        cluster.psql(&db, "SELECT pg_create_logical_replication_slot('fx', 'pgoutput')")?;
+        cluster.psql(
+            &db,
+            "SELECT pg_create_logical_replication_slot('fx', 'pgoutput')",
+        )?;
         cluster.psql(&db, workload)?;
         let hex = cluster.psql(
             &db,

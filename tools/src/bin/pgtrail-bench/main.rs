@@ -48,7 +48,10 @@ use pgtrail_capture::{CaptureConfig, SourceConfig};
 use pgtrail_store::Lsn;
 
 #[derive(Parser)]
-#[command(name = "pgtrail-bench", about = "Benchmarks of pgtrail against the alternatives, with ratios")]
+#[command(
+    name = "pgtrail-bench",
+    about = "Benchmarks of pgtrail against the alternatives, with ratios"
+)]
 struct Args {
     /// Which suite: decode, storage, overhead, bigtx, queries, or all.
     #[arg(default_value = "all", value_parser = ["decode", "storage", "overhead", "bigtx", "queries", "all"])]
@@ -98,10 +101,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let settings = SETTINGS.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let cluster = Cluster::start(ClusterOptions { settings }).context("starting the benchmark PostgreSQL")?;
+    let settings = SETTINGS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let cluster =
+        Cluster::start(ClusterOptions { settings }).context("starting the benchmark PostgreSQL")?;
     let version = cluster.psql("postgres", "SHOW server_version")?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     if matches!(args.suite.as_str(), "storage" | "queries" | "all") {
         ensure_duckdb()?;
     }
@@ -126,7 +135,8 @@ fn main() -> anyhow::Result<()> {
         }
         Ok(())
     })();
-    let mut out = std::fs::File::create(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    let mut out = std::fs::File::create(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
     for m in &results {
         writeln!(
             out,
@@ -160,7 +170,14 @@ fn main() -> anyhow::Result<()> {
     }
     for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
-        if ran && !results.iter().any(|m| m.suite == *suite && m.contestant == *contestant && m.value.is_finite() && m.value > 0.0) {
+        if ran
+            && !results.iter().any(|m| {
+                m.suite == *suite
+                    && m.contestant == *contestant
+                    && m.value.is_finite()
+                    && m.value > 0.0
+            })
+        {
             bail!("{suite}: {contestant} produced no measurement");
         }
     }
@@ -168,7 +185,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// pgtrail capturing `public.bench` of `db` into `archive` (no compaction, no stop LSN).
-fn bench_capture(cluster: &Cluster, db: &str, archive: &std::path::Path) -> anyhow::Result<CaptureConfig> {
+fn bench_capture(
+    cluster: &Cluster,
+    db: &str,
+    archive: &std::path::Path,
+) -> anyhow::Result<CaptureConfig> {
     Ok(CaptureConfig {
         source: SourceConfig::parse(&cluster.url(db))?,
         archive: archive.to_path_buf(),
@@ -196,12 +217,21 @@ fn backlog_sql(rows: u64) -> Vec<String> {
         ));
         start = end + 1;
     }
-    sql.push(format!("UPDATE bench SET n = n + 1 WHERE id % 4 = 0 AND id <= {rows}"));
-    sql.push(format!("DELETE FROM bench WHERE id % 8 = 1 AND id <= {rows}"));
+    sql.push(format!(
+        "UPDATE bench SET n = n + 1 WHERE id % 4 = 0 AND id <= {rows}"
+    ));
+    sql.push(format!(
+        "DELETE FROM bench WHERE id % 8 = 1 AND id <= {rows}"
+    ));
     sql
 }
 
-fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+fn decode_suite(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
     let rows: u64 = if args.quick { 20_000 } else { 1_000_000 };
     let changes = rows + rows / 4 + rows / 8;
     let workload = format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8)");
@@ -214,15 +244,28 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
         // Both slots exist before the backlog: the first capture creates pgtrail's slot and
         // its (empty) snapshot and stops.
         let mut first = config.clone();
-        first.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
+        first.stop_at = Some(
+            cluster
+                .psql(&db, "SELECT pg_current_wal_insert_lsn()")?
+                .parse::<Lsn>()?,
+        );
         rt.block_on(pgtrail_capture::run(first, std::future::pending(), |_| {}))?;
-        cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
+        cluster.psql(
+            &db,
+            "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
+        )?;
         for statement in backlog_sql(rows) {
             cluster.psql(&db, &statement)?;
         }
-        let end: Lsn = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse()?;
+        let end: Lsn = cluster
+            .psql(&db, "SELECT pg_current_wal_insert_lsn()")?
+            .parse()?;
         // Alternate which contestant goes first.
-        let order: [&str; 2] = if rep % 2 == 0 { ["pgtrail", "pg_recvlogical"] } else { ["pg_recvlogical", "pgtrail"] };
+        let order: [&str; 2] = if rep % 2 == 0 {
+            ["pgtrail", "pg_recvlogical"]
+        } else {
+            ["pg_recvlogical", "pgtrail"]
+        };
         for contestant in order {
             let started = Instant::now();
             let cpu_before = cpu_seconds()?;
@@ -230,11 +273,18 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
                 "pgtrail" => {
                     let mut c = config.clone();
                     c.stop_at = Some(end);
-                    let summary = rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?;
+                    let summary =
+                        rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?;
                     if summary.changes < changes {
-                        bail!("pgtrail stored {} changes, expected {changes}", summary.changes);
+                        bail!(
+                            "pgtrail stored {} changes, expected {changes}",
+                            summary.changes
+                        );
                     }
-                    eprintln!("decode rep {rep}: pgtrail wrote {} changes in {} log commits", summary.changes, summary.log_commits);
+                    eprintln!(
+                        "decode rep {rep}: pgtrail wrote {} changes in {} log commits",
+                        summary.changes, summary.log_commits
+                    );
                 }
                 _ => {
                     let file = dir.path().join("recv.out");
@@ -250,14 +300,22 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
             let secs = started.elapsed().as_secs_f64();
             // pgtrail runs in this process; pg_recvlogical is the only child waited for meanwhile.
             let cpu_after = cpu_seconds()?;
-            let cpu = if contestant == "pgtrail" { cpu_after.0 - cpu_before.0 } else { cpu_after.1 - cpu_before.1 };
+            let cpu = if contestant == "pgtrail" {
+                cpu_after.0 - cpu_before.0
+            } else {
+                cpu_after.1 - cpu_before.1
+            };
             eprintln!(
                 "decode rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s, {cpu:.2} CPU s)",
                 changes as f64 / secs
             );
             results.push(Measurement {
                 suite: "decode",
-                contestant: if contestant == "pgtrail" { "pgtrail" } else { "pg_recvlogical" },
+                contestant: if contestant == "pgtrail" {
+                    "pgtrail"
+                } else {
+                    "pg_recvlogical"
+                },
                 workload: workload.clone(),
                 rep,
                 metric: "cpu_seconds_per_million_changes",
@@ -266,7 +324,11 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
             });
             results.push(Measurement {
                 suite: "decode",
-                contestant: if contestant == "pgtrail" { "pgtrail" } else { "pg_recvlogical" },
+                contestant: if contestant == "pgtrail" {
+                    "pgtrail"
+                } else {
+                    "pg_recvlogical"
+                },
                 workload: workload.clone(),
                 rep,
                 metric: "changes_per_second",
@@ -283,18 +345,35 @@ fn decode_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, re
 fn cpu_seconds() -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
     // Fields after the command name (which is in parentheses and may hold spaces).
-    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).context("malformed /proc/self/stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .context("malformed /proc/self/stat")
+    };
     // utime, stime, cutime, cstime are fields 14-17 of stat(5); `fields` starts at field 3.
     let ticks = 100.0; // USER_HZ on Linux
-    Ok(((field(11)? + field(12)?) / ticks, (field(13)? + field(14)?) / ticks))
+    Ok((
+        (field(11)? + field(12)?) / ticks,
+        (field(13)? + field(14)?) / ticks,
+    ))
 }
 
 /// `pg_recvlogical` streaming slot `recv` (pgoutput, publication `recv`) of `db` into `file`,
 /// up to `endpos` when given.
-fn recvlogical_command(cluster: &Cluster, db: &str, file: &std::path::Path, endpos: Option<&str>) -> std::process::Command {
+fn recvlogical_command(
+    cluster: &Cluster,
+    db: &str,
+    file: &std::path::Path,
+    endpos: Option<&str>,
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"));
-    cmd.args(["-d", &cluster.url(db), "-S", "recv", "--start", "--no-loop"]).args(["-o", "proto_version=1", "-o", "publication_names=recv"]);
+    cmd.args(["-d", &cluster.url(db), "-S", "recv", "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=recv"]);
     if let Some(end) = endpos {
         cmd.args(["--endpos", end]);
     }
@@ -303,7 +382,10 @@ fn recvlogical_command(cluster: &Cluster, db: &str, file: &std::path::Path, endp
 }
 
 fn has_duckdb() -> bool {
-    std::process::Command::new("python3").args(["-c", "import duckdb, pyarrow"]).status().is_ok_and(|s| s.success())
+    std::process::Command::new("python3")
+        .args(["-c", "import duckdb, pyarrow"])
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// The Python packages the DuckDB contestant needs, at the versions measured here.
@@ -315,14 +397,24 @@ fn ensure_duckdb() -> anyhow::Result<()> {
     if has_duckdb() {
         return Ok(());
     }
-    eprintln!("setup: installing {} with pip (DuckDB is a contestant of the storage and queries suites)", PYTHON_PACKAGES.join(" "));
+    eprintln!(
+        "setup: installing {} with pip (DuckDB is a contestant of the storage and queries suites)",
+        PYTHON_PACKAGES.join(" ")
+    );
     for extra in [&[][..], &["--user"][..], &["--break-system-packages"][..]] {
-        let status = std::process::Command::new("python3").args(["-m", "pip", "install", "--quiet"]).args(extra).args(PYTHON_PACKAGES).status();
+        let status = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(extra)
+            .args(PYTHON_PACKAGES)
+            .status();
         if status.is_ok_and(|s| s.success()) && has_duckdb() {
             return Ok(());
         }
     }
-    bail!("could not install {} (python3 -m pip install failed); install them and run again", PYTHON_PACKAGES.join(" "))
+    bail!(
+        "could not install {} (python3 -m pip install failed); install them and run again",
+        PYTHON_PACKAGES.join(" ")
+    )
 }
 
 /// A generic row-level audit trigger, as supa_audit and the classic audit-trigger install it:
@@ -359,43 +451,81 @@ SELECT coalesce(record, old_record)->>'id', table_name, 'public', current_databa
 
 /// The same changes stored by pgtrail (compacted), the audit trigger, a Bemi-style table and
 /// DuckDB's rewrite of pgtrail's rows.
-fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+fn storage_suite(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
     let rows: u64 = if args.quick { 20_000 } else { 1_000_000 };
     let changes = rows + rows / 4 + rows / 8;
     let workload = format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8)");
     // Sizes are deterministic up to page fill: one repetition is the measurement.
     let db = cluster.fresh_database("bench_storage")?;
-    cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint)")?;
+    cluster.psql(
+        &db,
+        "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint)",
+    )?;
     cluster.psql(&db, AUDIT_TRIGGER_SQL)?;
     let dir = tempfile::tempdir()?;
     let archive = dir.path().join("archive");
     let mut config = bench_capture(cluster, &db, &archive)?;
-    config.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
-    rt.block_on(pgtrail_capture::run(config.clone(), std::future::pending(), |_| {}))?;
+    config.stop_at = Some(
+        cluster
+            .psql(&db, "SELECT pg_current_wal_insert_lsn()")?
+            .parse::<Lsn>()?,
+    );
+    rt.block_on(pgtrail_capture::run(
+        config.clone(),
+        std::future::pending(),
+        |_| {},
+    ))?;
     for statement in backlog_sql(rows) {
         cluster.psql(&db, &statement)?;
     }
     let mut c = config;
-    c.stop_at = Some(cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?.parse::<Lsn>()?);
+    c.stop_at = Some(
+        cluster
+            .psql(&db, "SELECT pg_current_wal_insert_lsn()")?
+            .parse::<Lsn>()?,
+    );
     let summary = rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?;
     if summary.changes < changes {
-        bail!("pgtrail stored {} changes, expected {changes}", summary.changes);
+        bail!(
+            "pgtrail stored {} changes, expected {changes}",
+            summary.changes
+        );
     }
     let log = pgtrail_store::ChangeLog::open(&archive)?;
-    pgtrail_store::Compactor::new(log.database(), &archive, pgtrail_store::CompactOptions::default()).run()?;
+    pgtrail_store::Compactor::new(
+        log.database(),
+        &archive,
+        pgtrail_store::CompactOptions::default(),
+    )
+    .run()?;
     drop(log);
     let (_db, reader) = pgtrail_store::LogReader::open(&archive)?;
     let manifest = reader.manifest()?;
     let segment_bytes: u64 = manifest.segments.iter().map(|s| s.bytes).sum();
-    let audited: u64 = cluster.psql(&db, "SELECT count(*) FROM audit_log")?.parse()?;
+    let audited: u64 = cluster
+        .psql(&db, "SELECT count(*) FROM audit_log")?
+        .parse()?;
     if audited != changes {
         bail!("the audit trigger recorded {audited} changes, expected {changes}");
     }
-    let trigger_bytes: u64 = cluster.psql(&db, "SELECT pg_total_relation_size('audit_log')")?.parse()?;
+    let trigger_bytes: u64 = cluster
+        .psql(&db, "SELECT pg_total_relation_size('audit_log')")?
+        .parse()?;
     cluster.psql(&db, BEMI_SQL)?;
     cluster.psql(&db, "VACUUM ANALYZE bemi_changes")?;
-    let bemi_bytes: u64 = cluster.psql(&db, "SELECT pg_total_relation_size('bemi_changes')")?.parse()?;
-    let mut sizes: Vec<(&'static str, u64)> = vec![("pgtrail", segment_bytes), ("trigger", trigger_bytes), ("bemi-style", bemi_bytes)];
+    let bemi_bytes: u64 = cluster
+        .psql(&db, "SELECT pg_total_relation_size('bemi_changes')")?
+        .parse()?;
+    let mut sizes: Vec<(&'static str, u64)> = vec![
+        ("pgtrail", segment_bytes),
+        ("trigger", trigger_bytes),
+        ("bemi-style", bemi_bytes),
+    ];
     if has_duckdb() {
         let rewrite = dir.path().join("rewrite.parquet");
         let script = "import sys, duckdb; duckdb.sql(\"SET enable_progress_bar = false\"); duckdb.sql(\"COPY (SELECT * FROM read_parquet('%s/*.parquet') ORDER BY lsn, seq) TO '%s' (FORMAT parquet, COMPRESSION zstd)\" % (sys.argv[1], sys.argv[2]))";
@@ -410,7 +540,10 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
         sizes.push(("duckdb-rewrite", std::fs::metadata(&rewrite)?.len()));
     }
     for (contestant, bytes) in sizes {
-        eprintln!("storage: {contestant} keeps {changes} changes in {bytes} bytes ({:.1} bytes/change)", bytes as f64 / changes as f64);
+        eprintln!(
+            "storage: {contestant} keeps {changes} changes in {bytes} bytes ({:.1} bytes/change)",
+            bytes as f64 / changes as f64
+        );
         results.push(Measurement {
             suite: "storage",
             contestant,
@@ -428,18 +561,45 @@ fn storage_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, r
     Ok(())
 }
 
-const OVERHEAD_CONTESTANTS: [&str; 5] = ["nothing", "pgtrail", "pgtrail-full", "trigger", "pg_recvlogical"];
-const PGBENCH_TABLES: [&str; 4] = ["pgbench_accounts", "pgbench_branches", "pgbench_tellers", "pgbench_history"];
+const OVERHEAD_CONTESTANTS: [&str; 5] = [
+    "nothing",
+    "pgtrail",
+    "pgtrail-full",
+    "trigger",
+    "pg_recvlogical",
+];
+const PGBENCH_TABLES: [&str; 4] = [
+    "pgbench_accounts",
+    "pgbench_branches",
+    "pgbench_tellers",
+    "pgbench_history",
+];
 
 /// Run pgbench tpcb-like against `db`; returns (transactions, tps, p99 latency in ms when
 /// `rate` asks for a fixed rate and per-transaction logs).
-fn pgbench(cluster: &Cluster, db: &str, secs: u64, rate: Option<f64>) -> anyhow::Result<(u64, f64, Option<f64>)> {
+fn pgbench(
+    cluster: &Cluster,
+    db: &str,
+    secs: u64,
+    rate: Option<f64>,
+) -> anyhow::Result<(u64, f64, Option<f64>)> {
     let logs = tempfile::tempdir()?;
     let mut cmd = std::process::Command::new(cluster.bin_dir().join("pgbench"));
-    cmd.args(["-h", "127.0.0.1", "-p", &cluster.port().to_string(), "-U", "postgres", "-n", "-M", "prepared"])
-        .args(["-c", "8", "-j", "2", "-T", &secs.to_string()]);
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &cluster.port().to_string(),
+        "-U",
+        "postgres",
+        "-n",
+        "-M",
+        "prepared",
+    ])
+    .args(["-c", "8", "-j", "2", "-T", &secs.to_string()]);
     if let Some(rate) = rate {
-        cmd.args(["-R", &format!("{rate:.0}"), "-l", "--log-prefix"]).arg(logs.path().join("tx"));
+        cmd.args(["-R", &format!("{rate:.0}"), "-l", "--log-prefix"])
+            .arg(logs.path().join("tx"));
     }
     let out = cmd.arg(db).output().context("running pgbench")?;
     if !out.status.success() {
@@ -447,16 +607,24 @@ fn pgbench(cluster: &Cluster, db: &str, secs: u64, rate: Option<f64>) -> anyhow:
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |prefix: &str| -> Option<f64> {
-        text.lines().find_map(|l| l.trim().strip_prefix(prefix)).and_then(|v| v.split_whitespace().next()).and_then(|v| v.parse().ok())
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
     };
-    let transactions = field("number of transactions actually processed:").context("pgbench printed no transaction count")? as u64;
+    let transactions = field("number of transactions actually processed:")
+        .context("pgbench printed no transaction count")? as u64;
     let tps = field("tps =").context("pgbench printed no tps")?;
     let p99 = if rate.is_some() {
         // Per-transaction log lines: client, transaction, latency (us), script, epoch, us, lag.
         let mut latencies: Vec<f64> = Vec::new();
         for entry in std::fs::read_dir(logs.path())?.flatten() {
             for line in std::fs::read_to_string(entry.path())?.lines() {
-                if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse::<f64>().ok()) {
+                if let Some(us) = line
+                    .split_whitespace()
+                    .nth(2)
+                    .and_then(|v| v.parse::<f64>().ok())
+                {
                     latencies.push(us / 1000.0);
                 }
             }
@@ -478,7 +646,10 @@ fn pgbench(cluster: &Cluster, db: &str, secs: u64, rate: Option<f64>) -> anyhow:
 fn start_probes(
     rt: &tokio::runtime::Runtime,
     url: String,
-) -> (std::sync::Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Lsn)>>>) {
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Lsn)>>>,
+) {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let task = rt.spawn(async move {
@@ -486,9 +657,14 @@ fn start_probes(
         tokio::spawn(conn);
         let mut out = Vec::new();
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            client.execute("INSERT INTO bench_probe DEFAULT VALUES", &[]).await?;
+            client
+                .execute("INSERT INTO bench_probe DEFAULT VALUES", &[])
+                .await?;
             let at = Instant::now();
-            let lsn: String = client.query_one("SELECT pg_current_wal_flush_lsn()::text", &[]).await?.get(0);
+            let lsn: String = client
+                .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                .await?
+                .get(0);
             out.push((at, lsn.parse::<Lsn>()?));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -498,12 +674,17 @@ fn start_probes(
 }
 
 fn wal_lsn(cluster: &Cluster, db: &str) -> anyhow::Result<u64> {
-    Ok(cluster.psql(db, "SELECT pg_current_wal_lsn() - '0/0'")?.parse::<f64>()? as u64)
+    Ok(cluster
+        .psql(db, "SELECT pg_current_wal_lsn() - '0/0'")?
+        .parse::<f64>()? as u64)
 }
 
 /// The audit trigger of the storage suite, on pgbench's tables.
 fn install_audit_trigger(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
-    let base = AUDIT_TRIGGER_SQL.split("CREATE TRIGGER").next().unwrap_or_default();
+    let base = AUDIT_TRIGGER_SQL
+        .split("CREATE TRIGGER")
+        .next()
+        .unwrap_or_default();
     cluster.psql(db, base)?;
     for t in PGBENCH_TABLES {
         cluster.psql(db, &format!("CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit_row()"))?;
@@ -519,20 +700,42 @@ fn remove_audit_trigger(cluster: &Cluster, db: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+fn overhead_suite(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
     let (scale, secs) = if args.quick { (1, 3) } else { (10, 30) };
     let db = cluster.fresh_database("bench_overhead")?;
     let init = std::process::Command::new(cluster.bin_dir().join("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &cluster.port().to_string(), "-U", "postgres", "-i", "-q", "-s", &scale.to_string()])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &cluster.port().to_string(),
+            "-U",
+            "postgres",
+            "-i",
+            "-q",
+            "-s",
+            &scale.to_string(),
+        ])
         .arg(&db)
         .output()
         .context("running pgbench -i")?;
     if !init.status.success() {
-        bail!("pgbench -i failed: {}", String::from_utf8_lossy(&init.stderr));
+        bail!(
+            "pgbench -i failed: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
     }
     // pgbench_history has no key: REPLICA IDENTITY FULL lets pgtrail publish it (it only
     // receives inserts, so the WAL is the same for every contestant).
-    cluster.psql(&db, "ALTER TABLE pgbench_history REPLICA IDENTITY FULL; CHECKPOINT")?;
+    cluster.psql(
+        &db,
+        "ALTER TABLE pgbench_history REPLICA IDENTITY FULL; CHECKPOINT",
+    )?;
     // Lag probes: one small autocommit insert every 20 ms during the fixed-rate runs.
     cluster.psql(&db, "CREATE TABLE bench_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")?;
     let workload = format!("pgbench tpcb-like, scale {scale}, 8 clients, {secs} s per run");
@@ -545,29 +748,49 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
         if rate.is_none() {
             let (_, tps, _) = pgbench(cluster, &db, secs, None)?;
             rate = Some((tps / 2.0).max(10.0));
-            eprintln!("overhead: fixed rate for latency runs: {:.0} tps (half of {tps:.0})", tps / 2.0);
+            eprintln!(
+                "overhead: fixed rate for latency runs: {:.0} tps (half of {tps:.0})",
+                tps / 2.0
+            );
         }
         for contestant in order {
             let dir = tempfile::tempdir()?;
             let mut capture = None;
             // Each durable position pgtrail reaches, with the moment it was reached.
-            let durable_log: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Lsn)>>> = Default::default();
+            let durable_log: std::sync::Arc<std::sync::Mutex<Vec<(Instant, Lsn)>>> =
+                Default::default();
             let mut recvlogical: Option<std::process::Child> = None;
-            let identity = if contestant == "pgtrail-full" { "FULL" } else { "DEFAULT" };
+            let identity = if contestant == "pgtrail-full" {
+                "FULL"
+            } else {
+                "DEFAULT"
+            };
             for t in &PGBENCH_TABLES[..3] {
                 cluster.psql(&db, &format!("ALTER TABLE {t} REPLICA IDENTITY {identity}"))?;
             }
             match contestant {
                 "pgtrail" | "pgtrail-full" => {
                     let mut config = bench_capture(cluster, &db, &dir.path().join("archive"))?;
-                    config.tables = PGBENCH_TABLES.iter().chain(&["bench_probe"]).map(|t| format!("public.{t}")).collect();
+                    config.tables = PGBENCH_TABLES
+                        .iter()
+                        .chain(&["bench_probe"])
+                        .map(|t| format!("public.{t}"))
+                        .collect();
                     config.compaction = Some(pgtrail_capture::CompactionPolicy::default());
                     let log = durable_log.clone();
-                    config.durable_observer = Some(pgtrail_capture::DurableObserver(std::sync::Arc::new(move |lsn| {
-                        log.lock().expect("durable log").push((Instant::now(), lsn));
-                    })));
+                    config.durable_observer = Some(pgtrail_capture::DurableObserver(
+                        std::sync::Arc::new(move |lsn| {
+                            log.lock().expect("durable log").push((Instant::now(), lsn));
+                        }),
+                    ));
                     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                    let task = rt.spawn(pgtrail_capture::run(config, async move { let _ = stopped.await; }, |_| {}));
+                    let task = rt.spawn(pgtrail_capture::run(
+                        config,
+                        async move {
+                            let _ = stopped.await;
+                        },
+                        |_| {},
+                    ));
                     // Measure once the initial snapshot is stored and the slot streams.
                     let deadline = Instant::now() + Duration::from_secs(600);
                     while cluster.psql(&db, "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'pgtrail' AND active")? != "1" {
@@ -584,11 +807,15 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
                     // consumer that only appends to a file.
                     let tables = PGBENCH_TABLES.join(", ");
                     cluster.psql(&db, &format!("CREATE PUBLICATION recv FOR TABLE {tables}"))?;
-                    cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
-                    let child = recvlogical_command(cluster, &db, &dir.path().join("recv.out"), None)
-                        .stderr(std::process::Stdio::null())
-                        .spawn()
-                        .context("running pg_recvlogical")?;
+                    cluster.psql(
+                        &db,
+                        "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
+                    )?;
+                    let child =
+                        recvlogical_command(cluster, &db, &dir.path().join("recv.out"), None)
+                            .stderr(std::process::Stdio::null())
+                            .spawn()
+                            .context("running pg_recvlogical")?;
                     recvlogical = Some(child);
                 }
                 _ => {}
@@ -599,13 +826,25 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
             let mut lag_metrics: Vec<(&'static str, f64, &'static str)> = Vec::new();
             if contestant == "pgtrail" {
                 // How long after a saturated run pgtrail holds everything committed in it.
-                let end: Lsn = cluster.psql(&db, "SELECT pg_current_wal_flush_lsn()")?.parse()?;
+                let end: Lsn = cluster
+                    .psql(&db, "SELECT pg_current_wal_flush_lsn()")?
+                    .parse()?;
                 let ended = Instant::now();
                 let deadline = ended + Duration::from_secs(600);
-                while !durable_log.lock().expect("durable log").iter().any(|(_, l)| *l >= end) && Instant::now() < deadline {
+                while !durable_log
+                    .lock()
+                    .expect("durable log")
+                    .iter()
+                    .any(|(_, l)| *l >= end)
+                    && Instant::now() < deadline
+                {
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                lag_metrics.push(("catch_up_after_saturation", ended.elapsed().as_secs_f64(), "s"));
+                lag_metrics.push((
+                    "catch_up_after_saturation",
+                    ended.elapsed().as_secs_f64(),
+                    "s",
+                ));
             }
             let probing = (contestant == "pgtrail").then(|| start_probes(rt, cluster.url(&db)));
             let (_, _, p99) = pgbench(cluster, &db, secs, rate)?;
@@ -616,16 +855,30 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
                 let durable = durable_log.lock().expect("durable log").clone();
                 let mut lags: Vec<f64> = probes
                     .iter()
-                    .filter_map(|(at, lsn)| durable.iter().find(|(_, l)| l >= lsn).map(|(t, _)| t.saturating_duration_since(*at).as_secs_f64() * 1000.0))
+                    .filter_map(|(at, lsn)| {
+                        durable
+                            .iter()
+                            .find(|(_, l)| l >= lsn)
+                            .map(|(t, _)| t.saturating_duration_since(*at).as_secs_f64() * 1000.0)
+                    })
                     .collect();
                 if lags.len() < probes.len() / 2 {
-                    bail!("pgtrail made only {} of {} lag probes durable", lags.len(), probes.len());
+                    bail!(
+                        "pgtrail made only {} of {} lag probes durable",
+                        lags.len(),
+                        probes.len()
+                    );
                 }
                 lags.sort_by(f64::total_cmp);
                 let pct = |p: usize| lags[(lags.len() * p / 100).min(lags.len() - 1)];
                 lag_metrics.push(("commit_to_durable_p50", pct(50), "ms"));
                 lag_metrics.push(("commit_to_durable_p99", pct(99), "ms"));
-                eprintln!("overhead rep {rep}: pgtrail commit-to-durable p50 {:.1} ms, p99 {:.1} ms ({} probes)", pct(50), pct(99), lags.len());
+                eprintln!(
+                    "overhead rep {rep}: pgtrail commit-to-durable p50 {:.1} ms, p99 {:.1} ms ({} probes)",
+                    pct(50),
+                    pct(99),
+                    lags.len()
+                );
             }
             if let Some((stop, task)) = capture {
                 let _ = stop.send(());
@@ -633,22 +886,44 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
                 if summary.changes == 0 {
                     bail!("pgtrail captured nothing during pgbench");
                 }
-                cluster.psql(&db, "SELECT pg_drop_replication_slot('pgtrail'); DROP PUBLICATION pgtrail")?;
+                cluster.psql(
+                    &db,
+                    "SELECT pg_drop_replication_slot('pgtrail'); DROP PUBLICATION pgtrail",
+                )?;
             }
             if contestant == "trigger" {
                 remove_audit_trigger(cluster, &db)?;
             }
             if let Some(mut child) = recvlogical {
-                let _ = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+                let _ = std::process::Command::new("kill")
+                    .args(["-INT", &child.id().to_string()])
+                    .status();
                 let _ = child.wait();
-                cluster.psql(&db, "SELECT pg_drop_replication_slot('recv'); DROP PUBLICATION recv")?;
+                cluster.psql(
+                    &db,
+                    "SELECT pg_drop_replication_slot('recv'); DROP PUBLICATION recv",
+                )?;
             }
             let per_tx = wal as f64 / transactions.max(1) as f64;
             let p99 = p99.unwrap_or(f64::NAN);
-            eprintln!("overhead rep {rep}: {contestant}: {tps:.0} tps, p99 {p99:.2} ms at a fixed rate, {per_tx:.0} WAL bytes per transaction");
-            let metrics = [("tps", tps, "transactions/s"), ("p99_latency_fixed_rate", p99, "ms"), ("wal_bytes_per_transaction", per_tx, "bytes")];
+            eprintln!(
+                "overhead rep {rep}: {contestant}: {tps:.0} tps, p99 {p99:.2} ms at a fixed rate, {per_tx:.0} WAL bytes per transaction"
+            );
+            let metrics = [
+                ("tps", tps, "transactions/s"),
+                ("p99_latency_fixed_rate", p99, "ms"),
+                ("wal_bytes_per_transaction", per_tx, "bytes"),
+            ];
             for (metric, value, unit) in metrics.into_iter().chain(lag_metrics) {
-                results.push(Measurement { suite: "overhead", contestant, workload: workload.clone(), rep, metric, value, unit });
+                results.push(Measurement {
+                    suite: "overhead",
+                    contestant,
+                    workload: workload.clone(),
+                    rep,
+                    metric,
+                    value,
+                    unit,
+                });
             }
         }
     }
@@ -658,13 +933,22 @@ fn overhead_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, 
 /// Run `cmd` to completion, sampling its peak resident memory (VmHWM) until it exits.
 fn run_measured(mut cmd: std::process::Command) -> anyhow::Result<(f64, f64)> {
     let started = Instant::now();
-    let mut child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
     let pid = child.id();
     let mut peak_kib = 0u64;
     let status = loop {
         if let Some(kib) = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmHWM:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse().ok())
+            })
         {
             peak_kib = peak_kib.max(kib);
         }
@@ -678,16 +962,26 @@ fn run_measured(mut cmd: std::process::Command) -> anyhow::Result<(f64, f64)> {
         if let Some(mut e) = child.stderr.take() {
             let _ = std::io::Read::read_to_string(&mut e, &mut err);
         }
-        bail!("{cmd:?} failed ({status}): {}", err.lines().rev().take(3).collect::<Vec<_>>().join(" | "));
+        bail!(
+            "{cmd:?} failed ({status}): {}",
+            err.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
+        );
     }
     Ok((started.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0))
 }
 
-fn bigtx_suite(cluster: &Cluster, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+fn bigtx_suite(
+    cluster: &Cluster,
+    args: &Args,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
     let rows: u64 = if args.quick { 200_000 } else { 10_000_000 };
     let bin = std::env::current_exe()?.with_file_name("pgtrail");
     if !bin.exists() {
-        bail!("{} not found: build it with the benchmark (cargo build --profile bench-light -p pgtrail --bins)", bin.display());
+        bail!(
+            "{} not found: build it with the benchmark (cargo build --profile bench-light -p pgtrail --bins)",
+            bin.display()
+        );
     }
     let workload = format!("one transaction inserting {rows} rows (int key, 40-byte text)");
     for rep in 0..args.reps.max(1) {
@@ -697,27 +991,69 @@ fn bigtx_suite(cluster: &Cluster, args: &Args, results: &mut Vec<Measurement>) -
         let archive = dir.path().join("archive");
         let capture = |stop: &str| {
             let mut cmd = std::process::Command::new(&bin);
-            cmd.args(["capture", "--slot", "pgtrail", "--publication", "pgtrail", "--tables", "public.bench", "--stop-at", stop])
-                .env("PGTRAIL_SOURCE", cluster.url(&db))
-                .env("PGTRAIL_ARCHIVE", &archive)
-                .env("PGTRAIL_LOG", "warn");
+            cmd.args([
+                "capture",
+                "--slot",
+                "pgtrail",
+                "--publication",
+                "pgtrail",
+                "--tables",
+                "public.bench",
+                "--stop-at",
+                stop,
+            ])
+            .env("PGTRAIL_SOURCE", cluster.url(&db))
+            .env("PGTRAIL_ARCHIVE", &archive)
+            .env("PGTRAIL_LOG", "warn");
             cmd
         };
         // Both slots exist before the transaction.
-        run_measured(capture(&cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?))?;
-        cluster.psql(&db, "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')")?;
+        run_measured(capture(
+            &cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?,
+        ))?;
+        cluster.psql(
+            &db,
+            "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
+        )?;
         cluster.psql(&db, &format!("INSERT INTO bench SELECT g, md5(g::text) || 'abcdefgh' FROM generate_series(1, {rows}) g"))?;
         let end = cluster.psql(&db, "SELECT pg_current_wal_insert_lsn()")?;
-        let order: [&'static str; 2] = if rep % 2 == 0 { ["pgtrail", "pg_recvlogical"] } else { ["pg_recvlogical", "pgtrail"] };
+        let order: [&'static str; 2] = if rep % 2 == 0 {
+            ["pgtrail", "pg_recvlogical"]
+        } else {
+            ["pg_recvlogical", "pgtrail"]
+        };
         for contestant in order {
             let (secs, peak_mib) = if contestant == "pgtrail" {
                 run_measured(capture(&end))?
             } else {
-                run_measured(recvlogical_command(cluster, &db, &dir.path().join("recv.out"), Some(&end)))?
+                run_measured(recvlogical_command(
+                    cluster,
+                    &db,
+                    &dir.path().join("recv.out"),
+                    Some(&end),
+                ))?
             };
-            eprintln!("bigtx rep {rep}: {contestant} drained {rows} rows in {secs:.1} s, peak memory {peak_mib:.0} MiB");
-            results.push(Measurement { suite: "bigtx", contestant, workload: workload.clone(), rep, metric: "drain_seconds", value: secs, unit: "s" });
-            results.push(Measurement { suite: "bigtx", contestant, workload: workload.clone(), rep, metric: "peak_rss", value: peak_mib, unit: "MiB" });
+            eprintln!(
+                "bigtx rep {rep}: {contestant} drained {rows} rows in {secs:.1} s, peak memory {peak_mib:.0} MiB"
+            );
+            results.push(Measurement {
+                suite: "bigtx",
+                contestant,
+                workload: workload.clone(),
+                rep,
+                metric: "drain_seconds",
+                value: secs,
+                unit: "s",
+            });
+            results.push(Measurement {
+                suite: "bigtx",
+                contestant,
+                workload: workload.clone(),
+                rep,
+                metric: "peak_rss",
+                value: peak_mib,
+                unit: "MiB",
+            });
         }
         cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
         cluster.psql("postgres", &format!("DROP DATABASE {db}"))?;
@@ -734,22 +1070,59 @@ fn median_min_max(mut v: Vec<f64>) -> (f64, f64, f64) {
 /// bounds every durable commit, pgtrail's and PostgreSQL's alike.
 fn fdatasync_rate(bin: &std::path::Path) -> Option<f64> {
     let dir = tempfile::tempdir().ok()?;
-    let out = std::process::Command::new(bin.join("pg_test_fsync")).args(["-s", "1", "-f"]).arg(dir.path().join("f")).output().ok()?;
+    let out = std::process::Command::new(bin.join("pg_test_fsync"))
+        .args(["-s", "1", "-f"])
+        .arg(dir.path().join("f"))
+        .output()
+        .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    text.lines().find(|l| l.trim_start().starts_with("fdatasync")).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+    text.lines()
+        .find(|l| l.trim_start().starts_with("fdatasync"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
 }
 
-fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, args: &Args) -> anyhow::Result<()> {
+fn print_report(
+    results: &[Measurement],
+    version: &str,
+    fdatasync: Option<f64>,
+    args: &Args,
+) -> anyhow::Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mem_kib = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(0);
-    println!("## pgtrail-bench{}", if args.quick { " (--quick: tiny data, not a measurement)" } else { "" });
+    println!(
+        "## pgtrail-bench{}",
+        if args.quick {
+            " (--quick: tiny data, not a measurement)"
+        } else {
+            ""
+        }
+    );
     println!();
-    let fsync = fdatasync.map_or("fdatasync rate unknown".to_string(), |r| format!("fdatasync {r:.0}/s (pg_test_fsync, one 8 kB write)"));
-    println!("Machine: {cores} cores, {} GiB memory, {fsync}; PostgreSQL {version}; {} repetitions, median (min-max).", mem_kib >> 20, args.reps);
-    println!("Server settings: {}", SETTINGS.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", "));
+    let fsync = fdatasync.map_or("fdatasync rate unknown".to_string(), |r| {
+        format!("fdatasync {r:.0}/s (pg_test_fsync, one 8 kB write)")
+    });
+    println!(
+        "Machine: {cores} cores, {} GiB memory, {fsync}; PostgreSQL {version}; {} repetitions, median (min-max).",
+        mem_kib >> 20,
+        args.reps
+    );
+    println!(
+        "Server settings: {}",
+        SETTINGS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!();
     println!("| suite | workload | contestant | metric | median | min-max |");
     println!("|---|---|---|---|---|---|");
@@ -766,65 +1139,122 @@ fn print_report(results: &[Measurement], version: &str, fdatasync: Option<f64>, 
             .filter(|m| m.suite == suite && m.contestant == contestant && m.metric == metric)
             .map(|m| m.value)
             .collect();
-        let workload = &results.iter().find(|m| m.suite == suite).map(|m| m.workload.clone()).unwrap_or_default();
+        let workload = &results
+            .iter()
+            .find(|m| m.suite == suite)
+            .map(|m| m.workload.clone())
+            .unwrap_or_default();
         let (med, lo, hi) = median_min_max(values);
         medians.insert((suite, contestant, metric), med);
 
         // Sub-second query times need more digits than throughputs and sizes.
         let digits = if hi < 10.0 { 3 } else { 1 };
-        println!("| {suite} | {workload} | {contestant} | {metric} | {med:.digits$} | {lo:.digits$}-{hi:.digits$} |");
+        println!(
+            "| {suite} | {workload} | {contestant} | {metric} | {med:.digits$} | {lo:.digits$}-{hi:.digits$} |"
+        );
     }
     println!();
     let median = |suite: &str, c: &str, metric: &str| medians.get(&(suite, c, metric)).copied();
     let d = |c: &str| median("decode", c, "changes_per_second");
     if let (Some(p), Some(r)) = (d("pgtrail"), d("pg_recvlogical")) {
-        println!("Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**", p / r);
+        println!(
+            "Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**",
+            p / r
+        );
     }
     let c = |c: &str| median("decode", c, "cpu_seconds_per_million_changes");
     if let (Some(p), Some(r)) = (c("pgtrail"), c("pg_recvlogical")) {
-        println!("Decode CPU per million changes (the client's process, not the server's walsender): pgtrail {p:.2} s, pg_recvlogical {r:.2} s");
+        println!(
+            "Decode CPU per million changes (the client's process, not the server's walsender): pgtrail {p:.2} s, pg_recvlogical {r:.2} s"
+        );
     }
     let st = |c: &str| median("storage", c, "bytes_per_change");
     if let Some(p) = st("pgtrail") {
         if let Some(t) = st("trigger") {
-            println!("Ratio storage: trigger table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 5)", t / p);
+            println!(
+                "Ratio storage: trigger table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 5)",
+                t / p
+            );
         }
         if let Some(b) = st("bemi-style") {
-            println!("Ratio storage: Bemi-style table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 8)", b / p);
+            println!(
+                "Ratio storage: Bemi-style table bytes / pgtrail Parquet bytes = **{:.1}** (goal >= 8)",
+                b / p
+            );
         }
         if let Some(d) = st("duckdb-rewrite") {
-            println!("Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)", p / d);
+            println!(
+                "Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)",
+                p / d
+            );
         }
     }
     let m = |c: &str, metric: &str| median("overhead", c, metric);
     if let (Some(p), Some(n)) = (m("pgtrail", "tps"), m("nothing", "tps")) {
-        println!("Ratio overhead: TPS with pgtrail / TPS alone = **{:.2}** (goal >= 0.90, target 0.95)", p / n);
+        println!(
+            "Ratio overhead: TPS with pgtrail / TPS alone = **{:.2}** (goal >= 0.90, target 0.95)",
+            p / n
+        );
     }
     if let (Some(r), Some(n)) = (m("pg_recvlogical", "tps"), m("nothing", "tps")) {
-        println!("Ratio overhead: TPS with pg_recvlogical (logical decoding alone) / TPS alone = **{:.2}**", r / n);
+        println!(
+            "Ratio overhead: TPS with pg_recvlogical (logical decoding alone) / TPS alone = **{:.2}**",
+            r / n
+        );
     }
     if let (Some(p), Some(t)) = (m("pgtrail", "tps"), m("trigger", "tps")) {
-        println!("Ratio overhead: TPS with pgtrail / TPS with the audit trigger = **{:.2}** (goal >= 1.3)", p / t);
+        println!(
+            "Ratio overhead: TPS with pgtrail / TPS with the audit trigger = **{:.2}** (goal >= 1.3)",
+            p / t
+        );
     }
-    if let (Some(p), Some(t)) = (m("pgtrail", "p99_latency_fixed_rate"), m("trigger", "p99_latency_fixed_rate")) {
-        println!("Ratio overhead: p99 latency at a fixed rate, trigger / pgtrail = **{:.2}**", t / p);
+    if let (Some(p), Some(t)) = (
+        m("pgtrail", "p99_latency_fixed_rate"),
+        m("trigger", "p99_latency_fixed_rate"),
+    ) {
+        println!(
+            "Ratio overhead: p99 latency at a fixed rate, trigger / pgtrail = **{:.2}**",
+            t / p
+        );
     }
-    if let (Some(p), Some(f), Some(t)) =
-        (m("pgtrail", "wal_bytes_per_transaction"), m("pgtrail-full", "wal_bytes_per_transaction"), m("trigger", "wal_bytes_per_transaction"))
-    {
-        println!("Ratio overhead: WAL bytes per transaction, pgtrail / trigger = **{:.2}** (REPLICA IDENTITY DEFAULT), **{:.2}** (FULL)", p / t, f / t);
+    if let (Some(p), Some(f), Some(t)) = (
+        m("pgtrail", "wal_bytes_per_transaction"),
+        m("pgtrail-full", "wal_bytes_per_transaction"),
+        m("trigger", "wal_bytes_per_transaction"),
+    ) {
+        println!(
+            "Ratio overhead: WAL bytes per transaction, pgtrail / trigger = **{:.2}** (REPLICA IDENTITY DEFAULT), **{:.2}** (FULL)",
+            p / t,
+            f / t
+        );
     }
     let b = |c: &str, metric: &str| median("bigtx", c, metric);
-    if let (Some(ps), Some(rs), Some(pm), Some(rm)) =
-        (b("pgtrail", "drain_seconds"), b("pg_recvlogical", "drain_seconds"), b("pgtrail", "peak_rss"), b("pg_recvlogical", "peak_rss"))
-    {
-        println!("Large transaction: pgtrail drains it in {ps:.1} s with a peak of **{pm:.0} MiB** (goal <= 256 MiB); pg_recvlogical {rs:.1} s, {rm:.0} MiB (time ratio pg_recvlogical / pgtrail = **{:.2}**)", rs / ps);
+    if let (Some(ps), Some(rs), Some(pm), Some(rm)) = (
+        b("pgtrail", "drain_seconds"),
+        b("pg_recvlogical", "drain_seconds"),
+        b("pgtrail", "peak_rss"),
+        b("pg_recvlogical", "peak_rss"),
+    ) {
+        println!(
+            "Large transaction: pgtrail drains it in {ps:.1} s with a peak of **{pm:.0} MiB** (goal <= 256 MiB); pg_recvlogical {rs:.1} s, {rm:.0} MiB (time ratio pg_recvlogical / pgtrail = **{:.2}**)",
+            rs / ps
+        );
     }
-    if let (Some(p50), Some(p99)) = (m("pgtrail", "commit_to_durable_p50"), m("pgtrail", "commit_to_durable_p99")) {
-        println!("Lag: commit to durable in pgtrail's log at the fixed rate: p50 **{p50:.1} ms**, p99 **{p99:.1} ms** (goal p99 <= 50 ms)");
+    if let (Some(p50), Some(p99)) = (
+        m("pgtrail", "commit_to_durable_p50"),
+        m("pgtrail", "commit_to_durable_p99"),
+    ) {
+        println!(
+            "Lag: commit to durable in pgtrail's log at the fixed rate: p50 **{p50:.1} ms**, p99 **{p99:.1} ms** (goal p99 <= 50 ms)"
+        );
     }
-    if let (Some(c), Some(t)) = (m("pgtrail", "catch_up_after_saturation"), m("pgtrail", "tps")) {
-        println!("Lag: after a run at the source's saturation ({t:.0} tps), pgtrail held all of it {c:.2} s after the run ended");
+    if let (Some(c), Some(t)) = (
+        m("pgtrail", "catch_up_after_saturation"),
+        m("pgtrail", "tps"),
+    ) {
+        println!(
+            "Lag: after a run at the source's saturation ({t:.0} tps), pgtrail held all of it {c:.2} s after the run ended"
+        );
     }
     queries::report(&medians);
     Ok(())

@@ -160,14 +160,26 @@ CREATE INDEX audit_log_key ON audit_log (table_name, (coalesce(record, old_recor
 CREATE INDEX audit_log_table_ts ON audit_log (table_name, ts);";
 
 fn now_utc(cluster: &Cluster, db: &str) -> anyhow::Result<String> {
-    Ok(cluster.psql(db, "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")?)
+    Ok(cluster.psql(
+        db,
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+    )?)
 }
 
 /// Build the dataset in `db` (tables, audit trigger, workload), capture it into `archive`
 /// and compact it. Returns the moments and the number of changes.
-fn build_dataset(cluster: &Cluster, rt: &tokio::runtime::Runtime, db: &str, archive: &Path, shape: &Shape) -> anyhow::Result<(Moments, u64)> {
+fn build_dataset(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    db: &str,
+    archive: &Path,
+    shape: &Shape,
+) -> anyhow::Result<(Moments, u64)> {
     cluster.psql(db, TABLES_SQL)?;
-    let trigger = super::AUDIT_TRIGGER_SQL.split("CREATE TRIGGER").next().unwrap_or_default();
+    let trigger = super::AUDIT_TRIGGER_SQL
+        .split("CREATE TRIGGER")
+        .next()
+        .unwrap_or_default();
     cluster.psql(db, trigger)?;
     for t in ["accounts", "events"] {
         cluster.psql(db, &format!("CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit_row()"))?;
@@ -178,9 +190,15 @@ fn build_dataset(cluster: &Cluster, rt: &tokio::runtime::Runtime, db: &str, arch
     let drain = |stop: Lsn| -> anyhow::Result<u64> {
         let mut c = config.clone();
         c.stop_at = Some(stop);
-        Ok(rt.block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?.changes)
+        Ok(rt
+            .block_on(pgtrail_capture::run(c, std::future::pending(), |_| {}))?
+            .changes)
     };
-    drain(cluster.psql(db, "SELECT pg_current_wal_insert_lsn()")?.parse()?)?;
+    drain(
+        cluster
+            .psql(db, "SELECT pg_current_wal_insert_lsn()")?
+            .parse()?,
+    )?;
     let started = Instant::now();
     let batch = 10_000;
     let mut start = 1;
@@ -196,7 +214,11 @@ fn build_dataset(cluster: &Cluster, rt: &tokio::runtime::Runtime, db: &str, arch
         start = end + 1;
     }
     let (n, mut next_id) = (shape.accounts, shape.accounts + 1);
-    let mut moments = Moments { t1: String::new(), tmid: String::new(), t2: String::new() };
+    let mut moments = Moments {
+        t1: String::new(),
+        tmid: String::new(),
+        t2: String::new(),
+    };
     let mut captured = 0;
     for round in 1..=shape.rounds {
         // Updates hit low ids far more often (random()^4): a few hot keys, a long tail.
@@ -237,7 +259,11 @@ fn build_dataset(cluster: &Cluster, rt: &tokio::runtime::Runtime, db: &str, arch
         // Drain pgtrail's slot now and then, and checkpoint, so the WAL the slot holds back
         // stays bounded.
         if round % 50 == 0 || round == shape.rounds {
-            captured += drain(cluster.psql(db, "SELECT pg_current_wal_insert_lsn()")?.parse()?)?;
+            captured += drain(
+                cluster
+                    .psql(db, "SELECT pg_current_wal_insert_lsn()")?
+                    .parse()?,
+            )?;
             cluster.psql(db, "CHECKPOINT")?;
             eprintln!(
                 "queries: dataset round {round}/{}: {captured} changes captured ({:.0} s)",
@@ -246,22 +272,36 @@ fn build_dataset(cluster: &Cluster, rt: &tokio::runtime::Runtime, db: &str, arch
             );
         }
     }
-    let audited: u64 = cluster.psql(db, "SELECT count(*) FROM audit_log")?.parse()?;
+    let audited: u64 = cluster
+        .psql(db, "SELECT count(*) FROM audit_log")?
+        .parse()?;
     if audited != captured {
         bail!("pgtrail captured {captured} changes, the audit trigger recorded {audited}");
     }
     let log = pgtrail_store::ChangeLog::open(archive)?;
-    let report = pgtrail_store::Compactor::new(log.database(), archive, pgtrail_store::CompactOptions::default()).run()?;
+    let report = pgtrail_store::Compactor::new(
+        log.database(),
+        archive,
+        pgtrail_store::CompactOptions::default(),
+    )
+    .run()?;
     drop(log);
     eprintln!("queries: compacted: {report:?}");
     cluster.psql(db, AUDIT_INDEXES_SQL)?;
     cluster.psql(db, "VACUUM ANALYZE audit_log")?;
-    eprintln!("queries: dataset of {captured} changes ready in {:.0} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "queries: dataset of {captured} changes ready in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok((moments, captured))
 }
 
 fn fill(sql: &str, moments: &Moments, tables: &BTreeMap<&str, String>, out: &str) -> String {
-    let mut s = sql.replace("{t1}", &moments.t1).replace("{tmid}", &moments.tmid).replace("{t2}", &moments.t2).replace("{out}", out);
+    let mut s = sql
+        .replace("{t1}", &moments.t1)
+        .replace("{tmid}", &moments.tmid)
+        .replace("{t2}", &moments.t2)
+        .replace("{out}", out);
     for (name, text) in tables {
         s = s.replace(&format!("{{{name}}}"), text);
     }
@@ -269,7 +309,10 @@ fn fill(sql: &str, moments: &Moments, tables: &BTreeMap<&str, String>, out: &str
 }
 
 /// The answer's check value of a batch result.
-fn check_batches(check: Check, batches: &[datafusion::arrow::record_batch::RecordBatch]) -> anyhow::Result<f64> {
+fn check_batches(
+    check: Check,
+    batches: &[datafusion::arrow::record_batch::RecordBatch],
+) -> anyhow::Result<f64> {
     use datafusion::arrow::array::{Array, AsArray};
     use datafusion::arrow::datatypes::Int64Type;
     Ok(match check {
@@ -278,8 +321,13 @@ fn check_batches(check: Check, batches: &[datafusion::arrow::record_batch::Recor
             let mut sum = 0i64;
             for b in batches {
                 let col = b.column(b.num_columns() - 1);
-                let col = col.as_primitive_opt::<Int64Type>().context("the count column is not Int64")?;
-                sum += (0..col.len()).filter(|i| col.is_valid(*i)).map(|i| col.value(i)).sum::<i64>();
+                let col = col
+                    .as_primitive_opt::<Int64Type>()
+                    .context("the count column is not Int64")?;
+                sum += (0..col.len())
+                    .filter(|i| col.is_valid(*i))
+                    .map(|i| col.value(i))
+                    .sum::<i64>();
             }
             sum as f64
         }
@@ -287,7 +335,12 @@ fn check_batches(check: Check, batches: &[datafusion::arrow::record_batch::Recor
 }
 
 /// Run every query once with pgtrail: (name, seconds, check).
-fn run_pgtrail(rt: &tokio::runtime::Runtime, archive: &Path, moments: &Moments, out_dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+fn run_pgtrail(
+    rt: &tokio::runtime::Runtime,
+    archive: &Path,
+    moments: &Moments,
+    out_dir: &Path,
+) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
     let mut results = Vec::new();
     let (ctx, _snapshot) = pgtrail_query::open_session(archive)?;
     for q in QUERIES {
@@ -307,7 +360,14 @@ fn run_pgtrail(rt: &tokio::runtime::Runtime, archive: &Path, moments: &Moments, 
             report.tables.iter().map(|t| t.rows).sum::<u64>() as f64
         } else {
             let sql = fill(q.pgtrail, moments, &BTreeMap::new(), "");
-            let batches = rt.block_on(async { pgtrail_query::read_only_query(&ctx, &sql).await?.collect().await.map_err(anyhow::Error::from) })
+            let batches = rt
+                .block_on(async {
+                    pgtrail_query::read_only_query(&ctx, &sql)
+                        .await?
+                        .collect()
+                        .await
+                        .map_err(anyhow::Error::from)
+                })
                 .with_context(|| format!("pgtrail: {}", q.name))?;
             check_batches(q.check, &batches)?
         };
@@ -320,7 +380,10 @@ fn run_pgtrail(rt: &tokio::runtime::Runtime, archive: &Path, moments: &Moments, 
 fn moment(text: &str) -> anyhow::Result<pgtrail_query::Moment> {
     use datafusion::arrow::datatypes::{DataType, TimeUnit};
     use datafusion::common::ScalarValue;
-    match ScalarValue::Utf8(Some(text.to_string())).cast_to(&DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())))? {
+    match ScalarValue::Utf8(Some(text.to_string())).cast_to(&DataType::Timestamp(
+        TimeUnit::Microsecond,
+        Some("UTC".into()),
+    ))? {
         ScalarValue::TimestampMicrosecond(Some(us), _) => Ok(pgtrail_query::Moment::Time(us)),
         other => bail!("{text} is not a timestamp ({other:?})"),
     }
@@ -345,11 +408,19 @@ for q in spec["queries"]:
     print(json.dumps({"name": q["name"], "seconds": time.perf_counter() - started, "check": check}), flush=True)
 "#;
 
-fn run_duckdb(segments: &BTreeMap<&str, Vec<PathBuf>>, moments: &Moments, out_dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+fn run_duckdb(
+    segments: &BTreeMap<&str, Vec<PathBuf>>,
+    moments: &Moments,
+    out_dir: &Path,
+) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
     let tables: BTreeMap<&str, String> = segments
         .iter()
         .map(|(t, files)| {
-            let list = files.iter().map(|f| format!("'{}'", f.display())).collect::<Vec<_>>().join(", ");
+            let list = files
+                .iter()
+                .map(|f| format!("'{}'", f.display()))
+                .collect::<Vec<_>>()
+                .join(", ");
             (*t, format!("read_parquet([{list}])"))
         })
         .collect();
@@ -367,7 +438,12 @@ fn run_duckdb(segments: &BTreeMap<&str, Vec<PathBuf>>, moments: &Moments, out_di
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting python3 for DuckDB")?;
-    std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, serde_json::json!({"queries": queries}).to_string().as_bytes())?;
+    std::io::Write::write_all(
+        &mut child.stdin.take().context("stdin")?,
+        serde_json::json!({"queries": queries})
+            .to_string()
+            .as_bytes(),
+    )?;
     let output = child.wait_with_output()?;
     if !output.status.success() {
         bail!("the DuckDB queries failed ({})", output.status);
@@ -375,10 +451,22 @@ fn run_duckdb(segments: &BTreeMap<&str, Vec<PathBuf>>, moments: &Moments, out_di
     let _ = std::fs::remove_file(&out);
     let mut results = Vec::new();
     // One JSON object per line; anything else DuckDB may print (a progress bar) is skipped.
-    for line in String::from_utf8_lossy(&output.stdout).lines().filter(|l| l.starts_with('{')) {
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("DuckDB printed {line:?}"))?;
-        let name = QUERIES.iter().find(|q| q.name == v["name"]).context("DuckDB answered an unknown query")?.name;
-        results.push((name, v["seconds"].as_f64().unwrap_or(f64::NAN), v["check"].as_f64().unwrap_or(f64::NAN)));
+    for line in String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+    {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("DuckDB printed {line:?}"))?;
+        let name = QUERIES
+            .iter()
+            .find(|q| q.name == v["name"])
+            .context("DuckDB answered an unknown query")?
+            .name;
+        results.push((
+            name,
+            v["seconds"].as_f64().unwrap_or(f64::NAN),
+            v["check"].as_f64().unwrap_or(f64::NAN),
+        ));
     }
     Ok(results)
 }
@@ -389,20 +477,37 @@ const POSTGRES_TIMEOUT_SECS: u64 = 120;
 
 /// PostgreSQL runs every query once on one connection; results come out through COPY (the
 /// fastest way out of the server), the export into a file.
-fn run_postgres(rt: &tokio::runtime::Runtime, cluster: &Cluster, db: &str, moments: &Moments, out_dir: &Path) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
+fn run_postgres(
+    rt: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    db: &str,
+    moments: &Moments,
+    out_dir: &Path,
+) -> anyhow::Result<Vec<(&'static str, f64, f64)>> {
     rt.block_on(async {
-        let (client, connection) = tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls).await?;
+        let (client, connection) =
+            tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls).await?;
         let conn = tokio::spawn(connection);
-        client.batch_execute(&format!("SET statement_timeout = '{POSTGRES_TIMEOUT_SECS}s'")).await?;
+        client
+            .batch_execute(&format!(
+                "SET statement_timeout = '{POSTGRES_TIMEOUT_SECS}s'"
+            ))
+            .await?;
         let mut results = Vec::new();
         for q in QUERIES {
             let sql = fill(q.postgres, moments, &BTreeMap::new(), "");
-            let copy = if q.name == "export_window" { sql } else { format!("COPY ({sql}) TO STDOUT (FORMAT csv)") };
+            let copy = if q.name == "export_window" {
+                sql
+            } else {
+                format!("COPY ({sql}) TO STDOUT (FORMAT csv)")
+            };
             let started = Instant::now();
             let answer = async {
                 let stream = client.copy_out(copy.as_str()).await?;
                 let mut stream = std::pin::pin!(stream);
-                let mut file = (q.name == "export_window").then(|| std::fs::File::create(out_dir.join("postgres-export.csv"))).transpose()?;
+                let mut file = (q.name == "export_window")
+                    .then(|| std::fs::File::create(out_dir.join("postgres-export.csv")))
+                    .transpose()?;
                 let (mut rows, mut sum, mut line) = (0u64, 0i64, Vec::new());
                 while let Some(chunk) = stream.next().await {
                     let chunk = chunk?;
@@ -414,7 +519,11 @@ fn run_postgres(rt: &tokio::runtime::Runtime, cluster: &Cluster, db: &str, momen
                             rows += 1;
                             if matches!(q.check, Check::SumOfLast) {
                                 let text = String::from_utf8_lossy(&line);
-                                sum += text.rsplit(',').next().and_then(|v| v.trim().parse::<i64>().ok()).unwrap_or(0);
+                                sum += text
+                                    .rsplit(',')
+                                    .next()
+                                    .and_then(|v| v.trim().parse::<i64>().ok())
+                                    .unwrap_or(0);
                             }
                             line.clear();
                         } else if matches!(q.check, Check::SumOfLast) {
@@ -425,14 +534,25 @@ fn run_postgres(rt: &tokio::runtime::Runtime, cluster: &Cluster, db: &str, momen
                 if let Some(f) = file {
                     f.sync_all()?;
                 }
-                anyhow::Ok(if matches!(q.check, Check::SumOfLast) { sum as f64 } else { rows as f64 })
+                anyhow::Ok(if matches!(q.check, Check::SumOfLast) {
+                    sum as f64
+                } else {
+                    rows as f64
+                })
             }
             .await;
             match answer {
                 Ok(check) => results.push((q.name, started.elapsed().as_secs_f64(), check)),
                 // Past the timeout the time is a lower bound and there is no answer to compare.
-                Err(e) if e.downcast_ref::<tokio_postgres::Error>().and_then(|e| e.code()) == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) => {
-                    eprintln!("queries: postgres: {} did not finish within {POSTGRES_TIMEOUT_SECS} s", q.name);
+                Err(e)
+                    if e.downcast_ref::<tokio_postgres::Error>()
+                        .and_then(|e| e.code())
+                        == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) =>
+                {
+                    eprintln!(
+                        "queries: postgres: {} did not finish within {POSTGRES_TIMEOUT_SECS} s",
+                        q.name
+                    );
                     results.push((q.name, POSTGRES_TIMEOUT_SECS as f64, f64::NAN));
                 }
                 Err(e) => return Err(e.context(format!("postgres: {}", q.name))),
@@ -445,9 +565,21 @@ fn run_postgres(rt: &tokio::runtime::Runtime, cluster: &Cluster, db: &str, momen
     })
 }
 
-pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Args, results: &mut Vec<Measurement>) -> anyhow::Result<()> {
+pub fn queries_suite(
+    cluster: &Cluster,
+    rt: &tokio::runtime::Runtime,
+    args: &Args,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
     let shape = if args.quick {
-        Shape { accounts: 10_000, rounds: 9, updates: 300, events: 100, deletes: 10, inserts: 10 }
+        Shape {
+            accounts: 10_000,
+            rounds: 9,
+            updates: 300,
+            events: 100,
+            deletes: 10,
+            inserts: 10,
+        }
     } else {
         // 10.4M changes at --queries-scale 1; a smaller scale shrinks the table and the rounds.
         let f = args.queries_scale.clamp(0.001, 100.0);
@@ -462,13 +594,17 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
         }
     };
     if !super::has_duckdb() {
-        bail!("the queries suite needs the duckdb and pyarrow Python packages (pip install duckdb pyarrow)");
+        bail!(
+            "the queries suite needs the duckdb and pyarrow Python packages (pip install duckdb pyarrow)"
+        );
     }
     let db = cluster.fresh_database("bench_queries")?;
     let dir = tempfile::tempdir()?;
     let archive = dir.path().join("archive");
     let (moments, changes) = build_dataset(cluster, rt, &db, &archive, &shape)?;
-    let workload = format!("{changes} changes of 2 tables (skewed updates, inserts, deletes), one table queried");
+    let workload = format!(
+        "{changes} changes of 2 tables (skewed updates, inserts, deletes), one table queried"
+    );
     let (_db, reader) = pgtrail_store::LogReader::open(&archive)?;
     let manifest = reader.manifest()?;
     let mut segments: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
@@ -478,11 +614,21 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
             "public.events" => "events",
             _ => continue,
         };
-        segments.entry(table).or_default().push(archive.join(pgtrail_store::SEGMENTS_DIR).join(&seg.file_name));
+        segments.entry(table).or_default().push(
+            archive
+                .join(pgtrail_store::SEGMENTS_DIR)
+                .join(&seg.file_name),
+        );
     }
     drop(reader);
     drop(_db);
-    eprintln!("queries: {} segments; moments {} / {} / {}", manifest.segments.len(), moments.t1, moments.tmid, moments.t2);
+    eprintln!(
+        "queries: {} segments; moments {} / {} / {}",
+        manifest.segments.len(),
+        moments.t1,
+        moments.tmid,
+        moments.t2
+    );
     // One untimed round first (caches warm for everyone; pgtrail checks each segment's
     // SHA-256 on first read), then the timed repetitions, contestants rotating.
     let mut answers: BTreeMap<&str, Vec<(&str, f64)>> = BTreeMap::new();
@@ -499,8 +645,19 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
                 if rep == 0 {
                     continue;
                 }
-                eprintln!("queries rep {rep}: {contestant}: {name}: {:.3} s ({check} )", secs);
-                results.push(Measurement { suite: "queries", contestant, workload: workload.clone(), rep: rep - 1, metric: name, value: secs, unit: "s" });
+                eprintln!(
+                    "queries rep {rep}: {contestant}: {name}: {:.3} s ({check} )",
+                    secs
+                );
+                results.push(Measurement {
+                    suite: "queries",
+                    contestant,
+                    workload: workload.clone(),
+                    rep: rep - 1,
+                    metric: name,
+                    value: secs,
+                    unit: "s",
+                });
             }
         }
     }
@@ -510,14 +667,29 @@ pub fn queries_suite(cluster: &Cluster, rt: &tokio::runtime::Runtime, args: &Arg
         // A PostgreSQL query cancelled at the timeout gave no answer (NaN).
         let given: Vec<(&str, f64)> = all.iter().copied().filter(|(_, v)| !v.is_nan()).collect();
         let answered: std::collections::BTreeSet<&str> = given.iter().map(|(c, _)| *c).collect();
-        let distinct: std::collections::BTreeSet<u64> = given.iter().map(|(_, v)| v.to_bits()).collect();
-        if !answered.contains("pgtrail") || !answered.contains("duckdb") || distinct.len() != 1 || given[0].1 == 0.0 {
-            bail!("queries: {} ({}): the contestants disagree or found nothing: {given:?}", q.name, q.what);
+        let distinct: std::collections::BTreeSet<u64> =
+            given.iter().map(|(_, v)| v.to_bits()).collect();
+        if !answered.contains("pgtrail")
+            || !answered.contains("duckdb")
+            || distinct.len() != 1
+            || given[0].1 == 0.0
+        {
+            bail!(
+                "queries: {} ({}): the contestants disagree or found nothing: {given:?}",
+                q.name,
+                q.what
+            );
         }
     }
     cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
     if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
-        eprintln!("queries: archive kept in {} (moments {} / {} / {})", dir.keep().display(), moments.t1, moments.tmid, moments.t2);
+        eprintln!(
+            "queries: archive kept in {} (moments {} / {} / {})",
+            dir.keep().display(),
+            moments.t1,
+            moments.tmid,
+            moments.t2
+        );
     }
     Ok(())
 }
@@ -530,8 +702,17 @@ pub fn report(medians: &BTreeMap<(&str, &str, &str), f64>) {
         let m = |c: &str| medians.get(&("queries", c, q.name)).copied();
         if let (Some(p), Some(d), Some(g)) = (m("pgtrail"), m("duckdb"), m("postgres")) {
             // At the timeout PostgreSQL's time (and its ratio) is a lower bound.
-            let at_least = if g >= POSTGRES_TIMEOUT_SECS as f64 { ">= " } else { "" };
-            lines.push(format!("| {} | {p:.3} | {d:.3} | {at_least}{g:.3} | {:.2} | {at_least}{:.1} |", q.what, p / d, g / p));
+            let at_least = if g >= POSTGRES_TIMEOUT_SECS as f64 {
+                ">= "
+            } else {
+                ""
+            };
+            lines.push(format!(
+                "| {} | {p:.3} | {d:.3} | {at_least}{g:.3} | {:.2} | {at_least}{:.1} |",
+                q.what,
+                p / d,
+                g / p
+            ));
             log_duck += (p / d).ln();
             log_pg += (g / p).ln();
             n += 1;
@@ -541,7 +722,9 @@ pub fn report(medians: &BTreeMap<(&str, &str, &str), f64>) {
         return;
     }
     println!();
-    println!("| query | pgtrail s | DuckDB s | PostgreSQL (trigger table) s | pgtrail / DuckDB | PostgreSQL / pgtrail |");
+    println!(
+        "| query | pgtrail s | DuckDB s | PostgreSQL (trigger table) s | pgtrail / DuckDB | PostgreSQL / pgtrail |"
+    );
     println!("|---|---|---|---|---|---|");
     for l in lines {
         println!("{l}");
@@ -551,8 +734,18 @@ pub fn report(medians: &BTreeMap<(&str, &str, &str), f64>) {
         (log_duck / n as f64).exp(),
         (log_pg / n as f64).exp()
     );
-    if let (Some(p), Some(g)) = (medians.get(&("queries", "pgtrail", "as_of_full_table")), medians.get(&("queries", "postgres", "as_of_full_table"))) {
-        let at_least = if *g >= POSTGRES_TIMEOUT_SECS as f64 { ">= " } else { "" };
-        println!("Ratio queries: as_of of a whole table, PostgreSQL / pgtrail = **{at_least}{:.1}** (goal >= 10)", g / p);
+    if let (Some(p), Some(g)) = (
+        medians.get(&("queries", "pgtrail", "as_of_full_table")),
+        medians.get(&("queries", "postgres", "as_of_full_table")),
+    ) {
+        let at_least = if *g >= POSTGRES_TIMEOUT_SECS as f64 {
+            ">= "
+        } else {
+            ""
+        };
+        println!(
+            "Ratio queries: as_of of a whole table, PostgreSQL / pgtrail = **{at_least}{:.1}** (goal >= 10)",
+            g / p
+        );
     }
 }

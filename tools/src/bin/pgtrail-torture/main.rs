@@ -34,7 +34,10 @@ use pgtrail_store::{Cell, ChangeKey, LogReader, Lsn, Op};
 use sha2::{Digest, Sha256};
 
 #[derive(Parser)]
-#[command(name = "pgtrail-torture", about = "Inject faults and bad input into a real capture and prove nothing is lost or duplicated")]
+#[command(
+    name = "pgtrail-torture",
+    about = "Inject faults and bad input into a real capture and prove nothing is lost or duplicated"
+)]
 struct Args {
     /// ci: one fixed pass over every fault; soak: random faults for --minutes.
     #[arg(long, default_value = "ci", value_parser = ["ci", "soak"])]
@@ -135,13 +138,23 @@ impl Harness {
         let url = format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port);
         let log = self.work.join(format!("capture-{:03}.log", self.runs));
         let mut cmd = capture_command(&self.bin, &url, &self.archive, SLOT, SLOT, &log)?;
-        cmd.args(["--progress-secs", "1", "--compact-after-changes", "400", "--compact-after-secs", "2"])
-            .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
-            .env("PGTRAIL_LOG", "info");
+        cmd.args([
+            "--progress-secs",
+            "1",
+            "--compact-after-changes",
+            "400",
+            "--compact-after-secs",
+            "2",
+        ])
+        .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
+        .env("PGTRAIL_LOG", "info");
         if let Some(p) = crash_at {
             cmd.env("PGTRAIL_CRASH_AT", p);
         }
-        self.capture = Some(cmd.spawn().map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?);
+        self.capture = Some(
+            cmd.spawn()
+                .map_err(|e| format!("cannot start {}: {e}", self.bin.display()))?,
+        );
         Ok(())
     }
 
@@ -150,7 +163,9 @@ impl Harness {
     }
 
     fn signal(&self, sig: &str) {
-        let _ = Command::new("kill").args([sig, &self.pid().to_string()]).status();
+        let _ = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status();
     }
 
     /// The walsender streaming to the capture now, if any.
@@ -168,7 +183,10 @@ impl Harness {
             if let Some(child) = self.capture.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                return Err(format!("capture exited ({status}) instead of streaming; see {}", self.work.display()));
+                return Err(format!(
+                    "capture exited ({status}) instead of streaming; see {}",
+                    self.work.display()
+                ));
             }
             let pid = self.walsender();
             if !pid.is_empty() && Some(pid.as_str()) != not {
@@ -228,10 +246,22 @@ impl Harness {
         }
         let log_path = self.work.join(format!("capture-{slot}.log"));
         let archive = mnt.join("archive");
-        let mut cmd = capture_command(&self.bin, &self.cluster.url(DB), &archive, slot, SLOT, &log_path)?;
+        let mut cmd = capture_command(
+            &self.bin,
+            &self.cluster.url(DB),
+            &archive,
+            slot,
+            SLOT,
+            &log_path,
+        )?;
         cmd.args(["--progress-secs", "1"]);
         if compacting {
-            cmd.args(["--compact-after-changes", "2000", "--compact-after-secs", "1"]);
+            cmd.args([
+                "--compact-after-changes",
+                "2000",
+                "--compact-after-secs",
+                "1",
+            ]);
         } else {
             cmd.arg("--no-compact");
         }
@@ -239,10 +269,13 @@ impl Harness {
         if compacting {
             let segments = archive.join(pgtrail_store::SEGMENTS_DIR);
             let deadline = Instant::now() + Duration::from_secs(120);
-            while std::fs::read_dir(&segments).map_or(true, |d| d.count() == 0) && Instant::now() < deadline {
+            while std::fs::read_dir(&segments).map_or(true, |d| d.count() == 0)
+                && Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(100));
             }
-            leave_free(&mnt.join("ballast"), 2 << 20).map_err(|e| format!("cannot fill the disk: {e}"))?;
+            leave_free(&mnt.join("ballast"), 2 << 20)
+                .map_err(|e| format!("cannot fill the disk: {e}"))?;
         }
         let status = wait_child(&mut child, Duration::from_secs(600));
         if status.is_none() {
@@ -251,14 +284,21 @@ impl Harness {
         }
         let _ = std::fs::remove_file(mnt.join("ballast"));
         let copy = self.work.join(format!("{slot}-archive"));
-        let copied = Command::new("cp").arg("-a").arg(&archive).arg(&copy).status().is_ok_and(|s| s.success());
+        let copied = Command::new("cp")
+            .arg("-a")
+            .arg(&archive)
+            .arg(&copy)
+            .status()
+            .is_ok_and(|s| s.success());
         let _ = Command::new("umount").arg(&mnt).status();
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         let tail: String = text.lines().rev().take(3).collect::<Vec<_>>().join(" | ");
         match status {
             None => return Err("the capture did not stop within 600 s on a full disk".into()),
             Some(s) if s.success() => return Err("the capture exited 0 on a full disk".into()),
-            Some(_) if text.contains("panicked") => return Err(format!("the capture panicked on a full disk: {tail}")),
+            Some(_) if text.contains("panicked") => {
+                return Err(format!("the capture panicked on a full disk: {tail}"));
+            }
             Some(_) if !text.contains("No space left on device") => {
                 return Err(format!("the error does not say the disk is full: {tail}"));
             }
@@ -267,7 +307,11 @@ impl Harness {
         if !copied {
             return Err("could not copy the archive off the full disk".into());
         }
-        let during = if text.contains("compaction failed") { "during compaction" } else { "during a log commit" };
+        let during = if text.contains("compaction failed") {
+            "during compaction"
+        } else {
+            "during a log commit"
+        };
         eprintln!("torture: the disk filled {during} and capture stopped: {tail}");
         self.full_disk_archives.push((copy, compacting));
         Ok(())
@@ -278,14 +322,17 @@ impl Harness {
         for (archive, compacting) in &self.full_disk_archives {
             let slot = full_disk_slot(*compacting);
             let log = self.work.join(format!("capture-{slot}-resumed.log"));
-            let mut cmd = capture_command(&self.bin, &self.cluster.url(DB), archive, slot, SLOT, &log)?;
+            let mut cmd =
+                capture_command(&self.bin, &self.cluster.url(DB), archive, slot, SLOT, &log)?;
             cmd.args(["--stop-at", end]);
             if !compacting {
                 cmd.arg("--no-compact");
             }
             let status = cmd.status().map_err(|e| e.to_string())?;
             if !status.success() {
-                return Err(format!("the capture did not resume after the full disk was freed ({status}); see capture-{slot}-resumed.log"));
+                return Err(format!(
+                    "the capture did not resume after the full disk was freed ({status}); see capture-{slot}-resumed.log"
+                ));
             }
         }
         Ok(())
@@ -306,7 +353,11 @@ impl Harness {
                 // Commits happen continuously; compaction every ~2 s: the point is reached soon.
                 match self.wait_exit(Duration::from_secs(60)) {
                     Some(status) if !status.success() => {}
-                    Some(status) => return Err(format!("capture exited {status} instead of aborting at {point}")),
+                    Some(status) => {
+                        return Err(format!(
+                            "capture exited {status} instead of aborting at {point}"
+                        ));
+                    }
                     None => {
                         self.kill9();
                         return Err(format!(
@@ -321,7 +372,9 @@ impl Harness {
                 let sql = format!(
                     "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
                 );
-                self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
+                self.cluster
+                    .psql("postgres", &sql)
+                    .map_err(|e| e.to_string())?;
             }
             Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
             Fault::DiskFull => self.disk_full(false)?,
@@ -343,34 +396,70 @@ impl Harness {
                     // Longer than the capture needs to notice, so the server does not end the
                     // dead walsender first: the capture must tell from its own status updates
                     // not arriving. It then waits for the server to release the slot.
-                    let sql = format!("ALTER SYSTEM SET wal_sender_timeout = '{BLACK_HOLE_WAL_SENDER_TIMEOUT_S}s'");
-                    self.cluster.psql("postgres", &sql).map_err(|e| e.to_string())?;
-                    self.cluster.psql("postgres", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+                    let sql = format!(
+                        "ALTER SYSTEM SET wal_sender_timeout = '{BLACK_HOLE_WAL_SENDER_TIMEOUT_S}s'"
+                    );
+                    self.cluster
+                        .psql("postgres", &sql)
+                        .map_err(|e| e.to_string())?;
+                    self.cluster
+                        .psql("postgres", "SELECT pg_reload_conf()")
+                        .map_err(|e| e.to_string())?;
                 }
-                self.proxy.cut(if stream_only { proxy::Cut::BlackHoleReplication } else { proxy::Cut::BlackHole });
+                self.proxy.cut(if stream_only {
+                    proxy::Cut::BlackHoleReplication
+                } else {
+                    proxy::Cut::BlackHole
+                });
                 // Silence for the stream timeout, then a status query that gets no answer
                 // (or shows no status update arriving) for as long again, then a new session.
-                let bound = Duration::from_secs(4 * STREAM_TIMEOUT_S + 20 + if stream_only { BLACK_HOLE_WAL_SENDER_TIMEOUT_S + 10 } else { 0 });
-                let replaced = self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()));
+                let bound = Duration::from_secs(
+                    4 * STREAM_TIMEOUT_S
+                        + 20
+                        + if stream_only {
+                            BLACK_HOLE_WAL_SENDER_TIMEOUT_S + 10
+                        } else {
+                            0
+                        },
+                );
+                let replaced =
+                    self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()));
                 if stream_only {
                     // Back to the suite's own value (RESET would fall back to PostgreSQL's 60 s).
-                    let back = format!("ALTER SYSTEM SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'");
-                    self.cluster.psql("postgres", &back).map_err(|e| e.to_string())?;
-                    self.cluster.psql("postgres", "SELECT pg_reload_conf()").map_err(|e| e.to_string())?;
+                    let back =
+                        format!("ALTER SYSTEM SET wal_sender_timeout = '{WAL_SENDER_TIMEOUT_S}s'");
+                    self.cluster
+                        .psql("postgres", &back)
+                        .map_err(|e| e.to_string())?;
+                    self.cluster
+                        .psql("postgres", "SELECT pg_reload_conf()")
+                        .map_err(|e| e.to_string())?;
                 }
-                replaced.map_err(|e| format!("a black hole was not detected and replaced within {bound:?}: {e}"))?;
+                replaced.map_err(|e| {
+                    format!("a black hole was not detected and replaced within {bound:?}: {e}")
+                })?;
                 if stream_only {
-                    let log = std::fs::read_to_string(self.work.join(format!("capture-{:03}.log", self.runs))).unwrap_or_default();
-                    if !log.contains("received none of this capture's status updates") && !log.contains("blocked sending to this capture") {
+                    let log = std::fs::read_to_string(
+                        self.work.join(format!("capture-{:03}.log", self.runs)),
+                    )
+                    .unwrap_or_default();
+                    if !log.contains("received none of this capture's status updates")
+                        && !log.contains("blocked sending to this capture")
+                    {
                         return Err("the replication-only black hole was not recognised from the server's view of the walsender".into());
                     }
                 }
-                eprintln!("torture: {fault:?} noticed and replaced in {:.1} s", injected.elapsed().as_secs_f64());
+                eprintln!(
+                    "torture: {fault:?} noticed and replaced in {:.1} s",
+                    injected.elapsed().as_secs_f64()
+                );
                 return Ok(());
             }
         }
         // The disk-full fault uses a capture of its own; the main session goes on unharmed.
-        let not = (!matches!(fault, Fault::DiskFull | Fault::DiskFullCompacting) && !before.is_empty()).then_some(before.as_str());
+        let not = (!matches!(fault, Fault::DiskFull | Fault::DiskFullCompacting)
+            && !before.is_empty())
+        .then_some(before.as_str());
         self.wait_streaming(Duration::from_secs(120), not)
     }
 }
@@ -395,7 +484,14 @@ fn leave_free(path: &std::path::Path, free: u64) -> std::io::Result<()> {
 
 /// `pgtrail capture` of `slot` through `publication` from `url` into `archive`, its stderr in
 /// `log`, no crash point (callers add their own arguments).
-fn capture_command(bin: &std::path::Path, url: &str, archive: &std::path::Path, slot: &str, publication: &str, log: &std::path::Path) -> Result<Command, String> {
+fn capture_command(
+    bin: &std::path::Path,
+    url: &str,
+    archive: &std::path::Path,
+    slot: &str,
+    publication: &str,
+    log: &std::path::Path,
+) -> Result<Command, String> {
     let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut cmd = Command::new(bin);
     cmd.args(["capture", "--slot", slot, "--publication", publication])
@@ -409,7 +505,11 @@ fn capture_command(bin: &std::path::Path, url: &str, archive: &std::path::Path, 
 }
 
 fn full_disk_slot(compacting: bool) -> &'static str {
-    if compacting { "torture_full_compacting" } else { "torture_full" }
+    if compacting {
+        "torture_full_compacting"
+    } else {
+        "torture_full"
+    }
 }
 
 /// The child's exit status, or `None` if it still runs after `limit`.
@@ -437,7 +537,10 @@ fn workload(
     unthrottled: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async move {
             let mut rng = Rng(seed | 1);
             let mut seq: i64;
@@ -523,21 +626,37 @@ struct Verdict {
 
 /// The ledger and exactly-once checks of one archive: every committed `seq` once, nothing
 /// else, change keys strictly increasing across segments and log, no gap recorded.
-fn check_ledger(archive: &std::path::Path, expected: &[i64], what: &str, v: &mut Verdict) -> Result<(), String> {
+fn check_ledger(
+    archive: &std::path::Path,
+    expected: &[i64],
+    what: &str,
+    v: &mut Verdict,
+) -> Result<(), String> {
     let (_db, reader) = LogReader::open(archive).map_err(|e| format!("open the {what}: {e}"))?;
     v.gaps += reader.gaps().map_err(|e| e.to_string())?.len() as u64;
     let all = reader.all_changes(archive).map_err(|e| e.to_string())?;
     let mut last: Option<ChangeKey> = None;
     let mut ledger: BTreeMap<i64, u64> = BTreeMap::new();
-    let ledger_oid = reader.relations().map_err(|e| e.to_string())?.iter().find(|r| r.name == "ledger").map(|r| r.relation_id);
+    let ledger_oid = reader
+        .relations()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .find(|r| r.name == "ledger")
+        .map(|r| r.relation_id);
     for (key, rec) in &all {
         if last.is_some_and(|l| *key <= l) {
             v.duplicates += 1;
-            v.problems.push(format!("{what}: change key {key} repeated or out of order"));
+            v.problems
+                .push(format!("{what}: change key {key} repeated or out of order"));
         }
         last = Some(*key);
         if Some(rec.relation_id) == ledger_oid && matches!(rec.op, Op::Insert | Op::Snapshot) {
-            let seq = rec.key.as_ref().and_then(|k| k.first().cloned().flatten()).and_then(|s| s.parse().ok()).unwrap_or(-1);
+            let seq = rec
+                .key
+                .as_ref()
+                .and_then(|k| k.first().cloned().flatten())
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(-1);
             *ledger.entry(seq).or_default() += 1;
         }
     }
@@ -546,20 +665,28 @@ fn check_ledger(archive: &std::path::Path, expected: &[i64], what: &str, v: &mut
             None => {
                 v.lost += 1;
                 if v.problems.len() < 20 {
-                    v.problems.push(format!("{what}: ledger seq {seq} committed in PostgreSQL, missing from the archive"));
+                    v.problems.push(format!(
+                        "{what}: ledger seq {seq} committed in PostgreSQL, missing from the archive"
+                    ));
                 }
             }
             Some(&n) if n > 1 => {
                 v.duplicates += n - 1;
-                v.problems.push(format!("{what}: ledger seq {seq} archived {n} times"));
+                v.problems
+                    .push(format!("{what}: ledger seq {seq} archived {n} times"));
             }
             _ => {}
         }
     }
-    let phantoms = ledger.keys().filter(|s| expected.binary_search(s).is_err()).count() as u64;
+    let phantoms = ledger
+        .keys()
+        .filter(|s| expected.binary_search(s).is_err())
+        .count() as u64;
     if phantoms > 0 {
         v.duplicates += phantoms;
-        v.problems.push(format!("{what}: {phantoms} ledger rows archived that PostgreSQL does not hold"));
+        v.problems.push(format!(
+            "{what}: {phantoms} ledger rows archived that PostgreSQL does not hold"
+        ));
     }
     Ok(())
 }
@@ -567,12 +694,19 @@ fn check_ledger(archive: &std::path::Path, expected: &[i64], what: &str, v: &mut
 fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     let expected: Vec<i64> = h
         .cluster
-        .psql(DB, "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger")
+        .psql(
+            DB,
+            "SELECT coalesce(json_agg(seq ORDER BY seq), '[]') FROM ledger",
+        )
         .map_err(|e| e.to_string())
         .and_then(|j| serde_json::from_str(&j).map_err(|e| e.to_string()))?;
     check_ledger(&h.archive, &expected, "archive", v)?;
     for (full, compacting) in &h.full_disk_archives {
-        let what = if *compacting { "archive resumed after a full disk (compacting)" } else { "archive resumed after a full disk" };
+        let what = if *compacting {
+            "archive resumed after a full disk (compacting)"
+        } else {
+            "archive resumed after a full disk"
+        };
         check_ledger(full, &expected, what, v)?;
     }
 
@@ -583,15 +717,21 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     let mut by_prefix: BTreeMap<String, Vec<(Lsn, String)>> = BTreeMap::new();
     let mut keep = |key: ChangeKey, m: &pgtrail_store::LogicalMessage| {
         if m.prefix.starts_with("oracle") {
-            by_prefix.entry(m.prefix.clone()).or_default().push((key.commit_lsn, String::from_utf8_lossy(&m.content).into_owned()));
+            by_prefix.entry(m.prefix.clone()).or_default().push((
+                key.commit_lsn,
+                String::from_utf8_lossy(&m.content).into_owned(),
+            ));
         }
     };
     for seg in &snapshot.message_segments {
         let path = snapshot.segment_path(seg);
-        let reader = pgtrail_store::segment::SegmentReader::open(&path, Some(&seg.sha256), 8192).map_err(|e| e.to_string())?;
+        let reader = pgtrail_store::segment::SegmentReader::open(&path, Some(&seg.sha256), 8192)
+            .map_err(|e| e.to_string())?;
         for batch in reader {
             let batch = batch.map_err(|e| e.to_string())?;
-            for (key, rec) in read_records(&SegmentContent::Messages, &batch).map_err(|e| e.to_string())? {
+            for (key, rec) in
+                read_records(&SegmentContent::Messages, &batch).map_err(|e| e.to_string())?
+            {
                 if let Some(m) = &rec.message {
                     keep(key, m);
                 }
@@ -615,7 +755,15 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
             .flatten()
             .map(|(_, r)| {
                 let id: i64 = cell(r.first()).parse().unwrap_or(i64::MIN);
-                (id, format!("({},{},{})", cell(r.first()), cell(r.get(1)), cell(r.get(2))))
+                (
+                    id,
+                    format!(
+                        "({},{},{})",
+                        cell(r.first()),
+                        cell(r.get(1)),
+                        cell(r.get(2))
+                    ),
+                )
             })
             .collect())
     };
@@ -636,7 +784,14 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
             next += 1;
         }
     };
-    let row_text = |r: &pgtrail_store::Row| format!("({},{},{})", cell(r.first()), cell(r.get(1)), cell(r.get(2)));
+    let row_text = |r: &pgtrail_store::Row| {
+        format!(
+            "({},{},{})",
+            cell(r.first()),
+            cell(r.get(1)),
+            cell(r.get(2))
+        )
+    };
     let id_of = |r: &pgtrail_store::Row| cell(r.first()).parse::<i64>().unwrap_or(i64::MIN);
     pgtrail_query::for_each_change(&snapshot, table, None, |_, key, rec| {
         check(Some(key.commit_lsn), &rows, v);
@@ -665,11 +820,18 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     // including the last one, taken after the workload stopped.
     let step = oracles.len().div_ceil(MAX_ORACLE_CHECKS).max(1);
     let last = oracles.len().saturating_sub(1);
-    for (lsn, hash) in oracles.iter().enumerate().filter(|(i, _)| i % step == 0 || *i == last).map(|(_, o)| o) {
+    for (lsn, hash) in oracles
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == last)
+        .map(|(_, o)| o)
+    {
         let got = rows_hash(rebuilt(Moment::Lsn(*lsn))?);
         if &got != hash {
             v.oracle_mismatches += 1;
-            v.problems.push(format!("as_of_lsn at the oracle of {lsn} hashes {got}, PostgreSQL hashed {hash}"));
+            v.problems.push(format!(
+                "as_of_lsn at the oracle of {lsn} hashes {got}, PostgreSQL hashed {hash}"
+            ));
         }
     }
     let end = rebuilt(Moment::Lsn(Lsn(u64::MAX)))?;
@@ -683,13 +845,19 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     for row in &pg {
         if !end_sorted.contains(row) {
             v.lost += 1;
-            v.problems.push(format!("final acct row {} differs or is missing in the archive", row.1));
+            v.problems.push(format!(
+                "final acct row {} differs or is missing in the archive",
+                row.1
+            ));
         }
     }
     for row in &end_sorted {
         if !pg.contains(row) {
             v.duplicates += 1;
-            v.problems.push(format!("the archive's final acct holds {} which PostgreSQL does not", row.1));
+            v.problems.push(format!(
+                "the archive's final acct holds {} which PostgreSQL does not",
+                row.1
+            ));
         }
     }
     Ok(())
@@ -698,36 +866,67 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
 /// Bad input: each must give a clear error and no panic, never wrong rows.
 fn bad_inputs(h: &Harness, v: &mut Verdict) {
     let copy = h.work.join("damaged");
-    let _ = Command::new("cp").arg("-a").arg(&h.archive).arg(&copy).status();
+    let _ = Command::new("cp")
+        .arg("-a")
+        .arg(&h.archive)
+        .arg(&copy)
+        .status();
     // A segment the manifest lists (merged-away files linger for a grace period and are
     // rightly never read).
     let listed: Option<String> = LogReader::open(&copy)
         .ok()
         .and_then(|(_db, r)| r.manifest().ok())
-        .and_then(|m| m.segments.iter().find(|s| s.table_name() == "public.acct").map(|s| s.file_name.clone()));
-    let first_segment = || -> Option<PathBuf> { listed.as_ref().map(|f| copy.join(pgtrail_store::SEGMENTS_DIR).join(f)) };
+        .and_then(|m| {
+            m.segments
+                .iter()
+                .find(|s| s.table_name() == "public.acct")
+                .map(|s| s.file_name.clone())
+        });
+    let first_segment = || -> Option<PathBuf> {
+        listed
+            .as_ref()
+            .map(|f| copy.join(pgtrail_store::SEGMENTS_DIR).join(f))
+    };
     let count_sql = "SELECT count(*) FROM public.acct";
     // Each case returns the command's stderr.
-    let mut case = |name: &str, damage: &dyn Fn() -> Option<String>, args: Vec<String>, must_say: &str| -> String {
+    let mut case = |name: &str,
+                    damage: &dyn Fn() -> Option<String>,
+                    args: Vec<String>,
+                    must_say: &str|
+     -> String {
         v.bad_inputs += 1;
         let Some(file) = damage() else {
             v.bad_inputs_failed += 1;
-            v.problems.push(format!("bad input {name}: could not prepare it"));
+            v.problems
+                .push(format!("bad input {name}: could not prepare it"));
             return String::new();
         };
         let out = Command::new(&h.bin).args(&args).output();
-        let err = out.as_ref().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).unwrap_or_default();
+        let err = out
+            .as_ref()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default();
         let failed_clearly = out.as_ref().is_ok_and(|o| !o.status.success())
             && !err.contains("panicked")
             && err.contains(must_say)
             && (file.is_empty() || err.contains(&file));
         if !failed_clearly {
             v.bad_inputs_failed += 1;
-            v.problems.push(format!("bad input {name}: not a clear error naming {file:?}: {}", err.trim()));
+            v.problems.push(format!(
+                "bad input {name}: not a clear error naming {file:?}: {}",
+                err.trim()
+            ));
         }
         err
     };
-    let sql_args = vec!["sql".into(), "--archive".into(), copy.display().to_string(), "--format".into(), "csv".into(), count_sql.into()];
+    let sql_args = vec![
+        "sql".into(),
+        "--archive".into(),
+        copy.display().to_string(),
+        "--format".into(),
+        "csv".into(),
+        count_sql.into(),
+    ];
     case(
         "a flipped byte in a segment",
         &|| {
@@ -765,7 +964,12 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
     case(
         "SQL that writes a file",
         &|| Some(String::new()),
-        vec!["sql".into(), "--archive".into(), h.archive.display().to_string(), "COPY (SELECT 1) TO '/tmp/pgtrail-torture-copy.csv'".into()],
+        vec![
+            "sql".into(),
+            "--archive".into(),
+            h.archive.display().to_string(),
+            "COPY (SELECT 1) TO '/tmp/pgtrail-torture-copy.csv'".into(),
+        ],
         "read-only",
     );
     let unreachable = case(
@@ -782,17 +986,26 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
     );
     if unreachable.contains("secret-password") {
         v.bad_inputs_failed += 1;
-        v.problems.push("the connection password appears in capture's error output".into());
+        v.problems
+            .push("the connection password appears in capture's error output".into());
     }
     let _ = std::fs::remove_dir_all(&copy);
 }
 
 fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
-    let bin = std::env::current_exe().map_err(|e| e.to_string())?.with_file_name("pgtrail");
+    let bin = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .with_file_name("pgtrail");
     if !bin.exists() {
-        return Err(format!("{} not found: build it first with `cargo build -p pgtrail --features crashpoints --bins`", bin.display()));
+        return Err(format!(
+            "{} not found: build it first with `cargo build -p pgtrail --features crashpoints --bins`",
+            bin.display()
+        ));
     }
-    let work = tempfile::Builder::new().prefix("pgtrail-torture-").tempdir().map_err(|e| e.to_string())?;
+    let work = tempfile::Builder::new()
+        .prefix("pgtrail-torture-")
+        .tempdir()
+        .map_err(|e| e.to_string())?;
     if args.gaps_only {
         let mut v = Verdict::default();
         gaps::run(&bin, work.path(), &mut v)?;
@@ -802,15 +1015,15 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         return Ok(v);
     }
     let settings = vec![
-        ("wal_sender_timeout".to_string(), format!("{WAL_SENDER_TIMEOUT_S}s")),
+        (
+            "wal_sender_timeout".to_string(),
+            format!("{WAL_SENDER_TIMEOUT_S}s"),
+        ),
         ("max_prepared_transactions".to_string(), "10".to_string()),
     ];
     let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
     cluster
-        .psql(
-            "postgres",
-            &format!("CREATE DATABASE {DB}"),
-        )
+        .psql("postgres", &format!("CREATE DATABASE {DB}"))
         .map_err(|e| e.to_string())?;
     cluster
         .psql(
@@ -820,10 +1033,25 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
              INSERT INTO acct SELECT g, 100, 's' || g FROM generate_series(1, 40) g;",
         )
         .map_err(|e| e.to_string())?;
-    cluster.psql(DB, shapes::SCHEMA).map_err(|e| e.to_string())?;
-    let upstream = format!("127.0.0.1:{}", cluster.port()).parse().map_err(|e| format!("{e}"))?;
+    cluster
+        .psql(DB, shapes::SCHEMA)
+        .map_err(|e| e.to_string())?;
+    let upstream = format!("127.0.0.1:{}", cluster.port())
+        .parse()
+        .map_err(|e| format!("{e}"))?;
     let proxy = proxy::Proxy::start(upstream)?;
-    let mut h = Harness { archive: work.path().join("archive"), work: work.path().to_path_buf(), bin, cluster, proxy, capture: None, runs: 0, full_disk_archives: Vec::new(), disk_full_tried: [false; 2], unthrottled: Arc::new(AtomicBool::new(false)) };
+    let mut h = Harness {
+        archive: work.path().join("archive"),
+        work: work.path().to_path_buf(),
+        bin,
+        cluster,
+        proxy,
+        capture: None,
+        runs: 0,
+        full_disk_archives: Vec::new(),
+        disk_full_tried: [false; 2],
+        unthrottled: Arc::new(AtomicBool::new(false)),
+    };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     h.start_capture(None)?;
@@ -832,17 +1060,54 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     let stop = Arc::new(AtomicBool::new(false));
     let committed = Arc::new(AtomicU64::new(0));
     // A soak runs for long: a gentler rate keeps its archive checkable in minutes.
-    let pause = if args.tier == "soak" { Duration::from_millis(2) } else { Duration::ZERO };
-    let writer = workload(h.cluster.url(DB), stop.clone(), seed, committed.clone(), pause, h.unthrottled.clone());
+    let pause = if args.tier == "soak" {
+        Duration::from_millis(2)
+    } else {
+        Duration::ZERO
+    };
+    let writer = workload(
+        h.cluster.url(DB),
+        stop.clone(),
+        seed,
+        committed.clone(),
+        pause,
+        h.unthrottled.clone(),
+    );
     let shape_rounds = Arc::new(AtomicU64::new(0));
     let big_rows = if args.tier == "soak" { 300_000 } else { 50_000 };
-    let shaper = shapes::workload(h.cluster.url(DB), stop.clone(), seed, big_rows, shape_rounds.clone());
+    let shaper = shapes::workload(
+        h.cluster.url(DB),
+        stop.clone(),
+        seed,
+        big_rows,
+        shape_rounds.clone(),
+    );
 
-    let mut schedule: Vec<Fault> = vec![Fault::DiskFull, Fault::DiskFullCompacting, Fault::Kill9, Fault::TerminateWalsender, Fault::Kill9];
+    let mut schedule: Vec<Fault> = vec![
+        Fault::DiskFull,
+        Fault::DiskFullCompacting,
+        Fault::Kill9,
+        Fault::TerminateWalsender,
+        Fault::Kill9,
+    ];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
-    schedule.extend([Fault::Restart("fast"), Fault::Kill9, Fault::Restart("immediate"), Fault::Stall, Fault::TerminateWalsender, Fault::Kill9]);
-    schedule.extend([Fault::NetReset, Fault::NetCloseMidFrame, Fault::BlackHole, Fault::NetReset, Fault::BlackHoleStream]);
-    let soak_until = (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
+    schedule.extend([
+        Fault::Restart("fast"),
+        Fault::Kill9,
+        Fault::Restart("immediate"),
+        Fault::Stall,
+        Fault::TerminateWalsender,
+        Fault::Kill9,
+    ]);
+    schedule.extend([
+        Fault::NetReset,
+        Fault::NetCloseMidFrame,
+        Fault::BlackHole,
+        Fault::NetReset,
+        Fault::BlackHoleStream,
+    ]);
+    let soak_until =
+        (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
     let started = Instant::now();
     let mut i = 0usize;
     loop {
@@ -864,7 +1129,11 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         match h.inject(&fault) {
             Ok(()) => {
                 v.survived += 1;
-                eprintln!("torture: fault {} {fault:?} at {at} transactions: survived ({:.0} s)", v.faults, started.elapsed().as_secs_f64());
+                eprintln!(
+                    "torture: fault {} {fault:?} at {at} transactions: survived ({:.0} s)",
+                    v.faults,
+                    started.elapsed().as_secs_f64()
+                );
             }
             Err(e) if e.starts_with("SKIP: ") => {
                 v.faults -= 1;
@@ -881,11 +1150,20 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let transactions = writer.join().map_err(|_| "the workload thread panicked".to_string())?;
-    let rounds = shaper.join().map_err(|_| "the shapes workload thread panicked".to_string())?;
+    let transactions = writer
+        .join()
+        .map_err(|_| "the workload thread panicked".to_string())?;
+    let rounds = shaper
+        .join()
+        .map_err(|_| "the shapes workload thread panicked".to_string())?;
     h.cluster.psql(DB, ORACLE_SQL).map_err(|e| e.to_string())?;
-    h.cluster.psql(DB, &shapes::oracle_sql()).map_err(|e| e.to_string())?;
-    let end = h.cluster.psql(DB, "SELECT pg_current_wal_insert_lsn()::text").map_err(|e| e.to_string())?;
+    h.cluster
+        .psql(DB, &shapes::oracle_sql())
+        .map_err(|e| e.to_string())?;
+    let end = h
+        .cluster
+        .psql(DB, "SELECT pg_current_wal_insert_lsn()::text")
+        .map_err(|e| e.to_string())?;
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let done = h
@@ -896,7 +1174,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             break;
         }
         if Instant::now() > deadline {
-            v.problems.push("capture did not catch up within 180 s after the last fault".into());
+            v.problems
+                .push("capture did not catch up within 180 s after the last fault".into());
             break;
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -905,20 +1184,33 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         v.problems.push(e);
     }
     h.signal("-TERM");
-    if h.wait_exit(Duration::from_secs(60)).is_none_or(|s| !s.success()) {
-        v.problems.push("capture did not stop cleanly on SIGTERM".into());
+    if h.wait_exit(Duration::from_secs(60))
+        .is_none_or(|s| !s.success())
+    {
+        v.problems
+            .push("capture did not stop cleanly on SIGTERM".into());
         h.kill9();
     }
-    eprintln!("torture: {transactions} workload transactions and {rounds} shape rounds committed; checking the archive");
-    for entry in std::fs::read_dir(&h.work).map_err(|e| e.to_string())?.flatten() {
+    eprintln!(
+        "torture: {transactions} workload transactions and {rounds} shape rounds committed; checking the archive"
+    );
+    for entry in std::fs::read_dir(&h.work)
+        .map_err(|e| e.to_string())?
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("capture-") && std::fs::read_to_string(entry.path()).is_ok_and(|t| t.contains("panicked")) {
+        if name.starts_with("capture-")
+            && std::fs::read_to_string(entry.path()).is_ok_and(|t| t.contains("panicked"))
+        {
             v.panics += 1;
-            v.problems.push(format!("a capture panicked: {}", entry.path().display()));
+            v.problems
+                .push(format!("a capture panicked: {}", entry.path().display()));
         }
     }
     if transactions < 100 {
-        v.problems.push(format!("the workload committed only {transactions} transactions"));
+        v.problems.push(format!(
+            "the workload committed only {transactions} transactions"
+        ));
     }
     check_archive(&h, &mut v)?;
     gaps::run(&h.bin, &h.work, &mut v)?;
@@ -934,21 +1226,29 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let seed = args.seed.unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
     });
     eprintln!("torture: tier {}, seed {seed}", args.tier);
     let v = match run(&args, seed) {
         Ok(v) => v,
         Err(e) => {
             eprintln!("torture: could not run: {e}");
-            eprintln!("torture: replay with: pgtrail-torture --tier {} --seed {seed}", args.tier);
+            eprintln!(
+                "torture: replay with: pgtrail-torture --tier {} --seed {seed}",
+                args.tier
+            );
             return ExitCode::from(2);
         }
     };
     for p in &v.problems {
         eprintln!("torture: PROBLEM: {p}");
     }
-    eprintln!("torture: {} point-in-time oracles checked, {} mismatched; {} panics", v.oracles, v.oracle_mismatches, v.panics);
+    eprintln!(
+        "torture: {} point-in-time oracles checked, {} mismatched; {} panics",
+        v.oracles, v.oracle_mismatches, v.panics
+    );
     let failed = v.lost > 0
         || v.duplicates > 0
         || v.gaps > 0
@@ -959,11 +1259,18 @@ fn main() -> ExitCode {
         || (v.oracles == 0 && !args.gaps_only)
         || !v.problems.is_empty();
     if failed {
-        eprintln!("torture: FAILED; replay with: pgtrail-torture --tier {} --seed {seed}", args.tier);
+        eprintln!(
+            "torture: FAILED; replay with: pgtrail-torture --tier {} --seed {seed}",
+            args.tier
+        );
     }
     println!(
         "{} faults injected, {} survived, {} bad inputs, {} rows lost, {} duplicates, {} unexpected gaps",
         v.faults, v.survived, v.bad_inputs, v.lost, v.duplicates, v.gaps
     );
-    if failed { ExitCode::from(1) } else { ExitCode::SUCCESS }
+    if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
 }

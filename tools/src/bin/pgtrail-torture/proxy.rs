@@ -42,9 +42,12 @@ impl Proxy {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).map_err(|e| e.to_string())?;
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        let open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>> = Arc::default();
+        let open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>> =
+            Arc::default();
         let registry = open.clone();
         let upstream = Arc::new(Mutex::new(upstream));
         let target = upstream.clone();
@@ -52,12 +55,20 @@ impl Proxy {
             while let Ok((client, _)) = listener.accept().await {
                 let (tx, rx) = watch::channel(Cut::Pass);
                 let replication = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                registry.lock().expect("proxy registry").push((tx, replication.clone()));
+                registry
+                    .lock()
+                    .expect("proxy registry")
+                    .push((tx, replication.clone()));
                 let to = *target.lock().expect("proxy upstream");
                 tokio::spawn(forward(client, to, rx, replication));
             }
         });
-        Ok(Proxy { port, open, upstream, _runtime: runtime })
+        Ok(Proxy {
+            port,
+            open,
+            upstream,
+            _runtime: runtime,
+        })
     }
 
     /// Send connections opened from now on to another server (the same URL, another cluster).
@@ -71,7 +82,8 @@ impl Proxy {
         let open: Vec<_> = std::mem::take(&mut *registry);
         let mut n = 0;
         for (tx, replication) in open {
-            let hit = cut != Cut::BlackHoleReplication || replication.load(std::sync::atomic::Ordering::Relaxed);
+            let hit = cut != Cut::BlackHoleReplication
+                || replication.load(std::sync::atomic::Ordering::Relaxed);
             if !hit {
                 // Not affected: it stays open to later cuts.
                 if !tx.is_closed() {
@@ -87,13 +99,22 @@ impl Proxy {
     }
 }
 
-async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Receiver<Cut>, replication: Arc<std::sync::atomic::AtomicBool>) {
-    let Ok(mut server) = TcpStream::connect(upstream).await else { return };
+async fn forward(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mut cut: watch::Receiver<Cut>,
+    replication: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let Ok(mut server) = TcpStream::connect(upstream).await else {
+        return;
+    };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     // The startup message names a replication connection (`replication` = `database`).
     let mut first = vec![0u8; 8192];
-    let Ok(n) = client.read(&mut first).await else { return };
+    let Ok(n) = client.read(&mut first).await else {
+        return;
+    };
     if first[..n].windows(12).any(|w| w == b"replication\0") {
         replication.store(true, std::sync::atomic::Ordering::Relaxed);
     }
@@ -124,7 +145,9 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Re
         }
         Cut::CloseMidFrame => {
             let mut buf = vec![0u8; 64 * 1024];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(2), server.read(&mut buf)).await;
+            let read =
+                tokio::time::timeout(std::time::Duration::from_secs(2), server.read(&mut buf))
+                    .await;
             if let Ok(Ok(n)) = read
                 && n > 1
             {

@@ -22,7 +22,16 @@ use sha2::{Digest, Sha256};
 
 use crate::{Rng, Verdict};
 
-pub const TABLES: &[&str] = &["sh_parent", "sh_child", "sh_ident", "sh_part", "sh_toast_d", "sh_toast_f", "sh_alter", "sh_keyless"];
+pub const TABLES: &[&str] = &[
+    "sh_parent",
+    "sh_child",
+    "sh_ident",
+    "sh_part",
+    "sh_toast_d",
+    "sh_toast_f",
+    "sh_alter",
+    "sh_keyless",
+];
 
 pub const SCHEMA: &str = "CREATE TABLE sh_parent (id int PRIMARY KEY, v text); \
     CREATE TABLE sh_child (id int PRIMARY KEY, parent_id int REFERENCES sh_parent (id) ON DELETE CASCADE, v int); \
@@ -151,15 +160,25 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
 }
 
 /// Run rounds until `stop`; returns the number of rounds that committed their oracle.
-pub fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, big_rows: u64, rounds: Arc<AtomicU64>) -> std::thread::JoinHandle<u64> {
+pub fn workload(
+    url: String,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+    big_rows: u64,
+    rounds: Arc<AtomicU64>,
+) -> std::thread::JoinHandle<u64> {
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async move {
             let mut rng = Rng(seed.rotate_left(17) | 1);
             let (mut n, mut oracles, mut did_big) = (0u64, 0u64, false);
             let oracle = oracle_sql();
             'connect: while !stop.load(Ordering::Relaxed) {
-                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await else {
+                let Ok((client, conn)) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await
+                else {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
                 };
@@ -168,14 +187,20 @@ pub fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, big_rows: u64, ro
                 while !stop.load(Ordering::Relaxed) {
                     n += 1;
                     for sql in round(&mut rng, n, big_rows, &mut did_big) {
-                        let result = if sql == "COPY" { copy_rows(&client, n).await } else { client.batch_execute(&sql).await.map(|_| ()) };
+                        let result = if sql == "COPY" {
+                            copy_rows(&client, n).await
+                        } else {
+                            client.batch_execute(&sql).await.map(|_| ())
+                        };
                         if let Err(e) = result {
                             if client.is_closed() {
                                 continue 'connect;
                             }
                             // A statement the shape expects to fail cannot occur; a broken one
                             // is a bug of this suite, worth seeing.
-                            let why = e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string());
+                            let why = e
+                                .as_db_error()
+                                .map_or_else(|| e.to_string(), |d| d.message().to_string());
                             eprintln!("torture: shapes round {n}: {why}");
                             let _ = client.batch_execute("ROLLBACK").await;
                             finish_prepared(&client).await;
@@ -197,10 +222,18 @@ pub fn workload(url: String, stop: Arc<AtomicBool>, seed: u64, big_rows: u64, ro
 /// Commit a prepared transaction left by a broken connection or a failed round: it would
 /// hold its locks (and the oracle's LOCK behind them) forever.
 async fn finish_prepared(client: &tokio_postgres::Client) {
-    if let Ok(rows) = client.query("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'torture_%'", &[]).await {
+    if let Ok(rows) = client
+        .query(
+            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE 'torture_%'",
+            &[],
+        )
+        .await
+    {
         for row in rows {
             let gid: String = row.get(0);
-            let _ = client.batch_execute(&format!("COMMIT PREPARED '{gid}'")).await;
+            let _ = client
+                .batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+                .await;
         }
     }
 }
@@ -230,7 +263,10 @@ fn record_text(cells: &[Option<&Cell>]) -> String {
             None | Some(Cell::Null) => {}
             Some(Cell::Unknown) => out.push_str("<unknown to the archive>"),
             Some(Cell::Text(v)) => {
-                let quote = v.is_empty() || v.chars().any(|c| matches!(c, '"' | '\\' | '(' | ')' | ',') || c.is_ascii_whitespace());
+                let quote = v.is_empty()
+                    || v.chars().any(|c| {
+                        matches!(c, '"' | '\\' | '(' | ')' | ',') || c.is_ascii_whitespace()
+                    });
                 if quote {
                     out.push('"');
                     for c in v.chars() {
@@ -255,24 +291,47 @@ fn hash(mut rows: Vec<String>) -> String {
         return "empty".into();
     }
     rows.sort();
-    Sha256::digest(rows.join("\n").as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(rows.join("\n").as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Check pgtrail's `as_of_lsn` of every shape table at up to `max_checks` of the oracles
 /// (spread evenly, always the last), against the hashes PostgreSQL emitted.
-pub fn check(snapshot: &ArchiveSnapshot, oracles: &[(Lsn, String)], max_checks: usize, v: &mut Verdict) -> Result<(), String> {
+pub fn check(
+    snapshot: &ArchiveSnapshot,
+    oracles: &[(Lsn, String)],
+    max_checks: usize,
+    v: &mut Verdict,
+) -> Result<(), String> {
     if oracles.is_empty() {
-        v.problems.push("the shapes workload committed no oracle".into());
+        v.problems
+            .push("the shapes workload committed no oracle".into());
         return Ok(());
     }
     let step = oracles.len().div_ceil(max_checks).max(1);
     let last = oracles.len() - 1;
-    for (lsn, content) in oracles.iter().enumerate().filter(|(i, _)| i % step == 0 || *i == last).map(|(_, o)| o) {
-        let expected: BTreeMap<&str, &str> = content.split(';').filter_map(|p| p.split_once('=')).collect();
+    for (lsn, content) in oracles
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % step == 0 || *i == last)
+        .map(|(_, o)| o)
+    {
+        let expected: BTreeMap<&str, &str> = content
+            .split(';')
+            .filter_map(|p| p.split_once('='))
+            .collect();
         for table in TABLES {
-            let want = expected.get(table).copied().unwrap_or("missing from the oracle");
-            let history = snapshot.table(&format!("public.{table}")).map_err(|e| e.to_string())?;
-            let state = state_at(snapshot, history, Moment::Lsn(*lsn)).map_err(|e| format!("as_of {table} at {lsn}: {e}"))?;
+            let want = expected
+                .get(table)
+                .copied()
+                .unwrap_or("missing from the oracle");
+            let history = snapshot
+                .table(&format!("public.{table}"))
+                .map_err(|e| e.to_string())?;
+            let state = state_at(snapshot, history, Moment::Lsn(*lsn))
+                .map_err(|e| format!("as_of {table} at {lsn}: {e}"))?;
             let rows: Vec<String> = state
                 .rows
                 .values()
@@ -282,7 +341,13 @@ pub fn check(snapshot: &ArchiveSnapshot, oracles: &[(Lsn, String)], max_checks: 
                         .version
                         .columns
                         .iter()
-                        .map(|c| version.columns.iter().position(|vc| vc.name == c.name).and_then(|i| row.get(i)))
+                        .map(|c| {
+                            version
+                                .columns
+                                .iter()
+                                .position(|vc| vc.name == c.name)
+                                .and_then(|i| row.get(i))
+                        })
                         .collect();
                     record_text(&cells)
                 })
@@ -306,6 +371,9 @@ mod tests {
     fn record_text_quotes_like_postgres() {
         let t = |s: &str| Cell::Text(s.to_string());
         let (a, b, c, d) = (t("1"), t("a b"), t(""), t("x\"y\\z"));
-        assert_eq!(record_text(&[Some(&a), Some(&b), Some(&c), Some(&Cell::Null), Some(&d)]), r#"(1,"a b","",,"x""y\\z")"#);
+        assert_eq!(
+            record_text(&[Some(&a), Some(&b), Some(&c), Some(&Cell::Null), Some(&d)]),
+            r#"(1,"a b","",,"x""y\\z")"#
+        );
     }
 }
