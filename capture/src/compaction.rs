@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use pgtrail_store::{CompactError, CompactOptions, Compactor, Database, LogReader};
+use pgtrail_store::{CompactError, CompactOptions, Compactor, LogReader, SharedLog};
 
 /// When the capture compacts.
 #[derive(Clone, Debug)]
@@ -50,7 +50,7 @@ pub struct BackgroundCompactor {
 
 impl BackgroundCompactor {
     pub fn start(
-        db: Arc<Database>,
+        log: SharedLog,
         archive: PathBuf,
         policy: CompactionPolicy,
     ) -> BackgroundCompactor {
@@ -62,7 +62,7 @@ impl BackgroundCompactor {
         let join = std::thread::Builder::new()
             .name("pgtrail-compactor".into())
             .spawn(move || {
-                let compactor = Compactor::new(db.clone(), &archive, policy.options.clone());
+                let compactor = Compactor::new(log.clone(), &archive, policy.options.clone());
                 // Files a crash left mid-compaction go at start, not at the first compaction.
                 let mut result = compactor.remove_orphans().map(|_| ());
                 let mut last_check = Instant::now() - policy.check_every;
@@ -80,7 +80,7 @@ impl BackgroundCompactor {
                         continue;
                     }
                     last_check = Instant::now();
-                    let outcome = due(&db, &policy)
+                    let outcome = due(&log, &policy)
                         .map_err(CompactError::from)
                         .and_then(|due| {
                             if due {
@@ -129,8 +129,8 @@ impl BackgroundCompactor {
     }
 }
 
-fn due(db: &Database, policy: &CompactionPolicy) -> Result<bool, pgtrail_store::LogError> {
-    let (count, oldest) = LogReader::from_database(db)?.log_backlog()?;
+fn due(log: &SharedLog, policy: &CompactionPolicy) -> Result<bool, pgtrail_store::LogError> {
+    let (count, oldest) = LogReader::of_shared(log)?.log_backlog()?;
     let now_us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pgtrail_store::{ChangeLog, Database, Gap, LogError, LogOp, Lsn, SourceIdentity};
+use pgtrail_store::{ChangeLog, Gap, LogError, LogOp, Lsn, SharedLog, SourceIdentity};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::CaptureError;
@@ -53,7 +53,7 @@ pub struct WriterHandle {
     pub stats: Arc<WriterStats>,
     identity: Option<SourceIdentity>,
     last_commit: Lsn,
-    database: Arc<Database>,
+    log: SharedLog,
 }
 
 impl WriterHandle {
@@ -76,11 +76,11 @@ impl WriterHandle {
                 };
                 let identity = log.source_identity();
                 let _ = durable_tx.send(log.durable_position());
-                let _ = ready_tx.send(identity.map(|i| (i, log.last_commit(), log.database())));
+                let _ = ready_tx.send(identity.map(|i| (i, log.last_commit(), log.shared())));
                 run_writer(log, rx, durable_tx, thread_stats)
             })
             .map_err(|e| CaptureError::Protocol(format!("cannot start the writer thread: {e}")))?;
-        let (identity, last_commit, database) =
+        let (identity, last_commit, log) =
             ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
         Ok(WriterHandle {
             tx,
@@ -89,7 +89,7 @@ impl WriterHandle {
             stats,
             identity,
             last_commit,
-            database,
+            log,
         })
     }
 
@@ -98,9 +98,9 @@ impl WriterHandle {
         self.identity.as_ref()
     }
 
-    /// The log's database, shared with the background compactor.
-    pub fn database(&self) -> Arc<Database> {
-        self.database.clone()
+    /// The log, shared with the background compactor.
+    pub fn shared_log(&self) -> SharedLog {
+        self.log.clone()
     }
 
     pub fn last_commit_at_open(&self) -> Lsn {
@@ -230,14 +230,14 @@ fn run_writer(
             Some(WriterMsg::DiscardPartial(reply)) => {
                 // The log's crash recovery, run in place, removes exactly the partial
                 // transaction (nothing of it was acknowledged).
-                if log.in_transaction() {
-                    if let Err(e) = log.discard_partial() {
-                        let _ = reply.send(Err(LogError::Corrupt {
-                            what: "discard".into(),
-                            source: e.to_string().into(),
-                        }));
-                        return Err(e);
-                    }
+                if log.in_transaction()
+                    && let Err(e) = log.discard_partial()
+                {
+                    let _ = reply.send(Err(LogError::Corrupt {
+                        what: "discard".into(),
+                        source: e.to_string().into(),
+                    }));
+                    return Err(e);
                 }
                 let _ = reply.send(Ok(()));
             }

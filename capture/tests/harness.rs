@@ -84,7 +84,7 @@ pub fn read_archive(
     Vec<(pgtrail_store::ChangeKey, ChangeRecord)>,
     Vec<RelationVersion>,
 ) {
-    let (_db, reader) = LogReader::open(dir).expect("open archive");
+    let reader = LogReader::open(dir).expect("open archive");
     // Segments and the log tail together, as one consistent read.
     let changes = reader.all_changes(dir).expect("read segments and log");
     (changes, reader.relations().unwrap())

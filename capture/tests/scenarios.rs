@@ -303,7 +303,7 @@ async fn a_restored_old_archive_or_a_dropped_slot_is_a_recorded_gap() {
     config.archive = old_copy.clone();
     let err = db.capture_until_now(config).await.unwrap_err();
     assert!(matches!(err, CaptureError::Gap { .. }), "{err}");
-    let (_d, reader) = pgtrail_store::LogReader::open(&old_copy).unwrap();
+    let reader = pgtrail_store::LogReader::open(&old_copy).unwrap();
     assert_eq!(
         reader.gaps().unwrap().len(),
         1,

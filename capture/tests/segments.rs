@@ -81,7 +81,7 @@ fn assert_same_values_as_postgres(db: &TestDb, table: &str) {
 
 fn compact(db: &TestDb) {
     let log = ChangeLog::open(&db.archive_dir()).unwrap();
-    let report = Compactor::new(log.database(), &db.archive_dir(), CompactOptions::default())
+    let report = Compactor::new(log.shared(), &db.archive_dir(), CompactOptions::default())
         .run()
         .unwrap();
     assert!(report.changes > 0);
@@ -109,7 +109,7 @@ async fn every_type_reads_back_from_segments_as_the_value_postgres_holds() {
     compact(&db);
 
     // The typed columns really are typed in the segment, not text.
-    let (_d, reader) = LogReader::open(&db.archive_dir()).unwrap();
+    let reader = LogReader::open(&db.archive_dir()).unwrap();
     let manifest = reader.manifest().unwrap();
     let typed = manifest
         .segments
@@ -132,7 +132,7 @@ async fn every_type_reads_back_from_segments_as_the_value_postgres_holds() {
     );
     assert_eq!(kind("tstz"), PgKind::TimestampTz);
     assert_eq!(kind("arr"), PgKind::Array(Box::new(PgKind::Int4)));
-    drop((reader, _d));
+    drop(reader);
 
     assert_same_values_as_postgres(&db, "typed");
     assert_same_values_as_postgres(&db, "more");
@@ -197,13 +197,13 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
         .filter(|r| r.name == "ledger")
         .map(|r| r.relation_id)
         .collect();
-    let (_d, reader) = LogReader::open(&db.archive_dir()).unwrap();
+    let reader = LogReader::open(&db.archive_dir()).unwrap();
     let manifest = reader.manifest().unwrap();
     assert!(
         manifest.segments.len() >= 2,
         "the background compactor wrote segments: {manifest:?}"
     );
-    drop((reader, _d));
+    drop(reader);
     let mut keys: Vec<_> = changes.iter().map(|(k, _)| *k).collect();
     let n = keys.len();
     keys.dedup();
@@ -241,7 +241,7 @@ async fn a_schema_change_mid_stream_gives_one_segment_per_schema_version() {
     );
     db.capture_until_now(db.config()).await.unwrap();
     compact(&db);
-    let (_d, reader) = LogReader::open(&db.archive_dir()).unwrap();
+    let reader = LogReader::open(&db.archive_dir()).unwrap();
     let versions: Vec<Vec<String>> = reader
         .manifest()
         .unwrap()
@@ -261,7 +261,7 @@ async fn a_schema_change_mid_stream_gives_one_segment_per_schema_version() {
             vec!["id".into(), "a".into(), "b".into()]
         ]
     );
-    drop((reader, _d));
+    drop(reader);
     let expected = select_state(&db, "s", &["id"], &["id", "a", "b"]);
     let got = reconstruct(&db.archive_dir(), "s");
     assert_eq!(got, expected);

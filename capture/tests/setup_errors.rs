@@ -57,7 +57,7 @@ async fn unknown_or_unsafe_tables_are_refused() {
         .unwrap_err();
     assert_setup(&err, "does not exist");
     let mut config = db.config();
-    config.tables = pgtrail_capture::slot::split_table_list("public.\"Odd Name\", public.nopk");
+    config.tables = pgtrail_store::split_table_list("public.\"Odd Name\", public.nopk");
     let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
         .await
         .unwrap_err();

@@ -42,7 +42,8 @@ use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::{CompactError, LogError};
 use crate::log::{
-    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, TXNS, decode, encode, get_u64, raw_len,
+    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode,
+    get_u64, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
@@ -192,8 +193,8 @@ impl Default for CompactOptions {
     }
 }
 
-/// What one [`Compactor::run`] did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// What one [`Compactor::run`] did (`pgtrail compact --json` prints it, with these names).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct CompactReport {
     /// Changes moved from the log into new segments.
     pub changes: u64,
@@ -205,6 +206,7 @@ pub struct CompactReport {
     pub merged_outputs: u64,
     pub orphans_removed: u64,
     pub retired_removed: u64,
+    #[serde(serialize_with = "crate::lsn::serialize_as_text")]
     pub compacted_through: Lsn,
 }
 
@@ -297,10 +299,15 @@ fn finish(
 }
 
 impl Compactor {
-    /// A compactor for the archive in `archive_dir` whose log database is `db`.
-    pub fn new(db: Arc<Database>, archive_dir: &Path, options: CompactOptions) -> Compactor {
+    /// A compactor for the archive whose log `log` this process holds.
+    pub fn for_log(log: &crate::ChangeLog, options: CompactOptions) -> Compactor {
+        Compactor::new(log.shared(), log.dir(), options)
+    }
+
+    /// A compactor for the archive in `archive_dir` whose log is `log`.
+    pub fn new(log: SharedLog, archive_dir: &Path, options: CompactOptions) -> Compactor {
         Compactor {
-            db,
+            db: log.0,
             segments_dir: archive_dir.join(SEGMENTS_DIR),
             options,
         }
@@ -348,7 +355,7 @@ impl Compactor {
     }
 
     fn listed_files(&self) -> Result<HashSet<String>, CompactError> {
-        let reader = LogReader::from_database(&self.db)?;
+        let reader = LogReader::from_db(self.db.as_ref())?;
         let mut names: HashSet<String> = reader
             .manifest()?
             .segments
@@ -424,44 +431,44 @@ impl Compactor {
                     version: record.schema_version,
                 }
             };
-            if !writers.contains_key(&group) {
-                let content = match group {
-                    Group::Messages => SegmentContent::Messages,
-                    Group::Table {
-                        relation_id,
-                        version,
-                    } => {
-                        let rel = match rel_cache.get(&(relation_id, version)) {
-                            Some(r) => r.clone(),
-                            None => {
-                                let v = relations
-                                    .get((relation_id, version.commit_lsn.0, version.seq))?
-                                    .ok_or_else(|| CompactError::MissingRelation {
-                                        key: key.to_string(),
-                                        relation_id,
-                                        version: version.to_string(),
-                                    })?;
-                                let r: RelationVersion = decode(v.value(), "relations")?;
-                                rel_cache.insert((relation_id, version), r.clone());
-                                r
-                            }
-                        };
-                        SegmentContent::Table(rel)
-                    }
-                };
-                let id = next_id;
-                next_id += 1;
-                let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
-                let w = SegmentWriter::create(
-                    &self.segments_dir,
-                    &stem,
-                    &content,
-                    &self.options.segment,
-                )?;
-                writers.insert(group, (id, content, w));
-            }
-            let Some((_, _, w)) = writers.get_mut(&group) else {
-                continue;
+            let w = match writers.entry(group) {
+                std::collections::btree_map::Entry::Occupied(e) => &mut e.into_mut().2,
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    let content = match *e.key() {
+                        Group::Messages => SegmentContent::Messages,
+                        Group::Table {
+                            relation_id,
+                            version,
+                        } => {
+                            let rel = match rel_cache.get(&(relation_id, version)) {
+                                Some(r) => r.clone(),
+                                None => {
+                                    let v = relations
+                                        .get((relation_id, version.commit_lsn.0, version.seq))?
+                                        .ok_or_else(|| CompactError::MissingRelation {
+                                            key: key.to_string(),
+                                            relation_id,
+                                            version: version.to_string(),
+                                        })?;
+                                    let r: RelationVersion = decode(v.value(), "relations")?;
+                                    rel_cache.insert((relation_id, version), r.clone());
+                                    r
+                                }
+                            };
+                            SegmentContent::Table(rel)
+                        }
+                    };
+                    let id = next_id;
+                    next_id += 1;
+                    let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
+                    let w = SegmentWriter::create(
+                        &self.segments_dir,
+                        &stem,
+                        &content,
+                        &self.options.segment,
+                    )?;
+                    &mut e.insert((id, content, w)).2
+                }
             };
             w.push(key, &record, raw_len(v.value()))?;
             *op_counts
@@ -563,7 +570,7 @@ impl Compactor {
 
     /// Merge runs of small consecutive segments of one table version into larger ones.
     fn merge_small(&self, report: &mut CompactReport) -> Result<(), CompactError> {
-        let manifest = LogReader::from_database(&self.db)?.manifest()?;
+        let manifest = LogReader::from_db(self.db.as_ref())?.manifest()?;
         let mut groups: BTreeMap<Group, Vec<SegmentEntry>> = BTreeMap::new();
         for s in manifest.segments {
             groups.entry(group_of(&s)).or_default().push(s);
@@ -761,7 +768,7 @@ mod tests {
             old: None,
             new: Some(vec![t(&id), IncomingCell::UnchangedToast, t("-12.50")]),
         }));
-        if n % 3 == 0 {
+        if n.is_multiple_of(3) {
             ops.push(LogOp::Message(LogicalMessage {
                 transactional: true,
                 prefix: "oracle".into(),
@@ -824,7 +831,7 @@ mod tests {
             .map(|k| (k.commit_lsn.0, k.seq))
             .collect();
 
-        let compactor = Compactor::new(log.database(), &archive, CompactOptions::default());
+        let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
         let report = compactor.run().unwrap();
         assert_eq!(report.changes, 14, "12 row changes and 2 messages");
         assert_eq!(report.compacted_through, Lsn(600));
@@ -924,7 +931,7 @@ mod tests {
             retire_grace: Duration::ZERO,
             ..CompactOptions::default()
         };
-        let compactor = Compactor::new(log.database(), &archive, options);
+        let compactor = Compactor::new(log.shared(), &archive, options);
         let mut expected = Vec::new();
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
@@ -994,7 +1001,7 @@ mod tests {
             ..SegmentOptions::default()
         };
         Compactor::new(
-            log.database(),
+            log.shared(),
             &archive,
             CompactOptions {
                 segment,
@@ -1044,7 +1051,7 @@ mod tests {
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply(txn(1)).unwrap();
-        Compactor::new(log.database(), &archive, CompactOptions::default())
+        Compactor::new(log.shared(), &archive, CompactOptions::default())
             .run()
             .unwrap();
         let s = log.reader().unwrap().manifest().unwrap().segments.remove(0);

@@ -49,7 +49,7 @@ pub enum LogError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     #[error(
-        "archive format version {found} is not supported by this pgtrail (it reads version {supported})"
+        "the archive's log is format version {found}, written by a newer pgtrail; this pgtrail reads versions up to {supported}: upgrade pgtrail to read or write this archive"
     )]
     FormatVersion { found: u32, supported: u32 },
     #[error("change for relation {relation_id} arrived before its Relation message")]
@@ -86,6 +86,14 @@ pub enum SegmentError {
     Arrow(#[source] datafusion::arrow::error::ArrowError),
     #[error("segment {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "segment {path} is format version {found}, written by a newer pgtrail; this pgtrail reads versions up to {supported}: upgrade pgtrail to read this archive"
+    )]
+    FormatVersion {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
     #[error(
         "segment {path} does not match the manifest (SHA-256 {found}, manifest says {expected}): it was changed or damaged after it was written; restore it from a backup"
     )]

@@ -20,6 +20,7 @@ mod log;
 mod lsn;
 mod relation;
 pub mod segment;
+mod status;
 
 pub use atomic_file::fsync_dir;
 pub use change::{
@@ -33,9 +34,11 @@ pub use error::{CompactError, LogError, SegmentError};
 #[doc(hidden)]
 pub use log::fuzzing;
 pub use log::{
-    Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader,
+    Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SharedLog,
     SourceIdentity, TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
-pub use redb::Database;
-pub use relation::{Column, RelationVersion, quote_ident};
+pub use relation::{Column, RelationVersion, parse_qualified, quote_ident, split_table_list};
+pub use status::{
+    ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,
+};

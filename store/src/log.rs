@@ -41,6 +41,24 @@
 //! the slot, because nothing past the durable `position` was acknowledged. A source
 //! transaction whose commit LSN is below `position` is a replay of one already stored and is
 //! skipped whole, so nothing is stored twice.
+//!
+//! # Format versions
+//!
+//! `meta.format_version` names the layout above; [`FORMAT_VERSION`] is the one this code
+//! writes. Every archive written by an earlier pgtrail must stay readable by every later one,
+//! which `fixtures/archives/v<N>/` and the test that answers from them hold to.
+//!
+//! | version | what changed |
+//! |---------|--------------|
+//! | 1       | the layout above. Builds before the format discipline wrote two variants under the same number, both read: one undo table `current_undo` keyed by commit LSN (drained by recovery into the index), and no `snapshots` table (read as no snapshot points) |
+//!
+//! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
+//! recovery that rewrites the older layout in the same redb write transaction that stores
+//! the new version number, so that a crash leaves either the old layout with the old number
+//! or the new one with the new number. Readers ([`LogReader`]) read every version up to
+//! theirs. A log of a newer version is refused by both, naming both versions, rather than
+//! misread. Segments carry their own version in their metadata (`SEGMENT_FORMAT_VERSION`),
+//! under the same rule.
 
 use std::collections::HashMap;
 use std::fs;
@@ -282,7 +300,9 @@ impl ChangeLog {
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
                     )?;
                 }
-                Some(v) if v == u64::from(FORMAT_VERSION) => {}
+                // Version 1 is the first; a later version adds its upgrade step here (see
+                // "Format versions" in the module doc).
+                Some(v) if v <= u64::from(FORMAT_VERSION) => {}
                 Some(v) => {
                     return Err(LogError::FormatVersion {
                         found: u32::try_from(v).unwrap_or(u32::MAX),
@@ -373,9 +393,10 @@ impl ChangeLog {
         Ok(latest)
     }
 
-    /// The redb database, for a [`Compactor`](crate::Compactor) on another thread.
-    pub fn database(&self) -> Arc<Database> {
-        self.db.clone()
+    /// A handle on this log for a [`Compactor`](crate::Compactor) or a [`LogReader`] on
+    /// another thread of this process.
+    pub fn shared(&self) -> SharedLog {
+        SharedLog(self.db.clone())
     }
 
     /// Drop the open source transaction's partial writes (the stream broke mid-transaction;
@@ -743,7 +764,7 @@ impl ChangeLog {
 
     /// A reader over the log's latest commit.
     pub fn reader(&self) -> Result<LogReader, LogError> {
-        LogReader::from_db(&self.db)
+        LogReader::from_db(self.db.as_ref())
     }
 }
 
@@ -1022,21 +1043,53 @@ fn parse_undo_value(value: &[u8]) -> Result<Option<&[u8]>, LogError> {
 /// A consistent read view of the log (one redb read transaction).
 pub struct LogReader {
     rtx: redb::ReadTransaction,
+    /// The read-only handle [`LogReader::open`] opened, kept open as long as the view (after
+    /// `rtx`, which drops first).
+    _database: Option<redb::ReadOnlyDatabase>,
 }
+
+/// An open log shared between the threads of one process: the writer's
+/// ([`ChangeLog::shared`]), handed to a [`Compactor`](crate::Compactor) or read through
+/// [`LogReader::of_shared`]. It keeps the storage engine out of other crates' view.
+#[derive(Clone)]
+pub struct SharedLog(pub(crate) Arc<Database>);
 
 /// One entry of [`LogReader::changes`].
 pub type ChangeEntry = (ChangeKey, ChangeRecord);
 
 impl LogReader {
-    fn from_db(db: &Database) -> Result<LogReader, LogError> {
-        Ok(LogReader {
+    pub(crate) fn from_db(db: &impl ReadableDatabase) -> Result<LogReader, LogError> {
+        let reader = LogReader {
             rtx: db.begin_read()?,
-        })
+            _database: None,
+        };
+        // A log of a newer format is refused rather than misread; an older one is read as it
+        // is (see "Format versions" in the module doc). A log without the key has had no
+        // commit yet (the writer stores it in its first one).
+        if let Some(found) = reader.format_version()?
+            && found > FORMAT_VERSION
+        {
+            return Err(LogError::FormatVersion {
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Ok(reader)
     }
 
-    /// A read view of an already open log database (see [`ChangeLog::database`]).
-    pub fn from_database(db: &Database) -> Result<LogReader, LogError> {
-        LogReader::from_db(db)
+    /// The log's format version, if it has been written (see [`FORMAT_VERSION`]).
+    pub fn format_version(&self) -> Result<Option<u32>, LogError> {
+        let meta = match self.rtx.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(get_u64(&meta, META_FORMAT)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
+    }
+
+    /// A read view of a log this process has open (see [`ChangeLog::shared`]).
+    pub fn of_shared(log: &SharedLog) -> Result<LogReader, LogError> {
+        LogReader::from_db(log.0.as_ref())
     }
 
     pub(crate) fn read_transaction(&self) -> &redb::ReadTransaction {
@@ -1044,9 +1097,12 @@ impl LogReader {
     }
 
     /// Open a read-only view of the log in `dir`. It works beside a running capture (the
-    /// log's one writer), seeing its latest commit; it never changes the file and never runs
-    /// recovery, so it shows only finished transactions (see [`changes`](Self::changes)).
-    pub fn open(dir: &Path) -> Result<(redb::ReadOnlyDatabase, LogReader), LogError> {
+    /// log's one writer), seeing its latest commit, and shows only finished transactions (see
+    /// [`changes`](Self::changes)). It does not change the file, with one exception: a log
+    /// whose last writer crashed (and is not running) is opened for writing once first,
+    /// which repairs the file and runs the writer's crash recovery (see the module doc).
+    /// A log of a newer format version is refused.
+    pub fn open(dir: &Path) -> Result<LogReader, LogError> {
         let path = dir.join(LOG_FILE);
         if !path.exists() {
             return Err(LogError::NotAnArchive {
@@ -1075,10 +1131,9 @@ impl LogReader {
                 source,
             },
         })?;
-        let reader = LogReader {
-            rtx: db.begin_read()?,
-        };
-        Ok((db, reader))
+        let mut reader = LogReader::from_db(&db)?;
+        reader._database = Some(db);
+        Ok(reader)
     }
 
     pub fn position(&self) -> Result<Lsn, LogError> {

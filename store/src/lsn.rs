@@ -69,6 +69,12 @@ impl fmt::Display for ChangeKey {
     }
 }
 
+/// Serialize an LSN as PostgreSQL writes it (`0/1A2B3C4`), for reports read by people and
+/// programs alike.
+pub(crate) fn serialize_as_text<S: serde::Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(lsn)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

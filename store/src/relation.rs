@@ -83,3 +83,111 @@ pub fn quote_ident(name: &str) -> String {
         format!("\"{}\"", name.replace('"', "\"\""))
     }
 }
+
+/// Split a `--tables` list at commas outside double quotes.
+pub fn split_table_list(list: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    for ch in list.chars() {
+        match ch {
+            '"' => {
+                quoted = !quoted;
+                cur.push(ch);
+            }
+            ',' if !quoted => {
+                if !cur.trim().is_empty() {
+                    out.push(cur.trim().to_string());
+                }
+                cur.clear();
+            }
+            _ => cur.push(ch),
+        }
+    }
+    if !cur.trim().is_empty() {
+        out.push(cur.trim().to_string());
+    }
+    out
+}
+
+/// Split `schema.table` with PostgreSQL's identifier rules: unquoted parts fold to lower case,
+/// quoted parts keep their case and may contain dots and doubled quotes.
+pub fn parse_qualified(name: &str) -> Option<(Option<String>, String)> {
+    let mut parts = Vec::new();
+    let mut chars = name.trim().chars().peekable();
+    loop {
+        let mut part = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next()? {
+                    '"' if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        part.push('"');
+                    }
+                    '"' => break,
+                    c => part.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c == '.' {
+                    break;
+                }
+                part.push(c.to_ascii_lowercase());
+                chars.next();
+            }
+            if part.is_empty() || part.contains(char::is_whitespace) {
+                return None;
+            }
+        }
+        parts.push(part);
+        match chars.next() {
+            None => break,
+            Some('.') => {}
+            Some(_) => return None,
+        }
+    }
+    match parts.len() {
+        1 => Some((None, parts.remove(0))),
+        2 => {
+            let table = parts.remove(1);
+            Some((Some(parts.remove(0)), table))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_qualified, split_table_list};
+
+    #[test]
+    fn table_names_parse_like_postgres() {
+        assert_eq!(parse_qualified("Orders"), Some((None, "orders".into())));
+        assert_eq!(
+            parse_qualified("public.orders"),
+            Some((Some("public".into()), "orders".into()))
+        );
+        assert_eq!(
+            parse_qualified("public.\"Odd Name\""),
+            Some((Some("public".into()), "Odd Name".into()))
+        );
+        assert_eq!(
+            parse_qualified("\"a.b\".\"q\"\"x\""),
+            Some((Some("a.b".into()), "q\"x".into()))
+        );
+        assert_eq!(parse_qualified("a.b.c"), None);
+        assert_eq!(parse_qualified("\"open"), None);
+        assert_eq!(parse_qualified(""), None);
+    }
+
+    #[test]
+    fn a_table_list_splits_at_commas_outside_quotes() {
+        assert_eq!(
+            split_table_list(" public.a, \"b,c\".d ,,e "),
+            vec!["public.a", "\"b,c\".d", "e"]
+        );
+        assert!(split_table_list(" , ").is_empty());
+    }
+}

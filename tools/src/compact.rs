@@ -58,22 +58,15 @@ pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
             ),
             e => anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display())),
         })?;
-        let compactor = Compactor::new(log.database(), &archive, options);
+        let compactor = Compactor::for_log(&log, options);
         compactor.run().context("compaction failed; the log still holds every change not listed in a segment")
     })
     .await??;
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "changes": report.changes, "transactions": report.transactions,
-                "segments_written": report.segments_written, "bytes_written": report.bytes_written,
-                "merged_inputs": report.merged_inputs, "merged_outputs": report.merged_outputs,
-                "orphans_removed": report.orphans_removed, "retired_removed": report.retired_removed,
-                "compacted_through": report.compacted_through.to_string(), "seconds": secs,
-            })
-        );
+        let mut json = serde_json::to_value(&report)?;
+        json["seconds"] = serde_json::json!(secs);
+        println!("{json}");
     } else {
         eprintln!(
             "compact: {} changes of {} transactions into {} segments ({} bytes) in {:.2} s ({:.0} changes/s), through {}; merged {} small segments into {}; removed {} orphaned and {} retired files",

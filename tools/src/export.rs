@@ -74,7 +74,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         tables: args
             .tables
             .as_deref()
-            .map(pgtrail_capture::slot::split_table_list)
+            .map(pgtrail_store::split_table_list)
             .unwrap_or_default(),
         since: args
             .since

@@ -199,7 +199,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
     let tables = args
         .tables
         .as_deref()
-        .map(pgtrail_capture::slot::split_table_list)
+        .map(pgtrail_store::split_table_list)
         .unwrap_or_default();
     let stop_at = args
         .stop_at

@@ -218,7 +218,7 @@ async fn prompt(ctx: &SessionContext) -> anyhow::Result<()> {
                 (Some("\\q"), _) => break,
                 (Some("\\d"), None) => run_and_print(ctx, "SELECT table_schema, table_name, table_type FROM information_schema.tables WHERE table_schema NOT IN ('information_schema') ORDER BY 1, 2").await,
                 (Some("\\d"), Some(name)) => {
-                    let (schema, table) = pgtrail_query::parse_qualified(name).map(|(s, t)| (s.unwrap_or_else(|| "public".into()), t)).unwrap_or_default();
+                    let (schema, table) = pgtrail_store::parse_qualified(name).map(|(s, t)| (s.unwrap_or_else(|| "public".into()), t)).unwrap_or_default();
                     run_and_print(
                         ctx,
                         &format!(

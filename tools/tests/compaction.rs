@@ -60,7 +60,7 @@ fn compact(archive: &Path, crash_at: Option<&str>) -> std::process::Output {
 }
 
 fn everything(archive: &Path) -> Vec<(ChangeKey, ChangeRecord)> {
-    let (_db, reader) = LogReader::open(archive).unwrap();
+    let reader = LogReader::open(archive).unwrap();
     reader.all_changes(archive).unwrap()
 }
 
@@ -137,7 +137,7 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
             expected,
             "after a crash at {point} and a rerun"
         );
-        let (_db, reader) = LogReader::open(&archive).unwrap();
+        let reader = LogReader::open(&archive).unwrap();
         assert_eq!(
             reader.change_count().unwrap(),
             0,
@@ -169,7 +169,7 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
 fn independent_readers_see_the_documented_schema(archive: &Path) {
     let out = compact(archive, None);
     assert!(out.status.success());
-    let (_db, reader) = LogReader::open(archive).unwrap();
+    let reader = LogReader::open(archive).unwrap();
     let manifest = reader.manifest().unwrap();
     let seg = manifest
         .segments

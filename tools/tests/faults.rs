@@ -105,7 +105,7 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
         expected.len() > 100,
         "the workload committed rows throughout"
     );
-    let (_db, reader) = LogReader::open(&archive).unwrap();
+    let reader = LogReader::open(&archive).unwrap();
     let mut seen: BTreeMap<i64, u32> = BTreeMap::new();
     for (_, rec) in reader.all_changes(&archive).unwrap() {
         if matches!(rec.op, Op::Insert | Op::Snapshot) {
@@ -192,7 +192,7 @@ fn a_stalled_capture_past_wal_sender_timeout_resumes_without_loss() {
         "the server dropped the stalled connection and the capture reconnected"
     );
     terminate(&mut child);
-    let (_db, reader) = LogReader::open(&archive).unwrap();
+    let reader = LogReader::open(&archive).unwrap();
     let mut seqs: Vec<i64> = reader
         .all_changes(&archive)
         .unwrap()

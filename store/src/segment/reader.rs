@@ -222,13 +222,19 @@ impl SegmentReader {
                 path: path.to_path_buf(),
                 reason: format!("unreadable {SEGMENT_METADATA_KEY} metadata: {e}"),
             })?;
-        if description.format_version != SEGMENT_FORMAT_VERSION {
+        // Every version up to this code's is read (there is one so far); a newer one is
+        // refused, naming both, rather than misread.
+        if description.format_version > SEGMENT_FORMAT_VERSION {
+            return Err(SegmentError::FormatVersion {
+                path: path.to_path_buf(),
+                found: description.format_version,
+                supported: SEGMENT_FORMAT_VERSION,
+            });
+        }
+        if description.format_version == 0 {
             return Err(SegmentError::Corrupt {
                 path: path.to_path_buf(),
-                reason: format!(
-                    "segment format version {} is not supported (this pgtrail reads {SEGMENT_FORMAT_VERSION})",
-                    description.format_version
-                ),
+                reason: "segment format version 0 does not exist".into(),
             });
         }
         let schema = builder.schema().clone();

@@ -306,10 +306,8 @@ impl ValueBuilder {
                 let elements = parse_array(text)?;
                 // Check every element first so that a refused array appends nothing.
                 let mut probe = ValueBuilder::new(&e.kind);
-                for el in &elements {
-                    if let Some(t) = el {
-                        probe.append_text(t)?;
-                    }
+                for t in elements.iter().flatten() {
+                    probe.append_text(t)?;
                 }
                 for el in &elements {
                     match el {
@@ -840,6 +838,16 @@ fn render_timestamp(micros: i64, with_zone: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_format_as_utc() {
+        assert_eq!(format_utc_micros(0), "1970-01-01 00:00:00.000000+00");
+        assert_eq!(
+            format_utc_micros(1_795_000_000_123_456),
+            "2026-11-18 11:06:40.123456+00"
+        );
+        assert_eq!(format_utc_micros(-1), "1969-12-31 23:59:59.999999+00");
+    }
 
     fn round_trip(kind: &PgKind, text: &str) -> Option<String> {
         let mut b = ValueBuilder::new(kind);

@@ -418,6 +418,9 @@ struct BatchBuilder {
     body: Body,
 }
 
+// One `Body` per segment being written, never a collection of them: the size difference
+// between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 enum Body {
     Table {
         names: Vec<String>,
