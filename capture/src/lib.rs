@@ -22,7 +22,7 @@ pub mod source;
 pub mod writer;
 
 pub use compaction::CompactionPolicy;
-pub use error::{CaptureError, ErrorKind};
+pub use error::{CaptureError, ErrorKind, ReplicationError};
 pub use run::{
     CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver,
     Progress, run,

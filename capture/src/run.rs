@@ -27,7 +27,7 @@ use pgtrail_store::{
 use pgwire_replication::{ReplicationClient, ReplicationEvent};
 
 use crate::compaction::{BackgroundCompactor, CompactionPolicy};
-use crate::error::CaptureError;
+use crate::error::{CaptureError, ReplicationError};
 use crate::pgoutput::{self, Message, OldTuple, TupleCell};
 use crate::slot;
 use crate::source::SourceConfig;
@@ -125,7 +125,7 @@ pub async fn run(
     let mut summary = Progress::default();
     let mut backoff = Duration::from_millis(250);
     let mut compactor = config.compaction.clone().map(|policy| {
-        BackgroundCompactor::start(writer.database(), config.archive.clone(), policy)
+        BackgroundCompactor::start(writer.shared_log(), config.archive.clone(), policy)
     });
     let compacted = compactor.as_ref().map(|c| c.compacted.clone());
     let mut on_progress = move |p: &Progress| {
@@ -278,14 +278,11 @@ async fn session(
             client = within(limit, "connecting for replication", async {
                 ReplicationClient::connect_gated(rcfg)
                     .await
-                    .map_err(CaptureError::Replication)
+                    .map_err(CaptureError::from)
             })
             .await?;
             let system = within(limit, "IDENTIFY_SYSTEM", async {
-                client
-                    .identify_system()
-                    .await
-                    .map_err(CaptureError::Replication)
+                client.identify_system().await.map_err(CaptureError::from)
             })
             .await?;
             // Checked before the slot, and never answered by --resnapshot: another cluster's
@@ -329,7 +326,7 @@ async fn session(
                 }
                 Err(e) => return Err(e),
             }
-            client.start().await.map_err(CaptureError::Replication)?;
+            client.start().await.map_err(CaptureError::from)?;
         }
         Some(_) => {
             // The initial snapshot did not finish: nothing of it is in the archive (the log's
@@ -580,14 +577,11 @@ async fn initial_snapshot(
     let mut client = within(limit, "connecting for replication", async {
         ReplicationClient::connect_gated(rcfg)
             .await
-            .map_err(CaptureError::Replication)
+            .map_err(CaptureError::from)
     })
     .await?;
     let system = within(limit, "IDENTIFY_SYSTEM", async {
-        client
-            .identify_system()
-            .await
-            .map_err(CaptureError::Replication)
+        client.identify_system().await.map_err(CaptureError::from)
     })
     .await?;
     // A re-snapshot (after a gap, or an interrupted one) continues this archive: only from
@@ -628,7 +622,7 @@ async fn initial_snapshot(
             pgtrail_store::quote_ident(&config.slot)
         ))
         .await
-        .map_err(CaptureError::Replication)?;
+        .map_err(CaptureError::from)?;
     let row = rows
         .first()
         .ok_or_else(|| CaptureError::Protocol("CREATE_REPLICATION_SLOT returned no row".into()))?;
@@ -672,7 +666,7 @@ async fn initial_snapshot(
     writer.set_identity(identity).await?;
     summary.snapshot_rows += rows;
     tracing::info!(rows, "initial snapshot stored");
-    client.start().await.map_err(CaptureError::Replication)?;
+    client.start().await.map_err(CaptureError::from)?;
     Ok(client)
 }
 
@@ -685,6 +679,9 @@ fn from_wire(lsn: pgwire_replication::Lsn) -> Lsn {
 }
 
 /// Stream from the slot until shutdown, an error, or `stop_at`.
+// The session state (`writer` .. `own_walsender`) is passed piecewise; a `Session` struct
+// owning it is the planned split of this file (issue 17's note says what is left).
+#[allow(clippy::too_many_arguments)]
 async fn stream(
     config: &CaptureConfig,
     writer: &mut WriterHandle,
@@ -696,16 +693,14 @@ async fn stream(
     own_walsender: &mut Option<i32>,
 ) -> Result<SessionEnd, CaptureError> {
     let started = within(config.stream_timeout, "START_REPLICATION", async {
-        client
-            .wait_started()
-            .await
-            .map_err(CaptureError::Replication)
+        client.wait_started().await.map_err(CaptureError::from)
     })
     .await;
     started.map_err(|e| match &e {
-        CaptureError::Replication(pgwire_replication::PgWireError::Server(msg)) if msg.contains("is active for PID") => {
+        // 55006 object_in_use: another connection streams from the slot.
+        CaptureError::Replication(r) if r.sqlstate() == Some("55006") => {
             CaptureError::setup(
-                format!("replication slot {:?} is in use by another connection ({msg})", config.slot),
+                format!("replication slot {:?} is in use by another connection ({r})", config.slot),
                 "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
             )
         }
@@ -751,12 +746,10 @@ async fn stream(
                 }
             }
             event = client.recv() => {
-                let event = event.map_err(CaptureError::Replication)?;
+                let event = event.map_err(CaptureError::from)?;
                 liveness.heard();
                 let Some(event) = event else {
-                    return Err(CaptureError::Replication(pgwire_replication::PgWireError::Io(std::sync::Arc::new(
-                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the server ended the replication stream"),
-                    ))));
+                    return Err(CaptureError::Replication(ReplicationError::stream_ended()));
                 };
                 let ops = handle_event(event, &mut state, sql, config.stream_timeout).await?;
                 if !ops.is_empty() {

@@ -25,32 +25,6 @@ pub struct ExcludedTable {
     pub reason: String,
 }
 
-/// Split a `--tables` list at commas outside double quotes.
-pub fn split_table_list(list: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut cur = String::new();
-    let mut quoted = false;
-    for ch in list.chars() {
-        match ch {
-            '"' => {
-                quoted = !quoted;
-                cur.push(ch);
-            }
-            ',' if !quoted => {
-                if !cur.trim().is_empty() {
-                    out.push(cur.trim().to_string());
-                }
-                cur.clear();
-            }
-            _ => cur.push(ch),
-        }
-    }
-    if !cur.trim().is_empty() {
-        out.push(cur.trim().to_string());
-    }
-    out
-}
-
 const TABLE_INFO: &str = "SELECT c.oid, n.nspname::text, c.relname::text, c.relreplident::text, c.relkind::text, \
         EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
