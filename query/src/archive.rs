@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use pgtrail_store::segment::SegmentContent;
 use pgtrail_store::{
-    ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry, SourceIdentity,
+    ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry,
+    SourceIdentity, parse_qualified,
 };
 
 use crate::error::QueryError;
@@ -92,7 +93,7 @@ impl ArchiveSnapshot {
     /// Read the archive in `dir`. The log tail is held in memory (it is bounded by the
     /// compaction thresholds); segments are read lazily by queries.
     pub fn open(dir: &Path) -> Result<ArchiveSnapshot, QueryError> {
-        let (_db, reader) = LogReader::open(dir).map_err(|source| QueryError::Open {
+        let reader = LogReader::open(dir).map_err(|source| QueryError::Open {
             path: dir.to_path_buf(),
             source,
         })?;
@@ -208,78 +209,5 @@ impl ArchiveSnapshot {
             name: name.to_string(),
             known: self.tables.keys().cloned().collect::<Vec<_>>().join(", "),
         })
-    }
-}
-
-/// Split `schema.table` with PostgreSQL's identifier rules: unquoted parts fold to lower case,
-/// quoted parts keep their case and may contain dots and doubled quotes.
-pub fn parse_qualified(name: &str) -> Option<(Option<String>, String)> {
-    let mut parts = Vec::new();
-    let mut chars = name.trim().chars().peekable();
-    loop {
-        let mut part = String::new();
-        if chars.peek() == Some(&'"') {
-            chars.next();
-            loop {
-                match chars.next()? {
-                    '"' if chars.peek() == Some(&'"') => {
-                        chars.next();
-                        part.push('"');
-                    }
-                    '"' => break,
-                    c => part.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c == '.' {
-                    break;
-                }
-                part.push(c.to_ascii_lowercase());
-                chars.next();
-            }
-            if part.is_empty() || part.contains(char::is_whitespace) {
-                return None;
-            }
-        }
-        parts.push(part);
-        match chars.next() {
-            None => break,
-            Some('.') => {}
-            Some(_) => return None,
-        }
-    }
-    match parts.len() {
-        1 => Some((None, parts.remove(0))),
-        2 => {
-            let table = parts.remove(1);
-            Some((Some(parts.remove(0)), table))
-        }
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_qualified;
-
-    #[test]
-    fn table_names_parse_like_postgres() {
-        assert_eq!(parse_qualified("Orders"), Some((None, "orders".into())));
-        assert_eq!(
-            parse_qualified("public.orders"),
-            Some((Some("public".into()), "orders".into()))
-        );
-        assert_eq!(
-            parse_qualified("public.\"Odd Name\""),
-            Some((Some("public".into()), "Odd Name".into()))
-        );
-        assert_eq!(
-            parse_qualified("\"a.b\".\"q\"\"x\""),
-            Some((Some("a.b".into()), "q\"x".into()))
-        );
-        assert_eq!(parse_qualified("a.b.c"), None);
-        assert_eq!(parse_qualified("\"open"), None);
-        assert_eq!(parse_qualified(""), None);
     }
 }

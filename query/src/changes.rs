@@ -25,8 +25,8 @@ use pgtrail_store::{Cell, ChangeRecord, Op, RelationVersion, Row};
 use serde_json::{Map, Value};
 
 use crate::archive::ArchiveSnapshot;
-use crate::history::{Bounds, TailPartition, open_segment_projected};
-use crate::pit::for_each_change_where;
+use crate::history::TailPartition;
+use crate::read::{Bounds, for_each_change_where, open_segment_projected};
 
 /// The view's schema.
 pub fn changes_schema() -> SchemaRef {

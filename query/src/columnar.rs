@@ -34,8 +34,8 @@ use pgtrail_store::segment::{PgKind, SegmentContent, records_to_batch, render, r
 use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, RelationVersion, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
-use crate::history::{Bounds, READ_AHEAD_BATCHES, open_segment_selected};
-use crate::pit::{Moment, SnapshotResets};
+use crate::read::{Bounds, READ_AHEAD_BATCHES, open_segment_selected};
+use crate::replay::{ApplyChange, ChangeKind, Moment, Replay, RowSet, SnapshotPoint};
 
 /// Where the changes are read from, in key order: segments, then the log tail as one batch.
 enum Source<'a> {
@@ -53,9 +53,8 @@ fn loc_parts(l: Loc) -> (usize, usize) {
 }
 
 /// The rows of one table at one moment, as the place of the change that last wrote each row.
-struct Replay<'a> {
-    moment: Moment,
-    resets: SnapshotResets<'a>,
+struct MomentRows<'a> {
+    replay: Replay<'a>,
     rows: RowMap,
 }
 
@@ -291,13 +290,52 @@ struct Plan<'t> {
     int_key: bool,
 }
 
-impl<'a> Replay<'a> {
-    fn new(archive: &'a ArchiveSnapshot, plan: &Plan<'_>, moment: Moment) -> Replay<'a> {
-        Replay {
-            moment,
-            resets: SnapshotResets::new(archive),
+impl<'a> MomentRows<'a> {
+    fn new(archive: &'a ArchiveSnapshot, plan: &Plan<'_>, moment: Moment) -> MomentRows<'a> {
+        MomentRows {
+            replay: Replay::new(archive, moment),
             rows: RowMap::new(plan.int_key),
         }
+    }
+}
+
+impl RowSet for RowMap {
+    type Error = DataFusionError;
+
+    fn restart(&mut self, _: SnapshotPoint) -> Result<()> {
+        self.clear();
+        Ok(())
+    }
+}
+
+/// The replay's effects on rows held as the place of their last change.
+impl ApplyChange<KeyRef<'_>, Loc> for RowMap {
+    fn begin(&mut self, after: KeyRef<'_>, at: &Loc) -> Result<()> {
+        self.set(after, *at);
+        Ok(())
+    }
+
+    fn end(&mut self, before: KeyRef<'_>, _: &Loc) -> Result<()> {
+        self.remove(before);
+        Ok(())
+    }
+
+    /// Most updates keep their key, and then the entry is overwritten in place (a remove and
+    /// re-insert per update, with the key comparisons under it, were a third of the pass).
+    fn replace(&mut self, before: Option<KeyRef<'_>>, after: KeyRef<'_>, at: &Loc) -> Result<()> {
+        if let Some(before) = before
+            && before != after
+        {
+            self.remove(before);
+        }
+        self.set(after, *at);
+        Ok(())
+    }
+
+    /// A plan holds one schema version, so one relation: every row is the truncated one's.
+    fn truncate(&mut self, _: u32, _: &Loc) -> Result<()> {
+        self.clear();
+        Ok(())
     }
 }
 
@@ -455,17 +493,8 @@ fn scan(
     })
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum OpCode {
-    Write,
-    Update,
-    Delete,
-    Truncate,
-    Other,
-}
-
 /// First pass: replay every change's effect on the row map of each moment, reading keys only.
-fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Result<()> {
+fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [MomentRows]) -> Result<()> {
     let key_fields: Vec<SortField> = {
         let fields = row_struct_fields(plan.version);
         plan.key_names
@@ -507,7 +536,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             .as_primitive_opt::<UInt32Type>()
             .ok_or_else(|| DataFusionError::Internal("seq type".into()))?
             .clone();
-        let at = col("committed_at")?
+        let committed_at = col("committed_at")?
             .as_primitive_opt::<TimestampMicrosecondType>()
             .ok_or_else(|| DataFusionError::Internal("committed_at type".into()))?
             .clone();
@@ -519,14 +548,8 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
             .values()
             .as_string_opt::<i32>()
             .ok_or_else(|| DataFusionError::Internal("op values".into()))?;
-        let codes: Vec<OpCode> = (0..op_values.len())
-            .map(|i| match op_values.value(i) {
-                "insert" | "snapshot" => OpCode::Write,
-                "update" => OpCode::Update,
-                "delete" => OpCode::Delete,
-                "truncate" => OpCode::Truncate,
-                _ => OpCode::Other,
-            })
+        let kinds: Vec<ChangeKind> = (0..op_values.len())
+            .map(|i| ChangeKind::of_name(op_values.value(i)))
             .collect();
         let keys_of = |image: &str| -> Result<Option<ImageKeys>> {
             let Some(s) = batch
@@ -573,52 +596,31 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [Replay]) -> Res
                 commit_lsn: Lsn(key.0),
                 seq: key.1,
             };
-            let code = op
+            let kind = op
                 .keys()
                 .is_valid(i)
-                .then(|| codes.get(op.keys().value(i) as usize).copied())
+                .then(|| kinds.get(op.keys().value(i) as usize).copied())
                 .flatten()
-                .unwrap_or(OpCode::Other);
+                .unwrap_or(ChangeKind::Other);
+            let at = loc(source, first_row + i);
             for r in replays.iter_mut() {
-                if !r.moment.includes(change_key, at.value(i)) {
-                    continue;
-                }
-                if r.resets.passed(change_key).is_some() {
-                    r.rows.clear();
-                }
-                match code {
-                    OpCode::Write | OpCode::Update => {
-                        let a = valid(&after, i);
-                        // An update that moves the row to another key; most keep theirs, and
-                        // then the entry is overwritten in place (a remove and re-insert per
-                        // update, with the key comparisons under it, were a third of the pass).
-                        if code == OpCode::Update
-                            && let Some(b) = valid(&before, i)
-                            && a.is_none_or(|a| a != b)
-                        {
-                            r.rows.remove(b);
-                        }
-                        if let Some(a) = a {
-                            r.rows.set(a, loc(source, first_row + i));
-                        }
-                    }
-                    OpCode::Delete => {
-                        if let Some(b) = valid(&before, i) {
-                            r.rows.remove(b);
-                        }
-                    }
-                    OpCode::Truncate => r.rows.clear(),
-                    OpCode::Other => {}
+                if r.replay.includes(change_key, committed_at.value(i)) {
+                    r.replay.apply(
+                        &mut r.rows,
+                        change_key,
+                        kind,
+                        plan.version.relation_id,
+                        valid(&before, i),
+                        valid(&after, i),
+                        &at,
+                    )?;
                 }
             }
         }
         Ok(true)
     })?;
     for r in replays.iter_mut() {
-        // A snapshot after the table's last change (a table empty when re-snapshotted).
-        if r.resets.passed_by(r.moment).is_some() {
-            r.rows.clear();
-        }
+        r.replay.finish(&mut r.rows)?;
     }
     Ok(())
 }
@@ -674,7 +676,7 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
 /// Compared value by value where Arrow's comparators handle the types; converting every
 /// image to Arrow's row format instead wrote a second copy of all of them, and the kernel
 /// zeroing that memory was a third of a diff's samples at 800,000 changed rows.
-fn same_rows(images: &StructArray) -> Result<Box<dyn Fn(usize, usize) -> bool + '_>> {
+pub(crate) fn same_rows(images: &StructArray) -> Result<Box<dyn Fn(usize, usize) -> bool + '_>> {
     let array: ArrayRef = Arc::new(images.clone());
     if let Ok(compare) = make_comparator(array.as_ref(), array.as_ref(), SortOptions::default()) {
         return Ok(Box::new(move |i, j| {
@@ -728,7 +730,7 @@ pub fn as_of_batch(
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
-    let mut replays = [Replay::new(archive, &plan, moment)];
+    let mut replays = [MomentRows::new(archive, &plan, moment)];
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
@@ -767,8 +769,8 @@ pub fn diff_batch(
         return Ok(None);
     }
     let mut replays = [
-        Replay::new(archive, &plan, from),
-        Replay::new(archive, &plan, to),
+        MomentRows::new(archive, &plan, from),
+        MomentRows::new(archive, &plan, to),
     ];
     replay(archive, &plan, &mut replays)?;
     let [a, b] = replays;

@@ -18,16 +18,19 @@ mod functions;
 mod history;
 mod merge;
 mod pit;
+mod read;
+mod replay;
 mod scan;
 mod session;
 
-pub use archive::{ArchiveSnapshot, TableHistory, parse_qualified};
+pub use archive::{ArchiveSnapshot, TableHistory};
 pub use changes::{changes_schema, row_json};
 pub use error::QueryError;
 pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
 pub use pit::{
-    Moment, TableState, as_of_batch, diff_batch, for_each_change, row_replay_as_of_batch,
-    row_replay_diff_batch, row_replay_row_history, state_at,
+    TableState, as_of_batch, diff_batch, row_replay_as_of_batch, row_replay_diff_batch,
+    row_replay_row_history, state_at,
 };
+pub use replay::{Moment, for_each_change};
 pub use session::{open_session, read_only_query, session};

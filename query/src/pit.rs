@@ -4,203 +4,34 @@
 //! moment are never opened.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, RecordBatch, StringBuilder, StructArray, UInt32Array,
+    Array, ArrayRef, BooleanArray, RecordBatch, StringArray, StringBuilder, StructArray,
+    UInt32Array,
 };
 use datafusion::arrow::compute::kernels::boolean::{and_kleene, or_kleene};
 use datafusion::arrow::compute::kernels::cmp::eq;
-use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::compute::{take, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema};
 use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Expr;
-use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder, read_records};
-use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
+use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder};
+use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, RelationVersion, Row};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
-use crate::error::QueryError;
-use crate::history::{
-    Bounds, as_micros, constant, open_segment_projected, open_segment_pruned,
-    open_segment_selected, tail_batches,
-};
+use crate::columnar::same_rows;
 use crate::merge::{adapt, history_schema};
+use crate::read::{
+    Bounds, as_micros, constant, open_segment_projected, open_segment_selected, tail_batches,
+};
+use crate::replay::{
+    ApplyChange, Moment, OpenRows, RowChange, RowKey, RowSet, SnapshotPoint, check_begins,
+    for_each_change, replay_rows,
+};
 use crate::scan::image_field;
-
-/// A moment of the source's history.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Moment {
-    /// Every transaction committed at or before this time (µs since the Unix epoch, UTC).
-    Time(i64),
-    /// Every transaction whose commit LSN is at or before this LSN.
-    Lsn(Lsn),
-}
-
-impl Moment {
-    pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
-        match self {
-            Moment::Time(t) => committed_at_us <= *t,
-            Moment::Lsn(l) => key.commit_lsn <= *l,
-        }
-    }
-
-    /// Whether a segment might hold changes at or before this moment.
-    pub(crate) fn may_include(&self, min_key: ChangeKey, min_committed_at_us: i64) -> bool {
-        match self {
-            Moment::Time(t) => min_committed_at_us <= *t,
-            Moment::Lsn(l) => min_key.commit_lsn <= *l,
-        }
-    }
-
-    /// The row-group statistics bounds of everything at or before this moment.
-    pub(crate) fn row_group_bounds(&self) -> Bounds {
-        match self {
-            Moment::Lsn(l) => Bounds {
-                lsn: (0, l.0),
-                ..Bounds::default()
-            },
-            Moment::Time(t) => Bounds {
-                time: (i64::MIN, *t),
-                ..Bounds::default()
-            },
-        }
-    }
-}
-
-impl fmt::Display for Moment {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Moment::Time(t) => write!(f, "{}", format_us(*t)),
-            Moment::Lsn(l) => write!(f, "LSN {l}"),
-        }
-    }
-}
-
-fn format_us(us: i64) -> String {
-    pgtrail_store::segment::format_utc_micros(us)
-}
-
-/// Call `f` with every change of `table` in key order, up to `until` when given.
-pub fn for_each_change<'t>(
-    archive: &ArchiveSnapshot,
-    table: &'t TableHistory,
-    until: Option<Moment>,
-    f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
-) -> Result<()> {
-    let row_groups = until.map_or_else(Bounds::default, |m| m.row_group_bounds());
-    for_each_change_where(
-        archive,
-        table,
-        row_groups,
-        |seg| until.is_none_or(|m| m.may_include(seg.min_key, seg.min_committed_at_us)),
-        |key, rec| until.is_none_or(|m| m.includes(key, rec.committed_at_us)),
-        f,
-    )
-}
-
-/// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments
-/// `read_segment` rejects without opening them.
-/// The schema version passed to `f` is the table's own (it lives as long as `table`).
-pub fn for_each_change_where<'t>(
-    archive: &ArchiveSnapshot,
-    table: &'t TableHistory,
-    row_groups: Bounds,
-    read_segment: impl Fn(&pgtrail_store::SegmentEntry) -> bool,
-    keep: impl Fn(ChangeKey, &ChangeRecord) -> bool,
-    mut f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
-) -> Result<()> {
-    let mut last = None::<ChangeKey>;
-    let mut check_order = |key: ChangeKey| -> Result<()> {
-        if last.is_some_and(|l| key <= l) {
-            return Err(DataFusionError::Execution(format!(
-                "changes of {} are not in key order at {key}; the archive is inconsistent (run the verifier)",
-                table.qualified_name()
-            )));
-        }
-        last = Some(key);
-        Ok(())
-    };
-    for seg in &table.segments {
-        if !read_segment(seg) {
-            continue;
-        }
-        let SegmentContent::Table(rel) = &seg.content else {
-            continue;
-        };
-        let version = table.version(rel.relation_id, rel.valid_from)?;
-        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)?
-        {
-            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            for (key, rec) in read_records(&seg.content, &batch)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?
-            {
-                if keep(key, &rec) {
-                    check_order(key)?;
-                    f(version, key, &rec)?;
-                }
-            }
-        }
-    }
-    for (key, rec) in &table.tail {
-        if keep(*key, rec) {
-            check_order(*key)?;
-            f(
-                table.version(rec.relation_id, rec.schema_version)?,
-                *key,
-                rec,
-            )?;
-        }
-    }
-    Ok(())
-}
-
-/// The snapshot points a replay in key order passes. A snapshot holds a table's whole state,
-/// so a replay starts the table afresh at each one: after a gap and `--resnapshot`, rows the
-/// new snapshot does not hold were deleted while the archive could not see, and must not
-/// survive into the reconstruction.
-pub(crate) struct SnapshotResets<'a> {
-    points: &'a [(Lsn, i64)],
-    next: usize,
-}
-
-impl<'a> SnapshotResets<'a> {
-    pub(crate) fn new(archive: &'a ArchiveSnapshot) -> Self {
-        SnapshotResets {
-            points: &archive.snapshots,
-            next: 0,
-        }
-    }
-
-    /// The last snapshot point at or before `key` not passed yet, if any.
-    pub(crate) fn passed(&mut self, key: ChangeKey) -> Option<(Lsn, i64)> {
-        self.passed_where(|(lsn, _)| lsn <= key.commit_lsn)
-    }
-
-    /// The last snapshot point within `moment` not passed yet, if any.
-    pub(crate) fn passed_by(&mut self, moment: Moment) -> Option<(Lsn, i64)> {
-        self.passed_where(|(lsn, at)| match moment {
-            Moment::Lsn(l) => lsn <= l,
-            Moment::Time(t) => at <= t,
-        })
-    }
-
-    fn passed_where(&mut self, within: impl Fn((Lsn, i64)) -> bool) -> Option<(Lsn, i64)> {
-        let mut hit = None;
-        while let Some(&point) = self.points.get(self.next)
-            && within(point)
-        {
-            hit = Some(point);
-            self.next += 1;
-        }
-        hit
-    }
-}
-
-/// A row's identity: its key values, or for a table without a key the whole row.
-pub(crate) type RowKey = Vec<Cell>;
 
 /// A table's rows at a moment, each with the schema version it was written in (borrowed from
 /// the table's history, not copied per row).
@@ -210,96 +41,47 @@ pub struct TableState<'t> {
     pub rows: BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>,
 }
 
-type Rows<'t> = BTreeMap<RowKey, Vec<(&'t RelationVersion, Row)>>;
+/// The row engine's rows for `as_of` and `diff`: the open versions, nothing recorded as
+/// they end.
+#[derive(Default)]
+struct StateRows<'t>(OpenRows<'t>);
 
-pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
-    if positions.is_empty() {
-        row.clone()
-    } else {
-        positions
-            .iter()
-            .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
-            .collect()
+impl RowSet for StateRows<'_> {
+    type Error = DataFusionError;
+
+    fn restart(&mut self, _: SnapshotPoint) -> Result<()> {
+        self.0.take_all();
+        Ok(())
     }
 }
 
-/// An error unless the archive holds `moment` (it begins at or before it).
-fn check_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
-    let begins_before = match moment {
-        Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
-        Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
-    };
-    if !begins_before {
-        let begins = match (archive.first_key, archive.first_commit_us) {
-            (Some(k), Some(t)) => format!("LSN {}, {}", k.commit_lsn, format_us(t)),
-            _ => "nothing captured yet".into(),
-        };
-        return Err(QueryError::BeforeArchive {
-            moment: moment.to_string(),
-            begins,
-        }
-        .into());
+impl<'t, 'r> ApplyChange<&'r Row, RowChange<'t, 'r>> for StateRows<'t> {
+    fn begin(&mut self, after: &'r Row, change: &RowChange<'t, 'r>) -> Result<()> {
+        self.0.put(change.key_positions(), change.open(after));
+        Ok(())
     }
-    Ok(())
+
+    fn end(&mut self, before: &'r Row, change: &RowChange<'t, 'r>) -> Result<()> {
+        self.0.take(change.key_positions(), before);
+        Ok(())
+    }
+
+    fn truncate(&mut self, relation_id: u32, _: &RowChange<'t, 'r>) -> Result<()> {
+        self.0.take_relation(relation_id);
+        Ok(())
+    }
 }
 
-/// Rebuild `table` at `moment`.
+/// Rebuild `table` at `moment` (the row engine: every change as text rows).
 pub fn state_at<'t>(
     archive: &ArchiveSnapshot,
     table: &'t TableHistory,
     moment: Moment,
 ) -> Result<TableState<'t>> {
     check_begins(archive, moment)?;
-    let mut rows: Rows<'t> = BTreeMap::new();
-    let mut last_version = &table.versions[0];
-    let mut resets = SnapshotResets::new(archive);
-    for_each_change(archive, table, Some(moment), |version, key, rec| {
-        if resets.passed(key).is_some() {
-            rows.clear();
-        }
-        last_version = version;
-        let positions = table.key_positions(version);
-        let remove = |rows: &mut Rows<'t>, row: &Row| {
-            let k = row_key(positions, row);
-            if let Some(list) = rows.get_mut(&k) {
-                // Without a key, one identical row goes; with a key, the row goes.
-                let pos = list.iter().position(|(_, r)| r == row).unwrap_or(0);
-                list.remove(pos);
-                if list.is_empty() {
-                    rows.remove(&k);
-                }
-            }
-        };
-        match rec.op {
-            Op::Insert | Op::Snapshot | Op::Update => {
-                if let (Op::Update, Some(before)) = (rec.op, &rec.before) {
-                    remove(&mut rows, before);
-                }
-                if let Some(after) = &rec.after {
-                    let entry = rows.entry(row_key(positions, after)).or_default();
-                    if !positions.is_empty() {
-                        entry.clear();
-                    }
-                    entry.push((version, after.clone()));
-                }
-            }
-            Op::Delete => {
-                if let Some(before) = &rec.before {
-                    remove(&mut rows, before);
-                }
-            }
-            Op::Truncate => rows.retain(|_, list| {
-                list.retain(|(v, _)| v.relation_id != rec.relation_id);
-                !list.is_empty()
-            }),
-            Op::Message => {}
-        }
-        Ok(())
-    })?;
-    // A snapshot after the table's last change (a table empty when re-snapshotted).
-    if resets.passed_by(moment).is_some() {
-        rows.clear();
-    }
+    let mut rows = StateRows::default();
+    let last_version =
+        replay_rows(archive, table, moment, &mut rows)?.unwrap_or(&table.versions[0]);
     // The schema in force: the latest version that took effect at or before the moment.
     let version = match moment {
         Moment::Lsn(l) => table
@@ -310,6 +92,12 @@ pub fn state_at<'t>(
             .unwrap_or(last_version),
         Moment::Time(_) => last_version,
     };
+    let rows = rows
+        .0
+        .into_map()
+        .into_iter()
+        .map(|(k, list)| (k, list.into_iter().map(|v| (v.version, v.row)).collect()))
+        .collect();
     Ok(TableState { version, rows })
 }
 
@@ -546,62 +334,78 @@ pub fn row_replay_diff_batch(
     from: Moment,
     to: Moment,
 ) -> Result<RecordBatch> {
-    {
-        let a = state_at(archive, table, from)?;
-        let b = state_at(archive, table, to)?;
-        let mut change = StringBuilder::new();
-        let mut key_text = StringBuilder::new();
-        let (mut before_rows, mut after_rows) = (Vec::new(), Vec::new());
-        let keys: std::collections::BTreeSet<&RowKey> =
-            a.rows.keys().chain(b.rows.keys()).collect();
-        for k in keys {
-            let (old, new) = (a.rows.get(k), b.rows.get(k));
-            let label = match (old, new) {
-                (Some(o), Some(n)) if o.iter().map(|(_, r)| r).eq(n.iter().map(|(_, r)| r)) => {
-                    continue;
-                }
-                (Some(_), Some(_)) => "update",
-                (Some(_), None) => "delete",
-                (None, Some(_)) => "insert",
-                (None, None) => continue,
-            };
-            change.append_value(label);
-            key_text.append_value(
-                k.iter()
-                    .map(|c| c.as_text().unwrap_or("NULL"))
-                    .collect::<Vec<_>>()
-                    .join("|"),
-            );
-            before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
-            after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
-        }
-        let image = |rows: &[Option<(&RelationVersion, &Row)>]| -> Result<(Field, ArrayRef)> {
-            let (fields, arrays) = typed_columns(b.version, rows);
-            let nulls: Vec<bool> = rows.iter().map(Option::is_some).collect();
-            let array = StructArray::try_new(fields.clone(), arrays, Some(nulls.into()))?;
-            Ok((
-                Field::new("x", DataType::Struct(fields), true),
-                Arc::new(array) as ArrayRef,
-            ))
+    let a = state_at(archive, table, from)?;
+    let b = state_at(archive, table, to)?;
+    let (mut labels, mut keys) = (Vec::new(), Vec::new());
+    let (mut before_rows, mut after_rows) = (Vec::new(), Vec::new());
+    let all_keys: std::collections::BTreeSet<&RowKey> =
+        a.rows.keys().chain(b.rows.keys()).collect();
+    for k in all_keys {
+        let (old, new) = (a.rows.get(k), b.rows.get(k));
+        let label = match (old, new) {
+            (Some(o), Some(n)) if o.iter().map(|(_, r)| r).eq(n.iter().map(|(_, r)| r)) => {
+                continue;
+            }
+            (Some(_), Some(_)) => "update",
+            (Some(_), None) => "delete",
+            (None, Some(_)) => "insert",
+            (None, None) => continue,
         };
-        let (bf, ba) = image(&before_rows)?;
-        let (af, aa) = image(&after_rows)?;
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("change", DataType::Utf8, false),
-            Field::new("key", DataType::Utf8, false),
-            bf.with_name("before"),
-            af.with_name("after"),
-        ]));
-        Ok(RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(change.finish()),
-                Arc::new(key_text.finish()),
-                ba,
-                aa,
-            ],
-        )?)
+        labels.push(label);
+        keys.push(
+            k.iter()
+                .map(|c| c.as_text().unwrap_or("NULL"))
+                .collect::<Vec<_>>()
+                .join("|"),
+        );
+        before_rows.push(old.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
+        after_rows.push(new.and_then(|l| l.first()).map(|(v, r)| (*v, r)));
     }
+    // Both sides typed together (a column holding a value its type cannot is text on both),
+    // so that an update's two images can be compared by value: a row read back from a
+    // segment is rendered from its typed value, and may spell it differently from the
+    // PostgreSQL text a log-tail image holds (`0 mons 55 days` for `55 days`), yet it is the
+    // same row. An unknown value is never taken as equal to anything.
+    let n = labels.len();
+    let rows: Vec<Option<(&RelationVersion, &Row)>> =
+        before_rows.iter().chain(&after_rows).copied().collect();
+    let (fields, arrays) = typed_columns(b.version, &rows);
+    let nulls: Vec<bool> = rows.iter().map(Option::is_some).collect();
+    let images = StructArray::try_new(fields.clone(), arrays, Some(nulls.into()))?;
+    let same = same_rows(&images)?;
+    let has_unknown = |row: Option<(&RelationVersion, &Row)>| {
+        row.is_some_and(|(_, r)| r.iter().any(|c| matches!(c, Cell::Unknown)))
+    };
+    let keep: Vec<u32> = (0..n)
+        .filter(|&i| {
+            labels[i] != "update"
+                || !same(i, n + i)
+                || has_unknown(before_rows[i])
+                || has_unknown(after_rows[i])
+        })
+        .map(|i| i as u32)
+        .collect();
+    let side = |offset: u32| -> Result<ArrayRef> {
+        let indices = UInt32Array::from_iter_values(keep.iter().map(|i| i + offset));
+        Ok(take(&images, &indices, None)?)
+    };
+    let image_type = DataType::Struct(fields);
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("change", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("before", image_type.clone(), true),
+        Field::new("after", image_type, true),
+    ]));
+    let pick = |texts: &[&str]| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(
+            keep.iter().map(|&i| texts[i as usize]),
+        ))
+    };
+    let key_texts: Vec<&str> = keys.iter().map(String::as_str).collect();
+    Ok(RecordBatch::try_new(
+        schema,
+        vec![pick(&labels), pick(&key_texts), side(0)?, side(n as u32)?],
+    )?)
 }
 
 /// `row_history` read in two passes over each segment: the key fields of every change's

@@ -37,8 +37,8 @@ use datafusion::physical_plan::{
 };
 use pgtrail_store::RelationVersion;
 
-use crate::history::{Bounds, open_segment_projected};
 use crate::merge::{adapt_column, adapt_image_column};
+use crate::read::{Bounds, open_segment_projected};
 
 /// One output column of a history scan.
 #[derive(Clone, Debug, PartialEq, Eq)]

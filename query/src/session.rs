@@ -13,8 +13,9 @@ use pgtrail_store::segment::{SegmentContent, records_to_batch, segment_schema};
 use crate::archive::ArchiveSnapshot;
 use crate::changes::ChangesTable;
 use crate::error::QueryError;
-use crate::history::{HistoryTable, open_segment};
+use crate::history::HistoryTable;
 use crate::pit::{AsOf, Diff, RowHistory};
+use crate::read::open_segment;
 
 /// Open `dir` and build a session over it.
 pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>), QueryError> {

@@ -83,7 +83,7 @@ fn txn(n: u64) -> Vec<LogOp> {
 
 fn build(dir: &Path, txns: u64, compact_every: u64) -> ChangeLog {
     let mut log = ChangeLog::open(dir).unwrap();
-    let compactor = Compactor::new(log.database(), dir, CompactOptions::default());
+    let compactor = Compactor::new(log.shared(), dir, CompactOptions::default());
     for n in 1..=txns {
         log.apply(txn(n)).unwrap();
         if compact_every > 0 && n % compact_every == 0 {
@@ -322,7 +322,7 @@ async fn every_read_is_a_consistent_cut_while_compaction_runs() {
     let archive = dir.path().join("a");
     let mut log = build(&archive, 1, 0);
     let compactor = Compactor::new(
-        log.database(),
+        log.shared(),
         &archive,
         CompactOptions {
             merge_min_segments: 3,
@@ -492,7 +492,7 @@ async fn row_image_fields_read_alone_equal_the_fields_of_whole_images() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("a");
     let mut log = ChangeLog::open(&archive).unwrap();
-    let compactor = Compactor::new(log.database(), &archive, CompactOptions::default());
+    let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
     for n in 1..=8 {
         log.apply(versioned_txn(n)).unwrap();
         if n == 3 || n == 6 {

@@ -29,11 +29,13 @@ pub use files::WrittenFile;
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
-use crate::history::{
+use crate::merge::{adapt, history_schema, merged_row_fields};
+use crate::read::{
     Bounds, READ_AHEAD_BATCHES, open_segment_projected, open_segment_pruned, tail_batches,
 };
-use crate::merge::{adapt, history_schema, merged_row_fields};
-use crate::pit::{Moment, RowKey, SnapshotResets, for_each_change, row_key};
+use crate::replay::{
+    ApplyChange, Moment, OpenRows, OpenVersion, RowChange, RowSet, SnapshotPoint, replay_rows,
+};
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
 
@@ -196,6 +198,8 @@ struct ExportState {
 }
 
 const STATE_DIR: &str = "_pgtrail_export";
+/// The format of the export state this code writes; it reads every version up to it.
+const EXPORT_STATE_FORMAT: u32 = 1;
 
 fn state_path(layout: Layout) -> String {
     format!("{STATE_DIR}/{}.json", layout.name())
@@ -221,11 +225,25 @@ impl ExportState {
                 path: path.clone(),
                 why: e.to_string(),
             })?;
-        if state.format != 1 || state.layout != layout {
+        if state.format > EXPORT_STATE_FORMAT {
             return Err(ExportError::BadState {
                 destination: dest.display().to_string(),
                 path,
-                why: "unknown format or layout".into(),
+                why: format!(
+                    "its format version is {}, written by a newer pgtrail; this pgtrail reads versions up to {EXPORT_STATE_FORMAT}: upgrade pgtrail to continue this export",
+                    state.format
+                ),
+            });
+        }
+        if state.layout != layout {
+            return Err(ExportError::BadState {
+                destination: dest.display().to_string(),
+                path,
+                why: format!(
+                    "it records a {} export, not {}",
+                    state.layout.name(),
+                    layout.name()
+                ),
             });
         }
         Ok(Some(state))
@@ -377,7 +395,7 @@ pub fn export(
         }
         Some(s) => s,
         None => ExportState {
-            format: 1,
+            format: EXPORT_STATE_FORMAT,
             layout,
             source,
             tables: BTreeMap::new(),
@@ -774,37 +792,6 @@ fn export_changes(
     Ok(())
 }
 
-/// A row version open (current) during the replay.
-struct OpenVersion<'t> {
-    version: &'t RelationVersion,
-    row: Row,
-    from: ChangeKey,
-    from_us: i64,
-    op: Op,
-    context: Option<String>,
-}
-
-/// Remove and return the open version `row` is an image of: with a key, the key's version;
-/// without one, one identical row.
-fn take_version<'t>(
-    open: &mut BTreeMap<RowKey, Vec<OpenVersion<'t>>>,
-    positions: &[usize],
-    row: &Row,
-) -> Option<OpenVersion<'t>> {
-    let k = row_key(positions, row);
-    let list = open.get_mut(&k)?;
-    let i = if positions.is_empty() {
-        list.iter().position(|v| &v.row == row)?
-    } else {
-        0
-    };
-    let v = list.remove(i);
-    if list.is_empty() {
-        open.remove(&k);
-    }
-    Some(v)
-}
-
 const BATCH_ROWS: usize = 8192;
 
 /// Per-partition row buffers flushed to the files every [`BATCH_ROWS`] rows.
@@ -881,8 +868,177 @@ const SCD2_META: &[(&str, MetaType)] = &[
 
 const SNAPSHOT_META: &[(&str, MetaType)] = &[];
 
-/// Replay the table's history up to `until`, keeping its open row versions, and write the
-/// `cdf`, `scd2` or `snapshot` rows of the changes after `from`.
+/// An export layout's rows as the replay moves through a table: `cdf` writes each change's
+/// images, `scd2` each row version as it closes (and the versions open at the end as the
+/// current state), `snapshot` the versions open at the end. Only what happens after `from`
+/// (the previous run's position) is written; before it, the replay only builds the state.
+struct LayoutRows<'t, 'f, 'd> {
+    open: OpenRows<'t>,
+    layout: Layout,
+    from: Lsn,
+    partition: String,
+    cdf_stem: String,
+    closed_stem: String,
+    closed_dir: String,
+    /// The cdf partition of the latest commit day, formatted once per day.
+    cdf_dir: (i64, String),
+    buffers: Buffers<'t>,
+    files: &'f mut PartitionedFiles<'d>,
+}
+
+impl LayoutRows<'_, '_, '_> {
+    /// Write a cdf row of a change committed at `at_us` (its commit day's partition).
+    fn cdf(
+        &mut self,
+        at_us: i64,
+        image: (&RelationVersion, &Row),
+        meta: &[MetaValue],
+    ) -> Result<(), ExportError> {
+        let day = at_us.div_euclid(DAY_US);
+        if day != self.cdf_dir.0 {
+            self.cdf_dir = (day, format!("{}/date={}", self.partition, date_of(at_us)));
+        }
+        self.buffers.push(
+            self.files,
+            &self.cdf_dir.1,
+            &self.cdf_stem,
+            Some(image),
+            meta,
+        )
+    }
+
+    /// Write scd2's closed version `old`, ended by the change at `to` committed at `to_us`.
+    fn close(&mut self, old: &OpenVersion, to: Lsn, to_us: i64) -> Result<(), ExportError> {
+        if self.layout != Layout::Scd2 || to <= self.from {
+            return Ok(());
+        }
+        let meta = [
+            MetaValue::Timestamp(Some(old.from_us)),
+            MetaValue::Timestamp(Some(to_us)),
+            MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
+            MetaValue::Int64(Some(to.0 as i64)),
+            MetaValue::Bool(false),
+            MetaValue::Text(Some(old.op.as_str())),
+            MetaValue::Text(old.context.as_deref()),
+        ];
+        self.buffers.push(
+            self.files,
+            &self.closed_dir,
+            &self.closed_stem,
+            Some((old.version, &old.row)),
+            &meta,
+        )
+    }
+
+    /// Whether cdf writes the change at `key` (a cdf export, and after the previous run).
+    fn cdf_writes(&self, key: ChangeKey) -> bool {
+        self.layout == Layout::Cdf && key.commit_lsn > self.from
+    }
+}
+
+fn cdf_meta<'m>(
+    change_type: &'static str,
+    key: ChangeKey,
+    rec: &'m ChangeRecord,
+) -> [MetaValue<'m>; 6] {
+    [
+        MetaValue::Text(Some(change_type)),
+        MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
+        MetaValue::Int64(Some(i64::from(key.seq))),
+        MetaValue::Timestamp(Some(rec.committed_at_us)),
+        MetaValue::Int64(Some(i64::from(rec.xid))),
+        MetaValue::Text(rec.context.as_deref()),
+    ]
+}
+
+impl RowSet for LayoutRows<'_, '_, '_> {
+    type Error = ExportError;
+
+    /// A snapshot holds the whole state (after a gap, rows it lacks were deleted unseen):
+    /// every version open before it ends at it, as deletes (cdf) or closings (scd2).
+    fn restart(&mut self, at: SnapshotPoint) -> Result<(), ExportError> {
+        for old in self.open.take_all() {
+            if self.layout == Layout::Cdf && at.lsn > self.from {
+                let meta = [
+                    MetaValue::Text(Some("delete")),
+                    MetaValue::Int64(Some(at.lsn.0 as i64)),
+                    MetaValue::Int64(Some(0)),
+                    MetaValue::Timestamp(Some(at.committed_at_us)),
+                    MetaValue::Int64(Some(0)),
+                    MetaValue::Text(None),
+                ];
+                self.cdf(at.committed_at_us, (old.version, &old.row), &meta)?;
+            }
+            self.close(&old, at.lsn, at.committed_at_us)?;
+        }
+        Ok(())
+    }
+}
+
+impl<'t, 'r> ApplyChange<&'r Row, RowChange<'t, 'r>> for LayoutRows<'t, '_, '_> {
+    fn begin(&mut self, after: &'r Row, c: &RowChange<'t, 'r>) -> Result<(), ExportError> {
+        for old in self.open.put(c.key_positions(), c.open(after)) {
+            self.close(&old, c.key.commit_lsn, c.rec.committed_at_us)?;
+        }
+        if self.cdf_writes(c.key) {
+            let change_type = if c.rec.op == Op::Update {
+                "update_postimage"
+            } else {
+                "insert"
+            };
+            let meta = cdf_meta(change_type, c.key, c.rec);
+            self.cdf(c.rec.committed_at_us, (c.version, after), &meta)?;
+        }
+        Ok(())
+    }
+
+    fn end(&mut self, before: &'r Row, c: &RowChange<'t, 'r>) -> Result<(), ExportError> {
+        let old = self.open.take(c.key_positions(), before);
+        if self.cdf_writes(c.key) {
+            let change_type = if c.rec.op == Op::Update {
+                "update_preimage"
+            } else {
+                "delete"
+            };
+            // The image of the version it ends where the replay holds it (a key-only old
+            // image shows less).
+            let image = old
+                .as_ref()
+                .map_or((c.version, before), |o| (o.version, &o.row));
+            let meta = cdf_meta(change_type, c.key, c.rec);
+            self.cdf(c.rec.committed_at_us, image, &meta)?;
+        }
+        if let Some(old) = old {
+            self.close(&old, c.key.commit_lsn, c.rec.committed_at_us)?;
+        }
+        Ok(())
+    }
+
+    /// A TRUNCATE deletes every row of the relation: each gets its delete image (cdf) or its
+    /// closing (scd2).
+    fn truncate(&mut self, relation_id: u32, c: &RowChange<'t, 'r>) -> Result<(), ExportError> {
+        for old in self.open.take_relation(relation_id) {
+            if self.cdf_writes(c.key) {
+                let meta = cdf_meta("delete", c.key, c.rec);
+                self.cdf(c.rec.committed_at_us, (old.version, &old.row), &meta)?;
+            }
+            self.close(&old, c.key.commit_lsn, c.rec.committed_at_us)?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ExportError> for datafusion::error::DataFusionError {
+    fn from(e: ExportError) -> Self {
+        match e {
+            ExportError::DataFusion(e) => e,
+            e => datafusion::error::DataFusionError::External(Box::new(e)),
+        }
+    }
+}
+
+/// Replay the table's history up to `until` (the replay rules are `crate::replay`'s), and
+/// write the `cdf`, `scd2` or `snapshot` rows of the changes after `from`.
 fn replay(
     archive: &ArchiveSnapshot,
     table: &TableHistory,
@@ -891,240 +1047,40 @@ fn replay(
     layout: Layout,
     files: &mut PartitionedFiles,
 ) -> Result<(), ExportError> {
-    let columns = lake_columns(versions_until(table, until), layout);
-    let meta = layout_meta(layout);
-    let mut buffers = Buffers {
-        columns,
-        versions: &table.versions,
-        meta,
-        open: Vec::new(),
-    };
     let partition = table_partition(table);
     let range = format!("{}-{}", lsn_name(from), lsn_name(until));
-    let cdf_stem = format!("cdf-{range}");
-    let closed_stem = format!("scd2-{range}");
-    let closed_dir = format!("{partition}/state=closed");
-
-    let mut open: BTreeMap<RowKey, Vec<OpenVersion>> = BTreeMap::new();
-    // The cdf partition of the current commit day, formatted once per day.
-    let mut cdf_dir: (i64, String) = (i64::MIN, String::new());
-    let mut resets = SnapshotResets::new(archive);
-    // A snapshot holds the whole state (after a gap, rows it lacks were deleted unseen):
-    // every version open before it ends at it, as deletes (cdf) or closings (scd2).
-    let end_all_at = |(lsn, at_us): (Lsn, i64),
-                      open: &mut BTreeMap<RowKey, Vec<OpenVersion>>,
-                      buffers: &mut Buffers,
-                      files: &mut PartitionedFiles|
-     -> Result<(), ExportError> {
-        if lsn <= from || open.is_empty() {
-            open.clear();
-            return Ok(());
-        }
-        let cdf_dir = format!("{partition}/date={}", date_of(at_us));
-        for old in std::mem::take(open).into_values().flatten() {
-            let row = Some((old.version, &old.row));
-            match layout {
-                Layout::Cdf => {
-                    let meta = [
-                        MetaValue::Text(Some("delete")),
-                        MetaValue::Int64(Some(lsn.0 as i64)),
-                        MetaValue::Int64(Some(0)),
-                        MetaValue::Timestamp(Some(at_us)),
-                        MetaValue::Int64(Some(0)),
-                        MetaValue::Text(None),
-                    ];
-                    buffers.push(files, &cdf_dir, &cdf_stem, row, &meta)?;
-                }
-                Layout::Scd2 => {
-                    let meta = [
-                        MetaValue::Timestamp(Some(old.from_us)),
-                        MetaValue::Timestamp(Some(at_us)),
-                        MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
-                        MetaValue::Int64(Some(lsn.0 as i64)),
-                        MetaValue::Bool(false),
-                        MetaValue::Text(Some(old.op.as_str())),
-                        MetaValue::Text(old.context.as_deref()),
-                    ];
-                    buffers.push(files, &closed_dir, &closed_stem, row, &meta)?;
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    };
-    for_each_change(
-        archive,
-        table,
-        Some(Moment::Lsn(until)),
-        |version, key, rec| {
-            let step = (|| -> Result<(), ExportError> {
-                if let Some(point) = resets.passed(key) {
-                    end_all_at(point, &mut open, &mut buffers, files)?;
-                }
-                let in_range = key.commit_lsn > from;
-                let positions = table.key_positions(version);
-                let keyed = !positions.is_empty();
-                let day = rec.committed_at_us.div_euclid(DAY_US);
-                if layout == Layout::Cdf && day != cdf_dir.0 {
-                    cdf_dir = (
-                        day,
-                        format!("{partition}/date={}", date_of(rec.committed_at_us)),
-                    );
-                }
-                let cdf_meta = |change_type: &'static str| {
-                    [
-                        MetaValue::Text(Some(change_type)),
-                        MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
-                        MetaValue::Int64(Some(i64::from(key.seq))),
-                        MetaValue::Timestamp(Some(rec.committed_at_us)),
-                        MetaValue::Int64(Some(i64::from(rec.xid))),
-                        MetaValue::Text(rec.context.as_deref()),
-                    ]
-                };
-                let close = |buffers: &mut Buffers,
-                             files: &mut PartitionedFiles,
-                             old: OpenVersion|
-                 -> Result<(), ExportError> {
-                    if in_range && layout == Layout::Scd2 {
-                        let meta = [
-                            MetaValue::Timestamp(Some(old.from_us)),
-                            MetaValue::Timestamp(Some(rec.committed_at_us)),
-                            MetaValue::Int64(Some(old.from.commit_lsn.0 as i64)),
-                            MetaValue::Int64(Some(key.commit_lsn.0 as i64)),
-                            MetaValue::Bool(false),
-                            MetaValue::Text(Some(old.op.as_str())),
-                            MetaValue::Text(old.context.as_deref()),
-                        ];
-                        buffers.push(
-                            files,
-                            &closed_dir,
-                            &closed_stem,
-                            Some((old.version, &old.row)),
-                            &meta,
-                        )?;
-                    }
-                    Ok(())
-                };
-                match rec.op {
-                    Op::Insert | Op::Snapshot | Op::Update => {
-                        if rec.op == Op::Update
-                            && let Some(before) = &rec.before
-                        {
-                            let old = take_version(&mut open, positions, before);
-                            if in_range && layout == Layout::Cdf {
-                                let image = old
-                                    .as_ref()
-                                    .map_or((version, before), |o| (o.version, &o.row));
-                                buffers.push(
-                                    files,
-                                    &cdf_dir.1,
-                                    &cdf_stem,
-                                    Some(image),
-                                    &cdf_meta("update_preimage"),
-                                )?;
-                            }
-                            if let Some(old) = old {
-                                close(&mut buffers, files, old)?;
-                            }
-                        }
-                        if let Some(after) = &rec.after {
-                            let k = row_key(positions, after);
-                            if keyed && let Some(list) = open.remove(&k) {
-                                for old in list {
-                                    close(&mut buffers, files, old)?;
-                                }
-                            }
-                            if in_range && layout == Layout::Cdf {
-                                let change_type = if rec.op == Op::Update {
-                                    "update_postimage"
-                                } else {
-                                    "insert"
-                                };
-                                buffers.push(
-                                    files,
-                                    &cdf_dir.1,
-                                    &cdf_stem,
-                                    Some((version, after)),
-                                    &cdf_meta(change_type),
-                                )?;
-                            }
-                            open.entry(k).or_default().push(OpenVersion {
-                                version,
-                                row: after.clone(),
-                                from: key,
-                                from_us: rec.committed_at_us,
-                                op: rec.op,
-                                context: rec.context.clone(),
-                            });
-                        }
-                    }
-                    Op::Delete => {
-                        if let Some(before) = &rec.before {
-                            let old = take_version(&mut open, positions, before);
-                            if in_range && layout == Layout::Cdf {
-                                let image = old
-                                    .as_ref()
-                                    .map_or((version, before), |o| (o.version, &o.row));
-                                buffers.push(
-                                    files,
-                                    &cdf_dir.1,
-                                    &cdf_stem,
-                                    Some(image),
-                                    &cdf_meta("delete"),
-                                )?;
-                            }
-                            if let Some(old) = old {
-                                close(&mut buffers, files, old)?;
-                            }
-                        }
-                    }
-                    // A TRUNCATE deletes every row of the relation: each gets its delete image
-                    // (cdf) or its closing (scd2).
-                    Op::Truncate => {
-                        let keys: Vec<RowKey> = open.keys().cloned().collect();
-                        for k in keys {
-                            let list = open.remove(&k).unwrap_or_default();
-                            let (gone, kept): (Vec<_>, Vec<_>) = list
-                                .into_iter()
-                                .partition(|v| v.version.relation_id == rec.relation_id);
-                            for old in gone {
-                                if in_range && layout == Layout::Cdf {
-                                    buffers.push(
-                                        files,
-                                        &cdf_dir.1,
-                                        &cdf_stem,
-                                        Some((old.version, &old.row)),
-                                        &cdf_meta("delete"),
-                                    )?;
-                                }
-                                close(&mut buffers, files, old)?;
-                            }
-                            if !kept.is_empty() {
-                                open.insert(k, kept);
-                            }
-                        }
-                    }
-                    Op::Message => {}
-                }
-                Ok(())
-            })();
-            step.map_err(|e| match e {
-                ExportError::DataFusion(e) => e,
-                e => datafusion::error::DataFusionError::External(Box::new(e)),
-            })
+    let mut rows = LayoutRows {
+        open: OpenRows::default(),
+        layout,
+        from,
+        cdf_stem: format!("cdf-{range}"),
+        closed_stem: format!("scd2-{range}"),
+        closed_dir: format!("{partition}/state=closed"),
+        cdf_dir: (i64::MIN, String::new()),
+        buffers: Buffers {
+            columns: lake_columns(versions_until(table, until), layout),
+            versions: &table.versions,
+            meta: layout_meta(layout),
+            open: Vec::new(),
         },
-    )
-    .map_err(ExportError::DataFusion)?;
-    if let Some(point) = resets.passed_by(Moment::Lsn(until)) {
-        end_all_at(point, &mut open, &mut buffers, files)?;
-    }
+        partition,
+        files,
+    };
+    replay_rows(archive, table, Moment::Lsn(until), &mut rows).map_err(ExportError::DataFusion)?;
 
     // The versions open at `until`: scd2's current files, or the snapshot.
+    let LayoutRows {
+        open,
+        mut buffers,
+        partition,
+        files,
+        ..
+    } = rows;
     match layout {
         Layout::Scd2 => {
             let dir = format!("{partition}/state=current");
             let stem = format!("scd2-{}", lsn_name(until));
-            for v in open.values().flatten() {
+            for v in open.versions() {
                 let meta = [
                     MetaValue::Timestamp(Some(v.from_us)),
                     MetaValue::Timestamp(None),
@@ -1139,7 +1095,7 @@ fn replay(
         }
         Layout::Snapshot => {
             let dir = format!("{partition}/snapshot_lsn={}", lsn_partition(until));
-            for v in open.values().flatten() {
+            for v in open.versions() {
                 buffers.push(files, &dir, "snapshot", Some((v.version, &v.row)), &[])?;
             }
         }

@@ -1,0 +1,449 @@
+//! The replay: how a table's changes, taken in key order, build the rows it held at a moment.
+//!
+//! This module is the one place where the meaning of each change for a table's rows is
+//! written down ([`Replay::apply`]): an insert or snapshot row begins a row, an update replaces
+//! the row its old image shows (or, without one, the row with its key) by its new image, a
+//! delete ends a row, a TRUNCATE ends every row of the truncated relation, and passing a
+//! snapshot point (the initial snapshot, or a `--resnapshot` after a gap) ends every row,
+//! because a snapshot is the table's whole state and rows it lacks were deleted while the
+//! archive could not see. Every reconstruction goes through it: `as_of` and `diff` (the
+//! columnar engine and its row fallback), `row_history`'s states, and every export layout.
+//! An engine only says how it holds rows, by implementing [`RowSet`]: the columnar engine
+//! holds each row as the place of the change that wrote it, the row engine ([`OpenRows`]) as
+//! the text row and the change that wrote it.
+//!
+//! What to read (which segments, which row groups) is `read`'s; what the rows are is here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use datafusion::error::{DataFusionError, Result};
+use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
+
+use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::error::QueryError;
+use crate::read::{Bounds, for_each_change_where};
+
+/// A moment of the source's history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Moment {
+    /// Every transaction committed at or before this time (µs since the Unix epoch, UTC).
+    Time(i64),
+    /// Every transaction whose commit LSN is at or before this LSN.
+    Lsn(Lsn),
+}
+
+impl Moment {
+    pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+        match self {
+            Moment::Time(t) => committed_at_us <= *t,
+            Moment::Lsn(l) => key.commit_lsn <= *l,
+        }
+    }
+
+    /// Whether a segment might hold changes at or before this moment.
+    pub(crate) fn may_include(&self, min_key: ChangeKey, min_committed_at_us: i64) -> bool {
+        match self {
+            Moment::Time(t) => min_committed_at_us <= *t,
+            Moment::Lsn(l) => min_key.commit_lsn <= *l,
+        }
+    }
+
+    /// The row-group statistics bounds of everything at or before this moment.
+    pub(crate) fn row_group_bounds(&self) -> Bounds {
+        match self {
+            Moment::Lsn(l) => Bounds {
+                lsn: (0, l.0),
+                ..Bounds::default()
+            },
+            Moment::Time(t) => Bounds {
+                time: (i64::MIN, *t),
+                ..Bounds::default()
+            },
+        }
+    }
+}
+
+impl fmt::Display for Moment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Moment::Time(t) => write!(f, "{}", format_us(*t)),
+            Moment::Lsn(l) => write!(f, "LSN {l}"),
+        }
+    }
+}
+
+fn format_us(us: i64) -> String {
+    pgtrail_store::segment::format_utc_micros(us)
+}
+
+/// Call `f` with every change of `table` in key order, up to `until` when given.
+pub fn for_each_change<'t>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    until: Option<Moment>,
+    f: impl FnMut(&'t RelationVersion, ChangeKey, &ChangeRecord) -> Result<()>,
+) -> Result<()> {
+    let row_groups = until.map_or_else(Bounds::default, |m| m.row_group_bounds());
+    for_each_change_where(
+        archive,
+        table,
+        row_groups,
+        |seg| until.is_none_or(|m| m.may_include(seg.min_key, seg.min_committed_at_us)),
+        |key, rec| until.is_none_or(|m| m.includes(key, rec.committed_at_us)),
+        f,
+    )
+}
+
+/// The snapshot points a replay in key order passes, in order.
+struct SnapshotResets<'a> {
+    points: &'a [(Lsn, i64)],
+    next: usize,
+}
+
+impl<'a> SnapshotResets<'a> {
+    fn new(archive: &'a ArchiveSnapshot) -> Self {
+        SnapshotResets {
+            points: &archive.snapshots,
+            next: 0,
+        }
+    }
+
+    /// The last snapshot point at or before `key` not passed yet, if any.
+    fn passed(&mut self, key: ChangeKey) -> Option<SnapshotPoint> {
+        self.passed_where(|p| p.lsn <= key.commit_lsn)
+    }
+
+    /// The last snapshot point within `moment` not passed yet, if any.
+    fn passed_by(&mut self, moment: Moment) -> Option<SnapshotPoint> {
+        self.passed_where(|p| match moment {
+            Moment::Lsn(l) => p.lsn <= l,
+            Moment::Time(t) => p.committed_at_us <= t,
+        })
+    }
+
+    fn passed_where(&mut self, within: impl Fn(SnapshotPoint) -> bool) -> Option<SnapshotPoint> {
+        let mut hit = None;
+        while let Some(&(lsn, committed_at_us)) = self.points.get(self.next) {
+            let point = SnapshotPoint {
+                lsn,
+                committed_at_us,
+            };
+            if !within(point) {
+                break;
+            }
+            hit = Some(point);
+            self.next += 1;
+        }
+        hit
+    }
+}
+
+/// A row's identity: its key values, or for a table without a key the whole row.
+pub(crate) type RowKey = Vec<Cell>;
+
+pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
+    if positions.is_empty() {
+        row.clone()
+    } else {
+        positions
+            .iter()
+            .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
+            .collect()
+    }
+}
+
+/// An error unless the archive holds `moment` (it begins at or before it).
+pub(crate) fn check_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
+    let begins_before = match moment {
+        Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
+        Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
+    };
+    if !begins_before {
+        let begins = match (archive.first_key, archive.first_commit_us) {
+            (Some(k), Some(t)) => format!("LSN {}, {}", k.commit_lsn, format_us(t)),
+            _ => "nothing captured yet".into(),
+        };
+        return Err(QueryError::BeforeArchive {
+            moment: moment.to_string(),
+            begins,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// A snapshot transaction's commit: every row a replay holds before it ends there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SnapshotPoint {
+    pub(crate) lsn: Lsn,
+    pub(crate) committed_at_us: i64,
+}
+
+/// What a change does to a table's rows, as the replay rules read its operation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ChangeKind {
+    /// An insert, or a row of a snapshot: a row begins.
+    Write,
+    Update,
+    Delete,
+    Truncate,
+    /// A change that holds no row (a logical message).
+    Other,
+}
+
+impl ChangeKind {
+    pub(crate) fn of(op: Op) -> ChangeKind {
+        match op {
+            Op::Insert | Op::Snapshot => ChangeKind::Write,
+            Op::Update => ChangeKind::Update,
+            Op::Delete => ChangeKind::Delete,
+            Op::Truncate => ChangeKind::Truncate,
+            Op::Message => ChangeKind::Other,
+        }
+    }
+
+    /// The kind of a stored operation name (a segment's `op` column).
+    pub(crate) fn of_name(name: &str) -> ChangeKind {
+        match name {
+            "insert" | "snapshot" => ChangeKind::Write,
+            "update" => ChangeKind::Update,
+            "delete" => ChangeKind::Delete,
+            "truncate" => ChangeKind::Truncate,
+            _ => ChangeKind::Other,
+        }
+    }
+}
+
+/// How an engine holds a table's rows during a replay. Its one effect that no change carries
+/// is the restart at a snapshot point; [`ApplyChange`] has the effects changes have.
+pub(crate) trait RowSet {
+    type Error;
+    /// Every row ends at a snapshot point.
+    fn restart(&mut self, at: SnapshotPoint) -> Result<(), Self::Error>;
+}
+
+/// The primitive effects the rules of [`Replay::apply`] are made of. `I` is a row image as
+/// the engine sees it, `C` the change being applied (passed through, for engines that record
+/// which change wrote or ended a row).
+pub(crate) trait ApplyChange<I, C>: RowSet {
+    /// A row begins with image `after`; with a key, it replaces any row holding that key.
+    fn begin(&mut self, after: I, change: &C) -> Result<(), Self::Error>;
+    /// The row image `before` shows ends (with a key, the key's row; without, one identical
+    /// row).
+    fn end(&mut self, before: I, change: &C) -> Result<(), Self::Error>;
+    /// An update: the row `before` shows (when the change carries an old image) ends and
+    /// `after` begins. An engine may do this in one step where it means the same.
+    fn replace(&mut self, before: Option<I>, after: I, change: &C) -> Result<(), Self::Error> {
+        if let Some(before) = before {
+            self.end(before, change)?;
+        }
+        self.begin(after, change)
+    }
+    /// Every row of relation `relation_id` ends (TRUNCATE).
+    fn truncate(&mut self, relation_id: u32, change: &C) -> Result<(), Self::Error>;
+}
+
+/// The replay of one table up to one moment: the rules, and where it is among the archive's
+/// snapshot points.
+pub(crate) struct Replay<'a> {
+    pub(crate) until: Moment,
+    resets: SnapshotResets<'a>,
+}
+
+impl<'a> Replay<'a> {
+    pub(crate) fn new(archive: &'a ArchiveSnapshot, until: Moment) -> Replay<'a> {
+        Replay {
+            until,
+            resets: SnapshotResets::new(archive),
+        }
+    }
+
+    /// Whether the change at `key`, committed at `committed_at_us`, is within the moment.
+    pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+        self.until.includes(key, committed_at_us)
+    }
+
+    /// Apply the change at `key` (the next in key order, within the moment) to `rows`. The
+    /// rules, in the order they apply: a snapshot point passed since the previous change
+    /// ends every row; then the change's own effect by its kind.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn apply<I, C, S: ApplyChange<I, C>>(
+        &mut self,
+        rows: &mut S,
+        key: ChangeKey,
+        kind: ChangeKind,
+        relation_id: u32,
+        before: Option<I>,
+        after: Option<I>,
+        change: &C,
+    ) -> Result<(), S::Error> {
+        if let Some(point) = self.resets.passed(key) {
+            rows.restart(point)?;
+        }
+        match (kind, before, after) {
+            (ChangeKind::Write, _, Some(after)) => rows.begin(after, change),
+            (ChangeKind::Update, before, Some(after)) => rows.replace(before, after, change),
+            (ChangeKind::Update | ChangeKind::Delete, Some(before), None) => {
+                rows.end(before, change)
+            }
+            (ChangeKind::Truncate, _, _) => rows.truncate(relation_id, change),
+            _ => Ok(()),
+        }
+    }
+
+    /// The end of the replay: a snapshot point after the table's last change but within the
+    /// moment (a table empty when re-snapshotted) ends every row too.
+    pub(crate) fn finish<S: RowSet>(&mut self, rows: &mut S) -> Result<(), S::Error> {
+        if let Some(point) = self.resets.passed_by(self.until) {
+            rows.restart(point)?;
+        }
+        Ok(())
+    }
+}
+
+/// One version of a row a row replay holds: its image, and the change that wrote it.
+#[derive(Clone, Debug)]
+pub(crate) struct OpenVersion<'t> {
+    pub(crate) version: &'t RelationVersion,
+    pub(crate) row: Row,
+    pub(crate) from: ChangeKey,
+    pub(crate) from_us: i64,
+    pub(crate) op: Op,
+    pub(crate) context: Option<String>,
+}
+
+/// The row versions open at a point of a row replay, by row key (several identical rows of a
+/// table without a key share one). The bookkeeping of [`RowSet`] over text rows, shared by
+/// the row engine of `as_of`/`diff` and by every export layout; what a caller does when a
+/// version ends is its own.
+#[derive(Default)]
+pub(crate) struct OpenRows<'t> {
+    rows: BTreeMap<RowKey, Vec<OpenVersion<'t>>>,
+}
+
+impl<'t> OpenRows<'t> {
+    /// Remove and return the open version `row` (an image of `version`) shows: with a key,
+    /// the key's version; without one, one identical row.
+    pub(crate) fn take(&mut self, positions: &[usize], row: &Row) -> Option<OpenVersion<'t>> {
+        let k = row_key(positions, row);
+        let list = self.rows.get_mut(&k)?;
+        let i = if positions.is_empty() {
+            list.iter().position(|v| &v.row == row)?
+        } else {
+            0
+        };
+        let v = list.remove(i);
+        if list.is_empty() {
+            self.rows.remove(&k);
+        }
+        Some(v)
+    }
+
+    /// Add `v`, returning what it replaces: with a key, the versions open under that key.
+    pub(crate) fn put(&mut self, positions: &[usize], v: OpenVersion<'t>) -> Vec<OpenVersion<'t>> {
+        let entry = self.rows.entry(row_key(positions, &v.row)).or_default();
+        let replaced = if positions.is_empty() {
+            Vec::new()
+        } else {
+            std::mem::take(entry)
+        };
+        entry.push(v);
+        replaced
+    }
+
+    /// Remove and return every open version of relation `relation_id`.
+    pub(crate) fn take_relation(&mut self, relation_id: u32) -> Vec<OpenVersion<'t>> {
+        let mut gone = Vec::new();
+        self.rows.retain(|_, list| {
+            let (out, kept): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|v| v.version.relation_id == relation_id);
+            gone.extend(out);
+            *list = kept;
+            !list.is_empty()
+        });
+        gone
+    }
+
+    /// Remove and return every open version.
+    pub(crate) fn take_all(&mut self) -> Vec<OpenVersion<'t>> {
+        std::mem::take(&mut self.rows)
+            .into_values()
+            .flatten()
+            .collect()
+    }
+
+    /// The open versions in row-key order.
+    pub(crate) fn versions(&self) -> impl Iterator<Item = &OpenVersion<'t>> {
+        self.rows.values().flatten()
+    }
+
+    pub(crate) fn into_map(self) -> BTreeMap<RowKey, Vec<OpenVersion<'t>>> {
+        self.rows
+    }
+}
+
+/// A change as the row engine applies it: the schema version it was written in and its record.
+pub(crate) struct RowChange<'t, 'r> {
+    pub(crate) table: &'t TableHistory,
+    pub(crate) version: &'t RelationVersion,
+    pub(crate) key: ChangeKey,
+    pub(crate) rec: &'r ChangeRecord,
+}
+
+impl<'t> RowChange<'t, '_> {
+    /// The version `row` (an image of this change) opens.
+    pub(crate) fn open(&self, row: &Row) -> OpenVersion<'t> {
+        OpenVersion {
+            version: self.version,
+            row: row.clone(),
+            from: self.key,
+            from_us: self.rec.committed_at_us,
+            op: self.rec.op,
+            context: self.rec.context.clone(),
+        }
+    }
+
+    pub(crate) fn key_positions(&self) -> &'t [usize] {
+        self.table.key_positions(self.version)
+    }
+}
+
+/// Replay `table`'s text rows up to `until`, applying each change to `rows` by the rules.
+/// Returns the schema version of the last change replayed, if any.
+pub(crate) fn replay_rows<'t, S>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    until: Moment,
+    rows: &mut S,
+) -> Result<Option<&'t RelationVersion>>
+where
+    S: RowSet + for<'r> ApplyChange<&'r Row, RowChange<'t, 'r>>,
+    S::Error: Into<DataFusionError>,
+{
+    let mut replay = Replay::new(archive, until);
+    let mut last_version = None;
+    for_each_change(archive, table, Some(until), |version, key, rec| {
+        last_version = Some(version);
+        let change = RowChange {
+            table,
+            version,
+            key,
+            rec,
+        };
+        replay
+            .apply(
+                rows,
+                key,
+                ChangeKind::of(rec.op),
+                rec.relation_id,
+                rec.before.as_ref(),
+                rec.after.as_ref(),
+                &change,
+            )
+            .map_err(Into::into)
+    })?;
+    replay.finish(rows).map_err(Into::into)?;
+    Ok(last_version)
+}
