@@ -3,7 +3,7 @@
 //! Runs each `fixtures/sql/<scenario>.sql` on a throwaway cluster with a pgoutput slot, and
 //! writes the raw pgoutput messages (`pg_logical_slot_peek_binary_changes`) to
 //! `fixtures/pgoutput/<scenario>.bin` as frames of a 4-byte big-endian length and the bytes.
-//! Usage: cargo run -p pgtrail --bin record-fixtures [-- <fixtures dir>]
+//! Usage: cargo run -p pgtrail-harness --bin record-fixtures [-- <fixtures dir>]
 
 use std::path::PathBuf;
 

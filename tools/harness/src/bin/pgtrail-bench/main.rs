@@ -498,13 +498,13 @@ fn storage_suite(
     }
     let log = pgtrail_store::ChangeLog::open(&archive)?;
     pgtrail_store::Compactor::new(
-        log.database(),
+        log.shared(),
         &archive,
         pgtrail_store::CompactOptions::default(),
     )
     .run()?;
     drop(log);
-    let (_db, reader) = pgtrail_store::LogReader::open(&archive)?;
+    let reader = pgtrail_store::LogReader::open(&archive)?;
     let manifest = reader.manifest()?;
     let segment_bytes: u64 = manifest.segments.iter().map(|s| s.bytes).sum();
     let audited: u64 = cluster
@@ -640,16 +640,16 @@ fn pgbench(
     Ok((transactions, tps, p99))
 }
 
+/// The probes' stop flag, and the task returning each probe's commit moment and flush LSN.
+type Probes = (
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Lsn)>>>,
+);
+
 /// Commit a probe row every 20 ms until told to stop; each probe is the moment its commit
 /// returned and the server's WAL flush position then (at or past its commit record), so
 /// "durable at or past that position" is a slight overestimate of its commit-to-durable time.
-fn start_probes(
-    rt: &tokio::runtime::Runtime,
-    url: String,
-) -> (
-    std::sync::Arc<std::sync::atomic::AtomicBool>,
-    tokio::task::JoinHandle<anyhow::Result<Vec<(Instant, Lsn)>>>,
-) {
+fn start_probes(rt: &tokio::runtime::Runtime, url: String) -> Probes {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stop.clone();
     let task = rt.spawn(async move {
@@ -979,7 +979,7 @@ fn bigtx_suite(
     let bin = std::env::current_exe()?.with_file_name("pgtrail");
     if !bin.exists() {
         bail!(
-            "{} not found: build it with the benchmark (cargo build --profile bench-light -p pgtrail --bins)",
+            "{} not found: build it with the benchmark (cargo build --profile bench-light -p pgtrail -p pgtrail-harness)",
             bin.display()
         );
     }

@@ -280,7 +280,7 @@ fn build_dataset(
     }
     let log = pgtrail_store::ChangeLog::open(archive)?;
     let report = pgtrail_store::Compactor::new(
-        log.database(),
+        log.shared(),
         archive,
         pgtrail_store::CompactOptions::default(),
     )
@@ -605,7 +605,7 @@ pub fn queries_suite(
     let workload = format!(
         "{changes} changes of 2 tables (skewed updates, inserts, deletes), one table queried"
     );
-    let (_db, reader) = pgtrail_store::LogReader::open(&archive)?;
+    let reader = pgtrail_store::LogReader::open(&archive)?;
     let manifest = reader.manifest()?;
     let mut segments: BTreeMap<&str, Vec<PathBuf>> = BTreeMap::new();
     for seg in &manifest.segments {
@@ -621,7 +621,6 @@ pub fn queries_suite(
         );
     }
     drop(reader);
-    drop(_db);
     eprintln!(
         "queries: {} segments; moments {} / {} / {}",
         manifest.segments.len(),

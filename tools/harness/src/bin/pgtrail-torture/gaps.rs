@@ -178,7 +178,7 @@ fn last_lines(text: &str) -> String {
 }
 
 fn gaps(archive: &Path) -> Result<Vec<pgtrail_store::Gap>, String> {
-    let (_db, reader) =
+    let reader =
         LogReader::open(archive).map_err(|e| format!("open {}: {e}", archive.display()))?;
     reader.gaps().map_err(|e| e.to_string())
 }

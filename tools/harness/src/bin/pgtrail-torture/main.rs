@@ -632,7 +632,7 @@ fn check_ledger(
     what: &str,
     v: &mut Verdict,
 ) -> Result<(), String> {
-    let (_db, reader) = LogReader::open(archive).map_err(|e| format!("open the {what}: {e}"))?;
+    let reader = LogReader::open(archive).map_err(|e| format!("open the {what}: {e}"))?;
     v.gaps += reader.gaps().map_err(|e| e.to_string())?.len() as u64;
     let all = reader.all_changes(archive).map_err(|e| e.to_string())?;
     let mut last: Option<ChangeKey> = None;
@@ -875,7 +875,7 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
     // rightly never read).
     let listed: Option<String> = LogReader::open(&copy)
         .ok()
-        .and_then(|(_db, r)| r.manifest().ok())
+        .and_then(|r| r.manifest().ok())
         .and_then(|m| {
             m.segments
                 .iter()
@@ -998,7 +998,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         .with_file_name("pgtrail");
     if !bin.exists() {
         return Err(format!(
-            "{} not found: build it first with `cargo build -p pgtrail --features crashpoints --bins`",
+            "{} not found: build it first with `cargo build -p pgtrail -p pgtrail-harness --features pgtrail/crashpoints`",
             bin.display()
         ));
     }

@@ -26,9 +26,12 @@ pub enum Cut {
     BlackHoleReplication,
 }
 
+/// The open connections: each one's cut signal and whether it is the replication stream.
+type OpenConnections = Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>>;
+
 pub struct Proxy {
     pub port: u16,
-    open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>>,
+    open: OpenConnections,
     upstream: Arc<Mutex<SocketAddr>>,
     /// Owns the listener and every connection; dropping the proxy closes them all.
     _runtime: tokio::runtime::Runtime,
@@ -46,8 +49,7 @@ impl Proxy {
             .block_on(TcpListener::bind("127.0.0.1:0"))
             .map_err(|e| e.to_string())?;
         let port = listener.local_addr().map_err(|e| e.to_string())?.port();
-        let open: Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>> =
-            Arc::default();
+        let open: OpenConnections = Arc::default();
         let registry = open.clone();
         let upstream = Arc::new(Mutex::new(upstream));
         let target = upstream.clone();

@@ -92,7 +92,7 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
             "BEGIN; INSERT INTO sh_parent VALUES ({id}, 'aborted'); UPDATE sh_toast_d SET small = -1; DELETE FROM sh_keyless; ROLLBACK;"
         )],
         2 => {
-            let end = if rng.next() % 3 == 0 { "ROLLBACK PREPARED" } else { "COMMIT PREPARED" };
+            let end = if rng.next().is_multiple_of(3) { "ROLLBACK PREPARED" } else { "COMMIT PREPARED" };
             // COMMIT/ROLLBACK PREPARED cannot share a query string with other statements.
             vec![
                 format!(
@@ -124,7 +124,7 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
                      EXECUTE format('ALTER TABLE sh_alter DROP COLUMN %I', col); END IF; END $$; \
                  ALTER TABLE sh_alter ALTER COLUMN a TYPE {} ; UPDATE sh_alter SET a = a + 1 WHERE id = {id}; COMMIT;",
                 n % 3,
-                if n % 2 == 0 { "bigint" } else { "int" }
+                if n.is_multiple_of(2) { "bigint" } else { "int" }
             )]
         }
         5 => vec![format!(
