@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use pgtrail_capture::cluster::Cluster;
 use pgtrail_store::{LogReader, Lsn, Op};
 
+mod archives;
 mod compaction;
 mod export;
 mod faults;
@@ -184,7 +185,7 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
         );
     }
 
-    let (_db, reader) = LogReader::open(&archive).unwrap();
+    let reader = LogReader::open(&archive).unwrap();
     let relations = reader.relations().unwrap();
     let ledger_id = relations
         .iter()
@@ -338,7 +339,7 @@ fn a_million_row_transaction_is_captured_in_bounded_memory() {
     }
     peak = peak.max(peak_rss_kib(child.id()).unwrap_or(0));
     terminate(&mut child);
-    let (_db, reader) = LogReader::open(&archive).unwrap();
+    let reader = LogReader::open(&archive).unwrap();
     // The background compactor may have moved the transaction into segments meanwhile:
     // count in both, from the manifest and the log tail of one read.
     let manifest = reader.manifest().unwrap();
@@ -391,7 +392,7 @@ fn demo_captures_the_shop_workload() {
         stdout,
         String::from_utf8_lossy(&out.stderr)
     );
-    let (_db, reader) = LogReader::open(&dir.path().join("pgtrail-demo")).unwrap();
+    let reader = LogReader::open(&dir.path().join("pgtrail-demo")).unwrap();
     let changes: Vec<_> = reader
         .all_changes(&dir.path().join("pgtrail-demo"))
         .unwrap()
