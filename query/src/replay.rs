@@ -447,3 +447,87 @@ where
     replay.finish(rows).map_err(Into::into)?;
     Ok(last_version)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records the effects the rules ask for, in order.
+    #[derive(Default)]
+    struct Effects(Vec<String>);
+
+    impl RowSet for Effects {
+        type Error = ();
+        fn restart(&mut self, at: SnapshotPoint) -> Result<(), ()> {
+            self.0.push(format!("restart@{}", at.lsn));
+            Ok(())
+        }
+    }
+
+    impl ApplyChange<&str, ()> for Effects {
+        fn begin(&mut self, after: &str, _: &()) -> Result<(), ()> {
+            self.0.push(format!("begin {after}"));
+            Ok(())
+        }
+        fn end(&mut self, before: &str, _: &()) -> Result<(), ()> {
+            self.0.push(format!("end {before}"));
+            Ok(())
+        }
+        fn truncate(&mut self, relation_id: u32, _: &()) -> Result<(), ()> {
+            self.0.push(format!("truncate {relation_id}"));
+            Ok(())
+        }
+    }
+
+    fn key(lsn: u64, seq: u32) -> ChangeKey {
+        ChangeKey {
+            commit_lsn: Lsn(lsn),
+            seq,
+        }
+    }
+
+    /// Each kind of change has its one effect, and every snapshot point passed restarts the
+    /// rows once, before the first change after it or at the end of the replay.
+    #[test]
+    fn the_rules_give_each_change_its_effect_and_restart_at_snapshot_points() {
+        let snapshots = [(Lsn(100), 1), (Lsn(300), 3), (Lsn(400), 4)];
+        let mut replay = Replay {
+            until: Moment::Lsn(Lsn(500)),
+            resets: SnapshotResets {
+                points: &snapshots,
+                next: 0,
+            },
+        };
+        let mut rows = Effects::default();
+        let mut apply = |k: ChangeKey, kind, before: Option<&'static str>, after| {
+            replay
+                .apply(&mut rows, k, kind, 7, before, after, &())
+                .unwrap()
+        };
+        apply(key(100, 0), ChangeKind::Write, None, Some("a"));
+        apply(key(200, 0), ChangeKind::Update, Some("a"), Some("a'"));
+        apply(key(200, 1), ChangeKind::Update, None, Some("b"));
+        apply(key(200, 2), ChangeKind::Update, Some("b"), None);
+        apply(key(210, 0), ChangeKind::Delete, Some("a'"), None);
+        apply(key(220, 0), ChangeKind::Truncate, None, None);
+        apply(key(230, 0), ChangeKind::Other, None, None);
+        apply(key(300, 0), ChangeKind::Write, None, Some("c"));
+        replay.finish(&mut rows).unwrap();
+        assert_eq!(
+            rows.0,
+            [
+                "restart@0/64",
+                "begin a",
+                "end a",
+                "begin a'",
+                "begin b",
+                "end b",
+                "end a'",
+                "truncate 7",
+                "restart@0/12C",
+                "begin c",
+                "restart@0/190",
+            ]
+        );
+    }
+}

@@ -1397,6 +1397,42 @@ mod tests {
         IncomingCell::Text(s.into())
     }
 
+    /// A log written by a newer pgtrail is refused by the writer and by readers, with an
+    /// error naming both versions, and left as it was.
+    #[test]
+    fn a_log_of_a_newer_format_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let log = ChangeLog::open(&archive).unwrap();
+        assert_eq!(
+            LogReader::of_shared(&log.shared())
+                .unwrap()
+                .format_version()
+                .unwrap(),
+            Some(FORMAT_VERSION)
+        );
+        let newer = u64::from(FORMAT_VERSION) + 1;
+        let wtx = log.db.begin_write().unwrap();
+        wtx.open_table(META)
+            .unwrap()
+            .insert(META_FORMAT, newer.to_le_bytes().as_slice())
+            .unwrap();
+        wtx.commit().unwrap();
+        drop(log);
+        let expected = format!(
+            "format version {newer}, written by a newer pgtrail; this pgtrail reads versions up to {FORMAT_VERSION}"
+        );
+        let writer = ChangeLog::open(&archive)
+            .err()
+            .expect("the writer refuses it");
+        assert!(matches!(writer, LogError::FormatVersion { .. }));
+        assert!(writer.to_string().contains(&expected), "{writer}");
+        let reader = LogReader::open(&archive)
+            .err()
+            .expect("a reader refuses it");
+        assert!(reader.to_string().contains(&expected), "{reader}");
+    }
+
     fn txn(lsn: u64, ops: Vec<LogOp>) -> Vec<LogOp> {
         let mut v = vec![LogOp::Begin {
             final_lsn: Lsn(lsn),
