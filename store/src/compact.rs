@@ -1,18 +1,6 @@
-//! The segment manifest and the compactor.
-//!
-//! # Manifest
-//!
-//! The manifest lives in the log's redb database, next to the changes it replaces:
-//!
-//! | table      | key              | value |
-//! |------------|------------------|-------|
-//! | `segments` | `segment_id u64` | encoded [`SegmentEntry`]: file, content, key and time range, rows, bytes, SHA-256 |
-//! | `retired`  | file name        | `i64` µs when a merge stopped listing it (deleted after a grace period) |
-//! | `meta`     | `compacted_through`, `next_segment_id`, `compacted_changes`, `compacted_transactions` | `u64` |
-//!
-//! Because segments and the log share one database, recording a segment and trimming the log
-//! entries it covers is **one redb transaction**, and any read transaction sees the segments
-//! and the remaining log as one consistent cut: a change is in exactly one of them.
+//! The compactor: the log's finished transactions into segments, small segments merged,
+//! the log trimmed in the same redb transaction that lists a segment in the manifest (see
+//! `manifest`).
 //!
 //! # Why every step is crash safe
 //!
@@ -34,137 +22,27 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
-use serde::{Deserialize, Serialize};
+use redb::{Database, ReadableDatabase, ReadableTable};
 
 use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
-use crate::error::{CompactError, LogError};
+use crate::error::CompactError;
 use crate::log::{
-    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode,
-    get_u64, raw_len,
+    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
+use crate::manifest::{
+    META_COMPACTED_CHANGES, META_COMPACTED_THROUGH, META_COMPACTED_TXNS, META_NEXT_SEGMENT,
+    RETIRED, SEGMENTS, SEGMENTS_DIR, SegmentEntry, meta_u64,
+};
 use crate::relation::RelationVersion;
 use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
-
-const SEGMENTS: TableDefinition<u64, &[u8]> = TableDefinition::new("segments");
-const RETIRED: TableDefinition<&str, i64> = TableDefinition::new("retired");
-const META_COMPACTED_THROUGH: &str = "compacted_through";
-const META_NEXT_SEGMENT: &str = "next_segment_id";
-const META_COMPACTED_CHANGES: &str = "compacted_changes";
-const META_COMPACTED_TXNS: &str = "compacted_transactions";
-
-/// The directory of segment files inside the archive.
-pub const SEGMENTS_DIR: &str = "segments";
-
-/// One segment as the manifest lists it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SegmentEntry {
-    pub id: u64,
-    /// File name inside the archive's `segments/` directory.
-    pub file_name: String,
-    pub content: SegmentContent,
-    pub min_key: ChangeKey,
-    pub max_key: ChangeKey,
-    pub min_committed_at_us: i64,
-    pub max_committed_at_us: i64,
-    pub rows: u64,
-    pub bytes: u64,
-    /// The size of the same changes in the log's record encoding (for compression ratios).
-    pub raw_bytes: u64,
-    pub sha256: String,
-    pub created_at_us: i64,
-    /// Rows per operation (`insert`, `update`, ...; `message` for message segments).
-    pub op_counts: BTreeMap<String, u64>,
-}
-
-impl SegmentEntry {
-    pub fn table_name(&self) -> String {
-        self.content.table_name()
-    }
-}
-
-/// The manifest as one read transaction saw it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SegmentManifest {
-    pub segments: Vec<SegmentEntry>,
-    /// Every change with a commit LSN at or below this is in a segment, none in the log.
-    pub compacted_through: Lsn,
-    pub compacted_changes: u64,
-    pub compacted_transactions: u64,
-}
 
 fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)
-}
-
-/// A counter of the `meta` table (absent means 0).
-fn meta_u64(
-    meta: &impl ReadableTable<&'static str, &'static [u8]>,
-    name: &str,
-) -> Result<u64, LogError> {
-    Ok(get_u64(meta, name)?.unwrap_or(0))
-}
-
-impl LogReader {
-    /// The segment manifest, consistent with [`changes`](LogReader::changes) of this reader.
-    pub fn manifest(&self) -> Result<SegmentManifest, LogError> {
-        let rtx = self.read_transaction();
-        let meta = rtx.open_table(META)?;
-        let mut manifest = SegmentManifest {
-            segments: Vec::new(),
-            compacted_through: Lsn(meta_u64(&meta, META_COMPACTED_THROUGH)?),
-            compacted_changes: meta_u64(&meta, META_COMPACTED_CHANGES)?,
-            compacted_transactions: meta_u64(&meta, META_COMPACTED_TXNS)?,
-        };
-        let segments = match rtx.open_table(SEGMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(manifest),
-            Err(e) => return Err(e.into()),
-        };
-        for e in segments.iter()? {
-            let (_, v) = e?;
-            manifest.segments.push(decode(v.value(), "segments")?);
-        }
-        Ok(manifest)
-    }
-
-    /// Every change of the archive, from the segments and the log of this one consistent
-    /// read, in key order, with segment values rendered back to text (see
-    /// [`read_records`](crate::segment::read_records)). Each segment is checked against its
-    /// SHA-256 first. It holds everything in memory: for audits and tests of modest archives.
-    pub fn all_changes(
-        &self,
-        archive_dir: &Path,
-    ) -> Result<Vec<(ChangeKey, ChangeRecord)>, CompactError> {
-        let mut out = Vec::new();
-        for seg in self.manifest()?.segments {
-            let path = archive_dir.join(SEGMENTS_DIR).join(&seg.file_name);
-            for batch in SegmentReader::open(&path, Some(&seg.sha256), 8192)? {
-                out.extend(crate::segment::read_records(&seg.content, &batch?)?);
-            }
-        }
-        for entry in self.changes()? {
-            out.push(entry?);
-        }
-        out.sort_by_key(|(k, _)| *k);
-        Ok(out)
-    }
-
-    /// Changes in the log (not yet compacted) and the oldest one's commit time.
-    pub fn log_backlog(&self) -> Result<(u64, Option<i64>), LogError> {
-        let table = self.read_transaction().open_table(CHANGES)?;
-        let count = table.len()?;
-        let oldest = match table.first()? {
-            Some((_, v)) => Some(decode::<ChangeRecord>(v.value(), "changes")?.committed_at_us),
-            None => None,
-        };
-        Ok((count, oldest))
-    }
 }
 
 /// How the compactor works.
@@ -715,6 +593,7 @@ mod tests {
     use super::*;
     use crate::change::{IncomingCell, IncomingChange, LogicalMessage};
     use crate::log::{ChangeLog, LogOp};
+    use crate::manifest::SegmentManifest;
     use crate::relation::Column;
     use crate::segment::{PgKind, render};
 

@@ -18,6 +18,7 @@ pub mod crashpoint;
 mod error;
 mod log;
 mod lsn;
+mod manifest;
 mod relation;
 pub mod segment;
 mod status;
@@ -26,10 +27,7 @@ pub use atomic_file::fsync_dir;
 pub use change::{
     Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
 };
-pub use compact::{
-    CompactOptions, CompactReport, Compactor, SEGMENTS_DIR, SegmentEntry, SegmentManifest,
-    file_safe,
-};
+pub use compact::{CompactOptions, CompactReport, Compactor, file_safe};
 pub use error::{CompactError, LogError, SegmentError};
 #[doc(hidden)]
 pub use log::fuzzing;
@@ -38,6 +36,7 @@ pub use log::{
     SourceIdentity, TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
+pub use manifest::{SEGMENTS_DIR, SegmentEntry, SegmentManifest};
 pub use relation::{Column, RelationVersion, parse_qualified, quote_ident, split_table_list};
 pub use status::{
     ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,

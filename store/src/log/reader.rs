@@ -1,0 +1,262 @@
+//! [`LogReader`]: a consistent read view of the log, beside its one writer; and
+//! [`SharedLog`], the open log shared between a process's threads.
+
+use super::*;
+use crate::error::CompactError;
+use crate::manifest::{
+    META_COMPACTED_CHANGES, META_COMPACTED_THROUGH, META_COMPACTED_TXNS, SEGMENTS, SEGMENTS_DIR,
+    SegmentManifest, meta_u64,
+};
+use crate::segment::SegmentReader;
+use redb::ReadableTableMetadata;
+
+/// A consistent read view of the log (one redb read transaction).
+pub struct LogReader {
+    rtx: redb::ReadTransaction,
+    /// The read-only handle [`LogReader::open`] opened, kept open as long as the view (after
+    /// `rtx`, which drops first).
+    _database: Option<redb::ReadOnlyDatabase>,
+}
+
+/// An open log shared between the threads of one process: the writer's
+/// ([`ChangeLog::shared`]), handed to a [`Compactor`](crate::Compactor) or read through
+/// [`LogReader::of_shared`]. It keeps the storage engine out of other crates' view.
+#[derive(Clone)]
+pub struct SharedLog(pub(crate) Arc<Database>);
+
+/// One entry of [`LogReader::changes`].
+pub type ChangeEntry = (ChangeKey, ChangeRecord);
+
+impl LogReader {
+    pub(crate) fn from_db(db: &impl ReadableDatabase) -> Result<LogReader, LogError> {
+        let reader = LogReader {
+            rtx: db.begin_read()?,
+            _database: None,
+        };
+        // A log of a newer format is refused rather than misread; an older one is read as it
+        // is (see "Format versions" in the module doc). A log without the key has had no
+        // commit yet (the writer stores it in its first one).
+        if let Some(found) = reader.format_version()?
+            && found > FORMAT_VERSION
+        {
+            return Err(LogError::FormatVersion {
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        Ok(reader)
+    }
+
+    /// The log's format version, if it has been written (see [`FORMAT_VERSION`]).
+    pub fn format_version(&self) -> Result<Option<u32>, LogError> {
+        let meta = match self.rtx.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(get_u64(&meta, META_FORMAT)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
+    }
+
+    /// A read view of a log this process has open (see [`ChangeLog::shared`]).
+    pub fn of_shared(log: &SharedLog) -> Result<LogReader, LogError> {
+        LogReader::from_db(log.0.as_ref())
+    }
+
+    pub(crate) fn read_transaction(&self) -> &redb::ReadTransaction {
+        &self.rtx
+    }
+
+    /// Open a read-only view of the log in `dir`. It works beside a running capture (the
+    /// log's one writer), seeing its latest commit, and shows only finished transactions (see
+    /// [`changes`](Self::changes)). It does not change the file, with one exception: a log
+    /// whose last writer crashed (and is not running) is opened for writing once first,
+    /// which repairs the file and runs the writer's crash recovery (see the module doc).
+    /// A log of a newer format version is refused.
+    pub fn open(dir: &Path) -> Result<LogReader, LogError> {
+        let path = dir.join(LOG_FILE);
+        if !path.exists() {
+            return Err(LogError::NotAnArchive {
+                path: dir.to_path_buf(),
+            });
+        }
+        let open = || {
+            Database::builder()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .open_read_only(&path)
+        };
+        let db = match open() {
+            // The last writer stopped without closing the file (a crash): a read-only handle
+            // cannot repair it. With no writer running, open the log for writing once, which
+            // repairs the file and runs the log's crash recovery, then read.
+            Err(redb::DatabaseError::RepairAborted) => {
+                drop(ChangeLog::open(dir)?);
+                open()
+            }
+            other => other,
+        }
+        .map_err(|source| match source {
+            redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
+            source => LogError::Open {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        let mut reader = LogReader::from_db(&db)?;
+        reader._database = Some(db);
+        Ok(reader)
+    }
+
+    pub fn position(&self) -> Result<Lsn, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        Ok(Lsn(get_u64(&meta, META_POSITION)?.unwrap_or(0)))
+    }
+
+    pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_SOURCE)? {
+            Some(v) => Ok(Some(decode(v.value(), "meta source")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every change of a finished source transaction, in key order. Changes of a transaction
+    /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
+    /// them) are keyed after the last finished one and are not shown.
+    pub fn changes(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
+        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
+        let table = self.rtx.open_table(CHANGES)?;
+        let iter = table.range::<(u64, u32)>(..=(last_commit, u32::MAX))?;
+        Ok(iter.map(|e| {
+            let (k, v) = e?;
+            let (lsn, seq) = k.value();
+            let rec: ChangeRecord = decode(v.value(), "changes")?;
+            Ok((ChangeKey::new(Lsn(lsn), seq), rec))
+        }))
+    }
+
+    /// The number of changes [`changes`](Self::changes) yields.
+    pub fn change_count(&self) -> Result<u64, LogError> {
+        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
+        Ok(self
+            .rtx
+            .open_table(CHANGES)?
+            .range::<(u64, u32)>(..=(last_commit, u32::MAX))?
+            .count() as u64)
+    }
+
+    /// Every stored source transaction: commit LSN and record.
+    pub fn transactions(&self) -> Result<Vec<(Lsn, TxnRecord)>, LogError> {
+        let table = self.rtx.open_table(TXNS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.push((Lsn(k.value()), decode(v.value(), "transactions")?));
+        }
+        Ok(out)
+    }
+
+    /// Every stored relation version, in (relation, valid_from) order.
+    pub fn relations(&self) -> Result<Vec<RelationVersion>, LogError> {
+        let table = self.rtx.open_table(RELATIONS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (_, v) = e?;
+            out.push(decode(v.value(), "relations")?);
+        }
+        Ok(out)
+    }
+
+    /// Every snapshot transaction: its commit LSN and commit time, in LSN order. An archive
+    /// written before snapshots were recorded has none (and no re-snapshot either).
+    pub fn snapshots(&self) -> Result<Vec<(Lsn, i64)>, LogError> {
+        let table = match self.rtx.open_table(SNAPSHOTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.push((Lsn(k.value()), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// Every recorded gap.
+    pub fn gaps(&self) -> Result<Vec<Gap>, LogError> {
+        let table = self.rtx.open_table(GAPS)?;
+        let mut out = Vec::new();
+        for e in table.iter()? {
+            let (_, v) = e?;
+            out.push(decode(v.value(), "gaps")?);
+        }
+        Ok(out)
+    }
+
+    /// The number of rows in the current-row index of a relation.
+    pub fn current_row_count(&self, relation_id: u32) -> Result<u64, LogError> {
+        let table = self.rtx.open_table(CURRENT)?;
+        Ok(table
+            .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
+            .count() as u64)
+    }
+}
+
+impl LogReader {
+    /// The segment manifest, consistent with [`changes`](LogReader::changes) of this reader.
+    pub fn manifest(&self) -> Result<SegmentManifest, LogError> {
+        let rtx = &self.rtx;
+        let meta = rtx.open_table(META)?;
+        let mut manifest = SegmentManifest {
+            segments: Vec::new(),
+            compacted_through: Lsn(meta_u64(&meta, META_COMPACTED_THROUGH)?),
+            compacted_changes: meta_u64(&meta, META_COMPACTED_CHANGES)?,
+            compacted_transactions: meta_u64(&meta, META_COMPACTED_TXNS)?,
+        };
+        let segments = match rtx.open_table(SEGMENTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(manifest),
+            Err(e) => return Err(e.into()),
+        };
+        for e in segments.iter()? {
+            let (_, v) = e?;
+            manifest.segments.push(decode(v.value(), "segments")?);
+        }
+        Ok(manifest)
+    }
+
+    /// Every change of the archive, from the segments and the log of this one consistent
+    /// read, in key order, with segment values rendered back to text (see
+    /// [`read_records`](crate::segment::read_records)). Each segment is checked against its
+    /// SHA-256 first. It holds everything in memory: for audits and tests of modest archives.
+    pub fn all_changes(
+        &self,
+        archive_dir: &Path,
+    ) -> Result<Vec<(ChangeKey, ChangeRecord)>, CompactError> {
+        let mut out = Vec::new();
+        for seg in self.manifest()?.segments {
+            let path = archive_dir.join(SEGMENTS_DIR).join(&seg.file_name);
+            for batch in SegmentReader::open(&path, Some(&seg.sha256), 8192)? {
+                out.extend(crate::segment::read_records(&seg.content, &batch?)?);
+            }
+        }
+        for entry in self.changes()? {
+            out.push(entry?);
+        }
+        out.sort_by_key(|(k, _)| *k);
+        Ok(out)
+    }
+
+    /// Changes in the log (not yet compacted) and the oldest one's commit time.
+    pub fn log_backlog(&self) -> Result<(u64, Option<i64>), LogError> {
+        let table = &self.rtx.open_table(CHANGES)?;
+        let count = table.len()?;
+        let oldest = match table.first()? {
+            Some((_, v)) => Some(decode::<ChangeRecord>(v.value(), "changes")?.committed_at_us),
+            None => None,
+        };
+        Ok((count, oldest))
+    }
+}

@@ -1,0 +1,43 @@
+//! The log's on-disk format: every redb table and `meta` key, and the format version (the
+//! table of tables and the commit protocol are in the parent module's doc). Whatever reads or
+//! writes the log by table (the writer, its recovery, the reader, the compactor) names them
+//! from here.
+
+use redb::TableDefinition;
+
+pub(crate) const CHANGES: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("changes");
+pub(crate) const TXNS: TableDefinition<u64, &[u8]> = TableDefinition::new("transactions");
+pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> =
+    TableDefinition::new("relations");
+pub(crate) const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
+pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> =
+    TableDefinition::new("current_rows");
+/// The two undo tables (see the module doc); a spanning transaction uses `UNDO[slot]`.
+pub(crate) type UndoTable = TableDefinition<'static, (u32, &'static [u8]), &'static [u8]>;
+pub(crate) const UNDO: [UndoTable; 2] = [
+    TableDefinition::new("current_undo_0"),
+    TableDefinition::new("current_undo_1"),
+];
+/// The undo table of earlier versions (one table keyed by commit LSN, values encoded
+/// `Option<Row>`): drained by recovery when a log written by them was left mid-transaction.
+pub(crate) const UNDO_V1: TableDefinition<(u64, u32, &[u8]), &[u8]> =
+    TableDefinition::new("current_undo");
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+pub(crate) const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps");
+
+/// Snapshot transactions (the initial one, and each `--resnapshot` after a gap): commit LSN to
+/// commit time. Never trimmed: a reader replaying history starts each table afresh at these
+/// points, because a snapshot is the whole state, not changes to the state before it.
+pub(crate) const SNAPSHOTS: TableDefinition<u64, i64> = TableDefinition::new("snapshots");
+
+pub(crate) const META_FORMAT: &str = "format_version";
+pub(crate) const META_POSITION: &str = "position";
+pub(crate) const META_LAST_COMMIT: &str = "last_commit";
+pub(crate) const META_SOURCE: &str = "source";
+
+/// The on-disk format this code writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Encoded values larger than this are zstd-compressed.
+pub const COMPRESS_ABOVE: usize = 1024;
+/// The log's file name inside the archive directory.
+pub const LOG_FILE: &str = "log.redb";
