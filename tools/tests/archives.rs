@@ -20,7 +20,7 @@ use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 
-use crate::pgtrail;
+use crate::{pgtrail, walk};
 
 const SETUP: &str = "
 CREATE SCHEMA inventory;
@@ -230,28 +230,14 @@ fn answers(fixture: &Path, archive: &Path) -> BTreeMap<String, String> {
                 .arg("--to")
                 .arg(&to),
         );
-        for file in parquet_files(&to) {
+        for file in walk(&to)
+            .into_iter()
+            .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+        {
             let name = file.strip_prefix(&to).unwrap().display().to_string();
             out.insert(format!("export/{layout}/{name}"), sorted(rows_of(&file)));
         }
     }
-    out
-}
-
-fn parquet_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                stack.push(path);
-            } else if path.extension().is_some_and(|e| e == "parquet") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
     out
 }
 
@@ -324,22 +310,14 @@ fn archives_of_every_earlier_format_answer_as_recorded() {
             let got = answers(&fixture, &archive);
             let mut recorded = BTreeMap::new();
             let answers_dir = fixture.join("answers");
-            let mut stack = vec![answers_dir.clone()];
-            while let Some(d) = stack.pop() {
-                for entry in std::fs::read_dir(&d).unwrap() {
-                    let path = entry.unwrap().path();
-                    if path.is_dir() {
-                        stack.push(path);
-                    } else {
-                        let name = path
-                            .strip_prefix(&answers_dir)
-                            .unwrap()
-                            .display()
-                            .to_string();
-                        let name = name.strip_suffix(".txt").unwrap().to_string();
-                        recorded.insert(name, std::fs::read_to_string(&path).unwrap());
-                    }
-                }
+            for path in walk(&answers_dir) {
+                let name = path
+                    .strip_prefix(&answers_dir)
+                    .unwrap()
+                    .display()
+                    .to_string();
+                let name = name.strip_suffix(".txt").unwrap().to_string();
+                recorded.insert(name, std::fs::read_to_string(&path).unwrap());
             }
             assert_eq!(
                 got.keys().collect::<Vec<_>>(),

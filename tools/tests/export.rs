@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 use serde_json::Value;
 
-use crate::pgtrail;
+use crate::{pgtrail, walk};
 
 const TABLES: &str = "CREATE TABLE acct (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
      opened timestamptz, active bool, note text); \
@@ -590,23 +590,6 @@ fn export_layouts_to_a_directory_and_s3_are_exact_incremental_and_exactly_once()
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     assert!(fail(file.to_str().unwrap(), &[], false).contains("not a directory"));
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p)
-            } else {
-                out.push(p)
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 /// After a gap and `--resnapshot`, the new snapshot is the whole state: rows deleted while the

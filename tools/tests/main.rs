@@ -2,7 +2,7 @@
 //! restart under load, a 1,000,000-row transaction in bounded memory, and the demo.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -417,4 +417,22 @@ fn demo_captures_the_shop_workload() {
     // changes view finds user 7's delete through its context.
     assert!(stdout.contains("| delete | 2   | new |"), "{stdout}");
     assert!(stdout.contains("/admin/orders/2"), "{stdout}");
+}
+
+/// Every file under `dir`, sorted.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p)
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    out.sort();
+    out
 }
