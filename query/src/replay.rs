@@ -203,15 +203,20 @@ impl ChangeKind {
         }
     }
 
-    /// The kind of a stored operation name (a segment's `op` column).
+    /// The kind of a stored operation name (a segment's `op` column, spelled by
+    /// [`Op::as_str`]); a name no operation has holds no row.
     pub(crate) fn of_name(name: &str) -> ChangeKind {
-        match name {
-            "insert" | "snapshot" => ChangeKind::Write,
-            "update" => ChangeKind::Update,
-            "delete" => ChangeKind::Delete,
-            "truncate" => ChangeKind::Truncate,
-            _ => ChangeKind::Other,
-        }
+        [
+            Op::Insert,
+            Op::Snapshot,
+            Op::Update,
+            Op::Delete,
+            Op::Truncate,
+            Op::Message,
+        ]
+        .into_iter()
+        .find(|op| op.as_str() == name)
+        .map_or(ChangeKind::Other, ChangeKind::of)
     }
 }
 
@@ -247,7 +252,7 @@ pub(crate) trait ApplyChange<I, C>: RowSet {
 /// The replay of one table up to one moment: the rules, and where it is among the archive's
 /// snapshot points.
 pub(crate) struct Replay<'a> {
-    pub(crate) until: Moment,
+    until: Moment,
     resets: SnapshotResets<'a>,
 }
 
