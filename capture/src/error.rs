@@ -138,7 +138,7 @@ fn pg_error_kind(e: &tokio_postgres::Error) -> ErrorKind {
 
 /// How an error the server reported is handled, by its SQLSTATE (never by its message text,
 /// which follows the server's `lc_messages`).
-fn sqlstate_kind(code: &str) -> ErrorKind {
+pub(crate) fn sqlstate_kind(code: &str) -> ErrorKind {
     // 28: authentication; 42: privileges, syntax, undefined objects (a dropped slot); 3D, 3F:
     // unknown database or schema; 55006: object in use (a slot another consumer streams);
     // 55000: object not in prerequisite state (a slot invalidated or past its WAL, wal_level).
@@ -157,13 +157,18 @@ fn sqlstate_kind(code: &str) -> ErrorKind {
     }
 }
 
-/// The SQLSTATE a server error message carries as "(SQLSTATE 55006)".
-fn sqlstate_in(message: &str) -> Option<&str> {
-    let at = message.rfind("(SQLSTATE ")? + "(SQLSTATE ".len();
-    let code = message.get(at..at + 5)?;
-    code.bytes()
-        .all(|b| b.is_ascii_alphanumeric())
-        .then_some(code)
+/// `fut`, or a [`CaptureError::StreamSilent`] (a reconnect) if it takes longer than `limit`:
+/// a connection into a network black hole never fails by itself.
+pub(crate) async fn within<T>(
+    limit: std::time::Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, CaptureError>>,
+) -> Result<T, CaptureError> {
+    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
+        Err(CaptureError::StreamSilent {
+            why: format!("{what} got no answer within {} s", limit.as_secs_f64()),
+        })
+    })
 }
 
 /// A failure of the replication connection, in pgtrail's own terms: the replication library's
@@ -186,6 +191,14 @@ impl ReplicationError {
         self.kind
     }
 
+    pub(crate) fn new(kind: ErrorKind, sqlstate: Option<String>, message: String) -> Self {
+        ReplicationError {
+            kind,
+            sqlstate,
+            message,
+        }
+    }
+
     /// The server closed the stream without an error: reconnect.
     pub(crate) fn stream_ended() -> ReplicationError {
         ReplicationError {
@@ -193,97 +206,5 @@ impl ReplicationError {
             sqlstate: None,
             message: "the server ended the replication stream".into(),
         }
-    }
-}
-
-impl From<pgwire_replication::PgWireError> for ReplicationError {
-    fn from(e: pgwire_replication::PgWireError) -> ReplicationError {
-        use pgwire_replication::PgWireError as W;
-        let message = e.to_string();
-        let sqlstate = match &e {
-            W::Server(text) => sqlstate_in(text).map(str::to_string),
-            _ => None,
-        };
-        let kind = match &e {
-            W::Auth(_) | W::Tls(_) => ErrorKind::Setup,
-            W::Server(_) => sqlstate
-                .as_deref()
-                .map_or(ErrorKind::Transient, sqlstate_kind),
-            // The replication worker already ended and its error was lost: `recv` takes the
-            // worker's join handle before awaiting it, so when `stream`'s select! drops that
-            // recv future for another branch, the next recv finds no handle. The connection is
-            // gone and nothing past the durable position was acknowledged, so reconnecting is
-            // safe. (Found by pgtrail-torture's soak; the cancellation gap is
-            // pgwire-replication's, and its message is the library's own, not the server's.)
-            W::Internal(text) if text.contains("already joined") => ErrorKind::Transient,
-            W::MessageTooLarge { .. } | W::Protocol(_) | W::Internal(_) => ErrorKind::Fatal,
-            _ => ErrorKind::Transient,
-        };
-        ReplicationError {
-            kind,
-            sqlstate,
-            message,
-        }
-    }
-}
-
-impl From<pgwire_replication::PgWireError> for CaptureError {
-    fn from(e: pgwire_replication::PgWireError) -> CaptureError {
-        CaptureError::Replication(e.into())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use pgwire_replication::PgWireError as W;
-
-    #[test]
-    fn a_replication_worker_that_already_ended_is_a_reconnect_not_a_stop() {
-        let ended = CaptureError::from(W::Internal("replication worker already joined".into()));
-        assert_eq!(ended.kind(), ErrorKind::Transient);
-        let terminated = CaptureError::from(W::Server(
-            "terminating connection due to administrator command (SQLSTATE 57P01)".into(),
-        ));
-        assert_eq!(terminated.kind(), ErrorKind::Transient);
-        assert_eq!(
-            CaptureError::from(W::Protocol("bad frame".into())).kind(),
-            ErrorKind::Fatal
-        );
-        assert_eq!(
-            CaptureError::from(W::Internal("something else".into())).kind(),
-            ErrorKind::Fatal
-        );
-    }
-
-    /// The server's errors are classified by SQLSTATE, whatever language the message is in.
-    #[test]
-    fn server_errors_are_classified_by_sqlstate_not_by_their_text() {
-        let kind = |text: &str| CaptureError::from(W::Server(text.into())).kind();
-        // A slot another consumer streams, in German (lc_messages = 'de_DE').
-        assert_eq!(
-            kind("Replikations-Slot »s« ist aktiv für PID 42 (SQLSTATE 55006)"),
-            ErrorKind::Setup
-        );
-        assert_eq!(
-            kind("replication slot \"s\" does not exist (SQLSTATE 42704)"),
-            ErrorKind::Setup
-        );
-        assert_eq!(
-            kind("can no longer get changes from replication slot \"s\" (SQLSTATE 55000)"),
-            ErrorKind::Setup
-        );
-        assert_eq!(
-            kind("the database system is starting up (SQLSTATE 57P03)"),
-            ErrorKind::Transient
-        );
-        // English text that once decided, without its code, no longer does.
-        assert_eq!(kind("permission denied"), ErrorKind::Transient);
-        let slot_in_use = ReplicationError::from(W::Server(
-            "replication slot \"s\" is active for PID 42 (SQLSTATE 55006)".into(),
-        ));
-        assert_eq!(slot_in_use.sqlstate(), Some("55006"));
-        assert_eq!(sqlstate_in("no code here"), None);
-        assert_eq!(sqlstate_in("truncated (SQLSTATE 55"), None);
     }
 }

@@ -1,30 +1,38 @@
 //! pgtrail-capture owns everything that speaks to the source PostgreSQL.
 //!
-//! Preflight checks ([`preflight`]), the publication and slot ([`slot`]), the initial snapshot
-//! read with COPY inside the slot's exported snapshot ([`snapshot`]), the pgoutput decoder
-//! ([`pgoutput`], pure and fuzzable), the replication stream and its acknowledgement
-//! ([`run`]), the writer thread that owns the archive's redb log ([`writer`]), and the
-//! background compactor thread ([`compaction`]). It also owns
-//! the throwaway-PostgreSQL harness ([`cluster`]) used by tests, benchmarks and the demo. The
-//! replication connection is `pgwire-replication` (CopyBoth, caller-controlled flush LSN);
-//! only [`run`] and [`source`] know that. It does not read archives back: that is
-//! `pgtrail-query`.
+//! - [`source`]: the connection settings, parsed once, and the two connections they open; its
+//!   `replication` module is the only code that knows the replication library.
+//! - [`preflight`] checks, the publication and slot ([`slot`]), the initial snapshot read with
+//!   COPY inside the slot's exported snapshot ([`snapshot`]).
+//! - [`run`]: the loop of sessions and its backoff; a session decides where the archive
+//!   continues and checks the slot (`session`), then streams and acknowledges only what is
+//!   durable (`stream`), watching a silent connection (`liveness`) and translating events into
+//!   the log's operations (`translate`, pure but for a primary-key lookup).
+//! - [`pgoutput`]: the decoder, pure and fuzzable; [`writer`]: the thread that owns the
+//!   archive's redb log; [`compaction`]: the background compactor thread.
+//! - [`cluster`]: the throwaway-PostgreSQL harness used by tests, benchmarks and the demo.
+//!
+//! It does not read archives back: that is `pgtrail-query`.
 
 pub mod cluster;
 pub mod compaction;
 pub mod error;
+mod liveness;
 pub mod pgoutput;
 pub mod preflight;
 pub mod run;
+mod session;
 pub mod slot;
 pub mod snapshot;
 pub mod source;
+mod stream;
+mod translate;
 pub mod writer;
 
 pub use compaction::CompactionPolicy;
 pub use error::{CaptureError, ErrorKind, ReplicationError};
 pub use run::{
-    CONTEXT_PREFIX, CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver,
-    Progress, run,
+    CaptureConfig, CaptureSummary, DEFAULT_STREAM_TIMEOUT, DurableObserver, Progress, run,
 };
 pub use source::SourceConfig;
+pub use translate::CONTEXT_PREFIX;

@@ -1,4 +1,8 @@
-//! The source database's connection settings, parsed once from a URL.
+//! The source database's connection settings, parsed once from a URL, and the two
+//! connections they open: ordinary SQL ([`SourceConfig::connect_sql`]) and replication
+//! ([`replication`]).
+
+pub mod replication;
 
 use std::time::Duration;
 
@@ -104,33 +108,18 @@ impl SourceConfig {
         Ok(client)
     }
 
-    /// Settings for the replication connection.
-    pub fn replication_config(
-        &self,
-        slot: &str,
-        publication: &str,
-    ) -> pgwire_replication::ReplicationConfig {
-        let host = host_text(&self.pg.get_hosts()[0]);
-        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
-        let password = self
-            .pg
+    pub(crate) fn host_text(&self) -> String {
+        host_text(&self.pg.get_hosts()[0])
+    }
+
+    pub(crate) fn port(&self) -> u16 {
+        self.pg.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    pub(crate) fn password(&self) -> Option<String> {
+        self.pg
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        pgwire_replication::ReplicationConfig::new(
-            host,
-            self.user(),
-            password,
-            self.database(),
-            slot,
-            publication,
-        )
-        .with_port(port)
-        .with_tls(pgwire_replication::TlsConfig::disabled())
-        .with_options(SESSION_OPTIONS)
-        .with_application_name("pgtrail")
-        .with_status_interval(Duration::from_millis(500))
-        .with_wakeup_interval(Duration::from_secs(5))
     }
 }
 

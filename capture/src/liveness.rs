@@ -1,0 +1,203 @@
+//! Finding a replication connection that died without a word (a network black hole, a NAT
+//! entry dropped by a middlebox): such a connection neither delivers nor fails, and the
+//! kernel gives up on it only after about 15 minutes.
+//!
+//! Silence alone proves nothing: an idle source sends nothing, and a walsender decoding a
+//! large transaction from a backlog sends nothing until its commit. So once the stream has
+//! been silent for `timeout`, the source is asked over the SQL connection about this
+//! session's walsender, and the connection counts as dead only on evidence: the slot is gone
+//! or held by another process, the server has received none of the status updates this
+//! client sends every few seconds for `timeout`, or the walsender is blocked writing data
+//! that never arrives. A dead connection is a reconnect; nothing past the durable position
+//! was acknowledged, so nothing can be lost by abandoning it.
+
+use std::time::{Duration, Instant};
+
+use crate::error::{CaptureError, within};
+
+/// What the source says about the slot's walsender (`None` when the slot is gone).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct WalsenderSeen {
+    pub pid: Option<i32>,
+    /// `pg_stat_replication.reply_time` as text: this client's own clock in its last status
+    /// update, so it is compared with itself, never with the server's clock.
+    pub reply_time: Option<String>,
+    pub wait_event: Option<String>,
+}
+
+pub(crate) struct Liveness {
+    timeout: Duration,
+    last_heard: Instant,
+    walsender: Option<i32>,
+    pub tick: tokio::time::Interval,
+    /// The walsender's `reply_time` at the last check and since when it has not changed.
+    last_reply: Option<(Option<String>, Instant)>,
+}
+
+impl Liveness {
+    /// `walsender` is the process the server runs for this session, if known.
+    pub fn new(timeout: Duration, walsender: Option<i32>) -> Self {
+        let mut tick = tokio::time::interval((timeout / 3).max(Duration::from_millis(200)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Liveness {
+            timeout,
+            last_heard: Instant::now(),
+            walsender,
+            tick,
+            last_reply: None,
+        }
+    }
+
+    /// The stream delivered something: it is alive.
+    pub fn heard(&mut self) {
+        self.last_heard = Instant::now();
+        self.last_reply = None;
+    }
+
+    /// After `timeout` of silence, ask the source; a [`CaptureError::StreamSilent`] (a
+    /// reconnect) when the answer shows the connection dead.
+    pub async fn check(
+        &mut self,
+        sql: &tokio_postgres::Client,
+        slot: &str,
+    ) -> Result<(), CaptureError> {
+        let silent = self.last_heard.elapsed();
+        if silent < self.timeout {
+            return Ok(());
+        }
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&slot];
+        let query = sql.query_opt(
+            "SELECT s.active_pid, r.reply_time::text, a.wait_event \
+             FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid \
+             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1",
+            &params,
+        );
+        let row = within(
+            self.timeout,
+            "a query about the replication session",
+            async {
+                query.await.map_err(|e| {
+                    CaptureError::sql("asking the source about the replication session", e)
+                })
+            },
+        )
+        .await?;
+        let seen = row.map(|row| WalsenderSeen {
+            pid: row.get(0),
+            reply_time: row.get(1),
+            wait_event: row.get(2),
+        });
+        match self.verdict(silent, seen, Instant::now()) {
+            Some(why) => Err(CaptureError::StreamSilent { why }),
+            None => {
+                tracing::debug!(
+                    silent_s = silent.as_secs(),
+                    "replication stream silent; the server is alive and receiving status updates"
+                );
+                Ok(())
+            }
+        }
+    }
+
+    /// Why the connection is dead, given `silent` so long and what the source said at `now`;
+    /// `None` while the evidence says it lives.
+    fn verdict(
+        &mut self,
+        silent: Duration,
+        seen: Option<WalsenderSeen>,
+        now: Instant,
+    ) -> Option<String> {
+        let silent_s = silent.as_secs();
+        let Some(seen) = seen else {
+            return Some("the slot no longer exists".to_string());
+        };
+        // Replies arrive unless the same reply_time (or none) has been seen for a whole
+        // timeout, in which the client sent several.
+        let unchanged_since = match &self.last_reply {
+            Some((before, since)) if *before == seen.reply_time => *since,
+            _ => now,
+        };
+        self.last_reply = Some((seen.reply_time, unchanged_since));
+        let replies_arrive = now.duration_since(unchanged_since) < self.timeout;
+        if seen.pid.is_none() || (self.walsender.is_some() && seen.pid != self.walsender) {
+            Some(format!(
+                "nothing heard for {silent_s} s and the server no longer runs this capture's walsender"
+            ))
+        } else if !replies_arrive {
+            Some(format!(
+                "nothing heard for {silent_s} s and the server received none of this capture's status updates"
+            ))
+        } else if seen.wait_event.as_deref() == Some("WalSenderWriteData") {
+            Some(format!(
+                "nothing heard for {silent_s} s while the server's walsender is blocked sending to this capture"
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(pid: i32, reply: &str, wait: Option<&str>) -> Option<WalsenderSeen> {
+        Some(WalsenderSeen {
+            pid: Some(pid),
+            reply_time: Some(reply.to_string()),
+            wait_event: wait.map(str::to_string),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_silent_stream_is_dead_only_on_evidence() {
+        let timeout = Duration::from_secs(30);
+        let silent = Duration::from_secs(31);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut live = Liveness::new(timeout, Some(42));
+
+        // An idle source whose walsender receives the status updates: alive.
+        assert_eq!(
+            live.verdict(silent, seen(42, "10:00:00", None), at(0)),
+            None
+        );
+        assert_eq!(
+            live.verdict(silent, seen(42, "10:00:05", None), at(10)),
+            None
+        );
+        // The same reply_time for less than a timeout: still alive (updates are seconds apart).
+        assert_eq!(
+            live.verdict(silent, seen(42, "10:00:05", None), at(30)),
+            None
+        );
+        // ... and for a whole timeout: the updates no longer arrive.
+        let why = live.verdict(silent, seen(42, "10:00:05", None), at(41));
+        assert!(why.unwrap().contains("received none"));
+
+        let mut live = Liveness::new(timeout, Some(42));
+        assert!(
+            live.verdict(silent, None, at(0))
+                .unwrap()
+                .contains("no longer exists")
+        );
+        assert!(
+            live.verdict(silent, seen(43, "10:00:00", None), at(0))
+                .unwrap()
+                .contains("no longer runs")
+        );
+        let no_walsender = Some(WalsenderSeen::default());
+        assert!(live.verdict(silent, no_walsender, at(0)).is_some());
+        let blocked = seen(42, "10:00:09", Some("WalSenderWriteData"));
+        assert!(
+            live.verdict(silent, blocked, at(1))
+                .unwrap()
+                .contains("blocked sending")
+        );
+        // A walsender busy decoding a large transaction sends nothing but lives.
+        let decoding = seen(42, "10:00:12", Some("WalSenderWaitForWAL"));
+        assert_eq!(live.verdict(silent, decoding, at(2)), None);
+    }
+}

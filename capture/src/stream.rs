@@ -1,0 +1,174 @@
+//! The stream loop: events in, log operations to the writer, acknowledgements out.
+//!
+//! The writer publishes the position its last *durable* redb commit covers, and only that
+//! position is acknowledged ([`ReplicationStream::acknowledge`], which PostgreSQL keeps as the
+//! slot's `confirmed_flush_lsn`). A crash at any line therefore leaves the slot at or behind
+//! what the archive durably holds: PostgreSQL sends the rest again, and the log skips what it
+//! already has by commit LSN.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use crate::error::{CaptureError, ReplicationError, within};
+use crate::liveness::Liveness;
+use crate::run::{Progress, fill_stats};
+use crate::session::Session;
+use crate::slot;
+use crate::source::replication::ReplicationStream;
+use crate::translate::{PrimaryKeys, Translator, now_us};
+use crate::writer::WriterHandle;
+
+/// Why a session ended without an error.
+pub(crate) enum SessionEnd {
+    Shutdown,
+    StopAtReached,
+}
+
+/// Primary keys read from the source's catalog, once per relation and session.
+struct CatalogKeys<'a> {
+    sql: &'a tokio_postgres::Client,
+    /// Bounded: the SQL connection may sit in the same dead network as the stream.
+    limit: Duration,
+    known: HashMap<u32, Vec<String>>,
+}
+
+impl PrimaryKeys for CatalogKeys<'_> {
+    async fn primary_key(&mut self, relation_id: u32) -> Result<Vec<String>, CaptureError> {
+        if let Some(pk) = self.known.get(&relation_id) {
+            return Ok(pk.clone());
+        }
+        let pk = within(
+            self.limit,
+            "reading a primary key",
+            slot::primary_key(self.sql, relation_id),
+        )
+        .await?;
+        self.known.insert(relation_id, pk.clone());
+        Ok(pk)
+    }
+}
+
+impl Session<'_> {
+    /// Stream from the slot until `shutdown`, an error, or the configured stop position.
+    pub async fn stream(
+        &mut self,
+        mut client: ReplicationStream,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        on_progress: &mut impl FnMut(&Progress),
+    ) -> Result<SessionEnd, CaptureError> {
+        let config = self.config;
+        let started = within(
+            config.stream_timeout,
+            "START_REPLICATION",
+            client.wait_started(),
+        )
+        .await;
+        started.map_err(|e| match &e {
+            // 55006 object_in_use: another connection streams from the slot.
+            CaptureError::Replication(r) if r.sqlstate() == Some("55006") => {
+                CaptureError::setup(
+                    format!("replication slot {:?} is in use by another connection ({r})", config.slot),
+                    "stop the other consumer (another `pgtrail capture` on this slot?) or use another archive and slot",
+                )
+            }
+            _ => e,
+        })?;
+        *self.own_walsender = slot::slot_state(&self.sql, &config.slot)
+            .await?
+            .and_then(|s| s.active_pid);
+        let mut liveness = Liveness::new(config.stream_timeout, *self.own_walsender);
+        let writer = &*self.writer;
+        tracing::info!(slot = %config.slot, from = %writer.durable(), "streaming");
+        let mut durable_rx = writer.durable_watch();
+        // Safe: what the writer's last durable commit covers.
+        client.acknowledge(writer.durable());
+        let mut translator = Translator::default();
+        if let Some(stop) = config.stop_at
+            && writer.durable() >= stop
+        {
+            graceful_stop(writer, client, &translator).await?;
+            return Ok(SessionEnd::StopAtReached);
+        }
+        let mut keys = CatalogKeys {
+            sql: &self.sql,
+            limit: config.stream_timeout,
+            known: HashMap::new(),
+        };
+        let mut tick = tokio::time::interval(config.progress_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut last_tick = (Instant::now(), 0u64, 0u64);
+        let summary = &mut *self.summary;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.as_mut() => {
+                    graceful_stop(writer, client, &translator).await?;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                changed = durable_rx.changed() => {
+                    if changed.is_err() {
+                        return Err(CaptureError::WriterGone);
+                    }
+                    let durable = *durable_rx.borrow_and_update();
+                    // Safe: `durable` is what the writer's last durable commit covers.
+                    client.acknowledge(durable);
+                    if let Some(observer) = &config.durable_observer {
+                        (observer.0)(durable);
+                    }
+                    if let Some(stop) = config.stop_at && durable >= stop {
+                        graceful_stop(writer, client, &translator).await?;
+                        return Ok(SessionEnd::StopAtReached);
+                    }
+                }
+                event = client.recv() => {
+                    let event = event?;
+                    liveness.heard();
+                    let Some(event) = event else {
+                        return Err(CaptureError::Replication(ReplicationError::stream_ended()));
+                    };
+                    let ops = translator.translate(event, &mut keys).await?;
+                    if !ops.is_empty() {
+                        writer.send(ops).await?;
+                    }
+                }
+                _ = liveness.tick.tick() => liveness.check(&self.sql, &config.slot).await?,
+                _ = tick.tick() => {
+                    let durable = writer.durable();
+                    fill_stats(summary, writer);
+                    let elapsed = last_tick.0.elapsed().as_secs_f64().max(1e-3);
+                    summary.changes_per_sec = (summary.changes - last_tick.1) as f64 / elapsed;
+                    summary.transactions_per_sec = (summary.transactions - last_tick.2) as f64 / elapsed;
+                    last_tick = (Instant::now(), summary.changes, summary.transactions);
+                    summary.durable = durable;
+                    summary.lag_bytes = translator.wal_end.0.saturating_sub(durable.0);
+                    summary.lag_seconds = match translator.oldest_pending_commit_us {
+                        Some(at) if translator.last_commit_end > durable => ((now_us() - at) as f64 / 1e6).max(0.0),
+                        _ => 0.0,
+                    };
+                    if translator.last_commit_end <= durable {
+                        translator.oldest_pending_commit_us = None;
+                    }
+                    on_progress(summary);
+                }
+            }
+        }
+    }
+}
+
+/// End the stream cleanly: everything up to the last received Commit is queued; wait until it
+/// is durable, acknowledge it, and give the acknowledgement a moment to reach the server.
+async fn graceful_stop(
+    writer: &WriterHandle,
+    client: ReplicationStream,
+    translator: &Translator,
+) -> Result<(), CaptureError> {
+    if translator.last_commit_end > pgtrail_store::Lsn::ZERO {
+        writer.wait_durable(translator.last_commit_end).await?;
+    }
+    let durable = writer.durable();
+    // Safe: durable, as just waited for.
+    client.acknowledge(durable);
+    client.close(durable).await;
+    Ok(())
+}
