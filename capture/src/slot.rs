@@ -1,6 +1,6 @@
 //! The publication, the table list and the replication slot.
 
-use pgtrail_store::{ChangeKey, Column, Lsn, RelationVersion, quote_ident};
+use pgtrail_store::{ChangeKey, Column, Lsn, RelationVersion, always_quoted, quote_ident};
 
 use crate::error::CaptureError;
 
@@ -13,8 +13,18 @@ pub struct CapturedTable {
 }
 
 impl CapturedTable {
+    /// `schema.name` for messages, quoted as PostgreSQL's `quote_ident` would.
     pub fn qualified(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+
+    /// `"schema"."name"`, for SQL sent to the source.
+    pub fn sql_name(&self) -> String {
+        format!(
+            "{}.{}",
+            always_quoted(&self.schema),
+            always_quoted(&self.name)
+        )
     }
 }
 
@@ -132,7 +142,7 @@ pub async fn ensure_publication(
     }
     let list = tables
         .iter()
-        .map(CapturedTable::qualified)
+        .map(CapturedTable::sql_name)
         .collect::<Vec<_>>()
         .join(", ");
     let exists = sql
@@ -146,12 +156,12 @@ pub async fn ensure_publication(
     let stmt = if exists {
         format!(
             "ALTER PUBLICATION {} SET TABLE {list}",
-            quote_ident(publication)
+            always_quoted(publication)
         )
     } else {
         format!(
             "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
-            quote_ident(publication)
+            always_quoted(publication)
         )
     };
     sql.batch_execute(&stmt).await.map_err(|e| {

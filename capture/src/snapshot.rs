@@ -2,7 +2,7 @@
 //! snapshot, streamed row by row to the log writer (bounded memory whatever the table size).
 
 use futures_util::StreamExt;
-use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, quote_ident};
+use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, always_quoted};
 
 use crate::error::CaptureError;
 use crate::slot::{CapturedTable, relation_from_catalog};
@@ -36,7 +36,7 @@ pub async fn copy_tables(
     if !tables.is_empty() {
         let list = tables
             .iter()
-            .map(CapturedTable::qualified)
+            .map(CapturedTable::sql_name)
             .collect::<Vec<_>>()
             .join(", ");
         sql.batch_execute(&format!("LOCK TABLE {list} IN ACCESS SHARE MODE"))
@@ -65,14 +65,14 @@ pub async fn copy_tables(
         let columns = relation
             .columns
             .iter()
-            .map(|c| quote_ident(&c.name))
+            .map(|c| always_quoted(&c.name))
             .collect::<Vec<_>>()
             .join(", ");
         let width = relation.columns.len();
         writer.send(vec![LogOp::Relation(relation)]).await?;
         let stmt = format!(
             "COPY (SELECT {columns} FROM {}) TO STDOUT",
-            table.qualified()
+            table.sql_name()
         );
         let stream = sql.copy_out(&stmt).await.map_err(|e| match e.code() {
             Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {

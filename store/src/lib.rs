@@ -37,7 +37,10 @@ pub use log::{
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
 pub use manifest::{SEGMENTS_DIR, SegmentEntry, SegmentManifest};
-pub use relation::{Column, RelationVersion, parse_qualified, quote_ident, split_table_list};
+pub use relation::{
+    Column, QUOTED_KEYWORDS, RelationVersion, always_quoted, parse_qualified, quote_ident,
+    split_table_list,
+};
 pub use status::{
     ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,
 };

@@ -61,28 +61,211 @@ impl RelationVersion {
         }
     }
 
-    /// `schema.name` with each part quoted only when PostgreSQL would need it.
+    /// `schema.name` for people to read, each part quoted as [`quote_ident`] does.
     pub fn qualified_name(&self) -> String {
         format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
     }
 }
 
-/// Quote an identifier the way `quote_ident` does: only when it is not a plain lowercase name.
+/// Quote an identifier for people to read, as PostgreSQL's `quote_ident` does: only when it
+/// is not a plain lowercase name (`[a-z_][a-z0-9_]*`) or is a keyword that cannot stand alone
+/// as a column name ([`QUOTED_KEYWORDS`]). Names in the archive's answers and messages use it;
+/// SQL that pgtrail sends to PostgreSQL uses [`always_quoted`], which no keyword of any
+/// version can change the meaning of.
 pub fn quote_ident(name: &str) -> String {
-    let plain = !name.is_empty()
+    let plain = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
         && name
             .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$');
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && QUOTED_KEYWORDS.binary_search(&name).is_err();
     if plain {
         name.to_string()
     } else {
-        format!("\"{}\"", name.replace('"', "\"\""))
+        always_quoted(name)
     }
 }
+
+/// An identifier as pgtrail writes it into SQL for PostgreSQL: always in double quotes (a
+/// quote inside doubled), so that its meaning never depends on the server's keyword list.
+/// Unquoted, a column named `user` or `current_date` reads as the connecting role or today's
+/// date, silently.
+pub fn always_quoted(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The keywords `quote_ident` quotes (every category but "unreserved"): PostgreSQL 15's
+/// `pg_get_keywords()`, plus those later versions added (`system_user` in 16, the SQL/JSON
+/// constructors in 16 and 17, `merge_action` in 17). Sorted, for binary search. Display only:
+/// a later keyword missing here makes a name print unquoted, never a query wrong.
+pub const QUOTED_KEYWORDS: &[&str] = &[
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "between",
+    "bigint",
+    "binary",
+    "bit",
+    "boolean",
+    "both",
+    "case",
+    "cast",
+    "char",
+    "character",
+    "check",
+    "coalesce",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "dec",
+    "decimal",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "exists",
+    "extract",
+    "false",
+    "fetch",
+    "float",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "greatest",
+    "group",
+    "grouping",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "inout",
+    "int",
+    "integer",
+    "intersect",
+    "interval",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "json",
+    "json_array",
+    "json_arrayagg",
+    "json_exists",
+    "json_object",
+    "json_objectagg",
+    "json_query",
+    "json_scalar",
+    "json_serialize",
+    "json_table",
+    "json_value",
+    "lateral",
+    "leading",
+    "least",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "merge_action",
+    "national",
+    "natural",
+    "nchar",
+    "none",
+    "normalize",
+    "not",
+    "notnull",
+    "null",
+    "nullif",
+    "numeric",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "out",
+    "outer",
+    "overlaps",
+    "overlay",
+    "placing",
+    "position",
+    "precision",
+    "primary",
+    "real",
+    "references",
+    "returning",
+    "right",
+    "row",
+    "select",
+    "session_user",
+    "setof",
+    "similar",
+    "smallint",
+    "some",
+    "substring",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "time",
+    "timestamp",
+    "to",
+    "trailing",
+    "treat",
+    "trim",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "values",
+    "varchar",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+    "xmlattributes",
+    "xmlconcat",
+    "xmlelement",
+    "xmlexists",
+    "xmlforest",
+    "xmlnamespaces",
+    "xmlparse",
+    "xmlpi",
+    "xmlroot",
+    "xmlserialize",
+    "xmltable",
+];
 
 /// Split a `--tables` list at commas outside double quotes.
 pub fn split_table_list(list: &str) -> Vec<String> {
@@ -160,7 +343,7 @@ pub fn parse_qualified(name: &str) -> Option<(Option<String>, String)> {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_qualified, split_table_list};
+    use super::{QUOTED_KEYWORDS, always_quoted, parse_qualified, quote_ident, split_table_list};
 
     #[test]
     fn table_names_parse_like_postgres() {
@@ -180,6 +363,32 @@ mod tests {
         assert_eq!(parse_qualified("a.b.c"), None);
         assert_eq!(parse_qualified("\"open"), None);
         assert_eq!(parse_qualified(""), None);
+    }
+
+    /// As PostgreSQL 15's `quote_ident` answers (checked against the server itself, keyword by
+    /// keyword, in capture's identifier test).
+    #[test]
+    fn names_are_quoted_as_postgresql_quotes_them() {
+        for plain in ["notes", "_x", "a1", "abort", "name"] {
+            assert_eq!(quote_ident(plain), plain);
+        }
+        for (name, quoted) in [
+            ("order", "\"order\""),
+            ("user", "\"user\""),
+            ("current_date", "\"current_date\""),
+            ("between", "\"between\""),
+            ("Mixed", "\"Mixed\""),
+            ("a$b", "\"a$b\""),
+            ("1a", "\"1a\""),
+            ("naïve", "\"naïve\""),
+            ("with space", "\"with space\""),
+            ("q\"x", "\"q\"\"x\""),
+            ("", "\"\""),
+        ] {
+            assert_eq!(quote_ident(name), quoted, "{name}");
+        }
+        assert_eq!(always_quoted("notes"), "\"notes\"");
+        assert!(QUOTED_KEYWORDS.windows(2).all(|w| w[0] < w[1]), "sorted");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod archives;
 mod compaction;
 mod export;
 mod faults;
+mod identifiers;
 mod query;
 
 fn pgtrail() -> Command {

@@ -118,7 +118,7 @@ impl ReplicationStream {
             .client
             .simple_query(&format!(
                 "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                pgtrail_store::quote_ident(slot)
+                pgtrail_store::always_quoted(slot)
             ))
             .await?;
         let row = rows.first().ok_or_else(|| {
