@@ -180,6 +180,17 @@ impl Cluster {
         )
     }
 
+    /// Ask the server to stop in `mode` and return at once (`smart` then waits for every
+    /// session to end, and meanwhile refuses new ones with SQLSTATE 57P03).
+    pub fn begin_stop(&self, mode: &str) -> Result<(), ClusterError> {
+        let data = self.data_dir();
+        self.run_pg(
+            "pg_ctl",
+            &["-W", "stop", "-m", mode, "-D"],
+            &[data.as_os_str()],
+        )
+    }
+
     /// Start the server again after [`stop`](Self::stop), on the same port.
     pub fn restart(&self, mode: &str) -> Result<(), ClusterError> {
         self.stop(mode)?;

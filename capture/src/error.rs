@@ -127,6 +127,20 @@ impl CaptureError {
     pub fn is_transient(&self) -> bool {
         self.kind() == ErrorKind::Transient
     }
+
+    /// The server answered but does not accept connections yet or any more: it is starting
+    /// up, shutting down or in recovery (SQLSTATE 57P03 `cannot_connect_now`). Unlike a wrong
+    /// host or password, this passes by itself, so even a first connection waits for it.
+    pub fn is_server_not_ready(&self) -> bool {
+        const CANNOT_CONNECT_NOW: &str = "57P03";
+        match self {
+            CaptureError::Connect { source, .. } | CaptureError::Sql { source, .. } => {
+                source.code().map(|c| c.code()) == Some(CANNOT_CONNECT_NOW)
+            }
+            CaptureError::Replication(e) => e.sqlstate() == Some(CANNOT_CONNECT_NOW),
+            _ => false,
+        }
+    }
 }
 
 fn pg_error_kind(e: &tokio_postgres::Error) -> ErrorKind {

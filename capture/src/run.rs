@@ -104,8 +104,9 @@ pub async fn run(
         p.compacted = compacted.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
         on_progress(&p)
     };
-    // Whether a session has started: before that, a source that cannot be reached is a
-    // configuration error (wrong URL, server down), reported at once rather than retried.
+    // Sessions tried: before the first has connected, a source that cannot be reached is a
+    // configuration error (wrong URL, server down), reported at once rather than retried;
+    // a server that answers that it is starting up or shutting down is waited for.
     let mut attempts = 0u32;
     // The walsender of this process's last session (see `Session::own_walsender`).
     let mut own_walsender: Option<i32> = None;
@@ -136,13 +137,20 @@ pub async fn run(
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
             Err(e)
                 if e.is_transient()
-                    && !(attempts == 1 && matches!(e, CaptureError::Connect { .. })) =>
+                    && (attempts > 1
+                        || e.is_server_not_ready()
+                        || !matches!(e, CaptureError::Connect { .. })) =>
             {
                 summary.reconnects += 1;
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(250);
                 }
-                tracing::warn!(error = %error_chain(&e), retry_in_ms = backoff.as_millis() as u64, "capture interrupted; reconnecting");
+                let retry_in_ms = backoff.as_millis() as u64;
+                if e.is_server_not_ready() {
+                    tracing::warn!(error = %error_chain(&e), retry_in_ms, "the source is starting up, shutting down or in recovery; waiting for it");
+                } else {
+                    tracing::warn!(error = %error_chain(&e), retry_in_ms, "capture interrupted; reconnecting");
+                }
                 writer.discard_partial().await?;
                 tokio::select! {
                     _ = &mut shutdown => break,

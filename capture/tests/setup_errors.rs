@@ -88,3 +88,85 @@ async fn malformed_url_and_foreign_slot_are_clear_errors() {
         .unwrap_err();
     assert_setup(&err, "already exists");
 }
+
+/// A server that is shutting down (or starting up, or in recovery) answers SQLSTATE 57P03:
+/// capture waits for it with backoff instead of exiting, and captures once it is back. (A
+/// wrong host, port or password still fails at once: see the tests above.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_shutting_down_when_capture_starts_is_waited_for() {
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE ready").unwrap();
+    cluster
+        .psql(
+            "ready",
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1), (2);",
+        )
+        .unwrap();
+    let written: pgtrail_store::Lsn = cluster
+        .psql("ready", "SELECT pg_current_wal_insert_lsn()")
+        .unwrap()
+        .parse()
+        .unwrap();
+    // One session keeps a smart shutdown waiting; new connections are refused meanwhile.
+    let mut holder = std::process::Command::new(cluster.bin_dir().join("psql"))
+        .args([
+            "-X",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "ready",
+        ])
+        .arg("-p")
+        .arg(cluster.port().to_string())
+        .args(["-c", "SELECT pg_sleep(6)"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while cluster
+        .psql(
+            "ready",
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(6)'",
+        )
+        .unwrap()
+        != "1"
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holding session never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    cluster.begin_stop("smart").unwrap();
+    let refused = cluster.psql("ready", "SELECT 1").unwrap_err().to_string();
+    assert!(refused.contains("shutting down"), "{refused}");
+
+    let archive = tempfile::tempdir().unwrap();
+    let mut config = TestDb::new("ready_cfg").config();
+    config.source = SourceConfig::parse(&cluster.url("ready")).unwrap();
+    config.archive = archive.path().join("a");
+    config.slot = "ready".into();
+    config.publication = "ready".into();
+    config.stop_at = Some(written);
+    let capture = tokio::spawn(pgtrail_capture::run(config, std::future::pending(), |_| {}));
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(
+        !capture.is_finished(),
+        "capture gave up on a server that is shutting down: {:?}",
+        capture.await
+    );
+    // The session ends, the server stops, and comes back.
+    assert!(holder.wait().unwrap().success());
+    cluster.stop("fast").ok(); // already stopped, or stopping: wait until it is down
+    cluster.start_again().unwrap();
+    let summary = tokio::time::timeout(std::time::Duration::from_secs(120), capture)
+        .await
+        .expect("capture did not finish after the server came back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.snapshot_rows, 2);
+    assert!(summary.reconnects >= 1, "{summary:?}");
+}
