@@ -81,6 +81,8 @@ pub struct ArchiveSnapshot {
     /// each re-snapshot after a gap. Each holds a table's whole state at that point.
     pub snapshots: Vec<(Lsn, i64)>,
     pub tables: BTreeMap<String, TableHistory>,
+    /// Names of the types that are not built in (see [`pgtrail_store::format_type`]).
+    pub types: pgtrail_store::TypeNames,
     /// Logical messages (segments and tail).
     pub message_segments: Vec<SegmentEntry>,
     pub message_tail: Vec<(ChangeKey, ChangeRecord)>,
@@ -182,6 +184,7 @@ impl ArchiveSnapshot {
             position: reader.position()?,
             gaps: reader.gaps()?,
             snapshots: reader.snapshots()?,
+            types: reader.types()?,
             tables,
             message_segments,
             message_tail,

@@ -21,6 +21,7 @@ mod pit;
 mod read;
 mod replay;
 mod scan;
+mod schema_versions;
 mod session;
 
 pub use archive::{ArchiveSnapshot, TableHistory};

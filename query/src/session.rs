@@ -1,5 +1,6 @@
-//! The SQL session over an archive: every table, the `changes` view, `pgtrail.messages` and
-//! the point-in-time table functions, registered in one DataFusion context.
+//! The SQL session over an archive: every table, the `changes` view, `pgtrail.messages`,
+//! `pgtrail.schema_versions` and the point-in-time table functions, registered in one
+//! DataFusion context.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +17,7 @@ use crate::error::QueryError;
 use crate::history::HistoryTable;
 use crate::pit::{AsOf, Diff, RowHistory};
 use crate::read::open_segment;
+use crate::schema_versions::SchemaVersionsTable;
 
 /// Open `dir` and build a session over it.
 pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>), QueryError> {
@@ -57,6 +59,10 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
     ctx.register_table(
         TableReference::partial("pgtrail", "messages"),
         Arc::new(messages_table(&archive)?),
+    )?;
+    ctx.register_table(
+        TableReference::partial("pgtrail", "schema_versions"),
+        Arc::new(SchemaVersionsTable::new(archive.clone())),
     )?;
     ctx.register_udtf(
         "as_of",

@@ -22,6 +22,7 @@ mod manifest;
 mod relation;
 pub mod segment;
 mod status;
+mod type_name;
 
 pub use atomic_file::fsync_dir;
 pub use change::{
@@ -44,3 +45,4 @@ pub use relation::{
 pub use status::{
     ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,
 };
+pub use type_name::{TypeNames, format_type};

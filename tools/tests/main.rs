@@ -15,6 +15,7 @@ mod export;
 mod faults;
 mod identifiers;
 mod query;
+mod schema;
 
 fn pgtrail() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgtrail"))

@@ -168,6 +168,17 @@ impl LogReader {
         Ok(out)
     }
 
+    /// The names of the types that are not built in, by OID, as their Type messages gave them.
+    pub fn types(&self) -> Result<crate::type_name::TypeNames, LogError> {
+        let table = self.rtx.open_table(TYPES)?;
+        let mut out = crate::type_name::TypeNames::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            out.insert(k.value(), decode(v.value(), "types")?);
+        }
+        Ok(out)
+    }
+
     /// Every snapshot transaction: its commit LSN and commit time, in LSN order. An archive
     /// written before snapshots were recorded has none (and no re-snapshot either).
     pub fn snapshots(&self) -> Result<Vec<(Lsn, i64)>, LogError> {
