@@ -6,14 +6,12 @@
 //! connecting role and today's date: the comparison catches that as well as a syntax error.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use pgtrail_capture::cluster::Cluster;
-use pgtrail_capture::{CaptureConfig, SourceConfig};
 use pgtrail_query::{ArchiveSnapshot, Moment, state_at};
 use pgtrail_store::{Cell, Lsn, quote_ident};
 
-use crate::pgtrail;
+use crate::{capture_until_now, pgtrail_sql};
 
 /// Names that are not keywords but need quoting (or look as if they might).
 const ODD_NAMES: [&str; 7] = [
@@ -107,28 +105,8 @@ fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
 
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let capture_until_now = || {
-        let stop_at: Lsn = psql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
-        let config = CaptureConfig {
-            source: SourceConfig::parse(&cluster.url(&db)).unwrap(),
-            archive: archive.clone(),
-            slot: db.clone(),
-            publication: db.clone(),
-            tables: Vec::new(),
-            resnapshot: false,
-            progress_interval: Duration::from_secs(1),
-            stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
-            stop_at: Some(stop_at),
-            compaction: None,
-            durable_observer: None,
-        };
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(pgtrail_capture::run(config, std::future::pending(), |_| {}))
-            .unwrap_or_else(|e| panic!("capture: {}", pgtrail_capture::run::error_chain(&e)));
-    };
-
     // Moment A: the initial snapshot.
-    capture_until_now();
+    capture_until_now(cluster, &db, &archive);
     let at_snapshot: Lsn = psql("SELECT pg_current_wal_lsn()").parse().unwrap();
     let held_at_snapshot = contents(&psql, &tables);
 
@@ -154,7 +132,7 @@ fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
          INSERT INTO \"user\".\"table\" VALUES (2, NULL);"
     ));
     psql(&writes);
-    capture_until_now();
+    capture_until_now(cluster, &db, &archive);
     let at_stream: Lsn = psql("SELECT pg_current_wal_lsn()").parse().unwrap();
     let held_at_stream = contents(&psql, &tables);
 
@@ -207,20 +185,7 @@ fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
     }
 
     // The same through `pgtrail sql`, as a user types the names.
-    let sql = |query: String| {
-        let out = pgtrail()
-            .args(["sql", "--format", "csv", "--archive"])
-            .arg(&archive)
-            .arg(&query)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{query}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let sql = |query: String| pgtrail_sql(&archive, "csv", &query);
     let row = sql(format!(
         "SELECT \"user\", \"current_date\" FROM as_of_lsn('public.kw_columns', '{at_stream}') WHERE id = 4"
     ));

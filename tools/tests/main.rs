@@ -75,6 +75,45 @@ fn wait_slot_active(cluster: &Cluster, db: &str, slot: &str, child: &mut Child) 
     }
 }
 
+/// Capture `db` into `archive` (slot and publication named after the database) until
+/// everything written so far is durable, in this process, through the library.
+fn capture_until_now(cluster: &Cluster, db: &str, archive: &Path) {
+    let stop_at: Lsn = insert_lsn(cluster, db).parse().unwrap();
+    let config = pgtrail_capture::CaptureConfig {
+        source: pgtrail_capture::SourceConfig::parse(&cluster.url(db)).unwrap(),
+        archive: archive.to_path_buf(),
+        slot: db.to_string(),
+        publication: db.to_string(),
+        tables: Vec::new(),
+        resnapshot: false,
+        progress_interval: Duration::from_secs(1),
+        stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
+        stop_at: Some(stop_at),
+        compaction: None,
+        durable_observer: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(pgtrail_capture::run(config, std::future::pending(), |_| {}))
+        .unwrap_or_else(|e| panic!("capture: {}", pgtrail_capture::run::error_chain(&e)));
+}
+
+/// `pgtrail sql --format FORMAT` over `archive`: its standard output, or a panic with its
+/// error output.
+fn pgtrail_sql(archive: &Path, format: &str, query: &str) -> String {
+    let out = pgtrail()
+        .args(["sql", "--format", format, "--archive"])
+        .arg(archive)
+        .arg(query)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 fn insert_lsn(cluster: &Cluster, db: &str) -> String {
     cluster
         .psql(db, "SELECT pg_current_wal_insert_lsn()")

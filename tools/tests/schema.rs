@@ -3,13 +3,9 @@
 //! the archive's newest version has exactly the columns and types `format_type` printed, and
 //! the version applies from the time of that write.
 
-use std::time::Duration;
-
 use pgtrail_capture::cluster::Cluster;
-use pgtrail_capture::{CaptureConfig, SourceConfig};
-use pgtrail_store::Lsn;
 
-use crate::pgtrail;
+use crate::{capture_until_now, pgtrail_sql};
 
 const CATALOG: &str = "SELECT json_agg(json_build_array(attname, format_type(atttypid, atttypmod)) ORDER BY attnum) \
      FROM pg_attribute WHERE attrelid = 'ddl'::regclass AND attnum > 0 AND NOT attisdropped";
@@ -35,26 +31,7 @@ fn schema_versions_list_each_migration_as_the_catalog_shows_it() {
     );
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let capture_until_now = || {
-        let stop_at: Lsn = psql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
-        let config = CaptureConfig {
-            source: SourceConfig::parse(&cluster.url(&db)).unwrap(),
-            archive: archive.clone(),
-            slot: db.clone(),
-            publication: db.clone(),
-            tables: Vec::new(),
-            resnapshot: false,
-            progress_interval: Duration::from_secs(1),
-            stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
-            stop_at: Some(stop_at),
-            compaction: None,
-            durable_observer: None,
-        };
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(pgtrail_capture::run(config, std::future::pending(), |_| {}))
-            .unwrap();
-    };
-    capture_until_now();
+    capture_until_now(cluster, &db, &archive);
     // (columns as the catalog prints them, the write's time window)
     let mut expected: Vec<(serde_json::Value, Option<(i64, i64)>)> =
         vec![(serde_json::from_str(&psql(CATALOG)).unwrap(), None)];
@@ -73,23 +50,15 @@ fn schema_versions_list_each_migration_as_the_catalog_shows_it() {
             Some((before, after)),
         ));
     }
-    capture_until_now();
+    capture_until_now(cluster, &db, &archive);
 
-    let out = pgtrail()
-        .args(["sql", "--format", "json", "--archive"])
-        .arg(&archive)
-        .arg(
-            "SELECT version, column_names, column_types, arrow_cast(valid_from_at, 'Int64') AS at_us \
-             FROM pgtrail.schema_versions WHERE table_name = 'public.ddl' ORDER BY version",
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = pgtrail_sql(
+        &archive,
+        "json",
+        "SELECT version, column_names, column_types, arrow_cast(valid_from_at, 'Int64') AS at_us \
+         FROM pgtrail.schema_versions WHERE table_name = 'public.ddl' ORDER BY version",
     );
-    let versions: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    let versions: Vec<serde_json::Value> = out
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
