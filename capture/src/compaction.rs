@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pgtrail_store::{CompactError, CompactOptions, Compactor, LogReader, SharedLog};
 
@@ -131,9 +131,7 @@ impl BackgroundCompactor {
 
 fn due(log: &SharedLog, policy: &CompactionPolicy) -> Result<bool, pgtrail_store::LogError> {
     let (count, oldest) = LogReader::of_shared(log)?.log_backlog()?;
-    let now_us = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as i64);
-    let old = oldest.is_some_and(|t| now_us - t >= policy.max_age.as_micros() as i64);
+    let old =
+        oldest.is_some_and(|t| pgtrail_store::now_us() - t >= policy.max_age.as_micros() as i64);
     Ok(count >= policy.min_changes || (count > 0 && old))
 }

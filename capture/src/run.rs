@@ -133,7 +133,7 @@ pub async fn run(
             }
         };
         match result {
-            Ok(_) => break,
+            Ok(()) => break,
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
             Err(e)
                 if e.is_transient()

@@ -9,12 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use pgtrail_store::{Gap, Lsn, SourceIdentity};
+use pgtrail_store::{Gap, Lsn, SourceIdentity, now_us};
 
 use crate::error::{CaptureError, within};
 use crate::run::{CaptureConfig, Progress};
 use crate::source::replication::{ReplicationStream, SystemIdentity};
-use crate::translate::now_us;
 use crate::writer::WriterHandle;
 use crate::{preflight, slot, snapshot};
 
@@ -228,18 +227,12 @@ impl<'a> Session<'a> {
             "a different cluster answered at the source URL (system identifier {} where the archive was captured from {expected}); nothing was read from it",
             system.system_id
         );
-        let record = Gap {
-            from: durable,
-            to: durable,
-            reason,
-            recorded_at_us: now_us(),
-        };
-        if let Err(e) = self.writer.record_gap(record).await {
-            return e;
-        }
-        CaptureError::OtherCluster {
-            found: system.system_id.clone(),
-            expected: expected.to_string(),
+        match self.record(durable, durable, reason).await {
+            Ok(()) => CaptureError::OtherCluster {
+                found: system.system_id.clone(),
+                expected: expected.to_string(),
+            },
+            Err(e) => e,
         }
     }
 
@@ -251,20 +244,28 @@ impl<'a> Session<'a> {
         source_position: Lsn,
         reason: String,
     ) -> CaptureError {
-        let record = Gap {
-            from: archive_position,
-            to: source_position,
-            reason: reason.clone(),
+        match self
+            .record(archive_position, source_position, reason.clone())
+            .await
+        {
+            Ok(()) => CaptureError::Gap {
+                reason,
+                archive_position,
+                source_position,
+            },
+            Err(e) => e,
+        }
+    }
+
+    /// Write a [`Gap`] record into the archive, stamped now.
+    async fn record(&self, from: Lsn, to: Lsn, reason: String) -> Result<(), CaptureError> {
+        let gap = Gap {
+            from,
+            to,
+            reason,
             recorded_at_us: now_us(),
         };
-        if let Err(e) = self.writer.record_gap(record).await {
-            return e;
-        }
-        CaptureError::Gap {
-            reason,
-            archive_position,
-            source_position,
-        }
+        self.writer.record_gap(gap).await
     }
 
     /// The slot's state, after waiting for a walsender of a consumer that just died (kill -9,

@@ -48,15 +48,11 @@ pub async fn copy_tables(
                 )
             })?;
     }
-    let now_us = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0);
     writer
         .send(vec![LogOp::Begin {
             final_lsn: Lsn(consistent_point.0 - 1),
             xid: 0,
-            committed_at_us: now_us,
+            committed_at_us: pgtrail_store::now_us(),
         }])
         .await?;
     let mut total = 0u64;

@@ -16,14 +16,9 @@ use crate::run::{Progress, fill_stats};
 use crate::session::Session;
 use crate::slot;
 use crate::source::replication::ReplicationStream;
-use crate::translate::{PrimaryKeys, Translator, now_us};
+use crate::translate::{PrimaryKeys, Translator};
 use crate::writer::WriterHandle;
-
-/// Why a session ended without an error.
-pub(crate) enum SessionEnd {
-    Shutdown,
-    StopAtReached,
-}
+use pgtrail_store::now_us;
 
 /// Primary keys read from the source's catalog, once per relation and session.
 struct CatalogKeys<'a> {
@@ -50,13 +45,14 @@ impl PrimaryKeys for CatalogKeys<'_> {
 }
 
 impl Session<'_> {
-    /// Stream from the slot until `shutdown`, an error, or the configured stop position.
+    /// Stream from the slot until `shutdown` or the configured stop position (`Ok`), or an
+    /// error.
     pub async fn stream(
         &mut self,
         mut client: ReplicationStream,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
         on_progress: &mut impl FnMut(&Progress),
-    ) -> Result<SessionEnd, CaptureError> {
+    ) -> Result<(), CaptureError> {
         let config = self.config;
         let started = within(
             config.stream_timeout,
@@ -88,7 +84,7 @@ impl Session<'_> {
             && writer.durable() >= stop
         {
             graceful_stop(writer, client, &translator).await?;
-            return Ok(SessionEnd::StopAtReached);
+            return Ok(());
         }
         let mut keys = CatalogKeys {
             sql: &self.sql,
@@ -104,7 +100,7 @@ impl Session<'_> {
                 biased;
                 _ = shutdown.as_mut() => {
                     graceful_stop(writer, client, &translator).await?;
-                    return Ok(SessionEnd::Shutdown);
+                    return Ok(());
                 }
                 changed = durable_rx.changed() => {
                     if changed.is_err() {
@@ -118,7 +114,7 @@ impl Session<'_> {
                     }
                     if let Some(stop) = config.stop_at && durable >= stop {
                         graceful_stop(writer, client, &translator).await?;
-                        return Ok(SessionEnd::StopAtReached);
+                        return Ok(());
                     }
                 }
                 event = client.recv() => {

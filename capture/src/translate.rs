@@ -6,7 +6,7 @@
 
 use pgtrail_store::{
     ChangeKey, Column, IncomingCell, IncomingChange, LogOp, LogicalMessage, Lsn, OldImage, Op,
-    RelationVersion,
+    RelationVersion, now_us,
 };
 
 use crate::error::CaptureError;
@@ -209,13 +209,6 @@ fn context_json(content: &[u8]) -> String {
     } else {
         serde_json::Value::String(text.into_owned()).to_string()
     }
-}
-
-pub(crate) fn now_us() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -39,7 +39,9 @@ use crate::manifest::{
 use crate::relation::RelationVersion;
 use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
 
-fn now_us() -> i64 {
+/// The wall clock in microseconds since the Unix epoch (0 if the clock is before it): the unit
+/// of every time the archive records.
+pub fn now_us() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as i64)

@@ -28,7 +28,7 @@ pub use atomic_file::fsync_dir;
 pub use change::{
     Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
 };
-pub use compact::{CompactOptions, CompactReport, Compactor, file_safe};
+pub use compact::{CompactOptions, CompactReport, Compactor, file_safe, now_us};
 pub use error::{CompactError, LogError, SegmentError};
 #[doc(hidden)]
 pub use log::fuzzing;
@@ -39,8 +39,7 @@ pub use log::{
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
 pub use manifest::{SEGMENTS_DIR, SegmentEntry, SegmentManifest};
 pub use relation::{
-    Column, QUOTED_KEYWORDS, RelationVersion, always_quoted, parse_qualified, quote_ident,
-    split_table_list,
+    Column, RelationVersion, always_quoted, parse_qualified, quote_ident, split_table_list,
 };
 pub use status::{
     ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,

@@ -100,7 +100,7 @@ pub fn always_quoted(name: &str) -> String {
 /// `pg_get_keywords()`, plus those later versions added (`system_user` in 16, the SQL/JSON
 /// constructors in 16 and 17, `merge_action` in 17). Sorted, for binary search. Display only:
 /// a later keyword missing here makes a name print unquoted, never a query wrong.
-pub const QUOTED_KEYWORDS: &[&str] = &[
+const QUOTED_KEYWORDS: &[&str] = &[
     "all",
     "analyse",
     "analyze",
