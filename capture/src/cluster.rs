@@ -31,6 +31,12 @@ pub enum ClusterError {
 pub struct ClusterOptions {
     /// Extra `-c name=value` settings, after the defaults.
     pub settings: Vec<(String, String)>,
+    /// A `pg_hba.conf` to use instead of initdb's (which trusts everyone). Keep a `local`
+    /// line that trusts `postgres`: [`Cluster::psql`] connects over the socket.
+    pub hba: Option<String>,
+    /// Files written into the data directory before the server starts, readable by the
+    /// server only (certificates and keys: `ssl_cert_file = 'server.crt'`).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 /// A running throwaway cluster. Dropping it stops the server and removes its directory.
@@ -112,6 +118,12 @@ impl Cluster {
             "unix_socket_directories = '{}'\n",
             cluster.dir.path().display()
         ));
+        if let Some(hba) = &options.hba {
+            cluster.write_private(&data.join("pg_hba.conf"), hba.as_bytes())?;
+        }
+        for (name, contents) in &options.files {
+            cluster.write_private(&data.join(name), contents)?;
+        }
         let conf_path = data.join("postgresql.auto.conf");
         let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
         existing.push_str(&conf);
@@ -126,6 +138,21 @@ impl Cluster {
             }
         }
         Err(last.unwrap_or(ClusterError::NotFound))
+    }
+
+    /// Write a file only the server's user may read (PostgreSQL refuses a key file others
+    /// can read).
+    fn write_private(&self, path: &Path, contents: &[u8]) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, contents)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        if self.as_postgres {
+            run(
+                Command::new("chown").args(["postgres:postgres"]).arg(path),
+                "chown",
+            )?;
+        }
+        Ok(())
     }
 
     fn data_dir(&self) -> PathBuf {
@@ -238,7 +265,8 @@ impl Cluster {
         Ok(name)
     }
 
-    /// Run SQL with psql against `database` and return its unaligned, tuples-only output.
+    /// Run SQL with psql (over the Unix socket, as `postgres`) against `database` and return
+    /// its unaligned, tuples-only output.
     pub fn psql(&self, database: &str, sql: &str) -> Result<String, ClusterError> {
         let out = Command::new(self.bin.join("psql"))
             .args([
@@ -248,11 +276,13 @@ impl Cluster {
                 "-t",
                 "-v",
                 "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
                 "-U",
                 "postgres",
             ])
+            // The socket: a cluster whose pg_hba.conf asks TCP clients for TLS or a password
+            // still trusts its administrator here.
+            .arg("-h")
+            .arg(self.socket_dir())
             .arg("-p")
             .arg(self.port.to_string())
             .arg("-d")

@@ -76,6 +76,8 @@ pub struct Progress {
     pub snapshot_rows: u64,
     /// Changes moved from the log into segments by the background compactor.
     pub compacted: u64,
+    /// How the replication connection is protected ("TLSv1.3 ..., server verified ...").
+    pub security: String,
 }
 
 /// What [`run`] did before it stopped.

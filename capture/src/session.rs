@@ -191,7 +191,7 @@ impl<'a> Session<'a> {
     /// A gated replication connection (see [`ReplicationStream::connect`]) and what the server
     /// says about itself, each within the stream timeout.
     async fn connect_replication(
-        &self,
+        &mut self,
         resume_from: Option<Lsn>,
     ) -> Result<(ReplicationStream, SystemIdentity), CaptureError> {
         let config = self.config;
@@ -212,6 +212,11 @@ impl<'a> Session<'a> {
         })
         .await?;
         let system = within(limit, "IDENTIFY_SYSTEM", client.identify_system()).await?;
+        let security = client.security();
+        if security.brief() != self.summary.security {
+            tracing::info!(%security, "replication connection");
+            self.summary.security = security.brief();
+        }
         Ok((client, system))
     }
 

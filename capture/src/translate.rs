@@ -107,7 +107,6 @@ impl Translator {
                 })?;
                 change_ops(message, keys).await?
             }
-            StreamEvent::StoppedAt => Vec::new(),
         })
     }
 }

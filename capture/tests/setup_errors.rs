@@ -17,6 +17,7 @@ fn assert_setup(err: &CaptureError, needle: &str) {
 async fn wal_level_replica_is_refused_with_the_fix() {
     let cluster = Cluster::start(ClusterOptions {
         settings: vec![("wal_level".into(), "replica".into())],
+        ..Default::default()
     })
     .unwrap();
     let archive = tempfile::tempdir().unwrap();

@@ -44,9 +44,11 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CaptureArgs {
-    /// Source database URL, e.g. postgresql://user:password@host:5432/db.
+    /// Source database, as libpq takes it: a URL (postgresql://user@host:5432/db?sslmode=verify-full)
+    /// or key=value settings ("host=h dbname=db"). Omitted: the PG* variables, service file and
+    /// ~/.pgpass alone, as for psql.
     #[arg(long, env = "PGTRAIL_SOURCE", hide_env_values = true)]
-    source: String,
+    source: Option<String>,
     /// Archive directory (created 0700 if missing).
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     archive: PathBuf,
@@ -177,7 +179,7 @@ async fn shutdown_signal() {
 
 pub(crate) fn progress_line(p: &Progress) {
     eprintln!(
-        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s, {} compacted{}",
+        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s, {} compacted{} ({})",
         p.changes,
         p.changes_per_sec,
         p.transactions,
@@ -190,12 +192,13 @@ pub(crate) fn progress_line(p: &Progress) {
             format!(", {} reconnects", p.reconnects)
         } else {
             String::new()
-        }
+        },
+        p.security
     );
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
-    let source = SourceConfig::parse(&args.source)?;
+    let source = SourceConfig::parse(args.source.as_deref().unwrap_or_default())?;
     let tables = args
         .tables
         .as_deref()
@@ -225,7 +228,14 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             ..Default::default()
         }),
     };
-    tracing::info!(source = %config.source.display(), archive = %config.archive.display(), "capture starting");
+    let (protection, warn) = config.source.protection();
+    tracing::info!(source = %config.source.display(), archive = %config.archive.display(), %protection, "capture starting");
+    if warn {
+        tracing::warn!(
+            "the connection to {} is not verified: {protection}",
+            config.source.display()
+        );
+    }
     match pgtrail_capture::run(config, shutdown_signal(), progress_line).await {
         Ok(summary) => {
             eprintln!(

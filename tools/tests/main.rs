@@ -11,6 +11,7 @@ use pgtrail_store::{LogReader, Lsn, Op};
 
 mod archives;
 mod compaction;
+mod connecting;
 mod export;
 mod faults;
 mod identifiers;

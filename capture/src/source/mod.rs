@@ -1,14 +1,18 @@
-//! The source database's connection settings, parsed once from a URL, and the two
-//! connections they open: ordinary SQL ([`SourceConfig::connect_sql`]) and replication
-//! ([`replication`]).
+//! The source database's connection settings, resolved once as libpq resolves them
+//! ([`conninfo`]), and the two connections they open with the same TLS policy ([`tls`]):
+//! ordinary SQL through tokio-postgres ([`SourceConfig::connect_sql`]) and replication through
+//! pgtrail's own frontend ([`wire`], [`replication`]).
 
+pub mod conninfo;
 pub mod replication;
+pub mod tls;
+pub mod wire;
 
 use std::time::Duration;
 
-use tokio_postgres::config::Host;
-
 use crate::error::CaptureError;
+pub use conninfo::{ConnInfo, Environment, SslMode};
+use tls::{HandshakeError, PostgresTls, TlsFacts, TlsPolicy};
 
 /// Session settings pinned on every connection, so that text values read by COPY (the
 /// snapshot) and sent by the walsender (the stream) are printed the same way.
@@ -24,121 +28,216 @@ pub fn session_settings_sql() -> String {
         .collect()
 }
 
-/// A parsed source URL.
+/// The source's connection settings, resolved once (libpq's rules, [`conninfo`]) with the TLS
+/// policy they imply ([`tls`]); both connections are opened from this one value.
 #[derive(Clone)]
 pub struct SourceConfig {
-    pg: tokio_postgres::Config,
-    display: String,
+    info: ConnInfo,
+    tls: TlsPolicy,
 }
 
 impl std::fmt::Debug for SourceConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the password.
         f.debug_struct("SourceConfig")
-            .field("target", &self.display)
+            .field("target", &self.info.display())
+            .field("sslmode", &self.info.sslmode)
             .finish()
     }
 }
 
+/// How long a connection attempt may take when the settings give no `connect_timeout`
+/// (libpq waits forever; capture must not).
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl SourceConfig {
-    /// Parse a `postgresql://` URL or a `key=value` connection string.
-    pub fn parse(url: &str) -> Result<SourceConfig, CaptureError> {
-        let mut pg: tokio_postgres::Config =
-            url.parse()
-                .map_err(|e: tokio_postgres::Error| CaptureError::InvalidUrl {
-                    detail: redact(&e.to_string(), url),
-                })?;
-        if pg.get_hosts().is_empty() {
-            pg.host("localhost");
-        }
-        if pg.get_user().is_none() {
-            return Err(CaptureError::InvalidUrl {
-                detail: "no user name".into(),
-            });
-        }
-        if pg.get_dbname().is_none() {
-            let user = pg.get_user().unwrap_or_default().to_string();
-            pg.dbname(&user);
-        }
-        pg.options(SESSION_OPTIONS);
-        pg.application_name("pgtrail");
-        pg.connect_timeout(Duration::from_secs(10));
-        pg.keepalives_idle(Duration::from_secs(30));
-        // A query sent into a dead network (no FIN, no RST) fails after this long instead of
-        // waiting for the kernel's retransmissions (about 15 minutes).
-        pg.tcp_user_timeout(Duration::from_secs(30));
-        let display = format!(
-            "{}@{}:{}/{}",
-            pg.get_user().unwrap_or_default(),
-            host_text(&pg.get_hosts()[0]),
-            pg.get_ports().first().copied().unwrap_or(5432),
-            pg.get_dbname().unwrap_or_default()
-        );
-        Ok(SourceConfig { pg, display })
+    /// Resolve a `postgresql://` URL, a `key=value` connection string, or an empty string
+    /// (the environment alone) with this process's environment, as libpq would.
+    pub fn parse(conninfo: &str) -> Result<SourceConfig, CaptureError> {
+        SourceConfig::resolve(conninfo, &Environment::current())
+    }
+
+    /// [`SourceConfig::parse`] with a given environment.
+    pub fn resolve(conninfo: &str, env: &Environment) -> Result<SourceConfig, CaptureError> {
+        let invalid = |e: conninfo::ConnInfoError| CaptureError::InvalidUrl { detail: e.problem };
+        let info = ConnInfo::resolve(conninfo, env).map_err(invalid)?;
+        let tls = TlsPolicy::new(&info).map_err(invalid)?;
+        Ok(SourceConfig { info, tls })
     }
 
     /// `user@host:port/database`, without the password: safe to print.
-    pub fn display(&self) -> &str {
-        &self.display
+    pub fn display(&self) -> String {
+        self.info.display()
     }
 
     pub fn database(&self) -> &str {
-        self.pg.get_dbname().unwrap_or_default()
+        &self.info.dbname
     }
 
     pub fn user(&self) -> &str {
-        self.pg.get_user().unwrap_or_default()
+        &self.info.user
     }
 
-    /// Open an ordinary SQL connection (its driver runs on a spawned task).
-    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, CaptureError> {
-        let (client, connection) =
-            self.pg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| CaptureError::Connect {
-                    target: self.display.clone(),
-                    source,
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "source sql connection ended");
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    pub fn tls(&self) -> &TlsPolicy {
+        &self.tls
+    }
+
+    /// What the TLS settings check, before any connection: a line for people, and whether it
+    /// deserves a warning (TLS to a remote server that is not verified, or no TLS at all).
+    pub fn protection(&self) -> (String, bool) {
+        let remote = match &self.info.host {
+            conninfo::Host::Socket(_) => false,
+            conninfo::Host::Tcp(name) => !is_loopback(name),
+        };
+        let mode = self.info.sslmode.as_str();
+        if !self.tls.uses_tls() {
+            let text = match &self.info.host {
+                conninfo::Host::Socket(_) => "Unix socket, no TLS".to_string(),
+                _ => format!("sslmode={mode}: no TLS"),
+            };
+            return (text, remote);
+        }
+        let text = match (self.tls.verifies_chain, self.tls.verifies_name) {
+            (true, true) => {
+                format!("sslmode={mode}: the server's certificate chain and host name are verified")
             }
-        });
-        Ok(client)
+            (true, false) => format!(
+                "sslmode={mode}: the server's certificate chain is verified, its host name is not"
+            ),
+            _ => format!(
+                "sslmode={mode}: the server is NOT verified (encrypted, but anyone in the path could pose as it); to verify it, set sslmode=verify-full and sslrootcert=<the server's CA file>"
+            ),
+        };
+        (text, remote && !self.tls.verifies_name)
     }
 
-    pub(crate) fn host_text(&self) -> String {
-        host_text(&self.pg.get_hosts()[0])
+    pub(crate) fn application_name(&self) -> &str {
+        self.info.application_name.as_deref().unwrap_or("pgtrail")
     }
 
-    pub(crate) fn port(&self) -> u16 {
-        self.pg.get_ports().first().copied().unwrap_or(5432)
+    pub(crate) fn connect_timeout(&self) -> Duration {
+        self.info.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)
     }
 
-    pub(crate) fn password(&self) -> Option<String> {
-        self.pg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
+    /// The user's `options`, then pgtrail's (later settings win in PostgreSQL, so pgtrail's
+    /// value formats hold while the user's other settings are kept).
+    pub(crate) fn options_with(&self, ours: &str) -> String {
+        match &self.info.options {
+            Some(user) => format!("{user} {ours}"),
+            None => ours.to_string(),
+        }
+    }
+
+    /// The tokio-postgres configuration for one attempt with `ssl_mode`.
+    fn postgres_config(&self, ssl_mode: tokio_postgres::config::SslMode) -> tokio_postgres::Config {
+        use tokio_postgres::config::ChannelBinding as Cb;
+        let info = &self.info;
+        let mut pg = tokio_postgres::Config::new();
+        match &info.host {
+            conninfo::Host::Tcp(name) => pg.host(name),
+            conninfo::Host::Socket(dir) => pg.host_path(dir),
+        };
+        if let Some(addr) = info.hostaddr {
+            pg.hostaddr(addr);
+        }
+        pg.port(info.port)
+            .user(&info.user)
+            .dbname(&info.dbname)
+            .options(self.options_with(SESSION_OPTIONS))
+            .application_name(self.application_name())
+            .connect_timeout(self.connect_timeout())
+            .keepalives_idle(Duration::from_secs(30))
+            // A query sent into a dead network (no FIN, no RST) fails after this long instead
+            // of waiting for the kernel's retransmissions (about 15 minutes).
+            .tcp_user_timeout(Duration::from_secs(30))
+            .ssl_mode(ssl_mode)
+            .channel_binding(match info.channel_binding {
+                conninfo::ChannelBinding::Disable => Cb::Disable,
+                conninfo::ChannelBinding::Prefer => Cb::Prefer,
+                conninfo::ChannelBinding::Require => Cb::Require,
+            });
+        if let Some(password) = info.password() {
+            pg.password(password);
+        }
+        pg
+    }
+
+    /// Open an ordinary SQL connection (its driver runs on a spawned task), trying TLS and
+    /// plaintext in the order the sslmode says, as the replication connection does
+    /// ([`wire::open`]).
+    pub async fn connect_sql(&self) -> Result<tokio_postgres::Client, CaptureError> {
+        Ok(self.connect_sql_reporting().await?.0)
+    }
+
+    /// [`SourceConfig::connect_sql`], and what its TLS handshake established (`None`: no TLS).
+    pub async fn connect_sql_reporting(
+        &self,
+    ) -> Result<(tokio_postgres::Client, Option<TlsFacts>), CaptureError> {
+        use tokio_postgres::config::SslMode as Pg;
+        let attempt = |mode: Pg| async move {
+            let tls = PostgresTls {
+                policy: self.tls.clone(),
+                facts: Default::default(),
+            };
+            let facts = tls.facts.clone();
+            let (client, connection) = self.postgres_config(mode).connect(tls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "source sql connection ended");
+                }
+            });
+            let facts = facts.lock().ok().and_then(|f| f.clone());
+            Ok::<_, tokio_postgres::Error>((client, facts))
+        };
+        let server_refused = |e: &tokio_postgres::Error| e.as_db_error().is_some();
+        let result = if !self.tls.uses_tls() {
+            attempt(Pg::Disable).await
+        } else {
+            match self.tls.mode {
+                SslMode::Allow => match attempt(Pg::Disable).await {
+                    Err(e) if server_refused(&e) => attempt(Pg::Require).await,
+                    other => other,
+                },
+                SslMode::Prefer => match attempt(Pg::Prefer).await {
+                    Err(e) if server_refused(&e) || is_handshake_error(&e) => {
+                        attempt(Pg::Disable).await
+                    }
+                    other => other,
+                },
+                _ => attempt(Pg::Require).await,
+            }
+        };
+        result.map_err(|source| CaptureError::Connect {
+            target: self.display(),
+            source,
+        })
     }
 }
 
-fn host_text(host: &Host) -> String {
-    match host {
-        Host::Tcp(h) => h.clone(),
-        Host::Unix(p) => p.display().to_string(),
-    }
+/// Whether a tokio-postgres error is a failed TLS handshake (ours, [`HandshakeError`]).
+pub(crate) fn is_handshake_error(e: &tokio_postgres::Error) -> bool {
+    handshake_error(e).is_some()
 }
 
-/// Remove a password that a parser echoed back into its message.
-fn redact(message: &str, url: &str) -> String {
-    let mut out = message.to_string();
-    if let Some(rest) = url.split("://").nth(1)
-        && let Some((userinfo, _)) = rest.split_once('@')
-        && let Some((_, password)) = userinfo.split_once(':')
-        && !password.is_empty()
-    {
-        out = out.replace(password, "***");
+/// The failed TLS handshake inside a tokio-postgres error, if that is what it is.
+pub(crate) fn handshake_error(e: &tokio_postgres::Error) -> Option<&HandshakeError> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<HandshakeError>() {
+            return Some(h);
+        }
+        source = s.source();
     }
-    out
+    None
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
 }

@@ -105,8 +105,11 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let cluster =
-        Cluster::start(ClusterOptions { settings }).context("starting the benchmark PostgreSQL")?;
+    let cluster = Cluster::start(ClusterOptions {
+        settings,
+        ..Default::default()
+    })
+    .context("starting the benchmark PostgreSQL")?;
     let version = cluster.psql("postgres", "SHOW server_version")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -206,7 +206,11 @@ fn table_rows(archive: &Path) -> Result<Vec<(i64, i64)>, String> {
 
 fn start_cluster() -> Result<Cluster, String> {
     let settings = vec![("wal_sender_timeout".to_string(), "5s".to_string())];
-    let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
+    let cluster = Cluster::start(ClusterOptions {
+        settings,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
     cluster
         .psql("postgres", &format!("CREATE DATABASE {DB}"))
         .map_err(|e| e.to_string())?;

@@ -1021,7 +1021,11 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         ),
         ("max_prepared_transactions".to_string(), "10".to_string()),
     ];
-    let cluster = Cluster::start(ClusterOptions { settings }).map_err(|e| e.to_string())?;
+    let cluster = Cluster::start(ClusterOptions {
+        settings,
+        ..Default::default()
+    })
+    .map_err(|e| e.to_string())?;
     cluster
         .psql("postgres", &format!("CREATE DATABASE {DB}"))
         .map_err(|e| e.to_string())?;

@@ -1,0 +1,521 @@
+//! Connecting the way libpq does, with the real `psql` as the oracle: every sslmode ×
+//! server (no TLS; TLS with the right CA and name; right CA, wrong name; wrong CA) ×
+//! channel_binding must be accepted or refused by both of pgtrail's connections exactly as
+//! `psql` accepts or refuses it; so must client certificates, `.pgpass` and service files.
+//! Then a whole capture over verify-full with the password from `.pgpass`, killed and resumed.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use pgtrail_capture::cluster::{Cluster, ClusterOptions};
+use pgtrail_capture::source::replication::ReplicationStream;
+use pgtrail_capture::source::{Environment, SourceConfig};
+
+const PASSWORD: &str = "s3cret-Pa55";
+
+/// A CA and what it signed, as PEM.
+struct Pki {
+    ca: String,
+    server_cert: String,
+    server_key: String,
+    /// A client certificate for the role `certuser` (PostgreSQL's `cert` method checks the CN).
+    client_cert: String,
+    client_key: String,
+}
+
+fn make_pki(ca_name: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let server_key = KeyPair::generate().unwrap();
+    // The name is `localhost` only: connecting to 127.0.0.1 is the wrong-name case.
+    let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    server
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let client_key = KeyPair::generate().unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "certuser");
+    let client_cert = client.signed_by(&client_key, &issuer).unwrap();
+    Pki {
+        ca: ca.pem(),
+        server_cert: server_cert.pem(),
+        server_key: server_key.serialize_pem(),
+        client_cert: client_cert.pem(),
+        client_key: client_key.serialize_pem(),
+    }
+}
+
+/// A cluster that accepts TCP clients over TLS only: client certificates for `certuser`,
+/// SCRAM passwords for everyone else.
+fn tls_cluster(pki: &Pki) -> Cluster {
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![
+            ("ssl".into(), "on".into()),
+            ("ssl_cert_file".into(), "server.crt".into()),
+            ("ssl_key_file".into(), "server.key".into()),
+            ("ssl_ca_file".into(), "ca.crt".into()),
+        ],
+        hba: Some(
+            "local all all trust\n\
+             hostssl all certuser 127.0.0.1/32 cert\n\
+             hostssl all all 127.0.0.1/32 scram-sha-256\n"
+                .into(),
+        ),
+        files: vec![
+            ("server.crt".into(), pki.server_cert.clone().into_bytes()),
+            ("server.key".into(), pki.server_key.clone().into_bytes()),
+            ("ca.crt".into(), pki.ca.clone().into_bytes()),
+        ],
+    })
+    .unwrap();
+    add_roles(&cluster);
+    cluster
+}
+
+/// A cluster without TLS that asks TCP clients for a SCRAM password.
+fn plain_cluster() -> Cluster {
+    let cluster = Cluster::start(ClusterOptions {
+        hba: Some("local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    add_roles(&cluster);
+    cluster
+}
+
+fn add_roles(cluster: &Cluster) {
+    cluster
+        .psql(
+            "postgres",
+            &format!(
+                "CREATE ROLE alice LOGIN REPLICATION PASSWORD '{PASSWORD}'; CREATE ROLE certuser LOGIN REPLICATION"
+            ),
+        )
+        .unwrap();
+    cluster
+        .psql("postgres", "CREATE DATABASE shop OWNER alice")
+        .unwrap();
+}
+
+/// A client's world: an empty home directory (no ~/.pgpass, no ~/.postgresql) and the files
+/// a case needs.
+struct Client {
+    home: tempfile::TempDir,
+}
+
+impl Client {
+    fn new() -> Client {
+        Client {
+            home: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self, name: &str, contents: &str, mode: u32) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.home.path().join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&path, contents).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    /// What `psql` does with these variables: connected (`Ok`) or refused (its message).
+    fn psql(&self, cluster: &Cluster, vars: &BTreeMap<&str, String>) -> Result<(), String> {
+        let out = Command::new(cluster.bin_dir().join("psql"))
+            .args(["-X", "-w", "-A", "-t", "-c", "SELECT 1"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.home.path())
+            .envs(vars.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+        }
+    }
+
+    fn environment(&self, vars: &BTreeMap<&str, String>) -> Environment {
+        Environment {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            home: Some(self.home.path().to_path_buf()),
+            os_user: Some("nobody-in-particular".into()),
+        }
+    }
+
+    /// What pgtrail's SQL and replication connections do with the same variables.
+    fn pgtrail(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        vars: &BTreeMap<&str, String>,
+    ) -> (Result<(), String>, Result<String, String>) {
+        let source = match SourceConfig::resolve("", &self.environment(vars)) {
+            Ok(s) => s,
+            Err(e) => return (Err(e.to_string()), Err(e.to_string())),
+        };
+        rt.block_on(async {
+            let sql = source
+                .connect_sql()
+                .await
+                .map(|_| ())
+                .map_err(|e| pgtrail_capture::run::error_chain(&e));
+            let replication = async {
+                let mut stream =
+                    ReplicationStream::connect(&source, "s", "p", None, Duration::from_secs(5))
+                        .await?;
+                stream.identify_system().await?;
+                Ok::<_, pgtrail_capture::CaptureError>(stream.security().to_string())
+            }
+            .await
+            .map_err(|e| pgtrail_capture::run::error_chain(&e));
+            (sql, replication)
+        })
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    NoTls,
+    RightCaRightName,
+    RightCaWrongName,
+    WrongCa,
+}
+
+#[test]
+fn every_sslmode_and_channel_binding_case_is_accepted_or_refused_as_psql_does() {
+    let pki = make_pki("pgtrail test CA");
+    let other = make_pki("somebody else's CA");
+    let tls = tls_cluster(&pki);
+    let plain = plain_cluster();
+    let client = Client::new();
+    let right_ca = client.file("right-ca.pem", &pki.ca, 0o644);
+    let wrong_ca = client.file("wrong-ca.pem", &other.ca, 0o644);
+    let rt = runtime();
+    let mut outcomes = BTreeMap::new();
+    let mut disagreements = Vec::new();
+    for server in [
+        Server::NoTls,
+        Server::RightCaRightName,
+        Server::RightCaWrongName,
+        Server::WrongCa,
+    ] {
+        let (cluster, host, ca) = match server {
+            Server::NoTls => (&plain, "localhost", &right_ca),
+            Server::RightCaRightName => (&tls, "localhost", &right_ca),
+            Server::RightCaWrongName => (&tls, "127.0.0.1", &right_ca),
+            Server::WrongCa => (&tls, "localhost", &wrong_ca),
+        };
+        for sslmode in [
+            "disable",
+            "allow",
+            "prefer",
+            "require",
+            "verify-ca",
+            "verify-full",
+        ] {
+            for binding in ["disable", "prefer", "require"] {
+                let vars = BTreeMap::from([
+                    ("PGHOST", host.to_string()),
+                    ("PGPORT", cluster.port().to_string()),
+                    ("PGUSER", "alice".to_string()),
+                    ("PGDATABASE", "shop".to_string()),
+                    ("PGPASSWORD", PASSWORD.to_string()),
+                    ("PGSSLMODE", sslmode.to_string()),
+                    ("PGSSLROOTCERT", ca.display().to_string()),
+                    ("PGCHANNELBINDING", binding.to_string()),
+                    ("PGCONNECT_TIMEOUT", "5".to_string()),
+                ]);
+                let psql = client.psql(cluster, &vars);
+                let (sql, replication) = client.pgtrail(&rt, &vars);
+                let case = format!("{server:?} sslmode={sslmode} channel_binding={binding}");
+                if psql.is_ok() != sql.is_ok() || psql.is_ok() != replication.is_ok() {
+                    disagreements.push(format!(
+                        "{case}: psql {psql:?}, pgtrail sql {sql:?}, replication {replication:?}"
+                    ));
+                }
+                // The password appears in no message.
+                for message in [&sql.clone().err(), &replication.clone().err()] {
+                    assert!(
+                        !message.as_deref().unwrap_or_default().contains(PASSWORD),
+                        "{case}: {message:?}"
+                    );
+                }
+                outcomes.insert(case, replication);
+            }
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "pgtrail and psql disagree:\n{}",
+        disagreements.join("\n")
+    );
+    // What was accepted was what each mode promises.
+    let security = |case: &str| outcomes[case].clone().unwrap();
+    assert_eq!(
+        security("RightCaRightName sslmode=verify-full channel_binding=require")
+            .split_once(' ')
+            .map(|(v, _)| v.starts_with("TLSv1.")),
+        Some(true)
+    );
+    assert!(
+        security("RightCaRightName sslmode=verify-full channel_binding=prefer")
+            .ends_with("server verified (certificate chain and host name), channel binding")
+    );
+    assert!(
+        security("RightCaWrongName sslmode=verify-ca channel_binding=disable")
+            .ends_with("server certificate chain verified, host name not checked")
+    );
+    assert_eq!(
+        security("NoTls sslmode=prefer channel_binding=prefer"),
+        "no TLS"
+    );
+    for refused in [
+        "RightCaWrongName sslmode=verify-full channel_binding=prefer",
+        "WrongCa sslmode=verify-ca channel_binding=prefer",
+        "WrongCa sslmode=require channel_binding=prefer",
+        "NoTls sslmode=require channel_binding=prefer",
+        "NoTls sslmode=prefer channel_binding=require",
+        "RightCaRightName sslmode=disable channel_binding=disable",
+    ] {
+        assert!(outcomes[refused].is_err(), "{refused} was accepted");
+    }
+}
+
+#[test]
+fn client_certificates_password_files_and_services_behave_as_in_psql() {
+    let pki = make_pki("pgtrail test CA");
+    let tls = tls_cluster(&pki);
+    let rt = runtime();
+    let client = Client::new();
+    let ca = client.file("ca.pem", &pki.ca, 0o644);
+    let cert = client.file("certuser.crt", &pki.client_cert, 0o644);
+    let key = client.file("certuser.key", &pki.client_key, 0o600);
+    let open_key = client.file("open.key", &pki.client_key, 0o644);
+    let base = BTreeMap::from([
+        ("PGHOST", "localhost".to_string()),
+        ("PGPORT", tls.port().to_string()),
+        ("PGDATABASE", "shop".to_string()),
+        ("PGSSLMODE", "verify-full".to_string()),
+        ("PGSSLROOTCERT", ca.display().to_string()),
+        ("PGCONNECT_TIMEOUT", "5".to_string()),
+    ]);
+    let with = |extra: &[(&'static str, String)]| {
+        let mut vars = base.clone();
+        vars.extend(extra.iter().cloned());
+        vars
+    };
+    let cases: Vec<(&str, BTreeMap<&str, String>, bool)> = vec![
+        (
+            "client certificate",
+            with(&[
+                ("PGUSER", "certuser".into()),
+                ("PGSSLCERT", cert.display().to_string()),
+                ("PGSSLKEY", key.display().to_string()),
+            ]),
+            true,
+        ),
+        (
+            "no client certificate for cert authentication",
+            with(&[("PGUSER", "certuser".into())]),
+            false,
+        ),
+        (
+            "a private key others can read",
+            with(&[
+                ("PGUSER", "certuser".into()),
+                ("PGSSLCERT", cert.display().to_string()),
+                ("PGSSLKEY", open_key.display().to_string()),
+            ]),
+            false,
+        ),
+        (
+            "no password anywhere",
+            with(&[("PGUSER", "alice".into())]),
+            false,
+        ),
+    ];
+    // Password files: the first matching line wins; a readable-by-others file is ignored.
+    let port = tls.port();
+    let pgpass =
+        |name: &str, text: String, mode: u32| client.file(name, &text, mode).display().to_string();
+    let good = pgpass(
+        "good.pgpass",
+        format!(
+            "# comment\nother:*:*:*:x\nlocalhost:{port}:shop:alice:{PASSWORD}\n*:*:*:*:wrong\n"
+        ),
+        0o600,
+    );
+    let first_wrong = pgpass(
+        "first-wrong.pgpass",
+        format!("*:*:*:alice:wrong\nlocalhost:{port}:shop:alice:{PASSWORD}\n"),
+        0o600,
+    );
+    let open = pgpass(
+        "open.pgpass",
+        format!("localhost:{port}:shop:alice:{PASSWORD}\n"),
+        0o644,
+    );
+    let escaped = pgpass(
+        "escaped.pgpass",
+        format!(
+            "localhost:{port}:*:alice:{}\n",
+            PASSWORD.replace('-', "\\-")
+        ),
+        0o600,
+    );
+    let services = client.file(
+        "services.conf",
+        &format!("[prod]\nhost=localhost\nport={port}\nuser=alice\ndbname=shop\n"),
+        0o644,
+    );
+    let mut cases = cases;
+    for (name, file, accepted) in [
+        ("pgpass match", &good, true),
+        ("pgpass first match is wrong", &first_wrong, false),
+        ("pgpass readable by others", &open, false),
+        ("pgpass escapes", &escaped, true),
+    ] {
+        cases.push((
+            name,
+            with(&[("PGUSER", "alice".into()), ("PGPASSFILE", file.clone())]),
+            accepted,
+        ));
+    }
+    cases.push((
+        "service file with password from the environment",
+        BTreeMap::from([
+            ("PGSERVICEFILE", services.display().to_string()),
+            ("PGSERVICE", "prod".to_string()),
+            ("PGSSLMODE", "verify-full".to_string()),
+            ("PGSSLROOTCERT", ca.display().to_string()),
+            ("PGPASSWORD", PASSWORD.to_string()),
+            // The service's port wins over the environment's.
+            ("PGPORT", "1".to_string()),
+        ]),
+        true,
+    ));
+    let mut failures = Vec::new();
+    for (name, vars, expected) in &cases {
+        let psql = client.psql(&tls, vars);
+        let (sql, replication) = client.pgtrail(&rt, vars);
+        if psql.is_ok() != *expected || sql.is_ok() != *expected || replication.is_ok() != *expected
+        {
+            failures.push(format!(
+                "{name}: expected {}, psql {psql:?}, pgtrail sql {sql:?}, replication {replication:?}",
+                if *expected { "accepted" } else { "refused" }
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The issue's "done when": `PGHOST`, `PGUSER`, `PGSSLMODE=verify-full`, `PGSSLROOTCERT` and
+/// the password in `~/.pgpass`; `pgtrail capture --archive A` records a TLS-only server's
+/// changes, survives kill -9, and the archive equals the source.
+#[test]
+fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
+    let pki = make_pki("pgtrail test CA");
+    let cluster = tls_cluster(&pki);
+    let client = Client::new();
+    let ca = client.file("ca.pem", &pki.ca, 0o644);
+    client.file(
+        ".pgpass",
+        &format!("localhost:{}:*:alice:{PASSWORD}\n", cluster.port()),
+        0o600,
+    );
+    cluster
+        .psql(
+            "shop",
+            "SET ROLE alice; CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items SELECT g, 'before ' || g FROM generate_series(1, 200) g",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let capture = |stop_at: Option<&str>| {
+        let mut cmd = super::pgtrail();
+        cmd.args(["capture", "--archive"])
+            .arg(&archive)
+            .args(["--progress-secs", "1"]);
+        if let Some(lsn) = stop_at {
+            cmd.args(["--stop-at", lsn]);
+        }
+        cmd.env_remove("PGTRAIL_SOURCE")
+            .env("HOME", client.home.path())
+            .env("PGHOST", "localhost")
+            .env("PGPORT", cluster.port().to_string())
+            .env("PGUSER", "alice")
+            .env("PGDATABASE", "shop")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &ca)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let mut child = capture(None).spawn().unwrap();
+    super::wait_slot_active(&cluster, "shop", "pgtrail", &mut child);
+    cluster
+        .psql(
+            "shop",
+            "UPDATE items SET name = 'during ' || id WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 0",
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap();
+    let _ = child.wait();
+    cluster
+        .psql(
+            "shop",
+            "INSERT INTO items SELECT g, 'after ' || g FROM generate_series(201, 260) g; UPDATE items SET name = name || '!' WHERE id % 5 = 0",
+        )
+        .unwrap();
+    let stop = super::insert_lsn(&cluster, "shop");
+    let out = capture(Some(&stop)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+    // The start line says how the connection is protected.
+    assert!(
+        stderr.contains("server verified (certificate chain and host name), channel binding"),
+        "{stderr}"
+    );
+    let source = cluster
+        .psql("shop", "SELECT id || '|' || name FROM items ORDER BY id")
+        .unwrap();
+    let archived = super::pgtrail_sql(
+        &archive,
+        "csv",
+        &format!(
+            "SELECT id || '|' || name AS line FROM as_of_lsn('public.items', '{stop}') ORDER BY id"
+        ),
+    );
+    let archived: Vec<&str> = archived.lines().skip(1).collect();
+    assert_eq!(archived, source.lines().collect::<Vec<_>>());
+    assert!(archived.len() > 200, "{}", archived.len());
+}
