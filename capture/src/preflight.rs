@@ -9,6 +9,39 @@ pub struct ServerFacts {
     pub database: String,
 }
 
+/// How to turn on logical decoding where this server is: managed services set `wal_level`
+/// through a setting of their own (told apart by the settings they define).
+async fn wal_level_fix(sql: &tokio_postgres::Client) -> String {
+    const SERVICES: &[(&str, &str)] = &[
+        (
+            "rds.logical_replication",
+            "Amazon RDS / Aurora: set rds.logical_replication = 1 in the instance's (Aurora: the cluster's) DB parameter group, then reboot",
+        ),
+        (
+            "cloudsql.logical_decoding",
+            "Cloud SQL: set the database flag cloudsql.logical_decoding = on (gcloud sql instances patch INSTANCE --database-flags=cloudsql.logical_decoding=on; this restarts the instance)",
+        ),
+        (
+            "azure.extensions",
+            "Azure Database for PostgreSQL: set the server parameter wal_level = logical (portal: Server parameters), then restart the server",
+        ),
+        (
+            "neon.timeline_id",
+            "Neon: enable logical replication in the Neon Console (project settings); it sets wal_level = logical and restarts the computes",
+        ),
+    ];
+    for (setting, fix) in SERVICES {
+        let defined = sql
+            .query_one("SELECT current_setting($1, true) IS NOT NULL", &[setting])
+            .await
+            .is_ok_and(|row| row.get::<_, bool>(0));
+        if defined {
+            return (*fix).to_string();
+        }
+    }
+    "run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL".into()
+}
+
 /// Check that the server can feed a logical replication capture.
 pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFacts, CaptureError> {
     let row = sql
@@ -43,7 +76,7 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
             format!(
                 "the source has wal_level = {wal_level}; logical replication needs wal_level = logical"
             ),
-            "run `ALTER SYSTEM SET wal_level = logical;` as a superuser and restart PostgreSQL",
+            wal_level_fix(sql).await,
         ));
     }
     if !replication && !superuser {

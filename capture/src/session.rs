@@ -149,7 +149,7 @@ impl<'a> Session<'a> {
         let config = self.config;
         if !config.tables.is_empty() {
             let (tables, _) = slot::choose_tables(&self.sql, &config.tables).await?;
-            slot::ensure_publication(&self.sql, &config.publication, &tables).await?;
+            slot::ensure_publication(&self.sql, &config.publication, tables, true).await?;
         }
         let durable = self.writer.durable();
         let (mut client, system) = self.connect_replication(Some(durable)).await?;
@@ -384,7 +384,13 @@ impl<'a> Session<'a> {
         }
         // The publication must exist before the slot: a slot decodes with the catalog as of
         // each change, and a publication created later is unknown to its earlier changes.
-        slot::ensure_publication(&self.sql, &config.publication, &tables).await?;
+        let tables = slot::ensure_publication(
+            &self.sql,
+            &config.publication,
+            tables,
+            !config.tables.is_empty(),
+        )
+        .await?;
         let (mut client, system) = self.connect_replication(None).await?;
         // A re-snapshot (after a gap, or an interrupted one) continues this archive: only from
         // the same cluster, and only forward in LSN order (a snapshot keyed before what the log

@@ -128,52 +128,135 @@ fn ineligible_reason(replident: &str, has_pk: bool) -> Option<String> {
     }
 }
 
-/// Create the publication for exactly these tables, or set an existing one to them.
+/// Make the publication list `tables` and return the tables capture reads.
+///
+/// A publication the role may not change (a DBA made it, as least privilege asks: in
+/// PostgreSQL 15 a publication `FOR TABLE` needs the tables' owner) is used as it is: its
+/// tables are the ones captured, and it is never altered. `explicit` says the user named the
+/// tables (`--tables`): then a publication that lists others is an error, with the SQL that
+/// fixes it. A publication the role cannot create is an error with the SQL a DBA runs.
 pub async fn ensure_publication(
     sql: &tokio_postgres::Client,
     publication: &str,
-    tables: &[CapturedTable],
-) -> Result<(), CaptureError> {
+    tables: Vec<CapturedTable>,
+    explicit: bool,
+) -> Result<Vec<CapturedTable>, CaptureError> {
+    let list = |tables: &[CapturedTable]| {
+        tables
+            .iter()
+            .map(CapturedTable::sql_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let create_sql = |tables: &[CapturedTable]| {
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true);",
+            always_quoted(publication),
+            list(tables)
+        )
+    };
+    let existing = sql
+        .query_opt(
+            "SELECT pg_get_userbyid(p.pubowner)::text,                     pg_has_role(current_user, p.pubowner, 'USAGE')                       OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)              FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("looking up the publication", e))?;
+    if let Some(row) = &existing
+        && !row.get::<_, bool>(1)
+    {
+        let owner: String = row.get(0);
+        let published = publication_tables(sql, publication).await?;
+        if published.is_empty() {
+            return Err(CaptureError::setup(
+                format!("publication {publication:?} (owned by {owner:?}) publishes no table"),
+                format!(
+                    "have its owner add the tables: ALTER PUBLICATION {} ADD TABLE ...;",
+                    always_quoted(publication)
+                ),
+            ));
+        }
+        let oids = |t: &[CapturedTable]| {
+            t.iter()
+                .map(|t| t.oid)
+                .collect::<std::collections::BTreeSet<_>>()
+        };
+        if explicit && oids(&published) != oids(&tables) {
+            return Err(CaptureError::setup(
+                format!(
+                    "publication {publication:?} belongs to {owner:?} and publishes {}, not the tables given with --tables",
+                    list(&published)
+                ),
+                format!(
+                    "have its owner run: ALTER PUBLICATION {} SET TABLE {};  (or leave out --tables to capture what it publishes)",
+                    always_quoted(publication),
+                    list(&tables)
+                ),
+            ));
+        }
+        tracing::info!(
+            publication,
+            owner = %owner,
+            tables = published.len(),
+            "using the publication as its owner made it (not changed by pgtrail)"
+        );
+        return Ok(published);
+    }
     if tables.is_empty() {
         return Err(CaptureError::setup(
             "there is no table to capture",
             "create a table with a primary key, or name tables with --tables",
         ));
     }
-    let list = tables
-        .iter()
-        .map(CapturedTable::sql_name)
-        .collect::<Vec<_>>()
-        .join(", ");
-    let exists = sql
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| CaptureError::sql("looking up the publication", e))?
-        .is_some();
-    let stmt = if exists {
+    let stmt = if existing.is_some() {
         format!(
-            "ALTER PUBLICATION {} SET TABLE {list}",
-            always_quoted(publication)
+            "ALTER PUBLICATION {} SET TABLE {}",
+            always_quoted(publication),
+            list(&tables)
         )
     } else {
-        format!(
-            "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
-            always_quoted(publication)
-        )
+        create_sql(&tables)
     };
     sql.batch_execute(&stmt).await.map_err(|e| {
         if e.code().is_some_and(|c| c.code() == "42501") {
             CaptureError::setup(
-                format!("not allowed to create or change publication {publication:?}: {}", e.as_db_error().map(|d| d.message()).unwrap_or_default()),
-                "run capture as the owner of the tables (or a superuser), or have a DBA create the publication for these tables",
+                format!(
+                    "not allowed to create publication {publication:?}: {} (PostgreSQL lets only the tables' owner publish them)",
+                    e.as_db_error().map(|d| d.message()).unwrap_or_default()
+                ),
+                format!(
+                    "have the tables' owner or a superuser run: {}  then start capture again with --publication {publication}",
+                    create_sql(&tables)
+                ),
             )
         } else {
             CaptureError::sql(format!("creating publication {publication}"), e)
         }
-    })
+    })?;
+    Ok(tables)
+}
+
+/// The tables a publication publishes (what `pg_publication_tables` lists: partitions'
+/// roots, `FOR ALL TABLES`, `FOR TABLES IN SCHEMA` resolved by the server).
+async fn publication_tables(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Vec<CapturedTable>, CaptureError> {
+    let rows = sql
+        .query(
+            "SELECT c.oid, t.schemaname::text, t.tablename::text              FROM pg_publication_tables t              JOIN pg_namespace n ON n.nspname = t.schemaname              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename              WHERE t.pubname = $1 ORDER BY 2, 3",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("listing the publication's tables", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| CapturedTable {
+            oid: row.get(0),
+            schema: row.get(1),
+            name: row.get(2),
+        })
+        .collect())
 }
 
 /// The state of a replication slot, as `pg_replication_slots` shows it.

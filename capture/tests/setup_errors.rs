@@ -28,6 +28,29 @@ async fn wal_level_replica_is_refused_with_the_fix() {
         .await
         .unwrap_err();
     assert_setup(&err, "wal_level = logical");
+    assert_setup(&err, "ALTER SYSTEM SET wal_level = logical");
+}
+
+/// On a managed service the fix names the service's own setting (recognised by the settings
+/// the service defines; here RDS's, defined by hand).
+#[tokio::test(flavor = "multi_thread")]
+async fn wal_level_on_a_managed_service_names_its_own_setting() {
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![
+            ("wal_level".into(), "replica".into()),
+            ("rds.logical_replication".into(), "0".into()),
+        ],
+        ..Default::default()
+    })
+    .unwrap();
+    let archive = tempfile::tempdir().unwrap();
+    let mut config = TestDb::new("walrds").config();
+    config.source = SourceConfig::parse(&cluster.url("postgres")).unwrap();
+    config.archive = archive.path().join("a");
+    let err = pgtrail_capture::run(config, std::future::pending(), |_| {})
+        .await
+        .unwrap_err();
+    assert_setup(&err, "rds.logical_replication = 1");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -519,3 +519,103 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
     assert_eq!(archived, source.lines().collect::<Vec<_>>());
     assert!(archived.len() > 200, "{}", archived.len());
 }
+
+/// Least privilege: a role with REPLICATION and SELECT, owning nothing, cannot create a
+/// publication (PostgreSQL 15 wants the tables' owner); capture says so with the SQL a DBA
+/// runs, then captures through the publication the DBA made, without changing it.
+#[test]
+fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    cluster
+        .psql(
+            "postgres",
+            "CREATE ROLE app LOGIN; CREATE ROLE archiver LOGIN REPLICATION",
+        )
+        .unwrap();
+    cluster
+        .psql("postgres", "CREATE DATABASE lp OWNER app")
+        .unwrap();
+    cluster
+        .psql(
+            "lp",
+            "SET ROLE app; CREATE TABLE orders (id int PRIMARY KEY, status text); \
+             CREATE TABLE secrets (id int PRIMARY KEY, v text); \
+             INSERT INTO orders SELECT g, 'new' FROM generate_series(1, 50) g; \
+             RESET ROLE; GRANT SELECT ON orders TO archiver",
+        )
+        .unwrap();
+    let url = format!("postgresql://archiver@127.0.0.1:{}/lp", cluster.port());
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let capture = |extra: &[&str], stop_at: &str| {
+        super::pgtrail()
+            .args(["capture", "--archive"])
+            .arg(&archive)
+            .args(["--source", &url, "--stop-at", stop_at])
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let stop = super::insert_lsn(&cluster, "lp");
+    let refused = capture(&["--tables", "public.orders"], &stop);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    let dba_sql = "CREATE PUBLICATION \"pgtrail\" FOR TABLE \"public\".\"orders\" WITH (publish_via_partition_root = true);";
+    assert!(stderr.contains(dba_sql), "{stderr}");
+    // The DBA runs what capture printed.
+    cluster.psql("lp", dba_sql).unwrap();
+    let before = cluster
+        .psql("lp", "SELECT pg_get_userbyid(pubowner) FROM pg_publication")
+        .unwrap();
+    // The snapshot, then the stream.
+    let out = capture(&[], &super::insert_lsn(&cluster, "lp"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+        .psql(
+            "lp",
+            "UPDATE orders SET status = 'paid' WHERE id % 4 = 0; DELETE FROM orders WHERE id = 7",
+        )
+        .unwrap();
+    let stop = super::insert_lsn(&cluster, "lp");
+    let out = capture(&[], &stop);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The publication is the DBA's still, and lists what the DBA put in it.
+    assert_eq!(
+        cluster
+            .psql("lp", "SELECT pg_get_userbyid(pubowner) FROM pg_publication")
+            .unwrap(),
+        before
+    );
+    assert_eq!(
+        cluster
+            .psql(
+                "lp",
+                "SELECT string_agg(tablename, ',') FROM pg_publication_tables"
+            )
+            .unwrap(),
+        "orders"
+    );
+    let source = cluster
+        .psql("lp", "SELECT id || '|' || status FROM orders ORDER BY id")
+        .unwrap();
+    let archived = super::pgtrail_sql(
+        &archive,
+        "csv",
+        &format!(
+            "SELECT id || '|' || status AS line FROM as_of_lsn('public.orders', '{stop}') ORDER BY id"
+        ),
+    );
+    assert_eq!(
+        archived.lines().skip(1).collect::<Vec<_>>(),
+        source.lines().collect::<Vec<_>>()
+    );
+}
