@@ -619,3 +619,118 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
         source.lines().collect::<Vec<_>>()
     );
 }
+
+/// PgBouncer (Debian's package) in transaction mode in front of the cluster: capture through it
+/// stops at once with a clear error naming the pooler, instead of a retry loop. Skipped when
+/// PgBouncer is not installed, unless `PGTRAIL_REQUIRE_PGBOUNCER` is set (CI sets it).
+#[test]
+fn capture_through_pgbouncer_in_transaction_mode_is_refused_with_a_clear_error() {
+    let Some(pgbouncer) = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+    else {
+        assert!(
+            std::env::var_os("PGTRAIL_REQUIRE_PGBOUNCER").is_none(),
+            "PgBouncer is required here (apt-get install pgbouncer)"
+        );
+        eprintln!("skipped: pgbouncer is not installed (apt-get install pgbouncer)");
+        return;
+    };
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("bouncer").unwrap();
+    cluster
+        .psql(&db, "CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let ini = dir.path().join("pgbouncer.ini");
+    let users = dir.path().join("userlist.txt");
+    std::fs::write(&users, "\"postgres\" \"\"\n").unwrap();
+    std::fs::write(
+        &ini,
+        format!(
+            "[databases]\n* = host=127.0.0.1 port={}\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+             unix_socket_dir =\nauth_type = trust\nauth_file = {}\npool_mode = transaction\n\
+             ignore_startup_parameters = extra_float_digits, options\nlogfile = {}\npidfile = {}\n",
+            cluster.port(),
+            users.display(),
+            dir.path().join("pgbouncer.log").display(),
+            dir.path().join("pgbouncer.pid").display(),
+        ),
+    )
+    .unwrap();
+    // PgBouncer refuses to run as root.
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let mut bouncer = if as_root {
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&pgbouncer);
+        c
+    } else {
+        Command::new(&pgbouncer)
+    };
+    let mut bouncer = bouncer
+        .arg(&ini)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready when it answers.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pgbouncer did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let archive = dir.path().join("archive");
+    let mut capture = super::pgtrail()
+        .args(["capture", "--archive"])
+        .arg(&archive)
+        .args([
+            "--source",
+            &format!("postgresql://postgres@127.0.0.1:{port}/{db}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A retry loop would never end: the process must exit by itself, soon.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = capture.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = capture.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = bouncer.kill();
+    let _ = bouncer.wait();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(capture.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(stderr.contains("connection pooler"), "{stderr}");
+    assert!(stderr.contains("unsupported startup parameter"), "{stderr}");
+    assert!(
+        stderr.contains("connect capture to PostgreSQL directly"),
+        "{stderr}"
+    );
+}

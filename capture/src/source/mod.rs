@@ -211,11 +211,38 @@ impl SourceConfig {
                 _ => attempt(Pg::Require).await,
             }
         };
-        result.map_err(|source| CaptureError::Connect {
-            target: self.display(),
-            source,
+        result.map_err(|source| {
+            if let Some(db) = source.as_db_error()
+                && let Some(setup) = through_a_pooler(self, db.code().code(), db.message())
+            {
+                return setup;
+            }
+            CaptureError::Connect {
+                target: self.display(),
+                source,
+            }
         })
     }
+}
+
+/// A refusal of a startup parameter PostgreSQL itself accepts (`replication`, `options`) is
+/// what a connection pooler such as PgBouncer answers (08P01 protocol_violation, "unsupported
+/// startup parameter"): capture needs PostgreSQL itself, for the replication protocol and for
+/// session settings that a transaction pooler would not keep.
+pub(crate) fn through_a_pooler(
+    source: &SourceConfig,
+    code: &str,
+    message: &str,
+) -> Option<CaptureError> {
+    (code == "08P01" && message.contains("startup parameter")).then(|| {
+        CaptureError::setup(
+            format!(
+                "{} refused a connection setting PostgreSQL accepts ({message}): it looks like a connection pooler such as PgBouncer, which cannot carry a replication connection",
+                source.display()
+            ),
+            "connect capture to PostgreSQL directly (on managed services, the direct endpoint rather than the pooled one, e.g. port 5432 rather than a transaction pooler's)",
+        )
+    })
 }
 
 /// Whether a tokio-postgres error is a failed TLS handshake (ours, [`HandshakeError`]).

@@ -439,6 +439,11 @@ fn status_update(position: Lsn) -> BytesMut {
 }
 
 fn connect_error(source: &SourceConfig, e: WireError) -> CaptureError {
+    if let WireError::Server(server) = &e
+        && let Some(setup) = super::through_a_pooler(source, &server.code, &server.message)
+    {
+        return setup;
+    }
     let mut error = ReplicationError::from(e);
     error.prefix(&format!(
         "cannot connect for replication to {}: ",
