@@ -36,7 +36,16 @@ async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde
         .as_str()
         .unwrap_or("pgtrail")
         .to_string();
-    let sql = source.connect_sql().await?;
+    let (sql, tls) = source.connect_sql_reporting().await?;
+    let (protection, _) = source.protection();
+    let connection = match &tls {
+        Some(t) => json!({
+            "tls": true, "version": t.version, "cipher": t.cipher,
+            "verified_chain": t.verified_chain, "verified_name": t.verified_name,
+            "settings": protection,
+        }),
+        None => json!({ "tls": false, "settings": protection }),
+    };
     let row = sql
         .query_opt(
             "SELECT confirmed_flush_lsn::text, (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, wal_status, active \
@@ -45,7 +54,7 @@ async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde
         )
         .await?;
     let Some(row) = row else {
-        return Ok(json!({ "name": slot, "exists": false }));
+        return Ok(json!({ "name": slot, "exists": false, "connection": connection }));
     };
     let lag_bytes: Option<i64> = row.get(1);
     let now_us = std::time::SystemTime::now()
@@ -58,7 +67,7 @@ async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde
     Ok(json!({
         "name": slot, "exists": true, "confirmed_flush_lsn": row.get::<_, Option<String>>(0),
         "lag_bytes": lag_bytes, "lag_seconds": lag_seconds, "wal_status": row.get::<_, Option<String>>(2),
-        "active": row.get::<_, bool>(3),
+        "active": row.get::<_, bool>(3), "connection": connection,
     }))
 }
 
@@ -126,6 +135,25 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         _ => println!("gaps          none"),
     }
     if let Some(slot) = r.get("slot").and_then(|v| v.as_object()) {
+        if let Some(c) = slot.get("connection") {
+            let how = if c["tls"].as_bool() == Some(true) {
+                format!(
+                    "{} {}, {}",
+                    s(&c["version"]),
+                    s(&c["cipher"]),
+                    match (c["verified_chain"].as_bool(), c["verified_name"].as_bool()) {
+                        (Some(true), Some(true)) =>
+                            "server verified (certificate chain and host name)",
+                        (Some(true), _) =>
+                            "server certificate chain verified, host name not checked",
+                        _ => "server NOT verified",
+                    }
+                )
+            } else {
+                "no TLS".to_string()
+            };
+            println!("connection    {how} ({})", s(&c["settings"]));
+        }
         if slot.get("exists").and_then(|v| v.as_bool()) == Some(true) {
             println!(
                 "slot lag      {} bytes, {:.1} s (confirmed {}, wal_status {})",

@@ -505,6 +505,32 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
         stderr.contains("server verified (certificate chain and host name), channel binding"),
         "{stderr}"
     );
+    // `status` reports the connection's protection from the same settings.
+    let status = super::pgtrail()
+        .args(["status", "--format", "json", "--source", "", "--archive"])
+        .arg(&archive)
+        .env("HOME", client.home.path())
+        .env("PGHOST", "localhost")
+        .env("PGPORT", cluster.port().to_string())
+        .env("PGUSER", "alice")
+        .env("PGDATABASE", "shop")
+        .env("PGSSLMODE", "verify-full")
+        .env("PGSSLROOTCERT", &ca)
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_slice(&status.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&status.stderr)));
+    let connection = &report["slot"]["connection"];
+    assert_eq!(connection["tls"], true, "{report}");
+    assert_eq!(connection["verified_chain"], true, "{report}");
+    assert_eq!(connection["verified_name"], true, "{report}");
+    assert!(
+        connection["version"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("TLSv1."),
+        "{report}"
+    );
     let source = cluster
         .psql("shop", "SELECT id || '|' || name FROM items ORDER BY id")
         .unwrap();
