@@ -35,6 +35,8 @@
 //! `--quick` runs tiny workloads so CI keeps the harness working; it checks that every
 //! contestant produced a number, never how fast.
 
+#[path = "../../pki.rs"]
+mod pki;
 mod queries;
 
 use std::io::Write;
@@ -122,7 +124,32 @@ fn main() -> anyhow::Result<()> {
     // written and reported, then the error is returned.
     let outcome = (|| -> anyhow::Result<()> {
         if matches!(args.suite.as_str(), "decode" | "all") {
-            decode_suite(&cluster, &rt, &args, &mut results)?;
+            decode_suite(&cluster, &rt, &args, None, &mut results)?;
+            // The same drain over verify-full TLS, both contestants with the same settings,
+            // on a cluster of its own (the others' connections stay plaintext).
+            let pki = pki::localhost().map_err(|e| anyhow::anyhow!(e))?;
+            let ca_dir = tempfile::tempdir()?;
+            let ca = ca_dir.path().join("ca.pem");
+            std::fs::write(&ca, &pki.ca)?;
+            let mut settings: Vec<(String, String)> = SETTINGS
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            settings.extend([
+                ("ssl".to_string(), "on".to_string()),
+                ("ssl_cert_file".to_string(), "server.crt".to_string()),
+                ("ssl_key_file".to_string(), "server.key".to_string()),
+            ]);
+            let tls_cluster = Cluster::start(ClusterOptions {
+                settings,
+                files: vec![
+                    ("server.crt".into(), pki.server_cert.into_bytes()),
+                    ("server.key".into(), pki.server_key.into_bytes()),
+                ],
+                ..Default::default()
+            })
+            .context("starting the TLS benchmark PostgreSQL")?;
+            decode_suite(&tls_cluster, &rt, &args, Some(&ca), &mut results)?;
         }
         if matches!(args.suite.as_str(), "storage" | "all") {
             storage_suite(&cluster, &rt, &args, &mut results)?;
@@ -154,6 +181,8 @@ fn main() -> anyhow::Result<()> {
     let mut expected: Vec<(&str, &str)> = vec![
         ("decode", "pgtrail"),
         ("decode", "pg_recvlogical"),
+        ("decode-tls", "pgtrail"),
+        ("decode-tls", "pg_recvlogical"),
         ("storage", "pgtrail"),
         ("storage", "trigger"),
         ("storage", "bemi-style"),
@@ -172,7 +201,9 @@ fn main() -> anyhow::Result<()> {
         expected.push(("queries", contestant));
     }
     for (suite, contestant) in &expected {
-        let ran = matches!(args.suite.as_str(), "all") || args.suite == *suite;
+        let ran = matches!(args.suite.as_str(), "all")
+            || args.suite == *suite
+            || (*suite == "decode-tls" && args.suite == "decode");
         if ran
             && !results.iter().any(|m| {
                 m.suite == *suite
@@ -187,14 +218,10 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// pgtrail capturing `public.bench` of `db` into `archive` (no compaction, no stop LSN).
-fn bench_capture(
-    cluster: &Cluster,
-    db: &str,
-    archive: &std::path::Path,
-) -> anyhow::Result<CaptureConfig> {
+/// pgtrail capturing `public.bench` from `url` into `archive` (no compaction, no stop LSN).
+fn bench_capture(url: &str, archive: &std::path::Path) -> anyhow::Result<CaptureConfig> {
     Ok(CaptureConfig {
-        source: SourceConfig::parse(&cluster.url(db))?,
+        source: SourceConfig::parse(url)?,
         archive: archive.to_path_buf(),
         slot: "pgtrail".into(),
         publication: "pgtrail".into(),
@@ -229,21 +256,37 @@ fn backlog_sql(rows: u64) -> Vec<String> {
     sql
 }
 
+/// Both contestants drain the same backlog; over verify-full TLS when `tls_root` (the CA) is
+/// given (suite `decode-tls`), else over plain TCP (`decode`).
 fn decode_suite(
     cluster: &Cluster,
     rt: &tokio::runtime::Runtime,
     args: &Args,
+    tls_root: Option<&std::path::Path>,
     results: &mut Vec<Measurement>,
 ) -> anyhow::Result<()> {
     let rows: u64 = if args.quick { 20_000 } else { 1_000_000 };
     let changes = rows + rows / 4 + rows / 8;
-    let workload = format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8)");
+    let (suite, transport) = match tls_root {
+        Some(_) => ("decode-tls", ", over TCP with verify-full TLS"),
+        None => ("decode", ", over TCP"),
+    };
+    let workload =
+        format!("{changes} changes (200-byte rows: insert, update 1/4, delete 1/8){transport}");
+    let url = |db: &str| match tls_root {
+        Some(ca) => format!(
+            "postgresql://postgres@localhost:{}/{db}?sslmode=verify-full&sslrootcert={}",
+            cluster.port(),
+            ca.display()
+        ),
+        None => cluster.url(db),
+    };
     for rep in 0..args.reps.max(1) {
         let db = cluster.fresh_database("bench_decode")?;
         cluster.psql(&db, "CREATE TABLE bench (id bigint PRIMARY KEY, payload text, n bigint); CREATE PUBLICATION recv FOR TABLE bench")?;
         let dir = tempfile::tempdir()?;
         let archive = dir.path().join("archive");
-        let config = bench_capture(cluster, &db, &archive)?;
+        let config = bench_capture(&url(&db), &archive)?;
         // Both slots exist before the backlog: the first capture creates pgtrail's slot and
         // its (empty) snapshot and stops.
         let mut first = config.clone();
@@ -291,10 +334,11 @@ fn decode_suite(
                 }
                 _ => {
                     let file = dir.path().join("recv.out");
-                    let status = recvlogical_command(cluster, &db, &file, Some(&end.to_string()))
-                        .stderr(std::process::Stdio::null())
-                        .status()
-                        .context("running pg_recvlogical")?;
+                    let status =
+                        recvlogical_command(cluster, &url(&db), &file, Some(&end.to_string()))
+                            .stderr(std::process::Stdio::null())
+                            .status()
+                            .context("running pg_recvlogical")?;
                     if !status.success() {
                         bail!("pg_recvlogical failed: {status}");
                     }
@@ -309,11 +353,11 @@ fn decode_suite(
                 cpu_after.1 - cpu_before.1
             };
             eprintln!(
-                "decode rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s, {cpu:.2} CPU s)",
+                "{suite} rep {rep}: {contestant} drained {changes} changes in {secs:.2} s ({:.0} changes/s, {cpu:.2} CPU s)",
                 changes as f64 / secs
             );
             results.push(Measurement {
-                suite: "decode",
+                suite,
                 contestant: if contestant == "pgtrail" {
                     "pgtrail"
                 } else {
@@ -326,7 +370,7 @@ fn decode_suite(
                 unit: "s",
             });
             results.push(Measurement {
-                suite: "decode",
+                suite,
                 contestant: if contestant == "pgtrail" {
                     "pgtrail"
                 } else {
@@ -366,16 +410,16 @@ fn cpu_seconds() -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// `pg_recvlogical` streaming slot `recv` (pgoutput, publication `recv`) of `db` into `file`,
-/// up to `endpos` when given.
+/// `pg_recvlogical` streaming slot `recv` (pgoutput, publication `recv`) of the database at
+/// `url` into `file`, up to `endpos` when given.
 fn recvlogical_command(
     cluster: &Cluster,
-    db: &str,
+    url: &str,
     file: &std::path::Path,
     endpos: Option<&str>,
 ) -> std::process::Command {
     let mut cmd = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"));
-    cmd.args(["-d", &cluster.url(db), "-S", "recv", "--start", "--no-loop"])
+    cmd.args(["-d", url, "-S", "recv", "--start", "--no-loop"])
         .args(["-o", "proto_version=1", "-o", "publication_names=recv"]);
     if let Some(end) = endpos {
         cmd.args(["--endpos", end]);
@@ -472,7 +516,7 @@ fn storage_suite(
     cluster.psql(&db, AUDIT_TRIGGER_SQL)?;
     let dir = tempfile::tempdir()?;
     let archive = dir.path().join("archive");
-    let mut config = bench_capture(cluster, &db, &archive)?;
+    let mut config = bench_capture(&cluster.url(&db), &archive)?;
     config.stop_at = Some(
         cluster
             .psql(&db, "SELECT pg_current_wal_insert_lsn()")?
@@ -773,7 +817,7 @@ fn overhead_suite(
             }
             match contestant {
                 "pgtrail" | "pgtrail-full" => {
-                    let mut config = bench_capture(cluster, &db, &dir.path().join("archive"))?;
+                    let mut config = bench_capture(&cluster.url(&db), &dir.path().join("archive"))?;
                     config.tables = PGBENCH_TABLES
                         .iter()
                         .chain(&["bench_probe"])
@@ -814,11 +858,15 @@ fn overhead_suite(
                         &db,
                         "SELECT pg_create_logical_replication_slot('recv', 'pgoutput')",
                     )?;
-                    let child =
-                        recvlogical_command(cluster, &db, &dir.path().join("recv.out"), None)
-                            .stderr(std::process::Stdio::null())
-                            .spawn()
-                            .context("running pg_recvlogical")?;
+                    let child = recvlogical_command(
+                        cluster,
+                        &cluster.url(&db),
+                        &dir.path().join("recv.out"),
+                        None,
+                    )
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .context("running pg_recvlogical")?;
                     recvlogical = Some(child);
                 }
                 _ => {}
@@ -1031,7 +1079,7 @@ fn bigtx_suite(
             } else {
                 run_measured(recvlogical_command(
                     cluster,
-                    &db,
+                    &cluster.url(&db),
                     &dir.path().join("recv.out"),
                     Some(&end),
                 ))?
@@ -1162,6 +1210,13 @@ fn print_report(
     if let (Some(p), Some(r)) = (d("pgtrail"), d("pg_recvlogical")) {
         println!(
             "Ratio decode: pgtrail changes/s (durable in redb) / pg_recvlogical changes/s (to a file) = **{:.2}**",
+            p / r
+        );
+    }
+    let t = |c: &str| median("decode-tls", c, "changes_per_second");
+    if let (Some(p), Some(r)) = (t("pgtrail"), t("pg_recvlogical")) {
+        println!(
+            "Ratio decode over verify-full TLS: pgtrail changes/s / pg_recvlogical changes/s (the same sslmode, root certificate and host) = **{:.2}**",
             p / r
         );
     }

@@ -184,7 +184,7 @@ fn build_dataset(
     for t in ["accounts", "events"] {
         cluster.psql(db, &format!("CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON {t} FOR EACH ROW EXECUTE FUNCTION audit_row()"))?;
     }
-    let mut config = bench_capture(cluster, db, archive)?;
+    let mut config = bench_capture(&cluster.url(db), archive)?;
     config.tables = vec!["public.accounts".into(), "public.events".into()];
     // The slot exists before the first change: the archive holds the whole history.
     let drain = |stop: Lsn| -> anyhow::Result<u64> {

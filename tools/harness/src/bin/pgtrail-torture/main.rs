@@ -16,6 +16,8 @@
 //! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
 
 mod gaps;
+#[path = "../../pki.rs"]
+mod pki;
 mod proxy;
 mod shapes;
 
@@ -54,6 +56,11 @@ struct Args {
     /// Run only the gap cases (to replay them quickly).
     #[arg(long)]
     gaps_only: bool,
+    /// The capture connects over TLS (sslmode=verify-full, a CA made for the run) through the
+    /// fault proxy; the schedule is then the network faults (and a kill -9), without the
+    /// disk, crash-point and gap cases the plain run covers.
+    #[arg(long)]
+    tls: bool,
 }
 
 /// A small deterministic generator (xorshift).
@@ -130,12 +137,22 @@ struct Harness {
     disk_full_tried: [bool; 2],
     /// Set while the disk fills: the workload runs unthrottled.
     unthrottled: Arc<AtomicBool>,
+    /// With `--tls`: the CA file the capture verifies the server with.
+    tls_root: Option<PathBuf>,
 }
 
 impl Harness {
     fn start_capture(&mut self, crash_at: Option<&str>) -> Result<(), String> {
         self.runs += 1;
-        let url = format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port);
+        let url = match &self.tls_root {
+            // `localhost` is the name in the server's certificate; the proxy listens there.
+            Some(ca) => format!(
+                "postgresql://postgres@localhost:{}/{DB}?sslmode=verify-full&sslrootcert={}",
+                self.proxy.port,
+                ca.display()
+            ),
+            None => format!("postgresql://postgres@127.0.0.1:{}/{DB}", self.proxy.port),
+        };
         let log = self.work.join(format!("capture-{:03}.log", self.runs));
         let mut cmd = capture_command(&self.bin, &url, &self.archive, SLOT, SLOT, &log)?;
         cmd.args([
@@ -405,6 +422,23 @@ impl Harness {
                     self.cluster
                         .psql("postgres", "SELECT pg_reload_conf()")
                         .map_err(|e| e.to_string())?;
+                }
+                if stream_only {
+                    // Which proxied connections are walsenders, by the server's view of their
+                    // ports (a TLS startup message cannot be read on the way).
+                    let ports = self
+                        .cluster
+                        .psql(
+                            "postgres",
+                            "SELECT client_port FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                        )
+                        .map_err(|e| e.to_string())?;
+                    self.proxy.mark_replication(
+                        &ports
+                            .lines()
+                            .filter_map(|p| p.trim().parse().ok())
+                            .collect::<Vec<u16>>(),
+                    );
                 }
                 self.proxy.cut(if stream_only {
                     proxy::Cut::BlackHoleReplication
@@ -1021,11 +1055,28 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         ),
         ("max_prepared_transactions".to_string(), "10".to_string()),
     ];
-    let cluster = Cluster::start(ClusterOptions {
+    let mut options = ClusterOptions {
         settings,
         ..Default::default()
-    })
-    .map_err(|e| e.to_string())?;
+    };
+    let tls_root = if args.tls {
+        let pki = pki::localhost()?;
+        options.settings.extend([
+            ("ssl".to_string(), "on".to_string()),
+            ("ssl_cert_file".to_string(), "server.crt".to_string()),
+            ("ssl_key_file".to_string(), "server.key".to_string()),
+        ]);
+        options.files = vec![
+            ("server.crt".into(), pki.server_cert.into_bytes()),
+            ("server.key".into(), pki.server_key.into_bytes()),
+        ];
+        let ca = work.path().join("ca.pem");
+        std::fs::write(&ca, pki.ca).map_err(|e| e.to_string())?;
+        Some(ca)
+    } else {
+        None
+    };
+    let cluster = Cluster::start(options).map_err(|e| e.to_string())?;
     cluster
         .psql("postgres", &format!("CREATE DATABASE {DB}"))
         .map_err(|e| e.to_string())?;
@@ -1055,6 +1106,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         full_disk_archives: Vec::new(),
         disk_full_tried: [false; 2],
         unthrottled: Arc::new(AtomicBool::new(false)),
+        tls_root,
     };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -1110,6 +1162,16 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         Fault::NetReset,
         Fault::BlackHoleStream,
     ]);
+    if args.tls {
+        schedule = vec![
+            Fault::NetReset,
+            Fault::NetCloseMidFrame,
+            Fault::Kill9,
+            Fault::BlackHole,
+            Fault::NetReset,
+            Fault::BlackHoleStream,
+        ];
+    }
     let soak_until =
         (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
     let started = Instant::now();
@@ -1216,9 +1278,42 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
             "the workload committed only {transactions} transactions"
         ));
     }
+    if args.tls {
+        // Every session of the capture went over verified TLS.
+        let sessions = std::fs::read_dir(&h.work)
+            .map_err(|e| e.to_string())?
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("capture-"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .flat_map(|log| {
+                log.lines()
+                    .filter(|l| l.contains("replication connection security="))
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>();
+        let unverified = sessions
+            .iter()
+            .filter(|l| !l.contains("server verified (certificate chain and host name)"))
+            .count();
+        // Each capture run logs its replication connection's security when it first
+        // connects and whenever it changes.
+        eprintln!(
+            "torture: {} replication connection reports over TLS, {unverified} not verified",
+            sessions.len()
+        );
+        if sessions.is_empty() || unverified > 0 {
+            v.problems.push(format!(
+                "with --tls, {unverified} of {} replication connection reports were not verified TLS",
+                sessions.len()
+            ));
+        }
+    }
     check_archive(&h, &mut v)?;
-    gaps::run(&h.bin, &h.work, &mut v)?;
-    bad_inputs(&h, &mut v);
+    if !args.tls {
+        gaps::run(&h.bin, &h.work, &mut v)?;
+        bad_inputs(&h, &mut v);
+    }
     // Keep the evidence (capture logs, archives) of any failure.
     if args.keep || !v.problems.is_empty() || v.lost + v.duplicates + v.gaps + v.panics > 0 {
         let kept = work.keep();

@@ -26,8 +26,17 @@ pub enum Cut {
     BlackHoleReplication,
 }
 
-/// The open connections: each one's cut signal and whether it is the replication stream.
-type OpenConnections = Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<std::sync::atomic::AtomicBool>)>>>;
+/// What the proxy knows of one connection.
+#[derive(Default)]
+struct Link {
+    /// The replication stream (from its startup message, or marked by the server's view).
+    replication: std::sync::atomic::AtomicBool,
+    /// The local port of the proxy's connection to the server: the walsender's `client_port`.
+    upstream_port: std::sync::atomic::AtomicU16,
+}
+
+/// The open connections: each one's cut signal and what is known of it.
+type OpenConnections = Arc<Mutex<Vec<(watch::Sender<Cut>, Arc<Link>)>>>;
 
 pub struct Proxy {
     pub port: u16,
@@ -56,13 +65,13 @@ impl Proxy {
         runtime.spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let (tx, rx) = watch::channel(Cut::Pass);
-                let replication = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let link = Arc::new(Link::default());
                 registry
                     .lock()
                     .expect("proxy registry")
-                    .push((tx, replication.clone()));
+                    .push((tx, link.clone()));
                 let to = *target.lock().expect("proxy upstream");
-                tokio::spawn(forward(client, to, rx, replication));
+                tokio::spawn(forward(client, to, rx, link));
             }
         });
         Ok(Proxy {
@@ -78,18 +87,33 @@ impl Proxy {
         *self.upstream.lock().expect("proxy upstream") = to;
     }
 
+    /// Mark the connections whose server side has one of `ports` (walsenders' `client_port`)
+    /// as replication streams: over TLS their startup message cannot be read.
+    pub fn mark_replication(&self, ports: &[u16]) {
+        for (_, link) in self.open.lock().expect("proxy registry").iter() {
+            if ports.contains(
+                &link
+                    .upstream_port
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            ) {
+                link.replication
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Apply `cut` to every connection open now; later ones are not affected.
     pub fn cut(&self, cut: Cut) -> usize {
         let mut registry = self.open.lock().expect("proxy registry");
         let open: Vec<_> = std::mem::take(&mut *registry);
         let mut n = 0;
-        for (tx, replication) in open {
+        for (tx, link) in open {
             let hit = cut != Cut::BlackHoleReplication
-                || replication.load(std::sync::atomic::Ordering::Relaxed);
+                || link.replication.load(std::sync::atomic::Ordering::Relaxed);
             if !hit {
                 // Not affected: it stays open to later cuts.
                 if !tx.is_closed() {
-                    registry.push((tx, replication));
+                    registry.push((tx, link));
                 }
                 continue;
             }
@@ -105,11 +129,15 @@ async fn forward(
     mut client: TcpStream,
     upstream: SocketAddr,
     mut cut: watch::Receiver<Cut>,
-    replication: Arc<std::sync::atomic::AtomicBool>,
+    link: Arc<Link>,
 ) {
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
+    if let Ok(local) = server.local_addr() {
+        link.upstream_port
+            .store(local.port(), std::sync::atomic::Ordering::Relaxed);
+    }
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);
     // The startup message names a replication connection (`replication` = `database`).
@@ -118,7 +146,8 @@ async fn forward(
         return;
     };
     if first[..n].windows(12).any(|w| w == b"replication\0") {
-        replication.store(true, std::sync::atomic::Ordering::Relaxed);
+        link.replication
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
     if server.write_all(&first[..n]).await.is_err() {
         return;
