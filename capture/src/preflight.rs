@@ -48,7 +48,8 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
         .query_one(
             "SELECT current_setting('server_version_num')::int, current_setting('wal_level'), \
                     r.rolreplication, r.rolsuper, current_setting('server_encoding'), \
-                    current_setting('max_replication_slots')::int, current_database()::text \
+                    current_setting('max_replication_slots')::int, current_database()::text, \
+                    current_setting('max_wal_senders')::int \
              FROM pg_roles r WHERE r.rolname = current_user",
             &[],
         )
@@ -61,6 +62,7 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
     let encoding: String = row.get(4);
     let max_slots: i32 = row.get(5);
     let database: String = row.get(6);
+    let max_wal_senders: i32 = row.get(7);
     if version_num < 140000 {
         return Err(CaptureError::setup(
             format!(
@@ -98,6 +100,12 @@ pub async fn check(sql: &tokio_postgres::Client, user: &str) -> Result<ServerFac
         return Err(CaptureError::setup(
             "the source has max_replication_slots = 0",
             "run `ALTER SYSTEM SET max_replication_slots = 10;` and restart PostgreSQL",
+        ));
+    }
+    if max_wal_senders < 1 {
+        return Err(CaptureError::setup(
+            "the source has max_wal_senders = 0: it accepts no replication connection",
+            "run `ALTER SYSTEM SET max_wal_senders = 10;` and restart PostgreSQL",
         ));
     }
     Ok(ServerFacts {

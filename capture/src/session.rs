@@ -423,8 +423,17 @@ impl<'a> Session<'a> {
         // the snapshot is then recognised on the next start, which drops this archive's slot
         // and takes the snapshot again (nothing was acknowledged past the slot's creation).
         self.writer.set_identity(identity.clone()).await?;
-        let (consistent_point, snapshot_name) =
-            client.create_slot_exporting_snapshot(&config.slot).await?;
+        let (consistent_point, snapshot_name) = client
+            .create_slot_exporting_snapshot(&config.slot)
+            .await
+            .map_err(|e| match &e {
+                // 53400 configuration_limit_exceeded: every slot is taken.
+                CaptureError::Replication(r) if r.sqlstate() == Some("53400") => CaptureError::setup(
+                    format!("cannot create replication slot {:?}: {r}", config.slot),
+                    "raise max_replication_slots (ALTER SYSTEM SET max_replication_slots = 10; then restart PostgreSQL), or drop a slot nobody uses (SELECT slot_name, active, wal_status FROM pg_replication_slots; SELECT pg_drop_replication_slot('name');)",
+                ),
+                _ => e,
+            })?;
         if durable > Lsn::ZERO && Lsn(consistent_point.0.saturating_sub(1)) < durable {
             // Nothing was read from the slot yet: dropping it loses nothing.
             drop(client);

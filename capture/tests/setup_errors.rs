@@ -31,6 +31,32 @@ async fn wal_level_replica_is_refused_with_the_fix() {
     assert_setup(&err, "ALTER SYSTEM SET wal_level = logical");
 }
 
+/// Every replication slot taken: capture stops with the fix instead of retrying.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_free_replication_slot_is_refused_with_the_fix() {
+    let cluster = Cluster::start(ClusterOptions {
+        settings: vec![("max_replication_slots".into(), "1".into())],
+        ..Default::default()
+    })
+    .unwrap();
+    cluster
+        .psql("postgres", "SELECT pg_create_logical_replication_slot('other', 'pgoutput'); CREATE TABLE t (id int PRIMARY KEY)")
+        .unwrap();
+    let archive = tempfile::tempdir().unwrap();
+    let mut config = TestDb::new("noslot").config();
+    config.source = SourceConfig::parse(&cluster.url("postgres")).unwrap();
+    config.archive = archive.path().join("a");
+    config.tables = Vec::new();
+    let err = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        pgtrail_capture::run(config, std::future::pending(), |_| {}),
+    )
+    .await
+    .expect("capture retried instead of stopping")
+    .unwrap_err();
+    assert_setup(&err, "max_replication_slots");
+}
+
 /// On a managed service the fix names the service's own setting (recognised by the settings
 /// the service defines; here RDS's, defined by hand).
 #[tokio::test(flavor = "multi_thread")]

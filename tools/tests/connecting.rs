@@ -437,7 +437,8 @@ fn client_certificates_password_files_and_services_behave_as_in_psql() {
 
 /// The "done when": `PGHOST`, `PGUSER`, `PGSSLMODE=verify-full`, `PGSSLROOTCERT` and
 /// the password in `~/.pgpass`; `pgtrail capture --archive A` records a TLS-only server's
-/// changes, survives kill -9, and the archive equals the source.
+/// changes, survives kill -9, and the archive equals the source. The resumed run verifies the
+/// server with `sslrootcert=system`.
 #[test]
 fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
     let pki = make_pki("pgtrail test CA");
@@ -496,7 +497,13 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
         )
         .unwrap();
     let stop = super::insert_lsn(&cluster, "shop");
-    let out = capture(Some(&stop)).output().unwrap();
+    // The resumed run trusts the system's roots (sslrootcert=system, libpq 16's spelling),
+    // here a bundle that holds the test CA (SSL_CERT_FILE, which the system roots honour).
+    let out = capture(Some(&stop))
+        .env("PGSSLROOTCERT", "system")
+        .env("SSL_CERT_FILE", &ca)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(!stderr.contains(PASSWORD), "{stderr}");

@@ -5,6 +5,8 @@
 //! - `decode`: drain the same backlog of changes from two slots created before it existed:
 //!   pgtrail (durably into its redb log) and `pg_recvlogical` (pgoutput, into a file). The
 //!   server's decoder is the limit both share; the ratio says what pgtrail costs on top.
+//!   Then the same over verify-full TLS (`decode-tls`), both clients with the same sslmode,
+//!   root certificate and host name, on a cluster of its own with a CA made for the run.
 //!
 //! - `storage`: the same changes kept three ways: pgtrail's Parquet segments (after compaction),
 //!   a generic JSONB audit-trigger table (the supa_audit / audit-trigger shape: heap, TOAST and
