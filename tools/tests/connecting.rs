@@ -487,7 +487,31 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
             "UPDATE items SET name = 'during ' || id WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 0",
         )
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Killed while streaming: once what was written so far is acknowledged (the snapshot is
+    // complete, the stream runs), more is written and the process dies at once.
+    let streamed = super::insert_lsn(&cluster, "shop");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while cluster
+        .psql(
+            "shop",
+            &format!("SELECT coalesce(bool_and(confirmed_flush_lsn >= '{streamed}'), false) FROM pg_replication_slots WHERE slot_name = 'pgtrail'"),
+        )
+        .unwrap()
+        != "t"
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "capture exited before it streamed"
+        );
+        assert!(std::time::Instant::now() < deadline, "capture did not stream");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster
+        .psql(
+            "shop",
+            "UPDATE items SET name = name || '?' WHERE id % 11 = 0",
+        )
+        .unwrap();
     child.kill().unwrap();
     let _ = child.wait();
     cluster
