@@ -295,6 +295,23 @@ fn every_sslmode_and_channel_binding_case_is_accepted_or_refused_as_psql_does() 
         security("NoTls sslmode=prefer channel_binding=prefer"),
         "no TLS"
     );
+    // A certificate that does not verify says what to check, on both connections.
+    let (sql, replication) = {
+        let vars = BTreeMap::from([
+            ("PGHOST", "127.0.0.1".to_string()),
+            ("PGPORT", tls.port().to_string()),
+            ("PGUSER", "alice".to_string()),
+            ("PGDATABASE", "shop".to_string()),
+            ("PGPASSWORD", PASSWORD.to_string()),
+            ("PGSSLMODE", "verify-full".to_string()),
+            ("PGSSLROOTCERT", right_ca.display().to_string()),
+        ]);
+        client.pgtrail(&rt, &vars)
+    };
+    for message in [sql.unwrap_err(), replication.unwrap_err()] {
+        assert!(message.contains("the TLS connection to"), "{message}");
+        assert!(message.contains("fix: check that sslrootcert"), "{message}");
+    }
     for refused in [
         "RightCaWrongName sslmode=verify-full channel_binding=prefer",
         "WrongCa sslmode=verify-ca channel_binding=prefer",

@@ -217,11 +217,35 @@ impl SourceConfig {
             {
                 return setup;
             }
+            if let Some(h) = handshake_error(&source)
+                && h.0.kind() == std::io::ErrorKind::InvalidData
+            {
+                return self.certificate_refused(&h.0.to_string());
+            }
             CaptureError::Connect {
                 target: self.display(),
                 source,
             }
         })
+    }
+
+    /// The server's certificate did not verify (either connection): what to check.
+    pub(crate) fn certificate_refused(&self, detail: &str) -> CaptureError {
+        let roots = match &self.info.sslrootcert {
+            Some(conninfo::RootCert::File(path)) => {
+                format!("the CA certificates in {}", path.display())
+            }
+            Some(conninfo::RootCert::System) => "the system's trusted roots".to_string(),
+            None => "no root certificate".to_string(),
+        };
+        CaptureError::setup(
+            format!(
+                "the TLS connection to {} was refused: {detail} (sslmode={}, verified against {roots})",
+                self.display(),
+                self.info.sslmode.as_str()
+            ),
+            "check that sslrootcert holds the CA that signed the server's certificate, and (verify-full) that the host you connect to is a name or address the certificate lists; `openssl s_client -starttls postgres -connect HOST:PORT -showcerts` shows what the server presents",
+        )
     }
 }
 

@@ -444,6 +444,11 @@ fn connect_error(source: &SourceConfig, e: WireError) -> CaptureError {
     {
         return setup;
     }
+    if let WireError::Handshake(io) = &e
+        && io.kind() == std::io::ErrorKind::InvalidData
+    {
+        return source.certificate_refused(&io.to_string());
+    }
     let mut error = ReplicationError::from(e);
     error.prefix(&format!(
         "cannot connect for replication to {}: ",
