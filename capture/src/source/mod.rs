@@ -178,20 +178,32 @@ impl SourceConfig {
         &self,
     ) -> Result<(tokio_postgres::Client, Option<TlsFacts>), CaptureError> {
         use tokio_postgres::config::SslMode as Pg;
-        let attempt = |mode: Pg| async move {
-            let tls = PostgresTls {
-                policy: self.tls.clone(),
-                facts: Default::default(),
-            };
-            let facts = tls.facts.clone();
-            let (client, connection) = self.postgres_config(mode).connect(tls).await?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "source sql connection ended");
-                }
-            });
-            let facts = facts.lock().ok().and_then(|f| f.clone());
-            Ok::<_, tokio_postgres::Error>((client, facts))
+        // Whether the last attempt completed a TLS handshake: `prefer` retries without TLS
+        // only after a refusal that came over TLS (a server that answered 'N' was already
+        // tried in plaintext), as libpq.
+        let went_tls = std::sync::atomic::AtomicBool::new(false);
+        let attempt = |mode: Pg| {
+            let went_tls = &went_tls;
+            async move {
+                let tls = PostgresTls {
+                    policy: self.tls.clone(),
+                    facts: Default::default(),
+                };
+                let facts = tls.facts.clone();
+                let connected = self.postgres_config(mode).connect(tls).await;
+                went_tls.store(
+                    facts.lock().is_ok_and(|f| f.is_some()),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                let (client, connection) = connected?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "source sql connection ended");
+                    }
+                });
+                let facts = facts.lock().ok().and_then(|f| f.clone());
+                Ok::<_, tokio_postgres::Error>((client, facts))
+            }
         };
         let server_refused = |e: &tokio_postgres::Error| e.as_db_error().is_some();
         let result = if !self.tls.uses_tls() {
@@ -203,7 +215,11 @@ impl SourceConfig {
                     other => other,
                 },
                 SslMode::Prefer => match attempt(Pg::Prefer).await {
-                    Err(e) if server_refused(&e) || is_handshake_error(&e) => {
+                    Err(e)
+                        if is_handshake_error(&e)
+                            || (server_refused(&e)
+                                && went_tls.load(std::sync::atomic::Ordering::Relaxed)) =>
+                    {
                         attempt(Pg::Disable).await
                     }
                     other => other,

@@ -146,15 +146,22 @@ pub async fn open(
     params: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Conn, WireError> {
-    let attempt = |tls: bool| async move {
-        tokio::time::timeout(timeout, open_once(info, policy, params, tls))
-            .await
-            .unwrap_or_else(|_| {
-                Err(WireError::Network(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("timeout expired after {} s", timeout.as_secs()),
-                )))
-            })
+    // Whether the server accepted SSLRequest on the attempt: libpq's `prefer` retries without
+    // TLS only after a refusal that came over TLS (a server that answered 'N' was already
+    // tried in plaintext).
+    let went_tls = std::sync::atomic::AtomicBool::new(false);
+    let attempt = |tls: bool| {
+        let went_tls = &went_tls;
+        async move {
+            tokio::time::timeout(timeout, open_once(info, policy, params, tls, went_tls))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(WireError::Network(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("timeout expired after {} s", timeout.as_secs()),
+                    )))
+                })
+        }
     };
     if !policy.uses_tls() {
         return attempt(false).await;
@@ -165,7 +172,10 @@ pub async fn open(
             other => other,
         },
         SslMode::Prefer => match attempt(true).await {
-            Err(WireError::Handshake(_) | WireError::Server(_)) => attempt(false).await,
+            Err(WireError::Handshake(_)) => attempt(false).await,
+            Err(WireError::Server(_)) if went_tls.load(std::sync::atomic::Ordering::Relaxed) => {
+                attempt(false).await
+            }
             other => other,
         },
         _ => attempt(true).await,
@@ -243,6 +253,7 @@ async fn open_once(
     policy: &TlsPolicy,
     params: &[(&str, &str)],
     tls: bool,
+    went_tls: &std::sync::atomic::AtomicBool,
 ) -> Result<Conn, WireError> {
     let mut io = socket(info).await?;
     let mut security = Security::default();
@@ -254,6 +265,7 @@ async fn open_once(
         io.read_exact(&mut answer).await?;
         match answer[0] {
             b'S' => {
+                went_tls.store(true, std::sync::atomic::Ordering::Relaxed);
                 let (stream, facts) = policy.handshake(io).await.map_err(WireError::Handshake)?;
                 security.tls = Some(facts);
                 io = Box::new(stream);
