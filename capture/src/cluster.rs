@@ -375,7 +375,8 @@ fn run(cmd: &mut Command, what: &str) -> Result<(), ClusterError> {
     }
 }
 
-fn running_as_root() -> bool {
+/// Whether this process runs as root (server programs then run as the `postgres` user).
+pub fn running_as_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| m.uid() == 0)
         .unwrap_or(false)

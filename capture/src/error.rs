@@ -144,13 +144,6 @@ impl CaptureError {
 }
 
 fn pg_error_kind(e: &tokio_postgres::Error) -> ErrorKind {
-    // A certificate that does not verify stays so until someone changes it; a handshake cut
-    // by the network (another kind of I/O error) is retried.
-    if crate::source::handshake_error(e)
-        .is_some_and(|h| h.0.kind() == std::io::ErrorKind::InvalidData)
-    {
-        return ErrorKind::Setup;
-    }
     match e.code() {
         Some(code) => sqlstate_kind(code.code()),
         None => ErrorKind::Transient,

@@ -141,13 +141,10 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
                     "{} {}, {}",
                     s(&c["version"]),
                     s(&c["cipher"]),
-                    match (c["verified_chain"].as_bool(), c["verified_name"].as_bool()) {
-                        (Some(true), Some(true)) =>
-                            "server verified (certificate chain and host name)",
-                        (Some(true), _) =>
-                            "server certificate chain verified, host name not checked",
-                        _ => "server NOT verified",
-                    }
+                    pgtrail_capture::source::tls::verification_words(
+                        c["verified_chain"].as_bool() == Some(true),
+                        c["verified_name"].as_bool() == Some(true),
+                    )
                 )
             } else {
                 "no TLS".to_string()

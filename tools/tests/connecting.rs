@@ -475,6 +475,17 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
+    // The settings a user of libpq tools would have: PG* variables, the password in ~/.pgpass.
+    let with_settings = |cmd: &mut Command| {
+        cmd.env_remove("PGTRAIL_SOURCE")
+            .env("HOME", client.home.path())
+            .env("PGHOST", "localhost")
+            .env("PGPORT", cluster.port().to_string())
+            .env("PGUSER", "alice")
+            .env("PGDATABASE", "shop")
+            .env("PGSSLMODE", "verify-full")
+            .env("PGSSLROOTCERT", &ca);
+    };
     let capture = |stop_at: Option<&str>| {
         let mut cmd = super::pgtrail();
         cmd.args(["capture", "--archive"])
@@ -483,15 +494,8 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
         if let Some(lsn) = stop_at {
             cmd.args(["--stop-at", lsn]);
         }
-        cmd.env_remove("PGTRAIL_SOURCE")
-            .env("HOME", client.home.path())
-            .env("PGHOST", "localhost")
-            .env("PGPORT", cluster.port().to_string())
-            .env("PGUSER", "alice")
-            .env("PGDATABASE", "shop")
-            .env("PGSSLMODE", "verify-full")
-            .env("PGSSLROOTCERT", &ca)
-            .stdin(Stdio::null())
+        with_settings(&mut cmd);
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         cmd
@@ -554,18 +558,12 @@ fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
         "{stderr}"
     );
     // `status` reports the connection's protection from the same settings.
-    let status = super::pgtrail()
+    let mut status = super::pgtrail();
+    status
         .args(["status", "--format", "json", "--source", "", "--archive"])
-        .arg(&archive)
-        .env("HOME", client.home.path())
-        .env("PGHOST", "localhost")
-        .env("PGPORT", cluster.port().to_string())
-        .env("PGUSER", "alice")
-        .env("PGDATABASE", "shop")
-        .env("PGSSLMODE", "verify-full")
-        .env("PGSSLROOTCERT", &ca)
-        .output()
-        .unwrap();
+        .arg(&archive);
+    with_settings(&mut status);
+    let status = status.output().unwrap();
     let report: serde_json::Value = serde_json::from_slice(&status.stdout)
         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&status.stderr)));
     let connection = &report["slot"]["connection"];
@@ -738,12 +736,7 @@ fn capture_through_pgbouncer_in_transaction_mode_is_refused_with_a_clear_error()
     )
     .unwrap();
     // PgBouncer refuses to run as root.
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    let mut bouncer = if as_root {
+    let mut bouncer = if pgtrail_capture::cluster::running_as_root() {
         Command::new("chown")
             .args(["-R", "postgres"])
             .arg(dir.path())

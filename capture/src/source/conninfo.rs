@@ -843,14 +843,10 @@ fn pgpass_fields(line: &str) -> Vec<String> {
     let mut chars = line.chars();
     while let Some(c) = chars.next() {
         match c {
-            '\\' => {
-                if let Some(next) = chars.next() {
-                    fields.last_mut().unwrap_or(&mut String::new()).push(next);
-                }
-            }
             ':' if fields.len() < 5 => fields.push(String::new()),
             c => {
-                if let Some(field) = fields.last_mut() {
+                let c = if c == '\\' { chars.next() } else { Some(c) };
+                if let (Some(c), Some(field)) = (c, fields.last_mut()) {
                     field.push(c);
                 }
             }

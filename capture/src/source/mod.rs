@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::error::CaptureError;
 pub use conninfo::{ConnInfo, Environment, SslMode};
-use tls::{HandshakeError, PostgresTls, TlsFacts, TlsPolicy};
+use tls::{AttemptFailure, HandshakeError, PostgresTls, TlsFacts, TlsPolicy};
 
 /// Session settings pinned on every connection, so that text values read by COPY (the
 /// snapshot) and sent by the walsender (the stream) are printed the same way.
@@ -101,17 +101,13 @@ impl SourceConfig {
             };
             return (text, remote);
         }
-        let text = match (self.tls.verifies_chain, self.tls.verifies_name) {
-            (true, true) => {
-                format!("sslmode={mode}: the server's certificate chain and host name are verified")
-            }
-            (true, false) => format!(
-                "sslmode={mode}: the server's certificate chain is verified, its host name is not"
-            ),
-            _ => format!(
-                "sslmode={mode}: the server is NOT verified (encrypted, but anyone in the path could pose as it); to verify it, set sslmode=verify-full and sslrootcert=<the server's CA file>"
-            ),
-        };
+        let mut text = format!(
+            "sslmode={mode}: {}",
+            tls::verification_words(self.tls.verifies_chain, self.tls.verifies_name)
+        );
+        if !self.tls.verifies_chain {
+            text.push_str(" (encrypted, but anyone in the path could pose as the server); to verify it, set sslmode=verify-full and sslrootcert=<the server's CA file>");
+        }
         (text, remote && !self.tls.verifies_name)
     }
 
@@ -123,12 +119,12 @@ impl SourceConfig {
         self.info.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT)
     }
 
-    /// The user's `options`, then pgtrail's (later settings win in PostgreSQL, so pgtrail's
-    /// value formats hold while the user's other settings are kept).
-    pub(crate) fn options_with(&self, ours: &str) -> String {
+    /// The user's `options`, then [`SESSION_OPTIONS`] (later settings win in PostgreSQL, so
+    /// pgtrail's value formats hold while the user's other settings are kept).
+    pub(crate) fn options(&self) -> String {
         match &self.info.options {
-            Some(user) => format!("{user} {ours}"),
-            None => ours.to_string(),
+            Some(user) => format!("{user} {SESSION_OPTIONS}"),
+            None => SESSION_OPTIONS.to_string(),
         }
     }
 
@@ -147,7 +143,7 @@ impl SourceConfig {
         pg.port(info.port)
             .user(&info.user)
             .dbname(&info.dbname)
-            .options(self.options_with(SESSION_OPTIONS))
+            .options(self.options())
             .application_name(self.application_name())
             .connect_timeout(self.connect_timeout())
             .keepalives_idle(Duration::from_secs(30))
@@ -178,9 +174,7 @@ impl SourceConfig {
         &self,
     ) -> Result<(tokio_postgres::Client, Option<TlsFacts>), CaptureError> {
         use tokio_postgres::config::SslMode as Pg;
-        // Whether the last attempt completed a TLS handshake: `prefer` retries without TLS
-        // only after a refusal that came over TLS (a server that answered 'N' was already
-        // tried in plaintext), as libpq.
+        // Whether the last attempt completed a TLS handshake (see `connect_in_order`).
         let went_tls = std::sync::atomic::AtomicBool::new(false);
         let attempt = |mode: Pg| {
             let went_tls = &went_tls;
@@ -205,28 +199,27 @@ impl SourceConfig {
                 Ok::<_, tokio_postgres::Error>((client, facts))
             }
         };
-        let server_refused = |e: &tokio_postgres::Error| e.as_db_error().is_some();
-        let result = if !self.tls.uses_tls() {
-            attempt(Pg::Disable).await
-        } else {
-            match self.tls.mode {
-                SslMode::Allow => match attempt(Pg::Disable).await {
-                    Err(e) if server_refused(&e) => attempt(Pg::Require).await,
-                    other => other,
+        let result = self
+            .tls
+            .connect_in_order(
+                |tls| match (tls, self.tls.mode) {
+                    (false, _) => attempt(Pg::Disable),
+                    (true, SslMode::Allow | SslMode::Prefer) => attempt(Pg::Prefer),
+                    (true, _) => attempt(Pg::Require),
                 },
-                SslMode::Prefer => match attempt(Pg::Prefer).await {
-                    Err(e)
-                        if is_handshake_error(&e)
-                            || (server_refused(&e)
-                                && went_tls.load(std::sync::atomic::Ordering::Relaxed)) =>
-                    {
-                        attempt(Pg::Disable).await
+                |e: &tokio_postgres::Error| {
+                    if is_handshake_error(e) {
+                        AttemptFailure::Handshake
+                    } else if e.as_db_error().is_none() {
+                        AttemptFailure::Other
+                    } else if went_tls.load(std::sync::atomic::Ordering::Relaxed) {
+                        AttemptFailure::RefusedOverTls
+                    } else {
+                        AttemptFailure::Refused
                     }
-                    other => other,
                 },
-                _ => attempt(Pg::Require).await,
-            }
-        };
+            )
+            .await;
         result.map_err(|source| {
             if let Some(db) = source.as_db_error()
                 && let Some(setup) = through_a_pooler(self, db.code().code(), db.message())

@@ -15,8 +15,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::SourceConfig;
 use super::wire::{self, Conn, Io, Security, WireError};
-use super::{SESSION_OPTIONS, SourceConfig};
 use crate::error::{CaptureError, ErrorKind, ReplicationError, sqlstate_kind};
 use crate::pgoutput;
 
@@ -106,7 +106,7 @@ impl ReplicationStream {
         resume_from: Option<Lsn>,
         wakeup: Duration,
     ) -> Result<ReplicationStream, CaptureError> {
-        let options = source.options_with(SESSION_OPTIONS);
+        let options = source.options();
         let params = [
             ("replication", "database"),
             ("options", options.as_str()),
@@ -249,15 +249,7 @@ impl ReplicationStream {
             ));
         };
         loop {
-            let frame = match wire::read_frame(&mut s.reader, &mut s.inbuf).await {
-                Ok(frame) => frame,
-                Err(e) => {
-                    if s.feedback.is_finished() {
-                        tracing::debug!("the status-update task had ended before the stream");
-                    }
-                    return Err(e.into());
-                }
-            };
+            let frame = wire::read_frame(&mut s.reader, &mut s.inbuf).await?;
             match frame.tag {
                 b'd' => {
                     if let Some(event) = copy_data(frame.body, &s.reply)? {

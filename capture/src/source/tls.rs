@@ -53,6 +53,28 @@ impl std::fmt::Debug for TlsPolicy {
     }
 }
 
+/// How a connection attempt failed, as the order of attempts needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// The TLS handshake failed.
+    Handshake,
+    /// The server refused the connection after a TLS handshake.
+    RefusedOverTls,
+    /// The server refused the connection in plaintext.
+    Refused,
+    /// Anything else (the network): no other attempt.
+    Other,
+}
+
+/// The words for what a verification checked, shared by every line that reports it.
+pub fn verification_words(chain: bool, name: bool) -> &'static str {
+    match (chain, name) {
+        (true, true) => "server verified (certificate chain and host name)",
+        (true, false) => "server certificate chain verified, host name not checked",
+        _ => "server NOT verified",
+    }
+}
+
 /// What a TLS handshake established, for the security line and `pgtrail status`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TlsFacts {
@@ -185,6 +207,37 @@ impl TlsPolicy {
             verifies_chain,
             verifies_name,
         })
+    }
+
+    /// Connect in libpq's order of attempts for the sslmode, the one place both connections
+    /// take it from. `attempt(true)` asks for TLS (under `allow`/`prefer` a server that
+    /// declines is then used in plaintext), `attempt(false)` does not ask; `failure` says how
+    /// an attempt failed. `allow` asks for TLS after a refusal in plaintext; `prefer` tries
+    /// plaintext after a failed handshake or a refusal over TLS (a server that declined TLS
+    /// was already tried in plaintext); the other modes make one attempt.
+    pub async fn connect_in_order<T, E, Fut>(
+        &self,
+        attempt: impl Fn(bool) -> Fut,
+        failure: impl Fn(&E) -> AttemptFailure,
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        use AttemptFailure::*;
+        if !self.uses_tls() {
+            return attempt(false).await;
+        }
+        match self.mode {
+            SslMode::Allow => match attempt(false).await {
+                Err(e) if matches!(failure(&e), Refused | RefusedOverTls) => attempt(true).await,
+                other => other,
+            },
+            SslMode::Prefer => match attempt(true).await {
+                Err(e) if matches!(failure(&e), Handshake | RefusedOverTls) => attempt(false).await,
+                other => other,
+            },
+            _ => attempt(true).await,
+        }
     }
 
     /// Whether a TLS attempt is made at all.

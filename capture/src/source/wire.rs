@@ -16,7 +16,7 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::conninfo::{ChannelBinding, ConnInfo, Host, SslMode};
-use super::tls::{TlsFacts, TlsPolicy};
+use super::tls::{AttemptFailure, TlsFacts, TlsPolicy, verification_words};
 
 /// The largest backend message accepted (PostgreSQL's own limit for a row is 1 GB).
 const MAX_FRAME: usize = 1 << 30;
@@ -87,16 +87,13 @@ impl std::fmt::Display for Security {
         match &self.tls {
             None => f.write_str("no TLS"),
             Some(tls) => {
-                write!(f, "{} {}", tls.version, tls.cipher)?;
-                match (tls.verified_chain, tls.verified_name) {
-                    (true, true) => {
-                        f.write_str(", server verified (certificate chain and host name)")?
-                    }
-                    (true, false) => {
-                        f.write_str(", server certificate chain verified, host name not checked")?
-                    }
-                    _ => f.write_str(", server NOT verified")?,
-                }
+                write!(
+                    f,
+                    "{} {}, {}",
+                    tls.version,
+                    tls.cipher,
+                    verification_words(tls.verified_chain, tls.verified_name)
+                )?;
                 if self.channel_binding {
                     f.write_str(", channel binding")?;
                 }
@@ -137,18 +134,14 @@ pub struct Conn {
 }
 
 /// Open a connection with `params` in the startup message (user and database are added),
-/// trying TLS and plaintext in the order the sslmode says, as libpq does: `allow` retries with
-/// TLS after the server refused plaintext; `prefer` retries without TLS after a failed
-/// handshake or a refusal over TLS; the others make one attempt.
+/// trying TLS and plaintext in libpq's order for the sslmode ([`TlsPolicy::connect_in_order`]).
 pub async fn open(
     info: &ConnInfo,
     policy: &TlsPolicy,
     params: &[(&str, &str)],
     timeout: Duration,
 ) -> Result<Conn, WireError> {
-    // Whether the server accepted SSLRequest on the attempt: libpq's `prefer` retries without
-    // TLS only after a refusal that came over TLS (a server that answered 'N' was already
-    // tried in plaintext).
+    // Whether the server accepted SSLRequest on the last attempt (see `connect_in_order`).
     let went_tls = std::sync::atomic::AtomicBool::new(false);
     let attempt = |tls: bool| {
         let went_tls = &went_tls;
@@ -163,23 +156,16 @@ pub async fn open(
                 })
         }
     };
-    if !policy.uses_tls() {
-        return attempt(false).await;
-    }
-    match policy.mode {
-        SslMode::Allow => match attempt(false).await {
-            Err(WireError::Server(_)) => attempt(true).await,
-            other => other,
-        },
-        SslMode::Prefer => match attempt(true).await {
-            Err(WireError::Handshake(_)) => attempt(false).await,
-            Err(WireError::Server(_)) if went_tls.load(std::sync::atomic::Ordering::Relaxed) => {
-                attempt(false).await
+    policy
+        .connect_in_order(attempt, |e: &WireError| match e {
+            WireError::Handshake(_) => AttemptFailure::Handshake,
+            WireError::Server(_) if went_tls.load(std::sync::atomic::Ordering::Relaxed) => {
+                AttemptFailure::RefusedOverTls
             }
-            other => other,
-        },
-        _ => attempt(true).await,
-    }
+            WireError::Server(_) => AttemptFailure::Refused,
+            _ => AttemptFailure::Other,
+        })
+        .await
 }
 
 async fn socket(info: &ConnInfo) -> Result<Box<dyn Io>, WireError> {

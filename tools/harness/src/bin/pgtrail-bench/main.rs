@@ -105,12 +105,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let settings = SETTINGS
+    let settings: Vec<(String, String)> = SETTINGS
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let cluster = Cluster::start(ClusterOptions {
-        settings,
+        settings: settings.clone(),
         ..Default::default()
     })
     .context("starting the benchmark PostgreSQL")?;
@@ -133,10 +133,7 @@ fn main() -> anyhow::Result<()> {
             let ca_dir = tempfile::tempdir()?;
             let ca = ca_dir.path().join("ca.pem");
             std::fs::write(&ca, &pki.ca)?;
-            let mut settings: Vec<(String, String)> = SETTINGS
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect();
+            let mut settings = settings.clone();
             settings.extend([
                 ("ssl".to_string(), "on".to_string()),
                 ("ssl_cert_file".to_string(), "server.crt".to_string()),
