@@ -15,51 +15,11 @@ use pgtrail_capture::source::{Environment, SourceConfig};
 
 const PASSWORD: &str = "s3cret-Pa55";
 
-/// A CA and what it signed, as PEM.
-struct Pki {
-    ca: String,
-    server_cert: String,
-    server_key: String,
-    /// A client certificate for the role `certuser` (PostgreSQL's `cert` method checks the CN).
-    client_cert: String,
-    client_key: String,
-}
-
-fn make_pki(ca_name: &str) -> Pki {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, ca_name);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca_params, ca_key);
-    let server_key = KeyPair::generate().unwrap();
-    // The name is `localhost` only: connecting to 127.0.0.1 is the wrong-name case.
-    let mut server = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    server
-        .distinguished_name
-        .push(DnType::CommonName, "localhost");
-    let server_cert = server.signed_by(&server_key, &issuer).unwrap();
-    let client_key = KeyPair::generate().unwrap();
-    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
-    client
-        .distinguished_name
-        .push(DnType::CommonName, "certuser");
-    let client_cert = client.signed_by(&client_key, &issuer).unwrap();
-    Pki {
-        ca: ca.pem(),
-        server_cert: server_cert.pem(),
-        server_key: server_key.serialize_pem(),
-        client_cert: client_cert.pem(),
-        client_key: client_key.serialize_pem(),
-    }
-}
-
+#[path = "../harness/src/pki.rs"]
+mod pki;
 /// A cluster that accepts TCP clients over TLS only: client certificates for `certuser`,
 /// SCRAM passwords for everyone else.
-fn tls_cluster(pki: &Pki) -> Cluster {
+fn tls_cluster(pki: &pki::TestPki) -> Cluster {
     let cluster = Cluster::start(ClusterOptions {
         settings: vec![
             ("ssl".into(), "on".into()),
@@ -209,8 +169,8 @@ enum Server {
 
 #[test]
 fn every_sslmode_and_channel_binding_case_is_accepted_or_refused_as_psql_does() {
-    let pki = make_pki("pgtrail test CA");
-    let other = make_pki("somebody else's CA");
+    let pki = pki::make("pgtrail test CA").unwrap();
+    let other = pki::make("somebody else's CA").unwrap();
     let tls = tls_cluster(&pki);
     let plain = plain_cluster();
     let client = Client::new();
@@ -326,7 +286,7 @@ fn every_sslmode_and_channel_binding_case_is_accepted_or_refused_as_psql_does() 
 
 #[test]
 fn client_certificates_password_files_and_services_behave_as_in_psql() {
-    let pki = make_pki("pgtrail test CA");
+    let pki = pki::make("pgtrail test CA").unwrap();
     let tls = tls_cluster(&pki);
     let rt = runtime();
     let client = Client::new();
@@ -458,7 +418,7 @@ fn client_certificates_password_files_and_services_behave_as_in_psql() {
 /// server with `sslrootcert=system`.
 #[test]
 fn capture_over_verify_full_with_a_pgpass_password_survives_kill_9() {
-    let pki = make_pki("pgtrail test CA");
+    let pki = pki::make("pgtrail test CA").unwrap();
     let cluster = tls_cluster(&pki);
     let client = Client::new();
     let ca = client.file("ca.pem", &pki.ca, 0o644);

@@ -129,7 +129,7 @@ fn main() -> anyhow::Result<()> {
             decode_suite(&cluster, &rt, &args, None, &mut results)?;
             // The same drain over verify-full TLS, both contestants with the same settings,
             // on a cluster of its own (the others' connections stay plaintext).
-            let pki = pki::localhost().map_err(|e| anyhow::anyhow!(e))?;
+            let pki = pki::make("pgtrail test CA").map_err(|e| anyhow::anyhow!(e))?;
             let ca_dir = tempfile::tempdir()?;
             let ca = ca_dir.path().join("ca.pem");
             std::fs::write(&ca, &pki.ca)?;

@@ -1060,7 +1060,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         ..Default::default()
     };
     let tls_root = if args.tls {
-        let pki = pki::localhost()?;
+        let pki = pki::make("pgtrail test CA")?;
         options.settings.extend([
             ("ssl".to_string(), "on".to_string()),
             ("ssl_cert_file".to_string(), "server.crt".to_string()),
