@@ -22,6 +22,10 @@ use crate::writer::WriterHandle;
 /// The default of [`CaptureConfig::stream_timeout`].
 pub const DEFAULT_STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How often the catalog is looked at for tables that joined while capture runs: a query of
+/// `pg_class` and the publication's tables, cheap beside the stream.
+pub const DEFAULT_CATALOG_INTERVAL: Duration = Duration::from_secs(5);
+
 /// A validated capture configuration.
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
@@ -39,6 +43,9 @@ pub struct CaptureConfig {
     pub stream_timeout: Duration,
     /// Stop (cleanly) once the durable position reaches this LSN; for tests and tools.
     pub stop_at: Option<Lsn>,
+    /// How often the catalog is looked at for tables that joined (created, given a key, added
+    /// to the publication) while capture runs; see `table_sync`.
+    pub catalog_interval: Duration,
     /// Compact in the background while capturing; `None` leaves everything in the log.
     pub compaction: Option<CompactionPolicy>,
     /// Called with each new durable position as soon as the stream learns of it (for

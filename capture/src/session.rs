@@ -147,7 +147,9 @@ impl<'a> Session<'a> {
     /// Continue an archive whose initial snapshot is complete.
     async fn resume(&mut self, id: &SourceIdentity) -> Result<ReplicationStream, CaptureError> {
         let config = self.config;
-        if !config.tables.is_empty() {
+        // An exact --tables list is set on the publication here; the default and patterns add
+        // new tables as the stream's catalog watch finds them (see `table_sync`).
+        if slot::is_exact_list(&config.tables) {
             let (tables, _) = slot::choose_tables(&self.sql, &config.tables).await?;
             slot::ensure_publication(&self.sql, &config.publication, tables, true).await?;
         }
@@ -388,7 +390,7 @@ impl<'a> Session<'a> {
             &self.sql,
             &config.publication,
             tables,
-            !config.tables.is_empty(),
+            slot::is_exact_list(&config.tables),
         )
         .await?;
         let (mut client, system) = self.connect_replication(None).await?;
@@ -424,7 +426,7 @@ impl<'a> Session<'a> {
         // and takes the snapshot again (nothing was acknowledged past the slot's creation).
         self.writer.set_identity(identity.clone()).await?;
         let (consistent_point, snapshot_name) = client
-            .create_slot_exporting_snapshot(&config.slot)
+            .create_slot_exporting_snapshot(&config.slot, false)
             .await
             .map_err(|e| match &e {
                 // 53400 configuration_limit_exceeded: every slot is taken.
@@ -483,6 +485,7 @@ mod tests {
             progress_interval: Duration::from_secs(1),
             stream_timeout: Duration::from_secs(30),
             stop_at: None,
+            catalog_interval: crate::run::DEFAULT_CATALOG_INTERVAL,
             compaction: None,
             durable_observer: None,
         }

@@ -1,6 +1,8 @@
 //! The publication, the table list and the replication slot.
 
-use pgtrail_store::{ChangeKey, Column, Lsn, RelationVersion, always_quoted, quote_ident};
+use pgtrail_store::{
+    ChangeKey, Column, Lsn, RelationVersion, StorageLayout, always_quoted, quote_ident,
+};
 
 use crate::error::CaptureError;
 
@@ -31,6 +33,7 @@ impl CapturedTable {
 /// A table left out of the default list, and why.
 #[derive(Clone, Debug)]
 pub struct ExcludedTable {
+    pub oid: u32,
     pub qualified: String,
     pub reason: String,
 }
@@ -39,15 +42,156 @@ const TABLE_INFO: &str = "SELECT c.oid, n.nspname::text, c.relname::text, c.relr
         EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary) \
      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace";
 
-/// Resolve the tables to capture: the listed ones (parsed by PostgreSQL itself, so quoted
-/// identifiers work), or every table with a primary key or REPLICA IDENTITY FULL.
+/// One entry of `--tables`: a table name as PostgreSQL parses it, a pattern (`*` any
+/// characters, `?` one; unquoted letters fold to lower case, as psql's patterns), or either
+/// after `!`, which leaves matching tables out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Selector {
+    Name(String),
+    Pattern(TablePattern),
+    Exclude(TablePattern),
+}
+
+fn selector(entry: &str) -> Selector {
+    let entry = entry.trim();
+    if let Some(rest) = entry.strip_prefix('!') {
+        Selector::Exclude(TablePattern::parse(rest.trim()))
+    } else if has_wildcard(entry) {
+        Selector::Pattern(TablePattern::parse(entry))
+    } else {
+        Selector::Name(entry.to_string())
+    }
+}
+
+/// A wildcard outside double quotes.
+fn has_wildcard(entry: &str) -> bool {
+    let mut quoted = false;
+    entry.chars().any(|c| {
+        if c == '"' {
+            quoted = !quoted;
+        }
+        !quoted && (c == '*' || c == '?')
+    })
+}
+
+/// Whether `--tables` lists exact names only (a fixed set of tables, decided at start).
+pub fn is_exact_list(listed: &[String]) -> bool {
+    !listed.is_empty()
+        && listed
+            .iter()
+            .all(|e| matches!(selector(e), Selector::Name(_)))
+}
+
+/// A `schema.table` pattern; without a schema part it matches the name in every schema.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TablePattern {
+    schema: Option<Vec<Glob>>,
+    name: Vec<Glob>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Glob {
+    Any,
+    One,
+    Char(char),
+}
+
+impl TablePattern {
+    fn parse(text: &str) -> TablePattern {
+        let mut parts: Vec<Vec<Glob>> = vec![Vec::new()];
+        let mut quoted = false;
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            let first_part = parts.len() == 1;
+            let part = parts.last_mut().expect("one part at least");
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    chars.next();
+                    part.push(Glob::Char('"'));
+                }
+                '"' => quoted = !quoted,
+                '.' if !quoted && first_part => parts.push(Vec::new()),
+                '*' if !quoted => part.push(Glob::Any),
+                '?' if !quoted => part.push(Glob::One),
+                c if !quoted => part.extend(c.to_lowercase().map(Glob::Char)),
+                c => part.push(Glob::Char(c)),
+            }
+        }
+        let name = parts.pop().unwrap_or_default();
+        TablePattern {
+            schema: parts.pop(),
+            name,
+        }
+    }
+
+    pub fn matches(&self, schema: &str, name: &str) -> bool {
+        self.schema.as_ref().is_none_or(|s| glob(s, schema)) && glob(&self.name, name)
+    }
+}
+
+fn glob(pattern: &[Glob], text: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    // Classic two-pointer wildcard match with backtracking to the last `*`.
+    let (mut p, mut t, mut star, mut mark) = (0, 0, None, 0);
+    while t < text.len() {
+        match pattern.get(p) {
+            Some(Glob::Char(c)) if *c == text[t] => (p, t) = (p + 1, t + 1),
+            Some(Glob::One) => (p, t) = (p + 1, t + 1),
+            Some(Glob::Any) => {
+                star = Some(p);
+                mark = t;
+                p += 1;
+            }
+            _ => match star {
+                Some(s) => {
+                    p = s + 1;
+                    mark += 1;
+                    t = mark;
+                }
+                None => return false,
+            },
+        }
+    }
+    pattern[p.min(pattern.len())..]
+        .iter()
+        .all(|g| *g == Glob::Any)
+}
+
+/// Resolve the tables to capture from `--tables`: exact names (parsed by PostgreSQL itself,
+/// so quoted identifiers work; one that cannot be captured safely is an error), patterns and
+/// exclusions; with no entry but exclusions, every table that can be captured safely (a
+/// primary key, REPLICA IDENTITY FULL or USING INDEX). Tables a pattern or the default takes
+/// in but that cannot be captured safely are returned as excluded, with the reason.
 pub async fn choose_tables(
     sql: &tokio_postgres::Client,
     listed: &[String],
 ) -> Result<(Vec<CapturedTable>, Vec<ExcludedTable>), CaptureError> {
+    let selectors: Vec<Selector> = listed.iter().map(|e| selector(e)).collect();
     let mut chosen = Vec::new();
     let mut excluded = Vec::new();
-    if listed.is_empty() {
+    let excludes: Vec<&TablePattern> = selectors
+        .iter()
+        .filter_map(|s| match s {
+            Selector::Exclude(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let patterns: Vec<&TablePattern> = selectors
+        .iter()
+        .filter_map(|s| match s {
+            Selector::Pattern(p) => Some(p),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<&String> = selectors
+        .iter()
+        .filter_map(|s| match s {
+            Selector::Name(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    let left_out = |t: &CapturedTable| excludes.iter().any(|p| p.matches(&t.schema, &t.name));
+    if names.is_empty() || !patterns.is_empty() {
         let rows = sql
             .query(
                 &format!(
@@ -66,53 +210,66 @@ pub async fn choose_tables(
                 schema: row.get(1),
                 name: row.get(2),
             };
+            let selected = if names.is_empty() && patterns.is_empty() {
+                true
+            } else {
+                patterns
+                    .iter()
+                    .any(|p| p.matches(&table.schema, &table.name))
+            };
+            if !selected || left_out(&table) {
+                continue;
+            }
             match ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
                 None => chosen.push(table),
                 Some(reason) => excluded.push(ExcludedTable {
+                    oid: table.oid,
                     qualified: table.qualified(),
                     reason,
                 }),
             }
         }
-    } else {
-        for name in listed {
-            let row = sql
-                .query_opt(&format!("{TABLE_INFO} WHERE c.oid = to_regclass($1)"), &[name])
-                .await
-                .map_err(|e| CaptureError::sql(format!("looking up table {name}"), e))?
-                .ok_or_else(|| {
-                    CaptureError::setup(
-                        format!("table {name} does not exist in the source database"),
-                        "check the name in --tables (write it as PostgreSQL would parse it, e.g. public.\"Odd Name\")",
-                    )
-                })?;
-            let table = CapturedTable {
-                oid: row.get(0),
-                schema: row.get(1),
-                name: row.get(2),
-            };
-            let kind: String = row.get(4);
-            if kind != "r" && kind != "p" {
-                return Err(CaptureError::setup(
-                    format!("{name} is not a table"),
-                    "list only tables in --tables",
-                ));
-            }
-            if let Some(reason) = ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
-                return Err(CaptureError::setup(
-                    format!(
-                        "table {} cannot be captured safely: {reason}",
-                        table.qualified()
-                    ),
-                    format!(
-                        "run `ALTER TABLE {} REPLICA IDENTITY FULL;` or add a primary key",
-                        table.qualified()
-                    ),
-                ));
-            }
-            if !chosen.contains(&table) {
-                chosen.push(table);
-            }
+    }
+    for name in names {
+        let row = sql
+            .query_opt(&format!("{TABLE_INFO} WHERE c.oid = to_regclass($1)"), &[name])
+            .await
+            .map_err(|e| CaptureError::sql(format!("looking up table {name}"), e))?
+            .ok_or_else(|| {
+                CaptureError::setup(
+                    format!("table {name} does not exist in the source database"),
+                    "check the name in --tables (write it as PostgreSQL would parse it, e.g. public.\"Odd Name\")",
+                )
+            })?;
+        let table = CapturedTable {
+            oid: row.get(0),
+            schema: row.get(1),
+            name: row.get(2),
+        };
+        let kind: String = row.get(4);
+        if kind != "r" && kind != "p" {
+            return Err(CaptureError::setup(
+                format!("{name} is not a table"),
+                "list only tables in --tables",
+            ));
+        }
+        if left_out(&table) {
+            continue;
+        }
+        if let Some(reason) = ineligible_reason(&row.get::<_, String>(3), row.get(5)) {
+            return Err(CaptureError::setup(
+                format!(
+                    "table {} cannot be captured safely: {reason}",
+                    table.qualified()
+                ),
+                format!(
+                    "run `ALTER TABLE {} REPLICA IDENTITY FULL;` or add a primary key",
+                    table.qualified()
+                ),
+            ));
+        }
+        if !chosen.contains(&table) {
+            chosen.push(table);
         }
     }
     Ok((chosen, excluded))
@@ -236,9 +393,40 @@ pub async fn ensure_publication(
     Ok(tables)
 }
 
+/// Add `tables` to a publication this role may change; a refusal (the tables' owner must
+/// publish them in PostgreSQL 15) is a setup error with the SQL a DBA runs.
+pub(crate) async fn add_to_publication(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    tables: &[CapturedTable],
+) -> Result<(), CaptureError> {
+    let stmt = format!(
+        "ALTER PUBLICATION {} ADD TABLE {}",
+        always_quoted(publication),
+        tables
+            .iter()
+            .map(CapturedTable::sql_name)
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    sql.batch_execute(&stmt).await.map_err(|e| {
+        if e.code().is_some_and(|c| c.code() == "42501") {
+            CaptureError::setup(
+                format!(
+                    "not allowed to add tables to publication {publication:?}: {}",
+                    e.as_db_error().map(|d| d.message()).unwrap_or_default()
+                ),
+                format!("have the tables' owner or a superuser run: {stmt};"),
+            )
+        } else {
+            CaptureError::sql(format!("adding tables to publication {publication}"), e)
+        }
+    })
+}
+
 /// The tables a publication publishes (what `pg_publication_tables` lists: partitions'
 /// roots, `FOR ALL TABLES`, `FOR TABLES IN SCHEMA` resolved by the server).
-async fn publication_tables(
+pub(crate) async fn publication_tables(
     sql: &tokio_postgres::Client,
     publication: &str,
 ) -> Result<Vec<CapturedTable>, CaptureError> {
@@ -301,6 +489,43 @@ pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<(), C
     .await
     .map_err(|e| CaptureError::sql(format!("dropping slot {slot}"), e))?;
     Ok(())
+}
+
+/// A table's storage layout as the catalog says now (see [`StorageLayout`]), and the file
+/// node as the running transaction's snapshot sees it (they differ in a snapshot taken before
+/// a rewrite). `None` when the table does not exist (in the snapshot).
+pub async fn storage_layout(
+    sql: &tokio_postgres::Client,
+    oid: u32,
+) -> Result<Option<(StorageLayout, u32)>, CaptureError> {
+    Ok(storage_layouts(sql, &[oid]).await?.remove(&oid))
+}
+
+/// [`storage_layout`] of several tables at once.
+pub async fn storage_layouts(
+    sql: &tokio_postgres::Client,
+    oids: &[u32],
+) -> Result<std::collections::BTreeMap<u32, (StorageLayout, u32)>, CaptureError> {
+    let rows = sql
+        .query(
+            "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
+                    ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+                          AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum) \
+             FROM pg_class c WHERE c.oid = ANY($1)",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the tables' storage", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let layout = StorageLayout {
+                file_node: row.get(1),
+                missing_values: row.get(3),
+            };
+            (row.get(0), (layout, row.get(2)))
+        })
+        .collect())
 }
 
 /// Build a table's relation version from the catalog, shaped as pgoutput's Relation message
@@ -375,4 +600,44 @@ pub async fn primary_key(
         .await
         .map_err(|e| CaptureError::sql("reading the primary key", e))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_patterns_match_as_psql_patterns_do() {
+        let p = |s: &str| TablePattern::parse(s);
+        assert!(p("public.*").matches("public", "orders"));
+        assert!(!p("public.*").matches("billing", "orders"));
+        assert!(p("billing.invoice_*").matches("billing", "invoice_2026"));
+        assert!(!p("billing.invoice_*").matches("billing", "invoices"));
+        assert!(p("invoice_?").matches("any", "invoice_1"));
+        assert!(!p("invoice_?").matches("any", "invoice_12"));
+        // Unquoted letters fold to lower case; quoted ones keep theirs, and a quoted `*` or
+        // `.` is a character.
+        assert!(p("Public.Orders").matches("public", "orders"));
+        assert!(!p("Public.Orders").matches("Public", "Orders"));
+        assert!(p("\"Odd\".\"A*b\"").matches("Odd", "A*b"));
+        assert!(!p("\"Odd\".\"A*b\"").matches("Odd", "Axb"));
+        assert!(p("\"a.b\"").matches("s", "a.b"));
+        assert!(p("*.*_log").matches("s", "audit_log"));
+        assert!(p("*").matches("s", ""));
+        assert!(p("a*b*c").matches("s", "aXbYbZc"));
+        assert!(!p("a*b*c").matches("s", "aXbYbZ"));
+    }
+
+    #[test]
+    fn exact_lists_are_told_from_patterns_and_exclusions() {
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(is_exact_list(&list(&["public.a", "\"Odd*\""])));
+        assert!(!is_exact_list(&list(&[])));
+        assert!(!is_exact_list(&list(&["public.*"])));
+        assert!(!is_exact_list(&list(&["public.a", "!public.b"])));
+        assert_eq!(
+            selector("!public.audit"),
+            Selector::Exclude(TablePattern::parse("public.audit"))
+        );
+    }
 }

@@ -2,14 +2,27 @@
 //! snapshot, streamed row by row to the log writer (bounded memory whatever the table size).
 
 use futures_util::StreamExt;
-use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, always_quoted};
+use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, TableScope, always_quoted};
 
 use crate::error::CaptureError;
-use crate::slot::{CapturedTable, relation_from_catalog};
+use crate::slot::{self, CapturedTable, relation_from_catalog};
 use crate::writer::WriterHandle;
 
-/// Rows sent to the writer per message.
+/// Rows sent to the sink per message.
 const ROWS_PER_BATCH: usize = 512;
+
+/// Where a snapshot's operations go: the writer (the initial snapshot, straight into the log)
+/// or a spool (a table synchronised while the stream runs: stored when the stream reaches the
+/// snapshot's point, see `table_sync`).
+pub(crate) trait SnapshotSink {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError>;
+}
+
+impl SnapshotSink for &WriterHandle {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        WriterHandle::send(self, ops).await
+    }
+}
 
 /// Read every table inside `snapshot_name` and send it to the writer as one transaction of
 /// `snapshot` changes keyed just before the consistent point: a transaction that commits
@@ -21,6 +34,35 @@ pub async fn copy_tables(
     tables: &[CapturedTable],
     writer: &WriterHandle,
 ) -> Result<u64, CaptureError> {
+    enter_snapshot(sql, snapshot_name, tables).await?;
+    writer
+        .send(vec![LogOp::Begin {
+            final_lsn: Lsn(consistent_point.0 - 1),
+            xid: 0,
+            committed_at_us: pgtrail_store::now_us(),
+        }])
+        .await?;
+    let mut total = 0u64;
+    let mut sink = writer;
+    for table in tables {
+        total += copy_table(sql, table, TableScope::whole(table.oid), &mut sink).await?;
+    }
+    writer
+        .send(vec![LogOp::Commit {
+            end_lsn: consistent_point,
+        }])
+        .await?;
+    leave_snapshot(sql).await?;
+    Ok(total)
+}
+
+/// Begin a read-only transaction on `sql` inside the exported snapshot `snapshot_name`, with
+/// `tables` locked against DDL until it ends.
+pub(crate) async fn enter_snapshot(
+    sql: &tokio_postgres::Client,
+    snapshot_name: &str,
+    tables: &[CapturedTable],
+) -> Result<(), CaptureError> {
     sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| CaptureError::sql("starting the snapshot transaction", e))?;
@@ -41,92 +83,117 @@ pub async fn copy_tables(
             .join(", ");
         sql.batch_execute(&format!("LOCK TABLE {list} IN ACCESS SHARE MODE"))
             .await
-            .map_err(|e| {
-                CaptureError::sql(
+            .map_err(|e| match e.code() {
+                // Dropped since it was chosen: choose again.
+                Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => {
+                    CaptureError::SnapshotRaced {
+                        table: list.clone(),
+                        detail: e
+                            .as_db_error()
+                            .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+                    }
+                }
+                _ => CaptureError::sql(
                     "locking the captured tables against DDL for the snapshot",
                     e,
-                )
+                ),
             })?;
     }
-    writer
-        .send(vec![LogOp::Begin {
-            final_lsn: Lsn(consistent_point.0 - 1),
-            xid: 0,
-            committed_at_us: pgtrail_store::now_us(),
-        }])
-        .await?;
-    let mut total = 0u64;
-    for table in tables {
-        let relation = relation_from_catalog(sql, table.oid).await?;
-        let columns = relation
-            .columns
-            .iter()
-            .map(|c| always_quoted(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let width = relation.columns.len();
-        writer.send(vec![LogOp::Relation(relation)]).await?;
-        let stmt = format!(
-            "COPY (SELECT {columns} FROM {}) TO STDOUT",
-            table.sql_name()
-        );
-        let stream = sql.copy_out(&stmt).await.map_err(|e| match e.code() {
-            Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => {
-                CaptureError::SnapshotRaced {
-                    table: table.qualified(),
-                    detail: e
-                        .as_db_error()
-                        .map_or_else(|| e.to_string(), |d| d.message().to_string()),
-                }
-            }
-            _ => CaptureError::sql(format!("copying {}", table.qualified()), e),
-        })?;
-        futures_util::pin_mut!(stream);
-        let mut pending: Vec<u8> = Vec::new();
-        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
-        let mut rows = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
-            pending.extend_from_slice(&chunk);
-            let mut start = 0;
-            while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
-                let line = &pending[start..start + nl];
-                let cells = parse_copy_line(line, width).map_err(|detail| {
-                    CaptureError::Protocol(format!(
-                        "COPY of {} returned a malformed row: {detail}",
-                        table.qualified()
-                    ))
-                })?;
-                batch.push(LogOp::Change(IncomingChange {
-                    relation_id: table.oid,
-                    op: Op::Snapshot,
-                    old: None,
-                    new: Some(cells),
-                }));
-                rows += 1;
-                start += nl + 1;
-                if batch.len() == ROWS_PER_BATCH {
-                    writer.send(std::mem::take(&mut batch)).await?;
-                }
-            }
-            pending.drain(..start);
-        }
-        if !batch.is_empty() {
-            writer.send(batch).await?;
-        }
-        tracing::info!(table = %table.qualified(), rows, "snapshot copied");
-        total += rows;
-    }
-    writer
-        .send(vec![LogOp::Commit {
-            end_lsn: consistent_point,
-        }])
-        .await?;
+    Ok(())
+}
+
+/// End the snapshot transaction [`enter_snapshot`] began.
+pub(crate) async fn leave_snapshot(sql: &tokio_postgres::Client) -> Result<(), CaptureError> {
     sql.batch_execute("COMMIT")
         .await
-        .map_err(|e| CaptureError::sql("ending the snapshot transaction", e))?;
-    Ok(total)
+        .map_err(|e| CaptureError::sql("ending the snapshot transaction", e))
+}
+
+/// Copy one table (inside the snapshot transaction, the table locked) to `sink`: its schema
+/// version, the mark that the snapshot holds its whole state (`scope`, completed with the
+/// table's storage layout), then its rows in batches. Returns the row count.
+pub(crate) async fn copy_table(
+    sql: &tokio_postgres::Client,
+    table: &CapturedTable,
+    mut scope: TableScope,
+    sink: &mut impl SnapshotSink,
+) -> Result<u64, CaptureError> {
+    // A table rewritten after the snapshot was taken (and before the lock) looks empty to
+    // the snapshot: PostgreSQL's rewrites are not MVCC-safe. The snapshot's own view of the
+    // file node then differs from the current one: take the copy again.
+    let (layout, seen_by_snapshot) =
+        slot::storage_layout(sql, table.oid)
+            .await?
+            .ok_or_else(|| CaptureError::SnapshotRaced {
+                table: table.qualified(),
+                detail: "created or dropped while the snapshot was taken".into(),
+            })?;
+    if seen_by_snapshot != layout.file_node {
+        return Err(CaptureError::SnapshotRaced {
+            table: table.qualified(),
+            detail: "rewritten while the snapshot was taken".into(),
+        });
+    }
+    scope.layout = Some(layout);
+    let relation = relation_from_catalog(sql, table.oid).await?;
+    let columns = relation
+        .columns
+        .iter()
+        .map(|c| always_quoted(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let width = relation.columns.len();
+    sink.send(vec![LogOp::Relation(relation), LogOp::SnapshotOf(scope)])
+        .await?;
+    let stmt = format!(
+        "COPY (SELECT {columns} FROM {}) TO STDOUT",
+        table.sql_name()
+    );
+    let stream = sql.copy_out(&stmt).await.map_err(|e| match e.code() {
+        Some(&tokio_postgres::error::SqlState::UNDEFINED_COLUMN) => CaptureError::SnapshotRaced {
+            table: table.qualified(),
+            detail: e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |d| d.message().to_string()),
+        },
+        _ => CaptureError::sql(format!("copying {}", table.qualified()), e),
+    })?;
+    futures_util::pin_mut!(stream);
+    let mut pending: Vec<u8> = Vec::new();
+    let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+    let mut rows = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| CaptureError::sql(format!("copying {}", table.qualified()), e))?;
+        pending.extend_from_slice(&chunk);
+        let mut start = 0;
+        while let Some(nl) = pending[start..].iter().position(|&b| b == b'\n') {
+            let line = &pending[start..start + nl];
+            let cells = parse_copy_line(line, width).map_err(|detail| {
+                CaptureError::Protocol(format!(
+                    "COPY of {} returned a malformed row: {detail}",
+                    table.qualified()
+                ))
+            })?;
+            batch.push(LogOp::Change(IncomingChange {
+                relation_id: table.oid,
+                op: Op::Snapshot,
+                old: None,
+                new: Some(cells),
+            }));
+            rows += 1;
+            start += nl + 1;
+            if batch.len() == ROWS_PER_BATCH {
+                sink.send(std::mem::take(&mut batch)).await?;
+            }
+        }
+        pending.drain(..start);
+    }
+    if !batch.is_empty() {
+        sink.send(batch).await?;
+    }
+    tracing::info!(table = %table.qualified(), rows, "snapshot copied");
+    Ok(rows)
 }
 
 /// Parse one line of COPY's text format into cells (`\N` is NULL; backslash escapes).

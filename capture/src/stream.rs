@@ -16,9 +16,10 @@ use crate::run::{Progress, fill_stats};
 use crate::session::Session;
 use crate::slot;
 use crate::source::replication::ReplicationStream;
+use crate::table_sync::{self, PendingSync, TableWatch};
 use crate::translate::{PrimaryKeys, Translator};
 use crate::writer::WriterHandle;
-use pgtrail_store::now_us;
+use pgtrail_store::{LogOp, Lsn, now_us};
 
 /// Primary keys read from the source's catalog, once per relation and session.
 struct CatalogKeys<'a> {
@@ -91,6 +92,12 @@ impl Session<'_> {
             limit: config.stream_timeout,
             known: HashMap::new(),
         };
+        // Tables that join while capture runs (see `table_sync`): looked for at once, then
+        // every catalog interval; one sync at a time waits for the stream to reach its point.
+        let mut watch = TableWatch::of_archive(writer)?;
+        let mut catalog_tick = tokio::time::interval(config.catalog_interval);
+        catalog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Option<PendingSync> = None;
         let mut tick = tokio::time::interval(config.progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_tick = (Instant::now(), 0u64, 0u64);
@@ -124,8 +131,28 @@ impl Session<'_> {
                         return Err(CaptureError::Replication(ReplicationError::stream_ended()));
                     };
                     let ops = translator.translate(event, &mut keys).await?;
+                    if let Some(sync) = pending.take_if(|p| p.due_before(&ops)) {
+                        // Between transactions, before the first operation at or past the
+                        // copy's point: nothing keyed after it has reached the writer, so the
+                        // position cannot have passed it.
+                        let (tables, point) = (sync.tables.clone(), sync.point);
+                        let since = (Lsn(point.0 - 1), sync.committed_at_us);
+                        let rows = sync.store(writer).await?;
+                        tracing::info!(tables = tables.len(), rows, %point, "tables read whole stored: captured in step from here on");
+                        watch.hold(since, tables);
+                        summary.snapshot_rows += rows;
+                    }
                     if !ops.is_empty() {
                         writer.send(ops).await?;
+                    }
+                }
+                _ = catalog_tick.tick(), if pending.is_none() => {
+                    let plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config)).await?;
+                    if let Some((lsn, at_us)) = plan.layouts_seen {
+                        writer.send(vec![LogOp::CatalogSeen(lsn, at_us)]).await?;
+                    }
+                    if !plan.is_empty() {
+                        pending = Some(table_sync::sync(config, &self.sql, plan).await?);
                     }
                 }
                 _ = liveness.tick.tick() => liveness.check(&self.sql, &config.slot).await?,

@@ -12,6 +12,7 @@ use pgtrail_store::{
 use crate::error::CaptureError;
 use crate::pgoutput::{self, Message, OldTuple, TupleCell};
 use crate::source::replication::StreamEvent;
+use crate::table_sync::FENCE_PREFIX;
 
 /// The logical message prefix that carries application context (Bemi-compatible).
 pub const CONTEXT_PREFIX: &str = "_bemi";
@@ -69,6 +70,15 @@ impl Translator {
             } => {
                 if transactional && prefix == CONTEXT_PREFIX {
                     vec![LogOp::Context(context_json(&content))]
+                } else if !transactional && prefix == FENCE_PREFIX {
+                    // pgtrail's own fence (see `table_sync`): not stored; decoded after every
+                    // transaction that committed before it, so its LSN may be acknowledged.
+                    if !self.in_txn && lsn > self.last_advance {
+                        self.last_advance = lsn;
+                        vec![LogOp::Advance(lsn)]
+                    } else {
+                        Vec::new()
+                    }
                 } else {
                     let message = LogicalMessage {
                         transactional,

@@ -51,6 +51,7 @@ impl TestDb {
             stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
             durable_observer: None,
             stop_at: None,
+            catalog_interval: pgtrail_capture::DEFAULT_CATALOG_INTERVAL,
             compaction: None,
         }
     }

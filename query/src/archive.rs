@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use pgtrail_store::segment::SegmentContent;
 use pgtrail_store::{
     ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry,
-    SourceIdentity, parse_qualified,
+    SnapshotRecord, SourceIdentity, TableScope, parse_qualified,
 };
 
 use crate::error::QueryError;
@@ -77,9 +77,10 @@ pub struct ArchiveSnapshot {
     pub source: Option<SourceIdentity>,
     pub position: Lsn,
     pub gaps: Vec<Gap>,
-    /// Snapshot transactions (commit LSN, commit time) in LSN order: the initial snapshot and
-    /// each re-snapshot after a gap. Each holds a table's whole state at that point.
-    pub snapshots: Vec<(Lsn, i64)>,
+    /// Snapshot transactions in LSN order: the initial snapshot, each re-snapshot after a gap,
+    /// and each table synchronised while capture ran. Each holds the whole state of the
+    /// tables it names at that point.
+    pub snapshots: Vec<SnapshotRecord>,
     pub tables: BTreeMap<String, TableHistory>,
     /// Names of the types that are not built in (see [`pgtrail_store::format_type`]).
     pub types: pgtrail_store::TypeNames,
@@ -190,6 +191,29 @@ impl ArchiveSnapshot {
             message_tail,
             first_commit_us,
             first_key,
+        })
+    }
+
+    /// The snapshot points (commit LSN, commit time) that hold `table`'s whole state, in LSN
+    /// order: where a replay of it starts afresh.
+    pub fn snapshot_points(&self, table: &TableHistory) -> Vec<(Lsn, i64)> {
+        self.table_snapshots(table)
+            .map(|(s, _)| (s.lsn, s.committed_at_us))
+            .collect()
+    }
+
+    /// The snapshots that hold `table`'s whole state, in LSN order, each with what it says
+    /// of the table.
+    pub fn table_snapshots<'a>(
+        &'a self,
+        table: &'a TableHistory,
+    ) -> impl Iterator<Item = (&'a SnapshotRecord, TableScope)> + 'a {
+        self.snapshots.iter().filter_map(|s| {
+            table
+                .versions
+                .iter()
+                .find_map(|v| s.scope_of(v.relation_id))
+                .map(|scope| (s, scope))
         })
     }
 

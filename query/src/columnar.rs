@@ -53,8 +53,8 @@ fn loc_parts(l: Loc) -> (usize, usize) {
 }
 
 /// The rows of one table at one moment, as the place of the change that last wrote each row.
-struct MomentRows<'a> {
-    replay: Replay<'a>,
+struct MomentRows {
+    replay: Replay,
     rows: RowMap,
 }
 
@@ -290,10 +290,15 @@ struct Plan<'t> {
     int_key: bool,
 }
 
-impl<'a> MomentRows<'a> {
-    fn new(archive: &'a ArchiveSnapshot, plan: &Plan<'_>, moment: Moment) -> MomentRows<'a> {
+impl MomentRows {
+    fn new(
+        archive: &ArchiveSnapshot,
+        table: &TableHistory,
+        plan: &Plan<'_>,
+        moment: Moment,
+    ) -> MomentRows {
         MomentRows {
-            replay: Replay::new(archive, moment),
+            replay: Replay::new(archive, table, moment),
             rows: RowMap::new(plan.int_key),
         }
     }
@@ -730,7 +735,7 @@ pub fn as_of_batch(
     if !shown_in_plan_version(table, &plan, moment) {
         return Ok(None);
     }
-    let mut replays = [MomentRows::new(archive, &plan, moment)];
+    let mut replays = [MomentRows::new(archive, table, &plan, moment)];
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
@@ -769,8 +774,8 @@ pub fn diff_batch(
         return Ok(None);
     }
     let mut replays = [
-        MomentRows::new(archive, &plan, from),
-        MomentRows::new(archive, &plan, to),
+        MomentRows::new(archive, table, &plan, from),
+        MomentRows::new(archive, table, &plan, to),
     ];
     replay(archive, &plan, &mut replays)?;
     let [a, b] = replays;

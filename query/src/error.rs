@@ -27,6 +27,30 @@ pub enum QueryError {
     )]
     BeforeArchive { moment: String, begins: String },
     #[error(
+        "{moment} is before the archive holds {table} ({begins}: it was created, or became capturable, while capture ran, and was read whole then); what it held before is not known"
+    )]
+    BeforeTable {
+        table: String,
+        moment: String,
+        begins: String,
+    },
+    #[error(
+        "{moment} is while {table} was {what} and not yet read again: the DDL committed between {from} and {to}, and the rows it rewrote are not known in between"
+    )]
+    TableUnknown {
+        table: String,
+        moment: String,
+        from: String,
+        to: String,
+        what: &'static str,
+    },
+    #[error("{table} did not exist at {moment}: it was dropped (known by {by})")]
+    TableDropped {
+        table: String,
+        moment: String,
+        by: String,
+    },
+    #[error(
         "the archive names schema version {valid_from} of relation {relation_id} but does not hold it; the archive is inconsistent"
     )]
     NoSuchVersion {
@@ -39,6 +63,18 @@ pub enum QueryError {
     ReadOnly(String),
     #[error(transparent)]
     DataFusion(#[from] datafusion::error::DataFusionError),
+}
+
+/// Whether `e` is the archive saying it does not know a table at a moment, because DDL
+/// rewrote the table between two looks at the catalog: an honest refusal, not a wrong answer.
+pub fn is_unknown_moment(e: &datafusion::error::DataFusionError) -> bool {
+    match e {
+        datafusion::error::DataFusionError::External(inner) => inner
+            .downcast_ref::<QueryError>()
+            .is_some_and(|q| matches!(q, QueryError::TableUnknown { .. })),
+        datafusion::error::DataFusionError::Context(_, inner) => is_unknown_moment(inner),
+        _ => false,
+    }
 }
 
 impl From<QueryError> for datafusion::error::DataFusionError {

@@ -26,7 +26,7 @@ mod session;
 
 pub use archive::{ArchiveSnapshot, TableHistory};
 pub use changes::{changes_schema, row_json};
-pub use error::QueryError;
+pub use error::{QueryError, is_unknown_moment};
 pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
 pub use pit::{

@@ -78,7 +78,7 @@ pub fn state_at<'t>(
     table: &'t TableHistory,
     moment: Moment,
 ) -> Result<TableState<'t>> {
-    check_begins(archive, moment)?;
+    check_begins(archive, table, moment)?;
     let mut rows = StateRows::default();
     let last_version =
         replay_rows(archive, table, moment, &mut rows)?.unwrap_or(&table.versions[0]);
@@ -156,7 +156,7 @@ pub fn as_of_batch(
     table: &TableHistory,
     moment: Moment,
 ) -> Result<RecordBatch> {
-    check_begins(archive, moment)?;
+    check_begins(archive, table, moment)?;
     match crate::columnar::as_of_batch(archive, table, moment)? {
         Some(batch) => Ok(batch),
         None => state_batch(&state_at(archive, table, moment)?),
@@ -318,8 +318,8 @@ pub fn diff_batch(
     from: Moment,
     to: Moment,
 ) -> Result<RecordBatch> {
-    check_begins(archive, from)?;
-    check_begins(archive, to)?;
+    check_begins(archive, table, from)?;
+    check_begins(archive, table, to)?;
     match crate::columnar::diff_batch(archive, table, from, to)? {
         Some(batch) => Ok(batch),
         None => row_replay_diff_batch(archive, table, from, to),

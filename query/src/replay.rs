@@ -95,16 +95,16 @@ pub fn for_each_change<'t>(
     )
 }
 
-/// The snapshot points a replay in key order passes, in order.
-struct SnapshotResets<'a> {
-    points: &'a [(Lsn, i64)],
+/// The snapshot points of one table that a replay in key order passes, in order.
+struct SnapshotResets {
+    points: Vec<(Lsn, i64)>,
     next: usize,
 }
 
-impl<'a> SnapshotResets<'a> {
-    fn new(archive: &'a ArchiveSnapshot) -> Self {
+impl SnapshotResets {
+    fn new(archive: &ArchiveSnapshot, table: &TableHistory) -> Self {
         SnapshotResets {
-            points: &archive.snapshots,
+            points: archive.snapshot_points(table),
             next: 0,
         }
     }
@@ -153,8 +153,77 @@ pub(crate) fn row_key(positions: &[usize], row: &Row) -> RowKey {
     }
 }
 
+/// An error unless the archive holds `table` at `moment`: the archive begins at or before it,
+/// and so does the table's history (a table synchronised while capture ran, because it was
+/// created or given a key then, is known from its first snapshot on: what it held before is
+/// unknown, not empty).
+pub(crate) fn check_begins(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    moment: Moment,
+) -> Result<()> {
+    check_archive_begins(archive, moment)?;
+    let within = |lsn: Lsn, at: i64| match moment {
+        Moment::Lsn(l) => l >= lsn,
+        Moment::Time(t) => t >= at,
+    };
+    let initial = archive.snapshots.first().map(|s| s.lsn);
+    let mut known = false;
+    let mut last = None;
+    for (snapshot, scope) in archive.table_snapshots(table) {
+        if !within(snapshot.lsn, snapshot.committed_at_us) {
+            // A later snapshot read the table again after DDL rewrote (or dropped) it: the
+            // moments between that DDL's earliest point and the snapshot are not known.
+            if let Some((from, from_us)) = scope.unknown_from
+                && within(from, from_us)
+            {
+                return Err(QueryError::TableUnknown {
+                    table: table.qualified_name(),
+                    moment: moment.to_string(),
+                    from: format!("LSN {from}, {}", format_us(from_us)),
+                    to: format!(
+                        "LSN {}, {}",
+                        snapshot.lsn,
+                        format_us(snapshot.committed_at_us)
+                    ),
+                    what: if scope.dropped {
+                        "dropped"
+                    } else {
+                        "rewritten by DDL"
+                    },
+                }
+                .into());
+            }
+            break;
+        }
+        known = true;
+        last = Some((snapshot, scope));
+    }
+    let first = archive.table_snapshots(table).next().map(|(s, _)| s);
+    match (first, last) {
+        // Not held yet at the moment, and not from the archive's beginning.
+        (Some(first), _) if !known && Some(first.lsn) != initial => Err(QueryError::BeforeTable {
+            table: table.qualified_name(),
+            moment: moment.to_string(),
+            begins: format!("LSN {}, {}", first.lsn, format_us(first.committed_at_us)),
+        }
+        .into()),
+        (_, Some((snapshot, scope))) if scope.dropped => Err(QueryError::TableDropped {
+            table: table.qualified_name(),
+            moment: moment.to_string(),
+            by: format!(
+                "LSN {}, {}",
+                snapshot.lsn,
+                format_us(snapshot.committed_at_us)
+            ),
+        }
+        .into()),
+        _ => Ok(()),
+    }
+}
+
 /// An error unless the archive holds `moment` (it begins at or before it).
-pub(crate) fn check_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
+pub(crate) fn check_archive_begins(archive: &ArchiveSnapshot, moment: Moment) -> Result<()> {
     let begins_before = match moment {
         Moment::Time(t) => archive.first_commit_us.is_some_and(|f| t >= f),
         Moment::Lsn(l) => archive.first_key.is_some_and(|k| l >= k.commit_lsn),
@@ -251,16 +320,16 @@ pub(crate) trait ApplyChange<I, C>: RowSet {
 
 /// The replay of one table up to one moment: the rules, and where it is among the archive's
 /// snapshot points.
-pub(crate) struct Replay<'a> {
+pub(crate) struct Replay {
     until: Moment,
-    resets: SnapshotResets<'a>,
+    resets: SnapshotResets,
 }
 
-impl<'a> Replay<'a> {
-    pub(crate) fn new(archive: &'a ArchiveSnapshot, until: Moment) -> Replay<'a> {
+impl Replay {
+    pub(crate) fn new(archive: &ArchiveSnapshot, table: &TableHistory, until: Moment) -> Replay {
         Replay {
             until,
-            resets: SnapshotResets::new(archive),
+            resets: SnapshotResets::new(archive, table),
         }
     }
 
@@ -427,7 +496,7 @@ where
     S: RowSet + for<'r> ApplyChange<&'r Row, RowChange<'t, 'r>>,
     S::Error: Into<DataFusionError>,
 {
-    let mut replay = Replay::new(archive, until);
+    let mut replay = Replay::new(archive, table, until);
     let mut last_version = None;
     for_each_change(archive, table, Some(until), |version, key, rec| {
         last_version = Some(version);
@@ -499,7 +568,7 @@ mod tests {
         let mut replay = Replay {
             until: Moment::Lsn(Lsn(500)),
             resets: SnapshotResets {
-                points: &snapshots,
+                points: snapshots.to_vec(),
                 next: 0,
             },
         };

@@ -158,12 +158,8 @@ fn version_time(
     table: &TableHistory,
     from: ChangeKey,
 ) -> Result<Option<i64>> {
-    if let Some(&(_, at)) = archive
-        .snapshots
-        .iter()
-        .find(|(l, _)| *l == from.commit_lsn)
-    {
-        return Ok(Some(at));
+    if let Some(snapshot) = archive.snapshots.iter().find(|s| s.lsn == from.commit_lsn) {
+        return Ok(Some(snapshot.committed_at_us));
     }
     let lsn = from.commit_lsn.0;
     let bounds = Bounds {

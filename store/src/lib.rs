@@ -34,7 +34,7 @@ pub use error::{CompactError, LogError, SegmentError};
 pub use log::fuzzing;
 pub use log::{
     Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, LOG_FILE, LogOp, LogReader, SharedLog,
-    SourceIdentity, TxnRecord,
+    SnapshotRecord, SourceIdentity, StorageLayout, TableScope, TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
 pub use manifest::{SEGMENTS_DIR, SegmentEntry, SegmentManifest};

@@ -71,6 +71,7 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
         durable_observer: None,
         stop_at: None,
+        catalog_interval: pgtrail_capture::DEFAULT_CATALOG_INTERVAL,
         // The demo compacts once, explicitly, after the capture stops.
         compaction: None,
     };

@@ -58,10 +58,16 @@ struct CaptureArgs {
     /// Publication name.
     #[arg(long, default_value = "pgtrail")]
     publication: String,
-    /// Tables to capture, as PostgreSQL parses them: public.orders,public."Odd Name".
-    /// Default: every table with a primary key or REPLICA IDENTITY FULL.
+    /// Tables to capture, comma-separated: names as PostgreSQL parses them
+    /// (public.orders,public."Odd Name"), patterns (public.*, billing.invoice_*), and
+    /// exclusions (!public.audit_*). Default: every table with a primary key or REPLICA
+    /// IDENTITY FULL / USING INDEX, including tables created later.
     #[arg(long)]
     tables: Option<String>,
+    /// Seconds between looks at the catalog for tables created (or given a key) while
+    /// capture runs; each is copied in step with the stream and captured from then on.
+    #[arg(long, default_value_t = 5)]
+    catalog_secs: u64,
     /// After a gap was detected: record it, create a new slot and take a new snapshot.
     #[arg(long)]
     resnapshot: bool,
@@ -221,6 +227,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         stream_timeout: Duration::from_secs(args.stream_timeout_secs.max(2)),
         durable_observer: None,
         stop_at,
+        catalog_interval: Duration::from_secs(args.catalog_secs.max(1)),
         compaction: (!args.no_compact).then(|| pgtrail_capture::CompactionPolicy {
             options: args.segments.options(),
             min_changes: args.compact_after_changes.max(1),

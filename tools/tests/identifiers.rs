@@ -25,7 +25,7 @@ const ODD_NAMES: [&str; 7] = [
 ];
 
 /// A row as column name -> text (None for NULL).
-type Row = BTreeMap<String, Option<String>>;
+pub(crate) type Row = BTreeMap<String, Option<String>>;
 
 #[test]
 fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
@@ -149,28 +149,7 @@ fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
             let table = snapshot
                 .table(&printed)
                 .unwrap_or_else(|e| panic!("{printed}: {e}"));
-            let state = state_at(&snapshot, table, Moment::Lsn(moment)).unwrap();
-            let mut rows: Vec<Row> = state
-                .rows
-                .values()
-                .flat_map(|versions| versions.iter())
-                .map(|(version, cells)| {
-                    version
-                        .columns
-                        .iter()
-                        .zip(cells)
-                        .map(|(c, cell)| {
-                            let text = match cell {
-                                Cell::Text(t) => Some(t.clone()),
-                                Cell::Null => None,
-                                Cell::Unknown => Some("<unknown>".into()),
-                            };
-                            (c.name.clone(), text)
-                        })
-                        .collect()
-                })
-                .collect();
-            rows.sort();
+            let rows = archive_rows(&snapshot, table, Moment::Lsn(moment)).unwrap();
             if &rows != expected {
                 wrong.push(printed);
             }
@@ -196,8 +175,43 @@ fn every_keyword_as_a_table_and_a_column_name_is_captured_exactly() {
     assert_eq!(count.lines().nth(1), Some("2"), "{count}");
 }
 
+/// `table`'s rows at `moment` as the archive answers (the row replay), sorted, in the shape
+/// [`contents`] gives PostgreSQL's.
+pub(crate) fn archive_rows(
+    snapshot: &ArchiveSnapshot,
+    table: &pgtrail_query::TableHistory,
+    moment: Moment,
+) -> datafusion::error::Result<Vec<Row>> {
+    let state = state_at(snapshot, table, moment)?;
+    let mut rows: Vec<Row> = state
+        .rows
+        .values()
+        .flat_map(|versions| versions.iter())
+        .map(|(version, cells)| {
+            version
+                .columns
+                .iter()
+                .zip(cells)
+                .map(|(c, cell)| {
+                    let text = match cell {
+                        Cell::Text(t) => Some(t.clone()),
+                        Cell::Null => None,
+                        Cell::Unknown => Some("<unknown>".into()),
+                    };
+                    (c.name.clone(), text)
+                })
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    Ok(rows)
+}
+
 /// Each table's rows as PostgreSQL holds them now, sorted, in one statement.
-fn contents(psql: &dyn Fn(&str) -> String, tables: &[(String, String)]) -> Vec<Vec<Row>> {
+pub(crate) fn contents(
+    psql: &dyn Fn(&str) -> String,
+    tables: &[(String, String)],
+) -> Vec<Vec<Row>> {
     let query = tables
         .iter()
         .enumerate()
@@ -242,6 +256,6 @@ fn contents(psql: &dyn Fn(&str) -> String, tables: &[(String, String)]) -> Vec<V
 }
 
 /// The test's own quoting for the SQL it runs itself (independent of the code under test).
-fn quoted(name: &str) -> String {
+pub(crate) fn quoted(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }

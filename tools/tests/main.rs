@@ -17,6 +17,7 @@ mod faults;
 mod identifiers;
 mod query;
 mod schema;
+mod tables;
 
 fn pgtrail() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgtrail"))
@@ -90,6 +91,7 @@ fn capture_until_now(cluster: &Cluster, db: &str, archive: &Path) {
         progress_interval: Duration::from_secs(1),
         stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
         stop_at: Some(stop_at),
+        catalog_interval: pgtrail_capture::DEFAULT_CATALOG_INTERVAL,
         compaction: None,
         durable_observer: None,
     };

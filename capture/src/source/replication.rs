@@ -177,12 +177,14 @@ impl ReplicationStream {
     pub async fn create_slot_exporting_snapshot(
         &mut self,
         slot: &str,
+        temporary: bool,
     ) -> Result<(Lsn, String), CaptureError> {
         let rows = self
             .gated()?
             .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
-                pgtrail_store::always_quoted(slot)
+                "CREATE_REPLICATION_SLOT {}{} LOGICAL pgoutput EXPORT_SNAPSHOT",
+                pgtrail_store::always_quoted(slot),
+                if temporary { " TEMPORARY" } else { "" }
             ))
             .await?;
         let row = rows.first().ok_or_else(|| {

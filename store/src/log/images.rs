@@ -17,6 +17,7 @@ pub(super) struct Tables<'w> {
     pub(super) current: RowKeyed<'w>,
     pub(super) undo: [RowKeyed<'w>; 2],
     pub(super) snapshots: redb::Table<'w, u64, i64>,
+    pub(super) snapshot_scope: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) scratch: Vec<u8>,
 }
 
@@ -117,20 +118,7 @@ pub(super) fn complete_change(
         }
         Op::Truncate => {
             if indexed {
-                let keys: Vec<Vec<u8>> = t
-                    .current
-                    .range((rel.relation_id, &[][..])..(rel.relation_id + 1, &[][..]))?
-                    .filter_map(|e| e.ok())
-                    .map(|(k, _)| k.value().1.to_vec())
-                    .collect();
-                for k in keys {
-                    let old = t.current.remove((rel.relation_id, k.as_slice()))?;
-                    if !tx.atomic {
-                        let undo = undo_value(old.as_ref().map(|v| v.value()));
-                        drop(old);
-                        save_undo(t, tx.undo_slot, rel.relation_id, &k, &undo)?;
-                    }
-                }
+                forget_current_rows(t, rel.relation_id, tx)?;
             }
         }
         Op::Message => {}
@@ -147,6 +135,30 @@ pub(super) fn complete_change(
         context: tx.context.clone(),
         message: None,
     })
+}
+
+/// Remove every current row of a relation from the index (a TRUNCATE, or a snapshot of the
+/// table), saving undo rows when the transaction spans batches.
+pub(super) fn forget_current_rows(
+    t: &mut Tables<'_>,
+    relation_id: u32,
+    tx: &InFlight,
+) -> Result<(), LogError> {
+    let keys: Vec<Vec<u8>> = t
+        .current
+        .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
+        .filter_map(|e| e.ok())
+        .map(|(k, _)| k.value().1.to_vec())
+        .collect();
+    for k in keys {
+        let old = t.current.remove((relation_id, k.as_slice()))?;
+        if !tx.atomic {
+            let undo = undo_value(old.as_ref().map(|v| v.value()));
+            drop(old);
+            save_undo(t, tx.undo_slot, relation_id, &k, &undo)?;
+        }
+    }
+    Ok(())
 }
 
 /// The key column values of a complete row (text form; NULL or unknown as `None`).

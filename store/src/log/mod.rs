@@ -19,6 +19,7 @@
 //! | `meta`         | name                                  | position, last commit, source identity  |
 //! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
 //! | `snapshots`    | `commit_lsn u64`                      | commit time (µs) of a snapshot transaction |
+//! | `snapshot_scope` | `(commit_lsn u64, relation_id u32)` | encoded [`TableScope`]: the tables a snapshot transaction holds (none listed: every table) |
 //!
 //! Values are postcard-encoded, with a one-byte prefix: `0` plain, `1` zstd-compressed (used
 //! when the encoding is larger than [`COMPRESS_ABOVE`] bytes).
@@ -56,7 +57,8 @@
 //!
 //! | version | what changed |
 //! |---------|--------------|
-//! | 1       | the layout above. Builds before the format discipline wrote two variants under the same number, both read: one undo table `current_undo` keyed by commit LSN (drained by recovery into the index), and no `snapshots` table (read as no snapshot points) |
+//! | 1       | the layout above without `snapshot_scope`. Builds before the format discipline wrote two variants under the same number, both read: one undo table `current_undo` keyed by commit LSN (drained by recovery into the index), and no `snapshots` table (read as no snapshot points) |
+//! | 2       | `snapshot_scope`: a snapshot may hold only some tables (a table synchronised while capture runs). Upgrade from 1: nothing to rewrite (a snapshot without scope rows holds every table, as version 1 meant); the number says that a version-1 reader, which would take a one-table snapshot for the whole archive's, must refuse the log |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -111,6 +113,71 @@ pub struct TxnRecord {
     pub end_lsn: Lsn,
     pub committed_at_us: i64,
     pub change_count: u32,
+}
+
+/// A snapshot transaction: the whole state of the tables it holds, at its commit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotRecord {
+    /// The commit LSN the snapshot is keyed under (just before its consistent point).
+    pub lsn: Lsn,
+    pub committed_at_us: i64,
+    /// The tables it holds; `None`: every table (the initial snapshot of an archive written
+    /// before snapshots named their tables).
+    pub tables: Option<Vec<TableScope>>,
+}
+
+impl SnapshotRecord {
+    /// What this snapshot says of `relation_id`, if it holds that table's whole state (a
+    /// snapshot of every table says nothing more than that).
+    pub fn scope_of(&self, relation_id: u32) -> Option<TableScope> {
+        match &self.tables {
+            None => Some(TableScope::whole(relation_id)),
+            Some(tables) => tables
+                .iter()
+                .find(|t| t.relation_id == relation_id)
+                .cloned(),
+        }
+    }
+}
+
+/// One table of a snapshot transaction, and what else the capture knew of it then.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableScope {
+    pub relation_id: u32,
+    /// What in the catalog says the table's stored rows are as read: its file node (a table
+    /// rewrite gives it a new one) and the columns whose value existing rows take from the
+    /// catalog (`ADD COLUMN … DEFAULT` without a rewrite). A change of either means rows
+    /// changed without a change in the stream, and the table must be read again.
+    pub layout: Option<StorageLayout>,
+    /// The table was read again because DDL rewrote its rows without any change in the
+    /// stream (`ALTER COLUMN … TYPE`, `ADD COLUMN … DEFAULT`), or dropped it; the DDL
+    /// committed after this point (LSN, and the server's time then, µs), so from it until the
+    /// snapshot the table's rows are not known.
+    pub unknown_from: Option<(Lsn, i64)>,
+    /// The table no longer exists: it was dropped after `unknown_from` and before the
+    /// snapshot, which holds no row of it.
+    pub dropped: bool,
+}
+
+impl TableScope {
+    /// A table read whole, with nothing else to say.
+    pub fn whole(relation_id: u32) -> TableScope {
+        TableScope {
+            relation_id,
+            layout: None,
+            unknown_from: None,
+            dropped: false,
+        }
+    }
+}
+
+/// See [`TableScope::layout`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageLayout {
+    /// `pg_relation_filenode` (0 for a partitioned table, which has no storage of its own).
+    pub file_node: u32,
+    /// Attribute numbers of columns with `atthasmissing`.
+    pub missing_values: Vec<i16>,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -173,6 +240,14 @@ pub enum LogOp {
     /// no transaction of the captured tables commits before it, so it may be acknowledged
     /// (and the slot released) once durable, even when the captured tables are idle.
     Advance(Lsn),
+    /// The capture's catalog watch saw every held table's storage layout as the archive
+    /// records it at this point (LSN, server time µs); kept in `meta` with the next commit.
+    CatalogSeen(Lsn, i64),
+    /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
+    /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
+    /// names no relation holds every table (the initial snapshot of an archive written before
+    /// these were recorded).
+    SnapshotOf(TableScope),
 }
 
 /// What one [`ChangeLog::apply`] call did.
@@ -224,6 +299,8 @@ pub struct ChangeLog {
     finished_undo: [bool; 2],
     /// The buffer every stored value is encoded into (reused).
     scratch: Vec<u8>,
+    /// A [`LogOp::CatalogSeen`] not yet written.
+    catalog_seen: Option<(Lsn, i64)>,
 }
 
 impl ChangeLog {
@@ -267,6 +344,7 @@ impl ChangeLog {
             next_undo_slot: 0,
             finished_undo: [false; 2],
             scratch: Vec::new(),
+            catalog_seen: None,
         };
         log.recover()?;
         Ok(log)
@@ -284,9 +362,15 @@ impl ChangeLog {
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
                     )?;
                 }
-                // Version 1 is the first; a later version adds its upgrade step here (see
-                // "Format versions" in the module doc).
-                Some(v) if v <= u64::from(FORMAT_VERSION) => {}
+                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. The new number
+                // is written in this redb transaction, with the table (see "Format versions").
+                Some(v) if v < u64::from(FORMAT_VERSION) => {
+                    meta.insert(
+                        META_FORMAT,
+                        u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
+                    )?;
+                }
+                Some(v) if v == u64::from(FORMAT_VERSION) => {}
                 Some(v) => {
                     return Err(LogError::FormatVersion {
                         found: u32::try_from(v).unwrap_or(u32::MAX),
@@ -347,6 +431,8 @@ impl ChangeLog {
             for k in stale {
                 relations.remove(k)?;
             }
+            let mut scope = wtx.open_table(SNAPSHOT_SCOPE)?;
+            scope.retain_in((first_unfinished, 0u32).., |_, _| false)?;
             if restored > 0 || removed > 0 {
                 tracing::warn!(
                     removed_changes = removed,
@@ -487,6 +573,7 @@ impl ChangeLog {
                 current: wtx.open_table(CURRENT)?,
                 undo: [wtx.open_table(UNDO[0])?, wtx.open_table(UNDO[1])?],
                 snapshots: wtx.open_table(SNAPSHOTS)?,
+                snapshot_scope: wtx.open_table(SNAPSHOT_SCOPE)?,
                 scratch: std::mem::take(&mut self.scratch),
             };
             let ops: Vec<LogOp> = ops.into_iter().collect();
@@ -515,6 +602,9 @@ impl ChangeLog {
                 META_LAST_COMMIT,
                 self.last_commit.0.to_le_bytes().as_slice(),
             )?;
+            if let Some(seen) = self.catalog_seen.take() {
+                meta.insert(META_CATALOG_SEEN, encode(&seen).as_slice())?;
+            }
         }
         // The undo rows of a spanning transaction finished in this batch go in the same redb
         // commit as its `transactions` record (a crash keeps both or neither). Deleting the
@@ -732,6 +822,29 @@ impl ChangeLog {
                 if self.inflight.is_none() && lsn > self.position {
                     self.position = lsn;
                 }
+            }
+            LogOp::CatalogSeen(lsn, at_us) => {
+                self.catalog_seen = Some((lsn, at_us));
+            }
+            LogOp::SnapshotOf(scope) => {
+                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
+                if tx.skip {
+                    return Ok(());
+                }
+                if tx.xid != 0 {
+                    return Err(LogError::Corrupt {
+                        what: format!("transaction {}", tx.final_lsn),
+                        source: "a snapshot scope inside a source transaction".into(),
+                    });
+                }
+                // Keyed by the transaction: recovery removes it with the rest of an unfinished
+                // snapshot. The index forgets the relation's rows (with undo rows when the
+                // snapshot spans batches): the snapshot's rows are its rows from here.
+                t.snapshot_scope.insert(
+                    (tx.final_lsn.0, scope.relation_id),
+                    encode(&scope).as_slice(),
+                )?;
+                forget_current_rows(t, scope.relation_id, tx)?;
             }
         }
         Ok(())

@@ -119,6 +119,16 @@ impl LogReader {
         }
     }
 
+    /// The latest point at which the capture saw every held table's storage layout as the
+    /// archive records it (see [`LogOp::CatalogSeen`](crate::LogOp::CatalogSeen)).
+    pub fn catalog_seen(&self) -> Result<Option<(Lsn, i64)>, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_CATALOG_SEEN)? {
+            Some(v) => Ok(Some(decode(v.value(), "meta catalog_seen")?)),
+            None => Ok(None),
+        }
+    }
+
     /// Every change of a finished source transaction, in key order. Changes of a transaction
     /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
     /// them) are keyed after the last finished one and are not shown.
@@ -179,9 +189,10 @@ impl LogReader {
         Ok(out)
     }
 
-    /// Every snapshot transaction: its commit LSN and commit time, in LSN order. An archive
-    /// written before snapshots were recorded has none (and no re-snapshot either).
-    pub fn snapshots(&self) -> Result<Vec<(Lsn, i64)>, LogError> {
+    /// Every snapshot transaction in LSN order: its commit LSN, commit time and the tables it
+    /// holds. An archive written before snapshots were recorded has none (and no re-snapshot
+    /// either).
+    pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, LogError> {
         let table = match self.rtx.open_table(SNAPSHOTS) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
@@ -190,7 +201,29 @@ impl LogReader {
         let mut out = Vec::new();
         for e in table.iter()? {
             let (k, v) = e?;
-            out.push((Lsn(k.value()), v.value()));
+            out.push(SnapshotRecord {
+                lsn: Lsn(k.value()),
+                committed_at_us: v.value(),
+                tables: None,
+            });
+        }
+        // Version 1 has no scope table: every snapshot holds every table.
+        let scope = match self.rtx.open_table(SNAPSHOT_SCOPE) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(scope) = scope {
+            for snapshot in &mut out {
+                let lsn = snapshot.lsn.0;
+                let mut tables = Vec::new();
+                for e in scope.range((lsn, 0u32)..=(lsn, u32::MAX))? {
+                    tables.push(decode(e?.1.value(), "snapshot_scope")?);
+                }
+                if !tables.is_empty() {
+                    snapshot.tables = Some(tables);
+                }
+            }
         }
         Ok(out)
     }

@@ -30,13 +30,25 @@ pub(crate) const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps"
 /// points, because a snapshot is the whole state, not changes to the state before it.
 pub(crate) const SNAPSHOTS: TableDefinition<u64, i64> = TableDefinition::new("snapshots");
 
+/// The tables a snapshot transaction holds, `(commit_lsn, relation_id)` to an encoded
+/// [`TableScope`](crate::TableScope) (version 2): a table synchronised while capture runs
+/// (created, given a key, rewritten or dropped after the initial snapshot) starts afresh at
+/// its own snapshot, and no other table does. A snapshot transaction with no row here (every
+/// one written by version 1) holds every table. Never trimmed, as `snapshots`.
+pub(crate) const SNAPSHOT_SCOPE: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("snapshot_scope");
+
 pub(crate) const META_FORMAT: &str = "format_version";
 pub(crate) const META_POSITION: &str = "position";
 pub(crate) const META_LAST_COMMIT: &str = "last_commit";
 pub(crate) const META_SOURCE: &str = "source";
+/// (version 2) The latest point (LSN, server time µs) at which the capture's catalog watch
+/// saw every held table's storage layout as the archive records it: DDL that rewrote a table
+/// without a change in the stream committed after it.
+pub(crate) const META_CATALOG_SEEN: &str = "catalog_seen";
 
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.

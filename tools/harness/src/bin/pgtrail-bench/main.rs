@@ -230,6 +230,7 @@ fn bench_capture(url: &str, archive: &std::path::Path) -> anyhow::Result<Capture
         stream_timeout: pgtrail_capture::DEFAULT_STREAM_TIMEOUT,
         durable_observer: None,
         stop_at: None,
+        catalog_interval: pgtrail_capture::DEFAULT_CATALOG_INTERVAL,
         compaction: None,
     })
 }

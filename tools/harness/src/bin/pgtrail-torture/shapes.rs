@@ -9,7 +9,8 @@
 //! Its oracle: after every round a transaction locks all these tables, hashes each one's rows
 //! (PostgreSQL's composite text of each row, sorted) and emits the hashes with
 //! `pg_logical_emit_message(true, 'oracle_shapes', …)`. pgtrail's own `as_of_lsn` at that
-//! message's commit must hash the same, table by table.
+//! message's commit must hash the same, table by table, or refuse the moment as unknown (a
+//! table DDL rewrote, not read again yet); refusals are counted and reported.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -330,8 +331,16 @@ pub fn check(
             let history = snapshot
                 .table(&format!("public.{table}"))
                 .map_err(|e| e.to_string())?;
-            let state = state_at(snapshot, history, Moment::Lsn(*lsn))
-                .map_err(|e| format!("as_of {table} at {lsn}: {e}"))?;
+            let state = match state_at(snapshot, history, Moment::Lsn(*lsn)) {
+                Ok(state) => state,
+                // DDL rewrote the table (ALTER TYPE, TRUNCATE) and the archive had not read it
+                // again yet at this moment: it says so rather than answer; counted, not failed.
+                Err(e) if pgtrail_query::is_unknown_moment(&e) => {
+                    v.oracles_unknown += 1;
+                    continue;
+                }
+                Err(e) => return Err(format!("as_of {table} at {lsn}: {e}")),
+            };
             let rows: Vec<String> = state
                 .rows
                 .values()

@@ -1,0 +1,661 @@
+//! Tables that join capture while it runs: created, given a primary key or a replica
+//! identity, or added to the publication by a DBA after the initial snapshot.
+//!
+//! # Mechanism, and why
+//!
+//! The catalog is watched from the capture's SQL connection ([`TableWatch::due`], every
+//! `--catalog-interval` and at each session start). A table that the selection takes in and
+//! the publication lacks is added to it (`ALTER PUBLICATION … ADD TABLE`); every published
+//! table whose whole state the archive does not hold yet is then *synchronised*, the way
+//! PostgreSQL's own subscribers synchronise a table ([`sync`]):
+//!
+//! 1. a temporary logical slot is created on a second replication connection; it exports a
+//!    snapshot that sees exactly the transactions committed before its consistent point `L`;
+//! 2. the tables are copied inside that snapshot, into a spool file beside the log (bounded
+//!    memory whatever their size);
+//! 3. when the main stream reaches `L` (the first transaction committing at or after it, a
+//!    keepalive past it, or pgtrail's own fence message emitted after the copy), the copy is
+//!    stored as a snapshot transaction keyed just before `L` that names its tables
+//!    ([`LogOp::SnapshotOf`]): a replay of such a table starts afresh there, exactly as at the
+//!    initial snapshot, so its changes the stream sent before `L` (already in the copy) are
+//!    superseded, and those after `L` apply on top.
+//!
+//! The alternative, an event trigger that adds each new table to the publication inside the
+//! transaction that creates it, would give a table's history from its first row with no copy
+//! at all, but it needs a superuser to install and changes the source database; polling needs
+//! neither, and the synchronisation it needs is also what a table rewritten by DDL needs. What
+//! polling cannot know is what a table held between its creation and `L`: `as_of` before a
+//! table's first snapshot says so instead of answering (see the README's Limits).
+//!
+//! # Why a crash at any line loses nothing
+//!
+//! Nothing here acknowledges: the sync's snapshot reaches the log as an ordinary transaction,
+//! and the stream's position cannot pass `L` before it is stored (it is inserted before the
+//! first operation at or past `L`). If the process dies before that, the spool (an unlinked
+//! temporary file) vanishes, the temporary slot is dropped by the server, and the next session
+//! finds the table published but not held by any snapshot, and synchronises it again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use pgtrail_store::{
+    IncomingCell, IncomingChange, LogOp, LogReader, Lsn, Op, StorageLayout, TableScope,
+};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
+
+use crate::error::{CaptureError, within};
+use crate::run::CaptureConfig;
+use crate::slot::{self, CapturedTable};
+use crate::snapshot::{self, SnapshotSink};
+use crate::source::replication::ReplicationStream;
+use crate::writer::WriterHandle;
+
+/// The prefix of the non-transactional message pgtrail emits after a sync's copy: its arrival
+/// says the stream has passed the sync's point. Never stored.
+pub(crate) const FENCE_PREFIX: &str = "pgtrail.fence";
+
+/// What the watch knows between its looks at the catalog.
+#[derive(Debug, Default)]
+pub(crate) struct TableWatch {
+    /// Relations whose whole state the archive holds: the point of their latest snapshot and
+    /// their storage layout as last known (`None`: not known yet).
+    held: BTreeMap<u32, Held>,
+    /// The point (LSN, server time) read just before the previous look at the catalog: DDL
+    /// that look did not see committed after it.
+    last_look: Option<(Lsn, i64)>,
+    /// Tables already reported as not capturable, with the reason, so each is said once.
+    reported: BTreeMap<u32, String>,
+    /// Tables whose addition to the publication was refused (said once).
+    refused: BTreeSet<u32>,
+}
+
+#[derive(Debug)]
+struct Held {
+    since: (Lsn, i64),
+    layout: Option<StorageLayout>,
+}
+
+/// What a look at the catalog found to do.
+#[derive(Debug, Default)]
+pub(crate) struct SyncPlan {
+    /// Tables to read whole: new ones, and rewritten ones (their scope says since when their
+    /// rows are not known).
+    pub copy: Vec<(CapturedTable, TableScope)>,
+    /// Held tables that no longer exist.
+    pub dropped: Vec<TableScope>,
+    /// The point read before the look, when every held table's layout was as recorded: to
+    /// keep in the archive, so that a later session knows from when a rewrite it finds
+    /// happened.
+    pub layouts_seen: Option<(Lsn, i64)>,
+}
+
+impl SyncPlan {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.copy.is_empty() && self.dropped.is_empty()
+    }
+}
+
+impl TableWatch {
+    /// The watch of an archive: every relation some stored snapshot holds (and has not
+    /// dropped since).
+    pub(crate) fn of_archive(writer: &WriterHandle) -> Result<TableWatch, CaptureError> {
+        let reader = LogReader::of_shared(&writer.shared_log())?;
+        let mut watch = TableWatch {
+            last_look: reader.catalog_seen()?,
+            ..TableWatch::default()
+        };
+        let relations = reader.relations()?;
+        for s in reader.snapshots()? {
+            let since = (s.lsn, s.committed_at_us);
+            match s.tables {
+                // A snapshot that names no table (written before snapshots named them) held
+                // every table the archive knew then: all of them, as far as can be told.
+                None => {
+                    for r in &relations {
+                        watch.held.insert(
+                            r.relation_id,
+                            Held {
+                                since,
+                                layout: None,
+                            },
+                        );
+                    }
+                }
+                Some(tables) => watch.hold(since, tables),
+            }
+        }
+        Ok(watch)
+    }
+
+    /// Note what a stored snapshot at `since` says of its tables.
+    pub(crate) fn hold(&mut self, since: (Lsn, i64), tables: Vec<TableScope>) {
+        for t in tables {
+            if t.dropped {
+                self.held.remove(&t.relation_id);
+            } else {
+                self.held.insert(
+                    t.relation_id,
+                    Held {
+                        since,
+                        layout: t.layout,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Look at the catalog: add what the selection takes in to the publication, and say
+    /// which tables to read whole (published and not held yet, or rewritten by DDL) and which
+    /// held tables were dropped.
+    pub(crate) async fn due(
+        &mut self,
+        sql: &tokio_postgres::Client,
+        config: &CaptureConfig,
+    ) -> Result<SyncPlan, CaptureError> {
+        let look = server_point(sql).await?;
+        let publication = config.publication.as_str();
+        let mut published = slot::publication_tables(sql, publication).await?;
+        // An exact --tables list is fixed when the session starts; patterns and the default
+        // (every safe table) take in tables that appear later.
+        if !slot::is_exact_list(&config.tables) {
+            let (eligible, excluded) = slot::choose_tables(sql, &config.tables).await?;
+            for t in excluded {
+                if self.reported.get(&t.oid) != Some(&t.reason) {
+                    tracing::warn!(table = %t.qualified, reason = %t.reason, "table not captured");
+                    self.reported.insert(t.oid, t.reason);
+                }
+            }
+            let publishes: BTreeSet<u32> = published.iter().map(|t| t.oid).collect();
+            let missing: Vec<CapturedTable> = eligible
+                .into_iter()
+                .filter(|t| !publishes.contains(&t.oid) && !self.refused.contains(&t.oid))
+                .collect();
+            if !missing.is_empty() {
+                match slot::add_to_publication(sql, publication, &missing).await {
+                    Ok(()) => {
+                        for t in &missing {
+                            self.reported.remove(&t.oid);
+                            tracing::info!(table = %t.qualified(), "new table added to the publication");
+                        }
+                        published = slot::publication_tables(sql, publication).await?;
+                    }
+                    Err(e @ CaptureError::Setup { .. }) => {
+                        // Capture goes on with what it may publish; the DBA's fix is logged.
+                        tracing::warn!(error = %e, "new tables left out");
+                        self.refused.extend(missing.iter().map(|t| t.oid));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let oids: Vec<u32> = published
+            .iter()
+            .map(|t| t.oid)
+            .chain(self.held.keys().copied())
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let layouts = slot::storage_layouts(sql, &oids).await?;
+        let mut plan = SyncPlan::default();
+        let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
+        let mut rewritten = false;
+        for (oid, held) in &mut self.held {
+            // Rows changed without a change in the stream after the later of the table's
+            // last snapshot and the previous look (which saw the old layout).
+            let unknown_from = Some(self.last_look.map_or(held.since, |l| l.max(held.since)));
+            match layouts.get(oid) {
+                None => plan.dropped.push(TableScope {
+                    unknown_from,
+                    dropped: true,
+                    ..TableScope::whole(*oid)
+                }),
+                Some((now, _)) => match &held.layout {
+                    Some(known) if known != now => {
+                        rewritten = true;
+                        if let Some(table) = by_oid.get(oid) {
+                            tracing::info!(table = %table.qualified(), "table rewritten by DDL (new storage, or a column default existing rows take); reading it again");
+                            plan.copy.push((
+                                (*table).clone(),
+                                TableScope {
+                                    unknown_from,
+                                    ..TableScope::whole(*oid)
+                                },
+                            ));
+                        }
+                    }
+                    Some(_) => {}
+                    None => held.layout = Some(now.clone()),
+                },
+            }
+        }
+        for t in published {
+            if !self.held.contains_key(&t.oid) {
+                plan.copy.push((t.clone(), TableScope::whole(t.oid)));
+            }
+        }
+        self.last_look = Some(look);
+        plan.layouts_seen = (!rewritten && plan.dropped.is_empty()).then_some(look);
+        Ok(plan)
+    }
+}
+
+/// The server's WAL insert position and clock (µs since the Unix epoch), read together.
+async fn server_point(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_current_wal_insert_lsn()::text, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            &[],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the server's WAL position and clock", e))?;
+    let lsn: String = row.get(0);
+    let lsn = lsn
+        .parse()
+        .map_err(|_| CaptureError::Protocol(format!("the server sent a bad LSN {lsn:?}")))?;
+    Ok((lsn, row.get(1)))
+}
+
+/// A synchronised copy waiting for the stream to reach its point.
+pub(crate) struct PendingSync {
+    /// The temporary slot's consistent point: the copy holds exactly the transactions
+    /// committed before it.
+    pub point: Lsn,
+    /// The server's clock at `point` or just after.
+    pub committed_at_us: i64,
+    /// What the snapshot says of each table it holds (the spool holds the same marks in
+    /// order, with the rows).
+    pub tables: Vec<TableScope>,
+    spool: Spool,
+}
+
+impl PendingSync {
+    /// Whether the copy must be stored before `ops` (the operations of one stream event):
+    /// they are the first at or past its point.
+    pub(crate) fn due_before(&self, ops: &[LogOp]) -> bool {
+        ops.first().is_some_and(|op| match op {
+            // A commit record cannot start at `point - 1` (records are aligned): a transaction
+            // keyed at or after it committed after the consistent point.
+            LogOp::Begin { final_lsn, .. } => final_lsn.0 >= self.point.0.saturating_sub(1),
+            LogOp::Advance(lsn) | LogOp::NonTransactionalMessage { lsn, .. } => *lsn >= self.point,
+            _ => false,
+        })
+    }
+
+    /// Store the copy as one snapshot transaction keyed just before its point. Returns the
+    /// number of rows stored.
+    pub(crate) async fn store(self, writer: &WriterHandle) -> Result<u64, CaptureError> {
+        writer
+            .send(vec![LogOp::Begin {
+                final_lsn: Lsn(self.point.0 - 1),
+                xid: 0,
+                committed_at_us: self.committed_at_us,
+            }])
+            .await?;
+        let rows = self.spool.replay(writer).await?;
+        writer
+            .send(vec![LogOp::Commit {
+                end_lsn: self.point,
+            }])
+            .await?;
+        Ok(rows)
+    }
+}
+
+/// Carry out a look's plan: copy the tables to read inside a temporary slot's snapshot into
+/// a spool (with the dropped tables' marks), and emit the fence that tells the stream when it
+/// has passed the snapshot's point.
+pub(crate) async fn sync(
+    config: &CaptureConfig,
+    sql: &tokio_postgres::Client,
+    plan: SyncPlan,
+) -> Result<PendingSync, CaptureError> {
+    let mut spool = Spool::new(&config.archive)?;
+    let mut tables: Vec<TableScope> = Vec::new();
+    for scope in plan.dropped {
+        tracing::info!(
+            relation_id = scope.relation_id,
+            "a captured table was dropped"
+        );
+        tables.push(scope.clone());
+        spool.send(vec![LogOp::SnapshotOf(scope)]).await?;
+    }
+    let (point, committed_at_us) = if plan.copy.is_empty() {
+        // Dropped tables only: no copy. The mark is keyed at the fence message's own LSN,
+        // where no transaction can commit (the message's record is there); one that ends
+        // exactly there leaves the position at it, not past it. (The insert LSN read after
+        // the look would not do: a commit can end exactly there, and a mark keyed just before
+        // it would be taken for a replay and skipped.)
+        match emit_fence(sql).await {
+            Ok((fence, at_us)) => (Lsn(fence.0 + 1), at_us),
+            Err(e) => {
+                tracing::debug!(error = %e, "no fence message; marking the drop at a temporary slot's point");
+                copy_in_step(config, &[], &mut spool, &mut tables).await?
+            }
+        }
+    } else {
+        let point = copy_in_step(config, &plan.copy, &mut spool, &mut tables).await?;
+        // Tell the stream it has passed the point even if nothing else is written: the
+        // message is decoded after every transaction that committed before it.
+        if let Err(e) = emit_fence(sql).await {
+            tracing::debug!(error = %e, "no fence message; the copy is stored with the next transaction or keepalive past its point");
+        }
+        point
+    };
+    spool.finish().await?;
+    Ok(PendingSync {
+        point,
+        committed_at_us,
+        tables,
+        spool,
+    })
+}
+
+/// Copy `copy` inside a temporary slot's exported snapshot; returns the slot's consistent
+/// point and the server's clock just after it.
+async fn copy_in_step(
+    config: &CaptureConfig,
+    copy: &[(CapturedTable, TableScope)],
+    spool: &mut Spool,
+    tables: &mut Vec<TableScope>,
+) -> Result<(Lsn, i64), CaptureError> {
+    let names = copy
+        .iter()
+        .map(|(t, _)| t.qualified())
+        .collect::<Vec<_>>()
+        .join(", ");
+    tracing::info!(tables = %names, "reading tables whole, in step with the stream");
+    let limit = config.stream_timeout;
+    // Unique on the server while it lives; dropped by the server when this connection ends.
+    let slot_name = format!(
+        "pgtrail_sync_{}_{}",
+        std::process::id(),
+        pgtrail_store::now_us()
+    );
+    let mut slot_conn = within(limit, "connecting for a table copy", async {
+        ReplicationStream::connect(&config.source, &slot_name, &config.publication, None, limit)
+            .await
+    })
+    .await?;
+    // Waits, as every logical slot's creation does, for transactions running now to end.
+    let (point, snapshot_name) = slot_conn
+        .create_slot_exporting_snapshot(&slot_name, true)
+        .await
+        .map_err(|e| match &e {
+            CaptureError::Replication(r) if r.sqlstate() == Some("53400") => CaptureError::setup(
+                format!("cannot create a temporary replication slot to copy {names}: {r}"),
+                "a table that joins capture (or that DDL rewrote) is read through a temporary slot: raise max_replication_slots by one (ALTER SYSTEM SET max_replication_slots = ...; then restart PostgreSQL)",
+            ),
+            _ => e,
+        })?;
+    let copy_sql = config.source.connect_sql().await?;
+    let locked: Vec<CapturedTable> = copy.iter().map(|(t, _)| t.clone()).collect();
+    snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked).await?;
+    let (_, committed_at_us) = server_point(&copy_sql).await?;
+    let mut rows = 0;
+    for (table, scope) in copy {
+        let mut marks = Vec::new();
+        rows += snapshot::copy_table(
+            &copy_sql,
+            table,
+            scope.clone(),
+            &mut MarkTap(spool, &mut marks),
+        )
+        .await?;
+        tables.extend(marks);
+    }
+    snapshot::leave_snapshot(&copy_sql).await?;
+    drop(slot_conn);
+    tracing::info!(tables = %names, rows, %point, "tables read; stored when the stream reaches the copy's point");
+    Ok((point, committed_at_us))
+}
+
+/// A sink that passes everything to the spool and keeps a copy of the scope marks (they
+/// carry the layout the copy read).
+struct MarkTap<'a>(&'a mut Spool, &'a mut Vec<TableScope>);
+
+impl SnapshotSink for MarkTap<'_> {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        for op in &ops {
+            if let LogOp::SnapshotOf(scope) = op {
+                self.1.push(scope.clone());
+            }
+        }
+        self.0.send(ops).await
+    }
+}
+
+/// Emit pgtrail's fence message (not stored; see [`FENCE_PREFIX`]); returns its LSN and the
+/// server's clock.
+async fn emit_fence(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
+    let row = sql
+        .query_one(
+            "SELECT pg_logical_emit_message(false, $1, '')::text, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            &[&FENCE_PREFIX],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("emitting pgtrail's fence message", e))?;
+    let lsn: String = row.get(0);
+    let lsn = lsn
+        .parse()
+        .map_err(|_| CaptureError::Protocol(format!("the server sent a bad LSN {lsn:?}")))?;
+    Ok((lsn, row.get(1)))
+}
+
+/// A snapshot's operations on disk until the stream reaches its point: the rows in an
+/// unlinked temporary file in the archive directory, the few other operations (each table's
+/// schema version and scope mark) in memory with the row count they come before.
+struct Spool {
+    file: BufWriter<tokio::fs::File>,
+    marks: Vec<(u64, LogOp)>,
+    rows: u64,
+}
+
+/// Rows replayed per message to the writer.
+const ROWS_PER_BATCH: usize = 512;
+
+impl Spool {
+    fn new(archive: &Path) -> Result<Spool, CaptureError> {
+        let file = tempfile::tempfile_in(archive).map_err(|e| {
+            CaptureError::setup(
+                format!(
+                    "cannot create a spool file in {} for a table copy: {e}",
+                    archive.display()
+                ),
+                "check that the archive directory is writable and has free space",
+            )
+        })?;
+        Ok(Spool {
+            file: BufWriter::new(tokio::fs::File::from_std(file)),
+            marks: Vec::new(),
+            rows: 0,
+        })
+    }
+
+    async fn finish(&mut self) -> Result<(), CaptureError> {
+        self.file.flush().await.map_err(spool_error)
+    }
+
+    /// Send everything to the writer in the order it was spooled; returns the row count.
+    async fn replay(self, writer: &WriterHandle) -> Result<u64, CaptureError> {
+        let mut file = self.file.into_inner();
+        file.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(spool_error)?;
+        let mut input = BufReader::new(file);
+        let mut marks = self.marks.into_iter().peekable();
+        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+        for row in 0..=self.rows {
+            while let Some((_, op)) = marks.next_if(|(at, _)| *at == row) {
+                batch.push(op);
+            }
+            if row == self.rows {
+                break;
+            }
+            batch.push(LogOp::Change(read_row(&mut input).await?));
+            if batch.len() >= ROWS_PER_BATCH {
+                writer.send(std::mem::take(&mut batch)).await?;
+            }
+        }
+        if !batch.is_empty() {
+            writer.send(batch).await?;
+        }
+        Ok(self.rows)
+    }
+}
+
+impl SnapshotSink for Spool {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        for op in ops {
+            match op {
+                LogOp::Change(change) => {
+                    write_row(&mut self.file, &change).await?;
+                    self.rows += 1;
+                }
+                other => self.marks.push((self.rows, other)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn spool_error(e: std::io::Error) -> CaptureError {
+    CaptureError::setup(
+        format!("the spool file of a table copy failed: {e}"),
+        "check the archive directory's free space",
+    )
+}
+
+// A spooled row: relation id, cell count, then each cell as a tag (0 NULL, 1 text) and, for
+// text, its length and bytes. Snapshot rows carry no other kind of cell.
+async fn write_row(
+    out: &mut BufWriter<tokio::fs::File>,
+    change: &IncomingChange,
+) -> Result<(), CaptureError> {
+    let cells = change.new.as_deref().unwrap_or_default();
+    out.write_u32(change.relation_id)
+        .await
+        .map_err(spool_error)?;
+    out.write_u32(cells.len() as u32)
+        .await
+        .map_err(spool_error)?;
+    for cell in cells {
+        match cell {
+            IncomingCell::Text(s) => {
+                out.write_u8(1).await.map_err(spool_error)?;
+                out.write_u32(s.len() as u32).await.map_err(spool_error)?;
+                out.write_all(s.as_bytes()).await.map_err(spool_error)?;
+            }
+            IncomingCell::Null | IncomingCell::UnchangedToast => {
+                out.write_u8(0).await.map_err(spool_error)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_row(input: &mut BufReader<tokio::fs::File>) -> Result<IncomingChange, CaptureError> {
+    let relation_id = input.read_u32().await.map_err(spool_error)?;
+    let width = input.read_u32().await.map_err(spool_error)? as usize;
+    let mut cells = Vec::with_capacity(width);
+    for _ in 0..width {
+        cells.push(match input.read_u8().await.map_err(spool_error)? {
+            1 => {
+                let len = input.read_u32().await.map_err(spool_error)? as usize;
+                let mut bytes = vec![0; len];
+                input.read_exact(&mut bytes).await.map_err(spool_error)?;
+                IncomingCell::Text(String::from_utf8(bytes).map_err(|_| {
+                    CaptureError::Protocol("the spool file of a table copy is damaged".into())
+                })?)
+            }
+            _ => IncomingCell::Null,
+        });
+    }
+    Ok(IncomingChange {
+        relation_id,
+        op: Op::Snapshot,
+        old: None,
+        new: Some(cells),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pending(point: u64) -> PendingSync {
+        PendingSync {
+            point: Lsn(point),
+            committed_at_us: 0,
+            tables: Vec::new(),
+            spool: Spool::new(&std::env::temp_dir()).unwrap(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sync_is_stored_before_the_first_operation_at_or_past_its_point() {
+        let p = pending(1000);
+        let begin = |l| {
+            vec![LogOp::Begin {
+                final_lsn: Lsn(l),
+                xid: 1,
+                committed_at_us: 0,
+            }]
+        };
+        assert!(!p.due_before(&begin(990)));
+        assert!(p.due_before(&begin(999)));
+        assert!(p.due_before(&begin(1500)));
+        assert!(!p.due_before(&[LogOp::Advance(Lsn(999))]));
+        assert!(p.due_before(&[LogOp::Advance(Lsn(1000))]));
+        // Inside a transaction nothing is due: only Begin, Advance and messages decide.
+        assert!(!p.due_before(&[LogOp::Commit { end_lsn: Lsn(2000) }]));
+        assert!(!p.due_before(&[]));
+    }
+
+    #[tokio::test]
+    async fn the_spool_gives_back_rows_and_marks_in_order() {
+        let mut spool = Spool::new(&std::env::temp_dir()).unwrap();
+        let row = |id: u32, cells: Vec<IncomingCell>| {
+            LogOp::Change(IncomingChange {
+                relation_id: id,
+                op: Op::Snapshot,
+                old: None,
+                new: Some(cells),
+            })
+        };
+        let text = |s: &str| IncomingCell::Text(s.into());
+        spool
+            .send(vec![
+                LogOp::SnapshotOf(TableScope::whole(1)),
+                row(1, vec![text("a"), IncomingCell::Null]),
+            ])
+            .await
+            .unwrap();
+        spool
+            .send(vec![
+                row(1, vec![text("é\t"), text("")]),
+                LogOp::SnapshotOf(TableScope::whole(2)),
+            ])
+            .await
+            .unwrap();
+        spool.finish().await.unwrap();
+        let mut file = spool.file.into_inner();
+        file.seek(std::io::SeekFrom::Start(0)).await.unwrap();
+        let mut input = BufReader::new(file);
+        let first = read_row(&mut input).await.unwrap();
+        assert_eq!(first.new.unwrap(), vec![text("a"), IncomingCell::Null]);
+        let second = read_row(&mut input).await.unwrap();
+        assert_eq!(second.new.unwrap(), vec![text("é\t"), text("")]);
+        assert!(read_row(&mut input).await.is_err(), "two rows were spooled");
+        assert_eq!(
+            spool
+                .marks
+                .iter()
+                .map(|(at, op)| (*at, op.clone()))
+                .collect::<Vec<_>>(),
+            vec![
+                (0, LogOp::SnapshotOf(TableScope::whole(1))),
+                (2, LogOp::SnapshotOf(TableScope::whole(2)))
+            ]
+        );
+    }
+}

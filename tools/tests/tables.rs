@@ -1,0 +1,475 @@
+//! Tables that join while capture runs: created (and written at once, before pgtrail can
+//! publish them), given a primary key later, created while capture is down; `--tables`
+//! patterns and exclusions applied to them. Each answer of `as_of` is compared with what
+//! PostgreSQL held at that moment, and a moment before a table's first snapshot is refused
+//! rather than answered as empty.
+
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use pgtrail_capture::cluster::Cluster;
+use pgtrail_query::{ArchiveSnapshot, Moment};
+use pgtrail_store::Lsn;
+
+use crate::identifiers::{Row, archive_rows};
+use crate::{pgtrail, wait_exit, wait_slot_active};
+
+/// `pgtrail capture` of `db` into `archive`, looking at the catalog every second.
+fn spawn(cluster: &Cluster, db: &str, archive: &Path, extra: &[&str]) -> Child {
+    pgtrail()
+        .args(["capture", "--slot", db, "--publication", db])
+        .args(["--progress-secs", "1", "--catalog-secs", "1"])
+        .args(extra)
+        .env("PGTRAIL_SOURCE", cluster.url(db))
+        .env("PGTRAIL_ARCHIVE", archive)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(
+            std::fs::File::create(archive.with_extension(format!("{db}.log"))).unwrap(),
+        ))
+        .spawn()
+        .expect("spawn pgtrail capture")
+}
+
+/// Wait until the archive holds `table` from a snapshot of its own (it was synchronised),
+/// writing to `nudge` meanwhile so that the stream moves past the copy's point.
+fn wait_held(cluster: &Cluster, db: &str, archive: &Path, table: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        cluster
+            .psql(db, "INSERT INTO nudge DEFAULT VALUES")
+            .unwrap();
+        if let Ok(snapshot) = ArchiveSnapshot::open(archive)
+            && let Ok(t) = snapshot.table(table)
+            && !snapshot.snapshot_points(t).is_empty()
+        {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "capture exited before holding {table}; its log: {}",
+            std::fs::read_to_string(archive.with_extension(format!("{db}.log")))
+                .unwrap_or_default()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{table} never reached the archive; capture's log: {}",
+            std::fs::read_to_string(archive.with_extension(format!("{db}.log")))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Wait until everything written so far is durable in the archive (the slot confirmed it).
+fn wait_caught_up(cluster: &Cluster, db: &str) -> Lsn {
+    let target: Lsn = cluster
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let confirmed: Lsn = cluster
+            .psql(
+                db,
+                &format!("SELECT coalesce(confirmed_flush_lsn, '0/0') FROM pg_replication_slots WHERE slot_name = '{db}'"),
+            )
+            .unwrap()
+            .parse()
+            .unwrap();
+        if confirmed >= target {
+            return target;
+        }
+        assert!(Instant::now() < deadline, "capture never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One moment: the LSN and what PostgreSQL held in `tables` then.
+struct Held {
+    lsn: Lsn,
+    rows: Vec<Vec<Row>>,
+}
+
+fn held(cluster: &Cluster, db: &str, tables: &[(String, String)]) -> Held {
+    let rows = tables
+        .iter()
+        .map(|(_, name)| text_contents(cluster, db, name))
+        .collect();
+    let lsn = cluster
+        .psql(db, "SELECT pg_current_wal_insert_lsn()")
+        .unwrap()
+        .parse()
+        .unwrap();
+    Held { lsn, rows }
+}
+
+/// `public.{table}`'s rows as PostgreSQL holds them now, every value as its text (with the
+/// session settings pgtrail reads with), sorted.
+fn text_contents(cluster: &Cluster, db: &str, table: &str) -> Vec<Row> {
+    let columns = cluster
+        .psql(
+            db,
+            &format!(
+                "SELECT string_agg(quote_ident(attname) || '::text AS ' || quote_ident(attname), ', ' ORDER BY attnum) \
+                 FROM pg_attribute WHERE attrelid = 'public.{table}'::regclass AND attnum > 0 AND NOT attisdropped"
+            ),
+        )
+        .unwrap();
+    let json = cluster
+        .psql(
+            db,
+            &format!(
+                "{} SELECT coalesce(json_agg(row_to_json(x)), '[]') FROM (SELECT {columns} FROM public.{table}) x",
+                pgtrail_capture::source::session_settings_sql()
+            ),
+        )
+        .unwrap();
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(json.lines().last().unwrap_or("[]")).unwrap();
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    };
+                    (k, text)
+                })
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// The number of snapshots that hold `table` in the archive now (0 when it has none, or is
+/// not in the archive).
+fn snapshots_of(archive: &Path, table: &str) -> usize {
+    let Ok(snapshot) = ArchiveSnapshot::open(archive) else {
+        return 0;
+    };
+    snapshot
+        .table(table)
+        .map_or(0, |t| snapshot.snapshot_points(t).len())
+}
+
+/// Wait until the archive holds `table` in `n` snapshots, nudging the stream meanwhile.
+fn wait_snapshots(
+    cluster: &Cluster,
+    db: &str,
+    archive: &Path,
+    table: &str,
+    n: usize,
+    child: &mut Child,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while snapshots_of(archive, table) < n {
+        cluster
+            .psql(db, "INSERT INTO nudge DEFAULT VALUES")
+            .unwrap();
+        assert!(
+            child.try_wait().unwrap().is_none() && Instant::now() < deadline,
+            "{table} was not read again; capture's log: {}",
+            std::fs::read_to_string(archive.with_extension(format!("{db}.log")))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn table_list(names: &[&str]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .map(|n| ("public".to_string(), n.to_string()))
+        .collect()
+}
+
+#[test]
+fn tables_created_or_keyed_while_capturing_are_captured_from_their_first_snapshot() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("joiners").unwrap();
+    let psql = |sql: &str| {
+        cluster
+            .psql(&db, sql)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"))
+    };
+    psql(
+        "CREATE TABLE nudge (id serial PRIMARY KEY);
+         CREATE TABLE base (id int PRIMARY KEY, v text);
+         INSERT INTO base SELECT g, 'b' || g FROM generate_series(1, 20) g;
+         CREATE TABLE keyless (id int NOT NULL, v text);
+         INSERT INTO keyless SELECT g, 'k' || g FROM generate_series(1, 10) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut capture = spawn(cluster, &db, &archive, &[]);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+
+    // A table created and written at once, before pgtrail can know of it.
+    psql(
+        "CREATE TABLE fresh (id int PRIMARY KEY, v text, n numeric);
+         INSERT INTO fresh SELECT g, 'f' || g, g * 1.5 FROM generate_series(1, 300) g;
+         UPDATE base SET v = 'changed' WHERE id <= 5;",
+    );
+    wait_held(cluster, &db, &archive, "public.fresh", &mut capture);
+    wait_caught_up(cluster, &db);
+    let tables = table_list(&["base", "fresh"]);
+    let m1 = held(cluster, &db, &tables);
+
+    // Its changes stream like any table's; a table without a key is left out (never
+    // published: its UPDATE and DELETE would fail) until it is given one.
+    psql(
+        "INSERT INTO fresh VALUES (1000, 'new', NULL);
+         UPDATE fresh SET v = 'upd' WHERE id % 7 = 0;
+         DELETE FROM fresh WHERE id % 11 = 0;
+         UPDATE keyless SET v = 'while keyless' WHERE id = 1;",
+    );
+    wait_caught_up(cluster, &db);
+    let m2 = held(cluster, &db, &tables);
+    let published = psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{db}'"
+    ));
+    assert_eq!(
+        published, "base,fresh,nudge",
+        "keyless must not be published"
+    );
+
+    psql("ALTER TABLE keyless ADD PRIMARY KEY (id); UPDATE keyless SET v = 'keyed' WHERE id = 2;");
+    wait_held(cluster, &db, &archive, "public.keyless", &mut capture);
+    psql("DELETE FROM keyless WHERE id = 3; UPDATE fresh SET n = 0 WHERE id = 1;");
+    wait_caught_up(cluster, &db);
+    let tables3 = table_list(&["base", "fresh", "keyless"]);
+    let m3 = held(cluster, &db, &tables3);
+
+    // kill -9, and a table created and written while capture is down: the next session
+    // finds and copies it before it streams on.
+    capture.kill().unwrap();
+    capture.wait().unwrap();
+    psql(
+        "CREATE TABLE later (id int PRIMARY KEY, v text);
+         INSERT INTO later SELECT g, 'l' || g FROM generate_series(1, 50) g;
+         UPDATE fresh SET v = 'while down' WHERE id = 2;",
+    );
+    let mut capture = spawn(cluster, &db, &archive, &[]);
+    wait_held(cluster, &db, &archive, "public.later", &mut capture);
+    psql("UPDATE later SET v = 'after' WHERE id <= 3;");
+    wait_caught_up(cluster, &db);
+    let tables4 = table_list(&["base", "fresh", "keyless", "later"]);
+    let m4 = held(cluster, &db, &tables4);
+    capture.kill().unwrap();
+    capture.wait().unwrap();
+
+    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    for (name, moments) in [
+        ("m1", [(&m1, &tables)].as_slice()),
+        ("m2", &[(&m2, &tables)]),
+        ("m3", &[(&m3, &tables3)]),
+        ("m4", &[(&m4, &tables4)]),
+    ] {
+        for (moment, tables) in moments {
+            for ((_, table), expected) in tables.iter().zip(&moment.rows) {
+                let history = snapshot.table(&format!("public.{table}")).unwrap();
+                let rows = archive_rows(&snapshot, history, Moment::Lsn(moment.lsn))
+                    .unwrap_or_else(|e| panic!("{table} at {name}: {e}"));
+                assert_eq!(
+                    &rows, expected,
+                    "{table} at {name} ({}) differs from PostgreSQL",
+                    moment.lsn
+                );
+            }
+        }
+    }
+    // Before a table's first snapshot the archive does not know what it held: refused, not
+    // answered as empty. m1 is before keyless was synchronised.
+    let keyless = snapshot.table("public.keyless").unwrap();
+    let err = archive_rows(&snapshot, keyless, Moment::Lsn(m1.lsn)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("before the archive holds public.keyless"),
+        "{err}"
+    );
+    // The SQL functions say the same to a user.
+    let out = pgtrail()
+        .args(["sql", "--archive"])
+        .arg(&archive)
+        .arg(format!(
+            "SELECT count(*) FROM as_of_lsn('public.later', '{}')",
+            m1.lsn
+        ))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("before the archive holds public.later"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn table_patterns_and_exclusions_apply_to_tables_created_later() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("patterns").unwrap();
+    let psql = |sql: &str| {
+        cluster
+            .psql(&db, sql)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"))
+    };
+    psql(
+        "CREATE TABLE nudge (id serial PRIMARY KEY);
+         CREATE TABLE keep_a (id int PRIMARY KEY);
+         CREATE TABLE other (id int PRIMARY KEY);
+         INSERT INTO keep_a VALUES (1);",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut capture = spawn(
+        cluster,
+        &db,
+        &archive,
+        &["--tables", "public.keep_*,nudge,!public.keep_out*"],
+    );
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    psql(
+        "CREATE TABLE keep_b (id int PRIMARY KEY); INSERT INTO keep_b VALUES (7);
+         CREATE TABLE keep_out_x (id int PRIMARY KEY); INSERT INTO keep_out_x VALUES (1);
+         CREATE TABLE other2 (id int PRIMARY KEY); INSERT INTO other2 VALUES (1);",
+    );
+    wait_held(cluster, &db, &archive, "public.keep_b", &mut capture);
+    // Two more looks at the catalog: nothing else joins.
+    std::thread::sleep(Duration::from_secs(3));
+    wait_caught_up(cluster, &db);
+    capture.kill().unwrap();
+    wait_exit(&mut capture, Duration::from_secs(10));
+    let published = psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{db}'"
+    ));
+    assert_eq!(published, "keep_a,keep_b,nudge");
+    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let names: Vec<&String> = snapshot.tables.keys().collect();
+    assert_eq!(names, ["public.keep_a", "public.keep_b", "public.nudge"]);
+}
+
+#[test]
+fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("rewrites").unwrap();
+    let psql = |sql: &str| {
+        cluster
+            .psql(&db, sql)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"))
+    };
+    psql(
+        "CREATE TABLE nudge (id serial PRIMARY KEY);
+         CREATE TABLE t (id int PRIMARY KEY, amount numeric(12,4), v text);
+         INSERT INTO t SELECT g, g * 1.2345, 'v' || g FROM generate_series(1, 200) g;
+         CREATE TABLE dropme (id int PRIMARY KEY, v text);
+         INSERT INTO dropme VALUES (1, 'one'), (2, 'two');",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut capture = spawn(cluster, &db, &archive, &[]);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    let both = table_list(&["t", "dropme"]);
+    let only_t = table_list(&["t"]);
+    wait_caught_up(cluster, &db);
+    let m0 = held(cluster, &db, &both);
+    let lsn = |sql: &str| -> Lsn {
+        psql(&format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
+            .lines()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+
+    // Each DDL changes every row's value and writes no row change: the archive reads the
+    // table again, and the moments between the DDL and that read are refused, not guessed.
+    let mut moments = Vec::new();
+    let mut unknown = Vec::new();
+    for (n, ddl) in [
+        (2, "ALTER TABLE t ADD COLUMN flag int DEFAULT 5"),
+        (3, "ALTER TABLE t ALTER COLUMN amount TYPE numeric(12,1)"),
+        (4, "ALTER TABLE t ADD COLUMN r float8 DEFAULT random()"),
+        (5, "ALTER TABLE t ALTER COLUMN id TYPE bigint"),
+    ] {
+        // The DDL committed at some point after the catalog watch's last look, which is all
+        // the archive can know: a moment between that look and the new read is refused. A
+        // look after the previous moment keeps that moment out of the span.
+        std::thread::sleep(Duration::from_millis(2500));
+        unknown.push((ddl, lsn(ddl)));
+        wait_snapshots(cluster, &db, &archive, "public.t", n, &mut capture);
+        wait_caught_up(cluster, &db);
+        moments.push((ddl, held(cluster, &db, &only_t)));
+        psql(&format!("UPDATE t SET v = 'after {n}' WHERE id = {n}"));
+    }
+    std::thread::sleep(Duration::from_millis(2500));
+    psql("DROP TABLE dropme");
+    let dropped_at = lsn("SELECT 1");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        psql("INSERT INTO nudge DEFAULT VALUES");
+        let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+        let dropme = snapshot.table("public.dropme").unwrap();
+        if snapshot
+            .table_snapshots(dropme)
+            .last()
+            .is_some_and(|(_, scope)| scope.dropped)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the drop never reached the archive ({:?}, versions {:?}); capture's log: {}",
+            snapshot.snapshots,
+            dropme
+                .versions
+                .iter()
+                .map(|v| v.relation_id)
+                .collect::<Vec<_>>(),
+            std::fs::read_to_string(archive.with_extension(format!("{db}.log")))
+                .unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_caught_up(cluster, &db);
+    let last = held(cluster, &db, &only_t);
+    capture.kill().unwrap();
+    capture.wait().unwrap();
+
+    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let table = |name: &str| snapshot.table(name).unwrap();
+    let check = |name: &str, moment: &Held, expected: &[Row], what: &str| {
+        let rows = archive_rows(&snapshot, table(name), Moment::Lsn(moment.lsn))
+            .unwrap_or_else(|e| panic!("{name} {what}: {e}"));
+        assert_eq!(
+            rows, expected,
+            "{name} {what} ({}) differs from PostgreSQL",
+            moment.lsn
+        );
+    };
+    check("public.t", &m0, &m0.rows[0], "before any DDL");
+    check("public.dropme", &m0, &m0.rows[1], "before its drop");
+    for (ddl, moment) in &moments {
+        check("public.t", moment, &moment.rows[0], &format!("after {ddl}"));
+    }
+    check("public.t", &last, &last.rows[0], "at the end");
+    for (ddl, at) in unknown {
+        let err = archive_rows(&snapshot, table("public.t"), Moment::Lsn(at)).unwrap_err();
+        assert!(
+            err.to_string().contains("rewritten by DDL"),
+            "right after {ddl}: {err}"
+        );
+    }
+    let err = archive_rows(&snapshot, table("public.dropme"), Moment::Lsn(last.lsn)).unwrap_err();
+    assert!(err.to_string().contains("did not exist"), "{err}");
+    let between = archive_rows(&snapshot, table("public.dropme"), Moment::Lsn(dropped_at));
+    assert!(between.is_err(), "right after the drop: {between:?}");
+}
