@@ -491,26 +491,40 @@ pub async fn drop_slot(sql: &tokio_postgres::Client, slot: &str) -> Result<(), C
     Ok(())
 }
 
-/// A table's storage layout as the catalog says now (see [`StorageLayout`]), and the file
-/// node as the running transaction's snapshot sees it (they differ in a snapshot taken before
-/// a rewrite). `None` when the table does not exist (in the snapshot).
+/// A table's storage layout as the catalog says now (see [`StorageLayout`]), with what a
+/// layout change is judged by.
+#[derive(Clone, Debug)]
+pub struct LayoutNow {
+    pub layout: StorageLayout,
+    /// The file node as the running transaction's snapshot sees it: it differs from the
+    /// current one in a snapshot taken before a rewrite.
+    pub file_node_in_snapshot: u32,
+    /// The transaction that last wrote the table's `pg_class` row (a TRUNCATE, or a rewrite,
+    /// gives the table its new file node there).
+    pub class_version: u32,
+}
+
+/// [`LayoutNow`] of one table; `None` when it does not exist (in the snapshot).
 pub async fn storage_layout(
     sql: &tokio_postgres::Client,
     oid: u32,
-) -> Result<Option<(StorageLayout, u32)>, CaptureError> {
+) -> Result<Option<LayoutNow>, CaptureError> {
     Ok(storage_layouts(sql, &[oid]).await?.remove(&oid))
 }
 
-/// [`storage_layout`] of several tables at once.
+/// [`LayoutNow`] of several tables at once.
 pub async fn storage_layouts(
     sql: &tokio_postgres::Client,
     oids: &[u32],
-) -> Result<std::collections::BTreeMap<u32, (StorageLayout, u32)>, CaptureError> {
+) -> Result<std::collections::BTreeMap<u32, LayoutNow>, CaptureError> {
     let rows = sql
         .query(
             "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
-                          AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum) \
+                          AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
+                    ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+                          ORDER BY a.attnum), \
+                    c.xmin::text::bigint \
              FROM pg_class c WHERE c.oid = ANY($1)",
             &[&oids],
         )
@@ -519,11 +533,18 @@ pub async fn storage_layouts(
     Ok(rows
         .iter()
         .map(|row| {
-            let layout = StorageLayout {
-                file_node: row.get(1),
-                missing_values: row.get(3),
+            let versions: Vec<i64> = row.get(4);
+            let class_version: i64 = row.get(5);
+            let now = LayoutNow {
+                layout: StorageLayout {
+                    file_node: row.get(1),
+                    missing_values: row.get(3),
+                    column_versions: versions.into_iter().map(|x| x as u32).collect(),
+                },
+                file_node_in_snapshot: row.get(2),
+                class_version: class_version as u32,
             };
-            (row.get(0), (layout, row.get(2)))
+            (row.get(0), now)
         })
         .collect())
 }

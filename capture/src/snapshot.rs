@@ -121,20 +121,20 @@ pub(crate) async fn copy_table(
     // A table rewritten after the snapshot was taken (and before the lock) looks empty to
     // the snapshot: PostgreSQL's rewrites are not MVCC-safe. The snapshot's own view of the
     // file node then differs from the current one: take the copy again.
-    let (layout, seen_by_snapshot) =
+    let now =
         slot::storage_layout(sql, table.oid)
             .await?
             .ok_or_else(|| CaptureError::SnapshotRaced {
                 table: table.qualified(),
                 detail: "created or dropped while the snapshot was taken".into(),
             })?;
-    if seen_by_snapshot != layout.file_node {
+    if now.file_node_in_snapshot != now.layout.file_node {
         return Err(CaptureError::SnapshotRaced {
             table: table.qualified(),
             detail: "rewritten while the snapshot was taken".into(),
         });
     }
-    scope.layout = Some(layout);
+    scope.layout = Some(now.layout);
     let relation = relation_from_catalog(sql, table.oid).await?;
     let columns = relation
         .columns

@@ -147,9 +147,12 @@ impl Session<'_> {
                     }
                 }
                 _ = catalog_tick.tick(), if pending.is_none() => {
-                    let plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config)).await?;
+                    let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator)).await?;
                     if let Some((lsn, at_us)) = plan.layouts_seen {
                         writer.send(vec![LogOp::CatalogSeen(lsn, at_us)]).await?;
+                    }
+                    if let Some(left_out) = plan.left_out.take() {
+                        writer.send(vec![LogOp::LeftOut(left_out)]).await?;
                     }
                     if !plan.is_empty() {
                         pending = Some(table_sync::sync(config, &self.sql, plan).await?);

@@ -48,6 +48,7 @@ use crate::run::CaptureConfig;
 use crate::slot::{self, CapturedTable};
 use crate::snapshot::{self, SnapshotSink};
 use crate::source::replication::ReplicationStream;
+use crate::translate::Translator;
 use crate::writer::WriterHandle;
 
 /// The prefix of the non-transactional message pgtrail emits after a sync's copy: its arrival
@@ -67,12 +68,19 @@ pub(crate) struct TableWatch {
     reported: BTreeMap<u32, String>,
     /// Tables whose addition to the publication was refused (said once).
     refused: BTreeSet<u32>,
+    /// The tables left out as last recorded in the archive.
+    left_out: Option<Vec<(String, String)>>,
 }
 
 #[derive(Debug)]
 struct Held {
     since: (Lsn, i64),
     layout: Option<StorageLayout>,
+    /// A new file node with every column as it was: a TRUNCATE if the stream brings one in
+    /// the transaction that wrote the table's catalog row, else a rewrite. Decided once the
+    /// stream has passed the look that saw it: (that transaction, the point after that look,
+    /// the point the rows may be unknown from).
+    undecided: Option<(u32, Lsn, (Lsn, i64))>,
 }
 
 /// What a look at the catalog found to do.
@@ -87,6 +95,8 @@ pub(crate) struct SyncPlan {
     /// keep in the archive, so that a later session knows from when a rewrite it finds
     /// happened.
     pub layouts_seen: Option<(Lsn, i64)>,
+    /// The tables left out (cannot be captured safely), when that list changed: to record.
+    pub left_out: Option<Vec<(String, String)>>,
 }
 
 impl SyncPlan {
@@ -117,6 +127,7 @@ impl TableWatch {
                             Held {
                                 since,
                                 layout: None,
+                                undecided: None,
                             },
                         );
                     }
@@ -138,6 +149,7 @@ impl TableWatch {
                     Held {
                         since,
                         layout: t.layout,
+                        undecided: None,
                     },
                 );
             }
@@ -151,14 +163,24 @@ impl TableWatch {
         &mut self,
         sql: &tokio_postgres::Client,
         config: &CaptureConfig,
+        stream: &Translator,
     ) -> Result<SyncPlan, CaptureError> {
         let look = server_point(sql).await?;
+        let mut plan = SyncPlan::default();
         let publication = config.publication.as_str();
         let mut published = slot::publication_tables(sql, publication).await?;
         // An exact --tables list is fixed when the session starts; patterns and the default
         // (every safe table) take in tables that appear later.
         if !slot::is_exact_list(&config.tables) {
             let (eligible, excluded) = slot::choose_tables(sql, &config.tables).await?;
+            let left_out: Vec<(String, String)> = excluded
+                .iter()
+                .map(|t| (t.qualified.clone(), t.reason.clone()))
+                .collect();
+            if self.left_out.as_ref() != Some(&left_out) {
+                plan.left_out = Some(left_out.clone());
+                self.left_out = Some(left_out);
+            }
             for t in excluded {
                 if self.reported.get(&t.oid) != Some(&t.reason) {
                     tracing::warn!(table = %t.qualified, reason = %t.reason, "table not captured");
@@ -196,46 +218,101 @@ impl TableWatch {
             .into_iter()
             .collect();
         let layouts = slot::storage_layouts(sql, &oids).await?;
-        let mut plan = SyncPlan::default();
+        let after = server_point(sql).await?.0;
         let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
-        let mut rewritten = false;
+        let mut rewritten = Vec::new();
+        let mut undecided = false;
         for (oid, held) in &mut self.held {
             // Rows changed without a change in the stream after the later of the table's
             // last snapshot and the previous look (which saw the old layout).
-            let unknown_from = Some(self.last_look.map_or(held.since, |l| l.max(held.since)));
-            match layouts.get(oid) {
-                None => plan.dropped.push(TableScope {
-                    unknown_from,
+            let unknown_from = self.last_look.map_or(held.since, |l| l.max(held.since));
+            let Some(now) = layouts.get(oid) else {
+                plan.dropped.push(TableScope {
+                    unknown_from: Some(held.undecided.map_or(unknown_from, |u| u.2)),
                     dropped: true,
                     ..TableScope::whole(*oid)
-                }),
-                Some((now, _)) => match &held.layout {
-                    Some(known) if known != now => {
-                        rewritten = true;
-                        if let Some(table) = by_oid.get(oid) {
-                            tracing::info!(table = %table.qualified(), "table rewritten by DDL (new storage, or a column default existing rows take); reading it again");
-                            plan.copy.push((
-                                (*table).clone(),
-                                TableScope {
-                                    unknown_from,
-                                    ..TableScope::whole(*oid)
-                                },
-                            ));
-                        }
+                });
+                continue;
+            };
+            let Some(known) = &held.layout else {
+                held.layout = Some(now.layout.clone());
+                continue;
+            };
+            match layout_change(known, &now.layout) {
+                LayoutChange::None => {}
+                // Column DDL without new storage (a column added without a default, renamed,
+                // dropped): no stored value changed.
+                LayoutChange::Columns => held.layout = Some(now.layout.clone()),
+                LayoutChange::Rewrite => rewritten.push((*oid, unknown_from)),
+                LayoutChange::NewFile => {
+                    let (xid, passed, from) =
+                        *held
+                            .undecided
+                            .get_or_insert((now.class_version, after, unknown_from));
+                    if stream.truncated_in(xid, *oid) {
+                        // A TRUNCATE, which the stream replays exactly.
+                        held.layout = Some(now.layout.clone());
+                        held.undecided = None;
+                    } else if stream.wal_end >= passed {
+                        // The stream is past the look and brought no TRUNCATE: VACUUM FULL,
+                        // CLUSTER, or a rewrite that kept every column's type.
+                        rewritten.push((*oid, from));
+                    } else {
+                        undecided = true;
                     }
-                    Some(_) => {}
-                    None => held.layout = Some(now.clone()),
-                },
+                }
             }
         }
+        for (oid, from) in rewritten {
+            if let Some(table) = by_oid.get(&oid) {
+                tracing::info!(table = %table.qualified(), "table rewritten by DDL (new storage, or a column default existing rows take); reading it again");
+                plan.copy.push((
+                    (*table).clone(),
+                    TableScope {
+                        unknown_from: Some(from),
+                        ..TableScope::whole(oid)
+                    },
+                ));
+            }
+        }
+        let settled = plan.copy.is_empty() && plan.dropped.is_empty() && !undecided;
         for t in published {
             if !self.held.contains_key(&t.oid) {
                 plan.copy.push((t.clone(), TableScope::whole(t.oid)));
             }
         }
         self.last_look = Some(look);
-        plan.layouts_seen = (!rewritten && plan.dropped.is_empty()).then_some(look);
+        plan.layouts_seen = settled.then_some(look);
         Ok(plan)
+    }
+}
+
+/// How a held table's storage layout changed since it was last seen.
+#[derive(Debug, PartialEq, Eq)]
+enum LayoutChange {
+    None,
+    /// Only columns' catalog rows: no stored value changed.
+    Columns,
+    /// Stored values changed without a change in the stream: a column gained a value existing
+    /// rows take from the catalog, or new storage came with column DDL (ALTER … TYPE, a column
+    /// added with a volatile default).
+    Rewrite,
+    /// New storage and every column as it was: a TRUNCATE (replayed by the stream), or
+    /// VACUUM FULL, CLUSTER, or a rewrite that kept the columns' types.
+    NewFile,
+}
+
+fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
+    if known == now {
+        LayoutChange::None
+    } else if known.missing_values != now.missing_values {
+        LayoutChange::Rewrite
+    } else if known.file_node == now.file_node {
+        LayoutChange::Columns
+    } else if known.column_versions != now.column_versions {
+        LayoutChange::Rewrite
+    } else {
+        LayoutChange::NewFile
     }
 }
 
@@ -609,6 +686,37 @@ mod tests {
         // Inside a transaction nothing is due: only Begin, Advance and messages decide.
         assert!(!p.due_before(&[LogOp::Commit { end_lsn: Lsn(2000) }]));
         assert!(!p.due_before(&[]));
+    }
+
+    #[test]
+    fn a_layout_change_says_whether_stored_values_may_have_changed() {
+        let layout = |file_node, missing: &[i16], versions: &[u32]| StorageLayout {
+            file_node,
+            missing_values: missing.to_vec(),
+            column_versions: versions.to_vec(),
+        };
+        let known = layout(10, &[], &[5, 5]);
+        assert_eq!(layout_change(&known, &known.clone()), LayoutChange::None);
+        // ADD COLUMN … DEFAULT 5: no new storage, existing rows take the value.
+        assert_eq!(
+            layout_change(&known, &layout(10, &[3], &[5, 5, 9])),
+            LayoutChange::Rewrite
+        );
+        // ADD COLUMN without a default, RENAME COLUMN: catalog only.
+        assert_eq!(
+            layout_change(&known, &layout(10, &[], &[5, 9])),
+            LayoutChange::Columns
+        );
+        // ALTER … TYPE: new storage and a column's catalog row.
+        assert_eq!(
+            layout_change(&known, &layout(11, &[], &[5, 9])),
+            LayoutChange::Rewrite
+        );
+        // TRUNCATE (or VACUUM FULL): new storage, columns untouched.
+        assert_eq!(
+            layout_change(&known, &layout(11, &[], &[5, 5])),
+            LayoutChange::NewFile
+        );
     }
 
     #[tokio::test]

@@ -33,9 +33,23 @@ pub(crate) struct Translator {
     last_advance: Lsn,
     /// The commit time of the oldest transaction received but perhaps not yet durable.
     pub oldest_pending_commit_us: Option<i64>,
+    /// The transaction being received.
+    xid: u32,
+    /// Recent TRUNCATEs (transaction, relation), newest last, at most [`TRUNCATES_KEPT`]: the
+    /// catalog watch tells a TRUNCATE's new file node from a rewrite's by them.
+    truncates: std::collections::VecDeque<(u32, u32)>,
 }
 
+/// How many recent TRUNCATEs the translator remembers.
+const TRUNCATES_KEPT: usize = 4096;
+
 impl Translator {
+    /// Whether the stream brought a TRUNCATE of `relation_id` in transaction `xid` (among the
+    /// recent ones).
+    pub fn truncated_in(&self, xid: u32, relation_id: u32) -> bool {
+        self.truncates.contains(&(xid, relation_id))
+    }
+
     /// The log's operations for `event`, in order (none for an event the log does not keep).
     pub async fn translate(
         &mut self,
@@ -49,6 +63,7 @@ impl Translator {
                 committed_at_us,
             } => {
                 self.in_txn = true;
+                self.xid = xid;
                 self.oldest_pending_commit_us.get_or_insert(committed_at_us);
                 vec![LogOp::Begin {
                     final_lsn,
@@ -115,7 +130,18 @@ impl Translator {
                     lsn: wal_start,
                     source,
                 })?;
-                change_ops(message, keys).await?
+                let ops = change_ops(message, keys).await?;
+                for op in &ops {
+                    if let LogOp::Change(c) = op
+                        && c.op == Op::Truncate
+                    {
+                        if self.truncates.len() == TRUNCATES_KEPT {
+                            self.truncates.pop_front();
+                        }
+                        self.truncates.push_back((self.xid, c.relation_id));
+                    }
+                }
+                ops
             }
         })
     }
@@ -330,6 +356,7 @@ mod tests {
         };
         let ops = t.translate(data(&truncate), &mut keys).await.unwrap();
         assert_eq!(ops.len(), 2, "a TRUNCATE of two tables is two changes");
+        assert!(t.truncated_in(7, 1) && t.truncated_in(7, 2) && !t.truncated_in(8, 1));
 
         let ops = t
             .translate(StreamEvent::Commit { end_lsn: Lsn(100) }, &mut keys)

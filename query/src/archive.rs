@@ -62,6 +62,21 @@ impl TableHistory {
         self.key_positions.get(i).map_or(&[], Vec::as_slice)
     }
 
+    /// The relations (OIDs) this table's history holds, each once.
+    pub fn relation_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        let mut seen = Vec::new();
+        self.versions
+            .iter()
+            .map(|v| v.relation_id)
+            .filter(move |oid| {
+                let new = !seen.contains(oid);
+                if new {
+                    seen.push(*oid);
+                }
+                new
+            })
+    }
+
     /// The latest schema version.
     pub fn latest(&self) -> &RelationVersion {
         self.versions
@@ -203,17 +218,26 @@ impl ArchiveSnapshot {
     }
 
     /// The snapshots that hold `table`'s whole state, in LSN order, each with what it says
-    /// of the table.
+    /// of the table. A snapshot that names several of its relations (a table dropped and
+    /// created again under its name between two looks at the catalog) holds the table unless
+    /// every one of them was dropped, and its rows are unknown from the earliest point any of
+    /// them gives.
     pub fn table_snapshots<'a>(
         &'a self,
         table: &'a TableHistory,
     ) -> impl Iterator<Item = (&'a SnapshotRecord, TableScope)> + 'a {
         self.snapshots.iter().filter_map(|s| {
-            table
-                .versions
-                .iter()
-                .find_map(|v| s.scope_of(v.relation_id))
-                .map(|scope| (s, scope))
+            let mut scopes = table
+                .relation_ids()
+                .filter_map(|oid| s.scope_of(oid))
+                .collect::<Vec<_>>();
+            let dropped = scopes.iter().all(|t| t.dropped);
+            let unknown_from = scopes.iter().filter_map(|t| t.unknown_from).min();
+            scopes.sort_by_key(|t| t.dropped);
+            let mut scope = scopes.into_iter().next()?;
+            scope.dropped = dropped;
+            scope.unknown_from = unknown_from;
+            Some((s, scope))
         })
     }
 
@@ -221,6 +245,77 @@ impl ArchiveSnapshot {
         self.dir
             .join(pgtrail_store::SEGMENTS_DIR)
             .join(&seg.file_name)
+    }
+
+    /// Find the table that bore `name` at `moment` (the name in force then: a table renamed
+    /// since is found under its old name for moments before the rename, and not under its new
+    /// one). A table's name is known from its schema versions, so a rename reaches the archive
+    /// with the table's next write. A name no table bore at that moment is an error that says
+    /// what the archive knows of it.
+    pub fn table_at(
+        &self,
+        name: &str,
+        moment: crate::Moment,
+    ) -> datafusion::error::Result<&TableHistory> {
+        let (schema, table) =
+            parse_qualified(name).ok_or_else(|| QueryError::BadTableName(name.to_string()))?;
+        let bears = |v: &RelationVersion| {
+            v.name == table && schema.as_deref().is_none_or(|s| s == v.schema)
+        };
+        // A table whose name at the moment was `name` wins; then one that bore it first and
+        // had not begun yet (its own beginning decides what that moment gets).
+        let (mut not_begun, mut renamed) = (None, None);
+        for t in self.tables.values() {
+            if !t.versions.iter().any(bears) {
+                continue;
+            }
+            match self.version_in_force(t, moment)? {
+                Some(v) if bears(v) => return Ok(t),
+                Some(v) => renamed = Some((t, v)),
+                None if bears(&t.versions[0]) => not_begun = not_begun.or(Some(t)),
+                None => {}
+            }
+        }
+        if let Some(t) = not_begun {
+            return Ok(t);
+        }
+        match renamed {
+            Some((t, then)) => Err(QueryError::NameNotInForce {
+                name: name.to_string(),
+                moment: moment.to_string(),
+                then: format!(
+                    "{}.{}",
+                    pgtrail_store::quote_ident(&then.schema),
+                    pgtrail_store::quote_ident(&then.name)
+                ),
+                now: t.qualified_name(),
+            }
+            .into()),
+            None => Ok(self.table(name)?),
+        }
+    }
+
+    /// The latest of `table`'s versions that took effect at or before `moment`.
+    fn version_in_force<'t>(
+        &self,
+        table: &'t TableHistory,
+        moment: crate::Moment,
+    ) -> datafusion::error::Result<Option<&'t RelationVersion>> {
+        let mut found = None;
+        for v in &table.versions {
+            let took_effect = match moment {
+                crate::Moment::Lsn(l) => v.valid_from.commit_lsn <= l,
+                crate::Moment::Time(t) => {
+                    crate::schema_versions::version_time(self, table, v.valid_from)?
+                        .is_some_and(|at| at <= t)
+                }
+            };
+            if !took_effect {
+                break;
+            }
+            found = Some(v);
+        }
+        Ok(found)
     }
 
     /// Find a table by a name written as PostgreSQL would parse it: `orders`, `public.orders`,

@@ -44,6 +44,15 @@ pub enum QueryError {
         to: String,
         what: &'static str,
     },
+    #[error(
+        "no table was named {name} at {moment}: the table now named {now} was named {then} then (a table is found by the name it bore at the moment)"
+    )]
+    NameNotInForce {
+        name: String,
+        moment: String,
+        then: String,
+        now: String,
+    },
     #[error("{table} did not exist at {moment}: it was dropped (known by {by})")]
     TableDropped {
         table: String,
@@ -65,13 +74,19 @@ pub enum QueryError {
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
 
-/// Whether `e` is the archive saying it does not know a table at a moment, because DDL
-/// rewrote the table between two looks at the catalog: an honest refusal, not a wrong answer.
+/// Whether `e` is the archive saying it does not know a table's rows at a moment (DDL
+/// rewrote it between two looks at the catalog, or it was not read whole yet): an honest
+/// refusal, not a wrong answer.
 pub fn is_unknown_moment(e: &datafusion::error::DataFusionError) -> bool {
     match e {
-        datafusion::error::DataFusionError::External(inner) => inner
-            .downcast_ref::<QueryError>()
-            .is_some_and(|q| matches!(q, QueryError::TableUnknown { .. })),
+        datafusion::error::DataFusionError::External(inner) => {
+            inner.downcast_ref::<QueryError>().is_some_and(|q| {
+                matches!(
+                    q,
+                    QueryError::TableUnknown { .. } | QueryError::BeforeTable { .. }
+                )
+            })
+        }
         datafusion::error::DataFusionError::Context(_, inner) => is_unknown_moment(inner),
         _ => false,
     }

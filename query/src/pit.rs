@@ -252,6 +252,16 @@ fn table_arg<'a>(archive: &'a ArchiveSnapshot, args: &[Expr]) -> Result<&'a Tabl
     Ok(archive.table(&name)?)
 }
 
+/// The table argument, by the name in force at `moment`.
+fn table_arg_at<'a>(
+    archive: &'a ArchiveSnapshot,
+    args: &[Expr],
+    moment: Moment,
+) -> Result<&'a TableHistory> {
+    let name = text_arg(args, 0, "table name")?;
+    archive.table_at(&name, moment)
+}
+
 /// `as_of(table, timestamp)` and `as_of_lsn(table, lsn)`.
 #[derive(Debug)]
 pub struct AsOf {
@@ -267,8 +277,8 @@ impl TableFunctionImpl for AsOf {
                 "as_of(table, moment) takes two arguments".into(),
             ));
         }
-        let table = table_arg(&self.archive, args)?;
         let moment = moment_arg(args, 1, self.by_lsn)?;
+        let table = table_arg_at(&self.archive, args, moment)?;
         let batch = as_of_batch(&self.archive, table, moment)?;
         Ok(Arc::new(MemTable::try_new(
             batch.schema(),
@@ -301,8 +311,9 @@ impl TableFunctionImpl for Diff {
                 "diff(table, from, to) takes three arguments".into(),
             ));
         }
-        let table = table_arg(&self.archive, args)?;
         let (from, to) = (moment_any(args, 1)?, moment_any(args, 2)?);
+        // The name in force at the later moment.
+        let table = table_arg_at(&self.archive, args, to)?;
         let batch = diff_batch(&self.archive, table, from, to)?;
         Ok(Arc::new(MemTable::try_new(
             batch.schema(),

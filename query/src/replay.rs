@@ -200,6 +200,10 @@ pub(crate) fn check_begins(
         last = Some((snapshot, scope));
     }
     let first = archive.table_snapshots(table).next().map(|(s, _)| s);
+    let next = archive
+        .table_snapshots(table)
+        .find(|(s, _)| !within(s.lsn, s.committed_at_us))
+        .map(|(s, _)| s);
     match (first, last) {
         // Not held yet at the moment, and not from the archive's beginning.
         (Some(first), _) if !known && Some(first.lsn) != initial => Err(QueryError::BeforeTable {
@@ -208,6 +212,17 @@ pub(crate) fn check_begins(
             begins: format!("LSN {}, {}", first.lsn, format_us(first.committed_at_us)),
         }
         .into()),
+        // Dropped, and a table of that name read whole later: it was created again at some
+        // point in between, which the archive does not know.
+        (_, Some((_, scope))) if scope.dropped && next.is_some() => {
+            let next = next.expect("checked");
+            Err(QueryError::BeforeTable {
+                table: table.qualified_name(),
+                moment: moment.to_string(),
+                begins: format!("LSN {}, {}", next.lsn, format_us(next.committed_at_us)),
+            }
+            .into())
+        }
         (_, Some((snapshot, scope))) if scope.dropped => Err(QueryError::TableDropped {
             table: table.qualified_name(),
             moment: moment.to_string(),

@@ -153,7 +153,7 @@ fn versions_batch(archive: &ArchiveSnapshot, schema: SchemaRef) -> Result<Record
 }
 
 /// The commit time of the transaction at `from`, if the archive holds any change of it.
-fn version_time(
+pub(crate) fn version_time(
     archive: &ArchiveSnapshot,
     table: &TableHistory,
     from: ChangeKey,

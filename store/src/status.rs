@@ -36,6 +36,15 @@ pub struct ArchiveStatus {
     pub schema_versions: usize,
     pub gaps: Vec<GapStatus>,
     pub tables: Vec<TableStatus>,
+    /// Tables the capture leaves out because they cannot be captured safely, as its latest
+    /// look at the catalog found them.
+    pub not_captured: Vec<NotCapturedStatus>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct NotCapturedStatus {
+    pub table: String,
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -262,6 +271,11 @@ impl ArchiveStatus {
                     first_at: time_text(t.span.first),
                     last_at: time_text(t.span.last),
                 })
+                .collect(),
+            not_captured: reader
+                .left_out()?
+                .into_iter()
+                .map(|(table, reason)| NotCapturedStatus { table, reason })
                 .collect(),
         })
     }

@@ -134,6 +134,11 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         }
         _ => println!("gaps          none"),
     }
+    if let Some(left) = r["not_captured"].as_array() {
+        for t in left {
+            println!("not captured  {}: {}", s(&t["table"]), s(&t["reason"]));
+        }
+    }
     if let Some(slot) = r.get("slot").and_then(|v| v.as_object()) {
         if let Some(c) = slot.get("connection") {
             let how = if c["tls"].as_bool() == Some(true) {

@@ -97,7 +97,7 @@ struct Held {
 fn held(cluster: &Cluster, db: &str, tables: &[(String, String)]) -> Held {
     let rows = tables
         .iter()
-        .map(|(_, name)| text_contents(cluster, db, name))
+        .map(|(schema, name)| text_contents(cluster, db, &format!("{schema}.{name}")))
         .collect();
     let lsn = cluster
         .psql(db, "SELECT pg_current_wal_insert_lsn()")
@@ -107,15 +107,15 @@ fn held(cluster: &Cluster, db: &str, tables: &[(String, String)]) -> Held {
     Held { lsn, rows }
 }
 
-/// `public.{table}`'s rows as PostgreSQL holds them now, every value as its text (with the
-/// session settings pgtrail reads with), sorted.
+/// `table`'s rows (`schema.name`) as PostgreSQL holds them now, every value as its text (with
+/// the session settings pgtrail reads with), sorted.
 fn text_contents(cluster: &Cluster, db: &str, table: &str) -> Vec<Row> {
     let columns = cluster
         .psql(
             db,
             &format!(
                 "SELECT string_agg(quote_ident(attname) || '::text AS ' || quote_ident(attname), ', ' ORDER BY attnum) \
-                 FROM pg_attribute WHERE attrelid = 'public.{table}'::regclass AND attnum > 0 AND NOT attisdropped"
+                 FROM pg_attribute WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped"
             ),
         )
         .unwrap();
@@ -123,7 +123,7 @@ fn text_contents(cluster: &Cluster, db: &str, table: &str) -> Vec<Row> {
         .psql(
             db,
             &format!(
-                "{} SELECT coalesce(json_agg(row_to_json(x)), '[]') FROM (SELECT {columns} FROM public.{table}) x",
+                "{} SELECT coalesce(json_agg(row_to_json(x)), '[]') FROM (SELECT {columns} FROM {table}) x",
                 pgtrail_capture::source::session_settings_sql()
             ),
         )
@@ -402,7 +402,8 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     ] {
         // The DDL committed at some point after the catalog watch's last look, which is all
         // the archive can know: a moment between that look and the new read is refused. A
-        // look after the previous moment keeps that moment out of the span.
+        // write and a look after the previous moment keep that moment out of the span.
+        psql("INSERT INTO nudge DEFAULT VALUES");
         std::thread::sleep(Duration::from_millis(2500));
         unknown.push((ddl, lsn(ddl)));
         wait_snapshots(cluster, &db, &archive, "public.t", n, &mut capture);
@@ -410,6 +411,26 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         moments.push((ddl, held(cluster, &db, &only_t)));
         psql(&format!("UPDATE t SET v = 'after {n}' WHERE id = {n}"));
     }
+    // A TRUNCATE also gives the table a new file, but the stream replays it exactly: no read,
+    // and no moment refused.
+    let reads = snapshots_of(&archive, "public.t");
+    psql("INSERT INTO nudge DEFAULT VALUES");
+    std::thread::sleep(Duration::from_millis(2500));
+    psql(
+        "BEGIN; TRUNCATE t; INSERT INTO t (id, amount, v) VALUES (1, 1.5, 'after truncate'); COMMIT;",
+    );
+    let truncated = held(cluster, &db, &only_t);
+    for _ in 0..4 {
+        psql("INSERT INTO nudge DEFAULT VALUES");
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    wait_caught_up(cluster, &db);
+    assert_eq!(
+        snapshots_of(&archive, "public.t"),
+        reads,
+        "a TRUNCATE was taken for a rewrite"
+    );
+    psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(2500));
     psql("DROP TABLE dropme");
     let dropped_at = lsn("SELECT 1");
@@ -460,6 +481,12 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     for (ddl, moment) in &moments {
         check("public.t", moment, &moment.rows[0], &format!("after {ddl}"));
     }
+    check(
+        "public.t",
+        &truncated,
+        &truncated.rows[0],
+        "right after a TRUNCATE",
+    );
     check("public.t", &last, &last.rows[0], "at the end");
     for (ddl, at) in unknown {
         let err = archive_rows(&snapshot, table("public.t"), Moment::Lsn(at)).unwrap_err();
@@ -472,4 +499,98 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     assert!(err.to_string().contains("did not exist"), "{err}");
     let between = archive_rows(&snapshot, table("public.dropme"), Moment::Lsn(dropped_at));
     assert!(between.is_err(), "right after the drop: {between:?}");
+}
+
+#[test]
+fn a_table_is_found_by_the_name_it_bore_at_the_moment() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("renames").unwrap();
+    let psql = |sql: &str| {
+        cluster
+            .psql(&db, sql)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"))
+    };
+    psql(
+        "CREATE TABLE nudge (id serial PRIMARY KEY);
+         CREATE SCHEMA other;
+         CREATE TABLE oldname (id int PRIMARY KEY, v text);
+         INSERT INTO oldname SELECT g, 'o' || g FROM generate_series(1, 10) g;",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let mut capture = spawn(cluster, &db, &archive, &[]);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    psql("UPDATE oldname SET v = 'before rename' WHERE id = 1");
+    wait_caught_up(cluster, &db);
+    let m1 = held(cluster, &db, &table_list(&["oldname"]));
+    // A rename reaches the archive with the table's next write (its Relation message).
+    psql("ALTER TABLE oldname RENAME TO newname; UPDATE newname SET v = 'renamed' WHERE id = 2;");
+    wait_caught_up(cluster, &db);
+    let m2 = held(cluster, &db, &table_list(&["newname"]));
+    psql(
+        "ALTER TABLE newname SET SCHEMA other; UPDATE other.newname SET v = 'moved' WHERE id = 3;",
+    );
+    // A new table under the old name is another table, with a history of its own.
+    psql(
+        "CREATE TABLE oldname (id int PRIMARY KEY, v text); INSERT INTO oldname VALUES (100, 'second');",
+    );
+    wait_held(cluster, &db, &archive, "public.oldname", &mut capture);
+    psql("UPDATE oldname SET v = 'second updated'");
+    wait_caught_up(cluster, &db);
+    let moved = text_contents(cluster, &db, "other.newname");
+    let m3 = held(cluster, &db, &table_list(&["oldname"]));
+    capture.kill().unwrap();
+    capture.wait().unwrap();
+
+    let sql = |query: String| -> Result<String, String> {
+        let out = pgtrail()
+            .args(["sql", "--format", "csv", "--archive"])
+            .arg(&archive)
+            .arg(query)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let ids = |table: &str, moment: &Held| {
+        sql(format!(
+            "SELECT string_agg(id::text || '=' || v, ';' ORDER BY id) AS r FROM as_of_lsn('{table}', '{}')",
+            moment.lsn
+        ))
+    };
+    let expect = |rows: &[Row]| {
+        let mut rows: Vec<(i64, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r["id"].as_deref().unwrap().parse().unwrap(),
+                    r["v"].clone().unwrap(),
+                )
+            })
+            .collect();
+        rows.sort();
+        let joined = rows
+            .iter()
+            .map(|(id, v)| format!("{id}={v}"))
+            .collect::<Vec<_>>()
+            .join(";");
+        format!("r\n{joined}\n")
+    };
+    assert_eq!(ids("public.oldname", &m1).unwrap(), expect(&m1.rows[0]));
+    assert_eq!(ids("public.newname", &m2).unwrap(), expect(&m2.rows[0]));
+    assert_eq!(ids("public.oldname", &m3).unwrap(), expect(&m3.rows[0]));
+    assert_eq!(
+        ids("other.newname", &m3).unwrap(),
+        expect(&moved),
+        "after SET SCHEMA"
+    );
+    let err = ids("public.newname", &m1).unwrap_err();
+    assert!(
+        err.contains("no table was named public.newname")
+            && err.contains("was named public.oldname then"),
+        "{err}"
+    );
 }

@@ -178,6 +178,10 @@ pub struct StorageLayout {
     pub file_node: u32,
     /// Attribute numbers of columns with `atthasmissing`.
     pub missing_values: Vec<i16>,
+    /// The transaction that last wrote each column's catalog row (`pg_attribute.xmin`, in
+    /// attribute number order, dropped columns included): column DDL changes one, a TRUNCATE
+    /// does not.
+    pub column_versions: Vec<u32>,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -243,6 +247,9 @@ pub enum LogOp {
     /// The capture's catalog watch saw every held table's storage layout as the archive
     /// records it at this point (LSN, server time µs); kept in `meta` with the next commit.
     CatalogSeen(Lsn, i64),
+    /// The tables capture leaves out (they cannot be captured safely), with the reason, as
+    /// its latest look at the catalog found them; kept in `meta` with the next commit.
+    LeftOut(Vec<(String, String)>),
     /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
     /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
     /// names no relation holds every table (the initial snapshot of an archive written before
@@ -301,6 +308,8 @@ pub struct ChangeLog {
     scratch: Vec<u8>,
     /// A [`LogOp::CatalogSeen`] not yet written.
     catalog_seen: Option<(Lsn, i64)>,
+    /// A [`LogOp::LeftOut`] not yet written.
+    left_out: Option<Vec<(String, String)>>,
 }
 
 impl ChangeLog {
@@ -345,6 +354,7 @@ impl ChangeLog {
             finished_undo: [false; 2],
             scratch: Vec::new(),
             catalog_seen: None,
+            left_out: None,
         };
         log.recover()?;
         Ok(log)
@@ -605,6 +615,9 @@ impl ChangeLog {
             if let Some(seen) = self.catalog_seen.take() {
                 meta.insert(META_CATALOG_SEEN, encode(&seen).as_slice())?;
             }
+            if let Some(left_out) = self.left_out.take() {
+                meta.insert(META_LEFT_OUT, encode(&left_out).as_slice())?;
+            }
         }
         // The undo rows of a spanning transaction finished in this batch go in the same redb
         // commit as its `transactions` record (a crash keeps both or neither). Deleting the
@@ -825,6 +838,9 @@ impl ChangeLog {
             }
             LogOp::CatalogSeen(lsn, at_us) => {
                 self.catalog_seen = Some((lsn, at_us));
+            }
+            LogOp::LeftOut(tables) => {
+                self.left_out = Some(tables);
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;

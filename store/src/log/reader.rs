@@ -129,6 +129,16 @@ impl LogReader {
         }
     }
 
+    /// The tables the capture leaves out, with the reason (see
+    /// [`LogOp::LeftOut`](crate::LogOp::LeftOut)); empty before any was recorded.
+    pub fn left_out(&self) -> Result<Vec<(String, String)>, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_LEFT_OUT)? {
+            Some(v) => decode(v.value(), "meta left_out"),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Every change of a finished source transaction, in key order. Changes of a transaction
     /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
     /// them) are keyed after the last finished one and are not shown.

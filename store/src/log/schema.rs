@@ -46,6 +46,9 @@ pub(crate) const META_SOURCE: &str = "source";
 /// saw every held table's storage layout as the archive records it: DDL that rewrote a table
 /// without a change in the stream committed after it.
 pub(crate) const META_CATALOG_SEEN: &str = "catalog_seen";
+/// (version 2) The tables the capture leaves out because they cannot be captured safely, with
+/// the reason, as its latest look at the catalog found them: `Vec<(name, reason)>`.
+pub(crate) const META_LEFT_OUT: &str = "left_out";
 
 /// The on-disk format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 2;

@@ -528,7 +528,9 @@ fn capture_command(
 ) -> Result<Command, String> {
     let log = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
     let mut cmd = Command::new(bin);
+    // The catalog every second: the migration storm's DDL is noticed within a round or two.
     cmd.args(["capture", "--slot", slot, "--publication", publication])
+        .args(["--catalog-secs", "1"])
         .env("PGTRAIL_SOURCE", url)
         .env("PGTRAIL_ARCHIVE", archive)
         .env_remove("PGTRAIL_CRASH_AT")

@@ -3,8 +3,10 @@
 //! and rolled back), TRUNCATE of several tables, with CASCADE and RESTART IDENTITY, ALTER
 //! TABLE storms mixed with DML in one transaction, unchanged TOAST values under REPLICA
 //! IDENTITY DEFAULT and FULL, a partitioned table (rows moving between partitions), multi-row
-//! INSERT and COPY (many changes sharing one LSN) into a keyless table, and one large
-//! transaction.
+//! INSERT and COPY (many changes sharing one LSN) into a keyless table, one large
+//! transaction, and a migration storm (a table dropped and created again with rows in one
+//! transaction, columns added with a default existing rows take, a key type changed: DDL that
+//! changes rows without a change in the stream, which capture must notice and read again).
 //!
 //! Its oracle: after every round a transaction locks all these tables, hashes each one's rows
 //! (PostgreSQL's composite text of each row, sorted) and emits the hashes with
@@ -32,6 +34,7 @@ pub const TABLES: &[&str] = &[
     "sh_toast_f",
     "sh_alter",
     "sh_keyless",
+    "sh_mig",
 ];
 
 pub const SCHEMA: &str = "CREATE TABLE sh_parent (id int PRIMARY KEY, v text); \
@@ -52,7 +55,9 @@ pub const SCHEMA: &str = "CREATE TABLE sh_parent (id int PRIMARY KEY, v text); \
     INSERT INTO sh_part SELECT g, 1 + g % 2, 'r' || g FROM generate_series(1, 20) g; \
     INSERT INTO sh_toast_d SELECT g, (SELECT string_agg(md5(g::text || x::text), '') FROM generate_series(1, 300) x), g FROM generate_series(1, 6) g; \
     INSERT INTO sh_toast_f SELECT id, big, small FROM sh_toast_d; \
-    INSERT INTO sh_alter SELECT g, g FROM generate_series(1, 10) g;";
+    INSERT INTO sh_alter SELECT g, g FROM generate_series(1, 10) g; \
+    CREATE TABLE sh_mig (id int PRIMARY KEY, v text); \
+    INSERT INTO sh_mig SELECT g, 'm' || g FROM generate_series(1, 8) g;";
 
 /// A value large enough to be stored out of line (TOAST), different for each `n`.
 fn big(n: u64) -> String {
@@ -81,7 +86,7 @@ pub fn oracle_sql() -> String {
 fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String> {
     // Ten ids per round: a round inserts at most six new keys.
     let id = 1000 + 10 * n as i64;
-    match rng.next() % 9 {
+    match rng.next() % 10 {
         0 => vec![format!(
             "BEGIN; INSERT INTO sh_parent VALUES ({id}, 'sp'); SAVEPOINT a; INSERT INTO sh_parent VALUES ({}, 'gone'); \
              UPDATE sh_parent SET v = 'rolled back' WHERE id = {id}; ROLLBACK TO a; \
@@ -149,6 +154,18 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
             "COPY".to_string(),
             format!("DELETE FROM sh_keyless WHERE v % 4 = {} AND k IS DISTINCT FROM 'big';", n % 4),
         ],
+        9 => match rng.next() % 3 {
+            0 => vec![format!(
+                "BEGIN; DROP TABLE sh_mig; CREATE TABLE sh_mig (id int PRIMARY KEY, v text); \
+                 INSERT INTO sh_mig SELECT g, 'm{n}.' || g FROM generate_series(1, 8) g; COMMIT;"
+            )],
+            1 => vec![format!("ALTER TABLE sh_mig ADD COLUMN c{n} int DEFAULT {n};")],
+            _ => vec![format!(
+                "ALTER TABLE sh_mig ALTER COLUMN id TYPE {}; UPDATE sh_mig SET v = v || '+' WHERE id % 2 = {};",
+                if n.is_multiple_of(2) { "bigint" } else { "int" },
+                n % 2
+            )],
+        },
         _ => {
             if *did_big {
                 vec!["DELETE FROM sh_keyless WHERE k = 'big';".to_string()]
