@@ -98,6 +98,7 @@ impl Session<'_> {
         let mut catalog_tick = tokio::time::interval(config.catalog_interval);
         catalog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Option<PendingSync> = None;
+        let mut looked = false;
         let mut tick = tokio::time::interval(config.progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_tick = (Instant::now(), 0u64, 0u64);
@@ -119,7 +120,9 @@ impl Session<'_> {
                     if let Some(observer) = &config.durable_observer {
                         (observer.0)(durable);
                     }
-                    if let Some(stop) = config.stop_at && durable >= stop {
+                    // The catalog is looked at, and a table copy waiting for the stream stored,
+                    // first: a run that stops at an LSN captures the tables that joined before.
+                    if let Some(stop) = config.stop_at && durable >= stop && looked && pending.is_none() {
                         graceful_stop(writer, client, &translator).await?;
                         return Ok(());
                     }
@@ -156,6 +159,11 @@ impl Session<'_> {
                     }
                     if !plan.is_empty() {
                         pending = Some(table_sync::sync(config, &self.sql, plan).await?);
+                    }
+                    looked = true;
+                    if let Some(stop) = config.stop_at && writer.durable() >= stop && pending.is_none() {
+                        graceful_stop(writer, client, &translator).await?;
+                        return Ok(());
                     }
                 }
                 _ = liveness.tick.tick() => liveness.check(&self.sql, &config.slot).await?,
