@@ -312,17 +312,8 @@ pub async fn ensure_publication(
             list(tables)
         )
     };
-    let existing = sql
-        .query_opt(
-            "SELECT pg_get_userbyid(p.pubowner)::text,                     pg_has_role(current_user, p.pubowner, 'USAGE')                       OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)              FROM pg_publication p WHERE p.pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| CaptureError::sql("looking up the publication", e))?;
-    if let Some(row) = &existing
-        && !row.get::<_, bool>(1)
-    {
-        let owner: String = row.get(0);
+    let existing = publication_owner(sql, publication).await?;
+    if let Some((owner, false)) = &existing {
         let published = publication_tables(sql, publication).await?;
         if published.is_empty() {
             return Err(CaptureError::setup(
@@ -391,6 +382,25 @@ pub async fn ensure_publication(
         }
     })?;
     Ok(tables)
+}
+
+/// A publication's owner, and whether this role may change it (it is, or is a member of, the
+/// owner, or a superuser); `None` when the publication does not exist.
+pub(crate) async fn publication_owner(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<Option<(String, bool)>, CaptureError> {
+    let row = sql
+        .query_opt(
+            "SELECT pg_get_userbyid(p.pubowner)::text, \
+                    pg_has_role(current_user, p.pubowner, 'USAGE') \
+                    OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("looking up the publication", e))?;
+    Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 
 /// Add `tables` to a publication this role may change; a refusal (the tables' owner must

@@ -40,6 +40,7 @@ use std::path::Path;
 
 use pgtrail_store::{
     IncomingCell, IncomingChange, LogOp, LogReader, Lsn, Op, StorageLayout, TableScope,
+    always_quoted,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
 
@@ -192,7 +193,23 @@ impl TableWatch {
                 .into_iter()
                 .filter(|t| !publishes.contains(&t.oid) && !self.refused.contains(&t.oid))
                 .collect();
-            if !missing.is_empty() {
+            let owner = if missing.is_empty() {
+                None
+            } else {
+                slot::publication_owner(sql, publication).await?
+            };
+            if let Some((owner, false)) = &owner {
+                // A publication a DBA made is used as it is, never changed (least privilege):
+                // say once per table what would capture it.
+                for t in missing.iter().filter(|t| self.refused.insert(t.oid)) {
+                    tracing::warn!(
+                        table = %t.qualified(),
+                        "table not captured: publication {publication:?} belongs to {owner:?}, and pgtrail does not change it; to capture the table, have its owner run: ALTER PUBLICATION {} ADD TABLE {};",
+                        always_quoted(publication),
+                        t.sql_name()
+                    );
+                }
+            } else if !missing.is_empty() {
                 match slot::add_to_publication(sql, publication, &missing).await {
                     Ok(()) => {
                         for t in &missing {

@@ -650,6 +650,53 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
         archived.lines().skip(1).collect::<Vec<_>>(),
         source.lines().collect::<Vec<_>>()
     );
+    // A table that cannot join the DBA's publication without the DBA is named with the SQL
+    // that adds it; the publication is not touched.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(r#"ALTER PUBLICATION "pgtrail" ADD TABLE "public"."secrets";"#),
+        "{stderr}"
+    );
+    // The application creates a table, the DBA publishes it: the next run reads it whole and
+    // captures it from then on.
+    cluster
+        .psql(
+            "lp",
+            "SET ROLE app; CREATE TABLE refunds (id int PRIMARY KEY, amount int); \
+             INSERT INTO refunds SELECT g, g * 10 FROM generate_series(1, 5) g; RESET ROLE; \
+             GRANT SELECT ON refunds TO archiver; ALTER PUBLICATION pgtrail ADD TABLE refunds",
+        )
+        .unwrap();
+    let out = capture(&[], &super::insert_lsn(&cluster, "lp"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster
+        .psql("lp", "UPDATE refunds SET amount = 0 WHERE id = 2")
+        .unwrap();
+    let stop = super::insert_lsn(&cluster, "lp");
+    let out = capture(&[], &stop);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let archived = super::pgtrail_sql(
+        &archive,
+        "csv",
+        &format!(
+            "SELECT id || '|' || amount AS line FROM as_of_lsn('public.refunds', '{stop}') ORDER BY id"
+        ),
+    );
+    let source = cluster
+        .psql("lp", "SELECT id || '|' || amount FROM refunds ORDER BY id")
+        .unwrap();
+    assert_eq!(
+        archived.lines().skip(1).collect::<Vec<_>>(),
+        source.lines().collect::<Vec<_>>()
+    );
 }
 
 /// PgBouncer (Debian's package) in transaction mode in front of the cluster: capture through it
