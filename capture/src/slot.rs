@@ -169,27 +169,14 @@ pub async fn choose_tables(
     let selectors: Vec<Selector> = listed.iter().map(|e| selector(e)).collect();
     let mut chosen = Vec::new();
     let mut excluded = Vec::new();
-    let excludes: Vec<&TablePattern> = selectors
-        .iter()
-        .filter_map(|s| match s {
-            Selector::Exclude(p) => Some(p),
-            _ => None,
-        })
-        .collect();
-    let patterns: Vec<&TablePattern> = selectors
-        .iter()
-        .filter_map(|s| match s {
-            Selector::Pattern(p) => Some(p),
-            _ => None,
-        })
-        .collect();
-    let names: Vec<&String> = selectors
-        .iter()
-        .filter_map(|s| match s {
-            Selector::Name(n) => Some(n),
-            _ => None,
-        })
-        .collect();
+    let (mut names, mut patterns, mut excludes) = (Vec::new(), Vec::new(), Vec::new());
+    for selector in &selectors {
+        match selector {
+            Selector::Name(n) => names.push(n),
+            Selector::Pattern(p) => patterns.push(p),
+            Selector::Exclude(p) => excludes.push(p),
+        }
+    }
     let left_out = |t: &CapturedTable| excludes.iter().any(|p| p.matches(&t.schema, &t.name));
     if names.is_empty() || !patterns.is_empty() {
         let rows = sql

@@ -335,13 +335,31 @@ fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
 
 /// The server's WAL insert position and clock (µs since the Unix epoch), read together.
 async fn server_point(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
+    lsn_with_clock(
+        sql,
+        "pg_current_wal_insert_lsn()",
+        &[],
+        "reading the server's WAL position and clock",
+    )
+    .await
+}
+
+/// `SELECT {lsn_sql}` and the server's clock (µs since the Unix epoch), in one statement.
+async fn lsn_with_clock(
+    sql: &tokio_postgres::Client,
+    lsn_sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    doing: &str,
+) -> Result<(Lsn, i64), CaptureError> {
     let row = sql
         .query_one(
-            "SELECT pg_current_wal_insert_lsn()::text, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
-            &[],
+            &format!(
+                "SELECT ({lsn_sql})::text, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint"
+            ),
+            params,
         )
         .await
-        .map_err(|e| CaptureError::sql("reading the server's WAL position and clock", e))?;
+        .map_err(|e| CaptureError::sql(doing, e))?;
     let lsn: String = row.get(0);
     let lsn = lsn
         .parse()
@@ -521,18 +539,13 @@ impl SnapshotSink for MarkTap<'_> {
 /// Emit pgtrail's fence message (not stored; see [`FENCE_PREFIX`]); returns its LSN and the
 /// server's clock.
 async fn emit_fence(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
-    let row = sql
-        .query_one(
-            "SELECT pg_logical_emit_message(false, $1, '')::text, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
-            &[&FENCE_PREFIX],
-        )
-        .await
-        .map_err(|e| CaptureError::sql("emitting pgtrail's fence message", e))?;
-    let lsn: String = row.get(0);
-    let lsn = lsn
-        .parse()
-        .map_err(|_| CaptureError::Protocol(format!("the server sent a bad LSN {lsn:?}")))?;
-    Ok((lsn, row.get(1)))
+    lsn_with_clock(
+        sql,
+        "pg_logical_emit_message(false, $1, '')",
+        &[&FENCE_PREFIX],
+        "emitting pgtrail's fence message",
+    )
+    .await
 }
 
 /// A snapshot's operations on disk until the stream reaches its point: the rows in an

@@ -589,6 +589,15 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
             .output()
             .unwrap()
     };
+    let capture_ok = |stop_at: &str| {
+        let out = capture(&[], stop_at);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
     let stop = super::insert_lsn(&cluster, "lp");
     let refused = capture(&["--tables", "public.orders"], &stop);
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -601,12 +610,7 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
         .psql("lp", "SELECT pg_get_userbyid(pubowner) FROM pg_publication")
         .unwrap();
     // The snapshot, then the stream.
-    let out = capture(&[], &super::insert_lsn(&cluster, "lp"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    capture_ok(&super::insert_lsn(&cluster, "lp"));
     cluster
         .psql(
             "lp",
@@ -614,12 +618,7 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
         )
         .unwrap();
     let stop = super::insert_lsn(&cluster, "lp");
-    let out = capture(&[], &stop);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = capture_ok(&stop);
     // The publication is the DBA's still, and lists what the DBA put in it.
     assert_eq!(
         cluster
@@ -667,22 +666,12 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
              GRANT SELECT ON refunds TO archiver; ALTER PUBLICATION pgtrail ADD TABLE refunds",
         )
         .unwrap();
-    let out = capture(&[], &super::insert_lsn(&cluster, "lp"));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    capture_ok(&super::insert_lsn(&cluster, "lp"));
     cluster
         .psql("lp", "UPDATE refunds SET amount = 0 WHERE id = 2")
         .unwrap();
     let stop = super::insert_lsn(&cluster, "lp");
-    let out = capture(&[], &stop);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    capture_ok(&stop);
     let archived = super::pgtrail_sql(
         &archive,
         "csv",

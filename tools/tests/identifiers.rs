@@ -232,27 +232,31 @@ pub(crate) fn contents(
     .lines()
     {
         let (i, json) = line.split_once('|').unwrap();
-        let rows: Vec<serde_json::Map<String, serde_json::Value>> =
-            serde_json::from_str(json).unwrap();
-        let mut rows: Vec<Row> = rows
-            .into_iter()
-            .map(|r| {
-                r.into_iter()
-                    .map(|(k, v)| {
-                        let text = match v {
-                            serde_json::Value::Null => None,
-                            serde_json::Value::String(s) => Some(s),
-                            other => Some(other.to_string()),
-                        };
-                        (k, text)
-                    })
-                    .collect()
-            })
-            .collect();
-        rows.sort();
-        out[i.parse::<usize>().unwrap()] = rows;
+        out[i.parse::<usize>().unwrap()] = json_rows(json);
     }
     out
+}
+
+/// Rows from PostgreSQL's `json_agg(row_to_json(…))`, each value as its text, sorted.
+pub(crate) fn json_rows(json: &str) -> Vec<Row> {
+    let rows: Vec<serde_json::Map<String, serde_json::Value>> = serde_json::from_str(json).unwrap();
+    let mut rows: Vec<Row> = rows
+        .into_iter()
+        .map(|r| {
+            r.into_iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s),
+                        other => Some(other.to_string()),
+                    };
+                    (k, text)
+                })
+                .collect()
+        })
+        .collect();
+    rows.sort();
+    rows
 }
 
 /// The test's own quoting for the SQL it runs itself (independent of the code under test).

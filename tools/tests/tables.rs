@@ -12,8 +12,48 @@ use pgtrail_capture::cluster::Cluster;
 use pgtrail_query::{ArchiveSnapshot, Moment};
 use pgtrail_store::Lsn;
 
-use crate::identifiers::{Row, archive_rows};
+use crate::identifiers::{Row, archive_rows, json_rows};
 use crate::{pgtrail, wait_exit, wait_slot_active};
+
+/// A database made with `setup` (plus a `nudge` table the tests write to move the stream
+/// on) and a `pgtrail capture` of it running into a fresh archive.
+struct Scene {
+    cluster: &'static Cluster,
+    db: String,
+    _dir: tempfile::TempDir,
+    archive: std::path::PathBuf,
+    capture: Child,
+}
+
+impl Scene {
+    fn start(prefix: &str, setup: &str, extra: &[&str]) -> Scene {
+        let cluster = Cluster::shared();
+        let db = cluster.fresh_database(prefix).unwrap();
+        cluster
+            .psql(
+                &db,
+                &format!("CREATE TABLE nudge (id serial PRIMARY KEY); {setup}"),
+            )
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("archive");
+        let mut capture = spawn(cluster, &db, &archive, extra);
+        wait_slot_active(cluster, &db, &db, &mut capture);
+        Scene {
+            cluster,
+            db,
+            _dir: dir,
+            archive,
+            capture,
+        }
+    }
+
+    fn psql(&self, sql: &str) -> String {
+        self.cluster
+            .psql(&self.db, sql)
+            .unwrap_or_else(|e| panic!("{e}: {sql}"))
+    }
+}
 
 /// `pgtrail capture` of `db` into `archive`, looking at the catalog every second.
 fn spawn(cluster: &Cluster, db: &str, archive: &Path, extra: &[&str]) -> Child {
@@ -128,25 +168,7 @@ fn text_contents(cluster: &Cluster, db: &str, table: &str) -> Vec<Row> {
             ),
         )
         .unwrap();
-    let rows: Vec<serde_json::Map<String, serde_json::Value>> =
-        serde_json::from_str(json.lines().last().unwrap_or("[]")).unwrap();
-    let mut rows: Vec<Row> = rows
-        .into_iter()
-        .map(|r| {
-            r.into_iter()
-                .map(|(k, v)| {
-                    let text = match v {
-                        serde_json::Value::Null => None,
-                        serde_json::Value::String(s) => Some(s),
-                        other => Some(other.to_string()),
-                    };
-                    (k, text)
-                })
-                .collect()
-        })
-        .collect();
-    rows.sort();
-    rows
+    json_rows(json.lines().last().unwrap_or("[]"))
 }
 
 /// The number of snapshots that hold `table` in the archive now (0 when it has none, or is
@@ -193,80 +215,78 @@ fn table_list(names: &[&str]) -> Vec<(String, String)> {
 
 #[test]
 fn tables_created_or_keyed_while_capturing_are_captured_from_their_first_snapshot() {
-    let cluster = Cluster::shared();
-    let db = cluster.fresh_database("joiners").unwrap();
-    let psql = |sql: &str| {
-        cluster
-            .psql(&db, sql)
-            .unwrap_or_else(|e| panic!("{e}: {sql}"))
-    };
-    psql(
-        "CREATE TABLE nudge (id serial PRIMARY KEY);
-         CREATE TABLE base (id int PRIMARY KEY, v text);
+    let mut s = Scene::start(
+        "joiners",
+        "CREATE TABLE base (id int PRIMARY KEY, v text);
          INSERT INTO base SELECT g, 'b' || g FROM generate_series(1, 20) g;
          CREATE TABLE keyless (id int NOT NULL, v text);
          INSERT INTO keyless SELECT g, 'k' || g FROM generate_series(1, 10) g;",
+        &[],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("archive");
-    let mut capture = spawn(cluster, &db, &archive, &[]);
-    wait_slot_active(cluster, &db, &db, &mut capture);
 
     // A table created and written at once, before pgtrail can know of it.
-    psql(
+    s.psql(
         "CREATE TABLE fresh (id int PRIMARY KEY, v text, n numeric);
          INSERT INTO fresh SELECT g, 'f' || g, g * 1.5 FROM generate_series(1, 300) g;
          UPDATE base SET v = 'changed' WHERE id <= 5;",
     );
-    wait_held(cluster, &db, &archive, "public.fresh", &mut capture);
-    wait_caught_up(cluster, &db);
+    wait_held(s.cluster, &s.db, &s.archive, "public.fresh", &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
     let tables = table_list(&["base", "fresh"]);
-    let m1 = held(cluster, &db, &tables);
+    let m1 = held(s.cluster, &s.db, &tables);
 
     // Its changes stream like any table's; a table without a key is left out (never
     // published: its UPDATE and DELETE would fail) until it is given one.
-    psql(
+    s.psql(
         "INSERT INTO fresh VALUES (1000, 'new', NULL);
          UPDATE fresh SET v = 'upd' WHERE id % 7 = 0;
          DELETE FROM fresh WHERE id % 11 = 0;
          UPDATE keyless SET v = 'while keyless' WHERE id = 1;",
     );
-    wait_caught_up(cluster, &db);
-    let m2 = held(cluster, &db, &tables);
-    let published = psql(&format!(
-        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{db}'"
+    wait_caught_up(s.cluster, &s.db);
+    let m2 = held(s.cluster, &s.db, &tables);
+    let published = s.psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'", s.db
     ));
     assert_eq!(
         published, "base,fresh,nudge",
         "keyless must not be published"
     );
 
-    psql("ALTER TABLE keyless ADD PRIMARY KEY (id); UPDATE keyless SET v = 'keyed' WHERE id = 2;");
-    wait_held(cluster, &db, &archive, "public.keyless", &mut capture);
-    psql("DELETE FROM keyless WHERE id = 3; UPDATE fresh SET n = 0 WHERE id = 1;");
-    wait_caught_up(cluster, &db);
+    s.psql(
+        "ALTER TABLE keyless ADD PRIMARY KEY (id); UPDATE keyless SET v = 'keyed' WHERE id = 2;",
+    );
+    wait_held(
+        s.cluster,
+        &s.db,
+        &s.archive,
+        "public.keyless",
+        &mut s.capture,
+    );
+    s.psql("DELETE FROM keyless WHERE id = 3; UPDATE fresh SET n = 0 WHERE id = 1;");
+    wait_caught_up(s.cluster, &s.db);
     let tables3 = table_list(&["base", "fresh", "keyless"]);
-    let m3 = held(cluster, &db, &tables3);
+    let m3 = held(s.cluster, &s.db, &tables3);
 
     // kill -9, and a table created and written while capture is down: the next session
     // finds and copies it before it streams on.
-    capture.kill().unwrap();
-    capture.wait().unwrap();
-    psql(
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    s.psql(
         "CREATE TABLE later (id int PRIMARY KEY, v text);
          INSERT INTO later SELECT g, 'l' || g FROM generate_series(1, 50) g;
          UPDATE fresh SET v = 'while down' WHERE id = 2;",
     );
-    let mut capture = spawn(cluster, &db, &archive, &[]);
-    wait_held(cluster, &db, &archive, "public.later", &mut capture);
-    psql("UPDATE later SET v = 'after' WHERE id <= 3;");
-    wait_caught_up(cluster, &db);
+    s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
+    wait_held(s.cluster, &s.db, &s.archive, "public.later", &mut s.capture);
+    s.psql("UPDATE later SET v = 'after' WHERE id <= 3;");
+    wait_caught_up(s.cluster, &s.db);
     let tables4 = table_list(&["base", "fresh", "keyless", "later"]);
-    let m4 = held(cluster, &db, &tables4);
-    capture.kill().unwrap();
-    capture.wait().unwrap();
+    let m4 = held(s.cluster, &s.db, &tables4);
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
 
-    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
     for (name, moments) in [
         ("m1", [(&m1, &tables)].as_slice()),
         ("m2", &[(&m2, &tables)]),
@@ -298,7 +318,7 @@ fn tables_created_or_keyed_while_capturing_are_captured_from_their_first_snapsho
     // The SQL functions say the same to a user.
     let out = pgtrail()
         .args(["sql", "--archive"])
-        .arg(&archive)
+        .arg(&s.archive)
         .arg(format!(
             "SELECT count(*) FROM as_of_lsn('public.later', '{}')",
             m1.lsn
@@ -315,74 +335,58 @@ fn tables_created_or_keyed_while_capturing_are_captured_from_their_first_snapsho
 
 #[test]
 fn table_patterns_and_exclusions_apply_to_tables_created_later() {
-    let cluster = Cluster::shared();
-    let db = cluster.fresh_database("patterns").unwrap();
-    let psql = |sql: &str| {
-        cluster
-            .psql(&db, sql)
-            .unwrap_or_else(|e| panic!("{e}: {sql}"))
-    };
-    psql(
-        "CREATE TABLE nudge (id serial PRIMARY KEY);
-         CREATE TABLE keep_a (id int PRIMARY KEY);
+    let mut s = Scene::start(
+        "patterns",
+        "CREATE TABLE keep_a (id int PRIMARY KEY);
          CREATE TABLE other (id int PRIMARY KEY);
          INSERT INTO keep_a VALUES (1);",
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("archive");
-    let mut capture = spawn(
-        cluster,
-        &db,
-        &archive,
         &["--tables", "public.keep_*,nudge,!public.keep_out*"],
     );
-    wait_slot_active(cluster, &db, &db, &mut capture);
-    psql(
+    s.psql(
         "CREATE TABLE keep_b (id int PRIMARY KEY); INSERT INTO keep_b VALUES (7);
          CREATE TABLE keep_out_x (id int PRIMARY KEY); INSERT INTO keep_out_x VALUES (1);
          CREATE TABLE other2 (id int PRIMARY KEY); INSERT INTO other2 VALUES (1);",
     );
-    wait_held(cluster, &db, &archive, "public.keep_b", &mut capture);
+    wait_held(
+        s.cluster,
+        &s.db,
+        &s.archive,
+        "public.keep_b",
+        &mut s.capture,
+    );
     // Two more looks at the catalog: nothing else joins.
     std::thread::sleep(Duration::from_secs(3));
-    wait_caught_up(cluster, &db);
-    capture.kill().unwrap();
-    wait_exit(&mut capture, Duration::from_secs(10));
-    let published = psql(&format!(
-        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{db}'"
+    wait_caught_up(s.cluster, &s.db);
+    s.capture.kill().unwrap();
+    wait_exit(&mut s.capture, Duration::from_secs(10));
+    let published = s.psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'", s.db
     ));
     assert_eq!(published, "keep_a,keep_b,nudge");
-    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
     let names: Vec<&String> = snapshot.tables.keys().collect();
     assert_eq!(names, ["public.keep_a", "public.keep_b", "public.nudge"]);
 }
 
 #[test]
 fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
-    let cluster = Cluster::shared();
-    let db = cluster.fresh_database("rewrites").unwrap();
-    let psql = |sql: &str| {
-        cluster
-            .psql(&db, sql)
-            .unwrap_or_else(|e| panic!("{e}: {sql}"))
-    };
-    psql(
-        "CREATE TABLE nudge (id serial PRIMARY KEY);
-         CREATE TABLE t (id int PRIMARY KEY, amount numeric(12,4), v text);
+    let mut s = Scene::start(
+        "rewrites",
+        "CREATE TABLE t (id int PRIMARY KEY, amount numeric(12,4), v text);
          INSERT INTO t SELECT g, g * 1.2345, 'v' || g FROM generate_series(1, 200) g;
          CREATE TABLE dropme (id int PRIMARY KEY, v text);
          INSERT INTO dropme VALUES (1, 'one'), (2, 'two');",
+        &[],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("archive");
-    let mut capture = spawn(cluster, &db, &archive, &[]);
-    wait_slot_active(cluster, &db, &db, &mut capture);
     let both = table_list(&["t", "dropme"]);
     let only_t = table_list(&["t"]);
-    wait_caught_up(cluster, &db);
-    let m0 = held(cluster, &db, &both);
+    wait_caught_up(s.cluster, &s.db);
+    let m0 = held(s.cluster, &s.db, &both);
+    let (cluster, db) = (s.cluster, s.db.clone());
     let lsn = |sql: &str| -> Lsn {
-        psql(&format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
+        cluster
+            .psql(&db, &format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
+            .unwrap()
             .lines()
             .last()
             .unwrap()
@@ -403,41 +407,41 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         // The DDL committed at some point after the catalog watch's last look, which is all
         // the archive can know: a moment between that look and the new read is refused. A
         // write and a look after the previous moment keep that moment out of the span.
-        psql("INSERT INTO nudge DEFAULT VALUES");
+        s.psql("INSERT INTO nudge DEFAULT VALUES");
         std::thread::sleep(Duration::from_millis(2500));
         unknown.push((ddl, lsn(ddl)));
-        wait_snapshots(cluster, &db, &archive, "public.t", n, &mut capture);
-        wait_caught_up(cluster, &db);
-        moments.push((ddl, held(cluster, &db, &only_t)));
-        psql(&format!("UPDATE t SET v = 'after {n}' WHERE id = {n}"));
+        wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", n, &mut s.capture);
+        wait_caught_up(s.cluster, &s.db);
+        moments.push((ddl, held(s.cluster, &s.db, &only_t)));
+        s.psql(&format!("UPDATE t SET v = 'after {n}' WHERE id = {n}"));
     }
     // A TRUNCATE also gives the table a new file, but the stream replays it exactly: no read,
     // and no moment refused.
-    let reads = snapshots_of(&archive, "public.t");
-    psql("INSERT INTO nudge DEFAULT VALUES");
+    let reads = snapshots_of(&s.archive, "public.t");
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(2500));
-    psql(
+    s.psql(
         "BEGIN; TRUNCATE t; INSERT INTO t (id, amount, v) VALUES (1, 1.5, 'after truncate'); COMMIT;",
     );
-    let truncated = held(cluster, &db, &only_t);
+    let truncated = held(s.cluster, &s.db, &only_t);
     for _ in 0..4 {
-        psql("INSERT INTO nudge DEFAULT VALUES");
+        s.psql("INSERT INTO nudge DEFAULT VALUES");
         std::thread::sleep(Duration::from_millis(1000));
     }
-    wait_caught_up(cluster, &db);
+    wait_caught_up(s.cluster, &s.db);
     assert_eq!(
-        snapshots_of(&archive, "public.t"),
+        snapshots_of(&s.archive, "public.t"),
         reads,
         "a TRUNCATE was taken for a rewrite"
     );
-    psql("INSERT INTO nudge DEFAULT VALUES");
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(2500));
-    psql("DROP TABLE dropme");
+    s.psql("DROP TABLE dropme");
     let dropped_at = lsn("SELECT 1");
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        psql("INSERT INTO nudge DEFAULT VALUES");
-        let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+        s.psql("INSERT INTO nudge DEFAULT VALUES");
+        let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
         let dropme = snapshot.table("public.dropme").unwrap();
         if snapshot
             .table_snapshots(dropme)
@@ -455,17 +459,17 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
                 .iter()
                 .map(|v| v.relation_id)
                 .collect::<Vec<_>>(),
-            std::fs::read_to_string(archive.with_extension(format!("{db}.log")))
+            std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db)))
                 .unwrap_or_default()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    wait_caught_up(cluster, &db);
-    let last = held(cluster, &db, &only_t);
-    capture.kill().unwrap();
-    capture.wait().unwrap();
+    wait_caught_up(s.cluster, &s.db);
+    let last = held(s.cluster, &s.db, &only_t);
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
 
-    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
     let table = |name: &str| snapshot.table(name).unwrap();
     let check = |name: &str, moment: &Held, expected: &[Row], what: &str| {
         let rows = archive_rows(&snapshot, table(name), Moment::Lsn(moment.lsn))
@@ -503,49 +507,45 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
 
 #[test]
 fn a_table_is_found_by_the_name_it_bore_at_the_moment() {
-    let cluster = Cluster::shared();
-    let db = cluster.fresh_database("renames").unwrap();
-    let psql = |sql: &str| {
-        cluster
-            .psql(&db, sql)
-            .unwrap_or_else(|e| panic!("{e}: {sql}"))
-    };
-    psql(
-        "CREATE TABLE nudge (id serial PRIMARY KEY);
-         CREATE SCHEMA other;
+    let mut s = Scene::start(
+        "renames",
+        "CREATE SCHEMA other;
          CREATE TABLE oldname (id int PRIMARY KEY, v text);
          INSERT INTO oldname SELECT g, 'o' || g FROM generate_series(1, 10) g;",
+        &[],
     );
-    let dir = tempfile::tempdir().unwrap();
-    let archive = dir.path().join("archive");
-    let mut capture = spawn(cluster, &db, &archive, &[]);
-    wait_slot_active(cluster, &db, &db, &mut capture);
-    psql("UPDATE oldname SET v = 'before rename' WHERE id = 1");
-    wait_caught_up(cluster, &db);
-    let m1 = held(cluster, &db, &table_list(&["oldname"]));
+    s.psql("UPDATE oldname SET v = 'before rename' WHERE id = 1");
+    wait_caught_up(s.cluster, &s.db);
+    let m1 = held(s.cluster, &s.db, &table_list(&["oldname"]));
     // A rename reaches the archive with the table's next write (its Relation message).
-    psql("ALTER TABLE oldname RENAME TO newname; UPDATE newname SET v = 'renamed' WHERE id = 2;");
-    wait_caught_up(cluster, &db);
-    let m2 = held(cluster, &db, &table_list(&["newname"]));
-    psql(
+    s.psql("ALTER TABLE oldname RENAME TO newname; UPDATE newname SET v = 'renamed' WHERE id = 2;");
+    wait_caught_up(s.cluster, &s.db);
+    let m2 = held(s.cluster, &s.db, &table_list(&["newname"]));
+    s.psql(
         "ALTER TABLE newname SET SCHEMA other; UPDATE other.newname SET v = 'moved' WHERE id = 3;",
     );
     // A new table under the old name is another table, with a history of its own.
-    psql(
+    s.psql(
         "CREATE TABLE oldname (id int PRIMARY KEY, v text); INSERT INTO oldname VALUES (100, 'second');",
     );
-    wait_held(cluster, &db, &archive, "public.oldname", &mut capture);
-    psql("UPDATE oldname SET v = 'second updated'");
-    wait_caught_up(cluster, &db);
-    let moved = text_contents(cluster, &db, "other.newname");
-    let m3 = held(cluster, &db, &table_list(&["oldname"]));
-    capture.kill().unwrap();
-    capture.wait().unwrap();
+    wait_held(
+        s.cluster,
+        &s.db,
+        &s.archive,
+        "public.oldname",
+        &mut s.capture,
+    );
+    s.psql("UPDATE oldname SET v = 'second updated'");
+    wait_caught_up(s.cluster, &s.db);
+    let moved = text_contents(s.cluster, &s.db, "other.newname");
+    let m3 = held(s.cluster, &s.db, &table_list(&["oldname"]));
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
 
     let sql = |query: String| -> Result<String, String> {
         let out = pgtrail()
             .args(["sql", "--format", "csv", "--archive"])
-            .arg(&archive)
+            .arg(&s.archive)
             .arg(query)
             .output()
             .unwrap();
