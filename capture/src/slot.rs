@@ -496,9 +496,6 @@ pub struct LayoutNow {
     /// The file node as the running transaction's snapshot sees it: it differs from the
     /// current one in a snapshot taken before a rewrite.
     pub file_node_in_snapshot: u32,
-    /// The transaction that last wrote the table's `pg_class` row (a TRUNCATE, or a rewrite,
-    /// gives the table its new file node there).
-    pub class_version: u32,
 }
 
 /// [`LayoutNow`] of one table; `None` when it does not exist (in the snapshot).
@@ -531,15 +528,15 @@ pub async fn storage_layouts(
         .iter()
         .map(|row| {
             let versions: Vec<i64> = row.get(4);
-            let class_version: i64 = row.get(5);
+            let table_version: i64 = row.get(5);
             let now = LayoutNow {
                 layout: StorageLayout {
                     file_node: row.get(1),
                     missing_values: row.get(3),
                     column_versions: versions.into_iter().map(|x| x as u32).collect(),
+                    table_version: table_version as u32,
                 },
                 file_node_in_snapshot: row.get(2),
-                class_version: class_version as u32,
             };
             (row.get(0), now)
         })

@@ -92,6 +92,10 @@ pub(crate) struct SyncPlan {
     pub copy: Vec<(CapturedTable, TableScope)>,
     /// Held tables that no longer exist.
     pub dropped: Vec<TableScope>,
+    /// Held tables whose name, columns or replica identity changed in the catalog with no
+    /// stored value changed: their schema as the catalog says is recorded (a rename or a new
+    /// column is then known without waiting for the table's next write).
+    pub reshaped: Vec<u32>,
     /// The point read before the look, when every held table's layout was as recorded: to
     /// keep in the archive, so that a later session knows from when a rewrite it finds
     /// happened.
@@ -102,7 +106,7 @@ pub(crate) struct SyncPlan {
 
 impl SyncPlan {
     pub(crate) fn is_empty(&self) -> bool {
-        self.copy.is_empty() && self.dropped.is_empty()
+        self.copy.is_empty() && self.dropped.is_empty() && self.reshaped.is_empty()
     }
 }
 
@@ -257,15 +261,19 @@ impl TableWatch {
             };
             match layout_change(known, &now.layout) {
                 LayoutChange::None => {}
-                // Column DDL without new storage (a column added without a default, renamed,
-                // dropped): no stored value changed.
-                LayoutChange::Columns => held.layout = Some(now.layout.clone()),
+                // DDL without new storage (a table or column renamed, a column added without a
+                // default or dropped, SET SCHEMA): no stored value changed, the schema did.
+                LayoutChange::Schema => {
+                    held.layout = Some(now.layout.clone());
+                    plan.reshaped.push(*oid);
+                }
                 LayoutChange::Rewrite => rewritten.push((*oid, unknown_from)),
                 LayoutChange::NewFile => {
-                    let (xid, passed, from) =
-                        *held
-                            .undecided
-                            .get_or_insert((now.class_version, after, unknown_from));
+                    let (xid, passed, from) = *held.undecided.get_or_insert((
+                        now.layout.table_version,
+                        after,
+                        unknown_from,
+                    ));
                     if stream.truncated_in(xid, *oid) {
                         // A TRUNCATE, which the stream replays exactly.
                         held.layout = Some(now.layout.clone());
@@ -308,8 +316,8 @@ impl TableWatch {
 #[derive(Debug, PartialEq, Eq)]
 enum LayoutChange {
     None,
-    /// Only columns' catalog rows: no stored value changed.
-    Columns,
+    /// Only catalog rows (names, columns, replica identity): no stored value changed.
+    Schema,
     /// Stored values changed without a change in the stream: a column gained a value existing
     /// rows take from the catalog, or new storage came with column DDL (ALTER … TYPE, a column
     /// added with a volatile default).
@@ -325,7 +333,7 @@ fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
     } else if known.missing_values != now.missing_values {
         LayoutChange::Rewrite
     } else if known.file_node == now.file_node {
-        LayoutChange::Columns
+        LayoutChange::Schema
     } else if known.column_versions != now.column_versions {
         LayoutChange::Rewrite
     } else {
@@ -423,6 +431,13 @@ pub(crate) async fn sync(
 ) -> Result<PendingSync, CaptureError> {
     let mut spool = Spool::new(&config.archive)?;
     let mut tables: Vec<TableScope> = Vec::new();
+    for oid in plan.reshaped {
+        // Recorded at the point below, after the look that saw it; the writer keeps it only
+        // if the stream did not bring the same shape first.
+        let relation = slot::relation_from_catalog(sql, oid).await?;
+        tracing::info!(table = %relation.qualified_name(), "schema changed in the catalog; recorded");
+        spool.send(vec![LogOp::Relation(relation)]).await?;
+    }
     for scope in plan.dropped {
         tracing::info!(
             relation_id = scope.relation_id,
@@ -432,7 +447,7 @@ pub(crate) async fn sync(
         spool.send(vec![LogOp::SnapshotOf(scope)]).await?;
     }
     let (point, committed_at_us) = if plan.copy.is_empty() {
-        // Dropped tables only: no copy. The mark is keyed at the fence message's own LSN,
+        // No copy (dropped tables, schema changes). The mark is keyed at the fence's own LSN,
         // where no transaction can commit (the message's record is there); one that ends
         // exactly there leaves the position at it, not past it. (The insert LSN read after
         // the look would not do: a commit can end exactly there, and a mark keyed just before
@@ -724,6 +739,7 @@ mod tests {
             file_node,
             missing_values: missing.to_vec(),
             column_versions: versions.to_vec(),
+            table_version: file_node + versions.iter().sum::<u32>(),
         };
         let known = layout(10, &[], &[5, 5]);
         assert_eq!(layout_change(&known, &known.clone()), LayoutChange::None);
@@ -732,11 +748,16 @@ mod tests {
             layout_change(&known, &layout(10, &[3], &[5, 5, 9])),
             LayoutChange::Rewrite
         );
-        // ADD COLUMN without a default, RENAME COLUMN: catalog only.
+        // ADD COLUMN without a default, RENAME COLUMN, RENAME TO: catalog only.
         assert_eq!(
             layout_change(&known, &layout(10, &[], &[5, 9])),
-            LayoutChange::Columns
+            LayoutChange::Schema
         );
+        let renamed = StorageLayout {
+            table_version: 77,
+            ..known.clone()
+        };
+        assert_eq!(layout_change(&known, &renamed), LayoutChange::Schema);
         // ALTER … TYPE: new storage and a column's catalog row.
         assert_eq!(
             layout_change(&known, &layout(11, &[], &[5, 9])),

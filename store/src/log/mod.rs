@@ -182,6 +182,9 @@ pub struct StorageLayout {
     /// attribute number order, dropped columns included): column DDL changes one, a TRUNCATE
     /// does not.
     pub column_versions: Vec<u32>,
+    /// The transaction that last wrote the table's `pg_class` row (`xmin`): a rename, `SET
+    /// SCHEMA`, a replica identity change, a TRUNCATE or a rewrite changes it.
+    pub table_version: u32,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -270,6 +273,10 @@ struct InFlight {
     final_lsn: Lsn,
     xid: u32,
     committed_at_us: i64,
+    /// A transaction of pgtrail's own (xid 0) holds a snapshot: it has snapshot rows or names
+    /// a table it holds whole. One with neither only records schema versions (a table whose
+    /// columns or name changed with no write since), and is no snapshot point.
+    holds_snapshot: bool,
     next_seq: u32,
     context: Option<String>,
     saw_context: bool,
@@ -696,15 +703,18 @@ impl ChangeLog {
                     saw_context: false,
                     // Everything before `position` is stored: this is a replay.
                     skip: final_lsn < self.position,
+                    holds_snapshot: false,
                     atomic: self.begin_atomic,
                     undo_slot,
                 });
             }
             LogOp::Change(change) => {
-                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
+                let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
                 if tx.skip {
                     return Ok(());
                 }
+                tx.holds_snapshot |= change.op == Op::Snapshot;
+                let tx = &*tx;
                 let (final_lsn, seq) = (tx.final_lsn, tx.next_seq);
                 let rel =
                     self.relations
@@ -783,8 +793,9 @@ impl ChangeLog {
                     change_count: tx.next_seq,
                 };
                 t.txns.insert(tx.final_lsn.0, encode(&record).as_slice())?;
-                // Only a snapshot begins with xid 0 (no PostgreSQL transaction has it).
-                if tx.xid == 0 {
+                // Only pgtrail's own transactions have xid 0 (no PostgreSQL transaction has it);
+                // those that hold a snapshot are snapshot points.
+                if tx.xid == 0 && tx.holds_snapshot {
                     t.snapshots.insert(tx.final_lsn.0, tx.committed_at_us)?;
                 }
                 // The transaction is finished in this redb transaction: its undo rows are no
@@ -843,7 +854,9 @@ impl ChangeLog {
                 self.left_out = Some(tables);
             }
             LogOp::SnapshotOf(scope) => {
-                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
+                let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
+                tx.holds_snapshot = true;
+                let tx = &*tx;
                 if tx.skip {
                     return Ok(());
                 }
