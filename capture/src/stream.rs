@@ -98,7 +98,9 @@ impl Session<'_> {
         let mut catalog_tick = tokio::time::interval(config.catalog_interval);
         catalog_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut pending: Option<PendingSync> = None;
-        let mut looked = false;
+        // A run that stops at an LSN looks at the catalog once more after reaching it (the
+        // stream has then shown every TRUNCATE before it), and stores what that look finds.
+        let mut looked_past_stop = false;
         let mut tick = tokio::time::interval(config.progress_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_tick = (Instant::now(), 0u64, 0u64);
@@ -122,9 +124,12 @@ impl Session<'_> {
                     }
                     // The catalog is looked at, and a table copy waiting for the stream stored,
                     // first: a run that stops at an LSN captures the tables that joined before.
-                    if let Some(stop) = config.stop_at && durable >= stop && looked && pending.is_none() {
-                        graceful_stop(writer, client, &translator).await?;
-                        return Ok(());
+                    if let Some(stop) = config.stop_at && durable >= stop && pending.is_none() {
+                        if looked_past_stop {
+                            graceful_stop(writer, client, &translator).await?;
+                            return Ok(());
+                        }
+                        catalog_tick.reset_immediately();
                     }
                 }
                 event = client.recv() => {
@@ -150,6 +155,7 @@ impl Session<'_> {
                     }
                 }
                 _ = catalog_tick.tick(), if pending.is_none() => {
+                    let past_stop = config.stop_at.is_some_and(|stop| writer.durable() >= stop);
                     let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator)).await?;
                     if let Some((lsn, at_us)) = plan.layouts_seen {
                         writer.send(vec![LogOp::CatalogSeen(lsn, at_us)]).await?;
@@ -157,11 +163,14 @@ impl Session<'_> {
                     if let Some(left_out) = plan.left_out.take() {
                         writer.send(vec![LogOp::LeftOut(left_out)]).await?;
                     }
+                    if let Some(layouts) = plan.layouts.take() {
+                        writer.send(vec![LogOp::Layouts(layouts)]).await?;
+                    }
                     if !plan.is_empty() {
                         pending = Some(table_sync::sync(config, &self.sql, plan).await?);
                     }
-                    looked = true;
-                    if let Some(stop) = config.stop_at && writer.durable() >= stop && pending.is_none() {
+                    looked_past_stop |= past_stop;
+                    if looked_past_stop && pending.is_none() {
                         graceful_stop(writer, client, &translator).await?;
                         return Ok(());
                     }

@@ -71,6 +71,8 @@ pub(crate) struct TableWatch {
     refused: BTreeSet<u32>,
     /// The tables left out as last recorded in the archive.
     left_out: Option<Vec<(String, String)>>,
+    /// A held layout changed since the layouts were last recorded.
+    layouts_changed: bool,
 }
 
 #[derive(Debug)]
@@ -102,6 +104,8 @@ pub(crate) struct SyncPlan {
     pub layouts_seen: Option<(Lsn, i64)>,
     /// The tables left out (cannot be captured safely), when that list changed: to record.
     pub left_out: Option<Vec<(String, String)>>,
+    /// The held tables' layouts, when one changed: to record.
+    pub layouts: Option<pgtrail_store::HeldLayouts>,
 }
 
 impl SyncPlan {
@@ -140,11 +144,22 @@ impl TableWatch {
                 Some(tables) => watch.hold(since, tables),
             }
         }
+        // Layouts accepted later than a table's snapshot (after a TRUNCATE, or DDL that
+        // changed no stored value) win over the snapshot's.
+        for (oid, (seen, layout)) in reader.layouts()? {
+            if let Some(held) = watch.held.get_mut(&oid)
+                && seen >= held.since.0
+            {
+                held.layout = Some(layout);
+            }
+        }
+        watch.layouts_changed = false;
         Ok(watch)
     }
 
     /// Note what a stored snapshot at `since` says of its tables.
     pub(crate) fn hold(&mut self, since: (Lsn, i64), tables: Vec<TableScope>) {
+        self.layouts_changed = true;
         for t in tables {
             if t.dropped {
                 self.held.remove(&t.relation_id);
@@ -265,6 +280,7 @@ impl TableWatch {
                 // default or dropped, SET SCHEMA): no stored value changed, the schema did.
                 LayoutChange::Schema => {
                     held.layout = Some(now.layout.clone());
+                    self.layouts_changed = true;
                     plan.reshaped.push(*oid);
                 }
                 LayoutChange::Rewrite => rewritten.push((*oid, unknown_from)),
@@ -278,6 +294,7 @@ impl TableWatch {
                         // A TRUNCATE, which the stream replays exactly.
                         held.layout = Some(now.layout.clone());
                         held.undecided = None;
+                        self.layouts_changed = true;
                     } else if stream.wal_end >= passed {
                         // The stream is past the look and brought no TRUNCATE: VACUUM FULL,
                         // CLUSTER, or a rewrite that kept every column's type.
@@ -308,6 +325,14 @@ impl TableWatch {
         }
         self.last_look = Some(look);
         plan.layouts_seen = settled.then_some(look);
+        if std::mem::take(&mut self.layouts_changed) {
+            plan.layouts = Some(
+                self.held
+                    .iter()
+                    .filter_map(|(oid, h)| h.layout.clone().map(|l| (*oid, (look.0, l))))
+                    .collect(),
+            );
+        }
         Ok(plan)
     }
 }

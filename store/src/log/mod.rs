@@ -171,6 +171,10 @@ impl TableScope {
     }
 }
 
+/// The held tables' layouts as the catalog watch last accepted them: each table's relation
+/// id, the point (LSN) it was seen at, and its layout (see [`LogOp::Layouts`]).
+pub type HeldLayouts = Vec<(u32, (Lsn, StorageLayout))>;
+
 /// See [`TableScope::layout`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StorageLayout {
@@ -253,6 +257,9 @@ pub enum LogOp {
     /// The tables capture leaves out (they cannot be captured safely), with the reason, as
     /// its latest look at the catalog found them; kept in `meta` with the next commit.
     LeftOut(Vec<(String, String)>),
+    /// The storage layout of each held table as the catalog watch last accepted it, with the
+    /// point it was seen at; kept in `meta` with the next commit.
+    Layouts(HeldLayouts),
     /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
     /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
     /// names no relation holds every table (the initial snapshot of an archive written before
@@ -317,6 +324,8 @@ pub struct ChangeLog {
     catalog_seen: Option<(Lsn, i64)>,
     /// A [`LogOp::LeftOut`] not yet written.
     left_out: Option<Vec<(String, String)>>,
+    /// A [`LogOp::Layouts`] not yet written.
+    layouts: Option<HeldLayouts>,
 }
 
 impl ChangeLog {
@@ -362,6 +371,7 @@ impl ChangeLog {
             scratch: Vec::new(),
             catalog_seen: None,
             left_out: None,
+            layouts: None,
         };
         log.recover()?;
         Ok(log)
@@ -625,6 +635,9 @@ impl ChangeLog {
             if let Some(left_out) = self.left_out.take() {
                 meta.insert(META_LEFT_OUT, encode(&left_out).as_slice())?;
             }
+            if let Some(layouts) = self.layouts.take() {
+                meta.insert(META_LAYOUTS, encode(&layouts).as_slice())?;
+            }
         }
         // The undo rows of a spanning transaction finished in this batch go in the same redb
         // commit as its `transactions` record (a crash keeps both or neither). Deleting the
@@ -852,6 +865,9 @@ impl ChangeLog {
             }
             LogOp::LeftOut(tables) => {
                 self.left_out = Some(tables);
+            }
+            LogOp::Layouts(layouts) => {
+                self.layouts = Some(layouts);
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;

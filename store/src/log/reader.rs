@@ -139,6 +139,16 @@ impl LogReader {
         }
     }
 
+    /// The held tables' storage layouts as the catalog watch last accepted them (see
+    /// [`LogOp::Layouts`](crate::LogOp::Layouts)); empty before any was recorded.
+    pub fn layouts(&self) -> Result<crate::HeldLayouts, LogError> {
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_LAYOUTS)? {
+            Some(v) => decode(v.value(), "meta layouts"),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Every change of a finished source transaction, in key order. Changes of a transaction
     /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
     /// them) are keyed after the last finished one and are not shown.

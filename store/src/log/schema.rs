@@ -49,6 +49,10 @@ pub(crate) const META_CATALOG_SEEN: &str = "catalog_seen";
 /// (version 2) The tables the capture leaves out because they cannot be captured safely, with
 /// the reason, as its latest look at the catalog found them: `Vec<(name, reason)>`.
 pub(crate) const META_LEFT_OUT: &str = "left_out";
+/// (version 2) The storage layout of each held table as the capture's catalog watch last
+/// accepted it (after a TRUNCATE, or DDL that changed no stored value), with the point it was
+/// seen at: `Vec<(relation_id, (Lsn, StorageLayout))>`.
+pub(crate) const META_LAYOUTS: &str = "layouts";
 
 /// The on-disk format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 2;
