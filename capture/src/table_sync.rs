@@ -262,14 +262,19 @@ impl TableWatch {
             // Rows changed without a change in the stream after the later of the table's
             // last snapshot and the previous look (which saw the old layout).
             let unknown_from = self.last_look.map_or(held.since, |l| l.max(held.since));
-            let Some(now) = layouts.get(oid) else {
+            // Dropped, or (still there but) out of the publication: either way its changes stop
+            // reaching the archive, which must not go on showing its last rows as current.
+            let now = layouts.get(oid);
+            if now.is_none() || !by_oid.contains_key(oid) {
                 plan.dropped.push(TableScope {
                     unknown_from: Some(held.undecided.map_or(unknown_from, |u| u.2)),
                     dropped: true,
+                    unpublished: now.is_some(),
                     ..TableScope::whole(*oid)
                 });
                 continue;
-            };
+            }
+            let now = now.expect("checked");
             let Some(known) = &held.layout else {
                 held.layout = Some(now.layout.clone());
                 continue;

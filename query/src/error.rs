@@ -53,6 +53,14 @@ pub enum QueryError {
         then: String,
         now: String,
     },
+    #[error(
+        "{table} is not captured at {moment}: it left the publication (known by {by}), so its changes no longer reach the archive; add it back to capture it again (it is then read whole)"
+    )]
+    TableNotCaptured {
+        table: String,
+        moment: String,
+        by: String,
+    },
     #[error("{table} did not exist at {moment}: it was dropped (known by {by})")]
     TableDropped {
         table: String,

@@ -186,7 +186,9 @@ pub(crate) fn check_begins(
                         snapshot.lsn,
                         format_us(snapshot.committed_at_us)
                     ),
-                    what: if scope.dropped {
+                    what: if scope.unpublished {
+                        "taken out of the publication"
+                    } else if scope.dropped {
                         "dropped"
                     } else {
                         "rewritten by DDL"
@@ -220,6 +222,18 @@ pub(crate) fn check_begins(
                 table: table.qualified_name(),
                 moment: moment.to_string(),
                 begins: format!("LSN {}, {}", next.lsn, format_us(next.committed_at_us)),
+            }
+            .into())
+        }
+        (_, Some((snapshot, scope))) if scope.dropped && scope.unpublished => {
+            Err(QueryError::TableNotCaptured {
+                table: table.qualified_name(),
+                moment: moment.to_string(),
+                by: format!(
+                    "LSN {}, {}",
+                    snapshot.lsn,
+                    format_us(snapshot.committed_at_us)
+                ),
             }
             .into())
         }

@@ -686,6 +686,29 @@ fn a_role_that_owns_nothing_captures_through_the_publication_a_dba_made() {
         archived.lines().skip(1).collect::<Vec<_>>(),
         source.lines().collect::<Vec<_>>()
     );
+    // The DBA takes a table out of the publication: its changes stop reaching the archive,
+    // which says so for moments after that instead of showing its last rows as current.
+    cluster
+        .psql(
+            "lp",
+            "ALTER PUBLICATION pgtrail DROP TABLE orders; UPDATE orders SET status = 'unseen' WHERE id = 1",
+        )
+        .unwrap();
+    capture_ok(&super::insert_lsn(&cluster, "lp"));
+    let after = super::insert_lsn(&cluster, "lp");
+    let out = super::pgtrail()
+        .args(["sql", "--archive"])
+        .arg(&archive)
+        .arg(format!(
+            "SELECT count(*) FROM as_of_lsn('public.orders', '{after}')"
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("left the publication"),
+        "{stderr}"
+    );
 }
 
 /// PgBouncer (Debian's package) in transaction mode in front of the cluster: capture through it

@@ -157,6 +157,9 @@ pub struct TableScope {
     /// The table no longer exists: it was dropped after `unknown_from` and before the
     /// snapshot, which holds no row of it.
     pub dropped: bool,
+    /// With `dropped`: the table still exists but left the publication (its changes no longer
+    /// reach the archive), after `unknown_from`.
+    pub unpublished: bool,
 }
 
 impl TableScope {
@@ -167,6 +170,7 @@ impl TableScope {
             layout: None,
             unknown_from: None,
             dropped: false,
+            unpublished: false,
         }
     }
 }
