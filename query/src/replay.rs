@@ -206,45 +206,38 @@ pub(crate) fn check_begins(
         .table_snapshots(table)
         .find(|(s, _)| !within(s.lsn, s.committed_at_us))
         .map(|(s, _)| s);
+    let point = |s: &pgtrail_store::SnapshotRecord| {
+        format!("LSN {}, {}", s.lsn, format_us(s.committed_at_us))
+    };
+    let (name, moment) = (table.qualified_name(), moment.to_string());
     match (first, last) {
         // Not held yet at the moment, and not from the archive's beginning.
         (Some(first), _) if !known && Some(first.lsn) != initial => Err(QueryError::BeforeTable {
-            table: table.qualified_name(),
-            moment: moment.to_string(),
-            begins: format!("LSN {}, {}", first.lsn, format_us(first.committed_at_us)),
+            table: name,
+            moment,
+            begins: point(first),
         }
         .into()),
         // Dropped, and a table of that name read whole later: it was created again at some
         // point in between, which the archive does not know.
-        (_, Some((_, scope))) if scope.dropped && next.is_some() => {
-            let next = next.expect("checked");
-            Err(QueryError::BeforeTable {
-                table: table.qualified_name(),
-                moment: moment.to_string(),
-                begins: format!("LSN {}, {}", next.lsn, format_us(next.committed_at_us)),
-            }
-            .into())
+        (_, Some((_, scope))) if scope.dropped && next.is_some() => Err(QueryError::BeforeTable {
+            table: name,
+            moment,
+            begins: point(next.expect("checked")),
         }
+        .into()),
         (_, Some((snapshot, scope))) if scope.dropped && scope.unpublished => {
             Err(QueryError::TableNotCaptured {
-                table: table.qualified_name(),
-                moment: moment.to_string(),
-                by: format!(
-                    "LSN {}, {}",
-                    snapshot.lsn,
-                    format_us(snapshot.committed_at_us)
-                ),
+                table: name,
+                moment,
+                by: point(snapshot),
             }
             .into())
         }
         (_, Some((snapshot, scope))) if scope.dropped => Err(QueryError::TableDropped {
-            table: table.qualified_name(),
-            moment: moment.to_string(),
-            by: format!(
-                "LSN {}, {}",
-                snapshot.lsn,
-                format_us(snapshot.committed_at_us)
-            ),
+            table: name,
+            moment,
+            by: point(snapshot),
         }
         .into()),
         _ => Ok(()),
