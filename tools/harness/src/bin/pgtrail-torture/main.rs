@@ -424,13 +424,19 @@ impl Harness {
                         .map_err(|e| e.to_string())?;
                 }
                 if stream_only {
-                    // Which proxied connections are walsenders, by the server's view of their
-                    // ports (a TLS startup message cannot be read on the way).
+                    // Which proxied connection is the capture's stream, by the server's view of
+                    // its port (a TLS startup message cannot be read on the way): the walsender
+                    // holding the capture's slot, not a short-lived one of a table copy's
+                    // temporary slot (black-holing only that one left the stream alone).
                     let ports = self
                         .cluster
                         .psql(
                             "postgres",
-                            "SELECT client_port FROM pg_stat_activity WHERE backend_type = 'walsender'",
+                            &format!(
+                                "SELECT a.client_port FROM pg_stat_activity a \
+                                 JOIN pg_replication_slots s ON s.active_pid = a.pid \
+                                 WHERE s.slot_name = '{SLOT}'"
+                            ),
                         )
                         .map_err(|e| e.to_string())?;
                     self.proxy.mark_replication(
