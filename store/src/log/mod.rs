@@ -284,9 +284,10 @@ struct InFlight {
     final_lsn: Lsn,
     xid: u32,
     committed_at_us: i64,
-    /// A transaction of pgtrail's own (xid 0) holds a snapshot: it has snapshot rows or names
-    /// a table it holds whole. One with neither only records schema versions (a table whose
-    /// columns or name changed with no write since), and is no snapshot point.
+    /// A transaction of pgtrail's own (xid 0) holds a snapshot: it names a table it holds
+    /// whole ([`LogOp::SnapshotOf`], which every snapshot this version writes sends before its
+    /// rows). One that names none only records schema versions (a table whose columns or name
+    /// changed with no write since), and is no snapshot point.
     holds_snapshot: bool,
     next_seq: u32,
     context: Option<String>,
@@ -324,12 +325,10 @@ pub struct ChangeLog {
     finished_undo: [bool; 2],
     /// The buffer every stored value is encoded into (reused).
     scratch: Vec<u8>,
-    /// A [`LogOp::CatalogSeen`] not yet written.
-    catalog_seen: Option<(Lsn, i64)>,
-    /// A [`LogOp::LeftOut`] not yet written.
-    left_out: Option<Vec<(String, String)>>,
-    /// A [`LogOp::Layouts`] not yet written.
-    layouts: Option<HeldLayouts>,
+    /// `meta` entries of the capture's catalog watch ([`LogOp::CatalogSeen`],
+    /// [`LogOp::LeftOut`], [`LogOp::Layouts`]) not yet written: key to encoded value, the
+    /// latest of each.
+    meta_pending: HashMap<&'static str, Vec<u8>>,
 }
 
 impl ChangeLog {
@@ -373,9 +372,7 @@ impl ChangeLog {
             next_undo_slot: 0,
             finished_undo: [false; 2],
             scratch: Vec::new(),
-            catalog_seen: None,
-            left_out: None,
-            layouts: None,
+            meta_pending: HashMap::new(),
         };
         log.recover()?;
         Ok(log)
@@ -633,14 +630,8 @@ impl ChangeLog {
                 META_LAST_COMMIT,
                 self.last_commit.0.to_le_bytes().as_slice(),
             )?;
-            if let Some(seen) = self.catalog_seen.take() {
-                meta.insert(META_CATALOG_SEEN, encode(&seen).as_slice())?;
-            }
-            if let Some(left_out) = self.left_out.take() {
-                meta.insert(META_LEFT_OUT, encode(&left_out).as_slice())?;
-            }
-            if let Some(layouts) = self.layouts.take() {
-                meta.insert(META_LAYOUTS, encode(&layouts).as_slice())?;
+            for (key, value) in self.meta_pending.drain() {
+                meta.insert(key, value.as_slice())?;
             }
         }
         // The undo rows of a spanning transaction finished in this batch go in the same redb
@@ -726,12 +717,10 @@ impl ChangeLog {
                 });
             }
             LogOp::Change(change) => {
-                let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;
+                let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
                 if tx.skip {
                     return Ok(());
                 }
-                tx.holds_snapshot |= change.op == Op::Snapshot;
-                let tx = &*tx;
                 let (final_lsn, seq) = (tx.final_lsn, tx.next_seq);
                 let rel =
                     self.relations
@@ -865,13 +854,14 @@ impl ChangeLog {
                 }
             }
             LogOp::CatalogSeen(lsn, at_us) => {
-                self.catalog_seen = Some((lsn, at_us));
+                self.meta_pending
+                    .insert(META_CATALOG_SEEN, encode(&(lsn, at_us)));
             }
             LogOp::LeftOut(tables) => {
-                self.left_out = Some(tables);
+                self.meta_pending.insert(META_LEFT_OUT, encode(&tables));
             }
             LogOp::Layouts(layouts) => {
-                self.layouts = Some(layouts);
+                self.meta_pending.insert(META_LAYOUTS, encode(&layouts));
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;

@@ -112,40 +112,33 @@ impl LogReader {
     }
 
     pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
-        let meta = self.rtx.open_table(META)?;
-        match meta.get(META_SOURCE)? {
-            Some(v) => Ok(Some(decode(v.value(), "meta source")?)),
-            None => Ok(None),
-        }
+        self.meta_value(META_SOURCE)
     }
 
     /// The latest point at which the capture saw every held table's storage layout as the
     /// archive records it (see [`LogOp::CatalogSeen`](crate::LogOp::CatalogSeen)).
     pub fn catalog_seen(&self) -> Result<Option<(Lsn, i64)>, LogError> {
-        let meta = self.rtx.open_table(META)?;
-        match meta.get(META_CATALOG_SEEN)? {
-            Some(v) => Ok(Some(decode(v.value(), "meta catalog_seen")?)),
-            None => Ok(None),
-        }
+        self.meta_value(META_CATALOG_SEEN)
     }
 
     /// The tables the capture leaves out, with the reason (see
     /// [`LogOp::LeftOut`](crate::LogOp::LeftOut)); empty before any was recorded.
     pub fn left_out(&self) -> Result<Vec<(String, String)>, LogError> {
-        let meta = self.rtx.open_table(META)?;
-        match meta.get(META_LEFT_OUT)? {
-            Some(v) => decode(v.value(), "meta left_out"),
-            None => Ok(Vec::new()),
-        }
+        Ok(self.meta_value(META_LEFT_OUT)?.unwrap_or_default())
     }
 
     /// The held tables' storage layouts as the catalog watch last accepted them (see
     /// [`LogOp::Layouts`](crate::LogOp::Layouts)); empty before any was recorded.
     pub fn layouts(&self) -> Result<crate::HeldLayouts, LogError> {
+        Ok(self.meta_value(META_LAYOUTS)?.unwrap_or_default())
+    }
+
+    /// An encoded `meta` entry, if present.
+    fn meta_value<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, LogError> {
         let meta = self.rtx.open_table(META)?;
-        match meta.get(META_LAYOUTS)? {
-            Some(v) => decode(v.value(), "meta layouts"),
-            None => Ok(Vec::new()),
+        match meta.get(key)? {
+            Some(v) => Ok(Some(decode(v.value(), &format!("meta {key}"))?)),
+            None => Ok(None),
         }
     }
 
