@@ -9,7 +9,7 @@ use crate::slot::{self, CapturedTable, relation_from_catalog};
 use crate::writer::WriterHandle;
 
 /// Rows sent to the sink per message.
-const ROWS_PER_BATCH: usize = 512;
+pub(crate) const ROWS_PER_BATCH: usize = 512;
 
 /// Where a snapshot's operations go: the writer (the initial snapshot, straight into the log)
 /// or a spool (a table synchronised while the stream runs: stored when the stream reaches the

@@ -19,7 +19,7 @@ use crate::source::replication::ReplicationStream;
 use crate::table_sync::{self, PendingSync, TableWatch};
 use crate::translate::{PrimaryKeys, Translator};
 use crate::writer::WriterHandle;
-use pgtrail_store::{LogOp, Lsn, now_us};
+use pgtrail_store::now_us;
 
 /// Primary keys read from the source's catalog, once per relation and session.
 struct CatalogKeys<'a> {
@@ -143,8 +143,7 @@ impl Session<'_> {
                         // Between transactions, before the first operation at or past the
                         // copy's point: nothing keyed after it has reached the writer, so the
                         // position cannot have passed it.
-                        let (tables, point) = (sync.tables.clone(), sync.point);
-                        let since = (Lsn(point.0 - 1), sync.committed_at_us);
+                        let (tables, since, point) = (sync.tables(), sync.since(), sync.point);
                         let rows = sync.store(writer).await?;
                         tracing::info!(tables = tables.len(), rows, %point, "tables read whole stored: captured in step from here on");
                         watch.hold(since, tables);
@@ -157,14 +156,9 @@ impl Session<'_> {
                 _ = catalog_tick.tick(), if pending.is_none() => {
                     let past_stop = config.stop_at.is_some_and(|stop| writer.durable() >= stop);
                     let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator)).await?;
-                    if let Some((lsn, at_us)) = plan.layouts_seen {
-                        writer.send(vec![LogOp::CatalogSeen(lsn, at_us)]).await?;
-                    }
-                    if let Some(left_out) = plan.left_out.take() {
-                        writer.send(vec![LogOp::LeftOut(left_out)]).await?;
-                    }
-                    if let Some(layouts) = plan.layouts.take() {
-                        writer.send(vec![LogOp::Layouts(layouts)]).await?;
+                    let records = plan.records();
+                    if !records.is_empty() {
+                        writer.send(records).await?;
                     }
                     if !plan.is_empty() {
                         pending = Some(table_sync::sync(config, &self.sql, plan).await?);

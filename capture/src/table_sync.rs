@@ -4,7 +4,7 @@
 //! # Mechanism, and why
 //!
 //! The catalog is watched from the capture's SQL connection ([`TableWatch::due`], every
-//! `--catalog-interval` and at each session start). A table that the selection takes in and
+//! `--catalog-secs` and at each session start). A table that the selection takes in and
 //! the publication lacks is added to it (`ALTER PUBLICATION … ADD TABLE`); every published
 //! table whose whole state the archive does not hold yet is then *synchronised*, the way
 //! PostgreSQL's own subscribers synchronise a table ([`sync`]):
@@ -86,6 +86,16 @@ struct Held {
     undecided: Option<(u32, Lsn, (Lsn, i64))>,
 }
 
+impl Held {
+    fn new(since: (Lsn, i64), layout: Option<StorageLayout>) -> Held {
+        Held {
+            since,
+            layout,
+            undecided: None,
+        }
+    }
+}
+
 /// What a look at the catalog found to do.
 #[derive(Debug, Default)]
 pub(crate) struct SyncPlan {
@@ -112,6 +122,23 @@ impl SyncPlan {
     pub(crate) fn is_empty(&self) -> bool {
         self.copy.is_empty() && self.dropped.is_empty() && self.reshaped.is_empty()
     }
+
+    /// What the look found that the archive keeps beside its transactions (the point where
+    /// every layout was as recorded, the tables left out, the accepted layouts), to be
+    /// written with the log's next commit.
+    pub(crate) fn records(&mut self) -> Vec<LogOp> {
+        let mut ops = Vec::new();
+        if let Some((lsn, at_us)) = self.layouts_seen.take() {
+            ops.push(LogOp::CatalogSeen(lsn, at_us));
+        }
+        if let Some(left_out) = self.left_out.take() {
+            ops.push(LogOp::LeftOut(left_out));
+        }
+        if let Some(layouts) = self.layouts.take() {
+            ops.push(LogOp::Layouts(layouts));
+        }
+        ops
+    }
 }
 
 impl TableWatch {
@@ -131,14 +158,7 @@ impl TableWatch {
                 // every table the archive knew then: all of them, as far as can be told.
                 None => {
                     for r in &relations {
-                        watch.held.insert(
-                            r.relation_id,
-                            Held {
-                                since,
-                                layout: None,
-                                undecided: None,
-                            },
-                        );
+                        watch.held.insert(r.relation_id, Held::new(since, None));
                     }
                 }
                 Some(tables) => watch.hold(since, tables),
@@ -164,14 +184,7 @@ impl TableWatch {
             if t.dropped {
                 self.held.remove(&t.relation_id);
             } else {
-                self.held.insert(
-                    t.relation_id,
-                    Held {
-                        since,
-                        layout: t.layout,
-                        undecided: None,
-                    },
-                );
+                self.held.insert(t.relation_id, Held::new(since, t.layout));
             }
         }
     }
@@ -192,59 +205,8 @@ impl TableWatch {
         // An exact --tables list is fixed when the session starts; patterns and the default
         // (every safe table) take in tables that appear later.
         if !slot::is_exact_list(&config.tables) {
-            let (eligible, excluded) = slot::choose_tables(sql, &config.tables).await?;
-            let left_out: Vec<(String, String)> = excluded
-                .iter()
-                .map(|t| (t.qualified.clone(), t.reason.clone()))
-                .collect();
-            if self.left_out.as_ref() != Some(&left_out) {
-                plan.left_out = Some(left_out.clone());
-                self.left_out = Some(left_out);
-            }
-            for t in excluded {
-                if self.reported.get(&t.oid) != Some(&t.reason) {
-                    tracing::warn!(table = %t.qualified, reason = %t.reason, "table not captured");
-                    self.reported.insert(t.oid, t.reason);
-                }
-            }
-            let publishes: BTreeSet<u32> = published.iter().map(|t| t.oid).collect();
-            let missing: Vec<CapturedTable> = eligible
-                .into_iter()
-                .filter(|t| !publishes.contains(&t.oid) && !self.refused.contains(&t.oid))
-                .collect();
-            let owner = if missing.is_empty() {
-                None
-            } else {
-                slot::publication_owner(sql, publication).await?
-            };
-            if let Some((owner, false)) = &owner {
-                // A publication a DBA made is used as it is, never changed (least privilege):
-                // say once per table what would capture it.
-                for t in missing.iter().filter(|t| self.refused.insert(t.oid)) {
-                    tracing::warn!(
-                        table = %t.qualified(),
-                        "table not captured: publication {publication:?} belongs to {owner:?}, and pgtrail does not change it; to capture the table, have its owner run: ALTER PUBLICATION {} ADD TABLE {};",
-                        always_quoted(publication),
-                        t.sql_name()
-                    );
-                }
-            } else if !missing.is_empty() {
-                match slot::add_to_publication(sql, publication, &missing).await {
-                    Ok(()) => {
-                        for t in &missing {
-                            self.reported.remove(&t.oid);
-                            tracing::info!(table = %t.qualified(), "new table added to the publication");
-                        }
-                        published = slot::publication_tables(sql, publication).await?;
-                    }
-                    Err(e @ CaptureError::Setup { .. }) => {
-                        // Capture goes on with what it may publish; the DBA's fix is logged.
-                        tracing::warn!(error = %e, "new tables left out");
-                        self.refused.extend(missing.iter().map(|t| t.oid));
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            self.take_in_new_tables(sql, config, &mut plan, &mut published)
+                .await?;
         }
         let oids: Vec<u32> = published
             .iter()
@@ -340,6 +302,72 @@ impl TableWatch {
         }
         Ok(plan)
     }
+
+    /// Add the tables the selection takes in and the publication lacks to it (when this role
+    /// may change it), reporting those left out; `published` is then the publication's tables.
+    async fn take_in_new_tables(
+        &mut self,
+        sql: &tokio_postgres::Client,
+        config: &CaptureConfig,
+        plan: &mut SyncPlan,
+        published: &mut Vec<CapturedTable>,
+    ) -> Result<(), CaptureError> {
+        let publication = config.publication.as_str();
+        let (eligible, excluded) = slot::choose_tables(sql, &config.tables).await?;
+        let left_out: Vec<(String, String)> = excluded
+            .iter()
+            .map(|t| (t.qualified.clone(), t.reason.clone()))
+            .collect();
+        if self.left_out.as_ref() != Some(&left_out) {
+            plan.left_out = Some(left_out.clone());
+            self.left_out = Some(left_out);
+        }
+        for t in excluded {
+            if self.reported.get(&t.oid) != Some(&t.reason) {
+                tracing::warn!(table = %t.qualified, reason = %t.reason, "table not captured");
+                self.reported.insert(t.oid, t.reason);
+            }
+        }
+        let publishes: BTreeSet<u32> = published.iter().map(|t| t.oid).collect();
+        let missing: Vec<CapturedTable> = eligible
+            .into_iter()
+            .filter(|t| !publishes.contains(&t.oid) && !self.refused.contains(&t.oid))
+            .collect();
+        let owner = if missing.is_empty() {
+            None
+        } else {
+            slot::publication_owner(sql, publication).await?
+        };
+        if let Some((owner, false)) = &owner {
+            // A publication a DBA made is used as it is, never changed (least privilege):
+            // say once per table what would capture it.
+            for t in missing.iter().filter(|t| self.refused.insert(t.oid)) {
+                tracing::warn!(
+                    table = %t.qualified(),
+                    "table not captured: publication {publication:?} belongs to {owner:?}, and pgtrail does not change it; to capture the table, have its owner run: ALTER PUBLICATION {} ADD TABLE {};",
+                    always_quoted(publication),
+                    t.sql_name()
+                );
+            }
+        } else if !missing.is_empty() {
+            match slot::add_to_publication(sql, publication, &missing).await {
+                Ok(()) => {
+                    for t in &missing {
+                        self.reported.remove(&t.oid);
+                        tracing::info!(table = %t.qualified(), "new table added to the publication");
+                    }
+                    *published = slot::publication_tables(sql, publication).await?;
+                }
+                Err(e @ CaptureError::Setup { .. }) => {
+                    // Capture goes on with what it may publish; the DBA's fix is logged.
+                    tracing::warn!(error = %e, "new tables left out");
+                    self.refused.extend(missing.iter().map(|t| t.oid));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// How a held table's storage layout changed since it was last seen.
@@ -411,10 +439,7 @@ pub(crate) struct PendingSync {
     /// committed before it.
     pub point: Lsn,
     /// The server's clock at `point` or just after.
-    pub committed_at_us: i64,
-    /// What the snapshot says of each table it holds (the spool holds the same marks in
-    /// order, with the rows).
-    pub tables: Vec<TableScope>,
+    committed_at_us: i64,
     spool: Spool,
 }
 
@@ -431,12 +456,29 @@ impl PendingSync {
         })
     }
 
+    /// Where the stored copy is keyed (just before its point) and its commit time.
+    pub(crate) fn since(&self) -> (Lsn, i64) {
+        (Lsn(self.point.0 - 1), self.committed_at_us)
+    }
+
+    /// What the copy says of each table it holds (its scope marks, in order).
+    pub(crate) fn tables(&self) -> Vec<TableScope> {
+        self.spool
+            .marks
+            .iter()
+            .filter_map(|(_, op)| match op {
+                LogOp::SnapshotOf(scope) => Some(scope.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Store the copy as one snapshot transaction keyed just before its point. Returns the
     /// number of rows stored.
     pub(crate) async fn store(self, writer: &WriterHandle) -> Result<u64, CaptureError> {
         writer
             .send(vec![LogOp::Begin {
-                final_lsn: Lsn(self.point.0 - 1),
+                final_lsn: self.since().0,
                 xid: 0,
                 committed_at_us: self.committed_at_us,
             }])
@@ -460,7 +502,6 @@ pub(crate) async fn sync(
     plan: SyncPlan,
 ) -> Result<PendingSync, CaptureError> {
     let mut spool = Spool::new(&config.archive)?;
-    let mut tables: Vec<TableScope> = Vec::new();
     for oid in plan.reshaped {
         // Recorded at the point below, after the look that saw it; the writer keeps it only
         // if the stream did not bring the same shape first.
@@ -473,7 +514,6 @@ pub(crate) async fn sync(
             relation_id = scope.relation_id,
             "a captured table was dropped"
         );
-        tables.push(scope.clone());
         spool.send(vec![LogOp::SnapshotOf(scope)]).await?;
     }
     let (point, committed_at_us) = if plan.copy.is_empty() {
@@ -486,11 +526,11 @@ pub(crate) async fn sync(
             Ok((fence, at_us)) => (Lsn(fence.0 + 1), at_us),
             Err(e) => {
                 tracing::debug!(error = %e, "no fence message; marking the drop at a temporary slot's point");
-                copy_in_step(config, &[], &mut spool, &mut tables).await?
+                copy_in_step(config, &[], &mut spool).await?
             }
         }
     } else {
-        let point = copy_in_step(config, &plan.copy, &mut spool, &mut tables).await?;
+        let point = copy_in_step(config, &plan.copy, &mut spool).await?;
         // Tell the stream it has passed the point even if nothing else is written: the
         // message is decoded after every transaction that committed before it.
         if let Err(e) = emit_fence(sql).await {
@@ -502,7 +542,6 @@ pub(crate) async fn sync(
     Ok(PendingSync {
         point,
         committed_at_us,
-        tables,
         spool,
     })
 }
@@ -513,7 +552,6 @@ async fn copy_in_step(
     config: &CaptureConfig,
     copy: &[(CapturedTable, TableScope)],
     spool: &mut Spool,
-    tables: &mut Vec<TableScope>,
 ) -> Result<(Lsn, i64), CaptureError> {
     let names = copy
         .iter()
@@ -550,35 +588,12 @@ async fn copy_in_step(
     let (_, committed_at_us) = server_point(&copy_sql).await?;
     let mut rows = 0;
     for (table, scope) in copy {
-        let mut marks = Vec::new();
-        rows += snapshot::copy_table(
-            &copy_sql,
-            table,
-            scope.clone(),
-            &mut MarkTap(spool, &mut marks),
-        )
-        .await?;
-        tables.extend(marks);
+        rows += snapshot::copy_table(&copy_sql, table, scope.clone(), spool).await?;
     }
     snapshot::leave_snapshot(&copy_sql).await?;
     drop(slot_conn);
     tracing::info!(tables = %names, rows, %point, "tables read; stored when the stream reaches the copy's point");
     Ok((point, committed_at_us))
-}
-
-/// A sink that passes everything to the spool and keeps a copy of the scope marks (they
-/// carry the layout the copy read).
-struct MarkTap<'a>(&'a mut Spool, &'a mut Vec<TableScope>);
-
-impl SnapshotSink for MarkTap<'_> {
-    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
-        for op in &ops {
-            if let LogOp::SnapshotOf(scope) = op {
-                self.1.push(scope.clone());
-            }
-        }
-        self.0.send(ops).await
-    }
 }
 
 /// Emit pgtrail's fence message (not stored; see [`FENCE_PREFIX`]); returns its LSN and the
@@ -601,9 +616,6 @@ struct Spool {
     marks: Vec<(u64, LogOp)>,
     rows: u64,
 }
-
-/// Rows replayed per message to the writer.
-const ROWS_PER_BATCH: usize = 512;
 
 impl Spool {
     fn new(archive: &Path) -> Result<Spool, CaptureError> {
@@ -635,7 +647,7 @@ impl Spool {
             .map_err(spool_error)?;
         let mut input = BufReader::new(file);
         let mut marks = self.marks.into_iter().peekable();
-        let mut batch = Vec::with_capacity(ROWS_PER_BATCH);
+        let mut batch = Vec::with_capacity(snapshot::ROWS_PER_BATCH);
         for row in 0..=self.rows {
             while let Some((_, op)) = marks.next_if(|(at, _)| *at == row) {
                 batch.push(op);
@@ -644,7 +656,7 @@ impl Spool {
                 break;
             }
             batch.push(LogOp::Change(read_row(&mut input).await?));
-            if batch.len() >= ROWS_PER_BATCH {
+            if batch.len() >= snapshot::ROWS_PER_BATCH {
                 writer.send(std::mem::take(&mut batch)).await?;
             }
         }
@@ -738,7 +750,6 @@ mod tests {
         PendingSync {
             point: Lsn(point),
             committed_at_us: 0,
-            tables: Vec::new(),
             spool: Spool::new(&std::env::temp_dir()).unwrap(),
         }
     }

@@ -130,18 +130,15 @@ impl Translator {
                     lsn: wal_start,
                     source,
                 })?;
-                let ops = change_ops(message, keys).await?;
-                for op in &ops {
-                    if let LogOp::Change(c) = op
-                        && c.op == Op::Truncate
-                    {
+                if let Message::Truncate { relation_ids, .. } = &message {
+                    for &relation_id in relation_ids {
                         if self.truncates.len() == TRUNCATES_KEPT {
                             self.truncates.pop_front();
                         }
-                        self.truncates.push_back((self.xid, c.relation_id));
+                        self.truncates.push_back((self.xid, relation_id));
                     }
                 }
-                ops
+                change_ops(message, keys).await?
             }
         })
     }
