@@ -249,9 +249,9 @@ impl ArchiveSnapshot {
 
     /// Find the table that bore `name` at `moment` (the name in force then: a table renamed
     /// since is found under its old name for moments before the rename, and not under its new
-    /// one). A table's name is known from its schema versions, so a rename reaches the archive
-    /// with the table's next write. A name no table bore at that moment is an error that says
-    /// what the archive knows of it.
+    /// one). A table's name is known from its schema versions, which record a rename at the
+    /// capture's next look at the catalog or with the table's next write. A name no table
+    /// bore at that moment is an error that says what the archive knows of it.
     pub fn table_at(
         &self,
         name: &str,
@@ -283,11 +283,7 @@ impl ArchiveSnapshot {
             Some((t, then)) => Err(QueryError::NameNotInForce {
                 name: name.to_string(),
                 moment: moment.to_string(),
-                then: format!(
-                    "{}.{}",
-                    pgtrail_store::quote_ident(&then.schema),
-                    pgtrail_store::quote_ident(&then.name)
-                ),
+                then: then.qualified_name(),
                 now: t.qualified_name(),
             }
             .into()),

@@ -167,76 +167,66 @@ pub(crate) fn check_begins(
         Moment::Lsn(l) => l >= lsn,
         Moment::Time(t) => t >= at,
     };
-    let initial = archive.snapshots.first().map(|s| s.lsn);
-    let mut known = false;
-    let mut last = None;
-    for (snapshot, scope) in archive.table_snapshots(table) {
-        if !within(snapshot.lsn, snapshot.committed_at_us) {
-            // A later snapshot read the table again after DDL rewrote (or dropped) it: the
-            // moments between that DDL's earliest point and the snapshot are not known.
-            if let Some((from, from_us)) = scope.unknown_from
-                && within(from, from_us)
-            {
-                return Err(QueryError::TableUnknown {
-                    table: table.qualified_name(),
-                    moment: moment.to_string(),
-                    from: format!("LSN {from}, {}", format_us(from_us)),
-                    to: format!(
-                        "LSN {}, {}",
-                        snapshot.lsn,
-                        format_us(snapshot.committed_at_us)
-                    ),
-                    what: if scope.unpublished {
-                        "taken out of the publication"
-                    } else if scope.dropped {
-                        "dropped"
-                    } else {
-                        "rewritten by DDL"
-                    },
-                }
-                .into());
-            }
-            break;
-        }
-        known = true;
-        last = Some((snapshot, scope));
-    }
-    let first = archive.table_snapshots(table).next().map(|(s, _)| s);
-    let next = archive
-        .table_snapshots(table)
-        .find(|(s, _)| !within(s.lsn, s.committed_at_us))
-        .map(|(s, _)| s);
+    let snapshots: Vec<_> = archive.table_snapshots(table).collect();
+    let split = snapshots
+        .iter()
+        .position(|(s, _)| !within(s.lsn, s.committed_at_us))
+        .unwrap_or(snapshots.len());
+    // The snapshots of the table within the moment, and the first one after it.
+    let (passed, next) = (&snapshots[..split], snapshots.get(split));
     let point = |s: &pgtrail_store::SnapshotRecord| {
         format!("LSN {}, {}", s.lsn, format_us(s.committed_at_us))
     };
-    let (name, moment) = (table.qualified_name(), moment.to_string());
-    match (first, last) {
-        // Not held yet at the moment, and not from the archive's beginning.
-        (Some(first), _) if !known && Some(first.lsn) != initial => Err(QueryError::BeforeTable {
+    let (name, moment_text) = (table.qualified_name(), moment.to_string());
+    // A later snapshot read the table again after DDL rewrote (or dropped) it: the moments
+    // between that DDL's earliest point and the snapshot are not known.
+    if let Some((snapshot, scope)) = next
+        && let Some((from, from_us)) = scope.unknown_from
+        && within(from, from_us)
+    {
+        return Err(QueryError::TableUnknown {
             table: name,
-            moment,
+            moment: moment_text,
+            from: format!("LSN {from}, {}", format_us(from_us)),
+            to: point(snapshot),
+            what: if scope.unpublished {
+                "taken out of the publication"
+            } else if scope.dropped {
+                "dropped"
+            } else {
+                "rewritten by DDL"
+            },
+        }
+        .into());
+    }
+    let initial = archive.snapshots.first().map(|s| s.lsn);
+    match (passed.last(), next) {
+        // Not held yet at the moment, and not from the archive's beginning.
+        (None, Some((first, _))) if Some(first.lsn) != initial => Err(QueryError::BeforeTable {
+            table: name,
+            moment: moment_text,
             begins: point(first),
         }
         .into()),
         // Dropped, and a table of that name read whole later: it was created again at some
         // point in between, which the archive does not know.
-        (_, Some((_, scope))) if scope.dropped && next.is_some() => Err(QueryError::BeforeTable {
+        (Some((_, scope)), Some((next, _))) if scope.dropped => Err(QueryError::BeforeTable {
             table: name,
-            moment,
-            begins: point(next.expect("checked")),
+            moment: moment_text,
+            begins: point(next),
         }
         .into()),
-        (_, Some((snapshot, scope))) if scope.dropped && scope.unpublished => {
+        (Some((snapshot, scope)), None) if scope.dropped && scope.unpublished => {
             Err(QueryError::TableNotCaptured {
                 table: name,
-                moment,
+                moment: moment_text,
                 by: point(snapshot),
             }
             .into())
         }
-        (_, Some((snapshot, scope))) if scope.dropped => Err(QueryError::TableDropped {
+        (Some((snapshot, scope)), None) if scope.dropped => Err(QueryError::TableDropped {
             table: name,
-            moment,
+            moment: moment_text,
             by: point(snapshot),
         }
         .into()),
