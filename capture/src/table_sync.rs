@@ -517,13 +517,10 @@ pub(crate) async fn sync(
         spool.send(vec![LogOp::SnapshotOf(scope)]).await?;
     }
     let (point, committed_at_us) = if plan.copy.is_empty() {
-        // No copy (dropped tables, schema changes). The mark is keyed at the fence's own LSN,
-        // where no transaction can commit (the message's record is there); one that ends
-        // exactly there leaves the position at it, not past it. (The insert LSN read after
-        // the look would not do: a commit can end exactly there, and a mark keyed just before
-        // it would be taken for a replay and skipped.)
+        // No copy (dropped tables, schema changes): the mark's point is the end of the fence
+        // record (see `fence_point`).
         match emit_fence(sql).await {
-            Ok((fence, at_us)) => (Lsn(fence.0 + 1), at_us),
+            Ok((fence_end, at_us)) => (fence_point(fence_end), at_us),
             Err(e) => {
                 tracing::debug!(error = %e, "no fence message; marking the drop at a temporary slot's point");
                 copy_in_step(config, &[], &mut spool).await?
@@ -596,8 +593,20 @@ async fn copy_in_step(
     Ok((point, committed_at_us))
 }
 
-/// Emit pgtrail's fence message (not stored; see [`FENCE_PREFIX`]); returns its LSN and the
-/// server's clock.
+/// The point a mark with no copy is stored at: the end of pgtrail's fence record (what
+/// `pg_logical_emit_message` returns), as a temporary slot's consistent point is the end of
+/// a record. The mark is keyed one before it, inside the fence record, where no transaction
+/// can commit; no commit ends past that key before the fence (the record ending at the point
+/// is the fence itself); and a transaction whose commit record starts right at the point
+/// arrives after the mark is stored. (Keyed at the returned LSN itself, the mark took the key
+/// of such a transaction, which the log then skipped as a replay: a lost transaction, found
+/// by pgtrail-torture.)
+fn fence_point(fence_end: Lsn) -> Lsn {
+    fence_end
+}
+
+/// Emit pgtrail's fence message (not stored; see [`FENCE_PREFIX`]); returns the end of its
+/// record and the server's clock.
 async fn emit_fence(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
     lsn_with_clock(
         sql,
@@ -808,6 +817,56 @@ mod tests {
         assert_eq!(
             layout_change(&known, &layout(11, &[], &[5, 5])),
             LayoutChange::NewFile
+        );
+    }
+
+    /// A transaction whose commit record starts right after the fence record (its key is the
+    /// LSN `pg_logical_emit_message` returned) is stored after a mark with no copy, never
+    /// skipped as a replay; and so is the mark.
+    #[test]
+    fn a_transaction_committing_right_after_the_fence_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = pgtrail_store::ChangeLog::open(&dir.path().join("a")).unwrap();
+        let (fence_start, fence_end) = (Lsn(0x1000), Lsn(0x1038));
+        let mark = PendingSync {
+            point: fence_point(fence_end),
+            committed_at_us: 1,
+            spool: Spool::new(dir.path()).unwrap(),
+        };
+        // What the stream brings: the fence (an Advance to its start), then the transaction.
+        let begin = vec![LogOp::Begin {
+            final_lsn: fence_end,
+            xid: 9,
+            committed_at_us: 2,
+        }];
+        assert!(!mark.due_before(&[LogOp::Advance(fence_start)]));
+        log.apply([LogOp::Advance(fence_start)]).unwrap();
+        assert!(
+            mark.due_before(&begin),
+            "the mark is stored before the transaction"
+        );
+        let applied = log
+            .apply([
+                LogOp::Begin {
+                    final_lsn: mark.since().0,
+                    xid: 0,
+                    committed_at_us: 1,
+                },
+                LogOp::Commit {
+                    end_lsn: mark.point,
+                },
+            ])
+            .unwrap();
+        assert_eq!(applied.transactions, 1, "the mark");
+        let mut tx = begin;
+        tx.push(LogOp::Commit {
+            end_lsn: Lsn(fence_end.0 + 0x40),
+        });
+        let applied = log.apply(tx).unwrap();
+        assert_eq!(
+            (applied.transactions, applied.duplicates_skipped),
+            (1, 0),
+            "the transaction after the fence"
         );
     }
 
