@@ -12,7 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pgtrail_store::{ChangeLog, Gap, LogError, LogOp, Lsn, SharedLog, SourceIdentity};
+use pgtrail_store::{
+    ChangeLog, Gap, LogError, LogOp, Lsn, REPAIR_PATIENCE, SharedLog, SourceIdentity,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::CaptureError;
@@ -67,7 +69,7 @@ impl WriterHandle {
         let join = std::thread::Builder::new()
             .name("pgtrail-log-writer".into())
             .spawn(move || {
-                let log = match ChangeLog::open(&archive) {
+                let log = match ChangeLog::open_patiently(&archive, REPAIR_PATIENCE) {
                     Ok(log) => log,
                     Err(e) => {
                         let _ = ready_tx.send(Err(e));

@@ -34,7 +34,8 @@ pub use error::{CompactError, LogError, SegmentError};
 pub use log::fuzzing;
 pub use log::{
     Applied, ChangeEntry, ChangeLog, FORMAT_VERSION, Gap, HeldLayouts, LOG_FILE, LogOp, LogReader,
-    SharedLog, SnapshotRecord, SourceIdentity, StorageLayout, TableScope, TxnRecord,
+    REPAIR_PATIENCE, SharedLog, SnapshotRecord, SourceIdentity, StorageLayout, TableScope,
+    TxnRecord,
 };
 pub use lsn::{ChangeKey, Lsn, ParseLsnError};
 pub use manifest::{SEGMENTS_DIR, SegmentEntry, SegmentManifest};

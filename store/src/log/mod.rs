@@ -105,6 +105,13 @@ pub use schema::{COMPRESS_ABOVE, FORMAT_VERSION, LOG_FILE};
 /// compaction, and the decode suite measured the same throughput and CPU per change at both.
 const LOG_CACHE_BYTES: usize = 48 << 20;
 
+/// How long an opening waits while another process has the log open for writing only for a
+/// moment: a read-only command (`status`, `sql`) that found the log as a crashed writer left
+/// it opens it for writing once to repair it (see [`LogReader::open`]), which takes as long
+/// as the crash recovery. Far longer than such a repair; short enough that a second capture
+/// on the same archive, which holds the log for good, is told so without a long wait.
+pub const REPAIR_PATIENCE: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// What the log knows of one stored source transaction.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnRecord {
@@ -332,6 +339,25 @@ pub struct ChangeLog {
 }
 
 impl ChangeLog {
+    /// [`open`](Self::open), waiting up to `patience` while the log is held by another
+    /// process, which is how a capture opens its archive: a capture restarted after a crash
+    /// can meet a `status` or `sql` that is repairing the log that moment (see
+    /// [`REPAIR_PATIENCE`]); without the wait it would stop with [`LogError::InUse`].
+    pub fn open_patiently(
+        dir: &Path,
+        patience: std::time::Duration,
+    ) -> Result<ChangeLog, LogError> {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            match ChangeLog::open(dir) {
+                Err(LogError::InUse) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                opened => return opened,
+            }
+        }
+    }
+
     /// Open (or create) the log in `dir`, creating the directory private (0700), and recover
     /// from any crash: see the module doc for why the recovery is safe.
     pub fn open(dir: &Path) -> Result<ChangeLog, LogError> {
@@ -1368,6 +1394,77 @@ mod tests {
         let mut short = bytes.clone();
         short[1..5].copy_from_slice(&10u32.to_le_bytes());
         assert!(decode::<Row>(&short, "test").is_err());
+    }
+
+    #[test]
+    fn a_capture_waits_for_a_log_another_process_holds_for_a_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let holder = ChangeLog::open(&archive).unwrap();
+        assert!(matches!(ChangeLog::open(&archive), Err(LogError::InUse)));
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(holder);
+        });
+        let waited = ChangeLog::open_patiently(&archive, REPAIR_PATIENCE);
+        release.join().unwrap();
+        assert!(waited.is_ok(), "{:?}", waited.err());
+        // Held for longer than the patience (another capture): said, not waited on forever.
+        let _held = waited.unwrap();
+        let refused = ChangeLog::open_patiently(&archive, std::time::Duration::from_millis(200));
+        assert!(matches!(refused, Err(LogError::InUse)));
+    }
+
+    /// Set in the child process of the test below: the archive it writes and then crashes in.
+    const CRASH_IN: &str = "PGTRAIL_TEST_CRASH_IN";
+
+    #[test]
+    fn readers_and_a_capture_opening_a_crashed_log_at_once_all_open_it() {
+        if let Some(archive) = std::env::var_os(CRASH_IN) {
+            let mut log = ChangeLog::open(Path::new(&archive)).unwrap();
+            let mut first = txn(100, vec![insert("1", "a", "x")]);
+            first.insert(1, LogOp::Relation(rel(b'd')));
+            log.apply(first).unwrap();
+            // A writer that dies without closing the file: the next opener must repair it.
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "log::tests::readers_and_a_capture_opening_a_crashed_log_at_once_all_open_it",
+            ])
+            .env(CRASH_IN, &archive)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!child.success(), "the writer process was to crash");
+        // Each reader finding the crash repairs the log by opening it for writing once; the
+        // others (and the capture) meet it held meanwhile, and must wait, not fail.
+        let opened: Vec<Result<usize, String>> = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    scope.spawn(|| {
+                        let reader = LogReader::open(&archive).map_err(|e| e.to_string())?;
+                        let changes = reader.changes().map_err(|e| e.to_string())?;
+                        Ok(changes.count())
+                    })
+                })
+                .collect();
+            let capture = scope.spawn(|| {
+                let log = ChangeLog::open_patiently(&archive, REPAIR_PATIENCE)
+                    .map_err(|e| e.to_string())?;
+                Ok(all_changes(&log).len())
+            });
+            readers
+                .into_iter()
+                .chain([capture])
+                .map(|h| h.join().unwrap())
+                .collect()
+        });
+        assert_eq!(opened, vec![Ok(1); 5]);
     }
 
     #[test]

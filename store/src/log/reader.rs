@@ -84,15 +84,31 @@ impl LogReader {
                 .set_concurrency_mode(ConcurrencyMode::SingleWriter)
                 .open_read_only(&path)
         };
-        let db = match open() {
-            // The last writer stopped without closing the file (a crash): a read-only handle
-            // cannot repair it. With no writer running, open the log for writing once, which
-            // repairs the file and runs the log's crash recovery, then read.
-            Err(redb::DatabaseError::RepairAborted) => {
-                drop(ChangeLog::open(dir)?);
-                open()
+        let deadline = std::time::Instant::now() + REPAIR_PATIENCE;
+        let mut repaired_here = false;
+        let db = loop {
+            match open() {
+                // The last writer stopped without closing the file (a crash): a read-only
+                // handle cannot repair it. With no writer running, open the log for writing
+                // once, which repairs the file and runs the log's crash recovery, then read.
+                Err(redb::DatabaseError::RepairAborted) if !repaired_here => {
+                    match ChangeLog::open(dir) {
+                        Ok(repaired) => {
+                            drop(repaired);
+                            repaired_here = true;
+                        }
+                        // Another process opened it for writing first: a capture starting (it
+                        // repairs the file and then reads beside us) or another reader
+                        // repairing it. Wait for that and read again; a log that still needs
+                        // repair when the patience is out is held for good, and says so.
+                        Err(LogError::InUse) if std::time::Instant::now() < deadline => {
+                            std::thread::sleep(std::time::Duration::from_millis(50));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                opened => break opened,
             }
-            other => other,
         }
         .map_err(|source| match source {
             redb::DatabaseError::DatabaseAlreadyOpen => LogError::InUse,
