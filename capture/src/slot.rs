@@ -518,7 +518,9 @@ pub async fn storage_layouts(
                           AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
                     ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
                           ORDER BY a.attnum), \
-                    c.xmin::text::bigint \
+                    c.xmin::text::bigint, \
+                    ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
+                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum) \
              FROM pg_class c WHERE c.oid = ANY($1)",
             &[&oids],
         )
@@ -535,6 +537,7 @@ pub async fn storage_layouts(
                     missing_values: row.get(3),
                     column_versions: versions.into_iter().map(|x| x as u32).collect(),
                     table_version: table_version as u32,
+                    column_names: row.get(6),
                 },
                 file_node_in_snapshot: row.get(2),
             };

@@ -241,7 +241,14 @@ impl TableWatch {
                 held.layout = Some(now.layout.clone());
                 continue;
             };
+            let names_unrecorded = known.column_names.is_empty();
             match layout_change(known, &now.layout) {
+                // A layout recorded before layouts held the columns' names (format 2) takes
+                // them from the first look that finds nothing else changed.
+                LayoutChange::None if names_unrecorded && !now.layout.column_names.is_empty() => {
+                    held.layout = Some(now.layout.clone());
+                    self.layouts_changed = true;
+                }
                 LayoutChange::None => {}
                 // DDL without new storage (a table or column renamed, a column added without a
                 // default or dropped, SET SCHEMA): no stored value changed, the schema did.
@@ -386,9 +393,18 @@ enum LayoutChange {
 }
 
 fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
-    if known == now {
+    let same_but_names = known.column_names.is_empty()
+        && known.file_node == now.file_node
+        && known.missing_values == now.missing_values
+        && known.column_versions == now.column_versions
+        && known.table_version == now.table_version;
+    if known == now || same_but_names {
         LayoutChange::None
-    } else if known.missing_values != now.missing_values {
+    } else if known.missing_values != now.missing_values || column_renamed(known, now) {
+        // A renamed column is read again too: pgoutput shows a rename as one column gone and
+        // another come, and rows written before it would read the new name as NULL (they
+        // are matched to the newer schema version by name); the re-read holds every row
+        // under the new name from its point on.
         LayoutChange::Rewrite
     } else if known.file_node == now.file_node {
         LayoutChange::Schema
@@ -397,6 +413,16 @@ fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
     } else {
         LayoutChange::NewFile
     }
+}
+
+/// Whether an attribute present in both layouts bears another name now (`RENAME COLUMN`);
+/// never when the earlier layout did not record names (version 2).
+fn column_renamed(known: &StorageLayout, now: &StorageLayout) -> bool {
+    known
+        .column_names
+        .iter()
+        .zip(&now.column_names)
+        .any(|(before, after)| !before.is_empty() && !after.is_empty() && before != after)
 }
 
 /// The server's WAL insert position and clock (µs since the Unix epoch), read together.
@@ -790,6 +816,10 @@ mod tests {
             missing_values: missing.to_vec(),
             column_versions: versions.to_vec(),
             table_version: file_node + versions.iter().sum::<u32>(),
+            column_names: ["id", "v", "w"][..versions.len()]
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
         };
         let known = layout(10, &[], &[5, 5]);
         assert_eq!(layout_change(&known, &known.clone()), LayoutChange::None);
@@ -808,6 +838,28 @@ mod tests {
             ..known.clone()
         };
         assert_eq!(layout_change(&known, &renamed), LayoutChange::Schema);
+        // RENAME COLUMN: the attribute's catalog row, and its name.
+        let mut column_renamed = layout(10, &[], &[5, 9]);
+        column_renamed.column_names[1] = "label".into();
+        assert_eq!(
+            layout_change(&known, &column_renamed),
+            LayoutChange::Rewrite
+        );
+        // DROP COLUMN: the attribute stays, nameless; no stored value changed.
+        let mut dropped = layout(10, &[], &[5, 9]);
+        dropped.column_names[1] = String::new();
+        assert_eq!(layout_change(&known, &dropped), LayoutChange::Schema);
+        // A layout recorded without names (format 2) cannot tell a rename, and is the same
+        // layout as one with names otherwise equal.
+        let unnamed = StorageLayout {
+            column_names: Vec::new(),
+            ..known.clone()
+        };
+        assert_eq!(layout_change(&unnamed, &known), LayoutChange::None);
+        assert_eq!(
+            layout_change(&unnamed, &column_renamed),
+            LayoutChange::Schema
+        );
         // ALTER … TYPE: new storage and a column's catalog row.
         assert_eq!(
             layout_change(&known, &layout(11, &[], &[5, 9])),

@@ -194,7 +194,7 @@ pub(crate) fn check_begins(
             } else if scope.dropped {
                 "dropped"
             } else {
-                "rewritten by DDL"
+                "rewritten by DDL (or a column renamed)"
             },
         }
         .into());

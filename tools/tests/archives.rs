@@ -6,8 +6,9 @@
 //! The fixture holds a few tables (an integer key, a composite text key in another schema, a
 //! table without a key), every operation (snapshot, insert, update, delete, TRUNCATE,
 //! messages), Bemi context, two schema versions of one table, a gap recorded and closed by a
-//! re-snapshot, segments, and a log tail. To record one for the current format version (only
-//! when the format changes; review the diff):
+//! re-snapshot, segments, and a log tail; from version 2 a table created while capture was
+//! stopped, and from version 3 a column of it renamed while capture was stopped. To record
+//! one for the current format version (only when the format changes; review the diff):
 //!
 //! ```sh
 //! PGTRAIL_RECORD_ARCHIVES=1 cargo test -p pgtrail --test main archives
@@ -82,8 +83,10 @@ const TABLES: &[&str] = &["public.accounts", "inventory.items", "public.notes"];
 
 /// Tables of fixtures from a format version on, with the moments they are held at (a table
 /// that joined while capture ran is not known before its first snapshot).
-const LATER_TABLES: &[(u32, &str, &[&str])] =
-    &[(2, "public.late", &["altered", "resnapshot", "tail"])];
+const LATER_TABLES: &[(u32, &str, &[&str])] = &[
+    (2, "public.late", &["altered", "resnapshot", "tail"]),
+    (3, "public.late", &["renamed"]),
+];
 
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/archives")
@@ -158,6 +161,21 @@ fn record(target: &Path) {
     }
     assert!(capture(&[]).status.success(), "the log tail");
     moment("tail");
+    // Version 3: a column renamed while capture is stopped (no stored value changes, but
+    // pgoutput would show a column gone and another come): the next run reads the table again.
+    // First a run that looks at the catalog past the tail moment (a checkpoint moves the WAL
+    // on), so that the rename is known to have committed after that moment.
+    cluster.psql(db, "CHECKPOINT").unwrap();
+    assert!(capture(&[]).status.success(), "a look past the tail");
+    cluster
+        .psql(
+            db,
+            "ALTER TABLE public.late RENAME COLUMN v TO label; \
+             INSERT INTO public.late VALUES (3, 'under the new name');",
+        )
+        .unwrap();
+    assert!(capture(&[]).status.success(), "a renamed column");
+    moment("renamed");
     std::fs::write(target.join("moments.txt"), moments.join("\n") + "\n").unwrap();
     for (name, answer) in answers(target, &archive) {
         let path = target.join("answers").join(format!("{name}.txt"));

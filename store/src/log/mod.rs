@@ -59,6 +59,7 @@
 //! |---------|--------------|
 //! | 1       | the layout above without `snapshot_scope`. Builds before the format discipline wrote two variants under the same number, both read: one undo table `current_undo` keyed by commit LSN (drained by recovery into the index), and no `snapshots` table (read as no snapshot points) |
 //! | 2       | `snapshot_scope`: a snapshot may hold only some tables (a table synchronised while capture runs). Upgrade from 1: nothing to rewrite (a snapshot without scope rows holds every table, as version 1 meant); the number says that a version-1 reader, which would take a one-table snapshot for the whole archive's, must refuse the log |
+//! | 3       | a [`StorageLayout`] (in `snapshot_scope` values and `meta.layouts`) holds the columns' names, so that a renamed column is known. Upgrade from 2: those values are re-encoded with no names (`legacy`), which the capture's next look at the catalog fills in |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -87,6 +88,7 @@ use crate::relation::RelationVersion;
 
 mod codec;
 mod images;
+mod legacy;
 mod reader;
 mod schema;
 
@@ -200,6 +202,10 @@ pub struct StorageLayout {
     /// The transaction that last wrote the table's `pg_class` row (`xmin`): a rename, `SET
     /// SCHEMA`, a replica identity change, a TRUNCATE or a rewrite changes it.
     pub table_version: u32,
+    /// (version 3) Each column's name, in attribute number order, empty for a dropped column:
+    /// an attribute whose name changed is a `RENAME COLUMN`, which pgoutput cannot tell from
+    /// a column dropped and another added. Empty when not recorded (a version 2 layout).
+    pub column_names: Vec<String>,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -416,9 +422,28 @@ impl ChangeLog {
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
                     )?;
                 }
-                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. The new number
-                // is written in this redb transaction, with the table (see "Format versions").
+                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3
+                // re-encodes the storage layouts version 2 wrote. The new number is written in
+                // this redb transaction, with what it rewrites (see "Format versions"): a
+                // crash leaves either the old values and number or the new ones.
                 Some(v) if v < u64::from(FORMAT_VERSION) => {
+                    let found = u32::try_from(v).unwrap_or(0);
+                    let layouts = meta
+                        .get(META_LAYOUTS)?
+                        .map(|v| legacy::decode_layouts(v.value(), found))
+                        .transpose()?;
+                    if let Some(layouts) = layouts {
+                        meta.insert(META_LAYOUTS, encode(&layouts).as_slice())?;
+                    }
+                    let mut scope = wtx.open_table(SNAPSHOT_SCOPE)?;
+                    let old: Vec<((u64, u32), Vec<u8>)> = scope
+                        .iter()?
+                        .map(|e| e.map(|(k, v)| (k.value(), v.value().to_vec())))
+                        .collect::<Result<_, _>>()?;
+                    for (key, value) in old {
+                        let current = legacy::decode_scope(&value, found)?;
+                        scope.insert(key, encode(&current).as_slice())?;
+                    }
                     meta.insert(
                         META_FORMAT,
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
@@ -1394,6 +1419,42 @@ mod tests {
         let mut short = bytes.clone();
         short[1..5].copy_from_slice(&10u32.to_le_bytes());
         assert!(decode::<Row>(&short, "test").is_err());
+    }
+
+    /// The version 2 fixture (written by that build) upgraded by the writer reads as it read
+    /// before the upgrade, now in version 3: the same snapshots, scopes and layouts.
+    #[test]
+    fn a_version_2_log_is_upgraded_in_place_and_reads_the_same() {
+        let fixture =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/archives/v2/shop/archive");
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        fs::create_dir(&archive).unwrap();
+        fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::copy(fixture.join(LOG_FILE), archive.join(LOG_FILE)).unwrap();
+        let read = |archive: &Path| {
+            let reader = LogReader::open(archive).unwrap();
+            (
+                reader.format_version().unwrap(),
+                reader.snapshots().unwrap(),
+                reader.layouts().unwrap(),
+            )
+        };
+        let (format, snapshots, layouts) = read(&archive);
+        assert_eq!(format, Some(2));
+        let scoped = snapshots.iter().filter_map(|s| s.tables.as_ref()).flatten();
+        assert!(
+            scoped.clone().any(|t| t.layout.is_some()),
+            "the fixture records a layout: {snapshots:?}"
+        );
+        assert!(
+            scoped
+                .filter_map(|t| t.layout.as_ref())
+                .all(|l| l.column_names.is_empty())
+        );
+        drop(ChangeLog::open(&archive).unwrap());
+        let upgraded = read(&archive);
+        assert_eq!(upgraded, (Some(FORMAT_VERSION), snapshots, layouts));
     }
 
     #[test]

@@ -146,7 +146,17 @@ impl LogReader {
     /// The held tables' storage layouts as the catalog watch last accepted them (see
     /// [`LogOp::Layouts`](crate::LogOp::Layouts)); empty before any was recorded.
     pub fn layouts(&self) -> Result<crate::HeldLayouts, LogError> {
-        Ok(self.meta_value(META_LAYOUTS)?.unwrap_or_default())
+        let meta = self.rtx.open_table(META)?;
+        match meta.get(META_LAYOUTS)? {
+            Some(v) => legacy::decode_layouts(v.value(), self.format()?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// The format version the log's values are encoded in (a log with no commit yet has
+    /// none, and is written in this build's).
+    fn format(&self) -> Result<u32, LogError> {
+        Ok(self.format_version()?.unwrap_or(FORMAT_VERSION))
     }
 
     /// An encoded `meta` entry, if present.
@@ -243,11 +253,12 @@ impl LogReader {
             Err(e) => return Err(e.into()),
         };
         if let Some(scope) = scope {
+            let format = self.format()?;
             for snapshot in &mut out {
                 let lsn = snapshot.lsn.0;
                 let mut tables = Vec::new();
                 for e in scope.range((lsn, 0u32)..=(lsn, u32::MAX))? {
-                    tables.push(decode(e?.1.value(), "snapshot_scope")?);
+                    tables.push(legacy::decode_scope(e?.1.value(), format)?);
                 }
                 if !tables.is_empty() {
                     snapshot.tables = Some(tables);

@@ -31,7 +31,7 @@ pub(crate) const GAPS: TableDefinition<u64, &[u8]> = TableDefinition::new("gaps"
 pub(crate) const SNAPSHOTS: TableDefinition<u64, i64> = TableDefinition::new("snapshots");
 
 /// The tables a snapshot transaction holds, `(commit_lsn, relation_id)` to an encoded
-/// [`TableScope`](crate::TableScope) (version 2): a table synchronised while capture runs
+/// [`TableScope`](crate::TableScope) (version 2; its layout holds the columns' names from 3): a table synchronised while capture runs
 /// (created, given a key, rewritten or dropped after the initial snapshot) starts afresh at
 /// its own snapshot, and no other table does. A snapshot transaction with no row here (every
 /// one written by version 1) holds every table. Never trimmed, as `snapshots`.
@@ -51,11 +51,11 @@ pub(crate) const META_CATALOG_SEEN: &str = "catalog_seen";
 pub(crate) const META_LEFT_OUT: &str = "left_out";
 /// (version 2) The storage layout of each held table as the capture's catalog watch last
 /// accepted it (after a TRUNCATE, or DDL that changed no stored value), with the point it was
-/// seen at: `Vec<(relation_id, (Lsn, StorageLayout))>`.
+/// seen at: `Vec<(relation_id, (Lsn, StorageLayout))>` (version 2's layout had no names).
 pub(crate) const META_LAYOUTS: &str = "layouts";
 
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
