@@ -144,6 +144,26 @@ pub async fn run(
         match result {
             Ok(()) => break,
             Err(CaptureError::WriterGone) => return Err(writer.into_error()),
+            // The compactor and the writer share the log's storage: when a write of one fails
+            // (a full disk), redb fails the other's next one with only "Previous I/O error
+            // occurred". Stop the writer (it commits what is queued, or fails) and report
+            // whichever error carries the cause; the other is logged.
+            Err(CaptureError::Compaction(failure)) => {
+                let compaction = CaptureError::Compaction(failure);
+                return Err(match writer.finish() {
+                    Ok(()) => compaction,
+                    Err(log) => {
+                        let (cause, other) = if error_chain(&compaction).contains(REDB_PREVIOUS_IO)
+                        {
+                            (log, compaction)
+                        } else {
+                            (compaction, log)
+                        };
+                        tracing::error!(error = %error_chain(&other), "the change log failed too");
+                        cause
+                    }
+                });
+            }
             Err(e)
                 if e.is_transient()
                     && (attempts > 1
@@ -194,6 +214,10 @@ pub(crate) fn fill_stats(p: &mut Progress, writer: &WriterHandle) {
 }
 
 /// `error: cause: cause` on one line.
+/// What redb says of every write after its storage failed once (`StorageError::PreviousIo`):
+/// the cause is in the error of the write that failed first.
+const REDB_PREVIOUS_IO: &str = "Previous I/O error occurred";
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

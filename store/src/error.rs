@@ -36,8 +36,10 @@ pub enum LogError {
         "change log storage error (disk full or I/O failure?); nothing past the last durable commit was acknowledged"
     )]
     Storage(#[from] redb::StorageError),
+    /// A transaction could not begin for a reason other than storage (a storage failure,
+    /// such as a full disk, is [`LogError::Storage`]: see the `From` below).
     #[error("change log transaction error")]
-    Transaction(#[from] redb::TransactionError),
+    Transaction(#[source] redb::TransactionError),
     #[error("change log table error")]
     Table(#[from] redb::TableError),
     #[error("change log commit failed (disk full or I/O failure?); nothing in it was acknowledged")]
@@ -58,6 +60,17 @@ pub enum LogError {
     NoTransaction,
     #[error("a transaction has more than 4294967295 changes")]
     TransactionTooLarge,
+}
+
+impl From<redb::TransactionError> for LogError {
+    /// Beginning a write after the storage failed (a full disk) fails with a storage error,
+    /// which says so, rather than as a bare transaction error.
+    fn from(e: redb::TransactionError) -> LogError {
+        match e {
+            redb::TransactionError::Storage(storage) => LogError::Storage(storage),
+            other => LogError::Transaction(other),
+        }
+    }
 }
 
 /// An error writing or reading a segment file.
