@@ -155,7 +155,7 @@ impl Session<'_> {
                 }
                 _ = catalog_tick.tick(), if pending.is_none() => {
                     let past_stop = config.stop_at.is_some_and(|stop| writer.durable() >= stop);
-                    let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator)).await?;
+                    let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator, &writer.shared_log())).await?;
                     let records = plan.records();
                     if !records.is_empty() {
                         writer.send(records).await?;

@@ -39,7 +39,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use pgtrail_store::{
-    IncomingCell, IncomingChange, LogOp, LogReader, Lsn, Op, StorageLayout, TableScope,
+    IncomingCell, IncomingChange, LogOp, LogReader, Lsn, Op, SharedLog, StorageLayout, TableScope,
     always_quoted,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
@@ -84,15 +84,61 @@ struct Held {
     /// stream has passed the look that saw it: (that transaction, the point after that look,
     /// the point the rows may be unknown from).
     undecided: Option<(u32, Lsn, (Lsn, i64))>,
+    /// Every column name the catalog showed for the table, at its snapshot and at each look
+    /// since, and the point from which the archive's schema versions are checked against
+    /// them: a version with a name outside them had a column the catalog never showed, which
+    /// came and went between two looks (a column renamed and renamed back, with writes in
+    /// between): rows written before it cannot be told apart from rows of another column.
+    catalog_names: BTreeSet<String>,
+    names_from: Lsn,
 }
 
 impl Held {
     fn new(since: (Lsn, i64), layout: Option<StorageLayout>) -> Held {
-        Held {
+        let mut held = Held {
             since,
-            layout,
+            layout: None,
             undecided: None,
+            catalog_names: BTreeSet::new(),
+            names_from: since.0,
+        };
+        if let Some(layout) = layout {
+            held.accept(layout);
         }
+        held
+    }
+
+    /// Take `layout` as the table's known one, with its names.
+    fn accept(&mut self, layout: StorageLayout) {
+        self.catalog_names.extend(
+            layout
+                .column_names
+                .iter()
+                .filter(|n| !n.is_empty())
+                .cloned(),
+        );
+        self.layout = Some(layout);
+    }
+
+    /// The point of the first of the archive's schema versions of `oid` since the checked
+    /// point that names a column the catalog never showed (see `catalog_names`).
+    fn name_never_shown(
+        &self,
+        reader: &LogReader,
+        oid: u32,
+        now: &StorageLayout,
+    ) -> Result<Option<(Lsn, i64)>, CaptureError> {
+        // Names not recorded (a layout of format 2): nothing to check against yet.
+        if self.catalog_names.is_empty() {
+            return Ok(None);
+        }
+        let shown =
+            |name: &String| self.catalog_names.contains(name) || now.column_names.contains(name);
+        Ok(reader
+            .versions_of(oid, self.names_from)?
+            .into_iter()
+            .find(|(version, _)| version.columns.iter().any(|c| !shown(&c.name)))
+            .map(|(version, at_us)| (version.valid_from.commit_lsn, at_us)))
     }
 }
 
@@ -170,7 +216,11 @@ impl TableWatch {
             if let Some(held) = watch.held.get_mut(&oid)
                 && seen >= held.since.0
             {
-                held.layout = Some(layout);
+                // The names the catalog showed before this layout are not known to this
+                // session: versions are checked from the point it was accepted at.
+                held.catalog_names.clear();
+                held.names_from = seen;
+                held.accept(layout);
             }
         }
         watch.layouts_changed = false;
@@ -197,6 +247,7 @@ impl TableWatch {
         sql: &tokio_postgres::Client,
         config: &CaptureConfig,
         stream: &Translator,
+        archive: &SharedLog,
     ) -> Result<SyncPlan, CaptureError> {
         let look = server_point(sql).await?;
         let mut plan = SyncPlan::default();
@@ -220,6 +271,7 @@ impl TableWatch {
         let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
         let mut rewritten = Vec::new();
         let mut undecided = false;
+        let reader = LogReader::of_shared(archive)?;
         for (oid, held) in &mut self.held {
             // Rows changed without a change in the stream after the later of the table's
             // last snapshot and the previous look (which saw the old layout).
@@ -238,22 +290,31 @@ impl TableWatch {
             }
             let now = now.expect("checked");
             let Some(known) = &held.layout else {
-                held.layout = Some(now.layout.clone());
+                held.names_from = look.0;
+                held.accept(now.layout.clone());
                 continue;
             };
+            if let Some(point) = held.name_never_shown(&reader, *oid, &now.layout)? {
+                let table = by_oid.get(oid).map_or(String::new(), |t| t.qualified());
+                tracing::info!(%table, version_at = %point.0, "a column name came and went between two looks at the catalog (a column renamed and renamed back?); reading the table again");
+                rewritten.push((*oid, point.min(unknown_from)));
+                continue;
+            }
             let names_unrecorded = known.column_names.is_empty();
             match layout_change(known, &now.layout) {
                 // A layout recorded before layouts held the columns' names (format 2) takes
-                // them from the first look that finds nothing else changed.
+                // them from the first look that finds nothing else changed; versions are
+                // checked against them from this look on.
                 LayoutChange::None if names_unrecorded && !now.layout.column_names.is_empty() => {
-                    held.layout = Some(now.layout.clone());
+                    held.names_from = look.0;
+                    held.accept(now.layout.clone());
                     self.layouts_changed = true;
                 }
                 LayoutChange::None => {}
-                // DDL without new storage (a table or column renamed, a column added without a
-                // default or dropped, SET SCHEMA): no stored value changed, the schema did.
+                // DDL without new storage (a table renamed, a column added without a default
+                // or dropped, SET SCHEMA): no stored value changed, the schema did.
                 LayoutChange::Schema => {
-                    held.layout = Some(now.layout.clone());
+                    held.accept(now.layout.clone());
                     self.layouts_changed = true;
                     plan.reshaped.push(*oid);
                 }
@@ -266,7 +327,7 @@ impl TableWatch {
                     ));
                     if stream.truncated_in(xid, *oid) {
                         // A TRUNCATE, which the stream replays exactly.
-                        held.layout = Some(now.layout.clone());
+                        held.accept(now.layout.clone());
                         held.undecided = None;
                         self.layouts_changed = true;
                     } else if stream.wal_end >= passed {

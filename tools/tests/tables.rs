@@ -406,6 +406,14 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         // No stored value changes, but pgoutput shows a column gone and another come: rows
         // not written since would read the new name as NULL; they are read again.
         (6, "ALTER TABLE t RENAME COLUMN v TO label"),
+        // Renamed and renamed back between two looks, with a write in between: the catalog
+        // shows nothing renamed, but the archive holds a row under a name that came and went.
+        (
+            7,
+            "BEGIN; ALTER TABLE t RENAME COLUMN label TO tmp; \
+             UPDATE t SET tmp = 'while renamed' WHERE id = 7; \
+             ALTER TABLE t RENAME COLUMN tmp TO label; COMMIT",
+        ),
     ] {
         // The DDL committed at some point after the catalog watch's last look, which is all
         // the archive can know: a moment between that look and the new read is refused. A

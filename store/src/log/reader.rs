@@ -217,6 +217,29 @@ impl LogReader {
         Ok(out)
     }
 
+    /// The schema versions of one relation taking effect at or after `from`, in order, each
+    /// with the commit time of the source transaction that brought it; a version of a
+    /// transaction not finished yet is left out.
+    pub fn versions_of(
+        &self,
+        relation_id: u32,
+        from: Lsn,
+    ) -> Result<Vec<(RelationVersion, i64)>, LogError> {
+        let table = self.rtx.open_table(RELATIONS)?;
+        let txns = self.rtx.open_table(TXNS)?;
+        let mut out = Vec::new();
+        for e in table.range((relation_id, from.0, 0u32)..=(relation_id, u64::MAX, u32::MAX))? {
+            let (k, v) = e?;
+            let (_, commit_lsn, _) = k.value();
+            let Some(txn) = txns.get(commit_lsn)? else {
+                continue;
+            };
+            let txn: TxnRecord = decode(txn.value(), "transactions")?;
+            out.push((decode(v.value(), "relations")?, txn.committed_at_us));
+        }
+        Ok(out)
+    }
+
     /// The names of the types that are not built in, by OID, as their Type messages gave them.
     pub fn types(&self) -> Result<crate::type_name::TypeNames, LogError> {
         let table = self.rtx.open_table(TYPES)?;

@@ -5,8 +5,9 @@
 //! IDENTITY DEFAULT and FULL, a partitioned table (rows moving between partitions), multi-row
 //! INSERT and COPY (many changes sharing one LSN) into a keyless table, one large
 //! transaction, and a migration storm (a table dropped and created again with rows in one
-//! transaction, columns added with a default existing rows take, a key type changed: DDL that
-//! changes rows without a change in the stream, which capture must notice and read again).
+//! transaction, columns added with a default existing rows take, a key type changed, a column
+//! renamed and renamed back around a write: DDL that changes rows, or how they read, without a
+//! change in the stream, which capture must notice and read again).
 //!
 //! Its oracle: after every round a transaction locks all these tables, hashes each one's rows
 //! (PostgreSQL's composite text of each row, sorted) and emits the hashes with
@@ -154,12 +155,20 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
             "COPY".to_string(),
             format!("DELETE FROM sh_keyless WHERE v % 4 = {} AND k IS DISTINCT FROM 'big';", n % 4),
         ],
-        9 => match rng.next() % 3 {
+        9 => match rng.next() % 4 {
             0 => vec![format!(
                 "BEGIN; DROP TABLE sh_mig; CREATE TABLE sh_mig (id int PRIMARY KEY, v text); \
                  INSERT INTO sh_mig SELECT g, 'm{n}.' || g FROM generate_series(1, 8) g; COMMIT;"
             )],
             1 => vec![format!("ALTER TABLE sh_mig ADD COLUMN c{n} int DEFAULT {n};")],
+            // Renamed and renamed back with a write in between, in one transaction: the
+            // catalog never shows the other name, the stream does.
+            2 => vec![format!(
+                "BEGIN; ALTER TABLE sh_mig RENAME COLUMN v TO v_{n}; \
+                 UPDATE sh_mig SET v_{n} = v_{n} || '~' WHERE id % 3 = {}; \
+                 ALTER TABLE sh_mig RENAME COLUMN v_{n} TO v; COMMIT;",
+                n % 3
+            )],
             _ => vec![format!(
                 "ALTER TABLE sh_mig ALTER COLUMN id TYPE {}; UPDATE sh_mig SET v = v || '+' WHERE id % 2 = {};",
                 if n.is_multiple_of(2) { "bigint" } else { "int" },
