@@ -253,6 +253,7 @@ impl TableWatch {
         let mut plan = SyncPlan::default();
         let publication = config.publication.as_str();
         let mut published = slot::publication_tables(sql, publication).await?;
+        let published_before: BTreeSet<u32> = published.iter().map(|t| t.oid).collect();
         // An exact --tables list is fixed when the session starts; patterns and the default
         // (every safe table) take in tables that appear later.
         if !slot::is_exact_list(&config.tables) {
@@ -289,15 +290,20 @@ impl TableWatch {
                 continue;
             }
             let now = now.expect("checked");
+            // Taken out of pgtrail's own publication since the previous look (by hand), and
+            // put back by this one: its changes in between never reached the stream. Read
+            // again, the span refused, rather than go on from rows that may be stale.
+            if !published_before.contains(oid) {
+                rewritten.push((*oid, unknown_from, "it was out of the publication (its changes meanwhile were not sent) and is back in it"));
+                continue;
+            }
             let Some(known) = &held.layout else {
                 held.names_from = look.0;
                 held.accept(now.layout.clone());
                 continue;
             };
             if let Some(point) = held.name_never_shown(&reader, *oid, &now.layout)? {
-                let table = by_oid.get(oid).map_or(String::new(), |t| t.qualified());
-                tracing::info!(%table, version_at = %point.0, "a column name came and went between two looks at the catalog (a column renamed and renamed back?); reading the table again");
-                rewritten.push((*oid, point.min(unknown_from)));
+                rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
                 continue;
             }
             let names_unrecorded = known.column_names.is_empty();
@@ -318,7 +324,7 @@ impl TableWatch {
                     self.layouts_changed = true;
                     plan.reshaped.push(*oid);
                 }
-                LayoutChange::Rewrite => rewritten.push((*oid, unknown_from)),
+                LayoutChange::Rewrite => rewritten.push((*oid, unknown_from, "rewritten by DDL (new storage, a column default existing rows take, or a column renamed)")),
                 LayoutChange::NewFile => {
                     let (xid, passed, from) = *held.undecided.get_or_insert((
                         now.layout.table_version,
@@ -333,16 +339,16 @@ impl TableWatch {
                     } else if stream.wal_end >= passed {
                         // The stream is past the look and brought no TRUNCATE: VACUUM FULL,
                         // CLUSTER, or a rewrite that kept every column's type.
-                        rewritten.push((*oid, from));
+                        rewritten.push((*oid, from, "rewritten (new storage: VACUUM FULL, CLUSTER, or DDL that kept the columns' types)"));
                     } else {
                         undecided = true;
                     }
                 }
             }
         }
-        for (oid, from) in rewritten {
+        for (oid, from, why) in rewritten {
             if let Some(table) = by_oid.get(&oid) {
-                tracing::info!(table = %table.qualified(), "table rewritten by DDL (new storage, or a column default existing rows take); reading it again");
+                tracing::info!(table = %table.qualified(), "{why}; reading the table again");
                 plan.copy.push((
                     (*table).clone(),
                     TableScope {

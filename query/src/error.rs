@@ -35,7 +35,7 @@ pub enum QueryError {
         begins: String,
     },
     #[error(
-        "{moment} is while {table} was {what} and not yet read again: the DDL committed between {from} and {to}, and the rows it rewrote are not known in between"
+        "{moment} is while {table} was {what} and not yet read again: that happened between {from} and {to}, and its rows are not known in between"
     )]
     TableUnknown {
         table: String,

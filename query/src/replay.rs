@@ -194,7 +194,7 @@ pub(crate) fn check_begins(
             } else if scope.dropped {
                 "dropped"
             } else {
-                "rewritten by DDL (or a column renamed)"
+                "rewritten by DDL (or had a column renamed, or was out of the publication for a while)"
             },
         }
         .into());

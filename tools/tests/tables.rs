@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use pgtrail_capture::cluster::Cluster;
 use pgtrail_query::{ArchiveSnapshot, Moment};
-use pgtrail_store::Lsn;
+use pgtrail_store::{Lsn, always_quoted};
 
 use crate::identifiers::{Row, archive_rows, json_rows};
 use crate::{pgtrail, wait_exit, wait_slot_active};
@@ -653,5 +653,55 @@ fn a_table_is_found_by_the_name_it_bore_at_the_moment() {
         err.contains("no table was named public.newname")
             && err.contains("was named public.oldname then"),
         "{err}"
+    );
+}
+
+/// A table taken out of pgtrail's own publication by hand and written meanwhile: its changes
+/// then never reach the stream. The capture puts it back and reads it again, so that `as_of`
+/// afterwards is PostgreSQL's contents, not the rows from before it left.
+#[test]
+fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
+    let mut s = Scene::start(
+        "republish",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        &[],
+    );
+    let only_t = table_list(&["t"]);
+    wait_caught_up(s.cluster, &s.db);
+    let before = held(s.cluster, &s.db, &only_t);
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
+    std::thread::sleep(Duration::from_millis(2500));
+    s.psql(&format!(
+        "ALTER PUBLICATION {} DROP TABLE t;
+         UPDATE t SET v = 'while out' WHERE id = 1;
+         DELETE FROM t WHERE id = 2;
+         INSERT INTO t VALUES (100, 'inserted while out');",
+        always_quoted(&s.db)
+    ));
+    let while_out: Lsn = s.psql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    s.psql("UPDATE t SET v = 'back' WHERE id = 3");
+    wait_caught_up(s.cluster, &s.db);
+    let after = held(s.cluster, &s.db, &only_t);
+    let published = s.psql(&format!(
+        "SELECT count(*) FROM pg_publication_tables WHERE pubname = '{}' AND tablename = 't'",
+        s.db
+    ));
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    assert_eq!(published, "1", "the table is back in the publication");
+
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let t = snapshot.table("public.t").unwrap();
+    for (moment, what) in [(&before, "before it left"), (&after, "after it came back")] {
+        let rows = archive_rows(&snapshot, t, Moment::Lsn(moment.lsn))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(rows, moment.rows[0], "{what} differs from PostgreSQL");
+    }
+    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
+    assert!(
+        pgtrail_query::is_unknown_moment(&err),
+        "while out of the publication: {err}"
     );
 }
