@@ -23,6 +23,7 @@ pub mod pgoutput;
 pub mod preflight;
 pub mod run;
 mod session;
+pub mod setup;
 pub mod slot;
 pub mod snapshot;
 pub mod source;

@@ -21,11 +21,12 @@
 //!    superseded, and those after `L` apply on top.
 //!
 //! The alternative, an event trigger that adds each new table to the publication inside the
-//! transaction that creates it, would give a table's history from its first row with no copy
-//! at all, but it needs a superuser to install and changes the source database; polling needs
-//! neither, and the synchronisation it needs is also what a table rewritten by DDL needs. What
-//! polling cannot know is what a table held between its creation and `L`: `as_of` before a
-//! table's first snapshot says so instead of answering (see the README's Limits).
+//! transaction that creates it, gives a table's history from its first row with no copy at
+//! all, but it needs a superuser to install and changes the source database: it is optional
+//! (`pgtrail setup`, see `crate::setup`), and polling, which needs neither, stays the default
+//! (its synchronisation is also what a table rewritten by DDL needs). What polling cannot know
+//! is what a table held between its creation and `L`: `as_of` before a table's first snapshot
+//! says so instead of answering (see the README's Limits).
 //!
 //! # Why a crash at any line loses nothing
 //!

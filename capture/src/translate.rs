@@ -6,11 +6,12 @@
 
 use pgtrail_store::{
     ChangeKey, Column, IncomingCell, IncomingChange, LogOp, LogicalMessage, Lsn, OldImage, Op,
-    RelationVersion, now_us,
+    RelationVersion, TableScope, now_us,
 };
 
 use crate::error::CaptureError;
 use crate::pgoutput::{self, Message, OldTuple, TupleCell};
+use crate::setup::{CREATED_PREFIX, parse_created};
 use crate::source::replication::StreamEvent;
 use crate::table_sync::FENCE_PREFIX;
 
@@ -33,8 +34,9 @@ pub(crate) struct Translator {
     last_advance: Lsn,
     /// The commit time of the oldest transaction received but perhaps not yet durable.
     pub oldest_pending_commit_us: Option<i64>,
-    /// The transaction being received.
+    /// The transaction being received, and its commit LSN and time.
     xid: u32,
+    pub txn_point: (Lsn, i64),
     /// Recent TRUNCATEs (transaction, relation), newest last, at most [`TRUNCATES_KEPT`]: the
     /// catalog watch tells a TRUNCATE's new file node from a rewrite's by them.
     truncates: std::collections::VecDeque<(u32, u32)>,
@@ -64,6 +66,7 @@ impl Translator {
             } => {
                 self.in_txn = true;
                 self.xid = xid;
+                self.txn_point = (final_lsn, committed_at_us);
                 self.oldest_pending_commit_us.get_or_insert(committed_at_us);
                 vec![LogOp::Begin {
                     final_lsn,
@@ -85,6 +88,17 @@ impl Translator {
             } => {
                 if transactional && prefix == CONTEXT_PREFIX {
                     vec![LogOp::Context(context_json(&content))]
+                } else if transactional
+                    && prefix == CREATED_PREFIX
+                    && let Some(created) = parse_created(&content)
+                {
+                    // A table `pgtrail setup`'s trigger published as it was created: held from
+                    // here, empty (see `setup`). Not stored as a message.
+                    let scope = TableScope {
+                        layout: Some(created.layout),
+                        ..TableScope::whole(created.relation.relation_id)
+                    };
+                    vec![LogOp::Relation(created.relation), LogOp::SnapshotOf(scope)]
                 } else if !transactional && prefix == FENCE_PREFIX {
                     // pgtrail's own fence (see `table_sync`): not stored; decoded after every
                     // transaction that committed before it, so its LSN may be acknowledged.

@@ -40,6 +40,26 @@ enum Command {
     Export(export::ExportArgs),
     /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
     Demo(DemoArgs),
+    /// Install in the source an event trigger that publishes each new table with a primary key
+    /// in the transaction that creates it: capture then holds it from its first row (needs a
+    /// superuser).
+    Setup(SetupArgs),
+}
+
+#[derive(clap::Args)]
+struct SetupArgs {
+    /// Source database, as for `capture` (a superuser: CREATE EVENT TRIGGER needs one).
+    #[arg(long, env = "PGTRAIL_SOURCE", hide_env_values = true)]
+    source: Option<String>,
+    /// The publication the capture uses (pgtrail's own, created by its first run).
+    #[arg(long, default_value = "pgtrail")]
+    publication: String,
+    /// Take the trigger out instead.
+    #[arg(long)]
+    remove: bool,
+    /// Print the SQL instead of running it (for a DBA to review and run as a superuser).
+    #[arg(long)]
+    print_sql: bool,
 }
 
 #[derive(clap::Args)]
@@ -150,6 +170,7 @@ fn main() -> ExitCode {
             Command::Sql(args) => sql::run(args).await,
             Command::Export(args) => export::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
+            Command::Setup(args) => setup(args).await,
         }
     });
     match result {
@@ -201,6 +222,33 @@ pub(crate) fn progress_line(p: &Progress) {
         },
         p.security
     );
+}
+
+async fn setup(args: SetupArgs) -> anyhow::Result<()> {
+    use pgtrail_capture::setup;
+    if args.print_sql {
+        if args.remove {
+            println!("{}", setup::REMOVE_SQL);
+        } else {
+            print!("{}", setup::install_sql(&args.publication));
+        }
+        return Ok(());
+    }
+    let source = SourceConfig::parse(args.source.as_deref().unwrap_or_default())?;
+    let sql = source.connect_sql().await?;
+    setup::run(&sql, &args.publication, args.remove).await?;
+    if args.remove {
+        eprintln!(
+            "setup: the event trigger pgtrail_publish_new_tables is removed; new tables are found by capture's catalog watch"
+        );
+    } else {
+        eprintln!(
+            "setup: event trigger pgtrail_publish_new_tables installed in {}: each new table with a primary key joins publication {:?} as it is created",
+            source.display(),
+            args.publication
+        );
+    }
+    Ok(())
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {

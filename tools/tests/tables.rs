@@ -679,7 +679,10 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
          INSERT INTO t VALUES (100, 'inserted while out');",
         always_quoted(&s.db)
     ));
-    let while_out: Lsn = s.psql("SELECT pg_current_wal_insert_lsn()").parse().unwrap();
+    let while_out: Lsn = s
+        .psql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
     s.psql("UPDATE t SET v = 'back' WHERE id = 3");
     wait_caught_up(s.cluster, &s.db);
@@ -703,5 +706,71 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
     assert!(
         pgtrail_query::is_unknown_moment(&err),
         "while out of the publication: {err}"
+    );
+}
+
+/// With `pgtrail setup`'s event trigger, a table created while capture runs is published in
+/// the transaction that creates it: its history starts at its first row (its inserts, with
+/// their context, not a snapshot), and `as_of` right after the creating transaction is
+/// PostgreSQL's contents (without the trigger, that moment is before the table's first
+/// snapshot, and refused). A table without a key is not published by the trigger.
+#[test]
+fn with_setup_a_new_table_is_captured_from_its_first_row() {
+    let mut s = Scene::start("created", "", &[]);
+    let setup = pgtrail()
+        .args(["setup", "--publication", &s.db])
+        .env("PGTRAIL_SOURCE", s.cluster.url(&s.db))
+        .output()
+        .unwrap();
+    assert!(
+        setup.status.success(),
+        "pgtrail setup: {}",
+        String::from_utf8_lossy(&setup.stderr)
+    );
+    s.psql(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, '_bemi', '{\"who\": \"migration 42\"}');
+         CREATE TABLE fresh (id int PRIMARY KEY, v text, n numeric);
+         INSERT INTO fresh SELECT g, 'f' || g, g * 0.5 FROM generate_series(1, 5) g;
+         CREATE TABLE keyless (id int, v text);
+         INSERT INTO keyless VALUES (1, 'not published');
+         COMMIT;",
+    );
+    let created = held(s.cluster, &s.db, &table_list(&["fresh"]));
+    s.psql("UPDATE fresh SET v = 'changed' WHERE id = 1; DELETE FROM fresh WHERE id = 2;");
+    wait_caught_up(s.cluster, &s.db);
+    let later = held(s.cluster, &s.db, &table_list(&["fresh"]));
+    let published = s.psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
+        s.db
+    ));
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    assert_eq!(
+        published, "fresh,nudge",
+        "the keyless table is not published"
+    );
+
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let fresh = snapshot.table("public.fresh").unwrap();
+    for (moment, what) in [(&created, "right after its creation"), (&later, "later")] {
+        let rows = archive_rows(&snapshot, fresh, Moment::Lsn(moment.lsn))
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(rows, moment.rows[0], "{what} differs from PostgreSQL");
+    }
+    let ops = pgtrail()
+        .args(["sql", "--format", "csv", "--archive"])
+        .arg(&s.archive)
+        .arg("SELECT op, context, count(*) AS n FROM public.fresh WHERE op <> 'snapshot' GROUP BY op, context ORDER BY op")
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&ops.stdout),
+        "op,context,n\n\
+         delete,,1\n\
+         insert,\"{\"\"who\"\": \"\"migration 42\"\"}\",5\n\
+         update,,1\n",
+        "{}",
+        String::from_utf8_lossy(&ops.stderr)
     );
 }

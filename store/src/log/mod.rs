@@ -850,9 +850,10 @@ impl ChangeLog {
                     change_count: tx.next_seq,
                 };
                 t.txns.insert(tx.final_lsn.0, encode(&record).as_slice())?;
-                // Only pgtrail's own transactions have xid 0 (no PostgreSQL transaction has it);
-                // those that hold a snapshot are snapshot points.
-                if tx.xid == 0 && tx.holds_snapshot {
+                // A transaction holding a snapshot scope is a snapshot point: pgtrail's own
+                // (xid 0, tables it copied), or a source transaction that created a table
+                // published from its creation.
+                if tx.holds_snapshot {
                     t.snapshots.insert(tx.final_lsn.0, tx.committed_at_us)?;
                 }
                 // The transaction is finished in this redb transaction: its undo rows are no
@@ -921,12 +922,9 @@ impl ChangeLog {
                 if tx.skip {
                     return Ok(());
                 }
-                if tx.xid != 0 {
-                    return Err(LogError::Corrupt {
-                        what: format!("transaction {}", tx.final_lsn),
-                        source: "a snapshot scope inside a source transaction".into(),
-                    });
-                }
+                // In pgtrail's own transaction (xid 0): the tables it copied. In a source
+                // transaction: a table created in it and published from its creation (`pgtrail
+                // setup`), empty at the point of the mark, its changes in the transaction after it.
                 // Keyed by the transaction: recovery removes it with the rest of an unfinished
                 // snapshot. The index forgets the relation's rows (with undo rows when the
                 // snapshot spans batches): the snapshot's rows are its rows from here.

@@ -1,0 +1,204 @@
+//! `pgtrail setup`: an event trigger in the source that publishes each new table in the
+//! transaction that creates it, so that its history starts at its first row.
+//!
+//! Without it, the catalog watch (`table_sync`) finds a new table some seconds after it was
+//! created and reads it whole: its rows up to then arrive as one snapshot, their inserts (and
+//! the application context of those inserts) are not known, and `as_of` before that snapshot
+//! refuses. With it, `CREATE TABLE` runs `ALTER PUBLICATION … ADD TABLE` at the end of the
+//! command, inside the creating transaction; the changes that transaction makes to the table
+//! afterwards, and every later one, are published (logical decoding reads publication
+//! membership with the catalog as of each change). The trigger also emits a transactional
+//! logical message [`CREATED_PREFIX`] with the table's shape and storage layout as that
+//! transaction sees them; the capture records it as the table's (empty) snapshot at that
+//! transaction's commit, so a replay of the table starts there, and the watch holds the table
+//! without reading it.
+//!
+//! What it publishes: an ordinary permanent table created with a primary key (the default
+//! selection's rule: its UPDATE and DELETE cannot fail for want of a replica identity), when
+//! the publication exists and is not `FOR ALL TABLES`. `CREATE TABLE … AS` and `SELECT INTO`
+//! write their rows inside the command, before the trigger runs: those tables are left to the
+//! watch. `--tables` patterns are not applied by the trigger: with patterns or exclusions, do
+//! not install it (the watch applies them).
+//!
+//! Installing an event trigger needs a superuser (PostgreSQL 15); the function runs with its
+//! owner's rights (`SECURITY DEFINER`, `search_path` fixed) so that any role creating a table
+//! publishes it.
+
+use pgtrail_store::{ChangeKey, Column, RelationVersion, StorageLayout};
+use serde::Deserialize;
+
+use crate::error::CaptureError;
+
+/// The prefix of the trigger's message.
+pub const CREATED_PREFIX: &str = "pgtrail.created";
+
+/// The SQL that installs (or replaces) the trigger for `publication`.
+pub fn install_sql(publication: &str) -> String {
+    let publication = quote_literal(publication);
+    format!(
+        r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
+CREATE OR REPLACE FUNCTION pgtrail.publish_new_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgtrail$
+DECLARE
+  created oid;
+  shape json;
+BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication} AND NOT puballtables) THEN
+    RETURN;
+  END IF;
+  FOR created IN
+    SELECT c.oid FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid
+    WHERE d.command_tag = 'CREATE TABLE' AND d.classid = 'pg_class'::regclass
+      AND c.relkind = 'r' AND c.relpersistence = 'p'
+      AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+      AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                      WHERE p.pubname = {publication} AND r.prrelid = c.oid)
+  LOOP
+    EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {publication}, created::regclass);
+    SELECT json_build_object(
+      'relation_id', c.oid,
+      'schema', n.nspname,
+      'name', c.relname,
+      'replica_identity', c.relreplident,
+      'columns', ARRAY(
+        SELECT json_build_object('name', a.attname, 'type_oid', a.atttypid, 'type_modifier', a.atttypmod,
+          'in_key', COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false))
+        FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+        ORDER BY a.attnum),
+      'primary_key', ARRAY(
+        SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord),
+      'file_node', COALESCE(pg_relation_filenode(c.oid), 0),
+      'missing_values', ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+                              AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum),
+      'column_versions', ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+                               ORDER BY a.attnum),
+      'table_version', c.xmin::text::bigint,
+      'column_names', ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END
+                            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum))
+      INTO shape
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = created;
+    PERFORM pg_logical_emit_message(true, '{CREATED_PREFIX}', shape::text);
+  END LOOP;
+END
+$pgtrail$;
+REVOKE ALL ON FUNCTION pgtrail.publish_new_tables() FROM PUBLIC;
+DROP EVENT TRIGGER IF EXISTS pgtrail_publish_new_tables;
+CREATE EVENT TRIGGER pgtrail_publish_new_tables ON ddl_command_end
+  WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION pgtrail.publish_new_tables();
+"#
+    )
+}
+
+/// The SQL that removes what [`install_sql`] installed.
+pub const REMOVE_SQL: &str = "DROP EVENT TRIGGER IF EXISTS pgtrail_publish_new_tables;
+DROP FUNCTION IF EXISTS pgtrail.publish_new_tables();";
+
+/// Install (or, with `remove`, take out) the trigger through `sql`, in one transaction.
+pub async fn run(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    remove: bool,
+) -> Result<(), CaptureError> {
+    let body = if remove {
+        REMOVE_SQL.to_string()
+    } else {
+        install_sql(publication)
+    };
+    match sql.batch_execute(&format!("BEGIN;\n{body}\nCOMMIT;")).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Nothing of it stays: the failed transaction is rolled back (and would be by the
+            // server when the connection closes).
+            let _ = sql.batch_execute("ROLLBACK").await;
+            Err(CaptureError::sql(
+                "installing the event trigger (it needs a superuser: CREATE EVENT TRIGGER; or print the SQL with --print-sql for one to run)",
+                e,
+            ))
+        }
+    }
+}
+
+/// A table the trigger published at its creation: its first schema version and its storage
+/// layout, as the creating transaction saw them.
+#[derive(Debug)]
+pub struct Created {
+    pub relation: RelationVersion,
+    pub layout: StorageLayout,
+}
+
+#[derive(Deserialize)]
+struct CreatedMessage {
+    relation_id: u32,
+    schema: String,
+    name: String,
+    replica_identity: String,
+    columns: Vec<CreatedColumn>,
+    primary_key: Vec<String>,
+    file_node: u32,
+    missing_values: Vec<i16>,
+    column_versions: Vec<i64>,
+    table_version: i64,
+    column_names: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct CreatedColumn {
+    name: String,
+    type_oid: u32,
+    type_modifier: i32,
+    in_key: bool,
+}
+
+/// Read the trigger's message; `None` (logged) when it is not one this build understands,
+/// so the table is left to the catalog watch, which reads it whole.
+pub fn parse_created(content: &[u8]) -> Option<Created> {
+    let message: CreatedMessage = match serde_json::from_slice(content) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "a {CREATED_PREFIX} message this pgtrail does not read (is the trigger from another version? run `pgtrail setup` again); the table is read whole instead");
+            return None;
+        }
+    };
+    let replica_identity = message.replica_identity.bytes().next().unwrap_or(b'd');
+    let columns = message
+        .columns
+        .into_iter()
+        .map(|c| Column {
+            name: c.name,
+            type_oid: c.type_oid,
+            type_modifier: c.type_modifier,
+            // As pgoutput flags them: the key under REPLICA IDENTITY DEFAULT (a new table's
+            // identity; FULL flags every column).
+            is_key: replica_identity == b'f' || c.in_key,
+        })
+        .collect();
+    Some(Created {
+        relation: RelationVersion {
+            relation_id: message.relation_id,
+            valid_from: ChangeKey::default(),
+            schema: message.schema,
+            name: message.name,
+            replica_identity,
+            columns,
+            primary_key: message.primary_key,
+        },
+        layout: StorageLayout {
+            file_node: message.file_node,
+            missing_values: message.missing_values,
+            column_versions: message
+                .column_versions
+                .into_iter()
+                .map(|x| x as u32)
+                .collect(),
+            table_version: message.table_version as u32,
+            column_names: message.column_names,
+        },
+    })
+}
+
+/// `name` as an SQL string literal.
+fn quote_literal(name: &str) -> String {
+    format!("'{}'", name.replace('\'', "''"))
+}
