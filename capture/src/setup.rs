@@ -20,6 +20,9 @@
 //! watch. `--tables` patterns are not applied by the trigger: with patterns or exclusions, do
 //! not install it (the watch applies them).
 //!
+//! Every OID in the messages is written as a JSON number (`::bigint`): `json_build_object`
+//! writes the `oid` type as a string.
+//!
 //! Installing an event trigger needs a superuser (PostgreSQL 15); the function runs with its
 //! owner's rights (`SECURITY DEFINER`, `search_path` fixed) so that any role creating a table
 //! publishes it.
@@ -29,8 +32,12 @@ use serde::Deserialize;
 
 use crate::error::CaptureError;
 
-/// The prefix of the trigger's message.
+/// The prefix of the trigger's message for a table it published as it was created.
 pub const CREATED_PREFIX: &str = "pgtrail.created";
+/// The prefix of the trigger's message for `ALTER TABLE` on a published table, or `DROP
+/// TABLE`: the exact point of that DDL (its transaction's commit), which the catalog watch
+/// otherwise knows only as "after its previous look".
+pub const DDL_PREFIX: &str = "pgtrail.ddl";
 
 /// The SQL that installs (or replaces) the trigger for `publication`.
 pub fn install_sql(publication: &str) -> String {
@@ -46,6 +53,25 @@ BEGIN
   IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = {publication} AND NOT puballtables) THEN
     RETURN;
   END IF;
+  -- The exact point of DDL, for the archive's unknown spans: ALTER TABLE names the table and
+  -- every table below it (partitions, children); any other command but CREATE TABLE and
+  -- those that cannot change a table's rows may change some (ALTER TYPE ... CASCADE) and
+  -- names none (relation 0).
+  FOR created IN
+    WITH RECURSIVE altered(relid) AS (
+      SELECT d.objid FROM pg_event_trigger_ddl_commands() d
+      WHERE d.command_tag = 'ALTER TABLE' AND d.classid = 'pg_class'::regclass
+      UNION SELECT i.inhrelid FROM pg_inherits i JOIN altered a ON i.inhparent = a.relid)
+    SELECT relid FROM altered
+    UNION ALL
+    SELECT 0 WHERE EXISTS (SELECT 1 FROM pg_event_trigger_ddl_commands() d
+                           WHERE d.command_tag NOT IN ('ALTER TABLE', 'CREATE TABLE',
+                             'ALTER PUBLICATION', 'CREATE INDEX', 'CREATE SCHEMA', 'CREATE SEQUENCE',
+                             'ALTER SEQUENCE', 'CREATE VIEW', 'CREATE FUNCTION', 'CREATE TRIGGER',
+                             'COMMENT', 'GRANT', 'REVOKE'))
+  LOOP
+    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}', json_build_object('relation_id', created::bigint)::text);
+  END LOOP;
   FOR created IN
     SELECT c.oid FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid
     WHERE d.command_tag = 'CREATE TABLE' AND d.classid = 'pg_class'::regclass
@@ -56,12 +82,12 @@ BEGIN
   LOOP
     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {publication}, created::regclass);
     SELECT json_build_object(
-      'relation_id', c.oid,
+      'relation_id', c.oid::bigint,
       'schema', n.nspname,
       'name', c.relname,
       'replica_identity', c.relreplident,
       'columns', ARRAY(
-        SELECT json_build_object('name', a.attname, 'type_oid', a.atttypid, 'type_modifier', a.atttypmod,
+        SELECT json_build_object('name', a.attname, 'type_oid', a.atttypid::bigint, 'type_modifier', a.atttypmod,
           'in_key', COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false))
         FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
         ORDER BY a.attnum),
@@ -69,7 +95,7 @@ BEGIN
         SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true
         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
         WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord),
-      'file_node', COALESCE(pg_relation_filenode(c.oid), 0),
+      'file_node', COALESCE(pg_relation_filenode(c.oid), 0)::bigint,
       'missing_values', ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
                               AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum),
       'column_versions', ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
@@ -81,19 +107,68 @@ BEGIN
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = created;
     PERFORM pg_logical_emit_message(true, '{CREATED_PREFIX}', shape::text);
   END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  -- Never fail the application's DDL: the catalog watch finds what this missed.
+  RAISE WARNING 'pgtrail: the event trigger did not publish or note this DDL (%); pgtrail''s catalog watch will', SQLERRM;
+END
+$pgtrail$;
+CREATE OR REPLACE FUNCTION pgtrail.note_dropped_tables() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $pgtrail$
+DECLARE
+  dropped oid;
+BEGIN
+  FOR dropped IN
+    SELECT DISTINCT o.objid FROM pg_event_trigger_dropped_objects() o
+    WHERE o.classid = 'pg_class'::regclass AND o.object_type IN ('table', 'table column')
+  LOOP
+    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}', json_build_object('relation_id', dropped::bigint)::text);
+  END LOOP;
+EXCEPTION WHEN OTHERS THEN
+  RAISE WARNING 'pgtrail: the event trigger did not note this drop (%); pgtrail''s catalog watch will', SQLERRM;
 END
 $pgtrail$;
 REVOKE ALL ON FUNCTION pgtrail.publish_new_tables() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgtrail.note_dropped_tables() FROM PUBLIC;
 DROP EVENT TRIGGER IF EXISTS pgtrail_publish_new_tables;
 CREATE EVENT TRIGGER pgtrail_publish_new_tables ON ddl_command_end
-  WHEN TAG IN ('CREATE TABLE') EXECUTE FUNCTION pgtrail.publish_new_tables();
+  EXECUTE FUNCTION pgtrail.publish_new_tables();
+DROP EVENT TRIGGER IF EXISTS pgtrail_note_dropped_tables;
+CREATE EVENT TRIGGER pgtrail_note_dropped_tables ON sql_drop
+  EXECUTE FUNCTION pgtrail.note_dropped_tables();
 "#
     )
 }
 
 /// The SQL that removes what [`install_sql`] installed.
 pub const REMOVE_SQL: &str = "DROP EVENT TRIGGER IF EXISTS pgtrail_publish_new_tables;
-DROP FUNCTION IF EXISTS pgtrail.publish_new_tables();";
+DROP EVENT TRIGGER IF EXISTS pgtrail_note_dropped_tables;
+DROP FUNCTION IF EXISTS pgtrail.publish_new_tables();
+DROP FUNCTION IF EXISTS pgtrail.note_dropped_tables();";
+
+/// Whether the trigger is installed and enabled in the source: the catalog watch then waits
+/// for the stream to pass a look before it dates a rewrite, so that the DDL's own point (its
+/// [`DDL_PREFIX`] message) is known.
+pub async fn installed(sql: &tokio_postgres::Client) -> Result<bool, CaptureError> {
+    let row = sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgtrail_publish_new_tables' AND evtenabled <> 'D')",
+            &[],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("looking for pgtrail's event trigger", e))?;
+    Ok(row.get(0))
+}
+
+/// The relation a [`DDL_PREFIX`] message names.
+pub fn parse_ddl(content: &[u8]) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Ddl {
+        relation_id: u32,
+    }
+    serde_json::from_slice::<Ddl>(content)
+        .ok()
+        .map(|d| d.relation_id)
+}
 
 /// Install (or, with `remove`, take out) the trigger through `sql`, in one transaction.
 pub async fn run(

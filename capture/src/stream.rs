@@ -141,6 +141,14 @@ impl Session<'_> {
                     let ops = translator.translate(event, &mut keys).await?;
                     // A table published at its creation (`pgtrail setup`): held from its
                     // creating transaction, not read whole.
+                    let noted = translator.take_ddl_points();
+                    if !noted.is_empty() {
+                        for (relation_id, point) in noted {
+                            watch.note_ddl(relation_id, point);
+                        }
+                        // Look now: a rewrite is read again sooner, and dated by its DDL.
+                        catalog_tick.reset_immediately();
+                    }
                     for op in &ops {
                         if let LogOp::SnapshotOf(scope) = op {
                             tracing::info!(relation_id = scope.relation_id, at = %translator.txn_point.0, "new table published as it was created: captured from its first row");

@@ -74,6 +74,9 @@ pub(crate) struct TableWatch {
     left_out: Option<Vec<(String, String)>>,
     /// A held layout changed since the layouts were last recorded.
     layouts_changed: bool,
+    /// DDL points `pgtrail setup`'s trigger noted in the stream (relation, or 0 for any; the
+    /// commit point of its transaction), in stream order; kept while a look may date by them.
+    ddl_points: Vec<(u32, (Lsn, i64))>,
 }
 
 #[derive(Debug)]
@@ -92,6 +95,9 @@ struct Held {
     /// between): rows written before it cannot be told apart from rows of another column.
     catalog_names: BTreeSet<String>,
     names_from: Lsn,
+    /// A rewrite or drop a look saw before the stream had passed it, with the trigger
+    /// installed: the point the rows may be unknown from, kept until a later look dates it.
+    deferred: Option<(Lsn, i64)>,
 }
 
 impl Held {
@@ -102,6 +108,7 @@ impl Held {
             undecided: None,
             catalog_names: BTreeSet::new(),
             names_from: since.0,
+            deferred: None,
         };
         if let Some(layout) = layout {
             held.accept(layout);
@@ -228,6 +235,12 @@ impl TableWatch {
         Ok(watch)
     }
 
+    /// Note DDL on `relation_id` (0: on some table) committed at `point`, as `pgtrail setup`'s
+    /// trigger told the stream.
+    pub(crate) fn note_ddl(&mut self, relation_id: u32, point: (Lsn, i64)) {
+        self.ddl_points.push((relation_id, point));
+    }
+
     /// Note what a stored snapshot at `since` says of its tables.
     pub(crate) fn hold(&mut self, since: (Lsn, i64), tables: Vec<TableScope>) {
         self.layouts_changed = true;
@@ -251,6 +264,7 @@ impl TableWatch {
         archive: &SharedLog,
     ) -> Result<SyncPlan, CaptureError> {
         let look = server_point(sql).await?;
+        let exact_points = crate::setup::installed(sql).await?;
         let mut plan = SyncPlan::default();
         let publication = config.publication.as_str();
         let mut published = slot::publication_tables(sql, publication).await?;
@@ -276,14 +290,36 @@ impl TableWatch {
         let reader = LogReader::of_shared(archive)?;
         for (oid, held) in &mut self.held {
             // Rows changed without a change in the stream after the later of the table's
-            // last snapshot and the previous look (which saw the old layout).
-            let unknown_from = self.last_look.map_or(held.since, |l| l.max(held.since));
+            // last snapshot and the previous look (which saw the old layout), or after the
+            // point an earlier look kept for it.
+            let unknown_from = held
+                .deferred
+                .unwrap_or_else(|| self.last_look.map_or(held.since, |l| l.max(held.since)));
+            // With `pgtrail setup`'s trigger, DDL is noted in the stream at its own commit:
+            // the earliest note for this table (or for any table) after that point dates the
+            // DDL the look found. Every DDL that can rewrite a table is noted (ALTER TABLE on
+            // it or an ancestor names it, any other command names none), so the earliest
+            // note is never after it. Until the stream has passed this look, a note may
+            // still be on its way: the decision waits for a later look.
+            let noted = self
+                .ddl_points
+                .iter()
+                .filter(|(r, p)| (*r == *oid || *r == 0) && p.0 >= unknown_from.0)
+                .map(|(_, p)| *p)
+                .min();
+            let waiting = exact_points && noted.is_none() && stream.wal_end < after;
+            let dated = noted.unwrap_or(unknown_from);
             // Dropped, or (still there but) out of the publication: either way its changes stop
             // reaching the archive, which must not go on showing its last rows as current.
             let now = layouts.get(oid);
             if now.is_none() || !by_oid.contains_key(oid) {
+                if waiting && now.is_none() {
+                    held.deferred = Some(unknown_from);
+                    undecided = true;
+                    continue;
+                }
                 plan.dropped.push(TableScope {
-                    unknown_from: Some(held.undecided.map_or(unknown_from, |u| u.2)),
+                    unknown_from: Some(held.undecided.map_or(dated, |u| u.2)),
                     dropped: true,
                     unpublished: now.is_some(),
                     ..TableScope::whole(*oid)
@@ -325,7 +361,15 @@ impl TableWatch {
                     self.layouts_changed = true;
                     plan.reshaped.push(*oid);
                 }
-                LayoutChange::Rewrite => rewritten.push((*oid, unknown_from, "rewritten by DDL (new storage, a column default existing rows take, or a column renamed)")),
+                LayoutChange::Rewrite if waiting => {
+                    held.deferred = Some(unknown_from);
+                    undecided = true;
+                }
+                LayoutChange::Rewrite => rewritten.push((
+                    *oid,
+                    dated,
+                    "rewritten by DDL (new storage, a column default existing rows take, or a column renamed)",
+                )),
                 LayoutChange::NewFile => {
                     let (xid, passed, from) = *held.undecided.get_or_insert((
                         now.layout.table_version,
@@ -367,6 +411,13 @@ impl TableWatch {
         }
         self.last_look = Some(look);
         plan.layouts_seen = settled.then_some(look);
+        // A later look dates from this look's point, or from a point kept for a table.
+        let oldest_needed = self
+            .held
+            .values()
+            .filter_map(|h| h.deferred.map(|d| d.0))
+            .fold(look.0, Lsn::min);
+        self.ddl_points.retain(|(_, p)| p.0 >= oldest_needed);
         if std::mem::take(&mut self.layouts_changed) {
             plan.layouts = Some(
                 self.held

@@ -11,7 +11,7 @@ use pgtrail_store::{
 
 use crate::error::CaptureError;
 use crate::pgoutput::{self, Message, OldTuple, TupleCell};
-use crate::setup::{CREATED_PREFIX, parse_created};
+use crate::setup::{CREATED_PREFIX, DDL_PREFIX, parse_created, parse_ddl};
 use crate::source::replication::StreamEvent;
 use crate::table_sync::FENCE_PREFIX;
 
@@ -37,6 +37,9 @@ pub(crate) struct Translator {
     /// The transaction being received, and its commit LSN and time.
     xid: u32,
     pub txn_point: (Lsn, i64),
+    /// DDL points noted by `pgtrail setup`'s trigger since the stream loop last took them:
+    /// (relation, or 0 for any; its transaction's commit LSN and time).
+    ddl_points: Vec<(u32, (Lsn, i64))>,
     /// Recent TRUNCATEs (transaction, relation), newest last, at most [`TRUNCATES_KEPT`]: the
     /// catalog watch tells a TRUNCATE's new file node from a rewrite's by them.
     truncates: std::collections::VecDeque<(u32, u32)>,
@@ -46,6 +49,16 @@ pub(crate) struct Translator {
 const TRUNCATES_KEPT: usize = 4096;
 
 impl Translator {
+    /// The DDL points noted so far, once their transaction has been received whole (a look
+    /// at the catalog in the middle of it would find the stream not past it anyway).
+    pub fn take_ddl_points(&mut self) -> Vec<(u32, (Lsn, i64))> {
+        if self.in_txn {
+            Vec::new()
+        } else {
+            std::mem::take(&mut self.ddl_points)
+        }
+    }
+
     /// Whether the stream brought a TRUNCATE of `relation_id` in transaction `xid` (among the
     /// recent ones).
     pub fn truncated_in(&self, xid: u32, relation_id: u32) -> bool {
@@ -88,6 +101,17 @@ impl Translator {
             } => {
                 if transactional && prefix == CONTEXT_PREFIX {
                     vec![LogOp::Context(context_json(&content))]
+                } else if transactional && prefix == DDL_PREFIX {
+                    // `pgtrail setup`'s note of DDL at this transaction's commit: for the
+                    // catalog watch (see `setup`), not stored.
+                    match parse_ddl(&content) {
+                        Some(relation_id) => self.ddl_points.push((relation_id, self.txn_point)),
+                        // Unread: the point is not known, so nothing is dated by it.
+                        None => tracing::warn!(
+                            "a {DDL_PREFIX} message this pgtrail does not read (run `pgtrail setup` again)"
+                        ),
+                    }
+                    Vec::new()
                 } else if transactional
                     && prefix == CREATED_PREFIX
                     && let Some(created) = parse_created(&content)
