@@ -391,34 +391,47 @@ pub(crate) async fn publication_owner(
 }
 
 /// Add `tables` to a publication this role may change; a refusal (the tables' owner must
-/// publish them in PostgreSQL 15) is a setup error with the SQL a DBA runs.
+/// publish them in PostgreSQL 15) is a setup error with the SQL a DBA runs. One statement per
+/// table: a table something else published meanwhile (`pgtrail setup`'s trigger, another
+/// capture) or dropped meanwhile is no error, and does not keep the others out.
 pub(crate) async fn add_to_publication(
     sql: &tokio_postgres::Client,
     publication: &str,
     tables: &[CapturedTable],
 ) -> Result<(), CaptureError> {
-    let stmt = format!(
-        "ALTER PUBLICATION {} ADD TABLE {}",
-        always_quoted(publication),
-        tables
-            .iter()
-            .map(CapturedTable::sql_name)
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
-    sql.batch_execute(&stmt).await.map_err(|e| {
-        if e.code().is_some_and(|c| c.code() == "42501") {
-            CaptureError::setup(
-                format!(
-                    "not allowed to add tables to publication {publication:?}: {}",
-                    e.as_db_error().map(|d| d.message()).unwrap_or_default()
-                ),
-                format!("have the tables' owner or a superuser run: {stmt};"),
-            )
-        } else {
-            CaptureError::sql(format!("adding tables to publication {publication}"), e)
+    for table in tables {
+        let stmt = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            always_quoted(publication),
+            table.sql_name()
+        );
+        let Err(e) = sql.batch_execute(&stmt).await else {
+            continue;
+        };
+        match e.code().map(|c| c.code()) {
+            // Already a member (duplicate_object), or gone (undefined_table): either way
+            // nothing to add; the next look at the catalog sees which.
+            Some("42710" | "42P01") => {
+                tracing::debug!(table = %table.qualified(), error = %e, "not added to the publication");
+            }
+            Some("42501") => {
+                return Err(CaptureError::setup(
+                    format!(
+                        "not allowed to add tables to publication {publication:?}: {}",
+                        e.as_db_error().map(|d| d.message()).unwrap_or_default()
+                    ),
+                    format!("have the tables' owner or a superuser run: {stmt};"),
+                ));
+            }
+            _ => {
+                return Err(CaptureError::sql(
+                    format!("adding tables to publication {publication}"),
+                    e,
+                ));
+            }
         }
-    })
+    }
+    Ok(())
 }
 
 /// The tables a publication publishes (what `pg_publication_tables` lists: partitions'
@@ -623,6 +636,47 @@ pub async fn primary_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table something else published meanwhile (`pgtrail setup`'s trigger, another capture)
+    /// or dropped meanwhile does not fail the addition, nor keep the other tables out.
+    #[tokio::test]
+    async fn adding_a_table_already_published_or_gone_is_no_error() {
+        let cluster = crate::cluster::Cluster::shared();
+        let db = cluster.fresh_database("addpub").unwrap();
+        cluster
+            .psql(
+                &db,
+                "CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
+                 CREATE TABLE c (id int PRIMARY KEY); CREATE PUBLICATION p FOR TABLE a;",
+            )
+            .unwrap();
+        let table = |name: &str| {
+            let oid: u32 = cluster
+                .psql(&db, &format!("SELECT '{name}'::regclass::oid"))
+                .unwrap()
+                .parse()
+                .unwrap();
+            CapturedTable {
+                oid,
+                schema: "public".into(),
+                name: name.into(),
+            }
+        };
+        let tables = [table("a"), table("c"), table("b")];
+        cluster.psql(&db, "DROP TABLE c").unwrap();
+        let sql = crate::SourceConfig::parse(&cluster.url(&db))
+            .unwrap()
+            .connect_sql()
+            .await
+            .unwrap();
+        add_to_publication(&sql, "p", &tables).await.unwrap();
+        assert_eq!(
+            cluster
+                .psql(&db, "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = 'p'")
+                .unwrap(),
+            "a,b"
+        );
+    }
 
     #[test]
     fn table_patterns_match_as_psql_patterns_do() {
