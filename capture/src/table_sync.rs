@@ -142,11 +142,13 @@ impl Held {
         }
         let shown =
             |name: &String| self.catalog_names.contains(name) || now.column_names.contains(name);
+        // The version's commit time, or (its transaction's record compacted away) the
+        // table's snapshot time, which is earlier: the span refused starts no later.
         Ok(reader
             .versions_of(oid, self.names_from)?
             .into_iter()
             .find(|(version, _)| version.columns.iter().any(|c| !shown(&c.name)))
-            .map(|(version, at_us)| (version.valid_from.commit_lsn, at_us)))
+            .map(|(version, at_us)| (version.valid_from.commit_lsn, at_us.unwrap_or(self.since.1))))
     }
 }
 

@@ -691,6 +691,38 @@ mod tests {
         keys
     }
 
+    /// Schema versions stay in the log after compaction (their transactions' records do
+    /// not): `versions_of` still lists them, without the commit time, and leaves out a
+    /// version of a transaction not finished.
+    #[test]
+    fn versions_of_lists_versions_of_compacted_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        log.apply(txn(1)).unwrap();
+        let mut open = txn(2);
+        open.pop();
+        open.insert(1, LogOp::Relation(rel()));
+        log.apply(open).unwrap();
+        let before = log.reader().unwrap().versions_of(7, Lsn(0)).unwrap();
+        assert_eq!(
+            before.len(),
+            1,
+            "the unfinished transaction's version is left out"
+        );
+        assert_eq!(before[0].1, Some(1_000_000));
+        Compactor::new(log.shared(), &archive, CompactOptions::default())
+            .run()
+            .unwrap();
+        let after = log.reader().unwrap().versions_of(7, Lsn(0)).unwrap();
+        assert_eq!(after.len(), 1, "{after:?}");
+        assert_eq!(after[0].0, before[0].0);
+        assert_eq!(
+            after[0].1, None,
+            "the transaction's record was compacted away"
+        );
+    }
+
     #[test]
     fn compaction_moves_every_finished_change_into_segments_once_and_trims_the_log() {
         let dir = tempfile::tempdir().unwrap();

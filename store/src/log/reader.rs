@@ -218,24 +218,28 @@ impl LogReader {
     }
 
     /// The schema versions of one relation taking effect at or after `from`, in order, each
-    /// with the commit time of the source transaction that brought it; a version of a
-    /// transaction not finished yet is left out.
+    /// with the commit time of the source transaction that brought it when the log still
+    /// holds that transaction's record (compaction moves finished ones into segments); a
+    /// version of a transaction not finished yet is left out.
     pub fn versions_of(
         &self,
         relation_id: u32,
         from: Lsn,
-    ) -> Result<Vec<(RelationVersion, i64)>, LogError> {
+    ) -> Result<Vec<(RelationVersion, Option<i64>)>, LogError> {
+        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
         let table = self.rtx.open_table(RELATIONS)?;
         let txns = self.rtx.open_table(TXNS)?;
         let mut out = Vec::new();
-        for e in table.range((relation_id, from.0, 0u32)..=(relation_id, u64::MAX, u32::MAX))? {
+        for e in table.range((relation_id, from.0, 0u32)..=(relation_id, last_commit, u32::MAX))? {
             let (k, v) = e?;
             let (_, commit_lsn, _) = k.value();
-            let Some(txn) = txns.get(commit_lsn)? else {
-                continue;
+            let at_us = match txns.get(commit_lsn)? {
+                Some(txn) => {
+                    Some(decode::<TxnRecord>(txn.value(), "transactions")?.committed_at_us)
+                }
+                None => None,
             };
-            let txn: TxnRecord = decode(txn.value(), "transactions")?;
-            out.push((decode(v.value(), "relations")?, txn.committed_at_us));
+            out.push((decode(v.value(), "relations")?, at_us));
         }
         Ok(out)
     }
