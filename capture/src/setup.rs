@@ -244,9 +244,8 @@ pub fn parse_created(content: &[u8]) -> Option<Created> {
             name: c.name,
             type_oid: c.type_oid,
             type_modifier: c.type_modifier,
-            // As pgoutput flags them: the key under REPLICA IDENTITY DEFAULT (a new table's
-            // identity; FULL flags every column).
-            is_key: replica_identity == b'f' || c.in_key,
+            // A new table has no identity index: DEFAULT (its key) or FULL.
+            is_key: crate::slot::flagged_as_key(replica_identity, c.in_key, false),
         })
         .collect();
     Some(Created {

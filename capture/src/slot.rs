@@ -592,12 +592,7 @@ pub async fn relation_from_catalog(
         let name: String = row.get(0);
         let in_pk: bool = row.get(3);
         let in_replident_index: bool = row.get(4);
-        let is_key = match replica_identity {
-            b'f' => true,
-            b'i' => in_replident_index,
-            b'd' => in_pk,
-            _ => false,
-        };
+        let is_key = flagged_as_key(replica_identity, in_pk, in_replident_index);
         columns.push(Column {
             name,
             type_oid: row.get(1),
@@ -614,6 +609,17 @@ pub async fn relation_from_catalog(
         columns,
         primary_key,
     })
+}
+
+/// Whether pgoutput's Relation message flags a column as part of the replica identity: every
+/// column under FULL, the identity index's under USING INDEX, the primary key's under DEFAULT.
+pub(crate) fn flagged_as_key(replica_identity: u8, in_pk: bool, in_replident_index: bool) -> bool {
+    match replica_identity {
+        b'f' => true,
+        b'i' => in_replident_index,
+        b'd' => in_pk,
+        _ => false,
+    }
 }
 
 /// Primary key column names of a relation (empty when it has none).

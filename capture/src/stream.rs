@@ -19,7 +19,7 @@ use crate::source::replication::ReplicationStream;
 use crate::table_sync::{self, PendingSync, TableWatch};
 use crate::translate::{PrimaryKeys, Translator};
 use crate::writer::WriterHandle;
-use pgtrail_store::{LogOp, now_us};
+use pgtrail_store::now_us;
 
 /// Primary keys read from the source's catalog, once per relation and session.
 struct CatalogKeys<'a> {
@@ -139,21 +139,12 @@ impl Session<'_> {
                         return Err(CaptureError::Replication(ReplicationError::stream_ended()));
                     };
                     let ops = translator.translate(event, &mut keys).await?;
-                    // A table published at its creation (`pgtrail setup`): held from its
-                    // creating transaction, not read whole.
-                    let noted = translator.take_ddl_points();
-                    if !noted.is_empty() {
-                        for (relation_id, point) in noted {
-                            watch.note_ddl(relation_id, point);
-                        }
-                        // Look now: a rewrite is read again sooner, and dated by its DDL.
+                    if let Some(notes) = translator.take_setup_notes()
+                        && watch.note_setup(notes)
+                    {
+                        // DDL noted: look now, so that a rewrite is read again sooner (and
+                        // dated by its DDL).
                         catalog_tick.reset_immediately();
-                    }
-                    for op in &ops {
-                        if let LogOp::SnapshotOf(scope) = op {
-                            tracing::info!(relation_id = scope.relation_id, at = %translator.txn_point.0, "new table published as it was created: captured from its first row");
-                            watch.hold(translator.txn_point, vec![scope.clone()]);
-                        }
                     }
                     if let Some(sync) = pending.take_if(|p| p.due_before(&ops)) {
                         // Between transactions, before the first operation at or past the

@@ -50,7 +50,7 @@ use crate::run::CaptureConfig;
 use crate::slot::{self, CapturedTable};
 use crate::snapshot::{self, SnapshotSink};
 use crate::source::replication::ReplicationStream;
-use crate::translate::Translator;
+use crate::translate::{SetupNotes, Translator};
 use crate::writer::WriterHandle;
 
 /// The prefix of the non-transactional message pgtrail emits after a sync's copy: its arrival
@@ -237,10 +237,17 @@ impl TableWatch {
         Ok(watch)
     }
 
-    /// Note DDL on `relation_id` (0: on some table) committed at `point`, as `pgtrail setup`'s
-    /// trigger told the stream.
-    pub(crate) fn note_ddl(&mut self, relation_id: u32, point: (Lsn, i64)) {
-        self.ddl_points.push((relation_id, point));
+    /// Take what `pgtrail setup`'s trigger told the stream: tables published as they were
+    /// created are held from their creating transaction (not read whole), DDL points are
+    /// kept for dating (see [`due`](Self::due)). Whether DDL was noted.
+    pub(crate) fn note_setup(&mut self, notes: SetupNotes) -> bool {
+        for (point, scope) in notes.created {
+            tracing::info!(relation_id = scope.relation_id, at = %point.0, "new table published as it was created: captured from its first row");
+            self.hold(point, vec![scope]);
+        }
+        let noted = !notes.ddl.is_empty();
+        self.ddl_points.extend(notes.ddl);
+        noted
     }
 
     /// Note what a stored snapshot at `since` says of its tables.
@@ -514,11 +521,13 @@ enum LayoutChange {
 }
 
 fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
+    // A layout recorded without names (format 2) equals one with names otherwise equal.
     let same_but_names = known.column_names.is_empty()
-        && known.file_node == now.file_node
-        && known.missing_values == now.missing_values
-        && known.column_versions == now.column_versions
-        && known.table_version == now.table_version;
+        && *known
+            == StorageLayout {
+                column_names: Vec::new(),
+                ..now.clone()
+            };
     if known == now || same_but_names {
         LayoutChange::None
     } else if known.missing_values != now.missing_values || column_renamed(known, now) {

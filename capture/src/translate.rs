@@ -36,27 +36,46 @@ pub(crate) struct Translator {
     pub oldest_pending_commit_us: Option<i64>,
     /// The transaction being received, and its commit LSN and time.
     xid: u32,
-    pub txn_point: (Lsn, i64),
-    /// DDL points noted by `pgtrail setup`'s trigger since the stream loop last took them:
-    /// (relation, or 0 for any; its transaction's commit LSN and time).
-    ddl_points: Vec<(u32, (Lsn, i64))>,
+    txn_point: (Lsn, i64),
+    /// What `pgtrail setup`'s trigger told the stream since the stream loop last took it.
+    setup_notes: SetupNotes,
     /// Recent TRUNCATEs (transaction, relation), newest last, at most [`TRUNCATES_KEPT`]: the
     /// catalog watch tells a TRUNCATE's new file node from a rewrite's by them.
     truncates: std::collections::VecDeque<(u32, u32)>,
+}
+
+/// What `pgtrail setup`'s trigger told the stream (see [`Translator::take_setup_notes`]).
+#[derive(Debug, Default)]
+pub(crate) struct SetupNotes {
+    /// DDL: (relation, or 0 for any table; its transaction's commit LSN and time).
+    pub ddl: Vec<(u32, (Lsn, i64))>,
+    /// Tables published as they were created: the creating transaction's commit point, and
+    /// the table's scope (empty, with its storage layout) from there.
+    pub created: Vec<((Lsn, i64), TableScope)>,
 }
 
 /// How many recent TRUNCATEs the translator remembers.
 const TRUNCATES_KEPT: usize = 4096;
 
 impl Translator {
-    /// The DDL points noted so far, once their transaction has been received whole (a look
-    /// at the catalog in the middle of it would find the stream not past it anyway).
-    pub fn take_ddl_points(&mut self) -> Vec<(u32, (Lsn, i64))> {
-        if self.in_txn {
-            Vec::new()
-        } else {
-            std::mem::take(&mut self.ddl_points)
+    /// What `pgtrail setup`'s trigger told the stream, for the catalog watch: a table created
+    /// is given at once (a look at the catalog in the middle of its creating transaction
+    /// must not read it whole), DDL points once their transaction has been received whole (a
+    /// look in the middle of it would find the stream not past it anyway). `None` when there
+    /// is nothing to give (almost every event).
+    pub fn take_setup_notes(&mut self) -> Option<SetupNotes> {
+        let notes = &mut self.setup_notes;
+        if notes.created.is_empty() && (self.in_txn || notes.ddl.is_empty()) {
+            return None;
         }
+        Some(SetupNotes {
+            created: std::mem::take(&mut notes.created),
+            ddl: if self.in_txn {
+                Vec::new()
+            } else {
+                std::mem::take(&mut notes.ddl)
+            },
+        })
     }
 
     /// Whether the stream brought a TRUNCATE of `relation_id` in transaction `xid` (among the
@@ -105,7 +124,9 @@ impl Translator {
                     // `pgtrail setup`'s note of DDL at this transaction's commit: for the
                     // catalog watch (see `setup`), not stored.
                     match parse_ddl(&content) {
-                        Some(relation_id) => self.ddl_points.push((relation_id, self.txn_point)),
+                        Some(relation_id) => {
+                            self.setup_notes.ddl.push((relation_id, self.txn_point));
+                        }
                         // Unread: the point is not known, so nothing is dated by it.
                         None => tracing::warn!(
                             "a {DDL_PREFIX} message this pgtrail does not read (run `pgtrail setup` again)"
@@ -122,6 +143,9 @@ impl Translator {
                         layout: Some(created.layout),
                         ..TableScope::whole(created.relation.relation_id)
                     };
+                    self.setup_notes
+                        .created
+                        .push((self.txn_point, scope.clone()));
                     vec![LogOp::Relation(created.relation), LogOp::SnapshotOf(scope)]
                 } else if !transactional && prefix == FENCE_PREFIX {
                     // pgtrail's own fence (see `table_sync`): not stored; decoded after every
