@@ -20,12 +20,13 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::stream::RecordBatchReceiverStreamBuilder;
 use datafusion::physical_plan::streaming::{PartitionStream, StreamingTableExec};
 use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
-use pgtrail_store::segment::{PgKind, SegmentContent};
+use pgtrail_store::segment::{PgKind, SegmentContent, parse_array};
 use pgtrail_store::{Cell, ChangeRecord, Op, RelationVersion, Row};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::archive::ArchiveSnapshot;
 use crate::history::TailPartition;
+use crate::json::{is_json_text, json_field};
 use crate::read::{Bounds, for_each_change_where, open_segment_projected};
 
 /// The view's schema.
@@ -35,9 +36,10 @@ pub fn changes_schema() -> SchemaRef {
         Field::new("table", DataType::Utf8, false),
         Field::new("schema", DataType::Utf8, false),
         Field::new("operation", DataType::Utf8, false),
-        Field::new("before", DataType::Utf8, true),
-        Field::new("after", DataType::Utf8, true),
-        Field::new("context", DataType::Utf8, true),
+        // JSON text, marked so that JSON answers embed them (see `crate::json`).
+        json_field(Field::new("before", DataType::Utf8, true)),
+        json_field(Field::new("after", DataType::Utf8, true)),
+        json_field(Field::new("context", DataType::Utf8, true)),
         Field::new(
             "committed_at",
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
@@ -51,32 +53,52 @@ pub fn changes_schema() -> SchemaRef {
     ]))
 }
 
-/// A row image as a JSON object: numbers and booleans as JSON numbers and booleans, json and
-/// jsonb embedded, everything else as PostgreSQL's text. Unknown values (never sent by
-/// PostgreSQL, never seen before) are left out rather than shown as null.
-pub fn row_json(version: &RelationVersion, row: &Row) -> Value {
-    let mut object = Map::new();
+/// A row image as the text of a JSON object, columns in the table's order: numbers and
+/// booleans as JSON numbers and booleans, json and jsonb embedded as their exact text (key
+/// order, duplicate keys and number spelling kept), everything else as PostgreSQL's text.
+/// Unknown values (never sent by PostgreSQL, never seen before) are left out rather than
+/// shown as null.
+pub fn row_json(version: &RelationVersion, row: &Row) -> String {
+    let mut object = String::from("{");
     for (column, cell) in version.columns.iter().zip(row) {
         let value = match cell {
             Cell::Unknown => continue,
-            Cell::Null => Value::Null,
+            Cell::Null => "null".to_string(),
             Cell::Text(t) => match PgKind::of(column.type_oid, column.type_modifier) {
                 PgKind::Int2 | PgKind::Int4 | PgKind::Int8 => t
                     .parse::<i64>()
-                    .map(Value::from)
-                    .unwrap_or_else(|_| Value::from(t.clone())),
+                    .map(|i| i.to_string())
+                    .unwrap_or_else(|_| Value::from(t.as_str()).to_string()),
                 PgKind::Float4 | PgKind::Float8 => match t.parse::<f64>() {
-                    Ok(f) if f.is_finite() => Value::from(f),
-                    _ => Value::from(t.clone()),
+                    Ok(f) if f.is_finite() => Value::from(f).to_string(),
+                    _ => Value::from(t.as_str()).to_string(),
                 },
-                PgKind::Bool => Value::Bool(t == "t"),
-                PgKind::Json => serde_json::from_str(t).unwrap_or_else(|_| Value::from(t.clone())),
-                _ => Value::from(t.clone()),
+                PgKind::Bool => (t == "t").to_string(),
+                // PostgreSQL checked it is JSON; a text that is not stays a string.
+                PgKind::Json if is_json_text(t) => t.clone(),
+                // An array of json or jsonb: a JSON array of the values, like the typed answers.
+                PgKind::Array(e) if *e == PgKind::Json => match parse_array(t) {
+                    Ok(elements) if elements.iter().flatten().all(|e| is_json_text(e)) => {
+                        let elements: Vec<&str> = elements
+                            .iter()
+                            .map(|e| e.as_deref().unwrap_or("null"))
+                            .collect();
+                        format!("[{}]", elements.join(","))
+                    }
+                    _ => Value::from(t.as_str()).to_string(),
+                },
+                _ => Value::from(t.as_str()).to_string(),
             },
         };
-        object.insert(column.name.clone(), value);
+        if object.len() > 1 {
+            object.push(',');
+        }
+        object.push_str(&Value::from(column.name.as_str()).to_string());
+        object.push(':');
+        object.push_str(&value);
     }
-    Value::Object(object)
+    object.push('}');
+    object
 }
 
 fn operation(op: Op) -> &'static str {
@@ -147,13 +169,10 @@ impl Builders {
         self.table.append_value(&version.name);
         self.schema.append_value(&version.schema);
         self.op.append_value(operation(rec.op));
-        self.before.append_option(
-            rec.before
-                .as_ref()
-                .map(|r| row_json(version, r).to_string()),
-        );
+        self.before
+            .append_option(rec.before.as_ref().map(|r| row_json(version, r)));
         self.after
-            .append_option(rec.after.as_ref().map(|r| row_json(version, r).to_string()));
+            .append_option(rec.after.as_ref().map(|r| row_json(version, r)));
         self.context.append_option(rec.context.as_deref());
         self.at.append_value(rec.committed_at_us);
         self.xid.append_value(rec.xid);

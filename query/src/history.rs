@@ -20,6 +20,7 @@ use pgtrail_store::segment::SegmentContent;
 use pgtrail_store::{ChangeKey, ChangeRecord};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::json::JsonColumns;
 use crate::merge::history_schema;
 use crate::read::{Bounds, tail_batches};
 use crate::scan::{HistoryScanExec, HistorySource, SegmentSource};
@@ -40,7 +41,9 @@ impl fmt::Debug for HistoryTable {
 impl HistoryTable {
     pub fn new(archive: Arc<ArchiveSnapshot>, table: &TableHistory) -> HistoryTable {
         HistoryTable {
-            schema: history_schema(&table.versions),
+            // JSON columns marked: the adaptation of every batch to this schema carries the
+            // mark into the row images.
+            schema: JsonColumns::of(&table.versions).schema(&history_schema(&table.versions), true),
             table: table.qualified_name(),
             archive,
         }

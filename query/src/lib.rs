@@ -16,6 +16,7 @@ mod error;
 pub mod export;
 mod functions;
 mod history;
+pub mod json;
 mod merge;
 mod pit;
 mod read;

@@ -23,6 +23,7 @@ use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, RelationVersion, Row};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::columnar::same_rows;
+use crate::json::{JsonColumns, relabel_batch};
 use crate::merge::{adapt, history_schema};
 use crate::read::{
     Bounds, as_micros, constant, open_segment_projected, open_segment_selected, tail_batches,
@@ -280,6 +281,7 @@ impl TableFunctionImpl for AsOf {
         let moment = moment_arg(args, 1, self.by_lsn)?;
         let table = table_arg_at(&self.archive, args, moment)?;
         let batch = as_of_batch(&self.archive, table, moment)?;
+        let batch = JsonColumns::of(&table.versions).batch(&batch, false)?;
         Ok(Arc::new(MemTable::try_new(
             batch.schema(),
             vec![vec![batch]],
@@ -315,6 +317,7 @@ impl TableFunctionImpl for Diff {
         // The name in force at the later moment.
         let table = table_arg_at(&self.archive, args, to)?;
         let batch = diff_batch(&self.archive, table, from, to)?;
+        let batch = JsonColumns::of(&table.versions).batch(&batch, true)?;
         Ok(Arc::new(MemTable::try_new(
             batch.schema(),
             vec![vec![batch]],
@@ -568,11 +571,16 @@ impl TableFunctionImpl for RowHistory {
         let wanted: Vec<String> = (1..args.len())
             .map(|i| text_arg(args, i, "key"))
             .collect::<Result<_>>()?;
-        let schema = history_schema(&table.versions);
+        let json = JsonColumns::of(&table.versions);
+        let schema = json.schema(&history_schema(&table.versions), true);
         let batches = match row_history_columnar(&self.archive, table, &wanted)? {
             Some(batches) => batches,
             None => row_replay_row_history(&self.archive, table, &wanted)?,
         };
+        let batches = batches
+            .iter()
+            .map(|b| relabel_batch(b, schema.clone()))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(MemTable::try_new(schema, vec![batches])?))
     }
 }

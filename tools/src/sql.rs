@@ -65,17 +65,16 @@ fn flatten_nested(batch: &RecordBatch) -> anyhow::Result<RecordBatch> {
                 Arc::new(Schema::new(vec![field.as_ref().clone()])),
                 vec![column.clone()],
             )?;
-            let mut out = Vec::new();
-            {
-                let mut w = datafusion::arrow::json::LineDelimitedWriter::new(&mut out);
-                w.write(&one)?;
-                w.finish()?;
-            }
+            // JSON values inside (a row image's json columns) as JSON, like `--format json`.
+            let out = pgtrail_query::json::write_json_lines(Vec::new(), &[one])?;
+            // Each line is `{"<name>":<value>}`: the value's text is kept as written (fields in
+            // order, json values as their exact text), not parsed and written again.
+            let prefix = format!("{{{}:", serde_json::Value::from(field.name().as_str()));
             let mut b = datafusion::arrow::array::StringBuilder::new();
             for (i, line) in String::from_utf8(out)?.lines().enumerate() {
-                let v: serde_json::Value = serde_json::from_str(line)?;
-                match v.get(field.name()) {
-                    Some(inner) if column.is_valid(i) => b.append_value(inner.to_string()),
+                let value = line.strip_prefix(&prefix).and_then(|l| l.strip_suffix('}'));
+                match value {
+                    Some(value) if column.is_valid(i) => b.append_value(value),
                     _ => b.append_null(),
                 }
             }
@@ -149,14 +148,7 @@ fn write_to<W: Write + Send>(
             }
             Ok(w.into_inner())
         }
-        "json" => {
-            let mut w = datafusion::arrow::json::LineDelimitedWriter::new(sink);
-            for b in batches {
-                w.write(b)?;
-            }
-            w.finish()?;
-            Ok(w.into_inner())
-        }
+        "json" => Ok(pgtrail_query::json::write_json_lines(sink, batches)?),
         "parquet" => {
             let schema = batches
                 .first()

@@ -13,6 +13,13 @@
 //! ```sh
 //! PGTRAIL_RECORD_ARCHIVES=1 cargo test -p pgtrail --test main archives
 //! ```
+//!
+//! A deliberate change of an answer's form (not of the archive's), e.g. how JSON output
+//! writes a value, rewrites the recorded answers of every fixture instead; review the diff:
+//!
+//! ```sh
+//! PGTRAIL_REWRITE_ANSWERS=1 cargo test -p pgtrail --test main archives
+//! ```
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -358,8 +365,15 @@ fn archives_of_every_earlier_format_answer_as_recorded() {
             let archive = copy.path().join("archive");
             copy_dir(&fixture.join("archive"), &archive);
             let got = answers(&fixture, &archive);
-            let mut recorded = BTreeMap::new();
             let answers_dir = fixture.join("answers");
+            if std::env::var_os("PGTRAIL_REWRITE_ANSWERS").is_some() {
+                for (name, answer) in &got {
+                    let path = answers_dir.join(format!("{name}.txt"));
+                    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                    std::fs::write(&path, answer).unwrap();
+                }
+            }
+            let mut recorded = BTreeMap::new();
             for path in walk(&answers_dir) {
                 let name = path
                     .strip_prefix(&answers_dir)

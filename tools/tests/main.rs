@@ -15,6 +15,7 @@ mod connecting;
 mod export;
 mod faults;
 mod identifiers;
+mod json;
 mod query;
 mod schema;
 mod tables;

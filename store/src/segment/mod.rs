@@ -44,7 +44,8 @@ use crate::relation::RelationVersion;
 
 pub use reader::{SegmentReader, read_records, sha256_file};
 pub use types::{
-    DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros, render,
+    DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros,
+    parse_array, render,
 };
 pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment, records_to_batch};
 

@@ -618,7 +618,7 @@ fn parse_interval(text: &str) -> Result<IntervalMonthDayNano, DoesNotFit> {
 
 /// The elements of a one-dimensional PostgreSQL array literal (`None` for NULL). Arrays with
 /// explicit bounds or more than one dimension do not fit a flat list.
-fn parse_array(text: &str) -> Result<Vec<Option<String>>, DoesNotFit> {
+pub fn parse_array(text: &str) -> Result<Vec<Option<String>>, DoesNotFit> {
     let inner = text
         .strip_prefix('{')
         .and_then(|t| t.strip_suffix('}'))
