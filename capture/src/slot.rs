@@ -509,6 +509,11 @@ pub struct LayoutNow {
     /// The file node as the running transaction's snapshot sees it: it differs from the
     /// current one in a snapshot taken before a rewrite.
     pub file_node_in_snapshot: u32,
+    /// The labels of every enum type the table's columns use (directly, as an array's
+    /// element, under a domain or inside a composite), by the label's OID: `ALTER TYPE …
+    /// RENAME VALUE` keeps the OID and changes the label, and with it the text of every
+    /// stored value, without a change in the stream.
+    pub enum_labels: std::collections::BTreeMap<u32, String>,
 }
 
 /// [`LayoutNow`] of one table; `None` when it does not exist (in the snapshot).
@@ -533,7 +538,18 @@ pub async fn storage_layouts(
                           ORDER BY a.attnum), \
                     c.xmin::text::bigint, \
                     ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
-                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum) \
+                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum), \
+                    ARRAY(WITH RECURSIVE used(t) AS ( \
+                              SELECT a.atttypid FROM pg_attribute a \
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                              UNION \
+                              SELECT x.t FROM used JOIN pg_type ty ON ty.oid = used.t, \
+                                LATERAL (SELECT ty.typbasetype UNION ALL SELECT ty.typelem \
+                                         UNION ALL SELECT f.atttypid FROM pg_attribute f \
+                                         WHERE f.attrelid = ty.typrelid AND f.attnum > 0 AND NOT f.attisdropped) x(t) \
+                              WHERE x.t <> 0) \
+                          SELECT e.oid::text || '=' || e.enumlabel FROM pg_enum e \
+                          WHERE e.enumtypid IN (SELECT t FROM used)) \
              FROM pg_class c WHERE c.oid = ANY($1)",
             &[&oids],
         )
@@ -553,6 +569,14 @@ pub async fn storage_layouts(
                     column_names: row.get(6),
                 },
                 file_node_in_snapshot: row.get(2),
+                enum_labels: row
+                    .get::<_, Vec<String>>(7)
+                    .iter()
+                    .filter_map(|l| {
+                        let (oid, label) = l.split_once('=')?;
+                        Some((oid.parse().ok()?, label.to_string()))
+                    })
+                    .collect(),
             };
             (row.get(0), now)
         })

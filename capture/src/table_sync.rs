@@ -98,6 +98,9 @@ struct Held {
     /// A rewrite or drop a look saw before the stream had passed it, with the trigger
     /// installed: the point the rows may be unknown from, kept until a later look dates it.
     deferred: Option<(Lsn, i64)>,
+    /// The labels of the enum types the table uses as this session's looks last saw them
+    /// (`None` before its first look: a label renamed while capture was stopped is not seen).
+    enum_labels: Option<BTreeMap<u32, String>>,
 }
 
 impl Held {
@@ -109,6 +112,7 @@ impl Held {
             catalog_names: BTreeSet::new(),
             names_from: since.0,
             deferred: None,
+            enum_labels: None,
         };
         if let Some(layout) = layout {
             held.accept(layout);
@@ -258,7 +262,16 @@ impl TableWatch {
             if t.dropped {
                 self.held.remove(&t.relation_id);
             } else {
-                self.held.insert(t.relation_id, Held::new(since, t.layout));
+                // The labels known before a re-read stay: a label renamed between the look
+                // that saw them and the copy differs from them at the next look, which reads
+                // the table again (once more than needed, never once less).
+                let labels = self
+                    .held
+                    .get(&t.relation_id)
+                    .and_then(|h| h.enum_labels.clone());
+                let mut held = Held::new(since, t.layout);
+                held.enum_labels = labels;
+                self.held.insert(t.relation_id, held);
             }
         }
     }
@@ -345,10 +358,33 @@ impl TableWatch {
                 continue;
             }
             let Some(known) = &held.layout else {
+                held.enum_labels = Some(now.enum_labels.clone());
                 held.names_from = look.0;
                 held.accept(now.layout.clone());
                 continue;
             };
+            // An enum label renamed (same label OID, another text): every stored value of it
+            // reads differently now, and the stream says nothing. Labels only added are not a
+            // change of any stored value.
+            let relabeled = held.enum_labels.as_ref().is_some_and(|known| {
+                now.enum_labels
+                    .iter()
+                    .any(|(label, text)| known.get(label).is_some_and(|k| k != text))
+            });
+            if relabeled && waiting {
+                held.deferred = Some(unknown_from);
+                undecided = true;
+                continue;
+            }
+            held.enum_labels = Some(now.enum_labels.clone());
+            if relabeled {
+                rewritten.push((
+                    *oid,
+                    dated,
+                    "an enum value its columns use was renamed (ALTER TYPE ... RENAME VALUE)",
+                ));
+                continue;
+            }
             if let Some(point) = held.name_never_shown(&reader, *oid, &now.layout)? {
                 rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
                 continue;
