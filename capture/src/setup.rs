@@ -42,6 +42,7 @@ pub const DDL_PREFIX: &str = "pgtrail.ddl";
 /// The SQL that installs (or replaces) the trigger for `publication`.
 pub fn install_sql(publication: &str) -> String {
     let publication = quote_literal(publication);
+    let enum_labels = crate::slot::ENUM_LABELS_SQL;
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
 CREATE OR REPLACE FUNCTION pgtrail.publish_new_tables() RETURNS event_trigger
@@ -102,7 +103,8 @@ BEGIN
                                ORDER BY a.attnum),
       'table_version', c.xmin::text::bigint,
       'column_names', ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END
-                            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum))
+                            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum),
+      'enum_labels', {enum_labels})
       INTO shape
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = created;
     PERFORM pg_logical_emit_message(true, '{CREATED_PREFIX}', shape::text);
@@ -216,6 +218,9 @@ struct CreatedMessage {
     column_versions: Vec<i64>,
     table_version: i64,
     column_names: Vec<String>,
+    /// Absent from the message of a trigger installed by an older pgtrail.
+    #[serde(default)]
+    enum_labels: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -268,6 +273,7 @@ pub fn parse_created(content: &[u8]) -> Option<Created> {
                 .collect(),
             table_version: message.table_version as u32,
             column_names: message.column_names,
+            enum_labels: crate::slot::enum_labels_from(&message.enum_labels),
         },
     })
 }

@@ -509,11 +509,33 @@ pub struct LayoutNow {
     /// The file node as the running transaction's snapshot sees it: it differs from the
     /// current one in a snapshot taken before a rewrite.
     pub file_node_in_snapshot: u32,
-    /// The labels of every enum type the table's columns use (directly, as an array's
-    /// element, under a domain or inside a composite), by the label's OID: `ALTER TYPE …
-    /// RENAME VALUE` keeps the OID and changes the label, and with it the text of every
-    /// stored value, without a change in the stream.
-    pub enum_labels: std::collections::BTreeMap<u32, String>,
+}
+
+/// An SQL expression: the labels of every enum type the columns of table `c` use (directly,
+/// as an array's element, under a domain or inside a composite), as `'<label oid>=<label>'`
+/// texts in OID order (see [`StorageLayout::enum_labels`]). The catalog look and `pgtrail
+/// setup`'s trigger both use it, so they record the same labels.
+pub(crate) const ENUM_LABELS_SQL: &str = "ARRAY(WITH RECURSIVE used(t) AS ( \
+      SELECT a.atttypid FROM pg_attribute a \
+      WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+      UNION \
+      SELECT x.t FROM used JOIN pg_type ty ON ty.oid = used.t, \
+        LATERAL (SELECT ty.typbasetype UNION ALL SELECT ty.typelem \
+                 UNION ALL SELECT f.atttypid FROM pg_attribute f \
+                 WHERE f.attrelid = ty.typrelid AND f.attnum > 0 AND NOT f.attisdropped) x(t) \
+      WHERE x.t <> 0) \
+    SELECT e.oid::text || '=' || e.enumlabel FROM pg_enum e \
+    WHERE e.enumtypid IN (SELECT t FROM used) ORDER BY e.oid)";
+
+/// [`ENUM_LABELS_SQL`]'s texts as (label OID, label); a text that is not one is passed over.
+pub(crate) fn enum_labels_from(texts: &[String]) -> Vec<(u32, String)> {
+    texts
+        .iter()
+        .filter_map(|l| {
+            let (oid, label) = l.split_once('=')?;
+            Some((oid.parse().ok()?, label.to_string()))
+        })
+        .collect()
 }
 
 /// [`LayoutNow`] of one table; `None` when it does not exist (in the snapshot).
@@ -531,7 +553,7 @@ pub async fn storage_layouts(
 ) -> Result<std::collections::BTreeMap<u32, LayoutNow>, CaptureError> {
     let rows = sql
         .query(
-            "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
+            &format!("SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
                           AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
                     ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
@@ -539,18 +561,8 @@ pub async fn storage_layouts(
                     c.xmin::text::bigint, \
                     ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
                           FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum), \
-                    ARRAY(WITH RECURSIVE used(t) AS ( \
-                              SELECT a.atttypid FROM pg_attribute a \
-                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                              UNION \
-                              SELECT x.t FROM used JOIN pg_type ty ON ty.oid = used.t, \
-                                LATERAL (SELECT ty.typbasetype UNION ALL SELECT ty.typelem \
-                                         UNION ALL SELECT f.atttypid FROM pg_attribute f \
-                                         WHERE f.attrelid = ty.typrelid AND f.attnum > 0 AND NOT f.attisdropped) x(t) \
-                              WHERE x.t <> 0) \
-                          SELECT e.oid::text || '=' || e.enumlabel FROM pg_enum e \
-                          WHERE e.enumtypid IN (SELECT t FROM used)) \
-             FROM pg_class c WHERE c.oid = ANY($1)",
+                    {ENUM_LABELS_SQL} \
+             FROM pg_class c WHERE c.oid = ANY($1)"),
             &[&oids],
         )
         .await
@@ -567,16 +579,9 @@ pub async fn storage_layouts(
                     column_versions: versions.into_iter().map(|x| x as u32).collect(),
                     table_version: table_version as u32,
                     column_names: row.get(6),
+                    enum_labels: enum_labels_from(&row.get::<_, Vec<String>>(7)),
                 },
                 file_node_in_snapshot: row.get(2),
-                enum_labels: row
-                    .get::<_, Vec<String>>(7)
-                    .iter()
-                    .filter_map(|l| {
-                        let (oid, label) = l.split_once('=')?;
-                        Some((oid.parse().ok()?, label.to_string()))
-                    })
-                    .collect(),
             };
             (row.get(0), now)
         })

@@ -98,9 +98,6 @@ struct Held {
     /// A rewrite or drop a look saw before the stream had passed it, with the trigger
     /// installed: the point the rows may be unknown from, kept until a later look dates it.
     deferred: Option<(Lsn, i64)>,
-    /// The labels of the enum types the table uses as this session's looks last saw them
-    /// (`None` before its first look: a label renamed while capture was stopped is not seen).
-    enum_labels: Option<BTreeMap<u32, String>>,
 }
 
 impl Held {
@@ -112,7 +109,6 @@ impl Held {
             catalog_names: BTreeSet::new(),
             names_from: since.0,
             deferred: None,
-            enum_labels: None,
         };
         if let Some(layout) = layout {
             held.accept(layout);
@@ -262,16 +258,7 @@ impl TableWatch {
             if t.dropped {
                 self.held.remove(&t.relation_id);
             } else {
-                // The labels known before a re-read stay: a label renamed between the look
-                // that saw them and the copy differs from them at the next look, which reads
-                // the table again (once more than needed, never once less).
-                let labels = self
-                    .held
-                    .get(&t.relation_id)
-                    .and_then(|h| h.enum_labels.clone());
-                let mut held = Held::new(since, t.layout);
-                held.enum_labels = labels;
-                self.held.insert(t.relation_id, held);
+                self.held.insert(t.relation_id, Held::new(since, t.layout));
             }
         }
     }
@@ -358,33 +345,10 @@ impl TableWatch {
                 continue;
             }
             let Some(known) = &held.layout else {
-                held.enum_labels = Some(now.enum_labels.clone());
                 held.names_from = look.0;
                 held.accept(now.layout.clone());
                 continue;
             };
-            // An enum label renamed (same label OID, another text): every stored value of it
-            // reads differently now, and the stream says nothing. Labels only added are not a
-            // change of any stored value.
-            let relabeled = held.enum_labels.as_ref().is_some_and(|known| {
-                now.enum_labels
-                    .iter()
-                    .any(|(label, text)| known.get(label).is_some_and(|k| k != text))
-            });
-            if relabeled && waiting {
-                held.deferred = Some(unknown_from);
-                undecided = true;
-                continue;
-            }
-            held.enum_labels = Some(now.enum_labels.clone());
-            if relabeled {
-                rewritten.push((
-                    *oid,
-                    dated,
-                    "an enum value its columns use was renamed (ALTER TYPE ... RENAME VALUE)",
-                ));
-                continue;
-            }
             if let Some(point) = held.name_never_shown(&reader, *oid, &now.layout)? {
                 rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
                 continue;
@@ -393,9 +357,11 @@ impl TableWatch {
             match layout_change(known, &now.layout) {
                 // A layout recorded before layouts held the columns' names (format 2) takes
                 // them from the first look that finds nothing else changed; versions are
-                // checked against them from this look on.
-                LayoutChange::None if names_unrecorded && !now.layout.column_names.is_empty() => {
-                    held.names_from = look.0;
+                // checked against them from this look on. Labels are recorded the same way.
+                LayoutChange::Filled => {
+                    if names_unrecorded && !now.layout.column_names.is_empty() {
+                        held.names_from = look.0;
+                    }
                     held.accept(now.layout.clone());
                     self.layouts_changed = true;
                 }
@@ -414,7 +380,7 @@ impl TableWatch {
                 LayoutChange::Rewrite => rewritten.push((
                     *oid,
                     dated,
-                    "rewritten by DDL (new storage, a column default existing rows take, or a column renamed)",
+                    "rewritten by DDL (new storage, a column default existing rows take, a column renamed, or an enum label renamed)",
                 )),
                 LayoutChange::NewFile => {
                     let (xid, passed, from) = *held.undecided.get_or_insert((
@@ -546,6 +512,9 @@ impl TableWatch {
 #[derive(Debug, PartialEq, Eq)]
 enum LayoutChange {
     None,
+    /// What the archive had not recorded (the column names of a version-2 layout) filled in,
+    /// or enum labels added: nothing stored and no schema changed.
+    Filled,
     /// Only catalog rows (names, columns, replica identity): no stored value changed.
     Schema,
     /// Stored values changed without a change in the stream: a column gained a value existing
@@ -558,20 +527,32 @@ enum LayoutChange {
 }
 
 fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
-    // A layout recorded without names (format 2) equals one with names otherwise equal.
-    let same_but_names = known.column_names.is_empty()
-        && *known
-            == StorageLayout {
-                column_names: Vec::new(),
-                ..now.clone()
-            };
-    if known == now || same_but_names {
-        LayoutChange::None
-    } else if known.missing_values != now.missing_values || column_renamed(known, now) {
+    if known == now {
+        return LayoutChange::None;
+    }
+    let label_renamed = label_renamed(known, now);
+    // What a look fills in that changes nothing stored: the names a version-2 layout did not
+    // record, and enum labels added (or not recorded before version 4).
+    let filled = StorageLayout {
+        column_names: if known.column_names.is_empty() {
+            Vec::new()
+        } else {
+            now.column_names.clone()
+        },
+        enum_labels: known.enum_labels.clone(),
+        ..now.clone()
+    };
+    if *known == filled && !label_renamed {
+        LayoutChange::Filled
+    } else if known.missing_values != now.missing_values
+        || column_renamed(known, now)
+        || label_renamed
+    {
         // A renamed column is read again too: pgoutput shows a rename as one column gone and
         // another come, and rows written before it would read the new name as NULL (they
         // are matched to the newer schema version by name); the re-read holds every row
-        // under the new name from its point on.
+        // under the new name from its point on. A renamed enum label changes how every
+        // stored value of it reads, and the stream says nothing.
         LayoutChange::Rewrite
     } else if known.file_node == now.file_node {
         LayoutChange::Schema
@@ -580,6 +561,20 @@ fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
     } else {
         LayoutChange::NewFile
     }
+}
+
+/// Whether an enum label both layouts know (by its OID) reads differently now (`ALTER TYPE …
+/// RENAME VALUE`); never when the earlier layout did not record labels (versions 2 and 3).
+fn label_renamed(known: &StorageLayout, now: &StorageLayout) -> bool {
+    let now: BTreeMap<u32, &str> = now
+        .enum_labels
+        .iter()
+        .map(|(oid, label)| (*oid, label.as_str()))
+        .collect();
+    known
+        .enum_labels
+        .iter()
+        .any(|(oid, label)| now.get(oid).is_some_and(|l| l != label))
 }
 
 /// Whether an attribute present in both layouts bears another name now (`RENAME COLUMN`);
@@ -987,6 +982,7 @@ mod tests {
                 .iter()
                 .map(|n| n.to_string())
                 .collect(),
+            enum_labels: Vec::new(),
         };
         let known = layout(10, &[], &[5, 5]);
         assert_eq!(layout_change(&known, &known.clone()), LayoutChange::None);
@@ -1022,7 +1018,7 @@ mod tests {
             column_names: Vec::new(),
             ..known.clone()
         };
-        assert_eq!(layout_change(&unnamed, &known), LayoutChange::None);
+        assert_eq!(layout_change(&unnamed, &known), LayoutChange::Filled);
         assert_eq!(
             layout_change(&unnamed, &column_renamed),
             LayoutChange::Schema
@@ -1036,6 +1032,25 @@ mod tests {
         assert_eq!(
             layout_change(&known, &layout(11, &[], &[5, 5])),
             LayoutChange::NewFile
+        );
+        // Enum labels: recorded when first seen, an added label changes nothing stored, a
+        // renamed one (same OID, another text) every value of it.
+        let labels = |l: &[(u32, &str)]| StorageLayout {
+            enum_labels: l.iter().map(|(o, t)| (*o, t.to_string())).collect(),
+            ..known.clone()
+        };
+        let moods = labels(&[(16390, "sad"), (16392, "ok")]);
+        assert_eq!(layout_change(&known, &moods), LayoutChange::Filled);
+        assert_eq!(
+            layout_change(
+                &moods,
+                &labels(&[(16390, "sad"), (16392, "ok"), (16400, "happy")])
+            ),
+            LayoutChange::Filled
+        );
+        assert_eq!(
+            layout_change(&moods, &labels(&[(16390, "sad"), (16392, "fine")])),
+            LayoutChange::Rewrite
         );
     }
 

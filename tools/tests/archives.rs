@@ -7,7 +7,8 @@
 //! table without a key), every operation (snapshot, insert, update, delete, TRUNCATE,
 //! messages), Bemi context, two schema versions of one table, a gap recorded and closed by a
 //! re-snapshot, segments, and a log tail; from version 2 a table created while capture was
-//! stopped, and from version 3 a column of it renamed while capture was stopped. To record
+//! stopped, from version 3 a column of it renamed while capture was stopped, and from version
+//! 4 an enum label renamed while capture was stopped (`public.moods`). To record
 //! one for the current format version (only when the format changes; review the diff):
 //!
 //! ```sh
@@ -36,6 +37,9 @@ CREATE TABLE public.accounts (id int PRIMARY KEY, owner text NOT NULL, balance n
                               tags text[], meta jsonb, opened timestamptz);
 CREATE TABLE inventory.items (sku text, warehouse int, qty int NOT NULL, PRIMARY KEY (sku, warehouse));
 CREATE TABLE public.notes (author text, body text);
+CREATE TYPE public.mood AS ENUM ('sad', 'ok');
+CREATE TABLE public.moods (id int PRIMARY KEY, m public.mood, ms public.mood[]);
+INSERT INTO public.moods VALUES (1, 'ok', '{ok,sad}'), (2, 'sad', NULL), (3, NULL, '{}');
 ALTER TABLE public.notes REPLICA IDENTITY FULL;
 INSERT INTO public.accounts VALUES
   (1, 'ada', 100.50, '{a,b}', '{\"tier\": 1}', '2026-01-01 10:00:00+00'),
@@ -93,6 +97,20 @@ const TABLES: &[&str] = &["public.accounts", "inventory.items", "public.notes"];
 const LATER_TABLES: &[(u32, &str, &[&str])] = &[
     (2, "public.late", &["altered", "resnapshot", "tail"]),
     (3, "public.late", &["renamed"]),
+    (4, "public.late", &["relabeled"]),
+    (
+        4,
+        "public.moods",
+        &[
+            "snapshot",
+            "before_truncate",
+            "altered",
+            "resnapshot",
+            "tail",
+            "renamed",
+            "relabeled",
+        ],
+    ),
 ];
 
 fn fixtures_dir() -> PathBuf {
@@ -183,6 +201,22 @@ fn record(target: &Path) {
         .unwrap();
     assert!(capture(&[]).status.success(), "a renamed column");
     moment("renamed");
+    // Version 4: an enum label renamed while capture is stopped (every stored 'ok' reads
+    // 'fine' now, and no row changes): the next run reads the table again.
+    cluster.psql(db, "CHECKPOINT").unwrap();
+    assert!(
+        capture(&[]).status.success(),
+        "a look past the renamed moment"
+    );
+    cluster
+        .psql(
+            db,
+            "ALTER TYPE public.mood RENAME VALUE 'ok' TO 'fine'; \
+             INSERT INTO public.late VALUES (4, 'after the relabel');",
+        )
+        .unwrap();
+    assert!(capture(&[]).status.success(), "a renamed enum label");
+    moment("relabeled");
     std::fs::write(target.join("moments.txt"), moments.join("\n") + "\n").unwrap();
     for (name, answer) in answers(target, &archive) {
         let path = target.join("answers").join(format!("{name}.txt"));

@@ -452,6 +452,23 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         moments.push((ddl, held(s.cluster, &s.db, &only_t)));
         s.psql(&format!("UPDATE t SET amount = {n} WHERE id = {n}"));
     }
+    // An enum label renamed while capture is stopped: the next session knows the labels the
+    // archive recorded, and reads the table again.
+    {
+        // A look recorded after the previous moment keeps it out of the span the next session
+        // must refuse (from the last look the archive recorded).
+        s.psql("INSERT INTO nudge DEFAULT VALUES");
+        std::thread::sleep(Duration::from_millis(2500));
+        s.capture.kill().unwrap();
+        s.capture.wait().unwrap();
+        let ddl = "ALTER TYPE mood RENAME VALUE 'sad' TO 'glum'";
+        unknown.push((ddl, lsn(ddl)));
+        s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
+        wait_slot_active(s.cluster, &s.db, &s.db, &mut s.capture);
+        wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 9, &mut s.capture);
+        wait_caught_up(s.cluster, &s.db);
+        moments.push((ddl, held(s.cluster, &s.db, &only_t)));
+    }
     // A TRUNCATE also gives the table a new file, but the stream replays it exactly: no read,
     // and no moment refused. A label added to the enum changes no stored value: no read.
     let reads = snapshots_of(&s.archive, "public.t");

@@ -3,6 +3,7 @@
 //! current shape (see "Format versions" in the parent module's doc).
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 use super::codec::decode;
 use super::{HeldLayouts, StorageLayout, TableScope};
@@ -28,43 +29,85 @@ impl From<StorageLayoutV2> for StorageLayout {
             // Not recorded: a rename is told from an earlier layout only once one with the
             // names was recorded (the capture's next look records it).
             column_names: Vec::new(),
+            enum_labels: Vec::new(),
         }
     }
 }
 
-/// [`TableScope`] as version 2 wrote it.
+/// [`StorageLayout`] as version 3 wrote it: without the enum labels.
 #[derive(Deserialize)]
-struct TableScopeV2 {
+struct StorageLayoutV3 {
+    file_node: u32,
+    missing_values: Vec<i16>,
+    column_versions: Vec<u32>,
+    table_version: u32,
+    column_names: Vec<String>,
+}
+
+impl From<StorageLayoutV3> for StorageLayout {
+    fn from(v3: StorageLayoutV3) -> StorageLayout {
+        StorageLayout {
+            file_node: v3.file_node,
+            missing_values: v3.missing_values,
+            column_versions: v3.column_versions,
+            table_version: v3.table_version,
+            column_names: v3.column_names,
+            // Not recorded: a label renamed is told from an earlier layout only once one with
+            // the labels was recorded (the capture's next look records it).
+            enum_labels: Vec::new(),
+        }
+    }
+}
+
+/// [`TableScope`] as versions 2 and 3 wrote it, with the layout of that version.
+#[derive(Deserialize)]
+struct TableScopeOf<L> {
     relation_id: u32,
-    layout: Option<StorageLayoutV2>,
+    layout: Option<L>,
     unknown_from: Option<(Lsn, i64)>,
     dropped: bool,
     unpublished: bool,
 }
 
+fn scope_of<L: DeserializeOwned + Into<StorageLayout>>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<TableScope, LogError> {
+    let old: TableScopeOf<L> = decode(bytes, what)?;
+    Ok(TableScope {
+        relation_id: old.relation_id,
+        layout: old.layout.map(Into::into),
+        unknown_from: old.unknown_from,
+        dropped: old.dropped,
+        unpublished: old.unpublished,
+    })
+}
+
+fn layouts_of<L: DeserializeOwned + Into<StorageLayout>>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<HeldLayouts, LogError> {
+    let old: Vec<(u32, (Lsn, L))> = decode(bytes, what)?;
+    Ok(old
+        .into_iter()
+        .map(|(oid, (seen, layout))| (oid, (seen, layout.into())))
+        .collect())
+}
+
 /// A `snapshot_scope` value of a log of format version `format`.
 pub(crate) fn decode_scope(bytes: &[u8], format: u32) -> Result<TableScope, LogError> {
-    if format >= 3 {
-        return decode(bytes, "snapshot_scope");
+    match format {
+        ..=2 => scope_of::<StorageLayoutV2>(bytes, "snapshot_scope (version 2)"),
+        3 => scope_of::<StorageLayoutV3>(bytes, "snapshot_scope (version 3)"),
+        _ => decode(bytes, "snapshot_scope"),
     }
-    let v2: TableScopeV2 = decode(bytes, "snapshot_scope (version 2)")?;
-    Ok(TableScope {
-        relation_id: v2.relation_id,
-        layout: v2.layout.map(StorageLayout::from),
-        unknown_from: v2.unknown_from,
-        dropped: v2.dropped,
-        unpublished: v2.unpublished,
-    })
 }
 
 /// The `meta` entry `layouts` of a log of format version `format`.
 pub(crate) fn decode_layouts(bytes: &[u8], format: u32) -> Result<HeldLayouts, LogError> {
-    if format >= 3 {
-        return decode(bytes, "meta layouts");
+    match format {
+        ..=2 => layouts_of::<StorageLayoutV2>(bytes, "meta layouts (version 2)"),
+        3 => layouts_of::<StorageLayoutV3>(bytes, "meta layouts (version 3)"),
+        _ => decode(bytes, "meta layouts"),
     }
-    let v2: Vec<(u32, (Lsn, StorageLayoutV2))> = decode(bytes, "meta layouts (version 2)")?;
-    Ok(v2
-        .into_iter()
-        .map(|(oid, (seen, layout))| (oid, (seen, layout.into())))
-        .collect())
 }

@@ -60,6 +60,7 @@
 //! | 1       | the layout above without `snapshot_scope`. Builds before the format discipline wrote two variants under the same number, both read: one undo table `current_undo` keyed by commit LSN (drained by recovery into the index), and no `snapshots` table (read as no snapshot points) |
 //! | 2       | `snapshot_scope`: a snapshot may hold only some tables (a table synchronised while capture runs). Upgrade from 1: nothing to rewrite (a snapshot without scope rows holds every table, as version 1 meant); the number says that a version-1 reader, which would take a one-table snapshot for the whole archive's, must refuse the log |
 //! | 3       | a [`StorageLayout`] (in `snapshot_scope` values and `meta.layouts`) holds the columns' names, so that a renamed column is known. Upgrade from 2: those values are re-encoded with no names (`legacy`), which the capture's next look at the catalog fills in |
+//! | 4       | a [`StorageLayout`] holds the labels of the enum types the table uses, so that a label renamed while capture was stopped is known. Upgrade from 2 or 3: those values are re-encoded with no labels (`legacy`), which the capture's next look fills in |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -206,6 +207,14 @@ pub struct StorageLayout {
     /// an attribute whose name changed is a `RENAME COLUMN`, which pgoutput cannot tell from
     /// a column dropped and another added. Empty when not recorded (a version 2 layout).
     pub column_names: Vec<String>,
+    /// (version 4) The labels of every enum type the table's columns use (directly, as an
+    /// array's element, under a domain, inside a composite), by label OID, in OID order:
+    /// `ALTER TYPE … RENAME VALUE` keeps the OID and changes the label, and with it how every
+    /// stored value of it reads, with no change in the stream. Empty when the table uses no
+    /// enum, or when not recorded (versions 2 and 3: the capture's next look fills it in).
+    /// JSON without it (an older `pgtrail setup` trigger's message) reads as empty.
+    #[serde(default)]
+    pub enum_labels: Vec<(u32, String)>,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -422,8 +431,8 @@ impl ChangeLog {
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
                     )?;
                 }
-                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3
-                // re-encodes the storage layouts version 2 wrote. The new number is written in
+                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3 and
+                // 3 -> 4 re-encode the storage layouts the older version wrote. The new number is written in
                 // this redb transaction, with what it rewrites (see "Format versions"): a
                 // crash leaves either the old values and number or the new ones.
                 Some(v) if v < u64::from(FORMAT_VERSION) => {
@@ -1419,40 +1428,53 @@ mod tests {
         assert!(decode::<Row>(&short, "test").is_err());
     }
 
-    /// The version 2 fixture (written by that build) upgraded by the writer reads as it read
-    /// before the upgrade, now in version 3: the same snapshots, scopes and layouts.
+    /// The version 2 and 3 fixtures (written by those builds) upgraded by the writer read as
+    /// they read before the upgrade, now in the current version: the same snapshots, scopes
+    /// and layouts.
     #[test]
-    fn a_version_2_log_is_upgraded_in_place_and_reads_the_same() {
-        let fixture =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/archives/v2/shop/archive");
-        let dir = tempfile::tempdir().unwrap();
-        let archive = dir.path().join("a");
-        fs::create_dir(&archive).unwrap();
-        fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
-        fs::copy(fixture.join(LOG_FILE), archive.join(LOG_FILE)).unwrap();
-        let read = |archive: &Path| {
-            let reader = LogReader::open(archive).unwrap();
-            (
-                reader.format_version().unwrap(),
-                reader.snapshots().unwrap(),
-                reader.layouts().unwrap(),
-            )
-        };
-        let (format, snapshots, layouts) = read(&archive);
-        assert_eq!(format, Some(2));
-        let scoped = snapshots.iter().filter_map(|s| s.tables.as_ref()).flatten();
-        assert!(
-            scoped.clone().any(|t| t.layout.is_some()),
-            "the fixture records a layout: {snapshots:?}"
-        );
-        assert!(
-            scoped
+    fn older_logs_are_upgraded_in_place_and_read_the_same() {
+        for version in [2u32, 3] {
+            let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join(format!("../fixtures/archives/v{version}/shop/archive"));
+            let dir = tempfile::tempdir().unwrap();
+            let archive = dir.path().join("a");
+            fs::create_dir(&archive).unwrap();
+            fs::set_permissions(&archive, fs::Permissions::from_mode(0o700)).unwrap();
+            fs::copy(fixture.join(LOG_FILE), archive.join(LOG_FILE)).unwrap();
+            let read = |archive: &Path| {
+                let reader = LogReader::open(archive).unwrap();
+                (
+                    reader.format_version().unwrap(),
+                    reader.snapshots().unwrap(),
+                    reader.layouts().unwrap(),
+                )
+            };
+            let (format, snapshots, layouts) = read(&archive);
+            assert_eq!(format, Some(version));
+            let scoped = snapshots.iter().filter_map(|s| s.tables.as_ref()).flatten();
+            assert!(
+                scoped.clone().any(|t| t.layout.is_some()),
+                "v{version}: the fixture records a layout: {snapshots:?}"
+            );
+            let recorded: Vec<&StorageLayout> = scoped
                 .filter_map(|t| t.layout.as_ref())
-                .all(|l| l.column_names.is_empty())
-        );
-        drop(ChangeLog::open(&archive).unwrap());
-        let upgraded = read(&archive);
-        assert_eq!(upgraded, (Some(FORMAT_VERSION), snapshots, layouts));
+                .chain(layouts.iter().map(|(_, (_, l))| l))
+                .collect();
+            // What the version did not record reads as not recorded.
+            assert!(recorded.iter().all(|l| l.enum_labels.is_empty()));
+            assert_eq!(
+                recorded.iter().any(|l| !l.column_names.is_empty()),
+                version >= 3,
+                "v{version}: names"
+            );
+            drop(ChangeLog::open(&archive).unwrap());
+            let upgraded = read(&archive);
+            assert_eq!(
+                upgraded,
+                (Some(FORMAT_VERSION), snapshots, layouts),
+                "v{version}"
+            );
+        }
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub(crate) const META_LEFT_OUT: &str = "left_out";
 pub(crate) const META_LAYOUTS: &str = "layouts";
 
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
