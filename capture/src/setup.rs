@@ -28,7 +28,7 @@
 //! publishes it.
 
 use pgtrail_store::{ChangeKey, Column, RelationVersion, StorageLayout};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::CaptureError;
 
@@ -39,10 +39,26 @@ pub const CREATED_PREFIX: &str = "pgtrail.created";
 /// otherwise knows only as "after its previous look".
 pub const DDL_PREFIX: &str = "pgtrail.ddl";
 
-/// The SQL that installs (or replaces) the trigger for `publication`.
-pub fn install_sql(publication: &str) -> String {
+/// What an installed trigger was installed for, kept as the comment of its function (JSON):
+/// a capture compares it with its own publication and `--tables`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub publication: String,
+    /// The `--tables` entries it takes new tables by (none: every table with a primary key).
+    pub tables: Vec<String>,
+}
+
+/// The SQL that installs (or replaces) the trigger for `publication`, taking in the new
+/// tables `tables` (the `--tables` entries of the capture) takes in.
+pub fn install_sql(publication: &str, tables: &[String]) -> String {
+    let installed = Installed {
+        publication: publication.to_string(),
+        tables: tables.to_vec(),
+    };
+    let comment = quote_literal(&serde_json::to_string(&installed).unwrap_or_default());
     let publication = quote_literal(publication);
     let enum_labels = crate::slot::ENUM_LABELS_SQL;
+    let selection = crate::slot::selection_sql(tables, "n.nspname", "c.relname");
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
 CREATE OR REPLACE FUNCTION pgtrail.publish_new_tables() RETURNS event_trigger
@@ -75,8 +91,10 @@ BEGIN
   END LOOP;
   FOR created IN
     SELECT c.oid FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE d.command_tag = 'CREATE TABLE' AND d.classid = 'pg_class'::regclass
       AND c.relkind = 'r' AND c.relpersistence = 'p'
+      AND {selection}
       AND EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
                       WHERE p.pubname = {publication} AND r.prrelid = c.oid)
@@ -129,6 +147,7 @@ EXCEPTION WHEN OTHERS THEN
   RAISE WARNING 'pgtrail: the event trigger did not note this drop (%); pgtrail''s catalog watch will', SQLERRM;
 END
 $pgtrail$;
+COMMENT ON FUNCTION pgtrail.publish_new_tables() IS {comment};
 REVOKE ALL ON FUNCTION pgtrail.publish_new_tables() FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgtrail.note_dropped_tables() FROM PUBLIC;
 DROP EVENT TRIGGER IF EXISTS pgtrail_publish_new_tables;
@@ -150,15 +169,84 @@ DROP FUNCTION IF EXISTS pgtrail.note_dropped_tables();";
 /// Whether the trigger is installed and enabled in the source: the catalog watch then waits
 /// for the stream to pass a look before it dates a rewrite, so that the DDL's own point (its
 /// [`DDL_PREFIX`] message) is known.
-pub async fn installed(sql: &tokio_postgres::Client) -> Result<bool, CaptureError> {
+/// What for, when known: `Some` with `None` inside for a trigger an older pgtrail installed
+/// (it takes in every new table with a primary key, for a publication it does not say).
+pub async fn installed(
+    sql: &tokio_postgres::Client,
+) -> Result<Option<Option<Installed>>, CaptureError> {
     let row = sql
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'pgtrail_publish_new_tables' AND evtenabled <> 'D')",
+        .query_opt(
+            "SELECT obj_description(evtfoid, 'pg_proc') \
+             FROM pg_event_trigger WHERE evtname = 'pgtrail_publish_new_tables' AND evtenabled <> 'D'",
             &[],
         )
         .await
         .map_err(|e| CaptureError::sql("looking for pgtrail's event trigger", e))?;
-    Ok(row.get(0))
+    Ok(row.map(|row| {
+        row.get::<_, Option<String>>(0)
+            .and_then(|c| serde_json::from_str(&c).ok())
+    }))
+}
+
+/// An error when the trigger, installed for `publication`, takes in other new tables than
+/// `tables` does: it would publish tables this capture leaves out (their changes would reach
+/// the archive before a look could take them out again), or leave out tables it takes in.
+pub fn check_selection(
+    installed: &Option<Installed>,
+    publication: &str,
+    tables: &[String],
+) -> Result<(), CaptureError> {
+    let normal = |t: &[String]| {
+        let mut t: Vec<String> = t.iter().map(|e| e.trim().to_string()).collect();
+        t.sort();
+        t.dedup();
+        t
+    };
+    let (for_publication, takes) = match installed {
+        Some(i) => (i.publication == publication, normal(&i.tables)),
+        // An older trigger: every new table with a key, for its publication (unknown).
+        None => (true, Vec::new()),
+    };
+    if !for_publication || takes == normal(tables) {
+        return Ok(());
+    }
+    let given = if tables.is_empty() {
+        String::new()
+    } else {
+        format!(" --tables {}", quote_shell(&tables.join(",")))
+    };
+    Err(CaptureError::setup(
+        format!(
+            "pgtrail setup's event trigger takes in other new tables ({}) than this capture's --tables ({})",
+            if takes.is_empty() {
+                "every table with a primary key".to_string()
+            } else {
+                takes.join(",")
+            },
+            if tables.is_empty() {
+                "every table that can be captured safely".to_string()
+            } else {
+                tables.join(",")
+            },
+        ),
+        format!(
+            "install it again with the same selection: pgtrail setup --publication {}{given}  (as a superuser; or remove it with pgtrail setup --remove)",
+            quote_shell(publication)
+        ),
+    ))
+}
+
+/// `text` quoted for a POSIX shell when it needs it.
+fn quote_shell(text: &str) -> String {
+    if !text.is_empty()
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-,/".contains(c))
+    {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', "'\\''"))
+    }
 }
 
 /// The relation a [`DDL_PREFIX`] message names.
@@ -176,12 +264,13 @@ pub fn parse_ddl(content: &[u8]) -> Option<u32> {
 pub async fn run(
     sql: &tokio_postgres::Client,
     publication: &str,
+    tables: &[String],
     remove: bool,
 ) -> Result<(), CaptureError> {
     let body = if remove {
         REMOVE_SQL.to_string()
     } else {
-        install_sql(publication)
+        install_sql(publication, tables)
     };
     match sql.batch_execute(&format!("BEGIN;\n{body}\nCOMMIT;")).await {
         Ok(()) => Ok(()),

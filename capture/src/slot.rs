@@ -157,6 +157,61 @@ fn glob(pattern: &[Glob], text: &str) -> bool {
         .all(|g| *g == Glob::Any)
 }
 
+impl TablePattern {
+    /// This pattern as an SQL condition on a table's schema and name columns (`LIKE`, with
+    /// `*`/`?` as `%`/`_` and every other character matched as itself).
+    fn sql(&self, schema: &str, name: &str) -> String {
+        let like = |globs: &[Glob]| {
+            let mut text = String::new();
+            for g in globs {
+                match g {
+                    Glob::Any => text.push('%'),
+                    Glob::One => text.push('_'),
+                    Glob::Char(c @ ('%' | '_' | '\\')) => {
+                        text.push('\\');
+                        text.push(*c);
+                    }
+                    Glob::Char(c) => text.push(*c),
+                }
+            }
+            format!("'{}' ESCAPE '\\'", text.replace('\'', "''"))
+        };
+        match &self.schema {
+            Some(s) => format!(
+                "({schema} LIKE {} AND {name} LIKE {})",
+                like(s),
+                like(&self.name)
+            ),
+            None => format!("{name} LIKE {}", like(&self.name)),
+        }
+    }
+}
+
+/// `--tables` as an SQL condition on a table's `schema` and `name` columns: whether the
+/// selection takes the table in (by name: an exact name is matched as a pattern without
+/// wildcards, in every schema when it names none). `pgtrail setup`'s trigger publishes only
+/// new tables it takes in, the same tables a capture with that `--tables` takes in.
+pub fn selection_sql(listed: &[String], schema: &str, name: &str) -> String {
+    let (mut takes, mut leaves) = (Vec::new(), Vec::new());
+    for entry in listed {
+        match selector(entry) {
+            Selector::Name(n) => takes.push(TablePattern::parse(&n).sql(schema, name)),
+            Selector::Pattern(p) => takes.push(p.sql(schema, name)),
+            Selector::Exclude(p) => leaves.push(p.sql(schema, name)),
+        }
+    }
+    let takes = if takes.is_empty() {
+        "true".to_string()
+    } else {
+        format!("({})", takes.join(" OR "))
+    };
+    if leaves.is_empty() {
+        takes
+    } else {
+        format!("({takes} AND NOT ({}))", leaves.join(" OR "))
+    }
+}
+
 /// Resolve the tables to capture from `--tables`: exact names (parsed by PostgreSQL itself,
 /// so quoted identifiers work; one that cannot be captured safely is an error), patterns and
 /// exclusions; with no entry but exclusions, every table that can be captured safely (a

@@ -274,7 +274,13 @@ impl TableWatch {
         archive: &SharedLog,
     ) -> Result<SyncPlan, CaptureError> {
         let look = server_point(sql).await?;
-        let exact_points = crate::setup::installed(sql).await?;
+        let trigger = crate::setup::installed(sql).await?;
+        if let Some(installed) = &trigger {
+            // A trigger taking in other new tables than this capture would publish tables it
+            // leaves out: stop rather than archive them.
+            crate::setup::check_selection(installed, &config.publication, &config.tables)?;
+        }
+        let exact_points = trigger.is_some();
         let mut plan = SyncPlan::default();
         let publication = config.publication.as_str();
         let mut published = slot::publication_tables(sql, publication).await?;

@@ -54,6 +54,12 @@ struct SetupArgs {
     /// The publication the capture uses (pgtrail's own, created by its first run).
     #[arg(long, default_value = "pgtrail")]
     publication: String,
+    /// The capture's --tables (names, patterns, !exclusions, comma-separated): the trigger
+    /// publishes only the new tables they take in. Default: every new table with a primary
+    /// key. A capture whose --tables differ refuses to run (it would archive tables it
+    /// leaves out).
+    #[arg(long)]
+    tables: Option<String>,
     /// Take the trigger out instead.
     #[arg(long)]
     remove: bool,
@@ -226,25 +232,35 @@ pub(crate) fn progress_line(p: &Progress) {
 
 async fn setup(args: SetupArgs) -> anyhow::Result<()> {
     use pgtrail_capture::setup;
+    let tables = args
+        .tables
+        .as_deref()
+        .map(pgtrail_store::split_table_list)
+        .unwrap_or_default();
     if args.print_sql {
         if args.remove {
             println!("{}", setup::REMOVE_SQL);
         } else {
-            print!("{}", setup::install_sql(&args.publication));
+            print!("{}", setup::install_sql(&args.publication, &tables));
         }
         return Ok(());
     }
     let source = SourceConfig::parse(args.source.as_deref().unwrap_or_default())?;
     let sql = source.connect_sql().await?;
-    setup::run(&sql, &args.publication, args.remove).await?;
+    setup::run(&sql, &args.publication, &tables, args.remove).await?;
     if args.remove {
         eprintln!(
             "setup: the event trigger pgtrail_publish_new_tables is removed; new tables are found by capture's catalog watch"
         );
     } else {
         eprintln!(
-            "setup: event trigger pgtrail_publish_new_tables installed in {}: each new table with a primary key joins publication {:?} as it is created",
+            "setup: event trigger pgtrail_publish_new_tables installed in {}: each new table with a primary key{} joins publication {:?} as it is created",
             source.display(),
+            if tables.is_empty() {
+                String::new()
+            } else {
+                format!(" that --tables {} takes in", tables.join(","))
+            },
             args.publication
         );
     }

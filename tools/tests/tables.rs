@@ -50,8 +50,14 @@ impl Scene {
 
     /// Install `pgtrail setup`'s event trigger for the capture's publication.
     fn setup(&self) {
+        self.setup_with(&[]);
+    }
+
+    /// [`Scene::setup`] with more arguments.
+    fn setup_with(&self, extra: &[&str]) {
         let setup = pgtrail()
             .args(["setup", "--publication", &self.db])
+            .args(extra)
             .env("PGTRAIL_SOURCE", self.cluster.url(&self.db))
             .output()
             .unwrap();
@@ -865,4 +871,62 @@ fn with_setup_a_rewrite_and_a_drop_are_dated_by_their_ddl() {
     let t = snapshot.table("public.t").unwrap();
     let rows = archive_rows(&snapshot, t, Moment::Lsn(after.lsn)).unwrap();
     assert_eq!(rows, after.rows[0], "after the read");
+}
+
+/// `pgtrail setup --tables` publishes the new tables the capture's `--tables` takes in, and no
+/// other: a table the capture leaves out is never published, so none of its rows reaches the
+/// archive (`_` in a pattern is itself, not any character). A capture whose `--tables` differ
+/// from the trigger's refuses to run, saying how to install it again.
+#[test]
+fn with_setup_new_tables_follow_the_capture_selection() {
+    let selection = "!public.secret_*";
+    let mut s = Scene::start(
+        "selected",
+        "",
+        &["--catalog-secs", "3600", "--tables", selection],
+    );
+    s.setup_with(&["--tables", selection]);
+    s.psql(
+        "CREATE TABLE secret_keys (id int PRIMARY KEY, v text);
+         INSERT INTO secret_keys VALUES (1, 'hunter2');
+         CREATE TABLE secretary (id int PRIMARY KEY, v text);
+         INSERT INTO secretary VALUES (1, 'kept');",
+    );
+    let created = held(s.cluster, &s.db, &table_list(&["secretary"]));
+    wait_caught_up(s.cluster, &s.db);
+    let published = s.psql(&format!(
+        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
+        s.db
+    ));
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    assert_eq!(
+        published, "nudge,secretary",
+        "the excluded table is not published"
+    );
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    assert!(
+        snapshot.table("public.secret_keys").is_err(),
+        "the excluded table reached the archive"
+    );
+    let rows = archive_rows(
+        &snapshot,
+        snapshot.table("public.secretary").unwrap(),
+        Moment::Lsn(created.lsn),
+    )
+    .unwrap();
+    assert_eq!(rows, created.rows[0], "from its first row");
+    drop(snapshot);
+
+    // The trigger takes in what this capture would leave out: it does not run.
+    let mut other = spawn(s.cluster, &s.db, &s.archive, &[]);
+    let status = wait_exit(&mut other, Duration::from_secs(60));
+    let log = std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db))).unwrap();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("takes in other new tables (!public.secret_*)")
+            && log
+                .contains("install it again with the same selection: pgtrail setup --publication"),
+        "the error says how to install the trigger again: {log}"
+    );
 }
