@@ -97,14 +97,21 @@ pub fn for_each_change<'t>(
 
 /// The snapshot points of one table that a replay in key order passes, in order.
 struct SnapshotResets {
-    points: Vec<(Lsn, i64)>,
+    points: Vec<SnapshotPoint>,
     next: usize,
 }
 
 impl SnapshotResets {
     fn new(archive: &ArchiveSnapshot, table: &TableHistory) -> Self {
         SnapshotResets {
-            points: archive.snapshot_points(table),
+            points: archive
+                .table_snapshots(table)
+                .map(|(s, scope)| SnapshotPoint {
+                    lsn: s.lsn,
+                    committed_at_us: s.committed_at_us,
+                    unknown_from: scope.unknown_from.filter(|(from, _)| *from < s.lsn),
+                })
+                .collect(),
             next: 0,
         }
     }
@@ -124,11 +131,7 @@ impl SnapshotResets {
 
     fn passed_where(&mut self, within: impl Fn(SnapshotPoint) -> bool) -> Option<SnapshotPoint> {
         let mut hit = None;
-        while let Some(&(lsn, committed_at_us)) = self.points.get(self.next) {
-            let point = SnapshotPoint {
-                lsn,
-                committed_at_us,
-            };
+        while let Some(&point) = self.points.get(self.next) {
             if !within(point) {
                 break;
             }
@@ -259,6 +262,41 @@ pub(crate) fn check_archive_begins(archive: &ArchiveSnapshot, moment: Moment) ->
 pub(crate) struct SnapshotPoint {
     pub(crate) lsn: Lsn,
     pub(crate) committed_at_us: i64,
+    /// A read of the table again after DDL rewrote it (or it was dropped, or out of the
+    /// publication): the point from which its rows were not known until this one.
+    pub(crate) unknown_from: Option<(Lsn, i64)>,
+}
+
+/// The span the archive cannot answer that `moment` falls in, if any: the point from which
+/// the table's rows are unknown, until a later snapshot read it again.
+pub(crate) fn unknown_span_at(
+    archive: &ArchiveSnapshot,
+    table: &TableHistory,
+    moment: Moment,
+) -> Option<(Lsn, i64)> {
+    let within = |lsn: Lsn, at: i64| match moment {
+        Moment::Lsn(l) => l >= lsn,
+        Moment::Time(t) => t >= at,
+    };
+    let (_, next) = archive
+        .table_snapshots(table)
+        .find(|(s, _)| !within(s.lsn, s.committed_at_us))?;
+    next.unknown_from.filter(|(from, at)| within(*from, *at))
+}
+
+/// `row` (an image of `version`) with every value but its primary key's unknown: the row is
+/// known to exist (its inserts and deletes are in the stream) but not what it held.
+pub(crate) fn unknown_values(version: &RelationVersion, row: &Row) -> Row {
+    row.iter()
+        .zip(&version.columns)
+        .map(|(cell, column)| {
+            if version.primary_key.contains(&column.name) {
+                cell.clone()
+            } else {
+                Cell::Unknown
+            }
+        })
+        .collect()
 }
 
 /// What a change does to a table's rows, as the replay rules read its operation.
@@ -580,7 +618,14 @@ mod tests {
         let mut replay = Replay {
             until: Moment::Lsn(Lsn(500)),
             resets: SnapshotResets {
-                points: snapshots.to_vec(),
+                points: snapshots
+                    .iter()
+                    .map(|&(lsn, committed_at_us)| SnapshotPoint {
+                        lsn,
+                        committed_at_us,
+                        unknown_from: None,
+                    })
+                    .collect(),
                 next: 0,
             },
         };

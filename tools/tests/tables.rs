@@ -555,7 +555,7 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         "right after a TRUNCATE",
     );
     check("public.t", &last, &last.rows[0], "at the end");
-    for (ddl, at) in unknown {
+    for (ddl, at) in unknown.iter().copied() {
         let err = archive_rows(&snapshot, table("public.t"), Moment::Lsn(at)).unwrap_err();
         assert!(
             err.to_string().contains("rewritten by DDL"),
@@ -566,6 +566,154 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     assert!(err.to_string().contains("did not exist"), "{err}");
     let between = archive_rows(&snapshot, table("public.dropme"), Moment::Lsn(dropped_at));
     assert!(between.is_err(), "right after the drop: {between:?}");
+
+    // scd2 says the same: at every moment PostgreSQL was asked, the versions valid then are
+    // its rows; right after each DDL, every version valid is one of unknown values (the key
+    // kept), never the old values stretched over the span.
+    let lake = tempfile::tempdir().unwrap();
+    let export = pgtrail()
+        .args([
+            "export",
+            "--layout",
+            "scd2",
+            "--tables",
+            "public.t",
+            "--archive",
+        ])
+        .arg(&s.archive)
+        .arg("--to")
+        .arg(lake.path())
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let versions = scd2_versions(lake.path());
+    let valid_at = |lsn: Lsn| -> Vec<&Scd2Version> {
+        versions
+            .iter()
+            .filter(|v| v.from <= lsn.0 && v.to.is_none_or(|to| lsn.0 < to))
+            .collect()
+    };
+    for (ddl, moment) in &moments {
+        let valid = valid_at(moment.lsn);
+        assert_eq!(valid.len(), moment.rows[0].len(), "scd2 after {ddl}");
+        assert!(valid.iter().all(|v| v.op != "unknown"), "scd2 after {ddl}");
+    }
+    for (ddl, at) in &unknown {
+        let valid = valid_at(*at);
+        assert!(!valid.is_empty(), "scd2 right after {ddl}: no version");
+        for v in valid {
+            assert_eq!(v.op, "unknown", "scd2 right after {ddl}: {v:?}");
+            assert!(
+                v.id.is_some() && v.unknown.iter().any(|c| c == "amount"),
+                "{v:?}"
+            );
+        }
+    }
+    // An export that ends inside such a span: its current versions have unknown values.
+    let (ddl, at) = unknown[0];
+    let lake = tempfile::tempdir().unwrap();
+    let export = pgtrail()
+        .args([
+            "export",
+            "--layout",
+            "scd2",
+            "--tables",
+            "public.t",
+            "--archive",
+        ])
+        .arg(&s.archive)
+        .arg("--to")
+        .arg(lake.path())
+        .args(["--until", &at.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let versions = scd2_versions(lake.path());
+    let current: Vec<&Scd2Version> = versions.iter().filter(|v| v.to.is_none()).collect();
+    assert_eq!(current.len(), m0.rows[0].len(), "current right after {ddl}");
+    assert!(
+        current.iter().all(|v| v.op == "unknown" && v.from < at.0),
+        "current right after {ddl}: {current:?}"
+    );
+}
+
+/// One scd2 version of `public.t` as exported.
+#[derive(Debug)]
+struct Scd2Version {
+    id: Option<i64>,
+    from: u64,
+    to: Option<u64>,
+    op: String,
+    unknown: Vec<String>,
+}
+
+/// Every scd2 version of `public.t` under `lake`, read with the parquet crate.
+fn scd2_versions(lake: &Path) -> Vec<Scd2Version> {
+    use datafusion::arrow::array::{Array, AsArray};
+    use datafusion::arrow::compute::cast;
+    use datafusion::arrow::datatypes::{DataType, Int64Type};
+    let mut out = Vec::new();
+    for file in crate::walk(lake)
+        .into_iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "parquet"))
+    {
+        let reader =
+            datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                std::fs::File::open(&file).unwrap(),
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            let int =
+                |name: &str| cast(batch.column_by_name(name).unwrap(), &DataType::Int64).unwrap();
+            let (id, from, to) = (int("id"), int("_valid_from_lsn"), int("_valid_to_lsn"));
+            let (id, from, to) = (
+                id.as_primitive::<Int64Type>(),
+                from.as_primitive::<Int64Type>(),
+                to.as_primitive::<Int64Type>(),
+            );
+            let op = batch
+                .column_by_name("_op")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            let unknown = batch
+                .column_by_name("_unknown_columns")
+                .unwrap()
+                .as_list::<i32>()
+                .clone();
+            for r in 0..batch.num_rows() {
+                out.push(Scd2Version {
+                    id: id.is_valid(r).then(|| id.value(r)),
+                    from: from.value(r) as u64,
+                    to: to.is_valid(r).then(|| to.value(r) as u64),
+                    op: op.value(r).to_string(),
+                    unknown: if unknown.is_valid(r) {
+                        unknown
+                            .value(r)
+                            .as_string::<i32>()
+                            .iter()
+                            .flatten()
+                            .map(str::to_string)
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                });
+            }
+        }
+    }
+    out
 }
 
 #[test]

@@ -35,6 +35,7 @@ use crate::read::{
 };
 use crate::replay::{
     ApplyChange, Moment, OpenRows, OpenVersion, RowChange, RowSet, SnapshotPoint, replay_rows,
+    unknown_span_at, unknown_values,
 };
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
@@ -868,6 +869,10 @@ const SCD2_META: &[(&str, MetaType)] = &[
 
 const SNAPSHOT_META: &[(&str, MetaType)] = &[];
 
+/// scd2's `_op` of a version whose values the archive does not know (a span between DDL
+/// that rewrote the table and its read again).
+const UNKNOWN_OP: &str = "unknown";
+
 /// An export layout's rows as the replay moves through a table: `cdf` writes each change's
 /// images, `scd2` each row version as it closes (and the versions open at the end as the
 /// current state), `snapshot` the versions open at the end. Only what happens after `from`
@@ -930,6 +935,53 @@ impl LayoutRows<'_, '_, '_> {
         )
     }
 
+    /// Write scd2's version of unknown values for `old`'s row over the span `from` .. `to`
+    /// the archive cannot answer (see `restart`).
+    fn close_unknown(
+        &mut self,
+        old: &OpenVersion,
+        from: (Lsn, i64),
+        to: (Lsn, i64),
+    ) -> Result<(), ExportError> {
+        if self.layout != Layout::Scd2 || to.0 <= self.from {
+            return Ok(());
+        }
+        let row = unknown_values(old.version, &old.row);
+        let meta = [
+            MetaValue::Timestamp(Some(from.1)),
+            MetaValue::Timestamp(Some(to.1)),
+            MetaValue::Int64(Some(from.0.0 as i64)),
+            MetaValue::Int64(Some(to.0.0 as i64)),
+            MetaValue::Bool(false),
+            MetaValue::Text(Some(UNKNOWN_OP)),
+            MetaValue::Text(None),
+        ];
+        self.buffers.push(
+            self.files,
+            &self.closed_dir,
+            &self.closed_stem,
+            Some((old.version, &row)),
+            &meta,
+        )
+    }
+
+    /// End scd2's version `old` where the span from `unknown_from` the archive cannot answer
+    /// begins (or where `old` began, if later): its values are known up to there only.
+    /// Returns where the span begins for it.
+    fn close_before_span(
+        &mut self,
+        old: &OpenVersion,
+        unknown_from: (Lsn, i64),
+    ) -> Result<(Lsn, i64), ExportError> {
+        if old.from.commit_lsn >= unknown_from.0 {
+            // Written inside the span: not known to hold for any time (the DDL may have come
+            // after it); no version of zero length is written.
+            return Ok((old.from.commit_lsn, old.from_us));
+        }
+        self.close(old, unknown_from.0, unknown_from.1)?;
+        Ok(unknown_from)
+    }
+
     /// Whether cdf writes the change at `key` (a cdf export, and after the previous run).
     fn cdf_writes(&self, key: ChangeKey) -> bool {
         self.layout == Layout::Cdf && key.commit_lsn > self.from
@@ -955,9 +1007,20 @@ impl RowSet for LayoutRows<'_, '_, '_> {
     type Error = ExportError;
 
     /// A snapshot holds the whole state (after a gap, rows it lacks were deleted unseen):
-    /// every version open before it ends at it, as deletes (cdf) or closings (scd2).
+    /// every version open before it ends at it, as deletes (cdf) or closings (scd2). A read
+    /// of the table again after DDL rewrote it says from when its rows were not known: scd2
+    /// ends each version there and covers the span with a version of unknown values (the key
+    /// kept, every other column in `_unknown_columns`, `_op` = `unknown`), rather than
+    /// stretching the old values over a time they may not have held.
     fn restart(&mut self, at: SnapshotPoint) -> Result<(), ExportError> {
         for old in self.open.take_all() {
+            if let Some(unknown_from) = at.unknown_from
+                && self.layout == Layout::Scd2
+            {
+                let span = self.close_before_span(&old, unknown_from)?;
+                self.close_unknown(&old, span, (at.lsn, at.committed_at_us))?;
+                continue;
+            }
             if self.layout == Layout::Cdf && at.lsn > self.from {
                 let meta = [
                     MetaValue::Text(Some("delete")),
@@ -1059,7 +1122,9 @@ fn replay(
         cdf_dir: (i64::MIN, String::new()),
         buffers: Buffers {
             columns: lake_columns(versions_until(table, until), layout),
-            versions: &table.versions,
+            // The versions up to `until` only: a column's type is the one they agree on (a
+            // later `ALTER ... TYPE` would make it text here, unlike the run's schema).
+            versions: versions_until(table, until),
             meta: layout_meta(layout),
             open: Vec::new(),
         },
@@ -1067,6 +1132,21 @@ fn replay(
         files,
     };
     replay_rows(archive, table, Moment::Lsn(until), &mut rows).map_err(ExportError::DataFusion)?;
+
+    // `until` inside a span the archive cannot answer (the table was rewritten and is not
+    // read again yet): what the open rows hold at `until` is unknown. scd2 ends each version
+    // where the span begins; its current version, and the snapshot's row, has unknown values.
+    let span = unknown_span_at(archive, table, Moment::Lsn(until));
+    let mut span_starts = BTreeMap::new();
+    if let Some(unknown_from) = span
+        && layout == Layout::Scd2
+    {
+        let open = std::mem::take(&mut rows.open);
+        for (i, v) in open.versions().enumerate() {
+            span_starts.insert(i, rows.close_before_span(v, unknown_from)?);
+        }
+        rows.open = open;
+    }
 
     // The versions open at `until`: scd2's current files, or the snapshot.
     let LayoutRows {
@@ -1080,23 +1160,44 @@ fn replay(
         Layout::Scd2 => {
             let dir = format!("{partition}/state=current");
             let stem = format!("scd2-{}", lsn_name(until));
-            for v in open.versions() {
+            for (i, v) in open.versions().enumerate() {
+                let unknown_row;
+                let (row, from, op, context) = match span_starts.get(&i) {
+                    Some(&start) => {
+                        unknown_row = unknown_values(v.version, &v.row);
+                        (&unknown_row, start, UNKNOWN_OP, None)
+                    }
+                    None => (
+                        &v.row,
+                        (v.from.commit_lsn, v.from_us),
+                        v.op.as_str(),
+                        v.context.as_deref(),
+                    ),
+                };
                 let meta = [
-                    MetaValue::Timestamp(Some(v.from_us)),
+                    MetaValue::Timestamp(Some(from.1)),
                     MetaValue::Timestamp(None),
-                    MetaValue::Int64(Some(v.from.commit_lsn.0 as i64)),
+                    MetaValue::Int64(Some(from.0.0 as i64)),
                     MetaValue::Int64(None),
                     MetaValue::Bool(true),
-                    MetaValue::Text(Some(v.op.as_str())),
-                    MetaValue::Text(v.context.as_deref()),
+                    MetaValue::Text(Some(op)),
+                    MetaValue::Text(context),
                 ];
-                buffers.push(files, &dir, &stem, Some((v.version, &v.row)), &meta)?;
+                buffers.push(files, &dir, &stem, Some((v.version, row)), &meta)?;
             }
         }
         Layout::Snapshot => {
             let dir = format!("{partition}/snapshot_lsn={}", lsn_partition(until));
             for v in open.versions() {
-                buffers.push(files, &dir, "snapshot", Some((v.version, &v.row)), &[])?;
+                let unknown_row;
+                let row = match span {
+                    Some(_) => {
+                        unknown_row = unknown_values(v.version, &v.row);
+                        &unknown_row
+                    }
+                    None => &v.row,
+                };
+                buffers.push(files, &dir, "snapshot", Some((v.version, row)), &[])?;
             }
         }
         _ => {}
