@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 use serde_json::Value;
 
-use crate::{capture_until_now, pgtrail, pgtrail_sql};
+use crate::{capture_until_now, pgtrail, pgtrail_sql, pgtrail_sql_parquet};
 
 const TABLE: &str =
     "CREATE TABLE j (id int PRIMARY KEY, meta jsonb, raw json, metas jsonb[], note text)";
@@ -269,25 +269,11 @@ fn json_answers_embed_json_and_jsonb_values_as_json() {
     }
 
     // Parquet answers carry the canonical JSON type on json columns, for the tools reading them.
-    let file = dir.path().join("j.parquet");
-    let out = pgtrail()
-        .args(["sql", "--format", "parquet", "--output"])
-        .arg(&file)
-        .arg("--archive")
-        .arg(&archive)
-        .arg(format!("SELECT * FROM as_of_lsn('public.j', '{lsn1}')"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let reader = pgtrail_sql_parquet(
+        &archive,
+        &format!("SELECT * FROM as_of_lsn('public.j', '{lsn1}')"),
+        &dir.path().join("j.parquet"),
     );
-    let reader =
-        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(&file).unwrap(),
-        )
-        .unwrap();
     let schema = reader.schema().clone();
     let extension = |name: &str| {
         schema

@@ -118,6 +118,32 @@ fn pgtrail_sql(archive: &Path, format: &str, query: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `pgtrail sql --format parquet --output FILE` over `archive`, and a reader of the file
+/// (the parquet crate's own).
+fn pgtrail_sql_parquet(
+    archive: &Path,
+    query: &str,
+    file: &Path,
+) -> datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<std::fs::File> {
+    let out = pgtrail()
+        .args(["sql", "--format", "parquet", "--output"])
+        .arg(file)
+        .arg("--archive")
+        .arg(archive)
+        .arg(query)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{query}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+        std::fs::File::open(file).unwrap(),
+    )
+    .unwrap()
+}
+
 fn insert_lsn(cluster: &Cluster, db: &str) -> String {
     cluster
         .psql(db, "SELECT pg_current_wal_insert_lsn()")

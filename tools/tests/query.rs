@@ -11,7 +11,7 @@ use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 use pgtrail_query::{ArchiveSnapshot, Moment, state_at};
 use pgtrail_store::{Cell, Lsn};
 
-use crate::{pgtrail, terminate, wait_slot_active};
+use crate::{pgtrail, pgtrail_sql_parquet, terminate, wait_slot_active};
 
 /// Every column type of the capture round-trip table (and a few more).
 const TABLE: &str = "CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');
@@ -329,28 +329,13 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     }
     // Parquet for programs: written whole under --output, readable by the parquet crate alone.
     let export = dir.path().join("as_of.parquet");
-    let out = pgtrail()
-        .args(["sql", "--format", "parquet", "--output"])
-        .arg(&export)
-        .arg("--archive")
-        .arg(&archive)
-        .arg(format!(
-            "SELECT * FROM as_of_lsn('public.acct', '{first_lsn}')"
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let reader =
-        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(&export).unwrap(),
-        )
-        .unwrap()
-        .build()
-        .unwrap();
+    let reader = pgtrail_sql_parquet(
+        &archive,
+        &format!("SELECT * FROM as_of_lsn('public.acct', '{first_lsn}')"),
+        &export,
+    )
+    .build()
+    .unwrap();
     let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
     assert_eq!(rows, rebuilt[first_snap].len());
     assert!(!export.with_extension("pgtrail-tmp").exists());

@@ -570,27 +570,7 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     // scd2 says the same: at every moment PostgreSQL was asked, the versions valid then are
     // its rows; right after each DDL, every version valid is one of unknown values (the key
     // kept), never the old values stretched over the span.
-    let lake = tempfile::tempdir().unwrap();
-    let export = pgtrail()
-        .args([
-            "export",
-            "--layout",
-            "scd2",
-            "--tables",
-            "public.t",
-            "--archive",
-        ])
-        .arg(&s.archive)
-        .arg("--to")
-        .arg(lake.path())
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let versions = scd2_versions(lake.path());
+    let versions = scd2_of_t(&s.archive, None);
     let valid_at = |lsn: Lsn| -> Vec<&Scd2Version> {
         versions
             .iter()
@@ -615,28 +595,7 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     }
     // An export that ends inside such a span: its current versions have unknown values.
     let (ddl, at) = unknown[0];
-    let lake = tempfile::tempdir().unwrap();
-    let export = pgtrail()
-        .args([
-            "export",
-            "--layout",
-            "scd2",
-            "--tables",
-            "public.t",
-            "--archive",
-        ])
-        .arg(&s.archive)
-        .arg("--to")
-        .arg(lake.path())
-        .args(["--until", &at.to_string()])
-        .output()
-        .unwrap();
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
-    let versions = scd2_versions(lake.path());
+    let versions = scd2_of_t(&s.archive, Some(at));
     let current: Vec<&Scd2Version> = versions.iter().filter(|v| v.to.is_none()).collect();
     assert_eq!(current.len(), m0.rows[0].len(), "current right after {ddl}");
     assert!(
@@ -653,6 +612,35 @@ struct Scd2Version {
     to: Option<u64>,
     op: String,
     unknown: Vec<String>,
+}
+
+/// Every scd2 version of `public.t` in `archive`, exported (up to `until`) into a fresh
+/// directory and read back with the parquet crate.
+fn scd2_of_t(archive: &Path, until: Option<Lsn>) -> Vec<Scd2Version> {
+    let lake = tempfile::tempdir().unwrap();
+    let mut export = pgtrail();
+    export
+        .args([
+            "export",
+            "--layout",
+            "scd2",
+            "--tables",
+            "public.t",
+            "--archive",
+        ])
+        .arg(archive)
+        .arg("--to")
+        .arg(lake.path());
+    if let Some(until) = until {
+        export.args(["--until", &until.to_string()]);
+    }
+    let out = export.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    scd2_versions(lake.path())
 }
 
 /// Every scd2 version of `public.t` under `lake`, read with the parquet crate.
