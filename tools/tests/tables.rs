@@ -68,6 +68,14 @@ impl Scene {
         );
     }
 
+    /// The capture's publication's tables, by name, comma-separated in order.
+    fn published(&self) -> String {
+        self.psql(&format!(
+            "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
+            self.db
+        ))
+    }
+
     fn psql(&self, sql: &str) -> String {
         self.cluster
             .psql(&self.db, sql)
@@ -921,10 +929,7 @@ fn with_setup_a_new_table_is_captured_from_its_first_row() {
     s.psql("UPDATE fresh SET v = 'changed' WHERE id = 1; DELETE FROM fresh WHERE id = 2;");
     wait_caught_up(s.cluster, &s.db);
     let later = held(s.cluster, &s.db, &table_list(&["fresh"]));
-    let published = s.psql(&format!(
-        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
-        s.db
-    ));
+    let published = s.published();
     s.capture.kill().unwrap();
     s.capture.wait().unwrap();
     assert_eq!(
@@ -1030,10 +1035,7 @@ fn with_setup_new_tables_follow_the_capture_selection() {
     );
     let created = held(s.cluster, &s.db, &table_list(&["secretary"]));
     wait_caught_up(s.cluster, &s.db);
-    let published = s.psql(&format!(
-        "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_publication_tables WHERE pubname = '{}'",
-        s.db
-    ));
+    let published = s.published();
     s.capture.kill().unwrap();
     s.capture.wait().unwrap();
     assert_eq!(
