@@ -57,7 +57,10 @@ pub fn install_sql(publication: &str, tables: &[String]) -> String {
     };
     let comment = quote_literal(&serde_json::to_string(&installed).unwrap_or_default());
     let publication = quote_literal(publication);
-    let enum_labels = crate::slot::ENUM_LABELS_SQL;
+    let enum_labels = format!(
+        "COALESCE((SELECT l.labels FROM ({}) l(rel, labels)), ARRAY[]::text[])",
+        crate::slot::enum_labels_sql("a.attrelid = c.oid")
+    );
     let selection = crate::slot::selection_sql(tables, "n.nspname", "c.relname");
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
