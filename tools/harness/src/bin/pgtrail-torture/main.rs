@@ -131,6 +131,9 @@ struct Harness {
     archive: PathBuf,
     capture: Option<Child>,
     runs: u32,
+    /// Stream-only black holes injected again because the capture left the session for
+    /// another reason before it could notice (see `inject`).
+    overtaken: u32,
     /// The archive of the disk-full fault, moved off the full disk, to resume at the end.
     full_disk_archives: Vec<(PathBuf, bool)>,
     /// The disk-full fault runs once (it leaves a slot behind).
@@ -446,6 +449,9 @@ impl Harness {
                             .collect::<Vec<u16>>(),
                     );
                 }
+                // What the capture logs from the cut on tells whether it noticed.
+                let log_path = self.work.join(format!("capture-{:03}.log", self.runs));
+                let log_before = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
                 self.proxy.cut(if stream_only {
                     proxy::Cut::BlackHoleReplication
                 } else {
@@ -479,14 +485,31 @@ impl Harness {
                     format!("a black hole was not detected and replaced within {bound:?}: {e}")
                 })?;
                 if stream_only {
-                    let log = std::fs::read_to_string(
-                        self.work.join(format!("capture-{:03}.log", self.runs)),
-                    )
-                    .unwrap_or_default();
-                    if !log.contains("received none of this capture's status updates")
-                        && !log.contains("blocked sending to this capture")
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    let since = log.get(log_before..).unwrap_or_default();
+                    if !since.contains("received none of this capture's status updates")
+                        && !since.contains("blocked sending to this capture")
                     {
-                        return Err("the replication-only black hole was not recognised from the server's view of the walsender".into());
+                        // The capture left the black-holed session for another reason first
+                        // (a table copy that raced the migration storm's DDL reconnects): the
+                        // session was abandoned, nothing is lost, but the check of how a
+                        // dead stream is recognised did not run. Inject it again.
+                        if since.contains("capture interrupted; reconnecting") && self.overtaken < 3
+                        {
+                            self.overtaken += 1;
+                            eprintln!(
+                                "torture: {fault:?} overtaken by a reconnect for another reason; injecting it again"
+                            );
+                            return self.inject(fault);
+                        }
+                        return Err(format!(
+                            "the replication-only black hole was not recognised from the server's view of the walsender; the capture logged after the cut: {}",
+                            since
+                                .lines()
+                                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                                .collect::<Vec<_>>()
+                                .join(" | ")
+                        ));
                     }
                 }
                 eprintln!(
@@ -1114,6 +1137,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         proxy,
         capture: None,
         runs: 0,
+        overtaken: 0,
         full_disk_archives: Vec::new(),
         disk_full_tried: [false; 2],
         unthrottled: Arc::new(AtomicBool::new(false)),
