@@ -105,10 +105,28 @@ impl Session<'_> {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut last_tick = (Instant::now(), 0u64, 0u64);
         let summary = &mut *self.summary;
+        // Asked to stop with a table read in hand: until when the stream may still bring its
+        // point (see the shutdown branch).
+        let mut stopping: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 biased;
-                _ = shutdown.as_mut() => {
+                _ = shutdown.as_mut(), if stopping.is_none() => {
+                    if pending.is_none() {
+                        graceful_stop(writer, client, &translator).await?;
+                        return Ok(());
+                    }
+                    // A table read in hand is stored when the stream reaches its point (the
+                    // fence the copy wrote is on its way): store it first, for a bounded time,
+                    // so that the archive records the span it makes unknown rather than
+                    // answer the old rows there until a later run reads the table again.
+                    tracing::info!("stopping: storing the table read in hand first");
+                    stopping = Some(tokio::time::Instant::now() + config.stream_timeout);
+                }
+                _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => {
+                    // Safe: nothing of the read was stored or acknowledged; the next run finds
+                    // the same change in the catalog and reads the table again.
+                    tracing::warn!("stopping without the table read in hand: the stream did not reach its point in time; the next run reads the table again");
                     graceful_stop(writer, client, &translator).await?;
                     return Ok(());
                 }
@@ -158,6 +176,10 @@ impl Session<'_> {
                     }
                     if !ops.is_empty() {
                         writer.send(ops).await?;
+                    }
+                    if stopping.is_some() && pending.is_none() {
+                        graceful_stop(writer, client, &translator).await?;
+                        return Ok(());
                     }
                 }
                 _ = catalog_tick.tick(), if pending.is_none() => {
