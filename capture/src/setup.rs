@@ -43,7 +43,8 @@ pub const DDL_PREFIX: &str = "pgtrail.ddl";
 /// a capture compares it with its own publication and `--tables`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Installed {
-    pub publication: String,
+    /// `None` for a trigger an older pgtrail installed: it does not say.
+    pub publication: Option<String>,
     /// The `--tables` entries it takes new tables by (none: every table with a primary key).
     pub tables: Vec<String>,
 }
@@ -52,7 +53,7 @@ pub struct Installed {
 /// tables `tables` (the `--tables` entries of the capture) takes in.
 pub fn install_sql(publication: &str, tables: &[String]) -> String {
     let installed = Installed {
-        publication: publication.to_string(),
+        publication: Some(publication.to_string()),
         tables: tables.to_vec(),
     };
     let comment = quote_literal(&serde_json::to_string(&installed).unwrap_or_default());
@@ -172,11 +173,9 @@ DROP FUNCTION IF EXISTS pgtrail.note_dropped_tables();";
 /// Whether the trigger is installed and enabled in the source: the catalog watch then waits
 /// for the stream to pass a look before it dates a rewrite, so that the DDL's own point (its
 /// [`DDL_PREFIX`] message) is known.
-/// What for, when known: `Some` with `None` inside for a trigger an older pgtrail installed
-/// (it takes in every new table with a primary key, for a publication it does not say).
-pub async fn installed(
-    sql: &tokio_postgres::Client,
-) -> Result<Option<Option<Installed>>, CaptureError> {
+/// What for: a trigger an older pgtrail installed has no comment, and takes in every new
+/// table with a primary key, for a publication it does not say.
+pub async fn installed(sql: &tokio_postgres::Client) -> Result<Option<Installed>, CaptureError> {
     let row = sql
         .query_opt(
             "SELECT obj_description(evtfoid, 'pg_proc') \
@@ -188,6 +187,10 @@ pub async fn installed(
     Ok(row.map(|row| {
         row.get::<_, Option<String>>(0)
             .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or(Installed {
+                publication: None,
+                tables: Vec::new(),
+            })
     }))
 }
 
@@ -195,7 +198,7 @@ pub async fn installed(
 /// `tables` does: it would publish tables this capture leaves out (their changes would reach
 /// the archive before a look could take them out again), or leave out tables it takes in.
 pub fn check_selection(
-    installed: &Option<Installed>,
+    installed: &Installed,
     publication: &str,
     tables: &[String],
 ) -> Result<(), CaptureError> {
@@ -205,11 +208,11 @@ pub fn check_selection(
         t.dedup();
         t
     };
-    let (for_publication, takes) = match installed {
-        Some(i) => (i.publication == publication, normal(&i.tables)),
-        // An older trigger: every new table with a key, for its publication (unknown).
-        None => (true, Vec::new()),
-    };
+    let for_publication = installed
+        .publication
+        .as_deref()
+        .is_none_or(|p| p == publication);
+    let takes = normal(&installed.tables);
     if !for_publication || takes == normal(tables) {
         return Ok(());
     }

@@ -570,8 +570,9 @@ pub struct LayoutNow {
 /// condition on `a.attrelid`) use (directly, as an array's element, under a domain or inside
 /// a composite): a row per table using one, its OID and the labels as `'<label oid>=<label>'`
 /// texts in OID order (see [`StorageLayout::enum_labels`]). One query for every table of a
-/// look: measured on PostgreSQL 15 with 1,000 tables (500 using an enum), about 25 ms, as
-/// much as the rest of the layouts query; an expression per table took 550 ms. Types that
+/// look: timed once by hand with psql on PostgreSQL 15 with 1,000 tables (500 using an enum),
+/// about 25 ms, as much as the rest of the layouts query, where an expression per table took
+/// 550 ms (not a benchmark of `pgtrail-bench`; see commit af72896). Types that
 /// cannot reach an enum (base types that are not arrays) end the search at once. The
 /// catalog look and `pgtrail setup`'s trigger both use it, so they record the same labels.
 pub(crate) fn enum_labels_sql(relations: &str) -> String {

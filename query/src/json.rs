@@ -87,15 +87,17 @@ impl JsonColumns {
         }
     }
 
-    /// A field of an answer: a column of the table, or a row image (`before`, `after`) whose
-    /// fields are columns.
+    /// A field of an answer: a column of the table (`images` false), or a row image
+    /// (`before`, `after`) whose fields are columns.
     fn answer_field(&self, field: &Field, images: bool) -> Field {
+        if !images {
+            return self.column(field);
+        }
         match field.data_type() {
-            DataType::Struct(children) if images && is_image(field.name()) => {
+            DataType::Struct(children) if is_image(field.name()) => {
                 let children: Fields = children.iter().map(|c| self.column(c)).collect();
                 field.clone().with_data_type(DataType::Struct(children))
             }
-            _ if !images => self.column(field),
             _ => field.clone(),
         }
     }

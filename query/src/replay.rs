@@ -35,9 +35,14 @@ pub enum Moment {
 
 impl Moment {
     pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
+        self.reaches(key.commit_lsn, committed_at_us)
+    }
+
+    /// Whether this moment is at or after the point `lsn`, committed at `committed_at_us`.
+    pub(crate) fn reaches(&self, lsn: Lsn, committed_at_us: i64) -> bool {
         match self {
             Moment::Time(t) => committed_at_us <= *t,
-            Moment::Lsn(l) => key.commit_lsn <= *l,
+            Moment::Lsn(l) => lsn <= *l,
         }
     }
 
@@ -123,10 +128,7 @@ impl SnapshotResets {
 
     /// The last snapshot point within `moment` not passed yet, if any.
     fn passed_by(&mut self, moment: Moment) -> Option<SnapshotPoint> {
-        self.passed_where(|p| match moment {
-            Moment::Lsn(l) => p.lsn <= l,
-            Moment::Time(t) => p.committed_at_us <= t,
-        })
+        self.passed_where(|p| moment.reaches(p.lsn, p.committed_at_us))
     }
 
     fn passed_where(&mut self, within: impl Fn(SnapshotPoint) -> bool) -> Option<SnapshotPoint> {
@@ -166,14 +168,10 @@ pub(crate) fn check_begins(
     moment: Moment,
 ) -> Result<()> {
     check_archive_begins(archive, moment)?;
-    let within = |lsn: Lsn, at: i64| match moment {
-        Moment::Lsn(l) => l >= lsn,
-        Moment::Time(t) => t >= at,
-    };
     let snapshots: Vec<_> = archive.table_snapshots(table).collect();
     let split = snapshots
         .iter()
-        .position(|(s, _)| !within(s.lsn, s.committed_at_us))
+        .position(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))
         .unwrap_or(snapshots.len());
     // The snapshots of the table within the moment, and the first one after it.
     let (passed, next) = (&snapshots[..split], snapshots.get(split));
@@ -181,12 +179,7 @@ pub(crate) fn check_begins(
         format!("LSN {}, {}", s.lsn, format_us(s.committed_at_us))
     };
     let (name, moment_text) = (table.qualified_name(), moment.to_string());
-    // A later snapshot read the table again after DDL rewrote (or dropped) it: the moments
-    // between that DDL's earliest point and the snapshot are not known.
-    if let Some((snapshot, scope)) = next
-        && let Some((from, from_us)) = scope.unknown_from
-        && within(from, from_us)
-    {
+    if let Some((snapshot, scope, (from, from_us))) = unknown_span(archive, table, moment) {
         return Err(QueryError::TableUnknown {
             table: name,
             moment: moment_text,
@@ -267,21 +260,26 @@ pub(crate) struct SnapshotPoint {
     pub(crate) unknown_from: Option<(Lsn, i64)>,
 }
 
-/// The span the archive cannot answer that `moment` falls in, if any: the point from which
-/// the table's rows are unknown, until a later snapshot read it again.
-pub(crate) fn unknown_span_at(
-    archive: &ArchiveSnapshot,
-    table: &TableHistory,
+/// The span the archive cannot answer that `moment` falls in, if any: a later snapshot read
+/// the table again after DDL rewrote (or dropped) it, and the moments between that DDL's
+/// earliest point and the snapshot are not known. That snapshot, its scope, and the point the
+/// rows are unknown from.
+pub(crate) fn unknown_span<'a>(
+    archive: &'a ArchiveSnapshot,
+    table: &'a TableHistory,
     moment: Moment,
-) -> Option<(Lsn, i64)> {
-    let within = |lsn: Lsn, at: i64| match moment {
-        Moment::Lsn(l) => l >= lsn,
-        Moment::Time(t) => t >= at,
-    };
-    let (_, next) = archive
+) -> Option<(
+    &'a pgtrail_store::SnapshotRecord,
+    pgtrail_store::TableScope,
+    (Lsn, i64),
+)> {
+    let (snapshot, scope) = archive
         .table_snapshots(table)
-        .find(|(s, _)| !within(s.lsn, s.committed_at_us))?;
-    next.unknown_from.filter(|(from, at)| within(*from, *at))
+        .find(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))?;
+    let from = scope
+        .unknown_from
+        .filter(|(lsn, at)| moment.reaches(*lsn, *at))?;
+    Some((snapshot, scope, from))
 }
 
 /// `row` (an image of `version`) with every value but its primary key's unknown: the row is

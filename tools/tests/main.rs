@@ -101,11 +101,16 @@ fn capture_until_now(cluster: &Cluster, db: &str, archive: &Path) {
         .unwrap_or_else(|e| panic!("capture: {}", pgtrail_capture::run::error_chain(&e)));
 }
 
-/// `pgtrail sql --format FORMAT` over `archive`: its standard output, or a panic with its
-/// error output.
-fn pgtrail_sql(archive: &Path, format: &str, query: &str) -> String {
-    let out = pgtrail()
-        .args(["sql", "--format", format, "--archive"])
+/// `pgtrail sql --format FORMAT [--output FILE]` over `archive`: its standard output, or a
+/// panic with its error output.
+fn run_sql(archive: &Path, format: &str, output: Option<&Path>, query: &str) -> String {
+    let mut cmd = pgtrail();
+    cmd.args(["sql", "--format", format]);
+    if let Some(file) = output {
+        cmd.arg("--output").arg(file);
+    }
+    let out = cmd
+        .arg("--archive")
         .arg(archive)
         .arg(query)
         .output()
@@ -118,6 +123,11 @@ fn pgtrail_sql(archive: &Path, format: &str, query: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `pgtrail sql --format FORMAT` over `archive`: its standard output.
+fn pgtrail_sql(archive: &Path, format: &str, query: &str) -> String {
+    run_sql(archive, format, None, query)
+}
+
 /// `pgtrail sql --format parquet --output FILE` over `archive`, and a reader of the file
 /// (the parquet crate's own).
 fn pgtrail_sql_parquet(
@@ -125,19 +135,7 @@ fn pgtrail_sql_parquet(
     query: &str,
     file: &Path,
 ) -> datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder<std::fs::File> {
-    let out = pgtrail()
-        .args(["sql", "--format", "parquet", "--output"])
-        .arg(file)
-        .arg("--archive")
-        .arg(archive)
-        .arg(query)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{query}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_sql(archive, "parquet", Some(file), query);
     datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
         std::fs::File::open(file).unwrap(),
     )

@@ -7,6 +7,7 @@ mod destination;
 mod files;
 mod rows;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -35,7 +36,7 @@ use crate::read::{
 };
 use crate::replay::{
     ApplyChange, Moment, OpenRows, OpenVersion, RowChange, RowSet, SnapshotPoint, replay_rows,
-    unknown_span_at, unknown_values,
+    unknown_span, unknown_values,
 };
 use files::PartitionedFiles;
 use rows::{LakeRows, MetaType, MetaValue};
@@ -1136,39 +1137,21 @@ fn replay(
     // `until` inside a span the archive cannot answer (the table was rewritten and is not
     // read again yet): what the open rows hold at `until` is unknown. scd2 ends each version
     // where the span begins; its current version, and the snapshot's row, has unknown values.
-    let span = unknown_span_at(archive, table, Moment::Lsn(until));
-    let mut span_starts = BTreeMap::new();
-    if let Some(unknown_from) = span
-        && layout == Layout::Scd2
-    {
-        let open = std::mem::take(&mut rows.open);
-        for (i, v) in open.versions().enumerate() {
-            span_starts.insert(i, rows.close_before_span(v, unknown_from)?);
-        }
-        rows.open = open;
-    }
-
-    // The versions open at `until`: scd2's current files, or the snapshot.
-    let LayoutRows {
-        open,
-        mut buffers,
-        partition,
-        files,
-        ..
-    } = rows;
+    let span = unknown_span(archive, table, Moment::Lsn(until)).map(|(_, _, from)| from);
     match layout {
         Layout::Scd2 => {
-            let dir = format!("{partition}/state=current");
+            let dir = format!("{}/state=current", rows.partition);
             let stem = format!("scd2-{}", lsn_name(until));
-            for (i, v) in open.versions().enumerate() {
-                let unknown_row;
-                let (row, from, op, context) = match span_starts.get(&i) {
-                    Some(&start) => {
-                        unknown_row = unknown_values(v.version, &v.row);
-                        (&unknown_row, start, UNKNOWN_OP, None)
-                    }
+            for v in rows.open.take_all() {
+                let (row, from, op, context) = match span {
+                    Some(unknown_from) => (
+                        Cow::Owned(unknown_values(v.version, &v.row)),
+                        rows.close_before_span(&v, unknown_from)?,
+                        UNKNOWN_OP,
+                        None,
+                    ),
                     None => (
-                        &v.row,
+                        Cow::Borrowed(&v.row),
                         (v.from.commit_lsn, v.from_us),
                         v.op.as_str(),
                         v.context.as_deref(),
@@ -1183,24 +1166,22 @@ fn replay(
                     MetaValue::Text(Some(op)),
                     MetaValue::Text(context),
                 ];
-                buffers.push(files, &dir, &stem, Some((v.version, row)), &meta)?;
+                rows.buffers
+                    .push(rows.files, &dir, &stem, Some((v.version, &row)), &meta)?;
             }
         }
         Layout::Snapshot => {
-            let dir = format!("{partition}/snapshot_lsn={}", lsn_partition(until));
-            for v in open.versions() {
-                let unknown_row;
+            let dir = format!("{}/snapshot_lsn={}", rows.partition, lsn_partition(until));
+            for v in rows.open.versions() {
                 let row = match span {
-                    Some(_) => {
-                        unknown_row = unknown_values(v.version, &v.row);
-                        &unknown_row
-                    }
-                    None => &v.row,
+                    Some(_) => Cow::Owned(unknown_values(v.version, &v.row)),
+                    None => Cow::Borrowed(&v.row),
                 };
-                buffers.push(files, &dir, "snapshot", Some((v.version, row)), &[])?;
+                rows.buffers
+                    .push(rows.files, &dir, "snapshot", Some((v.version, &row)), &[])?;
             }
         }
         _ => {}
     }
-    buffers.flush(files)
+    rows.buffers.flush(rows.files)
 }
