@@ -112,16 +112,24 @@ impl Session<'_> {
             tokio::select! {
                 biased;
                 _ = shutdown.as_mut(), if stopping.is_none() => {
+                    stopping = Some(tokio::time::Instant::now() + config.stream_timeout);
                     if pending.is_none() {
-                        graceful_stop(writer, client, &translator).await?;
-                        return Ok(());
+                        // A last look at the catalog, once everything received is durable:
+                        // a column name that came and went since the previous look is in the
+                        // archive but no look has compared it with the catalog yet, and the
+                        // archive would answer rows under it (wrong) until the next run.
+                        // Torture's TLS tier found that window at a SIGTERM.
+                        pending = last_look(&mut watch, &self.sql, config, &translator, writer).await?;
+                        if pending.is_none() {
+                            graceful_stop(writer, client, &translator).await?;
+                            return Ok(());
+                        }
                     }
                     // A table read in hand is stored when the stream reaches its point (the
                     // fence the copy wrote is on its way): store it first, for a bounded time,
                     // so that the archive records the span it makes unknown rather than
                     // answer the old rows there until a later run reads the table again.
                     tracing::info!("stopping: storing the table read in hand first");
-                    stopping = Some(tokio::time::Instant::now() + config.stream_timeout);
                 }
                 _ = tokio::time::sleep_until(stopping.unwrap_or_else(tokio::time::Instant::now)), if stopping.is_some() => {
                     // Safe: nothing of the read was stored or acknowledged; the next run finds
@@ -184,14 +192,8 @@ impl Session<'_> {
                 }
                 _ = catalog_tick.tick(), if pending.is_none() => {
                     let past_stop = config.stop_at.is_some_and(|stop| writer.durable() >= stop);
-                    let mut plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator, &writer.shared_log())).await?;
-                    let records = plan.records();
-                    if !records.is_empty() {
-                        writer.send(records).await?;
-                    }
-                    if !plan.is_empty() {
-                        pending = Some(table_sync::sync(config, &self.sql, plan).await?);
-                    }
+                    let plan = within(config.stream_timeout, "looking at the catalog", watch.due(&self.sql, config, &translator, &writer.shared_log())).await?;
+                    pending = carry_out(plan, &self.sql, config, writer).await?;
                     looked_past_stop |= past_stop;
                     if looked_past_stop && pending.is_none() {
                         graceful_stop(writer, client, &translator).await?;
@@ -219,6 +221,62 @@ impl Session<'_> {
                 }
             }
         }
+    }
+}
+
+/// Send what a look keeps to the writer and start its table reads (a sync waiting for the
+/// stream to reach its point), if it found any.
+async fn carry_out(
+    mut plan: table_sync::SyncPlan,
+    sql: &tokio_postgres::Client,
+    config: &crate::run::CaptureConfig,
+    writer: &WriterHandle,
+) -> Result<Option<PendingSync>, CaptureError> {
+    let records = plan.records();
+    if !records.is_empty() {
+        writer.send(records).await?;
+    }
+    if plan.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(table_sync::sync(config, sql, plan).await?))
+}
+
+/// The look at the catalog a stop makes, after everything received is durable (so that every
+/// schema version the stream brought is compared with the catalog). Only what makes stored
+/// rows wrong is acted on (rewrites, names that came and went, drops, schema changes): a new
+/// table waits for the next run rather than hold the stop for its copy. A look the source
+/// cannot answer now (unreachable, timed out) is said and skipped: the next run makes it.
+async fn last_look(
+    watch: &mut TableWatch,
+    sql: &tokio_postgres::Client,
+    config: &crate::run::CaptureConfig,
+    translator: &Translator,
+    writer: &WriterHandle,
+) -> Result<Option<PendingSync>, CaptureError> {
+    if translator.last_commit_end > pgtrail_store::Lsn::ZERO {
+        writer.wait_durable(translator.last_commit_end).await?;
+    }
+    let look = async {
+        let mut plan = watch
+            .due(sql, config, translator, &writer.shared_log())
+            .await?;
+        plan.copy.retain(|(_, scope)| scope.unknown_from.is_some());
+        carry_out(plan, sql, config, writer).await
+    };
+    match within(
+        config.stream_timeout,
+        "looking at the catalog before stopping",
+        look,
+    )
+    .await
+    {
+        // The source unreachable or busy: stop without it (the next run looks first).
+        Err(e) if e.is_transient() => {
+            tracing::warn!(error = %e, "stopping without a last look at the catalog; the next run makes it");
+            Ok(None)
+        }
+        answer => answer,
     }
 }
 

@@ -612,6 +612,48 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     );
 }
 
+#[test]
+fn a_stop_right_after_a_column_name_came_and_went_reads_the_table_again_first() {
+    // One look at the catalog when streaming starts, then none until the stop: the stop's
+    // own look is the first to compare what the stream brought with the catalog.
+    let mut s = Scene::start(
+        "stopname",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        &["--catalog-secs", "3600"],
+    );
+    let only_t = table_list(&["t"]);
+    wait_caught_up(s.cluster, &s.db);
+    // Renamed and renamed back in one transaction, with writes under the passing name: the
+    // catalog never shows it, the stream does.
+    s.psql(
+        "BEGIN; ALTER TABLE t RENAME COLUMN v TO tmp; \
+         UPDATE t SET tmp = tmp || '~' WHERE id % 3 = 0; \
+         ALTER TABLE t RENAME COLUMN tmp TO v; COMMIT",
+    );
+    let after = held(s.cluster, &s.db, &only_t);
+    wait_caught_up(s.cluster, &s.db);
+    crate::terminate(&mut s.capture);
+
+    let log = std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db))).unwrap();
+    assert_eq!(
+        snapshots_of(&s.archive, "public.t"),
+        2,
+        "the stop did not read the table again; capture's log: {log}"
+    );
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let table = snapshot.table("public.t").unwrap();
+    // Between the rename and the read, the rows written under the passing name cannot be
+    // told from the others: refused, never answered with a column `tmp`.
+    let err = archive_rows(&snapshot, table, Moment::Lsn(after.lsn)).unwrap_err();
+    assert!(err.to_string().contains("rewritten by DDL"), "{err}");
+    let last = archive_rows(&snapshot, table, Moment::Lsn(Lsn(u64::MAX))).unwrap();
+    assert_eq!(
+        last, after.rows[0],
+        "after the stop's read, PostgreSQL's rows"
+    );
+}
+
 /// One scd2 version of `public.t` as exported.
 #[derive(Debug)]
 struct Scd2Version {
