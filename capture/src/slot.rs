@@ -592,6 +592,45 @@ pub(crate) fn enum_labels_sql(relations: &str) -> String {
     )
 }
 
+/// The enum type under each column type of the tables `oids` that has one (the column's type
+/// is the enum, an array of it, or a domain over either, at any depth), by the column type's
+/// OID: the enum's schema, name and labels in sort order. Composite types are not looked into:
+/// the segment description names columns, not fields.
+pub async fn enum_types(
+    sql: &tokio_postgres::Client,
+    oids: &[u32],
+) -> Result<pgtrail_store::EnumTypes, CaptureError> {
+    let rows = sql
+        .query(
+            "WITH RECURSIVE under(col_type, t) AS ( \
+               SELECT DISTINCT a.atttypid, a.atttypid FROM pg_attribute a JOIN pg_type ty ON ty.oid = a.atttypid \
+               WHERE a.attrelid = ANY($1) AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND (ty.typtype IN ('e', 'd') OR ty.typcategory = 'A') \
+               UNION \
+               SELECT under.col_type, CASE WHEN ty.typtype = 'd' THEN ty.typbasetype ELSE ty.typelem END \
+               FROM under JOIN pg_type ty ON ty.oid = under.t \
+               WHERE ty.typtype = 'd' OR ty.typcategory = 'A') \
+             SELECT under.col_type, n.nspname::text, e.typname::text, \
+                    ARRAY(SELECT l.enumlabel::text FROM pg_enum l WHERE l.enumtypid = e.oid ORDER BY l.enumsortorder) \
+             FROM under JOIN pg_type e ON e.oid = under.t AND e.typtype = 'e' \
+             JOIN pg_namespace n ON n.oid = e.typnamespace",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the enum types the tables use", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let enum_type = pgtrail_store::EnumType {
+                schema: row.get(1),
+                name: row.get(2),
+                labels: row.get(3),
+            };
+            (row.get::<_, u32>(0), enum_type)
+        })
+        .collect())
+}
+
 /// [`enum_labels_sql`]'s texts as (label OID, label); a text that is not one is passed over.
 pub(crate) fn enum_labels_from(texts: &[String]) -> Vec<(u32, String)> {
     texts

@@ -165,6 +165,9 @@ impl Session<'_> {
                         return Err(CaptureError::Replication(ReplicationError::stream_ended()));
                     };
                     let ops = translator.translate(event, &mut keys).await?;
+                    if ops.iter().any(|op| matches!(op, pgtrail_store::LogOp::Type { .. })) {
+                        watch.note_types();
+                    }
                     if let Some(notes) = translator.take_setup_notes()
                         && watch.note_setup(notes)
                     {

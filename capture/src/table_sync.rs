@@ -77,6 +77,11 @@ pub(crate) struct TableWatch {
     /// DDL points `pgtrail setup`'s trigger noted in the stream (relation, or 0 for any; the
     /// commit point of its transaction), in stream order; kept while a look may date by them.
     ddl_points: Vec<(u32, (Lsn, i64))>,
+    /// The enum types under the tables' column types, as the archive records them.
+    enum_types: pgtrail_store::EnumTypes,
+    /// The enum types are to be looked up at the next look: the session is new, a layout
+    /// changed (a column added, labels added or renamed), or the stream named a type.
+    enums_due: bool,
 }
 
 #[derive(Debug)]
@@ -172,6 +177,9 @@ pub(crate) struct SyncPlan {
     pub left_out: Option<Vec<(String, String)>>,
     /// The held tables' layouts, when one changed: to record.
     pub layouts: Option<pgtrail_store::HeldLayouts>,
+    /// Every enum type the archive knows under a column type, when the look found one new or
+    /// changed: to record.
+    pub enum_types: Option<pgtrail_store::EnumTypes>,
 }
 
 impl SyncPlan {
@@ -193,6 +201,9 @@ impl SyncPlan {
         if let Some(layouts) = self.layouts.take() {
             ops.push(LogOp::Layouts(layouts));
         }
+        if let Some(types) = self.enum_types.take() {
+            ops.push(LogOp::EnumTypes(types));
+        }
         ops
     }
 }
@@ -204,6 +215,8 @@ impl TableWatch {
         let reader = LogReader::of_shared(&writer.shared_log())?;
         let mut watch = TableWatch {
             last_look: reader.catalog_seen()?,
+            enum_types: reader.enum_types()?,
+            enums_due: true,
             ..TableWatch::default()
         };
         let relations = reader.relations()?;
@@ -249,6 +262,12 @@ impl TableWatch {
         let noted = !notes.ddl.is_empty();
         self.ddl_points.extend(notes.ddl);
         noted
+    }
+
+    /// The stream named a type that is not built in (it does before a relation that uses one):
+    /// the next look finds whether an enum is under it.
+    pub(crate) fn note_types(&mut self) {
+        self.enums_due = true;
     }
 
     /// Note what a stored snapshot at `since` says of its tables.
@@ -436,6 +455,17 @@ impl TableWatch {
             .filter_map(|h| h.deferred.map(|d| d.0))
             .fold(look.0, Lsn::min);
         self.ddl_points.retain(|(_, p)| p.0 >= oldest_needed);
+        if std::mem::take(&mut self.enums_due) || self.layouts_changed {
+            let found = slot::enum_types(sql, &oids).await;
+            // Looked up again at the next look if this one failed (then the error ends it).
+            self.enums_due = found.is_err();
+            let mut known = self.enum_types.clone();
+            known.extend(found?);
+            if known != self.enum_types {
+                self.enum_types = known;
+                plan.enum_types = Some(self.enum_types.clone());
+            }
+        }
         if std::mem::take(&mut self.layouts_changed) {
             plan.layouts = Some(
                 self.held

@@ -29,7 +29,8 @@ use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
 use crate::log::{
-    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
+    CHANGES, LogReader, META, META_ENUM_TYPES, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS,
+    decode, encode, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::{
@@ -291,6 +292,7 @@ impl Compactor {
         // set read here is exactly the set trimmed below.
         let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
+        let enums = enum_types(&meta)?;
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -345,6 +347,7 @@ impl Compactor {
                         &self.segments_dir,
                         &stem,
                         &content,
+                        &enums,
                         &self.options.segment,
                     )?;
                     &mut e.insert((id, content, w)).2
@@ -494,13 +497,22 @@ impl Compactor {
     ) -> Result<(), CompactError> {
         let first = &inputs[0];
         let content = first.content.clone();
-        let id = {
+        let (id, enums) = {
             let rtx = self.db.begin_read()?;
-            meta_u64(&rtx.open_table(META)?, META_NEXT_SEGMENT)?.max(1)
+            let meta = rtx.open_table(META)?;
+            (
+                meta_u64(&meta, META_NEXT_SEGMENT)?.max(1),
+                enum_types(&meta)?,
+            )
         };
         let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
-        let mut w =
-            SegmentWriter::create(&self.segments_dir, &stem, &content, &self.options.segment)?;
+        let mut w = SegmentWriter::create(
+            &self.segments_dir,
+            &stem,
+            &content,
+            &enums,
+            &self.options.segment,
+        )?;
         for input in &inputs {
             let path = self.segments_dir.join(&input.file_name);
             let reader =
@@ -584,6 +596,15 @@ impl Compactor {
         wtx.commit()?;
         report.retired_removed += expired.len() as u64;
         Ok(())
+    }
+}
+
+/// The enum types the capture recorded (see [`crate::LogOp::EnumTypes`]), written into each
+/// segment's description; none in a log that has not recorded them.
+fn enum_types(meta: &redb::ReadOnlyTable<&str, &[u8]>) -> Result<crate::EnumTypes, CompactError> {
+    match meta.get(META_ENUM_TYPES)? {
+        Some(v) => Ok(decode(v.value(), "meta enum_types")?),
+        None => Ok(crate::EnumTypes::new()),
     }
 }
 

@@ -45,4 +45,4 @@ pub use relation::{
 pub use status::{
     ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,
 };
-pub use type_name::{TypeNames, format_type};
+pub use type_name::{EnumType, EnumTypes, TypeNames, format_type};

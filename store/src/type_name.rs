@@ -9,6 +9,26 @@ use crate::relation::quote_ident;
 /// Names of types that are not built in, by OID: `(schema, name)` from the Type messages.
 pub type TypeNames = BTreeMap<u32, (String, String)>;
 
+/// The enum type under a column's type (the enum itself, an array of it, a domain over either),
+/// as the catalog held it when the capture last looked: its name and its labels in sort
+/// order (PostgreSQL orders and compares an enum's values by this order, not by their text).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EnumType {
+    pub schema: String,
+    pub name: String,
+    pub labels: Vec<String>,
+}
+
+impl EnumType {
+    /// `schema.name`, each part quoted as PostgreSQL would.
+    pub fn qualified_name(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// The enum types under column types, by the column type's OID.
+pub type EnumTypes = BTreeMap<u32, EnumType>;
+
 /// `format_type(oid, type_modifier)` as PostgreSQL prints it, or `unknown type (oid N)` for a
 /// type the archive has no name for (never a guess).
 pub fn format_type(oid: u32, type_modifier: i32, names: &TypeNames) -> String {

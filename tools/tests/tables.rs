@@ -610,6 +610,69 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
         current.iter().all(|v| v.op == "unknown" && v.from < at.0),
         "current right after {ddl}: {current:?}"
     );
+
+    // Compacted now, the segment of `t` written last names its enum columns (the enum, and an
+    // array of a domain over it) with the enum's labels in sort order as the catalog holds
+    // them after the renames and the label added; the values are dictionary-encoded text.
+    let compact = pgtrail()
+        .args(["compact", "--archive"])
+        .arg(&s.archive)
+        .output()
+        .unwrap();
+    assert!(
+        compact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+    let segments = segments_of_t(&s.archive);
+    let (last, dictionary) = segments.last().expect("segments of t");
+    let labels = serde_json::json!(["glum", "fine", "happy"]);
+    assert_eq!(
+        *last,
+        serde_json::json!({
+            "m": {"type": "public.mood", "labels": labels},
+            "ms": {"type": "public.mood", "labels": labels},
+        })
+    );
+    assert!(dictionary, "after.m is not dictionary-encoded");
+}
+
+/// Each Parquet segment of `public.t` in `archive`, in the order written: the `enums` of its
+/// `pgtrail.segment` description (read with the parquet crate, as any reader would), and
+/// whether its `after.m` column chunks are dictionary-encoded.
+fn segments_of_t(archive: &Path) -> Vec<(serde_json::Value, bool)> {
+    use datafusion::parquet::basic::Encoding;
+    use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+    let mut files: Vec<_> = std::fs::read_dir(archive.join(pgtrail_store::SEGMENTS_DIR))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .filter_map(|path| {
+            let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+            let meta = reader.metadata();
+            let described: serde_json::Value = meta
+                .file_metadata()
+                .key_value_metadata()?
+                .iter()
+                .find(|kv| kv.key == "pgtrail.segment")
+                .and_then(|kv| serde_json::from_str(kv.value.as_deref()?).ok())?;
+            (described["content"]["Table"]["name"] == "t").then(|| {
+                let dictionary = (0..meta.num_row_groups()).all(|g| {
+                    let group = meta.row_group(g);
+                    (0..group.num_columns()).any(|c| {
+                        let column = group.column(c);
+                        column.column_path().string() == "after.m"
+                            && column.encodings().any(|e| e == Encoding::RLE_DICTIONARY)
+                    })
+                });
+                (described["enums"].clone(), dictionary)
+            })
+        })
+        .collect()
 }
 
 #[test]

@@ -16,7 +16,7 @@
 //! | `types`        | `type_oid u32`                        | encoded `(schema, name)` of a non-builtin type |
 //! | `current_rows` | `(relation_id u32, key bytes)`        | encoded [`Row`]: the latest version     |
 //! | `current_undo_0`, `current_undo_1` | `(relation_id u32, key bytes)` | the `current_rows` value before the open transaction touched it (`0` absent, `1` + value) |
-//! | `meta`         | name                                  | position, last commit, source identity  |
+//! | `meta`         | name                                  | position, last commit, source identity, the catalog watch's records (see `schema`) |
 //! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
 //! | `snapshots`    | `commit_lsn u64`                      | commit time (µs) of a snapshot transaction |
 //! | `snapshot_scope` | `(commit_lsn u64, relation_id u32)` | encoded [`TableScope`]: the tables a snapshot transaction holds (none listed: every table) |
@@ -286,6 +286,10 @@ pub enum LogOp {
     /// The storage layout of each held table as the catalog watch last accepted it, with the
     /// point it was seen at; kept in `meta` with the next commit.
     Layouts(HeldLayouts),
+    /// The enum types under the captured tables' column types, every one the archive knows
+    /// (a type no table uses any more included); kept in `meta` with the next commit, and
+    /// written into each segment's description by compaction.
+    EnumTypes(crate::EnumTypes),
     /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
     /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
     /// names no relation holds every table (the initial snapshot of an archive written before
@@ -923,6 +927,9 @@ impl ChangeLog {
             }
             LogOp::Layouts(layouts) => {
                 self.meta_pending.insert(META_LAYOUTS, encode(&layouts));
+            }
+            LogOp::EnumTypes(types) => {
+                self.meta_pending.insert(META_ENUM_TYPES, encode(&types));
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;

@@ -137,6 +137,12 @@ impl LogReader {
         self.meta_value(META_CATALOG_SEEN)
     }
 
+    /// The enum types under column types, as the capture last found them (see
+    /// [`LogOp::EnumTypes`](crate::LogOp::EnumTypes)); empty before any was recorded.
+    pub fn enum_types(&self) -> Result<crate::EnumTypes, LogError> {
+        Ok(self.meta_value(META_ENUM_TYPES)?.unwrap_or_default())
+    }
+
     /// The tables the capture leaves out, with the reason (see
     /// [`LogOp::LeftOut`](crate::LogOp::LeftOut)); empty before any was recorded.
     pub fn left_out(&self) -> Result<Vec<(String, String)>, LogError> {

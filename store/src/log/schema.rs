@@ -53,6 +53,11 @@ pub(crate) const META_LEFT_OUT: &str = "left_out";
 /// accepted it (after a TRUNCATE, or DDL that changed no stored value), with the point it was
 /// seen at: `Vec<(relation_id, (Lsn, StorageLayout))>` (version 2's layout had no names).
 pub(crate) const META_LAYOUTS: &str = "layouts";
+/// The enum type under each column type that has one, by the column type's OID, as the
+/// capture's catalog watch last found it ([`EnumTypes`](crate::EnumTypes)). Added within
+/// version 4: a log without it has none recorded, and a reader that does not know the key
+/// passes over it.
+pub(crate) const META_ENUM_TYPES: &str = "enum_types";
 
 /// The on-disk format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 4;

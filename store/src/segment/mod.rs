@@ -30,7 +30,10 @@
 //!
 //! The Parquet key-value metadata `pgtrail.segment` holds JSON with the format version, the
 //! relation version (schema, name, columns with PostgreSQL type OID and modifier, primary key)
-//! and the key range, so a segment explains itself to any reader.
+//! and the key range, so a segment explains itself to any reader. Columns of an enum type (or
+//! an array of one, or a domain over either) are named in `enums`, with the enum's qualified
+//! name and its labels in sort order as the capture last found them before the segment was
+//! written; the values are text, which Parquet stores dictionary-encoded.
 
 mod reader;
 mod types;

@@ -588,8 +588,14 @@ mod tests {
             row_group_rows: 7,
             ..Default::default()
         };
-        let mut writer =
-            super::super::SegmentWriter::create(dir.path(), "s", &content, &options).unwrap();
+        let mut writer = super::super::SegmentWriter::create(
+            dir.path(),
+            "s",
+            &content,
+            &Default::default(),
+            &options,
+        )
+        .unwrap();
         for n in 1..=60u64 {
             writer
                 .push(

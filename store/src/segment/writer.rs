@@ -32,6 +32,27 @@ use crate::crashpoint;
 use crate::error::SegmentError;
 use crate::lsn::{ChangeKey, Lsn};
 
+/// The enum type under each column of `content` that has one, by column name: its qualified
+/// name and labels in sort order (the segment description's `enums`).
+fn enum_columns(
+    content: &SegmentContent,
+    enums: &crate::EnumTypes,
+) -> std::collections::BTreeMap<String, serde_json::Value> {
+    let SegmentContent::Table(rel) = content else {
+        return Default::default();
+    };
+    rel.columns
+        .iter()
+        .filter_map(|c| {
+            let e = enums.get(&c.type_oid)?;
+            Some((
+                c.name.clone(),
+                serde_json::json!({"type": e.qualified_name(), "labels": e.labels}),
+            ))
+        })
+        .collect()
+}
+
 /// How segments are written.
 #[derive(Clone, Debug)]
 pub struct SegmentOptions {
@@ -120,6 +141,7 @@ impl SegmentWriter {
         dir: &Path,
         stem: &str,
         content: &SegmentContent,
+        enums: &crate::EnumTypes,
         options: &SegmentOptions,
     ) -> Result<SegmentWriter, SegmentError> {
         let tmp_path = dir.join(format!(".{stem}.tmp"));
@@ -140,10 +162,14 @@ impl SegmentWriter {
             hasher: Sha256::new(),
             bytes: 0,
         };
-        let description = serde_json::json!({
+        let mut description = serde_json::json!({
             "format_version": SEGMENT_FORMAT_VERSION,
             "content": content,
         });
+        let enums = enum_columns(content, enums);
+        if !enums.is_empty() {
+            description["enums"] = serde_json::json!(enums);
+        }
         let zstd =
             ZstdLevel::try_new(options.zstd_level).map_err(|source| SegmentError::Parquet {
                 path: tmp_path.clone(),
