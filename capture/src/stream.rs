@@ -236,11 +236,18 @@ async fn carry_out(
     writer: &WriterHandle,
 ) -> Result<Option<PendingSync>, CaptureError> {
     let records = plan.records();
+    let marks_reads = records
+        .iter()
+        .any(|op| matches!(op, pgtrail_store::LogOp::PendingReads(_)));
     if !records.is_empty() {
         writer.send(records).await?;
     }
     if plan.is_empty() {
         return Ok(None);
+    }
+    if marks_reads {
+        // The reads decided on are durable before the copy: see `TableWatch::due`.
+        writer.flush().await?;
     }
     Ok(Some(table_sync::sync(config, sql, plan).await?))
 }

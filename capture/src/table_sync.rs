@@ -82,6 +82,12 @@ pub(crate) struct TableWatch {
     /// The enum types are to be looked up at the next look: the session is new, a layout
     /// changed (a column added, labels added or renamed), or the stream named a type.
     enums_due: bool,
+    /// Reads decided on (a rewrite or a drop found) and not stored yet, each with the point
+    /// the table's rows are unknown from: recorded before the copy (see `META_PENDING_READS`
+    /// in the store), dropped from the list when the read is stored.
+    pending_reads: Vec<TableScope>,
+    /// `pending_reads` changed since it was last recorded.
+    pending_changed: bool,
 }
 
 #[derive(Debug)]
@@ -180,6 +186,9 @@ pub(crate) struct SyncPlan {
     /// Every enum type the archive knows under a column type, when the look found one new or
     /// changed: to record.
     pub enum_types: Option<pgtrail_store::EnumTypes>,
+    /// Every read decided on and not stored yet, when that list changed: to record, durably,
+    /// before any copy starts.
+    pub pending_reads: Option<Vec<TableScope>>,
 }
 
 impl SyncPlan {
@@ -203,6 +212,9 @@ impl SyncPlan {
         }
         if let Some(types) = self.enum_types.take() {
             ops.push(LogOp::EnumTypes(types));
+        }
+        if let Some(pending) = self.pending_reads.take() {
+            ops.push(LogOp::PendingReads(pending));
         }
         ops
     }
@@ -248,6 +260,9 @@ impl TableWatch {
             }
         }
         watch.layouts_changed = false;
+        // Recorded again at the first look, without the reads a snapshot has stored since.
+        watch.pending_reads = reader.pending_reads()?;
+        watch.pending_changed = true;
         Ok(watch)
     }
 
@@ -273,6 +288,12 @@ impl TableWatch {
     /// Note what a stored snapshot at `since` says of its tables.
     pub(crate) fn hold(&mut self, since: (Lsn, i64), tables: Vec<TableScope>) {
         self.layouts_changed = true;
+        let pending = self.pending_reads.len();
+        self.pending_reads.retain(|p| {
+            !tables.iter().any(|t| t.relation_id == p.relation_id)
+                || p.unknown_from.is_some_and(|(from, _)| from >= since.0)
+        });
+        self.pending_changed |= self.pending_reads.len() != pending;
         for t in tables {
             if t.dropped {
                 self.held.remove(&t.relation_id);
@@ -445,6 +466,18 @@ impl TableWatch {
             if !self.held.contains_key(&t.oid) {
                 plan.copy.push((t.clone(), TableScope::whole(t.oid)));
             }
+        }
+        // Each read decided on is recorded before its copy starts: a crash before the copy is
+        // stored leaves an archive that refuses the table's moments from the point, not one
+        // that answers its old rows there until the next run decides again.
+        for scope in plan.copy.iter().map(|(_, s)| s).chain(&plan.dropped) {
+            if scope.unknown_from.is_some() && !self.pending_reads.contains(scope) {
+                self.pending_reads.push(scope.clone());
+                self.pending_changed = true;
+            }
+        }
+        if std::mem::take(&mut self.pending_changed) {
+            plan.pending_reads = Some(self.pending_reads.clone());
         }
         self.last_look = Some(look);
         plan.layouts_seen = settled.then_some(look);

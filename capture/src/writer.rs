@@ -36,6 +36,8 @@ enum WriterMsg {
     DiscardPartial(oneshot::Sender<Result<(), LogError>>),
     SetIdentity(SourceIdentity, oneshot::Sender<Result<(), LogError>>),
     RecordGap(Gap, oneshot::Sender<Result<(), LogError>>),
+    /// Answered once everything sent before it is in a durable commit.
+    Flush(oneshot::Sender<Result<(), LogError>>),
 }
 
 /// Counters the writer keeps, for progress lines.
@@ -146,6 +148,12 @@ impl WriterHandle {
         self.call(|tx| WriterMsg::RecordGap(gap, tx)).await
     }
 
+    /// Wait until everything sent so far is in a durable commit (records outside source
+    /// transactions included, which the durable position does not show).
+    pub async fn flush(&self) -> Result<(), CaptureError> {
+        self.call(WriterMsg::Flush).await
+    }
+
     /// The position made durable so far (safe to acknowledge).
     pub fn durable(&self) -> Lsn {
         *self.durable.borrow()
@@ -248,6 +256,10 @@ fn run_writer(
             }
             Some(WriterMsg::RecordGap(gap, reply)) => {
                 let _ = reply.send(log.record_gap(&gap));
+            }
+            // The batch before it was committed just above.
+            Some(WriterMsg::Flush(reply)) => {
+                let _ = reply.send(Ok(()));
             }
         }
     }

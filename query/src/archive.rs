@@ -96,6 +96,9 @@ pub struct ArchiveSnapshot {
     /// and each table synchronised while capture ran. Each holds the whole state of the
     /// tables it names at that point.
     pub snapshots: Vec<SnapshotRecord>,
+    /// Table reads the capture decided on (a rewrite or a drop found) and had not stored when
+    /// it stopped: each table's rows are unknown from the scope's point on.
+    pub pending_reads: Vec<pgtrail_store::TableScope>,
     pub tables: BTreeMap<String, TableHistory>,
     /// Names of the types that are not built in (see [`pgtrail_store::format_type`]).
     pub types: pgtrail_store::TypeNames,
@@ -200,6 +203,7 @@ impl ArchiveSnapshot {
             position: reader.position()?,
             gaps: reader.gaps()?,
             snapshots: reader.snapshots()?,
+            pending_reads: reader.pending_reads()?,
             types: reader.types()?,
             tables,
             message_segments,

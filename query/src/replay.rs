@@ -179,12 +179,15 @@ pub(crate) fn check_begins(
         format!("LSN {}, {}", s.lsn, format_us(s.committed_at_us))
     };
     let (name, moment_text) = (table.qualified_name(), moment.to_string());
-    if let Some((snapshot, scope, (from, from_us))) = unknown_span(archive, table, moment) {
+    if let Some(UnknownSpan { to, scope, from }) = unknown_span(archive, table, moment) {
         return Err(QueryError::TableUnknown {
             table: name,
             moment: moment_text,
-            from: format!("LSN {from}, {}", format_us(from_us)),
-            to: point(snapshot),
+            from: format!("LSN {}, {}", from.0, format_us(from.1)),
+            to: to.map_or_else(
+                || "its read, which the capture decided on and has not stored yet (its next run reads the table)".to_string(),
+                point,
+            ),
             what: if scope.unpublished {
                 "taken out of the publication"
             } else if scope.dropped {
@@ -260,26 +263,50 @@ pub(crate) struct SnapshotPoint {
     pub(crate) unknown_from: Option<(Lsn, i64)>,
 }
 
-/// The span the archive cannot answer that `moment` falls in, if any: a later snapshot read
-/// the table again after DDL rewrote (or dropped) it, and the moments between that DDL's
-/// earliest point and the snapshot are not known. That snapshot, its scope, and the point the
-/// rows are unknown from.
+/// A span of a table's history the archive cannot answer (see [`unknown_span`]).
+pub(crate) struct UnknownSpan<'a> {
+    /// The snapshot that read the table again (or marked it dropped) and ends the span; `None`
+    /// while that read is still to come (decided on, not stored).
+    pub to: Option<&'a pgtrail_store::SnapshotRecord>,
+    pub scope: pgtrail_store::TableScope,
+    /// The point (LSN, time) the rows are unknown from.
+    pub from: (Lsn, i64),
+}
+
+/// The span the archive cannot answer that `moment` falls in, if any: DDL rewrote (or
+/// dropped) the table, and the moments between that DDL's earliest point and the table's
+/// read after it are not known. The read is a later snapshot, or, when the capture stopped
+/// between deciding on it and storing it, a read still pending (the span is open).
 pub(crate) fn unknown_span<'a>(
     archive: &'a ArchiveSnapshot,
     table: &'a TableHistory,
     moment: Moment,
-) -> Option<(
-    &'a pgtrail_store::SnapshotRecord,
-    pgtrail_store::TableScope,
-    (Lsn, i64),
-)> {
-    let (snapshot, scope) = archive
+) -> Option<UnknownSpan<'a>> {
+    let reaches = |(lsn, at): &(Lsn, i64)| moment.reaches(*lsn, *at);
+    if let Some((snapshot, scope)) = archive
         .table_snapshots(table)
-        .find(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))?;
-    let from = scope
-        .unknown_from
-        .filter(|(lsn, at)| moment.reaches(*lsn, *at))?;
-    Some((snapshot, scope, from))
+        .find(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))
+    {
+        let from = scope.unknown_from.filter(reaches)?;
+        return Some(UnknownSpan {
+            to: Some(snapshot),
+            scope,
+            from,
+        });
+    }
+    // No snapshot after the moment: a read decided on before it and never stored.
+    let ids: Vec<u32> = table.relation_ids().collect();
+    archive
+        .pending_reads
+        .iter()
+        .filter(|p| ids.contains(&p.relation_id))
+        .filter_map(|p| Some((p.unknown_from.filter(reaches)?, p)))
+        .min_by_key(|(from, _)| *from)
+        .map(|(from, scope)| UnknownSpan {
+            to: None,
+            scope: scope.clone(),
+            from,
+        })
 }
 
 /// `row` (an image of `version`) with every value but its primary key's unknown: the row is

@@ -637,6 +637,85 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     assert!(dictionary, "after.m is not dictionary-encoded");
 }
 
+#[test]
+fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refused() {
+    let mut s = Scene::start(
+        "pendread",
+        "CREATE TABLE t (id int PRIMARY KEY, v text);
+         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+        &[],
+    );
+    let only_t = table_list(&["t"]);
+    wait_caught_up(s.cluster, &s.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ddl = "ALTER TABLE t ADD COLUMN flag int DEFAULT 5";
+    s.psql(ddl);
+    let after_ddl = held(s.cluster, &s.db, &only_t);
+    // A transaction left open holds the read's temporary slot (its creation waits for running
+    // transactions): the capture has decided on the read and cannot store it.
+    let log_path = s.archive.with_extension(format!("{}.log", s.db));
+    let mut open = std::process::Command::new(s.cluster.bin_dir().join("psql"))
+        .args(["-X", "-q", "-U", "postgres", "-h"])
+        .arg(s.cluster.socket_dir())
+        .args(["-p", &s.cluster.port().to_string(), "-d", &s.db, "-c"])
+        .arg("BEGIN; INSERT INTO nudge DEFAULT VALUES; SELECT pg_sleep(60); COMMIT;")
+        .env("PGAPPNAME", "holds_the_read")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("reading tables whole")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the capture never decided to read t again"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    // Its server session ends (and the transaction with it), not only the psql client.
+    s.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'holds_the_read'");
+    open.wait().unwrap();
+    assert_eq!(
+        snapshots_of(&s.archive, "public.t"),
+        1,
+        "the read was stored"
+    );
+
+    // Right after the DDL, and at any later moment: refused until the read is stored.
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let table = snapshot.table("public.t").unwrap();
+    for at in [after_ddl.lsn, Lsn(u64::MAX)] {
+        let err = archive_rows(&snapshot, table, Moment::Lsn(at)).unwrap_err();
+        assert!(
+            err.to_string().contains("has not stored yet"),
+            "at {at}: {err}"
+        );
+    }
+
+    // The next run reads the table: the span ends there, and the rows are PostgreSQL's.
+    s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
+    let now = held(s.cluster, &s.db, &only_t);
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let table = snapshot.table("public.t").unwrap();
+    let err = archive_rows(&snapshot, table, Moment::Lsn(after_ddl.lsn)).unwrap_err();
+    assert!(err.to_string().contains("rewritten by DDL"), "{err}");
+    assert!(
+        snapshot.pending_reads.is_empty(),
+        "{:?}",
+        snapshot.pending_reads
+    );
+    let rows = archive_rows(&snapshot, table, Moment::Lsn(now.lsn)).unwrap();
+    assert_eq!(rows, now.rows[0]);
+}
+
 /// Each Parquet segment of `public.t` in `archive`, in the order written: the `enums` of its
 /// `pgtrail.segment` description (read with the parquet crate, as any reader would), and
 /// whether its `after.m` column chunks are dictionary-encoded.

@@ -1137,7 +1137,7 @@ fn replay(
     // `until` inside a span the archive cannot answer (the table was rewritten and is not
     // read again yet): what the open rows hold at `until` is unknown. scd2 ends each version
     // where the span begins; its current version, and the snapshot's row, has unknown values.
-    let span = unknown_span(archive, table, Moment::Lsn(until)).map(|(_, _, from)| from);
+    let span = unknown_span(archive, table, Moment::Lsn(until)).map(|span| span.from);
     match layout {
         Layout::Scd2 => {
             let dir = format!("{}/state=current", rows.partition);

@@ -290,6 +290,9 @@ pub enum LogOp {
     /// (a type no table uses any more included); kept in `meta` with the next commit, and
     /// written into each segment's description by compaction.
     EnumTypes(crate::EnumTypes),
+    /// The reads decided on and not stored yet (see [`LogReader::pending_reads`]); kept in
+    /// `meta` with the next commit.
+    PendingReads(Vec<TableScope>),
     /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
     /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
     /// names no relation holds every table (the initial snapshot of an archive written before
@@ -930,6 +933,10 @@ impl ChangeLog {
             }
             LogOp::EnumTypes(types) => {
                 self.meta_pending.insert(META_ENUM_TYPES, encode(&types));
+            }
+            LogOp::PendingReads(scopes) => {
+                self.meta_pending
+                    .insert(META_PENDING_READS, encode(&scopes));
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;

@@ -143,6 +143,31 @@ impl LogReader {
         Ok(self.meta_value(META_ENUM_TYPES)?.unwrap_or_default())
     }
 
+    /// The table reads the capture decided on, each with the point the table's rows are
+    /// unknown from, that no later snapshot of the relation has stored yet: a crash (or a stop
+    /// that could not wait) came between the decision and the read.
+    pub fn pending_reads(&self) -> Result<Vec<TableScope>, LogError> {
+        let recorded: Vec<TableScope> = self.meta_value(META_PENDING_READS)?.unwrap_or_default();
+        if recorded.is_empty() {
+            return Ok(recorded);
+        }
+        let snapshots = self.snapshots()?;
+        Ok(recorded
+            .into_iter()
+            .filter(|pending| {
+                let Some((from, _)) = pending.unknown_from else {
+                    return false;
+                };
+                !snapshots.iter().any(|s| {
+                    s.lsn > from
+                        && s.tables.as_ref().is_none_or(|tables| {
+                            tables.iter().any(|t| t.relation_id == pending.relation_id)
+                        })
+                })
+            })
+            .collect())
+    }
+
     /// The tables the capture leaves out, with the reason (see
     /// [`LogOp::LeftOut`](crate::LogOp::LeftOut)); empty before any was recorded.
     pub fn left_out(&self) -> Result<Vec<(String, String)>, LogError> {

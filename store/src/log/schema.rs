@@ -58,6 +58,13 @@ pub(crate) const META_LAYOUTS: &str = "layouts";
 /// version 4: a log without it has none recorded, and a reader that does not know the key
 /// passes over it.
 pub(crate) const META_ENUM_TYPES: &str = "enum_types";
+/// The reads the capture's catalog watch decided on and has not stored yet: each a
+/// `TableScope` with the point its rows are unknown from (a rewrite found, a drop). Recorded
+/// before the table is copied, so that an archive a crash left between the decision and the
+/// read refuses those moments rather than answer the old rows; a scope that a later snapshot
+/// of its relation satisfies is passed over. Added within version 4 (a log without it has
+/// none pending).
+pub(crate) const META_PENDING_READS: &str = "pending_reads";
 
 /// The on-disk format this code writes and reads.
 pub const FORMAT_VERSION: u32 = 4;
