@@ -369,6 +369,8 @@ pub fn parse_created(content: &[u8]) -> Option<Created> {
             table_version: message.table_version as u32,
             column_names: message.column_names,
             enum_labels: crate::slot::enum_labels_from(&message.enum_labels),
+            // A table just created has no partitions yet; the capture's looks record them.
+            partitions: Vec::new(),
         },
     })
 }

@@ -564,6 +564,9 @@ pub struct LayoutNow {
     /// The file node as the running transaction's snapshot sees it: it differs from the
     /// current one in a snapshot taken before a rewrite.
     pub file_node_in_snapshot: u32,
+    /// A partitioned table's leaf partitions that hold no page yet (`pg_relation_size` 0):
+    /// one created by `CREATE TABLE … PARTITION OF` and not written, which brought no row.
+    pub empty_partitions: Vec<u32>,
 }
 
 /// A query of the labels of every enum type the columns of the tables `relations` (an SQL
@@ -655,17 +658,31 @@ pub async fn storage_layouts(
     sql: &tokio_postgres::Client,
     oids: &[u32],
 ) -> Result<std::collections::BTreeMap<u32, LayoutNow>, CaptureError> {
+    // A partitioned table's leaf partitions (`leaves p` below), at every level; none for a
+    // table with storage of its own. Its missing values are its columns that have one in a
+    // leaf (the parent itself keeps none): `ADD COLUMN … DEFAULT` on it sets them there.
     let rows = sql
         .query(
-            "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
+            &"SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
                           AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
                     ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
                           ORDER BY a.attnum), \
                     c.xmin::text::bigint, \
                     ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
-                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum) \
-             FROM pg_class c WHERE c.oid = ANY($1)",
+                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum), \
+                    ARRAY(SELECT p.relid FROM leaves p ORDER BY p.relid), \
+                    ARRAY(SELECT COALESCE(pg_relation_filenode(p.relid), 0::oid) FROM leaves p ORDER BY p.relid), \
+                    ARRAY(SELECT p.relid FROM leaves p WHERE pg_relation_size(p.relid) = 0 ORDER BY p.relid), \
+                    ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                          AND EXISTS (SELECT 1 FROM leaves p JOIN pg_attribute l ON l.attrelid = p.relid \
+                                      WHERE l.attname = a.attname AND l.atthasmissing AND NOT l.attisdropped) \
+                          ORDER BY a.attnum) \
+             FROM pg_class c WHERE c.oid = ANY($1)"
+            .replace(
+                "leaves p",
+                "(SELECT t.relid::oid AS relid FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) p",
+            ),
             &[&oids],
         )
         .await
@@ -682,16 +699,23 @@ pub async fn storage_layouts(
         .map(|row| {
             let versions: Vec<i64> = row.get(4);
             let table_version: i64 = row.get(5);
+            let mut missing_values: Vec<i16> = row.get(3);
+            missing_values.extend(row.get::<_, Vec<i16>>(10));
+            missing_values.sort_unstable();
+            missing_values.dedup();
+            let leaves: Vec<u32> = row.get(7);
             let now = LayoutNow {
                 layout: StorageLayout {
                     file_node: row.get(1),
-                    missing_values: row.get(3),
+                    missing_values,
                     column_versions: versions.into_iter().map(|x| x as u32).collect(),
                     table_version: table_version as u32,
                     column_names: row.get(6),
                     enum_labels: labels.remove(&row.get::<_, u32>(0)).unwrap_or_default(),
+                    partitions: leaves.into_iter().zip(row.get::<_, Vec<u32>>(8)).collect(),
                 },
                 file_node_in_snapshot: row.get(2),
+                empty_partitions: row.get(9),
             };
             (row.get(0), now)
         })

@@ -400,7 +400,7 @@ impl TableWatch {
                 continue;
             }
             let names_unrecorded = known.column_names.is_empty();
-            match layout_change(known, &now.layout) {
+            match partitioned_layout_change(known, now) {
                 // A layout recorded before layouts held the columns' names (format 2) takes
                 // them from the first look that finds nothing else changed; versions are
                 // checked against them from this look on. Labels are recorded the same way.
@@ -593,6 +593,39 @@ enum LayoutChange {
     /// New storage and every column as it was: a TRUNCATE (replayed by the stream), or
     /// VACUUM FULL, CLUSTER, or a rewrite that kept the columns' types.
     NewFile,
+}
+
+/// [`layout_change`], with a partitioned table's leaf partitions: rows came or went without a
+/// change in the stream when a leaf's storage changed (the parent's `ALTER COLUMN … TYPE`
+/// rewrites every leaf; a TRUNCATE or VACUUM FULL of one also gives it a new file, which costs
+/// a read), a leaf left (detached or dropped), or a leaf that holds pages joined (attached
+/// with rows). A leaf that joined empty (`CREATE TABLE … PARTITION OF`, not written yet) brought
+/// no row: the layout takes it in without a read. A layout that did not record its leaves
+/// (versions 2 to 4) finds every non-empty leaf new: one read after the upgrade.
+fn partitioned_layout_change(known: &StorageLayout, now: &slot::LayoutNow) -> LayoutChange {
+    if known.partitions == now.layout.partitions {
+        return layout_change(known, &now.layout);
+    }
+    let before: BTreeMap<u32, u32> = known.partitions.iter().copied().collect();
+    let after: BTreeMap<u32, u32> = now.layout.partitions.iter().copied().collect();
+    let left = before.keys().any(|leaf| !after.contains_key(leaf));
+    let rewritten = after
+        .iter()
+        .any(|(leaf, file)| before.get(leaf).is_some_and(|f| f != file));
+    let joined_with_rows = after
+        .keys()
+        .any(|leaf| !before.contains_key(leaf) && !now.empty_partitions.contains(leaf));
+    if left || rewritten || joined_with_rows {
+        return LayoutChange::Rewrite;
+    }
+    let same_leaves = StorageLayout {
+        partitions: known.partitions.clone(),
+        ..now.layout.clone()
+    };
+    match layout_change(known, &same_leaves) {
+        LayoutChange::None => LayoutChange::Filled,
+        other => other,
+    }
 }
 
 fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
@@ -1052,6 +1085,7 @@ mod tests {
                 .map(|n| n.to_string())
                 .collect(),
             enum_labels: Vec::new(),
+            partitions: Vec::new(),
         };
         let known = layout(10, &[], &[5, 5]);
         assert_eq!(layout_change(&known, &known.clone()), LayoutChange::None);
@@ -1119,6 +1153,52 @@ mod tests {
         );
         assert_eq!(
             layout_change(&moods, &labels(&[(16390, "sad"), (16392, "fine")])),
+            LayoutChange::Rewrite
+        );
+
+        // A partitioned table (no storage of its own) and its leaves.
+        let parent = |leaves: &[(u32, u32)], empty: &[u32], versions: &[u32]| slot::LayoutNow {
+            layout: StorageLayout {
+                partitions: leaves.to_vec(),
+                ..layout(0, &[], versions)
+            },
+            file_node_in_snapshot: 0,
+            empty_partitions: empty.to_vec(),
+        };
+        let two = parent(&[(100, 1000), (200, 2000)], &[], &[5, 5]);
+        let change = |now: &slot::LayoutNow| partitioned_layout_change(&two.layout, now);
+        assert_eq!(change(&two), LayoutChange::None);
+        // CREATE TABLE … PARTITION OF, not written yet: no row came.
+        assert_eq!(
+            change(&parent(
+                &[(100, 1000), (200, 2000), (300, 3000)],
+                &[300],
+                &[5, 5]
+            )),
+            LayoutChange::Filled
+        );
+        // ATTACH PARTITION of a table with rows; DETACH or DROP of one; the parent's ALTER …
+        // TYPE (every leaf rewritten) or a leaf's TRUNCATE: rows changed, the stream is silent.
+        for now in [
+            parent(&[(100, 1000), (200, 2000), (300, 3000)], &[], &[5, 5]),
+            parent(&[(100, 1000)], &[], &[5, 5]),
+            parent(&[(100, 1001), (200, 2001)], &[], &[5, 9]),
+            parent(&[(100, 1000), (200, 2001)], &[], &[5, 5]),
+        ] {
+            assert_eq!(change(&now), LayoutChange::Rewrite, "{:?}", now.layout);
+        }
+        // The parent's ADD COLUMN … DEFAULT: the leaves have the missing value, which the
+        // layout gives the parent's column.
+        let mut defaulted = parent(&[(100, 1000), (200, 2000)], &[], &[5, 5, 9]);
+        defaulted.layout.missing_values = vec![3];
+        assert_eq!(change(&defaulted), LayoutChange::Rewrite);
+        // A layout that did not record its leaves (before version 5): non-empty leaves are new.
+        let unrecorded = StorageLayout {
+            partitions: Vec::new(),
+            ..two.layout.clone()
+        };
+        assert_eq!(
+            partitioned_layout_change(&unrecorded, &two),
             LayoutChange::Rewrite
         );
     }

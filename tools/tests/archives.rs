@@ -40,6 +40,10 @@ CREATE TABLE public.notes (author text, body text);
 CREATE TYPE public.mood AS ENUM ('sad', 'ok');
 CREATE TABLE public.moods (id int PRIMARY KEY, m public.mood, ms public.mood[]);
 INSERT INTO public.moods VALUES (1, 'ok', '{ok,sad}'), (2, 'sad', NULL), (3, NULL, '{}');
+CREATE TABLE public.regions (id int, region int, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+CREATE TABLE public.regions_1 PARTITION OF public.regions FOR VALUES IN (1);
+CREATE TABLE public.regions_2 PARTITION OF public.regions FOR VALUES IN (2);
+INSERT INTO public.regions VALUES (1, 1, 'one'), (2, 2, 'two'), (3, 1, 'three');
 ALTER TABLE public.notes REPLICA IDENTITY FULL;
 INSERT INTO public.accounts VALUES
   (1, 'ada', 100.50, '{a,b}', '{\"tier\": 1}', '2026-01-01 10:00:00+00'),
@@ -98,6 +102,22 @@ const LATER_TABLES: &[(u32, &str, &[&str])] = &[
     (2, "public.late", &["altered", "resnapshot", "tail"]),
     (3, "public.late", &["renamed"]),
     (4, "public.late", &["relabeled"]),
+    (5, "public.late", &["partitioned"]),
+    (5, "public.moods", &["partitioned"]),
+    (
+        5,
+        "public.regions",
+        &[
+            "snapshot",
+            "before_truncate",
+            "altered",
+            "resnapshot",
+            "tail",
+            "renamed",
+            "relabeled",
+            "partitioned",
+        ],
+    ),
     (
         4,
         "public.moods",
@@ -217,6 +237,22 @@ fn record(target: &Path) {
         .unwrap();
     assert!(capture(&[]).status.success(), "a renamed enum label");
     moment("relabeled");
+    // Version 5: a column with a default added to a partitioned table while capture is
+    // stopped (its partitions keep the value, the parent nothing): the next run reads it again.
+    cluster.psql(db, "CHECKPOINT").unwrap();
+    assert!(
+        capture(&[]).status.success(),
+        "a look past the relabeled moment"
+    );
+    cluster
+        .psql(
+            db,
+            "ALTER TABLE public.regions ADD COLUMN flag int DEFAULT 5; \
+             INSERT INTO public.late VALUES (5, 'after the partitioned default');",
+        )
+        .unwrap();
+    assert!(capture(&[]).status.success(), "a partitioned default");
+    moment("partitioned");
     std::fs::write(target.join("moments.txt"), moments.join("\n") + "\n").unwrap();
     for (name, answer) in answers(target, &archive) {
         let path = target.join("answers").join(format!("{name}.txt"));

@@ -716,6 +716,99 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     assert_eq!(rows, now.rows[0]);
 }
 
+#[test]
+fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_changed() {
+    let mut s = Scene::start(
+        "partddl",
+        "CREATE TABLE pt (id int, region int, amount numeric(12,4), PRIMARY KEY (id, region))
+           PARTITION BY LIST (region);
+         CREATE TABLE pt1 PARTITION OF pt FOR VALUES IN (1);
+         CREATE TABLE pt2 PARTITION OF pt FOR VALUES IN (2);
+         INSERT INTO pt SELECT g, 1 + g % 2, g * 1.2345 FROM generate_series(1, 40) g;",
+        &[],
+    );
+    let only_pt = table_list(&["pt"]);
+    wait_caught_up(s.cluster, &s.db);
+    let (cluster, db) = (s.cluster, s.db.clone());
+    let lsn = |sql: &str| -> Lsn {
+        cluster
+            .psql(&db, &format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
+            .unwrap()
+            .lines()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut moments = vec![("before any DDL", held(s.cluster, &s.db, &only_pt))];
+    let mut unknown = Vec::new();
+    let mut reads = 1;
+    for (step, (ddl, rows_change)) in [
+        // The parent keeps no missing value; its leaves do.
+        ("ALTER TABLE pt ADD COLUMN flag int DEFAULT 5", true),
+        // Every leaf rewritten, every value rounded.
+        ("ALTER TABLE pt ALTER COLUMN amount TYPE numeric(12,1)", true),
+        // A partition created empty: no row came, no read.
+        ("CREATE TABLE pt3 PARTITION OF pt FOR VALUES IN (3)", false),
+        // A table with rows (no key of its own: not captured) attached: its rows joined.
+        (
+            "CREATE TABLE loose (LIKE pt); INSERT INTO loose VALUES (7, 4, 7.5, 1), (8, 4, 8.5, 2); \
+             ALTER TABLE pt ATTACH PARTITION loose FOR VALUES IN (4)",
+            true,
+        ),
+        // A partition detached, and one dropped: their rows left.
+        ("ALTER TABLE pt DETACH PARTITION pt1", true),
+        ("DROP TABLE pt2", true),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        s.psql("INSERT INTO nudge DEFAULT VALUES");
+        std::thread::sleep(Duration::from_millis(2500));
+        let at = lsn(ddl);
+        if rows_change {
+            reads += 1;
+            unknown.push((ddl, at));
+            wait_snapshots(s.cluster, &s.db, &s.archive, "public.pt", reads, &mut s.capture);
+        } else {
+            for _ in 0..3 {
+                s.psql("INSERT INTO nudge DEFAULT VALUES");
+                std::thread::sleep(Duration::from_millis(1000));
+            }
+            assert_eq!(snapshots_of(&s.archive, "public.pt"), reads, "read again after {ddl}");
+        }
+        wait_caught_up(s.cluster, &s.db);
+        moments.push((ddl, held(s.cluster, &s.db, &only_pt)));
+        // A write between DDLs (into pt3 once it exists: pt2 is dropped last).
+        let region = if step >= 2 { 3 } else { 2 };
+        s.psql(&format!(
+            "INSERT INTO pt (id, region, amount) VALUES (1000 + (SELECT count(*) FROM nudge), {region}, 1)"
+        ));
+    }
+    wait_caught_up(s.cluster, &s.db);
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let table = snapshot.table("public.pt").unwrap();
+    for (ddl, moment) in &moments {
+        let rows = archive_rows(&snapshot, table, Moment::Lsn(moment.lsn))
+            .unwrap_or_else(|e| panic!("after {ddl}: {e}"));
+        assert_eq!(
+            rows, moment.rows[0],
+            "after {ddl} ({}) differs from PostgreSQL",
+            moment.lsn
+        );
+    }
+    for (ddl, at) in unknown {
+        let err = archive_rows(&snapshot, table, Moment::Lsn(at)).unwrap_err();
+        assert!(
+            err.to_string().contains("rewritten by DDL"),
+            "right after {ddl}: {err}"
+        );
+    }
+}
+
 /// Each Parquet segment of `public.t` in `archive`, in the order written: the `enums` of its
 /// `pgtrail.segment` description (read with the parquet crate, as any reader would), and
 /// whether its `after.m` column chunks are dictionary-encoded.

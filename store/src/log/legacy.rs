@@ -30,6 +30,7 @@ impl From<StorageLayoutV2> for StorageLayout {
             // names was recorded (the capture's next look records it).
             column_names: Vec::new(),
             enum_labels: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 }
@@ -55,11 +56,39 @@ impl From<StorageLayoutV3> for StorageLayout {
             // Not recorded: a label renamed is told from an earlier layout only once one with
             // the labels was recorded (the capture's next look records it).
             enum_labels: Vec::new(),
+            partitions: Vec::new(),
         }
     }
 }
 
-/// [`TableScope`] as versions 2 and 3 wrote it, with the layout of that version.
+/// [`StorageLayout`] as version 4 wrote it: without the partitions.
+#[derive(Deserialize)]
+struct StorageLayoutV4 {
+    file_node: u32,
+    missing_values: Vec<i16>,
+    column_versions: Vec<u32>,
+    table_version: u32,
+    column_names: Vec<String>,
+    enum_labels: Vec<(u32, String)>,
+}
+
+impl From<StorageLayoutV4> for StorageLayout {
+    fn from(v4: StorageLayoutV4) -> StorageLayout {
+        StorageLayout {
+            file_node: v4.file_node,
+            missing_values: v4.missing_values,
+            column_versions: v4.column_versions,
+            table_version: v4.table_version,
+            column_names: v4.column_names,
+            enum_labels: v4.enum_labels,
+            // Not recorded: a partition change is told from an earlier layout only once one
+            // with the partitions was recorded (the capture's next look records it).
+            partitions: Vec::new(),
+        }
+    }
+}
+
+/// [`TableScope`] as versions 2 to 4 wrote it, with the layout of that version.
 #[derive(Deserialize)]
 struct TableScopeOf<L> {
     relation_id: u32,
@@ -99,6 +128,7 @@ pub(crate) fn decode_scope(bytes: &[u8], format: u32) -> Result<TableScope, LogE
     match format {
         ..=2 => scope_of::<StorageLayoutV2>(bytes, "snapshot_scope (version 2)"),
         3 => scope_of::<StorageLayoutV3>(bytes, "snapshot_scope (version 3)"),
+        4 => scope_of::<StorageLayoutV4>(bytes, "snapshot_scope (version 4)"),
         _ => decode(bytes, "snapshot_scope"),
     }
 }
@@ -108,6 +138,7 @@ pub(crate) fn decode_layouts(bytes: &[u8], format: u32) -> Result<HeldLayouts, L
     match format {
         ..=2 => layouts_of::<StorageLayoutV2>(bytes, "meta layouts (version 2)"),
         3 => layouts_of::<StorageLayoutV3>(bytes, "meta layouts (version 3)"),
+        4 => layouts_of::<StorageLayoutV4>(bytes, "meta layouts (version 4)"),
         _ => decode(bytes, "meta layouts"),
     }
 }

@@ -61,6 +61,7 @@
 //! | 2       | `snapshot_scope`: a snapshot may hold only some tables (a table synchronised while capture runs). Upgrade from 1: nothing to rewrite (a snapshot without scope rows holds every table, as version 1 meant); the number says that a version-1 reader, which would take a one-table snapshot for the whole archive's, must refuse the log |
 //! | 3       | a [`StorageLayout`] (in `snapshot_scope` values and `meta.layouts`) holds the columns' names, so that a renamed column is known. Upgrade from 2: those values are re-encoded with no names (`legacy`), which the capture's next look at the catalog fills in |
 //! | 4       | a [`StorageLayout`] holds the labels of the enum types the table uses, so that a label renamed while capture was stopped is known. Upgrade from 2 or 3: those values are re-encoded with no labels (`legacy`), which the capture's next look fills in |
+//! | 5       | a [`StorageLayout`] holds a partitioned table's leaf partitions and their storage files, so that a partition rewritten, attached, detached or dropped is known. Upgrade from 2 to 4: those values are re-encoded with no partitions (`legacy`), which the capture's next look fills in |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -215,6 +216,14 @@ pub struct StorageLayout {
     /// JSON without it (an older `pgtrail setup` trigger's message) reads as empty.
     #[serde(default)]
     pub enum_labels: Vec<(u32, String)>,
+    /// (version 5) A partitioned table's leaf partitions, at every level, as (relation OID,
+    /// `pg_relation_filenode`) in OID order; empty for a table with storage of its own. The
+    /// partitioned table has no storage: its rows change without a change in the stream when
+    /// a partition is rewritten (`ALTER COLUMN … TYPE` on the parent rewrites every one),
+    /// attached with rows, detached or dropped. Empty when not recorded (versions 2 to 4:
+    /// the capture's next look fills it in) and in JSON without it.
+    #[serde(default)]
+    pub partitions: Vec<(u32, u32)>,
 }
 
 /// A range of the source's history that the archive does not hold, and why.
@@ -438,9 +447,9 @@ impl ChangeLog {
                         u64::from(FORMAT_VERSION).to_le_bytes().as_slice(),
                     )?;
                 }
-                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3 and
-                // 3 -> 4 re-encode the storage layouts the older version wrote. The new number is written in
-                // this redb transaction, with what it rewrites (see "Format versions"): a
+                // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3, 3 -> 4
+                // and 4 -> 5 re-encode the storage layouts the older version wrote. The new
+                // number is written in this redb transaction, with what it rewrites (see "Format versions"): a
                 // crash leaves either the old values and number or the new ones.
                 Some(v) if v < u64::from(FORMAT_VERSION) => {
                     let found = u32::try_from(v).unwrap_or(0);
@@ -1442,12 +1451,12 @@ mod tests {
         assert!(decode::<Row>(&short, "test").is_err());
     }
 
-    /// The version 2 and 3 fixtures (written by those builds) upgraded by the writer read as
-    /// they read before the upgrade, now in the current version: the same snapshots, scopes
-    /// and layouts.
+    /// The version 2, 3 and 4 fixtures (written by those builds) upgraded by the writer read
+    /// as they read before the upgrade, now in the current version: the same snapshots,
+    /// scopes and layouts.
     #[test]
     fn older_logs_are_upgraded_in_place_and_read_the_same() {
-        for version in [2u32, 3] {
+        for version in [2u32, 3, 4] {
             let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join(format!("../fixtures/archives/v{version}/shop/archive"));
             let dir = tempfile::tempdir().unwrap();
@@ -1475,7 +1484,12 @@ mod tests {
                 .chain(layouts.iter().map(|(_, (_, l))| l))
                 .collect();
             // What the version did not record reads as not recorded.
-            assert!(recorded.iter().all(|l| l.enum_labels.is_empty()));
+            assert_eq!(
+                recorded.iter().any(|l| !l.enum_labels.is_empty()),
+                version >= 4,
+                "v{version}: labels"
+            );
+            assert!(recorded.iter().all(|l| l.partitions.is_empty()));
             assert_eq!(
                 recorded.iter().any(|l| !l.column_names.is_empty()),
                 version >= 3,

@@ -67,7 +67,7 @@ pub(crate) const META_ENUM_TYPES: &str = "enum_types";
 pub(crate) const META_PENDING_READS: &str = "pending_reads";
 
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
