@@ -609,9 +609,14 @@ fn partitioned_layout_change(known: &StorageLayout, now: &slot::LayoutNow) -> La
     let before: BTreeMap<u32, u32> = known.partitions.iter().copied().collect();
     let after: BTreeMap<u32, u32> = now.layout.partitions.iter().copied().collect();
     let left = before.keys().any(|leaf| !after.contains_key(leaf));
-    let rewritten = after
-        .iter()
-        .any(|(leaf, file)| before.get(leaf).is_some_and(|f| f != file));
+    // A leaf with new storage while the parent's columns are as they were: a TRUNCATE (which
+    // the stream replays, as the parent's), VACUUM FULL or CLUSTER, none of which changes a
+    // value (a leaf's columns cannot be altered apart from its parent's). With the columns
+    // changed: the parent's ALTER … TYPE rewrote it.
+    let rewritten = known.column_versions != now.layout.column_versions
+        && after
+            .iter()
+            .any(|(leaf, file)| before.get(leaf).is_some_and(|f| f != file));
     let joined_with_rows = after
         .keys()
         .any(|leaf| !before.contains_key(leaf) && !now.empty_partitions.contains(leaf));
@@ -1178,15 +1183,19 @@ mod tests {
             LayoutChange::Filled
         );
         // ATTACH PARTITION of a table with rows; DETACH or DROP of one; the parent's ALTER …
-        // TYPE (every leaf rewritten) or a leaf's TRUNCATE: rows changed, the stream is silent.
+        // TYPE (every leaf rewritten): rows changed, the stream is silent.
         for now in [
             parent(&[(100, 1000), (200, 2000), (300, 3000)], &[], &[5, 5]),
             parent(&[(100, 1000)], &[], &[5, 5]),
             parent(&[(100, 1001), (200, 2001)], &[], &[5, 9]),
-            parent(&[(100, 1000), (200, 2001)], &[], &[5, 5]),
         ] {
             assert_eq!(change(&now), LayoutChange::Rewrite, "{:?}", now.layout);
         }
+        // A leaf truncated (the stream replays it) or vacuumed full: no value changed.
+        assert_eq!(
+            change(&parent(&[(100, 1000), (200, 2001)], &[], &[5, 5])),
+            LayoutChange::Filled
+        );
         // The parent's ADD COLUMN … DEFAULT: the leaves have the missing value, which the
         // layout gives the parent's column.
         let mut defaulted = parent(&[(100, 1000), (200, 2000)], &[], &[5, 5, 9]);
