@@ -29,8 +29,7 @@ use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
 use crate::log::{
-    CHANGES, LogReader, META, META_ENUM_TYPES, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS,
-    decode, encode, raw_len,
+    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::{
@@ -292,7 +291,7 @@ impl Compactor {
         // set read here is exactly the set trimmed below.
         let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
-        let enums = enum_types(&meta)?;
+        let enums = LogReader::from_db(self.db.as_ref())?.enum_types()?;
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -453,7 +452,12 @@ impl Compactor {
 
     /// Merge runs of small consecutive segments of one table version into larger ones.
     fn merge_small(&self, report: &mut CompactReport) -> Result<(), CompactError> {
-        let manifest = LogReader::from_db(self.db.as_ref())?.manifest()?;
+        let reader = LogReader::from_db(self.db.as_ref())?;
+        let manifest = reader.manifest()?;
+        // Each merged segment's description names its enum columns as the capture last found
+        // them (read once for every merge of the run).
+        let enums = reader.enum_types()?;
+        drop(reader);
         let mut groups: BTreeMap<Group, Vec<SegmentEntry>> = BTreeMap::new();
         for s in manifest.segments {
             groups.entry(group_of(&s)).or_default().push(s);
@@ -465,7 +469,7 @@ impl Compactor {
             let mut run_bytes = 0u64;
             for s in segs {
                 if s.bytes >= small || run_bytes + s.bytes > self.options.target_segment_bytes {
-                    self.merge_run(std::mem::take(&mut run), report)?;
+                    self.merge_run(std::mem::take(&mut run), &enums, report)?;
                     run_bytes = 0;
                 }
                 if s.bytes < small {
@@ -473,7 +477,7 @@ impl Compactor {
                     run.push(s);
                 }
             }
-            self.merge_run(run, report)?;
+            self.merge_run(run, &enums, report)?;
         }
         Ok(())
     }
@@ -481,10 +485,11 @@ impl Compactor {
     fn merge_run(
         &self,
         run: Vec<SegmentEntry>,
+        enums: &crate::EnumTypes,
         report: &mut CompactReport,
     ) -> Result<(), CompactError> {
         if run.len() >= self.options.merge_min_segments.max(2) {
-            self.merge(run, report)
+            self.merge(run, enums, report)
         } else {
             Ok(())
         }
@@ -493,24 +498,21 @@ impl Compactor {
     fn merge(
         &self,
         inputs: Vec<SegmentEntry>,
+        enums: &crate::EnumTypes,
         report: &mut CompactReport,
     ) -> Result<(), CompactError> {
         let first = &inputs[0];
         let content = first.content.clone();
-        let (id, enums) = {
+        let id = {
             let rtx = self.db.begin_read()?;
-            let meta = rtx.open_table(META)?;
-            (
-                meta_u64(&meta, META_NEXT_SEGMENT)?.max(1),
-                enum_types(&meta)?,
-            )
+            meta_u64(&rtx.open_table(META)?, META_NEXT_SEGMENT)?.max(1)
         };
         let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
         let mut w = SegmentWriter::create(
             &self.segments_dir,
             &stem,
             &content,
-            &enums,
+            enums,
             &self.options.segment,
         )?;
         for input in &inputs {
@@ -596,15 +598,6 @@ impl Compactor {
         wtx.commit()?;
         report.retired_removed += expired.len() as u64;
         Ok(())
-    }
-}
-
-/// The enum types the capture recorded (see [`crate::LogOp::EnumTypes`]), written into each
-/// segment's description; none in a log that has not recorded them.
-fn enum_types(meta: &redb::ReadOnlyTable<&str, &[u8]>) -> Result<crate::EnumTypes, CompactError> {
-    match meta.get(META_ENUM_TYPES)? {
-        Some(v) => Ok(decode(v.value(), "meta enum_types")?),
-        None => Ok(crate::EnumTypes::new()),
     }
 }
 
