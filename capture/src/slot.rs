@@ -658,12 +658,14 @@ pub async fn storage_layouts(
     sql: &tokio_postgres::Client,
     oids: &[u32],
 ) -> Result<std::collections::BTreeMap<u32, LayoutNow>, CaptureError> {
-    // A partitioned table's leaf partitions (`leaves p` below), at every level; none for a
-    // table with storage of its own. Its missing values are its columns that have one in a
-    // leaf (the parent itself keeps none): `ADD COLUMN … DEFAULT` on it sets them there.
+    // A partitioned table's leaf partitions (`leaves`), at every level, read once: their
+    // OIDs, storage files, and the ones without a page; none for a table with storage of its
+    // own (an aggregate without GROUP BY gives every table its row). The parent's missing
+    // values are its columns that have one in a leaf (the parent itself keeps none: `ADD
+    // COLUMN … DEFAULT` on it sets them there).
     let rows = sql
         .query(
-            &"SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
+            "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
                           AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
                     ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
@@ -671,18 +673,17 @@ pub async fn storage_layouts(
                     c.xmin::text::bigint, \
                     ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
                           FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum), \
-                    ARRAY(SELECT p.relid FROM leaves p ORDER BY p.relid), \
-                    ARRAY(SELECT COALESCE(pg_relation_filenode(p.relid), 0::oid) FROM leaves p ORDER BY p.relid), \
-                    ARRAY(SELECT p.relid FROM leaves p WHERE pg_relation_size(p.relid) = 0 ORDER BY p.relid), \
+                    leaves.ids, leaves.files, leaves.empty, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-                          AND EXISTS (SELECT 1 FROM leaves p JOIN pg_attribute l ON l.attrelid = p.relid \
-                                      WHERE l.attname = a.attname AND l.atthasmissing AND NOT l.attisdropped) \
+                          AND EXISTS (SELECT 1 FROM pg_attribute l WHERE l.attrelid = ANY (leaves.ids) \
+                                      AND l.attname = a.attname AND l.atthasmissing AND NOT l.attisdropped) \
                           ORDER BY a.attnum) \
-             FROM pg_class c WHERE c.oid = ANY($1)"
-            .replace(
-                "leaves p",
-                "(SELECT t.relid::oid AS relid FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) p",
-            ),
+             FROM pg_class c, LATERAL ( \
+               SELECT COALESCE(array_agg(t.relid::oid ORDER BY t.relid), '{}') AS ids, \
+                      COALESCE(array_agg(COALESCE(pg_relation_filenode(t.relid), 0::oid) ORDER BY t.relid), '{}') AS files, \
+                      COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{}') AS empty \
+               FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) leaves \
+             WHERE c.oid = ANY($1)",
             &[&oids],
         )
         .await

@@ -165,7 +165,7 @@ impl Session<'_> {
                         return Err(CaptureError::Replication(ReplicationError::stream_ended()));
                     };
                     let ops = translator.translate(event, &mut keys).await?;
-                    if ops.iter().any(|op| matches!(op, pgtrail_store::LogOp::Type { .. })) {
+                    if translator.take_types_named() {
                         watch.note_types();
                     }
                     if let Some(notes) = translator.take_setup_notes()
@@ -235,10 +235,8 @@ async fn carry_out(
     config: &crate::run::CaptureConfig,
     writer: &WriterHandle,
 ) -> Result<Option<PendingSync>, CaptureError> {
+    let marks_reads = plan.pending_reads.is_some();
     let records = plan.records();
-    let marks_reads = records
-        .iter()
-        .any(|op| matches!(op, pgtrail_store::LogOp::PendingReads(_)));
     if !records.is_empty() {
         writer.send(records).await?;
     }

@@ -596,12 +596,12 @@ enum LayoutChange {
 }
 
 /// [`layout_change`], with a partitioned table's leaf partitions: rows came or went without a
-/// change in the stream when a leaf's storage changed (the parent's `ALTER COLUMN … TYPE`
-/// rewrites every leaf; a TRUNCATE or VACUUM FULL of one also gives it a new file, which costs
-/// a read), a leaf left (detached or dropped), or a leaf that holds pages joined (attached
-/// with rows). A leaf that joined empty (`CREATE TABLE … PARTITION OF`, not written yet) brought
-/// no row: the layout takes it in without a read. A layout that did not record its leaves
-/// (versions 2 to 4) finds every non-empty leaf new: one read after the upgrade.
+/// change in the stream when the parent's column DDL rewrote the leaves (`ALTER COLUMN …
+/// TYPE`), a leaf left (detached or dropped), or a leaf that holds pages joined (attached with
+/// rows). A leaf that joined empty (`CREATE TABLE … PARTITION OF`, not written yet) brought no
+/// row, and a leaf's new file with the columns unchanged (TRUNCATE, VACUUM FULL, CLUSTER)
+/// changed no value: the layout takes either in without a read. A layout that did not record
+/// its leaves (versions 2 to 4) finds every non-empty leaf new: one read after the upgrade.
 fn partitioned_layout_change(known: &StorageLayout, now: &slot::LayoutNow) -> LayoutChange {
     if known.partitions == now.layout.partitions {
         return layout_change(known, &now.layout);

@@ -42,6 +42,8 @@ pub(crate) struct Translator {
     /// Recent TRUNCATEs (transaction, relation), newest last, at most [`TRUNCATES_KEPT`]: the
     /// catalog watch tells a TRUNCATE's new file node from a rewrite's by them.
     truncates: std::collections::VecDeque<(u32, u32)>,
+    /// The stream named a type that is not built in since the stream loop last asked.
+    types_named: bool,
 }
 
 /// What `pgtrail setup`'s trigger told the stream (see [`Translator::take_setup_notes`]).
@@ -58,6 +60,12 @@ pub(crate) struct SetupNotes {
 const TRUNCATES_KEPT: usize = 4096;
 
 impl Translator {
+    /// Whether the stream named a type that is not built in (a Type message, sent before a
+    /// relation that uses one) since the last call: the catalog watch looks for an enum under it.
+    pub fn take_types_named(&mut self) -> bool {
+        std::mem::take(&mut self.types_named)
+    }
+
     /// What `pgtrail setup`'s trigger told the stream, for the catalog watch: a table created
     /// is given at once (a look at the catalog in the middle of its creating transaction
     /// must not read it whole), DDL points once their transaction has been received whole (a
@@ -192,6 +200,7 @@ impl Translator {
                     lsn: wal_start,
                     source,
                 })?;
+                self.types_named |= matches!(message, Message::Type { .. });
                 if let Message::Truncate { relation_ids, .. } = &message {
                     for &relation_id in relation_ids {
                         if self.truncates.len() == TRUNCATES_KEPT {
