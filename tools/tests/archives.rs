@@ -96,41 +96,25 @@ const LAST: &[&str] = &[
 
 const TABLES: &[&str] = &["public.accounts", "inventory.items", "public.notes"];
 
+/// Every moment `record` names, in the order it records them (version 5's last).
+const MOMENTS: &[&str] = &[
+    "snapshot",
+    "before_truncate",
+    "altered",
+    "resnapshot",
+    "tail",
+    "renamed",
+    "relabeled",
+    "partitioned",
+];
+
 /// Tables of fixtures from a format version on, with the moments they are held at (a table
-/// that joined while capture ran is not known before its first snapshot).
+/// that joined while capture ran is not known before its first snapshot). A fixture is asked
+/// only at the moments it recorded.
 const LATER_TABLES: &[(u32, &str, &[&str])] = &[
-    (2, "public.late", &["altered", "resnapshot", "tail"]),
-    (3, "public.late", &["renamed"]),
-    (4, "public.late", &["relabeled"]),
-    (5, "public.late", &["partitioned"]),
-    (5, "public.moods", &["partitioned"]),
-    (
-        5,
-        "public.regions",
-        &[
-            "snapshot",
-            "before_truncate",
-            "altered",
-            "resnapshot",
-            "tail",
-            "renamed",
-            "relabeled",
-            "partitioned",
-        ],
-    ),
-    (
-        4,
-        "public.moods",
-        &[
-            "snapshot",
-            "before_truncate",
-            "altered",
-            "resnapshot",
-            "tail",
-            "renamed",
-            "relabeled",
-        ],
-    ),
+    (2, "public.late", MOMENTS.split_at(2).1),
+    (4, "public.moods", MOMENTS),
+    (5, "public.regions", MOMENTS),
 ];
 
 fn fixtures_dir() -> PathBuf {

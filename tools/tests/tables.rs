@@ -48,6 +48,19 @@ impl Scene {
         }
     }
 
+    /// [`Scene::start`] with one table `t (id int PRIMARY KEY, v text)` of 20 rows, once the
+    /// capture has caught up with it.
+    fn with_t(prefix: &str, extra: &[&str]) -> Scene {
+        let s = Scene::start(
+            prefix,
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+            extra,
+        );
+        wait_caught_up(s.cluster, &s.db);
+        s
+    }
+
     /// Install `pgtrail setup`'s event trigger for the capture's publication.
     fn setup(&self) {
         self.setup_with(&[]);
@@ -639,14 +652,8 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
 
 #[test]
 fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refused() {
-    let mut s = Scene::start(
-        "pendread",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        &[],
-    );
+    let mut s = Scene::with_t("pendread", &[]);
     let only_t = table_list(&["t"]);
-    wait_caught_up(s.cluster, &s.db);
     std::thread::sleep(Duration::from_millis(1500));
     let ddl = "ALTER TABLE t ADD COLUMN flag int DEFAULT 5";
     s.psql(ddl);
@@ -851,14 +858,8 @@ fn segments_of_t(archive: &Path) -> Vec<(serde_json::Value, bool)> {
 fn a_stop_right_after_a_column_name_came_and_went_reads_the_table_again_first() {
     // One look at the catalog when streaming starts, then none until the stop: the stop's
     // own look is the first to compare what the stream brought with the catalog.
-    let mut s = Scene::start(
-        "stopname",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        &["--catalog-secs", "3600"],
-    );
+    let mut s = Scene::with_t("stopname", &["--catalog-secs", "3600"]);
     let only_t = table_list(&["t"]);
-    wait_caught_up(s.cluster, &s.db);
     // Renamed and renamed back in one transaction, with writes under the passing name: the
     // catalog never shows it, the stream does.
     s.psql(
@@ -1134,14 +1135,8 @@ fn a_table_is_found_by_the_name_it_bore_at_the_moment() {
 /// afterwards is PostgreSQL's contents, not the rows from before it left.
 #[test]
 fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
-    let mut s = Scene::start(
-        "republish",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        &[],
-    );
+    let mut s = Scene::with_t("republish", &[]);
     let only_t = table_list(&["t"]);
-    wait_caught_up(s.cluster, &s.db);
     let before = held(s.cluster, &s.db, &only_t);
     s.psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(2500));
