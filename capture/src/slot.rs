@@ -567,6 +567,9 @@ pub struct LayoutNow {
     /// A partitioned table's leaf partitions that hold no page yet (`pg_relation_size` 0):
     /// one created by `CREATE TABLE … PARTITION OF` and not written, which brought no row.
     pub empty_partitions: Vec<u32>,
+    /// The transaction that last wrote each leaf's `pg_class` row (`xmin`), in the order of
+    /// `layout.partitions`: the one that gave a leaf a new file.
+    pub partition_versions: Vec<u32>,
 }
 
 /// A query of the labels of every enum type the columns of the tables `relations` (an SQL
@@ -677,11 +680,13 @@ pub async fn storage_layouts(
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                           AND EXISTS (SELECT 1 FROM pg_attribute l WHERE l.attrelid = ANY (leaves.ids) \
                                       AND l.attname = a.attname AND l.atthasmissing AND NOT l.attisdropped) \
-                          ORDER BY a.attnum) \
+                          ORDER BY a.attnum), \
+                    leaves.versions \
              FROM pg_class c, LATERAL ( \
                SELECT COALESCE(array_agg(t.relid::oid ORDER BY t.relid), '{}') AS ids, \
                       COALESCE(array_agg(COALESCE(pg_relation_filenode(t.relid), 0::oid) ORDER BY t.relid), '{}') AS files, \
-                      COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{}') AS empty \
+                      COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{}') AS empty, \
+                      COALESCE(array_agg((SELECT l.xmin::text::bigint FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{}') AS versions \
                FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) leaves \
              WHERE c.oid = ANY($1)",
             &[&oids],
@@ -717,6 +722,11 @@ pub async fn storage_layouts(
                 },
                 file_node_in_snapshot: row.get(2),
                 empty_partitions: row.get(9),
+                partition_versions: row
+                    .get::<_, Vec<i64>>(11)
+                    .into_iter()
+                    .map(|x| x as u32)
+                    .collect(),
             };
             (row.get(0), now)
         })

@@ -428,12 +428,9 @@ impl TableWatch {
                     dated,
                     "rewritten by DDL (new storage, a column default existing rows take, a column renamed, or an enum label renamed)",
                 )),
-                LayoutChange::NewFile => {
-                    let (xid, passed, from) = *held.undecided.get_or_insert((
-                        now.layout.table_version,
-                        after,
-                        unknown_from,
-                    ));
+                LayoutChange::NewFile { xid } => {
+                    let (xid, passed, from) =
+                        *held.undecided.get_or_insert((xid, after, unknown_from));
                     if stream.truncated_in(xid, *oid) {
                         // A TRUNCATE, which the stream replays exactly.
                         held.accept(now.layout.clone());
@@ -590,18 +587,24 @@ enum LayoutChange {
     /// rows take from the catalog, or new storage came with column DDL (ALTER … TYPE, a column
     /// added with a volatile default).
     Rewrite,
-    /// New storage and every column as it was: a TRUNCATE (replayed by the stream), or
-    /// VACUUM FULL, CLUSTER, or a rewrite that kept the columns' types.
-    NewFile,
+    /// New storage and every column as it was: a TRUNCATE (replayed by the stream) if the
+    /// stream brought one of the table in `xid` (the transaction that wrote the new storage's
+    /// catalog row), else VACUUM FULL, CLUSTER, or a rewrite that kept the columns' types.
+    NewFile {
+        xid: u32,
+    },
 }
 
 /// [`layout_change`], with a partitioned table's leaf partitions: rows came or went without a
 /// change in the stream when the parent's column DDL rewrote the leaves (`ALTER COLUMN …
 /// TYPE`), a leaf left (detached or dropped), or a leaf that holds pages joined (attached with
 /// rows). A leaf that joined empty (`CREATE TABLE … PARTITION OF`, not written yet) brought no
-/// row, and a leaf's new file with the columns unchanged (TRUNCATE, VACUUM FULL, CLUSTER)
-/// changed no value: the layout takes either in without a read. A layout that did not record
-/// its leaves (versions 2 to 4) finds every non-empty leaf new: one read after the upgrade.
+/// row: the layout takes it in without a read. Leaves given new files by one transaction with
+/// the columns unchanged are a new file of the parent's ([`LayoutChange::NewFile`]): a
+/// TRUNCATE of the parent, which the stream replays as the parent's, costs no read; a leaf
+/// truncated by itself, which pgoutput does not send when publishing through the root, VACUUM
+/// FULL or CLUSTER is read again. A layout that did not record its leaves (versions 2 to 4)
+/// finds every non-empty leaf new: one read after the upgrade.
 fn partitioned_layout_change(known: &StorageLayout, now: &slot::LayoutNow) -> LayoutChange {
     if known.partitions == now.layout.partitions {
         return layout_change(known, &now.layout);
@@ -609,27 +612,38 @@ fn partitioned_layout_change(known: &StorageLayout, now: &slot::LayoutNow) -> La
     let before: BTreeMap<u32, u32> = known.partitions.iter().copied().collect();
     let after: BTreeMap<u32, u32> = now.layout.partitions.iter().copied().collect();
     let left = before.keys().any(|leaf| !after.contains_key(leaf));
-    // A leaf with new storage while the parent's columns are as they were: a TRUNCATE (which
-    // the stream replays, as the parent's), VACUUM FULL or CLUSTER, none of which changes a
-    // value (a leaf's columns cannot be altered apart from its parent's). With the columns
-    // changed: the parent's ALTER … TYPE rewrote it.
-    let rewritten = known.column_versions != now.layout.column_versions
-        && after
-            .iter()
-            .any(|(leaf, file)| before.get(leaf).is_some_and(|f| f != file));
     let joined_with_rows = after
         .keys()
         .any(|leaf| !before.contains_key(leaf) && !now.empty_partitions.contains(leaf));
-    if left || rewritten || joined_with_rows {
+    // The transactions that gave leaves new files (a leaf's columns cannot be altered apart
+    // from its parent's, so with the parent's columns unchanged none changed a value's type).
+    let renewed_by: BTreeSet<u32> = now
+        .layout
+        .partitions
+        .iter()
+        .zip(&now.partition_versions)
+        .filter(|((leaf, file), _)| before.get(leaf).is_some_and(|f| f != file))
+        .map(|(_, xid)| *xid)
+        .collect();
+    let columns_changed = known.column_versions != now.layout.column_versions;
+    if left || joined_with_rows || (columns_changed && !renewed_by.is_empty()) {
         return LayoutChange::Rewrite;
     }
     let same_leaves = StorageLayout {
         partitions: known.partitions.clone(),
         ..now.layout.clone()
     };
-    match layout_change(known, &same_leaves) {
-        LayoutChange::None => LayoutChange::Filled,
-        other => other,
+    match (layout_change(known, &same_leaves), renewed_by.len()) {
+        (LayoutChange::None, 0) => LayoutChange::Filled,
+        (LayoutChange::None | LayoutChange::Filled | LayoutChange::Schema, 1) => {
+            LayoutChange::NewFile {
+                xid: *renewed_by.first().expect("one"),
+            }
+        }
+        // New files from several transactions (each would have to be a TRUNCATE of the
+        // parent): read the table again rather than tell them apart.
+        (_, 2..) => LayoutChange::Rewrite,
+        (other, _) => other,
     }
 }
 
@@ -666,7 +680,9 @@ fn layout_change(known: &StorageLayout, now: &StorageLayout) -> LayoutChange {
     } else if known.column_versions != now.column_versions {
         LayoutChange::Rewrite
     } else {
-        LayoutChange::NewFile
+        LayoutChange::NewFile {
+            xid: now.table_version,
+        }
     }
 }
 
@@ -1136,10 +1152,11 @@ mod tests {
             layout_change(&known, &layout(11, &[], &[5, 9])),
             LayoutChange::Rewrite
         );
-        // TRUNCATE (or VACUUM FULL): new storage, columns untouched.
+        // TRUNCATE (or VACUUM FULL): new storage, columns untouched, in the transaction that
+        // wrote the table's catalog row.
         assert_eq!(
             layout_change(&known, &layout(11, &[], &[5, 5])),
-            LayoutChange::NewFile
+            LayoutChange::NewFile { xid: 21 }
         );
         // Enum labels: recorded when first seen, an added label changes nothing stored, a
         // renamed one (same OID, another text) every value of it.
@@ -1162,43 +1179,56 @@ mod tests {
         );
 
         // A partitioned table (no storage of its own) and its leaves.
-        let parent = |leaves: &[(u32, u32)], empty: &[u32], versions: &[u32]| slot::LayoutNow {
-            layout: StorageLayout {
-                partitions: leaves.to_vec(),
-                ..layout(0, &[], versions)
-            },
-            file_node_in_snapshot: 0,
-            empty_partitions: empty.to_vec(),
-        };
-        let two = parent(&[(100, 1000), (200, 2000)], &[], &[5, 5]);
+        // Leaves as (OID, file node, transaction that last wrote its catalog row).
+        let parent =
+            |leaves: &[(u32, u32, u32)], empty: &[u32], versions: &[u32]| slot::LayoutNow {
+                layout: StorageLayout {
+                    partitions: leaves.iter().map(|(l, f, _)| (*l, *f)).collect(),
+                    ..layout(0, &[], versions)
+                },
+                file_node_in_snapshot: 0,
+                empty_partitions: empty.to_vec(),
+                partition_versions: leaves.iter().map(|(_, _, x)| *x).collect(),
+            };
+        let two = parent(&[(100, 1000, 7), (200, 2000, 7)], &[], &[5, 5]);
         let change = |now: &slot::LayoutNow| partitioned_layout_change(&two.layout, now);
         assert_eq!(change(&two), LayoutChange::None);
         // CREATE TABLE … PARTITION OF, not written yet: no row came.
         assert_eq!(
             change(&parent(
-                &[(100, 1000), (200, 2000), (300, 3000)],
+                &[(100, 1000, 7), (200, 2000, 7), (300, 3000, 8)],
                 &[300],
                 &[5, 5]
             )),
             LayoutChange::Filled
         );
         // ATTACH PARTITION of a table with rows; DETACH or DROP of one; the parent's ALTER …
-        // TYPE (every leaf rewritten): rows changed, the stream is silent.
+        // TYPE (every leaf rewritten); leaves given new files by two transactions: read again.
         for now in [
-            parent(&[(100, 1000), (200, 2000), (300, 3000)], &[], &[5, 5]),
-            parent(&[(100, 1000)], &[], &[5, 5]),
-            parent(&[(100, 1001), (200, 2001)], &[], &[5, 9]),
+            parent(
+                &[(100, 1000, 7), (200, 2000, 7), (300, 3000, 8)],
+                &[],
+                &[5, 5],
+            ),
+            parent(&[(100, 1000, 7)], &[], &[5, 5]),
+            parent(&[(100, 1001, 9), (200, 2001, 9)], &[], &[5, 9]),
+            parent(&[(100, 1001, 9), (200, 2001, 10)], &[], &[5, 5]),
         ] {
             assert_eq!(change(&now), LayoutChange::Rewrite, "{:?}", now.layout);
         }
-        // A leaf truncated (the stream replays it) or vacuumed full: no value changed.
+        // New files from one transaction, columns unchanged: a TRUNCATE of the parent if the
+        // stream brought one in it, else (a leaf truncated alone, VACUUM FULL) read again.
         assert_eq!(
-            change(&parent(&[(100, 1000), (200, 2001)], &[], &[5, 5])),
-            LayoutChange::Filled
+            change(&parent(&[(100, 1001, 9), (200, 2001, 9)], &[], &[5, 5])),
+            LayoutChange::NewFile { xid: 9 }
+        );
+        assert_eq!(
+            change(&parent(&[(100, 1000, 7), (200, 2001, 9)], &[], &[5, 5])),
+            LayoutChange::NewFile { xid: 9 }
         );
         // The parent's ADD COLUMN … DEFAULT: the leaves have the missing value, which the
         // layout gives the parent's column.
-        let mut defaulted = parent(&[(100, 1000), (200, 2000)], &[], &[5, 5, 9]);
+        let mut defaulted = parent(&[(100, 1000, 7), (200, 2000, 7)], &[], &[5, 5, 9]);
         defaulted.layout.missing_values = vec![3];
         assert_eq!(change(&defaulted), LayoutChange::Rewrite);
         // A layout that did not record its leaves (before version 5): non-empty leaves are new.

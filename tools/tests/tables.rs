@@ -755,8 +755,13 @@ fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_change
         ("ALTER TABLE pt ADD COLUMN flag int DEFAULT 5", true),
         // Every leaf rewritten, every value rounded.
         ("ALTER TABLE pt ALTER COLUMN amount TYPE numeric(12,1)", true),
+        // The parent truncated: the stream replays it as the parent's, no read.
+        ("TRUNCATE pt", false),
         // A partition created empty: no row came, no read.
         ("CREATE TABLE pt3 PARTITION OF pt FOR VALUES IN (3)", false),
+        // A partition truncated by itself (holding the row written after the parent's
+        // TRUNCATE): pgoutput does not send it when publishing through the root.
+        ("TRUNCATE pt2", true),
         // A table with rows (no key of its own: not captured) attached: its rows joined.
         (
             "CREATE TABLE loose (LIKE pt); INSERT INTO loose VALUES (7, 4, 7.5, 1), (8, 4, 8.5, 2); \
@@ -786,8 +791,8 @@ fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_change
         }
         wait_caught_up(s.cluster, &s.db);
         moments.push((ddl, held(s.cluster, &s.db, &only_pt)));
-        // A write between DDLs (into pt3 once it exists: pt2 is dropped last).
-        let region = if step >= 2 { 3 } else { 2 };
+        // A write between DDLs (into pt2 until pt3 exists: pt2 is dropped last).
+        let region = if step >= 3 { 3 } else { 2 };
         s.psql(&format!(
             "INSERT INTO pt (id, region, amount) VALUES (1000 + (SELECT count(*) FROM nudge), {region}, 1)"
         ));
