@@ -38,7 +38,11 @@ impl Scene {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("archive");
         let mut capture = spawn(cluster, &db, &archive, extra);
+        // Streaming, not only holding the slot: a slot is active from its creation, while the
+        // initial snapshot is still being taken, and a snapshot taken again (a schema change
+        // raced it) makes a new slot after what the test does next.
         wait_slot_active(cluster, &db, &db, &mut capture);
+        wait_caught_up(cluster, &db);
         Scene {
             cluster,
             db,
@@ -48,17 +52,14 @@ impl Scene {
         }
     }
 
-    /// [`Scene::start`] with one table `t (id int PRIMARY KEY, v text)` of 20 rows, once the
-    /// capture has caught up with it.
+    /// [`Scene::start`] with one table `t (id int PRIMARY KEY, v text)` of 20 rows.
     fn with_t(prefix: &str, extra: &[&str]) -> Scene {
-        let s = Scene::start(
+        Scene::start(
             prefix,
             "CREATE TABLE t (id int PRIMARY KEY, v text);
              INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
             extra,
-        );
-        wait_caught_up(s.cluster, &s.db);
-        s
+        )
     }
 
     /// Install `pgtrail setup`'s event trigger for the capture's publication.
