@@ -11,6 +11,8 @@
 //! that never arrives. A dead connection is a reconnect; nothing past the durable position
 //! was acknowledged, so nothing can be lost by abandoning it.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{CaptureError, within};
@@ -139,9 +141,143 @@ impl Liveness {
     }
 }
 
+/// The server process a table copy's step waits on, as the watchdog asks about it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum CopyBackend<'a> {
+    /// A SQL session, by its `pg_backend_pid()`.
+    Pid(i32),
+    /// The walsender holding a (temporary) slot: it creates the slot as soon as the command
+    /// arrives, before waiting for anything.
+    SlotHolder(&'a str),
+}
+
+/// What the source said of a copy's server process: `None` when there is no such process;
+/// else its wait event type and wait event, and the processes blocking it.
+type BackendSeen = Option<(Option<String>, Option<String>, Vec<i32>)>;
+
+/// Run `step`, one network step of a table copy (a temporary slot's creation, a statement,
+/// a COPY), watched the way [`Liveness`] watches the stream: a step may rightly take long (a
+/// slot's creation waits for every transaction open on the source to end; a COPY of a large
+/// table runs for hours), so a slow step is not an error, but each `timeout` without an answer
+/// the source is asked over `sql` what `backend` is doing. The step's connection counts as
+/// dead, and the step ends in [`CaptureError::StreamSilent`] (a reconnect), on evidence:
+/// the question itself gets no answer in `timeout` (the SQL connection sits in the same dead
+/// network), or twice in a row with no `progress` in between, the server has no such
+/// process or it waits on the client (`ClientRead`: it answered and waits for the next
+/// command; `ClientWrite`: it is blocked sending what never arrives).
+///
+/// Abandoning the step loses nothing: a copy is stored only once the stream reaches its point,
+/// and the server drops a temporary slot with its connection.
+pub(crate) async fn watched<T>(
+    sql: &tokio_postgres::Client,
+    timeout: Duration,
+    backend: CopyBackend<'_>,
+    what: &str,
+    progress: Option<&AtomicU64>,
+    step: impl Future<Output = Result<T, CaptureError>>,
+) -> Result<T, CaptureError> {
+    let read_progress = || progress.map_or(0, |p| p.load(Ordering::Relaxed));
+    let started = Instant::now();
+    let mut step = std::pin::pin!(step);
+    let mut suspect: Option<u64> = None;
+    let mut said_waiting = false;
+    loop {
+        tokio::select! {
+            done = &mut step => return done,
+            _ = tokio::time::sleep(timeout) => {}
+        }
+        let seen = within(timeout, &format!("a question about {what}"), async {
+            ask_about(sql, backend).await
+        })
+        .await?;
+        let now = read_progress();
+        match copy_verdict(&seen) {
+            Some(why) if suspect == Some(now) => {
+                return Err(CaptureError::StreamSilent {
+                    why: format!(
+                        "{what}: no answer for {} s and {why}",
+                        started.elapsed().as_secs()
+                    ),
+                });
+            }
+            Some(_) => suspect = Some(now),
+            None => {
+                suspect = None;
+                if let Some((Some(kind), event, blockers)) = &seen
+                    && kind == "Lock"
+                    && !said_waiting
+                {
+                    said_waiting = true;
+                    tracing::warn!(
+                        step = what,
+                        waits_on = event.as_deref().unwrap_or("?"),
+                        blocking_pids = ?blockers,
+                        "a table copy waits for transactions open on the source to end; capture \
+                         stays at this point until they do (end or cancel them to go on)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn ask_about(
+    sql: &tokio_postgres::Client,
+    backend: CopyBackend<'_>,
+) -> Result<BackendSeen, CaptureError> {
+    const COLUMNS: &str = "a.wait_event_type, a.wait_event, pg_blocking_pids(a.pid)";
+    let row = match backend {
+        CopyBackend::Pid(pid) => {
+            sql.query_opt(
+                &format!("SELECT {COLUMNS} FROM pg_stat_activity a WHERE a.pid = $1"),
+                &[&pid],
+            )
+            .await
+        }
+        CopyBackend::SlotHolder(slot) => {
+            sql.query_opt(
+                &format!(
+                    "SELECT {COLUMNS} FROM pg_replication_slots s \
+                     JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1"
+                ),
+                &[&slot],
+            )
+            .await
+        }
+    }
+    .map_err(|e| CaptureError::sql("asking the source about a table copy", e))?;
+    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+}
+
+/// Why a copy's server process looks like it lost its client, or `None` while it works or
+/// waits on the database.
+fn copy_verdict(seen: &BackendSeen) -> Option<&'static str> {
+    match seen {
+        None => Some("the server runs no process for it"),
+        Some((Some(kind), _, _)) if kind == "Client" => {
+            Some("the server's process for it waits on this capture")
+        }
+        Some(_) => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_is_suspect_only_when_its_server_process_is_gone_or_waits_on_the_client() {
+        let seen = |kind: Option<&str>, event: Option<&str>| {
+            Some((kind.map(str::to_string), event.map(str::to_string), vec![]))
+        };
+        assert!(copy_verdict(&None).is_some());
+        assert!(copy_verdict(&seen(Some("Client"), Some("ClientWrite"))).is_some());
+        assert!(copy_verdict(&seen(Some("Client"), Some("ClientRead"))).is_some());
+        // Running, reading the table, waiting for an open transaction or a lock: alive.
+        assert!(copy_verdict(&seen(None, None)).is_none());
+        assert!(copy_verdict(&seen(Some("IO"), Some("DataFileRead"))).is_none());
+        assert!(copy_verdict(&seen(Some("Lock"), Some("transactionid"))).is_none());
+    }
 
     fn seen(pid: i32, reply: &str, wait: Option<&str>) -> Option<WalsenderSeen> {
         Some(WalsenderSeen {

@@ -46,6 +46,7 @@ use pgtrail_store::{
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter};
 
 use crate::error::{CaptureError, within};
+use crate::liveness;
 use crate::run::CaptureConfig;
 use crate::slot::{self, CapturedTable};
 use crate::snapshot::{self, SnapshotSink};
@@ -816,7 +817,12 @@ pub(crate) async fn sync(
     for oid in plan.reshaped {
         // Recorded at the point below, after the look that saw it; the writer keeps it only
         // if the stream did not bring the same shape first.
-        let relation = slot::relation_from_catalog(sql, oid).await?;
+        let relation = within(
+            config.stream_timeout,
+            "reading a table's schema from the catalog",
+            slot::relation_from_catalog(sql, oid),
+        )
+        .await?;
         tracing::info!(table = %relation.qualified_name(), "schema changed in the catalog; recorded");
         spool.send(vec![LogOp::Relation(relation)]).await?;
     }
@@ -830,18 +836,30 @@ pub(crate) async fn sync(
     let (point, committed_at_us) = if plan.copy.is_empty() {
         // No copy (dropped tables, schema changes): the mark's point is the end of the fence
         // record (see `fence_point`).
-        match emit_fence(sql).await {
+        match within(
+            config.stream_timeout,
+            "emitting pgtrail's fence message",
+            emit_fence(sql),
+        )
+        .await
+        {
             Ok((fence_end, at_us)) => (fence_point(fence_end), at_us),
             Err(e) => {
                 tracing::debug!(error = %e, "no fence message; marking the drop at a temporary slot's point");
-                copy_in_step(config, &[], &mut spool).await?
+                copy_in_step(config, sql, &[], &mut spool).await?
             }
         }
     } else {
-        let point = copy_in_step(config, &plan.copy, &mut spool).await?;
+        let point = copy_in_step(config, sql, &plan.copy, &mut spool).await?;
         // Tell the stream it has passed the point even if nothing else is written: the
         // message is decoded after every transaction that committed before it.
-        if let Err(e) = emit_fence(sql).await {
+        if let Err(e) = within(
+            config.stream_timeout,
+            "emitting pgtrail's fence message",
+            emit_fence(sql),
+        )
+        .await
+        {
             tracing::debug!(error = %e, "no fence message; the copy is stored with the next transaction or keepalive past its point");
         }
         point
@@ -855,9 +873,11 @@ pub(crate) async fn sync(
 }
 
 /// Copy `copy` inside a temporary slot's exported snapshot; returns the slot's consistent
-/// point and the server's clock just after it.
+/// point and the server's clock just after it. `sql` is the capture's own connection, which
+/// the steps' watchdog asks about the copy's.
 async fn copy_in_step(
     config: &CaptureConfig,
+    sql: &tokio_postgres::Client,
     copy: &[(CapturedTable, TableScope)],
     spool: &mut Spool,
 ) -> Result<(Lsn, i64), CaptureError> {
@@ -879,26 +899,77 @@ async fn copy_in_step(
             .await
     })
     .await?;
-    // Waits, as every logical slot's creation does, for transactions running now to end.
-    let (point, snapshot_name) = slot_conn
-        .create_slot_exporting_snapshot(&slot_name, true)
-        .await
-        .map_err(|e| match &e {
-            CaptureError::Replication(r) if r.sqlstate() == Some("53400") => CaptureError::setup(
-                format!("cannot create a temporary replication slot to copy {names}: {r}"),
-                "a table that joins capture (or that DDL rewrote) is read through a temporary slot: raise max_replication_slots by one (ALTER SYSTEM SET max_replication_slots = ...; then restart PostgreSQL)",
-            ),
-            _ => e,
-        })?;
-    let copy_sql = config.source.connect_sql().await?;
+    // Each step below may rightly wait (the slot's creation for every transaction running
+    // now to end, the lock for DDL in progress, the COPY for a large table), so none has a
+    // fixed bound; each is watched instead, and a connection shown dead is a reconnect.
+    let slot_holder = liveness::CopyBackend::SlotHolder(&slot_name);
+    let (point, snapshot_name) = liveness::watched(
+        sql,
+        limit,
+        slot_holder,
+        "creating a table copy's temporary slot",
+        None,
+        slot_conn.create_slot_exporting_snapshot(&slot_name, true),
+    )
+    .await
+    .map_err(|e| match &e {
+        CaptureError::Replication(r) if r.sqlstate() == Some("53400") => CaptureError::setup(
+            format!("cannot create a temporary replication slot to copy {names}: {r}"),
+            "a table that joins capture (or that DDL rewrote) is read through a temporary slot: raise max_replication_slots by one (ALTER SYSTEM SET max_replication_slots = ...; then restart PostgreSQL)",
+        ),
+        _ => e,
+    })?;
+    let copy_sql = within(
+        limit,
+        "connecting for a table copy",
+        config.source.connect_sql(),
+    )
+    .await?;
+    let copier = liveness::CopyBackend::Pid(
+        within(limit, "a table copy's first query", async {
+            copy_sql
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .map_err(|e| CaptureError::sql("starting a table copy", e))
+        })
+        .await?
+        .get(0),
+    );
     let locked: Vec<CapturedTable> = copy.iter().map(|(t, _)| t.clone()).collect();
-    snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked).await?;
-    let (_, committed_at_us) = server_point(&copy_sql).await?;
+    let (_, committed_at_us) = liveness::watched(
+        sql,
+        limit,
+        copier,
+        "entering a table copy's snapshot",
+        None,
+        async {
+            snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked).await?;
+            server_point(&copy_sql).await
+        },
+    )
+    .await?;
+    let progress = spool.progress.clone();
     let mut rows = 0;
     for (table, scope) in copy {
-        rows += snapshot::copy_table(&copy_sql, table, scope.clone(), spool).await?;
+        rows += liveness::watched(
+            sql,
+            limit,
+            copier,
+            "a table copy",
+            Some(&progress),
+            snapshot::copy_table(&copy_sql, table, scope.clone(), spool),
+        )
+        .await?;
     }
-    snapshot::leave_snapshot(&copy_sql).await?;
+    liveness::watched(
+        sql,
+        limit,
+        copier,
+        "ending a table copy's snapshot",
+        None,
+        snapshot::leave_snapshot(&copy_sql),
+    )
+    .await?;
     drop(slot_conn);
     tracing::info!(tables = %names, rows, %point, "tables read; stored when the stream reaches the copy's point");
     Ok((point, committed_at_us))
@@ -935,6 +1006,8 @@ struct Spool {
     file: BufWriter<tokio::fs::File>,
     marks: Vec<(u64, LogOp)>,
     rows: u64,
+    /// `rows`, as a copy's watchdog reads it while the copy runs.
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Spool {
@@ -952,6 +1025,7 @@ impl Spool {
             file: BufWriter::new(tokio::fs::File::from_std(file)),
             marks: Vec::new(),
             rows: 0,
+            progress: Default::default(),
         })
     }
 
@@ -994,6 +1068,8 @@ impl SnapshotSink for Spool {
                 LogOp::Change(change) => {
                     write_row(&mut self.file, &change).await?;
                     self.rows += 1;
+                    self.progress
+                        .store(self.rows, std::sync::atomic::Ordering::Relaxed);
                 }
                 other => self.marks.push((self.rows, other)),
             }
