@@ -24,6 +24,7 @@ mod replay;
 mod scan;
 mod schema_versions;
 mod session;
+mod unknown_spans;
 
 pub use archive::{ArchiveSnapshot, TableHistory};
 pub use changes::{changes_schema, row_json};

@@ -18,6 +18,7 @@ use crate::history::HistoryTable;
 use crate::pit::{AsOf, Diff, RowHistory};
 use crate::read::open_segment;
 use crate::schema_versions::SchemaVersionsTable;
+use crate::unknown_spans::UnknownSpansTable;
 
 /// Open `dir` and build a session over it.
 pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>), QueryError> {
@@ -63,6 +64,10 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
     ctx.register_table(
         TableReference::partial("pgtrail", "schema_versions"),
         Arc::new(SchemaVersionsTable::new(archive.clone())),
+    )?;
+    ctx.register_table(
+        TableReference::partial("pgtrail", "unknown_spans"),
+        Arc::new(UnknownSpansTable::new(archive.clone())),
     )?;
     ctx.register_udtf(
         "as_of",

@@ -659,6 +659,8 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     let ddl = "ALTER TABLE t ADD COLUMN flag int DEFAULT 5";
     s.psql(ddl);
     let after_ddl = held(s.cluster, &s.db, &only_t);
+    // A change inside the span: exact itself, the state around it unknown.
+    s.psql("UPDATE t SET v = 'during' WHERE id = 3");
     // A transaction left open holds the read's temporary slot (its creation waits for running
     // transactions): the capture has decided on the read and cannot store it.
     let log_path = s.archive.with_extension(format!("{}.log", s.db));
@@ -703,6 +705,17 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
             "at {at}: {err}"
         );
     }
+    // The change lists are read with the spans: this one is open, from no later than the DDL.
+    let spans_sql = "SELECT table_name, from_lsn, coalesce(to_lsn, 'open'), reason \
+                     FROM pgtrail.unknown_spans";
+    let spans = crate::pgtrail_sql(&s.archive, "csv", spans_sql);
+    let span: Vec<&str> = spans.lines().nth(1).expect("one span").split(',').collect();
+    assert_eq!(spans.lines().count(), 2, "{spans}");
+    assert_eq!(
+        (span[0], span[2], span[3]),
+        ("public.t", "open", "rewritten by DDL")
+    );
+    assert!(span[1].parse::<Lsn>().unwrap() <= after_ddl.lsn, "{spans}");
 
     // The next run reads the table: the span ends there, and the rows are PostgreSQL's.
     s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
@@ -722,6 +735,35 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     );
     let rows = archive_rows(&snapshot, table, Moment::Lsn(now.lsn)).unwrap();
     assert_eq!(rows, now.rows[0]);
+    let spans = crate::pgtrail_sql(&s.archive, "csv", spans_sql);
+    let closed: Vec<&str> = spans.lines().nth(1).expect("one span").split(',').collect();
+    assert_eq!(spans.lines().count(), 2, "{spans}");
+    assert_eq!(closed[1], span[1], "the span begins where it did");
+    let read = snapshot
+        .table_snapshots(table)
+        .last()
+        .map(|(s, _)| s.lsn)
+        .unwrap();
+    assert_eq!(closed[2], read.to_string(), "it ends at the read");
+    // The README's reading of a row's history with the spans.
+    let history = crate::pgtrail_sql(
+        &s.archive,
+        "csv",
+        "SELECT h.op, h.after.v, u.reason
+         FROM row_history('public.t', 3) h
+         LEFT JOIN pgtrail.unknown_spans u ON u.table_name = 'public.t'
+          AND lsn(u.from_lsn) <= h.lsn AND (u.to_lsn IS NULL OR h.lsn < lsn(u.to_lsn))
+         ORDER BY h.lsn, h.seq",
+    );
+    assert_eq!(
+        history.lines().skip(1).collect::<Vec<_>>(),
+        [
+            "snapshot,v3,",
+            "update,during,rewritten by DDL",
+            "snapshot,during,"
+        ],
+        "{history}"
+    );
 }
 
 #[test]
