@@ -309,13 +309,16 @@ pub(crate) fn unknown_span<'a>(
         })
 }
 
-/// `row` (an image of `version`) with every value but its primary key's unknown: the row is
-/// known to exist (its inserts and deletes are in the stream) but not what it held.
+/// `row` (an image of `version`) with every value but those of the columns that identify it
+/// unknown (the primary key, or under `REPLICA IDENTITY USING INDEX` the index's columns, which
+/// no rewrite changes): the row is known to exist (its inserts and deletes are in the stream)
+/// but not what it held.
 pub(crate) fn unknown_values(version: &RelationVersion, row: &Row) -> Row {
+    let key = version.key_positions();
     row.iter()
-        .zip(&version.columns)
-        .map(|(cell, column)| {
-            if version.primary_key.contains(&column.name) {
+        .enumerate()
+        .map(|(i, cell)| {
+            if key.contains(&i) {
                 cell.clone()
             } else {
                 Cell::Unknown
@@ -626,6 +629,56 @@ mod tests {
             self.0.push(format!("truncate {relation_id}"));
             Ok(())
         }
+    }
+
+    /// A row of a rewritten table keeps what identifies it: its primary key, or with no
+    /// primary key the replica identity index's columns.
+    #[test]
+    fn unknown_values_keep_the_columns_that_identify_the_row() {
+        let column = |name: &str, is_key| pgtrail_store::Column {
+            name: name.into(),
+            type_oid: 23,
+            type_modifier: -1,
+            is_key,
+        };
+        let version = |identity, keys: [bool; 3], primary_key: &[&str]| RelationVersion {
+            relation_id: 1,
+            valid_from: key(1, 0),
+            schema: "public".into(),
+            name: "t".into(),
+            replica_identity: identity,
+            columns: vec![
+                column("a", keys[0]),
+                column("b", keys[1]),
+                column("c", keys[2]),
+            ],
+            primary_key: primary_key.iter().map(|k| k.to_string()).collect(),
+        };
+        let row: Row = ["1", "2", "3"]
+            .iter()
+            .map(|v| Cell::Text(v.to_string()))
+            .collect();
+        let kept = |v: &RelationVersion| {
+            unknown_values(v, &row)
+                .iter()
+                .map(|c| *c != Cell::Unknown)
+                .collect::<Vec<_>>()
+        };
+        // REPLICA IDENTITY DEFAULT: the primary key is flagged.
+        assert_eq!(
+            kept(&version(b'd', [true, false, false], &["a"])),
+            [true, false, false]
+        );
+        // USING INDEX on (b, c), no primary key.
+        assert_eq!(
+            kept(&version(b'i', [false, true, true], &[])),
+            [false, true, true]
+        );
+        // FULL flags every column; the primary key identifies the row.
+        assert_eq!(
+            kept(&version(b'f', [true, true, true], &["c"])),
+            [false, false, true]
+        );
     }
 
     fn key(lsn: u64, seq: u32) -> ChangeKey {
