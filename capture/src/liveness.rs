@@ -152,8 +152,9 @@ pub(crate) enum CopyBackend<'a> {
 }
 
 /// What the source said of a copy's server process: `None` when there is no such process;
-/// else its wait event type and wait event, and the processes blocking it.
-type BackendSeen = Option<(Option<String>, Option<String>, Vec<i32>)>;
+/// else its wait event, and the processes it waits for (those holding a lock it waits on, or,
+/// for a slot's creation, the transactions older than the step).
+type BackendSeen = Option<(Option<String>, Vec<i32>)>;
 
 /// Run `step`, one network step of a table copy (a temporary slot's creation, a statement,
 /// a COPY), watched the way [`Liveness`] watches the stream: a step may rightly take long (a
@@ -164,7 +165,7 @@ type BackendSeen = Option<(Option<String>, Option<String>, Vec<i32>)>;
 /// the question itself gets no answer in `timeout` (the SQL connection sits in the same dead
 /// network), or twice in a row with no `progress` in between, the server has no such
 /// process or it waits on the client (`ClientRead`: it answered and waits for the next
-/// command; `ClientWrite`: it is blocked sending what never arrives).
+/// command; `ClientWrite`, `WalSenderWriteData`: it is blocked sending what never arrives).
 ///
 /// Abandoning the step loses nothing: a copy is stored only once the stream reaches its point,
 /// and the server drops a temporary slot with its connection.
@@ -187,7 +188,7 @@ pub(crate) async fn watched<T>(
             _ = tokio::time::sleep(timeout) => {}
         }
         let seen = within(timeout, &format!("a question about {what}"), async {
-            ask_about(sql, backend).await
+            ask_about(sql, backend, started.elapsed()).await
         })
         .await?;
         let now = read_progress();
@@ -203,8 +204,8 @@ pub(crate) async fn watched<T>(
             Some(_) => suspect = Some(now),
             None => {
                 suspect = None;
-                if let Some((Some(kind), event, blockers)) = &seen
-                    && kind == "Lock"
+                if let Some((event, blockers)) = &seen
+                    && !blockers.is_empty()
                     && !said_waiting
                 {
                     said_waiting = true;
@@ -224,37 +225,52 @@ pub(crate) async fn watched<T>(
 async fn ask_about(
     sql: &tokio_postgres::Client,
     backend: CopyBackend<'_>,
+    waited: Duration,
 ) -> Result<BackendSeen, CaptureError> {
-    const COLUMNS: &str = "a.wait_event_type, a.wait_event, pg_blocking_pids(a.pid)";
+    // A lock wait names its blockers; a slot's creation waits, reading WAL, for the
+    // transactions that had an ID when it began, which no function names: those still open
+    // that began before the step are the ones to end.
+    let columns = "a.wait_event, CASE WHEN a.wait_event_type = 'Lock' THEN pg_blocking_pids(a.pid) \
+         WHEN a.backend_type = 'walsender' THEN ARRAY(SELECT o.pid FROM pg_stat_activity o \
+           WHERE o.backend_xid IS NOT NULL AND o.pid <> a.pid \
+             AND o.xact_start < now() - make_interval(secs => $2) ORDER BY o.pid) \
+         ELSE ARRAY[]::int[] END";
+    let waited = waited.as_secs_f64();
     let row = match backend {
         CopyBackend::Pid(pid) => {
             sql.query_opt(
-                &format!("SELECT {COLUMNS} FROM pg_stat_activity a WHERE a.pid = $1"),
-                &[&pid],
+                &format!("SELECT {columns} FROM pg_stat_activity a WHERE a.pid = $1"),
+                &[&pid, &waited],
             )
             .await
         }
         CopyBackend::SlotHolder(slot) => {
             sql.query_opt(
                 &format!(
-                    "SELECT {COLUMNS} FROM pg_replication_slots s \
+                    "SELECT {columns} FROM pg_replication_slots s \
                      JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1"
                 ),
-                &[&slot],
+                &[&slot, &waited],
             )
             .await
         }
     }
     .map_err(|e| CaptureError::sql("asking the source about a table copy", e))?;
-    Ok(row.map(|row| (row.get(0), row.get(1), row.get(2))))
+    Ok(row.map(|row| (row.get(0), row.get(1))))
 }
 
 /// Why a copy's server process looks like it lost its client, or `None` while it works or
-/// waits on the database.
+/// waits on the database (a slot's creation waiting for WAL, `WalSenderWaitForWAL`, is of the
+/// same `Client` type of wait events, but waits on the source, not on capture).
 fn copy_verdict(seen: &BackendSeen) -> Option<&'static str> {
     match seen {
         None => Some("the server runs no process for it"),
-        Some((Some(kind), _, _)) if kind == "Client" => {
+        Some((Some(event), _))
+            if matches!(
+                event.as_str(),
+                "ClientRead" | "ClientWrite" | "WalSenderWriteData"
+            ) =>
+        {
             Some("the server's process for it waits on this capture")
         }
         Some(_) => None,
@@ -267,16 +283,21 @@ mod tests {
 
     #[test]
     fn a_copy_is_suspect_only_when_its_server_process_is_gone_or_waits_on_the_client() {
-        let seen = |kind: Option<&str>, event: Option<&str>| {
-            Some((kind.map(str::to_string), event.map(str::to_string), vec![]))
-        };
+        let seen = |event: Option<&str>| Some((event.map(str::to_string), vec![]));
         assert!(copy_verdict(&None).is_some());
-        assert!(copy_verdict(&seen(Some("Client"), Some("ClientWrite"))).is_some());
-        assert!(copy_verdict(&seen(Some("Client"), Some("ClientRead"))).is_some());
-        // Running, reading the table, waiting for an open transaction or a lock: alive.
-        assert!(copy_verdict(&seen(None, None)).is_none());
-        assert!(copy_verdict(&seen(Some("IO"), Some("DataFileRead"))).is_none());
-        assert!(copy_verdict(&seen(Some("Lock"), Some("transactionid"))).is_none());
+        for event in ["ClientWrite", "ClientRead", "WalSenderWriteData"] {
+            assert!(copy_verdict(&seen(Some(event))).is_some(), "{event}");
+        }
+        // Running, reading the table, waiting for a lock, or a slot's creation waiting for
+        // the transactions open on the source: alive.
+        for event in [
+            None,
+            Some("DataFileRead"),
+            Some("transactionid"),
+            Some("WalSenderWaitForWAL"),
+        ] {
+            assert!(copy_verdict(&seen(event)).is_none(), "{event:?}");
+        }
     }
 
     fn seen(pid: i32, reply: &str, wait: Option<&str>) -> Option<WalsenderSeen> {

@@ -766,6 +766,71 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     );
 }
 
+/// A table read again after DDL waits, as every logical slot's creation does, for the
+/// transactions open on the source: capture says which ones, does not take the wait for a dead
+/// connection, and stores the read once they end.
+#[test]
+fn a_table_read_waiting_for_an_open_transaction_names_it_and_goes_on_when_it_ends() {
+    let mut s = Scene::with_t("copywait", &["--stream-timeout-secs", "2"]);
+    let only_t = table_list(&["t"]);
+    let log_path = s.archive.with_extension(format!("{}.log", s.db));
+    let mut open = std::process::Command::new(s.cluster.bin_dir().join("psql"))
+        .args(["-X", "-q", "-U", "postgres", "-h"])
+        .arg(s.cluster.socket_dir())
+        .args(["-p", &s.cluster.port().to_string(), "-d", &s.db, "-c"])
+        .arg("BEGIN; INSERT INTO nudge DEFAULT VALUES; SELECT pg_sleep(120); COMMIT;")
+        .env("PGAPPNAME", "holds_the_copy")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let holder = loop {
+        let pid = s.psql(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'holds_the_copy' \
+             AND backend_xid IS NOT NULL",
+        );
+        if !pid.trim().is_empty() {
+            break pid.trim().to_string();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    s.psql("ALTER TABLE t ADD COLUMN flag int DEFAULT 5");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let log = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if log.contains("a table copy waits for transactions open on the source") {
+            break log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "capture never said what the copy waits for: {log}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let said = log
+        .lines()
+        .find(|l| l.contains("a table copy waits"))
+        .unwrap();
+    assert!(said.contains(&format!("[{holder}]")), "{said}");
+    // Several stream timeouts of waiting: still the same session.
+    std::thread::sleep(Duration::from_secs(6));
+    s.psql(&format!("SELECT pg_terminate_backend({holder})"));
+    open.wait().unwrap();
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
+    let now = held(s.cluster, &s.db, &only_t);
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        !log.contains("reconnecting"),
+        "a waiting copy was taken for a dead one: {log}"
+    );
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let table = snapshot.table("public.t").unwrap();
+    let rows = archive_rows(&snapshot, table, Moment::Lsn(now.lsn)).unwrap();
+    assert_eq!(rows, now.rows[0]);
+}
+
 #[test]
 fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_changed() {
     let mut s = Scene::start(
