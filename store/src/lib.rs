@@ -16,6 +16,7 @@ mod compact;
 #[doc(hidden)]
 pub mod crashpoint;
 mod error;
+pub mod evidence;
 mod log;
 mod lsn;
 mod manifest;
