@@ -15,7 +15,7 @@ use crate::error::{CaptureError, within};
 use crate::run::{CaptureConfig, Progress};
 use crate::source::replication::{ReplicationStream, SystemIdentity};
 use crate::writer::WriterHandle;
-use crate::{preflight, slot, snapshot};
+use crate::{liveness, preflight, slot, snapshot};
 
 /// How long a slot held by another connection is waited for before it counts as in use.
 const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(20);
@@ -380,6 +380,7 @@ impl<'a> Session<'a> {
     /// Create the publication and the slot, and copy every table inside the slot's snapshot.
     async fn initial_snapshot(&mut self) -> Result<ReplicationStream, CaptureError> {
         let config = self.config;
+        let limit = config.stream_timeout;
         let (tables, excluded) = slot::choose_tables(&self.sql, &config.tables).await?;
         for t in &excluded {
             tracing::warn!(table = %t.qualified, reason = %t.reason, "table left out of the publication");
@@ -425,10 +426,19 @@ impl<'a> Session<'a> {
         // the snapshot is then recognised on the next start, which drops this archive's slot
         // and takes the snapshot again (nothing was acknowledged past the slot's creation).
         self.writer.set_identity(identity.clone()).await?;
-        let (consistent_point, snapshot_name) = client
-            .create_slot_exporting_snapshot(&config.slot, false)
-            .await
-            .map_err(|e| match &e {
+        // Watched, not bounded: the creation waits for every transaction open on the source
+        // (see `liveness::watched`), and a dead connection is a reconnect, which drops the
+        // half-made slot and starts again (the identity above says so).
+        let (consistent_point, snapshot_name) = liveness::watched(
+            &self.sql,
+            limit,
+            liveness::CopyBackend::SlotHolder(&config.slot),
+            "creating the replication slot",
+            None,
+            client.create_slot_exporting_snapshot(&config.slot, false),
+        )
+        .await
+        .map_err(|e| match &e {
                 // 53400 configuration_limit_exceeded: every slot is taken.
                 CaptureError::Replication(r) if r.sqlstate() == Some("53400") => CaptureError::setup(
                     format!("cannot create replication slot {:?}: {r}", config.slot),
@@ -450,13 +460,35 @@ impl<'a> Session<'a> {
         tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");
         // The replication session stays idle (it holds the exported snapshot) while an
         // ordinary connection copies the tables inside that snapshot.
-        let snapshot_sql = config.source.connect_sql().await?;
-        let rows = snapshot::copy_tables(
-            &snapshot_sql,
-            &snapshot_name,
-            consistent_point,
-            &tables,
-            self.writer,
+        let snapshot_sql = within(
+            limit,
+            "connecting for the initial snapshot",
+            config.source.connect_sql(),
+        )
+        .await?;
+        let copier = within(limit, "the initial snapshot's first query", async {
+            snapshot_sql
+                .query_one("SELECT pg_backend_pid()", &[])
+                .await
+                .map_err(|e| CaptureError::sql("starting the initial snapshot", e))
+        })
+        .await?
+        .get(0);
+        let progress = std::sync::atomic::AtomicU64::new(0);
+        let rows = liveness::watched(
+            &self.sql,
+            limit,
+            liveness::CopyBackend::Pid(copier),
+            "the initial snapshot",
+            Some(&progress),
+            snapshot::copy_tables(
+                &snapshot_sql,
+                &snapshot_name,
+                consistent_point,
+                &tables,
+                self.writer,
+                &progress,
+            ),
         )
         .await?;
         self.writer.wait_durable(consistent_point).await?;

@@ -1,6 +1,8 @@
 //! The initial snapshot: every captured table read with COPY inside the slot's exported
 //! snapshot, streamed row by row to the log writer (bounded memory whatever the table size).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures_util::StreamExt;
 use pgtrail_store::{IncomingCell, IncomingChange, LogOp, Lsn, Op, TableScope, always_quoted};
 
@@ -24,15 +26,43 @@ impl SnapshotSink for &WriterHandle {
     }
 }
 
+impl<S: SnapshotSink> SnapshotSink for &mut S {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        (**self).send(ops).await
+    }
+}
+
+/// A sink that counts the rows passing through it: the progress a copy's watchdog reads
+/// (see `liveness::watched`), so that a long COPY whose server waits on a slow sink is not
+/// taken for a dead connection.
+pub(crate) struct Counted<'a, S> {
+    pub inner: S,
+    pub rows: &'a AtomicU64,
+}
+
+impl<S: SnapshotSink> SnapshotSink for Counted<'_, S> {
+    async fn send(&mut self, ops: Vec<LogOp>) -> Result<(), CaptureError> {
+        let rows = ops
+            .iter()
+            .filter(|op| matches!(op, LogOp::Change(_)))
+            .count();
+        self.inner.send(ops).await?;
+        self.rows.fetch_add(rows as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
 /// Read every table inside `snapshot_name` and send it to the writer as one transaction of
 /// `snapshot` changes keyed just before the consistent point: a transaction that commits
 /// exactly at the consistent point then sorts after the snapshot, as it happened after it.
-pub async fn copy_tables(
+/// `progress` counts the rows sent, for the copy's watchdog.
+pub(crate) async fn copy_tables(
     sql: &tokio_postgres::Client,
     snapshot_name: &str,
     consistent_point: Lsn,
     tables: &[CapturedTable],
     writer: &WriterHandle,
+    progress: &AtomicU64,
 ) -> Result<u64, CaptureError> {
     enter_snapshot(sql, snapshot_name, tables).await?;
     writer
@@ -43,7 +73,10 @@ pub async fn copy_tables(
         }])
         .await?;
     let mut total = 0u64;
-    let mut sink = writer;
+    let mut sink = Counted {
+        inner: writer,
+        rows: progress,
+    };
     for table in tables {
         total += copy_table(sql, table, TableScope::whole(table.oid), &mut sink).await?;
     }

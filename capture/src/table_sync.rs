@@ -38,6 +38,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::AtomicU64;
 
 use pgtrail_store::{
     IncomingCell, IncomingChange, LogOp, LogReader, Lsn, Op, SharedLog, StorageLayout, TableScope,
@@ -948,16 +949,20 @@ async fn copy_in_step(
         },
     )
     .await?;
-    let progress = spool.progress.clone();
+    let progress = AtomicU64::new(0);
     let mut rows = 0;
     for (table, scope) in copy {
+        let mut sink = snapshot::Counted {
+            inner: &mut *spool,
+            rows: &progress,
+        };
         rows += liveness::watched(
             sql,
             limit,
             copier,
             "a table copy",
             Some(&progress),
-            snapshot::copy_table(&copy_sql, table, scope.clone(), spool),
+            snapshot::copy_table(&copy_sql, table, scope.clone(), &mut sink),
         )
         .await?;
     }
@@ -1006,8 +1011,6 @@ struct Spool {
     file: BufWriter<tokio::fs::File>,
     marks: Vec<(u64, LogOp)>,
     rows: u64,
-    /// `rows`, as a copy's watchdog reads it while the copy runs.
-    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Spool {
@@ -1025,7 +1028,6 @@ impl Spool {
             file: BufWriter::new(tokio::fs::File::from_std(file)),
             marks: Vec::new(),
             rows: 0,
-            progress: Default::default(),
         })
     }
 
@@ -1068,8 +1070,6 @@ impl SnapshotSink for Spool {
                 LogOp::Change(change) => {
                     write_row(&mut self.file, &change).await?;
                     self.rows += 1;
-                    self.progress
-                        .store(self.rows, std::sync::atomic::Ordering::Relaxed);
                 }
                 other => self.marks.push((self.rows, other)),
             }
