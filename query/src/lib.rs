@@ -25,6 +25,7 @@ mod scan;
 mod schema_versions;
 mod session;
 mod unknown_spans;
+mod view;
 
 pub use archive::{ArchiveSnapshot, TableHistory};
 pub use changes::{changes_schema, row_json};

@@ -8,88 +8,40 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{
     ArrayRef, ListBuilder, RecordBatch, StringBuilder, TimestampMicrosecondBuilder, UInt32Builder,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::{MemTable, Session, TableProvider};
-use datafusion::datasource::TableType;
-use datafusion::error::{DataFusionError, Result};
-use datafusion::logical_expr::Expr;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::error::Result;
 use pgtrail_store::{ChangeKey, format_type};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::read::{Bounds, for_each_change_where};
 
-pub struct SchemaVersionsTable {
-    archive: Arc<ArchiveSnapshot>,
-    schema: SchemaRef,
+/// The table's columns.
+pub(crate) fn schema() -> SchemaRef {
+    let list = || DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
+    Arc::new(Schema::new(vec![
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("relation_id", DataType::UInt32, false),
+        Field::new("version", DataType::UInt32, false),
+        Field::new("valid_from_lsn", DataType::Utf8, false),
+        Field::new("valid_from_seq", DataType::UInt32, false),
+        Field::new(
+            "valid_from_at",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+            true,
+        ),
+        Field::new("replica_identity", DataType::Utf8, false),
+        Field::new("columns", DataType::Utf8, false),
+        Field::new("column_names", list(), false),
+        Field::new("column_types", list(), false),
+        Field::new("primary_key", list(), false),
+    ]))
 }
 
-impl SchemaVersionsTable {
-    pub fn new(archive: Arc<ArchiveSnapshot>) -> Self {
-        let list = || DataType::List(Arc::new(Field::new("item", DataType::Utf8, true)));
-        let schema = Schema::new(vec![
-            Field::new("table_name", DataType::Utf8, false),
-            Field::new("relation_id", DataType::UInt32, false),
-            Field::new("version", DataType::UInt32, false),
-            Field::new("valid_from_lsn", DataType::Utf8, false),
-            Field::new("valid_from_seq", DataType::UInt32, false),
-            Field::new(
-                "valid_from_at",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                true,
-            ),
-            Field::new("replica_identity", DataType::Utf8, false),
-            Field::new("columns", DataType::Utf8, false),
-            Field::new("column_names", list(), false),
-            Field::new("column_types", list(), false),
-            Field::new("primary_key", list(), false),
-        ]);
-        SchemaVersionsTable {
-            archive,
-            schema: Arc::new(schema),
-        }
-    }
-}
-
-impl std::fmt::Debug for SchemaVersionsTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SchemaVersionsTable")
-    }
-}
-
-#[async_trait]
-impl TableProvider for SchemaVersionsTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
-    }
-
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        // Finding a version's time may read a segment: off the async runtime.
-        let (archive, schema) = (self.archive.clone(), self.schema.clone());
-        let batch = tokio::task::spawn_blocking(move || versions_batch(&archive, schema))
-            .await
-            .map_err(|e| DataFusionError::External(Box::new(e)))??;
-        MemTable::try_new(self.schema.clone(), vec![vec![batch]])?
-            .scan(state, projection, filters, limit)
-            .await
-    }
-}
-
-fn versions_batch(archive: &ArchiveSnapshot, schema: SchemaRef) -> Result<RecordBatch> {
+/// Its rows (finding a version's time may read a segment: called off the async runtime).
+pub(crate) fn batch(archive: &ArchiveSnapshot, schema: SchemaRef) -> Result<RecordBatch> {
     let mut table_name = StringBuilder::new();
     let mut relation_id = UInt32Builder::new();
     let mut version = UInt32Builder::new();

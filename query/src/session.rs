@@ -17,8 +17,8 @@ use crate::error::QueryError;
 use crate::history::HistoryTable;
 use crate::pit::{AsOf, Diff, RowHistory};
 use crate::read::open_segment;
-use crate::schema_versions::SchemaVersionsTable;
-use crate::unknown_spans::UnknownSpansTable;
+use crate::view::ArchiveView;
+use crate::{schema_versions, unknown_spans};
 
 /// Open `dir` and build a session over it.
 pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>), QueryError> {
@@ -63,11 +63,21 @@ pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryErr
     )?;
     ctx.register_table(
         TableReference::partial("pgtrail", "schema_versions"),
-        Arc::new(SchemaVersionsTable::new(archive.clone())),
+        Arc::new(ArchiveView::new(
+            "schema_versions",
+            archive.clone(),
+            schema_versions::schema(),
+            schema_versions::batch,
+        )),
     )?;
     ctx.register_table(
         TableReference::partial("pgtrail", "unknown_spans"),
-        Arc::new(UnknownSpansTable::new(archive.clone())),
+        Arc::new(ArchiveView::new(
+            "unknown_spans",
+            archive.clone(),
+            unknown_spans::schema(),
+            unknown_spans::batch,
+        )),
     )?;
     ctx.register_udtf(
         "as_of",

@@ -11,54 +11,33 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use datafusion::catalog::{MemTable, Session, TableProvider};
-use datafusion::datasource::TableType;
 use datafusion::error::Result;
-use datafusion::logical_expr::Expr;
-use datafusion::physical_plan::ExecutionPlan;
 use pgtrail_store::{Lsn, TableScope};
 
 use crate::archive::ArchiveSnapshot;
 
-pub struct UnknownSpansTable {
-    archive: Arc<ArchiveSnapshot>,
-    schema: SchemaRef,
-}
-
 /// One span: the table's name, where the rows became unknown, where they are known again
 /// (`None`: a read decided on and not stored yet), and why.
 struct Span {
-    pub table: String,
-    pub from: (Lsn, i64),
-    pub to: Option<(Lsn, i64)>,
-    pub reason: &'static str,
+    table: String,
+    from: (Lsn, i64),
+    to: Option<(Lsn, i64)>,
+    reason: &'static str,
 }
 
-impl UnknownSpansTable {
-    pub fn new(archive: Arc<ArchiveSnapshot>) -> Self {
-        let at = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
-        let schema = Schema::new(vec![
-            Field::new("table_name", DataType::Utf8, false),
-            Field::new("from_lsn", DataType::Utf8, false),
-            Field::new("from_at", at(), false),
-            Field::new("to_lsn", DataType::Utf8, true),
-            Field::new("to_at", at(), true),
-            Field::new("reason", DataType::Utf8, false),
-        ]);
-        UnknownSpansTable {
-            archive,
-            schema: Arc::new(schema),
-        }
-    }
-}
-
-impl std::fmt::Debug for UnknownSpansTable {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("UnknownSpansTable")
-    }
+/// The table's columns.
+pub(crate) fn schema() -> SchemaRef {
+    let at = || DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    Arc::new(Schema::new(vec![
+        Field::new("table_name", DataType::Utf8, false),
+        Field::new("from_lsn", DataType::Utf8, false),
+        Field::new("from_at", at(), false),
+        Field::new("to_lsn", DataType::Utf8, true),
+        Field::new("to_at", at(), true),
+        Field::new("reason", DataType::Utf8, false),
+    ]))
 }
 
 /// Why a table's rows were unknown, as `scope` (the read that ended the span) says.
@@ -107,47 +86,28 @@ fn spans(archive: &ArchiveSnapshot) -> Vec<Span> {
     spans
 }
 
-#[async_trait]
-impl TableProvider for UnknownSpansTable {
-    fn schema(&self) -> SchemaRef {
-        self.schema.clone()
+/// Its rows.
+pub(crate) fn batch(archive: &ArchiveSnapshot, schema: SchemaRef) -> Result<RecordBatch> {
+    let mut table = StringBuilder::new();
+    let (mut from_lsn, mut to_lsn) = (StringBuilder::new(), StringBuilder::new());
+    let at = || TimestampMicrosecondBuilder::new().with_timezone("UTC");
+    let (mut from_at, mut to_at) = (at(), at());
+    let mut why = StringBuilder::new();
+    for span in spans(archive) {
+        table.append_value(&span.table);
+        from_lsn.append_value(span.from.0.to_string());
+        from_at.append_value(span.from.1);
+        to_lsn.append_option(span.to.map(|(lsn, _)| lsn.to_string()));
+        to_at.append_option(span.to.map(|(_, at)| at));
+        why.append_value(span.reason);
     }
-
-    fn table_type(&self) -> TableType {
-        TableType::View
-    }
-
-    async fn scan(
-        &self,
-        state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
-        limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let mut table = StringBuilder::new();
-        let (mut from_lsn, mut to_lsn) = (StringBuilder::new(), StringBuilder::new());
-        let at = || TimestampMicrosecondBuilder::new().with_timezone("UTC");
-        let (mut from_at, mut to_at) = (at(), at());
-        let mut why = StringBuilder::new();
-        for span in spans(&self.archive) {
-            table.append_value(&span.table);
-            from_lsn.append_value(span.from.0.to_string());
-            from_at.append_value(span.from.1);
-            to_lsn.append_option(span.to.map(|(lsn, _)| lsn.to_string()));
-            to_at.append_option(span.to.map(|(_, at)| at));
-            why.append_value(span.reason);
-        }
-        let arrays: Vec<ArrayRef> = vec![
-            Arc::new(table.finish()),
-            Arc::new(from_lsn.finish()),
-            Arc::new(from_at.finish()),
-            Arc::new(to_lsn.finish()),
-            Arc::new(to_at.finish()),
-            Arc::new(why.finish()),
-        ];
-        let batch = RecordBatch::try_new(self.schema.clone(), arrays)?;
-        MemTable::try_new(self.schema.clone(), vec![vec![batch]])?
-            .scan(state, projection, filters, limit)
-            .await
-    }
+    let arrays: Vec<ArrayRef> = vec![
+        Arc::new(table.finish()),
+        Arc::new(from_lsn.finish()),
+        Arc::new(from_at.finish()),
+        Arc::new(to_lsn.finish()),
+        Arc::new(to_at.finish()),
+        Arc::new(why.finish()),
+    ];
+    Ok(RecordBatch::try_new(schema, arrays)?)
 }

@@ -62,6 +62,21 @@ impl Scene {
         )
     }
 
+    /// A transaction that writes and stays open (two minutes at most) under the application
+    /// name `name`: every logical slot's creation waits for it to end. End it by terminating
+    /// its server session (`pg_terminate_backend`), then wait for the returned psql.
+    fn hold_transaction_open(&self, name: &str) -> Child {
+        std::process::Command::new(self.cluster.bin_dir().join("psql"))
+            .args(["-X", "-q", "-U", "postgres", "-h"])
+            .arg(self.cluster.socket_dir())
+            .args(["-p", &self.cluster.port().to_string(), "-d", &self.db, "-c"])
+            .arg("BEGIN; INSERT INTO nudge DEFAULT VALUES; SELECT pg_sleep(120); COMMIT;")
+            .env("PGAPPNAME", name)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// Install `pgtrail setup`'s event trigger for the capture's publication.
     fn setup(&self) {
         self.setup_with(&[]);
@@ -664,15 +679,7 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     // A transaction left open holds the read's temporary slot (its creation waits for running
     // transactions): the capture has decided on the read and cannot store it.
     let log_path = s.archive.with_extension(format!("{}.log", s.db));
-    let mut open = std::process::Command::new(s.cluster.bin_dir().join("psql"))
-        .args(["-X", "-q", "-U", "postgres", "-h"])
-        .arg(s.cluster.socket_dir())
-        .args(["-p", &s.cluster.port().to_string(), "-d", &s.db, "-c"])
-        .arg("BEGIN; INSERT INTO nudge DEFAULT VALUES; SELECT pg_sleep(60); COMMIT;")
-        .env("PGAPPNAME", "holds_the_read")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut open = s.hold_transaction_open("holds_the_read");
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log_path)
         .unwrap_or_default()
@@ -774,15 +781,7 @@ fn a_table_read_waiting_for_an_open_transaction_names_it_and_goes_on_when_it_end
     let mut s = Scene::with_t("copywait", &["--stream-timeout-secs", "2"]);
     let only_t = table_list(&["t"]);
     let log_path = s.archive.with_extension(format!("{}.log", s.db));
-    let mut open = std::process::Command::new(s.cluster.bin_dir().join("psql"))
-        .args(["-X", "-q", "-U", "postgres", "-h"])
-        .arg(s.cluster.socket_dir())
-        .args(["-p", &s.cluster.port().to_string(), "-d", &s.db, "-c"])
-        .arg("BEGIN; INSERT INTO nudge DEFAULT VALUES; SELECT pg_sleep(120); COMMIT;")
-        .env("PGAPPNAME", "holds_the_copy")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut open = s.hold_transaction_open("holds_the_copy");
     let holder = loop {
         let pid = s.psql(
             "SELECT pid FROM pg_stat_activity WHERE application_name = 'holds_the_copy' \
