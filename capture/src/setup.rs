@@ -63,6 +63,8 @@ pub fn install_sql(publication: &str, tables: &[String]) -> String {
         crate::slot::enum_labels_sql("a.attrelid = c.oid")
     );
     let selection = crate::slot::selection_sql(tables, "n.nspname", "c.relname");
+    let primary_key = crate::slot::primary_key_sql("c.oid");
+    let [missing, column_versions, table_version, names] = crate::slot::LAYOUT_COLUMNS_SQL;
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
 CREATE OR REPLACE FUNCTION pgtrail.publish_new_tables() RETURNS event_trigger
@@ -114,18 +116,12 @@ BEGIN
           'in_key', COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false))
         FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
         ORDER BY a.attnum),
-      'primary_key', ARRAY(
-        SELECT a.attname FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-        WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord),
+      'primary_key', ARRAY({primary_key}),
       'file_node', COALESCE(pg_relation_filenode(c.oid), 0)::bigint,
-      'missing_values', ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
-                              AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum),
-      'column_versions', ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
-                               ORDER BY a.attnum),
-      'table_version', c.xmin::text::bigint,
-      'column_names', ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END
-                            FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum),
+      'missing_values', {missing},
+      'column_versions', {column_versions},
+      'table_version', {table_version},
+      'column_names', {names},
       'enum_labels', {enum_labels})
       INTO shape
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = created;

@@ -648,6 +648,32 @@ pub(crate) fn enum_labels_from(texts: &[String]) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The catalog facts of the table `pg_class c` that tell whether its stored rows may have
+/// changed, as SQL expressions in [`StorageLayout`]'s order: the columns that have a missing
+/// value (`ADD COLUMN … DEFAULT`), each column's catalog row version, the table's, and the
+/// column names (`''` for a dropped one). The catalog watch and `pgtrail setup`'s trigger
+/// read them with this same SQL, so that their layouts compare.
+pub(crate) const LAYOUT_COLUMNS_SQL: [&str; 4] = [
+    "ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+       AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum)",
+    "ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
+       ORDER BY a.attnum)",
+    "c.xmin::text::bigint",
+    "ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
+       FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum)",
+];
+
+/// The primary key's column names of the table whose OID is `relation` (an SQL expression),
+/// in key order: a query of one column, a row each.
+pub(crate) fn primary_key_sql(relation: &str) -> String {
+    format!(
+        "SELECT a.attname::text FROM pg_index i \
+           JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true \
+           JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         WHERE i.indrelid = {relation} AND i.indisprimary ORDER BY k.ord"
+    )
+}
+
 /// [`LayoutNow`] of one table; `None` when it does not exist (in the snapshot).
 pub async fn storage_layout(
     sql: &tokio_postgres::Client,
@@ -666,16 +692,11 @@ pub async fn storage_layouts(
     // own (an aggregate without GROUP BY gives every table its row). The parent's missing
     // values are its columns that have one in a leaf (the parent itself keeps none: `ADD
     // COLUMN … DEFAULT` on it sets them there).
+    let [missing, column_versions, table_version, names] = LAYOUT_COLUMNS_SQL;
     let rows = sql
         .query(
-            "SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
-                    ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
-                          AND a.atthasmissing AND NOT a.attisdropped ORDER BY a.attnum), \
-                    ARRAY(SELECT a.xmin::text::bigint FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 \
-                          ORDER BY a.attnum), \
-                    c.xmin::text::bigint, \
-                    ARRAY(SELECT CASE WHEN a.attisdropped THEN '' ELSE a.attname::text END \
-                          FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 ORDER BY a.attnum), \
+            &format!("SELECT c.oid, COALESCE(pg_relation_filenode(c.oid), 0::oid), c.relfilenode, \
+                    {missing}, {column_versions}, {table_version}, {names}, \
                     leaves.ids, leaves.files, leaves.empty, \
                     ARRAY(SELECT a.attnum FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
                           AND EXISTS (SELECT 1 FROM pg_attribute l WHERE l.attrelid = ANY (leaves.ids) \
@@ -683,12 +704,12 @@ pub async fn storage_layouts(
                           ORDER BY a.attnum), \
                     leaves.versions \
              FROM pg_class c, LATERAL ( \
-               SELECT COALESCE(array_agg(t.relid::oid ORDER BY t.relid), '{}') AS ids, \
-                      COALESCE(array_agg(COALESCE(pg_relation_filenode(t.relid), 0::oid) ORDER BY t.relid), '{}') AS files, \
-                      COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{}') AS empty, \
-                      COALESCE(array_agg((SELECT l.xmin::text::bigint FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{}') AS versions \
+               SELECT COALESCE(array_agg(t.relid::oid ORDER BY t.relid), '{{}}') AS ids, \
+                      COALESCE(array_agg(COALESCE(pg_relation_filenode(t.relid), 0::oid) ORDER BY t.relid), '{{}}') AS files, \
+                      COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{{}}') AS empty, \
+                      COALESCE(array_agg((SELECT l.xmin::text::bigint FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{{}}') AS versions \
                FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) leaves \
-             WHERE c.oid = ANY($1)",
+             WHERE c.oid = ANY($1)"),
             &[&oids],
         )
         .await
@@ -802,12 +823,7 @@ pub async fn primary_key(
     oid: u32,
 ) -> Result<Vec<String>, CaptureError> {
     let rows = sql
-        .query(
-            "SELECT a.attname::text FROM pg_index i JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) ON true \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND i.indisprimary ORDER BY k.ord",
-            &[&oid],
-        )
+        .query(&primary_key_sql("$1"), &[&oid])
         .await
         .map_err(|e| CaptureError::sql("reading the primary key", e))?;
     Ok(rows.into_iter().map(|r| r.get(0)).collect())
