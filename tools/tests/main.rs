@@ -12,6 +12,7 @@ use pgtrail_store::{LogReader, Lsn, Op};
 mod archives;
 mod compaction;
 mod connecting;
+mod evidence;
 mod export;
 mod faults;
 mod identifiers;

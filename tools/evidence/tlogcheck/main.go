@@ -1,0 +1,142 @@
+// tlogcheck checks pgtrail's Merkle tree hashes and proofs with Go's golang.org/x/mod/sumdb/tlog
+// (the transparency log code of the Go checksum database), which nobody on pgtrail wrote.
+//
+// Build (GOPATH mode, with Debian's golang-go and golang-golang-x-mod-dev; nothing downloaded):
+//
+//	mkdir -p gopath/src && cp -r tools/evidence/tlogcheck gopath/src/
+//	GO111MODULE=off GOPATH=$PWD/gopath:/usr/share/gocode go build -o tlogcheck tlogcheck
+//
+// Input on stdin, one item a line, hashes and data in hex:
+//
+//	leaf DATA             the next leaf's bytes (its hash is tlog.RecordHash(DATA))
+//	root N HASH           the root of the first N leaves
+//	inclusion N I P1,P2…  the proof that leaf I is in the tree of N leaves
+//	consistency M N P1,…  the proof that the tree of M leaves is a prefix of the tree of N
+//
+// Prints "ok: R roots, I inclusion proofs, C consistency proofs" and exits 0, or prints the first
+// item that does not check and exits 1.
+package main
+
+import (
+	"bufio"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"golang.org/x/mod/sumdb/tlog"
+)
+
+func fail(format string, args ...interface{}) {
+	fmt.Printf("FAIL: "+format+"\n", args...)
+	os.Exit(1)
+}
+
+func hash(text string) tlog.Hash {
+	var h tlog.Hash
+	b, err := hex.DecodeString(text)
+	if err != nil || len(b) != len(h) {
+		fail("not a hash: %q", text)
+	}
+	copy(h[:], b)
+	return h
+}
+
+func hashes(text string) []tlog.Hash {
+	var out []tlog.Hash
+	for _, t := range strings.Split(text, ",") {
+		if t != "" {
+			out = append(out, hash(t))
+		}
+	}
+	return out
+}
+
+func number(text string) int64 {
+	n, err := strconv.ParseInt(text, 10, 64)
+	if err != nil {
+		fail("not a number: %q", text)
+	}
+	return n
+}
+
+func main() {
+	var stored []tlog.Hash
+	var records []tlog.Hash
+	reader := tlog.HashReaderFunc(func(indexes []int64) ([]tlog.Hash, error) {
+		out := make([]tlog.Hash, len(indexes))
+		for i, x := range indexes {
+			out[i] = stored[x]
+		}
+		return out, nil
+	})
+	// The root of a tree size, as tlog computes it from the stored hashes.
+	rootOf := func(n int64) tlog.Hash {
+		if n > int64(len(records)) {
+			fail("a tree of %d leaves, only %d given", n, len(records))
+		}
+		h, err := tlog.TreeHash(n, reader)
+		if err != nil {
+			fail("tree hash of %d: %v", n, err)
+		}
+		return h
+	}
+	roots, inclusions, consistencies := 0, 0, 0
+	input := bufio.NewScanner(os.Stdin)
+	input.Buffer(make([]byte, 1<<20), 1<<26)
+	for input.Scan() {
+		f := strings.Fields(input.Text())
+		if len(f) == 0 {
+			continue
+		}
+		switch {
+		case f[0] == "leaf" && len(f) <= 2:
+			data := []byte{}
+			if len(f) == 2 {
+				var err error
+				if data, err = hex.DecodeString(f[1]); err != nil {
+					fail("not hex: %q", f[1])
+				}
+			}
+			hs, err := tlog.StoredHashes(int64(len(records)), data, reader)
+			if err != nil {
+				fail("storing leaf %d: %v", len(records), err)
+			}
+			stored = append(stored, hs...)
+			records = append(records, tlog.RecordHash(data))
+		case f[0] == "root" && len(f) == 3:
+			n := number(f[1])
+			if rootOf(n) != hash(f[2]) {
+				fail("the root of %d leaves differs: tlog says %x", n, rootOf(n))
+			}
+			roots++
+		case f[0] == "inclusion" && (len(f) == 3 || len(f) == 4):
+			n, i := number(f[1]), number(f[2])
+			proof := []tlog.Hash{}
+			if len(f) == 4 {
+				proof = hashes(f[3])
+			}
+			if err := tlog.CheckRecord(proof, n, rootOf(n), i, records[i]); err != nil {
+				fail("inclusion of leaf %d in %d: %v", i, n, err)
+			}
+			inclusions++
+		case f[0] == "consistency" && (len(f) == 3 || len(f) == 4):
+			m, n := number(f[1]), number(f[2])
+			proof := []tlog.Hash{}
+			if len(f) == 4 {
+				proof = hashes(f[3])
+			}
+			if err := tlog.CheckTree(proof, n, rootOf(n), m, rootOf(m)); err != nil {
+				fail("consistency of %d with %d: %v", m, n, err)
+			}
+			consistencies++
+		default:
+			fail("cannot read the line %q", input.Text())
+		}
+	}
+	if err := input.Err(); err != nil {
+		fail("reading: %v", err)
+	}
+	fmt.Printf("ok: %d roots, %d inclusion proofs, %d consistency proofs\n", roots, inclusions, consistencies)
+}
