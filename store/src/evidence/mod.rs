@@ -6,3 +6,4 @@
 //! `pgtrail verify` build on it.
 
 pub mod merkle;
+pub mod note;

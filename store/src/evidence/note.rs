@@ -1,0 +1,380 @@
+//! Signed notes (C2SP `signed-note`) carrying checkpoints (C2SP `tlog-checkpoint`), with
+//! Ed25519 keys in the text forms of Go's `golang.org/x/mod/sumdb/note`, so that Go's `note`
+//! and `tlog` packages, and every verifier of C2SP transparency logs, check what pgtrail signs.
+//!
+//! - A key's name is the log's origin. Its ID is the first four bytes (big-endian) of
+//!   `SHA-256(name ‖ "\n" ‖ 0x01 ‖ public key)`.
+//! - A verifier key reads `name+ID+base64(0x01 ‖ public key)`; a signing key
+//!   `PRIVATE+KEY+name+ID+base64(0x01 ‖ seed)` (ID as 8 hex digits).
+//! - A note is its text (lines ending in `\n`), a blank line, then one line per signature:
+//!   `— name base64(ID ‖ signature)`, the signature over the text's bytes.
+//! - A checkpoint's text is the origin, the tree size in decimal, and the root in base64, a line
+//!   each.
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use sha2::{Digest, Sha256};
+
+use super::merkle::Hash;
+
+/// The algorithm byte of an Ed25519 key in a note key.
+const ED25519_ALGORITHM: u8 = 0x01;
+
+/// Why a key, a note or a checkpoint is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoteError {
+    #[error("not a key name: {0:?} (a name is not empty and holds no '+', space or newline)")]
+    BadName(String),
+    #[error("not a {what} key: {why}")]
+    BadKey { what: &'static str, why: String },
+    #[error("not a signed note: {0}")]
+    Malformed(String),
+    #[error("no valid signature by {0} on the note")]
+    Unverified(String),
+    #[error("not a checkpoint: {0}")]
+    BadCheckpoint(String),
+}
+
+fn check_name(name: &str) -> Result<(), NoteError> {
+    if name.is_empty() || name.contains(['+', ' ', '\n', '\t', '\r']) {
+        return Err(NoteError::BadName(name.to_string()));
+    }
+    Ok(())
+}
+
+/// A key's ID: what a signature line names it by besides its name.
+fn key_id(name: &str, public_key: &[u8]) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update(b"\n");
+    h.update([ED25519_ALGORITHM]);
+    h.update(public_key);
+    let sum = h.finalize();
+    [sum[0], sum[1], sum[2], sum[3]]
+}
+
+/// A key that signs notes.
+pub struct SigningKey {
+    name: String,
+    id: [u8; 4],
+    pair: Ed25519KeyPair,
+}
+
+impl std::fmt::Debug for SigningKey {
+    // Never the key itself: it must not reach a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SigningKey({}+{})", self.name, hex(&self.id))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `name+ID+key` split, with the ID checked against the name and key.
+fn split_key<'a>(text: &'a str, what: &'static str) -> Result<(&'a str, Vec<u8>), NoteError> {
+    let bad = |why: &str| NoteError::BadKey {
+        what,
+        why: why.to_string(),
+    };
+    let mut parts = text.trim().splitn(3, '+');
+    let (Some(name), Some(id), Some(key)) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad("expected NAME+ID+KEY"));
+    };
+    check_name(name)?;
+    let key = BASE64
+        .decode(key)
+        .map_err(|_| bad("its key is not base64"))?;
+    if key.len() != 33 || key[0] != ED25519_ALGORITHM {
+        return Err(bad("not an Ed25519 key (algorithm byte 1 and 32 bytes)"));
+    }
+    if id.len() != 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad("its ID is not 8 hexadecimal digits"));
+    }
+    Ok((name, key[1..].to_vec()))
+}
+
+impl SigningKey {
+    /// A new random key named `name`: the signing key's text (keep it secret) and the
+    /// verifier key's text (give it to auditors).
+    pub fn generate(name: &str) -> Result<(String, String), NoteError> {
+        check_name(name)?;
+        let mut seed = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed).map_err(
+            |_| NoteError::BadKey {
+                what: "signing",
+                why: "the system's random source failed".into(),
+            },
+        )?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| NoteError::BadKey {
+            what: "signing",
+            why: "ring refused the seed".into(),
+        })?;
+        let public = pair.public_key().as_ref();
+        let id = hex(&key_id(name, public));
+        let with_algorithm = |bytes: &[u8]| {
+            let mut key = vec![ED25519_ALGORITHM];
+            key.extend_from_slice(bytes);
+            BASE64.encode(key)
+        };
+        Ok((
+            format!("PRIVATE+KEY+{name}+{id}+{}", with_algorithm(&seed)),
+            format!("{name}+{id}+{}", with_algorithm(public)),
+        ))
+    }
+
+    /// A signing key from its text.
+    pub fn parse(text: &str) -> Result<SigningKey, NoteError> {
+        let rest = text
+            .trim()
+            .strip_prefix("PRIVATE+KEY+")
+            .ok_or_else(|| NoteError::BadKey {
+                what: "signing",
+                why: "it does not begin with PRIVATE+KEY+".into(),
+            })?;
+        let (name, seed) = split_key(rest, "signing")?;
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| NoteError::BadKey {
+            what: "signing",
+            why: "not an Ed25519 seed".into(),
+        })?;
+        let id = key_id(name, pair.public_key().as_ref());
+        if rest.split('+').nth(1) != Some(hex(&id).as_str()) {
+            return Err(NoteError::BadKey {
+                what: "signing",
+                why: "its ID does not match its name and key".into(),
+            });
+        }
+        Ok(SigningKey {
+            name: name.to_string(),
+            id,
+            pair,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `text` as a note signed by this key. `text` must be lines, each ending in `\n`, none
+    /// empty.
+    pub fn sign(&self, text: &str) -> Result<String, NoteError> {
+        check_text(text)?;
+        let mut signed = self.id.to_vec();
+        signed.extend_from_slice(self.pair.sign(text.as_bytes()).as_ref());
+        Ok(format!(
+            "{text}\n— {} {}\n",
+            self.name,
+            BASE64.encode(signed)
+        ))
+    }
+}
+
+fn check_text(text: &str) -> Result<(), NoteError> {
+    if !text.ends_with('\n') || text.contains("\n\n") || text.starts_with('\n') {
+        return Err(NoteError::Malformed(
+            "its text must be non-empty lines, each ending in a newline".into(),
+        ));
+    }
+    if text.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(NoteError::Malformed(
+            "its text holds a control character".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A key that checks notes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifierKey {
+    name: String,
+    id: [u8; 4],
+    public: Vec<u8>,
+}
+
+impl VerifierKey {
+    pub fn parse(text: &str) -> Result<VerifierKey, NoteError> {
+        let (name, public) = split_key(text, "verifier")?;
+        let id = key_id(name, &public);
+        if text.trim().split('+').nth(1) != Some(hex(&id).as_str()) {
+            return Err(NoteError::BadKey {
+                what: "verifier",
+                why: "its ID does not match its name and key".into(),
+            });
+        }
+        Ok(VerifierKey {
+            name: name.to_string(),
+            id,
+            public,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The text of `note` when a signature line of this key verifies over it. Signature lines
+    /// of other keys (an auditor's cosignature, say) are passed over, as the spec says.
+    pub fn open<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
+        let split = note
+            .rfind("\n\n")
+            .ok_or_else(|| NoteError::Malformed("no blank line before its signatures".into()))?;
+        let (text, signatures) = (&note[..split + 1], &note[split + 2..]);
+        check_text(text)?;
+        if !signatures.ends_with('\n') {
+            return Err(NoteError::Malformed(
+                "its last signature line does not end in a newline".into(),
+            ));
+        }
+        let public = UnparsedPublicKey::new(&ED25519, &self.public);
+        for line in signatures.lines() {
+            let Some((name, signature)) = line
+                .strip_prefix("— ")
+                .and_then(|rest| rest.split_once(' '))
+            else {
+                return Err(NoteError::Malformed(format!(
+                    "not a signature line: {line:?}"
+                )));
+            };
+            let Ok(signature) = BASE64.decode(signature) else {
+                return Err(NoteError::Malformed(format!(
+                    "a signature that is not base64: {line:?}"
+                )));
+            };
+            if name == self.name
+                && signature.len() == 68
+                && signature[..4] == self.id
+                && public.verify(text.as_bytes(), &signature[4..]).is_ok()
+            {
+                return Ok(text);
+            }
+        }
+        Err(NoteError::Unverified(format!(
+            "{}+{}",
+            self.name,
+            hex(&self.id)
+        )))
+    }
+}
+
+/// A tree's size and root, under its log's origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub origin: String,
+    pub size: u64,
+    pub root: Hash,
+}
+
+impl Checkpoint {
+    /// The checkpoint's text (C2SP `tlog-checkpoint`, no extension lines).
+    pub fn text(&self) -> String {
+        format!(
+            "{}\n{}\n{}\n",
+            self.origin,
+            self.size,
+            BASE64.encode(self.root)
+        )
+    }
+
+    /// A checkpoint from its text (extension lines after the root are refused: pgtrail writes
+    /// none, and one it does not know could change the meaning).
+    pub fn parse(text: &str) -> Result<Checkpoint, NoteError> {
+        let bad = |why: &str| NoteError::BadCheckpoint(why.to_string());
+        let lines: Vec<&str> = text
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("it does not end in a newline"))?
+            .split('\n')
+            .collect();
+        let [origin, size, root] = lines[..] else {
+            return Err(bad("expected three lines: origin, size, root"));
+        };
+        if origin.is_empty() {
+            return Err(bad("its origin is empty"));
+        }
+        let size = size
+            .parse::<u64>()
+            .ok()
+            .filter(|_| size == "0" || !size.starts_with('0'))
+            .ok_or_else(|| bad("its size is not a decimal number"))?;
+        let root: Hash = BASE64
+            .decode(root)
+            .ok()
+            .and_then(|r| r.try_into().ok())
+            .ok_or_else(|| bad("its root is not 32 bytes of base64"))?;
+        Ok(Checkpoint {
+            origin: origin.to_string(),
+            size,
+            root,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signed_checkpoint_opens_with_its_key_only() {
+        let (skey, vkey) = SigningKey::generate("pgtrail.example/shop").unwrap();
+        assert!(skey.starts_with("PRIVATE+KEY+pgtrail.example/shop+"));
+        let signer = SigningKey::parse(&skey).unwrap();
+        let verifier = VerifierKey::parse(&vkey).unwrap();
+        assert!(!format!("{signer:?}").contains(skey.rsplit('+').next().unwrap()));
+        let checkpoint = Checkpoint {
+            origin: "pgtrail.example/shop".into(),
+            size: 13,
+            root: [7; 32],
+        };
+        let note = signer.sign(&checkpoint.text()).unwrap();
+        let text = verifier.open(&note).unwrap();
+        assert_eq!(Checkpoint::parse(text).unwrap(), checkpoint);
+
+        // Another size, another key, a signature of another key beside it, a cut note.
+        let edited = note.replacen("\n13\n", "\n14\n", 1);
+        assert!(matches!(
+            verifier.open(&edited),
+            Err(NoteError::Unverified(_))
+        ));
+        let (other_skey, other_vkey) = SigningKey::generate("pgtrail.example/shop").unwrap();
+        let other = VerifierKey::parse(&other_vkey).unwrap();
+        assert!(other.open(&note).is_err());
+        let cosigned = format!(
+            "{note}{}",
+            SigningKey::parse(&other_skey)
+                .unwrap()
+                .sign(&checkpoint.text())
+                .unwrap()
+                .split("\n\n")
+                .nth(1)
+                .unwrap()
+        );
+        assert_eq!(verifier.open(&cosigned).unwrap(), checkpoint.text());
+        assert_eq!(other.open(&cosigned).unwrap(), checkpoint.text());
+        assert!(verifier.open(&note[..note.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn bad_keys_names_and_checkpoints_are_refused() {
+        assert!(SigningKey::generate("a+b").is_err());
+        assert!(SigningKey::generate("").is_err());
+        let (skey, vkey) = SigningKey::generate("log").unwrap();
+        assert!(VerifierKey::parse(&skey).is_err());
+        assert!(SigningKey::parse(&vkey).is_err());
+        // An ID that does not match the key.
+        let mut parts: Vec<String> = vkey.split('+').map(str::to_string).collect();
+        parts[1] = "00000000".into();
+        assert!(VerifierKey::parse(&parts.join("+")).is_err());
+        for text in [
+            "log\n13\n",
+            "log\n013\nAAAA\n",
+            "log\n13\nAAAA\n",
+            "log\n13\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\nextra\n",
+            "\n13\nBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=\n",
+        ] {
+            assert!(Checkpoint::parse(text).is_err(), "{text:?}");
+        }
+        let signer = SigningKey::parse(&skey).unwrap();
+        assert!(signer.sign("no newline").is_err());
+        assert!(signer.sign("a\n\nb\n").is_err());
+    }
+}
