@@ -1,5 +1,6 @@
-//! The archive's Merkle tree (issue 20) checked by code nobody on pgtrail wrote: Go's
-//! `golang.org/x/mod/sumdb/tlog`, the transparency log of the Go checksum database, from
+//! The archive's Merkle tree and signed checkpoints (issue 20) checked by code nobody on
+//! pgtrail wrote: Go's `golang.org/x/mod/sumdb/tlog` and `note`, the transparency log of the Go
+//! checksum database, from
 //! Debian's `golang-go` and `golang-golang-x-mod-dev` packages (no module download). The test
 //! is skipped when they are missing, unless `PGTRAIL_REQUIRE_GO=1` (CI installs them and sets
 //! it).
@@ -8,7 +9,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use pgtrail_store::evidence::merkle::{Hash, consistency_proof, inclusion_proof, leaf_hash, root};
+use pgtrail_store::evidence::note::{Checkpoint, SigningKey};
 
 /// Where Debian's package puts the Go module's sources (GOPATH layout).
 const GO_X_MOD: &str = "/usr/share/gocode";
@@ -100,9 +104,22 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
         input += &format!("leaf {}\n", hex(d));
     }
     let mut proofs = (0, 0);
+    let origin = "pgtrail.example/shop";
+    let (skey, vkey) = SigningKey::generate(origin).unwrap();
+    let signer = SigningKey::parse(&skey).unwrap();
+    let signed = |size: usize, root: Hash| {
+        let checkpoint = Checkpoint {
+            origin: origin.into(),
+            size: size as u64,
+            root,
+        };
+        BASE64.encode(signer.sign(&checkpoint.text()).unwrap())
+    };
+    input += &format!("vkey {vkey}\n");
     for n in 1..=N {
         let tree = &leaves[..n];
         input += &format!("root {n} {}\n", hex(&root(tree)));
+        input += &format!("checkpoint {}\n", signed(n, root(tree)));
         for i in 0..n {
             let proof = inclusion_proof(tree, i as u64).unwrap();
             input += &format!("inclusion {n} {i} {}\n", hex_list(&proof));
@@ -119,7 +136,7 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
     assert_eq!(
         verdict,
         format!(
-            "ok: {N} roots, {} inclusion proofs, {} consistency proofs",
+            "ok: {N} roots, {} inclusion proofs, {} consistency proofs, {N} checkpoints",
             proofs.0, proofs.1
         )
     );
@@ -143,4 +160,29 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
         !ok && verdict.starts_with("FAIL: the root of 13"),
         "{verdict}"
     );
+    // A checkpoint signed over another tree's root, and one whose size was edited after
+    // signing.
+    let wrong_root = format!(
+        "{leaves_only}vkey {vkey}\ncheckpoint {}\n",
+        signed(13, root(&leaves[..12]))
+    );
+    let (verdict, ok) = check(&binary, &wrong_root);
+    assert!(!ok && verdict.contains("signs another root"), "{verdict}");
+    let note = signer
+        .sign(
+            &Checkpoint {
+                origin: origin.into(),
+                size: 13,
+                root: root(&leaves[..13]),
+            }
+            .text(),
+        )
+        .unwrap()
+        .replacen("\n13\n", "\n12\n", 1);
+    let edited = format!(
+        "{leaves_only}vkey {vkey}\ncheckpoint {}\n",
+        BASE64.encode(note)
+    );
+    let (verdict, ok) = check(&binary, &edited);
+    assert!(!ok && verdict.starts_with("FAIL: checkpoint"), "{verdict}");
 }

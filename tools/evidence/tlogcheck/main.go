@@ -12,19 +12,24 @@
 //	root N HASH           the root of the first N leaves
 //	inclusion N I P1,P2…  the proof that leaf I is in the tree of N leaves
 //	consistency M N P1,…  the proof that the tree of M leaves is a prefix of the tree of N
+//	vkey KEY              the verifier key of the notes that follow (golang.org/x/mod/sumdb/note)
+//	checkpoint NOTE       a signed checkpoint (the note in base64): its signature by the key,
+//	                      and its root against the root of its size
 //
-// Prints "ok: R roots, I inclusion proofs, C consistency proofs" and exits 0, or prints the first
+// Prints "ok: R roots, I inclusion proofs, C consistency proofs, K checkpoints" and exits 0, or prints the first
 // item that does not check and exits 1.
 package main
 
 import (
 	"bufio"
+	"encoding/base64"
 	"encoding/hex"
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
 
+	"golang.org/x/mod/sumdb/note"
 	"golang.org/x/mod/sumdb/tlog"
 )
 
@@ -82,7 +87,8 @@ func main() {
 		}
 		return h
 	}
-	roots, inclusions, consistencies := 0, 0, 0
+	roots, inclusions, consistencies, checkpoints := 0, 0, 0, 0
+	var verifier note.Verifier
 	input := bufio.NewScanner(os.Stdin)
 	input.Buffer(make([]byte, 1<<20), 1<<26)
 	for input.Scan() {
@@ -131,6 +137,35 @@ func main() {
 				fail("consistency of %d with %d: %v", m, n, err)
 			}
 			consistencies++
+		case f[0] == "vkey" && len(f) == 2:
+			v, err := note.NewVerifier(f[1])
+			if err != nil {
+				fail("verifier key %q: %v", f[1], err)
+			}
+			verifier = v
+		case f[0] == "checkpoint" && len(f) == 2 && verifier != nil:
+			msg, err := base64.StdEncoding.DecodeString(f[1])
+			if err != nil {
+				fail("not base64: %q", f[1])
+			}
+			n, err := note.Open(msg, note.VerifierList(verifier))
+			if err != nil {
+				fail("checkpoint %q: %v", msg, err)
+			}
+			// C2SP tlog-checkpoint: origin, size, base64 root.
+			lines := strings.Split(strings.TrimSuffix(n.Text, "\n"), "\n")
+			if len(lines) != 3 || lines[0] != verifier.Name() {
+				fail("checkpoint text %q", n.Text)
+			}
+			size := number(lines[1])
+			root, err := base64.StdEncoding.DecodeString(lines[2])
+			if err != nil || len(root) != 32 {
+				fail("checkpoint root %q", lines[2])
+			}
+			if got := rootOf(size); string(got[:]) != string(root) {
+				fail("the checkpoint of %d leaves signs another root than the leaves give", size)
+			}
+			checkpoints++
 		default:
 			fail("cannot read the line %q", input.Text())
 		}
@@ -138,5 +173,6 @@ func main() {
 	if err := input.Err(); err != nil {
 		fail("reading: %v", err)
 	}
-	fmt.Printf("ok: %d roots, %d inclusion proofs, %d consistency proofs\n", roots, inclusions, consistencies)
+	fmt.Printf("ok: %d roots, %d inclusion proofs, %d consistency proofs, %d checkpoints\n",
+		roots, inclusions, consistencies, checkpoints)
 }
