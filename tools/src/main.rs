@@ -3,6 +3,7 @@
 mod compact;
 mod demo;
 mod export;
+mod keygen;
 mod sql;
 mod status;
 
@@ -44,6 +45,9 @@ enum Command {
     /// in the transaction that creates it: capture then holds it from its first row (needs a
     /// superuser).
     Setup(SetupArgs),
+    /// Make a key to sign the archive's checkpoints with: the signing key goes to a file only
+    /// its owner can read, the verifier key (for auditors) to standard output.
+    Keygen(keygen::KeygenArgs),
 }
 
 #[derive(clap::Args)]
@@ -177,6 +181,7 @@ fn main() -> ExitCode {
             Command::Export(args) => export::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
             Command::Setup(args) => setup(args).await,
+            Command::Keygen(args) => keygen::run(args),
         }
     });
     match result {

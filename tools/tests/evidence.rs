@@ -186,3 +186,70 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
     let (verdict, ok) = check(&binary, &edited);
     assert!(!ok && verdict.starts_with("FAIL: checkpoint"), "{verdict}");
 }
+
+/// `pgtrail keygen`: a key only its owner can read, a verifier key for auditors that opens
+/// what it signs, and never an existing key overwritten.
+#[test]
+fn keygen_writes_a_private_key_and_prints_its_verifier_key() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use pgtrail_store::evidence::note::VerifierKey;
+
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("shop.key");
+    let keygen = |name: &str| {
+        crate::pgtrail()
+            .args(["keygen", "--name", name, "--out"])
+            .arg(&key_path)
+            .output()
+            .unwrap()
+    };
+    let made = keygen("pgtrail.example/shop");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let key_text = std::fs::read_to_string(&key_path).unwrap();
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    let printed = String::from_utf8(made.stdout).unwrap();
+    let (secret, stderr) = (
+        key_text.trim().rsplit('+').next().unwrap(),
+        String::from_utf8_lossy(&made.stderr),
+    );
+    assert!(
+        !printed.contains(secret) && !stderr.contains(secret),
+        "the signing key reached the output"
+    );
+    let verifier = VerifierKey::parse(printed.trim()).unwrap();
+    assert_eq!(verifier.name(), "pgtrail.example/shop");
+    let signer = SigningKey::parse(&key_text).unwrap();
+    let text = Checkpoint {
+        origin: "pgtrail.example/shop".into(),
+        size: 3,
+        root: [1; 32],
+    }
+    .text();
+    assert_eq!(verifier.open(&signer.sign(&text).unwrap()).unwrap(), text);
+
+    // Again to the same file: refused, the first key kept.
+    let again = keygen("pgtrail.example/shop");
+    assert_eq!(again.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("never overwrites"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&key_path).unwrap(), key_text);
+    // A name a note cannot carry.
+    std::fs::remove_file(&key_path).unwrap();
+    let bad = keygen("shop key");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("not a key name"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(!key_path.exists());
+}
