@@ -152,6 +152,29 @@ impl SigningKey {
         })
     }
 
+    /// The signing key in the file at `path`, refused (as ssh refuses a private key) when the
+    /// file can be read or written by anyone but its owner: a key others could read signs
+    /// nothing an auditor should trust.
+    pub fn read_file(path: &std::path::Path) -> Result<SigningKey, NoteError> {
+        use std::os::unix::fs::PermissionsExt;
+        let bad = |why: String| NoteError::BadKey {
+            what: "signing",
+            why,
+        };
+        let meta = std::fs::metadata(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(bad(format!(
+                "{} has mode {mode:03o}, so others can read or change it; run chmod 600 on it                  (and make a new key if anyone else may have read it)",
+                path.display()
+            )));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?;
+        SigningKey::parse(&text)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -351,6 +374,26 @@ mod tests {
         assert_eq!(verifier.open(&cosigned).unwrap(), checkpoint.text());
         assert_eq!(other.open(&cosigned).unwrap(), checkpoint.text());
         assert!(verifier.open(&note[..note.len() - 1]).is_err());
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        let (skey, _) = SigningKey::generate("log").unwrap();
+        std::fs::write(&path, format!("{skey}\n")).unwrap();
+        for (mode, readable) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            match SigningKey::read_file(&path) {
+                Ok(key) => assert!(readable && key.name() == "log", "{mode:o}"),
+                Err(e) => assert!(
+                    !readable && e.to_string().contains("chmod 600"),
+                    "{mode:o}: {e}"
+                ),
+            }
+        }
+        assert!(SigningKey::read_file(&dir.path().join("missing")).is_err());
     }
 
     #[test]
