@@ -70,32 +70,74 @@ fn hex_list(proof: &[Hash]) -> String {
     proof.iter().map(|h| hex(h)).collect::<Vec<_>>().join(",")
 }
 
-/// Run the checker on `input`: its verdict line, and whether it exited 0.
-fn check(binary: &Path, input: &str) -> (String, bool) {
-    let mut child = Command::new(binary)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        out.status.success(),
-    )
+/// The checkers written by others (Go's `sumdb` packages) or from the README alone (Python):
+/// each takes the same input and gives its verdict line.
+struct Checkers {
+    commands: Vec<(&'static str, Command)>,
+}
+
+impl Checkers {
+    fn new(dir: &Path) -> Checkers {
+        let mut commands = Vec::new();
+        if let Some(binary) = build_tlogcheck(dir) {
+            commands.push(("go", Command::new(binary)));
+        }
+        let has_cryptography = Command::new("python3")
+            .args(["-c", "import cryptography"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if has_cryptography {
+            let mut python = Command::new("python3");
+            python.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/check_proofs.py"));
+            commands.push(("python", python));
+        } else {
+            assert!(
+                std::env::var_os("PGTRAIL_REQUIRE_PYCRYPTO").is_none(),
+                "PGTRAIL_REQUIRE_PYCRYPTO is set but python3 cannot import cryptography"
+            );
+            eprintln!("skipped: the Python checker (pip install cryptography)");
+        }
+        Checkers { commands }
+    }
+
+    /// Every checker's verdict on `input` (its line, and whether it exited 0), by name.
+    fn check(&mut self, input: &str) -> Vec<(&'static str, String, bool)> {
+        self.commands
+            .iter_mut()
+            .map(|(name, command)| {
+                let mut child = command
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
+                let out = child.wait_with_output().unwrap();
+                (
+                    *name,
+                    String::from_utf8_lossy(&out.stdout).trim().to_string(),
+                    out.status.success(),
+                )
+            })
+            .collect()
+    }
+
+    /// Every checker refuses `input`, its verdict beginning with `verdict`.
+    fn refuse(&mut self, input: &str, verdict: &str) {
+        for (name, said, ok) in self.check(input) {
+            assert!(!ok && said.starts_with(verdict), "{name}: {said}");
+        }
+    }
 }
 
 #[test]
-fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
+fn go_and_python_accept_every_root_proof_and_checkpoint_of_pgtrails_tree() {
     let dir = tempfile::tempdir().unwrap();
-    let Some(binary) = build_tlogcheck(dir.path()) else {
-        return;
-    };
+    let mut checkers = Checkers::new(dir.path());
     const N: usize = 40;
     let data: Vec<Vec<u8>> = (0..N).map(|i| format!("change {i}").into_bytes()).collect();
     let leaves: Vec<Hash> = data.iter().map(|d| leaf_hash(d)).collect();
@@ -131,17 +173,15 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
             proofs.1 += 1;
         }
     }
-    let (verdict, ok) = check(&binary, &input);
-    assert!(ok, "{verdict}");
-    assert_eq!(
-        verdict,
-        format!(
-            "ok: {N} roots, {} inclusion proofs, {} consistency proofs, {N} checkpoints",
-            proofs.0, proofs.1
-        )
+    let expected = format!(
+        "ok: {N} roots, {} inclusion proofs, {} consistency proofs, {N} checkpoints",
+        proofs.0, proofs.1
     );
+    for (name, verdict, ok) in checkers.check(&input) {
+        assert!(ok && verdict == expected, "{name}: {verdict}");
+    }
 
-    // The checker can say no: one hash of one proof altered, and a root of another tree.
+    // The checkers can say no: one hash of one proof altered, and a root of another tree.
     let mut proof = inclusion_proof(&leaves[..13], 5).unwrap();
     proof[1][0] ^= 1;
     let mut leaves_only = String::new();
@@ -149,25 +189,19 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
         leaves_only += &format!("leaf {}\n", hex(d));
     }
     let forged = format!("{leaves_only}inclusion 13 5 {}\n", hex_list(&proof));
-    let (verdict, ok) = check(&binary, &forged);
-    assert!(
-        !ok && verdict.starts_with("FAIL: inclusion of leaf 5 in 13"),
-        "{verdict}"
-    );
+    checkers.refuse(&forged, "FAIL: inclusion of leaf 5 in 13");
     let other = format!("{leaves_only}root 13 {}\n", hex(&root(&leaves[..12])));
-    let (verdict, ok) = check(&binary, &other);
-    assert!(
-        !ok && verdict.starts_with("FAIL: the root of 13"),
-        "{verdict}"
-    );
+    checkers.refuse(&other, "FAIL: the root of 13");
     // A checkpoint signed over another tree's root, and one whose size was edited after
     // signing.
     let wrong_root = format!(
         "{leaves_only}vkey {vkey}\ncheckpoint {}\n",
         signed(13, root(&leaves[..12]))
     );
-    let (verdict, ok) = check(&binary, &wrong_root);
-    assert!(!ok && verdict.contains("signs another root"), "{verdict}");
+    checkers.refuse(
+        &wrong_root,
+        "FAIL: the checkpoint of 13 leaves signs another root",
+    );
     let note = signer
         .sign(
             &Checkpoint {
@@ -183,8 +217,7 @@ fn go_tlog_accepts_every_root_and_proof_of_pgtrails_tree() {
         "{leaves_only}vkey {vkey}\ncheckpoint {}\n",
         BASE64.encode(note)
     );
-    let (verdict, ok) = check(&binary, &edited);
-    assert!(!ok && verdict.starts_with("FAIL: checkpoint"), "{verdict}");
+    checkers.refuse(&edited, "FAIL: checkpoint");
 }
 
 /// `pgtrail keygen`: a key only its owner can read, a verifier key for auditors that opens

@@ -1,0 +1,188 @@
+#!/usr/bin/env python3
+"""Check pgtrail's Merkle tree roots, proofs and signed checkpoints in Python alone
+(hashlib, base64 and the `cryptography` package), written from the formats the README gives:
+RFC 6962 hashing, RFC 9162 proof verification, C2SP signed-note and tlog-checkpoint with
+Ed25519 keys in Go's note text forms.
+
+Input on stdin, as tools/evidence/tlogcheck (Go) reads it, one item a line, hex unless said:
+  leaf DATA             the next leaf's bytes
+  root N HASH           the root of the first N leaves
+  inclusion N I P1,P2   the proof that leaf I is in the tree of N leaves
+  consistency M N P1,   the proof that the tree of M leaves is a prefix of the tree of N
+  vkey KEY              the verifier key of the checkpoints that follow
+  checkpoint NOTE       a signed checkpoint, the note in base64
+
+Prints "ok: R roots, I inclusion proofs, C consistency proofs, K checkpoints" and exits 0, or
+"FAIL: ..." for the first item that does not check and exits 1.
+"""
+import base64
+import hashlib
+import sys
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+def fail(message):
+    print("FAIL: " + message)
+    sys.exit(1)
+
+
+def leaf_hash(data):
+    return hashlib.sha256(b"\x00" + data).digest()
+
+
+def node_hash(left, right):
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def mth(leaves):
+    """RFC 6962 section 2.1: the root of hashed leaves."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return node_hash(mth(leaves[:k]), mth(leaves[k:]))
+
+
+def verify_inclusion(index, size, leaf, proof, root):
+    """RFC 9162 section 2.1.3.2."""
+    if index >= size:
+        return False
+    fn, sn, r = index, size - 1, leaf
+    for p in proof:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            r = node_hash(p, r)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            r = node_hash(r, p)
+        fn >>= 1
+        sn >>= 1
+    return sn == 0 and r == root
+
+
+def verify_consistency(first, second, first_root, second_root, proof):
+    """RFC 9162 section 2.1.4.2 (the empty tree is a prefix of every tree)."""
+    if first > second:
+        return False
+    if first == 0:
+        return not proof
+    if first == second:
+        return not proof and first_root == second_root
+    if not proof:
+        return False
+    if first & (first - 1) == 0:
+        proof = [first_root] + proof
+    fn, sn = first - 1, second - 1
+    while fn & 1:
+        fn >>= 1
+        sn >>= 1
+    fr = sr = proof[0]
+    for c in proof[1:]:
+        if sn == 0:
+            return False
+        if fn & 1 or fn == sn:
+            fr, sr = node_hash(c, fr), node_hash(c, sr)
+            if not fn & 1:
+                while fn and not fn & 1:
+                    fn >>= 1
+                    sn >>= 1
+        else:
+            sr = node_hash(sr, c)
+        fn >>= 1
+        sn >>= 1
+    return fr == first_root and sr == second_root and sn == 0
+
+
+def parse_vkey(text):
+    """Go's note verifier key: name+ID+base64(0x01 || Ed25519 public key)."""
+    name, key_id, key = text.split("+", 2)
+    raw = base64.b64decode(key, validate=True)
+    if len(raw) != 33 or raw[0] != 1:
+        fail("not an Ed25519 verifier key: " + text)
+    expected = hashlib.sha256(name.encode() + b"\n" + raw).digest()[:4]
+    if bytes.fromhex(key_id) != expected:
+        fail("the verifier key's ID does not match its name and key: " + text)
+    return name, expected, Ed25519PublicKey.from_public_bytes(raw[1:])
+
+
+def open_note(note, vkey):
+    """C2SP signed-note: the text when a signature line of the key verifies over it."""
+    name, key_id, public = vkey
+    split = note.rfind("\n\n")
+    if split < 0 or not note.endswith("\n"):
+        fail("not a signed note: %r" % note)
+    text, signatures = note[: split + 1], note[split + 2 :]
+    for line in signatures.splitlines():
+        if not line.startswith("\u2014 "):
+            fail("not a signature line: %r" % line)
+        signer, signature = line[2:].split(" ", 1)
+        signature = base64.b64decode(signature, validate=True)
+        if signer != name or len(signature) != 68 or signature[:4] != key_id:
+            continue
+        try:
+            public.verify(signature[4:], text.encode())
+            return text
+        except InvalidSignature:
+            continue
+    return None
+
+
+def main():
+    leaves, counts, vkey = [], [0, 0, 0, 0], None
+
+    def root_of(n):
+        if n > len(leaves):
+            fail("a tree of %d leaves, only %d given" % (n, len(leaves)))
+        return mth(leaves[:n])
+
+    for line in sys.stdin:
+        f = line.split()
+        if not f:
+            continue
+        kind = f[0]
+        hashes = [bytes.fromhex(h) for h in f[3].split(",") if h] if len(f) == 4 else []
+        if kind == "leaf" and len(f) <= 2:
+            leaves.append(leaf_hash(bytes.fromhex(f[1]) if len(f) == 2 else b""))
+        elif kind == "root" and len(f) == 3:
+            n = int(f[1])
+            if root_of(n) != bytes.fromhex(f[2]):
+                fail("the root of %d leaves differs" % n)
+            counts[0] += 1
+        elif kind == "inclusion" and len(f) in (3, 4):
+            n, i = int(f[1]), int(f[2])
+            if not verify_inclusion(i, n, leaves[i], hashes, root_of(n)):
+                fail("inclusion of leaf %d in %d" % (i, n))
+            counts[1] += 1
+        elif kind == "consistency" and len(f) in (3, 4):
+            m, n = int(f[1]), int(f[2])
+            if not verify_consistency(m, n, root_of(m), root_of(n), hashes):
+                fail("consistency of %d with %d" % (m, n))
+            counts[2] += 1
+        elif kind == "vkey" and len(f) == 2:
+            vkey = parse_vkey(f[1])
+        elif kind == "checkpoint" and len(f) == 2 and vkey:
+            note = base64.b64decode(f[1], validate=True).decode()
+            text = open_note(note, vkey)
+            if text is None:
+                fail("checkpoint %r: no valid signature by %s" % (note, vkey[0]))
+            lines = text[:-1].split("\n")
+            if len(lines) != 3 or lines[0] != vkey[0]:
+                fail("checkpoint text %r" % text)
+            size, root = int(lines[1]), base64.b64decode(lines[2], validate=True)
+            if root_of(size) != root:
+                fail("the checkpoint of %d leaves signs another root than the leaves give" % size)
+            counts[3] += 1
+        else:
+            fail("cannot read the line %r" % line)
+    print("ok: %d roots, %d inclusion proofs, %d consistency proofs, %d checkpoints" % tuple(counts))
+
+
+if __name__ == "__main__":
+    main()
