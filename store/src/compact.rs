@@ -284,14 +284,17 @@ impl Compactor {
 
     /// Move every finished transaction in the log into segments and trim it from the log.
     fn compact_log(&self, report: &mut CompactReport) -> Result<(), CompactError> {
-        let rtx = self.db.begin_read()?;
+        // One read transaction for the cut and everything read with it (the enum types the
+        // segments' descriptions name are those recorded as of the cut).
+        let reader = LogReader::from_db(self.db.as_ref())?;
+        let rtx = reader.read_transaction();
         let meta = rtx.open_table(META)?;
         // The cut: the last finished source transaction. Keys at or below it never change
         // again (replays are skipped whole and recovery only removes keys above it), so the
         // set read here is exactly the set trimmed below.
         let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
-        let enums = LogReader::from_db(self.db.as_ref())?.enum_types()?;
+        let enums = reader.enum_types()?;
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -372,7 +375,8 @@ impl Compactor {
                 self.keep_memory_in_budget(&mut writers)?;
             }
         }
-        drop((changes, relations, meta, rtx));
+        drop((changes, relations, meta));
+        drop(reader);
         for (group, (id, content, w)) in std::mem::take(&mut writers) {
             entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
         }
