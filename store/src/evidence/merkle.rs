@@ -50,13 +50,14 @@ pub fn root(leaves: &[Hash]) -> Hash {
     }
 }
 
-/// The tree's right edge: the roots of its perfect subtrees, largest (leftmost) first, each
-/// with its height. Enough to take the next leaf and to give the root, in `O(log n)` space:
-/// what an archive keeps between compactions.
+/// The tree's right edge: the roots of its perfect subtrees, largest (leftmost) first, one
+/// for each bit set in its size (the bit's place is the subtree's height). Enough to take the
+/// next leaf and to give the root, in `O(log n)` space: what an archive keeps between
+/// compactions.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frontier {
     size: u64,
-    edge: Vec<(u32, Hash)>,
+    edge: Vec<Hash>,
 }
 
 impl Frontier {
@@ -71,24 +72,28 @@ impl Frontier {
 
     /// Take the next leaf's hash.
     pub fn push(&mut self, leaf: Hash) {
-        self.size += 1;
-        let mut node = (0, leaf);
-        // Two perfect subtrees of one height side by side are one of the next height.
-        while let Some(&(height, left)) = self.edge.last()
-            && height == node.0
-        {
-            self.edge.pop();
-            node = (height + 1, node_hash(&left, &node.1));
+        // Each low bit set in the size is a perfect subtree as high as the one the new leaf
+        // completes: the two are one subtree of the next height (the carry of `size + 1`).
+        let mut node = leaf;
+        let mut size = self.size;
+        while size & 1 == 1 {
+            let left = self
+                .edge
+                .pop()
+                .expect("one subtree per bit set in the size");
+            node = node_hash(&left, &node);
+            size >>= 1;
         }
         self.edge.push(node);
+        self.size += 1;
     }
 
     /// The root of the leaves taken: the edge folded from the right, as `MTH` splits.
     pub fn root(&self) -> Hash {
-        let mut nodes = self.edge.iter().rev().map(|(_, h)| *h);
+        let mut nodes = self.edge.iter().rev();
         match nodes.next() {
             None => empty_root(),
-            Some(last) => nodes.fold(last, |right, left| node_hash(&left, &right)),
+            Some(last) => nodes.fold(*last, |right, left| node_hash(left, &right)),
         }
     }
 }
@@ -144,6 +149,16 @@ pub fn consistency_proof(leaves: &[Hash], m: u64) -> Option<Vec<Hash>> {
     Some(out)
 }
 
+/// The step both RFC 9162 verifications take after hashing a node in from the left: "if
+/// LSB(fn) is not set, right-shift both fn and sn equally until either LSB(fn) is set or fn
+/// is 0".
+fn shift_while_even(fn_: &mut u64, sn: &mut u64) {
+    while *fn_ & 1 == 0 && *fn_ != 0 {
+        *fn_ >>= 1;
+        *sn >>= 1;
+    }
+}
+
 /// Whether `proof` shows the leaf hashed `leaf` at `index` in the tree of `size` leaves whose
 /// root is `root` (RFC 9162 section 2.1.3.2).
 pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root: &Hash) -> bool {
@@ -158,12 +173,7 @@ pub fn verify_inclusion(leaf: &Hash, index: u64, size: u64, proof: &[Hash], root
         }
         if fn_ & 1 == 1 || fn_ == sn {
             r = node_hash(p, &r);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
+            shift_while_even(&mut fn_, &mut sn);
         } else {
             r = node_hash(&r, p);
         }
@@ -213,12 +223,7 @@ pub fn verify_consistency(
         if fn_ & 1 == 1 || fn_ == sn {
             fr = node_hash(c, &fr);
             sr = node_hash(c, &sr);
-            if fn_ & 1 == 0 {
-                while fn_ & 1 == 0 && fn_ != 0 {
-                    fn_ >>= 1;
-                    sn >>= 1;
-                }
-            }
+            shift_while_even(&mut fn_, &mut sn);
         } else {
             sr = node_hash(&sr, c);
         }

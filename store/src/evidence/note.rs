@@ -72,8 +72,12 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// `name+ID+key` split, with the ID checked against the name and key.
-fn split_key<'a>(text: &'a str, what: &'static str) -> Result<(&'a str, Vec<u8>), NoteError> {
+/// `name+ID+key` split into the name, the ID's text (checked against the public key with
+/// [`checked_id`]) and the key's bytes after the algorithm byte.
+fn split_key<'a>(
+    text: &'a str,
+    what: &'static str,
+) -> Result<(&'a str, &'a str, Vec<u8>), NoteError> {
     let bad = |why: &str| NoteError::BadKey {
         what,
         why: why.to_string(),
@@ -92,7 +96,24 @@ fn split_key<'a>(text: &'a str, what: &'static str) -> Result<(&'a str, Vec<u8>)
     if id.len() != 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("its ID is not 8 hexadecimal digits"));
     }
-    Ok((name, key[1..].to_vec()))
+    Ok((name, id, key[1..].to_vec()))
+}
+
+/// The ID of the key `name` with `public`, if `written` (a key text's ID) is it.
+fn checked_id(
+    name: &str,
+    written: &str,
+    public: &[u8],
+    what: &'static str,
+) -> Result<[u8; 4], NoteError> {
+    let id = key_id(name, public);
+    if written != hex(&id) {
+        return Err(NoteError::BadKey {
+            what,
+            why: "its ID does not match its name and key".into(),
+        });
+    }
+    Ok(id)
 }
 
 impl SigningKey {
@@ -133,18 +154,12 @@ impl SigningKey {
                 what: "signing",
                 why: "it does not begin with PRIVATE+KEY+".into(),
             })?;
-        let (name, seed) = split_key(rest, "signing")?;
+        let (name, written_id, seed) = split_key(rest, "signing")?;
         let pair = Ed25519KeyPair::from_seed_unchecked(&seed).map_err(|_| NoteError::BadKey {
             what: "signing",
             why: "not an Ed25519 seed".into(),
         })?;
-        let id = key_id(name, pair.public_key().as_ref());
-        if rest.split('+').nth(1) != Some(hex(&id).as_str()) {
-            return Err(NoteError::BadKey {
-                what: "signing",
-                why: "its ID does not match its name and key".into(),
-            });
-        }
+        let id = checked_id(name, written_id, pair.public_key().as_ref(), "signing")?;
         Ok(SigningKey {
             name: name.to_string(),
             id,
@@ -217,14 +232,8 @@ pub struct VerifierKey {
 
 impl VerifierKey {
     pub fn parse(text: &str) -> Result<VerifierKey, NoteError> {
-        let (name, public) = split_key(text, "verifier")?;
-        let id = key_id(name, &public);
-        if text.trim().split('+').nth(1) != Some(hex(&id).as_str()) {
-            return Err(NoteError::BadKey {
-                what: "verifier",
-                why: "its ID does not match its name and key".into(),
-            });
-        }
+        let (name, written_id, public) = split_key(text, "verifier")?;
+        let id = checked_id(name, written_id, &public, "verifier")?;
         Ok(VerifierKey {
             name: name.to_string(),
             id,
