@@ -295,17 +295,46 @@ pub(crate) fn unknown_span<'a>(
         });
     }
     // No snapshot after the moment: a read decided on before it and never stored.
+    open_spans(archive, table)
+        .filter(|span| reaches(&span.from))
+        .min_by_key(|span| span.from)
+}
+
+/// Every span of `table`'s history the archive cannot answer: one ended by each read of the
+/// table after DDL (in the order of the reads), then one for each read decided on and not
+/// stored yet (open).
+pub(crate) fn unknown_spans<'a>(
+    archive: &'a ArchiveSnapshot,
+    table: &'a TableHistory,
+) -> impl Iterator<Item = UnknownSpan<'a>> + 'a {
+    archive
+        .table_snapshots(table)
+        .filter_map(|(snapshot, scope)| {
+            Some(UnknownSpan {
+                to: Some(snapshot),
+                from: scope.unknown_from?,
+                scope,
+            })
+        })
+        .chain(open_spans(archive, table))
+}
+
+/// The spans of `table` whose read was decided on and not stored yet.
+fn open_spans<'a>(
+    archive: &'a ArchiveSnapshot,
+    table: &'a TableHistory,
+) -> impl Iterator<Item = UnknownSpan<'a>> + 'a {
     let ids: Vec<u32> = table.relation_ids().collect();
     archive
         .pending_reads
         .iter()
-        .filter(|p| ids.contains(&p.relation_id))
-        .filter_map(|p| Some((p.unknown_from.filter(reaches)?, p)))
-        .min_by_key(|(from, _)| *from)
-        .map(|(from, scope)| UnknownSpan {
-            to: None,
-            scope: scope.clone(),
-            from,
+        .filter(move |p| ids.contains(&p.relation_id))
+        .filter_map(|p| {
+            Some(UnknownSpan {
+                to: None,
+                from: p.unknown_from?,
+                scope: p.clone(),
+            })
         })
 }
 

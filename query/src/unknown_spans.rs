@@ -7,25 +7,17 @@
 //! a span; the change lists (`row_history`, the `changes` view, the history tables, the
 //! `changes` and `cdf` export layouts) list every change the stream brought, each exact, and
 //! this table says where the state between them is not known, so a list can be read with it.
-//! It reads the same records as `replay::unknown_span`, the rule `as_of` refuses by.
+//! The spans are `replay::unknown_spans`, the ones `as_of` refuses a moment in.
 
 use std::sync::Arc;
 
 use datafusion::arrow::array::{ArrayRef, RecordBatch, StringBuilder, TimestampMicrosecondBuilder};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::error::Result;
-use pgtrail_store::{Lsn, TableScope};
+use pgtrail_store::TableScope;
 
 use crate::archive::ArchiveSnapshot;
-
-/// One span: the table's name, where the rows became unknown, where they are known again
-/// (`None`: a read decided on and not stored yet), and why.
-struct Span {
-    table: String,
-    from: (Lsn, i64),
-    to: Option<(Lsn, i64)>,
-    reason: &'static str,
-}
+use crate::replay::{UnknownSpan, unknown_spans};
 
 /// The table's columns.
 pub(crate) fn schema() -> SchemaRef {
@@ -51,38 +43,17 @@ fn reason(scope: &TableScope) -> &'static str {
     }
 }
 
-/// Every span of every table, in table name and then LSN order.
-fn spans(archive: &ArchiveSnapshot) -> Vec<Span> {
-    let mut spans = Vec::new();
-    for table in archive.tables.values() {
-        let name = table.qualified_name();
-        for (snapshot, scope) in archive.table_snapshots(table) {
-            if let Some(from) = scope.unknown_from {
-                spans.push(Span {
-                    table: name.clone(),
-                    from,
-                    to: Some((snapshot.lsn, snapshot.committed_at_us)),
-                    reason: reason(&scope),
-                });
-            }
-        }
-        let ids: Vec<u32> = table.relation_ids().collect();
-        for pending in archive
-            .pending_reads
-            .iter()
-            .filter(|p| ids.contains(&p.relation_id))
-        {
-            if let Some(from) = pending.unknown_from {
-                spans.push(Span {
-                    table: name.clone(),
-                    from,
-                    to: None,
-                    reason: reason(pending),
-                });
-            }
-        }
-    }
-    spans.sort_by(|a, b| (&a.table, a.from).cmp(&(&b.table, b.from)));
+/// Every span of every table, in table name and then LSN order: (table, span).
+fn spans(archive: &ArchiveSnapshot) -> Vec<(String, UnknownSpan<'_>)> {
+    let mut spans: Vec<_> = archive
+        .tables
+        .values()
+        .flat_map(|table| {
+            let name = table.qualified_name();
+            unknown_spans(archive, table).map(move |span| (name.clone(), span))
+        })
+        .collect();
+    spans.sort_by(|(a, x), (b, y)| (a, x.from).cmp(&(b, y.from)));
     spans
 }
 
@@ -93,13 +64,13 @@ pub(crate) fn batch(archive: &ArchiveSnapshot, schema: SchemaRef) -> Result<Reco
     let at = || TimestampMicrosecondBuilder::new().with_timezone("UTC");
     let (mut from_at, mut to_at) = (at(), at());
     let mut why = StringBuilder::new();
-    for span in spans(archive) {
-        table.append_value(&span.table);
+    for (name, span) in spans(archive) {
+        table.append_value(&name);
         from_lsn.append_value(span.from.0.to_string());
         from_at.append_value(span.from.1);
-        to_lsn.append_option(span.to.map(|(lsn, _)| lsn.to_string()));
-        to_at.append_option(span.to.map(|(_, at)| at));
-        why.append_value(span.reason);
+        to_lsn.append_option(span.to.map(|s| s.lsn.to_string()));
+        to_at.append_option(span.to.map(|s| s.committed_at_us));
+        why.append_value(reason(&span.scope));
     }
     let arrays: Vec<ArrayRef> = vec![
         Arc::new(table.finish()),
