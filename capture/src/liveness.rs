@@ -187,10 +187,8 @@ pub(crate) async fn watched<T>(
             done = &mut step => return done,
             _ = tokio::time::sleep(timeout) => {}
         }
-        let seen = within(timeout, &format!("a question about {what}"), async {
-            ask_about(sql, backend, started.elapsed()).await
-        })
-        .await?;
+        let question = ask_about(sql, backend, started.elapsed());
+        let seen = within(timeout, &format!("a question about {what}"), question).await?;
         let now = read_progress();
         match copy_verdict(&seen) {
             Some(why) if suspect == Some(now) => {
@@ -220,6 +218,25 @@ pub(crate) async fn watched<T>(
             }
         }
     }
+}
+
+/// A new SQL connection to copy tables on, and its server process for [`watched`] to ask
+/// about; connecting and the first query are bounded by `limit` (nothing there waits on the
+/// database).
+pub(crate) async fn copy_connection(
+    source: &crate::source::SourceConfig,
+    limit: Duration,
+) -> Result<(tokio_postgres::Client, CopyBackend<'static>), CaptureError> {
+    let client = within(limit, "connecting for a table copy", source.connect_sql()).await?;
+    let pid = within(limit, "a table copy's first query", async {
+        client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| CaptureError::sql("starting a table copy", e))
+    })
+    .await?
+    .get(0);
+    Ok((client, CopyBackend::Pid(pid)))
 }
 
 async fn ask_about(

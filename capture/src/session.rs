@@ -460,25 +460,12 @@ impl<'a> Session<'a> {
         tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");
         // The replication session stays idle (it holds the exported snapshot) while an
         // ordinary connection copies the tables inside that snapshot.
-        let snapshot_sql = within(
-            limit,
-            "connecting for the initial snapshot",
-            config.source.connect_sql(),
-        )
-        .await?;
-        let copier = within(limit, "the initial snapshot's first query", async {
-            snapshot_sql
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .map_err(|e| CaptureError::sql("starting the initial snapshot", e))
-        })
-        .await?
-        .get(0);
+        let (snapshot_sql, copier) = liveness::copy_connection(&config.source, limit).await?;
         let progress = std::sync::atomic::AtomicU64::new(0);
         let rows = liveness::watched(
             &self.sql,
             limit,
-            liveness::CopyBackend::Pid(copier),
+            copier,
             "the initial snapshot",
             Some(&progress),
             snapshot::copy_tables(

@@ -920,22 +920,7 @@ async fn copy_in_step(
         ),
         _ => e,
     })?;
-    let copy_sql = within(
-        limit,
-        "connecting for a table copy",
-        config.source.connect_sql(),
-    )
-    .await?;
-    let copier = liveness::CopyBackend::Pid(
-        within(limit, "a table copy's first query", async {
-            copy_sql
-                .query_one("SELECT pg_backend_pid()", &[])
-                .await
-                .map_err(|e| CaptureError::sql("starting a table copy", e))
-        })
-        .await?
-        .get(0),
-    );
+    let (copy_sql, copier) = liveness::copy_connection(&config.source, limit).await?;
     let locked: Vec<CapturedTable> = copy.iter().map(|(t, _)| t.clone()).collect();
     let (_, committed_at_us) = liveness::watched(
         sql,
