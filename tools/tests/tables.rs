@@ -77,6 +77,29 @@ impl Scene {
             .unwrap()
     }
 
+    /// The capture's log (what [`spawn`] writes to).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.archive.with_extension(format!("{}.log", self.db)))
+            .unwrap_or_default()
+    }
+
+    /// Wait (a minute at most) until the capture's log says `said`, then the line that says
+    /// it.
+    fn wait_logged(&self, said: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(said)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the capture never logged {said:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Install `pgtrail setup`'s event trigger for the capture's publication.
     fn setup(&self) {
         self.setup_with(&[]);
@@ -559,8 +582,7 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
                 .iter()
                 .map(|v| v.relation_id)
                 .collect::<Vec<_>>(),
-            std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db)))
-                .unwrap_or_default()
+            s.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -678,19 +700,8 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     s.psql("UPDATE t SET v = 'during' WHERE id = 3");
     // A transaction left open holds the read's temporary slot (its creation waits for running
     // transactions): the capture has decided on the read and cannot store it.
-    let log_path = s.archive.with_extension(format!("{}.log", s.db));
     let mut open = s.hold_transaction_open("holds_the_read");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log_path)
-        .unwrap_or_default()
-        .contains("reading tables whole")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the capture never decided to read t again"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    s.wait_logged("reading tables whole");
     s.capture.kill().unwrap();
     s.capture.wait().unwrap();
     // Its server session ends (and the transaction with it), not only the psql client.
@@ -780,7 +791,6 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
 fn a_table_read_waiting_for_an_open_transaction_names_it_and_goes_on_when_it_ends() {
     let mut s = Scene::with_t("copywait", &["--stream-timeout-secs", "2"]);
     let only_t = table_list(&["t"]);
-    let log_path = s.archive.with_extension(format!("{}.log", s.db));
     let mut open = s.hold_transaction_open("holds_the_copy");
     let holder = loop {
         let pid = s.psql(
@@ -793,22 +803,7 @@ fn a_table_read_waiting_for_an_open_transaction_names_it_and_goes_on_when_it_end
         std::thread::sleep(Duration::from_millis(50));
     };
     s.psql("ALTER TABLE t ADD COLUMN flag int DEFAULT 5");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let log = loop {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        if log.contains("a table copy waits for transactions open on the source") {
-            break log;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "capture never said what the copy waits for: {log}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let said = log
-        .lines()
-        .find(|l| l.contains("a table copy waits"))
-        .unwrap();
+    let said = s.wait_logged("a table copy waits for transactions open on the source");
     assert!(said.contains(&format!("[{holder}]")), "{said}");
     // Several stream timeouts of waiting: still the same session.
     std::thread::sleep(Duration::from_secs(6));
@@ -819,7 +814,7 @@ fn a_table_read_waiting_for_an_open_transaction_names_it_and_goes_on_when_it_end
     let now = held(s.cluster, &s.db, &only_t);
     s.capture.kill().unwrap();
     s.capture.wait().unwrap();
-    let log = std::fs::read_to_string(&log_path).unwrap();
+    let log = s.log();
     assert!(
         !log.contains("reconnecting"),
         "a waiting copy was taken for a dead one: {log}"
@@ -983,7 +978,7 @@ fn a_stop_right_after_a_column_name_came_and_went_reads_the_table_again_first() 
     wait_caught_up(s.cluster, &s.db);
     crate::terminate(&mut s.capture);
 
-    let log = std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db))).unwrap();
+    let log = s.log();
     assert_eq!(
         snapshots_of(&s.archive, "public.t"),
         2,
@@ -1149,8 +1144,7 @@ fn a_table_is_found_by_the_name_it_bore_at_the_moment() {
         assert!(
             Instant::now() < deadline,
             "the quiet DDL never reached the archive; capture's log: {}",
-            std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db)))
-                .unwrap_or_default()
+            s.log()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -1443,7 +1437,7 @@ fn with_setup_new_tables_follow_the_capture_selection() {
     // The trigger takes in what this capture would leave out: it does not run.
     let mut other = spawn(s.cluster, &s.db, &s.archive, &[]);
     let status = wait_exit(&mut other, Duration::from_secs(60));
-    let log = std::fs::read_to_string(s.archive.with_extension(format!("{}.log", s.db))).unwrap();
+    let log = s.log();
     assert!(!status.success(), "{log}");
     assert!(
         log.contains("takes in other new tables (!public.secret_*)")
