@@ -95,6 +95,14 @@ impl BackgroundCompactor {
                         }
                     });
                 }
+                // Stopped while a run failed: the failure is kept for `stop`, which reports it
+                // (it may hold the cause of the writer's failure).
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "compaction failed");
+                    if let Ok(mut slot) = t_failure.lock() {
+                        *slot = Some(e);
+                    }
+                }
             })
             .ok();
         BackgroundCompactor {
@@ -120,12 +128,15 @@ impl BackgroundCompactor {
         self.failure.lock().ok().and_then(|mut f| f.take())
     }
 
-    /// Stop the thread (after the run in progress, if any, finishes).
-    pub fn stop(mut self) {
+    /// Stop the thread (after the run in progress, if any, finishes) and return its failure,
+    /// if it failed and the failure was not taken yet.
+    #[must_use = "a compaction failure must be reported"]
+    pub fn stop(mut self) -> Option<CompactError> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(j) = self.join.take() {
             let _ = j.join();
         }
+        self.take_failure()
     }
 }
 

@@ -143,26 +143,13 @@ pub async fn run(
         };
         match result {
             Ok(()) => break,
-            Err(CaptureError::WriterGone) => return Err(writer.into_error()),
-            // The compactor and the writer share the log's storage: when a write of one fails
-            // (a full disk), redb fails the other's next one with only "Previous I/O error
-            // occurred". Stop the writer (it commits what is queued, or fails) and report
-            // whichever error carries the cause; the other is logged.
+            Err(CaptureError::WriterGone) => {
+                let failure = writer.finish().err().unwrap_or(CaptureError::WriterGone);
+                return Err(stop_after_failure(failure, None, compactor));
+            }
             Err(CaptureError::Compaction(failure)) => {
-                let compaction = CaptureError::Compaction(failure);
-                return Err(match writer.finish() {
-                    Ok(()) => compaction,
-                    Err(log) => {
-                        let (cause, other) = if error_chain(&compaction).contains(REDB_PREVIOUS_IO)
-                        {
-                            (log, compaction)
-                        } else {
-                            (compaction, log)
-                        };
-                        tracing::error!(error = %error_chain(&other), "the change log failed too");
-                        cause
-                    }
-                });
+                let failure = CaptureError::Compaction(failure);
+                return Err(stop_after_failure(failure, Some(writer), compactor));
             }
             Err(e)
                 if e.is_transient()
@@ -187,18 +174,15 @@ pub async fn run(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
-            Err(e) => {
-                if let Some(c) = compactor {
-                    c.stop();
-                }
-                let _ = writer.finish();
-                return Err(e);
-            }
+            Err(e) => return Err(stop_after_failure(e, Some(writer), compactor)),
         }
     }
     if let Some(c) = compactor {
         summary.compacted = c.compacted.load(Ordering::Relaxed);
-        c.stop();
+        if let Some(e) = c.stop() {
+            writer.finish()?;
+            return Err(CaptureError::Compaction(Some(Box::new(e))));
+        }
     }
     summary.durable = writer.durable();
     fill_stats(&mut summary, &writer);
@@ -211,6 +195,35 @@ pub(crate) fn fill_stats(p: &mut Progress, writer: &WriterHandle) {
     p.transactions = writer.stats.transactions.load(Ordering::Relaxed);
     p.duplicates_skipped = writer.stats.duplicates_skipped.load(Ordering::Relaxed);
     p.log_commits = writer.stats.commits.load(Ordering::Relaxed);
+}
+
+/// Stop the writer (it commits what is queued, or fails) and the compactor (its run in
+/// progress ends first) after `failure`, and return the error that carries the cause.
+///
+/// The compactor and the writer share the log's storage: when a write of one fails (a full
+/// disk), redb fails every later write of either with only "Previous I/O error occurred", and
+/// the one that failed first may be either. The other errors are logged.
+fn stop_after_failure(
+    failure: CaptureError,
+    writer: Option<WriterHandle>,
+    compactor: Option<BackgroundCompactor>,
+) -> CaptureError {
+    let mut errors = vec![failure];
+    if let Some(Err(e)) = writer.map(WriterHandle::finish) {
+        errors.push(e);
+    }
+    if let Some(e) = compactor.and_then(BackgroundCompactor::stop) {
+        errors.push(CaptureError::Compaction(Some(Box::new(e))));
+    }
+    let cause = errors
+        .iter()
+        .position(|e| !error_chain(e).contains(REDB_PREVIOUS_IO))
+        .unwrap_or(0);
+    let cause = errors.remove(cause);
+    for other in errors {
+        tracing::error!(error = %error_chain(&other), "the change log failed too");
+    }
+    cause
 }
 
 /// `error: cause: cause` on one line.

@@ -242,11 +242,7 @@ impl Compactor {
             .into_iter()
             .map(|s| s.file_name)
             .collect();
-        if let Ok(t) = reader.read_transaction().open_table(RETIRED) {
-            for e in t.iter()? {
-                names.insert(e?.0.value().to_string());
-            }
-        }
+        names.extend(retired_files(reader.read_transaction())?.into_iter().map(|(name, _)| name));
         Ok(names)
     }
 
@@ -573,18 +569,11 @@ impl Compactor {
     /// whose file is already gone, which the next run simply drops.
     fn remove_retired(&self, report: &mut CompactReport) -> Result<(), CompactError> {
         let cutoff = now_us() - self.options.retire_grace.as_micros() as i64;
-        let expired: Vec<String> = {
-            let rtx = self.db.begin_read()?;
-            match rtx.open_table(RETIRED) {
-                Ok(t) => t
-                    .iter()?
-                    .filter_map(Result::ok)
-                    .filter(|(_, at)| at.value() <= cutoff)
-                    .map(|(name, _)| name.value().to_string())
-                    .collect(),
-                Err(_) => Vec::new(),
-            }
-        };
+        let expired: Vec<String> = retired_files(&self.db.begin_read()?)?
+            .into_iter()
+            .filter(|(_, at)| *at <= cutoff)
+            .map(|(name, _)| name)
+            .collect();
         if expired.is_empty() {
             return Ok(());
         }
@@ -603,6 +592,24 @@ impl Compactor {
         report.retired_removed += expired.len() as u64;
         Ok(())
     }
+}
+
+/// The retired segment files and when each was retired (microseconds since the epoch).
+///
+/// A log that never retired a file has no table yet; any other error is passed on, never taken
+/// for "none retired", since a file missing from this list may be removed as an orphan.
+fn retired_files(rtx: &redb::ReadTransaction) -> Result<Vec<(String, i64)>, CompactError> {
+    let table = match rtx.open_table(RETIRED) {
+        Ok(table) => table,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(e.into()),
+    };
+    let mut files = Vec::new();
+    for entry in table.iter()? {
+        let (name, at) = entry?;
+        files.push((name.value().to_string(), at.value()));
+    }
+    Ok(files)
 }
 
 #[cfg(test)]

@@ -144,12 +144,11 @@ pub(super) fn forget_current_rows(
     relation_id: u32,
     tx: &InFlight,
 ) -> Result<(), LogError> {
-    let keys: Vec<Vec<u8>> = t
+    let keys = t
         .current
         .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
-        .filter_map(|e| e.ok())
-        .map(|(k, _)| k.value().1.to_vec())
-        .collect();
+        .map(|e| e.map(|(k, _)| k.value().1.to_vec()))
+        .collect::<Result<Vec<Vec<u8>>, _>>()?;
     for k in keys {
         let old = t.current.remove((relation_id, k.as_slice()))?;
         if !tx.atomic {

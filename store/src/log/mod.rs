@@ -526,12 +526,16 @@ impl ChangeLog {
                 false
             })?;
             let mut relations = wtx.open_table(RELATIONS)?;
-            let stale: Vec<(u32, u64, u32)> = relations
-                .iter()?
-                .filter_map(|e| e.ok())
-                .map(|(k, _)| k.value())
-                .filter(|(_, lsn, _)| *lsn >= first_unfinished)
-                .collect();
+            // A read error is passed on, never skipped: redb latches its first I/O error
+            // (a full disk while the page cache writes back), and the caller must see that
+            // error, not a later "previous I/O error".
+            let mut stale: Vec<(u32, u64, u32)> = Vec::new();
+            for entry in relations.iter()? {
+                let key = entry?.0.value();
+                if key.1 >= first_unfinished {
+                    stale.push(key);
+                }
+            }
             for k in stale {
                 relations.remove(k)?;
             }
@@ -817,12 +821,11 @@ impl ChangeLog {
                 }
                 if !tx.saw_context && tx.next_seq > 0 {
                     // The first context of a transaction labels the changes before it too.
-                    let keys: Vec<(u64, u32)> = t
+                    let keys = t
                         .changes
                         .range((tx.final_lsn.0, 0u32)..(tx.final_lsn.0, tx.next_seq))?
-                        .filter_map(|e| e.ok())
-                        .map(|(k, _)| k.value())
-                        .collect();
+                        .map(|e| e.map(|(k, _)| k.value()))
+                        .collect::<Result<Vec<(u64, u32)>, _>>()?;
                     for k in keys {
                         let mut rec: ChangeRecord = {
                             let v = t.changes.get(k)?.ok_or_else(|| LogError::Corrupt {
