@@ -28,6 +28,9 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
+use crate::evidence;
+use crate::evidence::leaf::{Epochs, Leaf};
+use crate::evidence::note::SigningKey;
 use crate::log::{
     CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
 };
@@ -59,6 +62,8 @@ pub struct CompactOptions {
     pub memory_budget_bytes: usize,
     /// How long a segment unlisted by a merge stays on disk for readers that listed it before.
     pub retire_grace: Duration,
+    /// With a key, a checkpoint of the evidence tree is signed after every run that grew it.
+    pub signing_key: Option<Arc<SigningKey>>,
 }
 
 impl Default for CompactOptions {
@@ -69,6 +74,7 @@ impl Default for CompactOptions {
             merge_min_segments: 4,
             memory_budget_bytes: 64 << 20,
             retire_grace: Duration::from_secs(300),
+            signing_key: None,
         }
     }
 }
@@ -88,6 +94,10 @@ pub struct CompactReport {
     pub retired_removed: u64,
     #[serde(serialize_with = "crate::lsn::serialize_as_text")]
     pub compacted_through: Lsn,
+    /// Leaves in the archive's evidence tree after the run (0 when it compacted nothing).
+    pub tree_size: u64,
+    /// The checkpoint signed after the run, if a signing key was given.
+    pub checkpoint: Option<PathBuf>,
 }
 
 /// Turns the log into segments and merges small segments. One compactor per archive at a
@@ -158,9 +168,11 @@ fn finish(
     content: SegmentContent,
     w: SegmentWriter,
     op_counts: BTreeMap<String, u64>,
+    leaves: &mut Vec<Leaf>,
 ) -> Result<SegmentEntry, CompactError> {
     let name_content = content.clone();
-    let w = w.finish(|min, max| segment_file_name(id, &name_content, min, max))?;
+    let mut w = w.finish(|min, max| segment_file_name(id, &name_content, min, max))?;
+    leaves.append(&mut w.leaves);
     Ok(SegmentEntry {
         id,
         file_name: w.file_name,
@@ -208,12 +220,27 @@ impl Compactor {
         Ok(report)
     }
 
+    /// Rewrite the archive's evidence files from the log and sign a checkpoint if the tree grew
+    /// (see [`evidence::state::publish`]); the checkpoint signed, if any.
+    pub fn publish_evidence(&self) -> Result<Option<PathBuf>, CompactError> {
+        let archive = self.segments_dir.parent().unwrap_or(Path::new("."));
+        let published = evidence::state::publish(
+            self.db.as_ref(),
+            archive,
+            self.options.signing_key.as_deref(),
+        )
+        .map_err(|e| CompactError::Evidence(Box::new(e)))?;
+        Ok(published.signed)
+    }
+
     /// Remove files an interrupted run left behind (temporary files, segments no manifest
     /// lists) without compacting; the capture calls it at start.
     pub fn remove_orphans(&self) -> Result<u64, CompactError> {
         let mut report = CompactReport::default();
         self.ensure_dir()?;
         self.remove_unlisted(&mut report)?;
+        // A crash after a compaction's commit and before its evidence files: write them now.
+        self.publish_evidence()?;
         Ok(report.orphans_removed)
     }
 
@@ -242,7 +269,11 @@ impl Compactor {
             .into_iter()
             .map(|s| s.file_name)
             .collect();
-        names.extend(retired_files(reader.read_transaction())?.into_iter().map(|(name, _)| name));
+        names.extend(
+            retired_files(reader.read_transaction())?
+                .into_iter()
+                .map(|(name, _)| name),
+        );
         Ok(names)
     }
 
@@ -291,6 +322,12 @@ impl Compactor {
         let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
         let enums = reader.enum_types()?;
+        // This run is a new evidence epoch: a fresh seed for its changes' salts, from its
+        // first change on (the epoch's start is known at the first change read).
+        let prior_epochs = evidence::state::read(rtx)?.epochs;
+        let seed = evidence::state::new_seed()?;
+        let mut epochs: Option<Epochs> = None;
+        let mut leaves: Vec<Leaf> = Vec::new();
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -303,6 +340,11 @@ impl Compactor {
             let (lsn, seq) = k.value();
             let key = ChangeKey::new(Lsn(lsn), seq);
             let record: ChangeRecord = decode(v.value(), "changes")?;
+            let epochs = epochs.get_or_insert_with(|| {
+                let mut starts = prior_epochs.starts().to_vec();
+                starts.push((key, seed));
+                Epochs::new(starts)
+            });
             let group = if record.op == Op::Message {
                 Group::Messages
             } else {
@@ -341,13 +383,14 @@ impl Compactor {
                     let id = next_id;
                     next_id += 1;
                     let stem = format!("{id:08}_{}", file_safe(&content.table_name()));
-                    let w = SegmentWriter::create(
+                    let mut w = SegmentWriter::create(
                         &self.segments_dir,
                         &stem,
                         &content,
                         &enums,
                         &self.options.segment,
                     )?;
+                    w.compute_leaves(epochs.clone());
                     &mut e.insert((id, content, w)).2
                 }
             };
@@ -365,7 +408,13 @@ impl Compactor {
             if w.bytes_written() >= self.options.target_segment_bytes
                 && let Some((id, content, w)) = writers.remove(&group)
             {
-                entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
+                entries.push(finish(
+                    id,
+                    content,
+                    w,
+                    owned(op_counts.remove(&group)),
+                    &mut leaves,
+                )?);
             }
             if count % 1024 == 0 {
                 self.keep_memory_in_budget(&mut writers)?;
@@ -374,10 +423,23 @@ impl Compactor {
         drop((changes, relations, meta));
         drop(reader);
         for (group, (id, content, w)) in std::mem::take(&mut writers) {
-            entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
+            entries.push(finish(
+                id,
+                content,
+                w,
+                owned(op_counts.remove(&group)),
+                &mut leaves,
+            )?);
         }
         if count == 0 {
             return Ok(());
+        }
+        if leaves.len() as u64 != count {
+            // Every change of the run is in the new epoch, so each must have a leaf.
+            return Err(CompactError::LogChanged {
+                expected: count,
+                found: leaves.len() as u64,
+            });
         }
         crashpoint::hit("compact:before_manifest");
         let mut wtx = self.db.begin_write()?;
@@ -415,9 +477,14 @@ impl Compactor {
             put(&mut meta, META_COMPACTED_CHANGES, changes_total)?;
             put(&mut meta, META_COMPACTED_TXNS, txns_total)?;
         }
+        // The leaves join the tree in the commit that lists their segments: the tree never
+        // covers a change the manifest does not list, nor misses one it lists.
+        let frontier = evidence::state::append(&wtx, &seed, leaves)?;
         // The one commit that lists the segments and trims the log (two-phase, durable).
         wtx.commit()?;
         crashpoint::hit("compact:after_commit");
+        report.tree_size = frontier.size();
+        report.checkpoint = self.publish_evidence()?;
         report.changes += count;
         report.transactions += txns;
         report.segments_written += entries.len() as u64;
@@ -528,7 +595,8 @@ impl Compactor {
         for (op, n) in inputs.iter().flat_map(|s| s.op_counts.iter()) {
             *counts.entry(op.clone()).or_default() += n;
         }
-        let entry = finish(id, content, w, counts)?;
+        // A merge moves rows between files; their leaves stay as they are (not recomputed).
+        let entry = finish(id, content, w, counts, &mut Vec::new())?;
         crashpoint::hit("merge:before_manifest");
         let rows_in: u64 = inputs.iter().map(|s| s.rows).sum();
         if entry.rows != rows_in {
@@ -555,6 +623,7 @@ impl Compactor {
         // or the merged file, never both and never neither.
         wtx.commit()?;
         crashpoint::hit("merge:after_commit");
+        self.publish_evidence()?;
         report.merged_inputs += inputs.len() as u64;
         report.merged_outputs += 1;
         report.bytes_written += entry.bytes;

@@ -129,6 +129,8 @@ pub enum CompactError {
         "the log changed under the compactor ({expected} changes compacted, {found} found to trim); nothing was trimmed"
     )]
     LogChanged { expected: u64, found: u64 },
+    #[error("cannot write the archive's evidence")]
+    Evidence(#[source] Box<crate::evidence::state::PublishError>),
     #[error(
         "change {key} names relation version {relation_id}@{version} that the log does not hold"
     )]

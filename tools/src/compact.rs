@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use pgtrail_store::evidence::note::SigningKey;
 use pgtrail_store::segment::SegmentOptions;
 use pgtrail_store::{ChangeLog, CompactOptions, Compactor, LogError};
 
@@ -16,18 +17,30 @@ pub struct SegmentArgs {
     /// Segments are closed at, and small ones merged up to, this size in MiB.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
     pub target_segment_mib: u64,
+    /// Sign a checkpoint of the archive's evidence tree after every compaction with this key
+    /// (made by `pgtrail keygen`; refused if others can read it). Keep it outside the archive.
+    #[arg(long, env = "PGTRAIL_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
 }
 
 impl SegmentArgs {
-    pub fn options(&self) -> CompactOptions {
-        CompactOptions {
+    pub fn options(&self) -> anyhow::Result<CompactOptions> {
+        let signing_key = match &self.signing_key {
+            None => None,
+            Some(path) => Some(std::sync::Arc::new(
+                SigningKey::read_file(path)
+                    .with_context(|| format!("--signing-key {}", path.display()))?,
+            )),
+        };
+        Ok(CompactOptions {
             segment: SegmentOptions {
                 zstd_level: self.zstd_level,
                 ..SegmentOptions::default()
             },
             target_segment_bytes: self.target_segment_mib << 20,
+            signing_key,
             ..CompactOptions::default()
-        }
+        })
     }
 }
 
@@ -45,7 +58,7 @@ pub struct CompactArgs {
 
 pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
-    let options = args.segments.options();
+    let options = args.segments.options()?;
     let started = Instant::now();
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         if !archive.join(pgtrail_store::LOG_FILE).exists() {
@@ -82,6 +95,13 @@ pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
             report.orphans_removed,
             report.retired_removed,
         );
+        if let Some(path) = &report.checkpoint {
+            eprintln!(
+                "compact: signed checkpoint {} (tree size {})",
+                path.display(),
+                report.tree_size
+            );
+        }
     }
     Ok(())
 }

@@ -159,6 +159,7 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         segments: crate::compact::SegmentArgs {
             zstd_level: 3,
             target_segment_mib: 128,
+            signing_key: None,
         },
         json: false,
     })

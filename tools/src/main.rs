@@ -2,6 +2,7 @@
 
 mod compact;
 mod demo;
+mod evidence;
 mod export;
 mod keygen;
 mod sql;
@@ -48,6 +49,11 @@ enum Command {
     /// Make a key to sign the archive's checkpoints with: the signing key goes to a file only
     /// its owner can read, the verifier key (for auditors) to standard output.
     Keygen(keygen::KeygenArgs),
+    /// Compact the log now and sign a checkpoint of the archive's evidence tree.
+    Checkpoint(evidence::CheckpointArgs),
+    /// Prove the archive complete and unaltered: recompute every leaf, the tree and its root
+    /// from the segments and check them against signed checkpoints (exit 1 when anything is wrong).
+    Verify(evidence::VerifyArgs),
 }
 
 #[derive(clap::Args)]
@@ -182,10 +188,16 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args.archive).await,
             Command::Setup(args) => setup(args).await,
             Command::Keygen(args) => keygen::run(args),
+            Command::Checkpoint(args) => evidence::checkpoint(args).await,
+            Command::Verify(args) => evidence::verify(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<evidence::VerificationFailed>().is_some() => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             if e.chain().any(|c| {
                 c.downcast_ref::<std::io::Error>()
@@ -297,13 +309,21 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         durable_observer: None,
         stop_at,
         catalog_interval: Duration::from_secs(args.catalog_secs.max(1)),
-        compaction: (!args.no_compact).then(|| pgtrail_capture::CompactionPolicy {
-            options: args.segments.options(),
-            min_changes: args.compact_after_changes.max(1),
-            max_age: Duration::from_secs(args.compact_after_secs),
-            ..Default::default()
-        }),
+        compaction: match args.no_compact {
+            true => None,
+            false => Some(pgtrail_capture::CompactionPolicy {
+                options: args.segments.options()?,
+                min_changes: args.compact_after_changes.max(1),
+                max_age: Duration::from_secs(args.compact_after_secs),
+                ..Default::default()
+            }),
+        },
     };
+    if args.no_compact && args.segments.signing_key.is_some() {
+        tracing::warn!(
+            "--signing-key with --no-compact: nothing is signed while capturing; run `pgtrail checkpoint` to compact and sign"
+        );
+    }
     let (protection, warn) = config.source.protection();
     tracing::info!(source = %config.source.display(), archive = %config.archive.display(), %protection, "capture starting");
     if warn {
@@ -335,4 +355,15 @@ fn explain(e: CaptureError) -> anyhow::Error {
         pgtrail_capture::ErrorKind::Fatal => "capture stopped to protect the archive",
         pgtrail_capture::ErrorKind::Transient => "capture could not reach the source (check the URL and that PostgreSQL runs there; once connected, capture reconnects by itself)",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Clap checks a command line's definition only when it is parsed: two arguments of one
+    /// command with the same name panic at the first run of that command, not at build time.
+    #[test]
+    fn every_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
 }

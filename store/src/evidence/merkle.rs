@@ -88,6 +88,31 @@ impl Frontier {
         self.size += 1;
     }
 
+    /// The frontier as stored: `u64 size` (big-endian) then the edge's hashes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(8 + 32 * self.edge.len());
+        b.extend_from_slice(&self.size.to_be_bytes());
+        for h in &self.edge {
+            b.extend_from_slice(h);
+        }
+        b
+    }
+
+    /// A frontier from [`to_bytes`](Self::to_bytes); None when the bytes are not one (the
+    /// edge must hold one hash per bit set in the size).
+    pub fn from_bytes(b: &[u8]) -> Option<Frontier> {
+        let size = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+        let rest = &b[8..];
+        if rest.len() != 32 * size.count_ones() as usize {
+            return None;
+        }
+        let edge = rest
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect();
+        Some(Frontier { size, edge })
+    }
+
     /// The root of the leaves taken: the edge folded from the right, as `MTH` splits.
     pub fn root(&self) -> Hash {
         let mut nodes = self.edge.iter().rev();

@@ -2,8 +2,12 @@
 //! leaves of one RFC 6962 Merkle tree, whose root a signed checkpoint can pin and whose proofs
 //! tools nobody on this project wrote can check.
 //!
-//! So far: the tree itself ([`merkle`]). The leaf encoding, its place in compaction and
-//! `pgtrail verify` build on it.
+//! The leaf of each change ([`leaf`]) is computed at compaction from the batch written to the
+//! segment, and joins the tree ([`merkle`]) in the commit that lists the segment ([`state`]);
+//! signed checkpoints ([`note`]) pin the root; [`verify`] recomputes it all from the files.
 
+pub mod leaf;
 pub mod merkle;
 pub mod note;
+pub mod state;
+pub mod verify;

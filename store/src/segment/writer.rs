@@ -30,6 +30,7 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{Cell, ChangeRecord, Row};
 use crate::crashpoint;
 use crate::error::SegmentError;
+use crate::evidence::leaf::{Epochs, Leaf, batch_leaves};
 use crate::lsn::{ChangeKey, Lsn};
 
 /// The enum type under each column of `content` that has one, by column name: its qualified
@@ -94,6 +95,9 @@ pub struct WrittenSegment {
     pub max_committed_at_us: i64,
     /// Size of the same changes as stored in the log (uncompressed record encoding).
     pub raw_bytes: u64,
+    /// The evidence leaves of the rows, computed from the batches as written (empty unless
+    /// [`SegmentWriter::compute_leaves`] was called).
+    pub leaves: Vec<Leaf>,
 }
 
 /// A write that also hashes and counts what it writes, so the SHA-256 recorded in the manifest
@@ -132,6 +136,8 @@ pub struct SegmentWriter {
     min_ts: i64,
     max_ts: i64,
     raw_bytes: u64,
+    content: SegmentContent,
+    leaves: Option<(Epochs, Vec<Leaf>)>,
 }
 
 impl SegmentWriter {
@@ -256,7 +262,15 @@ impl SegmentWriter {
             min_ts: i64::MAX,
             max_ts: i64::MIN,
             raw_bytes: 0,
+            content: content.clone(),
+            leaves: None,
         })
+    }
+
+    /// Compute the evidence leaf of every row written from here on, from the Arrow batch that
+    /// goes to the file (so a leaf is what the file holds, not what the log held).
+    pub fn compute_leaves(&mut self, epochs: Epochs) {
+        self.leaves = Some((epochs, Vec::new()));
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -339,6 +353,14 @@ impl SegmentWriter {
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SegmentError> {
+        if let Some((epochs, leaves)) = self.leaves.as_mut() {
+            let computed =
+                batch_leaves(&self.content, batch, epochs).map_err(|e| SegmentError::Corrupt {
+                    path: self.tmp_path.clone(),
+                    reason: format!("no evidence leaf for a row: {e}"),
+                })?;
+            leaves.extend(computed);
+        }
         let writer = self.writer.as_mut().ok_or_else(|| SegmentError::Corrupt {
             path: self.tmp_path.clone(),
             reason: "segment writer used after an error".into(),
@@ -417,6 +439,7 @@ impl SegmentWriter {
             min_committed_at_us: if self.rows == 0 { 0 } else { self.min_ts },
             max_committed_at_us: if self.rows == 0 { 0 } else { self.max_ts },
             raw_bytes: self.raw_bytes,
+            leaves: self.leaves.take().map(|(_, l)| l).unwrap_or_default(),
         })
     }
 }

@@ -1,0 +1,557 @@
+//! Leaf v1: the bytes the Merkle tree commits to for each archived change, computed from the
+//! Arrow arrays a segment holds (the same function runs when compaction writes the batch and
+//! when `verify` reads it back, so a leaf is exactly what the file says).
+//!
+//! The format is permanent: the README documents it byte by byte and an independent verifier
+//! (`tools/evidence/verify_archive.py`) recomputes it from that description alone. In short
+//! (integers big-endian; `str` and `bytes` are a `u32` length then the bytes):
+//!
+//! ```text
+//! leaf_data  = "pgtrail/leaf/v1\n" ‖ u8 kind ‖ u64 lsn ‖ u32 seq ‖ u32 xid ‖ i64 committed_at_us ‖ …
+//!   kind 1 (change):  str schema ‖ str name ‖ [32] schema_digest ‖ u8 op ‖ [32] body_digest
+//!   kind 2 (message): u8 transactional ‖ str prefix ‖ [32] body_digest
+//! body_digest = SHA-256("pgtrail/body/v1\n" ‖ part_0 ‖ part_1 ‖ part_2 ‖ part_3)   (changes)
+//!             = SHA-256("pgtrail/body/v1\n" ‖ part_0)                              (messages)
+//! part_k      = SHA-256("pgtrail/part/v1\n" ‖ u8 k ‖ salt_k ‖ canonical bytes of part k)
+//! salt_0‖salt_1 = SHA-256("pgtrail/salt/v1\n" ‖ seed ‖ u64 lsn ‖ u32 seq ‖ u8 0)
+//! salt_2‖salt_3 = SHA-256("pgtrail/salt/v1\n" ‖ seed ‖ u64 lsn ‖ u32 seq ‖ u8 1)
+//! ```
+//!
+//! Parts of a change: 0 the context, 1 the before image, 2 the after image, 3 the `changed`
+//! list; of a message: 0 its content. The leaf commits to salted digests of the values, never
+//! to the values: an erasure (GDPR) can later drop a part's value and its salt and keep its
+//! digest, and everything else still verifies (the salt keeps the digest of a small value,
+//! such as a birth date, from being guessed by trying every value).
+//!
+//! Salts come from a seed per *epoch* (one compaction run: the changes from its first key up to
+//! the next epoch's first key) and the change's key, not its place in the tree: a change's
+//! leaf can be computed from its own row wherever a file holds it (after merges, in a bundle).
+
+use std::collections::HashMap;
+
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{
+    DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
+    Int64Type, Time64MicrosecondType, TimeUnit, TimestampMicrosecondType, UInt32Type, UInt64Type,
+};
+use sha2::{Digest, Sha256};
+
+use super::merkle::{Hash, leaf_hash};
+use crate::lsn::{ChangeKey, Lsn};
+use crate::relation::RelationVersion;
+use crate::segment::SegmentContent;
+
+pub const LEAF_DOMAIN: &[u8; 16] = b"pgtrail/leaf/v1\n";
+const BODY_DOMAIN: &[u8; 16] = b"pgtrail/body/v1\n";
+const PART_DOMAIN: &[u8; 16] = b"pgtrail/part/v1\n";
+const SALT_DOMAIN: &[u8; 16] = b"pgtrail/salt/v1\n";
+const SCHEMA_DOMAIN: &[u8; 18] = b"pgtrail/schema/v1\n";
+
+pub const KIND_CHANGE: u8 = 1;
+pub const KIND_MESSAGE: u8 = 2;
+
+/// A cell of a row image: how its value is encoded.
+const CELL_NULL: u8 = 0;
+const CELL_UNKNOWN: u8 = 1;
+const CELL_TYPED: u8 = 2;
+const CELL_TEXT: u8 = 3;
+
+/// A seed: the secret from which an epoch's salts are derived.
+pub type Seed = [u8; 32];
+
+/// One archived change's place in the tree and its leaf hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Leaf {
+    pub key: ChangeKey,
+    pub hash: Hash,
+}
+
+/// Why a row has no well-defined leaf: its columns contradict each other, so the file does not
+/// say one thing (a value both typed and marked unknown, a text for a column the table lacks).
+#[derive(Debug, thiserror::Error)]
+#[error("change {key}: {reason}")]
+pub struct LeafError {
+    pub key: ChangeKey,
+    pub reason: String,
+}
+
+/// The epochs of an archive's tree: each seed applies from its first key up to the next's.
+/// Changes before the first epoch were compacted before the archive kept evidence.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Epochs {
+    starts: Vec<(ChangeKey, Seed)>,
+}
+
+impl Epochs {
+    /// Epochs from their first keys and seeds, in any order.
+    pub fn new(mut starts: Vec<(ChangeKey, Seed)>) -> Epochs {
+        starts.sort_by_key(|(k, _)| *k);
+        Epochs { starts }
+    }
+
+    pub fn starts(&self) -> &[(ChangeKey, Seed)] {
+        &self.starts
+    }
+
+    /// The first key the tree covers, if any epoch began.
+    pub fn first_key(&self) -> Option<ChangeKey> {
+        self.starts.first().map(|(k, _)| *k)
+    }
+
+    /// The seed of the epoch `key` belongs to (None before the first epoch).
+    pub fn seed_for(&self, key: ChangeKey) -> Option<&Seed> {
+        let i = self.starts.partition_point(|(k, _)| *k <= key);
+        i.checked_sub(1).map(|i| &self.starts[i].1)
+    }
+}
+
+/// `SHA-256("pgtrail/schema/v1\n" ‖ u32 relation_id ‖ str schema ‖ str name ‖
+/// u8 replica_identity ‖ u32 ncols ‖ (str name ‖ u32 type_oid ‖ i32 typmod ‖ u8 is_key)… ‖
+/// u32 nkey ‖ str key_column…)`: the relation version a change was decoded with, as the
+/// segment's description states it (a type changed in the description would change how every
+/// value of the column reads).
+pub fn schema_digest(rel: &RelationVersion) -> Hash {
+    let mut b = Vec::with_capacity(64 + rel.columns.len() * 24);
+    b.extend_from_slice(SCHEMA_DOMAIN);
+    b.extend_from_slice(&rel.relation_id.to_be_bytes());
+    put_str(&mut b, &rel.schema);
+    put_str(&mut b, &rel.name);
+    b.push(rel.replica_identity);
+    put_len(&mut b, rel.columns.len());
+    for c in &rel.columns {
+        put_str(&mut b, &c.name);
+        b.extend_from_slice(&c.type_oid.to_be_bytes());
+        b.extend_from_slice(&c.type_modifier.to_be_bytes());
+        b.push(u8::from(c.is_key));
+    }
+    put_len(&mut b, rel.primary_key.len());
+    for k in &rel.primary_key {
+        put_str(&mut b, k);
+    }
+    Sha256::digest(&b).into()
+}
+
+/// The four salts of the change at `key` in the epoch of `seed` (a message uses the first).
+pub fn salts(seed: &Seed, key: ChangeKey) -> [[u8; 16]; 4] {
+    let half = |j: u8| -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(SALT_DOMAIN);
+        h.update(seed);
+        h.update(key.commit_lsn.0.to_be_bytes());
+        h.update(key.seq.to_be_bytes());
+        h.update([j]);
+        h.finalize().into()
+    };
+    let (a, b) = (half(0), half(1));
+    let mut out = [[0u8; 16]; 4];
+    out[0].copy_from_slice(&a[..16]);
+    out[1].copy_from_slice(&a[16..]);
+    out[2].copy_from_slice(&b[..16]);
+    out[3].copy_from_slice(&b[16..]);
+    out
+}
+
+fn part_digest(k: u8, salt: &[u8; 16], bytes: &[u8]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(PART_DOMAIN);
+    h.update([k]);
+    h.update(salt);
+    h.update(bytes);
+    h.finalize().into()
+}
+
+fn body_digest(parts: &[Hash]) -> Hash {
+    let mut h = Sha256::new();
+    h.update(BODY_DOMAIN);
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn put_len(b: &mut Vec<u8>, n: usize) {
+    // Lengths are u32: a value over 4 GiB cannot reach an archive (PostgreSQL caps a field at
+    // 1 GB), so saturating here never happens in practice and would still change the leaf.
+    b.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+fn put_str(b: &mut Vec<u8>, s: &str) {
+    put_bytes(b, s.as_bytes());
+}
+
+fn put_bytes(b: &mut Vec<u8>, s: &[u8]) {
+    put_len(b, s.len());
+    b.extend_from_slice(s);
+}
+
+/// The op's code in a leaf.
+pub fn op_code(op: &str) -> Option<u8> {
+    Some(match op {
+        "insert" => 1,
+        "update" => 2,
+        "delete" => 3,
+        "truncate" => 4,
+        "snapshot" => 5,
+        _ => return None,
+    })
+}
+
+/// A column with dictionary or view encoding read as its plain type, so that the encoding a
+/// writer or reader chose never changes a leaf.
+fn plain(array: &ArrayRef) -> Result<ArrayRef, String> {
+    let target = match array.data_type() {
+        DataType::Dictionary(_, value) => value.as_ref().clone(),
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        _ => return Ok(array.clone()),
+    };
+    cast(array, &target).map_err(|e| format!("cannot read a column as {target}: {e}"))
+}
+
+fn column<'a>(batch: &'a RecordBatch, name: &str) -> Result<&'a ArrayRef, String> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| format!("the segment has no `{name}` column"))
+}
+
+/// The typed bytes of the value at `row` of `array` (not null).
+fn put_value(b: &mut Vec<u8>, array: &dyn Array, row: usize) -> Result<(), String> {
+    match array.data_type() {
+        DataType::Boolean => b.push(u8::from(array.as_boolean().value(row))),
+        DataType::Int16 => {
+            b.extend_from_slice(&array.as_primitive::<Int16Type>().value(row).to_be_bytes())
+        }
+        DataType::Int32 => {
+            b.extend_from_slice(&array.as_primitive::<Int32Type>().value(row).to_be_bytes())
+        }
+        DataType::Int64 => {
+            b.extend_from_slice(&array.as_primitive::<Int64Type>().value(row).to_be_bytes())
+        }
+        DataType::Float32 => {
+            let v = array.as_primitive::<Float32Type>().value(row);
+            let bits = if v.is_nan() { 0x7fc0_0000 } else { v.to_bits() };
+            b.extend_from_slice(&bits.to_be_bytes());
+        }
+        DataType::Float64 => {
+            let v = array.as_primitive::<Float64Type>().value(row);
+            let bits = if v.is_nan() {
+                0x7ff8_0000_0000_0000
+            } else {
+                v.to_bits()
+            };
+            b.extend_from_slice(&bits.to_be_bytes());
+        }
+        DataType::Decimal128(_, _) => b.extend_from_slice(
+            &array
+                .as_primitive::<Decimal128Type>()
+                .value(row)
+                .to_be_bytes(),
+        ),
+        DataType::Utf8 => put_str(b, array.as_string::<i32>().value(row)),
+        DataType::Binary => put_bytes(b, array.as_binary::<i32>().value(row)),
+        DataType::FixedSizeBinary(_) => {
+            b.extend_from_slice(array.as_fixed_size_binary().value(row))
+        }
+        DataType::Date32 => {
+            b.extend_from_slice(&array.as_primitive::<Date32Type>().value(row).to_be_bytes())
+        }
+        DataType::Time64(TimeUnit::Microsecond) => b.extend_from_slice(
+            &array
+                .as_primitive::<Time64MicrosecondType>()
+                .value(row)
+                .to_be_bytes(),
+        ),
+        DataType::Timestamp(TimeUnit::Microsecond, _) => b.extend_from_slice(
+            &array
+                .as_primitive::<TimestampMicrosecondType>()
+                .value(row)
+                .to_be_bytes(),
+        ),
+        DataType::Struct(_) => {
+            // An interval: months, days, microseconds.
+            let s = array.as_struct();
+            if s.num_columns() != 3 {
+                return Err("an interval value does not have three fields".into());
+            }
+            for (i, f) in s.columns().iter().enumerate() {
+                if f.is_null(row) {
+                    return Err(format!("field {i} of an interval value is null"));
+                }
+                put_value(b, f.as_ref(), row)?;
+            }
+        }
+        DataType::List(_) => {
+            let list = array.as_list::<i32>();
+            let elements = plain(&list.value(row))?;
+            put_len(b, elements.len());
+            for i in 0..elements.len() {
+                if elements.is_null(i) {
+                    b.push(CELL_NULL);
+                } else {
+                    b.push(CELL_TYPED);
+                    put_value(b, elements.as_ref(), i)?;
+                }
+            }
+        }
+        DataType::Dictionary(_, _) | DataType::Utf8View | DataType::BinaryView => {
+            let one = plain(&array.slice(row, 1))?;
+            put_value(b, one.as_ref(), 0)?;
+        }
+        other => return Err(format!("no leaf encoding for a value of type {other}")),
+    }
+    Ok(())
+}
+
+/// The names in a `List(Utf8)` cell (None when the cell is null).
+fn names(list: Option<&ArrayRef>, row: usize) -> Result<Option<Vec<String>>, String> {
+    let Some(list) = list else { return Ok(None) };
+    if list.is_null(row) {
+        return Ok(None);
+    }
+    let values = plain(&list.as_list::<i32>().value(row))?;
+    let values = values.as_string::<i32>();
+    (0..values.len())
+        .map(|i| {
+            if values.is_null(i) {
+                Err("a list of column names holds a null".to_string())
+            } else {
+                Ok(values.value(i).to_string())
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// The `name → text` entries of a `Map(Utf8 → Utf8)` cell.
+fn texts(map: Option<&ArrayRef>, row: usize) -> Result<HashMap<String, Option<String>>, String> {
+    let mut out = HashMap::new();
+    let Some(map) = map else { return Ok(out) };
+    if map.is_null(row) {
+        return Ok(out);
+    }
+    let entries = map.as_map().value(row);
+    let keys = plain(entries.column(0))?;
+    let values = plain(entries.column(1))?;
+    let (keys, values) = (keys.as_string::<i32>(), values.as_string::<i32>());
+    for i in 0..keys.len() {
+        let value = (!values.is_null(i)).then(|| values.value(i).to_string());
+        if out.insert(keys.value(i).to_string(), value).is_some() {
+            return Err(format!(
+                "the exact texts name column {} twice",
+                keys.value(i)
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The canonical bytes of a row image: `u8 present`, then per column (in the table's order)
+/// `0x00` null, `0x01` unknown, `0x02` typed value, `0x03` exact text (`opt str`).
+fn put_image(
+    b: &mut Vec<u8>,
+    rel: &RelationVersion,
+    image: Option<&ArrayRef>,
+    unknown: Option<&ArrayRef>,
+    text: Option<&ArrayRef>,
+    row: usize,
+) -> Result<(), String> {
+    let unknown = names(unknown, row)?.unwrap_or_default();
+    let text = texts(text, row)?;
+    let present = image.is_some_and(|i| i.is_valid(row));
+    b.push(u8::from(present));
+    if !present {
+        if !unknown.is_empty() || !text.is_empty() {
+            return Err("an absent row image has unknown columns or exact texts".into());
+        }
+        return Ok(());
+    }
+    let image = image.expect("present").as_struct();
+    for name in unknown.iter().chain(text.keys()) {
+        if !rel.columns.iter().any(|c| &c.name == name) {
+            return Err(format!(
+                "column {name} is named in a row image but the table has no such column"
+            ));
+        }
+    }
+    if image.num_columns() != rel.columns.len() {
+        return Err("the row image's columns differ from the table's".into());
+    }
+    for (c, values) in rel.columns.iter().zip(image.columns()) {
+        let is_unknown = unknown.contains(&c.name);
+        let exact = text.get(&c.name);
+        if (is_unknown || exact.is_some()) && values.is_valid(row) {
+            return Err(format!(
+                "column {} has a typed value and is also unknown or exact text",
+                c.name
+            ));
+        }
+        match (is_unknown, exact) {
+            (true, Some(_)) => {
+                return Err(format!("column {} is both unknown and exact text", c.name));
+            }
+            (true, None) => b.push(CELL_UNKNOWN),
+            (false, Some(t)) => {
+                b.push(CELL_TEXT);
+                match t {
+                    Some(t) => {
+                        b.push(1);
+                        put_str(b, t);
+                    }
+                    None => b.push(0),
+                }
+            }
+            (false, None) if values.is_null(row) => b.push(CELL_NULL),
+            (false, None) => {
+                b.push(CELL_TYPED);
+                put_value(b, values.as_ref(), row)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The leaves of the rows of `batch`, a batch of a segment holding `content`, that the tree
+/// covers (rows before the first epoch have none).
+pub fn batch_leaves(
+    content: &SegmentContent,
+    batch: &RecordBatch,
+    epochs: &Epochs,
+) -> Result<Vec<Leaf>, LeafError> {
+    let at_start = |reason: String| LeafError {
+        key: ChangeKey::new(Lsn::ZERO, 0),
+        reason,
+    };
+    let lsn = column(batch, "lsn")
+        .map_err(at_start)?
+        .as_primitive::<UInt64Type>();
+    let seq = column(batch, "seq")
+        .map_err(at_start)?
+        .as_primitive::<UInt32Type>();
+    let xid = column(batch, "xid")
+        .map_err(at_start)?
+        .as_primitive::<UInt32Type>();
+    let at = column(batch, "committed_at")
+        .map_err(at_start)?
+        .as_primitive::<TimestampMicrosecondType>();
+    let mut leaves = Vec::with_capacity(batch.num_rows());
+    let mut data = Vec::with_capacity(256);
+    let mut part = Vec::with_capacity(256);
+    match content {
+        SegmentContent::Table(rel) => {
+            let schema_digest = schema_digest(rel);
+            let op = plain(column(batch, "op").map_err(at_start)?).map_err(at_start)?;
+            let op = op.as_string::<i32>();
+            let context = plain(column(batch, "context").map_err(at_start)?).map_err(at_start)?;
+            let context = context.as_string::<i32>();
+            let changed = column(batch, "changed").map_err(at_start)?;
+            let get = |name: &str| batch.column_by_name(name);
+            for row in 0..batch.num_rows() {
+                let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
+                let Some(seed) = epochs.seed_for(key) else {
+                    continue;
+                };
+                let fail = |reason: String| LeafError { key, reason };
+                let salts = salts(seed, key);
+                let mut parts = [[0u8; 32]; 4];
+                part.clear();
+                if context.is_null(row) {
+                    part.push(0);
+                } else {
+                    part.push(1);
+                    put_str(&mut part, context.value(row));
+                }
+                parts[0] = part_digest(0, &salts[0], &part);
+                for (k, image) in [(1u8, "before"), (2, "after")] {
+                    part.clear();
+                    put_image(
+                        &mut part,
+                        rel,
+                        get(image),
+                        get(&format!("{image}_unknown")),
+                        get(&format!("{image}_text")),
+                        row,
+                    )
+                    .map_err(fail)?;
+                    parts[k as usize] = part_digest(k, &salts[k as usize], &part);
+                }
+                part.clear();
+                match names(Some(changed), row).map_err(fail)? {
+                    None => part.push(0),
+                    Some(list) => {
+                        part.push(1);
+                        put_len(&mut part, list.len());
+                        for name in &list {
+                            put_str(&mut part, name);
+                        }
+                    }
+                }
+                parts[3] = part_digest(3, &salts[3], &part);
+                let op_name = if op.is_null(row) { "" } else { op.value(row) };
+                let op = op_code(op_name).ok_or_else(|| fail(format!("unknown op `{op_name}`")))?;
+                data.clear();
+                put_header(&mut data, KIND_CHANGE, key, xid.value(row), at.value(row));
+                put_str(&mut data, &rel.schema);
+                put_str(&mut data, &rel.name);
+                data.extend_from_slice(&schema_digest);
+                data.push(op);
+                data.extend_from_slice(&body_digest(&parts));
+                leaves.push(Leaf {
+                    key,
+                    hash: leaf_hash(&data),
+                });
+            }
+        }
+        SegmentContent::Messages => {
+            let transactional = column(batch, "transactional")
+                .map_err(at_start)?
+                .as_boolean();
+            let prefix = plain(column(batch, "prefix").map_err(at_start)?).map_err(at_start)?;
+            let prefix = prefix.as_string::<i32>();
+            let body = plain(column(batch, "content").map_err(at_start)?).map_err(at_start)?;
+            let body = body.as_binary::<i32>();
+            let text = plain(column(batch, "content_text").map_err(at_start)?).map_err(at_start)?;
+            let text = text.as_string::<i32>();
+            for row in 0..batch.num_rows() {
+                let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
+                let Some(seed) = epochs.seed_for(key) else {
+                    continue;
+                };
+                let fail = |reason: &str| LeafError {
+                    key,
+                    reason: reason.to_string(),
+                };
+                let content = body.value(row);
+                // content_text is derived from content; it is checked, not committed.
+                let derived = std::str::from_utf8(content).ok();
+                let stored = (!text.is_null(row)).then(|| text.value(row));
+                if derived != stored {
+                    return Err(fail("content_text differs from the content's UTF-8 text"));
+                }
+                let salts = salts(seed, key);
+                part.clear();
+                put_bytes(&mut part, content);
+                let body = body_digest(&[part_digest(0, &salts[0], &part)]);
+                data.clear();
+                put_header(&mut data, KIND_MESSAGE, key, xid.value(row), at.value(row));
+                data.push(u8::from(transactional.value(row)));
+                put_str(&mut data, prefix.value(row));
+                data.extend_from_slice(&body);
+                leaves.push(Leaf {
+                    key,
+                    hash: leaf_hash(&data),
+                });
+            }
+        }
+    }
+    Ok(leaves)
+}
+
+fn put_header(b: &mut Vec<u8>, kind: u8, key: ChangeKey, xid: u32, committed_at_us: i64) {
+    b.extend_from_slice(LEAF_DOMAIN);
+    b.push(kind);
+    b.extend_from_slice(&key.commit_lsn.0.to_be_bytes());
+    b.extend_from_slice(&key.seq.to_be_bytes());
+    b.extend_from_slice(&xid.to_be_bytes());
+    b.extend_from_slice(&committed_at_us.to_be_bytes());
+}

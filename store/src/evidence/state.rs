@@ -1,0 +1,272 @@
+//! Where the tree lives: its frontier and the epochs' seeds in the log's redb database,
+//! updated in the compaction commit that lists the segments holding the leaves (a crash keeps
+//! both or neither), and a copy for offline verifiers under `<archive>/evidence/`.
+//!
+//! | redb               | key            | value |
+//! |--------------------|----------------|-------|
+//! | `evidence_epochs`  | `(lsn, seq)` of the epoch's first change | its 32-byte seed |
+//! | `meta`             | `evidence_frontier` | [`Frontier::to_bytes`] |
+//!
+//! Files (derived; a verifier trusts none of them, only signatures and recomputation):
+//! `evidence/tree.json` (size, root, epochs and seeds), `evidence/manifest.json` (the listed
+//! segments and their SHA-256), `evidence/checkpoints/<size>` (every signed checkpoint) and
+//! `evidence/checkpoint` (the latest).
+
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::leaf::{Epochs, Leaf, Seed};
+use super::merkle::{Frontier, Hash};
+use super::note::{Checkpoint, SigningKey};
+use crate::error::{LogError, SegmentError};
+use crate::log::{LogReader, META};
+use crate::lsn::{ChangeKey, Lsn};
+
+pub(crate) const EPOCHS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("evidence_epochs");
+pub(crate) const META_FRONTIER: &str = "evidence_frontier";
+
+/// The directory of evidence files inside the archive.
+pub const EVIDENCE_DIR: &str = "evidence";
+/// The format of `evidence/tree.json` and `evidence/manifest.json`.
+pub const EVIDENCE_FILES_FORMAT: &str = "pgtrail/evidence/v1";
+
+/// The tree as the log records it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EvidenceState {
+    pub epochs: Epochs,
+    pub frontier: Frontier,
+}
+
+fn corrupt(what: &str, why: &str) -> LogError {
+    LogError::Corrupt {
+        what: what.into(),
+        source: why.to_string().into(),
+    }
+}
+
+/// The tree's state in the read transaction `rtx`.
+pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogError> {
+    let mut starts = Vec::new();
+    match rtx.open_table(EPOCHS) {
+        Ok(t) => {
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let (lsn, seq) = k.value();
+                let seed: Seed = v
+                    .value()
+                    .try_into()
+                    .map_err(|_| corrupt("evidence epoch", "its seed is not 32 bytes"))?;
+                starts.push((ChangeKey::new(Lsn(lsn), seq), seed));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let meta = rtx.open_table(META)?;
+    let frontier = match meta.get(META_FRONTIER)? {
+        None => Frontier::new(),
+        Some(v) => Frontier::from_bytes(v.value())
+            .ok_or_else(|| corrupt("evidence frontier", "not a frontier"))?,
+    };
+    Ok(EvidenceState {
+        epochs: Epochs::new(starts),
+        frontier,
+    })
+}
+
+/// A fresh epoch seed.
+pub(crate) fn new_seed() -> Result<Seed, LogError> {
+    let mut seed = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut seed)
+        .map_err(|_| corrupt("evidence seed", "the system's random source failed"))?;
+    Ok(seed)
+}
+
+/// Append a compaction run's leaves (any order) to the tree, in the write transaction that
+/// lists their segments: the epoch that begins at the run's first key, then the leaves in
+/// `(lsn, seq)` order. Refuses leaves at or before the tree's last (they would not be appended
+/// but inserted, and every proof given so far would break).
+pub(crate) fn append(
+    wtx: &redb::WriteTransaction,
+    seed: &Seed,
+    mut leaves: Vec<Leaf>,
+) -> Result<Frontier, LogError> {
+    leaves.sort_unstable_by_key(|l| l.key);
+    let Some(first) = leaves.first().map(|l| l.key) else {
+        return Err(corrupt("evidence", "a compaction run with no leaves"));
+    };
+    let mut epochs = wtx.open_table(EPOCHS)?;
+    if let Some(last) = epochs.last()? {
+        let (lsn, seq) = last.0.value();
+        if ChangeKey::new(Lsn(lsn), seq) >= first {
+            return Err(corrupt(
+                "evidence",
+                "a compaction run's changes do not follow the tree's last epoch",
+            ));
+        }
+    }
+    epochs.insert((first.commit_lsn.0, first.seq), seed.as_slice())?;
+    let mut meta = wtx.open_table(META)?;
+    let mut frontier = match meta.get(META_FRONTIER)? {
+        None => Frontier::new(),
+        Some(v) => Frontier::from_bytes(v.value())
+            .ok_or_else(|| corrupt("evidence frontier", "not a frontier"))?,
+    };
+    for pair in leaves.windows(2) {
+        if pair[0].key == pair[1].key {
+            return Err(corrupt("evidence", "two leaves for one change"));
+        }
+    }
+    for leaf in &leaves {
+        frontier.push(leaf.hash);
+    }
+    meta.insert(META_FRONTIER, frontier.to_bytes().as_slice())?;
+    Ok(frontier)
+}
+
+/// Write `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SegmentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SegmentError::Io { path, source }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    crate::atomic_file::fsync_dir(dir)
+}
+
+fn create_dir(dir: &Path) -> Result<(), SegmentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| SegmentError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })
+}
+
+/// What [`publish`] did.
+#[derive(Clone, Debug, Default)]
+pub struct Published {
+    pub size: u64,
+    pub root: Hash,
+    /// The checkpoint signed now, if a key was given and the tree grew since the last one.
+    pub signed: Option<PathBuf>,
+}
+
+/// Why the evidence files could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    File(#[from] SegmentError),
+    #[error(transparent)]
+    Note(#[from] super::note::NoteError),
+    #[error(
+        "refusing to sign tree size {size}: {path} already holds a checkpoint of that size with another root (the archive's history was rewritten, or it was restored from another copy); keep both and run `pgtrail verify`"
+    )]
+    Fork { size: u64, path: PathBuf },
+}
+
+/// Write the evidence files of the archive in `archive_dir` from the log's latest commit, and
+/// with `key`, sign a checkpoint of the tree if it grew since the last one.
+///
+/// Safe after a crash at any line: the files are derived from the committed log and rewritten
+/// whole (atomically) by the next call; a checkpoint is a deterministic signature (Ed25519) of
+/// a deterministic root, so signing the same size again writes the same note.
+pub fn publish(
+    db: &impl ReadableDatabase,
+    archive_dir: &Path,
+    key: Option<&SigningKey>,
+) -> Result<Published, PublishError> {
+    let reader = LogReader::from_db(db)?;
+    let state = read(reader.read_transaction())?;
+    let manifest = reader.manifest()?;
+    drop(reader);
+    let dir = archive_dir.join(EVIDENCE_DIR);
+    create_dir(&dir)?;
+    let root = state.frontier.root();
+    let tree = serde_json::json!({
+        "format": EVIDENCE_FILES_FORMAT,
+        "size": state.frontier.size(),
+        "root": BASE64.encode(root),
+        "epochs": state.epochs.starts().iter().map(|(k, seed)| serde_json::json!({
+            "lsn": k.commit_lsn.0,
+            "seq": k.seq,
+            "seed": hex(seed),
+        })).collect::<Vec<_>>(),
+    });
+    write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;
+    let segments = serde_json::json!({
+        "format": EVIDENCE_FILES_FORMAT,
+        "segments": manifest.segments.iter().map(|s| serde_json::json!({
+            "file": s.file_name,
+            "sha256": s.sha256,
+            "rows": s.rows,
+            "min": [s.min_key.commit_lsn.0, s.min_key.seq],
+            "max": [s.max_key.commit_lsn.0, s.max_key.seq],
+        })).collect::<Vec<_>>(),
+    });
+    write_atomically(
+        &dir.join("manifest.json"),
+        format!("{segments:#}\n").as_bytes(),
+    )?;
+    let mut published = Published {
+        size: state.frontier.size(),
+        root,
+        signed: None,
+    };
+    if let Some(key) = key
+        && state.frontier.size() > 0
+    {
+        let checkpoints = dir.join("checkpoints");
+        create_dir(&checkpoints)?;
+        let path = checkpoints.join(state.frontier.size().to_string());
+        let checkpoint = Checkpoint {
+            origin: key.name().to_string(),
+            size: state.frontier.size(),
+            root,
+        };
+        if let Ok(existing) = std::fs::read_to_string(&path) {
+            let same = existing
+                .split_once("\n\n")
+                .is_some_and(|(text, _)| format!("{text}\n") == checkpoint.text());
+            if !same {
+                return Err(PublishError::Fork {
+                    size: checkpoint.size,
+                    path,
+                });
+            }
+        }
+        let note = key.sign(&checkpoint.text())?;
+        write_atomically(&path, note.as_bytes())?;
+        write_atomically(&dir.join("checkpoint"), note.as_bytes())?;
+        published.signed = Some(path);
+    }
+    Ok(published)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,425 @@
+//! `pgtrail verify`: recompute every leaf from the segments, the tree and its root, and check
+//! them against what the log records and what signed checkpoints say, trusting no file of the
+//! archive (only recomputation and signatures by keys the caller gives).
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::leaf::{Leaf, batch_leaves};
+use super::merkle::{Frontier, Hash};
+use super::note::{Checkpoint, VerifierKey};
+use super::state::EVIDENCE_DIR;
+use crate::error::{LogError, SegmentError};
+use crate::log::LogReader;
+use crate::lsn::ChangeKey;
+use crate::manifest::SEGMENTS_DIR;
+use crate::segment::SegmentReader;
+
+/// What to check the archive against.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyOptions {
+    /// Keys whose signatures count (pinned by the auditor, never read from the archive).
+    pub keys: Vec<VerifierKey>,
+    /// Checkpoints kept outside the archive (path, signed note): the archive must extend
+    /// each of them.
+    pub trusted: Vec<(PathBuf, String)>,
+}
+
+/// One thing found wrong, naming where.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Problem {
+    /// The file, change or checkpoint it is about.
+    pub place: String,
+    pub what: String,
+}
+
+/// A checkpoint checked against the recomputed tree.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CheckedCheckpoint {
+    pub file: String,
+    pub origin: String,
+    pub size: u64,
+    /// Signed by one of the given keys (false when no key was given).
+    pub signature_verified: bool,
+    /// Kept outside the archive (`--trusted-checkpoint`).
+    pub trusted: bool,
+    pub matches_tree: bool,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VerifyReport {
+    /// True when nothing is wrong.
+    pub ok: bool,
+    pub problems: Vec<Problem>,
+    pub warnings: Vec<String>,
+    pub segments: u64,
+    pub rows: u64,
+    /// Rows compacted before the archive kept evidence (no leaf covers them).
+    pub rows_before_evidence: u64,
+    /// Leaves recomputed from the segments, and their tree's root (base64).
+    pub tree_size: u64,
+    pub root: String,
+    /// What the log records of the tree (a mismatch is a problem).
+    pub recorded_size: u64,
+    pub recorded_root: String,
+    /// Changes in the log not compacted yet: not in the tree, so not attested by any
+    /// checkpoint until the next compaction.
+    pub log_tail_changes: u64,
+    pub checkpoints: Vec<CheckedCheckpoint>,
+    /// The largest tree size a verified signature attests (0 when none).
+    pub attested_size: u64,
+    /// Gaps the capture recorded (changes the archive knows it does not hold).
+    pub gaps: Vec<String>,
+}
+
+impl VerifyReport {
+    fn problem(&mut self, place: impl Into<String>, what: impl Into<String>) {
+        self.problems.push(Problem {
+            place: place.into(),
+            what: what.into(),
+        });
+    }
+}
+
+/// Verify the archive in `dir`. `progress` is told `(segments done, segments)`.
+///
+/// Errors are only for an archive that cannot be read at all (no log); everything wrong inside
+/// an archive is a [`Problem`] in the report.
+pub fn verify_archive(
+    dir: &Path,
+    options: &VerifyOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<VerifyReport, LogError> {
+    let reader = LogReader::open(dir)?;
+    let manifest = reader.manifest()?;
+    let state = super::state::read(reader.read_transaction())?;
+    let (log_tail, _) = reader.log_backlog()?;
+    let gaps = reader.gaps()?;
+    drop(reader);
+    let mut report = VerifyReport {
+        recorded_size: state.frontier.size(),
+        recorded_root: BASE64.encode(state.frontier.root()),
+        log_tail_changes: log_tail,
+        gaps: gaps
+            .iter()
+            .map(|g| serde_json::to_string(g).unwrap_or_default())
+            .collect(),
+        ..VerifyReport::default()
+    };
+    let segments_dir = dir.join(SEGMENTS_DIR);
+    let mut segments = manifest.segments.clone();
+    segments.sort_by_key(|s| (s.min_key, s.id));
+    let total = segments.len() as u64;
+    // (key, leaf hash, index of the segment holding it)
+    let mut leaves: Vec<(Leaf, u32)> = Vec::new();
+    for (i, entry) in segments.iter().enumerate() {
+        progress(i as u64, total);
+        report.segments += 1;
+        let path = segments_dir.join(&entry.file_name);
+        let place = format!("segment {}", entry.file_name);
+        if !path.exists() {
+            report.problem(place, "listed in the manifest but missing");
+            continue;
+        }
+        let reader = match SegmentReader::open(&path, Some(&entry.sha256), 8192) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problem(place, segment_problem(&e));
+                continue;
+            }
+        };
+        if reader.content() != &entry.content {
+            report.problem(&place, "its description differs from the manifest's");
+            continue;
+        }
+        let content = reader.content().clone();
+        let mut rows = 0u64;
+        let mut last: Option<ChangeKey> = None;
+        let mut bad = false;
+        for batch in reader {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    report.problem(&place, segment_problem(&e));
+                    bad = true;
+                    break;
+                }
+            };
+            rows += batch.num_rows() as u64;
+            let computed = match batch_leaves(&content, &batch, &state.epochs) {
+                Ok(l) => l,
+                Err(e) => {
+                    report.problem(format!("{place}, change {}", e.key), e.reason);
+                    bad = true;
+                    break;
+                }
+            };
+            // Row keys, in file order: sorted, inside the manifest's range.
+            let lsn = batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::UInt64Array>();
+            let seq = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::UInt32Array>();
+            let (Some(lsn), Some(seq)) = (lsn, seq) else {
+                report.problem(&place, "its lsn and seq columns are not u64 and u32");
+                bad = true;
+                break;
+            };
+            for row in 0..batch.num_rows() {
+                let key = ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row));
+                if last.is_some_and(|l| l >= key) {
+                    report.problem(
+                        format!("{place}, change {key}"),
+                        "rows out of (lsn, seq) order or repeated",
+                    );
+                    bad = true;
+                    break;
+                }
+                if key < entry.min_key || key > entry.max_key {
+                    report.problem(
+                        format!("{place}, change {key}"),
+                        format!(
+                            "outside the key range the manifest lists ({} to {})",
+                            entry.min_key, entry.max_key
+                        ),
+                    );
+                    bad = true;
+                    break;
+                }
+                last = Some(key);
+            }
+            if bad {
+                break;
+            }
+            report.rows_before_evidence += batch.num_rows() as u64 - computed.len() as u64;
+            leaves.extend(computed.into_iter().map(|l| (l, i as u32)));
+        }
+        report.rows += rows;
+        if !bad && rows != entry.rows {
+            report.problem(
+                &place,
+                format!("holds {rows} rows, the manifest lists {}", entry.rows),
+            );
+        }
+    }
+    progress(total, total);
+    unlisted_files(&segments_dir, &segments, &mut report);
+
+    leaves.sort_unstable_by_key(|(l, _)| l.key);
+    for pair in leaves.windows(2) {
+        if pair[0].0.key == pair[1].0.key {
+            let (a, b) = (pair[0].1 as usize, pair[1].1 as usize);
+            report.problem(
+                format!("change {}", pair[0].0.key),
+                format!(
+                    "held twice, by segments {} and {}",
+                    segments[a].file_name, segments[b].file_name
+                ),
+            );
+        }
+    }
+
+    // Checkpoints: in the archive (every one signed so far) and those the caller trusts.
+    let mut notes: Vec<(String, String, bool)> = Vec::new();
+    let checkpoints_dir = dir.join(EVIDENCE_DIR).join("checkpoints");
+    if let Ok(entries) = std::fs::read_dir(&checkpoints_dir) {
+        let mut files: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        files.sort();
+        for path in files {
+            if path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with('.'))
+            {
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(text) => notes.push((path.display().to_string(), text, false)),
+                Err(e) => report.problem(path.display().to_string(), format!("unreadable: {e}")),
+            }
+        }
+    }
+    for (path, text) in &options.trusted {
+        notes.push((path.display().to_string(), text.clone(), true));
+    }
+    let mut wanted: Vec<(usize, Checkpoint)> = Vec::new();
+    for (i, (file, text, trusted)) in notes.iter().enumerate() {
+        let (checkpoint, verified) = match open_checkpoint(text, &options.keys) {
+            Ok(c) => c,
+            Err(why) => {
+                report.problem(file, why);
+                continue;
+            }
+        };
+        if *trusted && !verified {
+            report.problem(
+                file,
+                "a trusted checkpoint must be signed by a key given with --key (none verifies it)",
+            );
+            continue;
+        }
+        if checkpoint.size > leaves.len() as u64 {
+            report.problem(
+                file,
+                format!(
+                    "attests {} changes but the archive's tree holds {}: the archive was rolled back, truncated or restored from an older copy",
+                    checkpoint.size,
+                    leaves.len()
+                ),
+            );
+        }
+        report.checkpoints.push(CheckedCheckpoint {
+            file: file.clone(),
+            origin: checkpoint.origin.clone(),
+            size: checkpoint.size,
+            signature_verified: verified,
+            trusted: *trusted,
+            matches_tree: false,
+        });
+        wanted.push((i, checkpoint));
+    }
+
+    // Fold the tree once, taking the root at every size a checkpoint names.
+    let mut roots_at: Vec<(u64, Hash)> = Vec::new();
+    let mut sizes: Vec<u64> = wanted.iter().map(|(_, c)| c.size).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut next = sizes.iter().peekable();
+    let mut frontier = Frontier::new();
+    while next.peek().is_some_and(|&&s| s == 0) {
+        roots_at.push((0, frontier.root()));
+        next.next();
+    }
+    for (leaf, _) in &leaves {
+        frontier.push(leaf.hash);
+        while next.peek().is_some_and(|&&s| s == frontier.size()) {
+            roots_at.push((frontier.size(), frontier.root()));
+            next.next();
+        }
+    }
+    report.tree_size = frontier.size();
+    report.root = BASE64.encode(frontier.root());
+    for ((_, checkpoint), checked) in wanted.iter().zip(report.checkpoints.iter_mut()) {
+        checked.matches_tree = roots_at
+            .iter()
+            .any(|(size, root)| *size == checkpoint.size && *root == checkpoint.root);
+    }
+    let mismatched: Vec<(String, u64)> = report
+        .checkpoints
+        .iter()
+        .filter(|c| !c.matches_tree && c.size <= report.tree_size)
+        .map(|c| (c.file.clone(), c.size))
+        .collect();
+    for (file, size) in mismatched {
+        report.problem(
+            file,
+            format!(
+                "its root differs from the root of the archive's first {size} changes: history it attests was altered, removed, reordered or added to"
+            ),
+        );
+    }
+    report.attested_size = report
+        .checkpoints
+        .iter()
+        .filter(|c| c.signature_verified && c.matches_tree)
+        .map(|c| c.size)
+        .max()
+        .unwrap_or(0);
+    if (report.tree_size, report.root.as_str())
+        != (report.recorded_size, report.recorded_root.as_str())
+    {
+        report.problem(
+            "the log's record of the tree",
+            format!(
+                "the segments give {} leaves with root {}, the log records {} with root {}",
+                report.tree_size, report.root, report.recorded_size, report.recorded_root
+            ),
+        );
+    }
+    if options.keys.is_empty() {
+        report.warnings.push(
+            "no --key given: signatures were not checked, so nothing proves who made this archive"
+                .into(),
+        );
+    } else if report.attested_size < report.tree_size {
+        report.warnings.push(format!(
+            "changes {}..{} of the tree are not covered by a verified checkpoint yet",
+            report.attested_size, report.tree_size
+        ));
+    }
+    if report.log_tail_changes > 0 {
+        report.warnings.push(format!(
+            "{} changes in the log are not compacted yet: no leaf or checkpoint covers them (run `pgtrail checkpoint`)",
+            report.log_tail_changes
+        ));
+    }
+    if report.rows_before_evidence > 0 {
+        report.warnings.push(format!(
+            "{} changes were compacted before this archive kept evidence: no leaf covers them",
+            report.rows_before_evidence
+        ));
+    }
+    report.ok = report.problems.is_empty();
+    Ok(report)
+}
+
+/// A checkpoint note's checkpoint and whether one of `keys` signed it.
+fn open_checkpoint(text: &str, keys: &[VerifierKey]) -> Result<(Checkpoint, bool), String> {
+    for key in keys {
+        if let Ok(body) = key.open(text) {
+            let checkpoint = Checkpoint::parse(body).map_err(|e| e.to_string())?;
+            if checkpoint.origin != key.name() {
+                return Err(format!(
+                    "its origin {:?} is not the name of the key that signed it ({:?})",
+                    checkpoint.origin,
+                    key.name()
+                ));
+            }
+            return Ok((checkpoint, true));
+        }
+    }
+    if !keys.is_empty() {
+        return Err(
+            "no given --key verifies its signature (edited, or signed by another key)".into(),
+        );
+    }
+    let body = text
+        .split_once("\n\n")
+        .map(|(t, _)| format!("{t}\n"))
+        .ok_or_else(|| "not a signed note".to_string())?;
+    let checkpoint = Checkpoint::parse(&body).map_err(|e| e.to_string())?;
+    Ok((checkpoint, false))
+}
+
+fn segment_problem(e: &SegmentError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn unlisted_files(dir: &Path, listed: &[crate::SegmentEntry], report: &mut VerifyReport) {
+    let listed: HashSet<&str> = listed.iter().map(|s| s.file_name.as_str()).collect();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".parquet") && !listed.contains(name.as_str()) {
+            report.warnings.push(format!(
+                "segment file {name} is listed by no manifest (a merge's retired input, or a file put there): its rows were not read"
+            ));
+        }
+    }
+}

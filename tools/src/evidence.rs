@@ -1,0 +1,201 @@
+//! `pgtrail checkpoint` and `pgtrail verify` (issue 20): sign the archive's evidence tree, and
+//! prove the archive complete and unaltered against signed checkpoints.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use pgtrail_store::evidence::note::VerifierKey;
+use pgtrail_store::evidence::verify::{VerifyOptions, VerifyReport, verify_archive};
+use pgtrail_store::{ChangeLog, Compactor, LogError};
+
+#[derive(clap::Args)]
+pub struct CheckpointArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// How to compact, and `--signing-key` (required here): the key to sign with.
+    #[command(flatten)]
+    pub segments: crate::compact::SegmentArgs,
+}
+
+/// Compact first (so that the log tail is covered), then sign the tree.
+pub async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
+    if args.segments.signing_key.is_none() {
+        bail!(
+            "pgtrail checkpoint needs --signing-key FILE (or PGTRAIL_SIGNING_KEY): make one with `pgtrail keygen`"
+        );
+    }
+    let options = args.segments.options()?;
+    let archive = args.archive.clone();
+    let (report, signed) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        if !archive.join(pgtrail_store::LOG_FILE).exists() {
+            return Err(LogError::NotAnArchive {
+                path: archive.clone(),
+            }
+            .into());
+        }
+        let log = ChangeLog::open(&archive).map_err(|e| match e {
+            LogError::InUse => anyhow::anyhow!(
+                "the archive is held by a running `pgtrail capture`: give the capture \
+                 --signing-key and it signs a checkpoint at every compaction"
+            ),
+            e => anyhow::Error::new(e)
+                .context(format!("cannot open the archive {}", archive.display())),
+        })?;
+        let compactor = Compactor::for_log(&log, options);
+        let report = compactor.run().context(
+            "compaction failed; the log still holds every change not listed in a segment",
+        )?;
+        let signed = compactor
+            .publish_evidence()
+            .context("cannot sign a checkpoint")?;
+        Ok((report, signed))
+    })
+    .await??;
+    let Some(path) = signed else {
+        bail!(
+            "the archive's evidence tree is empty (nothing compacted since it keeps evidence): nothing to sign"
+        );
+    };
+    let note = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    eprintln!(
+        "checkpoint: compacted {} changes; signed {} (tree size {}); keep a copy outside the archive",
+        report.changes,
+        path.display(),
+        report.tree_size.max(tree_size(&note)),
+    );
+    std::io::stdout().write_all(note.as_bytes())?;
+    Ok(())
+}
+
+fn tree_size(note: &str) -> u64 {
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// A verifier key (as `pgtrail keygen` printed it, or a file holding it) whose signatures
+    /// count; repeat for several. Take it from the archive's owner, never from the archive.
+    #[arg(long = "key")]
+    pub keys: Vec<String>,
+    /// A checkpoint kept outside the archive (an earlier copy, a published one): the archive
+    /// must extend it. Repeat for several.
+    #[arg(long = "trusted-checkpoint")]
+    pub trusted: Vec<PathBuf>,
+    /// Print the report as JSON on stdout (for programs).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `verify` found something wrong (exit status 1; other errors exit 2).
+#[derive(Debug)]
+pub struct VerificationFailed(pub usize);
+
+impl std::fmt::Display for VerificationFailed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "verification FAILED: {} problem(s), listed above",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for VerificationFailed {}
+
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let mut options = VerifyOptions::default();
+    for key in &args.keys {
+        let text = match std::fs::read_to_string(key) {
+            Ok(text) => text,
+            Err(_) if key.contains('+') => key.clone(),
+            Err(e) => bail!("--key {key}: neither a verifier key nor a readable file: {e}"),
+        };
+        options
+            .keys
+            .push(VerifierKey::parse(text.trim()).with_context(|| {
+                format!("--key {key}: not a verifier key (pgtrail keygen prints one)")
+            })?);
+    }
+    for path in &args.trusted {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("--trusted-checkpoint {}: cannot read it", path.display()))?;
+        options.trusted.push((path.clone(), text));
+    }
+    let archive = args.archive.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut last_shown = std::time::Instant::now();
+        verify_archive(&archive, &options, |done, total| {
+            if total >= 20 && (last_shown.elapsed().as_secs() >= 2 || done == total) {
+                eprintln!("verify: {done}/{total} segments read");
+                last_shown = std::time::Instant::now();
+            }
+        })
+    })
+    .await?
+    .with_context(|| format!("cannot read the archive {}", args.archive.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    if !report.ok {
+        return Err(VerificationFailed(report.problems.len()).into());
+    }
+    Ok(())
+}
+
+fn print_report(r: &VerifyReport) {
+    let mut out = String::new();
+    let verdict = if r.ok { "OK" } else { "FAILED" };
+    out.push_str(&format!(
+        "verify: {verdict}: {} segments, {} changes; tree of {} leaves, root {}\n",
+        r.segments, r.rows, r.tree_size, r.root
+    ));
+    for c in &r.checkpoints {
+        out.push_str(&format!(
+            "  checkpoint {} (size {}, {}): signature {}, {}\n",
+            c.file,
+            c.size,
+            if c.trusted {
+                "trusted, kept outside"
+            } else {
+                "in the archive"
+            },
+            if c.signature_verified {
+                "verified"
+            } else {
+                "NOT checked"
+            },
+            if c.matches_tree {
+                "matches the tree"
+            } else {
+                "does NOT match the tree"
+            },
+        ));
+    }
+    if r.attested_size > 0 {
+        out.push_str(&format!(
+            "  attested by a verified signature: the first {} changes\n",
+            r.attested_size
+        ));
+    }
+    for gap in &r.gaps {
+        out.push_str(&format!("  gap recorded by the capture: {gap}\n"));
+    }
+    for w in &r.warnings {
+        out.push_str(&format!("  warning: {w}\n"));
+    }
+    for p in &r.problems {
+        out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
+    }
+    print!("{out}");
+}
