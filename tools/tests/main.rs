@@ -20,6 +20,7 @@ mod json;
 mod query;
 mod schema;
 mod tables;
+mod tampering;
 
 fn pgtrail() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgtrail"))

@@ -10,4 +10,6 @@ pub mod leaf;
 pub mod merkle;
 pub mod note;
 pub mod state;
+#[doc(hidden)]
+pub mod tampering;
 pub mod verify;

@@ -1,0 +1,82 @@
+//! What an attacker with write access to an archive (but not the signing key) can do to its
+//! log's records, for the tampering corpus of the tests: rewrite the manifest's entries and
+//! the tree the log records, with every checksum recomputed. Nothing in pgtrail calls it.
+
+use std::path::Path;
+
+use redb::ReadableTable;
+
+use super::merkle::Frontier;
+use crate::error::LogError;
+use crate::log::{META, decode, encode};
+use crate::manifest::{SEGMENTS, SegmentEntry};
+
+/// Rewrite the manifest: `edit` gets every entry and returns the entries to list instead.
+pub fn rewrite_manifest(
+    archive: &Path,
+    edit: impl FnOnce(Vec<SegmentEntry>) -> Vec<SegmentEntry>,
+) -> Result<(), LogError> {
+    let log = crate::ChangeLog::open(archive)?;
+    let db = log.shared().0;
+    let wtx = db.begin_write()?;
+    {
+        let mut table = wtx.open_table(SEGMENTS)?;
+        let mut entries = Vec::new();
+        for e in table.iter()? {
+            let (_, v) = e?;
+            entries.push(decode::<SegmentEntry>(v.value(), "segments")?);
+        }
+        table.retain(|_, _| false)?;
+        for entry in edit(entries) {
+            table.insert(entry.id, encode(&entry).as_slice())?;
+        }
+    }
+    wtx.commit()?;
+    republish(&db, archive)
+}
+
+/// Rewrite the evidence files from the log (unsigned), as the compactor would.
+fn republish(db: &redb::Database, archive: &Path) -> Result<(), LogError> {
+    super::state::publish(db, archive, None).map_err(|e| LogError::Corrupt {
+        what: "evidence files".into(),
+        source: e.to_string().into(),
+    })?;
+    Ok(())
+}
+
+/// Recompute every leaf from the segments the manifest lists and make the log and the
+/// evidence files record that tree: what an attacker who edited segments would do, lacking
+/// only the signing key.
+pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Error>> {
+    let reader = crate::LogReader::open(archive)?;
+    let manifest = reader.manifest()?;
+    let epochs = super::state::read(reader.read_transaction())?.epochs;
+    drop(reader);
+    let mut leaves = Vec::new();
+    for entry in &manifest.segments {
+        let path = archive.join(crate::SEGMENTS_DIR).join(&entry.file_name);
+        let segment = crate::segment::SegmentReader::open(&path, None, 8192)?;
+        let content = segment.content().clone();
+        for batch in segment {
+            leaves.extend(super::leaf::batch_leaves(&content, &batch?, &epochs)?);
+        }
+    }
+    leaves.sort_by_key(|l| l.key);
+    let mut frontier = Frontier::new();
+    for leaf in &leaves {
+        frontier.push(leaf.hash);
+    }
+    rewrite_frontier(archive, &frontier)?;
+    Ok(frontier)
+}
+
+/// Replace the tree the log records (as an attacker who recomputed it would).
+pub fn rewrite_frontier(archive: &Path, frontier: &Frontier) -> Result<(), LogError> {
+    let log = crate::ChangeLog::open(archive)?;
+    let db = log.shared().0;
+    let wtx = db.begin_write()?;
+    wtx.open_table(META)?
+        .insert(super::state::META_FRONTIER, frontier.to_bytes().as_slice())?;
+    wtx.commit()?;
+    republish(&db, archive)
+}

@@ -1,0 +1,439 @@
+#!/usr/bin/env python3
+"""Verify a pgtrail archive without pgtrail: recompute every leaf (leaf format v1) from the
+segments with pyarrow, the RFC 6962 tree and its root, and check the archive's signed
+checkpoints and any kept outside it. Written from the README's "Evidence format" section alone
+(hashlib, pyarrow and the `cryptography` package).
+
+    verify_archive.py ARCHIVE [--key VKEY]... [--trusted-checkpoint FILE]...
+
+Prints "ok: N segments, R changes, tree of L leaves, root B64, K checkpoints verified" and
+exits 0, or "FAIL: PLACE: WHAT" for each problem and exits 1.
+"""
+import base64
+import decimal
+import hashlib
+import json
+import math
+import os
+import struct
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from check_proofs import node_hash, open_note, parse_vkey  # noqa: E402
+
+decimal.getcontext().prec = 80
+
+LEAF_DOMAIN = b"pgtrail/leaf/v1\n"
+BODY_DOMAIN = b"pgtrail/body/v1\n"
+PART_DOMAIN = b"pgtrail/part/v1\n"
+SALT_DOMAIN = b"pgtrail/salt/v1\n"
+SCHEMA_DOMAIN = b"pgtrail/schema/v1\n"
+OPS = {"insert": 1, "update": 2, "delete": 3, "truncate": 4, "snapshot": 5}
+
+problems = []
+
+
+def problem(place, what):
+    problems.append("%s: %s" % (place, what))
+
+
+def u32(n):
+    return struct.pack(">I", n)
+
+
+def sstr(s):
+    b = s.encode("utf-8")
+    return u32(len(b)) + b
+
+
+def sbytes(b):
+    return u32(len(b)) + b
+
+
+def sha(*parts):
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def schema_digest(rel):
+    b = SCHEMA_DOMAIN + u32(rel["relation_id"]) + sstr(rel["schema"]) + sstr(rel["name"])
+    b += bytes([rel["replica_identity"]]) + u32(len(rel["columns"]))
+    for c in rel["columns"]:
+        b += sstr(c["name"]) + u32(c["type_oid"]) + struct.pack(">i", c["type_modifier"])
+        b += bytes([1 if c["is_key"] else 0])
+    b += u32(len(rel["primary_key"]))
+    for k in rel["primary_key"]:
+        b += sstr(k)
+    return sha(b)
+
+
+def salts(seed, lsn, seq):
+    tail = struct.pack(">QI", lsn, seq)
+    a = sha(SALT_DOMAIN, seed, tail, b"\x00")
+    b = sha(SALT_DOMAIN, seed, tail, b"\x01")
+    return [a[:16], a[16:], b[:16], b[16:]]
+
+
+def part(k, salt, data):
+    return sha(PART_DOMAIN, bytes([k]), salt, data)
+
+
+def plain_values(array):
+    """A column's values as Python values whose bytes the format defines."""
+    t = array.type
+    if pa.types.is_dictionary(t):
+        return plain_values(array.dictionary_decode())
+    if pa.types.is_date32(t):
+        return array.cast(pa.int32()).to_pylist()
+    if pa.types.is_time64(t) or pa.types.is_timestamp(t):
+        return array.cast(pa.int64()).to_pylist()
+    return array.to_pylist()
+
+
+def value_bytes(t, v):
+    """The typed bytes of one non-null value of Arrow type t."""
+    if pa.types.is_boolean(t):
+        return b"\x01" if v else b"\x00"
+    if pa.types.is_int16(t):
+        return struct.pack(">h", v)
+    if pa.types.is_int32(t) or pa.types.is_date32(t):
+        return struct.pack(">i", v)
+    if pa.types.is_int64(t) or pa.types.is_time64(t) or pa.types.is_timestamp(t):
+        return struct.pack(">q", v)
+    if pa.types.is_float32(t):
+        return b"\x7f\xc0\x00\x00" if math.isnan(v) else struct.pack(">f", v)
+    if pa.types.is_float64(t):
+        return b"\x7f\xf8" + b"\x00" * 6 if math.isnan(v) else struct.pack(">d", v)
+    if pa.types.is_decimal(t):
+        unscaled = int(v.scaleb(t.scale))
+        return unscaled.to_bytes(16, "big", signed=True)
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        return sstr(v)
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return sbytes(v)
+    if pa.types.is_fixed_size_binary(t):
+        return bytes(v)
+    if pa.types.is_struct(t):  # an interval
+        return struct.pack(">iiq", v["months"], v["days"], v["microseconds"])
+    if pa.types.is_list(t):
+        et = t.value_type
+        out = u32(len(v))
+        for e in v:
+            out += b"\x00" if e is None else b"\x02" + value_bytes(et, e)
+        return out
+    if pa.types.is_dictionary(t):
+        return value_bytes(t.value_type, v)
+    raise ValueError("no leaf encoding for type %s" % t)
+
+
+def list_values(array, child_type):
+    """A List column's cells with temporal elements as integers."""
+    out = []
+    for cell in array:
+        if not cell.is_valid:
+            out.append(None)
+            continue
+        values = cell.values
+        if pa.types.is_date32(child_type):
+            values = values.cast(pa.int32())
+        elif pa.types.is_time64(child_type) or pa.types.is_timestamp(child_type):
+            values = values.cast(pa.int64())
+        elif pa.types.is_dictionary(child_type):
+            values = values.dictionary_decode()
+        out.append(values.to_pylist())
+    return out
+
+
+def column_cells(array):
+    """(type, python values) of an image's column, ready for value_bytes."""
+    t = array.type
+    if pa.types.is_list(t):
+        return t, list_values(array, t.value_type)
+    return t, plain_values(array)
+
+
+def image_bytes(rel, image, unknown, text, row):
+    """u8 present, then per column 0x00 null, 0x01 unknown, 0x02 typed, 0x03 exact text."""
+    unknown = unknown[row] or []
+    text_entries = text[row] or []
+    texts = {}
+    for k, v in text_entries:
+        if k in texts:
+            raise ValueError("the exact texts name column %s twice" % k)
+        texts[k] = v
+    present = image is not None and image["valid"][row]
+    if not present:
+        if unknown or texts:
+            raise ValueError("an absent row image has unknown columns or exact texts")
+        return b"\x00"
+    names = [c["name"] for c in rel["columns"]]
+    for n in list(unknown) + list(texts):
+        if n not in names:
+            raise ValueError("column %s is named in a row image but the table has no such column" % n)
+    out = b"\x01"
+    for name, (t, values) in zip(names, image["columns"]):
+        v = values[row]
+        is_unknown, has_text = name in unknown, name in texts
+        if (is_unknown or has_text) and v is not None:
+            raise ValueError("column %s has a typed value and is also unknown or exact text" % name)
+        if is_unknown and has_text:
+            raise ValueError("column %s is both unknown and exact text" % name)
+        if is_unknown:
+            out += b"\x01"
+        elif has_text:
+            out += b"\x03" + (b"\x00" if texts[name] is None else b"\x01" + sstr(texts[name]))
+        elif v is None:
+            out += b"\x00"
+        else:
+            out += b"\x02" + value_bytes(t, v)
+    return out
+
+
+def header(kind, lsn, seq, xid, at):
+    return LEAF_DOMAIN + bytes([kind]) + struct.pack(">QIIq", lsn, seq, xid, at)
+
+
+def seed_for(epochs, lsn, seq):
+    seed = None
+    for (elsn, eseq, s) in epochs:
+        if (elsn, eseq) <= (lsn, seq):
+            seed = s
+        else:
+            break
+    return seed
+
+
+def image_of(table, name):
+    if name not in table.column_names:
+        return None
+    col = table.column(name).combine_chunks()
+    return {
+        "valid": [col.is_valid().to_pylist()][0] if False else col.is_valid().to_pylist(),
+        "columns": [column_cells(f) for f in col.flatten()],
+    }
+
+
+def segment_leaves(path, epochs):
+    """[(lsn, seq, leaf hash)] of the rows the tree covers, and the number of rows."""
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata.metadata or {}
+    description = json.loads(meta[b"pgtrail.segment"])
+    content = description["content"]
+    table = pf.read()
+    lsn = table.column("lsn").to_pylist()
+    seq = table.column("seq").to_pylist()
+    xid = table.column("xid").to_pylist()
+    at = table.column("committed_at").cast(pa.int64()).to_pylist()
+    leaves = []
+    for i in range(1, len(lsn)):
+        if (lsn[i - 1], seq[i - 1]) >= (lsn[i], seq[i]):
+            raise ValueError("rows out of (lsn, seq) order or repeated at %d/%d" % (lsn[i], seq[i]))
+    if content == "Messages":
+        transactional = table.column("transactional").to_pylist()
+        prefix = plain_values(table.column("prefix").combine_chunks())
+        body = plain_values(table.column("content").combine_chunks())
+        text = plain_values(table.column("content_text").combine_chunks())
+        for r in range(len(lsn)):
+            seed = seed_for(epochs, lsn[r], seq[r])
+            if seed is None:
+                continue
+            try:
+                derived = body[r].decode("utf-8")
+            except UnicodeDecodeError:
+                derived = None
+            if derived != text[r]:
+                raise ValueError("change %d/%d: content_text differs from the content" % (lsn[r], seq[r]))
+            s = salts(seed, lsn[r], seq[r])
+            digest = sha(BODY_DOMAIN, part(0, s[0], sbytes(body[r])))
+            data = header(2, lsn[r], seq[r], xid[r], at[r])
+            data += bytes([1 if transactional[r] else 0]) + sstr(prefix[r]) + digest
+            leaves.append((lsn[r], seq[r], sha(b"\x00", data)))
+        return leaves, len(lsn)
+    rel = content["Table"]
+    sd = schema_digest(rel)
+    op = plain_values(table.column("op").combine_chunks())
+    context = plain_values(table.column("context").combine_chunks())
+    changed = table.column("changed").to_pylist()
+    images = {}
+    for name in ("before", "after"):
+        images[name] = (
+            image_of(table, name),
+            table.column(name + "_unknown").to_pylist(),
+            table.column(name + "_text").to_pylist(),
+        )
+    for r in range(len(lsn)):
+        seed = seed_for(epochs, lsn[r], seq[r])
+        if seed is None:
+            continue
+        s = salts(seed, lsn[r], seq[r])
+        try:
+            p0 = b"\x00" if context[r] is None else b"\x01" + sstr(context[r])
+            p1 = image_bytes(rel, *images["before"], r)
+            p2 = image_bytes(rel, *images["after"], r)
+        except ValueError as e:
+            raise ValueError("change %d/%d: %s" % (lsn[r], seq[r], e))
+        if changed[r] is None:
+            p3 = b"\x00"
+        else:
+            p3 = b"\x01" + u32(len(changed[r])) + b"".join(sstr(n) for n in changed[r])
+        digest = sha(BODY_DOMAIN, part(0, s[0], p0), part(1, s[1], p1), part(2, s[2], p2), part(3, s[3], p3))
+        if op[r] not in OPS:
+            raise ValueError("change %d/%d: unknown op %r" % (lsn[r], seq[r], op[r]))
+        data = header(1, lsn[r], seq[r], xid[r], at[r])
+        data += sstr(rel["schema"]) + sstr(rel["name"]) + sd + bytes([OPS[op[r]]]) + digest
+        leaves.append((lsn[r], seq[r], sha(b"\x00", data)))
+    return leaves, len(lsn)
+
+
+class Frontier:
+    def __init__(self):
+        self.size, self.edge = 0, []
+
+    def push(self, leaf):
+        node, size = leaf, self.size
+        while size & 1:
+            node = node_hash(self.edge.pop(), node)
+            size >>= 1
+        self.edge.append(node)
+        self.size += 1
+
+    def root(self):
+        if not self.edge:
+            return hashlib.sha256(b"").digest()
+        r = self.edge[-1]
+        for left in reversed(self.edge[:-1]):
+            r = node_hash(left, r)
+        return r
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(place, note, vkeys, trusted):
+    """(origin, size, root, verified) or None (a problem was recorded)."""
+    for vkey in vkeys:
+        text = open_note(note, vkey)
+        if text is not None:
+            lines = text[:-1].split("\n")
+            if len(lines) != 3 or lines[0] != vkey[0]:
+                problem(place, "not a checkpoint of origin %s" % vkey[0])
+                return None
+            return lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True), True
+    if vkeys:
+        problem(place, "no given key verifies its signature")
+        return None
+    if trusted:
+        problem(place, "a trusted checkpoint needs a --key that verifies it")
+        return None
+    split = note.rfind("\n\n")
+    lines = note[:split].split("\n")
+    return lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True), False
+
+
+def main():
+    args = sys.argv[1:]
+    if not args:
+        print(__doc__)
+        sys.exit(2)
+    archive, vkeys, trusted = args[0], [], []
+    i = 1
+    while i < len(args):
+        if args[i] == "--key":
+            vkeys.append(parse_vkey(args[i + 1]))
+        elif args[i] == "--trusted-checkpoint":
+            trusted.append(args[i + 1])
+        else:
+            print("unknown argument %s" % args[i])
+            sys.exit(2)
+        i += 2
+    evidence = os.path.join(archive, "evidence")
+    with open(os.path.join(evidence, "tree.json")) as f:
+        tree = json.load(f)
+    with open(os.path.join(evidence, "manifest.json")) as f:
+        manifest = json.load(f)
+    epochs = sorted((e["lsn"], e["seq"], bytes.fromhex(e["seed"])) for e in tree["epochs"])
+    leaves, rows, owner = [], 0, {}
+    segments = sorted(manifest["segments"], key=lambda s: (s["min"], s["file"]))
+    for seg in segments:
+        path = os.path.join(archive, "segments", seg["file"])
+        place = "segment " + seg["file"]
+        if not os.path.exists(path):
+            problem(place, "listed in the manifest but missing")
+            continue
+        if file_sha256(path) != seg["sha256"]:
+            problem(place, "its SHA-256 differs from the manifest's")
+            continue
+        try:
+            got, n = segment_leaves(path, epochs)
+        except (ValueError, KeyError, OSError, pa.ArrowException) as e:
+            problem(place, str(e))
+            continue
+        if n != seg["rows"]:
+            problem(place, "holds %d rows, the manifest lists %d" % (n, seg["rows"]))
+        rows += n
+        for (l, s, h) in got:
+            if (l, s) < tuple(seg["min"]) or (l, s) > tuple(seg["max"]):
+                problem(place, "change %d/%d is outside its listed key range" % (l, s))
+            if (l, s) in owner:
+                problem("change %d/%d" % (l, s), "held twice, by %s and %s" % (owner[(l, s)], seg["file"]))
+            owner[(l, s)] = seg["file"]
+        leaves.extend(got)
+    leaves.sort()
+    checkpoints = []
+    cdir = os.path.join(evidence, "checkpoints")
+    if os.path.isdir(cdir):
+        for name in sorted(os.listdir(cdir)):
+            if not name.startswith("."):
+                with open(os.path.join(cdir, name)) as f:
+                    checkpoints.append((os.path.join(cdir, name), f.read(), False))
+    for path in trusted:
+        with open(path) as f:
+            checkpoints.append((path, f.read(), True))
+    wanted = []
+    for place, note, is_trusted in checkpoints:
+        c = read_checkpoint(place, note, vkeys, is_trusted)
+        if c is None:
+            continue
+        if c[1] > len(leaves):
+            problem(place, "attests %d changes but the tree holds %d: rolled back or truncated" % (c[1], len(leaves)))
+            continue
+        wanted.append((place, c))
+    roots = {}
+    sizes = {c[1] for _, c in wanted}
+    frontier = Frontier()
+    if 0 in sizes:
+        roots[0] = frontier.root()
+    for (_, _, h) in leaves:
+        frontier.push(h)
+        if frontier.size in sizes:
+            roots[frontier.size] = frontier.root()
+    verified = 0
+    for place, (origin, size, root, ok) in wanted:
+        if roots.get(size) != root:
+            problem(place, "its root differs from the root of the first %d changes" % size)
+        elif ok:
+            verified += 1
+    root = frontier.root()
+    if (frontier.size, base64.b64encode(root).decode()) != (tree["size"], tree["root"]):
+        problem("evidence/tree.json", "records %d leaves with root %s, the segments give %d with root %s"
+                % (tree["size"], tree["root"], frontier.size, base64.b64encode(root).decode()))
+    if problems:
+        for p in problems:
+            print("FAIL: " + p)
+        sys.exit(1)
+    print("ok: %d segments, %d changes, tree of %d leaves, root %s, %d checkpoints verified"
+          % (len(segments), rows, frontier.size, base64.b64encode(root).decode(), verified))
+
+
+if __name__ == "__main__":
+    main()
