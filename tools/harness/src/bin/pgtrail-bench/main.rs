@@ -199,10 +199,19 @@ fn main() -> anyhow::Result<()> {
     for contestant in ["pgtrail", "duckdb", "postgres"] {
         expected.push(("queries", contestant));
     }
+    for contestant in [
+        "compact-with-evidence",
+        "compact-without-evidence",
+        "pgtrail-verify",
+        "sha256sum",
+    ] {
+        expected.push(("evidence", contestant));
+    }
     for (suite, contestant) in &expected {
         let ran = matches!(args.suite.as_str(), "all")
             || args.suite == *suite
-            || (*suite == "decode-tls" && args.suite == "decode");
+            || (*suite == "decode-tls" && args.suite == "decode")
+            || (*suite == "evidence" && args.suite == "queries");
         if ran
             && !results.iter().any(|m| {
                 m.suite == *suite
@@ -1224,6 +1233,31 @@ fn print_report(
     if let (Some(p), Some(r)) = (c("pgtrail"), c("pg_recvlogical")) {
         println!(
             "Decode CPU per million changes (the client's process, not the server's walsender): pgtrail {p:.2} s, pg_recvlogical {r:.2} s"
+        );
+    }
+    let ev = |c: &str, metric: &str| median("evidence", c, metric);
+    if let (Some(w), Some(wo)) = (
+        ev("compact-with-evidence", "seconds"),
+        ev("compact-without-evidence", "seconds"),
+    ) {
+        println!(
+            "Cost of evidence on compaction: {w:.1} s with / {wo:.1} s without = **{:+.1} %** (goal <= 5 %)",
+            (w / wo - 1.0) * 100.0
+        );
+    }
+    if let (Some(e), Some(s)) = (ev("evidence-files", "bytes"), ev("segments", "bytes")) {
+        println!(
+            "Cost of evidence on archive size: {e:.0} bytes of evidence files for {s:.0} segment bytes = **{:.3} %** (goal <= 0.5 %)",
+            e / s * 100.0
+        );
+    }
+    if let (Some(v), Some(s)) = (
+        ev("pgtrail-verify", "mib_per_second"),
+        ev("sha256sum", "mib_per_second"),
+    ) {
+        println!(
+            "Ratio verify: pgtrail verify MiB/s / sha256sum MiB/s over the same segments = **{:.2}** (goal >= 0.5)",
+            v / s
         );
     }
     let st = |c: &str| median("storage", c, "bytes_per_change");

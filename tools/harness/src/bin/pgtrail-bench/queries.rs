@@ -174,6 +174,7 @@ fn build_dataset(
     db: &str,
     archive: &Path,
     shape: &Shape,
+    results: &mut Vec<Measurement>,
 ) -> anyhow::Result<(Moments, u64)> {
     cluster.psql(db, TABLES_SQL)?;
     let trigger = super::AUDIT_TRIGGER_SQL
@@ -278,15 +279,36 @@ fn build_dataset(
     if audited != captured {
         bail!("pgtrail captured {captured} changes, the audit trigger recorded {audited}");
     }
-    let log = pgtrail_store::ChangeLog::open(archive)?;
-    let report = pgtrail_store::Compactor::new(
-        log.shared(),
-        archive,
-        pgtrail_store::CompactOptions::default(),
-    )
-    .run()?;
-    drop(log);
+    // What the evidence costs compaction: the same log compacted again, in a copy, without it.
+    let plain = archive.with_file_name("archive-without-evidence");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(archive)
+        .arg(&plain)
+        .status()?;
+    if !copied.success() {
+        bail!("cannot copy the archive for the evidence measurement");
+    }
+    let compact =
+        |dir: &Path, evidence: bool| -> anyhow::Result<(f64, pgtrail_store::CompactReport)> {
+            let log = pgtrail_store::ChangeLog::open(dir)?;
+            let started = Instant::now();
+            let report = pgtrail_store::Compactor::new(
+                log.shared(),
+                dir,
+                pgtrail_store::CompactOptions {
+                    evidence,
+                    ..Default::default()
+                },
+            )
+            .run()?;
+            Ok((started.elapsed().as_secs_f64(), report))
+        };
+    let (without_secs, _) = compact(&plain, false)?;
+    std::fs::remove_dir_all(&plain)?;
+    let (with_secs, report) = compact(archive, true)?;
     eprintln!("queries: compacted: {report:?}");
+    evidence_measurements(archive, captured, with_secs, without_secs, results)?;
     cluster.psql(db, AUDIT_INDEXES_SQL)?;
     cluster.psql(db, "VACUUM ANALYZE audit_log")?;
     eprintln!(
@@ -565,6 +587,94 @@ fn run_postgres(
     })
 }
 
+/// The evidence's cost on this dataset: compaction time with and without it, the evidence
+/// files' size against the segments', and `pgtrail verify` against `sha256sum` over the same
+/// segment files (suite `evidence`).
+fn evidence_measurements(
+    archive: &Path,
+    changes: u64,
+    with_secs: f64,
+    without_secs: f64,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
+    let workload = format!("{changes} changes of the queries dataset");
+    let mut push =
+        |contestant: &'static str, metric: &'static str, value: f64, unit: &'static str| {
+            results.push(Measurement {
+                suite: "evidence",
+                contestant,
+                workload: workload.clone(),
+                rep: 0,
+                metric,
+                value,
+                unit,
+            });
+        };
+    push("compact-with-evidence", "seconds", with_secs, "s");
+    push("compact-without-evidence", "seconds", without_secs, "s");
+    let dir_bytes = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let segments_dir = archive.join(pgtrail_store::SEGMENTS_DIR);
+    let segment_bytes = dir_bytes(&segments_dir);
+    let evidence_dir = archive.join("evidence");
+    let evidence_bytes = dir_bytes(&evidence_dir) + dir_bytes(&evidence_dir.join("checkpoints"));
+    push("segments", "bytes", segment_bytes as f64, "bytes");
+    push("evidence-files", "bytes", evidence_bytes as f64, "bytes");
+    let bin = std::env::current_exe()?.with_file_name("pgtrail");
+    let started = Instant::now();
+    let verify = std::process::Command::new(&bin)
+        .args(["verify", "--json", "--archive"])
+        .arg(archive)
+        .stderr(std::process::Stdio::null())
+        .output()?;
+    let verify_secs = started.elapsed().as_secs_f64();
+    let report: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
+    if !verify.status.success() || report["tree_size"].as_u64() != Some(changes) {
+        bail!("pgtrail verify rejected the benchmark's archive: {report}");
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&segments_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let started = Instant::now();
+    let sums = std::process::Command::new("sha256sum")
+        .args(&files)
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    let sha_secs = started.elapsed().as_secs_f64();
+    if !sums.success() {
+        bail!("sha256sum failed");
+    }
+    let mib = segment_bytes as f64 / (1 << 20) as f64;
+    push(
+        "pgtrail-verify",
+        "mib_per_second",
+        mib / verify_secs,
+        "MiB/s",
+    );
+    push("sha256sum", "mib_per_second", mib / sha_secs, "MiB/s");
+    push(
+        "pgtrail-verify",
+        "changes_per_second",
+        changes as f64 / verify_secs,
+        "changes/s",
+    );
+    eprintln!(
+        "evidence: compaction {with_secs:.1} s with, {without_secs:.1} s without; evidence files {evidence_bytes} bytes for {segment_bytes} segment bytes; verify {verify_secs:.1} s, sha256sum {sha_secs:.1} s"
+    );
+    Ok(())
+}
+
 pub fn queries_suite(
     cluster: &Cluster,
     rt: &tokio::runtime::Runtime,
@@ -601,7 +711,7 @@ pub fn queries_suite(
     let db = cluster.fresh_database("bench_queries")?;
     let dir = tempfile::tempdir()?;
     let archive = dir.path().join("archive");
-    let (moments, changes) = build_dataset(cluster, rt, &db, &archive, &shape)?;
+    let (moments, changes) = build_dataset(cluster, rt, &db, &archive, &shape, results)?;
     let workload = format!(
         "{changes} changes of 2 tables (skewed updates, inserts, deletes), one table queried"
     );

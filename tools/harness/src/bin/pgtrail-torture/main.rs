@@ -142,6 +142,10 @@ struct Harness {
     unthrottled: Arc<AtomicBool>,
     /// With `--tls`: the CA file the capture verifies the server with.
     tls_root: Option<PathBuf>,
+    /// The key the capture signs a checkpoint with at every compaction, and its verifier key
+    /// (`pgtrail verify` checks the archive with it at the end).
+    signing_key: PathBuf,
+    verifier_key: String,
 }
 
 impl Harness {
@@ -167,6 +171,8 @@ impl Harness {
             "2",
         ])
         .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
+        .arg("--signing-key")
+        .arg(&self.signing_key)
         .env("PGTRAIL_LOG", "info");
         if let Some(p) = crash_at {
             cmd.env("PGTRAIL_CRASH_AT", p);
@@ -759,6 +765,47 @@ fn check_ledger(
     Ok(())
 }
 
+/// `pgtrail verify` over the archive every fault was injected into, and over the disk-full
+/// archives: evidence that survives every fault raises no false alarm, and the checkpoints the
+/// capture signed at its compactions (again after crashes between a commit and its signing)
+/// match the tree.
+fn verify_evidence(h: &Harness, v: &mut Verdict) {
+    let mut archives = vec![h.archive.clone()];
+    archives.extend(h.full_disk_archives.iter().map(|(a, _)| a.clone()));
+    for archive in archives {
+        let out = Command::new(&h.bin)
+            .args(["verify", "--json", "--archive"])
+            .arg(&archive)
+            .args(["--key", &h.verifier_key])
+            .output();
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                v.problems.push(format!("cannot run pgtrail verify: {e}"));
+                continue;
+            }
+        };
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        if !out.status.success() || report["ok"] != serde_json::Value::Bool(true) {
+            v.problems.push(format!(
+                "pgtrail verify rejected {}: {} {}",
+                archive.display(),
+                report["problems"],
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+            continue;
+        }
+        eprintln!(
+            "torture: verify {}: ok, tree of {} leaves, {} attested by {} signed checkpoints",
+            archive.display(),
+            report["tree_size"],
+            report["attested_size"],
+            report["checkpoints"].as_array().map_or(0, Vec::len)
+        );
+    }
+}
+
 fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     let expected: Vec<i64> = h
         .cluster
@@ -1129,6 +1176,19 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         .parse()
         .map_err(|e| format!("{e}"))?;
     let proxy = proxy::Proxy::start(upstream)?;
+    let signing_key = work.path().join("torture.key");
+    let keygen = Command::new(&bin)
+        .args(["keygen", "--name", "pgtrail.invalid/torture", "--out"])
+        .arg(&signing_key)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !keygen.status.success() {
+        return Err(format!(
+            "pgtrail keygen failed: {}",
+            String::from_utf8_lossy(&keygen.stderr)
+        ));
+    }
+    let verifier_key = String::from_utf8_lossy(&keygen.stdout).trim().to_string();
     let mut h = Harness {
         archive: work.path().join("archive"),
         work: work.path().to_path_buf(),
@@ -1142,6 +1202,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         disk_full_tried: [false; 2],
         unthrottled: Arc::new(AtomicBool::new(false)),
         tls_root,
+        signing_key,
+        verifier_key,
     };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
@@ -1345,6 +1407,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         }
     }
     check_archive(&h, &mut v)?;
+    verify_evidence(&h, &mut v);
     if !args.tls {
         gaps::run(&h.bin, &h.work, &mut v)?;
         bad_inputs(&h, &mut v);
