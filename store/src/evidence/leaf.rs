@@ -446,6 +446,15 @@ pub fn batch_leaves(
             let context = context.as_string::<i32>();
             let changed = column(batch, "changed").map_err(at_start)?;
             let get = |name: &str| batch.column_by_name(name);
+            let images = [
+                (
+                    1u8,
+                    get("before"),
+                    get("before_unknown"),
+                    get("before_text"),
+                ),
+                (2u8, get("after"), get("after_unknown"), get("after_text")),
+            ];
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
                 let Some(seed) = epochs.seed_for(key) else {
@@ -462,18 +471,10 @@ pub fn batch_leaves(
                     put_str(&mut part, context.value(row));
                 }
                 parts[0] = part_digest(0, &salts[0], &part);
-                for (k, image) in [(1u8, "before"), (2, "after")] {
+                for (k, image, unknown, text) in &images {
                     part.clear();
-                    put_image(
-                        &mut part,
-                        rel,
-                        get(image),
-                        get(&format!("{image}_unknown")),
-                        get(&format!("{image}_text")),
-                        row,
-                    )
-                    .map_err(fail)?;
-                    parts[k as usize] = part_digest(k, &salts[k as usize], &part);
+                    put_image(&mut part, rel, *image, *unknown, *text, row).map_err(fail)?;
+                    parts[*k as usize] = part_digest(*k, &salts[*k as usize], &part);
                 }
                 part.clear();
                 match names(Some(changed), row).map_err(fail)? {
