@@ -29,7 +29,6 @@ decimal.getcontext().prec = 80
 LEAF_DOMAIN = b"pgtrail/leaf/v1\n"
 BODY_DOMAIN = b"pgtrail/body/v1\n"
 PART_DOMAIN = b"pgtrail/part/v1\n"
-SALT_DOMAIN = b"pgtrail/salt/v1\n"
 SCHEMA_DOMAIN = b"pgtrail/schema/v1\n"
 OPS = {"insert": 1, "update": 2, "delete": 3, "truncate": 4, "snapshot": 5}
 
@@ -74,8 +73,8 @@ def schema_digest(rel):
 
 def salts(seed, lsn, seq):
     tail = struct.pack(">QI", lsn, seq)
-    a = sha(SALT_DOMAIN, seed, tail, b"\x00")
-    b = sha(SALT_DOMAIN, seed, tail, b"\x01")
+    a = sha(seed, tail, b"\x00")
+    b = sha(seed, tail, b"\x01")
     return [a[:16], a[16:], b[:16], b[16:]]
 
 

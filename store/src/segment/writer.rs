@@ -353,22 +353,40 @@ impl SegmentWriter {
     }
 
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SegmentError> {
-        if let Some((epochs, leaves)) = self.leaves.as_mut() {
-            let computed =
-                batch_leaves(&self.content, batch, epochs).map_err(|e| SegmentError::Corrupt {
-                    path: self.tmp_path.clone(),
-                    reason: format!("no evidence leaf for a row: {e}"),
-                })?;
-            leaves.extend(computed);
-        }
         let writer = self.writer.as_mut().ok_or_else(|| SegmentError::Corrupt {
             path: self.tmp_path.clone(),
             reason: "segment writer used after an error".into(),
         })?;
-        writer.write(batch).map_err(|source| SegmentError::Parquet {
-            path: self.tmp_path.clone(),
-            source,
-        })
+        let path = &self.tmp_path;
+        let encode = |writer: &mut ArrowWriter<HashingFile>| {
+            writer.write(batch).map_err(|source| SegmentError::Parquet {
+                path: path.clone(),
+                source,
+            })
+        };
+        let Some((epochs, leaves)) = self.leaves.as_mut() else {
+            return encode(writer);
+        };
+        // The leaves are hashed on a second thread while this one encodes the same batch
+        // into Parquet: both only read it, and compaction's time is what the evidence costs.
+        let content = &self.content;
+        let (computed, encoded) = std::thread::scope(|scope| {
+            let hashing = scope.spawn(|| batch_leaves(content, batch, epochs));
+            let encoded = encode(writer);
+            (hashing.join(), encoded)
+        });
+        encoded?;
+        let computed = computed
+            .map_err(|_| SegmentError::Corrupt {
+                path: path.clone(),
+                reason: "the thread computing evidence leaves panicked".into(),
+            })?
+            .map_err(|e| SegmentError::Corrupt {
+                path: path.clone(),
+                reason: format!("no evidence leaf for a row: {e}"),
+            })?;
+        leaves.extend(computed);
+        Ok(())
     }
 
     /// End the open row group now (bounds memory when many segments are open at once).
