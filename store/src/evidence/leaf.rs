@@ -557,3 +557,44 @@ fn put_header(b: &mut Vec<u8>, kind: u8, key: ChangeKey, xid: u32, committed_at_
     b.extend_from_slice(&xid.to_be_bytes());
     b.extend_from_slice(&committed_at_us.to_be_bytes());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(lsn: u64, seq: u32) -> ChangeKey {
+        ChangeKey::new(Lsn(lsn), seq)
+    }
+
+    #[test]
+    fn a_change_takes_the_seed_of_the_last_epoch_begun_at_or_before_it() {
+        let epochs = Epochs::new(vec![(key(200, 0), [2; 32]), (key(100, 3), [1; 32])]);
+        assert_eq!(epochs.first_key(), Some(key(100, 3)));
+        assert_eq!(epochs.seed_for(key(100, 2)), None, "before evidence");
+        assert_eq!(epochs.seed_for(key(100, 3)), Some(&[1; 32]));
+        assert_eq!(epochs.seed_for(key(199, u32::MAX)), Some(&[1; 32]));
+        assert_eq!(epochs.seed_for(key(200, 0)), Some(&[2; 32]));
+        assert_eq!(epochs.seed_for(key(u64::MAX, 0)), Some(&[2; 32]));
+    }
+
+    #[test]
+    fn salts_differ_by_seed_key_and_part() {
+        let a = salts(&[7; 32], key(100, 0));
+        assert_ne!(a, salts(&[8; 32], key(100, 0)));
+        assert_ne!(a, salts(&[7; 32], key(100, 1)));
+        assert_ne!(a, salts(&[7; 32], key(101, 0)));
+        for i in 0..4 {
+            for j in i + 1..4 {
+                assert_ne!(a[i], a[j]);
+            }
+        }
+        // The derivation the README states: SHA-256(seed ‖ u64 lsn ‖ u32 seq ‖ u8 j).
+        let mut input = vec![7u8; 32];
+        input.extend_from_slice(&100u64.to_be_bytes());
+        input.extend_from_slice(&0u32.to_be_bytes());
+        input.push(1);
+        let second: [u8; 32] = Sha256::digest(&input).into();
+        assert_eq!(a[2], second[..16]);
+        assert_eq!(a[3], second[16..]);
+    }
+}

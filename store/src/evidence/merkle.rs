@@ -260,6 +260,24 @@ pub fn verify_consistency(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_frontier_reads_back_from_its_bytes_and_refuses_a_wrong_edge() {
+        let mut f = Frontier::new();
+        for i in 0..13u8 {
+            assert_eq!(Frontier::from_bytes(&f.to_bytes()), Some(f.clone()));
+            f.push([i; 32]);
+        }
+        let mut bytes = f.to_bytes();
+        bytes.extend_from_slice(&[0; 32]);
+        assert_eq!(
+            Frontier::from_bytes(&bytes),
+            None,
+            "one hash too many for size 13"
+        );
+        assert_eq!(Frontier::from_bytes(&bytes[..5]), None);
+    }
+
     use super::*;
 
     fn hex(h: &Hash) -> String {
