@@ -64,6 +64,9 @@ pub struct CompactOptions {
     pub retire_grace: Duration,
     /// With a key, a checkpoint of the evidence tree is signed after every run that grew it.
     pub signing_key: Option<Arc<SigningKey>>,
+    /// With a key: a directory outside the archive where every signed checkpoint is copied
+    /// (and which is read before signing, to refuse signing for an archive behind it).
+    pub publish_checkpoints: Option<PathBuf>,
     /// Compute evidence leaves (always, but for `pgtrail-bench`, which compacts a throwaway
     /// copy of a log without them to measure what they cost: an archive compacted without
     /// them holds changes that `verify` finds no leaf for).
@@ -79,6 +82,7 @@ impl Default for CompactOptions {
             memory_budget_bytes: 64 << 20,
             retire_grace: Duration::from_secs(300),
             signing_key: None,
+            publish_checkpoints: None,
             evidence: true,
         }
     }
@@ -236,6 +240,7 @@ impl Compactor {
             self.db.as_ref(),
             archive,
             self.options.signing_key.as_deref(),
+            self.options.publish_checkpoints.as_deref(),
         )
         .map_err(|e| CompactError::Evidence(Box::new(e)))?;
         Ok(published.signed)

@@ -21,6 +21,11 @@ pub struct SegmentArgs {
     /// (made by `pgtrail keygen`; refused if others can read it). Keep it outside the archive.
     #[arg(long, env = "PGTRAIL_SIGNING_KEY")]
     pub signing_key: Option<PathBuf>,
+    /// Copy every checkpoint signed to this directory too (somewhere the archive's host cannot
+    /// rewrite: another machine's mount, a WORM volume); signing is refused for an archive
+    /// behind the latest checkpoint there.
+    #[arg(long, env = "PGTRAIL_PUBLISH_CHECKPOINTS", requires = "signing_key")]
+    pub publish_checkpoints: Option<PathBuf>,
 }
 
 impl SegmentArgs {
@@ -39,6 +44,7 @@ impl SegmentArgs {
             },
             target_segment_bytes: self.target_segment_mib << 20,
             signing_key,
+            publish_checkpoints: self.publish_checkpoints.clone(),
             ..CompactOptions::default()
         })
     }

@@ -160,6 +160,7 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
             zstd_level: 3,
             target_segment_mib: 128,
             signing_key: None,
+            publish_checkpoints: None,
         },
         json: false,
     })

@@ -593,4 +593,47 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     if let Some((ok, said)) = v.python {
         assert!(!ok, "{said}");
     }
+
+    // Checkpoints published outside the archive: each one signed is copied there, and
+    // signing for an archive behind the latest one there (an older copy) is refused.
+    let outside = dir.join("published");
+    let publish = |archive: &Path| {
+        pgtrail()
+            .args(["checkpoint", "--archive"])
+            .arg(archive)
+            .arg("--signing-key")
+            .arg(&key)
+            .arg("--publish-checkpoints")
+            .arg(&outside)
+            .output()
+            .unwrap()
+    };
+    let published = publish(&archive);
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join("checkpoint")).unwrap(),
+        second
+    );
+    assert_eq!(
+        std::fs::read_to_string(outside.join(size.to_string())).unwrap(),
+        second
+    );
+    let older_signed = std::fs::read_dir(older.join("evidence/checkpoints"))
+        .unwrap()
+        .count();
+    let refused = publish(&older);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{said}");
+    assert!(said.contains("restored from an older copy"), "{said}");
+    assert_eq!(
+        std::fs::read_dir(older.join("evidence/checkpoints"))
+            .unwrap()
+            .count(),
+        older_signed,
+        "nothing was signed for the older copy"
+    );
 }

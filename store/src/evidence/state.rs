@@ -187,6 +187,10 @@ pub enum PublishError {
         "refusing to sign tree size {size}: {path} already holds a checkpoint of that size with another root (the archive's history was rewritten, or it was restored from another copy); keep both and run `pgtrail verify`"
     )]
     Fork { size: u64, path: PathBuf },
+    #[error(
+        "refusing to sign: the checkpoint published in {path}: {why}; run `pgtrail verify --trusted-checkpoint {path}` and keep the archive as it is"
+    )]
+    Published { path: PathBuf, why: String },
 }
 
 /// Write the evidence files of the archive in `archive_dir` from the log's latest commit, and
@@ -195,10 +199,17 @@ pub enum PublishError {
 /// Safe after a crash at any line: the files are derived from the committed log and rewritten
 /// whole (atomically) by the next call; a checkpoint is a deterministic signature (Ed25519) of
 /// a deterministic root, so signing the same size again writes the same note.
+///
+/// With `publish_to`, every checkpoint signed is also written there (atomically, as
+/// `<size>` and `checkpoint`), and before signing the latest one there is read: an archive
+/// whose tree is smaller than a checkpoint already published (restored from an older copy)
+/// or whose own checkpoint of a published size differs from the published one (a fork) is
+/// refused, so pgtrail never signs two histories.
 pub fn publish(
     db: &impl ReadableDatabase,
     archive_dir: &Path,
     key: Option<&SigningKey>,
+    publish_to: Option<&Path>,
 ) -> Result<Published, PublishError> {
     let reader = LogReader::from_db(db)?;
     let state = read(reader.read_transaction())?;
@@ -242,6 +253,9 @@ pub fn publish(
     {
         let checkpoints = dir.join("checkpoints");
         create_dir(&checkpoints)?;
+        if let Some(outside) = publish_to {
+            check_published(outside, &checkpoints, state.frontier.size())?;
+        }
         let path = checkpoints.join(state.frontier.size().to_string());
         let checkpoint = Checkpoint {
             origin: key.name().to_string(),
@@ -262,9 +276,49 @@ pub fn publish(
         let note = key.sign(&checkpoint.text())?;
         write_atomically(&path, note.as_bytes())?;
         write_atomically(&dir.join("checkpoint"), note.as_bytes())?;
+        if let Some(outside) = publish_to {
+            create_dir(outside)?;
+            write_atomically(&outside.join(checkpoint.size.to_string()), note.as_bytes())?;
+            write_atomically(&outside.join("checkpoint"), note.as_bytes())?;
+        }
         published.signed = Some(path);
     }
     Ok(published)
+}
+
+/// Refuse to sign for an archive behind, or forked from, the latest checkpoint published in
+/// `outside` (none published yet is fine).
+fn check_published(outside: &Path, own: &Path, size: u64) -> Result<(), PublishError> {
+    let latest = outside.join("checkpoint");
+    let Ok(text) = std::fs::read_to_string(&latest) else {
+        return Ok(());
+    };
+    let published_size = text
+        .lines()
+        .nth(1)
+        .and_then(|l| l.parse::<u64>().ok())
+        .ok_or_else(|| PublishError::Published {
+            path: latest.clone(),
+            why: "it is not a checkpoint".into(),
+        })?;
+    if published_size > size {
+        return Err(PublishError::Published {
+            path: latest,
+            why: format!(
+                "it attests {published_size} changes, this archive's tree holds {size}: the archive was restored from an older copy or truncated"
+            ),
+        });
+    }
+    let ours = std::fs::read_to_string(own.join(published_size.to_string())).ok();
+    if ours.as_deref().is_some_and(|ours| ours != text) {
+        return Err(PublishError::Published {
+            path: latest,
+            why: format!(
+                "this archive's own checkpoint of size {published_size} differs from it: the archive's history forked"
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn hex(bytes: &[u8]) -> String {

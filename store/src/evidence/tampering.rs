@@ -37,7 +37,7 @@ pub fn rewrite_manifest(
 
 /// Rewrite the evidence files from the log (unsigned), as the compactor would.
 fn republish(db: &redb::Database, archive: &Path) -> Result<(), LogError> {
-    super::state::publish(db, archive, None).map_err(|e| LogError::Corrupt {
+    super::state::publish(db, archive, None, None).map_err(|e| LogError::Corrupt {
         what: "evidence files".into(),
         source: e.to_string().into(),
     })?;
