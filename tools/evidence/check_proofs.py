@@ -14,6 +14,11 @@ Input on stdin, as tools/evidence/tlogcheck (Go) reads it, one item a line, hex 
 
 Prints "ok: R roots, I inclusion proofs, C consistency proofs, K checkpoints" and exits 0, or
 "FAIL: ..." for the first item that does not check and exits 1.
+
+    check_proofs.py --proof FILE --key VKEY
+
+checks a proof file of `pgtrail prove` (C2SP tlog-proof: the leaf's bytes, its index, the
+inclusion proof and the signed checkpoint) and prints "ok: leaf I of N, kind K, lsn L, seq S".
 """
 import base64
 import hashlib
@@ -134,7 +139,42 @@ def open_note(note, vkey):
     return None
 
 
+def check_proof_file(path, vkey_text):
+    """A C2SP tlog-proof file: extra (the leaf's bytes), index, the inclusion proof's hashes, a
+    blank line, and the signed checkpoint; the leaf must be in the tree the checkpoint pins."""
+    with open(path) as f:
+        text = f.read()
+    head, _, note = text.partition("\n\n")
+    lines = head.split("\n")
+    if not lines or lines[0] != "c2sp.org/tlog-proof@v1":
+        fail("not a c2sp.org/tlog-proof@v1 file")
+    extra, index, hashes = None, None, []
+    for line in lines[1:]:
+        if line.startswith("extra "):
+            extra = base64.b64decode(line[6:], validate=True)
+        elif line.startswith("index "):
+            index = int(line[6:])
+        else:
+            hashes.append(base64.b64decode(line, validate=True))
+    if extra is None or index is None:
+        fail("the proof has no extra or no index line")
+    vkey = parse_vkey(vkey_text)
+    body = open_note(note, vkey)
+    if body is None:
+        fail("the proof's checkpoint has no valid signature by %s" % vkey[0])
+    origin, size, root = body[:-1].split("\n")
+    if origin != vkey[0]:
+        fail("the checkpoint's origin is not the key's name")
+    if not verify_inclusion(index, int(size), leaf_hash(extra), hashes, base64.b64decode(root)):
+        fail("the leaf is not at index %d of the tree of %s leaves" % (index, size))
+    print("ok: leaf %d of %s, kind %d, lsn %d, seq %d" % (
+        index, size, extra[16], int.from_bytes(extra[17:25], "big"), int.from_bytes(extra[25:29], "big")))
+
+
 def main():
+    if len(sys.argv) == 5 and sys.argv[1] == "--proof" and sys.argv[3] == "--key":
+        check_proof_file(sys.argv[2], sys.argv[4])
+        return
     leaves, counts, vkey = [], [0, 0, 0, 0], None
 
     def root_of(n):

@@ -78,6 +78,52 @@ fn tree_size(note: &str) -> u64 {
 }
 
 #[derive(clap::Args)]
+pub struct ProveArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// The change: its commit LSN and position in its transaction, as `pgtrail sql` shows
+    /// them (`lsn`, `seq`), e.g. `0/1A2B3C4:5`.
+    #[arg(long)]
+    pub change: String,
+    /// The signed checkpoint whose tree the proof is for (default: the archive's latest,
+    /// `evidence/checkpoint`).
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Print a C2SP tlog-proof that the change is in the tree the checkpoint pins.
+pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
+    let (lsn, seq) = args
+        .change
+        .rsplit_once(':')
+        .context("--change is LSN:SEQ, e.g. 0/1A2B3C4:5")?;
+    let key = pgtrail_store::ChangeKey::new(
+        lsn.parse()
+            .with_context(|| format!("--change: {lsn:?} is not an LSN (like 0/1A2B3C4)"))?,
+        seq.parse()
+            .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
+    );
+    let checkpoint = args
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| args.archive.join("evidence/checkpoint"));
+    let note = std::fs::read_to_string(&checkpoint).with_context(|| {
+        format!(
+            "cannot read the checkpoint {} (sign one with `pgtrail checkpoint`)",
+            checkpoint.display()
+        )
+    })?;
+    let archive = args.archive.clone();
+    let proof = tokio::task::spawn_blocking(move || {
+        pgtrail_store::evidence::prove::prove(&archive, key, &note)
+    })
+    .await??;
+    std::io::stdout().write_all(proof.as_bytes())?;
+    Ok(())
+}
+
+#[derive(clap::Args)]
 pub struct VerifyArgs {
     /// Archive directory.
     #[arg(long, env = "PGTRAIL_ARCHIVE")]

@@ -54,6 +54,8 @@ enum Command {
     /// Prove the archive complete and unaltered: recompute every leaf, the tree and its root
     /// from the segments and check them against signed checkpoints (exit 1 when anything is wrong).
     Verify(evidence::VerifyArgs),
+    /// Print the proof (C2SP tlog-proof) that one change is in the tree a signed checkpoint pins.
+    Prove(evidence::ProveArgs),
 }
 
 #[derive(clap::Args)]
@@ -190,6 +192,7 @@ fn main() -> ExitCode {
             Command::Keygen(args) => keygen::run(args),
             Command::Checkpoint(args) => evidence::checkpoint(args).await,
             Command::Verify(args) => evidence::verify(args).await,
+            Command::Prove(args) => evidence::prove(args).await,
         }
     });
     match result {

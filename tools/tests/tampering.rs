@@ -342,6 +342,77 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     let older_verdict = verify(&older, &vkey, &[&first_copy], python);
     assert!(older_verdict.pgtrail_ok, "{}", older_verdict.pgtrail);
 
+    // A proof that one change is in the signed tree, checked in Python from the proof file
+    // and the verifier key alone; an altered proof is refused.
+    let (first_change, _) =
+        key_range(&read_segment(&archive.join(SEGMENTS_DIR).join(kinds_segment(&archive))).0);
+    let change = format!("{}:{}", first_change.commit_lsn, first_change.seq);
+    let proved = pgtrail()
+        .args(["prove", "--archive"])
+        .arg(&archive)
+        .args(["--change", &change])
+        .output()
+        .unwrap();
+    assert!(
+        proved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&proved.stderr)
+    );
+    let proof = String::from_utf8(proved.stdout).unwrap();
+    assert!(
+        proof.starts_with("c2sp.org/tlog-proof@v1\nextra "),
+        "{proof}"
+    );
+    assert!(
+        proof.ends_with(&second),
+        "the proof carries the latest checkpoint"
+    );
+    let proof_file = dir.join("change.proof");
+    std::fs::write(&proof_file, &proof).unwrap();
+    let bad_file = dir.join("altered.proof");
+    let index_line = proof.lines().find(|l| l.starts_with("index ")).unwrap();
+    let index: u64 = index_line[6..].parse().unwrap();
+    std::fs::write(
+        &bad_file,
+        proof.replacen(index_line, &format!("index {}", index + 1), 1),
+    )
+    .unwrap();
+    if python {
+        let check = |file: &Path| {
+            Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/check_proofs.py"))
+                .arg("--proof")
+                .arg(file)
+                .args(["--key", &vkey])
+                .output()
+                .unwrap()
+        };
+        let good = check(&proof_file);
+        let said = String::from_utf8_lossy(&good.stdout);
+        assert!(good.status.success(), "{said}");
+        assert!(
+            said.contains(&format!(
+                "lsn {}, seq {}",
+                first_change.commit_lsn.0, first_change.seq
+            )),
+            "{said}"
+        );
+        let bad = check(&bad_file);
+        assert!(
+            !bad.status.success(),
+            "{}",
+            String::from_utf8_lossy(&bad.stdout)
+        );
+    }
+    let absent = pgtrail()
+        .args(["prove", "--archive"])
+        .arg(&archive)
+        .args(["--change", "0/1:0"])
+        .output()
+        .unwrap();
+    assert_eq!(absent.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("not in the tree"));
+
     // A second archive of another database, for a segment swapped in from elsewhere.
     let elsewhere = dir.join("elsewhere");
     cluster.psql("postgres", "CREATE DATABASE evid2").unwrap();

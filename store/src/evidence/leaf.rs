@@ -419,6 +419,40 @@ pub fn batch_leaves(
     batch: &RecordBatch,
     epochs: &Epochs,
 ) -> Result<Vec<Leaf>, LeafError> {
+    let mut leaves = Vec::with_capacity(batch.num_rows());
+    for_each_leaf(content, batch, epochs, |key, data| {
+        leaves.push(Leaf {
+            key,
+            hash: leaf_hash(data),
+        })
+    })?;
+    Ok(leaves)
+}
+
+/// `leaf_data` of the change at `key` in `batch`, if the batch holds it and the tree covers it
+/// (what a proof of inclusion carries for its verifier to hash).
+pub fn leaf_data(
+    content: &SegmentContent,
+    batch: &RecordBatch,
+    epochs: &Epochs,
+    key: ChangeKey,
+) -> Result<Option<Vec<u8>>, LeafError> {
+    let mut found = None;
+    for_each_leaf(content, batch, epochs, |k, data| {
+        if k == key {
+            found = Some(data.to_vec());
+        }
+    })?;
+    Ok(found)
+}
+
+/// Call `f` with the key and `leaf_data` of each row of `batch` the tree covers, in order.
+fn for_each_leaf(
+    content: &SegmentContent,
+    batch: &RecordBatch,
+    epochs: &Epochs,
+    mut f: impl FnMut(ChangeKey, &[u8]),
+) -> Result<(), LeafError> {
     let at_start = |reason: String| LeafError {
         key: ChangeKey::new(Lsn::ZERO, 0),
         reason,
@@ -435,7 +469,6 @@ pub fn batch_leaves(
     let at = column(batch, "committed_at")
         .map_err(at_start)?
         .as_primitive::<TimestampMicrosecondType>();
-    let mut leaves = Vec::with_capacity(batch.num_rows());
     let mut data = Vec::with_capacity(256);
     let mut part = Vec::with_capacity(256);
     match content {
@@ -498,10 +531,7 @@ pub fn batch_leaves(
                 data.extend_from_slice(&schema_digest);
                 data.push(op);
                 data.extend_from_slice(&body_digest(&parts));
-                leaves.push(Leaf {
-                    key,
-                    hash: leaf_hash(&data),
-                });
+                f(key, &data);
             }
         }
         SegmentContent::Messages => {
@@ -539,14 +569,11 @@ pub fn batch_leaves(
                 data.push(u8::from(transactional.value(row)));
                 put_str(&mut data, prefix.value(row));
                 data.extend_from_slice(&body);
-                leaves.push(Leaf {
-                    key,
-                    hash: leaf_hash(&data),
-                });
+                f(key, &data);
             }
         }
     }
-    Ok(leaves)
+    Ok(())
 }
 
 fn put_header(b: &mut Vec<u8>, kind: u8, key: ChangeKey, xid: u32, committed_at_us: i64) {

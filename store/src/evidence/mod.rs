@@ -9,6 +9,7 @@
 pub mod leaf;
 pub mod merkle;
 pub mod note;
+pub mod prove;
 pub mod state;
 #[doc(hidden)]
 pub mod tampering;

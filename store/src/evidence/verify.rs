@@ -92,8 +92,25 @@ impl VerifyReport {
 pub fn verify_archive(
     dir: &Path,
     options: &VerifyOptions,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, LogError> {
+    Ok(verify_and_collect(dir, options, progress)?.report)
+}
+
+/// What [`verify_and_collect`] read besides its report.
+pub(crate) struct Collected {
+    pub report: VerifyReport,
+    /// Every leaf in tree order, with the index (in `segments`) of the segment holding it.
+    pub leaves: Vec<(Leaf, u32)>,
+    pub segments: Vec<crate::SegmentEntry>,
+    pub epochs: super::leaf::Epochs,
+}
+
+pub(crate) fn verify_and_collect(
+    dir: &Path,
+    options: &VerifyOptions,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Collected, LogError> {
     let reader = LogReader::open(dir)?;
     let manifest = reader.manifest()?;
     let state = super::state::read(reader.read_transaction())?;
@@ -367,7 +384,12 @@ pub fn verify_archive(
         ));
     }
     report.ok = report.problems.is_empty();
-    Ok(report)
+    Ok(Collected {
+        report,
+        leaves,
+        segments,
+        epochs: state.epochs,
+    })
 }
 
 /// A checkpoint note's checkpoint and whether one of `keys` signed it.

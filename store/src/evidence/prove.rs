@@ -1,0 +1,124 @@
+//! `pgtrail prove`: that one change is in the tree a signed checkpoint pins, as a C2SP
+//! `tlog-proof` (`c2sp.org/tlog-proof@v1`) an auditor checks with the checkpoint's verifier
+//! key alone: the change's `leaf_data` (`extra`), its index, the RFC 6962 inclusion proof, and
+//! the checkpoint note.
+
+use std::path::Path;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+
+use super::merkle::{Hash, inclusion_proof, leaf_hash, root, verify_inclusion};
+use super::note::Checkpoint;
+use super::verify::{VerifyOptions, verify_and_collect};
+use crate::error::LogError;
+use crate::lsn::ChangeKey;
+use crate::segment::SegmentReader;
+
+/// The first line of a proof file.
+pub const PROOF_HEADER: &str = "c2sp.org/tlog-proof@v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProveError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("the archive does not verify ({0}); run `pgtrail verify` and prove nothing from it")]
+    Unverified(String),
+    #[error("not a checkpoint note: {0}")]
+    BadCheckpoint(String),
+    #[error(
+        "the checkpoint attests {size} changes but the archive's tree holds {held}: prove against a checkpoint of this archive"
+    )]
+    TooLarge { size: u64, held: u64 },
+    #[error(
+        "the checkpoint's root is not the root of this archive's first {0} changes: it is another archive's, or this one was altered (run `pgtrail verify --trusted-checkpoint` with it)"
+    )]
+    OtherRoot(u64),
+    #[error(
+        "change {key} is not in the tree the checkpoint pins (not archived, compacted after it, or before the archive kept evidence)"
+    )]
+    NotInTree { key: ChangeKey },
+    #[error("cannot read the segment holding change {key}: {why}")]
+    Segment { key: ChangeKey, why: String },
+}
+
+/// The proof that the change at `key` is in the tree `checkpoint_note` pins, as the text of a
+/// `tlog-proof` file. The archive is verified first (a proof from an altered archive would
+/// prove nothing); the checkpoint's signature is the verifier's to check.
+pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String, ProveError> {
+    let body = checkpoint_note
+        .split_once("\n\n")
+        .map(|(text, _)| format!("{text}\n"))
+        .ok_or_else(|| ProveError::BadCheckpoint("no blank line before its signatures".into()))?;
+    let checkpoint =
+        Checkpoint::parse(&body).map_err(|e| ProveError::BadCheckpoint(e.to_string()))?;
+    let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
+    if let Some(p) = collected.report.problems.first() {
+        return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));
+    }
+    let held = collected.leaves.len() as u64;
+    if checkpoint.size > held {
+        return Err(ProveError::TooLarge {
+            size: checkpoint.size,
+            held,
+        });
+    }
+    let size = checkpoint.size as usize;
+    let hashes: Vec<Hash> = collected.leaves[..size]
+        .iter()
+        .map(|(l, _)| l.hash)
+        .collect();
+    if root(&hashes) != checkpoint.root {
+        return Err(ProveError::OtherRoot(checkpoint.size));
+    }
+    let index = hashes
+        .len()
+        .min(collected.leaves[..size].partition_point(|(l, _)| l.key < key));
+    let Some((leaf, segment)) = collected.leaves[..size]
+        .get(index)
+        .filter(|(l, _)| l.key == key)
+    else {
+        return Err(ProveError::NotInTree { key });
+    };
+    let entry = &collected.segments[*segment as usize];
+    let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
+    let segment_error = |why: String| ProveError::Segment { key, why };
+    let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)
+        .map_err(|e| segment_error(e.to_string()))?;
+    let content = reader.content().clone();
+    let mut data = None;
+    for batch in reader {
+        let batch = batch.map_err(|e| segment_error(e.to_string()))?;
+        data = super::leaf::leaf_data(&content, &batch, &collected.epochs, key)
+            .map_err(|e| segment_error(e.to_string()))?;
+        if data.is_some() {
+            break;
+        }
+    }
+    let data = data.ok_or_else(|| segment_error("its segment no longer holds it".into()))?;
+    let proof = inclusion_proof(&hashes, index as u64).ok_or(ProveError::NotInTree { key })?;
+    // Checked before it is given: a proof pgtrail hands out must verify.
+    let hash = leaf_hash(&data);
+    if hash != leaf.hash
+        || !verify_inclusion(
+            &hash,
+            index as u64,
+            checkpoint.size,
+            &proof,
+            &checkpoint.root,
+        )
+    {
+        return Err(ProveError::OtherRoot(checkpoint.size));
+    }
+    let mut text = format!(
+        "{PROOF_HEADER}\nextra {}\nindex {index}\n",
+        BASE64.encode(&data)
+    );
+    for h in &proof {
+        text.push_str(&BASE64.encode(h));
+        text.push('\n');
+    }
+    text.push('\n');
+    text.push_str(checkpoint_note);
+    Ok(text)
+}
