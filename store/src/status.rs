@@ -25,6 +25,7 @@ pub struct ArchiveStatus {
     pub transactions: u64,
     pub segments: SegmentsStatus,
     pub log: LogTailStatus,
+    pub evidence: EvidenceStatus,
     /// The first and last commit LSN held.
     pub lsn_range: [Option<String>; 2],
     /// The first and last commit time held.
@@ -66,6 +67,20 @@ pub struct SegmentsStatus {
     pub compression_ratio: f64,
     pub changes: u64,
     pub compacted_through: String,
+}
+
+/// The archive's evidence tree (see `pgtrail verify`).
+#[derive(Clone, Debug, Serialize)]
+pub struct EvidenceStatus {
+    /// Leaves in the tree: changes compacted since the archive keeps evidence.
+    pub tree_size: u64,
+    /// The root, base64.
+    pub root: String,
+    /// The size the latest checkpoint in the archive attests (0 when none is signed), its
+    /// origin, and the changes not attested by it (the log tail included).
+    pub latest_checkpoint: u64,
+    pub origin: Option<String>,
+    pub unattested: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -231,6 +246,27 @@ impl ArchiveStatus {
                 },
                 changes: manifest.compacted_changes,
                 compacted_through: manifest.compacted_through.to_string(),
+            },
+            evidence: {
+                let state = crate::evidence::state::read(reader.read_transaction())?;
+                let latest = std::fs::read_to_string(
+                    dir.join(crate::evidence::state::EVIDENCE_DIR)
+                        .join("checkpoint"),
+                )
+                .unwrap_or_default();
+                let mut lines = latest.lines();
+                let origin = lines.next().filter(|o| !o.is_empty()).map(str::to_string);
+                let latest_checkpoint = lines.next().and_then(|l| l.parse().ok()).unwrap_or(0);
+                EvidenceStatus {
+                    tree_size: state.frontier.size(),
+                    root: base64::Engine::encode(
+                        &base64::engine::general_purpose::STANDARD,
+                        state.frontier.root(),
+                    ),
+                    latest_checkpoint,
+                    origin,
+                    unattested: state.frontier.size().saturating_sub(latest_checkpoint) + in_log,
+                }
             },
             log: LogTailStatus {
                 changes: in_log,

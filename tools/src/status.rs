@@ -120,6 +120,20 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
         r["log"]["changes"], r["log"]["transactions"], r["log"]["file_bytes"]
     );
+    let ev = &r["evidence"];
+    match ev["latest_checkpoint"].as_u64() {
+        Some(signed) if signed > 0 => println!(
+            "evidence      tree of {} changes, latest checkpoint {} by {}, {} changes not attested yet",
+            ev["tree_size"],
+            signed,
+            s(&ev["origin"]),
+            ev["unattested"]
+        ),
+        _ => println!(
+            "evidence      tree of {} changes, no checkpoint signed (capture or compact with --signing-key, or pgtrail checkpoint)",
+            ev["tree_size"]
+        ),
+    }
     println!("size          {} bytes", r["bytes"]);
     match r["gaps"].as_array() {
         Some(g) if !g.is_empty() => {
