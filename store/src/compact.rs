@@ -495,7 +495,7 @@ impl Compactor {
         // The leaves join the tree in the commit that lists their segments: the tree never
         // covers a change the manifest does not list, nor misses one it lists.
         let frontier = if self.options.evidence {
-            Some(evidence::state::append(&wtx, &seed, leaves)?)
+            Some(evidence::state::append(&wtx, &seed, leaves, cut)?)
         } else {
             None
         };

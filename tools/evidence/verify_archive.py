@@ -388,6 +388,22 @@ def main():
             owner[(l, s)] = seg["file"]
         leaves.extend(got)
     leaves.sort()
+    # The tree: each epoch's changes (by key), then its events (gaps, the watermark; by n).
+    starts = [(l, s) for (l, s, _) in epochs]
+    events = sorted((e["lsn"], e["seq"], e["n"], e["kind"], e["payload"]) for e in tree.get("events", []))
+    for ev in events:
+        if (ev[0], ev[1]) not in starts:
+            problem("evidence/tree.json", "event %d of epoch %d/%d belongs to no epoch" % (ev[2], ev[0], ev[1]))
+    order, c, e = [], 0, 0
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else None
+        while c < len(leaves) and (leaves[c][0], leaves[c][1]) >= start and (end is None or (leaves[c][0], leaves[c][1]) < end):
+            order.append(leaves[c][2])
+            c += 1
+        while e < len(events) and (events[e][0], events[e][1]) == start:
+            lsn, seq, n, kind, payload = events[e]
+            order.append(sha(b"\x00", LEAF_DOMAIN, bytes([kind]), struct.pack(">QII", lsn, seq, n), sstr(payload)))
+            e += 1
     checkpoints = []
     cdir = os.path.join(evidence, "checkpoints")
     if os.path.isdir(cdir):
@@ -403,8 +419,8 @@ def main():
         c = read_checkpoint(place, note, vkeys, is_trusted)
         if c is None:
             continue
-        if c[1] > len(leaves):
-            problem(place, "attests %d changes but the tree holds %d: rolled back or truncated" % (c[1], len(leaves)))
+        if c[1] > len(order):
+            problem(place, "attests %d changes but the tree holds %d: rolled back or truncated" % (c[1], len(order)))
             continue
         wanted.append((place, c))
     roots = {}
@@ -412,7 +428,7 @@ def main():
     frontier = Frontier()
     if 0 in sizes:
         roots[0] = frontier.root()
-    for (_, _, h) in leaves:
+    for h in order:
         frontier.push(h)
         if frontier.size in sizes:
             roots[frontier.size] = frontier.root()

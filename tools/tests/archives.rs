@@ -461,6 +461,17 @@ fn archives_of_every_earlier_format_answer_as_recorded() {
                 );
             }
             checked += recorded.len();
+            // An archive of an earlier pgtrail kept no evidence: verify accepts it, says so,
+            // and raises no false alarm.
+            let verified = pgtrail()
+                .args(["verify", "--json", "--archive"])
+                .arg(&archive)
+                .output()
+                .unwrap();
+            let report: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+            assert!(verified.status.success(), "{}: {report}", fixture.display());
+            assert_eq!(report["tree_size"], 0, "{report}");
+            assert_eq!(report["rows_before_evidence"], report["rows"], "{report}");
         }
     }
     assert!(checked >= 40, "only {checked} answers checked");

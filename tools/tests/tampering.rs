@@ -320,8 +320,13 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     let root = clean.pgtrail["root"].as_str().unwrap().to_string();
     assert_eq!(
         size,
-        clean.pgtrail["rows"].as_u64().unwrap(),
-        "every change is a leaf"
+        clean.pgtrail["rows"].as_u64().unwrap() + clean.pgtrail["events"].as_u64().unwrap(),
+        "every change is a leaf, and so is each compaction's watermark"
+    );
+    assert_eq!(
+        clean.pgtrail["events"].as_u64().unwrap(),
+        2,
+        "one watermark per compaction"
     );
     assert_eq!(clean.pgtrail["attested_size"].as_u64().unwrap(), size);
     assert!(
@@ -707,4 +712,79 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
         older_signed,
         "nothing was signed for the older copy"
     );
+}
+
+/// A gap the capture records (the slot dropped while it was stopped) becomes a leaf of the
+/// tree at the next compaction: `verify` lists it as attested and the Python verifier, which
+/// folds the archive's events into the tree the same way, reaches the same root.
+#[test]
+fn a_recorded_gap_is_a_leaf_of_the_tree() {
+    let python = python_ready();
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "gap.key", "pgtrail.test/gap");
+    let archive = dir.join("archive");
+    cluster.psql("postgres", "CREATE DATABASE evgap").unwrap();
+    cluster
+        .psql("evgap", "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, 'a' FROM generate_series(1, 20) g")
+        .unwrap();
+    capture_until_now(&cluster, "evgap", &archive);
+    checkpoint(&archive, &key);
+    cluster
+        .psql("evgap", "SELECT pg_drop_replication_slot('evgap')")
+        .unwrap();
+    cluster
+        .psql("evgap", "UPDATE t SET v = 'unseen' WHERE id < 5")
+        .unwrap();
+    let capture = |extra: &[&str]| {
+        pgtrail()
+            .args([
+                "capture",
+                "--slot",
+                "evgap",
+                "--publication",
+                "evgap",
+                "--no-compact",
+            ])
+            .args(extra)
+            .args(["--stop-at", &crate::insert_lsn(&cluster, "evgap")])
+            .env("PGTRAIL_SOURCE", cluster.url("evgap"))
+            .env("PGTRAIL_ARCHIVE", &archive)
+            .output()
+            .unwrap()
+    };
+    let refused = capture(&[]);
+    assert!(!refused.status.success(), "a dropped slot is a gap");
+    let resumed = capture(&["--resnapshot"]);
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let before = verify(&archive, &vkey, &[], python);
+    assert!(before.pgtrail_ok, "{}", before.pgtrail);
+    assert_eq!(before.pgtrail["gaps"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        before.pgtrail["attested_gaps"].as_array().unwrap().len(),
+        0,
+        "not compacted since the gap: not in the tree yet"
+    );
+    let signed = checkpoint(&archive, &key);
+    let after = verify(&archive, &vkey, &[], python);
+    assert!(after.pgtrail_ok, "{}", after.pgtrail);
+    let attested = after.pgtrail["attested_gaps"].as_array().unwrap();
+    assert_eq!(attested.len(), 1, "{}", after.pgtrail);
+    assert!(
+        attested[0].as_str().unwrap().contains("reason"),
+        "{}",
+        after.pgtrail
+    );
+    let size = after.pgtrail["tree_size"].as_u64().unwrap();
+    assert!(signed.starts_with(&format!("pgtrail.test/gap\n{size}\n")));
+    if let Some((ok, said)) = after.python {
+        assert!(ok, "{said}");
+        let root = after.pgtrail["root"].as_str().unwrap();
+        assert!(said.contains(&format!("root {root}")), "{said}");
+    }
 }

@@ -49,6 +49,10 @@ const SCHEMA_DOMAIN: &[u8; 18] = b"pgtrail/schema/v1\n";
 
 pub const KIND_CHANGE: u8 = 1;
 pub const KIND_MESSAGE: u8 = 2;
+/// The archive's own events: a gap the capture recorded, and a watermark per compaction run
+/// (how far the archive reached, from which source).
+pub const KIND_GAP: u8 = 3;
+pub const KIND_WATERMARK: u8 = 4;
 
 /// A cell of a row image: how its value is encoded.
 const CELL_NULL: u8 = 0;
@@ -574,6 +578,21 @@ fn for_each_leaf(
         }
     }
     Ok(())
+}
+
+/// The leaf of the archive's `n`th event of the epoch beginning at `epoch`:
+/// `"pgtrail/leaf/v1\n" ‖ u8 kind ‖ u64 epoch lsn ‖ u32 epoch seq ‖ u32 n ‖ str payload`. The
+/// payload (JSON) is kept verbatim in the evidence files; an event's leaf follows the leaves
+/// of its epoch's changes in the tree.
+pub fn event_leaf_hash(kind: u8, epoch: ChangeKey, n: u32, payload: &str) -> Hash {
+    let mut b = Vec::with_capacity(48 + payload.len());
+    b.extend_from_slice(LEAF_DOMAIN);
+    b.push(kind);
+    b.extend_from_slice(&epoch.commit_lsn.0.to_be_bytes());
+    b.extend_from_slice(&epoch.seq.to_be_bytes());
+    b.extend_from_slice(&n.to_be_bytes());
+    put_str(&mut b, payload);
+    leaf_hash(&b)
 }
 
 fn put_header(b: &mut Vec<u8>, kind: u8, key: ChangeKey, xid: u32, committed_at_us: i64) {

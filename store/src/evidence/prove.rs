@@ -56,30 +56,27 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
     if let Some(p) = collected.report.problems.first() {
         return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));
     }
-    let held = collected.leaves.len() as u64;
+    let held = collected.tree.len() as u64;
     if checkpoint.size > held {
         return Err(ProveError::TooLarge {
             size: checkpoint.size,
             held,
         });
     }
-    let size = checkpoint.size as usize;
-    let hashes: Vec<Hash> = collected.leaves[..size]
-        .iter()
-        .map(|(l, _)| l.hash)
-        .collect();
-    if root(&hashes) != checkpoint.root {
+    let hashes: &[Hash] = &collected.tree[..checkpoint.size as usize];
+    if root(hashes) != checkpoint.root {
         return Err(ProveError::OtherRoot(checkpoint.size));
     }
-    let index = hashes
-        .len()
-        .min(collected.leaves[..size].partition_point(|(l, _)| l.key < key));
-    let Some((leaf, segment)) = collected.leaves[..size]
-        .get(index)
-        .filter(|(l, _)| l.key == key)
+    let position = collected.leaves.partition_point(|(l, _)| l.key < key);
+    let Some(((leaf, segment), index)) = collected
+        .leaves
+        .get(position)
+        .zip(collected.change_index.get(position))
+        .filter(|((l, _), index)| l.key == key && **index < checkpoint.size)
     else {
         return Err(ProveError::NotInTree { key });
     };
+    let index = *index;
     let entry = &collected.segments[*segment as usize];
     let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
     let segment_error = |why: String| ProveError::Segment { key, why };
@@ -96,7 +93,7 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
         }
     }
     let data = data.ok_or_else(|| segment_error("its segment no longer holds it".into()))?;
-    let proof = inclusion_proof(&hashes, index as u64).ok_or(ProveError::NotInTree { key })?;
+    let proof = inclusion_proof(hashes, index).ok_or(ProveError::NotInTree { key })?;
     // Checked before it is given: a proof pgtrail hands out must verify.
     let hash = leaf_hash(&data);
     if hash != leaf.hash

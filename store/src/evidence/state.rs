@@ -28,17 +28,66 @@ use crate::lsn::{ChangeKey, Lsn};
 pub(crate) const EPOCHS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_epochs");
 pub(crate) const META_FRONTIER: &str = "evidence_frontier";
+/// The archive's events in the tree: `(epoch lsn, epoch seq, n)` → `u8 kind ‖ payload`.
+pub(crate) const EVENTS: TableDefinition<(u64, u32, u32), &[u8]> =
+    TableDefinition::new("evidence_events");
 
 /// The directory of evidence files inside the archive.
 pub const EVIDENCE_DIR: &str = "evidence";
 /// The format of `evidence/tree.json` and `evidence/manifest.json`.
 pub const EVIDENCE_FILES_FORMAT: &str = "pgtrail/evidence/v1";
 
+/// One of the archive's own events in the tree (see [`super::leaf::event_leaf_hash`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub epoch: ChangeKey,
+    pub n: u32,
+    pub kind: u8,
+    /// JSON, kept verbatim.
+    pub payload: String,
+}
+
 /// The tree as the log records it.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EvidenceState {
     pub epochs: Epochs,
     pub frontier: Frontier,
+    /// Events in tree order (by epoch, then n).
+    pub events: Vec<Event>,
+}
+
+fn read_events(
+    table: &impl ReadableTable<(u64, u32, u32), &'static [u8]>,
+) -> Result<Vec<Event>, LogError> {
+    let mut events = Vec::new();
+    for entry in table.iter()? {
+        let (k, v) = entry?;
+        let (lsn, seq, n) = k.value();
+        let (kind, payload) = v
+            .value()
+            .split_first()
+            .ok_or_else(|| corrupt("evidence event", "empty"))?;
+        let payload = std::str::from_utf8(payload)
+            .map_err(|_| corrupt("evidence event", "its payload is not UTF-8"))?;
+        events.push(Event {
+            epoch: ChangeKey::new(Lsn(lsn), seq),
+            n,
+            kind: *kind,
+            payload: payload.to_string(),
+        });
+    }
+    Ok(events)
+}
+
+/// The payload of a gap's event.
+fn gap_payload(gap: &crate::Gap) -> String {
+    serde_json::json!({
+        "from": gap.from.to_string(),
+        "to": gap.to.to_string(),
+        "reason": gap.reason,
+        "recorded_at_us": gap.recorded_at_us,
+    })
+    .to_string()
 }
 
 fn corrupt(what: &str, why: &str) -> LogError {
@@ -66,6 +115,11 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         Err(redb::TableError::TableDoesNotExist(_)) => {}
         Err(e) => return Err(e.into()),
     }
+    let events = match rtx.open_table(EVENTS) {
+        Ok(t) => read_events(&t)?,
+        Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
+        Err(e) => return Err(e.into()),
+    };
     let meta = rtx.open_table(META)?;
     let frontier = match meta.get(META_FRONTIER)? {
         None => Frontier::new(),
@@ -75,6 +129,7 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
     Ok(EvidenceState {
         epochs: Epochs::new(starts),
         frontier,
+        events,
     })
 }
 
@@ -88,12 +143,15 @@ pub(crate) fn new_seed() -> Result<Seed, LogError> {
 
 /// Append a compaction run's leaves (any order) to the tree, in the write transaction that
 /// lists their segments: the epoch that begins at the run's first key, then the leaves in
-/// `(lsn, seq)` order. Refuses leaves at or before the tree's last (they would not be appended
-/// but inserted, and every proof given so far would break).
+/// `(lsn, seq)` order, then the run's events: every gap recorded since the last run and a
+/// watermark (the cut the run compacted through, the source, when). Refuses leaves at or
+/// before the tree's last (they would not be appended but inserted, and every proof given so
+/// far would break).
 pub(crate) fn append(
     wtx: &redb::WriteTransaction,
     seed: &Seed,
     mut leaves: Vec<Leaf>,
+    cut: Lsn,
 ) -> Result<Frontier, LogError> {
     leaves.sort_unstable_by_key(|l| l.key);
     let Some(first) = leaves.first().map(|l| l.key) else {
@@ -123,6 +181,49 @@ pub(crate) fn append(
     }
     for leaf in &leaves {
         frontier.push(leaf.hash);
+    }
+    // The run's events, read in this transaction (a gap recorded meanwhile is in this run
+    // or the next, never in none).
+    let mut event_table = wtx.open_table(EVENTS)?;
+    let leafed: std::collections::HashSet<String> = read_events(&event_table)?
+        .into_iter()
+        .filter(|e| e.kind == super::leaf::KIND_GAP)
+        .map(|e| e.payload)
+        .collect();
+    let mut events: Vec<(u8, String)> = Vec::new();
+    for entry in wtx.open_table(crate::log::GAPS)?.iter()? {
+        let gap: crate::Gap = crate::log::decode(entry?.1.value(), "gaps")?;
+        let payload = gap_payload(&gap);
+        if !leafed.contains(&payload) {
+            events.push((super::leaf::KIND_GAP, payload));
+        }
+    }
+    let source: Option<crate::SourceIdentity> = match meta.get(crate::log::META_SOURCE)? {
+        Some(v) => Some(crate::log::decode(v.value(), "meta source")?),
+        None => None,
+    };
+    let source = source.unwrap_or_default();
+    events.push((
+        super::leaf::KIND_WATERMARK,
+        serde_json::json!({
+            "compacted_through": cut.to_string(),
+            "changes": leaves.len(),
+            "at_us": crate::now_us(),
+            "system_id": source.system_id,
+            "timeline": source.timeline,
+            "database": source.database,
+            "slot": source.slot,
+            "publication": source.publication,
+            "pgtrail": env!("CARGO_PKG_VERSION"),
+        })
+        .to_string(),
+    ));
+    for (n, (kind, payload)) in events.into_iter().enumerate() {
+        let n = n as u32;
+        frontier.push(super::leaf::event_leaf_hash(kind, first, n, &payload));
+        let mut value = vec![kind];
+        value.extend_from_slice(payload.as_bytes());
+        event_table.insert((first.commit_lsn.0, first.seq, n), value.as_slice())?;
     }
     meta.insert(META_FRONTIER, frontier.to_bytes().as_slice())?;
     Ok(frontier)
@@ -227,6 +328,13 @@ pub fn publish(
             "seq": k.seq,
             "seed": hex(seed),
         })).collect::<Vec<_>>(),
+        "events": state.events.iter().map(|e| serde_json::json!({
+            "lsn": e.epoch.commit_lsn.0,
+            "seq": e.epoch.seq,
+            "n": e.n,
+            "kind": e.kind,
+            "payload": e.payload,
+        })).collect::<Vec<_>>(),
     });
     write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;
     let segments = serde_json::json!({
@@ -323,4 +431,51 @@ fn check_published(outside: &Path, own: &Path, size: u64) -> Result<(), PublishE
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The tree's leaves in order: each epoch's change leaves (`changes`, sorted by key), then its
+/// events (by `n`); and for each change its index in the tree. An event of no epoch is an
+/// error (it would have no place in the tree).
+pub fn tree_order(
+    changes: &[Leaf],
+    epochs: &Epochs,
+    events: &[Event],
+) -> Result<(Vec<Hash>, Vec<u64>), String> {
+    let starts = epochs.starts();
+    for e in events {
+        if !starts.iter().any(|(k, _)| *k == e.epoch) {
+            return Err(format!(
+                "event {} of epoch {} belongs to no epoch",
+                e.n, e.epoch
+            ));
+        }
+    }
+    let mut events: Vec<&Event> = events.iter().collect();
+    events.sort_by_key(|e| (e.epoch, e.n));
+    let mut tree = Vec::with_capacity(changes.len() + events.len());
+    let mut index = Vec::with_capacity(changes.len());
+    let (mut c, mut ev) = (0, 0);
+    for (i, (start, _)) in starts.iter().enumerate() {
+        // Changes before the first epoch have no leaf and are not in `changes`.
+        let end = starts.get(i + 1).map(|(k, _)| *k);
+        while c < changes.len()
+            && changes[c].key >= *start
+            && end.is_none_or(|e| changes[c].key < e)
+        {
+            index.push(tree.len() as u64);
+            tree.push(changes[c].hash);
+            c += 1;
+        }
+        while ev < events.len() && events[ev].epoch == *start {
+            let e = events[ev];
+            tree.push(super::leaf::event_leaf_hash(
+                e.kind, e.epoch, e.n, &e.payload,
+            ));
+            ev += 1;
+        }
+    }
+    if c != changes.len() {
+        return Err(format!("change {} has a leaf but no epoch", changes[c].key));
+    }
+    Ok((tree, index))
 }

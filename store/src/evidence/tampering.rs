@@ -50,7 +50,8 @@ fn republish(db: &redb::Database, archive: &Path) -> Result<(), LogError> {
 pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Error>> {
     let reader = crate::LogReader::open(archive)?;
     let manifest = reader.manifest()?;
-    let epochs = super::state::read(reader.read_transaction())?.epochs;
+    let state = super::state::read(reader.read_transaction())?;
+    let epochs = state.epochs.clone();
     drop(reader);
     let mut leaves = Vec::new();
     for entry in &manifest.segments {
@@ -62,9 +63,10 @@ pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Er
         }
     }
     leaves.sort_by_key(|l| l.key);
+    let (tree, _) = super::state::tree_order(&leaves, &epochs, &state.events)?;
     let mut frontier = Frontier::new();
-    for leaf in &leaves {
-        frontier.push(leaf.hash);
+    for hash in tree {
+        frontier.push(hash);
     }
     rewrite_frontier(archive, &frontier)?;
     Ok(frontier)

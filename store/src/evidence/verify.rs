@@ -74,6 +74,11 @@ pub struct VerifyReport {
     pub attested_size: u64,
     /// Gaps the capture recorded (changes the archive knows it does not hold).
     pub gaps: Vec<String>,
+    /// The archive's own events in the tree (gaps and compaction watermarks).
+    pub events: u64,
+    /// Gaps the tree holds (their payloads): a gap recorded since the last compaction is in
+    /// `gaps` but not here yet.
+    pub attested_gaps: Vec<String>,
 }
 
 impl VerifyReport {
@@ -100,8 +105,12 @@ pub fn verify_archive(
 /// What [`verify_and_collect`] read besides its report.
 pub(crate) struct Collected {
     pub report: VerifyReport,
-    /// Every leaf in tree order, with the index (in `segments`) of the segment holding it.
+    /// Every change's leaf in key order, with the index (in `segments`) of the segment
+    /// holding it, and its index in the tree.
     pub leaves: Vec<(Leaf, u32)>,
+    pub change_index: Vec<u64>,
+    /// The tree's leaf hashes in order (changes and events).
+    pub tree: Vec<Hash>,
     pub segments: Vec<crate::SegmentEntry>,
     pub epochs: super::leaf::Epochs,
 }
@@ -243,6 +252,20 @@ pub(crate) fn verify_and_collect(
         }
     }
 
+    // The tree: each epoch's changes, then its events (gaps, the watermark).
+    let change_leaves: Vec<Leaf> = leaves.iter().map(|(l, _)| *l).collect();
+    let (tree, change_index) =
+        match super::state::tree_order(&change_leaves, &state.epochs, &state.events) {
+            Ok(t) => t,
+            Err(why) => {
+                report.problem("the log's evidence events", why);
+                (change_leaves.iter().map(|l| l.hash).collect(), Vec::new())
+            }
+        };
+    drop(change_leaves);
+    report.events = state.events.len() as u64;
+    check_events(&state.events, &mut report);
+
     // Checkpoints: in the archive (every one signed so far) and those the caller trusts.
     let mut notes: Vec<(String, String, bool)> = Vec::new();
     let checkpoints_dir = dir.join(EVIDENCE_DIR).join("checkpoints");
@@ -282,13 +305,13 @@ pub(crate) fn verify_and_collect(
             );
             continue;
         }
-        if checkpoint.size > leaves.len() as u64 {
+        if checkpoint.size > tree.len() as u64 {
             report.problem(
                 file,
                 format!(
                     "attests {} changes but the archive's tree holds {}: the archive was rolled back, truncated or restored from an older copy",
                     checkpoint.size,
-                    leaves.len()
+                    tree.len()
                 ),
             );
         }
@@ -314,8 +337,8 @@ pub(crate) fn verify_and_collect(
         roots_at.push((0, frontier.root()));
         next.next();
     }
-    for (leaf, _) in &leaves {
-        frontier.push(leaf.hash);
+    for hash in &tree {
+        frontier.push(*hash);
         while next.peek().is_some_and(|&&s| s == frontier.size()) {
             roots_at.push((frontier.size(), frontier.root()));
             next.next();
@@ -387,6 +410,8 @@ pub(crate) fn verify_and_collect(
     Ok(Collected {
         report,
         leaves,
+        change_index,
+        tree,
         segments,
         epochs: state.epochs,
     })
@@ -418,6 +443,36 @@ fn open_checkpoint(text: &str, keys: &[VerifierKey]) -> Result<(Checkpoint, bool
         .ok_or_else(|| "not a signed note".to_string())?;
     let checkpoint = Checkpoint::parse(&body).map_err(|e| e.to_string())?;
     Ok((checkpoint, false))
+}
+
+/// The events' payloads read as what they claim: every watermark names the source the log
+/// names (another system's archive spliced in would not), and the gaps are listed.
+fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
+    let mut system: Option<String> = None;
+    for e in events {
+        let place = format!("evidence event {} of epoch {}", e.n, e.epoch);
+        let Ok(payload) = serde_json::from_str::<serde_json::Value>(&e.payload) else {
+            report.problem(place, "its payload is not JSON");
+            continue;
+        };
+        match e.kind {
+            super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
+            super::leaf::KIND_WATERMARK => {
+                let id = payload["system_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                match &system {
+                    Some(first) if *first != id => report.problem(
+                        place,
+                        format!("its source system {id} differs from the archive's earlier watermarks ({first})"),
+                    ),
+                    _ => system = Some(id),
+                }
+            }
+            other => report.problem(place, format!("unknown event kind {other}")),
+        }
+    }
 }
 
 fn segment_problem(e: &SegmentError) -> String {
