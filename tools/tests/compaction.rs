@@ -64,7 +64,8 @@ fn everything(archive: &Path) -> Vec<(ChangeKey, ChangeRecord)> {
     reader.all_changes(archive).unwrap()
 }
 
-fn copy_archive(from: &Path, to: &Path) {
+/// `cp -a from to`: a copy of an archive as it is on disk (modes and all).
+pub(crate) fn copy_archive(from: &Path, to: &Path) {
     let status = std::process::Command::new("cp")
         .arg("-a")
         .arg(from)

@@ -19,6 +19,7 @@ use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 use pgtrail_store::evidence::tampering::{recompute_tree, rewrite_manifest};
 use pgtrail_store::{ChangeKey, Lsn, SEGMENTS_DIR};
 
+use crate::compaction::copy_archive;
 use crate::{capture_until_now, pgtrail};
 
 /// Every kind of value a segment types (and the ones it keeps as PostgreSQL's exact text),
@@ -144,16 +145,6 @@ fn keygen(dir: &Path, file: &str, name: &str) -> (PathBuf, String) {
         path,
         String::from_utf8(out.stdout).unwrap().trim().to_string(),
     )
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    let status = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 /// The manifest's segment files as the evidence files list them: (file, rows).
@@ -306,7 +297,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     let first_copy = dir.join("first.checkpoint");
     std::fs::write(&first_copy, &first).unwrap();
     let older = dir.join("older");
-    copy_dir(&archive, &older);
+    copy_archive(&archive, &older);
     cluster.psql("evid", ROUND_2).unwrap();
     capture_until_now(&cluster, "evid", &archive);
     let second = checkpoint(&archive, &key);
@@ -602,7 +593,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
             "a checkpoint signed by another key of the same name",
             Box::new(move |a: &Path| {
                 let copy = a.with_extension("signed-elsewhere");
-                copy_dir(a, &copy);
+                copy_archive(a, &copy);
                 checkpoint(&copy, &other);
                 std::fs::copy(
                     copy.join(format!("evidence/checkpoints/{size}")),
@@ -615,7 +606,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     ];
     for (i, (name, tamper, expected)) in cases.iter().enumerate() {
         let copy = dir.join(format!("case{i}"));
-        copy_dir(&archive, &copy);
+        copy_archive(&archive, &copy);
         tamper(&copy);
         let v = verify(&copy, &vkey, &[&first_copy, &second_copy], python);
         assert!(
@@ -651,7 +642,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     // A checkpoint of a forked tree, signed by the real key (a key holder who rewrote
     // history), kept outside as trusted: the archive does not extend it.
     let fork = dir.join("fork");
-    copy_dir(&archive, &fork);
+    copy_archive(&archive, &fork);
     forge_segment(&fork, &segment, |b| edit_image_int(b, "after", "i"));
     std::fs::remove_dir_all(fork.join("evidence/checkpoints")).unwrap();
     let forked = checkpoint(&fork, &key);
