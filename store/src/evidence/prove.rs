@@ -97,13 +97,7 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
     // Checked before it is given: a proof pgtrail hands out must verify.
     let hash = leaf_hash(&data);
     if hash != leaf.hash
-        || !verify_inclusion(
-            &hash,
-            index as u64,
-            checkpoint.size,
-            &proof,
-            &checkpoint.root,
-        )
+        || !verify_inclusion(&hash, index, checkpoint.size, &proof, &checkpoint.root)
     {
         return Err(ProveError::OtherRoot(checkpoint.size));
     }
