@@ -60,18 +60,26 @@ struct Verdicts {
 }
 
 fn python_ready() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import pyarrow, cryptography"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var_os("PGTRAIL_REQUIRE_PYCRYPTO").is_none(),
-            "PGTRAIL_REQUIRE_PYCRYPTO is set but python3 cannot import pyarrow and cryptography"
-        );
-        eprintln!("skipped: the Python archive verifier (pip install pyarrow cryptography)");
+    let has = |module: &str| {
+        Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    for (module, required_by) in [
+        ("pyarrow", "PGTRAIL_REQUIRE_PYARROW"),
+        ("cryptography", "PGTRAIL_REQUIRE_PYCRYPTO"),
+    ] {
+        if !has(module) {
+            assert!(
+                std::env::var_os(required_by).is_none(),
+                "{required_by} is set but python3 cannot import {module}"
+            );
+            eprintln!("skipped: the Python archive verifier (pip install pyarrow cryptography)");
+            return false;
+        }
     }
-    ok
+    true
 }
 
 fn verify(archive: &Path, vkey: &str, trusted: &[&Path], python: bool) -> Verdicts {
