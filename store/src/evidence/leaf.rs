@@ -27,9 +27,9 @@
 //! the next epoch's first key) and the change's key, not its place in the tree: a change's
 //! leaf can be computed from its own row wherever a file holds it (after merges, in a bundle).
 
-use std::collections::HashMap;
-
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, ListArray, MapArray, RecordBatch, StructArray,
+};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{
     DataType, Date32Type, Decimal128Type, Float32Type, Float64Type, Int16Type, Int32Type,
@@ -287,10 +287,13 @@ fn put_value(b: &mut Vec<u8>, array: &dyn Array, row: usize) -> Result<(), Strin
             }
         }
         DataType::List(_) => {
+            // By offsets into the values: no array is made per cell.
             let list = array.as_list::<i32>();
-            let elements = plain(&list.value(row))?;
-            put_len(b, elements.len());
-            for i in 0..elements.len() {
+            let offsets = list.value_offsets();
+            let (start, end) = (offsets[row] as usize, offsets[row + 1] as usize);
+            let elements = list.values();
+            put_len(b, end - start);
+            for i in start..end {
                 if elements.is_null(i) {
                     b.push(CELL_NULL);
                 } else {
@@ -308,112 +311,185 @@ fn put_value(b: &mut Vec<u8>, array: &dyn Array, row: usize) -> Result<(), Strin
     Ok(())
 }
 
-/// The names in a `List(Utf8)` cell (None when the cell is null).
-fn names(list: Option<&ArrayRef>, row: usize) -> Result<Option<Vec<String>>, String> {
-    let Some(list) = list else { return Ok(None) };
-    if list.is_null(row) {
-        return Ok(None);
+/// A `List(Utf8)` column of column names, read per row without copying.
+struct Names<'a> {
+    list: &'a ListArray,
+    values: ArrayRef,
+}
+
+impl<'a> Names<'a> {
+    fn new(column: Option<&'a ArrayRef>) -> Result<Option<Names<'a>>, String> {
+        let Some(column) = column else {
+            return Ok(None);
+        };
+        let list = column
+            .as_list_opt::<i32>()
+            .ok_or("a list of column names is not a list")?;
+        let values = plain(list.values())?;
+        if values.as_string_opt::<i32>().is_none() {
+            return Err("a list of column names does not hold text".into());
+        }
+        Ok(Some(Names { list, values }))
     }
-    let values = plain(&list.as_list::<i32>().value(row))?;
-    let values = values.as_string::<i32>();
-    (0..values.len())
-        .map(|i| {
-            if values.is_null(i) {
-                Err("a list of column names holds a null".to_string())
-            } else {
-                Ok(values.value(i).to_string())
+
+    /// The names at `row` (None when the cell is null).
+    fn at(&self, row: usize) -> Result<Option<Vec<&str>>, String> {
+        if self.list.is_null(row) {
+            return Ok(None);
+        }
+        let offsets = self.list.value_offsets();
+        let values = self.values.as_string::<i32>();
+        (offsets[row] as usize..offsets[row + 1] as usize)
+            .map(|i| {
+                if values.is_null(i) {
+                    Err("a list of column names holds a null".to_string())
+                } else {
+                    Ok(values.value(i))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+}
+
+/// A `Map(Utf8 → Utf8)` column of exact texts, read per row without copying.
+struct Texts<'a> {
+    map: &'a MapArray,
+    keys: ArrayRef,
+    values: ArrayRef,
+}
+
+impl<'a> Texts<'a> {
+    fn new(column: Option<&'a ArrayRef>) -> Result<Option<Texts<'a>>, String> {
+        let Some(column) = column else {
+            return Ok(None);
+        };
+        let map = column.as_map_opt().ok_or("the exact texts are not a map")?;
+        let (keys, values) = (plain(map.keys())?, plain(map.values())?);
+        if keys.as_string_opt::<i32>().is_none() || values.as_string_opt::<i32>().is_none() {
+            return Err("the exact texts are not text".into());
+        }
+        Ok(Some(Texts { map, keys, values }))
+    }
+
+    /// The `name → text` entries at `row`.
+    fn at(&self, row: usize) -> Result<Vec<(&str, Option<&str>)>, String> {
+        if self.map.is_null(row) {
+            return Ok(Vec::new());
+        }
+        let offsets = self.map.value_offsets();
+        let (keys, values) = (self.keys.as_string::<i32>(), self.values.as_string::<i32>());
+        let mut out: Vec<(&str, Option<&str>)> = Vec::new();
+        for i in offsets[row] as usize..offsets[row + 1] as usize {
+            let key = keys.value(i);
+            if out.iter().any(|(k, _)| *k == key) {
+                return Err(format!("the exact texts name column {key} twice"));
             }
+            out.push((key, (!values.is_null(i)).then(|| values.value(i))));
+        }
+        Ok(out)
+    }
+}
+
+/// A row image's columns (`before` or `after`, with its `_unknown` and `_text`), prepared once
+/// per batch: dictionary and view encodings read as plain values.
+struct Image<'a> {
+    image: Option<&'a StructArray>,
+    children: Vec<ArrayRef>,
+    unknown: Option<Names<'a>>,
+    text: Option<Texts<'a>>,
+}
+
+impl<'a> Image<'a> {
+    fn new(batch: &'a RecordBatch, name: &str, rel: &RelationVersion) -> Result<Image<'a>, String> {
+        let image = match batch.column_by_name(name) {
+            None => None,
+            Some(c) => Some(
+                c.as_struct_opt()
+                    .ok_or_else(|| format!("the `{name}` column is not a row"))?,
+            ),
+        };
+        let children = match image {
+            None => Vec::new(),
+            Some(image) => {
+                if image.num_columns() != rel.columns.len() {
+                    return Err("the row image's columns differ from the table's".into());
+                }
+                image
+                    .columns()
+                    .iter()
+                    .map(plain)
+                    .collect::<Result<_, _>>()?
+            }
+        };
+        Ok(Image {
+            image,
+            children,
+            unknown: Names::new(batch.column_by_name(&format!("{name}_unknown")))?,
+            text: Texts::new(batch.column_by_name(&format!("{name}_text")))?,
         })
-        .collect::<Result<Vec<_>, _>>()
-        .map(Some)
-}
+    }
 
-/// The `name → text` entries of a `Map(Utf8 → Utf8)` cell.
-fn texts(map: Option<&ArrayRef>, row: usize) -> Result<HashMap<String, Option<String>>, String> {
-    let mut out = HashMap::new();
-    let Some(map) = map else { return Ok(out) };
-    if map.is_null(row) {
-        return Ok(out);
-    }
-    let entries = map.as_map().value(row);
-    let keys = plain(entries.column(0))?;
-    let values = plain(entries.column(1))?;
-    let (keys, values) = (keys.as_string::<i32>(), values.as_string::<i32>());
-    for i in 0..keys.len() {
-        let value = (!values.is_null(i)).then(|| values.value(i).to_string());
-        if out.insert(keys.value(i).to_string(), value).is_some() {
-            return Err(format!(
-                "the exact texts name column {} twice",
-                keys.value(i)
-            ));
-        }
-    }
-    Ok(out)
-}
-
-/// The canonical bytes of a row image: `u8 present`, then per column (in the table's order)
-/// `0x00` null, `0x01` unknown, `0x02` typed value, `0x03` exact text (`opt str`).
-fn put_image(
-    b: &mut Vec<u8>,
-    rel: &RelationVersion,
-    image: Option<&ArrayRef>,
-    unknown: Option<&ArrayRef>,
-    text: Option<&ArrayRef>,
-    row: usize,
-) -> Result<(), String> {
-    let unknown = names(unknown, row)?.unwrap_or_default();
-    let text = texts(text, row)?;
-    let present = image.is_some_and(|i| i.is_valid(row));
-    b.push(u8::from(present));
-    if !present {
-        if !unknown.is_empty() || !text.is_empty() {
-            return Err("an absent row image has unknown columns or exact texts".into());
-        }
-        return Ok(());
-    }
-    let image = image.expect("present").as_struct();
-    for name in unknown.iter().chain(text.keys()) {
-        if !rel.columns.iter().any(|c| &c.name == name) {
-            return Err(format!(
-                "column {name} is named in a row image but the table has no such column"
-            ));
-        }
-    }
-    if image.num_columns() != rel.columns.len() {
-        return Err("the row image's columns differ from the table's".into());
-    }
-    for (c, values) in rel.columns.iter().zip(image.columns()) {
-        let is_unknown = unknown.contains(&c.name);
-        let exact = text.get(&c.name);
-        if (is_unknown || exact.is_some()) && values.is_valid(row) {
-            return Err(format!(
-                "column {} has a typed value and is also unknown or exact text",
-                c.name
-            ));
-        }
-        match (is_unknown, exact) {
-            (true, Some(_)) => {
-                return Err(format!("column {} is both unknown and exact text", c.name));
+    /// The canonical bytes of the image at `row`: `u8 present`, then per column (in the
+    /// table's order) `0x00` null, `0x01` unknown, `0x02` typed value, `0x03` exact text
+    /// (`opt str`).
+    fn put(&self, b: &mut Vec<u8>, rel: &RelationVersion, row: usize) -> Result<(), String> {
+        let unknown = match &self.unknown {
+            Some(u) => u.at(row)?.unwrap_or_default(),
+            None => Vec::new(),
+        };
+        let text = match &self.text {
+            Some(t) => t.at(row)?,
+            None => Vec::new(),
+        };
+        let present = self.image.is_some_and(|i| i.is_valid(row));
+        b.push(u8::from(present));
+        if !present {
+            if !unknown.is_empty() || !text.is_empty() {
+                return Err("an absent row image has unknown columns or exact texts".into());
             }
-            (true, None) => b.push(CELL_UNKNOWN),
-            (false, Some(t)) => {
-                b.push(CELL_TEXT);
-                match t {
-                    Some(t) => {
-                        b.push(1);
-                        put_str(b, t);
+            return Ok(());
+        }
+        for name in unknown.iter().chain(text.iter().map(|(k, _)| k)) {
+            if !rel.columns.iter().any(|c| c.name == *name) {
+                return Err(format!(
+                    "column {name} is named in a row image but the table has no such column"
+                ));
+            }
+        }
+        for (c, values) in rel.columns.iter().zip(&self.children) {
+            let is_unknown = unknown.contains(&c.name.as_str());
+            let exact = text.iter().find(|(k, _)| *k == c.name).map(|(_, t)| *t);
+            if (is_unknown || exact.is_some()) && values.is_valid(row) {
+                return Err(format!(
+                    "column {} has a typed value and is also unknown or exact text",
+                    c.name
+                ));
+            }
+            match (is_unknown, exact) {
+                (true, Some(_)) => {
+                    return Err(format!("column {} is both unknown and exact text", c.name));
+                }
+                (true, None) => b.push(CELL_UNKNOWN),
+                (false, Some(t)) => {
+                    b.push(CELL_TEXT);
+                    match t {
+                        Some(t) => {
+                            b.push(1);
+                            put_str(b, t);
+                        }
+                        None => b.push(0),
                     }
-                    None => b.push(0),
+                }
+                (false, None) if values.is_null(row) => b.push(CELL_NULL),
+                (false, None) => {
+                    b.push(CELL_TYPED);
+                    put_value(b, values.as_ref(), row)?;
                 }
             }
-            (false, None) if values.is_null(row) => b.push(CELL_NULL),
-            (false, None) => {
-                b.push(CELL_TYPED);
-                put_value(b, values.as_ref(), row)?;
-            }
         }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The leaves of the rows of `batch`, a batch of a segment holding `content`, that the tree
@@ -482,16 +558,12 @@ fn for_each_leaf(
             let op = op.as_string::<i32>();
             let context = plain(column(batch, "context").map_err(at_start)?).map_err(at_start)?;
             let context = context.as_string::<i32>();
-            let changed = column(batch, "changed").map_err(at_start)?;
-            let get = |name: &str| batch.column_by_name(name);
+            let changed = Names::new(Some(column(batch, "changed").map_err(at_start)?))
+                .map_err(at_start)?
+                .ok_or_else(|| at_start("no `changed` column".into()))?;
             let images = [
-                (
-                    1u8,
-                    get("before"),
-                    get("before_unknown"),
-                    get("before_text"),
-                ),
-                (2u8, get("after"), get("after_unknown"), get("after_text")),
+                (1u8, Image::new(batch, "before", rel).map_err(at_start)?),
+                (2u8, Image::new(batch, "after", rel).map_err(at_start)?),
             ];
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
@@ -509,13 +581,13 @@ fn for_each_leaf(
                     put_str(&mut part, context.value(row));
                 }
                 parts[0] = part_digest(0, &salts[0], &part);
-                for (k, image, unknown, text) in &images {
+                for (k, image) in &images {
                     part.clear();
-                    put_image(&mut part, rel, *image, *unknown, *text, row).map_err(fail)?;
+                    image.put(&mut part, rel, row).map_err(fail)?;
                     parts[*k as usize] = part_digest(*k, &salts[*k as usize], &part);
                 }
                 part.clear();
-                match names(Some(changed), row).map_err(fail)? {
+                match changed.at(row).map_err(fail)? {
                     None => part.push(0),
                     Some(list) => {
                         part.push(1);

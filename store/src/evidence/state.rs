@@ -436,8 +436,9 @@ fn hex(bytes: &[u8]) -> String {
 /// The tree's leaves in order: each epoch's change leaves (`changes`, sorted by key), then its
 /// events (by `n`); and for each change its index in the tree. An event of no epoch is an
 /// error (it would have no place in the tree).
-pub fn tree_order(
-    changes: &[Leaf],
+pub fn tree_order<T>(
+    changes: &[T],
+    leaf: impl Fn(&T) -> &Leaf,
     epochs: &Epochs,
     events: &[Event],
 ) -> Result<(Vec<Hash>, Vec<u64>), String> {
@@ -459,11 +460,11 @@ pub fn tree_order(
         // Changes before the first epoch have no leaf and are not in `changes`.
         let end = starts.get(i + 1).map(|(k, _)| *k);
         while c < changes.len()
-            && changes[c].key >= *start
-            && end.is_none_or(|e| changes[c].key < e)
+            && leaf(&changes[c]).key >= *start
+            && end.is_none_or(|e| leaf(&changes[c]).key < e)
         {
             index.push(tree.len() as u64);
-            tree.push(changes[c].hash);
+            tree.push(leaf(&changes[c]).hash);
             c += 1;
         }
         while ev < events.len() && events[ev].epoch == *start {
@@ -475,7 +476,10 @@ pub fn tree_order(
         }
     }
     if c != changes.len() {
-        return Err(format!("change {} has a leaf but no epoch", changes[c].key));
+        return Err(format!(
+            "change {} has a leaf but no epoch",
+            leaf(&changes[c]).key
+        ));
     }
     Ok((tree, index))
 }

@@ -63,7 +63,7 @@ pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Er
         }
     }
     leaves.sort_by_key(|l| l.key);
-    let (tree, _) = super::state::tree_order(&leaves, &epochs, &state.events)?;
+    let (tree, _) = super::state::tree_order(&leaves, |l| l, &epochs, &state.events)?;
     let mut frontier = Frontier::new();
     for hash in tree {
         frontier.push(hash);

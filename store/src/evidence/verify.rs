@@ -141,7 +141,8 @@ pub(crate) fn verify_and_collect(
     segments.sort_by_key(|s| (s.min_key, s.id));
     let total = segments.len() as u64;
     // (key, leaf hash, index of the segment holding it)
-    let mut leaves: Vec<(Leaf, u32)> = Vec::new();
+    let rows: u64 = segments.iter().map(|s| s.rows).sum();
+    let mut leaves: Vec<(Leaf, u32)> = Vec::with_capacity(usize::try_from(rows).unwrap_or(0));
     for (i, entry) in segments.iter().enumerate() {
         progress(i as u64, total);
         report.segments += 1;
@@ -253,16 +254,14 @@ pub(crate) fn verify_and_collect(
     }
 
     // The tree: each epoch's changes, then its events (gaps, the watermark).
-    let change_leaves: Vec<Leaf> = leaves.iter().map(|(l, _)| *l).collect();
     let (tree, change_index) =
-        match super::state::tree_order(&change_leaves, &state.epochs, &state.events) {
+        match super::state::tree_order(&leaves, |(l, _)| l, &state.epochs, &state.events) {
             Ok(t) => t,
             Err(why) => {
                 report.problem("the log's evidence events", why);
-                (change_leaves.iter().map(|l| l.hash).collect(), Vec::new())
+                (leaves.iter().map(|(l, _)| l.hash).collect(), Vec::new())
             }
         };
-    drop(change_leaves);
     report.events = state.events.len() as u64;
     check_events(&state.events, &mut report);
 

@@ -367,25 +367,36 @@ impl SegmentWriter {
         let Some((epochs, leaves)) = self.leaves.as_mut() else {
             return encode(writer);
         };
-        // The leaves are hashed on a second thread while this one encodes the same batch
-        // into Parquet: both only read it, and compaction's time is what the evidence costs.
+        // The leaves are hashed on other threads, each half of the batch on its own, while
+        // this one encodes the same batch into Parquet: all only read it, and compaction's wall
+        // time is what the evidence costs (hashing a row takes longer than encoding it).
         let content = &self.content;
+        let epochs: &Epochs = epochs;
+        let half = batch.num_rows() / 2;
+        let (first, second) = (
+            batch.slice(0, half),
+            batch.slice(half, batch.num_rows() - half),
+        );
         let (computed, encoded) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(|| batch_leaves(content, batch, epochs));
+            let hashing = [&first, &second]
+                .map(|part| scope.spawn(move || batch_leaves(content, part, epochs)));
             let encoded = encode(writer);
-            (hashing.join(), encoded)
+            let computed: Vec<_> = hashing.into_iter().map(|h| h.join()).collect();
+            (computed, encoded)
         });
         encoded?;
-        let computed = computed
-            .map_err(|_| SegmentError::Corrupt {
-                path: path.clone(),
-                reason: "the thread computing evidence leaves panicked".into(),
-            })?
-            .map_err(|e| SegmentError::Corrupt {
-                path: path.clone(),
-                reason: format!("no evidence leaf for a row: {e}"),
-            })?;
-        leaves.extend(computed);
+        for part in computed {
+            let part = part
+                .map_err(|_| SegmentError::Corrupt {
+                    path: path.clone(),
+                    reason: "a thread computing evidence leaves panicked".into(),
+                })?
+                .map_err(|e| SegmentError::Corrupt {
+                    path: path.clone(),
+                    reason: format!("no evidence leaf for a row: {e}"),
+                })?;
+            leaves.extend(part);
+        }
         Ok(())
     }
 

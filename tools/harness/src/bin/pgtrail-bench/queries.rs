@@ -638,7 +638,7 @@ fn evidence_measurements(
         .output()?;
     let verify_secs = started.elapsed().as_secs_f64();
     let report: serde_json::Value = serde_json::from_slice(&verify.stdout)?;
-    if !verify.status.success() || report["tree_size"].as_u64() != Some(changes) {
+    if !verify.status.success() || report["rows"].as_u64() != Some(changes) {
         bail!("pgtrail verify rejected the benchmark's archive: {report}");
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(&segments_dir)?
