@@ -143,98 +143,49 @@ pub(crate) fn verify_and_collect(
     // (key, leaf hash, index of the segment holding it)
     let rows: u64 = segments.iter().map(|s| s.rows).sum();
     let mut leaves: Vec<(Leaf, u32)> = Vec::with_capacity(usize::try_from(rows).unwrap_or(0));
-    for (i, entry) in segments.iter().enumerate() {
-        progress(i as u64, total);
+    // Segments are read and their leaves recomputed on as many threads as there are cores;
+    // the results are taken in segment order, so the report is the same on any machine.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (next, finished) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    let mut checked: Vec<(usize, CheckedSegment)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(entry) = segments.get(i) else { break };
+                        done.push((i, check_segment(&segments_dir, entry, &state.epochs)));
+                        finished.fetch_add(1, Ordering::Relaxed);
+                    }
+                    done
+                })
+            })
+            .collect();
+        while !workers.iter().all(|w| w.is_finished()) {
+            progress(finished.load(Ordering::Relaxed) as u64, total);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        // A worker that panicked leaves its segments out: they are counted as missing below.
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap_or_default())
+            .collect()
+    });
+    checked.sort_by_key(|(i, _)| *i);
+    if checked.len() != segments.len() {
+        report.problem(
+            "pgtrail verify",
+            "a segment could not be checked (a reader thread failed): run verify again",
+        );
+    }
+    for (i, segment) in checked {
         report.segments += 1;
-        let path = segments_dir.join(&entry.file_name);
-        let place = format!("segment {}", entry.file_name);
-        if !path.exists() {
-            report.problem(place, "listed in the manifest but missing");
-            continue;
-        }
-        let reader = match SegmentReader::open(&path, Some(&entry.sha256), 8192) {
-            Ok(r) => r,
-            Err(e) => {
-                report.problem(place, segment_problem(&e));
-                continue;
-            }
-        };
-        if reader.content() != &entry.content {
-            report.problem(&place, "its description differs from the manifest's");
-            continue;
-        }
-        let content = reader.content().clone();
-        let mut rows = 0u64;
-        let mut last: Option<ChangeKey> = None;
-        let mut bad = false;
-        for batch in reader {
-            let batch = match batch {
-                Ok(b) => b,
-                Err(e) => {
-                    report.problem(&place, segment_problem(&e));
-                    bad = true;
-                    break;
-                }
-            };
-            rows += batch.num_rows() as u64;
-            let computed = match batch_leaves(&content, &batch, &state.epochs) {
-                Ok(l) => l,
-                Err(e) => {
-                    report.problem(format!("{place}, change {}", e.key), e.reason);
-                    bad = true;
-                    break;
-                }
-            };
-            // Row keys, in file order: sorted, inside the manifest's range.
-            let lsn = batch
-                .column(0)
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::UInt64Array>();
-            let seq = batch
-                .column(1)
-                .as_any()
-                .downcast_ref::<datafusion::arrow::array::UInt32Array>();
-            let (Some(lsn), Some(seq)) = (lsn, seq) else {
-                report.problem(&place, "its lsn and seq columns are not u64 and u32");
-                bad = true;
-                break;
-            };
-            for row in 0..batch.num_rows() {
-                let key = ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row));
-                if last.is_some_and(|l| l >= key) {
-                    report.problem(
-                        format!("{place}, change {key}"),
-                        "rows out of (lsn, seq) order or repeated",
-                    );
-                    bad = true;
-                    break;
-                }
-                if key < entry.min_key || key > entry.max_key {
-                    report.problem(
-                        format!("{place}, change {key}"),
-                        format!(
-                            "outside the key range the manifest lists ({} to {})",
-                            entry.min_key, entry.max_key
-                        ),
-                    );
-                    bad = true;
-                    break;
-                }
-                last = Some(key);
-            }
-            if bad {
-                break;
-            }
-            report.rows_before_evidence += batch.num_rows() as u64 - computed.len() as u64;
-            leaves.extend(computed.into_iter().map(|l| (l, i as u32)));
-        }
-        report.rows += rows;
-        if !bad && rows != entry.rows {
-            report.problem(
-                &place,
-                format!("holds {rows} rows, the manifest lists {}", entry.rows),
-            );
-        }
+        report.rows += segment.rows;
+        report.rows_before_evidence += segment.rows_before_evidence;
+        report.problems.extend(segment.problems);
+        leaves.extend(segment.leaves.into_iter().map(|l| (l, i as u32)));
     }
     progress(total, total);
     unlisted_files(&segments_dir, &segments, &mut report);
@@ -472,6 +423,119 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
             other => report.problem(place, format!("unknown event kind {other}")),
         }
     }
+}
+
+/// What one segment holds, as [`check_segment`] found it.
+#[derive(Default)]
+struct CheckedSegment {
+    rows: u64,
+    rows_before_evidence: u64,
+    leaves: Vec<Leaf>,
+    problems: Vec<Problem>,
+}
+
+/// Read one segment the manifest lists: its SHA-256, its description, its rows' order and key
+/// range, its row count, and every row's leaf.
+fn check_segment(
+    segments_dir: &Path,
+    entry: &crate::SegmentEntry,
+    epochs: &super::leaf::Epochs,
+) -> CheckedSegment {
+    let mut out = CheckedSegment::default();
+    let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
+    let path = segments_dir.join(&entry.file_name);
+    let place = format!("segment {}", entry.file_name);
+    if !path.exists() {
+        problem(place, "listed in the manifest but missing".into());
+        return out;
+    }
+    let reader = match SegmentReader::open(&path, Some(&entry.sha256), 8192) {
+        Ok(r) => r,
+        Err(e) => {
+            problem(place, segment_problem(&e));
+            return out;
+        }
+    };
+    if reader.content() != &entry.content {
+        problem(place, "its description differs from the manifest's".into());
+        return out;
+    }
+    let content = reader.content().clone();
+    let (mut rows, mut before_evidence) = (0u64, 0u64);
+    let mut leaves = Vec::with_capacity(usize::try_from(entry.rows).unwrap_or(0));
+    let mut last: Option<ChangeKey> = None;
+    let mut bad = false;
+    'batches: for batch in reader {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                problem(place.clone(), segment_problem(&e));
+                bad = true;
+                break;
+            }
+        };
+        rows += batch.num_rows() as u64;
+        let computed = match batch_leaves(&content, &batch, epochs) {
+            Ok(l) => l,
+            Err(e) => {
+                problem(format!("{place}, change {}", e.key), e.reason);
+                bad = true;
+                break;
+            }
+        };
+        // Row keys, in file order: sorted, inside the manifest's range.
+        let lsn = batch
+            .column(0)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::UInt64Array>();
+        let seq = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<datafusion::arrow::array::UInt32Array>();
+        let (Some(lsn), Some(seq)) = (lsn, seq) else {
+            problem(
+                place.clone(),
+                "its lsn and seq columns are not u64 and u32".into(),
+            );
+            bad = true;
+            break;
+        };
+        for row in 0..batch.num_rows() {
+            let key = ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row));
+            if last.is_some_and(|l| l >= key) {
+                problem(
+                    format!("{place}, change {key}"),
+                    "rows out of (lsn, seq) order or repeated".into(),
+                );
+                bad = true;
+                break 'batches;
+            }
+            if key < entry.min_key || key > entry.max_key {
+                problem(
+                    format!("{place}, change {key}"),
+                    format!(
+                        "outside the key range the manifest lists ({} to {})",
+                        entry.min_key, entry.max_key
+                    ),
+                );
+                bad = true;
+                break 'batches;
+            }
+            last = Some(key);
+        }
+        before_evidence += batch.num_rows() as u64 - computed.len() as u64;
+        leaves.extend(computed);
+    }
+    if !bad && rows != entry.rows {
+        problem(
+            place,
+            format!("holds {rows} rows, the manifest lists {}", entry.rows),
+        );
+    }
+    out.rows = rows;
+    out.rows_before_evidence = before_evidence;
+    out.leaves = leaves;
+    out
 }
 
 fn segment_problem(e: &SegmentError) -> String {
