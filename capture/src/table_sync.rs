@@ -441,6 +441,7 @@ impl TableWatch {
                     } else if stream.wal_end >= passed {
                         // The stream is past the look and brought no TRUNCATE: VACUUM FULL,
                         // CLUSTER, or a rewrite that kept every column's type.
+                        tracing::info!(relation_id = *oid, xid, passed = %passed, wal_end = %stream.wal_end, truncated_in = ?stream.truncates_of(*oid), "new storage with no TRUNCATE in its transaction");
                         rewritten.push((*oid, from, "rewritten (new storage: VACUUM FULL, CLUSTER, or DDL that kept the columns' types)"));
                     } else {
                         undecided = true;

@@ -86,6 +86,16 @@ impl Translator {
         })
     }
 
+    /// The transactions in which the stream brought a TRUNCATE of `relation_id` (the last
+    /// ones kept), for a log line when a new file has no TRUNCATE to explain it.
+    pub fn truncates_of(&self, relation_id: u32) -> Vec<u32> {
+        self.truncates
+            .iter()
+            .filter(|(_, r)| *r == relation_id)
+            .map(|(x, _)| *x)
+            .collect()
+    }
+
     /// Whether the stream brought a TRUNCATE of `relation_id` in transaction `xid` (among the
     /// recent ones).
     pub fn truncated_in(&self, xid: u32, relation_id: u32) -> bool {

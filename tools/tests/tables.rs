@@ -889,7 +889,20 @@ fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_change
                 s.psql("INSERT INTO nudge DEFAULT VALUES");
                 std::thread::sleep(Duration::from_millis(1000));
             }
-            assert_eq!(snapshots_of(&s.archive, "public.pt"), reads, "read again after {ddl}");
+            let read = snapshots_of(&s.archive, "public.pt");
+            if read != reads {
+                // Why the capture read it (its log says, table by table).
+                let log = s.log();
+                let why: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        l.contains("reading the table again")
+                            || l.contains("rewritten")
+                            || l.contains("no TRUNCATE")
+                    })
+                    .collect();
+                panic!("read again after {ddl}: {read} reads, expected {reads}; {why:#?}");
+            }
         }
         wait_caught_up(s.cluster, &s.db);
         moments.push((ddl, held(s.cluster, &s.db, &only_pt)));
