@@ -688,7 +688,11 @@ pub async fn storage_layouts(
     oids: &[u32],
 ) -> Result<std::collections::BTreeMap<u32, LayoutNow>, CaptureError> {
     // A partitioned table's leaf partitions (`leaves`), at every level, read once: their
-    // OIDs, storage files, and the ones without a page; none for a table with storage of its
+    // OIDs, storage files, and the ones without a page. A leaf's file is its `pg_class` row's,
+    // read in the statement's snapshot like the row's xmin beside it: `pg_relation_filenode()`
+    // reads the relcache, whose catalog snapshot can be newer, and a look racing a TRUNCATE
+    // then saw the new files with the old xmin and took the TRUNCATE for a rewrite by the
+    // older transaction; none for a table with storage of its
     // own (an aggregate without GROUP BY gives every table its row). The parent's missing
     // values are its columns that have one in a leaf (the parent itself keeps none: `ADD
     // COLUMN … DEFAULT` on it sets them there).
@@ -705,7 +709,7 @@ pub async fn storage_layouts(
                     leaves.versions \
              FROM pg_class c, LATERAL ( \
                SELECT COALESCE(array_agg(t.relid::oid ORDER BY t.relid), '{{}}') AS ids, \
-                      COALESCE(array_agg(COALESCE(pg_relation_filenode(t.relid), 0::oid) ORDER BY t.relid), '{{}}') AS files, \
+                      COALESCE(array_agg((SELECT l.relfilenode FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{{}}') AS files, \
                       COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{{}}') AS empty, \
                       COALESCE(array_agg((SELECT l.xmin::text::bigint FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{{}}') AS versions \
                FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) leaves \
