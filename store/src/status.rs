@@ -254,9 +254,9 @@ impl ArchiveStatus {
                         .join("checkpoint"),
                 )
                 .unwrap_or_default();
-                let mut lines = latest.lines();
-                let origin = lines.next().filter(|o| !o.is_empty()).map(str::to_string);
-                let latest_checkpoint = lines.next().and_then(|l| l.parse().ok()).unwrap_or(0);
+                let latest = crate::evidence::note::Checkpoint::in_note_unverified(&latest).ok();
+                let origin = latest.as_ref().map(|c| c.origin.clone());
+                let latest_checkpoint = latest.map_or(0, |c| c.size);
                 EvidenceStatus {
                     tree_size: state.frontier.size(),
                     root: base64::Engine::encode(

@@ -5,7 +5,7 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{Context as _, bail};
-use pgtrail_store::evidence::note::VerifierKey;
+use pgtrail_store::evidence::note::{Checkpoint, VerifierKey};
 use pgtrail_store::evidence::verify::{VerifyOptions, VerifyReport, verify_archive};
 use pgtrail_store::{ChangeLog, Compactor, LogError};
 
@@ -64,17 +64,10 @@ pub async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
         "checkpoint: compacted {} changes; signed {} (tree size {}); keep a copy outside the archive",
         report.changes,
         path.display(),
-        report.tree_size.max(tree_size(&note)),
+        Checkpoint::in_note_unverified(&note)?.size,
     );
     std::io::stdout().write_all(note.as_bytes())?;
     Ok(())
-}
-
-fn tree_size(note: &str) -> u64 {
-    note.lines()
-        .nth(1)
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0)
 }
 
 #[derive(clap::Args)]

@@ -248,11 +248,7 @@ impl VerifierKey {
     /// The text of `note` when a signature line of this key verifies over it. Signature lines
     /// of other keys (an auditor's cosignature, say) are passed over, as the spec says.
     pub fn open<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
-        let split = note
-            .rfind("\n\n")
-            .ok_or_else(|| NoteError::Malformed("no blank line before its signatures".into()))?;
-        let (text, signatures) = (&note[..split + 1], &note[split + 2..]);
-        check_text(text)?;
+        let (text, signatures) = split_note(note)?;
         if !signatures.ends_with('\n') {
             return Err(NoteError::Malformed(
                 "its last signature line does not end in a newline".into(),
@@ -289,6 +285,16 @@ impl VerifierKey {
     }
 }
 
+/// A note's text (checked to be lines) and its signature lines, split at the blank line.
+fn split_note(note: &str) -> Result<(&str, &str), NoteError> {
+    let split = note
+        .rfind("\n\n")
+        .ok_or_else(|| NoteError::Malformed("no blank line before its signatures".into()))?;
+    let (text, signatures) = (&note[..split + 1], &note[split + 2..]);
+    check_text(text)?;
+    Ok((text, signatures))
+}
+
 /// A tree's size and root, under its log's origin.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -306,6 +312,13 @@ impl Checkpoint {
             self.size,
             BASE64.encode(self.root)
         )
+    }
+
+    /// The checkpoint a signed note carries, its signatures NOT checked: for a note pgtrail
+    /// wrote itself, or to report what an unverifiable note claims
+    /// ([`VerifierKey::open`] is what makes a note count).
+    pub fn in_note_unverified(note: &str) -> Result<Checkpoint, NoteError> {
+        Checkpoint::parse(split_note(note)?.0)
     }
 
     /// A checkpoint from its text (extension lines after the root are refused: pgtrail writes

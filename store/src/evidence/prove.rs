@@ -46,12 +46,8 @@ pub enum ProveError {
 /// `tlog-proof` file. The archive is verified first (a proof from an altered archive would
 /// prove nothing); the checkpoint's signature is the verifier's to check.
 pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String, ProveError> {
-    let body = checkpoint_note
-        .split_once("\n\n")
-        .map(|(text, _)| format!("{text}\n"))
-        .ok_or_else(|| ProveError::BadCheckpoint("no blank line before its signatures".into()))?;
-    let checkpoint =
-        Checkpoint::parse(&body).map_err(|e| ProveError::BadCheckpoint(e.to_string()))?;
+    let checkpoint = Checkpoint::in_note_unverified(checkpoint_note)
+        .map_err(|e| ProveError::BadCheckpoint(e.to_string()))?;
     let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
     if let Some(p) = collected.report.problems.first() {
         return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));

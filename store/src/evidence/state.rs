@@ -371,10 +371,7 @@ pub fn publish(
             root,
         };
         if let Ok(existing) = std::fs::read_to_string(&path) {
-            let same = existing
-                .split_once("\n\n")
-                .is_some_and(|(text, _)| format!("{text}\n") == checkpoint.text());
-            if !same {
+            if Checkpoint::in_note_unverified(&existing).ok().as_ref() != Some(&checkpoint) {
                 return Err(PublishError::Fork {
                     size: checkpoint.size,
                     path,
@@ -401,14 +398,12 @@ fn check_published(outside: &Path, own: &Path, size: u64) -> Result<(), PublishE
     let Ok(text) = std::fs::read_to_string(&latest) else {
         return Ok(());
     };
-    let published_size = text
-        .lines()
-        .nth(1)
-        .and_then(|l| l.parse::<u64>().ok())
-        .ok_or_else(|| PublishError::Published {
+    let published_size = Checkpoint::in_note_unverified(&text)
+        .map_err(|e| PublishError::Published {
             path: latest.clone(),
-            why: "it is not a checkpoint".into(),
-        })?;
+            why: e.to_string(),
+        })?
+        .size;
     if published_size > size {
         return Err(PublishError::Published {
             path: latest,

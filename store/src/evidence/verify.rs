@@ -387,11 +387,7 @@ fn open_checkpoint(text: &str, keys: &[VerifierKey]) -> Result<(Checkpoint, bool
             "no given --key verifies its signature (edited, or signed by another key)".into(),
         );
     }
-    let body = text
-        .split_once("\n\n")
-        .map(|(t, _)| format!("{t}\n"))
-        .ok_or_else(|| "not a signed note".to_string())?;
-    let checkpoint = Checkpoint::parse(&body).map_err(|e| e.to_string())?;
+    let checkpoint = Checkpoint::in_note_unverified(text).map_err(|e| e.to_string())?;
     Ok((checkpoint, false))
 }
 
