@@ -25,3 +25,49 @@ pub fn remove_if_exists(path: &Path) {
         tracing::warn!(path = %path.display(), error = %e, "cannot remove a temporary file");
     }
 }
+
+/// Write `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SegmentError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SegmentError::Io { path, source }
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    file.write_all(bytes).map_err(io(&tmp))?;
+    file.sync_all().map_err(io(&tmp))?;
+    drop(file);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    fsync_dir(dir)
+}
+
+/// Create `dir` (and its parents) private to the owner, as the archive is, and make its
+/// entry durable (an fsync of its parent); nothing when it exists.
+pub fn create_private_dir(dir: &Path) -> Result<(), SegmentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| SegmentError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    match dir.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => fsync_dir(parent),
+        _ => Ok(()),
+    }
+}

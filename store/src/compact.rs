@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
-use crate::atomic_file::{fsync_dir, remove_if_exists};
+use crate::atomic_file::{create_private_dir, fsync_dir, remove_if_exists};
 use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
@@ -258,20 +258,7 @@ impl Compactor {
     }
 
     fn ensure_dir(&self) -> Result<(), CompactError> {
-        use std::os::unix::fs::DirBuilderExt;
-        if !self.segments_dir.exists() {
-            std::fs::DirBuilder::new()
-                .mode(0o700)
-                .create(&self.segments_dir)
-                .map_err(|source| crate::SegmentError::Io {
-                    path: self.segments_dir.clone(),
-                    source,
-                })?;
-            if let Some(parent) = self.segments_dir.parent() {
-                fsync_dir(parent)?;
-            }
-        }
-        Ok(())
+        Ok(create_private_dir(&self.segments_dir)?)
     }
 
     fn listed_files(&self) -> Result<HashSet<String>, CompactError> {

@@ -17,6 +17,7 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 use sha2::{Digest, Sha256};
 
 use super::merkle::Hash;
+use crate::segment::hex;
 
 /// The algorithm byte of an Ed25519 key in a note key.
 const ED25519_ALGORITHM: u8 = 0x01;
@@ -66,10 +67,6 @@ impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SigningKey({}+{})", self.name, hex(&self.id))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// `name+ID+key` split into the name, the ID's text (checked against the public key with

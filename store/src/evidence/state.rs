@@ -21,9 +21,11 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use super::leaf::{Epochs, Leaf, Seed};
 use super::merkle::{Frontier, Hash};
 use super::note::{Checkpoint, SigningKey};
+use crate::atomic_file::{create_private_dir, write_atomically};
 use crate::error::{LogError, SegmentError};
 use crate::log::{LogReader, META};
 use crate::lsn::{ChangeKey, Lsn};
+use crate::segment::hex;
 
 pub(crate) const EPOCHS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_epochs");
@@ -229,43 +231,6 @@ pub(crate) fn append(
     Ok(frontier)
 }
 
-/// Write `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SegmentError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| SegmentError::Io { path, source }
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
-    file.sync_all().map_err(io(&tmp))?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    crate::atomic_file::fsync_dir(dir)
-}
-
-fn create_dir(dir: &Path) -> Result<(), SegmentError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| SegmentError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })
-}
-
 /// What [`publish`] did.
 #[derive(Clone, Debug, Default)]
 pub struct Published {
@@ -317,7 +282,7 @@ pub fn publish(
     let manifest = reader.manifest()?;
     drop(reader);
     let dir = archive_dir.join(EVIDENCE_DIR);
-    create_dir(&dir)?;
+    create_private_dir(&dir)?;
     let root = state.frontier.root();
     let tree = serde_json::json!({
         "format": EVIDENCE_FILES_FORMAT,
@@ -360,7 +325,7 @@ pub fn publish(
         && state.frontier.size() > 0
     {
         let checkpoints = dir.join("checkpoints");
-        create_dir(&checkpoints)?;
+        create_private_dir(&checkpoints)?;
         if let Some(outside) = publish_to {
             check_published(outside, &checkpoints, state.frontier.size())?;
         }
@@ -382,7 +347,7 @@ pub fn publish(
         write_atomically(&path, note.as_bytes())?;
         write_atomically(&dir.join("checkpoint"), note.as_bytes())?;
         if let Some(outside) = publish_to {
-            create_dir(outside)?;
+            create_private_dir(outside)?;
             write_atomically(&outside.join(checkpoint.size.to_string()), note.as_bytes())?;
             write_atomically(&outside.join("checkpoint"), note.as_bytes())?;
         }
@@ -422,10 +387,6 @@ fn check_published(outside: &Path, own: &Path, size: u64) -> Result<(), PublishE
         });
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The tree's leaves in order: each epoch's change leaves (`changes`, sorted by key), then its

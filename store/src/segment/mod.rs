@@ -50,6 +50,7 @@ pub use types::{
     DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros,
     parse_array, render,
 };
+pub(crate) use writer::hex;
 pub use writer::{SegmentOptions, SegmentWriter, WrittenSegment, records_to_batch};
 
 /// The version of the segment layout described above.
