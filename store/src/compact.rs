@@ -323,8 +323,8 @@ impl Compactor {
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
         let enums = reader.enum_types()?;
         // This run is a new evidence epoch: a fresh seed for its changes' salts, from its
-        // first change on (the epoch's start is known at the first change read).
-        let prior_epochs = evidence::state::read(rtx)?.epochs;
+        // first change on (the epoch's start is known at the first change read). The writers
+        // need no earlier epoch: every change the run compacts is in this one.
         let seed = evidence::state::new_seed()?;
         let mut epochs: Option<Epochs> = None;
         let mut leaves: Vec<Leaf> = Vec::new();
@@ -340,11 +340,7 @@ impl Compactor {
             let (lsn, seq) = k.value();
             let key = ChangeKey::new(Lsn(lsn), seq);
             let record: ChangeRecord = decode(v.value(), "changes")?;
-            let epochs = epochs.get_or_insert_with(|| {
-                let mut starts = prior_epochs.starts().to_vec();
-                starts.push((key, seed));
-                Epochs::new(starts)
-            });
+            let epochs = epochs.get_or_insert_with(|| Epochs::new(vec![(key, seed)]));
             let group = if record.op == Op::Message {
                 Group::Messages
             } else {
@@ -438,9 +434,9 @@ impl Compactor {
         }
         if self.options.evidence && leaves.len() as u64 != count {
             // Every change of the run is in the new epoch, so each must have a leaf.
-            return Err(CompactError::LogChanged {
-                expected: count,
-                found: leaves.len() as u64,
+            return Err(CompactError::LeavesMissing {
+                changes: count,
+                leaves: leaves.len() as u64,
             });
         }
         crashpoint::hit("compact:before_manifest");

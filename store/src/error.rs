@@ -129,6 +129,10 @@ pub enum CompactError {
         "the log changed under the compactor ({expected} changes compacted, {found} found to trim); nothing was trimmed"
     )]
     LogChanged { expected: u64, found: u64 },
+    #[error(
+        "{leaves} evidence leaves were computed for {changes} changes compacted; nothing was trimmed (a pgtrail bug: please report it)"
+    )]
+    LeavesMissing { changes: u64, leaves: u64 },
     #[error("cannot write the archive's evidence")]
     Evidence(#[source] Box<crate::evidence::state::PublishError>),
     #[error(

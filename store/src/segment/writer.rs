@@ -374,22 +374,21 @@ impl SegmentWriter {
         let epochs: &Epochs = epochs;
         let (computed, encoded) = std::thread::scope(|scope| {
             let hashing = scope.spawn(move || batch_leaves(content, batch, epochs));
+            // Encoded here while the other thread hashes; joined only after.
             let encoded = encode(writer);
-            (vec![hashing.join()], encoded)
+            (hashing.join(), encoded)
         });
         encoded?;
-        for part in computed {
-            let part = part
-                .map_err(|_| SegmentError::Corrupt {
-                    path: path.clone(),
-                    reason: "a thread computing evidence leaves panicked".into(),
-                })?
-                .map_err(|e| SegmentError::Corrupt {
-                    path: path.clone(),
-                    reason: format!("no evidence leaf for a row: {e}"),
-                })?;
-            leaves.extend(part);
-        }
+        let computed = computed
+            .map_err(|_| SegmentError::Corrupt {
+                path: path.clone(),
+                reason: "the thread computing evidence leaves panicked".into(),
+            })?
+            .map_err(|e| SegmentError::Corrupt {
+                path: path.clone(),
+                reason: format!("no evidence leaf for a row: {e}"),
+            })?;
+        leaves.extend(computed);
         Ok(())
     }
 
