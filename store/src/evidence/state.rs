@@ -5,6 +5,8 @@
 //! | redb               | key            | value |
 //! |--------------------|----------------|-------|
 //! | `evidence_epochs`  | `(lsn, seq)` of the epoch's first change | its 32-byte seed |
+//! | `evidence_events`  | `(epoch lsn, epoch seq, n)` | `u8 kind ‖ payload`: gaps and watermarks |
+//! | `evidence_leafed_gaps` | the gap's key in `gaps` | the payload of its leaf |
 //! | `meta`             | `evidence_frontier` | [`Frontier::to_bytes`] |
 //!
 //! Files (derived; a verifier trusts none of them, only signatures and recomputation):
@@ -33,6 +35,10 @@ pub(crate) const META_FRONTIER: &str = "evidence_frontier";
 /// The archive's events in the tree: `(epoch lsn, epoch seq, n)` → `u8 kind ‖ payload`.
 pub(crate) const EVENTS: TableDefinition<(u64, u32, u32), &[u8]> =
     TableDefinition::new("evidence_events");
+/// The gaps that are leaves already: the gap's key in `gaps` → the payload its leaf holds (so a
+/// compaction looks up each gap, not every event the tree ever took).
+pub(crate) const LEAFED_GAPS: TableDefinition<u64, &str> =
+    TableDefinition::new("evidence_leafed_gaps");
 
 /// The directory of evidence files inside the archive.
 pub const EVIDENCE_DIR: &str = "evidence";
@@ -122,17 +128,23 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
         Err(e) => return Err(e.into()),
     };
-    let meta = rtx.open_table(META)?;
-    let frontier = match meta.get(META_FRONTIER)? {
-        None => Frontier::new(),
-        Some(v) => Frontier::from_bytes(v.value())
-            .ok_or_else(|| corrupt("evidence frontier", "not a frontier"))?,
-    };
+    let frontier = frontier_in(&rtx.open_table(META)?)?;
     Ok(EvidenceState {
         epochs: Epochs::new(starts),
         frontier,
         events,
     })
+}
+
+/// The frontier the log records (none yet: the empty tree).
+fn frontier_in(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<Frontier, LogError> {
+    match meta.get(META_FRONTIER)? {
+        None => Ok(Frontier::new()),
+        Some(v) => Frontier::from_bytes(v.value())
+            .ok_or_else(|| corrupt("evidence frontier", "not a frontier")),
+    }
 }
 
 /// A fresh epoch seed.
@@ -171,11 +183,7 @@ pub(crate) fn append(
     }
     epochs.insert((first.commit_lsn.0, first.seq), seed.as_slice())?;
     let mut meta = wtx.open_table(META)?;
-    let mut frontier = match meta.get(META_FRONTIER)? {
-        None => Frontier::new(),
-        Some(v) => Frontier::from_bytes(v.value())
-            .ok_or_else(|| corrupt("evidence frontier", "not a frontier"))?,
-    };
+    let mut frontier = frontier_in(&meta)?;
     for pair in leaves.windows(2) {
         if pair[0].key == pair[1].key {
             return Err(corrupt("evidence", "two leaves for one change"));
@@ -187,16 +195,17 @@ pub(crate) fn append(
     // The run's events, read in this transaction (a gap recorded meanwhile is in this run
     // or the next, never in none).
     let mut event_table = wtx.open_table(EVENTS)?;
-    let leafed: std::collections::HashSet<String> = read_events(&event_table)?
-        .into_iter()
-        .filter(|e| e.kind == super::leaf::KIND_GAP)
-        .map(|e| e.payload)
-        .collect();
+    let mut leafed = wtx.open_table(LEAFED_GAPS)?;
     let mut events: Vec<(u8, String)> = Vec::new();
     for entry in wtx.open_table(crate::log::GAPS)?.iter()? {
-        let gap: crate::Gap = crate::log::decode(entry?.1.value(), "gaps")?;
+        let (key, value) = entry?;
+        let gap: crate::Gap = crate::log::decode(value.value(), "gaps")?;
         let payload = gap_payload(&gap);
-        if !leafed.contains(&payload) {
+        if leafed
+            .get(key.value())?
+            .is_none_or(|v| v.value() != payload)
+        {
+            leafed.insert(key.value(), payload.as_str())?;
             events.push((super::leaf::KIND_GAP, payload));
         }
     }
