@@ -391,8 +391,8 @@ fn open_checkpoint(text: &str, keys: &[VerifierKey]) -> Result<(Checkpoint, bool
     Ok((checkpoint, false))
 }
 
-/// The events' payloads read as what they claim: every watermark names the source the log
-/// names (another system's archive spliced in would not), and the gaps are listed.
+/// The events' payloads read as what they claim: every watermark names the same source system
+/// as the first (another system's archive spliced in would not), and the gaps are listed.
 fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
     let mut system: Option<String> = None;
     for e in events {
