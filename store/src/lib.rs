@@ -44,6 +44,6 @@ pub use relation::{
     Column, RelationVersion, always_quoted, parse_qualified, quote_ident, split_table_list,
 };
 pub use status::{
-    ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus,
+    ArchiveStatus, GapStatus, LogTailStatus, SegmentsStatus, SourceStatus, TableStatus, dir_size,
 };
 pub use type_name::{EnumType, EnumTypes, TypeNames, format_type};

@@ -143,7 +143,8 @@ struct TableCounts {
     raw_bytes: u64,
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// The bytes of the files under `dir`, recursively (0 for what cannot be read).
+pub fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .into_iter()
         .flatten()

@@ -612,21 +612,10 @@ fn evidence_measurements(
         };
     push("compact-with-evidence", "seconds", with_secs, "s");
     push("compact-without-evidence", "seconds", without_secs, "s");
-    let dir_bytes = |dir: &Path| -> u64 {
-        std::fs::read_dir(dir)
-            .map(|d| {
-                d.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .filter(|m| m.is_file())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
     let segments_dir = archive.join(pgtrail_store::SEGMENTS_DIR);
-    let segment_bytes = dir_bytes(&segments_dir);
-    let evidence_dir = archive.join("evidence");
-    let evidence_bytes = dir_bytes(&evidence_dir) + dir_bytes(&evidence_dir.join("checkpoints"));
+    let segment_bytes = pgtrail_store::dir_size(&segments_dir);
+    let evidence_bytes =
+        pgtrail_store::dir_size(&archive.join(pgtrail_store::evidence::state::EVIDENCE_DIR));
     push("segments", "bytes", segment_bytes as f64, "bytes");
     push("evidence-files", "bytes", evidence_bytes as f64, "bytes");
     let bin = std::env::current_exe()?.with_file_name("pgtrail");
