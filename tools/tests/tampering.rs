@@ -425,142 +425,122 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     checkpoint(&elsewhere, &other_key);
 
     let segment = kinds_segment(&archive);
-    type Tamper = Box<dyn Fn(&Path)>;
-    let seg = segment.clone();
+    // Each case tampers with a copy of the archive, given the segment to work on.
+    type Tamper = Box<dyn Fn(&Path, &str)>;
     let elsewhere_segment = kinds_segment(&elsewhere);
     let elsewhere_dir = elsewhere.clone();
     let other = other_key.clone();
     let cases: Vec<(&str, Tamper, &str)> = vec![
         (
             "a flipped bit in a segment's data",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| flip_byte(&a.join(SEGMENTS_DIR).join(&seg), None)
-            }),
+            Box::new(move |a: &Path, seg: &str| flip_byte(&a.join(SEGMENTS_DIR).join(seg), None)),
             "does not match the manifest",
         ),
         (
             "a flipped bit in a segment's footer",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| flip_byte(&a.join(SEGMENTS_DIR).join(&seg), Some(12))
+            Box::new(move |a: &Path, seg: &str| {
+                flip_byte(&a.join(SEGMENTS_DIR).join(seg), Some(12))
             }),
             "does not match the manifest",
         ),
         (
             "a value edited, every checksum and the tree recomputed",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| forge_segment(a, &seg, |b| edit_image_int(b, "after", "i"))
+            Box::new(move |a: &Path, seg: &str| {
+                forge_segment(a, seg, |b| edit_image_int(b, "after", "i"))
             }),
             "its root differs",
         ),
         (
             "a change deleted",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| forge_segment(a, &seg, |b| b.slice(1, b.num_rows() - 1))
+            Box::new(move |a: &Path, seg: &str| {
+                forge_segment(a, seg, |b| b.slice(1, b.num_rows() - 1))
             }),
             "attests",
         ),
         (
             "a change inserted (forged)",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| {
-                    // Before the segment's first change, at a commit LSN no transaction has
-                    // (a forged change after the last checkpoint is the unattested tail that
-                    // only the next checkpoint covers: see the README).
-                    forge_segment(a, &seg, |b| {
-                        let first = b.slice(0, 1);
-                        let lsn = first.column(0).as_primitive::<UInt64Type>().value(0);
-                        let mut cols = first.columns().to_vec();
-                        cols[0] =
-                            Arc::new(datafusion::arrow::array::UInt64Array::from(vec![lsn - 1]));
-                        cols[1] = Arc::new(UInt32Array::from(vec![0]));
-                        let forged = RecordBatch::try_new(b.schema(), cols).unwrap();
-                        concat_batches(&b.schema(), &[forged, b]).unwrap()
-                    })
-                }
+            Box::new(move |a: &Path, seg: &str| {
+                // Before the segment's first change, at a commit LSN no transaction has
+                // (a forged change after the last checkpoint is the unattested tail that
+                // only the next checkpoint covers: see the README).
+                forge_segment(a, seg, |b| {
+                    let first = b.slice(0, 1);
+                    let lsn = first.column(0).as_primitive::<UInt64Type>().value(0);
+                    let mut cols = first.columns().to_vec();
+                    cols[0] = Arc::new(datafusion::arrow::array::UInt64Array::from(vec![lsn - 1]));
+                    cols[1] = Arc::new(UInt32Array::from(vec![0]));
+                    let forged = RecordBatch::try_new(b.schema(), cols).unwrap();
+                    concat_batches(&b.schema(), &[forged, b]).unwrap()
+                })
             }),
             "its root differs",
         ),
         (
             "two changes reordered",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| {
-                    forge_segment(a, &seg, |b| {
-                        let mut order: Vec<u32> = (0..b.num_rows() as u32).collect();
-                        order.swap(0, 1);
-                        let order = UInt32Array::from(order);
-                        let cols = b
-                            .columns()
-                            .iter()
-                            .enumerate()
-                            .map(|(i, c)| {
-                                if i < 2 {
-                                    c.clone()
-                                } else {
-                                    take(c, &order, None).unwrap()
-                                }
-                            })
-                            .collect();
-                        RecordBatch::try_new(b.schema(), cols).unwrap()
-                    })
-                }
+            Box::new(move |a: &Path, seg: &str| {
+                forge_segment(a, seg, |b| {
+                    let mut order: Vec<u32> = (0..b.num_rows() as u32).collect();
+                    order.swap(0, 1);
+                    let order = UInt32Array::from(order);
+                    let cols = b
+                        .columns()
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            if i < 2 {
+                                c.clone()
+                            } else {
+                                take(c, &order, None).unwrap()
+                            }
+                        })
+                        .collect();
+                    RecordBatch::try_new(b.schema(), cols).unwrap()
+                })
             }),
             "its root differs",
         ),
         (
             "a segment removed",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| {
-                    std::fs::remove_file(a.join(SEGMENTS_DIR).join(&seg)).unwrap();
-                    rewrite_manifest(a, |e| {
-                        e.into_iter().filter(|e| e.file_name != seg).collect()
-                    })
-                    .unwrap();
-                    recompute_tree(a).unwrap();
-                }
+            Box::new(move |a: &Path, seg: &str| {
+                std::fs::remove_file(a.join(SEGMENTS_DIR).join(seg)).unwrap();
+                rewrite_manifest(a, |e| {
+                    e.into_iter().filter(|e| e.file_name != seg).collect()
+                })
+                .unwrap();
+                recompute_tree(a).unwrap();
             }),
             "checkpoint",
         ),
         (
             "a segment duplicated",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| {
-                    let copy = format!("copy_{seg}");
-                    std::fs::copy(
-                        a.join(SEGMENTS_DIR).join(&seg),
-                        a.join(SEGMENTS_DIR).join(&copy),
-                    )
-                    .unwrap();
-                    rewrite_manifest(a, |mut e| {
-                        let mut dup = e.iter().find(|e| e.file_name == seg).unwrap().clone();
-                        dup.file_name = copy.clone();
-                        dup.id = 999_999;
-                        e.push(dup);
-                        e
-                    })
-                    .unwrap();
-                }
+            Box::new(move |a: &Path, seg: &str| {
+                let copy = format!("copy_{seg}");
+                std::fs::copy(
+                    a.join(SEGMENTS_DIR).join(seg),
+                    a.join(SEGMENTS_DIR).join(&copy),
+                )
+                .unwrap();
+                rewrite_manifest(a, |mut e| {
+                    let mut dup = e.iter().find(|e| e.file_name == seg).unwrap().clone();
+                    dup.file_name = copy.clone();
+                    dup.id = 999_999;
+                    e.push(dup);
+                    e
+                })
+                .unwrap();
             }),
             "held twice",
         ),
         (
             "a segment swapped with another archive's",
             Box::new({
-                let seg = seg.clone();
                 let from = elsewhere_dir.join(SEGMENTS_DIR).join(&elsewhere_segment);
                 let name = elsewhere_segment.clone();
-                move |a: &Path| {
-                    std::fs::remove_file(a.join(SEGMENTS_DIR).join(&seg)).unwrap();
+                move |a: &Path, seg: &str| {
+                    std::fs::remove_file(a.join(SEGMENTS_DIR).join(seg)).unwrap();
                     std::fs::copy(&from, a.join(SEGMENTS_DIR).join(&name)).unwrap();
                     let (batch, _) = read_segment(&from);
-                    relist(a, &seg, &name, &batch);
+                    relist(a, seg, &name, &batch);
                     recompute_tree(a).unwrap();
                 }
             }),
@@ -568,27 +548,24 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
         ),
         (
             "the manifest's checksum of a segment edited",
-            Box::new({
-                let seg = seg.clone();
-                move |a: &Path| {
-                    rewrite_manifest(a, |e| {
-                        e.into_iter()
-                            .map(|mut e| {
-                                if e.file_name == seg {
-                                    e.sha256 = "0".repeat(64);
-                                }
-                                e
-                            })
-                            .collect()
-                    })
-                    .unwrap()
-                }
+            Box::new(move |a: &Path, seg: &str| {
+                rewrite_manifest(a, |e| {
+                    e.into_iter()
+                        .map(|mut e| {
+                            if e.file_name == seg {
+                                e.sha256 = "0".repeat(64);
+                            }
+                            e
+                        })
+                        .collect()
+                })
+                .unwrap()
             }),
             "does not match the manifest",
         ),
         (
             "a checkpoint in the archive edited",
-            Box::new(move |a: &Path| {
+            Box::new(move |a: &Path, _: &str| {
                 let path = a.join(format!("evidence/checkpoints/{size}"));
                 let text = std::fs::read_to_string(&path).unwrap();
                 let edited = text.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size + 1), 1);
@@ -599,7 +576,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
         ),
         (
             "a checkpoint signed by another key of the same name",
-            Box::new(move |a: &Path| {
+            Box::new(move |a: &Path, _: &str| {
                 let copy = a.with_extension("signed-elsewhere");
                 copy_archive(a, &copy);
                 checkpoint(&copy, &other);
@@ -615,7 +592,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     for (i, (name, tamper, expected)) in cases.iter().enumerate() {
         let copy = dir.join(format!("case{i}"));
         copy_archive(&archive, &copy);
-        tamper(&copy);
+        tamper(&copy, &segment);
         let v = verify(&copy, &vkey, &[&first_copy, &second_copy], python);
         assert!(
             !v.pgtrail_ok,

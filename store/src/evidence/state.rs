@@ -344,13 +344,13 @@ pub fn publish(
             size: state.frontier.size(),
             root,
         };
-        if let Ok(existing) = std::fs::read_to_string(&path) {
-            if Checkpoint::in_note_unverified(&existing).ok().as_ref() != Some(&checkpoint) {
-                return Err(PublishError::Fork {
-                    size: checkpoint.size,
-                    path,
-                });
-            }
+        if let Ok(existing) = std::fs::read_to_string(&path)
+            && Checkpoint::in_note_unverified(&existing).ok().as_ref() != Some(&checkpoint)
+        {
+            return Err(PublishError::Fork {
+                size: checkpoint.size,
+                path,
+            });
         }
         let note = key.sign(&checkpoint.text())?;
         write_atomically(&path, note.as_bytes())?;
