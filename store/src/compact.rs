@@ -29,8 +29,9 @@ use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
 use crate::evidence;
-use crate::evidence::leaf::{Epochs, Leaf};
+use crate::evidence::leaf::Epochs;
 use crate::evidence::note::SigningKey;
+use crate::evidence::spill::LeafSpill;
 use crate::log::{
     CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
 };
@@ -177,11 +178,9 @@ fn finish(
     content: SegmentContent,
     w: SegmentWriter,
     op_counts: BTreeMap<String, u64>,
-    leaves: &mut Vec<Leaf>,
 ) -> Result<SegmentEntry, CompactError> {
     let name_content = content.clone();
-    let mut w = w.finish(|min, max| segment_file_name(id, &name_content, min, max))?;
-    leaves.append(&mut w.leaves);
+    let w = w.finish(|min, max| segment_file_name(id, &name_content, min, max))?;
     Ok(SegmentEntry {
         id,
         file_name: w.file_name,
@@ -327,7 +326,8 @@ impl Compactor {
         // need no earlier epoch: every change the run compacts is in this one.
         let seed = evidence::state::new_seed()?;
         let mut epochs: Option<Epochs> = None;
-        let mut leaves: Vec<Leaf> = Vec::new();
+        // The writers' leaves wait on disk, not in memory, until the commit merges them.
+        let spill = LeafSpill::create_in(&self.segments_dir)?;
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -387,7 +387,7 @@ impl Compactor {
                         &self.options.segment,
                     )?;
                     if self.options.evidence {
-                        w.compute_leaves(epochs.clone());
+                        w.compute_leaves(epochs.clone(), spill.stream());
                     }
                     &mut e.insert((id, content, w)).2
                 }
@@ -406,13 +406,7 @@ impl Compactor {
             if w.bytes_written() >= self.options.target_segment_bytes
                 && let Some((id, content, w)) = writers.remove(&group)
             {
-                entries.push(finish(
-                    id,
-                    content,
-                    w,
-                    owned(op_counts.remove(&group)),
-                    &mut leaves,
-                )?);
+                entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
             }
             if count % 1024 == 0 {
                 self.keep_memory_in_budget(&mut writers)?;
@@ -421,22 +415,16 @@ impl Compactor {
         drop((changes, relations, meta));
         drop(reader);
         for (group, (id, content, w)) in std::mem::take(&mut writers) {
-            entries.push(finish(
-                id,
-                content,
-                w,
-                owned(op_counts.remove(&group)),
-                &mut leaves,
-            )?);
+            entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
         }
         if count == 0 {
             return Ok(());
         }
-        if self.options.evidence && leaves.len() as u64 != count {
+        if self.options.evidence && spill.len() != count {
             // Every change of the run is in the new epoch, so each must have a leaf.
             return Err(CompactError::LeavesMissing {
                 changes: count,
-                leaves: leaves.len() as u64,
+                leaves: spill.len(),
             });
         }
         crashpoint::hit("compact:before_manifest");
@@ -478,7 +466,8 @@ impl Compactor {
         // The leaves join the tree in the commit that lists their segments: the tree never
         // covers a change the manifest does not list, nor misses one it lists.
         let frontier = if self.options.evidence {
-            Some(evidence::state::append(&wtx, &seed, leaves, cut)?)
+            let leaves = spill.merged()?.map(|l| l.map_err(CompactError::from));
+            Some(evidence::state::append(&wtx, &seed, leaves, count, cut)?)
         } else {
             None
         };
@@ -600,7 +589,7 @@ impl Compactor {
             *counts.entry(op.clone()).or_default() += n;
         }
         // A merge moves rows between files; their leaves stay as they are (not recomputed).
-        let entry = finish(id, content, w, counts, &mut Vec::new())?;
+        let entry = finish(id, content, w, counts)?;
         crashpoint::hit("merge:before_manifest");
         let rows_in: u64 = inputs.iter().map(|s| s.rows).sum();
         if entry.rows != rows_in {

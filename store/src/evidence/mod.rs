@@ -10,6 +10,7 @@ pub mod leaf;
 pub mod merkle;
 pub mod note;
 pub mod prove;
+pub mod spill;
 pub mod state;
 #[doc(hidden)]
 pub mod tampering;

@@ -155,43 +155,70 @@ pub(crate) fn new_seed() -> Result<Seed, LogError> {
     Ok(seed)
 }
 
-/// Append a compaction run's leaves (any order) to the tree, in the write transaction that
-/// lists their segments: the epoch that begins at the run's first key, then the leaves in
-/// `(lsn, seq)` order, then the run's events: every gap recorded since the last run and a
+/// Append a compaction run's `count` leaves, in `(lsn, seq)` order, to the tree, in the write
+/// transaction that lists their segments: the epoch that begins at the run's first key, then
+/// the leaves, then the run's events: every gap recorded since the last run and a
 /// watermark (the cut the run compacted through, the source, when). Refuses leaves at or
 /// before the tree's last (they would not be appended but inserted, and every proof given so
 /// far would break).
-pub(crate) fn append(
+pub(crate) fn append<E: From<LogError>>(
     wtx: &redb::WriteTransaction,
     seed: &Seed,
-    mut leaves: Vec<Leaf>,
+    leaves: impl IntoIterator<Item = Result<Leaf, E>>,
+    count: u64,
     cut: Lsn,
-) -> Result<Frontier, LogError> {
-    leaves.sort_unstable_by_key(|l| l.key);
-    let Some(first) = leaves.first().map(|l| l.key) else {
-        return Err(corrupt("evidence", "a compaction run with no leaves"));
+) -> Result<Frontier, E> {
+    let mut leaves = leaves.into_iter();
+    let Some(first) = leaves.next().transpose()? else {
+        return Err(corrupt("evidence", "a compaction run with no leaves").into());
     };
-    let mut epochs = wtx.open_table(EPOCHS)?;
-    if let Some(last) = epochs.last()? {
+    let mut epochs = wtx.open_table(EPOCHS).map_err(LogError::from)?;
+    if let Some(last) = epochs.last().map_err(LogError::from)? {
         let (lsn, seq) = last.0.value();
-        if ChangeKey::new(Lsn(lsn), seq) >= first {
+        if ChangeKey::new(Lsn(lsn), seq) >= first.key {
             return Err(corrupt(
                 "evidence",
                 "a compaction run's changes do not follow the tree's last epoch",
-            ));
+            )
+            .into());
         }
     }
-    epochs.insert((first.commit_lsn.0, first.seq), seed.as_slice())?;
-    let mut meta = wtx.open_table(META)?;
-    let mut frontier = frontier_in(&meta)?;
-    for pair in leaves.windows(2) {
-        if pair[0].key == pair[1].key {
-            return Err(corrupt("evidence", "two leaves for one change"));
+    epochs
+        .insert((first.key.commit_lsn.0, first.key.seq), seed.as_slice())
+        .map_err(LogError::from)?;
+    let mut frontier = frontier_in(&wtx.open_table(META).map_err(LogError::from)?)?;
+    frontier.push(first.hash);
+    // The leaves come merged from the run's segments; strictly increasing keys mean none is
+    // repeated and none is inserted among earlier ones.
+    let (mut last, mut pushed) = (first.key, 1u64);
+    for leaf in leaves {
+        let leaf = leaf?;
+        if leaf.key <= last {
+            return Err(corrupt(
+                "evidence",
+                "two leaves for one change, or leaves out of order",
+            )
+            .into());
         }
-    }
-    for leaf in &leaves {
         frontier.push(leaf.hash);
+        (last, pushed) = (leaf.key, pushed + 1);
     }
+    if pushed != count {
+        return Err(corrupt("evidence", "the leaves merged are not the run's changes").into());
+    }
+    Ok(append_events(wtx, frontier, first.key, count, cut)?)
+}
+
+/// The run's events after its leaves: every gap recorded since the last run, and the
+/// watermark.
+fn append_events(
+    wtx: &redb::WriteTransaction,
+    mut frontier: Frontier,
+    first: ChangeKey,
+    count: u64,
+    cut: Lsn,
+) -> Result<Frontier, LogError> {
+    let mut meta = wtx.open_table(META)?;
     // The run's events, read in this transaction (a gap recorded meanwhile is in this run
     // or the next, never in none).
     let mut event_table = wtx.open_table(EVENTS)?;
@@ -218,7 +245,7 @@ pub(crate) fn append(
         super::leaf::KIND_WATERMARK,
         serde_json::json!({
             "compacted_through": cut.to_string(),
-            "changes": leaves.len(),
+            "changes": count,
             "at_us": crate::now_us(),
             "system_id": source.system_id,
             "timeline": source.timeline,

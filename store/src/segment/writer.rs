@@ -30,7 +30,8 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{Cell, ChangeRecord, Row};
 use crate::crashpoint;
 use crate::error::SegmentError;
-use crate::evidence::leaf::{Epochs, Leaf, batch_leaves};
+use crate::evidence::leaf::{Epochs, batch_leaves};
+use crate::evidence::spill::LeafStream;
 use crate::lsn::{ChangeKey, Lsn};
 
 /// The enum type under each column of `content` that has one, by column name: its qualified
@@ -95,9 +96,6 @@ pub struct WrittenSegment {
     pub max_committed_at_us: i64,
     /// Size of the same changes as stored in the log (uncompressed record encoding).
     pub raw_bytes: u64,
-    /// The evidence leaves of the rows, computed from the batches as written (empty unless
-    /// [`SegmentWriter::compute_leaves`] was called).
-    pub leaves: Vec<Leaf>,
 }
 
 /// A write that also hashes and counts what it writes, so the SHA-256 recorded in the manifest
@@ -137,7 +135,7 @@ pub struct SegmentWriter {
     max_ts: i64,
     raw_bytes: u64,
     content: SegmentContent,
-    leaves: Option<(Epochs, Vec<Leaf>)>,
+    leaves: Option<(Epochs, LeafStream)>,
 }
 
 impl SegmentWriter {
@@ -268,9 +266,10 @@ impl SegmentWriter {
     }
 
     /// Compute the evidence leaf of every row written from here on, from the Arrow batch that
-    /// goes to the file (so a leaf is what the file holds, not what the log held).
-    pub fn compute_leaves(&mut self, epochs: Epochs) {
-        self.leaves = Some((epochs, Vec::new()));
+    /// goes to the file (so a leaf is what the file holds, not what the log held), and write
+    /// each batch's leaves to `stream` as it is written.
+    pub fn compute_leaves(&mut self, epochs: Epochs, stream: LeafStream) {
+        self.leaves = Some((epochs, stream));
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -364,7 +363,7 @@ impl SegmentWriter {
                 source,
             })
         };
-        let Some((epochs, leaves)) = self.leaves.as_mut() else {
+        let Some((epochs, stream)) = self.leaves.as_ref() else {
             return encode(writer);
         };
         // The leaves are hashed on a second thread while this one encodes the same batch into
@@ -388,8 +387,7 @@ impl SegmentWriter {
                 path: path.clone(),
                 reason: format!("no evidence leaf for a row: {e}"),
             })?;
-        leaves.extend(computed);
-        Ok(())
+        stream.write(&computed)
     }
 
     /// End the open row group now (bounds memory when many segments are open at once).
@@ -460,7 +458,6 @@ impl SegmentWriter {
             min_committed_at_us: if self.rows == 0 { 0 } else { self.min_ts },
             max_committed_at_us: if self.rows == 0 { 0 } else { self.max_ts },
             raw_bytes: self.raw_bytes,
-            leaves: self.leaves.take().map(|(_, l)| l).unwrap_or_default(),
         })
     }
 }
