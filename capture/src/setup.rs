@@ -36,7 +36,8 @@ use crate::error::CaptureError;
 pub const CREATED_PREFIX: &str = "pgtrail.created";
 /// The prefix of the trigger's message for `ALTER TABLE` on a published table, or `DROP
 /// TABLE`: the exact point of that DDL (its transaction's commit), which the catalog watch
-/// otherwise knows only as "after its previous look".
+/// otherwise knows only as "after its previous look"; after `ALTER TABLE` on a table of the
+/// publication, also the table's schema, recorded as a version at the message's place.
 pub const DDL_PREFIX: &str = "pgtrail.ddl";
 
 /// What an installed trigger was installed for, kept as the comment of its function (JSON):
@@ -63,7 +64,7 @@ pub fn install_sql(publication: &str, tables: &[String]) -> String {
         crate::slot::enum_labels_sql("a.attrelid = c.oid")
     );
     let selection = crate::slot::selection_sql(tables, "n.nspname", "c.relname");
-    let primary_key = crate::slot::primary_key_sql("c.oid");
+    let relation_fields = relation_fields_sql();
     let [missing, column_versions, table_version, names] = crate::slot::LAYOUT_COLUMNS_SQL;
     format!(
         r#"CREATE SCHEMA IF NOT EXISTS pgtrail;
@@ -93,7 +94,16 @@ BEGIN
                              'ALTER SEQUENCE', 'CREATE VIEW', 'CREATE FUNCTION', 'CREATE TRIGGER',
                              'COMMENT', 'GRANT', 'REVOKE'))
   LOOP
-    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}', json_build_object('relation_id', created::bigint)::text);
+    -- A table of the publication's shape after the command, so that the archive records a
+    -- new name or column at this point rather than at the watch's next look.
+    SELECT json_build_object('relation_id', created::bigint, 'shape',
+      (SELECT json_build_object({relation_fields})
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.oid = created
+          AND EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                      WHERE p.pubname = {publication} AND r.prrelid = c.oid)))
+      INTO shape;
+    PERFORM pg_logical_emit_message(true, '{DDL_PREFIX}', shape::text);
   END LOOP;
   FOR created IN
     SELECT c.oid FROM pg_event_trigger_ddl_commands() d JOIN pg_class c ON c.oid = d.objid
@@ -106,17 +116,7 @@ BEGIN
                       WHERE p.pubname = {publication} AND r.prrelid = c.oid)
   LOOP
     EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', {publication}, created::regclass);
-    SELECT json_build_object(
-      'relation_id', c.oid::bigint,
-      'schema', n.nspname,
-      'name', c.relname,
-      'replica_identity', c.relreplident,
-      'columns', ARRAY(
-        SELECT json_build_object('name', a.attname, 'type_oid', a.atttypid::bigint, 'type_modifier', a.atttypmod,
-          'in_key', COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)::int2[]), false))
-        FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
-        ORDER BY a.attnum),
-      'primary_key', ARRAY({primary_key}),
+    SELECT json_build_object({relation_fields},
       'file_node', COALESCE(pg_relation_filenode(c.oid), 0)::bigint,
       'missing_values', {missing},
       'column_versions', {column_versions},
@@ -157,6 +157,32 @@ DROP EVENT TRIGGER IF EXISTS pgtrail_note_dropped_tables;
 CREATE EVENT TRIGGER pgtrail_note_dropped_tables ON sql_drop
   EXECUTE FUNCTION pgtrail.note_dropped_tables();
 "#
+    )
+}
+
+/// The fields of a table's schema version for `json_build_object`, of the `pg_class` row `c`
+/// joined to its `pg_namespace` row `n`: what pgoutput's Relation message says of it (see
+/// [`RelationMessage`]).
+fn relation_fields_sql() -> String {
+    let primary_key = crate::slot::primary_key_sql("c.oid");
+    let in_index = |which: &str| {
+        format!(
+            "COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid AND i.{which})::int2[]), false)"
+        )
+    };
+    format!(
+        "'relation_id', c.oid::bigint,
+      'schema', n.nspname,
+      'name', c.relname,
+      'replica_identity', c.relreplident,
+      'columns', ARRAY(
+        SELECT json_build_object('name', a.attname, 'type_oid', a.atttypid::bigint, 'type_modifier', a.atttypmod,
+          'in_key', {in_key}, 'in_identity', {in_identity})
+        FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+        ORDER BY a.attnum),
+      'primary_key', ARRAY({primary_key})",
+        in_key = in_index("indisprimary"),
+        in_identity = in_index("indisreplident"),
     )
 }
 
@@ -251,15 +277,28 @@ fn quote_shell(text: &str) -> String {
     }
 }
 
-/// The relation a [`DDL_PREFIX`] message names.
-pub fn parse_ddl(content: &[u8]) -> Option<u32> {
+/// What a [`DDL_PREFIX`] message says: the table the DDL was on (0: a command that names
+/// none), and, for a table of the publication, its schema version after the command.
+#[derive(Debug)]
+pub struct Ddl {
+    pub relation_id: u32,
+    pub relation: Option<RelationVersion>,
+}
+
+/// Read a [`DDL_PREFIX`] message; `None` when it is not one this build understands.
+pub fn parse_ddl(content: &[u8]) -> Option<Ddl> {
     #[derive(Deserialize)]
-    struct Ddl {
+    struct DdlMessage {
         relation_id: u32,
+        /// Absent from the message of a trigger installed by an older pgtrail.
+        #[serde(default)]
+        shape: Option<RelationMessage>,
     }
-    serde_json::from_slice::<Ddl>(content)
-        .ok()
-        .map(|d| d.relation_id)
+    let message = serde_json::from_slice::<DdlMessage>(content).ok()?;
+    Some(Ddl {
+        relation_id: message.relation_id,
+        relation: message.shape.map(RelationMessage::into_version),
+    })
 }
 
 /// Install (or, with `remove`, take out) the trigger through `sql`, in one transaction.
@@ -296,14 +335,58 @@ pub struct Created {
     pub layout: StorageLayout,
 }
 
+/// A table's schema version as the trigger writes it ([`relation_fields_sql`]).
 #[derive(Deserialize)]
-struct CreatedMessage {
+struct RelationMessage {
     relation_id: u32,
     schema: String,
     name: String,
     replica_identity: String,
-    columns: Vec<CreatedColumn>,
+    columns: Vec<ColumnMessage>,
     primary_key: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct ColumnMessage {
+    name: String,
+    type_oid: u32,
+    type_modifier: i32,
+    in_key: bool,
+    /// In the replica identity index (`USING INDEX`). Absent from the message of a trigger
+    /// installed by an older pgtrail, which wrote only new tables (which have no such index).
+    #[serde(default)]
+    in_identity: bool,
+}
+
+impl RelationMessage {
+    fn into_version(self) -> RelationVersion {
+        let replica_identity = self.replica_identity.bytes().next().unwrap_or(b'd');
+        let columns = self
+            .columns
+            .into_iter()
+            .map(|c| Column {
+                name: c.name,
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+                is_key: crate::slot::flagged_as_key(replica_identity, c.in_key, c.in_identity),
+            })
+            .collect();
+        RelationVersion {
+            relation_id: self.relation_id,
+            valid_from: ChangeKey::default(),
+            schema: self.schema,
+            name: self.name,
+            replica_identity,
+            columns,
+            primary_key: self.primary_key,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct CreatedMessage {
+    #[serde(flatten)]
+    relation: RelationMessage,
     file_node: u32,
     missing_values: Vec<i16>,
     column_versions: Vec<i64>,
@@ -312,14 +395,6 @@ struct CreatedMessage {
     /// Absent from the message of a trigger installed by an older pgtrail.
     #[serde(default)]
     enum_labels: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct CreatedColumn {
-    name: String,
-    type_oid: u32,
-    type_modifier: i32,
-    in_key: bool,
 }
 
 /// Read the trigger's message; `None` (logged) when it is not one this build understands,
@@ -332,28 +407,8 @@ pub fn parse_created(content: &[u8]) -> Option<Created> {
             return None;
         }
     };
-    let replica_identity = message.replica_identity.bytes().next().unwrap_or(b'd');
-    let columns = message
-        .columns
-        .into_iter()
-        .map(|c| Column {
-            name: c.name,
-            type_oid: c.type_oid,
-            type_modifier: c.type_modifier,
-            // A new table has no identity index: DEFAULT (its key) or FULL.
-            is_key: crate::slot::flagged_as_key(replica_identity, c.in_key, false),
-        })
-        .collect();
     Some(Created {
-        relation: RelationVersion {
-            relation_id: message.relation_id,
-            valid_from: ChangeKey::default(),
-            schema: message.schema,
-            name: message.name,
-            replica_identity,
-            columns,
-            primary_key: message.primary_key,
-        },
+        relation: message.relation.into_version(),
         layout: StorageLayout {
             file_node: message.file_node,
             missing_values: message.missing_values,
@@ -374,4 +429,35 @@ pub fn parse_created(content: &[u8]) -> Option<Created> {
 /// `name` as an SQL string literal.
 fn quote_literal(name: &str) -> String {
     format!("'{}'", name.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ddl_note_gives_the_tables_schema_with_its_key_flags_as_pgoutput_sets_them() {
+        let note = br#"{"relation_id": 16390, "shape": {"relation_id": 16390, "schema": "other",
+            "name": "t2", "replica_identity": "i", "primary_key": ["id"],
+            "columns": [
+              {"name": "id", "type_oid": 23, "type_modifier": -1, "in_key": true, "in_identity": false},
+              {"name": "code", "type_oid": 25, "type_modifier": -1, "in_key": false, "in_identity": true}]}}"#;
+        let ddl = parse_ddl(note).unwrap();
+        assert_eq!(ddl.relation_id, 16390);
+        let relation = ddl.relation.unwrap();
+        assert_eq!(
+            (relation.schema.as_str(), relation.name.as_str()),
+            ("other", "t2")
+        );
+        // USING INDEX: the identity index's columns are the key, not the primary key's.
+        let keys: Vec<bool> = relation.columns.iter().map(|c| c.is_key).collect();
+        assert_eq!(keys, [false, true]);
+        // A trigger installed by an older pgtrail names the table only; a command that names
+        // none gives no schema.
+        let old = parse_ddl(br#"{"relation_id": 16390}"#).unwrap();
+        assert!(old.relation.is_none());
+        let none = parse_ddl(br#"{"relation_id": 0, "shape": null}"#).unwrap();
+        assert!(none.relation.is_none());
+        assert!(parse_ddl(b"not json").is_none());
+    }
 }

@@ -140,17 +140,25 @@ impl Translator {
                     vec![LogOp::Context(context_json(&content))]
                 } else if transactional && prefix == DDL_PREFIX {
                     // `pgtrail setup`'s note of DDL at this transaction's commit: for the
-                    // catalog watch (see `setup`), not stored.
+                    // catalog watch (see `setup`), not stored as a message.
                     match parse_ddl(&content) {
-                        Some(relation_id) => {
-                            self.setup_notes.ddl.push((relation_id, self.txn_point));
+                        Some(ddl) => {
+                            self.setup_notes.ddl.push((ddl.relation_id, self.txn_point));
+                            // A table of the publication's schema after the command, at its
+                            // place in the transaction: a new name or column is known from
+                            // here, not from the watch's next look (the writer keeps it only
+                            // if the shape is new; pgoutput's Relation message before the
+                            // table's next change is then the same).
+                            ddl.relation.map(LogOp::Relation).into_iter().collect()
                         }
                         // Unread: the point is not known, so nothing is dated by it.
-                        None => tracing::warn!(
-                            "a {DDL_PREFIX} message this pgtrail does not read (run `pgtrail setup` again)"
-                        ),
+                        None => {
+                            tracing::warn!(
+                                "a {DDL_PREFIX} message this pgtrail does not read (run `pgtrail setup` again)"
+                            );
+                            Vec::new()
+                        }
                     }
-                    Vec::new()
                 } else if transactional
                     && prefix == CREATED_PREFIX
                     && let Some(created) = parse_created(&content)
