@@ -117,10 +117,82 @@ pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
 }
 
 #[derive(clap::Args)]
-pub struct VerifyArgs {
+pub struct BundleArgs {
     /// Archive directory.
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     pub archive: PathBuf,
+    /// The tables in scope, as `schema.table` (a name without a schema is in `public`),
+    /// comma-separated, by the name each bore at its changes (default: every table, and the
+    /// messages).
+    #[arg(long, value_delimiter = ',')]
+    pub tables: Vec<String>,
+    /// The first commit LSN in scope (default: the archive's start).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// The last commit LSN in scope (default: the latest signed checkpoint's end).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// The directory to write (it must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+/// Write an auditor bundle: the changes in scope, and the proof that they are complete for it
+/// and included in the archive's latest signed checkpoint.
+pub async fn bundle(args: BundleArgs) -> anyhow::Result<()> {
+    use pgtrail_store::evidence::bundle::{Scope, bundle};
+    let lsn = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<pgtrail_store::Lsn>> {
+        text.as_deref()
+            .map(|t| {
+                t.parse()
+                    .map_err(|_| anyhow::anyhow!("{flag}: {t:?} is not an LSN (like 0/1A2B3C4)"))
+            })
+            .transpose()
+    };
+    let scope = Scope {
+        tables: args
+            .tables
+            .iter()
+            .map(|t| t.trim())
+            .filter(|t| !t.is_empty())
+            .map(|t| {
+                if t.contains('.') {
+                    t.to_string()
+                } else {
+                    format!("public.{t}")
+                }
+            })
+            .collect(),
+        from: lsn("--from", &args.from)?,
+        to: lsn("--to", &args.to)?,
+    };
+    if let (Some(from), Some(to)) = (scope.from, scope.to)
+        && from > to
+    {
+        bail!("--from {from} is after --to {to}: nothing would be in scope");
+    }
+    let (archive, out) = (args.archive.clone(), args.out.clone());
+    let done = tokio::task::spawn_blocking(move || bundle(&archive, &scope, &out)).await??;
+    eprintln!(
+        "bundle: {} changes in scope in {} files, leaves {}..{} of the checkpoint's tree of {}; wrote {}",
+        done.changes,
+        done.files,
+        done.first,
+        done.first + done.count,
+        done.tree_size,
+        args.out.display()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE", required_unless_present = "bundle")]
+    pub archive: Option<PathBuf>,
+    /// Check an auditor bundle (`pgtrail bundle --out`) instead of an archive.
+    #[arg(long, conflicts_with_all = ["archive", "trusted"])]
+    pub bundle: Option<PathBuf>,
     /// A verifier key (as `pgtrail keygen` printed it, or a file holding it) whose signatures
     /// count; repeat for several. Take it from the archive's owner, never from the archive.
     #[arg(long = "key")]
@@ -150,26 +222,40 @@ impl std::fmt::Display for VerificationFailed {
 
 impl std::error::Error for VerificationFailed {}
 
-pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
-    let mut options = VerifyOptions::default();
-    for key in &args.keys {
+/// The verifier keys `--key` gives: each a key as `pgtrail keygen` printed it, or a file
+/// holding one.
+fn verifier_keys(given: &[String]) -> anyhow::Result<Vec<VerifierKey>> {
+    let mut keys = Vec::new();
+    for key in given {
         let text = match std::fs::read_to_string(key) {
             Ok(text) => text,
             Err(_) if key.contains('+') => key.clone(),
             Err(e) => bail!("--key {key}: neither a verifier key nor a readable file: {e}"),
         };
-        options
-            .keys
-            .push(VerifierKey::parse(text.trim()).with_context(|| {
-                format!("--key {key}: not a verifier key (pgtrail keygen prints one)")
-            })?);
+        keys.push(VerifierKey::parse(text.trim()).with_context(|| {
+            format!("--key {key}: not a verifier key (pgtrail keygen prints one)")
+        })?);
     }
+    Ok(keys)
+}
+
+pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    if let Some(bundle) = args.bundle.clone() {
+        return verify_bundle(bundle, verifier_keys(&args.keys)?, args.json).await;
+    }
+    let Some(archive) = args.archive.clone() else {
+        bail!("give --archive DIR (or --bundle DIR)");
+    };
+    let mut options = VerifyOptions {
+        keys: verifier_keys(&args.keys)?,
+        ..VerifyOptions::default()
+    };
     for path in &args.trusted {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--trusted-checkpoint {}: cannot read it", path.display()))?;
         options.trusted.push((path.clone(), text));
     }
-    let archive = args.archive.clone();
+    let shown = archive.clone();
     let report = tokio::task::spawn_blocking(move || {
         let mut last_shown = std::time::Instant::now();
         verify_archive(&archive, &options, |done, total| {
@@ -180,7 +266,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         })
     })
     .await?
-    .with_context(|| format!("cannot read the archive {}", args.archive.display()))?;
+    .with_context(|| format!("cannot read the archive {}", shown.display()))?;
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -188,6 +274,55 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     if !report.ok {
         return Err(VerificationFailed(report.problems.len()).into());
+    }
+    Ok(())
+}
+
+async fn verify_bundle(dir: PathBuf, keys: Vec<VerifierKey>, json: bool) -> anyhow::Result<()> {
+    use pgtrail_store::evidence::bundle::verify_bundle;
+    let shown = dir.clone();
+    let r = tokio::task::spawn_blocking(move || verify_bundle(&dir, &keys))
+        .await?
+        .with_context(|| format!("cannot read the bundle {}", shown.display()))?;
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let mut out = format!(
+            "verify: {}: bundle {}: {} changes in scope ({}{}{}), checkpoint {} size {}: signature {}\n",
+            if r.ok { "OK" } else { "FAILED" },
+            shown.display(),
+            r.changes,
+            if r.scope.tables.is_empty() {
+                "every table".to_string()
+            } else {
+                r.scope.tables.join(", ")
+            },
+            r.scope
+                .from
+                .map_or(String::new(), |l| format!(", from {l}")),
+            r.complete_through
+                .map_or(String::new(), |l| format!(", complete through {l}")),
+            r.origin,
+            r.tree_size,
+            if r.signature_verified {
+                "verified"
+            } else {
+                "NOT checked"
+            },
+        );
+        for gap in &r.gaps {
+            out.push_str(&format!("  gap recorded by the capture: {gap}\n"));
+        }
+        for w in &r.warnings {
+            out.push_str(&format!("  warning: {w}\n"));
+        }
+        for p in &r.problems {
+            out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
+        }
+        print!("{out}");
+    }
+    if !r.ok {
+        return Err(VerificationFailed(r.problems.len()).into());
     }
     Ok(())
 }

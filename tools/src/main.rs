@@ -56,6 +56,9 @@ enum Command {
     Verify(evidence::VerifyArgs),
     /// Print the proof (C2SP tlog-proof) that one change is in the tree a signed checkpoint pins.
     Prove(evidence::ProveArgs),
+    /// Write an auditor bundle: the changes of some tables over an LSN range, with the proof
+    /// that they are complete for that scope and included in a signed checkpoint.
+    Bundle(evidence::BundleArgs),
 }
 
 #[derive(clap::Args)]
@@ -193,6 +196,7 @@ fn main() -> ExitCode {
             Command::Checkpoint(args) => evidence::checkpoint(args).await,
             Command::Verify(args) => evidence::verify(args).await,
             Command::Prove(args) => evidence::prove(args).await,
+            Command::Bundle(args) => evidence::bundle(args).await,
         }
     });
     match result {

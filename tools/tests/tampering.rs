@@ -764,3 +764,257 @@ fn a_recorded_gap_is_a_leaf_of_the_tree() {
         assert!(said.contains(&format!("root {root}")), "{said}");
     }
 }
+
+/// `pgtrail verify --bundle` on the bundle of a bundle's directory, as JSON.
+fn verify_bundle(bundle: &Path, vkey: &str) -> (bool, serde_json::Value) {
+    let out = pgtrail()
+        .args(["verify", "--json", "--key", vkey, "--bundle"])
+        .arg(bundle)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "verify --bundle printed no report ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(if json["ok"] == true { 0 } else { 1 }),
+        "{json}"
+    );
+    (json["ok"] == true, json)
+}
+
+/// A copy of the bundle at `from`, for one tampering case.
+fn copy_bundle(from: &Path, to: &Path) {
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// Rewrite a bundle's `bundle.json` for file `file` (its SHA-256 and rows, recomputed).
+fn relist_bundle_file(bundle: &Path, file: &str) {
+    let path = bundle.join("bundle.json");
+    let mut description: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (batch, _) = read_segment(&bundle.join(file));
+    for f in description["files"].as_array_mut().unwrap() {
+        if f["file"] == file {
+            f["sha256"] = pgtrail_store::segment::sha256_file(&bundle.join(file))
+                .unwrap()
+                .into();
+            f["rows"] = (batch.num_rows() as u64).into();
+        }
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&description).unwrap()).unwrap();
+}
+
+/// An auditor bundle of one table over an LSN range holds exactly that table's changes in the
+/// range, and `verify --bundle` proves it against the signed checkpoint; a bundle with a change
+/// withheld (its row taken out and its leaf given in its place, so the tree still matches), a
+/// value edited, a row taken out, or checked with another key fails.
+#[test]
+fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("bundle").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "bundle.key", "pgtrail.test/bundle");
+    let (_, other_vkey) = keygen(dir, "other.key", "pgtrail.test/bundle");
+    let archive = dir.join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql(
+        "CREATE TABLE a (id int PRIMARY KEY, n int); CREATE TABLE b (id int PRIMARY KEY, n int);
+         INSERT INTO a SELECT g, g FROM generate_series(1, 5) g;
+         INSERT INTO b SELECT g, g FROM generate_series(1, 5) g;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let from = crate::insert_lsn(cluster, &db);
+    // The scope: table a in this round, 10 inserts, 3 updates and 2 deletes, with table b's
+    // changes and a message between them.
+    psql(
+        "INSERT INTO a SELECT g, g FROM generate_series(10, 19) g;
+         INSERT INTO b VALUES (100, 1);
+         SELECT pg_logical_emit_message(true, 'audit', 'between');
+         UPDATE a SET n = n + 100 WHERE id IN (1, 2, 3);
+         UPDATE b SET n = 0;
+         DELETE FROM a WHERE id IN (4, 5);",
+    );
+    let to = crate::insert_lsn(cluster, &db);
+    psql("UPDATE a SET n = -1; INSERT INTO b VALUES (200, 2);");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+
+    let bundle = dir.join("bundle");
+    let out = pgtrail()
+        .args([
+            "bundle",
+            "--tables",
+            "a",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--archive",
+        ])
+        .arg(&archive)
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, report) = verify_bundle(&bundle, &vkey);
+    assert!(ok, "{report}");
+    assert_eq!(report["changes"], 15, "{report}");
+    assert_eq!(report["signature_verified"], true);
+    assert_eq!(report["complete_through"], to.as_str(), "{report}");
+    // The bundle's rows are table a's changes of the round, nothing else.
+    let files: Vec<String> = std::fs::read_dir(bundle.join("changes"))
+        .unwrap()
+        .map(|e| format!("changes/{}", e.unwrap().file_name().to_string_lossy()))
+        .collect();
+    let (mut ops, mut rows) = (std::collections::BTreeMap::<String, u64>::new(), 0);
+    let (from_lsn, to_lsn): (Lsn, Lsn) = (from.parse().unwrap(), to.parse().unwrap());
+    for file in &files {
+        let (batch, kv) = read_segment(&bundle.join(file));
+        assert!(
+            kv.iter().any(|kv| kv.key == "pgtrail.segment"
+                && kv.value.as_deref().unwrap_or("").contains("\"name\":\"a\"")),
+            "{file} holds table a's segment format"
+        );
+        let lsn = batch.column(0).as_primitive::<UInt64Type>();
+        let op = datafusion::arrow::compute::cast(
+            batch.column_by_name("op").unwrap(),
+            &datafusion::arrow::datatypes::DataType::Utf8,
+        )
+        .unwrap();
+        let op = op.as_string::<i32>();
+        for r in 0..batch.num_rows() {
+            assert!(from_lsn.0 <= lsn.value(r) && lsn.value(r) <= to_lsn.0);
+            *ops.entry(op.value(r).to_string()).or_default() += 1;
+        }
+        rows += batch.num_rows();
+    }
+    assert_eq!(rows, 15);
+    assert_eq!(
+        ops,
+        [("delete", 2), ("insert", 10), ("update", 3)]
+            .into_iter()
+            .map(|(o, n)| (o.to_string(), n))
+            .collect()
+    );
+
+    // Checked with a key that did not sign the checkpoint.
+    let (ok, report) = verify_bundle(&bundle, &other_vkey);
+    assert!(
+        !ok && report["problems"].to_string().contains("checkpoint"),
+        "{report}"
+    );
+
+    let file = files.iter().min().unwrap().clone();
+    let case = |name: &str| {
+        let copy = dir.join(name);
+        copy_bundle(&bundle, &copy);
+        copy
+    };
+    // A value edited, with the file's SHA-256 recomputed.
+    let edited = case("edited");
+    let (batch, kv) = read_segment(&edited.join(&file));
+    write_segment(
+        &edited.join(&file),
+        &edit_image_int(batch, "after", "n"),
+        kv,
+    );
+    relist_bundle_file(&edited, &file);
+    let (ok, report) = verify_bundle(&edited, &vkey);
+    assert!(
+        !ok && report["problems"].to_string().contains("root"),
+        "{report}"
+    );
+
+    // A row taken out of the file, the leaves left as they were.
+    let dropped = case("dropped");
+    let (batch, kv) = read_segment(&dropped.join(&file));
+    write_segment(
+        &dropped.join(&file),
+        &batch.slice(1, batch.num_rows() - 1),
+        kv,
+    );
+    relist_bundle_file(&dropped, &file);
+    let (ok, report) = verify_bundle(&dropped, &vkey);
+    assert!(!ok, "{report}");
+
+    // A change withheld: its row taken out and its leaf given in its place (from `pgtrail
+    // prove`), so the range still gives the checkpoint's root; only the scope check sees it.
+    let withheld = case("withheld");
+    let (batch, kv) = read_segment(&withheld.join(&file));
+    let lsn = Lsn(batch.column(0).as_primitive::<UInt64Type>().value(0));
+    let seq = batch.column(1).as_primitive::<UInt32Type>().value(0);
+    let proof = pgtrail()
+        .args(["prove", "--change", &format!("{lsn}:{seq}"), "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        proof.status.success(),
+        "{}",
+        String::from_utf8_lossy(&proof.stderr)
+    );
+    let proof = String::from_utf8(proof.stdout).unwrap();
+    let leaf_data = proof
+        .lines()
+        .find_map(|l| l.strip_prefix("extra "))
+        .unwrap()
+        .to_string();
+    write_segment(
+        &withheld.join(&file),
+        &batch.slice(1, batch.num_rows() - 1),
+        kv,
+    );
+    relist_bundle_file(&withheld, &file);
+    let file_no = {
+        let description: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(withheld.join("bundle.json")).unwrap())
+                .unwrap();
+        description["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|f| f["file"] == file.as_str())
+            .unwrap()
+    };
+    let leaves_path = withheld.join("leaves.jsonl");
+    let lines: Vec<String> = std::fs::read_to_string(&leaves_path)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut entry: serde_json::Value = serde_json::from_str(line).unwrap();
+            if entry["file"] == file_no {
+                if entry["lsn"] == lsn.to_string().as_str() && entry["seq"] == seq {
+                    return serde_json::json!({ "leaf_data": leaf_data }).to_string();
+                }
+                entry["row"] = (entry["row"].as_u64().unwrap() - 1).into();
+            }
+            entry.to_string()
+        })
+        .collect();
+    std::fs::write(&leaves_path, lines.join("\n") + "\n").unwrap();
+    let (ok, report) = verify_bundle(&withheld, &vkey);
+    assert!(
+        !ok && report["problems"].to_string().contains("withholds its row"),
+        "{report}"
+    );
+    assert!(
+        !report["problems"].to_string().contains("root"),
+        "the tree still matches: {report}"
+    );
+}

@@ -135,11 +135,14 @@ pub fn schema_digest(rel: &RelationVersion) -> Hash {
     Sha256::digest(&b).into()
 }
 
+/// A change's four salts (a message uses the first).
+pub type Salts = [[u8; 16]; 4];
+
 /// The four salts of the change at `key` in the epoch of `seed` (a message uses the first).
 ///
 /// No domain string: a seed is random, made for this and used for nothing else, and the 45
 /// bytes hashed fit one SHA-256 block (with a domain they took two, for every change).
-pub fn salts(seed: &Seed, key: ChangeKey) -> [[u8; 16]; 4] {
+pub fn salts(seed: &Seed, key: ChangeKey) -> Salts {
     let half = |j: u8| -> [u8; 32] {
         let mut h = Sha256::new();
         h.update(seed);
@@ -500,7 +503,7 @@ pub fn batch_leaves(
     epochs: &Epochs,
 ) -> Result<Vec<Leaf>, LeafError> {
     let mut leaves = Vec::with_capacity(batch.num_rows());
-    for_each_leaf(content, batch, epochs, |key, data| {
+    for_each_leaf(content, batch, epoch_salts(epochs), |key, _, data| {
         leaves.push(Leaf {
             key,
             hash: leaf_hash(data),
@@ -518,7 +521,7 @@ pub fn leaf_data(
     key: ChangeKey,
 ) -> Result<Option<Vec<u8>>, LeafError> {
     let mut found = None;
-    for_each_leaf(content, batch, epochs, |k, data| {
+    for_each_leaf(content, batch, epoch_salts(epochs), |k, _, data| {
         if k == key {
             found = Some(data.to_vec());
         }
@@ -526,12 +529,18 @@ pub fn leaf_data(
     Ok(found)
 }
 
-/// Call `f` with the key and `leaf_data` of each row of `batch` the tree covers, in order.
-fn for_each_leaf(
+/// The salts of a change from the seed of its epoch (none before the first epoch).
+fn epoch_salts(epochs: &Epochs) -> impl Fn(ChangeKey) -> Option<Salts> + '_ {
+    |key| epochs.seed_for(key).map(|seed| salts(seed, key))
+}
+
+/// Call `f` with the key, row and `leaf_data` of each row of `batch` that `salts_of` gives
+/// salts for, in order (an auditor bundle carries each change's salts, not its epoch's seed).
+pub fn for_each_leaf(
     content: &SegmentContent,
     batch: &RecordBatch,
-    epochs: &Epochs,
-    mut f: impl FnMut(ChangeKey, &[u8]),
+    salts_of: impl Fn(ChangeKey) -> Option<Salts>,
+    mut f: impl FnMut(ChangeKey, usize, &[u8]),
 ) -> Result<(), LeafError> {
     let at_start = |reason: String| LeafError {
         key: ChangeKey::new(Lsn::ZERO, 0),
@@ -567,11 +576,10 @@ fn for_each_leaf(
             ];
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
-                let Some(seed) = epochs.seed_for(key) else {
+                let Some(salts) = salts_of(key) else {
                     continue;
                 };
                 let fail = |reason: String| LeafError { key, reason };
-                let salts = salts(seed, key);
                 let mut parts = [[0u8; 32]; 4];
                 part.clear();
                 if context.is_null(row) {
@@ -607,7 +615,7 @@ fn for_each_leaf(
                 data.extend_from_slice(&schema_digest);
                 data.push(op);
                 data.extend_from_slice(&body_digest(&parts));
-                f(key, &data);
+                f(key, row, &data);
             }
         }
         SegmentContent::Messages => {
@@ -622,7 +630,7 @@ fn for_each_leaf(
             let text = text.as_string::<i32>();
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
-                let Some(seed) = epochs.seed_for(key) else {
+                let Some(salts) = salts_of(key) else {
                     continue;
                 };
                 let fail = |reason: &str| LeafError {
@@ -636,7 +644,6 @@ fn for_each_leaf(
                 if derived != stored {
                     return Err(fail("content_text differs from the content's UTF-8 text"));
                 }
-                let salts = salts(seed, key);
                 part.clear();
                 put_bytes(&mut part, content);
                 let body = body_digest(&[part_digest(0, &salts[0], &part)]);
@@ -645,7 +652,7 @@ fn for_each_leaf(
                 data.push(u8::from(transactional.value(row)));
                 put_str(&mut data, prefix.value(row));
                 data.extend_from_slice(&body);
-                f(key, &data);
+                f(key, row, &data);
             }
         }
     }
@@ -657,6 +664,11 @@ fn for_each_leaf(
 /// payload (JSON) is kept verbatim in the evidence files; an event's leaf follows the leaves
 /// of its epoch's changes in the tree.
 pub fn event_leaf_hash(kind: u8, epoch: ChangeKey, n: u32, payload: &str) -> Hash {
+    leaf_hash(&event_leaf_data(kind, epoch, n, payload))
+}
+
+/// The `leaf_data` whose hash is [`event_leaf_hash`].
+pub fn event_leaf_data(kind: u8, epoch: ChangeKey, n: u32, payload: &str) -> Vec<u8> {
     let mut b = Vec::with_capacity(48 + payload.len());
     b.extend_from_slice(LEAF_DOMAIN);
     b.push(kind);
@@ -664,7 +676,7 @@ pub fn event_leaf_hash(kind: u8, epoch: ChangeKey, n: u32, payload: &str) -> Has
     b.extend_from_slice(&epoch.seq.to_be_bytes());
     b.extend_from_slice(&n.to_be_bytes());
     put_str(&mut b, payload);
-    leaf_hash(&b)
+    b
 }
 
 fn put_header(b: &mut Vec<u8>, kind: u8, key: ChangeKey, xid: u32, committed_at_us: i64) {

@@ -174,6 +174,71 @@ pub fn consistency_proof(leaves: &[Hash], m: u64) -> Option<Vec<Hash>> {
     Some(out)
 }
 
+/// The proof that `leaves[first..first + count]` are, in order, the leaves at those places of
+/// the tree of all `leaves` (a *range proof*, pgtrail's own and not an RFC's): the root of
+/// every largest subtree wholly outside the range, in the order a depth-first walk of RFC 6962's
+/// splits meets them. With the range's leaf hashes it gives the root again
+/// ([`root_from_range`]), so no leaf can be added to, removed from or moved within the range
+/// unseen. `None` when the range is empty or not inside the tree.
+pub fn range_proof(leaves: &[Hash], first: u64, count: u64) -> Option<Vec<Hash>> {
+    fn walk(leaves: &[Hash], at: usize, lo: usize, hi: usize, out: &mut Vec<Hash>) {
+        let n = leaves.len();
+        if at + n <= lo || at >= hi {
+            out.push(root(leaves));
+        } else if n > 1 {
+            let k = split(n);
+            walk(&leaves[..k], at, lo, hi, out);
+            walk(&leaves[k..], at + k, lo, hi, out);
+        }
+    }
+    let lo = usize::try_from(first).ok()?;
+    let hi = lo.checked_add(usize::try_from(count).ok()?)?;
+    if count == 0 || hi > leaves.len() {
+        return None;
+    }
+    let mut out = Vec::new();
+    walk(leaves, 0, lo, hi, &mut out);
+    Some(out)
+}
+
+/// The root of the tree of `size` leaves whose leaves `first..` are `range` and whose other
+/// subtrees are `proof` (see [`range_proof`]); `None` when they do not fit together (a hash
+/// too many or too few).
+pub fn root_from_range(size: u64, first: u64, range: &[Hash], proof: &[Hash]) -> Option<Hash> {
+    struct Walk<'a> {
+        lo: u64,
+        hi: u64,
+        range: std::slice::Iter<'a, Hash>,
+        proof: std::slice::Iter<'a, Hash>,
+    }
+    impl Walk<'_> {
+        fn node(&mut self, at: u64, n: u64) -> Option<Hash> {
+            if at + n <= self.lo || at >= self.hi {
+                self.proof.next().copied()
+            } else if n == 1 {
+                self.range.next().copied()
+            } else {
+                let k = split(usize::try_from(n).ok()?) as u64;
+                let left = self.node(at, k)?;
+                let right = self.node(at + k, n - k)?;
+                Some(node_hash(&left, &right))
+            }
+        }
+    }
+    let hi = first.checked_add(range.len() as u64)?;
+    if range.is_empty() || hi > size {
+        return None;
+    }
+    let mut walk = Walk {
+        lo: first,
+        hi,
+        range: range.iter(),
+        proof: proof.iter(),
+    };
+    let root = walk.node(0, size)?;
+    (walk.range.next().is_none() && walk.proof.next().is_none()).then_some(root)
+}
+
 /// The step both RFC 9162 verifications take after hashing a node in from the left: "if
 /// LSB(fn) is not set, right-shift both fn and sn equally until either LSB(fn) is set or fn
 /// is 0".
@@ -409,5 +474,42 @@ mod tests {
             assert!(consistency_proof(&all[..n], 0).is_none());
             assert!(consistency_proof(&all[..n], n as u64 + 1).is_none());
         }
+    }
+
+    #[test]
+    fn a_range_proof_gives_the_root_for_every_range_and_only_with_its_own_leaves() {
+        let leaves: Vec<Hash> = (0u32..37).map(|i| leaf_hash(&i.to_be_bytes())).collect();
+        for size in [1usize, 2, 3, 7, 8, 13, 37] {
+            let tree = &leaves[..size];
+            let want = root(tree);
+            for first in 0..size {
+                for count in 1..=size - first {
+                    let range = &tree[first..first + count];
+                    let proof = range_proof(tree, first as u64, count as u64).unwrap();
+                    assert_eq!(
+                        root_from_range(size as u64, first as u64, range, &proof),
+                        Some(want),
+                        "size {size} range {first}+{count}"
+                    );
+                    // A leaf of the range left out, or the range put one place further on,
+                    // does not give the root.
+                    if count > 1 {
+                        let fewer = &range[..count - 1];
+                        assert_ne!(
+                            root_from_range(size as u64, first as u64, fewer, &proof),
+                            Some(want)
+                        );
+                    }
+                    if first + count < size {
+                        assert_ne!(
+                            root_from_range(size as u64, first as u64 + 1, range, &proof),
+                            Some(want)
+                        );
+                    }
+                }
+            }
+        }
+        assert!(range_proof(&leaves[..5], 4, 2).is_none());
+        assert!(range_proof(&leaves[..5], 0, 0).is_none());
     }
 }

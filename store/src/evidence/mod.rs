@@ -6,6 +6,7 @@
 //! segment, and joins the tree ([`merkle`]) in the commit that lists the segment ([`state`]);
 //! signed checkpoints ([`note`]) pin the root; [`verify`] recomputes it all from the files.
 
+pub mod bundle;
 pub mod leaf;
 pub mod merkle;
 pub mod note;

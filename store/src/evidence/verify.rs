@@ -113,6 +113,8 @@ pub(crate) struct Collected {
     pub tree: Vec<Hash>,
     pub segments: Vec<crate::SegmentEntry>,
     pub epochs: super::leaf::Epochs,
+    /// The tree's events, in tree order.
+    pub events: Vec<super::state::Event>,
 }
 
 pub(crate) fn verify_and_collect(
@@ -364,11 +366,19 @@ pub(crate) fn verify_and_collect(
         tree,
         segments,
         epochs: state.epochs,
+        events: {
+            let mut events = state.events;
+            events.sort_by_key(|e| (e.epoch, e.n));
+            events
+        },
     })
 }
 
 /// A checkpoint note's checkpoint and whether one of `keys` signed it.
-fn open_checkpoint(text: &str, keys: &[VerifierKey]) -> Result<(Checkpoint, bool), String> {
+pub(crate) fn open_checkpoint(
+    text: &str,
+    keys: &[VerifierKey],
+) -> Result<(Checkpoint, bool), String> {
     for key in keys {
         if let Ok(body) = key.open(text) {
             let checkpoint = Checkpoint::parse(body).map_err(|e| e.to_string())?;
