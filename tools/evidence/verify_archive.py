@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Verify a pgtrail archive without pgtrail: recompute every leaf (leaf format v1) from the
 segments with pyarrow, the RFC 6962 tree and its root, and check the archive's signed
-checkpoints and any kept outside it. Written from the README's "Evidence format" section alone
-(hashlib, pyarrow and the `cryptography` package).
+checkpoints and any kept outside it. Or check an auditor bundle (`pgtrail bundle`): its rows'
+leaves, the range's root against the signed checkpoint, and that no change of its scope is
+withheld. Written from the README's Evidence section alone (hashlib, pyarrow and the
+`cryptography` package).
 
     verify_archive.py ARCHIVE [--key VKEY]... [--trusted-checkpoint FILE]...
+    verify_archive.py --bundle DIR [--key VKEY]...
 
-Prints "ok: N segments, R changes, tree of L leaves, root B64, K checkpoints verified" and
-exits 0, or "FAIL: PLACE: WHAT" for each problem and exits 1.
+Prints "ok: N segments, R changes, tree of L leaves, root B64, K checkpoints verified" (for a
+bundle "ok: bundle of C changes in scope, ...") and exits 0, or "FAIL: PLACE: WHAT" for each
+problem and exits 1.
 """
 import base64
 import decimal
@@ -217,8 +221,16 @@ def image_of(table, name):
     }
 
 
-def segment_leaves(path, epochs):
-    """[(lsn, seq, leaf hash)] of the rows the tree covers, and the number of rows."""
+def epoch_salts(epochs):
+    """The salts of a change from its epoch's seed (None before the first epoch)."""
+    def of(lsn, seq):
+        seed = seed_for(epochs, lsn, seq)
+        return None if seed is None else salts(seed, lsn, seq)
+    return of
+
+
+def segment_leaves(path, salts_of):
+    """[(lsn, seq, leaf hash)] of the rows salts_of gives salts for, and the number of rows."""
     pf = pq.ParquetFile(path)
     meta = pf.metadata.metadata or {}
     description = json.loads(meta[b"pgtrail.segment"])
@@ -238,8 +250,8 @@ def segment_leaves(path, epochs):
         body = plain_values(table.column("content").combine_chunks())
         text = plain_values(table.column("content_text").combine_chunks())
         for r in range(len(lsn)):
-            seed = seed_for(epochs, lsn[r], seq[r])
-            if seed is None:
+            s = salts_of(lsn[r], seq[r])
+            if s is None:
                 continue
             try:
                 derived = body[r].decode("utf-8")
@@ -247,7 +259,6 @@ def segment_leaves(path, epochs):
                 derived = None
             if derived != text[r]:
                 raise ValueError("change %d/%d: content_text differs from the content" % (lsn[r], seq[r]))
-            s = salts(seed, lsn[r], seq[r])
             digest = sha(BODY_DOMAIN, part(0, s[0], sbytes(body[r])))
             data = header(2, lsn[r], seq[r], xid[r], at[r])
             data += bytes([1 if transactional[r] else 0]) + sstr(prefix[r]) + digest
@@ -266,10 +277,9 @@ def segment_leaves(path, epochs):
             table.column(name + "_text").to_pylist(),
         )
     for r in range(len(lsn)):
-        seed = seed_for(epochs, lsn[r], seq[r])
-        if seed is None:
+        s = salts_of(lsn[r], seq[r])
+        if s is None:
             continue
-        s = salts(seed, lsn[r], seq[r])
         try:
             p0 = b"\x00" if context[r] is None else b"\x01" + sstr(context[r])
             p1 = image_bytes(rel, *images["before"], r)
@@ -339,13 +349,156 @@ def read_checkpoint(place, note, vkeys, trusted):
     return lines[0], int(lines[1]), base64.b64decode(lines[2], validate=True), False
 
 
+def parse_lsn(text):
+    high, low = text.split("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def leaf_head(data):
+    """(kind, lsn, seq, schema.table or None, payload or None) of a leaf_data, or None."""
+    if not data.startswith(LEAF_DOMAIN) or len(data) < len(LEAF_DOMAIN) + 13:
+        return None
+    at = len(LEAF_DOMAIN)
+    kind = data[at]
+    lsn, seq = struct.unpack(">QI", data[at + 1:at + 13])
+    at += 13
+
+    def string(at):
+        (n,) = struct.unpack(">I", data[at:at + 4])
+        return data[at + 4:at + 4 + n].decode("utf-8"), at + 4 + n
+    try:
+        if kind == 1:
+            schema, at = string(at + 12)
+            table, _ = string(at)
+            return kind, lsn, seq, schema + "." + table, None
+        if kind == 2:
+            return kind, lsn, seq, None, None
+        payload, _ = string(at + 4)
+        return kind, lsn, seq, None, payload
+    except (struct.error, UnicodeDecodeError):
+        return None
+
+
+def root_from_range(size, first, hashes, proof):
+    """The root of the tree of `size` leaves from the range's leaf hashes and its proof
+    (README: Auditor bundles), or None when they do not fit together."""
+    lo, hi = first, first + len(hashes)
+    leaves, others = iter(hashes), iter(proof)
+
+    def node(at, n):
+        if at + n <= lo or at >= hi:
+            return next(others)
+        if n == 1:
+            return next(leaves)
+        k = 1 << ((n - 1).bit_length() - 1)
+        return node_hash(node(at, k), node(at + k, n - k))
+    if not hashes or hi > size:
+        return None
+    try:
+        root = node(0, size)
+    except StopIteration:
+        return None
+    if next(leaves, None) is not None or next(others, None) is not None:
+        return None
+    return root
+
+
+def verify_bundle(bundle, vkeys):
+    with open(os.path.join(bundle, "bundle.json")) as f:
+        d = json.load(f)
+    if d.get("format") != "pgtrail-bundle/v1":
+        problem("bundle.json", "format %r is not pgtrail-bundle/v1" % d.get("format"))
+        return None
+    with open(os.path.join(bundle, "checkpoint")) as f:
+        c = read_checkpoint("checkpoint", f.read(), vkeys, False)
+    if c is None:
+        return None
+    origin, size, root, verified = c
+    if size != d["tree_size"]:
+        problem("checkpoint", "attests %d leaves, the range proof is for %d" % (size, d["tree_size"]))
+        return None
+    with open(os.path.join(bundle, "leaves.jsonl")) as f:
+        entries = [json.loads(line) for line in f if line.strip()]
+    hashes, heads, wanted = [None] * len(entries), [None] * len(entries), {}
+    for i, e in enumerate(entries):
+        if "leaf_data" in e:
+            data = base64.b64decode(e["leaf_data"], validate=True)
+            hashes[i] = sha(b"\x00", data)
+            heads[i] = leaf_head(data)
+            if heads[i] is None:
+                problem("leaf %d of the tree" % (d["first"] + i), "leaf_data is not a pgtrail leaf")
+        else:
+            raw = bytes.fromhex(e["salts"])
+            s = [raw[0:16], raw[16:32], raw[32:48], raw[48:64]]
+            wanted.setdefault(e["file"], {})[(parse_lsn(e["lsn"]), e["seq"])] = (i, e["row"], s)
+    for fi, f in enumerate(d["files"]):
+        path = os.path.join(bundle, f["file"])
+        if file_sha256(path) != f["sha256"]:
+            problem(f["file"], "its SHA-256 differs from bundle.json's")
+            continue
+        want = wanted.get(fi, {})
+        meta = pq.ParquetFile(path).metadata.metadata or {}
+        content = json.loads(meta[b"pgtrail.segment"])["content"]
+        table = None if content == "Messages" else content["Table"]["schema"] + "." + content["Table"]["name"]
+        try:
+            got, n = segment_leaves(path, lambda l, s: want.get((l, s), (None, None, None))[2])
+        except (ValueError, KeyError, OSError, pa.ArrowException) as e:
+            problem(f["file"], str(e))
+            continue
+        if len(got) != n or n != f["rows"]:
+            problem(f["file"], "holds %d rows, %d named by the leaves, bundle.json lists %d" % (n, len(got), f["rows"]))
+        for r, (l, s, h) in enumerate(got):
+            i, row, _ = want[(l, s)]
+            if row != r:
+                problem(f["file"], "change %d/%d is row %d, its leaf names row %d" % (l, s, r, row))
+            hashes[i] = h
+            heads[i] = (1 if table else 2, l, s, table, None)
+    for i, h in enumerate(hashes):
+        if h is None:
+            problem("leaf %d of the tree" % (d["first"] + i), "its row is missing from the bundle's files")
+    if problems:
+        return None
+    scope = d["scope"]
+    lo = None if scope["from"] is None else parse_lsn(scope["from"])
+    hi = None if scope["to"] is None else parse_lsn(scope["to"])
+    tables = scope["tables"]
+    keys, held, last, gaps = [], 0, None, 0
+    for i, (head, e) in enumerate(zip(heads, entries)):
+        kind, lsn, seq, table, payload = head
+        if kind == 3:
+            gaps += 1
+        if kind not in (1, 2):
+            continue
+        if last is not None and last >= (lsn, seq):
+            problem("leaf %d of the tree" % (d["first"] + i), "changes out of key order")
+        last = (lsn, seq)
+        keys.append(lsn)
+        in_range = (lo is None or lsn >= lo) and (hi is None or lsn <= hi)
+        due = in_range and ((kind == 1 and (not tables or table in tables)) or (kind == 2 and not tables))
+        if due and "leaf_data" in e:
+            problem("leaf %d of the tree" % (d["first"] + i), "change %d/%d is in the scope but the bundle withholds its row" % (lsn, seq))
+        if due and "leaf_data" not in e:
+            held += 1
+    at_start, at_end = d["first"] == 0, d["first"] + d["count"] == size
+    if keys and lo is not None and keys[0] >= lo and not at_start:
+        problem("the range's start", "its first change is inside the scope")
+    if keys and hi is not None and keys[-1] <= hi and not at_end:
+        problem("the range's end", "its last change is inside the scope")
+    proof = [base64.b64decode(h, validate=True) for h in d["range_proof"]]
+    if root_from_range(size, d["first"], hashes, proof) != root:
+        problem("the range", "its leaves and proof do not give the checkpoint's root")
+    return held, size, root, verified, gaps
+
+
 def main():
     args = sys.argv[1:]
     if not args:
         print(__doc__)
         sys.exit(2)
-    archive, vkeys, trusted = args[0], [], []
+    archive, bundle, vkeys, trusted = args[0], None, [], []
     i = 1
+    if args[0] == "--bundle" and len(args) > 1:
+        archive, bundle, i = None, args[1], 2
     while i < len(args):
         if args[i] == "--key":
             vkeys.append(parse_vkey(args[i + 1]))
@@ -355,6 +508,16 @@ def main():
             print("unknown argument %s" % args[i])
             sys.exit(2)
         i += 2
+    if bundle is not None:
+        result = verify_bundle(bundle, vkeys)
+        if problems:
+            for p in problems:
+                print("FAIL: " + p)
+            sys.exit(1)
+        held, size, root, verified, gaps = result
+        print("ok: bundle of %d changes in scope, tree of %d leaves, root %s, checkpoint %s, %d gaps"
+              % (held, size, base64.b64encode(root).decode(), "verified" if verified else "NOT checked", gaps))
+        return
     evidence = os.path.join(archive, "evidence")
     with open(os.path.join(evidence, "tree.json")) as f:
         tree = json.load(f)
@@ -373,7 +536,7 @@ def main():
             problem(place, "its SHA-256 differs from the manifest's")
             continue
         try:
-            got, n = segment_leaves(path, epochs)
+            got, n = segment_leaves(path, epoch_salts(epochs))
         except (ValueError, KeyError, OSError, pa.ArrowException) as e:
             problem(place, str(e))
             continue

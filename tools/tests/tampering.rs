@@ -765,8 +765,9 @@ fn a_recorded_gap_is_a_leaf_of_the_tree() {
     }
 }
 
-/// `pgtrail verify --bundle` on the bundle of a bundle's directory, as JSON.
-fn verify_bundle(bundle: &Path, vkey: &str) -> (bool, serde_json::Value) {
+/// `pgtrail verify --bundle` on a bundle's directory, as JSON; with `python`, the Python
+/// verifier (written from the README) must reach the same verdict.
+fn verify_bundle(bundle: &Path, vkey: &str, python: bool) -> (bool, serde_json::Value) {
     let out = pgtrail()
         .args(["verify", "--json", "--key", vkey, "--bundle"])
         .arg(bundle)
@@ -778,12 +779,35 @@ fn verify_bundle(bundle: &Path, vkey: &str) -> (bool, serde_json::Value) {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    assert_eq!(
-        out.status.code(),
-        Some(if json["ok"] == true { 0 } else { 1 }),
-        "{json}"
-    );
-    (json["ok"] == true, json)
+    let ok = json["ok"] == true;
+    assert_eq!(out.status.code(), Some(if ok { 0 } else { 1 }), "{json}");
+    if python {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/verify_archive.py");
+        let py = Command::new("python3")
+            .arg(script)
+            .arg("--bundle")
+            .arg(bundle)
+            .args(["--key", vkey])
+            .output()
+            .unwrap();
+        let said =
+            String::from_utf8_lossy(&py.stdout).into_owned() + &String::from_utf8_lossy(&py.stderr);
+        assert_eq!(
+            py.status.code(),
+            Some(if ok { 0 } else { 1 }),
+            "the Python verifier disagrees with pgtrail ({json}): {said}"
+        );
+        if ok {
+            assert!(
+                said.contains(&format!(
+                    "ok: bundle of {} changes in scope",
+                    json["changes"]
+                )),
+                "{said}"
+            );
+        }
+    }
+    (ok, json)
 }
 
 /// A copy of the bundle at `from`, for one tampering case.
@@ -820,6 +844,7 @@ fn relist_bundle_file(bundle: &Path, file: &str) {
 /// value edited, a row taken out, or checked with another key fails.
 #[test]
 fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
+    let python = python_ready();
     let cluster = Cluster::shared();
     let db = cluster.fresh_database("bundle").unwrap();
     let work = tempfile::tempdir().unwrap();
@@ -872,7 +897,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (ok, report) = verify_bundle(&bundle, &vkey);
+    let (ok, report) = verify_bundle(&bundle, &vkey, python);
     assert!(ok, "{report}");
     assert_eq!(report["changes"], 15, "{report}");
     assert_eq!(report["signature_verified"], true);
@@ -914,7 +939,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
     );
 
     // Checked with a key that did not sign the checkpoint.
-    let (ok, report) = verify_bundle(&bundle, &other_vkey);
+    let (ok, report) = verify_bundle(&bundle, &other_vkey, python);
     assert!(
         !ok && report["problems"].to_string().contains("checkpoint"),
         "{report}"
@@ -935,7 +960,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         kv,
     );
     relist_bundle_file(&edited, &file);
-    let (ok, report) = verify_bundle(&edited, &vkey);
+    let (ok, report) = verify_bundle(&edited, &vkey, python);
     assert!(
         !ok && report["problems"].to_string().contains("root"),
         "{report}"
@@ -950,7 +975,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         kv,
     );
     relist_bundle_file(&dropped, &file);
-    let (ok, report) = verify_bundle(&dropped, &vkey);
+    let (ok, report) = verify_bundle(&dropped, &vkey, python);
     assert!(!ok, "{report}");
 
     // A change withheld: its row taken out and its leaf given in its place (from `pgtrail
@@ -1008,7 +1033,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         })
         .collect();
     std::fs::write(&leaves_path, lines.join("\n") + "\n").unwrap();
-    let (ok, report) = verify_bundle(&withheld, &vkey);
+    let (ok, report) = verify_bundle(&withheld, &vkey, python);
     assert!(
         !ok && report["problems"].to_string().contains("withholds its row"),
         "{report}"
