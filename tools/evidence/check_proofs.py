@@ -19,6 +19,12 @@ Prints "ok: R roots, I inclusion proofs, C consistency proofs, K checkpoints" an
 
 checks a proof file of `pgtrail prove` (C2SP tlog-proof: the leaf's bytes, its index, the
 inclusion proof and the signed checkpoint) and prints "ok: leaf I of N, kind K, lsn L, seq S".
+
+    check_proofs.py --consistency FILE --old OLD_CHECKPOINT --new NEW_CHECKPOINT --key VKEY
+
+checks a proof file of `pgtrail prove --consistency-from` (pgtrail.dev/consistency-proof@v1:
+the two sizes, then the RFC 6962 consistency proof's hashes in base64) between two signed
+checkpoints, and prints "ok: the tree of M leaves is a prefix of the tree of N".
 """
 import base64
 import hashlib
@@ -171,9 +177,39 @@ def check_proof_file(path, vkey_text):
         index, size, extra[16], int.from_bytes(extra[17:25], "big"), int.from_bytes(extra[25:29], "big")))
 
 
+def signed_checkpoint(path, vkey):
+    """(size, root) of a checkpoint note signed by vkey."""
+    with open(path) as f:
+        body = open_note(f.read(), vkey)
+    if body is None:
+        fail("%s has no valid signature by %s" % (path, vkey[0]))
+    lines = body[:-1].split("\n")
+    if len(lines) != 3 or lines[0] != vkey[0]:
+        fail("%s is not a checkpoint of origin %s" % (path, vkey[0]))
+    return int(lines[1]), base64.b64decode(lines[2], validate=True)
+
+
+def check_consistency_file(path, old_path, new_path, vkey_text):
+    vkey = parse_vkey(vkey_text)
+    (m, old_root), (n, new_root) = signed_checkpoint(old_path, vkey), signed_checkpoint(new_path, vkey)
+    with open(path) as f:
+        lines = f.read().split("\n")
+    if lines[0] != "pgtrail.dev/consistency-proof@v1":
+        fail("not a pgtrail.dev/consistency-proof@v1 file")
+    if lines[1].split() != [str(m), str(n)]:
+        fail("the proof is between sizes %s, the checkpoints are of %d and %d" % (lines[1], m, n))
+    hashes = [base64.b64decode(h, validate=True) for h in lines[2:] if h]
+    if not verify_consistency(m, n, old_root, new_root, hashes):
+        fail("the tree of %d leaves is not a prefix of the tree of %d" % (m, n))
+    print("ok: the tree of %d leaves is a prefix of the tree of %d" % (m, n))
+
+
 def main():
     if len(sys.argv) == 5 and sys.argv[1] == "--proof" and sys.argv[3] == "--key":
         check_proof_file(sys.argv[2], sys.argv[4])
+        return
+    if len(sys.argv) == 9 and sys.argv[1::2] == ["--consistency", "--old", "--new", "--key"]:
+        check_consistency_file(sys.argv[2], sys.argv[4], sys.argv[6], sys.argv[8])
         return
     leaves, counts, vkey = [], [0, 0, 0, 0], None
 

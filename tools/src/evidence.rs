@@ -77,18 +77,46 @@ pub struct ProveArgs {
     pub archive: PathBuf,
     /// The change: its commit LSN and position in its transaction, as `pgtrail sql` shows
     /// them (`lsn`, `seq`), e.g. `0/1A2B3C4:5`.
-    #[arg(long)]
-    pub change: String,
+    #[arg(long, required_unless_present = "consistency_from")]
+    pub change: Option<String>,
+    /// Instead of a change: prove that the tree this older checkpoint pins is a prefix of the
+    /// tree `--checkpoint` pins (the archive only grew between them).
+    #[arg(long, conflicts_with = "change")]
+    pub consistency_from: Option<PathBuf>,
     /// The signed checkpoint whose tree the proof is for (default: the archive's latest,
     /// `evidence/checkpoint`).
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
 }
 
-/// Print a C2SP tlog-proof that the change is in the tree the checkpoint pins.
+/// Print a C2SP tlog-proof that the change is in the tree the checkpoint pins, or the
+/// consistency proof between two checkpoints.
 pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
-    let (lsn, seq) = args
-        .change
+    let checkpoint = args
+        .checkpoint
+        .clone()
+        .unwrap_or_else(|| args.archive.join("evidence/checkpoint"));
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read the checkpoint {} (sign one with `pgtrail checkpoint`)",
+                path.display()
+            )
+        })
+    };
+    let note = read(&checkpoint)?;
+    if let Some(old) = &args.consistency_from {
+        let old = read(old)?;
+        let archive = args.archive.clone();
+        let proof = tokio::task::spawn_blocking(move || {
+            pgtrail_store::evidence::prove::prove_consistency(&archive, &old, &note)
+        })
+        .await??;
+        std::io::stdout().write_all(proof.as_bytes())?;
+        return Ok(());
+    }
+    let change = args.change.clone().unwrap_or_default();
+    let (lsn, seq) = change
         .rsplit_once(':')
         .context("--change is LSN:SEQ, e.g. 0/1A2B3C4:5")?;
     let key = pgtrail_store::ChangeKey::new(
@@ -97,16 +125,6 @@ pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
         seq.parse()
             .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
     );
-    let checkpoint = args
-        .checkpoint
-        .clone()
-        .unwrap_or_else(|| args.archive.join("evidence/checkpoint"));
-    let note = std::fs::read_to_string(&checkpoint).with_context(|| {
-        format!(
-            "cannot read the checkpoint {} (sign one with `pgtrail checkpoint`)",
-            checkpoint.display()
-        )
-    })?;
     let archive = args.archive.clone();
     let proof = tokio::task::spawn_blocking(move || {
         pgtrail_store::evidence::prove::prove(&archive, key, &note)

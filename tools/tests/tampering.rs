@@ -417,6 +417,57 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     assert_eq!(absent.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&absent.stderr).contains("not in the tree"));
 
+    // The first checkpoint's tree is a prefix of the second's: a consistency proof an auditor
+    // holding both checks without the archive; it fails between the checkpoints swapped.
+    let consistency = pgtrail()
+        .args(["prove", "--archive"])
+        .arg(&archive)
+        .arg("--consistency-from")
+        .arg(&first_copy)
+        .arg("--checkpoint")
+        .arg(&second_copy)
+        .output()
+        .unwrap();
+    assert!(
+        consistency.status.success(),
+        "{}",
+        String::from_utf8_lossy(&consistency.stderr)
+    );
+    let consistency = String::from_utf8(consistency.stdout).unwrap();
+    assert!(
+        consistency.starts_with(&format!(
+            "pgtrail.dev/consistency-proof@v1\n{first_size} {size}\n"
+        )),
+        "{consistency}"
+    );
+    let consistency_file = dir.join("consistency.proof");
+    std::fs::write(&consistency_file, &consistency).unwrap();
+    if python {
+        let check = |old: &Path, new: &Path| {
+            Command::new("python3")
+                .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/check_proofs.py"))
+                .arg("--consistency")
+                .arg(&consistency_file)
+                .arg("--old")
+                .arg(old)
+                .arg("--new")
+                .arg(new)
+                .args(["--key", &vkey])
+                .output()
+                .unwrap()
+        };
+        let good = check(&first_copy, &second_copy);
+        let said = String::from_utf8_lossy(&good.stdout);
+        assert!(good.status.success(), "{said}");
+        assert!(
+            said.contains(&format!(
+                "the tree of {first_size} leaves is a prefix of the tree of {size}"
+            )),
+            "{said}"
+        );
+        assert!(!check(&second_copy, &first_copy).status.success());
+    }
+
     // A second archive of another database, for a segment swapped in from elsewhere.
     let elsewhere = dir.join("elsewhere");
     cluster.psql("postgres", "CREATE DATABASE evid2").unwrap();

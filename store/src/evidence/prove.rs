@@ -8,7 +8,7 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::merkle::{Hash, inclusion_proof, leaf_hash, root, verify_inclusion};
+use super::merkle::{Hash, consistency_proof, inclusion_proof, leaf_hash, root, verify_inclusion};
 use super::note::Checkpoint;
 use super::verify::{VerifyOptions, verify_and_collect};
 use crate::error::LogError;
@@ -107,5 +107,58 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
     }
     text.push('\n');
     text.push_str(checkpoint_note);
+    Ok(text)
+}
+
+/// The first line of a consistency proof file.
+pub const CONSISTENCY_HEADER: &str = "pgtrail.dev/consistency-proof@v1";
+
+/// The proof that the tree `old_note` pins is a prefix of the tree `new_note` pins (RFC 6962
+/// `PROOF`), as the text of a file: the header, `old-size new-size`, then the hashes in
+/// base64, one a line. Whoever kept the old checkpoint checks it with the new one and the
+/// verifier key, without the archive: the archive only grew between the two. The archive is
+/// verified first, and both checkpoints must be of its tree.
+pub fn prove_consistency(dir: &Path, old_note: &str, new_note: &str) -> Result<String, ProveError> {
+    let parse = |note: &str| {
+        Checkpoint::in_note_unverified(note).map_err(|e| ProveError::BadCheckpoint(e.to_string()))
+    };
+    let (old, new) = (parse(old_note)?, parse(new_note)?);
+    let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
+    if let Some(p) = collected.report.problems.first() {
+        return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));
+    }
+    let held = collected.tree.len() as u64;
+    for checkpoint in [&old, &new] {
+        if checkpoint.size > held {
+            return Err(ProveError::TooLarge {
+                size: checkpoint.size,
+                held,
+            });
+        }
+        if root(&collected.tree[..checkpoint.size as usize]) != checkpoint.root {
+            return Err(ProveError::OtherRoot(checkpoint.size));
+        }
+    }
+    if old.size > new.size || old.origin != new.origin {
+        return Err(ProveError::BadCheckpoint(format!(
+            "the old checkpoint ({} leaves of {}) must be of the same origin as the new one ({} leaves of {}) and no larger",
+            old.size, old.origin, new.size, new.origin
+        )));
+    }
+    let hashes = &collected.tree[..new.size as usize];
+    let proof = if old.size == 0 {
+        Vec::new()
+    } else {
+        consistency_proof(hashes, old.size).ok_or(ProveError::OtherRoot(old.size))?
+    };
+    // Checked before it is given.
+    if !super::merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &proof) {
+        return Err(ProveError::OtherRoot(old.size));
+    }
+    let mut text = format!("{CONSISTENCY_HEADER}\n{} {}\n", old.size, new.size);
+    for h in &proof {
+        text.push_str(&BASE64.encode(h));
+        text.push('\n');
+    }
     Ok(text)
 }
