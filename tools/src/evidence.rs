@@ -134,11 +134,9 @@ pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which changes a bundle or a certificate is for.
 #[derive(clap::Args)]
-pub struct BundleArgs {
-    /// Archive directory.
-    #[arg(long, env = "PGTRAIL_ARCHIVE")]
-    pub archive: PathBuf,
+pub struct ScopeArgs {
     /// The tables in scope, as `schema.table` (a name without a schema is in `public`),
     /// comma-separated, by the name each bore at its changes (default: every table, and the
     /// messages).
@@ -150,45 +148,89 @@ pub struct BundleArgs {
     /// The last commit LSN in scope (default: the latest signed checkpoint's end).
     #[arg(long)]
     pub to: Option<String>,
+}
+
+impl ScopeArgs {
+    fn scope(&self) -> anyhow::Result<pgtrail_store::evidence::bundle::Scope> {
+        let lsn =
+            |flag: &str, text: &Option<String>| -> anyhow::Result<Option<pgtrail_store::Lsn>> {
+                text.as_deref()
+                    .map(|t| {
+                        t.parse().map_err(|_| {
+                            anyhow::anyhow!("{flag}: {t:?} is not an LSN (like 0/1A2B3C4)")
+                        })
+                    })
+                    .transpose()
+            };
+        let scope = pgtrail_store::evidence::bundle::Scope {
+            tables: self
+                .tables
+                .iter()
+                .map(|t| t.trim())
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    if t.contains('.') {
+                        t.to_string()
+                    } else {
+                        format!("public.{t}")
+                    }
+                })
+                .collect(),
+            from: lsn("--from", &self.from)?,
+            to: lsn("--to", &self.to)?,
+        };
+        if let (Some(from), Some(to)) = (scope.from, scope.to)
+            && from > to
+        {
+            bail!("--from {from} is after --to {to}: nothing would be in scope");
+        }
+        Ok(scope)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct BundleArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
     /// The directory to write (it must not exist yet).
     #[arg(long)]
     pub out: PathBuf,
 }
 
+#[derive(clap::Args)]
+pub struct CertifyArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    #[command(flatten)]
+    pub scope: ScopeArgs,
+    /// The key that signs the archive's checkpoints (`pgtrail keygen`).
+    #[arg(long, env = "PGTRAIL_SIGNING_KEY")]
+    pub signing_key: PathBuf,
+}
+
+/// Print a signed coverage certificate of the scope, bound to the latest checkpoint.
+pub async fn certify(args: CertifyArgs) -> anyhow::Result<()> {
+    let scope = args.scope.scope()?;
+    let key = pgtrail_store::evidence::note::SigningKey::read_file(&args.signing_key)
+        .with_context(|| format!("--signing-key {}", args.signing_key.display()))?;
+    let archive = args.archive.clone();
+    let note = tokio::task::spawn_blocking(move || {
+        pgtrail_store::evidence::certificate::certify(&archive, &scope, &key)
+    })
+    .await??;
+    std::io::stdout().write_all(note.as_bytes())?;
+    Ok(())
+}
+
 /// Write an auditor bundle: the changes in scope, and the proof that they are complete for it
 /// and included in the archive's latest signed checkpoint.
 pub async fn bundle(args: BundleArgs) -> anyhow::Result<()> {
-    use pgtrail_store::evidence::bundle::{Scope, bundle};
-    let lsn = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<pgtrail_store::Lsn>> {
-        text.as_deref()
-            .map(|t| {
-                t.parse()
-                    .map_err(|_| anyhow::anyhow!("{flag}: {t:?} is not an LSN (like 0/1A2B3C4)"))
-            })
-            .transpose()
-    };
-    let scope = Scope {
-        tables: args
-            .tables
-            .iter()
-            .map(|t| t.trim())
-            .filter(|t| !t.is_empty())
-            .map(|t| {
-                if t.contains('.') {
-                    t.to_string()
-                } else {
-                    format!("public.{t}")
-                }
-            })
-            .collect(),
-        from: lsn("--from", &args.from)?,
-        to: lsn("--to", &args.to)?,
-    };
-    if let (Some(from), Some(to)) = (scope.from, scope.to)
-        && from > to
-    {
-        bail!("--from {from} is after --to {to}: nothing would be in scope");
-    }
+    use pgtrail_store::evidence::bundle::bundle;
+    let scope = args.scope.scope()?;
     let (archive, out) = (args.archive.clone(), args.out.clone());
     let done = tokio::task::spawn_blocking(move || bundle(&archive, &scope, &out)).await??;
     eprintln!(
@@ -211,6 +253,10 @@ pub struct VerifyArgs {
     /// Check an auditor bundle (`pgtrail bundle --out`) instead of an archive.
     #[arg(long, conflicts_with_all = ["archive", "trusted"])]
     pub bundle: Option<PathBuf>,
+    /// Check a coverage certificate (`pgtrail certify`) against the archive, or against the
+    /// bundle of its scope with --bundle.
+    #[arg(long, conflicts_with = "trusted")]
+    pub certificate: Option<PathBuf>,
     /// A verifier key (as `pgtrail keygen` printed it, or a file holding it) whose signatures
     /// count; repeat for several. Take it from the archive's owner, never from the archive.
     #[arg(long = "key")]
@@ -258,6 +304,9 @@ fn verifier_keys(given: &[String]) -> anyhow::Result<Vec<VerifierKey>> {
 }
 
 pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    if let Some(certificate) = args.certificate.clone() {
+        return verify_certificate(&args, certificate).await;
+    }
     if let Some(bundle) = args.bundle.clone() {
         return verify_bundle(bundle, verifier_keys(&args.keys)?, args.json).await;
     }
@@ -292,6 +341,54 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     }
     if !report.ok {
         return Err(VerificationFailed(report.problems.len()).into());
+    }
+    Ok(())
+}
+
+async fn verify_certificate(args: &VerifyArgs, certificate: PathBuf) -> anyhow::Result<()> {
+    use pgtrail_store::evidence::certificate::{check_with_archive, check_with_bundle};
+    let note = std::fs::read_to_string(&certificate)
+        .with_context(|| format!("--certificate {}: cannot read it", certificate.display()))?;
+    let keys = verifier_keys(&args.keys)?;
+    let (archive, bundle) = (args.archive.clone(), args.bundle.clone());
+    let r = tokio::task::spawn_blocking(move || match (bundle, archive) {
+        (Some(bundle), _) => check_with_bundle(&bundle, &note, &keys),
+        (None, Some(archive)) => check_with_archive(&archive, &note, &keys),
+        (None, None) => unreachable!("clap requires --archive or --bundle"),
+    })
+    .await??;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let mut out = format!(
+            "verify: {}: certificate {}",
+            if r.ok { "OK" } else { "FAILED" },
+            certificate.display()
+        );
+        if let Some(c) = &r.statement {
+            out.push_str(&format!(
+                ": {} changes of {} from {} through {}, {} gaps, tree {} of {}",
+                c.changes,
+                if c.tables.is_empty() {
+                    "every table".to_string()
+                } else {
+                    c.tables.join(", ")
+                },
+                c.from.as_deref().unwrap_or("the start"),
+                c.through.as_deref().unwrap_or("(none)"),
+                c.gaps.len(),
+                c.tree_size,
+                c.origin
+            ));
+        }
+        out.push('\n');
+        for p in &r.problems {
+            out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
+        }
+        print!("{out}");
+    }
+    if !r.ok {
+        return Err(VerificationFailed(r.problems.len()).into());
     }
     Ok(())
 }

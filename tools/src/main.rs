@@ -59,6 +59,9 @@ enum Command {
     /// Write an auditor bundle: the changes of some tables over an LSN range, with the proof
     /// that they are complete for that scope and included in a signed checkpoint.
     Bundle(evidence::BundleArgs),
+    /// Print a signed coverage certificate: that the archive holds every change of some tables
+    /// over an LSN range (or which gaps it knows of there), bound to the latest checkpoint.
+    Certify(evidence::CertifyArgs),
 }
 
 #[derive(clap::Args)]
@@ -197,6 +200,7 @@ fn main() -> ExitCode {
             Command::Verify(args) => evidence::verify(args).await,
             Command::Prove(args) => evidence::prove(args).await,
             Command::Bundle(args) => evidence::bundle(args).await,
+            Command::Certify(args) => evidence::certify(args).await,
         }
     });
     match result {

@@ -989,6 +989,79 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
             .collect()
     );
 
+    // A coverage certificate of the same scope: it verifies against the archive and against
+    // the bundle; edited, it no longer verifies; one of a wider scope is not what the bundle
+    // proves.
+    let certify = |to: &str| {
+        let out = pgtrail()
+            .args([
+                "certify",
+                "--tables",
+                "a",
+                "--from",
+                &from,
+                "--to",
+                to,
+                "--archive",
+            ])
+            .arg(&archive)
+            .arg("--signing-key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let certificate = certify(&to);
+    assert!(
+        certificate.starts_with("pgtrail.dev/coverage@v1\norigin pgtrail.test/bundle\n")
+            && certificate.contains(&format!(
+                "\ntables public.a\nfrom {from}\nthrough {to}\nchanges 15\n"
+            )),
+        "{certificate}"
+    );
+    let check_certificate = |text: &str, against: &[&str], on: &Path| {
+        let file = dir.join("certificate");
+        std::fs::write(&file, text).unwrap();
+        let out = pgtrail()
+            .args(["verify", "--json", "--key", &vkey, "--certificate"])
+            .arg(&file)
+            .args(against)
+            .arg(on)
+            .output()
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(
+            out.status.code(),
+            Some(if json["ok"] == true { 0 } else { 1 })
+        );
+        json
+    };
+    let on_archive = check_certificate(&certificate, &["--archive"], &archive);
+    assert_eq!(on_archive["ok"], true, "{on_archive}");
+    let on_bundle = check_certificate(&certificate, &["--bundle"], &bundle);
+    assert_eq!(on_bundle["ok"], true, "{on_bundle}");
+    let edited = check_certificate(
+        &certificate.replace("changes 15", "changes 14"),
+        &["--archive"],
+        &archive,
+    );
+    assert!(
+        edited["ok"] == false && edited["problems"].to_string().contains("signature"),
+        "{edited}"
+    );
+    let wider = certify(&crate::insert_lsn(cluster, &db));
+    let wider = check_certificate(&wider, &["--bundle"], &bundle);
+    assert!(
+        wider["ok"] == false && wider["problems"].to_string().contains("changes"),
+        "{wider}"
+    );
+
     // Checked with a key that did not sign the checkpoint.
     let (ok, report) = verify_bundle(&bundle, &other_vkey, python);
     assert!(

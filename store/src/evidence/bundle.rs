@@ -169,13 +169,24 @@ pub struct Bundled {
 /// Write the bundle of `scope` from the archive in `dir` to `out` (which must not exist),
 /// against the archive's latest signed checkpoint. The archive is verified first.
 pub fn bundle(dir: &Path, scope: &Scope, out: &Path) -> Result<Bundled, BundleError> {
+    let note = std::fs::read_to_string(dir.join(super::state::EVIDENCE_DIR).join(CHECKPOINT_FILE))
+        .map_err(|_| BundleError::NoCheckpoint)?;
+    bundle_against(dir, scope, out, &note)
+}
+
+/// [`bundle`] against the checkpoint `note` (one the archive signed), not the latest.
+pub fn bundle_against(
+    dir: &Path,
+    scope: &Scope,
+    out: &Path,
+    note: &str,
+) -> Result<Bundled, BundleError> {
+    let note = note.to_string();
     if out.exists() {
         return Err(BundleError::OutExists {
             path: out.to_path_buf(),
         });
     }
-    let note = std::fs::read_to_string(dir.join(super::state::EVIDENCE_DIR).join(CHECKPOINT_FILE))
-        .map_err(|_| BundleError::NoCheckpoint)?;
     let checkpoint = Checkpoint::in_note_unverified(&note)
         .map_err(|e| BundleError::Checkpoint(e.to_string()))?;
     let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
@@ -515,6 +526,8 @@ pub struct BundleReport {
     pub changes: u64,
     pub origin: String,
     pub tree_size: u64,
+    /// The checkpoint's root, base64.
+    pub root: String,
     pub signature_verified: bool,
     /// The scope is proven complete through this LSN: the scope's `to`, or the last change
     /// the checkpoint attests when the range reaches the tree's end.
@@ -627,6 +640,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
         }
     };
     report.origin = checkpoint.origin.clone();
+    report.root = BASE64.encode(checkpoint.root);
     if keys.is_empty() {
         report.warnings.push(
             "no --key given: the checkpoint's signature was not checked, so nothing proves who attested these changes".into(),

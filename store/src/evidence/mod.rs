@@ -7,6 +7,7 @@
 //! signed checkpoints ([`note`]) pin the root; [`verify`] recomputes it all from the files.
 
 pub mod bundle;
+pub mod certificate;
 pub mod leaf;
 pub mod merkle;
 pub mod note;
