@@ -30,7 +30,7 @@ use crate::crashpoint;
 use crate::error::CompactError;
 use crate::evidence;
 use crate::evidence::leaf::Epochs;
-use crate::evidence::note::SigningKey;
+use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
 use crate::log::{
     CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
@@ -64,7 +64,7 @@ pub struct CompactOptions {
     /// How long a segment unlisted by a merge stays on disk for readers that listed it before.
     pub retire_grace: Duration,
     /// With a key, a checkpoint of the evidence tree is signed after every run that grew it.
-    pub signing_key: Option<Arc<SigningKey>>,
+    pub signer: Option<Arc<Signer>>,
     /// With a key: a directory outside the archive where every signed checkpoint is copied
     /// (and which is read before signing, to refuse signing for an archive behind it).
     pub publish_checkpoints: Option<PathBuf>,
@@ -82,7 +82,7 @@ impl Default for CompactOptions {
             merge_min_segments: 4,
             memory_budget_bytes: 64 << 20,
             retire_grace: Duration::from_secs(300),
-            signing_key: None,
+            signer: None,
             publish_checkpoints: None,
             evidence: true,
         }
@@ -238,7 +238,7 @@ impl Compactor {
         let published = evidence::state::publish(
             self.db.as_ref(),
             archive,
-            self.options.signing_key.as_deref(),
+            self.options.signer.as_deref(),
             self.options.publish_checkpoints.as_deref(),
         )
         .map_err(|e| CompactError::Evidence(Box::new(e)))?;

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
-use pgtrail_store::evidence::note::SigningKey;
+use pgtrail_store::evidence::note::{SigningKey, VerifierKey};
+use pgtrail_store::evidence::signer::{CommandSigner, Signer};
 use pgtrail_store::segment::SegmentOptions;
 use pgtrail_store::{ChangeLog, CompactOptions, Compactor, LogError};
 
@@ -19,31 +20,73 @@ pub struct SegmentArgs {
     pub target_segment_mib: u64,
     /// Sign a checkpoint of the archive's evidence tree after every compaction with this key
     /// (made by `pgtrail keygen`; refused if others can read it). Keep it outside the archive.
-    #[arg(long, env = "PGTRAIL_SIGNING_KEY")]
-    pub signing_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub signer: SignerArgs,
     /// Copy every checkpoint signed to this directory too (somewhere the archive's host cannot
     /// rewrite: another machine's mount, a WORM volume); signing is refused for an archive
     /// behind the latest checkpoint there.
-    #[arg(long, env = "PGTRAIL_PUBLISH_CHECKPOINTS", requires = "signing_key")]
+    #[arg(long, env = "PGTRAIL_PUBLISH_CHECKPOINTS")]
     pub publish_checkpoints: Option<PathBuf>,
+}
+
+/// Who signs checkpoints (and certificates): a key file, or an external command.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SignerArgs {
+    /// Sign with this key (made by `pgtrail keygen`; refused if others can read it). Keep it
+    /// outside the archive.
+    #[arg(long, env = "PGTRAIL_SIGNING_KEY", conflicts_with = "signer_command")]
+    pub signing_key: Option<PathBuf>,
+    /// Sign with this command instead (run by `sh -c`; an HSM, a KMS, a signing service): it
+    /// gets the note's text on standard input and prints the signed note. Its output must
+    /// verify with --signer-key, or nothing is signed.
+    #[arg(long, env = "PGTRAIL_SIGNER_COMMAND", requires = "signer_key")]
+    pub signer_command: Option<String>,
+    /// The verifier key of --signer-command's signatures (as `pgtrail keygen` prints one, or a
+    /// file holding it).
+    #[arg(long, env = "PGTRAIL_SIGNER_KEY", requires = "signer_command")]
+    pub signer_key: Option<String>,
+}
+
+impl SignerArgs {
+    pub fn is_set(&self) -> bool {
+        self.signing_key.is_some() || self.signer_command.is_some()
+    }
+
+    pub fn signer(&self) -> anyhow::Result<Option<Signer>> {
+        if let Some(path) = &self.signing_key {
+            let key = SigningKey::read_file(path)
+                .with_context(|| format!("--signing-key {}", path.display()))?;
+            return Ok(Some(Signer::Key(key)));
+        }
+        let (Some(command), Some(key)) = (&self.signer_command, &self.signer_key) else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(key).unwrap_or_else(|_| key.clone());
+        let verifier = VerifierKey::parse(text.trim()).with_context(|| {
+            format!("--signer-key {key}: not a verifier key (pgtrail keygen prints one)")
+        })?;
+        Ok(Some(Signer::Command(CommandSigner::new(
+            command.clone(),
+            verifier,
+        ))))
+    }
 }
 
 impl SegmentArgs {
     pub fn options(&self) -> anyhow::Result<CompactOptions> {
-        let signing_key = match &self.signing_key {
-            None => None,
-            Some(path) => Some(std::sync::Arc::new(
-                SigningKey::read_file(path)
-                    .with_context(|| format!("--signing-key {}", path.display()))?,
-            )),
-        };
+        if self.publish_checkpoints.is_some() && !self.signer.is_set() {
+            anyhow::bail!(
+                "--publish-checkpoints needs a signer: --signing-key FILE or --signer-command"
+            );
+        }
+        let signer = self.signer.signer()?.map(std::sync::Arc::new);
         Ok(CompactOptions {
             segment: SegmentOptions {
                 zstd_level: self.zstd_level,
                 ..SegmentOptions::default()
             },
             target_segment_bytes: self.target_segment_mib << 20,
-            signing_key,
+            signer,
             publish_checkpoints: self.publish_checkpoints.clone(),
             ..CompactOptions::default()
         })

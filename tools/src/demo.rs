@@ -159,7 +159,11 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         segments: crate::compact::SegmentArgs {
             zstd_level: 3,
             target_segment_mib: 128,
-            signing_key: None,
+            signer: crate::compact::SignerArgs {
+                signing_key: None,
+                signer_command: None,
+                signer_key: None,
+            },
             publish_checkpoints: None,
         },
         json: false,

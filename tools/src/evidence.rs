@@ -21,9 +21,9 @@ pub struct CheckpointArgs {
 
 /// Compact first (so that the log tail is covered), then sign the tree.
 pub async fn checkpoint(args: CheckpointArgs) -> anyhow::Result<()> {
-    if args.segments.signing_key.is_none() {
+    if !args.segments.signer.is_set() {
         bail!(
-            "pgtrail checkpoint needs --signing-key FILE (or PGTRAIL_SIGNING_KEY): make one with `pgtrail keygen`"
+            "pgtrail checkpoint needs --signing-key FILE (or PGTRAIL_SIGNING_KEY; make one with `pgtrail keygen`), or --signer-command and --signer-key"
         );
     }
     let options = args.segments.options()?;
@@ -207,16 +207,19 @@ pub struct CertifyArgs {
     pub archive: PathBuf,
     #[command(flatten)]
     pub scope: ScopeArgs,
-    /// The key that signs the archive's checkpoints (`pgtrail keygen`).
-    #[arg(long, env = "PGTRAIL_SIGNING_KEY")]
-    pub signing_key: PathBuf,
+    /// The signer of the archive's checkpoints.
+    #[command(flatten)]
+    pub signer: crate::compact::SignerArgs,
 }
 
 /// Print a signed coverage certificate of the scope, bound to the latest checkpoint.
 pub async fn certify(args: CertifyArgs) -> anyhow::Result<()> {
     let scope = args.scope.scope()?;
-    let key = pgtrail_store::evidence::note::SigningKey::read_file(&args.signing_key)
-        .with_context(|| format!("--signing-key {}", args.signing_key.display()))?;
+    let Some(key) = args.signer.signer()? else {
+        bail!(
+            "pgtrail certify needs the signer of the archive's checkpoints: --signing-key FILE, or --signer-command and --signer-key"
+        );
+    };
     let archive = args.archive.clone();
     let note = tokio::task::spawn_blocking(move || {
         pgtrail_store::evidence::certificate::certify(&archive, &scope, &key)

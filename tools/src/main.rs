@@ -330,7 +330,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             }),
         },
     };
-    if args.no_compact && args.segments.signing_key.is_some() {
+    if args.no_compact && args.segments.signer.is_set() {
         tracing::warn!(
             "--signing-key with --no-compact: nothing is signed while capturing; run `pgtrail checkpoint` to compact and sign"
         );

@@ -1167,3 +1167,90 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         "the tree still matches: {report}"
     );
 }
+
+/// An external signer written in Python from C2SP signed-note (standing in for an HSM or a KMS
+/// that holds the key): reads the note's text on stdin, prints the signed note. With `alter`,
+/// it signs another text than the one given.
+const PYTHON_SIGNER: &str = r#"
+import base64, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+text = sys.stdin.read()
+_, _, name, key_id, key = open(sys.argv[1]).read().strip().split("+", 4)
+if len(sys.argv) > 2:
+    text += "altered\n"
+signature = Ed25519PrivateKey.from_private_bytes(base64.b64decode(key)[1:]).sign(text.encode())
+sys.stdout.write(text + "\n\u2014 " + name + " " + base64.b64encode(bytes.fromhex(key_id) + signature).decode() + "\n")
+"#;
+
+/// `--signer-command` signs checkpoints through an external command whose output is checked
+/// with `--signer-key` before use, and fails closed: a command that fails, signs with another
+/// key or signs another text signs nothing, and the archive keeps its last checkpoint.
+#[test]
+fn an_external_signer_signs_checkpoints_and_a_wrong_one_signs_nothing() {
+    if !python_ready() {
+        return;
+    }
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("signer").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "hsm.key", "pgtrail.test/hsm");
+    let (other_key, _) = keygen(dir, "other.key", "pgtrail.test/hsm");
+    let script = dir.join("signer.py");
+    std::fs::write(&script, PYTHON_SIGNER).unwrap();
+    let archive = dir.join("archive");
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)",
+        )
+        .unwrap();
+    capture_until_now(cluster, &db, &archive);
+    let checkpoint_with = |command: String| {
+        pgtrail()
+            .args(["checkpoint", "--archive"])
+            .arg(&archive)
+            .args(["--signer-command", &command, "--signer-key", &vkey])
+            .output()
+            .unwrap()
+    };
+    let signer = |key: &Path, extra: &str| {
+        format!("python3 '{}' '{}' {extra}", script.display(), key.display())
+    };
+    let good = checkpoint_with(signer(&key, ""));
+    assert!(
+        good.status.success(),
+        "{}",
+        String::from_utf8_lossy(&good.stderr)
+    );
+    let note = String::from_utf8(good.stdout).unwrap();
+    assert!(note.starts_with("pgtrail.test/hsm\n"), "{note}");
+    let verified = verify(&archive, &vkey, &[], false);
+    assert!(verified.pgtrail_ok, "{}", verified.pgtrail);
+    assert_eq!(
+        verified.pgtrail["attested_size"],
+        verified.pgtrail["tree_size"]
+    );
+
+    let latest = || std::fs::read_to_string(archive.join("evidence/checkpoint")).unwrap();
+    for (command, why) in [
+        ("exit 3".to_string(), "exited with"),
+        (signer(&other_key, ""), "not the note signed by"),
+        (signer(&key, "alter"), "another text"),
+    ] {
+        cluster
+            .psql(&db, "INSERT INTO t SELECT max(id) + 1 FROM t")
+            .unwrap();
+        capture_until_now(cluster, &db, &archive);
+        let refused = checkpoint_with(command.clone());
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{command}: {said}");
+        assert!(
+            said.contains(why) && said.contains("nothing was signed"),
+            "{command}: {said}"
+        );
+        assert_eq!(latest(), note, "{command}: no other checkpoint was kept");
+    }
+    let after = verify(&archive, &vkey, &[], false);
+    assert!(after.pgtrail_ok, "{}", after.pgtrail);
+}

@@ -10,7 +10,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::bundle::{BundleError, BundleReport, Scope, bundle_against, verify_bundle};
-use super::note::{Checkpoint, SigningKey, VerifierKey};
+use super::note::{Checkpoint, VerifierKey};
+use super::signer::Signer;
 use super::verify::Problem;
 use crate::lsn::Lsn;
 
@@ -160,7 +161,7 @@ fn covered(dir: &Path, scope: &Scope, note: &str) -> Result<Coverage, BundleErro
 
 /// A certificate of `scope` bound to the archive's latest checkpoint, signed with `key` (the
 /// key that signs the archive's checkpoints).
-pub fn certify(dir: &Path, scope: &Scope, key: &SigningKey) -> Result<String, BundleError> {
+pub fn certify(dir: &Path, scope: &Scope, key: &Signer) -> Result<String, BundleError> {
     let note = std::fs::read_to_string(dir.join(super::state::EVIDENCE_DIR).join("checkpoint"))
         .map_err(|_| BundleError::NoCheckpoint)?;
     let checkpoint = Checkpoint::in_note_unverified(&note)

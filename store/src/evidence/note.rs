@@ -35,6 +35,8 @@ pub enum NoteError {
     Unverified(String),
     #[error("not a checkpoint: {0}")]
     BadCheckpoint(String),
+    #[error("the external signer (--signer-command) failed: {0}; nothing was signed")]
+    Signer(String),
 }
 
 fn check_name(name: &str) -> Result<(), NoteError> {

@@ -22,7 +22,8 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
 use super::leaf::{Epochs, Leaf, Seed};
 use super::merkle::{Frontier, Hash};
-use super::note::{Checkpoint, SigningKey};
+use super::note::Checkpoint;
+use super::signer::Signer;
 use crate::atomic_file::{create_private_dir, write_atomically};
 use crate::error::{LogError, SegmentError};
 use crate::log::{LogReader, META};
@@ -310,7 +311,7 @@ pub enum PublishError {
 pub fn publish(
     db: &impl ReadableDatabase,
     archive_dir: &Path,
-    key: Option<&SigningKey>,
+    key: Option<&Signer>,
     publish_to: Option<&Path>,
 ) -> Result<Published, PublishError> {
     let reader = LogReader::from_db(db)?;
