@@ -268,6 +268,11 @@ pub struct VerifyArgs {
     /// must extend it. Repeat for several.
     #[arg(long = "trusted-checkpoint")]
     pub trusted: Vec<PathBuf>,
+    /// A cosigner's (witness's, auditor's) verifier key, as `pgtrail keygen --cosigner`
+    /// printed it (or a file holding it): its cosignatures on checkpoints are checked and
+    /// reported. Repeat for several.
+    #[arg(long = "witness-key")]
+    pub witness_keys: Vec<String>,
     /// Print the report as JSON on stdout (for programs).
     #[arg(long)]
     pub json: bool,
@@ -320,6 +325,16 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         keys: verifier_keys(&args.keys)?,
         ..VerifyOptions::default()
     };
+    for key in &args.witness_keys {
+        let text = std::fs::read_to_string(key).unwrap_or_else(|_| key.clone());
+        options.witnesses.push(
+            pgtrail_store::evidence::note::WitnessKey::parse(text.trim()).with_context(|| {
+                format!(
+                    "--witness-key {key}: not a cosigner key (pgtrail keygen --cosigner prints one)"
+                )
+            })?,
+        );
+    }
     for path in &args.trusted {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--trusted-checkpoint {}: cannot read it", path.display()))?;
@@ -474,10 +489,24 @@ fn print_report(r: &VerifyReport) {
             },
         ));
     }
+    for c in &r.checkpoints {
+        for w in &c.cosigned_by {
+            out.push_str(&format!(
+                "  checkpoint {} cosigned by {} (time {})\n",
+                c.file, w.witness, w.time
+            ));
+        }
+    }
     if r.attested_size > 0 {
         out.push_str(&format!(
             "  attested by a verified signature: the first {} changes\n",
             r.attested_size
+        ));
+    }
+    if r.witnessed_size > 0 {
+        out.push_str(&format!(
+            "  cosigned by a given witness: the first {} changes\n",
+            r.witnessed_size
         ));
     }
     for gap in &r.gaps {
@@ -490,4 +519,49 @@ fn print_report(r: &VerifyReport) {
         out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
     }
     print!("{out}");
+}
+
+#[derive(clap::Args)]
+pub struct CosignArgs {
+    /// The archive the checkpoint is of: it is verified, and the checkpoint must match its
+    /// tree, before anything is cosigned.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// The checkpoint to cosign (a signed note).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// The archive's verifier key: the checkpoint's signature must verify with it.
+    #[arg(long = "log-key")]
+    pub log_key: String,
+    /// The cosigner's key (`pgtrail keygen --cosigner`).
+    #[arg(long)]
+    pub key: PathBuf,
+}
+
+/// An auditor's or witness's cosignature: verify the archive against the checkpoint, then
+/// print the checkpoint with a C2SP `cosignature/v1` line of `--key` added.
+pub async fn cosign(args: CosignArgs) -> anyhow::Result<()> {
+    let key = pgtrail_store::evidence::note::SigningKey::read_file(&args.key)
+        .with_context(|| format!("--key {}", args.key.display()))?;
+    let note = std::fs::read_to_string(&args.checkpoint)
+        .with_context(|| format!("--checkpoint {}: cannot read it", args.checkpoint.display()))?;
+    let options = VerifyOptions {
+        keys: verifier_keys(std::slice::from_ref(&args.log_key))?,
+        trusted: vec![(args.checkpoint.clone(), note.clone())],
+        ..VerifyOptions::default()
+    };
+    let archive = args.archive.clone();
+    let report = tokio::task::spawn_blocking(move || verify_archive(&archive, &options, |_, _| {}))
+        .await??;
+    if !report.ok {
+        print_report(&report);
+        bail!("the archive does not verify against the checkpoint: nothing was cosigned");
+    }
+    let time = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the system clock is before 1970")?
+        .as_secs();
+    let cosigned = key.cosign(&note, time)?;
+    std::io::stdout().write_all(cosigned.as_bytes())?;
+    Ok(())
 }

@@ -18,6 +18,10 @@ pub struct KeygenArgs {
     /// able to sign for it.
     #[arg(long)]
     pub out: PathBuf,
+    /// The key is an auditor's or a witness's, for `pgtrail cosign`: print its cosigner
+    /// verifier key (C2SP tlog-cosignature, type 0x04), which `verify --witness-key` takes.
+    #[arg(long)]
+    pub cosigner: bool,
 }
 
 pub fn run(args: KeygenArgs) -> anyhow::Result<()> {
@@ -49,6 +53,16 @@ pub fn run(args: KeygenArgs) -> anyhow::Result<()> {
         )
     })?;
     pgtrail_store::fsync_dir(&dir).context("making the key's file durable")?;
+    if args.cosigner {
+        let key = SigningKey::parse(&signing).context("reading the key back")?;
+        eprintln!(
+            "pgtrail keygen: cosigner key written to {} (mode 0600; keep it secret). Its verifier \
+             key, for `pgtrail verify --witness-key`, follows on standard output.",
+            args.out.display()
+        );
+        println!("{}", key.cosigner_key());
+        return Ok(());
+    }
     eprintln!(
         "pgtrail keygen: signing key written to {} (mode 0600; keep it secret, outside the archive). \
          The verifier key, for auditors, follows on standard output.",

@@ -62,6 +62,9 @@ enum Command {
     /// Print a signed coverage certificate: that the archive holds every change of some tables
     /// over an LSN range (or which gaps it knows of there), bound to the latest checkpoint.
     Certify(evidence::CertifyArgs),
+    /// For auditors and witnesses: verify the archive against a checkpoint and print the
+    /// checkpoint cosigned (C2SP cosignature/v1) with your key.
+    Cosign(evidence::CosignArgs),
 }
 
 #[derive(clap::Args)]
@@ -201,6 +204,7 @@ fn main() -> ExitCode {
             Command::Prove(args) => evidence::prove(args).await,
             Command::Bundle(args) => evidence::bundle(args).await,
             Command::Certify(args) => evidence::certify(args).await,
+            Command::Cosign(args) => evidence::cosign(args).await,
         }
     });
     match result {

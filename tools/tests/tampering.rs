@@ -1254,3 +1254,162 @@ fn an_external_signer_signs_checkpoints_and_a_wrong_one_signs_nothing() {
     let after = verify(&archive, &vkey, &[], false);
     assert!(after.pgtrail_ok, "{}", after.pgtrail);
 }
+
+/// A cosignature checked in Python from C2SP tlog-cosignature alone: prints the time it states.
+const PYTHON_COSIGNATURE_CHECK: &str = r#"
+import base64, hashlib, sys
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+note, vkey = open(sys.argv[1]).read(), sys.argv[2]
+name, key_id, key = vkey.split("+", 2)
+key = base64.b64decode(key)
+assert key[0] == 4 and hashlib.sha256(name.encode() + b"\n" + key).digest()[:4].hex() == key_id
+text, signatures = note[:note.rindex("\n\n") + 1], note[note.rindex("\n\n") + 2:]
+for line in signatures.splitlines():
+    who, sig = line[2:].split(" ", 1)
+    sig = base64.b64decode(sig)
+    if who == name and sig[:4].hex() == key_id:
+        time = int.from_bytes(sig[4:12], "big")
+        message = ("cosignature/v1\ntime %d\n" % time + text).encode()
+        Ed25519PublicKey.from_public_bytes(key[1:]).verify(sig[12:], message)
+        print("cosigned at", time)
+        sys.exit(0)
+sys.exit("no cosignature of " + name)
+"#;
+
+/// An auditor cosigns a checkpoint with `pgtrail cosign` (after verifying the archive against
+/// it); `verify --witness-key` accepts the cosignature, a Python check written from C2SP
+/// tlog-cosignature accepts it, and the archive's own verifier passes over the extra line. A
+/// cosignature moved to another checkpoint, or with its time edited, is a problem; cosigning
+/// with the wrong log key is refused.
+#[test]
+fn an_auditor_cosigns_a_checkpoint_and_verify_checks_the_cosignature() {
+    let python = python_ready();
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("cosign").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "log.key", "pgtrail.test/cosign");
+    let (_, other_vkey) = keygen(dir, "other.key", "pgtrail.test/cosign");
+    let auditor_key = dir.join("auditor.key");
+    let out = pgtrail()
+        .args(["keygen", "--cosigner", "--name", "auditor.example", "--out"])
+        .arg(&auditor_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let witness = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let archive = dir.join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)");
+    capture_until_now(cluster, &db, &archive);
+    let first = dir.join("first.checkpoint");
+    std::fs::write(&first, checkpoint(&archive, &key)).unwrap();
+    psql("INSERT INTO t SELECT generate_series(11, 20)");
+    capture_until_now(cluster, &db, &archive);
+    let second = dir.join("second.checkpoint");
+    std::fs::write(&second, checkpoint(&archive, &key)).unwrap();
+
+    let cosign = |log_key: &str| {
+        pgtrail()
+            .args(["cosign", "--log-key", log_key, "--archive"])
+            .arg(&archive)
+            .arg("--checkpoint")
+            .arg(&first)
+            .arg("--key")
+            .arg(&auditor_key)
+            .output()
+            .unwrap()
+    };
+    let refused = cosign(&other_vkey);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("nothing was cosigned"));
+    let cosigned = cosign(&vkey);
+    assert!(
+        cosigned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cosigned.stderr)
+    );
+    let cosigned = String::from_utf8(cosigned.stdout).unwrap();
+    let line = cosigned.lines().last().unwrap().to_string();
+    assert!(line.starts_with("— auditor.example "), "{cosigned}");
+    let cosigned_file = dir.join("cosigned.checkpoint");
+    std::fs::write(&cosigned_file, &cosigned).unwrap();
+
+    let check = |trusted: &Path| {
+        let out = pgtrail()
+            .args([
+                "verify",
+                "--json",
+                "--key",
+                &vkey,
+                "--witness-key",
+                &witness,
+                "--archive",
+            ])
+            .arg(&archive)
+            .arg("--trusted-checkpoint")
+            .arg(trusted)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let good = check(&cosigned_file);
+    assert_eq!(good["ok"], true, "{good}");
+    let first_size: u64 = cosigned.lines().nth(1).unwrap().parse().unwrap();
+    assert_eq!(good["witnessed_size"], first_size, "{good}");
+    assert!(
+        good["checkpoints"].to_string().contains("auditor.example"),
+        "{good}"
+    );
+    if python {
+        let script = dir.join("cosignature.py");
+        std::fs::write(&script, PYTHON_COSIGNATURE_CHECK).unwrap();
+        let py = Command::new("python3")
+            .arg(&script)
+            .arg(&cosigned_file)
+            .arg(&witness)
+            .output()
+            .unwrap();
+        assert!(
+            py.status.success(),
+            "{}",
+            String::from_utf8_lossy(&py.stderr)
+        );
+        // The archive's verifier in Python passes over the cosignature line.
+        let verdicts = verify(&archive, &vkey, &[&cosigned_file], true);
+        assert!(verdicts.python.unwrap().0);
+    }
+    // The cosignature line moved onto the second checkpoint, and its time edited.
+    let moved = dir.join("moved.checkpoint");
+    std::fs::write(
+        &moved,
+        format!("{}{line}\n", std::fs::read_to_string(&second).unwrap()),
+    )
+    .unwrap();
+    let bad = check(&moved);
+    assert!(
+        bad["ok"] == false && bad["problems"].to_string().contains("cosignature"),
+        "{bad}"
+    );
+    let (who, signature) = line.strip_prefix("— ").unwrap().split_once(' ').unwrap();
+    let mut bytes =
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, signature).unwrap();
+    bytes[11] ^= 1;
+    let edited = dir.join("edited.checkpoint");
+    std::fs::write(
+        &edited,
+        cosigned.replace(
+            &line,
+            &format!(
+                "— {who} {}",
+                base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes)
+            ),
+        ),
+    )
+    .unwrap();
+    let bad = check(&edited);
+    assert!(
+        bad["ok"] == false && bad["problems"].to_string().contains("cosignature"),
+        "{bad}"
+    );
+}

@@ -21,6 +21,8 @@ use crate::segment::hex;
 
 /// The algorithm byte of an Ed25519 key in a note key.
 const ED25519_ALGORITHM: u8 = 0x01;
+/// C2SP tlog-cosignature's timestamped Ed25519 cosignature (`cosignature/v1`).
+const COSIGNATURE_ALGORITHM: u8 = 0x04;
 
 /// Why a key, a note or a checkpoint is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,10 +50,15 @@ fn check_name(name: &str) -> Result<(), NoteError> {
 
 /// A key's ID: what a signature line names it by besides its name.
 fn key_id(name: &str, public_key: &[u8]) -> [u8; 4] {
+    key_id_of(name, ED25519_ALGORITHM, public_key)
+}
+
+/// A key's ID for its signature type: `SHA-256(name ‖ 0x0A ‖ type ‖ public key)[:4]`.
+fn key_id_of(name: &str, algorithm: u8, public_key: &[u8]) -> [u8; 4] {
     let mut h = Sha256::new();
     h.update(name.as_bytes());
     h.update(b"\n");
-    h.update([ED25519_ALGORITHM]);
+    h.update([algorithm]);
     h.update(public_key);
     let sum = h.finalize();
     [sum[0], sum[1], sum[2], sum[3]]
@@ -77,6 +84,15 @@ fn split_key<'a>(
     text: &'a str,
     what: &'static str,
 ) -> Result<(&'a str, &'a str, Vec<u8>), NoteError> {
+    split_key_of(text, what, ED25519_ALGORITHM)
+}
+
+/// [`split_key`] for a key of signature type `algorithm`.
+fn split_key_of<'a>(
+    text: &'a str,
+    what: &'static str,
+    algorithm: u8,
+) -> Result<(&'a str, &'a str, Vec<u8>), NoteError> {
     let bad = |why: &str| NoteError::BadKey {
         what,
         why: why.to_string(),
@@ -89,8 +105,12 @@ fn split_key<'a>(
     let key = BASE64
         .decode(key)
         .map_err(|_| bad("its key is not base64"))?;
-    if key.len() != 33 || key[0] != ED25519_ALGORITHM {
-        return Err(bad("not an Ed25519 key (algorithm byte 1 and 32 bytes)"));
+    if key.len() != 33 || key[0] != algorithm {
+        return Err(bad(if algorithm == COSIGNATURE_ALGORITHM {
+            "not a cosigner's key (type byte 4, an Ed25519 cosignature/v1 key, and 32 bytes)"
+        } else {
+            "not an Ed25519 key (algorithm byte 1 and 32 bytes)"
+        }));
     }
     if id.len() != 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad("its ID is not 8 hexadecimal digits"));
@@ -204,6 +224,103 @@ impl SigningKey {
             self.name,
             BASE64.encode(signed)
         ))
+    }
+}
+
+impl SigningKey {
+    /// The verifier key text of this key as a cosigner (C2SP tlog-cosignature, type 0x04):
+    /// what `verify --witness-key` takes.
+    pub fn cosigner_key(&self) -> String {
+        let public = self.pair.public_key().as_ref();
+        let mut key = vec![COSIGNATURE_ALGORITHM];
+        key.extend_from_slice(public);
+        format!(
+            "{}+{}+{}",
+            self.name,
+            hex(&key_id_of(&self.name, COSIGNATURE_ALGORITHM, public)),
+            BASE64.encode(key)
+        )
+    }
+
+    /// `note` with a `cosignature/v1` line of this key added: Ed25519 over
+    /// `"cosignature/v1\ntime <time>\n" ‖ text`, the line's bytes the key ID, the time (u64,
+    /// big-endian) and the signature.
+    pub fn cosign(&self, note: &str, time: u64) -> Result<String, NoteError> {
+        let (text, _) = split_note(note)?;
+        let message = format!("cosignature/v1\ntime {time}\n{text}");
+        let public = self.pair.public_key().as_ref();
+        let mut line = key_id_of(&self.name, COSIGNATURE_ALGORITHM, public).to_vec();
+        line.extend_from_slice(&time.to_be_bytes());
+        line.extend_from_slice(self.pair.sign(message.as_bytes()).as_ref());
+        let mut out = note.to_string();
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str(&format!("— {} {}\n", self.name, BASE64.encode(line)));
+        Ok(out)
+    }
+}
+
+/// A cosigner's (a witness's, an auditor's) verifier key: C2SP tlog-cosignature, type 0x04.
+#[derive(Clone, Debug)]
+pub struct WitnessKey {
+    name: String,
+    id: [u8; 4],
+    public: Vec<u8>,
+}
+
+impl WitnessKey {
+    pub fn parse(text: &str) -> Result<WitnessKey, NoteError> {
+        let (name, written_id, public) = split_key_of(text, "cosigner", COSIGNATURE_ALGORITHM)?;
+        let id = key_id_of(name, COSIGNATURE_ALGORITHM, &public);
+        if written_id != hex(&id) {
+            return Err(NoteError::BadKey {
+                what: "cosigner",
+                why: "its ID does not match its name and key".into(),
+            });
+        }
+        Ok(WitnessKey {
+            name: name.to_string(),
+            id,
+            public,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The time of this cosigner's cosignature on `note`, `None` when it has none; an error
+    /// when it has a line of this key that does not verify (edited, or moved to another
+    /// checkpoint).
+    pub fn cosigned(&self, note: &str) -> Result<Option<u64>, NoteError> {
+        let (text, signatures) = split_note(note)?;
+        let public = UnparsedPublicKey::new(&ED25519, &self.public);
+        for line in signatures.lines() {
+            let Some((name, signature)) = line
+                .strip_prefix("— ")
+                .and_then(|rest| rest.split_once(' '))
+            else {
+                continue;
+            };
+            let Ok(bytes) = BASE64.decode(signature) else {
+                continue;
+            };
+            if name != self.name || bytes.len() != 4 + 8 + 64 || bytes[..4] != self.id {
+                continue;
+            }
+            let time = u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes"));
+            let message = format!("cosignature/v1\ntime {time}\n{text}");
+            if public.verify(message.as_bytes(), &bytes[12..]).is_ok() {
+                return Ok(Some(time));
+            }
+            return Err(NoteError::Unverified(format!(
+                "the cosignature of {}+{}",
+                self.name,
+                hex(&self.id)
+            )));
+        }
+        Ok(None)
     }
 }
 

@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::leaf::{Leaf, batch_leaves};
 use super::merkle::{Frontier, Hash};
-use super::note::{Checkpoint, VerifierKey};
+use super::note::{Checkpoint, VerifierKey, WitnessKey};
 use super::state::EVIDENCE_DIR;
 use crate::error::{LogError, SegmentError};
 use crate::log::LogReader;
@@ -26,6 +26,8 @@ pub struct VerifyOptions {
     /// Checkpoints kept outside the archive (path, signed note): the archive must extend
     /// each of them.
     pub trusted: Vec<(PathBuf, String)>,
+    /// Cosigners (witnesses, auditors) whose `cosignature/v1` lines on checkpoints count.
+    pub witnesses: Vec<WitnessKey>,
 }
 
 /// One thing found wrong, naming where.
@@ -47,6 +49,16 @@ pub struct CheckedCheckpoint {
     /// Kept outside the archive (`--trusted-checkpoint`).
     pub trusted: bool,
     pub matches_tree: bool,
+    /// The given cosigners whose cosignature on it verifies, with the time each states.
+    pub cosigned_by: Vec<Cosignature>,
+}
+
+/// A cosigner's verified cosignature of a checkpoint.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Cosignature {
+    pub witness: String,
+    /// Seconds since 1970, as the cosigner stated it.
+    pub time: u64,
 }
 
 /// What `verify` found.
@@ -72,6 +84,9 @@ pub struct VerifyReport {
     pub checkpoints: Vec<CheckedCheckpoint>,
     /// The largest tree size a verified signature attests (0 when none).
     pub attested_size: u64,
+    /// The largest tree size a given cosigner cosigned, on a checkpoint that matches the tree
+    /// and whose signature verifies (0 when none).
+    pub witnessed_size: u64,
     /// Gaps the capture recorded (changes the archive knows it does not hold).
     pub gaps: Vec<String>,
     /// The archive's own events in the tree (gaps and compaction watermarks).
@@ -267,6 +282,20 @@ pub(crate) fn verify_and_collect(
                 ),
             );
         }
+        let mut cosigned_by = Vec::new();
+        for witness in &options.witnesses {
+            match witness.cosigned(text) {
+                Ok(Some(time)) => cosigned_by.push(Cosignature {
+                    witness: witness.name().to_string(),
+                    time,
+                }),
+                Ok(None) => {}
+                Err(e) => report.problem(
+                    file,
+                    format!("{e}: a cosignature line of a given --witness-key does not verify (edited, or copied from another checkpoint)"),
+                ),
+            }
+        }
         report.checkpoints.push(CheckedCheckpoint {
             file: file.clone(),
             origin: checkpoint.origin.clone(),
@@ -274,6 +303,7 @@ pub(crate) fn verify_and_collect(
             signature_verified: verified,
             trusted: *trusted,
             matches_tree: false,
+            cosigned_by,
         });
         wanted.push((i, checkpoint));
     }
@@ -324,6 +354,19 @@ pub(crate) fn verify_and_collect(
         .map(|c| c.size)
         .max()
         .unwrap_or(0);
+    report.witnessed_size = report
+        .checkpoints
+        .iter()
+        .filter(|c| c.signature_verified && c.matches_tree && !c.cosigned_by.is_empty())
+        .map(|c| c.size)
+        .max()
+        .unwrap_or(0);
+    if !options.witnesses.is_empty() && report.witnessed_size == 0 {
+        report.warnings.push(
+            "no checkpoint that matches the tree carries a cosignature of a given --witness-key"
+                .into(),
+        );
+    }
     if (report.tree_size, report.root.as_str())
         != (report.recorded_size, report.recorded_root.as_str())
     {
