@@ -67,7 +67,7 @@ pub struct CompactOptions {
     pub signer: Option<Arc<Signer>>,
     /// With a key: a directory outside the archive where every signed checkpoint is copied
     /// (and which is read before signing, to refuse signing for an archive behind it).
-    pub publish_checkpoints: Option<PathBuf>,
+    pub publish_checkpoints: Option<Arc<dyn evidence::state::CheckpointSink>>,
     /// Compute evidence leaves (always, but for `pgtrail-bench`, which compacts a throwaway
     /// copy of a log without them to measure what they cost: an archive compacted without
     /// them holds changes that `verify` finds no leaf for).

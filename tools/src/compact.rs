@@ -6,6 +6,7 @@ use std::time::Instant;
 use anyhow::Context as _;
 use pgtrail_store::evidence::note::{SigningKey, VerifierKey};
 use pgtrail_store::evidence::signer::{CommandSigner, Signer};
+use pgtrail_store::evidence::state::{CheckpointSink, DirectorySink};
 use pgtrail_store::segment::SegmentOptions;
 use pgtrail_store::{ChangeLog, CompactOptions, Compactor, LogError};
 
@@ -22,11 +23,55 @@ pub struct SegmentArgs {
     /// (made by `pgtrail keygen`; refused if others can read it). Keep it outside the archive.
     #[command(flatten)]
     pub signer: SignerArgs,
-    /// Copy every checkpoint signed to this directory too (somewhere the archive's host cannot
-    /// rewrite: another machine's mount, a WORM volume); signing is refused for an archive
-    /// behind the latest checkpoint there.
+    /// Copy every checkpoint signed to this directory or `s3://bucket/prefix` too (somewhere
+    /// the archive's host cannot rewrite: another machine's mount, a WORM volume, a bucket with
+    /// object lock); signing is refused for an archive behind the latest checkpoint there. S3
+    /// settings come from the environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    /// AWS_REGION, AWS_ENDPOINT_URL).
     #[arg(long, env = "PGTRAIL_PUBLISH_CHECKPOINTS")]
-    pub publish_checkpoints: Option<PathBuf>,
+    pub publish_checkpoints: Option<String>,
+}
+
+/// An S3 bucket (or any export destination) as the place checkpoints are published.
+struct DestinationSink(pgtrail_query::export::Destination);
+
+impl std::fmt::Debug for DestinationSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DestinationSink({})", self.0.display())
+    }
+}
+
+impl CheckpointSink for DestinationSink {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn latest(&self) -> Result<Option<String>, String> {
+        match self.0.get("checkpoint") {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => String::from_utf8(bytes)
+                .map(Some)
+                .map_err(|_| "it is not text".to_string()),
+            Err(e) => Err(error_chain(&e)),
+        }
+    }
+
+    fn put(&self, name: &str, note: &str) -> Result<(), String> {
+        self.0
+            .put_bytes(name, note.as_bytes().to_vec())
+            .map_err(|e| error_chain(&e))
+    }
+}
+
+/// An error with its causes, for a message that says what failed underneath.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
 }
 
 /// Who signs checkpoints (and certificates): a key file, or an external command.
@@ -80,6 +125,19 @@ impl SegmentArgs {
             );
         }
         let signer = self.signer.signer()?.map(std::sync::Arc::new);
+        let publish_checkpoints: Option<std::sync::Arc<dyn CheckpointSink>> =
+            match self.publish_checkpoints.as_deref() {
+                None => None,
+                Some(url) if url.starts_with("s3://") => {
+                    let destination = pgtrail_query::export::Destination::open(
+                        url,
+                        tokio::runtime::Handle::current(),
+                    )
+                    .with_context(|| format!("--publish-checkpoints {url}"))?;
+                    Some(std::sync::Arc::new(DestinationSink(destination)))
+                }
+                Some(dir) => Some(std::sync::Arc::new(DirectorySink(PathBuf::from(dir)))),
+            };
         Ok(CompactOptions {
             segment: SegmentOptions {
                 zstd_level: self.zstd_level,
@@ -87,7 +145,7 @@ impl SegmentArgs {
             },
             target_segment_bytes: self.target_segment_mib << 20,
             signer,
-            publish_checkpoints: self.publish_checkpoints.clone(),
+            publish_checkpoints,
             ..CompactOptions::default()
         })
     }

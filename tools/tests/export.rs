@@ -38,7 +38,7 @@ fn round_sql(r: u32) -> String {
     sql
 }
 
-fn lake(args: &[&str]) -> Value {
+pub(crate) fn lake(args: &[&str]) -> Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lake_check.py");
     let out = Command::new("python3")
         .arg(script)
@@ -53,7 +53,7 @@ fn lake(args: &[&str]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn lake_tools_present() -> bool {
+pub(crate) fn lake_tools_present() -> bool {
     let ok = Command::new("python3")
         .args(["-c", "import duckdb, pyarrow, boto3, moto"])
         .status()
@@ -68,9 +68,9 @@ fn lake_tools_present() -> bool {
     ok
 }
 
-struct Moto {
+pub(crate) struct Moto {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl Drop for Moto {
@@ -80,7 +80,7 @@ impl Drop for Moto {
     }
 }
 
-fn start_moto() -> Moto {
+pub(crate) fn start_moto() -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -739,6 +739,55 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
         older_signed,
         "nothing was signed for the older copy"
     );
+
+    // The same to an S3 bucket (a real S3-compatible server on loopback), read back with
+    // boto3.
+    if crate::export::lake_tools_present() {
+        let moto = crate::export::start_moto();
+        crate::export::lake(&["mkbucket", &moto.endpoint, "evidence"]);
+        let publish_s3 = |archive: &Path| {
+            pgtrail()
+                .args(["checkpoint", "--archive"])
+                .arg(archive)
+                .arg("--signing-key")
+                .arg(&key)
+                .args(["--publish-checkpoints", "s3://evidence/shop"])
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ENDPOINT_URL", &moto.endpoint)
+                .output()
+                .unwrap()
+        };
+        let published = publish_s3(&archive);
+        assert!(
+            published.status.success(),
+            "{}",
+            String::from_utf8_lossy(&published.stderr)
+        );
+        let downloaded = dir.join("downloaded");
+        let names = crate::export::lake(&[
+            "download",
+            &moto.endpoint,
+            "evidence",
+            "shop",
+            downloaded.to_str().unwrap(),
+        ]);
+        assert_eq!(names, serde_json::json!([size.to_string(), "checkpoint"]));
+        for name in [size.to_string(), "checkpoint".to_string()] {
+            assert_eq!(
+                std::fs::read_to_string(downloaded.join(&name)).unwrap(),
+                second
+            );
+        }
+        let refused = publish_s3(&older);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{said}");
+        assert!(
+            said.contains("restored from an older copy") && said.contains("s3://evidence/shop"),
+            "{said}"
+        );
+    }
 }
 
 /// A gap the capture records (the slot dropped while it was stopped) becomes a leaf of the

@@ -291,9 +291,50 @@ pub enum PublishError {
     )]
     Fork { size: u64, path: PathBuf },
     #[error(
-        "refusing to sign: the checkpoint published in {path}: {why}; run `pgtrail verify --trusted-checkpoint {path}` and keep the archive as it is"
+        "refusing to sign: the checkpoint published at {place}: {why}; run `pgtrail verify --trusted-checkpoint` with it and keep the archive as it is"
     )]
-    Published { path: PathBuf, why: String },
+    Published { place: String, why: String },
+    #[error(
+        "cannot publish the checkpoint to {place}: {why}; the archive keeps it (evidence/checkpoints), and the next compaction publishes again"
+    )]
+    Publishing { place: String, why: String },
+}
+
+/// Where signed checkpoints are published besides the archive: somewhere its host cannot
+/// rewrite (another machine's mount, a WORM volume, an S3 bucket with object lock). Each
+/// checkpoint goes there as `<size>`, and the latest also as `checkpoint`, whole.
+pub trait CheckpointSink: Send + Sync + std::fmt::Debug {
+    /// Where, for messages.
+    fn describe(&self) -> String;
+    /// The latest checkpoint published (`checkpoint`), `None` when none is. An error when it
+    /// cannot be read: then nothing is signed (a checkpoint the archive cannot compare with
+    /// is not taken for none).
+    fn latest(&self) -> Result<Option<String>, String>;
+    /// Write `note` as `name`, whole.
+    fn put(&self, name: &str, note: &str) -> Result<(), String>;
+}
+
+/// A local directory as a [`CheckpointSink`] (files written atomically, mode 0600).
+#[derive(Debug, Clone)]
+pub struct DirectorySink(pub PathBuf);
+
+impl CheckpointSink for DirectorySink {
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+
+    fn latest(&self) -> Result<Option<String>, String> {
+        match std::fs::read_to_string(self.0.join("checkpoint")) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn put(&self, name: &str, note: &str) -> Result<(), String> {
+        create_private_dir(&self.0).map_err(|e| e.to_string())?;
+        write_atomically(&self.0.join(name), note.as_bytes()).map_err(|e| e.to_string())
+    }
 }
 
 /// Write the evidence files of the archive in `archive_dir` from the log's latest commit, and
@@ -312,7 +353,7 @@ pub fn publish(
     db: &impl ReadableDatabase,
     archive_dir: &Path,
     key: Option<&Signer>,
-    publish_to: Option<&Path>,
+    publish_to: Option<&dyn CheckpointSink>,
 ) -> Result<Published, PublishError> {
     let reader = LogReader::from_db(db)?;
     let state = read(reader.read_transaction())?;
@@ -384,9 +425,16 @@ pub fn publish(
         write_atomically(&path, note.as_bytes())?;
         write_atomically(&dir.join("checkpoint"), note.as_bytes())?;
         if let Some(outside) = publish_to {
-            create_private_dir(outside)?;
-            write_atomically(&outside.join(checkpoint.size.to_string()), note.as_bytes())?;
-            write_atomically(&outside.join("checkpoint"), note.as_bytes())?;
+            // The numbered copy first: a crash between the two leaves `checkpoint` naming an
+            // older size, which the next publication replaces.
+            for name in [checkpoint.size.to_string(), "checkpoint".to_string()] {
+                outside
+                    .put(&name, &note)
+                    .map_err(|why| PublishError::Publishing {
+                        place: outside.describe(),
+                        why,
+                    })?;
+            }
         }
         published.signed = Some(path);
     }
@@ -394,34 +442,34 @@ pub fn publish(
 }
 
 /// Refuse to sign for an archive behind, or forked from, the latest checkpoint published in
-/// `outside` (none published yet is fine).
-fn check_published(outside: &Path, own: &Path, size: u64) -> Result<(), PublishError> {
-    let latest = outside.join("checkpoint");
-    let Ok(text) = std::fs::read_to_string(&latest) else {
-        return Ok(());
+/// `outside` (none published yet is fine; one that cannot be read is not).
+fn check_published(
+    outside: &dyn CheckpointSink,
+    own: &Path,
+    size: u64,
+) -> Result<(), PublishError> {
+    let refuse = |why: String| PublishError::Published {
+        place: outside.describe(),
+        why,
+    };
+    let text = match outside.latest() {
+        Ok(Some(text)) => text,
+        Ok(None) => return Ok(()),
+        Err(why) => return Err(refuse(format!("it cannot be read ({why})"))),
     };
     let published_size = Checkpoint::in_note_unverified(&text)
-        .map_err(|e| PublishError::Published {
-            path: latest.clone(),
-            why: e.to_string(),
-        })?
+        .map_err(|e| refuse(e.to_string()))?
         .size;
     if published_size > size {
-        return Err(PublishError::Published {
-            path: latest,
-            why: format!(
-                "it attests {published_size} changes, this archive's tree holds {size}: the archive was restored from an older copy or truncated"
-            ),
-        });
+        return Err(refuse(format!(
+            "it attests {published_size} changes, this archive's tree holds {size}: the archive was restored from an older copy or truncated"
+        )));
     }
     let ours = std::fs::read_to_string(own.join(published_size.to_string())).ok();
     if ours.as_deref().is_some_and(|ours| ours != text) {
-        return Err(PublishError::Published {
-            path: latest,
-            why: format!(
-                "this archive's own checkpoint of size {published_size} differs from it: the archive's history forked"
-            ),
-        });
+        return Err(refuse(format!(
+            "this archive's own checkpoint of size {published_size} differs from it: the archive's history forked"
+        )));
     }
     Ok(())
 }
