@@ -554,9 +554,26 @@ def main():
     # The tree: each epoch's changes (by key), then its events (gaps, the watermark; by n).
     starts = [(l, s) for (l, s, _) in epochs]
     events = sorted((e["lsn"], e["seq"], e["n"], e["kind"], e["payload"]) for e in tree.get("events", []))
+    system = None
     for ev in events:
+        place = "evidence event %d of epoch %d/%d" % (ev[2], ev[0], ev[1])
         if (ev[0], ev[1]) not in starts:
             problem("evidence/tree.json", "event %d of epoch %d/%d belongs to no epoch" % (ev[2], ev[0], ev[1]))
+        try:
+            payload = json.loads(ev[4])
+        except ValueError:
+            problem(place, "its payload is not JSON")
+            continue
+        if ev[3] == 4:
+            # Every watermark names the source system of the first (another archive's spliced
+            # in would not).
+            if system is None:
+                system = payload.get("system_id", "")
+            elif payload.get("system_id", "") != system:
+                problem(place, "its source system %s differs from the earlier watermarks' (%s)"
+                        % (payload.get("system_id"), system))
+        elif ev[3] != 3:
+            problem(place, "unknown event kind %d" % ev[3])
     order, c, e = [], 0, 0
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else None

@@ -598,6 +598,23 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
             "checkpoint",
         ),
         (
+            "a compaction's watermark rewritten to another source system, the tree recomputed",
+            Box::new(move |a: &Path, _: &str| {
+                let mut first = true;
+                pgtrail_store::evidence::tampering::rewrite_events(a, 4, |payload| {
+                    // The last watermark only: the archive then claims a second source.
+                    let mut w: serde_json::Value = serde_json::from_str(payload).unwrap();
+                    if !std::mem::take(&mut first) {
+                        w["system_id"] = "7000000000000000001".into();
+                    }
+                    w.to_string()
+                })
+                .unwrap();
+                recompute_tree(a).unwrap();
+            }),
+            "source system",
+        ),
+        (
             "the manifest's checksum of a segment edited",
             Box::new(move |a: &Path, seg: &str| {
                 rewrite_manifest(a, |e| {
@@ -660,6 +677,12 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
                 !ok && said.starts_with("FAIL: "),
                 "{name}: the Python verifier said {said}"
             );
+            if *expected == "source system" {
+                assert!(
+                    said.contains(expected),
+                    "{name}: the Python verifier said {said}"
+                );
+            }
         }
     }
 

@@ -72,6 +72,37 @@ pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Er
     Ok(frontier)
 }
 
+/// Rewrite the payload of every evidence event of `kind` through `edit` (then recompute the
+/// tree with [`recompute_tree`], as an attacker would).
+pub fn rewrite_events(
+    archive: &Path,
+    kind: u8,
+    mut edit: impl FnMut(&str) -> String,
+) -> Result<(), LogError> {
+    let log = crate::ChangeLog::open(archive)?;
+    let db = log.shared().0;
+    let wtx = db.begin_write()?;
+    {
+        let mut table = wtx.open_table(super::state::EVENTS)?;
+        let mut edited = Vec::new();
+        for e in table.iter()? {
+            let (k, v) = e?;
+            let value = v.value();
+            if value.first() == Some(&kind) {
+                let payload = String::from_utf8_lossy(&value[1..]).into_owned();
+                let mut new = vec![kind];
+                new.extend_from_slice(edit(&payload).as_bytes());
+                edited.push((k.value(), new));
+            }
+        }
+        for (k, v) in edited {
+            table.insert(k, v.as_slice())?;
+        }
+    }
+    wtx.commit()?;
+    republish(&db, archive)
+}
+
 /// Replace the tree the log records (as an attacker who recomputed it would).
 pub fn rewrite_frontier(archive: &Path, frontier: &Frontier) -> Result<(), LogError> {
     let log = crate::ChangeLog::open(archive)?;
