@@ -499,7 +499,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
             Box::new(move |a: &Path, seg: &str| {
                 forge_segment(a, seg, |b| edit_image_int(b, "after", "i"))
             }),
-            "its root differs",
+            "among leaves",
         ),
         (
             "a change deleted",

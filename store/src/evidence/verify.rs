@@ -340,10 +340,27 @@ pub(crate) fn verify_and_collect(
         .map(|c| (c.file.clone(), c.size))
         .collect();
     for (file, size) in mismatched {
+        // Where: after the largest smaller checkpoint whose signature verifies and whose root
+        // matches, the history is as it attests; the change is among the leaves after it.
+        let from = report
+            .checkpoints
+            .iter()
+            .filter(|c| c.matches_tree && c.signature_verified && c.size < size)
+            .map(|c| c.size)
+            .max()
+            .unwrap_or(0);
+        let first = change_index.partition_point(|&i| i < from);
+        let last = change_index.partition_point(|&i| i < size);
+        let changes = match (leaves.get(first), last.checked_sub(1).and_then(|l| leaves.get(l))) {
+            (Some((a, _)), Some((b, _))) if first < last => {
+                format!(" (changes {} to {} as the archive holds them now)", a.key, b.key)
+            }
+            _ => String::new(),
+        };
         report.problem(
             file,
             format!(
-                "its root differs from the root of the archive's first {size} changes: history it attests was altered, removed, reordered or added to"
+                "its root differs from the root of the archive's first {size} changes: history it attests was altered, removed, reordered or added to, among leaves {from}..{size}{changes}"
             ),
         );
     }
