@@ -35,7 +35,9 @@ use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::leaf::{KIND_CHANGE, KIND_GAP, KIND_MESSAGE, LEAF_DOMAIN, Salts, for_each_leaf};
+use super::leaf::{
+    KIND_CHANGE, KIND_GAP, KIND_MESSAGE, LEAF_DOMAIN, LeafInputs, Salts, for_each_leaf,
+};
 use super::merkle::{Hash, leaf_hash, range_proof, root, root_from_range};
 use super::note::{Checkpoint, VerifierKey};
 use super::verify::{VerifyOptions, open_checkpoint, verify_and_collect};
@@ -117,6 +119,9 @@ enum Entry {
         lsn: Lsn,
         seq: u32,
         salts: String,
+        /// Parts redacted (`pgtrail redact`): part number → its digest, hex.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        erased: BTreeMap<u8, String>,
     },
     /// Anything else: its `leaf_data`, base64.
     Leaf { leaf_data: String },
@@ -280,14 +285,20 @@ pub fn bundle_against(
             let mut keep = vec![false; batch.num_rows()];
             let mut failed = None;
             let epochs = &collected.epochs;
-            let salts_of = |key: ChangeKey| {
+            let erased = &collected.erased;
+            let inputs_of = |key: ChangeKey| {
                 in_range
                     .contains_key(&key)
-                    .then(|| epochs.seed_for(key).map(|s| super::leaf::salts(s, key)))
+                    .then(|| {
+                        epochs.seed_for(key).map(|s| LeafInputs {
+                            salts: super::leaf::salts(s, key),
+                            erased: erased.get(&key).copied().unwrap_or([None; 4]),
+                        })
+                    })
                     .flatten()
             };
             let table = table_name(&content);
-            for_each_leaf(&content, &batch, salts_of, |key, row, data| {
+            for_each_leaf(&content, &batch, inputs_of, |key, row, data, _| {
                 let tree_index = in_range[&key];
                 let kind = if table.is_some() {
                     KIND_CHANGE
@@ -309,6 +320,16 @@ pub fn bundle_against(
                             lsn: key.commit_lsn,
                             seq: key.seq,
                             salts: hex(salts.as_flattened()),
+                            erased: erased
+                                .get(&key)
+                                .map(|parts| {
+                                    parts
+                                        .iter()
+                                        .enumerate()
+                                        .filter_map(|(k, d)| d.map(|d| (k as u8, hex(&d))))
+                                        .collect()
+                                })
+                                .unwrap_or_default(),
                         },
                     );
                 } else {
@@ -670,7 +691,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
         }
     }
     // The rows each file must hold, by key: (entry, salts).
-    let mut wanted: Vec<HashMap<ChangeKey, (usize, u64, Salts)>> =
+    let mut wanted: Vec<HashMap<ChangeKey, (usize, u64, LeafInputs)>> =
         description.files.iter().map(|_| HashMap::new()).collect();
     let mut hashes: Vec<Option<Hash>> = vec![None; entries.len()];
     let mut heads: Vec<Option<LeafHead>> = Vec::with_capacity(entries.len());
@@ -696,9 +717,20 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
                 lsn,
                 seq,
                 salts,
+                erased,
             } => {
                 let key = ChangeKey::new(*lsn, *seq);
-                let salts = decode_salts(salts);
+                let salts = decode_salts(salts).and_then(|salts| {
+                    let mut parts = [None; 4];
+                    for (k, digest) in erased {
+                        let bytes = decode_hex(digest)?;
+                        *parts.get_mut(*k as usize)? = Some(bytes.try_into().ok()?);
+                    }
+                    Some(LeafInputs {
+                        salts,
+                        erased: parts,
+                    })
+                });
                 match (wanted.get_mut(*file), salts) {
                     (Some(w), Some(salts)) => {
                         w.insert(key, (i, *row, salts));
@@ -707,7 +739,10 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
                         place,
                         format!("names file {file}, which the bundle does not list"),
                     ),
-                    (_, None) => report.problem(place, "its salts are not 64 bytes of hex"),
+                    (_, None) => report.problem(
+                        place,
+                        "its salts are not 64 bytes of hex, or an erased digest is not 32",
+                    ),
                 }
                 heads.push(None);
             }
@@ -742,7 +777,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
                 &content,
                 &batch,
                 |key| want.get(&key).map(|(_, _, s)| *s),
-                |key, row, data| {
+                |key, row, data, _| {
                     let (entry, _, _) = want[&key];
                     found.push((entry, row_base + row as u64, key, leaf_hash(data)));
                 },
@@ -896,13 +931,17 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
     Ok(report)
 }
 
-fn decode_salts(text: &str) -> Option<Salts> {
-    if text.len() != 128 {
+fn decode_hex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
-    let bytes: Vec<u8> = (0..64)
+    (0..text.len() / 2)
         .map(|i| u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok())
-        .collect::<Option<_>>()?;
+        .collect()
+}
+
+fn decode_salts(text: &str) -> Option<Salts> {
+    let bytes = decode_hex(text).filter(|b| b.len() == 64)?;
     let mut salts = [[0u8; 16]; 4];
     for (k, chunk) in bytes.chunks_exact(16).enumerate() {
         salts[k].copy_from_slice(chunk);

@@ -53,6 +53,8 @@ pub const KIND_MESSAGE: u8 = 2;
 /// (how far the archive reached, from which source).
 pub const KIND_GAP: u8 = 3;
 pub const KIND_WATERMARK: u8 = 4;
+/// The receipt of a redaction: which parts of which change were erased, when and why.
+pub const KIND_REDACTION: u8 = 5;
 
 /// A cell of a row image: how its value is encoded.
 const CELL_NULL: u8 = 0;
@@ -501,14 +503,20 @@ pub fn batch_leaves(
     content: &SegmentContent,
     batch: &RecordBatch,
     epochs: &Epochs,
+    redactions: &Redactions,
 ) -> Result<Vec<Leaf>, LeafError> {
     let mut leaves = Vec::with_capacity(batch.num_rows());
-    for_each_leaf(content, batch, epoch_salts(epochs), |key, _, data| {
-        leaves.push(Leaf {
-            key,
-            hash: leaf_hash(data),
-        })
-    })?;
+    for_each_leaf(
+        content,
+        batch,
+        epoch_inputs(epochs, redactions),
+        |key, _, data, _| {
+            leaves.push(Leaf {
+                key,
+                hash: leaf_hash(data),
+            })
+        },
+    )?;
     Ok(leaves)
 }
 
@@ -518,29 +526,65 @@ pub fn leaf_data(
     content: &SegmentContent,
     batch: &RecordBatch,
     epochs: &Epochs,
+    redactions: &Redactions,
     key: ChangeKey,
 ) -> Result<Option<Vec<u8>>, LeafError> {
     let mut found = None;
-    for_each_leaf(content, batch, epoch_salts(epochs), |k, _, data| {
-        if k == key {
-            found = Some(data.to_vec());
-        }
-    })?;
+    for_each_leaf(
+        content,
+        batch,
+        epoch_inputs(epochs, redactions),
+        |k, _, data, _| {
+            if k == key {
+                found = Some(data.to_vec());
+            }
+        },
+    )?;
     Ok(found)
 }
 
-/// The salts of a change from the seed of its epoch (none before the first epoch).
-fn epoch_salts(epochs: &Epochs) -> impl Fn(ChangeKey) -> Option<Salts> + '_ {
-    |key| epochs.seed_for(key).map(|seed| salts(seed, key))
+/// What a change's leaf is computed from besides its row: its salts, and the digests of its
+/// parts whose values were erased (`pgtrail redact`) and so are no longer in the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeafInputs {
+    pub salts: Salts,
+    pub erased: [Option<Hash>; 4],
 }
 
-/// Call `f` with the key, row and `leaf_data` of each row of `batch` that `salts_of` gives
-/// salts for, in order (an auditor bundle carries each change's salts, not its epoch's seed).
+impl From<Salts> for LeafInputs {
+    fn from(salts: Salts) -> LeafInputs {
+        LeafInputs {
+            salts,
+            erased: [None; 4],
+        }
+    }
+}
+
+/// The erased parts' digests of every redacted change, by key.
+pub type Redactions = std::collections::BTreeMap<ChangeKey, [Option<Hash>; 4]>;
+
+/// The leaf inputs of a change from the seed of its epoch (none before the first epoch) and
+/// the archive's redactions.
+fn epoch_inputs<'a>(
+    epochs: &'a Epochs,
+    redactions: &'a Redactions,
+) -> impl Fn(ChangeKey) -> Option<LeafInputs> + 'a {
+    move |key| {
+        epochs.seed_for(key).map(|seed| LeafInputs {
+            salts: salts(seed, key),
+            erased: redactions.get(&key).copied().unwrap_or([None; 4]),
+        })
+    }
+}
+
+/// Call `f` with the key, row, `leaf_data` and part digests of each row of `batch` that
+/// `inputs_of` gives inputs for, in order (an auditor bundle carries each change's salts, not
+/// its epoch's seed).
 pub fn for_each_leaf(
     content: &SegmentContent,
     batch: &RecordBatch,
-    salts_of: impl Fn(ChangeKey) -> Option<Salts>,
-    mut f: impl FnMut(ChangeKey, usize, &[u8]),
+    inputs_of: impl Fn(ChangeKey) -> Option<LeafInputs>,
+    mut f: impl FnMut(ChangeKey, usize, &[u8], &[Hash; 4]),
 ) -> Result<(), LeafError> {
     let at_start = |reason: String| LeafError {
         key: ChangeKey::new(Lsn::ZERO, 0),
@@ -576,36 +620,54 @@ pub fn for_each_leaf(
             ];
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
-                let Some(salts) = salts_of(key) else {
+                let Some(LeafInputs { salts, erased }) = inputs_of(key) else {
                     continue;
                 };
                 let fail = |reason: String| LeafError { key, reason };
                 let mut parts = [[0u8; 32]; 4];
-                part.clear();
-                if context.is_null(row) {
-                    part.push(0);
-                } else {
-                    part.push(1);
-                    put_str(&mut part, context.value(row));
-                }
-                parts[0] = part_digest(0, &salts[0], &part);
-                for (k, image) in &images {
-                    part.clear();
-                    image.put(&mut part, rel, row).map_err(fail)?;
-                    parts[*k as usize] = part_digest(*k, &salts[*k as usize], &part);
-                }
-                part.clear();
-                match changed.at(row).map_err(fail)? {
-                    None => part.push(0),
-                    Some(list) => {
-                        part.push(1);
-                        put_len(&mut part, list.len());
-                        for name in &list {
-                            put_str(&mut part, name);
+                // An erased part's value is gone from the row: its digest comes from the
+                // redaction record, and what the row holds in its place is not hashed.
+                parts[0] = match erased[0] {
+                    Some(digest) => digest,
+                    None => {
+                        part.clear();
+                        if context.is_null(row) {
+                            part.push(0);
+                        } else {
+                            part.push(1);
+                            put_str(&mut part, context.value(row));
                         }
+                        part_digest(0, &salts[0], &part)
                     }
+                };
+                for (k, image) in &images {
+                    let k = *k as usize;
+                    parts[k] = match erased[k] {
+                        Some(digest) => digest,
+                        None => {
+                            part.clear();
+                            image.put(&mut part, rel, row).map_err(fail)?;
+                            part_digest(k as u8, &salts[k], &part)
+                        }
+                    };
                 }
-                parts[3] = part_digest(3, &salts[3], &part);
+                parts[3] = match erased[3] {
+                    Some(digest) => digest,
+                    None => {
+                        part.clear();
+                        match changed.at(row).map_err(fail)? {
+                            None => part.push(0),
+                            Some(list) => {
+                                part.push(1);
+                                put_len(&mut part, list.len());
+                                for name in &list {
+                                    put_str(&mut part, name);
+                                }
+                            }
+                        }
+                        part_digest(3, &salts[3], &part)
+                    }
+                };
                 let op_name = if op.is_null(row) { "" } else { op.value(row) };
                 let op = op_code(op_name).ok_or_else(|| fail(format!("unknown op `{op_name}`")))?;
                 data.clear();
@@ -615,7 +677,7 @@ pub fn for_each_leaf(
                 data.extend_from_slice(&schema_digest);
                 data.push(op);
                 data.extend_from_slice(&body_digest(&parts));
-                f(key, row, &data);
+                f(key, row, &data, &parts);
             }
         }
         SegmentContent::Messages => {
@@ -630,7 +692,7 @@ pub fn for_each_leaf(
             let text = text.as_string::<i32>();
             for row in 0..batch.num_rows() {
                 let key = ChangeKey::new(Lsn(lsn.value(row)), seq.value(row));
-                let Some(salts) = salts_of(key) else {
+                let Some(LeafInputs { salts, erased }) = inputs_of(key) else {
                     continue;
                 };
                 let fail = |reason: &str| LeafError {
@@ -644,15 +706,21 @@ pub fn for_each_leaf(
                 if derived != stored {
                     return Err(fail("content_text differs from the content's UTF-8 text"));
                 }
-                part.clear();
-                put_bytes(&mut part, content);
-                let body = body_digest(&[part_digest(0, &salts[0], &part)]);
+                let digest = match erased[0] {
+                    Some(digest) => digest,
+                    None => {
+                        part.clear();
+                        put_bytes(&mut part, content);
+                        part_digest(0, &salts[0], &part)
+                    }
+                };
+                let body = body_digest(&[digest]);
                 data.clear();
                 put_header(&mut data, KIND_MESSAGE, key, xid.value(row), at.value(row));
                 data.push(u8::from(transactional.value(row)));
                 put_str(&mut data, prefix.value(row));
                 data.extend_from_slice(&body);
-                f(key, row, &data);
+                f(key, row, &data, &[digest, [0; 32], [0; 32], [0; 32]]);
             }
         }
     }

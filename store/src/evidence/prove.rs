@@ -82,7 +82,7 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
     let mut data = None;
     for batch in reader {
         let batch = batch.map_err(|e| segment_error(e.to_string()))?;
-        data = super::leaf::leaf_data(&content, &batch, &collected.epochs, key)
+        data = super::leaf::leaf_data(&content, &batch, &collected.epochs, &collected.erased, key)
             .map_err(|e| segment_error(e.to_string()))?;
         if data.is_some() {
             break;

@@ -41,6 +41,48 @@ pub(crate) const EVENTS: TableDefinition<(u64, u32, u32), &[u8]> =
 pub(crate) const LEAFED_GAPS: TableDefinition<u64, &str> =
     TableDefinition::new("evidence_leafed_gaps");
 
+/// Redacted changes: the change's key → [`Redaction`] (JSON). Verify takes an erased part's
+/// digest from here; its receipt becomes a leaf at the next compaction.
+pub(crate) const REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("evidence_redactions");
+/// The redactions whose receipt is a leaf already.
+pub(crate) const LEAFED_REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("evidence_leafed_redactions");
+
+/// What a redaction erased of one change: the parts (0 context, 1 before, 2 after) and the
+/// digest each had, which the change's leaf keeps committing to.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Redaction {
+    /// `lsn#seq`.
+    pub change: String,
+    /// Part number → its digest, hex.
+    pub parts: std::collections::BTreeMap<u8, String>,
+    pub reason: String,
+    pub at_us: i64,
+}
+
+impl Redaction {
+    /// The erased digests in the form leaves take them.
+    pub fn erased(&self) -> Result<[Option<Hash>; 4], LogError> {
+        let mut erased = [None; 4];
+        for (k, digest) in &self.parts {
+            let bytes: Vec<u8> = (0..digest.len() / 2)
+                .map(|i| u8::from_str_radix(&digest[2 * i..2 * i + 2], 16))
+                .collect::<Result<_, _>>()
+                .map_err(|_| corrupt("evidence redaction", "a digest is not hex"))?;
+            let slot = erased
+                .get_mut(*k as usize)
+                .ok_or_else(|| corrupt("evidence redaction", "a part number past 3"))?;
+            *slot = Some(
+                bytes
+                    .try_into()
+                    .map_err(|_| corrupt("evidence redaction", "a digest is not 32 bytes"))?,
+            );
+        }
+        Ok(erased)
+    }
+}
+
 /// The directory of evidence files inside the archive.
 pub const EVIDENCE_DIR: &str = "evidence";
 /// The format of `evidence/tree.json` and `evidence/manifest.json`.
@@ -63,6 +105,18 @@ pub struct EvidenceState {
     pub frontier: Frontier,
     /// Events in tree order (by epoch, then n).
     pub events: Vec<Event>,
+    /// Redacted changes, by key.
+    pub redactions: std::collections::BTreeMap<ChangeKey, Redaction>,
+}
+
+impl EvidenceState {
+    /// The erased digests of every redacted change, for computing leaves.
+    pub fn erased(&self) -> Result<super::leaf::Redactions, LogError> {
+        self.redactions
+            .iter()
+            .map(|(k, r)| Ok((*k, r.erased()?)))
+            .collect()
+    }
 }
 
 fn read_events(
@@ -130,10 +184,25 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         Err(e) => return Err(e.into()),
     };
     let frontier = frontier_in(&rtx.open_table(META)?)?;
+    let mut redactions = std::collections::BTreeMap::new();
+    match rtx.open_table(REDACTIONS) {
+        Ok(t) => {
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let (lsn, seq) = k.value();
+                let redaction: Redaction = serde_json::from_slice(v.value())
+                    .map_err(|e| corrupt("evidence redaction", &e.to_string()))?;
+                redactions.insert(ChangeKey::new(Lsn(lsn), seq), redaction);
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
     Ok(EvidenceState {
         epochs: Epochs::new(starts),
         frontier,
         events,
+        redactions,
     })
 }
 
@@ -235,6 +304,17 @@ fn append_events(
         {
             leafed.insert(key.value(), payload.as_str())?;
             events.push((super::leaf::KIND_GAP, payload));
+        }
+    }
+    // The receipts of redactions made since the last run.
+    let mut leafed_redactions = wtx.open_table(LEAFED_REDACTIONS)?;
+    for entry in wtx.open_table(REDACTIONS)?.iter()? {
+        let (key, value) = entry?;
+        if leafed_redactions.get(key.value())?.is_none() {
+            leafed_redactions.insert(key.value(), [].as_slice())?;
+            let payload = String::from_utf8(value.value().to_vec())
+                .map_err(|_| corrupt("evidence redaction", "not UTF-8"))?;
+            events.push((super::leaf::KIND_REDACTION, payload));
         }
     }
     let source: Option<crate::SourceIdentity> = match meta.get(crate::log::META_SOURCE)? {
@@ -377,6 +457,11 @@ pub fn publish(
             "n": e.n,
             "kind": e.kind,
             "payload": e.payload,
+        })).collect::<Vec<_>>(),
+        "redactions": state.redactions.iter().map(|(k, r)| serde_json::json!({
+            "lsn": k.commit_lsn.0,
+            "seq": k.seq,
+            "parts": r.parts,
         })).collect::<Vec<_>>(),
     });
     write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;

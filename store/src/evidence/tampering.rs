@@ -52,6 +52,7 @@ pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Er
     let manifest = reader.manifest()?;
     let state = super::state::read(reader.read_transaction())?;
     let epochs = state.epochs.clone();
+    let erased = state.erased()?;
     drop(reader);
     let mut leaves = Vec::new();
     for entry in &manifest.segments {
@@ -59,7 +60,9 @@ pub fn recompute_tree(archive: &Path) -> Result<Frontier, Box<dyn std::error::Er
         let segment = crate::segment::SegmentReader::open(&path, None, 8192)?;
         let content = segment.content().clone();
         for batch in segment {
-            leaves.extend(super::leaf::batch_leaves(&content, &batch?, &epochs)?);
+            leaves.extend(super::leaf::batch_leaves(
+                &content, &batch?, &epochs, &erased,
+            )?);
         }
     }
     leaves.sort_by_key(|l| l.key);

@@ -94,6 +94,9 @@ pub struct VerifyReport {
     /// Gaps the tree holds (their payloads): a gap recorded since the last compaction is in
     /// `gaps` but not here yet.
     pub attested_gaps: Vec<String>,
+    /// Receipts of redactions the tree holds (their payloads: the change, the parts erased and
+    /// their digests, why, when).
+    pub redactions: Vec<String>,
 }
 
 impl VerifyReport {
@@ -128,6 +131,8 @@ pub(crate) struct Collected {
     pub tree: Vec<Hash>,
     pub segments: Vec<crate::SegmentEntry>,
     pub epochs: super::leaf::Epochs,
+    /// The erased parts' digests of redacted changes.
+    pub erased: super::leaf::Redactions,
     /// The tree's events, in tree order.
     pub events: Vec<super::state::Event>,
 }
@@ -140,6 +145,7 @@ pub(crate) fn verify_and_collect(
     let reader = LogReader::open(dir)?;
     let manifest = reader.manifest()?;
     let state = super::state::read(reader.read_transaction())?;
+    let erased = state.erased()?;
     let (log_tail, _) = reader.log_backlog()?;
     let gaps = reader.gaps()?;
     drop(reader);
@@ -173,7 +179,10 @@ pub(crate) fn verify_and_collect(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(entry) = segments.get(i) else { break };
-                        done.push((i, check_segment(&segments_dir, entry, &state.epochs)));
+                        done.push((
+                            i,
+                            check_segment(&segments_dir, entry, &state.epochs, &erased),
+                        ));
                         finished.fetch_add(1, Ordering::Relaxed);
                     }
                     done
@@ -351,9 +360,15 @@ pub(crate) fn verify_and_collect(
             .unwrap_or(0);
         let first = change_index.partition_point(|&i| i < from);
         let last = change_index.partition_point(|&i| i < size);
-        let changes = match (leaves.get(first), last.checked_sub(1).and_then(|l| leaves.get(l))) {
+        let changes = match (
+            leaves.get(first),
+            last.checked_sub(1).and_then(|l| leaves.get(l)),
+        ) {
             (Some((a, _)), Some((b, _))) if first < last => {
-                format!(" (changes {} to {} as the archive holds them now)", a.key, b.key)
+                format!(
+                    " (changes {} to {} as the archive holds them now)",
+                    a.key, b.key
+                )
             }
             _ => String::new(),
         };
@@ -426,6 +441,7 @@ pub(crate) fn verify_and_collect(
         tree,
         segments,
         epochs: state.epochs,
+        erased,
         events: {
             let mut events = state.events;
             events.sort_by_key(|e| (e.epoch, e.n));
@@ -473,6 +489,7 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
         };
         match e.kind {
             super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
+            super::leaf::KIND_REDACTION => report.redactions.push(e.payload.clone()),
             super::leaf::KIND_WATERMARK => {
                 let id = payload["system_id"]
                     .as_str()
@@ -506,6 +523,7 @@ fn check_segment(
     segments_dir: &Path,
     entry: &crate::SegmentEntry,
     epochs: &super::leaf::Epochs,
+    erased: &super::leaf::Redactions,
 ) -> CheckedSegment {
     let mut out = CheckedSegment::default();
     let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
@@ -541,7 +559,7 @@ fn check_segment(
             }
         };
         rows += batch.num_rows() as u64;
-        let computed = match batch_leaves(&content, &batch, epochs) {
+        let computed = match batch_leaves(&content, &batch, epochs, erased) {
             Ok(l) => l,
             Err(e) => {
                 problem(format!("{place}, change {}", e.key), e.reason);

@@ -372,7 +372,15 @@ impl SegmentWriter {
         let content = &self.content;
         let epochs: &Epochs = epochs;
         let (computed, encoded) = std::thread::scope(|scope| {
-            let hashing = scope.spawn(move || batch_leaves(content, batch, epochs));
+            // A change being compacted was never redacted.
+            let hashing = scope.spawn(move || {
+                batch_leaves(
+                    content,
+                    batch,
+                    epochs,
+                    &crate::evidence::leaf::Redactions::new(),
+                )
+            });
             // Encoded here while the other thread hashes; joined only after.
             let encoded = encode(writer);
             (hashing.join(), encoded)
