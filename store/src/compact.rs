@@ -624,6 +624,169 @@ impl Compactor {
         Ok(())
     }
 
+    /// Carry out a redaction `plan` (see [`evidence::redact`]): erase `parts` (0 context, 1
+    /// before, 2 after) of its changes, keeping their digests in the archive's redaction
+    /// records; returns the changes redacted.
+    ///
+    /// Each segment is rewritten whole beside the old one, its leaves recomputed (with the
+    /// erased digests) and compared with the verified ones before anything is listed. Crash
+    /// safety as for a merge: until the one commit that lists the new file, retires the old and
+    /// records the redactions, the new file is an orphan the next run removes; after it, the
+    /// old file is retired (deleted after the grace period). The erased values stay readable
+    /// in the retired file until then, and in any backup: erasure is complete only when those
+    /// are gone too.
+    pub fn redact(
+        &self,
+        plan: Vec<evidence::redact::SegmentPlan>,
+        parts: &[u8],
+        reason: &str,
+    ) -> Result<u64, CompactError> {
+        use evidence::redact::RedactError;
+        let redact_error = |e: RedactError| CompactError::Redact(Box::new(e));
+        if parts.is_empty() {
+            return Err(redact_error(RedactError::NoParts));
+        }
+        self.ensure_dir()?;
+        let enums = LogReader::from_db(self.db.as_ref())?.enum_types()?;
+        let mut redacted = 0u64;
+        for segment in plan {
+            let old = segment.entry;
+            let listed = LogReader::from_db(self.db.as_ref())?
+                .manifest()?
+                .segments
+                .into_iter()
+                .any(|s| s.id == old.id && s.sha256 == old.sha256);
+            if !listed {
+                return Err(redact_error(RedactError::Changed(old.file_name)));
+            }
+            let SegmentContent::Table(rel) = &old.content else {
+                let first = segment.changes.keys().next().copied().unwrap_or_default();
+                return Err(redact_error(RedactError::Message(first)));
+            };
+            let keep: Vec<bool> = rel
+                .columns
+                .iter()
+                .map(|c| c.is_key || rel.primary_key.contains(&c.name))
+                .collect();
+            let erase = |row: &mut Option<crate::change::Row>| {
+                if let Some(row) = row {
+                    for (cell, keep) in row.iter_mut().zip(&keep) {
+                        if !keep {
+                            *cell = crate::change::Cell::Unknown;
+                        }
+                    }
+                }
+            };
+            let id = {
+                let rtx = self.db.begin_read()?;
+                meta_u64(&rtx.open_table(META)?, META_NEXT_SEGMENT)?.max(1)
+            };
+            let stem = format!("{id:08}_{}", file_safe(&old.content.table_name()));
+            let mut w = SegmentWriter::create(
+                &self.segments_dir,
+                &stem,
+                &old.content,
+                &enums,
+                &self.options.segment,
+            )?;
+            let path = self.segments_dir.join(&old.file_name);
+            let reader =
+                SegmentReader::open(&path, Some(&old.sha256), self.options.segment.batch_rows)?;
+            for batch in reader {
+                for (key, mut record) in crate::segment::read_records(&old.content, &batch?)? {
+                    if segment.changes.contains_key(&key) {
+                        if parts.contains(&0) {
+                            record.context = None;
+                        }
+                        if parts.contains(&1) {
+                            erase(&mut record.before);
+                        }
+                        if parts.contains(&2) {
+                            erase(&mut record.after);
+                        }
+                    }
+                    w.push(key, &record, 0)?;
+                }
+            }
+            let mut entry = finish(id, old.content.clone(), w, old.op_counts.clone())?;
+            entry.raw_bytes = old.raw_bytes;
+            // The new file's leaves, with the erased digests (earlier and these), must be the
+            // verified ones: nothing else in the segment may have changed.
+            let rtx = self.db.begin_read()?;
+            let state = evidence::state::read(&rtx)?;
+            drop(rtx);
+            // An image erased also erases the `changed` list (part 3): the writer derives it
+            // from the images, and the row's list then says nothing of the original.
+            let parts: Vec<u8> = if parts.iter().any(|&p| p == 1 || p == 2) {
+                parts.iter().copied().chain([3]).collect()
+            } else {
+                parts.to_vec()
+            };
+            let parts = parts.as_slice();
+            let mut erased = state.erased()?;
+            for (key, digests) in &segment.changes {
+                let slot = erased.entry(*key).or_insert([None; 4]);
+                for &k in parts {
+                    slot[k as usize] = Some(digests[k as usize]);
+                }
+            }
+            let new_path = self.segments_dir.join(&entry.file_name);
+            let check = || -> Result<(), CompactError> {
+                let reader = SegmentReader::open(&new_path, Some(&entry.sha256), 8192)?;
+                let content = reader.content().clone();
+                let mut seen = 0usize;
+                for batch in reader {
+                    for leaf in
+                        evidence::leaf::batch_leaves(&content, &batch?, &state.epochs, &erased)
+                            .map_err(|e| redact_error(RedactError::Unverified(e.to_string())))?
+                    {
+                        if segment.leaves.get(&leaf.key) != Some(&leaf.hash) {
+                            return Err(redact_error(RedactError::LeavesDiffer(leaf.key)));
+                        }
+                        seen += 1;
+                    }
+                }
+                if seen != segment.leaves.len() {
+                    let missing = segment.leaves.keys().next().copied().unwrap_or_default();
+                    return Err(redact_error(RedactError::LeavesDiffer(missing)));
+                }
+                Ok(())
+            };
+            if let Err(e) = check() {
+                remove_if_exists(&new_path);
+                return Err(e);
+            }
+            crashpoint::hit("redact:before_manifest");
+            let mut wtx = self.db.begin_write()?;
+            wtx.set_two_phase_commit(true);
+            {
+                let mut segments = wtx.open_table(SEGMENTS)?;
+                let mut retired = wtx.open_table(RETIRED)?;
+                segments.remove(old.id)?;
+                retired.insert(old.file_name.as_str(), now_us())?;
+                segments.insert(entry.id, encode(&entry).as_slice())?;
+                let mut meta = wtx.open_table(META)?;
+                meta.insert(META_NEXT_SEGMENT, (id + 1).to_le_bytes().as_slice())?;
+                let mut records = wtx.open_table(evidence::state::REDACTIONS)?;
+                for (key, digests) in &segment.changes {
+                    let k = (key.commit_lsn.0, key.seq);
+                    let earlier = state.redactions.get(key).cloned();
+                    let record = evidence::redact::record(*key, digests, parts, reason, earlier);
+                    let json =
+                        serde_json::to_vec(&record).expect("a redaction record is plain data");
+                    records.insert(k, json.as_slice())?;
+                }
+            }
+            // One commit lists the rewritten segment, retires the old one and records what
+            // was erased: readers see the old file with no record, or the new with it.
+            wtx.commit()?;
+            redacted += segment.changes.len() as u64;
+            tracing::info!(segment = %entry.file_name, changes = segment.changes.len(), "redacted");
+        }
+        self.publish_evidence()?;
+        Ok(redacted)
+    }
+
     /// Delete files that merges unlisted more than the grace period ago.
     ///
     /// Safe: a retired file is listed by no manifest, its rows live in the merged segment;

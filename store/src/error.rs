@@ -143,6 +143,8 @@ pub enum CompactError {
         relation_id: u32,
         version: String,
     },
+    #[error(transparent)]
+    Redact(Box<crate::evidence::redact::RedactError>),
 }
 
 macro_rules! redb_into_compact {

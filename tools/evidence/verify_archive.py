@@ -229,8 +229,10 @@ def epoch_salts(epochs):
     return of
 
 
-def segment_leaves(path, salts_of):
-    """[(lsn, seq, leaf hash)] of the rows salts_of gives salts for, and the number of rows."""
+def segment_leaves(path, salts_of, erased_of=lambda lsn, seq: {}):
+    """[(lsn, seq, leaf hash)] of the rows salts_of gives salts for, and the number of rows.
+    erased_of gives a redacted change's erased parts' digests ({part: digest}): the leaf keeps
+    them, the row no longer holds the values."""
     pf = pq.ParquetFile(path)
     meta = pf.metadata.metadata or {}
     description = json.loads(meta[b"pgtrail.segment"])
@@ -259,7 +261,8 @@ def segment_leaves(path, salts_of):
                 derived = None
             if derived != text[r]:
                 raise ValueError("change %d/%d: content_text differs from the content" % (lsn[r], seq[r]))
-            digest = sha(BODY_DOMAIN, part(0, s[0], sbytes(body[r])))
+            erased = erased_of(lsn[r], seq[r])
+            digest = sha(BODY_DOMAIN, erased[0] if 0 in erased else part(0, s[0], sbytes(body[r])))
             data = header(2, lsn[r], seq[r], xid[r], at[r])
             data += bytes([1 if transactional[r] else 0]) + sstr(prefix[r]) + digest
             leaves.append((lsn[r], seq[r], sha(b"\x00", data)))
@@ -280,17 +283,25 @@ def segment_leaves(path, salts_of):
         s = salts_of(lsn[r], seq[r])
         if s is None:
             continue
+        erased = erased_of(lsn[r], seq[r])
+        digests = []
         try:
-            p0 = b"\x00" if context[r] is None else b"\x01" + sstr(context[r])
-            p1 = image_bytes(rel, *images["before"], r)
-            p2 = image_bytes(rel, *images["after"], r)
+            for k in range(4):
+                if k in erased:
+                    digests.append(erased[k])
+                    continue
+                if k == 0:
+                    data = b"\x00" if context[r] is None else b"\x01" + sstr(context[r])
+                elif k in (1, 2):
+                    data = image_bytes(rel, *images["before" if k == 1 else "after"], r)
+                elif changed[r] is None:
+                    data = b"\x00"
+                else:
+                    data = b"\x01" + u32(len(changed[r])) + b"".join(sstr(n) for n in changed[r])
+                digests.append(part(k, s[k], data))
         except ValueError as e:
             raise ValueError("change %d/%d: %s" % (lsn[r], seq[r], e))
-        if changed[r] is None:
-            p3 = b"\x00"
-        else:
-            p3 = b"\x01" + u32(len(changed[r])) + b"".join(sstr(n) for n in changed[r])
-        digest = sha(BODY_DOMAIN, part(0, s[0], p0), part(1, s[1], p1), part(2, s[2], p2), part(3, s[3], p3))
+        digest = sha(BODY_DOMAIN, *digests)
         if op[r] not in OPS:
             raise ValueError("change %d/%d: unknown op %r" % (lsn[r], seq[r], op[r]))
         data = header(1, lsn[r], seq[r], xid[r], at[r])
@@ -430,7 +441,8 @@ def verify_bundle(bundle, vkeys):
         else:
             raw = bytes.fromhex(e["salts"])
             s = [raw[0:16], raw[16:32], raw[32:48], raw[48:64]]
-            wanted.setdefault(e["file"], {})[(parse_lsn(e["lsn"]), e["seq"])] = (i, e["row"], s)
+            erased = {int(k): bytes.fromhex(d) for k, d in e.get("erased", {}).items()}
+            wanted.setdefault(e["file"], {})[(parse_lsn(e["lsn"]), e["seq"])] = (i, e["row"], s, erased)
     for fi, f in enumerate(d["files"]):
         path = os.path.join(bundle, f["file"])
         if file_sha256(path) != f["sha256"]:
@@ -441,14 +453,15 @@ def verify_bundle(bundle, vkeys):
         content = json.loads(meta[b"pgtrail.segment"])["content"]
         table = None if content == "Messages" else content["Table"]["schema"] + "." + content["Table"]["name"]
         try:
-            got, n = segment_leaves(path, lambda l, s: want.get((l, s), (None, None, None))[2])
+            got, n = segment_leaves(path, lambda l, s: want.get((l, s), (None, None, None, {}))[2],
+                                    lambda l, s: want.get((l, s), (None, None, None, {}))[3])
         except (ValueError, KeyError, OSError, pa.ArrowException) as e:
             problem(f["file"], str(e))
             continue
         if len(got) != n or n != f["rows"]:
             problem(f["file"], "holds %d rows, %d named by the leaves, bundle.json lists %d" % (n, len(got), f["rows"]))
         for r, (l, s, h) in enumerate(got):
-            i, row, _ = want[(l, s)]
+            i, row, _, _ = want[(l, s)]
             if row != r:
                 problem(f["file"], "change %d/%d is row %d, its leaf names row %d" % (l, s, r, row))
             hashes[i] = h
@@ -524,6 +537,8 @@ def main():
     with open(os.path.join(evidence, "manifest.json")) as f:
         manifest = json.load(f)
     epochs = sorted((e["lsn"], e["seq"], bytes.fromhex(e["seed"])) for e in tree["epochs"])
+    redactions = {(r["lsn"], r["seq"]): {int(k): bytes.fromhex(d) for k, d in r["parts"].items()}
+                  for r in tree.get("redactions", [])}
     leaves, rows, owner = [], 0, {}
     segments = sorted(manifest["segments"], key=lambda s: (s["min"], s["file"]))
     for seg in segments:
@@ -536,7 +551,7 @@ def main():
             problem(place, "its SHA-256 differs from the manifest's")
             continue
         try:
-            got, n = segment_leaves(path, epoch_salts(epochs))
+            got, n = segment_leaves(path, epoch_salts(epochs), lambda l, q: redactions.get((l, q), {}))
         except (ValueError, KeyError, OSError, pa.ArrowException) as e:
             problem(place, str(e))
             continue
@@ -572,7 +587,7 @@ def main():
             elif payload.get("system_id", "") != system:
                 problem(place, "its source system %s differs from the earlier watermarks' (%s)"
                         % (payload.get("system_id"), system))
-        elif ev[3] != 3:
+        elif ev[3] not in (3, 5):
             problem(place, "unknown event kind %d" % ev[3])
     order, c, e = [], 0, 0
     for i, start in enumerate(starts):

@@ -565,3 +565,70 @@ pub async fn cosign(args: CosignArgs) -> anyhow::Result<()> {
     std::io::stdout().write_all(cosigned.as_bytes())?;
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct RedactArgs {
+    /// Archive directory (not held by a running capture: stop it first).
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// A change to redact, as `pgtrail sql` shows it (`lsn`, `seq`): `0/1A2B3C4:5`. Repeat for
+    /// several.
+    #[arg(long = "change", required = true)]
+    pub changes: Vec<String>,
+    /// What to erase: any of context, before, after (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = ["context".to_string(), "before".to_string(), "after".to_string()])]
+    pub parts: Vec<String>,
+    /// Why (kept in the redaction's receipt, a leaf of the tree): a ticket, a request number.
+    #[arg(long)]
+    pub reason: String,
+}
+
+/// Erase values of archived changes, keeping the evidence whole.
+pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
+    use pgtrail_store::evidence::redact::{PART_NAMES, plan};
+    let mut keys = Vec::new();
+    for change in &args.changes {
+        let (lsn, seq) = change
+            .rsplit_once(':')
+            .with_context(|| format!("--change {change}: write LSN:SEQ, e.g. 0/1A2B3C4:5"))?;
+        keys.push(pgtrail_store::ChangeKey::new(
+            lsn.parse()
+                .with_context(|| format!("--change: {lsn:?} is not an LSN (like 0/1A2B3C4)"))?,
+            seq.parse()
+                .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
+        ));
+    }
+    let mut parts = Vec::new();
+    for part in &args.parts {
+        let k = PART_NAMES
+            .iter()
+            .position(|p| *p == part.trim())
+            .with_context(|| format!("--parts: {part:?} is not one of context, before, after"))?;
+        parts.push(k as u8);
+    }
+    if args.reason.trim().is_empty() {
+        bail!("--reason must say why (it is kept in the redaction's receipt)");
+    }
+    let archive = args.archive.clone();
+    let reason = args.reason.clone();
+    let redacted = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let planned = plan(&archive, &keys)?;
+        let log = ChangeLog::open(&archive).map_err(|e| match e {
+            LogError::InUse => anyhow::anyhow!(
+                "the archive is held by a running `pgtrail capture`: stop it, redact, and start it again"
+            ),
+            e => anyhow::Error::new(e)
+                .context(format!("cannot open the archive {}", archive.display())),
+        })?;
+        let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+        Ok(compactor.redact(planned, &parts, &reason)?)
+    })
+    .await??;
+    eprintln!(
+        "redact: erased {} of {redacted} changes; their receipts become leaves at the next compaction. \
+         The old segment files are deleted after the retire grace period (run `pgtrail compact`); \
+         backups still hold the values",
+        args.parts.join(", ")
+    );
+    Ok(())
+}

@@ -65,6 +65,9 @@ enum Command {
     /// For auditors and witnesses: verify the archive against a checkpoint and print the
     /// checkpoint cosigned (C2SP cosignature/v1) with your key.
     Cosign(evidence::CosignArgs),
+    /// Erase values of archived changes (the context, before and after images but their key
+    /// columns), keeping the evidence whole: each change's leaf keeps the erased parts' digests.
+    Redact(evidence::RedactArgs),
 }
 
 #[derive(clap::Args)]
@@ -205,6 +208,7 @@ fn main() -> ExitCode {
             Command::Bundle(args) => evidence::bundle(args).await,
             Command::Certify(args) => evidence::certify(args).await,
             Command::Cosign(args) => evidence::cosign(args).await,
+            Command::Redact(args) => evidence::redact(args).await,
         }
     });
     match result {

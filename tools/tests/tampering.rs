@@ -1485,3 +1485,149 @@ fn an_auditor_cosigns_a_checkpoint_and_verify_checks_the_cosignature() {
         "{bad}"
     );
 }
+
+/// `pgtrail redact` erases a person's values from archived changes (their context, before and
+/// after images but the key columns): the values are gone from every answer, the archive still
+/// verifies against the checkpoint signed before the erasure (both verifiers), a bundle over the
+/// redacted changes verifies, and the receipts become leaves at the next compaction.
+#[test]
+fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
+    let python = python_ready();
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("redact").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "redact.key", "pgtrail.test/redact");
+    let archive = dir.join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql("CREATE TABLE people (id int PRIMARY KEY, name text, ssn text)");
+    capture_until_now(cluster, &db, &archive);
+    psql(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, '_bemi', '{\"user\": \"ann-herself\"}');
+         INSERT INTO people VALUES (1, 'ann', 'ssn-111-22'), (2, 'bob', 'ssn-333-44');
+         COMMIT;
+         UPDATE people SET ssn = 'ssn-555-66' WHERE id = 1;
+         UPDATE people SET name = 'robert' WHERE id = 2;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let signed = dir.join("before-redaction.checkpoint");
+    std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
+
+    let ann: Vec<(u64, u32)> = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        "SELECT lsn, seq FROM public.people WHERE coalesce(after['id'], before['id']) = 1 ORDER BY lsn, seq",
+    )
+    .lines()
+    .skip(1)
+    .map(|l| {
+        let (lsn, seq) = l.split_once(',').unwrap();
+        (lsn.parse().unwrap(), seq.parse().unwrap())
+    })
+    .collect();
+    assert_eq!(ann.len(), 2, "ann's insert and update");
+    let mut redact = pgtrail();
+    redact
+        .args(["redact", "--reason", "GDPR request 42", "--archive"])
+        .arg(&archive);
+    for (lsn, seq) in &ann {
+        redact.args(["--change", &format!("{}:{seq}", Lsn(*lsn))]);
+    }
+    let out = redact.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Gone from the history and from the state, with the key and bob's values kept.
+    let history = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        "SELECT op, context, before, after FROM public.people ORDER BY lsn, seq",
+    );
+    // (The context of the transaction stays on bob's change of it: only ann's are redacted.)
+    for secret in ["ssn-111-22", "ssn-555-66", "\"\"ann\"\""] {
+        assert!(
+            !history.contains(secret),
+            "{secret} is still in the history: {history}"
+        );
+    }
+    assert!(
+        history.contains("ssn-333-44") && history.contains("robert"),
+        "{history}"
+    );
+    let state = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        &format!(
+            "SELECT id FROM as_of_lsn('public.people', '{}') ORDER BY id",
+            crate::insert_lsn(cluster, &db)
+        ),
+    );
+    assert_eq!(state, "id\n1\n2\n", "the redacted row is still a row");
+
+    // The evidence is whole: the checkpoint signed before the erasure still verifies.
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+    // A bundle over the redacted changes carries their erased digests.
+    let bundle = dir.join("bundle");
+    let out = pgtrail()
+        .args(["bundle", "--tables", "people", "--archive"])
+        .arg(&archive)
+        .arg("--out")
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, report) = verify_bundle(&bundle, &vkey, python);
+    assert!(ok, "{report}");
+    assert_eq!(report["changes"], 4, "{report}");
+
+    // The receipts are leaves after the next compaction, with the reason.
+    psql("INSERT INTO people VALUES (3, 'cy', 'ssn-777-88')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    let receipts = v.pgtrail["redactions"].as_array().unwrap();
+    assert_eq!(receipts.len(), 2, "{}", v.pgtrail);
+    assert!(
+        receipts
+            .iter()
+            .all(|r| r.as_str().unwrap().contains("GDPR request 42"))
+    );
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+
+    // A change still in the log cannot be redacted yet; it says what to do.
+    psql("UPDATE people SET ssn = 'x' WHERE id = 3");
+    capture_until_now(cluster, &db, &archive);
+    let tail = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        "SELECT lsn, seq FROM public.people WHERE after['ssn'] = 'x'",
+    );
+    let (lsn, seq) = tail.lines().nth(1).unwrap().split_once(',').unwrap();
+    let out = pgtrail()
+        .args(["redact", "--reason", "r", "--archive"])
+        .arg(&archive)
+        .args(["--change", &format!("{}:{seq}", Lsn(lsn.parse().unwrap()))])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pgtrail compact"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

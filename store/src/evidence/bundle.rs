@@ -119,9 +119,10 @@ enum Entry {
         lsn: Lsn,
         seq: u32,
         salts: String,
-        /// Parts redacted (`pgtrail redact`): part number → its digest, hex.
+        /// Parts redacted (`pgtrail redact`): part number (as text: JSON keys are strings) →
+        /// its digest, hex.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-        erased: BTreeMap<u8, String>,
+        erased: BTreeMap<String, String>,
     },
     /// Anything else: its `leaf_data`, base64.
     Leaf { leaf_data: String },
@@ -326,7 +327,7 @@ pub fn bundle_against(
                                     parts
                                         .iter()
                                         .enumerate()
-                                        .filter_map(|(k, d)| d.map(|d| (k as u8, hex(&d))))
+                                        .filter_map(|(k, d)| d.map(|d| (k.to_string(), hex(&d))))
                                         .collect()
                                 })
                                 .unwrap_or_default(),
@@ -724,7 +725,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
                     let mut parts = [None; 4];
                     for (k, digest) in erased {
                         let bytes = decode_hex(digest)?;
-                        *parts.get_mut(*k as usize)? = Some(bytes.try_into().ok()?);
+                        *parts.get_mut(k.parse::<usize>().ok()?)? = Some(bytes.try_into().ok()?);
                     }
                     Some(LeafInputs {
                         salts,

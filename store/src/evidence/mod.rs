@@ -12,6 +12,7 @@ pub mod leaf;
 pub mod merkle;
 pub mod note;
 pub mod prove;
+pub mod redact;
 pub mod signer;
 pub mod spill;
 pub mod state;
