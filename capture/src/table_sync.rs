@@ -79,6 +79,9 @@ pub(crate) struct TableWatch {
     /// DDL points `pgtrail setup`'s trigger noted in the stream (relation, or 0 for any; the
     /// commit point of its transaction), in stream order; kept while a look may date by them.
     ddl_points: Vec<(u32, (Lsn, i64))>,
+    /// Tables whose schema a trigger note carried, recorded by the stream at the note's commit
+    /// (see `SetupNotes::shaped`), kept like `ddl_points`.
+    shaped_points: Vec<(u32, Lsn)>,
     /// The enum types under the tables' column types, as the archive records them.
     enum_types: pgtrail_store::EnumTypes,
     /// The enum types are to be looked up at the next look: the session is new, a layout
@@ -278,6 +281,7 @@ impl TableWatch {
         }
         let noted = !notes.ddl.is_empty();
         self.ddl_points.extend(notes.ddl);
+        self.shaped_points.extend(notes.shaped);
         noted
     }
 
@@ -416,10 +420,28 @@ impl TableWatch {
                 LayoutChange::None => {}
                 // DDL without new storage (a table renamed, a column added without a default
                 // or dropped, SET SCHEMA): no stored value changed, the schema did.
+                //
+                // With `pgtrail setup`'s trigger, the stream records the schema after each
+                // ALTER TABLE at its own commit (the note carries it); a shape read from the
+                // catalog here and recorded at a later fence could be older than one the
+                // stream records in between (DDL committing during this look), and would then
+                // override it. So once the stream has passed this look, a table the trigger
+                // noted a schema for since the previous look is left to those versions; one it
+                // did not note (its function failed, or an older trigger) is recorded here.
                 LayoutChange::Schema => {
-                    held.accept(now.layout.clone());
-                    self.layouts_changed = true;
-                    plan.reshaped.push(*oid);
+                    let shaped = self
+                        .shaped_points
+                        .iter()
+                        .any(|(r, p)| *r == *oid && *p >= unknown_from.0);
+                    if exact_points && !shaped && stream.wal_end < after {
+                        undecided = true;
+                    } else {
+                        held.accept(now.layout.clone());
+                        self.layouts_changed = true;
+                        if !shaped {
+                            plan.reshaped.push(*oid);
+                        }
+                    }
                 }
                 LayoutChange::Rewrite if waiting => {
                     held.deferred = Some(unknown_from);
@@ -488,6 +510,7 @@ impl TableWatch {
             .filter_map(|h| h.deferred.map(|d| d.0))
             .fold(look.0, Lsn::min);
         self.ddl_points.retain(|(_, p)| p.0 >= oldest_needed);
+        self.shaped_points.retain(|(_, p)| *p >= oldest_needed);
         if std::mem::take(&mut self.enums_due) || self.layouts_changed {
             let found = slot::enum_types(sql, &oids).await;
             // Looked up again at the next look if this one failed (then the error ends it).

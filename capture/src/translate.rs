@@ -51,6 +51,9 @@ pub(crate) struct Translator {
 pub(crate) struct SetupNotes {
     /// DDL: (relation, or 0 for any table; its transaction's commit LSN and time).
     pub ddl: Vec<(u32, (Lsn, i64))>,
+    /// The tables whose schema after an `ALTER TABLE` a note carried (and the stream recorded
+    /// as a version at the note's place), with that transaction's commit LSN.
+    pub shaped: Vec<(u32, Lsn)>,
     /// Tables published as they were created: the creating transaction's commit point, and
     /// the table's scope (empty, with its storage layout) from there.
     pub created: Vec<((Lsn, i64), TableScope)>,
@@ -76,12 +79,18 @@ impl Translator {
         if notes.created.is_empty() && (self.in_txn || notes.ddl.is_empty()) {
             return None;
         }
+        let whole = !self.in_txn;
         Some(SetupNotes {
             created: std::mem::take(&mut notes.created),
-            ddl: if self.in_txn {
-                Vec::new()
-            } else {
+            ddl: if whole {
                 std::mem::take(&mut notes.ddl)
+            } else {
+                Vec::new()
+            },
+            shaped: if whole {
+                std::mem::take(&mut notes.shaped)
+            } else {
+                Vec::new()
             },
         })
     }
@@ -144,6 +153,11 @@ impl Translator {
                     match parse_ddl(&content) {
                         Some(ddl) => {
                             self.setup_notes.ddl.push((ddl.relation_id, self.txn_point));
+                            if ddl.relation.is_some() {
+                                self.setup_notes
+                                    .shaped
+                                    .push((ddl.relation_id, self.txn_point.0));
+                            }
                             // A table of the publication's schema after the command, at its
                             // place in the transaction: a new name or column is known from
                             // here, not from the watch's next look (the writer keeps it only
