@@ -637,7 +637,7 @@ impl Compactor {
     /// are gone too.
     pub fn redact(
         &self,
-        plan: Vec<evidence::redact::SegmentPlan>,
+        plan: evidence::redact::RedactPlan,
         parts: &[u8],
         reason: &str,
     ) -> Result<u64, CompactError> {
@@ -649,7 +649,7 @@ impl Compactor {
         self.ensure_dir()?;
         let enums = LogReader::from_db(self.db.as_ref())?.enum_types()?;
         let mut redacted = 0u64;
-        for segment in plan {
+        for segment in plan.segments {
             let old = segment.entry;
             let listed = LogReader::from_db(self.db.as_ref())?
                 .manifest()?
@@ -768,10 +768,34 @@ impl Compactor {
                 let mut meta = wtx.open_table(META)?;
                 meta.insert(META_NEXT_SEGMENT, (id + 1).to_le_bytes().as_slice())?;
                 let mut records = wtx.open_table(evidence::state::REDACTIONS)?;
+                let mut salts_table = wtx.open_table(evidence::state::SALTS)?;
+                let mut epochs_table = wtx.open_table(evidence::state::EPOCHS)?;
+                // The epochs of these changes are sealed (their seeds erased, every change's
+                // salts recorded as the seed gave them), then each redacted part's salt is
+                // zeroed: nothing left in the archive derives it. Sealing gives the same salts,
+                // so it is safe in any commit; zeroing is safe only in the commit that erases
+                // the part's value and records its digest, which is this one.
+                for key in segment.changes.keys() {
+                    let Some((start, Some(seed))) = state.epochs.epoch_of(*key) else {
+                        continue;
+                    };
+                    let seed = *seed;
+                    for member in plan.epochs.get(&start).into_iter().flatten() {
+                        let salts = evidence::leaf::salts(&seed, *member);
+                        salts_table
+                            .insert((member.commit_lsn.0, member.seq), salts.as_flattened())?;
+                    }
+                    epochs_table.insert((start.commit_lsn.0, start.seq), [].as_slice())?;
+                }
                 for (key, digests) in &segment.changes {
                     let k = (key.commit_lsn.0, key.seq);
                     let earlier = state.redactions.get(key).cloned();
                     let record = evidence::redact::record(*key, digests, parts, reason, earlier);
+                    let mut salts = state.epochs.salts_for(*key).unwrap_or([[0; 16]; 4]);
+                    for part in record.parts.keys() {
+                        salts[*part as usize] = [0; 16];
+                    }
+                    salts_table.insert(k, salts.as_flattened())?;
                     let json =
                         serde_json::to_vec(&record).expect("a redaction record is plain data");
                     records.insert(k, json.as_slice())?;

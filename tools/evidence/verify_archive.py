@@ -201,16 +201,6 @@ def header(kind, lsn, seq, xid, at):
     return LEAF_DOMAIN + bytes([kind]) + struct.pack(">QIIq", lsn, seq, xid, at)
 
 
-def seed_for(epochs, lsn, seq):
-    seed = None
-    for (elsn, eseq, s) in epochs:
-        if (elsn, eseq) <= (lsn, seq):
-            seed = s
-        else:
-            break
-    return seed
-
-
 def image_of(table, name):
     if name not in table.column_names:
         return None
@@ -221,12 +211,35 @@ def image_of(table, name):
     }
 
 
-def epoch_salts(epochs):
-    """The salts of a change from its epoch's seed (None before the first epoch)."""
+def epoch_salts(epochs, sealed=None):
+    """The salts of a change from its epoch's seed (None before the first epoch); in a sealed
+    epoch (its seed erased by a redaction: seed None), the salts recorded for the change (zero
+    salts when none are: its leaf then cannot match)."""
+    sealed = sealed or {}
+
     def of(lsn, seq):
-        seed = seed_for(epochs, lsn, seq)
-        return None if seed is None else salts(seed, lsn, seq)
+        started = [e for e in epochs if (e[0], e[1]) <= (lsn, seq)]
+        if not started:
+            return None
+        seed = started[-1][2]
+        if seed is None:
+            return sealed.get((lsn, seq), [bytes(16)] * 4)
+        return salts(seed, lsn, seq)
     return of
+
+
+def read_sealed(evidence, tree):
+    """The recorded salts of every sealed epoch's changes: {(lsn, seq): [salt0..salt3]}."""
+    sealed = {}
+    for e in tree["epochs"]:
+        if e.get("seed") is None:
+            with open(os.path.join(evidence, e["salts"]), "rb") as f:
+                data = f.read()
+            for at in range(0, len(data), 76):
+                lsn, seq = struct.unpack(">QI", data[at:at + 12])
+                raw = data[at + 12:at + 76]
+                sealed[(lsn, seq)] = [raw[0:16], raw[16:32], raw[32:48], raw[48:64]]
+    return sealed
 
 
 def segment_leaves(path, salts_of, erased_of=lambda lsn, seq: {}):
@@ -536,7 +549,9 @@ def main():
         tree = json.load(f)
     with open(os.path.join(evidence, "manifest.json")) as f:
         manifest = json.load(f)
-    epochs = sorted((e["lsn"], e["seq"], bytes.fromhex(e["seed"])) for e in tree["epochs"])
+    epochs = sorted(((e["lsn"], e["seq"], None if e.get("seed") is None else bytes.fromhex(e["seed"]))
+                     for e in tree["epochs"]), key=lambda e: (e[0], e[1]))
+    sealed = read_sealed(evidence, tree)
     redactions = {(r["lsn"], r["seq"]): {int(k): bytes.fromhex(d) for k, d in r["parts"].items()}
                   for r in tree.get("redactions", [])}
     leaves, rows, owner = [], 0, {}
@@ -551,7 +566,7 @@ def main():
             problem(place, "its SHA-256 differs from the manifest's")
             continue
         try:
-            got, n = segment_leaves(path, epoch_salts(epochs), lambda l, q: redactions.get((l, q), {}))
+            got, n = segment_leaves(path, epoch_salts(epochs, sealed), lambda l, q: redactions.get((l, q), {}))
         except (ValueError, KeyError, OSError, pa.ArrowException) as e:
             problem(place, str(e))
             continue

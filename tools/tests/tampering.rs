@@ -1568,6 +1568,38 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     );
     assert_eq!(state, "id\n1\n2\n", "the redacted row is still a row");
 
+    // The salts of the erased parts are gone too: the run's seed is erased, its changes'
+    // salts are recorded one by one, and the redacted parts' are zero.
+    let tree: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(archive.join("evidence/tree.json")).unwrap())
+            .unwrap();
+    let sealed: Vec<&serde_json::Value> = tree["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["seed"].is_null())
+        .collect();
+    assert_eq!(sealed.len(), 1, "one compaction run held ann's changes: {tree}");
+    let salts = std::fs::read(
+        archive
+            .join("evidence")
+            .join(sealed[0]["salts"].as_str().unwrap()),
+    )
+    .unwrap();
+    let mut zeroed = 0;
+    for record in salts.chunks_exact(76) {
+        let lsn = u64::from_be_bytes(record[..8].try_into().unwrap());
+        let seq = u32::from_be_bytes(record[8..12].try_into().unwrap());
+        let parts = &record[12..];
+        if ann.contains(&(lsn, seq)) {
+            assert!(parts.iter().all(|b| *b == 0), "ann's salts are erased");
+            zeroed += 1;
+        } else {
+            assert!(parts.iter().any(|b| *b != 0), "others' salts are kept");
+        }
+    }
+    assert_eq!(zeroed, 2);
+
     // The evidence is whole: the checkpoint signed before the erasure still verifies.
     let v = verify(&archive, &vkey, &[&signed], python);
     assert!(v.pgtrail_ok, "{}", v.pgtrail);

@@ -291,8 +291,8 @@ pub fn bundle_against(
                 in_range
                     .contains_key(&key)
                     .then(|| {
-                        epochs.seed_for(key).map(|s| LeafInputs {
-                            salts: super::leaf::salts(s, key),
+                        epochs.salts_for(key).map(|salts| LeafInputs {
+                            salts,
                             erased: erased.get(&key).copied().unwrap_or([None; 4]),
                         })
                     })
@@ -307,11 +307,10 @@ pub fn bundle_against(
                     KIND_MESSAGE
                 };
                 if scope.takes(kind, key, table.as_deref()) {
-                    let Some(seed) = epochs.seed_for(key) else {
+                    let Some(salts) = epochs.salts_for(key) else {
                         failed = Some((key, "no epoch".to_string()));
                         return;
                     };
-                    let salts = super::leaf::salts(seed, key);
                     keep[row] = true;
                     entries.insert(
                         tree_index,

@@ -83,20 +83,42 @@ pub struct LeafError {
 
 /// The epochs of an archive's tree: each seed applies from its first key up to the next's.
 /// Changes before the first epoch were compacted before the archive kept evidence.
+///
+/// An epoch whose seed was erased (*sealed*, by `pgtrail redact`, so that an erased part's salt
+/// cannot be derived again) has its changes' salts recorded one by one instead, with the
+/// erased parts' salts zeroed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Epochs {
-    starts: Vec<(ChangeKey, Seed)>,
+    starts: Vec<(ChangeKey, Option<Seed>)>,
+    sealed: std::collections::BTreeMap<ChangeKey, Salts>,
 }
 
 impl Epochs {
     /// Epochs from their first keys and seeds, in any order.
-    pub fn new(mut starts: Vec<(ChangeKey, Seed)>) -> Epochs {
-        starts.sort_by_key(|(k, _)| *k);
-        Epochs { starts }
+    pub fn new(starts: Vec<(ChangeKey, Seed)>) -> Epochs {
+        Epochs::with_sealed(
+            starts.into_iter().map(|(k, s)| (k, Some(s))).collect(),
+            Default::default(),
+        )
     }
 
-    pub fn starts(&self) -> &[(ChangeKey, Seed)] {
+    /// Epochs some of which are sealed (no seed), with the recorded salts of their changes.
+    pub fn with_sealed(
+        mut starts: Vec<(ChangeKey, Option<Seed>)>,
+        sealed: std::collections::BTreeMap<ChangeKey, Salts>,
+    ) -> Epochs {
+        starts.sort_by_key(|(k, _)| *k);
+        Epochs { starts, sealed }
+    }
+
+    /// Each epoch's first key and seed (`None`: sealed).
+    pub fn starts(&self) -> &[(ChangeKey, Option<Seed>)] {
         &self.starts
+    }
+
+    /// The recorded salts of the sealed epochs' changes.
+    pub fn sealed(&self) -> &std::collections::BTreeMap<ChangeKey, Salts> {
+        &self.sealed
     }
 
     /// The first key the tree covers, if any epoch began.
@@ -104,10 +126,22 @@ impl Epochs {
         self.starts.first().map(|(k, _)| *k)
     }
 
-    /// The seed of the epoch `key` belongs to (None before the first epoch).
-    pub fn seed_for(&self, key: ChangeKey) -> Option<&Seed> {
+    /// The epoch `key` belongs to: its first key and seed (None before the first epoch).
+    pub fn epoch_of(&self, key: ChangeKey) -> Option<(ChangeKey, Option<&Seed>)> {
         let i = self.starts.partition_point(|(k, _)| *k <= key);
-        i.checked_sub(1).map(|i| &self.starts[i].1)
+        i.checked_sub(1)
+            .map(|i| (self.starts[i].0, self.starts[i].1.as_ref()))
+    }
+
+    /// The salts of the change at `key` (None before the first epoch). In a sealed epoch, a
+    /// change with no recorded salts gets zero salts: its leaf then cannot match the tree (a
+    /// row added to a sealed epoch is caught like any other), rather than pass for a change
+    /// from before the archive kept evidence.
+    pub fn salts_for(&self, key: ChangeKey) -> Option<Salts> {
+        match self.epoch_of(key)? {
+            (_, Some(seed)) => Some(salts(seed, key)),
+            (_, None) => Some(self.sealed.get(&key).copied().unwrap_or([[0; 16]; 4])),
+        }
     }
 }
 
@@ -570,8 +604,8 @@ fn epoch_inputs<'a>(
     redactions: &'a Redactions,
 ) -> impl Fn(ChangeKey) -> Option<LeafInputs> + 'a {
     move |key| {
-        epochs.seed_for(key).map(|seed| LeafInputs {
-            salts: salts(seed, key),
+        epochs.salts_for(key).map(|salts| LeafInputs {
+            salts,
             erased: redactions.get(&key).copied().unwrap_or([None; 4]),
         })
     }
@@ -768,11 +802,22 @@ mod tests {
     fn a_change_takes_the_seed_of_the_last_epoch_begun_at_or_before_it() {
         let epochs = Epochs::new(vec![(key(200, 0), [2; 32]), (key(100, 3), [1; 32])]);
         assert_eq!(epochs.first_key(), Some(key(100, 3)));
-        assert_eq!(epochs.seed_for(key(100, 2)), None, "before evidence");
-        assert_eq!(epochs.seed_for(key(100, 3)), Some(&[1; 32]));
-        assert_eq!(epochs.seed_for(key(199, u32::MAX)), Some(&[1; 32]));
-        assert_eq!(epochs.seed_for(key(200, 0)), Some(&[2; 32]));
-        assert_eq!(epochs.seed_for(key(u64::MAX, 0)), Some(&[2; 32]));
+        let seed_of = |k| epochs.epoch_of(k).and_then(|(_, s)| s.copied());
+        assert_eq!(epochs.epoch_of(key(100, 2)), None, "before evidence");
+        assert_eq!(seed_of(key(100, 3)), Some([1; 32]));
+        assert_eq!(seed_of(key(199, u32::MAX)), Some([1; 32]));
+        assert_eq!(seed_of(key(200, 0)), Some([2; 32]));
+        assert_eq!(seed_of(key(u64::MAX, 0)), Some([2; 32]));
+        assert_eq!(epochs.salts_for(key(200, 0)), Some(salts(&[2; 32], key(200, 0))));
+        // Sealed: recorded salts, and zero salts for a change with none recorded.
+        let recorded = [[7; 16]; 4];
+        let sealed = Epochs::with_sealed(
+            vec![(key(100, 3), None), (key(200, 0), Some([2; 32]))],
+            [(key(150, 1), recorded)].into_iter().collect(),
+        );
+        assert_eq!(sealed.salts_for(key(150, 1)), Some(recorded));
+        assert_eq!(sealed.salts_for(key(150, 2)), Some([[0; 16]; 4]));
+        assert_eq!(sealed.salts_for(key(100, 2)), None);
     }
 
     #[test]

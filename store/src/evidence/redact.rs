@@ -65,10 +65,19 @@ pub enum RedactError {
     NoParts,
 }
 
+/// What a redaction is to do: the segments to rewrite, and the keys of every change of each
+/// epoch a redacted change belongs to (the epoch is sealed: its seed erased, its changes'
+/// salts recorded one by one, so an erased part's salt cannot be derived again).
+#[derive(Debug, Clone)]
+pub struct RedactPlan {
+    pub segments: Vec<SegmentPlan>,
+    pub epochs: BTreeMap<ChangeKey, Vec<ChangeKey>>,
+}
+
 /// Verify the archive in `dir` and find, for each change of `keys`, its segment and its parts'
 /// digests now. Read-only: the archive may be held by nobody else only when the plan is carried
 /// out (see [`crate::Compactor::redact`]).
-pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<Vec<SegmentPlan>, RedactError> {
+pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
     let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
     if let Some(p) = collected.report.problems.first() {
         return Err(RedactError::Unverified(format!("{}: {}", p.place, p.what)));
@@ -104,8 +113,8 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<Vec<SegmentPlan>, RedactEr
             let inputs_of = |key: ChangeKey| {
                 keys.contains(&key)
                     .then(|| {
-                        collected.epochs.seed_for(key).map(|seed| LeafInputs {
-                            salts: super::leaf::salts(seed, key),
+                        collected.epochs.salts_for(key).map(|salts| LeafInputs {
+                            salts,
                             erased: collected.erased.get(&key).copied().unwrap_or([None; 4]),
                         })
                     })
@@ -122,7 +131,31 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<Vec<SegmentPlan>, RedactEr
             leaves,
         });
     }
-    Ok(plans)
+    let mut epochs = BTreeMap::new();
+    let starts = collected.epochs.starts();
+    for key in keys {
+        let Some((start, _)) = collected.epochs.epoch_of(*key) else {
+            return Err(RedactError::NotInTree(*key));
+        };
+        if epochs.contains_key(&start) {
+            continue;
+        }
+        let end = starts
+            .iter()
+            .map(|(k, _)| *k)
+            .find(|k| *k > start);
+        let members: Vec<ChangeKey> = collected
+            .leaves
+            .iter()
+            .map(|(l, _)| l.key)
+            .filter(|k| *k >= start && end.is_none_or(|e| *k < e))
+            .collect();
+        epochs.insert(start, members);
+    }
+    Ok(RedactPlan {
+        segments: plans,
+        epochs,
+    })
 }
 
 /// The record of a redaction of `parts` of a change whose parts' digests are `digests`, merged

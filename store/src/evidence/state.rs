@@ -45,6 +45,10 @@ pub(crate) const LEAFED_GAPS: TableDefinition<u64, &str> =
 /// digest from here; its receipt becomes a leaf at the next compaction.
 pub(crate) const REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_redactions");
+/// The salts of the changes of sealed epochs (an epoch's seed erased by a redaction): the
+/// change's key → its four salts (64 bytes), an erased part's zeroed.
+pub(crate) const SALTS: TableDefinition<(u64, u32), &[u8]> =
+    TableDefinition::new("evidence_salts");
 /// The redactions whose receipt is a leaf already.
 pub(crate) const LEAFED_REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_leafed_redactions");
@@ -168,11 +172,34 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
             for entry in t.iter()? {
                 let (k, v) = entry?;
                 let (lsn, seq) = k.value();
-                let seed: Seed = v
-                    .value()
-                    .try_into()
-                    .map_err(|_| corrupt("evidence epoch", "its seed is not 32 bytes"))?;
+                // An empty value: the epoch is sealed, its seed erased (see `SALTS`).
+                let seed: Option<Seed> = match v.value() {
+                    [] => None,
+                    bytes => Some(bytes.try_into().map_err(|_| {
+                        corrupt("evidence epoch", "its seed is not 32 bytes")
+                    })?),
+                };
                 starts.push((ChangeKey::new(Lsn(lsn), seq), seed));
+            }
+        }
+        Err(redb::TableError::TableDoesNotExist(_)) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let mut sealed = std::collections::BTreeMap::new();
+    match rtx.open_table(SALTS) {
+        Ok(t) => {
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let (lsn, seq) = k.value();
+                let bytes = v.value();
+                if bytes.len() != 64 {
+                    return Err(corrupt("evidence salts", "a change's salts are not 64 bytes"));
+                }
+                let mut salts = [[0u8; 16]; 4];
+                for (j, chunk) in bytes.chunks_exact(16).enumerate() {
+                    salts[j].copy_from_slice(chunk);
+                }
+                sealed.insert(ChangeKey::new(Lsn(lsn), seq), salts);
             }
         }
         Err(redb::TableError::TableDoesNotExist(_)) => {}
@@ -199,7 +226,7 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         Err(e) => return Err(e.into()),
     }
     Ok(EvidenceState {
-        epochs: Epochs::new(starts),
+        epochs: Epochs::with_sealed(starts, sealed),
         frontier,
         events,
         redactions,
@@ -348,6 +375,11 @@ fn append_events(
     Ok(frontier)
 }
 
+/// The file (under `evidence/`) holding the salts of the sealed epoch beginning at `start`.
+pub fn sealed_file(start: ChangeKey) -> String {
+    format!("salts/{:016x}-{:08x}.bin", start.commit_lsn.0, start.seq)
+}
+
 /// What [`publish`] did.
 #[derive(Clone, Debug, Default)]
 pub struct Published {
@@ -446,11 +478,19 @@ pub fn publish(
         "format": EVIDENCE_FILES_FORMAT,
         "size": state.frontier.size(),
         "root": BASE64.encode(root),
-        "epochs": state.epochs.starts().iter().map(|(k, seed)| serde_json::json!({
-            "lsn": k.commit_lsn.0,
-            "seq": k.seq,
-            "seed": hex(seed),
-        })).collect::<Vec<_>>(),
+        "epochs": state.epochs.starts().iter().map(|(k, seed)| match seed {
+            Some(seed) => serde_json::json!({
+                "lsn": k.commit_lsn.0,
+                "seq": k.seq,
+                "seed": hex(seed),
+            }),
+            None => serde_json::json!({
+                "lsn": k.commit_lsn.0,
+                "seq": k.seq,
+                "seed": null,
+                "salts": sealed_file(*k),
+            }),
+        }).collect::<Vec<_>>(),
         "events": state.events.iter().map(|e| serde_json::json!({
             "lsn": e.epoch.commit_lsn.0,
             "seq": e.epoch.seq,
@@ -465,6 +505,27 @@ pub fn publish(
         })).collect::<Vec<_>>(),
     });
     write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;
+    // Each sealed epoch's salts, one file each: `u64 lsn ‖ u32 seq ‖ 64 bytes` a change.
+    let starts = state.epochs.starts();
+    for (i, (start, seed)) in starts.iter().enumerate() {
+        if seed.is_some() {
+            continue;
+        }
+        let end = starts.get(i + 1).map(|(k, _)| *k);
+        let mut bytes = Vec::new();
+        for (key, salts) in state
+            .epochs
+            .sealed()
+            .range(*start..)
+            .take_while(|(k, _)| end.is_none_or(|e| **k < e))
+        {
+            bytes.extend_from_slice(&key.commit_lsn.0.to_be_bytes());
+            bytes.extend_from_slice(&key.seq.to_be_bytes());
+            bytes.extend_from_slice(salts.as_flattened());
+        }
+        create_private_dir(&dir.join("salts"))?;
+        write_atomically(&dir.join(sealed_file(*start)), &bytes)?;
+    }
     let segments = serde_json::json!({
         "format": EVIDENCE_FILES_FORMAT,
         "segments": manifest.segments.iter().map(|s| serde_json::json!({
