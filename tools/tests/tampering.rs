@@ -1579,7 +1579,11 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
         .iter()
         .filter(|e| e["seed"].is_null())
         .collect();
-    assert_eq!(sealed.len(), 1, "one compaction run held ann's changes: {tree}");
+    assert_eq!(
+        sealed.len(),
+        1,
+        "one compaction run held ann's changes: {tree}"
+    );
     let salts = std::fs::read(
         archive
             .join("evidence")

@@ -808,7 +808,10 @@ mod tests {
         assert_eq!(seed_of(key(199, u32::MAX)), Some([1; 32]));
         assert_eq!(seed_of(key(200, 0)), Some([2; 32]));
         assert_eq!(seed_of(key(u64::MAX, 0)), Some([2; 32]));
-        assert_eq!(epochs.salts_for(key(200, 0)), Some(salts(&[2; 32], key(200, 0))));
+        assert_eq!(
+            epochs.salts_for(key(200, 0)),
+            Some(salts(&[2; 32], key(200, 0)))
+        );
         // Sealed: recorded salts, and zero salts for a change with none recorded.
         let recorded = [[7; 16]; 4];
         let sealed = Epochs::with_sealed(

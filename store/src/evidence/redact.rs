@@ -140,10 +140,7 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
         if epochs.contains_key(&start) {
             continue;
         }
-        let end = starts
-            .iter()
-            .map(|(k, _)| *k)
-            .find(|k| *k > start);
+        let end = starts.iter().map(|(k, _)| *k).find(|k| *k > start);
         let members: Vec<ChangeKey> = collected
             .leaves
             .iter()

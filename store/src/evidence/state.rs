@@ -47,8 +47,7 @@ pub(crate) const REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_redactions");
 /// The salts of the changes of sealed epochs (an epoch's seed erased by a redaction): the
 /// change's key → its four salts (64 bytes), an erased part's zeroed.
-pub(crate) const SALTS: TableDefinition<(u64, u32), &[u8]> =
-    TableDefinition::new("evidence_salts");
+pub(crate) const SALTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("evidence_salts");
 /// The redactions whose receipt is a leaf already.
 pub(crate) const LEAFED_REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_leafed_redactions");
@@ -175,9 +174,11 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
                 // An empty value: the epoch is sealed, its seed erased (see `SALTS`).
                 let seed: Option<Seed> = match v.value() {
                     [] => None,
-                    bytes => Some(bytes.try_into().map_err(|_| {
-                        corrupt("evidence epoch", "its seed is not 32 bytes")
-                    })?),
+                    bytes => Some(
+                        bytes
+                            .try_into()
+                            .map_err(|_| corrupt("evidence epoch", "its seed is not 32 bytes"))?,
+                    ),
                 };
                 starts.push((ChangeKey::new(Lsn(lsn), seq), seed));
             }
@@ -193,7 +194,10 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
                 let (lsn, seq) = k.value();
                 let bytes = v.value();
                 if bytes.len() != 64 {
-                    return Err(corrupt("evidence salts", "a change's salts are not 64 bytes"));
+                    return Err(corrupt(
+                        "evidence salts",
+                        "a change's salts are not 64 bytes",
+                    ));
                 }
                 let mut salts = [[0u8; 16]; 4];
                 for (j, chunk) in bytes.chunks_exact(16).enumerate() {
