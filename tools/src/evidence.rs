@@ -115,16 +115,7 @@ pub async fn prove(args: ProveArgs) -> anyhow::Result<()> {
         std::io::stdout().write_all(proof.as_bytes())?;
         return Ok(());
     }
-    let change = args.change.clone().unwrap_or_default();
-    let (lsn, seq) = change
-        .rsplit_once(':')
-        .context("--change is LSN:SEQ, e.g. 0/1A2B3C4:5")?;
-    let key = pgtrail_store::ChangeKey::new(
-        lsn.parse()
-            .with_context(|| format!("--change: {lsn:?} is not an LSN (like 0/1A2B3C4)"))?,
-        seq.parse()
-            .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
-    );
+    let key = parse_change(args.change.as_deref().unwrap_or_default())?;
     let archive = args.archive.clone();
     let proof = tokio::task::spawn_blocking(move || {
         pgtrail_store::evidence::prove::prove(&archive, key, &note)
@@ -246,6 +237,19 @@ pub async fn bundle(args: BundleArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// A change as `--change` names it: its commit LSN and position, `LSN:SEQ`.
+fn parse_change(change: &str) -> anyhow::Result<pgtrail_store::ChangeKey> {
+    let (lsn, seq) = change
+        .rsplit_once(':')
+        .with_context(|| format!("--change {change:?}: write LSN:SEQ, e.g. 0/1A2B3C4:5"))?;
+    Ok(pgtrail_store::ChangeKey::new(
+        lsn.parse()
+            .with_context(|| format!("--change: {lsn:?} is not an LSN (like 0/1A2B3C4)"))?,
+        seq.parse()
+            .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
+    ))
 }
 
 #[derive(clap::Args)]
@@ -586,18 +590,11 @@ pub struct RedactArgs {
 /// Erase values of archived changes, keeping the evidence whole.
 pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
     use pgtrail_store::evidence::redact::{PART_NAMES, plan};
-    let mut keys = Vec::new();
-    for change in &args.changes {
-        let (lsn, seq) = change
-            .rsplit_once(':')
-            .with_context(|| format!("--change {change}: write LSN:SEQ, e.g. 0/1A2B3C4:5"))?;
-        keys.push(pgtrail_store::ChangeKey::new(
-            lsn.parse()
-                .with_context(|| format!("--change: {lsn:?} is not an LSN (like 0/1A2B3C4)"))?,
-            seq.parse()
-                .with_context(|| format!("--change: {seq:?} is not a position (a number)"))?,
-        ));
-    }
+    let keys = args
+        .changes
+        .iter()
+        .map(|c| parse_change(c))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut parts = Vec::new();
     for part in &args.parts {
         let k = PART_NAMES

@@ -933,6 +933,24 @@ fn verify_bundle(bundle: &Path, vkey: &str, python: bool) -> (bool, serde_json::
     (ok, json)
 }
 
+/// `pgtrail bundle` of `archive` with the scope `scope` into `out`, which must succeed.
+fn write_bundle(archive: &Path, scope: &[&str], out: &Path) {
+    let run = pgtrail()
+        .arg("bundle")
+        .args(scope)
+        .arg("--archive")
+        .arg(archive)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+}
+
 /// A copy of the bundle at `from`, for one tampering case.
 fn copy_bundle(from: &Path, to: &Path) {
     let status = Command::new("cp")
@@ -999,26 +1017,10 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
     checkpoint(&archive, &key);
 
     let bundle = dir.join("bundle");
-    let out = pgtrail()
-        .args([
-            "bundle",
-            "--tables",
-            "a",
-            "--from",
-            &from,
-            "--to",
-            &to,
-            "--archive",
-        ])
-        .arg(&archive)
-        .arg("--out")
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    write_bundle(
+        &archive,
+        &["--tables", "a", "--from", &from, "--to", &to],
+        &bundle,
     );
     let (ok, report) = verify_bundle(&bundle, &vkey, python);
     assert!(ok, "{report}");
@@ -1612,18 +1614,7 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     }
     // A bundle over the redacted changes carries their erased digests.
     let bundle = dir.join("bundle");
-    let out = pgtrail()
-        .args(["bundle", "--tables", "people", "--archive"])
-        .arg(&archive)
-        .arg("--out")
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    write_bundle(&archive, &["--tables", "people"], &bundle);
     let (ok, report) = verify_bundle(&bundle, &vkey, python);
     assert!(ok, "{report}");
     assert_eq!(report["changes"], 4, "{report}");

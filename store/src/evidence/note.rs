@@ -296,16 +296,7 @@ impl WitnessKey {
     pub fn cosigned(&self, note: &str) -> Result<Option<u64>, NoteError> {
         let (text, signatures) = split_note(note)?;
         let public = UnparsedPublicKey::new(&ED25519, &self.public);
-        for line in signatures.lines() {
-            let Some((name, signature)) = line
-                .strip_prefix("— ")
-                .and_then(|rest| rest.split_once(' '))
-            else {
-                continue;
-            };
-            let Ok(bytes) = BASE64.decode(signature) else {
-                continue;
-            };
+        for (name, bytes) in signature_lines(signatures)? {
             if name != self.name || bytes.len() != 4 + 8 + 64 || bytes[..4] != self.id {
                 continue;
             }
@@ -365,26 +356,8 @@ impl VerifierKey {
     /// of other keys (an auditor's cosignature, say) are passed over, as the spec says.
     pub fn open<'a>(&self, note: &'a str) -> Result<&'a str, NoteError> {
         let (text, signatures) = split_note(note)?;
-        if !signatures.ends_with('\n') {
-            return Err(NoteError::Malformed(
-                "its last signature line does not end in a newline".into(),
-            ));
-        }
         let public = UnparsedPublicKey::new(&ED25519, &self.public);
-        for line in signatures.lines() {
-            let Some((name, signature)) = line
-                .strip_prefix("— ")
-                .and_then(|rest| rest.split_once(' '))
-            else {
-                return Err(NoteError::Malformed(format!(
-                    "not a signature line: {line:?}"
-                )));
-            };
-            let Ok(signature) = BASE64.decode(signature) else {
-                return Err(NoteError::Malformed(format!(
-                    "a signature that is not base64: {line:?}"
-                )));
-            };
+        for (name, signature) in signature_lines(signatures)? {
             if name == self.name
                 && signature.len() == 68
                 && signature[..4] == self.id
@@ -399,6 +372,28 @@ impl VerifierKey {
             hex(&self.id)
         )))
     }
+}
+
+/// A note's signature lines: each `— NAME BASE64` as the name and the decoded bytes.
+fn signature_lines(signatures: &str) -> Result<Vec<(&str, Vec<u8>)>, NoteError> {
+    if !signatures.ends_with('\n') {
+        return Err(NoteError::Malformed(
+            "its last signature line does not end in a newline".into(),
+        ));
+    }
+    signatures
+        .lines()
+        .map(|line| {
+            let (name, signature) = line
+                .strip_prefix("— ")
+                .and_then(|rest| rest.split_once(' '))
+                .ok_or_else(|| NoteError::Malformed(format!("not a signature line: {line:?}")))?;
+            let bytes = BASE64.decode(signature).map_err(|_| {
+                NoteError::Malformed(format!("a signature that is not base64: {line:?}"))
+            })?;
+            Ok((name, bytes))
+        })
+        .collect()
 }
 
 /// A note's text (checked to be lines) and its signature lines, split at the blank line.
