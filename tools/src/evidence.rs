@@ -447,15 +447,7 @@ async fn verify_bundle(dir: PathBuf, keys: Vec<VerifierKey>, json: bool) -> anyh
                 "NOT checked"
             },
         );
-        for gap in &r.gaps {
-            out.push_str(&format!("  gap recorded by the capture: {gap}\n"));
-        }
-        for w in &r.warnings {
-            out.push_str(&format!("  warning: {w}\n"));
-        }
-        for p in &r.problems {
-            out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
-        }
+        findings(&mut out, &r.gaps, &r.warnings, &r.problems);
         print!("{out}");
     }
     if !r.ok {
@@ -513,16 +505,26 @@ fn print_report(r: &VerifyReport) {
             r.witnessed_size
         ));
     }
-    for gap in &r.gaps {
+    findings(&mut out, &r.gaps, &r.warnings, &r.problems);
+    print!("{out}");
+}
+
+/// The gaps, warnings and problems of a report, a line each, for people.
+fn findings(
+    out: &mut String,
+    gaps: &[String],
+    warnings: &[String],
+    problems: &[pgtrail_store::evidence::verify::Problem],
+) {
+    for gap in gaps {
         out.push_str(&format!("  gap recorded by the capture: {gap}\n"));
     }
-    for w in &r.warnings {
+    for w in warnings {
         out.push_str(&format!("  warning: {w}\n"));
     }
-    for p in &r.problems {
+    for p in problems {
         out.push_str(&format!("  PROBLEM: {}: {}\n", p.place, p.what));
     }
-    print!("{out}");
 }
 
 #[derive(clap::Args)]
