@@ -1099,6 +1099,106 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         ],
         "127.0.0.1",
     );
+    // The evidence commands, given what an auditor or operator can get wrong; each is refused
+    // before it writes anything (the archive is verified at the end).
+    let archive = h.archive.display().to_string();
+    let missing = h.work.join("no-such-file").display().to_string();
+    let junk = h.work.join("junk.txt");
+    let _ = std::fs::write(&junk, "not a note\n");
+    let junk = junk.display().to_string();
+    let arg = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
+    case(
+        "a bundle directory that does not exist",
+        &|| Some(String::new()),
+        arg(&["verify", "--bundle", &missing]),
+        "cannot read the bundle",
+    );
+    case(
+        "a bundle scope that ends before it begins",
+        &|| Some(String::new()),
+        arg(&[
+            "bundle",
+            "--archive",
+            &archive,
+            "--from",
+            "5/0",
+            "--to",
+            "1/0",
+            "--out",
+            &missing,
+        ]),
+        "is after --to",
+    );
+    case(
+        "a change to redact that is not LSN:SEQ",
+        &|| Some(String::new()),
+        arg(&[
+            "redact",
+            "--archive",
+            &archive,
+            "--change",
+            "yesterday",
+            "--reason",
+            "r",
+        ]),
+        "LSN:SEQ",
+    );
+    case(
+        "a change to redact that the archive does not hold",
+        &|| Some(String::new()),
+        arg(&[
+            "redact",
+            "--archive",
+            &archive,
+            "--change",
+            "0/1:0",
+            "--reason",
+            "r",
+        ]),
+        "not in the evidence tree",
+    );
+    case(
+        "a verifier key that is not one",
+        &|| Some(String::new()),
+        arg(&[
+            "verify",
+            "--archive",
+            &archive,
+            "--certificate",
+            &junk,
+            "--key",
+            "nonsense",
+        ]),
+        "neither a verifier key nor a readable file",
+    );
+    case(
+        "a cosigner key file that does not exist",
+        &|| Some(String::new()),
+        arg(&[
+            "cosign",
+            "--archive",
+            &archive,
+            "--checkpoint",
+            &junk,
+            "--log-key",
+            "x",
+            "--key",
+            &missing,
+        ]),
+        "--key",
+    );
+    case(
+        "an older checkpoint that cannot be read",
+        &|| Some(String::new()),
+        arg(&[
+            "prove",
+            "--archive",
+            &archive,
+            "--consistency-from",
+            &missing,
+        ]),
+        "cannot read the checkpoint",
+    );
     if unreachable.contains("secret-password") {
         v.bad_inputs_failed += 1;
         v.problems
