@@ -14,6 +14,7 @@ bundle "ok: bundle of C changes in scope, ...") and exits 0, or "FAIL: PLACE: WH
 problem and exits 1.
 """
 import base64
+import bisect
 import decimal
 import hashlib
 import json
@@ -217,11 +218,13 @@ def epoch_salts(epochs, sealed=None):
     salts when none are: its leaf then cannot match)."""
     sealed = sealed or {}
 
+    starts = [(e[0], e[1]) for e in epochs]
+
     def of(lsn, seq):
-        started = [e for e in epochs if (e[0], e[1]) <= (lsn, seq)]
-        if not started:
+        i = bisect.bisect_right(starts, (lsn, seq))
+        if i == 0:
             return None
-        seed = started[-1][2]
+        seed = epochs[i - 1][2]
         if seed is None:
             return sealed.get((lsn, seq), [bytes(16)] * 4)
         return salts(seed, lsn, seq)

@@ -284,6 +284,8 @@ pub fn bundle_against(
         for batch in reader {
             let batch = batch?;
             let mut keep = vec![false; batch.num_rows()];
+            // Rows are visited in order: the next kept row's place in the bundle's file.
+            let mut next_row = rows_written;
             let mut failed = None;
             let epochs = &collected.epochs;
             let erased = &collected.erased;
@@ -312,11 +314,13 @@ pub fn bundle_against(
                         return;
                     };
                     keep[row] = true;
+                    next_row += 1;
+                    let row = next_row - 1;
                     entries.insert(
                         tree_index,
                         Entry::Row {
                             file: file_no,
-                            row: rows_written + keep[..row].iter().filter(|k| **k).count() as u64,
+                            row,
                             lsn: key.commit_lsn,
                             seq: key.seq,
                             salts: hex(salts.as_flattened()),

@@ -108,10 +108,12 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
         let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)?;
         let content = reader.content().clone();
         let mut changes = BTreeMap::new();
+        let wanted: std::collections::BTreeSet<ChangeKey> = keys.iter().copied().collect();
         for batch in reader {
             let batch = batch?;
             let inputs_of = |key: ChangeKey| {
-                keys.contains(&key)
+                wanted
+                    .contains(&key)
                     .then(|| {
                         collected.epochs.salts_for(key).map(|salts| LeafInputs {
                             salts,
@@ -141,11 +143,14 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
             continue;
         }
         let end = starts.iter().map(|(k, _)| *k).find(|k| *k > start);
-        let members: Vec<ChangeKey> = collected
-            .leaves
+        // The leaves are in key order: the epoch's are one slice of them.
+        let first = collected.leaves.partition_point(|(l, _)| l.key < start);
+        let last = end.map_or(collected.leaves.len(), |e| {
+            collected.leaves.partition_point(|(l, _)| l.key < e)
+        });
+        let members: Vec<ChangeKey> = collected.leaves[first..last]
             .iter()
             .map(|(l, _)| l.key)
-            .filter(|k| *k >= start && end.is_none_or(|e| *k < e))
             .collect();
         epochs.insert(start, members);
     }
