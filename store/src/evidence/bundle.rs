@@ -142,6 +142,12 @@ pub enum BundleError {
     NoCheckpoint,
     #[error("the archive's checkpoint does not match its tree ({0}); run `pgtrail verify`")]
     Checkpoint(String),
+    #[error("{0} (a pgtrail bug: please report it)")]
+    Bug(String),
+    #[error("{0}")]
+    Key(String),
+    #[error(transparent)]
+    Sign(#[from] super::note::NoteError),
     #[error("no change of the tree the checkpoint attests is in the scope: nothing to bundle")]
     Empty,
     #[error("{path} exists: give --out a directory that does not exist yet")]
@@ -381,13 +387,13 @@ pub fn bundle_against(
         }
     }
     if entries.len() as u64 != count {
-        return Err(BundleError::Checkpoint(format!(
+        return Err(BundleError::Bug(format!(
             "{} of the range's {count} leaves were found in the segments",
             entries.len()
         )));
     }
     let proof = range_proof(hashes, first, count)
-        .ok_or_else(|| BundleError::Checkpoint("no range proof".into()))?;
+        .ok_or_else(|| BundleError::Bug("no range proof for a range inside the tree".into()))?;
     let description = Description {
         format: BUNDLE_FORMAT.into(),
         scope: scope.clone(),
@@ -420,8 +426,8 @@ pub fn bundle_against(
     // Checked before it is handed over, as `prove` does with a proof.
     let report = verify_bundle(out, &[])?;
     if let Some(p) = report.problems.first() {
-        return Err(BundleError::Checkpoint(format!(
-            "the bundle written does not verify ({}: {}); a pgtrail bug: please report it",
+        return Err(BundleError::Bug(format!(
+            "the bundle written does not verify ({}: {})",
             p.place, p.what
         )));
     }

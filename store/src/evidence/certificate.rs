@@ -151,8 +151,8 @@ fn covered(dir: &Path, scope: &Scope, note: &str) -> Result<Coverage, BundleErro
     let _ = std::fs::remove_dir_all(&scratch);
     let report = result?;
     if let Some(p) = report.problems.first() {
-        return Err(BundleError::Checkpoint(format!(
-            "the scope's bundle does not verify ({}: {}); a pgtrail bug: please report it",
+        return Err(BundleError::Bug(format!(
+            "the scope's bundle does not verify ({}: {})",
             p.place, p.what
         )));
     }
@@ -167,15 +167,14 @@ pub fn certify(dir: &Path, scope: &Scope, key: &Signer) -> Result<String, Bundle
     let checkpoint = Checkpoint::in_note_unverified(&note)
         .map_err(|e| BundleError::Checkpoint(e.to_string()))?;
     if checkpoint.origin != key.name() {
-        return Err(BundleError::Checkpoint(format!(
+        return Err(BundleError::Key(format!(
             "the archive's checkpoints are of origin {:?}, the key is {:?}: sign with the key that signs them",
             checkpoint.origin,
             key.name()
         )));
     }
     let coverage = covered(dir, scope, &note)?;
-    key.sign(&coverage.text())
-        .map_err(|e| BundleError::Checkpoint(e.to_string()))
+    Ok(key.sign(&coverage.text())?)
 }
 
 /// What checking a certificate found.
