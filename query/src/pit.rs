@@ -18,7 +18,8 @@ use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableP
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Expr;
-use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder};
+use pgtrail_store::segment::key_index::{self, KeyIndexProblem, KeyPart};
+use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder, segment_schema};
 use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, RelationVersion, Row};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
@@ -500,23 +501,41 @@ fn row_history_columnar(
             continue;
         };
         let path = archive.segment_path(seg);
-        let mut rows = Vec::new();
-        let mut first = 0;
-        for batch in open_segment_projected(
-            &path,
-            &seg.sha256,
-            8192,
-            Bounds::default(),
-            Some(&key_columns),
-        )? {
-            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            rows.extend(
-                matching(&batch, Some(version))?
-                    .into_iter()
-                    .map(|r| first + r),
-            );
-            first += batch.num_rows();
-        }
+        // The key index names the rows that may hold the key (its hash); they are read and
+        // compared with the key below like the scan's. Without a usable index, the key fields
+        // of every change are read to find them.
+        let indexed = match indexed_rows(&path, &seg.sha256, version, &values) {
+            Ok(rows) => rows,
+            Err(problem) => {
+                if let KeyIndexProblem::Invalid { .. } = problem {
+                    tracing::warn!(%problem, "reading the segment's keys instead of its key index");
+                }
+                None
+            }
+        };
+        let rows = match indexed {
+            Some(rows) => rows,
+            None => {
+                let mut rows = Vec::new();
+                let mut first = 0;
+                for batch in open_segment_projected(
+                    &path,
+                    &seg.sha256,
+                    8192,
+                    Bounds::default(),
+                    Some(&key_columns),
+                )? {
+                    let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    rows.extend(
+                        matching(&batch, Some(version))?
+                            .into_iter()
+                            .map(|r| first + r),
+                    );
+                    first += batch.num_rows();
+                }
+                rows
+            }
+        };
         if rows.is_empty() {
             continue;
         }
@@ -531,7 +550,14 @@ fn row_history_columnar(
         )? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
             found += batch.num_rows();
-            out.push(adapt(&batch, version, &schema)?);
+            // Rows found through the index may share only the key's hash.
+            let keep = matching(&batch, Some(version))?;
+            if keep.len() == batch.num_rows() {
+                out.push(adapt(&batch, version, &schema)?);
+            } else if !keep.is_empty() {
+                let keep = UInt32Array::from_iter_values(keep.iter().map(|&r| r as u32));
+                out.push(adapt(&take_record_batch(&batch, &keep)?, version, &schema)?);
+            }
         }
         if found != rows.len() {
             return Err(DataFusionError::Execution(format!(
@@ -550,6 +576,41 @@ fn row_history_columnar(
         }
     }
     Ok(Some(out))
+}
+
+/// The rows of a segment (written under `version`) that its key index gives for the key
+/// `values` (in the history's types), or `Ok(None)` when the index cannot answer for this
+/// segment: a key column stored in a type whose hash differs from the history type's.
+fn indexed_rows(
+    path: &std::path::Path,
+    sha256: &str,
+    version: &RelationVersion,
+    values: &[(&str, DataType, ScalarValue)],
+) -> std::result::Result<Option<Vec<usize>>, KeyIndexProblem> {
+    let stored = segment_schema(&SegmentContent::Table(version.clone()));
+    let Ok(DataType::Struct(fields)) = stored.field_with_name("after").map(|f| f.data_type())
+    else {
+        return Ok(None);
+    };
+    let mut parts = Vec::with_capacity(values.len());
+    for (name, data_type, value) in values {
+        let Some((_, field)) = fields.find(name) else {
+            return Ok(None);
+        };
+        if !key_index::same_hash_family(field.data_type(), data_type) {
+            return Ok(None);
+        }
+        parts.push(match value {
+            ScalarValue::Int16(Some(v)) => KeyPart::Int((*v).into()),
+            ScalarValue::Int32(Some(v)) => KeyPart::Int((*v).into()),
+            ScalarValue::Int64(Some(v)) => KeyPart::Int(*v),
+            ScalarValue::Utf8(Some(v)) => KeyPart::Text(v),
+            ScalarValue::FixedSizeBinary(16, Some(v)) => KeyPart::Uuid(v),
+            _ => return Ok(None),
+        });
+    }
+    let rows = key_index::rows_with_key_hash(path, sha256, key_index::key_hash(&parts))?;
+    Ok(Some(rows.into_iter().map(|r| r as usize).collect()))
 }
 
 /// `row_history(table, key...)`: every change of one row (by its primary key values), with

@@ -41,6 +41,7 @@ use crate::manifest::{
     RETIRED, SEGMENTS, SEGMENTS_DIR, SegmentEntry, meta_u64,
 };
 use crate::relation::RelationVersion;
+use crate::segment::key_index::{self, KEY_INDEX_SUFFIX, KeyIndexBuilder, key_index_name};
 use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
 
 /// The wall clock in microseconds since the Unix epoch (0 if the clock is before it): the unit
@@ -102,6 +103,8 @@ pub struct CompactReport {
     pub merged_outputs: u64,
     pub orphans_removed: u64,
     pub retired_removed: u64,
+    /// Key indexes written for segments that had none (or a damaged one).
+    pub key_indexes_written: u64,
     #[serde(serialize_with = "crate::lsn::serialize_as_text")]
     pub compacted_through: Lsn,
     /// Leaves in the archive's evidence tree after the run (0 when it compacted nothing).
@@ -116,6 +119,9 @@ pub struct Compactor {
     db: Arc<Database>,
     segments_dir: PathBuf,
     options: CompactOptions,
+    /// Segments whose key index this compactor wrote or checked whole: each is read once per
+    /// process, not at every run.
+    indexed: std::sync::Mutex<HashSet<String>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -210,6 +216,7 @@ impl Compactor {
             db: log.0,
             segments_dir: archive_dir.join(SEGMENTS_DIR),
             options,
+            indexed: std::sync::Mutex::new(HashSet::new()),
         }
     }
 
@@ -225,7 +232,64 @@ impl Compactor {
         self.compact_log(&mut report)?;
         self.merge_small(&mut report)?;
         self.remove_retired(&mut report)?;
+        self.index_keys(&mut report)?;
         Ok(report)
+    }
+
+    /// Write the key index of every listed table segment that lacks a valid one (an archive
+    /// written before key indexes, an index removed or damaged).
+    ///
+    /// Safe at any point: an index is derived from its listed, immutable segment and published
+    /// atomically (a crash leaves a `.tmp` file the next run removes, or no index, which reads
+    /// do without); only this compactor retires segments, so none is removed meanwhile.
+    fn index_keys(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        let manifest = LogReader::from_db(self.db.as_ref())?.manifest()?;
+        let mut indexed = self
+            .indexed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        indexed.retain(|name| manifest.segments.iter().any(|s| &s.file_name == name));
+        for seg in &manifest.segments {
+            if indexed.contains(&seg.file_name) {
+                continue;
+            }
+            let Some(mut keys) = KeyIndexBuilder::for_content(&seg.content) else {
+                continue;
+            };
+            let path = self.segments_dir.join(&seg.file_name);
+            if key_index::check(&path, &seg.sha256).is_ok() {
+                indexed.insert(seg.file_name.clone());
+                continue;
+            }
+            let columns: Vec<Vec<String>> = ["before", "after"]
+                .iter()
+                .flat_map(|image| {
+                    keys.key()
+                        .iter()
+                        .map(|k| vec![image.to_string(), k.clone()])
+                })
+                .collect();
+            let reader = SegmentReader::open_selected(
+                &path,
+                Some(&seg.sha256),
+                self.options.segment.batch_rows,
+                (0, u64::MAX),
+                (i64::MIN, i64::MAX),
+                Some(&columns),
+                None,
+            )?;
+            for batch in reader {
+                keys.add(&batch?)
+                    .map_err(|reason| crate::SegmentError::Corrupt {
+                        path: path.clone(),
+                        reason: format!("cannot index its keys: {reason}"),
+                    })?;
+            }
+            keys.write(&self.segments_dir, &seg.file_name, &seg.sha256)?;
+            indexed.insert(seg.file_name.clone());
+            report.key_indexes_written += 1;
+        }
+        Ok(())
     }
 
     /// Rewrite the archive's evidence files from the log and sign a checkpoint if the tree grew
@@ -293,8 +357,11 @@ impl Compactor {
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let orphan =
-                name.ends_with(".tmp") || (name.ends_with(".parquet") && !listed.contains(&name));
+            // A key index goes with its segment: unlisted segment, unlisted index.
+            let segment = name.strip_suffix(KEY_INDEX_SUFFIX).unwrap_or(&name);
+            let orphan = name.ends_with(".tmp")
+                || ((name.ends_with(".parquet") || name.ends_with(KEY_INDEX_SUFFIX))
+                    && !listed.contains(segment));
             if orphan {
                 tracing::info!(file = %name, "removing a segment file no manifest lists (left by an interrupted compaction)");
                 remove_if_exists(&entry.path());
@@ -827,6 +894,9 @@ impl Compactor {
             return Ok(());
         }
         for name in &expired {
+            // The key index first: a crash between the two leaves the segment (still retired,
+            // removed next run), never an index without a segment that is kept.
+            remove_if_exists(&self.segments_dir.join(key_index_name(name)));
             remove_if_exists(&self.segments_dir.join(name));
         }
         fsync_dir(&self.segments_dir)?;
@@ -1110,6 +1180,127 @@ mod tests {
     }
 
     #[test]
+    fn key_indexes_name_every_row_of_a_key_and_are_written_again_when_lost() {
+        use crate::segment::key_index::{KeyIndexProblem, KeyPart, key_hash, rows_with_key_hash};
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        let options = CompactOptions {
+            retire_grace: Duration::ZERO,
+            ..CompactOptions::default()
+        };
+        let compactor = Compactor::new(log.shared(), &archive, options.clone());
+        for n in 1..=5 {
+            log.apply(txn(n)).unwrap();
+            compactor.run().unwrap();
+        }
+        let segments = archive.join(SEGMENTS_DIR);
+        let manifest = log.reader().unwrap().manifest().unwrap();
+        let table: Vec<&SegmentEntry> = manifest
+            .segments
+            .iter()
+            .filter(|s| matches!(s.content, SegmentContent::Table(_)))
+            .collect();
+        // Merged and retired segments took their indexes with them: one per listed segment.
+        let mut indexes: Vec<String> = std::fs::read_dir(&segments)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(KEY_INDEX_SUFFIX))
+            .collect();
+        indexes.sort();
+        let mut expected: Vec<String> =
+            table.iter().map(|s| key_index_name(&s.file_name)).collect();
+        expected.sort();
+        assert_eq!(indexes, expected);
+        // Each key's rows, as a scan of the segment finds them, are the index's.
+        let lookups = |seg: &SegmentEntry| -> Vec<(u64, Result<Vec<u32>, KeyIndexProblem>)> {
+            (1..=6)
+                .map(|id| {
+                    let hash = key_hash(&[KeyPart::Int(id as i64)]);
+                    (
+                        id,
+                        rows_with_key_hash(&segments.join(&seg.file_name), &seg.sha256, hash),
+                    )
+                })
+                .collect()
+        };
+        let all = read_all(&archive, &manifest);
+        for seg in &table {
+            let mut scanned: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+            let mut row = 0u32;
+            for (_, batch) in all.iter().filter(|(s, _)| s.id == seg.id) {
+                let after = batch.column_by_name("after").unwrap().as_struct();
+                let ids = after.column_by_name("id").unwrap();
+                for i in 0..batch.num_rows() {
+                    let id = render(&PgKind::Int4, ids.as_ref(), i).unwrap();
+                    scanned.entry(id.parse().unwrap()).or_default().push(row);
+                    row += 1;
+                }
+            }
+            for (id, rows) in lookups(seg) {
+                assert_eq!(
+                    rows.unwrap(),
+                    scanned.get(&id).cloned().unwrap_or_default(),
+                    "rows of key {id} in {}",
+                    seg.file_name
+                );
+            }
+        }
+        // A damaged, stale or missing index is refused, never believed; the next run writes it.
+        let seg = table[0];
+        let index = segments.join(key_index_name(&seg.file_name));
+        let good = std::fs::read(&index).unwrap();
+        let mut damaged = good.clone();
+        damaged[60] ^= 1;
+        std::fs::write(&index, &damaged).unwrap();
+        let found = rows_with_key_hash(
+            &segments.join(&seg.file_name),
+            &seg.sha256,
+            u32::from_le_bytes(good[56..60].try_into().unwrap()),
+        );
+        assert!(
+            matches!(&found, Err(KeyIndexProblem::Invalid { reason, .. }) if reason.contains("digest")),
+            "{found:?}"
+        );
+        std::fs::write(&index, &good[..good.len() - 1]).unwrap();
+        assert!(matches!(
+            lookups(seg)[0].1,
+            Err(KeyIndexProblem::Invalid { .. })
+        ));
+        std::fs::write(&index, &good).unwrap();
+        let other = "0".repeat(64);
+        assert!(matches!(
+            rows_with_key_hash(&segments.join(&seg.file_name), &other, 1),
+            Err(KeyIndexProblem::Invalid { reason, .. }) if reason.contains("another version")
+        ));
+        std::fs::write(&index, &damaged).unwrap();
+        // A compactor checks each index whole once (this one did); a new one (`pgtrail
+        // compact`, a capture's restart) finds the damage.
+        assert_eq!(compactor.run().unwrap().key_indexes_written, 0);
+        let compactor = Compactor::new(log.shared(), &archive, options.clone());
+        assert_eq!(compactor.run().unwrap().key_indexes_written, 1);
+        assert_eq!(
+            std::fs::read(&index).unwrap(),
+            good,
+            "written again the same"
+        );
+        std::fs::remove_file(&index).unwrap();
+        assert!(matches!(
+            lookups(seg)[0].1,
+            Err(KeyIndexProblem::Missing { .. })
+        ));
+        let compactor = Compactor::new(log.shared(), &archive, options);
+        // An index of no listed segment is an orphan.
+        let stray = segments.join(key_index_name("00000099_public.x.parquet"));
+        std::fs::write(&stray, b"x").unwrap();
+        let report = compactor.run().unwrap();
+        assert_eq!(report.key_indexes_written, 1);
+        assert!(lookups(seg).into_iter().all(|(_, r)| r.is_ok()));
+        assert!(!stray.exists(), "an index without its segment is removed");
+        assert_eq!(report.orphans_removed, 1);
+    }
+
+    #[test]
     fn small_segments_merge_and_orphans_are_removed() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
@@ -1162,10 +1353,14 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         on_disk.sort();
+        // Each listed table segment with its key index; retired inputs took theirs along.
         let mut listed: Vec<String> = manifest
             .segments
             .iter()
-            .map(|s| s.file_name.clone())
+            .flat_map(|s| match s.content {
+                SegmentContent::Table(_) => vec![s.file_name.clone(), key_index_name(&s.file_name)],
+                SegmentContent::Messages => vec![s.file_name.clone()],
+            })
             .collect();
         listed.sort();
         assert_eq!(

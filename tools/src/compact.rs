@@ -202,6 +202,12 @@ pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
             report.orphans_removed,
             report.retired_removed,
         );
+        if report.key_indexes_written > 0 {
+            eprintln!(
+                "compact: wrote the key index of {} segments that had none",
+                report.key_indexes_written
+            );
+        }
         if let Some(path) = &report.checkpoint {
             eprintln!(
                 "compact: signed checkpoint {} (tree size {})",

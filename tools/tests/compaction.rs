@@ -12,6 +12,7 @@ use datafusion::parquet::arrow::arrow_reader::{
 };
 use datafusion::parquet::file::metadata::PageIndexPolicy;
 use pgtrail_capture::cluster::Cluster;
+use pgtrail_store::segment::key_index::{self, KeyIndexBuilder};
 use pgtrail_store::{ChangeKey, ChangeRecord, LogReader, SEGMENTS_DIR};
 
 use crate::{insert_lsn, pgtrail, wait_exit};
@@ -22,6 +23,7 @@ const CRASH_POINTS: &[&str] = &[
     "segment:before_fsync",
     "segment:before_rename",
     "segment:before_dir_fsync",
+    "segment:before_key_index",
     "compact:before_manifest",
     "compact:after_commit",
     "merge:before_manifest",
@@ -156,11 +158,26 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .filter(|n| !listed.contains(n))
             .collect();
-        // Only inputs of a merge may remain unlisted, retired for their grace period.
+        // Only inputs of a merge may remain unlisted, retired for their grace period, with
+        // their key indexes.
         assert!(
-            on_disk.iter().all(|n| n.ends_with(".parquet")),
+            on_disk.iter().all(|n| n.ends_with(".parquet")
+                || n.strip_suffix(".keys").is_some_and(|segment| {
+                    segment.ends_with(".parquet")
+                        && (on_disk.iter().any(|o| o == segment)
+                            || listed.iter().any(|l| l == segment))
+                })),
             "after {point}: stray files {on_disk:?}"
         );
+        // Every listed segment of a keyed table has its key index, whole.
+        for s in reader.manifest().unwrap().segments {
+            if KeyIndexBuilder::for_content(&s.content).is_some() {
+                let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
+                if let Err(problem) = key_index::check(&path, &s.sha256) {
+                    panic!("after {point}: {problem}");
+                }
+            }
+        }
     }
     independent_readers_see_the_documented_schema(&base);
 }

@@ -280,21 +280,94 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         run("SELECT count(*) FROM changes"),
         vec![columnar.len().to_string()]
     );
-    // row_history through the view over stored columns, and by the text scan: the same changes.
-    for id in ["3", "100007", "7", "0", "6"] {
-        let view = run(&format!("SELECT * FROM row_history('public.plain', {id})"));
-        let scanned: Vec<String> =
-            pgtrail_query::row_replay_row_history(&snapshot, plain, &[id.to_string()])
-                .unwrap()
-                .iter()
-                .flat_map(rows_text)
-                .collect();
-        let (mut view, mut scanned) = (view, scanned);
-        view.sort();
-        scanned.sort();
-        assert!(!view.is_empty(), "row {id} has a history");
-        assert_eq!(view, scanned, "row_history of {id}");
+    // row_history through the key index (or the view over the stored key columns), and by the
+    // text scan: the same changes, for an integer key and a text-and-integer key (including
+    // rows whose key changed), with the key indexes, without them, and with one damaged.
+    let pair = snapshot.table("public.pair").unwrap();
+    let histories = |run: &dyn Fn(&str) -> Vec<String>| -> Vec<Vec<String>> {
+        let keys: [(&pgtrail_query::TableHistory, &str, Vec<&str>); 7] = [
+            (plain, "public.plain", vec!["3"]),
+            (plain, "public.plain", vec!["100007"]),
+            (plain, "public.plain", vec!["7"]),
+            (plain, "public.plain", vec!["0"]),
+            (plain, "public.plain", vec!["6"]),
+            (pair, "public.pair", vec!["r1", "7"]),
+            (pair, "public.pair", vec!["moved", "100015"]),
+        ];
+        let mut all = Vec::new();
+        for (table, name, key) in keys {
+            let args: Vec<String> = key.iter().map(|k| format!("'{k}'")).collect();
+            let mut view = run(&format!(
+                "SELECT * FROM row_history('{name}', {})",
+                args.join(", ")
+            ));
+            let key: Vec<String> = key.iter().map(|k| k.to_string()).collect();
+            let mut scanned: Vec<String> =
+                pgtrail_query::row_replay_row_history(&snapshot, table, &key)
+                    .unwrap()
+                    .iter()
+                    .flat_map(rows_text)
+                    .collect();
+            view.sort();
+            scanned.sort();
+            assert!(!view.is_empty(), "{name} {key:?} has a history");
+            assert_eq!(view, scanned, "row_history of {name} {key:?}");
+            all.push(view);
+        }
+        all
+    };
+    // The key index of every listed segment of the keyed tables (a merge's retired inputs
+    // keep theirs until they are removed).
+    let indexes = || -> Vec<std::path::PathBuf> {
+        let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+        ["public.acct", "public.plain", "public.pair"]
+            .iter()
+            .flat_map(|t| snapshot.table(t).unwrap().segments.clone())
+            .map(|s| {
+                archive
+                    .join("segments")
+                    .join(format!("{}.keys", s.file_name))
+            })
+            .collect()
+    };
+    let indexed = indexes();
+    assert!(indexed.len() >= 3);
+    for index in &indexed {
+        assert!(index.exists(), "the compactor wrote {}", index.display());
     }
+    let with_index = histories(&run);
+    for entry in std::fs::read_dir(archive.join("segments")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.to_string_lossy().ends_with(".keys") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    assert_eq!(histories(&run), with_index, "without key indexes");
+    let compact = pgtrail()
+        .args(["compact", "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(compact.status.success(), "{compact:?}");
+    assert!(
+        String::from_utf8_lossy(&compact.stderr).contains("wrote the key index of"),
+        "{compact:?}"
+    );
+    let indexed = indexes();
+    for index in &indexed {
+        assert!(
+            index.exists(),
+            "pgtrail compact wrote {} again",
+            index.display()
+        );
+    }
+    for index in &indexed {
+        let mut bytes = std::fs::read(index).unwrap();
+        let middle = 56 + (bytes.len() - 56) / 4;
+        bytes[middle] ^= 0x40;
+        std::fs::write(index, bytes).unwrap();
+    }
+    assert_eq!(histories(&run), with_index, "with damaged key indexes");
     assert!(
         plain_rows.values().filter(|n| **n >= 10).count() >= 3,
         "plain holds real tables"

@@ -10,8 +10,10 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{
-    ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
 };
+use datafusion::parquet::file::metadata::PageIndexPolicy;
 use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 
@@ -201,12 +203,18 @@ impl SegmentReader {
             columns,
             rows,
         } = bounds;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
-            SegmentError::Parquet {
+        // With a row selection, the page locations let the reader skip the pages that hold
+        // none of the rows unread (without them it decompresses every page to skip rows).
+        let options = ArrowReaderOptions::new().with_offset_index_policy(if rows.is_some() {
+            PageIndexPolicy::Optional
+        } else {
+            PageIndexPolicy::Skip
+        });
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+            .map_err(|source| SegmentError::Parquet {
                 path: path.to_path_buf(),
                 source,
-            }
-        })?;
+            })?;
         let description = builder
             .metadata()
             .file_metadata()

@@ -24,6 +24,7 @@ use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties}
 use datafusion::parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 
+use super::key_index::KeyIndexBuilder;
 use super::types::{PgKind, ValueBuilder};
 use super::{SEGMENT_FORMAT_VERSION, SEGMENT_METADATA_KEY, SegmentContent, segment_schema};
 use crate::atomic_file::{fsync_dir, remove_if_exists};
@@ -136,6 +137,8 @@ pub struct SegmentWriter {
     raw_bytes: u64,
     content: SegmentContent,
     leaves: Option<(Epochs, LeafStream)>,
+    /// The key index's entries (`None`: the table's key is not indexed).
+    keys: Option<KeyIndexBuilder>,
 }
 
 impl SegmentWriter {
@@ -262,6 +265,9 @@ impl SegmentWriter {
             raw_bytes: 0,
             content: content.clone(),
             leaves: None,
+            // 8 bytes a row until `finish` (outside `memory_bytes`, which bounds what a row
+            // group flush can release).
+            keys: KeyIndexBuilder::for_content(content),
         })
     }
 
@@ -357,6 +363,12 @@ impl SegmentWriter {
             reason: "segment writer used after an error".into(),
         })?;
         let path = &self.tmp_path;
+        if let Some(keys) = self.keys.as_mut() {
+            keys.add(batch).map_err(|reason| SegmentError::Corrupt {
+                path: path.clone(),
+                reason: format!("cannot index its keys: {reason}"),
+            })?;
+        }
         let encode = |writer: &mut ArrowWriter<HashingFile>| {
             writer.write(batch).map_err(|source| SegmentError::Parquet {
                 path: path.clone(),
@@ -456,11 +468,19 @@ impl SegmentWriter {
         std::fs::rename(&self.tmp_path, &final_path).map_err(io(&final_path))?;
         crashpoint::hit("segment:before_dir_fsync");
         fsync_dir(&self.dir)?;
+        let sha256 = hex(&hasher.finalize());
+        // The key index is published after its segment and, like it, before the manifest
+        // commit that lists the segment: a crash before that commit leaves both unlisted (the
+        // next run removes them); after it, both are complete and durable.
+        if let Some(keys) = self.keys.take() {
+            crashpoint::hit("segment:before_key_index");
+            keys.write(&self.dir, &file_name, &sha256)?;
+        }
         Ok(WrittenSegment {
             file_name,
             rows: self.rows,
             bytes,
-            sha256: hex(&hasher.finalize()),
+            sha256,
             min_key,
             max_key: self.max_key,
             min_committed_at_us: if self.rows == 0 { 0 } else { self.min_ts },

@@ -106,6 +106,7 @@ const CRASH_POINTS: &[&str] = &[
     "segment:before_fsync",
     "segment:before_rename",
     "segment:before_dir_fsync",
+    "segment:before_key_index",
     "compact:before_manifest",
     "compact:after_commit",
 ];
