@@ -258,6 +258,33 @@ pub fn open_segment_selected(
     Ok(reader)
 }
 
+/// [`open_segment_projected`] of row group `row_group` alone.
+pub fn open_segment_row_group(
+    path: &std::path::Path,
+    sha256: &str,
+    batch_rows: usize,
+    row_group: usize,
+    columns: Option<&[Vec<String>]>,
+) -> Result<SegmentReader> {
+    let known = verified()
+        .lock()
+        .ok()
+        .and_then(|m| m.get(path).cloned())
+        .is_some_and(|s| s == sha256);
+    let reader = SegmentReader::open_row_group(
+        path,
+        (!known).then_some(sha256),
+        batch_rows,
+        row_group,
+        columns,
+    )
+    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    if !known && let Ok(mut m) = verified().lock() {
+        m.insert(path.to_path_buf(), sha256.to_string());
+    }
+    Ok(reader)
+}
+
 /// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments
 /// `read_segment` rejects without opening them.
 /// The schema version passed to `f` is the table's own (it lives as long as `table`).

@@ -15,9 +15,13 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, make_array, new_null_array,
 };
+use datafusion::arrow::array::{BooleanArray, TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::buffer::NullBuffer;
+use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::ScalarValue;
+use datafusion::common::config::ConfigOptions;
+use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
@@ -25,9 +29,14 @@ use datafusion::physical_expr::expressions::{Column, Literal};
 use datafusion::physical_expr::{
     EquivalenceProperties, Partitioning, PhysicalExpr, ScalarFunctionExpr,
 };
+use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::physical_plan::execution_plan::{
     Boundedness, ChildrenPropertiesMode, EmissionType, ReplaceChildrenOptions,
 };
+use datafusion::physical_plan::filter_pushdown::{
+    ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation, PushedDown,
+};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
 use datafusion::physical_plan::projection::ProjectionExec;
 use datafusion::physical_plan::stream::{
     RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter,
@@ -36,9 +45,10 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
 };
 use pgtrail_store::RelationVersion;
+use pgtrail_store::segment::{RowGroupRange, row_group_ranges};
 
 use crate::merge::{adapt_column, adapt_image_column};
-use crate::read::{Bounds, open_segment_projected};
+use crate::read::{Bounds, open_segment_projected, open_segment_row_group};
 
 /// One output column of a history scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -97,6 +107,11 @@ pub(crate) struct HistoryScanExec {
     /// The output: `columns`, named as the plan above expects.
     schema: SchemaRef,
     properties: Arc<PlanProperties>,
+    /// Filters of the plan above on this scan's output (a `ORDER BY ... LIMIT`'s dynamic
+    /// filter among them), used only to skip row groups whose `lsn` and `committed_at`
+    /// statistics rule them out; the plan above still applies them to every row.
+    prune_by: Vec<Arc<dyn PhysicalExpr>>,
+    metrics: ExecutionPlanMetricsSet,
 }
 
 impl HistoryScanExec {
@@ -126,7 +141,31 @@ impl HistoryScanExec {
             columns,
             schema,
             properties: Arc::new(properties),
+            prune_by: Vec::new(),
+            metrics: ExecutionPlanMetricsSet::new(),
         }
+    }
+
+    /// Whether row group `range` may hold a row every filter of `prune_by` accepts.
+    fn may_match(&self, range: &RowGroupRange) -> Result<bool> {
+        let stats = RowGroupStatistics {
+            range,
+            columns: &self.columns,
+            schema: &self.schema,
+        };
+        for filter in &self.prune_by {
+            // Built for each row group: a dynamic filter tightens while the scan runs.
+            let Some(predicate) = PruningPredicateBuilder::new()
+                .with_file_schema(self.schema.clone())
+                .build(filter.clone())
+            else {
+                continue;
+            };
+            if predicate.prune(&stats)?.first() == Some(&false) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// The type `column` comes out in (`None` if the history has no such column).
@@ -190,6 +229,13 @@ impl DisplayAs for HistoryScanExec {
         if let Some(limit) = self.source.limit {
             write!(f, ", limit={limit}")?;
         }
+        if !self.prune_by.is_empty() {
+            write!(
+                f,
+                ", newest row groups first, skipping by {} filters",
+                self.prune_by.len()
+            )?;
+        }
         Ok(())
     }
 }
@@ -240,6 +286,42 @@ impl ExecutionPlan for HistoryScanExec {
 
     fn fetch(&self) -> Option<usize> {
         self.source.limit
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    /// Keep the filters of the plan above (after the plan is otherwise final: a `ORDER BY ...
+    /// LIMIT`'s dynamic filter comes then) to skip row groups with; none is taken over.
+    fn handle_child_pushdown_result(
+        &self,
+        phase: FilterPushdownPhase,
+        child_pushdown_result: ChildPushdownResult,
+        _config: &ConfigOptions,
+    ) -> Result<FilterPushdownPropagation<Arc<dyn ExecutionPlan>>> {
+        let filters: Vec<Arc<dyn PhysicalExpr>> = child_pushdown_result
+            .parent_filters
+            .iter()
+            .map(|f| f.filter.clone())
+            .collect();
+        let none_taken = vec![PushedDown::No; filters.len()];
+        if phase != FilterPushdownPhase::Post || filters.is_empty() {
+            return Ok(FilterPushdownPropagation {
+                filters: none_taken,
+                updated_node: None,
+            });
+        }
+        let mut scan = HistoryScanExec::with_columns(
+            self.source.clone(),
+            self.columns.clone(),
+            self.schema.clone(),
+        );
+        scan.prune_by = filters;
+        Ok(FilterPushdownPropagation {
+            filters: none_taken,
+            updated_node: Some(Arc::new(scan)),
+        })
     }
 
     /// Take in a projection of this scan's columns and of fields of its row images, so that
@@ -302,6 +384,9 @@ impl ExecutionPlan for HistoryScanExec {
                 futures_util::stream::iter(batches),
             )));
         };
+        if !self.prune_by.is_empty() {
+            return self.execute_newest_first(segment.clone(), left, partition);
+        }
         let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
         let tx = builder.tx();
         let (segment, history, columns, schema, bounds) = (
@@ -343,6 +428,147 @@ impl ExecutionPlan for HistoryScanExec {
             Ok(())
         });
         Ok(builder.build())
+    }
+}
+
+impl HistoryScanExec {
+    /// A segment's row groups newest first, each read only if the filters above may accept a
+    /// row of it: once a `ORDER BY committed_at DESC ... LIMIT n` holds n rows, its dynamic
+    /// filter rules out every older row group, and the scan stops reading.
+    fn execute_newest_first(
+        &self,
+        segment: SegmentSource,
+        mut left: usize,
+        partition: usize,
+    ) -> Result<SendableRecordBatchStream> {
+        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let tx = builder.tx();
+        let skipped = MetricBuilder::new(&self.metrics).counter("row_groups_skipped", partition);
+        let read = MetricBuilder::new(&self.metrics).counter("row_groups_read", partition);
+        let scan = HistoryScanExec {
+            source: self.source.clone(),
+            columns: self.columns.clone(),
+            schema: self.schema.clone(),
+            properties: self.properties.clone(),
+            prune_by: self.prune_by.clone(),
+            metrics: self.metrics.clone(),
+        };
+        builder.spawn_blocking(move || {
+            let mut paths: Vec<Vec<String>> = scan.columns.iter().map(ScanColumn::path).collect();
+            if paths.is_empty() {
+                paths.push(vec!["seq".into()]);
+            }
+            let bounds = scan.source.bounds;
+            let ranges = row_group_ranges(&segment.path)
+                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            for (i, range) in ranges.iter().enumerate().rev() {
+                let outside = range
+                    .lsn
+                    .is_some_and(|(lo, hi)| hi < bounds.lsn.0 || lo > bounds.lsn.1)
+                    || range
+                        .committed_at
+                        .is_some_and(|(lo, hi)| hi < bounds.time.0 || lo > bounds.time.1);
+                if outside || !scan.may_match(range)? {
+                    skipped.add(1);
+                    continue;
+                }
+                read.add(1);
+                for batch in
+                    open_segment_row_group(&segment.path, &segment.sha256, 8192, i, Some(&paths))?
+                {
+                    if left == 0 {
+                        return Ok(());
+                    }
+                    let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                    let batch = batch.slice(0, batch.num_rows().min(left));
+                    left -= batch.num_rows();
+                    let projected = project(
+                        &batch,
+                        Some(&segment.version),
+                        &scan.source.history,
+                        &scan.columns,
+                        &scan.schema,
+                    );
+                    if tx.blocking_send(projected).is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        });
+        Ok(builder.build())
+    }
+}
+
+/// A row group's statistics as DataFusion's pruning asks for them: the ranges of `lsn` and
+/// `committed_at`, for the scan's output columns that are those stored columns (and nothing
+/// for any other column, whatever its name).
+struct RowGroupStatistics<'a> {
+    range: &'a RowGroupRange,
+    columns: &'a [ScanColumn],
+    schema: &'a SchemaRef,
+}
+
+impl RowGroupStatistics<'_> {
+    fn bound(&self, column: &datafusion::common::Column, max: bool) -> Option<ArrayRef> {
+        let mut matches = self
+            .schema
+            .fields()
+            .iter()
+            .zip(self.columns)
+            .filter(|(f, _)| f.name() == &column.name);
+        let (field, stored) = matches.next()?;
+        if matches.next().is_some() {
+            return None;
+        }
+        let array: ArrayRef = match stored {
+            ScanColumn::Stored(name) if name == "lsn" => {
+                let (lo, hi) = self.range.lsn?;
+                Arc::new(UInt64Array::from(vec![if max { hi } else { lo }]))
+            }
+            ScanColumn::Stored(name) if name == "committed_at" => {
+                let (lo, hi) = self.range.committed_at?;
+                Arc::new(TimestampMicrosecondArray::from(vec![if max {
+                    hi
+                } else {
+                    lo
+                }]))
+            }
+            _ => return None,
+        };
+        cast(&array, field.data_type()).ok()
+    }
+}
+
+impl PruningStatistics for RowGroupStatistics<'_> {
+    fn min_values(&self, column: &datafusion::common::Column) -> Option<ArrayRef> {
+        self.bound(column, false)
+    }
+
+    fn max_values(&self, column: &datafusion::common::Column) -> Option<ArrayRef> {
+        self.bound(column, true)
+    }
+
+    fn num_containers(&self) -> usize {
+        1
+    }
+
+    fn null_counts(&self, column: &datafusion::common::Column) -> Option<ArrayRef> {
+        // `lsn` and `committed_at` are never null.
+        self.bound(column, false)
+            .map(|_| Arc::new(UInt64Array::from(vec![0u64])) as ArrayRef)
+    }
+
+    fn row_counts(&self) -> Option<ArrayRef> {
+        Some(Arc::new(UInt64Array::from(vec![self.range.rows as u64])))
+    }
+
+    fn contained(
+        &self,
+        _column: &datafusion::common::Column,
+        _values: &std::collections::HashSet<ScalarValue>,
+    ) -> Option<BooleanArray> {
+        None
     }
 }
 

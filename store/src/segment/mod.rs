@@ -46,7 +46,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 
 use crate::relation::RelationVersion;
 
-pub use reader::{SegmentReader, read_records, sha256_file};
+pub use reader::{RowGroupRange, SegmentReader, read_records, row_group_ranges, sha256_file};
 pub use types::{
     DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros,
     parse_array, render,

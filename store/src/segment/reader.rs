@@ -71,6 +71,8 @@ struct ReadBounds<'a> {
     committed_at: (i64, i64),
     columns: Option<&'a [Vec<String>]>,
     rows: Option<&'a [usize]>,
+    /// Only this row group (of those `lsn` and `committed_at` keep).
+    row_group: Option<usize>,
 }
 
 /// The selection of `rows` (sorted, distinct) out of `total`: runs of selected rows and the
@@ -185,6 +187,7 @@ impl SegmentReader {
             committed_at,
             columns,
             rows,
+            row_group: None,
         };
         contained(path, "opening the segment", || {
             Self::open_file(path, file, batch_rows, bounds)
@@ -202,6 +205,7 @@ impl SegmentReader {
             committed_at,
             columns,
             rows,
+            row_group,
         } = bounds;
         // With a row selection, the page locations let the reader skip the pages that hold
         // none of the rows unread (without them it decompresses every page to skip rows).
@@ -283,6 +287,7 @@ impl SegmentReader {
                 lsn_ok && time_ok
             })
             .map(|(i, _)| i)
+            .filter(|i| row_group.is_none_or(|only| only == *i))
             .collect();
         let mut builder = builder;
         if let Some(columns) = columns {
@@ -318,6 +323,41 @@ impl SegmentReader {
             content: description.content,
             schema,
             reader,
+        })
+    }
+
+    /// Like [`open_selected`](Self::open_selected) with no bounds, reading row group
+    /// `row_group` alone (numbered as [`row_group_ranges`] lists them).
+    pub fn open_row_group(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+        row_group: usize,
+        columns: Option<&[Vec<String>]>,
+    ) -> Result<SegmentReader, SegmentError> {
+        if let Some(expected) = expected_sha256 {
+            let found = sha256_file(path)?;
+            if found != expected {
+                return Err(SegmentError::Checksum {
+                    path: path.to_path_buf(),
+                    expected: expected.into(),
+                    found,
+                });
+            }
+        }
+        let file = File::open(path).map_err(|source| SegmentError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let bounds = ReadBounds {
+            lsn: (0, u64::MAX),
+            committed_at: (i64::MIN, i64::MAX),
+            columns,
+            rows: None,
+            row_group: Some(row_group),
+        };
+        contained(path, "opening the segment", || {
+            Self::open_file(path, file, batch_rows, bounds)
         })
     }
 
@@ -717,4 +757,47 @@ mod tests {
             "{text}"
         );
     }
+}
+
+/// One row group of a segment: its rows and the ranges of its `lsn` and `committed_at` (µs)
+/// from its statistics (`None` when the file has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowGroupRange {
+    pub rows: usize,
+    pub lsn: Option<(u64, u64)>,
+    pub committed_at: Option<(i64, i64)>,
+}
+
+/// The row groups of the segment file at `path`, in file order, from its footer alone (the
+/// file is not checked against its SHA-256 here; reading its rows does that).
+pub fn row_group_ranges(path: &Path) -> Result<Vec<RowGroupRange>, SegmentError> {
+    let file = File::open(path).map_err(|source| SegmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    contained(path, "reading the segment's footer", || {
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|source| {
+            SegmentError::Parquet {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+        Ok(builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|rg| {
+                let range = |i: usize| match rg.columns().get(i).and_then(|c| c.statistics()) {
+                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
+                    _ => None,
+                };
+                RowGroupRange {
+                    rows: rg.num_rows().max(0) as usize,
+                    // UInt64 is stored as INT64 with the same bits.
+                    lsn: range(0).map(|(lo, hi)| (lo as u64, hi as u64)),
+                    committed_at: range(3),
+                }
+            })
+            .collect())
+    })
 }
