@@ -17,12 +17,12 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::array::{BooleanArray, TimestampMicrosecondArray, UInt64Array};
 use datafusion::arrow::buffer::NullBuffer;
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Schema, SchemaRef};
 use datafusion::common::ScalarValue;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::pruning::PruningStatistics;
-use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::expressions::{Column, Literal};
@@ -37,7 +37,7 @@ use datafusion::physical_plan::filter_pushdown::{
     ChildPushdownResult, FilterPushdownPhase, FilterPushdownPropagation, PushedDown,
 };
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
-use datafusion::physical_plan::projection::ProjectionExec;
+use datafusion::physical_plan::projection::{ProjectionExec, ProjectionExpr};
 use datafusion::physical_plan::stream::{
     RecordBatchReceiverStreamBuilder, RecordBatchStreamAdapter,
 };
@@ -103,14 +103,20 @@ pub(crate) struct HistorySource {
 #[derive(Debug)]
 pub(crate) struct HistoryScanExec {
     source: Arc<HistorySource>,
+    /// The columns read: the output's, then any only the taken-over filters use.
     columns: Vec<ScanColumn>,
-    /// The output: `columns`, named as the plan above expects.
+    /// `columns`, named as the plan above expects (the filters' own after the output's).
     schema: SchemaRef,
+    /// How many of `columns` leave the scan.
+    outputs: usize,
     properties: Arc<PlanProperties>,
     /// Filters of the plan above on this scan's output (a `ORDER BY ... LIMIT`'s dynamic
     /// filter among them), used only to skip row groups whose `lsn` and `committed_at`
     /// statistics rule them out; the plan above still applies them to every row.
     prune_by: Vec<Arc<dyn PhysicalExpr>>,
+    /// Filters taken over from the plan above (a `WHERE` on the table): only rows they accept
+    /// leave the scan, so a `LIMIT` above sees matches as soon as they are read.
+    filters: Vec<Arc<dyn PhysicalExpr>>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -130,8 +136,23 @@ impl HistoryScanExec {
         columns: Vec<ScanColumn>,
         schema: SchemaRef,
     ) -> HistoryScanExec {
+        let outputs = columns.len();
+        HistoryScanExec::with_read_columns(source, columns, schema, outputs)
+    }
+
+    /// A scan reading `columns` (as `schema` names them) of which the first `outputs` leave it.
+    fn with_read_columns(
+        source: Arc<HistorySource>,
+        columns: Vec<ScanColumn>,
+        schema: SchemaRef,
+        outputs: usize,
+    ) -> HistoryScanExec {
+        let output = Arc::new(Schema::new_with_metadata(
+            schema.fields()[..outputs].to_vec(),
+            schema.metadata().clone(),
+        ));
         let properties = PlanProperties::new(
-            EquivalenceProperties::new(schema.clone()),
+            EquivalenceProperties::new(output),
             Partitioning::UnknownPartitioning(source.segments.len() + 1),
             EmissionType::Incremental,
             Boundedness::Bounded,
@@ -140,10 +161,29 @@ impl HistoryScanExec {
             source,
             columns,
             schema,
+            outputs,
             properties: Arc::new(properties),
             prune_by: Vec::new(),
+            filters: Vec::new(),
             metrics: ExecutionPlanMetricsSet::new(),
         }
+    }
+
+    /// This scan with `prune_by` and `filters` as given.
+    fn with_filters(
+        &self,
+        prune_by: Vec<Arc<dyn PhysicalExpr>>,
+        filters: Vec<Arc<dyn PhysicalExpr>>,
+    ) -> HistoryScanExec {
+        let mut scan = HistoryScanExec::with_read_columns(
+            self.source.clone(),
+            self.columns.clone(),
+            self.schema.clone(),
+            self.outputs,
+        );
+        scan.prune_by = prune_by;
+        scan.filters = filters;
+        scan
     }
 
     /// Whether row group `range` may hold a row every filter of `prune_by` accepts.
@@ -153,7 +193,7 @@ impl HistoryScanExec {
             columns: &self.columns,
             schema: &self.schema,
         };
-        for filter in &self.prune_by {
+        for filter in self.prune_by.iter().chain(&self.filters) {
             // Built for each row group: a dynamic filter tightens while the scan runs.
             let Some(predicate) = PruningPredicateBuilder::new()
                 .with_file_schema(self.schema.clone())
@@ -229,6 +269,10 @@ impl DisplayAs for HistoryScanExec {
         if let Some(limit) = self.source.limit {
             write!(f, ", limit={limit}")?;
         }
+        if !self.filters.is_empty() {
+            let filters: Vec<String> = self.filters.iter().map(|f| f.to_string()).collect();
+            write!(f, ", filters=[{}]", filters.join(", "))?;
+        }
         if !self.prune_by.is_empty() {
             write!(
                 f,
@@ -292,8 +336,9 @@ impl ExecutionPlan for HistoryScanExec {
         Some(self.metrics.clone_inner())
     }
 
-    /// Keep the filters of the plan above (after the plan is otherwise final: a `ORDER BY ...
-    /// LIMIT`'s dynamic filter comes then) to skip row groups with; none is taken over.
+    /// Take over the filters of the plan above while it is planned (a `WHERE` on the table:
+    /// the scan applies them), and keep those pushed after the plan is otherwise final (a
+    /// `ORDER BY ... LIMIT`'s dynamic filter) to skip row groups with, leaving them above.
     fn handle_child_pushdown_result(
         &self,
         phase: FilterPushdownPhase,
@@ -305,22 +350,25 @@ impl ExecutionPlan for HistoryScanExec {
             .iter()
             .map(|f| f.filter.clone())
             .collect();
-        let none_taken = vec![PushedDown::No; filters.len()];
-        if phase != FilterPushdownPhase::Post || filters.is_empty() {
+        if filters.is_empty() {
             return Ok(FilterPushdownPropagation {
-                filters: none_taken,
+                filters: Vec::new(),
                 updated_node: None,
             });
         }
-        let mut scan = HistoryScanExec::with_columns(
-            self.source.clone(),
-            self.columns.clone(),
-            self.schema.clone(),
-        );
-        scan.prune_by = filters;
+        if phase == FilterPushdownPhase::Pre {
+            let taken = vec![PushedDown::Yes; filters.len()];
+            let mut all = self.filters.clone();
+            all.extend(filters);
+            return Ok(FilterPushdownPropagation {
+                filters: taken,
+                updated_node: Some(Arc::new(self.with_filters(self.prune_by.clone(), all))),
+            });
+        }
+        let none_taken = vec![PushedDown::No; filters.len()];
         Ok(FilterPushdownPropagation {
             filters: none_taken,
-            updated_node: Some(Arc::new(scan)),
+            updated_node: Some(Arc::new(self.with_filters(filters, self.filters.clone()))),
         })
     }
 
@@ -345,11 +393,26 @@ impl ExecutionPlan for HistoryScanExec {
                 _ => return Ok(None),
             }
         }
-        Ok(Some(Arc::new(HistoryScanExec::with_columns(
-            self.source.clone(),
-            columns,
-            schema,
-        ))))
+        // Filters taken over are rewritten onto the new columns; what they use that the
+        // projection does not keep is read as extra columns, dropped after filtering.
+        let outputs = columns.len();
+        let mut fields: Vec<FieldRef> = schema.fields().iter().cloned().collect();
+        let mut filters = Vec::with_capacity(self.filters.len());
+        for filter in &self.filters {
+            match self.through_projection(filter, projection.expr(), &mut columns, &mut fields) {
+                Some(f) => filters.push(f),
+                None => return Ok(None),
+            }
+        }
+        let schema = Arc::new(Schema::new_with_metadata(fields, schema.metadata().clone()));
+        let mut scan =
+            HistoryScanExec::with_read_columns(self.source.clone(), columns, schema, outputs);
+        scan.filters = filters;
+        if !self.prune_by.is_empty() {
+            // Pushed against the old columns; the pushdown after planning passes them again.
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(scan)))
     }
 
     fn execute(
@@ -369,32 +432,34 @@ impl ExecutionPlan for HistoryScanExec {
                 if left == 0 {
                     break;
                 }
-                let batch = batch.slice(0, batch.num_rows().min(left));
-                left -= batch.num_rows();
-                batches.push(project(
-                    &batch,
+                let batch = project(
+                    batch,
                     None,
                     &self.source.history,
                     &self.columns,
                     &self.schema,
-                ));
+                )
+                .and_then(|b| keep(b, &self.filters, &mut left, self.outputs));
+                batches.push(batch);
             }
             return Ok(Box::pin(RecordBatchStreamAdapter::new(
-                self.schema.clone(),
+                ExecutionPlan::schema(self),
                 futures_util::stream::iter(batches),
             )));
         };
         if !self.prune_by.is_empty() {
             return self.execute_newest_first(segment.clone(), left, partition);
         }
-        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let mut builder = RecordBatchReceiverStreamBuilder::new(ExecutionPlan::schema(self), 2);
         let tx = builder.tx();
-        let (segment, history, columns, schema, bounds) = (
+        let (segment, history, columns, schema, bounds, filters, outputs) = (
             segment.clone(),
             self.source.history.clone(),
             self.columns.clone(),
             self.schema.clone(),
             self.source.bounds,
+            self.filters.clone(),
+            self.outputs,
         );
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
@@ -410,18 +475,12 @@ impl ExecutionPlan for HistoryScanExec {
                     break;
                 }
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                let batch = batch.slice(0, batch.num_rows().min(left));
-                left -= batch.num_rows();
-                if tx
-                    .blocking_send(project(
-                        &batch,
-                        Some(&segment.version),
-                        &history,
-                        &columns,
-                        &schema,
-                    ))
-                    .is_err()
-                {
+                let out = project(&batch, Some(&segment.version), &history, &columns, &schema)
+                    .and_then(|b| keep(b, &filters, &mut left, outputs));
+                if matches!(&out, Ok(b) if b.num_rows() == 0) {
+                    continue;
+                }
+                if tx.blocking_send(out).is_err() {
                     break;
                 }
             }
@@ -432,6 +491,57 @@ impl ExecutionPlan for HistoryScanExec {
 }
 
 impl HistoryScanExec {
+    /// `filter`, written against this scan's columns, rewritten onto the scan that takes in
+    /// `projection`: a part that is one of the projection's expressions becomes its column; a
+    /// column of this scan, or a field of one of its row images, becomes a column of
+    /// `columns` (added, with its field, when not there yet). `None` if a part cannot be.
+    fn through_projection(
+        &self,
+        filter: &Arc<dyn PhysicalExpr>,
+        projection: &[ProjectionExpr],
+        columns: &mut Vec<ScanColumn>,
+        fields: &mut Vec<FieldRef>,
+    ) -> Option<Arc<dyn PhysicalExpr>> {
+        let mut complete = true;
+        let rewritten = filter
+            .clone()
+            .transform_down(|e| {
+                if let Some(i) = projection
+                    .iter()
+                    .position(|p| p.expr.as_ref() == e.as_ref())
+                {
+                    let column: Arc<dyn PhysicalExpr> =
+                        Arc::new(Column::new(&projection[i].alias, i));
+                    return Ok(Transformed::new(column, true, TreeNodeRecursion::Jump));
+                }
+                let wanted = match e.downcast_ref::<Column>() {
+                    Some(c) => self.columns.get(c.index()).cloned(),
+                    None => self.field_access(&e),
+                };
+                let Some(wanted) = wanted else {
+                    return Ok(Transformed::no(e));
+                };
+                let Some(data_type) = self.column_type(&wanted) else {
+                    complete = false;
+                    return Ok(Transformed::no(e));
+                };
+                let at = match columns.iter().position(|c| *c == wanted) {
+                    Some(at) if fields[at].data_type() == &data_type => at,
+                    _ => {
+                        columns.push(wanted);
+                        let name = format!("__pgtrail_filter_{}", columns.len() - 1);
+                        fields.push(Arc::new(Field::new(name, data_type, true)));
+                        columns.len() - 1
+                    }
+                };
+                let column: Arc<dyn PhysicalExpr> = Arc::new(Column::new(fields[at].name(), at));
+                Ok(Transformed::new(column, true, TreeNodeRecursion::Jump))
+            })
+            .ok()?
+            .data;
+        complete.then_some(rewritten)
+    }
+
     /// A segment's row groups newest first, each read only if the filters above may accept a
     /// row of it: once a `ORDER BY committed_at DESC ... LIMIT n` holds n rows, its dynamic
     /// filter rules out every older row group, and the scan stops reading.
@@ -441,7 +551,7 @@ impl HistoryScanExec {
         mut left: usize,
         partition: usize,
     ) -> Result<SendableRecordBatchStream> {
-        let mut builder = RecordBatchReceiverStreamBuilder::new(self.schema.clone(), 2);
+        let mut builder = RecordBatchReceiverStreamBuilder::new(ExecutionPlan::schema(self), 2);
         let tx = builder.tx();
         let skipped = MetricBuilder::new(&self.metrics).counter("row_groups_skipped", partition);
         let read = MetricBuilder::new(&self.metrics).counter("row_groups_read", partition);
@@ -449,8 +559,10 @@ impl HistoryScanExec {
             source: self.source.clone(),
             columns: self.columns.clone(),
             schema: self.schema.clone(),
+            outputs: self.outputs,
             properties: self.properties.clone(),
             prune_by: self.prune_by.clone(),
+            filters: self.filters.clone(),
             metrics: self.metrics.clone(),
         };
         builder.spawn_blocking(move || {
@@ -480,16 +592,18 @@ impl HistoryScanExec {
                         return Ok(());
                     }
                     let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    let batch = batch.slice(0, batch.num_rows().min(left));
-                    left -= batch.num_rows();
-                    let projected = project(
+                    let out = project(
                         &batch,
                         Some(&segment.version),
                         &scan.source.history,
                         &scan.columns,
                         &scan.schema,
-                    );
-                    if tx.blocking_send(projected).is_err() {
+                    )
+                    .and_then(|b| keep(b, &scan.filters, &mut left, scan.outputs));
+                    if matches!(&out, Ok(b) if b.num_rows() == 0) {
+                        continue;
+                    }
+                    if tx.blocking_send(out).is_err() {
                         return Ok(());
                     }
                 }
@@ -498,6 +612,33 @@ impl HistoryScanExec {
         });
         Ok(builder.build())
     }
+}
+
+/// The rows of `batch` that every filter accepts (a null is no), at most `left` of them
+/// (which it counts down), with its first `outputs` columns (those after are the filters').
+fn keep(
+    batch: RecordBatch,
+    filters: &[Arc<dyn PhysicalExpr>],
+    left: &mut usize,
+    outputs: usize,
+) -> Result<RecordBatch> {
+    let mut batch = batch;
+    for filter in filters {
+        if batch.num_rows() == 0 {
+            break;
+        }
+        let verdict = filter.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let verdict = verdict.as_boolean_opt().ok_or_else(|| {
+            DataFusionError::Internal(format!("filter {filter} is not a boolean"))
+        })?;
+        batch = filter_record_batch(&batch, verdict)?;
+    }
+    let batch = batch.slice(0, batch.num_rows().min(*left));
+    *left -= batch.num_rows();
+    if batch.num_columns() == outputs {
+        return Ok(batch);
+    }
+    Ok(batch.project(&(0..outputs).collect::<Vec<_>>())?)
 }
 
 /// A row group's statistics as DataFusion's pruning asks for them: the ranges of `lsn` and
