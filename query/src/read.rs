@@ -237,21 +237,33 @@ pub fn open_segment_selected(
     columns: Option<&[Vec<String>]>,
     rows: Option<&[usize]>,
 ) -> Result<SegmentReader> {
+    open_verified(path, sha256, |expected| {
+        SegmentReader::open_selected(
+            path,
+            expected,
+            batch_rows,
+            bounds.lsn,
+            bounds.time,
+            columns,
+            rows,
+        )
+    })
+}
+
+/// `open(expected SHA-256)`, given the SHA-256 only the first time this process opens the
+/// file at `path` with it (a file checked once is not hashed again at every query).
+fn open_verified(
+    path: &std::path::Path,
+    sha256: &str,
+    open: impl FnOnce(Option<&str>) -> std::result::Result<SegmentReader, pgtrail_store::SegmentError>,
+) -> Result<SegmentReader> {
     let known = verified()
         .lock()
         .ok()
         .and_then(|m| m.get(path).cloned())
         .is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open_selected(
-        path,
-        (!known).then_some(sha256),
-        batch_rows,
-        bounds.lsn,
-        bounds.time,
-        columns,
-        rows,
-    )
-    .map_err(|e| DataFusionError::External(Box::new(e)))?;
+    let reader =
+        open((!known).then_some(sha256)).map_err(|e| DataFusionError::External(Box::new(e)))?;
     if !known && let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());
     }
@@ -266,23 +278,9 @@ pub fn open_segment_row_group(
     row_group: usize,
     columns: Option<&[Vec<String>]>,
 ) -> Result<SegmentReader> {
-    let known = verified()
-        .lock()
-        .ok()
-        .and_then(|m| m.get(path).cloned())
-        .is_some_and(|s| s == sha256);
-    let reader = SegmentReader::open_row_group(
-        path,
-        (!known).then_some(sha256),
-        batch_rows,
-        row_group,
-        columns,
-    )
-    .map_err(|e| DataFusionError::External(Box::new(e)))?;
-    if !known && let Ok(mut m) = verified().lock() {
-        m.insert(path.to_path_buf(), sha256.to_string());
-    }
-    Ok(reader)
+    open_verified(path, sha256, |expected| {
+        SegmentReader::open_row_group(path, expected, batch_rows, row_group, columns)
+    })
 }
 
 /// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments

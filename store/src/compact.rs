@@ -1179,16 +1179,22 @@ mod tests {
         assert_eq!(log.reader().unwrap().manifest().unwrap().segments.len(), 3);
     }
 
-    #[test]
-    fn key_indexes_name_every_row_of_a_key_and_are_written_again_when_lost() {
-        use crate::segment::key_index::{KeyIndexProblem, KeyPart, key_hash, rows_with_key_hash};
+    /// A log in a fresh archive, and compaction options that remove retired files at once.
+    fn archive_retiring_at_once() -> (tempfile::TempDir, PathBuf, ChangeLog, CompactOptions) {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
-        let mut log = ChangeLog::open(&archive).unwrap();
+        let log = ChangeLog::open(&archive).unwrap();
         let options = CompactOptions {
             retire_grace: Duration::ZERO,
             ..CompactOptions::default()
         };
+        (dir, archive, log, options)
+    }
+
+    #[test]
+    fn key_indexes_name_every_row_of_a_key_and_are_written_again_when_lost() {
+        use crate::segment::key_index::{KeyIndexProblem, KeyPart, key_hash, rows_with_key_hash};
+        let (_dir, archive, mut log, options) = archive_retiring_at_once();
         let compactor = Compactor::new(log.shared(), &archive, options.clone());
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
@@ -1302,13 +1308,7 @@ mod tests {
 
     #[test]
     fn small_segments_merge_and_orphans_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let archive = dir.path().join("a");
-        let mut log = ChangeLog::open(&archive).unwrap();
-        let options = CompactOptions {
-            retire_grace: Duration::ZERO,
-            ..CompactOptions::default()
-        };
+        let (_dir, archive, mut log, options) = archive_retiring_at_once();
         let compactor = Compactor::new(log.shared(), &archive, options);
         let mut expected = Vec::new();
         for n in 1..=5 {

@@ -168,20 +168,6 @@ impl SegmentReader {
         columns: Option<&[Vec<String>]>,
         rows: Option<&[usize]>,
     ) -> Result<SegmentReader, SegmentError> {
-        if let Some(expected) = expected_sha256 {
-            let found = sha256_file(path)?;
-            if found != expected {
-                return Err(SegmentError::Checksum {
-                    path: path.to_path_buf(),
-                    expected: expected.into(),
-                    found,
-                });
-            }
-        }
-        let file = File::open(path).map_err(|source| SegmentError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
         let bounds = ReadBounds {
             lsn,
             committed_at,
@@ -189,9 +175,7 @@ impl SegmentReader {
             rows,
             row_group: None,
         };
-        contained(path, "opening the segment", || {
-            Self::open_file(path, file, batch_rows, bounds)
-        })
+        Self::open_bounded(path, expected_sha256, batch_rows, bounds)
     }
 
     fn open_file(
@@ -335,6 +319,23 @@ impl SegmentReader {
         row_group: usize,
         columns: Option<&[Vec<String>]>,
     ) -> Result<SegmentReader, SegmentError> {
+        let bounds = ReadBounds {
+            lsn: (0, u64::MAX),
+            committed_at: (i64::MIN, i64::MAX),
+            columns,
+            rows: None,
+            row_group: Some(row_group),
+        };
+        Self::open_bounded(path, expected_sha256, batch_rows, bounds)
+    }
+
+    /// Check the file against `expected_sha256` (if given), then open what `bounds` asks for.
+    fn open_bounded(
+        path: &Path,
+        expected_sha256: Option<&str>,
+        batch_rows: usize,
+        bounds: ReadBounds<'_>,
+    ) -> Result<SegmentReader, SegmentError> {
         if let Some(expected) = expected_sha256 {
             let found = sha256_file(path)?;
             if found != expected {
@@ -349,13 +350,6 @@ impl SegmentReader {
             path: path.to_path_buf(),
             source,
         })?;
-        let bounds = ReadBounds {
-            lsn: (0, u64::MAX),
-            committed_at: (i64::MIN, i64::MAX),
-            columns,
-            rows: None,
-            row_group: Some(row_group),
-        };
         contained(path, "opening the segment", || {
             Self::open_file(path, file, batch_rows, bounds)
         })
