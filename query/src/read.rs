@@ -10,7 +10,10 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
-use pgtrail_store::segment::{SegmentContent, SegmentReader, read_records, records_to_batch};
+use pgtrail_store::segment::{
+    RowGroupRange, SegmentContent, SegmentReader, read_records, records_to_batch, row_group_ranges,
+    sha256_file,
+};
 use pgtrail_store::{ChangeKey, ChangeRecord, RelationVersion, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
@@ -250,24 +253,48 @@ pub fn open_segment_selected(
     })
 }
 
-/// `open(expected SHA-256)`, given the SHA-256 only the first time this process opens the
-/// file at `path` with it (a file checked once is not hashed again at every query).
+/// `open(None)` of the file at `path` once it is checked against `sha256` (a file checked
+/// once is not hashed again at every query).
 fn open_verified(
     path: &std::path::Path,
     sha256: &str,
     open: impl FnOnce(Option<&str>) -> std::result::Result<SegmentReader, pgtrail_store::SegmentError>,
 ) -> Result<SegmentReader> {
+    verify_once(path, sha256)?;
+    open(None).map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// The row groups of a segment (see [`row_group_ranges`]), from a file checked against its
+/// manifest SHA-256 (once per process, as for reading it): a scan skips row groups by these
+/// statistics, so they must be the archived ones.
+pub fn segment_row_groups(path: &std::path::Path, sha256: &str) -> Result<Vec<RowGroupRange>> {
+    verify_once(path, sha256)?;
+    row_group_ranges(path).map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
+/// Check the file at `path` against `sha256`, unless this process already did.
+fn verify_once(path: &std::path::Path, sha256: &str) -> Result<()> {
     let known = verified()
         .lock()
         .ok()
         .and_then(|m| m.get(path).cloned())
         .is_some_and(|s| s == sha256);
-    let reader =
-        open((!known).then_some(sha256)).map_err(|e| DataFusionError::External(Box::new(e)))?;
-    if !known && let Ok(mut m) = verified().lock() {
+    if known {
+        return Ok(());
+    }
+    let external = |e| DataFusionError::External(Box::new(e));
+    let found = sha256_file(path).map_err(external)?;
+    if found != sha256 {
+        return Err(external(pgtrail_store::SegmentError::Checksum {
+            path: path.to_path_buf(),
+            expected: sha256.into(),
+            found,
+        }));
+    }
+    if let Ok(mut m) = verified().lock() {
         m.insert(path.to_path_buf(), sha256.to_string());
     }
-    Ok(reader)
+    Ok(())
 }
 
 /// [`open_segment_projected`] of row group `row_group` alone.

@@ -45,10 +45,10 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
 };
 use pgtrail_store::RelationVersion;
-use pgtrail_store::segment::{RowGroupRange, row_group_ranges};
+use pgtrail_store::segment::RowGroupRange;
 
 use crate::merge::{adapt_column, adapt_image_column};
-use crate::read::{Bounds, open_segment_projected, open_segment_row_group};
+use crate::read::{Bounds, open_segment_projected, open_segment_row_group, segment_row_groups};
 
 /// One output column of a history scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +100,7 @@ pub(crate) struct HistorySource {
 }
 
 /// Scan of one table's history: segments, then the log tail, as partitions.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct HistoryScanExec {
     source: Arc<HistorySource>,
     /// The columns read: the output's, then any only the taken-over filters use.
@@ -432,15 +432,7 @@ impl ExecutionPlan for HistoryScanExec {
                 if left == 0 {
                     break;
                 }
-                let batch = project(
-                    batch,
-                    None,
-                    &self.source.history,
-                    &self.columns,
-                    &self.schema,
-                )
-                .and_then(|b| keep(b, &self.filters, &mut left, self.outputs));
-                batches.push(batch);
+                batches.extend(self.output(batch, None, &mut left));
             }
             return Ok(Box::pin(RecordBatchStreamAdapter::new(
                 ExecutionPlan::schema(self),
@@ -452,22 +444,11 @@ impl ExecutionPlan for HistoryScanExec {
         }
         let mut builder = RecordBatchReceiverStreamBuilder::new(ExecutionPlan::schema(self), 2);
         let tx = builder.tx();
-        let (segment, history, columns, schema, bounds, filters, outputs) = (
-            segment.clone(),
-            self.source.history.clone(),
-            self.columns.clone(),
-            self.schema.clone(),
-            self.source.bounds,
-            self.filters.clone(),
-            self.outputs,
-        );
+        let (segment, scan) = (segment.clone(), self.clone());
         // Parquet decoding is blocking work: keep it off the async workers.
         builder.spawn_blocking(move || {
-            let mut paths: Vec<Vec<String>> = columns.iter().map(ScanColumn::path).collect();
-            // With no column at all (`count(*)`), the smallest one is read for the row counts.
-            if paths.is_empty() {
-                paths.push(vec!["seq".into()]);
-            }
+            let paths = scan.leaf_paths();
+            let bounds = scan.source.bounds;
             for batch in
                 open_segment_projected(&segment.path, &segment.sha256, 8192, bounds, Some(&paths))?
             {
@@ -475,12 +456,9 @@ impl ExecutionPlan for HistoryScanExec {
                     break;
                 }
                 let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                let out = project(&batch, Some(&segment.version), &history, &columns, &schema)
-                    .and_then(|b| keep(b, &filters, &mut left, outputs));
-                if matches!(&out, Ok(b) if b.num_rows() == 0) {
-                    continue;
-                }
-                if tx.blocking_send(out).is_err() {
+                if let Some(out) = scan.output(&batch, Some(&segment.version), &mut left)
+                    && tx.blocking_send(out).is_err()
+                {
                     break;
                 }
             }
@@ -491,6 +469,39 @@ impl ExecutionPlan for HistoryScanExec {
 }
 
 impl HistoryScanExec {
+    /// The Parquet paths of the columns read; with no column at all (`count(*)`), the
+    /// smallest one, for the row counts.
+    fn leaf_paths(&self) -> Vec<Vec<String>> {
+        let mut paths: Vec<Vec<String>> = self.columns.iter().map(ScanColumn::path).collect();
+        if paths.is_empty() {
+            paths.push(vec!["seq".into()]);
+        }
+        paths
+    }
+
+    /// What leaves the scan of `batch` (read under `version`; `None`: a tail batch): its
+    /// columns' rows that the filters accept, at most `left` (counted down), or `None` when
+    /// no row does.
+    fn output(
+        &self,
+        batch: &RecordBatch,
+        version: Option<&RelationVersion>,
+        left: &mut usize,
+    ) -> Option<Result<RecordBatch>> {
+        match project(
+            batch,
+            version,
+            &self.source.history,
+            &self.columns,
+            &self.schema,
+        )
+        .and_then(|b| keep(b, &self.filters, left, self.outputs))
+        {
+            Ok(b) if b.num_rows() == 0 => None,
+            out => Some(out),
+        }
+    }
+
     /// `filter`, written against this scan's columns, rewritten onto the scan that takes in
     /// `projection`: a part that is one of the projection's expressions becomes its column; a
     /// column of this scan, or a field of one of its row images, becomes a column of
@@ -555,24 +566,12 @@ impl HistoryScanExec {
         let tx = builder.tx();
         let skipped = MetricBuilder::new(&self.metrics).counter("row_groups_skipped", partition);
         let read = MetricBuilder::new(&self.metrics).counter("row_groups_read", partition);
-        let scan = HistoryScanExec {
-            source: self.source.clone(),
-            columns: self.columns.clone(),
-            schema: self.schema.clone(),
-            outputs: self.outputs,
-            properties: self.properties.clone(),
-            prune_by: self.prune_by.clone(),
-            filters: self.filters.clone(),
-            metrics: self.metrics.clone(),
-        };
+        // The metrics set is shared by the clone.
+        let scan = self.clone();
         builder.spawn_blocking(move || {
-            let mut paths: Vec<Vec<String>> = scan.columns.iter().map(ScanColumn::path).collect();
-            if paths.is_empty() {
-                paths.push(vec!["seq".into()]);
-            }
+            let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
-            let ranges = row_group_ranges(&segment.path)
-                .map_err(|e| DataFusionError::External(Box::new(e)))?;
+            let ranges = segment_row_groups(&segment.path, &segment.sha256)?;
             for (i, range) in ranges.iter().enumerate().rev() {
                 let outside = range
                     .lsn
@@ -592,18 +591,9 @@ impl HistoryScanExec {
                         return Ok(());
                     }
                     let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    let out = project(
-                        &batch,
-                        Some(&segment.version),
-                        &scan.source.history,
-                        &scan.columns,
-                        &scan.schema,
-                    )
-                    .and_then(|b| keep(b, &scan.filters, &mut left, scan.outputs));
-                    if matches!(&out, Ok(b) if b.num_rows() == 0) {
-                        continue;
-                    }
-                    if tx.blocking_send(out).is_err() {
+                    if let Some(out) = scan.output(&batch, Some(&segment.version), &mut left)
+                        && tx.blocking_send(out).is_err()
+                    {
                         return Ok(());
                     }
                 }

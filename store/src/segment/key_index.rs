@@ -65,24 +65,21 @@ pub enum KeyPart<'a> {
     Uuid(&'a [u8]),
 }
 
-/// Whether key columns stored as `data_type` are indexed.
-pub fn indexed_type(data_type: &DataType) -> bool {
-    matches!(
-        data_type,
-        DataType::Int16 | DataType::Int32 | DataType::Int64 | DataType::Utf8
-    ) || *data_type == DataType::FixedSizeBinary(16)
+/// The tag byte values stored as `data_type` hash under (see the module doc), or `None` if
+/// key columns of that type are not indexed.
+fn hash_tag(data_type: &DataType) -> Option<u8> {
+    match data_type {
+        DataType::Int16 | DataType::Int32 | DataType::Int64 => Some(1),
+        DataType::Utf8 => Some(2),
+        DataType::FixedSizeBinary(16) => Some(3),
+        _ => None,
+    }
 }
 
 /// Whether a key stored as `a` and one stored as `b` hash alike when their values are equal
 /// (integers of any width; text; uuid).
 pub fn same_hash_family(a: &DataType, b: &DataType) -> bool {
-    let family = |t: &DataType| match t {
-        DataType::Int16 | DataType::Int32 | DataType::Int64 => Some(1),
-        DataType::Utf8 => Some(2),
-        DataType::FixedSizeBinary(16) => Some(3),
-        _ => None,
-    };
-    family(a).is_some() && family(a) == family(b)
+    hash_tag(a).is_some() && hash_tag(a) == hash_tag(b)
 }
 
 /// The key hash of one key (its columns' values in key order).
@@ -155,9 +152,7 @@ impl KeyIndexBuilder {
             return None;
         };
         for name in &version.primary_key {
-            if !indexed_type(fields.find(name)?.1.data_type()) {
-                return None;
-            }
+            hash_tag(fields.find(name)?.1.data_type())?;
         }
         Some(KeyIndexBuilder {
             key: version.primary_key.clone(),
@@ -271,6 +266,11 @@ impl KeyIndexBuilder {
     }
 }
 
+/// The little-endian u32 at `at` of `bytes` (the caller checked the length).
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
 fn unhex(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
@@ -301,7 +301,6 @@ pub fn rows_with_key_hash(
     hash: u32,
 ) -> Result<Vec<u32>, KeyIndexProblem> {
     let mut index = open(segment_path, segment_sha256)?;
-    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
     let blocks = index.directory.len() / DIRECTORY_ENTRY;
     let mut rows = Vec::new();
     let mut buf = Vec::new();
@@ -384,7 +383,6 @@ fn open(segment_path: &Path, segment_sha256: &str) -> Result<OpenIndex, KeyIndex
     let mut header = [0u8; HEADER];
     file.read_exact(&mut header)
         .map_err(|e| invalid(format!("its header cannot be read: {e}")))?;
-    let u32_at = |b: &[u8], at: usize| u32::from_le_bytes(b[at..at + 4].try_into().unwrap());
     if &header[..8] != MAGIC {
         return Err(invalid("it does not start with PGTRKEYS".into()));
     }
