@@ -5,7 +5,8 @@
 //! `before`/`after` structs merged across schema versions), the Bemi-style `changes` view over
 //! all tables, the `pgtrail.messages` table, and the table functions `as_of`, `as_of_lsn`,
 //! `diff` and `row_history` that reconstruct a table at a moment, and [`export`]s the history
-//! to a directory or S3 in the layouts lake engines read (changes, cdf, scd2, snapshot). It depends only on
+//! to a directory or S3 in the layouts lake engines read (changes, cdf, scd2, snapshot), and reads
+//! the archive as a replayable stream after a cursor ([`feed`]). It depends only on
 //! `pgtrail-store`, never on the source database; segment reads run on blocking threads.
 
 mod archive;
@@ -14,10 +15,12 @@ mod changes;
 pub mod columnar;
 mod error;
 pub mod export;
+pub mod feed;
 mod functions;
 mod history;
 pub mod json;
 mod merge;
+pub mod output;
 mod pit;
 mod read;
 mod replay;
@@ -37,4 +40,4 @@ pub use pit::{
     row_replay_row_history, state_at,
 };
 pub use replay::{Moment, for_each_change};
-pub use session::{open_session, read_only_query, session};
+pub use session::{bounded_session, open_session, read_only_query, session};

@@ -28,10 +28,35 @@ pub fn open_session(dir: &Path) -> Result<(SessionContext, Arc<ArchiveSnapshot>)
 
 /// A session over one consistent read of an archive.
 pub fn session(archive: Arc<ArchiveSnapshot>) -> Result<SessionContext, QueryError> {
-    let config = SessionConfig::new()
+    register(SessionContext::new_with_config(config()), archive)
+}
+
+/// A session whose sorts, joins and aggregations may hold at most `memory_bytes` (a query
+/// that needs more fails with DataFusion's "Resources exhausted" rather than growing the
+/// process): for a server answering many people's queries at once.
+pub fn bounded_session(
+    archive: Arc<ArchiveSnapshot>,
+    memory_bytes: usize,
+) -> Result<SessionContext, QueryError> {
+    let runtime = datafusion::execution::runtime_env::RuntimeEnvBuilder::new()
+        .with_memory_limit(memory_bytes, 1.0)
+        .build_arc()?;
+    register(
+        SessionContext::new_with_config_rt(config(), runtime),
+        archive,
+    )
+}
+
+fn config() -> SessionConfig {
+    SessionConfig::new()
         .with_information_schema(true)
-        .with_default_catalog_and_schema("datafusion", "public");
-    let ctx = SessionContext::new_with_config(config);
+        .with_default_catalog_and_schema("datafusion", "public")
+}
+
+fn register(
+    ctx: SessionContext,
+    archive: Arc<ArchiveSnapshot>,
+) -> Result<SessionContext, QueryError> {
     let catalog = ctx
         .catalog("datafusion")
         .ok_or_else(|| QueryError::BadTableName("datafusion catalog".into()))?;

@@ -5,8 +5,10 @@ mod demo;
 mod evidence;
 mod export;
 mod keygen;
+mod serve;
 mod sql;
 mod status;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +40,12 @@ enum Command {
     Compact(compact::CompactArgs),
     /// Run SQL over an archive, offline (history tables, `changes`, as_of, diff, row_history).
     Sql(sql::SqlArgs),
+    /// Print every change after a cursor as JSON lines, in commit order; with --follow, go on
+    /// with each change as capture makes it durable (resumable from any line's cursor).
+    Tail(tail::TailArgs),
+    /// Serve the history over HTTP: a web page, a JSON API, a live stream (SSE) and metrics,
+    /// read-only, beside a running capture.
+    Serve(serve::ServeArgs),
     /// Export the history to a directory or S3 as Parquet (changes, cdf, scd2 or snapshot layout), incrementally.
     Export(export::ExportArgs),
     /// Start a throwaway PostgreSQL, run a small shop workload, capture it and show the status.
@@ -198,6 +206,8 @@ fn main() -> ExitCode {
             Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
             Command::Compact(args) => compact::run(args).await,
             Command::Sql(args) => sql::run(args).await,
+            Command::Tail(args) => tail::run(args).await,
+            Command::Serve(args) => serve::run(args).await,
             Command::Export(args) => export::run(args).await,
             Command::Demo(args) => demo::run(args.archive).await,
             Command::Setup(args) => setup(args).await,

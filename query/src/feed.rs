@@ -1,0 +1,401 @@
+//! The archive as a replayable stream: every change after a cursor, in `(commit LSN, seq)`
+//! order, a page at a time, from one consistent cut. `pgtrail tail` and the server's
+//! `/api/stream` both read through it.
+//!
+//! Why a cursor is enough to deliver every durable change exactly once: the capture stores
+//! changes in key order. Each transaction is stored whole in one log commit with keys above
+//! every key stored before it (the stream delivers transactions in commit order, and a
+//! transaction at or below the acknowledged position is skipped on reconnect), and the
+//! snapshots (the initial one, a re-snapshot after a gap, a table read while capture runs)
+//! are stored when the stream reaches their point, keyed just before it. Compaction moves
+//! changes from the log into segments without changing their keys. So a change a reader has
+//! not seen yet always has a key above the last key it saw, and "every key above the cursor"
+//! read from a later cut holds exactly the changes that became durable since.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::array::{AsArray, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, UInt32Type, UInt64Type};
+use datafusion::common::TableReference;
+use datafusion::prelude::{Expr, SessionContext, col, lit};
+use pgtrail_store::{ChangeKey, Lsn};
+
+use crate::archive::ArchiveSnapshot;
+use crate::error::QueryError;
+
+/// A position in the stream: the key of the last change a consumer has seen. Written
+/// `LSN:seq` (`0/19353A7:5`), as PostgreSQL writes an LSN.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Cursor(pub ChangeKey);
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.0.commit_lsn, self.0.seq)
+    }
+}
+
+/// The text was not a cursor.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "invalid cursor {0:?}: expected LSN:seq as the stream writes it (like 0/19353A7:5), taken from a change's \"cursor\" field"
+)]
+pub struct ParseCursorError(String);
+
+impl FromStr for Cursor {
+    type Err = ParseCursorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseCursorError(s.chars().take(80).collect());
+        let (lsn, seq) = s.trim().split_once(':').ok_or_else(err)?;
+        let lsn: Lsn = lsn.parse().map_err(|_| err())?;
+        let seq: u32 = seq.parse().map_err(|_| err())?;
+        Ok(Cursor(ChangeKey::new(lsn, seq)))
+    }
+}
+
+/// One page of the stream.
+pub struct FeedPage {
+    /// The `changes` view's columns and `cursor`, in key order.
+    pub batches: Vec<RecordBatch>,
+    /// Where the next page starts: the last change in `batches`, or past changes of tables
+    /// not followed. `None` only while nothing has been read at all.
+    pub next: Option<Cursor>,
+    /// Whether changes after this page were already durable in the cut it was read from: read
+    /// the next page at once rather than waiting for new commits.
+    pub more: bool,
+}
+
+/// Which tables a stream follows: all, or those named (as `pgtrail sql` names them; a table
+/// renamed since is followed under each of its names).
+#[derive(Clone, Debug, Default)]
+pub struct TableFilter(Vec<(String, String)>);
+
+impl TableFilter {
+    pub fn all() -> TableFilter {
+        TableFilter(Vec::new())
+    }
+
+    /// Resolve `names` in `archive`; an unknown name is an error that lists the known ones.
+    /// A name that is not in this cut yet (a table not captured yet) cannot be followed.
+    pub fn named(archive: &ArchiveSnapshot, names: &[String]) -> Result<TableFilter, QueryError> {
+        let mut pairs = Vec::new();
+        for name in names {
+            let table = archive.table(name)?;
+            for v in &table.versions {
+                let pair = (v.schema.clone(), v.name.clone());
+                if !pairs.contains(&pair) {
+                    pairs.push(pair);
+                }
+            }
+        }
+        Ok(TableFilter(pairs))
+    }
+
+    fn expr(&self) -> Option<Expr> {
+        self.0
+            .iter()
+            .map(|(schema, name)| {
+                col("schema")
+                    .eq(lit(schema.as_str()))
+                    .and(col("table").eq(lit(name.as_str())))
+            })
+            .reduce(Expr::or)
+    }
+}
+
+/// The changes after `after` (from the first when `None`) that `ctx` (a session over
+/// `archive`) holds, in key order: up to about one segment's worth per table, so that a
+/// consumer far behind catches up a page at a time in bounded memory.
+pub async fn changes_after(
+    ctx: &SessionContext,
+    archive: &ArchiveSnapshot,
+    after: Option<Cursor>,
+    tables: &TableFilter,
+) -> Result<FeedPage, QueryError> {
+    let from = after.map(|c| c.0);
+    // The page ends where the first segment still holding unseen changes ends: every other
+    // segment overlapping the page is read only for its changes in that range, so a page
+    // holds at most about one segment per table. Without such a segment every unseen change
+    // is in the log tail, which compaction keeps small.
+    let upto = archive
+        .tables
+        .values()
+        .flat_map(|t| &t.segments)
+        .map(|s| s.max_key)
+        .filter(|max| from.is_none_or(|f| *max > f))
+        .min();
+    let mut filter = Vec::new();
+    if let Some(f) = from {
+        let lsn = f.commit_lsn.0;
+        filter.push(col("lsn").gt_eq(lit(lsn)));
+        filter.push(col("lsn").gt(lit(lsn)).or(col("seq").gt(lit(f.seq))));
+    }
+    if let Some(u) = upto {
+        let lsn = u.commit_lsn.0;
+        filter.push(col("lsn").lt_eq(lit(lsn)));
+        filter.push(col("lsn").lt(lit(lsn)).or(col("seq").lt_eq(lit(u.seq))));
+    }
+    filter.extend(tables.expr());
+    let mut frame = ctx
+        .table(TableReference::partial("pgtrail", "changes"))
+        .await?;
+    if let Some(f) = filter.into_iter().reduce(Expr::and) {
+        frame = frame.filter(f)?;
+    }
+    let frame = frame.sort(vec![
+        col("lsn").sort(true, false),
+        col("seq").sort(true, false),
+    ])?;
+    let mut batches = Vec::new();
+    for batch in frame.collect().await? {
+        if batch.num_rows() > 0 {
+            batches.push(with_cursor(&batch)?);
+        }
+    }
+    // A bounded page covers every change up to its bound, also those of tables not followed.
+    let last = match upto {
+        Some(u) => Some(u),
+        None => match batches.last() {
+            Some(b) => Some(key_at(b, b.num_rows() - 1)?),
+            None => from,
+        },
+    };
+    Ok(FeedPage {
+        batches,
+        next: last.map(Cursor),
+        more: upto.is_some(),
+    })
+}
+
+/// Where a stream starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Since {
+    /// From the first change the archive holds.
+    Beginning,
+    /// After the last change durable when the stream starts: only what comes next.
+    End,
+    /// After this change.
+    After(Cursor),
+}
+
+impl FromStr for Since {
+    type Err = ParseCursorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim() {
+            "beginning" | "start" => Ok(Since::Beginning),
+            "end" | "now" => Ok(Since::End),
+            cursor => cursor.parse().map(Since::After),
+        }
+    }
+}
+
+/// Reads an archive's stream page by page, each page from a consistent cut, and (following)
+/// waits for the capture's next durable commit once it has caught up. A fresh cut is taken
+/// after each one is read to its end, so a consumer sees each change once whether it was in
+/// the log tail or compacted into a segment meanwhile.
+pub struct Follower {
+    dir: PathBuf,
+    tables: Vec<String>,
+    cursor: Option<Cursor>,
+    since_end: bool,
+    cut: Option<Cut>,
+    /// What the last cut read to its end saw of the log: nothing new is durable while a
+    /// fresh look sees the same.
+    seen: Option<LogMark>,
+    poll: Duration,
+}
+
+struct Cut {
+    ctx: SessionContext,
+    archive: Arc<ArchiveSnapshot>,
+    filter: TableFilter,
+}
+
+/// The capture's durable position and the log's change count: one of them moves with every
+/// durable commit of changes (compaction lowers the count without adding a change).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LogMark(Lsn, u64);
+
+impl Follower {
+    /// A stream of `dir`'s changes of `tables` (all when empty), polling for new commits every
+    /// `poll` while following.
+    pub fn new(dir: &Path, since: Since, tables: Vec<String>, poll: Duration) -> Follower {
+        Follower {
+            dir: dir.to_path_buf(),
+            tables,
+            cursor: match since {
+                Since::After(c) => Some(c),
+                _ => None,
+            },
+            since_end: since == Since::End,
+            cut: None,
+            seen: None,
+            poll,
+        }
+    }
+
+    /// The next page of changes. Caught up: `None` when not following, else it waits for
+    /// the next durable commit (a capture that never commits again keeps it waiting: wrap
+    /// the call in a timeout or a select to stop it).
+    pub async fn next_page(&mut self, follow: bool) -> Result<Option<FeedPage>, QueryError> {
+        loop {
+            if self.cut.is_none() {
+                let dir = self.dir.clone();
+                let (archive, mark) = tokio::task::spawn_blocking(move || {
+                    let reader = pgtrail_store::LogReader::open(&dir).map_err(|source| {
+                        QueryError::Open {
+                            path: dir.clone(),
+                            source,
+                        }
+                    })?;
+                    let mark = LogMark(reader.position()?, reader.change_count()?);
+                    Ok::<_, QueryError>((ArchiveSnapshot::from_reader(&dir, &reader)?, mark))
+                })
+                .await
+                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
+                let archive = Arc::new(archive);
+                if std::mem::take(&mut self.since_end) {
+                    self.cursor = last_key(&archive).map(Cursor);
+                }
+                let filter = match self.tables.is_empty() {
+                    true => TableFilter::all(),
+                    false => TableFilter::named(&archive, &self.tables)?,
+                };
+                let ctx = crate::session(archive.clone())?;
+                self.cut = Some(Cut {
+                    ctx,
+                    archive,
+                    filter,
+                });
+                self.seen = Some(mark);
+            }
+            let cut = self.cut.as_ref().expect("a cut was just taken");
+            let page = changes_after(&cut.ctx, &cut.archive, self.cursor, &cut.filter).await?;
+            self.cursor = page.next.or(self.cursor);
+            if !page.more {
+                self.cut = None;
+            }
+            if !page.batches.is_empty() {
+                return Ok(Some(page));
+            }
+            if page.more {
+                continue;
+            }
+            if !follow {
+                return Ok(None);
+            }
+            self.wait_for_commit().await?;
+        }
+    }
+
+    /// The cursor after the last change delivered (or passed over): where to resume.
+    pub fn cursor(&self) -> Option<Cursor> {
+        self.cursor
+    }
+
+    async fn wait_for_commit(&mut self) -> Result<(), QueryError> {
+        loop {
+            tokio::time::sleep(self.poll).await;
+            let dir = self.dir.clone();
+            let mark = tokio::task::spawn_blocking(move || {
+                let reader = pgtrail_store::LogReader::open(&dir)?;
+                Ok::<_, pgtrail_store::LogError>(LogMark(
+                    reader.position()?,
+                    reader.change_count()?,
+                ))
+            })
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
+            if self.seen != Some(mark) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The key of the last change `archive` holds.
+fn last_key(archive: &ArchiveSnapshot) -> Option<ChangeKey> {
+    archive
+        .tables
+        .values()
+        .flat_map(|t| {
+            let segments = t.segments.iter().map(|s| s.max_key);
+            segments.chain(t.tail.last().map(|(k, _)| *k))
+        })
+        .max()
+}
+
+/// The cursor of row `i` of a batch of the `changes` view.
+pub fn cursor_at(batch: &RecordBatch, i: usize) -> Result<Cursor, QueryError> {
+    key_at(batch, i).map(Cursor)
+}
+
+/// The key of row `i` of a batch of the `changes` view.
+fn key_at(batch: &RecordBatch, i: usize) -> Result<ChangeKey, QueryError> {
+    let (lsn, seq) = key_columns(batch)?;
+    Ok(ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)))
+}
+
+type KeyColumns<'b> = (
+    &'b datafusion::arrow::array::UInt64Array,
+    &'b datafusion::arrow::array::UInt32Array,
+);
+
+fn key_columns(batch: &RecordBatch) -> Result<KeyColumns<'_>, QueryError> {
+    let column = |name| {
+        batch.column_by_name(name).ok_or_else(|| {
+            datafusion::common::internal_datafusion_err!("the changes view lost its {name} column")
+        })
+    };
+    Ok((
+        column("lsn")?.as_primitive::<UInt64Type>(),
+        column("seq")?.as_primitive::<UInt32Type>(),
+    ))
+}
+
+/// `batch` (rows of the `changes` view) with a first column `cursor` (see [`Cursor`]).
+pub fn with_cursor(batch: &RecordBatch) -> Result<RecordBatch, QueryError> {
+    let (lsn, seq) = key_columns(batch)?;
+    let cursors: StringArray = lsn
+        .values()
+        .iter()
+        .zip(seq.values())
+        .map(|(l, s)| Some(Cursor(ChangeKey::new(Lsn(*l), *s)).to_string()))
+        .collect();
+    let mut fields = vec![Field::new("cursor", DataType::Utf8, false)];
+    fields.extend(batch.schema().fields().iter().map(|f| f.as_ref().clone()));
+    let mut columns = vec![std::sync::Arc::new(cursors) as _];
+    columns.extend(batch.columns().iter().cloned());
+    let batch = RecordBatch::try_new(std::sync::Arc::new(Schema::new(fields)), columns);
+    Ok(batch.map_err(datafusion::error::DataFusionError::from)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_read_back_as_written_and_order_by_key() {
+        let c = Cursor(ChangeKey::new(Lsn(0x1_0193_53A7), 5));
+        assert_eq!(c.to_string(), "1/19353A7:5");
+        assert_eq!("1/19353A7:5".parse::<Cursor>().unwrap(), c);
+        assert!("1/19353A7:4".parse::<Cursor>().unwrap() < c);
+        assert!("1/19353A8:0".parse::<Cursor>().unwrap() > c);
+        for bad in [
+            "",
+            "1/19353A7",
+            "1/19353A7:",
+            "x:1",
+            "1/2:-1",
+            "1/2:99999999999",
+        ] {
+            let e = bad.parse::<Cursor>().unwrap_err().to_string();
+            assert!(e.contains("LSN:seq"), "{bad}: {e}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! `GET /api/stream?since=CURSOR&tables=…`: the archive as Server-Sent Events. Each change is
+//! one `change` event whose `id:` is its cursor, so a browser's EventSource (or any client
+//! sending `Last-Event-ID`) resumes after the last change it got: every durable change once,
+//! in order, first those already archived, then each new one as capture makes it durable.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::IntoResponse;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures_util::Stream;
+use pgtrail_query::feed::{Follower, Since};
+
+use crate::AppState;
+use crate::api::Params;
+use crate::error::ApiError;
+
+pub async fn stream(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(params): Params,
+) -> Result<impl IntoResponse, ApiError> {
+    let mut since = Since::Beginning;
+    let mut tables = Vec::new();
+    for (name, value) in &params {
+        match name.as_str() {
+            "since" => {
+                since = value
+                    .parse()
+                    .map_err(|e| ApiError::bad_request(format!("since: {e}")))?
+            }
+            "tables" => tables.extend(pgtrail_store::split_table_list(value)),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; the stream takes since (beginning, end or a cursor) and tables",
+                    other.chars().take(100).collect::<String>()
+                )));
+            }
+        }
+    }
+    // A reconnecting EventSource sends the id of the last event it got: resume after it.
+    if let Some(last) = headers.get("last-event-id") {
+        let last = last
+            .to_str()
+            .map_err(|_| ApiError::bad_request("Last-Event-ID is not text"))?;
+        since = Since::After(
+            last.parse()
+                .map_err(|e| ApiError::bad_request(format!("Last-Event-ID: {e}")))?,
+        );
+    }
+    // Refuse beyond the limit before any work: each stream holds a cut of the archive.
+    let open = state.metrics.streams_open.fetch_add(1, Ordering::SeqCst);
+    let guard = StreamGuard(state.clone());
+    if open >= state.config.max_streams as u64 {
+        return Err(ApiError::unavailable(format!(
+            "this server already serves {open} streams (its --max-streams); retry later"
+        )));
+    }
+    let mut follower = Follower::new(
+        &state.config.archive,
+        since,
+        tables,
+        state.config.stream_poll,
+    );
+    // The first page is read before answering, so an unknown table or a broken archive is a
+    // JSON error with a status rather than a stream that ends at once.
+    let first = follower.next_page(false).await?;
+    let events = events(follower, first, guard);
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Counts the stream open until the client goes (the response body, and with it this guard,
+/// is dropped then).
+struct StreamGuard(Arc<AppState>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.metrics.streams_open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn events(
+    mut follower: Follower,
+    first: Option<pgtrail_query::feed::FeedPage>,
+    guard: StreamGuard,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    async_stream(move |tx| async move {
+        let _guard = guard;
+        let mut page = first;
+        loop {
+            if let Some(p) = page.take() {
+                for event in page_events(&p) {
+                    // The client is gone: stop reading the archive for it.
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            match follower.next_page(true).await {
+                Ok(next) => page = next,
+                Err(e) => {
+                    let error = serde_json::json!({"error": e.to_string()}).to_string();
+                    let _ = tx
+                        .send(Ok(Event::default().event("error").data(error)))
+                        .await;
+                    return;
+                }
+            }
+        }
+    })
+}
+
+/// One event per change: `id:` its cursor, `data:` its JSON (as `pgtrail tail` prints it).
+fn page_events(page: &pgtrail_query::feed::FeedPage) -> Vec<Event> {
+    let mut events = Vec::new();
+    for batch in &page.batches {
+        let lines =
+            match pgtrail_query::json::write_json_lines(Vec::new(), std::slice::from_ref(batch)) {
+                Ok(lines) => String::from_utf8_lossy(&lines).into_owned(),
+                Err(e) => {
+                    let error = serde_json::json!({"error": e.to_string()}).to_string();
+                    events.push(Event::default().event("error").data(error));
+                    return events;
+                }
+            };
+        for (i, line) in lines.lines().enumerate() {
+            let id = pgtrail_query::feed::cursor_at(batch, i)
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            events.push(Event::default().event("change").id(id).data(line));
+        }
+    }
+    events
+}
+
+/// A stream fed by a task through a channel of one page's events at most: a slow client
+/// holds back its own reader (bounded memory per client), never the others.
+fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, mut rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(produce(tx));
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
