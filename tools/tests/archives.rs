@@ -385,6 +385,11 @@ fn rows_of(file: &Path) -> String {
     text
 }
 
+/// A writable copy of `fixtures/archives/<version>/shop`'s archive at `to`.
+pub(crate) fn copy_fixture(version: &str, to: &Path) {
+    copy_dir(&fixtures_dir().join(version).join("shop/archive"), to);
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -19,6 +19,7 @@ mod identifiers;
 mod json;
 mod query;
 mod schema;
+mod serve;
 mod tables;
 mod tampering;
 

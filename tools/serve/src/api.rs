@@ -79,7 +79,7 @@ impl<'p> Known<'p> {
 }
 
 /// The longest parameter value taken (SQL included).
-const MAX_PARAM: usize = 64 * 1024;
+const MAX_PARAM: usize = 32 * 1024;
 
 fn truncate(s: &str) -> String {
     s.chars().take(100).collect()

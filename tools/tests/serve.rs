@@ -1,0 +1,773 @@
+//! `pgtrail serve` and `pgtrail tail` against a real PostgreSQL, while capture writes (and is
+//! killed with -9): the stream delivers every change once, in order, across a disconnect and a
+//! capture crash; the API answers what `pgtrail sql` answers; bad requests get JSON errors and
+//! the server keeps serving; a token guards anything beyond loopback.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use pgtrail_capture::cluster::Cluster;
+use serde_json::Value;
+
+use crate::{insert_lsn, pgtrail, pgtrail_sql, wait_slot_active};
+
+fn spawn_capture(url: &str, archive: &Path, slot: &str) -> Child {
+    pgtrail()
+        .args(["capture", "--slot", slot, "--publication", slot])
+        // Compaction moves changes from the log into segments while streams read.
+        .args([
+            "--compact-after-changes",
+            "150",
+            "--compact-after-secs",
+            "1",
+        ])
+        .env("PGTRAIL_SOURCE", url)
+        .env("PGTRAIL_ARCHIVE", archive)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn pgtrail capture")
+}
+
+/// A running `pgtrail serve`, stopped when dropped.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `pgtrail serve` on a port the system picks and read its address from its first line.
+fn serve(archive: &Path, extra: &[&str]) -> Result<Server, String> {
+    let mut child = pgtrail()
+        .args(["serve", "--archive"])
+        .arg(archive)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let Some(rest) = line.strip_prefix("serve: http://") else {
+        let mut all = line;
+        let _ = stderr.read_to_string(&mut all);
+        let _ = child.wait();
+        return Err(all);
+    };
+    let addr = rest.split('/').next().unwrap().parse().unwrap();
+    // Keep reading its error output so that it never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    Ok(Server { child, addr })
+}
+
+/// An HTTP/1.1 response: status, lower-cased headers, body (chunked encoding undone).
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain HTTP client over a socket: the test depends on no HTTP library of its own.
+fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        request.push_str(&format!("{n}: {v}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let (status, headers) = read_head(&mut reader);
+    let mut raw = Vec::new();
+    reader.read_to_end(&mut raw).unwrap();
+    let chunked = headers
+        .iter()
+        .any(|(n, v)| n == "transfer-encoding" && v.contains("chunked"));
+    let body = if chunked { unchunk(&raw) } else { raw };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn read_head(reader: &mut impl std::io::BufRead) -> (u16, Vec<(String, String)>) {
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (n, v) = l.split_once(':').unwrap();
+        headers.push((n.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    (status, headers)
+}
+
+fn unchunk(mut raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let end = raw.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&raw[..end]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&raw[end + 2..end + 2 + size]);
+        raw = &raw[end + 4 + size..];
+    }
+}
+
+/// A Server-Sent Events reader over a socket.
+struct Sse {
+    reader: BufReader<TcpStream>,
+    pending: String,
+}
+
+/// One event: its id (a cursor) and its data (the change as JSON).
+struct Event {
+    id: String,
+    data: Value,
+}
+
+impl Sse {
+    fn open(addr: SocketAddr, path: &str, last_event_id: Option<&str>) -> Sse {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        let mut request =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        if let Some(id) = last_event_id {
+            request.push_str(&format!("Last-Event-ID: {id}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut reader = BufReader::new(stream);
+        let (status, headers) = read_head(&mut reader);
+        assert_eq!(status, 200, "stream refused: {headers:?}");
+        assert!(
+            headers
+                .iter()
+                .any(|(n, v)| n == "content-type" && v.starts_with("text/event-stream"))
+        );
+        Sse {
+            reader,
+            pending: String::new(),
+        }
+    }
+
+    /// The next change event (keep-alive comments skipped); chunk framing is read as it comes.
+    fn next(&mut self) -> Event {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..end + 2).collect();
+                let (mut id, mut data, mut kind) = (None, None, None);
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data = Some(v.trim_start().to_string());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        kind = Some(v.trim().to_string());
+                    }
+                }
+                match kind.as_deref() {
+                    Some("change") => {
+                        return Event {
+                            id: id.expect("a change event has an id"),
+                            data: serde_json::from_str(&data.unwrap()).unwrap(),
+                        };
+                    }
+                    Some(other) => panic!("stream sent a {other} event: {block}"),
+                    None => continue,
+                }
+            }
+            // One chunk: its size line, its bytes, CRLF.
+            let mut size = String::new();
+            self.reader.read_line(&mut size).unwrap();
+            let size = usize::from_str_radix(size.trim(), 16).unwrap();
+            assert!(size > 0, "the stream ended");
+            let mut chunk = vec![0; size + 2];
+            self.reader.read_exact(&mut chunk).unwrap();
+            self.pending
+                .push_str(std::str::from_utf8(&chunk[..size]).unwrap());
+        }
+    }
+}
+
+/// Wait until the slot has confirmed `lsn`: everything written before it is durable.
+fn wait_durable(cluster: &Cluster, db: &str, lsn: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster
+        .psql(db, &format!("SELECT confirmed_flush_lsn >= '{lsn}' FROM pg_replication_slots WHERE slot_name = '{db}'"))
+        .unwrap()
+        != "t"
+    {
+        assert!(Instant::now() < deadline, "capture did not catch up to {lsn}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn without_cursor(mut v: Value) -> Value {
+    v.as_object_mut().unwrap().remove("cursor");
+    v
+}
+
+/// Apply changes to a table's rows by key (`primary_key` → `after`), as a consumer would.
+fn apply(rows: &mut std::collections::BTreeMap<String, Value>, change: &Value) {
+    let key = change["primary_key"].as_str().unwrap().to_string();
+    match change["operation"].as_str().unwrap() {
+        "CREATE" | "SNAPSHOT" | "UPDATE" => {
+            if let Some(before) = change["before"].as_object() {
+                rows.remove(&before["id"].to_string());
+            }
+            rows.insert(key, change["after"].clone());
+        }
+        "DELETE" => {
+            rows.remove(&key);
+        }
+        other => panic!("unexpected operation {other}"),
+    }
+}
+
+#[test]
+fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture_crashes() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("stream").unwrap();
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE t (id int PRIMARY KEY, v int, note text);
+             CREATE TABLE other (id int PRIMARY KEY, v int);
+             INSERT INTO t SELECT g, 0, 'start' FROM generate_series(1, 50) g;",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let url = cluster.url(&db);
+    let mut capture = spawn_capture(&url, &archive, &db);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    let server = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
+    // A pipe follower beside the server's stream.
+    let tail_out = dir.path().join("tail.jsonl");
+    let mut tail = pgtrail()
+        .args(["tail", "--follow", "--tables", "public.t", "--archive"])
+        .arg(&archive)
+        .stdout(std::fs::File::create(&tail_out).unwrap())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    // The writer: updates, deletes and inserts of t (some with application context), and
+    // changes of another table, in single- and multi-row transactions.
+    let writer_url = url.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer_stop = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (client, conn) = tokio_postgres::connect(&writer_url, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            let mut rng = crate::Rng(0xC0FF_EE00_D15E_A5E5);
+            let mut n = 0u64;
+            while n < 600 || !writer_stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let id = (rng.next() % 80) as i32 + 1;
+                let user = rng.next() % 10;
+                let sql = match rng.next() % 5 {
+                    0 => format!("DELETE FROM t WHERE id = {id}"),
+                    1 => format!(
+                        "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{{\"user_id\": {user}}}');
+                         INSERT INTO t VALUES ({id}, {n}, 'ins') ON CONFLICT (id) DO UPDATE SET v = {n}, note = 'upsert'; COMMIT"
+                    ),
+                    2 => format!("INSERT INTO other VALUES ({n}, 1)"),
+                    3 => format!("UPDATE t SET v = v + 1, note = 'bulk {n}' WHERE id % 7 = {}", id % 7),
+                    _ => format!(
+                        "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{{\"user_id\": {user}}}');
+                         UPDATE t SET v = {n} WHERE id = {id}; COMMIT"
+                    ),
+                };
+                client.batch_execute(&sql).await.unwrap();
+            }
+        });
+    });
+
+    // A first client reads part of the history and goes away mid-stream.
+    let mut first = Sse::open(
+        server.addr,
+        "/api/stream?since=beginning&tables=public.t",
+        None,
+    );
+    let mut got: Vec<Event> = (0..200).map(|_| first.next()).collect();
+    drop(first);
+    // Capture dies without a word and comes back; the stream's cursor does not care.
+    std::thread::sleep(Duration::from_millis(300));
+    capture.kill().unwrap();
+    capture.wait().unwrap();
+    let resume_at = got.last().unwrap().id.clone();
+    let mut second = Sse::open(
+        server.addr,
+        "/api/stream?since=beginning&tables=public.t",
+        Some(&resume_at),
+    );
+    capture = spawn_capture(&url, &archive, &db);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.join().unwrap();
+    let end = insert_lsn(cluster, &db);
+    wait_durable(cluster, &db, &end);
+
+    // The truth: what the archive holds of t, and what PostgreSQL holds now.
+    let expected = json_lines(&pgtrail_sql(
+        &archive,
+        "json",
+        "SELECT * FROM changes WHERE \"table\" = 't' ORDER BY lsn, seq",
+    ));
+    assert!(expected.len() > 600, "{} changes", expected.len());
+    while got.len() < expected.len() {
+        got.push(second.next());
+    }
+    let ids: Vec<&str> = got.iter().map(|e| e.id.as_str()).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, e) in got.iter().enumerate() {
+        assert!(seen.insert(e.id.clone()), "change {} delivered twice", e.id);
+        assert_eq!(e.data["cursor"].as_str(), Some(e.id.as_str()));
+        assert_eq!(
+            without_cursor(e.data.clone()),
+            expected[i],
+            "event {i} ({}) differs from the archive's change",
+            ids[i]
+        );
+    }
+    // Replayed by a consumer, the stream gives what PostgreSQL holds.
+    let mut rows = std::collections::BTreeMap::new();
+    for e in &got {
+        apply(&mut rows, &e.data);
+    }
+    let pg: Vec<String> = cluster
+        .psql(
+            &db,
+            "SELECT id || ':' || v || ':' || note FROM t ORDER BY id",
+        )
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let mine: Vec<String> = rows
+        .values()
+        .map(|r| format!("{}:{}:{}", r["id"], r["v"], r["note"].as_str().unwrap()))
+        .collect();
+    let mut mine_sorted = mine.clone();
+    mine_sorted.sort_by_key(|s| s.split(':').next().unwrap().parse::<i64>().unwrap());
+    assert_eq!(
+        mine_sorted, pg,
+        "the stream replayed is not PostgreSQL's table"
+    );
+
+    // `pgtrail tail --follow` wrote the same lines, and resumes from any of them.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tailed = loop {
+        let lines = json_lines(&std::fs::read_to_string(&tail_out).unwrap());
+        if lines.len() >= expected.len() || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let _ = tail.kill();
+    let _ = tail.wait();
+    assert_eq!(tailed.len(), expected.len());
+    for (line, e) in tailed.iter().zip(&got) {
+        assert_eq!(line, &e.data);
+    }
+    let from = &got[expected.len() / 2].id;
+    let rest = pgtrail()
+        .args(["tail", "--tables", "public.t", "--since", from, "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        rest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rest.stderr)
+    );
+    let rest = json_lines(&String::from_utf8_lossy(&rest.stdout));
+    assert_eq!(rest.len(), expected.len() - expected.len() / 2 - 1);
+    assert_eq!(rest[0], got[expected.len() / 2 + 1].data);
+
+    // The API answers what `pgtrail sql` answers, on the same archive while capture runs.
+    api_answers_what_sql_answers(&archive, server.addr, &expected);
+    bad_requests_get_json_errors(server.addr);
+    crate::terminate(&mut capture);
+}
+
+fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: &[Value]) {
+    // A moment in the middle, and one later: the answers at them no longer change.
+    let mid = &changes_of_t[changes_of_t.len() / 2];
+    let late = &changes_of_t[changes_of_t.len() * 3 / 4];
+    let (mid_lsn, late_lsn) = (
+        mid["position"].as_str().unwrap(),
+        late["position"].as_str().unwrap(),
+    );
+    let key = mid["primary_key"].as_str().unwrap();
+
+    let history = get(
+        addr,
+        &format!("/api/tables/public.t/history?key={key}"),
+        &[],
+    );
+    assert_eq!(
+        history.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&history.body)
+    );
+    let sql = json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!("SELECT * FROM row_history('public.t', {key}) ORDER BY lsn, seq"),
+    ));
+    assert!(!sql.is_empty());
+    assert_eq!(history.json()["versions"].as_array().unwrap(), &sql);
+
+    // as_of, read in pages of 7 rows.
+    let sql = json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!("SELECT * FROM as_of_lsn('public.t', '{mid_lsn}')"),
+    ));
+    let mut paged = Vec::new();
+    let mut offset = Some(0);
+    while let Some(o) = offset {
+        let r = get(
+            addr,
+            &format!("/api/tables/public.t/as_of?at={mid_lsn}&limit=7&offset={o}"),
+            &[],
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        paged.extend(v["rows"].as_array().unwrap().iter().cloned());
+        offset = v["next_offset"].as_u64();
+    }
+    assert!(sql.len() > 10);
+    assert_eq!(paged, sql);
+
+    let diff = get(
+        addr,
+        &format!("/api/tables/public.t/diff?from={mid_lsn}&to={late_lsn}&limit=100000"),
+        &[],
+    );
+    assert_eq!(diff.status, 200);
+    let sql = json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!("SELECT * FROM diff('public.t', '{mid_lsn}', '{late_lsn}')"),
+    ));
+    assert!(!sql.is_empty());
+    assert_eq!(diff.json()["changes"].as_array().unwrap(), &sql);
+
+    // The changes of user 7 up to the middle, oldest first, in pages of 5 by cursor.
+    let mid_number = mid["lsn"].as_u64().unwrap();
+    let sql: Vec<Value> = json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!(
+            "SELECT * FROM changes WHERE \"table\" = 't' AND json_get(context, 'user_id') = '7' AND lsn <= {mid_number} ORDER BY lsn, seq"
+        ),
+    ));
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!(
+            "/api/changes?table=public.t&context.user_id=7&until_lsn={mid_lsn}&order=asc&limit=5"
+        );
+        if let Some(a) = &after {
+            path.push_str(&format!("&after={a}"));
+        }
+        let r = get(addr, &path, &[]);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        paged.extend(
+            v["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned()
+                .map(without_cursor),
+        );
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => break,
+        }
+    }
+    assert!(sql.len() > 5, "{} changes by user 7", sql.len());
+    assert_eq!(paged, sql);
+    // Newest first is the same list reversed.
+    let r = get(
+        addr,
+        &format!("/api/changes?table=public.t&context.user_id=7&until_lsn={mid_lsn}&limit=10000"),
+        &[],
+    );
+    let newest: Vec<Value> = r.json()["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .cloned()
+        .map(without_cursor)
+        .collect();
+    assert_eq!(newest, sql.iter().rev().cloned().collect::<Vec<_>>());
+
+    // SQL in CSV equals `pgtrail sql --format csv`; Parquet reads back with as many rows.
+    let q = format!(
+        "SELECT lsn, seq, operation, after FROM changes WHERE lsn <= {mid_number} ORDER BY lsn, seq"
+    );
+    let encoded: String = q
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let csv = get(addr, &format!("/api/sql?format=csv&q={encoded}"), &[]);
+    assert_eq!(csv.status, 200);
+    assert_eq!(
+        String::from_utf8(csv.body.clone()).unwrap(),
+        pgtrail_sql(archive, "csv", &q)
+    );
+    let parquet = get(addr, &format!("/api/sql?format=parquet&q={encoded}"), &[]);
+    assert_eq!(parquet.status, 200);
+    assert_eq!(parquet.header("x-pgtrail-truncated"), Some("false"));
+    let reader =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            bytes_file(&parquet.body),
+        )
+        .unwrap()
+        .build()
+        .unwrap();
+    let rows: usize = reader.map(|b| b.unwrap().num_rows()).sum();
+    assert_eq!(rows, csv.body.iter().filter(|&&b| b == b'\n').count() - 1);
+
+    // The tables list and the metrics agree with SQL.
+    let tables = get(addr, "/api/tables", &[]).json();
+    let t = tables["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["table"] == "public.t")
+        .unwrap();
+    let count = pgtrail_sql(
+        archive,
+        "csv",
+        "SELECT count(*) AS n FROM changes WHERE \"table\" = 't'",
+    );
+    assert_eq!(
+        t["changes"].as_u64().unwrap().to_string(),
+        count.lines().nth(1).unwrap()
+    );
+    let metrics = String::from_utf8(get(addr, "/metrics", &[]).body).unwrap();
+    assert!(
+        metrics.contains("pgtrail_serve_requests_total{route=\"/api/changes\",status=\"2xx\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("pgtrail_archive_changes ")),
+        "{metrics}"
+    );
+}
+
+fn bytes_file(bytes: &[u8]) -> std::fs::File {
+    let mut f = tempfile::tempfile().unwrap();
+    f.write_all(bytes).unwrap();
+    f
+}
+
+fn bad_requests_get_json_errors(addr: SocketAddr) {
+    let huge = "x".repeat(40_000);
+    let cases: Vec<(String, u16)> = vec![
+        ("/api/tables/public.t/history".into(), 400),
+        ("/api/tables/public.t/history?key=1&key=2".into(), 400),
+        ("/api/tables/nope/history?key=1".into(), 404),
+        ("/api/tables/..%2F..%2Fetc%2Fpasswd/history?key=1".into(), 400),
+        ("/api/tables/public.t/as_of?at=yesterday-ish".into(), 400),
+        ("/api/tables/public.t/as_of?at=0/0".into(), 400),
+        ("/api/tables/public.t/as_of".into(), 400),
+        ("/api/tables/public.t/diff?from=0/0".into(), 400),
+        ("/api/changes?limit=0".into(), 400),
+        ("/api/changes?limit=many".into(), 400),
+        ("/api/changes?order=sideways".into(), 400),
+        ("/api/changes?after=not-a-cursor".into(), 400),
+        ("/api/changes?op=merge".into(), 400),
+        ("/api/changes?since=0/16B3748".into(), 400),
+        ("/api/changes?bogus=1".into(), 400),
+        (format!("/api/changes?table={huge}"), 400),
+        ("/api/sql?q=DROP%20TABLE%20t".into(), 400),
+        ("/api/sql?q=CREATE%20EXTERNAL%20TABLE%20x%20STORED%20AS%20CSV%20LOCATION%20'/etc/passwd'".into(), 400),
+        ("/api/sql?q=COPY%20(SELECT%201)%20TO%20'/tmp/pgtrail-serve-x.csv'".into(), 400),
+        ("/api/sql?q=SELECT%20*%20FROM%20read_csv('/etc/passwd')".into(), 400),
+        ("/api/sql?q=SELEC%201".into(), 400),
+        ("/api/sql?q=SELECT%201&format=xlsx".into(), 400),
+        ("/api/stream?since=zz".into(), 400),
+        ("/api/stream?tables=nope".into(), 404),
+        ("/api/../../etc/passwd".into(), 404),
+        ("/nothing-here".into(), 404),
+    ];
+    for (path, status) in &cases {
+        let r = get(addr, path, &[]);
+        let shown: String = path.chars().take(80).collect();
+        assert_eq!(
+            r.status,
+            *status,
+            "{shown}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let v = r.json();
+        let error = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{shown}: no error in {v}"));
+        assert!(!error.is_empty());
+        assert!(
+            !error.contains(&huge[..1000]),
+            "{shown}: the error echoes the whole parameter"
+        );
+    }
+    assert!(!Path::new("/tmp/pgtrail-serve-x.csv").exists());
+    // Beyond HTTP's own limit on a request line, hyper answers 414 before any handler.
+    let r = get(
+        addr,
+        &format!("/api/changes?table={}", "x".repeat(70_000)),
+        &[],
+    );
+    assert_eq!(r.status, 414);
+    // A Last-Event-ID that is not a cursor.
+    let r = get(addr, "/api/stream", &[("Last-Event-ID", "nonsense")]);
+    assert_eq!(r.status, 400);
+    // Still serving.
+    assert_eq!(get(addr, "/api/tables", &[]).status, 200);
+}
+
+#[test]
+fn beyond_loopback_the_server_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    crate::archives::copy_fixture("v5", &archive);
+    // No token: refused at start, saying why.
+    let err = serve(&archive, &["--listen", "0.0.0.0:0"])
+        .err()
+        .expect("refused");
+    assert!(err.contains("--token-file"), "{err}");
+    // A token file others can read is refused.
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, "0123456789abcdef0123456789abcdef\n").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve(
+        &archive,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .err()
+    .expect("refused");
+    assert!(err.contains("chmod 600"), "{err}");
+    assert!(
+        !err.contains("0123456789abcdef"),
+        "the error shows the token: {err}"
+    );
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let server = serve(
+        &archive,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    )
+    .unwrap();
+    let addr = SocketAddr::from(([127, 0, 0, 1], server.addr.port()));
+    for path in [
+        "/api/tables",
+        "/api/changes",
+        "/api/stream",
+        "/metrics",
+        "/api/sql?q=SELECT%201",
+    ] {
+        let r = get(addr, path, &[]);
+        assert_eq!(r.status, 401, "{path}");
+        assert!(r.json()["error"].as_str().unwrap().contains("Bearer"));
+        let r = get(
+            addr,
+            path,
+            &[("Authorization", "Bearer 0123456789abcdef0123456789abcdee")],
+        );
+        assert_eq!(r.status, 401, "{path}");
+        assert!(!String::from_utf8_lossy(&r.body).contains("0123456789abcdef"));
+    }
+    let ok = get(
+        addr,
+        "/api/tables",
+        &[("Authorization", "Bearer 0123456789abcdef0123456789abcdef")],
+    );
+    assert_eq!(ok.status, 200);
+    assert!(ok.json()["tables"].as_array().unwrap().len() > 3);
+    // The page itself holds no data and loads without the token; it may load only its own files.
+    let page = get(addr, "/", &[]);
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-security-policy")
+            .unwrap()
+            .contains("default-src 'none'")
+    );
+    assert!(String::from_utf8_lossy(&page.body).contains("/app.js"));
+}
