@@ -206,5 +206,13 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
         "Next: pgtrail sql --archive {}   (an interactive prompt; \\d lists tables)",
         archive.display()
     );
+    println!(
+        "      pgtrail serve --archive {}   (then open http://127.0.0.1:8432/ : each row's timeline, who changed it, the table as of any version)",
+        archive.display()
+    );
+    println!(
+        "      pgtrail tail --archive {}   (every change as JSON lines, with the cursor to resume from)",
+        archive.display()
+    );
     Ok(())
 }

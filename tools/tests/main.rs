@@ -490,6 +490,9 @@ fn demo_captures_the_shop_workload() {
     // changes view finds user 7's delete through its context.
     assert!(stdout.contains("| delete | 2   | new |"), "{stdout}");
     assert!(stdout.contains("/admin/orders/2"), "{stdout}");
+    // It tells a newcomer where to look next: the page and the stream.
+    assert!(stdout.contains("pgtrail serve --archive"), "{stdout}");
+    assert!(stdout.contains("pgtrail tail --archive"), "{stdout}");
 }
 
 /// Every file under `dir`, sorted.
