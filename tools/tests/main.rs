@@ -28,19 +28,20 @@ fn pgtrail() -> Command {
 }
 
 fn spawn_capture(url: &str, archive: &Path, slot: &str, stop_at: Option<&str>) -> Child {
-    let mut cmd = pgtrail();
-    cmd.arg("capture").args([
-        "--slot",
-        slot,
-        "--publication",
-        slot,
-        "--progress-secs",
-        "1",
-    ]);
+    let mut extra = vec!["--progress-secs", "1"];
     if let Some(lsn) = stop_at {
-        cmd.args(["--stop-at", lsn]);
+        extra.extend(["--stop-at", lsn]);
     }
-    cmd.env("PGTRAIL_SOURCE", url)
+    spawn_capture_with(url, archive, slot, &extra)
+}
+
+/// `pgtrail capture` of `url` into `archive` (slot and publication `slot`) with `extra`
+/// arguments, its output discarded.
+fn spawn_capture_with(url: &str, archive: &Path, slot: &str, extra: &[&str]) -> Child {
+    pgtrail()
+        .args(["capture", "--slot", slot, "--publication", slot])
+        .args(extra)
+        .env("PGTRAIL_SOURCE", url)
         .env("PGTRAIL_ARCHIVE", archive)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -14,23 +14,16 @@ use serde_json::Value;
 
 use crate::{insert_lsn, pgtrail, pgtrail_sql, wait_slot_active};
 
+/// Capture that compacts every 150 changes or each second: changes move from the log into
+/// segments while streams read.
 fn spawn_capture(url: &str, archive: &Path, slot: &str) -> Child {
-    pgtrail()
-        .args(["capture", "--slot", slot, "--publication", slot])
-        // Compaction moves changes from the log into segments while streams read.
-        .args([
-            "--compact-after-changes",
-            "150",
-            "--compact-after-secs",
-            "1",
-        ])
-        .env("PGTRAIL_SOURCE", url)
-        .env("PGTRAIL_ARCHIVE", archive)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn pgtrail capture")
+    let compaction = [
+        "--compact-after-changes",
+        "150",
+        "--compact-after-secs",
+        "1",
+    ];
+    crate::spawn_capture_with(url, archive, slot, &compaction)
 }
 
 /// A running `pgtrail serve`, stopped when dropped.
