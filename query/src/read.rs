@@ -240,10 +240,10 @@ pub fn open_segment_selected(
     columns: Option<&[Vec<String>]>,
     rows: Option<&[usize]>,
 ) -> Result<SegmentReader> {
-    open_verified(path, sha256, |expected| {
+    open_verified(path, sha256, || {
         SegmentReader::open_selected(
             path,
-            expected,
+            None,
             batch_rows,
             bounds.lsn,
             bounds.time,
@@ -253,15 +253,15 @@ pub fn open_segment_selected(
     })
 }
 
-/// `open(None)` of the file at `path` once it is checked against `sha256` (a file checked
-/// once is not hashed again at every query).
+/// `open()` the file at `path` once it is checked against `sha256` (a file checked once is
+/// not hashed again at every query, so `open` passes no checksum of its own).
 fn open_verified(
     path: &std::path::Path,
     sha256: &str,
-    open: impl FnOnce(Option<&str>) -> std::result::Result<SegmentReader, pgtrail_store::SegmentError>,
+    open: impl FnOnce() -> std::result::Result<SegmentReader, pgtrail_store::SegmentError>,
 ) -> Result<SegmentReader> {
     verify_once(path, sha256)?;
-    open(None).map_err(|e| DataFusionError::External(Box::new(e)))
+    open().map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
 /// The row groups of a segment (see [`row_group_ranges`]), from a file checked against its
@@ -305,8 +305,8 @@ pub fn open_segment_row_group(
     row_group: usize,
     columns: Option<&[Vec<String>]>,
 ) -> Result<SegmentReader> {
-    open_verified(path, sha256, |expected| {
-        SegmentReader::open_row_group(path, expected, batch_rows, row_group, columns)
+    open_verified(path, sha256, || {
+        SegmentReader::open_row_group(path, None, batch_rows, row_group, columns)
     })
 }
 
