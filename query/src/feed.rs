@@ -75,11 +75,8 @@ pub struct FeedPage {
 pub struct TableFilter(Vec<(String, String)>);
 
 impl TableFilter {
-    pub fn all() -> TableFilter {
-        TableFilter(Vec::new())
-    }
-
-    /// Resolve `names` in `archive`; an unknown name is an error that lists the known ones.
+    /// Resolve `names` in `archive` (none: every table); an unknown name is an error that
+    /// lists the known ones.
     /// A name that is not in this cut yet (a table not captured yet) cannot be followed.
     pub fn named(archive: &ArchiveSnapshot, names: &[String]) -> Result<TableFilter, QueryError> {
         let mut pairs = Vec::new();
@@ -95,7 +92,8 @@ impl TableFilter {
         Ok(TableFilter(pairs))
     }
 
-    fn expr(&self) -> Option<Expr> {
+    /// The condition on the `changes` view; `None` when every table is followed.
+    pub fn predicate(&self) -> Option<Expr> {
         self.0
             .iter()
             .map(|(schema, name)| {
@@ -128,18 +126,9 @@ pub async fn changes_after(
         .map(|s| s.max_key)
         .filter(|max| from.is_none_or(|f| *max > f))
         .min();
-    let mut filter = Vec::new();
-    if let Some(f) = from {
-        let lsn = f.commit_lsn.0;
-        filter.push(col("lsn").gt_eq(lit(lsn)));
-        filter.push(col("lsn").gt(lit(lsn)).or(col("seq").gt(lit(f.seq))));
-    }
-    if let Some(u) = upto {
-        let lsn = u.commit_lsn.0;
-        filter.push(col("lsn").lt_eq(lit(lsn)));
-        filter.push(col("lsn").lt(lit(lsn)).or(col("seq").lt_eq(lit(u.seq))));
-    }
-    filter.extend(tables.expr());
+    let mut filter: Vec<Expr> = from.map(keys_after).into_iter().collect();
+    filter.extend(upto.map(keys_through));
+    filter.extend(tables.predicate());
     let mut frame = ctx
         .table(TableReference::partial("pgtrail", "changes"))
         .await?;
@@ -169,6 +158,31 @@ pub async fn changes_after(
         next: last.map(Cursor),
         more: upto.is_some(),
     })
+}
+
+/// The `changes` view's rows whose key is above `k`. The plain `lsn >= …` conjunct lets the
+/// view skip segments and row groups by their LSN range.
+pub fn keys_after(k: ChangeKey) -> Expr {
+    let lsn = k.commit_lsn.0;
+    col("lsn")
+        .gt_eq(lit(lsn))
+        .and(col("lsn").gt(lit(lsn)).or(col("seq").gt(lit(k.seq))))
+}
+
+/// The `changes` view's rows whose key is below `k` (see [`keys_after`]).
+pub fn keys_before(k: ChangeKey) -> Expr {
+    let lsn = k.commit_lsn.0;
+    col("lsn")
+        .lt_eq(lit(lsn))
+        .and(col("lsn").lt(lit(lsn)).or(col("seq").lt(lit(k.seq))))
+}
+
+/// The `changes` view's rows whose key is `k` or below it (see [`keys_after`]).
+fn keys_through(k: ChangeKey) -> Expr {
+    let lsn = k.commit_lsn.0;
+    col("lsn")
+        .lt_eq(lit(lsn))
+        .and(col("lsn").lt(lit(lsn)).or(col("seq").lt_eq(lit(k.seq))))
 }
 
 /// Where a stream starts.
@@ -221,6 +235,12 @@ struct Cut {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LogMark(Lsn, u64);
 
+impl LogMark {
+    fn of(reader: &pgtrail_store::LogReader) -> Result<LogMark, pgtrail_store::LogError> {
+        Ok(LogMark(reader.position()?, reader.change_count()?))
+    }
+}
+
 impl Follower {
     /// A stream of `dir`'s changes of `tables` (all when empty), polling for new commits every
     /// `poll` while following.
@@ -253,7 +273,7 @@ impl Follower {
                             source,
                         }
                     })?;
-                    let mark = LogMark(reader.position()?, reader.change_count()?);
+                    let mark = LogMark::of(&reader)?;
                     Ok::<_, QueryError>((ArchiveSnapshot::from_reader(&dir, &reader)?, mark))
                 })
                 .await
@@ -262,10 +282,7 @@ impl Follower {
                 if std::mem::take(&mut self.since_end) {
                     self.cursor = last_key(&archive).map(Cursor);
                 }
-                let filter = match self.tables.is_empty() {
-                    true => TableFilter::all(),
-                    false => TableFilter::named(&archive, &self.tables)?,
-                };
+                let filter = TableFilter::named(&archive, &self.tables)?;
                 let ctx = crate::session(archive.clone())?;
                 self.cut = Some(Cut {
                     ctx,
@@ -303,11 +320,7 @@ impl Follower {
             tokio::time::sleep(self.poll).await;
             let dir = self.dir.clone();
             let mark = tokio::task::spawn_blocking(move || {
-                let reader = pgtrail_store::LogReader::open(&dir)?;
-                Ok::<_, pgtrail_store::LogError>(LogMark(
-                    reader.position()?,
-                    reader.change_count()?,
-                ))
+                LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
             })
             .await
             .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;

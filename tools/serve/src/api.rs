@@ -9,10 +9,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use datafusion::arrow::array::RecordBatch;
-use datafusion::prelude::SessionContext;
+use datafusion::common::TableReference;
+use datafusion::prelude::{DataFrame, Expr, SessionContext, col};
 use futures_util::StreamExt as _;
 use pgtrail_query::ArchiveSnapshot;
-use pgtrail_query::feed::Cursor;
+use pgtrail_query::feed::{self, Cursor, TableFilter};
 use pgtrail_store::Lsn;
 
 use crate::AppState;
@@ -22,12 +23,15 @@ use crate::error::ApiError;
 pub type Params = Query<Vec<(String, String)>>;
 
 /// The parameters one endpoint takes: any other is refused, naming those it knows.
-struct Known<'p> {
+pub(crate) struct Known<'p> {
     params: &'p [(String, String)],
 }
 
 impl<'p> Known<'p> {
-    fn check(params: &'p [(String, String)], known: &[&str]) -> Result<Known<'p>, ApiError> {
+    pub(crate) fn check(
+        params: &'p [(String, String)],
+        known: &[&str],
+    ) -> Result<Known<'p>, ApiError> {
         for (name, value) in params {
             let base = name.split_once('.').map_or(name.as_str(), |(b, _)| b);
             if !known.contains(&name.as_str()) && !known.contains(&format!("{base}.*").as_str()) {
@@ -47,7 +51,7 @@ impl<'p> Known<'p> {
         Ok(Known { params })
     }
 
-    fn one(&self, name: &str) -> Result<Option<&'p str>, ApiError> {
+    pub(crate) fn one(&self, name: &str) -> Result<Option<&'p str>, ApiError> {
         let mut found = self.all(name);
         let first = found.next();
         if found.next().is_some() {
@@ -101,20 +105,33 @@ fn moment(text: &str) -> String {
     }
 }
 
-/// Open one consistent cut of the archive, off the async workers.
-pub(crate) async fn cut(
-    state: &AppState,
-) -> Result<(SessionContext, Arc<ArchiveSnapshot>), ApiError> {
+/// Read one consistent cut of the archive, off the async workers.
+async fn snapshot(state: &AppState) -> Result<Arc<ArchiveSnapshot>, ApiError> {
+    let dir = state.config.archive.clone();
+    off_runtime(move || ArchiveSnapshot::open(&dir).map(Arc::new)).await
+}
+
+/// One consistent cut of the archive and a SQL session over it (which reads the logical
+/// messages, hence off the runtime too), bounded by the request's memory limit.
+async fn cut(state: &AppState) -> Result<(SessionContext, Arc<ArchiveSnapshot>), ApiError> {
     let dir = state.config.archive.clone();
     let memory = state.config.request_memory;
-    tokio::task::spawn_blocking(move || {
+    off_runtime(move || {
         let archive = Arc::new(ArchiveSnapshot::open(&dir)?);
         let ctx = pgtrail_query::bounded_session(archive.clone(), memory)?;
         Ok::<_, pgtrail_query::QueryError>((ctx, archive))
     })
     .await
-    .map_err(|e| ApiError::unavailable(format!("opening the archive failed: {e}")))?
-    .map_err(ApiError::from)
+}
+
+/// Run `read` (file I/O) on a blocking thread.
+pub(crate) async fn off_runtime<T: Send + 'static, E: Into<ApiError> + Send + 'static>(
+    read: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(read)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("reading the archive failed: {e}")))?
+        .map_err(Into::into)
 }
 
 /// Rows of a query, at most `max_rows` (then `truncated`), within the request's time limit.
@@ -124,16 +141,27 @@ struct Answer {
     truncated: bool,
 }
 
+/// `sql` (read-only) answered within the request's limits (see [`run`]).
 async fn query(
     state: &AppState,
     ctx: &SessionContext,
     sql: &str,
     max_rows: usize,
 ) -> Result<Answer, ApiError> {
+    let plan = async { Ok(pgtrail_query::read_only_query(ctx, sql).await?) };
+    run(state, plan, max_rows).await
+}
+
+/// Plan and run a query: at most `max_rows` rows (then `truncated`), within the request's
+/// time limit (planning included: a table function may do its work there).
+async fn run(
+    state: &AppState,
+    plan: impl Future<Output = Result<DataFrame, ApiError>>,
+    max_rows: usize,
+) -> Result<Answer, ApiError> {
     let limit = state.config.request_timeout;
     let run = async {
-        let frame = pgtrail_query::read_only_query(ctx, sql).await?;
-        let mut stream = frame.execute_stream().await?;
+        let mut stream = plan.await?.execute_stream().await?;
         let schema = stream.schema();
         let (mut batches, mut rows, mut truncated) = (Vec::new(), 0usize, false);
         while let Some(batch) = stream.next().await {
@@ -176,7 +204,7 @@ fn json_response(body: String) -> Response {
 /// `GET /api/tables`: every table with its change count, time and LSN range and schema
 /// versions.
 pub async fn tables(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let (_, archive) = cut(&state).await?;
+    let archive = snapshot(&state).await?;
     let mut out = Vec::new();
     for t in archive.tables.values() {
         let mut changes: u64 = t.segments.iter().map(|s| s.rows).sum();
@@ -302,22 +330,8 @@ pub async fn changes(
         }
     };
     let (ctx, archive) = cut(&state).await?;
+    // Conditions on the parameters' values, as SQL with their values as literals.
     let mut filters = Vec::new();
-    let tables: Vec<&str> = p.all("table").collect();
-    if !tables.is_empty() {
-        let mut names = Vec::new();
-        for name in tables {
-            for v in &archive.table(name)?.versions {
-                names.push(format!(
-                    "(\"schema\" = {} AND \"table\" = {})",
-                    sql_text(&v.schema),
-                    sql_text(&v.name)
-                ));
-            }
-        }
-        names.dedup();
-        filters.push(format!("({})", names.join(" OR ")));
-    }
     let ops: Vec<String> = p
         .all("op")
         .map(|op| match op.to_ascii_lowercase().as_str() {
@@ -362,25 +376,42 @@ pub async fn changes(
             ));
         }
     }
-    if let Some(after) = p.one("after")? {
-        let c: Cursor = after
-            .parse()
-            .map_err(|e| ApiError::bad_request(format!("after: {e}")))?;
-        let (lsn, seq) = (c.0.commit_lsn.0, c.0.seq);
-        filters.push(match desc {
-            true => format!("lsn <= {lsn} AND (lsn < {lsn} OR seq < {seq})"),
-            false => format!("lsn >= {lsn} AND (lsn > {lsn} OR seq > {seq})"),
-        });
-    }
-    let dir = if desc { "DESC" } else { "ASC" };
-    let sql = format!(
-        "SELECT * FROM pgtrail.changes{} ORDER BY lsn {dir}, seq {dir} LIMIT {limit}",
-        match filters.is_empty() {
-            true => String::new(),
-            false => format!(" WHERE {}", filters.join(" AND ")),
+    let after = match p.one("after")? {
+        Some(a) => Some(
+            a.parse::<Cursor>()
+                .map_err(|e| ApiError::bad_request(format!("after: {e}")))?,
+        ),
+        None => None,
+    };
+    // The tables (under each name they bore) and the page's start, as the stream finds them.
+    let names: Vec<String> = p.all("table").map(str::to_string).collect();
+    let mut conditions: Vec<Expr> = TableFilter::named(&archive, &names)?
+        .predicate()
+        .into_iter()
+        .collect();
+    conditions.extend(after.map(|c| match desc {
+        true => feed::keys_before(c.0),
+        false => feed::keys_after(c.0),
+    }));
+    let plan = async {
+        let mut frame = ctx
+            .table(TableReference::partial("pgtrail", "changes"))
+            .await?;
+        for f in &filters {
+            conditions.push(frame.parse_sql_expr(f)?);
         }
-    );
-    let answer = query(&state, &ctx, &sql, limit).await?;
+        if let Some(all) = conditions.into_iter().reduce(Expr::and) {
+            frame = frame.filter(all)?;
+        }
+        let frame = frame
+            .sort(vec![
+                col("lsn").sort(!desc, false),
+                col("seq").sort(!desc, false),
+            ])?
+            .limit(0, Some(limit))?;
+        Ok(frame)
+    };
+    let answer = run(&state, plan, limit).await?;
     let batches = answer
         .batches
         .iter()

@@ -16,7 +16,7 @@ use futures_util::Stream;
 use pgtrail_query::feed::{Follower, Since};
 
 use crate::AppState;
-use crate::api::Params;
+use crate::api::{Known, Params};
 use crate::error::ApiError;
 
 pub async fn stream(
@@ -24,24 +24,17 @@ pub async fn stream(
     headers: HeaderMap,
     Query(params): Params,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut since = Since::Beginning;
-    let mut tables = Vec::new();
-    for (name, value) in &params {
-        match name.as_str() {
-            "since" => {
-                since = value
-                    .parse()
-                    .map_err(|e| ApiError::bad_request(format!("since: {e}")))?
-            }
-            "tables" => tables.extend(pgtrail_store::split_table_list(value)),
-            other => {
-                return Err(ApiError::bad_request(format!(
-                    "unknown parameter {:?}; the stream takes since (beginning, end or a cursor) and tables",
-                    other.chars().take(100).collect::<String>()
-                )));
-            }
-        }
-    }
+    let p = Known::check(&params, &["since", "tables"])?;
+    let mut since = match p.one("since")? {
+        Some(s) => s
+            .parse()
+            .map_err(|e| ApiError::bad_request(format!("since: {e}")))?,
+        None => Since::Beginning,
+    };
+    let tables = p
+        .one("tables")?
+        .map(pgtrail_store::split_table_list)
+        .unwrap_or_default();
     // A reconnecting EventSource sends the id of the last event it got: resume after it.
     if let Some(last) = headers.get("last-event-id") {
         let last = last
