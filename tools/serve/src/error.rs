@@ -86,6 +86,12 @@ impl From<QueryError> for ApiError {
     }
 }
 
+impl From<pgtrail_store::LogError> for ApiError {
+    fn from(e: pgtrail_store::LogError) -> ApiError {
+        QueryError::Log(e).into()
+    }
+}
+
 impl From<datafusion::error::DataFusionError> for ApiError {
     fn from(e: datafusion::error::DataFusionError) -> ApiError {
         ApiError::from_datafusion(&e)

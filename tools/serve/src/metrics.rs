@@ -11,6 +11,8 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
+use pgtrail_store::{ArchiveStatus, Lsn};
+
 use crate::AppState;
 use crate::error::ApiError;
 
@@ -48,8 +50,11 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
     response
 }
 
+/// The archive's gauges are what `pgtrail status` reports (the store's [`ArchiveStatus`],
+/// one read of the log), so the two never disagree.
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let (_, archive) = crate::api::cut(&state).await?;
+    let dir = state.config.archive.clone();
+    let status = crate::api::off_runtime(move || ArchiveStatus::collect(&dir)).await?;
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, value: f64| {
         let _ = writeln!(
@@ -57,52 +62,45 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
         );
     };
-    let segments = archive
-        .tables
-        .values()
-        .flat_map(|t| &t.segments)
-        .chain(&archive.message_segments);
-    let (mut seg_count, mut seg_bytes, mut seg_rows) = (0u64, 0u64, 0u64);
-    for s in segments {
-        seg_count += 1;
-        seg_bytes += s.bytes;
-        seg_rows += s.rows;
-    }
-    let tail: usize = archive.tables.values().map(|t| t.tail.len()).sum();
+    let durable = status.position.parse::<Lsn>().unwrap_or_default();
     gauge(
         "pgtrail_archive_durable_lsn",
         "The capture's durable position (an LSN as a number).",
-        archive.position.0 as f64,
+        durable.0 as f64,
     );
     gauge(
         "pgtrail_archive_changes",
-        "Changes the archive holds (segments and log).",
-        (seg_rows + tail as u64) as f64,
+        "Changes the archive holds (segments and log), as pgtrail status counts them.",
+        status.changes as f64,
     );
     gauge(
         "pgtrail_archive_log_changes",
         "Changes still in the log, not yet compacted.",
-        tail as f64,
+        status.log.changes as f64,
     );
     gauge(
         "pgtrail_archive_segments",
         "Segments listed in the manifest.",
-        seg_count as f64,
+        status.segments.files as f64,
     );
     gauge(
         "pgtrail_archive_segment_bytes",
         "Bytes of the listed segments.",
-        seg_bytes as f64,
+        status.segments.bytes as f64,
     );
     gauge(
         "pgtrail_archive_tables",
-        "Tables the archive holds.",
-        archive.tables.len() as f64,
+        "Table names the archive holds changes under, as pgtrail status lists them (a renamed table counts under each name).",
+        status
+            .tables
+            .iter()
+            .filter(|t| t.table != "pgtrail.messages")
+            .count() as f64,
     );
     gauge(
         "pgtrail_archive_gaps",
         "Gaps the archive knows of.",
-        archive.gaps.len() as f64,
+        status.gaps.len() as f64,
     );
     gauge(
         "pgtrail_serve_streams_open",
