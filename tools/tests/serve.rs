@@ -491,6 +491,22 @@ fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: 
     assert!(sql.len() > 10);
     assert_eq!(paged, sql);
 
+    // as_of at a time (the middle change's commit time) is as_of with a timestamp.
+    let at = mid["committed_at"].as_str().unwrap();
+    let r = get(
+        addr,
+        &format!("/api/tables/public.t/as_of?at={at}&limit=100000"),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let sql = json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!("SELECT * FROM as_of('public.t', TIMESTAMP '{at}')"),
+    ));
+    assert!(sql.len() > 10);
+    assert_eq!(r.json()["rows"].as_array().unwrap(), &sql);
+
     let diff = get(
         addr,
         &format!("/api/tables/public.t/diff?from={mid_lsn}&to={late_lsn}&limit=100000"),
@@ -763,4 +779,32 @@ fn beyond_loopback_the_server_needs_a_token() {
             .contains("default-src 'none'")
     );
     assert!(String::from_utf8_lossy(&page.body).contains("/app.js"));
+}
+
+#[test]
+fn a_runaway_query_is_cancelled_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    crate::archives::copy_fixture("v5", &archive);
+    let server = serve(
+        &archive,
+        &["--listen", "127.0.0.1:0", "--request-timeout-secs", "1"],
+    )
+    .unwrap();
+    // Ten billion rows: far beyond a second.
+    let r = get(
+        server.addr,
+        "/api/sql?q=SELECT%20count(*)%20FROM%20generate_series(1,100000)%20a,%20generate_series(1,100000)%20b",
+        &[],
+    );
+    assert_eq!(r.status, 503);
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("ran longer than this server allows"),
+        "{}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert_eq!(get(server.addr, "/api/tables", &[]).status, 200);
 }
