@@ -808,3 +808,242 @@ fn a_runaway_query_is_cancelled_and_the_server_keeps_serving() {
     );
     assert_eq!(get(server.addr, "/api/tables", &[]).status, 200);
 }
+
+/// The page's driver (tools/serve/browser/page.mjs) and what it needs: Node.js, Debian's
+/// Chromium and playwright-core installed beside it (`npm ci`). `None` when one is missing,
+/// which skips the test unless `PGTRAIL_REQUIRE_BROWSER` is set (CI installs them and sets it).
+fn page_driver() -> Option<std::path::PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("serve/browser");
+    let chromium = std::env::var_os("CHROMIUM").unwrap_or_else(|| "/usr/bin/chromium".into());
+    let node = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let ready =
+        node && Path::new(&chromium).exists() && dir.join("node_modules/playwright-core").is_dir();
+    if !ready {
+        assert!(
+            std::env::var_os("PGTRAIL_REQUIRE_BROWSER").is_none(),
+            "PGTRAIL_REQUIRE_BROWSER is set but node, {} or {}/node_modules/playwright-core \
+             is missing (apt-get install chromium nodejs; npm ci --prefix {})",
+            Path::new(&chromium).display(),
+            dir.display(),
+            dir.display()
+        );
+        eprintln!(
+            "skipped: the page test needs node, Chromium and playwright-core (apt-get install chromium; npm ci --prefix {})",
+            dir.display()
+        );
+        return None;
+    }
+    Some(dir.join("page.mjs"))
+}
+
+/// psql's rows as lists of fields (`|`-separated, unaligned).
+fn pg_rows(cluster: &Cluster, db: &str, sql: &str) -> Vec<Vec<String>> {
+    cluster
+        .psql(db, sql)
+        .unwrap()
+        .lines()
+        .map(|l| l.split('|').map(str::to_string).collect())
+        .collect()
+}
+
+/// One report of page.mjs, by its step.
+fn step<'a>(reports: &'a [Value], name: &str) -> &'a Value {
+    reports
+        .iter()
+        .find(|r| r["step"] == name)
+        .unwrap_or_else(|| panic!("the page driver did not report {name}: {reports:?}"))
+}
+
+#[test]
+fn the_page_shows_a_rows_timeline_the_table_as_of_a_version_and_live_changes_in_a_browser() {
+    let Some(driver) = page_driver() else { return };
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("page").unwrap();
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE customers (id int PRIMARY KEY, name text, email text, tier text);
+             CREATE TABLE orders (id int PRIMARY KEY, customer_id int, total numeric(8,2));
+             INSERT INTO customers SELECT g, 'name ' || g, 'c' || g || '@old.example', 'basic'
+               FROM generate_series(1, 5) g;",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let url = cluster.url(&db);
+    let mut capture = spawn_capture(&url, &archive, &db);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    // Two requests touch customer 3: user 7 changes the e-mail, user 9 the tier; user 7 also
+    // places an order. The table as it was right after user 7's change is kept from PostgreSQL.
+    cluster
+        .psql(
+            &db,
+            "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 7}');
+             UPDATE customers SET email = 'c3@new.example' WHERE id = 3; COMMIT;",
+        )
+        .unwrap();
+    let after_first = pg_rows(
+        cluster,
+        &db,
+        "SELECT id, name, email, tier FROM customers ORDER BY id",
+    );
+    cluster
+        .psql(
+            &db,
+            "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 9}');
+             UPDATE customers SET tier = 'gold' WHERE id = 3; COMMIT;
+             BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 7}');
+             INSERT INTO orders VALUES (1, 3, 12.50); COMMIT;",
+        )
+        .unwrap();
+    wait_durable(cluster, &db, &insert_lsn(cluster, &db));
+    let server = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
+
+    let mut page = std::process::Command::new("node")
+        .arg(&driver)
+        .args(["--url", &format!("http://{}/", server.addr)])
+        .args(["--table", "public.customers", "--key", "3"])
+        .args(["--as-of-version", "1", "--context", "user_id=7", "--live"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node");
+    let stdout = BufReader::new(page.stdout.take().unwrap());
+    let mut reports = Vec::new();
+    for line in stdout.lines() {
+        let report: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        if report["step"] == "live-ready" {
+            // The page follows the stream now: a change made in PostgreSQL must appear on it.
+            cluster
+                .psql(
+                    &db,
+                    "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 11}');
+                     INSERT INTO customers VALUES (6, 'name 6', 'c6@new.example', 'basic'); COMMIT;",
+                )
+                .unwrap();
+        }
+        reports.push(report);
+    }
+    let mut errors = String::new();
+    page.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut errors)
+        .unwrap();
+    assert!(page.wait().unwrap().success(), "page driver: {errors}");
+    let _ = capture.kill();
+    let _ = capture.wait();
+
+    // The table list names both tables.
+    let tables = step(&reports, "tables")["tables"].as_array().unwrap();
+    assert!(tables.contains(&"public.customers".into()), "{tables:?}");
+    assert!(tables.contains(&"public.orders".into()), "{tables:?}");
+
+    // Customer 3's timeline, newest first: the tier change by user 9 (the tier highlighted,
+    // the old tier shown struck), the e-mail change by user 7, the snapshot.
+    let history = step(&reports, "history");
+    let versions = history["versions"].as_array().unwrap();
+    let ops: Vec<&str> = versions.iter().map(|v| v["op"].as_str().unwrap()).collect();
+    assert_eq!(ops.len(), 3, "{history}");
+    assert_eq!(ops[..2], ["update", "update"], "{history}");
+    let cell = |v: &Value, row: usize, column: &str| -> (String, String) {
+        let i = v["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .position(|c| c == column)
+            .unwrap_or_else(|| panic!("no column {column}: {v}"));
+        let c = &v["rows"][row][i];
+        (
+            c["text"].as_str().unwrap().to_string(),
+            c["class"].as_str().unwrap().to_string(),
+        )
+    };
+    let newest = &versions[0];
+    assert!(
+        newest["who"].as_str().unwrap().contains("user_id=9"),
+        "{newest}"
+    );
+    assert_eq!(cell(newest, 0, "tier"), ("gold".into(), "changed".into()));
+    assert_eq!(cell(newest, 1, "tier"), ("basic".into(), "was".into()));
+    assert_eq!(
+        cell(newest, 0, "email").1,
+        "",
+        "only the tier changed: {newest}"
+    );
+    let second = &versions[1];
+    assert!(
+        second["who"].as_str().unwrap().contains("user_id=7"),
+        "{second}"
+    );
+    assert_eq!(
+        cell(second, 0, "email"),
+        ("c3@new.example".into(), "changed".into())
+    );
+    assert_eq!(
+        cell(second, 1, "email"),
+        ("c3@old.example".into(), "was".into())
+    );
+    assert_eq!(cell(&versions[2], 0, "email").0, "c3@old.example");
+
+    // The table as of user 7's change is what PostgreSQL held then.
+    let as_of = step(&reports, "as_of");
+    assert_eq!(
+        as_of["columns"],
+        serde_json::json!(["id", "name", "email", "tier"])
+    );
+    let mut shown: Vec<Vec<String>> = as_of["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap().to_string())
+                .collect()
+        })
+        .collect();
+    shown.sort_by_key(|r| r[0].parse::<i64>().unwrap());
+    assert_eq!(shown, after_first, "{as_of}");
+
+    // Everything user 7 did, in every table, newest first.
+    let filtered = step(&reports, "filtered")["rows"].as_array().unwrap();
+    let what: Vec<(String, String, String)> = filtered
+        .iter()
+        .map(|r| {
+            (
+                r[1].as_str().unwrap().to_string(),
+                r[2].as_str().unwrap().to_string(),
+                r[3].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        what,
+        [
+            ("public.orders".into(), "CREATE".into(), "1".into()),
+            ("public.customers".into(), "UPDATE".into(), "3".into()),
+        ],
+        "{filtered:?}"
+    );
+    assert!(
+        filtered
+            .iter()
+            .all(|r| r[4].as_str().unwrap().contains("user_id=7")),
+        "{filtered:?}"
+    );
+
+    // The change made while the page followed the stream appeared on it.
+    let live = &step(&reports, "live")["row"];
+    assert_eq!(live[1], "public.customers", "{live}");
+    assert_eq!(live[2], "CREATE", "{live}");
+    assert_eq!(live[3], "6", "{live}");
+    assert!(live[4].as_str().unwrap().contains("user_id=11"), "{live}");
+
+    // No script error and no content-security-policy violation on the way.
+    assert_eq!(step(&reports, "done")["problems"], serde_json::json!([]));
+}

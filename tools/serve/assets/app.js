@@ -32,10 +32,19 @@ function text(v) {
   return typeof v === "object" ? JSON.stringify(v) : String(v);
 }
 
+// Application context as an object: the changes view gives it as JSON, row history as the
+// JSON text it was stored as. Null when there is none or it is not an object.
+function contextObject(context) {
+  if (context === null || context === undefined || context === "") return null;
+  if (typeof context === "object") return context;
+  try { const c = JSON.parse(context); return c !== null && typeof c === "object" ? c : null; }
+  catch { return null; }
+}
+
 function who(context) {
-  if (!context) return "";
-  try { const c = JSON.parse(context); return Object.entries(c).map(([k, v]) => k + "=" + text(v)).join(" "); }
-  catch { return context; }
+  const c = contextObject(context);
+  if (!c) return context ? String(context) : "";
+  return Object.entries(c).map(([k, v]) => k + "=" + text(v)).join(" ");
 }
 
 async function loadTables() {
@@ -46,8 +55,11 @@ async function loadTables() {
   list.replaceChildren(...body.tables.map(t => el("li", {},
     el("button", { type: "button", "data-table": t.table, onclick: () => pick(t) },
       t.table, el("small", {}, t.changes + " changes")))));
+  document.getElementById("scope").append(...body.tables.map(t => el("option", { value: t.table }, t.table)));
 }
 
+// Rows are found in the picked table; the changes list follows it too, until another table
+// (or all of them) is chosen in its own filter.
 function pick(t) {
   state.table = t;
   for (const b of document.querySelectorAll("nav button")) b.setAttribute("aria-current", String(b.dataset.table === t.table));
@@ -55,6 +67,7 @@ function pick(t) {
   const key = document.getElementById("key");
   key.disabled = false; document.getElementById("find-button").disabled = false;
   key.focus();
+  document.getElementById("scope").value = t.table;
   loadChanges(true);
 }
 
@@ -110,14 +123,34 @@ async function asOf(table, lsn, at) {
   } catch (e) { show(e.message); }
 }
 
+// The context filter as typed ("user_id=7"), or null.
+function contextFilter() {
+  const ctx = document.getElementById("context").value.trim();
+  if (!ctx) return null;
+  const [k, ...v] = ctx.split("=");
+  return { field: k.trim(), value: v.join("=").trim() };
+}
+
 function changesQuery() {
   const p = new URLSearchParams();
-  if (state.table) p.append("table", state.table.table);
-  const ctx = document.getElementById("context").value.trim();
-  if (ctx) { const [k, ...v] = ctx.split("="); p.append("context." + k.trim(), v.join("=").trim()); }
+  const scope = document.getElementById("scope").value;
+  if (scope) p.append("table", scope);
+  const ctx = contextFilter();
+  if (ctx) p.append("context." + ctx.field, ctx.value);
   for (const f of ["since", "until"]) { const v = document.getElementById(f).value.trim(); if (v) p.append(f, v); }
   p.append("limit", "50");
   return p;
+}
+
+// Whether a live change belongs in the list as filtered (table and context; a live change is
+// always newer than "since", and "until" is not applied to the live list).
+function listed(c) {
+  const scope = document.getElementById("scope").value;
+  if (scope && scope !== c.schema + "." + c.table) return false;
+  const ctx = contextFilter();
+  if (!ctx) return true;
+  const v = contextObject(c.context);
+  return v !== null && ctx.field in v && text(v[ctx.field]) === ctx.value;
 }
 
 function changeRow(c, fresh) {
@@ -163,7 +196,7 @@ async function follow() {
         const data = event.split("\n").filter(l => l.startsWith("data:")).map(l => l.slice(5).trimStart()).join("\n");
         if (!event.includes("event: change") || !data) continue;
         const c = JSON.parse(data);
-        if (state.table && state.table.table !== c.schema + "." + c.table && state.table.name !== c.table) continue;
+        if (!listed(c)) continue;
         document.querySelector("#changes tbody").prepend(changeRow(c, true));
         document.getElementById("position").textContent = "live: last change " + c.cursor;
       }
