@@ -27,6 +27,12 @@ pub struct ServeArgs {
     /// Rows at most in one answer or download.
     #[arg(long, default_value_t = 100_000)]
     pub max_rows: usize,
+    /// Serve HTTPS with this PEM certificate chain (the server's certificate first).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert; readable by its owner only.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Streams (/api/stream) open at once at most.
     #[arg(long, default_value_t = 1000)]
     pub max_streams: usize,
@@ -41,9 +47,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.request_memory = args.request_memory_mb.max(16) << 20;
     config.max_rows = args.max_rows.max(1);
     config.max_streams = args.max_streams.max(1);
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        config.tls = Some(pgtrail_serve::tls_config(cert, key)?);
+    }
     let server = pgtrail_serve::bind(config).await?;
     eprintln!(
-        "serve: http://{}/ (API under /api, metrics at /metrics){}; Ctrl-C stops",
+        "serve: {}://{}/ (API under /api, metrics at /metrics){}; Ctrl-C stops",
+        if server.is_tls() { "https" } else { "http" },
         server.local_addr(),
         if args.token_file.is_some() {
             ", bearer token required"

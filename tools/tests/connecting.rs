@@ -16,7 +16,7 @@ use pgtrail_capture::source::{Environment, SourceConfig};
 const PASSWORD: &str = "s3cret-Pa55";
 
 #[path = "../harness/src/pki.rs"]
-mod pki;
+pub(crate) mod pki;
 /// A cluster that accepts TCP clients over TLS only: client certificates for `certuser`,
 /// SCRAM passwords for everyone else.
 fn tls_cluster(pki: &pki::TestPki) -> Cluster {

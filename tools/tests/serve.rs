@@ -53,7 +53,10 @@ fn serve(archive: &Path, extra: &[&str]) -> Result<Server, String> {
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
-    let Some(rest) = line.strip_prefix("serve: http://") else {
+    let Some(rest) = line
+        .strip_prefix("serve: http://")
+        .or_else(|| line.strip_prefix("serve: https://"))
+    else {
         let mut all = line;
         let _ = stderr.read_to_string(&mut all);
         let _ = child.wait();
@@ -807,6 +810,165 @@ fn a_runaway_query_is_cancelled_and_the_server_keeps_serving() {
         String::from_utf8_lossy(&r.body)
     );
     assert_eq!(get(server.addr, "/api/tables", &[]).status, 200);
+}
+
+/// `curl` (the oracle of what a standard HTTPS client accepts) with its exit code and output.
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "60"])
+        .args(args)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn https_serves_the_api_and_the_stream_with_the_given_certificate() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    crate::archives::copy_fixture("v5", &archive);
+    let pki = crate::connecting::pki::make("pgtrail serve test CA").unwrap();
+    let file = |name: &str, text: &str, mode: u32| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let ca = file("ca.pem", &pki.ca, 0o644);
+    let cert = file("server.pem", &pki.server_cert, 0o644);
+    let key = file("server.key", &pki.server_key, 0o600);
+    let open_key = file("open.key", &pki.server_key, 0o644);
+    let other_key = file("other.key", &pki.client_key, 0o600);
+    let tls = |key: &str| {
+        [
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            key,
+        ]
+        .map(String::from)
+    };
+
+    // Refused at start, each saying what to do: a key others can read, a key that is not the
+    // certificate's, a certificate without its key.
+    let err = serve(&archive, &tls(&open_key).each_ref().map(String::as_str))
+        .err()
+        .expect("refused");
+    assert!(err.contains("chmod 600"), "{err}");
+    let err = serve(&archive, &tls(&other_key).each_ref().map(String::as_str))
+        .err()
+        .expect("refused");
+    assert!(err.contains("do not make a usable pair"), "{err}");
+    let err = serve(&archive, &["--listen", "127.0.0.1:0", "--tls-cert", &cert])
+        .err()
+        .expect("refused");
+    assert!(err.contains("--tls-key"), "{err}");
+
+    let plain = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
+    let server = serve(&archive, &tls(&key).each_ref().map(String::as_str)).unwrap();
+    let port = server.addr.port();
+    let base = format!("https://localhost:{port}");
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let trusted = |path: &str| {
+        curl(&[
+            "--cacert",
+            &ca,
+            "--resolve",
+            &resolve,
+            &format!("{base}{path}"),
+        ])
+    };
+
+    // A client that connects and never says anything does not hold up anyone else: the
+    // answer comes while it is still connected (handshakes wait 10 s for their client, in
+    // tasks of their own, not in the accept loop).
+    let mut silent = TcpStream::connect(server.addr).unwrap();
+    // The same answers as over HTTP.
+    let (code, body) = trusted("/api/tables");
+    assert_eq!(code, 0, "{body}");
+    assert_eq!(
+        body.as_bytes(),
+        get(plain.addr, "/api/tables", &[]).body,
+        "HTTPS and HTTP differ"
+    );
+    silent
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let still_open = silent.read(&mut [0; 1]).unwrap_err().kind();
+    assert!(
+        matches!(
+            still_open,
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{still_open:?}"
+    );
+    let (code, body) = trusted("/api/sql?q=SELECT%20count(*)%20AS%20n%20FROM%20changes");
+    assert_eq!(code, 0, "{body}");
+    let changes = serde_json::from_str::<Value>(&body).unwrap()["rows"][0]["n"]
+        .as_u64()
+        .unwrap();
+    assert!(changes > 10, "{body}");
+
+    // A client that does not trust the CA refuses the server (curl's 60: the certificate
+    // could not be verified); so does one that reaches it by a name the certificate lacks.
+    let (code, out) = curl(&["--resolve", &resolve, &format!("{base}/api/tables")]);
+    assert_eq!(code, 60, "{out}");
+    let (code, out) = curl(&[
+        "--cacert",
+        &ca,
+        &format!("https://127.0.0.1:{port}/api/tables"),
+    ]);
+    assert_eq!(code, 60, "{out}");
+    // Plain HTTP to the HTTPS port gets no answer, and the server keeps serving.
+    let mut raw = TcpStream::connect(server.addr).unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    raw.write_all(b"GET /api/tables HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // The stream over HTTPS: every archived change, as over HTTP.
+    let mut stream = std::process::Command::new("curl")
+        .args([
+            "--silent",
+            "--no-buffer",
+            "--max-time",
+            "60",
+            "--cacert",
+            &ca,
+        ])
+        .args([
+            "--resolve",
+            &resolve,
+            &format!("{base}/api/stream?since=beginning"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ids: Vec<String> = BufReader::new(stream.stdout.take().unwrap())
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| l.strip_prefix("id: ").map(str::to_string))
+        .take(changes as usize)
+        .collect();
+    let _ = stream.kill();
+    let _ = stream.wait();
+    let mut over_http = Sse::open(plain.addr, "/api/stream?since=beginning", None);
+    let expected: Vec<String> = (0..changes).map(|_| over_http.next().id).collect();
+    assert_eq!(ids, expected);
+    let (code, body) = trusted("/api/tables");
+    assert_eq!(code, 0, "{body}");
 }
 
 /// The page's driver (tools/serve/browser/page.mjs) and what it needs: Node.js, Debian's

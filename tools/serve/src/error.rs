@@ -23,6 +23,8 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Tls(String),
     #[error("the server stopped: {0}")]
     Serve(#[source] std::io::Error),
 }

@@ -16,6 +16,7 @@ mod error;
 mod metrics;
 mod page;
 mod stream;
+mod tls;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ use axum::Router;
 use axum::routing::get;
 
 pub use error::ServeError;
+pub use tls::server_config as tls_config;
 
 /// How the server runs.
 #[derive(Clone, Debug)]
@@ -44,6 +46,8 @@ pub struct ServeConfig {
     pub stream_poll: Duration,
     /// The most streams open at once; more are refused with 503.
     pub max_streams: usize,
+    /// Serve HTTPS with this configuration (see [`tls_config`]) instead of HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl ServeConfig {
@@ -57,6 +61,7 @@ impl ServeConfig {
             max_rows: 100_000,
             stream_poll: Duration::from_millis(200),
             max_streams: 1000,
+            tls: None,
         }
     }
 }
@@ -108,16 +113,32 @@ impl Server {
         self.local
     }
 
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.state.config.tls.is_some()
+    }
+
     /// Serve until `shutdown` resolves; open streams end then.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
+        let tls = self.state.config.tls.clone();
         let app = router(self.state);
-        axum::serve(self.listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(ServeError::Serve)
+        match tls {
+            None => axum::serve(self.listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(ServeError::Serve),
+            Some(config) => {
+                let listener =
+                    tls::TlsListener::new(self.listener, config).map_err(ServeError::Serve)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                    .map_err(ServeError::Serve)
+            }
+        }
     }
 }
 
