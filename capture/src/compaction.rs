@@ -46,6 +46,8 @@ pub struct BackgroundCompactor {
     failed: tokio::sync::watch::Receiver<bool>,
     /// Changes moved into segments by this process.
     pub compacted: Arc<AtomicU64>,
+    /// Compaction runs of this process that moved changes.
+    pub runs: Arc<AtomicU64>,
 }
 
 impl BackgroundCompactor {
@@ -57,8 +59,14 @@ impl BackgroundCompactor {
         let stop = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
         let compacted = Arc::new(AtomicU64::new(0));
+        let runs = Arc::new(AtomicU64::new(0));
         let (failed_tx, failed) = tokio::sync::watch::channel(false);
-        let (t_stop, t_failure, t_compacted) = (stop.clone(), failure.clone(), compacted.clone());
+        let (t_stop, t_failure, t_compacted, t_runs) = (
+            stop.clone(),
+            failure.clone(),
+            compacted.clone(),
+            runs.clone(),
+        );
         let join = std::thread::Builder::new()
             .name("pgtrail-compactor".into())
             .spawn(move || {
@@ -90,8 +98,9 @@ impl BackgroundCompactor {
                             }
                         });
                     result = outcome.map(|report| {
-                        if let Some(report) = report {
+                        if let Some(report) = report.filter(|r| r.changes > 0) {
                             t_compacted.fetch_add(report.changes, Ordering::Relaxed);
+                            t_runs.fetch_add(1, Ordering::Relaxed);
                         }
                     });
                 }
@@ -111,6 +120,7 @@ impl BackgroundCompactor {
             failure,
             failed,
             compacted,
+            runs,
         }
     }
 

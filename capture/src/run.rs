@@ -83,6 +83,11 @@ pub struct Progress {
     pub snapshot_rows: u64,
     /// Changes moved from the log into segments by the background compactor.
     pub compacted: u64,
+    /// Compaction runs that wrote segments.
+    pub compactions: u64,
+    /// Whether a replication session is streaming from the slot now (false while connecting
+    /// or waiting to reconnect).
+    pub streaming: bool,
     /// How the replication connection is protected ("TLSv1.3 ..., server verified ...").
     pub security: String,
 }
@@ -107,10 +112,15 @@ pub async fn run(
     let mut compactor = config.compaction.clone().map(|policy| {
         BackgroundCompactor::start(writer.shared_log(), config.archive.clone(), policy)
     });
-    let compacted = compactor.as_ref().map(|c| c.compacted.clone());
+    let compacted = compactor
+        .as_ref()
+        .map(|c| (c.compacted.clone(), c.runs.clone()));
     let mut on_progress = move |p: &Progress| {
         let mut p = p.clone();
-        p.compacted = compacted.as_ref().map_or(0, |c| c.load(Ordering::Relaxed));
+        if let Some((changes, runs)) = &compacted {
+            p.compacted = changes.load(Ordering::Relaxed);
+            p.compactions = runs.load(Ordering::Relaxed);
+        }
         on_progress(&p)
     };
     // Sessions tried: before the first has connected, a source that cannot be reached is a
@@ -158,6 +168,8 @@ pub async fn run(
                         || !matches!(e, CaptureError::Connect { .. })) =>
             {
                 summary.reconnects += 1;
+                summary.streaming = false;
+                on_progress(&summary);
                 if started.elapsed() > Duration::from_secs(30) {
                     backoff = Duration::from_millis(250);
                 }
@@ -177,8 +189,10 @@ pub async fn run(
             Err(e) => return Err(stop_after_failure(e, Some(writer), compactor)),
         }
     }
+    summary.streaming = false;
     if let Some(c) = compactor {
         summary.compacted = c.compacted.load(Ordering::Relaxed);
+        summary.compactions = c.runs.load(Ordering::Relaxed);
         if let Some(e) = c.stop() {
             writer.finish()?;
             return Err(CaptureError::Compaction(Some(Box::new(e))));

@@ -212,6 +212,7 @@ impl Session<'_> {
                     summary.transactions_per_sec = (summary.transactions - last_tick.2) as f64 / elapsed;
                     last_tick = (Instant::now(), summary.changes, summary.transactions);
                     summary.durable = durable;
+                    summary.streaming = true;
                     summary.lag_bytes = translator.wal_end.0.saturating_sub(durable.0);
                     summary.lag_seconds = match translator.oldest_pending_commit_us {
                         Some(at) if translator.last_commit_end > durable => ((now_us() - at) as f64 / 1e6).max(0.0),

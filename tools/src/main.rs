@@ -1,5 +1,6 @@
 //! `pgtrail`: capture PostgreSQL row changes into a local archive, compact it into Parquet, and query it offline with SQL.
 
+mod capture_metrics;
 mod compact;
 mod demo;
 mod evidence;
@@ -149,6 +150,11 @@ struct CaptureArgs {
     /// Never compact while capturing (run `pgtrail compact` yourself).
     #[arg(long)]
     no_compact: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187): counts, the
+    /// durable LSN, lag, whether the slot is streaming, compactions, the archive's sizes.
+    /// They hold numbers only, no table data.
+    #[arg(long)]
+    metrics_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     segments: compact::SegmentArgs,
 }
@@ -326,7 +332,7 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
         .map(|s| s.parse::<Lsn>())
         .transpose()
         .context("--stop-at")?;
-    let config = CaptureConfig {
+    let mut config = CaptureConfig {
         source,
         archive: args.archive,
         slot: args.slot,
@@ -361,7 +367,30 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
             config.source.display()
         );
     }
-    match pgtrail_capture::run(config, shutdown_signal(), progress_line).await {
+    // With metrics on, progress is taken every second (the metrics stay fresh) and printed
+    // every --progress-secs as before.
+    let metrics = match args.metrics_listen {
+        Some(listen) => Some(
+            capture_metrics::start(listen, config.archive.clone(), std::future::pending()).await?,
+        ),
+        None => None,
+    };
+    let print_every = config.progress_interval;
+    if metrics.is_some() {
+        config.progress_interval = Duration::from_secs(1);
+    }
+    let mut printed = std::time::Instant::now();
+    let on_progress = move |p: &Progress| {
+        if let Some(latest) = &metrics {
+            latest.update(p);
+        }
+        // A session that ended is reported at once (streaming false); lines keep their pace.
+        if p.streaming && printed.elapsed() + Duration::from_millis(100) >= print_every {
+            printed = std::time::Instant::now();
+            progress_line(p);
+        }
+    };
+    match pgtrail_capture::run(config, shutdown_signal(), on_progress).await {
         Ok(summary) => {
             eprintln!(
                 "capture stopped: {} changes in {} transactions stored, {} replayed transactions skipped, durable through {}, {} changes compacted",

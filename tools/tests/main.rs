@@ -17,6 +17,7 @@ mod export;
 mod faults;
 mod identifiers;
 mod json;
+mod metrics;
 mod query;
 mod schema;
 mod serve;

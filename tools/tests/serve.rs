@@ -69,10 +69,10 @@ fn serve(archive: &Path, extra: &[&str]) -> Result<Server, String> {
 }
 
 /// An HTTP/1.1 response: status, lower-cased headers, body (chunked encoding undone).
-struct Response {
-    status: u16,
+pub(crate) struct Response {
+    pub status: u16,
     headers: Vec<(String, String)>,
-    body: Vec<u8>,
+    pub body: Vec<u8>,
 }
 
 impl Response {
@@ -90,7 +90,7 @@ impl Response {
 }
 
 /// A plain HTTP client over a socket: the test depends on no HTTP library of its own.
-fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
+pub(crate) fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Response {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(120)))

@@ -27,6 +27,7 @@ use axum::Router;
 use axum::routing::get;
 
 pub use error::ServeError;
+pub use metrics::{Exposition, MoreMetrics, serve_metrics};
 pub use tls::server_config as tls_config;
 
 /// How the server runs.

@@ -50,45 +50,66 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
     response
 }
 
+/// Prometheus text format (0.0.4), written a metric at a time.
+#[derive(Default)]
+pub struct Exposition(String);
+
+impl Exposition {
+    /// A metric of one value; `kind` is `gauge` or `counter` (whose name ends in `_total`).
+    pub fn metric(&mut self, kind: &str, name: &str, help: &str, value: f64) {
+        let _ = writeln!(
+            self.0,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, value: f64) {
+        self.metric("gauge", name, help, value);
+    }
+
+    pub fn counter(&mut self, name: &str, help: &str, value: f64) {
+        self.metric("counter", name, help, value);
+    }
+
+    fn response(self) -> Response {
+        (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            self.0,
+        )
+            .into_response()
+    }
+}
+
 /// The archive's gauges are what `pgtrail status` reports (the store's [`ArchiveStatus`],
 /// one read of the log), so the two never disagree.
-pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
-    let dir = state.config.archive.clone();
-    let status = crate::api::off_runtime(move || ArchiveStatus::collect(&dir)).await?;
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, value: f64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
-    };
+fn archive_gauges(out: &mut Exposition, status: &ArchiveStatus) {
     let durable = status.position.parse::<Lsn>().unwrap_or_default();
-    gauge(
+    out.gauge(
         "pgtrail_archive_durable_lsn",
         "The capture's durable position (an LSN as a number).",
         durable.0 as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_changes",
         "Changes the archive holds (segments and log), as pgtrail status counts them.",
         status.changes as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_log_changes",
         "Changes still in the log, not yet compacted.",
         status.log.changes as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_segments",
         "Segments listed in the manifest.",
         status.segments.files as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_segment_bytes",
         "Bytes of the listed segments.",
         status.segments.bytes as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_tables",
         "Table names the archive holds changes under, as pgtrail status lists them (a renamed table counts under each name).",
         status
@@ -97,18 +118,28 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
             .filter(|t| t.table != "pgtrail.messages")
             .count() as f64,
     );
-    gauge(
+    out.gauge(
         "pgtrail_archive_gaps",
         "Gaps the archive knows of.",
         status.gaps.len() as f64,
     );
-    gauge(
+}
+
+async fn archive_status(dir: std::path::PathBuf) -> Result<ArchiveStatus, ApiError> {
+    crate::api::off_runtime(move || ArchiveStatus::collect(&dir)).await
+}
+
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let status = archive_status(state.config.archive.clone()).await?;
+    let mut out = Exposition::default();
+    archive_gauges(&mut out, &status);
+    out.gauge(
         "pgtrail_serve_streams_open",
         "Streams open now.",
         state.metrics.streams_open.load(Ordering::SeqCst) as f64,
     );
     let _ = writeln!(
-        out,
+        out.0,
         "# HELP pgtrail_serve_requests_total Requests answered, by route and status class.\n# TYPE pgtrail_serve_requests_total counter"
     );
     let requests = state
@@ -119,19 +150,51 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         .unwrap_or_default();
     for ((route, class), (n, _)) in &requests {
         let _ = writeln!(
-            out,
+            out.0,
             "pgtrail_serve_requests_total{{route=\"{route}\",status=\"{class}\"}} {n}"
         );
     }
     let _ = writeln!(
-        out,
+        out.0,
         "# HELP pgtrail_serve_request_seconds_total Seconds spent answering, by route and status class.\n# TYPE pgtrail_serve_request_seconds_total counter"
     );
     for ((route, class), (_, s)) in &requests {
         let _ = writeln!(
-            out,
+            out.0,
             "pgtrail_serve_request_seconds_total{{route=\"{route}\",status=\"{class}\"}} {s}"
         );
     }
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    Ok(out.response())
+}
+
+/// What another process adds to its metrics (the capture: its counters and state).
+pub type MoreMetrics = Arc<dyn Fn(&mut Exposition) + Send + Sync>;
+
+/// `GET /metrics` alone, for a process that is not `pgtrail serve` (the capture's
+/// `--metrics-listen`): the archive's gauges, then what `more` adds. Other paths are 404.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    archive: std::path::PathBuf,
+    more: MoreMetrics,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handler = move || {
+        let (archive, more) = (archive.clone(), more.clone());
+        async move {
+            let mut out = Exposition::default();
+            // The archive's part is left out while the log cannot be read (the capture creates
+            // it); the process's own part is always there.
+            if let Ok(status) = archive_status(archive).await {
+                archive_gauges(&mut out, &status);
+            }
+            more(&mut out);
+            out.response()
+        }
+    };
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(handler))
+        .fallback(crate::api::not_found);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
 }
