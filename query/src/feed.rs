@@ -208,12 +208,147 @@ impl FromStr for Since {
     }
 }
 
+/// One watcher of an archive for any number of followers: one look at the log's mark every
+/// `poll` however many follow (none while nobody waits), and the latest cut read once and
+/// shared. A cut holds the log tail in memory, so followers that each read their own would
+/// hold one copy of it apiece; here the followers of one moment share one.
+#[derive(Clone)]
+pub struct ArchiveWatch(Arc<WatchShared>);
+
+struct WatchShared {
+    dir: PathBuf,
+    /// The newest mark seen by the poller or by a cut.
+    mark: tokio::sync::watch::Sender<Polled>,
+    /// The latest cut and the mark read with it, built by the first follower that needs it.
+    latest: tokio::sync::Mutex<Option<(LogMark, Arc<ArchiveSnapshot>)>>,
+}
+
+/// What the last look at the log found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Polled {
+    NotYet,
+    Mark(LogMark),
+    /// The log could not be read (the archive was removed, a disk error): followers stop.
+    Failed(String),
+}
+
+impl ArchiveWatch {
+    /// Watch `dir`, looking at its log every `poll` while someone waits. Needs a tokio
+    /// runtime; the poller ends when the last handle is dropped.
+    pub fn new(dir: &Path, poll: Duration) -> ArchiveWatch {
+        let (mark, _) = tokio::sync::watch::channel(Polled::NotYet);
+        let shared = Arc::new(WatchShared {
+            dir: dir.to_path_buf(),
+            mark,
+            latest: tokio::sync::Mutex::new(None),
+        });
+        tokio::spawn(poll_marks(Arc::downgrade(&shared), poll));
+        ArchiveWatch(shared)
+    }
+
+    /// The latest cut of the archive and the mark it was read at: the shared one while the
+    /// log has not moved since it was read, else a new one (read once for everyone). The
+    /// poller's mark may be one poll old; `fresh` looks at the log first (for `since=end`,
+    /// which must not start before what is durable now).
+    async fn cut(&self, fresh: bool) -> Result<(Arc<ArchiveSnapshot>, LogMark), QueryError> {
+        if fresh {
+            let dir = self.0.dir.clone();
+            let mark = tokio::task::spawn_blocking(move || {
+                LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
+            })
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
+            self.publish(mark);
+        }
+        let mut latest = self.0.latest.lock().await;
+        if let (Some((mark, archive)), Polled::Mark(now)) = (&*latest, &*self.0.mark.borrow())
+            && mark == now
+        {
+            return Ok((archive.clone(), *mark));
+        }
+        let dir = self.0.dir.clone();
+        let (archive, mark) = tokio::task::spawn_blocking(move || {
+            let reader =
+                pgtrail_store::LogReader::open(&dir).map_err(|source| QueryError::Open {
+                    path: dir.clone(),
+                    source,
+                })?;
+            let mark = LogMark::of(&reader)?;
+            Ok::<_, QueryError>((ArchiveSnapshot::from_reader(&dir, &reader)?, mark))
+        })
+        .await
+        .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
+        let archive = Arc::new(archive);
+        *latest = Some((mark, archive.clone()));
+        self.publish(mark);
+        Ok((archive, mark))
+    }
+
+    /// A mark read with a cut is the newest known: followers still waiting on an older one
+    /// wake.
+    fn publish(&self, mark: LogMark) {
+        self.0.mark.send_if_modified(|polled| {
+            let newer = *polled != Polled::Mark(mark);
+            if newer {
+                *polled = Polled::Mark(mark);
+            }
+            newer
+        });
+    }
+
+    /// Wait until the log's mark differs from `seen`: something new may be durable.
+    async fn changed_since(&self, seen: LogMark) -> Result<(), QueryError> {
+        let mut marks = self.0.mark.subscribe();
+        let polled = marks
+            .wait_for(|polled| !matches!(polled, Polled::NotYet) && *polled != Polled::Mark(seen))
+            .await
+            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?;
+        match &*polled {
+            Polled::Failed(why) => Err(datafusion::error::DataFusionError::Execution(format!(
+                "following the archive: {why}"
+            ))
+            .into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The poller: one look at the log every `poll` while someone waits for a change.
+async fn poll_marks(shared: std::sync::Weak<WatchShared>, poll: Duration) {
+    loop {
+        tokio::time::sleep(poll).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        if shared.mark.receiver_count() == 0 {
+            continue;
+        }
+        let dir = shared.dir.clone();
+        let looked = tokio::task::spawn_blocking(move || {
+            LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
+        })
+        .await;
+        let polled = match looked {
+            Ok(Ok(mark)) => Polled::Mark(mark),
+            Ok(Err(e)) => Polled::Failed(e.to_string()),
+            Err(e) => Polled::Failed(e.to_string()),
+        };
+        shared.mark.send_if_modified(|old| {
+            let changed = *old != polled;
+            if changed {
+                *old = polled;
+            }
+            changed
+        });
+    }
+}
+
 /// Reads an archive's stream page by page, each page from a consistent cut, and (following)
 /// waits for the capture's next durable commit once it has caught up. A fresh cut is taken
 /// after each one is read to its end, so a consumer sees each change once whether it was in
 /// the log tail or compacted into a segment meanwhile.
 pub struct Follower {
-    dir: PathBuf,
+    watch: ArchiveWatch,
     tables: Vec<String>,
     cursor: Option<Cursor>,
     since_end: bool,
@@ -221,7 +356,6 @@ pub struct Follower {
     /// What the last cut read to its end saw of the log: nothing new is durable while a
     /// fresh look sees the same.
     seen: Option<LogMark>,
-    poll: Duration,
 }
 
 struct Cut {
@@ -242,11 +376,17 @@ impl LogMark {
 }
 
 impl Follower {
-    /// A stream of `dir`'s changes of `tables` (all when empty), polling for new commits every
-    /// `poll` while following.
+    /// A stream of `dir`'s changes of `tables` (all when empty), looking for new commits every
+    /// `poll` while following, with a watch of its own.
     pub fn new(dir: &Path, since: Since, tables: Vec<String>, poll: Duration) -> Follower {
+        Follower::sharing(ArchiveWatch::new(dir, poll), since, tables)
+    }
+
+    /// A stream of the watched archive's changes of `tables` (all when empty), sharing the
+    /// watch (its polling and its cuts) with other followers.
+    pub fn sharing(watch: ArchiveWatch, since: Since, tables: Vec<String>) -> Follower {
         Follower {
-            dir: dir.to_path_buf(),
+            watch,
             tables,
             cursor: match since {
                 Since::After(c) => Some(c),
@@ -255,7 +395,6 @@ impl Follower {
             since_end: since == Since::End,
             cut: None,
             seen: None,
-            poll,
         }
     }
 
@@ -265,20 +404,7 @@ impl Follower {
     pub async fn next_page(&mut self, follow: bool) -> Result<Option<FeedPage>, QueryError> {
         loop {
             if self.cut.is_none() {
-                let dir = self.dir.clone();
-                let (archive, mark) = tokio::task::spawn_blocking(move || {
-                    let reader = pgtrail_store::LogReader::open(&dir).map_err(|source| {
-                        QueryError::Open {
-                            path: dir.clone(),
-                            source,
-                        }
-                    })?;
-                    let mark = LogMark::of(&reader)?;
-                    Ok::<_, QueryError>((ArchiveSnapshot::from_reader(&dir, &reader)?, mark))
-                })
-                .await
-                .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
-                let archive = Arc::new(archive);
+                let (archive, mark) = self.watch.cut(self.since_end).await?;
                 if std::mem::take(&mut self.since_end) {
                     self.cursor = last_key(&archive).map(Cursor);
                 }
@@ -306,28 +432,14 @@ impl Follower {
             if !follow {
                 return Ok(None);
             }
-            self.wait_for_commit().await?;
+            let seen = self.seen.expect("a cut was read");
+            self.watch.changed_since(seen).await?;
         }
     }
 
     /// The cursor after the last change delivered (or passed over): where to resume.
     pub fn cursor(&self) -> Option<Cursor> {
         self.cursor
-    }
-
-    async fn wait_for_commit(&mut self) -> Result<(), QueryError> {
-        loop {
-            tokio::time::sleep(self.poll).await;
-            let dir = self.dir.clone();
-            let mark = tokio::task::spawn_blocking(move || {
-                LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
-            })
-            .await
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
-            if self.seen != Some(mark) {
-                return Ok(());
-            }
-        }
     }
 }
 

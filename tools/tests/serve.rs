@@ -812,6 +812,121 @@ fn a_runaway_query_is_cancelled_and_the_server_keeps_serving() {
     assert_eq!(get(server.addr, "/api/tables", &[]).status, 200);
 }
 
+/// The server's resident memory now (VmRSS), in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn two_hundred_streams_each_get_every_change_once_in_bounded_memory() {
+    const CLIENTS: usize = 200;
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("many").unwrap();
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE big (id int PRIMARY KEY, pad text);
+             CREATE TABLE small (id int PRIMARY KEY, v int);",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let url = cluster.url(&db);
+    // No compaction: the log tail, which every cut holds in memory, stays large (about 20 MB
+    // of big's changes). Streams that each read a cut of their own would hold 200 copies.
+    let mut capture = crate::spawn_capture_with(&url, &archive, &db, &["--no-compact"]);
+    wait_slot_active(cluster, &db, &db, &mut capture);
+    cluster
+        .psql(
+            &db,
+            "INSERT INTO big SELECT g, repeat(md5(g::text), 32) FROM generate_series(1, 20000) g",
+        )
+        .unwrap();
+    wait_durable(cluster, &db, &insert_lsn(cluster, &db));
+    let server = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
+    let pid = server.child.id();
+
+    // The first client, then the server's memory with one cut read: the baseline.
+    let path = "/api/stream?since=beginning&tables=public.small";
+    let mut clients = vec![Sse::open(server.addr, path, None)];
+    cluster
+        .psql(&db, "INSERT INTO small VALUES (0, 0)")
+        .unwrap();
+    let first = clients[0].next();
+    let baseline = rss_kib(pid);
+    clients.extend((1..CLIENTS).map(|_| Sse::open(server.addr, path, None)));
+
+    // Changes of small while all of them follow: 299 more, in 30 transactions.
+    let mut sql = String::new();
+    for i in 1..300 {
+        if i % 10 == 1 {
+            sql.push_str("BEGIN;");
+        }
+        match i % 3 {
+            0 => sql.push_str(&format!("UPDATE small SET v = v + 1 WHERE id = {};", i - 1)),
+            _ => sql.push_str(&format!("INSERT INTO small VALUES ({i}, {i});")),
+        }
+        if i % 10 == 0 || i == 299 {
+            sql.push_str("COMMIT;");
+        }
+    }
+    cluster.psql(&db, &sql).unwrap();
+    wait_durable(cluster, &db, &insert_lsn(cluster, &db));
+    let expected: Vec<String> = json_lines(&pgtrail_sql(
+        &archive,
+        "json",
+        "SELECT lsn, seq FROM changes WHERE \"table\" = 'small' ORDER BY lsn, seq",
+    ))
+    .iter()
+    .map(|r| {
+        let lsn = r["lsn"].as_u64().unwrap();
+        format!("{:X}/{:X}:{}", lsn >> 32, lsn & 0xFFFF_FFFF, r["seq"])
+    })
+    .collect();
+    assert_eq!(expected.len(), 300);
+    assert_eq!(first.id, expected[0]);
+    let readers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut client)| {
+            let count = if n == 0 {
+                expected.len() - 1
+            } else {
+                expected.len()
+            };
+            std::thread::spawn(move || (0..count).map(|_| client.next().id).collect::<Vec<_>>())
+        })
+        .collect();
+    let peak_during = crate::peak_rss_kib(pid);
+    for (n, reader) in readers.into_iter().enumerate() {
+        let got = reader.join().unwrap();
+        let want = if n == 0 {
+            &expected[1..]
+        } else {
+            &expected[..]
+        };
+        assert_eq!(got, want, "client {n}");
+    }
+    let peak = crate::peak_rss_kib(pid).unwrap();
+    eprintln!(
+        "{CLIENTS} streams: server RSS {baseline} KiB with one, peak {peak} KiB ({peak_during:?} while reading)"
+    );
+    // Each stream may hold its queue of events and its own session; a cut of the log tail
+    // apiece would add about 20 MB per stream, 4 GB in all.
+    let allowance = CLIENTS as u64 * 1024;
+    assert!(
+        peak < baseline + allowance,
+        "{CLIENTS} streams took the server from {baseline} KiB to a peak of {peak} KiB"
+    );
+    let _ = capture.kill();
+    let _ = capture.wait();
+}
+
 /// `curl` (the oracle of what a standard HTTPS client accepts) with its exit code and output.
 fn curl(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new("curl")

@@ -99,9 +99,11 @@ async function main() {
 
     if (o.live) {
       const before = await page.locator("#changes tbody tr.new").count();
+      // The stream is open once the server has answered its request (waited for from
+      // before the click: the answer can come before the click returns).
+      const open = page.waitForResponse((r) => r.url().includes("/api/stream"));
       await page.locator("#live").check();
-      // The stream is open once the server has answered its request.
-      await page.waitForResponse((r) => r.url().includes("/api/stream"));
+      await open;
       report("live-ready", {});
       const fresh = page.locator("#changes tbody tr.new");
       await fresh.nth(before).waitFor({ timeout: 60_000 });

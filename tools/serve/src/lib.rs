@@ -70,6 +70,8 @@ impl ServeConfig {
 pub(crate) struct AppState {
     pub config: ServeConfig,
     pub metrics: metrics::Metrics,
+    /// The archive's watch that every stream shares: one poll of the log, one cut per moment.
+    pub watch: pgtrail_query::feed::ArchiveWatch,
 }
 
 /// Check the configuration (an address beyond loopback needs a token) and bind the
@@ -95,6 +97,7 @@ pub async fn bind(config: ServeConfig) -> Result<Server, ServeError> {
         listener,
         local,
         state: Arc::new(AppState {
+            watch: pgtrail_query::feed::ArchiveWatch::new(&config.archive, config.stream_poll),
             config,
             metrics: metrics::Metrics::default(),
         }),

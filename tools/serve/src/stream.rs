@@ -53,12 +53,7 @@ pub async fn stream(
             "this server already serves {open} streams (its --max-streams); retry later"
         )));
     }
-    let mut follower = Follower::new(
-        &state.config.archive,
-        since,
-        tables,
-        state.config.stream_poll,
-    );
+    let mut follower = Follower::sharing(state.watch.clone(), since, tables);
     // The first page is read before answering, so an unknown table or a broken archive is a
     // JSON error with a status rather than a stream that ends at once.
     let first = follower.next_page(false).await?;
