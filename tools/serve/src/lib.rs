@@ -166,6 +166,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/app.css", get(page::style))
         .merge(api)
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             metrics::record,

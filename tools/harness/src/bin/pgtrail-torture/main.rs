@@ -3,7 +3,8 @@
 //! under a ledger and point-in-time-oracle workload, injects faults (kill -9, crash points in
 //! the log's commit window and in every compaction step, walsender terminations, PostgreSQL
 //! restarts fast and immediate, a stall past `wal_sender_timeout`), then feeds it bad input
-//! (damaged segments, a wrong URL, writing SQL), and checks the archive against PostgreSQL.
+//! (damaged segments, a wrong URL, writing SQL, bad requests to `pgtrail serve`), and checks
+//! the archive against PostgreSQL.
 //!
 //! Oracles: the ledger (one writer, strictly increasing `seq`: every committed value exactly
 //! once), the point in time (the workload hashes `acct` under `LOCK ... IN SHARE MODE` and emits
@@ -19,6 +20,7 @@ mod gaps;
 #[path = "../../pki.rs"]
 mod pki;
 mod proxy;
+mod serve;
 mod shapes;
 
 use std::collections::BTreeMap;
@@ -1512,6 +1514,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     if !args.tls {
         gaps::run(&h.bin, &h.work, &mut v)?;
         bad_inputs(&h, &mut v);
+        serve::bad_inputs(&h.bin, &h.archive, &h.work, &mut v);
     }
     // Keep the evidence (capture logs, archives) of any failure.
     if args.keep || !v.problems.is_empty() || v.lost + v.duplicates + v.gaps + v.panics > 0 {
