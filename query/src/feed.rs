@@ -160,6 +160,45 @@ pub async fn changes_after(
     })
 }
 
+/// Where to cut the changes below `before` (all when `None`) into windows for reading them
+/// newest first: each bound is the lowest key of a segment, the windows `[bound, previous
+/// bound)` partition the keys, and the last window (bound `None`) holds everything below. A
+/// query that stops as soon as it has its rows then reads the newest segments only, instead
+/// of sorting every segment's keys to find the top. Each window spans twice as many segments
+/// as the one before it, so a selective filter takes at most about log2(segments) windows.
+pub fn newest_first_windows(
+    archive: &ArchiveSnapshot,
+    before: Option<ChangeKey>,
+) -> Vec<Option<ChangeKey>> {
+    let mut lowest: Vec<ChangeKey> = archive
+        .tables
+        .values()
+        .flat_map(|t| &t.segments)
+        .map(|s| s.min_key)
+        .filter(|min| before.is_none_or(|b| *min < b))
+        .collect();
+    lowest.sort_unstable_by(|a, b| b.cmp(a));
+    lowest.dedup();
+    let mut bounds = Vec::new();
+    let mut i = 0;
+    let mut span = 1;
+    while i < lowest.len() {
+        bounds.push(Some(lowest[i]));
+        i += span;
+        span *= 2;
+    }
+    bounds.push(None);
+    bounds
+}
+
+/// The `changes` view's rows whose key is `k` or above it (see [`keys_after`]).
+pub fn keys_from(k: ChangeKey) -> Expr {
+    let lsn = k.commit_lsn.0;
+    col("lsn")
+        .gt_eq(lit(lsn))
+        .and(col("lsn").gt(lit(lsn)).or(col("seq").gt_eq(lit(k.seq))))
+}
+
 /// The `changes` view's rows whose key is above `k`. The plain `lsn >= …` conjunct lets the
 /// view skip segments and row groups by their LSN range.
 pub fn keys_after(k: ChangeKey) -> Expr {

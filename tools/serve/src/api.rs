@@ -389,35 +389,60 @@ pub async fn changes(
         .predicate()
         .into_iter()
         .collect();
-    conditions.extend(after.map(|c| match desc {
-        true => feed::keys_before(c.0),
-        false => feed::keys_after(c.0),
-    }));
-    let plan = async {
-        let mut frame = ctx
-            .table(TableReference::partial("pgtrail", "changes"))
-            .await?;
-        for f in &filters {
-            conditions.push(frame.parse_sql_expr(f)?);
+    let conditions = match desc {
+        true => conditions,
+        false => {
+            conditions.extend(after.map(|c| feed::keys_after(c.0)));
+            conditions
         }
-        if let Some(all) = conditions.into_iter().reduce(Expr::and) {
-            frame = frame.filter(all)?;
-        }
-        let frame = frame
-            .sort(vec![
-                col("lsn").sort(!desc, false),
-                col("seq").sort(!desc, false),
-            ])?
-            .limit(0, Some(limit))?;
-        Ok(frame)
     };
-    let answer = run(&state, plan, limit).await?;
-    let batches = answer
-        .batches
-        .iter()
-        .filter(|b| b.num_rows() > 0)
-        .map(pgtrail_query::feed::with_cursor)
-        .collect::<Result<Vec<_>, _>>()?;
+    // Oldest first is one query (the view skips segments by their keys). Newest first reads
+    // windows of segments from the newest down and stops once it has `limit` changes: a
+    // plain ORDER BY … DESC LIMIT would sort the keys of every segment first.
+    let windows = match desc {
+        true => feed::newest_first_windows(&archive, after.map(|c| c.0)),
+        false => vec![None],
+    };
+    let mut upper = after.map(|c| c.0);
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    let mut found = 0;
+    for lower in windows {
+        let mut window = conditions.clone();
+        if desc {
+            window.extend(upper.map(feed::keys_before));
+            window.extend(lower.map(feed::keys_from));
+        }
+        let frame = ctx.clone();
+        let filters = filters.clone();
+        let want = limit - found;
+        let plan = async move {
+            let mut frame = frame
+                .table(TableReference::partial("pgtrail", "changes"))
+                .await?;
+            for f in &filters {
+                window.push(frame.parse_sql_expr(f)?);
+            }
+            if let Some(all) = window.into_iter().reduce(Expr::and) {
+                frame = frame.filter(all)?;
+            }
+            let frame = frame
+                .sort(vec![
+                    col("lsn").sort(!desc, false),
+                    col("seq").sort(!desc, false),
+                ])?
+                .limit(0, Some(want))?;
+            Ok(frame)
+        };
+        let answer = run(&state, plan, want).await?;
+        for batch in answer.batches.iter().filter(|b| b.num_rows() > 0) {
+            found += batch.num_rows();
+            batches.push(pgtrail_query::feed::with_cursor(batch)?);
+        }
+        if found >= limit {
+            break;
+        }
+        upper = lower;
+    }
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let next = match rows == limit {
         true => batches
@@ -571,6 +596,14 @@ pub async fn sql(
 }
 
 /// Any other path: a JSON 404 that names the endpoints.
+/// Every endpoint is read-only: GET (and HEAD) only.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: axum::http::StatusCode::METHOD_NOT_ALLOWED,
+        message: "only GET is served: the server is read-only".into(),
+    }
+}
+
 pub async fn not_found() -> ApiError {
     ApiError::not_found(
         "no such endpoint; the API has /api/tables, /api/tables/{table}/history, /api/tables/{table}/as_of, /api/tables/{table}/diff, /api/changes, /api/sql, /api/stream and /metrics",
