@@ -105,9 +105,14 @@ impl TableFilter {
     }
 }
 
+/// The most changes one page holds: a page is sorted in memory, and a server holds one page
+/// per stream.
+pub const PAGE_ROWS: usize = 10_000;
+
 /// The changes after `after` (from the first when `None`) that `ctx` (a session over
-/// `archive`) holds, in key order: up to about one segment's worth per table, so that a
-/// consumer far behind catches up a page at a time in bounded memory.
+/// `archive`) holds, in key order: up to about one segment's worth per table and at most
+/// [`PAGE_ROWS`], so that a consumer far behind catches up a page at a time in bounded
+/// memory.
 pub async fn changes_after(
     ctx: &SessionContext,
     archive: &ArchiveSnapshot,
@@ -135,28 +140,35 @@ pub async fn changes_after(
     if let Some(f) = filter.into_iter().reduce(Expr::and) {
         frame = frame.filter(f)?;
     }
-    let frame = frame.sort(vec![
-        col("lsn").sort(true, false),
-        col("seq").sort(true, false),
-    ])?;
+    let frame = frame
+        .sort(vec![
+            col("lsn").sort(true, false),
+            col("seq").sort(true, false),
+        ])?
+        .limit(0, Some(PAGE_ROWS))?;
     let mut batches = Vec::new();
+    let mut rows = 0;
     for batch in frame.collect().await? {
         if batch.num_rows() > 0 {
+            rows += batch.num_rows();
             batches.push(with_cursor(&batch)?);
         }
     }
-    // A bounded page covers every change up to its bound, also those of tables not followed.
-    let last = match upto {
-        Some(u) => Some(u),
-        None => match batches.last() {
-            Some(b) => Some(key_at(b, b.num_rows() - 1)?),
-            None => from,
-        },
+    let last_read = match batches.last() {
+        Some(b) => Some(key_at(b, b.num_rows() - 1)?),
+        None => from,
+    };
+    // A full page ends at its last change (more may follow it at once). Otherwise a bounded
+    // page covers every change up to its bound, also those of tables not followed.
+    let (last, more) = match (rows == PAGE_ROWS, upto) {
+        (true, _) => (last_read, true),
+        (false, Some(u)) => (Some(u), true),
+        (false, None) => (last_read, false),
     };
     Ok(FeedPage {
         batches,
         next: last.map(Cursor),
-        more: upto.is_some(),
+        more,
     })
 }
 
@@ -260,6 +272,9 @@ struct WatchShared {
     mark: tokio::sync::watch::Sender<Polled>,
     /// The latest cut and the mark read with it, built by the first follower that needs it.
     latest: tokio::sync::Mutex<Option<(LogMark, Arc<ArchiveSnapshot>)>>,
+    /// Pages being read at once: decoding segments is what takes memory, so a crowd of
+    /// followers reads a few pages at a time (each waits its turn) rather than all at once.
+    reading: tokio::sync::Semaphore,
 }
 
 /// What the last look at the log found.
@@ -280,6 +295,9 @@ impl ArchiveWatch {
             dir: dir.to_path_buf(),
             mark,
             latest: tokio::sync::Mutex::new(None),
+            reading: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()) * 2,
+            ),
         });
         tokio::spawn(poll_marks(Arc::downgrade(&shared), poll));
         ArchiveWatch(shared)
@@ -457,7 +475,14 @@ impl Follower {
                 self.seen = Some(mark);
             }
             let cut = self.cut.as_ref().expect("a cut was just taken");
-            let page = changes_after(&cut.ctx, &cut.archive, self.cursor, &cut.filter).await?;
+            let page =
+                {
+                    let _turn =
+                        self.watch.0.reading.acquire().await.map_err(|e| {
+                            datafusion::error::DataFusionError::External(Box::new(e))
+                        })?;
+                    changes_after(&cut.ctx, &cut.archive, self.cursor, &cut.filter).await?
+                };
             self.cursor = page.next.or(self.cursor);
             if !page.more {
                 self.cut = None;

@@ -12,6 +12,7 @@ use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use datafusion::arrow::array::RecordBatch;
 use futures_util::Stream;
 use pgtrail_query::feed::{Follower, Since};
 
@@ -81,10 +82,19 @@ fn events(
         let mut page = first;
         loop {
             if let Some(p) = page.take() {
-                for event in page_events(&p) {
-                    // The client is gone: stop reading the archive for it.
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
+                // Events are made a slice of the page at a time as the client takes them, so
+                // a stream holds its page and at most the channel's events besides.
+                for batch in &p.batches {
+                    let mut offset = 0;
+                    while offset < batch.num_rows() {
+                        let len = EVENTS_AT_ONCE.min(batch.num_rows() - offset);
+                        for event in page_events(&batch.slice(offset, len)) {
+                            // The client is gone: stop reading the archive for it.
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        offset += len;
                     }
                 }
             }
@@ -102,10 +112,13 @@ fn events(
     })
 }
 
+/// Changes turned into events at once, at most.
+const EVENTS_AT_ONCE: usize = 256;
+
 /// One event per change: `id:` its cursor, `data:` its JSON (as `pgtrail tail` prints it).
-fn page_events(page: &pgtrail_query::feed::FeedPage) -> Vec<Event> {
+fn page_events(batch: &RecordBatch) -> Vec<Event> {
     let mut events = Vec::new();
-    for batch in &page.batches {
+    {
         let lines =
             match pgtrail_query::json::write_json_lines(Vec::new(), std::slice::from_ref(batch)) {
                 Ok(lines) => String::from_utf8_lossy(&lines).into_owned(),
