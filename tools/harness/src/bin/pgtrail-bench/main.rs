@@ -31,6 +31,9 @@
 //!   keys, one key's history, text search, as_of, diff, export of a window) on 10M+ changes:
 //!   pgtrail vs DuckDB on the same Parquet files vs PostgreSQL on the audit-trigger table
 //!   with its best indexes; every contestant must give the same answer (see queries.rs).
+//!   On the same dataset, `pgtrail serve` over HTTP (a row's history, the newest changes, the
+//!   history as a stream to one and to 200 readers, server memory) against PostgreSQL
+//!   answering the same over the trigger table (see serve.rs).
 //!
 //! Output: one JSON line per measurement (`suite, contestant, workload, rep, metric, value,
 //! unit`) to `--out`, and a Markdown table of medians (min-max) and ratios on stdout.
@@ -40,6 +43,7 @@
 #[path = "../../pki.rs"]
 mod pki;
 mod queries;
+mod serve;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -199,6 +203,9 @@ fn main() -> anyhow::Result<()> {
     for contestant in ["pgtrail", "duckdb", "postgres"] {
         expected.push(("queries", contestant));
     }
+    for contestant in ["pgtrail-serve", "postgres"] {
+        expected.push(("serve", contestant));
+    }
     for contestant in [
         "compact-with-evidence",
         "compact-without-evidence",
@@ -211,7 +218,7 @@ fn main() -> anyhow::Result<()> {
         let ran = matches!(args.suite.as_str(), "all")
             || args.suite == *suite
             || (*suite == "decode-tls" && args.suite == "decode")
-            || (*suite == "evidence" && args.suite == "queries");
+            || (matches!(*suite, "evidence" | "serve") && args.suite == "queries");
         if ran
             && !results.iter().any(|m| {
                 m.suite == *suite
@@ -1349,5 +1356,6 @@ fn print_report(
         );
     }
     queries::report(&medians);
+    serve::report(&medians);
     Ok(())
 }

@@ -779,6 +779,16 @@ pub fn queries_suite(
             );
         }
     }
+    super::serve::measure(
+        rt,
+        cluster,
+        &db,
+        &archive,
+        shape.accounts,
+        changes,
+        args,
+        results,
+    )?;
     cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
     if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
         eprintln!(
