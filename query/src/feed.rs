@@ -67,6 +67,49 @@ pub struct FeedPage {
     /// Whether changes after this page were already durable in the cut it was read from: read
     /// the next page at once rather than waiting for new commits.
     pub more: bool,
+    /// A gap the archive recorded right after this page's changes: changes between its `from`
+    /// and `to` were never captured (see `pgtrail capture --resnapshot`). Pages end at a gap,
+    /// so a consumer learns of it between the last change before it and the first after.
+    pub gap: Option<GapEvent>,
+}
+
+/// A recorded gap as the stream reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GapEvent {
+    /// Its place in the stream: after every change committed at or before `from`.
+    pub cursor: Cursor,
+    pub gap: pgtrail_store::Gap,
+}
+
+impl GapEvent {
+    fn of(gap: &pgtrail_store::Gap) -> GapEvent {
+        GapEvent {
+            cursor: Cursor(ChangeKey::new(gap.from, u32::MAX)),
+            gap: gap.clone(),
+        }
+    }
+
+    /// `{"cursor", "gap": {"from", "to", "reason", "recorded_at"}}`: what `pgtrail tail`
+    /// prints and `/api/stream` sends as a `gap` event.
+    pub fn to_json(&self) -> serde_json::Value {
+        let recorded = utc_text(self.gap.recorded_at_us);
+        serde_json::json!({
+            "cursor": self.cursor.to_string(),
+            "gap": {
+                "from": self.gap.from.to_string(),
+                "to": self.gap.to.to_string(),
+                "reason": self.gap.reason,
+                "recorded_at": recorded,
+            }
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch as RFC 3339 UTC text, through Arrow's own conversion.
+fn utc_text(us: i64) -> String {
+    datafusion::arrow::temporal_conversions::timestamp_us_to_datetime(us)
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_else(|| us.to_string())
 }
 
 /// Which tables a stream follows: all, or those named (as `pgtrail sql` names them; a table
@@ -124,13 +167,24 @@ pub async fn changes_after(
     // segment overlapping the page is read only for its changes in that range, so a page
     // holds at most about one segment per table. Without such a segment every unseen change
     // is in the log tail, which compaction keeps small.
-    let upto = archive
+    let segment_end = archive
         .tables
         .values()
         .flat_map(|t| &t.segments)
         .map(|s| s.max_key)
         .filter(|max| from.is_none_or(|f| *max > f))
         .min();
+    // A recorded gap ends a page where it begins.
+    let next_gap = archive
+        .gaps
+        .iter()
+        .map(GapEvent::of)
+        .filter(|g| from.is_none_or(|f| g.cursor.0 > f))
+        .min_by_key(|g| g.cursor);
+    let upto = match (segment_end, &next_gap) {
+        (Some(s), Some(g)) => Some(s.min(g.cursor.0)),
+        (s, g) => s.or(g.as_ref().map(|g| g.cursor.0)),
+    };
     let mut filter: Vec<Expr> = from.map(keys_after).into_iter().collect();
     filter.extend(upto.map(keys_through));
     filter.extend(tables.predicate());
@@ -165,10 +219,13 @@ pub async fn changes_after(
         (false, Some(u)) => (Some(u), true),
         (false, None) => (last_read, false),
     };
+    // The page reached the gap: it is reported after the page's changes.
+    let gap = next_gap.filter(|g| rows < PAGE_ROWS && upto == Some(g.cursor.0));
     Ok(FeedPage {
         batches,
         next: last.map(Cursor),
         more,
+        gap,
     })
 }
 
@@ -487,7 +544,7 @@ impl Follower {
             if !page.more {
                 self.cut = None;
             }
-            if !page.batches.is_empty() {
+            if !page.batches.is_empty() || page.gap.is_some() {
                 return Ok(Some(page));
             }
             if page.more {

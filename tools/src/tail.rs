@@ -52,7 +52,19 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         let Some(page) = page else { break };
         // Each page goes out whole and flushed: a consumer that stops reading mid-page resumes
         // from the last line it got (a closed pipe ends the command quietly).
-        let lines = pgtrail_query::json::write_json_lines(Vec::new(), &page.batches)?;
+        let mut lines = pgtrail_query::json::write_json_lines(Vec::new(), &page.batches)?;
+        // A recorded gap is a line of its own, `{"cursor", "gap": {...}}`, in its place:
+        // changes between its ends were never captured.
+        if let Some(gap) = &page.gap {
+            tracing::warn!(
+                from = %gap.gap.from,
+                to = %gap.gap.to,
+                reason = %gap.gap.reason,
+                "the archive has a gap here: changes between these positions were never captured"
+            );
+            lines.extend_from_slice(gap.to_json().to_string().as_bytes());
+            lines.push(b'\n');
+        }
         let mut out = std::io::stdout().lock();
         out.write_all(&lines)?;
         out.flush()?;

@@ -189,6 +189,14 @@ impl Sse {
 
     /// The next change event (keep-alive comments skipped); chunk framing is read as it comes.
     fn next(&mut self) -> Event {
+        match self.next_any() {
+            (kind, event) if kind == "change" => event,
+            (kind, event) => panic!("stream sent a {kind} event: {}", event.data),
+        }
+    }
+
+    /// The next event of any kind, with its kind.
+    fn next_any(&mut self) -> (String, Event) {
         loop {
             if let Some(end) = self.pending.find("\n\n") {
                 let block: String = self.pending.drain(..end + 2).collect();
@@ -202,14 +210,16 @@ impl Sse {
                         kind = Some(v.trim().to_string());
                     }
                 }
-                match kind.as_deref() {
-                    Some("change") => {
-                        return Event {
-                            id: id.expect("a change event has an id"),
-                            data: serde_json::from_str(&data.unwrap()).unwrap(),
-                        };
+                match kind {
+                    Some(kind) => {
+                        return (
+                            kind,
+                            Event {
+                                id: id.unwrap_or_default(),
+                                data: serde_json::from_str(&data.unwrap()).unwrap(),
+                            },
+                        );
                     }
-                    Some(other) => panic!("stream sent a {other} event: {block}"),
                     None => continue,
                 }
             }
@@ -868,6 +878,148 @@ fn a_runaway_query_is_cancelled_and_the_server_keeps_serving() {
     assert_eq!(get(server.addr, "/api/tables", &[]).status, 200);
 }
 
+#[test]
+fn a_recorded_gap_is_an_event_in_its_place_in_the_stream_and_in_tail() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("streamgap").unwrap();
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE t (id int PRIMARY KEY, v int); INSERT INTO t SELECT g, 0 FROM generate_series(1, 3) g;",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let capture = |extra: &[&str]| {
+        let lsn = insert_lsn(cluster, &db);
+        pgtrail()
+            .args([
+                "capture",
+                "--slot",
+                &db,
+                "--publication",
+                &db,
+                "--stop-at",
+                &lsn,
+            ])
+            .args(extra)
+            .env("PGTRAIL_SOURCE", cluster.url(&db))
+            .env("PGTRAIL_ARCHIVE", &archive)
+            .output()
+            .unwrap()
+    };
+    assert!(capture(&[]).status.success());
+    cluster.psql(&db, "INSERT INTO t VALUES (4, 0)").unwrap();
+    assert!(capture(&[]).status.success());
+    // The slot is lost while rows change: a gap, then a re-snapshot, then more changes.
+    cluster
+        .psql(&db, &format!("SELECT pg_drop_replication_slot('{db}')"))
+        .unwrap();
+    cluster
+        .psql(
+            &db,
+            "DELETE FROM t WHERE id = 2; UPDATE t SET v = 9 WHERE id = 3",
+        )
+        .unwrap();
+    let refused = capture(&[]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("gap in the archive"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(capture(&["--resnapshot"]).status.success());
+    cluster.psql(&db, "INSERT INTO t VALUES (5, 0)").unwrap();
+    assert!(capture(&[]).status.success());
+
+    // tail: the changes before the gap, one gap line, the re-snapshot and what followed.
+    let out = pgtrail()
+        .args(["tail", "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("gap"));
+    let lines = json_lines(&String::from_utf8(out.stdout).unwrap());
+    let at = lines
+        .iter()
+        .position(|l| l.get("gap").is_some())
+        .expect("a gap line");
+    assert_eq!(lines.iter().filter(|l| l.get("gap").is_some()).count(), 1);
+    let gap = &lines[at]["gap"];
+    let status: Value = serde_json::from_slice(
+        &pgtrail()
+            .args(["status", "--format", "json", "--archive"])
+            .arg(&archive)
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(gap["from"], status["gaps"][0]["from"], "{gap} {status}");
+    assert_eq!(gap["to"], status["gaps"][0]["to"]);
+    let lsn = |l: &Value| {
+        l["cursor"]
+            .as_str()
+            .unwrap()
+            .split(':')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let number = |text: &str| {
+        let (hi, lo) = text.split_once('/').unwrap();
+        (u64::from_str_radix(hi, 16).unwrap() << 32) | u64::from_str_radix(lo, 16).unwrap()
+    };
+    let from = number(gap["from"].as_str().unwrap());
+    assert!(lines[..at].iter().all(|l| number(&lsn(l)) <= from));
+    assert!(lines[at + 1..].iter().all(|l| number(&lsn(l)) > from));
+    // Before: the snapshot of 1-3 and the insert of 4; after: the re-snapshot as PostgreSQL
+    // held it after the gap (2 gone, 3 at 9, 4), then 5.
+    let keys = |ls: &[Value]| -> Vec<String> {
+        ls.iter()
+            .map(|l| {
+                format!(
+                    "{}:{}",
+                    l["operation"].as_str().unwrap(),
+                    l["primary_key"].as_str().unwrap()
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        keys(&lines[..at]),
+        ["SNAPSHOT:1", "SNAPSHOT:2", "SNAPSHOT:3", "CREATE:4"]
+    );
+    // (a snapshot's rows come in the table's physical order: the updated 3 after 4)
+    let mut after_gap = keys(&lines[at + 1..]);
+    after_gap[..3].sort();
+    assert_eq!(
+        after_gap,
+        ["SNAPSHOT:1", "SNAPSHOT:3", "SNAPSHOT:4", "CREATE:5"]
+    );
+
+    // The stream: the same sequence, the gap as a `gap` event with its cursor as id.
+    let server = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
+    let mut stream = Sse::open(server.addr, "/api/stream?since=beginning", None);
+    let events: Vec<(String, Event)> = (0..lines.len()).map(|_| stream.next_any()).collect();
+    for (i, (kind, event)) in events.iter().enumerate() {
+        assert_eq!(kind, if i == at { "gap" } else { "change" });
+        assert_eq!(event.data, lines[i], "event {i}");
+        assert_eq!(event.id, lines[i]["cursor"].as_str().unwrap());
+    }
+    // Resumed from the gap, the stream goes on with the first change after it.
+    let mut resumed = Sse::open(
+        server.addr,
+        "/api/stream?since=beginning",
+        Some(&events[at].1.id),
+    );
+    assert_eq!(resumed.next().data, lines[at + 1]);
+}
+
 /// The server's resident memory now (VmRSS), in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -1165,7 +1317,8 @@ fn https_serves_the_api_and_the_stream_with_the_given_certificate() {
     let _ = stream.kill();
     let _ = stream.wait();
     let mut over_http = Sse::open(plain.addr, "/api/stream?since=beginning", None);
-    let expected: Vec<String> = (0..changes).map(|_| over_http.next().id).collect();
+    // (the fixture archive holds a gap: its event is among them)
+    let expected: Vec<String> = (0..changes).map(|_| over_http.next_any().1.id).collect();
     assert_eq!(ids, expected);
     let (code, body) = trusted("/api/tables");
     assert_eq!(code, 0, "{body}");

@@ -1,5 +1,6 @@
 //! `GET /api/stream?since=CURSOR&tables=…`: the archive as Server-Sent Events. Each change is
-//! one `change` event whose `id:` is its cursor, so a browser's EventSource (or any client
+//! one `change` event whose `id:` is its cursor (a gap the archive recorded is a `gap` event
+//! in its place), so a browser's EventSource (or any client
 //! sending `Last-Event-ID`) resumes after the last change it got: every durable change once,
 //! in order, first those already archived, then each new one as capture makes it durable.
 
@@ -95,6 +96,16 @@ fn events(
                             }
                         }
                         offset += len;
+                    }
+                }
+                // Changes between the gap's ends were never captured: the client must know.
+                if let Some(gap) = &p.gap {
+                    let event = Event::default()
+                        .event("gap")
+                        .id(gap.cursor.to_string())
+                        .data(gap.to_json().to_string());
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
                     }
                 }
             }
