@@ -453,6 +453,34 @@ fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture
     crate::terminate(&mut capture);
 }
 
+/// Every page of an `/api/changes` query, following `next` as `after`: the changes, without
+/// their cursors.
+fn changes_pages(addr: SocketAddr, first: &str) -> Vec<Value> {
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("{first}&after={a}"),
+            None => first.to_string(),
+        };
+        let r = get(addr, &path, &[]);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let v = r.json();
+        paged.extend(
+            v["changes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .cloned()
+                .map(without_cursor),
+        );
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_string()),
+            None => return paged,
+        }
+    }
+}
+
 fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: &[Value]) {
     // A moment in the middle, and one later: the answers at them no longer change.
     let mid = &changes_of_t[changes_of_t.len() / 2];
@@ -543,31 +571,12 @@ fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: 
             "SELECT * FROM changes WHERE \"table\" = 't' AND json_get(context, 'user_id') = '7' AND lsn <= {mid_number} ORDER BY lsn, seq"
         ),
     ));
-    let mut paged = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut path = format!(
+    let paged = changes_pages(
+        addr,
+        &format!(
             "/api/changes?table=public.t&context.user_id=7&until_lsn={mid_lsn}&order=asc&limit=5"
-        );
-        if let Some(a) = &after {
-            path.push_str(&format!("&after={a}"));
-        }
-        let r = get(addr, &path, &[]);
-        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-        let v = r.json();
-        paged.extend(
-            v["changes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned()
-                .map(without_cursor),
-        );
-        match v["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => break,
-        }
-    }
+        ),
+    );
     assert!(sql.len() > 5, "{} changes by user 7", sql.len());
     assert_eq!(paged, sql);
     // Newest first is the same list reversed.
@@ -585,28 +594,10 @@ fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: 
         .collect();
     assert_eq!(newest, sql.iter().rev().cloned().collect::<Vec<_>>());
     // And newest first in pages of 3 (read a window of segments at a time): the same.
-    let mut paged = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut path =
-            format!("/api/changes?table=public.t&context.user_id=7&until_lsn={mid_lsn}&limit=3");
-        if let Some(a) = &after {
-            path.push_str(&format!("&after={a}"));
-        }
-        let v = get(addr, &path, &[]).json();
-        paged.extend(
-            v["changes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned()
-                .map(without_cursor),
-        );
-        match v["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => break,
-        }
-    }
+    let paged = changes_pages(
+        addr,
+        &format!("/api/changes?table=public.t&context.user_id=7&until_lsn={mid_lsn}&limit=3"),
+    );
     assert_eq!(paged, newest);
     // Every change of every table, newest first, 7 at a time, equals the view sorted.
     let all: Vec<Value> = json_lines(&pgtrail_sql(
@@ -614,27 +605,7 @@ fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: 
         "json",
         &format!("SELECT * FROM changes WHERE lsn <= {mid_number} ORDER BY lsn DESC, seq DESC"),
     ));
-    let mut paged = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
-        let mut path = format!("/api/changes?until_lsn={mid_lsn}&limit=7");
-        if let Some(a) = &after {
-            path.push_str(&format!("&after={a}"));
-        }
-        let v = get(addr, &path, &[]).json();
-        paged.extend(
-            v["changes"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .cloned()
-                .map(without_cursor),
-        );
-        match v["next"].as_str() {
-            Some(n) => after = Some(n.to_string()),
-            None => break,
-        }
-    }
+    let paged = changes_pages(addr, &format!("/api/changes?until_lsn={mid_lsn}&limit=7"));
     assert_eq!(paged.len(), all.len());
     assert!(
         paged == all,
@@ -1020,6 +991,21 @@ fn a_recorded_gap_is_an_event_in_its_place_in_the_stream_and_in_tail() {
     assert_eq!(resumed.next().data, lines[at + 1]);
 }
 
+/// The cursors of a table's changes, in key order, as the archive's SQL gives them.
+fn cursors_of(archive: &Path, table: &str) -> Vec<String> {
+    json_lines(&pgtrail_sql(
+        archive,
+        "json",
+        &format!("SELECT lsn, seq FROM changes WHERE \"table\" = '{table}' ORDER BY lsn, seq"),
+    ))
+    .iter()
+    .map(|r| {
+        let lsn = r["lsn"].as_u64().unwrap();
+        format!("{:X}/{:X}:{}", lsn >> 32, lsn & 0xFFFF_FFFF, r["seq"])
+    })
+    .collect()
+}
+
 /// The server's resident memory now (VmRSS), in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -1085,17 +1071,7 @@ fn two_hundred_streams_each_get_every_change_once_in_bounded_memory() {
     }
     cluster.psql(&db, &sql).unwrap();
     wait_durable(cluster, &db, &insert_lsn(cluster, &db));
-    let expected: Vec<String> = json_lines(&pgtrail_sql(
-        &archive,
-        "json",
-        "SELECT lsn, seq FROM changes WHERE \"table\" = 'small' ORDER BY lsn, seq",
-    ))
-    .iter()
-    .map(|r| {
-        let lsn = r["lsn"].as_u64().unwrap();
-        format!("{:X}/{:X}:{}", lsn >> 32, lsn & 0xFFFF_FFFF, r["seq"])
-    })
-    .collect();
+    let expected: Vec<String> = cursors_of(&archive, "small");
     assert_eq!(expected.len(), 300);
     assert_eq!(first.id, expected[0]);
     let readers: Vec<_> = clients
@@ -1147,17 +1123,7 @@ fn two_hundred_streams_each_get_every_change_once_in_bounded_memory() {
         .iter()
         .map(|l| l["cursor"].as_str().unwrap().to_string())
         .collect();
-    let big: Vec<String> = json_lines(&pgtrail_sql(
-        &archive,
-        "json",
-        "SELECT lsn, seq FROM changes WHERE \"table\" = 'big' ORDER BY lsn, seq",
-    ))
-    .iter()
-    .map(|r| {
-        let lsn = r["lsn"].as_u64().unwrap();
-        format!("{:X}/{:X}:{}", lsn >> 32, lsn & 0xFFFF_FFFF, r["seq"])
-    })
-    .collect();
+    let big: Vec<String> = cursors_of(&archive, "big");
     assert_eq!(big.len(), 20_000);
     assert!(tailed == big, "tail's pages of big differ from the archive");
     let _ = capture.kill();
