@@ -286,7 +286,7 @@ pub fn keys_before(k: ChangeKey) -> Expr {
 }
 
 /// The `changes` view's rows whose key is `k` or below it (see [`keys_after`]).
-fn keys_through(k: ChangeKey) -> Expr {
+pub fn keys_through(k: ChangeKey) -> Expr {
     let lsn = k.commit_lsn.0;
     col("lsn")
         .lt_eq(lit(lsn))
@@ -408,6 +408,13 @@ impl ArchiveWatch {
             }
             newer
         });
+    }
+
+    /// A cut that holds everything durable now: the shared one while the log has not moved
+    /// since it was read (a look at the log's mark costs far less than reading its tail), else
+    /// a new one. For a request that must see every commit made before it.
+    pub async fn current(&self) -> Result<Arc<ArchiveSnapshot>, QueryError> {
+        Ok(self.cut(true).await?.0)
     }
 
     /// Wait until the log's mark differs from `seen`: something new may be durable.
@@ -582,7 +589,8 @@ pub fn cursor_at(batch: &RecordBatch, i: usize) -> Result<Cursor, QueryError> {
 }
 
 /// The key of row `i` of a batch of the `changes` view.
-fn key_at(batch: &RecordBatch, i: usize) -> Result<ChangeKey, QueryError> {
+/// The key of row `i` of a batch with the view's `lsn` and `seq` columns.
+pub fn key_at(batch: &RecordBatch, i: usize) -> Result<ChangeKey, QueryError> {
     let (lsn, seq) = key_columns(batch)?;
     Ok(ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)))
 }

@@ -105,19 +105,19 @@ fn moment(text: &str) -> String {
     }
 }
 
-/// Read one consistent cut of the archive, off the async workers.
+/// The archive with every commit durable when the request came, as one consistent cut.
 async fn snapshot(state: &AppState) -> Result<Arc<ArchiveSnapshot>, ApiError> {
-    let dir = state.config.archive.clone();
-    off_runtime(move || ArchiveSnapshot::open(&dir).map(Arc::new)).await
+    Ok(state.watch.current().await?)
 }
 
-/// One consistent cut of the archive and a SQL session over it (which reads the logical
-/// messages, hence off the runtime too), bounded by the request's memory limit.
+/// One consistent cut of the archive holding every commit durable when the request came
+/// (shared with the streams and other requests while the log has not moved), and a SQL
+/// session over it (which reads the logical messages, hence off the runtime), bounded by the
+/// request's memory limit.
 async fn cut(state: &AppState) -> Result<(SessionContext, Arc<ArchiveSnapshot>), ApiError> {
-    let dir = state.config.archive.clone();
+    let archive = snapshot(state).await?;
     let memory = state.config.request_memory;
     off_runtime(move || {
-        let archive = Arc::new(ArchiveSnapshot::open(&dir)?);
         let ctx = pgtrail_query::bounded_session(archive.clone(), memory)?;
         Ok::<_, pgtrail_query::QueryError>((ctx, archive))
     })
@@ -403,45 +403,40 @@ pub async fn changes(
         true => feed::newest_first_windows(&archive, after.map(|c| c.0)),
         false => vec![None],
     };
+    // First the keys of the page (the view reads only its columnar parts for them), then the
+    // rows between the first and the last key: the JSON images of the page's rows alone are
+    // built, not those of every change a window looks at.
     let mut upper = after.map(|c| c.0);
-    let mut batches: Vec<RecordBatch> = Vec::new();
-    let mut found = 0;
+    let mut keys: Vec<pgtrail_store::ChangeKey> = Vec::new();
     for lower in windows {
         let mut window = conditions.clone();
         if desc {
             window.extend(upper.map(feed::keys_before));
             window.extend(lower.map(feed::keys_from));
         }
-        let frame = ctx.clone();
-        let filters = filters.clone();
-        let want = limit - found;
-        let plan = async move {
-            let mut frame = frame
-                .table(TableReference::partial("pgtrail", "changes"))
-                .await?;
-            for f in &filters {
-                window.push(frame.parse_sql_expr(f)?);
-            }
-            if let Some(all) = window.into_iter().reduce(Expr::and) {
-                frame = frame.filter(all)?;
-            }
-            let frame = frame
-                .sort(vec![
-                    col("lsn").sort(!desc, false),
-                    col("seq").sort(!desc, false),
-                ])?
-                .limit(0, Some(want))?;
-            Ok(frame)
-        };
-        let answer = run(&state, plan, want).await?;
-        for batch in answer.batches.iter().filter(|b| b.num_rows() > 0) {
-            found += batch.num_rows();
-            batches.push(pgtrail_query::feed::with_cursor(batch)?);
+        let want = limit - keys.len();
+        let answer = changes_query(&state, &ctx, window, &filters, desc, want, true).await?;
+        for batch in &answer.batches {
+            keys.extend(
+                (0..batch.num_rows())
+                    .map(|i| feed::key_at(batch, i))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
         }
-        if found >= limit {
+        if keys.len() >= limit {
             break;
         }
         upper = lower;
+    }
+    let mut batches: Vec<RecordBatch> = Vec::new();
+    if let (Some(&first), Some(&last)) = (keys.iter().min(), keys.iter().max()) {
+        let mut range = conditions;
+        range.push(feed::keys_from(first));
+        range.push(feed::keys_through(last));
+        let answer = changes_query(&state, &ctx, range, &filters, desc, keys.len(), false).await?;
+        for batch in answer.batches.iter().filter(|b| b.num_rows() > 0) {
+            batches.push(pgtrail_query::feed::with_cursor(batch)?);
+        }
     }
     let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
     let next = match rows == limit {
@@ -456,6 +451,41 @@ pub async fn changes(
         serde_json::json!(next.map(|c| c.to_string()))
     );
     Ok(json_response(body))
+}
+
+/// The `changes` view's rows meeting `conditions` and the parameters' `filters` (SQL text),
+/// in key order (`desc`: newest first), `want` at most; with `keys_only` just `lsn` and `seq`.
+async fn changes_query(
+    state: &AppState,
+    ctx: &SessionContext,
+    mut conditions: Vec<Expr>,
+    filters: &[String],
+    desc: bool,
+    want: usize,
+    keys_only: bool,
+) -> Result<Answer, ApiError> {
+    let plan = async move {
+        let mut frame = ctx
+            .table(TableReference::partial("pgtrail", "changes"))
+            .await?;
+        for f in filters {
+            conditions.push(frame.parse_sql_expr(f)?);
+        }
+        if let Some(all) = conditions.into_iter().reduce(Expr::and) {
+            frame = frame.filter(all)?;
+        }
+        let mut frame = frame
+            .sort(vec![
+                col("lsn").sort(!desc, false),
+                col("seq").sort(!desc, false),
+            ])?
+            .limit(0, Some(want))?;
+        if keys_only {
+            frame = frame.select_columns(&["lsn", "seq"])?;
+        }
+        Ok(frame)
+    };
+    run(state, plan, want).await
 }
 
 /// A time parameter as a timestamp literal; an LSN here is a mistake worth naming.
