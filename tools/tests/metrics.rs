@@ -13,9 +13,10 @@ use crate::serve::get;
 use crate::{insert_lsn, pgtrail, wait_slot_active};
 
 /// Prometheus text read strictly: every sample belongs to a metric declared by `# TYPE` (as
-/// `gauge` or `counter`, a counter's name ending in `_total`) with a `# HELP`, and each value
-/// is a number. Samples by name (labels kept in the name).
-fn parse(text: &str) -> BTreeMap<String, f64> {
+/// `gauge`, `counter` (its name ending in `_total`) or `histogram` (samples `_bucket`, `_sum`,
+/// `_count`)) with a `# HELP`, and each value is a number. Samples by name (labels kept in
+/// the name).
+pub(crate) fn parse(text: &str) -> BTreeMap<String, f64> {
     let mut types = BTreeMap::new();
     let mut helped = std::collections::BTreeSet::new();
     let mut samples = BTreeMap::new();
@@ -24,7 +25,7 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
             helped.insert(rest.split(' ').next().unwrap().to_string());
         } else if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').unwrap();
-            assert!(matches!(kind, "gauge" | "counter"), "{line}");
+            assert!(matches!(kind, "gauge" | "counter" | "histogram"), "{line}");
             assert!(kind != "counter" || name.ends_with("_total"), "{line}");
             assert!(
                 types.insert(name.to_string(), kind).is_none(),
@@ -32,7 +33,14 @@ fn parse(text: &str) -> BTreeMap<String, f64> {
             );
         } else {
             let (name, value) = line.rsplit_once(' ').unwrap();
-            let family = name.split('{').next().unwrap();
+            let base = name.split('{').next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| {
+                    base.strip_suffix(suffix)
+                        .filter(|f| types.get(*f) == Some(&"histogram"))
+                })
+                .unwrap_or(base);
             assert!(types.contains_key(family), "no # TYPE for {line}");
             assert!(helped.contains(family), "no # HELP for {line}");
             let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));

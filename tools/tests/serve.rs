@@ -660,10 +660,27 @@ fn api_answers_what_sql_answers(archive: &Path, addr: SocketAddr, changes_of_t: 
         count.lines().nth(1).unwrap()
     );
     let metrics = String::from_utf8(get(addr, "/metrics", &[]).body).unwrap();
-    assert!(
-        metrics.contains("pgtrail_serve_requests_total{route=\"/api/changes\",status=\"2xx\"}"),
-        "{metrics}"
+    let samples = crate::metrics::parse(&metrics);
+    let route = "route=\"/api/changes\",status=\"2xx\"";
+    let answered = samples[&format!("pgtrail_serve_requests_total{{{route}}}")];
+    assert!(answered >= 3.0, "{metrics}");
+    // The latency histogram counts the same requests; its buckets only grow.
+    assert_eq!(
+        samples[&format!("pgtrail_serve_request_duration_seconds_count{{{route}}}")],
+        answered
     );
+    let buckets: Vec<f64> = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with(&format!(
+                "pgtrail_serve_request_duration_seconds_bucket{{{route},"
+            ))
+        })
+        .map(|l| l.rsplit_once(' ').unwrap().1.parse().unwrap())
+        .collect();
+    assert_eq!(buckets.len(), 13, "{metrics}");
+    assert!(buckets.windows(2).all(|w| w[0] <= w[1]), "{buckets:?}");
+    assert_eq!(*buckets.last().unwrap(), answered);
     assert!(
         metrics
             .lines()

@@ -22,8 +22,21 @@ pub struct Metrics {
     requests: Mutex<RequestCounts>,
 }
 
-/// (route, status class) → (requests, seconds).
-type RequestCounts = BTreeMap<(String, &'static str), (u64, f64)>;
+/// (route, status class) → what its requests took.
+type RequestCounts = BTreeMap<(String, &'static str), Latencies>;
+
+/// Upper bounds of the latency histogram's buckets, in seconds (`+Inf` is the count).
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+#[derive(Clone, Default)]
+struct Latencies {
+    count: u64,
+    seconds: f64,
+    /// Requests that took at most `BUCKETS[i]` (cumulative, as Prometheus counts them).
+    within: [u64; BUCKETS.len()],
+}
 
 /// Count each request by the route it matched (never the raw path: table names and keys stay
 /// out of the metrics, and their number stays bounded).
@@ -44,8 +57,13 @@ pub async fn record(State(state): State<Arc<AppState>>, request: Request, next: 
     let seconds = started.elapsed().as_secs_f64();
     if let Ok(mut m) = state.metrics.requests.lock() {
         let e = m.entry((route, class)).or_default();
-        e.0 += 1;
-        e.1 += seconds;
+        e.count += 1;
+        e.seconds += seconds;
+        for (bound, n) in BUCKETS.iter().zip(e.within.iter_mut()) {
+            if seconds <= *bound {
+                *n += 1;
+            }
+        }
     }
     response
 }
@@ -138,30 +156,39 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Result<Response, Api
         "Streams open now.",
         state.metrics.streams_open.load(Ordering::SeqCst) as f64,
     );
-    let _ = writeln!(
-        out.0,
-        "# HELP pgtrail_serve_requests_total Requests answered, by route and status class.\n# TYPE pgtrail_serve_requests_total counter"
-    );
     let requests = state
         .metrics
         .requests
         .lock()
         .map(|m| m.clone())
         .unwrap_or_default();
-    for ((route, class), (n, _)) in &requests {
+    let _ = writeln!(
+        out.0,
+        "# HELP pgtrail_serve_requests_total Requests answered, by route and status class.\n# TYPE pgtrail_serve_requests_total counter"
+    );
+    for ((route, class), l) in &requests {
         let _ = writeln!(
             out.0,
-            "pgtrail_serve_requests_total{{route=\"{route}\",status=\"{class}\"}} {n}"
+            "pgtrail_serve_requests_total{{route=\"{route}\",status=\"{class}\"}} {}",
+            l.count
         );
     }
     let _ = writeln!(
         out.0,
-        "# HELP pgtrail_serve_request_seconds_total Seconds spent answering, by route and status class.\n# TYPE pgtrail_serve_request_seconds_total counter"
+        "# HELP pgtrail_serve_request_duration_seconds Time to answer (to the start of a stream), by route and status class.\n# TYPE pgtrail_serve_request_duration_seconds histogram"
     );
-    for ((route, class), (_, s)) in &requests {
+    for ((route, class), l) in &requests {
+        let labels = format!("route=\"{route}\",status=\"{class}\"");
+        for (bound, n) in BUCKETS.iter().zip(l.within) {
+            let _ = writeln!(
+                out.0,
+                "pgtrail_serve_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {n}"
+            );
+        }
         let _ = writeln!(
             out.0,
-            "pgtrail_serve_request_seconds_total{{route=\"{route}\",status=\"{class}\"}} {s}"
+            "pgtrail_serve_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}\npgtrail_serve_request_duration_seconds_sum{{{labels}}} {}\npgtrail_serve_request_duration_seconds_count{{{labels}}} {}",
+            l.count, l.seconds, l.count
         );
     }
     Ok(out.response())
