@@ -250,6 +250,14 @@ impl TableProvider for ChangesTable {
         limit: Option<usize>,
     ) -> Result<Arc<dyn ExecutionPlan>> {
         let bounds = Bounds::from_filters(filters);
+        // Tables no row of which can meet the filters (`"table" = 'x'`, `schema = 's'`, as
+        // the API and the stream filter) are not read at all.
+        let wanted = |history: &crate::archive::TableHistory| {
+            history
+                .versions
+                .iter()
+                .any(|v| filters.iter().all(|f| may_name(f, &v.schema, &v.name)))
+        };
         // Without the JSON columns (primary_key, before, after) the view is the segments'
         // own columns relabelled: read those columnar, per segment, in parallel.
         if let Some(p) = projection
@@ -262,7 +270,7 @@ impl TableProvider for ChangesTable {
         {
             let schema = Arc::new(self.schema.project(p)?);
             let mut partitions: Vec<Arc<dyn PartitionStream>> = Vec::new();
-            for history in self.archive.tables.values() {
+            for history in self.archive.tables.values().filter(|h| wanted(h)) {
                 for seg in history.segments.iter().filter(|s| bounds.overlaps(s)) {
                     let SegmentContent::Table(version) = &seg.content else {
                         continue;
@@ -311,8 +319,9 @@ impl TableProvider for ChangesTable {
         let partitions: Vec<Arc<dyn PartitionStream>> = self
             .archive
             .tables
-            .keys()
-            .map(|t| {
+            .iter()
+            .filter(|(_, h)| wanted(h))
+            .map(|(t, _)| {
                 Arc::new(TablePartition {
                     archive: self.archive.clone(),
                     table: t.clone(),
@@ -515,5 +524,70 @@ impl PartitionStream for TablePartition {
             Ok(())
         });
         builder.build()
+    }
+}
+
+/// Whether a row of the table named `schema`.`name` may meet `filter`: false only when the
+/// filter's conditions on the `schema` and `table` columns rule that name out (equalities,
+/// `IN` lists, `AND`, `OR`); anything else may match.
+fn may_name(filter: &Expr, schema: &str, name: &str) -> bool {
+    use datafusion::logical_expr::{BinaryExpr, Operator, expr::InList};
+    let text = |e: &Expr| match e {
+        Expr::Literal(datafusion::scalar::ScalarValue::Utf8(Some(v)), _) => Some(v.clone()),
+        _ => None,
+    };
+    let column = |e: &Expr| match e {
+        Expr::Column(c) if c.name == "schema" => Some(schema),
+        Expr::Column(c) if c.name == "table" => Some(name),
+        _ => None,
+    };
+    match filter {
+        Expr::BinaryExpr(BinaryExpr { left, op, right }) => match op {
+            Operator::And => may_name(left, schema, name) && may_name(right, schema, name),
+            Operator::Or => may_name(left, schema, name) || may_name(right, schema, name),
+            Operator::Eq => match (column(left), text(right), column(right), text(left)) {
+                (Some(actual), Some(wanted), _, _) | (_, _, Some(actual), Some(wanted)) => {
+                    actual == wanted
+                }
+                _ => true,
+            },
+            _ => true,
+        },
+        Expr::InList(InList {
+            expr,
+            list,
+            negated: false,
+        }) => match column(expr) {
+            Some(actual) => list.iter().any(|e| text(e).is_none_or(|v| v == actual)),
+            None => true,
+        },
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::prelude::{col, lit};
+
+    use super::may_name;
+
+    #[test]
+    fn only_names_the_filter_rules_out_are_pruned() {
+        let orders = col("schema").eq(lit("public")).and(col("table").eq(lit("orders")));
+        assert!(may_name(&orders, "public", "orders"));
+        assert!(!may_name(&orders, "public", "customers"));
+        assert!(!may_name(&orders, "billing", "orders"));
+        let either = orders.clone().or(col("table").eq(lit("old_orders")));
+        assert!(may_name(&either, "archive", "old_orders"));
+        assert!(!may_name(&either, "public", "items"));
+        let reversed = lit("orders").eq(col("table"));
+        assert!(!may_name(&reversed, "public", "items"));
+        let listed = col("table").in_list(vec![lit("a"), lit("b")], false);
+        assert!(may_name(&listed, "s", "b") && !may_name(&listed, "s", "c"));
+        // Anything else may match: negations, other columns, other operators.
+        assert!(may_name(&col("table").in_list(vec![lit("a")], true), "s", "a"));
+        assert!(may_name(&col("table").not_eq(lit("a")), "s", "a"));
+        assert!(may_name(&col("operation").eq(lit("UPDATE")), "s", "a"));
+        assert!(may_name(&orders.or(col("lsn").gt(lit(5u64))), "s", "x"));
     }
 }
