@@ -186,20 +186,40 @@ pub async fn changes_after(
         (s, g) => s.or(g.as_ref().map(|g| g.cursor.0)),
     };
     let mut filter: Vec<Expr> = from.map(keys_after).into_iter().collect();
-    filter.extend(upto.map(keys_through));
     filter.extend(tables.predicate());
-    let mut frame = ctx
-        .table(TableReference::partial("pgtrail", "changes"))
-        .await?;
-    if let Some(f) = filter.into_iter().reduce(Expr::and) {
-        frame = frame.filter(f)?;
-    }
-    let frame = frame
-        .sort(vec![
+    let changes = || async {
+        let frame = ctx
+            .table(TableReference::partial("pgtrail", "changes"))
+            .await?;
+        Ok::<_, QueryError>(frame)
+    };
+    let filtered = |frame: datafusion::dataframe::DataFrame, through: Option<ChangeKey>| {
+        let mut all = filter.clone();
+        all.extend(through.map(keys_through));
+        match all.into_iter().reduce(Expr::and) {
+            Some(f) => frame.filter(f),
+            None => Ok(frame),
+        }
+    };
+    let in_order = |frame: datafusion::dataframe::DataFrame| {
+        frame.sort(vec![
             col("lsn").sort(true, false),
             col("seq").sort(true, false),
-        ])?
-        .limit(0, Some(PAGE_ROWS))?;
+        ])
+    };
+    // The page's last key first, from the keys alone (the view's columnar path): a full page
+    // then builds the row images of its own changes only, not of every change up to `upto`,
+    // which would make catching up through a large segment quadratic.
+    let keys = in_order(filtered(changes().await?, upto)?)?
+        .limit(PAGE_ROWS - 1, Some(1))?
+        .select_columns(&["lsn", "seq"])?
+        .collect()
+        .await?;
+    let full_page_ends = match keys.iter().find(|b| b.num_rows() > 0) {
+        Some(b) => Some(key_at(b, 0)?),
+        None => None,
+    };
+    let frame = in_order(filtered(changes().await?, full_page_ends.or(upto))?)?;
     let mut batches = Vec::new();
     let mut rows = 0;
     for batch in frame.collect().await? {
@@ -208,6 +228,7 @@ pub async fn changes_after(
             batches.push(with_cursor(&batch)?);
         }
     }
+    debug_assert!(rows <= PAGE_ROWS);
     let last_read = match batches.last() {
         Some(b) => Some(key_at(b, b.num_rows() - 1)?),
         None => from,
