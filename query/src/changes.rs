@@ -573,7 +573,9 @@ mod tests {
 
     #[test]
     fn only_names_the_filter_rules_out_are_pruned() {
-        let orders = col("schema").eq(lit("public")).and(col("table").eq(lit("orders")));
+        let orders = col("schema")
+            .eq(lit("public"))
+            .and(col("table").eq(lit("orders")));
         assert!(may_name(&orders, "public", "orders"));
         assert!(!may_name(&orders, "public", "customers"));
         assert!(!may_name(&orders, "billing", "orders"));
@@ -585,7 +587,11 @@ mod tests {
         let listed = col("table").in_list(vec![lit("a"), lit("b")], false);
         assert!(may_name(&listed, "s", "b") && !may_name(&listed, "s", "c"));
         // Anything else may match: negations, other columns, other operators.
-        assert!(may_name(&col("table").in_list(vec![lit("a")], true), "s", "a"));
+        assert!(may_name(
+            &col("table").in_list(vec![lit("a")], true),
+            "s",
+            "a"
+        ));
         assert!(may_name(&col("table").not_eq(lit("a")), "s", "a"));
         assert!(may_name(&col("operation").eq(lit("UPDATE")), "s", "a"));
         assert!(may_name(&orders.or(col("lsn").gt(lit(5u64))), "s", "x"));
