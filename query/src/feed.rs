@@ -387,13 +387,8 @@ impl ArchiveWatch {
     /// which must not start before what is durable now).
     async fn cut(&self, fresh: bool) -> Result<(Arc<ArchiveSnapshot>, LogMark), QueryError> {
         if fresh {
-            let dir = self.0.dir.clone();
-            let mark = tokio::task::spawn_blocking(move || {
-                LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
-            })
-            .await
-            .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
-            self.publish(mark);
+            let mark = read_mark(self.0.dir.clone()).await?;
+            publish(&self.0.mark, Polled::Mark(mark));
         }
         let mut latest = self.0.latest.lock().await;
         if let (Some((mark, archive)), Polled::Mark(now)) = (&*latest, &*self.0.mark.borrow())
@@ -415,20 +410,9 @@ impl ArchiveWatch {
         .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))??;
         let archive = Arc::new(archive);
         *latest = Some((mark, archive.clone()));
-        self.publish(mark);
+        // A mark read with a cut is the newest known: followers waiting on an older one wake.
+        publish(&self.0.mark, Polled::Mark(mark));
         Ok((archive, mark))
-    }
-
-    /// A mark read with a cut is the newest known: followers still waiting on an older one
-    /// wake.
-    fn publish(&self, mark: LogMark) {
-        self.0.mark.send_if_modified(|polled| {
-            let newer = *polled != Polled::Mark(mark);
-            if newer {
-                *polled = Polled::Mark(mark);
-            }
-            newer
-        });
     }
 
     /// A cut that holds everything durable now: the shared one while the log has not moved
@@ -465,24 +449,34 @@ async fn poll_marks(shared: std::sync::Weak<WatchShared>, poll: Duration) {
         if shared.mark.receiver_count() == 0 {
             continue;
         }
-        let dir = shared.dir.clone();
-        let looked = tokio::task::spawn_blocking(move || {
-            LogMark::of(&pgtrail_store::LogReader::open(&dir)?)
-        })
-        .await;
-        let polled = match looked {
-            Ok(Ok(mark)) => Polled::Mark(mark),
-            Ok(Err(e)) => Polled::Failed(e.to_string()),
+        let polled = match read_mark(shared.dir.clone()).await {
+            Ok(mark) => Polled::Mark(mark),
             Err(e) => Polled::Failed(e.to_string()),
         };
-        shared.mark.send_if_modified(|old| {
-            let changed = *old != polled;
-            if changed {
-                *old = polled;
-            }
-            changed
-        });
+        publish(&shared.mark, polled);
     }
+}
+
+/// The log's mark now, read off the async workers.
+async fn read_mark(dir: PathBuf) -> Result<LogMark, QueryError> {
+    tokio::task::spawn_blocking(move || {
+        let reader = pgtrail_store::LogReader::open(&dir)
+            .map_err(|source| QueryError::Open { path: dir, source })?;
+        Ok(LogMark::of(&reader)?)
+    })
+    .await
+    .map_err(|e| datafusion::error::DataFusionError::External(Box::new(e)))?
+}
+
+/// Tell the followers what the log looks like now, waking them only when it changed.
+fn publish(marks: &tokio::sync::watch::Sender<Polled>, now: Polled) {
+    marks.send_if_modified(|old| {
+        let changed = *old != now;
+        if changed {
+            *old = now;
+        }
+        changed
+    });
 }
 
 /// Reads an archive's stream page by page, each page from a consistent cut, and (following)
