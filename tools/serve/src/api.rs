@@ -389,13 +389,9 @@ pub async fn changes(
         .predicate()
         .into_iter()
         .collect();
-    let conditions = match desc {
-        true => conditions,
-        false => {
-            conditions.extend(after.map(|c| feed::keys_after(c.0)));
-            conditions
-        }
-    };
+    if !desc {
+        conditions.extend(after.map(|c| feed::keys_after(c.0)));
+    }
     // Oldest first is one query (the view skips segments by their keys). Newest first reads
     // windows of segments from the newest down and stops once it has `limit` changes: a
     // plain ORDER BY … DESC LIMIT would sort the keys of every segment first.
@@ -625,7 +621,6 @@ pub async fn sql(
         .into_response())
 }
 
-/// Any other path: a JSON 404 that names the endpoints.
 /// Every endpoint is read-only: GET (and HEAD) only.
 pub async fn method_not_allowed() -> ApiError {
     ApiError {
@@ -634,6 +629,7 @@ pub async fn method_not_allowed() -> ApiError {
     }
 }
 
+/// Any other path: a JSON 404 that names the endpoints.
 pub async fn not_found() -> ApiError {
     ApiError::not_found(
         "no such endpoint; the API has /api/tables, /api/tables/{table}/history, /api/tables/{table}/as_of, /api/tables/{table}/diff, /api/changes, /api/sql, /api/stream and /metrics",

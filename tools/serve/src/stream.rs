@@ -89,7 +89,16 @@ fn events(
                     let mut offset = 0;
                     while offset < batch.num_rows() {
                         let len = EVENTS_AT_ONCE.min(batch.num_rows() - offset);
-                        for event in page_events(&batch.slice(offset, len)) {
+                        let events = match change_events(&batch.slice(offset, len)) {
+                            Ok(events) => events,
+                            // Changes that cannot be sent end the stream: skipping them would
+                            // lose them for a client that resumes after the next one.
+                            Err(e) => {
+                                let _ = tx.send(Ok(error_event(&e))).await;
+                                return;
+                            }
+                        };
+                        for event in events {
                             // The client is gone: stop reading the archive for it.
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
@@ -112,10 +121,7 @@ fn events(
             match follower.next_page(true).await {
                 Ok(next) => page = next,
                 Err(e) => {
-                    let error = serde_json::json!({"error": e.to_string()}).to_string();
-                    let _ = tx
-                        .send(Ok(Event::default().event("error").data(error)))
-                        .await;
+                    let _ = tx.send(Ok(error_event(&e.to_string()))).await;
                     return;
                 }
             }
@@ -127,30 +133,31 @@ fn events(
 const EVENTS_AT_ONCE: usize = 256;
 
 /// One event per change: `id:` its cursor, `data:` its JSON (as `pgtrail tail` prints it).
-fn page_events(batch: &RecordBatch) -> Vec<Event> {
-    let mut events = Vec::new();
-    {
-        let lines =
-            match pgtrail_query::json::write_json_lines(Vec::new(), std::slice::from_ref(batch)) {
-                Ok(lines) => String::from_utf8_lossy(&lines).into_owned(),
-                Err(e) => {
-                    let error = serde_json::json!({"error": e.to_string()}).to_string();
-                    events.push(Event::default().event("error").data(error));
-                    return events;
-                }
-            };
-        for (i, line) in lines.lines().enumerate() {
-            let id = pgtrail_query::feed::cursor_at(batch, i)
-                .map(|c| c.to_string())
-                .unwrap_or_default();
-            events.push(Event::default().event("change").id(id).data(line));
-        }
-    }
-    events
+fn change_events(batch: &RecordBatch) -> Result<Vec<Event>, String> {
+    let lines = pgtrail_query::json::write_json_lines(Vec::new(), std::slice::from_ref(batch))
+        .map_err(|e| e.to_string())?;
+    String::from_utf8_lossy(&lines)
+        .lines()
+        .enumerate()
+        .map(|(i, line)| {
+            let cursor = pgtrail_query::feed::cursor_at(batch, i).map_err(|e| e.to_string())?;
+            Ok(Event::default()
+                .event("change")
+                .id(cursor.to_string())
+                .data(line))
+        })
+        .collect()
 }
 
-/// A stream fed by a task through a channel of one page's events at most: a slow client
-/// holds back its own reader (bounded memory per client), never the others.
+/// The `error` event that ends a stream.
+fn error_event(message: &str) -> Event {
+    Event::default()
+        .event("error")
+        .data(serde_json::json!({ "error": message }).to_string())
+}
+
+/// A stream fed by a task through a channel of 256 events at most: a slow client holds back
+/// its own reader (bounded memory per client), never the others.
 fn async_stream<F, Fut>(produce: F) -> impl Stream<Item = Result<Event, Infallible>>
 where
     F: FnOnce(tokio::sync::mpsc::Sender<Result<Event, Infallible>>) -> Fut,
