@@ -98,20 +98,30 @@ fn json_get() -> ScalarUDF {
                     out.append_null();
                     continue;
                 }
-                let value: Option<serde_json::Value> = serde_json::from_str(docs.value(i)).ok();
-                let mut cur = value.as_ref();
-                for part in keys.value(i).split('.') {
-                    cur = cur.and_then(|v| v.get(part));
-                }
-                match cur {
-                    None | Some(serde_json::Value::Null) => out.append_null(),
-                    Some(serde_json::Value::String(s)) => out.append_value(s),
-                    Some(other) => out.append_value(other.to_string()),
+                match json_field(docs.value(i), keys.value(i)) {
+                    Some(v) => out.append_value(v),
+                    None => out.append_null(),
                 }
             }
             done(Arc::new(out.finish()), scalar)
         }),
     )
+}
+
+/// The member `path` (`a.b` reaches into nested objects) of the JSON object `doc`: a string
+/// unquoted, any other value as JSON text; `None` when absent, null, or `doc` is not JSON.
+/// What `json_get` answers, and what `revert --context` matches.
+pub(crate) fn json_field(doc: &str, path: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(doc).ok()?;
+    let mut cur = &value;
+    for part in path.split('.') {
+        cur = cur.get(part)?;
+    }
+    match cur {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
 }
 
 pub fn all() -> Vec<ScalarUDF> {

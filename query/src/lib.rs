@@ -21,6 +21,7 @@ mod history;
 pub mod json;
 mod merge;
 pub mod output;
+pub mod revert;
 mod pit;
 mod read;
 mod replay;

@@ -69,6 +69,25 @@ impl Moment {
     }
 }
 
+impl std::str::FromStr for Moment {
+    type Err = String;
+
+    /// An LSN (`16/B374D848`) or a time (`2026-11-24T12:00:00Z`, `2026-11-24 12:00:00+01`;
+    /// without a zone, UTC).
+    fn from_str(text: &str) -> std::result::Result<Moment, String> {
+        if let Ok(lsn) = text.parse::<Lsn>() {
+            return Ok(Moment::Lsn(lsn));
+        }
+        datafusion::arrow::compute::kernels::cast_utils::string_to_timestamp_nanos(text.trim())
+            .map(|ns| Moment::Time(ns.div_euclid(1000)))
+            .map_err(|_| {
+                format!(
+                    "{text:?} is neither an LSN (16/B374D848) nor a time (2026-11-24T12:00:00Z; without a zone, UTC)"
+                )
+            })
+    }
+}
+
 impl fmt::Display for Moment {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -25,7 +25,7 @@ pub mod segment;
 mod status;
 mod type_name;
 
-pub use atomic_file::fsync_dir;
+pub use atomic_file::{fsync_dir, write_atomically};
 pub use change::{
     Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
 };

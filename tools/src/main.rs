@@ -6,6 +6,7 @@ mod demo;
 mod evidence;
 mod export;
 mod keygen;
+mod revert;
 mod serve;
 mod sql;
 mod status;
@@ -77,6 +78,10 @@ enum Command {
     /// Erase values of archived changes (the context, before and after images but their key
     /// columns), keeping the evidence whole: each change's leaf keeps the erased parts' digests.
     Redact(evidence::RedactArgs),
+    /// Undo the changes of a transaction, a request (its context) or a time range in the
+    /// source, newest first, after checking under lock that nothing changed those rows since
+    /// (dry run unless --apply).
+    Revert(revert::RevertArgs),
 }
 
 #[derive(clap::Args)]
@@ -225,11 +230,15 @@ fn main() -> ExitCode {
             Command::Certify(args) => evidence::certify(args).await,
             Command::Cosign(args) => evidence::cosign(args).await,
             Command::Redact(args) => evidence::redact(args).await,
+            Command::Revert(args) => revert::run(args).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<evidence::VerificationFailed>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<evidence::VerificationFailed>().is_some()
+                || e.downcast_ref::<revert::Conflicts>().is_some() =>
+        {
             eprintln!("error: {e}");
             ExitCode::from(1)
         }
