@@ -19,6 +19,7 @@ mod identifiers;
 mod json;
 mod metrics;
 mod query;
+mod revert;
 mod schema;
 mod serve;
 mod tables;
