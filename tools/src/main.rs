@@ -6,6 +6,7 @@ mod demo;
 mod evidence;
 mod export;
 mod keygen;
+mod restore;
 mod revert;
 mod serve;
 mod sql;
@@ -82,6 +83,9 @@ enum Command {
     /// source, newest first, after checking under lock that nothing changed those rows since
     /// (dry run unless --apply).
     Revert(revert::RevertArgs),
+    /// Load tables as they were at one moment into PostgreSQL (new tables, replaced ones, or
+    /// existing ones emptied and refilled), with COPY, in one transaction.
+    Restore(restore::RestoreArgs),
 }
 
 #[derive(clap::Args)]
@@ -231,6 +235,7 @@ fn main() -> ExitCode {
             Command::Cosign(args) => evidence::cosign(args).await,
             Command::Redact(args) => evidence::redact(args).await,
             Command::Revert(args) => revert::run(args).await,
+            Command::Restore(args) => restore::run(args).await,
         }
     });
     match result {

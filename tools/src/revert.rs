@@ -92,7 +92,10 @@ struct Conflict {
 fn selection(args: &RevertArgs) -> anyhow::Result<Selection> {
     let moment = |flag: &str, text: &Option<String>| -> anyhow::Result<Option<Moment>> {
         text.as_deref()
-            .map(|t| t.parse::<Moment>().map_err(|e| anyhow::anyhow!("--{flag}: {e}")))
+            .map(|t| {
+                t.parse::<Moment>()
+                    .map_err(|e| anyhow::anyhow!("--{flag}: {e}"))
+            })
             .transpose()
     };
     let context = args
@@ -254,7 +257,11 @@ pub async fn run(args: RevertArgs) -> anyhow::Result<()> {
                 key: describe_key(&row.version, &row.key, &row.key_values),
                 why,
             });
-            conflicting.insert((row.schema.clone(), row.table.clone(), row.key_values.clone()));
+            conflicting.insert((
+                row.schema.clone(),
+                row.table.clone(),
+                row.key_values.clone(),
+            ));
         }
     }
 
@@ -264,9 +271,10 @@ pub async fn run(args: RevertArgs) -> anyhow::Result<()> {
     let mut skipped = 0usize;
     for step in &planned.steps {
         let touched = step.rows();
-        if touched.iter().any(|k| {
-            conflicting.contains(&(step.schema.clone(), step.table.clone(), k.clone()))
-        }) {
+        if touched
+            .iter()
+            .any(|k| conflicting.contains(&(step.schema.clone(), step.table.clone(), k.clone())))
+        {
             skipped += 1;
             continue;
         }
@@ -376,7 +384,10 @@ pub async fn run(args: RevertArgs) -> anyhow::Result<()> {
     tx.commit()
         .await
         .context("the source refused to commit the revert; nothing was applied")?;
-    println!("applied: {} statement(s) in one transaction", statements.len());
+    println!(
+        "applied: {} statement(s) in one transaction",
+        statements.len()
+    );
     Ok(())
 }
 

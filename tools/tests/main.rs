@@ -19,6 +19,7 @@ mod identifiers;
 mod json;
 mod metrics;
 mod query;
+mod restore;
 mod revert;
 mod schema;
 mod serve;

@@ -126,9 +126,17 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     assert!(text(&none).contains("matches no change"), "{}", text(&none));
     let unselected = revert(&archive, &url, &["--tables", "orders"]);
     assert_eq!(unselected.status.code(), Some(2), "{}", text(&unselected));
-    assert!(text(&unselected).contains("give a selection"), "{}", text(&unselected));
+    assert!(
+        text(&unselected).contains("give a selection"),
+        "{}",
+        text(&unselected)
+    );
     let malformed = revert(&archive, &url, &["--context", "request_id"]);
-    assert!(text(&malformed).contains("KEY=VALUE"), "{}", text(&malformed));
+    assert!(
+        text(&malformed).contains("KEY=VALUE"),
+        "{}",
+        text(&malformed)
+    );
 
     // A dry run shows the plan and writes nothing; --output writes the script for review.
     let before = tables(cluster, &db);
@@ -136,15 +144,27 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     let dry = revert(
         &archive,
         &url,
-        &["--context", "request_id=R2", "--output", script.to_str().unwrap()],
+        &[
+            "--context",
+            "request_id=R2",
+            "--output",
+            script.to_str().unwrap(),
+        ],
     );
     assert!(dry.status.success(), "{}", text(&dry));
     let report = text(&dry);
     assert!(report.contains("revert of 9 change(s)"), "{report}");
     assert!(report.contains("customers: 1 delete, 2 update"), "{report}");
-    assert!(report.contains("orders: 1 delete, 1 insert, 2 update"), "{report}");
+    assert!(
+        report.contains("orders: 1 delete, 1 insert, 2 update"),
+        "{report}"
+    );
     assert!(report.contains("dry run: nothing was written"), "{report}");
-    assert_eq!(tables(cluster, &db), before, "a dry run wrote to the source");
+    assert_eq!(
+        tables(cluster, &db),
+        before,
+        "a dry run wrote to the source"
+    );
 
     // Later, another request changes a row R2 changed: the revert stops and lists it.
     cluster.psql(&db, &request("R4", R4)).unwrap();
@@ -155,7 +175,9 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     assert_eq!(stopped.status.code(), Some(1), "{}", text(&stopped));
     let said = text(&stopped);
     assert!(
-        said.contains("customers id=2: changed since: name is \"Robert\" (the selected changes left \"Bob\")"),
+        said.contains(
+            "customers id=2: changed since: name is \"Robert\" (the selected changes left \"Bob\")"
+        ),
         "{said}"
     );
     assert!(said.contains("nothing was applied"), "{said}");
@@ -164,7 +186,10 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     // and psql's transaction leaves everything as it was.
     let (ran, psql_said) = psql_file(cluster, &db, &script);
     assert!(!ran, "the script ran over a changed row: {psql_said}");
-    assert!(psql_said.contains("the row is no longer as the archive left it"), "{psql_said}");
+    assert!(
+        psql_said.contains("the row is no longer as the archive left it"),
+        "{psql_said}"
+    );
     assert_eq!(tables(cluster, &db), after_r4, "a stopped script wrote");
 
     // With skip, the changed row is left and everything else of R2 is undone: the tables are
@@ -172,10 +197,20 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     let applied = revert(
         &archive,
         &url,
-        &["--context", "request_id=R2", "--apply", "--on-conflict", "skip"],
+        &[
+            "--context",
+            "request_id=R2",
+            "--apply",
+            "--on-conflict",
+            "skip",
+        ],
     );
     assert!(applied.status.success(), "{}", text(&applied));
-    assert!(text(&applied).contains("left as they are"), "{}", text(&applied));
+    assert!(
+        text(&applied).contains("left as they are"),
+        "{}",
+        text(&applied)
+    );
     assert_eq!(tables(cluster, &db), tables(cluster, &oracle));
 
     // The revert is archived as a transaction of its own, labelled with its selection.
@@ -196,11 +231,20 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     capture_until_now(cluster, &db, &archive);
     let refused = revert(&archive, &url, &["--context", "request_id=R5", "--apply"]);
     assert_eq!(refused.status.code(), Some(2), "{}", text(&refused));
-    assert!(text(&refused).contains("--include-truncate"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("--include-truncate"),
+        "{}",
+        text(&refused)
+    );
     let truncated = revert(
         &archive,
         &url,
-        &["--context", "request_id=R5", "--include-truncate", "--apply"],
+        &[
+            "--context",
+            "request_id=R5",
+            "--include-truncate",
+            "--apply",
+        ],
     );
     assert!(truncated.status.success(), "{}", text(&truncated));
     assert_eq!(tables(cluster, &db), odd_before);

@@ -83,11 +83,7 @@ pub enum RevertError {
     #[error(
         "the selection crosses a gap of the archive ({from} to {to}: {reason}); the changes made there are not known, so what undoing the selection means is not either. Narrow it with --from/--to to one side of the gap"
     )]
-    CrossesGap {
-        from: Lsn,
-        to: Lsn,
-        reason: String,
-    },
+    CrossesGap { from: Lsn, to: Lsn, reason: String },
     #[error(
         "{table} has no key and its changes do not carry whole rows (REPLICA IDENTITY FULL), so a change cannot be tied to one row; give the table a primary key, or leave it out with --tables"
     )]
@@ -174,7 +170,11 @@ impl Step {
             Action::Delete { row } | Action::Insert { row } => vec![key_of(row)],
             Action::Update { before, after, .. } => {
                 let (old, new) = (key_of(before), key_of(after));
-                if old == new { vec![new] } else { vec![old, new] }
+                if old == new {
+                    vec![new]
+                } else {
+                    vec![old, new]
+                }
             }
         }
     }
@@ -496,9 +496,9 @@ fn unwrap_revert_error(e: datafusion::error::DataFusionError) -> RevertError {
         datafusion::error::DataFusionError::External(inner) => {
             match inner.downcast::<RevertError>() {
                 Ok(r) => *r,
-                Err(other) => RevertError::DataFusion(
-                    datafusion::error::DataFusionError::External(other),
-                ),
+                Err(other) => {
+                    RevertError::DataFusion(datafusion::error::DataFusionError::External(other))
+                }
             }
         }
         other => RevertError::DataFusion(other),

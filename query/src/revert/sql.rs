@@ -73,13 +73,15 @@ fn columns_of<'s>(
         .columns
         .iter()
         .map(|c| {
-            let now = source.columns.iter().find(|s| s.name == c.name).ok_or_else(|| {
-                SchemaMismatch::ColumnGone {
+            let now = source
+                .columns
+                .iter()
+                .find(|s| s.name == c.name)
+                .ok_or_else(|| SchemaMismatch::ColumnGone {
                     table: table.clone(),
                     column: c.name.clone(),
                     at,
-                }
-            })?;
+                })?;
             if now.type_oid != c.type_oid {
                 return Err(SchemaMismatch::ColumnRetyped {
                     table: table.clone(),
@@ -166,8 +168,11 @@ pub fn statement(step: &Step, source: &SourceTable) -> Result<String, SchemaMism
             row_condition(&step.key, step.unique_key, row, &columns)
         ),
         Action::Insert { row } => {
-            let written: Vec<(&Cell, &&SourceColumn)> =
-                row.iter().zip(&columns).filter(|(_, c)| !c.generated).collect();
+            let written: Vec<(&Cell, &&SourceColumn)> = row
+                .iter()
+                .zip(&columns)
+                .filter(|(_, c)| !c.generated)
+                .collect();
             format!(
                 "INSERT INTO {table} ({}) OVERRIDING SYSTEM VALUE VALUES ({})",
                 written
@@ -255,8 +260,9 @@ pub fn script(header: &str, context_json: &str, statements: &[(String, String)])
         literal(context_json)
     );
     for (what, sql) in statements {
+        // `use_column`: a column named `n` in the statement is the column, not the counter.
         let body = format!(
-            "DECLARE n bigint;\nBEGIN\n  {sql};\n  GET DIAGNOSTICS n = ROW_COUNT;\n  IF n <> 1 THEN\n    RAISE EXCEPTION 'pgtrail revert: % changed % rows instead of 1: the row is no longer as the archive left it; nothing was applied', {}, n;\n  END IF;\nEND",
+            "#variable_conflict use_column\nDECLARE n bigint;\nBEGIN\n  {sql};\n  GET DIAGNOSTICS n = ROW_COUNT;\n  IF n <> 1 THEN\n    RAISE EXCEPTION 'pgtrail revert: % changed % rows instead of 1: the row is no longer as the archive left it; nothing was applied', {}, n;\n  END IF;\nEND",
             literal(what)
         );
         let _ = writeln!(out, "DO {};", dollar_quoted(&body));
