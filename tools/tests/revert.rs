@@ -24,6 +24,9 @@ INSERT INTO customers VALUES
  (4, 'O''Neil', NULL, '2026-03-04 12:00:00+05', 2.5, '{x}', '\xdeadbeef', '"s"');
 INSERT INTO orders VALUES (1, 1, 10.00, 'paid'), (2, 2, 20.50, 'new'), (3, 3, 3.25, 'new');
 INSERT INTO "Odd Table" VALUES (1, 'a b', '{"z": 1, "a": 2}'), (2, 'x', '[1]'), (2, 'y''s', 'null');
+CREATE TABLE notes (msg text, n int);
+ALTER TABLE notes REPLICA IDENTITY FULL;
+INSERT INTO notes VALUES ('a', 1), ('b', 2), ('c', 3), ('c', 3);
 "#;
 
 /// One request: a transaction labelled with its context, as Bemi's ORM packages send it.
@@ -37,7 +40,8 @@ const R1: &str = "UPDATE customers SET tier = 'silver' WHERE id = 1; \
      INSERT INTO orders VALUES (10, 1, 99.99, 'new'); \
      UPDATE \"Odd Table\" SET value = '{\"r1\": true}' WHERE \"user\" = 2 AND \"Key Part\" = 'x';";
 /// The request to undo: a new customer with an order (a foreign-key chain), updates (one row
-/// twice), deletes, a composite-keyed row, and values of every type changed.
+/// twice), deletes, a composite-keyed row, a row of a table without a key (REPLICA IDENTITY
+/// FULL: the whole row identifies it), and values of every type changed.
 const R2: &str = "INSERT INTO customers VALUES (5, 'Eve', 'gold', now(), 3.14, '{new}', '\\x01', '{\"n\": null}'); \
      INSERT INTO orders VALUES (11, 5, 1.10, 'new'); \
      UPDATE customers SET name = 'Bob', balance = 42, tags = ARRAY['q\"uote', 'x,y'], photo = '\\xabcd', \
@@ -47,7 +51,9 @@ const R2: &str = "INSERT INTO customers VALUES (5, 'Eve', 'gold', now(), 3.14, '
      UPDATE orders SET total = 22.00, status = 'paid' WHERE id = 2; \
      UPDATE \"Odd Table\" SET value = '{\"r2\": [1,2]}' WHERE \"user\" = 1 AND \"Key Part\" = 'a b'; \
      DELETE FROM \"Odd Table\" WHERE \"user\" = 2 AND \"Key Part\" = 'y''s'; \
-     UPDATE customers SET id = 40 WHERE id = 4;";
+     UPDATE customers SET id = 40 WHERE id = 4; \
+     UPDATE notes SET n = 20 WHERE msg = 'b'; \
+     DELETE FROM notes WHERE msg = 'a';";
 /// Later and unrelated: rows R2 did not touch.
 const R3: &str = "UPDATE customers SET tier = 'gold' WHERE id = 3; \
      INSERT INTO orders VALUES (12, 1, 5.00, 'new'); \
@@ -64,7 +70,8 @@ fn tables(cluster: &Cluster, db: &str) -> String {
             db,
             "SELECT (SELECT coalesce(json_agg(c ORDER BY id)::text, '[]') FROM customers c) \
              || E'\\n' || (SELECT coalesce(json_agg(o ORDER BY id)::text, '[]') FROM orders o) \
-             || E'\\n' || (SELECT coalesce(json_agg(t ORDER BY \"user\", \"Key Part\")::text, '[]') FROM \"Odd Table\" t)",
+             || E'\\n' || (SELECT coalesce(json_agg(t ORDER BY \"user\", \"Key Part\")::text, '[]') FROM \"Odd Table\" t) \
+             || E'\\n' || (SELECT coalesce(json_agg(n ORDER BY msg, n)::text, '[]') FROM notes n)",
         )
         .unwrap()
 }
@@ -153,7 +160,7 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     );
     assert!(dry.status.success(), "{}", text(&dry));
     let report = text(&dry);
-    assert!(report.contains("revert of 9 change(s)"), "{report}");
+    assert!(report.contains("revert of 11 change(s)"), "{report}");
     assert!(report.contains("customers: 1 delete, 2 update"), "{report}");
     assert!(
         report.contains("orders: 1 delete, 1 insert, 2 update"),
@@ -221,7 +228,7 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
         "SELECT count(*), count(DISTINCT transaction_id) FROM changes \
          WHERE json_get(context, 'pgtrail') = 'revert' AND json_get(context, 'selection.context') LIKE '%request_id=R2%'",
     );
-    assert_eq!(labelled.lines().nth(1), Some("8,1"), "{labelled}");
+    assert_eq!(labelled.lines().nth(1), Some("10,1"), "{labelled}");
 
     // A TRUNCATE is undone only when asked, from the rows the table held just before it.
     let odd_before = tables(cluster, &db);
@@ -248,4 +255,53 @@ fn reverting_a_request_leaves_what_the_workload_without_it_leaves() {
     );
     assert!(truncated.status.success(), "{}", text(&truncated));
     assert_eq!(tables(cluster, &db), odd_before);
+
+    // A change whose column has since been dropped cannot be undone as it was made.
+    cluster
+        .psql(
+            &db,
+            &request("R6", "UPDATE customers SET photo = '\\x99' WHERE id = 1;"),
+        )
+        .unwrap();
+    cluster
+        .psql(&db, "ALTER TABLE customers DROP COLUMN photo")
+        .unwrap();
+    capture_until_now(cluster, &db, &archive);
+    let unreverted = tables(cluster, &db);
+    let gone = revert(&archive, &url, &["--context", "request_id=R6", "--apply"]);
+    assert_eq!(gone.status.code(), Some(2), "{}", text(&gone));
+    assert!(
+        text(&gone).contains("column photo of the change at")
+            && text(&gone).contains("no longer exists"),
+        "{}",
+        text(&gone)
+    );
+    assert_eq!(tables(cluster, &db), unreverted, "a refused revert wrote");
+}
+
+/// A selection that spans a gap of the archive is refused (the recorded fixture has one),
+/// before the source is reached.
+#[test]
+fn a_selection_across_a_gap_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    crate::archives::copy_fixture("v5", &archive);
+    let out = revert(
+        &archive,
+        "postgresql://nobody@127.0.0.1:1/nowhere",
+        &["--from", "0/1943000", "--to", "0/19584D7"],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("crosses a gap of the archive (0/1949120 to 0/1949278"),
+        "{}",
+        text(&out)
+    );
+    // One side of it is a selection like any other (refused here only for the source).
+    let before = revert(
+        &archive,
+        "postgresql://nobody@127.0.0.1:1/nowhere",
+        &["--to", "0/1949000"],
+    );
+    assert!(!text(&before).contains("gap"), "{}", text(&before));
 }
