@@ -633,7 +633,12 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [MomentRows]) ->
 /// Second pass: the stored `after` images at `locs` (sorted, distinct), in that order; `None`
 /// when one holds a value kept as exact text. Only those rows are decoded, and sources
 /// holding none of them are not read.
-fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option<StructArray>> {
+fn images(
+    archive: &ArchiveSnapshot,
+    plan: &Plan,
+    locs: &[Loc],
+    refuse_unknown: bool,
+) -> Result<Option<StructArray>> {
     let fields = row_struct_fields(plan.version);
     let mut rows: Vec<Vec<usize>> = vec![Vec::new(); plan.sources.len()];
     for &l in locs {
@@ -645,11 +650,17 @@ fn images(archive: &ArchiveSnapshot, plan: &Plan, locs: &[Loc]) -> Result<Option
     let mut parts: Vec<ArrayRef> = Vec::new();
     let mut found = 0;
     let mut exact_text = false;
-    let columns = vec![vec!["after".to_string()], vec!["after_text".to_string()]];
+    let mut columns = vec![vec!["after".to_string()], vec!["after_text".to_string()]];
+    if refuse_unknown {
+        columns.push(vec!["after_unknown".to_string()]);
+    }
     scan(archive, plan, &columns, Some(&rows), |_, _, batch| {
-        if let Some(text) = batch.column_by_name("after_text")
-            && text.null_count() != text.len()
-        {
+        let held = |name: &str| {
+            batch
+                .column_by_name(name)
+                .is_some_and(|c| c.null_count() != c.len())
+        };
+        if held("after_text") || (refuse_unknown && held("after_unknown")) {
             exact_text = true;
             return Ok(false);
         }
@@ -739,7 +750,7 @@ pub fn as_of_batch(
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
-    let Some(rows) = images(archive, &plan, &locs)? else {
+    let Some(rows) = images(archive, &plan, &locs, false)? else {
         return Ok(None);
     };
     let order = key_order(&rows, &plan.key_names)?;
@@ -752,6 +763,29 @@ pub fn as_of_batch(
         sorted.columns().to_vec(),
         &options,
     )?))
+}
+
+/// The rows of `table` at `moment` as their images are stored (typed, in no particular order)
+/// with the schema version they follow, for `restore`; `None` where the columnar engine does
+/// not apply, or where a row holds a value kept as exact text or an unknown value (the row
+/// replay then answers, and refuses the unknown).
+pub(crate) fn stored_images_at<'t>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    moment: Moment,
+) -> Result<Option<(&'t RelationVersion, StructArray)>> {
+    let Some(plan) = plan(table, moment)? else {
+        return Ok(None);
+    };
+    if !shown_in_plan_version(table, &plan, moment) {
+        return Ok(None);
+    }
+    let mut replays = [MomentRows::new(archive, table, &plan, moment)];
+    replay(archive, &plan, &mut replays)?;
+    let mut locs: Vec<Loc> = replays[0].rows.locs();
+    locs.sort_unstable();
+    drop(replays);
+    Ok(images(archive, &plan, &locs, true)?.map(|rows| (plan.version, rows)))
 }
 
 /// `diff` of a keyed table in one schema version between two moments, or `None`.
@@ -787,7 +821,7 @@ pub fn diff_batch(
         .collect();
     locs.sort_unstable();
     locs.dedup();
-    let Some(images) = images(archive, &plan, &locs)? else {
+    let Some(images) = images(archive, &plan, &locs, false)? else {
         return Ok(None);
     };
     // `locs` is sorted and distinct: a change's image is at its place in it.

@@ -1,18 +1,75 @@
 //! Restore: a table's rows at a moment as PostgreSQL `COPY … FROM STDIN` text, and the
 //! `CREATE TABLE` of the schema in force then. Pure; `pgtrail restore` sends them.
 
+use datafusion::arrow::array::{Array, StructArray};
+use pgtrail_store::segment::{PgKind, render};
 use pgtrail_store::{Cell, RelationVersion, Row, TypeNames, always_quoted, format_type};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
+use crate::columnar::stored_images_at;
 use crate::pit::state_at;
-use crate::replay::Moment;
+use crate::replay::{Moment, check_begins};
 
 /// A table's rows at a moment, in the column order of the schema in force then.
-pub struct RestoredTable {
+pub struct TableAt {
     pub version: RelationVersion,
-    /// Each row's cells in `version`'s column order; a column the row's own (older) schema
-    /// version lacks is NULL, as `as_of` answers it.
-    pub rows: Vec<Row>,
+    rows: Rows,
+}
+
+/// The rows, as the columnar engine finds them (typed images as stored: a few bytes a value)
+/// or, where it does not apply, as the row replay's text rows.
+enum Rows {
+    Stored {
+        images: StructArray,
+        kinds: Vec<PgKind>,
+    },
+    Text(Vec<Row>),
+}
+
+impl TableAt {
+    pub fn len(&self) -> usize {
+        match &self.rows {
+            Rows::Stored { images, .. } => images.len(),
+            Rows::Text(rows) => rows.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The rows as COPY text (the cells at `columns`), in chunks of about `chunk` bytes:
+    /// rendered a chunk at a time, so the text of the whole table is never held at once.
+    pub fn copy_chunks<'a>(
+        &'a self,
+        columns: &'a [usize],
+        chunk: usize,
+    ) -> impl Iterator<Item = Vec<u8>> + 'a {
+        let mut next = 0;
+        std::iter::from_fn(move || {
+            if next >= self.len() {
+                return None;
+            }
+            let mut out = Vec::with_capacity(chunk + 4096);
+            while next < self.len() && out.len() < chunk {
+                match &self.rows {
+                    Rows::Text(rows) => copy_line(&rows[next], columns, &mut out),
+                    Rows::Stored { images, kinds } => {
+                        for (n, &c) in columns.iter().enumerate() {
+                            if n > 0 {
+                                out.push(b'\t');
+                            }
+                            let value = render(&kinds[c], images.column(c).as_ref(), next);
+                            copy_value(value.as_deref(), &mut out);
+                        }
+                        out.push(b'\n');
+                    }
+                }
+                next += 1;
+            }
+            Some(out)
+        })
+    }
 }
 
 /// Why a table cannot be restored exactly.
@@ -32,29 +89,48 @@ pub enum RestoreError {
     DataFusion(#[from] datafusion::error::DataFusionError),
 }
 
-/// `table` at `moment`.
-pub fn rows_at(
+/// `table` at `moment`: the columnar engine's stored images where it applies (the values are
+/// rendered to PostgreSQL's text exactly as the segment reader renders them), else the row
+/// replay, which refuses a value it does not know.
+pub fn table_at(
     archive: &ArchiveSnapshot,
     table: &TableHistory,
     moment: Moment,
-) -> Result<RestoredTable, RestoreError> {
+) -> Result<TableAt, RestoreError> {
+    check_begins(archive, table, moment)?;
+    if let Some((version, images)) = stored_images_at(archive, table, moment)? {
+        let kinds = version
+            .columns
+            .iter()
+            .map(|c| PgKind::of(c.type_oid, c.type_modifier))
+            .collect();
+        return Ok(TableAt {
+            version: version.clone(),
+            rows: Rows::Stored { images, kinds },
+        });
+    }
     let state = state_at(archive, table, moment)?;
     let version = state.version.clone();
     let mut rows = Vec::new();
     let mut unknown: Option<(usize, usize)> = None;
     for (row_version, row) in state.rows.into_values().flatten() {
-        let cells: Row = version
-            .columns
-            .iter()
-            .map(|c| {
-                row_version
-                    .columns
-                    .iter()
-                    .position(|rc| rc.name == c.name)
-                    .and_then(|i| row.get(i).cloned())
-                    .unwrap_or(Cell::Null)
-            })
-            .collect();
+        // Most rows were written in the schema in force: kept as they are, not copied.
+        let cells: Row = if row_version.columns == version.columns {
+            row
+        } else {
+            version
+                .columns
+                .iter()
+                .map(|c| {
+                    row_version
+                        .columns
+                        .iter()
+                        .position(|rc| rc.name == c.name)
+                        .and_then(|i| row.get(i).cloned())
+                        .unwrap_or(Cell::Null)
+                })
+                .collect()
+        };
         if let Some(i) = cells.iter().position(|c| matches!(c, Cell::Unknown)) {
             let (_, n) = unknown.get_or_insert((i, 0));
             *n += 1;
@@ -69,7 +145,10 @@ pub fn rows_at(
             moment: moment.to_string(),
         });
     }
-    Ok(RestoredTable { version, rows })
+    Ok(TableAt {
+        version,
+        rows: Rows::Text(rows),
+    })
 }
 
 /// One row as a line of COPY's text format (tab-separated, `\N` for NULL, backslash escapes),
@@ -79,22 +158,27 @@ pub fn copy_line(row: &Row, columns: &[usize], out: &mut Vec<u8>) {
         if n > 0 {
             out.push(b'\t');
         }
-        match &row[i] {
-            Cell::Text(t) => {
-                for b in t.bytes() {
-                    match b {
-                        b'\\' => out.extend_from_slice(b"\\\\"),
-                        b'\t' => out.extend_from_slice(b"\\t"),
-                        b'\n' => out.extend_from_slice(b"\\n"),
-                        b'\r' => out.extend_from_slice(b"\\r"),
-                        b => out.push(b),
-                    }
-                }
-            }
-            Cell::Null | Cell::Unknown => out.extend_from_slice(b"\\N"),
-        }
+        copy_value(row[i].as_text(), out);
     }
     out.push(b'\n');
+}
+
+/// One value in COPY's text format: `\N` for NULL, backslash escapes for what it reads
+/// specially.
+fn copy_value(value: Option<&str>, out: &mut Vec<u8>) {
+    let Some(text) = value else {
+        out.extend_from_slice(b"\\N");
+        return;
+    };
+    for b in text.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b => out.push(b),
+        }
+    }
 }
 
 /// `CREATE TABLE schema.name (…)` with the columns, types and primary key of `version`.

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use futures_util::SinkExt as _;
-use pgtrail_query::restore::{RestoredTable, copy_line, create_table, rows_at};
+use pgtrail_query::restore::{TableAt, create_table, table_at};
 use pgtrail_query::{ArchiveSnapshot, Moment, QueryError};
 use pgtrail_store::always_quoted;
 
@@ -78,7 +78,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
     let all = args.all_tables;
     // The archive side runs on a blocking thread: it reads segments.
     let (tables, types) = tokio::task::spawn_blocking(
-        move || -> anyhow::Result<(Vec<RestoredTable>, pgtrail_store::TypeNames)> {
+        move || -> anyhow::Result<(Vec<TableAt>, pgtrail_store::TypeNames)> {
             let archive = ArchiveSnapshot::open(&dir)?;
             let chosen: Vec<&pgtrail_query::TableHistory> = if all {
                 archive.tables.values().collect()
@@ -90,12 +90,12 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
             };
             let mut out = Vec::new();
             for table in chosen {
-                match rows_at(&archive, table, moment) {
+                match table_at(&archive, table, moment) {
                     Ok(t) => {
                         eprintln!(
                             "restore: {} at {moment}: {} row(s)",
                             t.version.qualified_name(),
-                            t.rows.len()
+                            t.len()
                         );
                         out.push(t);
                     }
@@ -124,7 +124,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         .transaction()
         .await
         .context("cannot begin a transaction in the target")?;
-    let place = |t: &RestoredTable| {
+    let place = |t: &TableAt| {
         let schema = args.target_schema.as_deref().unwrap_or(&t.version.schema);
         (schema.to_string(), t.version.name.clone())
     };
@@ -236,15 +236,8 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot COPY into {qualified}"))?;
         futures_util::pin_mut!(sink);
-        let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
-        for row in &t.rows {
-            copy_line(row, columns, &mut buf);
-            if buf.len() >= COPY_CHUNK {
-                sink.send(Bytes::from(std::mem::take(&mut buf))).await?;
-            }
-        }
-        if !buf.is_empty() {
-            sink.send(Bytes::from(buf)).await?;
+        for chunk in t.copy_chunks(columns, COPY_CHUNK) {
+            sink.send(Bytes::from(chunk)).await?;
         }
         let loaded = sink
             .finish()
@@ -264,7 +257,7 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         .await
         .context("the target refused to commit; nothing was restored")?;
     for (t, (qualified, _)) in tables.iter().zip(&plans) {
-        println!("{qualified}: {} row(s) as of {moment}", t.rows.len());
+        println!("{qualified}: {} row(s) as of {moment}", t.len());
     }
     Ok(())
 }

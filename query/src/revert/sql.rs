@@ -281,3 +281,44 @@ fn dollar_quoted(body: &str) -> String {
     }
     format!("{tag}\n{body}\n{tag}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn literals_double_quotes_and_dollar_quotes_avoid_the_body() {
+        assert_eq!(literal("O'Neil"), "'O''Neil'");
+        assert_eq!(literal("back\\slash"), "'back\\slash'");
+        let quoted = dollar_quoted("x $pgtrail$ y");
+        assert!(quoted.starts_with("$pgtrail1$\n"), "{quoted}");
+        assert!(quoted.ends_with("\n$pgtrail1$"), "{quoted}");
+    }
+
+    #[test]
+    fn a_guard_matches_keys_by_equality_and_other_columns_as_text() {
+        let int = SourceColumn {
+            name: "id".into(),
+            type_oid: 23,
+            type_name: "integer".into(),
+            generated: false,
+        };
+        let json = SourceColumn {
+            name: "user".into(),
+            type_oid: 114,
+            type_name: "json".into(),
+            generated: false,
+        };
+        let row = vec![Cell::Text("7".into()), Cell::Text("{\"a\": 1}".into())];
+        assert_eq!(
+            row_condition(&[0], true, &row, &[&int, &json]),
+            "\"id\" = '7'::integer AND \"user\"::text IS NOT DISTINCT FROM ('{\"a\": 1}'::json)::text"
+        );
+        // Without a key every column is compared as text; unknown cells are not compared.
+        let row = vec![Cell::Null, Cell::Unknown];
+        assert_eq!(
+            row_condition(&[0, 1], false, &row, &[&int, &json]),
+            "\"id\" IS NULL"
+        );
+    }
+}
