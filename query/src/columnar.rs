@@ -740,16 +740,9 @@ pub fn as_of_batch(
     table: &TableHistory,
     moment: Moment,
 ) -> Result<Option<RecordBatch>> {
-    let Some(plan) = plan(table, moment)? else {
+    let Some((plan, locs)) = places_at(archive, table, moment)? else {
         return Ok(None);
     };
-    if !shown_in_plan_version(table, &plan, moment) {
-        return Ok(None);
-    }
-    let mut replays = [MomentRows::new(archive, table, &plan, moment)];
-    replay(archive, &plan, &mut replays)?;
-    let mut locs: Vec<Loc> = replays[0].rows.locs();
-    locs.sort_unstable();
     let Some(rows) = images(archive, &plan, &locs, false)? else {
         return Ok(None);
     };
@@ -774,6 +767,19 @@ pub(crate) fn stored_images_at<'t>(
     table: &'t TableHistory,
     moment: Moment,
 ) -> Result<Option<(&'t RelationVersion, StructArray)>> {
+    let Some((plan, locs)) = places_at(archive, table, moment)? else {
+        return Ok(None);
+    };
+    Ok(images(archive, &plan, &locs, true)?.map(|rows| (plan.version, rows)))
+}
+
+/// The plan of `table` at `moment` and the places of the changes that last wrote its rows
+/// then, in place order; `None` where the columnar engine does not apply.
+fn places_at<'t>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    moment: Moment,
+) -> Result<Option<(Plan<'t>, Vec<Loc>)>> {
     let Some(plan) = plan(table, moment)? else {
         return Ok(None);
     };
@@ -784,8 +790,7 @@ pub(crate) fn stored_images_at<'t>(
     replay(archive, &plan, &mut replays)?;
     let mut locs: Vec<Loc> = replays[0].rows.locs();
     locs.sort_unstable();
-    drop(replays);
-    Ok(images(archive, &plan, &locs, true)?.map(|rows| (plan.version, rows)))
+    Ok(Some((plan, locs)))
 }
 
 /// `diff` of a keyed table in one schema version between two moments, or `None`.
