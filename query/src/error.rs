@@ -86,17 +86,31 @@ pub enum QueryError {
 /// rewrote it between two looks at the catalog, or it was not read whole yet): an honest
 /// refusal, not a wrong answer.
 pub fn is_unknown_moment(e: &datafusion::error::DataFusionError) -> bool {
+    query_error(e).is_some_and(|q| {
+        matches!(
+            q,
+            QueryError::TableUnknown { .. } | QueryError::BeforeTable { .. }
+        )
+    })
+}
+
+/// Whether `e` says the table had no rows the archive holds at the moment: it was dropped
+/// before it, or the archive holds it only from later on (created, or made capturable, after).
+pub fn is_not_held_at_moment(e: &datafusion::error::DataFusionError) -> bool {
+    query_error(e).is_some_and(|q| {
+        matches!(
+            q,
+            QueryError::TableDropped { .. } | QueryError::BeforeTable { .. }
+        )
+    })
+}
+
+/// The archive's own error inside a DataFusion error, if that is what it is.
+fn query_error(e: &datafusion::error::DataFusionError) -> Option<&QueryError> {
     match e {
-        datafusion::error::DataFusionError::External(inner) => {
-            inner.downcast_ref::<QueryError>().is_some_and(|q| {
-                matches!(
-                    q,
-                    QueryError::TableUnknown { .. } | QueryError::BeforeTable { .. }
-                )
-            })
-        }
-        datafusion::error::DataFusionError::Context(_, inner) => is_unknown_moment(inner),
-        _ => false,
+        datafusion::error::DataFusionError::External(inner) => inner.downcast_ref::<QueryError>(),
+        datafusion::error::DataFusionError::Context(_, inner) => query_error(inner),
+        _ => None,
     }
 }
 

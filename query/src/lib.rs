@@ -34,7 +34,7 @@ mod view;
 
 pub use archive::{ArchiveSnapshot, TableHistory};
 pub use changes::{changes_schema, row_json};
-pub use error::{QueryError, is_unknown_moment};
+pub use error::{QueryError, is_not_held_at_moment, is_unknown_moment};
 pub use history::HistoryTable;
 pub use merge::{history_schema, merged_row_fields};
 pub use pit::{

@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use futures_util::SinkExt as _;
 use pgtrail_query::restore::{TableAt, create_table, table_at};
-use pgtrail_query::{ArchiveSnapshot, Moment, QueryError};
+use pgtrail_query::{ArchiveSnapshot, Moment, is_not_held_at_moment};
 use pgtrail_store::always_quoted;
 
 #[derive(clap::Args)]
@@ -99,14 +99,13 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
                         );
                         out.push(t);
                     }
-                    // With --all-tables, a table that did not exist then is not restored.
+                    // With --all-tables, a table the archive does not hold at the moment
+                    // (dropped before it, or held only from later on) is not restored; the
+                    // reason is said.
                     Err(pgtrail_query::restore::RestoreError::DataFusion(e))
-                        if all && did_not_exist(&e) =>
+                        if all && is_not_held_at_moment(&e) =>
                     {
-                        eprintln!(
-                            "restore: {} did not exist at {moment}; skipped",
-                            table.qualified_name()
-                        );
+                        eprintln!("restore: {} skipped: {e}", table.qualified_name());
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -260,22 +259,6 @@ pub async fn run(args: RestoreArgs) -> anyhow::Result<()> {
         println!("{qualified}: {} row(s) as of {moment}", t.len());
     }
     Ok(())
-}
-
-/// Whether `e` says the table did not exist at the moment (dropped, or not yet captured).
-fn did_not_exist(e: &datafusion::error::DataFusionError) -> bool {
-    match e {
-        datafusion::error::DataFusionError::External(inner) => {
-            inner.downcast_ref::<QueryError>().is_some_and(|q| {
-                matches!(
-                    q,
-                    QueryError::TableDropped { .. } | QueryError::BeforeTable { .. }
-                )
-            })
-        }
-        datafusion::error::DataFusionError::Context(_, inner) => did_not_exist(inner),
-        _ => false,
-    }
 }
 
 fn list(names: &[&str]) -> String {
