@@ -18,7 +18,7 @@ use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::functions::json_field;
 use crate::pit::state_at;
-use crate::replay::{Moment, for_each_change};
+use crate::replay::{Moment, for_each_change, row_key};
 
 /// What to revert: the changes that match every given condition.
 #[derive(Clone, Debug, Default)]
@@ -160,12 +160,7 @@ impl Step {
     /// The rows this step touches, by their key values (an update that changed its row's key
     /// touches the row under both keys).
     pub fn rows(&self) -> Vec<Vec<Cell>> {
-        let key_of = |row: &Row| -> Vec<Cell> {
-            self.key
-                .iter()
-                .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
-                .collect()
-        };
+        let key_of = |row: &Row| row_key(&self.key, row);
         match &self.action {
             Action::Delete { row } | Action::Insert { row } => vec![key_of(row)],
             Action::Update { before, after, .. } => {
@@ -337,11 +332,9 @@ pub fn plan(archive: &ArchiveSnapshot, selection: &Selection) -> Result<RevertPl
             });
         };
         let name = table.qualified_name();
-        let key_of = |row: &Row| -> Vec<Cell> {
-            key.iter()
-                .map(|&i| row.get(i).cloned().unwrap_or(Cell::Null))
-                .collect()
-        };
+        // `key` is never empty here (a table without one uses every column), so this is the
+        // replay's own row identity.
+        let key_of = |row: &Row| row_key(&key, row);
         let step = |action: Action| Step {
             schema: table.schema.clone(),
             table: table.name.clone(),
