@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use datafusion::arrow::datatypes::{DataType, TimeUnit};
 use datafusion::common::ScalarValue;
 use pgtrail_query::Moment;
-use pgtrail_query::export::{ExportRequest, Layout};
+use pgtrail_query::export::{ExportRequest, Layout, TableFormat};
 use pgtrail_store::Lsn;
 
 #[derive(clap::Args)]
@@ -33,6 +33,10 @@ pub struct ExportArgs {
     /// Export up to this commit time or LSN (default: everything archived).
     #[arg(long)]
     until: Option<String>,
+    /// plain (hive-partitioned Parquet files) or delta (the same files, each source table a
+    /// Delta Lake table with its own transaction log).
+    #[arg(long, value_parser = ["plain", "delta"], default_value = "plain")]
+    table_format: String,
     /// Start a new file after this many rows.
     #[arg(long, default_value_t = 1_000_000)]
     max_rows_per_file: usize,
@@ -87,6 +91,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             .map(|s| moment(s, "--until"))
             .transpose()?,
         max_rows_per_file: args.max_rows_per_file.max(1),
+        table_format: TableFormat::parse(&args.table_format).context("--table-format")?,
     };
     let handle = tokio::runtime::Handle::current();
     // Reading segments and writing Parquet is blocking work; the destination's requests run

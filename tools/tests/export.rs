@@ -13,13 +13,13 @@ use serde_json::Value;
 
 use crate::{pgtrail, walk};
 
-const TABLES: &str = "CREATE TABLE acct (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
+pub(crate) const TABLES: &str = "CREATE TABLE acct (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12,2), \
      opened timestamptz, active bool, note text); \
      CREATE TABLE audit_free (k text, v int); ALTER TABLE audit_free REPLICA IDENTITY FULL;";
 
 /// Round `r` of the workload: inserts, updates (some of the key), deletes, application
 /// context, and a TRUNCATE of the keyless table in round 3.
-fn round_sql(r: u32) -> String {
+pub(crate) fn round_sql(r: u32) -> String {
     let base = r * 40;
     let mut sql = format!(
         "BEGIN; SELECT pg_logical_emit_message(true, '_bemi', '{{\"round\": {r}}}'); \
@@ -109,7 +109,7 @@ pub(crate) fn start_moto() -> Moto {
     Moto { child, endpoint }
 }
 
-fn export(
+pub(crate) fn export(
     archive: &Path,
     to: &str,
     layout: &str,
@@ -132,7 +132,13 @@ fn export(
     cmd.output().unwrap()
 }
 
-fn export_ok(archive: &Path, to: &str, layout: &str, extra: &[&str], moto: &Moto) -> Value {
+pub(crate) fn export_ok(
+    archive: &Path,
+    to: &str,
+    layout: &str,
+    extra: &[&str],
+    moto: &Moto,
+) -> Value {
     let out = export(archive, to, layout, extra, moto, None);
     assert!(
         out.status.success(),
@@ -142,7 +148,7 @@ fn export_ok(archive: &Path, to: &str, layout: &str, extra: &[&str], moto: &Moto
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn sql_to_parquet(archive: &Path, sql: &str, out: &Path) {
+pub(crate) fn sql_to_parquet(archive: &Path, sql: &str, out: &Path) {
     let status = pgtrail()
         .args(["sql", "--archive"])
         .arg(archive)
@@ -154,7 +160,7 @@ fn sql_to_parquet(archive: &Path, sql: &str, out: &Path) {
     assert!(status.success(), "{sql}");
 }
 
-fn sql_json(archive: &Path, sql: &str) -> Vec<Value> {
+pub(crate) fn sql_json(archive: &Path, sql: &str) -> Vec<Value> {
     let out = pgtrail()
         .args(["sql", "--archive"])
         .arg(archive)
@@ -173,7 +179,7 @@ fn sql_json(archive: &Path, sql: &str) -> Vec<Value> {
         .collect()
 }
 
-fn capture_to(cluster: &Cluster, db: &str, archive: &Path) {
+pub(crate) fn capture_to(cluster: &Cluster, db: &str, archive: &Path) {
     let lsn = cluster
         .psql(db, "SELECT pg_current_wal_insert_lsn()")
         .unwrap();
@@ -199,7 +205,7 @@ fn capture_to(cluster: &Cluster, db: &str, archive: &Path) {
 }
 
 /// Per table: (changes, by operation) as the archive holds them.
-fn archive_counts(archive: &Path) -> BTreeMap<String, (u64, BTreeMap<String, u64>)> {
+pub(crate) fn archive_counts(archive: &Path) -> BTreeMap<String, (u64, BTreeMap<String, u64>)> {
     let mut out: BTreeMap<String, (u64, BTreeMap<String, u64>)> = BTreeMap::new();
     for row in sql_json(
         archive,
@@ -219,7 +225,7 @@ fn archive_counts(archive: &Path) -> BTreeMap<String, (u64, BTreeMap<String, u64
 }
 
 /// The local copy of a destination (S3 is downloaded first).
-fn local_view(to: &str, moto: &Moto, scratch: &Path) -> PathBuf {
+pub(crate) fn local_view(to: &str, moto: &Moto, scratch: &Path) -> PathBuf {
     match to.strip_prefix("s3://") {
         None => PathBuf::from(to),
         Some(rest) => {
@@ -246,6 +252,12 @@ fn local_view(to: &str, moto: &Moto, scratch: &Path) -> PathBuf {
 fn check_exactly_once(to: &str, layout: &str, moto: &Moto, scratch: &Path, archive: &Path) {
     let view = local_view(to, moto, scratch);
     let counts = lake(&["counts", view.to_str().unwrap(), layout]);
+    assert_counts(&counts, to, layout, archive);
+}
+
+/// `counts` (per table: rows, distinct change keys, cdf change types, as a lake reader found
+/// them at `to`) hold every change of the archive exactly once.
+pub(crate) fn assert_counts(counts: &Value, to: &str, layout: &str, archive: &Path) {
     let expected = archive_counts(archive);
     for (table, (changes, ops)) in &expected {
         let got = &counts[table.as_str()];

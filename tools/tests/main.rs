@@ -12,6 +12,7 @@ use pgtrail_store::{LogReader, Lsn, Op};
 mod archives;
 mod compaction;
 mod connecting;
+mod delta;
 mod evidence;
 mod export;
 mod faults;

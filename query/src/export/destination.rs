@@ -12,7 +12,8 @@ use object_store::aws::AmazonS3Builder;
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{
-    ClientOptions, ObjectStore, ObjectStoreExt, PutPayload, RetryConfig, WriteMultipart,
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, RetryConfig,
+    WriteMultipart,
 };
 use tokio::runtime::Handle;
 
@@ -151,6 +152,29 @@ impl Destination {
             .block_on(self.store.put(&location, PutPayload::from(bytes)))
             .map_err(|e| self.error("write", path, e))?;
         self.sync_local(path)
+    }
+
+    /// Write `bytes` as the object `path` only if there is none: `Ok(false)` when there is
+    /// one (nothing was written). A hard link into place on a directory, a PUT with
+    /// `If-None-Match: *` on S3: two writers never both succeed.
+    pub fn put_if_absent(&self, path: &str, bytes: Vec<u8>) -> Result<bool, ExportError> {
+        let location = ObjectPath::from(path);
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..PutOptions::default()
+        };
+        match self.handle.block_on(
+            self.store
+                .put_opts(&location, PutPayload::from(bytes), options),
+        ) {
+            Ok(_) => {
+                self.sync_local(path)?;
+                Ok(true)
+            }
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => Ok(false),
+            Err(e) => Err(self.error("create", path, e)),
+        }
     }
 
     /// Upload the local file `file` as the whole object `path`; returns its size.

@@ -279,10 +279,6 @@ impl<'d> PartitionedFiles<'d> {
         }
     }
 
-    pub fn schema(&self) -> &SchemaRef {
-        &self.schema
-    }
-
     /// Append `batch` to the files `partition/stem-NNNNN.parquet`.
     pub fn write(
         &mut self,
@@ -290,6 +286,15 @@ impl<'d> PartitionedFiles<'d> {
         stem: &str,
         batch: &RecordBatch,
     ) -> Result<(), ExportError> {
+        // A Delta export's files have Delta's types (`time` and `uuid` as text): rows arrive in
+        // the layout's own types and are converted here, once.
+        let conformed;
+        let batch = if batch.schema().fields() == self.schema.fields() {
+            batch
+        } else {
+            conformed = super::delta::conform(batch, &self.schema)?;
+            &conformed
+        };
         let key = format!("{partition}/{stem}");
         let mut offset = 0;
         while offset < batch.num_rows() {

@@ -3,6 +3,7 @@
 //! feed), `scd2` (one row per row version with validity) and `snapshot` (a table as of a
 //! moment). Exports are incremental and exactly once: see [`export`].
 
+mod delta;
 mod destination;
 mod files;
 mod rows;
@@ -25,6 +26,7 @@ use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, Op, RelationVersion, Row};
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
 
+use delta::DeltaTable;
 pub use destination::Destination;
 pub use files::WrittenFile;
 
@@ -89,6 +91,21 @@ pub enum ExportError {
         "--since does not apply to the snapshot layout (a snapshot is the whole table as of --until)"
     )]
     SinceWithSnapshot,
+    #[error(
+        "{destination} holds a {found} {layout} export; this run asks for {wanted}: continue it with --table-format {found}, or export to another prefix"
+    )]
+    OtherTableFormat {
+        destination: String,
+        layout: &'static str,
+        found: &'static str,
+        wanted: &'static str,
+    },
+    #[error("cannot export {table} as a Delta table: {why}")]
+    DeltaSchema { table: String, why: String },
+    #[error(
+        "the Delta table {table} at {destination} kept changing under this export (another writer commits to it): run the export again"
+    )]
+    DeltaContention { destination: String, table: String },
     #[error(transparent)]
     Query(#[from] QueryError),
     #[error(transparent)]
@@ -128,6 +145,36 @@ impl Layout {
     }
 }
 
+/// How the files of a layout are presented to readers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableFormat {
+    /// Hive-partitioned Parquet files: the layouts as described.
+    #[default]
+    Plain,
+    /// The same files, each source table a Delta Lake table with its own `_delta_log`.
+    Delta,
+}
+
+impl TableFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            TableFormat::Plain => "plain",
+            TableFormat::Delta => "delta",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TableFormat> {
+        [TableFormat::Plain, TableFormat::Delta]
+            .into_iter()
+            .find(|f| f.name() == s)
+    }
+
+    fn is_plain(&self) -> bool {
+        *self == TableFormat::Plain
+    }
+}
+
 /// What to export.
 #[derive(Clone, Debug)]
 pub struct ExportRequest {
@@ -142,6 +189,7 @@ pub struct ExportRequest {
     /// Only changes committed at or before this moment (default: everything archived).
     pub until: Option<Moment>,
     pub max_rows_per_file: usize,
+    pub table_format: TableFormat,
 }
 
 /// What one table's export wrote.
@@ -187,6 +235,16 @@ struct TableProgress {
     /// scd2: the directory of those files.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     current_dir: String,
+    /// Delta: the table's newest commit this export made, and the schema it recorded (the log
+    /// is read only after that version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    delta: Option<DeltaProgress>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct DeltaProgress {
+    version: u64,
+    schema: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -197,11 +255,22 @@ struct ExportState {
     source: String,
     tables: BTreeMap<String, TableProgress>,
     pending: Option<Run>,
+    #[serde(default, skip_serializing_if = "TableFormat::is_plain")]
+    table_format: TableFormat,
 }
 
 const STATE_DIR: &str = "_pgtrail_export";
-/// The format of the export state this code writes; it reads every version up to it.
-const EXPORT_STATE_FORMAT: u32 = 1;
+/// The newest format of the export state this code writes; it reads every version up to it.
+/// A plain export's state is version 1; a Delta export's is version 2, so that a pgtrail
+/// that knows no Delta refuses to continue it (and to leave its tables' logs behind).
+const EXPORT_STATE_FORMAT: u32 = 2;
+
+fn state_format(table_format: TableFormat) -> u32 {
+    match table_format {
+        TableFormat::Plain => 1,
+        TableFormat::Delta => 2,
+    }
+}
 
 fn state_path(layout: Layout) -> String {
     format!("{STATE_DIR}/{}.json", layout.name())
@@ -395,13 +464,22 @@ pub fn export(
                 expected: source,
             });
         }
+        Some(s) if s.table_format != request.table_format => {
+            return Err(ExportError::OtherTableFormat {
+                destination: dest.display().to_string(),
+                layout: layout.name(),
+                found: s.table_format.name(),
+                wanted: request.table_format.name(),
+            });
+        }
         Some(s) => s,
         None => ExportState {
-            format: EXPORT_STATE_FORMAT,
+            format: state_format(request.table_format),
             layout,
             source,
             tables: BTreeMap::new(),
             pending: None,
+            table_format: request.table_format,
         },
     };
     let spool = tempfile::Builder::new()
@@ -560,16 +638,108 @@ fn execute(
                 f.path, f.rows, f.bytes
             ))
         };
+        let delta = (state.table_format == TableFormat::Delta).then(|| {
+            DeltaTable::new(
+                dest,
+                table_partition(table),
+                delta::app_id(&state.source, layout, name),
+            )
+        });
+        let known = state.tables.get(name).and_then(|p| p.delta.clone());
+        let mut log = None;
+        if let Some(d) = &delta {
+            let read = d.read(known.as_ref().map(|k| k.version))?;
+            if let Some((through, adds)) = &read.txn
+                && *through >= until.0 as i64
+            {
+                // The table's commit of this run was made before an interruption (it carries
+                // the run's txn): its files are in the log as they are, so they are not
+                // written again (a rewrite could change bytes the log's sizes describe).
+                let version = read.latest.unwrap_or_default();
+                progress(&format!(
+                    "{name}: this run was committed to its Delta table (version {version}) before the interruption"
+                ));
+                let entry = state.tables.entry(name.clone()).or_default();
+                entry.through_lsn = until.to_string();
+                entry.delta = Some(DeltaProgress {
+                    version,
+                    schema: read
+                        .schema
+                        .clone()
+                        .or(known.map(|k| k.schema))
+                        .unwrap_or_default(),
+                });
+                if layout == Layout::Scd2 {
+                    entry.current_dir = format!("{}/state=current", table_partition(table));
+                    let stem = current_stem(table, until);
+                    entry.current_files = adds
+                        .iter()
+                        .filter(|f| f.path.starts_with(&stem))
+                        .map(|f| f.path.clone())
+                        .collect();
+                }
+                done.push(TableExport {
+                    table: name.clone(),
+                    from_lsn: from.to_string(),
+                    until_lsn: until.to_string(),
+                    rows: adds.iter().map(|f| f.rows).sum(),
+                    bytes: adds.iter().map(|f| f.bytes).sum(),
+                    files: adds.iter().map(|f| f.path.clone()).collect(),
+                });
+                continue;
+            }
+            log = Some(read);
+        }
         let schema = output_schema(table, until, layout);
-        let mut files =
-            PartitionedFiles::new(dest, spool, schema, run.max_rows_per_file, &mut on_file);
+        let file_schema = match &delta {
+            Some(_) => delta::file_schema(&schema),
+            None => schema.clone(),
+        };
+        let mut files = PartitionedFiles::new(
+            dest,
+            spool,
+            file_schema.clone(),
+            run.max_rows_per_file,
+            &mut on_file,
+        );
         match layout {
-            Layout::Changes => export_changes(archive, table, from, until, &mut files)?,
+            Layout::Changes => export_changes(archive, table, from, until, &schema, &mut files)?,
             Layout::Cdf | Layout::Scd2 | Layout::Snapshot => {
                 replay(archive, table, from, until, layout, &mut files)?
             }
         }
         let written = files.finish()?;
+        let mut delta_progress = None;
+        if let (Some(d), Some(read)) = (&delta, log) {
+            let removed = match layout {
+                Layout::Scd2 => state
+                    .tables
+                    .get(name)
+                    .map(|p| p.current_files.clone())
+                    .unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            let wanted = delta::schema_string(&file_schema, layout, name)?;
+            let version = commit_delta(
+                d,
+                DeltaCommit {
+                    layout,
+                    table: name,
+                    wanted: &wanted,
+                    current: read.schema.or(known.map(|k| k.schema)),
+                    next: read.latest.map_or(0, |v| v + 1),
+                    files: &written,
+                    removed: &removed,
+                    range: (from, until),
+                },
+                dest,
+            )?;
+            progress(&format!("{name}: Delta table version {version} committed"));
+            delta_progress = Some(DeltaProgress {
+                version,
+                schema: wanted,
+            });
+        }
         let rows: u64 = written.iter().map(|f| f.rows).sum();
         let bytes: u64 = written.iter().map(|f| f.bytes).sum();
         let seconds = started.elapsed().as_secs_f64().max(1e-6);
@@ -580,6 +750,9 @@ fn execute(
         ));
         let entry = state.tables.entry(name.clone()).or_default();
         entry.through_lsn = until.to_string();
+        if delta_progress.is_some() {
+            entry.delta = delta_progress;
+        }
         if layout == Layout::Scd2 {
             entry.current_dir = format!("{}/state=current", table_partition(table));
             let stem = current_stem(table, until);
@@ -605,6 +778,69 @@ fn execute(
     Ok(done)
 }
 
+/// One table's Delta commit of a run.
+struct DeltaCommit<'a> {
+    layout: Layout,
+    table: &'a str,
+    /// The schema of the run's files, and the table's as its log last recorded it.
+    wanted: &'a str,
+    current: Option<String>,
+    /// The version to take (the log's newest plus one).
+    next: u64,
+    files: &'a [WrittenFile],
+    /// scd2: the current-state files this run replaces.
+    removed: &'a [String],
+    range: (Lsn, Lsn),
+}
+
+/// Commit a run's files to the table's Delta log; returns the version taken. Safe at any
+/// line: before the commit object exists the files are in no version (a rerun rewrites them
+/// and commits); once it exists the run's txn is in the log, and a rerun that finds it
+/// commits nothing again (see [`execute`]).
+fn commit_delta(
+    table: &DeltaTable<'_>,
+    mut commit: DeltaCommit<'_>,
+    dest: &Destination,
+) -> Result<u64, ExportError> {
+    let (from, until) = commit.range;
+    let (after, through) = (from.to_string(), until.to_string());
+    for _ in 0..8 {
+        let record =
+            delta::schema_to_record(commit.current.as_deref(), commit.wanted, commit.table)?;
+        pgtrail_store::crashpoint::hit("delta:before_commit");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if table.commit(
+            commit.next,
+            commit.layout,
+            record,
+            commit.files,
+            commit.removed,
+            until.0 as i64,
+            (&after, &through),
+            now_ms,
+        )? {
+            pgtrail_store::crashpoint::hit("delta:after_commit");
+            return Ok(commit.next);
+        }
+        // Another writer took the version (a Delta tool's VACUUM or OPTIMIZE, or a second
+        // export of this run): read what it committed, then take the next one.
+        let read = table.read(commit.next.checked_sub(1))?;
+        if read.txn.as_ref().is_some_and(|(v, _)| *v >= until.0 as i64) {
+            return Ok(read.latest.unwrap_or(commit.next));
+        }
+        if read.schema.is_some() {
+            commit.current = read.schema;
+        }
+        commit.next = read.latest.map_or(commit.next + 1, |v| v + 1);
+    }
+    Err(ExportError::DeltaContention {
+        destination: dest.display().to_string(),
+        table: commit.table.to_string(),
+    })
+}
+
 fn current_stem(table: &TableHistory, until: Lsn) -> String {
     format!(
         "{}/state=current/scd2-{}",
@@ -617,7 +853,12 @@ fn current_stem(table: &TableHistory, until: Lsn) -> String {
 /// (saved before this runs) lists the files that hold the current versions; any other file
 /// under `state=current` belongs to a replaced run.
 fn remove_stale_current(dest: &Destination, state: &ExportState) -> Result<(), ExportError> {
-    if state.layout != Layout::Scd2 || state.pending.is_some() {
+    // A Delta table keeps replaced files: its older versions (time travel) still name them.
+    // A Delta tool's VACUUM deletes them once they are older than its retention period.
+    if state.layout != Layout::Scd2
+        || state.pending.is_some()
+        || state.table_format == TableFormat::Delta
+    {
         return Ok(());
     }
     for progress in state.tables.values().filter(|p| !p.current_dir.is_empty()) {
@@ -686,10 +927,11 @@ fn export_changes(
     table: &TableHistory,
     from: Lsn,
     until: Lsn,
+    out_schema: &SchemaRef,
     files: &mut PartitionedFiles,
 ) -> Result<(), ExportError> {
     let history = history_schema(versions_until(table, until));
-    let out_schema = files.schema().clone();
+    let out_schema = out_schema.clone();
     let partition = table_partition(table);
     let stem = format!("changes-{}-{}", lsn_name(from), lsn_name(until));
     let mut emit = |batch: RecordBatch| -> Result<(), ExportError> {

@@ -376,6 +376,7 @@ fn run_pgtrail(
                 since: Some(moment(&moments.t1)?),
                 until: Some(moment(&moments.t2)?),
                 max_rows_per_file: 1_000_000,
+                table_format: pgtrail_query::export::TableFormat::Plain,
             };
             let handle = rt.handle().clone();
             let report = pgtrail_query::export::export(&request, &handle, &mut |_| {})?;
