@@ -165,7 +165,7 @@ pub fn copy_line(row: &Row, columns: &[usize], out: &mut Vec<u8>) {
 
 /// One value in COPY's text format: `\N` for NULL, backslash escapes for what it reads
 /// specially.
-fn copy_value(value: Option<&str>, out: &mut Vec<u8>) {
+pub fn copy_value(value: Option<&str>, out: &mut Vec<u8>) {
     let Some(text) = value else {
         out.extend_from_slice(b"\\N");
         return;

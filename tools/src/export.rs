@@ -20,9 +20,14 @@ pub struct ExportArgs {
     #[arg(long)]
     to: String,
     /// changes (the change log), cdf (change data feed), scd2 (row versions with validity),
-    /// snapshot (the tables as of --until).
-    #[arg(long, value_parser = ["changes", "cdf", "scd2", "snapshot"])]
+    /// snapshot (the tables as of --until); bemi (Bemi's `changes` table, with --to a
+    /// PostgreSQL connection string).
+    #[arg(long, value_parser = ["changes", "cdf", "scd2", "snapshot", "bemi"])]
     layout: String,
+    /// With --layout bemi: the table to keep (created with Bemi's columns and indexes if
+    /// missing; its export state goes beside it in _pgtrail_export_state).
+    #[arg(long, default_value = "public.changes")]
+    bemi_table: String,
     /// Tables to export (as PostgreSQL writes them, comma-separated); default every table.
     #[arg(long)]
     tables: Option<String>,
@@ -70,7 +75,27 @@ fn moment(text: &str, flag: &str) -> anyhow::Result<Moment> {
     })
 }
 
+/// A PostgreSQL connection string (URL or `key=value` conninfo) rather than a directory or S3.
+fn is_postgresql(to: &str) -> bool {
+    to.starts_with("postgresql://")
+        || to.starts_with("postgres://")
+        || ["host=", "hostaddr=", "dbname=", "user=", "service="]
+            .iter()
+            .any(|k| to.split_whitespace().any(|w| w.starts_with(k)))
+}
+
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
+    match (is_postgresql(&args.to), args.layout == "bemi") {
+        (true, true) => return run_bemi(args).await,
+        (true, false) => anyhow::bail!(
+            "--to is a PostgreSQL connection string: the layout that goes into PostgreSQL is --layout bemi (Bemi's changes table); the {} layout goes to a directory or s3://bucket/prefix",
+            args.layout
+        ),
+        (false, true) => anyhow::bail!(
+            "--layout bemi keeps a table in PostgreSQL: give --to as a connection string (postgresql://user@host/db)"
+        ),
+        (false, false) => {}
+    }
     let request = ExportRequest {
         archive: args.archive,
         destination: args.to,
@@ -119,6 +144,50 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     );
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(())
+}
+
+async fn run_bemi(args: ExportArgs) -> anyhow::Result<()> {
+    if args.tables.is_some() {
+        anyhow::bail!(
+            "--tables does not apply to --layout bemi: Bemi's changes table holds every table's changes"
+        );
+    }
+    if args.table_format != "plain" {
+        anyhow::bail!("--table-format does not apply to --layout bemi (a PostgreSQL table)");
+    }
+    let since = args
+        .since
+        .as_deref()
+        .map(|s| moment(s, "--since"))
+        .transpose()?;
+    let until = args
+        .until
+        .as_deref()
+        .map(|s| moment(s, "--until"))
+        .transpose()?;
+    let target = crate::export_bemi::BemiTarget {
+        url: args.to,
+        table: args.bemi_table,
+    };
+    let report = crate::export_bemi::run(&args.archive, &target, since, until).await?;
+    eprintln!(
+        "export: bemi layout to {}: {} changes after LSN {} through {} in {:.1} s",
+        target.table, report.rows, report.from, report.through, report.seconds
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "layout": "bemi",
+                "table": target.table,
+                "rows": report.rows,
+                "from_lsn": report.from.to_string(),
+                "until_lsn": report.through.to_string(),
+                "seconds": report.seconds,
+            })
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod compact;
 mod demo;
 mod evidence;
 mod export;
+mod export_bemi;
 mod keygen;
 mod restore;
 mod revert;

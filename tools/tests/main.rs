@@ -10,6 +10,7 @@ use pgtrail_capture::cluster::Cluster;
 use pgtrail_store::{LogReader, Lsn, Op};
 
 mod archives;
+mod bemi;
 mod compaction;
 mod connecting;
 mod delta;

@@ -365,7 +365,7 @@ fn date_of(us: i64) -> String {
 }
 
 /// The commit LSN of the last change committed at or before `t` (0 when none).
-fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
+pub fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
     let mut best = Lsn(0);
     for table in archive.tables.values() {
         // Segments wholly before `t` answer from the manifest; only those straddling it (and
@@ -546,7 +546,7 @@ pub fn export(
 /// at the log's stream position: a transaction still being written (a large one streams in
 /// over several log commits) is hidden from readers, and a range recorded as exported must
 /// never cover a commit LSN whose changes were not visible yet.
-fn visible_until(archive: &ArchiveSnapshot) -> Lsn {
+pub fn visible_until(archive: &ArchiveSnapshot) -> Lsn {
     let mut until = Lsn(0);
     for table in archive.tables.values() {
         for seg in &table.segments {
