@@ -33,7 +33,8 @@ use crate::evidence::leaf::Epochs;
 use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
 use crate::log::{
-    CHANGES, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog, TXNS, decode, encode, raw_len,
+    CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog,
+    TXNS, decode, encode, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::{
@@ -402,11 +403,13 @@ impl Compactor {
         let mut entries: Vec<SegmentEntry> = Vec::new();
         let mut rel_cache: HashMap<(u32, ChangeKey), RelationVersion> = HashMap::new();
         let (mut count, mut txns, mut last_lsn) = (0u64, 0u64, None);
+        let mut contexts = ContextCursor::new(rtx)?;
         for e in changes.range(..=(cut.0, u32::MAX))? {
             let (k, v) = e?;
             let (lsn, seq) = k.value();
             let key = ChangeKey::new(Lsn(lsn), seq);
-            let record: ChangeRecord = decode(v.value(), "changes")?;
+            let mut record: ChangeRecord = decode(v.value(), "changes")?;
+            contexts.label((lsn, seq), &mut record)?;
             let epochs = epochs.get_or_insert_with(|| Epochs::new(vec![(key, seed)]));
             let group = if record.op == Op::Message {
                 Group::Messages
@@ -519,6 +522,10 @@ impl Compactor {
             }
             let mut txn_table = wtx.open_table(TXNS)?;
             txn_table.retain_in(..=cut.0, |_, _| false)?;
+            // The context runs of the trimmed transactions go with them (their changes now
+            // carry their contexts in the segments just listed, in this same commit).
+            let mut contexts = wtx.open_table(CONTEXTS)?;
+            contexts.retain_in(..=(cut.0, u32::MAX), |_, _| false)?;
             let mut meta = wtx.open_table(META)?;
             let put = |meta: &mut redb::Table<&str, &[u8]>, name: &str, v: u64| {
                 meta.insert(name, v.to_le_bytes().as_slice()).map(|_| ())

@@ -13,6 +13,7 @@ mod archives;
 mod bemi;
 mod compaction;
 mod connecting;
+mod contexts;
 mod delta;
 mod evidence;
 mod export;

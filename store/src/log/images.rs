@@ -18,6 +18,7 @@ pub(super) struct Tables<'w> {
     pub(super) undo: [RowKeyed<'w>; 2],
     pub(super) snapshots: redb::Table<'w, u64, i64>,
     pub(super) snapshot_scope: redb::Table<'w, (u64, u32), &'static [u8]>,
+    pub(super) contexts: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) scratch: Vec<u8>,
 }
 
@@ -132,7 +133,8 @@ pub(super) fn complete_change(
         key,
         before,
         after,
-        context: tx.context.clone(),
+        // Kept once per run in `contexts` (see `LogOp::Context`), not in every record.
+        context: None,
         message: None,
     })
 }

@@ -20,6 +20,7 @@
 //! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
 //! | `snapshots`    | `commit_lsn u64`                      | commit time (µs) of a snapshot transaction |
 //! | `snapshot_scope` | `(commit_lsn u64, relation_id u32)` | encoded [`TableScope`]: the tables a snapshot transaction holds (none listed: every table) |
+//! | `contexts`     | `(commit_lsn u64, seq u32)`           | encoded [`ContextRun`]: the context of the transaction's changes from `seq` on |
 //!
 //! Values are postcard-encoded, with a one-byte prefix: `0` plain, `1` zstd-compressed (used
 //! when the encoding is larger than [`COMPRESS_ABOVE`] bytes).
@@ -62,6 +63,7 @@
 //! | 3       | a [`StorageLayout`] (in `snapshot_scope` values and `meta.layouts`) holds the columns' names, so that a renamed column is known. Upgrade from 2: those values are re-encoded with no names (`legacy`), which the capture's next look at the catalog fills in |
 //! | 4       | a [`StorageLayout`] holds the labels of the enum types the table uses, so that a label renamed while capture was stopped is known. Upgrade from 2 or 3: those values are re-encoded with no labels (`legacy`), which the capture's next look fills in |
 //! | 5       | a [`StorageLayout`] holds a partitioned table's leaf partitions and their storage files, so that a partition rewritten, attached, detached or dropped is known. Upgrade from 2 to 4: those values are re-encoded with no partitions (`legacy`), which the capture's next look fills in |
+//! | 6       | `contexts`: a transaction's application context is stored once per run of changes that share it (Bemi's triggers send it before every row), and change records carry none. Upgrade from 5: nothing to rewrite (older records carry their context inline, and readers take it); the number says that a version-5 reader, which would find no context on the newer records, must refuse the log |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -89,6 +91,7 @@ use crate::lsn::{ChangeKey, Lsn};
 use crate::relation::RelationVersion;
 
 mod codec;
+mod contexts;
 mod images;
 mod legacy;
 mod reader;
@@ -97,6 +100,7 @@ mod schema;
 #[doc(hidden)]
 pub use codec::fuzzing;
 pub(crate) use codec::{decode, encode, encode_into, encode_plain, get_u64, raw_len};
+pub(crate) use contexts::ContextCursor;
 use images::*;
 pub use reader::{ChangeEntry, LogReader, SharedLog};
 pub(crate) use schema::*;
@@ -318,6 +322,16 @@ pub struct Applied {
     pub duplicates_skipped: u64,
 }
 
+/// The application context of a run of a transaction's changes (the `contexts` table).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ContextRun {
+    /// The change number the context message came before: a logical message before it (the
+    /// run of a transaction's first context starts at change 0, to label the changes before
+    /// it) takes no context, as messages take context only forward.
+    pub(crate) declared_at: u32,
+    pub(crate) json: String,
+}
+
 struct InFlight {
     final_lsn: Lsn,
     xid: u32,
@@ -448,7 +462,9 @@ impl ChangeLog {
                     )?;
                 }
                 // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3, 3 -> 4
-                // and 4 -> 5 re-encode the storage layouts the older version wrote. The new
+                // and 4 -> 5 re-encode the storage layouts the older version wrote. 5 -> 6
+                // adds `contexts`, opened below; the older records keep their contexts inline,
+                // which readers take as they are. The new
                 // number is written in this redb transaction, with what it rewrites (see "Format versions"): a
                 // crash leaves either the old values and number or the new ones.
                 Some(v) if v < u64::from(FORMAT_VERSION) => {
@@ -541,6 +557,8 @@ impl ChangeLog {
             }
             let mut scope = wtx.open_table(SNAPSHOT_SCOPE)?;
             scope.retain_in((first_unfinished, 0u32).., |_, _| false)?;
+            let mut contexts = wtx.open_table(CONTEXTS)?;
+            contexts.retain_in((first_unfinished, 0u32).., |_, _| false)?;
             if restored > 0 || removed > 0 {
                 tracing::warn!(
                     removed_changes = removed,
@@ -682,6 +700,7 @@ impl ChangeLog {
                 undo: [wtx.open_table(UNDO[0])?, wtx.open_table(UNDO[1])?],
                 snapshots: wtx.open_table(SNAPSHOTS)?,
                 snapshot_scope: wtx.open_table(SNAPSHOT_SCOPE)?,
+                contexts: wtx.open_table(CONTEXTS)?,
                 scratch: std::mem::take(&mut self.scratch),
             };
             let ops: Vec<LogOp> = ops.into_iter().collect();
@@ -819,29 +838,23 @@ impl ChangeLog {
                 if tx.skip {
                     return Ok(());
                 }
-                if !tx.saw_context && tx.next_seq > 0 {
-                    // The first context of a transaction labels the changes before it too.
-                    let keys = t
-                        .changes
-                        .range((tx.final_lsn.0, 0u32)..(tx.final_lsn.0, tx.next_seq))?
-                        .map(|e| e.map(|(k, _)| k.value()))
-                        .collect::<Result<Vec<(u64, u32)>, _>>()?;
-                    for k in keys {
-                        let mut rec: ChangeRecord = {
-                            let v = t.changes.get(k)?.ok_or_else(|| LogError::Corrupt {
-                                what: format!("change {}#{}", Lsn(k.0), k.1),
-                                source: "vanished during context backfill".into(),
-                            })?;
-                            decode(v.value(), "changes")?
-                        };
-                        if rec.context.is_none() && rec.op != Op::Message {
-                            rec.context = Some(json.clone());
-                            t.changes.insert(k, encode(&rec).as_slice())?;
-                        }
-                    }
+                // Bemi's triggers send the statement's context before every row it writes: a
+                // repeat of the context in force stores nothing.
+                if tx.saw_context && tx.context.as_deref() == Some(json.as_str()) {
+                    return Ok(());
                 }
+                // A new run from the next change on; the first context of a transaction labels
+                // the changes before it too (its run starts at change 0), except messages,
+                // which take context only from where it was declared.
+                let from = if tx.saw_context { tx.next_seq } else { 0 };
+                let run = ContextRun {
+                    declared_at: tx.next_seq,
+                    json,
+                };
+                t.contexts
+                    .insert((tx.final_lsn.0, from), encode(&run).as_slice())?;
                 tx.saw_context = true;
-                tx.context = Some(json);
+                tx.context = Some(run.json);
             }
             LogOp::Message(message) => {
                 let tx = self.inflight.as_ref().ok_or(LogError::NoTransaction)?;
@@ -857,7 +870,7 @@ impl ChangeLog {
                     key: None,
                     before: None,
                     after: None,
-                    context: tx.context.clone(),
+                    context: None,
                     message: Some(message),
                 };
                 t.changes
@@ -1428,6 +1441,102 @@ mod tests {
             contexts,
             vec!["{\"user_id\":1}", "{\"user_id\":1}", "{\"user_id\":2}"]
         );
+    }
+
+    #[test]
+    fn a_context_is_stored_once_per_run_and_labels_each_change_as_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a");
+        let message = |text: &str| {
+            LogOp::Message(LogicalMessage {
+                transactional: true,
+                prefix: "app".into(),
+                content: text.as_bytes().to_vec(),
+            })
+        };
+        let (one, two) = ("{\"step\":1}".to_string(), "{\"step\":2}".to_string());
+        {
+            let mut log = ChangeLog::open(&path).unwrap();
+            // A transaction spread over two batches: a change and a message before its first
+            // context, the context repeated before every row, then a second one.
+            log.apply(vec![
+                LogOp::Begin {
+                    final_lsn: Lsn(100),
+                    xid: 1,
+                    committed_at_us: 0,
+                },
+                LogOp::Relation(rel(b'd')),
+                insert("1", "a", "x"),
+                message("before"),
+                LogOp::Context(one.clone()),
+                insert("2", "a", "x"),
+                LogOp::Context(one.clone()),
+            ])
+            .unwrap();
+            log.apply(vec![
+                insert("3", "a", "x"),
+                LogOp::Context(one.clone()),
+                insert("4", "a", "x"),
+                LogOp::Context(two.clone()),
+                insert("5", "a", "x"),
+                message("after"),
+                LogOp::Commit { end_lsn: Lsn(108) },
+                // A transaction with no context, then one left unfinished by a crash.
+                LogOp::Begin {
+                    final_lsn: Lsn(200),
+                    xid: 2,
+                    committed_at_us: 0,
+                },
+                insert("6", "a", "x"),
+                LogOp::Commit { end_lsn: Lsn(208) },
+                LogOp::Begin {
+                    final_lsn: Lsn(300),
+                    xid: 3,
+                    committed_at_us: 0,
+                },
+                LogOp::Context("{\"step\":3}".into()),
+                insert("7", "a", "x"),
+            ])
+            .unwrap();
+        }
+        // Reopened as after a crash: the unfinished transaction and its context run are gone.
+        let log = ChangeLog::open(&path).unwrap();
+        let labels: Vec<(ChangeKey, Option<String>)> = all_changes(&log)
+            .into_iter()
+            .map(|(k, r)| (k, r.context))
+            .collect();
+        let k = |lsn: u64, seq: u32| ChangeKey::new(Lsn(lsn), seq);
+        assert_eq!(
+            labels,
+            vec![
+                (k(100, 0), Some(one.clone())),
+                (k(100, 1), None),
+                (k(100, 2), Some(one.clone())),
+                (k(100, 3), Some(one.clone())),
+                (k(100, 4), Some(one.clone())),
+                (k(100, 5), Some(two.clone())),
+                (k(100, 6), Some(two.clone())),
+                (k(200, 0), None),
+            ]
+        );
+        let rtx = log.db.begin_read().unwrap();
+        let runs: Vec<(u64, u32)> = rtx
+            .open_table(CONTEXTS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|e| e.unwrap().0.value())
+            .collect();
+        assert_eq!(
+            runs,
+            vec![(100, 0), (100, 5)],
+            "one entry per run, none for the crashed transaction"
+        );
+        let raw = rtx.open_table(CHANGES).unwrap();
+        for e in raw.iter().unwrap() {
+            let rec: ChangeRecord = decode(e.unwrap().1.value(), "changes").unwrap();
+            assert_eq!(rec.context, None, "records carry no context of their own");
+        }
     }
 
     #[test]

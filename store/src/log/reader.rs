@@ -208,10 +208,12 @@ impl LogReader {
         let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
         let table = self.rtx.open_table(CHANGES)?;
         let iter = table.range::<(u64, u32)>(..=(last_commit, u32::MAX))?;
-        Ok(iter.map(|e| {
+        let mut contexts = ContextCursor::new(&self.rtx)?;
+        Ok(iter.map(move |e| {
             let (k, v) = e?;
             let (lsn, seq) = k.value();
-            let rec: ChangeRecord = decode(v.value(), "changes")?;
+            let mut rec: ChangeRecord = decode(v.value(), "changes")?;
+            contexts.label((lsn, seq), &mut rec)?;
             Ok((ChangeKey::new(Lsn(lsn), seq), rec))
         }))
     }

@@ -38,6 +38,14 @@ pub(crate) const SNAPSHOTS: TableDefinition<u64, i64> = TableDefinition::new("sn
 pub(crate) const SNAPSHOT_SCOPE: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("snapshot_scope");
 
+/// (version 6) The application context of a source transaction's changes, stored once per
+/// run of changes that share it: `(commit_lsn, seq)` to an encoded
+/// [`ContextRun`](super::ContextRun), meaning "from change `seq` of this transaction on, until
+/// the next entry of the same transaction, the context is this". Trimmed with the changes.
+/// Change records of version 6 carry no context of their own; those of earlier versions
+/// carry theirs inline, and a reader takes that when present.
+pub(crate) const CONTEXTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("contexts");
+
 pub(crate) const META_FORMAT: &str = "format_version";
 pub(crate) const META_POSITION: &str = "position";
 pub(crate) const META_LAST_COMMIT: &str = "last_commit";
@@ -67,7 +75,7 @@ pub(crate) const META_ENUM_TYPES: &str = "enum_types";
 pub(crate) const META_PENDING_READS: &str = "pending_reads";
 
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
