@@ -11,6 +11,7 @@ use pgtrail_store::{LogReader, Lsn, Op};
 
 mod archives;
 mod bemi;
+mod bemi_package;
 mod compaction;
 mod connecting;
 mod contexts;
