@@ -68,6 +68,11 @@ fn properties() -> WriterProperties {
             ZstdLevel::try_new(3).expect("zstd level 3 exists"),
         ))
         .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        // Lists and maps under the names the Parquet specification gives them (`list.element`,
+        // `key_value.key`/`.value`), not Arrow's (`item`, `entries.keys`/`.values`): readers
+        // that map columns by their Parquet path (pyiceberg's add_files, DuckDB's Delta
+        // reader) need them. No type here is one the coercion would narrow.
+        .set_coerce_types(true)
         .build()
 }
 
