@@ -55,15 +55,17 @@ pub(crate) fn lake(args: &[&str]) -> Value {
 
 pub(crate) fn lake_tools_present() -> bool {
     let ok = Command::new("python3")
-        .args(["-c", "import duckdb, pyarrow, boto3, moto"])
+        .args(["-c", "import duckdb, pyarrow, boto3, moto, pyiceberg"])
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
         assert!(
             std::env::var_os("PGTRAIL_REQUIRE_LAKE_TOOLS").is_none(),
-            "duckdb, pyarrow and moto[server] are required here: pip install duckdb pyarrow 'moto[server]'"
+            "duckdb, pyarrow, moto[server] and pyiceberg are required here: pip install duckdb pyarrow 'moto[server]' 'pyiceberg[sql-sqlite,pyarrow]'"
         );
-        eprintln!("note: duckdb/pyarrow/moto are not installed; the export test was skipped");
+        eprintln!(
+            "note: duckdb/pyarrow/moto/pyiceberg are not installed; the export test was skipped"
+        );
     }
     ok
 }
@@ -408,6 +410,24 @@ fn export_layouts_to_a_directory_and_s3_are_exact_incremental_and_exactly_once()
             &archive,
         );
         check_exactly_once(&format!("{base}/cdf"), "cdf", &moto, dir.path(), &archive);
+    }
+
+    // Iceberg tools register the plain layouts as they are: pyiceberg's add_files over each
+    // table's files (no rewrite) gives a table with every exported row.
+    for layout in layouts {
+        let to = format!("{local_to}/{layout}");
+        let counts = lake(&["counts", &to, layout]);
+        let warehouse = dir.path().join(format!("iceberg-{layout}"));
+        let iceberg = lake(&["iceberg", &to, layout, warehouse.to_str().unwrap()]);
+        let tables = iceberg.as_object().unwrap();
+        assert!(tables.len() >= 2, "{iceberg}");
+        for (table, rows) in tables {
+            assert_eq!(
+                Some(rows),
+                counts[table.as_str()].get("rows"),
+                "{layout} {table} through Iceberg"
+            );
+        }
     }
 
     // More changes (in the log tail this time), then incremental exports: only new rows.

@@ -4,6 +4,8 @@ tools/tests/export.rs. Each command prints one JSON document on stdout.
   mkbucket ENDPOINT BUCKET              create a bucket on an S3-compatible server
   download ENDPOINT BUCKET PREFIX DIR   copy every object under PREFIX into DIR
   counts DIR LAYOUT                     rows and distinct change keys per table (pyarrow)
+  iceberg DIR LAYOUT WAREHOUSE          register each table's files as an Iceberg table (pyiceberg,
+                                        SQLite catalog, add_files) and count its rows by a scan
   asof DIR LAYOUT TABLE LSN|TIME EXPECTED.parquet
                                         the table at a moment from the export (DuckDB), compared
                                         with pgtrail's own as_of result
@@ -53,6 +55,26 @@ def main():
                 types = rows.column("_change_type").to_pylist()
                 per["types"] = {t: types.count(t) for t in sorted(set(types))}
             result[table] = per
+        print(json.dumps(result))
+    elif cmd == "iceberg":
+        import glob
+        import os
+        import pyarrow.parquet as pq
+        from pyiceberg.catalog.sql import SqlCatalog
+        root, layout, warehouse = sys.argv[2:5]
+        os.makedirs(warehouse, exist_ok=True)
+        catalog = SqlCatalog("pgtrail", uri="sqlite:///%s/catalog.db" % warehouse,
+                             warehouse="file://%s" % warehouse)
+        catalog.create_namespace_if_not_exists(layout)
+        result = {}
+        for table_dir in sorted(glob.glob(os.path.join(root, "table=*"))):
+            files = sorted(glob.glob(os.path.join(table_dir, "**", "*.parquet"), recursive=True))
+            name = os.path.basename(table_dir)[len("table="):]
+            # The newest file has every column (a column added later is null in older files).
+            table = catalog.create_table("%s.%s" % (layout, name.replace(".", "__")),
+                                         schema=pq.read_schema(files[-1]))
+            table.add_files(files)
+            result[name] = table.scan().to_arrow().num_rows
         print(json.dumps(result))
     elif cmd == "asof":
         import duckdb
