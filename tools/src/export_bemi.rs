@@ -216,7 +216,10 @@ pub async fn run(
         None => visible,
     };
 
-    let mut client = config.connect_sql().await?;
+    let mut client = config
+        .connect_sql()
+        .await
+        .with_context(|| format!("cannot reach the database that keeps {qualified}"))?;
     client
         .batch_execute(&create_sql(&schema, &table))
         .await

@@ -1316,6 +1316,107 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         ]),
         "exists in the target",
     );
+    // Export destinations: a table format or layout that does not fit the destination.
+    let lake = copy.with_file_name(format!(
+        "{}-lake",
+        copy.file_name().map_or("x".into(), |n| n.to_string_lossy())
+    ));
+    let plain_cdf = lake.join("cdf").display().to_string();
+    let export = |extra: &[&str]| {
+        let mut a = arg(&["export", "--archive", &archive]);
+        a.extend(arg(extra));
+        a
+    };
+    case(
+        "a Delta export into a plain export's prefix",
+        &|| {
+            // A small plain export first (the table's first transaction only).
+            let made = Command::new(&h.bin)
+                .args(export(&[
+                    "--to",
+                    &plain_cdf,
+                    "--layout",
+                    "cdf",
+                    "--tables",
+                    "public.acct",
+                    "--until",
+                    &first_acct_commit,
+                ]))
+                .output()
+                .ok()?;
+            made.status.success().then(String::new)
+        },
+        export(&[
+            "--to",
+            &plain_cdf,
+            "--layout",
+            "cdf",
+            "--table-format",
+            "delta",
+        ]),
+        "continue it with --table-format plain",
+    );
+    case(
+        "an unknown table format",
+        &|| Some(String::new()),
+        export(&[
+            "--to",
+            &plain_cdf,
+            "--layout",
+            "cdf",
+            "--table-format",
+            "iceberg",
+        ]),
+        "possible values: plain, delta",
+    );
+    case(
+        "a lake layout into PostgreSQL",
+        &|| Some(String::new()),
+        export(&["--to", &source, "--layout", "cdf"]),
+        "--layout bemi",
+    );
+    case(
+        "Bemi's table into a directory",
+        &|| Some(String::new()),
+        export(&["--to", &plain_cdf, "--layout", "bemi"]),
+        "give --to as a connection string",
+    );
+    case(
+        "a Bemi table name that is not schema.table",
+        &|| Some(String::new()),
+        export(&["--to", &source, "--layout", "bemi", "--bemi-table", "a.b.c"]),
+        "write schema.table",
+    );
+    case(
+        "Bemi's table with --tables",
+        &|| Some(String::new()),
+        export(&[
+            "--to",
+            &source,
+            "--layout",
+            "bemi",
+            "--tables",
+            "public.acct",
+        ]),
+        "does not apply to --layout bemi",
+    );
+    let unreachable_bemi = case(
+        "Bemi's table in a database that cannot be reached",
+        &|| Some(String::new()),
+        export(&[
+            "--to",
+            "postgresql://app:secret-password@127.0.0.1:9/audit",
+            "--layout",
+            "bemi",
+        ]),
+        "cannot reach the database that keeps",
+    );
+    if unreachable_bemi.contains("secret-password") {
+        v.bad_inputs_failed += 1;
+        v.problems
+            .push("the target's password appears in export's error output".into());
+    }
+    let _ = std::fs::remove_dir_all(&lake);
     if unreachable.contains("secret-password") {
         v.bad_inputs_failed += 1;
         v.problems
