@@ -1,7 +1,8 @@
 //! Bemi's own ORM package against pgtrail: bemi-sqlalchemy from PyPI, in a virtualenv this
 //! test makes (`target/bemi-venv`, kept for later runs), runs its migration in the source
 //! database and an application that sets contexts; pgtrail must record, for every change,
-//! exactly the context the application set for the statement that made it.
+//! exactly the context the application set for the statement that made it; and bemi-django's
+//! own model and query helpers read the `changes` table `export --layout bemi` keeps.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -19,15 +20,24 @@ const PACKAGES: &[&str] = &[
     "starlette==1.10.0",
     "psycopg2-binary==2.9.13",
 ];
+/// bemi-django in a virtualenv of its own: both packages install a top-level `bemi`.
+const DJANGO_PACKAGES: &[&str] = &[
+    "bemi-django==0.1.3",
+    "Django==5.2.8",
+    "psycopg2-binary==2.9.13",
+];
 
-/// The virtualenv's python, made (once) if missing; `None` (the test skipped) when PyPI is
-/// out of reach, unless `PGTRAIL_REQUIRE_BEMI_PACKAGE` says it must run.
-fn venv_python() -> Option<PathBuf> {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bemi-venv");
+/// The python of the virtualenv `target/<name>` with `packages`, made (once) if missing;
+/// `None` (the test skipped) when PyPI is out of reach, unless `PGTRAIL_REQUIRE_BEMI_PACKAGE`
+/// says it must run.
+fn venv_python(name: &str, packages: &[&str], probe: &str) -> Option<PathBuf> {
+    let venv = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(name);
     let python = venv.join("bin/python");
     let ready = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import bemi, sqlalchemy, psycopg2, alembic"])
+            .args(["-c", probe])
             .status()
             .is_ok_and(|s| s.success())
     };
@@ -39,17 +49,17 @@ fn venv_python() -> Option<PathBuf> {
             .is_ok_and(|s| s.success())
             && Command::new(venv.join("bin/pip"))
                 .args(["install", "--quiet"])
-                .args(PACKAGES)
+                .args(packages)
                 .status()
                 .is_ok_and(|s| s.success());
         if !made || !ready(&python) {
             assert!(
                 std::env::var_os("PGTRAIL_REQUIRE_BEMI_PACKAGE").is_none(),
-                "could not make the virtualenv with {PACKAGES:?} at {}",
+                "could not make the virtualenv with {packages:?} at {}",
                 venv.display()
             );
             eprintln!(
-                "note: bemi-sqlalchemy could not be installed; the Bemi package test was skipped"
+                "note: {packages:?} could not be installed; the Bemi package test was skipped"
             );
             return None;
         }
@@ -74,7 +84,18 @@ fn app(python: &Path, mode: &str, url: &str) -> Value {
 
 #[test]
 fn a_bemi_sqlalchemy_application_s_contexts_are_recorded_per_statement() {
-    let Some(python) = venv_python() else {
+    let Some(python) = venv_python(
+        "bemi-venv",
+        PACKAGES,
+        "import bemi, sqlalchemy, psycopg2, alembic",
+    ) else {
+        return;
+    };
+    let Some(django) = venv_python(
+        "bemi-django-venv",
+        DJANGO_PACKAGES,
+        "import django, bemi.routers, psycopg2",
+    ) else {
         return;
     };
     let cluster = Cluster::start(ClusterOptions::default()).unwrap();
@@ -134,4 +155,60 @@ fn a_bemi_sqlalchemy_application_s_contexts_are_recorded_per_statement() {
             }
         }
     }
+    // Bemi's `changes` table kept by pgtrail in another database, read by bemi-django's own
+    // model and query helpers.
+    cluster
+        .psql("postgres", "CREATE DATABASE bemiaudit")
+        .unwrap();
+    let export = crate::pgtrail()
+        .args(["export", "--archive"])
+        .arg(&archive)
+        .args(["--to", &cluster.url("bemiaudit"), "--layout", "bemi"])
+        .output()
+        .unwrap();
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/bemi_django.py");
+    let url = cluster.url("x");
+    let port = url.rsplit(':').next().unwrap().split('/').next().unwrap();
+    let out = Command::new(&django)
+        .arg(script)
+        .args(["127.0.0.1", port, "bemiaudit", "postgres"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "bemi_django: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let order_1 = &answers["order_1"];
+    assert_eq!(order_1.as_array().map(Vec::len), Some(3), "{answers}");
+    assert_eq!(order_1[0][0], "UPDATE");
+    assert_eq!(order_1[0][1], r#"say "hi""#);
+    assert!(
+        order_1[0][2].is_string(),
+        "the broken context, kept: {answers}"
+    );
+    assert_eq!(order_1[1][0], "UPDATE");
+    assert_eq!(order_1[1][1], "paid");
+    let mut paying = order_1[1][2].clone();
+    paying.as_object_mut().unwrap().remove("SQL");
+    assert_eq!(paying, serde_json::json!({"user_id": 3, "step": "pay"}));
+    assert_eq!(order_1[2][0], "CREATE");
+    assert_eq!(order_1[2][1], "new");
+    assert_eq!(answers["paid_by_context"], serde_json::json!(["1", "2"]));
+    assert_eq!(answers["updated_to_paid"], serde_json::json!(["1", "2"]));
+    assert_eq!(
+        answers["status_of_3"],
+        serde_json::json!(["CREATE", "UPDATE"])
+    );
+    assert_eq!(
+        answers["diff_of_3"],
+        serde_json::json!({"status": ["new", "shipped"]})
+    );
+    assert_eq!(answers["deleted"], serde_json::json!(["2"]));
 }
