@@ -84,6 +84,20 @@ fn is_postgresql(to: &str) -> bool {
             .any(|k| to.split_whitespace().any(|w| w.starts_with(k)))
 }
 
+/// A range whose end comes before its start would export nothing and say so quietly; it is
+/// refused instead (both as LSNs, or both as times).
+fn check_range(since: Option<&Moment>, until: Option<&Moment>) -> anyhow::Result<()> {
+    let after = match (since, until) {
+        (Some(Moment::Lsn(a)), Some(Moment::Lsn(b))) => a > b,
+        (Some(Moment::Time(a)), Some(Moment::Time(b))) => a > b,
+        _ => false,
+    };
+    if after {
+        anyhow::bail!("--since is after --until: nothing would be exported; swap them");
+    }
+    Ok(())
+}
+
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     match (is_postgresql(&args.to), args.layout == "bemi") {
         (true, true) => return run_bemi(args).await,
@@ -118,6 +132,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         max_rows_per_file: args.max_rows_per_file.max(1),
         table_format: TableFormat::parse(&args.table_format).context("--table-format")?,
     };
+    check_range(request.since.as_ref(), request.until.as_ref())?;
     let handle = tokio::runtime::Handle::current();
     // Reading segments and writing Parquet is blocking work; the destination's requests run
     // on this runtime through `handle`.
@@ -167,6 +182,7 @@ async fn run_bemi(args: ExportArgs) -> anyhow::Result<()> {
         .as_deref()
         .map(|s| moment(s, "--until"))
         .transpose()?;
+    check_range(since.as_ref(), until.as_ref())?;
     let target = crate::export_bemi::BemiTarget {
         url: args.to,
         table: args.bemi_table,

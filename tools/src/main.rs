@@ -121,8 +121,8 @@ struct CaptureArgs {
     /// Archive directory (created 0700 if missing).
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     archive: PathBuf,
-    /// Replication slot name.
-    #[arg(long, default_value = "pgtrail")]
+    /// Replication slot name (lower case letters, digits and `_`, as PostgreSQL allows).
+    #[arg(long, default_value = "pgtrail", value_parser = slot_name)]
     slot: String,
     /// Publication name.
     #[arg(long, default_value = "pgtrail")]
@@ -332,6 +332,21 @@ async fn setup(args: SetupArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A replication slot name PostgreSQL accepts, checked before anything connects.
+fn slot_name(name: &str) -> Result<String, String> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(format!(
+            "{name:?} is not a replication slot name: PostgreSQL allows 1 to 63 lower case letters, digits and underscores"
+        ));
+    }
+    Ok(name.to_string())
 }
 
 async fn capture(args: CaptureArgs) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@
 //! D duplicates, G unexpected gaps`; the exit status is non-zero on any loss, duplicate,
 //! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
 
+mod exports;
 mod gaps;
 #[path = "../../pki.rs"]
 mod pki;
@@ -97,6 +98,8 @@ enum Fault {
     BlackHole,
     /// Only the replication connection silently dead; the SQL connection still answers.
     BlackHoleStream,
+    /// An export beside the capture killed at a crash point, then run again (`exports`).
+    ExportCrash(&'static str),
 }
 
 /// Crash points the capture can hit: the log's commit window, and each step of the
@@ -111,6 +114,17 @@ const CRASH_POINTS: &[&str] = &[
     "segment:before_key_index",
     "compact:before_manifest",
     "compact:after_commit",
+    "merge:before_manifest",
+    "merge:after_commit",
+];
+
+/// Crash points of an export run beside the capture: a plain file written, a Delta table's
+/// commit about to be made and just made, Bemi's table about to commit.
+const EXPORT_CRASH_POINTS: &[&str] = &[
+    "export:after_file",
+    "delta:before_commit",
+    "delta:after_commit",
+    "bemi:before_commit",
 ];
 
 const DB: &str = "torture";
@@ -145,6 +159,8 @@ struct Harness {
     disk_full_tried: [bool; 2],
     /// Set while the disk fills: the workload runs unthrottled.
     unthrottled: Arc<AtomicBool>,
+    /// Export faults injected so far (each exports into a place of its own).
+    export_faults: usize,
     /// With `--tls`: the CA file the capture verifies the server with.
     tls_root: Option<PathBuf>,
     /// The key the capture signs a checkpoint with at every compaction, and its verifier key
@@ -413,6 +429,18 @@ impl Harness {
                     .map_err(|e| e.to_string())?;
             }
             Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
+            Fault::ExportCrash(point) => {
+                self.export_faults += 1;
+                let cluster = &self.cluster;
+                exports::crash_and_resume(
+                    &self.bin,
+                    &self.archive,
+                    &self.work,
+                    &|db: &str| cluster.url(db),
+                    point,
+                    self.export_faults,
+                )?;
+            }
             Fault::DiskFull => self.disk_full(false)?,
             Fault::DiskFullCompacting => self.disk_full(true)?,
             Fault::Stall => {
@@ -1411,12 +1439,380 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         ]),
         "cannot reach the database that keeps",
     );
+
+    // Flags, names, moments, connection strings, SQL and keys a user can get wrong: each is
+    // refused with an error that says what is wrong, before anything is written.
+    let nested = format!("SELECT {}1{}", "(".repeat(3000), ")".repeat(3000));
+    let sql = |q: &str| arg(&["sql", "--archive", &archive, q]);
+    let capture_with = |conninfo: &str| {
+        arg(&[
+            "capture",
+            "--archive",
+            &lake.join("capture").display().to_string(),
+            "--source",
+            conninfo,
+        ])
+    };
+    let simple: Vec<(&str, Vec<String>, &str)> = vec![
+        (
+            "an LSN that is not one in SQL",
+            sql("SELECT * FROM as_of_lsn('public.acct', 'zz')"),
+            "invalid LSN",
+        ),
+        (
+            "a time that is not one in SQL",
+            sql("SELECT * FROM as_of('public.acct', 'not a time')"),
+            "must be a timestamp",
+        ),
+        (
+            "an unterminated quoted table name in SQL",
+            sql("SELECT * FROM as_of_lsn('public.\"acct', '0/1')"),
+            "is not a table name",
+        ),
+        (
+            "a table the archive does not hold in SQL",
+            sql("SELECT * FROM as_of_lsn('public.nope', '0/1')"),
+            "has no table public.nope",
+        ),
+        (
+            "row_history without a key",
+            sql("SELECT * FROM row_history('public.acct')"),
+            "takes the table and its key values",
+        ),
+        ("DROP TABLE in SQL", sql("DROP TABLE changes"), "read-only"),
+        (
+            "INSERT in SQL",
+            sql("INSERT INTO changes SELECT * FROM changes"),
+            "read-only",
+        ),
+        (
+            "SET in SQL",
+            sql("SET datafusion.execution.batch_size = 1"),
+            "read-only",
+        ),
+        (
+            "an external table over a system file",
+            sql("CREATE EXTERNAL TABLE x STORED AS CSV LOCATION '/etc/passwd'"),
+            "read-only",
+        ),
+        (
+            "COPY TO in SQL",
+            sql("COPY changes TO '/tmp/pgtrail-torture.csv'"),
+            "read-only",
+        ),
+        (
+            "a file-reading table function",
+            sql("SELECT * FROM read_csv('/etc/passwd')"),
+            "not found",
+        ),
+        ("SQL that does not parse", sql("SELEC 1"), "SQL error"),
+        (
+            "SQL nested 3000 deep",
+            sql(&nested),
+            "RecursionLimitExceeded",
+        ),
+        (
+            "an unknown output format",
+            arg(&["sql", "--archive", &archive, "--format", "xml", "SELECT 1"]),
+            "possible values",
+        ),
+        (
+            "an archive directory that is not one",
+            arg(&["sql", "--archive", "/nonexistent/pgtrail", "SELECT 1"]),
+            "is not a pgtrail archive",
+        ),
+        (
+            "an export moment that is neither time nor LSN",
+            export(&[
+                "--to",
+                &plain_cdf,
+                "--layout",
+                "cdf",
+                "--since",
+                "yesterday",
+            ]),
+            "neither an LSN",
+        ),
+        (
+            "an export LSN with bad digits",
+            export(&["--to", &plain_cdf, "--layout", "cdf", "--until", "0/ZZ"]),
+            "invalid LSN",
+        ),
+        (
+            "an export range that ends before it begins",
+            export(&[
+                "--to", &plain_cdf, "--layout", "cdf", "--since", "0/5", "--until", "0/1",
+            ]),
+            "--since is after --until",
+        ),
+        (
+            "a negative file size",
+            export(&[
+                "--to",
+                &plain_cdf,
+                "--layout",
+                "cdf",
+                "--max-rows-per-file",
+                "-5",
+            ]),
+            "-5",
+        ),
+        (
+            "a file size beyond any integer",
+            export(&[
+                "--to",
+                &plain_cdf,
+                "--layout",
+                "cdf",
+                "--max-rows-per-file",
+                "99999999999999999999999",
+            ]),
+            "number too large",
+        ),
+        (
+            "an unknown layout",
+            export(&["--to", &plain_cdf, "--layout", "nope"]),
+            "possible values",
+        ),
+        (
+            "--since with the snapshot layout",
+            export(&["--to", &plain_cdf, "--layout", "snapshot", "--since", "0/1"]),
+            "does not apply to the snapshot layout",
+        ),
+        (
+            "an unterminated quoted table to export",
+            export(&[
+                "--to",
+                &plain_cdf,
+                "--layout",
+                "cdf",
+                "--tables",
+                "public.\"acct",
+            ]),
+            "is not a table name",
+        ),
+        (
+            "a table to export the archive does not hold",
+            export(&[
+                "--to",
+                &plain_cdf,
+                "--layout",
+                "cdf",
+                "--tables",
+                "public.nope",
+            ]),
+            "has no table public.nope",
+        ),
+        (
+            "an export destination of another scheme",
+            export(&["--to", "ftp://host/x", "--layout", "cdf"]),
+            "not supported",
+        ),
+        (
+            "an S3 destination without a bucket",
+            export(&["--to", "s3://", "--layout", "cdf"]),
+            "no bucket name",
+        ),
+        (
+            "an export destination that is a file",
+            export(&["--to", "/etc/hostname", "--layout", "cdf"]),
+            "not a directory",
+        ),
+        (
+            "an unknown status format",
+            arg(&["status", "--archive", &archive, "--format", "yaml"]),
+            "possible values",
+        ),
+        (
+            "a port that is not a number",
+            capture_with("host=127.0.0.1 port=notaport"),
+            "invalid port number",
+        ),
+        (
+            "an unknown sslmode",
+            capture_with("postgresql://x@127.0.0.1:9/db?sslmode=bogus"),
+            "invalid sslmode value",
+        ),
+        (
+            "an unterminated quote in a conninfo",
+            capture_with("host='unterminated"),
+            "unterminated quoted string",
+        ),
+        (
+            "an unknown conninfo key",
+            capture_with("host=127.0.0.1 nosuchkey=1"),
+            "invalid connection option",
+        ),
+        (
+            "a root certificate file that does not exist",
+            capture_with(
+                "postgresql://x@127.0.0.1:9/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
+            ),
+            "does not exist",
+        ),
+        (
+            "a slot name PostgreSQL refuses",
+            arg(&[
+                "capture",
+                "--archive",
+                &archive,
+                "--source",
+                &source,
+                "--slot",
+                "bad slot!",
+            ]),
+            "is not a replication slot name",
+        ),
+        (
+            "a negative compaction threshold",
+            arg(&[
+                "capture",
+                "--archive",
+                &archive,
+                "--source",
+                &source,
+                "--compact-after-changes",
+                "-1",
+            ]),
+            "-1",
+        ),
+        (
+            "a key name with a space",
+            arg(&[
+                "keygen",
+                "--name",
+                "bad name",
+                "--out",
+                &lake.join("k").display().to_string(),
+            ]),
+            "not a key name",
+        ),
+        (
+            "a verifier key that is neither key nor file",
+            arg(&["verify", "--archive", &archive, "--key", "not a key"]),
+            "neither a verifier key",
+        ),
+        (
+            "a signing key that does not exist",
+            arg(&[
+                "checkpoint",
+                "--archive",
+                &archive,
+                "--signing-key",
+                "/nonexistent/key",
+            ]),
+            "cannot read /nonexistent/key",
+        ),
+        (
+            "a change that is not LSN:SEQ",
+            arg(&["prove", "--archive", &archive, "--change", "zz"]),
+            "write LSN:SEQ",
+        ),
+        (
+            "a coverage scope that ends before it begins",
+            arg(&[
+                "certify",
+                "--archive",
+                &archive,
+                "--from",
+                "0/2",
+                "--to",
+                "0/1",
+            ]),
+            "nothing would be in scope",
+        ),
+        (
+            "a listen address that is not one",
+            arg(&["serve", "--archive", &archive, "--listen", "not an address"]),
+            "invalid socket address",
+        ),
+        (
+            "a stream cursor that is not one",
+            arg(&["tail", "--archive", &archive, "--since", "nope"]),
+            "invalid cursor",
+        ),
+        (
+            "an unterminated quoted table to tail",
+            arg(&["tail", "--archive", &archive, "--tables", "public.\"x"]),
+            "is not a table name",
+        ),
+        (
+            "a restore moment that is neither time nor LSN",
+            arg(&[
+                "restore",
+                "--archive",
+                &archive,
+                "--into",
+                &source,
+                "--table",
+                "public.acct",
+                "--as-of",
+                "nope",
+            ]),
+            "neither an LSN",
+        ),
+        (
+            "a revert transaction that is not a number",
+            revert(&["--transaction", "notanumber"]),
+            "invalid digit",
+        ),
+        (
+            "an unknown conflict rule",
+            revert(&["--transaction", "5", "--on-conflict", "maybe"]),
+            "possible values: stop, skip",
+        ),
+    ];
+    for (name, args, must_say) in simple {
+        case(name, &|| Some(String::new()), args, must_say);
+    }
+    let key_dir = lake.join("keys");
+    let open_key = key_dir.join("open.key");
+    case(
+        "a signing key others can read",
+        &|| {
+            std::fs::create_dir_all(&key_dir).ok()?;
+            let made = Command::new(&h.bin)
+                .args(["keygen", "--name", "torture-open", "--out"])
+                .arg(&open_key)
+                .output()
+                .ok()?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&open_key, std::fs::Permissions::from_mode(0o644)).ok()?;
+            made.status.success().then(String::new)
+        },
+        arg(&[
+            "checkpoint",
+            "--archive",
+            &archive,
+            "--signing-key",
+            &open_key.display().to_string(),
+        ]),
+        "run chmod 600",
+    );
+    let garbage = key_dir.join("garbage-checkpoint");
+    case(
+        "a trusted checkpoint that is not a signed note",
+        &|| {
+            std::fs::create_dir_all(&key_dir).ok()?;
+            std::fs::write(&garbage, "garbage\n").ok()?;
+            Some(String::new())
+        },
+        arg(&[
+            "verify",
+            "--archive",
+            &archive,
+            "--trusted-checkpoint",
+            &garbage.display().to_string(),
+        ]),
+        // The note's problem is in verify's report (stdout); stderr says it failed.
+        "verification FAILED",
+    );
+    let _ = std::fs::remove_dir_all(&lake);
     if unreachable_bemi.contains("secret-password") {
         v.bad_inputs_failed += 1;
         v.problems
             .push("the target's password appears in export's error output".into());
     }
-    let _ = std::fs::remove_dir_all(&lake);
     if unreachable.contains("secret-password") {
         v.bad_inputs_failed += 1;
         v.problems
@@ -1479,6 +1875,10 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     cluster
         .psql("postgres", &format!("CREATE DATABASE {DB}"))
         .map_err(|e| e.to_string())?;
+    // Where the export faults keep Bemi's table (not the captured database).
+    cluster
+        .psql("postgres", "CREATE DATABASE torture_bemi")
+        .map_err(|e| e.to_string())?;
     cluster
         .psql(
             DB,
@@ -1519,6 +1919,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         full_disk_archives: Vec::new(),
         disk_full_tried: [false; 2],
         unthrottled: Arc::new(AtomicBool::new(false)),
+        export_faults: 0,
         tls_root,
         signing_key,
         verifier_key,
@@ -1564,6 +1965,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         Fault::Kill9,
     ];
     schedule.extend(CRASH_POINTS.iter().map(|p| Fault::CrashAt(p)));
+    schedule.extend(EXPORT_CRASH_POINTS.iter().map(|p| Fault::ExportCrash(p)));
     schedule.extend([
         Fault::Restart("fast"),
         Fault::Kill9,
