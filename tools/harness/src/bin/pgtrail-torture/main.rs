@@ -1761,6 +1761,103 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
             revert(&["--transaction", "5", "--on-conflict", "maybe"]),
             "possible values: stop, skip",
         ),
+        (
+            "a revert context with no key",
+            revert(&["--context", "=v"]),
+            "write it as KEY=VALUE",
+        ),
+        (
+            "an unterminated quoted table to revert",
+            revert(&["--transaction", "5", "--tables", "public.\"x"]),
+            "is not a table name",
+        ),
+        (
+            "a restore LSN that is not one",
+            arg(&[
+                "restore",
+                "--archive",
+                &archive,
+                "--into",
+                &source,
+                "--table",
+                "public.acct",
+                "--as-of-lsn",
+                "zz",
+            ]),
+            "invalid LSN",
+        ),
+        (
+            "an unknown restore mode",
+            arg(&[
+                "restore",
+                "--archive",
+                &archive,
+                "--into",
+                &source,
+                "--table",
+                "public.acct",
+                "--as-of-lsn",
+                "0/1",
+                "--mode",
+                "bogus",
+            ]),
+            "possible values: create, replace, truncate-and-load",
+        ),
+        (
+            "a key written into a directory that does not exist",
+            arg(&["keygen", "--name", "ok", "--out", "/nonexistent/dir/key"]),
+            "cannot create a file in /nonexistent/dir",
+        ),
+        (
+            "a table to tail the archive does not hold",
+            arg(&["tail", "--archive", &archive, "--tables", "public.nope"]),
+            "has no table public.nope",
+        ),
+        (
+            "status of a directory that is not an archive",
+            arg(&["status", "--archive", "/nonexistent/pgtrail"]),
+            "is not a pgtrail archive",
+        ),
+        (
+            "a file given as the archive",
+            arg(&["sql", "--archive", "/etc/hostname", "SELECT 1"]),
+            "is not a pgtrail archive",
+        ),
+        (
+            "a stream timeout that is not a number",
+            arg(&[
+                "capture",
+                "--archive",
+                &archive,
+                "--source",
+                &source,
+                "--stream-timeout-secs",
+                "abc",
+            ]),
+            "invalid digit",
+        ),
+        (
+            "a table format with Bemi's table",
+            export(&[
+                "--to",
+                &source,
+                "--layout",
+                "bemi",
+                "--table-format",
+                "delta",
+            ]),
+            "--table-format does not apply",
+        ),
+        (
+            "a Bemi export moment that is not one",
+            export(&["--to", &source, "--layout", "bemi", "--since", "yesterday"]),
+            "neither an LSN",
+        ),
+        (
+            "a diff from before the archive's history",
+            sql("SELECT * FROM diff('public.acct', '0/2', '0/1')"),
+            "before the archive's history begins",
+        ),
     ];
     for (name, args, must_say) in simple {
         case(name, &|| Some(String::new()), args, must_say);
@@ -1806,6 +1903,23 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         ]),
         // The note's problem is in verify's report (stdout); stderr says it failed.
         "verification FAILED",
+    );
+    let not_a_key = key_dir.join("not-a-verifier-key");
+    case(
+        "a verifier key file that holds no key",
+        &|| {
+            std::fs::create_dir_all(&key_dir).ok()?;
+            std::fs::write(&not_a_key, "garbage\n").ok()?;
+            Some(String::new())
+        },
+        arg(&[
+            "verify",
+            "--archive",
+            &archive,
+            "--key",
+            &not_a_key.display().to_string(),
+        ]),
+        "not a verifier key",
     );
     let _ = std::fs::remove_dir_all(&lake);
     if unreachable_bemi.contains("secret-password") {
