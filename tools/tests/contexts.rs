@@ -4,12 +4,11 @@
 //! still labels every change with it (and each statement's changes with their own).
 
 use std::path::Path;
-use std::process::Stdio;
 
 use pgtrail_capture::cluster::{Cluster, ClusterOptions};
 use serde_json::Value;
 
-use crate::export::sql_json;
+use crate::export::{capture_to, sql_json};
 use crate::pgtrail;
 
 const ROWS: usize = 10_000;
@@ -45,31 +44,6 @@ fn big_context(tag: &str) -> String {
     )
 }
 
-fn capture(cluster: &Cluster, db: &str, archive: &Path) {
-    let lsn = cluster
-        .psql(db, "SELECT pg_current_wal_insert_lsn()")
-        .unwrap();
-    let status = pgtrail()
-        .args([
-            "capture",
-            "--slot",
-            db,
-            "--publication",
-            db,
-            "--no-compact",
-            "--stop-at",
-            &lsn,
-        ])
-        .env("PGTRAIL_SOURCE", cluster.url(db))
-        .env("PGTRAIL_ARCHIVE", archive)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 fn status(archive: &Path) -> Value {
     let out = pgtrail()
         .args(["status", "--archive"])
@@ -93,7 +67,7 @@ fn a_context_repeated_for_every_row_is_stored_once_per_statement() {
     cluster.psql(db, SETUP).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    capture(&cluster, db, &archive);
+    capture_to(&cluster, db, &archive);
     let before = status(&archive)["log"]["file_bytes"].as_u64().unwrap();
 
     // One transaction, two statements under two contexts, every row written once; a last
@@ -109,7 +83,7 @@ fn a_context_repeated_for_every_row_is_stored_once_per_statement() {
             ),
         )
         .unwrap();
-    capture(&cluster, db, &archive);
+    capture_to(&cluster, db, &archive);
     let log_bytes = status(&archive)["log"]["file_bytes"].as_u64().unwrap() - before;
     let wal_context_bytes = (ROWS * first.len()) as u64;
     eprintln!(

@@ -25,6 +25,32 @@ fn run(
         .map_err(|e| format!("cannot run {}: {e}", bin.display()))
 }
 
+/// The one number `query` answers over the archive (`pgtrail sql`).
+fn sql_number(bin: &Path, archive: &Path, query: String) -> Result<u64, String> {
+    let out = run(
+        bin,
+        &[
+            "sql".into(),
+            "--archive".into(),
+            archive.display().to_string(),
+            "--format".into(),
+            "csv".into(),
+            query.clone(),
+        ],
+        None,
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "{query}: no number in {text:?}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+}
+
 /// The archive's changes of `table` (or of every table) with `after < lsn <= through`.
 fn archived(
     bin: &Path,
@@ -37,30 +63,11 @@ fn archived(
         let (schema, name) = t.split_once('.').unwrap_or(("public", t));
         format!(" AND \"schema\" = '{schema}' AND \"table\" = '{name}'")
     });
-    let out = run(
+    sql_number(
         bin,
-        &[
-            "sql".into(),
-            "--archive".into(),
-            archive.display().to_string(),
-            "--format".into(),
-            "csv".into(),
-            format!(
-                "SELECT count(*) FROM changes WHERE lsn > {after} AND lsn <= {through}{filter}"
-            ),
-        ],
-        None,
-    )?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "cannot count the archive's changes: {text} {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+        archive,
+        format!("SELECT count(*) FROM changes WHERE lsn > {after} AND lsn <= {through}{filter}"),
+    )
 }
 
 fn lsn_number(text: &str) -> Result<u64, String> {
@@ -69,25 +76,24 @@ fn lsn_number(text: &str) -> Result<u64, String> {
         .map_err(|e| format!("LSN {text:?}: {e}"))
 }
 
-/// The newest commit LSN the archive shows now (an export's run starts there).
+/// The newest commit LSN the archive shows now (an export's run starts after it), from
+/// `pgtrail status`, which reads the manifest and the log tail, not the segments.
 fn archive_end(bin: &Path, archive: &Path) -> Result<u64, String> {
     let out = run(
         bin,
         &[
-            "sql".into(),
+            "status".into(),
             "--archive".into(),
             archive.display().to_string(),
+            "--source".into(),
+            String::new(),
             "--format".into(),
-            "csv".into(),
-            format!("SELECT max(lsn) FROM \"{}\".\"{}\"", "public", "acct"),
+            "json".into(),
         ],
         None,
     )?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .ok_or_else(|| "cannot read the archive's newest LSN".to_string())
+    let status: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("status: {e}"))?;
+    lsn_number(status["lsn_range"][1].as_str().unwrap_or_default())
 }
 
 /// Rows of every Parquet file under `dir` (the parquet crate's footer counts).
@@ -191,19 +197,25 @@ pub fn crash_and_resume(
             args.extend(["--table-format".into(), "delta".into()]);
         }
     }
-    // Wait for changes past `since`: an export with nothing to do reaches no crash point.
+    // An export with nothing past `since` to do reaches no crash point and writes nothing:
+    // try again until the capture has archived more (the workload commits all the time).
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while archive_end(bin, archive)? <= since {
-        if std::time::Instant::now() > deadline {
-            return Err("no new change was archived within 60 s".into());
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let killed = run(bin, &args, Some(point))?;
+        if !killed.status.success() {
+            let said = String::from_utf8_lossy(&killed.stderr);
+            if !said.contains(&format!("crash point {point} reached")) {
+                return Err(format!("the export failed before {point}: {}", said.trim()));
+            }
+            break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
-    let killed = run(bin, &args, Some(point))?;
-    if killed.status.success() {
-        return Err(format!(
-            "the export finished instead of aborting at {point}"
-        ));
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "the export never reached {point} (nothing archived past {} within 60 s?)",
+                pgtrail_store::Lsn(since)
+            ));
+        }
     }
     // Had the killed run committed anything, the run after it would start after that and
     // hold fewer changes than the range: the counts below tell.

@@ -563,9 +563,12 @@ impl Harness {
                 return Ok(());
             }
         }
-        // The disk-full fault uses a capture of its own; the main session goes on unharmed.
-        let not = (!matches!(fault, Fault::DiskFull | Fault::DiskFullCompacting)
-            && !before.is_empty())
+        // The disk-full fault uses a capture of its own, and an export fault only reads the
+        // archive: the main session goes on unharmed (it must still be streaming).
+        let not = (!matches!(
+            fault,
+            Fault::DiskFull | Fault::DiskFullCompacting | Fault::ExportCrash(_)
+        ) && !before.is_empty())
         .then_some(before.as_str());
         self.wait_streaming(Duration::from_secs(120), not)
     }
