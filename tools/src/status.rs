@@ -7,6 +7,30 @@ use anyhow::Context as _;
 use pgtrail_store::ArchiveStatus;
 use serde_json::json;
 
+/// A line of the report on stdout. When the reader has gone away (`pgtrail status | head`),
+/// the rest of the report has nowhere to go: stop quietly rather than panic as `println!`
+/// does on a closed pipe.
+macro_rules! say {
+    () => {
+        say_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        say_line(format_args!($($arg)*))
+    };
+}
+
+fn say_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            // Read-only: nothing is left half-done by leaving here.
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write the status report: {e}");
+        std::process::exit(1);
+    }
+}
+
 pub async fn run(archive: PathBuf, source: Option<String>, format: &str) -> anyhow::Result<()> {
     let dir = archive.clone();
     let report = tokio::task::spawn_blocking(move || collect(&dir)).await??;
@@ -17,7 +41,7 @@ pub async fn run(archive: PathBuf, source: Option<String>, format: &str) -> anyh
             .unwrap_or_else(|e| json!({ "error": format!("{e:#}") }));
     }
     if format == "json" {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        say!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_table(&archive, &report);
     }
@@ -73,16 +97,16 @@ async fn slot_lag(url: &str, report: &serde_json::Value) -> anyhow::Result<serde
 
 fn print_table(archive: &Path, r: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
-    println!("archive       {}", archive.display());
+    say!("archive       {}", archive.display());
     if let Some(src) = r["source"].as_object() {
-        println!(
+        say!(
             "source        database {} (system {}), slot {}, publication {}",
             s(&src["database"]),
             s(&src["system_id"]),
             s(&src["slot"]),
             s(&src["publication"])
         );
-        println!(
+        say!(
             "snapshot      at {} ({})",
             s(&src["consistent_point"]),
             if src["snapshot_complete"].as_bool() == Some(true) {
@@ -92,23 +116,24 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
             }
         );
     }
-    println!(
+    say!(
         "changes       {} in {} transactions",
-        r["changes"], r["transactions"]
+        r["changes"],
+        r["transactions"]
     );
-    println!(
+    say!(
         "lsn range     {} .. {}",
         s(&r["lsn_range"][0]),
         s(&r["lsn_range"][1])
     );
-    println!(
+    say!(
         "time range    {} .. {}",
         s(&r["time_range"][0]),
         s(&r["time_range"][1])
     );
-    println!("durable to    {}", s(&r["position"]));
+    say!("durable to    {}", s(&r["position"]));
     let seg = &r["segments"];
-    println!(
+    say!(
         "segments      {} files, {} bytes holding {} bytes of change records (ratio {:.2}), compacted through {}",
         seg["files"],
         seg["bytes"],
@@ -116,29 +141,31 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         seg["compression_ratio"].as_f64().unwrap_or(0.0),
         s(&seg["compacted_through"])
     );
-    println!(
+    say!(
         "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
-        r["log"]["changes"], r["log"]["transactions"], r["log"]["file_bytes"]
+        r["log"]["changes"],
+        r["log"]["transactions"],
+        r["log"]["file_bytes"]
     );
     let ev = &r["evidence"];
     match ev["latest_checkpoint"].as_u64() {
-        Some(signed) if signed > 0 => println!(
+        Some(signed) if signed > 0 => say!(
             "evidence      tree of {} changes, latest checkpoint {} by {}, {} changes not attested yet",
             ev["tree_size"],
             signed,
             s(&ev["origin"]),
             ev["unattested"]
         ),
-        _ => println!(
+        _ => say!(
             "evidence      tree of {} changes, no checkpoint signed (capture or compact with --signing-key, or pgtrail checkpoint)",
             ev["tree_size"]
         ),
     }
-    println!("size          {} bytes", r["bytes"]);
+    say!("size          {} bytes", r["bytes"]);
     match r["gaps"].as_array() {
         Some(g) if !g.is_empty() => {
             for gap in g {
-                println!(
+                say!(
                     "GAP           {} .. {}: {}",
                     s(&gap["from"]),
                     s(&gap["to"]),
@@ -146,11 +173,11 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
                 );
             }
         }
-        _ => println!("gaps          none"),
+        _ => say!("gaps          none"),
     }
     if let Some(left) = r["not_captured"].as_array() {
         for t in left {
-            println!("not captured  {}: {}", s(&t["table"]), s(&t["reason"]));
+            say!("not captured  {}: {}", s(&t["table"]), s(&t["reason"]));
         }
     }
     if let Some(slot) = r.get("slot").and_then(|v| v.as_object()) {
@@ -168,10 +195,10 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
             } else {
                 "no TLS".to_string()
             };
-            println!("connection    {how} ({})", s(&c["settings"]));
+            say!("connection    {how} ({})", s(&c["settings"]));
         }
         if slot.get("exists").and_then(|v| v.as_bool()) == Some(true) {
-            println!(
+            say!(
                 "slot lag      {} bytes, {:.1} s (confirmed {}, wal_status {})",
                 slot["lag_bytes"],
                 slot["lag_seconds"].as_f64().unwrap_or(0.0),
@@ -179,13 +206,13 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
                 s(&slot["wal_status"])
             );
         } else if let Some(e) = slot.get("error") {
-            println!("slot lag      unavailable: {}", s(e));
+            say!("slot lag      unavailable: {}", s(e));
         } else {
-            println!("slot lag      the slot does not exist on the source");
+            say!("slot lag      the slot does not exist on the source");
         }
     }
-    println!();
-    println!(
+    say!();
+    say!(
         "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  last change",
         "table",
         "changes",
@@ -207,7 +234,7 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         } else {
             "-".into()
         };
-        println!(
+        say!(
             "{:<32} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>5} {:>11} {:>6}  {}",
             s(&t["table"]),
             u("changes"),

@@ -44,6 +44,27 @@ fn big_context(tag: &str) -> String {
     )
 }
 
+/// `pgtrail status` whose reader has gone away before it writes (`pgtrail status | head -0`):
+/// it stops quietly, with no panic.
+fn status_into_a_closed_pipe(archive: &Path) {
+    let mut child = pgtrail()
+        .args(["status", "--archive"])
+        .arg(archive)
+        .args(["--source", ""])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !stderr.contains("panicked"),
+        "{:?}: {stderr}",
+        out.status
+    );
+}
+
 fn status(archive: &Path) -> Value {
     let out = pgtrail()
         .args(["status", "--archive"])
@@ -69,6 +90,7 @@ fn a_context_repeated_for_every_row_is_stored_once_per_statement() {
     let archive = dir.path().join("archive");
     capture_to(&cluster, db, &archive);
     let before = status(&archive)["log"]["file_bytes"].as_u64().unwrap();
+    status_into_a_closed_pipe(&archive);
 
     // One transaction, two statements under two contexts, every row written once; a last
     // change with no context of its own takes the one in force.
