@@ -3,7 +3,7 @@ tools/tests/delta.rs: delta-rs's Python package (`deltalake`) and DuckDB's `delt
 (DuckDB 1.5.5 with the duckdb-extension-delta wheel, on PYTHONPATH when that command runs).
 Each command prints one JSON document on stdout.
 
-  tables ROOT                 per table (delta-rs): version, rows, live files, txn versions
+  tables ROOT                 per table (delta-rs): version, rows, live files, history, schema
   rows ROOT TABLE             a table's rows (delta-rs), the newest snapshot of a snapshot export
   counts ROOT LAYOUT          rows and distinct change keys per table (delta-rs), the shape of
                               lake_check.py's counts
@@ -62,7 +62,6 @@ def main():
                 "columns": [f.name for f in t.schema().fields],
                 "partition_columns": t.metadata().partition_columns,
                 "append_only": t.metadata().configuration.get("delta.appendOnly"),
-                "txn": {app: t.transaction_version(app) for app in sys.argv[3:]},
             }
         print(json.dumps(out))
     elif cmd == "rows":

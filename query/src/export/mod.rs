@@ -646,100 +646,83 @@ fn execute(
             )
         });
         let known = state.tables.get(name).and_then(|p| p.delta.clone());
-        let mut log = None;
-        if let Some(d) = &delta {
-            let read = d.read(known.as_ref().map(|k| k.version))?;
-            if let Some((through, adds)) = &read.txn
-                && *through >= until.0 as i64
-            {
-                // The table's commit of this run was made before an interruption (it carries
-                // the run's txn): its files are in the log as they are, so they are not
-                // written again (a rewrite could change bytes the log's sizes describe).
-                let version = read.latest.unwrap_or_default();
+        let log = delta
+            .as_ref()
+            .map(|d| d.read(known.as_ref().map(|k| k.version)))
+            .transpose()?;
+        let (written, delta_progress) = match log {
+            // The table's commit of this run was made before an interruption (it carries the
+            // run's txn): its files are in the log as they are, so they are not written again
+            // (a rewrite could change bytes the log's sizes describe); the state below is
+            // taken from that commit.
+            Some(delta::LogRead {
+                txn: Some((through, adds)),
+                latest,
+                schema,
+            }) if through >= until.0 as i64 => {
+                let version = latest.unwrap_or_default();
                 progress(&format!(
                     "{name}: this run was committed to its Delta table (version {version}) before the interruption"
                 ));
-                let entry = state.tables.entry(name.clone()).or_default();
-                entry.through_lsn = until.to_string();
-                entry.delta = Some(DeltaProgress {
-                    version,
-                    schema: read
-                        .schema
-                        .clone()
-                        .or(known.map(|k| k.schema))
-                        .unwrap_or_default(),
-                });
-                if layout == Layout::Scd2 {
-                    entry.current_dir = format!("{}/state=current", table_partition(table));
-                    let stem = current_stem(table, until);
-                    entry.current_files = adds
-                        .iter()
-                        .filter(|f| f.path.starts_with(&stem))
-                        .map(|f| f.path.clone())
-                        .collect();
+                let schema = schema.or(known.map(|k| k.schema)).unwrap_or_default();
+                (adds, Some(DeltaProgress { version, schema }))
+            }
+            log => {
+                let schema = output_schema(table, until, layout);
+                let file_schema = match &delta {
+                    Some(_) => delta::file_schema(&schema),
+                    None => schema.clone(),
+                };
+                let mut files = PartitionedFiles::new(
+                    dest,
+                    spool,
+                    file_schema.clone(),
+                    run.max_rows_per_file,
+                    &mut on_file,
+                );
+                match layout {
+                    Layout::Changes => {
+                        export_changes(archive, table, from, until, &schema, &mut files)?
+                    }
+                    Layout::Cdf | Layout::Scd2 | Layout::Snapshot => {
+                        replay(archive, table, from, until, layout, &mut files)?
+                    }
                 }
-                done.push(TableExport {
-                    table: name.clone(),
-                    from_lsn: from.to_string(),
-                    until_lsn: until.to_string(),
-                    rows: adds.iter().map(|f| f.rows).sum(),
-                    bytes: adds.iter().map(|f| f.bytes).sum(),
-                    files: adds.iter().map(|f| f.path.clone()).collect(),
-                });
-                continue;
+                let written = files.finish()?;
+                let mut delta_progress = None;
+                if let (Some(d), Some(read)) = (&delta, log) {
+                    let removed = match layout {
+                        Layout::Scd2 => state
+                            .tables
+                            .get(name)
+                            .map(|p| p.current_files.clone())
+                            .unwrap_or_default(),
+                        _ => Vec::new(),
+                    };
+                    let wanted = delta::schema_string(&file_schema, layout, name)?;
+                    let version = commit_delta(
+                        d,
+                        DeltaCommit {
+                            layout,
+                            table: name,
+                            wanted: &wanted,
+                            current: read.schema.or(known.map(|k| k.schema)),
+                            next: read.latest.map_or(0, |v| v + 1),
+                            files: &written,
+                            removed: &removed,
+                            range: (from, until),
+                        },
+                        dest,
+                    )?;
+                    progress(&format!("{name}: Delta table version {version} committed"));
+                    delta_progress = Some(DeltaProgress {
+                        version,
+                        schema: wanted,
+                    });
+                }
+                (written, delta_progress)
             }
-            log = Some(read);
-        }
-        let schema = output_schema(table, until, layout);
-        let file_schema = match &delta {
-            Some(_) => delta::file_schema(&schema),
-            None => schema.clone(),
         };
-        let mut files = PartitionedFiles::new(
-            dest,
-            spool,
-            file_schema.clone(),
-            run.max_rows_per_file,
-            &mut on_file,
-        );
-        match layout {
-            Layout::Changes => export_changes(archive, table, from, until, &schema, &mut files)?,
-            Layout::Cdf | Layout::Scd2 | Layout::Snapshot => {
-                replay(archive, table, from, until, layout, &mut files)?
-            }
-        }
-        let written = files.finish()?;
-        let mut delta_progress = None;
-        if let (Some(d), Some(read)) = (&delta, log) {
-            let removed = match layout {
-                Layout::Scd2 => state
-                    .tables
-                    .get(name)
-                    .map(|p| p.current_files.clone())
-                    .unwrap_or_default(),
-                _ => Vec::new(),
-            };
-            let wanted = delta::schema_string(&file_schema, layout, name)?;
-            let version = commit_delta(
-                d,
-                DeltaCommit {
-                    layout,
-                    table: name,
-                    wanted: &wanted,
-                    current: read.schema.or(known.map(|k| k.schema)),
-                    next: read.latest.map_or(0, |v| v + 1),
-                    files: &written,
-                    removed: &removed,
-                    range: (from, until),
-                },
-                dest,
-            )?;
-            progress(&format!("{name}: Delta table version {version} committed"));
-            delta_progress = Some(DeltaProgress {
-                version,
-                schema: wanted,
-            });
-        }
         let rows: u64 = written.iter().map(|f| f.rows).sum();
         let bytes: u64 = written.iter().map(|f| f.bytes).sum();
         let seconds = started.elapsed().as_secs_f64().max(1e-6);
