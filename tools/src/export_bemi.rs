@@ -144,28 +144,35 @@ fn copy_batch(
     for i in 0..batch.num_rows() {
         let position = i64::try_from(lsn.value(i))
             .with_context(|| format!("LSN {} does not fit a bigint", Lsn(lsn.value(i))))?;
-        let fields: [Option<String>; 14] = [
-            Some(created_at.to_string()),
-            (!pk.is_null(i)).then(|| pk.value(i).to_string()),
-            Some(json(before, i).to_string()),
-            Some(json(after, i).to_string()),
-            Some(json(context, i).to_string()),
-            Some(database.to_string()),
-            Some(schema.value(i).to_string()),
-            Some(table.value(i).to_string()),
-            Some(op.value(i).to_string()),
-            Some(format_utc_micros(committed.value(i))),
+        // Numbers and times are formatted once per row; the texts are borrowed from the batch.
+        let (committed_at, xid, position, seq) = (
+            format_utc_micros(committed.value(i)),
+            xid.value(i).to_string(),
+            position.to_string(),
+            seq.value(i).to_string(),
+        );
+        let fields: [Option<&str>; 14] = [
+            Some(created_at),
+            (!pk.is_null(i)).then(|| pk.value(i)),
+            Some(json(before, i)),
+            Some(json(after, i)),
+            Some(json(context, i)),
+            Some(database),
+            Some(schema.value(i)),
+            Some(table.value(i)),
+            Some(op.value(i)),
+            Some(&committed_at),
             // When the change was received is not recorded by the archive: unknown.
             None,
-            Some(xid.value(i).to_string()),
-            Some(position.to_string()),
-            Some(seq.value(i).to_string()),
+            Some(&xid),
+            Some(&position),
+            Some(&seq),
         ];
-        for (n, f) in fields.iter().enumerate() {
+        for (n, f) in fields.into_iter().enumerate() {
             if n > 0 {
                 out.push(b'\t');
             }
-            copy_value(f.as_deref(), out);
+            copy_value(f, out);
         }
         out.push(b'\n');
     }
