@@ -855,6 +855,48 @@ fn pgpass_fields(line: &str) -> Vec<String> {
     fields
 }
 
+/// Entry points for the fuzz targets (`tools/fuzz`): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// `text` as a connection string: resolving it never panics, and whatever key=value
+    /// settings it parses to come back unchanged from the key=value string that says them
+    /// (quoted, with `\` escapes), as they must when pgtrail hands settings on.
+    pub fn conninfo(text: &str) {
+        let env = Environment {
+            vars: HashMap::new(),
+            home: None,
+            os_user: Some("fuzz".into()),
+        };
+        let _ = ConnInfo::resolve(text, &env);
+        let Ok(pairs) = parse_conninfo(text) else {
+            return;
+        };
+        let said: Vec<String> = pairs
+            .iter()
+            .map(|(k, v)| format!("{k}='{}'", v.replace('\\', "\\\\").replace('\'', "\\'")))
+            .collect();
+        let again = parse_conninfo(&said.join(" "))
+            .unwrap_or_else(|e| panic!("{said:?} does not parse again: {e}"));
+        assert_eq!(again, pairs, "{text:?} said as {said:?}");
+    }
+
+    /// Each line of `text` as a password-file line: its fields, written back with `:` and `\`
+    /// escaped, read back as the same fields.
+    pub fn pgpass(text: &str) {
+        for line in text.lines() {
+            let fields = pgpass_fields(line);
+            let escaped: Vec<String> = fields
+                .iter()
+                .map(|f| f.replace('\\', "\\\\").replace(':', "\\:"))
+                .collect();
+            let again = pgpass_fields(&escaped.join(":"));
+            assert_eq!(again, fields, "{line:?}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

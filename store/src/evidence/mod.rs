@@ -8,6 +8,8 @@
 
 pub mod bundle;
 pub mod certificate;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod leaf;
 pub mod merkle;
 pub mod note;

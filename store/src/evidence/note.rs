@@ -436,6 +436,9 @@ impl Checkpoint {
     /// none, and one it does not know could change the meaning).
     pub fn parse(text: &str) -> Result<Checkpoint, NoteError> {
         let bad = |why: &str| NoteError::BadCheckpoint(why.to_string());
+        // What a signed note cannot carry (a control character, say, in the origin) is no
+        // checkpoint either: one pgtrail could read but never sign or be shown signed.
+        check_text(text).map_err(|_| bad("it is not lines of text without control characters"))?;
         let lines: Vec<&str> = text
             .strip_suffix('\n')
             .ok_or_else(|| bad("it does not end in a newline"))?

@@ -117,4 +117,87 @@ pub mod fuzzing {
         let _ = decode::<Row>(bytes, "current_rows");
         let _ = decode::<crate::SegmentEntry>(bytes, "segments");
     }
+
+    /// The `meta` keys a fuzzed log carries, in the order [`open_log_with_meta`] fills them.
+    const FUZZED_META: [&str; 9] = [
+        META_FORMAT,
+        META_LAYOUTS,
+        META_PENDING_READS,
+        META_POSITION,
+        META_LAST_COMMIT,
+        META_SOURCE,
+        META_CATALOG_SEEN,
+        META_LEFT_OUT,
+        META_ENUM_TYPES,
+    ];
+
+    /// `bytes`, cut at each 0xFF, as the values of a log's `meta` keys (its format version
+    /// first, then its layouts, pending reads, position, …) and one snapshot-scope entry, in an
+    /// in-memory redb: opening that log to read it and to write it never panics. A format
+    /// version newer than this code's is refused by both, naming the version; an older one
+    /// opened for writing leaves the log at this code's version, its layouts readable.
+    pub fn open_log_with_meta(bytes: &[u8]) {
+        use redb::{Database, backends::InMemoryBackend};
+
+        use crate::log::{ChangeLog, LogReader};
+
+        let mut parts = bytes.split(|b| *b == 0xFF);
+        let Ok(db) = Database::builder()
+            .set_cache_size(1 << 20)
+            .create_with_backend(InMemoryBackend::new())
+        else {
+            return;
+        };
+        let mut version = None;
+        {
+            let wtx = db.begin_write().expect("an in-memory write");
+            {
+                let mut meta = wtx.open_table(META).expect("meta");
+                for key in FUZZED_META {
+                    if let Some(value) = parts.next() {
+                        meta.insert(key, value).expect("in memory");
+                        if key == META_FORMAT {
+                            version = <[u8; 8]>::try_from(value).ok().map(u64::from_le_bytes);
+                        }
+                    }
+                }
+                if let Some(value) = parts.next() {
+                    let mut scope = wtx.open_table(SNAPSHOT_SCOPE).expect("scope");
+                    scope.insert((1, 1), value).expect("in memory");
+                }
+            }
+            wtx.commit().expect("an in-memory commit");
+        }
+        let newer = version.is_some_and(|v| v > u64::from(FORMAT_VERSION));
+        match LogReader::from_db(&db) {
+            Ok(reader) => {
+                assert!(!newer, "a log of format {version:?} was read");
+                let _ = reader.position();
+                let _ = reader.layouts();
+                let _ = reader.pending_reads();
+                let _ = reader.source_identity();
+                let _ = reader.catalog_seen();
+                let _ = reader.left_out();
+                let _ = reader.enum_types();
+            }
+            Err(e) => assert!(
+                !newer || matches!(e, LogError::FormatVersion { .. }),
+                "a newer log refused for another reason: {e}"
+            ),
+        }
+        match ChangeLog::with_database(db, std::path::Path::new("/nonexistent/fuzz")) {
+            Ok(log) => {
+                assert!(!newer, "a log of format {version:?} was opened for writing");
+                let reader = LogReader::from_db(&*log.db).expect("the log it opened");
+                assert_eq!(reader.format_version().ok(), Some(Some(FORMAT_VERSION)));
+                if version.is_some_and(|v| v < u64::from(FORMAT_VERSION)) {
+                    reader.layouts().expect("layouts it rewrote");
+                }
+            }
+            Err(e) => assert!(
+                !newer || matches!(e, LogError::FormatVersion { .. }),
+                "a newer log refused for another reason: {e}"
+            ),
+        }
+    }
 }

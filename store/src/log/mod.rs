@@ -430,6 +430,12 @@ impl ChangeLog {
                 }
             })?;
         }
+        ChangeLog::with_database(db, dir)
+    }
+
+    /// The log kept in `db`, recovered (the step [`open`](Self::open) ends with; the fuzz
+    /// targets give it an in-memory database).
+    pub(crate) fn with_database(db: Database, dir: &Path) -> Result<ChangeLog, LogError> {
         let mut log = ChangeLog {
             db: Arc::new(db),
             dir: dir.to_path_buf(),

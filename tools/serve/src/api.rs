@@ -292,6 +292,111 @@ pub async fn history(
     Ok(json_response(body))
 }
 
+/// What `/api/changes` was asked, read from its parameters before the archive is opened.
+pub(crate) struct ChangesParams {
+    limit: usize,
+    /// Newest first.
+    desc: bool,
+    /// Conditions on the parameters' values, as SQL with their values as literals.
+    filters: Vec<String>,
+    after: Option<Cursor>,
+    tables: Vec<String>,
+}
+
+impl ChangesParams {
+    pub(crate) fn read(params: &[(String, String)]) -> Result<ChangesParams, ApiError> {
+        let p = Known::check(
+            params,
+            &[
+                "table",
+                "op",
+                "since",
+                "until",
+                "since_lsn",
+                "until_lsn",
+                "xid",
+                "context.*",
+                "order",
+                "limit",
+                "after",
+            ],
+        )?;
+        let limit: usize = p.number("limit", 100)?;
+        if !(1..=10_000).contains(&limit) {
+            return Err(ApiError::bad_request("limit must be between 1 and 10000"));
+        }
+        let desc = match p.one("order")?.unwrap_or("desc") {
+            "desc" | "newest" => true,
+            "asc" | "oldest" => false,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "order={:?}: use asc (oldest first) or desc (newest first)",
+                    truncate(other)
+                )));
+            }
+        };
+        let mut filters = Vec::new();
+        let ops: Vec<String> = p
+            .all("op")
+            .map(|op| match op.to_ascii_lowercase().as_str() {
+                "insert" | "create" => Ok("CREATE"),
+                "update" => Ok("UPDATE"),
+                "delete" => Ok("DELETE"),
+                "truncate" => Ok("TRUNCATE"),
+                "snapshot" => Ok("SNAPSHOT"),
+                _ => Err(ApiError::bad_request(format!(
+                    "op={:?}: use insert, update, delete, truncate or snapshot",
+                    truncate(op)
+                ))),
+            })
+            .map(|op| op.map(sql_text))
+            .collect::<Result<_, _>>()?;
+        if !ops.is_empty() {
+            filters.push(format!("operation IN ({})", ops.join(", ")));
+        }
+        if let Some(t) = p.one("since")? {
+            filters.push(format!("committed_at >= {}", moment_time(t)?));
+        }
+        if let Some(t) = p.one("until")? {
+            filters.push(format!("committed_at <= {}", moment_time(t)?));
+        }
+        for (name, cmp) in [("since_lsn", ">="), ("until_lsn", "<=")] {
+            if let Some(l) = p.one(name)? {
+                let lsn: Lsn = l
+                    .parse()
+                    .map_err(|e| ApiError::bad_request(format!("{name}: {e}")))?;
+                filters.push(format!("lsn {cmp} {}", lsn.0));
+            }
+        }
+        if p.one("xid")?.is_some() {
+            filters.push(format!("transaction_id = {}", p.number::<u32>("xid", 0)?));
+        }
+        for (name, value) in params {
+            if let Some(field) = name.strip_prefix("context.") {
+                filters.push(format!(
+                    "json_get(context, {}) = {}",
+                    sql_text(field),
+                    sql_text(value)
+                ));
+            }
+        }
+        let after = match p.one("after")? {
+            Some(a) => Some(
+                a.parse::<Cursor>()
+                    .map_err(|e| ApiError::bad_request(format!("after: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(ChangesParams {
+            limit,
+            desc,
+            filters,
+            after,
+            tables: p.all("table").map(str::to_string).collect(),
+        })
+    }
+}
+
 /// `GET /api/changes?table=&op=&since=&until=&since_lsn=&until_lsn=&xid=&context.user_id=7
 /// &order=desc&limit=100&after=CURSOR`: changes of the `changes` view, newest first by
 /// default, a page at a time (`next` is the cursor to pass as `after` for the next page).
@@ -299,92 +404,15 @@ pub async fn changes(
     State(state): State<Arc<AppState>>,
     Query(params): Params,
 ) -> Result<Response, ApiError> {
-    let p = Known::check(
-        &params,
-        &[
-            "table",
-            "op",
-            "since",
-            "until",
-            "since_lsn",
-            "until_lsn",
-            "xid",
-            "context.*",
-            "order",
-            "limit",
-            "after",
-        ],
-    )?;
-    let limit: usize = p.number("limit", 100)?;
-    if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 10000"));
-    }
-    let desc = match p.one("order")?.unwrap_or("desc") {
-        "desc" | "newest" => true,
-        "asc" | "oldest" => false,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "order={:?}: use asc (oldest first) or desc (newest first)",
-                truncate(other)
-            )));
-        }
-    };
+    let ChangesParams {
+        limit,
+        desc,
+        filters,
+        after,
+        tables: names,
+    } = ChangesParams::read(&params)?;
     let (ctx, archive) = cut(&state).await?;
-    // Conditions on the parameters' values, as SQL with their values as literals.
-    let mut filters = Vec::new();
-    let ops: Vec<String> = p
-        .all("op")
-        .map(|op| match op.to_ascii_lowercase().as_str() {
-            "insert" | "create" => Ok("CREATE"),
-            "update" => Ok("UPDATE"),
-            "delete" => Ok("DELETE"),
-            "truncate" => Ok("TRUNCATE"),
-            "snapshot" => Ok("SNAPSHOT"),
-            _ => Err(ApiError::bad_request(format!(
-                "op={:?}: use insert, update, delete, truncate or snapshot",
-                truncate(op)
-            ))),
-        })
-        .map(|op| op.map(sql_text))
-        .collect::<Result<_, _>>()?;
-    if !ops.is_empty() {
-        filters.push(format!("operation IN ({})", ops.join(", ")));
-    }
-    if let Some(t) = p.one("since")? {
-        filters.push(format!("committed_at >= {}", moment_time(t)?));
-    }
-    if let Some(t) = p.one("until")? {
-        filters.push(format!("committed_at <= {}", moment_time(t)?));
-    }
-    for (name, cmp) in [("since_lsn", ">="), ("until_lsn", "<=")] {
-        if let Some(l) = p.one(name)? {
-            let lsn: Lsn = l
-                .parse()
-                .map_err(|e| ApiError::bad_request(format!("{name}: {e}")))?;
-            filters.push(format!("lsn {cmp} {}", lsn.0));
-        }
-    }
-    if p.one("xid")?.is_some() {
-        filters.push(format!("transaction_id = {}", p.number::<u32>("xid", 0)?));
-    }
-    for (name, value) in &params {
-        if let Some(field) = name.strip_prefix("context.") {
-            filters.push(format!(
-                "json_get(context, {}) = {}",
-                sql_text(field),
-                sql_text(value)
-            ));
-        }
-    }
-    let after = match p.one("after")? {
-        Some(a) => Some(
-            a.parse::<Cursor>()
-                .map_err(|e| ApiError::bad_request(format!("after: {e}")))?,
-        ),
-        None => None,
-    };
     // The tables (under each name they bore) and the page's start, as the stream finds them.
-    let names: Vec<String> = p.all("table").map(str::to_string).collect();
     let mut conditions: Vec<Expr> = TableFilter::named(&archive, &names)?
         .predicate()
         .into_iter()
@@ -634,4 +662,85 @@ pub async fn not_found() -> ApiError {
     ApiError::not_found(
         "no such endpoint; the API has /api/tables, /api/tables/{table}/history, /api/tables/{table}/as_of, /api/tables/{table}/diff, /api/changes, /api/sql, /api/stream and /metrics",
     )
+}
+
+/// Entry points for the fuzz targets (`tools/fuzz`): not part of the API.
+#[doc(hidden)]
+pub mod fuzzing {
+    use axum::extract::Query;
+    use axum::http::Uri;
+    use datafusion::sql::sqlparser::ast::{Expr, Value};
+    use datafusion::sql::sqlparser::dialect::GenericDialect;
+    use datafusion::sql::sqlparser::parser::Parser;
+    use datafusion::sql::sqlparser::tokenizer::Token;
+
+    use super::{ChangesParams, MAX_PARAM, Params, moment, sql_text};
+
+    /// `sql` as one whole expression, as DataFusion's parser (its default dialect) reads it.
+    fn expression(sql: &str) -> Expr {
+        let dialect = GenericDialect {};
+        Parser::new(&dialect)
+            .try_with_sql(sql)
+            .and_then(|mut p| {
+                let e = p.parse_expr()?;
+                p.expect_token(&Token::EOF)?;
+                Ok(e)
+            })
+            .unwrap_or_else(|e| panic!("{sql:?} is not one expression: {e}"))
+    }
+
+    fn text_of(e: &Expr) -> Option<&str> {
+        match e {
+            Expr::Value(v) => match &v.value {
+                Value::SingleQuotedString(s) => Some(s),
+                _ => None,
+            },
+            Expr::TypedString(t) => match &t.value.value {
+                Value::SingleQuotedString(s) => Some(s),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// `query` as a request's query string: never a panic; every value a parameter may carry
+    /// reaches SQL as one literal holding exactly that value (nothing a value holds can end
+    /// the literal and add SQL of its own), and every condition `/api/changes` builds is one
+    /// comparison of a column with literals.
+    pub fn query_string(query: &str) {
+        let Ok(uri) = format!("/api/changes?{query}").parse::<Uri>() else {
+            return;
+        };
+        let Ok(Query(params)) = Params::try_from_uri(&uri) else {
+            return;
+        };
+        // The values the server takes at all (`Known::check` refuses the others).
+        for (_, value) in params
+            .iter()
+            .filter(|(_, v)| v.len() <= MAX_PARAM && !v.contains('\0'))
+        {
+            assert_eq!(text_of(&expression(&sql_text(value))), Some(value.as_str()));
+            assert_eq!(text_of(&expression(&moment(value))), Some(value.as_str()));
+        }
+        if let Ok(asked) = ChangesParams::read(&params) {
+            for filter in &asked.filters {
+                match expression(filter) {
+                    Expr::BinaryOp { left, right, .. } => {
+                        assert!(
+                            matches!(*left, Expr::Identifier(_) | Expr::Function(_)),
+                            "{filter:?}"
+                        );
+                        assert!(
+                            matches!(*right, Expr::Value(_) | Expr::TypedString(_)),
+                            "{filter:?}"
+                        );
+                    }
+                    Expr::InList { list, .. } => {
+                        assert!(list.iter().all(|e| text_of(e).is_some()), "{filter:?}")
+                    }
+                    other => panic!("{filter:?} reads as {other:?}"),
+                }
+            }
+        }
+    }
 }

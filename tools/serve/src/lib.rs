@@ -18,6 +18,9 @@ mod page;
 mod stream;
 mod tls;
 
+#[doc(hidden)]
+pub use api::fuzzing;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
