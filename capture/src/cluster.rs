@@ -140,6 +140,12 @@ impl Cluster {
         Err(last.unwrap_or(ClusterError::NotFound))
     }
 
+    /// Write (or replace) a file of the data directory that only the server's user may read,
+    /// e.g. a new TLS certificate and key; `SELECT pg_reload_conf()` makes the server use them.
+    pub fn put_file(&self, name: &str, contents: &[u8]) -> Result<(), ClusterError> {
+        self.write_private(&self.data_dir().join(name), contents)
+    }
+
     /// Write a file only the server's user may read (PostgreSQL refuses a key file others
     /// can read).
     fn write_private(&self, path: &Path, contents: &[u8]) -> Result<(), ClusterError> {

@@ -381,6 +381,9 @@ pub async fn run(args: RevertArgs) -> anyhow::Result<()> {
             );
         }
     }
+    // A crash here (the torture suite's `revert:before_commit`) leaves the transaction
+    // uncommitted: the server rolls it back when the connection goes, nothing is applied.
+    pgtrail_store::crashpoint::hit("revert:before_commit");
     tx.commit()
         .await
         .context("the source refused to commit the revert; nothing was applied")?;

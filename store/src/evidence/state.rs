@@ -571,13 +571,21 @@ pub fn publish(
                 path,
             });
         }
+        crate::crashpoint::hit("checkpoint:before_sign");
         let note = key.sign(&checkpoint.text())?;
         write_atomically(&path, note.as_bytes())?;
         write_atomically(&dir.join("checkpoint"), note.as_bytes())?;
         if let Some(outside) = publish_to {
+            crate::crashpoint::hit("checkpoint:before_publish");
             // The numbered copy first: a crash between the two leaves `checkpoint` naming an
             // older size, which the next publication replaces.
-            for name in [checkpoint.size.to_string(), "checkpoint".to_string()] {
+            for (i, name) in [checkpoint.size.to_string(), "checkpoint".to_string()]
+                .into_iter()
+                .enumerate()
+            {
+                if i == 1 {
+                    crate::crashpoint::hit("checkpoint:between_published");
+                }
                 outside
                     .put(&name, &note)
                     .map_err(|why| PublishError::Publishing {

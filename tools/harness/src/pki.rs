@@ -19,6 +19,18 @@ pub struct TestPki {
         reason = "the connection tests use it; the harness binaries do not"
     )]
     pub client_key: String,
+    /// Another certificate and key for `localhost` from the same CA: a rotation.
+    #[allow(
+        dead_code,
+        reason = "the torture suite's TLS faults use it; the others do not"
+    )]
+    pub rotated: (String, String),
+    /// A certificate from the same CA for another name: a handshake verify-full refuses.
+    #[allow(
+        dead_code,
+        reason = "the torture suite's TLS faults use it; the others do not"
+    )]
+    pub wrong_name: (String, String),
 }
 
 /// A new CA named `ca_name`, and a server and a client certificate it signed.
@@ -50,5 +62,7 @@ pub fn make(ca_name: &str) -> Result<TestPki, String> {
         server_key,
         client_cert,
         client_key,
+        rotated: signed(vec!["localhost".to_string()], "localhost")?,
+        wrong_name: signed(vec!["wrong.invalid".to_string()], "wrong.invalid")?,
     })
 }

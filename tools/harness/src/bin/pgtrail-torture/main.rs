@@ -17,12 +17,15 @@
 //! unexpected gap, oracle mismatch, unsurvived fault, panic or mishandled bad input.
 
 mod exports;
+mod faults;
 mod gaps;
 #[path = "../../pki.rs"]
 mod pki;
 mod proxy;
 mod serve;
 mod shapes;
+mod stream;
+mod txn_oracle;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -100,6 +103,26 @@ enum Fault {
     BlackHoleStream,
     /// An export beside the capture killed at a crash point, then run again (`exports`).
     ExportCrash(&'static str),
+    /// `pgtrail revert --apply` killed before its commit, then run again (`faults`).
+    RevertCrash,
+    /// PostgreSQL restarted while the capture copies a table created under it (`faults`).
+    RestartDuringTableSync,
+    /// A live-stream client gone at some point of its stream, back with its last id (`stream`).
+    StreamDisconnect,
+    /// With `--tls`: the server's certificate replaced by another of the same CA, the
+    /// configuration reloaded, the walsender ended: the capture reconnects verifying the new one.
+    TlsRotate,
+    /// With `--tls`: a certificate for another name installed and the walsender ended: the
+    /// capture must not stream until the right one is back (it may stop, naming the
+    /// certificate, or retry), and then resume with nothing lost.
+    TlsHandshakeFail,
+}
+
+/// With `--tls`: the server's certificate and key pairs (PEM).
+struct TlsPairs {
+    current: (String, String),
+    spare: (String, String),
+    wrong_name: (String, String),
 }
 
 /// Crash points the capture can hit: the log's commit window, and each step of the
@@ -116,6 +139,9 @@ const CRASH_POINTS: &[&str] = &[
     "compact:after_commit",
     "merge:before_manifest",
     "merge:after_commit",
+    "checkpoint:before_sign",
+    "checkpoint:before_publish",
+    "checkpoint:between_published",
 ];
 
 /// Crash points of an export run beside the capture: a plain file written, a Delta table's
@@ -161,8 +187,11 @@ struct Harness {
     unthrottled: Arc<AtomicBool>,
     /// Export faults injected so far (each exports into a place of its own).
     export_faults: usize,
+    /// Revert, table-sync and stream faults injected so far (each varies its rows or cut).
+    fault_runs: usize,
     /// With `--tls`: the CA file the capture verifies the server with.
     tls_root: Option<PathBuf>,
+    tls_pairs: Option<TlsPairs>,
     /// The key the capture signs a checkpoint with at every compaction, and its verifier key
     /// (`pgtrail verify` checks the archive with it at the end).
     signing_key: PathBuf,
@@ -194,6 +223,8 @@ impl Harness {
         .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
         .arg("--signing-key")
         .arg(&self.signing_key)
+        .arg("--publish-checkpoints")
+        .arg(self.work.join("published"))
         .env("PGTRAIL_LOG", "info");
         if let Some(p) = crash_at {
             cmd.env("PGTRAIL_CRASH_AT", p);
@@ -213,6 +244,76 @@ impl Harness {
         let _ = Command::new("kill")
             .args([sig, &self.pid().to_string()])
             .status();
+    }
+
+    fn terminate_walsender(&self) -> Result<(), String> {
+        let sql = format!(
+            "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
+        );
+        self.cluster
+            .psql("postgres", &sql)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Make the server present `pair` (certificate, key) to new connections.
+    fn install_server_cert(&self, (cert, key): &(String, String)) -> Result<(), String> {
+        self.cluster
+            .put_file("server.crt", cert.as_bytes())
+            .and_then(|()| self.cluster.put_file("server.key", key.as_bytes()))
+            .and_then(|()| self.cluster.psql("postgres", "SELECT pg_reload_conf()"))
+            .map(drop)
+            .map_err(|e| format!("cannot install the server certificate: {e}"))
+    }
+
+    /// A certificate for another name while the capture reconnects: it must not stream with
+    /// it (verify-full), whether it stops naming the certificate or retries; with the right
+    /// certificate back it streams again (restarted if it stopped).
+    fn handshake_failure(&mut self, before: &str) -> Result<(), String> {
+        let pairs = self.tls_pairs.as_ref().ok_or("SKIP: not a --tls run")?;
+        let (wrong, current) = (pairs.wrong_name.clone(), pairs.current.clone());
+        self.install_server_cert(&wrong)?;
+        self.terminate_walsender()?;
+        let until = Instant::now() + Duration::from_secs(8);
+        let mut stopped = None;
+        while Instant::now() < until {
+            let pid = self.walsender();
+            if !pid.is_empty() && pid != before {
+                let _ = self.install_server_cert(&current);
+                return Err(format!(
+                    "the capture streamed (walsender {pid}) while the server showed a certificate for another name"
+                ));
+            }
+            if stopped.is_none()
+                && let Some(child) = self.capture.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                stopped = Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.install_server_cert(&current)?;
+        let log = self.work.join(format!("capture-{:03}.log", self.runs));
+        let said = std::fs::read_to_string(&log).unwrap_or_default();
+        if !said.contains("certificate") {
+            return Err(format!(
+                "the capture never named the refused certificate (see {})",
+                log.display()
+            ));
+        }
+        if let Some(status) = stopped {
+            if status.success() {
+                return Err("the capture exited 0 on a certificate it refused".into());
+            }
+            eprintln!(
+                "torture: the capture stopped ({status}) on a certificate for another name; restarted"
+            );
+            self.kill9();
+            self.start_capture(None)?;
+        } else {
+            eprintln!("torture: the capture refused a certificate for another name and retried");
+        }
+        Ok(())
     }
 
     /// The walsender streaming to the capture now, if any.
@@ -420,14 +521,7 @@ impl Harness {
                 }
                 self.start_capture(None)?;
             }
-            Fault::TerminateWalsender => {
-                let sql = format!(
-                    "SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots WHERE slot_name = '{SLOT}' AND active_pid IS NOT NULL"
-                );
-                self.cluster
-                    .psql("postgres", &sql)
-                    .map_err(|e| e.to_string())?;
-            }
+            Fault::TerminateWalsender => self.terminate_walsender()?,
             Fault::Restart(mode) => self.cluster.restart(mode).map_err(|e| e.to_string())?,
             Fault::ExportCrash(point) => {
                 self.export_faults += 1;
@@ -443,6 +537,27 @@ impl Harness {
             }
             Fault::DiskFull => self.disk_full(false)?,
             Fault::DiskFullCompacting => self.disk_full(true)?,
+            Fault::RevertCrash => {
+                self.fault_runs += 1;
+                self.revert_crash_and_resume(self.fault_runs)?;
+            }
+            Fault::RestartDuringTableSync => {
+                self.fault_runs += 1;
+                self.restart_during_table_sync(self.fault_runs)?;
+            }
+            Fault::TlsRotate => {
+                let pairs = self.tls_pairs.as_mut().ok_or("SKIP: not a --tls run")?;
+                std::mem::swap(&mut pairs.current, &mut pairs.spare);
+                let current = pairs.current.clone();
+                self.install_server_cert(&current)?;
+                self.terminate_walsender()?;
+            }
+            Fault::TlsHandshakeFail => self.handshake_failure(&before)?,
+            Fault::StreamDisconnect => {
+                self.fault_runs += 1;
+                let mut rng = Rng((self.fault_runs as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+                stream::disconnect_and_resume(&self.bin, &self.archive, &mut rng, self.fault_runs)?;
+            }
             Fault::Stall => {
                 self.signal("-STOP");
                 std::thread::sleep(Duration::from_secs(WAL_SENDER_TIMEOUT_S + 2));
@@ -567,7 +682,11 @@ impl Harness {
         // archive: the main session goes on unharmed (it must still be streaming).
         let not = (!matches!(
             fault,
-            Fault::DiskFull | Fault::DiskFullCompacting | Fault::ExportCrash(_)
+            Fault::DiskFull
+                | Fault::DiskFullCompacting
+                | Fault::ExportCrash(_)
+                | Fault::RevertCrash
+                | Fault::StreamDisconnect
         ) && !before.is_empty())
         .then_some(before.as_str());
         self.wait_streaming(Duration::from_secs(120), not)
@@ -813,12 +932,25 @@ fn check_ledger(
 fn verify_evidence(h: &Harness, v: &mut Verdict) {
     let mut archives = vec![h.archive.clone()];
     archives.extend(h.full_disk_archives.iter().map(|(a, _)| a.clone()));
+    // The checkpoints the capture published outside the archive (every crash point of the
+    // signing included): the archive must be consistent with the latest of them.
+    let published = h.work.join("published").join("checkpoint");
     for archive in archives {
-        let out = Command::new(&h.bin)
+        let mut verify = Command::new(&h.bin);
+        verify
             .args(["verify", "--json", "--archive"])
             .arg(&archive)
-            .args(["--key", &h.verifier_key])
-            .output();
+            .args(["--key", &h.verifier_key]);
+        if archive == h.archive {
+            if !published.exists() {
+                v.problems.push(format!(
+                    "the capture published no checkpoint to {}",
+                    published.display()
+                ));
+            }
+            verify.arg("--trusted-checkpoint").arg(&published);
+        }
+        let out = verify.output();
         let out = match out {
             Ok(out) => out,
             Err(e) => {
@@ -1971,8 +2103,14 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         settings,
         ..Default::default()
     };
+    let mut tls_pairs = None;
     let tls_root = if args.tls {
         let pki = pki::make("pgtrail test CA")?;
+        tls_pairs = Some(TlsPairs {
+            current: (pki.server_cert.clone(), pki.server_key.clone()),
+            spare: pki.rotated.clone(),
+            wrong_name: pki.wrong_name.clone(),
+        });
         options.settings.extend([
             ("ssl".to_string(), "on".to_string()),
             ("ssl_cert_file".to_string(), "server.crt".to_string()),
@@ -2007,6 +2145,9 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     cluster
         .psql(DB, shapes::SCHEMA)
         .map_err(|e| e.to_string())?;
+    cluster
+        .psql(DB, faults::REVERT_TABLE_SQL)
+        .map_err(|e| e.to_string())?;
     let upstream = format!("127.0.0.1:{}", cluster.port())
         .parse()
         .map_err(|e| format!("{e}"))?;
@@ -2037,12 +2178,15 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         disk_full_tried: [false; 2],
         unthrottled: Arc::new(AtomicBool::new(false)),
         export_faults: 0,
+        fault_runs: 0,
         tls_root,
+        tls_pairs,
         signing_key,
         verifier_key,
     };
     let mut v = Verdict::default();
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut txn_oracle = txn_oracle::TxnOracle::create(&h.cluster)?;
     h.start_capture(None)?;
     h.wait_streaming(Duration::from_secs(120), None)?;
 
@@ -2098,14 +2242,24 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         Fault::NetReset,
         Fault::BlackHoleStream,
     ]);
+    schedule.extend([
+        Fault::RevertCrash,
+        Fault::StreamDisconnect,
+        Fault::RestartDuringTableSync,
+        Fault::StreamDisconnect,
+        Fault::StreamDisconnect,
+    ]);
     if args.tls {
         schedule = vec![
             Fault::NetReset,
             Fault::NetCloseMidFrame,
             Fault::Kill9,
+            Fault::TlsRotate,
             Fault::BlackHole,
             Fault::NetReset,
+            Fault::TlsHandshakeFail,
             Fault::BlackHoleStream,
+            Fault::TlsRotate,
         ];
     }
     let soak_until =
@@ -2150,6 +2304,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
                 h.wait_streaming(Duration::from_secs(120), None)?;
             }
         }
+        // Keep the oracle slot's WAL small; one that fails now (a restart) is read next time.
+        let _ = txn_oracle.drain(&h.cluster);
     }
     stop.store(true, Ordering::Relaxed);
     let transactions = writer
@@ -2183,6 +2339,9 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         std::thread::sleep(Duration::from_millis(200));
     }
     if let Err(e) = h.resume_full_disks(&end) {
+        v.problems.push(e);
+    }
+    if let Err(e) = txn_oracle.drain(&h.cluster) {
         v.problems.push(e);
     }
     h.signal("-TERM");
@@ -2250,6 +2409,17 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
     check_archive(&h, &mut v)?;
     eprintln!(
         "torture: archive checked in {:.0} s",
+        phase.elapsed().as_secs_f64()
+    );
+    let phase = Instant::now();
+    match h.pgtrail_sql(&txn_oracle::TxnOracle::archive_query()) {
+        Ok(csv) => txn_oracle.check(&csv, &mut v),
+        Err(e) => v
+            .problems
+            .push(format!("the archive's changes per transaction: {e}")),
+    }
+    eprintln!(
+        "torture: per-transaction oracle checked in {:.0} s",
         phase.elapsed().as_secs_f64()
     );
     let phase = Instant::now();

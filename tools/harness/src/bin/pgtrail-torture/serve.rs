@@ -13,15 +13,15 @@ use std::time::Duration;
 use crate::Verdict;
 
 /// A running server; [`Server::finish`] stops it and says whether it was alive and unharmed.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     stderr: Option<std::thread::JoinHandle<String>>,
 }
 
 impl Server {
     /// Stop the server. A server that exited by itself, or printed a panic, is a failure.
-    fn finish(mut self, v: &mut Verdict) {
+    pub(crate) fn finish(mut self, v: &mut Verdict) {
         let exited = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -48,7 +48,7 @@ impl Drop for Server {
     }
 }
 
-fn start(bin: &Path, archive: &Path, extra: &[&str]) -> Result<Server, String> {
+pub(crate) fn start(bin: &Path, archive: &Path, extra: &[&str]) -> Result<Server, String> {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--archive"])
         .arg(archive)
@@ -82,7 +82,7 @@ fn start(bin: &Path, archive: &Path, extra: &[&str]) -> Result<Server, String> {
 }
 
 /// Send `request` (a whole HTTP/1.1 request) and read the status and body to the end.
-fn exchange(addr: SocketAddr, request: &[u8]) -> Result<(u16, String), String> {
+pub(crate) fn exchange(addr: SocketAddr, request: &[u8]) -> Result<(u16, String), String> {
     let mut stream = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
@@ -108,7 +108,7 @@ fn exchange(addr: SocketAddr, request: &[u8]) -> Result<(u16, String), String> {
     Ok((status, body))
 }
 
-fn get_request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn get_request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
     let mut r = format!("GET {path} HTTP/1.1\r\nHost: torture\r\nConnection: close\r\n");
     for (n, v) in headers {
         r.push_str(&format!("{n}: {v}\r\n"));
