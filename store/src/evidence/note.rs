@@ -450,9 +450,11 @@ impl Checkpoint {
         if origin.is_empty() {
             return Err(bad("its origin is empty"));
         }
+        // Digits only, no leading zero: `+13` or `013` would be a second text of one checkpoint.
         let size = size
             .parse::<u64>()
             .ok()
+            .filter(|_| size.bytes().all(|b| b.is_ascii_digit()))
             .filter(|_| size == "0" || !size.starts_with('0'))
             .ok_or_else(|| bad("its size is not a decimal number"))?;
         let root: Hash = BASE64
@@ -471,6 +473,20 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_has_one_text() {
+        let root = BASE64.encode([7u8; 32]);
+        assert!(Checkpoint::parse(&format!("log\n13\n{root}\n")).is_ok());
+        // Found by the evidence_texts fuzz target: each parsed, and read back differently.
+        for text in [
+            format!("log\n+13\n{root}\n"),
+            format!("log\n013\n{root}\n"),
+            format!("lo\u{0}g\n13\n{root}\n"),
+        ] {
+            assert!(Checkpoint::parse(&text).is_err(), "{text:?}");
+        }
+    }
 
     #[test]
     fn a_signed_checkpoint_opens_with_its_key_only() {
