@@ -125,6 +125,29 @@ struct TlsPairs {
     wrong_name: (String, String),
 }
 
+/// A fault's kind as the verdict's tally names it.
+fn fault_kind(fault: &Fault) -> &'static str {
+    match fault {
+        Fault::Kill9 => "kill -9",
+        Fault::CrashAt(p) if p.starts_with("log:") => "log-commit crash points",
+        Fault::CrashAt(p) if p.starts_with("checkpoint:") => "checkpoint-signing crash points",
+        Fault::CrashAt(_) => "compaction crash points",
+        Fault::TerminateWalsender => "walsender terminations",
+        Fault::Restart(_) => "PostgreSQL restarts",
+        Fault::Stall => "stalls",
+        Fault::DiskFull | Fault::DiskFullCompacting => "full disks",
+        Fault::NetReset => "resets",
+        Fault::NetCloseMidFrame => "mid-frame closes",
+        Fault::BlackHole | Fault::BlackHoleStream => "black holes",
+        Fault::ExportCrash(_) => "export crashes",
+        Fault::RevertCrash => "reverts killed",
+        Fault::RestartDuringTableSync => "restarts during a table copy",
+        Fault::StreamDisconnect => "stream clients cut",
+        Fault::TlsRotate => "certificate rotations",
+        Fault::TlsHandshakeFail => "refused certificates",
+    }
+}
+
 /// Crash points the capture can hit: the log's commit window, and each step of the
 /// background compaction.
 const CRASH_POINTS: &[&str] = &[
@@ -2266,25 +2289,42 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         (args.tier == "soak").then(|| Instant::now() + Duration::from_secs(args.minutes * 60));
     let started = Instant::now();
     let mut i = 0usize;
+    // Faults survived by kind (crash points together), printed at the end.
+    let mut kinds: BTreeMap<&'static str, u32> = BTreeMap::new();
     loop {
         let fault = match soak_until {
             None if i >= schedule.len() => break,
             None => schedule[i].clone(),
             Some(until) if Instant::now() >= until => break,
-            // One disk-full run is enough: it keeps a slot (and WAL) until the end.
-            Some(_) => match schedule[(rng.next() as usize) % schedule.len()].clone() {
-                Fault::DiskFull if h.disk_full_tried[0] => Fault::Kill9,
-                Fault::DiskFullCompacting if h.disk_full_tried[1] => Fault::Kill9,
-                f => f,
+            // One disk-full run is enough: it keeps a slot (and WAL) until the end. The faults
+            // that take 7-20 s each (a stall, the black holes, a restart during a table's
+            // copy) are drawn a quarter as often as the others, so that an hour holds
+            // thousands of faults with every kind among them.
+            Some(_) => loop {
+                match schedule[(rng.next() as usize) % schedule.len()].clone() {
+                    Fault::DiskFull if h.disk_full_tried[0] => break Fault::Kill9,
+                    Fault::DiskFullCompacting if h.disk_full_tried[1] => break Fault::Kill9,
+                    Fault::Stall
+                    | Fault::BlackHole
+                    | Fault::BlackHoleStream
+                    | Fault::RestartDuringTableSync
+                        if !rng.next().is_multiple_of(4) => {}
+                    f => break f,
+                }
             },
         };
         i += 1;
-        std::thread::sleep(Duration::from_millis(rng.between(300, 1500)));
+        let (pause_min, pause_max) = match soak_until {
+            Some(_) => (50, 400),
+            None => (300, 1500),
+        };
+        std::thread::sleep(Duration::from_millis(rng.between(pause_min, pause_max)));
         v.faults += 1;
         let at = committed.load(Ordering::Relaxed);
         match h.inject(&fault) {
             Ok(()) => {
                 v.survived += 1;
+                *kinds.entry(fault_kind(&fault)).or_default() += 1;
                 eprintln!(
                     "torture: fault {} {fault:?} at {at} transactions: survived ({:.0} s)",
                     v.faults,
@@ -2307,6 +2347,14 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         // Keep the oracle slot's WAL small; one that fails now (a restart) is read next time.
         let _ = txn_oracle.drain(&h.cluster);
     }
+    eprintln!(
+        "torture: faults survived by kind: {}",
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     stop.store(true, Ordering::Relaxed);
     let transactions = writer
         .join()
