@@ -225,17 +225,22 @@ pub(crate) async fn watched<T>(
 /// database).
 pub(crate) async fn copy_connection(
     source: &crate::source::SourceConfig,
+    capture_slot: &str,
     limit: Duration,
 ) -> Result<(tokio_postgres::Client, CopyBackend<'static>), CaptureError> {
     let client = within(limit, "connecting for a table copy", source.connect_sql()).await?;
-    let pid = within(limit, "a table copy's first query", async {
+    let row = within(limit, "a table copy's first query", async {
         client
-            .query_one("SELECT pg_backend_pid()", &[])
+            .query_one(
+                "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .await
             .map_err(|e| CaptureError::sql("starting a table copy", e))
     })
-    .await?
-    .get(0);
+    .await?;
+    let pid = row.get(0);
+    crate::table_sync::copy_session_started(capture_slot, pid, row.get(1));
     Ok((client, CopyBackend::Pid(pid)))
 }
 

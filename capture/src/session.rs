@@ -460,7 +460,8 @@ impl<'a> Session<'a> {
         tracing::info!(slot = %config.slot, %consistent_point, tables = tables.len(), "slot created; copying the initial snapshot");
         // The replication session stays idle (it holds the exported snapshot) while an
         // ordinary connection copies the tables inside that snapshot.
-        let (snapshot_sql, copier) = liveness::copy_connection(&config.source, limit).await?;
+        let (snapshot_sql, copier) =
+            liveness::copy_connection(&config.source, &config.slot, limit).await?;
         let progress = std::sync::atomic::AtomicU64::new(0);
         let rows = liveness::watched(
             &self.sql,

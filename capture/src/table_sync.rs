@@ -897,6 +897,136 @@ pub(crate) async fn sync(
     })
 }
 
+/// The server sessions of table copies this process left unfinished: a session that ended
+/// mid-copy (its connections cut by a network black hole, say) closes its side, but the server
+/// may not notice for as long as TCP takes to give up, and meanwhile keeps the copy's
+/// transaction open: its locks block DDL, and the next copy's temporary slot then waits for
+/// that DDL's transaction to end, behind the first copy, for good (found by the torture soak:
+/// a black hole during a copy, an ALTER TABLE in progress, the next copy stuck). Each copy
+/// ends those of earlier ones before it starts.
+///
+/// Safe to end: an unfinished copy's rows were never stored (a copy reaches the log only
+/// whole, see the module doc), and the table is copied again. Each is named by its slot (a
+/// temporary slot lives only while its walsender does) and by its SQL session's process ID
+/// *and* start time, so that a process ID the server reused is never ended; and each belongs
+/// to the capture of one slot (held by one capture at a time), so that a copy never ends
+/// another capture's in the same process.
+#[derive(Default)]
+struct Unfinished {
+    /// (capture's slot, copy's temporary slot)
+    slots: Vec<(String, String)>,
+    /// (capture's slot, process ID, `backend_start` as text)
+    sessions: Vec<(String, i32, String)>,
+}
+
+static UNFINISHED: std::sync::Mutex<Unfinished> = std::sync::Mutex::new(Unfinished {
+    slots: Vec::new(),
+    sessions: Vec::new(),
+});
+
+fn unfinished() -> std::sync::MutexGuard<'static, Unfinished> {
+    UNFINISHED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A copy's SQL session began (see [`Unfinished`]); it counts as unfinished until its copy
+/// completes.
+pub(crate) fn copy_session_started(capture_slot: &str, pid: i32, backend_start: String) {
+    unfinished()
+        .sessions
+        .push((capture_slot.to_string(), pid, backend_start));
+}
+
+/// Marks one copy's temporary slot as unfinished until [`CopyGuard::finished`].
+struct CopyGuard {
+    capture_slot: String,
+    slot: String,
+}
+
+impl CopyGuard {
+    fn start(capture_slot: &str, slot: &str) -> CopyGuard {
+        let entry = (capture_slot.to_string(), slot.to_string());
+        unfinished().slots.push(entry.clone());
+        CopyGuard {
+            capture_slot: entry.0,
+            slot: entry.1,
+        }
+    }
+
+    /// The copy completed and closed its sessions itself (its SQL session `copy`): forget them.
+    fn finished(self, copy: i32) {
+        let mut u = unfinished();
+        u.slots
+            .retain(|(c, s)| !(*c == self.capture_slot && *s == self.slot));
+        u.sessions
+            .retain(|(c, p, _)| !(*c == self.capture_slot && *p == copy));
+    }
+}
+
+/// End the server sessions of this process's unfinished copies (see [`Unfinished`]). A
+/// failure is only logged: the copy then waits as before, and says what it waits for.
+async fn end_unfinished_copies(
+    sql: &tokio_postgres::Client,
+    capture_slot: &str,
+    limit: std::time::Duration,
+) {
+    let (slots, pids, starts): (Vec<String>, Vec<i32>, Vec<String>) = {
+        let u = unfinished();
+        let sessions: Vec<_> = u
+            .sessions
+            .iter()
+            .filter(|(c, _, _)| c == capture_slot)
+            .collect();
+        let slots: Vec<String> = u
+            .slots
+            .iter()
+            .filter(|(c, _)| c == capture_slot)
+            .map(|(_, s)| s.clone())
+            .collect();
+        if slots.is_empty() && sessions.is_empty() {
+            return;
+        }
+        (
+            slots,
+            sessions.iter().map(|(_, p, _)| *p).collect(),
+            sessions.iter().map(|(_, _, s)| s.clone()).collect(),
+        )
+    };
+    let ended = within(limit, "ending unfinished table copies", async {
+        sql.query_one(
+            "SELECT (SELECT count(pg_terminate_backend(active_pid)) FROM pg_replication_slots \
+                     WHERE temporary AND slot_name = ANY($1) AND active_pid IS NOT NULL) \
+                  + (SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a \
+                     JOIN unnest($2::int[], $3::text[]) AS u(pid, started) \
+                       ON a.pid = u.pid AND a.backend_start::text = u.started)",
+            &[&slots, &pids, &starts],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("ending unfinished table copies", e))
+    })
+    .await;
+    match ended {
+        Ok(row) => {
+            let n: i64 = row.get(0);
+            if n > 0 {
+                tracing::warn!(
+                    sessions = n,
+                    "ended the server sessions of table copies an earlier session left unfinished (their connections were cut); their tables are copied again"
+                );
+            }
+            // Ended now, or gone already: either way nothing of them is left to end.
+            let mut u = unfinished();
+            u.slots
+                .retain(|(c, s)| !(c == capture_slot && slots.contains(s)));
+            u.sessions.retain(|(c, p, st)| {
+                !(c == capture_slot && pids.iter().zip(&starts).any(|(q, t)| q == p && t == st))
+            });
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot end the sessions of unfinished table copies; a copy may wait for them")
+        }
+    }
+}
+
 /// Copy `copy` inside a temporary slot's exported snapshot; returns the slot's consistent
 /// point and the server's clock just after it. `sql` is the capture's own connection, which
 /// the steps' watchdog asks about the copy's.
@@ -919,6 +1049,8 @@ async fn copy_in_step(
         std::process::id(),
         pgtrail_store::now_us()
     );
+    end_unfinished_copies(sql, &config.slot, limit).await;
+    let guard = CopyGuard::start(&config.slot, &slot_name);
     let mut slot_conn = within(limit, "connecting for a table copy", async {
         ReplicationStream::connect(&config.source, &slot_name, &config.publication, None, limit)
             .await
@@ -944,7 +1076,7 @@ async fn copy_in_step(
         ),
         _ => e,
     })?;
-    let (copy_sql, copier) = liveness::copy_connection(&config.source, limit).await?;
+    let (copy_sql, copier) = liveness::copy_connection(&config.source, &config.slot, limit).await?;
     let locked: Vec<CapturedTable> = copy.iter().map(|(t, _)| t.clone()).collect();
     let (_, committed_at_us) = liveness::watched(
         sql,
@@ -985,6 +1117,10 @@ async fn copy_in_step(
     )
     .await?;
     drop(slot_conn);
+    drop(copy_sql);
+    if let liveness::CopyBackend::Pid(pid) = copier {
+        guard.finished(pid);
+    }
     tracing::info!(tables = %names, rows, %point, "tables read; stored when the stream reaches the copy's point");
     Ok((point, committed_at_us))
 }
@@ -1150,6 +1286,68 @@ async fn read_row(input: &mut BufReader<tokio::fs::File>) -> Result<IncomingChan
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A copy's session a cut connection left holding a lock (here: a session that locked
+    /// the table and went idle in its transaction) blocks DDL, behind which the next copy's
+    /// slot would wait for good: the next copy of the same capture ends it, and nothing else
+    /// (another capture's, or one whose process ID the server gave to a new session).
+    #[tokio::test]
+    async fn a_copy_ends_the_sessions_its_capture_left_unfinished_and_no_others() {
+        let cluster = crate::cluster::Cluster::shared();
+        let db = cluster.fresh_database("unfinished").unwrap();
+        cluster
+            .psql(&db, "CREATE TABLE t (id int PRIMARY KEY)")
+            .unwrap();
+        let source = crate::SourceConfig::parse(&cluster.url(&db)).unwrap();
+        let sql = source.connect_sql().await.unwrap();
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            let c = source.connect_sql().await.unwrap();
+            c.batch_execute("BEGIN; LOCK TABLE t IN ACCESS SHARE MODE")
+                .await
+                .unwrap();
+            let row = c
+                .query_one(
+                    "SELECT pg_backend_pid(), backend_start::text FROM pg_stat_activity WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            held.push((c, row.get::<_, i32>(0), row.get::<_, String>(1)));
+        }
+        // Ours; another capture's; ours by process ID but not by start time.
+        copy_session_started("mine", held[0].1, held[0].2.clone());
+        copy_session_started("theirs", held[1].1, held[1].2.clone());
+        copy_session_started("mine", held[2].1, "2000-01-01 00:00:00+00".into());
+        end_unfinished_copies(&sql, "mine", std::time::Duration::from_secs(10)).await;
+        let alive = |pid: i32| {
+            cluster
+                .psql(
+                    &db,
+                    &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+                )
+                .unwrap()
+                == "1"
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while alive(held[0].1) && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(
+            !alive(held[0].1),
+            "the capture's own unfinished copy was not ended"
+        );
+        assert!(alive(held[1].1), "another capture's copy was ended");
+        assert!(
+            alive(held[2].1),
+            "a session with the same process ID but another start was ended"
+        );
+        assert!(held[0].0.is_closed() || held[0].0.simple_query("SELECT 1").await.is_err());
+        // Nothing of "mine" is left to end; "theirs" still is.
+        let u = unfinished();
+        assert!(u.sessions.iter().all(|(c, _, _)| c != "mine"));
+        assert!(u.sessions.iter().any(|(c, _, _)| c == "theirs"));
+    }
 
     fn pending(point: u64) -> PendingSync {
         PendingSync {

@@ -94,8 +94,16 @@ impl Sse {
     }
 
     /// The next change event (keep-alive comments skipped; any other event is an error).
+    /// Keep-alives keep the socket busy, so a capture that stopped making changes durable
+    /// would leave this waiting for good: two minutes without a change fails the fault.
     fn next(&mut self) -> Result<Change, String> {
+        let since = std::time::Instant::now();
         loop {
+            if since.elapsed() > Duration::from_secs(120) {
+                return Err(
+                    "no ledger change reached the stream in 120 s while the workload writes: the capture stopped making changes durable".into(),
+                );
+            }
             if let Some(end) = self.pending.find("\n\n") {
                 let block: String = self.pending.drain(..end + 2).collect();
                 let (mut id, mut data, mut kind) = (None, None, None);
