@@ -19,7 +19,7 @@ impl Harness {
     }
 
     /// Wait until the capture has made everything before `lsn` durable (its slot confirmed it).
-    fn wait_durable(&self, lsn: &str, limit: Duration) -> Result<(), String> {
+    pub(crate) fn wait_durable(&self, lsn: &str, limit: Duration) -> Result<(), String> {
         let deadline = Instant::now() + limit;
         loop {
             let done = self
@@ -48,6 +48,19 @@ impl Harness {
             return Err(String::from_utf8_lossy(&out.stderr).trim().to_string());
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The archive's rows of `public.<table>` (`id`, `v`) at `lsn`, each as `id=v` in key
+    /// order: how [`REVERT_ROWS`] and the table-sync check say PostgreSQL's.
+    fn archived_rows(&self, table: &str, lsn: &str) -> Result<Vec<String>, String> {
+        let csv = self.pgtrail_sql(&format!(
+            "SELECT id, v FROM as_of_lsn('public.{table}', '{lsn}') ORDER BY id"
+        ))?;
+        Ok(csv
+            .lines()
+            .skip(1)
+            .map(|l| l.replacen(',', "=", 1))
+            .collect())
     }
 
     /// Change some rows in a transaction labelled with a context, then revert that context
@@ -110,14 +123,7 @@ impl Harness {
         // The archive's table at the revert's end is what PostgreSQL holds.
         let lsn = self.psql("SELECT pg_current_wal_insert_lsn()::text")?;
         self.wait_durable(&lsn, Duration::from_secs(120))?;
-        let archived = self.pgtrail_sql(&format!(
-            "SELECT id, v FROM as_of_lsn('public.revert_target', '{lsn}') ORDER BY id"
-        ))?;
-        let archived: Vec<String> = archived
-            .lines()
-            .skip(1)
-            .map(|l| l.replacen(',', "=", 1))
-            .collect();
+        let archived = self.archived_rows("revert_target", &lsn)?;
         if archived.join(",") != now {
             return Err(format!(
                 "the archive holds revert_target as {} where PostgreSQL holds {now}",
@@ -169,17 +175,9 @@ impl Harness {
         loop {
             let lsn = self.psql("SELECT pg_current_wal_insert_lsn()::text")?;
             self.wait_durable(&lsn, Duration::from_secs(180))?;
-            let answer = self.pgtrail_sql(&format!(
-                "SELECT id, v FROM as_of_lsn('public.{table}', '{lsn}') ORDER BY id"
-            ));
-            let archived: Vec<String> = answer
-                .as_deref()
-                .unwrap_or_default()
-                .lines()
-                .skip(1)
-                .map(|l| l.replacen(',', "=", 1))
-                .collect();
-            if answer.is_ok() && archived.join(",") == expected {
+            let answer = self.archived_rows(&table, &lsn);
+            let archived = answer.as_deref().unwrap_or_default();
+            if archived.join(",") == expected {
                 break;
             }
             if Instant::now() > deadline {

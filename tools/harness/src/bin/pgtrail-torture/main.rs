@@ -2370,21 +2370,8 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         .cluster
         .psql(DB, "SELECT pg_current_wal_insert_lsn()::text")
         .map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let done = h
-            .cluster
-            .psql(DB, &format!("SELECT coalesce(bool_and(confirmed_flush_lsn >= '{end}'), false) FROM pg_replication_slots WHERE slot_name = '{SLOT}'"))
-            .unwrap_or_default();
-        if done == "t" {
-            break;
-        }
-        if Instant::now() > deadline {
-            v.problems
-                .push("capture did not catch up within 180 s after the last fault".into());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(200));
+    if let Err(e) = h.wait_durable(&end, Duration::from_secs(180)) {
+        v.problems.push(format!("after the last fault, {e}"));
     }
     if let Err(e) = h.resume_full_disks(&end) {
         v.problems.push(e);
