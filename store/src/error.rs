@@ -22,6 +22,11 @@ pub enum LogError {
     Permissions { path: PathBuf, mode: u32 },
     #[error("{path} is not a pgtrail archive (it has no {file}); check --archive", file = crate::LOG_FILE)]
     NotAnArchive { path: PathBuf },
+    #[error(
+        "{path} holds {found} and no {file}: it is not a pgtrail archive, and capture does not make one among other files (it keeps a log, segments and evidence there, and prunes files it did not list); give --archive a new or empty directory",
+        file = crate::LOG_FILE
+    )]
+    ForeignDirectory { path: PathBuf, found: String },
     #[error("cannot open the change log {path}")]
     Open {
         path: PathBuf,

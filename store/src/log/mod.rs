@@ -409,6 +409,9 @@ impl ChangeLog {
         ensure_private_dir(dir)?;
         let path = dir.join(LOG_FILE);
         let existed = path.exists();
+        if !existed {
+            refuse_foreign_files(dir)?;
+        }
         // One writer process (this one); any number of read-only processes (`status`, `sql`)
         // may follow its commits meanwhile.
         let db = Database::builder()
@@ -1007,6 +1010,41 @@ impl ChangeLog {
     }
 }
 
+/// A directory without a log must be empty (but for a file system's `lost+found`, for an
+/// archive at a volume's root) before a log is made in it: another program's files, or an
+/// archive whose log was lost, would otherwise be taken for an archive that pgtrail then
+/// writes into and prunes.
+fn refuse_foreign_files(dir: &Path) -> Result<(), LogError> {
+    let entries = fs::read_dir(dir).map_err(|source| LogError::Directory {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut found: Vec<String> = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| LogError::Directory {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name != "lost+found" {
+            found.push(name);
+        }
+    }
+    if found.is_empty() {
+        return Ok(());
+    }
+    found.sort();
+    let shown = found.len().min(3);
+    let mut said = found[..shown].join(", ");
+    if found.len() > shown {
+        said.push_str(&format!(" and {} more", found.len() - shown));
+    }
+    Err(LogError::ForeignDirectory {
+        path: dir.to_path_buf(),
+        found: said,
+    })
+}
+
 /// Create `dir` (and parents) with mode 0700, or check that an existing one is not open to
 /// other users.
 fn ensure_private_dir(dir: &Path) -> Result<(), LogError> {
@@ -1070,6 +1108,32 @@ mod tests {
 
     fn text(s: &str) -> IncomingCell {
         IncomingCell::Text(s.into())
+    }
+
+    /// A directory that holds other files and no log is refused, naming what it holds, and
+    /// nothing is written into it; `lost+found` alone (an archive at a volume's root) is not
+    /// another program's file.
+    #[test]
+    fn a_directory_of_other_files_is_not_made_an_archive() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = |p: &Path| fs::set_permissions(p, fs::Permissions::from_mode(0o700)).unwrap();
+        let archive = dir.path().join("a");
+        fs::create_dir(&archive).unwrap();
+        private(&archive);
+        fs::write(archive.join("report.csv"), "x").unwrap();
+        let refused = ChangeLog::open(&archive).err().expect("refused");
+        assert!(
+            matches!(refused, LogError::ForeignDirectory { .. }),
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("report.csv"), "{refused}");
+        assert_eq!(fs::read_dir(&archive).unwrap().count(), 1);
+
+        let volume = dir.path().join("v");
+        fs::create_dir_all(volume.join("lost+found")).unwrap();
+        private(&volume);
+        ChangeLog::open(&volume).unwrap();
+        assert!(volume.join(LOG_FILE).exists());
     }
 
     /// A log written by a newer pgtrail is refused by the writer and by readers, with an
