@@ -101,9 +101,10 @@ impl Destination {
         if dir.exists() && !dir.is_dir() {
             return Err(bad("it exists and is not a directory".into()));
         }
-        std::fs::create_dir_all(&dir).map_err(|source| ExportError::Io {
-            path: dir.clone(),
-            source,
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            bad(format!(
+                "cannot create it ({e}); give a directory you can write, or s3://bucket/prefix"
+            ))
         })?;
         let dir = dir.canonicalize().map_err(|source| ExportError::Io {
             path: dir.clone(),

@@ -64,7 +64,8 @@ pub enum ExportError {
         #[source]
         source: Box<object_store::Error>,
     },
-    #[error("{path}: {source}")]
+    // The cause follows in the error's chain (`{:#}`): "<path>: <why>".
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
