@@ -24,6 +24,10 @@ pub enum CaptureError {
         "invalid source URL: {detail} (expected postgresql://user[:password]@host[:port]/database)"
     )]
     InvalidUrl { detail: String },
+    /// The TLS files or settings a connection string names (a key others can read, a
+    /// certificate that cannot be read): the string itself parsed.
+    #[error("invalid TLS settings for the source: {detail}")]
+    InvalidTls { detail: String },
     #[error("cannot connect to the source database at {target}")]
     Connect {
         target: String,
@@ -104,7 +108,9 @@ impl CaptureError {
     /// The one place that decides how each error is handled.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            CaptureError::InvalidUrl { .. } | CaptureError::Setup { .. } => ErrorKind::Setup,
+            CaptureError::InvalidUrl { .. }
+            | CaptureError::InvalidTls { .. }
+            | CaptureError::Setup { .. } => ErrorKind::Setup,
             CaptureError::Gap { .. } | CaptureError::Decode { .. } | CaptureError::Protocol(_) => {
                 ErrorKind::Fatal
             }

@@ -61,7 +61,8 @@ impl SourceConfig {
     pub fn resolve(conninfo: &str, env: &Environment) -> Result<SourceConfig, CaptureError> {
         let invalid = |e: conninfo::ConnInfoError| CaptureError::InvalidUrl { detail: e.problem };
         let info = ConnInfo::resolve(conninfo, env).map_err(invalid)?;
-        let tls = TlsPolicy::new(&info).map_err(invalid)?;
+        let tls =
+            TlsPolicy::new(&info).map_err(|e| CaptureError::InvalidTls { detail: e.problem })?;
         Ok(SourceConfig { info, tls })
     }
 

@@ -184,6 +184,12 @@ impl TlsPolicy {
                             cert.display()
                         ))
                     })?;
+                if chain.is_empty() {
+                    return Err(bad(format!(
+                        "certificate file \"{}\" holds no PEM certificate (sslcert is the client's certificate, PEM)",
+                        cert.display()
+                    )));
+                }
                 check_key_permissions(key)?;
                 let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
                     bad(format!(
