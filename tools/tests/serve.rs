@@ -1440,7 +1440,13 @@ fn the_page_shows_a_rows_timeline_the_table_as_of_a_version_and_live_changes_in_
         .unwrap()
         .read_to_string(&mut errors)
         .unwrap();
-    assert!(page.wait().unwrap().success(), "page driver: {errors}");
+    // What the page showed before it failed says whether the archive's answer or the page
+    // was wrong (a CI run once timed out waiting for a second version: no report was kept).
+    assert!(
+        page.wait().unwrap().success(),
+        "page driver: {errors}\nwhat the page showed before that: {}",
+        serde_json::to_string(&reports).unwrap()
+    );
     let _ = capture.kill();
     let _ = capture.wait();
 
