@@ -19,6 +19,7 @@
 mod exports;
 mod faults;
 mod gaps;
+mod inputs;
 #[path = "../../pki.rs"]
 mod pki;
 mod proxy;
@@ -28,8 +29,9 @@ mod stream;
 mod txn_oracle;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -1174,6 +1176,67 @@ fn check_archive(h: &Harness, v: &mut Verdict) -> Result<(), String> {
     Ok(())
 }
 
+/// How long one bad input may take to be refused: a command that does not end with it (a
+/// server that starts, a capture that streams) is a failure, not a stuck suite.
+const BAD_INPUT_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `pgtrail args` on bad input: whether it exited non-zero within [`BAD_INPUT_LIMIT`],
+/// without a panic, saying `must_say` (and `file`, if given) on stderr; and its stderr.
+fn refused_clearly(bin: &Path, args: &[String], must_say: &str, file: &str) -> (bool, String) {
+    match output_within(Command::new(bin).args(args), BAD_INPUT_LIMIT) {
+        Ok(out) => {
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            let clear = !out.status.success()
+                && !err.contains("panicked")
+                && err.contains(must_say)
+                && (file.is_empty() || err.contains(file));
+            (clear, err)
+        }
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// `command`'s output, or an error if it still runs after `limit` (it is then killed).
+fn output_within(command: &mut Command, limit: Duration) -> std::io::Result<Output> {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    // Both pipes are drained while the command runs, so that a full pipe cannot stall it.
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("still running after {} s; killed", limit.as_secs()),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
 /// Bad input: each must give a clear error and no panic, never wrong rows.
 fn bad_inputs(h: &Harness, v: &mut Verdict) {
     let copy = h.work.join("damaged");
@@ -1212,16 +1275,8 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
                 .push(format!("bad input {name}: could not prepare it"));
             return String::new();
         };
-        let out = Command::new(&h.bin).args(&args).output();
-        let err = out
-            .as_ref()
-            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-            .unwrap_or_default();
-        let failed_clearly = out.as_ref().is_ok_and(|o| !o.status.success())
-            && !err.contains("panicked")
-            && err.contains(must_say)
-            && (file.is_empty() || err.contains(&file));
-        if !failed_clearly {
+        let (clear, err) = refused_clearly(&h.bin, &args, must_say, &file);
+        if !clear {
             v.bad_inputs_failed += 1;
             v.problems.push(format!(
                 "bad input {name}: not a clear error naming {file:?}: {}",
@@ -2473,6 +2528,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         let phase = Instant::now();
         bad_inputs(&h, &mut v);
         serve::bad_inputs(&h.bin, &h.archive, &h.work, &mut v);
+        inputs::bad_inputs(&h, &mut v);
         eprintln!(
             "torture: bad inputs tried in {:.0} s",
             phase.elapsed().as_secs_f64()
