@@ -23,7 +23,7 @@ pub enum LogError {
     #[error("{path} is not a pgtrail archive (it has no {file}); check --archive", file = crate::LOG_FILE)]
     NotAnArchive { path: PathBuf },
     #[error(
-        "{path} holds {found} and no {file}: it is not a pgtrail archive, and capture does not make one among other files (it keeps a log, segments and evidence there, and prunes files it did not list); give --archive a new or empty directory",
+        "{path} holds {found} and no {file}: it is not a pgtrail archive, and capture does not make one among other files (it keeps a log, segments and evidence there, and removes segment files it did not list); give --archive a new or empty directory",
         file = crate::LOG_FILE
     )]
     ForeignDirectory { path: PathBuf, found: String },
