@@ -127,6 +127,10 @@ pub async fn run(
     // configuration error (wrong URL, server down), reported at once rather than retried;
     // a server that answers that it is starting up or shutting down is waited for.
     let mut attempts = 0u32;
+    // Whether a session of this process has connected: after that, a connection refused or
+    // cut while the server restarts (a table copy's new connection, say) is a reconnect, even
+    // in the first session.
+    let mut connected = false;
     // The walsender of this process's last session (see `Session::own_walsender`).
     let mut own_walsender: Option<i32> = None;
     loop {
@@ -136,6 +140,7 @@ pub async fn run(
             let session = async {
                 let mut session =
                     Session::open(&config, &mut writer, &mut summary, &mut own_walsender).await?;
+                connected = true;
                 let client = session.begin().await?;
                 session
                     .stream(client, &mut shutdown, &mut on_progress)
@@ -164,6 +169,7 @@ pub async fn run(
             Err(e)
                 if e.is_transient()
                     && (attempts > 1
+                        || connected
                         || e.is_server_not_ready()
                         || !matches!(e, CaptureError::Connect { .. })) =>
             {
