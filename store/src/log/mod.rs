@@ -1015,17 +1015,17 @@ impl ChangeLog {
 /// archive whose log was lost, would otherwise be taken for an archive that pgtrail then
 /// writes into and prunes.
 fn refuse_foreign_files(dir: &Path) -> Result<(), LogError> {
-    let entries = fs::read_dir(dir).map_err(|source| LogError::Directory {
+    let unreadable = |source| LogError::Directory {
         path: dir.to_path_buf(),
         source,
-    })?;
+    };
     let mut found: Vec<String> = Vec::new();
-    for entry in entries {
-        let entry = entry.map_err(|source| LogError::Directory {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let name = entry.file_name().to_string_lossy().into_owned();
+    for entry in fs::read_dir(dir).map_err(unreadable)? {
+        let name = entry
+            .map_err(unreadable)?
+            .file_name()
+            .to_string_lossy()
+            .into_owned();
         if name != "lost+found" {
             found.push(name);
         }

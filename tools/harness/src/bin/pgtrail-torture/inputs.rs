@@ -8,7 +8,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{DB, Harness, Verdict, pki, refused_clearly};
+use crate::{DB, Harness, Verdict, pki};
 
 /// A source nobody listens on: a capture that wrongly got past its refusal stops at once.
 const NOBODY: &str = "postgresql://postgres@127.0.0.1:9/torture";
@@ -31,21 +31,8 @@ pub fn bad_inputs(h: &Harness, v: &mut Verdict) {
                     prepare: &dyn Fn() -> Result<(), String>,
                     args: Vec<String>,
                     must_say: &str| {
-        v.bad_inputs += 1;
-        let problem = match prepare() {
-            Err(e) => Some(format!("could not prepare it: {e}")),
-            Ok(()) => match refused_clearly(&h.bin, &args, must_say, "") {
-                (true, _) => None,
-                (false, err) => Some(format!(
-                    "not a clear error saying {must_say:?}: {}",
-                    err.trim()
-                )),
-            },
-        };
-        if let Some(problem) = problem {
-            v.bad_inputs_failed += 1;
-            v.problems.push(format!("bad input {name}: {problem}"));
-        }
+        let prepared = prepare().map(|()| String::new());
+        v.bad_input(&h.bin, name, prepared, &args, must_say);
     };
     let arg = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     let private_dir = |p: &Path, mode: u32| -> Result<(), String> {

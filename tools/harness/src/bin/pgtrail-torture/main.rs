@@ -1196,6 +1196,39 @@ fn refused_clearly(bin: &Path, args: &[String], must_say: &str, file: &str) -> (
     }
 }
 
+impl Verdict {
+    /// Counts one bad input: `prepared` is the file it damaged (empty for none) or why it could
+    /// not be prepared; `pgtrail args` must then refuse it clearly. Returns the stderr.
+    fn bad_input(
+        &mut self,
+        bin: &Path,
+        name: &str,
+        prepared: Result<String, String>,
+        args: &[String],
+        must_say: &str,
+    ) -> String {
+        self.bad_inputs += 1;
+        let problem = match prepared {
+            Err(why) if why.is_empty() => ("could not prepare it".to_string(), String::new()),
+            Err(why) => (format!("could not prepare it: {why}"), String::new()),
+            Ok(file) => match refused_clearly(bin, args, must_say, &file) {
+                (true, err) => return err,
+                (false, err) => (
+                    format!(
+                        "not a clear error saying {must_say:?} and naming {file:?}: {}",
+                        err.trim()
+                    ),
+                    err,
+                ),
+            },
+        };
+        self.bad_inputs_failed += 1;
+        self.problems
+            .push(format!("bad input {name}: {}", problem.0));
+        problem.1
+    }
+}
+
 /// `command`'s output, or an error if it still runs after `limit` (it is then killed).
 fn output_within(command: &mut Command, limit: Duration) -> std::io::Result<Output> {
     let mut child = command
@@ -1268,22 +1301,8 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
                     args: Vec<String>,
                     must_say: &str|
      -> String {
-        v.bad_inputs += 1;
-        let Some(file) = damage() else {
-            v.bad_inputs_failed += 1;
-            v.problems
-                .push(format!("bad input {name}: could not prepare it"));
-            return String::new();
-        };
-        let (clear, err) = refused_clearly(&h.bin, &args, must_say, &file);
-        if !clear {
-            v.bad_inputs_failed += 1;
-            v.problems.push(format!(
-                "bad input {name}: not a clear error naming {file:?}: {}",
-                err.trim()
-            ));
-        }
-        err
+        let prepared = damage().ok_or_else(String::new);
+        v.bad_input(&h.bin, name, prepared, &args, must_say)
     };
     let sql_args = vec![
         "sql".into(),
