@@ -757,6 +757,13 @@ fn resolve_settings(
     let passfile = take("passfile").filter(|p| !p.is_empty());
     let mut password = take("password").filter(|p| !p.is_empty());
     if password.is_none() {
+        // A file named on purpose (passfile=, PGPASSFILE) that is not there is said; libpq is
+        // silent, and the user is left with "no password supplied". ~/.pgpass may be absent.
+        if let Some(named) = &passfile
+            && !Path::new(named).exists()
+        {
+            tracing::warn!(file = %named, "password file does not exist; not used");
+        }
         let file = passfile
             .map(PathBuf::from)
             .or_else(|| env.in_home(".pgpass"));
@@ -824,10 +831,19 @@ pub fn password_from_file(
     }
     let text = std::fs::read_to_string(file).ok()?;
     text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .find_map(|line| {
+        .enumerate()
+        .filter(|(_, line)| !line.starts_with('#') && !line.trim().is_empty())
+        .find_map(|(at, line)| {
             let fields = pgpass_fields(line);
             let [h, p, d, u, password] = fields.as_slice() else {
+                // libpq skips such a line without a word; the line itself may hold a
+                // password, so only its number is said.
+                tracing::warn!(
+                    file = %file.display(),
+                    line = at + 1,
+                    fields = fields.len(),
+                    "password file line is not host:port:database:user:password (5 fields separated by ':'); skipped"
+                );
                 return None;
             };
             let matches = |field: &str, value: &str| field == "*" || field == value;

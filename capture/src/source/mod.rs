@@ -232,11 +232,59 @@ impl SourceConfig {
             {
                 return self.certificate_refused(&h.0.to_string());
             }
+            if let Some(refused) = self.password_problem(&source) {
+                return refused;
+            }
             CaptureError::Connect {
                 target: self.display(),
                 source,
             }
         })
+    }
+
+    /// A password the server asked for and did not get, or refused: said with where the
+    /// password came from (as psql says `password retrieved from file`), never the password.
+    fn password_problem(&self, e: &tokio_postgres::Error) -> Option<CaptureError> {
+        const INVALID_PASSWORD: &str = "28P01";
+        let sources = "the connection string (password=…), PGPASSWORD, or a password file (passfile=…, PGPASSFILE or ~/.pgpass: mode 0600, lines host:port:database:user:password)";
+        match e.as_db_error() {
+            // tokio-postgres asks for the password only when the server's authentication
+            // request arrives, and fails with this configuration error when it has none.
+            None if std::error::Error::source(e)
+                .is_some_and(|cause| cause.to_string() == "password missing") =>
+            {
+                Some(CaptureError::setup(
+                    format!(
+                        "{} asks user \"{}\" for a password and none was given",
+                        self.display(),
+                        self.info.user
+                    ),
+                    format!("give it in {sources}"),
+                ))
+            }
+            Some(db) if db.code().code() == INVALID_PASSWORD => {
+                let from =
+                    self.info
+                        .origins
+                        .get("password")
+                        .map_or_else(String::new, |o| match o {
+                            conninfo::Origin::ConnectionString => "the connection string".into(),
+                            o => o.to_string(),
+                        });
+                Some(CaptureError::setup(
+                    format!(
+                        "{}: {} (the password came from {from})",
+                        self.display(),
+                        db.message()
+                    ),
+                    format!(
+                        "check the password for user \"{}\" in {sources}",
+                        self.info.user
+                    ),
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// The server's certificate did not verify (either connection): what to check.
