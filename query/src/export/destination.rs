@@ -124,11 +124,21 @@ impl Destination {
     }
 
     fn error(&self, action: &'static str, path: &str, source: object_store::Error) -> ExportError {
+        let said = store_says(&source);
+        let hint = match source {
+            object_store::Error::PermissionDenied { .. }
+            | object_store::Error::Unauthenticated { .. } => {
+                "the store refused these credentials: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may read and write this bucket and prefix"
+            }
+            _ if said.starts_with("NoSuchBucket") => "check the bucket's name and AWS_REGION",
+            _ => "check the bucket, the credentials, and that AWS_ENDPOINT_URL is reachable",
+        };
         ExportError::Destination {
             destination: self.display.clone(),
             action,
             path: path.to_string(),
-            source: Box::new(source),
+            said,
+            hint,
         }
     }
 
@@ -272,5 +282,54 @@ impl Destination {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.error("delete", path, e)),
         }
+    }
+}
+
+/// What the store said, once: S3's own code and message when its answer carries them
+/// (`InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records.`),
+/// otherwise the innermost cause (`tcp connect error: Connection refused`). Never the request's
+/// signature or credentials: neither is in an error's text.
+fn store_says(e: &object_store::Error) -> String {
+    let whole = e.to_string();
+    let tag = |name: &str| {
+        let open = format!("<{name}>");
+        let start = whole.find(&open)? + open.len();
+        let end = whole[start..].find(&format!("</{name}>"))?;
+        Some(whole[start..start + end].trim().to_string())
+    };
+    if let Some(code) = tag("Code") {
+        return match tag("Message") {
+            Some(message) => format!("{code}: {}", message.trim_end_matches('.')),
+            None => code,
+        };
+    }
+    let mut innermost: &dyn std::error::Error = e;
+    while let Some(cause) = innermost.source() {
+        innermost = cause;
+    }
+    innermost.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::store_says;
+
+    #[test]
+    fn a_store_refusal_is_said_once_by_its_code_and_message() {
+        let body = "Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist in our records.</Message><RequestId>1</RequestId></Error>";
+        let refused = object_store::Error::PermissionDenied {
+            path: "x/_pgtrail_export/cdf.json".into(),
+            source: body.into(),
+        };
+        assert_eq!(
+            store_says(&refused),
+            "InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records"
+        );
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let unreachable = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(io),
+        };
+        assert_eq!(store_says(&unreachable), "Connection refused");
     }
 }

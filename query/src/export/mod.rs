@@ -54,15 +54,15 @@ pub enum ExportError {
         "no S3 credentials for {destination}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_REGION, and AWS_ENDPOINT_URL for an S3-compatible store)"
     )]
     MissingCredentials { destination: String },
-    #[error(
-        "cannot {action} {path} at {destination}: {source} (check the bucket, the credentials, and that AWS_ENDPOINT_URL is reachable)"
-    )]
+    /// The store's answer is kept as text, said once: `object_store`'s error repeats each
+    /// cause inside the next (an S3 refusal printed its XML body four times).
+    #[error("cannot {action} {path} at {destination}: {said}; {hint}")]
     Destination {
         destination: String,
         action: &'static str,
         path: String,
-        #[source]
-        source: Box<object_store::Error>,
+        said: String,
+        hint: &'static str,
     },
     // The cause follows in the error's chain (`{:#}`): "<path>: <why>".
     #[error("{}", path.display())]
