@@ -23,6 +23,7 @@ mod inputs;
 #[path = "../../pki.rs"]
 mod pki;
 mod proxy;
+mod refusals;
 mod serve;
 mod shapes;
 mod stream;
@@ -64,6 +65,10 @@ struct Args {
     /// Run only the gap cases (to replay them quickly).
     #[arg(long)]
     gaps_only: bool,
+    /// Run only the bad inputs that need a server of their own (password files, a table whose
+    /// key was dropped, S3 credentials), to replay them quickly.
+    #[arg(long, conflicts_with = "gaps_only")]
+    refusals_only: bool,
     /// The capture connects over TLS (sslmode=verify-full, a CA made for the run) through the
     /// fault proxy; the schedule is then the network faults (and a kill -9), without the
     /// disk, crash-point and gap cases the plain run covers.
@@ -2181,9 +2186,13 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         .prefix("pgtrail-torture-")
         .tempdir()
         .map_err(|e| e.to_string())?;
-    if args.gaps_only {
+    if args.gaps_only || args.refusals_only {
         let mut v = Verdict::default();
-        gaps::run(&bin, work.path(), &mut v)?;
+        if args.gaps_only {
+            gaps::run(&bin, work.path(), &mut v)?;
+        } else {
+            refusals::bad_inputs(&bin, work.path(), &mut v);
+        }
         if args.keep || !v.problems.is_empty() {
             eprintln!("torture: work directory kept at {}", work.keep().display());
         }
@@ -2548,6 +2557,7 @@ fn run(args: &Args, seed: u64) -> Result<Verdict, String> {
         bad_inputs(&h, &mut v);
         serve::bad_inputs(&h.bin, &h.archive, &h.work, &mut v);
         inputs::bad_inputs(&h, &mut v);
+        refusals::bad_inputs(&h.bin, &h.work, &mut v);
         eprintln!(
             "torture: bad inputs tried in {:.0} s",
             phase.elapsed().as_secs_f64()
@@ -2594,7 +2604,7 @@ fn main() -> ExitCode {
         || v.panics > 0
         || v.survived < v.faults
         || v.bad_inputs_failed > 0
-        || (v.oracles == 0 && !args.gaps_only)
+        || (v.oracles == 0 && !args.gaps_only && !args.refusals_only)
         || !v.problems.is_empty();
     if failed {
         eprintln!(
