@@ -1050,7 +1050,8 @@ mod tests {
         let file = dir.path().join("pgpass");
         std::fs::write(
             &file,
-            "# a comment:*:*:*:no\nother:*:*:*:wrong\ndb\\:host:5432:*:u:escaped\n*:5432:shop:u:first\n*:*:*:u:second\\:half\n*:*:*:*:any\n",
+            // A blank line and one of three fields are skipped (with a warning), not fatal.
+            "# a comment:*:*:*:no\n\nh:5432:shop\nother:*:*:*:wrong\ndb\\:host:5432:*:u:escaped\n*:5432:shop:u:first\n*:*:*:u:second\\:half\n*:*:*:*:any\n",
         )
         .unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
