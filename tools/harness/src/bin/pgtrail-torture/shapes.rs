@@ -60,6 +60,10 @@ pub const SCHEMA: &str = "CREATE TABLE sh_parent (id int PRIMARY KEY, v text); \
     CREATE TABLE sh_mig (id int PRIMARY KEY, v text); \
     INSERT INTO sh_mig SELECT g, 'm' || g FROM generate_series(1, 8) g;";
 
+/// Column numbers `sh_alter` may use before the ALTER storm makes it again (PostgreSQL's
+/// limit is 1600, dropped columns included).
+const ALTER_COLUMNS: u32 = 64;
+
 /// A value large enough to be stored out of line (TOAST), different for each `n`.
 fn big(n: u64) -> String {
     format!("(SELECT string_agg(md5('{n}' || x::text), '') FROM generate_series(1, 300) x)")
@@ -120,9 +124,16 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
         },
         4 => {
             // Columns come and go inside a transaction that also writes the table, so each
-            // schema reaches the stream (DDL itself is not replicated).
+            // schema reaches the stream (DDL itself is not replicated). Dropped columns keep
+            // their numbers, and PostgreSQL refuses a 1601st: every 64 numbers the table is
+            // made again, in the same transaction as the storm, so a soak of any length keeps
+            // exercising it.
             vec![format!(
-                "BEGIN; ALTER TABLE sh_alter ADD COLUMN c{n} text; INSERT INTO sh_alter (id, a, c{n}) VALUES ({id}, 1, 'added {n}'); \
+                "BEGIN; DO $$ BEGIN \
+                   IF (SELECT max(attnum) FROM pg_attribute WHERE attrelid = 'sh_alter'::regclass) >= {ALTER_COLUMNS} THEN \
+                     DROP TABLE sh_alter; CREATE TABLE sh_alter (id int PRIMARY KEY, a int); \
+                     INSERT INTO sh_alter SELECT g, g FROM generate_series(1, 10) g; END IF; END $$; \
+                 ALTER TABLE sh_alter ADD COLUMN c{n} text; INSERT INTO sh_alter (id, a, c{n}) VALUES ({id}, 1, 'added {n}'); \
                  UPDATE sh_alter SET a = a + 1 WHERE id % 3 = {}; \
                  DO $$ DECLARE col text; BEGIN \
                    SELECT attname INTO col FROM pg_attribute WHERE attrelid = 'sh_alter'::regclass AND attnum > 2 AND NOT attisdropped \
