@@ -793,6 +793,21 @@ impl PendingSync {
         })
     }
 
+    /// Date the copy no later than `next` (the operations it is stored before), when they
+    /// begin a transaction committed earlier than the clock read just after the point. The
+    /// copy holds the tables as they were from the last transaction before its point until
+    /// the first after it: any time in between answers `as_of` exactly, but one after a
+    /// later transaction's commit would leave that transaction in an `as_of` of a moment
+    /// the copy is not (a transaction can commit between the point and the clock read).
+    pub(crate) fn settle_time(&mut self, next: &[LogOp]) {
+        if let Some(LogOp::Begin {
+            committed_at_us, ..
+        }) = next.first()
+        {
+            self.committed_at_us = self.committed_at_us.min(*committed_at_us);
+        }
+    }
+
     /// Where the stored copy is keyed (just before its point) and its commit time.
     pub(crate) fn since(&self) -> (Lsn, i64) {
         (Lsn(self.point.0 - 1), self.committed_at_us)
@@ -1375,6 +1390,26 @@ mod tests {
         // Inside a transaction nothing is due: only Begin, Advance and messages decide.
         assert!(!p.due_before(&[LogOp::Commit { end_lsn: Lsn(2000) }]));
         assert!(!p.due_before(&[]));
+    }
+
+    #[test]
+    fn a_sync_is_dated_no_later_than_the_transaction_it_is_stored_before() {
+        let begin = |at| {
+            vec![LogOp::Begin {
+                final_lsn: Lsn(1500),
+                xid: 1,
+                committed_at_us: at,
+            }]
+        };
+        let mut p = pending(1000);
+        p.committed_at_us = 5_000;
+        // Committed after the point but before the clock was read: the copy takes its time.
+        p.settle_time(&begin(4_000));
+        assert_eq!(p.since(), (Lsn(999), 4_000));
+        // A later transaction, or no transaction at all, leaves the time as it is.
+        p.settle_time(&begin(9_000));
+        p.settle_time(&[LogOp::Advance(Lsn(2000))]);
+        assert_eq!(p.since(), (Lsn(999), 4_000));
     }
 
     #[test]
