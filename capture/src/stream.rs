@@ -175,11 +175,10 @@ impl Session<'_> {
                         // dated by its DDL).
                         catalog_tick.reset_immediately();
                     }
-                    if let Some(mut sync) = pending.take_if(|p| p.due_before(&ops)) {
+                    if let Some(sync) = PendingSync::take_due(&mut pending, &ops) {
                         // Between transactions, before the first operation at or past the
                         // copy's point: nothing keyed after it has reached the writer, so the
                         // position cannot have passed it.
-                        sync.settle_time(&ops);
                         let (tables, since, point) = (sync.tables(), sync.since(), sync.point);
                         let rows = sync.store(writer).await?;
                         tracing::info!(tables = tables.len(), rows, %point, "tables read whole stored: captured in step from here on");

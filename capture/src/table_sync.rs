@@ -793,13 +793,25 @@ impl PendingSync {
         })
     }
 
+    /// The copy in `pending` if it must be stored before `ops` (see [`Self::due_before`]),
+    /// taken out and dated by them (see [`Self::settle_time`]): its key and its time are then
+    /// final for both [`Self::since`] and [`Self::store`].
+    pub(crate) fn take_due(
+        pending: &mut Option<PendingSync>,
+        ops: &[LogOp],
+    ) -> Option<PendingSync> {
+        let mut sync = pending.take_if(|p| p.due_before(ops))?;
+        sync.settle_time(ops);
+        Some(sync)
+    }
+
     /// Date the copy no later than `next` (the operations it is stored before), when they
     /// begin a transaction committed earlier than the clock read just after the point. The
     /// copy holds the tables as they were from the last transaction before its point until
     /// the first after it: any time in between answers `as_of` exactly, but one after a
     /// later transaction's commit would leave that transaction in an `as_of` of a moment
     /// the copy is not (a transaction can commit between the point and the clock read).
-    pub(crate) fn settle_time(&mut self, next: &[LogOp]) {
+    fn settle_time(&mut self, next: &[LogOp]) {
         if let Some(LogOp::Begin {
             committed_at_us, ..
         }) = next.first()
@@ -1410,6 +1422,18 @@ mod tests {
         p.settle_time(&begin(9_000));
         p.settle_time(&[LogOp::Advance(Lsn(2000))]);
         assert_eq!(p.since(), (Lsn(999), 4_000));
+        // Taken out only when due, and then already dated.
+        let mut slot = Some(pending(1000));
+        slot.as_mut().unwrap().committed_at_us = 5_000;
+        let early = vec![LogOp::Begin {
+            final_lsn: Lsn(900),
+            xid: 1,
+            committed_at_us: 3_000,
+        }];
+        assert!(PendingSync::take_due(&mut slot, &early).is_none());
+        let taken = PendingSync::take_due(&mut slot, &begin(4_500)).unwrap();
+        assert_eq!(taken.since(), (Lsn(999), 4_500));
+        assert!(slot.is_none());
     }
 
     #[test]
