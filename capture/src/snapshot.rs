@@ -65,11 +65,18 @@ pub(crate) async fn copy_tables(
     progress: &AtomicU64,
 ) -> Result<u64, CaptureError> {
     enter_snapshot(sql, snapshot_name, tables).await?;
+    pgtrail_store::crashpoint::pause("initial-snapshot-entered");
+    // Dated by the server's clock, read now: every transaction the snapshot holds committed
+    // before its point, so before this reading, whatever this machine's clock says. A
+    // transaction committed between the point and this reading is streamed after the snapshot
+    // with an earlier time; the archive begins at this date (`ArchiveSnapshot::first_commit_us`),
+    // so a moment before it is refused rather than answered without the snapshot.
+    let (_, committed_at_us) = crate::table_sync::server_point(sql).await?;
     writer
         .send(vec![LogOp::Begin {
             final_lsn: Lsn(consistent_point.0 - 1),
             xid: 0,
-            committed_at_us: pgtrail_store::now_us(),
+            committed_at_us,
         }])
         .await?;
     let mut total = 0u64;

@@ -737,7 +737,7 @@ fn column_renamed(known: &StorageLayout, now: &StorageLayout) -> bool {
 }
 
 /// The server's WAL insert position and clock (µs since the Unix epoch), read together.
-async fn server_point(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
+pub(crate) async fn server_point(sql: &tokio_postgres::Client) -> Result<(Lsn, i64), CaptureError> {
     lsn_with_clock(
         sql,
         "pg_current_wal_insert_lsn()",

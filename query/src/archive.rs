@@ -105,7 +105,8 @@ pub struct ArchiveSnapshot {
     /// Logical messages (segments and tail).
     pub message_segments: Vec<SegmentEntry>,
     pub message_tail: Vec<(ChangeKey, ChangeRecord)>,
-    /// The commit time of the earliest change (the initial snapshot), if any.
+    /// Where the archive begins by time: the date of its first snapshot (or, in an archive
+    /// that does not begin with one, the commit time of its earliest change).
     pub first_commit_us: Option<i64>,
     pub first_key: Option<ChangeKey>,
 }
@@ -197,12 +198,22 @@ impl ArchiveSnapshot {
         }
         tables.retain(|_, t| !t.versions.is_empty());
         message_segments.sort_by_key(|s| s.min_key);
+        let snapshots = reader.snapshots()?;
+        // The archive begins with its first snapshot, at that snapshot's date, not at the
+        // least commit time of the segment holding it: a transaction committed between the
+        // snapshot's point and its dating is streamed after it with an earlier time, and a
+        // moment before the date would be answered with that change and without the snapshot.
+        if let Some(first) = first_key
+            && let Some(s) = snapshots.iter().find(|s| s.lsn == first.commit_lsn)
+        {
+            first_commit_us = Some(s.committed_at_us);
+        }
         Ok(ArchiveSnapshot {
             dir: dir.to_path_buf(),
             source: reader.source_identity()?,
             position: reader.position()?,
             gaps: reader.gaps()?,
-            snapshots: reader.snapshots()?,
+            snapshots,
             pending_reads: reader.pending_reads()?,
             types: reader.types()?,
             tables,

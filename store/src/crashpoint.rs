@@ -20,3 +20,25 @@ pub fn hit(point: &str) {
 #[cfg(not(feature = "crashpoints"))]
 #[inline(always)]
 pub fn hit(_point: &str) {}
+
+/// Wait here while `PGTRAIL_PAUSE_AT` names `point` and the file `PGTRAIL_PAUSE_UNTIL` names
+/// does not exist yet (feature `crashpoints`): a test holds the process at a moment it could
+/// not otherwise reach in time (a window of a few round trips), acts, then lets it go on.
+/// It blocks its thread; the points sit where nothing else of the process must run meanwhile.
+#[cfg(feature = "crashpoints")]
+pub fn pause(point: &str) {
+    if std::env::var("PGTRAIL_PAUSE_AT").ok().as_deref() != Some(point) {
+        return;
+    }
+    let Some(until) = std::env::var_os("PGTRAIL_PAUSE_UNTIL") else {
+        return;
+    };
+    eprintln!("pgtrail: pause point {point} reached, waiting for {until:?}");
+    while !std::path::Path::new(&until).exists() {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[cfg(not(feature = "crashpoints"))]
+#[inline(always)]
+pub fn pause(_point: &str) {}

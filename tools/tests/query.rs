@@ -685,3 +685,142 @@ fn sql_and_status_read_a_live_archive_while_capture_runs() {
     );
     terminate(&mut child);
 }
+
+/// The initial snapshot is dated a moment after its consistent point (the server's clock once
+/// its copy has begun); a transaction committed in between is streamed after it with an
+/// earlier time. Held there by a pause point, the capture lets two transactions commit in that
+/// window; then, compacted into one segment with the snapshot (whose least commit time is
+/// theirs), `as_of` by time answers each moment exactly as PostgreSQL held it, or refuses it as
+/// before the archive begins, never the window's changes without the snapshot's rows.
+#[test]
+fn as_of_by_time_between_the_initial_snapshot_point_and_its_date_is_exact_or_refused() {
+    let cluster = crate::Cluster::shared();
+    let db = cluster.fresh_database("window").unwrap();
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE acct (id int PRIMARY KEY, v int);
+             INSERT INTO acct SELECT g, g FROM generate_series(1, 5) g;",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let release = dir.path().join("release");
+    let mut child = pgtrail()
+        .args(["capture", "--slot", &db, "--publication", &db])
+        .args(["--progress-secs", "1", "--no-compact"])
+        .env("PGTRAIL_SOURCE", cluster.url(&db))
+        .env("PGTRAIL_ARCHIVE", &archive)
+        .env("PGTRAIL_PAUSE_AT", "initial-snapshot-entered")
+        .env("PGTRAIL_PAUSE_UNTIL", &release)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Made (its point fixed), though not yet active: the capture holds it only once it
+    // streams, after the pause.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while cluster
+        .psql(&db, &format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{db}' AND confirmed_flush_lsn IS NOT NULL"))
+        .unwrap()
+        != "1"
+    {
+        assert!(child.try_wait().unwrap().is_none(), "capture exited early");
+        assert!(Instant::now() < deadline, "the slot was never made");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // What PostgreSQL holds after each statement, and its clock then (nothing else writes).
+    let held = || {
+        let at = cluster.psql(&db, "SELECT clock_timestamp()::text").unwrap();
+        let rows = cluster
+            .psql(&db, "SELECT id * 1000 + v FROM acct ORDER BY id")
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        (at, rows)
+    };
+    let mut moments = Vec::new();
+    // In the window: after the point, before the capture (paused) dates its snapshot.
+    for sql in [
+        "UPDATE acct SET v = v + 100 WHERE id = 1",
+        "DELETE FROM acct WHERE id = 2",
+    ] {
+        cluster.psql(&db, sql).unwrap();
+        moments.push(held());
+    }
+    std::fs::write(&release, b"").unwrap();
+    let caught_up = |cluster: &crate::Cluster| {
+        let end = crate::insert_lsn(cluster, &db);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while cluster
+            .psql(&db, &format!("SELECT confirmed_flush_lsn >= '{end}' FROM pg_replication_slots WHERE slot_name = '{db}'"))
+            .unwrap()
+            != "t"
+        {
+            assert!(Instant::now() < deadline, "capture did not catch up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    caught_up(cluster);
+    // After the snapshot's date.
+    cluster.psql(&db, "INSERT INTO acct VALUES (9, 9)").unwrap();
+    moments.push(held());
+    caught_up(cluster);
+    terminate(&mut child);
+    let compact = pgtrail()
+        .args(["compact", "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(compact.status.success(), "{compact:?}");
+
+    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let table = snapshot.table("public.acct").unwrap();
+    assert!(
+        table.tail.is_empty() && table.segments.len() == 1,
+        "the snapshot and the window's changes share one segment"
+    );
+    let dated = snapshot.snapshots[0].committed_at_us;
+    let window_commit = table.segments[0].min_committed_at_us;
+    assert!(
+        window_commit < dated && parse_pg_timestamp(&moments[1].0) < dated,
+        "the window was reproduced: changes streamed after the snapshot, committed before its date"
+    );
+    let mut answered = 0;
+    // The first window transaction's own commit time, as well as the moments after each.
+    let at_commit = (
+        pgtrail_store::segment::format_utc_micros(window_commit),
+        moments[0].1.clone(),
+    );
+    for (at, rows) in std::iter::once(&at_commit).chain(&moments) {
+        let out = pgtrail()
+            .args(["sql", "--format", "csv", "--archive"])
+            .arg(&archive)
+            .arg(format!(
+                "SELECT id * 1000 + v AS r FROM as_of('public.acct', TIMESTAMP '{at}') ORDER BY id"
+            ))
+            .output()
+            .unwrap();
+        if out.status.success() {
+            let got = String::from_utf8_lossy(&out.stdout);
+            let got: Vec<&str> = got.lines().skip(1).collect();
+            assert_eq!(
+                got,
+                rows.lines().collect::<Vec<_>>(),
+                "as_of at {at} (the snapshot is dated {dated} µs) differs from what PostgreSQL held"
+            );
+            answered += 1;
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains("before the archive's history begins")
+                    && parse_pg_timestamp(at) < dated,
+                "as_of at {at}: {err}"
+            );
+        }
+    }
+    assert!(
+        answered >= 1,
+        "the moment after the snapshot's date is answered"
+    );
+}
