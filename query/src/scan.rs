@@ -27,7 +27,7 @@ use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::expressions::{Column, Literal};
 use datafusion::physical_expr::{
-    EquivalenceProperties, Partitioning, PhysicalExpr, ScalarFunctionExpr,
+    EquivalenceProperties, Partitioning, PhysicalExpr, PhysicalSortExpr, ScalarFunctionExpr,
 };
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::physical_plan::execution_plan::{
@@ -43,6 +43,7 @@ use datafusion::physical_plan::stream::{
 };
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, PlanProperties, SendableRecordBatchStream,
+    SortOrderPushdownResult,
 };
 use pgtrail_store::RelationVersion;
 use pgtrail_store::segment::RowGroupRange;
@@ -99,6 +100,20 @@ pub(crate) struct HistorySource {
     pub limit: Option<usize>,
 }
 
+/// The order a scan with a `ORDER BY ... LIMIT` above it (a dynamic filter among `prune_by`)
+/// reads each segment's row groups in, so that the limit's first rows come from the first
+/// row groups read and its filter rules out the rest. Row groups are in `(lsn, seq)` order,
+/// and commit times follow it closely.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) enum ReadOrder {
+    /// Newest first: the questions asked most (the latest changes, the latest matches), and
+    /// what a limit whose order the scan was not told gets.
+    #[default]
+    NewestFirst,
+    /// Oldest first: an ascending `ORDER BY lsn` (or `committed_at`) the sort pushed down.
+    OldestFirst,
+}
+
 /// Scan of one table's history: segments, then the log tail, as partitions.
 #[derive(Clone, Debug)]
 pub(crate) struct HistoryScanExec {
@@ -117,6 +132,8 @@ pub(crate) struct HistoryScanExec {
     /// Filters taken over from the plan above (a `WHERE` on the table): only rows they accept
     /// leave the scan, so a `LIMIT` above sees matches as soon as they are read.
     filters: Vec<Arc<dyn PhysicalExpr>>,
+    /// The order row groups are read in while `prune_by` holds a filter.
+    order: ReadOrder,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -165,6 +182,7 @@ impl HistoryScanExec {
             properties: Arc::new(properties),
             prune_by: Vec::new(),
             filters: Vec::new(),
+            order: ReadOrder::default(),
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
@@ -183,6 +201,7 @@ impl HistoryScanExec {
         );
         scan.prune_by = prune_by;
         scan.filters = filters;
+        scan.order = self.order;
         scan
     }
 
@@ -274,9 +293,13 @@ impl DisplayAs for HistoryScanExec {
             write!(f, ", filters=[{}]", filters.join(", "))?;
         }
         if !self.prune_by.is_empty() {
+            let first = match self.order {
+                ReadOrder::NewestFirst => "newest",
+                ReadOrder::OldestFirst => "oldest",
+            };
             write!(
                 f,
-                ", newest row groups first, skipping by {} filters",
+                ", {first} row groups first, skipping by {} filters",
                 self.prune_by.len()
             )?;
         }
@@ -408,11 +431,39 @@ impl ExecutionPlan for HistoryScanExec {
         let mut scan =
             HistoryScanExec::with_read_columns(self.source.clone(), columns, schema, outputs);
         scan.filters = filters;
+        scan.order = self.order;
         if !self.prune_by.is_empty() {
             // Pushed against the old columns; the pushdown after planning passes them again.
             return Ok(None);
         }
         Ok(Some(Arc::new(scan)))
+    }
+
+    /// Read row groups in the order a sort above asks for when it sorts by `lsn` or
+    /// `committed_at` first: `Inexact`, as the sort above still orders every row (segments
+    /// are read side by side), but a `LIMIT` with it stops after the first row groups.
+    fn try_pushdown_sort(
+        &self,
+        order: &[PhysicalSortExpr],
+    ) -> Result<SortOrderPushdownResult<Arc<dyn ExecutionPlan>>> {
+        let by_position = order.first().and_then(|first| {
+            let column = first.expr.downcast_ref::<Column>()?;
+            let stored = self.columns[..self.outputs].get(column.index())?;
+            matches!(stored, ScanColumn::Stored(name) if name == "lsn" || name == "committed_at")
+                .then_some(first.options.descending)
+        });
+        let Some(descending) = by_position else {
+            return Ok(SortOrderPushdownResult::Unsupported);
+        };
+        let mut scan = self.with_filters(self.prune_by.clone(), self.filters.clone());
+        scan.order = if descending {
+            ReadOrder::NewestFirst
+        } else {
+            ReadOrder::OldestFirst
+        };
+        Ok(SortOrderPushdownResult::Inexact {
+            inner: Arc::new(scan),
+        })
     }
 
     fn execute(
@@ -440,7 +491,7 @@ impl ExecutionPlan for HistoryScanExec {
             )));
         };
         if !self.prune_by.is_empty() {
-            return self.execute_newest_first(segment.clone(), left, partition);
+            return self.execute_ordered(segment.clone(), left, partition);
         }
         let mut builder = RecordBatchReceiverStreamBuilder::new(ExecutionPlan::schema(self), 2);
         let tx = builder.tx();
@@ -553,10 +604,11 @@ impl HistoryScanExec {
         complete.then_some(rewritten)
     }
 
-    /// A segment's row groups newest first, each read only if the filters above may accept a
-    /// row of it: once a `ORDER BY committed_at DESC ... LIMIT n` holds n rows, its dynamic
-    /// filter rules out every older row group, and the scan stops reading.
-    fn execute_newest_first(
+    /// A segment's row groups in `self.order`, each read only if the filters above may accept
+    /// a row of it: once a `ORDER BY committed_at DESC ... LIMIT n` holds n rows, its dynamic
+    /// filter rules out every older row group, and the scan stops reading (an ascending order
+    /// reads oldest first and rules out the newer ones).
+    fn execute_ordered(
         &self,
         segment: SegmentSource,
         mut left: usize,
@@ -572,7 +624,11 @@ impl HistoryScanExec {
             let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
             let ranges = segment_row_groups(&segment.path, &segment.sha256)?;
-            for (i, range) in ranges.iter().enumerate().rev() {
+            let in_order: Box<dyn Iterator<Item = (usize, &RowGroupRange)>> = match scan.order {
+                ReadOrder::NewestFirst => Box::new(ranges.iter().enumerate().rev()),
+                ReadOrder::OldestFirst => Box::new(ranges.iter().enumerate()),
+            };
+            for (i, range) in in_order {
                 let outside = range
                     .lsn
                     .is_some_and(|(lo, hi)| hi < bounds.lsn.0 || lo > bounds.lsn.1)

@@ -354,6 +354,18 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
             .any(|line| line.contains("newest row groups first")),
         "the scan takes the sort's dynamic filter: {plan:?}"
     );
+    // An ascending order reaches the scan through DataFusion's sort pushdown: oldest first.
+    for oldest in [
+        "SELECT lsn, seq FROM public.plain ORDER BY lsn, seq LIMIT 7",
+        "SELECT committed_at, after.id FROM public.plain ORDER BY committed_at LIMIT 7",
+    ] {
+        let plan = run(&format!("EXPLAIN {oldest}"));
+        assert!(
+            plan.iter()
+                .any(|line| line.contains("oldest row groups first")),
+            "{oldest}: {plan:?}"
+        );
+    }
     // row_history through the key index (or the view over the stored key columns), and by the
     // text scan: the same changes, for an integer key and a text-and-integer key (including
     // rows whose key changed), with the key indexes, without them, and with one damaged.
