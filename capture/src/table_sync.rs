@@ -1113,6 +1113,7 @@ async fn copy_in_step(
         None,
         async {
             snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked).await?;
+            pgtrail_store::crashpoint::pause("table-copy-entered");
             server_point(&copy_sql).await
         },
     )

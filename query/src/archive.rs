@@ -108,6 +108,7 @@ pub struct ArchiveSnapshot {
     /// Where the archive begins by time: the date of its first snapshot (or, in an archive
     /// that does not begin with one, the commit time of its earliest change).
     pub first_commit_us: Option<i64>,
+    /// Where the archive begins by LSN: its first snapshot's key (or its earliest change's).
     pub first_key: Option<ChangeKey>,
 }
 
@@ -199,13 +200,15 @@ impl ArchiveSnapshot {
         tables.retain(|_, t| !t.versions.is_empty());
         message_segments.sort_by_key(|s| s.min_key);
         let snapshots = reader.snapshots()?;
-        // The archive begins with its first snapshot, at that snapshot's date, not at the
-        // least commit time of the segment holding it: a transaction committed between the
+        // The archive begins with its first snapshot, at that snapshot's date: even one that
+        // read no row (the tables were empty then, which is known), and not at the least
+        // commit time of the segment holding it: a transaction committed between the
         // snapshot's point and its dating is streamed after it with an earlier time, and a
         // moment before the date would be answered with that change and without the snapshot.
-        if let Some(first) = first_key
-            && let Some(s) = snapshots.iter().find(|s| s.lsn == first.commit_lsn)
+        if let Some(s) = snapshots.first()
+            && first_key.is_none_or(|k| s.lsn <= k.commit_lsn)
         {
+            first_key = Some(ChangeKey::new(s.lsn, 0));
             first_commit_us = Some(s.committed_at_us);
         }
         Ok(ArchiveSnapshot {

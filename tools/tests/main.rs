@@ -27,6 +27,7 @@ mod restore;
 mod revert;
 mod schema;
 mod serve;
+mod snapshot_dates;
 mod tables;
 mod tampering;
 
