@@ -17,6 +17,19 @@ use pgtrail_query::ArchiveSnapshot;
 use crate::query::parse_pg_timestamp;
 use crate::{insert_lsn, pgtrail, terminate, wait_slot_active};
 
+/// A capture that is killed if the test ends without stopping it: one held at a pause point
+/// by a failed test would otherwise wait for its release file for ever.
+struct Paused(Child);
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// `pgtrail capture` of `db` into `archive`, held at the pause point `point` until the file
 /// `release` exists.
 fn capture_paused(
@@ -26,8 +39,8 @@ fn capture_paused(
     point: &str,
     release: &Path,
     extra: &[&str],
-) -> Child {
-    pgtrail()
+) -> Paused {
+    let child = pgtrail()
         .args(["capture", "--slot", db, "--publication", db])
         .args(["--progress-secs", "1", "--no-compact"])
         .args(extra)
@@ -39,7 +52,8 @@ fn capture_paused(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Paused(child)
 }
 
 /// Wait until a slot `condition` picks out is made (its point fixed; it need not be active).
@@ -164,7 +178,7 @@ fn as_of_by_time_between_the_initial_snapshot_point_and_its_date_is_exact_or_ref
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (archive, release) = (dir.path().join("archive"), dir.path().join("release"));
-    let mut child = capture_paused(
+    let mut capture = capture_paused(
         cluster,
         &db,
         &archive,
@@ -173,9 +187,9 @@ fn as_of_by_time_between_the_initial_snapshot_point_and_its_date_is_exact_or_ref
         &[],
     );
     // Made, though not active: the capture holds it only once it streams, after the pause.
-    wait_slot_made(cluster, &db, &format!("slot_name = '{db}'"), &mut child);
+    wait_slot_made(cluster, &db, &format!("slot_name = '{db}'"), &mut capture.0);
     let mut moments = commit_in_window(cluster, &db, "acct", &release);
-    terminate(&mut child);
+    terminate(&mut capture.0);
     let compact = pgtrail()
         .args(["compact", "--archive"])
         .arg(&archive)
@@ -225,7 +239,7 @@ fn as_of_by_time_in_a_joining_tables_copy_window_is_exact_or_refused() {
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (archive, release) = (dir.path().join("archive"), dir.path().join("release"));
-    let mut child = capture_paused(
+    let mut capture = capture_paused(
         cluster,
         &db,
         &archive,
@@ -233,7 +247,7 @@ fn as_of_by_time_in_a_joining_tables_copy_window_is_exact_or_refused() {
         &release,
         &["--catalog-secs", "1"],
     );
-    wait_slot_active(cluster, &db, &db, &mut child);
+    wait_slot_active(cluster, &db, &db, &mut capture.0);
     cluster
         .psql(
             &db,
@@ -242,7 +256,12 @@ fn as_of_by_time_in_a_joining_tables_copy_window_is_exact_or_refused() {
         )
         .unwrap();
     // The copy's temporary slot made: the capture is at (or on its way to) the pause.
-    wait_slot_made(cluster, &db, "slot_name LIKE 'pgtrail_sync_%'", &mut child);
+    wait_slot_made(
+        cluster,
+        &db,
+        "slot_name LIKE 'pgtrail_sync_%'",
+        &mut capture.0,
+    );
     let mut moments = commit_in_window(cluster, &db, "late", &release);
     // The copy is stored once the stream passes its point: wait for it in the archive.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -258,7 +277,7 @@ fn as_of_by_time_in_a_joining_tables_copy_window_is_exact_or_refused() {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    terminate(&mut child);
+    terminate(&mut capture.0);
     let snapshot = ArchiveSnapshot::open(&archive).unwrap();
     let table = snapshot.table("public.late").unwrap();
     let window_commit = table
