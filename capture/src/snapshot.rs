@@ -64,14 +64,11 @@ pub(crate) async fn copy_tables(
     writer: &WriterHandle,
     progress: &AtomicU64,
 ) -> Result<u64, CaptureError> {
-    enter_snapshot(sql, snapshot_name, tables).await?;
-    pgtrail_store::crashpoint::pause("initial-snapshot-entered");
-    // Dated by the server's clock, read now: every transaction the snapshot holds committed
-    // before its point, so before this reading, whatever this machine's clock says. A
-    // transaction committed between the point and this reading is streamed after the snapshot
-    // with an earlier time; the archive begins at this date (`ArchiveSnapshot::first_commit_us`),
-    // so a moment before it is refused rather than answered without the snapshot.
-    let (_, committed_at_us) = crate::table_sync::server_point(sql).await?;
+    // The archive begins at this date (`ArchiveSnapshot::first_commit_us`): a transaction
+    // committed between the point and the dating is streamed after the snapshot with an
+    // earlier time, and a moment before the date is refused rather than answered without it.
+    let committed_at_us =
+        enter_snapshot(sql, snapshot_name, tables, "initial-snapshot-entered").await?;
     writer
         .send(vec![LogOp::Begin {
             final_lsn: Lsn(consistent_point.0 - 1),
@@ -97,12 +94,16 @@ pub(crate) async fn copy_tables(
 }
 
 /// Begin a read-only transaction on `sql` inside the exported snapshot `snapshot_name`, with
-/// `tables` locked against DDL until it ends.
+/// `tables` locked against DDL until it ends, and return the snapshot's date: the server's
+/// clock read once it is entered. Every transaction the snapshot holds committed before its
+/// point, so before this reading, whatever this machine's clock says. `pause_point` names the
+/// pause point between entering and dating (tests; see `pgtrail_store::crashpoint::pause`).
 pub(crate) async fn enter_snapshot(
     sql: &tokio_postgres::Client,
     snapshot_name: &str,
     tables: &[CapturedTable],
-) -> Result<(), CaptureError> {
+    pause_point: &str,
+) -> Result<i64, CaptureError> {
     sql.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(|e| CaptureError::sql("starting the snapshot transaction", e))?;
@@ -139,7 +140,9 @@ pub(crate) async fn enter_snapshot(
                 ),
             })?;
     }
-    Ok(())
+    pgtrail_store::crashpoint::pause(pause_point);
+    let (_, dated) = crate::table_sync::server_point(sql).await?;
+    Ok(dated)
 }
 
 /// End the snapshot transaction [`enter_snapshot`] began.

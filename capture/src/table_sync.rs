@@ -1105,17 +1105,13 @@ async fn copy_in_step(
     })?;
     let (copy_sql, copier) = liveness::copy_connection(&config.source, &config.slot, limit).await?;
     let locked: Vec<CapturedTable> = copy.iter().map(|(t, _)| t.clone()).collect();
-    let (_, committed_at_us) = liveness::watched(
+    let committed_at_us = liveness::watched(
         sql,
         limit,
         copier,
         "entering a table copy's snapshot",
         None,
-        async {
-            snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked).await?;
-            pgtrail_store::crashpoint::pause("table-copy-entered");
-            server_point(&copy_sql).await
-        },
+        snapshot::enter_snapshot(&copy_sql, &snapshot_name, &locked, "table-copy-entered"),
     )
     .await?;
     let progress = AtomicU64::new(0);

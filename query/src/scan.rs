@@ -205,6 +205,13 @@ impl HistoryScanExec {
         scan
     }
 
+    /// This scan reading row groups in `order` (a new plan node: metrics of its own).
+    fn with_order(&self, order: ReadOrder) -> HistoryScanExec {
+        let mut scan = self.with_filters(self.prune_by.clone(), self.filters.clone());
+        scan.order = order;
+        scan
+    }
+
     /// Whether row group `range` may hold a row every filter of `prune_by` accepts.
     fn may_match(&self, range: &RowGroupRange) -> Result<bool> {
         let stats = RowGroupStatistics {
@@ -455,14 +462,13 @@ impl ExecutionPlan for HistoryScanExec {
         let Some(descending) = by_position else {
             return Ok(SortOrderPushdownResult::Unsupported);
         };
-        let mut scan = self.with_filters(self.prune_by.clone(), self.filters.clone());
-        scan.order = if descending {
+        let order = if descending {
             ReadOrder::NewestFirst
         } else {
             ReadOrder::OldestFirst
         };
         Ok(SortOrderPushdownResult::Inexact {
-            inner: Arc::new(scan),
+            inner: Arc::new(self.with_order(order)),
         })
     }
 
