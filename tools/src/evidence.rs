@@ -339,10 +339,26 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             })?,
         );
     }
+    // A trusted checkpoint that is no checkpoint at all, or one no key could count, is the
+    // caller's mistake: say so now rather than after reading every segment (minutes on a large
+    // archive). A note that parses but whose signature fails is a finding, and stays in the report.
     for path in &args.trusted {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("--trusted-checkpoint {}: cannot read it", path.display()))?;
+        if let Err(e) = pgtrail_store::evidence::note::Checkpoint::in_note_unverified(&text) {
+            bail!(
+                "--trusted-checkpoint {}: not a signed checkpoint ({e}); give a copy of a file \
+                 `pgtrail checkpoint` wrote (the archive's evidence/checkpoints/<size>)",
+                path.display()
+            );
+        }
         options.trusted.push((path.clone(), text));
+    }
+    if !options.trusted.is_empty() && options.keys.is_empty() {
+        bail!(
+            "--trusted-checkpoint needs --key: a checkpoint kept outside the archive counts only \
+             when a verifier key you pinned verifies its signature"
+        );
     }
     let shown = archive.clone();
     let report = tokio::task::spawn_blocking(move || {

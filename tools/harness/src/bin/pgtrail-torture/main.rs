@@ -1447,6 +1447,26 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         "neither a verifier key nor a readable file",
     );
     case(
+        "a trusted checkpoint that is no checkpoint",
+        &|| Some(String::new()),
+        arg(&["verify", "--archive", &archive, "--trusted-checkpoint", &junk]),
+        "not a signed checkpoint",
+    );
+    // A well-formed note (its signature is never checked: no key is given) counts for nothing
+    // without a key, which is refused before the archive is read.
+    let unkeyed = h.work.join("unkeyed.checkpoint");
+    let _ = std::fs::write(
+        &unkeyed,
+        "example.org/log\n7\nAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=\n\n\u{2014} example.org/log AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n",
+    );
+    let unkeyed = unkeyed.display().to_string();
+    case(
+        "a trusted checkpoint without a key to check it",
+        &|| Some(String::new()),
+        arg(&["verify", "--archive", &archive, "--trusted-checkpoint", &unkeyed]),
+        "--trusted-checkpoint needs --key",
+    );
+    case(
         "a cosigner key file that does not exist",
         &|| Some(String::new()),
         arg(&[

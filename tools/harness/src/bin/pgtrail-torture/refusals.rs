@@ -1,7 +1,8 @@
 //! Bad input only a real server can show: password files a server that asks for a password
 //! finds unusable (open to others, a malformed line, missing, a wrong password), a revert of a
 //! table whose key was dropped while it was captured, and an S3 store that refuses the
-//! credentials. Each must be refused with its message, never printing a secret.
+//! credentials (a key it does not know, a wrong secret, a user without rights). Each must be
+//! refused with its message, never printing a secret.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -46,6 +47,8 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
     let port = cluster.as_ref().map_or(0, |c| c.port());
     let at = |name: &str| dir.join(name);
     let text = |p: &Path| p.display().to_string();
+    // Secrets a case makes as it runs (an S3 user's secret): never to appear in output either.
+    let made_secrets = std::cell::RefCell::new(Vec::<String>::new());
     let mut case =
         |name: &str, prepared: Result<(), String>, command: Vec<String>, must_say: &str| {
             let (bin, args) = command.split_first().expect("a command");
@@ -56,7 +59,10 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
                 args,
                 must_say,
             );
-            if err.contains(PASSWORD) || err.contains(SECRET) {
+            if err.contains(PASSWORD)
+                || err.contains(SECRET)
+                || made_secrets.borrow().iter().any(|s| err.contains(s.as_str()))
+            {
                 v.bad_inputs_failed += 1;
                 v.problems
                     .push(format!("bad input {name}: a secret appears in its output"));
@@ -165,6 +171,11 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
             .ok_or_else(|| "no archive to export (the keyless case failed)".to_string())
     });
     let endpoint = moto.as_ref().map_or(String::new(), |m| m.endpoint.clone());
+    // Made first: the server takes its first requests unsigned, and these are they.
+    let user = moto.as_ref().map_err(Clone::clone).and_then(Moto::user_without_rights);
+    if let Ok((_, secret)) = &user {
+        made_secrets.borrow_mut().push(secret.clone());
+    }
     case(
         "S3 credentials the store does not know",
         moto.as_ref().map(|_| ()).map_err(Clone::clone),
@@ -183,6 +194,38 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
             "--layout".into(),
             "cdf".into(),
         ],
+        "the store refused these credentials",
+    );
+    // A key the store knows, with a wrong secret (SignatureDoesNotMatch) and with its own
+    // secret but no rights to the bucket (AccessDenied): both are the credentials' fault.
+    let export_as = |key: &str, secret: &str| {
+        vec![
+            "env".into(),
+            format!("AWS_ENDPOINT_URL={endpoint}"),
+            format!("AWS_ACCESS_KEY_ID={key}"),
+            format!("AWS_SECRET_ACCESS_KEY={secret}"),
+            "AWS_REGION=us-east-1".into(),
+            bin.clone(),
+            "export".into(),
+            "--archive".into(),
+            text(&keyless),
+            "--to".into(),
+            "s3://lake/torture".into(),
+            "--layout".into(),
+            "cdf".into(),
+        ]
+    };
+    let (key, secret) = user.clone().unwrap_or_default();
+    case(
+        "an S3 secret that is not its key's",
+        user.as_ref().map(|_| ()).map_err(Clone::clone),
+        export_as(&key, SECRET),
+        "SignatureDoesNotMatch",
+    );
+    case(
+        "S3 credentials without rights to the bucket",
+        user.as_ref().map(|_| ()).map_err(Clone::clone),
+        export_as(&key, &secret),
         "the store refused these credentials",
     );
     drop(moto);
@@ -248,8 +291,9 @@ fn keyless_archive(
     catch_up("keyless")
 }
 
-/// moto's S3 server on loopback with signatures checked (`INITIAL_NO_AUTH_ACTION_COUNT=0`):
-/// every access key it was not given is refused, as AWS refuses it.
+/// moto's S3 server on loopback with signatures checked after its first [`NO_AUTH_ACTIONS`]
+/// requests (`INITIAL_NO_AUTH_ACTION_COUNT`): an access key it does not know, a wrong secret and
+/// a user without rights are refused, as AWS refuses them.
 struct Moto {
     child: std::process::Child,
     endpoint: String,
@@ -270,7 +314,7 @@ impl Moto {
                 "-p",
                 &port.to_string(),
             ])
-            .env("INITIAL_NO_AUTH_ACTION_COUNT", "0")
+            .env("INITIAL_NO_AUTH_ACTION_COUNT", NO_AUTH_ACTIONS)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -295,6 +339,40 @@ impl Moto {
         Ok(moto)
     }
 }
+
+impl Moto {
+    /// An IAM user the store knows, with no policy (so no rights to any bucket): its access
+    /// key and secret. Made by the server's first two requests, the ones it takes without a
+    /// signature ([`NO_AUTH_ACTIONS`]); every request after them is checked.
+    fn user_without_rights(&self) -> Result<(String, String), String> {
+        let out = Command::new("python3")
+            .args(["-c", MAKE_USER, &self.endpoint])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run python3 to make an S3 user: {e}"))?;
+        let said = String::from_utf8_lossy(&out.stdout).to_string();
+        match said.split_whitespace().collect::<Vec<_>>()[..] {
+            [key, secret] if out.status.success() => Ok((key.to_string(), secret.to_string())),
+            _ => Err(format!(
+                "could not make an S3 user in moto (boto3 comes with moto[server]): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+}
+
+/// Requests moto takes without checking a signature: the two that make the user of
+/// [`Moto::user_without_rights`]. Every later one is checked, as AWS checks it.
+const NO_AUTH_ACTIONS: &str = "2";
+
+/// Makes an IAM user with an access key and prints `KEY SECRET`.
+const MAKE_USER: &str = "import sys, boto3
+iam = boto3.client('iam', endpoint_url=sys.argv[1], region_name='us-east-1',
+                   aws_access_key_id='setup', aws_secret_access_key='setup')
+iam.create_user(UserName='norights')
+k = iam.create_access_key(UserName='norights')['AccessKey']
+print(k['AccessKeyId'], k['SecretAccessKey'])
+";
 
 impl Drop for Moto {
     fn drop(&mut self) {
