@@ -251,6 +251,32 @@ fn bench_capture(url: &str, archive: &std::path::Path) -> anyhow::Result<Capture
     })
 }
 
+/// Drop `db`'s replication slots (or the one named), once no walsender holds them: a client
+/// that has exited leaves its walsender to end a moment later, and dropping an active slot
+/// fails (a full run once stopped on it).
+pub(crate) fn drop_slots(cluster: &Cluster, db: &str, slot: Option<&str>) -> anyhow::Result<()> {
+    let which = match slot {
+        Some(name) => format!("slot_name = '{name}'"),
+        None => "database = current_database()".to_string(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cluster.psql(
+        db,
+        &format!("SELECT count(*) FROM pg_replication_slots WHERE {which} AND active"),
+    )? != "0"
+    {
+        if Instant::now() > deadline {
+            bail!("a replication slot of {db} is still in use 60 s after its client ended");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    cluster.psql(
+        db,
+        &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE {which}"),
+    )?;
+    Ok(())
+}
+
 /// A backlog of `rows` 200-byte-row changes: inserts, then updates and deletes of a share.
 fn backlog_sql(rows: u64) -> Vec<String> {
     let batch = 10_000u64;
@@ -399,7 +425,7 @@ fn decode_suite(
                 unit: "changes/s",
             });
         }
-        cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+        drop_slots(cluster, &db, None)?;
     }
     Ok(())
 }
@@ -617,7 +643,7 @@ fn storage_suite(
             unit: "bytes/change",
         });
     }
-    cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    drop_slots(cluster, &db, None)?;
     if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
         eprintln!("storage: files kept in {}", dir.keep().display());
     }
@@ -953,10 +979,8 @@ fn overhead_suite(
                 if summary.changes == 0 {
                     bail!("pgtrail captured nothing during pgbench");
                 }
-                cluster.psql(
-                    &db,
-                    "SELECT pg_drop_replication_slot('pgtrail'); DROP PUBLICATION pgtrail",
-                )?;
+                drop_slots(cluster, &db, Some("pgtrail"))?;
+                cluster.psql(&db, "DROP PUBLICATION pgtrail")?;
             }
             if contestant == "trigger" {
                 remove_audit_trigger(cluster, &db)?;
@@ -966,10 +990,8 @@ fn overhead_suite(
                     .args(["-INT", &child.id().to_string()])
                     .status();
                 let _ = child.wait();
-                cluster.psql(
-                    &db,
-                    "SELECT pg_drop_replication_slot('recv'); DROP PUBLICATION recv",
-                )?;
+                drop_slots(cluster, &db, Some("recv"))?;
+                cluster.psql(&db, "DROP PUBLICATION recv")?;
             }
             let per_tx = wal as f64 / transactions.max(1) as f64;
             let p99 = p99.unwrap_or(f64::NAN);
@@ -1122,7 +1144,7 @@ fn bigtx_suite(
                 unit: "MiB",
             });
         }
-        cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+        drop_slots(cluster, &db, None)?;
         cluster.psql("postgres", &format!("DROP DATABASE {db}"))?;
     }
     Ok(())

@@ -790,7 +790,7 @@ pub fn queries_suite(
         args,
         results,
     )?;
-    cluster.psql(&db, "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database()")?;
+    super::drop_slots(cluster, &db, None)?;
     if std::env::var_os("PGTRAIL_BENCH_KEEP").is_some() {
         eprintln!(
             "queries: archive kept in {} (moments {} / {} / {})",
