@@ -272,7 +272,9 @@ pub(crate) fn drop_slots(cluster: &Cluster, db: &str, slot: Option<&str>) -> any
     }
     cluster.psql(
         db,
-        &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE {which}"),
+        &format!(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE {which}"
+        ),
     )?;
     Ok(())
 }

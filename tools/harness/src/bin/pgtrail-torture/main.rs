@@ -1457,7 +1457,13 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
     case(
         "a trusted checkpoint without a key to check it",
         &|| Some(String::new()),
-        arg(&["verify", "--archive", &archive, "--trusted-checkpoint", &unkeyed]),
+        arg(&[
+            "verify",
+            "--archive",
+            &archive,
+            "--trusted-checkpoint",
+            &unkeyed,
+        ]),
         "--trusted-checkpoint needs --key",
     );
     case(

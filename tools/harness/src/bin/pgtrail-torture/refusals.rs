@@ -61,7 +61,10 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
             );
             if err.contains(PASSWORD)
                 || err.contains(SECRET)
-                || made_secrets.borrow().iter().any(|s| err.contains(s.as_str()))
+                || made_secrets
+                    .borrow()
+                    .iter()
+                    .any(|s| err.contains(s.as_str()))
             {
                 v.bad_inputs_failed += 1;
                 v.problems
@@ -172,7 +175,10 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
     });
     let endpoint = moto.as_ref().map_or(String::new(), |m| m.endpoint.clone());
     // Made first: the server takes its first requests unsigned, and these are they.
-    let user = moto.as_ref().map_err(Clone::clone).and_then(Moto::user_without_rights);
+    let user = moto
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(Moto::user_without_rights);
     if let Ok((_, secret)) = &user {
         made_secrets.borrow_mut().push(secret.clone());
     }
