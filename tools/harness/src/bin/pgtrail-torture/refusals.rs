@@ -182,28 +182,6 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
     if let Ok((_, secret)) = &user {
         made_secrets.borrow_mut().push(secret.clone());
     }
-    case(
-        "S3 credentials the store does not know",
-        moto.as_ref().map(|_| ()).map_err(Clone::clone),
-        vec![
-            "env".into(),
-            format!("AWS_ENDPOINT_URL={endpoint}"),
-            "AWS_ACCESS_KEY_ID=AKIATORTUREUNKNOWN01".into(),
-            format!("AWS_SECRET_ACCESS_KEY={SECRET}"),
-            "AWS_REGION=us-east-1".into(),
-            bin.clone(),
-            "export".into(),
-            "--archive".into(),
-            text(&keyless),
-            "--to".into(),
-            "s3://lake/torture".into(),
-            "--layout".into(),
-            "cdf".into(),
-        ],
-        "the store refused these credentials",
-    );
-    // A key the store knows, with a wrong secret (SignatureDoesNotMatch) and with its own
-    // secret but no rights to the bucket (AccessDenied): both are the credentials' fault.
     let export_as = |key: &str, secret: &str| {
         vec![
             "env".into(),
@@ -221,6 +199,14 @@ pub fn bad_inputs(pgtrail: &Path, work: &Path, v: &mut Verdict) {
             "cdf".into(),
         ]
     };
+    case(
+        "S3 credentials the store does not know",
+        moto.as_ref().map(|_| ()).map_err(Clone::clone),
+        export_as("AKIATORTUREUNKNOWN01", SECRET),
+        "the store refused these credentials",
+    );
+    // A key the store knows, with a wrong secret (SignatureDoesNotMatch) and with its own
+    // secret but no rights to the bucket (AccessDenied): both are the credentials' fault.
     let (key, secret) = user.clone().unwrap_or_default();
     case(
         "an S3 secret that is not its key's",
