@@ -2,7 +2,7 @@
 //! prove the archive complete and unaltered against signed checkpoints.
 
 use std::io::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use pgtrail_store::evidence::note::{Checkpoint, VerifierKey};
@@ -298,6 +298,22 @@ impl std::fmt::Display for VerificationFailed {
 
 impl std::error::Error for VerificationFailed {}
 
+/// The signed checkpoint note in the file `flag` names, refused unless it is one: the archive is
+/// checked against it only after every segment is read (minutes on a large archive), too late
+/// to learn that the file was the wrong one.
+fn read_checkpoint_note(flag: &str, path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}: cannot read it", path.display()))?;
+    if let Err(e) = pgtrail_store::evidence::note::Checkpoint::in_note_unverified(&text) {
+        bail!(
+            "{flag} {}: not a signed checkpoint ({e}); give a copy of a file `pgtrail checkpoint` \
+             wrote (the archive's evidence/checkpoints/<size>)",
+            path.display()
+        );
+    }
+    Ok(text)
+}
+
 /// The verifier keys `--key` gives: each a key as `pgtrail keygen` printed it, or a file
 /// holding one.
 fn verifier_keys(given: &[String]) -> anyhow::Result<Vec<VerifierKey>> {
@@ -343,15 +359,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     // caller's mistake: say so now rather than after reading every segment (minutes on a large
     // archive). A note that parses but whose signature fails is a finding, and stays in the report.
     for path in &args.trusted {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("--trusted-checkpoint {}: cannot read it", path.display()))?;
-        if let Err(e) = pgtrail_store::evidence::note::Checkpoint::in_note_unverified(&text) {
-            bail!(
-                "--trusted-checkpoint {}: not a signed checkpoint ({e}); give a copy of a file \
-                 `pgtrail checkpoint` wrote (the archive's evidence/checkpoints/<size>)",
-                path.display()
-            );
-        }
+        let text = read_checkpoint_note("--trusted-checkpoint", path)?;
         options.trusted.push((path.clone(), text));
     }
     if !options.trusted.is_empty() && options.keys.is_empty() {
@@ -565,8 +573,7 @@ pub struct CosignArgs {
 pub async fn cosign(args: CosignArgs) -> anyhow::Result<()> {
     let key = pgtrail_store::evidence::note::SigningKey::read_file(&args.key)
         .with_context(|| format!("--key {}", args.key.display()))?;
-    let note = std::fs::read_to_string(&args.checkpoint)
-        .with_context(|| format!("--checkpoint {}: cannot read it", args.checkpoint.display()))?;
+    let note = read_checkpoint_note("--checkpoint", &args.checkpoint)?;
     let options = VerifyOptions {
         keys: verifier_keys(std::slice::from_ref(&args.log_key))?,
         trusted: vec![(args.checkpoint.clone(), note.clone())],

@@ -2161,6 +2161,32 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         // Refused before the archive is read: it could count for nothing.
         "not a signed checkpoint",
     );
+    let cosigner_key = key_dir.join("cosigner.key");
+    case(
+        "a checkpoint to cosign that is not a signed note",
+        &|| {
+            std::fs::create_dir_all(&key_dir).ok()?;
+            let made = Command::new(&h.bin)
+                .args(["keygen", "--cosigner", "--name", "torture-auditor", "--out"])
+                .arg(&cosigner_key)
+                .output()
+                .ok()?;
+            (made.status.success() && garbage.exists()).then(String::new)
+        },
+        arg(&[
+            "cosign",
+            "--archive",
+            &archive,
+            "--checkpoint",
+            &garbage.display().to_string(),
+            "--log-key",
+            "x",
+            "--key",
+            &cosigner_key.display().to_string(),
+        ]),
+        // Refused before the archive is verified against it.
+        "not a signed checkpoint",
+    );
     let not_a_key = key_dir.join("not-a-verifier-key");
     case(
         "a verifier key file that holds no key",
