@@ -330,9 +330,7 @@ impl Moto {
         }
         Ok(moto)
     }
-}
 
-impl Moto {
     /// An IAM user the store knows, with no policy (so no rights to any bucket): its access
     /// key and secret. Made by the server's first two requests, the ones it takes without a
     /// signature ([`NO_AUTH_ACTIONS`]); every request after them is checked.
