@@ -29,6 +29,7 @@ use crate::change::{ChangeRecord, Op};
 use crate::crashpoint;
 use crate::error::CompactError;
 use crate::evidence;
+use crate::evidence::hasher::LeafHasher;
 use crate::evidence::leaf::Epochs;
 use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
@@ -396,6 +397,7 @@ impl Compactor {
         let mut epochs: Option<Epochs> = None;
         // The writers' leaves wait on disk, not in memory, until the commit merges them.
         let spill = LeafSpill::create_in(&self.segments_dir)?;
+        let hasher = self.options.evidence.then(LeafHasher::start).transpose()?;
         let changes = rtx.open_table(CHANGES)?;
         let relations = rtx.open_table(RELATIONS)?;
         let mut writers: BTreeMap<Group, (u64, SegmentContent, SegmentWriter)> = BTreeMap::new();
@@ -456,8 +458,8 @@ impl Compactor {
                         &enums,
                         &self.options.segment,
                     )?;
-                    if self.options.evidence {
-                        w.compute_leaves(epochs.clone(), spill.stream());
+                    if let Some(hasher) = &hasher {
+                        w.compute_leaves(hasher, epochs.clone(), spill.stream());
                     }
                     &mut e.insert((id, content, w)).2
                 }
@@ -486,6 +488,10 @@ impl Compactor {
         drop(reader);
         for (group, (id, content, w)) in std::mem::take(&mut writers) {
             entries.push(finish(id, content, w, owned(op_counts.remove(&group)))?);
+        }
+        // Every writer has finished, so every batch was sent: wait for the last leaves.
+        if let Some(hasher) = hasher {
+            hasher.finish()?;
         }
         if count == 0 {
             return Ok(());

@@ -105,6 +105,10 @@ pub enum SegmentError {
     #[error("segment {path} is corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error(
+        "the thread computing evidence leaves {what}; the run's leaves are incomplete and nothing was compacted (a pgtrail bug: please report it)"
+    )]
+    LeafThread { what: &'static str },
+    #[error(
         "segment {path} is format version {found}, written by a newer pgtrail; this pgtrail reads versions up to {supported}: upgrade pgtrail to read this archive"
     )]
     FormatVersion {

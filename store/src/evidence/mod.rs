@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod certificate;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod hasher;
 pub mod leaf;
 pub mod merkle;
 pub mod note;

@@ -31,7 +31,8 @@ use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::change::{Cell, ChangeRecord, Row};
 use crate::crashpoint;
 use crate::error::SegmentError;
-use crate::evidence::leaf::{Epochs, batch_leaves};
+use crate::evidence::hasher::{LeafHasher, LeafJobs};
+use crate::evidence::leaf::Epochs;
 use crate::evidence::spill::LeafStream;
 use crate::lsn::{ChangeKey, Lsn};
 
@@ -136,7 +137,7 @@ pub struct SegmentWriter {
     max_ts: i64,
     raw_bytes: u64,
     content: SegmentContent,
-    leaves: Option<(Epochs, LeafStream)>,
+    leaves: Option<LeafJobs>,
     /// The key index's entries (`None`: the table's key is not indexed).
     keys: Option<KeyIndexBuilder>,
 }
@@ -272,10 +273,10 @@ impl SegmentWriter {
     }
 
     /// Compute the evidence leaf of every row written from here on, from the Arrow batch that
-    /// goes to the file (so a leaf is what the file holds, not what the log held), and write
-    /// each batch's leaves to `stream` as it is written.
-    pub fn compute_leaves(&mut self, epochs: Epochs, stream: LeafStream) {
-        self.leaves = Some((epochs, stream));
+    /// goes to the file (so a leaf is what the file holds, not what the log held): each batch
+    /// goes to `hasher`'s thread as it is written, which writes its leaves to `stream`.
+    pub fn compute_leaves(&mut self, hasher: &LeafHasher, epochs: Epochs, stream: LeafStream) {
+        self.leaves = Some(hasher.jobs(&self.tmp_path, &self.content, epochs, stream));
     }
 
     pub fn schema(&self) -> &SchemaRef {
@@ -369,45 +370,18 @@ impl SegmentWriter {
                 reason: format!("cannot index its keys: {reason}"),
             })?;
         }
-        let encode = |writer: &mut ArrowWriter<HashingFile>| {
-            writer.write(batch).map_err(|source| SegmentError::Parquet {
+        writer
+            .write(batch)
+            .map_err(|source| SegmentError::Parquet {
                 path: path.clone(),
                 source,
-            })
-        };
-        let Some((epochs, stream)) = self.leaves.as_ref() else {
-            return encode(writer);
-        };
-        // The leaves are hashed on a second thread while this one encodes the same batch into
-        // Parquet: both only read it. (Two hashing threads, one per half, measured no faster
-        // on 2 cores, where they compete with the encoding and the capture.)
-        let content = &self.content;
-        let epochs: &Epochs = epochs;
-        let (computed, encoded) = std::thread::scope(|scope| {
-            // A change being compacted was never redacted.
-            let hashing = scope.spawn(move || {
-                batch_leaves(
-                    content,
-                    batch,
-                    epochs,
-                    &crate::evidence::leaf::Redactions::new(),
-                )
-            });
-            // Encoded here while the other thread hashes; joined only after.
-            let encoded = encode(writer);
-            (hashing.join(), encoded)
-        });
-        encoded?;
-        let computed = computed
-            .map_err(|_| SegmentError::Corrupt {
-                path: path.clone(),
-                reason: "the thread computing evidence leaves panicked".into(),
-            })?
-            .map_err(|e| SegmentError::Corrupt {
-                path: path.clone(),
-                reason: format!("no evidence leaf for a row: {e}"),
             })?;
-        stream.write(&computed)
+        // The leaves are hashed on the run's hashing thread, beside the reading, building and
+        // encoding of the batches after this one (see `evidence::hasher`).
+        match &self.leaves {
+            Some(jobs) => jobs.send(batch),
+            None => Ok(()),
+        }
     }
 
     /// End the open row group now (bounds memory when many segments are open at once).
