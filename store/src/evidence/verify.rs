@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
+use datafusion::arrow::array::RecordBatch;
+
 use super::leaf::{Leaf, batch_leaves};
 use super::merkle::{Frontier, Hash};
 use super::note::{Checkpoint, VerifierKey, WitnessKey};
@@ -164,8 +166,6 @@ pub(crate) fn verify_and_collect(
     segments.sort_by_key(|s| (s.min_key, s.id));
     let total = segments.len() as u64;
     // (key, leaf hash, index of the segment holding it)
-    let rows: u64 = segments.iter().map(|s| s.rows).sum();
-    let mut leaves: Vec<(Leaf, u32)> = Vec::with_capacity(usize::try_from(rows).unwrap_or(0));
     // Segments are read and their leaves recomputed on as many threads as there are cores;
     // the results are taken in segment order, so the report is the same on any machine.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -206,6 +206,10 @@ pub(crate) fn verify_and_collect(
             "a segment could not be checked (a reader thread failed): run verify again",
         );
     }
+    // Sized from the leaves computed, not from the manifest's row counts: the manifest is
+    // what is being checked, and a forged count must not decide an allocation.
+    let mut leaves: Vec<(Leaf, u32)> =
+        Vec::with_capacity(checked.iter().map(|(_, s)| s.leaves.len()).sum());
     for (i, segment) in checked {
         report.segments += 1;
         report.rows += segment.rows;
@@ -545,28 +549,127 @@ fn check_segment(
         return out;
     }
     let content = reader.content().clone();
-    let (mut rows, mut before_evidence) = (0u64, 0u64);
-    let mut leaves = Vec::with_capacity(usize::try_from(entry.rows).unwrap_or(0));
+    // This thread decodes the batches and checks their keys; a second one hashes their
+    // leaves a few batches behind (a segment's decoding and hashing then use two cores, where
+    // each took turns on one and a large segment read last left the other core idle). The
+    // problem reported is the one of the earliest batch, leaves before keys within a batch,
+    // as when both ran in turn on one thread: the report does not depend on timing.
+    let (hashed, checked) = std::thread::scope(|scope| {
+        let (batches, to_hash) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
+        let content = &content;
+        // Sized once (growing it copied every leaf again at each doubling), from the manifest's
+        // row count, which is being checked: bounded by the file's size, so that a forged
+        // count cannot ask for more memory than a real one could.
+        let file_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+        let rows = usize::try_from(entry.rows.min(file_bytes)).unwrap_or(0);
+        let hashing = scope.spawn(move || {
+            let mut hashed = Hashed {
+                leaves: Vec::with_capacity(rows),
+                ..Hashed::default()
+            };
+            for batch in to_hash {
+                match batch_leaves(content, &batch, epochs, erased) {
+                    Ok(leaves) => {
+                        hashed.per_batch.push((batch.num_rows(), leaves.len()));
+                        hashed.leaves.extend(leaves);
+                    }
+                    Err(e) => {
+                        hashed.failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            hashed
+        });
+        let checked = check_batches(reader, entry, &place, batches);
+        (hashing.join(), checked)
+    });
+    let hashed = hashed.unwrap_or_else(|_| Hashed {
+        failed: Some(super::leaf::LeafError {
+            key: entry.min_key,
+            reason: "the thread computing its leaves panicked (a pgtrail bug: please report it)"
+                .into(),
+        }),
+        ..Hashed::default()
+    });
+    // The batches before the first problem count; the first problem is reported.
+    let leaf_problem = hashed.failed.map(|e| {
+        let at = hashed.per_batch.len();
+        (at, format!("{place}, change {}", e.key), e.reason)
+    });
+    let first = match (leaf_problem, checked.problem) {
+        (Some(l), Some(k)) => Some(if l.0 <= k.0 { l } else { k }),
+        (l, k) => l.or(k),
+    };
+    let good = first.as_ref().map_or(hashed.per_batch.len(), |p| p.0);
+    let bad = first.is_some();
+    if let Some((_, place, what)) = first {
+        problem(place, what);
+    }
+    let (good_rows, good_leaves) = hashed.per_batch[..good.min(hashed.per_batch.len())]
+        .iter()
+        .fold((0u64, 0usize), |(r, l), (rows, leaves)| {
+            (r + *rows as u64, l + leaves)
+        });
+    let mut leaves = hashed.leaves;
+    leaves.truncate(good_leaves);
+    let (rows, before_evidence) = (checked.rows, good_rows - good_leaves as u64);
+    if !bad && rows != entry.rows {
+        problem(
+            place,
+            format!("holds {rows} rows, the manifest lists {}", entry.rows),
+        );
+    }
+    out.rows = rows;
+    out.rows_before_evidence = before_evidence;
+    out.leaves = leaves;
+    out
+}
+
+/// What the hashing thread of [`check_segment`] computed: the leaves of the batches before the
+/// first it could not hash, and per batch its rows and leaves.
+#[derive(Default)]
+struct Hashed {
+    leaves: Vec<Leaf>,
+    per_batch: Vec<(usize, usize)>,
+    failed: Option<super::leaf::LeafError>,
+}
+
+/// What [`check_batches`] found: the rows read, and the first problem (batch index, place,
+/// what).
+struct CheckedBatches {
+    rows: u64,
+    problem: Option<(usize, String, String)>,
+}
+
+/// Decode the batches of a segment, send each to `to_hash`, and check their keys: sorted,
+/// inside the manifest's range. Stops at the first problem (or when the hashing stopped).
+fn check_batches(
+    reader: SegmentReader,
+    entry: &crate::SegmentEntry,
+    place: &str,
+    to_hash: std::sync::mpsc::SyncSender<RecordBatch>,
+) -> CheckedBatches {
+    let mut out = CheckedBatches {
+        rows: 0,
+        problem: None,
+    };
     let mut last: Option<ChangeKey> = None;
-    let mut bad = false;
-    'batches: for batch in reader {
+    for (i, batch) in reader.enumerate() {
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
-                problem(place.clone(), segment_problem(&e));
-                bad = true;
+                out.problem = Some((i, place.to_string(), segment_problem(&e)));
                 break;
             }
         };
-        rows += batch.num_rows() as u64;
-        let computed = match batch_leaves(&content, &batch, epochs, erased) {
-            Ok(l) => l,
-            Err(e) => {
-                problem(format!("{place}, change {}", e.key), e.reason);
-                bad = true;
-                break;
-            }
-        };
+        out.rows += batch.num_rows() as u64;
+        // Hashed before its keys are checked, so that a batch with both kinds of problem
+        // reports its leaf's (as verify always did).
+        if to_hash.send(batch.clone()).is_err() {
+            // The hashing stopped at a problem of its own, in this batch or an earlier one.
+            break;
+        }
         // Row keys, in file order: sorted, inside the manifest's range.
         let lsn = batch
             .column(0)
@@ -577,48 +680,37 @@ fn check_segment(
             .as_any()
             .downcast_ref::<datafusion::arrow::array::UInt32Array>();
         let (Some(lsn), Some(seq)) = (lsn, seq) else {
-            problem(
-                place.clone(),
+            out.problem = Some((
+                i,
+                place.to_string(),
                 "its lsn and seq columns are not u64 and u32".into(),
-            );
-            bad = true;
+            ));
             break;
         };
         for row in 0..batch.num_rows() {
             let key = ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row));
             if last.is_some_and(|l| l >= key) {
-                problem(
+                out.problem = Some((
+                    i,
                     format!("{place}, change {key}"),
                     "rows out of (lsn, seq) order or repeated".into(),
-                );
-                bad = true;
-                break 'batches;
+                ));
+                return out;
             }
             if key < entry.min_key || key > entry.max_key {
-                problem(
+                out.problem = Some((
+                    i,
                     format!("{place}, change {key}"),
                     format!(
                         "outside the key range the manifest lists ({} to {})",
                         entry.min_key, entry.max_key
                     ),
-                );
-                bad = true;
-                break 'batches;
+                ));
+                return out;
             }
             last = Some(key);
         }
-        before_evidence += batch.num_rows() as u64 - computed.len() as u64;
-        leaves.extend(computed);
     }
-    if !bad && rows != entry.rows {
-        problem(
-            place,
-            format!("holds {rows} rows, the manifest lists {}", entry.rows),
-        );
-    }
-    out.rows = rows;
-    out.rows_before_evidence = before_evidence;
-    out.leaves = leaves;
     out
 }
 
