@@ -632,6 +632,25 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
             "does not match the manifest",
         ),
         (
+            // verify sizes its memory from what it reads, never from this count (which once
+            // overflowed a sum, and could have asked for more memory than any machine has).
+            "the manifest's row count of a segment forged to the largest number",
+            Box::new(move |a: &Path, seg: &str| {
+                rewrite_manifest(a, |e| {
+                    e.into_iter()
+                        .map(|mut e| {
+                            if e.file_name == seg {
+                                e.rows = u64::MAX;
+                            }
+                            e
+                        })
+                        .collect()
+                })
+                .unwrap()
+            }),
+            "the manifest lists 18446744073709551615",
+        ),
+        (
             "a checkpoint in the archive edited",
             Box::new(move |a: &Path, _: &str| {
                 let path = a.join(format!("evidence/checkpoints/{size}"));
