@@ -251,22 +251,50 @@ pub async fn changes_after(
 }
 
 /// Where to cut the changes below `before` (all when `None`) into windows for reading them
-/// newest first: each bound is the lowest key of a segment, the windows `[bound, previous
-/// bound)` partition the keys, and the last window (bound `None`) holds everything below. A
-/// query that stops as soon as it has its rows then reads the newest segments only, instead
-/// of sorting every segment's keys to find the top. Each window spans twice as many segments
-/// as the one before it, so a selective filter takes at most about log2(segments) windows.
+/// newest first: each bound is the lowest key of a segment or of a row group, the windows
+/// `[bound, previous bound)` partition the keys, and the last window (bound `None`) holds
+/// everything below. A query that stops as soon as it has its rows then reads the newest row
+/// groups only, instead of sorting every segment's keys to find the top. Each window spans
+/// twice as many bounds as the one before it, so a selective filter takes at most about
+/// log2(bounds) windows.
+///
+/// The segments the newest window overlaps are cut at their row groups: a table's newest
+/// segment may hold most of its history (one segment of up to 128 MiB per compaction run and
+/// table), and without these bounds the first window read all of it. Their footers are read
+/// here (and each file checked against its SHA-256 once per process, as for reading it), so
+/// this does file I/O: call it off an async runtime.
 pub fn newest_first_windows(
     archive: &ArchiveSnapshot,
     before: Option<ChangeKey>,
 ) -> Vec<Option<ChangeKey>> {
-    let mut lowest: Vec<ChangeKey> = archive
+    let below = |k: &ChangeKey| before.is_none_or(|b| *k < b);
+    let segments: Vec<_> = archive
         .tables
         .values()
         .flat_map(|t| &t.segments)
-        .map(|s| s.min_key)
-        .filter(|min| before.is_none_or(|b| *min < b))
+        .filter(|s| below(&s.min_key))
         .collect();
+    let mut lowest: Vec<ChangeKey> = segments.iter().map(|s| s.min_key).collect();
+    let newest = lowest.iter().max().copied();
+    if let Some(newest) = newest {
+        for seg in segments.iter().filter(|s| s.max_key >= newest) {
+            // A footer that cannot be read leaves its segment whole here: reading its rows
+            // reports what is wrong with it.
+            let Ok(groups) =
+                crate::read::segment_row_groups(&archive.segment_path(seg), &seg.sha256)
+            else {
+                continue;
+            };
+            // A row group's first change is at or after the first of its lowest LSN.
+            lowest.extend(
+                groups
+                    .iter()
+                    .filter_map(|g| g.lsn)
+                    .map(|(min, _)| ChangeKey::new(Lsn(min), 0))
+                    .filter(|k| below(k) && *k > seg.min_key),
+            );
+        }
+    }
     lowest.sort_unstable_by(|a, b| b.cmp(a));
     lowest.dedup();
     let mut bounds = Vec::new();

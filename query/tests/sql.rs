@@ -574,3 +574,104 @@ async fn row_image_fields_read_alone_equal_the_fields_of_whole_images() {
     );
     assert_eq!(column_text(&narrow, 0).len(), 8 + 7 + 6);
 }
+
+/// Newest first by windows, as the server pages `/api/changes`: the row groups of the newest
+/// segment cut the windows finer than its whole (a table's newest segment may hold most of
+/// its history), and the windows' changes, each window newest first, are every change of the
+/// archive exactly once, in order, also below a cursor.
+#[tokio::test(flavor = "multi_thread")]
+async fn newest_first_windows_cut_the_newest_segment_at_its_row_groups_and_cover_every_change() {
+    use pgtrail_query::feed;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path().join("a");
+    let mut log = ChangeLog::open(&dir).unwrap();
+    let options = CompactOptions {
+        segment: pgtrail_store::segment::SegmentOptions {
+            row_group_rows: 4,
+            batch_rows: 4,
+            ..Default::default()
+        },
+        ..CompactOptions::default()
+    };
+    let compactor = Compactor::new(log.shared(), &dir, options);
+    // Transactions 1-20 in one segment of 57 changes (15 row groups), 21-30 in the log tail.
+    for n in 1..=30 {
+        log.apply(txn(n)).unwrap();
+        if n == 20 {
+            compactor.run().unwrap();
+        }
+    }
+    let archive = ArchiveSnapshot::from_reader(&dir, &log.reader().unwrap()).unwrap();
+    let segments: Vec<_> = archive
+        .tables
+        .values()
+        .flat_map(|t| t.segments.clone())
+        .collect();
+    assert_eq!(segments.len(), 1);
+    let all: Vec<ChangeKey> = keys(
+        &query(
+            &dir,
+            &log,
+            "SELECT lsn, seq FROM changes ORDER BY lsn DESC, seq DESC",
+        )
+        .await,
+    );
+    assert_eq!(all.len(), 57 + 30);
+    let ctx = session(Arc::new(archive.clone())).unwrap();
+    for before in [None, Some(all[40]), Some(all[70])] {
+        let windows = feed::newest_first_windows(&archive, before);
+        // One segment alone gives two windows (the segment and up, and below it).
+        if before.is_none() {
+            assert!(windows.len() >= 4, "{windows:?}");
+        }
+        assert!(
+            windows
+                .iter()
+                .flatten()
+                .all(|b| before.is_none_or(|k| *b < k)),
+            "{windows:?}"
+        );
+        let mut read: Vec<ChangeKey> = Vec::new();
+        let mut upper = before;
+        for lower in windows {
+            let conditions: Vec<_> = upper
+                .map(feed::keys_before)
+                .into_iter()
+                .chain(lower.map(feed::keys_from))
+                .collect();
+            let mut frame = ctx.table("changes").await.unwrap();
+            if let Some(all) = conditions
+                .into_iter()
+                .reduce(datafusion::prelude::Expr::and)
+            {
+                frame = frame.filter(all).unwrap();
+            }
+            let batches = frame
+                .sort(vec![
+                    datafusion::prelude::col("lsn").sort(false, false),
+                    datafusion::prelude::col("seq").sort(false, false),
+                ])
+                .unwrap()
+                .select_columns(&["lsn", "seq"])
+                .unwrap()
+                .collect()
+                .await
+                .unwrap();
+            read.extend(keys(&batches));
+            upper = lower;
+        }
+        let expected: Vec<ChangeKey> = all
+            .iter()
+            .copied()
+            .filter(|k| before.is_none_or(|b| *k < b))
+            .collect();
+        assert_eq!(read, expected, "below {before:?}");
+    }
+}
+
+fn keys(batches: &[RecordBatch]) -> Vec<ChangeKey> {
+    batches
+        .iter()
+        .flat_map(|b| (0..b.num_rows()).map(|i| pgtrail_query::feed::key_at(b, i).unwrap()))
+        .collect()
+}

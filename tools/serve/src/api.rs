@@ -424,7 +424,13 @@ pub async fn changes(
     // windows of segments from the newest down and stops once it has `limit` changes: a
     // plain ORDER BY … DESC LIMIT would sort the keys of every segment first.
     let windows = match desc {
-        true => feed::newest_first_windows(&archive, after.map(|c| c.0)),
+        true => {
+            let archive = archive.clone();
+            off_runtime(move || {
+                Ok::<_, ApiError>(feed::newest_first_windows(&archive, after.map(|c| c.0)))
+            })
+            .await?
+        }
         false => vec![None],
     };
     // First the keys of the page (the view reads only its columnar parts for them), then the
