@@ -285,7 +285,7 @@ pub fn newest_first_windows(
             else {
                 continue;
             };
-            // A row group's first change is at or after the first of its lowest LSN.
+            // A row group's first change has its lowest LSN, so `(lsn, 0)` is at or below it.
             lowest.extend(
                 groups
                     .iter()

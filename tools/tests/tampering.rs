@@ -242,17 +242,24 @@ fn relist(archive: &Path, old_file: &str, new_file: &str, batch: &RecordBatch) {
     let sha = pgtrail_store::segment::sha256_file(&path).unwrap();
     let bytes = std::fs::metadata(&path).unwrap().len();
     let (min, max) = key_range(batch);
+    edit_listing(archive, old_file, |e| {
+        e.file_name = new_file.to_string();
+        e.sha256 = sha.clone();
+        e.bytes = bytes;
+        e.rows = batch.num_rows() as u64;
+        e.min_key = min;
+        e.max_key = max;
+    });
+}
+
+/// Edit the manifest's entry of segment `file`, the other entries as they are.
+fn edit_listing(archive: &Path, file: &str, edit: impl Fn(&mut pgtrail_store::SegmentEntry)) {
     rewrite_manifest(archive, |entries| {
         entries
             .into_iter()
             .map(|mut e| {
-                if e.file_name == old_file {
-                    e.file_name = new_file.to_string();
-                    e.sha256 = sha.clone();
-                    e.bytes = bytes;
-                    e.rows = batch.num_rows() as u64;
-                    e.min_key = min;
-                    e.max_key = max;
+                if e.file_name == file {
+                    edit(&mut e);
                 }
                 e
             })
@@ -617,17 +624,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
         (
             "the manifest's checksum of a segment edited",
             Box::new(move |a: &Path, seg: &str| {
-                rewrite_manifest(a, |e| {
-                    e.into_iter()
-                        .map(|mut e| {
-                            if e.file_name == seg {
-                                e.sha256 = "0".repeat(64);
-                            }
-                            e
-                        })
-                        .collect()
-                })
-                .unwrap()
+                edit_listing(a, seg, |e| e.sha256 = "0".repeat(64))
             }),
             "does not match the manifest",
         ),
@@ -635,19 +632,7 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
             // verify sizes its memory from what it reads, never from this count (which once
             // overflowed a sum, and could have asked for more memory than any machine has).
             "the manifest's row count of a segment forged to the largest number",
-            Box::new(move |a: &Path, seg: &str| {
-                rewrite_manifest(a, |e| {
-                    e.into_iter()
-                        .map(|mut e| {
-                            if e.file_name == seg {
-                                e.rows = u64::MAX;
-                            }
-                            e
-                        })
-                        .collect()
-                })
-                .unwrap()
-            }),
+            Box::new(move |a: &Path, seg: &str| edit_listing(a, seg, |e| e.rows = u64::MAX)),
             "the manifest lists 18446744073709551615",
         ),
         (

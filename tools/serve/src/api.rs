@@ -421,8 +421,8 @@ pub async fn changes(
         conditions.extend(after.map(|c| feed::keys_after(c.0)));
     }
     // Oldest first is one query (the view skips segments by their keys). Newest first reads
-    // windows of segments from the newest down and stops once it has `limit` changes: a
-    // plain ORDER BY … DESC LIMIT would sort the keys of every segment first.
+    // windows of row groups and segments from the newest down and stops once it has `limit`
+    // changes: a plain ORDER BY … DESC LIMIT would sort the keys of every segment first.
     let windows = match desc {
         true => {
             let archive = archive.clone();
