@@ -65,6 +65,13 @@ pub enum LogError {
     NoTransaction,
     #[error("a transaction has more than 4294967295 changes")]
     TransactionTooLarge,
+    #[error(
+        "cannot keep verify's leaves in a temporary file (44 bytes a change, in TMPDIR; disk full?): set TMPDIR to a directory with room and run it again"
+    )]
+    VerifyScratch {
+        #[source]
+        source: SegmentError,
+    },
 }
 
 impl From<redb::TransactionError> for LogError {

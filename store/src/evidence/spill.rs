@@ -82,6 +82,27 @@ impl LeafSpill {
         })
     }
 
+    /// An unlinked file in the system's temporary directory (`TMPDIR`), for a reader of an
+    /// archive that may not write to it (`verify`).
+    pub fn create_temp() -> Result<LeafSpill, SegmentError> {
+        let dir = std::env::temp_dir();
+        // `tempfile()` opens the file unlinked (mode 0600) where the system allows it, so
+        // nothing is left behind whatever happens to the process.
+        let file = tempfile::tempfile().map_err(|source| SegmentError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        Ok(LeafSpill {
+            inner: Arc::new(Mutex::new(Spill {
+                file,
+                dir,
+                end: 0,
+                streams: Vec::new(),
+                leaves: 0,
+            })),
+        })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Spill> {
         // A panic while holding the lock leaves counts that may not match the file; the run
         // then fails its leaf count check rather than trusting them.
@@ -164,6 +185,24 @@ impl LeafStream {
         spill.streams[self.id].push((offset, leaves.len() as u64));
         Ok(())
     }
+
+    /// Keep only the stream's first `leaves` leaves (a reader that found a problem keeps the
+    /// leaves of the batches before it).
+    pub fn keep_first(&self, leaves: u64) {
+        let mut spill = self.spill.lock();
+        let mut kept = 0;
+        let chunks = std::mem::take(&mut spill.streams[self.id]);
+        let mut dropped = 0;
+        for (offset, n) in chunks {
+            let take = n.min(leaves - kept);
+            if take > 0 {
+                spill.streams[self.id].push((offset, take));
+            }
+            kept += take;
+            dropped += n - take;
+        }
+        spill.leaves -= dropped;
+    }
 }
 
 struct Cursor {
@@ -233,16 +272,25 @@ impl Merged {
     }
 }
 
-impl Iterator for Merged {
-    type Item = Result<Leaf, SegmentError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+impl Merged {
+    /// The next leaf in key order, with the stream it came from (streams are numbered in the
+    /// order [`LeafSpill::stream`] made them, from 0).
+    pub fn next_with_stream(&mut self) -> Option<Result<(Leaf, usize), SegmentError>> {
         let Reverse((key, i, hash)) = self.heap.pop()?;
         if let Err(e) = self.advance(i) {
             self.heap.clear();
             return Some(Err(e));
         }
-        Some(Ok(Leaf { key, hash }))
+        Some(Ok((Leaf { key, hash }, i)))
+    }
+}
+
+impl Iterator for Merged {
+    type Item = Result<Leaf, SegmentError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_with_stream()
+            .map(|r| r.map(|(leaf, _)| leaf))
     }
 }
 
@@ -284,6 +332,28 @@ mod tests {
         assert_eq!(spill.len(), all.len() as u64);
         let merged: Vec<Leaf> = spill.merged().unwrap().map(Result::unwrap).collect();
         assert_eq!(merged, all);
+    }
+
+    #[test]
+    fn a_stream_cut_to_its_first_leaves_merges_only_those_and_names_its_stream() {
+        let spill = LeafSpill::create_temp().unwrap();
+        let (a, b) = (spill.stream(), spill.stream());
+        a.write(&[leaf(1, 0), leaf(3, 0)]).unwrap();
+        b.write(&[leaf(2, 0)]).unwrap();
+        a.write(&[leaf(4, 0), leaf(5, 0)]).unwrap();
+        a.write(&[leaf(6, 0)]).unwrap();
+        // Cut inside the second chunk: the third goes whole.
+        a.keep_first(3);
+        assert_eq!(spill.len(), 4);
+        let mut merged = spill.merged().unwrap();
+        let mut got = Vec::new();
+        while let Some(next) = merged.next_with_stream() {
+            let (leaf, stream) = next.unwrap();
+            got.push((leaf.key.commit_lsn.0, stream));
+        }
+        assert_eq!(got, [(1, 0), (2, 1), (3, 0), (4, 0)]);
+        a.keep_first(0);
+        assert_eq!(spill.len(), 1);
     }
 
     #[test]

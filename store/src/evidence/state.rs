@@ -641,44 +641,91 @@ pub fn tree_order<T>(
     epochs: &Epochs,
     events: &[Event],
 ) -> Result<(Vec<Hash>, Vec<u64>), String> {
-    let starts = epochs.starts();
-    for e in events {
-        if !starts.iter().any(|(k, _)| *k == e.epoch) {
-            return Err(format!(
-                "event {} of epoch {} belongs to no epoch",
-                e.n, e.epoch
-            ));
-        }
-    }
-    let mut events: Vec<&Event> = events.iter().collect();
-    events.sort_by_key(|e| (e.epoch, e.n));
+    let mut order = TreeOrder::new(epochs, events)?;
     let mut tree = Vec::with_capacity(changes.len() + events.len());
     let mut index = Vec::with_capacity(changes.len());
-    let (mut c, mut ev) = (0, 0);
-    for (i, (start, _)) in starts.iter().enumerate() {
-        // Changes before the first epoch have no leaf and are not in `changes`.
-        let end = starts.get(i + 1).map(|(k, _)| *k);
-        while c < changes.len()
-            && leaf(&changes[c]).key >= *start
-            && end.is_none_or(|e| leaf(&changes[c]).key < e)
-        {
-            index.push(tree.len() as u64);
-            tree.push(leaf(&changes[c]).hash);
-            c += 1;
+    for change in changes {
+        let leaf = leaf(change);
+        index.push(order.change(leaf.key, &mut |h| tree.push(h))?);
+        tree.push(leaf.hash);
+    }
+    order.finish(&mut |h| tree.push(h));
+    Ok((tree, index))
+}
+
+/// [`tree_order`] one change at a time, for a reader that cannot hold every leaf: each
+/// change's key goes in by [`TreeOrder::change`] (sorted by key), which gives out the events
+/// due before it (those of the epochs the changes have passed) and the change's index; the
+/// caller appends the change's own hash next.
+pub struct TreeOrder<'a> {
+    starts: &'a [(ChangeKey, Option<Seed>)],
+    /// Sorted by `(epoch, n)`.
+    events: Vec<&'a Event>,
+    /// The epoch the next change can be in (changes come in key order).
+    epoch: usize,
+    /// The next event to emit.
+    event: usize,
+    size: u64,
+}
+
+impl<'a> TreeOrder<'a> {
+    pub fn new(epochs: &'a Epochs, events: &'a [Event]) -> Result<TreeOrder<'a>, String> {
+        let starts = epochs.starts();
+        for e in events {
+            if !starts.iter().any(|(k, _)| *k == e.epoch) {
+                return Err(format!(
+                    "event {} of epoch {} belongs to no epoch",
+                    e.n, e.epoch
+                ));
+            }
         }
-        while ev < events.len() && events[ev].epoch == *start {
-            let e = events[ev];
-            tree.push(super::leaf::event_leaf_hash(
+        let mut events: Vec<&Event> = events.iter().collect();
+        events.sort_by_key(|e| (e.epoch, e.n));
+        Ok(TreeOrder {
+            starts,
+            events,
+            epoch: 0,
+            event: 0,
+            size: 0,
+        })
+    }
+
+    /// The next change (in key order): the events of the epochs it has passed go to `emit`,
+    /// and its index in the tree comes back; its own hash is the caller's to append right
+    /// after. A change before the first epoch is an error: changes compacted before the
+    /// archive kept evidence have no leaf.
+    pub fn change(&mut self, key: ChangeKey, emit: &mut impl FnMut(Hash)) -> Result<u64, String> {
+        if self.starts.first().is_none_or(|(first, _)| key < *first) {
+            return Err(format!("change {key} has a leaf but no epoch"));
+        }
+        while self
+            .starts
+            .get(self.epoch + 1)
+            .is_some_and(|(next, _)| key >= *next)
+        {
+            self.epoch_events(emit);
+            self.epoch += 1;
+        }
+        self.size += 1;
+        Ok(self.size - 1)
+    }
+
+    /// The events of the current epoch and of every later one: the tree is complete.
+    pub fn finish(mut self, emit: &mut impl FnMut(Hash)) {
+        while self.epoch < self.starts.len() {
+            self.epoch_events(emit);
+            self.epoch += 1;
+        }
+    }
+
+    fn epoch_events(&mut self, emit: &mut impl FnMut(Hash)) {
+        let start = self.starts[self.epoch].0;
+        while let Some(e) = self.events.get(self.event).filter(|e| e.epoch == start) {
+            emit(super::leaf::event_leaf_hash(
                 e.kind, e.epoch, e.n, &e.payload,
             ));
-            ev += 1;
+            self.size += 1;
+            self.event += 1;
         }
     }
-    if c != changes.len() {
-        return Err(format!(
-            "change {} has a leaf but no epoch",
-            leaf(&changes[c]).key
-        ));
-    }
-    Ok((tree, index))
 }

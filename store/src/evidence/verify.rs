@@ -12,6 +12,7 @@ use datafusion::arrow::array::RecordBatch;
 
 use super::leaf::{Leaf, batch_leaves};
 use super::merkle::{Frontier, Hash};
+use super::spill::{LeafSpill, LeafStream};
 use super::note::{Checkpoint, VerifierKey, WitnessKey};
 use super::state::EVIDENCE_DIR;
 use crate::error::{LogError, SegmentError};
@@ -112,14 +113,16 @@ impl VerifyReport {
 
 /// Verify the archive in `dir`. `progress` is told `(segments done, segments)`.
 ///
-/// Errors are only for an archive that cannot be read at all (no log); everything wrong inside
-/// an archive is a [`Problem`] in the report.
+/// Errors are only for an archive that cannot be read at all (no log), or a temporary file
+/// that cannot be written; everything wrong inside an archive is a [`Problem`] in the report.
+/// Memory does not grow with the archive: each segment's leaves go to an unlinked temporary
+/// file (44 bytes a change, in `TMPDIR`) and are merged from there into the tree's order.
 pub fn verify_archive(
     dir: &Path,
     options: &VerifyOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<VerifyReport, LogError> {
-    Ok(verify_and_collect(dir, options, progress)?.report)
+    Ok(walk(dir, options, progress, |_, _| {})?.report)
 }
 
 /// What [`verify_and_collect`] read besides its report.
@@ -139,11 +142,58 @@ pub(crate) struct Collected {
     pub events: Vec<super::state::Event>,
 }
 
+/// [`verify_archive`], keeping every leaf of the tree in memory for the proofs that need
+/// them (`prove`, `bundle`, `certify`).
 pub(crate) fn verify_and_collect(
     dir: &Path,
     options: &VerifyOptions,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Collected, LogError> {
+    let (mut leaves, mut change_index, mut tree) = (Vec::new(), Vec::new(), Vec::new());
+    let walked = walk(dir, options, progress, |hash, change| {
+        if let Some(change) = change {
+            leaves.push(change);
+            change_index.push(tree.len() as u64);
+        }
+        tree.push(hash);
+    })?;
+    let Walked {
+        report,
+        segments,
+        epochs,
+        erased,
+        mut events,
+    } = walked;
+    events.sort_by_key(|e| (e.epoch, e.n));
+    Ok(Collected {
+        report,
+        leaves,
+        change_index,
+        tree,
+        segments,
+        epochs,
+        erased,
+        events,
+    })
+}
+
+/// What [`walk`] read besides the leaves it gave its sink.
+struct Walked {
+    report: VerifyReport,
+    segments: Vec<crate::SegmentEntry>,
+    epochs: super::leaf::Epochs,
+    erased: super::leaf::Redactions,
+    events: Vec<super::state::Event>,
+}
+
+/// Verify the archive, giving `tree_leaf` every leaf of the tree in order: its hash, and for a
+/// change its leaf and the index (in the segments sorted by key) of the segment holding it.
+fn walk(
+    dir: &Path,
+    options: &VerifyOptions,
+    mut progress: impl FnMut(u64, u64),
+    mut tree_leaf: impl FnMut(Hash, Option<(Leaf, u32)>),
+) -> Result<Walked, LogError> {
     let reader = LogReader::open(dir)?;
     let manifest = reader.manifest()?;
     let state = super::state::read(reader.read_transaction())?;
@@ -161,11 +211,19 @@ pub(crate) fn verify_and_collect(
             .collect(),
         ..VerifyReport::default()
     };
+    // Checkpoints first (in the archive, every one signed so far, and those the caller
+    // trusts), so that the tree's fold below can take the root at each size they name.
+    let (wanted, checkpoint_problems) = read_checkpoints(dir, options, &mut report);
+
     let segments_dir = dir.join(SEGMENTS_DIR);
     let mut segments = manifest.segments.clone();
     segments.sort_by_key(|s| (s.min_key, s.id));
     let total = segments.len() as u64;
-    // (key, leaf hash, index of the segment holding it)
+    let scratch = |source| LogError::VerifyScratch { source };
+    // One stream per segment, numbered as the segments are: the merge names the segment of
+    // each leaf by its stream.
+    let spill = LeafSpill::create_temp().map_err(scratch)?;
+    let streams: Vec<LeafStream> = segments.iter().map(|_| spill.stream()).collect();
     // Segments are read and their leaves recomputed on as many threads as there are cores;
     // the results are taken in segment order, so the report is the same on any machine.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -179,9 +237,10 @@ pub(crate) fn verify_and_collect(
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         let Some(entry) = segments.get(i) else { break };
+                        let leaves = &streams[i];
                         done.push((
                             i,
-                            check_segment(&segments_dir, entry, &state.epochs, &erased),
+                            check_segment(&segments_dir, entry, &state.epochs, &erased, leaves),
                         ));
                         finished.fetch_add(1, Ordering::Relaxed);
                     }
@@ -206,47 +265,104 @@ pub(crate) fn verify_and_collect(
             "a segment could not be checked (a reader thread failed): run verify again",
         );
     }
-    // Sized from the leaves computed, not from the manifest's row counts: the manifest is
-    // what is being checked, and a forged count must not decide an allocation.
-    let mut leaves: Vec<(Leaf, u32)> =
-        Vec::with_capacity(checked.iter().map(|(_, s)| s.leaves.len()).sum());
+    let mut spilled = vec![false; segments.len()];
     for (i, segment) in checked {
+        if let Some(e) = segment.scratch {
+            return Err(scratch(e));
+        }
         report.segments += 1;
         report.rows += segment.rows;
         report.rows_before_evidence += segment.rows_before_evidence;
         report.problems.extend(segment.problems);
-        leaves.extend(segment.leaves.into_iter().map(|l| (l, i as u32)));
+        spilled[i] = true;
+    }
+    // A segment whose worker failed contributes no leaf, whatever it wrote.
+    for (stream, spilled) in streams.iter().zip(spilled) {
+        if !spilled {
+            stream.keep_first(0);
+        }
     }
     progress(total, total);
     unlisted_files(&segments_dir, &segments, &mut report);
 
-    leaves.sort_unstable_by_key(|(l, _)| l.key);
-    for pair in leaves.windows(2) {
-        if pair[0].0.key == pair[1].0.key {
-            let (a, b) = (pair[0].1 as usize, pair[1].1 as usize);
+    // The tree, in one pass over the merged leaves: each epoch's changes, then its events
+    // (gaps, the watermark), folded as they come, taking the root at every size a checkpoint
+    // names and the changes around it (to say where a root differs).
+    let mut sizes: Vec<u64> = wanted.iter().map(|c| c.size).collect();
+    sizes.push(0);
+    sizes.sort_unstable();
+    sizes.dedup();
+    let mut fold = Fold::new(&sizes);
+    let mut order = match super::state::TreeOrder::new(&state.epochs, &state.events) {
+        Ok(order) => Some(order),
+        Err(why) => {
+            report.problem("the log's evidence events", why);
+            None
+        }
+    };
+    let mut emit = |hash: Hash, change: Option<(Leaf, u32)>| {
+        fold.push(hash, change.map(|(l, _)| l.key));
+        tree_leaf(hash, change);
+    };
+    let mut merged = spill.merged().map_err(scratch)?;
+    let mut previous: Option<(Leaf, u32)> = None;
+    while let Some(next) = merged.next_with_stream() {
+        let (leaf, stream) = next.map_err(scratch)?;
+        let change = (leaf, stream as u32);
+        if let Some((p, ps)) = previous
+            && p.key == leaf.key
+        {
             report.problem(
-                format!("change {}", pair[0].0.key),
+                format!("change {}", leaf.key),
                 format!(
                     "held twice, by segments {} and {}",
-                    segments[a].file_name, segments[b].file_name
+                    segments[ps as usize].file_name, segments[stream].file_name
                 ),
             );
         }
+        previous = Some(change);
+        if let Some(Err(why)) = order.as_mut().map(|o| o.change(leaf.key, &mut |h| emit(h, None)))
+        {
+            // The tree has no place for it: the events are left out from here on and every
+            // change goes in as it comes, so that the report still has a root.
+            report.problem("the log's evidence events", why);
+            order = None;
+        }
+        emit(leaf.hash, Some(change));
     }
-
-    // The tree: each epoch's changes, then its events (gaps, the watermark).
-    let (tree, change_index) =
-        match super::state::tree_order(&leaves, |(l, _)| l, &state.epochs, &state.events) {
-            Ok(t) => t,
-            Err(why) => {
-                report.problem("the log's evidence events", why);
-                (leaves.iter().map(|(l, _)| l.hash).collect(), Vec::new())
-            }
-        };
+    if let Some(order) = order {
+        order.finish(&mut |h| emit(h, None));
+    }
     report.events = state.events.len() as u64;
     check_events(&state.events, &mut report);
-
-    // Checkpoints: in the archive (every one signed so far) and those the caller trusts.
+    report.problems.extend(checkpoint_problems);
+    compare_checkpoints(&wanted, &fold, &mut report);
+    finish_report(&mut report, options);
+    Ok(Walked {
+        report,
+        segments,
+        epochs: state.epochs,
+        erased,
+        events: state.events,
+    })
+}
+/// The checkpoints to check the tree against: every one in the archive, then the trusted
+/// ones, each opened with the given keys and entered in `report.checkpoints` (in the same
+/// order as the result). Problems with the notes themselves come back apart, for the report
+/// to list them after the segments' (a bad segment is the cause, a root that then differs
+/// the consequence).
+fn read_checkpoints(
+    dir: &Path,
+    options: &VerifyOptions,
+    report: &mut VerifyReport,
+) -> (Vec<Checkpoint>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut problem = |place: &str, what: String| {
+        problems.push(Problem {
+            place: place.to_string(),
+            what,
+        })
+    };
     let mut notes: Vec<(String, String, bool)> = Vec::new();
     let checkpoints_dir = dir.join(EVIDENCE_DIR).join("checkpoints");
     if let Ok(entries) = std::fs::read_dir(&checkpoints_dir) {
@@ -262,38 +378,29 @@ pub(crate) fn verify_and_collect(
             }
             match std::fs::read_to_string(&path) {
                 Ok(text) => notes.push((path.display().to_string(), text, false)),
-                Err(e) => report.problem(path.display().to_string(), format!("unreadable: {e}")),
+                Err(e) => problem(&path.display().to_string(), format!("unreadable: {e}")),
             }
         }
     }
     for (path, text) in &options.trusted {
         notes.push((path.display().to_string(), text.clone(), true));
     }
-    let mut wanted: Vec<(usize, Checkpoint)> = Vec::new();
-    for (i, (file, text, trusted)) in notes.iter().enumerate() {
+    let mut wanted = Vec::new();
+    for (file, text, trusted) in &notes {
         let (checkpoint, verified) = match open_checkpoint(text, &options.keys) {
             Ok(c) => c,
             Err(why) => {
-                report.problem(file, why);
+                problem(file, why);
                 continue;
             }
         };
         if *trusted && !verified {
-            report.problem(
+            problem(
                 file,
-                "a trusted checkpoint must be signed by a key given with --key (none verifies it)",
+                "a trusted checkpoint must be signed by a key given with --key (none verifies it)"
+                    .into(),
             );
             continue;
-        }
-        if checkpoint.size > tree.len() as u64 {
-            report.problem(
-                file,
-                format!(
-                    "attests {} changes but the archive's tree holds {}: the archive was rolled back, truncated or restored from an older copy",
-                    checkpoint.size,
-                    tree.len()
-                ),
-            );
         }
         let mut cosigned_by = Vec::new();
         for witness in &options.witnesses {
@@ -303,7 +410,7 @@ pub(crate) fn verify_and_collect(
                     time,
                 }),
                 Ok(None) => {}
-                Err(e) => report.problem(
+                Err(e) => problem(
                     file,
                     format!("{e}: a cosignature line of a given --witness-key does not verify (edited, or copied from another checkpoint)"),
                 ),
@@ -318,38 +425,112 @@ pub(crate) fn verify_and_collect(
             matches_tree: false,
             cosigned_by,
         });
-        wanted.push((i, checkpoint));
+        wanted.push(checkpoint);
+    }
+    (wanted, problems)
+}
+
+/// The tree folded one leaf at a time, remembering what the checkpoints are compared with:
+/// the root at each of `sizes`, and around each size the last change before it and the first
+/// at or after it.
+struct Fold<'s> {
+    frontier: Frontier,
+    /// The sizes, ascending; `next` is the first not reached yet.
+    sizes: &'s [u64],
+    next: usize,
+    roots: Vec<(u64, Hash)>,
+    /// Per size: the last change before it, the first at or after it.
+    around: Vec<(Option<ChangeKey>, Option<ChangeKey>)>,
+    last_change: Option<ChangeKey>,
+    /// Sizes passed with no change since (their first change at or after is still to come).
+    waiting: Vec<usize>,
+}
+
+impl<'s> Fold<'s> {
+    fn new(sizes: &'s [u64]) -> Fold<'s> {
+        let mut fold = Fold {
+            frontier: Frontier::new(),
+            sizes,
+            next: 0,
+            roots: Vec::new(),
+            around: vec![(None, None); sizes.len()],
+            last_change: None,
+            waiting: Vec::new(),
+        };
+        fold.take_roots();
+        fold
     }
 
-    // Fold the tree once, taking the root at every size a checkpoint names.
-    let mut roots_at: Vec<(u64, Hash)> = Vec::new();
-    let mut sizes: Vec<u64> = wanted.iter().map(|(_, c)| c.size).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    let mut next = sizes.iter().peekable();
-    let mut frontier = Frontier::new();
-    while next.peek().is_some_and(|&&s| s == 0) {
-        roots_at.push((0, frontier.root()));
-        next.next();
+    /// The next leaf of the tree; `change` is its change's key, if it is one.
+    fn push(&mut self, hash: Hash, change: Option<ChangeKey>) {
+        if let Some(key) = change {
+            for i in self.waiting.drain(..) {
+                self.around[i].1 = Some(key);
+            }
+        }
+        self.frontier.push(hash);
+        if change.is_some() {
+            self.last_change = change;
+        }
+        self.take_roots();
     }
-    for hash in &tree {
-        frontier.push(*hash);
-        while next.peek().is_some_and(|&&s| s == frontier.size()) {
-            roots_at.push((frontier.size(), frontier.root()));
-            next.next();
+
+    /// The root at every size the tree has just reached.
+    fn take_roots(&mut self) {
+        while self
+            .sizes
+            .get(self.next)
+            .is_some_and(|&s| s == self.frontier.size())
+        {
+            self.roots.push((self.frontier.size(), self.frontier.root()));
+            self.around[self.next].0 = self.last_change;
+            self.waiting.push(self.next);
+            self.next += 1;
         }
     }
-    report.tree_size = frontier.size();
-    report.root = BASE64.encode(frontier.root());
-    for ((_, checkpoint), checked) in wanted.iter().zip(report.checkpoints.iter_mut()) {
-        checked.matches_tree = roots_at
-            .iter()
-            .any(|(size, root)| *size == checkpoint.size && *root == checkpoint.root);
+
+    fn size(&self) -> u64 {
+        self.frontier.size()
     }
+
+    fn root_at(&self, size: u64) -> Option<Hash> {
+        self.roots.iter().find(|(s, _)| *s == size).map(|(_, r)| *r)
+    }
+
+    /// The first change at or after tree index `from` and the last before `to`, when some
+    /// change lies between (both sizes must be among the fold's).
+    fn changes_between(&self, from: u64, to: u64) -> Option<(ChangeKey, ChangeKey)> {
+        let at = |size| self.sizes.iter().position(|&s| s == size);
+        let first = self.around[at(from)?].1?;
+        let last = self.around[at(to)?].0?;
+        (first <= last).then_some((first, last))
+    }
+}
+
+/// Each checkpoint against the tree: not larger than it, and with the root of the tree's
+/// prefix of its size; where a root differs, the leaves that must hold the alteration.
+fn compare_checkpoints(wanted: &[Checkpoint], fold: &Fold<'_>, report: &mut VerifyReport) {
+    let tree_size = fold.size();
+    for (checkpoint, checked) in wanted.iter().zip(report.checkpoints.iter_mut()) {
+        checked.matches_tree = fold.root_at(checkpoint.size) == Some(checkpoint.root);
+    }
+    for checkpoint in &report.checkpoints.clone() {
+        if checkpoint.size > tree_size {
+            report.problem(
+                &checkpoint.file,
+                format!(
+                    "attests {} changes but the archive's tree holds {tree_size}: the archive was rolled back, truncated or restored from an older copy",
+                    checkpoint.size,
+                ),
+            );
+        }
+    }
+    report.tree_size = tree_size;
+    report.root = BASE64.encode(fold.frontier.root());
     let mismatched: Vec<(String, u64)> = report
         .checkpoints
         .iter()
-        .filter(|c| !c.matches_tree && c.size <= report.tree_size)
+        .filter(|c| !c.matches_tree && c.size <= tree_size)
         .map(|c| (c.file.clone(), c.size))
         .collect();
     for (file, size) in mismatched {
@@ -362,19 +543,9 @@ pub(crate) fn verify_and_collect(
             .map(|c| c.size)
             .max()
             .unwrap_or(0);
-        let first = change_index.partition_point(|&i| i < from);
-        let last = change_index.partition_point(|&i| i < size);
-        let changes = match (
-            leaves.get(first),
-            last.checked_sub(1).and_then(|l| leaves.get(l)),
-        ) {
-            (Some((a, _)), Some((b, _))) if first < last => {
-                format!(
-                    " (changes {} to {} as the archive holds them now)",
-                    a.key, b.key
-                )
-            }
-            _ => String::new(),
+        let changes = match fold.changes_between(from, size) {
+            Some((a, b)) => format!(" (changes {a} to {b} as the archive holds them now)"),
+            None => String::new(),
         };
         report.problem(
             file,
@@ -383,6 +554,11 @@ pub(crate) fn verify_and_collect(
             ),
         );
     }
+}
+
+/// What the checked tree and checkpoints attest, the comparison with the log's own record of
+/// the tree, the warnings, and the verdict.
+fn finish_report(report: &mut VerifyReport, options: &VerifyOptions) {
     report.attested_size = report
         .checkpoints
         .iter()
@@ -406,13 +582,11 @@ pub(crate) fn verify_and_collect(
     if (report.tree_size, report.root.as_str())
         != (report.recorded_size, report.recorded_root.as_str())
     {
-        report.problem(
-            "the log's record of the tree",
-            format!(
-                "the segments give {} leaves with root {}, the log records {} with root {}",
-                report.tree_size, report.root, report.recorded_size, report.recorded_root
-            ),
+        let what = format!(
+            "the segments give {} leaves with root {}, the log records {} with root {}",
+            report.tree_size, report.root, report.recorded_size, report.recorded_root
         );
+        report.problem("the log's record of the tree", what);
     }
     if options.keys.is_empty() {
         report.warnings.push(
@@ -438,21 +612,8 @@ pub(crate) fn verify_and_collect(
         ));
     }
     report.ok = report.problems.is_empty();
-    Ok(Collected {
-        report,
-        leaves,
-        change_index,
-        tree,
-        segments,
-        epochs: state.epochs,
-        erased,
-        events: {
-            let mut events = state.events;
-            events.sort_by_key(|e| (e.epoch, e.n));
-            events
-        },
-    })
 }
+
 
 /// A checkpoint note's checkpoint and whether one of `keys` signed it.
 pub(crate) fn open_checkpoint(
@@ -517,17 +678,20 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
 struct CheckedSegment {
     rows: u64,
     rows_before_evidence: u64,
-    leaves: Vec<Leaf>,
     problems: Vec<Problem>,
+    /// The temporary file of leaves could not be written: the archive was not verified.
+    scratch: Option<SegmentError>,
 }
 
 /// Read one segment the manifest lists: its SHA-256, its description, its rows' order and key
-/// range, its row count, and every row's leaf.
+/// range, its row count, and every row's leaf, written to `leaves` (which keeps only those of
+/// the batches before the first problem).
 fn check_segment(
     segments_dir: &Path,
     entry: &crate::SegmentEntry,
     epochs: &super::leaf::Epochs,
     erased: &super::leaf::Redactions,
+    leaves: &LeafStream,
 ) -> CheckedSegment {
     let mut out = CheckedSegment::default();
     let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
@@ -557,21 +721,16 @@ fn check_segment(
     let (hashed, checked) = std::thread::scope(|scope| {
         let (batches, to_hash) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
         let content = &content;
-        // Sized once (growing it copied every leaf again at each doubling), from the manifest's
-        // row count, which is being checked: bounded by the file's size, so that a forged
-        // count cannot ask for more memory than a real one could.
-        let file_bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
-        let rows = usize::try_from(entry.rows.min(file_bytes)).unwrap_or(0);
         let hashing = scope.spawn(move || {
-            let mut hashed = Hashed {
-                leaves: Vec::with_capacity(rows),
-                ..Hashed::default()
-            };
+            let mut hashed = Hashed::default();
             for batch in to_hash {
                 match batch_leaves(content, &batch, epochs, erased) {
-                    Ok(leaves) => {
-                        hashed.per_batch.push((batch.num_rows(), leaves.len()));
-                        hashed.leaves.extend(leaves);
+                    Ok(batch_leaves) => {
+                        if let Err(e) = leaves.write(&batch_leaves) {
+                            hashed.scratch = Some(e);
+                            break;
+                        }
+                        hashed.per_batch.push((batch.num_rows(), batch_leaves.len()));
                     }
                     Err(e) => {
                         hashed.failed = Some(e);
@@ -611,8 +770,7 @@ fn check_segment(
         .fold((0u64, 0usize), |(r, l), (rows, leaves)| {
             (r + *rows as u64, l + leaves)
         });
-    let mut leaves = hashed.leaves;
-    leaves.truncate(good_leaves);
+    leaves.keep_first(good_leaves as u64);
     let (rows, before_evidence) = (checked.rows, good_rows - good_leaves as u64);
     if !bad && rows != entry.rows {
         problem(
@@ -622,17 +780,17 @@ fn check_segment(
     }
     out.rows = rows;
     out.rows_before_evidence = before_evidence;
-    out.leaves = leaves;
+    out.scratch = hashed.scratch;
     out
 }
 
-/// What the hashing thread of [`check_segment`] computed: the leaves of the batches before the
-/// first it could not hash, and per batch its rows and leaves.
+/// What the hashing thread of [`check_segment`] did: per batch hashed, its rows and leaves
+/// (written to the segment's stream of leaves), and why it stopped early, if it did.
 #[derive(Default)]
 struct Hashed {
-    leaves: Vec<Leaf>,
     per_batch: Vec<(usize, usize)>,
     failed: Option<super::leaf::LeafError>,
+    scratch: Option<SegmentError>,
 }
 
 /// What [`check_batches`] found: the rows read, and the first problem (batch index, place,
