@@ -289,8 +289,7 @@ impl Iterator for Merged {
     type Item = Result<Leaf, SegmentError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.next_with_stream()
-            .map(|r| r.map(|(leaf, _)| leaf))
+        self.next_with_stream().map(|r| r.map(|(leaf, _)| leaf))
     }
 }
 

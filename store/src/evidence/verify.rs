@@ -12,8 +12,8 @@ use datafusion::arrow::array::RecordBatch;
 
 use super::leaf::{Leaf, batch_leaves};
 use super::merkle::{Frontier, Hash};
-use super::spill::{LeafSpill, LeafStream};
 use super::note::{Checkpoint, VerifierKey, WitnessKey};
+use super::spill::{LeafSpill, LeafStream};
 use super::state::EVIDENCE_DIR;
 use crate::error::{LogError, SegmentError};
 use crate::log::LogReader;
@@ -321,7 +321,9 @@ fn walk(
             );
         }
         previous = Some(change);
-        if let Some(Err(why)) = order.as_mut().map(|o| o.change(leaf.key, &mut |h| emit(h, None)))
+        if let Some(Err(why)) = order
+            .as_mut()
+            .map(|o| o.change(leaf.key, &mut |h| emit(h, None)))
         {
             // The tree has no place for it: the events are left out from here on and every
             // change goes in as it comes, so that the report still has a root.
@@ -412,7 +414,9 @@ fn read_checkpoints(
                 Ok(None) => {}
                 Err(e) => problem(
                     file,
-                    format!("{e}: a cosignature line of a given --witness-key does not verify (edited, or copied from another checkpoint)"),
+                    format!(
+                        "{e}: a cosignature line of a given --witness-key does not verify (edited, or copied from another checkpoint)"
+                    ),
                 ),
             }
         }
@@ -482,7 +486,8 @@ impl<'s> Fold<'s> {
             .get(self.next)
             .is_some_and(|&s| s == self.frontier.size())
         {
-            self.roots.push((self.frontier.size(), self.frontier.root()));
+            self.roots
+                .push((self.frontier.size(), self.frontier.root()));
             self.around[self.next].0 = self.last_change;
             self.waiting.push(self.next);
             self.next += 1;
@@ -614,7 +619,6 @@ fn finish_report(report: &mut VerifyReport, options: &VerifyOptions) {
     report.ok = report.problems.is_empty();
 }
 
-
 /// A checkpoint note's checkpoint and whether one of `keys` signed it.
 pub(crate) fn open_checkpoint(
     text: &str,
@@ -730,7 +734,9 @@ fn check_segment(
                             hashed.scratch = Some(e);
                             break;
                         }
-                        hashed.per_batch.push((batch.num_rows(), batch_leaves.len()));
+                        hashed
+                            .per_batch
+                            .push((batch.num_rows(), batch_leaves.len()));
                     }
                     Err(e) => {
                         hashed.failed = Some(e);
