@@ -352,6 +352,17 @@ fn verify_proves_a_real_archive_and_both_verifiers_catch_every_tampering() {
     // The older copy is a clean archive too (of fewer changes).
     let older_verdict = verify(&older, &vkey, &[&first_copy], python);
     assert!(older_verdict.pgtrail_ok, "{}", older_verdict.pgtrail);
+    // verify keeps its leaves in a temporary file: where none can be made, it says so and
+    // where to point it, and gives no verdict (exit 2, not "OK" nor "altered").
+    let no_tmp = pgtrail()
+        .env("TMPDIR", dir.join("no-such-dir"))
+        .args(["verify", "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&no_tmp.stderr);
+    assert_eq!(no_tmp.status.code(), Some(2), "{said}");
+    assert!(said.contains("set TMPDIR to a directory"), "{said}");
 
     // A proof that one change is in the signed tree, checked in Python from the proof file
     // and the verifier key alone; an altered proof is refused.
