@@ -5,8 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{TimestampMicrosecondType, UInt64Type};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
@@ -113,8 +114,18 @@ impl Bounds {
     }
 
     pub fn contains(&self, key: ChangeKey, committed_at_us: i64) -> bool {
-        (self.lsn.0..=self.lsn.1).contains(&key.commit_lsn.0)
+        self.holds(key.commit_lsn.0, committed_at_us)
+    }
+
+    fn holds(&self, lsn: u64, committed_at_us: i64) -> bool {
+        (self.lsn.0..=self.lsn.1).contains(&lsn)
             && (self.time.0..=self.time.1).contains(&committed_at_us)
+    }
+
+    /// Whether every change of the segment is inside the bounds.
+    fn covers(&self, seg: &SegmentEntry) -> bool {
+        self.holds(seg.min_key.commit_lsn.0, seg.min_committed_at_us)
+            && self.holds(seg.max_key.commit_lsn.0, seg.max_committed_at_us)
     }
 }
 
@@ -310,6 +321,47 @@ pub fn open_segment_row_group(
     })
 }
 
+/// The rows of `seg`'s row groups that `bounds` keeps which are inside the bounds, numbered
+/// as [`open_segment_selected`] numbers them; `None` when every row of those row groups is.
+///
+/// Row groups hold up to 128K changes, and a change read as a row is rendered as text: a
+/// bound that cuts a row group (the newest changes of a table, a page of `pgtrail serve`) is
+/// applied by decoding the two small columns it names first, so that only the rows inside are
+/// decoded and rendered.
+fn rows_within(
+    path: &std::path::Path,
+    seg: &SegmentEntry,
+    bounds: Bounds,
+) -> Result<Option<Vec<usize>>> {
+    if bounds.covers(seg) {
+        return Ok(None);
+    }
+    let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
+    let (mut rows, mut read) = (Vec::new(), 0);
+    for batch in open_segment_projected(path, &seg.sha256, 8192, bounds, Some(&columns))? {
+        let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+        let lsn = batch
+            .column_by_name("lsn")
+            .and_then(|c| c.as_primitive_opt::<UInt64Type>());
+        let time = batch
+            .column_by_name("committed_at")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
+        let (Some(lsn), Some(time)) = (lsn, time) else {
+            return Err(DataFusionError::Execution(format!(
+                "segment {} has no u64 lsn or timestamp committed_at column; the archive is inconsistent (run `pgtrail verify`)",
+                path.display()
+            )));
+        };
+        for row in 0..batch.num_rows() {
+            if bounds.holds(lsn.value(row), time.value(row)) {
+                rows.push(read + row);
+            }
+        }
+        read += batch.num_rows();
+    }
+    Ok((rows.len() < read).then_some(rows))
+}
+
 /// Call `f` with every change of `table` in key order that `keep` accepts, skipping segments
 /// `read_segment` rejects without opening them.
 /// The schema version passed to `f` is the table's own (it lives as long as `table`).
@@ -340,8 +392,13 @@ pub fn for_each_change_where<'t>(
             continue;
         };
         let version = table.version(rel.relation_id, rel.valid_from)?;
-        for batch in open_segment_pruned(&archive.segment_path(seg), &seg.sha256, 8192, row_groups)?
-        {
+        let path = archive.segment_path(seg);
+        let rows = rows_within(&path, seg, row_groups)?;
+        if rows.as_ref().is_some_and(Vec::is_empty) {
+            continue;
+        }
+        let rows = rows.as_deref();
+        for batch in open_segment_selected(&path, &seg.sha256, 8192, row_groups, None, rows)? {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
             for (key, rec) in read_records(&seg.content, &batch)
                 .map_err(|e| DataFusionError::External(Box::new(e)))?
