@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::datatypes::{TimestampMicrosecondType, UInt64Type};
+use datafusion::arrow::datatypes::{TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
@@ -20,11 +20,15 @@ use pgtrail_store::{ChangeKey, ChangeRecord, RelationVersion, SegmentEntry};
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::merge::adapt;
 
-/// Bounds on `lsn` (commit LSN) and `committed_at` (µs) implied by a query's filters.
+/// Bounds on `lsn` (commit LSN) and `committed_at` (µs) implied by a query's filters, and on
+/// `seq` at the two ends of the LSN range (a range of change keys: a page that starts or ends
+/// inside a transaction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bounds {
     pub lsn: (u64, u64),
     pub time: (i64, i64),
+    /// The lowest `seq` of the changes at LSN `lsn.0`, and the highest at `lsn.1`.
+    pub seq: (u32, u32),
 }
 
 impl Default for Bounds {
@@ -32,8 +36,17 @@ impl Default for Bounds {
         Bounds {
             lsn: (0, u64::MAX),
             time: (i64::MIN, i64::MAX),
+            seq: (0, u32::MAX),
         }
     }
+}
+
+/// A condition `lsn > L OR seq >= S` (or its mirror, below): with `lsn >= L` beside it, the
+/// keys from `(L, S)` on. Feeds use it to start a page inside a transaction.
+#[derive(Clone, Copy)]
+enum KeyEdge {
+    From(u64, u32),
+    Through(u64, u32),
 }
 
 impl Bounds {
@@ -41,6 +54,20 @@ impl Bounds {
         let mut b = Bounds::default();
         for f in filters {
             b.narrow(f);
+        }
+        // An edge bounds `seq` only where the LSN range ends at its LSN: there the condition
+        // is about `seq` alone. Past that LSN it holds for every row; before it (the range
+        // reaching below it) it would admit rows of other `seq`s, so it says nothing.
+        let mut edges = Vec::new();
+        for f in filters {
+            key_edges(f, &mut edges);
+        }
+        for edge in edges {
+            match edge {
+                KeyEdge::From(lsn, seq) if lsn == b.lsn.0 => b.seq.0 = b.seq.0.max(seq),
+                KeyEdge::Through(lsn, seq) if lsn == b.lsn.1 => b.seq.1 = b.seq.1.min(seq),
+                _ => {}
+            }
         }
         b
     }
@@ -114,18 +141,65 @@ impl Bounds {
     }
 
     pub fn contains(&self, key: ChangeKey, committed_at_us: i64) -> bool {
-        self.holds(key.commit_lsn.0, committed_at_us)
+        let (low, high) = self.keys();
+        (low..=high).contains(&key) && (self.time.0..=self.time.1).contains(&committed_at_us)
     }
 
-    fn holds(&self, lsn: u64, committed_at_us: i64) -> bool {
-        (self.lsn.0..=self.lsn.1).contains(&lsn)
-            && (self.time.0..=self.time.1).contains(&committed_at_us)
+    /// The lowest and highest change keys inside the bounds.
+    fn keys(&self) -> (ChangeKey, ChangeKey) {
+        (
+            ChangeKey::new(pgtrail_store::Lsn(self.lsn.0), self.seq.0),
+            ChangeKey::new(pgtrail_store::Lsn(self.lsn.1), self.seq.1),
+        )
     }
 
     /// Whether every change of the segment is inside the bounds.
     fn covers(&self, seg: &SegmentEntry) -> bool {
-        self.holds(seg.min_key.commit_lsn.0, seg.min_committed_at_us)
-            && self.holds(seg.max_key.commit_lsn.0, seg.max_committed_at_us)
+        self.contains(seg.min_key, seg.min_committed_at_us)
+            && self.contains(seg.max_key, seg.max_committed_at_us)
+    }
+}
+
+/// The [`KeyEdge`]s among the conjuncts of `e`.
+fn key_edges(e: &Expr, out: &mut Vec<KeyEdge>) {
+    let Expr::BinaryExpr(BinaryExpr { left, op, right }) = e else {
+        return;
+    };
+    match op {
+        Operator::And => {
+            key_edges(left, out);
+            key_edges(right, out);
+        }
+        Operator::Or => {
+            let comparison = |e: &Expr| match e {
+                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                    let value = constant(right).and_then(|v| as_u64(&v))?;
+                    Some((column_name(left)?, *op, value))
+                }
+                _ => None,
+            };
+            let (Some(a), Some(b)) = (comparison(left), comparison(right)) else {
+                return;
+            };
+            let (lsn, seq) = match (a.0.as_str(), b.0.as_str()) {
+                ("lsn", "seq") => (a, b),
+                ("seq", "lsn") => (b, a),
+                _ => return,
+            };
+            let Ok(s) = u32::try_from(seq.2) else { return };
+            match (lsn.1, seq.1) {
+                (Operator::Gt, Operator::GtEq) => out.push(KeyEdge::From(lsn.2, s)),
+                (Operator::Gt, Operator::Gt) => {
+                    out.extend(s.checked_add(1).map(|s| KeyEdge::From(lsn.2, s)))
+                }
+                (Operator::Lt, Operator::LtEq) => out.push(KeyEdge::Through(lsn.2, s)),
+                (Operator::Lt, Operator::Lt) => {
+                    out.extend(s.checked_sub(1).map(|s| KeyEdge::Through(lsn.2, s)))
+                }
+                _ => {}
+            }
+        }
+        _ => {}
     }
 }
 
@@ -326,7 +400,7 @@ pub fn open_segment_row_group(
 ///
 /// Row groups hold up to 128K changes, and a change read as a row is rendered as text: a
 /// bound that cuts a row group (the newest changes of a table, a page of `pgtrail serve`) is
-/// applied by decoding the two small columns it names first, so that only the rows inside are
+/// applied by decoding the small columns it names first, so that only the rows inside are
 /// decoded and rendered.
 fn rows_within(
     path: &std::path::Path,
@@ -336,24 +410,28 @@ fn rows_within(
     if bounds.covers(seg) {
         return Ok(None);
     }
-    let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
+    let columns = ["lsn", "seq", "committed_at"].map(|c| vec![c.to_string()]);
     let (mut rows, mut read) = (Vec::new(), 0);
     for batch in open_segment_projected(path, &seg.sha256, 8192, bounds, Some(&columns))? {
         let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
         let lsn = batch
             .column_by_name("lsn")
             .and_then(|c| c.as_primitive_opt::<UInt64Type>());
+        let seq = batch
+            .column_by_name("seq")
+            .and_then(|c| c.as_primitive_opt::<UInt32Type>());
         let time = batch
             .column_by_name("committed_at")
             .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
-        let (Some(lsn), Some(time)) = (lsn, time) else {
+        let (Some(lsn), Some(seq), Some(time)) = (lsn, seq, time) else {
             return Err(DataFusionError::Execution(format!(
-                "segment {} has no u64 lsn or timestamp committed_at column; the archive is inconsistent (run `pgtrail verify`)",
+                "segment {} has no u64 lsn, u32 seq or timestamp committed_at column; the archive is inconsistent (run `pgtrail verify`)",
                 path.display()
             )));
         };
         for row in 0..batch.num_rows() {
-            if bounds.holds(lsn.value(row), time.value(row)) {
+            let key = ChangeKey::new(pgtrail_store::Lsn(lsn.value(row)), seq.value(row));
+            if bounds.contains(key, time.value(row)) {
                 rows.push(read + row);
             }
         }

@@ -702,7 +702,8 @@ async fn bounds_that_cut_row_groups_keep_exactly_the_changes_inside_them() {
         }
     }
     let columns = "lsn, seq, operation, primary_key, before, after, context, committed_at";
-    let rows = |batches: &[RecordBatch]| -> Vec<(u64, i64, String)> {
+    type Row = ((u64, u32, i64), String);
+    let rows = |batches: &[RecordBatch]| -> Vec<Row> {
         batches
             .iter()
             .flat_map(|b| {
@@ -712,14 +713,14 @@ async fn bounds_that_cut_row_groups_keep_exactly_the_changes_inside_them() {
                         .iter()
                         .map(|c| array_value_to_string(c, i).unwrap())
                         .collect();
-                    let lsn = text[0].parse().unwrap();
                     let time = b
                         .column(7)
                         .as_any()
                         .downcast_ref::<datafusion::arrow::array::TimestampMicrosecondArray>()
                         .unwrap()
                         .value(i);
-                    (lsn, time, text.join(" | "))
+                    let place = (text[0].parse().unwrap(), text[1].parse().unwrap(), time);
+                    (place, text.join(" | "))
                 })
             })
             .collect()
@@ -733,32 +734,60 @@ async fn bounds_that_cut_row_groups_keep_exactly_the_changes_inside_them() {
         .await,
     );
     assert_eq!(all.len(), 57 + 30);
-    // Cuts inside row groups, at both ends, across the segment and the tail, and empty.
-    let cases: [(&str, Box<dyn Fn(u64, i64) -> bool>); 6] = [
+    // Cuts inside row groups, at both ends, across the segment and the tail, and empty; then
+    // ranges of keys (a page starting and ending inside a transaction, as the feeds ask), and
+    // the same conditions where they bound no `seq` (the LSN range reaches past their LSN).
+    type Inside = Box<dyn Fn(u64, u32, i64) -> bool>;
+    let cases: [(&str, Inside); 12] = [
         (
             "lsn BETWEEN 550 AND 1250",
-            Box::new(|l, _| (550..=1250).contains(&l)),
+            Box::new(|l, _, _| (550..=1250).contains(&l)),
         ),
-        ("lsn = 700", Box::new(|l, _| l == 700)),
-        ("lsn > 1900", Box::new(|l, _| l > 1900)),
-        ("lsn < 300", Box::new(|l, _| l < 300)),
-        ("lsn > 650 AND lsn < 660", Box::new(|_, _| false)),
+        ("lsn = 700", Box::new(|l, _, _| l == 700)),
+        ("lsn > 1900", Box::new(|l, _, _| l > 1900)),
+        ("lsn < 300", Box::new(|l, _, _| l < 300)),
+        ("lsn > 650 AND lsn < 660", Box::new(|_, _, _| false)),
         (
             "committed_at >= to_timestamp_micros(4000000) AND committed_at < to_timestamp_micros(9000000)",
-            Box::new(|_, t| (4_000_000..9_000_000).contains(&t)),
+            Box::new(|_, _, t| (4_000_000..9_000_000).contains(&t)),
+        ),
+        (
+            "lsn >= 700 AND (lsn > 700 OR seq >= 1) AND lsn <= 1200 AND (lsn < 1200 OR seq <= 1)",
+            Box::new(|l, s, _| (700, 1) <= (l, s) && (l, s) <= (1200, 1)),
+        ),
+        (
+            "lsn >= 2000 AND (lsn > 2000 OR seq > 0) AND lsn <= 2000 AND (lsn < 2000 OR seq < 2)",
+            Box::new(|l, s, _| l == 2000 && s == 1),
+        ),
+        (
+            "lsn >= 500 AND (lsn > 700 OR seq >= 1) AND lsn <= 800",
+            Box::new(|l, s, _| (500..=800).contains(&l) && (l > 700 || s >= 1)),
+        ),
+        (
+            "(lsn < 700 OR seq <= 0) AND lsn <= 900",
+            Box::new(|l, s, _| l <= 900 && (l < 700 || s == 0)),
+        ),
+        (
+            "lsn >= 800 AND (lsn > 700 OR seq >= 1)",
+            Box::new(|l, _, _| l >= 800),
+        ),
+        (
+            "lsn <= 800 AND (lsn < 900 OR seq <= 0)",
+            Box::new(|l, _, _| l <= 800),
         ),
     ];
     for (filter, inside) in cases {
         let sql = format!("SELECT {columns} FROM changes WHERE {filter} ORDER BY lsn, seq");
         let got: Vec<String> = rows(&query(&dir, &log, &sql).await)
             .into_iter()
-            .map(|r| r.2)
+            .map(|r| r.1)
             .collect();
         let expected: Vec<String> = all
             .iter()
-            .filter(|(l, t, _)| inside(*l, *t))
-            .map(|r| r.2.clone())
+            .filter(|((l, s, t), _)| inside(*l, *s, *t))
+            .map(|r| r.1.clone())
             .collect();
+        assert!(!expected.is_empty() || filter.contains("660"), "{filter}");
         assert_eq!(got, expected, "{filter}");
     }
 }
