@@ -85,7 +85,7 @@ impl LeafSpill {
     /// An unlinked file in the system's temporary directory (`TMPDIR`), for a reader of an
     /// archive that may not write to it (`verify`). Unlike a bundle's scratch copy, which
     /// stays inside the archive, the file holds no production data: a leaf is a hash over
-    /// salted digests of a change's parts (see the leaf format), and keys and LSNs.
+    /// salted digests of a change's parts (see the leaf format), beside its LSN and position.
     pub fn create_temp() -> Result<LeafSpill, SegmentError> {
         let dir = std::env::temp_dir();
         // `tempfile()` opens the file unlinked (mode 0600) where the system allows it, so
