@@ -133,26 +133,67 @@ pub struct ScopeArgs {
     /// messages).
     #[arg(long, value_delimiter = ',')]
     pub tables: Vec<String>,
-    /// The first commit LSN in scope (default: the archive's start).
+    /// The first commit LSN in scope (0/1A2B3C4), or a time (2026-07-01 00:00:00+00): from the
+    /// first change committed at or after it (default: the archive's start).
     #[arg(long)]
     pub from: Option<String>,
-    /// The last commit LSN in scope (default: the latest signed checkpoint's end).
+    /// The last commit LSN in scope, or a time: through the last change committed at or before
+    /// it (default: the latest signed checkpoint's end).
     #[arg(long)]
     pub to: Option<String>,
 }
 
 impl ScopeArgs {
-    fn scope(&self) -> anyhow::Result<pgtrail_store::evidence::bundle::Scope> {
-        let lsn =
-            |flag: &str, text: &Option<String>| -> anyhow::Result<Option<pgtrail_store::Lsn>> {
-                text.as_deref()
-                    .map(|t| {
-                        t.parse().map_err(|_| {
-                            anyhow::anyhow!("{flag}: {t:?} is not an LSN (like 0/1A2B3C4)")
-                        })
-                    })
-                    .transpose()
+    /// The scope, times turned into commit LSNs read from the archive in `dir`: the range of
+    /// LSNs that holds every change committed between the times (a change committed later
+    /// than another may have the lower LSN, so the range may hold a few changes beside the
+    /// window, never fewer). Each turn is told on stderr.
+    async fn scope(&self, dir: &Path) -> anyhow::Result<pgtrail_store::evidence::bundle::Scope> {
+        use pgtrail_query::Moment;
+        let parse = |flag: &str, text: &Option<String>| {
+            text.as_deref()
+                .map(|t| crate::export::moment(t, flag).map(|m| (m, t.to_string())))
+                .transpose()
+        };
+        let (from, to) = (parse("--from", &self.from)?, parse("--to", &self.to)?);
+        let is_time = |m: &Option<(Moment, String)>| matches!(m, Some((Moment::Time(_), _)));
+        let (from, to) = if is_time(&from) || is_time(&to) {
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let archive = pgtrail_query::ArchiveSnapshot::open(&dir)?;
+                let lsn = |flag: &str, moment: Option<(Moment, String)>| -> anyhow::Result<_> {
+                    use pgtrail_query::export::commit_lsns_between;
+                    let Some((moment, text)) = moment else {
+                        return Ok(None);
+                    };
+                    let t = match moment {
+                        Moment::Lsn(lsn) => return Ok(Some(lsn)),
+                        Moment::Time(t) => t,
+                    };
+                    let (times, side) = match flag {
+                        "--from" => ((t, i64::MAX), "first change committed at or after"),
+                        _ => ((i64::MIN, t), "last change committed at or before"),
+                    };
+                    let Some((first, last)) = commit_lsns_between(&archive, times)? else {
+                        bail!(
+                            "{flag} {text}: the archive holds no change committed {} it, so no position in it stands for that time; give an LSN instead",
+                            if flag == "--from" { "at or after" } else { "at or before" }
+                        );
+                    };
+                    let lsn = if flag == "--from" { first } else { last };
+                    eprintln!("scope: {flag} {text} is commit LSN {lsn}, the {side} it");
+                    Ok(Some(lsn))
+                };
+                Ok((lsn("--from", from)?, lsn("--to", to)?))
+            })
+            .await??
+        } else {
+            let lsn = |m: Option<(Moment, String)>| match m {
+                Some((Moment::Lsn(lsn), _)) => Some(lsn),
+                _ => None,
             };
+            (lsn(from), lsn(to))
+        };
         let scope = pgtrail_store::evidence::bundle::Scope {
             tables: self
                 .tables
@@ -167,8 +208,8 @@ impl ScopeArgs {
                     }
                 })
                 .collect(),
-            from: lsn("--from", &self.from)?,
-            to: lsn("--to", &self.to)?,
+            from,
+            to,
         };
         if let (Some(from), Some(to)) = (scope.from, scope.to)
             && from > to
@@ -205,7 +246,7 @@ pub struct CertifyArgs {
 
 /// Print a signed coverage certificate of the scope, bound to the latest checkpoint.
 pub async fn certify(args: CertifyArgs) -> anyhow::Result<()> {
-    let scope = args.scope.scope()?;
+    let scope = args.scope.scope(&args.archive).await?;
     let Some(key) = args.signer.signer()? else {
         bail!(
             "pgtrail certify needs the signer of the archive's checkpoints: --signing-key FILE, or --signer-command and --signer-key"
@@ -224,7 +265,7 @@ pub async fn certify(args: CertifyArgs) -> anyhow::Result<()> {
 /// and included in the archive's latest signed checkpoint.
 pub async fn bundle(args: BundleArgs) -> anyhow::Result<()> {
     use pgtrail_store::evidence::bundle::bundle;
-    let scope = args.scope.scope()?;
+    let scope = args.scope.scope(&args.archive).await?;
     let (archive, out) = (args.archive.clone(), args.out.clone());
     let done = tokio::task::spawn_blocking(move || bundle(&archive, &scope, &out)).await??;
     eprintln!(

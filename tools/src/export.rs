@@ -51,7 +51,7 @@ pub struct ExportArgs {
 }
 
 /// `0/1A2B3C4` is an LSN; anything else a timestamp (`2026-11-26 12:00:00+00`; without a zone, UTC).
-fn moment(text: &str, flag: &str) -> anyhow::Result<Moment> {
+pub(crate) fn moment(text: &str, flag: &str) -> anyhow::Result<Moment> {
     if text.contains('/') {
         return text
             .parse::<Lsn>()

@@ -1016,6 +1016,9 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
     );
     capture_until_now(cluster, &db, &archive);
     let from = crate::insert_lsn(cluster, &db);
+    // The same scope by time: the server's clock before and after the round (commit times
+    // come from that clock).
+    let from_time = psql("SELECT clock_timestamp()");
     // The scope: table a in this round, 10 inserts, 3 updates and 2 deletes, with table b's
     // changes and a message between them.
     psql(
@@ -1027,6 +1030,7 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
          DELETE FROM a WHERE id IN (4, 5);",
     );
     let to = crate::insert_lsn(cluster, &db);
+    let to_time = psql("SELECT clock_timestamp()");
     psql("UPDATE a SET n = -1; INSERT INTO b VALUES (200, 2);");
     capture_until_now(cluster, &db, &archive);
     checkpoint(&archive, &key);
@@ -1149,6 +1153,50 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
     assert!(
         wider["ok"] == false && wider["problems"].to_string().contains("changes"),
         "{wider}"
+    );
+    // By time: the first change committed at or after --from to the last at or before --to,
+    // the same 15 changes (its LSNs are the commits', inside the LSN scope above); a time
+    // with no change after it stands for no position, and is refused.
+    let by_time = pgtrail()
+        .args([
+            "certify", "--tables", "a", "--from", &from_time, "--to", &to_time,
+        ])
+        .arg("--archive")
+        .arg(&archive)
+        .arg("--signing-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&by_time.stderr);
+    assert!(by_time.status.success(), "{said}");
+    assert!(said.contains("is commit LSN"), "{said}");
+    let by_time = String::from_utf8(by_time.stdout).unwrap();
+    assert!(
+        by_time.contains("\ntables public.a\n") && by_time.contains("\nchanges 15\n"),
+        "{by_time}"
+    );
+    let on_archive = check_certificate(&by_time, &["--archive"], &archive);
+    assert_eq!(on_archive["ok"], true, "{on_archive}");
+    let bounds = |text: &str, field: &str| -> pgtrail_store::Lsn {
+        let line = text.lines().find_map(|l| l.strip_prefix(field)).unwrap();
+        line.trim().parse().unwrap()
+    };
+    let lsn = |text: &str| -> pgtrail_store::Lsn { text.parse().unwrap() };
+    assert!(
+        lsn(&from) <= bounds(&by_time, "from ") && bounds(&by_time, "through ") <= lsn(&to),
+        "{by_time}"
+    );
+    let future = pgtrail()
+        .args(["certify", "--from", "2999-01-01 00:00:00+00", "--archive"])
+        .arg(&archive)
+        .arg("--signing-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&future.stderr);
+    assert!(
+        !future.status.success() && said.contains("no change committed at or after"),
+        "{said}"
     );
 
     // Checked with a key that did not sign the checkpoint.

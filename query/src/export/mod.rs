@@ -367,22 +367,40 @@ fn date_of(us: i64) -> String {
 
 /// The commit LSN of the last change committed at or before `t` (0 when none).
 pub fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError> {
-    let mut best = Lsn(0);
+    Ok(commit_lsns_between(archive, (i64::MIN, t))?.map_or(Lsn(0), |(_, last)| last))
+}
+
+/// The lowest and the highest commit LSN of the changes committed within `times` (µs,
+/// inclusive), over every table; `None` when none was. Every change committed within the times
+/// lies between the two, whatever the order of commit times (a change committed later may
+/// have a lower LSN), so the range holds the window, and perhaps a few changes beside it.
+pub fn commit_lsns_between(
+    archive: &ArchiveSnapshot,
+    times: (i64, i64),
+) -> Result<Option<(Lsn, Lsn)>, ExportError> {
+    let mut range: Option<(Lsn, Lsn)> = None;
+    let mut take = |lsn: Lsn| {
+        range = Some(range.map_or((lsn, lsn), |(a, b)| (a.min(lsn), b.max(lsn))));
+    };
+    let inside = |t: i64| (times.0..=times.1).contains(&t);
     for table in archive.tables.values() {
-        // Segments wholly before `t` answer from the manifest; only those straddling it (and
-        // the tail) are read, pruned to the row groups before `t`.
-        for seg in table.segments.iter().filter(|s| s.max_committed_at_us <= t) {
-            best = best.max(seg.max_key.commit_lsn);
+        // Segments wholly inside the times answer from the manifest; only those straddling
+        // an end (and the tail) are read, pruned to the row groups inside.
+        for seg in &table.segments {
+            if inside(seg.min_committed_at_us) && inside(seg.max_committed_at_us) {
+                take(seg.min_key.commit_lsn);
+                take(seg.max_key.commit_lsn);
+            }
         }
-        // Of the segments straddling `t`, only the key and time columns are read.
+        // Of the segments straddling an end, only the key and time columns are read.
         let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
-        for seg in table
-            .segments
-            .iter()
-            .filter(|s| s.min_committed_at_us <= t && s.max_committed_at_us > t)
-        {
+        for seg in table.segments.iter().filter(|s| {
+            s.min_committed_at_us <= times.1
+                && s.max_committed_at_us >= times.0
+                && !(inside(s.min_committed_at_us) && inside(s.max_committed_at_us))
+        }) {
             let bounds = Bounds {
-                time: (i64::MIN, t),
+                time: times,
                 ..Bounds::default()
             };
             for batch in open_segment_projected(
@@ -406,19 +424,19 @@ pub fn lsn_at_time(archive: &ArchiveSnapshot, t: i64) -> Result<Lsn, ExportError
                     ));
                 };
                 for (l, a) in lsn.values().iter().zip(at.values().iter()) {
-                    if *a <= t {
-                        best = best.max(Lsn(*l));
+                    if inside(*a) {
+                        take(Lsn(*l));
                     }
                 }
             }
         }
         for (key, rec) in &table.tail {
-            if rec.committed_at_us <= t {
-                best = best.max(key.commit_lsn);
+            if inside(rec.committed_at_us) {
+                take(key.commit_lsn);
             }
         }
     }
-    Ok(best)
+    Ok(range)
 }
 
 fn has_changes(table: &TableHistory, from: Lsn, until: Lsn) -> bool {
