@@ -8,10 +8,13 @@ withheld. Written from the README's Evidence section alone (hashlib, pyarrow and
 
     verify_archive.py ARCHIVE [--key VKEY]... [--trusted-checkpoint FILE]...
     verify_archive.py --bundle DIR [--key VKEY]...
+    verify_archive.py --bundle DIR --certificate FILE --key VKEY...
 
 Prints "ok: N segments, R changes, tree of L leaves, root B64, K checkpoints verified" (for a
-bundle "ok: bundle of C changes in scope, ...") and exits 0, or "FAIL: PLACE: WHAT" for each
-problem and exits 1.
+bundle "ok: bundle of C changes in scope, ...", for a certificate "ok: certificate: ...") and
+exits 0, or "FAIL: PLACE: WHAT" for each problem and exits 1. A certificate is checked
+against a bundle of its scope: its signature, then each line of its statement against what
+the bundle proves.
 """
 import base64
 import bisect
@@ -491,11 +494,11 @@ def verify_bundle(bundle, vkeys):
     lo = None if scope["from"] is None else parse_lsn(scope["from"])
     hi = None if scope["to"] is None else parse_lsn(scope["to"])
     tables = scope["tables"]
-    keys, held, last, gaps = [], 0, None, 0
+    keys, held, last, gaps = [], 0, None, []
     for i, (head, e) in enumerate(zip(heads, entries)):
         kind, lsn, seq, table, payload = head
         if kind == 3:
-            gaps += 1
+            gaps.append(payload)
         if kind not in (1, 2):
             continue
         if last is not None and last >= (lsn, seq):
@@ -516,7 +519,60 @@ def verify_bundle(bundle, vkeys):
     proof = [base64.b64decode(h, validate=True) for h in d["range_proof"]]
     if root_from_range(size, d["first"], hashes, proof) != root:
         problem("the range", "its leaves and proof do not give the checkpoint's root")
-    return held, size, root, verified, gaps
+    # Complete through --to, unless the range reaches the tree's end before it: then through
+    # the last change the checkpoint attests.
+    through = hi if hi is not None and (not at_end or (keys and keys[-1] > hi)) else (keys[-1] if keys else None)
+    return {"held": held, "origin": origin, "size": size, "root": root, "verified": verified,
+            "gaps": gaps, "tables": tables, "from": lo, "through": through}
+
+
+def lsn_text(lsn):
+    return "%X/%X" % (lsn >> 32, lsn & 0xFFFFFFFF)
+
+
+def verify_certificate(path, bundle, vkeys):
+    """The statement of the certificate at `path` (README: `pgtrail certify`) when its
+    signature verifies and the bundle proves each of its lines; otherwise None and problems."""
+    with open(path) as f:
+        note = f.read()
+    text = None
+    for vkey in vkeys:
+        text = open_note(note, vkey)
+        if text is not None:
+            name = vkey[0]
+            break
+    if text is None:
+        problem("the certificate", "no given --key verifies its signature")
+        return None
+    lines = text[:-1].split("\n")
+    fields = ["origin", "tree", "tables", "from", "through", "changes"]
+    if (len(lines) < 7 or lines[0] != "pgtrail.dev/coverage@v1"
+            or any(not lines[1 + i].startswith(f + " ") for i, f in enumerate(fields))
+            or any(not line.startswith("gap ") for line in lines[7:])):
+        problem("the certificate", "not a pgtrail.dev/coverage@v1 statement")
+        return None
+    stated = {f: lines[1 + i][len(f) + 1:] for i, f in enumerate(fields)}
+    stated["gaps"] = [line[4:] for line in lines[7:]]
+    if stated["origin"] != name:
+        problem("the certificate", "its origin is not the signing key's name")
+    found = verify_bundle(bundle, vkeys)
+    if found is None:
+        return None
+    size, root = stated["tree"].split(" ", 1)
+    lsn_or = lambda text, none: None if text == none else parse_lsn(text)  # noqa: E731
+    compared = [
+        ("origin", stated["origin"], found["origin"]),
+        ("tree", (int(size), root), (found["size"], base64.b64encode(found["root"]).decode())),
+        ("tables", [] if stated["tables"] == "*" else stated["tables"].split(","), found["tables"]),
+        ("from", lsn_or(stated["from"], "start"), found["from"]),
+        ("through", lsn_or(stated["through"], "none"), found["through"]),
+        ("changes", int(stated["changes"]), found["held"]),
+        ("gaps", stated["gaps"], found["gaps"]),
+    ]
+    for field, said, proved in compared:
+        if said != proved:
+            problem("the certificate's " + field, "states %r, the bundle proves %r" % (said, proved))
+    return stated
 
 
 def main():
@@ -524,7 +580,7 @@ def main():
     if not args:
         print(__doc__)
         sys.exit(2)
-    archive, bundle, vkeys, trusted = args[0], None, [], []
+    archive, bundle, certificate, vkeys, trusted = args[0], None, None, [], []
     i = 1
     if args[0] == "--bundle" and len(args) > 1:
         archive, bundle, i = None, args[1], 2
@@ -533,19 +589,34 @@ def main():
             vkeys.append(parse_vkey(args[i + 1]))
         elif args[i] == "--trusted-checkpoint":
             trusted.append(args[i + 1])
+        elif args[i] == "--certificate" and bundle is not None:
+            certificate = args[i + 1]
         else:
             print("unknown argument %s" % args[i])
             sys.exit(2)
         i += 2
+    if certificate is not None:
+        if not vkeys:
+            print("a certificate is only as good as its signature: give --key")
+            sys.exit(2)
+        stated = verify_certificate(certificate, bundle, vkeys)
+        if problems:
+            for p in problems:
+                print("FAIL: " + p)
+            sys.exit(1)
+        print("ok: certificate: %s changes of %s from %s through %s, %d gaps, tree %s of %s"
+              % (stated["changes"], stated["tables"], stated["from"], stated["through"],
+                 len(stated["gaps"]), stated["tree"].split(" ")[0], stated["origin"]))
+        return
     if bundle is not None:
         result = verify_bundle(bundle, vkeys)
         if problems:
             for p in problems:
                 print("FAIL: " + p)
             sys.exit(1)
-        held, size, root, verified, gaps = result
         print("ok: bundle of %d changes in scope, tree of %d leaves, root %s, checkpoint %s, %d gaps"
-              % (held, size, base64.b64encode(root).decode(), "verified" if verified else "NOT checked", gaps))
+              % (result["held"], result["size"], base64.b64encode(result["root"]).decode(),
+                 "verified" if result["verified"] else "NOT checked", len(result["gaps"])))
         return
     evidence = os.path.join(archive, "evidence")
     with open(os.path.join(evidence, "tree.json")) as f:

@@ -920,18 +920,14 @@ fn verify_bundle(bundle: &Path, vkey: &str, python: bool) -> (bool, serde_json::
     let ok = json["ok"] == true;
     assert_eq!(out.status.code(), Some(if ok { 0 } else { 1 }), "{json}");
     if python {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/verify_archive.py");
-        let py = Command::new("python3")
-            .arg(script)
-            .arg("--bundle")
-            .arg(bundle)
-            .args(["--key", vkey])
-            .output()
-            .unwrap();
-        let said =
-            String::from_utf8_lossy(&py.stdout).into_owned() + &String::from_utf8_lossy(&py.stderr);
+        let (code, said) = python_verifier(&[
+            "--bundle".as_ref(),
+            bundle.as_os_str(),
+            "--key".as_ref(),
+            vkey.as_ref(),
+        ]);
         assert_eq!(
-            py.status.code(),
+            code,
             Some(if ok { 0 } else { 1 }),
             "the Python verifier disagrees with pgtrail ({json}): {said}"
         );
@@ -946,6 +942,18 @@ fn verify_bundle(bundle: &Path, vkey: &str, python: bool) -> (bool, serde_json::
         }
     }
     (ok, json)
+}
+
+/// `tools/evidence/verify_archive.py` run with `args`: its exit code and what it printed.
+fn python_verifier(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let py = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("evidence/verify_archive.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    let said =
+        String::from_utf8_lossy(&py.stdout).into_owned() + &String::from_utf8_lossy(&py.stderr);
+    (py.status.code(), said)
 }
 
 /// `pgtrail bundle` of `archive` with the scope `scope` into `out`, which must succeed.
@@ -1135,25 +1143,53 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
         );
         json
     };
+    // The Python verifier's verdict on a certificate against the bundle: it must agree with
+    // pgtrail's, and on a good one read the same statement.
+    let python_certificate = |text: &str, pgtrail_ok: bool| {
+        if !python {
+            return;
+        }
+        let file = dir.join("certificate.py-check");
+        std::fs::write(&file, text).unwrap();
+        let (code, said) = python_verifier(&[
+            "--bundle".as_ref(),
+            bundle.as_os_str(),
+            "--certificate".as_ref(),
+            file.as_os_str(),
+            "--key".as_ref(),
+            vkey.as_ref(),
+        ]);
+        assert_eq!(
+            code,
+            Some(if pgtrail_ok { 0 } else { 1 }),
+            "the Python verifier disagrees with pgtrail on a certificate: {said}"
+        );
+        if pgtrail_ok {
+            assert!(
+                said.contains("ok: certificate: 15 changes of public.a from"),
+                "{said}"
+            );
+        }
+    };
     let on_archive = check_certificate(&certificate, &["--archive"], &archive);
     assert_eq!(on_archive["ok"], true, "{on_archive}");
     let on_bundle = check_certificate(&certificate, &["--bundle"], &bundle);
     assert_eq!(on_bundle["ok"], true, "{on_bundle}");
-    let edited = check_certificate(
-        &certificate.replace("changes 15", "changes 14"),
-        &["--archive"],
-        &archive,
-    );
+    python_certificate(&certificate, true);
+    let edited_text = certificate.replace("changes 15", "changes 14");
+    let edited = check_certificate(&edited_text, &["--archive"], &archive);
     assert!(
         edited["ok"] == false && edited["problems"].to_string().contains("signature"),
         "{edited}"
     );
-    let wider = certify(&crate::insert_lsn(cluster, &db));
-    let wider = check_certificate(&wider, &["--bundle"], &bundle);
+    python_certificate(&edited_text, false);
+    let wider_text = certify(&crate::insert_lsn(cluster, &db));
+    let wider = check_certificate(&wider_text, &["--bundle"], &bundle);
     assert!(
         wider["ok"] == false && wider["problems"].to_string().contains("changes"),
         "{wider}"
     );
+    python_certificate(&wider_text, false);
     // By time: the first change committed at or after --from to the last at or before --to,
     // the same 15 changes (its LSNs are the commits', inside the LSN scope above); a time
     // with no change after it stands for no position, and is refused.
@@ -1177,6 +1213,14 @@ fn a_bundle_proves_its_scope_complete_and_every_tampering_is_caught() {
     );
     let on_archive = check_certificate(&by_time, &["--archive"], &archive);
     assert_eq!(on_archive["ok"], true, "{on_archive}");
+    // Against the bundle of the LSN scope, whose start is another position, both verifiers
+    // name the difference.
+    let on_bundle = check_certificate(&by_time, &["--bundle"], &bundle);
+    assert!(
+        on_bundle["ok"] == false && on_bundle["problems"].to_string().contains("from"),
+        "{on_bundle}"
+    );
+    python_certificate(&by_time, false);
     let bounds = |text: &str, field: &str| -> pgtrail_store::Lsn {
         let line = text.lines().find_map(|l| l.strip_prefix(field)).unwrap();
         line.trim().parse().unwrap()
