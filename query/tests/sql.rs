@@ -575,15 +575,12 @@ async fn row_image_fields_read_alone_equal_the_fields_of_whole_images() {
     assert_eq!(column_text(&narrow, 0).len(), 8 + 7 + 6);
 }
 
-/// Newest first by windows, as the server pages `/api/changes`: the row groups of the newest
-/// segment cut the windows finer than its whole (a table's newest segment may hold most of
-/// its history), and the windows' changes, each window newest first, are every change of the
-/// archive exactly once, in order, also below a cursor.
-#[tokio::test(flavor = "multi_thread")]
-async fn newest_first_windows_cut_the_newest_segment_at_its_row_groups_and_cover_every_change() {
-    use pgtrail_query::feed;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path().join("a");
+/// An archive of transactions 1-30 (see [`txn`]): 1-20 compacted into one segment of 57
+/// changes in row groups of 4 (15 row groups), 21-30 in the log tail. The archive is a
+/// directory of its own inside the temporary one (whose mode an archive refuses).
+fn archive_of_small_row_groups() -> (tempfile::TempDir, std::path::PathBuf, ChangeLog) {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("a");
     let mut log = ChangeLog::open(&dir).unwrap();
     let options = CompactOptions {
         segment: pgtrail_store::segment::SegmentOptions {
@@ -594,13 +591,23 @@ async fn newest_first_windows_cut_the_newest_segment_at_its_row_groups_and_cover
         ..CompactOptions::default()
     };
     let compactor = Compactor::new(log.shared(), &dir, options);
-    // Transactions 1-20 in one segment of 57 changes (15 row groups), 21-30 in the log tail.
     for n in 1..=30 {
         log.apply(txn(n)).unwrap();
         if n == 20 {
             compactor.run().unwrap();
         }
     }
+    (temp, dir, log)
+}
+
+/// Newest first by windows, as the server pages `/api/changes`: the row groups of the newest
+/// segment cut the windows finer than its whole (a table's newest segment may hold most of
+/// its history), and the windows' changes, each window newest first, are every change of the
+/// archive exactly once, in order, also below a cursor.
+#[tokio::test(flavor = "multi_thread")]
+async fn newest_first_windows_cut_the_newest_segment_at_its_row_groups_and_cover_every_change() {
+    use pgtrail_query::feed;
+    let (_temp, dir, log) = archive_of_small_row_groups();
     let archive = ArchiveSnapshot::from_reader(&dir, &log.reader().unwrap()).unwrap();
     let segments: Vec<_> = archive
         .tables
@@ -682,25 +689,7 @@ fn keys(batches: &[RecordBatch]) -> Vec<ChangeKey> {
 #[tokio::test(flavor = "multi_thread")]
 async fn bounds_that_cut_row_groups_keep_exactly_the_changes_inside_them() {
     use datafusion::arrow::util::display::array_value_to_string;
-    let dir = tempfile::tempdir().unwrap();
-    let dir = dir.path().join("a");
-    let mut log = ChangeLog::open(&dir).unwrap();
-    let options = CompactOptions {
-        segment: pgtrail_store::segment::SegmentOptions {
-            row_group_rows: 4,
-            batch_rows: 4,
-            ..Default::default()
-        },
-        ..CompactOptions::default()
-    };
-    let compactor = Compactor::new(log.shared(), &dir, options);
-    // Transactions 1-20 in one segment of 57 changes (15 row groups), 21-30 in the log tail.
-    for n in 1..=30 {
-        log.apply(txn(n)).unwrap();
-        if n == 20 {
-            compactor.run().unwrap();
-        }
-    }
+    let (_temp, dir, log) = archive_of_small_row_groups();
     let columns = "lsn, seq, operation, primary_key, before, after, context, committed_at";
     type Row = ((u64, u32, i64), String);
     let rows = |batches: &[RecordBatch]| -> Vec<Row> {
