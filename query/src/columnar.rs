@@ -591,7 +591,7 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [MomentRows]) ->
             let key = (lsn.value(i), seq.value(i));
             if last.is_some_and(|l| key <= l) {
                 return Err(DataFusionError::Execution(format!(
-                    "changes are not in key order at {}#{}; the archive is inconsistent (run the verifier)",
+                    "changes are not in key order at {}#{}; the archive is inconsistent (run `pgtrail verify`)",
                     Lsn(key.0),
                     key.1
                 )));

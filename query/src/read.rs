@@ -455,7 +455,7 @@ pub fn for_each_change_where<'t>(
     let mut check_order = |key: ChangeKey| -> Result<()> {
         if last.is_some_and(|l| key <= l) {
             return Err(DataFusionError::Execution(format!(
-                "changes of {} are not in key order at {key}; the archive is inconsistent (run the verifier)",
+                "changes of {} are not in key order at {key}; the archive is inconsistent (run `pgtrail verify`)",
                 table.qualified_name()
             )));
         }
