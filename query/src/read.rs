@@ -395,23 +395,15 @@ pub fn open_segment_row_group(
     })
 }
 
-/// The rows of `seg`'s row groups that `bounds` keeps which are inside the bounds, numbered
-/// as [`open_segment_selected`] numbers them; `None` when every row of those row groups is.
-///
-/// Row groups hold up to 128K changes, and a change read as a row is rendered as text: a
-/// bound that cuts a row group (the newest changes of a table, a page of `pgtrail serve`) is
-/// applied by decoding the small columns it names first, so that only the rows inside are
-/// decoded and rendered.
-fn rows_within(
+/// Call `f` with the key and commit time (µs) of every change in `seg`'s row groups that
+/// `bounds` keeps, in file order, decoding only the `lsn`, `seq` and `committed_at` columns.
+pub fn for_each_key_and_time(
     path: &std::path::Path,
     seg: &SegmentEntry,
     bounds: Bounds,
-) -> Result<Option<Vec<usize>>> {
-    if bounds.covers(seg) {
-        return Ok(None);
-    }
+    mut f: impl FnMut(ChangeKey, i64),
+) -> Result<()> {
     let columns = ["lsn", "seq", "committed_at"].map(|c| vec![c.to_string()]);
-    let (mut rows, mut read) = (Vec::new(), 0);
     for batch in open_segment_projected(path, &seg.sha256, 8192, bounds, Some(&columns))? {
         let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
         let lsn = batch
@@ -430,13 +422,37 @@ fn rows_within(
             )));
         };
         for row in 0..batch.num_rows() {
-            let key = ChangeKey::new(pgtrail_store::Lsn(lsn.value(row)), seq.value(row));
-            if bounds.contains(key, time.value(row)) {
-                rows.push(read + row);
-            }
+            f(
+                ChangeKey::new(pgtrail_store::Lsn(lsn.value(row)), seq.value(row)),
+                time.value(row),
+            );
         }
-        read += batch.num_rows();
     }
+    Ok(())
+}
+
+/// The rows of `seg`'s row groups that `bounds` keeps which are inside the bounds, numbered
+/// as [`open_segment_selected`] numbers them; `None` when every row of those row groups is.
+///
+/// Row groups hold up to 128K changes, and a change read as a row is rendered as text: a
+/// bound that cuts a row group (the newest changes of a table, a page of `pgtrail serve`) is
+/// applied by decoding the small columns it names first, so that only the rows inside are
+/// decoded and rendered.
+fn rows_within(
+    path: &std::path::Path,
+    seg: &SegmentEntry,
+    bounds: Bounds,
+) -> Result<Option<Vec<usize>>> {
+    if bounds.covers(seg) {
+        return Ok(None);
+    }
+    let (mut rows, mut read) = (Vec::new(), 0);
+    for_each_key_and_time(path, seg, bounds, |key, committed_at_us| {
+        if bounds.contains(key, committed_at_us) {
+            rows.push(read);
+        }
+        read += 1;
+    })?;
     Ok((rows.len() < read).then_some(rows))
 }
 

@@ -34,7 +34,7 @@ use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::error::QueryError;
 use crate::merge::{adapt, history_schema, merged_row_fields};
 use crate::read::{
-    Bounds, READ_AHEAD_BATCHES, open_segment_projected, open_segment_pruned, tail_batches,
+    Bounds, READ_AHEAD_BATCHES, for_each_key_and_time, open_segment_pruned, tail_batches,
 };
 use crate::replay::{
     ApplyChange, Moment, OpenRows, OpenVersion, RowChange, RowSet, SnapshotPoint, replay_rows,
@@ -393,7 +393,6 @@ pub fn commit_lsns_between(
             }
         }
         // Of the segments straddling an end, only the key and time columns are read.
-        let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
         for seg in table.segments.iter().filter(|s| {
             s.min_committed_at_us <= times.1
                 && s.max_committed_at_us >= times.0
@@ -403,32 +402,11 @@ pub fn commit_lsns_between(
                 time: times,
                 ..Bounds::default()
             };
-            for batch in open_segment_projected(
-                &archive.segment_path(seg),
-                &seg.sha256,
-                8192,
-                bounds,
-                Some(&columns),
-            )? {
-                let batch = batch.map_err(|e| ExportError::Query(QueryError::Segment(e)))?;
-                let (Some(lsn), Some(at)) = (
-                    batch
-                        .column_by_name("lsn")
-                        .and_then(|c| c.as_primitive_opt::<UInt64Type>()),
-                    batch
-                        .column_by_name("committed_at")
-                        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>()),
-                ) else {
-                    return Err(ExportError::Internal(
-                        "segment without lsn or committed_at".into(),
-                    ));
-                };
-                for (l, a) in lsn.values().iter().zip(at.values().iter()) {
-                    if inside(*a) {
-                        take(Lsn(*l));
-                    }
+            for_each_key_and_time(&archive.segment_path(seg), seg, bounds, |key, at| {
+                if inside(at) {
+                    take(key.commit_lsn);
                 }
-            }
+            })?;
         }
         for (key, rec) in &table.tail {
             if inside(rec.committed_at_us) {
