@@ -434,20 +434,25 @@ fn read_checkpoints(
     (wanted, problems)
 }
 
-/// The tree folded one leaf at a time, remembering what the checkpoints are compared with:
-/// the root at each of `sizes`, and around each size the last change before it and the first
-/// at or after it.
+/// The tree folded one leaf at a time, remembering what the checkpoints are compared with: at
+/// each of `sizes`, the root and the changes on either side.
 struct Fold<'s> {
     frontier: Frontier,
-    /// The sizes, ascending; `next` is the first not reached yet.
+    /// Ascending; one mark each. `next` is the first size not reached yet.
     sizes: &'s [u64],
+    marks: Vec<Mark>,
     next: usize,
-    roots: Vec<(u64, Hash)>,
-    /// Per size: the last change before it, the first at or after it.
-    around: Vec<(Option<ChangeKey>, Option<ChangeKey>)>,
     last_change: Option<ChangeKey>,
-    /// Sizes passed with no change since (their first change at or after is still to come).
-    waiting: Vec<usize>,
+}
+
+/// What the fold saw when the tree reached one size.
+#[derive(Clone, Copy, Default)]
+struct Mark {
+    root: Option<Hash>,
+    /// The last change before the size, and the first at or after it (set by the next change
+    /// that comes).
+    before: Option<ChangeKey>,
+    after: Option<ChangeKey>,
 }
 
 impl<'s> Fold<'s> {
@@ -455,41 +460,42 @@ impl<'s> Fold<'s> {
         let mut fold = Fold {
             frontier: Frontier::new(),
             sizes,
+            marks: vec![Mark::default(); sizes.len()],
             next: 0,
-            roots: Vec::new(),
-            around: vec![(None, None); sizes.len()],
             last_change: None,
-            waiting: Vec::new(),
         };
-        fold.take_roots();
+        fold.mark_reached();
         fold
     }
 
     /// The next leaf of the tree; `change` is its change's key, if it is one.
     fn push(&mut self, hash: Hash, change: Option<ChangeKey>) {
         if let Some(key) = change {
-            for i in self.waiting.drain(..) {
-                self.around[i].1 = Some(key);
+            // The first change at or after every size reached since the last change.
+            for mark in self.marks[..self.next].iter_mut().rev() {
+                if mark.after.is_some() {
+                    break;
+                }
+                mark.after = Some(key);
             }
+            self.last_change = Some(key);
         }
         self.frontier.push(hash);
-        if change.is_some() {
-            self.last_change = change;
-        }
-        self.take_roots();
+        self.mark_reached();
     }
 
-    /// The root at every size the tree has just reached.
-    fn take_roots(&mut self) {
+    /// Mark every size the tree has just reached.
+    fn mark_reached(&mut self) {
         while self
             .sizes
             .get(self.next)
             .is_some_and(|&s| s == self.frontier.size())
         {
-            self.roots
-                .push((self.frontier.size(), self.frontier.root()));
-            self.around[self.next].0 = self.last_change;
-            self.waiting.push(self.next);
+            self.marks[self.next] = Mark {
+                root: Some(self.frontier.root()),
+                before: self.last_change,
+                after: None,
+            };
             self.next += 1;
         }
     }
@@ -498,16 +504,16 @@ impl<'s> Fold<'s> {
         self.frontier.size()
     }
 
-    fn root_at(&self, size: u64) -> Option<Hash> {
-        self.roots.iter().find(|(s, _)| *s == size).map(|(_, r)| *r)
+    fn mark(&self, size: u64) -> Option<&Mark> {
+        let at = self.sizes.binary_search(&size).ok()?;
+        Some(&self.marks[at])
     }
 
     /// The first change at or after tree index `from` and the last before `to`, when some
     /// change lies between (both sizes must be among the fold's).
     fn changes_between(&self, from: u64, to: u64) -> Option<(ChangeKey, ChangeKey)> {
-        let at = |size| self.sizes.iter().position(|&s| s == size);
-        let first = self.around[at(from)?].1?;
-        let last = self.around[at(to)?].0?;
+        let first = self.mark(from)?.after?;
+        let last = self.mark(to)?.before?;
         (first <= last).then_some((first, last))
     }
 }
@@ -516,20 +522,21 @@ impl<'s> Fold<'s> {
 /// prefix of its size; where a root differs, the leaves that must hold the alteration.
 fn compare_checkpoints(wanted: &[Checkpoint], fold: &Fold<'_>, report: &mut VerifyReport) {
     let tree_size = fold.size();
+    let mut too_large = Vec::new();
     for (checkpoint, checked) in wanted.iter().zip(report.checkpoints.iter_mut()) {
-        checked.matches_tree = fold.root_at(checkpoint.size) == Some(checkpoint.root);
-    }
-    for checkpoint in &report.checkpoints.clone() {
+        checked.matches_tree =
+            fold.mark(checkpoint.size).and_then(|m| m.root) == Some(checkpoint.root);
         if checkpoint.size > tree_size {
-            report.problem(
-                &checkpoint.file,
-                format!(
+            too_large.push(Problem {
+                place: checked.file.clone(),
+                what: format!(
                     "attests {} changes but the archive's tree holds {tree_size}: the archive was rolled back, truncated or restored from an older copy",
                     checkpoint.size,
                 ),
-            );
+            });
         }
     }
+    report.problems.extend(too_large);
     report.tree_size = tree_size;
     report.root = BASE64.encode(fold.frontier.root());
     let mismatched: Vec<(String, u64)> = report
@@ -901,5 +908,47 @@ fn unlisted_files(dir: &Path, listed: &[crate::SegmentEntry], report: &mut Verif
                 "segment file {name} is listed by no manifest (a merge's retired input, or a file put there): its rows were not read"
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Lsn;
+
+    /// The fold takes the root at each size a checkpoint names, as a fold of the whole tree
+    /// would, and the changes on either side of each size, events in between left out.
+    #[test]
+    fn the_fold_marks_each_size_with_its_root_and_the_changes_around_it() {
+        let key = |n: u64| ChangeKey::new(Lsn(n), 0);
+        // Leaves 0-5: changes 1 and 2, an event, changes 3 and 4, an event.
+        let leaves: Vec<(Hash, Option<ChangeKey>)> =
+            [Some(1), Some(2), None, Some(3), Some(4), None]
+                .iter()
+                .enumerate()
+                .map(|(i, c)| ([i as u8; 32], c.map(key)))
+                .collect();
+        let sizes = [0, 2, 3, 6];
+        let mut fold = Fold::new(&sizes);
+        for (hash, change) in &leaves {
+            fold.push(*hash, *change);
+        }
+        for &size in &sizes {
+            let mut whole = Frontier::new();
+            for (hash, _) in &leaves[..size as usize] {
+                whole.push(*hash);
+            }
+            assert_eq!(
+                fold.mark(size).unwrap().root,
+                Some(whole.root()),
+                "size {size}"
+            );
+        }
+        assert!(fold.mark(4).is_none());
+        assert_eq!(fold.changes_between(0, 2), Some((key(1), key(2))));
+        // Leaves 2..3 hold the event alone; 3..6 changes 3 and 4.
+        assert_eq!(fold.changes_between(2, 3), None);
+        assert_eq!(fold.changes_between(3, 6), Some((key(3), key(4))));
+        assert_eq!(fold.changes_between(0, 6), Some((key(1), key(4))));
     }
 }
