@@ -161,7 +161,9 @@ impl ScopeArgs {
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let archive = pgtrail_query::ArchiveSnapshot::open(&dir)?;
-                let lsn = |flag: &str, moment: Option<(Moment, String)>| -> anyhow::Result<_> {
+                // `--from` a time: the first change committed at or after it; `--to`: the last
+                // at or before it.
+                let lsn = |flag: &str, moment: Option<(Moment, String)>, from: bool| {
                     use pgtrail_query::export::commit_lsns_between;
                     let Some((moment, text)) = moment else {
                         return Ok(None);
@@ -170,21 +172,22 @@ impl ScopeArgs {
                         Moment::Lsn(lsn) => return Ok(Some(lsn)),
                         Moment::Time(t) => t,
                     };
-                    let (times, side) = match flag {
-                        "--from" => ((t, i64::MAX), "first change committed at or after"),
-                        _ => ((i64::MIN, t), "last change committed at or before"),
+                    let (times, side, which) = match from {
+                        true => ((t, i64::MAX), "at or after", "first"),
+                        false => ((i64::MIN, t), "at or before", "last"),
                     };
                     let Some((first, last)) = commit_lsns_between(&archive, times)? else {
                         bail!(
-                            "{flag} {text}: the archive holds no change committed {} it, so no position in it stands for that time; give an LSN instead",
-                            if flag == "--from" { "at or after" } else { "at or before" }
+                            "{flag} {text}: the archive holds no change committed {side} it, so no position in it stands for that time; give an LSN instead"
                         );
                     };
-                    let lsn = if flag == "--from" { first } else { last };
-                    eprintln!("scope: {flag} {text} is commit LSN {lsn}, the {side} it");
-                    Ok(Some(lsn))
+                    let lsn = if from { first } else { last };
+                    eprintln!(
+                        "scope: {flag} {text} is commit LSN {lsn}, the {which} change committed {side} it"
+                    );
+                    anyhow::Ok(Some(lsn))
                 };
-                Ok((lsn("--from", from)?, lsn("--to", to)?))
+                Ok((lsn("--from", from, true)?, lsn("--to", to, false)?))
             })
             .await??
         } else {
