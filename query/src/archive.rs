@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 
 use pgtrail_store::segment::SegmentContent;
 use pgtrail_store::{
-    ChangeKey, ChangeRecord, Gap, LogReader, Lsn, Op, RelationVersion, SegmentEntry,
+    ChangeKey, ChangeRecord, Gap, KeyframeEntry, LogReader, Lsn, Op, RelationVersion, SegmentEntry,
     SnapshotRecord, SourceIdentity, TableScope, parse_qualified,
 };
 
 use crate::error::QueryError;
+use crate::replay::Moment;
 
 /// Everything known of one table (by its latest schema-qualified name).
 #[derive(Clone, Debug)]
@@ -23,6 +24,8 @@ pub struct TableHistory {
     pub segments: Vec<SegmentEntry>,
     /// Changes still in the log, in key order.
     pub tail: Vec<(ChangeKey, ChangeRecord)>,
+    /// The table's keyframes (its rows at a point), in point order.
+    pub keyframes: Vec<KeyframeEntry>,
     /// `versions[i].key_positions()`, computed once rather than for every change.
     key_positions: Vec<Vec<usize>>,
 }
@@ -34,6 +37,29 @@ impl TableHistory {
             pgtrail_store::quote_ident(&self.schema),
             pgtrail_store::quote_ident(&self.name)
         )
+    }
+
+    /// The latest keyframe whose whole state `moment` includes (its point before `before`,
+    /// when given), with the schema version of its rows.
+    pub(crate) fn keyframe_within(
+        &self,
+        moment: Moment,
+        before: Option<Lsn>,
+    ) -> Option<(&KeyframeEntry, &RelationVersion)> {
+        self.keyframes.iter().rev().find_map(|k| {
+            let within = match moment {
+                Moment::Lsn(l) => k.at <= l,
+                Moment::Time(t) => k.includes_until_us <= t,
+            };
+            if !within || before.is_some_and(|b| k.at >= b) {
+                return None;
+            }
+            let v = self
+                .version(k.version.relation_id, k.version.valid_from)
+                .ok()?;
+            // A keyframe whose version the log no longer describes as it did is not used.
+            (v == &k.version).then_some((k, v))
+        })
     }
 
     /// The schema version a change names (its relation OID and the key it took effect at).
@@ -152,6 +178,7 @@ impl ArchiveSnapshot {
                 versions: Vec::new(),
                 segments: Vec::new(),
                 tail: Vec::new(),
+                keyframes: Vec::new(),
                 key_positions: Vec::new(),
             });
         }
@@ -179,6 +206,14 @@ impl ArchiveSnapshot {
                 }
             }
         }
+        for k in reader.keyframes()? {
+            if let Some(t) = by_oid
+                .get(&k.version.relation_id)
+                .and_then(|name| tables.get_mut(name))
+            {
+                t.keyframes.push(k);
+            }
+        }
         let mut message_tail = Vec::new();
         for (key, rec) in tail {
             see(key, rec.committed_at_us);
@@ -196,6 +231,7 @@ impl ArchiveSnapshot {
                 .map(RelationVersion::key_positions)
                 .collect();
             t.segments.sort_by_key(|s| s.min_key);
+            t.keyframes.sort_by_key(|k| (k.at, k.id));
         }
         tables.retain(|_, t| !t.versions.is_empty());
         message_segments.sort_by_key(|s| s.min_key);

@@ -19,7 +19,7 @@ use std::sync::mpsc::{Receiver, sync_channel};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, StringBuilder, StructArray,
-    UInt32Array, make_comparator, new_empty_array,
+    UInt32Array, make_comparator, new_empty_array, new_null_array,
 };
 use datafusion::arrow::compute::{
     SortColumn, SortOptions, concat, lexsort_to_indices, take, take_record_batch,
@@ -30,17 +30,36 @@ use datafusion::arrow::datatypes::{
 use datafusion::arrow::row::{RowConverter, SortField};
 use datafusion::common::HashMap;
 use datafusion::error::{DataFusionError, Result};
-use pgtrail_store::segment::{PgKind, SegmentContent, records_to_batch, render, row_struct_fields};
-use pgtrail_store::{ChangeKey, ChangeRecord, Lsn, RelationVersion, SegmentEntry};
+use pgtrail_store::keyframe::keyframe_path;
+use pgtrail_store::segment::{
+    PgKind, SegmentContent, records_to_batch, render, row_struct_fields, segment_schema,
+};
+use pgtrail_store::{ChangeKey, ChangeRecord, KeyframeEntry, Lsn, RelationVersion, SegmentEntry};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::read::{Bounds, READ_AHEAD_BATCHES, open_segment_selected};
 use crate::replay::{ApplyChange, ChangeKind, Moment, Replay, RowSet, SnapshotPoint};
 
-/// Where the changes are read from, in key order: segments, then the log tail as one batch.
+/// Where the rows are read from: a keyframe first when the plan starts at one (the table's
+/// rows at its LSN, in no order), then the changes after it in key order: segments, then the
+/// log tail as one batch.
 enum Source<'a> {
+    Keyframe(&'a KeyframeEntry),
     Segment(&'a SegmentEntry),
     Tail(RecordBatch),
+}
+
+/// Which keyframes a plan may start from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Keyframes {
+    /// None: every change from the table's first (a `diff`, whose earlier moment may lie
+    /// before any keyframe, and the reference a keyframe is checked against).
+    Not,
+    /// The latest keyframe the moment includes.
+    Any,
+    /// The latest the moment includes with a point before this LSN (to check the keyframe at
+    /// this LSN against the ones before it).
+    Before(Lsn),
 }
 
 /// A change's place: its source, and its row number in that source's read.
@@ -283,6 +302,8 @@ impl ImageKeys {
 /// What the first pass needs to know about the table.
 struct Plan<'t> {
     version: &'t RelationVersion,
+    /// The keyframe the plan starts from: changes at or below this LSN are in it.
+    start: Option<Lsn>,
     key_names: Vec<String>,
     sources: Vec<Source<'t>>,
     row_groups: Bounds,
@@ -297,8 +318,12 @@ impl MomentRows {
         plan: &Plan<'_>,
         moment: Moment,
     ) -> MomentRows {
+        let mut replay = Replay::new(archive, table, moment);
+        if let Some(at) = plan.start {
+            replay.resume_after(at);
+        }
         MomentRows {
-            replay: Replay::new(archive, table, moment),
+            replay,
             rows: RowMap::new(plan.int_key),
         }
     }
@@ -350,7 +375,11 @@ fn external(e: impl std::error::Error + Send + Sync + 'static) -> DataFusionErro
 
 /// The sources holding `table`'s changes up to `until`, if they are all in one schema version
 /// of a table with a primary key (else `None`: the row replay handles it).
-fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> {
+fn plan<'t>(
+    table: &'t TableHistory,
+    until: Moment,
+    keyframes: Keyframes,
+) -> Result<Option<Plan<'t>>> {
     let mut version: Option<&RelationVersion> = None;
     let mut same = |v: &'t RelationVersion| match version {
         None => {
@@ -360,8 +389,21 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
         Some(w) => std::ptr::eq(v, w),
     };
     let mut sources = Vec::new();
+    let keyframe = match keyframes {
+        Keyframes::Not => None,
+        Keyframes::Any => table.keyframe_within(until, None),
+        Keyframes::Before(l) => table.keyframe_within(until, Some(l)),
+    };
+    let mut start = None;
+    if let Some((k, v)) = keyframe {
+        same(v);
+        start = Some(k.at);
+        sources.push(Source::Keyframe(k));
+    }
     for seg in &table.segments {
-        if !until.may_include(seg.min_key, seg.min_committed_at_us) {
+        if !until.may_include(seg.min_key, seg.min_committed_at_us)
+            || start.is_some_and(|at| seg.max_key.commit_lsn <= at)
+        {
             continue;
         }
         let SegmentContent::Table(rel) = &seg.content else {
@@ -375,7 +417,9 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
     let tail: Vec<(ChangeKey, ChangeRecord)> = table
         .tail
         .iter()
-        .filter(|(k, r)| until.includes(*k, r.committed_at_us))
+        .filter(|(k, r)| {
+            until.includes(*k, r.committed_at_us) && start.is_none_or(|at| k.commit_lsn > at)
+        })
         .cloned()
         .collect();
     for (_, r) in &tail {
@@ -406,11 +450,16 @@ fn plan<'t>(table: &'t TableHistory, until: Moment) -> Result<Option<Plan<'t>>> 
         ),
         _ => false,
     };
+    let mut row_groups = until.row_group_bounds();
+    if let Some(at) = start {
+        row_groups.lsn.0 = at.0.saturating_add(1);
+    }
     Ok(Some(Plan {
         version,
+        start,
         key_names,
         sources,
-        row_groups: until.row_group_bounds(),
+        row_groups,
         int_key,
     }))
 }
@@ -445,9 +494,20 @@ fn scan(
                     };
                     let _ = tx.send(batch);
                 }
-                Source::Segment(seg) => {
-                    let path = archive.segment_path(seg);
-                    let (sha256, row_groups) = (&seg.sha256, plan.row_groups);
+                Source::Keyframe(_) | Source::Segment(_) => {
+                    let (path, sha256, row_groups) = match &plan.sources[i] {
+                        Source::Keyframe(k) => (
+                            keyframe_path(&archive.dir, k),
+                            &k.sha256,
+                            // A keyframe's rows are all at or before its point, which the
+                            // plan's bounds (the changes after it) exclude.
+                            Bounds::default(),
+                        ),
+                        Source::Segment(seg) => {
+                            (archive.segment_path(seg), &seg.sha256, plan.row_groups)
+                        }
+                        Source::Tail(_) => unreachable!("matched above"),
+                    };
                     scope.spawn(move || {
                         let reader = match open_segment_selected(
                             &path,
@@ -587,8 +647,27 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [MomentRows]) ->
         fn valid(img: &Option<ImageKeys>, i: usize) -> Option<KeyRef<'_>> {
             img.as_ref().and_then(|k| k.key(i))
         }
+        if matches!(plan.sources[source], Source::Keyframe(_)) {
+            // The table's rows at the keyframe's point, each as itself: no rule applies.
+            for i in 0..batch.num_rows() {
+                let key = valid(&after, i).ok_or_else(|| {
+                    DataFusionError::Execution(
+                        "a keyframe row without its key; the archive is inconsistent (run `pgtrail verify`)"
+                            .into(),
+                    )
+                })?;
+                for r in replays.iter_mut() {
+                    r.rows.set(key, loc(source, first_row + i));
+                }
+            }
+            return Ok(true);
+        }
         for i in 0..batch.num_rows() {
             let key = (lsn.value(i), seq.value(i));
+            // Row groups overlapping the keyframe's point hold changes it already has.
+            if plan.start.is_some_and(|at| key.0 <= at.0) {
+                continue;
+            }
             if last.is_some_and(|l| key <= l) {
                 return Err(DataFusionError::Execution(format!(
                     "changes are not in key order at {}#{}; the archive is inconsistent (run `pgtrail verify`)",
@@ -630,6 +709,90 @@ fn replay(archive: &ArchiveSnapshot, plan: &Plan, replays: &mut [MomentRows]) ->
     Ok(())
 }
 
+/// `locs` (sorted) as each source's row numbers.
+fn rows_by_source(plan: &Plan, locs: &[Loc]) -> Result<Vec<Vec<usize>>> {
+    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); plan.sources.len()];
+    for &l in locs {
+        let (source, row) = loc_parts(l);
+        rows.get_mut(source)
+            .ok_or_else(|| DataFusionError::Internal("a change of an unknown source".into()))?
+            .push(row);
+    }
+    Ok(rows)
+}
+
+/// The rows of a keyframe of `table` at `at`: for each row the table held then, the change
+/// that last wrote it (the segment schema of its version, `before` and its lists null), in
+/// key order; `None` where the columnar engine does not apply (no key, several schema
+/// versions since the keyframe it would start from, or none to start from).
+pub(crate) fn keyframe_rows<'t>(
+    archive: &ArchiveSnapshot,
+    table: &'t TableHistory,
+    at: Lsn,
+    keyframes: Keyframes,
+) -> Result<Option<(&'t RelationVersion, RecordBatch)>> {
+    let moment = Moment::Lsn(at);
+    let Some((plan, locs)) = places_at(archive, table, moment, keyframes)? else {
+        return Ok(None);
+    };
+    let content = SegmentContent::Table(plan.version.clone());
+    let schema = segment_schema(&content);
+    let skipped = ["changed", "before", "before_unknown", "before_text"];
+    let read: Vec<Arc<Field>> = schema
+        .fields()
+        .iter()
+        .filter(|f| !skipped.contains(&f.name().as_str()))
+        .cloned()
+        .collect();
+    let columns: Vec<Vec<String>> = read.iter().map(|f| vec![f.name().clone()]).collect();
+    let rows = rows_by_source(&plan, &locs)?;
+    let mut parts: Vec<RecordBatch> = Vec::new();
+    scan(archive, &plan, &columns, Some(&rows), |_, _, batch| {
+        parts.push(batch.clone());
+        Ok(true)
+    })?;
+    let read_schema = Arc::new(Schema::new(read));
+    let parts = parts
+        .iter()
+        .map(|b| {
+            let columns = read_schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    let c = b.column_by_name(f.name()).ok_or_else(|| {
+                        DataFusionError::Internal(format!("a source without {}", f.name()))
+                    })?;
+                    Ok(datafusion::arrow::compute::cast(c, f.data_type())?)
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(RecordBatch::try_new(read_schema.clone(), columns)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let found = datafusion::arrow::compute::concat_batches(&read_schema, &parts)?;
+    if found.num_rows() != locs.len() {
+        return Err(DataFusionError::Execution(
+            "a change found by the first pass was not there in the second".into(),
+        ));
+    }
+    let after = found
+        .column_by_name("after")
+        .and_then(|c| c.as_struct_opt())
+        .ok_or_else(|| DataFusionError::Internal("a keyframe without after".into()))?;
+    let order = key_order(after, &plan.key_names)?;
+    let found = take_record_batch(&found, &order)?;
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|f| {
+            found
+                .column_by_name(f.name())
+                .cloned()
+                .unwrap_or_else(|| new_null_array(f.data_type(), found.num_rows()))
+        })
+        .collect();
+    Ok(Some((plan.version, RecordBatch::try_new(schema, columns)?)))
+}
+
 /// Second pass: the stored `after` images at `locs` (sorted, distinct), in that order; `None`
 /// when one holds a value kept as exact text. Only those rows are decoded, and sources
 /// holding none of them are not read.
@@ -640,13 +803,7 @@ fn images(
     refuse_unknown: bool,
 ) -> Result<Option<StructArray>> {
     let fields = row_struct_fields(plan.version);
-    let mut rows: Vec<Vec<usize>> = vec![Vec::new(); plan.sources.len()];
-    for &l in locs {
-        let (source, row) = loc_parts(l);
-        rows.get_mut(source)
-            .ok_or_else(|| DataFusionError::Internal("a change of an unknown source".into()))?
-            .push(row);
-    }
+    let rows = rows_by_source(plan, locs)?;
     let mut parts: Vec<ArrayRef> = Vec::new();
     let mut found = 0;
     let mut exact_text = false;
@@ -740,7 +897,7 @@ pub fn as_of_batch(
     table: &TableHistory,
     moment: Moment,
 ) -> Result<Option<RecordBatch>> {
-    let Some((plan, locs)) = places_at(archive, table, moment)? else {
+    let Some((plan, locs)) = places_at(archive, table, moment, Keyframes::Any)? else {
         return Ok(None);
     };
     let Some(rows) = images(archive, &plan, &locs, false)? else {
@@ -767,7 +924,7 @@ pub(crate) fn stored_images_at<'t>(
     table: &'t TableHistory,
     moment: Moment,
 ) -> Result<Option<(&'t RelationVersion, StructArray)>> {
-    let Some((plan, locs)) = places_at(archive, table, moment)? else {
+    let Some((plan, locs)) = places_at(archive, table, moment, Keyframes::Any)? else {
         return Ok(None);
     };
     Ok(images(archive, &plan, &locs, true)?.map(|rows| (plan.version, rows)))
@@ -779,8 +936,9 @@ fn places_at<'t>(
     archive: &ArchiveSnapshot,
     table: &'t TableHistory,
     moment: Moment,
+    keyframes: Keyframes,
 ) -> Result<Option<(Plan<'t>, Vec<Loc>)>> {
-    let Some(plan) = plan(table, moment)? else {
+    let Some(plan) = plan(table, moment, keyframes)? else {
         return Ok(None);
     };
     if !shown_in_plan_version(table, &plan, moment) {
@@ -806,7 +964,7 @@ pub fn diff_batch(
         (Moment::Lsn(a), Moment::Lsn(b)) => Moment::Lsn(a.max(b)),
         _ => return Ok(None),
     };
-    let Some(plan) = plan(table, later)? else {
+    let Some(plan) = plan(table, later, Keyframes::Not)? else {
         return Ok(None);
     };
     if !shown_in_plan_version(table, &plan, to) {

@@ -19,6 +19,7 @@ pub mod feed;
 mod functions;
 mod history;
 pub mod json;
+pub mod keyframes;
 mod merge;
 pub mod output;
 mod pit;

@@ -459,6 +459,12 @@ impl Replay {
         }
     }
 
+    /// Start after the point `at` of a keyframe: the snapshot points at or before it are
+    /// in the keyframe's rows already, and the changes the replay is given come after it.
+    pub(crate) fn resume_after(&mut self, at: Lsn) {
+        self.resets.passed_where(|p| p.lsn <= at);
+    }
+
     /// Whether the change at `key`, committed at `committed_at_us`, is within the moment.
     pub(crate) fn includes(&self, key: ChangeKey, committed_at_us: i64) -> bool {
         self.until.includes(key, committed_at_us)

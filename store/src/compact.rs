@@ -33,6 +33,7 @@ use crate::evidence::hasher::LeafHasher;
 use crate::evidence::leaf::Epochs;
 use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
+use crate::keyframe::{self, KEYFRAMES_DIR};
 use crate::log::{
     CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog,
     TXNS, decode, encode, raw_len,
@@ -75,6 +76,9 @@ pub struct CompactOptions {
     /// copy of a log without them to measure what they cost: an archive compacted without
     /// them holds changes that `verify` finds no leaf for).
     pub evidence: bool,
+    /// Writes the keyframes that are due after each run (the query engine's: the store does
+    /// not replay); none without it.
+    pub keyframes: Option<Arc<dyn keyframe::KeyframeWriter>>,
 }
 
 impl Default for CompactOptions {
@@ -88,6 +92,7 @@ impl Default for CompactOptions {
             signer: None,
             publish_checkpoints: None,
             evidence: true,
+            keyframes: None,
         }
     }
 }
@@ -113,6 +118,11 @@ pub struct CompactReport {
     pub tree_size: u64,
     /// The checkpoint signed after the run, if a signing key was given.
     pub checkpoint: Option<PathBuf>,
+    /// Keyframes written after the run.
+    pub keyframes_written: u64,
+    /// Why the keyframes that were due were not written (the run itself succeeded: a
+    /// keyframe only speeds `as_of` up, and the next run tries again).
+    pub keyframe_error: Option<String>,
 }
 
 /// Turns the log into segments and merges small segments. One compactor per archive at a
@@ -235,6 +245,17 @@ impl Compactor {
         self.merge_small(&mut report)?;
         self.remove_retired(&mut report)?;
         self.index_keys(&mut report)?;
+        if let Some(writer) = &self.options.keyframes {
+            // After everything is committed: keyframes are derived from the segments listed,
+            // and their failure costs speed, never a change.
+            match writer.write_due(&SharedLog(self.db.clone()), self.archive_dir()) {
+                Ok(n) => report.keyframes_written = n,
+                Err(e) => {
+                    tracing::warn!(error = %e, "keyframes were not written; as_of reads more history until the next run writes them");
+                    report.keyframe_error = Some(e);
+                }
+            }
+        }
         Ok(report)
     }
 
@@ -374,7 +395,47 @@ impl Compactor {
             fsync_dir(&self.segments_dir)?;
         }
         report.orphans_removed += removed;
+        self.remove_unlisted_keyframes(&listed, report)?;
         Ok(())
+    }
+
+    /// Remove keyframe files no entry lists and none retired: left by a crash between a
+    /// keyframe's file and its entry (see [`keyframe`]). Safe for the same reason as for
+    /// segments: keyframes are written only on this compactor's thread, never while this runs.
+    fn remove_unlisted_keyframes(
+        &self,
+        listed: &HashSet<String>,
+        report: &mut CompactReport,
+    ) -> Result<(), CompactError> {
+        let dir = self.archive_dir().join(KEYFRAMES_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let kept: HashSet<String> = keyframe::kept_files(self.db.as_ref())?
+            .into_iter()
+            .collect();
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let retired = listed.contains(&format!("{}{name}", keyframe::RETIRED_PREFIX));
+            if name.ends_with(".tmp")
+                || (name.ends_with(".parquet") && !kept.contains(&name) && !retired)
+            {
+                tracing::info!(file = %name, "removing a keyframe file no entry lists (left by an interrupted keyframe run)");
+                remove_if_exists(&entry.path());
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            fsync_dir(&dir)?;
+        }
+        report.orphans_removed += removed;
+        Ok(())
+    }
+
+    /// The archive's directory (the segments directory's parent).
+    fn archive_dir(&self) -> &Path {
+        self.segments_dir.parent().unwrap_or(Path::new("."))
     }
 
     /// Move every finished transaction in the log into segments and trim it from the log.
@@ -881,8 +942,16 @@ impl Compactor {
                     records.insert(k, json.as_slice())?;
                 }
             }
+            // A keyframe of this table may hold the values erased here: it is unlisted in the
+            // same commit (its file retired), and the next keyframe run writes it again from
+            // the redacted segments.
+            if let SegmentContent::Table(rel) = &old.content {
+                let ids = keyframe::ids_of_relation(&wtx, rel.relation_id)?;
+                keyframe::unlist_in(&wtx, &ids)?;
+            }
             // One commit lists the rewritten segment, retires the old one and records what
-            // was erased: readers see the old file with no record, or the new with it.
+            // was erased (and unlists the keyframes): readers see the old file with no
+            // record, or the new with it.
             wtx.commit()?;
             redacted += segment.changes.len() as u64;
             tracing::info!(segment = %entry.file_name, changes = segment.changes.len(), "redacted");
@@ -906,13 +975,21 @@ impl Compactor {
         if expired.is_empty() {
             return Ok(());
         }
+        let keyframes_dir = self.archive_dir().join(KEYFRAMES_DIR);
         for name in &expired {
+            if let Some(file) = name.strip_prefix(keyframe::RETIRED_PREFIX) {
+                remove_if_exists(&keyframes_dir.join(file));
+                continue;
+            }
             // The key index first: a crash between the two leaves the segment (still retired,
             // removed next run), never an index without a segment that is kept.
             remove_if_exists(&self.segments_dir.join(key_index_name(name)));
             remove_if_exists(&self.segments_dir.join(name));
         }
         fsync_dir(&self.segments_dir)?;
+        if keyframes_dir.exists() {
+            fsync_dir(&keyframes_dir)?;
+        }
         let wtx = self.db.begin_write()?;
         {
             let mut retired = wtx.open_table(RETIRED)?;

@@ -151,6 +151,8 @@ pub enum CompactError {
     LeavesMissing { changes: u64, leaves: u64 },
     #[error("cannot write the archive's evidence")]
     Evidence(#[source] Box<crate::evidence::state::PublishError>),
+    #[error("cannot keep a keyframe: {0}")]
+    Keyframe(String),
     #[error(
         "change {key} names relation version {relation_id}@{version} that the log does not hold"
     )]

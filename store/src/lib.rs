@@ -17,6 +17,7 @@ mod compact;
 pub mod crashpoint;
 mod error;
 pub mod evidence;
+pub mod keyframe;
 mod log;
 mod lsn;
 mod manifest;
@@ -31,6 +32,7 @@ pub use change::{
 };
 pub use compact::{CompactOptions, CompactReport, Compactor, file_safe, now_us};
 pub use error::{CompactError, LogError, SegmentError};
+pub use keyframe::{KEYFRAMES_DIR, KeyframeEntry};
 #[doc(hidden)]
 pub use log::fuzzing;
 pub use log::{

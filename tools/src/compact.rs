@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Context as _;
+use pgtrail_query::keyframes::{DueKeyframes, KeyframePolicy};
 use pgtrail_store::evidence::note::{SigningKey, VerifierKey};
 use pgtrail_store::evidence::signer::{CommandSigner, Signer};
 use pgtrail_store::evidence::state::{CheckpointSink, DirectorySink};
@@ -30,6 +31,14 @@ pub struct SegmentArgs {
     /// AWS_REGION, AWS_ENDPOINT_URL).
     #[arg(long, env = "PGTRAIL_PUBLISH_CHECKPOINTS")]
     pub publish_checkpoints: Option<String>,
+    /// Keep a keyframe of a table (its rows at one point, which `as_of` starts from) once it
+    /// has this many changes since its previous one ... (0: no keyframes)
+    #[arg(long, default_value_t = KeyframePolicy::default().min_changes)]
+    pub keyframe_changes: u64,
+    /// ... and this many times the rows that one held (keyframes then take about
+    /// 1 / (2 × this) of the space the changes take).
+    #[arg(long, default_value_t = KeyframePolicy::default().rows_factor, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keyframe_rows_factor: u64,
 }
 
 /// An S3 bucket (or any export destination) as the place checkpoints are published.
@@ -146,6 +155,12 @@ impl SegmentArgs {
             target_segment_bytes: self.target_segment_mib << 20,
             signer,
             publish_checkpoints,
+            keyframes: (self.keyframe_changes > 0).then(|| {
+                std::sync::Arc::new(DueKeyframes(KeyframePolicy {
+                    min_changes: self.keyframe_changes,
+                    rows_factor: self.keyframe_rows_factor,
+                })) as std::sync::Arc<dyn pgtrail_store::keyframe::KeyframeWriter>
+            }),
             ..CompactOptions::default()
         })
     }
@@ -215,6 +230,115 @@ pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
                 report.tree_size
             );
         }
+        if report.keyframes_written > 0 {
+            eprintln!(
+                "compact: wrote {} keyframes (tables' rows at a point, where as_of starts)",
+                report.keyframes_written
+            );
+        }
+    }
+    if let Some(e) = &report.keyframe_error {
+        eprintln!(
+            "compact: warning: keyframes were not written ({e}); the changes are all compacted, as_of reads more history until a later run writes them"
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct KeyframesArgs {
+    /// Archive directory.
+    #[arg(long, env = "PGTRAIL_ARCHIVE")]
+    pub archive: PathBuf,
+    /// Unlist every keyframe and write the due ones again from the segments (after a
+    /// `pgtrail verify` that found one wrong, or to apply other --keyframe-* settings). Needs
+    /// the archive to itself, like `pgtrail compact`.
+    #[arg(long)]
+    pub rebuild: bool,
+    /// Keyframe settings for --rebuild (as `pgtrail compact` takes them).
+    #[arg(long, default_value_t = KeyframePolicy::default().min_changes, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keyframe_changes: u64,
+    #[arg(long, default_value_t = KeyframePolicy::default().rows_factor, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keyframe_rows_factor: u64,
+    /// Print the keyframes as JSON lines on stdout (for programs).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `pgtrail keyframes`: list them, or (--rebuild) unlist them all and write the due ones.
+pub async fn keyframes(args: KeyframesArgs) -> anyhow::Result<()> {
+    let archive = args.archive.clone();
+    if !archive.join(pgtrail_store::LOG_FILE).exists() {
+        return Err(LogError::NotAnArchive { path: archive }.into());
+    }
+    if args.rebuild {
+        let policy = KeyframePolicy {
+            min_changes: args.keyframe_changes,
+            rows_factor: args.keyframe_rows_factor,
+        };
+        let dir = archive.clone();
+        let run = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let log = ChangeLog::open(&dir).map_err(|e| match e {
+                LogError::InUse => anyhow::anyhow!(
+                    "the archive is held by a running `pgtrail capture`; stop it first to rebuild its keyframes"
+                ),
+                e => anyhow::Error::new(e).context(format!("cannot open the archive {}", dir.display())),
+            })?;
+            let shared = log.shared();
+            // Unlisted first, in one commit (their files retired, removed by a later
+            // compaction after the grace period): a crash after it leaves an archive
+            // without keyframes, which answers the same, only slower.
+            let listed: Vec<u64> = pgtrail_store::LogReader::of_shared(&shared)?
+                .keyframes()?
+                .iter()
+                .map(|k| k.id)
+                .collect();
+            pgtrail_store::keyframe::unlist_keyframes(&shared, &listed)?;
+            let run = pgtrail_query::keyframes::write_due_keyframes(&shared, &dir, &policy, |k| {
+                eprintln!(
+                    "keyframes: {} at {}: {} rows, {} bytes",
+                    k.table_name(),
+                    k.at,
+                    k.rows,
+                    k.bytes
+                );
+            })?;
+            Ok((listed.len(), run))
+        })
+        .await??;
+        let (removed, run) = run;
+        eprintln!("keyframes: unlisted {removed}, wrote {}", run.written.len());
+        for (table, why) in &run.skipped {
+            eprintln!("keyframes: none for {table}: {why}");
+        }
+    }
+    let reader = pgtrail_store::LogReader::open(&archive)?;
+    let list = reader.keyframes()?;
+    for k in &list {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "table": k.table_name(), "at": k.at.to_string(), "changes": k.changes,
+                    "rows": k.rows, "bytes": k.bytes, "file": k.file_name, "sha256": k.sha256,
+                })
+            );
+        } else {
+            println!(
+                "{}  at {}  after {} changes  {} rows  {} bytes  {}",
+                k.table_name(),
+                k.at,
+                k.changes,
+                k.rows,
+                k.bytes,
+                k.file_name
+            );
+        }
+    }
+    if list.is_empty() && !args.json {
+        eprintln!(
+            "keyframes: none (a table gets one once compacted with enough changes; see --keyframe-changes)"
+        );
     }
     Ok(())
 }

@@ -165,6 +165,8 @@ pub async fn run(archive: PathBuf) -> anyhow::Result<()> {
                 signer_key: None,
             },
             publish_checkpoints: None,
+            keyframe_changes: pgtrail_query::keyframes::KeyframePolicy::default().min_changes,
+            keyframe_rows_factor: pgtrail_query::keyframes::KeyframePolicy::default().rows_factor,
         },
         json: false,
     })

@@ -424,15 +424,69 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     })
     .await?
     .with_context(|| format!("cannot read the archive {}", shown.display()))?;
+    // Keyframes are derived, not evidence: each is computed again from the segments and
+    // compared, so that an `as_of` starting from one answers what the changes say.
+    let keyframes = if report.ok {
+        let dir = shown.clone();
+        Some(
+            tokio::task::spawn_blocking(move || check_keyframes(&dir))
+                .await?
+                .with_context(|| format!("cannot check the keyframes of {}", shown.display()))?,
+        )
+    } else {
+        None
+    };
+    let keyframe_problems = keyframes.as_ref().map_or(0, |(_, p)| p.len());
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut json = serde_json::to_value(&report)?;
+        if let Some((checked, problems)) = &keyframes {
+            json["keyframes"] = serde_json::json!({
+                "checked": checked,
+                "problems": problems.iter().map(|p| serde_json::json!({
+                    "file": p.file_name, "table": p.table, "at": p.at.to_string(), "reason": p.reason,
+                })).collect::<Vec<_>>(),
+            });
+            if !problems.is_empty() {
+                json["ok"] = serde_json::json!(false);
+            }
+        }
+        println!("{json}");
     } else {
         print_report(&report);
+        if let Some((checked, problems)) = &keyframes {
+            for p in problems {
+                println!(
+                    "PROBLEM: keyframe {} ({} at {}): {}; remove it with `pgtrail keyframes --archive A --rebuild`",
+                    p.file_name, p.table, p.at, p.reason
+                );
+            }
+            if *checked > 0 && problems.is_empty() {
+                println!("keyframes: {checked} checked, each equal to the replay of the changes");
+            }
+        }
     }
-    if !report.ok {
-        return Err(VerificationFailed(report.problems.len()).into());
+    if !report.ok || keyframe_problems > 0 {
+        return Err(VerificationFailed(report.problems.len() + keyframe_problems).into());
     }
     Ok(())
+}
+
+/// Check every keyframe of the archive in `dir` against the replay: how many, and the ones
+/// that differ.
+fn check_keyframes(
+    dir: &Path,
+) -> anyhow::Result<(usize, Vec<pgtrail_query::keyframes::KeyframeProblem>)> {
+    let archive = pgtrail_query::ArchiveSnapshot::open(dir)?;
+    let mut last_shown = std::time::Instant::now();
+    let mut checked = 0;
+    let problems = pgtrail_query::keyframes::check_keyframes(&archive, |done, total| {
+        checked = total;
+        if last_shown.elapsed().as_secs() >= 2 || (done == total && total >= 20) {
+            eprintln!("verify: {done}/{total} keyframes checked");
+            last_shown = std::time::Instant::now();
+        }
+    })?;
+    Ok((checked, problems))
 }
 
 async fn verify_certificate(args: &VerifyArgs, certificate: PathBuf) -> anyhow::Result<()> {

@@ -42,6 +42,8 @@ enum Command {
     Status(StatusArgs),
     /// Move the log's finished transactions into Parquet segments now, and merge small segments.
     Compact(compact::CompactArgs),
+    /// List the keyframes (tables' rows at a point, where as_of starts), or write them again.
+    Keyframes(compact::KeyframesArgs),
     /// Run SQL over an archive, offline (history tables, `changes`, as_of, diff, row_history).
     Sql(sql::SqlArgs),
     /// Print every change after a cursor as JSON lines, in commit order; with --follow, go on
@@ -221,6 +223,7 @@ fn main() -> ExitCode {
             Command::Capture(args) => capture(args).await,
             Command::Status(args) => status::run(args.archive, args.source, &args.format).await,
             Command::Compact(args) => compact::run(args).await,
+            Command::Keyframes(args) => compact::keyframes(args).await,
             Command::Sql(args) => sql::run(args).await,
             Command::Tail(args) => tail::run(args).await,
             Command::Serve(args) => serve::run(args).await,

@@ -79,6 +79,8 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
             "public.acct,public.plain,public.pair",
         ])
         .args(["--compact-after-changes", "25", "--progress-secs", "1"])
+        // Keyframes at most compactions: every as_of below after the first starts from one.
+        .args(["--keyframe-changes", "20", "--keyframe-rows-factor", "1"])
         .env("PGTRAIL_SOURCE", cluster.url("pit"))
         .env("PGTRAIL_ARCHIVE", &archive)
         .stdin(std::process::Stdio::null())
@@ -161,6 +163,12 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     // apply; for `acct` (values kept as exact text) either path must give the same.
     let plain = snapshot.table("public.plain").unwrap();
     let pair = snapshot.table("public.pair").unwrap();
+    assert!(
+        plain.keyframes.len() >= 2 && pair.keyframes.len() >= 2,
+        "the capture's compactions wrote keyframes ({} of plain, {} of pair)",
+        plain.keyframes.len(),
+        pair.keyframes.len()
+    );
     let (mut pair_rows, mut pair_diffs) = (0, 0);
     let mut plain_rows: BTreeMap<String, usize> = BTreeMap::new();
     // The previous moment of each kind (by LSN, by time), for diffs between consecutive ones.
@@ -696,4 +704,203 @@ fn sql_and_status_read_a_live_archive_while_capture_runs() {
             .contains("FROM public.t;")
     );
     terminate(&mut child);
+}
+
+/// The rows of `public.t` as `id|v|n` lines in key order, as PostgreSQL returns them.
+fn t_rows_in_postgres(cluster: &Cluster) -> String {
+    cluster
+        .psql("kf", "SELECT id, v, n FROM t ORDER BY id")
+        .unwrap()
+}
+
+/// The same lines from the archive's `as_of_lsn` (`pgtrail sql`, CSV without its header).
+fn t_rows_as_of(archive: &std::path::Path, lsn: &str) -> String {
+    let csv = crate::pgtrail_sql(
+        archive,
+        "csv",
+        &format!("SELECT id, v, n FROM as_of_lsn('public.t', '{lsn}') ORDER BY id"),
+    );
+    csv.lines()
+        .skip(1)
+        .map(|l| l.replace(',', "|"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Keyframes written by `pgtrail compact` hold what the replay gives at their points:
+/// `as_of` starting from them answers what PostgreSQL held at moments across inserts,
+/// updates, key changes, deletes and a TRUNCATE, and `pgtrail verify` checks each one. A
+/// keyframe forged with its checksum recomputed (a row dropped) changes what `as_of`
+/// answers, so verify must name it; `pgtrail keyframes --rebuild` writes true ones again.
+#[test]
+fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    cluster.psql("postgres", "CREATE DATABASE kf").unwrap();
+    cluster
+        .psql(
+            "kf",
+            "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, n int NOT NULL)",
+        )
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    crate::capture_until_now(&cluster, "kf", &archive);
+    // (LSN after the round, PostgreSQL's rows then).
+    let mut moments: Vec<(String, String)> = Vec::new();
+    for round in 0..8 {
+        let a = round * 20;
+        cluster
+            .psql(
+                "kf",
+                &format!(
+                    "INSERT INTO t SELECT g, 'v' || g, {round} FROM generate_series({a}, {a} + 29) g ON CONFLICT (id) DO NOTHING;
+                     UPDATE t SET v = v || '+', n = n + 1 WHERE id % 3 = {m};
+                     UPDATE t SET id = id + 1000 WHERE id = {a};
+                     DELETE FROM t WHERE id % 7 = {m} AND id < {a};
+                     {truncate}",
+                    m = round % 3,
+                    truncate = if round == 4 { "TRUNCATE t;" } else { "" },
+                ),
+            )
+            .unwrap();
+        let lsn = cluster
+            .psql("kf", "SELECT pg_current_wal_lsn()::text")
+            .unwrap();
+        moments.push((lsn, t_rows_in_postgres(&cluster)));
+    }
+    crate::capture_until_now(&cluster, "kf", &archive);
+    let out = crate::pgtrail()
+        .args([
+            "compact",
+            "--keyframe-changes",
+            "25",
+            "--keyframe-rows-factor",
+            "1",
+            "--archive",
+        ])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = crate::pgtrail()
+        .args(["keyframes", "--json", "--archive"])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(listed.status.success());
+    let keyframes: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        keyframes.len() >= 3,
+        "keyframes were written along the history: {keyframes:?}"
+    );
+    let check_moments = |what: &str| {
+        for (lsn, rows) in &moments {
+            assert!(rows.lines().count() >= 10 || rows.is_empty());
+            assert_eq!(
+                &t_rows_as_of(&archive, lsn),
+                rows,
+                "{what}: as_of_lsn {lsn}"
+            );
+        }
+    };
+    check_moments("with keyframes");
+    let verify = |archive: &std::path::Path| {
+        crate::pgtrail()
+            .args(["verify", "--archive"])
+            .arg(archive)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&archive);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(&format!("keyframes: {} checked", keyframes.len())),
+        "{stdout}"
+    );
+
+    // Forge the latest keyframe: its rows less one, listed with a checksum of its own.
+    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
+    let latest = snapshot
+        .table("public.t")
+        .unwrap()
+        .keyframes
+        .last()
+        .unwrap()
+        .clone();
+    drop(snapshot);
+    let at_keyframe = t_rows_as_of(&archive, &latest.at.to_string());
+    let path = pgtrail_store::keyframe::keyframe_path(&archive, &latest);
+    let rows: Vec<datafusion::arrow::array::RecordBatch> =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let rows = datafusion::arrow::compute::concat_batches(&rows[0].schema(), &rows).unwrap();
+    assert!(rows.num_rows() >= 10);
+    let forged_rows = rows.slice(1, rows.num_rows() - 1);
+    let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
+    let forged = pgtrail_store::keyframe::publish_keyframe(
+        &log.shared(),
+        &archive,
+        pgtrail_store::keyframe::NewKeyframe {
+            version: latest.version.clone(),
+            at: latest.at,
+            includes_until_us: latest.includes_until_us,
+            changes: latest.changes,
+            rows: forged_rows,
+        },
+    )
+    .unwrap();
+    drop(log);
+    assert_eq!(
+        t_rows_as_of(&archive, &latest.at.to_string())
+            .lines()
+            .count()
+            + 1,
+        at_keyframe.lines().count(),
+        "as_of at the keyframe's point starts from the forged keyframe"
+    );
+    let out = verify(&archive);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        !out.status.success(),
+        "verify passed a forged keyframe: {stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("PROBLEM: keyframe {}", forged.file_name))
+            && stdout.contains("rows; the replay gives"),
+        "{stdout}"
+    );
+    let out = crate::pgtrail()
+        .args([
+            "keyframes",
+            "--rebuild",
+            "--keyframe-changes",
+            "25",
+            "--keyframe-rows-factor",
+            "1",
+            "--archive",
+        ])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(verify(&archive).status.success());
+    check_moments("after --rebuild");
 }

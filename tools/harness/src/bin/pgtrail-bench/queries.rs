@@ -309,6 +309,7 @@ fn build_dataset(
     let (with_secs, report) = compact(archive, true)?;
     eprintln!("queries: compacted: {report:?}");
     evidence_measurements(archive, captured, with_secs, without_secs, results)?;
+    keyframe_measurements(archive, captured, results)?;
     cluster.psql(db, AUDIT_INDEXES_SQL)?;
     cluster.psql(db, "VACUUM ANALYZE audit_log")?;
     eprintln!(
@@ -586,6 +587,59 @@ fn run_postgres(
         let _ = conn.await;
         anyhow::Ok(results)
     })
+}
+
+/// Keyframes on this dataset, as a compaction writes them by default (after the evidence's
+/// measurements, whose verify they would add to): the time to write them, and their size
+/// against the segments' (suite `keyframes`).
+fn keyframe_measurements(
+    archive: &Path,
+    changes: u64,
+    results: &mut Vec<Measurement>,
+) -> anyhow::Result<()> {
+    let log = pgtrail_store::ChangeLog::open(archive)?;
+    let started = Instant::now();
+    let run = pgtrail_query::keyframes::write_due_keyframes(
+        &log.shared(),
+        archive,
+        &pgtrail_query::keyframes::KeyframePolicy::default(),
+        |k| {
+            eprintln!(
+                "queries: keyframe of {} at {} ({} changes): {} rows, {} bytes",
+                k.table_name(),
+                k.at,
+                k.changes,
+                k.rows,
+                k.bytes
+            )
+        },
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    drop(log);
+    let bytes: u64 = run.written.iter().map(|k| k.bytes).sum();
+    let segment_bytes = pgtrail_store::dir_size(&archive.join(pgtrail_store::SEGMENTS_DIR));
+    let workload = format!("{changes} changes of the queries dataset");
+    for (contestant, metric, value, unit) in [
+        ("keyframes-write", "seconds", secs, "s"),
+        ("keyframes", "bytes", bytes as f64, "bytes"),
+        ("keyframes", "count", run.written.len() as f64, "files"),
+    ] {
+        results.push(Measurement {
+            suite: "keyframes",
+            contestant,
+            workload: workload.clone(),
+            rep: 0,
+            metric,
+            value,
+            unit,
+        });
+    }
+    eprintln!(
+        "keyframes: {} written in {secs:.1} s, {bytes} bytes ({:.1} % of the {segment_bytes} segment bytes)",
+        run.written.len(),
+        100.0 * bytes as f64 / segment_bytes.max(1) as f64
+    );
+    Ok(())
 }
 
 /// The evidence's cost on this dataset: compaction time with and without it, the evidence

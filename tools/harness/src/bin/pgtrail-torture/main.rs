@@ -249,6 +249,12 @@ impl Harness {
             "400",
             "--compact-after-secs",
             "2",
+            // Keyframes at most compactions, so that the faults strike their writing too, the
+            // oracles' as_of starts from them, and the final verify checks every one.
+            "--keyframe-changes",
+            "300",
+            "--keyframe-rows-factor",
+            "1",
         ])
         .args(["--stream-timeout-secs", &STREAM_TIMEOUT_S.to_string()])
         .arg("--signing-key")
