@@ -52,11 +52,11 @@ enum Source<'a> {
 /// Which keyframes a plan may start from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Keyframes {
-    /// None: every change from the table's first (a `diff`, whose earlier moment may lie
-    /// before any keyframe, and the reference a keyframe is checked against).
-    Not,
     /// The latest keyframe the moment includes.
     Any,
+    /// The latest keyframe this moment includes (a `diff`'s earlier moment: both of its
+    /// replays start there).
+    Within(Moment),
     /// The latest the moment includes with a point before this LSN (to check the keyframe at
     /// this LSN against the ones before it).
     Before(Lsn),
@@ -390,8 +390,8 @@ fn plan<'t>(
     };
     let mut sources = Vec::new();
     let keyframe = match keyframes {
-        Keyframes::Not => None,
         Keyframes::Any => table.keyframe_within(until, None),
+        Keyframes::Within(m) => table.keyframe_within(m, None),
         Keyframes::Before(l) => table.keyframe_within(until, Some(l)),
     };
     let mut start = None;
@@ -958,13 +958,14 @@ pub fn diff_batch(
     from: Moment,
     to: Moment,
 ) -> Result<Option<RecordBatch>> {
-    // The later moment decides which changes are read.
-    let later = match (from, to) {
-        (Moment::Time(a), Moment::Time(b)) => Moment::Time(a.max(b)),
-        (Moment::Lsn(a), Moment::Lsn(b)) => Moment::Lsn(a.max(b)),
+    // The later moment decides which changes are read, the earlier where both replays may
+    // start.
+    let (earlier, later) = match (from, to) {
+        (Moment::Time(a), Moment::Time(b)) => (Moment::Time(a.min(b)), Moment::Time(a.max(b))),
+        (Moment::Lsn(a), Moment::Lsn(b)) => (Moment::Lsn(a.min(b)), Moment::Lsn(a.max(b))),
         _ => return Ok(None),
     };
-    let Some(plan) = plan(table, later, Keyframes::Not)? else {
+    let Some(plan) = plan(table, later, Keyframes::Within(earlier))? else {
         return Ok(None);
     };
     if !shown_in_plan_version(table, &plan, to) {
