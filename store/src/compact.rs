@@ -1281,6 +1281,75 @@ mod tests {
         (dir, archive, log, options)
     }
 
+    /// A crash between a keyframe's file and the commit that lists it leaves a file no entry
+    /// lists: the orphan removal deletes it (and a temporary file), keeps listed keyframes,
+    /// and keeps an unlisted one's retired file until its grace period ends.
+    #[test]
+    fn keyframe_files_no_entry_lists_go_and_listed_or_retired_ones_stay() {
+        use crate::keyframe::{NewKeyframe, keyframe_path, publish_keyframe, unlist_keyframes};
+        let (_dir, archive, log, options) = archive_retiring_at_once();
+        let shared = log.shared();
+        let new = || NewKeyframe {
+            version: rel(),
+            at: Lsn(0),
+            includes_until_us: 0,
+            changes: 0,
+            rows: RecordBatch::new_empty(crate::segment::segment_schema(&SegmentContent::Table(
+                rel(),
+            ))),
+        };
+        let listed = publish_keyframe(&shared, &archive, new()).unwrap();
+        let unlisted = publish_keyframe(&shared, &archive, new()).unwrap();
+        unlist_keyframes(&shared, &[unlisted.id]).unwrap();
+        let beyond = NewKeyframe {
+            at: Lsn(1),
+            ..new()
+        };
+        assert!(
+            publish_keyframe(&shared, &archive, beyond).is_err(),
+            "a keyframe beyond the compacted changes is refused"
+        );
+        let dir = archive.join(KEYFRAMES_DIR);
+        std::fs::write(
+            dir.join("public.t-0000000000000000-1.parquet"),
+            b"left by a crash",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join(".public.t-0000000000000000-2.parquet.tmp"),
+            b"half",
+        )
+        .unwrap();
+        let names = || -> Vec<String> {
+            let mut names: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            names
+        };
+        assert_eq!(names().len(), 4, "the refused keyframe left no file");
+        let keeping = Compactor::new(shared.clone(), &archive, CompactOptions::default());
+        keeping.remove_orphans().unwrap();
+        let mut expected = vec![listed.file_name.clone(), unlisted.file_name.clone()];
+        expected.sort();
+        assert_eq!(
+            names(),
+            expected,
+            "the listed and the retired keyframe stay"
+        );
+        Compactor::new(shared.clone(), &archive, options)
+            .run()
+            .unwrap();
+        assert_eq!(
+            names(),
+            vec![listed.file_name.clone()],
+            "the retired one goes after its grace"
+        );
+        assert!(keyframe_path(&archive, &listed).exists());
+        assert_eq!(log.reader().unwrap().keyframes().unwrap(), vec![listed]);
+    }
+
     #[test]
     fn key_indexes_name_every_row_of_a_key_and_are_written_again_when_lost() {
         use crate::segment::key_index::{KeyIndexProblem, KeyPart, key_hash, rows_with_key_hash};

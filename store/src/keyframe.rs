@@ -43,7 +43,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::atomic_file::{create_private_dir, write_atomically};
+use crate::atomic_file::{create_private_dir, remove_if_exists, write_atomically};
 use crate::compact::{file_safe, now_us};
 use crate::error::{CompactError, SegmentError};
 use crate::log::{LogReader, META, SharedLog, decode, encode};
@@ -205,6 +205,8 @@ pub fn publish_keyframe(
     let entry = {
         let compacted = Lsn(meta_u64(&wtx.open_table(META)?, META_COMPACTED_THROUGH)?);
         if keyframe.at > compacted {
+            // Nothing lists the file: it goes now rather than at the next orphan removal.
+            remove_if_exists(&dir.join(&file_name));
             return Err(CompactError::Keyframe(format!(
                 "a keyframe at {} is beyond the compacted changes (through {compacted})",
                 keyframe.at

@@ -67,6 +67,9 @@ pub struct SegmentsStatus {
     pub compression_ratio: f64,
     pub changes: u64,
     pub compacted_through: String,
+    /// Keyframes (tables' rows at a point, where `as_of` starts): files and bytes.
+    pub keyframes: usize,
+    pub keyframe_bytes: u64,
 }
 
 /// The archive's evidence tree (see `pgtrail verify`).
@@ -176,6 +179,7 @@ impl ArchiveStatus {
         };
         let mut total = 0u64;
         let manifest = reader.manifest()?;
+        let keyframes = reader.keyframes()?;
         let (mut seg_bytes, mut seg_raw) = (0u64, 0u64);
         for seg in &manifest.segments {
             let t = tables.entry(seg.table_name()).or_default();
@@ -247,6 +251,8 @@ impl ArchiveStatus {
                 },
                 changes: manifest.compacted_changes,
                 compacted_through: manifest.compacted_through.to_string(),
+                keyframes: keyframes.len(),
+                keyframe_bytes: keyframes.iter().map(|k| k.bytes).sum(),
             },
             evidence: {
                 let state = crate::evidence::state::read(reader.read_transaction())?;

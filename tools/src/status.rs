@@ -141,6 +141,13 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         seg["compression_ratio"].as_f64().unwrap_or(0.0),
         s(&seg["compacted_through"])
     );
+    if seg["keyframes"].as_u64().unwrap_or(0) > 0 {
+        say!(
+            "keyframes     {} files, {} bytes (tables' rows at a point, where as_of starts)",
+            seg["keyframes"],
+            seg["keyframe_bytes"]
+        );
+    }
     say!(
         "log tail      {} changes in {} transactions not yet compacted (log.redb {} bytes)",
         r["log"]["changes"],

@@ -1622,6 +1622,35 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     capture_until_now(cluster, &db, &archive);
     let signed = dir.join("before-redaction.checkpoint");
     std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
+    // A keyframe of the table holds ann's values: the redaction must unlist it.
+    let keyframes = || -> usize {
+        let out = pgtrail()
+            .args(["keyframes", "--json", "--archive"])
+            .arg(&archive)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    let out = pgtrail()
+        .args([
+            "keyframes",
+            "--rebuild",
+            "--keyframe-changes",
+            "1",
+            "--keyframe-rows-factor",
+            "1",
+            "--archive",
+        ])
+        .arg(&archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(keyframes() >= 1, "a keyframe of people was written");
 
     let ann: Vec<(u64, u32)> = crate::pgtrail_sql(
         &archive,
@@ -1676,6 +1705,23 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
         ),
     );
     assert_eq!(state, "id\n1\n2\n", "the redacted row is still a row");
+    assert_eq!(
+        keyframes(),
+        0,
+        "the redaction unlisted the keyframes holding ann's values"
+    );
+    let rows = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        &format!(
+            "SELECT * FROM as_of_lsn('public.people', '{}')",
+            crate::insert_lsn(cluster, &db)
+        ),
+    );
+    assert!(
+        !rows.contains("ssn-555-66") && rows.contains("robert"),
+        "{rows}"
+    );
 
     // The salts of the erased parts are gone too: the run's seed is erased, its changes'
     // salts are recorded one by one, and the redacted parts' are zero.

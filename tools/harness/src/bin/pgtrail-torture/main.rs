@@ -607,6 +607,8 @@ impl Harness {
             }
             Fault::BlackHole | Fault::BlackHoleStream => {
                 let stream_only = matches!(fault, Fault::BlackHoleStream);
+                // The session the cut strikes (a stream-only cut waits for one, below).
+                let mut cut_session = before.clone();
                 if stream_only {
                     // Longer than the capture needs to notice, so the server does not end the
                     // dead walsender first: the capture must tell from its own status updates
@@ -626,23 +628,37 @@ impl Harness {
                     // its port (a TLS startup message cannot be read on the way): the walsender
                     // holding the capture's slot, not a short-lived one of a table copy's
                     // temporary slot (black-holing only that one left the stream alone).
-                    let ports = self
-                        .cluster
-                        .psql(
-                            "postgres",
-                            &format!(
-                                "SELECT a.client_port FROM pg_stat_activity a \
-                                 JOIN pg_replication_slots s ON s.active_pid = a.pid \
-                                 WHERE s.slot_name = '{SLOT}'"
-                            ),
-                        )
-                        .map_err(|e| e.to_string())?;
-                    self.proxy.mark_replication(
-                        &ports
+                    // A capture between two sessions (it left one for another reason, a table
+                    // copy that raced the migration storm's DDL, and waits to reconnect) has
+                    // no stream to cut: black-holing nothing, the check below would find the
+                    // capture silent about a cut it never met (one CI run did). Wait for its
+                    // next session.
+                    let mut ports: Vec<u16> = Vec::new();
+                    for _ in 0..60 {
+                        ports = self
+                            .cluster
+                            .psql(
+                                "postgres",
+                                &format!(
+                                    "SELECT a.client_port FROM pg_stat_activity a \
+                                     JOIN pg_replication_slots s ON s.active_pid = a.pid \
+                                     WHERE s.slot_name = '{SLOT}'"
+                                ),
+                            )
+                            .map_err(|e| e.to_string())?
                             .lines()
                             .filter_map(|p| p.trim().parse().ok())
-                            .collect::<Vec<u16>>(),
-                    );
+                            .collect();
+                        if !ports.is_empty() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(500));
+                    }
+                    if ports.is_empty() {
+                        return Err("the capture held no replication session for 30 s".into());
+                    }
+                    self.proxy.mark_replication(&ports);
+                    cut_session = self.walsender();
                 }
                 // What the capture logs from the cut on tells whether it noticed.
                 let log_path = self.work.join(format!("capture-{:03}.log", self.runs));
@@ -663,8 +679,10 @@ impl Harness {
                             0
                         },
                 );
-                let replaced =
-                    self.wait_streaming(bound, (!before.is_empty()).then_some(before.as_str()));
+                let replaced = self.wait_streaming(
+                    bound,
+                    (!cut_session.is_empty()).then_some(cut_session.as_str()),
+                );
                 if stream_only {
                     // Back to the suite's own value (RESET would fall back to PostgreSQL's 60 s).
                     let back =
