@@ -35,8 +35,8 @@ pub struct SegmentArgs {
     /// has this many changes since its previous one ... (0: no keyframes)
     #[arg(long, default_value_t = KeyframePolicy::default().min_changes)]
     pub keyframe_changes: u64,
-    /// ... and this many times the rows that one held (keyframes then take about
-    /// 1 / (2 × this) of the space the changes take).
+    /// ... and this many times the rows that one held; a keyframe is kept only when it holds
+    /// at most 1/this as many rows as those changes (a table mostly inserted into gets none).
     #[arg(long, default_value_t = KeyframePolicy::default().rows_factor, value_parser = clap::value_parser!(u64).range(1..))]
     pub keyframe_rows_factor: u64,
 }
