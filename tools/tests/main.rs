@@ -35,6 +35,22 @@ fn pgtrail() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pgtrail"))
 }
 
+/// `pgtrail ARGS --archive ARCHIVE`: its output, or a panic with its error output.
+fn pgtrail_ok(archive: &Path, args: &[&str]) -> std::process::Output {
+    let out = pgtrail()
+        .args(args)
+        .arg("--archive")
+        .arg(archive)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pgtrail {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 fn spawn_capture(url: &str, archive: &Path, slot: &str, stop_at: Option<&str>) -> Child {
     let mut extra = vec!["--progress-secs", "1"];
     if let Some(lsn) = stop_at {

@@ -769,29 +769,17 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         moments.push((lsn, t_rows_in_postgres(&cluster)));
     }
     crate::capture_until_now(&cluster, "kf", &archive);
-    let out = crate::pgtrail()
-        .args([
+    crate::pgtrail_ok(
+        &archive,
+        &[
             "compact",
             "--keyframe-changes",
             "25",
             "--keyframe-rows-factor",
             "1",
-            "--archive",
-        ])
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let listed = crate::pgtrail()
-        .args(["keyframes", "--json", "--archive"])
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(listed.status.success());
+    let listed = crate::pgtrail_ok(&archive, &["keyframes", "--json"]);
     let keyframes: Vec<serde_json::Value> = String::from_utf8_lossy(&listed.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -883,23 +871,16 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
             && stdout.contains("rows; the replay gives"),
         "{stdout}"
     );
-    let out = crate::pgtrail()
-        .args([
+    crate::pgtrail_ok(
+        &archive,
+        &[
             "keyframes",
             "--rebuild",
             "--keyframe-changes",
             "25",
             "--keyframe-rows-factor",
             "1",
-            "--archive",
-        ])
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert!(verify(&archive).status.success());
     check_moments("after --rebuild");

@@ -1624,31 +1624,19 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
     // A keyframe of the table holds ann's values: the redaction must unlist it.
     let keyframes = || -> usize {
-        let out = pgtrail()
-            .args(["keyframes", "--json", "--archive"])
-            .arg(&archive)
-            .output()
-            .unwrap();
-        assert!(out.status.success());
+        let out = crate::pgtrail_ok(&archive, &["keyframes", "--json"]);
         String::from_utf8_lossy(&out.stdout).lines().count()
     };
-    let out = pgtrail()
-        .args([
+    crate::pgtrail_ok(
+        &archive,
+        &[
             "keyframes",
             "--rebuild",
             "--keyframe-changes",
             "1",
             "--keyframe-rows-factor",
             "1",
-            "--archive",
-        ])
-        .arg(&archive)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     assert!(keyframes() >= 1, "a keyframe of people was written");
 
