@@ -115,6 +115,40 @@ fn snapshots_until(archive: &ArchiveSnapshot, table: &TableHistory, at: Lsn) -> 
         .unwrap_or(i64::MIN)
 }
 
+/// Whether `table` may have a keyframe due, from the manifest alone (every compaction asks
+/// this of every table, so it reads no segment): it has a key, and its changes since `last`
+/// are at least `min_changes` and `rows_factor` times the rows it holds, estimated from the
+/// segments' operation counts (rows inserted or read by a snapshot, less rows deleted). A
+/// table mostly inserted into never passes: without this, every compaction would compute its
+/// whole state to throw it away.
+fn worth_trying(
+    table: &TableHistory,
+    last: Option<&KeyframeEntry>,
+    policy: &KeyframePolicy,
+) -> bool {
+    if table
+        .versions
+        .last()
+        .is_none_or(|v| table.key_positions(v).is_empty())
+    {
+        return false;
+    }
+    let (mut total, mut written, mut deleted) = (0u64, 0u64, 0u64);
+    for seg in &table.segments {
+        for (op, n) in &seg.op_counts {
+            total += n;
+            match op.as_str() {
+                "insert" | "snapshot" => written += n,
+                "delete" => deleted += n,
+                _ => {}
+            }
+        }
+    }
+    let since = total.saturating_sub(last.map_or(0, |k| k.changes));
+    let rows = written.saturating_sub(deleted);
+    since >= policy.min_changes && rows.saturating_mul(policy.rows_factor) <= since
+}
+
 /// Write every keyframe that is due in the archive `dir` whose log `log` this process holds
 /// (the compactor's thread: see the crash safety of [`pgtrail_store::keyframe`]).
 /// `progress` is told of each keyframe written.
@@ -135,6 +169,9 @@ pub fn write_due_keyframes(
     for name in names {
         let table = &archive.tables[&name];
         let last = table.keyframes.last();
+        if !worth_trying(table, last, policy) {
+            continue;
+        }
         let (after, mut changes, mut latest_us, mut rows) = last
             .map_or((Lsn(0), 0, i64::MIN, 0), |k| {
                 (k.at, k.changes, k.includes_until_us, k.rows)
