@@ -11,16 +11,16 @@
 
 use std::path::Path;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray};
+use datafusion::arrow::array::{Array, ArrayRef};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, TimestampMicrosecondType, UInt64Type};
+use datafusion::arrow::datatypes::DataType;
 use datafusion::error::{DataFusionError, Result};
 use pgtrail_store::keyframe::{NewKeyframe, keyframe_path, publish_keyframe};
 use pgtrail_store::{KeyframeEntry, LogReader, Lsn, SharedLog};
 
 use crate::archive::{ArchiveSnapshot, TableHistory};
 use crate::columnar::{Keyframes, keyframe_rows};
-use crate::read::{Bounds, open_segment_selected};
+use crate::read::{Bounds, for_each_key_and_time, open_segment_selected};
 use crate::replay::{Moment, check_begins};
 
 /// When a table gets a keyframe.
@@ -67,40 +67,22 @@ fn for_each_commit(
     after: Lsn,
     mut f: impl FnMut(u64, i64),
 ) -> Result<()> {
-    let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
+    let bounds = Bounds {
+        lsn: (after.0.saturating_add(1), u64::MAX),
+        ..Bounds::default()
+    };
     for seg in table
         .segments
         .iter()
         .filter(|s| s.max_key.commit_lsn > after)
     {
-        let bounds = Bounds {
-            lsn: (after.0.saturating_add(1), u64::MAX),
-            ..Bounds::default()
-        };
-        let reader = open_segment_selected(
-            &archive.segment_path(seg),
-            &seg.sha256,
-            65_536,
-            bounds,
-            Some(&columns),
-            None,
-        )?;
-        for batch in reader {
-            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-            let lsn = batch
-                .column_by_name("lsn")
-                .and_then(|c| c.as_primitive_opt::<UInt64Type>())
-                .ok_or_else(|| DataFusionError::Internal("segment without lsn".into()))?;
-            let at = batch
-                .column_by_name("committed_at")
-                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-                .ok_or_else(|| DataFusionError::Internal("segment without committed_at".into()))?;
-            for i in 0..batch.num_rows() {
-                if lsn.value(i) > after.0 {
-                    f(lsn.value(i), at.value(i));
-                }
+        // Row groups are kept by their statistics; rows at or before `after` in a kept one
+        // are skipped here.
+        for_each_key_and_time(&archive.segment_path(seg), seg, bounds, |key, at| {
+            if key.commit_lsn > after {
+                f(key.commit_lsn.0, at);
             }
-        }
+        })?;
     }
     Ok(())
 }
