@@ -321,7 +321,7 @@ impl Compactor {
         if !self.options.evidence {
             return Ok(None);
         }
-        let archive = self.segments_dir.parent().unwrap_or(Path::new("."));
+        let archive = self.archive_dir();
         let published = evidence::state::publish(
             self.db.as_ref(),
             archive,
@@ -359,6 +359,13 @@ impl Compactor {
             retired_files(reader.read_transaction())?
                 .into_iter()
                 .map(|(name, _)| name),
+        );
+        // Keyframes by the name `retired` gives theirs, so one set answers for both.
+        names.extend(
+            reader
+                .keyframes()?
+                .into_iter()
+                .map(|k| format!("{}{}", keyframe::RETIRED_PREFIX, k.file_name)),
         );
         Ok(names)
     }
@@ -411,16 +418,11 @@ impl Compactor {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             return Ok(());
         };
-        let kept: HashSet<String> = keyframe::kept_files(self.db.as_ref())?
-            .into_iter()
-            .collect();
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            let retired = listed.contains(&format!("{}{name}", keyframe::RETIRED_PREFIX));
-            if name.ends_with(".tmp")
-                || (name.ends_with(".parquet") && !kept.contains(&name) && !retired)
-            {
+            let kept = listed.contains(&format!("{}{name}", keyframe::RETIRED_PREFIX));
+            if name.ends_with(".tmp") || (name.ends_with(".parquet") && !kept) {
                 tracing::info!(file = %name, "removing a keyframe file no entry lists (left by an interrupted keyframe run)");
                 remove_if_exists(&entry.path());
                 removed += 1;

@@ -39,7 +39,7 @@ use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
 use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -62,7 +62,8 @@ pub const KEYFRAMES_DIR: &str = "keyframes";
 pub const KEYFRAME_FORMAT_VERSION: u32 = 1;
 /// The Parquet key-value metadata key of a keyframe's self-description.
 pub const KEYFRAME_METADATA_KEY: &str = "pgtrail.keyframe";
-/// How a retired keyframe is named in `retired` (whose other names are segment files).
+/// A keyframe file by its path in the archive: how `retired` (whose other names are segment
+/// files) and the orphan removal name it.
 pub(crate) const RETIRED_PREFIX: &str = "keyframes/";
 
 /// Writes the keyframes that are due after a compaction: the query engine's replay, which the
@@ -272,13 +273,4 @@ pub(crate) fn ids_of_relation(
         }
     }
     Ok(ids)
-}
-
-/// The keyframe file names listed or retired (orphan removal keeps these).
-pub(crate) fn kept_files(db: &impl ReadableDatabase) -> Result<Vec<String>, CompactError> {
-    Ok(LogReader::from_db(db)?
-        .keyframes()?
-        .into_iter()
-        .map(|k| k.file_name)
-        .collect())
 }
