@@ -178,21 +178,34 @@ pub struct CompactArgs {
     pub json: bool,
 }
 
+/// The log of `archive` opened for writing (this process then holds the archive), or an error
+/// that says what to do: `when_held` ends the message for an archive a capture holds.
+fn open_held_log(archive: &std::path::Path, when_held: &str) -> anyhow::Result<ChangeLog> {
+    if !archive.join(pgtrail_store::LOG_FILE).exists() {
+        return Err(LogError::NotAnArchive {
+            path: archive.to_path_buf(),
+        }
+        .into());
+    }
+    ChangeLog::open(archive).map_err(|e| match e {
+        LogError::InUse => {
+            anyhow::anyhow!("the archive is held by a running `pgtrail capture`, {when_held}")
+        }
+        e => {
+            anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display()))
+        }
+    })
+}
+
 pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
     let options = args.segments.options()?;
     let started = Instant::now();
     let report = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        if !archive.join(pgtrail_store::LOG_FILE).exists() {
-            return Err(LogError::NotAnArchive { path: archive.clone() }.into());
-        }
-        let log = ChangeLog::open(&archive).map_err(|e| match e {
-            LogError::InUse => anyhow::anyhow!(
-                "the archive is held by a running `pgtrail capture`, which compacts in the background \
-                 (see --compact-after-changes); stop it first to compact by hand"
-            ),
-            e => anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display())),
-        })?;
+        let log = open_held_log(
+            &archive,
+            "which compacts in the background (see --compact-after-changes); stop it first to compact by hand",
+        )?;
         let compactor = Compactor::for_log(&log, options);
         compactor.run().context("compaction failed; the log still holds every change not listed in a segment")
     })
@@ -268,9 +281,6 @@ pub struct KeyframesArgs {
 /// `pgtrail keyframes`: list them, or (--rebuild) unlist them all and write the due ones.
 pub async fn keyframes(args: KeyframesArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
-    if !archive.join(pgtrail_store::LOG_FILE).exists() {
-        return Err(LogError::NotAnArchive { path: archive }.into());
-    }
     if args.rebuild {
         let policy = KeyframePolicy {
             min_changes: args.keyframe_changes,
@@ -278,12 +288,7 @@ pub async fn keyframes(args: KeyframesArgs) -> anyhow::Result<()> {
         };
         let dir = archive.clone();
         let run = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let log = ChangeLog::open(&dir).map_err(|e| match e {
-                LogError::InUse => anyhow::anyhow!(
-                    "the archive is held by a running `pgtrail capture`; stop it first to rebuild its keyframes"
-                ),
-                e => anyhow::Error::new(e).context(format!("cannot open the archive {}", dir.display())),
-            })?;
+            let log = open_held_log(&dir, "stop it first to rebuild its keyframes")?;
             let shared = log.shared();
             // Unlisted first, in one commit (their files retired, removed by a later
             // compaction after the grace period): a crash after it leaves an archive
