@@ -111,6 +111,30 @@ fn wait_slot_active(cluster: &Cluster, db: &str, slot: &str, child: &mut Child) 
     }
 }
 
+/// Wait until `archive` holds `table`'s initial snapshot. A slot is active (and
+/// [`wait_slot_active`] returns) while its snapshot is still being copied, so a reader that
+/// names the table before this finds no such table: a CI run's stream test got a 404 that way.
+fn wait_snapshot_stored(archive: &Path, table: &str, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(snapshot) = pgtrail_query::ArchiveSnapshot::open(archive)
+            && let Ok(t) = snapshot.table(table)
+            && !snapshot.snapshot_points(t).is_empty()
+        {
+            return;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "capture exited before storing {table}'s snapshot"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "{table}'s snapshot never reached the archive"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Capture `db` into `archive` (slot and publication named after the database) until
 /// everything written so far is durable, in this process, through the library.
 fn capture_until_now(cluster: &Cluster, db: &str, archive: &Path) {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use pgtrail_capture::cluster::Cluster;
 use serde_json::Value;
 
-use crate::{insert_lsn, pgtrail, pgtrail_sql, wait_slot_active};
+use crate::{insert_lsn, pgtrail, pgtrail_sql, wait_slot_active, wait_snapshot_stored};
 
 /// Capture that compacts every 150 changes or each second: changes move from the log into
 /// segments while streams read.
@@ -294,6 +294,7 @@ fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture
     let url = cluster.url(&db);
     let mut capture = spawn_capture(&url, &archive, &db);
     wait_slot_active(cluster, &db, &db, &mut capture);
+    wait_snapshot_stored(&archive, "public.t", &mut capture);
     let server = serve(&archive, &["--listen", "127.0.0.1:0"]).unwrap();
     // A pipe follower beside the server's stream.
     let tail_out = dir.path().join("tail.jsonl");
