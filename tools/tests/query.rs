@@ -727,6 +727,24 @@ fn t_rows_as_of(archive: &std::path::Path, lsn: &str) -> String {
         .join("\n")
 }
 
+/// A keyframe's rows as its file holds them, read by the parquet crate.
+fn keyframe_batch(
+    archive: &std::path::Path,
+    keyframe: &pgtrail_store::keyframe::KeyframeEntry,
+) -> datafusion::arrow::array::RecordBatch {
+    let path = pgtrail_store::keyframe::keyframe_path(archive, keyframe);
+    let batches: Vec<datafusion::arrow::array::RecordBatch> =
+        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+            std::fs::File::open(&path).unwrap(),
+        )
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    datafusion::arrow::compute::concat_batches(&batches[0].schema(), &batches).unwrap()
+}
+
 /// Keyframes written by `pgtrail compact` hold what the replay gives at their points:
 /// `as_of` starting from them answers what PostgreSQL held at moments across inserts,
 /// updates, key changes, deletes and a TRUNCATE, and `pgtrail verify` checks each one. A
@@ -825,17 +843,7 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         .clone();
     drop(snapshot);
     let at_keyframe = t_rows_as_of(&archive, &latest.at.to_string());
-    let path = pgtrail_store::keyframe::keyframe_path(&archive, &latest);
-    let rows: Vec<datafusion::arrow::array::RecordBatch> =
-        datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
-            std::fs::File::open(&path).unwrap(),
-        )
-        .unwrap()
-        .build()
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let rows = datafusion::arrow::compute::concat_batches(&rows[0].schema(), &rows).unwrap();
+    let rows = keyframe_batch(&archive, &latest);
     assert!(rows.num_rows() >= 10);
     let forged_rows = rows.slice(1, rows.num_rows() - 1);
     let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
@@ -884,4 +892,91 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
     );
     assert!(verify(&archive).status.success());
     check_moments("after --rebuild");
+
+    // The other forgeries of a keyframe that leave its row count: a value edited, the
+    // latest commit time it claims made earlier (an `as_of` by time would then start from it
+    // before all it holds had committed), its change count. Each is named; `--rebuild`
+    // mends each.
+    let latest = ArchiveSnapshot::open(&archive)
+        .unwrap()
+        .table("public.t")
+        .unwrap()
+        .keyframes
+        .last()
+        .unwrap()
+        .clone();
+    let true_rows = keyframe_batch(&archive, &latest);
+    let xid = true_rows.column_by_name("xid").unwrap();
+    let mut edited_xid: Vec<u32> = xid
+        .as_any()
+        .downcast_ref::<datafusion::arrow::array::UInt32Array>()
+        .expect("xid is u32")
+        .values()
+        .to_vec();
+    edited_xid[0] += 1;
+    let mut columns = true_rows.columns().to_vec();
+    columns[true_rows.schema().index_of("xid").unwrap()] =
+        std::sync::Arc::new(datafusion::arrow::array::UInt32Array::from(edited_xid));
+    let edited =
+        datafusion::arrow::array::RecordBatch::try_new(true_rows.schema(), columns).unwrap();
+    let forgeries = [
+        (
+            "an xid edited",
+            edited,
+            latest.includes_until_us,
+            latest.changes,
+            "its column xid differs",
+        ),
+        (
+            "an earlier commit time",
+            true_rows.clone(),
+            latest.includes_until_us - 1_000_000,
+            latest.changes,
+            "its latest commit time is",
+        ),
+        (
+            "a change count",
+            true_rows,
+            latest.includes_until_us,
+            latest.changes + 1,
+            "changes of the table are at or before its point",
+        ),
+    ];
+    for (what, rows, includes_until_us, changes, said) in forgeries {
+        let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
+        let forged = pgtrail_store::keyframe::publish_keyframe(
+            &log.shared(),
+            &archive,
+            pgtrail_store::keyframe::NewKeyframe {
+                version: latest.version.clone(),
+                at: latest.at,
+                includes_until_us,
+                changes,
+                rows,
+            },
+        )
+        .unwrap();
+        drop(log);
+        let out = verify(&archive);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "{what}: verify passed it: {stdout}");
+        assert!(
+            stdout.contains(&format!("PROBLEM: keyframe {}", forged.file_name))
+                && stdout.contains(said),
+            "{what}: {stdout}"
+        );
+        crate::pgtrail_ok(
+            &archive,
+            &[
+                "keyframes",
+                "--rebuild",
+                "--keyframe-changes",
+                "25",
+                "--keyframe-rows-factor",
+                "1",
+            ],
+        );
+        assert!(verify(&archive).status.success(), "{what}: after --rebuild");
+    }
+    check_moments("after the last --rebuild");
 }
