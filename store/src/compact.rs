@@ -1010,10 +1010,8 @@ impl Compactor {
 /// A log that never retired a file has no table yet; any other error is passed on, never taken
 /// for "none retired", since a file missing from this list may be removed as an orphan.
 fn retired_files(rtx: &redb::ReadTransaction) -> Result<Vec<(String, i64)>, CompactError> {
-    let table = match rtx.open_table(RETIRED) {
-        Ok(table) => table,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-        Err(e) => return Err(e.into()),
+    let Some(table) = crate::log::table_if_made(rtx, RETIRED)? else {
+        return Ok(Vec::new());
     };
     let mut files = Vec::new();
     for entry in table.iter()? {

@@ -115,10 +115,8 @@ pub struct NewKeyframe {
 impl LogReader {
     /// The keyframes this read sees, in id order.
     pub fn keyframes(&self) -> Result<Vec<KeyframeEntry>, crate::LogError> {
-        let table = match self.read_transaction().open_table(KEYFRAMES) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = crate::log::table_if_made(self.read_transaction(), KEYFRAMES)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for e in table.iter()? {

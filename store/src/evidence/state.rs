@@ -26,7 +26,7 @@ use super::note::Checkpoint;
 use super::signer::Signer;
 use crate::atomic_file::{create_private_dir, write_atomically};
 use crate::error::{LogError, SegmentError};
-use crate::log::{LogReader, META};
+use crate::log::{LogReader, META, table_if_made};
 use crate::lsn::{ChangeKey, Lsn};
 use crate::segment::hex;
 
@@ -166,68 +166,55 @@ fn corrupt(what: &str, why: &str) -> LogError {
 /// The tree's state in the read transaction `rtx`.
 pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogError> {
     let mut starts = Vec::new();
-    match rtx.open_table(EPOCHS) {
-        Ok(t) => {
-            for entry in t.iter()? {
-                let (k, v) = entry?;
-                let (lsn, seq) = k.value();
-                // An empty value: the epoch is sealed, its seed erased (see `SALTS`).
-                let seed: Option<Seed> = match v.value() {
-                    [] => None,
-                    bytes => Some(
-                        bytes
-                            .try_into()
-                            .map_err(|_| corrupt("evidence epoch", "its seed is not 32 bytes"))?,
-                    ),
-                };
-                starts.push((ChangeKey::new(Lsn(lsn), seq), seed));
-            }
+    if let Some(t) = table_if_made(rtx, EPOCHS)? {
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (lsn, seq) = k.value();
+            // An empty value: the epoch is sealed, its seed erased (see `SALTS`).
+            let seed: Option<Seed> = match v.value() {
+                [] => None,
+                bytes => Some(
+                    bytes
+                        .try_into()
+                        .map_err(|_| corrupt("evidence epoch", "its seed is not 32 bytes"))?,
+                ),
+            };
+            starts.push((ChangeKey::new(Lsn(lsn), seq), seed));
         }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
     }
     let mut sealed = std::collections::BTreeMap::new();
-    match rtx.open_table(SALTS) {
-        Ok(t) => {
-            for entry in t.iter()? {
-                let (k, v) = entry?;
-                let (lsn, seq) = k.value();
-                let bytes = v.value();
-                if bytes.len() != 64 {
-                    return Err(corrupt(
-                        "evidence salts",
-                        "a change's salts are not 64 bytes",
-                    ));
-                }
-                let mut salts = [[0u8; 16]; 4];
-                for (j, chunk) in bytes.chunks_exact(16).enumerate() {
-                    salts[j].copy_from_slice(chunk);
-                }
-                sealed.insert(ChangeKey::new(Lsn(lsn), seq), salts);
+    if let Some(t) = table_if_made(rtx, SALTS)? {
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (lsn, seq) = k.value();
+            let bytes = v.value();
+            if bytes.len() != 64 {
+                return Err(corrupt(
+                    "evidence salts",
+                    "a change's salts are not 64 bytes",
+                ));
             }
+            let mut salts = [[0u8; 16]; 4];
+            for (j, chunk) in bytes.chunks_exact(16).enumerate() {
+                salts[j].copy_from_slice(chunk);
+            }
+            sealed.insert(ChangeKey::new(Lsn(lsn), seq), salts);
         }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
     }
-    let events = match rtx.open_table(EVENTS) {
-        Ok(t) => read_events(&t)?,
-        Err(redb::TableError::TableDoesNotExist(_)) => Vec::new(),
-        Err(e) => return Err(e.into()),
+    let events = match table_if_made(rtx, EVENTS)? {
+        Some(t) => read_events(&t)?,
+        None => Vec::new(),
     };
     let frontier = frontier_in(&rtx.open_table(META)?)?;
     let mut redactions = std::collections::BTreeMap::new();
-    match rtx.open_table(REDACTIONS) {
-        Ok(t) => {
-            for entry in t.iter()? {
-                let (k, v) = entry?;
-                let (lsn, seq) = k.value();
-                let redaction: Redaction = serde_json::from_slice(v.value())
-                    .map_err(|e| corrupt("evidence redaction", &e.to_string()))?;
-                redactions.insert(ChangeKey::new(Lsn(lsn), seq), redaction);
-            }
+    if let Some(t) = table_if_made(rtx, REDACTIONS)? {
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (lsn, seq) = k.value();
+            let redaction: Redaction = serde_json::from_slice(v.value())
+                .map_err(|e| corrupt("evidence redaction", &e.to_string()))?;
+            redactions.insert(ChangeKey::new(Lsn(lsn), seq), redaction);
         }
-        Err(redb::TableError::TableDoesNotExist(_)) => {}
-        Err(e) => return Err(e.into()),
     }
     Ok(EvidenceState {
         epochs: Epochs::with_sealed(starts, sealed),

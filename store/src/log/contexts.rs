@@ -2,7 +2,7 @@
 //! one pass over each labels every change with the context of its run (see
 //! [`ContextRun`](super::ContextRun)).
 
-use redb::{ReadOnlyTable, ReadTransaction, TableError};
+use redb::ReadTransaction;
 
 use super::ContextRun;
 use super::codec::decode;
@@ -22,11 +22,7 @@ pub(crate) struct ContextCursor {
 impl ContextCursor {
     /// Over the runs of `rtx`'s log, from the first.
     pub(crate) fn new(rtx: &ReadTransaction) -> Result<ContextCursor, LogError> {
-        let table: Option<ReadOnlyTable<Key, &[u8]>> = match rtx.open_table(CONTEXTS) {
-            Ok(t) => Some(t),
-            Err(TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let table = super::table_if_made(rtx, CONTEXTS)?;
         let mut cursor = ContextCursor {
             entries: table.map(|t| t.range::<Key>(..)).transpose()?,
             next: None,

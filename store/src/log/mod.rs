@@ -106,6 +106,20 @@ pub use reader::{ChangeEntry, LogReader, SharedLog};
 pub(crate) use schema::*;
 pub use schema::{COMPRESS_ABOVE, FORMAT_VERSION, LOG_FILE};
 
+/// `rtx`'s table `definition`, or `None` when no write has made it yet (a log that never
+/// needed it reads as having none). Any other error is passed on, never taken for "none":
+/// some callers decide from an empty answer what may be deleted.
+pub(crate) fn table_if_made<K: redb::Key + 'static, V: redb::Value + 'static>(
+    rtx: &redb::ReadTransaction,
+    definition: redb::TableDefinition<K, V>,
+) -> Result<Option<redb::ReadOnlyTable<K, V>>, redb::TableError> {
+    match rtx.open_table(definition) {
+        Ok(table) => Ok(Some(table)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// redb's page cache for the log. Its default (1 GiB) is a ceiling that a large transaction
 /// fills: a 10,000,000-row transaction peaked at 1,092 MiB resident (pgtrail-bench bigtx).
 /// The capture's resident memory plateaus at about this plus 85 MiB: a 1,000,000-row

@@ -49,10 +49,8 @@ impl LogReader {
 
     /// The log's format version, if it has been written (see [`FORMAT_VERSION`]).
     pub fn format_version(&self) -> Result<Option<u32>, LogError> {
-        let meta = match self.rtx.open_table(META) {
-            Ok(meta) => meta,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
+        let Some(meta) = table_if_made(&self.rtx, META)? else {
+            return Ok(None);
         };
         Ok(get_u64(&meta, META_FORMAT)?.map(|v| u32::try_from(v).unwrap_or(u32::MAX)))
     }
@@ -292,10 +290,8 @@ impl LogReader {
     /// holds. An archive written before snapshots were recorded has none (and no re-snapshot
     /// either).
     pub fn snapshots(&self) -> Result<Vec<SnapshotRecord>, LogError> {
-        let table = match self.rtx.open_table(SNAPSHOTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(e.into()),
+        let Some(table) = table_if_made(&self.rtx, SNAPSHOTS)? else {
+            return Ok(Vec::new());
         };
         let mut out = Vec::new();
         for e in table.iter()? {
@@ -307,12 +303,7 @@ impl LogReader {
             });
         }
         // Version 1 has no scope table: every snapshot holds every table.
-        let scope = match self.rtx.open_table(SNAPSHOT_SCOPE) {
-            Ok(t) => Some(t),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(scope) = scope {
+        if let Some(scope) = table_if_made(&self.rtx, SNAPSHOT_SCOPE)? {
             let format = self.format()?;
             for snapshot in &mut out {
                 let lsn = snapshot.lsn.0;
@@ -359,10 +350,8 @@ impl LogReader {
             compacted_changes: meta_u64(&meta, META_COMPACTED_CHANGES)?,
             compacted_transactions: meta_u64(&meta, META_COMPACTED_TXNS)?,
         };
-        let segments = match rtx.open_table(SEGMENTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(manifest),
-            Err(e) => return Err(e.into()),
+        let Some(segments) = table_if_made(rtx, SEGMENTS)? else {
+            return Ok(manifest);
         };
         for e in segments.iter()? {
             let (_, v) = e?;
