@@ -135,6 +135,25 @@ impl Scene {
     }
 }
 
+/// Run `sql` as one transaction and return the WAL insert LSN read right after its commit:
+/// the moment right after it. (`psql -c` runs a string of statements as one transaction, so an
+/// LSN read inside that string precedes the commit record; it equalled the commit's LSN only
+/// while no other session wrote WAL in between: a CI run's capture wrote its look's fence
+/// there, and the moment fell before the DDL.)
+fn lsn_after(cluster: &Cluster, db: &str, sql: &str) -> Lsn {
+    cluster
+        .psql(
+            db,
+            &format!("BEGIN; {sql}; COMMIT; SELECT pg_current_wal_insert_lsn()"),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {sql}"))
+        .lines()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 /// `pgtrail capture` of `db` into `archive`, looking at the catalog every second.
 fn spawn(cluster: &Cluster, db: &str, archive: &Path, extra: &[&str]) -> Child {
     let catalog_secs: &[&str] = if extra.contains(&"--catalog-secs") {
@@ -472,16 +491,7 @@ fn ddl_that_rewrites_rows_without_a_change_is_read_again_and_a_drop_is_known() {
     wait_caught_up(s.cluster, &s.db);
     let m0 = held(s.cluster, &s.db, &both);
     let (cluster, db) = (s.cluster, s.db.clone());
-    let lsn = |sql: &str| -> Lsn {
-        cluster
-            .psql(&db, &format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let lsn = |sql: &str| lsn_after(cluster, &db, sql);
 
     // Each DDL changes every row's value and writes no row change: the archive reads the
     // table again, and the moments between the DDL and that read are refused, not guessed.
@@ -839,16 +849,7 @@ fn ddl_on_a_partitioned_table_and_its_partitions_is_read_again_where_rows_change
     let only_pt = table_list(&["pt"]);
     wait_caught_up(s.cluster, &s.db);
     let (cluster, db) = (s.cluster, s.db.clone());
-    let lsn = |sql: &str| -> Lsn {
-        cluster
-            .psql(&db, &format!("{sql}; SELECT pg_current_wal_insert_lsn()"))
-            .unwrap()
-            .lines()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let lsn = |sql: &str| lsn_after(cluster, &db, sql);
     let mut moments = vec![("before any DDL", held(s.cluster, &s.db, &only_pt))];
     let mut unknown = Vec::new();
     let mut reads = 1;
@@ -1375,13 +1376,11 @@ fn with_setup_a_rewrite_and_a_drop_are_dated_by_their_ddl() {
     // After the look just made, before the DDL.
     s.psql("UPDATE t SET v = 'just before' WHERE id = 1; DELETE FROM gone WHERE id = 2;");
     let before = held(s.cluster, &s.db, &both);
-    let ddl_at: Lsn = s
-        .psql("ALTER TABLE t ADD COLUMN flag int DEFAULT 5; DROP TABLE gone; SELECT pg_current_wal_insert_lsn()")
-        .lines()
-        .last()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let ddl_at = lsn_after(
+        s.cluster,
+        &s.db,
+        "ALTER TABLE t ADD COLUMN flag int DEFAULT 5; DROP TABLE gone",
+    );
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
     wait_caught_up(s.cluster, &s.db);
     let after = held(s.cluster, &s.db, &table_list(&["t"]));
@@ -1420,17 +1419,11 @@ fn with_setup_a_rename_is_known_from_its_ddl_without_a_write_or_a_look() {
         &["--catalog-secs", "3600"],
     );
     s.setup();
-    // The moment right after each statement: its LSN read in the same session (the trigger's
-    // note makes the watch look at once, and a look records the new shape too, only later).
-    // No row changes meanwhile, so the rows read afterwards are the rows then.
+    // The moment right after each statement (see `lsn_after`; the trigger's note makes the
+    // watch look at once, and a look records the new shape too, only later). No row changes
+    // meanwhile, so the rows read afterwards are the rows then.
     let ddl = |statement: &str, schema: &str, name: &str| {
-        let lsn: Lsn = s
-            .psql(&format!("{statement}; SELECT pg_current_wal_insert_lsn()"))
-            .lines()
-            .last()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let lsn = lsn_after(s.cluster, &s.db, statement);
         let table = vec![(schema.to_string(), name.to_string())];
         Held {
             lsn,
