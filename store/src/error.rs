@@ -66,7 +66,7 @@ pub enum LogError {
     #[error("a transaction has more than 4294967295 changes")]
     TransactionTooLarge,
     #[error(
-        "cannot keep verify's leaves in a temporary file (44 bytes a change, in TMPDIR; disk full?): set TMPDIR to a directory with room and run it again"
+        "cannot keep verify's leaves in temporary files (in TMPDIR: 44 bytes a change, 132 for prove, bundle, certify and redact; disk full?): set TMPDIR to a directory with room and run it again"
     )]
     VerifyScratch {
         #[source]

@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::leaf::{
     KIND_CHANGE, KIND_GAP, KIND_MESSAGE, LEAF_DOMAIN, LeafInputs, Salts, for_each_leaf,
 };
-use super::merkle::{Hash, leaf_hash, range_proof, root, root_from_range};
+use super::merkle::{Hash, leaf_hash, range_proof_in, root_from_range};
 use super::note::{Checkpoint, VerifierKey};
 use super::verify::{VerifyOptions, open_checkpoint, verify_and_collect};
 use crate::error::{LogError, SegmentError};
@@ -206,45 +206,59 @@ pub fn bundle_against(
         return Err(BundleError::Unverified(format!("{}: {}", p.place, p.what)));
     }
     let size = checkpoint.size;
-    if size == 0 || size > collected.tree.len() as u64 {
+    if size == 0 || size > collected.tree.len() {
         return Err(BundleError::Checkpoint(format!(
             "it attests {size} leaves, the tree holds {}",
             collected.tree.len()
         )));
     }
-    let hashes = &collected.tree[..size as usize];
-    if root(hashes) != checkpoint.root {
+    if collected.tree.root(size)? != checkpoint.root {
         return Err(BundleError::Checkpoint("its root differs".into()));
     }
-    // The change leaves the checkpoint attests, in key (= tree) order.
-    let attested = collected
-        .change_index
-        .partition_point(|&index| index < size);
-    let leaves = &collected.leaves[..attested];
-    let index = &collected.change_index[..attested];
-    let start = leaves.partition_point(|(l, _)| scope.from.is_some_and(|f| l.key.commit_lsn < f));
-    let end = leaves.partition_point(|(l, _)| scope.to.is_none_or(|t| l.key.commit_lsn <= t));
+    // The change leaves the checkpoint attests are the first `attested` changes, in key (=
+    // tree) order.
+    let changes = &collected.changes;
+    let attested = changes.partition_point(|p| p.index < size)?;
+    let start = changes
+        .partition_point(|p| scope.from.is_some_and(|f| p.leaf.key.commit_lsn < f))?
+        .min(attested);
+    let end = changes
+        .partition_point(|p| scope.to.is_none_or(|t| p.leaf.key.commit_lsn <= t))?
+        .min(attested);
     if start >= end {
         return Err(BundleError::Empty);
     }
     // From the change before the scope (or the tree's start) to the change after it (or
     // the tree's end): both boundaries are leaves of the range, seen by the verifier.
-    let first = if start == 0 { 0 } else { index[start - 1] };
-    let last = if end == leaves.len() {
+    let first = if start == 0 {
+        0
+    } else {
+        changes.get(start - 1)?.index
+    };
+    let last = if end == attested {
         size - 1
     } else {
-        index[end]
+        changes.get(end)?.index
     };
     let count = last - first + 1;
 
-    // What each leaf of the range is: a change (its place in `leaves`) or an event.
+    // The changes among the range's leaves (held in memory: the range is the bundle's).
+    let lo = changes.partition_point(|p| p.index < first)?;
+    let hi = changes.partition_point(|p| p.index <= last)?;
+    let mut range = Vec::with_capacity((hi - lo) as usize);
+    changes.for_each(lo, hi, |p| {
+        range.push(p);
+        Ok(())
+    })?;
+    // What each leaf of the range is: a change (its place in `range`) or an event.
     let mut entries: BTreeMap<u64, Entry> = BTreeMap::new();
-    let lo = index.partition_point(|&i| i < first);
-    let hi = index.partition_point(|&i| i <= last);
-    let mut events_before = first - lo as u64;
-    let mut next_change = lo;
+    let mut events_before = first - lo;
+    let mut next_change = 0;
     for tree_index in first..=last {
-        if next_change < hi && index[next_change] == tree_index {
+        if range
+            .get(next_change)
+            .is_some_and(|p| p.index == tree_index)
+        {
             next_change += 1;
             continue;
         }
@@ -271,8 +285,8 @@ pub fn bundle_against(
     let _ = std::fs::remove_dir_all(&tmp);
     crate::atomic_file::create_private_dir(&tmp)?;
     crate::atomic_file::create_private_dir(&tmp.join("changes"))?;
-    let in_range: HashMap<ChangeKey, u64> = (lo..hi).map(|p| (leaves[p].0.key, index[p])).collect();
-    let by_segment: BTreeSet<u32> = leaves[lo..hi].iter().map(|(_, s)| *s).collect();
+    let in_range: HashMap<ChangeKey, u64> = range.iter().map(|p| (p.leaf.key, p.index)).collect();
+    let by_segment: BTreeSet<u32> = range.iter().map(|p| p.segment).collect();
     let mut files: Vec<BundleFile> = Vec::new();
     let mut changes = 0u64;
     for &segment in &by_segment {
@@ -392,7 +406,7 @@ pub fn bundle_against(
             entries.len()
         )));
     }
-    let proof = range_proof(hashes, first, count)
+    let proof = range_proof_in(&collected.tree, size, first, count)?
         .ok_or_else(|| BundleError::Bug("no range proof for a range inside the tree".into()))?;
     let description = Description {
         format: BUNDLE_FORMAT.into(),

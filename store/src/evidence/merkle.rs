@@ -123,55 +123,112 @@ impl Frontier {
     }
 }
 
+/// Leaf hashes that proofs are made from: a slice in memory, or a file of them (see
+/// `super::scratch`), which gives the root of any run of them.
+pub trait LeafHashes {
+    type Error;
+    /// How many leaves there are.
+    fn count(&self) -> u64;
+    /// `MTH` of the leaves `lo..hi` (`lo < hi ≤ count`).
+    fn subtree_root(&self, lo: u64, hi: u64) -> Result<Hash, Self::Error>;
+}
+
+impl LeafHashes for [Hash] {
+    type Error = std::convert::Infallible;
+
+    fn count(&self) -> u64 {
+        self.len() as u64
+    }
+
+    fn subtree_root(&self, lo: u64, hi: u64) -> Result<Hash, Self::Error> {
+        Ok(root(&self[lo as usize..hi as usize]))
+    }
+}
+
 /// The audit path of leaf `index` in the tree of `leaves` (RFC 6962 `PATH`), nearest the leaf
 /// first. `None` when `index` is not a leaf of it.
 pub fn inclusion_proof(leaves: &[Hash], index: u64) -> Option<Vec<Hash>> {
-    fn path(m: usize, leaves: &[Hash], out: &mut Vec<Hash>) {
-        let n = leaves.len();
+    let Ok(proof) = inclusion_proof_in(leaves, leaves.count(), index);
+    proof
+}
+
+/// [`inclusion_proof`] in the tree of the first `size` of `leaves`.
+pub fn inclusion_proof_in<L: LeafHashes + ?Sized>(
+    leaves: &L,
+    size: u64,
+    index: u64,
+) -> Result<Option<Vec<Hash>>, L::Error> {
+    fn path<L: LeafHashes + ?Sized>(
+        leaves: &L,
+        m: u64,
+        at: u64,
+        n: u64,
+        out: &mut Vec<Hash>,
+    ) -> Result<(), L::Error> {
         if n <= 1 {
-            return;
+            return Ok(());
         }
-        let k = split(n);
+        let k = split_u64(n);
         if m < k {
-            path(m, &leaves[..k], out);
-            out.push(root(&leaves[k..]));
+            path(leaves, m, at, k, out)?;
+            out.push(leaves.subtree_root(at + k, at + n)?);
         } else {
-            path(m - k, &leaves[k..], out);
-            out.push(root(&leaves[..k]));
+            path(leaves, m - k, at + k, n - k, out)?;
+            out.push(leaves.subtree_root(at, at + k)?);
         }
+        Ok(())
     }
-    let index = usize::try_from(index).ok().filter(|&i| i < leaves.len())?;
+    if index >= size || size > leaves.count() {
+        return Ok(None);
+    }
     let mut out = Vec::new();
-    path(index, leaves, &mut out);
-    Some(out)
+    path(leaves, index, 0, size, &mut out)?;
+    Ok(Some(out))
 }
 
 /// The proof that the tree of the first `m` of `leaves` is a prefix of the tree of all of them
 /// (RFC 6962 `PROOF`). `None` unless `0 < m ≤ n`; empty when `m == n`.
 pub fn consistency_proof(leaves: &[Hash], m: u64) -> Option<Vec<Hash>> {
-    fn subproof(m: usize, leaves: &[Hash], whole: bool, out: &mut Vec<Hash>) {
-        let n = leaves.len();
+    let Ok(proof) = consistency_proof_in(leaves, leaves.count(), m);
+    proof
+}
+
+/// [`consistency_proof`] between the trees of the first `m` and the first `size` of `leaves`.
+pub fn consistency_proof_in<L: LeafHashes + ?Sized>(
+    leaves: &L,
+    size: u64,
+    m: u64,
+) -> Result<Option<Vec<Hash>>, L::Error> {
+    fn subproof<L: LeafHashes + ?Sized>(
+        leaves: &L,
+        m: u64,
+        at: u64,
+        n: u64,
+        whole: bool,
+        out: &mut Vec<Hash>,
+    ) -> Result<(), L::Error> {
         if m == n {
             if !whole {
-                out.push(root(leaves));
+                out.push(leaves.subtree_root(at, at + n)?);
             }
-            return;
+            return Ok(());
         }
-        let k = split(n);
+        let k = split_u64(n);
         if m <= k {
-            subproof(m, &leaves[..k], whole, out);
-            out.push(root(&leaves[k..]));
+            subproof(leaves, m, at, k, whole, out)?;
+            out.push(leaves.subtree_root(at + k, at + n)?);
         } else {
-            subproof(m - k, &leaves[k..], false, out);
-            out.push(root(&leaves[..k]));
+            subproof(leaves, m - k, at + k, n - k, false, out)?;
+            out.push(leaves.subtree_root(at, at + k)?);
         }
+        Ok(())
     }
-    let m = usize::try_from(m)
-        .ok()
-        .filter(|&m| m > 0 && m <= leaves.len())?;
+    if m == 0 || m > size || size > leaves.count() {
+        return Ok(None);
+    }
     let mut out = Vec::new();
-    subproof(m, leaves, true, &mut out);
-    Some(out)
+    subproof(leaves, m, 0, size, true, &mut out)?;
+    Ok(Some(out))
 }
 
 /// The proof that `leaves[first..first + count]` are, in order, the leaves at those places of
@@ -181,24 +238,49 @@ pub fn consistency_proof(leaves: &[Hash], m: u64) -> Option<Vec<Hash>> {
 /// ([`root_from_range`]), so no leaf can be added to, removed from or moved within the range
 /// unseen. `None` when the range is empty or not inside the tree.
 pub fn range_proof(leaves: &[Hash], first: u64, count: u64) -> Option<Vec<Hash>> {
-    fn walk(leaves: &[Hash], at: usize, lo: usize, hi: usize, out: &mut Vec<Hash>) {
-        let n = leaves.len();
+    let Ok(proof) = range_proof_in(leaves, leaves.count(), first, count);
+    proof
+}
+
+/// [`range_proof`] in the tree of the first `size` of `leaves`.
+pub fn range_proof_in<L: LeafHashes + ?Sized>(
+    leaves: &L,
+    size: u64,
+    first: u64,
+    count: u64,
+) -> Result<Option<Vec<Hash>>, L::Error> {
+    fn walk<L: LeafHashes + ?Sized>(
+        leaves: &L,
+        at: u64,
+        n: u64,
+        range: (u64, u64),
+        out: &mut Vec<Hash>,
+    ) -> Result<(), L::Error> {
+        let (lo, hi) = range;
         if at + n <= lo || at >= hi {
-            out.push(root(leaves));
+            out.push(leaves.subtree_root(at, at + n)?);
         } else if n > 1 {
-            let k = split(n);
-            walk(&leaves[..k], at, lo, hi, out);
-            walk(&leaves[k..], at + k, lo, hi, out);
+            let k = split_u64(n);
+            walk(leaves, at, k, range, out)?;
+            walk(leaves, at + k, n - k, range, out)?;
         }
+        Ok(())
     }
-    let lo = usize::try_from(first).ok()?;
-    let hi = lo.checked_add(usize::try_from(count).ok()?)?;
-    if count == 0 || hi > leaves.len() {
-        return None;
+    let Some(hi) = first.checked_add(count) else {
+        return Ok(None);
+    };
+    if count == 0 || hi > size || size > leaves.count() {
+        return Ok(None);
     }
     let mut out = Vec::new();
-    walk(leaves, 0, lo, hi, &mut out);
-    Some(out)
+    walk(leaves, 0, size, (first, hi), &mut out)?;
+    Ok(Some(out))
+}
+
+/// [`split`] for sizes counted in `u64`.
+fn split_u64(n: u64) -> u64 {
+    debug_assert!(n >= 2);
+    1 << (u64::BITS - 1 - (n - 1).leading_zeros())
 }
 
 /// The root of the tree of `size` leaves whose leaves `first..` are `range` and whose other

@@ -16,6 +16,7 @@ pub mod merkle;
 pub mod note;
 pub mod prove;
 pub mod redact;
+mod scratch;
 pub mod signer;
 pub mod spill;
 pub mod state;

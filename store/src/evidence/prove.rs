@@ -8,7 +8,7 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 
-use super::merkle::{Hash, consistency_proof, inclusion_proof, leaf_hash, root, verify_inclusion};
+use super::merkle::{consistency_proof_in, inclusion_proof_in, leaf_hash, verify_inclusion};
 use super::note::Checkpoint;
 use super::verify::{VerifyOptions, verify_and_collect};
 use crate::error::LogError;
@@ -52,28 +52,25 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
     if let Some(p) = collected.report.problems.first() {
         return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));
     }
-    let held = collected.tree.len() as u64;
+    let held = collected.tree.len();
     if checkpoint.size > held {
         return Err(ProveError::TooLarge {
             size: checkpoint.size,
             held,
         });
     }
-    let hashes: &[Hash] = &collected.tree[..checkpoint.size as usize];
-    if root(hashes) != checkpoint.root {
+    if collected.tree.root(checkpoint.size)? != checkpoint.root {
         return Err(ProveError::OtherRoot(checkpoint.size));
     }
-    let position = collected.leaves.partition_point(|(l, _)| l.key < key);
-    let Some(((leaf, segment), index)) = collected
-        .leaves
-        .get(position)
-        .zip(collected.change_index.get(position))
-        .filter(|((l, _), index)| l.key == key && **index < checkpoint.size)
+    let Some((_, place)) = collected
+        .changes
+        .find(key)?
+        .filter(|(_, p)| p.index < checkpoint.size)
     else {
         return Err(ProveError::NotInTree { key });
     };
-    let index = *index;
-    let entry = &collected.segments[*segment as usize];
+    let index = place.index;
+    let entry = &collected.segments[place.segment as usize];
     let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
     let segment_error = |why: String| ProveError::Segment { key, why };
     let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)
@@ -89,10 +86,11 @@ pub fn prove(dir: &Path, key: ChangeKey, checkpoint_note: &str) -> Result<String
         }
     }
     let data = data.ok_or_else(|| segment_error("its segment no longer holds it".into()))?;
-    let proof = inclusion_proof(hashes, index).ok_or(ProveError::NotInTree { key })?;
+    let proof = inclusion_proof_in(&collected.tree, checkpoint.size, index)?
+        .ok_or(ProveError::NotInTree { key })?;
     // Checked before it is given: a proof pgtrail hands out must verify.
     let hash = leaf_hash(&data);
-    if hash != leaf.hash
+    if hash != place.leaf.hash
         || !verify_inclusion(&hash, index, checkpoint.size, &proof, &checkpoint.root)
     {
         return Err(ProveError::OtherRoot(checkpoint.size));
@@ -127,7 +125,7 @@ pub fn prove_consistency(dir: &Path, old_note: &str, new_note: &str) -> Result<S
     if let Some(p) = collected.report.problems.first() {
         return Err(ProveError::Unverified(format!("{}: {}", p.place, p.what)));
     }
-    let held = collected.tree.len() as u64;
+    let held = collected.tree.len();
     for checkpoint in [&old, &new] {
         if checkpoint.size > held {
             return Err(ProveError::TooLarge {
@@ -135,7 +133,7 @@ pub fn prove_consistency(dir: &Path, old_note: &str, new_note: &str) -> Result<S
                 held,
             });
         }
-        if root(&collected.tree[..checkpoint.size as usize]) != checkpoint.root {
+        if collected.tree.root(checkpoint.size)? != checkpoint.root {
             return Err(ProveError::OtherRoot(checkpoint.size));
         }
     }
@@ -145,11 +143,11 @@ pub fn prove_consistency(dir: &Path, old_note: &str, new_note: &str) -> Result<S
             old.size, old.origin, new.size, new.origin
         )));
     }
-    let hashes = &collected.tree[..new.size as usize];
     let proof = if old.size == 0 {
         Vec::new()
     } else {
-        consistency_proof(hashes, old.size).ok_or(ProveError::OtherRoot(old.size))?
+        consistency_proof_in(&collected.tree, new.size, old.size)?
+            .ok_or(ProveError::OtherRoot(old.size))?
     };
     // Checked before it is given.
     if !super::merkle::verify_consistency(old.size, new.size, &old.root, &new.root, &proof) {

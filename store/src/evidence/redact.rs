@@ -84,12 +84,9 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
     }
     let mut by_segment: BTreeMap<u32, Vec<ChangeKey>> = BTreeMap::new();
     for key in keys {
-        let at = collected.leaves.partition_point(|(l, _)| l.key < *key);
-        match collected.leaves.get(at) {
-            Some((leaf, segment)) if leaf.key == *key => {
-                by_segment.entry(*segment).or_default().push(*key);
-            }
-            _ => return Err(RedactError::NotInTree(*key)),
+        match collected.changes.find(*key)? {
+            Some((_, place)) => by_segment.entry(place.segment).or_default().push(*key),
+            None => return Err(RedactError::NotInTree(*key)),
         }
     }
     let mut plans = Vec::new();
@@ -98,12 +95,16 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
         if matches!(entry.content, SegmentContent::Messages) {
             return Err(RedactError::Message(keys[0]));
         }
-        let leaves: BTreeMap<ChangeKey, Hash> = collected
-            .leaves
-            .iter()
-            .filter(|(_, s)| *s == segment)
-            .map(|(l, _)| (l.key, l.hash))
-            .collect();
+        // Every leaf of the segment (in memory: a rewrite of the segment needs them all).
+        let mut leaves: BTreeMap<ChangeKey, Hash> = BTreeMap::new();
+        collected
+            .changes
+            .for_each(0, collected.changes.len(), |p| {
+                if p.segment == segment {
+                    leaves.insert(p.leaf.key, p.leaf.hash);
+                }
+                Ok(())
+            })?;
         let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
         let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)?;
         let content = reader.content().clone();
@@ -143,15 +144,18 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
             continue;
         }
         let end = starts.iter().map(|(k, _)| *k).find(|k| *k > start);
-        // The leaves are in key order: the epoch's are one slice of them.
-        let first = collected.leaves.partition_point(|(l, _)| l.key < start);
-        let last = end.map_or(collected.leaves.len(), |e| {
-            collected.leaves.partition_point(|(l, _)| l.key < e)
-        });
-        let members: Vec<ChangeKey> = collected.leaves[first..last]
-            .iter()
-            .map(|(l, _)| l.key)
-            .collect();
+        // The changes are in key order: the epoch's are one run of them.
+        let changes = &collected.changes;
+        let first = changes.partition_point(|p| p.leaf.key < start)?;
+        let last = match end {
+            Some(e) => changes.partition_point(|p| p.leaf.key < e)?,
+            None => changes.len(),
+        };
+        let mut members: Vec<ChangeKey> = Vec::with_capacity((last - first) as usize);
+        changes.for_each(first, last, |p| {
+            members.push(p.leaf.key);
+            Ok(())
+        })?;
         epochs.insert(start, members);
     }
     Ok(RedactPlan {

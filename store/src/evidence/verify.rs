@@ -13,6 +13,7 @@ use datafusion::arrow::array::RecordBatch;
 use super::leaf::{Leaf, batch_leaves};
 use super::merkle::{Frontier, Hash};
 use super::note::{Checkpoint, VerifierKey, WitnessKey};
+use super::scratch::{ChangeFile, ChangePlace, TreeFile};
 use super::spill::{LeafSpill, LeafStream};
 use super::state::EVIDENCE_DIR;
 use crate::error::{LogError, SegmentError};
@@ -128,12 +129,11 @@ pub fn verify_archive(
 /// What [`verify_and_collect`] read besides its report.
 pub(crate) struct Collected {
     pub report: VerifyReport,
-    /// Every change's leaf in key order, with the index (in `segments`) of the segment
+    /// Every change in key (= tree) order: its leaf, the index (in `segments`) of the segment
     /// holding it, and its index in the tree.
-    pub leaves: Vec<(Leaf, u32)>,
-    pub change_index: Vec<u64>,
+    pub changes: ChangeFile,
     /// The tree's leaf hashes in order (changes and events).
-    pub tree: Vec<Hash>,
+    pub tree: TreeFile,
     pub segments: Vec<crate::SegmentEntry>,
     pub epochs: super::leaf::Epochs,
     /// The erased parts' digests of redacted changes.
@@ -142,21 +142,37 @@ pub(crate) struct Collected {
     pub events: Vec<super::state::Event>,
 }
 
-/// [`verify_archive`], keeping every leaf of the tree in memory for the proofs that need
-/// them (`prove`, `bundle`, `certify`).
+/// [`verify_archive`], keeping every leaf of the tree, in temporary files (88 bytes a change
+/// besides verify's 44; see `scratch`), for the proofs that need them (`prove`, `bundle`,
+/// `certify`, `redact`).
 pub(crate) fn verify_and_collect(
     dir: &Path,
     options: &VerifyOptions,
     progress: impl FnMut(u64, u64),
 ) -> Result<Collected, LogError> {
-    let (mut leaves, mut change_index, mut tree) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut changes, mut tree) = (ChangeFile::create()?, TreeFile::create()?);
+    // The sink cannot fail the walk: its first error is kept and returned after it.
+    let mut failed = None;
     let walked = walk(dir, options, progress, |hash, change| {
-        if let Some(change) = change {
-            leaves.push(change);
-            change_index.push(tree.len() as u64);
+        if failed.is_some() {
+            return;
         }
-        tree.push(hash);
+        let kept = match change {
+            Some((leaf, segment)) => changes.push(&ChangePlace {
+                leaf,
+                segment,
+                index: tree.len(),
+            }),
+            None => Ok(()),
+        }
+        .and_then(|()| tree.push(&hash));
+        failed = kept.err();
     })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    changes.finish()?;
+    tree.finish()?;
     let Walked {
         report,
         segments,
@@ -167,8 +183,7 @@ pub(crate) fn verify_and_collect(
     events.sort_by_key(|e| (e.epoch, e.n));
     Ok(Collected {
         report,
-        leaves,
-        change_index,
+        changes,
         tree,
         segments,
         epochs,
