@@ -868,29 +868,30 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         at_keyframe.lines().count(),
         "as_of at the keyframe's point starts from the forged keyframe"
     );
-    let out = verify(&archive);
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        !out.status.success(),
-        "verify passed a forged keyframe: {stdout}"
-    );
-    assert!(
-        stdout.contains(&format!("PROBLEM: keyframe {}", forged.file_name))
-            && stdout.contains("rows; the replay gives"),
-        "{stdout}"
-    );
-    crate::pgtrail_ok(
-        &archive,
-        &[
-            "keyframes",
-            "--rebuild",
-            "--keyframe-changes",
-            "25",
-            "--keyframe-rows-factor",
-            "1",
-        ],
-    );
-    assert!(verify(&archive).status.success());
+    // Verify must fail naming the forged keyframe and saying `said`; `--rebuild` mends it.
+    let named_then_rebuilt = |what: &str, forged: &pgtrail_store::KeyframeEntry, said: &str| {
+        let out = verify(&archive);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(!out.status.success(), "{what}: verify passed it: {stdout}");
+        assert!(
+            stdout.contains(&format!("PROBLEM: keyframe {}", forged.file_name))
+                && stdout.contains(said),
+            "{what}: {stdout}"
+        );
+        crate::pgtrail_ok(
+            &archive,
+            &[
+                "keyframes",
+                "--rebuild",
+                "--keyframe-changes",
+                "25",
+                "--keyframe-rows-factor",
+                "1",
+            ],
+        );
+        assert!(verify(&archive).status.success(), "{what}: after --rebuild");
+    };
+    named_then_rebuilt("a row dropped", &forged, "rows; the replay gives");
     check_moments("after --rebuild");
 
     // The other forgeries of a keyframe that leave its row count: a value edited, the
@@ -957,26 +958,7 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         )
         .unwrap();
         drop(log);
-        let out = verify(&archive);
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(!out.status.success(), "{what}: verify passed it: {stdout}");
-        assert!(
-            stdout.contains(&format!("PROBLEM: keyframe {}", forged.file_name))
-                && stdout.contains(said),
-            "{what}: {stdout}"
-        );
-        crate::pgtrail_ok(
-            &archive,
-            &[
-                "keyframes",
-                "--rebuild",
-                "--keyframe-changes",
-                "25",
-                "--keyframe-rows-factor",
-                "1",
-            ],
-        );
-        assert!(verify(&archive).status.success(), "{what}: after --rebuild");
+        named_then_rebuilt(what, &forged, said);
     }
     check_moments("after the last --rebuild");
 }
