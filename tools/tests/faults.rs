@@ -27,9 +27,9 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
     let mut child = spawn_capture(&url, &archive, "faults", None);
     wait_slot_active(&cluster, "faults", "faults", &mut child);
 
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = crate::WriterStop::new();
     let writer = {
-        let (url, stop) = (url.clone(), stop.clone());
+        let (url, stop) = (url.clone(), stop.flag());
         std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -68,7 +68,7 @@ fn walsender_kills_and_postgres_restarts_under_load_lose_and_duplicate_nothing()
     std::thread::sleep(Duration::from_millis(1500));
     cluster.psql("postgres", walsender_kill).unwrap();
     std::thread::sleep(Duration::from_millis(700));
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.raise();
     writer.join().unwrap();
 
     let end = cluster

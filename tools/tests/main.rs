@@ -111,6 +111,34 @@ fn wait_slot_active(cluster: &Cluster, db: &str, slot: &str, child: &mut Child) 
     }
 }
 
+/// The stop flag of a test's writer thread, raised when dropped too: a test that fails before
+/// it means to stop its writer must not leave it writing to the shared cluster, slowing every
+/// later test (a failed CI run's stream test did, for 20 minutes).
+struct WriterStop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl WriterStop {
+    fn new() -> WriterStop {
+        WriterStop(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            false,
+        )))
+    }
+
+    /// The flag, for the writer to poll.
+    fn flag(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        self.0.clone()
+    }
+
+    fn raise(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for WriterStop {
+    fn drop(&mut self) {
+        self.raise();
+    }
+}
+
 /// Wait until `archive` holds `table`'s initial snapshot. A slot is active (and
 /// [`wait_slot_active`] returns) while its snapshot is still being copied, so a reader that
 /// names the table before this finds no such table: a CI run's stream test got a 404 that way.
@@ -236,8 +264,8 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
     let workload_url = url.clone();
     // The writer runs until the capture has been killed enough times (at least 3000
     // transactions): a fixed count could finish before the first kill on a fast machine.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer_stop = stop.clone();
+    let stop = WriterStop::new();
+    let writer_stop = stop.flag();
     let writer = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -278,7 +306,7 @@ fn kill_9_during_streaming_loses_and_duplicates_nothing() {
         child.wait().unwrap();
         kills += 1;
         if kills >= 4 {
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.raise();
         }
         child = spawn_capture(&url, &archive, &db, None);
     }

@@ -277,16 +277,6 @@ fn apply(rows: &mut std::collections::BTreeMap<String, Value>, change: &Value) {
     }
 }
 
-/// Stops the writer when dropped, also when the test fails before it means to stop it: a
-/// failed CI run's writer went on writing to the shared cluster and slowed every later test.
-struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 #[test]
 fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture_crashes() {
     let cluster = Cluster::shared();
@@ -319,10 +309,8 @@ fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture
     // The writer: updates, deletes and inserts of t (some with application context), and
     // changes of another table, in single- and multi-row transactions.
     let writer_url = url.clone();
-    let stop = StopOnDrop(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
-        false,
-    )));
-    let writer_stop = stop.0.clone();
+    let stop = crate::WriterStop::new();
+    let writer_stop = stop.flag();
     let writer = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -378,7 +366,7 @@ fn the_stream_delivers_every_change_once_in_order_across_disconnects_and_capture
     capture = spawn_capture(&url, &archive, &db);
     wait_slot_active(cluster, &db, &db, &mut capture);
     std::thread::sleep(Duration::from_secs(2));
-    drop(stop);
+    stop.raise();
     writer.join().unwrap();
     let end = insert_lsn(cluster, &db);
     wait_durable(cluster, &db, &end);
