@@ -144,13 +144,7 @@ impl Drop for WriterStop {
 /// names the table before this finds no such table: a CI run's stream test got a 404 that way.
 fn wait_snapshot_stored(archive: &Path, table: &str, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(snapshot) = pgtrail_query::ArchiveSnapshot::open(archive)
-            && let Ok(t) = snapshot.table(table)
-            && !snapshot.snapshot_points(t).is_empty()
-        {
-            return;
-        }
+    while !holds_snapshot(archive, table) {
         assert!(
             child.try_wait().unwrap().is_none(),
             "capture exited before storing {table}'s snapshot"
@@ -161,6 +155,15 @@ fn wait_snapshot_stored(archive: &Path, table: &str, child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Whether `archive` holds a snapshot of `table` (read as a reader beside the capture would).
+fn holds_snapshot(archive: &Path, table: &str) -> bool {
+    pgtrail_query::ArchiveSnapshot::open(archive).is_ok_and(|snapshot| {
+        snapshot
+            .table(table)
+            .is_ok_and(|t| !snapshot.snapshot_points(t).is_empty())
+    })
 }
 
 /// Capture `db` into `archive` (slot and publication named after the database) until
