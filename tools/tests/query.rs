@@ -845,21 +845,31 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
     let at_keyframe = t_rows_as_of(&archive, &latest.at.to_string());
     let rows = keyframe_batch(&archive, &latest);
     assert!(rows.num_rows() >= 10);
-    let forged_rows = rows.slice(1, rows.num_rows() - 1);
-    let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
-    let forged = pgtrail_store::keyframe::publish_keyframe(
-        &log.shared(),
-        &archive,
-        pgtrail_store::keyframe::NewKeyframe {
-            version: latest.version.clone(),
-            at: latest.at,
-            includes_until_us: latest.includes_until_us,
-            changes: latest.changes,
-            rows: forged_rows,
-        },
-    )
-    .unwrap();
-    drop(log);
+    // A keyframe at `like`'s point and of its version, listed with a checksum of its own.
+    let publish = |like: &pgtrail_store::KeyframeEntry,
+                   rows: datafusion::arrow::array::RecordBatch,
+                   includes_until_us: i64,
+                   changes: u64| {
+        let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
+        pgtrail_store::keyframe::publish_keyframe(
+            &log.shared(),
+            &archive,
+            pgtrail_store::keyframe::NewKeyframe {
+                version: like.version.clone(),
+                at: like.at,
+                includes_until_us,
+                changes,
+                rows,
+            },
+        )
+        .unwrap()
+    };
+    let forged = publish(
+        &latest,
+        rows.slice(1, rows.num_rows() - 1),
+        latest.includes_until_us,
+        latest.changes,
+    );
     assert_eq!(
         t_rows_as_of(&archive, &latest.at.to_string())
             .lines()
@@ -944,20 +954,7 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         ),
     ];
     for (what, rows, includes_until_us, changes, said) in forgeries {
-        let log = pgtrail_store::ChangeLog::open(&archive).unwrap();
-        let forged = pgtrail_store::keyframe::publish_keyframe(
-            &log.shared(),
-            &archive,
-            pgtrail_store::keyframe::NewKeyframe {
-                version: latest.version.clone(),
-                at: latest.at,
-                includes_until_us,
-                changes,
-                rows,
-            },
-        )
-        .unwrap();
-        drop(log);
+        let forged = publish(&latest, rows, includes_until_us, changes);
         named_then_rebuilt(what, &forged, said);
     }
     check_moments("after the last --rebuild");
