@@ -129,7 +129,7 @@ pub trait LeafHashes {
     type Error;
     /// How many leaves there are.
     fn count(&self) -> u64;
-    /// `MTH` of the leaves `lo..hi` (`lo < hi ≤ count`).
+    /// `MTH` of the leaves `lo..hi` (`lo ≤ hi ≤ count`).
     fn subtree_root(&self, lo: u64, hi: u64) -> Result<Hash, Self::Error>;
 }
 

@@ -89,22 +89,25 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
             None => return Err(RedactError::NotInTree(*key)),
         }
     }
+    // Every leaf of each segment to rewrite (in memory: a rewrite of a segment needs them
+    // all), in one pass over the changes.
+    let mut segment_leaves: BTreeMap<u32, BTreeMap<ChangeKey, Hash>> =
+        by_segment.keys().map(|s| (*s, BTreeMap::new())).collect();
+    collected
+        .changes
+        .for_each(0, collected.changes.len(), |p| {
+            if let Some(leaves) = segment_leaves.get_mut(&p.segment) {
+                leaves.insert(p.leaf.key, p.leaf.hash);
+            }
+            Ok(())
+        })?;
     let mut plans = Vec::new();
     for (segment, keys) in by_segment {
         let entry = collected.segments[segment as usize].clone();
         if matches!(entry.content, SegmentContent::Messages) {
             return Err(RedactError::Message(keys[0]));
         }
-        // Every leaf of the segment (in memory: a rewrite of the segment needs them all).
-        let mut leaves: BTreeMap<ChangeKey, Hash> = BTreeMap::new();
-        collected
-            .changes
-            .for_each(0, collected.changes.len(), |p| {
-                if p.segment == segment {
-                    leaves.insert(p.leaf.key, p.leaf.hash);
-                }
-                Ok(())
-            })?;
+        let leaves = segment_leaves.remove(&segment).unwrap_or_default();
         let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
         let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)?;
         let content = reader.content().clone();
