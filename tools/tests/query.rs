@@ -727,6 +727,13 @@ fn t_rows_as_of(archive: &std::path::Path, lsn: &str) -> String {
         .join("\n")
 }
 
+/// The latest keyframe of `public.t` the archive lists.
+fn latest_keyframe_of_t(archive: &std::path::Path) -> pgtrail_store::KeyframeEntry {
+    let snapshot = ArchiveSnapshot::open(archive).unwrap();
+    let table = snapshot.table("public.t").unwrap();
+    table.keyframes.last().unwrap().clone()
+}
+
 /// A keyframe's rows as its file holds them, read by the parquet crate.
 fn keyframe_batch(
     archive: &std::path::Path,
@@ -833,15 +840,7 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
     );
 
     // Forge the latest keyframe: its rows less one, listed with a checksum of its own.
-    let snapshot = ArchiveSnapshot::open(&archive).unwrap();
-    let latest = snapshot
-        .table("public.t")
-        .unwrap()
-        .keyframes
-        .last()
-        .unwrap()
-        .clone();
-    drop(snapshot);
+    let latest = latest_keyframe_of_t(&archive);
     let at_keyframe = t_rows_as_of(&archive, &latest.at.to_string());
     let rows = keyframe_batch(&archive, &latest);
     assert!(rows.num_rows() >= 10);
@@ -908,14 +907,7 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
     // latest commit time it claims made earlier (an `as_of` by time would then start from it
     // before all it holds had committed), its change count. Each is named; `--rebuild`
     // mends each.
-    let latest = ArchiveSnapshot::open(&archive)
-        .unwrap()
-        .table("public.t")
-        .unwrap()
-        .keyframes
-        .last()
-        .unwrap()
-        .clone();
+    let latest = latest_keyframe_of_t(&archive);
     let true_rows = keyframe_batch(&archive, &latest);
     let xid = true_rows.column_by_name("xid").unwrap();
     let mut edited_xid: Vec<u32> = xid
