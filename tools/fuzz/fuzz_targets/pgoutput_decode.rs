@@ -7,7 +7,8 @@ use pgtrail_capture::pgoutput::{decode, encode};
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(message) = decode(data) {
-        let again = decode(&encode(&message)).expect("a decoded message re-encodes to a decodable one");
+        let again =
+            decode(&encode(&message)).expect("a decoded message re-encodes to a decodable one");
         assert_eq!(again, message);
     }
 });

@@ -13,8 +13,15 @@ fuzz_target!(|data: &[u8]| {
     static HOOK: std::sync::Once = std::sync::Once::new();
     HOOK.call_once(|| std::panic::set_hook(Box::new(|_| {})));
     // One scratch file per fuzzing process, in memory where the machine has /dev/shm.
-    let dir = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
-    let path = dir.join(format!("pgtrail-fuzz-segment-{}.parquet", std::process::id()));
+    let dir = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
+    } else {
+        std::env::temp_dir()
+    };
+    let path = dir.join(format!(
+        "pgtrail-fuzz-segment-{}.parquet",
+        std::process::id()
+    ));
     if std::fs::write(&path, data).is_err() {
         return;
     }
