@@ -29,6 +29,12 @@ const MAX_OPS_PER_COMMIT: usize = 20_000;
 /// and nothing when commits are rarer (light load).
 const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
+/// After this long with nothing to write, the writer stores the current-row index's changes
+/// that the log keeps in memory ([`ChangeLog::flush_index`]): an idle capture leaves its
+/// index current, so that compaction, which trims no further than the stored index, covers
+/// every finished transaction.
+const IDLE_INDEX_FLUSH: Duration = Duration::from_millis(500);
+
 enum WriterMsg {
     Ops(Vec<LogOp>),
     /// Drop the open source transaction's partial writes (the stream broke mid-transaction;
@@ -58,6 +64,9 @@ pub struct WriterHandle {
     identity: Option<SourceIdentity>,
     last_commit: Lsn,
     log: SharedLog,
+    /// The writer thread, woken after each send: while it holds index changes in memory it
+    /// waits for messages with a timeout (a park), not in the channel's blocking receive.
+    thread: std::thread::Thread,
 }
 
 impl WriterHandle {
@@ -84,9 +93,11 @@ impl WriterHandle {
                 run_writer(log, rx, durable_tx, thread_stats)
             })
             .map_err(|e| CaptureError::Protocol(format!("cannot start the writer thread: {e}")))?;
+        let thread = join.thread().clone();
         let (identity, last_commit, log) =
             ready_rx.recv().map_err(|_| CaptureError::WriterGone)??;
         Ok(WriterHandle {
+            thread,
             tx,
             durable: durable_rx,
             join: Some(join),
@@ -116,6 +127,7 @@ impl WriterHandle {
         if self.tx.send(WriterMsg::Ops(ops)).await.is_err() {
             return Err(self.writer_error());
         }
+        self.thread.unpark();
         Ok(())
     }
 
@@ -127,6 +139,7 @@ impl WriterHandle {
         if self.tx.send(make(tx)).await.is_err() {
             return Err(self.writer_error());
         }
+        self.thread.unpark();
         match rx.await {
             Ok(r) => Ok(r?),
             Err(_) => Err(self.writer_error()),
@@ -180,6 +193,7 @@ impl WriterHandle {
     /// Stop the thread after it has applied everything queued, and return its error if any.
     pub fn finish(mut self) -> Result<(), CaptureError> {
         drop(self.tx);
+        self.thread.unpark();
         match self.join.take().map(JoinHandle::join) {
             Some(Ok(Ok(()))) | None => Ok(()),
             Some(Ok(Err(e))) => Err(e.into()),
@@ -208,7 +222,7 @@ fn run_writer(
 ) -> Result<(), LogError> {
     let mut batch: Vec<LogOp> = Vec::new();
     let mut last_commit = Instant::now() - MIN_COMMIT_INTERVAL;
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(first) = next_message(&mut log, &mut rx)? {
         let mut control = None;
         match first {
             WriterMsg::Ops(ops) => batch.extend(ops),
@@ -263,7 +277,34 @@ fn run_writer(
             }
         }
     }
-    Ok(())
+    // Stopping: the next open need not redo the index's latest changes.
+    log.flush_index()
+}
+
+/// The next message for the writer, or `None` when every sender is gone. While the log holds
+/// index changes in memory, a wait longer than [`IDLE_INDEX_FLUSH`] stores them first; the
+/// senders unpark this thread after each send, so a message is seen as soon as it is queued.
+fn next_message(
+    log: &mut ChangeLog,
+    rx: &mut mpsc::Receiver<WriterMsg>,
+) -> Result<Option<WriterMsg>, LogError> {
+    if log.index_pending() {
+        let idle_from = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(message) => return Ok(Some(message)),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Ok(None),
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            let idle = idle_from.elapsed();
+            if idle >= IDLE_INDEX_FLUSH {
+                log.flush_index()?;
+                break;
+            }
+            std::thread::park_timeout(IDLE_INDEX_FLUSH - idle);
+        }
+    }
+    Ok(rx.blocking_recv())
 }
 
 /// Apply a batch in one durable commit (group commit) and publish the durable position: the

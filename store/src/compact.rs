@@ -35,8 +35,8 @@ use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
 use crate::keyframe::{self, KEYFRAMES_DIR};
 use crate::log::{
-    CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog,
-    TXNS, decode, encode, raw_len,
+    CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_INDEX_THROUGH, META_LAST_COMMIT,
+    RELATIONS, SharedLog, TXNS, decode, encode, get_u64, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::{
@@ -449,8 +449,15 @@ impl Compactor {
         let meta = rtx.open_table(META)?;
         // The cut: the last finished source transaction. Keys at or below it never change
         // again (replays are skipped whole and recovery only removes keys above it), so the
-        // set read here is exactly the set trimmed below.
-        let cut = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
+        // set read here is exactly the set trimmed below. No further than `index_through`:
+        // the records after it are what a recovery redoes the current-row index from (see
+        // "The current-row index" in the log's doc); the writer only ever moves it forward,
+        // so the value read here stays a safe bound until the trim commits.
+        let last_commit = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
+        let cut = match get_u64(&meta, META_INDEX_THROUGH)? {
+            Some(through) => last_commit.min(Lsn(through)),
+            None => last_commit,
+        };
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
         let enums = reader.enum_types()?;
         // This run is a new evidence epoch: a fresh seed for its changes' salts, from its
@@ -1357,6 +1364,8 @@ mod tests {
         let compactor = Compactor::new(log.shared(), &archive, options.clone());
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
+            // As the capture does when idle: the index stored, the log open to compaction.
+            log.flush_index().unwrap();
             compactor.run().unwrap();
         }
         let segments = archive.join(SEGMENTS_DIR);
@@ -1465,6 +1474,64 @@ mod tests {
         assert_eq!(report.orphans_removed, 1);
     }
 
+    /// Compaction beside a capture whose current-row index is partly in memory leaves the
+    /// records after `index_through` in the log: a crash then loses the memory, and recovery
+    /// redoes the index from those records (the update after it gets the full before image).
+    #[test]
+    fn compaction_leaves_what_the_index_is_redone_from() {
+        let (_dir, archive, mut log, options) = archive_retiring_at_once();
+        let compactor = Compactor::new(log.shared(), &archive, options);
+        log.apply(txn(1)).unwrap();
+        log.flush_index().unwrap();
+        log.apply(txn(2)).unwrap();
+        assert!(log.index_pending());
+        assert_eq!(compactor.run().unwrap().changes, 2, "transaction 1 only");
+        let in_log = || {
+            let reader = log.reader().unwrap();
+            reader
+                .changes()
+                .unwrap()
+                .map(|e| e.unwrap().0.commit_lsn)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(in_log(), vec![Lsn(200), Lsn(200)]);
+        drop(compactor);
+        drop(log);
+        let mut log = ChangeLog::open(&archive).unwrap();
+        log.apply([
+            LogOp::Begin {
+                final_lsn: Lsn(300),
+                xid: 3,
+                committed_at_us: 0,
+            },
+            LogOp::Change(IncomingChange {
+                relation_id: 7,
+                op: Op::Update,
+                old: None,
+                new: Some(vec![t("2"), t("b"), IncomingCell::UnchangedToast]),
+            }),
+            LogOp::Commit { end_lsn: Lsn(308) },
+        ])
+        .unwrap();
+        let reader = log.reader().unwrap();
+        let last = reader.changes().unwrap().last().unwrap().unwrap().1;
+        assert_eq!(
+            last.before.unwrap(),
+            vec![
+                crate::change::Cell::Text("2".into()),
+                crate::change::Cell::Text("a".into()),
+                crate::change::Cell::Text("-12.50".into())
+            ]
+        );
+        drop(reader);
+        // Recovery stored the index through transaction 2, which may go now; transaction 3's
+        // index change is in memory again.
+        let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
+        assert_eq!(compactor.run().unwrap().changes, 2);
+        log.flush_index().unwrap();
+        assert_eq!(compactor.run().unwrap().changes, 1);
+    }
+
     #[test]
     fn small_segments_merge_and_orphans_are_removed() {
         let (_dir, archive, mut log, options) = archive_retiring_at_once();
@@ -1472,6 +1539,7 @@ mod tests {
         let mut expected = Vec::new();
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
+            log.flush_index().unwrap();
             expected.extend(
                 log.reader()
                     .unwrap()
@@ -1535,6 +1603,7 @@ mod tests {
         let mut log = ChangeLog::open(&archive).unwrap();
         for n in 1..=6 {
             log.apply(txn(n)).unwrap();
+            log.flush_index().unwrap();
         }
         let segment = SegmentOptions {
             row_group_rows: 2,
@@ -1592,6 +1661,7 @@ mod tests {
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply(txn(1)).unwrap();
+        log.flush_index().unwrap();
         Compactor::new(log.shared(), &archive, CompactOptions::default())
             .run()
             .unwrap();

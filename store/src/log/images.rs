@@ -1,10 +1,112 @@
 //! Row-image completion and the current-row index: the stored record of an incoming change
 //! gets complete `before`/`after` images from the old tuple and the log's latest version of
 //! the row, values PostgreSQL did not send and the log cannot know are marked unknown, and the
-//! index is kept current, with the undo rows that let recovery put it back (see "Commit
-//! protocol" in the parent module's doc).
+//! index is kept current: in memory first ([`IndexOverlay`]) for transactions that finish in
+//! the batch that began them, written through with undo rows for those that span batches, and
+//! rebuilt from the log's own records by recovery (see "Commit protocol" and "The current-row
+//! index" in the parent module's doc).
+
+use std::time::{Duration, Instant};
 
 use super::*;
+
+/// The overlay is written to `current_rows` at the end of a batch once it holds this many
+/// bytes (keys, rows and a map entry's overhead): its memory, and the work a recovery redoes.
+const OVERLAY_MAX_BYTES: usize = 16 << 20;
+
+/// ... or once its oldest entry is this old: how far the index's stored state lags the log
+/// under steady load, which is also how far compaction's cut lags the last commit (the log
+/// keeps what recovery would replay).
+pub(crate) const OVERLAY_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// A map entry's memory beyond its key and row bytes, counted toward [`OVERLAY_MAX_BYTES`].
+const OVERLAY_ENTRY_OVERHEAD: usize = 96;
+
+/// The current-row index's changes not yet written to `current_rows`: `(relation_id, encoded
+/// key)` to the encoded row, or `None` for a row that is gone. Only transactions that finished
+/// in the batch that began them (`InFlight::atomic`) write here, so it never holds anything
+/// of an unfinished transaction, and losing it (a crash, a failed batch) loses nothing: it is
+/// the effect of committed log records after `meta.index_through`, which recovery replays.
+/// Under pgbench's load the index's writes were a fifth of the capture's CPU and most of the
+/// pages each durable commit rewrote (README, Performance): here a hot row is rewritten once
+/// per flush instead of once per commit, and the pages of a flush are written once.
+#[derive(Default)]
+pub(super) struct IndexOverlay {
+    /// By relation, then by encoded key.
+    entries: HashMap<u32, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    bytes: usize,
+    /// When the oldest entry was written.
+    since: Option<Instant>,
+}
+
+impl IndexOverlay {
+    pub(super) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Whether the end of this batch should write the overlay out.
+    pub(super) fn is_due(&self) -> bool {
+        self.bytes >= OVERLAY_MAX_BYTES
+            || self.since.is_some_and(|t| t.elapsed() >= OVERLAY_MAX_AGE)
+    }
+
+    pub(super) fn clear(&mut self) {
+        *self = IndexOverlay::default();
+    }
+
+    /// The overlay's state of a key: `None` when it has none (the stored index has the newer
+    /// state), `Some(None)` when the row is gone.
+    fn get(&self, relation_id: u32, key: &[u8]) -> Option<Option<&[u8]>> {
+        self.entries
+            .get(&relation_id)?
+            .get(key)
+            .map(Option::as_deref)
+    }
+
+    fn put(&mut self, relation_id: u32, key: Vec<u8>, row: Option<Vec<u8>>) {
+        let size = |key: &[u8], row: &Option<Vec<u8>>| {
+            key.len() + row.as_ref().map_or(0, Vec::len) + OVERLAY_ENTRY_OVERHEAD
+        };
+        self.bytes += size(&key, &row);
+        let rows = self.entries.entry(relation_id).or_default();
+        if let Some((key, old)) = rows.remove_entry(key.as_slice()) {
+            self.bytes -= size(&key, &old);
+        }
+        rows.insert(key, row);
+        self.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Forget a relation's entries (its rows are all gone).
+    fn forget(&mut self, relation_id: u32) {
+        if let Some(rows) = self.entries.remove(&relation_id) {
+            for (key, row) in rows {
+                self.bytes -= key.len() + row.map_or(0, |r| r.len()) + OVERLAY_ENTRY_OVERHEAD;
+            }
+        }
+        if self.entries.is_empty() {
+            self.clear();
+        }
+    }
+
+    /// Write every entry to `current_rows`, in key order (neighbouring keys share pages), and
+    /// empty the overlay.
+    pub(super) fn write_to(&mut self, current: &mut RowKeyed<'_>) -> Result<(), LogError> {
+        let mut relations: Vec<_> = std::mem::take(&mut self.entries).into_iter().collect();
+        relations.sort_unstable_by_key(|(relation_id, _)| *relation_id);
+        for (relation_id, rows) in relations {
+            let mut rows: Vec<_> = rows.into_iter().collect();
+            rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            for (key, row) in rows {
+                match row {
+                    Some(row) => current.insert((relation_id, key.as_slice()), row.as_slice())?,
+                    None => current.remove((relation_id, key.as_slice()))?,
+                };
+            }
+        }
+        self.clear();
+        Ok(())
+    }
+}
 
 /// A table keyed by `(relation_id, encoded key)`: the current-row index and the undo tables.
 pub(super) type RowKeyed<'w> = redb::Table<'w, (u32, &'static [u8]), &'static [u8]>;
@@ -20,6 +122,7 @@ pub(super) struct Tables<'w> {
     pub(super) snapshot_scope: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) contexts: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) scratch: Vec<u8>,
+    pub(super) overlay: IndexOverlay,
 }
 
 /// Build the stored record of one incoming change: complete the before and after images from
@@ -146,6 +249,18 @@ pub(super) fn forget_current_rows(
     relation_id: u32,
     tx: &InFlight,
 ) -> Result<(), LogError> {
+    if tx.atomic {
+        // Nothing of the transaction outlives a failed batch, so no undo rows. The stored rows
+        // go now, ahead of `index_through`: after a crash, recovery's replay from
+        // `index_through` reaches this transaction's forgetting again, and every row it sets
+        // for the relation after it (see `replay_index`).
+        t.overlay.forget(relation_id);
+        t.current.retain_in(
+            (relation_id, &[][..])..(relation_id + 1, &[][..]),
+            |_, _| false,
+        )?;
+        return Ok(());
+    }
     let keys = t
         .current
         .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
@@ -210,6 +325,11 @@ pub(super) fn get_current(
     key: &[Option<String>],
 ) -> Result<Option<Row>, LogError> {
     let k = encode_plain(&key);
+    // The overlay holds the newer state where it has the key (never during a spanning
+    // transaction, whose Begin wrote it out).
+    if let Some(row) = t.overlay.get(relation_id, &k) {
+        return row.map(|bytes| decode(bytes, "current_rows")).transpose();
+    }
     match t.current.get((relation_id, k.as_slice()))? {
         Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
         None => Ok(None),
@@ -224,6 +344,17 @@ pub(super) fn set_current(
     row: Option<&Row>,
 ) -> Result<(), LogError> {
     let k = encode_plain(&key);
+    if tx.atomic {
+        // A transaction that finishes in this batch: its index changes wait in the overlay
+        // (the batch's commit stores the transaction's records, from which recovery can redo
+        // them), and need no undo rows.
+        let row = row.map(|row| {
+            encode_into(&mut t.scratch, row);
+            t.scratch.clone()
+        });
+        t.overlay.put(relation_id, k, row);
+        return Ok(());
+    }
     // The replaced value comes back from the insert or remove itself: one lookup, not two.
     let undo = match row {
         Some(row) => {
@@ -289,4 +420,121 @@ pub(super) fn parse_undo_value(value: &[u8]) -> Result<Option<&[u8]>, LogError> 
             source: "an undo value is neither absent (0) nor a row (1)".into(),
         }),
     }
+}
+
+/// Redo, into `current_rows`, the index changes of the committed transactions after `from`
+/// through `through` (commit LSNs), from their stored records; the number of records redone.
+/// Recovery runs it from `meta.index_through`, the commit through which `current_rows` held
+/// the index when the overlay was last written out, to the last commit: what the overlay held
+/// when a crash (or a failed batch) took it. Every step writes a row's state outright (or
+/// forgets a relation's rows), in commit order, so it is right whatever part of those
+/// transactions the stored index already holds (a forgetting is written ahead of the overlay,
+/// see [`forget_current_rows`]), and running it again after a crash during recovery repeats
+/// the same result.
+pub(super) fn replay_index(
+    current: &mut RowKeyed<'_>,
+    changes: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    relations: &impl ReadableTable<(u32, u64, u32), &'static [u8]>,
+    snapshot_scope: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    from: Lsn,
+    through: Lsn,
+) -> Result<u64, LogError> {
+    if through <= from {
+        return Ok(0);
+    }
+    let range = (from.0 + 1, 0u32)..=(through.0, u32::MAX);
+    // A snapshot (of pgtrail's, or of a table created and published in the transaction)
+    // forgets its relation's rows before its own: at the start of its transaction, which
+    // holds no earlier change of that relation (the relation is empty at the mark).
+    let mut forgets = snapshot_scope
+        .range(range.clone())?
+        .map(|e| e.map(|(k, _)| k.value()))
+        .collect::<Result<Vec<(u64, u32)>, _>>()?
+        .into_iter()
+        .peekable();
+    let forget = |current: &mut RowKeyed<'_>, relation_id: u32| {
+        current.retain_in(
+            (relation_id, &[][..])..(relation_id + 1, &[][..]),
+            |_, _| false,
+        )
+    };
+    let mut shapes: HashMap<(u32, ChangeKey), Option<Vec<usize>>> = HashMap::new();
+    let mut redone = 0u64;
+    for entry in changes.range(range)? {
+        let (k, v) = entry?;
+        let (lsn, _) = k.value();
+        while let Some((_, relation_id)) = forgets.next_if(|(at, _)| *at <= lsn) {
+            forget(current, relation_id)?;
+        }
+        let record: ChangeRecord = decode(v.value(), "changes")?;
+        if record.op == Op::Message {
+            continue;
+        }
+        // The key columns of the record's schema version, or `None` where the live path
+        // keeps no index (REPLICA IDENTITY FULL, or no key).
+        let key_pos = match shapes.entry((record.relation_id, record.schema_version)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let version = record.schema_version;
+                let stored = relations
+                    .get((record.relation_id, version.commit_lsn.0, version.seq))?
+                    .ok_or_else(|| LogError::Corrupt {
+                        what: "relations".into(),
+                        source: format!(
+                            "change {} names schema version {version} of relation {}, which \
+                             the log does not hold",
+                            ChangeKey::new(Lsn(lsn), k.value().1),
+                            record.relation_id
+                        )
+                        .into(),
+                    })?;
+                let rel: RelationVersion = decode(stored.value(), "relations")?;
+                let key_pos = rel.key_positions();
+                e.insert((rel.replica_identity != b'f' && !key_pos.is_empty()).then_some(key_pos))
+            }
+        };
+        let Some(key_pos) = key_pos.as_deref() else {
+            continue;
+        };
+        let relation_id = record.relation_id;
+        let mut put = |key: &[Option<String>], row: Option<&Row>| -> Result<(), LogError> {
+            let key = encode_plain(&key);
+            match row {
+                Some(row) => {
+                    current.insert((relation_id, key.as_slice()), encode(row).as_slice())?
+                }
+                None => current.remove((relation_id, key.as_slice()))?,
+            };
+            Ok(())
+        };
+        // As `complete_change` set them: the key it looked the row up by is the before
+        // image's, and the key it stored under is the after image's.
+        match (record.op, &record.before, &record.after) {
+            (Op::Insert | Op::Snapshot, _, Some(after)) => {
+                put(&row_key(after, key_pos), Some(after))?
+            }
+            (Op::Update, Some(before), Some(after)) => {
+                let (old, new) = (row_key(before, key_pos), row_key(after, key_pos));
+                if old != new {
+                    put(&old, None)?;
+                }
+                put(&new, Some(after))?;
+            }
+            // A delete with no old key (an image entirely unknown) removed nothing.
+            (Op::Delete, Some(before), _)
+                if !key_pos
+                    .iter()
+                    .all(|&i| matches!(before.get(i), None | Some(Cell::Unknown))) =>
+            {
+                put(&row_key(before, key_pos), None)?;
+            }
+            (Op::Truncate, _, _) => forget(current, relation_id)?,
+            _ => {}
+        }
+        redone += 1;
+    }
+    for (_, relation_id) in forgets {
+        forget(current, relation_id)?;
+    }
+    Ok(redone)
 }

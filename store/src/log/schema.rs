@@ -74,8 +74,13 @@ pub(crate) const META_ENUM_TYPES: &str = "enum_types";
 /// none pending).
 pub(crate) const META_PENDING_READS: &str = "pending_reads";
 
+/// (version 7) The commit through which `current_rows` holds the current-row index; recovery
+/// redoes the index changes of the change records after it, and compaction trims the log no
+/// further (see "The current-row index"). Absent: the index is current (versions up to 6).
+pub(crate) const META_INDEX_THROUGH: &str = "index_through";
+
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
