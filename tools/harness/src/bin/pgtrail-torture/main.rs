@@ -908,6 +908,9 @@ struct Verdict {
     /// Oracle moments the archive refused as unknown (a table rewritten by DDL and not yet
     /// read again then): honest, but reported.
     oracles_unknown: u64,
+    /// Before images compared with the archive's previous version of the row (`ImageCheck`);
+    /// a mismatch counts in `oracle_mismatches`.
+    images_checked: u64,
     panics: u64,
     problems: Vec<String>,
 }
@@ -925,12 +928,12 @@ fn check_ledger(
     let all = reader.all_changes(archive).map_err(|e| e.to_string())?;
     let mut last: Option<ChangeKey> = None;
     let mut ledger: BTreeMap<i64, u64> = BTreeMap::new();
-    let ledger_oid = reader
-        .relations()
-        .map_err(|e| e.to_string())?
+    let relations = reader.relations().map_err(|e| e.to_string())?;
+    let ledger_oid = relations
         .iter()
         .find(|r| r.name == "ledger")
         .map(|r| r.relation_id);
+    let mut images = ImageCheck::new(&reader, &relations, "acct")?;
     for (key, rec) in &all {
         if last.is_some_and(|l| *key <= l) {
             v.duplicates += 1;
@@ -938,6 +941,12 @@ fn check_ledger(
                 .push(format!("{what}: change key {key} repeated or out of order"));
         }
         last = Some(*key);
+        if let Some(problem) = images.check(*key, rec) {
+            v.oracle_mismatches += 1;
+            if v.problems.len() < 20 {
+                v.problems.push(format!("{what}: {problem}"));
+            }
+        }
         if Some(rec.relation_id) == ledger_oid && matches!(rec.op, Op::Insert | Op::Snapshot) {
             let seq = rec
                 .key
@@ -966,6 +975,7 @@ fn check_ledger(
             _ => {}
         }
     }
+    v.images_checked += images.checked;
     let phantoms = ledger
         .keys()
         .filter(|s| expected.binary_search(s).is_err())
@@ -977,6 +987,102 @@ fn check_ledger(
         ));
     }
     Ok(())
+}
+
+/// The complete-image oracle of one table: every update's and delete's `before` is the row as
+/// the archive's previous change of that key left it (or its snapshot's row). `acct` is at
+/// REPLICA IDENTITY DEFAULT, so PostgreSQL sends no old row and pgtrail completes the image
+/// from its current-row index, which must come out right from a crash at any point (since
+/// format 7 it is partly held in memory and redone from the log by recovery).
+struct ImageCheck {
+    relation_ids: Vec<u32>,
+    /// Commit LSNs of the snapshots holding the table, ascending: each starts it afresh.
+    snapshots: std::collections::VecDeque<Lsn>,
+    rows: BTreeMap<Option<String>, Vec<Cell>>,
+    checked: u64,
+}
+
+impl ImageCheck {
+    fn new(
+        reader: &LogReader,
+        relations: &[pgtrail_store::RelationVersion],
+        table: &str,
+    ) -> Result<ImageCheck, String> {
+        let relation_ids: Vec<u32> = relations
+            .iter()
+            .filter(|r| r.name == table)
+            .map(|r| r.relation_id)
+            .collect();
+        let snapshots = reader
+            .snapshots()
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter(|s| {
+                s.tables.is_none() || relation_ids.iter().any(|&id| s.scope_of(id).is_some())
+            })
+            .map(|s| s.lsn)
+            .collect();
+        Ok(ImageCheck {
+            relation_ids,
+            snapshots,
+            rows: BTreeMap::new(),
+            checked: 0,
+        })
+    }
+
+    /// The first column's text: the key (`id`).
+    fn key_of(row: Option<&Vec<Cell>>) -> Option<String> {
+        row.and_then(|r| r.first())
+            .and_then(|c| c.as_text())
+            .map(str::to_string)
+    }
+
+    fn check(&mut self, key: ChangeKey, rec: &pgtrail_store::ChangeRecord) -> Option<String> {
+        while self
+            .snapshots
+            .front()
+            .is_some_and(|&at| at <= key.commit_lsn)
+        {
+            self.snapshots.pop_front();
+            self.rows.clear();
+        }
+        if !self.relation_ids.contains(&rec.relation_id) {
+            return None;
+        }
+        let mut expect_before = |was: Option<Vec<Cell>>| {
+            self.checked += 1;
+            (rec.before.as_ref() != was.as_ref()).then(|| {
+                format!(
+                    "change {key} ({:?}) of acct has the before image {:?}, where the previous \
+                     change of its key left {was:?}",
+                    rec.op, rec.before
+                )
+            })
+        };
+        match rec.op {
+            Op::Insert | Op::Snapshot => {
+                self.rows
+                    .insert(Self::key_of(rec.after.as_ref()), rec.after.clone()?);
+                None
+            }
+            Op::Update => {
+                let was = self.rows.remove(&Self::key_of(rec.before.as_ref()));
+                let problem = expect_before(was);
+                self.rows
+                    .insert(Self::key_of(rec.after.as_ref()), rec.after.clone()?);
+                problem
+            }
+            Op::Delete => {
+                let was = self.rows.remove(&Self::key_of(rec.before.as_ref()));
+                expect_before(was)
+            }
+            Op::Truncate => {
+                self.rows.clear();
+                None
+            }
+            Op::Message => None,
+        }
+    }
 }
 
 /// `pgtrail verify` over the archive every fault was injected into, and over the disk-full
@@ -2664,8 +2770,8 @@ fn main() -> ExitCode {
         eprintln!("torture: PROBLEM: {p}");
     }
     eprintln!(
-        "torture: {} point-in-time oracles checked, {} mismatched, {} refused as unknown (DDL rewrote the table, not read again yet); {} panics",
-        v.oracles, v.oracle_mismatches, v.oracles_unknown, v.panics
+        "torture: {} point-in-time oracles and {} before images checked, {} mismatched, {} refused as unknown (DDL rewrote the table, not read again yet); {} panics",
+        v.oracles, v.images_checked, v.oracle_mismatches, v.oracles_unknown, v.panics
     );
     let failed = v.lost > 0
         || v.duplicates > 0
@@ -2674,7 +2780,7 @@ fn main() -> ExitCode {
         || v.panics > 0
         || v.survived < v.faults
         || v.bad_inputs_failed > 0
-        || (v.oracles == 0 && !args.gaps_only && !args.refusals_only)
+        || ((v.oracles == 0 || v.images_checked == 0) && !args.gaps_only && !args.refusals_only)
         || !v.problems.is_empty();
     if failed {
         eprintln!(
