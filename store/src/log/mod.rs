@@ -750,15 +750,7 @@ impl ChangeLog {
     /// An error leaves this handle poisoned: drop it and open the log again, which recovers
     /// to the last commit (nothing after the durable position was acknowledged).
     pub fn apply(&mut self, ops: impl IntoIterator<Item = LogOp>) -> Result<Applied, LogError> {
-        if self.poisoned {
-            return Err(LogError::Corrupt {
-                what: "this log handle".into(),
-                source: "an earlier write failed; reopen the log".into(),
-            });
-        }
-        self.poisoned = true;
-        let mut wtx = self.db.begin_write()?;
-        wtx.set_two_phase_commit(true);
+        let wtx = self.begin_unless_poisoned()?;
         let mut applied = Applied::default();
         {
             let mut tables = Tables {
@@ -1084,6 +1076,21 @@ impl ChangeLog {
         Ok(())
     }
 
+    /// A two-phase write transaction, unless an earlier write failed; the handle counts as
+    /// poisoned until the caller's commit clears it.
+    fn begin_unless_poisoned(&mut self) -> Result<redb::WriteTransaction, LogError> {
+        if self.poisoned {
+            return Err(LogError::Corrupt {
+                what: "this log handle".into(),
+                source: "an earlier write failed; reopen the log".into(),
+            });
+        }
+        self.poisoned = true;
+        let mut wtx = self.db.begin_write()?;
+        wtx.set_two_phase_commit(true);
+        Ok(wtx)
+    }
+
     /// Whether the current-row index has changes held in memory only (see "The current-row
     /// index"): [`flush_index`](Self::flush_index) stores them. Nothing depends on it for
     /// safety; it moves `index_through`, and with it how far compaction may trim.
@@ -1097,15 +1104,7 @@ impl ChangeLog {
         if self.overlay.is_empty() {
             return Ok(());
         }
-        if self.poisoned {
-            return Err(LogError::Corrupt {
-                what: "this log handle".into(),
-                source: "an earlier write failed; reopen the log".into(),
-            });
-        }
-        self.poisoned = true;
-        let mut wtx = self.db.begin_write()?;
-        wtx.set_two_phase_commit(true);
+        let wtx = self.begin_unless_poisoned()?;
         {
             let mut current = wtx.open_table(CURRENT)?;
             self.overlay.write_to(&mut current)?;
