@@ -17,10 +17,24 @@ const OVERLAY_MAX_BYTES: usize = 16 << 20;
 /// ... or once its oldest entry is this old: how far the index's stored state lags the log
 /// under steady load, which is also how far compaction's cut lags the last commit (the log
 /// keeps what recovery would replay).
-pub(crate) const OVERLAY_MAX_AGE: Duration = Duration::from_secs(5);
+const OVERLAY_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// A map entry's memory beyond its key and row bytes, counted toward [`OVERLAY_MAX_BYTES`].
 const OVERLAY_ENTRY_OVERHEAD: usize = 96;
+
+/// What one overlay entry counts toward [`OVERLAY_MAX_BYTES`].
+fn entry_size(key: &[u8], row: Option<&[u8]>) -> usize {
+    key.len() + row.map_or(0, <[u8]>::len) + OVERLAY_ENTRY_OVERHEAD
+}
+
+/// Remove every stored current row of a relation (a TRUNCATE, or a snapshot of the table).
+fn remove_stored_rows(current: &mut RowKeyed<'_>, relation_id: u32) -> Result<(), LogError> {
+    current.retain_in(
+        (relation_id, &[][..])..(relation_id + 1, &[][..]),
+        |_, _| false,
+    )?;
+    Ok(())
+}
 
 /// The current-row index's changes not yet written to `current_rows`: `(relation_id, encoded
 /// key)` to the encoded row, or `None` for a row that is gone. Only transactions that finished
@@ -64,13 +78,10 @@ impl IndexOverlay {
     }
 
     fn put(&mut self, relation_id: u32, key: Vec<u8>, row: Option<Vec<u8>>) {
-        let size = |key: &[u8], row: &Option<Vec<u8>>| {
-            key.len() + row.as_ref().map_or(0, Vec::len) + OVERLAY_ENTRY_OVERHEAD
-        };
-        self.bytes += size(&key, &row);
+        self.bytes += entry_size(&key, row.as_deref());
         let rows = self.entries.entry(relation_id).or_default();
         if let Some((key, old)) = rows.remove_entry(key.as_slice()) {
-            self.bytes -= size(&key, &old);
+            self.bytes -= entry_size(&key, old.as_deref());
         }
         rows.insert(key, row);
         self.since.get_or_insert_with(Instant::now);
@@ -80,7 +91,7 @@ impl IndexOverlay {
     fn forget(&mut self, relation_id: u32) {
         if let Some(rows) = self.entries.remove(&relation_id) {
             for (key, row) in rows {
-                self.bytes -= key.len() + row.map_or(0, |r| r.len()) + OVERLAY_ENTRY_OVERHEAD;
+                self.bytes -= entry_size(&key, row.as_deref());
             }
         }
         if self.entries.is_empty() {
@@ -255,11 +266,7 @@ pub(super) fn forget_current_rows(
         // `index_through` reaches this transaction's forgetting again, and every row it sets
         // for the relation after it (see `replay_index`).
         t.overlay.forget(relation_id);
-        t.current.retain_in(
-            (relation_id, &[][..])..(relation_id + 1, &[][..]),
-            |_, _| false,
-        )?;
-        return Ok(());
+        return remove_stored_rows(&mut t.current, relation_id);
     }
     let keys = t
         .current
@@ -348,6 +355,8 @@ pub(super) fn set_current(
         // A transaction that finishes in this batch: its index changes wait in the overlay
         // (the batch's commit stores the transaction's records, from which recovery can redo
         // them), and need no undo rows.
+        // Encoded into the reused buffer, then copied in one allocation of the right size
+        // (see `encode_into`).
         let row = row.map(|row| {
             encode_into(&mut t.scratch, row);
             t.scratch.clone()
@@ -452,19 +461,13 @@ pub(super) fn replay_index(
         .collect::<Result<Vec<(u64, u32)>, _>>()?
         .into_iter()
         .peekable();
-    let forget = |current: &mut RowKeyed<'_>, relation_id: u32| {
-        current.retain_in(
-            (relation_id, &[][..])..(relation_id + 1, &[][..]),
-            |_, _| false,
-        )
-    };
     let mut shapes: HashMap<(u32, ChangeKey), Option<Vec<usize>>> = HashMap::new();
     let mut redone = 0u64;
     for entry in changes.range(range)? {
         let (k, v) = entry?;
         let (lsn, _) = k.value();
         while let Some((_, relation_id)) = forgets.next_if(|(at, _)| *at <= lsn) {
-            forget(current, relation_id)?;
+            remove_stored_rows(current, relation_id)?;
         }
         let record: ChangeRecord = decode(v.value(), "changes")?;
         if record.op == Op::Message {
@@ -528,13 +531,13 @@ pub(super) fn replay_index(
             {
                 put(&row_key(before, key_pos), None)?;
             }
-            (Op::Truncate, _, _) => forget(current, relation_id)?,
+            (Op::Truncate, _, _) => remove_stored_rows(current, relation_id)?,
             _ => {}
         }
         redone += 1;
     }
     for (_, relation_id) in forgets {
-        forget(current, relation_id)?;
+        remove_stored_rows(current, relation_id)?;
     }
     Ok(redone)
 }

@@ -1017,9 +1017,8 @@ impl ImageCheck {
             .snapshots()
             .map_err(|e| e.to_string())?
             .into_iter()
-            .filter(|s| {
-                s.tables.is_none() || relation_ids.iter().any(|&id| s.scope_of(id).is_some())
-            })
+            // A snapshot of every table (no list) holds this one too: `scope_of` says so.
+            .filter(|s| relation_ids.iter().any(|&id| s.scope_of(id).is_some()))
             .map(|s| s.lsn)
             .collect();
         Ok(ImageCheck {
