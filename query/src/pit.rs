@@ -18,6 +18,7 @@ use datafusion::catalog::{MemTable, TableFunctionArgs, TableFunctionImpl, TableP
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::Expr;
+use pgtrail_store::segment::key_copy;
 use pgtrail_store::segment::key_index::{self, KeyIndexProblem, KeyPart};
 use pgtrail_store::segment::{PgKind, SegmentContent, ValueBuilder, segment_schema};
 use pgtrail_store::{Cell, ChangeKey, ChangeRecord, Lsn, RelationVersion, Row};
@@ -505,7 +506,7 @@ fn row_history_columnar(
         // compared with the key below like the scan's. Without a usable index, the key fields
         // of every change are read to find them.
         let indexed = match indexed_rows(&path, &seg.sha256, version, &values) {
-            Ok(rows) => rows,
+            Ok(found) => found,
             Err(problem) => {
                 if let KeyIndexProblem::Invalid { .. } = problem {
                     tracing::warn!(%problem, "reading the segment's keys instead of its key index");
@@ -513,8 +514,24 @@ fn row_history_columnar(
                 None
             }
         };
-        let rows = match indexed {
-            Some(rows) => rows,
+        let (rows, reader) = match indexed {
+            Some(found) if found.rows.is_empty() => continue,
+            Some(found) => match key_ordered_rows(&path, &found) {
+                // The key's changes side by side in the key-ordered copy.
+                Some((copy, rows)) => (rows, copy),
+                None => {
+                    let rows: Vec<usize> = found.rows.iter().map(|&r| r as usize).collect();
+                    let reader = open_segment_selected(
+                        &path,
+                        &seg.sha256,
+                        8192,
+                        Bounds::default(),
+                        None,
+                        Some(&rows),
+                    )?;
+                    (rows, reader)
+                }
+            },
             None => {
                 let mut rows = Vec::new();
                 let mut first = 0;
@@ -533,21 +550,22 @@ fn row_history_columnar(
                     );
                     first += batch.num_rows();
                 }
-                rows
+                if rows.is_empty() {
+                    continue;
+                }
+                let reader = open_segment_selected(
+                    &path,
+                    &seg.sha256,
+                    8192,
+                    Bounds::default(),
+                    None,
+                    Some(&rows),
+                )?;
+                (rows, reader)
             }
         };
-        if rows.is_empty() {
-            continue;
-        }
         let mut found = 0;
-        for batch in open_segment_selected(
-            &path,
-            &seg.sha256,
-            8192,
-            Bounds::default(),
-            None,
-            Some(&rows),
-        )? {
+        for batch in reader {
             let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
             found += batch.num_rows();
             // Rows found through the index may share only the key's hash.
@@ -578,15 +596,15 @@ fn row_history_columnar(
     Ok(Some(out))
 }
 
-/// The rows of a segment (written under `version`) that its key index gives for the key
-/// `values` (in the history's types), or `Ok(None)` when the index cannot answer for this
-/// segment: a key column stored in a type whose hash differs from the history type's.
+/// What the key index of a segment (written under `version`) gives for the key `values` (in
+/// the history's types), or `Ok(None)` when the index cannot answer for this segment: a key
+/// column stored in a type whose hash differs from the history type's.
 fn indexed_rows(
     path: &std::path::Path,
     sha256: &str,
     version: &RelationVersion,
     values: &[(&str, DataType, ScalarValue)],
-) -> std::result::Result<Option<Vec<usize>>, KeyIndexProblem> {
+) -> std::result::Result<Option<key_index::KeyLookup>, KeyIndexProblem> {
     let stored = segment_schema(&SegmentContent::Table(version.clone()));
     let Ok(DataType::Struct(fields)) = stored.field_with_name("after").map(|f| f.data_type())
     else {
@@ -609,8 +627,38 @@ fn indexed_rows(
             _ => return Ok(None),
         });
     }
-    let rows = key_index::rows_with_key_hash(path, sha256, key_index::key_hash(&parts))?;
-    Ok(Some(rows.into_iter().map(|r| r as usize).collect()))
+    key_index::lookup(path, sha256, key_index::key_hash(&parts)).map(Some)
+}
+
+/// The key-ordered copy of the segment at `segment_path` opened at the rows of `found` (and
+/// those rows), if its key index names one and the file is the one it names; otherwise
+/// `None` (a copy not written yet, or damaged: reported) and the segment is read.
+fn key_ordered_rows(
+    segment_path: &std::path::Path,
+    found: &key_index::KeyLookup,
+) -> Option<(pgtrail_store::segment::SegmentReader, Vec<usize>)> {
+    let copy_sha256 = found.copy_sha256.as_deref()?;
+    let mut name = segment_path.as_os_str().to_owned();
+    name.push(key_copy::KEY_COPY_SUFFIX);
+    let copy = std::path::PathBuf::from(name);
+    let rows: Vec<usize> = (found.entries.start as usize..found.entries.end as usize).collect();
+    match open_segment_selected(
+        &copy,
+        copy_sha256,
+        8192,
+        Bounds::default(),
+        None,
+        Some(&rows),
+    ) {
+        Ok(reader) => Some((reader, rows)),
+        Err(problem) => {
+            tracing::warn!(
+                %problem,
+                "reading the segment instead of its key-ordered copy (`pgtrail compact` writes the copy again)"
+            );
+            None
+        }
+    }
 }
 
 /// `row_history(table, key...)`: every change of one row (by its primary key values), with

@@ -787,3 +787,141 @@ async fn bounds_that_cut_row_groups_keep_exactly_the_changes_inside_them() {
         assert_eq!(got, expected, "{filter}");
     }
 }
+
+/// `row_history` of every key reads the key-ordered copy the compactor wrote beside each
+/// segment, and answers the same without it (no copy yet, a damaged copy: the segment is read),
+/// keys that moved included. A copy that the index names but whose rows are not the index's
+/// changes the answer, so the intact case did read the copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn row_history_reads_the_key_ordered_copy_and_answers_the_same_without_it() {
+    use pgtrail_store::OldImage;
+    use pgtrail_store::segment::key_copy::{key_copy_name, write_key_copy};
+    use pgtrail_store::segment::key_index;
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a");
+    let mut log = ChangeLog::open(&archive).unwrap();
+    let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
+    let change = |op, old: Option<&str>, new: Option<(&str, &str)>| {
+        LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op,
+            old: old.map(|k| OldImage::Key(vec![t(k), IncomingCell::Null])),
+            new: new.map(|(id, v)| vec![t(id), t(v)]),
+        })
+    };
+    for n in 1..=60u64 {
+        let mut ops = vec![LogOp::Begin {
+            final_lsn: Lsn(100 * n),
+            xid: n as u32,
+            committed_at_us: 1_000_000 * n as i64,
+        }];
+        if n == 1 {
+            ops.push(LogOp::Relation(rel()));
+        }
+        let id = |k: u64| (k % 12).to_string();
+        // Rows 0-11 are inserted, updated, deleted and inserted again; every seventh
+        // transaction moves a row to a key of its own (and the next one moves it back).
+        let v = format!("v{n}");
+        ops.push(match n {
+            _ if n <= 12 => change(Op::Insert, None, Some((&id(n), &v))),
+            _ if n % 7 == 0 => change(
+                Op::Update,
+                Some(&id(n)),
+                Some((&format!("{}", 100 + n), &v)),
+            ),
+            _ if n % 7 == 1 => change(
+                Op::Update,
+                Some(&format!("{}", 100 + n - 1)),
+                Some((&id(n - 1), &v)),
+            ),
+            _ if n % 5 == 0 => change(Op::Delete, Some(&id(n)), None),
+            _ => change(Op::Update, None, Some((&id(n), &v))),
+        });
+        if n % 5 == 0 && n > 12 {
+            ops.push(change(Op::Insert, None, Some((&id(n), "again"))));
+        }
+        ops.push(LogOp::Commit {
+            end_lsn: Lsn(100 * n + 8),
+        });
+        log.apply(ops).unwrap();
+        log.flush_index().unwrap();
+        if n % 20 == 0 {
+            compactor.run().unwrap();
+        }
+    }
+    let keys: Vec<String> = (0..12)
+        .map(|k| k.to_string())
+        .chain((2..=8).map(|i| (100 + 7 * i).to_string()))
+        .collect();
+    let histories = |log: &ChangeLog| {
+        let (archive, keys) = (archive.clone(), keys.clone());
+        let snapshot = ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap();
+        async move {
+            let ctx = session(Arc::new(snapshot)).unwrap();
+            let mut out = Vec::new();
+            for key in &keys {
+                let sql = format!(
+                    "SELECT lsn, seq, op, before.id, before.v, after.id, after.v FROM row_history('public.\"Odd Name\"', '{key}') ORDER BY lsn, seq"
+                );
+                let batches = ctx.sql(&sql).await.unwrap().collect().await.unwrap();
+                let rows: Vec<String> =
+                    (0..7).map(|c| column_text(&batches, c).join(",")).collect();
+                out.push((key.clone(), rows));
+            }
+            out
+        }
+    };
+    let segments = archive.join("segments");
+    let manifest = log.reader().unwrap().manifest().unwrap();
+    let listed: Vec<_> = manifest
+        .segments
+        .iter()
+        .filter(|s| s.table_name().contains("Odd Name"))
+        .collect();
+    assert_eq!(listed.len(), 3);
+    for s in &listed {
+        let copy = key_index::check(&segments.join(&s.file_name), &s.sha256).unwrap();
+        assert!(copy.is_some(), "{} has its key-ordered copy", s.file_name);
+    }
+    let with_copies = histories(&log).await;
+    // Every key has a history; a moved key's holds the update that moved it, under both keys.
+    assert!(with_copies.iter().all(|(_, rows)| !rows[0].is_empty()));
+    let moved = &with_copies.iter().find(|(k, _)| k == "114").unwrap().1;
+    assert_eq!(moved[2], "update,update", "moved to 107 and back");
+
+    // Damaged copies: each is refused (its SHA-256) and the segment read.
+    let copies: Vec<_> = listed
+        .iter()
+        .map(|s| segments.join(key_copy_name(&s.file_name)))
+        .collect();
+    let saved: Vec<Vec<u8>> = copies.iter().map(|c| std::fs::read(c).unwrap()).collect();
+    for c in &copies {
+        let mut bytes = std::fs::read(c).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x40;
+        std::fs::write(c, bytes).unwrap();
+    }
+    assert_eq!(histories(&log).await, with_copies, "damaged copies");
+    // No copies (the index as a segment writer leaves it): the segment is read.
+    for c in &copies {
+        std::fs::remove_file(c).unwrap();
+    }
+    assert_eq!(histories(&log).await, with_copies, "no copies");
+
+    // A copy whose rows are not in the index's order, named by the index: the answer
+    // changes, so the answers above came from the copy when there was one.
+    let s = listed[0];
+    let path = segments.join(&s.file_name);
+    let entries = key_index::entries(&path, &s.sha256).unwrap();
+    let reversed: Vec<(u32, u32)> = entries.iter().rev().copied().collect();
+    let wrong =
+        write_key_copy(&segments, &s.file_name, &s.sha256, &reversed, 3, usize::MAX).unwrap();
+    key_index::write_index(&segments, &s.file_name, &s.sha256, &entries, Some(&wrong)).unwrap();
+    assert_ne!(histories(&log).await, with_copies, "a copy out of order");
+    for (c, bytes) in copies.iter().zip(&saved) {
+        std::fs::write(c, bytes).unwrap();
+    }
+    let right = pgtrail_store::segment::sha256_file(&copies[0]).unwrap();
+    key_index::write_index(&segments, &s.file_name, &s.sha256, &entries, Some(&right)).unwrap();
+    assert_eq!(histories(&log).await, with_copies, "copies restored");
+}

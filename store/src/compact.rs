@@ -44,8 +44,9 @@ use crate::manifest::{
     RETIRED, SEGMENTS, SEGMENTS_DIR, SegmentEntry, meta_u64,
 };
 use crate::relation::RelationVersion;
+use crate::segment::key_copy::{self, KEY_COPY_SUFFIX, key_copy_name};
 use crate::segment::key_index::{self, KEY_INDEX_SUFFIX, KeyIndexBuilder, key_index_name};
-use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter};
+use crate::segment::{SegmentContent, SegmentOptions, SegmentReader, SegmentWriter, sha256_file};
 
 /// The wall clock in microseconds since the Unix epoch (0 if the clock is before it): the unit
 /// of every time the archive records.
@@ -79,6 +80,9 @@ pub struct CompactOptions {
     /// Writes the keyframes that are due after each run (the query engine's: the store does
     /// not replay); none without it.
     pub keyframes: Option<Arc<dyn keyframe::KeyframeWriter>>,
+    /// Rows a key-ordered copy is built from at a time (an estimate of their size in memory;
+    /// a larger segment is copied in several passes).
+    pub key_copy_budget_bytes: usize,
 }
 
 impl Default for CompactOptions {
@@ -93,6 +97,7 @@ impl Default for CompactOptions {
             publish_checkpoints: None,
             evidence: true,
             keyframes: None,
+            key_copy_budget_bytes: 256 << 20,
         }
     }
 }
@@ -112,6 +117,9 @@ pub struct CompactReport {
     pub retired_removed: u64,
     /// Key indexes written for segments that had none (or a damaged one).
     pub key_indexes_written: u64,
+    /// Key-ordered copies written (for new segments, and for any whose copy was missing or
+    /// damaged).
+    pub key_copies_written: u64,
     #[serde(serialize_with = "crate::lsn::serialize_as_text")]
     pub compacted_through: Lsn,
     /// Leaves in the archive's evidence tree after the run (0 when it compacted nothing).
@@ -259,12 +267,14 @@ impl Compactor {
         Ok(report)
     }
 
-    /// Write the key index of every listed table segment that lacks a valid one (an archive
-    /// written before key indexes, an index removed or damaged).
+    /// Write the key index and the key-ordered copy ([`key_copy`]) of every listed table
+    /// segment that lacks a valid pair (an archive written before them, a file removed or
+    /// damaged, a segment just listed: its writer wrote the index alone).
     ///
-    /// Safe at any point: an index is derived from its listed, immutable segment and published
-    /// atomically (a crash leaves a `.tmp` file the next run removes, or no index, which reads
-    /// do without); only this compactor retires segments, so none is removed meanwhile.
+    /// Safe at any point: both are derived from their listed, immutable segment and published
+    /// atomically, the copy before the index that names it (a crash leaves a `.tmp` file the
+    /// next run removes, a copy no index names yet, or no index, which reads do without);
+    /// only this compactor retires segments, so none is removed meanwhile.
     fn index_keys(&self, report: &mut CompactReport) -> Result<(), CompactError> {
         let manifest = LogReader::from_db(self.db.as_ref())?.manifest()?;
         let mut indexed = self
@@ -280,37 +290,69 @@ impl Compactor {
                 continue;
             };
             let path = self.segments_dir.join(&seg.file_name);
-            if key_index::check(&path, &seg.sha256).is_ok() {
-                indexed.insert(seg.file_name.clone());
-                continue;
+            let known = key_index::check(&path, &seg.sha256);
+            if let Ok(Some(copy)) = &known {
+                // Each copy is hashed once per process, here; readers hash it again before
+                // they believe it.
+                let copy_path = self.segments_dir.join(key_copy_name(&seg.file_name));
+                if sha256_file(&copy_path).is_ok_and(|found| &found == copy) {
+                    indexed.insert(seg.file_name.clone());
+                    continue;
+                }
             }
-            let columns: Vec<Vec<String>> = ["before", "after"]
-                .iter()
-                .flat_map(|image| {
-                    keys.key()
+            let entries = match known {
+                Ok(_) => key_index::entries(&path, &seg.sha256).ok(),
+                Err(_) => None,
+            };
+            let entries = match entries {
+                Some(entries) => entries,
+                None => {
+                    let columns: Vec<Vec<String>> = ["before", "after"]
                         .iter()
-                        .map(|k| vec![image.to_string(), k.clone()])
-                })
-                .collect();
-            let reader = SegmentReader::open_selected(
-                &path,
-                Some(&seg.sha256),
-                self.options.segment.batch_rows,
-                (0, u64::MAX),
-                (i64::MIN, i64::MAX),
-                Some(&columns),
-                None,
+                        .flat_map(|image| {
+                            keys.key()
+                                .iter()
+                                .map(|k| vec![image.to_string(), k.clone()])
+                        })
+                        .collect();
+                    let reader = SegmentReader::open_selected(
+                        &path,
+                        Some(&seg.sha256),
+                        self.options.segment.batch_rows,
+                        (0, u64::MAX),
+                        (i64::MIN, i64::MAX),
+                        Some(&columns),
+                        None,
+                    )?;
+                    for batch in reader {
+                        keys.add(&batch?)
+                            .map_err(|reason| crate::SegmentError::Corrupt {
+                                path: path.clone(),
+                                reason: format!("cannot index its keys: {reason}"),
+                            })?;
+                    }
+                    report.key_indexes_written += 1;
+                    keys.into_entries()
+                }
+            };
+            let copy = key_copy::write_key_copy(
+                &self.segments_dir,
+                &seg.file_name,
+                &seg.sha256,
+                &entries,
+                self.options.segment.zstd_level,
+                self.options.key_copy_budget_bytes,
             )?;
-            for batch in reader {
-                keys.add(&batch?)
-                    .map_err(|reason| crate::SegmentError::Corrupt {
-                        path: path.clone(),
-                        reason: format!("cannot index its keys: {reason}"),
-                    })?;
-            }
-            keys.write(&self.segments_dir, &seg.file_name, &seg.sha256)?;
+            crashpoint::hit("compact:before_key_copy_index");
+            key_index::write_index(
+                &self.segments_dir,
+                &seg.file_name,
+                &seg.sha256,
+                &entries,
+                Some(&copy),
+            )?;
             indexed.insert(seg.file_name.clone());
-            report.key_indexes_written += 1;
+            report.key_copies_written += 1;
         }
         Ok(())
     }
@@ -387,10 +429,16 @@ impl Compactor {
         let mut removed = 0;
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            // A key index goes with its segment: unlisted segment, unlisted index.
-            let segment = name.strip_suffix(KEY_INDEX_SUFFIX).unwrap_or(&name);
+            // A key index and a key-ordered copy go with their segment: unlisted segment,
+            // unlisted index and copy.
+            let segment = name
+                .strip_suffix(KEY_INDEX_SUFFIX)
+                .or_else(|| name.strip_suffix(KEY_COPY_SUFFIX))
+                .unwrap_or(&name);
             let orphan = name.ends_with(".tmp")
-                || ((name.ends_with(".parquet") || name.ends_with(KEY_INDEX_SUFFIX))
+                || ((name.ends_with(".parquet")
+                    || name.ends_with(KEY_INDEX_SUFFIX)
+                    || name.ends_with(KEY_COPY_SUFFIX))
                     && !listed.contains(segment));
             if orphan {
                 tracing::info!(file = %name, "removing a segment file no manifest lists (left by an interrupted compaction)");
@@ -990,9 +1038,10 @@ impl Compactor {
                 remove_if_exists(&keyframes_dir.join(file));
                 continue;
             }
-            // The key index first: a crash between the two leaves the segment (still retired,
-            // removed next run), never an index without a segment that is kept.
+            // The key index and copy first: a crash between leaves the segment (still retired,
+            // removed next run), never an index or copy without a segment that is kept.
             remove_if_exists(&self.segments_dir.join(key_index_name(name)));
+            remove_if_exists(&self.segments_dir.join(key_copy_name(name)));
             remove_if_exists(&self.segments_dir.join(name));
         }
         fsync_dir(&self.segments_dir)?;
@@ -1425,12 +1474,12 @@ mod tests {
         let index = segments.join(key_index_name(&seg.file_name));
         let good = std::fs::read(&index).unwrap();
         let mut damaged = good.clone();
-        damaged[60] ^= 1;
+        damaged[92] ^= 1;
         std::fs::write(&index, &damaged).unwrap();
         let found = rows_with_key_hash(
             &segments.join(&seg.file_name),
             &seg.sha256,
-            u32::from_le_bytes(good[56..60].try_into().unwrap()),
+            u32::from_le_bytes(good[88..92].try_into().unwrap()),
         );
         assert!(
             matches!(&found, Err(KeyIndexProblem::Invalid { reason, .. }) if reason.contains("digest")),
@@ -1472,6 +1521,74 @@ mod tests {
         assert!(lookups(seg).into_iter().all(|(_, r)| r.is_ok()));
         assert!(!stray.exists(), "an index without its segment is removed");
         assert_eq!(report.orphans_removed, 1);
+    }
+
+    /// Row `i` of a segment's key-ordered copy is the segment row of its key index's entry `i`
+    /// (so one key's changes are side by side), the index names the copy's SHA-256, and the
+    /// copy's bytes do not depend on how many passes its memory budget takes.
+    #[test]
+    fn key_ordered_copies_put_each_key_s_rows_side_by_side() {
+        use crate::segment::key_copy::write_key_copy;
+        use datafusion::arrow::array::UInt32Array;
+        use datafusion::arrow::compute::{concat_batches, take_record_batch};
+        let (_dir, archive, mut log, options) = archive_retiring_at_once();
+        let compactor = Compactor::new(log.shared(), &archive, options);
+        for n in 1..=150 {
+            log.apply(txn(n)).unwrap();
+        }
+        log.flush_index().unwrap();
+        let report = compactor.run().unwrap();
+        assert_eq!(report.key_copies_written, 1);
+        let segments = archive.join(SEGMENTS_DIR);
+        let manifest = log.reader().unwrap().manifest().unwrap();
+        let seg = manifest
+            .segments
+            .iter()
+            .find(|s| matches!(s.content, SegmentContent::Table(_)))
+            .unwrap();
+        let path = segments.join(&seg.file_name);
+        let copy_sha = key_index::check(&path, &seg.sha256)
+            .unwrap()
+            .expect("the index names its copy");
+        let copy_path = segments.join(key_copy_name(&seg.file_name));
+        assert_eq!(sha256_file(&copy_path).unwrap(), copy_sha);
+        let entries = key_index::entries(&path, &seg.sha256).unwrap();
+        assert_eq!(entries.len(), 300, "one entry per change (no key changed)");
+        let whole = |path: &Path, sha: &str| {
+            let reader = SegmentReader::open(path, Some(sha), 1000).unwrap();
+            let schema = reader.schema().clone();
+            let batches: Vec<RecordBatch> = reader.map(|b| b.unwrap()).collect();
+            concat_batches(&schema, &batches).unwrap()
+        };
+        let in_segment = whole(&path, &seg.sha256);
+        let in_copy = whole(&copy_path, &copy_sha);
+        let order = UInt32Array::from_iter_values(entries.iter().map(|&(_, row)| row));
+        // (The schemas differ in their metadata only: the copy says it is one.)
+        let expected = take_record_batch(&in_segment, &order).unwrap();
+        assert_eq!(in_copy.columns(), expected.columns());
+        assert_ne!(
+            in_copy.columns(),
+            in_segment.columns(),
+            "the copy is in another order"
+        );
+        // 300 entries in one pass, in five, in one per 64 (the least a pass takes).
+        for budget in [usize::MAX, 2_000, 1] {
+            let again = write_key_copy(&segments, &seg.file_name, &seg.sha256, &entries, 3, budget)
+                .unwrap();
+            assert_eq!(again, copy_sha, "budget {budget}");
+        }
+        // A copy removed is written again by the next compactor; an orphan copy is removed.
+        std::fs::remove_file(&copy_path).unwrap();
+        let stray = segments.join(key_copy_name("00000099_public.x.parquet"));
+        std::fs::write(&stray, b"x").unwrap();
+        let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
+        let report = compactor.run().unwrap();
+        assert_eq!(
+            (report.key_copies_written, report.key_indexes_written),
+            (1, 0)
+        );
+        assert_eq!(sha256_file(&copy_path).unwrap(), copy_sha);
+        assert!(!stray.exists());
     }
 
     /// Compaction beside a capture whose current-row index is partly in memory leaves the
@@ -1580,12 +1697,17 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         on_disk.sort();
-        // Each listed table segment with its key index; retired inputs took theirs along.
+        // Each listed table segment with its key index and key-ordered copy; retired inputs
+        // took theirs along.
         let mut listed: Vec<String> = manifest
             .segments
             .iter()
             .flat_map(|s| match s.content {
-                SegmentContent::Table(_) => vec![s.file_name.clone(), key_index_name(&s.file_name)],
+                SegmentContent::Table(_) => vec![
+                    s.file_name.clone(),
+                    key_index_name(&s.file_name),
+                    key_copy_name(&s.file_name),
+                ],
                 SegmentContent::Messages => vec![s.file_name.clone()],
             })
             .collect();

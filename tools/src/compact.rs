@@ -236,6 +236,12 @@ pub async fn run(args: CompactArgs) -> anyhow::Result<()> {
                 report.key_indexes_written
             );
         }
+        if report.key_copies_written > 0 {
+            eprintln!(
+                "compact: wrote the key-ordered copy of {} segments (one row's history reads it)",
+                report.key_copies_written
+            );
+        }
         if let Some(path) = &report.checkpoint {
             eprintln!(
                 "compact: signed checkpoint {} (tree size {})",

@@ -12,7 +12,9 @@ use datafusion::parquet::arrow::arrow_reader::{
 };
 use datafusion::parquet::file::metadata::PageIndexPolicy;
 use pgtrail_capture::cluster::Cluster;
+use pgtrail_store::segment::key_copy::key_copy_name;
 use pgtrail_store::segment::key_index::{self, KeyIndexBuilder};
+use pgtrail_store::segment::sha256_file;
 use pgtrail_store::{ChangeKey, ChangeRecord, LogReader, SEGMENTS_DIR};
 
 use crate::{insert_lsn, pgtrail, wait_exit};
@@ -28,6 +30,7 @@ const CRASH_POINTS: &[&str] = &[
     "compact:after_commit",
     "merge:before_manifest",
     "merge:after_commit",
+    "compact:before_key_copy_index",
 ];
 
 fn capture_until(url: &str, archive: &Path, slot: &str, lsn: &str) {
@@ -159,23 +162,35 @@ fn compaction_killed_at_any_step_keeps_every_change_exactly_once() {
             .filter(|n| !listed.contains(n))
             .collect();
         // Only inputs of a merge may remain unlisted, retired for their grace period, with
-        // their key indexes.
+        // their key indexes and key-ordered copies.
         assert!(
             on_disk.iter().all(|n| n.ends_with(".parquet")
-                || n.strip_suffix(".keys").is_some_and(|segment| {
-                    segment.ends_with(".parquet")
-                        && (on_disk.iter().any(|o| o == segment)
-                            || listed.iter().any(|l| l == segment))
-                })),
+                || n.strip_suffix(".keys")
+                    .or_else(|| n.strip_suffix(".keyrows"))
+                    .is_some_and(|segment| {
+                        segment.ends_with(".parquet")
+                            && (on_disk.iter().any(|o| o == segment)
+                                || listed.iter().any(|l| l == segment))
+                    })),
             "after {point}: stray files {on_disk:?}"
         );
-        // Every listed segment of a keyed table has its key index, whole.
+        // Every listed segment of a keyed table has its key index, whole, naming its
+        // key-ordered copy, whole.
         for s in reader.manifest().unwrap().segments {
             if KeyIndexBuilder::for_content(&s.content).is_some() {
                 let path = archive.join(SEGMENTS_DIR).join(&s.file_name);
-                if let Err(problem) = key_index::check(&path, &s.sha256) {
-                    panic!("after {point}: {problem}");
-                }
+                let copy = match key_index::check(&path, &s.sha256) {
+                    Ok(Some(copy)) => copy,
+                    Ok(None) => panic!("after {point}: {} names no key-ordered copy", s.file_name),
+                    Err(problem) => panic!("after {point}: {problem}"),
+                };
+                let copy_path = archive.join(SEGMENTS_DIR).join(key_copy_name(&s.file_name));
+                assert_eq!(
+                    sha256_file(&copy_path).unwrap(),
+                    copy,
+                    "after {point}: the key-ordered copy of {}",
+                    s.file_name
+                );
             }
         }
     }

@@ -160,8 +160,12 @@ fn capture_metrics_count_what_the_workload_did_and_show_reconnects_and_compactio
 
     // Compaction runs (more than 150 changes in the log): its counters and the archive's
     // gauges agree with each other and with `pgtrail status`.
+    // (A run's counters move when it returns, after the derived files it writes once its
+    // segments are listed and the log is trimmed: the wait is for both.)
     let m = scrape_until(addr, "compacted", |m| {
-        m["pgtrail_capture_compactions_total"] >= 1.0 && m["pgtrail_archive_log_changes"] == 0.0
+        m["pgtrail_capture_compactions_total"] >= 1.0
+            && m["pgtrail_archive_log_changes"] == 0.0
+            && m["pgtrail_capture_compacted_changes_total"] >= 300.0
     });
     assert_eq!(
         m["pgtrail_capture_compacted_changes_total"], 300.0,

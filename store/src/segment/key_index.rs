@@ -11,18 +11,21 @@
 //! listed segment that lacks a valid one), and it is checked before use
 //! (a damaged or stale index is never believed).
 //!
-//! # File format (version 1, little-endian)
+//! # File format (version 2, little-endian)
 //!
 //! | bytes | what |
 //! |-------|------|
 //! | 8     | magic `PGTRKEYS` |
-//! | 4     | format version (1) |
+//! | 4     | format version (2) |
 //! | 4     | entries per block `B` (1024) |
 //! | 8     | entries `n` |
 //! | 32    | SHA-256 of the segment file the index describes |
+//! | 32    | SHA-256 of the segment's key-ordered copy ([`super::key_copy`]), or zeros: none |
 //! | 8 × n | entries: `(key hash u32, row u32)`, sorted; blocks of `B` entries, the last shorter |
 //! | 24 × ⌈n / B⌉ | directory, per block: first and last key hash (u32 each), first 16 bytes of the block's SHA-256 |
-//! | 32    | SHA-256 of the header (the first 56 bytes) and the directory |
+//! | 32    | SHA-256 of the header (the first 88 bytes) and the directory |
+//!
+//! Version 1 is the same without the copy's SHA-256 (a 56-byte header); it is still read.
 //!
 //! An entry says: row `row` (numbered from 0 in file order) has key hash `hash` in its
 //! `before` or its `after` image (a change whose key changed has an entry for each). The key
@@ -47,9 +50,11 @@ use crate::error::SegmentError;
 /// What follows a segment's file name to name its key index.
 pub const KEY_INDEX_SUFFIX: &str = ".keys";
 const MAGIC: &[u8; 8] = b"PGTRKEYS";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const BLOCK: usize = 1024;
-const HEADER: usize = 56;
+/// Header sizes of versions 1 and 2.
+const HEADER_V1: usize = 56;
+const HEADER: usize = 88;
 const DIRECTORY_ENTRY: usize = 24;
 
 /// The key index file of segment file `segment_file`.
@@ -223,47 +228,78 @@ impl KeyIndexBuilder {
         Ok(())
     }
 
+    /// The entries collected, sorted as the index stores them.
+    pub fn into_entries(mut self) -> Vec<(u32, u32)> {
+        self.entries.sort_unstable();
+        self.entries
+    }
+
     /// Write the index of segment file `segment_file` in `dir` (whose SHA-256 is
-    /// `segment_sha256`, hex), atomically: complete and durable under its name, or absent.
+    /// `segment_sha256`, hex), naming no key-ordered copy yet (see [`write_index`]).
     pub fn write(
-        mut self,
+        self,
         dir: &Path,
         segment_file: &str,
         segment_sha256: &str,
     ) -> Result<(), SegmentError> {
-        let path = dir.join(key_index_name(segment_file));
-        let digest = unhex(segment_sha256).ok_or_else(|| SegmentError::Corrupt {
-            path: path.clone(),
-            reason: "the segment's SHA-256 is not 64 hex digits".into(),
-        })?;
-        self.entries.sort_unstable();
-        let n = self.entries.len();
-        let blocks = n.div_ceil(BLOCK);
-        let mut bytes = Vec::with_capacity(HEADER + 8 * n + DIRECTORY_ENTRY * blocks + 32);
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&VERSION.to_le_bytes());
-        bytes.extend_from_slice(&(BLOCK as u32).to_le_bytes());
-        bytes.extend_from_slice(&(n as u64).to_le_bytes());
-        bytes.extend_from_slice(&digest);
-        for (hash, row) in &self.entries {
-            bytes.extend_from_slice(&hash.to_le_bytes());
-            bytes.extend_from_slice(&row.to_le_bytes());
-        }
-        let mut directory = Vec::with_capacity(DIRECTORY_ENTRY * blocks);
-        for (i, block) in self.entries.chunks(BLOCK).enumerate() {
-            let start = HEADER + i * BLOCK * 8;
-            let block_digest = Sha256::digest(&bytes[start..start + block.len() * 8]);
-            directory.extend_from_slice(&block[0].0.to_le_bytes());
-            directory.extend_from_slice(&block[block.len() - 1].0.to_le_bytes());
-            directory.extend_from_slice(&block_digest[..16]);
-        }
-        let mut seal = Sha256::new();
-        seal.update(&bytes[..HEADER]);
-        seal.update(&directory);
-        bytes.extend_from_slice(&directory);
-        bytes.extend_from_slice(&seal.finalize());
-        write_atomically(&path, &bytes)
+        write_index(
+            dir,
+            segment_file,
+            segment_sha256,
+            &self.into_entries(),
+            None,
+        )
     }
+}
+
+/// Write the key index of segment file `segment_file` in `dir` (whose SHA-256 is
+/// `segment_sha256`, hex) with its sorted `entries` and, if written, the SHA-256 of the
+/// segment's key-ordered copy, atomically: complete and durable under its name, or absent.
+pub fn write_index(
+    dir: &Path,
+    segment_file: &str,
+    segment_sha256: &str,
+    entries: &[(u32, u32)],
+    copy_sha256: Option<&str>,
+) -> Result<(), SegmentError> {
+    let path = dir.join(key_index_name(segment_file));
+    let corrupt = |what: &str| SegmentError::Corrupt {
+        path: path.clone(),
+        reason: format!("the {what} SHA-256 is not 64 hex digits"),
+    };
+    let digest = unhex(segment_sha256).ok_or_else(|| corrupt("segment's"))?;
+    let copy = match copy_sha256 {
+        Some(hex) => unhex(hex).ok_or_else(|| corrupt("key-ordered copy's"))?,
+        None => [0u8; 32],
+    };
+    debug_assert!(entries.is_sorted());
+    let n = entries.len();
+    let blocks = n.div_ceil(BLOCK);
+    let mut bytes = Vec::with_capacity(HEADER + 8 * n + DIRECTORY_ENTRY * blocks + 32);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(BLOCK as u32).to_le_bytes());
+    bytes.extend_from_slice(&(n as u64).to_le_bytes());
+    bytes.extend_from_slice(&digest);
+    bytes.extend_from_slice(&copy);
+    for (hash, row) in entries {
+        bytes.extend_from_slice(&hash.to_le_bytes());
+        bytes.extend_from_slice(&row.to_le_bytes());
+    }
+    let mut directory = Vec::with_capacity(DIRECTORY_ENTRY * blocks);
+    for (i, block) in entries.chunks(BLOCK).enumerate() {
+        let start = HEADER + i * BLOCK * 8;
+        let block_digest = Sha256::digest(&bytes[start..start + block.len() * 8]);
+        directory.extend_from_slice(&block[0].0.to_le_bytes());
+        directory.extend_from_slice(&block[block.len() - 1].0.to_le_bytes());
+        directory.extend_from_slice(&block_digest[..16]);
+    }
+    let mut seal = Sha256::new();
+    seal.update(&bytes[..HEADER]);
+    seal.update(&directory);
+    bytes.extend_from_slice(&directory);
+    bytes.extend_from_slice(&seal.finalize());
+    write_atomically(&path, &bytes)
 }
 
 /// The little-endian u32 at `at` of `bytes` (the caller checked the length).
@@ -291,6 +327,18 @@ pub enum KeyIndexProblem {
     Invalid { path: PathBuf, reason: String },
 }
 
+/// What a key index says of one key hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLookup {
+    /// The segment's rows whose `before` or `after` key has the hash, sorted, distinct.
+    pub rows: Vec<u32>,
+    /// The entries with the hash: consecutive, so the rows of the key-ordered copy that hold
+    /// them (row `i` of the copy is entry `i`), in segment row order.
+    pub entries: std::ops::Range<u64>,
+    /// The SHA-256 (hex) of the segment's key-ordered copy, if the index names one.
+    pub copy_sha256: Option<String>,
+}
+
 /// The rows of the segment at `segment_path` (whose manifest SHA-256 is `segment_sha256`)
 /// whose `before` or `after` key has hash `hash`, sorted, from its key index. Every byte used
 /// is checked against the index's digests, and the index against the segment's SHA-256: a
@@ -300,9 +348,20 @@ pub fn rows_with_key_hash(
     segment_sha256: &str,
     hash: u32,
 ) -> Result<Vec<u32>, KeyIndexProblem> {
+    Ok(lookup(segment_path, segment_sha256, hash)?.rows)
+}
+
+/// What the key index of the segment at `segment_path` (manifest SHA-256 `segment_sha256`)
+/// says of key hash `hash`, checked as for [`rows_with_key_hash`].
+pub fn lookup(
+    segment_path: &Path,
+    segment_sha256: &str,
+    hash: u32,
+) -> Result<KeyLookup, KeyIndexProblem> {
     let mut index = open(segment_path, segment_sha256)?;
     let blocks = index.directory.len() / DIRECTORY_ENTRY;
     let mut rows = Vec::new();
+    let mut entries: Option<std::ops::Range<u64>> = None;
     let mut buf = Vec::new();
     for b in 0..blocks {
         let entry = &index.directory[b * DIRECTORY_ENTRY..(b + 1) * DIRECTORY_ENTRY];
@@ -311,36 +370,78 @@ pub fn rows_with_key_hash(
             continue;
         }
         index.read_block(b, &mut buf)?;
-        for e in buf.chunks_exact(8) {
+        for (i, e) in buf.chunks_exact(8).enumerate() {
             if u32_at(e, 0) == hash {
                 rows.push(u32_at(e, 4));
+                let at = (b * index.block + i) as u64;
+                entries = Some(match entries {
+                    None => at..at + 1,
+                    Some(r) => r.start..at + 1,
+                });
             }
         }
     }
+    let entries = entries.unwrap_or(0..0);
+    // Sorted entries put one hash's together; anything else is a damaged index.
+    if entries.end - entries.start != rows.len() as u64 {
+        return Err(KeyIndexProblem::Invalid {
+            path: index.path,
+            reason: format!("the entries of key hash {hash} are not consecutive"),
+        });
+    }
     rows.sort_unstable();
     rows.dedup();
-    Ok(rows)
+    Ok(KeyLookup {
+        rows,
+        entries,
+        copy_sha256: index.copy_sha256,
+    })
+}
+
+/// Every entry of the key index of the segment at `segment_path`, in order, each checked.
+pub fn entries(
+    segment_path: &Path,
+    segment_sha256: &str,
+) -> Result<Vec<(u32, u32)>, KeyIndexProblem> {
+    let mut index = open(segment_path, segment_sha256)?;
+    let blocks = index.directory.len() / DIRECTORY_ENTRY;
+    let mut out = Vec::with_capacity(index.n);
+    let mut buf = Vec::new();
+    for b in 0..blocks {
+        index.read_block(b, &mut buf)?;
+        out.extend(buf.chunks_exact(8).map(|e| (u32_at(e, 0), u32_at(e, 4))));
+    }
+    if !out.is_sorted() {
+        return Err(KeyIndexProblem::Invalid {
+            path: index.path,
+            reason: "its entries are not sorted".into(),
+        });
+    }
+    Ok(out)
 }
 
 /// A key index whose header and directory were checked.
 struct OpenIndex {
     path: PathBuf,
     file: std::fs::File,
+    header: usize,
     block: usize,
     n: usize,
     directory: Vec<u8>,
+    copy_sha256: Option<String>,
 }
 
 /// Whether the key index of the segment at `segment_path` (manifest SHA-256 `segment_sha256`)
-/// exists, is of that segment, and every byte of it matches its digests.
-pub fn check(segment_path: &Path, segment_sha256: &str) -> Result<(), KeyIndexProblem> {
+/// exists, is of that segment, and every byte of it matches its digests; the SHA-256 of the
+/// key-ordered copy it names, if any.
+pub fn check(segment_path: &Path, segment_sha256: &str) -> Result<Option<String>, KeyIndexProblem> {
     let mut index = open(segment_path, segment_sha256)?;
     let blocks = index.directory.len() / DIRECTORY_ENTRY;
     let mut buf = Vec::new();
     for b in 0..blocks {
         index.read_block(b, &mut buf)?;
     }
-    Ok(())
+    Ok(index.copy_sha256)
 }
 
 impl OpenIndex {
@@ -354,7 +455,7 @@ impl OpenIndex {
         let len = self.block.min(self.n - b * self.block);
         buf.resize(len * 8, 0);
         self.file
-            .seek(SeekFrom::Start((HEADER + b * self.block * 8) as u64))
+            .seek(SeekFrom::Start((self.header + b * self.block * 8) as u64))
             .and_then(|_| self.file.read_exact(buf))
             .map_err(|e| invalid(format!("block {b} cannot be read: {e}")))?;
         if Sha256::digest(&buf[..])[..16] != entry[8..24] {
@@ -381,25 +482,31 @@ fn open(segment_path: &Path, segment_sha256: &str) -> Result<OpenIndex, KeyIndex
     };
     let size = file.metadata().map_err(|e| invalid(e.to_string()))?.len();
     let mut header = [0u8; HEADER];
-    file.read_exact(&mut header)
+    file.read_exact(&mut header[..HEADER_V1])
         .map_err(|e| invalid(format!("its header cannot be read: {e}")))?;
     if &header[..8] != MAGIC {
         return Err(invalid("it does not start with PGTRKEYS".into()));
     }
-    if u32_at(&header, 8) != VERSION {
-        return Err(invalid(format!(
-            "format version {} (this pgtrail reads {VERSION}; `pgtrail compact` writes it again)",
-            u32_at(&header, 8)
-        )));
-    }
-    let block = u32_at(&header, 12) as usize;
+    let header_len = match u32_at(&header, 8) {
+        1 => HEADER_V1,
+        VERSION => HEADER,
+        other => {
+            return Err(invalid(format!(
+                "format version {other} (this pgtrail reads 1 and {VERSION}; `pgtrail compact` writes it again)"
+            )));
+        }
+    };
+    file.read_exact(&mut header[HEADER_V1..header_len])
+        .map_err(|e| invalid(format!("its header cannot be read: {e}")))?;
+    let header = &header[..header_len];
+    let block = u32_at(header, 12) as usize;
     let n = u64::from_le_bytes(header[16..24].try_into().unwrap());
     if block == 0 || n > size / 8 {
         return Err(invalid("its header is damaged".into()));
     }
     let n = n as usize;
     let blocks = n.div_ceil(block);
-    let directory_at = HEADER + 8 * n;
+    let directory_at = header_len + 8 * n;
     if size != (directory_at + DIRECTORY_ENTRY * blocks + 32) as u64 {
         return Err(invalid("its size does not match its header".into()));
     }
@@ -409,6 +516,10 @@ fn open(segment_path: &Path, segment_sha256: &str) -> Result<OpenIndex, KeyIndex
                 .into(),
         ));
     }
+    let copy_sha256 = header
+        .get(56..88)
+        .filter(|copy| copy.iter().any(|&b| b != 0))
+        .map(super::hex);
     let mut tail = vec![0u8; DIRECTORY_ENTRY * blocks + 32];
     file.seek(SeekFrom::Start(directory_at as u64))
         .and_then(|_| file.read_exact(&mut tail))
@@ -424,8 +535,10 @@ fn open(segment_path: &Path, segment_sha256: &str) -> Result<OpenIndex, KeyIndex
     Ok(OpenIndex {
         path,
         file,
+        header: header_len,
         block,
         n,
         directory: tail,
+        copy_sha256,
     })
 }

@@ -35,6 +35,7 @@
 //! name and its labels in sort order as the capture last found them before the segment was
 //! written; the values are text, which Parquet stores dictionary-encoded.
 
+pub mod key_copy;
 pub mod key_index;
 mod reader;
 mod types;

@@ -102,10 +102,10 @@ pub struct WrittenSegment {
 
 /// A write that also hashes and counts what it writes, so the SHA-256 recorded in the manifest
 /// is of exactly the bytes that went to the file.
-struct HashingFile {
-    out: BufWriter<File>,
-    hasher: Sha256,
-    bytes: u64,
+pub(super) struct HashingFile {
+    pub(super) out: BufWriter<File>,
+    pub(super) hasher: Sha256,
+    pub(super) bytes: u64,
 }
 
 impl Write for HashingFile {

@@ -1,0 +1,250 @@
+//! The key-ordered copy of a table segment: the same rows, in the order of its key index's
+//! entries, so that one row's history reads a few neighbouring rows instead of one page per
+//! column for each of its changes.
+//!
+//! A segment is in `(lsn, seq)` order, so a row that changed a few hundred times has its
+//! changes in a few hundred pages of every column, and reading them decompresses each of those
+//! pages whole (a page holds up to 20,000 rows). The key index ([`super::key_index`]) names
+//! the rows; this copy puts them side by side: row `i` of the copy is the segment row of the
+//! index's entry `i`, and the index's entries are sorted by key hash, so the changes of one key
+//! are a run of consecutive rows (in `(lsn, seq)` order within the run, since entries of one
+//! hash are sorted by row). Its pages are small (at most 64 KiB or 512 rows) and
+//! dictionary-free, so a run costs about one page per column.
+//!
+//! # File
+//!
+//! `<segment file>.keyrows` beside the segment (not `*.parquet`, so that a reader globbing the
+//! segments never counts a change twice). Parquet, zstd, with the segment's columns and its
+//! `pgtrail.segment` metadata (so it reads as a segment of that table), and
+//! `pgtrail.key_order`: JSON with this layout's version, the segment's SHA-256 and the number
+//! of entries. A change whose key changed is in the copy twice (once per key hash), a change
+//! with no indexed key not at all.
+//!
+//! # Trust
+//!
+//! Derived data, like the key index: the index records the copy's SHA-256, a reader checks the
+//! copy against it before using any of it (a damaged, stale or missing copy is reported and
+//! the segment read instead), and the rows it gives are compared with the key like the
+//! segment's are. `pgtrail compact` writes the copy of every listed keyed segment that lacks a
+//! valid one.
+//!
+//! # Crash safety
+//!
+//! Written after its segment is listed (by the compactor, which alone retires segments), as a
+//! temporary file published by rename, and only then named in a new key index, itself
+//! published atomically: a crash leaves a `.tmp` file (removed by the next run) or a copy the
+//! index does not name yet (written again by the next run). It is removed with its segment.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::BufWriter;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::compute::interleave_record_batch;
+use datafusion::parquet::arrow::ArrowWriter;
+use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use datafusion::parquet::basic::{Compression, ZstdLevel};
+use datafusion::parquet::file::metadata::KeyValue;
+use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties};
+use sha2::{Digest, Sha256};
+
+use super::SEGMENT_METADATA_KEY;
+use super::reader::SegmentReader;
+use super::writer::HashingFile;
+use crate::atomic_file::{fsync_dir, remove_if_exists};
+use crate::error::SegmentError;
+
+/// What follows a segment's file name to name its key-ordered copy.
+pub const KEY_COPY_SUFFIX: &str = ".keyrows";
+/// The Parquet key-value metadata key that tells a copy from a segment.
+pub const KEY_COPY_METADATA_KEY: &str = "pgtrail.key_order";
+/// The version of the copy's layout described above.
+pub const KEY_COPY_FORMAT_VERSION: u32 = 1;
+/// Page limits of the copy: a key's run of changes costs about one page per column.
+const PAGE_ROWS: usize = 512;
+const PAGE_BYTES: usize = 64 << 10;
+const ROW_GROUP_ROWS: usize = 128 * 1024;
+/// Rows interleaved into the copy at a time.
+const OUT_BATCH_ROWS: usize = 8192;
+/// The fewest entries a pass gathers, however large the rows are estimated.
+const MIN_PASS_ROWS: usize = 64;
+
+/// The key-ordered copy file of segment file `segment_file`.
+pub fn key_copy_name(segment_file: &str) -> String {
+    format!("{segment_file}{KEY_COPY_SUFFIX}")
+}
+
+/// Write the key-ordered copy of the segment `segment_file` in `dir` (its manifest SHA-256
+/// `segment_sha256`), given its key index's `entries` (`(key hash, row)`, sorted), holding at
+/// most about `memory_budget` bytes of rows at a time; the copy's SHA-256 (hex).
+///
+/// The rows are gathered in passes over the segment, one per slice of the entries that fits
+/// the budget (the segment's uncompressed size per row is the estimate), so a segment far
+/// larger than memory is copied in several passes rather than refused.
+pub fn write_key_copy(
+    dir: &Path,
+    segment_file: &str,
+    segment_sha256: &str,
+    entries: &[(u32, u32)],
+    zstd_level: i32,
+    memory_budget: usize,
+) -> Result<String, SegmentError> {
+    let segment_path = dir.join(segment_file);
+    let final_path = dir.join(key_copy_name(segment_file));
+    let tmp_path = dir.join(format!(".{}.tmp", key_copy_name(segment_file)));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SegmentError::Io { path, source }
+    };
+    let parquet = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| SegmentError::Parquet { path, source }
+    };
+    let (schema, description, bytes_per_row) = {
+        let file = File::open(&segment_path).map_err(io(&segment_path))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet(&segment_path))?;
+        let meta = builder.metadata();
+        let rows = meta.file_metadata().num_rows().max(1) as usize;
+        let raw: i64 = meta
+            .row_groups()
+            .iter()
+            .map(|rg| rg.total_byte_size())
+            .sum();
+        let description = meta
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|kv| kv.key == SEGMENT_METADATA_KEY))
+            .and_then(|kv| kv.value.clone())
+            .ok_or_else(|| SegmentError::Corrupt {
+                path: segment_path.clone(),
+                reason: format!("no {SEGMENT_METADATA_KEY} metadata: not a pgtrail segment"),
+            })?;
+        // Arrow arrays take about twice Parquet's uncompressed bytes (offsets, validity,
+        // the struct layers); the estimate only sets how many passes are made.
+        (
+            builder.schema().clone(),
+            description,
+            (raw.max(0) as usize / rows).max(1) * 2,
+        )
+    };
+    let zstd = ZstdLevel::try_new(zstd_level).map_err(parquet(&tmp_path))?;
+    let order = serde_json::json!({
+        "format_version": KEY_COPY_FORMAT_VERSION,
+        "segment_sha256": segment_sha256,
+        "entries": entries.len(),
+    });
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(zstd))
+        .set_max_row_group_row_count(Some(ROW_GROUP_ROWS))
+        .set_data_page_row_count_limit(PAGE_ROWS)
+        .set_data_page_size_limit(PAGE_BYTES)
+        .set_write_batch_size(PAGE_ROWS)
+        // A dictionary page is read whole before any value of its column chunk: for one run
+        // of rows it would cost more than the run.
+        .set_dictionary_enabled(false)
+        .set_statistics_enabled(EnabledStatistics::None)
+        .set_key_value_metadata(Some(vec![
+            KeyValue::new(SEGMENT_METADATA_KEY.into(), description),
+            KeyValue::new(KEY_COPY_METADATA_KEY.into(), order.to_string()),
+        ]))
+        .build();
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp_path)
+        .map_err(io(&tmp_path))?;
+    let result = (|| {
+        let sink = HashingFile {
+            out: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            bytes: 0,
+        };
+        let mut writer =
+            ArrowWriter::try_new(sink, schema.clone(), Some(props)).map_err(parquet(&tmp_path))?;
+        let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
+        for slice in entries.chunks(per_pass) {
+            for batch in gather(&segment_path, segment_sha256, slice)? {
+                writer.write(&batch).map_err(parquet(&tmp_path))?;
+            }
+        }
+        let sink = writer.into_inner().map_err(parquet(&tmp_path))?;
+        let HashingFile { out, hasher, .. } = sink;
+        let file = out.into_inner().map_err(|e| SegmentError::Io {
+            path: tmp_path.clone(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io(&tmp_path))?;
+        drop(file);
+        std::fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
+        fsync_dir(dir)?;
+        Ok(super::hex(&hasher.finalize()))
+    })();
+    if result.is_err() {
+        remove_if_exists(&tmp_path);
+    }
+    result
+}
+
+/// The segment rows of `slice` (entries of the key index, in order) as batches in that order:
+/// one read of the segment selecting those rows, then an interleave into the entries' order.
+fn gather(
+    segment_path: &Path,
+    segment_sha256: &str,
+    slice: &[(u32, u32)],
+) -> Result<Vec<RecordBatch>, SegmentError> {
+    // A row is in the slice once per key hash it has there (twice when its key changed).
+    let mut rows: Vec<usize> = slice.iter().map(|&(_, row)| row as usize).collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let reader = SegmentReader::open_selected(
+        segment_path,
+        // Checked here rather than trusted: the copy is believed by readers that check only
+        // the copy.
+        Some(segment_sha256),
+        OUT_BATCH_ROWS,
+        (0, u64::MAX),
+        (i64::MIN, i64::MAX),
+        None,
+        Some(&rows),
+    )?;
+    let mut batches = Vec::new();
+    let mut at: HashMap<u32, (usize, usize)> = HashMap::with_capacity(rows.len());
+    let mut next = rows.iter();
+    for batch in reader {
+        let batch = batch?;
+        for i in 0..batch.num_rows() {
+            let row = next.next().ok_or_else(|| SegmentError::Corrupt {
+                path: segment_path.to_path_buf(),
+                reason: "it yields more rows than were selected".into(),
+            })?;
+            at.insert(*row as u32, (batches.len(), i));
+        }
+        batches.push(batch);
+    }
+    if at.len() != rows.len() {
+        return Err(SegmentError::Corrupt {
+            path: segment_path.to_path_buf(),
+            reason: format!(
+                "its key index names row {} but it has fewer rows",
+                rows.last().copied().unwrap_or(0)
+            ),
+        });
+    }
+    let refs: Vec<&RecordBatch> = batches.iter().collect();
+    let mut out = Vec::with_capacity(slice.len().div_ceil(OUT_BATCH_ROWS));
+    for chunk in slice.chunks(OUT_BATCH_ROWS) {
+        let indices: Vec<(usize, usize)> = chunk.iter().map(|(_, row)| at[row]).collect();
+        out.push(
+            interleave_record_batch(&refs, &indices).map_err(|e| SegmentError::Corrupt {
+                path: segment_path.to_path_buf(),
+                reason: format!("its rows cannot be put in key order: {e}"),
+            })?,
+        );
+    }
+    Ok(out)
+}
