@@ -387,6 +387,7 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     };
     let mut options = VerifyOptions {
         keys: verifier_keys(&args.keys)?,
+        derived: true,
         ..VerifyOptions::default()
     };
     for key in &args.witness_keys {
@@ -463,6 +464,12 @@ pub async fn verify(args: VerifyArgs) -> anyhow::Result<()> {
             if *checked > 0 && problems.is_empty() {
                 println!("keyframes: {checked} checked, each equal to the replay of the changes");
             }
+        }
+        if report.key_indexes_checked > 0 {
+            println!(
+                "key indexes: {} checked, each equal to its segment's keys; key-ordered copies: {} checked, each row equal to the segment row it copies",
+                report.key_indexes_checked, report.key_copies_checked
+            );
         }
     }
     if !report.ok || keyframe_problems > 0 {

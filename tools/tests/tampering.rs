@@ -1799,3 +1799,151 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The key index and key-ordered copy beside a segment are derived files `row_history`
+/// believes once their own checksums hold. `pgtrail verify` compares both with their segment:
+/// one rewritten consistently with its checksums (which would make `row_history` show what the
+/// segment does not hold) is a problem naming the file; a damaged or missing one, which readers
+/// notice and do without, is a warning. (The Python verifier checks the evidence only, so these
+/// cases are not part of the corpus both verifiers must agree on.)
+#[test]
+fn verify_checks_each_key_index_and_key_ordered_copy_against_its_segment() {
+    use pgtrail_store::segment::{key_copy, key_index};
+    let cluster = Cluster::start(ClusterOptions::default()).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "keys.key", "pgtrail.test/keys");
+    let archive = dir.join("archive");
+    cluster.psql("postgres", "CREATE DATABASE evkeys").unwrap();
+    cluster.psql("evkeys", ROUND_1).unwrap();
+    cluster.psql("evkeys", ROUND_2).unwrap();
+    capture_until_now(&cluster, "evkeys", &archive);
+    // Compacts the log into segments, each with its key index and key-ordered copy.
+    checkpoint(&archive, &key);
+
+    let clean = verify(&archive, &vkey, &[], false);
+    assert!(clean.pgtrail_ok, "{}", clean.pgtrail);
+    assert!(
+        clean.pgtrail["key_indexes_checked"].as_u64().unwrap() > 0
+            && clean.pgtrail["key_copies_checked"].as_u64().unwrap() > 0,
+        "{}",
+        clean.pgtrail
+    );
+    assert!(
+        clean.pgtrail["warnings"].as_array().unwrap().is_empty(),
+        "{}",
+        clean.pgtrail
+    );
+
+    let segment = kinds_segment(&archive);
+    let case = |name: &str| {
+        let to = dir.join(name);
+        copy_archive(&archive, &to);
+        let seg_path = to.join(SEGMENTS_DIR).join(&segment);
+        let seg_sha = pgtrail_store::segment::sha256_file(&seg_path).unwrap();
+        let mut copy_path = seg_path.clone().into_os_string();
+        copy_path.push(key_copy::KEY_COPY_SUFFIX);
+        (to, seg_path, seg_sha, PathBuf::from(copy_path))
+    };
+    let warned = |v: &Verdicts, what: &str| {
+        v.pgtrail["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains(what))
+    };
+
+    // A value of the copy edited, its SHA-256 recomputed and named in a rewritten index.
+    let (forged, seg_path, seg_sha, copy_path) = case("forged-copy");
+    let (batch, kv) = read_segment(&copy_path);
+    write_segment(&copy_path, &edit_image_int(batch, "after", "i"), kv);
+    let copy_sha = pgtrail_store::segment::sha256_file(&copy_path).unwrap();
+    let entries = key_index::entries(&seg_path, &seg_sha).unwrap();
+    key_index::write_index(
+        seg_path.parent().unwrap(),
+        &segment,
+        &seg_sha,
+        &entries,
+        Some(&copy_sha),
+    )
+    .unwrap();
+    let v = verify(&forged, &vkey, &[], false);
+    assert!(!v.pgtrail_ok, "{}", v.pgtrail);
+    assert!(
+        v.pgtrail_text
+            .contains(&format!("key-ordered copy {segment}.keyrows, row")),
+        "{}",
+        v.pgtrail_text
+    );
+    assert!(
+        v.pgtrail_text.contains("pgtrail compact"),
+        "{}",
+        v.pgtrail_text
+    );
+
+    // An entry dropped from the index, rewritten with every digest of its own recomputed: the
+    // key's change it named would be missing from row_history.
+    let (dropped, seg_path, seg_sha, _) = case("dropped-entry");
+    let mut entries = key_index::entries(&seg_path, &seg_sha).unwrap();
+    let copy_sha = key_index::check(&seg_path, &seg_sha).unwrap();
+    entries.remove(entries.len() / 2);
+    key_index::write_index(
+        seg_path.parent().unwrap(),
+        &segment,
+        &seg_sha,
+        &entries,
+        copy_sha.as_deref(),
+    )
+    .unwrap();
+    let v = verify(&dropped, &vkey, &[], false);
+    assert!(!v.pgtrail_ok, "{}", v.pgtrail);
+    assert!(
+        v.pgtrail_text
+            .contains(&format!("key index {segment}.keys")),
+        "{}",
+        v.pgtrail_text
+    );
+
+    // A flipped byte in the copy: its SHA-256 no longer matches the index, so readers read the
+    // segment instead; verify warns and the archive still verifies.
+    let (flipped, _, _, copy_path) = case("flipped-copy");
+    flip_byte(&copy_path, None);
+    let v = verify(&flipped, &vkey, &[], false);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    assert!(warned(&v, "key-ordered copy"), "{}", v.pgtrail);
+    assert_eq!(
+        v.pgtrail["key_copies_checked"].as_u64().unwrap() + 1,
+        clean.pgtrail["key_copies_checked"].as_u64().unwrap()
+    );
+
+    // A flipped byte in the index: its block digests catch it; a warning, not a problem.
+    let (flipped_index, seg_path, _, _) = case("flipped-index");
+    let mut index_path = seg_path.into_os_string();
+    index_path.push(key_index::KEY_INDEX_SUFFIX);
+    flip_byte(Path::new(&index_path), Some(40));
+    let v = verify(&flipped_index, &vkey, &[], false);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    assert!(
+        !v.pgtrail["warnings"].as_array().unwrap().is_empty(),
+        "{}",
+        v.pgtrail
+    );
+
+    // Both removed: row_history scans the segment, nothing to report.
+    let (removed, seg_path, _, copy_path) = case("removed");
+    std::fs::remove_file(&copy_path).unwrap();
+    let mut index_path = seg_path.into_os_string();
+    index_path.push(key_index::KEY_INDEX_SUFFIX);
+    std::fs::remove_file(&index_path).unwrap();
+    let v = verify(&removed, &vkey, &[], false);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    assert!(
+        v.pgtrail["warnings"].as_array().unwrap().is_empty(),
+        "{}",
+        v.pgtrail
+    );
+    assert_eq!(
+        v.pgtrail["key_indexes_checked"].as_u64().unwrap() + 1,
+        clean.pgtrail["key_indexes_checked"].as_u64().unwrap()
+    );
+}

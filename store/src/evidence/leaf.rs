@@ -554,6 +554,42 @@ pub fn batch_leaves(
     Ok(leaves)
 }
 
+/// [`batch_leaves`], and besides them a digest of every row of `batch`, in row order: its leaf
+/// hash when the tree covers it, else the hash its leaf would have with zero salts. Two rows
+/// with equal digests hold equal values (as far as a leaf commits to them), which is how
+/// `verify` checks a segment's key-ordered copy against the segment, rows before evidence
+/// included.
+pub fn batch_leaves_and_row_digests(
+    content: &SegmentContent,
+    batch: &RecordBatch,
+    epochs: &Epochs,
+    redactions: &Redactions,
+) -> Result<(Vec<Leaf>, Vec<Hash>), LeafError> {
+    let inputs = epoch_inputs(epochs, redactions);
+    // Whether the row whose inputs were asked for last is in the tree: `for_each_leaf` calls
+    // `f` for a row right after asking for its inputs.
+    let covered = std::cell::Cell::new(false);
+    let mut leaves = Vec::with_capacity(batch.num_rows());
+    let mut digests = vec![[0u8; 32]; batch.num_rows()];
+    for_each_leaf(
+        content,
+        batch,
+        |key| {
+            let found = inputs(key);
+            covered.set(found.is_some());
+            Some(found.unwrap_or(LeafInputs::from([[0u8; 16]; 4])))
+        },
+        |key, row, data, _| {
+            let hash = leaf_hash(data);
+            if covered.get() {
+                leaves.push(Leaf { key, hash });
+            }
+            digests[row] = hash;
+        },
+    )?;
+    Ok((leaves, digests))
+}
+
 /// `leaf_data` of the change at `key` in `batch`, if the batch holds it and the tree covers it
 /// (what a proof of inclusion carries for its verifier to hash).
 pub fn leaf_data(

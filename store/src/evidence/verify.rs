@@ -10,7 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use datafusion::arrow::array::RecordBatch;
 
-use super::leaf::{Leaf, batch_leaves};
+use super::leaf::{Leaf, batch_leaves, batch_leaves_and_row_digests};
 use super::merkle::{Frontier, Hash};
 use super::note::{Checkpoint, VerifierKey, WitnessKey};
 use super::scratch::{ChangeFile, ChangePlace, TreeFile};
@@ -20,7 +20,8 @@ use crate::error::{LogError, SegmentError};
 use crate::log::LogReader;
 use crate::lsn::ChangeKey;
 use crate::manifest::SEGMENTS_DIR;
-use crate::segment::SegmentReader;
+use crate::segment::key_index::{self, KeyIndexBuilder, KeyIndexProblem};
+use crate::segment::{SegmentReader, key_copy};
 
 /// What to check the archive against.
 #[derive(Clone, Debug, Default)]
@@ -32,6 +33,10 @@ pub struct VerifyOptions {
     pub trusted: Vec<(PathBuf, String)>,
     /// Cosigners (witnesses, auditors) whose `cosignature/v1` lines on checkpoints count.
     pub witnesses: Vec<WitnessKey>,
+    /// Also check the derived files `row_history` reads beside each segment, its key index
+    /// and key-ordered copy, against the segment (`pgtrail verify`; the proofs built on a
+    /// verified tree need only the evidence).
+    pub derived: bool,
 }
 
 /// One thing found wrong, naming where.
@@ -101,6 +106,10 @@ pub struct VerifyReport {
     /// Receipts of redactions the tree holds (their payloads: the change, the parts erased and
     /// their digests, why, when).
     pub redactions: Vec<String>,
+    /// Key indexes found equal to their segment's keys, and key-ordered copies whose every
+    /// row equals the segment row it copies (with [`VerifyOptions::derived`]).
+    pub key_indexes_checked: u64,
+    pub key_copies_checked: u64,
 }
 
 impl VerifyReport {
@@ -255,7 +264,14 @@ fn walk(
                         let leaves = &streams[i];
                         done.push((
                             i,
-                            check_segment(&segments_dir, entry, &state.epochs, &erased, leaves),
+                            check_segment(
+                                &segments_dir,
+                                entry,
+                                &state.epochs,
+                                &erased,
+                                leaves,
+                                options.derived,
+                            ),
                         ));
                         finished.fetch_add(1, Ordering::Relaxed);
                     }
@@ -288,7 +304,10 @@ fn walk(
         report.segments += 1;
         report.rows += segment.rows;
         report.rows_before_evidence += segment.rows_before_evidence;
+        report.key_indexes_checked += u64::from(segment.key_index_checked);
+        report.key_copies_checked += u64::from(segment.key_copy_checked);
         report.problems.extend(segment.problems);
+        report.warnings.extend(segment.warnings);
         spilled[i] = true;
     }
     // A segment whose worker failed contributes no leaf, whatever it wrote.
@@ -705,19 +724,25 @@ struct CheckedSegment {
     rows: u64,
     rows_before_evidence: u64,
     problems: Vec<Problem>,
+    /// Derived files found damaged or stale, which readers detect and do without.
+    warnings: Vec<String>,
+    key_index_checked: bool,
+    key_copy_checked: bool,
     /// The temporary file of leaves could not be written: the archive was not verified.
     scratch: Option<SegmentError>,
 }
 
 /// Read one segment the manifest lists: its SHA-256, its description, its rows' order and key
 /// range, its row count, and every row's leaf, written to `leaves` (which keeps only those of
-/// the batches before the first problem).
+/// the batches before the first problem). With `derived`, also its key index and key-ordered
+/// copy (see [`check_key_files`]).
 fn check_segment(
     segments_dir: &Path,
     entry: &crate::SegmentEntry,
     epochs: &super::leaf::Epochs,
     erased: &super::leaf::Redactions,
     leaves: &LeafStream,
+    derived: bool,
 ) -> CheckedSegment {
     let mut out = CheckedSegment::default();
     let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
@@ -739,6 +764,20 @@ fn check_segment(
         return out;
     }
     let content = reader.content().clone();
+    // The key index to compare with the segment's keys (a missing one is no finding: readers
+    // scan without it), and the SHA-256 of the copy it names.
+    let mut key_files = None;
+    if derived && let Some(builder) = KeyIndexBuilder::for_content(&content) {
+        match key_index::check(&path, &entry.sha256) {
+            Ok(copy_sha256) => key_files = Some((builder, copy_sha256)),
+            Err(KeyIndexProblem::Missing { .. }) => {}
+            Err(e) => out.warnings.push(format!(
+                "{e}: row_history scans the segment instead (`pgtrail compact` writes the index again)"
+            )),
+        }
+    }
+    let want_digests = key_files.is_some();
+    let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
     // This thread decodes the batches and checks their keys; a second one hashes their
     // leaves a few batches behind (a segment's decoding and hashing then use two cores, where
     // each took turns on one and a large segment read last left the other core idle). The
@@ -750,7 +789,17 @@ fn check_segment(
         let hashing = scope.spawn(move || {
             let mut hashed = Hashed::default();
             for batch in to_hash {
-                match batch_leaves(content, &batch, epochs, erased) {
+                let computed = if want_digests {
+                    batch_leaves_and_row_digests(content, &batch, epochs, erased).map(
+                        |(leaves, digests)| {
+                            hashed.row_digests.extend(digests);
+                            leaves
+                        },
+                    )
+                } else {
+                    batch_leaves(content, &batch, epochs, erased)
+                };
+                match computed {
                     Ok(batch_leaves) => {
                         if let Err(e) = leaves.write(&batch_leaves) {
                             hashed.scratch = Some(e);
@@ -768,7 +817,8 @@ fn check_segment(
             }
             hashed
         });
-        let checked = check_batches(reader, entry, &place, batches);
+        let builder = key_files.as_mut().map(|(builder, _)| builder);
+        let checked = check_batches(reader, entry, &place, batches, builder);
         (hashing.join(), checked)
     });
     let hashed = hashed.unwrap_or_else(|_| Hashed {
@@ -809,7 +859,152 @@ fn check_segment(
     out.rows = rows;
     out.rows_before_evidence = before_evidence;
     out.scratch = hashed.scratch;
+    if let Some((builder, copy_sha256)) = key_files
+        && !bad
+    {
+        match checked.key_error {
+            Some(why) => out.problems.push(Problem {
+                place: format!("segment {}", entry.file_name),
+                what: format!("its key index cannot be computed again: {why}"),
+            }),
+            None => check_key_files(
+                &path,
+                entry,
+                &content,
+                builder.into_entries(),
+                copy_sha256,
+                &hashed.row_digests,
+                (epochs, erased),
+                &mut out,
+            ),
+        }
+    }
     out
+}
+
+/// Compare the key index of the segment at `path` with `built`, the entries its rows give, and
+/// each row of the key-ordered copy the index names (SHA-256 `copy_sha256`) with the segment
+/// row it copies, by their digests (`row_digests`, every segment row's, in order).
+///
+/// Both files are derived data that `row_history` believes once their own checksums hold, so
+/// one rewritten consistently with its checksums is a problem (the answers would show what
+/// the segment does not hold); one whose checksums fail is a warning, as readers notice it
+/// and read the segment instead.
+#[allow(clippy::too_many_arguments)]
+fn check_key_files(
+    path: &Path,
+    entry: &crate::SegmentEntry,
+    content: &crate::segment::SegmentContent,
+    built: Vec<(u32, u32)>,
+    copy_sha256: Option<String>,
+    row_digests: &[Hash],
+    (epochs, erased): (&super::leaf::Epochs, &super::leaf::Redactions),
+    out: &mut CheckedSegment,
+) {
+    let rebuild = "remove it and run `pgtrail compact`, which writes it again from the segment";
+    let index_place = format!("key index {}", key_index::key_index_name(&entry.file_name));
+    let stored = match key_index::entries(path, &entry.sha256) {
+        Ok(stored) => stored,
+        Err(e) => {
+            out.warnings.push(format!(
+                "{e}: row_history scans the segment instead (`pgtrail compact` writes the index again)"
+            ));
+            return;
+        }
+    };
+    if stored != built {
+        let at = stored
+            .iter()
+            .zip(&built)
+            .position(|(a, b)| a != b)
+            .unwrap_or(stored.len().min(built.len()));
+        out.problems.push(Problem {
+            place: index_place,
+            what: format!(
+                "its entries differ from the segment's keys from entry {at} on ({} entries where the segment's rows give {}): row_history would miss or misplace changes; {rebuild}",
+                stored.len(),
+                built.len()
+            ),
+        });
+        return;
+    }
+    out.key_index_checked = true;
+    let Some(copy_sha256) = copy_sha256 else {
+        return;
+    };
+    let copy_name = key_copy::key_copy_name(&entry.file_name);
+    let mut copy_path = path.as_os_str().to_owned();
+    copy_path.push(key_copy::KEY_COPY_SUFFIX);
+    let copy_place = format!("key-ordered copy {copy_name}");
+    let reader = match SegmentReader::open(Path::new(&copy_path), Some(&copy_sha256), 8192) {
+        Ok(reader) => reader,
+        Err(e) => {
+            out.warnings.push(format!(
+                "{copy_place}: {}: row_history reads the segment instead (`pgtrail compact` writes the copy again)",
+                segment_problem(&e)
+            ));
+            return;
+        }
+    };
+    if reader.content() != content {
+        out.problems.push(Problem {
+            place: copy_place,
+            what: format!("its description differs from its segment's; {rebuild}"),
+        });
+        return;
+    }
+    let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
+    let mut i = 0usize;
+    for batch in reader {
+        let batch = match batch {
+            Ok(batch) => batch,
+            Err(e) => return problem(copy_place, segment_problem(&e)),
+        };
+        let digests = match batch_leaves_and_row_digests(content, &batch, epochs, erased) {
+            Ok((_, digests)) => digests,
+            Err(e) => return problem(format!("{copy_place}, change {}", e.key), e.reason),
+        };
+        for (r, digest) in digests.iter().enumerate() {
+            let Some(&(_, row)) = built.get(i) else {
+                return problem(
+                    copy_place,
+                    format!(
+                        "holds more rows than its index's {} entries; {rebuild}",
+                        built.len()
+                    ),
+                );
+            };
+            if row_digests.get(row as usize) != Some(digest) {
+                let key = row_key(&batch, r).map_or(String::new(), |k| format!(" (change {k})"));
+                return problem(
+                    format!("{copy_place}, row {i}{key}"),
+                    format!(
+                        "differs from segment row {row}, which it copies: row_history would show what the segment does not hold; {rebuild}"
+                    ),
+                );
+            }
+            i += 1;
+        }
+    }
+    if i != built.len() {
+        return problem(
+            copy_place,
+            format!(
+                "holds {i} rows where its index has {} entries; {rebuild}",
+                built.len()
+            ),
+        );
+    }
+    out.key_copy_checked = true;
+}
+
+/// The change key of row `row` of a segment batch (lsn and seq are its first two columns).
+fn row_key(batch: &RecordBatch, row: usize) -> Option<ChangeKey> {
+    use datafusion::arrow::array::AsArray;
+    use datafusion::arrow::datatypes::{UInt32Type, UInt64Type};
+    let lsn = batch.column(0).as_primitive_opt::<UInt64Type>()?;
+    let seq = batch.column(1).as_primitive_opt::<UInt32Type>()?;
+    Some(ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row)))
 }
 
 /// What the hashing thread of [`check_segment`] did: per batch hashed, its rows and leaves
@@ -817,6 +1012,9 @@ fn check_segment(
 #[derive(Default)]
 struct Hashed {
     per_batch: Vec<(usize, usize)>,
+    /// Every row's digest (see `batch_leaves_and_row_digests`), when a key-ordered copy is to
+    /// be compared with the segment.
+    row_digests: Vec<Hash>,
     failed: Option<super::leaf::LeafError>,
     scratch: Option<SegmentError>,
 }
@@ -826,19 +1024,24 @@ struct Hashed {
 struct CheckedBatches {
     rows: u64,
     problem: Option<(usize, String, String)>,
+    /// Why the key index entries of the rows could not be computed.
+    key_error: Option<String>,
 }
 
 /// Decode the batches of a segment, send each to `to_hash`, and check their keys: sorted,
 /// inside the manifest's range. Stops at the first problem (or when the hashing stopped).
+/// Adds each batch to `key_index`, if given.
 fn check_batches(
     reader: SegmentReader,
     entry: &crate::SegmentEntry,
     place: &str,
     to_hash: std::sync::mpsc::SyncSender<RecordBatch>,
+    mut key_index: Option<&mut KeyIndexBuilder>,
 ) -> CheckedBatches {
     let mut out = CheckedBatches {
         rows: 0,
         problem: None,
+        key_error: None,
     };
     let mut last: Option<ChangeKey> = None;
     for (i, batch) in reader.enumerate() {
@@ -855,6 +1058,12 @@ fn check_batches(
         if to_hash.send(batch.clone()).is_err() {
             // The hashing stopped at a problem of its own, in this batch or an earlier one.
             break;
+        }
+        if let Some(builder) = key_index.as_deref_mut()
+            && out.key_error.is_none()
+            && let Err(why) = builder.add(&batch)
+        {
+            out.key_error = Some(why);
         }
         // Row keys, in file order: sorted, inside the manifest's range.
         let lsn = batch
