@@ -10,8 +10,8 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{
-    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
 use datafusion::parquet::file::metadata::PageIndexPolicy;
 use datafusion::parquet::file::statistics::Statistics;
@@ -198,11 +198,27 @@ impl SegmentReader {
         } else {
             PageIndexPolicy::Skip
         });
-        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-            .map_err(|source| SegmentError::Parquet {
-                path: path.to_path_buf(),
-                source,
-            })?;
+        let parquet_error = |source| SegmentError::Parquet {
+            path: path.to_path_buf(),
+            source,
+        };
+        let builder = if rows.is_some() {
+            // A read of a few rows (one key's, from its key-ordered copy) is asked again and
+            // again of the same file; its footer with every page's location is parsed once.
+            let metadata = match footer_cache::get(&file) {
+                Some(metadata) => metadata,
+                None => {
+                    let metadata =
+                        ArrowReaderMetadata::load(&file, options).map_err(parquet_error)?;
+                    footer_cache::put(&file, &metadata);
+                    metadata
+                }
+            };
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata)
+        } else {
+            ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+                .map_err(parquet_error)?
+        };
         let description = builder
             .metadata()
             .file_metadata()
@@ -253,7 +269,7 @@ impl SegmentReader {
                 reason: "its columns do not match the table its metadata describes".into(),
             });
         }
-        let keep: Vec<usize> = builder
+        let mut keep: Vec<usize> = builder
             .metadata()
             .row_groups()
             .iter()
@@ -288,11 +304,31 @@ impl SegmentReader {
             builder = builder.with_projection(mask);
         }
         if let Some(rows) = rows {
-            let kept: usize = keep
-                .iter()
-                .map(|&i| builder.metadata().row_group(i).num_rows().max(0) as usize)
-                .sum();
-            builder = builder.with_row_selection(row_selection(rows, kept));
+            // Only the row groups holding one of `rows` are read: a row group in the read
+            // costs a page reader, a decompression context and its pages' locations for
+            // every column even when all its rows are skipped (with 18 row groups of 23
+            // columns, 414 of them for one key's few rows; the contexts alone were a third of
+            // a `row_history` request's time). `rows` are renumbered across the row groups
+            // left, as the reader numbers them.
+            let mut narrowed = Vec::with_capacity(keep.len());
+            let mut renumbered = Vec::with_capacity(rows.len());
+            let (mut start, mut next, mut narrowed_rows) = (0usize, 0usize, 0usize);
+            for &group in &keep {
+                let len = builder.metadata().row_group(group).num_rows().max(0) as usize;
+                let end = start + len;
+                let first = next;
+                while next < rows.len() && rows[next] < end {
+                    next += 1;
+                }
+                if next > first {
+                    renumbered.extend(rows[first..next].iter().map(|r| r - start + narrowed_rows));
+                    narrowed.push(group);
+                    narrowed_rows += len;
+                }
+                start = end;
+            }
+            keep = narrowed;
+            builder = builder.with_row_selection(row_selection(&renumbered, narrowed_rows));
         }
         let reader = builder
             .with_row_groups(keep)
@@ -695,6 +731,36 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "rows {rows:?}");
         }
+        // With LSN bounds, rows are numbered across the row groups the bounds keep (rows
+        // 1,500 to 4,000 of the 60 changes: row groups 3 to 6); a selection then reads only
+        // the row groups holding one of its rows, and still yields exactly those rows.
+        let read = |rows: Option<&[usize]>| -> Vec<(u64, u32)> {
+            let reader = SegmentReader::open_selected(
+                &path,
+                None,
+                2,
+                (1500, 4000),
+                (i64::MIN, i64::MAX),
+                None,
+                rows,
+            )
+            .unwrap();
+            let content = reader.content().clone();
+            reader
+                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
+                .map(|(k, _)| (k.commit_lsn.0, k.seq))
+                .collect()
+        };
+        let kept = read(None);
+        assert_eq!(kept.len(), 28, "row groups 3 to 6 of 7 rows each");
+        for rows in [vec![0], vec![27], vec![8, 9, 10], vec![3, 20], vec![13, 14, 30]] {
+            let want: Vec<(u64, u32)> = rows
+                .iter()
+                .filter(|&&r| r < kept.len())
+                .map(|&r| kept[r])
+                .collect();
+            assert_eq!(read(Some(&rows)), want, "rows {rows:?} within LSN bounds");
+        }
     }
 
     /// Random corruptions of a real segment read without its checksum (seeded, so a failure
@@ -794,4 +860,76 @@ pub fn row_group_ranges(path: &Path) -> Result<Vec<RowGroupRange>, SegmentError>
             })
             .collect())
     })
+}
+
+/// Parsed footers, their pages' locations included, of the files read a few rows at a time.
+/// Parsing the page index of a key-ordered copy (18 row groups of 23 columns of up to 256
+/// pages: about 100,000 locations) was a third of a `row_history` request's time in `pgtrail
+/// serve`; it is the same for every request.
+mod footer_cache {
+    use std::collections::{HashMap, VecDeque};
+    use std::fs::File;
+    use std::os::unix::fs::MetadataExt;
+    use std::sync::{Mutex, OnceLock};
+
+    use datafusion::parquet::arrow::arrow_reader::ArrowReaderMetadata;
+
+    /// At most this much parsed metadata is kept; the oldest entries go first.
+    const MAX_BYTES: usize = 64 << 20;
+
+    /// Which file, and which bytes: device, inode, length and modification time (ns).
+    /// Archive files are never changed in place (each is written under a temporary name and
+    /// renamed, so a rewritten one is a new inode); a file changed in place anyway (damaged
+    /// or tampered with) gets a new modification time, up to the file system's clock tick,
+    /// the same trust the query layer's check-each-file-once already gives a file's path.
+    /// A file whose identity cannot be read is not cached.
+    type Identity = (u64, u64, u64, i64, i64);
+
+    #[derive(Default)]
+    struct Cache {
+        entries: HashMap<Identity, (ArrowReaderMetadata, usize)>,
+        order: VecDeque<Identity>,
+        bytes: usize,
+    }
+
+    fn cache() -> &'static Mutex<Cache> {
+        static CACHE: OnceLock<Mutex<Cache>> = OnceLock::new();
+        CACHE.get_or_init(Mutex::default)
+    }
+
+    fn identity(file: &File) -> Option<Identity> {
+        let m = file.metadata().ok()?;
+        Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+    }
+
+    pub(super) fn get(file: &File) -> Option<ArrowReaderMetadata> {
+        let id = identity(file)?;
+        let cache = cache().lock().ok()?;
+        cache.entries.get(&id).map(|(metadata, _)| metadata.clone())
+    }
+
+    pub(super) fn put(file: &File, metadata: &ArrowReaderMetadata) {
+        let Some(id) = identity(file) else { return };
+        let size = metadata.metadata().memory_size();
+        if size > MAX_BYTES {
+            return;
+        }
+        let Ok(mut cache) = cache().lock() else {
+            return;
+        };
+        if cache.entries.contains_key(&id) {
+            return;
+        }
+        while cache.bytes + size > MAX_BYTES {
+            let Some(oldest) = cache.order.pop_front() else {
+                break;
+            };
+            if let Some((_, freed)) = cache.entries.remove(&oldest) {
+                cache.bytes -= freed;
+            }
+        }
+        cache.entries.insert(id, (metadata.clone(), size));
+        cache.order.push_back(id);
+        cache.bytes += size;
+    }
 }
