@@ -753,7 +753,13 @@ mod tests {
         };
         let kept = read(None);
         assert_eq!(kept.len(), 28, "row groups 3 to 6 of 7 rows each");
-        for rows in [vec![0], vec![27], vec![8, 9, 10], vec![3, 20], vec![13, 14, 30]] {
+        for rows in [
+            vec![0],
+            vec![27],
+            vec![8, 9, 10],
+            vec![3, 20],
+            vec![13, 14, 30],
+        ] {
             let want: Vec<(u64, u32)> = rows
                 .iter()
                 .filter(|&&r| r < kept.len())
