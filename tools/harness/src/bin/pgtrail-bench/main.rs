@@ -1282,12 +1282,18 @@ fn print_report(
             e / s * 100.0
         );
     }
+    if let (Some(d), Some(s)) = (ev("key-index-and-copy", "bytes"), ev("segments", "bytes")) {
+        println!(
+            "Key indexes and key-ordered copies: {d:.0} bytes beside {s:.0} segment bytes = **{:.0} %** of the segments",
+            d / s * 100.0
+        );
+    }
     if let (Some(v), Some(s)) = (
         ev("pgtrail-verify", "mib_per_second"),
         ev("sha256sum", "mib_per_second"),
     ) {
         println!(
-            "Ratio verify: pgtrail verify MiB/s / sha256sum MiB/s over the same segments = **{:.2}** (goal >= 0.5)",
+            "Ratio verify: pgtrail verify MiB/s / sha256sum MiB/s over the same files (segments, key indexes, key-ordered copies) = **{:.2}** (goal >= 0.5)",
             v / s
         );
     }
