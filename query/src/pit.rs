@@ -514,6 +514,17 @@ fn row_history_columnar(
                 None
             }
         };
+        // Every column of the segment's rows at `rows`.
+        let open_rows = |rows: &[usize]| {
+            open_segment_selected(
+                &path,
+                &seg.sha256,
+                8192,
+                Bounds::default(),
+                None,
+                Some(rows),
+            )
+        };
         let (rows, reader) = match indexed {
             Some(found) if found.rows.is_empty() => continue,
             Some(found) => match key_ordered_rows(&path, &found) {
@@ -521,14 +532,7 @@ fn row_history_columnar(
                 Some((copy, rows)) => (rows, copy),
                 None => {
                     let rows: Vec<usize> = found.rows.iter().map(|&r| r as usize).collect();
-                    let reader = open_segment_selected(
-                        &path,
-                        &seg.sha256,
-                        8192,
-                        Bounds::default(),
-                        None,
-                        Some(&rows),
-                    )?;
+                    let reader = open_rows(&rows)?;
                     (rows, reader)
                 }
             },
@@ -553,14 +557,7 @@ fn row_history_columnar(
                 if rows.is_empty() {
                     continue;
                 }
-                let reader = open_segment_selected(
-                    &path,
-                    &seg.sha256,
-                    8192,
-                    Bounds::default(),
-                    None,
-                    Some(&rows),
-                )?;
+                let reader = open_rows(&rows)?;
                 (rows, reader)
             }
         };
