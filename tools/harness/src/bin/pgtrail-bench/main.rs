@@ -612,8 +612,12 @@ fn storage_suite(
     let bemi_bytes: u64 = cluster
         .psql(&db, "SELECT pg_total_relation_size('bemi_changes')")?
         .parse()?;
+    // What `segments/` holds on disk: the segments and, beside each keyed one, its key index
+    // and key-ordered copy (derived files that make one row's history fast).
+    let on_disk = pgtrail_store::dir_size(&archive.join(pgtrail_store::SEGMENTS_DIR));
     let mut sizes: Vec<(&'static str, u64)> = vec![
         ("pgtrail", segment_bytes),
+        ("pgtrail-with-key-copies", on_disk),
         ("trigger", trigger_bytes),
         ("bemi-style", bemi_bytes),
     ];
@@ -1315,6 +1319,13 @@ fn print_report(
             println!(
                 "Ratio storage: pgtrail Parquet bytes / DuckDB zstd rewrite bytes = **{:.2}** (goal <= 1.10)",
                 p / d
+            );
+        }
+        if let (Some(k), Some(t)) = (st("pgtrail-with-key-copies"), st("trigger")) {
+            println!(
+                "Ratio storage: trigger table bytes / pgtrail's segments with their key indexes and key-ordered copies = **{:.1}** ({:.2} times the segments alone)",
+                t / k,
+                k / p
             );
         }
     }
