@@ -10,8 +10,8 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{
-    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
-    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
+    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+    RowSelector,
 };
 use datafusion::parquet::file::metadata::PageIndexPolicy;
 use datafusion::parquet::file::statistics::Statistics;
@@ -205,15 +205,7 @@ impl SegmentReader {
         let builder = if rows.is_some() {
             // A read of a few rows (one key's, from its key-ordered copy) is asked again and
             // again of the same file; its footer with every page's location is parsed once.
-            let metadata = match footer_cache::get(&file) {
-                Some(metadata) => metadata,
-                None => {
-                    let metadata =
-                        ArrowReaderMetadata::load(&file, options).map_err(parquet_error)?;
-                    footer_cache::put(&file, &metadata);
-                    metadata
-                }
-            };
+            let metadata = footer_cache::load(path, &file, options).map_err(parquet_error)?;
             ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata)
         } else {
             ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
@@ -648,13 +640,10 @@ mod tests {
         assert!(read_all(&path).unwrap() > 0);
     }
 
-    /// A selected read yields exactly the chosen rows of a whole read, in order: first and
-    /// last rows, runs, single rows, and numbers past the end (left out).
-    #[test]
-    fn a_selected_read_yields_exactly_the_chosen_rows() {
-        // 60 changes in row groups of 7 rows, copies of a change of the fixture.
-        let dir = tempfile::tempdir().unwrap();
-        let fixture = dir.path().join("fixture.parquet");
+    /// A segment of `n` changes in row groups of 7 rows, written as `name` in `dir`: copies
+    /// of a change of the fixture at commit LSNs 100, 200, … (`seq` = LSN / 100 mod 3).
+    fn segment_of(dir: &Path, name: &str, n: u64) -> std::path::PathBuf {
+        let fixture = dir.join("fixture.parquet");
         std::fs::write(&fixture, SEGMENT).unwrap();
         let reader = SegmentReader::open(&fixture, None, 64).unwrap();
         let content = reader.content().clone();
@@ -666,15 +655,10 @@ mod tests {
             row_group_rows: 7,
             ..Default::default()
         };
-        let mut writer = super::super::SegmentWriter::create(
-            dir.path(),
-            "s",
-            &content,
-            &Default::default(),
-            &options,
-        )
-        .unwrap();
-        for n in 1..=60u64 {
+        let mut writer =
+            super::super::SegmentWriter::create(dir, name, &content, &Default::default(), &options)
+                .unwrap();
+        for n in 1..=n {
             writer
                 .push(
                     ChangeKey::new(Lsn(100 * n), (n % 3) as u32),
@@ -686,9 +670,17 @@ mod tests {
                 )
                 .unwrap();
         }
-        let path = dir
-            .path()
-            .join(writer.finish(|_, _| "s.parquet".into()).unwrap().file_name);
+        let file = format!("{name}.parquet");
+        dir.join(writer.finish(|_, _| file.clone()).unwrap().file_name)
+    }
+
+    /// A selected read yields exactly the chosen rows of a whole read, in order: first and
+    /// last rows, runs, single rows, and numbers past the end (left out).
+    #[test]
+    fn a_selected_read_yields_exactly_the_chosen_rows() {
+        // 60 changes in row groups of 7 rows, copies of a change of the fixture.
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_of(dir.path(), "s", 60);
         let whole = |p: &Path| -> Vec<(u64, u32)> {
             let reader = SegmentReader::open(p, None, 3).unwrap();
             let content = reader.content().clone();
@@ -767,6 +759,37 @@ mod tests {
                 .collect();
             assert_eq!(read(Some(&rows)), want, "rows {rows:?} within LSN bounds");
         }
+    }
+
+    /// A file put in the place of another under the same name (as a compaction renames a new
+    /// key-ordered copy over the old one) is read with its own footer, never with the one
+    /// kept from the file it replaced.
+    #[test]
+    fn a_file_renamed_over_another_is_read_with_its_own_footer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copy.parquet");
+        let selected = |rows: &[usize]| -> Vec<u64> {
+            let reader = SegmentReader::open_selected(
+                &path,
+                None,
+                4,
+                (0, u64::MAX),
+                (i64::MIN, i64::MAX),
+                None,
+                Some(rows),
+            )
+            .unwrap();
+            let content = reader.content().clone();
+            reader
+                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
+                .map(|(k, _)| k.commit_lsn.0)
+                .collect()
+        };
+        std::fs::rename(segment_of(dir.path(), "first", 60), &path).unwrap();
+        assert_eq!(selected(&[0, 30, 59]), vec![100, 3100, 6000]);
+        // Fewer rows, so other row groups and pages: a stale footer would misplace them.
+        std::fs::rename(segment_of(dir.path(), "second", 12), &path).unwrap();
+        assert_eq!(selected(&[0, 8, 11, 30]), vec![100, 900, 1200]);
     }
 
     /// Random corruptions of a real segment read without its checksum (seeded, so a failure
@@ -876,20 +899,22 @@ mod footer_cache {
     use std::collections::{HashMap, VecDeque};
     use std::fs::File;
     use std::os::unix::fs::MetadataExt;
+    use std::path::{Path, PathBuf};
     use std::sync::{Mutex, OnceLock};
 
-    use datafusion::parquet::arrow::arrow_reader::ArrowReaderMetadata;
+    use datafusion::parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
+    use datafusion::parquet::errors::ParquetError;
 
     /// At most this much parsed metadata is kept; the oldest entries go first.
     const MAX_BYTES: usize = 64 << 20;
 
-    /// Which file, and which bytes: device, inode, length and modification time (ns).
-    /// Archive files are never changed in place (each is written under a temporary name and
-    /// renamed, so a rewritten one is a new inode); a file changed in place anyway (damaged
-    /// or tampered with) gets a new modification time, up to the file system's clock tick,
-    /// the same trust the query layer's check-each-file-once already gives a file's path.
-    /// A file whose identity cannot be read is not cached.
-    type Identity = (u64, u64, u64, i64, i64);
+    /// Which file, and which bytes: its path, device, inode, length and modification time
+    /// (ns). Archive files are never changed in place (each is written under a temporary name
+    /// and renamed, so a rewritten one is a new inode, and an inode number reused by the file
+    /// system would need the same path, length and clock tick too); a file changed in place
+    /// anyway (damaged or tampered with) gets a new modification time, up to the file system's
+    /// clock tick, the same trust the query layer's check-each-file-once already gives a path.
+    type Identity = (PathBuf, u64, u64, u64, i64, i64);
 
     #[derive(Default)]
     struct Cache {
@@ -903,39 +928,48 @@ mod footer_cache {
         CACHE.get_or_init(Mutex::default)
     }
 
-    fn identity(file: &File) -> Option<Identity> {
-        let m = file.metadata().ok()?;
-        Some((m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
-    }
-
-    pub(super) fn get(file: &File) -> Option<ArrowReaderMetadata> {
-        let id = identity(file)?;
-        let cache = cache().lock().ok()?;
-        cache.entries.get(&id).map(|(metadata, _)| metadata.clone())
-    }
-
-    pub(super) fn put(file: &File, metadata: &ArrowReaderMetadata) {
-        let Some(id) = identity(file) else { return };
-        let size = metadata.metadata().memory_size();
-        if size > MAX_BYTES {
-            return;
-        }
-        let Ok(mut cache) = cache().lock() else {
-            return;
+    /// The footer of `file` (opened at `path`) with `options`: the one parsed before for the
+    /// same bytes, or parsed now and kept. A file whose identity cannot be read is parsed and
+    /// not kept.
+    pub(super) fn load(
+        path: &Path,
+        file: &File,
+        options: ArrowReaderOptions,
+    ) -> Result<ArrowReaderMetadata, ParquetError> {
+        let id = file.metadata().ok().map(|m| {
+            let id = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
+            (path.to_path_buf(), id.0, id.1, id.2, id.3, id.4)
+        });
+        let Some(id) = id else {
+            return ArrowReaderMetadata::load(file, options);
         };
-        if cache.entries.contains_key(&id) {
-            return;
+        if let Some((metadata, _)) = cache()
+            .lock()
+            .ok()
+            .and_then(|c| c.entries.get(&id).cloned())
+        {
+            return Ok(metadata);
         }
-        while cache.bytes + size > MAX_BYTES {
-            let Some(oldest) = cache.order.pop_front() else {
-                break;
-            };
-            if let Some((_, freed)) = cache.entries.remove(&oldest) {
-                cache.bytes -= freed;
+        let metadata = ArrowReaderMetadata::load(file, options)?;
+        let size = metadata.metadata().memory_size();
+        if let (true, Ok(mut cache)) = (size <= MAX_BYTES, cache().lock()) {
+            while cache.bytes + size > MAX_BYTES {
+                let Some(oldest) = cache.order.pop_front() else {
+                    break;
+                };
+                if let Some((_, freed)) = cache.entries.remove(&oldest) {
+                    cache.bytes -= freed;
+                }
+            }
+            if cache
+                .entries
+                .insert(id.clone(), (metadata.clone(), size))
+                .is_none()
+            {
+                cache.order.push_back(id);
+                cache.bytes += size;
             }
         }
-        cache.entries.insert(id, (metadata.clone(), size));
-        cache.order.push_back(id);
-        cache.bytes += size;
+        Ok(metadata)
     }
 }
