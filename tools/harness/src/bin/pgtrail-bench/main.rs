@@ -614,7 +614,9 @@ fn storage_suite(
         .parse()?;
     // What `segments/` holds on disk: the segments and, beside each keyed one, its key index
     // and key-ordered copy (derived files that make one row's history fast).
-    let on_disk = pgtrail_store::dir_size(&archive.join(pgtrail_store::SEGMENTS_DIR));
+    let (segment_files, derived) =
+        queries::segment_and_derived_bytes(&archive.join(pgtrail_store::SEGMENTS_DIR));
+    let on_disk = segment_files + derived;
     let mut sizes: Vec<(&'static str, u64)> = vec![
         ("pgtrail", segment_bytes),
         ("pgtrail-with-key-copies", on_disk),

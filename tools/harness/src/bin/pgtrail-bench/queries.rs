@@ -659,7 +659,7 @@ fn keyframe_measurements(
 
 /// Bytes of the segment files (`*.parquet`) in `dir`, and of the files derived from them
 /// beside them (key indexes, key-ordered copies), which the suites count apart.
-fn segment_and_derived_bytes(dir: &Path) -> (u64, u64) {
+pub fn segment_and_derived_bytes(dir: &Path) -> (u64, u64) {
     let (mut segments, mut derived) = (0, 0);
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let Ok(meta) = entry.metadata() else { continue };
