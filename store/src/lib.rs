@@ -21,6 +21,7 @@ pub mod keyframe;
 mod log;
 mod lsn;
 mod manifest;
+pub mod parallel_parquet;
 mod relation;
 pub mod segment;
 mod status;

@@ -43,7 +43,6 @@ use std::path::Path;
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::compute::interleave_record_batch;
-use datafusion::parquet::arrow::ArrowWriter;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use datafusion::parquet::basic::{Compression, ZstdLevel};
 use datafusion::parquet::file::metadata::KeyValue;
@@ -55,6 +54,7 @@ use super::reader::SegmentReader;
 use super::writer::HashingFile;
 use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::error::SegmentError;
+use crate::parallel_parquet::ParallelWriter;
 
 /// What follows a segment's file name to name its key-ordered copy.
 pub const KEY_COPY_SUFFIX: &str = ".keyrows";
@@ -164,8 +164,9 @@ pub fn write_key_copy(
             hasher: Sha256::new(),
             bytes: 0,
         };
+        // Encoding and compressing the copy was most of its writing time, on one thread.
         let mut writer =
-            ArrowWriter::try_new(sink, schema.clone(), Some(props)).map_err(parquet(&tmp_path))?;
+            ParallelWriter::try_new(sink, schema.clone(), props).map_err(parquet(&tmp_path))?;
         let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
         for slice in entries.chunks(per_pass) {
             for batch in gather(&segment_path, segment_sha256, slice)? {
