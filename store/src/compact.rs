@@ -836,17 +836,48 @@ impl Compactor {
     pub fn redact(
         &self,
         plan: evidence::redact::RedactPlan,
-        parts: &[u8],
         reason: &str,
     ) -> Result<u64, CompactError> {
-        use evidence::redact::RedactError;
+        use evidence::redact::{Receipt, RedactError};
         let redact_error = |e: RedactError| CompactError::Redact(Box::new(e));
-        if parts.is_empty() {
+        if plan
+            .segments
+            .iter()
+            .flat_map(|s| s.changes.values())
+            .any(|c| c.parts.is_empty())
+        {
             return Err(redact_error(RedactError::NoParts));
+        }
+        // No change under a legal hold in force is erased. The archive is this process's alone
+        // (redb's lock), so no hold can be placed between this check and the commits below.
+        let holds = evidence::hold::list(&self.db.begin_read()?)?;
+        for segment in &plan.segments {
+            let SegmentContent::Table(rel) = &segment.entry.content else {
+                continue;
+            };
+            let table = format!("{}.{}", rel.schema, rel.name);
+            for key in segment.changes.keys() {
+                if let Some(hold) = holds.iter().find(|h| h.covers(*key, &table)) {
+                    return Err(redact_error(RedactError::Held {
+                        change: *key,
+                        table,
+                        hold: hold.id,
+                        reason: hold.reason.clone(),
+                    }));
+                }
+            }
         }
         self.ensure_dir()?;
         let enums = LogReader::from_db(self.db.as_ref())?.enum_types()?;
         let mut redacted = 0u64;
+        // A purge's one receipt goes into the first segment's commit: from the first erasure
+        // on, the record says a purge happened (a crash after it leaves fewer changes erased
+        // than the receipt counts; running the purge again finishes it and adds a receipt).
+        let mut purge_receipt = match &plan.receipt {
+            Receipt::EachChange => None,
+            Receipt::Purge(payload) => Some(payload.clone()),
+        };
+        let each_change = purge_receipt.is_none();
         for segment in plan.segments {
             let old = segment.entry;
             let listed = LogReader::from_db(self.db.as_ref())?
@@ -892,14 +923,14 @@ impl Compactor {
                 SegmentReader::open(&path, Some(&old.sha256), self.options.segment.batch_rows)?;
             for batch in reader {
                 for (key, mut record) in crate::segment::read_records(&old.content, &batch?)? {
-                    if segment.changes.contains_key(&key) {
-                        if parts.contains(&0) {
+                    if let Some(planned) = segment.changes.get(&key) {
+                        if planned.parts.contains(&0) {
                             record.context = None;
                         }
-                        if parts.contains(&1) {
+                        if planned.parts.contains(&1) {
                             erase(&mut record.before);
                         }
-                        if parts.contains(&2) {
+                        if planned.parts.contains(&2) {
                             erase(&mut record.after);
                         }
                     }
@@ -915,17 +946,19 @@ impl Compactor {
             drop(rtx);
             // An image erased also erases the `changed` list (part 3): the writer derives it
             // from the images, and the row's list then says nothing of the original.
-            let parts: Vec<u8> = if parts.iter().any(|&p| p == 1 || p == 2) {
-                parts.iter().copied().chain([3]).collect()
-            } else {
-                parts.to_vec()
+            let parts_of = |planned: &evidence::redact::PlannedChange| -> Vec<u8> {
+                let parts = &planned.parts;
+                if parts.iter().any(|&p| p == 1 || p == 2) {
+                    parts.iter().copied().chain([3]).collect()
+                } else {
+                    parts.clone()
+                }
             };
-            let parts = parts.as_slice();
             let mut erased = state.erased()?;
-            for (key, digests) in &segment.changes {
+            for (key, planned) in &segment.changes {
                 let slot = erased.entry(*key).or_insert([None; 4]);
-                for &k in parts {
-                    slot[k as usize] = Some(digests[k as usize]);
+                for k in parts_of(planned) {
+                    slot[k as usize] = Some(planned.digests[k as usize]);
                 }
             }
             let new_path = self.segments_dir.join(&entry.file_name);
@@ -985,10 +1018,18 @@ impl Compactor {
                     }
                     epochs_table.insert((start.commit_lsn.0, start.seq), [].as_slice())?;
                 }
-                for (key, digests) in &segment.changes {
+                let mut leafed = wtx.open_table(evidence::state::LEAFED_REDACTIONS)?;
+                for (key, planned) in &segment.changes {
                     let k = (key.commit_lsn.0, key.seq);
                     let earlier = state.redactions.get(key).cloned();
-                    let record = evidence::redact::record(*key, digests, parts, reason, earlier);
+                    let parts = parts_of(planned);
+                    let record =
+                        evidence::redact::record(*key, &planned.digests, &parts, reason, earlier);
+                    // A purge's changes are on the record by its one receipt, not each by
+                    // its own leaf.
+                    if !each_change {
+                        leafed.insert(k, [].as_slice())?;
+                    }
                     let mut salts = state.epochs.salts_for(*key).unwrap_or([[0; 16]; 4]);
                     for part in record.parts.keys() {
                         salts[*part as usize] = [0; 16];
@@ -998,6 +1039,9 @@ impl Compactor {
                         serde_json::to_vec(&record).expect("a redaction record is plain data");
                     records.insert(k, json.as_slice())?;
                 }
+            }
+            if let Some(payload) = purge_receipt.take() {
+                evidence::hold::queue_event(&wtx, evidence::leaf::KIND_PURGE, &payload)?;
             }
             // A keyframe of this table may hold the values erased here: it is unlisted in the
             // same commit (its file retired), and the next keyframe run writes it again from

@@ -676,7 +676,7 @@ def main():
             elif payload.get("system_id", "") != system:
                 problem(place, "its source system %s differs from the earlier watermarks' (%s)"
                         % (payload.get("system_id"), system))
-        elif ev[3] not in (3, 5):
+        elif ev[3] not in (3, 5, 6, 7, 8):
             problem(place, "unknown event kind %d" % ev[3])
     order, c, e = [], 0, 0
     for i, start in enumerate(starts):

@@ -148,7 +148,10 @@ impl ScopeArgs {
     /// LSNs that holds every change committed between the times (a change committed later
     /// than another may have the lower LSN, so the range may hold a few changes beside the
     /// window, never fewer). Each turn is told on stderr.
-    async fn scope(&self, dir: &Path) -> anyhow::Result<pgtrail_store::evidence::bundle::Scope> {
+    pub async fn scope(
+        &self,
+        dir: &Path,
+    ) -> anyhow::Result<pgtrail_store::evidence::bundle::Scope> {
         use pgtrail_query::Moment;
         let parse = |flag: &str, text: &Option<String>| {
             text.as_deref()
@@ -739,16 +742,10 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
     let reason = args.reason.clone();
     let redacted = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-        let planned = plan(&archive, &keys)?;
-        let log = ChangeLog::open(&archive).map_err(|e| match e {
-            LogError::InUse => anyhow::anyhow!(
-                "the archive is held by a running `pgtrail capture`: stop it, redact, and start it again"
-            ),
-            e => anyhow::Error::new(e)
-                .context(format!("cannot open the archive {}", archive.display())),
-        })?;
+        let planned = plan(&archive, &keys, &parts)?;
+        let log = open_alone(&archive, "redact")?;
         let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-        Ok(compactor.redact(planned, &parts, &reason)?)
+        Ok(compactor.redact(planned, &reason)?)
     })
     .await??;
     eprintln!(
@@ -758,4 +755,15 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
         args.parts.join(", ")
     );
     Ok(())
+}
+
+/// The archive's log, for a command that changes it (`redact`, `purge`, `hold`): refused, with
+/// what to do, while a capture holds it.
+pub fn open_alone(archive: &Path, command: &str) -> anyhow::Result<ChangeLog> {
+    ChangeLog::open(archive).map_err(|e| match e {
+        LogError::InUse => anyhow::anyhow!(
+            "the archive is held by a running `pgtrail capture`: stop it, run {command}, and start it again"
+        ),
+        e => anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display())),
+    })
 }

@@ -8,6 +8,7 @@ mod export;
 mod export_bemi;
 mod keygen;
 mod restore;
+mod retention;
 mod revert;
 mod serve;
 mod sql;
@@ -82,6 +83,13 @@ enum Command {
     /// Erase values of archived changes (the context, before and after images but their key
     /// columns), keeping the evidence whole: each change's leaf keeps the erased parts' digests.
     Redact(evidence::RedactArgs),
+    /// Erase the history of some tables before a position (a retention policy), keeping what
+    /// each table held there: of each row that exists at the position, its last change keeps
+    /// its after image. One receipt leaf records the purge.
+    Purge(retention::PurgeArgs),
+    /// Place a legal hold over some tables and an LSN range (redact and purge refuse what it
+    /// covers), release one, or list them. Each is a leaf of the tree.
+    Hold(retention::HoldArgs),
     /// Undo the changes of a transaction, a request (its context) or a time range in the
     /// source, newest first, after checking under lock that nothing changed those rows since
     /// (dry run unless --apply).
@@ -238,6 +246,8 @@ fn main() -> ExitCode {
             Command::Certify(args) => evidence::certify(args).await,
             Command::Cosign(args) => evidence::cosign(args).await,
             Command::Redact(args) => evidence::redact(args).await,
+            Command::Purge(args) => retention::purge(args).await,
+            Command::Hold(args) => retention::hold(args).await,
             Command::Revert(args) => revert::run(args).await,
             Command::Restore(args) => restore::run(args).await,
         }

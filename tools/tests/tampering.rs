@@ -1947,3 +1947,242 @@ fn verify_checks_each_key_index_and_key_ordered_copy_against_its_segment() {
         clean.pgtrail["key_indexes_checked"].as_u64().unwrap()
     );
 }
+
+/// A retention purge erases a table's history before a moment and keeps what the table held
+/// there: `as_of` at the moment and later still equals what PostgreSQL held, every value only
+/// the history before it knew is gone, and the archive still verifies (both verifiers) with a
+/// checkpoint signed before the purge. A legal hold over the history stops the purge until it
+/// is released, and the hold, its release and the purge's one receipt are leaves.
+#[test]
+fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
+    let python = python_ready();
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("purge").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "purge.key", "pgtrail.test/purge");
+    let archive = dir.join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql(
+        "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL, note text NOT NULL);
+         CREATE TABLE lines (msg text) ; ALTER TABLE lines REPLICA IDENTITY FULL;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    // Before the moment: inserts, updates, deletes, a key change, with context.
+    psql(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, '_bemi', '{\"user\": \"clerk-old\"}');
+         INSERT INTO people SELECT g, 'n' || g, 'a' || g || 'x' FROM generate_series(1, 40) g;
+         COMMIT;
+         UPDATE people SET note = 'b' || id || 'x' WHERE id % 3 = 0;
+         DELETE FROM people WHERE id % 5 = 0;
+         UPDATE people SET id = 107, note = 'k107x' WHERE id = 7;
+         UPDATE people SET note = 'c' || id || 'x' WHERE id % 6 = 0;
+         INSERT INTO lines VALUES ('one');",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let moment = crate::insert_lsn(cluster, &db);
+    let state_sql = "SELECT coalesce(string_agg(format('%s,%s,%s', id, name, note), E'\\n' ORDER BY id), '') FROM people";
+    let at_moment = psql(state_sql);
+    // Every note the history before the moment held, and those the table held at it.
+    let notes_before: Vec<String> = (1..=40)
+        .flat_map(|i| [format!("a{i}x"), format!("b{i}x"), format!("c{i}x")])
+        .chain(["k107x".to_string()])
+        .collect();
+    let kept: Vec<String> = psql("SELECT string_agg(note, ',') FROM people")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    // After it: some old rows change again, new ones come, one goes.
+    psql(
+        "UPDATE people SET note = 'after' || id WHERE id % 4 = 0;
+         INSERT INTO people SELECT g, 'n' || g, 'new' || g FROM generate_series(200, 210) g;
+         DELETE FROM people WHERE id = 1;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let at_end_lsn = crate::insert_lsn(cluster, &db);
+    let at_end = psql(state_sql);
+    let signed = dir.join("before-purge.checkpoint");
+    std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
+
+    let as_of = |lsn: &str| -> String {
+        let csv = crate::pgtrail_sql(
+            &archive,
+            "csv",
+            &format!("SELECT id, name, note FROM as_of_lsn('public.people', '{lsn}') ORDER BY id"),
+        );
+        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(
+        as_of(&moment),
+        at_moment,
+        "as_of at the moment, before the purge"
+    );
+
+    let purge = |extra: &[&str]| {
+        pgtrail()
+            .args(["purge", "--reason", "retention: two years", "--archive"])
+            .arg(&archive)
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // A hold over part of the history before the moment stops the purge, naming the hold.
+    let first_half: Lsn = moment.parse().unwrap();
+    let out = pgtrail()
+        .args(["hold", "--archive"])
+        .arg(&archive)
+        .args([
+            "--tables",
+            "people",
+            "--to",
+            &Lsn(first_half.0 - 1).to_string(),
+        ])
+        .args(["--reason", "matter 7, counsel ref A-12"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hold: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(hold["id"], 1, "{hold}");
+    let out = purge(&["--tables", "people", "--before", &moment]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a held history was purged: {said}");
+    assert!(
+        said.contains("legal hold 1") && said.contains("matter 7"),
+        "{said}"
+    );
+    assert_eq!(as_of(&moment), at_moment, "a refused purge changed nothing");
+    // Released (with its reason), the purge goes through.
+    let out = pgtrail()
+        .args(["hold", "--archive"])
+        .arg(&archive)
+        .args(["--release", "1", "--reason", "matter 7 closed"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = crate::pgtrail_ok(&archive, &["hold", "--list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains("matter 7 closed"), "{listed}");
+    // A table without a key cannot be purged (which rows exist at the moment is unknowable).
+    let out = purge(&["--tables", "lines", "--before", &moment]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no key"));
+    let out = purge(&["--tables", "people", "--before", &moment]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The table at the moment and at the end is what PostgreSQL held; the values only the
+    // history before the moment knew are gone from every answer, the state's are kept.
+    assert_eq!(
+        as_of(&moment),
+        at_moment,
+        "as_of at the moment, after the purge"
+    );
+    assert_eq!(
+        as_of(&at_end_lsn),
+        at_end,
+        "as_of at the end, after the purge"
+    );
+    let history = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        "SELECT op, context, before, after FROM public.people ORDER BY lsn, seq",
+    );
+    let word = |w: &str| {
+        history
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|t| t == w)
+    };
+    for note in &notes_before {
+        assert_eq!(
+            word(note),
+            kept.contains(note),
+            "{note}: kept only if the table held it at the moment"
+        );
+    }
+    assert!(
+        !history.contains("clerk-old"),
+        "the context before the moment is gone"
+    );
+    for after in ["after4", "new200"] {
+        assert!(word(after), "changes after the moment are whole: {after}");
+    }
+    let changes = crate::pgtrail_sql(&archive, "csv", "SELECT count(*) FROM public.people");
+    assert_eq!(
+        changes.lines().nth(1).unwrap().parse::<u64>().unwrap(),
+        40 + 13 + 8 + 1 + 5 + 8 + 11 + 1,
+        "every change keeps its place in the history"
+    );
+
+    // The evidence is whole: the checkpoint signed before the purge still verifies, and after
+    // the next compaction the hold, its release and the one purge receipt are leaves.
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+    psql("INSERT INTO people VALUES (300, 'n300', 'late')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+    let purges = v.pgtrail["purges"].as_array().unwrap();
+    assert_eq!(purges.len(), 1, "{}", v.pgtrail);
+    let receipt: serde_json::Value = serde_json::from_str(purges[0].as_str().unwrap()).unwrap();
+    assert_eq!(receipt["before"], moment.as_str(), "{receipt}");
+    assert_eq!(receipt["reason"], "retention: two years", "{receipt}");
+    assert_eq!(receipt["changes"], 40 + 13 + 8 + 1 + 5, "{receipt}");
+    assert_eq!(
+        receipt["kept_state"],
+        at_moment.lines().count(),
+        "one change kept per row at the moment: {receipt}"
+    );
+    assert_eq!(
+        v.pgtrail["holds"].as_array().unwrap().len(),
+        1,
+        "{}",
+        v.pgtrail
+    );
+    assert_eq!(
+        v.pgtrail["releases"].as_array().unwrap().len(),
+        1,
+        "{}",
+        v.pgtrail
+    );
+    assert_eq!(
+        v.pgtrail["redactions"].as_array().unwrap().len(),
+        0,
+        "the purge's changes are covered by its receipt, not each by a leaf"
+    );
+
+    // Changes still in the log cannot be purged yet; it says what to do.
+    psql("UPDATE people SET note = 'tail' WHERE id = 300");
+    capture_until_now(cluster, &db, &archive);
+    let out = purge(&[
+        "--tables",
+        "people",
+        "--before",
+        &crate::insert_lsn(cluster, &db),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pgtrail compact"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

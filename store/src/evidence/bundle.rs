@@ -70,6 +70,11 @@ impl Scope {
         self.from.is_none_or(|f| lsn >= f) && self.to.is_none_or(|t| lsn <= t)
     }
 
+    /// Whether a change of `table` (the name it bore at the change) is in the scope.
+    pub fn takes_change(&self, key: ChangeKey, table: &str) -> bool {
+        self.takes(KIND_CHANGE, key, Some(table))
+    }
+
     /// Whether a leaf (kind, key, table) is one the bundle must hold in full.
     fn takes(&self, kind: u8, key: ChangeKey, table: Option<&str>) -> bool {
         if !self.in_range(key.commit_lsn) {

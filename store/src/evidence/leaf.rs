@@ -55,6 +55,13 @@ pub const KIND_GAP: u8 = 3;
 pub const KIND_WATERMARK: u8 = 4;
 /// The receipt of a redaction: which parts of which change were erased, when and why.
 pub const KIND_REDACTION: u8 = 5;
+/// A legal hold placed (its scope, why, when), and one released: while a hold is in force,
+/// `redact` and `purge` refuse the changes in its scope.
+pub const KIND_HOLD: u8 = 6;
+pub const KIND_RELEASE: u8 = 7;
+/// The receipt of a retention purge: which tables' history before which position was erased,
+/// how many changes, why, when (one leaf for the purge, not one per change).
+pub const KIND_PURGE: u8 = 8;
 
 /// A cell of a row image: how its value is encoded.
 const CELL_NULL: u8 = 0;

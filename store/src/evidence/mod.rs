@@ -11,6 +11,7 @@ pub mod certificate;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod hasher;
+pub mod hold;
 pub mod leaf;
 pub mod merkle;
 pub mod note;

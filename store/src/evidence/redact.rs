@@ -20,19 +20,27 @@ use super::leaf::{LeafInputs, for_each_leaf};
 use super::merkle::Hash;
 use super::verify::{VerifyOptions, verify_and_collect};
 use crate::error::{LogError, SegmentError};
-use crate::lsn::ChangeKey;
+use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::SegmentEntry;
 use crate::segment::{SegmentContent, SegmentReader, hex};
 
 /// The parts `redact` erases: 0 the context, 1 the before image, 2 the after image.
 pub const PART_NAMES: [&str; 3] = ["context", "before", "after"];
 
-/// What a redaction is to do to one segment: its entry as verified, and for each change to
-/// redact the digests of all four parts as they are now (an erased part's from its record).
+/// What a redaction is to do to one change: the parts to erase (0 context, 1 before, 2
+/// after), and the digests of all four parts as they are now (an erased part's from its
+/// record).
+#[derive(Debug, Clone)]
+pub struct PlannedChange {
+    pub parts: Vec<u8>,
+    pub digests: [Hash; 4],
+}
+
+/// What a redaction is to do to one segment: its entry as verified, and its changes to redact.
 #[derive(Debug, Clone)]
 pub struct SegmentPlan {
     pub entry: SegmentEntry,
-    pub changes: BTreeMap<ChangeKey, [Hash; 4]>,
+    pub changes: BTreeMap<ChangeKey, PlannedChange>,
     /// Every leaf of the segment as verified (the rewrite must give the same).
     pub leaves: BTreeMap<ChangeKey, Hash>,
 }
@@ -63,6 +71,35 @@ pub enum RedactError {
     LeavesDiffer(ChangeKey),
     #[error("no parts to erase: give --parts with any of context, before, after")]
     NoParts,
+    #[error(
+        "change {change} of {table} is under legal hold {hold} ({reason}): nothing was erased; release the hold first (`pgtrail hold --release {hold}`) if the erasure is lawful"
+    )]
+    Held {
+        change: ChangeKey,
+        table: String,
+        hold: u64,
+        reason: String,
+    },
+    #[error(
+        "the archive is compacted through {compacted}, so changes before {before} may still be in the log: run `pgtrail compact` first, or purge before an earlier position"
+    )]
+    NotCompacted { before: Lsn, compacted: Lsn },
+    #[error(
+        "{0} has no key (no primary key or replica identity index), so a purge cannot tell which rows still exist at the position to keep their values; redact its changes by --change instead"
+    )]
+    NoKey(String),
+    #[error("no table to purge: give --tables")]
+    NoTables,
+}
+
+/// How a plan's erasures are put on the record.
+#[derive(Debug, Clone)]
+pub enum Receipt {
+    /// One receipt leaf per redacted change (kind 5).
+    EachChange,
+    /// One receipt leaf for the whole purge (kind 8), with this payload; the changes'
+    /// redaction records are covered by it and get no leaf of their own.
+    Purge(String),
 }
 
 /// What a redaction is to do: the segments to rewrite, and the keys of every change of each
@@ -72,16 +109,172 @@ pub enum RedactError {
 pub struct RedactPlan {
     pub segments: Vec<SegmentPlan>,
     pub epochs: BTreeMap<ChangeKey, Vec<ChangeKey>>,
+    pub receipt: Receipt,
 }
 
 /// Verify the archive in `dir` and find, for each change of `keys`, its segment and its parts'
-/// digests now. Read-only: the archive may be held by nobody else only when the plan is carried
-/// out (see [`crate::Compactor::redact`]).
-pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
+/// digests now, to erase `parts` of each. Read-only: the archive may be held by nobody else
+/// only when the plan is carried out (see [`crate::Compactor::redact`]).
+pub fn plan(dir: &Path, keys: &[ChangeKey], parts: &[u8]) -> Result<RedactPlan, RedactError> {
+    if parts.is_empty() {
+        return Err(RedactError::NoParts);
+    }
+    let collected = verified(dir)?;
+    let wanted = keys.iter().map(|k| (*k, parts.to_vec())).collect();
+    plan_changes(dir, &collected, wanted, Receipt::EachChange)
+}
+
+/// What [`plan_purge`] plans: the changes erased whole, and the changes of which only the
+/// context and the before image are erased because their after image is a row's value at
+/// the position.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PurgeCounts {
+    pub erased: u64,
+    pub kept_state: u64,
+}
+
+/// Plan a retention purge: every change of `tables` (as `schema.table`, the name each bore at
+/// its changes) committed before `before` loses its values, except what the table held at
+/// `before`: of each row that exists there, the last change before it keeps its after image
+/// (its context and before image go). So `as_of` at `before` or later answers exactly as
+/// before the purge, and the history before it keeps only each change's place, operation
+/// and key. One receipt leaf (kind 8) records the purge; `reason` goes into it.
+pub fn plan_purge(
+    dir: &Path,
+    tables: &[String],
+    before: Lsn,
+    reason: &str,
+) -> Result<(RedactPlan, PurgeCounts), RedactError> {
+    use crate::change::{Cell, Op};
+    if tables.is_empty() {
+        return Err(RedactError::NoTables);
+    }
+    let compacted = crate::log::LogReader::open(dir)?
+        .manifest()?
+        .compacted_through;
+    // Every change before `before` must be in a segment: one in the log would be left as it is.
+    if before > Lsn(compacted.0.saturating_add(1)) {
+        return Err(RedactError::NotCompacted { before, compacted });
+    }
+    let collected = verified(dir)?;
+    // Each selected change: its relation, operation and the keys of its images.
+    type RowKey = Vec<Option<String>>;
+    struct Selected {
+        key: ChangeKey,
+        relation: u32,
+        op: Op,
+        before: Option<RowKey>,
+        after: Option<RowKey>,
+    }
+    let mut selected: Vec<Selected> = Vec::new();
+    for entry in &collected.segments {
+        let SegmentContent::Table(rel) = &entry.content else {
+            continue;
+        };
+        let name = format!("{}.{}", rel.schema, rel.name);
+        if !tables.contains(&name) || entry.min_key >= ChangeKey::new(before, 0) {
+            continue;
+        }
+        let positions = rel.key_positions();
+        if positions.is_empty() {
+            return Err(RedactError::NoKey(name));
+        }
+        let row_key = |row: &Option<crate::change::Row>| -> Option<RowKey> {
+            row.as_ref().map(|r| {
+                positions
+                    .iter()
+                    .map(|&p| r.get(p).and_then(Cell::as_text).map(str::to_string))
+                    .collect()
+            })
+        };
+        let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
+        for batch in SegmentReader::open(&path, Some(&entry.sha256), 8192)? {
+            for (key, record) in crate::segment::read_records(&entry.content, &batch?)? {
+                if key.commit_lsn >= before {
+                    continue;
+                }
+                selected.push(Selected {
+                    key,
+                    relation: rel.relation_id,
+                    op: record.op,
+                    before: row_key(&record.before),
+                    after: row_key(&record.after),
+                });
+            }
+        }
+    }
+    selected.sort_by_key(|s| s.key);
+    // Replay the rows' existence up to `before`: which change last wrote each row that is
+    // still there.
+    let mut live: std::collections::HashMap<(u32, RowKey), ChangeKey> = Default::default();
+    for s in &selected {
+        match s.op {
+            Op::Truncate => live.retain(|(relation, _), _| *relation != s.relation),
+            Op::Delete => {
+                if let Some(k) = &s.before {
+                    live.remove(&(s.relation, k.clone()));
+                }
+            }
+            Op::Insert | Op::Update | Op::Snapshot => {
+                if let (Some(old), Some(new)) = (&s.before, &s.after)
+                    && old != new
+                {
+                    live.remove(&(s.relation, old.clone()));
+                }
+                if let Some(k) = &s.after {
+                    live.insert((s.relation, k.clone()), s.key);
+                }
+            }
+            Op::Message => {}
+        }
+    }
+    let state: std::collections::BTreeSet<ChangeKey> = live.into_values().collect();
+    let mut counts = PurgeCounts::default();
+    let wanted: BTreeMap<ChangeKey, Vec<u8>> = selected
+        .iter()
+        .map(|s| {
+            if state.contains(&s.key) {
+                counts.kept_state += 1;
+                (s.key, vec![0, 1])
+            } else {
+                counts.erased += 1;
+                (s.key, vec![0, 1, 2])
+            }
+        })
+        .collect();
+    let payload = serde_json::json!({
+        "tables": tables,
+        "before": before.to_string(),
+        "changes": selected.len(),
+        "kept_state": counts.kept_state,
+        "first": selected.first().map(|s| s.key.to_string()),
+        "last": selected.last().map(|s| s.key.to_string()),
+        "reason": reason,
+        "at_us": crate::now_us(),
+    })
+    .to_string();
+    let plan = plan_changes(dir, &collected, wanted, Receipt::Purge(payload))?;
+    Ok((plan, counts))
+}
+
+/// The archive verified, with what the plan needs of it.
+fn verified(dir: &Path) -> Result<super::verify::Collected, RedactError> {
     let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
     if let Some(p) = collected.report.problems.first() {
         return Err(RedactError::Unverified(format!("{}: {}", p.place, p.what)));
     }
+    Ok(collected)
+}
+
+/// Plan the erasure of `wanted` (each change's parts) in the verified archive.
+fn plan_changes(
+    dir: &Path,
+    collected: &super::verify::Collected,
+    wanted: BTreeMap<ChangeKey, Vec<u8>>,
+    receipt: Receipt,
+) -> Result<RedactPlan, RedactError> {
+    let keys: Vec<ChangeKey> = wanted.keys().copied().collect();
+    let keys = keys.as_slice();
     let mut by_segment: BTreeMap<u32, Vec<ChangeKey>> = BTreeMap::new();
     for key in keys {
         match collected.changes.find(*key)? {
@@ -112,12 +305,11 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
         let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)?;
         let content = reader.content().clone();
         let mut changes = BTreeMap::new();
-        let wanted: std::collections::BTreeSet<ChangeKey> = keys.iter().copied().collect();
         for batch in reader {
             let batch = batch?;
             let inputs_of = |key: ChangeKey| {
                 wanted
-                    .contains(&key)
+                    .contains_key(&key)
                     .then(|| {
                         collected.epochs.salts_for(key).map(|salts| LeafInputs {
                             salts,
@@ -126,8 +318,15 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
                     })
                     .flatten()
             };
-            for_each_leaf(&content, &batch, inputs_of, |key, _, _, parts| {
-                changes.insert(key, *parts);
+            for_each_leaf(&content, &batch, inputs_of, |key, _, _, digests| {
+                let parts = wanted.get(&key).cloned().unwrap_or_default();
+                changes.insert(
+                    key,
+                    PlannedChange {
+                        parts,
+                        digests: *digests,
+                    },
+                );
             })
             .map_err(|e| RedactError::Unverified(e.to_string()))?;
         }
@@ -164,6 +363,7 @@ pub fn plan(dir: &Path, keys: &[ChangeKey]) -> Result<RedactPlan, RedactError> {
     Ok(RedactPlan {
         segments: plans,
         epochs,
+        receipt,
     })
 }
 

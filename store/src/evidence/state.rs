@@ -7,6 +7,11 @@
 //! | `evidence_epochs`  | `(lsn, seq)` of the epoch's first change | its 32-byte seed |
 //! | `evidence_events`  | `(epoch lsn, epoch seq, n)` | `u8 kind ‖ payload`: gaps and watermarks |
 //! | `evidence_leafed_gaps` | the gap's key in `gaps` | the payload of its leaf |
+//! | `evidence_redactions` | the change's key | what was erased of it ([`Redaction`], JSON) |
+//! | `evidence_leafed_redactions` | the change's key | (a redaction whose receipt is a leaf, or a purge's) |
+//! | `evidence_salts`   | the change's key | its four salts, once its epoch is sealed |
+//! | `evidence_pending_events` | a number | `u8 kind ‖ payload`: holds, releases, purge receipts for the next run |
+//! | `evidence_holds`   | the hold's number | [`super::hold::Hold`] (JSON) |
 //! | `meta`             | `evidence_frontier` | [`Frontier::to_bytes`] |
 //!
 //! Files (derived; a verifier trusts none of them, only signatures and recomputation):
@@ -48,9 +53,13 @@ pub(crate) const REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
 /// The salts of the changes of sealed epochs (an epoch's seed erased by a redaction): the
 /// change's key → its four salts (64 bytes), an erased part's zeroed.
 pub(crate) const SALTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("evidence_salts");
-/// The redactions whose receipt is a leaf already.
+/// The redactions whose receipt is a leaf already (or that a purge's one receipt covers).
 pub(crate) const LEAFED_REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_leafed_redactions");
+/// Events waiting for the next compaction to become leaves, in the order they happened:
+/// number → `u8 kind ‖ payload` (holds placed and released, purge receipts).
+pub(crate) const PENDING_EVENTS: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("evidence_pending_events");
 
 /// What a redaction erased of one change: the parts (0 context, 1 before, 2 after) and the
 /// digest each had, which the change's leaf keeps committing to.
@@ -335,6 +344,19 @@ fn append_events(
             events.push((super::leaf::KIND_REDACTION, payload));
         }
     }
+    // Holds placed and released, and purge receipts, in the order they happened. Taken in
+    // the commit that adds their leaves, so each becomes a leaf exactly once.
+    let mut pending = wtx.open_table(PENDING_EVENTS)?;
+    while let Some((_, value)) = pending.pop_first()? {
+        let bytes = value.value();
+        let (&kind, payload) = bytes
+            .split_first()
+            .ok_or_else(|| corrupt("evidence pending event", "empty"))?;
+        let payload = String::from_utf8(payload.to_vec())
+            .map_err(|_| corrupt("evidence pending event", "not UTF-8"))?;
+        events.push((kind, payload));
+    }
+    drop(pending);
     let source: Option<crate::SourceIdentity> = match meta.get(crate::log::META_SOURCE)? {
         Some(v) => Some(crate::log::decode(v.value(), "meta source")?),
         None => None,

@@ -106,6 +106,12 @@ pub struct VerifyReport {
     /// Receipts of redactions the tree holds (their payloads: the change, the parts erased and
     /// their digests, why, when).
     pub redactions: Vec<String>,
+    /// Receipts of retention purges the tree holds (tables, before which position, how many
+    /// changes, how many kept their after image as the state at the position, why, when).
+    pub purges: Vec<String>,
+    /// Legal holds placed, and released, as the tree holds them (each hold as JSON).
+    pub holds: Vec<String>,
+    pub releases: Vec<String>,
     /// Key indexes found equal to their segment's keys, and key-ordered copies whose every
     /// row equals the segment row it copies (with [`VerifyOptions::derived`]).
     pub key_indexes_checked: u64,
@@ -700,6 +706,9 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
         match e.kind {
             super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
             super::leaf::KIND_REDACTION => report.redactions.push(e.payload.clone()),
+            super::leaf::KIND_PURGE => report.purges.push(e.payload.clone()),
+            super::leaf::KIND_HOLD => report.holds.push(e.payload.clone()),
+            super::leaf::KIND_RELEASE => report.releases.push(e.payload.clone()),
             super::leaf::KIND_WATERMARK => {
                 let id = payload["system_id"]
                     .as_str()

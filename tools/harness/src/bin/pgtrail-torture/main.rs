@@ -1562,6 +1562,36 @@ fn bad_inputs(h: &Harness, v: &mut Verdict) {
         "not in the evidence tree",
     );
     case(
+        "a purge position that is neither an LSN nor a time",
+        &|| Some(String::new()),
+        arg(&[
+            "purge",
+            "--archive",
+            &archive,
+            "--tables",
+            "t",
+            "--before",
+            "soon",
+            "--reason",
+            "r",
+        ]),
+        "neither an LSN",
+    );
+    case(
+        "a legal hold to release that was never placed",
+        &|| Some(String::new()),
+        arg(&[
+            "hold",
+            "--archive",
+            &archive,
+            "--release",
+            "99",
+            "--reason",
+            "r",
+        ]),
+        "no hold number 99",
+    );
+    case(
         "a verifier key that is not one",
         &|| Some(String::new()),
         arg(&[

@@ -1,0 +1,173 @@
+//! Legal holds: a scope of the history (tables, a range of commit LSNs) that nothing may erase
+//! until the hold is released. `redact` and `purge` refuse any change a hold in force covers,
+//! naming the hold.
+//!
+//! A hold placed and a hold released are each a leaf of the tree (kinds 6 and 7, the hold as
+//! JSON) at the next compaction that adds changes, so an auditor sees in the signed record
+//! when each hold was in force, and that every redaction and purge receipt came outside one.
+
+use redb::{ReadableTable, TableDefinition};
+
+use super::bundle::Scope;
+use super::leaf::{KIND_HOLD, KIND_RELEASE};
+use super::state::PENDING_EVENTS;
+use crate::error::LogError;
+use crate::log::table_if_made;
+use crate::lsn::ChangeKey;
+
+/// The holds ever placed: number → [`Hold`] (JSON). A released hold stays, with its release.
+pub(crate) const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("evidence_holds");
+
+/// A legal hold.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Hold {
+    /// Its number, from 1, in the order holds were placed.
+    pub id: u64,
+    pub scope: Scope,
+    pub reason: String,
+    pub placed_at_us: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub released: Option<Release>,
+}
+
+/// Why and when a hold was released.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Release {
+    pub reason: String,
+    pub at_us: i64,
+}
+
+impl Hold {
+    /// Whether the hold is in force over a change of `table` (the name it bore at the change).
+    pub fn covers(&self, key: ChangeKey, table: &str) -> bool {
+        self.released.is_none() && self.scope.takes_change(key, table)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HoldError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error("no hold number {0}: `pgtrail hold --list` shows the holds")]
+    NoSuchHold(u64),
+    #[error("hold {0} was released already")]
+    Released(u64),
+    #[error("--reason must say why (it is kept in the hold's leaf)")]
+    NoReason,
+}
+
+fn encode(hold: &Hold) -> Vec<u8> {
+    serde_json::to_vec(hold).expect("a hold is plain data")
+}
+
+fn decode(bytes: &[u8]) -> Result<Hold, LogError> {
+    serde_json::from_slice(bytes).map_err(|e| LogError::Corrupt {
+        what: "evidence hold".into(),
+        source: e.to_string().into(),
+    })
+}
+
+/// Queue `kind ‖ payload` to become a leaf at the next compaction, after every event queued
+/// before it.
+pub(crate) fn queue_event(
+    wtx: &redb::WriteTransaction,
+    kind: u8,
+    payload: &str,
+) -> Result<(), LogError> {
+    let mut pending = wtx.open_table(PENDING_EVENTS)?;
+    let next = pending.last()?.map_or(0, |(k, _)| k.value() + 1);
+    let mut bytes = Vec::with_capacity(1 + payload.len());
+    bytes.push(kind);
+    bytes.extend_from_slice(payload.as_bytes());
+    pending.insert(next, bytes.as_slice())?;
+    Ok(())
+}
+
+/// Place a hold over `scope`. The hold and its pending leaf are one commit.
+pub fn place(log: &crate::ChangeLog, scope: Scope, reason: &str) -> Result<Hold, HoldError> {
+    if reason.trim().is_empty() {
+        return Err(HoldError::NoReason);
+    }
+    let db = log.shared().0;
+    let mut wtx = db.begin_write().map_err(LogError::from)?;
+    wtx.set_two_phase_commit(true);
+    let hold = {
+        let mut holds = wtx.open_table(HOLDS).map_err(LogError::from)?;
+        let id = holds
+            .last()
+            .map_err(LogError::from)?
+            .map_or(1, |(k, _)| k.value() + 1);
+        let hold = Hold {
+            id,
+            scope,
+            reason: reason.to_string(),
+            placed_at_us: crate::now_us(),
+            released: None,
+        };
+        holds
+            .insert(id, encode(&hold).as_slice())
+            .map_err(LogError::from)?;
+        hold
+    };
+    queue_event(
+        &wtx,
+        KIND_HOLD,
+        &String::from_utf8(encode(&hold)).expect("JSON"),
+    )?;
+    wtx.commit().map_err(LogError::from)?;
+    Ok(hold)
+}
+
+/// Release hold `id`. The release and its pending leaf are one commit.
+pub fn release(log: &crate::ChangeLog, id: u64, reason: &str) -> Result<Hold, HoldError> {
+    if reason.trim().is_empty() {
+        return Err(HoldError::NoReason);
+    }
+    let db = log.shared().0;
+    let mut wtx = db.begin_write().map_err(LogError::from)?;
+    wtx.set_two_phase_commit(true);
+    let hold = {
+        let mut holds = wtx.open_table(HOLDS).map_err(LogError::from)?;
+        let mut hold = match holds.get(id).map_err(LogError::from)? {
+            Some(v) => decode(v.value())?,
+            None => return Err(HoldError::NoSuchHold(id)),
+        };
+        if hold.released.is_some() {
+            return Err(HoldError::Released(id));
+        }
+        hold.released = Some(Release {
+            reason: reason.to_string(),
+            at_us: crate::now_us(),
+        });
+        holds
+            .insert(id, encode(&hold).as_slice())
+            .map_err(LogError::from)?;
+        hold
+    };
+    queue_event(
+        &wtx,
+        KIND_RELEASE,
+        &String::from_utf8(encode(&hold)).expect("JSON"),
+    )?;
+    wtx.commit().map_err(LogError::from)?;
+    Ok(hold)
+}
+
+/// Every hold ever placed, in number order (released ones with their release).
+pub fn list(rtx: &redb::ReadTransaction) -> Result<Vec<Hold>, LogError> {
+    let Some(holds) = table_if_made(rtx, HOLDS)? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for entry in holds.iter()? {
+        out.push(decode(entry?.1.value())?);
+    }
+    Ok(out)
+}
+
+/// Every hold of the archive whose log is `log`.
+pub fn list_of(log: &crate::ChangeLog) -> Result<Vec<Hold>, LogError> {
+    use redb::ReadableDatabase;
+    let rtx = log.shared().0.begin_read()?;
+    list(&rtx)
+}
