@@ -230,25 +230,33 @@ pub fn plan_purge(
     }
     let state: std::collections::BTreeSet<ChangeKey> = live.into_values().collect();
     let mut counts = PurgeCounts::default();
+    // A change whose parts an earlier purge (or redaction) erased already is left as it is:
+    // a purge repeated every night rewrites only the segments with something left to erase.
+    let erased_already = |key: &ChangeKey, parts: &[u8]| {
+        let erased = collected.erased.get(key);
+        parts
+            .iter()
+            .all(|&p| erased.is_some_and(|e| e[p as usize].is_some()))
+    };
     let wanted: BTreeMap<ChangeKey, Vec<u8>> = selected
         .iter()
-        .map(|s| {
-            if state.contains(&s.key) {
-                counts.kept_state += 1;
-                (s.key, vec![0, 1])
-            } else {
-                counts.erased += 1;
-                (s.key, vec![0, 1, 2])
-            }
+        .map(|s| match state.contains(&s.key) {
+            true => (s.key, vec![0, 1]),
+            false => (s.key, vec![0, 1, 2]),
+        })
+        .filter(|(key, parts)| !erased_already(key, parts))
+        .inspect(|(_, parts)| match parts.len() {
+            2 => counts.kept_state += 1,
+            _ => counts.erased += 1,
         })
         .collect();
     let payload = serde_json::json!({
         "tables": tables,
         "before": before.to_string(),
-        "changes": selected.len(),
+        "changes": wanted.len(),
         "kept_state": counts.kept_state,
-        "first": selected.first().map(|s| s.key.to_string()),
-        "last": selected.last().map(|s| s.key.to_string()),
+        "first": wanted.keys().next().map(ChangeKey::to_string),
+        "last": wanted.keys().next_back().map(ChangeKey::to_string),
         "reason": reason,
         "at_us": crate::now_us(),
     })
