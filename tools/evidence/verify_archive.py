@@ -628,7 +628,7 @@ def main():
     sealed = read_sealed(evidence, tree)
     redactions = {(r["lsn"], r["seq"]): {int(k): bytes.fromhex(d) for k, d in r["parts"].items()}
                   for r in tree.get("redactions", [])}
-    leaves, rows, owner = [], 0, {}
+    leaves, rows, owner, redacted_table = [], 0, {}, {}
     segments = sorted(manifest["segments"], key=lambda s: (s["min"], s["file"]))
     for seg in segments:
         path = os.path.join(archive, "segments", seg["file"])
@@ -644,6 +644,11 @@ def main():
         except (ValueError, KeyError, OSError, pa.ArrowException) as e:
             problem(place, str(e))
             continue
+        content = json.loads((pq.ParquetFile(path).metadata.metadata or {})[b"pgtrail.segment"])["content"]
+        seg_table = None if content == "Messages" else content["Table"]["schema"] + "." + content["Table"]["name"]
+        for (l, s, _) in got:
+            if (l, s) in redactions:
+                redacted_table[(l, s)] = seg_table
         if n != seg["rows"]:
             problem(place, "holds %d rows, the manifest lists %d" % (n, seg["rows"]))
         rows += n
@@ -678,6 +683,32 @@ def main():
                         % (payload.get("system_id"), system))
         elif ev[3] not in (3, 5, 6, 7, 8):
             problem(place, "unknown event kind %d" % ev[3])
+    # Every erasure is on the signed record: a receipt of its own (kind 5), or a purge's (kind
+    # 8) for its table before its position; without one after a later compaction's watermark,
+    # it was kept off the record.
+    receipted, purges, last_run = set(), [], None
+    for ev in events:
+        try:
+            payload = json.loads(ev[4])
+        except ValueError:
+            continue
+        if ev[3] == 5:
+            receipted.add(payload.get("change"))
+        elif ev[3] == 8:
+            purges.append((payload.get("tables") or [], parse_lsn(payload.get("before", "0/0"))))
+        elif ev[3] == 4 and isinstance(payload.get("at_us"), int):
+            last_run = payload["at_us"] if last_run is None else max(last_run, payload["at_us"])
+    for r in tree.get("redactions", []):
+        key = (r["lsn"], r["seq"])
+        name = "%s#%d" % (lsn_text(r["lsn"]), r["seq"])
+        table = redacted_table.get(key)
+        if name in receipted or table is None:
+            continue
+        if any(r["lsn"] < before and table in tables for tables, before in purges):
+            continue
+        if last_run is not None and r.get("at_us", 0) < last_run:
+            problem("change %s of %s" % (name, table),
+                    "its values were erased but no receipt in the tree records it")
     order, c, e = [], 0, 0
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else None

@@ -1798,6 +1798,54 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // An erasure kept off the record: bob's update redacted, its receipt hidden (marked as a
+    // leaf already) before the next compaction. Once that compaction's watermark is in the
+    // tree, both verifiers name the change.
+    let bob: String = crate::pgtrail_sql(
+        &archive,
+        "csv",
+        "SELECT lsn, seq FROM public.people WHERE after['name'] = 'robert'",
+    );
+    let (lsn, seq) = bob.lines().nth(1).unwrap().split_once(',').unwrap();
+    let bob = format!("{}:{seq}", Lsn(lsn.parse().unwrap()));
+    psql("INSERT INTO people VALUES (4, 'dee', 'ssn-999-00')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    crate::pgtrail_ok(
+        &archive,
+        &["redact", "--reason", "quietly", "--change", &bob],
+    );
+    assert_eq!(
+        pgtrail_store::evidence::tampering::hide_redaction_receipts(&archive).unwrap(),
+        1
+    );
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "pending, not yet a problem: {}", v.pgtrail);
+    assert!(
+        v.pgtrail["warnings"]
+            .to_string()
+            .contains("receipt becomes a leaf"),
+        "{}",
+        v.pgtrail
+    );
+    psql("INSERT INTO people VALUES (5, 'eve', 'ssn-000-11')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    let bob_key = bob.replace(':', "#");
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(!v.pgtrail_ok, "an erasure without a receipt passed");
+    assert!(
+        v.pgtrail_text.contains(&bob_key) && v.pgtrail_text.contains("no receipt"),
+        "{}",
+        v.pgtrail_text
+    );
+    if let Some((ok, said)) = &v.python {
+        assert!(
+            !ok && said.contains(&bob_key) && said.contains("no receipt"),
+            "{said}"
+        );
+    }
 }
 
 /// The key index and key-ordered copy beside a segment are derived files `row_history`

@@ -515,6 +515,7 @@ pub fn publish(
             "lsn": k.commit_lsn.0,
             "seq": k.seq,
             "parts": r.parts,
+            "at_us": r.at_us,
         })).collect::<Vec<_>>(),
     });
     write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;

@@ -2,7 +2,7 @@
 //! them against what the log records and what signed checkpoints say, trusting no file of the
 //! archive (only recomputation and signatures by keys the caller gives).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
@@ -18,7 +18,7 @@ use super::spill::{LeafSpill, LeafStream};
 use super::state::EVIDENCE_DIR;
 use crate::error::{LogError, SegmentError};
 use crate::log::LogReader;
-use crate::lsn::ChangeKey;
+use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::SEGMENTS_DIR;
 use crate::segment::key_index::{self, KeyIndexBuilder, KeyIndexProblem};
 use crate::segment::{SegmentReader, key_copy};
@@ -346,8 +346,13 @@ fn walk(
     };
     let mut merged = spill.merged().map_err(scratch)?;
     let mut previous: Option<(Leaf, u32)> = None;
+    // The segment holding each redacted change (its table says which purge may cover it).
+    let mut redacted_in: BTreeMap<ChangeKey, usize> = BTreeMap::new();
     while let Some(next) = merged.next_with_stream() {
         let (leaf, stream) = next.map_err(scratch)?;
+        if !erased.is_empty() && erased.contains_key(&leaf.key) {
+            redacted_in.insert(leaf.key, stream);
+        }
         let change = (leaf, stream as u32);
         if let Some((p, ps)) = previous
             && p.key == leaf.key
@@ -377,6 +382,7 @@ fn walk(
     }
     report.events = state.events.len() as u64;
     check_events(&state.events, &mut report);
+    check_receipts(&state, &segments, &redacted_in, &mut report);
     report.problems.extend(checkpoint_problems);
     compare_checkpoints(&wanted, &fold, &mut report);
     finish_report(&mut report, options);
@@ -723,6 +729,81 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
                 }
             }
             other => report.problem(place, format!("unknown event kind {other}")),
+        }
+    }
+}
+
+/// Every erasure must be on the signed record: each redacted change has a receipt leaf of its
+/// own (kind 5) or is covered by a purge's receipt (kind 8: its table, before its position).
+/// A redaction without one is pending when no compaction ran since it (its receipt becomes a
+/// leaf at the next one): a warning. Once a later compaction's watermark is in the tree, a
+/// missing receipt means the erasure was kept off the record: a problem naming the change.
+fn check_receipts(
+    state: &super::state::EvidenceState,
+    segments: &[crate::SegmentEntry],
+    redacted_in: &BTreeMap<ChangeKey, usize>,
+    report: &mut VerifyReport,
+) {
+    let mut receipted = HashSet::new();
+    let mut purges: Vec<(Vec<String>, Lsn)> = Vec::new();
+    let mut last_run_us = i64::MIN;
+    for e in &state.events {
+        let Ok(payload) = serde_json::from_str::<serde_json::Value>(&e.payload) else {
+            continue;
+        };
+        match e.kind {
+            super::leaf::KIND_REDACTION => {
+                receipted.insert(payload["change"].as_str().unwrap_or_default().to_string());
+            }
+            super::leaf::KIND_PURGE => {
+                let tables = payload["tables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect();
+                if let Some(Ok(before)) = payload["before"].as_str().map(str::parse::<Lsn>) {
+                    purges.push((tables, before));
+                }
+            }
+            super::leaf::KIND_WATERMARK => {
+                last_run_us = last_run_us.max(payload["at_us"].as_i64().unwrap_or(i64::MIN));
+            }
+            _ => {}
+        }
+    }
+    for (key, redaction) in &state.redactions {
+        if receipted.contains(&key.to_string()) {
+            continue;
+        }
+        let table = redacted_in
+            .get(key)
+            .and_then(|i| segments.get(*i))
+            .map(|s| match &s.content {
+                crate::segment::SegmentContent::Table(rel) => {
+                    format!("{}.{}", rel.schema, rel.name)
+                }
+                crate::segment::SegmentContent::Messages => String::new(),
+            });
+        let Some(table) = table else {
+            // No segment holds it: the changes' own checks speak of that.
+            continue;
+        };
+        if purges
+            .iter()
+            .any(|(tables, before)| key.commit_lsn < *before && tables.contains(&table))
+        {
+            continue;
+        }
+        if redaction.at_us < last_run_us {
+            report.problem(
+                format!("change {key} of {table}"),
+                "its values were erased but no receipt in the tree records it (a later compaction ran): an erasure kept off the signed record",
+            );
+        } else {
+            report.warnings.push(format!(
+                "change {key} of {table}: erased, its receipt becomes a leaf at the next compaction"
+            ));
         }
     }
 }
