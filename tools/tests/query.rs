@@ -256,17 +256,7 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
     // one of them (primary_key) it takes the row path. Both must list the same changes.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (ctx, _) = pgtrail_query::open_session(&archive).unwrap();
-    let run = |sql: &str| -> Vec<String> {
-        let batches = rt.block_on(async {
-            pgtrail_query::read_only_query(&ctx, sql)
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap()
-        });
-        batches.iter().flat_map(rows_text).collect()
-    };
+    let run = |sql: &str| sql_rows(&rt, &ctx, sql);
     let view_columns = "\"table\", \"schema\", operation, context, committed_at, transaction_id, lsn, seq, position";
     let columnar = run(&format!("SELECT {view_columns} FROM changes"));
     let row_path = run(&format!(
@@ -389,17 +379,7 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
         .unwrap();
     assert!(settle.status.success(), "{settle:?}");
     let (ctx, snapshot) = pgtrail_query::open_session(&archive).unwrap();
-    let run = |sql: &str| -> Vec<String> {
-        let batches = rt.block_on(async {
-            pgtrail_query::read_only_query(&ctx, sql)
-                .await
-                .unwrap()
-                .collect()
-                .await
-                .unwrap()
-        });
-        batches.iter().flat_map(rows_text).collect()
-    };
+    let run = |sql: &str| sql_rows(&rt, &ctx, sql);
     let plain = snapshot.table("public.plain").unwrap();
     let pair = snapshot.table("public.pair").unwrap();
     let histories = |run: &dyn Fn(&str) -> Vec<String>| -> Vec<Vec<String>> {
@@ -974,4 +954,21 @@ fn keyframes_equal_the_replay_and_verify_names_a_forged_one() {
         named_then_rebuilt(what, &forged, said);
     }
     check_moments("after the last --rebuild");
+}
+
+/// The rows of a read-only query in `ctx`, each as text.
+fn sql_rows(
+    rt: &tokio::runtime::Runtime,
+    ctx: &datafusion::prelude::SessionContext,
+    sql: &str,
+) -> Vec<String> {
+    let batches = rt.block_on(async {
+        pgtrail_query::read_only_query(ctx, sql)
+            .await
+            .unwrap()
+            .collect()
+            .await
+            .unwrap()
+    });
+    batches.iter().flat_map(rows_text).collect()
 }

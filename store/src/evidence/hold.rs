@@ -85,49 +85,24 @@ pub(crate) fn queue_event(
 
 /// Place a hold over `scope`. The hold and its pending leaf are one commit.
 pub fn place(log: &crate::ChangeLog, scope: Scope, reason: &str) -> Result<Hold, HoldError> {
-    if reason.trim().is_empty() {
-        return Err(HoldError::NoReason);
-    }
-    let db = log.shared().0;
-    let mut wtx = db.begin_write().map_err(LogError::from)?;
-    wtx.set_two_phase_commit(true);
-    let hold = {
-        let mut holds = wtx.open_table(HOLDS).map_err(LogError::from)?;
+    change_holds(log, reason, KIND_HOLD, |holds| {
         let id = holds
             .last()
             .map_err(LogError::from)?
             .map_or(1, |(k, _)| k.value() + 1);
-        let hold = Hold {
+        Ok(Hold {
             id,
             scope,
             reason: reason.to_string(),
             placed_at_us: crate::now_us(),
             released: None,
-        };
-        holds
-            .insert(id, encode(&hold).as_slice())
-            .map_err(LogError::from)?;
-        hold
-    };
-    queue_event(
-        &wtx,
-        KIND_HOLD,
-        &String::from_utf8(encode(&hold)).expect("JSON"),
-    )?;
-    wtx.commit().map_err(LogError::from)?;
-    Ok(hold)
+        })
+    })
 }
 
 /// Release hold `id`. The release and its pending leaf are one commit.
 pub fn release(log: &crate::ChangeLog, id: u64, reason: &str) -> Result<Hold, HoldError> {
-    if reason.trim().is_empty() {
-        return Err(HoldError::NoReason);
-    }
-    let db = log.shared().0;
-    let mut wtx = db.begin_write().map_err(LogError::from)?;
-    wtx.set_two_phase_commit(true);
-    let hold = {
-        let mut holds = wtx.open_table(HOLDS).map_err(LogError::from)?;
+    change_holds(log, reason, KIND_RELEASE, |holds| {
         let mut hold = match holds.get(id).map_err(LogError::from)? {
             Some(v) => decode(v.value())?,
             None => return Err(HoldError::NoSuchHold(id)),
@@ -139,16 +114,34 @@ pub fn release(log: &crate::ChangeLog, id: u64, reason: &str) -> Result<Hold, Ho
             reason: reason.to_string(),
             at_us: crate::now_us(),
         });
+        Ok(hold)
+    })
+}
+
+/// One commit that stores the hold `change` makes (a new one, or one released) and queues its
+/// leaf of `kind`: a crash keeps both or neither.
+fn change_holds(
+    log: &crate::ChangeLog,
+    reason: &str,
+    kind: u8,
+    change: impl FnOnce(&redb::Table<u64, &[u8]>) -> Result<Hold, HoldError>,
+) -> Result<Hold, HoldError> {
+    if reason.trim().is_empty() {
+        return Err(HoldError::NoReason);
+    }
+    let db = log.shared().0;
+    let mut wtx = db.begin_write().map_err(LogError::from)?;
+    wtx.set_two_phase_commit(true);
+    let hold = {
+        let mut holds = wtx.open_table(HOLDS).map_err(LogError::from)?;
+        let hold = change(&holds)?;
         holds
-            .insert(id, encode(&hold).as_slice())
+            .insert(hold.id, encode(&hold).as_slice())
             .map_err(LogError::from)?;
         hold
     };
-    queue_event(
-        &wtx,
-        KIND_RELEASE,
-        &String::from_utf8(encode(&hold)).expect("JSON"),
-    )?;
+    let payload = String::from_utf8(encode(&hold)).expect("serde_json writes UTF-8");
+    queue_event(&wtx, kind, &payload)?;
     wtx.commit().map_err(LogError::from)?;
     Ok(hold)
 }
