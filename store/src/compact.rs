@@ -844,7 +844,7 @@ impl Compactor {
             .segments
             .iter()
             .flat_map(|s| s.changes.values())
-            .any(|c| c.parts.is_empty())
+            .any(|parts| parts.is_empty())
         {
             return Err(redact_error(RedactError::NoParts));
         }
@@ -918,68 +918,91 @@ impl Compactor {
                 &enums,
                 &self.options.segment,
             )?;
+            // The tree's state now: the planned changes' parts and every row's leaf are
+            // computed from the old file with it. The plan verified the archive, the file is
+            // still listed with the SHA-256 it verified with (checked above and on opening),
+            // and nothing else holds the archive, so these are the verified leaves; computing
+            // them here, one segment at a time, keeps memory to one segment's leaves.
+            let rtx = self.db.begin_read()?;
+            let state = evidence::state::read(&rtx)?;
+            drop(rtx);
+            let mut erased = state.erased()?;
+            let mut old_leaves: Vec<evidence::leaf::Leaf> = Vec::with_capacity(old.rows as usize);
+            let mut digests: BTreeMap<ChangeKey, [evidence::merkle::Hash; 4]> = BTreeMap::new();
             let path = self.segments_dir.join(&old.file_name);
             let reader =
                 SegmentReader::open(&path, Some(&old.sha256), self.options.segment.batch_rows)?;
             for batch in reader {
-                for (key, mut record) in crate::segment::read_records(&old.content, &batch?)? {
-                    if let Some(planned) = segment.changes.get(&key) {
-                        if planned.parts.contains(&0) {
+                let batch = batch?;
+                evidence::leaf::for_each_leaf(
+                    &old.content,
+                    &batch,
+                    evidence::leaf::epoch_inputs(&state.epochs, &erased),
+                    |key, _, data, parts| {
+                        old_leaves.push(evidence::leaf::Leaf {
+                            key,
+                            hash: evidence::merkle::leaf_hash(data),
+                        });
+                        if segment.changes.contains_key(&key) {
+                            digests.insert(key, *parts);
+                        }
+                    },
+                )
+                .map_err(|e| redact_error(RedactError::Unverified(e.to_string())))?;
+                for (key, mut record) in crate::segment::read_records(&old.content, &batch)? {
+                    if let Some(parts) = segment.changes.get(&key) {
+                        if parts.contains(&0) {
                             record.context = None;
                         }
-                        if planned.parts.contains(&1) {
+                        if parts.contains(&1) {
                             erase(&mut record.before);
                         }
-                        if planned.parts.contains(&2) {
+                        if parts.contains(&2) {
                             erase(&mut record.after);
                         }
                     }
                     w.push(key, &record, 0)?;
                 }
             }
+            if let Some(missing) = segment.changes.keys().find(|k| !digests.contains_key(k)) {
+                return Err(redact_error(RedactError::NotInTree(*missing)));
+            }
             let mut entry = finish(id, old.content.clone(), w, old.op_counts.clone())?;
             entry.raw_bytes = old.raw_bytes;
-            // The new file's leaves, with the erased digests (earlier and these), must be the
-            // verified ones: nothing else in the segment may have changed.
-            let rtx = self.db.begin_read()?;
-            let state = evidence::state::read(&rtx)?;
-            drop(rtx);
             // An image erased also erases the `changed` list (part 3): the writer derives it
             // from the images, and the row's list then says nothing of the original.
-            let parts_of = |planned: &evidence::redact::PlannedChange| -> Vec<u8> {
-                let parts = &planned.parts;
+            let parts_of = |parts: &Vec<u8>| -> Vec<u8> {
                 if parts.iter().any(|&p| p == 1 || p == 2) {
                     parts.iter().copied().chain([3]).collect()
                 } else {
                     parts.clone()
                 }
             };
-            let mut erased = state.erased()?;
-            for (key, planned) in &segment.changes {
+            for (key, parts) in &segment.changes {
                 let slot = erased.entry(*key).or_insert([None; 4]);
-                for k in parts_of(planned) {
-                    slot[k as usize] = Some(planned.digests[k as usize]);
+                for k in parts_of(parts) {
+                    slot[k as usize] = Some(digests[key][k as usize]);
                 }
             }
+            // The new file's leaves, with the erased digests (earlier and these), must be the
+            // old file's, one for one: nothing else in the segment may have changed.
             let new_path = self.segments_dir.join(&entry.file_name);
             let check = || -> Result<(), CompactError> {
                 let reader = SegmentReader::open(&new_path, Some(&entry.sha256), 8192)?;
                 let content = reader.content().clone();
-                let mut seen = 0usize;
+                let mut expected = old_leaves.iter();
                 for batch in reader {
                     for leaf in
                         evidence::leaf::batch_leaves(&content, &batch?, &state.epochs, &erased)
                             .map_err(|e| redact_error(RedactError::Unverified(e.to_string())))?
                     {
-                        if segment.leaves.get(&leaf.key) != Some(&leaf.hash) {
+                        if expected.next() != Some(&leaf) {
                             return Err(redact_error(RedactError::LeavesDiffer(leaf.key)));
                         }
-                        seen += 1;
                     }
                 }
-                if seen != segment.leaves.len() {
-                    let missing = segment.leaves.keys().next().copied().unwrap_or_default();
-                    return Err(redact_error(RedactError::LeavesDiffer(missing)));
+                if let Some(missing) = expected.next() {
+                    return Err(redact_error(RedactError::LeavesDiffer(missing.key)));
                 }
                 Ok(())
             };
@@ -1019,12 +1042,12 @@ impl Compactor {
                     epochs_table.insert((start.commit_lsn.0, start.seq), [].as_slice())?;
                 }
                 let mut leafed = wtx.open_table(evidence::state::LEAFED_REDACTIONS)?;
-                for (key, planned) in &segment.changes {
+                for (key, parts) in &segment.changes {
                     let k = (key.commit_lsn.0, key.seq);
                     let earlier = state.redactions.get(key).cloned();
-                    let parts = parts_of(planned);
+                    let parts = parts_of(parts);
                     let record =
-                        evidence::redact::record(*key, &planned.digests, &parts, reason, earlier);
+                        evidence::redact::record(*key, &digests[key], &parts, reason, earlier);
                     // A purge's changes are on the record by its one receipt, not each by
                     // its own leaf.
                     if !each_change {

@@ -642,7 +642,7 @@ pub type Redactions = std::collections::BTreeMap<ChangeKey, [Option<Hash>; 4]>;
 
 /// The leaf inputs of a change from the seed of its epoch (none before the first epoch) and
 /// the archive's redactions.
-fn epoch_inputs<'a>(
+pub(crate) fn epoch_inputs<'a>(
     epochs: &'a Epochs,
     redactions: &'a Redactions,
 ) -> impl Fn(ChangeKey) -> Option<LeafInputs> + 'a {

@@ -12,11 +12,15 @@
 //!
 //! Key columns stay: they are the row's identity, which the history needs to stay a history
 //! (an archive that must forget a key too must drop the table's history, which is not built).
+//!
+//! `pgtrail purge` ([`plan_purge`]) is a redaction planned from a table's history: every change
+//! before a position, but the last change of each row that exists there keeps its after image
+//! (the row's value at the position), so the state from the position on stays exact. One
+//! receipt records the whole purge.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::leaf::{LeafInputs, for_each_leaf};
 use super::merkle::Hash;
 use super::verify::{VerifyOptions, verify_and_collect};
 use crate::error::{LogError, SegmentError};
@@ -27,22 +31,13 @@ use crate::segment::{SegmentContent, SegmentReader, hex};
 /// The parts `redact` erases: 0 the context, 1 the before image, 2 the after image.
 pub const PART_NAMES: [&str; 3] = ["context", "before", "after"];
 
-/// What a redaction is to do to one change: the parts to erase (0 context, 1 before, 2
-/// after), and the digests of all four parts as they are now (an erased part's from its
-/// record).
-#[derive(Debug, Clone)]
-pub struct PlannedChange {
-    pub parts: Vec<u8>,
-    pub digests: [Hash; 4],
-}
-
-/// What a redaction is to do to one segment: its entry as verified, and its changes to redact.
+/// What a redaction is to do to one segment: its entry as verified, and the parts to erase
+/// (0 context, 1 before, 2 after) of each of its changes to redact. The parts' digests and the
+/// segment's leaves are computed when it is rewritten (one segment in memory at a time).
 #[derive(Debug, Clone)]
 pub struct SegmentPlan {
     pub entry: SegmentEntry,
-    pub changes: BTreeMap<ChangeKey, PlannedChange>,
-    /// Every leaf of the segment as verified (the rewrite must give the same).
-    pub leaves: BTreeMap<ChangeKey, Hash>,
+    pub changes: BTreeMap<ChangeKey, Vec<u8>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,7 +116,7 @@ pub fn plan(dir: &Path, keys: &[ChangeKey], parts: &[u8]) -> Result<RedactPlan, 
     }
     let collected = verified(dir)?;
     let wanted = keys.iter().map(|k| (*k, parts.to_vec())).collect();
-    plan_changes(dir, &collected, wanted, Receipt::EachChange)
+    plan_changes(&collected, wanted, Receipt::EachChange)
 }
 
 /// What [`plan_purge`] plans: the changes erased whole, and the changes of which only the
@@ -261,7 +256,7 @@ pub fn plan_purge(
         "at_us": crate::now_us(),
     })
     .to_string();
-    let plan = plan_changes(dir, &collected, wanted, Receipt::Purge(payload))?;
+    let plan = plan_changes(&collected, wanted, Receipt::Purge(payload))?;
     Ok((plan, counts))
 }
 
@@ -276,77 +271,35 @@ fn verified(dir: &Path) -> Result<super::verify::Collected, RedactError> {
 
 /// Plan the erasure of `wanted` (each change's parts) in the verified archive.
 fn plan_changes(
-    dir: &Path,
     collected: &super::verify::Collected,
     wanted: BTreeMap<ChangeKey, Vec<u8>>,
     receipt: Receipt,
 ) -> Result<RedactPlan, RedactError> {
     let keys: Vec<ChangeKey> = wanted.keys().copied().collect();
-    let keys = keys.as_slice();
-    let mut by_segment: BTreeMap<u32, Vec<ChangeKey>> = BTreeMap::new();
-    for key in keys {
-        match collected.changes.find(*key)? {
-            Some((_, place)) => by_segment.entry(place.segment).or_default().push(*key),
-            None => return Err(RedactError::NotInTree(*key)),
+    let mut by_segment: BTreeMap<u32, BTreeMap<ChangeKey, Vec<u8>>> = BTreeMap::new();
+    for (key, parts) in wanted {
+        match collected.changes.find(key)? {
+            Some((_, place)) => {
+                by_segment
+                    .entry(place.segment)
+                    .or_default()
+                    .insert(key, parts);
+            }
+            None => return Err(RedactError::NotInTree(key)),
         }
     }
-    // Every leaf of each segment to rewrite (in memory: a rewrite of a segment needs them
-    // all), in one pass over the changes.
-    let mut segment_leaves: BTreeMap<u32, BTreeMap<ChangeKey, Hash>> =
-        by_segment.keys().map(|s| (*s, BTreeMap::new())).collect();
-    collected
-        .changes
-        .for_each(0, collected.changes.len(), |p| {
-            if let Some(leaves) = segment_leaves.get_mut(&p.segment) {
-                leaves.insert(p.leaf.key, p.leaf.hash);
-            }
-            Ok(())
-        })?;
     let mut plans = Vec::new();
-    for (segment, keys) in by_segment {
+    for (segment, changes) in by_segment {
         let entry = collected.segments[segment as usize].clone();
         if matches!(entry.content, SegmentContent::Messages) {
-            return Err(RedactError::Message(keys[0]));
+            let first = changes.keys().next().copied().unwrap_or_default();
+            return Err(RedactError::Message(first));
         }
-        let leaves = segment_leaves.remove(&segment).unwrap_or_default();
-        let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
-        let reader = SegmentReader::open(&path, Some(&entry.sha256), 8192)?;
-        let content = reader.content().clone();
-        let mut changes = BTreeMap::new();
-        for batch in reader {
-            let batch = batch?;
-            let inputs_of = |key: ChangeKey| {
-                wanted
-                    .contains_key(&key)
-                    .then(|| {
-                        collected.epochs.salts_for(key).map(|salts| LeafInputs {
-                            salts,
-                            erased: collected.erased.get(&key).copied().unwrap_or([None; 4]),
-                        })
-                    })
-                    .flatten()
-            };
-            for_each_leaf(&content, &batch, inputs_of, |key, _, _, digests| {
-                let parts = wanted.get(&key).cloned().unwrap_or_default();
-                changes.insert(
-                    key,
-                    PlannedChange {
-                        parts,
-                        digests: *digests,
-                    },
-                );
-            })
-            .map_err(|e| RedactError::Unverified(e.to_string()))?;
-        }
-        plans.push(SegmentPlan {
-            entry,
-            changes,
-            leaves,
-        });
+        plans.push(SegmentPlan { entry, changes });
     }
     let mut epochs = BTreeMap::new();
     let starts = collected.epochs.starts();
-    for key in keys {
+    for key in &keys {
         let Some((start, _)) = collected.epochs.epoch_of(*key) else {
             return Err(RedactError::NotInTree(*key));
         };
