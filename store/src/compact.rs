@@ -1077,6 +1077,7 @@ impl Compactor {
             // was erased (and unlists the keyframes): readers see the old file with no
             // record, or the new with it.
             wtx.commit()?;
+            crashpoint::hit("redact:after_segment");
             redacted += segment.changes.len() as u64;
             tracing::info!(segment = %entry.file_name, changes = segment.changes.len(), "redacted");
         }

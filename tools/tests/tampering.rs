@@ -2013,6 +2013,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
     psql(
         "CREATE TABLE people (id int PRIMARY KEY, name text NOT NULL, note text NOT NULL);
+         CREATE TABLE pets (id int PRIMARY KEY, name text NOT NULL);
          CREATE TABLE lines (msg text) ; ALTER TABLE lines REPLICA IDENTITY FULL;",
     );
     capture_until_now(cluster, &db, &archive);
@@ -2026,6 +2027,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
          DELETE FROM people WHERE id % 5 = 0;
          UPDATE people SET id = 107, note = 'k107x' WHERE id = 7;
          UPDATE people SET note = 'c' || id || 'x' WHERE id % 6 = 0;
+         INSERT INTO pets SELECT g, 'pet' || g FROM generate_series(1, 10) g;
          INSERT INTO lines VALUES ('one');",
     );
     capture_until_now(cluster, &db, &archive);
@@ -2045,11 +2047,15 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     psql(
         "UPDATE people SET note = 'after' || id WHERE id % 4 = 0;
          INSERT INTO people SELECT g, 'n' || g, 'new' || g FROM generate_series(200, 210) g;
-         DELETE FROM people WHERE id = 1;",
+         DELETE FROM people WHERE id = 1;
+         UPDATE pets SET name = name || '+' WHERE id % 2 = 0;
+         DELETE FROM pets WHERE id = 3;",
     );
     capture_until_now(cluster, &db, &archive);
     let at_end_lsn = crate::insert_lsn(cluster, &db);
     let at_end = psql(state_sql);
+    let pets_sql = "SELECT string_agg(format('%s,%s', id, name), E'\\n' ORDER BY id) FROM pets";
+    let pets_at_end = psql(pets_sql);
     let signed = dir.join("before-purge.checkpoint");
     std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
 
@@ -2216,6 +2222,69 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
         v.pgtrail["redactions"].as_array().unwrap().len(),
         0,
         "the purge's changes are covered by its receipt, not each by a leaf"
+    );
+
+    // A purge of both tables before the end that crashes between its segments: the archive
+    // still verifies and answers as PostgreSQL held at the end; running it again finishes it.
+    let pets_as_of = |lsn: &str| -> String {
+        let csv = crate::pgtrail_sql(
+            &archive,
+            "csv",
+            &format!("SELECT id, name FROM as_of_lsn('public.pets', '{lsn}') ORDER BY id"),
+        );
+        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
+    };
+    assert_eq!(pets_as_of(&at_end_lsn), pets_at_end);
+    let out = pgtrail()
+        .args(["purge", "--reason", "retention: all but now", "--archive"])
+        .arg(&archive)
+        .args(["--tables", "people,pets", "--before", &at_end_lsn])
+        .env("PGTRAIL_CRASH_AT", "redact:after_segment")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("crash point"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(as_of(&at_end_lsn), at_end, "after a crash between segments");
+    assert_eq!(
+        pets_as_of(&at_end_lsn),
+        pets_at_end,
+        "after a crash between segments"
+    );
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    let out = purge(&["--tables", "people,pets", "--before", &at_end_lsn]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(as_of(&at_end_lsn), at_end, "after the purge was run again");
+    assert_eq!(
+        pets_as_of(&at_end_lsn),
+        pets_at_end,
+        "after the purge was run again"
+    );
+    assert!(
+        !crate::pgtrail_sql(&archive, "csv", "SELECT before, after FROM public.pets")
+            .contains("pet4\""),
+        "pet 4's name before its update is gone"
+    );
+    psql("INSERT INTO pets VALUES (99, 'late')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+    assert_eq!(
+        v.pgtrail["purges"].as_array().unwrap().len(),
+        3,
+        "{}",
+        v.pgtrail
     );
 
     // Changes still in the log cannot be purged yet; it says what to do.
