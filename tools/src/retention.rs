@@ -121,7 +121,7 @@ pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
     if args.list {
         let holds = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<Hold>> {
-            Ok(hold::list_of(&open_alone(&archive, "hold --list")?)?)
+            Ok(hold::list_in(&archive)?)
         })
         .await??;
         for h in holds {

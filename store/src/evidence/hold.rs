@@ -158,9 +158,7 @@ pub fn list(rtx: &redb::ReadTransaction) -> Result<Vec<Hold>, LogError> {
     Ok(out)
 }
 
-/// Every hold of the archive whose log is `log`.
-pub fn list_of(log: &crate::ChangeLog) -> Result<Vec<Hold>, LogError> {
-    use redb::ReadableDatabase;
-    let rtx = log.shared().0.begin_read()?;
-    list(&rtx)
+/// Every hold of the archive in `dir`, read beside a running capture.
+pub fn list_in(dir: &std::path::Path) -> Result<Vec<Hold>, LogError> {
+    list(crate::LogReader::open(dir)?.read_transaction())
 }
