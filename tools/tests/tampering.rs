@@ -2126,6 +2126,10 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert!(listed.contains("matter 7 closed"), "{listed}");
+    // A table the archive does not hold is named, not taken for one with nothing to purge.
+    let out = purge(&["--tables", "peeple", "--before", &moment]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no table public.peeple"));
     // A table without a key cannot be purged (which rows exist at the moment is unknowable).
     let out = purge(&["--tables", "lines", "--before", &moment]);
     assert!(!out.status.success());

@@ -85,6 +85,10 @@ pub enum RedactError {
     NoKey(String),
     #[error("no table to purge: give --tables")]
     NoTables,
+    #[error(
+        "the archive's segments hold no table {0} (tables are named schema.table, as they were named at their changes; `pgtrail sql \"SHOW TABLES\"` lists them)"
+    )]
+    UnknownTable(String),
 }
 
 /// How a plan's erasures are put on the record.
@@ -160,6 +164,17 @@ pub fn plan_purge(
         op: Op,
         before: Option<RowKey>,
         after: Option<RowKey>,
+    }
+    let named: std::collections::BTreeSet<String> = collected
+        .segments
+        .iter()
+        .filter_map(|e| match &e.content {
+            SegmentContent::Table(rel) => Some(format!("{}.{}", rel.schema, rel.name)),
+            SegmentContent::Messages => None,
+        })
+        .collect();
+    if let Some(unknown) = tables.iter().find(|t| !named.contains(*t)) {
+        return Err(RedactError::UnknownTable(unknown.clone()));
     }
     let mut selected: Vec<Selected> = Vec::new();
     for entry in &collected.segments {
