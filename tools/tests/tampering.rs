@@ -125,6 +125,16 @@ fn verify(archive: &Path, vkey: &str, trusted: &[&Path], python: bool) -> Verdic
     }
 }
 
+/// [`verify`], asserting that both verifiers accept the archive.
+fn verifies(archive: &Path, vkey: &str, trusted: &[&Path], python: bool) -> Verdicts {
+    let v = verify(archive, vkey, trusted, python);
+    assert!(v.pgtrail_ok, "{}", v.pgtrail);
+    if let Some((ok, said)) = &v.python {
+        assert!(ok, "{said}");
+    }
+    v
+}
+
 fn checkpoint(archive: &Path, key: &Path) -> String {
     let out = pgtrail()
         .args(["checkpoint", "--archive"])
@@ -1748,11 +1758,7 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     assert_eq!(zeroed, 2);
 
     // The evidence is whole: the checkpoint signed before the erasure still verifies.
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(v.pgtrail_ok, "{}", v.pgtrail);
-    if let Some((ok, said)) = &v.python {
-        assert!(ok, "{said}");
-    }
+    verifies(&archive, &vkey, &[&signed], python);
     // A bundle over the redacted changes carries their erased digests.
     let bundle = dir.join("bundle");
     write_bundle(&archive, &["--tables", "people"], &bundle);
@@ -2186,19 +2192,11 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
 
     // The evidence is whole: the checkpoint signed before the purge still verifies, and after
     // the next compaction the hold, its release and the one purge receipt are leaves.
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(v.pgtrail_ok, "{}", v.pgtrail);
-    if let Some((ok, said)) = &v.python {
-        assert!(ok, "{said}");
-    }
+    verifies(&archive, &vkey, &[&signed], python);
     psql("INSERT INTO people VALUES (300, 'n300', 'late')");
     capture_until_now(cluster, &db, &archive);
     checkpoint(&archive, &key);
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(v.pgtrail_ok, "{}", v.pgtrail);
-    if let Some((ok, said)) = &v.python {
-        assert!(ok, "{said}");
-    }
+    let v = verifies(&archive, &vkey, &[&signed], python);
     let purges = v.pgtrail["purges"].as_array().unwrap();
     assert_eq!(purges.len(), 1, "{}", v.pgtrail);
     let receipt: serde_json::Value = serde_json::from_str(purges[0].as_str().unwrap()).unwrap();
@@ -2279,11 +2277,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     psql("INSERT INTO pets VALUES (99, 'late')");
     capture_until_now(cluster, &db, &archive);
     checkpoint(&archive, &key);
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(v.pgtrail_ok, "{}", v.pgtrail);
-    if let Some((ok, said)) = &v.python {
-        assert!(ok, "{said}");
-    }
+    let v = verifies(&archive, &vkey, &[&signed], python);
     assert_eq!(
         v.pgtrail["purges"].as_array().unwrap().len(),
         3,
