@@ -1029,11 +1029,17 @@ impl Compactor {
                 // zeroed: nothing left in the archive derives it. Sealing gives the same salts,
                 // so it is safe in any commit; zeroing is safe only in the commit that erases
                 // the part's value and records its digest, which is this one.
-                for key in segment.changes.keys() {
-                    let Some((start, Some(seed))) = state.epochs.epoch_of(*key) else {
-                        continue;
-                    };
-                    let seed = *seed;
+                // Each epoch once (a purge erases many changes of one epoch), and only while
+                // its seed is still there: the state read above predates this commit.
+                let sealing: BTreeMap<ChangeKey, evidence::leaf::Seed> = segment
+                    .changes
+                    .keys()
+                    .filter_map(|key| match state.epochs.epoch_of(*key) {
+                        Some((start, Some(seed))) => Some((start, *seed)),
+                        _ => None,
+                    })
+                    .collect();
+                for (start, seed) in sealing {
                     for member in plan.epochs.get(&start).into_iter().flatten() {
                         let salts = evidence::leaf::salts(&seed, *member);
                         salts_table

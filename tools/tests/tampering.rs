@@ -1831,7 +1831,7 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     assert!(
         v.pgtrail["warnings"]
             .to_string()
-            .contains("receipt becomes a leaf"),
+            .contains("becomes a leaf at the next one"),
         "{}",
         v.pgtrail
     );

@@ -772,6 +772,7 @@ fn check_receipts(
             _ => {}
         }
     }
+    let mut pending: Vec<ChangeKey> = Vec::new();
     for (key, redaction) in &state.redactions {
         if receipted.contains(&key.to_string()) {
             continue;
@@ -801,10 +802,19 @@ fn check_receipts(
                 "its values were erased but no receipt in the tree records it (a later compaction ran): an erasure kept off the signed record",
             );
         } else {
-            report.warnings.push(format!(
-                "change {key} of {table}: erased, its receipt becomes a leaf at the next compaction"
-            ));
+            pending.push(*key);
         }
+    }
+    // One warning for them all: a purge erases a million changes at once.
+    match pending.as_slice() {
+        [] => {}
+        [one] => report.warnings.push(format!(
+            "change {one}: erased since the last compaction; its receipt becomes a leaf at the next one"
+        )),
+        [first, .., last] => report.warnings.push(format!(
+            "{} changes ({first} to {last}): erased since the last compaction; their receipts become leaves at the next one",
+            pending.len()
+        )),
     }
 }
 
