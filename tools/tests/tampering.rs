@@ -2089,22 +2089,17 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     };
     // A hold over part of the history before the moment stops the purge, naming the hold.
     let first_half: Lsn = moment.parse().unwrap();
-    let out = pgtrail()
-        .args(["hold", "--archive"])
-        .arg(&archive)
-        .args([
+    let out = crate::pgtrail_ok(
+        &archive,
+        &[
+            "hold",
             "--tables",
             "people",
             "--to",
             &Lsn(first_half.0 - 1).to_string(),
-        ])
-        .args(["--reason", "matter 7, counsel ref A-12"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+            "--reason",
+            "matter 7, counsel ref A-12",
+        ],
     );
     let hold: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(hold["id"], 1, "{hold}");
@@ -2117,16 +2112,9 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     );
     assert_eq!(as_of(&moment), at_moment, "a refused purge changed nothing");
     // Released (with its reason), the purge goes through.
-    let out = pgtrail()
-        .args(["hold", "--archive"])
-        .arg(&archive)
-        .args(["--release", "1", "--reason", "matter 7 closed"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::pgtrail_ok(
+        &archive,
+        &["hold", "--release", "1", "--reason", "matter 7 closed"],
     );
     let listed = crate::pgtrail_ok(&archive, &["hold", "--list"]);
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
