@@ -852,10 +852,9 @@ impl Compactor {
         // (redb's lock), so no hold can be placed between this check and the commits below.
         let holds = evidence::hold::list(&self.db.begin_read()?)?;
         for segment in &plan.segments {
-            let SegmentContent::Table(rel) = &segment.entry.content else {
+            let Some(table) = segment.entry.content.scope_name() else {
                 continue;
             };
-            let table = format!("{}.{}", rel.schema, rel.name);
             for key in segment.changes.keys() {
                 if let Some(hold) = holds.iter().find(|h| h.covers(*key, &table)) {
                     return Err(redact_error(RedactError::Held {

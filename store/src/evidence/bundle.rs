@@ -43,7 +43,7 @@ use super::note::{Checkpoint, VerifierKey};
 use super::verify::{VerifyOptions, open_checkpoint, verify_and_collect};
 use crate::error::{LogError, SegmentError};
 use crate::lsn::{ChangeKey, Lsn};
-use crate::segment::{SEGMENT_METADATA_KEY, SegmentContent, SegmentReader, hex, sha256_file};
+use crate::segment::{SEGMENT_METADATA_KEY, SegmentReader, hex, sha256_file};
 
 /// The `format` of a bundle's `bundle.json`.
 pub const BUNDLE_FORMAT: &str = "pgtrail-bundle/v1";
@@ -325,7 +325,7 @@ pub fn bundle_against(
                     })
                     .flatten()
             };
-            let table = table_name(&content);
+            let table = content.scope_name();
             for_each_leaf(&content, &batch, inputs_of, |key, row, data, _| {
                 let tree_index = in_range[&key];
                 let kind = if table.is_some() {
@@ -457,14 +457,6 @@ pub fn bundle_against(
         first,
         count,
     })
-}
-
-/// The `schema.table` of a table segment; `None` for messages.
-fn table_name(content: &SegmentContent) -> Option<String> {
-    match content {
-        SegmentContent::Table(rel) => Some(format!("{}.{}", rel.schema, rel.name)),
-        SegmentContent::Messages => None,
-    }
 }
 
 /// A segment's `pgtrail.segment` metadata, as written (the bundle's files carry it as is).
@@ -788,7 +780,7 @@ pub fn verify_bundle(dir: &Path, keys: &[VerifierKey]) -> Result<BundleReport, B
             }
         };
         let content = reader.content().clone();
-        let table = table_name(&content);
+        let table = content.scope_name();
         let want = &wanted[file_no];
         let mut row_base = 0u64;
         let mut seen = 0u64;

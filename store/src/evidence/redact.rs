@@ -168,10 +168,7 @@ pub fn plan_purge(
     let named: std::collections::BTreeSet<String> = collected
         .segments
         .iter()
-        .filter_map(|e| match &e.content {
-            SegmentContent::Table(rel) => Some(format!("{}.{}", rel.schema, rel.name)),
-            SegmentContent::Messages => None,
-        })
+        .filter_map(|e| e.content.scope_name())
         .collect();
     if let Some(unknown) = tables.iter().find(|t| !named.contains(*t)) {
         return Err(RedactError::UnknownTable(unknown.clone()));
@@ -181,7 +178,7 @@ pub fn plan_purge(
         let SegmentContent::Table(rel) = &entry.content else {
             continue;
         };
-        let name = format!("{}.{}", rel.schema, rel.name);
+        let name = entry.content.scope_name().unwrap_or_default();
         if !tables.contains(&name) || entry.min_key >= ChangeKey::new(before, 0) {
             continue;
         }

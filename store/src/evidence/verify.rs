@@ -780,12 +780,7 @@ fn check_receipts(
         let table = redacted_in
             .get(key)
             .and_then(|i| segments.get(*i))
-            .map(|s| match &s.content {
-                crate::segment::SegmentContent::Table(rel) => {
-                    format!("{}.{}", rel.schema, rel.name)
-                }
-                crate::segment::SegmentContent::Messages => String::new(),
-            });
+            .map(|s| s.content.scope_name().unwrap_or_default());
         let Some(table) = table else {
             // No segment holds it: the changes' own checks speak of that.
             continue;

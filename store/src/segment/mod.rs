@@ -77,6 +77,15 @@ impl SegmentContent {
             SegmentContent::Messages => "pgtrail.messages".into(),
         }
     }
+
+    /// The name the evidence's scopes use (bundles, certificates, holds, purges): `schema.table`
+    /// unquoted, as the leaf holds it; `None` for messages.
+    pub fn scope_name(&self) -> Option<String> {
+        match self {
+            SegmentContent::Table(rel) => Some(format!("{}.{}", rel.schema, rel.name)),
+            SegmentContent::Messages => None,
+        }
+    }
 }
 
 fn metadata_fields() -> Vec<Field> {

@@ -642,6 +642,31 @@ mod tests {
 
     /// A segment of `n` changes in row groups of 7 rows, written as `name` in `dir`: copies
     /// of a change of the fixture at commit LSNs 100, 200, … (`seq` = LSN / 100 mod 3).
+    /// The keys `(lsn, seq)` a selected read of `path` yields: batches of `batch_rows`, LSNs
+    /// within `lsn`, and the rows `rows` (numbered across the row groups the bounds keep).
+    fn selected_keys(
+        path: &Path,
+        batch_rows: usize,
+        lsn: (u64, u64),
+        rows: Option<&[usize]>,
+    ) -> Vec<(u64, u32)> {
+        let reader = SegmentReader::open_selected(
+            path,
+            None,
+            batch_rows,
+            lsn,
+            (i64::MIN, i64::MAX),
+            None,
+            rows,
+        )
+        .unwrap();
+        let content = reader.content().clone();
+        reader
+            .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
+            .map(|(k, _)| (k.commit_lsn.0, k.seq))
+            .collect()
+    }
+
     fn segment_of(dir: &Path, name: &str, n: u64) -> std::path::PathBuf {
         let fixture = dir.join("fixture.parquet");
         std::fs::write(&fixture, SEGMENT).unwrap();
@@ -701,21 +726,7 @@ mod tests {
             vec![],
             (0..=last).collect(),
         ] {
-            let reader = SegmentReader::open_selected(
-                &path,
-                None,
-                2,
-                (0, u64::MAX),
-                (i64::MIN, i64::MAX),
-                None,
-                Some(&rows),
-            )
-            .unwrap();
-            let content = reader.content().clone();
-            let got: Vec<(u64, u32)> = reader
-                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
-                .map(|(k, _)| (k.commit_lsn.0, k.seq))
-                .collect();
+            let got = selected_keys(&path, 2, (0, u64::MAX), Some(&rows));
             let want: Vec<(u64, u32)> = rows
                 .iter()
                 .filter(|&&r| r <= last)
@@ -726,23 +737,7 @@ mod tests {
         // With LSN bounds, rows are numbered across the row groups the bounds keep (rows
         // 1,500 to 4,000 of the 60 changes: row groups 3 to 6); a selection then reads only
         // the row groups holding one of its rows, and still yields exactly those rows.
-        let read = |rows: Option<&[usize]>| -> Vec<(u64, u32)> {
-            let reader = SegmentReader::open_selected(
-                &path,
-                None,
-                2,
-                (1500, 4000),
-                (i64::MIN, i64::MAX),
-                None,
-                rows,
-            )
-            .unwrap();
-            let content = reader.content().clone();
-            reader
-                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
-                .map(|(k, _)| (k.commit_lsn.0, k.seq))
-                .collect()
-        };
+        let read = |rows: Option<&[usize]>| selected_keys(&path, 2, (1500, 4000), rows);
         let kept = read(None);
         assert_eq!(kept.len(), 28, "row groups 3 to 6 of 7 rows each");
         for rows in [
@@ -769,20 +764,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("copy.parquet");
         let selected = |rows: &[usize]| -> Vec<u64> {
-            let reader = SegmentReader::open_selected(
-                &path,
-                None,
-                4,
-                (0, u64::MAX),
-                (i64::MIN, i64::MAX),
-                None,
-                Some(rows),
-            )
-            .unwrap();
-            let content = reader.content().clone();
-            reader
-                .flat_map(|b| read_records(&content, &b.unwrap()).unwrap())
-                .map(|(k, _)| k.commit_lsn.0)
+            selected_keys(&path, 4, (0, u64::MAX), Some(rows))
+                .into_iter()
+                .map(|(lsn, _)| lsn)
                 .collect()
         };
         std::fs::rename(segment_of(dir.path(), "first", 60), &path).unwrap();
