@@ -381,8 +381,8 @@ fn walk(
         order.finish(&mut |h| emit(h, None));
     }
     report.events = state.events.len() as u64;
-    check_events(&state.events, &mut report);
-    check_receipts(&state, &segments, &redacted_in, &mut report);
+    let receipts = check_events(&state.events, &mut report);
+    check_receipts(receipts, &state, &segments, &redacted_in, &mut report);
     report.problems.extend(checkpoint_problems);
     compare_checkpoints(&wanted, &fold, &mut report);
     finish_report(&mut report, options);
@@ -701,8 +701,13 @@ pub(crate) fn open_checkpoint(
 
 /// The events' payloads read as what they claim: every watermark names the same source system
 /// as the first (another system's archive spliced in would not), and the gaps are listed.
-fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
+/// Returns what the tree records of erasures, for [`check_receipts`].
+fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Receipts {
     let mut system: Option<String> = None;
+    let mut receipts = Receipts {
+        last_run_us: i64::MIN,
+        ..Receipts::default()
+    };
     for e in events {
         let place = format!("evidence event {} of epoch {}", e.n, e.epoch);
         let Ok(payload) = serde_json::from_str::<serde_json::Value>(&e.payload) else {
@@ -711,11 +716,28 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
         };
         match e.kind {
             super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
-            super::leaf::KIND_REDACTION => report.redactions.push(e.payload.clone()),
-            super::leaf::KIND_PURGE => report.purges.push(e.payload.clone()),
+            super::leaf::KIND_REDACTION => {
+                let change = payload["change"].as_str().unwrap_or_default();
+                receipts.changes.insert(change.to_string());
+                report.redactions.push(e.payload.clone());
+            }
+            super::leaf::KIND_PURGE => {
+                let tables = payload["tables"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| t.as_str().map(str::to_string))
+                    .collect();
+                if let Some(Ok(before)) = payload["before"].as_str().map(str::parse::<Lsn>) {
+                    receipts.purges.push((tables, before));
+                }
+                report.purges.push(e.payload.clone());
+            }
             super::leaf::KIND_HOLD => report.holds.push(e.payload.clone()),
             super::leaf::KIND_RELEASE => report.releases.push(e.payload.clone()),
             super::leaf::KIND_WATERMARK => {
+                let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
+                receipts.last_run_us = receipts.last_run_us.max(at_us);
                 let id = payload["system_id"]
                     .as_str()
                     .unwrap_or_default()
@@ -731,6 +753,16 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
             other => report.problem(place, format!("unknown event kind {other}")),
         }
     }
+    receipts
+}
+
+/// What the tree records of erasures: the changes with a receipt of their own (`lsn#seq`),
+/// each purge's tables and position, and the latest compaction's time.
+#[derive(Default)]
+struct Receipts {
+    changes: HashSet<String>,
+    purges: Vec<(Vec<String>, Lsn)>,
+    last_run_us: i64,
 }
 
 /// Every erasure must be on the signed record: each redacted change has a receipt leaf of its
@@ -739,39 +771,17 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) {
 /// leaf at the next one): a warning. Once a later compaction's watermark is in the tree, a
 /// missing receipt means the erasure was kept off the record: a problem naming the change.
 fn check_receipts(
+    receipts: Receipts,
     state: &super::state::EvidenceState,
     segments: &[crate::SegmentEntry],
     redacted_in: &BTreeMap<ChangeKey, usize>,
     report: &mut VerifyReport,
 ) {
-    let mut receipted = HashSet::new();
-    let mut purges: Vec<(Vec<String>, Lsn)> = Vec::new();
-    let mut last_run_us = i64::MIN;
-    for e in &state.events {
-        let Ok(payload) = serde_json::from_str::<serde_json::Value>(&e.payload) else {
-            continue;
-        };
-        match e.kind {
-            super::leaf::KIND_REDACTION => {
-                receipted.insert(payload["change"].as_str().unwrap_or_default().to_string());
-            }
-            super::leaf::KIND_PURGE => {
-                let tables = payload["tables"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|t| t.as_str().map(str::to_string))
-                    .collect();
-                if let Some(Ok(before)) = payload["before"].as_str().map(str::parse::<Lsn>) {
-                    purges.push((tables, before));
-                }
-            }
-            super::leaf::KIND_WATERMARK => {
-                last_run_us = last_run_us.max(payload["at_us"].as_i64().unwrap_or(i64::MIN));
-            }
-            _ => {}
-        }
-    }
+    let Receipts {
+        changes: receipted,
+        purges,
+        last_run_us,
+    } = receipts;
     let mut pending: Vec<ChangeKey> = Vec::new();
     for (key, redaction) in &state.redactions {
         if receipted.contains(&key.to_string()) {
