@@ -28,6 +28,15 @@ pub fn remove_if_exists(path: &Path) {
 
 /// Write `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SegmentError> {
+    write_atomically_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomically`] what `write` writes (through a buffer), for a file too large to hold
+/// in memory first.
+pub fn write_atomically_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(), SegmentError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -44,7 +53,11 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SegmentError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(io(&tmp))?;
-    file.write_all(bytes).map_err(io(&tmp))?;
+    let mut buffered = std::io::BufWriter::with_capacity(1 << 20, &mut file);
+    write(&mut buffered)
+        .and_then(|()| buffered.flush())
+        .map_err(io(&tmp))?;
+    drop(buffered);
     file.sync_all().map_err(io(&tmp))?;
     drop(file);
     std::fs::rename(&tmp, path).map_err(io(path))?;

@@ -877,8 +877,15 @@ impl Compactor {
             Receipt::Purge(payload) => Some(payload.clone()),
         };
         let each_change = purge_receipt.is_none();
-        for segment in plan.segments {
+        let total = plan.segments.len();
+        for (n, segment) in plan.segments.into_iter().enumerate() {
             let old = segment.entry;
+            tracing::info!(
+                segment = %old.file_name,
+                changes = segment.changes.len(),
+                "rewriting segment {} of {total}",
+                n + 1
+            );
             let listed = LogReader::from_db(self.db.as_ref())?
                 .manifest()?
                 .segments
@@ -922,8 +929,10 @@ impl Compactor {
             // still listed with the SHA-256 it verified with (checked above and on opening),
             // and nothing else holds the archive, so these are the verified leaves; computing
             // them here, one segment at a time, keeps memory to one segment's leaves.
+            // Only this segment's records and salts: a long history of earlier erasures stays
+            // on disk.
             let rtx = self.db.begin_read()?;
-            let state = evidence::state::read(&rtx)?;
+            let state = evidence::state::read_within(&rtx, Some(old.min_key..=old.max_key))?;
             drop(rtx);
             let mut erased = state.erased()?;
             let mut old_leaves: Vec<evidence::leaf::Leaf> = Vec::with_capacity(old.rows as usize);
@@ -1020,6 +1029,12 @@ impl Compactor {
                 segments.insert(entry.id, encode(&entry).as_slice())?;
                 let mut meta = wtx.open_table(META)?;
                 meta.insert(META_NEXT_SEGMENT, (id + 1).to_le_bytes().as_slice())?;
+                // Counted, so that publishing writes the salts files again (and only then).
+                let erasures = meta_u64(&meta, evidence::state::META_ERASURES)?;
+                meta.insert(
+                    evidence::state::META_ERASURES,
+                    (erasures + 1).to_le_bytes().as_slice(),
+                )?;
                 let mut records = wtx.open_table(evidence::state::REDACTIONS)?;
                 let mut salts_table = wtx.open_table(evidence::state::SALTS)?;
                 let mut epochs_table = wtx.open_table(evidence::state::EPOCHS)?;

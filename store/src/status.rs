@@ -255,7 +255,7 @@ impl ArchiveStatus {
                 keyframe_bytes: keyframes.iter().map(|k| k.bytes).sum(),
             },
             evidence: {
-                let state = crate::evidence::state::read(reader.read_transaction())?;
+                let frontier = crate::evidence::state::frontier(reader.read_transaction())?;
                 let latest = std::fs::read_to_string(
                     dir.join(crate::evidence::state::EVIDENCE_DIR)
                         .join("checkpoint"),
@@ -265,14 +265,14 @@ impl ArchiveStatus {
                 let origin = latest.as_ref().map(|c| c.origin.clone());
                 let latest_checkpoint = latest.map_or(0, |c| c.size);
                 EvidenceStatus {
-                    tree_size: state.frontier.size(),
+                    tree_size: frontier.size(),
                     root: base64::Engine::encode(
                         &base64::engine::general_purpose::STANDARD,
-                        state.frontier.root(),
+                        frontier.root(),
                     ),
                     latest_checkpoint,
                     origin,
-                    unattested: state.frontier.size().saturating_sub(latest_checkpoint) + in_log,
+                    unattested: frontier.size().saturating_sub(latest_checkpoint) + in_log,
                 }
             },
             log: LogTailStatus {

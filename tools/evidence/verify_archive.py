@@ -248,6 +248,16 @@ def read_sealed(evidence, tree):
     return sealed
 
 
+def read_redactions(evidence, tree):
+    """The redaction records: in the file tree.json's "redactions" names, one JSON object a
+    line (format v2), or inline as a list (v1)."""
+    named = tree.get("redactions", [])
+    if not isinstance(named, str):
+        return named
+    with open(os.path.join(evidence, named)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def segment_leaves(path, salts_of, erased_of=lambda lsn, seq: {}):
     """[(lsn, seq, leaf hash)] of the rows salts_of gives salts for, and the number of rows.
     erased_of gives a redacted change's erased parts' digests ({part: digest}): the leaf keeps
@@ -626,8 +636,9 @@ def main():
     epochs = sorted(((e["lsn"], e["seq"], None if e.get("seed") is None else bytes.fromhex(e["seed"]))
                      for e in tree["epochs"]), key=lambda e: (e[0], e[1]))
     sealed = read_sealed(evidence, tree)
+    records = read_redactions(evidence, tree)
     redactions = {(r["lsn"], r["seq"]): {int(k): bytes.fromhex(d) for k, d in r["parts"].items()}
-                  for r in tree.get("redactions", [])}
+                  for r in records}
     leaves, rows, owner, redacted_table = [], 0, {}, {}
     segments = sorted(manifest["segments"], key=lambda s: (s["min"], s["file"]))
     for seg in segments:
@@ -698,7 +709,7 @@ def main():
             purges.append((payload.get("tables") or [], parse_lsn(payload.get("before", "0/0"))))
         elif ev[3] == 4 and isinstance(payload.get("at_us"), int):
             last_run = payload["at_us"] if last_run is None else max(last_run, payload["at_us"])
-    for r in tree.get("redactions", []):
+    for r in records:
         key = (r["lsn"], r["seq"])
         name = "%s#%d" % (lsn_text(r["lsn"]), r["seq"])
         table = redacted_table.get(key)

@@ -2181,9 +2181,23 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     // The evidence is whole: the checkpoint signed before the purge still verifies, and after
     // the next compaction the hold, its release and the one purge receipt are leaves.
     verifies(&archive, &vkey, &[&signed], python);
+    // The redaction records and sealed salts are files written when an erasure is committed,
+    // not at every compaction (a purge can leave millions): the compaction below rewrites
+    // tree.json and leaves them as they are (same inode: an atomic write would replace it).
+    let inode = |name: &str| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(archive.join(name)).unwrap())
+    };
+    let records = std::fs::read_to_string(archive.join("evidence/redactions.jsonl")).unwrap();
+    assert_eq!(records.lines().count(), 40 + 13 + 8 + 1 + 5, "{records}");
+    let before_compaction = [
+        inode("evidence/tree.json"),
+        inode("evidence/redactions.jsonl"),
+    ];
     psql("INSERT INTO people VALUES (300, 'n300', 'late')");
     capture_until_now(cluster, &db, &archive);
     checkpoint(&archive, &key);
+    assert_ne!(inode("evidence/tree.json"), before_compaction[0]);
+    assert_eq!(inode("evidence/redactions.jsonl"), before_compaction[1]);
     let v = verifies(&archive, &vkey, &[&signed], python);
     let purges = v.pgtrail["purges"].as_array().unwrap();
     assert_eq!(purges.len(), 1, "{}", v.pgtrail);

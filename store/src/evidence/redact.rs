@@ -155,7 +155,12 @@ pub fn plan_purge(
     if before > Lsn(compacted.0.saturating_add(1)) {
         return Err(RedactError::NotCompacted { before, compacted });
     }
+    tracing::info!("purge: verifying the archive before erasing anything");
     let collected = verified(dir)?;
+    tracing::info!(
+        changes = collected.report.tree_size,
+        "purge: the archive verifies; reading the tables' history before {before}"
+    );
     // Each selected change: its relation, operation and the keys of its images.
     type RowKey = Vec<Option<String>>;
     struct Selected {
@@ -269,6 +274,12 @@ pub fn plan_purge(
     })
     .to_string();
     let plan = plan_changes(&collected, wanted, Receipt::Purge(payload))?;
+    tracing::info!(
+        erased = counts.erased,
+        kept_state = counts.kept_state,
+        segments = plan.segments.len(),
+        "purge: planned"
+    );
     Ok((plan, counts))
 }
 

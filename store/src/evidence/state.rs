@@ -29,7 +29,7 @@ use super::leaf::{Epochs, Leaf, Seed};
 use super::merkle::{Frontier, Hash};
 use super::note::Checkpoint;
 use super::signer::Signer;
-use crate::atomic_file::{create_private_dir, write_atomically};
+use crate::atomic_file::{create_private_dir, write_atomically, write_atomically_with};
 use crate::error::{LogError, SegmentError};
 use crate::log::{LogReader, META, table_if_made};
 use crate::lsn::{ChangeKey, Lsn};
@@ -97,8 +97,10 @@ impl Redaction {
 
 /// The directory of evidence files inside the archive.
 pub const EVIDENCE_DIR: &str = "evidence";
-/// The format of `evidence/tree.json` and `evidence/manifest.json`.
-pub const EVIDENCE_FILES_FORMAT: &str = "pgtrail/evidence/v1";
+/// The format of `evidence/tree.json` and `evidence/manifest.json`. v2: the redaction records
+/// are in the file `tree.json`'s `redactions` names (v1 held them inline, rewritten at every
+/// compaction).
+pub const EVIDENCE_FILES_FORMAT: &str = "pgtrail/evidence/v2";
 
 /// One of the archive's own events in the tree (see [`super::leaf::event_leaf_hash`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -174,6 +176,23 @@ fn corrupt(what: &str, why: &str) -> LogError {
 
 /// The tree's state in the read transaction `rtx`.
 pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogError> {
+    read_within(
+        rtx,
+        Some(ChangeKey::default()..=ChangeKey::new(Lsn(u64::MAX), u32::MAX)),
+    )
+}
+
+/// [`read`], with the recorded salts and redaction records of the changes in `range` only
+/// (none with `None`; every epoch, event and the frontier still): what rewriting one segment
+/// needs, in memory that grows with the segment rather than with every change ever erased.
+pub(crate) fn read_within(
+    rtx: &redb::ReadTransaction,
+    range: Option<std::ops::RangeInclusive<ChangeKey>>,
+) -> Result<EvidenceState, LogError> {
+    let keys = range.map(|range| {
+        (range.start().commit_lsn.0, range.start().seq)
+            ..=(range.end().commit_lsn.0, range.end().seq)
+    });
     let mut starts = Vec::new();
     if let Some(t) = table_if_made(rtx, EPOCHS)? {
         for entry in t.iter()? {
@@ -192,8 +211,8 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         }
     }
     let mut sealed = std::collections::BTreeMap::new();
-    if let Some(t) = table_if_made(rtx, SALTS)? {
-        for entry in t.iter()? {
+    if let (Some(t), Some(keys)) = (table_if_made(rtx, SALTS)?, keys.clone()) {
+        for entry in t.range(keys)? {
             let (k, v) = entry?;
             let (lsn, seq) = k.value();
             let bytes = v.value();
@@ -216,8 +235,8 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
     };
     let frontier = frontier_in(&rtx.open_table(META)?)?;
     let mut redactions = std::collections::BTreeMap::new();
-    if let Some(t) = table_if_made(rtx, REDACTIONS)? {
-        for entry in t.iter()? {
+    if let (Some(t), Some(keys)) = (table_if_made(rtx, REDACTIONS)?, keys) {
+        for entry in t.range(keys)? {
             let (k, v) = entry?;
             let (lsn, seq) = k.value();
             let redaction: Redaction = serde_json::from_slice(v.value())
@@ -230,6 +249,59 @@ pub(crate) fn read(rtx: &redb::ReadTransaction) -> Result<EvidenceState, LogErro
         frontier,
         events,
         redactions,
+    })
+}
+
+/// The tree's frontier alone (its size and root), without the epochs' salts and the
+/// redaction records [`read`] loads: after a purge those grow with every change it erased.
+pub(crate) fn frontier(rtx: &redb::ReadTransaction) -> Result<Frontier, LogError> {
+    frontier_in(&rtx.open_table(META)?)
+}
+
+/// How many redaction commits there have been (a `META` counter): each changes the recorded
+/// salts, so the salts files are written again when it moves.
+pub(crate) const META_ERASURES: &str = "evidence_erasures";
+
+/// The file beside `tree.json` that says which `META_ERASURES` count the salts files and
+/// `redactions.jsonl` hold.
+const ERASURES_WRITTEN: &str = "erasures.written";
+
+/// The redaction records' file, named by `tree.json`'s `redactions`.
+const REDACTIONS_FILE: &str = "redactions.jsonl";
+
+/// Write `redactions.jsonl`: each redaction record (`lsn`, `seq`, `parts`, `at_us`) on a line,
+/// streamed from the log's table.
+fn write_redactions_file(
+    path: &Path,
+    redactions: Option<&redb::ReadOnlyTable<(u64, u32), &'static [u8]>>,
+) -> Result<(), PublishError> {
+    let mut bad_record = None;
+    write_atomically_with(path, |w| {
+        let Some(table) = redactions else {
+            return Ok(());
+        };
+        let io = |e: redb::StorageError| std::io::Error::other(e.to_string());
+        for entry in table.iter().map_err(io)? {
+            let (k, v) = entry.map_err(io)?;
+            let (lsn, seq) = k.value();
+            let r: Redaction = match serde_json::from_slice(v.value()) {
+                Ok(r) => r,
+                Err(e) => {
+                    bad_record = Some(e.to_string());
+                    return Err(std::io::Error::other("a redaction record does not parse"));
+                }
+            };
+            serde_json::to_writer(
+                &mut *w,
+                &serde_json::json!({"lsn": lsn, "seq": seq, "parts": r.parts, "at_us": r.at_us}),
+            )?;
+            w.write_all(b"\n")?;
+        }
+        Ok(())
+    })
+    .map_err(|e| match bad_record.take() {
+        Some(why) => corrupt("evidence redaction", &why).into(),
+        None => e.into(),
     })
 }
 
@@ -481,9 +553,16 @@ pub fn publish(
     publish_to: Option<&dyn CheckpointSink>,
 ) -> Result<Published, PublishError> {
     let reader = LogReader::from_db(db)?;
-    let state = read(reader.read_transaction())?;
+    // The epochs, events and frontier; the per-change salts and redaction records (millions
+    // after a purge) are streamed from the same read transaction into their files below,
+    // never held in memory together.
+    let rtx = reader.read_transaction();
+    let state = read_within(rtx, None)?;
+    let erasures = crate::manifest::meta_u64(
+        &rtx.open_table(META).map_err(LogError::from)?,
+        META_ERASURES,
+    )?;
     let manifest = reader.manifest()?;
-    drop(reader);
     let dir = archive_dir.join(EVIDENCE_DIR);
     create_private_dir(&dir)?;
     let root = state.frontier.root();
@@ -511,35 +590,52 @@ pub fn publish(
             "kind": e.kind,
             "payload": e.payload,
         })).collect::<Vec<_>>(),
-        "redactions": state.redactions.iter().map(|(k, r)| serde_json::json!({
-            "lsn": k.commit_lsn.0,
-            "seq": k.seq,
-            "parts": r.parts,
-            "at_us": r.at_us,
-        })).collect::<Vec<_>>(),
+        "redactions": REDACTIONS_FILE,
     });
-    write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;
-    // Each sealed epoch's salts, one file each: `u64 lsn ‖ u32 seq ‖ 64 bytes` a change.
-    let starts = state.epochs.starts();
-    for (i, (start, seed)) in starts.iter().enumerate() {
-        if seed.is_some() {
-            continue;
+    // Each sealed epoch's salts, one file each (`u64 lsn ‖ u32 seq ‖ 64 bytes` a change), and
+    // the redaction records, one JSON line each, in `redactions.jsonl`. Both change only in a
+    // redaction's commit, which counts itself in `META_ERASURES`, so they are written again
+    // only when that count differs from the one written beside them last: a compaction after
+    // a purge of millions of changes does not rewrite them. The count is written after the
+    // files, so a crash between leaves an old count and they are written again.
+    let written = dir.join(ERASURES_WRITTEN);
+    let up_to_date = std::fs::read_to_string(&written)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok())
+        == Some(erasures);
+    if !up_to_date {
+        let salts = table_if_made(rtx, SALTS).map_err(LogError::from)?;
+        let starts = state.epochs.starts();
+        for (i, (start, seed)) in starts.iter().enumerate() {
+            if seed.is_some() {
+                continue;
+            }
+            let from = (start.commit_lsn.0, start.seq);
+            let until = starts
+                .get(i + 1)
+                .map_or((u64::MAX, u32::MAX), |(k, _)| (k.commit_lsn.0, k.seq));
+            create_private_dir(&dir.join("salts"))?;
+            write_atomically_with(&dir.join(sealed_file(*start)), |w| {
+                let Some(salts) = &salts else { return Ok(()) };
+                let io = |e: redb::StorageError| std::io::Error::other(e.to_string());
+                for entry in salts.range(from..until).map_err(io)? {
+                    let (k, v) = entry.map_err(io)?;
+                    let (lsn, seq) = k.value();
+                    w.write_all(&lsn.to_be_bytes())?;
+                    w.write_all(&seq.to_be_bytes())?;
+                    w.write_all(v.value())?;
+                }
+                Ok(())
+            })?;
         }
-        let end = starts.get(i + 1).map(|(k, _)| *k);
-        let mut bytes = Vec::new();
-        for (key, salts) in state
-            .epochs
-            .sealed()
-            .range(*start..)
-            .take_while(|(k, _)| end.is_none_or(|e| **k < e))
-        {
-            bytes.extend_from_slice(&key.commit_lsn.0.to_be_bytes());
-            bytes.extend_from_slice(&key.seq.to_be_bytes());
-            bytes.extend_from_slice(salts.as_flattened());
-        }
-        create_private_dir(&dir.join("salts"))?;
-        write_atomically(&dir.join(sealed_file(*start)), &bytes)?;
+        let redactions = table_if_made(rtx, REDACTIONS).map_err(LogError::from)?;
+        write_redactions_file(&dir.join(REDACTIONS_FILE), redactions.as_ref())?;
     }
+    write_atomically(&dir.join("tree.json"), format!("{tree:#}\n").as_bytes())?;
+    if !up_to_date {
+        write_atomically(&written, format!("{erasures}\n").as_bytes())?;
+    }
+    drop(reader);
     let segments = serde_json::json!({
         "format": EVIDENCE_FILES_FORMAT,
         "segments": manifest.segments.iter().map(|s| serde_json::json!({
