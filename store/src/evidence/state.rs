@@ -239,8 +239,7 @@ pub(crate) fn read_within(
         for entry in t.range(keys)? {
             let (k, v) = entry?;
             let (lsn, seq) = k.value();
-            let redaction: Redaction = serde_json::from_slice(v.value())
-                .map_err(|e| corrupt("evidence redaction", &e.to_string()))?;
+            let redaction = parse_redaction(v.value())?;
             redactions.insert(ChangeKey::new(Lsn(lsn), seq), redaction);
         }
     }
@@ -259,7 +258,7 @@ pub(crate) fn frontier(rtx: &redb::ReadTransaction) -> Result<Frontier, LogError
 }
 
 /// How many redaction commits there have been (a `META` counter): each changes the recorded
-/// salts, so the salts files are written again when it moves.
+/// salts and redaction records, so their files are written again when it moves.
 pub(crate) const META_ERASURES: &str = "evidence_erasures";
 
 /// The file beside `tree.json` that says which `META_ERASURES` count the salts files and
@@ -284,10 +283,10 @@ fn write_redactions_file(
         for entry in table.iter().map_err(io)? {
             let (k, v) = entry.map_err(io)?;
             let (lsn, seq) = k.value();
-            let r: Redaction = match serde_json::from_slice(v.value()) {
+            let r = match parse_redaction(v.value()) {
                 Ok(r) => r,
                 Err(e) => {
-                    bad_record = Some(e.to_string());
+                    bad_record = Some(e);
                     return Err(std::io::Error::other("a redaction record does not parse"));
                 }
             };
@@ -300,9 +299,14 @@ fn write_redactions_file(
         Ok(())
     })
     .map_err(|e| match bad_record.take() {
-        Some(why) => corrupt("evidence redaction", &why).into(),
+        Some(corrupt) => corrupt.into(),
         None => e.into(),
     })
+}
+
+/// A redaction record as the log stores it (JSON).
+fn parse_redaction(bytes: &[u8]) -> Result<Redaction, LogError> {
+    serde_json::from_slice(bytes).map_err(|e| corrupt("evidence redaction", &e.to_string()))
 }
 
 /// The frontier the log records (none yet: the empty tree).
