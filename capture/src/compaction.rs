@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pgtrail_store::evidence::retention::{self, RetentionPolicy};
 use pgtrail_store::{CompactError, CompactOptions, Compactor, LogReader, SharedLog};
 
 /// When the capture compacts.
@@ -25,6 +26,9 @@ pub struct CompactionPolicy {
     pub max_age: Duration,
     /// How often the thresholds are checked.
     pub check_every: Duration,
+    /// Purge history older than each rule's age, between compactions (see
+    /// [`pgtrail_store::evidence::retention`]).
+    pub retention: Option<RetentionPolicy>,
 }
 
 impl Default for CompactionPolicy {
@@ -34,6 +38,7 @@ impl Default for CompactionPolicy {
             min_changes: 200_000,
             max_age: Duration::from_secs(300),
             check_every: Duration::from_secs(1),
+            retention: None,
         }
     }
 }
@@ -48,6 +53,10 @@ pub struct BackgroundCompactor {
     pub compacted: Arc<AtomicU64>,
     /// Compaction runs of this process that moved changes.
     pub runs: Arc<AtomicU64>,
+    /// Changes the retention policy's purges redacted in this process.
+    pub purged: Arc<AtomicU64>,
+    /// Retention runs of this process that failed (each is logged; the capture goes on).
+    pub retention_failures: Arc<AtomicU64>,
 }
 
 impl BackgroundCompactor {
@@ -60,6 +69,8 @@ impl BackgroundCompactor {
         let failure = Arc::new(Mutex::new(None));
         let compacted = Arc::new(AtomicU64::new(0));
         let runs = Arc::new(AtomicU64::new(0));
+        let purged = Arc::new(AtomicU64::new(0));
+        let retention_failures = Arc::new(AtomicU64::new(0));
         let (failed_tx, failed) = tokio::sync::watch::channel(false);
         let (t_stop, t_failure, t_compacted, t_runs) = (
             stop.clone(),
@@ -67,6 +78,7 @@ impl BackgroundCompactor {
             compacted.clone(),
             runs.clone(),
         );
+        let (t_purged, t_retention_failures) = (purged.clone(), retention_failures.clone());
         let join = std::thread::Builder::new()
             .name("pgtrail-compactor".into())
             .spawn(move || {
@@ -74,6 +86,9 @@ impl BackgroundCompactor {
                 // Files a crash left mid-compaction go at start, not at the first compaction.
                 let mut result = compactor.remove_orphans().map(|_| ());
                 let mut last_check = Instant::now() - policy.check_every;
+                // The first retention run comes with the first check (a capture restarted more
+                // often than the interval still purges), the next ones an interval apart.
+                let mut last_retention: Option<Instant> = None;
                 while !t_stop.load(Ordering::Relaxed) {
                     if let Err(e) = std::mem::replace(&mut result, Ok(())) {
                         tracing::error!(error = %e, "compaction failed; stopping capture");
@@ -103,6 +118,20 @@ impl BackgroundCompactor {
                             t_runs.fetch_add(1, Ordering::Relaxed);
                         }
                     });
+                    if let Some(retention) = &policy.retention
+                        && result.is_ok()
+                        && last_retention.is_none_or(|t| t.elapsed() >= retention.every)
+                    {
+                        last_retention = Some(Instant::now());
+                        match apply_retention(&compactor, &log, retention) {
+                            Ok(n) => {
+                                t_purged.fetch_add(n, Ordering::Relaxed);
+                            }
+                            Err(()) => {
+                                t_retention_failures.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
                 }
                 // Stopped while a run failed: the failure is kept for `stop`, which reports it
                 // (it may hold the cause of the writer's failure).
@@ -121,6 +150,8 @@ impl BackgroundCompactor {
             failed,
             compacted,
             runs,
+            purged,
+            retention_failures,
         }
     }
 
@@ -147,6 +178,45 @@ impl BackgroundCompactor {
             let _ = j.join();
         }
         self.take_failure()
+    }
+}
+
+/// Apply the retention policy once, saying what it did; returns the changes it redacted.
+///
+/// A failure is logged and does not stop the capture: stopping would leave the slot to hold
+/// WAL on the source, and a purge that failed part way is as safe as one that crashed (each
+/// segment's rewrite is one commit, see `Compactor::redact`); the next run tries again.
+fn apply_retention(
+    compactor: &Compactor,
+    log: &SharedLog,
+    policy: &RetentionPolicy,
+) -> Result<u64, ()> {
+    match retention::apply(compactor, log, policy, pgtrail_store::now_us()) {
+        Ok(outcomes) => {
+            let mut redacted = 0;
+            for o in outcomes {
+                redacted += o.redacted;
+                if o.redacted > 0 || o.counts.held > 0 {
+                    tracing::info!(
+                        rule = %o.rule,
+                        before = %o.before,
+                        erased = o.counts.erased,
+                        kept_state = o.counts.kept_state,
+                        held = o.counts.held,
+                        "retention: purged the history before {} (changes under a legal hold left whole)",
+                        o.before
+                    );
+                }
+            }
+            Ok(redacted)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "retention: the purge failed; nothing it had not finished was erased, capture goes on and the next run tries again"
+            );
+            Err(())
+        }
     }
 }
 

@@ -85,6 +85,10 @@ pub struct Progress {
     pub compacted: u64,
     /// Compaction runs that wrote segments.
     pub compactions: u64,
+    /// Changes the retention policy's purges redacted (`--retain`).
+    pub purged: u64,
+    /// Retention runs that failed (each logged; the capture goes on).
+    pub retention_failures: u64,
     /// Whether a replication session is streaming from the slot now (false while connecting
     /// or waiting to reconnect).
     pub streaming: bool,
@@ -112,14 +116,21 @@ pub async fn run(
     let mut compactor = config.compaction.clone().map(|policy| {
         BackgroundCompactor::start(writer.shared_log(), config.archive.clone(), policy)
     });
-    let compacted = compactor
-        .as_ref()
-        .map(|c| (c.compacted.clone(), c.runs.clone()));
+    let compacted = compactor.as_ref().map(|c| {
+        (
+            c.compacted.clone(),
+            c.runs.clone(),
+            c.purged.clone(),
+            c.retention_failures.clone(),
+        )
+    });
     let mut on_progress = move |p: &Progress| {
         let mut p = p.clone();
-        if let Some((changes, runs)) = &compacted {
+        if let Some((changes, runs, purged, failures)) = &compacted {
             p.compacted = changes.load(Ordering::Relaxed);
             p.compactions = runs.load(Ordering::Relaxed);
+            p.purged = purged.load(Ordering::Relaxed);
+            p.retention_failures = failures.load(Ordering::Relaxed);
         }
         on_progress(&p)
     };

@@ -153,6 +153,7 @@ async fn background_compaction_during_capture_keeps_every_change_exactly_once() 
         min_changes: 40,
         max_age: Duration::from_secs(3600),
         check_every: Duration::from_millis(50),
+        retention: None,
     });
     // The slot and the initial snapshot first, so that every round below is streamed.
     db.capture_until_now(config.clone()).await.unwrap();

@@ -822,6 +822,32 @@ impl Compactor {
         Ok(())
     }
 
+    /// Purge the history of `tables` before `before` (see [`evidence::redact::plan_purge`]):
+    /// plan it on this process's log and carry it out. Returns the changes redacted and what
+    /// the plan counted. Crash safety is [`redact`](Self::redact)'s.
+    pub fn purge(
+        &self,
+        tables: &[String],
+        before: Lsn,
+        reason: &str,
+        mode: evidence::redact::PurgeMode,
+    ) -> Result<(u64, evidence::redact::PurgeCounts), CompactError> {
+        let log = SharedLog(self.db.clone());
+        let (plan, counts) = evidence::redact::plan_purge(
+            self.archive_dir(),
+            Some(&log),
+            tables,
+            before,
+            reason,
+            mode,
+        )
+        .map_err(|e| CompactError::Redact(Box::new(e)))?;
+        if plan.segments.is_empty() {
+            return Ok((0, counts));
+        }
+        Ok((self.redact(plan, reason)?, counts))
+    }
+
     /// Carry out a redaction `plan` (see [`evidence::redact`]): erase `parts` (0 context, 1
     /// before, 2 after) of its changes, keeping their digests in the archive's redaction
     /// records; returns the changes redacted.

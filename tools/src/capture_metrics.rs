@@ -69,6 +69,16 @@ impl LatestProgress {
                 "Changes moved from the log into segments.",
                 p.compacted,
             ),
+            (
+                "retention_purged_changes",
+                "Changes whose values the retention policy (--retain) erased.",
+                p.purged,
+            ),
+            (
+                "retention_failures",
+                "Retention runs that failed (each logged with its cause; the next run tries again).",
+                p.retention_failures,
+            ),
         ];
         for (name, help, value) in counters {
             out.counter(&format!("pgtrail_capture_{name}_total"), help, value as f64);

@@ -760,6 +760,13 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
 /// The archive's log, for a command that changes it (`redact`, `purge`, `hold`): refused, with
 /// what to do, while a capture holds it.
 pub fn open_alone(archive: &Path, command: &str) -> anyhow::Result<ChangeLog> {
+    // A directory that is not an archive is named, not made into an empty one.
+    if !archive.join(pgtrail_store::LOG_FILE).exists() {
+        return Err(LogError::NotAnArchive {
+            path: archive.to_path_buf(),
+        }
+        .into());
+    }
     ChangeLog::open(archive).map_err(|e| match e {
         LogError::InUse => anyhow::anyhow!(
             "the archive is held by a running `pgtrail capture`: stop it, run {command}, and start it again"

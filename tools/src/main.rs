@@ -19,10 +19,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use pgtrail_capture::{CaptureConfig, CaptureError, Progress, SourceConfig};
 use pgtrail_store::Lsn;
+use pgtrail_store::evidence::retention::RetentionPolicy;
 
 #[derive(Parser)]
 #[command(
@@ -170,6 +171,18 @@ struct CaptureArgs {
     /// Never compact while capturing (run `pgtrail compact` yourself).
     #[arg(long)]
     no_compact: bool,
+    /// Retention while capturing: TABLES=AGE (tables comma-separated, an age such as 90d,
+    /// 12h, 2w; repeat for other ages) purges those tables' history older than the age, as
+    /// `pgtrail purge` does, keeping what each row held at the cut. Changes under a legal hold
+    /// stay whole.
+    #[arg(long = "retain", value_name = "TABLES=AGE")]
+    retain: Vec<pgtrail_store::evidence::retention::RetentionRule>,
+    /// Seconds between retention runs (the first comes at start); each verifies the archive.
+    #[arg(long, default_value_t = 3600)]
+    retain_every_secs: u64,
+    /// Why the history goes (each purge's receipt keeps it, with the rule).
+    #[arg(long, default_value = "retention policy")]
+    retain_reason: String,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9187): counts, the
     /// durable LSN, lag, whether the slot is streaming, compactions, the archive's sizes.
     /// They hold numbers only, no table data.
@@ -292,7 +305,7 @@ async fn shutdown_signal() {
 
 pub(crate) fn progress_line(p: &Progress) {
     eprintln!(
-        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s, {} compacted{} ({})",
+        "capture: {} changes ({:.0}/s), {} transactions ({:.0}/s), durable {}, lag {} bytes / {:.1} s, {} compacted{}{} ({})",
         p.changes,
         p.changes_per_sec,
         p.transactions,
@@ -301,6 +314,11 @@ pub(crate) fn progress_line(p: &Progress) {
         p.lag_bytes,
         p.lag_seconds,
         p.compacted,
+        match (p.purged, p.retention_failures) {
+            (0, 0) => String::new(),
+            (n, 0) => format!(", {n} purged by retention"),
+            (n, f) => format!(", {n} purged by retention ({f} retention runs failed: see the log)"),
+        },
         if p.reconnects > 0 {
             format!(", {} reconnects", p.reconnects)
         } else {
@@ -393,10 +411,23 @@ async fn capture(args: CaptureArgs) -> anyhow::Result<()> {
                 options: args.segments.options()?,
                 min_changes: args.compact_after_changes.max(1),
                 max_age: Duration::from_secs(args.compact_after_secs),
+                retention: (!args.retain.is_empty()).then(|| RetentionPolicy {
+                    rules: args.retain.clone(),
+                    reason: args.retain_reason.clone(),
+                    every: Duration::from_secs(args.retain_every_secs.max(1)),
+                }),
                 ..Default::default()
             }),
         },
     };
+    if args.no_compact && !args.retain.is_empty() {
+        bail!(
+            "--retain purges what is compacted, and --no-compact compacts nothing while capturing: drop one of them (or run `pgtrail purge` after `pgtrail compact`)"
+        );
+    }
+    if args.retain_reason.trim().is_empty() {
+        bail!("--retain-reason must say why (each purge's receipt keeps it)");
+    }
     if args.no_compact && args.segments.signer.is_set() {
         tracing::warn!(
             "--signing-key with --no-compact: nothing is signed while capturing; run `pgtrail checkpoint` to compact and sign"

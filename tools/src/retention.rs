@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use pgtrail_store::evidence::hold::{self, Hold};
+use pgtrail_store::evidence::redact::PurgeMode;
 use pgtrail_store::{Compactor, Lsn};
 
 use crate::evidence::{ScopeArgs, open_alone};
@@ -45,14 +46,11 @@ pub async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let before = before_lsn(&args.archive, &args.before).await?;
     let (archive, reason) = (args.archive.clone(), args.reason.clone());
     let (redacted, counts) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let (planned, counts) =
-            pgtrail_store::evidence::redact::plan_purge(&archive, &tables, before, &reason)?;
-        if planned.segments.is_empty() {
-            return Ok((0, counts));
-        }
+        // The archive is this process's before the plan: a capture holding it is named at
+        // once, not after the verification, and no hold can be placed meanwhile.
         let log = open_alone(&archive, "purge")?;
         let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-        Ok((compactor.redact(planned, &reason)?, counts))
+        Ok(compactor.purge(&tables, before, &reason, PurgeMode::Requested)?)
     })
     .await??;
     if redacted == 0 {

@@ -2303,3 +2303,248 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A `pgtrail capture --retain RULE` of `db` into `archive`, stopped (SIGTERM, exit 0) once it
+/// has logged a retention purge: the purge's log line. A failed purge fails the test.
+fn capture_until_retained(cluster: &Cluster, db: &str, archive: &Path, rule: &str) -> String {
+    use std::io::BufRead;
+    let mut child = pgtrail()
+        .args([
+            "capture",
+            "--slot",
+            db,
+            "--publication",
+            db,
+            "--retain",
+            rule,
+        ])
+        .args(["--retain-every-secs", "1", "--compact-after-secs", "1"])
+        .env("PGTRAIL_SOURCE", cluster.url(db))
+        .env("PGTRAIL_ARCHIVE", archive)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    let purged = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("retention: purged") => break line,
+            Ok(line) => {
+                assert!(
+                    !line.contains("retention: the purge failed"),
+                    "{line}\n{}",
+                    seen.join("\n")
+                );
+                seen.push(line);
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no retention purge logged:\n{}", seen.join("\n"));
+            }
+        }
+    };
+    crate::terminate(&mut child);
+    purged
+}
+
+/// `field=value` of a log line.
+fn log_field<'a>(line: &'a str, field: &str) -> &'a str {
+    let at = line
+        .find(&format!(" {field}="))
+        .unwrap_or_else(|| panic!("{field} in {line}"));
+    line[at + field.len() + 2..].split(' ').next().unwrap()
+}
+
+#[test]
+fn a_capture_purges_by_its_retention_policy_and_a_legal_hold_suspends_it() {
+    // A rule that cannot be read, or that nothing would compact for, is refused with how to
+    // write it.
+    for (args, says) in [
+        (&["--retain", "people=30"][..], "TABLES=AGE"),
+        (&["--retain", "people=0d"][..], "is zero"),
+        (
+            &["--retain", "people=1d", "--no-compact"][..],
+            "--no-compact",
+        ),
+    ] {
+        let out = pgtrail()
+            .args(["capture", "--archive", "/nonexistent/pgtrail-retain"])
+            .args(args)
+            .env("PGTRAIL_SOURCE", "postgresql://localhost:1/none")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && said.contains(says),
+            "{args:?}: {said}"
+        );
+    }
+
+    const KEEP_SECS: u64 = 12;
+    let rule = format!("people={KEEP_SECS}s");
+    let python = python_ready();
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("retain").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let (key, vkey) = keygen(dir, "retain.key", "pgtrail.test/retain");
+    let archive = dir.join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql(
+        "CREATE TABLE people (id int PRIMARY KEY, note text NOT NULL);
+         CREATE TABLE pets (id int PRIMARY KEY, name text NOT NULL);",
+    );
+    capture_until_now(cluster, &db, &archive);
+    // The first ten rows' inserts come under a legal hold.
+    psql("INSERT INTO people SELECT g, 'h' || g || 'x' FROM generate_series(1, 10) g");
+    let held_to = crate::insert_lsn(cluster, &db);
+    capture_until_now(cluster, &db, &archive);
+    crate::pgtrail_ok(
+        &archive,
+        &[
+            "hold", "--tables", "people", "--to", &held_to, "--reason", "matter 9",
+        ],
+    );
+    // Old history: every row changes, some go, more come; with context.
+    psql(
+        "BEGIN;
+         SELECT pg_logical_emit_message(true, '_bemi', '{\"user\": \"clerk-old\"}');
+         UPDATE people SET note = 'a' || id || 'x';
+         COMMIT;
+         DELETE FROM people WHERE id % 4 = 0;
+         INSERT INTO people SELECT g, 'a' || g || 'x' FROM generate_series(11, 20) g;
+         UPDATE people SET note = 'c' || id || 'x' WHERE id % 3 = 0;
+         INSERT INTO pets VALUES (1, 'rex');",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let moment = crate::insert_lsn(cluster, &db);
+    let state_sql = "SELECT coalesce(string_agg(format('%s,%s', id, note), E'\\n' ORDER BY id), '') FROM people";
+    let at_moment = psql(state_sql);
+    let kept: Vec<String> = psql("SELECT string_agg(note, ',') FROM people")
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let old_notes: Vec<String> = (1..=20)
+        .flat_map(|i| [format!("a{i}x"), format!("c{i}x")])
+        .collect();
+    std::thread::sleep(std::time::Duration::from_secs(KEEP_SECS + 1));
+    // Recent history, younger than the rule's age when the capture below starts.
+    psql("UPDATE people SET note = 'b' || id || 'x' WHERE id % 2 = 1");
+    capture_until_now(cluster, &db, &archive);
+    let at_end_lsn = crate::insert_lsn(cluster, &db);
+    let at_end = psql(state_sql);
+    let signed = dir.join("before-retention.checkpoint");
+    std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
+
+    let as_of = |lsn: &str| -> String {
+        let csv = crate::pgtrail_sql(
+            &archive,
+            "csv",
+            &format!("SELECT id, note FROM as_of_lsn('public.people', '{lsn}') ORDER BY id"),
+        );
+        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
+    };
+    let history = || {
+        crate::pgtrail_sql(
+            &archive,
+            "csv",
+            "SELECT op, context, before, after FROM public.people ORDER BY lsn, seq",
+        )
+    };
+    let has_word = |history: &str, w: &str| {
+        history
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|t| t == w)
+    };
+
+    // The capture purges what is older than the age, at its first run: the history before the
+    // cut but what each row held there and the held inserts.
+    let line = capture_until_retained(cluster, &db, &archive, &rule);
+    assert_eq!(log_field(&line, "held"), "10", "{line}");
+    let before: Lsn = log_field(&line, "before").parse().unwrap();
+    assert!(
+        before > moment.parse().unwrap(),
+        "the old history is before the cut: {line}"
+    );
+    assert_eq!(
+        as_of(&moment),
+        at_moment,
+        "as_of at the moment, after the purge"
+    );
+    assert_eq!(
+        as_of(&at_end_lsn),
+        at_end,
+        "as_of at the end, after the purge"
+    );
+    let seen = history();
+    for note in &old_notes {
+        assert_eq!(
+            has_word(&seen, note),
+            kept.contains(note),
+            "{note}: kept only if the table held it at the cut\n{seen}"
+        );
+    }
+    for i in 1..=10 {
+        assert!(
+            has_word(&seen, &format!("h{i}x")),
+            "held insert {i} is whole\n{seen}"
+        );
+    }
+    assert!(
+        !seen.contains("clerk-old"),
+        "the context before the cut is gone"
+    );
+
+    // Released, the hold's changes go at the next run; the purges are on the signed record.
+    crate::pgtrail_ok(
+        &archive,
+        &["hold", "--release", "1", "--reason", "matter 9 closed"],
+    );
+    let line = capture_until_retained(cluster, &db, &archive, &rule);
+    assert_eq!(log_field(&line, "held"), "0", "{line}");
+    let seen = history();
+    for i in 1..=10 {
+        assert!(
+            !has_word(&seen, &format!("h{i}x")),
+            "released insert {i} is purged\n{seen}"
+        );
+    }
+    assert_eq!(
+        as_of(&moment),
+        at_moment,
+        "as_of at the moment, after both purges"
+    );
+    assert_eq!(
+        as_of(&at_end_lsn),
+        at_end,
+        "as_of at the end, after both purges"
+    );
+    // The receipts become leaves at the next compaction that adds changes.
+    psql("INSERT INTO pets VALUES (2, 'late')");
+    capture_until_now(cluster, &db, &archive);
+    checkpoint(&archive, &key);
+    let v = verifies(&archive, &vkey, &[&signed], python);
+    let purges = v.pgtrail["purges"].as_array().unwrap();
+    assert_eq!(purges.len(), 2, "{}", v.pgtrail);
+    let receipt: serde_json::Value = serde_json::from_str(purges[0].as_str().unwrap()).unwrap();
+    assert_eq!(receipt["held"], 10, "{receipt}");
+    assert_eq!(receipt["before"], before.to_string(), "{receipt}");
+    assert_eq!(
+        receipt["reason"],
+        format!("retention policy (retention {rule})"),
+        "{receipt}"
+    );
+}

@@ -24,6 +24,7 @@ use std::path::Path;
 use super::merkle::Hash;
 use super::verify::{VerifyOptions, verify_and_collect};
 use crate::error::{LogError, SegmentError};
+use crate::log::{LogReader, SharedLog};
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::SegmentEntry;
 use crate::segment::{SegmentContent, SegmentReader, hex};
@@ -118,7 +119,7 @@ pub fn plan(dir: &Path, keys: &[ChangeKey], parts: &[u8]) -> Result<RedactPlan, 
     if parts.is_empty() {
         return Err(RedactError::NoParts);
     }
-    let collected = verified(dir)?;
+    let collected = verified(dir, None)?;
     let wanted = keys.iter().map(|k| (*k, parts.to_vec())).collect();
     plan_changes(&collected, wanted, Receipt::EachChange)
 }
@@ -130,6 +131,20 @@ pub fn plan(dir: &Path, keys: &[ChangeKey], parts: &[u8]) -> Result<RedactPlan, 
 pub struct PurgeCounts {
     pub erased: u64,
     pub kept_state: u64,
+    /// Changes left whole because a legal hold covers them (a scheduled purge only).
+    pub held: u64,
+}
+
+/// Who asked for a purge, which decides what it does with what it may not erase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PurgeMode {
+    /// `pgtrail purge`: a table the archive does not hold is an error, and so is a change
+    /// under a legal hold (the redaction refuses the purge, naming the hold).
+    Requested,
+    /// A retention policy applied on a schedule (`pgtrail capture --retain`): changes under a
+    /// legal hold are left whole (the hold suspends the policy for them until it is released),
+    /// and a table with no compacted change yet has nothing to purge.
+    Scheduled,
 }
 
 /// Plan a retention purge: every change of `tables` (as `schema.table`, the name each bore at
@@ -140,23 +155,33 @@ pub struct PurgeCounts {
 /// and key. One receipt leaf (kind 8) records the purge; `reason` goes into it.
 pub fn plan_purge(
     dir: &Path,
+    log: Option<&SharedLog>,
     tables: &[String],
     before: Lsn,
     reason: &str,
+    mode: PurgeMode,
 ) -> Result<(RedactPlan, PurgeCounts), RedactError> {
     use crate::change::{Cell, Op};
     if tables.is_empty() {
         return Err(RedactError::NoTables);
     }
-    let compacted = crate::log::LogReader::open(dir)?
-        .manifest()?
-        .compacted_through;
+    let reader = match log {
+        Some(log) => LogReader::of_shared(log)?,
+        None => LogReader::open(dir)?,
+    };
+    let compacted = reader.manifest()?.compacted_through;
+    // Read now, for a scheduled purge to leave the changes they cover whole. A hold placed
+    // after this read cannot come before the erasure: placing one needs the archive's log
+    // for writing, which the purging process holds (see `Compactor::redact`, which checks
+    // again in the same process).
+    let holds = super::hold::list(reader.read_transaction())?;
+    drop(reader);
     // Every change before `before` must be in a segment: one in the log would be left as it is.
     if before > Lsn(compacted.0.saturating_add(1)) {
         return Err(RedactError::NotCompacted { before, compacted });
     }
     tracing::info!("purge: verifying the archive before erasing anything");
-    let collected = verified(dir)?;
+    let collected = verified(dir, log)?;
     tracing::info!(
         changes = collected.report.tree_size,
         "purge: the archive verifies; reading the tables' history before {before}"
@@ -165,6 +190,8 @@ pub fn plan_purge(
     type RowKey = Vec<Option<String>>;
     struct Selected {
         key: ChangeKey,
+        /// Its table's place in `tables`.
+        table: usize,
         relation: u32,
         op: Op,
         before: Option<RowKey>,
@@ -175,16 +202,31 @@ pub fn plan_purge(
         .iter()
         .filter_map(|e| e.content.scope_name())
         .collect();
-    if let Some(unknown) = tables.iter().find(|t| !named.contains(*t)) {
-        return Err(RedactError::UnknownTable(unknown.clone()));
-    }
+    let tables: Vec<String> = match mode {
+        PurgeMode::Requested => {
+            if let Some(unknown) = tables.iter().find(|t| !named.contains(*t)) {
+                return Err(RedactError::UnknownTable(unknown.clone()));
+            }
+            tables.to_vec()
+        }
+        // A table named by the policy whose changes are all still in the log (or that has
+        // none yet) has nothing compacted to purge.
+        PurgeMode::Scheduled => tables
+            .iter()
+            .filter(|t| named.contains(*t))
+            .cloned()
+            .collect(),
+    };
     let mut selected: Vec<Selected> = Vec::new();
     for entry in &collected.segments {
         let SegmentContent::Table(rel) = &entry.content else {
             continue;
         };
         let name = entry.content.scope_name().unwrap_or_default();
-        if !tables.contains(&name) || entry.min_key >= ChangeKey::new(before, 0) {
+        let Some(table) = tables.iter().position(|t| *t == name) else {
+            continue;
+        };
+        if entry.min_key >= ChangeKey::new(before, 0) {
             continue;
         }
         let positions = rel.key_positions();
@@ -207,6 +249,7 @@ pub fn plan_purge(
                 }
                 selected.push(Selected {
                     key,
+                    table,
                     relation: rel.relation_id,
                     op: record.op,
                     before: row_key(&record.before),
@@ -250,23 +293,37 @@ pub fn plan_purge(
             .iter()
             .all(|&p| erased.is_some_and(|e| e[p as usize].is_some()))
     };
-    let wanted: BTreeMap<ChangeKey, Vec<u8>> = selected
-        .iter()
-        .map(|s| match state.contains(&s.key) {
-            true => (s.key, vec![0, 1]),
-            false => (s.key, vec![0, 1, 2]),
-        })
-        .filter(|(key, parts)| !erased_already(key, parts))
-        .inspect(|(_, parts)| match parts.len() {
+    // A legal hold suspends a scheduled purge for the changes it covers: they stay whole, and
+    // the first run after its release erases them. A requested purge keeps them in the plan,
+    // and the redaction refuses it, naming the hold.
+    let held = |s: &Selected| {
+        mode == PurgeMode::Scheduled && holds.iter().any(|h| h.covers(s.key, &tables[s.table]))
+    };
+    let mut wanted: BTreeMap<ChangeKey, Vec<u8>> = BTreeMap::new();
+    for s in &selected {
+        if held(s) {
+            counts.held += 1;
+            continue;
+        }
+        let parts = match state.contains(&s.key) {
+            true => vec![0, 1],
+            false => vec![0, 1, 2],
+        };
+        if erased_already(&s.key, &parts) {
+            continue;
+        }
+        match parts.len() {
             2 => counts.kept_state += 1,
             _ => counts.erased += 1,
-        })
-        .collect();
+        }
+        wanted.insert(s.key, parts);
+    }
     let payload = serde_json::json!({
         "tables": tables,
         "before": before.to_string(),
         "changes": wanted.len(),
         "kept_state": counts.kept_state,
+        "held": counts.held,
         "first": wanted.keys().next().map(ChangeKey::to_string),
         "last": wanted.keys().next_back().map(ChangeKey::to_string),
         "reason": reason,
@@ -283,9 +340,14 @@ pub fn plan_purge(
     Ok((plan, counts))
 }
 
-/// The archive verified, with what the plan needs of it.
-fn verified(dir: &Path) -> Result<super::verify::Collected, RedactError> {
-    let collected = verify_and_collect(dir, &VerifyOptions::default(), |_, _| {})?;
+/// The archive verified, with what the plan needs of it (its log read through `log` when this
+/// process holds it).
+fn verified(dir: &Path, log: Option<&SharedLog>) -> Result<super::verify::Collected, RedactError> {
+    let options = VerifyOptions {
+        log: log.cloned(),
+        ..VerifyOptions::default()
+    };
+    let collected = verify_and_collect(dir, &options, |_, _| {})?;
     if let Some(p) = collected.report.problems.first() {
         return Err(RedactError::Unverified(format!("{}: {}", p.place, p.what)));
     }

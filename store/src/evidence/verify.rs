@@ -37,6 +37,9 @@ pub struct VerifyOptions {
     /// and key-ordered copy, against the segment (`pgtrail verify`; the proofs built on a
     /// verified tree need only the evidence).
     pub derived: bool,
+    /// Read the log through this handle, which this process holds (a capture applying its
+    /// retention policy verifies its own archive), rather than opening it read-only.
+    pub log: Option<crate::SharedLog>,
 }
 
 /// One thing found wrong, naming where.
@@ -224,7 +227,10 @@ fn walk(
     mut progress: impl FnMut(u64, u64),
     mut tree_leaf: impl FnMut(Hash, Option<(Leaf, u32)>),
 ) -> Result<Walked, LogError> {
-    let reader = LogReader::open(dir)?;
+    let reader = match &options.log {
+        Some(log) => LogReader::of_shared(log)?,
+        None => LogReader::open(dir)?,
+    };
     let manifest = reader.manifest()?;
     let state = super::state::read(reader.read_transaction())?;
     let erased = state.erased()?;

@@ -24,6 +24,12 @@ pub struct LogReader {
 #[derive(Clone)]
 pub struct SharedLog(pub(crate) Arc<Database>);
 
+impl std::fmt::Debug for SharedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedLog")
+    }
+}
+
 /// One entry of [`LogReader::changes`].
 pub type ChangeEntry = (ChangeKey, ChangeRecord);
 
