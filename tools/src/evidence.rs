@@ -760,6 +760,15 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
 /// The archive's log, for a command that changes it (`redact`, `purge`, `hold`): refused, with
 /// what to do, while a capture holds it.
 pub fn open_alone(archive: &Path, command: &str) -> anyhow::Result<ChangeLog> {
+    try_open_alone(archive)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "the archive is held by a running `pgtrail capture`: stop it, run {command}, and start it again"
+        )
+    })
+}
+
+/// The archive's log opened for writing, or None when a running capture holds it.
+pub fn try_open_alone(archive: &Path) -> anyhow::Result<Option<ChangeLog>> {
     // A directory that is not an archive is named, not made into an empty one.
     if !archive.join(pgtrail_store::LOG_FILE).exists() {
         return Err(LogError::NotAnArchive {
@@ -767,10 +776,12 @@ pub fn open_alone(archive: &Path, command: &str) -> anyhow::Result<ChangeLog> {
         }
         .into());
     }
-    ChangeLog::open(archive).map_err(|e| match e {
-        LogError::InUse => anyhow::anyhow!(
-            "the archive is held by a running `pgtrail capture`: stop it, run {command}, and start it again"
-        ),
-        e => anyhow::Error::new(e).context(format!("cannot open the archive {}", archive.display())),
-    })
+    match ChangeLog::open(archive) {
+        Ok(log) => Ok(Some(log)),
+        Err(LogError::InUse) => Ok(None),
+        Err(e) => {
+            Err(anyhow::Error::new(e)
+                .context(format!("cannot open the archive {}", archive.display())))
+        }
+    }
 }

@@ -4,11 +4,12 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
+use pgtrail_store::evidence::hold::requests::{self, Answer, Request};
 use pgtrail_store::evidence::hold::{self, Hold};
 use pgtrail_store::evidence::redact::PurgeMode;
 use pgtrail_store::{Compactor, Lsn};
 
-use crate::evidence::{ScopeArgs, open_alone};
+use crate::evidence::{ScopeArgs, open_alone, try_open_alone};
 
 #[derive(clap::Args)]
 pub struct PurgeArgs {
@@ -112,6 +113,10 @@ pub struct HoldArgs {
     /// List the holds (JSON, one a line), released ones with their release.
     #[arg(long)]
     pub list: bool,
+    /// With a capture running on the archive: how long to wait for it to carry the hold out
+    /// (it does between its compactions and retention runs); after that nothing is done.
+    #[arg(long, default_value_t = 300)]
+    pub wait_secs: u64,
 }
 
 /// Place, release or list legal holds.
@@ -128,32 +133,52 @@ pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let reason = args.reason.clone().unwrap_or_default();
-    let placed = match args.release {
-        Some(id) => {
-            let held = tokio::task::spawn_blocking(move || -> anyhow::Result<Hold> {
-                Ok(hold::release(&open_alone(&archive, "hold")?, id, &reason)?)
-            })
-            .await??;
-            eprintln!(
-                "hold: released hold {id} ({}); the release becomes a leaf at the next compaction",
-                held.reason
-            );
-            held
-        }
-        None => {
-            let scope = args.scope.scope(&args.archive).await?;
-            let held = tokio::task::spawn_blocking(move || -> anyhow::Result<Hold> {
-                Ok(hold::place(&open_alone(&archive, "hold")?, scope, &reason)?)
-            })
-            .await??;
-            eprintln!(
-                "hold: placed hold {}: redact and purge refuse the changes it covers until it is released; \
-                 the hold becomes a leaf at the next compaction",
-                held.id
-            );
-            held
-        }
+    let request = match args.release {
+        Some(id) => Request::Release { id, reason },
+        None => Request::Place {
+            scope: args.scope.scope(&args.archive).await?,
+            reason,
+        },
     };
+    let wait = std::time::Duration::from_secs(args.wait_secs);
+    let placed = tokio::task::spawn_blocking(move || -> anyhow::Result<Hold> {
+        match try_open_alone(&archive)? {
+            Some(log) => {
+                let log = log.shared();
+                Ok(match request {
+                    Request::Place { scope, reason } => hold::place(&log, scope, &reason)?,
+                    Request::Release { id, reason } => hold::release(&log, id, &reason)?,
+                })
+            }
+            // A capture holds the archive: it carries the request out between its compactions.
+            None => {
+                let waiting = || {
+                    eprintln!(
+                        "hold: a capture is running on the archive; waiting up to {} s for it to carry the request out",
+                        wait.as_secs()
+                    )
+                };
+                match requests::submit(&archive, &request, wait, waiting)? {
+                    Answer::Done(hold) => Ok(hold),
+                    Answer::Refused(why) => {
+                        Err(anyhow::anyhow!("the capture refused the request: {why}"))
+                    }
+                }
+            }
+        }
+    })
+    .await??;
+    match &placed.released {
+        Some(_) => eprintln!(
+            "hold: released hold {} ({}); the release becomes a leaf at the next compaction",
+            placed.id, placed.reason
+        ),
+        None => eprintln!(
+            "hold: placed hold {}: redact, purge and retention leave the changes it covers whole until it is released; \
+             the hold becomes a leaf at the next compaction",
+            placed.id
+        ),
+    }
     println!("{}", serde_json::to_string(&placed)?);
     Ok(())
 }

@@ -2548,3 +2548,65 @@ fn a_capture_purges_by_its_retention_policy_and_a_legal_hold_suspends_it() {
         "{receipt}"
     );
 }
+
+#[test]
+fn a_hold_is_placed_and_released_while_a_capture_runs() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("holdlive").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    cluster
+        .psql(
+            &db,
+            "CREATE TABLE people (id int PRIMARY KEY, note text NOT NULL)",
+        )
+        .unwrap();
+    capture_until_now(cluster, &db, &archive);
+    let mut child = crate::spawn_capture_with(
+        &cluster.url(&db),
+        &archive,
+        &db,
+        &["--compact-after-secs", "1"],
+    );
+    // Streaming, it holds the archive.
+    crate::wait_slot_active(cluster, &db, &db, &mut child);
+    let hold = |args: &[&str]| {
+        pgtrail()
+            .arg("hold")
+            .args(args)
+            .args(["--wait-secs", "60", "--archive"])
+            .arg(&archive)
+            .output()
+            .unwrap()
+    };
+    let out = hold(&["--tables", "people", "--reason", "matter 11"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("a capture is running"), "{said}");
+    let placed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(placed["id"], 1, "{placed}");
+    assert_eq!(placed["reason"], "matter 11", "{placed}");
+    let out = hold(&["--release", "1", "--reason", "matter 11 closed"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the capture refuses comes back as the command's error; nothing is left behind.
+    let out = hold(&["--release", "1", "--reason", "again"]);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && said.contains("released already"),
+        "{said}"
+    );
+    let listed = crate::pgtrail_ok(&archive, &["hold", "--list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert_eq!(listed.lines().count(), 1, "{listed}");
+    assert!(listed.contains("matter 11 closed"), "{listed}");
+    let left: Vec<_> = std::fs::read_dir(archive.join("requests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    crate::terminate(&mut child);
+}

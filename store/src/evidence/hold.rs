@@ -6,17 +6,23 @@
 //! JSON) at the next compaction that adds changes, so an auditor sees in the signed record
 //! when each hold was in force, and that every redaction and purge receipt came outside one.
 
+pub mod requests;
+
 use redb::{ReadableTable, TableDefinition};
 
 use super::bundle::Scope;
 use super::leaf::{KIND_HOLD, KIND_RELEASE};
 use super::state::PENDING_EVENTS;
 use crate::error::LogError;
-use crate::log::table_if_made;
+use crate::log::{SharedLog, table_if_made};
 use crate::lsn::ChangeKey;
 
 /// The holds ever placed: number → [`Hold`] (JSON). A released hold stays, with its release.
 pub(crate) const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("evidence_holds");
+
+/// The hold requests a running capture carried out: request name → the hold it placed or
+/// released (JSON), committed with it, so a request is carried out once whatever crashes.
+const ANSWERED: TableDefinition<&str, &[u8]> = TableDefinition::new("evidence_hold_requests");
 
 /// A legal hold.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -84,8 +90,18 @@ pub(crate) fn queue_event(
 }
 
 /// Place a hold over `scope`. The hold and its pending leaf are one commit.
-pub fn place(log: &crate::ChangeLog, scope: Scope, reason: &str) -> Result<Hold, HoldError> {
-    change_holds(log, reason, KIND_HOLD, |holds| {
+pub fn place(log: &SharedLog, scope: Scope, reason: &str) -> Result<Hold, HoldError> {
+    place_for(log, scope, reason, None)
+}
+
+/// [`place`], for `request` when one names it.
+fn place_for(
+    log: &SharedLog,
+    scope: Scope,
+    reason: &str,
+    request: Option<&str>,
+) -> Result<Hold, HoldError> {
+    change_holds(log, reason, KIND_HOLD, request, |holds| {
         let id = holds
             .last()
             .map_err(LogError::from)?
@@ -101,8 +117,18 @@ pub fn place(log: &crate::ChangeLog, scope: Scope, reason: &str) -> Result<Hold,
 }
 
 /// Release hold `id`. The release and its pending leaf are one commit.
-pub fn release(log: &crate::ChangeLog, id: u64, reason: &str) -> Result<Hold, HoldError> {
-    change_holds(log, reason, KIND_RELEASE, |holds| {
+pub fn release(log: &SharedLog, id: u64, reason: &str) -> Result<Hold, HoldError> {
+    release_for(log, id, reason, None)
+}
+
+/// [`release`], for `request` when one names it.
+fn release_for(
+    log: &SharedLog,
+    id: u64,
+    reason: &str,
+    request: Option<&str>,
+) -> Result<Hold, HoldError> {
+    change_holds(log, reason, KIND_RELEASE, request, |holds| {
         let mut hold = match holds.get(id).map_err(LogError::from)? {
             Some(v) => decode(v.value())?,
             None => return Err(HoldError::NoSuchHold(id)),
@@ -118,18 +144,20 @@ pub fn release(log: &crate::ChangeLog, id: u64, reason: &str) -> Result<Hold, Ho
     })
 }
 
-/// One commit that stores the hold `change` makes (a new one, or one released) and queues its
-/// leaf of `kind`: a crash keeps both or neither.
+/// One commit that stores the hold `change` makes (a new one, or one released), queues its
+/// leaf of `kind` and, for a request a running capture serves (see [`requests`]), records it
+/// as answered: a crash keeps all of them or none.
 fn change_holds(
-    log: &crate::ChangeLog,
+    log: &SharedLog,
     reason: &str,
     kind: u8,
+    request: Option<&str>,
     change: impl FnOnce(&redb::Table<u64, &[u8]>) -> Result<Hold, HoldError>,
 ) -> Result<Hold, HoldError> {
     if reason.trim().is_empty() {
         return Err(HoldError::NoReason);
     }
-    let db = log.shared().0;
+    let db = &log.0;
     let mut wtx = db.begin_write().map_err(LogError::from)?;
     wtx.set_two_phase_commit(true);
     let hold = {
@@ -142,6 +170,12 @@ fn change_holds(
     };
     let payload = String::from_utf8(encode(&hold)).expect("serde_json writes UTF-8");
     queue_event(&wtx, kind, &payload)?;
+    if let Some(name) = request {
+        let mut answered = wtx.open_table(ANSWERED).map_err(LogError::from)?;
+        answered
+            .insert(name, encode(&hold).as_slice())
+            .map_err(LogError::from)?;
+    }
     wtx.commit().map_err(LogError::from)?;
     Ok(hold)
 }
