@@ -2007,6 +2007,23 @@ fn verify_checks_each_key_index_and_key_ordered_copy_against_its_segment() {
 /// the history before it knew is gone, and the archive still verifies (both verifiers) with a
 /// checkpoint signed before the purge. A legal hold over the history stops the purge until it
 /// is released, and the hold, its release and the purge's one receipt are leaves.
+/// `SELECT COLUMNS FROM as_of_lsn(TABLE, LSN) ORDER BY id` over `archive`, as CSV lines without
+/// the header (as `psql` prints `format('%s,%s', …)` of the same rows).
+fn as_of_rows(archive: &Path, columns: &str, table: &str, lsn: &str) -> String {
+    let csv = crate::pgtrail_sql(
+        archive,
+        "csv",
+        &format!("SELECT {columns} FROM as_of_lsn('{table}', '{lsn}') ORDER BY id"),
+    );
+    csv.lines().skip(1).collect::<Vec<_>>().join("\n")
+}
+
+/// Whether `word` is one of `text`'s words (runs of ASCII letters and digits).
+fn has_word(text: &str, word: &str) -> bool {
+    text.split(|c: char| !c.is_ascii_alphanumeric())
+        .any(|t| t == word)
+}
+
 #[test]
 fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     let python = python_ready();
@@ -2065,14 +2082,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
     let signed = dir.join("before-purge.checkpoint");
     std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
 
-    let as_of = |lsn: &str| -> String {
-        let csv = crate::pgtrail_sql(
-            &archive,
-            "csv",
-            &format!("SELECT id, name, note FROM as_of_lsn('public.people', '{lsn}') ORDER BY id"),
-        );
-        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
-    };
+    let as_of = |lsn: &str| as_of_rows(&archive, "id, name, note", "public.people", lsn);
     assert_eq!(
         as_of(&moment),
         at_moment,
@@ -2152,11 +2162,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
         "csv",
         "SELECT op, context, before, after FROM public.people ORDER BY lsn, seq",
     );
-    let word = |w: &str| {
-        history
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .any(|t| t == w)
-    };
+    let word = |w: &str| has_word(&history, w);
     for note in &notes_before {
         assert_eq!(
             word(note),
@@ -2230,14 +2236,7 @@ fn a_purge_keeps_the_state_at_its_moment_and_a_legal_hold_stops_it() {
 
     // A purge of both tables before the end that crashes between its segments: the archive
     // still verifies and answers as PostgreSQL held at the end; running it again finishes it.
-    let pets_as_of = |lsn: &str| -> String {
-        let csv = crate::pgtrail_sql(
-            &archive,
-            "csv",
-            &format!("SELECT id, name FROM as_of_lsn('public.pets', '{lsn}') ORDER BY id"),
-        );
-        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
-    };
+    let pets_as_of = |lsn: &str| as_of_rows(&archive, "id, name", "public.pets", lsn);
     assert_eq!(pets_as_of(&at_end_lsn), pets_at_end);
     let out = pgtrail()
         .args(["purge", "--reason", "retention: all but now", "--archive"])
@@ -2449,25 +2448,13 @@ fn a_capture_purges_by_its_retention_policy_and_a_legal_hold_suspends_it() {
     let signed = dir.join("before-retention.checkpoint");
     std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
 
-    let as_of = |lsn: &str| -> String {
-        let csv = crate::pgtrail_sql(
-            &archive,
-            "csv",
-            &format!("SELECT id, note FROM as_of_lsn('public.people', '{lsn}') ORDER BY id"),
-        );
-        csv.lines().skip(1).collect::<Vec<_>>().join("\n")
-    };
+    let as_of = |lsn: &str| as_of_rows(&archive, "id, note", "public.people", lsn);
     let history = || {
         crate::pgtrail_sql(
             &archive,
             "csv",
             "SELECT op, context, before, after FROM public.people ORDER BY lsn, seq",
         )
-    };
-    let has_word = |history: &str, w: &str| {
-        history
-            .split(|c: char| !c.is_ascii_alphanumeric())
-            .any(|t| t == w)
     };
 
     // The capture purges what is older than the age, at its first run: the history before the
