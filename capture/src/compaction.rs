@@ -131,14 +131,12 @@ impl BackgroundCompactor {
                         && last_retention.is_none_or(|t| t.elapsed() >= retention.every)
                     {
                         last_retention = Some(Instant::now());
-                        match apply_retention(&compactor, &log, retention) {
-                            Ok(n) => {
-                                t_purged.fetch_add(n, Ordering::Relaxed);
-                            }
-                            Err(()) => {
-                                t_retention_failures.fetch_add(1, Ordering::Relaxed);
-                            }
-                        }
+                        apply_retention(
+                            &compactor,
+                            &log,
+                            retention,
+                            (&t_purged, &t_retention_failures),
+                        );
                     }
                 }
                 // Stopped while a run failed: the failure is kept for `stop`, which reports it
@@ -189,7 +187,8 @@ impl BackgroundCompactor {
     }
 }
 
-/// Apply the retention policy once, saying what it did; returns the changes it redacted.
+/// Apply the retention policy once, saying what it did, and count the changes it redacted or
+/// the failed run in `(purged, failures)`.
 ///
 /// A failure is logged and does not stop the capture: stopping would leave the slot to hold
 /// WAL on the source, and a purge that failed part way is as safe as one that crashed (each
@@ -198,12 +197,12 @@ fn apply_retention(
     compactor: &Compactor,
     log: &SharedLog,
     policy: &RetentionPolicy,
-) -> Result<u64, ()> {
+    (purged, failures): (&AtomicU64, &AtomicU64),
+) {
     match retention::apply(compactor, log, policy, pgtrail_store::now_us()) {
         Ok(outcomes) => {
-            let mut redacted = 0;
             for o in outcomes {
-                redacted += o.redacted;
+                purged.fetch_add(o.redacted, Ordering::Relaxed);
                 if o.redacted > 0 || o.counts.held > 0 {
                     tracing::info!(
                         rule = %o.rule,
@@ -216,14 +215,13 @@ fn apply_retention(
                     );
                 }
             }
-            Ok(redacted)
         }
         Err(e) => {
             tracing::error!(
                 error = %e,
                 "retention: the purge failed; nothing it had not finished was erased, capture goes on and the next run tries again"
             );
-            Err(())
+            failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
