@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use pgtrail_store::evidence::hold::requests as hold_requests;
+use pgtrail_store::evidence::requests;
 use pgtrail_store::evidence::retention::{self, RetentionPolicy};
 use pgtrail_store::{CompactError, CompactOptions, Compactor, LogReader, SharedLog};
 
@@ -119,12 +119,13 @@ impl BackgroundCompactor {
                             t_runs.fetch_add(1, Ordering::Relaxed);
                         }
                     });
-                    // Holds asked for while the capture holds the archive (`pgtrail hold`),
-                    // before a retention run: a hold placed now counts for that run.
+                    // Holds and erasures asked for while the capture holds the archive
+                    // (`pgtrail hold`, `redact`, `purge`), before a retention run: a hold
+                    // placed now counts for that run.
                     if result.is_ok()
-                        && let Err(e) = hold_requests::serve(&log, &archive)
+                        && let Err(e) = requests::serve(&compactor)
                     {
-                        tracing::error!(error = %e, "a hold request could not be carried out; it stays taken and is tried again");
+                        tracing::error!(error = %e, "a request could not be carried out; it stays taken and is tried again");
                     }
                     if let Some(retention) = &policy.retention
                         && result.is_ok()

@@ -256,7 +256,7 @@ impl Compactor {
         if let Some(writer) = &self.options.keyframes {
             // After everything is committed: keyframes are derived from the segments listed,
             // and their failure costs speed, never a change.
-            match writer.write_due(&SharedLog(self.db.clone()), self.archive_dir()) {
+            match writer.write_due(&self.log(), self.archive_dir()) {
                 Ok(n) => report.keyframes_written = n,
                 Err(e) => {
                     tracing::warn!(error = %e, "keyframes were not written; as_of reads more history until the next run writes them");
@@ -484,8 +484,13 @@ impl Compactor {
     }
 
     /// The archive's directory (the segments directory's parent).
-    fn archive_dir(&self) -> &Path {
+    pub(crate) fn archive_dir(&self) -> &Path {
         self.segments_dir.parent().unwrap_or(Path::new("."))
+    }
+
+    /// The archive's log, through this compactor's handle.
+    pub(crate) fn log(&self) -> SharedLog {
+        SharedLog(self.db.clone())
     }
 
     /// Move every finished transaction in the log into segments and trim it from the log.
@@ -832,7 +837,7 @@ impl Compactor {
         reason: &str,
         mode: evidence::redact::PurgeMode,
     ) -> Result<(u64, evidence::redact::PurgeCounts), CompactError> {
-        let log = SharedLog(self.db.clone());
+        let log = self.log();
         let (plan, counts) = evidence::redact::plan_purge(
             self.archive_dir(),
             Some(&log),
@@ -846,6 +851,29 @@ impl Compactor {
             return Ok((0, counts));
         }
         Ok((self.redact(plan, reason)?, counts))
+    }
+
+    /// Erase `parts` (0 context, 1 before, 2 after) of the changes `keys` (`pgtrail redact`):
+    /// verify the archive, plan, and carry the plan out. Parts erased already are left as they
+    /// are.
+    pub fn redact_changes(
+        &self,
+        keys: &[ChangeKey],
+        parts: &[u8],
+        reason: &str,
+    ) -> Result<evidence::redact::RedactCounts, CompactError> {
+        let log = self.log();
+        let (plan, erased_already) =
+            evidence::redact::plan(self.archive_dir(), Some(&log), keys, parts)
+                .map_err(|e| CompactError::Redact(Box::new(e)))?;
+        let redacted = match plan.segments.is_empty() {
+            true => 0,
+            false => self.redact(plan, reason)?,
+        };
+        Ok(evidence::redact::RedactCounts {
+            redacted,
+            erased_already,
+        })
     }
 
     /// Carry out a redaction `plan` (see [`evidence::redact`]): erase `parts` (0 context, 1

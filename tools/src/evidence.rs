@@ -705,7 +705,7 @@ pub async fn cosign(args: CosignArgs) -> anyhow::Result<()> {
 
 #[derive(clap::Args)]
 pub struct RedactArgs {
-    /// Archive directory (not held by a running capture: stop it first).
+    /// Archive directory (a capture running on it carries the redaction out).
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     pub archive: PathBuf,
     /// A change to redact, as `pgtrail sql` shows it (`lsn`, `seq`): `0/1A2B3C4:5`. Repeat for
@@ -718,11 +718,16 @@ pub struct RedactArgs {
     /// Why (kept in the redaction's receipt, a leaf of the tree): a ticket, a request number.
     #[arg(long)]
     pub reason: String,
+    /// With a capture running on the archive: how long to wait for it to take the redaction
+    /// (it does between its compactions); once taken, the command waits until it is done.
+    #[arg(long, default_value_t = 300)]
+    pub wait_secs: u64,
 }
 
 /// Erase values of archived changes, keeping the evidence whole.
 pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
-    use pgtrail_store::evidence::redact::{PART_NAMES, plan};
+    use pgtrail_store::evidence::redact::{PART_NAMES, RedactCounts};
+    use pgtrail_store::evidence::requests::{Answer, Request};
     let keys = args
         .changes
         .iter()
@@ -741,30 +746,47 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
     }
     let archive = args.archive.clone();
     let reason = args.reason.clone();
-    let redacted = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
-        let planned = plan(&archive, &keys, &parts)?;
-        let log = open_alone(&archive, "redact")?;
-        let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-        Ok(compactor.redact(planned, &reason)?)
+    let wait = std::time::Duration::from_secs(args.wait_secs);
+    let counts = tokio::task::spawn_blocking(move || -> anyhow::Result<RedactCounts> {
+        // The archive is this process's before the plan, so no hold can be placed meanwhile.
+        match try_open_alone(&archive)? {
+            Some(log) => {
+                let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+                Ok(compactor.redact_changes(&keys, &parts, &reason)?)
+            }
+            // A capture holds the archive: it carries the redaction out between compactions.
+            None => {
+                let request = Request::Redact {
+                    changes: keys,
+                    parts,
+                    reason,
+                };
+                match crate::retention::through_capture(&archive, "redact", &request, wait)? {
+                    Answer::Redacted(counts) => Ok(counts),
+                    other => Err(crate::retention::unexpected(other)),
+                }
+            }
+        }
     })
     .await??;
+    if counts.erased_already > 0 {
+        eprintln!(
+            "redact: {} of the changes had every part asked erased already: left as they are, with no second receipt",
+            counts.erased_already
+        );
+    }
+    if counts.redacted == 0 {
+        eprintln!("redact: nothing left to erase");
+        return Ok(());
+    }
     eprintln!(
-        "redact: erased {} of {redacted} changes; their receipts become leaves at the next compaction. \
-         The old segment files are deleted after the retire grace period (run `pgtrail compact`); \
-         backups still hold the values",
-        args.parts.join(", ")
+        "redact: erased {} of {} changes; their receipts become leaves at the next compaction. \
+         The old segment files are deleted after the retire grace period (run `pgtrail compact`, \
+         or a running capture does it at its compactions); backups still hold the values",
+        args.parts.join(", "),
+        counts.redacted
     );
     Ok(())
-}
-
-/// The archive's log, for a command that changes it (`redact`, `purge`, `hold`): refused, with
-/// what to do, while a capture holds it.
-pub fn open_alone(archive: &Path, command: &str) -> anyhow::Result<ChangeLog> {
-    try_open_alone(archive)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "the archive is held by a running `pgtrail capture`: stop it, run {command}, and start it again"
-        )
-    })
 }
 
 /// The archive's log opened for writing, or None when a running capture holds it.

@@ -4,16 +4,16 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
-use pgtrail_store::evidence::hold::requests::{self, Answer, Request};
 use pgtrail_store::evidence::hold::{self, Hold};
-use pgtrail_store::evidence::redact::PurgeMode;
+use pgtrail_store::evidence::redact::{PurgeCounts, PurgeMode};
+use pgtrail_store::evidence::requests::{self, Answer, Request, Waiting};
 use pgtrail_store::{Compactor, Lsn};
 
-use crate::evidence::{ScopeArgs, open_alone, try_open_alone};
+use crate::evidence::{ScopeArgs, try_open_alone};
 
 #[derive(clap::Args)]
 pub struct PurgeArgs {
-    /// Archive directory (not held by a running capture: stop it first).
+    /// Archive directory (a capture running on it carries the purge out).
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     pub archive: PathBuf,
     /// The tables whose history to purge, as `schema.table` (a name without a schema is in
@@ -27,6 +27,10 @@ pub struct PurgeArgs {
     /// Why (kept in the purge's receipt, a leaf of the tree): the retention policy, a ticket.
     #[arg(long)]
     pub reason: String,
+    /// With a capture running on the archive: how long to wait for it to take the purge (it
+    /// does between its compactions); once taken, the command waits until it is done.
+    #[arg(long, default_value_t = 300)]
+    pub wait_secs: u64,
 }
 
 /// Erase the history of some tables before a position, keeping each row's value there.
@@ -46,15 +50,32 @@ pub async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
         .collect();
     let before = before_lsn(&args.archive, &args.before).await?;
     let (archive, reason) = (args.archive.clone(), args.reason.clone());
-    let (redacted, counts) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        // The archive is this process's before the plan: a capture holding it is named at
-        // once, not after the verification, and no hold can be placed meanwhile.
-        let log = open_alone(&archive, "purge")?;
-        let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-        Ok(compactor.purge(&tables, before, &reason, PurgeMode::Requested)?)
+    let wait = std::time::Duration::from_secs(args.wait_secs);
+    let counts = tokio::task::spawn_blocking(move || -> anyhow::Result<PurgeCounts> {
+        // The archive is this process's before the plan, so no hold can be placed meanwhile.
+        match try_open_alone(&archive)? {
+            Some(log) => {
+                let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+                Ok(compactor
+                    .purge(&tables, before, &reason, PurgeMode::Requested)?
+                    .1)
+            }
+            // A capture holds the archive: it carries the purge out between its compactions.
+            None => {
+                let request = Request::Purge {
+                    tables,
+                    before,
+                    reason,
+                };
+                match through_capture(&archive, "purge", &request, wait)? {
+                    Answer::Purged(counts) => Ok(counts),
+                    other => Err(unexpected(other)),
+                }
+            }
+        }
     })
     .await??;
-    if redacted == 0 {
+    if counts.erased + counts.kept_state == 0 {
         eprintln!(
             "purge: no change of {} before {before}",
             args.tables.join(", ")
@@ -98,7 +119,7 @@ async fn before_lsn(archive: &std::path::Path, text: &str) -> anyhow::Result<Lsn
 
 #[derive(clap::Args)]
 pub struct HoldArgs {
-    /// Archive directory (not held by a running capture: stop it first).
+    /// Archive directory (a capture running on it carries the request out).
     #[arg(long, env = "PGTRAIL_ARCHIVE")]
     pub archive: PathBuf,
     /// What the hold covers (default: every table, the whole history).
@@ -113,8 +134,8 @@ pub struct HoldArgs {
     /// List the holds (JSON, one a line), released ones with their release.
     #[arg(long)]
     pub list: bool,
-    /// With a capture running on the archive: how long to wait for it to carry the hold out
-    /// (it does between its compactions and retention runs); after that nothing is done.
+    /// With a capture running on the archive: how long to wait for it to take the request (it
+    /// does between its compactions and retention runs); after that nothing is done.
     #[arg(long, default_value_t = 300)]
     pub wait_secs: u64,
 }
@@ -133,36 +154,31 @@ pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let reason = args.reason.clone().unwrap_or_default();
-    let request = match args.release {
-        Some(id) => Request::Release { id, reason },
-        None => Request::Place {
-            scope: args.scope.scope(&args.archive).await?,
-            reason,
-        },
+    let scope = match args.release {
+        Some(_) => None,
+        None => Some(args.scope.scope(&args.archive).await?),
     };
-    let wait = std::time::Duration::from_secs(args.wait_secs);
+    let (release, wait) = (args.release, std::time::Duration::from_secs(args.wait_secs));
     let placed = tokio::task::spawn_blocking(move || -> anyhow::Result<Hold> {
-        match try_open_alone(&archive)? {
-            Some(log) => {
-                let log = log.shared();
-                Ok(match request {
-                    Request::Place { scope, reason } => hold::place(&log, scope, &reason)?,
-                    Request::Release { id, reason } => hold::release(&log, id, &reason)?,
-                })
-            }
+        match (try_open_alone(&archive)?, scope) {
+            (Some(log), Some(scope)) => Ok(hold::place(&log.shared(), scope, &reason)?),
+            (Some(log), None) => Ok(hold::release(
+                &log.shared(),
+                release.unwrap_or_default(),
+                &reason,
+            )?),
             // A capture holds the archive: it carries the request out between its compactions.
-            None => {
-                let waiting = || {
-                    eprintln!(
-                        "hold: a capture is running on the archive; waiting up to {} s for it to carry the request out",
-                        wait.as_secs()
-                    )
+            (None, scope) => {
+                let request = match scope {
+                    Some(scope) => Request::Place { scope, reason },
+                    None => Request::Release {
+                        id: release.unwrap_or_default(),
+                        reason,
+                    },
                 };
-                match requests::submit(&archive, &request, wait, waiting)? {
+                match through_capture(&archive, "hold", &request, wait)? {
                     Answer::Done(hold) => Ok(hold),
-                    Answer::Refused(why) => {
-                        Err(anyhow::anyhow!("the capture refused the request: {why}"))
-                    }
+                    other => Err(unexpected(other)),
                 }
             }
         }
@@ -181,4 +197,38 @@ pub async fn hold(args: HoldArgs) -> anyhow::Result<()> {
     }
     println!("{}", serde_json::to_string(&placed)?);
     Ok(())
+}
+
+/// Leave `request` for the capture that holds `archive` and wait for its answer, telling on
+/// stderr how the wait goes; a refusal is the command's error.
+pub fn through_capture(
+    archive: &std::path::Path,
+    command: &str,
+    request: &Request,
+    wait: std::time::Duration,
+) -> anyhow::Result<Answer> {
+    let told = |waiting: Waiting| match waiting {
+        Waiting::Left => eprintln!(
+            "{command}: a capture is running on the archive; waiting up to {} s for it to take the request (it does between its compactions)",
+            wait.as_secs()
+        ),
+        Waiting::Taken => eprintln!(
+            "{command}: the capture took the request and is carrying it out (its log says how far it is)"
+        ),
+        Waiting::Working(since) => eprintln!(
+            "{command}: the capture is still carrying the request out ({} s so far)",
+            since.as_secs()
+        ),
+    };
+    match requests::submit(archive, request, wait, told)? {
+        Answer::Refused(why) => bail!("the capture refused the request: {why}"),
+        answer => Ok(answer),
+    }
+}
+
+/// An answer of another kind than the request's: a capture of another version.
+pub fn unexpected(answer: Answer) -> anyhow::Error {
+    anyhow::anyhow!(
+        "the capture answered the request with {answer:?}, which does not answer it: is the capture a pgtrail of another version?"
+    )
 }

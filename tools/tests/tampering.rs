@@ -2597,3 +2597,126 @@ fn a_hold_is_placed_and_released_while_a_capture_runs() {
     assert!(left.is_empty(), "{left:?}");
     crate::terminate(&mut child);
 }
+
+#[test]
+fn a_capture_carries_out_redact_and_purge_asked_while_it_runs() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("eraselive").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql("CREATE TABLE people (id int PRIMARY KEY, note text NOT NULL)");
+    capture_until_now(cluster, &db, &archive);
+    psql(
+        "INSERT INTO people SELECT g, 'a' || g || 'x' FROM generate_series(1, 20) g;
+         UPDATE people SET note = 'b' || id || 'x' WHERE id % 2 = 0;
+         DELETE FROM people WHERE id % 5 = 0;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let moment = crate::insert_lsn(cluster, &db);
+    let state_sql = "SELECT coalesce(string_agg(format('%s,%s', id, note), E'\\n' ORDER BY id), '') FROM people";
+    let at_moment = psql(state_sql);
+    psql(
+        "UPDATE people SET note = 'c' || id || 'x' WHERE id % 3 = 0;
+         INSERT INTO people VALUES (30, 'd30x');",
+    );
+    let mut child = crate::spawn_capture_with(
+        &cluster.url(&db),
+        &archive,
+        &db,
+        &["--compact-after-secs", "1"],
+    );
+    crate::wait_slot_active(cluster, &db, &db, &mut child);
+    let end_lsn = crate::insert_lsn(cluster, &db);
+    let at_end = psql(state_sql);
+    let erase = |command: &str, args: &[&str]| {
+        pgtrail()
+            .args([command, "--wait-secs", "60", "--archive"])
+            .arg(&archive)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The capture compacts on its own: until it has, it refuses, saying to wait for it.
+    let history = |sql: &str| crate::pgtrail_sql(&archive, "csv", sql);
+    let purge = ["--tables", "people", "--before", &moment, "--reason", "R-4"];
+    let mut tries = 0;
+    let said = loop {
+        let out = erase("purge", &purge);
+        let said = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(said.contains("a capture is running"), "{said}");
+        if out.status.success() {
+            break said;
+        }
+        assert!(said.contains("wait for its next compaction"), "{said}");
+        tries += 1;
+        assert!(tries < 30, "never compacted: {said}");
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    };
+    assert!(said.contains("took the request"), "{said}");
+    assert!(said.contains("erased"), "{said}");
+    // A refusal comes back as the command's error.
+    let out = erase(
+        "purge",
+        &["--tables", "peeple", "--before", &moment, "--reason", "R-4"],
+    );
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("the capture refused") && said.contains("no table public.peeple"),
+        "{said}"
+    );
+    // Redact the change that wrote d30x, after the moment, twice: the second finds it erased.
+    let found = history("SELECT lsn, seq FROM public.people WHERE after['note'] = 'd30x'");
+    let (lsn, seq) = found.lines().nth(1).unwrap().split_once(',').unwrap();
+    let change = format!("{}:{seq}", Lsn(lsn.parse().unwrap()));
+    let redact = ["--change", &change, "--reason", "GDPR request 9"];
+    let out = erase("redact", &redact);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("erased context, before, after of 1 changes"),
+        "{said}"
+    );
+    let out = erase("redact", &redact);
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("erased already"), "{said}");
+    assert!(said.contains("nothing left to erase"), "{said}");
+
+    // What the table held at the moment and at the end is still what PostgreSQL held, but for
+    // the redacted value, which is unknown; the history before the moment kept only the
+    // state at it.
+    let as_of = |lsn: &str| as_of_rows(&archive, "id, note", "public.people", lsn);
+    assert_eq!(as_of(&moment), at_moment, "as_of at the moment");
+    assert_eq!(
+        as_of(&end_lsn),
+        at_end.replace("30,d30x", "30,"),
+        "as_of at the end"
+    );
+    let text = history("SELECT op, before, after FROM public.people ORDER BY lsn, seq");
+    for i in 1..=20 {
+        for note in [format!("a{i}x"), format!("b{i}x")] {
+            assert_eq!(
+                has_word(&text, &note),
+                at_moment.lines().any(|l| l.ends_with(&format!(",{note}"))),
+                "{note}: kept only if the table held it at the moment"
+            );
+        }
+    }
+    assert!(!has_word(&text, "d30x"), "the redacted value is gone");
+    assert!(has_word(&text, "c3x"), "changes after the moment are whole");
+    let left: Vec<_> = std::fs::read_dir(archive.join("requests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    crate::terminate(&mut child);
+    // The receipts are leaves, and the archive verifies.
+    let out = crate::pgtrail_ok(&archive, &["verify"]);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        said.contains("verify: OK: 1 segments, 40 changes"),
+        "{said}"
+    );
+}

@@ -6,8 +6,6 @@
 //! JSON) at the next compaction that adds changes, so an auditor sees in the signed record
 //! when each hold was in force, and that every redaction and purge receipt came outside one.
 
-pub mod requests;
-
 use redb::{ReadableTable, TableDefinition};
 
 use super::bundle::Scope;
@@ -22,7 +20,8 @@ pub(crate) const HOLDS: TableDefinition<u64, &[u8]> = TableDefinition::new("evid
 
 /// The hold requests a running capture carried out: request name → the hold it placed or
 /// released (JSON), committed with it, so a request is carried out once whatever crashes.
-const ANSWERED: TableDefinition<&str, &[u8]> = TableDefinition::new("evidence_hold_requests");
+pub(super) const ANSWERED: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("evidence_hold_requests");
 
 /// A legal hold.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -66,7 +65,7 @@ fn encode(hold: &Hold) -> Vec<u8> {
     serde_json::to_vec(hold).expect("a hold is plain data")
 }
 
-fn decode(bytes: &[u8]) -> Result<Hold, LogError> {
+pub(super) fn decode(bytes: &[u8]) -> Result<Hold, LogError> {
     serde_json::from_slice(bytes).map_err(|e| LogError::Corrupt {
         what: "evidence hold".into(),
         source: e.to_string().into(),
@@ -95,7 +94,7 @@ pub fn place(log: &SharedLog, scope: Scope, reason: &str) -> Result<Hold, HoldEr
 }
 
 /// [`place`], for `request` when one names it.
-fn place_for(
+pub(super) fn place_for(
     log: &SharedLog,
     scope: Scope,
     reason: &str,
@@ -122,7 +121,7 @@ pub fn release(log: &SharedLog, id: u64, reason: &str) -> Result<Hold, HoldError
 }
 
 /// [`release`], for `request` when one names it.
-fn release_for(
+pub(super) fn release_for(
     log: &SharedLog,
     id: u64,
     reason: &str,
@@ -145,7 +144,7 @@ fn release_for(
 }
 
 /// One commit that stores the hold `change` makes (a new one, or one released), queues its
-/// leaf of `kind` and, for a request a running capture serves (see [`requests`]), records it
+/// leaf of `kind` and, for a request a running capture serves (see [`super::requests`]), records it
 /// as answered: a crash keeps all of them or none.
 fn change_holds(
     log: &SharedLog,

@@ -17,6 +17,7 @@ pub mod merkle;
 pub mod note;
 pub mod prove;
 pub mod redact;
+pub mod requests;
 pub mod retention;
 mod scratch;
 pub mod signer;

@@ -112,22 +112,58 @@ pub struct RedactPlan {
     pub receipt: Receipt,
 }
 
-/// Verify the archive in `dir` and find, for each change of `keys`, its segment and its parts'
-/// digests now, to erase `parts` of each. Read-only: the archive may be held by nobody else
-/// only when the plan is carried out (see [`crate::Compactor::redact`]).
-pub fn plan(dir: &Path, keys: &[ChangeKey], parts: &[u8]) -> Result<RedactPlan, RedactError> {
+/// What a redaction by change did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RedactCounts {
+    /// Changes of which some asked part was erased now.
+    pub redacted: u64,
+    /// Changes whose every asked part an earlier redaction or purge had erased: left as they
+    /// are, with no second receipt.
+    pub erased_already: u64,
+}
+
+/// Verify the archive in `dir` (its log read through `log` when this process holds it) and
+/// find, for each change of `keys`, its segment, to erase those of `parts` not erased already;
+/// also returns how many changes had every part erased already. Read-only: the archive may be
+/// held by nobody else only when the plan is carried out (see [`crate::Compactor::redact`]).
+pub fn plan(
+    dir: &Path,
+    log: Option<&SharedLog>,
+    keys: &[ChangeKey],
+    parts: &[u8],
+) -> Result<(RedactPlan, u64), RedactError> {
     if parts.is_empty() {
         return Err(RedactError::NoParts);
     }
-    let collected = verified(dir, None)?;
-    let wanted = keys.iter().map(|k| (*k, parts.to_vec())).collect();
-    plan_changes(&collected, wanted, Receipt::EachChange)
+    let collected = verified(dir, log)?;
+    let mut wanted = BTreeMap::new();
+    let mut erased_already = 0;
+    for key in keys.iter().collect::<std::collections::BTreeSet<_>>() {
+        // A redaction asked again (twice by mistake, or carried out again after a crash cut
+        // its answer short) erases only what is left, and puts only that on the record.
+        let erased = collected.erased.get(key);
+        let left: Vec<u8> = parts
+            .iter()
+            .copied()
+            .filter(|&p| erased.is_none_or(|e| e[p as usize].is_none()))
+            .collect();
+        match left.is_empty() {
+            true => erased_already += 1,
+            false => {
+                wanted.insert(*key, left);
+            }
+        }
+    }
+    Ok((
+        plan_changes(&collected, wanted, Receipt::EachChange)?,
+        erased_already,
+    ))
 }
 
 /// What [`plan_purge`] plans: the changes erased whole, and the changes of which only the
 /// context and the before image are erased because their after image is a row's value at
 /// the position.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PurgeCounts {
     pub erased: u64,
     pub kept_state: u64,
