@@ -747,28 +747,35 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
     let reason = args.reason.clone();
     let wait = std::time::Duration::from_secs(args.wait_secs);
-    let counts = tokio::task::spawn_blocking(move || -> anyhow::Result<RedactCounts> {
-        // The archive is this process's before the plan, so no hold can be placed meanwhile.
-        match try_open_alone(&archive)? {
-            Some(log) => {
-                let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-                Ok(compactor.redact_changes(&keys, &parts, &reason)?)
-            }
-            // A capture holds the archive: it carries the redaction out between compactions.
-            None => {
-                let request = Request::Redact {
-                    changes: keys,
-                    parts,
-                    reason,
-                };
-                match crate::retention::through_capture(&archive, "redact", &request, wait)? {
-                    Answer::Redacted(counts) => Ok(counts),
-                    other => Err(crate::retention::unexpected(other)),
+    let (counts, resumed) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(RedactCounts, bool)> {
+            // The archive is this process's before the plan, so no hold can be placed meanwhile.
+            match try_open_alone(&archive)? {
+                Some(log) => {
+                    let compactor =
+                        Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+                    Ok((compactor.redact_changes(&keys, &parts, &reason)?, false))
+                }
+                // A capture holds the archive: it carries the redaction out between compactions.
+                None => {
+                    let request = Request::Redact {
+                        changes: keys,
+                        parts,
+                        reason,
+                    };
+                    match crate::retention::through_capture(&archive, "redact", &request, wait)? {
+                        Answer::Redacted { counts, resumed } => Ok((counts, resumed)),
+                        other => Err(crate::retention::unexpected(other)),
+                    }
                 }
             }
-        }
-    })
-    .await??;
+        })
+        .await??;
+    if resumed {
+        eprintln!(
+            "redact: the capture had begun this redaction and stopped before it was done; it finished it when it started again, and what follows is what was left then"
+        );
+    }
     if counts.erased_already > 0 {
         eprintln!(
             "redact: {} of the changes had every part asked erased already: left as they are, with no second receipt",

@@ -51,30 +51,37 @@ pub async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let before = before_lsn(&args.archive, &args.before).await?;
     let (archive, reason) = (args.archive.clone(), args.reason.clone());
     let wait = std::time::Duration::from_secs(args.wait_secs);
-    let counts = tokio::task::spawn_blocking(move || -> anyhow::Result<PurgeCounts> {
-        // The archive is this process's before the plan, so no hold can be placed meanwhile.
-        match try_open_alone(&archive)? {
-            Some(log) => {
-                let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-                Ok(compactor
-                    .purge(&tables, before, &reason, PurgeMode::Requested)?
-                    .1)
-            }
-            // A capture holds the archive: it carries the purge out between its compactions.
-            None => {
-                let request = Request::Purge {
-                    tables,
-                    before,
-                    reason,
-                };
-                match through_capture(&archive, "purge", &request, wait)? {
-                    Answer::Purged(counts) => Ok(counts),
-                    other => Err(unexpected(other)),
+    let (counts, resumed) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(PurgeCounts, bool)> {
+            // The archive is this process's before the plan, so no hold can be placed meanwhile.
+            match try_open_alone(&archive)? {
+                Some(log) => {
+                    let compactor =
+                        Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+                    let (_, counts) =
+                        compactor.purge(&tables, before, &reason, PurgeMode::Requested)?;
+                    Ok((counts, false))
+                }
+                // A capture holds the archive: it carries the purge out between its compactions.
+                None => {
+                    let request = Request::Purge {
+                        tables,
+                        before,
+                        reason,
+                    };
+                    match through_capture(&archive, "purge", &request, wait)? {
+                        Answer::Purged { counts, resumed } => Ok((counts, resumed)),
+                        other => Err(unexpected(other)),
+                    }
                 }
             }
-        }
-    })
-    .await??;
+        })
+        .await??;
+    if resumed {
+        eprintln!(
+            "purge: the capture had begun this purge and stopped before it was done; it finished it when it started again, and what follows is what was left then (its receipt is a second one)"
+        );
+    }
     if counts.erased + counts.kept_state == 0 {
         eprintln!(
             "purge: no change of {} before {before}",

@@ -2720,3 +2720,105 @@ fn a_capture_carries_out_redact_and_purge_asked_while_it_runs() {
         "{said}"
     );
 }
+
+#[test]
+fn a_purge_a_capture_crashed_in_is_finished_when_it_starts_again() {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database("eraseresume").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let archive = work.path().join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql(
+        "CREATE TABLE people (id int PRIMARY KEY, note text NOT NULL);
+         CREATE TABLE pets (id int PRIMARY KEY, name text NOT NULL);",
+    );
+    capture_until_now(cluster, &db, &archive);
+    psql(
+        "INSERT INTO people SELECT g, 'a' || g || 'x' FROM generate_series(1, 10) g;
+         INSERT INTO pets SELECT g, 'p' || g || 'x' FROM generate_series(1, 10) g;
+         UPDATE people SET note = 'b' || id || 'x' WHERE id % 2 = 0;
+         UPDATE pets SET name = 'q' || id || 'x' WHERE id % 2 = 0;",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let moment = crate::insert_lsn(cluster, &db);
+    let people_sql = "SELECT string_agg(format('%s,%s', id, note), E'\\n' ORDER BY id) FROM people";
+    let pets_sql = "SELECT string_agg(format('%s,%s', id, name), E'\\n' ORDER BY id) FROM pets";
+    let (people_then, pets_then) = (psql(people_sql), psql(pets_sql));
+    // The capture crashes after the purge's first segment (the two tables are two segments).
+    let mut capture = pgtrail()
+        .args(["capture", "--slot", &db, "--publication", &db])
+        .args(["--compact-after-secs", "1"])
+        .env("PGTRAIL_SOURCE", cluster.url(&db))
+        .env("PGTRAIL_ARCHIVE", &archive)
+        .env("PGTRAIL_CRASH_AT", "redact:after_segment")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(File::create(work.path().join("capture.log")).unwrap())
+        .spawn()
+        .unwrap();
+    crate::wait_slot_active(cluster, &db, &db, &mut capture);
+    let purge = || {
+        pgtrail()
+            .args(["purge", "--wait-secs", "60", "--reason", "R-9", "--archive"])
+            .arg(&archive)
+            .args(["--tables", "people,pets", "--before", &moment])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut client = purge();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while capture.try_wait().unwrap().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the capture never crashed: {}",
+            std::fs::read_to_string(work.path().join("capture.log")).unwrap()
+        );
+        // Refused until the capture has compacted: ask again.
+        if client.try_wait().unwrap().is_some() {
+            let out = client.wait_with_output().unwrap();
+            let said = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(said.contains("wait for its next compaction"), "{said}");
+            client = purge();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // Started again in time, the capture finishes the purge and the waiting command hears it.
+    let mut capture = crate::spawn_capture_with(
+        &cluster.url(&db),
+        &archive,
+        &db,
+        &["--compact-after-secs", "1"],
+    );
+    let out = client.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("had begun this purge"), "{said}");
+    assert!(said.contains("erased"), "{said}");
+    let people = as_of_rows(&archive, "id, note", "public.people", &moment);
+    let pets = as_of_rows(&archive, "id, name", "public.pets", &moment);
+    assert_eq!((people, pets), (people_then.clone(), pets_then.clone()));
+    // Both tables' histories kept only the state at the moment.
+    for (table, cols, then) in [
+        ("people", "note", &people_then),
+        ("pets", "name", &pets_then),
+    ] {
+        let text = crate::pgtrail_sql(
+            &archive,
+            "csv",
+            &format!("SELECT before, after FROM public.{table} ORDER BY lsn, seq"),
+        );
+        let first = if table == "people" { 'a' } else { 'p' };
+        for i in (1..=10).filter(|i| i % 2 == 0) {
+            let old = format!("{first}{i}x");
+            assert!(!has_word(&text, &old), "{table}.{cols}: {old} was purged");
+        }
+        for line in then.lines() {
+            let value = line.split_once(',').unwrap().1;
+            assert!(has_word(&text, value), "{table}: {value} is the state kept");
+        }
+    }
+    crate::terminate(&mut capture);
+    crate::pgtrail_ok(&archive, &["verify"]);
+}

@@ -77,9 +77,13 @@ pub enum RedactError {
         reason: String,
     },
     #[error(
-        "the archive is compacted through {compacted}, so changes before {before} may still be in the log: run `pgtrail compact` first, or purge before an earlier position"
+        "changes committed before {before} may not all be in segments yet (the archive is compacted through {compacted}, and has received every transaction committed before {received}): run `pgtrail compact` first, or purge before an earlier position"
     )]
-    NotCompacted { before: Lsn, compacted: Lsn },
+    NotCompacted {
+        before: Lsn,
+        compacted: Lsn,
+        received: Lsn,
+    },
     #[error(
         "{0} has no key (no primary key or replica identity index), so a purge cannot tell which rows still exist at the position to keep their values; redact its changes by --change instead"
     )]
@@ -205,17 +209,20 @@ pub fn plan_purge(
         Some(log) => LogReader::of_shared(log)?,
         None => LogReader::open(dir)?,
     };
-    let compacted = reader.manifest()?.compacted_through;
+    // Every change before `before` must be in a segment: one in the log would be left as it is.
+    if !reader.compacted_before(before)? {
+        return Err(RedactError::NotCompacted {
+            before,
+            compacted: reader.manifest()?.compacted_through,
+            received: reader.position()?,
+        });
+    }
     // Read now, for a scheduled purge to leave the changes they cover whole. A hold placed
     // after this read cannot come before the erasure: placing one needs the archive's log
     // for writing, which the purging process holds (see `Compactor::redact`, which checks
     // again in the same process).
     let holds = super::hold::list(reader.read_transaction())?;
     drop(reader);
-    // Every change before `before` must be in a segment: one in the log would be left as it is.
-    if before > Lsn(compacted.0.saturating_add(1)) {
-        return Err(RedactError::NotCompacted { before, compacted });
-    }
     tracing::info!("purge: verifying the archive before erasing anything");
     let collected = verified(dir, log)?;
     tracing::info!(

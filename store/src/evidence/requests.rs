@@ -93,10 +93,11 @@ impl Request {
 pub enum Answer {
     /// The hold as placed or released.
     Done(Hold),
-    /// What a redaction erased.
-    Redacted(RedactCounts),
-    /// What a purge erased.
-    Purged(PurgeCounts),
+    /// What a redaction erased. `resumed`: a capture that stopped while carrying it out had
+    /// begun it, and this is what was left (the counts do not include what it erased before).
+    Redacted { counts: RedactCounts, resumed: bool },
+    /// What a purge erased; `resumed` as for a redaction.
+    Purged { counts: PurgeCounts, resumed: bool },
     /// Why it was not carried out (no such hold, released already, a change under a hold, a
     /// request it could not read). An erasure refused part way says what it finished.
     Refused(String),
@@ -268,6 +269,7 @@ pub fn serve(compactor: &Compactor) -> Result<usize, LogError> {
     // Taken before a crash first (they are older), then the new ones, each taken by renaming:
     // a client that withdrew its request first leaves nothing to rename.
     taken.sort();
+    let resumed = taken.len();
     for name in asked {
         let from = dir.join(format!("{name}.json"));
         match fs::rename(&from, dir.join(format!("{name}.taken"))) {
@@ -294,18 +296,24 @@ pub fn serve(compactor: &Compactor) -> Result<usize, LogError> {
                     }
                 }
             });
-        let served = answer_each(compactor, &dir, &taken);
+        let served = answer_each(compactor, &dir, &taken, resumed);
         answering.store(false, Ordering::Relaxed);
         drop(heartbeat);
         served
     })
 }
 
-/// Carry out the taken requests `names` in order, answering each.
-fn answer_each(compactor: &Compactor, dir: &Path, names: &[String]) -> Result<usize, LogError> {
-    for name in names {
+/// Carry out the taken requests `names` in order, answering each; the first `resumed` were
+/// taken before (by a capture that stopped, or a call that failed, before answering them).
+fn answer_each(
+    compactor: &Compactor,
+    dir: &Path,
+    names: &[String],
+    resumed: usize,
+) -> Result<usize, LogError> {
+    for (n, name) in names.iter().enumerate() {
         let path = dir.join(format!("{name}.taken"));
-        let answer = carry_out(compactor, name, &path)?;
+        let answer = carry_out(compactor, name, &path, n < resumed)?;
         let bytes = serde_json::to_vec(&answer).expect("an answer is plain data");
         // The answer is whole before the taken request goes: a crash between the two answers
         // it again at the next call, from the record of what was carried out.
@@ -331,7 +339,12 @@ fn touch(path: &Path) {
 
 /// The answer to the taken request `name` at `path`: the recorded one if it was carried out
 /// before (a crash came before its answer), else what carrying it out now gives.
-fn carry_out(compactor: &Compactor, name: &str, path: &Path) -> Result<Answer, LogError> {
+fn carry_out(
+    compactor: &Compactor,
+    name: &str,
+    path: &Path,
+    resumed: bool,
+) -> Result<Answer, LogError> {
     let log = compactor.log();
     let reader = LogReader::of_shared(&log)?;
     if let Some(done) = table_if_made(reader.read_transaction(), ANSWERED)?
@@ -366,7 +379,7 @@ fn carry_out(compactor: &Compactor, name: &str, path: &Path) -> Result<Answer, L
         } => {
             return erase(compactor, name, &reason, |c| {
                 c.redact_changes(&changes, &parts, &reason)
-                    .map(Answer::Redacted)
+                    .map(|counts| Answer::Redacted { counts, resumed })
             });
         }
         Request::Purge {
@@ -376,7 +389,7 @@ fn carry_out(compactor: &Compactor, name: &str, path: &Path) -> Result<Answer, L
         } => {
             return erase(compactor, name, &reason, |c| {
                 c.purge(&tables, before, &reason, PurgeMode::Requested)
-                    .map(|(_, counts)| Answer::Purged(counts))
+                    .map(|(_, counts)| Answer::Purged { counts, resumed })
             });
         }
     };

@@ -131,6 +131,27 @@ impl LogReader {
         Ok(Lsn(get_u64(&meta, META_POSITION)?.unwrap_or(0)))
     }
 
+    /// The key of the oldest change still in the log (not compacted), if any.
+    pub fn oldest_change(&self) -> Result<Option<ChangeKey>, LogError> {
+        let table = self.rtx.open_table(CHANGES)?;
+        Ok(table.first()?.map(|(k, _)| {
+            let (lsn, seq) = k.value();
+            ChangeKey::new(Lsn(lsn), seq)
+        }))
+    }
+
+    /// Whether every change committed before `before` is in a segment: compacted through it,
+    /// or (an idle source, whose last commit came earlier) every transaction committed
+    /// before it received and none of them left in the log.
+    pub fn compacted_before(&self, before: Lsn) -> Result<bool, LogError> {
+        let compacted = self.manifest()?.compacted_through;
+        if before <= Lsn(compacted.0.saturating_add(1)) {
+            return Ok(true);
+        }
+        Ok(self.position()? >= before
+            && self.oldest_change()?.is_none_or(|k| k.commit_lsn >= before))
+    }
+
     pub fn source_identity(&self) -> Result<Option<SourceIdentity>, LogError> {
         self.meta_value(META_SOURCE)
     }
