@@ -276,17 +276,48 @@ pub fn plan_purge(
         if positions.is_empty() {
             return Err(RedactError::NoKey(name));
         }
-        let row_key = |row: &Option<crate::change::Row>| -> Option<RowKey> {
-            row.as_ref().map(|r| {
-                positions
-                    .iter()
-                    .map(|&p| r.get(p).and_then(Cell::as_text).map(str::to_string))
+        // Only the key columns are read and rendered, and only the row groups with changes
+        // before the position: which rows exist there needs nothing else.
+        let row_key = |row: Option<crate::change::Row>| -> Option<RowKey> {
+            row.map(|cells| {
+                cells
+                    .into_iter()
+                    .map(|cell| match cell {
+                        Cell::Text(text) => Some(text),
+                        Cell::Null | Cell::Unknown => None,
+                    })
                     .collect()
             })
         };
+        let mut columns: Vec<Vec<String>> = [
+            "lsn",
+            "seq",
+            "op",
+            "before_unknown",
+            "after_unknown",
+            "before_text",
+            "after_text",
+        ]
+        .iter()
+        .map(|c| vec![c.to_string()])
+        .collect();
+        for image in ["before", "after"] {
+            for &p in &positions {
+                columns.push(vec![image.to_string(), rel.columns[p].name.clone()]);
+            }
+        }
         let path = dir.join(crate::SEGMENTS_DIR).join(&entry.file_name);
-        for batch in SegmentReader::open(&path, Some(&entry.sha256), 8192)? {
-            for (key, record) in crate::segment::read_records(&entry.content, &batch?)? {
+        let reader = SegmentReader::open_selected(
+            &path,
+            Some(&entry.sha256),
+            8192,
+            (0, before.0.saturating_sub(1)),
+            (i64::MIN, i64::MAX),
+            Some(&columns),
+            None,
+        )?;
+        for batch in reader {
+            for (key, op, b, a) in crate::segment::read_row_keys(rel, &batch?)? {
                 if key.commit_lsn >= before {
                     continue;
                 }
@@ -294,9 +325,9 @@ pub fn plan_purge(
                     key,
                     table,
                     relation: rel.relation_id,
-                    op: record.op,
-                    before: row_key(&record.before),
-                    after: row_key(&record.after),
+                    op,
+                    before: row_key(b),
+                    after: row_key(a),
                 });
             }
         }

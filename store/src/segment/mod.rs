@@ -47,7 +47,10 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 
 use crate::relation::RelationVersion;
 
-pub use reader::{RowGroupRange, SegmentReader, read_records, row_group_ranges, sha256_file};
+pub use reader::{
+    RowGroupRange, RowKeys, SegmentReader, read_records, read_row_keys, row_group_ranges,
+    sha256_file,
+};
 pub use types::{
     DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros,
     parse_array, render,

@@ -484,11 +484,7 @@ pub fn read_records(
             }
         }
         SegmentContent::Table(rel) => {
-            let kinds: Vec<PgKind> = rel
-                .columns
-                .iter()
-                .map(|c| PgKind::of(c.type_oid, c.type_modifier))
-                .collect();
+            let images = Images::of(rel, batch)?;
             let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8)
                 .map_err(SegmentError::Arrow)?;
             let op = op.as_string::<i32>();
@@ -496,94 +492,13 @@ pub fn read_records(
                 .as_string_opt::<i32>()
                 .ok_or_else(|| bad("context type"))?
                 .clone();
-            let image = |name: &str| -> Result<Option<StructArray>, SegmentError> {
-                Ok(batch
-                    .column_by_name(name)
-                    .and_then(|c| c.as_struct_opt().cloned()))
-            };
-            let (before, after) = (image("before")?, image("after")?);
-            let names = |name: &str| -> Result<ListArray, SegmentError> {
-                col(name)?
-                    .as_list_opt::<i32>()
-                    .cloned()
-                    .ok_or_else(|| bad(&format!("{name} type")))
-            };
-            let (before_unknown, after_unknown) =
-                (names("before_unknown")?, names("after_unknown")?);
-            let map = |name: &str| -> Result<MapArray, SegmentError> {
-                col(name)?
-                    .as_map_opt()
-                    .cloned()
-                    .ok_or_else(|| bad(&format!("{name} type")))
-            };
-            let (before_text, after_text) = (map("before_text")?, map("after_text")?);
-            let row_of = |image: &Option<StructArray>,
-                          unknown: &ListArray,
-                          exact: &MapArray,
-                          i: usize|
-             -> Option<Row> {
-                let present = match image {
-                    Some(s) => !s.is_null(i),
-                    None => !unknown.is_null(i) || !exact.is_null(i),
-                };
-                if !present {
-                    return None;
-                }
-                let unknown: Vec<String> = if unknown.is_null(i) {
-                    Vec::new()
-                } else {
-                    unknown
-                        .value(i)
-                        .as_string::<i32>()
-                        .iter()
-                        .flatten()
-                        .map(str::to_string)
-                        .collect()
-                };
-                let exact: Vec<(String, String)> = if exact.is_null(i) {
-                    Vec::new()
-                } else {
-                    let entries = exact.value(i);
-                    let k = entries.column(0).as_string::<i32>();
-                    let v = entries.column(1).as_string::<i32>();
-                    (0..entries.len())
-                        .map(|j| (k.value(j).to_string(), v.value(j).to_string()))
-                        .collect()
-                };
-                Some(
-                    rel.columns
-                        .iter()
-                        .enumerate()
-                        .map(|(c, column)| {
-                            if unknown.contains(&column.name) {
-                                return Cell::Unknown;
-                            }
-                            if let Some((_, t)) = exact.iter().find(|(k, _)| k == &column.name) {
-                                return Cell::Text(t.clone());
-                            }
-                            match image
-                                .as_ref()
-                                .and_then(|s| render(&kinds[c], s.column(c).as_ref(), i))
-                            {
-                                Some(t) => Cell::Text(t),
-                                None => Cell::Null,
-                            }
-                        })
-                        .collect(),
-                )
-            };
+            let all: Vec<usize> = (0..rel.columns.len()).collect();
+            let row_of = |image: &Image, i: usize| image.row(&images, &all, i);
             let key_pos = rel.key_positions();
             for i in 0..batch.num_rows() {
-                let op = match op.value(i) {
-                    "insert" => Op::Insert,
-                    "update" => Op::Update,
-                    "delete" => Op::Delete,
-                    "truncate" => Op::Truncate,
-                    "snapshot" => Op::Snapshot,
-                    other => return Err(bad(&format!("unknown op {other}"))),
-                };
-                let b = row_of(&before, &before_unknown, &before_text, i);
-                let a = row_of(&after, &after_unknown, &after_text, i);
+                let op = parse_op(op.value(i))?;
+                let b = row_of(&images.before, i);
+                let a = row_of(&images.after, i);
                 let key = a
                     .as_ref()
                     .or(b.as_ref())
@@ -615,6 +530,196 @@ pub fn read_records(
     Ok(out)
 }
 
+fn parse_op(op: &str) -> Result<Op, SegmentError> {
+    Ok(match op {
+        "insert" => Op::Insert,
+        "update" => Op::Update,
+        "delete" => Op::Delete,
+        "truncate" => Op::Truncate,
+        "snapshot" => Op::Snapshot,
+        other => {
+            return Err(SegmentError::Corrupt {
+                path: PathBuf::new(),
+                reason: format!("unknown op {other}"),
+            });
+        }
+    })
+}
+
+/// The before and after images of a table segment's batch, with what renders their cells.
+struct Images<'a> {
+    rel: &'a crate::relation::RelationVersion,
+    kinds: Vec<PgKind>,
+    before: Image,
+    after: Image,
+}
+
+/// One image's columns: the typed values, the columns whose value is unknown, and the
+/// values kept as exact text.
+struct Image {
+    values: Option<StructArray>,
+    /// For each column of the table, its child in `values` (a read that projected the
+    /// image keeps only the children it asked for).
+    children: Vec<Option<usize>>,
+    unknown: ListArray,
+    exact: MapArray,
+}
+
+impl<'a> Images<'a> {
+    fn of(
+        rel: &'a crate::relation::RelationVersion,
+        batch: &RecordBatch,
+    ) -> Result<Images<'a>, SegmentError> {
+        let bad = |reason: String| SegmentError::Corrupt {
+            path: PathBuf::new(),
+            reason,
+        };
+        let image = |name: &str| -> Result<Image, SegmentError> {
+            let column = |suffix: &str| {
+                let name = format!("{name}{suffix}");
+                batch
+                    .column_by_name(&name)
+                    .cloned()
+                    .ok_or_else(|| bad(format!("no column {name}")))
+            };
+            let values = batch
+                .column_by_name(name)
+                .and_then(|c| c.as_struct_opt().cloned());
+            // Whole, the image holds every column in the table's order (the schema was
+            // checked on opening); projected, its children are found by name.
+            let whole = values
+                .as_ref()
+                .is_some_and(|v| v.num_columns() == rel.columns.len());
+            let children = (0..rel.columns.len())
+                .map(|c| match (&values, whole) {
+                    (Some(_), true) => Some(c),
+                    (Some(v), false) => v
+                        .fields()
+                        .iter()
+                        .position(|f| f.name() == &rel.columns[c].name),
+                    (None, _) => None,
+                })
+                .collect();
+            Ok(Image {
+                values,
+                children,
+                unknown: column("_unknown")?
+                    .as_list_opt::<i32>()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("{name}_unknown type")))?,
+                exact: column("_text")?
+                    .as_map_opt()
+                    .cloned()
+                    .ok_or_else(|| bad(format!("{name}_text type")))?,
+            })
+        };
+        Ok(Images {
+            rel,
+            kinds: rel
+                .columns
+                .iter()
+                .map(|c| PgKind::of(c.type_oid, c.type_modifier))
+                .collect(),
+            before: image("before")?,
+            after: image("after")?,
+        })
+    }
+}
+
+impl Image {
+    /// Row `i`'s image, with the cells of the columns at `positions` (in that order), or None
+    /// when the change has no such image.
+    fn row(&self, images: &Images<'_>, positions: &[usize], i: usize) -> Option<Row> {
+        let present = match &self.values {
+            Some(s) => !s.is_null(i),
+            None => !self.unknown.is_null(i) || !self.exact.is_null(i),
+        };
+        if !present {
+            return None;
+        }
+        let unknown = (!self.unknown.is_null(i)).then(|| self.unknown.value(i));
+        let unknown = unknown.as_ref().map(|u| u.as_string::<i32>());
+        let exact = (!self.exact.is_null(i)).then(|| self.exact.value(i));
+        let exact = exact.as_ref().map(|e| {
+            (
+                e.column(0).as_string::<i32>(),
+                e.column(1).as_string::<i32>(),
+            )
+        });
+        Some(
+            positions
+                .iter()
+                .map(|&c| {
+                    let name = images.rel.columns[c].name.as_str();
+                    if unknown.is_some_and(|u| u.iter().flatten().any(|n| n == name)) {
+                        return Cell::Unknown;
+                    }
+                    if let Some((k, v)) = exact
+                        && let Some(j) = (0..k.len()).find(|&j| k.value(j) == name)
+                    {
+                        return Cell::Text(v.value(j).to_string());
+                    }
+                    match self
+                        .values
+                        .as_ref()
+                        .zip(self.children[c])
+                        .and_then(|(s, child)| {
+                            render(&images.kinds[c], s.column(child).as_ref(), i)
+                        }) {
+                        Some(t) => Cell::Text(t),
+                        None => Cell::Null,
+                    }
+                })
+                .collect(),
+        )
+    }
+}
+
+/// One change of a table segment as far as a key replay needs it: its key, operation, and
+/// the key columns of its before and after images (in [`RelationVersion::key_positions`]
+/// order), each image None when the change has none.
+///
+/// [`RelationVersion::key_positions`]: crate::relation::RelationVersion::key_positions
+pub type RowKeys = (ChangeKey, Op, Option<Row>, Option<Row>);
+
+/// The [`RowKeys`] of every change in a table segment's `batch`, rendering only the key
+/// columns (a purge's plan replays which rows exist without the other values).
+pub fn read_row_keys(
+    rel: &crate::relation::RelationVersion,
+    batch: &RecordBatch,
+) -> Result<Vec<RowKeys>, SegmentError> {
+    let bad = |reason: &str| SegmentError::Corrupt {
+        path: PathBuf::new(),
+        reason: reason.to_string(),
+    };
+    let col = |name: &str| {
+        batch
+            .column_by_name(name)
+            .ok_or_else(|| bad(&format!("no column {name}")))
+    };
+    let lsn = col("lsn")?
+        .as_primitive_opt::<UInt64Type>()
+        .ok_or_else(|| bad("lsn type"))?;
+    let seq = col("seq")?
+        .as_primitive_opt::<UInt32Type>()
+        .ok_or_else(|| bad("seq type"))?;
+    let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8)
+        .map_err(SegmentError::Arrow)?;
+    let op = op.as_string::<i32>();
+    let images = Images::of(rel, batch)?;
+    let positions = rel.key_positions();
+    (0..batch.num_rows())
+        .map(|i| {
+            Ok((
+                ChangeKey::new(Lsn(lsn.value(i)), seq.value(i)),
+                parse_op(op.value(i))?,
+                images.before.row(&images, &positions, i),
+                images.after.row(&images, &positions, i),
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +743,66 @@ mod tests {
         let path = dir.path().join("s.parquet");
         std::fs::write(&path, SEGMENT).unwrap();
         assert!(read_all(&path).unwrap() > 0);
+    }
+
+    /// The key-only read (the key columns of each image projected, nothing else rendered)
+    /// gives each change's key, operation and images' keys exactly as the full read does.
+    #[test]
+    fn row_keys_of_a_projected_read_are_those_of_the_full_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.parquet");
+        std::fs::write(&path, SEGMENT).unwrap();
+        let reader = SegmentReader::open(&path, None, 64).unwrap();
+        let SegmentContent::Table(rel) = reader.content().clone() else {
+            panic!("the fixture is a table segment");
+        };
+        let positions = rel.key_positions();
+        assert!(!positions.is_empty());
+        let mut full = Vec::new();
+        for batch in reader {
+            for (key, record) in
+                read_records(&SegmentContent::Table(rel.clone()), &batch.unwrap()).unwrap()
+            {
+                let keys = |row: &Option<Row>| {
+                    row.as_ref()
+                        .map(|r| positions.iter().map(|&p| r[p].clone()).collect::<Row>())
+                };
+                full.push((key, record.op, keys(&record.before), keys(&record.after)));
+            }
+        }
+        let mut columns: Vec<Vec<String>> = ["lsn", "seq", "op"]
+            .into_iter()
+            .chain([
+                "before_unknown",
+                "after_unknown",
+                "before_text",
+                "after_text",
+            ])
+            .map(|c| vec![c.to_string()])
+            .collect();
+        for image in ["before", "after"] {
+            for &p in &positions {
+                columns.push(vec![image.to_string(), rel.columns[p].name.clone()]);
+            }
+        }
+        let projected = SegmentReader::open_selected(
+            &path,
+            None,
+            64,
+            (0, u64::MAX),
+            (i64::MIN, i64::MAX),
+            Some(&columns),
+            None,
+        )
+        .unwrap();
+        let mut keyed = Vec::new();
+        for batch in projected {
+            let batch = batch.unwrap();
+            assert!(batch.column_by_name("context").is_none(), "projected away");
+            keyed.extend(read_row_keys(&rel, &batch).unwrap());
+        }
+        assert!(full.iter().any(|(_, _, _, a)| a.is_some()));
+        assert_eq!(keyed, full);
     }
 
     /// A segment of `n` changes in row groups of 7 rows, written as `name` in `dir`: copies
