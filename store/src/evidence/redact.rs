@@ -435,10 +435,11 @@ fn plan_changes(
     receipt: Receipt,
 ) -> Result<RedactPlan, RedactError> {
     let keys: Vec<ChangeKey> = wanted.keys().copied().collect();
+    let places = collected.changes.find_sorted(&keys)?;
     let mut by_segment: BTreeMap<u32, BTreeMap<ChangeKey, Vec<u8>>> = BTreeMap::new();
-    for (key, parts) in wanted {
-        match collected.changes.find(key)? {
-            Some((_, place)) => {
+    for ((key, parts), place) in wanted.into_iter().zip(places) {
+        match place {
+            Some(place) => {
                 by_segment
                     .entry(place.segment)
                     .or_default()

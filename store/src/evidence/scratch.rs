@@ -222,6 +222,47 @@ impl ChangeFile {
         Ok((place.leaf.key == key).then_some((at, place)))
     }
 
+    /// The change at each of `keys` (ascending, each once), None where the tree holds none. Keys that
+    /// lie close together (a purge's, most of a table's history) are found in one sequential
+    /// read from the first to the last; sparse ones (a few redactions in a long history) each
+    /// by a binary search, whose reads are one record each.
+    pub(crate) fn find_sorted(
+        &self,
+        keys: &[ChangeKey],
+    ) -> Result<Vec<Option<ChangePlace>>, LogError> {
+        let (Some(&first), Some(&last)) = (keys.first(), keys.last()) else {
+            return Ok(Vec::new());
+        };
+        let lo = self.partition_point(|p| p.leaf.key < first)?;
+        let hi = self.partition_point(|p| p.leaf.key <= last)?;
+        // A binary search reads about log2(len) records one at a time; the walk reads every
+        // record between, in large reads.
+        let searches = 64 * keys.len() as u64;
+        if hi - lo > searches {
+            return keys
+                .iter()
+                .map(|k| Ok(self.find(*k)?.map(|(_, place)| place)))
+                .collect();
+        }
+        let mut found = Vec::with_capacity(keys.len());
+        let mut wanted = keys.iter().peekable();
+        self.for_each(lo, hi, |place| {
+            while let Some(&&k) = wanted.peek()
+                && k < place.leaf.key
+            {
+                found.push(None);
+                wanted.next();
+            }
+            if wanted.peek() == Some(&&place.leaf.key) {
+                found.push(Some(place));
+                wanted.next();
+            }
+            Ok(())
+        })?;
+        found.resize(keys.len(), None);
+        Ok(found)
+    }
+
     /// The changes at positions `lo..hi`, in order.
     pub(crate) fn for_each(
         &self,
@@ -253,6 +294,38 @@ mod tests {
         consistency_proof, consistency_proof_in, inclusion_proof, inclusion_proof_in, leaf_hash,
         range_proof, range_proof_in, root,
     };
+
+    /// Found in one walk or by a search each, the keys' places are those `find` gives.
+    #[test]
+    fn find_sorted_agrees_with_find_for_dense_and_sparse_keys() {
+        let mut file = ChangeFile::create().unwrap();
+        for i in 0..5000u64 {
+            let key = ChangeKey::new(Lsn(100 + 2 * (i / 3)), (i % 3) as u32);
+            let hash = leaf_hash(&i.to_be_bytes());
+            let place = ChangePlace {
+                leaf: Leaf { key, hash },
+                segment: (i / 1000) as u32,
+                index: i,
+            };
+            file.push(&place).unwrap();
+        }
+        file.finish().unwrap();
+        let dense: Vec<ChangeKey> = (0..4000u64)
+            .map(|i| ChangeKey::new(Lsn(99 + i), (i % 4) as u32))
+            .collect();
+        let sparse: Vec<ChangeKey> = [(100, 0), (101, 0), (2000, 2), (3432, 1), (9999, 0)]
+            .map(|(l, s)| ChangeKey::new(Lsn(l), s))
+            .to_vec();
+        for keys in [dense, sparse, Vec::new()] {
+            let expected: Vec<Option<ChangePlace>> = keys
+                .iter()
+                .map(|k| file.find(*k).unwrap().map(|(_, p)| p))
+                .collect();
+            assert!(keys.is_empty() || expected.iter().any(Option::is_some));
+            assert!(keys.is_empty() || expected.iter().any(Option::is_none));
+            assert_eq!(file.find_sorted(&keys).unwrap(), expected);
+        }
+    }
 
     fn leaves(n: u64) -> Vec<Hash> {
         (0..n).map(|i| leaf_hash(&i.to_be_bytes())).collect()
