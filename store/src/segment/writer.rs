@@ -471,8 +471,16 @@ impl Drop for SegmentWriter {
     }
 }
 
+/// Lowercase hexadecimal of `bytes`. Written out, not formatted: a purge writes several
+/// digests for each of a million changes, and `format!` per byte allocated each time.
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0xf)] as char);
+    }
+    out
 }
 
 /// Builders for one batch of rows.
@@ -771,4 +779,13 @@ pub fn records_to_batch(
         builder.push(*key, record);
     }
     builder.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn hex_writes_each_byte_as_two_lowercase_digits() {
+        assert_eq!(super::hex(&[0x00, 0x0f, 0xa5, 0xff, 0x10]), "000fa5ff10");
+        assert_eq!(super::hex(&[]), "");
+    }
 }
