@@ -19,13 +19,14 @@
 //! segments and their SHA-256), `evidence/checkpoints/<size>` (every signed checkpoint) and
 //! `evidence/checkpoint` (the latest).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::leaf::{Epochs, Leaf, Seed};
+use super::leaf::{Epochs, Leaf, Redactions, Seed};
 use super::merkle::{Frontier, Hash};
 use super::note::Checkpoint;
 use super::signer::Signer;
@@ -189,6 +190,39 @@ pub(crate) fn read_within(
     rtx: &redb::ReadTransaction,
     range: Option<std::ops::RangeInclusive<ChangeKey>>,
 ) -> Result<EvidenceState, LogError> {
+    read_state(rtx, range, true)
+}
+
+/// What `verify` needs of the state: [`read`] without the redaction records, and, taken from
+/// each record as it is read, every redacted change's erased digests and erasure time. A
+/// record (the change and each digest as text, the reason) is several times what it yields:
+/// after a purge of a million changes, holding the records took gigabytes.
+pub(crate) fn read_erasures(
+    rtx: &redb::ReadTransaction,
+) -> Result<(EvidenceState, Redactions, BTreeMap<ChangeKey, i64>), LogError> {
+    let all = ChangeKey::default()..=ChangeKey::new(Lsn(u64::MAX), u32::MAX);
+    let state = read_state(rtx, Some(all), false)?;
+    let (mut erased, mut at) = (Redactions::new(), BTreeMap::new());
+    if let Some(t) = table_if_made(rtx, REDACTIONS)? {
+        for entry in t.iter()? {
+            let (k, v) = entry?;
+            let (lsn, seq) = k.value();
+            let key = ChangeKey::new(Lsn(lsn), seq);
+            let redaction = parse_redaction(v.value())?;
+            erased.insert(key, redaction.erased()?);
+            at.insert(key, redaction.at_us);
+        }
+    }
+    Ok((state, erased, at))
+}
+
+/// The state with the salts of the changes in `range` (none with `None`) and, with
+/// `records`, their redaction records.
+fn read_state(
+    rtx: &redb::ReadTransaction,
+    range: Option<std::ops::RangeInclusive<ChangeKey>>,
+    records: bool,
+) -> Result<EvidenceState, LogError> {
     let keys = range.map(|range| {
         (range.start().commit_lsn.0, range.start().seq)
             ..=(range.end().commit_lsn.0, range.end().seq)
@@ -235,7 +269,7 @@ pub(crate) fn read_within(
     };
     let frontier = frontier_in(&rtx.open_table(META)?)?;
     let mut redactions = std::collections::BTreeMap::new();
-    if let (Some(t), Some(keys)) = (table_if_made(rtx, REDACTIONS)?, keys) {
+    if let (Some(t), Some(keys), true) = (table_if_made(rtx, REDACTIONS)?, keys, records) {
         for entry in t.range(keys)? {
             let (k, v) = entry?;
             let (lsn, seq) = k.value();

@@ -232,8 +232,7 @@ fn walk(
         None => LogReader::open(dir)?,
     };
     let manifest = reader.manifest()?;
-    let state = super::state::read(reader.read_transaction())?;
-    let erased = state.erased()?;
+    let (state, erased, erased_at) = super::state::read_erasures(reader.read_transaction())?;
     let (log_tail, _) = reader.log_backlog()?;
     let gaps = reader.gaps()?;
     drop(reader);
@@ -388,7 +387,7 @@ fn walk(
     }
     report.events = state.events.len() as u64;
     let receipts = check_events(&state.events, &mut report);
-    check_receipts(receipts, &state, &segments, &redacted_in, &mut report);
+    check_receipts(receipts, &erased_at, &segments, &redacted_in, &mut report);
     report.problems.extend(checkpoint_problems);
     compare_checkpoints(&wanted, &fold, &mut report);
     finish_report(&mut report, options);
@@ -778,7 +777,7 @@ struct Receipts {
 /// missing receipt means the erasure was kept off the record: a problem naming the change.
 fn check_receipts(
     receipts: Receipts,
-    state: &super::state::EvidenceState,
+    erased_at: &BTreeMap<ChangeKey, i64>,
     segments: &[crate::SegmentEntry],
     redacted_in: &BTreeMap<ChangeKey, usize>,
     report: &mut VerifyReport,
@@ -789,7 +788,7 @@ fn check_receipts(
         last_run_us,
     } = receipts;
     let mut pending: Vec<ChangeKey> = Vec::new();
-    for (key, redaction) in &state.redactions {
+    for (key, &at_us) in erased_at {
         if receipted.contains(&key.to_string()) {
             continue;
         }
@@ -807,7 +806,7 @@ fn check_receipts(
         {
             continue;
         }
-        if redaction.at_us < last_run_us {
+        if at_us < last_run_us {
             report.problem(
                 format!("change {key} of {table}"),
                 "its values were erased but no receipt in the tree records it (a later compaction ran): an erasure kept off the signed record",
