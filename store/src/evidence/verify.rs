@@ -229,7 +229,7 @@ fn walk(
 ) -> Result<Walked, LogError> {
     let reader = match &options.log {
         Some(log) => LogReader::of_shared(log)?,
-        None => LogReader::open(dir)?,
+        None => LogReader::open_for_one_pass(dir)?,
     };
     let manifest = reader.manifest()?;
     let (state, erased, erased_at) = super::state::read_erasures(reader.read_transaction())?;

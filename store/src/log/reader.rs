@@ -10,6 +10,14 @@ use crate::manifest::{
 use crate::segment::SegmentReader;
 use redb::ReadableTableMetadata;
 
+/// The page cache of a reader's handle: redb's own default, with which every query reading
+/// the log tail beside a capture was measured.
+const READ_CACHE_BYTES: usize = 1 << 30;
+
+/// The page cache of a handle for one pass ([`LogReader::open_for_one_pass`]): enough for the
+/// B-trees' interior pages.
+const ONE_PASS_CACHE_BYTES: usize = 16 << 20;
+
 /// A consistent read view of the log (one redb read transaction).
 pub struct LogReader {
     rtx: redb::ReadTransaction,
@@ -77,6 +85,18 @@ impl LogReader {
     /// which repairs the file and runs the writer's crash recovery (see the module doc).
     /// A log of a newer format version is refused.
     pub fn open(dir: &Path) -> Result<LogReader, LogError> {
+        Self::open_caching(dir, READ_CACHE_BYTES)
+    }
+
+    /// [`open`](Self::open) for one pass over the log's tables (`verify`): redb's page cache
+    /// earns nothing on a pass that reads each page once, and it kept every page read, up to
+    /// its limit (a gigabyte after a large purge, whose records and salts are the log's
+    /// largest tables), until the reader was dropped.
+    pub fn open_for_one_pass(dir: &Path) -> Result<LogReader, LogError> {
+        Self::open_caching(dir, ONE_PASS_CACHE_BYTES)
+    }
+
+    fn open_caching(dir: &Path, cache_bytes: usize) -> Result<LogReader, LogError> {
         let path = dir.join(LOG_FILE);
         if !path.exists() {
             return Err(LogError::NotAnArchive {
@@ -86,6 +106,7 @@ impl LogReader {
         let open = || {
             Database::builder()
                 .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .set_cache_size(cache_bytes)
                 .open_read_only(&path)
         };
         let deadline = std::time::Instant::now() + REPAIR_PATIENCE;
