@@ -4,9 +4,11 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use datafusion::arrow::array::{Array, AsArray, ListArray, MapArray, RecordBatch, StructArray};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, ListArray, MapArray, PrimitiveArray, RecordBatch, StructArray,
+};
 use datafusion::arrow::datatypes::{
-    DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type,
+    ArrowPrimitiveType, DataType, SchemaRef, TimestampMicrosecondType, UInt32Type, UInt64Type,
 };
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{
@@ -421,31 +423,12 @@ pub fn read_records(
     content: &SegmentContent,
     batch: &RecordBatch,
 ) -> Result<Vec<(ChangeKey, ChangeRecord)>, SegmentError> {
-    let bad = |reason: &str| SegmentError::Corrupt {
-        path: PathBuf::new(),
-        reason: reason.to_string(),
-    };
-    let col = |name: &str| {
-        batch
-            .column_by_name(name)
-            .ok_or_else(|| bad(&format!("no column {name}")))
-    };
-    let lsn = col("lsn")?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| bad("lsn type"))?
-        .clone();
-    let seq = col("seq")?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| bad("seq type"))?
-        .clone();
-    let xid = col("xid")?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| bad("xid type"))?
-        .clone();
-    let ts = col("committed_at")?
-        .as_primitive_opt::<TimestampMicrosecondType>()
-        .ok_or_else(|| bad("committed_at type"))?
-        .clone();
+    let bad = |reason: &str| malformed(reason.to_string());
+    let col = |name: &str| column(batch, name);
+    let lsn = primitive::<UInt64Type>(batch, "lsn")?;
+    let seq = primitive::<UInt32Type>(batch, "seq")?;
+    let xid = primitive::<UInt32Type>(batch, "xid")?;
+    let ts = primitive::<TimestampMicrosecondType>(batch, "committed_at")?;
     let mut out = Vec::with_capacity(batch.num_rows());
     match content {
         SegmentContent::Messages => {
@@ -485,8 +468,7 @@ pub fn read_records(
         }
         SegmentContent::Table(rel) => {
             let images = Images::of(rel, batch)?;
-            let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8)
-                .map_err(SegmentError::Arrow)?;
+            let op = ops(batch)?;
             let op = op.as_string::<i32>();
             let context = col("context")?
                 .as_string_opt::<i32>()
@@ -530,6 +512,35 @@ pub fn read_records(
     Ok(out)
 }
 
+/// A batch that is not what its segment's layout says (a column missing, of another type).
+fn malformed(reason: String) -> SegmentError {
+    SegmentError::Corrupt {
+        path: PathBuf::new(),
+        reason,
+    }
+}
+
+fn column<'b>(batch: &'b RecordBatch, name: &str) -> Result<&'b ArrayRef, SegmentError> {
+    batch
+        .column_by_name(name)
+        .ok_or_else(|| malformed(format!("no column {name}")))
+}
+
+fn primitive<'b, T: ArrowPrimitiveType>(
+    batch: &'b RecordBatch,
+    name: &str,
+) -> Result<&'b PrimitiveArray<T>, SegmentError> {
+    column(batch, name)?
+        .as_primitive_opt::<T>()
+        .ok_or_else(|| malformed(format!("{name} type")))
+}
+
+/// The `op` column as text (it is stored dictionary-encoded).
+fn ops(batch: &RecordBatch) -> Result<ArrayRef, SegmentError> {
+    datafusion::arrow::compute::cast(column(batch, "op")?, &DataType::Utf8)
+        .map_err(SegmentError::Arrow)
+}
+
 fn parse_op(op: &str) -> Result<Op, SegmentError> {
     Ok(match op {
         "insert" => Op::Insert,
@@ -537,12 +548,7 @@ fn parse_op(op: &str) -> Result<Op, SegmentError> {
         "delete" => Op::Delete,
         "truncate" => Op::Truncate,
         "snapshot" => Op::Snapshot,
-        other => {
-            return Err(SegmentError::Corrupt {
-                path: PathBuf::new(),
-                reason: format!("unknown op {other}"),
-            });
-        }
+        other => return Err(malformed(format!("unknown op {other}"))),
     })
 }
 
@@ -570,18 +576,8 @@ impl<'a> Images<'a> {
         rel: &'a crate::relation::RelationVersion,
         batch: &RecordBatch,
     ) -> Result<Images<'a>, SegmentError> {
-        let bad = |reason: String| SegmentError::Corrupt {
-            path: PathBuf::new(),
-            reason,
-        };
         let image = |name: &str| -> Result<Image, SegmentError> {
-            let column = |suffix: &str| {
-                let name = format!("{name}{suffix}");
-                batch
-                    .column_by_name(&name)
-                    .cloned()
-                    .ok_or_else(|| bad(format!("no column {name}")))
-            };
+            let column = |suffix: &str| column(batch, &format!("{name}{suffix}")).cloned();
             let values = batch
                 .column_by_name(name)
                 .and_then(|c| c.as_struct_opt().cloned());
@@ -606,11 +602,11 @@ impl<'a> Images<'a> {
                 unknown: column("_unknown")?
                     .as_list_opt::<i32>()
                     .cloned()
-                    .ok_or_else(|| bad(format!("{name}_unknown type")))?,
+                    .ok_or_else(|| malformed(format!("{name}_unknown type")))?,
                 exact: column("_text")?
                     .as_map_opt()
                     .cloned()
-                    .ok_or_else(|| bad(format!("{name}_text type")))?,
+                    .ok_or_else(|| malformed(format!("{name}_text type")))?,
             })
         };
         Ok(Images {
@@ -688,23 +684,9 @@ pub fn read_row_keys(
     rel: &crate::relation::RelationVersion,
     batch: &RecordBatch,
 ) -> Result<Vec<RowKeys>, SegmentError> {
-    let bad = |reason: &str| SegmentError::Corrupt {
-        path: PathBuf::new(),
-        reason: reason.to_string(),
-    };
-    let col = |name: &str| {
-        batch
-            .column_by_name(name)
-            .ok_or_else(|| bad(&format!("no column {name}")))
-    };
-    let lsn = col("lsn")?
-        .as_primitive_opt::<UInt64Type>()
-        .ok_or_else(|| bad("lsn type"))?;
-    let seq = col("seq")?
-        .as_primitive_opt::<UInt32Type>()
-        .ok_or_else(|| bad("seq type"))?;
-    let op = datafusion::arrow::compute::cast(col("op")?, &DataType::Utf8)
-        .map_err(SegmentError::Arrow)?;
+    let lsn = primitive::<UInt64Type>(batch, "lsn")?;
+    let seq = primitive::<UInt32Type>(batch, "seq")?;
+    let op = ops(batch)?;
     let op = op.as_string::<i32>();
     let images = Images::of(rel, batch)?;
     let positions = rel.key_positions();
