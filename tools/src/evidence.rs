@@ -726,7 +726,7 @@ pub struct RedactArgs {
 
 /// Erase values of archived changes, keeping the evidence whole.
 pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
-    use pgtrail_store::evidence::redact::{PART_NAMES, RedactCounts};
+    use pgtrail_store::evidence::redact::PART_NAMES;
     use pgtrail_store::evidence::requests::{Answer, Request};
     let keys = args
         .changes
@@ -747,30 +747,25 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
     let archive = args.archive.clone();
     let reason = args.reason.clone();
     let wait = std::time::Duration::from_secs(args.wait_secs);
-    let (counts, resumed) =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(RedactCounts, bool)> {
-            // The archive is this process's before the plan, so no hold can be placed meanwhile.
-            match try_open_alone(&archive)? {
-                Some(log) => {
-                    let compactor =
-                        Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-                    Ok((compactor.redact_changes(&keys, &parts, &reason)?, false))
-                }
-                // A capture holds the archive: it carries the redaction out between compactions.
-                None => {
-                    let request = Request::Redact {
-                        changes: keys,
-                        parts,
-                        reason,
-                    };
-                    match crate::retention::through_capture(&archive, "redact", &request, wait)? {
-                        Answer::Redacted { counts, resumed } => Ok((counts, resumed)),
-                        other => Err(crate::retention::unexpected(other)),
-                    }
-                }
-            }
-        })
-        .await??;
+    let (counts, resumed) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let request = Request::Redact {
+            changes: keys.clone(),
+            parts: parts.clone(),
+            reason: reason.clone(),
+        };
+        crate::retention::erase(
+            &archive,
+            "redact",
+            wait,
+            |compactor| Ok(compactor.redact_changes(&keys, &parts, &reason)?),
+            request,
+            |answer| match answer {
+                Answer::Redacted { counts, resumed } => Ok((counts, resumed)),
+                other => Err(crate::retention::unexpected(other)),
+            },
+        )
+    })
+    .await??;
     if resumed {
         eprintln!(
             "redact: the capture had begun this redaction and stopped before it was done; it finished it when it started again, and what follows is what was left then"

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use pgtrail_store::evidence::hold::{self, Hold};
-use pgtrail_store::evidence::redact::{PurgeCounts, PurgeMode};
+use pgtrail_store::evidence::redact::PurgeMode;
 use pgtrail_store::evidence::requests::{self, Answer, Request, Waiting};
 use pgtrail_store::{Compactor, Lsn};
 
@@ -51,32 +51,29 @@ pub async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let before = before_lsn(&args.archive, &args.before).await?;
     let (archive, reason) = (args.archive.clone(), args.reason.clone());
     let wait = std::time::Duration::from_secs(args.wait_secs);
-    let (counts, resumed) =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(PurgeCounts, bool)> {
-            // The archive is this process's before the plan, so no hold can be placed meanwhile.
-            match try_open_alone(&archive)? {
-                Some(log) => {
-                    let compactor =
-                        Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
-                    let (_, counts) =
-                        compactor.purge(&tables, before, &reason, PurgeMode::Requested)?;
-                    Ok((counts, false))
-                }
-                // A capture holds the archive: it carries the purge out between its compactions.
-                None => {
-                    let request = Request::Purge {
-                        tables,
-                        before,
-                        reason,
-                    };
-                    match through_capture(&archive, "purge", &request, wait)? {
-                        Answer::Purged { counts, resumed } => Ok((counts, resumed)),
-                        other => Err(unexpected(other)),
-                    }
-                }
-            }
-        })
-        .await??;
+    let (counts, resumed) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let request = Request::Purge {
+            tables: tables.clone(),
+            before,
+            reason: reason.clone(),
+        };
+        erase(
+            &archive,
+            "purge",
+            wait,
+            |compactor| {
+                Ok(compactor
+                    .purge(&tables, before, &reason, PurgeMode::Requested)?
+                    .1)
+            },
+            request,
+            |answer| match answer {
+                Answer::Purged { counts, resumed } => Ok((counts, resumed)),
+                other => Err(crate::retention::unexpected(other)),
+            },
+        )
+    })
+    .await??;
     if resumed {
         eprintln!(
             "purge: the capture had begun this purge and stopped before it was done; it finished it when it started again, and what follows is what was left then (its receipt is a second one)"
@@ -238,4 +235,26 @@ pub fn unexpected(answer: Answer) -> anyhow::Error {
     anyhow::anyhow!(
         "the capture answered the request with {answer:?}, which does not answer it: is the capture a pgtrail of another version?"
     )
+}
+
+/// Carry out an erasure (`redact`, `purge`): by this process when no capture holds the archive
+/// (held from before the plan, so no hold can be placed meanwhile), else by the running
+/// capture, through `request`. Returns what `alone` or the capture's answer (taken by
+/// `answered`) says was done, and whether a capture that stopped while carrying it out had
+/// begun it.
+pub fn erase<T>(
+    archive: &std::path::Path,
+    command: &str,
+    wait: std::time::Duration,
+    alone: impl FnOnce(&Compactor) -> anyhow::Result<T>,
+    request: Request,
+    answered: impl FnOnce(Answer) -> anyhow::Result<(T, bool)>,
+) -> anyhow::Result<(T, bool)> {
+    match try_open_alone(archive)? {
+        Some(log) => {
+            let compactor = Compactor::for_log(&log, pgtrail_store::CompactOptions::default());
+            Ok((alone(&compactor)?, false))
+        }
+        None => answered(through_capture(archive, command, &request, wait)?),
+    }
 }

@@ -2536,6 +2536,16 @@ fn a_capture_purges_by_its_retention_policy_and_a_legal_hold_suspends_it() {
     );
 }
 
+/// Every request to a running capture was answered and its answer read: nothing is left in
+/// the archive's `requests/` directory.
+fn assert_no_request_left(archive: &Path) {
+    let left: Vec<_> = std::fs::read_dir(archive.join("requests"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn a_hold_is_placed_and_released_while_a_capture_runs() {
     let cluster = Cluster::shared();
@@ -2590,11 +2600,7 @@ fn a_hold_is_placed_and_released_while_a_capture_runs() {
     let listed = String::from_utf8_lossy(&listed.stdout).to_string();
     assert_eq!(listed.lines().count(), 1, "{listed}");
     assert!(listed.contains("matter 11 closed"), "{listed}");
-    let left: Vec<_> = std::fs::read_dir(archive.join("requests"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_request_left(&archive);
     crate::terminate(&mut child);
 }
 
@@ -2706,11 +2712,7 @@ fn a_capture_carries_out_redact_and_purge_asked_while_it_runs() {
     }
     assert!(!has_word(&text, "d30x"), "the redacted value is gone");
     assert!(has_word(&text, "c3x"), "changes after the moment are whole");
-    let left: Vec<_> = std::fs::read_dir(archive.join("requests"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(left.is_empty(), "{left:?}");
+    assert_no_request_left(&archive);
     crate::terminate(&mut child);
     // The receipts are leaves, and the archive verifies.
     let out = crate::pgtrail_ok(&archive, &["verify"]);
