@@ -198,7 +198,11 @@ pub fn submit(
             return Ok(a);
         }
         match fs::metadata(&taken).and_then(|m| m.modified()) {
-            Ok(at) if at.elapsed().is_ok_and(|age| age > STOPPED) => {
+            // Untouched since it was taken or since this wait saw it taken, whichever is
+            // later: a rename keeps the request's own time until the capture first touches it.
+            Ok(at)
+                if at.elapsed().is_ok_and(|age| age > STOPPED) && started.elapsed() > STOPPED =>
+            {
                 return Err(RequestError::Stopped(taken));
             }
             Ok(_) => {}
@@ -272,8 +276,12 @@ pub fn serve(compactor: &Compactor) -> Result<usize, LogError> {
     let resumed = taken.len();
     for name in asked {
         let from = dir.join(format!("{name}.json"));
-        match fs::rename(&from, dir.join(format!("{name}.taken"))) {
-            Ok(()) => taken.push(name),
+        let to = dir.join(format!("{name}.taken"));
+        match fs::rename(&from, &to) {
+            Ok(()) => {
+                touch(&to);
+                taken.push(name);
+            }
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(dir_error(&from, e)),
         }
