@@ -257,18 +257,9 @@ fn stop_after_failure(
     cause
 }
 
-/// `error: cause: cause` on one line.
 /// What redb says of every write after its storage failed once (`StorageError::PreviousIo`):
 /// the cause is in the error of the write that failed first.
 const REDB_PREVIOUS_IO: &str = "Previous I/O error occurred";
 
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+/// `error: cause: cause` on one line.
+pub use pgtrail_store::error_chain;

@@ -180,3 +180,16 @@ redb_into_compact!(
     redb::TableError,
     redb::CommitError
 );
+
+/// An error and its causes on one line (`error: cause: cause`), for a message that says what
+/// failed underneath.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -32,7 +32,7 @@ pub use change::{
     Cell, ChangeRecord, IncomingCell, IncomingChange, LogicalMessage, OldImage, Op, Row,
 };
 pub use compact::{CompactOptions, CompactReport, Compactor, file_safe, now_us};
-pub use error::{CompactError, LogError, SegmentError};
+pub use error::{CompactError, LogError, SegmentError, error_chain};
 pub use keyframe::{KEYFRAMES_DIR, KeyframeEntry};
 #[doc(hidden)]
 pub use log::fuzzing;

@@ -1,5 +1,6 @@
 //! `pgtrail compact`: move the log's finished transactions into Parquet segments on demand.
 
+use pgtrail_store::error_chain;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -70,17 +71,6 @@ impl CheckpointSink for DestinationSink {
             .put_bytes(name, note.as_bytes().to_vec())
             .map_err(|e| error_chain(&e))
     }
-}
-
-/// An error with its causes, for a message that says what failed underneath.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    text
 }
 
 /// Who signs checkpoints (and certificates): a key file, or an external command.

@@ -447,14 +447,7 @@ fn refusal(e: &CompactError) -> String {
             "{e}. With a capture running, wait for its next compaction (it compacts on its own; `pgtrail status` shows what is compacted) and ask again"
         );
     }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    crate::error_chain(e)
 }
 
 fn dir_error(path: &Path, source: std::io::Error) -> LogError {

@@ -1220,14 +1220,7 @@ fn check_batches(
 }
 
 fn segment_problem(e: &SegmentError) -> String {
-    let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
+    crate::error_chain(e)
 }
 
 fn unlisted_files(dir: &Path, listed: &[crate::SegmentEntry], report: &mut VerifyReport) {
