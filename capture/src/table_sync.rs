@@ -112,7 +112,9 @@ struct Held {
     catalog_names: BTreeSet<String>,
     names_from: Lsn,
     /// A rewrite or drop a look saw before the stream had passed it, with the trigger
-    /// installed: the point the rows may be unknown from, kept until a later look dates it.
+    /// installed, or before the log held every transaction before the point the rows may be
+    /// unknown from: that point, kept until a later look dates it or can check every schema
+    /// version before it.
     deferred: Option<(Lsn, i64)>,
 }
 
@@ -145,19 +147,21 @@ impl Held {
     }
 
     /// The point of the first of the archive's schema versions of `oid` since the checked
-    /// point that names a column the catalog never showed (see `catalog_names`).
+    /// point that names a column the catalog never showed (see `catalog_names`), at a look
+    /// or now (`now`: none for a table gone from the catalog).
     fn name_never_shown(
         &self,
         reader: &LogReader,
         oid: u32,
-        now: &StorageLayout,
+        now: Option<&StorageLayout>,
     ) -> Result<Option<(Lsn, i64)>, CaptureError> {
         // Names not recorded (a layout of format 2): nothing to check against yet.
         if self.catalog_names.is_empty() {
             return Ok(None);
         }
-        let shown =
-            |name: &String| self.catalog_names.contains(name) || now.column_names.contains(name);
+        let shown = |name: &String| {
+            self.catalog_names.contains(name) || now.is_some_and(|l| l.column_names.contains(name))
+        };
         // The version's commit time, or (its transaction's record compacted away) the
         // table's snapshot time, which is earlier: the span refused starts no later.
         Ok(reader
@@ -350,6 +354,16 @@ impl TableWatch {
         let mut rewritten = Vec::new();
         let mut undecided = false;
         let reader = LogReader::of_shared(archive)?;
+        // Every transaction committed before this point is in the log, with its schema
+        // versions: `name_never_shown` has checked the versions before it, and a later look
+        // checks the rest. A decision that ends a table's checks (dropped, out of the
+        // publication, read again) from a point the log has not reached waits for a later
+        // look: a column renamed and renamed back before that point, with writes under the
+        // passing name, streamed after this look, would never be checked, and the span
+        // before the point would answer those rows under a column the table never had at
+        // that moment. (The torture suite found it: a look while the stream lagged saw the
+        // name back, the next found the table dropped.)
+        let checked_through = reader.position()?;
         for (oid, held) in &mut self.held {
             // Rows changed without a change in the stream after the later of the table's
             // last snapshot and the previous look (which saw the old layout), or after the
@@ -375,13 +389,17 @@ impl TableWatch {
             // reaching the archive, which must not go on showing its last rows as current.
             let now = layouts.get(oid);
             if now.is_none() || !by_oid.contains_key(oid) {
-                if waiting && now.is_none() {
+                let from = held.undecided.map_or(dated, |u| u.2);
+                if (waiting && now.is_none()) || checked_through < from.0 {
                     held.deferred = Some(unknown_from);
                     undecided = true;
                     continue;
                 }
+                // The table's last look is behind: a version before the point with a name no
+                // look showed moves the point back to it.
+                let renamed = held.name_never_shown(&reader, *oid, None)?;
                 plan.dropped.push(TableScope {
-                    unknown_from: Some(held.undecided.map_or(dated, |u| u.2)),
+                    unknown_from: Some(renamed.map_or(from, |r| r.min(from))),
                     dropped: true,
                     unpublished: now.is_some(),
                     ..TableScope::whole(*oid)
@@ -393,6 +411,11 @@ impl TableWatch {
             // put back by this one: its changes in between never reached the stream. Read
             // again, the span refused, rather than go on from rows that may be stale.
             if !published_before.contains(oid) {
+                if checked_through < unknown_from.0 {
+                    held.deferred = Some(unknown_from);
+                    undecided = true;
+                    continue;
+                }
                 rewritten.push((*oid, unknown_from, "it was out of the publication (its changes meanwhile were not sent) and is back in it"));
                 continue;
             }
@@ -401,7 +424,7 @@ impl TableWatch {
                 held.accept(now.layout.clone());
                 continue;
             };
-            if let Some(point) = held.name_never_shown(&reader, *oid, &now.layout)? {
+            if let Some(point) = held.name_never_shown(&reader, *oid, Some(&now.layout))? {
                 rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
                 continue;
             }
@@ -443,7 +466,7 @@ impl TableWatch {
                         }
                     }
                 }
-                LayoutChange::Rewrite if waiting => {
+                LayoutChange::Rewrite if waiting || checked_through < dated.0 => {
                     held.deferred = Some(unknown_from);
                     undecided = true;
                 }
@@ -460,7 +483,7 @@ impl TableWatch {
                         held.accept(now.layout.clone());
                         held.undecided = None;
                         self.layouts_changed = true;
-                    } else if stream.wal_end >= passed {
+                    } else if stream.wal_end >= passed && checked_through >= from.0 {
                         // The stream is past the look and brought no TRUNCATE: VACUUM FULL,
                         // CLUSTER, or a rewrite that kept every column's type.
                         tracing::info!(relation_id = *oid, xid, passed = %passed, wal_end = %stream.wal_end, truncated_in = ?stream.truncates_of(*oid), "new storage with no TRUNCATE in its transaction");

@@ -819,6 +819,7 @@ impl ChangeLog {
                 wtx.delete_table(definition)?;
             }
         }
+        crate::crashpoint::pause("log:before_commit");
         crate::crashpoint::hit("log:before_commit");
         wtx.commit()?;
         // Durable, not yet acknowledged: the caller reports the flush LSN after this returns.
