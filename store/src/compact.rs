@@ -1122,19 +1122,24 @@ impl Compactor {
                     let parts = parts_of(parts);
                     let record =
                         evidence::redact::record(*key, &digests[key], &parts, reason, earlier);
-                    // A purge's changes are on the record by its one receipt, not each by
-                    // its own leaf.
-                    if !each_change {
-                        leafed.insert(k, [].as_slice())?;
+                    let json =
+                        serde_json::to_string(&record).expect("a redaction record is plain data");
+                    // Each redaction of a change (a second one too) queues its receipt in
+                    // this commit, in order with the holds placed and released and the purge
+                    // receipts, so that verify can tell whether a hold was in force at it. A
+                    // purge's changes are on the record by its one receipt, not each by its
+                    // own leaf. Either way the record is marked as leafed: the compaction's
+                    // scan of the records is for receipts an older pgtrail left to it.
+                    if each_change {
+                        evidence::hold::queue_event(&wtx, evidence::leaf::KIND_REDACTION, &json)?;
                     }
+                    leafed.insert(k, [].as_slice())?;
                     let mut salts = state.epochs.salts_for(*key).unwrap_or([[0; 16]; 4]);
                     for part in record.parts.keys() {
                         salts[*part as usize] = [0; 16];
                     }
                     salts_table.insert(k, salts.as_flattened())?;
-                    let json =
-                        serde_json::to_vec(&record).expect("a redaction record is plain data");
-                    records.insert(k, json.as_slice())?;
+                    records.insert(k, json.as_bytes())?;
                 }
             }
             if let Some(payload) = purge_receipt.take() {

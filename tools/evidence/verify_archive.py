@@ -694,32 +694,68 @@ def main():
                         % (payload.get("system_id"), system))
         elif ev[3] not in (3, 5, 6, 7, 8):
             problem(place, "unknown event kind %d" % ev[3])
-    # Every erasure is on the signed record: a receipt of its own (kind 5), or a purge's (kind
-    # 8) for its table before its position; without one after a later compaction's watermark,
-    # it was kept off the record.
-    receipted, purges, last_run = set(), [], None
+    # Every erasure is on the signed record, outside every legal hold over it: the latest
+    # erasure of each redacted change has a receipt of its own (kind 5, bearing the record's
+    # time), or a purge's (kind 8) for its table before its position; without one after a
+    # later compaction's watermark, it was kept off the record. No receipt of it may come
+    # while a hold covering it is in force: placed before the receipt's leaf and not yet
+    # released there, and the erasure's time between the hold's placing and its release.
+    own, purges, last_run, holds = {}, [], None, [[]]
     for ev in events:
         try:
             payload = json.loads(ev[4])
         except ValueError:
             continue
+        in_force = len(holds) - 1
         if ev[3] == 5:
-            receipted.add(payload.get("change"))
+            own.setdefault(payload.get("change"), []).append((payload.get("at_us"), in_force))
         elif ev[3] == 8:
-            purges.append((payload.get("tables") or [], parse_lsn(payload.get("before", "0/0"))))
+            purges.append((payload.get("tables") or [], parse_lsn(payload.get("before", "0/0")),
+                           payload.get("at_us"), in_force))
+        elif ev[3] in (6, 7) and isinstance(payload, dict):
+            now = [h for h in holds[-1] if h.get("id") != payload.get("id")]
+            if ev[3] == 6:
+                now.append(payload)
+            holds.append(now)
         elif ev[3] == 4 and isinstance(payload.get("at_us"), int):
             last_run = payload["at_us"] if last_run is None else max(last_run, payload["at_us"])
+
+    def held_at(at_us, in_force, lsn, table):
+        for h in holds[in_force]:
+            scope = h.get("scope") or {}
+            lo, hi = scope.get("from"), scope.get("to")
+            released = (h.get("released") or {}).get("at_us")
+            if ((not scope.get("tables") or table in scope["tables"])
+                    and (lo is None or lsn >= parse_lsn(lo)) and (hi is None or lsn <= parse_lsn(hi))
+                    and isinstance(at_us, int) and h.get("placed_at_us", 0) <= at_us
+                    and (released is None or at_us < released)):
+                return h
+        return None
+
     for r in records:
         key = (r["lsn"], r["seq"])
         name = "%s#%d" % (lsn_text(r["lsn"]), r["seq"])
         table = redacted_table.get(key)
-        if name in receipted or table is None:
+        if table is None:
             continue
-        if any(r["lsn"] < before and table in tables for tables, before in purges):
+        place = "change %s of %s" % (name, table)
+        for at_us, in_force in own.get(name, []):
+            h = held_at(at_us, in_force, r["lsn"], table)
+            if h is not None:
+                problem(place, "erased while legal hold %s (%s) was in force over it" % (h.get("id"), h.get("reason")))
+        if any(at_us == r.get("at_us") for at_us, _ in own.get(name, [])):
+            continue
+        over = [p for p in purges if r["lsn"] < p[1] and table in p[0]]
+        before = [p for p in over if isinstance(p[2], int) and p[2] <= r.get("at_us", 0)]
+        if over:
+            purge = before[-1] if before else over[0]
+            h = held_at(r.get("at_us"), purge[3], r["lsn"], table)
+            if h is not None:
+                problem(place, "purged while legal hold %s (%s) was in force over it" % (h.get("id"), h.get("reason")))
             continue
         if last_run is not None and r.get("at_us", 0) < last_run:
-            problem("change %s of %s" % (name, table),
-                    "its values were erased but no receipt in the tree records it")
+            problem(place, "erased again with no receipt of that erasure in the tree" if name in own
+                    else "its values were erased but no receipt in the tree records it")
     order, c, e = [], 0, 0
     for i, start in enumerate(starts):
         end = starts[i + 1] if i + 1 < len(starts) else None

@@ -1854,6 +1854,189 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     }
 }
 
+/// The `lsn:seq` of each change of `table` its SQL filter picks, in order.
+fn changes_where(archive: &Path, table: &str, filter: &str) -> Vec<String> {
+    crate::pgtrail_sql(
+        archive,
+        "csv",
+        &format!("SELECT lsn, seq FROM {table} WHERE {filter} ORDER BY lsn, seq"),
+    )
+    .lines()
+    .skip(1)
+    .map(|l| {
+        let (lsn, seq) = l.split_once(',').unwrap();
+        format!("{}:{seq}", Lsn(lsn.parse().unwrap()))
+    })
+    .collect()
+}
+
+/// An archive of `people` (six rows inserted, then each updated) captured and signed, for
+/// the erasure tests: (the database, the work directory, the signing key, the verifier key,
+/// the archive, the checkpoint signed first).
+fn people_archive(name: &str) -> (String, tempfile::TempDir, PathBuf, String, PathBuf, PathBuf) {
+    let cluster = Cluster::shared();
+    let db = cluster.fresh_database(name).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (key, vkey) = keygen(work.path(), "held.key", "pgtrail.test/held");
+    let archive = work.path().join("archive");
+    let psql = |sql: &str| cluster.psql(&db, sql).unwrap();
+    psql("CREATE TABLE people (id int PRIMARY KEY, name text, ssn text)");
+    capture_until_now(cluster, &db, &archive);
+    psql(
+        "INSERT INTO people SELECT g, 'p' || g, 'ssn-' || g FROM generate_series(1, 6) g;
+         UPDATE people SET ssn = ssn || '-new';",
+    );
+    capture_until_now(cluster, &db, &archive);
+    let signed = work.path().join("first.checkpoint");
+    std::fs::write(&signed, checkpoint(&archive, &key)).unwrap();
+    (db, work, key, vkey, archive, signed)
+}
+
+/// One more row, captured, compacted and signed: the receipts and holds queued since become
+/// leaves.
+fn compact_more(db: &str, archive: &Path, key: &Path, id: u32) {
+    let cluster = Cluster::shared();
+    cluster
+        .psql(
+            db,
+            &format!("INSERT INTO people VALUES ({id}, 'more', 'x')"),
+        )
+        .unwrap();
+    capture_until_now(cluster, db, archive);
+    checkpoint(archive, key);
+}
+
+#[test]
+fn each_erasure_of_a_change_has_its_own_receipt() {
+    let python = python_ready();
+    let (db, _work, key, vkey, archive, signed) = people_archive("twiceredact");
+    // One change redacted twice, each time other parts: each erasure is a receipt of its own
+    // (a second one used to be kept off the record, its change having a receipt already).
+    let first = changes_where(&archive, "public.people", "after['id'] = '1'");
+    crate::pgtrail_ok(
+        &archive,
+        &[
+            "redact", "--reason", "ticket 1", "--parts", "after", "--change", &first[1],
+        ],
+    );
+    crate::pgtrail_ok(
+        &archive,
+        &[
+            "redact", "--reason", "ticket 2", "--parts", "before", "--change", &first[1],
+        ],
+    );
+    compact_more(&db, &archive, &key, 100);
+    let v = verifies(&archive, &vkey, &[&signed], python);
+    let receipts = v.pgtrail["redactions"].to_string();
+    assert!(
+        receipts.contains("ticket 1") && receipts.contains("ticket 2"),
+        "{}",
+        v.pgtrail
+    );
+    // A change erased twice, the second erasure's receipt hidden before the next compaction
+    // (as a forger would): named as erased again off the record.
+    let second = changes_where(&archive, "public.people", "after['id'] = '2'")[1].clone();
+    crate::pgtrail_ok(
+        &archive,
+        &[
+            "redact", "--reason", "twice", "--parts", "context", "--change", &second,
+        ],
+    );
+    compact_more(&db, &archive, &key, 101);
+    crate::pgtrail_ok(
+        &archive,
+        &[
+            "redact", "--reason", "twice", "--parts", "after", "--change", &second,
+        ],
+    );
+    assert_eq!(
+        pgtrail_store::evidence::tampering::hide_redaction_receipts(&archive).unwrap(),
+        1
+    );
+    compact_more(&db, &archive, &key, 102);
+    let second = second.replace(':', "#");
+    let v = verify(&archive, &vkey, &[&signed], python);
+    assert!(!v.pgtrail_ok, "a hidden second erasure passed");
+    assert!(
+        v.pgtrail_text.contains(&second) && v.pgtrail_text.contains("erased again with no receipt"),
+        "{}",
+        v.pgtrail_text
+    );
+    if let Some((ok, said)) = &v.python {
+        assert!(
+            !ok && said.contains(&second) && said.contains("erased again with no receipt"),
+            "{said}"
+        );
+    }
+}
+
+#[test]
+fn an_erasure_under_a_legal_hold_is_caught() {
+    let python = python_ready();
+    // A hold over the table; the holds' table then emptied, as a forger with the host would,
+    // so that pgtrail no longer refuses: a redaction (in one archive) and a purge (in
+    // another) under the hold go through, and both verifiers name a change erased while the
+    // hold, in the tree, was in force.
+    for erasure in ["redact", "purge"] {
+        let (db, _work, key, vkey, archive, signed) = people_archive(erasure);
+        crate::pgtrail_ok(
+            &archive,
+            &["hold", "--tables", "people", "--reason", "matter 11"],
+        );
+        compact_more(&db, &archive, &key, 100);
+        verifies(&archive, &vkey, &[&signed], python);
+        assert_eq!(
+            pgtrail_store::evidence::tampering::forget_holds(&archive).unwrap(),
+            1
+        );
+        // Row 3's insert; a purge before row 100's insert (after every update) erases each
+        // row's insert.
+        let third = changes_where(&archive, "public.people", "after['id'] = '3'");
+        let more = changes_where(&archive, "public.people", "after['id'] = '100'").remove(0);
+        let (args, said) = match erasure {
+            "redact" => (
+                vec!["--change", third[0].as_str()],
+                "erased while legal hold 1",
+            ),
+            _ => (
+                vec![
+                    "--tables",
+                    "people",
+                    "--before",
+                    more.split_once(':').unwrap().0,
+                ],
+                "purged while legal hold 1",
+            ),
+        };
+        let mut erase = vec![erasure, "--reason", "under the hold"];
+        erase.extend(args);
+        let victim = match erasure {
+            "redact" => third[0].clone(),
+            _ => changes_where(&archive, "public.people", "after['id'] = '1'")[0].clone(),
+        };
+        crate::pgtrail_ok(&archive, &erase);
+        compact_more(&db, &archive, &key, 101);
+        let victim = victim.replace(':', "#");
+        let v = verify(&archive, &vkey, &[&signed], python);
+        assert!(
+            !v.pgtrail_ok,
+            "{erasure} under a hold passed: {}",
+            v.pgtrail
+        );
+        assert!(
+            v.pgtrail_text.contains(&victim) && v.pgtrail_text.contains(said),
+            "{}",
+            v.pgtrail_text
+        );
+        if let Some((ok, python_said)) = &v.python {
+            assert!(
+                !ok && python_said.contains(&victim) && python_said.contains(said),
+                "{python_said}"
+            );
+        }
+    }
+}
+
 /// The key index and key-ordered copy beside a segment are derived files `row_history`
 /// believes once their own checksums hold. `pgtrail verify` compares both with their segment:
 /// one rewritten consistently with its checksums (which would make `row_history` show what the

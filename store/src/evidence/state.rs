@@ -54,11 +54,12 @@ pub(crate) const REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
 /// The salts of the changes of sealed epochs (an epoch's seed erased by a redaction): the
 /// change's key → its four salts (64 bytes), an erased part's zeroed.
 pub(crate) const SALTS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("evidence_salts");
-/// The redactions whose receipt is a leaf already (or that a purge's one receipt covers).
+/// The redactions whose receipt is a leaf already or queued as a pending event (or that a
+/// purge's one receipt covers).
 pub(crate) const LEAFED_REDACTIONS: TableDefinition<(u64, u32), &[u8]> =
     TableDefinition::new("evidence_leafed_redactions");
 /// Events waiting for the next compaction to become leaves, in the order they happened:
-/// number → `u8 kind ‖ payload` (holds placed and released, purge receipts).
+/// number → `u8 kind ‖ payload` (holds placed and released, redaction and purge receipts).
 pub(crate) const PENDING_EVENTS: TableDefinition<u64, &[u8]> =
     TableDefinition::new("evidence_pending_events");
 
@@ -443,7 +444,8 @@ fn append_events(
             events.push((super::leaf::KIND_GAP, payload));
         }
     }
-    // The receipts of redactions made since the last run.
+    // The receipts of redactions an older pgtrail made since the last run (a redaction now
+    // queues its receipt with the pending events, and marks its record as leafed).
     let mut leafed_redactions = wtx.open_table(LEAFED_REDACTIONS)?;
     for entry in wtx.open_table(REDACTIONS)?.iter()? {
         let (key, value) = entry?;

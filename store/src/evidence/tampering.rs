@@ -117,10 +117,11 @@ pub fn rewrite_frontier(archive: &Path, frontier: &Frontier) -> Result<(), LogEr
     republish(&db, archive)
 }
 
-/// Keep every redaction made since the last compaction off the signed record: mark each as if
-/// its receipt were a leaf already, so the next compaction adds none. Returns how many.
+/// Keep every redaction made since the last compaction off the signed record: drop its
+/// queued receipt (and mark a record an older pgtrail left to the compaction's scan as if its
+/// receipt were a leaf already), so the next compaction adds none. Returns how many.
 pub fn hide_redaction_receipts(archive: &Path) -> Result<usize, LogError> {
-    use super::state::{LEAFED_REDACTIONS, REDACTIONS};
+    use super::state::{LEAFED_REDACTIONS, PENDING_EVENTS, REDACTIONS};
     let log = crate::ChangeLog::open(archive)?;
     let db = log.shared().0;
     let wtx = db.begin_write()?;
@@ -135,7 +136,42 @@ pub fn hide_redaction_receipts(archive: &Path) -> Result<usize, LogError> {
                 hidden += 1;
             }
         }
+        let mut pending = wtx.open_table(PENDING_EVENTS)?;
+        let mut receipts = Vec::new();
+        for e in pending.iter()? {
+            let (number, event) = e?;
+            if event.value().first() == Some(&super::leaf::KIND_REDACTION) {
+                receipts.push(number.value());
+            }
+        }
+        for number in receipts {
+            pending.remove(number)?;
+            hidden += 1;
+        }
     }
     wtx.commit()?;
     Ok(hidden)
+}
+
+/// Forget every legal hold, as a forger with the host would before erasing under one: the
+/// holds' table emptied, their leaves (or pending leaves) left as they are, so `redact` and
+/// `purge` no longer see them. Returns how many.
+pub fn forget_holds(archive: &Path) -> Result<usize, LogError> {
+    use super::hold::HOLDS;
+    let log = crate::ChangeLog::open(archive)?;
+    let db = log.shared().0;
+    let wtx = db.begin_write()?;
+    let forgotten = {
+        let mut holds = wtx.open_table(HOLDS)?;
+        let ids: Vec<u64> = holds
+            .iter()?
+            .map(|e| e.map(|(k, _)| k.value()))
+            .collect::<Result<_, _>>()?;
+        for id in &ids {
+            holds.remove(id)?;
+        }
+        ids.len()
+    };
+    wtx.commit()?;
+    Ok(forgotten)
 }

@@ -706,11 +706,12 @@ pub(crate) fn open_checkpoint(
 
 /// The events' payloads read as what they claim: every watermark names the same source system
 /// as the first (another system's archive spliced in would not), and the gaps are listed.
-/// Returns what the tree records of erasures, for [`check_receipts`].
+/// Returns what the tree records of erasures and holds, for [`check_receipts`].
 fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Receipts {
     let mut system: Option<String> = None;
     let mut receipts = Receipts {
         last_run_us: i64::MIN,
+        holds: vec![Vec::new()],
         ..Receipts::default()
     };
     for e in events {
@@ -719,11 +720,17 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Re
             report.problem(place, "its payload is not JSON");
             continue;
         };
+        let in_force = receipts.holds.len() - 1;
         match e.kind {
             super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
             super::leaf::KIND_REDACTION => {
                 let change = payload["change"].as_str().unwrap_or_default();
-                receipts.changes.insert(change.to_string());
+                let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
+                receipts
+                    .changes
+                    .entry(change.to_string())
+                    .or_default()
+                    .push(Erasure { at_us, in_force });
                 report.redactions.push(e.payload.clone());
             }
             super::leaf::KIND_PURGE => {
@@ -734,12 +741,30 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Re
                     .filter_map(|t| t.as_str().map(str::to_string))
                     .collect();
                 if let Some(Ok(before)) = payload["before"].as_str().map(str::parse::<Lsn>) {
-                    receipts.purges.push((tables, before));
+                    let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
+                    receipts
+                        .purges
+                        .push((tables, before, Erasure { at_us, in_force }));
                 }
                 report.purges.push(e.payload.clone());
             }
-            super::leaf::KIND_HOLD => report.holds.push(e.payload.clone()),
-            super::leaf::KIND_RELEASE => report.releases.push(e.payload.clone()),
+            kind @ (super::leaf::KIND_HOLD | super::leaf::KIND_RELEASE) => {
+                match serde_json::from_value::<super::hold::Hold>(payload) {
+                    Ok(hold) => {
+                        let mut holds = receipts.holds[in_force].clone();
+                        holds.retain(|h| h.id != hold.id);
+                        if kind == super::leaf::KIND_HOLD {
+                            holds.push(hold);
+                        }
+                        receipts.holds.push(holds);
+                    }
+                    Err(why) => report.problem(place, format!("not a hold: {why}")),
+                }
+                match kind {
+                    super::leaf::KIND_HOLD => report.holds.push(e.payload.clone()),
+                    _ => report.releases.push(e.payload.clone()),
+                }
+            }
             super::leaf::KIND_WATERMARK => {
                 let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
                 receipts.last_run_us = receipts.last_run_us.max(at_us);
@@ -761,20 +786,46 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Re
     receipts
 }
 
-/// What the tree records of erasures: the changes with a receipt of their own (`lsn#seq`),
-/// each purge's tables and position, and the latest compaction's time.
+/// An erasure the tree records: when (its receipt's time), and which holds were in force at
+/// its receipt's place in the tree (an index into [`Receipts::holds`]).
+#[derive(Clone, Copy)]
+struct Erasure {
+    at_us: i64,
+    in_force: usize,
+}
+
+/// What the tree records of erasures: each change's receipts of its own (`lsn#seq`), each
+/// purge's tables and position, the holds in force after each hold placed or released, and
+/// the latest compaction's time.
 #[derive(Default)]
 struct Receipts {
-    changes: HashSet<String>,
-    purges: Vec<(Vec<String>, Lsn)>,
+    changes: std::collections::HashMap<String, Vec<Erasure>>,
+    purges: Vec<(Vec<String>, Lsn, Erasure)>,
+    holds: Vec<Vec<super::hold::Hold>>,
     last_run_us: i64,
 }
 
-/// Every erasure must be on the signed record: each redacted change has a receipt leaf of its
-/// own (kind 5) or is covered by a purge's receipt (kind 8: its table, before its position).
-/// A redaction without one is pending when no compaction ran since it (its receipt becomes a
-/// leaf at the next one): a warning. Once a later compaction's watermark is in the tree, a
-/// missing receipt means the erasure was kept off the record: a problem naming the change.
+impl Receipts {
+    /// The hold in force at `erasure` that covers the change `key` of `table`, if any. In
+    /// force twice over: by the receipt's place among the hold leaves, and by the erasure's
+    /// time between the hold's placing and its release (receipts of redactions an older
+    /// pgtrail made became leaves before the run's holds, out of their order).
+    fn held_at(&self, erasure: Erasure, key: ChangeKey, table: &str) -> Option<&super::hold::Hold> {
+        self.holds[erasure.in_force].iter().find(|h| {
+            h.scope.takes_change(key, table)
+                && h.placed_at_us <= erasure.at_us
+                && h.released.as_ref().is_none_or(|r| erasure.at_us < r.at_us)
+        })
+    }
+}
+
+/// Every erasure must be on the signed record, outside every legal hold over it: each
+/// redacted change's latest erasure has a receipt leaf of its own (kind 5) or is covered by a
+/// purge's receipt (kind 8: its table, before its position), and no receipt of it came while
+/// a hold covering it was in force. A redaction without one is pending when no compaction ran
+/// since it (its receipt becomes a leaf at the next one): a warning. Once a later
+/// compaction's watermark is in the tree, a missing receipt means the erasure was kept off
+/// the record: a problem naming the change.
 fn check_receipts(
     receipts: Receipts,
     erased_at: &BTreeMap<ChangeKey, i64>,
@@ -782,16 +833,8 @@ fn check_receipts(
     redacted_in: &BTreeMap<ChangeKey, usize>,
     report: &mut VerifyReport,
 ) {
-    let Receipts {
-        changes: receipted,
-        purges,
-        last_run_us,
-    } = receipts;
     let mut pending: Vec<ChangeKey> = Vec::new();
     for (key, &at_us) in erased_at {
-        if receipted.contains(&key.to_string()) {
-            continue;
-        }
         let table = redacted_in
             .get(key)
             .and_then(|i| segments.get(*i))
@@ -800,16 +843,56 @@ fn check_receipts(
             // No segment holds it: the changes' own checks speak of that.
             continue;
         };
-        if purges
-            .iter()
-            .any(|(tables, before)| key.commit_lsn < *before && tables.contains(&table))
-        {
+        let place = || format!("change {key} of {table}");
+        let own = receipts.changes.get(&key.to_string());
+        for erasure in own.into_iter().flatten() {
+            if let Some(hold) = receipts.held_at(*erasure, *key, &table) {
+                report.problem(
+                    place(),
+                    format!(
+                        "erased while legal hold {} ({}) was in force over it",
+                        hold.id, hold.reason
+                    ),
+                );
+            }
+        }
+        // Its latest erasure: by a redaction of its own (the receipt and the record bear the
+        // same time), or by the latest purge over it planned before.
+        if own.is_some_and(|own| own.iter().any(|e| e.at_us == at_us)) {
             continue;
         }
-        if at_us < last_run_us {
+        let purge = receipts
+            .purges
+            .iter()
+            .rfind(|(tables, before, e)| {
+                key.commit_lsn < *before && tables.contains(&table) && e.at_us <= at_us
+            })
+            .or_else(|| {
+                receipts
+                    .purges
+                    .iter()
+                    .find(|(tables, before, _)| key.commit_lsn < *before && tables.contains(&table))
+            });
+        if let Some((_, _, erasure)) = purge {
+            let erased = Erasure { at_us, ..*erasure };
+            if let Some(hold) = receipts.held_at(erased, *key, &table) {
+                report.problem(
+                    place(),
+                    format!(
+                        "purged while legal hold {} ({}) was in force over it",
+                        hold.id, hold.reason
+                    ),
+                );
+            }
+            continue;
+        }
+        if at_us < receipts.last_run_us {
             report.problem(
-                format!("change {key} of {table}"),
-                "its values were erased but no receipt in the tree records it (a later compaction ran): an erasure kept off the signed record",
+                place(),
+                match own {
+                    Some(_) => "erased again with no receipt of that erasure in the tree (a later compaction ran): an erasure kept off the signed record",
+                    None => "its values were erased but no receipt in the tree records it (a later compaction ran): an erasure kept off the signed record",
+                },
             );
         } else {
             pending.push(*key);
