@@ -128,10 +128,9 @@ pub enum RequestError {
     )]
     NotTaken(u64),
     #[error(
-        "the capture took the request and then stopped before answering it (nothing touched {0} for {secs} s): it carries the request out when it starts again; `pgtrail hold --list` shows holds, `pgtrail verify` and `pgtrail sql` what was erased",
-        secs = STOPPED.as_secs()
+        "the capture took the request and then stopped before answering it (nothing touched {0} for {1} s): it carries the request out when it starts again; `pgtrail hold --list` shows holds, `pgtrail verify` and `pgtrail sql` what was erased"
     )]
-    Stopped(PathBuf),
+    Stopped(PathBuf, u64),
     #[error(
         "the capture answered, but the answer {0} is gone (another process read it?): see what was done with `pgtrail hold --list` or `pgtrail sql`"
     )]
@@ -154,6 +153,17 @@ pub fn submit(
     archive: &Path,
     request: &Request,
     wait: Duration,
+    told: impl FnMut(Waiting),
+) -> Result<Answer, RequestError> {
+    submit_with(archive, request, wait, STOPPED, told)
+}
+
+/// [`submit`], taking a request untouched for `stopped` for a capture that stopped.
+fn submit_with(
+    archive: &Path,
+    request: &Request,
+    wait: Duration,
+    stopped: Duration,
     mut told: impl FnMut(Waiting),
 ) -> Result<Answer, RequestError> {
     let dir = archive.join(REQUESTS_DIR);
@@ -201,9 +211,9 @@ pub fn submit(
             // Untouched since it was taken or since this wait saw it taken, whichever is
             // later: a rename keeps the request's own time until the capture first touches it.
             Ok(at)
-                if at.elapsed().is_ok_and(|age| age > STOPPED) && started.elapsed() > STOPPED =>
+                if at.elapsed().is_ok_and(|age| age > stopped) && started.elapsed() > stopped =>
             {
-                return Err(RequestError::Stopped(taken));
+                return Err(RequestError::Stopped(taken, stopped.as_secs()));
             }
             Ok(_) => {}
             // The answer is written before the taken request is removed: it is there.
@@ -454,5 +464,71 @@ fn dir_error(path: &Path, source: std::io::Error) -> LogError {
     LogError::Directory {
         path: path.to_path_buf(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The client's side of a request against a "capture" that is this test: it takes the
+    /// request as a capture does (a rename), touches it as the heartbeat does for a while,
+    /// then stops touching it, as a capture killed while carrying it out would.
+    #[test]
+    fn a_client_waits_while_the_taken_request_is_touched_and_says_when_the_capture_stopped() {
+        let archive = tempfile::tempdir().unwrap();
+        let dir = archive.path().join(REQUESTS_DIR);
+        let request = Request::Release {
+            id: 1,
+            reason: "r".into(),
+        };
+        let capture = std::thread::spawn({
+            let dir = dir.clone();
+            move || {
+                let asked = loop {
+                    let found = fs::read_dir(&dir).ok().and_then(|entries| {
+                        entries
+                            .filter_map(Result::ok)
+                            .map(|e| e.path())
+                            .find(|p| p.extension().is_some_and(|x| x == "json"))
+                    });
+                    if let Some(path) = found {
+                        break path;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                let taken = asked.with_extension("taken");
+                fs::rename(&asked, &taken).unwrap();
+                // Three times as long as the client's patience, touched five times a second.
+                let working = Instant::now();
+                while working.elapsed() < Duration::from_secs(3) {
+                    touch(&taken);
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                (taken, Instant::now())
+            }
+        });
+        let mut heard = Vec::new();
+        let said = submit_with(
+            archive.path(),
+            &request,
+            Duration::from_secs(30),
+            Duration::from_secs(1),
+            |w| heard.push(format!("{w:?}")),
+        );
+        let gave_up = Instant::now();
+        let (taken, last_touch) = capture.join().unwrap();
+        match said {
+            Err(RequestError::Stopped(path, 1)) => assert_eq!(path, taken),
+            other => panic!("expected the capture to be said stopped, got {other:?}"),
+        }
+        assert!(
+            gave_up > last_touch,
+            "the client gave up while the request was still being touched"
+        );
+        assert_eq!(heard.first().map(String::as_str), Some("Left"), "{heard:?}");
+        assert!(heard.iter().any(|w| w == "Taken"), "{heard:?}");
+        // The taken request stays for the capture to carry out when it starts again.
+        assert!(taken.exists());
     }
 }
