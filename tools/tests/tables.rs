@@ -25,6 +25,14 @@ struct Scene {
     capture: Child,
 }
 
+/// A test that fails leaves no capture running behind it.
+impl Drop for Scene {
+    fn drop(&mut self) {
+        let _ = self.capture.kill();
+        let _ = self.capture.wait();
+    }
+}
+
 impl Scene {
     fn start(prefix: &str, setup: &str, extra: &[&str]) -> Scene {
         Scene::start_with_env(prefix, setup, extra, &[])
