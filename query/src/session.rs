@@ -5,11 +5,15 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use datafusion::arrow::array::{Array, AsArray, BinaryArray, RecordBatch};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
 use datafusion::catalog::{MemTable, MemorySchemaProvider};
 use datafusion::common::TableReference;
 use datafusion::execution::context::SQLOptions;
 use datafusion::prelude::{DataFrame, SessionConfig, SessionContext};
-use pgtrail_store::segment::{SegmentContent, records_to_batch, segment_schema};
+use pgtrail_store::segment::{
+    SegmentContent, message_content_erased, records_to_batch, segment_schema,
+};
 
 use crate::archive::ArchiveSnapshot;
 use crate::changes::ChangesTable;
@@ -163,20 +167,54 @@ pub async fn read_only_query(ctx: &SessionContext, sql: &str) -> Result<DataFram
     })
 }
 
-/// Logical messages are few: they are read into memory.
+/// Logical messages are few: they are read into memory. A content a redaction erased (see
+/// [`message_content_erased`]) reads as NULL: unknown, never the empty content it is stored as.
 fn messages_table(archive: &ArchiveSnapshot) -> Result<MemTable, QueryError> {
-    let schema = segment_schema(&SegmentContent::Messages);
+    let stored = segment_schema(&SegmentContent::Messages);
+    let schema = Arc::new(Schema::new_with_metadata(
+        stored
+            .fields()
+            .iter()
+            .map(|f| match f.name().as_str() {
+                "content" => f.as_ref().clone().with_nullable(true),
+                _ => f.as_ref().clone(),
+            })
+            .collect::<Vec<Field>>(),
+        stored.metadata().clone(),
+    ));
     let mut batches = Vec::new();
     for seg in &archive.message_segments {
         for batch in open_segment(&archive.segment_path(seg), &seg.sha256, 8192)? {
-            batches.push(batch?);
+            batches.push(erased_as_null(&batch?, &schema)?);
         }
     }
     if !archive.message_tail.is_empty() {
-        batches.push(records_to_batch(
-            &SegmentContent::Messages,
-            &archive.message_tail,
-        )?);
+        let tail = records_to_batch(&SegmentContent::Messages, &archive.message_tail)?;
+        batches.push(erased_as_null(&tail, &schema)?);
     }
     Ok(MemTable::try_new(schema, vec![batches])?)
+}
+
+/// `batch` of messages under `schema`, each erased content NULL.
+fn erased_as_null(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, QueryError> {
+    let at = |name: &str| {
+        batch
+            .schema()
+            .index_of(name)
+            .map_err(datafusion::error::DataFusionError::from)
+    };
+    let (content_at, text_at) = (at("content")?, at("content_text")?);
+    let content = batch.column(content_at).as_binary::<i32>();
+    let text = batch.column(text_at);
+    let mut columns = batch.columns().to_vec();
+    columns[content_at] = Arc::new(
+        (0..batch.num_rows())
+            .map(|row| {
+                let value = content.value(row);
+                (!message_content_erased(value, text.is_null(row))).then_some(value)
+            })
+            .collect::<BinaryArray>(),
+    );
+    Ok(RecordBatch::try_new(schema.clone(), columns)
+        .map_err(datafusion::error::DataFusionError::from)?)
 }

@@ -906,14 +906,16 @@ impl Compactor {
         // (redb's lock), so no hold can be placed between this check and the commits below.
         let holds = evidence::hold::list(&self.db.begin_read()?)?;
         for segment in &plan.segments {
-            let Some(table) = segment.entry.content.scope_name() else {
-                continue;
-            };
+            let table = segment.entry.content.scope_name();
             for key in segment.changes.keys() {
-                if let Some(hold) = holds.iter().find(|h| h.covers(*key, &table)) {
+                let held = holds.iter().find(|h| match &table {
+                    Some(table) => h.covers(*key, table),
+                    None => h.covers_message(*key),
+                });
+                if let Some(hold) = held {
                     return Err(redact_error(RedactError::Held {
                         change: *key,
-                        table,
+                        table: table.unwrap_or_else(|| "the logical messages".into()),
                         hold: hold.id,
                         reason: hold.reason.clone(),
                     }));
@@ -948,15 +950,15 @@ impl Compactor {
             if !listed {
                 return Err(redact_error(RedactError::Changed(old.file_name)));
             }
-            let SegmentContent::Table(rel) = &old.content else {
-                let first = segment.changes.keys().next().copied().unwrap_or_default();
-                return Err(redact_error(RedactError::Message(first)));
+            // The columns of a row image that stay (the key's); a message has no image.
+            let keep: Vec<bool> = match &old.content {
+                SegmentContent::Table(rel) => rel
+                    .columns
+                    .iter()
+                    .map(|c| c.is_key || rel.primary_key.contains(&c.name))
+                    .collect(),
+                SegmentContent::Messages => Vec::new(),
             };
-            let keep: Vec<bool> = rel
-                .columns
-                .iter()
-                .map(|c| c.is_key || rel.primary_key.contains(&c.name))
-                .collect();
             let erase = |row: &mut Option<crate::change::Row>| {
                 if let Some(row) = row {
                     for (cell, keep) in row.iter_mut().zip(&keep) {
@@ -1011,6 +1013,13 @@ impl Compactor {
                     },
                 )
                 .map_err(|e| redact_error(RedactError::Unverified(e.to_string())))?;
+                if matches!(old.content, SegmentContent::Messages) {
+                    let erased = crate::segment::erase_message_contents(&batch, |key| {
+                        segment.changes.get(&key).is_some_and(|p| p.contains(&0))
+                    })?;
+                    w.push_batch(&erased, 0)?;
+                    continue;
+                }
                 for (key, mut record) in crate::segment::read_records(&old.content, &batch)? {
                     if let Some(parts) = segment.changes.get(&key) {
                         if parts.contains(&0) {

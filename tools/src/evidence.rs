@@ -712,7 +712,8 @@ pub struct RedactArgs {
     /// several.
     #[arg(long = "change", required = true)]
     pub changes: Vec<String>,
-    /// What to erase: any of context, before, after (comma-separated).
+    /// What to erase: any of context, before, after (comma-separated); of a logical message,
+    /// its content (`content`, or `context`: its part 0).
     #[arg(long, value_delimiter = ',', default_values_t = ["context".to_string(), "before".to_string(), "after".to_string()])]
     pub parts: Vec<String>,
     /// Why (kept in the redaction's receipt, a leaf of the tree): a ticket, a request number.
@@ -726,7 +727,7 @@ pub struct RedactArgs {
 
 /// Erase values of archived changes, keeping the evidence whole.
 pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
-    use pgtrail_store::evidence::redact::PART_NAMES;
+    use pgtrail_store::evidence::redact::part_number;
     use pgtrail_store::evidence::requests::{Answer, Request};
     let keys = args
         .changes
@@ -735,11 +736,10 @@ pub async fn redact(args: RedactArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let mut parts = Vec::new();
     for part in &args.parts {
-        let k = PART_NAMES
-            .iter()
-            .position(|p| *p == part.trim())
-            .with_context(|| format!("--parts: {part:?} is not one of context, before, after"))?;
-        parts.push(k as u8);
+        let k = part_number(part).with_context(|| {
+            format!("--parts: {part:?} is not one of context, before, after (content for a logical message)")
+        })?;
+        parts.push(k);
     }
     if args.reason.trim().is_empty() {
         bail!("--reason must say why (it is kept in the redaction's receipt)");

@@ -1971,6 +1971,107 @@ fn each_erasure_of_a_change_has_its_own_receipt() {
 }
 
 #[test]
+fn a_logical_message_is_redacted_and_the_archive_still_verifies() {
+    let python = python_ready();
+    let (db, _work, key, vkey, archive, signed) = people_archive("redactmessage");
+    let cluster = Cluster::shared();
+    cluster
+        .psql(
+            &db,
+            "SELECT pg_logical_emit_message(true, 'audit', 'ann asked: ssn-123-45');
+             SELECT pg_logical_emit_message(false, 'audit', 'kept as it is');
+             SELECT pg_logical_emit_message(true, 'audit', '\\xff00'::bytea);",
+        )
+        .unwrap();
+    compact_more(&db, &archive, &key, 100);
+    let messages = || {
+        crate::pgtrail_sql(
+            &archive,
+            "csv",
+            "SELECT lsn, seq, content IS NULL AS gone, content_text FROM pgtrail.messages ORDER BY lsn, seq",
+        )
+    };
+    // Each message's `lsn,seq,` as listed, and its key for `--change`, by its text (the
+    // non-transactional one has the lowest LSN: it is decoded when emitted).
+    let listed = messages();
+    assert_eq!(listed.lines().count(), 4, "{listed}");
+    let find = |text: &str| -> (String, String) {
+        let line = listed
+            .lines()
+            .find(|l| l.ends_with(&format!(",false,{text}")))
+            .unwrap_or_else(|| panic!("no message {text:?}: {listed}"));
+        let mut f = line.split(',');
+        let (lsn, seq) = (f.next().unwrap(), f.next().unwrap());
+        (
+            format!("{lsn},{seq},"),
+            format!("{}:{seq}", Lsn(lsn.parse().unwrap())),
+        )
+    };
+    let (ann, kept, binary) = (
+        find("ann asked: ssn-123-45"),
+        find("kept as it is"),
+        find(""),
+    );
+    // Asked for a part a message does not have: refused, saying which it has.
+    let out = pgtrail()
+        .args(["redact", "--reason", "r", "--parts", "before", "--archive"])
+        .arg(&archive)
+        .args(["--change", &ann.1])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("--parts content"), "{said}");
+    // The default parts take the content; the not-UTF-8 one goes too.
+    for (_, k) in [&ann, &binary] {
+        crate::pgtrail_ok(&archive, &["redact", "--reason", "GDPR 7", "--change", k]);
+    }
+    let after = messages();
+    assert!(!after.contains("ssn-123-45"), "{after}");
+    let row = |(prefix, _): &(String, String)| {
+        after
+            .lines()
+            .find(|l| l.starts_with(prefix.as_str()))
+            .unwrap()
+            .to_string()
+    };
+    assert!(row(&ann).ends_with(",true,"), "erased, unknown: {after}");
+    assert!(row(&binary).ends_with(",true,"), "erased, unknown: {after}");
+    assert!(row(&kept).ends_with(",false,kept as it is"), "{after}");
+    // Asked again: erased already, nothing new on the record.
+    let out = crate::pgtrail_ok(
+        &archive,
+        &[
+            "redact", "--reason", "again", "--parts", "content", "--change", &ann.1,
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("erased already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The checkpoint signed before the erasure still verifies, with both verifiers, and the
+    // receipts are leaves after the next compaction.
+    verifies(&archive, &vkey, &[&signed], python);
+    compact_more(&db, &archive, &key, 101);
+    let v = verifies(&archive, &vkey, &[&signed], python);
+    let receipts = v.pgtrail["redactions"].as_array().unwrap();
+    assert_eq!(receipts.len(), 2, "{}", v.pgtrail);
+    // A hold over every table takes the messages: the kept one is not erased under it.
+    crate::pgtrail_ok(&archive, &["hold", "--reason", "matter 12"]);
+    let out = pgtrail()
+        .args(["redact", "--reason", "r", "--archive"])
+        .arg(&archive)
+        .args(["--change", &kept.1])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("matter 12"), "{said}");
+    assert!(messages().contains("kept as it is"));
+}
+
+#[test]
 fn an_erasure_under_a_legal_hold_is_caught() {
     let python = python_ready();
     // A hold over the table; the holds' table then emptied, as a forger with the host would,

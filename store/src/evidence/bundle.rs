@@ -75,6 +75,11 @@ impl Scope {
         self.takes(KIND_CHANGE, key, Some(table))
     }
 
+    /// Whether a logical message is in the scope (one over every table takes the messages).
+    pub fn takes_message(&self, key: ChangeKey) -> bool {
+        self.takes(KIND_MESSAGE, key, None)
+    }
+
     /// Whether a leaf (kind, key, table) is one the bundle must hold in full.
     fn takes(&self, kind: u8, key: ChangeKey, table: Option<&str>) -> bool {
         if !self.in_range(key.commit_lsn) {

@@ -47,6 +47,11 @@ impl Hold {
     pub fn covers(&self, key: ChangeKey, table: &str) -> bool {
         self.released.is_none() && self.scope.takes_change(key, table)
     }
+
+    /// Whether the hold is in force over the logical message at `key`.
+    pub fn covers_message(&self, key: ChangeKey) -> bool {
+        self.released.is_none() && self.scope.takes_message(key)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

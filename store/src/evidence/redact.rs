@@ -29,8 +29,17 @@ use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::SegmentEntry;
 use crate::segment::{SegmentContent, SegmentReader, hex};
 
-/// The parts `redact` erases: 0 the context, 1 the before image, 2 the after image.
+/// The parts `redact` erases: 0 the context, 1 the before image, 2 the after image. A logical
+/// message has one part, its content, which is part 0 (`content` names it too).
 pub const PART_NAMES: [&str; 3] = ["context", "before", "after"];
+
+/// The part number a name given to `redact --parts` stands for.
+pub fn part_number(name: &str) -> Option<u8> {
+    match name.trim() {
+        "content" => Some(0),
+        name => PART_NAMES.iter().position(|p| *p == name).map(|k| k as u8),
+    }
+}
 
 /// What a redaction is to do to one segment: its entry as verified, and the parts to erase
 /// (0 context, 1 before, 2 after) of each of its changes to redact. The parts' digests and the
@@ -55,7 +64,9 @@ pub enum RedactError {
         "change {0} is not in the evidence tree: it is still in the log (run `pgtrail compact` first), was compacted before the archive kept evidence, or does not exist"
     )]
     NotInTree(ChangeKey),
-    #[error("change {0} is a logical message: messages cannot be redacted yet")]
+    #[error(
+        "change {0} is a logical message: its one part is its content (part 0); give --parts content"
+    )]
     Message(ChangeKey),
     #[error(
         "segment {0} changed since it was verified (a compaction or merge ran meanwhile): run redact again"
@@ -142,7 +153,27 @@ pub fn plan(
     let collected = verified(dir, log)?;
     let mut wanted = BTreeMap::new();
     let mut erased_already = 0;
-    for key in keys.iter().collect::<std::collections::BTreeSet<_>>() {
+    let keys: Vec<ChangeKey> = keys
+        .iter()
+        .copied()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let places = collected.changes.find_sorted(&keys)?;
+    for (key, place) in keys.iter().zip(places) {
+        // A logical message's one part is its content (part 0): asked, it is erased; a
+        // message asked for no part it has is refused rather than left as it is.
+        let is_message = place.is_some_and(|p| {
+            matches!(
+                collected.segments[p.segment as usize].content,
+                SegmentContent::Messages
+            )
+        });
+        let parts: &[u8] = match is_message {
+            true if parts.contains(&0) => &[0],
+            true => return Err(RedactError::Message(*key)),
+            false => parts,
+        };
         // A redaction asked again (twice by mistake, or carried out again after a crash cut
         // its answer short) erases only what is left, and puts only that on the record.
         let erased = collected.erased.get(key);
@@ -451,9 +482,10 @@ fn plan_changes(
     let mut plans = Vec::new();
     for (segment, changes) in by_segment {
         let entry = collected.segments[segment as usize].clone();
-        if matches!(entry.content, SegmentContent::Messages) {
-            let first = changes.keys().next().copied().unwrap_or_default();
-            return Err(RedactError::Message(first));
+        if matches!(entry.content, SegmentContent::Messages)
+            && let Some((key, _)) = changes.iter().find(|(_, parts)| parts.as_slice() != [0])
+        {
+            return Err(RedactError::Message(*key));
         }
         plans.push(SegmentPlan { entry, changes });
     }

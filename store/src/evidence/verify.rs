@@ -843,7 +843,10 @@ fn check_receipts(
             // No segment holds it: the changes' own checks speak of that.
             continue;
         };
-        let place = || format!("change {key} of {table}");
+        let place = || match table.as_str() {
+            "" => format!("message {key}"),
+            table => format!("change {key} of {table}"),
+        };
         let own = receipts.changes.get(&key.to_string());
         for erasure in own.into_iter().flatten() {
             if let Some(hold) = receipts.held_at(*erasure, *key, &table) {

@@ -1104,3 +1104,50 @@ mod footer_cache {
         Ok(metadata)
     }
 }
+
+/// Whether a messages segment's row holds a content a redaction erased: an empty `content`
+/// with a NULL `content_text`, which no message holds otherwise (an empty content's text is
+/// the empty string, and a content that is not UTF-8 is not empty). Readers show such a
+/// content as unknown; its leaf takes the erased part's digest from the redaction record.
+pub fn message_content_erased(content: &[u8], text_is_null: bool) -> bool {
+    content.is_empty() && text_is_null
+}
+
+/// `batch` (of a messages segment) with the content of each message `erase` picks erased: see
+/// [`message_content_erased`]. Every other column and row is as it was.
+pub fn erase_message_contents(
+    batch: &RecordBatch,
+    erase: impl Fn(ChangeKey) -> bool,
+) -> Result<RecordBatch, SegmentError> {
+    use datafusion::arrow::array::{BinaryBuilder, StringBuilder};
+    let lsn = primitive::<UInt64Type>(batch, "lsn")?;
+    let seq = primitive::<UInt32Type>(batch, "seq")?;
+    let content = column(batch, "content")?
+        .as_binary_opt::<i32>()
+        .ok_or_else(|| malformed("content type".into()))?;
+    let text = column(batch, "content_text")?
+        .as_string_opt::<i32>()
+        .ok_or_else(|| malformed("content_text type".into()))?;
+    let rows = batch.num_rows();
+    let mut new_content = BinaryBuilder::with_capacity(rows, content.value_data().len());
+    let mut new_text = StringBuilder::with_capacity(rows, text.value_data().len());
+    for row in 0..rows {
+        if erase(ChangeKey::new(Lsn(lsn.value(row)), seq.value(row))) {
+            new_content.append_value(b"");
+            new_text.append_null();
+        } else {
+            new_content.append_value(content.value(row));
+            new_text.append_option((!text.is_null(row)).then(|| text.value(row)));
+        }
+    }
+    let schema = batch.schema();
+    let mut columns = batch.columns().to_vec();
+    let at = |name: &str| {
+        schema
+            .index_of(name)
+            .map_err(|_| malformed(format!("no column {name}")))
+    };
+    columns[at("content")?] = std::sync::Arc::new(new_content.finish());
+    columns[at("content_text")?] = std::sync::Arc::new(new_text.finish());
+    RecordBatch::try_new(schema, columns).map_err(SegmentError::Arrow)
+}
