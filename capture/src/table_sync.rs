@@ -116,6 +116,12 @@ struct Held {
     /// unknown from: that point, kept until a later look dates it or can check every schema
     /// version before it.
     deferred: Option<(Lsn, i64)>,
+    /// A read decided on and not stored yet that a later look must carry out, whatever it
+    /// sees then: one put off by a look that put the table back in the publication (the only
+    /// look to see it was out, see `deferred`), or one an earlier session recorded as pending
+    /// (a reconnect or a restart came between the decision and the read; the condition that
+    /// decided it, such as a table out of the publication, may not show again).
+    read_due: bool,
 }
 
 impl Held {
@@ -127,6 +133,7 @@ impl Held {
             catalog_names: BTreeSet::new(),
             names_from: since.0,
             deferred: None,
+            read_due: false,
         };
         if let Some(layout) = layout {
             held.accept(layout);
@@ -272,6 +279,18 @@ impl TableWatch {
         // Recorded again at the first look, without the reads a snapshot has stored since.
         watch.pending_reads = reader.pending_reads()?;
         watch.pending_changed = true;
+        // Each is carried out by the first look that can check the table's schema versions
+        // before its point: what decided it (a table out of the publication and back, say)
+        // may not show again, and the archive refuses the table's moments from the point
+        // until a read is stored.
+        for pending in &watch.pending_reads {
+            if let (Some(from), false) = (pending.unknown_from, pending.dropped)
+                && let Some(held) = watch.held.get_mut(&pending.relation_id)
+            {
+                held.read_due = true;
+                held.deferred = Some(held.deferred.map_or(from, |d| d.min(from)));
+            }
+        }
         Ok(watch)
     }
 
@@ -410,13 +429,18 @@ impl TableWatch {
             // Taken out of pgtrail's own publication since the previous look (by hand), and
             // put back by this one: its changes in between never reached the stream. Read
             // again, the span refused, rather than go on from rows that may be stale.
-            if !published_before.contains(oid) {
+            let republished = !published_before.contains(oid);
+            if republished || held.read_due {
                 if checked_through < unknown_from.0 {
+                    held.read_due = true;
                     held.deferred = Some(unknown_from);
                     undecided = true;
                     continue;
                 }
-                rewritten.push((*oid, unknown_from, "it was out of the publication (its changes meanwhile were not sent) and is back in it"));
+                rewritten.push((*oid, unknown_from, match republished {
+                    true => "it was out of the publication (its changes meanwhile were not sent) and is back in it",
+                    false => "a read decided on earlier was not stored (a reconnect or a restart came first)",
+                }));
                 continue;
             }
             let Some(known) = &held.layout else {

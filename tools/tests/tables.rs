@@ -1051,7 +1051,9 @@ fn a_column_name_that_came_and_went_while_the_log_lagged_is_checked_before_a_dro
         "CREATE TABLE t (id int PRIMARY KEY, v text);
          INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;
          CREATE TABLE u (id int PRIMARY KEY, v text);
-         INSERT INTO u SELECT g, 'u' || g FROM generate_series(1, 20) g;",
+         INSERT INTO u SELECT g, 'u' || g FROM generate_series(1, 20) g;
+         CREATE TABLE w (id int PRIMARY KEY, v text);
+         INSERT INTO w SELECT g, 'w' || g FROM generate_series(1, 20) g;",
         &[],
         &[
             ("PGTRAIL_PAUSE_AT", "log:before_commit".as_ref()),
@@ -1072,14 +1074,26 @@ fn a_column_name_that_came_and_went_while_the_log_lagged_is_checked_before_a_dro
         ));
     }
     let during = held(s.cluster, &s.db, &both);
-    // Looks (one a second) see the names back, then t dropped and u rewritten.
+    // w leaves the publication and is written meanwhile; the next look puts it back, and
+    // is the only one to see it was out: its read must not be forgotten while it waits.
+    s.psql(&format!(
+        "ALTER PUBLICATION {} DROP TABLE w; UPDATE w SET v = 'while out' WHERE id < 5;",
+        always_quoted(&s.db)
+    ));
+    let w_out: Lsn = s
+        .psql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    // Looks (one a second) see the names back and w out, then t dropped and u rewritten.
     std::thread::sleep(Duration::from_millis(2500));
     s.psql("DROP TABLE t; ALTER TABLE u ALTER COLUMN id TYPE bigint");
     std::thread::sleep(Duration::from_millis(2500));
     std::fs::remove_file(&held_back).unwrap();
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.u", 2, &mut s.capture);
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.w", 2, &mut s.capture);
     s.psql("INSERT INTO nudge DEFAULT VALUES");
     wait_caught_up(s.cluster, &s.db);
+    let w_back = held(s.cluster, &s.db, &table_list(&["w"]));
     crate::terminate(&mut s.capture);
 
     let log = s.log();
@@ -1093,6 +1107,14 @@ fn a_column_name_that_came_and_went_while_the_log_lagged_is_checked_before_a_dro
             Err(e) => assert!(e.to_string().contains("not known"), "{name}: {e}"),
         }
     }
+    let w = snapshot.table("public.w").unwrap();
+    let err = archive_rows(&snapshot, w, Moment::Lsn(w_out)).unwrap_err();
+    assert!(
+        pgtrail_query::is_unknown_moment(&err),
+        "while out of the publication: {err}"
+    );
+    let rows = archive_rows(&snapshot, w, Moment::Lsn(w_back.lsn)).unwrap();
+    assert_eq!(rows, w_back.rows[0], "after it came back");
 }
 
 /// One scd2 version of `public.t` as exported.
@@ -1378,6 +1400,57 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
     assert!(
         pgtrail_query::is_unknown_moment(&err),
         "while out of the publication: {err}"
+    );
+}
+
+#[test]
+fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
+    // The look that puts a table back in the publication is the only one to see it was out:
+    // the next run must carry out the read that look decided on (recorded as pending), not
+    // leave the table refused from then on.
+    let mut s = Scene::with_t("pendingread", &[]);
+    let only_t = table_list(&["t"]);
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
+    std::thread::sleep(Duration::from_millis(2500));
+    // A transaction left open holds the read's temporary slot (its creation waits for running
+    // transactions): the capture decides on the read and cannot store it.
+    let mut open = s.hold_transaction_open("holds_the_read");
+    s.psql(&format!(
+        "ALTER PUBLICATION {} DROP TABLE t; UPDATE t SET v = 'while out' WHERE id < 5;",
+        always_quoted(&s.db)
+    ));
+    let while_out: Lsn = s
+        .psql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    s.wait_logged("reading tables whole");
+    s.capture.kill().unwrap();
+    s.capture.wait().unwrap();
+    s.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'holds_the_read'");
+    open.wait().unwrap();
+    assert_eq!(
+        snapshots_of(&s.archive, "public.t"),
+        1,
+        "the read was stored"
+    );
+
+    s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
+    let now = held(s.cluster, &s.db, &only_t);
+    crate::terminate(&mut s.capture);
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let t = snapshot.table("public.t").unwrap();
+    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
+    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
+    assert_eq!(
+        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
+        now.rows[0]
+    );
+    assert!(
+        snapshot.pending_reads.is_empty(),
+        "{:?}",
+        snapshot.pending_reads
     );
 }
 
