@@ -512,6 +512,53 @@ pub(crate) async fn publication_tables(
         .collect())
 }
 
+/// What makes each table of `publication` a member of it, by table OID: the publication's own
+/// OID and that of the catalog row listing the table (`pg_publication_rel`), or its schema
+/// (`pg_publication_namespace`), or 0 for a publication of all tables. A table taken out and
+/// put back, or a publication dropped and made again, has a new one: the catalog then shows it
+/// published as before, though its changes in between never reached the stream.
+pub(crate) async fn publication_memberships(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+) -> Result<std::collections::BTreeMap<u32, (u32, u32)>, CaptureError> {
+    // Publications of schemas (`pg_publication_namespace`) came with PostgreSQL 15.
+    let schemas = sql
+        .query_one(
+            "SELECT current_setting('server_version_num')::int >= 150000",
+            &[],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("reading the server's version", e))?
+        .get::<_, bool>(0);
+    let (by_schema_join, by_schema) = match schemas {
+        true => (
+            "LEFT JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid AND pn.pnnspid = n.oid",
+            "pn.oid",
+        ),
+        false => ("", "NULL::oid"),
+    };
+    let rows = sql
+        .query(
+            &format!(
+                "SELECT c.oid, p.oid, coalesce(pr.oid, {by_schema}, 0::oid) \
+                 FROM pg_publication p \
+                 JOIN pg_publication_tables t ON t.pubname = p.pubname \
+                 JOIN pg_namespace n ON n.nspname = t.schemaname \
+                 JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename \
+                 LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid AND pr.prrelid = c.oid \
+                 {by_schema_join} \
+                 WHERE p.pubname = $1"
+            ),
+            &[&publication],
+        )
+        .await
+        .map_err(|e| CaptureError::sql("listing the publication's memberships", e))?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get(0), (row.get(1), row.get(2))))
+        .collect())
+}
+
 /// The state of a replication slot, as `pg_replication_slots` shows it.
 #[derive(Clone, Debug)]
 pub struct SlotState {

@@ -122,6 +122,11 @@ struct Held {
     /// (a reconnect or a restart came between the decision and the read; the condition that
     /// decided it, such as a table out of the publication, may not show again).
     read_due: bool,
+    /// What made the table a member of the publication at the previous look (see
+    /// `slot::publication_memberships`): another one now means it left the publication and
+    /// came back between two looks (by hand, or another capture on the same publication put
+    /// it back first), its changes in between never sent.
+    membership: Option<(u32, u32)>,
 }
 
 impl Held {
@@ -134,6 +139,7 @@ impl Held {
             names_from: since.0,
             deferred: None,
             read_due: false,
+            membership: None,
         };
         if let Some(layout) = layout {
             held.accept(layout);
@@ -368,6 +374,7 @@ impl TableWatch {
             .into_iter()
             .collect();
         let layouts = slot::storage_layouts(sql, &oids).await?;
+        let memberships = slot::publication_memberships(sql, publication).await?;
         let after = server_point(sql).await?.0;
         let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
         let mut rewritten = Vec::new();
@@ -426,10 +433,16 @@ impl TableWatch {
                 continue;
             }
             let now = now.expect("checked");
-            // Taken out of pgtrail's own publication since the previous look (by hand), and
-            // put back by this one: its changes in between never reached the stream. Read
-            // again, the span refused, rather than go on from rows that may be stale.
-            let republished = !published_before.contains(oid);
+            // Taken out of the publication since the previous look (by hand) and put back by
+            // this one, or out and back in between the two (its membership's catalog row is
+            // new): its changes in between never reached the stream. Read again, the span
+            // refused, rather than go on from rows that may be stale.
+            let membership = memberships.get(oid).copied();
+            let republished = !published_before.contains(oid)
+                || held
+                    .membership
+                    .is_some_and(|before| Some(before) != membership);
+            held.membership = membership;
             if republished || held.read_due {
                 if checked_through < unknown_from.0 {
                     held.read_due = true;

@@ -1404,6 +1404,37 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
 }
 
 #[test]
+fn a_table_out_of_the_publication_and_back_between_two_looks_is_read_again() {
+    // Out and back in within one look interval (by a DBA, or another capture on the same
+    // publication putting it back first, which the torture suite's full-disk capture did):
+    // the catalog shows it published as before, only the membership's catalog row is new.
+    let mut s = Scene::with_t("outandback", &["--catalog-secs", "2"]);
+    let only_t = table_list(&["t"]);
+    let publication = always_quoted(&s.db);
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
+    std::thread::sleep(Duration::from_millis(3000));
+    s.psql(&format!("ALTER PUBLICATION {publication} DROP TABLE t"));
+    s.psql("UPDATE t SET v = 'while out' WHERE id < 5");
+    let while_out: Lsn = s
+        .psql("SELECT pg_current_wal_insert_lsn()")
+        .parse()
+        .unwrap();
+    s.psql(&format!("ALTER PUBLICATION {publication} ADD TABLE t"));
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
+    let now = held(s.cluster, &s.db, &only_t);
+    crate::terminate(&mut s.capture);
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let t = snapshot.table("public.t").unwrap();
+    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
+    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
+    assert_eq!(
+        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
+        now.rows[0]
+    );
+}
+
+#[test]
 fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
     // The look that puts a table back in the publication is the only one to see it was out:
     // the next run must carry out the read that look decided on (recorded as pending), not

@@ -6,8 +6,9 @@
 //! INSERT and COPY (many changes sharing one LSN) into a keyless table, one large
 //! transaction, and a migration storm (a table dropped and created again with rows in one
 //! transaction, columns added with a default existing rows take, a key type changed, a column
-//! renamed and renamed back around a write: DDL that changes rows, or how they read, without a
-//! change in the stream, which capture must notice and read again).
+//! renamed and renamed back around a write, the table taken out of the publication and written:
+//! DDL that changes rows, or how they read, without a change in the stream, which capture must
+//! notice and read again).
 //!
 //! Its oracle: after every round a transaction locks all these tables, hashes each one's rows
 //! (PostgreSQL's composite text of each row, sorted) and emits the hashes with
@@ -166,7 +167,7 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
             "COPY".to_string(),
             format!("DELETE FROM sh_keyless WHERE v % 4 = {} AND k IS DISTINCT FROM 'big';", n % 4),
         ],
-        9 => match rng.next() % 4 {
+        9 => match rng.next() % 5 {
             0 => vec![format!(
                 "BEGIN; DROP TABLE sh_mig; CREATE TABLE sh_mig (id int PRIMARY KEY, v text); \
                  INSERT INTO sh_mig SELECT g, 'm{n}.' || g FROM generate_series(1, 8) g; COMMIT;"
@@ -180,10 +181,26 @@ fn round(rng: &mut Rng, n: u64, big_rows: u64, did_big: &mut bool) -> Vec<String
                  ALTER TABLE sh_mig RENAME COLUMN v_{n} TO v; COMMIT;",
                 n % 3
             )],
-            _ => vec![format!(
+            3 => vec![format!(
                 "ALTER TABLE sh_mig ALTER COLUMN id TYPE {}; UPDATE sh_mig SET v = v || '+' WHERE id % 2 = {};",
                 if n.is_multiple_of(2) { "bigint" } else { "int" },
                 n % 2
+            )],
+            // Out of the capture's publication (by hand, as a DBA might) and written while
+            // out: the changes never reach the stream. The capture's next look puts it back
+            // and reads it again; that look is the only one to see it was out, so a fault
+            // between its decision and the read must not lose the read.
+            // (Only when the capture has put it in: a table created again, or taken out by
+            // the round before, is not in it until the capture's next look.)
+            _ => vec![format!(
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = '{pubname}' \
+                   AND schemaname = 'public' AND tablename = 'sh_mig') THEN \
+                   ALTER PUBLICATION {pubname} DROP TABLE sh_mig; END IF; END $$; \
+                 UPDATE sh_mig SET v = v || '^' WHERE id % 4 = {};",
+                n % 4,
+                // The capture's publication, named as its slot; it takes every table, so a
+                // table out of it is put back at its next look.
+                pubname = crate::SLOT,
             )],
         },
         _ => {
