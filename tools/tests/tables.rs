@@ -1403,13 +1403,30 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
     );
 }
 
+/// Wait until `t` is read again (its second snapshot), stop the capture, and check the
+/// archive: the moment `unknown` refused, the rows now PostgreSQL's. Returns the archive.
+fn assert_t_read_again(s: &mut Scene, unknown: Lsn) -> ArchiveSnapshot {
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    wait_caught_up(s.cluster, &s.db);
+    let now = held(s.cluster, &s.db, &table_list(&["t"]));
+    crate::terminate(&mut s.capture);
+    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
+    let t = snapshot.table("public.t").unwrap();
+    let err = archive_rows(&snapshot, t, Moment::Lsn(unknown)).unwrap_err();
+    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
+    assert_eq!(
+        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
+        now.rows[0]
+    );
+    snapshot
+}
+
 #[test]
 fn a_table_out_of_the_publication_and_back_between_two_looks_is_read_again() {
     // Out and back in within one look interval (by a DBA, or another capture on the same
     // publication putting it back first, which the torture suite's full-disk capture did):
     // the catalog shows it published as before, only the membership's catalog row is new.
     let mut s = Scene::with_t("outandback", &["--catalog-secs", "2"]);
-    let only_t = table_list(&["t"]);
     let publication = always_quoted(&s.db);
     s.psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(3000));
@@ -1420,18 +1437,7 @@ fn a_table_out_of_the_publication_and_back_between_two_looks_is_read_again() {
         .parse()
         .unwrap();
     s.psql(&format!("ALTER PUBLICATION {publication} ADD TABLE t"));
-    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
-    wait_caught_up(s.cluster, &s.db);
-    let now = held(s.cluster, &s.db, &only_t);
-    crate::terminate(&mut s.capture);
-    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
-    let t = snapshot.table("public.t").unwrap();
-    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
-    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
-    assert_eq!(
-        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
-        now.rows[0]
-    );
+    assert_t_read_again(&mut s, while_out);
 }
 
 #[test]
@@ -1440,7 +1446,6 @@ fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
     // the next run must carry out the read that look decided on (recorded as pending), not
     // leave the table refused from then on.
     let mut s = Scene::with_t("pendingread", &[]);
-    let only_t = table_list(&["t"]);
     s.psql("INSERT INTO nudge DEFAULT VALUES");
     std::thread::sleep(Duration::from_millis(2500));
     // A transaction left open holds the read's temporary slot (its creation waits for running
@@ -1466,18 +1471,7 @@ fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
     );
 
     s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
-    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
-    wait_caught_up(s.cluster, &s.db);
-    let now = held(s.cluster, &s.db, &only_t);
-    crate::terminate(&mut s.capture);
-    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
-    let t = snapshot.table("public.t").unwrap();
-    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
-    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
-    assert_eq!(
-        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
-        now.rows[0]
-    );
+    let snapshot = assert_t_read_again(&mut s, while_out);
     assert!(
         snapshot.pending_reads.is_empty(),
         "{:?}",
