@@ -95,6 +95,25 @@ impl Scene {
             .unwrap()
     }
 
+    /// Kill the capture once it has decided on a read of `t` that `open` (from
+    /// [`Scene::hold_transaction_open`] under `name`) keeps it from storing, then end `open`:
+    /// the read stays pending in the archive.
+    fn kill_before_the_read(&mut self, name: &str, mut open: Child) {
+        self.wait_logged("reading tables whole");
+        self.capture.kill().unwrap();
+        self.capture.wait().unwrap();
+        // Its server session ends (and the transaction with it), not only the psql client.
+        self.psql(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{name}'"
+        ));
+        open.wait().unwrap();
+        assert_eq!(
+            snapshots_of(&self.archive, "public.t"),
+            1,
+            "the read was stored"
+        );
+    }
+
     /// The capture's log (what [`spawn`] writes to).
     fn log(&self) -> String {
         std::fs::read_to_string(self.archive.with_extension(format!("{}.log", self.db)))
@@ -736,18 +755,8 @@ fn a_crash_between_finding_a_rewrite_and_storing_its_read_leaves_the_span_refuse
     s.psql("UPDATE t SET v = 'during' WHERE id = 3");
     // A transaction left open holds the read's temporary slot (its creation waits for running
     // transactions): the capture has decided on the read and cannot store it.
-    let mut open = s.hold_transaction_open("holds_the_read");
-    s.wait_logged("reading tables whole");
-    s.capture.kill().unwrap();
-    s.capture.wait().unwrap();
-    // Its server session ends (and the transaction with it), not only the psql client.
-    s.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'holds_the_read'");
-    open.wait().unwrap();
-    assert_eq!(
-        snapshots_of(&s.archive, "public.t"),
-        1,
-        "the read was stored"
-    );
+    let open = s.hold_transaction_open("holds_the_read");
+    s.kill_before_the_read("holds_the_read", open);
 
     // Right after the DDL, and at any later moment: refused until the read is stored.
     let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
@@ -1450,7 +1459,7 @@ fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
     std::thread::sleep(Duration::from_millis(2500));
     // A transaction left open holds the read's temporary slot (its creation waits for running
     // transactions): the capture decides on the read and cannot store it.
-    let mut open = s.hold_transaction_open("holds_the_read");
+    let open = s.hold_transaction_open("holds_the_read");
     s.psql(&format!(
         "ALTER PUBLICATION {} DROP TABLE t; UPDATE t SET v = 'while out' WHERE id < 5;",
         always_quoted(&s.db)
@@ -1459,16 +1468,7 @@ fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
         .psql("SELECT pg_current_wal_insert_lsn()")
         .parse()
         .unwrap();
-    s.wait_logged("reading tables whole");
-    s.capture.kill().unwrap();
-    s.capture.wait().unwrap();
-    s.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'holds_the_read'");
-    open.wait().unwrap();
-    assert_eq!(
-        snapshots_of(&s.archive, "public.t"),
-        1,
-        "the read was stored"
-    );
+    s.kill_before_the_read("holds_the_read", open);
 
     s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
     let snapshot = assert_t_read_again(&mut s, while_out);
