@@ -450,7 +450,11 @@ impl TableWatch {
                     undecided = true;
                     continue;
                 }
-                rewritten.push((*oid, unknown_from, match republished {
+                // As for a drop: a version before the point with a name no look showed
+                // moves the point back to it.
+                let renamed = held.name_never_shown(&reader, *oid, Some(&now.layout))?;
+                let from = renamed.map_or(unknown_from, |r| r.min(unknown_from));
+                rewritten.push((*oid, from, match republished {
                     true => "it was out of the publication (its changes meanwhile were not sent) and is back in it",
                     false => "a read decided on earlier was not stored (a reconnect or a restart came first)",
                 }));
