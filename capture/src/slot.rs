@@ -513,8 +513,9 @@ pub(crate) async fn publication_tables(
 }
 
 /// What makes each table of `publication` a member of it, by table OID: the publication's own
-/// OID and that of the catalog row listing the table (`pg_publication_rel`), or its schema
-/// (`pg_publication_namespace`), or 0 for a publication of all tables. A table taken out and
+/// OID and that of the catalog row listing the table or a partitioned table above it
+/// (`pg_publication_rel`), or its schema (`pg_publication_namespace`), or 0 for a publication
+/// of all tables. (`pg_partition_ancestors` lists no row for a table that is not a partition.) A table taken out and
 /// put back, or a publication dropped and made again, has a new one: the catalog then shows it
 /// published as before, though its changes in between never reached the stream.
 pub(crate) async fn publication_memberships(
@@ -540,12 +541,15 @@ pub(crate) async fn publication_memberships(
     let rows = sql
         .query(
             &format!(
-                "SELECT c.oid, p.oid, coalesce(pr.oid, {by_schema}, 0::oid) \
+                "SELECT c.oid, p.oid, coalesce( \
+                   (SELECT max(pr.oid) FROM pg_publication_rel pr WHERE pr.prpubid = p.oid \
+                      AND (pr.prrelid = c.oid \
+                        OR pr.prrelid IN (SELECT relid FROM pg_partition_ancestors(c.oid)))), \
+                   {by_schema}, 0::oid) \
                  FROM pg_publication p \
                  JOIN pg_publication_tables t ON t.pubname = p.pubname \
                  JOIN pg_namespace n ON n.nspname = t.schemaname \
                  JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename \
-                 LEFT JOIN pg_publication_rel pr ON pr.prpubid = p.oid AND pr.prrelid = c.oid \
                  {by_schema_join} \
                  WHERE p.pubname = $1"
             ),
