@@ -702,7 +702,7 @@ def main():
     # later compaction's watermark, it was kept off the record. No receipt of it may come
     # while a hold covering it is in force: placed before the receipt's leaf and not yet
     # released there, and the erasure's time between the hold's placing and its release.
-    own, purges, last_run, holds = {}, [], None, [[]]
+    own, purges, last_run, holds, released = {}, [], None, [[]], {}
     for ev in events:
         try:
             payload = json.loads(ev[4])
@@ -715,6 +715,8 @@ def main():
             purges.append((payload.get("tables") or [], parse_lsn(payload.get("before", "0/0")),
                            payload.get("at_us"), in_force))
         elif ev[3] in (6, 7) and isinstance(payload, dict):
+            if ev[3] == 7 and isinstance((payload.get("released") or {}).get("at_us"), int):
+                released[payload.get("id")] = payload["released"]["at_us"]
             now = [h for h in holds[-1] if h.get("id") != payload.get("id")]
             if ev[3] == 6:
                 now.append(payload)
@@ -726,11 +728,13 @@ def main():
         for h in holds[in_force]:
             scope = h.get("scope") or {}
             lo, hi = scope.get("from"), scope.get("to")
-            released = (h.get("released") or {}).get("at_us")
+            # The release's time, when the tree has it (later, perhaps: receipts an older
+            # pgtrail made became leaves before the run's holds).
+            until = released.get(h.get("id"))
             if ((not scope.get("tables") or table in scope["tables"])
                     and (lo is None or lsn >= parse_lsn(lo)) and (hi is None or lsn <= parse_lsn(hi))
                     and isinstance(at_us, int) and h.get("placed_at_us", 0) <= at_us
-                    and (released is None or at_us < released)):
+                    and (until is None or at_us < until)):
                 return h
         return None
 

@@ -751,6 +751,9 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Re
             kind @ (super::leaf::KIND_HOLD | super::leaf::KIND_RELEASE) => {
                 match serde_json::from_value::<super::hold::Hold>(payload) {
                     Ok(hold) => {
+                        if let Some(release) = &hold.released {
+                            receipts.released.insert(hold.id, release.at_us);
+                        }
                         let mut holds = receipts.holds[in_force].clone();
                         holds.retain(|h| h.id != hold.id);
                         if kind == super::leaf::KIND_HOLD {
@@ -802,6 +805,8 @@ struct Receipts {
     changes: std::collections::HashMap<String, Vec<Erasure>>,
     purges: Vec<(Vec<String>, Lsn, Erasure)>,
     holds: Vec<Vec<super::hold::Hold>>,
+    /// When each hold released was released, by its number.
+    released: std::collections::HashMap<u64, i64>,
     last_run_us: i64,
 }
 
@@ -809,12 +814,16 @@ impl Receipts {
     /// The hold in force at `erasure` that covers the change `key` of `table`, if any. In
     /// force twice over: by the receipt's place among the hold leaves, and by the erasure's
     /// time between the hold's placing and its release (receipts of redactions an older
-    /// pgtrail made became leaves before the run's holds, out of their order).
+    /// pgtrail made became leaves before the run's holds, out of their order: so the time of
+    /// a release later in the tree counts too).
     fn held_at(&self, erasure: Erasure, key: ChangeKey, table: &str) -> Option<&super::hold::Hold> {
         self.holds[erasure.in_force].iter().find(|h| {
             h.scope.takes_change(key, table)
                 && h.placed_at_us <= erasure.at_us
-                && h.released.as_ref().is_none_or(|r| erasure.at_us < r.at_us)
+                && self
+                    .released
+                    .get(&h.id)
+                    .is_none_or(|&at_us| erasure.at_us < at_us)
         })
     }
 }
