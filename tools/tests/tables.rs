@@ -114,6 +114,13 @@ impl Scene {
         );
     }
 
+    /// The WAL insert position now: a moment after everything committed so far.
+    fn insert_lsn(&self) -> Lsn {
+        self.psql("SELECT pg_current_wal_insert_lsn()")
+            .parse()
+            .unwrap()
+    }
+
     /// The capture's log (what [`spawn`] writes to).
     fn log(&self) -> String {
         std::fs::read_to_string(self.archive.with_extension(format!("{}.log", self.db)))
@@ -1089,10 +1096,7 @@ fn a_column_name_that_came_and_went_while_the_log_lagged_is_checked_before_a_dro
         "ALTER PUBLICATION {} DROP TABLE w; UPDATE w SET v = 'while out' WHERE id < 5;",
         always_quoted(&s.db)
     ));
-    let w_out: Lsn = s
-        .psql("SELECT pg_current_wal_insert_lsn()")
-        .parse()
-        .unwrap();
+    let w_out = s.insert_lsn();
     // Looks (one a second) see the names back and w out, then t dropped and u rewritten.
     std::thread::sleep(Duration::from_millis(2500));
     s.psql("DROP TABLE t; ALTER TABLE u ALTER COLUMN id TYPE bigint");
@@ -1382,10 +1386,7 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
          INSERT INTO t VALUES (100, 'inserted while out');",
         always_quoted(&s.db)
     ));
-    let while_out: Lsn = s
-        .psql("SELECT pg_current_wal_insert_lsn()")
-        .parse()
-        .unwrap();
+    let while_out = s.insert_lsn();
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
     s.psql("UPDATE t SET v = 'back' WHERE id = 3");
     wait_caught_up(s.cluster, &s.db);
@@ -1441,10 +1442,7 @@ fn a_table_out_of_the_publication_and_back_between_two_looks_is_read_again() {
     std::thread::sleep(Duration::from_millis(3000));
     s.psql(&format!("ALTER PUBLICATION {publication} DROP TABLE t"));
     s.psql("UPDATE t SET v = 'while out' WHERE id < 5");
-    let while_out: Lsn = s
-        .psql("SELECT pg_current_wal_insert_lsn()")
-        .parse()
-        .unwrap();
+    let while_out = s.insert_lsn();
     s.psql(&format!("ALTER PUBLICATION {publication} ADD TABLE t"));
     assert_t_read_again(&mut s, while_out);
 }
@@ -1464,10 +1462,7 @@ fn a_read_decided_before_a_restart_is_carried_out_by_the_next_run() {
         "ALTER PUBLICATION {} DROP TABLE t; UPDATE t SET v = 'while out' WHERE id < 5;",
         always_quoted(&s.db)
     ));
-    let while_out: Lsn = s
-        .psql("SELECT pg_current_wal_insert_lsn()")
-        .parse()
-        .unwrap();
+    let while_out = s.insert_lsn();
     s.kill_before_the_read("holds_the_read", open);
 
     s.capture = spawn(s.cluster, &s.db, &s.archive, &[]);
