@@ -512,25 +512,33 @@ pub(crate) async fn publication_tables(
         .collect())
 }
 
-/// What makes each table of `publication` a member of it, by table OID: the publication's own
-/// OID and that of the catalog row listing the table or a partitioned table above it
-/// (`pg_publication_rel`), or its schema (`pg_publication_namespace`), or 0 for a publication
-/// of all tables. (`pg_partition_ancestors` lists no row for a table that is not a partition.) A table taken out and
-/// put back, or a publication dropped and made again, has a new one: the catalog then shows it
-/// published as before, though its changes in between never reached the stream.
-pub(crate) async fn publication_memberships(
+/// Whether the server has publications of schemas (`pg_publication_namespace`, PostgreSQL 15
+/// and later): asked once a session, for [`publication_memberships`].
+pub(crate) async fn has_schema_publications(
     sql: &tokio_postgres::Client,
-    publication: &str,
-) -> Result<std::collections::BTreeMap<u32, (u32, u32)>, CaptureError> {
-    // Publications of schemas (`pg_publication_namespace`) came with PostgreSQL 15.
-    let schemas = sql
+) -> Result<bool, CaptureError> {
+    Ok(sql
         .query_one(
             "SELECT current_setting('server_version_num')::int >= 150000",
             &[],
         )
         .await
         .map_err(|e| CaptureError::sql("reading the server's version", e))?
-        .get::<_, bool>(0);
+        .get::<_, bool>(0))
+}
+
+/// What makes each table of `publication` a member of it, by table OID: the publication's own
+/// OID and that of the catalog row listing the table or a partitioned table above it
+/// (`pg_publication_rel`; `pg_partition_ancestors` lists no row for a table that is not a
+/// partition, hence the table itself too), or its schema (`pg_publication_namespace`, when
+/// `schemas`: see [`has_schema_publications`]), or 0 for a publication of all tables. A table
+/// taken out and put back, or a publication dropped and made again, has a new one: the catalog
+/// then shows it published as before, though its changes in between never reached the stream.
+pub(crate) async fn publication_memberships(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    schemas: bool,
+) -> Result<std::collections::BTreeMap<u32, (u32, u32)>, CaptureError> {
     let (by_schema_join, by_schema) = match schemas {
         true => (
             "LEFT JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid AND pn.pnnspid = n.oid",

@@ -93,6 +93,9 @@ pub(crate) struct TableWatch {
     pending_reads: Vec<TableScope>,
     /// `pending_reads` changed since it was last recorded.
     pending_changed: bool,
+    /// Whether the server publishes schemas (PostgreSQL 15 and later), asked at the session's
+    /// first look (see `slot::publication_memberships`).
+    schema_publications: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -374,7 +377,13 @@ impl TableWatch {
             .into_iter()
             .collect();
         let layouts = slot::storage_layouts(sql, &oids).await?;
-        let memberships = slot::publication_memberships(sql, publication).await?;
+        let schemas = match self.schema_publications {
+            Some(known) => known,
+            None => *self
+                .schema_publications
+                .insert(slot::has_schema_publications(sql).await?),
+        };
+        let memberships = slot::publication_memberships(sql, publication, schemas).await?;
         let after = server_point(sql).await?.0;
         let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
         let mut rewritten = Vec::new();
@@ -443,6 +452,12 @@ impl TableWatch {
                     .membership
                     .is_some_and(|before| Some(before) != membership);
             held.membership = membership;
+            // First, as for a drop: a version with a name no look showed (the log holds every
+            // version before the one found, so the read from there covers all the rest).
+            if let Some(point) = held.name_never_shown(&reader, *oid, Some(&now.layout))? {
+                rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
+                continue;
+            }
             if republished || held.read_due {
                 if checked_through < unknown_from.0 {
                     held.read_due = true;
@@ -450,11 +465,7 @@ impl TableWatch {
                     undecided = true;
                     continue;
                 }
-                // As for a drop: a version before the point with a name no look showed
-                // moves the point back to it.
-                let renamed = held.name_never_shown(&reader, *oid, Some(&now.layout))?;
-                let from = renamed.map_or(unknown_from, |r| r.min(unknown_from));
-                rewritten.push((*oid, from, match republished {
+                rewritten.push((*oid, unknown_from, match republished {
                     true => "it was out of the publication (its changes meanwhile were not sent) and is back in it",
                     false => "a read decided on earlier was not stored (a reconnect or a restart came first)",
                 }));
@@ -465,10 +476,6 @@ impl TableWatch {
                 held.accept(now.layout.clone());
                 continue;
             };
-            if let Some(point) = held.name_never_shown(&reader, *oid, Some(&now.layout))? {
-                rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
-                continue;
-            }
             let names_unrecorded = known.column_names.is_empty();
             match partitioned_layout_change(known, now) {
                 // A layout recorded before layouts held the columns' names (format 2) takes
