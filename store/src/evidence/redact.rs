@@ -161,14 +161,13 @@ pub fn plan(
         .collect();
     let places = collected.changes.find_sorted(&keys)?;
     for (key, place) in keys.iter().zip(places) {
+        let segment = place.ok_or(RedactError::NotInTree(*key))?.segment;
         // A logical message's one part is its content (part 0): asked, it is erased; a
         // message asked for no part it has is refused rather than left as it is.
-        let is_message = place.is_some_and(|p| {
-            matches!(
-                collected.segments[p.segment as usize].content,
-                SegmentContent::Messages
-            )
-        });
+        let is_message = matches!(
+            collected.segments[segment as usize].content,
+            SegmentContent::Messages
+        );
         let parts: &[u8] = match is_message {
             true if parts.contains(&0) => &[0],
             true => return Err(RedactError::Message(*key)),
@@ -185,7 +184,7 @@ pub fn plan(
         match left.is_empty() {
             true => erased_already += 1,
             false => {
-                wanted.insert(*key, left);
+                wanted.insert(*key, (segment, left));
             }
         }
     }
@@ -435,7 +434,11 @@ pub fn plan_purge(
         "at_us": crate::now_us(),
     })
     .to_string();
-    let plan = plan_changes(&collected, wanted, Receipt::Purge(payload))?;
+    let plan = plan_changes(
+        &collected,
+        locate(&collected, wanted)?,
+        Receipt::Purge(payload),
+    )?;
     tracing::info!(
         erased = counts.erased,
         kept_state = counts.kept_state,
@@ -459,25 +462,35 @@ fn verified(dir: &Path, log: Option<&SharedLog>) -> Result<super::verify::Collec
     Ok(collected)
 }
 
-/// Plan the erasure of `wanted` (each change's parts) in the verified archive.
-fn plan_changes(
+/// `wanted` (each change's parts) with the segment of the verified archive holding each
+/// change (one sequential read of the scratch change file when they lie close together).
+fn locate(
     collected: &super::verify::Collected,
     wanted: BTreeMap<ChangeKey, Vec<u8>>,
+) -> Result<BTreeMap<ChangeKey, (u32, Vec<u8>)>, RedactError> {
+    let keys: Vec<ChangeKey> = wanted.keys().copied().collect();
+    let places = collected.changes.find_sorted(&keys)?;
+    wanted
+        .into_iter()
+        .zip(places)
+        .map(|((key, parts), place)| match place {
+            Some(place) => Ok((key, (place.segment, parts))),
+            None => Err(RedactError::NotInTree(key)),
+        })
+        .collect()
+}
+
+/// Plan the erasure of `wanted` (each change's segment, as [`locate`] finds it, and parts) in
+/// the verified archive.
+fn plan_changes(
+    collected: &super::verify::Collected,
+    wanted: BTreeMap<ChangeKey, (u32, Vec<u8>)>,
     receipt: Receipt,
 ) -> Result<RedactPlan, RedactError> {
     let keys: Vec<ChangeKey> = wanted.keys().copied().collect();
-    let places = collected.changes.find_sorted(&keys)?;
     let mut by_segment: BTreeMap<u32, BTreeMap<ChangeKey, Vec<u8>>> = BTreeMap::new();
-    for ((key, parts), place) in wanted.into_iter().zip(places) {
-        match place {
-            Some(place) => {
-                by_segment
-                    .entry(place.segment)
-                    .or_default()
-                    .insert(key, parts);
-            }
-            None => return Err(RedactError::NotInTree(key)),
-        }
+    for (key, (segment, parts)) in wanted {
+        by_segment.entry(segment).or_default().insert(key, parts);
     }
     let mut plans = Vec::new();
     for (segment, changes) in by_segment {
