@@ -69,6 +69,24 @@ impl fmt::Display for ChangeKey {
     }
 }
 
+/// The text was not a change key as [`ChangeKey`] displays one, `lsn#seq`.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid change key {0:?}: expected an LSN, '#' and a position, like 16/B374D848#3")]
+pub struct ParseChangeKeyError(String);
+
+impl FromStr for ChangeKey {
+    type Err = ParseChangeKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ParseChangeKeyError(s.to_string());
+        let (lsn, seq) = s.split_once('#').ok_or_else(err)?;
+        Ok(ChangeKey::new(
+            lsn.parse().map_err(|_| err())?,
+            seq.parse().map_err(|_| err())?,
+        ))
+    }
+}
+
 /// Serialize an LSN as PostgreSQL writes it (`0/1A2B3C4`), for reports read by people and
 /// programs alike.
 pub(crate) fn serialize_as_text<S: serde::Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
@@ -92,6 +110,23 @@ mod tests {
     fn malformed_lsn_text_is_an_error() {
         for text in ["", "12", "1/", "/1", "G/0", "1/2/3", "100000000/0"] {
             assert!(text.parse::<Lsn>().is_err(), "{text} parsed");
+        }
+    }
+
+    #[test]
+    fn change_key_text_round_trips_and_malformed_text_is_an_error() {
+        let key = ChangeKey::new(Lsn(0x16_B374_D848), 3);
+        assert_eq!(key.to_string(), "16/B374D848#3");
+        assert_eq!("16/B374D848#3".parse::<ChangeKey>().unwrap(), key);
+        for text in [
+            "",
+            "16/B374D848",
+            "16/B374D848#",
+            "#3",
+            "16/B374D848#-1",
+            "x#3",
+        ] {
+            assert!(text.parse::<ChangeKey>().is_err(), "{text} parsed");
         }
     }
 }

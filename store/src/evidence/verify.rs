@@ -724,13 +724,15 @@ fn check_events(events: &[super::state::Event], report: &mut VerifyReport) -> Re
         match e.kind {
             super::leaf::KIND_GAP => report.attested_gaps.push(e.payload.clone()),
             super::leaf::KIND_REDACTION => {
-                let change = payload["change"].as_str().unwrap_or_default();
-                let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
-                receipts
-                    .changes
-                    .entry(change.to_string())
-                    .or_default()
-                    .push(Erasure { at_us, in_force });
+                // A receipt naming no change (`lsn#seq`) accounts for none.
+                if let Some(Ok(change)) = payload["change"].as_str().map(str::parse::<ChangeKey>) {
+                    let at_us = payload["at_us"].as_i64().unwrap_or(i64::MIN);
+                    receipts
+                        .changes
+                        .entry(change)
+                        .or_default()
+                        .push(Erasure { at_us, in_force });
+                }
                 report.redactions.push(e.payload.clone());
             }
             super::leaf::KIND_PURGE => {
@@ -797,12 +799,12 @@ struct Erasure {
     in_force: usize,
 }
 
-/// What the tree records of erasures: each change's receipts of its own (`lsn#seq`), each
+/// What the tree records of erasures: each change's receipts of its own, each
 /// purge's tables and position, the holds in force after each hold placed or released, and
 /// the latest compaction's time.
 #[derive(Default)]
 struct Receipts {
-    changes: std::collections::HashMap<String, Vec<Erasure>>,
+    changes: std::collections::HashMap<ChangeKey, Vec<Erasure>>,
     purges: Vec<(Vec<String>, Lsn, Erasure)>,
     holds: Vec<Vec<super::hold::Hold>>,
     /// When each hold released was released, by its number.
@@ -856,7 +858,7 @@ fn check_receipts(
             "" => format!("message {key}"),
             table => format!("change {key} of {table}"),
         };
-        let own = receipts.changes.get(&key.to_string());
+        let own = receipts.changes.get(key);
         for erasure in own.into_iter().flatten() {
             if let Some(hold) = receipts.held_at(*erasure, *key, &table) {
                 report.problem(
