@@ -125,6 +125,28 @@ fn verify(archive: &Path, vkey: &str, trusted: &[&Path], python: bool) -> Verdic
     }
 }
 
+/// [`verify`], asserting that both verifiers reject the archive, each naming `place` and
+/// saying `what`.
+fn rejects_naming(
+    archive: &Path,
+    vkey: &str,
+    trusted: &[&Path],
+    python: bool,
+    place: &str,
+    what: &str,
+) {
+    let v = verify(archive, vkey, trusted, python);
+    assert!(!v.pgtrail_ok, "passed: {}", v.pgtrail);
+    assert!(
+        v.pgtrail_text.contains(place) && v.pgtrail_text.contains(what),
+        "{}",
+        v.pgtrail_text
+    );
+    if let Some((ok, said)) = &v.python {
+        assert!(!ok && said.contains(place) && said.contains(what), "{said}");
+    }
+}
+
 /// [`verify`], asserting that both verifiers accept the archive.
 fn verifies(archive: &Path, vkey: &str, trusted: &[&Path], python: bool) -> Verdicts {
     let v = verify(archive, vkey, trusted, python);
@@ -1839,19 +1861,7 @@ fn a_redacted_value_is_gone_and_the_archive_still_verifies() {
     capture_until_now(cluster, &db, &archive);
     checkpoint(&archive, &key);
     let bob_key = bob.replace(':', "#");
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(!v.pgtrail_ok, "an erasure without a receipt passed");
-    assert!(
-        v.pgtrail_text.contains(&bob_key) && v.pgtrail_text.contains("no receipt"),
-        "{}",
-        v.pgtrail_text
-    );
-    if let Some((ok, said)) = &v.python {
-        assert!(
-            !ok && said.contains(&bob_key) && said.contains("no receipt"),
-            "{said}"
-        );
-    }
+    rejects_naming(&archive, &vkey, &[&signed], python, &bob_key, "no receipt");
 }
 
 /// The `lsn:seq` of each change of `table` its SQL filter picks, in order.
@@ -1955,19 +1965,8 @@ fn each_erasure_of_a_change_has_its_own_receipt() {
     );
     compact_more(&db, &archive, &key, 102);
     let second = second.replace(':', "#");
-    let v = verify(&archive, &vkey, &[&signed], python);
-    assert!(!v.pgtrail_ok, "a hidden second erasure passed");
-    assert!(
-        v.pgtrail_text.contains(&second) && v.pgtrail_text.contains("erased again with no receipt"),
-        "{}",
-        v.pgtrail_text
-    );
-    if let Some((ok, said)) = &v.python {
-        assert!(
-            !ok && said.contains(&second) && said.contains("erased again with no receipt"),
-            "{said}"
-        );
-    }
+    let what = "erased again with no receipt";
+    rejects_naming(&archive, &vkey, &[&signed], python, &second, what);
 }
 
 #[test]
@@ -2118,23 +2117,7 @@ fn an_erasure_under_a_legal_hold_is_caught() {
         crate::pgtrail_ok(&archive, &erase);
         compact_more(&db, &archive, &key, 101);
         let victim = victim.replace(':', "#");
-        let v = verify(&archive, &vkey, &[&signed], python);
-        assert!(
-            !v.pgtrail_ok,
-            "{erasure} under a hold passed: {}",
-            v.pgtrail
-        );
-        assert!(
-            v.pgtrail_text.contains(&victim) && v.pgtrail_text.contains(said),
-            "{}",
-            v.pgtrail_text
-        );
-        if let Some((ok, python_said)) = &v.python {
-            assert!(
-                !ok && python_said.contains(&victim) && python_said.contains(said),
-                "{python_said}"
-            );
-        }
+        rejects_naming(&archive, &vkey, &[&signed], python, &victim, said);
     }
 }
 
