@@ -182,7 +182,14 @@ impl Session<'_> {
                         let (tables, since, point) = (sync.tables(), sync.since(), sync.point);
                         let rows = sync.store(writer).await?;
                         tracing::info!(tables = tables.len(), rows, %point, "tables read whole stored: captured in step from here on");
-                        watch.hold(since, tables);
+                        watch.hold_read(since, tables);
+                        // With the next commit, after the copy's: a restart then compares the
+                        // tables read with the membership their read was decided with.
+                        if let Some(memberships) = watch.memberships_to_record() {
+                            writer.send(vec![pgtrail_store::LogOp::Memberships(memberships)]).await?;
+                        }
+                        // Tests hold the capture here: a table read, its next look not come.
+                        pgtrail_store::crashpoint::pause("sync:after_store");
                         summary.snapshot_rows += rows;
                     }
                     if !ops.is_empty() {

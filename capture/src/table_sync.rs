@@ -96,7 +96,18 @@ pub(crate) struct TableWatch {
     /// Whether the server publishes schemas (PostgreSQL 15 and later), asked at the session's
     /// first look (see `slot::publication_memberships`).
     schema_publications: Option<bool>,
+    /// What made each published table a member at the latest look of this session (none
+    /// before its first): a table read whole after that look takes its membership from it.
+    memberships_seen: Option<BTreeMap<u32, (u32, u32)>>,
+    /// The held tables' memberships as the archive records them (see `META_MEMBERSHIPS` in
+    /// the store): a look that finds them otherwise records them again.
+    memberships_recorded: BTreeMap<u32, (u32, u32)>,
 }
+
+/// The membership a table read while it was out of the publication is held with: no
+/// publication has OID 0, so whatever makes it a member later differs, and the table is read
+/// again (its changes between the read and then never reached the stream).
+const NOT_A_MEMBER: (u32, u32) = (0, 0);
 
 #[derive(Debug)]
 struct Held {
@@ -128,7 +139,10 @@ struct Held {
     /// What made the table a member of the publication at the previous look (see
     /// `slot::publication_memberships`): another one now means it left the publication and
     /// came back between two looks (by hand, or another capture on the same publication put
-    /// it back first), its changes in between never sent.
+    /// it back first), its changes in between never sent. For a table just read whole, the
+    /// look that decided the read (which came before the read's snapshot); after a restart,
+    /// what the archive recorded. Unknown (`None`) only for a table the archive recorded none
+    /// for (its first look, an archive of an older pgtrail) or one held from its creation.
     membership: Option<(u32, u32)>,
 }
 
@@ -214,6 +228,9 @@ pub(crate) struct SyncPlan {
     /// Every read decided on and not stored yet, when that list changed: to record, durably,
     /// before any copy starts.
     pub pending_reads: Option<Vec<TableScope>>,
+    /// What made each held table a member of the publication, when that changed: to record
+    /// with (never before) `pending_reads`.
+    pub memberships: Option<Vec<(u32, (u32, u32))>>,
 }
 
 impl SyncPlan {
@@ -240,6 +257,9 @@ impl SyncPlan {
         }
         if let Some(pending) = self.pending_reads.take() {
             ops.push(LogOp::PendingReads(pending));
+        }
+        if let Some(memberships) = self.memberships.take() {
+            ops.push(LogOp::Memberships(memberships));
         }
         ops
     }
@@ -285,6 +305,12 @@ impl TableWatch {
             }
         }
         watch.layouts_changed = false;
+        // A table taken out of the publication and put back while no capture ran (or by a look
+        // that a crash cut short before recording what it found) has another membership now.
+        watch.memberships_recorded = reader.memberships()?;
+        for (oid, held) in &mut watch.held {
+            held.membership = watch.memberships_recorded.get(oid).copied();
+        }
         // Recorded again at the first look, without the reads a snapshot has stored since.
         watch.pending_reads = reader.pending_reads()?;
         watch.pending_changed = true;
@@ -341,6 +367,24 @@ impl TableWatch {
         }
     }
 
+    /// Note a stored copy at `since` of `tables` (see [`hold`](Self::hold)), read whole after
+    /// this session's latest look: each table read is held with the membership that look
+    /// found (see `Held::membership`), so that the table taken out of the publication and put
+    /// back before the next look is found.
+    pub(crate) fn hold_read(&mut self, since: (Lsn, i64), tables: Vec<TableScope>) {
+        let read: Vec<u32> = tables
+            .iter()
+            .filter(|t| !t.dropped)
+            .map(|t| t.relation_id)
+            .collect();
+        self.hold(since, tables);
+        for oid in read {
+            if let (Some(held), Some(seen)) = (self.held.get_mut(&oid), &self.memberships_seen) {
+                held.membership = Some(seen.get(&oid).copied().unwrap_or(NOT_A_MEMBER));
+            }
+        }
+    }
+
     /// Look at the catalog: add what the selection takes in to the publication, and say
     /// which tables to read whole (published and not held yet, or rewritten by DDL) and which
     /// held tables were dropped.
@@ -383,7 +427,7 @@ impl TableWatch {
                 .schema_publications
                 .insert(slot::has_schema_publications(sql).await?),
         };
-        let memberships = slot::publication_memberships(sql, publication, schemas).await?;
+        let memberships_now = slot::publication_memberships(sql, publication, schemas).await?;
         let after = server_point(sql).await?.0;
         let by_oid: BTreeMap<u32, &CapturedTable> = published.iter().map(|t| (t.oid, t)).collect();
         let mut rewritten = Vec::new();
@@ -446,7 +490,7 @@ impl TableWatch {
             // this one, or out and back in between the two (its membership's catalog row is
             // new): its changes in between never reached the stream. Read again, the span
             // refused, rather than go on from rows that may be stale.
-            let membership = memberships.get(oid).copied();
+            let membership = memberships_now.get(oid).copied();
             let republished = !published_before.contains(oid)
                 || held
                     .membership
@@ -463,6 +507,17 @@ impl TableWatch {
                     held.read_due = true;
                     held.deferred = Some(unknown_from);
                     undecided = true;
+                    // Recorded now, with the membership this look found (see below): a
+                    // restart before the read finds the read pending, not the table as a
+                    // member all along.
+                    let scope = TableScope {
+                        unknown_from: Some(unknown_from),
+                        ..TableScope::whole(*oid)
+                    };
+                    if !self.pending_reads.contains(&scope) {
+                        self.pending_reads.push(scope);
+                        self.pending_changed = true;
+                    }
                     continue;
                 }
                 rewritten.push((*oid, unknown_from, match republished {
@@ -572,6 +627,12 @@ impl TableWatch {
         if std::mem::take(&mut self.pending_changed) {
             plan.pending_reads = Some(self.pending_reads.clone());
         }
+        // Recorded in the same commit as the reads decided on (`records` puts them first), so
+        // an archive never holds a membership whose change it has not acted on: a table found
+        // out and back is read again, or its read is pending, before the new membership is
+        // what a restart compares with.
+        plan.memberships = self.memberships_to_record();
+        self.memberships_seen = Some(memberships_now);
         self.last_look = Some(look);
         plan.layouts_seen = settled.then_some(look);
         // A later look dates from this look's point, or from a point kept for a table.
@@ -602,6 +663,22 @@ impl TableWatch {
             );
         }
         Ok(plan)
+    }
+
+    /// The held tables' memberships, when they differ from what the archive records: to
+    /// record (as [`LogOp::Memberships`]); then taken as recorded.
+    pub(crate) fn memberships_to_record(&mut self) -> Option<Vec<(u32, (u32, u32))>> {
+        let memberships: BTreeMap<u32, (u32, u32)> = self
+            .held
+            .iter()
+            .filter_map(|(oid, h)| h.membership.map(|m| (*oid, m)))
+            .collect();
+        if memberships == self.memberships_recorded {
+            return None;
+        }
+        let record = memberships.iter().map(|(o, m)| (*o, *m)).collect();
+        self.memberships_recorded = memberships;
+        Some(record)
     }
 
     /// Add the tables the selection takes in and the publication lacks to it (when this role

@@ -119,7 +119,7 @@ pub mod fuzzing {
     }
 
     /// The `meta` keys a fuzzed log carries, in the order [`open_log_with_meta`] fills them.
-    const FUZZED_META: [&str; 9] = [
+    const FUZZED_META: [&str; 10] = [
         META_FORMAT,
         META_LAYOUTS,
         META_PENDING_READS,
@@ -129,6 +129,7 @@ pub mod fuzzing {
         META_CATALOG_SEEN,
         META_LEFT_OUT,
         META_ENUM_TYPES,
+        META_MEMBERSHIPS,
     ];
 
     /// `bytes`, cut at each 0xFF, as the values of a log's `meta` keys (its format version
@@ -179,6 +180,7 @@ pub mod fuzzing {
                 let _ = reader.catalog_seen();
                 let _ = reader.left_out();
                 let _ = reader.enum_types();
+                let _ = reader.memberships();
             }
             Err(e) => assert!(
                 !newer || matches!(e, LogError::FormatVersion { .. }),

@@ -338,6 +338,9 @@ pub enum LogOp {
     /// The reads decided on and not stored yet (see [`LogReader::pending_reads`]); kept in
     /// `meta` with the next commit.
     PendingReads(Vec<TableScope>),
+    /// What made each held table a member of the publication at the latest look (see
+    /// [`LogReader::memberships`]); kept in `meta` with the next commit.
+    Memberships(Vec<(u32, (u32, u32))>),
     /// Inside a snapshot transaction (xid 0): this relation's state at the snapshot is exactly
     /// the transaction's snapshot rows of it, so its earlier rows end there. A snapshot that
     /// names no relation holds every table (the initial snapshot of an archive written before
@@ -1044,6 +1047,10 @@ impl ChangeLog {
             LogOp::PendingReads(scopes) => {
                 self.meta_pending
                     .insert(META_PENDING_READS, encode(&scopes));
+            }
+            LogOp::Memberships(memberships) => {
+                self.meta_pending
+                    .insert(META_MEMBERSHIPS, encode(&memberships));
             }
             LogOp::SnapshotOf(scope) => {
                 let tx = self.inflight.as_mut().ok_or(LogError::NoTransaction)?;

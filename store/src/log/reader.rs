@@ -189,6 +189,15 @@ impl LogReader {
         Ok(self.meta_value(META_ENUM_TYPES)?.unwrap_or_default())
     }
 
+    /// What made each held table a member of the capture's publication at its latest look
+    /// (see [`LogOp::Memberships`](crate::LogOp::Memberships)), by relation; empty before any
+    /// was recorded.
+    pub fn memberships(&self) -> Result<std::collections::BTreeMap<u32, (u32, u32)>, LogError> {
+        let recorded: Vec<(u32, (u32, u32))> =
+            self.meta_value(META_MEMBERSHIPS)?.unwrap_or_default();
+        Ok(recorded.into_iter().collect())
+    }
+
     /// The table reads the capture decided on, each with the point the table's rows are
     /// unknown from, that no later snapshot of the relation has stored yet: a crash (or a stop
     /// that could not wait) came between the decision and the read.

@@ -73,6 +73,16 @@ pub(crate) const META_ENUM_TYPES: &str = "enum_types";
 /// of its relation satisfies is passed over. Added within version 4 (a log without it has
 /// none pending).
 pub(crate) const META_PENDING_READS: &str = "pending_reads";
+/// What made each held table a member of the capture's publication at the catalog watch's
+/// latest look: `Vec<(relation_id, (publication OID, membership row OID))>`, the row being
+/// the table's (or an ancestor's) `pg_publication_rel` row or its schema's
+/// `pg_publication_namespace` row. A table out of the publication and back gets a new row, so
+/// a session that finds another row than the one recorded knows the table's changes in
+/// between never reached the stream (taken out and put back while the capture was stopped,
+/// or put back by a look that a crash cut short). Added within version 7: a log without it
+/// has none recorded (each table's first look then records one), and a reader that does not
+/// know the key passes over it.
+pub(crate) const META_MEMBERSHIPS: &str = "memberships";
 
 /// (version 7) The commit through which `current_rows` holds the current-row index; recovery
 /// redoes the index changes of the change records after it, and compaction trims the log no
