@@ -276,23 +276,49 @@ impl ArchiveSnapshot {
     /// created again under its name between two looks at the catalog) holds the table unless
     /// every one of them was dropped, and its rows are unknown from the earliest point any of
     /// them gives.
+    ///
+    /// A drop marked after another relation of the name was read (the new table is held from
+    /// its creation under `pgtrail setup`'s trigger, or one look read it and put off the old
+    /// one's drop until the log caught up) is taken as part of that read, as if one snapshot
+    /// had named both: the name's rows are the new table's from its read on (not "dropped"),
+    /// and the old table's span, up to that read, is unknown.
     pub fn table_snapshots<'a>(
         &'a self,
         table: &'a TableHistory,
     ) -> impl Iterator<Item = (&'a SnapshotRecord, TableScope)> + 'a {
-        self.snapshots.iter().filter_map(|s| {
+        // Each kept snapshot with the relations of the name it holds (not dropped).
+        let mut kept: Vec<(&SnapshotRecord, TableScope, Vec<u32>)> = Vec::new();
+        for s in &self.snapshots {
             let mut scopes = table
                 .relation_ids()
                 .filter_map(|oid| s.scope_of(oid))
                 .collect::<Vec<_>>();
             let dropped = scopes.iter().all(|t| t.dropped);
             let unknown_from = scopes.iter().filter_map(|t| t.unknown_from).min();
+            let holds: Vec<u32> = scopes
+                .iter()
+                .filter(|t| !t.dropped)
+                .map(|t| t.relation_id)
+                .collect();
+            if dropped
+                && let Some((read, scope, read_holds)) = kept.last_mut()
+                && !scope.dropped
+                && !scopes.iter().any(|t| read_holds.contains(&t.relation_id))
+            {
+                if let Some(from) = unknown_from.filter(|(lsn, _)| *lsn < read.lsn) {
+                    scope.unknown_from = Some(scope.unknown_from.map_or(from, |u| u.min(from)));
+                }
+                continue;
+            }
             scopes.sort_by_key(|t| t.dropped);
-            let mut scope = scopes.into_iter().next()?;
+            let Some(mut scope) = scopes.into_iter().next() else {
+                continue;
+            };
             scope.dropped = dropped;
             scope.unknown_from = unknown_from;
-            Some((s, scope))
-        })
+            kept.push((s, scope, holds));
+        }
+        kept.into_iter().map(|(s, scope, _)| (s, scope))
     }
 
     pub fn segment_path(&self, seg: &SegmentEntry) -> PathBuf {

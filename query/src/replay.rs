@@ -296,27 +296,34 @@ pub(crate) struct UnknownSpan<'a> {
 /// dropped) the table, and the moments between that DDL's earliest point and the table's
 /// read after it are not known. The read is a later snapshot, or, when the capture stopped
 /// between deciding on it and storing it, a read still pending (the span is open).
+///
+/// Every snapshot after the moment counts, not only the first: under one name, a table
+/// created again is read (a new table, no span) before the old one's drop is stored (its
+/// span reaching back over the moment), when one look finds both. The torture suite found
+/// it: a restart between a drop-and-create and the next look answered the old table's rows
+/// from the span its drop mark refuses.
 pub(crate) fn unknown_span<'a>(
     archive: &'a ArchiveSnapshot,
     table: &'a TableHistory,
     moment: Moment,
 ) -> Option<UnknownSpan<'a>> {
     let reaches = |(lsn, at): &(Lsn, i64)| moment.reaches(*lsn, *at);
-    if let Some((snapshot, scope)) = archive
+    let closed = archive
         .table_snapshots(table)
-        .find(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))
-    {
-        let from = scope.unknown_from.filter(reaches)?;
-        return Some(UnknownSpan {
-            to: Some(snapshot),
-            scope,
-            from,
+        .filter(|(s, _)| !moment.reaches(s.lsn, s.committed_at_us))
+        .find_map(|(snapshot, scope)| {
+            Some(UnknownSpan {
+                to: Some(snapshot),
+                from: scope.unknown_from.filter(reaches)?,
+                scope,
+            })
         });
-    }
-    // No snapshot after the moment: a read decided on before it and never stored.
-    open_spans(archive, table)
-        .filter(|span| reaches(&span.from))
-        .min_by_key(|span| span.from)
+    // Else a read decided on before the moment and never stored.
+    closed.or_else(|| {
+        open_spans(archive, table)
+            .filter(|span| reaches(&span.from))
+            .min_by_key(|span| span.from)
+    })
 }
 
 /// Every span of `table`'s history the archive cannot answer: one ended by each read of the
