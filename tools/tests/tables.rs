@@ -80,6 +80,29 @@ impl Scene {
         )
     }
 
+    /// [`Scene::with_t`] whose capture waits at pause point `point` while the returned file
+    /// exists (see `pgtrail_store::crashpoint::pause`): create it to hold the capture there
+    /// from its next pass, remove it to let the capture go on.
+    fn with_t_pausing(
+        prefix: &str,
+        extra: &[&str],
+        point: &str,
+    ) -> (Scene, tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let hold = dir.path().join("hold");
+        let s = Scene::start_with_env(
+            prefix,
+            "CREATE TABLE t (id int PRIMARY KEY, v text);
+             INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
+            extra,
+            &[
+                ("PGTRAIL_PAUSE_AT", point.as_ref()),
+                ("PGTRAIL_PAUSE_WHILE", hold.as_os_str()),
+            ],
+        );
+        (s, dir, hold)
+    }
+
     /// A transaction that writes and stays open (two minutes at most) under the application
     /// name `name`: every logical slot's creation waits for it to end. End it by terminating
     /// its server session (`pg_terminate_backend`), then wait for the returned psql.
@@ -1417,6 +1440,12 @@ fn a_table_taken_out_of_the_publication_and_put_back_is_read_again() {
 /// archive: the moment `unknown` refused, the rows now PostgreSQL's. Returns the archive.
 fn assert_t_read_again(s: &mut Scene, unknown: Lsn) -> ArchiveSnapshot {
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    assert_t_unknown_then_current(s, unknown)
+}
+
+/// Once the capture caught up, stop it and check the archive: the moment `unknown` refused,
+/// the rows now PostgreSQL's. Returns the archive.
+fn assert_t_unknown_then_current(s: &mut Scene, unknown: Lsn) -> ArchiveSnapshot {
     wait_caught_up(s.cluster, &s.db);
     let now = held(s.cluster, &s.db, &table_list(&["t"]));
     crate::terminate(&mut s.capture);
@@ -1437,18 +1466,7 @@ fn a_table_dropped_and_created_again_is_refused_until_both_are_settled() {
     // name (no unknown span: a new table) and put off the old one's drop (its span reaching
     // back before the new table existed); the moments between were answered with the old
     // table's rows, because only the first snapshot after a moment was asked for a span.
-    let dir = tempfile::tempdir().unwrap();
-    let held_back = dir.path().join("hold the log");
-    let mut s = Scene::start_with_env(
-        "dropcreate",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        &[],
-        &[
-            ("PGTRAIL_PAUSE_AT", "log:before_commit".as_ref()),
-            ("PGTRAIL_PAUSE_WHILE", held_back.as_os_str()),
-        ],
-    );
+    let (mut s, _dir, held_back) = Scene::with_t_pausing("dropcreate", &[], "log:before_commit");
     wait_caught_up(s.cluster, &s.db);
     std::fs::write(&held_back, "").unwrap();
     s.psql("INSERT INTO nudge DEFAULT VALUES");
@@ -1466,23 +1484,13 @@ fn a_table_dropped_and_created_again_is_refused_until_both_are_settled() {
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
     s.wait_logged("a captured table was dropped");
     s.psql("INSERT INTO nudge DEFAULT VALUES");
-    wait_caught_up(s.cluster, &s.db);
-    let now = held(s.cluster, &s.db, &table_list(&["t"]));
-    crate::terminate(&mut s.capture);
+    assert_t_unknown_then_current(&mut s, between);
     let log = s.log();
     assert!(
         log.find("reading tables whole")
             .zip(log.find("a captured table was dropped"))
             .is_some_and(|(read, dropped)| read < dropped),
         "the new table was not read before the old one's drop was marked, as this test needs: {log}"
-    );
-    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
-    let t = snapshot.table("public.t").unwrap();
-    let err = archive_rows(&snapshot, t, Moment::Lsn(between)).unwrap_err();
-    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
-    assert_eq!(
-        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
-        now.rows[0]
     );
 }
 
@@ -1539,18 +1547,8 @@ fn a_table_read_and_then_out_of_the_publication_and_back_before_the_next_look_is
     // A table just read whole has no previous look of its own to compare its membership
     // with: it takes the one of the look that decided the read. (Held with none, the torture
     // suite's full-disk capture, on the same publication, put a table back unseen.)
-    let dir = tempfile::tempdir().unwrap();
-    let held_back = dir.path().join("hold after the read");
-    let mut s = Scene::start_with_env(
-        "readthenout",
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, 'v' || g FROM generate_series(1, 20) g;",
-        &["--catalog-secs", "1"],
-        &[
-            ("PGTRAIL_PAUSE_AT", "sync:after_store".as_ref()),
-            ("PGTRAIL_PAUSE_WHILE", held_back.as_os_str()),
-        ],
-    );
+    let (mut s, _dir, held_back) =
+        Scene::with_t_pausing("readthenout", &["--catalog-secs", "1"], "sync:after_store");
     let publication = always_quoted(&s.db);
     wait_caught_up(s.cluster, &s.db);
     std::fs::write(&held_back, "").unwrap();
@@ -1567,17 +1565,7 @@ fn a_table_read_and_then_out_of_the_publication_and_back_before_the_next_look_is
     s.psql(&format!("ALTER PUBLICATION {publication} ADD TABLE t"));
     std::fs::remove_file(&held_back).unwrap();
     wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 3, &mut s.capture);
-    wait_caught_up(s.cluster, &s.db);
-    let now = held(s.cluster, &s.db, &table_list(&["t"]));
-    crate::terminate(&mut s.capture);
-    let snapshot = ArchiveSnapshot::open(&s.archive).unwrap();
-    let t = snapshot.table("public.t").unwrap();
-    let err = archive_rows(&snapshot, t, Moment::Lsn(while_out)).unwrap_err();
-    assert!(pgtrail_query::is_unknown_moment(&err), "{err}");
-    assert_eq!(
-        archive_rows(&snapshot, t, Moment::Lsn(now.lsn)).unwrap(),
-        now.rows[0]
-    );
+    assert_t_unknown_then_current(&mut s, while_out);
 }
 
 #[test]
