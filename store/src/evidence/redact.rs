@@ -151,40 +151,32 @@ pub fn plan(
         return Err(RedactError::NoParts);
     }
     let collected = verified(dir, log)?;
+    let asked = keys.iter().map(|key| (*key, parts.to_vec())).collect();
     let mut wanted = BTreeMap::new();
     let mut erased_already = 0;
-    let keys: Vec<ChangeKey> = keys
-        .iter()
-        .copied()
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    let places = collected.changes.find_sorted(&keys)?;
-    for (key, place) in keys.iter().zip(places) {
-        let segment = place.ok_or(RedactError::NotInTree(*key))?.segment;
+    for (key, (segment, parts)) in locate(&collected, asked)? {
         // A logical message's one part is its content (part 0): asked, it is erased; a
         // message asked for no part it has is refused rather than left as it is.
         let is_message = matches!(
             collected.segments[segment as usize].content,
             SegmentContent::Messages
         );
-        let parts: &[u8] = match is_message {
-            true if parts.contains(&0) => &[0],
-            true => return Err(RedactError::Message(*key)),
+        let parts = match is_message {
+            true if parts.contains(&0) => vec![0],
+            true => return Err(RedactError::Message(key)),
             false => parts,
         };
         // A redaction asked again (twice by mistake, or carried out again after a crash cut
         // its answer short) erases only what is left, and puts only that on the record.
-        let erased = collected.erased.get(key);
+        let erased = collected.erased.get(&key);
         let left: Vec<u8> = parts
-            .iter()
-            .copied()
+            .into_iter()
             .filter(|&p| erased.is_none_or(|e| e[p as usize].is_none()))
             .collect();
         match left.is_empty() {
             true => erased_already += 1,
             false => {
-                wanted.insert(*key, (segment, left));
+                wanted.insert(key, (segment, left));
             }
         }
     }
