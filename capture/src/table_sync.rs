@@ -443,6 +443,8 @@ impl TableWatch {
         // that moment. (The torture suite found it: a look while the stream lagged saw the
         // name back, the next found the table dropped.)
         let checked_through = reader.position()?;
+        // Reads decided on and put off until the log catches up (recorded as pending below).
+        let mut put_off = Vec::new();
         for (oid, held) in &mut self.held {
             // Rows changed without a change in the stream after the later of the table's
             // last snapshot and the previous look (which saw the old layout), or after the
@@ -510,14 +512,10 @@ impl TableWatch {
                     // Recorded now, with the membership this look found (see below): a
                     // restart before the read finds the read pending, not the table as a
                     // member all along.
-                    let scope = TableScope {
+                    put_off.push(TableScope {
                         unknown_from: Some(unknown_from),
                         ..TableScope::whole(*oid)
-                    };
-                    if !self.pending_reads.contains(&scope) {
-                        self.pending_reads.push(scope);
-                        self.pending_changed = true;
-                    }
+                    });
                     continue;
                 }
                 rewritten.push((*oid, unknown_from, match republished {
@@ -618,7 +616,13 @@ impl TableWatch {
         // Each read decided on is recorded before its copy starts: a crash before the copy is
         // stored leaves an archive that refuses the table's moments from the point, not one
         // that answers its old rows there until the next run decides again.
-        for scope in plan.copy.iter().map(|(_, s)| s).chain(&plan.dropped) {
+        for scope in plan
+            .copy
+            .iter()
+            .map(|(_, s)| s)
+            .chain(&plan.dropped)
+            .chain(&put_off)
+        {
             if scope.unknown_from.is_some() && !self.pending_reads.contains(scope) {
                 self.pending_reads.push(scope.clone());
                 self.pending_changed = true;
