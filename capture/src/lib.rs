@@ -24,6 +24,7 @@ pub mod preflight;
 pub mod run;
 mod session;
 pub mod setup;
+mod shown_names;
 pub mod slot;
 pub mod snapshot;
 pub mod source;

@@ -49,6 +49,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufReader, BufWriter}
 use crate::error::{CaptureError, within};
 use crate::liveness;
 use crate::run::CaptureConfig;
+use crate::shown_names::ShownNames;
 use crate::slot::{self, CapturedTable};
 use crate::snapshot::{self, SnapshotSink};
 use crate::source::replication::ReplicationStream;
@@ -118,12 +119,13 @@ struct Held {
     /// stream has passed the look that saw it: (that transaction, the point after that look,
     /// the point the rows may be unknown from).
     undecided: Option<(u32, Lsn, (Lsn, i64))>,
-    /// Every column name the catalog showed for the table, at its snapshot and at each look
-    /// since, and the point from which the archive's schema versions are checked against
-    /// them: a version with a name outside them had a column the catalog never showed, which
-    /// came and went between two looks (a column renamed and renamed back, with writes in
-    /// between): rows written before it cannot be told apart from rows of another column.
-    catalog_names: BTreeSet<String>,
+    /// The column names the catalog showed for the table, at its snapshot and at each look
+    /// since, with when, and the point from which the archive's schema versions are checked
+    /// against them: a version with a name the catalog did not hold around its point had a
+    /// column that came and went between two looks (a column renamed and renamed back, with
+    /// writes in between): rows written before it cannot be told apart from rows of another
+    /// column.
+    catalog_names: ShownNames,
     names_from: Lsn,
     /// A rewrite or drop a look saw before the stream had passed it, with the trigger
     /// installed, or before the log held every transaction before the point the rows may be
@@ -152,7 +154,7 @@ impl Held {
             since,
             layout: None,
             undecided: None,
-            catalog_names: BTreeSet::new(),
+            catalog_names: ShownNames::default(),
             names_from: since.0,
             deferred: None,
             read_due: false,
@@ -164,40 +166,39 @@ impl Held {
         held
     }
 
-    /// Take `layout` as the table's known one, with its names.
+    /// Take `layout` as the table's known one, with its names: one not shown already is taken
+    /// as held since the point versions are checked from (the look that found it, if any, has
+    /// noted it from an earlier point already; see [`ShownNames::look`]).
     fn accept(&mut self, layout: StorageLayout) {
-        self.catalog_names.extend(
-            layout
-                .column_names
-                .iter()
-                .filter(|n| !n.is_empty())
-                .cloned(),
-        );
+        self.catalog_names
+            .show(&layout.column_names, self.names_from);
         self.layout = Some(layout);
     }
 
     /// The point of the first of the archive's schema versions of `oid` since the checked
-    /// point that names a column the catalog never showed (see `catalog_names`), at a look
-    /// or now (`now`: none for a table gone from the catalog).
+    /// point that names a column the catalog did not hold around the version's point (see
+    /// `catalog_names`).
     fn name_never_shown(
         &self,
         reader: &LogReader,
         oid: u32,
-        now: Option<&StorageLayout>,
     ) -> Result<Option<(Lsn, i64)>, CaptureError> {
         // Names not recorded (a layout of format 2): nothing to check against yet.
         if self.catalog_names.is_empty() {
             return Ok(None);
         }
-        let shown = |name: &String| {
-            self.catalog_names.contains(name) || now.is_some_and(|l| l.column_names.contains(name))
-        };
         // The version's commit time, or (its transaction's record compacted away) the
         // table's snapshot time, which is earlier: the span refused starts no later.
         Ok(reader
             .versions_of(oid, self.names_from)?
             .into_iter()
-            .find(|(version, _)| version.columns.iter().any(|c| !shown(&c.name)))
+            .find(|(version, _)| {
+                let at = version.valid_from.commit_lsn;
+                version
+                    .columns
+                    .iter()
+                    .any(|c| !self.catalog_names.held_at(&c.name, at))
+            })
             .map(|(version, at_us)| (version.valid_from.commit_lsn, at_us.unwrap_or(self.since.1))))
     }
 }
@@ -478,7 +479,7 @@ impl TableWatch {
                 }
                 // The table's last look is behind: a version before the point with a name no
                 // look showed moves the point back to it.
-                let renamed = held.name_never_shown(&reader, *oid, None)?;
+                let renamed = held.name_never_shown(&reader, *oid)?;
                 plan.dropped.push(TableScope {
                     unknown_from: Some(renamed.map_or(from, |r| r.min(from))),
                     dropped: true,
@@ -498,9 +499,17 @@ impl TableWatch {
                     .membership
                     .is_some_and(|before| Some(before) != membership);
             held.membership = membership;
-            // First, as for a drop: a version with a name no look showed (the log holds every
-            // version before the one found, so the read from there covers all the rest).
-            if let Some(point) = held.name_never_shown(&reader, *oid, Some(&now.layout))? {
+            // The names this look shows: held since the previous look (which did not show a
+            // new one), and the others no longer after this look.
+            if !held.catalog_names.is_empty() {
+                let previous = self.last_look.map_or(held.since.0, |l| l.0);
+                held.catalog_names
+                    .look(&now.layout.column_names, previous, after);
+            }
+            // First, as for a drop: a version with a name the catalog did not hold at its
+            // point (the log holds every version before the one found, so the read from there
+            // covers all the rest).
+            if let Some(point) = held.name_never_shown(&reader, *oid)? {
                 rewritten.push((*oid, point.min(unknown_from), "a column name came and went between two looks at the catalog (a column renamed and renamed back?)"));
                 continue;
             }

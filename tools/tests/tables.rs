@@ -1077,6 +1077,32 @@ fn a_stop_right_after_a_column_name_came_and_went_reads_the_table_again_first() 
 }
 
 #[test]
+fn a_column_renamed_to_a_dropped_columns_name_and_back_reads_the_table_again() {
+    // The passing name was the table's once: a look showed `gone` before it was dropped.
+    // Names shown at some look are not enough to pass a schema version; the name must have
+    // been shown around the version's own point.
+    let mut s = Scene::start(
+        "droppedname",
+        "CREATE TABLE t (id int PRIMARY KEY, v text, gone int);
+         INSERT INTO t SELECT g, 'v' || g, g FROM generate_series(1, 20) g;",
+        &[],
+    );
+    let only_t = table_list(&["t"]);
+    s.psql("ALTER TABLE t DROP COLUMN gone; INSERT INTO nudge DEFAULT VALUES");
+    // Looks (one a second) see the column gone.
+    std::thread::sleep(Duration::from_millis(2500));
+    s.psql(
+        "BEGIN; ALTER TABLE t RENAME COLUMN v TO gone; \
+         UPDATE t SET gone = gone || '~' WHERE id % 3 = 0; \
+         ALTER TABLE t RENAME COLUMN gone TO v; COMMIT",
+    );
+    let after = held(s.cluster, &s.db, &only_t);
+    wait_snapshots(s.cluster, &s.db, &s.archive, "public.t", 2, &mut s.capture);
+    s.psql("INSERT INTO nudge DEFAULT VALUES");
+    assert_t_unknown_then_current(&mut s, after.lsn);
+}
+
+#[test]
 fn a_column_name_that_came_and_went_while_the_log_lagged_is_checked_before_a_drop_or_read() {
     // The torture suite's find: a look at the catalog, while the log lagged behind the
     // stream, saw the column back under its name before the log held the transaction that
