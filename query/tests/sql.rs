@@ -11,7 +11,7 @@ use datafusion::arrow::datatypes::Int64Type;
 use pgtrail_query::{ArchiveSnapshot, session};
 use pgtrail_store::{
     ChangeKey, ChangeLog, Column, CompactOptions, Compactor, IncomingCell, IncomingChange, LogOp,
-    Lsn, Op, RelationVersion,
+    Lsn, Op, RelationVersion, TableScope,
 };
 
 fn rel() -> RelationVersion {
@@ -924,4 +924,111 @@ async fn row_history_reads_the_key_ordered_copy_and_answers_the_same_without_it(
     let right = pgtrail_store::segment::sha256_file(&copies[0]).unwrap();
     key_index::write_index(&segments, &s.file_name, &s.sha256, &entries, Some(&right)).unwrap();
     assert_eq!(histories(&log).await, with_copies, "copies restored");
+}
+
+/// Relation `oid` named `public.name`, columns `id` (key) and `v`.
+fn rel_named(oid: u32, name: &str) -> RelationVersion {
+    RelationVersion {
+        relation_id: oid,
+        name: name.into(),
+        ..rel()
+    }
+}
+
+/// A transaction committed at `lsn` (at `lsn` seconds): `ops` between its begin and commit;
+/// `xid` 0 makes it a snapshot transaction, as the capture writes a table's read.
+fn committed(lsn: u64, xid: u32, ops: Vec<LogOp>) -> Vec<LogOp> {
+    let mut all = vec![LogOp::Begin {
+        final_lsn: Lsn(lsn),
+        xid,
+        committed_at_us: 1_000_000 * lsn as i64,
+    }];
+    all.extend(ops);
+    all.push(LogOp::Commit {
+        end_lsn: Lsn(lsn + 8),
+    });
+    all
+}
+
+/// Row 1 of relation `oid` written with `v` (a snapshot row, an insert or an update).
+fn row_one(oid: u32, op: Op, v: &str) -> LogOp {
+    LogOp::Change(IncomingChange {
+        relation_id: oid,
+        op,
+        old: None,
+        new: Some(vec![t("1"), t(v)]),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moment_is_refused_when_a_later_read_than_the_first_after_it_made_it_unknown() {
+    // t (relation 7) is read at 100 and written at 200; DDL rewrites it after 220, it is
+    // renamed away at 260, and another relation (8) is created under its name, read at 300
+    // (a new table: no span) and dropped. 7 is renamed back, and its read at 500 says its
+    // rows were unknown from 220. Both relations' latest name is t, so one history holds
+    // both; at 250 the first read after the moment is 8's, which says nothing of 7: the
+    // later read's span must still refuse the moment, not answer 7's rows from before the
+    // rewrite.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a");
+    let mut log = ChangeLog::open(&archive).unwrap();
+    let read = |oid: u32, name: &str, v: &str, unknown_from: Option<u64>| {
+        vec![
+            LogOp::Relation(rel_named(oid, name)),
+            LogOp::SnapshotOf(TableScope {
+                unknown_from: unknown_from.map(|l| (Lsn(l), 1_000_000 * l as i64)),
+                ..TableScope::whole(oid)
+            }),
+            row_one(oid, Op::Snapshot, v),
+        ]
+    };
+    let dropped = TableScope {
+        unknown_from: Some((Lsn(350), 350_000_000)),
+        dropped: true,
+        ..TableScope::whole(8)
+    };
+    for txn in [
+        committed(100, 0, read(7, "t", "read", None)),
+        committed(200, 1, vec![row_one(7, Op::Update, "written")]),
+        committed(
+            260,
+            2,
+            vec![
+                LogOp::Relation(rel_named(7, "t_old")),
+                row_one(7, Op::Update, "renamed away"),
+            ],
+        ),
+        committed(300, 0, read(8, "t", "other", None)),
+        committed(400, 0, vec![LogOp::SnapshotOf(dropped)]),
+        committed(
+            450,
+            3,
+            vec![
+                LogOp::Relation(rel_named(7, "t")),
+                row_one(7, Op::Update, "renamed back"),
+            ],
+        ),
+        committed(500, 0, read(7, "t", "read again", Some(220))),
+    ] {
+        log.apply(txn).unwrap();
+    }
+    let snapshot =
+        Arc::new(ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap());
+    let ctx = session(snapshot).unwrap();
+    let as_of = |lsn: u64| {
+        let ctx = ctx.clone();
+        async move {
+            let sql = format!("SELECT v FROM as_of_lsn('public.t', '{}')", Lsn(lsn));
+            let frame = ctx.sql(&sql).await?;
+            frame.collect().await
+        }
+    };
+    assert_eq!(column_text(&as_of(210).await.unwrap(), 0), ["written"]);
+    let err = as_of(250).await.unwrap_err();
+    assert!(pgtrail_query::is_unknown_moment(&err), "at 250: {err}");
+    assert!(
+        err.to_string().contains("0/DC"),
+        "names the span's start: {err}"
+    );
+    assert_eq!(column_text(&as_of(550).await.unwrap(), 0), ["read again"]);
 }
