@@ -145,9 +145,7 @@ pub(super) fn complete_change(
     change: IncomingChange,
 ) -> Result<ChangeRecord, LogError> {
     let key_pos = rel.key_positions();
-    // The index is needed where old images are partial (REPLICA IDENTITY DEFAULT or USING
-    // INDEX), not under FULL, whose old tuple carries the whole row.
-    let indexed = rel.replica_identity != b'f' && !key_pos.is_empty();
+    let indexed = indexed(rel.replica_identity, &key_pos);
     let width = rel.columns.len();
     let key_of = |row: &Row| (!key_pos.is_empty()).then(|| row_key(row, &key_pos));
     let key_from_incoming = |cells: &[IncomingCell]| -> Vec<Option<String>> {
@@ -167,9 +165,6 @@ pub(super) fn complete_change(
             // Inserts and snapshot rows never carry `u`.
             let row = fill_row(change.new.unwrap_or_default(), None, width);
             key = key_of(&row);
-            if indexed && let Some(k) = &key {
-                set_current(t, rel.relation_id, tx, k, Some(&row))?;
-            }
             after = Some(row);
         }
         Op::Update => {
@@ -196,13 +191,6 @@ pub(super) fn complete_change(
             };
             let a = fill_row(new, Some(&b), width);
             key = key_of(&a);
-            if indexed {
-                let new_key = row_key(&a, &key_pos);
-                if new_key != lookup_key {
-                    set_current(t, rel.relation_id, tx, &lookup_key, None)?;
-                }
-                set_current(t, rel.relation_id, tx, &new_key, Some(&a))?;
-            }
             before = Some(b);
             after = Some(a);
         }
@@ -226,19 +214,11 @@ pub(super) fn complete_change(
                 None => vec![Cell::Unknown; width],
             };
             key = key_of(&b);
-            if indexed {
-                set_current(t, rel.relation_id, tx, &lookup_key, None)?;
-            }
             before = Some(b);
         }
-        Op::Truncate => {
-            if indexed {
-                forget_current_rows(t, rel.relation_id, tx)?;
-            }
-        }
-        Op::Message => {}
+        Op::Truncate | Op::Message => {}
     }
-    Ok(ChangeRecord {
+    let record = ChangeRecord {
         xid: tx.xid,
         committed_at_us: tx.committed_at_us,
         relation_id: rel.relation_id,
@@ -250,7 +230,62 @@ pub(super) fn complete_change(
         // Kept once per run in `contexts` (see `LogOp::Context`), not in every record.
         context: None,
         message: None,
-    })
+    };
+    if indexed {
+        for write in index_writes(&record, &key_pos).into_iter().flatten() {
+            match write {
+                IndexWrite::Row(key, row) => set_current(t, rel.relation_id, tx, &key, row)?,
+                IndexWrite::Forget => forget_current_rows(t, rel.relation_id, tx)?,
+            }
+        }
+    }
+    Ok(record)
+}
+
+/// Whether the log keeps the current-row index for a relation of this replica identity and
+/// key: where old images are partial (REPLICA IDENTITY DEFAULT or USING INDEX), not under FULL,
+/// whose old tuple carries the whole row, nor without a key to find a row by.
+fn indexed(replica_identity: u8, key_pos: &[usize]) -> bool {
+    replica_identity != b'f' && !key_pos.is_empty()
+}
+
+/// One write to the current-row index.
+pub(super) enum IndexWrite<'r> {
+    /// The row under this key is now this one, or (`None`) gone.
+    Row(std::borrow::Cow<'r, [Option<String>]>, Option<&'r Row>),
+    /// Every row of the relation is gone.
+    Forget,
+}
+
+/// What a stored change does to the current-row index of its relation (`key_pos`: its schema
+/// version's key columns), in order: the one rule the live path ([`complete_change`]) and
+/// recovery's redo from the stored records ([`replay_index`]) both follow, so that what
+/// recovery rebuilds is what the live path would have written. An insert or snapshot row
+/// sets its row; an update removes the row under its before image's key when its key changed,
+/// then sets its after image; a delete removes the row under its before image's key, unless no
+/// key value is known (an old image entirely unknown names no row); a truncate forgets the
+/// relation's rows.
+pub(super) fn index_writes<'r>(
+    record: &'r ChangeRecord,
+    key_pos: &[usize],
+) -> [Option<IndexWrite<'r>>; 2] {
+    use std::borrow::Cow;
+    let key = record.key.as_deref().map(Cow::Borrowed);
+    match (record.op, &record.before, &record.after, key) {
+        (Op::Insert | Op::Snapshot, _, Some(after), Some(key)) => {
+            [Some(IndexWrite::Row(key, Some(after))), None]
+        }
+        (Op::Update, Some(before), Some(after), Some(key)) => {
+            let old = row_key(before, key_pos);
+            let moved = (old.as_slice() != &*key).then(|| IndexWrite::Row(Cow::Owned(old), None));
+            [moved, Some(IndexWrite::Row(key, Some(after)))]
+        }
+        (Op::Delete, Some(_), _, Some(key)) if key.iter().any(Option::is_some) => {
+            [Some(IndexWrite::Row(key, None)), None]
+        }
+        (Op::Truncate, ..) => [Some(IndexWrite::Forget), None],
+        _ => [None, None],
+    }
 }
 
 /// Remove every current row of a relation from the index (a TRUNCATE, or a snapshot of the
@@ -493,46 +528,26 @@ pub(super) fn replay_index(
                     })?;
                 let rel: RelationVersion = decode(stored.value(), "relations")?;
                 let key_pos = rel.key_positions();
-                e.insert((rel.replica_identity != b'f' && !key_pos.is_empty()).then_some(key_pos))
+                e.insert(indexed(rel.replica_identity, &key_pos).then_some(key_pos))
             }
         };
         let Some(key_pos) = key_pos.as_deref() else {
             continue;
         };
         let relation_id = record.relation_id;
-        let mut put = |key: &[Option<String>], row: Option<&Row>| -> Result<(), LogError> {
-            let key = encode_plain(&key);
-            match row {
-                Some(row) => {
-                    current.insert((relation_id, key.as_slice()), encode(row).as_slice())?
+        for write in index_writes(&record, key_pos).into_iter().flatten() {
+            match write {
+                IndexWrite::Row(key, row) => {
+                    let key = encode_plain(&key);
+                    match row {
+                        Some(row) => {
+                            current.insert((relation_id, key.as_slice()), encode(row).as_slice())?
+                        }
+                        None => current.remove((relation_id, key.as_slice()))?,
+                    };
                 }
-                None => current.remove((relation_id, key.as_slice()))?,
-            };
-            Ok(())
-        };
-        // As `complete_change` set them: the key it looked the row up by is the before
-        // image's, and the key it stored under is the after image's.
-        match (record.op, &record.before, &record.after) {
-            (Op::Insert | Op::Snapshot, _, Some(after)) => {
-                put(&row_key(after, key_pos), Some(after))?
+                IndexWrite::Forget => remove_stored_rows(current, relation_id)?,
             }
-            (Op::Update, Some(before), Some(after)) => {
-                let (old, new) = (row_key(before, key_pos), row_key(after, key_pos));
-                if old != new {
-                    put(&old, None)?;
-                }
-                put(&new, Some(after))?;
-            }
-            // A delete with no old key (an image entirely unknown) removed nothing.
-            (Op::Delete, Some(before), _)
-                if !key_pos
-                    .iter()
-                    .all(|&i| matches!(before.get(i), None | Some(Cell::Unknown))) =>
-            {
-                put(&row_key(before, key_pos), None)?;
-            }
-            (Op::Truncate, _, _) => remove_stored_rows(current, relation_id)?,
-            _ => {}
         }
         redone += 1;
     }
