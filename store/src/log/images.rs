@@ -277,7 +277,7 @@ pub(super) fn index_writes<'r>(
         }
         (Op::Update, Some(before), Some(after), Some(key)) => {
             let old = row_key(before, key_pos);
-            let moved = (old.as_slice() != &*key).then(|| IndexWrite::Row(Cow::Owned(old), None));
+            let moved = (old.as_slice() != &*key).then_some(IndexWrite::Row(Cow::Owned(old), None));
             [moved, Some(IndexWrite::Row(key, Some(after)))]
         }
         (Op::Delete, Some(_), _, Some(key)) if key.iter().any(Option::is_some) => {
