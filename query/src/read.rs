@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::datatypes::{TimestampMicrosecondType, UInt32Type, UInt64Type};
 use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
@@ -401,34 +400,12 @@ pub fn for_each_key_and_time(
     path: &std::path::Path,
     seg: &SegmentEntry,
     bounds: Bounds,
-    mut f: impl FnMut(ChangeKey, i64),
+    f: impl FnMut(ChangeKey, i64),
 ) -> Result<()> {
-    let columns = ["lsn", "seq", "committed_at"].map(|c| vec![c.to_string()]);
-    for batch in open_segment_projected(path, &seg.sha256, 8192, bounds, Some(&columns))? {
-        let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-        let lsn = batch
-            .column_by_name("lsn")
-            .and_then(|c| c.as_primitive_opt::<UInt64Type>());
-        let seq = batch
-            .column_by_name("seq")
-            .and_then(|c| c.as_primitive_opt::<UInt32Type>());
-        let time = batch
-            .column_by_name("committed_at")
-            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
-        let (Some(lsn), Some(seq), Some(time)) = (lsn, seq, time) else {
-            return Err(DataFusionError::Execution(format!(
-                "segment {} has no u64 lsn, u32 seq or timestamp committed_at column; the archive is inconsistent (run `pgtrail verify`)",
-                path.display()
-            )));
-        };
-        for row in 0..batch.num_rows() {
-            f(
-                ChangeKey::new(pgtrail_store::Lsn(lsn.value(row)), seq.value(row)),
-                time.value(row),
-            );
-        }
-    }
-    Ok(())
+    let columns = SegmentReader::key_and_time_columns();
+    open_segment_projected(path, &seg.sha256, 8192, bounds, Some(&columns))?
+        .for_each_key_and_time(f)
+        .map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
 /// The rows of `seg`'s row groups that `bounds` keeps which are inside the bounds, numbered

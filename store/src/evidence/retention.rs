@@ -12,9 +12,6 @@
 use std::path::Path;
 use std::time::Duration;
 
-use datafusion::arrow::array::AsArray;
-use datafusion::arrow::datatypes::{TimestampMicrosecondType, UInt64Type};
-
 use super::redact::{PurgeCounts, PurgeMode};
 use crate::Compactor;
 use crate::error::{CompactError, SegmentError};
@@ -157,8 +154,8 @@ fn position(manifest: &SegmentManifest, dir: &Path, at_us: i64) -> Result<Lsn, S
             first = first.min(seg.min_key.commit_lsn);
             continue;
         }
-        let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
-        let reader = SegmentReader::open_selected(
+        let columns = SegmentReader::key_and_time_columns();
+        SegmentReader::open_selected(
             &dir.join(&seg.file_name),
             Some(&seg.sha256),
             8192,
@@ -166,28 +163,12 @@ fn position(manifest: &SegmentManifest, dir: &Path, at_us: i64) -> Result<Lsn, S
             (at_us, i64::MAX),
             Some(&columns),
             None,
-        )?;
-        for batch in reader {
-            let batch = batch?;
-            let lsn = batch
-                .column_by_name("lsn")
-                .and_then(|c| c.as_primitive_opt::<UInt64Type>());
-            let at = batch
-                .column_by_name("committed_at")
-                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
-            let (Some(lsn), Some(at)) = (lsn, at) else {
-                return Err(SegmentError::Corrupt {
-                    path: dir.join(&seg.file_name),
-                    reason: "no u64 lsn or timestamp committed_at column (run `pgtrail verify`)"
-                        .into(),
-                });
-            };
-            for row in 0..batch.num_rows() {
-                if at.value(row) >= at_us {
-                    first = first.min(Lsn(lsn.value(row)));
-                }
+        )?
+        .for_each_key_and_time(|key, at| {
+            if at >= at_us {
+                first = first.min(key.commit_lsn);
             }
-        }
+        })?;
     }
     Ok(first)
 }

@@ -394,6 +394,51 @@ impl SegmentReader {
     }
 }
 
+impl SegmentReader {
+    /// The columns [`for_each_key_and_time`](Self::for_each_key_and_time) reads: a reader
+    /// opened with them (`columns` of [`open_selected`](Self::open_selected)) decodes nothing
+    /// else.
+    pub fn key_and_time_columns() -> [Vec<String>; 3] {
+        ["lsn", "seq", "committed_at"].map(|c| vec![c.to_string()])
+    }
+
+    /// Call `f` with the key and commit time (µs) of every change this reader yields, in file
+    /// order.
+    pub fn for_each_key_and_time(
+        self,
+        mut f: impl FnMut(ChangeKey, i64),
+    ) -> Result<(), SegmentError> {
+        let path = self.path.clone();
+        for batch in self {
+            let batch = batch?;
+            let lsn = batch
+                .column_by_name("lsn")
+                .and_then(|c| c.as_primitive_opt::<UInt64Type>());
+            let seq = batch
+                .column_by_name("seq")
+                .and_then(|c| c.as_primitive_opt::<UInt32Type>());
+            let time = batch
+                .column_by_name("committed_at")
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
+            let (Some(lsn), Some(seq), Some(time)) = (lsn, seq, time) else {
+                return Err(SegmentError::Corrupt {
+                    path,
+                    reason: "no u64 lsn, u32 seq or timestamp committed_at column; the archive \
+                             is inconsistent (run `pgtrail verify`)"
+                        .into(),
+                });
+            };
+            for row in 0..batch.num_rows() {
+                f(
+                    ChangeKey::new(Lsn(lsn.value(row)), seq.value(row)),
+                    time.value(row),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Iterator for SegmentReader {
     type Item = Result<RecordBatch, SegmentError>;
 
