@@ -11,8 +11,8 @@ use datafusion::common::ScalarValue;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::logical_expr::{BinaryExpr, Expr, Operator};
 use pgtrail_store::segment::{
-    RowGroupRange, SegmentContent, SegmentReader, read_records, records_to_batch, row_group_ranges,
-    sha256_file,
+    RowGroupRange, RowSpan, SegmentContent, SegmentReader, read_records, records_to_batch,
+    row_group_ranges, row_group_spans, sha256_file,
 };
 use pgtrail_store::{ChangeKey, ChangeRecord, RelationVersion, SegmentEntry};
 
@@ -356,6 +356,17 @@ pub fn segment_row_groups(path: &std::path::Path, sha256: &str) -> Result<Vec<Ro
     row_group_ranges(path).map_err(|e| DataFusionError::External(Box::new(e)))
 }
 
+/// The spans of row group `row_group` of a segment (see [`row_group_spans`]), from a file
+/// checked against its manifest SHA-256, for the same reason as [`segment_row_groups`].
+pub fn segment_row_spans(
+    path: &std::path::Path,
+    sha256: &str,
+    row_group: usize,
+) -> Result<Vec<RowSpan>> {
+    verify_once(path, sha256)?;
+    row_group_spans(path, row_group).map_err(|e| DataFusionError::External(Box::new(e)))
+}
+
 /// Check the file at `path` against `sha256`, unless this process already did.
 fn verify_once(path: &std::path::Path, sha256: &str) -> Result<()> {
     let known = verified()
@@ -381,16 +392,18 @@ fn verify_once(path: &std::path::Path, sha256: &str) -> Result<()> {
     Ok(())
 }
 
-/// [`open_segment_projected`] of row group `row_group` alone.
-pub fn open_segment_row_group(
+/// [`open_segment_projected`] of the rows at `rows` of row group `row_group` alone (numbered
+/// within the row group, as [`segment_row_spans`] numbers them).
+pub fn open_segment_row_span(
     path: &std::path::Path,
     sha256: &str,
     batch_rows: usize,
     row_group: usize,
+    rows: std::ops::Range<usize>,
     columns: Option<&[Vec<String>]>,
 ) -> Result<SegmentReader> {
     open_verified(path, sha256, || {
-        SegmentReader::open_row_group(path, None, batch_rows, row_group, columns)
+        SegmentReader::open_row_group_rows(path, None, batch_rows, row_group, rows, columns)
     })
 }
 

@@ -49,7 +49,9 @@ use pgtrail_store::RelationVersion;
 use pgtrail_store::segment::RowGroupRange;
 
 use crate::merge::{adapt_column, adapt_image_column};
-use crate::read::{Bounds, open_segment_projected, open_segment_row_group, segment_row_groups};
+use crate::read::{
+    Bounds, open_segment_projected, open_segment_row_span, segment_row_groups, segment_row_spans,
+};
 
 /// One output column of a history scan.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -613,7 +615,10 @@ impl HistoryScanExec {
     /// A segment's row groups in `self.order`, each read only if the filters above may accept
     /// a row of it: once a `ORDER BY committed_at DESC ... LIMIT n` holds n rows, its dynamic
     /// filter rules out every older row group, and the scan stops reading (an ascending order
-    /// reads oldest first and rules out the newer ones).
+    /// reads oldest first and rules out the newer ones). A row group is read a span of pages
+    /// at a time in the same order, each span checked the same way by its pages' statistics:
+    /// the newest few matches of a filter cost a span or two (20,000 rows each), not a whole
+    /// row group (128 Ki rows) decoded for them.
     fn execute_ordered(
         &self,
         segment: SegmentSource,
@@ -622,47 +627,70 @@ impl HistoryScanExec {
     ) -> Result<SendableRecordBatchStream> {
         let mut builder = RecordBatchReceiverStreamBuilder::new(ExecutionPlan::schema(self), 2);
         let tx = builder.tx();
-        let skipped = MetricBuilder::new(&self.metrics).counter("row_groups_skipped", partition);
-        let read = MetricBuilder::new(&self.metrics).counter("row_groups_read", partition);
+        let counter = |name| MetricBuilder::new(&self.metrics).counter(name, partition);
+        let (skipped, read) = (counter("row_groups_skipped"), counter("row_groups_read"));
+        let (spans_skipped, spans_read) = (counter("spans_skipped"), counter("spans_read"));
         // The metrics set is shared by the clone.
         let scan = self.clone();
         builder.spawn_blocking(move || {
             let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
-            let ranges = segment_row_groups(&segment.path, &segment.sha256)?;
-            let in_order: Box<dyn Iterator<Item = (usize, &RowGroupRange)>> = match scan.order {
-                ReadOrder::NewestFirst => Box::new(ranges.iter().enumerate().rev()),
-                ReadOrder::OldestFirst => Box::new(ranges.iter().enumerate()),
-            };
-            for (i, range) in in_order {
+            let excluded = |range: &RowGroupRange| -> Result<bool> {
                 let outside = range
                     .lsn
                     .is_some_and(|(lo, hi)| hi < bounds.lsn.0 || lo > bounds.lsn.1)
                     || range
                         .committed_at
                         .is_some_and(|(lo, hi)| hi < bounds.time.0 || lo > bounds.time.1);
-                if outside || !scan.may_match(range)? {
+                Ok(outside || !scan.may_match(range)?)
+            };
+            let ranges = segment_row_groups(&segment.path, &segment.sha256)?;
+            for i in scan.order.arrange(0..ranges.len()) {
+                if excluded(&ranges[i])? {
                     skipped.add(1);
                     continue;
                 }
                 read.add(1);
-                for batch in
-                    open_segment_row_group(&segment.path, &segment.sha256, 8192, i, Some(&paths))?
-                {
-                    if left == 0 {
-                        return Ok(());
+                let spans = segment_row_spans(&segment.path, &segment.sha256, i)?;
+                for span in scan.order.arrange(spans.into_iter()) {
+                    // Checked again at each span: the filter tightens as the sort above
+                    // takes in the rows of the spans before.
+                    if excluded(&span.range)? {
+                        spans_skipped.add(1);
+                        continue;
                     }
-                    let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    if let Some(out) = scan.output(&batch, Some(&segment.version), &mut left)
-                        && tx.blocking_send(out).is_err()
-                    {
-                        return Ok(());
+                    spans_read.add(1);
+                    let (path, sha256) = (&segment.path, &segment.sha256);
+                    let rows = span.rows;
+                    for batch in open_segment_row_span(path, sha256, 8192, i, rows, Some(&paths))? {
+                        if left == 0 {
+                            return Ok(());
+                        }
+                        let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+                        if let Some(out) = scan.output(&batch, Some(&segment.version), &mut left)
+                            && tx.blocking_send(out).is_err()
+                        {
+                            return Ok(());
+                        }
                     }
                 }
             }
             Ok(())
         });
         Ok(builder.build())
+    }
+}
+
+impl ReadOrder {
+    /// `items` (in file order) in this order.
+    fn arrange<T>(
+        self,
+        items: impl DoubleEndedIterator<Item = T> + 'static,
+    ) -> Box<dyn Iterator<Item = T>> {
+        match self {
+            ReadOrder::NewestFirst => Box::new(items.rev()),
+            ReadOrder::OldestFirst => Box::new(items),
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::Int64Type;
+use datafusion::arrow::datatypes::{Int64Type, TimestampMicrosecondType, UInt64Type};
 use pgtrail_query::{ArchiveSnapshot, session};
 use pgtrail_store::{
     ChangeKey, ChangeLog, Column, CompactOptions, Compactor, IncomingCell, IncomingChange, LogOp,
@@ -1031,4 +1031,147 @@ async fn a_moment_is_refused_when_a_later_read_than_the_first_after_it_made_it_u
         "names the span's start: {err}"
     );
     assert_eq!(column_text(&as_of(550).await.unwrap(), 0), ["read again"]);
+}
+
+/// One transaction of `rows` inserts into relation 7 from id `first` (commit LSN 1000·n, at n
+/// seconds), `v` of each row from `note`.
+fn bulk_txn(n: u64, first: u64, rows: u64, note: impl Fn(u64) -> String) -> Vec<LogOp> {
+    let mut ops = vec![LogOp::Begin {
+        final_lsn: Lsn(1000 * n),
+        xid: n as u32,
+        committed_at_us: 1_000_000 * n as i64,
+    }];
+    if n == 1 {
+        ops.push(LogOp::Relation(rel()));
+    }
+    ops.extend((first..first + rows).map(|id| {
+        LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Insert,
+            old: None,
+            new: Some(vec![t(&id.to_string()), t(&note(id))]),
+        })
+    }));
+    ops.push(LogOp::Commit {
+        end_lsn: Lsn(1000 * n + 8),
+    });
+    ops
+}
+
+/// The newest (and oldest) few matches of a filter read a row group a span of pages at a
+/// time, each span checked against the sort's filter: one row group of 120,000 changes (six
+/// spans of its `lsn` pages) whose newest 25,000 rows hold no match, so the newest span gives
+/// nothing and the answer comes from the spans before it. The answers are the matches'
+/// head, newest and oldest first, and the spans ruled out are counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_newest_matches_read_a_row_group_a_span_of_pages_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("a");
+    let mut log = ChangeLog::open(&archive).unwrap();
+    let (txns, per_txn) = (12u64, 10_000u64);
+    let last_match = per_txn * txns - 25_000;
+    let matches = |id: u64| id % 1000 == 7 && id <= last_match;
+    let note = |id: u64| {
+        if matches(id) {
+            format!("refund {id}")
+        } else {
+            format!("note {id}")
+        }
+    };
+    for n in 1..=txns {
+        log.apply(bulk_txn(n, 1 + (n - 1) * per_txn, per_txn, note))
+            .unwrap();
+    }
+    log.flush_index().unwrap();
+    Compactor::new(log.shared(), &archive, CompactOptions::default())
+        .run()
+        .unwrap();
+    let snapshot = ArchiveSnapshot::from_reader(&archive, &log.reader().unwrap()).unwrap();
+    let segments = &snapshot.table("public.\"Odd Name\"").unwrap().segments;
+    assert_eq!(segments.len(), 1, "one segment: {segments:?}");
+    let path = snapshot.segment_path(&segments[0]);
+    let groups = pgtrail_store::segment::row_group_ranges(&path).unwrap();
+    assert_eq!(groups.len(), 1, "one row group: {groups:?}");
+    let spans = pgtrail_store::segment::row_group_spans(&path, 0).unwrap();
+    assert!(spans.len() >= 5, "the row group's lsn pages: {spans:?}");
+    // The spans tile the row group, and each one's ranges hold its rows' values.
+    let mut next = 0;
+    for span in &spans {
+        assert_eq!(span.rows.start, next, "{spans:?}");
+        next = span.rows.end;
+        let columns = [vec!["lsn".to_string()], vec!["committed_at".to_string()]];
+        let reader = pgtrail_store::segment::SegmentReader::open_row_group_rows(
+            &path,
+            None,
+            4096,
+            0,
+            span.rows.clone(),
+            Some(&columns),
+        )
+        .unwrap();
+        let (lsn, time) = (span.range.lsn.unwrap(), span.range.committed_at.unwrap());
+        let mut rows = 0;
+        for batch in reader {
+            let batch = batch.unwrap();
+            rows += batch.num_rows();
+            let lsns = batch.column(0).as_primitive::<UInt64Type>();
+            let times = batch.column(1).as_primitive::<TimestampMicrosecondType>();
+            for r in 0..batch.num_rows() {
+                assert!((lsn.0..=lsn.1).contains(&lsns.value(r)), "{span:?}");
+                assert!((time.0..=time.1).contains(&times.value(r)), "{span:?}");
+            }
+        }
+        assert_eq!(rows, span.rows.len(), "{span:?}");
+    }
+    assert_eq!(next, groups[0].rows);
+
+    let every: Vec<i64> = (1..=per_txn * txns)
+        .filter(|&id| matches(id))
+        .map(|id| id as i64)
+        .collect();
+    let newest = "SELECT after.id FROM public.\"Odd Name\" WHERE after.v LIKE '%refund%' \
+                  ORDER BY committed_at DESC, lsn DESC, seq DESC LIMIT 3";
+    let ids = |batches: &[RecordBatch]| -> Vec<i64> {
+        column_text(batches, 0)
+            .iter()
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    let found = ids(&query(&archive, &log, newest).await);
+    let expected: Vec<i64> = every.iter().rev().take(3).copied().collect();
+    assert_eq!(found, expected, "{newest}");
+    let oldest = "SELECT after.id FROM public.\"Odd Name\" WHERE after.v LIKE '%refund%' \
+                  ORDER BY lsn, seq LIMIT 4";
+    let found = ids(&query(&archive, &log, oldest).await);
+    assert_eq!(found, every[..4].to_vec(), "{oldest}");
+
+    // The spans the scan read and ruled out, from the plan's metrics: the newest span (no
+    // match) and the one with the answer are read; the four older ones are ruled out once
+    // the sort holds its three rows (all of them unless the sort fell behind the reading).
+    let plan = column_text(
+        &query(&archive, &log, &format!("EXPLAIN ANALYZE {newest}")).await,
+        1,
+    );
+    let metric = |name: &str| -> usize {
+        plan.iter()
+            .filter_map(|line| line.split(&format!("{name}=")).nth(1))
+            .map(|rest| {
+                rest.chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect::<String>()
+                    .parse::<usize>()
+                    .unwrap()
+            })
+            .sum()
+    };
+    let (read, skipped) = (metric("spans_read"), metric("spans_skipped"));
+    assert_eq!(
+        read + skipped,
+        spans.len(),
+        "every span read or ruled out: {plan:?}"
+    );
+    assert!(
+        read >= 2 && skipped >= 1,
+        "read {read}, ruled out {skipped}: {plan:?}"
+    );
 }

@@ -48,8 +48,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, T
 use crate::relation::RelationVersion;
 
 pub use reader::{
-    RowGroupRange, RowKeys, SegmentReader, erase_message_contents, message_content_erased,
-    read_records, read_row_keys, row_group_ranges, sha256_file,
+    RowGroupRange, RowKeys, RowSpan, SegmentReader, erase_message_contents, message_content_erased,
+    read_records, read_row_keys, row_group_ranges, row_group_spans, sha256_file,
 };
 pub use types::{
     DoesNotFit, PgKind, ValueBuilder, civil_from_days, days_from_civil, format_utc_micros,

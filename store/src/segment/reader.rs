@@ -15,7 +15,8 @@ use datafusion::parquet::arrow::arrow_reader::{
     ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
     RowSelector,
 };
-use datafusion::parquet::file::metadata::PageIndexPolicy;
+use datafusion::parquet::file::metadata::{PageIndexPolicy, RowGroupMetaData};
+use datafusion::parquet::file::page_index::column_index::ColumnIndexMetaData;
 use datafusion::parquet::file::statistics::Statistics;
 use sha2::{Digest, Sha256};
 
@@ -195,11 +196,7 @@ impl SegmentReader {
         } = bounds;
         // With a row selection, the page locations let the reader skip the pages that hold
         // none of the rows unread (without them it decompresses every page to skip rows).
-        let options = ArrowReaderOptions::new().with_offset_index_policy(if rows.is_some() {
-            PageIndexPolicy::Optional
-        } else {
-            PageIndexPolicy::Skip
-        });
+        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip);
         let parquet_error = |source| SegmentError::Parquet {
             path: path.to_path_buf(),
             source,
@@ -207,7 +204,7 @@ impl SegmentReader {
         let builder = if rows.is_some() {
             // A read of a few rows (one key's, from its key-ordered copy) is asked again and
             // again of the same file; its footer with every page's location is parsed once.
-            let metadata = footer_cache::load(path, &file, options).map_err(parquet_error)?;
+            let metadata = footer_cache::load(path, &file).map_err(parquet_error)?;
             ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata)
         } else {
             ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
@@ -340,20 +337,24 @@ impl SegmentReader {
         })
     }
 
-    /// Like [`open_selected`](Self::open_selected) with no bounds, reading row group
-    /// `row_group` alone (numbered as [`row_group_ranges`] lists them).
-    pub fn open_row_group(
+    /// Like [`open_selected`](Self::open_selected) with no bounds, reading only the rows at
+    /// `rows` of row group `row_group` (numbered as [`row_group_ranges`] lists them; rows
+    /// numbered within it, as [`row_group_spans`] numbers them): other rows' pages are
+    /// skipped unread.
+    pub fn open_row_group_rows(
         path: &Path,
         expected_sha256: Option<&str>,
         batch_rows: usize,
         row_group: usize,
+        rows: std::ops::Range<usize>,
         columns: Option<&[Vec<String>]>,
     ) -> Result<SegmentReader, SegmentError> {
+        let rows: Vec<usize> = rows.collect();
         let bounds = ReadBounds {
             lsn: (0, u64::MAX),
             committed_at: (i64::MIN, i64::MAX),
             columns,
-            rows: None,
+            rows: Some(&rows),
             row_group: Some(row_group),
         };
         Self::open_bounded(path, expected_sha256, batch_rows, bounds)
@@ -1051,20 +1052,119 @@ pub fn row_group_ranges(path: &Path) -> Result<Vec<RowGroupRange>, SegmentError>
             .metadata()
             .row_groups()
             .iter()
-            .map(|rg| {
-                let range = |i: usize| match rg.columns().get(i).and_then(|c| c.statistics()) {
-                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
-                    _ => None,
+            .map(group_range)
+            .collect())
+    })
+}
+
+/// A run of one row group's rows (numbered within the row group), with the ranges of `lsn`
+/// and `committed_at` that its pages' statistics give (`rows` of `range` is the run's length).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowSpan {
+    pub rows: std::ops::Range<usize>,
+    pub range: RowGroupRange,
+}
+
+/// Row group `row_group` of the segment file at `path` cut where its `lsn` column's pages
+/// begin (up to 20,000 rows each; a row group holds up to 128 Ki), in file order, each span
+/// with its `lsn` page's range and the `committed_at` range of the pages that overlap it: a
+/// reader after the newest few matches reads the last spans and stops, instead of decoding a
+/// whole row group. A file without a usable page index (written before segments had one, or
+/// with an index that does not describe the row group's rows) gives one span, the row group,
+/// with its statistics; so does a row group that is not there (none at all). The file is not
+/// checked against its SHA-256 here; reading its rows does that.
+pub fn row_group_spans(path: &Path, row_group: usize) -> Result<Vec<RowSpan>, SegmentError> {
+    let file = File::open(path).map_err(|source| SegmentError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    contained(path, "reading the segment's page index", || {
+        let metadata = footer_cache::load(path, &file).map_err(|source| SegmentError::Parquet {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let metadata = metadata.metadata();
+        let Some(group) = metadata.row_groups().get(row_group) else {
+            return Ok(Vec::new());
+        };
+        let whole = group_range(group);
+        let rows = whole.rows;
+        let pages = |column: usize| -> Option<Vec<(usize, (i64, i64))>> {
+            let ColumnIndexMetaData::INT64(index) =
+                metadata.column_index()?.get(row_group)?.get(column)?
+            else {
+                return None;
+            };
+            let locations = metadata
+                .offset_index()?
+                .get(row_group)?
+                .get(column)?
+                .page_locations();
+            if locations.len() as u64 != index.num_pages() {
+                return None;
+            }
+            let pages: Vec<_> = locations
+                .iter()
+                .enumerate()
+                .map(|(p, at)| {
+                    let first = usize::try_from(at.first_row_index).ok()?;
+                    Some((first, (*index.min_value(p)?, *index.max_value(p)?)))
+                })
+                .collect::<Option<_>>()?;
+            // Pages start at row 0, each after the one before, all inside the row group.
+            let ordered = pages.first().is_some_and(|p| p.0 == 0)
+                && pages.windows(2).all(|w| w[0].0 < w[1].0)
+                && pages.last().is_some_and(|p| p.0 < rows);
+            ordered.then_some(pages)
+        };
+        let Some(lsn_pages) = pages(0) else {
+            return Ok(vec![RowSpan {
+                rows: 0..rows,
+                range: whole,
+            }]);
+        };
+        let time_pages = pages(3);
+        let end_of =
+            |pages: &[(usize, (i64, i64))], p: usize| pages.get(p + 1).map_or(rows, |next| next.0);
+        Ok((0..lsn_pages.len())
+            .map(|p| {
+                let span = lsn_pages[p].0..end_of(&lsn_pages, p);
+                let (lo, hi) = lsn_pages[p].1;
+                // The commit times of the pages overlapping the span; without their index,
+                // the row group's (wider, never wrong).
+                let committed_at = match &time_pages {
+                    Some(time) => (0..time.len())
+                        .filter(|&q| time[q].0 < span.end && span.start < end_of(time, q))
+                        .map(|q| time[q].1)
+                        .reduce(|a, b| (a.0.min(b.0), a.1.max(b.1))),
+                    None => whole.committed_at,
                 };
-                RowGroupRange {
-                    rows: rg.num_rows().max(0) as usize,
-                    // UInt64 is stored as INT64 with the same bits.
-                    lsn: range(0).map(|(lo, hi)| (lo as u64, hi as u64)),
-                    committed_at: range(3),
+                RowSpan {
+                    range: RowGroupRange {
+                        rows: span.len(),
+                        // UInt64 is stored as INT64 with the same bits.
+                        lsn: Some((lo as u64, hi as u64)),
+                        committed_at,
+                    },
+                    rows: span,
                 }
             })
             .collect())
     })
+}
+
+/// A row group's row count and its `lsn` and `committed_at` ranges, from its statistics.
+fn group_range(rg: &RowGroupMetaData) -> RowGroupRange {
+    let range = |i: usize| match rg.columns().get(i).and_then(|c| c.statistics()) {
+        Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
+        _ => None,
+    };
+    RowGroupRange {
+        rows: rg.num_rows().max(0) as usize,
+        // UInt64 is stored as INT64 with the same bits.
+        lsn: range(0).map(|(lo, hi)| (lo as u64, hi as u64)),
+        committed_at: range(3),
+    }
 }
 
 /// Parsed footers, their pages' locations included, of the files read a few rows at a time.
@@ -1080,9 +1180,16 @@ mod footer_cache {
 
     use datafusion::parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
     use datafusion::parquet::errors::ParquetError;
+    use datafusion::parquet::file::metadata::PageIndexPolicy;
 
     /// At most this much parsed metadata is kept; the oldest entries go first.
     const MAX_BYTES: usize = 64 << 20;
+
+    /// What every footer kept is read with: the pages' locations, and the pages' statistics
+    /// where the file has them (segments, on `lsn` and `committed_at`).
+    fn options() -> ArrowReaderOptions {
+        ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Optional)
+    }
 
     /// Which file, and which bytes: its path, device, inode, length and modification time
     /// (ns). Archive files are never changed in place (each is written under a temporary name
@@ -1104,20 +1211,16 @@ mod footer_cache {
         CACHE.get_or_init(Mutex::default)
     }
 
-    /// The footer of `file` (opened at `path`) with `options`: the one parsed before for the
-    /// same bytes, or parsed now and kept. A file whose identity cannot be read is parsed and
-    /// not kept.
-    pub(super) fn load(
-        path: &Path,
-        file: &File,
-        options: ArrowReaderOptions,
-    ) -> Result<ArrowReaderMetadata, ParquetError> {
+    /// The footer of `file` (opened at `path`) with its page index: the one parsed before for
+    /// the same bytes, or parsed now and kept. A file whose identity cannot be read is parsed
+    /// and not kept.
+    pub(super) fn load(path: &Path, file: &File) -> Result<ArrowReaderMetadata, ParquetError> {
         let id = file.metadata().ok().map(|m| {
             let id = (m.dev(), m.ino(), m.len(), m.mtime(), m.mtime_nsec());
             (path.to_path_buf(), id.0, id.1, id.2, id.3, id.4)
         });
         let Some(id) = id else {
-            return ArrowReaderMetadata::load(file, options);
+            return ArrowReaderMetadata::load(file, options());
         };
         if let Some((metadata, _)) = cache()
             .lock()
@@ -1126,7 +1229,7 @@ mod footer_cache {
         {
             return Ok(metadata);
         }
-        let metadata = ArrowReaderMetadata::load(file, options)?;
+        let metadata = ArrowReaderMetadata::load(file, options())?;
         let size = metadata.metadata().memory_size();
         if let (true, Ok(mut cache)) = (size <= MAX_BYTES, cache().lock()) {
             while cache.bytes + size > MAX_BYTES {
