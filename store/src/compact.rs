@@ -1727,7 +1727,7 @@ mod tests {
             in_segment.columns(),
             "the copy is in another order"
         );
-        // 300 entries in one pass, in five, in one per 64 (the least a pass takes).
+        // 300 entries in one pass, in several, in one per 64 (the least a pass takes).
         for budget in [usize::MAX, 2_000, 1] {
             let again = write_key_copy(&segments, &seg.file_name, &seg.sha256, &entries, 3, budget)
                 .unwrap();
@@ -1745,6 +1745,65 @@ mod tests {
         );
         assert_eq!(sha256_file(&copy_path).unwrap(), copy_sha);
         assert!(!stray.exists());
+    }
+
+    /// A key-ordered copy's passes are sized by what a row takes decoded, not by Parquet's
+    /// bytes, which undercount the rows of one large transaction (their LSN, transaction and
+    /// time are runs of one value): the copy of a 10M-row transaction's segment, sized by
+    /// Parquet's bytes, held 1.3 GB in passes meant for 256 MiB.
+    #[test]
+    fn a_key_copy_pass_counts_a_row_as_it_is_decoded() {
+        use crate::segment::key_copy::pass_bytes_per_row;
+        use datafusion::parquet::file::reader::{FileReader, SerializedFileReader};
+        let (_dir, archive, mut log, options) = archive_retiring_at_once();
+        let compactor = Compactor::new(log.shared(), &archive, options);
+        let mut ops = vec![
+            LogOp::Begin {
+                final_lsn: Lsn(100),
+                xid: 1,
+                committed_at_us: 1_000_000,
+            },
+            LogOp::Relation(rel()),
+        ];
+        ops.extend((1..=30_000).map(|id: u32| {
+            LogOp::Change(IncomingChange {
+                relation_id: 7,
+                op: Op::Insert,
+                old: None,
+                new: Some(vec![t(&id.to_string()), t("payload"), t("1.00")]),
+            })
+        }));
+        ops.push(LogOp::Commit { end_lsn: Lsn(108) });
+        log.apply(ops).unwrap();
+        log.flush_index().unwrap();
+        compactor.run().unwrap();
+        let manifest = log.reader().unwrap().manifest().unwrap();
+        let seg = &manifest.segments[0];
+        let path = archive.join(SEGMENTS_DIR).join(&seg.file_name);
+        let parquet_bytes = {
+            let file = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+            let meta = file.metadata();
+            let raw: i64 = meta.row_groups().iter().map(|g| g.total_byte_size()).sum();
+            raw as usize / meta.file_metadata().num_rows() as usize
+        };
+        let (mut decoded, mut rows) = (0, 0);
+        for batch in SegmentReader::open(&path, Some(&seg.sha256), 8192).unwrap() {
+            let batch = batch.unwrap();
+            decoded += batch.get_array_memory_size();
+            rows += batch.num_rows();
+        }
+        assert_eq!(rows, 30_000);
+        let decoded = decoded / rows;
+        assert!(
+            parquet_bytes * 2 < decoded,
+            "the case this is about: Parquet's bytes ({parquet_bytes} a row, twice as the \
+             estimate was) undercount the decoded row ({decoded})"
+        );
+        let estimate = pass_bytes_per_row(&path, parquet_bytes).unwrap();
+        assert!(
+            estimate * 10 >= decoded * 9,
+            "a pass's estimate of a row ({estimate}) is what it takes decoded ({decoded})"
+        );
     }
 
     /// Compaction beside a capture whose current-row index is partly in memory leaves the

@@ -35,7 +35,6 @@
 //! published atomically: a crash leaves a `.tmp` file (removed by the next run) or a copy the
 //! index does not name yet (written again by the next run). It is removed with its segment.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::BufWriter;
 use std::os::unix::fs::OpenOptionsExt;
@@ -102,7 +101,7 @@ pub fn write_key_copy(
         let path = path.to_path_buf();
         move |source| SegmentError::Parquet { path, source }
     };
-    let (schema, description, bytes_per_row) = {
+    let (schema, description, parquet_bytes_per_row) = {
         let file = File::open(&segment_path).map_err(io(&segment_path))?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(parquet(&segment_path))?;
@@ -122,14 +121,13 @@ pub fn write_key_copy(
                 path: segment_path.clone(),
                 reason: format!("no {SEGMENT_METADATA_KEY} metadata: not a pgtrail segment"),
             })?;
-        // Arrow arrays take about twice Parquet's uncompressed bytes (offsets, validity,
-        // the struct layers); the estimate only sets how many passes are made.
         (
             builder.schema().clone(),
             description,
-            (raw.max(0) as usize / rows).max(1) * 2,
+            (raw.max(0) as usize / rows).max(1),
         )
     };
+    let bytes_per_row = pass_bytes_per_row(&segment_path, parquet_bytes_per_row)?;
     let zstd = ZstdLevel::try_new(zstd_level).map_err(parquet(&tmp_path))?;
     let order = serde_json::json!({
         "format_version": KEY_COPY_FORMAT_VERSION,
@@ -169,9 +167,9 @@ pub fn write_key_copy(
             ParallelWriter::try_new(sink, schema.clone(), props).map_err(parquet(&tmp_path))?;
         let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
         for slice in entries.chunks(per_pass) {
-            for batch in gather(&segment_path, segment_sha256, slice)? {
-                writer.write(&batch).map_err(parquet(&tmp_path))?;
-            }
+            gather(&segment_path, segment_sha256, slice, |batch| {
+                writer.write(&batch).map_err(parquet(&tmp_path))
+            })?;
         }
         let sink = writer.into_inner().map_err(parquet(&tmp_path))?;
         let HashingFile { out, hasher, .. } = sink;
@@ -191,13 +189,38 @@ pub fn write_key_copy(
     result
 }
 
-/// The segment rows of `slice` (entries of the key index, in order) as batches in that order:
-/// one read of the segment selecting those rows, then an interleave into the entries' order.
+/// The memory a pass holds per row it gathers: the row decoded (the decoded size of the
+/// segment's first batch, per row, and at least twice its Parquet bytes per row), and its
+/// number in the pass's sorted list of rows.
+///
+/// Parquet's uncompressed bytes alone were the estimate before, and they undercount rows
+/// whose columns encode to almost nothing (the LSN, transaction and time of a large
+/// transaction's rows are runs of one value): the copy of a 7.2M-row segment of one
+/// 10M-row transaction, estimated at 88 bytes a row, held 1.3 GB in passes meant for 256 MiB.
+pub(crate) fn pass_bytes_per_row(
+    segment_path: &Path,
+    parquet_bytes_per_row: usize,
+) -> Result<usize, SegmentError> {
+    let sampled = match SegmentReader::open(segment_path, None, OUT_BATCH_ROWS)?.next() {
+        Some(batch) => {
+            let batch = batch?;
+            batch.get_array_memory_size() / batch.num_rows().max(1)
+        }
+        None => 0,
+    };
+    Ok(sampled.max(parquet_bytes_per_row * 2) + std::mem::size_of::<usize>())
+}
+
+/// Call `emit` with the segment rows of `slice` (entries of the key index, in order) as
+/// batches in that order: one read of the segment selecting those rows, then interleaves into
+/// the entries' order, each handed on as it is made (only the rows read are held, not a
+/// second copy of them in the new order).
 fn gather(
     segment_path: &Path,
     segment_sha256: &str,
     slice: &[(u32, u32)],
-) -> Result<Vec<RecordBatch>, SegmentError> {
+    mut emit: impl FnMut(RecordBatch) -> Result<(), SegmentError>,
+) -> Result<(), SegmentError> {
     // A row is in the slice once per key hash it has there (twice when its key changed).
     let mut rows: Vec<usize> = slice.iter().map(|&(_, row)| row as usize).collect();
     rows.sort_unstable();
@@ -213,21 +236,24 @@ fn gather(
         None,
         Some(&rows),
     )?;
+    // The rows come in `rows`' order: the one at rank r of `rows` is in the batch whose
+    // first rank is the last one at or before r.
     let mut batches = Vec::new();
-    let mut at: HashMap<u32, (usize, usize)> = HashMap::with_capacity(rows.len());
-    let mut next = rows.iter();
+    let mut first_ranks = Vec::new();
+    let mut read = 0;
     for batch in reader {
         let batch = batch?;
-        for i in 0..batch.num_rows() {
-            let row = next.next().ok_or_else(|| SegmentError::Corrupt {
-                path: segment_path.to_path_buf(),
-                reason: "it yields more rows than were selected".into(),
-            })?;
-            at.insert(*row as u32, (batches.len(), i));
-        }
+        first_ranks.push(read);
+        read += batch.num_rows();
         batches.push(batch);
     }
-    if at.len() != rows.len() {
+    if read > rows.len() {
+        return Err(SegmentError::Corrupt {
+            path: segment_path.to_path_buf(),
+            reason: "it yields more rows than were selected".into(),
+        });
+    }
+    if read < rows.len() {
         return Err(SegmentError::Corrupt {
             path: segment_path.to_path_buf(),
             reason: format!(
@@ -237,15 +263,22 @@ fn gather(
         });
     }
     let refs: Vec<&RecordBatch> = batches.iter().collect();
-    let mut out = Vec::with_capacity(slice.len().div_ceil(OUT_BATCH_ROWS));
     for chunk in slice.chunks(OUT_BATCH_ROWS) {
-        let indices: Vec<(usize, usize)> = chunk.iter().map(|(_, row)| at[row]).collect();
-        out.push(
+        let indices: Vec<(usize, usize)> = chunk
+            .iter()
+            .map(|&(_, row)| {
+                // Every row of the slice is in `rows`, which holds exactly the rows read.
+                let rank = rows.partition_point(|&r| r < row as usize);
+                let batch = first_ranks.partition_point(|&first| first <= rank) - 1;
+                (batch, rank - first_ranks[batch])
+            })
+            .collect();
+        emit(
             interleave_record_batch(&refs, &indices).map_err(|e| SegmentError::Corrupt {
                 path: segment_path.to_path_buf(),
                 reason: format!("its rows cannot be put in key order: {e}"),
             })?,
-        );
+        )?;
     }
-    Ok(out)
+    Ok(())
 }
