@@ -1727,8 +1727,10 @@ mod tests {
             in_segment.columns(),
             "the copy is in another order"
         );
-        // 300 entries in one pass, in several, in one per 64 (the least a pass takes).
-        for budget in [usize::MAX, 2_000, 1] {
+        // 300 entries in one pass, in passes of about 100 (a budget of 100 rows as a pass
+        // counts them), in one per 64 (the least a pass takes).
+        let row = crate::segment::key_copy::pass_bytes_per_row(&path, 1).unwrap();
+        for budget in [usize::MAX, row * 100, 1] {
             let again = write_key_copy(&segments, &seg.file_name, &seg.sha256, &entries, 3, budget)
                 .unwrap();
             assert_eq!(again, copy_sha, "budget {budget}");
