@@ -49,7 +49,7 @@ use datafusion::parquet::file::properties::{EnabledStatistics, WriterProperties}
 use sha2::{Digest, Sha256};
 
 use super::SEGMENT_METADATA_KEY;
-use super::reader::SegmentReader;
+use super::reader::{SegmentReader, check_sha256};
 use super::writer::HashingFile;
 use crate::atomic_file::{fsync_dir, remove_if_exists};
 use crate::error::SegmentError;
@@ -127,6 +127,9 @@ pub fn write_key_copy(
             (raw.max(0) as usize / rows).max(1),
         )
     };
+    // Checked once here rather than trusted (the copy is believed by readers that check only
+    // the copy); the passes then read the same immutable file without hashing it again.
+    check_sha256(&segment_path, segment_sha256)?;
     let bytes_per_row = pass_bytes_per_row(&segment_path, parquet_bytes_per_row)?;
     let zstd = ZstdLevel::try_new(zstd_level).map_err(parquet(&tmp_path))?;
     let order = serde_json::json!({
@@ -167,7 +170,7 @@ pub fn write_key_copy(
             ParallelWriter::try_new(sink, schema.clone(), props).map_err(parquet(&tmp_path))?;
         let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
         for slice in entries.chunks(per_pass) {
-            gather(&segment_path, segment_sha256, slice, |batch| {
+            gather(&segment_path, slice, |batch| {
                 writer.write(&batch).map_err(parquet(&tmp_path))
             })?;
         }
@@ -217,7 +220,6 @@ pub(crate) fn pass_bytes_per_row(
 /// second copy of them in the new order).
 fn gather(
     segment_path: &Path,
-    segment_sha256: &str,
     slice: &[(u32, u32)],
     mut emit: impl FnMut(RecordBatch) -> Result<(), SegmentError>,
 ) -> Result<(), SegmentError> {
@@ -227,9 +229,8 @@ fn gather(
     rows.dedup();
     let reader = SegmentReader::open_selected(
         segment_path,
-        // Checked here rather than trusted: the copy is believed by readers that check only
-        // the copy.
-        Some(segment_sha256),
+        // Checked by the caller, before the first pass.
+        None,
         OUT_BATCH_ROWS,
         (0, u64::MAX),
         (i64::MIN, i64::MAX),
@@ -240,13 +241,23 @@ fn gather(
     // first rank is the last one at or before r.
     let mut batches = Vec::new();
     let mut first_ranks = Vec::new();
-    let mut read = 0;
+    let (mut read, mut decoded_bytes) = (0, 0);
     for batch in reader {
         let batch = batch?;
         first_ranks.push(read);
         read += batch.num_rows();
+        decoded_bytes += batch.get_array_memory_size();
         batches.push(batch);
     }
+    // What the pass holds, against its estimate (`PGTRAIL_LOG=debug`): the README's figure of
+    // a pass's memory comes from here.
+    tracing::debug!(
+        segment = %segment_path.display(),
+        rows = read,
+        entries = slice.len(),
+        decoded_bytes,
+        "key-ordered copy: a pass read its rows"
+    );
     if read > rows.len() {
         return Err(SegmentError::Corrupt {
             path: segment_path.to_path_buf(),

@@ -27,6 +27,19 @@ use crate::change::{Cell, ChangeRecord, LogicalMessage, Op, Row};
 use crate::error::SegmentError;
 use crate::lsn::{ChangeKey, Lsn};
 
+/// Check the file at `path` against `expected` (hex SHA-256).
+pub(crate) fn check_sha256(path: &Path, expected: &str) -> Result<(), SegmentError> {
+    let found = sha256_file(path)?;
+    if found != expected {
+        return Err(SegmentError::Checksum {
+            path: path.to_path_buf(),
+            expected: expected.into(),
+            found,
+        });
+    }
+    Ok(())
+}
+
 /// The SHA-256 (hex) of a file, read in a streaming fashion.
 pub fn sha256_file(path: &Path) -> Result<String, SegmentError> {
     let io = |source| SegmentError::Io {
@@ -368,14 +381,7 @@ impl SegmentReader {
         bounds: ReadBounds<'_>,
     ) -> Result<SegmentReader, SegmentError> {
         if let Some(expected) = expected_sha256 {
-            let found = sha256_file(path)?;
-            if found != expected {
-                return Err(SegmentError::Checksum {
-                    path: path.to_path_buf(),
-                    expected: expected.into(),
-                    found,
-                });
-            }
+            check_sha256(path, expected)?;
         }
         let file = File::open(path).map_err(|source| SegmentError::Io {
             path: path.to_path_buf(),
