@@ -604,6 +604,83 @@ fn run_postgres(
     })
 }
 
+/// The longest a round waits for the machine to go quiet before it starts anyway (a quick
+/// run's rounds take a second or less, so it waits less).
+const SETTLE_LIMIT_SECS: f64 = 60.0;
+const SETTLE_LIMIT_QUICK_SECS: f64 = 5.0;
+
+/// Below this share of the machine's CPU time busy, it counts as quiet.
+const QUIET_BUSY_SHARE: f64 = 0.10;
+
+/// Brings the machine to rest before a contestant's round: PostgreSQL writes its dirty
+/// buffers (`CHECKPOINT`), the kernel writes its dirty pages (`sync`), then the round waits
+/// until the CPUs are quiet. Without it, two runs measured pgtrail's as_of at 0.73-0.93 s
+/// right after PostgreSQL's round and 0.46-0.47 s right after DuckDB's: PostgreSQL's round
+/// ends with a diff cancelled after spilling its sort to temporary files and an export that
+/// writes a file, and whatever of that is still under way when the next round starts is
+/// charged to the next contestant. The time spent here is untimed and printed.
+fn settle(cluster: &Cluster, db: &str, next: &str, quick: bool) -> anyhow::Result<()> {
+    let limit = if quick {
+        SETTLE_LIMIT_QUICK_SECS
+    } else {
+        SETTLE_LIMIT_SECS
+    };
+    let started = Instant::now();
+    cluster.psql(db, "CHECKPOINT")?;
+    let status = std::process::Command::new("sync")
+        .status()
+        .context("running sync")?;
+    if !status.success() {
+        bail!("sync failed ({status})");
+    }
+    let synced = started.elapsed().as_secs_f64();
+    let mut busy = cpu_busy_share(std::time::Duration::from_millis(500))?;
+    while busy > QUIET_BUSY_SHARE && started.elapsed().as_secs_f64() < limit {
+        busy = cpu_busy_share(std::time::Duration::from_millis(500))?;
+    }
+    eprintln!(
+        "queries: before {next}: checkpoint and sync {synced:.1} s, quiet after {:.1} s \
+         ({:.0} % busy{})",
+        started.elapsed().as_secs_f64(),
+        busy * 100.0,
+        if busy > QUIET_BUSY_SHARE {
+            ", not quiet: starting anyway"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// The share of all CPUs' time spent busy (not idle, not waiting for I/O) over `window`,
+/// from `/proc/stat`'s first line.
+fn cpu_busy_share(window: std::time::Duration) -> anyhow::Result<f64> {
+    fn read() -> anyhow::Result<(u64, u64)> {
+        let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("/proc/stat has no cpu line")?
+            .split_whitespace()
+            .map(|v| v.parse::<u64>())
+            .collect::<Result<_, _>>()
+            .context("/proc/stat's cpu line")?;
+        // user nice system idle iowait irq softirq steal ...: idle and iowait are not busy.
+        let total: u64 = fields.iter().sum();
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        Ok((total, idle))
+    }
+    let (total0, idle0) = read()?;
+    std::thread::sleep(window);
+    let (total1, idle1) = read()?;
+    let total = total1.saturating_sub(total0);
+    if total == 0 {
+        return Ok(0.0);
+    }
+    Ok(1.0 - idle1.saturating_sub(idle0) as f64 / total as f64)
+}
+
 /// Keyframes on this dataset, as a compaction writes them by default (after the evidence's
 /// measurements, whose verify they would add to): the time to write them, and their size
 /// against the segments' (suite `keyframes`).
@@ -816,11 +893,13 @@ pub fn queries_suite(
         moments.t2
     );
     // One untimed round first (caches warm for everyone; pgtrail checks each segment's
-    // SHA-256 on first read), then the timed repetitions, contestants rotating.
+    // SHA-256 on first read), then the timed repetitions, contestants rotating. Every round
+    // starts on a settled machine, so no contestant pays for what the one before left behind.
     let mut answers: BTreeMap<&str, Vec<(&str, f64)>> = BTreeMap::new();
     for rep in 0..=args.reps.max(1) {
         for i in 0..CONTESTANTS.len() {
             let contestant = CONTESTANTS[(i + rep) % CONTESTANTS.len()];
+            settle(cluster, &db, contestant, args.quick)?;
             let timings = match contestant {
                 "pgtrail" => run_pgtrail(rt, &archive, &moments, dir.path())?,
                 "duckdb" => run_duckdb(&segments, &moments, dir.path())?,
