@@ -914,8 +914,9 @@ async fn row_history_reads_the_key_ordered_copy_and_answers_the_same_without_it(
     let path = segments.join(&s.file_name);
     let entries = key_index::entries(&path, &s.sha256).unwrap();
     let reversed: Vec<(u32, u32)> = entries.iter().rev().copied().collect();
-    let wrong =
-        write_key_copy(&segments, &s.file_name, &s.sha256, &reversed, 3, usize::MAX).unwrap();
+    let wrong = write_key_copy(&segments, &s.file_name, &s.sha256, &reversed, 3, usize::MAX)
+        .unwrap()
+        .sha256;
     key_index::write_index(&segments, &s.file_name, &s.sha256, &entries, Some(&wrong)).unwrap();
     assert_ne!(histories(&log).await, with_copies, "a copy out of order");
     for (c, bytes) in copies.iter().zip(&saved) {

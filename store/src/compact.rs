@@ -349,7 +349,7 @@ impl Compactor {
                 &seg.file_name,
                 &seg.sha256,
                 &entries,
-                Some(&copy),
+                Some(&copy.sha256),
             )?;
             indexed.insert(seg.file_name.clone());
             report.key_copies_written += 1;
@@ -1733,7 +1733,25 @@ mod tests {
         for budget in [usize::MAX, row * 100, 1] {
             let again = write_key_copy(&segments, &seg.file_name, &seg.sha256, &entries, 3, budget)
                 .unwrap();
-            assert_eq!(again, copy_sha, "budget {budget}");
+            assert_eq!(again.sha256, copy_sha, "budget {budget}");
+            assert_eq!(
+                again.passes.iter().map(|p| p.entries).sum::<usize>(),
+                entries.len(),
+                "the passes cover the entries once (budget {budget})"
+            );
+            // A pass after the first is sized by the most a row took in the passes before
+            // it (measured), unless that leaves less than the least a pass takes.
+            let mut measured = 0;
+            for (i, pass) in again.passes.iter().enumerate() {
+                if i > 0 && pass.entries > 64 {
+                    assert!(
+                        pass.entries * measured <= budget,
+                        "pass {i} of budget {budget}: {} entries at {measured} bytes",
+                        pass.entries
+                    );
+                }
+                measured = measured.max(pass.decoded_bytes / pass.rows.max(1));
+            }
         }
         // A copy removed is written again by the next compactor; an orphan copy is removed.
         std::fs::remove_file(&copy_path).unwrap();

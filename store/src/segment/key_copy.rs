@@ -75,13 +75,30 @@ pub fn key_copy_name(segment_file: &str) -> String {
     format!("{segment_file}{KEY_COPY_SUFFIX}")
 }
 
+/// A key-ordered copy as written: its SHA-256 (hex) and what each of its passes held.
+#[derive(Debug, Clone)]
+pub struct KeyCopyWritten {
+    pub sha256: String,
+    pub passes: Vec<KeyCopyPass>,
+}
+
+/// One pass of a key-ordered copy: the entries it was sized for, the distinct rows it read,
+/// and the bytes those rows took decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCopyPass {
+    pub entries: usize,
+    pub rows: usize,
+    pub decoded_bytes: usize,
+}
+
 /// Write the key-ordered copy of the segment `segment_file` in `dir` (its manifest SHA-256
-/// `segment_sha256`), given its key index's `entries` (`(key hash, row)`, sorted), holding at
-/// most about `memory_budget` bytes of rows at a time; the copy's SHA-256 (hex).
+/// `segment_sha256`), given its key index's `entries` (`(key hash, row)`, sorted), holding
+/// about `memory_budget` bytes of rows at a time.
 ///
-/// The rows are gathered in passes over the segment, one per slice of the entries that fits
-/// the budget (the segment's uncompressed size per row is the estimate), so a segment far
-/// larger than memory is copied in several passes rather than refused.
+/// The rows are gathered in passes over the segment, each a slice of the entries sized to the
+/// budget, so a segment far larger than memory is copied in several passes rather than
+/// refused. The first pass is sized by an estimate of a row (see [`pass_bytes_per_row`]), each
+/// later one by the largest a row has been measured to take in the passes so far.
 pub fn write_key_copy(
     dir: &Path,
     segment_file: &str,
@@ -89,7 +106,7 @@ pub fn write_key_copy(
     entries: &[(u32, u32)],
     zstd_level: i32,
     memory_budget: usize,
-) -> Result<String, SegmentError> {
+) -> Result<KeyCopyWritten, SegmentError> {
     let segment_path = dir.join(segment_file);
     let final_path = dir.join(key_copy_name(segment_file));
     let tmp_path = dir.join(format!(".{}.tmp", key_copy_name(segment_file)));
@@ -130,7 +147,7 @@ pub fn write_key_copy(
     // Checked once here rather than trusted (the copy is believed by readers that check only
     // the copy); the passes then read the same immutable file without hashing it again.
     check_sha256(&segment_path, segment_sha256)?;
-    let bytes_per_row = pass_bytes_per_row(&segment_path, parquet_bytes_per_row)?;
+    let mut bytes_per_row = pass_bytes_per_row(&segment_path, parquet_bytes_per_row)?;
     let zstd = ZstdLevel::try_new(zstd_level).map_err(parquet(&tmp_path))?;
     let order = serde_json::json!({
         "format_version": KEY_COPY_FORMAT_VERSION,
@@ -168,11 +185,23 @@ pub fn write_key_copy(
         // Encoding and compressing the copy was most of its writing time, on one thread.
         let mut writer =
             ParallelWriter::try_new(sink, schema.clone(), props).map_err(parquet(&tmp_path))?;
-        let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
-        for slice in entries.chunks(per_pass) {
-            gather(&segment_path, slice, |batch| {
+        let mut passes = Vec::new();
+        let mut start = 0;
+        while start < entries.len() {
+            let per_pass = (memory_budget / bytes_per_row).max(MIN_PASS_ROWS);
+            let slice = &entries[start..entries.len().min(start.saturating_add(per_pass))];
+            let pass = gather(&segment_path, slice, |batch| {
                 writer.write(&batch).map_err(parquet(&tmp_path))
             })?;
+            // Rows read through a selection can sit in larger buffers than the first batch
+            // the estimate sampled (a pass of the 10M-row transaction's segment, sized at
+            // 256 MiB, held 314 MiB): the passes after it are sized by what was measured.
+            if pass.rows > 0 {
+                bytes_per_row = bytes_per_row
+                    .max(pass.decoded_bytes / pass.rows + std::mem::size_of::<usize>());
+            }
+            passes.push(pass);
+            start += slice.len();
         }
         let sink = writer.into_inner().map_err(parquet(&tmp_path))?;
         let HashingFile { out, hasher, .. } = sink;
@@ -184,7 +213,10 @@ pub fn write_key_copy(
         drop(file);
         std::fs::rename(&tmp_path, &final_path).map_err(io(&final_path))?;
         fsync_dir(dir)?;
-        Ok(super::hex(&hasher.finalize()))
+        Ok(KeyCopyWritten {
+            sha256: super::hex(&hasher.finalize()),
+            passes,
+        })
     })();
     if result.is_err() {
         remove_if_exists(&tmp_path);
@@ -217,12 +249,12 @@ pub(crate) fn pass_bytes_per_row(
 /// Call `emit` with the segment rows of `slice` (entries of the key index, in order) as
 /// batches in that order: one read of the segment selecting those rows, then interleaves into
 /// the entries' order, each handed on as it is made (only the rows read are held, not a
-/// second copy of them in the new order).
+/// second copy of them in the new order); what the pass held.
 fn gather(
     segment_path: &Path,
     slice: &[(u32, u32)],
     mut emit: impl FnMut(RecordBatch) -> Result<(), SegmentError>,
-) -> Result<(), SegmentError> {
+) -> Result<KeyCopyPass, SegmentError> {
     // A row is in the slice once per key hash it has there (twice when its key changed).
     let mut rows: Vec<usize> = slice.iter().map(|&(_, row)| row as usize).collect();
     rows.sort_unstable();
@@ -291,5 +323,9 @@ fn gather(
             })?,
         )?;
     }
-    Ok(())
+    Ok(KeyCopyPass {
+        entries: slice.len(),
+        rows: read,
+        decoded_bytes,
+    })
 }
