@@ -196,9 +196,8 @@ pub fn write_key_copy(
             // Rows read through a selection can sit in larger buffers than the first batch
             // the estimate sampled (a pass of the 10M-row transaction's segment, sized at
             // 256 MiB, held 314 MiB): the passes after it are sized by what was measured.
-            if pass.rows > 0 {
-                bytes_per_row = bytes_per_row
-                    .max(pass.decoded_bytes / pass.rows + std::mem::size_of::<usize>());
+            if let Some(measured) = pass.decoded_bytes.checked_div(pass.rows) {
+                bytes_per_row = bytes_per_row.max(measured + std::mem::size_of::<usize>());
             }
             passes.push(pass);
             start += slice.len();
