@@ -68,7 +68,7 @@ const ROW_GROUP_ROWS: usize = 128 * 1024;
 /// Rows interleaved into the copy at a time.
 const OUT_BATCH_ROWS: usize = 8192;
 /// The fewest entries a pass gathers, however large the rows are estimated.
-const MIN_PASS_ROWS: usize = 64;
+pub(crate) const MIN_PASS_ROWS: usize = 64;
 
 /// The key-ordered copy file of segment file `segment_file`.
 pub fn key_copy_name(segment_file: &str) -> String {
