@@ -754,7 +754,10 @@ pub async fn storage_layouts(
     // older transaction; none for a table with storage of its
     // own (an aggregate without GROUP BY gives every table its row). The parent's missing
     // values are its columns that have one in a leaf (the parent itself keeps none: `ADD
-    // COLUMN … DEFAULT` on it sets them there).
+    // COLUMN … DEFAULT` on it sets them there). `pg_partition_tree` reads the newest catalog,
+    // so it can list a leaf created after the statement's snapshot, whose `pg_class` row
+    // (file, xmin) the snapshot cannot see: only the leaves the snapshot holds are taken, the
+    // others are seen by the next look (reading their NULL file panicked capture once).
     let [missing, column_versions, table_version, names] = LAYOUT_COLUMNS_SQL;
     let rows = sql
         .query(
@@ -771,7 +774,8 @@ pub async fn storage_layouts(
                       COALESCE(array_agg((SELECT l.relfilenode FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{{}}') AS files, \
                       COALESCE(array_agg(t.relid::oid ORDER BY t.relid) FILTER (WHERE pg_relation_size(t.relid) = 0), '{{}}') AS empty, \
                       COALESCE(array_agg((SELECT l.xmin::text::bigint FROM pg_class l WHERE l.oid = t.relid) ORDER BY t.relid), '{{}}') AS versions \
-               FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf) leaves \
+               FROM pg_partition_tree(c.oid) t WHERE c.relkind = 'p' AND t.isleaf \
+                 AND EXISTS (SELECT 1 FROM pg_class l WHERE l.oid = t.relid)) leaves \
              WHERE c.oid = ANY($1)"),
             &[&oids],
         )
