@@ -77,7 +77,7 @@ impl TableProvider for HistoryTable {
 
     async fn scan(
         &self,
-        _state: &dyn Session,
+        state: &dyn Session,
         projection: Option<&Vec<usize>>,
         filters: &[Expr],
         limit: Option<usize>,
@@ -116,6 +116,7 @@ impl TableProvider for HistoryTable {
             bounds,
             tail,
             limit,
+            readers: state.config().target_partitions(),
         };
         Ok(Arc::new(HistoryScanExec::new(Arc::new(source), schema)))
     }
