@@ -47,7 +47,7 @@ use datafusion::physical_plan::{
     SortOrderPushdownResult,
 };
 use pgtrail_store::RelationVersion;
-use pgtrail_store::segment::RowGroupRange;
+use pgtrail_store::segment::{RowGroupRange, SegmentReader};
 
 use crate::merge::{adapt_column, adapt_image_column};
 use crate::read::{
@@ -501,22 +501,10 @@ impl ExecutionPlan for HistoryScanExec {
             let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
             for segment in segments {
-                for batch in open_segment_projected(
-                    &segment.path,
-                    &segment.sha256,
-                    8192,
-                    bounds,
-                    Some(&paths),
-                )? {
-                    if left == 0 {
-                        return Ok(());
-                    }
-                    let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                    if let Some(out) = scan.output(&batch, Some(&segment.version), &mut left)
-                        && tx.blocking_send(out).is_err()
-                    {
-                        return Ok(());
-                    }
+                let (path, sha256) = (&segment.path, &segment.sha256);
+                let reader = open_segment_projected(path, sha256, 8192, bounds, Some(&paths))?;
+                if !scan.send_rows(reader, &segment.version, &mut left, &tx)? {
+                    break;
                 }
             }
             Ok(())
@@ -540,6 +528,30 @@ impl HistoryScanExec {
             .into_iter()
             .map(|i| self.source.segments[i].clone())
             .collect()
+    }
+
+    /// Send what leaves the scan of `reader`'s batches (read under `version`) to `tx`, at most
+    /// `left` rows (counted down). `false` when the scan is done: `left` reached 0, or the
+    /// plan above stopped listening.
+    fn send_rows(
+        &self,
+        reader: SegmentReader,
+        version: &RelationVersion,
+        left: &mut usize,
+        tx: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
+    ) -> Result<bool> {
+        for batch in reader {
+            if *left == 0 {
+                return Ok(false);
+            }
+            let batch = batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
+            if let Some(out) = self.output(&batch, Some(version), left)
+                && tx.blocking_send(out).is_err()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(*left > 0)
     }
 
     /// The Parquet paths of the columns read; with no column at all (`count(*)`), the
@@ -677,21 +689,10 @@ impl HistoryScanExec {
                             continue;
                         }
                         spans_read.add(1);
-                        let rows = span.rows;
-                        for batch in
-                            open_segment_row_span(path, sha256, 8192, i, rows, Some(&paths))?
-                        {
-                            if left == 0 {
-                                return Ok(());
-                            }
-                            let batch =
-                                batch.map_err(|e| DataFusionError::External(Box::new(e)))?;
-                            if let Some(out) =
-                                scan.output(&batch, Some(&segment.version), &mut left)
-                                && tx.blocking_send(out).is_err()
-                            {
-                                return Ok(());
-                            }
+                        let reader =
+                            open_segment_row_span(path, sha256, 8192, i, span.rows, Some(&paths))?;
+                        if !scan.send_rows(reader, &segment.version, &mut left, &tx)? {
+                            return Ok(());
                         }
                     }
                 }
@@ -712,16 +713,18 @@ struct Predicates<'a> {
     scan: &'a HistoryScanExec,
     /// Per filter: the generation it was built at, and the predicate (`None`: the filter
     /// cannot rule anything out by these statistics).
-    built: Vec<Option<(u64, Option<Arc<PruningPredicate>>)>>,
+    built: Vec<(u64, Option<Arc<PruningPredicate>>)>,
 }
 
 impl<'a> Predicates<'a> {
     fn new(scan: &'a HistoryScanExec) -> Predicates<'a> {
-        let count = scan.prune_by.len() + scan.filters.len();
-        Predicates {
-            scan,
-            built: (0..count).map(|_| None).collect(),
-        }
+        let built = scan
+            .prune_by
+            .iter()
+            .chain(&scan.filters)
+            .map(|filter| build_predicate(scan, filter))
+            .collect();
+        Predicates { scan, built }
     }
 
     /// Whether row group (or span) `range` may hold a row every filter accepts.
@@ -738,15 +741,10 @@ impl<'a> Predicates<'a> {
             .chain(&scan.filters)
             .zip(&mut self.built)
         {
-            // Read before the build: a filter moving during it is caught at the next ask.
-            let generation = snapshot_generation(filter);
-            if built.as_ref().is_none_or(|(at, _)| *at != generation) {
-                let predicate = PruningPredicateBuilder::new()
-                    .with_file_schema(scan.schema.clone())
-                    .build(filter.clone());
-                *built = Some((generation, predicate));
+            if built.0 != snapshot_generation(filter) {
+                *built = build_predicate(scan, filter);
             }
-            if let Some((_, Some(predicate))) = built
+            if let Some(predicate) = &built.1
                 && predicate.prune(&stats)?.first() == Some(&false)
             {
                 return Ok(false);
@@ -754,6 +752,19 @@ impl<'a> Predicates<'a> {
         }
         Ok(true)
     }
+}
+
+/// `filter`'s pruning predicate over `scan`'s columns, with the generation it was built at
+/// (read before the build: a filter moving during it is built again at the next ask).
+fn build_predicate(
+    scan: &HistoryScanExec,
+    filter: &Arc<dyn PhysicalExpr>,
+) -> (u64, Option<Arc<PruningPredicate>>) {
+    let generation = snapshot_generation(filter);
+    let predicate = PruningPredicateBuilder::new()
+        .with_file_schema(scan.schema.clone())
+        .build(filter.clone());
+    (generation, predicate)
 }
 
 /// The segments (numbered in file order, `0..segments`) that partition `partition` of
