@@ -1176,3 +1176,73 @@ async fn the_newest_matches_read_a_row_group_a_span_of_pages_at_a_time() {
         "read {read}, ruled out {skipped}: {plan:?}"
     );
 }
+
+/// A table's segments are dealt out to the session's target partitions: the scan has one
+/// partition per target (at most one per segment) plus the log tail's, and whatever the
+/// number, every change is read exactly once and the newest come first under a limit.
+#[tokio::test(flavor = "multi_thread")]
+async fn segments_dealt_out_to_any_number_of_partitions_are_each_read_once() {
+    use datafusion::physical_plan::ExecutionPlan;
+    fn scan_partitions(plan: &Arc<dyn ExecutionPlan>) -> Vec<usize> {
+        let mut found: Vec<usize> = plan
+            .children()
+            .into_iter()
+            .flat_map(scan_partitions)
+            .collect();
+        if plan.name() == "HistoryScanExec" {
+            found.push(plan.properties().output_partitioning().partition_count());
+        }
+        found
+    }
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("a");
+    let log = build(&dir, 13, 2);
+    let archive = ArchiveSnapshot::from_reader(&dir, &log.reader().unwrap()).unwrap();
+    let segments = archive.table("public.\"Odd Name\"").unwrap().segments.len();
+    // Several segments (compaction merges small ones), so that with one or two partitions a
+    // partition reads more than one.
+    assert!(segments >= 3, "{segments} segments");
+    let all = "SELECT lsn, seq FROM public.\"Odd Name\" ORDER BY lsn, seq";
+    let newest = "SELECT lsn, seq FROM public.\"Odd Name\" ORDER BY lsn DESC, seq DESC LIMIT 5";
+    let count = "SELECT count(*) FROM public.\"Odd Name\"";
+    let expected = keys(&query(&dir, &log, all).await);
+    assert!(expected.windows(2).all(|w| w[0] < w[1]), "{expected:?}");
+    for readers in [1, 2, 3, 16] {
+        let ctx = session(Arc::new(archive.clone())).unwrap();
+        ctx.sql(&format!(
+            "SET datafusion.execution.target_partitions = {readers}"
+        ))
+        .await
+        .unwrap();
+        let run = |sql: &'static str| {
+            let ctx = ctx.clone();
+            async move { ctx.sql(sql).await.unwrap().collect().await.unwrap() }
+        };
+        let plan = ctx
+            .sql(count)
+            .await
+            .unwrap()
+            .create_physical_plan()
+            .await
+            .unwrap();
+        assert_eq!(
+            scan_partitions(&plan),
+            vec![readers.min(segments) + 1],
+            "{readers} target partitions"
+        );
+        let mut found = keys(&run(all).await);
+        found.sort();
+        assert_eq!(
+            found, expected,
+            "{readers} target partitions: every change once"
+        );
+        let newest_found = keys(&run(newest).await);
+        let newest_expected: Vec<_> = expected.iter().rev().take(5).copied().collect();
+        assert_eq!(newest_found, newest_expected, "{readers} target partitions");
+        assert_eq!(
+            column_i64(&run(count).await, 0),
+            vec![expected.len() as i64],
+            "{readers} target partitions"
+        );
+    }
+}
