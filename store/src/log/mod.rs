@@ -1632,15 +1632,18 @@ mod tests {
             let commit_lsn = lsn;
             lsn += 100;
             match next(10) {
-                // Spanning two batches, and finished.
+                // Spanning two batches, cut anywhere from after its Begin to before its
+                // Commit, and finished.
                 0 | 1 => {
-                    let (first, second) = tx.split_at(2);
+                    let (first, second) = tx.split_at(1 + next(tx.len() as u64 - 1) as usize);
                     log.apply(first.to_vec()).unwrap();
                     log.apply(second.to_vec()).unwrap();
                 }
                 // Spanning, and the capture dies before its Commit: it never happened.
                 2 => {
-                    log.apply(tx[..tx.len() - 1].to_vec()).unwrap();
+                    let (first, second) = tx[..tx.len() - 1].split_at(2);
+                    log.apply(first.to_vec()).unwrap();
+                    log.apply(second.to_vec()).unwrap();
                     drop(log);
                     crashes += 1;
                     log = ChangeLog::open(&archive).unwrap();
@@ -1722,6 +1725,71 @@ mod tests {
         log.apply(batch).unwrap();
         drop(log);
         assert_eq!(current_rows(&archive), only("s1"));
+    }
+
+    /// A spanning transaction that truncates a table forgets the table's rows: after the
+    /// TRUNCATE the index knows only the rows the transaction set since, and once it is
+    /// finished exactly those.
+    #[test]
+    fn a_spanning_transaction_forgets_a_truncated_tables_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = dir.path().join("a");
+        let mut log = ChangeLog::open(&archive).unwrap();
+        let mut first = txn(100, vec![insert("1", "a", "x"), insert("2", "b", "x")]);
+        first.insert(1, LogOp::Relation(rel(b'd')));
+        log.apply(first).unwrap();
+        let truncate = LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Truncate,
+            old: None,
+            new: None,
+        });
+        let delete_1 = LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Delete,
+            old: Some(OldImage::Key(vec![
+                text("1"),
+                IncomingCell::Null,
+                IncomingCell::Null,
+            ])),
+            new: None,
+        });
+        let begin = LogOp::Begin {
+            final_lsn: Lsn(200),
+            xid: 2,
+            committed_at_us: 0,
+        };
+        log.apply(vec![begin, truncate]).unwrap();
+        log.apply(vec![
+            insert("3", "c", "y"),
+            update("3", "c2"),
+            delete_1,
+            LogOp::Commit { end_lsn: Lsn(208) },
+        ])
+        .unwrap();
+        let befores: Vec<Option<Row>> = all_changes(&log)
+            .into_iter()
+            .filter(|(k, _)| k.commit_lsn == Lsn(200))
+            .map(|(_, r)| r.before)
+            .collect();
+        let cells = |v: [&str; 3]| v.map(|c| Cell::Text(c.into())).to_vec();
+        assert_eq!(
+            befores,
+            vec![
+                None,
+                None,
+                Some(cells(["3", "c", "y"])),
+                // Row 1 went with the TRUNCATE: the index knows nothing of it.
+                Some(vec![Cell::Text("1".into()), Cell::Unknown, Cell::Unknown]),
+            ]
+        );
+        log.flush_index().unwrap();
+        drop(log);
+        let only_3 = vec![(
+            encode_plain(&vec![Some("3".to_string())]),
+            cells(["3", "c2", "x"]),
+        )];
+        assert_eq!(current_rows(&archive), only_3);
     }
 
     #[test]
