@@ -1431,6 +1431,20 @@ mod tests {
         })
     }
 
+    /// A delete of row `id` of relation 7, its old image the key (REPLICA IDENTITY DEFAULT).
+    fn delete(id: &str) -> LogOp {
+        LogOp::Change(IncomingChange {
+            relation_id: 7,
+            op: Op::Delete,
+            old: Some(OldImage::Key(vec![
+                text(id),
+                IncomingCell::Null,
+                IncomingCell::Null,
+            ])),
+            new: None,
+        })
+    }
+
     fn undo_rows(log: &ChangeLog) -> [u64; 2] {
         let rtx = log.db.begin_read().unwrap();
         UNDO.map(|d| {
@@ -1477,16 +1491,7 @@ mod tests {
                     committed_at_us: 0,
                 },
                 update("1", "a3"),
-                LogOp::Change(IncomingChange {
-                    relation_id: 7,
-                    op: Op::Delete,
-                    old: Some(OldImage::Key(vec![
-                        text("2"),
-                        IncomingCell::Null,
-                        IncomingCell::Null,
-                    ])),
-                    new: None,
-                }),
+                delete("2"),
                 insert("4", "d", "x"),
                 update("1", "a4"),
             ])
@@ -1744,16 +1749,7 @@ mod tests {
             old: None,
             new: None,
         });
-        let delete_1 = LogOp::Change(IncomingChange {
-            relation_id: 7,
-            op: Op::Delete,
-            old: Some(OldImage::Key(vec![
-                text("1"),
-                IncomingCell::Null,
-                IncomingCell::Null,
-            ])),
-            new: None,
-        });
+        let delete_1 = delete("1");
         let begin = LogOp::Begin {
             final_lsn: Lsn(200),
             xid: 2,
@@ -1811,19 +1807,7 @@ mod tests {
             )
         };
         log.apply(upd(200, "b")).unwrap();
-        let del = txn(
-            300,
-            vec![LogOp::Change(IncomingChange {
-                relation_id: 7,
-                op: Op::Delete,
-                old: Some(OldImage::Key(vec![
-                    text("1"),
-                    IncomingCell::Null,
-                    IncomingCell::Null,
-                ])),
-                new: None,
-            })],
-        );
+        let del = txn(300, vec![delete("1")]);
         log.apply(del).unwrap();
         let changes = all_changes(&log);
         let update = &changes[1].1;
