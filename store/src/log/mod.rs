@@ -1644,7 +1644,8 @@ mod tests {
                     log.apply(first.to_vec()).unwrap();
                     log.apply(second.to_vec()).unwrap();
                 }
-                // Spanning, and the capture dies before its Commit: it never happened.
+                // Spanning two batches, and the capture dies before its Commit: it never
+                // happened.
                 2 => {
                     let (first, second) = tx[..tx.len() - 1].split_at(2);
                     log.apply(first.to_vec()).unwrap();
@@ -1749,7 +1750,6 @@ mod tests {
             old: None,
             new: None,
         });
-        let delete_1 = delete("1");
         let begin = LogOp::Begin {
             final_lsn: Lsn(200),
             xid: 2,
@@ -1759,7 +1759,7 @@ mod tests {
         log.apply(vec![
             insert("3", "c", "y"),
             update("3", "c2"),
-            delete_1,
+            delete("1"),
             LogOp::Commit { end_lsn: Lsn(208) },
         ])
         .unwrap();
