@@ -10,7 +10,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, RecordBatch, RecordBatchOptions, make_array, new_null_array,
@@ -147,6 +148,8 @@ pub(crate) struct HistoryScanExec {
     filters: Vec<Arc<dyn PhysicalExpr>>,
     /// The order row groups are read in while `prune_by` holds a filter.
     order: ReadOrder,
+    /// Which segments, in that order, have had their first row group read (see [`ReadTurns`]).
+    turns: Arc<ReadTurns>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -187,6 +190,7 @@ impl HistoryScanExec {
             EmissionType::Incremental,
             Boundedness::Bounded,
         );
+        let turns = Arc::new(ReadTurns::new(source.segments.len()));
         HistoryScanExec {
             source,
             columns,
@@ -196,6 +200,7 @@ impl HistoryScanExec {
             prune_by: Vec::new(),
             filters: Vec::new(),
             order: ReadOrder::default(),
+            turns,
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
@@ -500,7 +505,7 @@ impl ExecutionPlan for HistoryScanExec {
         builder.spawn_blocking(move || {
             let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
-            for segment in segments {
+            for (_, segment) in segments {
                 let (path, sha256) = (&segment.path, &segment.sha256);
                 let reader = open_segment_projected(path, sha256, 8192, bounds, Some(&paths))?;
                 if !scan.send_rows(reader, &segment.version, &mut left, &tx)? {
@@ -522,11 +527,12 @@ impl HistoryScanExec {
     /// partition per segment instead read every segment's newest row group at once, before
     /// the filter could rule any out (8 spans read where 2 held the answer, measured on the
     /// queries suite's archive).
-    fn segments_of(&self, partition: usize, order: ReadOrder) -> Vec<SegmentSource> {
-        let readers = self.source.segment_partitions();
-        dealt(self.source.segments.len(), readers, partition, order)
+    /// Each segment comes with its turn: its place in `order`, from 0.
+    fn segments_of(&self, partition: usize, order: ReadOrder) -> Vec<(usize, SegmentSource)> {
+        let (segments, readers) = (self.source.segments.len(), self.source.segment_partitions());
+        dealt(segments, readers, partition, order)
             .into_iter()
-            .map(|i| self.source.segments[i].clone())
+            .map(|i| (order.turn_of(i, segments), self.source.segments[i].clone()))
             .collect()
     }
 
@@ -645,9 +651,17 @@ impl HistoryScanExec {
     /// at a time in the same order, each span checked the same way by its pages' statistics:
     /// the newest few matches of a filter cost a span or two (20,000 rows each), not a whole
     /// row group (128 Ki rows) decoded for them.
+    ///
+    /// Under a `LIMIT` (a dynamic filter in `prune_by`), a partition also waits before reading
+    /// each segment until the segments before it in that order have had their first row group
+    /// read (at most [`TURN_PATIENCE`], see [`ReadTurns`]): otherwise the second partition
+    /// reads the second-newest segment's newest spans while the first reads the newest
+    /// segment's, before the sort above could take in a row and rule them out (2 row groups
+    /// and 4 spans read where 1 row group and 2 spans held the answer, measured on the
+    /// queries suite's archive; README, Performance).
     fn execute_ordered(
         &self,
-        segments: Vec<SegmentSource>,
+        segments: Vec<(usize, SegmentSource)>,
         mut left: usize,
         partition: usize,
     ) -> Result<SendableRecordBatchStream> {
@@ -658,9 +672,16 @@ impl HistoryScanExec {
         let (spans_skipped, spans_read) = (counter("spans_skipped"), counter("spans_read"));
         // The metrics set is shared by the clone.
         let scan = self.clone();
+        let limited = self.prune_by.iter().any(|f| snapshot_generation(f) != 0);
         builder.spawn_blocking(move || {
             let paths = scan.leaf_paths();
             let bounds = scan.source.bounds;
+            // However this partition ends (its rows sent, the plan above gone, an error), the
+            // partitions waiting for its turns go on.
+            let _turns = TurnsPassedOnDrop {
+                turns: &scan.turns,
+                mine: segments.iter().map(|(turn, _)| *turn).collect(),
+            };
             let mut predicates = Predicates::new(&scan);
             let mut excluded = |range: &RowGroupRange| -> Result<bool> {
                 let outside = range
@@ -671,9 +692,14 @@ impl HistoryScanExec {
                         .is_some_and(|(lo, hi)| hi < bounds.time.0 || lo > bounds.time.1);
                 Ok(outside || !predicates.may_match(range)?)
             };
-            for segment in &segments {
+            for (turn, segment) in &segments {
                 let (path, sha256) = (&segment.path, &segment.sha256);
+                // Opened before the wait: a process's first look at a segment checks its
+                // SHA-256, which the partitions do side by side.
                 let ranges = segment_row_groups(path, sha256)?;
+                if limited {
+                    scan.turns.wait_before(*turn, TURN_PATIENCE);
+                }
                 for i in scan.order.arrange(0..ranges.len()) {
                     if excluded(&ranges[i])? {
                         skipped.add(1);
@@ -695,7 +721,11 @@ impl HistoryScanExec {
                             return Ok(());
                         }
                     }
+                    // The segment's first row group read is done (its spans sent above or
+                    // ruled out): the next segment's turn.
+                    scan.turns.pass(*turn);
                 }
+                scan.turns.pass(*turn);
             }
             Ok(())
         });
@@ -767,6 +797,73 @@ fn build_predicate(
     (generation, predicate)
 }
 
+/// The longest a partition waits for the turns before its next segment: a row group's spans
+/// are read in milliseconds, so this is reached only where something else holds a turn (a
+/// partition the plan above polls late, a slow disk), and then the read goes on without it.
+const TURN_PATIENCE: Duration = Duration::from_millis(100);
+
+/// The turns of an ordered read (see [`HistoryScanExec::execute_ordered`]): a segment's turn
+/// is its place in the read order, and it passes once the first row group it reads is done
+/// (its spans sent above or ruled out), or when its partition is done with the segment. A
+/// wait never changes the answer: after it, the filters decide what is read, as without it;
+/// it only gives them the chance to have tightened. A plan executed again finds every turn
+/// passed and reads without waiting.
+#[derive(Debug)]
+struct ReadTurns {
+    passed: Mutex<Vec<bool>>,
+    moved: Condvar,
+}
+
+impl ReadTurns {
+    fn new(turns: usize) -> ReadTurns {
+        ReadTurns {
+            passed: Mutex::new(vec![false; turns]),
+            moved: Condvar::new(),
+        }
+    }
+
+    /// Wait until every turn before `turn` has passed, or `patience` has.
+    fn wait_before(&self, turn: usize, patience: Duration) {
+        let deadline = Instant::now() + patience;
+        let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
+        while passed.iter().take(turn).any(|p| !p) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            passed = self
+                .moved
+                .wait_timeout(passed, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    fn pass(&self, turn: usize) {
+        let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(p) = passed.get_mut(turn)
+            && !*p
+        {
+            *p = true;
+            self.moved.notify_all();
+        }
+    }
+}
+
+/// Passes a partition's turns when it is dropped.
+struct TurnsPassedOnDrop<'a> {
+    turns: &'a ReadTurns,
+    mine: Vec<usize>,
+}
+
+impl Drop for TurnsPassedOnDrop<'_> {
+    fn drop(&mut self) {
+        for &turn in &self.mine {
+            self.turns.pass(turn);
+        }
+    }
+}
+
 /// The segments (numbered in file order, `0..segments`) that partition `partition` of
 /// `readers` reads, in the order it reads them: all of them in `order`, dealt out in turn.
 fn dealt(segments: usize, readers: usize, partition: usize, order: ReadOrder) -> Vec<usize> {
@@ -780,6 +877,14 @@ fn dealt(segments: usize, readers: usize, partition: usize, order: ReadOrder) ->
 }
 
 impl ReadOrder {
+    /// The place of segment `segment` (of `segments`, in file order) in this order.
+    fn turn_of(self, segment: usize, segments: usize) -> usize {
+        match self {
+            ReadOrder::NewestFirst => segments - 1 - segment,
+            ReadOrder::OldestFirst => segment,
+        }
+    }
+
     /// `items` (in file order) in this order.
     fn arrange<T>(
         self,
@@ -965,6 +1070,44 @@ pub(crate) fn image_field(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turn_waits_for_the_turns_before_it_and_never_for_ever() {
+        let turns = Arc::new(ReadTurns::new(3));
+        let waiter = {
+            let turns = turns.clone();
+            std::thread::spawn(move || {
+                turns.wait_before(2, Duration::from_secs(600));
+                // Turn 2 may start only once 0 and 1 have passed.
+                turns.passed.lock().unwrap().clone()
+            })
+        };
+        turns.pass(1);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(
+            !waiter.is_finished(),
+            "turn 2 went on with turn 0 not passed"
+        );
+        turns.pass(0);
+        assert_eq!(waiter.join().unwrap(), vec![true, true, false]);
+        // Turn 0 never waits; a turn nobody passes holds the next back only for the patience.
+        let idle = ReadTurns::new(2);
+        idle.wait_before(0, Duration::from_secs(600));
+        idle.wait_before(1, Duration::from_millis(1));
+        assert_eq!(*idle.passed.lock().unwrap(), vec![false, false]);
+        // Past the last turn, or passed twice: no panic, nothing else passed.
+        idle.pass(5);
+        idle.pass(1);
+        idle.pass(1);
+        assert_eq!(*idle.passed.lock().unwrap(), vec![false, true]);
+    }
+
+    #[test]
+    fn turns_are_places_in_the_read_order() {
+        assert_eq!(ReadOrder::NewestFirst.turn_of(4, 5), 0);
+        assert_eq!(ReadOrder::NewestFirst.turn_of(0, 5), 4);
+        assert_eq!(ReadOrder::OldestFirst.turn_of(3, 5), 3);
+    }
 
     #[test]
     fn segments_are_dealt_out_newest_first_each_once() {
