@@ -836,20 +836,19 @@ fn overhead_suite(
     // Lag probes: one small autocommit insert every 20 ms during the fixed-rate runs.
     cluster.psql(&db, "CREATE TABLE bench_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())")?;
     let workload = format!("pgbench tpcb-like, scale {scale}, 8 clients, {secs} s per run");
-    let mut rate: Option<f64> = None;
+    // The fixed rate is half of what the source sustains alone, measured first.
+    let rate = {
+        let (_, tps, _) = pgbench(cluster, &db, secs, None)?;
+        eprintln!(
+            "overhead: fixed rate for latency runs: {:.0} tps (half of {tps:.0})",
+            tps / 2.0
+        );
+        (tps / 2.0).max(10.0)
+    };
     for rep in 0..args.reps.max(1) {
         let mut order = OVERHEAD_CONTESTANTS.to_vec();
         order.rotate_left(rep % OVERHEAD_CONTESTANTS.len());
         order.retain(|c| args.contestants.is_empty() || args.contestants.iter().any(|w| w == c));
-        // The fixed rate is half of what the source sustains alone, measured first.
-        if rate.is_none() {
-            let (_, tps, _) = pgbench(cluster, &db, secs, None)?;
-            rate = Some((tps / 2.0).max(10.0));
-            eprintln!(
-                "overhead: fixed rate for latency runs: {:.0} tps (half of {tps:.0})",
-                tps / 2.0
-            );
-        }
         for contestant in order {
             let dir = tempfile::tempdir()?;
             let mut capture = None;
@@ -948,7 +947,7 @@ fn overhead_suite(
                 ));
             }
             let probing = (contestant == "pgtrail").then(|| start_probes(rt, cluster.url(&db)));
-            let (_, _, p99) = pgbench(cluster, &db, secs, rate)?;
+            let (_, _, p99) = pgbench(cluster, &db, secs, Some(rate))?;
             if let Some((stop_probes, probes)) = probing {
                 stop_probes.store(true, std::sync::atomic::Ordering::Relaxed);
                 let probes = rt.block_on(probes)??;
@@ -1011,7 +1010,7 @@ fn overhead_suite(
                 ("p99_latency_fixed_rate", p99, "ms"),
                 // Kept beside the p99 it was measured at: near a contestant's own saturation
                 // the p99 measures the clients' queue (see the note the tables end with).
-                ("fixed_rate", rate.unwrap_or(f64::NAN), "transactions/s"),
+                ("fixed_rate", rate, "transactions/s"),
                 ("wal_bytes_per_transaction", per_tx, "bytes"),
             ];
             for (metric, value, unit) in metrics.into_iter().chain(lag_metrics) {
