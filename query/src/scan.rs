@@ -657,7 +657,7 @@ impl HistoryScanExec {
     /// read (at most [`TURN_PATIENCE`], see [`ReadTurns`]): otherwise the second partition
     /// reads the second-newest segment's newest spans while the first reads the newest
     /// segment's, before the sort above could take in a row and rule them out (2 row groups
-    /// and 4 spans read where 1 row group and 2 spans held the answer, measured on the
+    /// and 3-6 spans read where 1 row group and 2 spans held the answer, measured on the
     /// queries suite's archive; README, Performance).
     fn execute_ordered(
         &self,
