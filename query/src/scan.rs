@@ -698,7 +698,8 @@ impl HistoryScanExec {
                 // SHA-256, which the partitions do side by side.
                 let ranges = segment_row_groups(path, sha256)?;
                 if limited {
-                    scan.turns.wait_before(*turn, TURN_PATIENCE);
+                    // Out of patience, the read goes on as it would have without the wait.
+                    let _ = scan.turns.wait_before(*turn, TURN_PATIENCE);
                 }
                 for i in scan.order.arrange(0..ranges.len()) {
                     if excluded(&ranges[i])? {
@@ -822,14 +823,14 @@ impl ReadTurns {
         }
     }
 
-    /// Wait until every turn before `turn` has passed, or `patience` has.
-    fn wait_before(&self, turn: usize, patience: Duration) {
+    /// Wait until every turn before `turn` has passed (`true`), or `patience` has (`false`).
+    fn wait_before(&self, turn: usize, patience: Duration) -> bool {
         let deadline = Instant::now() + patience;
         let mut passed = self.passed.lock().unwrap_or_else(PoisonError::into_inner);
         while passed.iter().take(turn).any(|p| !p) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return;
+                return false;
             }
             passed = self
                 .moved
@@ -837,6 +838,7 @@ impl ReadTurns {
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
         }
+        true
     }
 
     fn pass(&self, turn: usize) {
@@ -1077,9 +1079,11 @@ mod tests {
         let waiter = {
             let turns = turns.clone();
             std::thread::spawn(move || {
-                turns.wait_before(2, Duration::from_secs(600));
+                // Woken by the passing, not by the patience running out (a passing that did
+                // not wake the waiter would fail here, after the patience).
+                let woken = turns.wait_before(2, Duration::from_secs(600));
                 // Turn 2 may start only once 0 and 1 have passed.
-                turns.passed.lock().unwrap().clone()
+                (woken, turns.passed.lock().unwrap().clone())
             })
         };
         turns.pass(1);
@@ -1089,11 +1093,11 @@ mod tests {
             "turn 2 went on with turn 0 not passed"
         );
         turns.pass(0);
-        assert_eq!(waiter.join().unwrap(), vec![true, true, false]);
+        assert_eq!(waiter.join().unwrap(), (true, vec![true, true, false]));
         // Turn 0 never waits; a turn nobody passes holds the next back only for the patience.
         let idle = ReadTurns::new(2);
-        idle.wait_before(0, Duration::from_secs(600));
-        idle.wait_before(1, Duration::from_millis(1));
+        assert!(idle.wait_before(0, Duration::from_secs(600)));
+        assert!(!idle.wait_before(1, Duration::from_millis(1)));
         assert_eq!(*idle.passed.lock().unwrap(), vec![false, false]);
         // Past the last turn, or passed twice: no panic, nothing else passed.
         idle.pass(5);
