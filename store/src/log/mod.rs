@@ -1299,12 +1299,17 @@ mod tests {
         assert!(reader.to_string().contains(&expected), "{reader}");
     }
 
-    fn txn(lsn: u64, ops: Vec<LogOp>) -> Vec<LogOp> {
-        let mut v = vec![LogOp::Begin {
+    /// The Begin of a source transaction committing at `lsn`.
+    fn begin(lsn: u64, xid: u32) -> LogOp {
+        LogOp::Begin {
             final_lsn: Lsn(lsn),
-            xid: 1,
+            xid,
             committed_at_us: 0,
-        }];
+        }
+    }
+
+    fn txn(lsn: u64, ops: Vec<LogOp>) -> Vec<LogOp> {
+        let mut v = vec![begin(lsn, 1)];
         v.extend(ops);
         v.push(LogOp::Commit {
             end_lsn: Lsn(lsn + 8),
@@ -1331,14 +1336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
-        let mut ops = vec![
-            LogOp::Begin {
-                final_lsn: Lsn(100),
-                xid: 1,
-                committed_at_us: 0,
-            },
-            LogOp::Relation(rel(b'd')),
-        ];
+        let mut ops = vec![begin(100, 1), LogOp::Relation(rel(b'd'))];
         ops.push(insert("1", "a", "x"));
         ops.push(LogOp::Commit { end_lsn: Lsn(108) });
         log.apply(ops.clone()).unwrap();
@@ -1359,11 +1357,7 @@ mod tests {
             log.apply(first).unwrap();
             // A second transaction, written in part (as a big transaction is) and never finished.
             let partial = vec![
-                LogOp::Begin {
-                    final_lsn: Lsn(200),
-                    xid: 2,
-                    committed_at_us: 0,
-                },
+                begin(200, 2),
                 LogOp::Change(IncomingChange {
                     relation_id: 7,
                     op: Op::Update,
@@ -1473,11 +1467,7 @@ mod tests {
             log.apply(first).unwrap();
             // A spans two batches; B starts in the batch that finishes A and never finishes.
             log.apply(vec![
-                LogOp::Begin {
-                    final_lsn: Lsn(200),
-                    xid: 2,
-                    committed_at_us: 0,
-                },
+                begin(200, 2),
                 update("1", "a2"),
                 insert("3", "c", "x"),
             ])
@@ -1485,11 +1475,7 @@ mod tests {
             log.apply(vec![
                 update("2", "b2"),
                 LogOp::Commit { end_lsn: Lsn(208) },
-                LogOp::Begin {
-                    final_lsn: Lsn(300),
-                    xid: 3,
-                    committed_at_us: 0,
-                },
+                begin(300, 3),
                 update("1", "a3"),
                 delete("2"),
                 insert("4", "d", "x"),
@@ -1513,15 +1499,7 @@ mod tests {
             assert_eq!(all_changes(&log).len(), 5);
             assert_eq!(undo_rows(&log), [0, 0]);
             // A finished spanning transaction leaves nothing that a later recovery would undo.
-            log.apply(vec![
-                LogOp::Begin {
-                    final_lsn: Lsn(300),
-                    xid: 3,
-                    committed_at_us: 0,
-                },
-                update("3", "c2"),
-            ])
-            .unwrap();
+            log.apply(vec![begin(300, 3), update("3", "c2")]).unwrap();
             log.apply(vec![LogOp::Commit { end_lsn: Lsn(308) }])
                 .unwrap();
             assert_eq!(undo_rows(&log), [0, 0]);
@@ -1750,12 +1728,7 @@ mod tests {
             old: None,
             new: None,
         });
-        let begin = LogOp::Begin {
-            final_lsn: Lsn(200),
-            xid: 2,
-            committed_at_us: 0,
-        };
-        log.apply(vec![begin, truncate]).unwrap();
+        log.apply(vec![begin(200, 2), truncate]).unwrap();
         log.apply(vec![
             insert("3", "c", "y"),
             update("3", "c2"),
@@ -1840,11 +1813,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
         let ops = vec![
-            LogOp::Begin {
-                final_lsn: Lsn(100),
-                xid: 1,
-                committed_at_us: 0,
-            },
+            begin(100, 1),
             LogOp::Relation(rel(b'd')),
             LogOp::Change(IncomingChange {
                 relation_id: 7,
@@ -1866,11 +1835,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut log = ChangeLog::open(&dir.path().join("a")).unwrap();
         let ops = vec![
-            LogOp::Begin {
-                final_lsn: Lsn(100),
-                xid: 1,
-                committed_at_us: 0,
-            },
+            begin(100, 1),
             LogOp::Relation(rel(b'd')),
             insert("1", "a", "x"),
             LogOp::Context("{\"user_id\":1}".into()),
@@ -1907,11 +1872,7 @@ mod tests {
             // A transaction spread over two batches: a change and a message before its first
             // context, the context repeated before every row, then a second one.
             log.apply(vec![
-                LogOp::Begin {
-                    final_lsn: Lsn(100),
-                    xid: 1,
-                    committed_at_us: 0,
-                },
+                begin(100, 1),
                 LogOp::Relation(rel(b'd')),
                 insert("1", "a", "x"),
                 message("before"),
@@ -1929,18 +1890,10 @@ mod tests {
                 message("after"),
                 LogOp::Commit { end_lsn: Lsn(108) },
                 // A transaction with no context, then one left unfinished by a crash.
-                LogOp::Begin {
-                    final_lsn: Lsn(200),
-                    xid: 2,
-                    committed_at_us: 0,
-                },
+                begin(200, 2),
                 insert("6", "a", "x"),
                 LogOp::Commit { end_lsn: Lsn(208) },
-                LogOp::Begin {
-                    final_lsn: Lsn(300),
-                    xid: 3,
-                    committed_at_us: 0,
-                },
+                begin(300, 3),
                 LogOp::Context("{\"step\":3}".into()),
                 insert("7", "a", "x"),
             ])
