@@ -985,43 +985,47 @@ fn check_segment(
     }
     let want_digests = key_files.is_some();
     let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
-    // This thread decodes the batches and checks their keys; a second one hashes their
-    // leaves a few batches behind (a segment's decoding and hashing then use two cores, where
-    // each took turns on one and a large segment read last left the other core idle). The
-    // problem reported is the one of the earliest batch, leaves before keys within a batch,
-    // as when both ran in turn on one thread: the report does not depend on timing.
+    // This thread decodes the batches and checks their keys; `leaf_hashers()` others hash
+    // their leaves a few batches behind (a segment's decoding and hashing then use the cores
+    // where each took turns on one, and a large segment read last left the others idle). The
+    // hashers' results are taken in batch order and the first problem stops them, so the
+    // problem reported is the one of the earliest batch, leaves before keys within a batch, as
+    // when both ran in turn on one thread: the report does not depend on timing.
     let (hashed, checked) = std::thread::scope(|scope| {
         let (batches, to_hash) = std::sync::mpsc::sync_channel::<RecordBatch>(2);
         let content = &content;
         let hashing = scope.spawn(move || {
             let mut hashed = Hashed::default();
-            for batch in to_hash {
+            let hash_batch = |batch: RecordBatch| {
+                let rows = batch.num_rows();
                 let computed = if want_digests {
-                    batch_leaves_and_row_digests(content, &batch, epochs, erased).map(
-                        |(leaves, digests)| {
-                            hashed.row_digests.extend(digests);
-                            leaves
-                        },
-                    )
+                    batch_leaves_and_row_digests(content, &batch, epochs, erased)
+                        .map(|(leaves, digests)| (leaves, Some(digests)))
                 } else {
-                    batch_leaves(content, &batch, epochs, erased)
+                    batch_leaves(content, &batch, epochs, erased).map(|leaves| (leaves, None))
                 };
-                match computed {
-                    Ok(batch_leaves) => {
+                (rows, computed)
+            };
+            map_in_order(
+                to_hash,
+                leaf_hashers(),
+                hash_batch,
+                |(rows, computed)| match computed {
+                    Ok((batch_leaves, digests)) => {
                         if let Err(e) = leaves.write(&batch_leaves) {
                             hashed.scratch = Some(e);
-                            break;
+                            return false;
                         }
-                        hashed
-                            .per_batch
-                            .push((batch.num_rows(), batch_leaves.len()));
+                        hashed.row_digests.extend(digests.into_iter().flatten());
+                        hashed.per_batch.push((rows, batch_leaves.len()));
+                        true
                     }
                     Err(e) => {
                         hashed.failed = Some(e);
-                        break;
+                        false
                     }
-                }
-            }
+                },
+            );
             hashed
         });
         let builder = key_files.as_mut().map(|(builder, _)| builder);
@@ -1161,38 +1165,84 @@ fn check_key_files(
         return;
     }
     let mut problem = |place: String, what: String| out.problems.push(Problem { place, what });
-    let mut i = 0usize;
-    for batch in reader {
-        let batch = match batch {
-            Ok(batch) => batch,
-            Err(e) => return problem(copy_place, segment_problem(&e)),
-        };
-        let digests = match batch_leaves_and_row_digests(content, &batch, epochs, erased) {
-            Ok((_, digests)) => digests,
-            Err(e) => return problem(format!("{copy_place}, change {}", e.key), e.reason),
-        };
-        for (r, digest) in digests.iter().enumerate() {
-            let Some(&(_, row)) = built.get(i) else {
-                return problem(
-                    copy_place,
-                    format!(
-                        "holds more rows than its index's {} entries; {rebuild}",
-                        built.len()
-                    ),
-                );
+    // Every row of the copy is hashed as the segment's were: this thread decodes the batches,
+    // `leaf_hashers()` others hash them, and a comparer takes their digests in row order and
+    // stops at the first that differs (the problem reported does not depend on timing).
+    let compared = std::thread::scope(|scope| {
+        let (batches, to_hash) =
+            std::sync::mpsc::sync_channel::<Result<RecordBatch, SegmentError>>(2);
+        let (copy_place, built) = (&copy_place, &built);
+        let comparing = scope.spawn(move || {
+            let mut i = 0usize;
+            let mut found: Option<(String, String)> = None;
+            let digest_batch = |batch: Result<RecordBatch, SegmentError>| {
+                batch.map(|batch| {
+                    let digests = batch_leaves_and_row_digests(content, &batch, epochs, erased)
+                        .map(|(_, digests)| digests);
+                    (batch, digests)
+                })
             };
-            if row_digests.get(row as usize) != Some(digest) {
-                let key = row_key(&batch, r).map_or(String::new(), |k| format!(" (change {k})"));
-                return problem(
-                    format!("{copy_place}, row {i}{key}"),
-                    format!(
-                        "differs from segment row {row}, which it copies: row_history would show what the segment does not hold; {rebuild}"
-                    ),
-                );
+            map_in_order(to_hash, leaf_hashers(), digest_batch, |result| {
+                let (batch, digests) = match result {
+                    Ok((batch, Ok(digests))) => (batch, digests),
+                    Ok((_, Err(e))) => {
+                        found = Some((format!("{copy_place}, change {}", e.key), e.reason));
+                        return false;
+                    }
+                    Err(e) => {
+                        found = Some((copy_place.clone(), segment_problem(&e)));
+                        return false;
+                    }
+                };
+                for (r, digest) in digests.iter().enumerate() {
+                    let Some(&(_, row)) = built.get(i) else {
+                        found = Some((
+                            copy_place.clone(),
+                            format!(
+                                "holds more rows than its index's {} entries; {rebuild}",
+                                built.len()
+                            ),
+                        ));
+                        return false;
+                    };
+                    if row_digests.get(row as usize) != Some(digest) {
+                        let key =
+                            row_key(&batch, r).map_or(String::new(), |k| format!(" (change {k})"));
+                        found = Some((
+                            format!("{copy_place}, row {i}{key}"),
+                            format!(
+                                "differs from segment row {row}, which it copies: row_history would show what the segment does not hold; {rebuild}"
+                            ),
+                        ));
+                        return false;
+                    }
+                    i += 1;
+                }
+                true
+            });
+            (i, found)
+        });
+        for batch in reader {
+            let failed = batch.is_err();
+            // A failed send: the comparer stopped at a problem.
+            if batches.send(batch).is_err() || failed {
+                break;
             }
-            i += 1;
         }
-    }
+        drop(batches);
+        comparing.join()
+    });
+    let i = match compared {
+        Ok((_, Some((place, what)))) => return problem(place, what),
+        Ok((i, None)) => i,
+        Err(_) => {
+            return problem(
+                copy_place,
+                "the thread comparing it with its segment panicked (a pgtrail bug: please report it)"
+                    .into(),
+            );
+        }
+    };
     if i != built.len() {
         return problem(
             copy_place,
@@ -1212,6 +1262,63 @@ fn row_key(batch: &RecordBatch, row: usize) -> Option<ChangeKey> {
     let lsn = batch.column(0).as_primitive_opt::<UInt64Type>()?;
     let seq = batch.column(1).as_primitive_opt::<UInt32Type>()?;
     Some(ChangeKey::new(crate::Lsn(lsn.value(row)), seq.value(row)))
+}
+
+/// How many threads hash one segment's leaves beside the thread decoding it: on this project's
+/// 2-core machine one hasher was the slower side of the pair (verify used 1.25 cores on a
+/// segment of 2.9 million changes), and with two the decoding is; more would wait for it.
+fn leaf_hashers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
+/// Apply `f` to each item `input` yields on `workers` threads, and hand the results to `sink`
+/// in the input's order, until the input ends or `sink` returns `false`. Then the workers stop
+/// after the item each has in hand, and `input` is dropped, so that its sender sees the end.
+/// Out-of-order results wait (at most about `workers` of them, the result channel's bound).
+fn map_in_order<T: Send, R: Send>(
+    input: std::sync::mpsc::Receiver<T>,
+    workers: usize,
+    f: impl Fn(T) -> R + Sync,
+    mut sink: impl FnMut(R) -> bool,
+) {
+    // The receiver and the number of the next item, taken together under one lock.
+    let input = std::sync::Mutex::new((input, 0usize));
+    std::thread::scope(|scope| {
+        let (results, done) = std::sync::mpsc::sync_channel::<(usize, R)>(workers);
+        for _ in 0..workers.max(1) {
+            let (input, f, results) = (&input, &f, results.clone());
+            scope.spawn(move || {
+                loop {
+                    let next = {
+                        let mut input = input.lock().unwrap_or_else(|e| e.into_inner());
+                        let Ok(item) = input.0.recv() else { break };
+                        input.1 += 1;
+                        (input.1 - 1, item)
+                    };
+                    // The sink stopped: its receiver is gone.
+                    if results.send((next.0, f(next.1))).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(results);
+        let mut waiting = BTreeMap::new();
+        let mut next = 0usize;
+        'taking: for (at, result) in done.iter() {
+            waiting.insert(at, result);
+            while let Some(result) = waiting.remove(&next) {
+                next += 1;
+                if !sink(result) {
+                    break 'taking;
+                }
+            }
+        }
+        // Dropping the receiver ends the workers' sends; dropping the input's receiver (when
+        // the workers are done, below) ends its sender's.
+        drop(done);
+        drop(waiting);
+    });
 }
 
 /// What the hashing thread of [`check_segment`] did: per batch hashed, its rows and leaves
@@ -1339,6 +1446,45 @@ fn unlisted_files(dir: &Path, listed: &[crate::SegmentEntry], report: &mut Verif
 mod tests {
     use super::*;
     use crate::Lsn;
+
+    /// Results come out in the input's order however long each item takes, and a sink that
+    /// stops ends the workers and lets the input's sender see the end instead of blocking.
+    #[test]
+    fn items_mapped_on_several_threads_come_out_in_order_and_a_stop_ends_them() {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(2);
+        let feeder = std::thread::spawn(move || (0..200u64).map(|i| tx.send(i)).all(|r| r.is_ok()));
+        let mut seen = Vec::new();
+        let slow_on_evens = |i: u64| {
+            if i.is_multiple_of(2) {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            i * 10
+        };
+        map_in_order(rx, 3, slow_on_evens, |r| {
+            seen.push(r);
+            true
+        });
+        assert_eq!(seen, (0..200u64).map(|i| i * 10).collect::<Vec<_>>());
+        assert!(feeder.join().unwrap(), "every item was taken");
+
+        let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(2);
+        let feeder =
+            std::thread::spawn(move || (0..).map(|i| tx.send(i)).take_while(Result::is_ok).count());
+        let mut seen = Vec::new();
+        map_in_order(
+            rx,
+            3,
+            |i: u64| i,
+            |r| {
+                seen.push(r);
+                r < 9
+            },
+        );
+        assert_eq!(seen, (0..10).collect::<Vec<_>>());
+        // The sender's sends fail once the workers are gone: an endless input ends.
+        let sent = feeder.join().unwrap();
+        assert!(sent >= 10, "{sent} items sent");
+    }
 
     /// The fold takes the root at each size a checkpoint names, as a fold of the whole tree
     /// would, and the changes on either side of each size, events in between left out.
