@@ -1273,27 +1273,51 @@ fn leaf_hashers() -> usize {
 
 /// Apply `f` to each item `input` yields on `workers` threads, and hand the results to `sink`
 /// in the input's order, until the input ends or `sink` returns `false`. Then the workers stop
-/// after the item each has in hand, and `input` is dropped, so that its sender sees the end.
-/// Out-of-order results wait (at most about `workers` of them, the result channel's bound).
+/// after the item each has in hand, and `input` is dropped, so that its sender sees the end. A
+/// worker takes an item at most `2 × workers` ahead of the next one `sink` is waiting for, so
+/// a slow item holds back at most that many results in memory.
 fn map_in_order<T: Send, R: Send>(
     input: std::sync::mpsc::Receiver<T>,
     workers: usize,
     f: impl Fn(T) -> R + Sync,
     mut sink: impl FnMut(R) -> bool,
 ) {
-    // The receiver and the number of the next item, taken together under one lock.
-    let input = std::sync::Mutex::new((input, 0usize));
+    struct Taking<T> {
+        input: std::sync::mpsc::Receiver<T>,
+        /// Items taken, and handed to `sink`.
+        taken: usize,
+        handed: usize,
+        stopped: bool,
+    }
+    let workers = workers.max(1);
+    let ahead = 2 * workers;
+    let taking = std::sync::Mutex::new(Taking {
+        input,
+        taken: 0,
+        handed: 0,
+        stopped: false,
+    });
+    let moved = std::sync::Condvar::new();
+    let lock = || taking.lock().unwrap_or_else(|e| e.into_inner());
     std::thread::scope(|scope| {
         let (results, done) = std::sync::mpsc::sync_channel::<(usize, R)>(workers);
-        for _ in 0..workers.max(1) {
-            let (input, f, results) = (&input, &f, results.clone());
+        for _ in 0..workers {
+            let (f, results, moved) = (&f, results.clone(), &moved);
             scope.spawn(move || {
                 loop {
                     let next = {
-                        let mut input = input.lock().unwrap_or_else(|e| e.into_inner());
-                        let Ok(item) = input.0.recv() else { break };
-                        input.1 += 1;
-                        (input.1 - 1, item)
+                        let mut t = lock();
+                        // The item `sink` waits for is taken (it is below `taken`), so its
+                        // worker will hand it in and move `handed` on: this wait ends.
+                        while !t.stopped && t.taken >= t.handed + ahead {
+                            t = moved.wait(t).unwrap_or_else(|e| e.into_inner());
+                        }
+                        if t.stopped {
+                            break;
+                        }
+                        let Ok(item) = t.input.recv() else { break };
+                        t.taken += 1;
+                        (t.taken - 1, item)
                     };
                     // The sink stopped: its receiver is gone.
                     if results.send((next.0, f(next.1))).is_err() {
@@ -1305,17 +1329,27 @@ fn map_in_order<T: Send, R: Send>(
         drop(results);
         let mut waiting = BTreeMap::new();
         let mut next = 0usize;
-        'taking: for (at, result) in done.iter() {
+        let mut going = true;
+        for (at, result) in done.iter() {
             waiting.insert(at, result);
             while let Some(result) = waiting.remove(&next) {
                 next += 1;
-                if !sink(result) {
-                    break 'taking;
+                going = sink(result);
+                if !going {
+                    break;
                 }
             }
+            let mut t = lock();
+            t.handed = next;
+            t.stopped = !going;
+            moved.notify_all();
+            drop(t);
+            if !going {
+                break;
+            }
         }
-        // Dropping the receiver ends the workers' sends; dropping the input's receiver (when
-        // the workers are done, below) ends its sender's.
+        // Dropping the receiver ends the workers' sends; dropping the input's receiver (with
+        // `taking`, once the workers are done) ends its sender's.
         drop(done);
         drop(waiting);
     });
@@ -1466,6 +1500,35 @@ mod tests {
         });
         assert_eq!(seen, (0..200u64).map(|i| i * 10).collect::<Vec<_>>());
         assert!(feeder.join().unwrap(), "every item was taken");
+
+        // A slow first item: until `sink` has it, no worker starts an item 2 × workers ahead.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(2);
+        let feeder = std::thread::spawn(move || (0..100).all(|i| tx.send(i).is_ok()));
+        let started = std::sync::atomic::AtomicUsize::new(0);
+        let mut furthest_before_first = None;
+        map_in_order(
+            rx,
+            3,
+            |i: usize| {
+                started.fetch_max(i, std::sync::atomic::Ordering::SeqCst);
+                if i == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                i
+            },
+            |i| {
+                if i == 0 {
+                    furthest_before_first = Some(started.load(std::sync::atomic::Ordering::SeqCst));
+                }
+                true
+            },
+        );
+        assert!(feeder.join().unwrap());
+        let furthest = furthest_before_first.unwrap();
+        assert!(
+            furthest < 6,
+            "item {furthest} started before item 0 was handed on"
+        );
 
         let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(2);
         let feeder =
