@@ -1319,8 +1319,17 @@ fn map_in_order<T: Send, R: Send>(
                         t.taken += 1;
                         (t.taken - 1, item)
                     };
+                    // A panic (a bug) stops the others too, which would otherwise wait for the
+                    // result it never sends; the scope then passes the panic on.
+                    let result =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(next.1)))
+                            .unwrap_or_else(|panic| {
+                                lock().stopped = true;
+                                moved.notify_all();
+                                std::panic::resume_unwind(panic)
+                            });
                     // The sink stopped: its receiver is gone.
-                    if results.send((next.0, f(next.1))).is_err() {
+                    if results.send((next.0, result)).is_err() {
                         break;
                     }
                 }
@@ -1529,6 +1538,25 @@ mod tests {
             furthest < 6,
             "item {furthest} started before item 0 was handed on"
         );
+
+        // A panic on one item ends the call with that panic, not with the others waiting for
+        // it for ever.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(2);
+        let feeder =
+            std::thread::spawn(move || (0..).map(|i| tx.send(i)).take_while(Result::is_ok).count());
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            map_in_order(
+                rx,
+                3,
+                |i: usize| {
+                    assert!(i != 3, "item 3 panics");
+                    i
+                },
+                |_| true,
+            )
+        }));
+        assert!(outcome.is_err(), "the panic was passed on");
+        assert!(feeder.join().unwrap() >= 3);
 
         let (tx, rx) = std::sync::mpsc::sync_channel::<u64>(2);
         let feeder =
