@@ -1350,7 +1350,8 @@ fn map_in_order<T: Send, R: Send>(
             }
             let mut t = lock();
             t.handed = next;
-            t.stopped = !going;
+            // Never set back: a worker's panic may have stopped it.
+            t.stopped |= !going;
             moved.notify_all();
             drop(t);
             if !going {
