@@ -29,11 +29,22 @@ const MAX_OPS_PER_COMMIT: usize = 20_000;
 /// and nothing when commits are rarer (light load).
 const MIN_COMMIT_INTERVAL: Duration = Duration::from_millis(5);
 
-/// After this long with nothing to write, the writer stores the current-row index's changes
-/// that the log keeps in memory ([`ChangeLog::flush_index`]): an idle capture leaves its
-/// index current, so that compaction, which trims no further than the stored index, covers
-/// every finished transaction.
-const IDLE_INDEX_FLUSH: Duration = Duration::from_millis(500);
+/// After this long with nothing to write, the writer completes the records it stored
+/// ([`ChangeLog::complete_step`], see "Completion after acknowledgement" in the log's doc):
+/// while a backlog drains, acknowledging comes first (PostgreSQL keeps the WAL until then);
+/// an idle capture leaves every record complete, so that compaction, which trims no further,
+/// covers every finished transaction. The steps yield to any message that arrives.
+const IDLE_COMPLETION: Duration = Duration::from_millis(200);
+
+/// Completion is not put off any longer than this, or for more changes than
+/// [`COMPLETION_MAX_CHANGES`], however busy the writer is: past either, a step follows each
+/// batch until completion has caught up. Records not completed are shown completed to readers
+/// (each read redoes the completion of all of them) and wait in the log (compaction takes
+/// none), so these bound a reader's extra work and the log's growth under a load the capture
+/// cannot keep up with; a backlog of the decode suite's size (1,375,000 changes drained in
+/// about 10 s) stays within them.
+const COMPLETION_MAX_DELAY: Duration = Duration::from_secs(60);
+const COMPLETION_MAX_CHANGES: u64 = 2_000_000;
 
 enum WriterMsg {
     Ops(Vec<LogOp>),
@@ -64,7 +75,7 @@ pub struct WriterHandle {
     identity: Option<SourceIdentity>,
     last_commit: Lsn,
     log: SharedLog,
-    /// The writer thread, woken after each send: while it holds index changes in memory it
+    /// The writer thread, woken after each send: while records wait for completion it
     /// waits for messages with a timeout (a park), not in the channel's blocking receive.
     thread: std::thread::Thread,
 }
@@ -247,6 +258,11 @@ fn run_writer(
         if !batch.is_empty() {
             last_commit = Instant::now();
             write_batch(&mut log, std::mem::take(&mut batch), &durable_tx, &stats)?;
+            if log.completion_behind().is_some_and(|(since, changes)| {
+                since.elapsed() >= COMPLETION_MAX_DELAY || changes >= COMPLETION_MAX_CHANGES
+            }) {
+                log.complete_step()?;
+            }
         }
         match control {
             None => {}
@@ -277,18 +293,20 @@ fn run_writer(
             }
         }
     }
-    // Stopping: the next open need not redo the index's latest changes.
-    log.flush_index()
+    // Stopping: leave every record complete, so that compaction covers them all. (Not needed
+    // for safety: the next writer or a `pgtrail compact` completes what is left.)
+    log.complete_all()
 }
 
-/// The next message for the writer, or `None` when every sender is gone. While the log holds
-/// index changes in memory, a wait longer than [`IDLE_INDEX_FLUSH`] stores them first; the
-/// senders unpark this thread after each send, so a message is seen as soon as it is queued.
+/// The next message for the writer, or `None` when every sender is gone. While records wait
+/// for completion, a wait longer than [`IDLE_COMPLETION`] completes them, a step at a time,
+/// until a message arrives; the senders unpark this thread after each send, so a message is
+/// seen as soon as it is queued (after the step under way).
 fn next_message(
     log: &mut ChangeLog,
     rx: &mut mpsc::Receiver<WriterMsg>,
 ) -> Result<Option<WriterMsg>, LogError> {
-    if log.index_pending() {
+    if log.completion_behind().is_some() {
         let idle_from = Instant::now();
         loop {
             match rx.try_recv() {
@@ -297,11 +315,13 @@ fn next_message(
                 Err(mpsc::error::TryRecvError::Empty) => {}
             }
             let idle = idle_from.elapsed();
-            if idle >= IDLE_INDEX_FLUSH {
-                log.flush_index()?;
-                break;
+            if idle >= IDLE_COMPLETION {
+                if log.complete_step()? {
+                    break;
+                }
+                continue;
             }
-            std::thread::park_timeout(IDLE_INDEX_FLUSH - idle);
+            std::thread::park_timeout(IDLE_COMPLETION - idle);
         }
     }
     Ok(rx.blocking_recv())

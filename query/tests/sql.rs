@@ -87,7 +87,7 @@ fn build(dir: &Path, txns: u64, compact_every: u64) -> ChangeLog {
     for n in 1..=txns {
         log.apply(txn(n)).unwrap();
         // The index stored, as the capture does when idle: compaction may cut past this.
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         if compact_every > 0 && n % compact_every == 0 {
             compactor.run().unwrap();
         }
@@ -343,7 +343,7 @@ async fn every_read_is_a_consistent_cut_while_compaction_runs() {
     for n in 2..=40u64 {
         log.apply(txn(n)).unwrap();
         // The index stored, as the capture does when idle: compaction may cut past this.
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         let expected = (n + (n - 1) + n.saturating_sub(2)) as i64;
         let count = query(&archive, &log, "SELECT count(*) FROM public.\"Odd Name\"").await;
         assert_eq!(
@@ -499,7 +499,7 @@ async fn row_image_fields_read_alone_equal_the_fields_of_whole_images() {
     let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
     for n in 1..=8 {
         log.apply(versioned_txn(n)).unwrap();
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         if n == 3 || n == 6 {
             compactor.run().unwrap();
         }
@@ -599,7 +599,7 @@ fn archive_of_small_row_groups() -> (tempfile::TempDir, std::path::PathBuf, Chan
     for n in 1..=30 {
         log.apply(txn(n)).unwrap();
         // The index stored, as the capture does when idle: compaction may cut past this.
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         if n == 20 {
             compactor.run().unwrap();
         }
@@ -844,7 +844,7 @@ async fn row_history_reads_the_key_ordered_copy_and_answers_the_same_without_it(
             end_lsn: Lsn(100 * n + 8),
         });
         log.apply(ops).unwrap();
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         if n % 20 == 0 {
             compactor.run().unwrap();
         }
@@ -1083,7 +1083,7 @@ async fn the_newest_matches_read_a_row_group_a_span_of_pages_at_a_time() {
         log.apply(bulk_txn(n, 1 + (n - 1) * per_txn, per_txn, note))
             .unwrap();
     }
-    log.flush_index().unwrap();
+    log.complete_all().unwrap();
     Compactor::new(log.shared(), &archive, CompactOptions::default())
         .run()
         .unwrap();

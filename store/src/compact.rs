@@ -35,8 +35,8 @@ use crate::evidence::signer::Signer;
 use crate::evidence::spill::LeafSpill;
 use crate::keyframe::{self, KEYFRAMES_DIR};
 use crate::log::{
-    CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_INDEX_THROUGH, META_LAST_COMMIT,
-    RELATIONS, SharedLog, TXNS, decode, encode, get_u64, raw_len,
+    CHANGES, CONTEXTS, ContextCursor, LogReader, META, META_LAST_COMMIT, RELATIONS, SharedLog,
+    TXNS, completed_through, decode, encode, raw_len,
 };
 use crate::lsn::{ChangeKey, Lsn};
 use crate::manifest::{
@@ -142,6 +142,11 @@ pub struct Compactor {
     /// Segments whose key index this compactor wrote or checked whole: each is read once per
     /// process, not at every run.
     indexed: std::sync::Mutex<HashSet<String>>,
+    /// Complete the log's records before the cut (see "Completion after acknowledgement" in
+    /// the log's doc): a command that holds the archive ([`for_log`](Self::for_log)) does, so
+    /// that it compacts every finished transaction. Beside a capture, whose writer completes
+    /// when it has nothing to acknowledge, compaction takes what is complete.
+    complete_first: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -227,7 +232,10 @@ fn finish(
 impl Compactor {
     /// A compactor for the archive whose log `log` this process holds.
     pub fn for_log(log: &crate::ChangeLog, options: CompactOptions) -> Compactor {
-        Compactor::new(log.shared(), log.dir(), options)
+        Compactor {
+            complete_first: true,
+            ..Compactor::new(log.shared(), log.dir(), options)
+        }
     }
 
     /// A compactor for the archive in `archive_dir` whose log is `log`.
@@ -237,6 +245,7 @@ impl Compactor {
             segments_dir: archive_dir.join(SEGMENTS_DIR),
             options,
             indexed: std::sync::Mutex::new(HashSet::new()),
+            complete_first: false,
         }
     }
 
@@ -495,6 +504,9 @@ impl Compactor {
 
     /// Move every finished transaction in the log into segments and trim it from the log.
     fn compact_log(&self, report: &mut CompactReport) -> Result<(), CompactError> {
+        if self.complete_first {
+            crate::log::complete_pending(&self.db)?;
+        }
         // One read transaction for the cut and everything read with it (the enum types the
         // segments' descriptions name are those recorded as of the cut).
         let reader = LogReader::from_db(self.db.as_ref())?;
@@ -502,14 +514,22 @@ impl Compactor {
         let meta = rtx.open_table(META)?;
         // The cut: the last finished source transaction. Keys at or below it never change
         // again (replays are skipped whole and recovery only removes keys above it), so the
-        // set read here is exactly the set trimmed below. No further than `index_through`:
-        // the records after it are what a recovery redoes the current-row index from (see
-        // "The current-row index" in the log's doc); the writer only ever moves it forward,
-        // so the value read here stays a safe bound until the trim commits.
+        // set read here is exactly the set trimmed below. No further than the last
+        // transaction completed whole (`completed_through`): the records after it may still
+        // be rewritten by completion, and completion needs the index as of them (see
+        // "Completion after acknowledgement" in the log's doc); it only ever moves forward,
+        // and completion never rewrites a record at or before it, so the value read here stays
+        // a safe bound until the trim commits.
         let last_commit = Lsn(meta_u64(&meta, META_LAST_COMMIT)?);
-        let cut = match get_u64(&meta, META_INDEX_THROUGH)? {
-            Some(through) => last_commit.min(Lsn(through)),
-            None => last_commit,
+        let completed = completed_through(&meta)?;
+        let cut = if completed.seq == u32::MAX {
+            completed.commit_lsn.min(last_commit)
+        } else {
+            // Part of a transaction is complete: the one before it is the last whole one.
+            match rtx.open_table(TXNS)?.range(..completed.commit_lsn.0)?.next_back() {
+                Some(entry) => Lsn(entry?.0.value()),
+                None => Lsn::ZERO,
+            }
         };
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
         let enums = reader.enum_types()?;
@@ -1570,7 +1590,7 @@ mod tests {
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
             // As the capture does when idle: the index stored, the log open to compaction.
-            log.flush_index().unwrap();
+            log.complete_all().unwrap();
             compactor.run().unwrap();
         }
         let segments = archive.join(SEGMENTS_DIR);
@@ -1692,7 +1712,7 @@ mod tests {
         for n in 1..=150 {
             log.apply(txn(n)).unwrap();
         }
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         let report = compactor.run().unwrap();
         assert_eq!(report.key_copies_written, 1);
         let segments = archive.join(SEGMENTS_DIR);
@@ -1804,7 +1824,7 @@ mod tests {
         }));
         ops.push(LogOp::Commit { end_lsn: Lsn(108) });
         log.apply(ops).unwrap();
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         compactor.run().unwrap();
         let manifest = log.reader().unwrap().manifest().unwrap();
         let seg = &manifest.segments[0];
@@ -1835,19 +1855,19 @@ mod tests {
         );
     }
 
-    /// Compaction beside a capture whose current-row index is partly in memory leaves the
-    /// records after `index_through` in the log: a crash then loses the memory, and recovery
-    /// redoes the index from those records (the update after it gets the full before image).
+    /// Compaction beside a capture takes only records the writer has completed: the rest
+    /// stay in the log, shown completed to readers, after a crash too; a compaction by a
+    /// command that holds the log ([`Compactor::for_log`]) completes them first.
     #[test]
-    fn compaction_leaves_what_the_index_is_redone_from() {
+    fn compaction_takes_only_completed_records() {
         let (_dir, archive, mut log, options) = archive_retiring_at_once();
         let compactor = Compactor::new(log.shared(), &archive, options);
         log.apply(txn(1)).unwrap();
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         log.apply(txn(2)).unwrap();
-        assert!(log.index_pending());
+        assert!(log.completion_behind().is_some());
         assert_eq!(compactor.run().unwrap().changes, 2, "transaction 1 only");
-        let in_log = || {
+        let in_log = |log: &ChangeLog| {
             let reader = log.reader().unwrap();
             reader
                 .changes()
@@ -1855,8 +1875,9 @@ mod tests {
                 .map(|e| e.unwrap().0.commit_lsn)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(in_log(), vec![Lsn(200), Lsn(200)]);
+        assert_eq!(in_log(&log), vec![Lsn(200), Lsn(200)]);
         drop(compactor);
+        // A crash: nothing of the writer's memory is needed.
         drop(log);
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply([
@@ -1874,23 +1895,31 @@ mod tests {
             LogOp::Commit { end_lsn: Lsn(308) },
         ])
         .unwrap();
+        // Row 2's latest version is transaction 2's, itself not completed in the log yet.
+        let expected_before = vec![
+            crate::change::Cell::Text("2".into()),
+            crate::change::Cell::Text("a".into()),
+            crate::change::Cell::Text("-12.50".into()),
+        ];
+        let last_before = |log: &ChangeLog| {
+            let reader = log.reader().unwrap();
+            let last = reader.changes().unwrap().last().unwrap().unwrap();
+            (last.0, last.1.before.unwrap())
+        };
+        assert_eq!(last_before(&log), (ChangeKey::new(Lsn(300), 0), expected_before.clone()));
+        assert_eq!(log.reader().unwrap().completed_through().unwrap(), ChangeKey::new(Lsn(100), u32::MAX));
+        let beside_capture = Compactor::new(log.shared(), &archive, CompactOptions::default());
+        assert_eq!(beside_capture.run().unwrap().changes, 0, "nothing more is complete");
+        let holding = Compactor::for_log(&log, CompactOptions::default());
+        assert_eq!(holding.run().unwrap().changes, 3, "completed first");
         let reader = log.reader().unwrap();
-        let last = reader.changes().unwrap().last().unwrap().unwrap().1;
+        let compacted = reader.all_changes(&archive).unwrap();
+        let (key, record) = compacted.last().unwrap();
         assert_eq!(
-            last.before.unwrap(),
-            vec![
-                crate::change::Cell::Text("2".into()),
-                crate::change::Cell::Text("a".into()),
-                crate::change::Cell::Text("-12.50".into())
-            ]
+            (*key, record.before.clone().unwrap()),
+            (ChangeKey::new(Lsn(300), 0), expected_before)
         );
-        drop(reader);
-        // Recovery stored the index through transaction 2, which may go now; transaction 3's
-        // index change is in memory again.
-        let compactor = Compactor::new(log.shared(), &archive, CompactOptions::default());
-        assert_eq!(compactor.run().unwrap().changes, 2);
-        log.flush_index().unwrap();
-        assert_eq!(compactor.run().unwrap().changes, 1);
+        assert_eq!(compacted.len(), 5);
     }
 
     #[test]
@@ -1900,7 +1929,7 @@ mod tests {
         let mut expected = Vec::new();
         for n in 1..=5 {
             log.apply(txn(n)).unwrap();
-            log.flush_index().unwrap();
+            log.complete_all().unwrap();
             expected.extend(
                 log.reader()
                     .unwrap()
@@ -1969,7 +1998,7 @@ mod tests {
         let mut log = ChangeLog::open(&archive).unwrap();
         for n in 1..=6 {
             log.apply(txn(n)).unwrap();
-            log.flush_index().unwrap();
+            log.complete_all().unwrap();
         }
         let segment = SegmentOptions {
             row_group_rows: 2,
@@ -2027,7 +2056,7 @@ mod tests {
         let archive = dir.path().join("a");
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply(txn(1)).unwrap();
-        log.flush_index().unwrap();
+        log.complete_all().unwrap();
         Compactor::new(log.shared(), &archive, CompactOptions::default())
             .run()
             .unwrap();

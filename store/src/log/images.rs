@@ -1,28 +1,18 @@
-//! Row-image completion and the current-row index: the stored record of an incoming change
-//! gets complete `before`/`after` images from the old tuple and the log's latest version of
-//! the row, values PostgreSQL did not send and the log cannot know are marked unknown, and the
-//! index is kept current: in memory first ([`IndexOverlay`]) for transactions that finish in
-//! the batch that began them, written through with undo rows for those that span batches, and
-//! rebuilt from the log's own records by recovery (see "Commit protocol" and "The current-row
-//! index" in the parent module's doc).
+//! Row-image completion and the current-row index. The writer stores each incoming change
+//! with the images PostgreSQL sent ([`received_change`]); completion, behind it, fills what
+//! the old tuple left out from the log's latest version of the row, in commit order, and
+//! keeps the index of those versions ([`Completer`], [`complete_step`]). Values PostgreSQL did
+//! not send and the log cannot know stay marked unknown. See "Completion after
+//! acknowledgement" in the parent module's doc for why this is safe at every point.
 
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
 
 use super::*;
 
-/// The overlay is written to `current_rows` at the end of a batch once it holds this many
-/// bytes (keys, rows and a map entry's overhead): its memory, and the work a recovery redoes.
-const OVERLAY_MAX_BYTES: usize = 16 << 20;
-
-/// ... or once its oldest entry is this old: how far the index's stored state lags the log
-/// under steady load, which is also how far compaction's cut lags the last commit (the log
-/// keeps what recovery would replay).
-const OVERLAY_MAX_AGE: Duration = Duration::from_secs(5);
-
-/// A map entry's memory beyond its key and row bytes, counted toward [`OVERLAY_MAX_BYTES`].
+/// A map entry's memory beyond its key and row bytes.
 const OVERLAY_ENTRY_OVERHEAD: usize = 96;
 
-/// What one overlay entry counts toward [`OVERLAY_MAX_BYTES`].
+/// What one overlay entry counts toward [`IndexOverlay::bytes`].
 fn entry_size(key: &[u8], row: Option<&[u8]>) -> usize {
     key.len() + row.map_or(0, <[u8]>::len) + OVERLAY_ENTRY_OVERHEAD
 }
@@ -36,45 +26,29 @@ fn remove_stored_rows(current: &mut RowKeyed<'_>, relation_id: u32) -> Result<()
     Ok(())
 }
 
-/// The current-row index's changes not yet written to `current_rows`: `(relation_id, encoded
-/// key)` to the encoded row, or `None` for a row that is gone. Only transactions that finished
-/// in the batch that began them (`InFlight::atomic`) write here, so it never holds anything
-/// of an unfinished transaction, and losing it (a crash, a failed batch) loses nothing: it is
-/// the effect of committed log records after `meta.index_through`, which recovery replays.
-/// Under pgbench's load the index's writes were a fifth of the capture's CPU and most of the
-/// pages each durable commit rewrote (README, Performance): here a hot row is rewritten once
-/// per flush instead of once per commit, and the pages of a flush are written once.
+/// A completer's changes to the current-row index, over the stored `current_rows`:
+/// `(relation_id, encoded key)` to the encoded row, or `None` for a row that is gone, and the
+/// relations whose stored rows are all gone (a TRUNCATE, or a snapshot of the table). A
+/// completion step writes it out in its own commit, each key once and in key order (a hot
+/// row is written once per step, not once per change); a reader's completer drops it.
 #[derive(Default)]
 pub(super) struct IndexOverlay {
     /// By relation, then by encoded key.
     entries: HashMap<u32, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// Relations whose stored rows are gone: a key the overlay does not have has no row.
+    forgotten: HashSet<u32>,
+    /// The entries' memory, about.
     bytes: usize,
-    /// When the oldest entry was written.
-    since: Option<Instant>,
 }
 
 impl IndexOverlay {
-    pub(super) fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    /// Whether the end of this batch should write the overlay out.
-    pub(super) fn is_due(&self) -> bool {
-        self.bytes >= OVERLAY_MAX_BYTES
-            || self.since.is_some_and(|t| t.elapsed() >= OVERLAY_MAX_AGE)
-    }
-
-    pub(super) fn clear(&mut self) {
-        *self = IndexOverlay::default();
-    }
-
     /// The overlay's state of a key: `None` when it has none (the stored index has the newer
     /// state), `Some(None)` when the row is gone.
     fn get(&self, relation_id: u32, key: &[u8]) -> Option<Option<&[u8]>> {
-        self.entries
-            .get(&relation_id)?
-            .get(key)
-            .map(Option::as_deref)
+        match self.entries.get(&relation_id).and_then(|rows| rows.get(key)) {
+            Some(row) => Some(row.as_deref()),
+            None => self.forgotten.contains(&relation_id).then_some(None),
+        }
     }
 
     fn put(&mut self, relation_id: u32, key: Vec<u8>, row: Option<Vec<u8>>) {
@@ -84,25 +58,28 @@ impl IndexOverlay {
             self.bytes -= entry_size(&key, old.as_deref());
         }
         rows.insert(key, row);
-        self.since.get_or_insert_with(Instant::now);
     }
 
-    /// Forget a relation's entries (its rows are all gone).
+    /// Every row of a relation is gone.
     fn forget(&mut self, relation_id: u32) {
         if let Some(rows) = self.entries.remove(&relation_id) {
             for (key, row) in rows {
                 self.bytes -= entry_size(&key, row.as_deref());
             }
         }
-        if self.entries.is_empty() {
-            self.clear();
-        }
+        self.forgotten.insert(relation_id);
     }
 
-    /// Write every entry to `current_rows`, in key order (neighbouring keys share pages), and
-    /// empty the overlay.
-    pub(super) fn write_to(&mut self, current: &mut RowKeyed<'_>) -> Result<(), LogError> {
-        let mut relations: Vec<_> = std::mem::take(&mut self.entries).into_iter().collect();
+    /// Write it to `current_rows`: the forgotten relations' stored rows removed first, then
+    /// every entry (all later than the forgetting) in key order, as neighbouring keys share
+    /// pages.
+    fn write_to(self, current: &mut RowKeyed<'_>) -> Result<(), LogError> {
+        let mut forgotten: Vec<u32> = self.forgotten.into_iter().collect();
+        forgotten.sort_unstable();
+        for relation_id in forgotten {
+            remove_stored_rows(current, relation_id)?;
+        }
+        let mut relations: Vec<_> = self.entries.into_iter().collect();
         relations.sort_unstable_by_key(|(relation_id, _)| *relation_id);
         for (relation_id, rows) in relations {
             let mut rows: Vec<_> = rows.into_iter().collect();
@@ -114,7 +91,6 @@ impl IndexOverlay {
                 };
             }
         }
-        self.clear();
         Ok(())
     }
 }
@@ -122,41 +98,32 @@ impl IndexOverlay {
 /// A table keyed by `(relation_id, encoded key)`: the current-row index and the undo tables.
 pub(super) type RowKeyed<'w> = redb::Table<'w, (u32, &'static [u8]), &'static [u8]>;
 
+/// The tables a batch of the writer writes.
 pub(super) struct Tables<'w> {
     pub(super) changes: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) txns: redb::Table<'w, u64, &'static [u8]>,
     pub(super) relations: redb::Table<'w, (u32, u64, u32), &'static [u8]>,
     pub(super) types: redb::Table<'w, u32, &'static [u8]>,
-    pub(super) current: RowKeyed<'w>,
-    pub(super) undo: [RowKeyed<'w>; 2],
     pub(super) snapshots: redb::Table<'w, u64, i64>,
     pub(super) snapshot_scope: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) contexts: redb::Table<'w, (u64, u32), &'static [u8]>,
     pub(super) scratch: Vec<u8>,
-    pub(super) overlay: IndexOverlay,
 }
 
-/// Build the stored record of one incoming change: complete the before and after images from
-/// the old tuple and the current-row index, and keep the index current.
-pub(super) fn complete_change(
-    t: &mut Tables<'_>,
+/// Build the stored record of one incoming change from what PostgreSQL sent alone: the writer
+/// reads no earlier version of the row (see "Completion after acknowledgement" in the parent
+/// module's doc). An update's or delete's before image under REPLICA IDENTITY DEFAULT is then
+/// its key columns with every other value unknown, and an unsent (`u`) value of the after
+/// image is unknown unless the before image knows it; [`Completer::complete`] fills them from
+/// the row's latest version later, exactly as if the version had been looked up here.
+pub(super) fn received_change(
     rel: &RelationVersion,
     tx: &InFlight,
     change: IncomingChange,
-) -> Result<ChangeRecord, LogError> {
+) -> ChangeRecord {
     let key_pos = rel.key_positions();
-    let indexed = indexed(rel.replica_identity, &key_pos);
     let width = rel.columns.len();
     let key_of = |row: &Row| (!key_pos.is_empty()).then(|| row_key(row, &key_pos));
-    let key_from_incoming = |cells: &[IncomingCell]| -> Vec<Option<String>> {
-        key_pos
-            .iter()
-            .map(|&i| match cells.get(i) {
-                Some(IncomingCell::Text(s)) => Some(s.clone()),
-                _ => None,
-            })
-            .collect()
-    };
     let mut before: Option<Row> = None;
     let mut after: Option<Row> = None;
     let mut key = None;
@@ -169,25 +136,10 @@ pub(super) fn complete_change(
         }
         Op::Update => {
             let new = change.new.unwrap_or_default();
-            let lookup_key = match &change.old {
-                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => {
-                    key_from_incoming(cells)
-                }
-                None => key_from_incoming(&new),
-            };
-            let prev = if indexed {
-                get_current(t, rel.relation_id, &lookup_key)?
-            } else {
-                None
-            };
             let b = match change.old {
-                Some(OldImage::Full(cells)) => fill_row(cells, prev.as_ref(), width),
-                Some(OldImage::Key(cells)) => prev
-                    .clone()
-                    .unwrap_or_else(|| key_only_row(&cells, &key_pos, width)),
-                None => prev
-                    .clone()
-                    .unwrap_or_else(|| key_only_row(&new, &key_pos, width)),
+                Some(OldImage::Full(cells)) => fill_row(cells, None, width),
+                Some(OldImage::Key(cells)) => key_only_row(&cells, &key_pos, width),
+                None => key_only_row(&new, &key_pos, width),
             };
             let a = fill_row(new, Some(&b), width);
             key = key_of(&a);
@@ -195,22 +147,9 @@ pub(super) fn complete_change(
             after = Some(a);
         }
         Op::Delete => {
-            let lookup_key = match &change.old {
-                Some(OldImage::Key(cells)) | Some(OldImage::Full(cells)) => {
-                    key_from_incoming(cells)
-                }
-                None => Vec::new(),
-            };
-            let prev = if indexed {
-                get_current(t, rel.relation_id, &lookup_key)?
-            } else {
-                None
-            };
             let b = match change.old {
-                Some(OldImage::Full(cells)) => fill_row(cells, prev.as_ref(), width),
-                Some(OldImage::Key(cells)) => {
-                    prev.unwrap_or_else(|| key_only_row(&cells, &key_pos, width))
-                }
+                Some(OldImage::Full(cells)) => fill_row(cells, None, width),
+                Some(OldImage::Key(cells)) => key_only_row(&cells, &key_pos, width),
                 None => vec![Cell::Unknown; width],
             };
             key = key_of(&b);
@@ -218,7 +157,7 @@ pub(super) fn complete_change(
         }
         Op::Truncate | Op::Message => {}
     }
-    let record = ChangeRecord {
+    ChangeRecord {
         xid: tx.xid,
         committed_at_us: tx.committed_at_us,
         relation_id: rel.relation_id,
@@ -230,16 +169,325 @@ pub(super) fn complete_change(
         // Kept once per run in `contexts` (see `LogOp::Context`), not in every record.
         context: None,
         message: None,
-    };
-    if indexed {
-        for write in index_writes(&record, &key_pos).into_iter().flatten() {
-            match write {
-                IndexWrite::Row(key, row) => set_current(t, rel.relation_id, tx, &key, row)?,
-                IndexWrite::Forget => forget_current_rows(t, rel.relation_id, tx)?,
+    }
+}
+
+/// Completes stored records in commit order and keeps the current-row index as it goes: the
+/// one procedure behind the writer's completion steps ([`complete_step`]) and a reader's view
+/// of the records not completed yet ([`LogReader::changes`]), so that what a reader shows
+/// before a step is what the step stores. It starts from `current_rows` as of
+/// `meta.completed_through` and holds its own changes to the index in an [`IndexOverlay`].
+#[derive(Default)]
+pub(super) struct Completer {
+    pub(super) overlay: IndexOverlay,
+    /// The key columns of each schema version met, or `None` where no index is kept.
+    shapes: HashMap<(u32, ChangeKey), Option<Vec<usize>>>,
+}
+
+impl Completer {
+    /// Complete `record`, stored under `key`, from the index as of just before it (the stored
+    /// index `current` under this completer's overlay), then apply its own index changes.
+    /// Returns whether the record changed (a stored one must be written again).
+    ///
+    /// Only where the index is kept (REPLICA IDENTITY DEFAULT or USING INDEX, with a key) and
+    /// the row's latest version is known: an update's before image becomes that version (as
+    /// PostgreSQL sent only its key, or nothing when the key did not change), and each unknown
+    /// value of its after image (an unchanged TOAST value) takes the before image's; a delete's
+    /// before image becomes that version, unless no key value was sent (an old image entirely
+    /// unknown names no row). A record completed already completes to itself: the index as of
+    /// just before it holds the version it was completed from.
+    pub(super) fn complete(
+        &mut self,
+        current: &impl ReadableTable<(u32, &'static [u8]), &'static [u8]>,
+        relations: &impl ReadableTable<(u32, u64, u32), &'static [u8]>,
+        key: ChangeKey,
+        record: &mut ChangeRecord,
+    ) -> Result<bool, LogError> {
+        if record.op == Op::Message {
+            return Ok(false);
+        }
+        let Some(key_pos) = self.key_positions(relations, key, record)? else {
+            return Ok(false);
+        };
+        let key_pos = key_pos.to_vec();
+        let mut changed = false;
+        let lookup = match (record.op, &record.before) {
+            (Op::Update, Some(before)) => Some(row_key(before, &key_pos)),
+            (Op::Delete, Some(before))
+                if key_pos.iter().any(|&i| !matches!(before.get(i), Some(Cell::Unknown) | None)) =>
+            {
+                Some(row_key(before, &key_pos))
+            }
+            _ => None,
+        };
+        if let Some(lookup) = lookup
+            && let Some(latest) = self.latest(current, record.relation_id, &lookup)?
+        {
+            if record.before.as_ref() != Some(&latest) {
+                record.before = Some(latest);
+                changed = true;
+            }
+            if let (Some(before), Some(after)) = (&record.before, &mut record.after) {
+                for (cell, known) in after.iter_mut().zip(before) {
+                    if matches!(cell, Cell::Unknown) && matches!(known, Cell::Null | Cell::Text(_)) {
+                        *cell = known.clone();
+                        changed = true;
+                    }
+                }
+            }
+            let completed_key = match record.op {
+                Op::Update => record.after.as_ref().map(|a| row_key(a, &key_pos)),
+                _ => record.before.as_ref().map(|b| row_key(b, &key_pos)),
+            };
+            if record.key != completed_key {
+                record.key = completed_key;
+                changed = true;
             }
         }
+        let relation_id = record.relation_id;
+        for write in index_writes(record, &key_pos).into_iter().flatten() {
+            match write {
+                IndexWrite::Row(key, row) => {
+                    let row = row.map(encode);
+                    self.overlay.put(relation_id, encode_plain(&key), row);
+                }
+                IndexWrite::Forget => self.overlay.forget(relation_id),
+            }
+        }
+        Ok(changed)
     }
-    Ok(record)
+
+    /// The row's latest version as of the last record completed: this completer's own, or
+    /// the stored index's.
+    fn latest(
+        &self,
+        current: &impl ReadableTable<(u32, &'static [u8]), &'static [u8]>,
+        relation_id: u32,
+        key: &[Option<String>],
+    ) -> Result<Option<Row>, LogError> {
+        let k = encode_plain(&key);
+        if let Some(row) = self.overlay.get(relation_id, &k) {
+            return row.map(|bytes| decode(bytes, "current_rows")).transpose();
+        }
+        match current.get((relation_id, k.as_slice()))? {
+            Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The key columns of the record's schema version, or `None` where the index is not kept
+    /// (REPLICA IDENTITY FULL, whose old tuple is the whole row, or no key).
+    fn key_positions(
+        &mut self,
+        relations: &impl ReadableTable<(u32, u64, u32), &'static [u8]>,
+        key: ChangeKey,
+        record: &ChangeRecord,
+    ) -> Result<Option<&[usize]>, LogError> {
+        let shape = match self.shapes.entry((record.relation_id, record.schema_version)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let version = record.schema_version;
+                let stored = relations
+                    .get((record.relation_id, version.commit_lsn.0, version.seq))?
+                    .ok_or_else(|| LogError::Corrupt {
+                        what: "relations".into(),
+                        source: format!(
+                            "change {key} names schema version {version} of relation {}, \
+                             which the log does not hold",
+                            record.relation_id
+                        )
+                        .into(),
+                    })?;
+                let rel: RelationVersion = decode(stored.value(), "relations")?;
+                let key_pos = rel.key_positions();
+                e.insert(indexed(rel.replica_identity, &key_pos).then_some(key_pos))
+            }
+        };
+        Ok(shape.as_deref())
+    }
+}
+
+/// The snapshot transactions whose tables' rows the index forgets, in commit order: a
+/// snapshot (of pgtrail's, or of a table created and published in the transaction) forgets
+/// its relation's rows before its own, at the start of its transaction, which holds no earlier
+/// change of that relation. Those committed after `after` through `through`.
+pub(super) fn snapshot_forgets(
+    snapshot_scope: &impl ReadableTable<(u64, u32), &'static [u8]>,
+    after: Lsn,
+    through: Lsn,
+) -> Result<Vec<(u64, u32)>, LogError> {
+    if through <= after {
+        return Ok(Default::default());
+    }
+    Ok(snapshot_scope
+        .range((after.0 + 1, 0u32)..=(through.0, u32::MAX))?
+        .map(|e| e.map(|(k, _)| k.value()))
+        .collect::<Result<_, _>>()?)
+}
+
+/// Records completed per [`complete_step`] at most: how long one step holds the log's write
+/// lock (the writer's acknowledgements wait for it), and the memory its overlay and
+/// rewritten records take.
+pub(super) const STEP_RECORDS: usize = 50_000;
+
+/// One step of completion in `wtx`: complete the stored records after
+/// `meta.completed_through`, in key order, up to `budget` of them (at least one; the writer's
+/// [`STEP_RECORDS`]) and no further than
+/// the last finished transaction; write back those that changed and the index's changes
+/// (each key once, in key order); and move `completed_through` to the last record completed,
+/// or to the end of the last finished transaction when every one is. All in `wtx`, so a crash
+/// keeps the step whole or not at all, and the next step redoes it from the records.
+/// Returns the new `completed_through` and whether it reached the last finished transaction.
+pub(crate) fn complete_step(
+    wtx: &redb::WriteTransaction,
+    budget: usize,
+) -> Result<(ChangeKey, bool), LogError> {
+    let budget = budget.max(1);
+    let mut meta = wtx.open_table(META)?;
+    let last_commit = Lsn(get_u64(&meta, META_LAST_COMMIT)?.unwrap_or(0));
+    let from = completed_through(&meta)?;
+    let end = ChangeKey::new(last_commit, u32::MAX);
+    if from >= end {
+        return Ok((from, true));
+    }
+    let mut changes = wtx.open_table(CHANGES)?;
+    let mut current = wtx.open_table(CURRENT)?;
+    let relations = wtx.open_table(RELATIONS)?;
+    let scope = wtx.open_table(SNAPSHOT_SCOPE)?;
+    let mut forgets = snapshot_forgets(&scope, from.commit_lsn, last_commit)?
+        .into_iter()
+        .peekable();
+    let batch: Vec<(ChangeKey, ChangeRecord)> = changes
+        .range(after_through(from, last_commit))?
+        .take(budget)
+        .map(|e| {
+            let (k, v) = e?;
+            let (lsn, seq) = k.value();
+            Ok((ChangeKey::new(Lsn(lsn), seq), decode(v.value(), "changes")?))
+        })
+        .collect::<Result<_, LogError>>()?;
+    let caught_up = batch.len() < budget;
+    let last = batch.last().map(|(k, _)| *k);
+    let mut completer = Completer::default();
+    let mut rewrites = Vec::new();
+    for (key, mut record) in batch {
+        while let Some((_, relation_id)) = forgets.next_if(|(at, _)| *at <= key.commit_lsn.0) {
+            completer.overlay.forget(relation_id);
+        }
+        if completer.complete(&current, &relations, key, &mut record)? {
+            rewrites.push((key, record));
+        }
+    }
+    let through = if caught_up {
+        // Snapshots after the last record (of empty tables) forget their rows too.
+        for (_, relation_id) in forgets {
+            completer.overlay.forget(relation_id);
+        }
+        end
+    } else {
+        last.unwrap_or(from)
+    };
+    let mut scratch = Vec::new();
+    for (key, record) in &rewrites {
+        encode_into(&mut scratch, record);
+        changes.insert((key.commit_lsn.0, key.seq), scratch.as_slice())?;
+    }
+    completer.overlay.write_to(&mut current)?;
+    set_completed_through(&mut meta, through)?;
+    Ok((through, caught_up))
+}
+
+/// A reader's view of the records not completed yet (after `meta.completed_through`):
+/// each completed in memory as a completion step would store it, nothing written.
+pub(super) struct PendingView {
+    completer: Completer,
+    current: redb::ReadOnlyTable<(u32, &'static [u8]), &'static [u8]>,
+    relations: redb::ReadOnlyTable<(u32, u64, u32), &'static [u8]>,
+    forgets: std::iter::Peekable<std::vec::IntoIter<(u64, u32)>>,
+}
+
+impl PendingView {
+    /// The view of `rtx`'s records after `through` up to its last commit, `last_commit`.
+    pub(super) fn open(
+        rtx: &redb::ReadTransaction,
+        through: ChangeKey,
+        last_commit: Lsn,
+    ) -> Result<PendingView, LogError> {
+        let scope = rtx.open_table(SNAPSHOT_SCOPE)?;
+        Ok(PendingView {
+            completer: Completer::default(),
+            current: rtx.open_table(CURRENT)?,
+            relations: rtx.open_table(RELATIONS)?,
+            forgets: snapshot_forgets(&scope, through.commit_lsn, last_commit)?
+                .into_iter()
+                .peekable(),
+        })
+    }
+
+    /// Complete `record`, the next record after the last one given (key order).
+    pub(super) fn complete(
+        &mut self,
+        key: ChangeKey,
+        record: &mut ChangeRecord,
+    ) -> Result<(), LogError> {
+        while let Some((_, relation_id)) =
+            self.forgets.next_if(|(at, _)| *at <= key.commit_lsn.0)
+        {
+            self.completer.overlay.forget(relation_id);
+        }
+        self.completer
+            .complete(&self.current, &self.relations, key, record)?;
+        Ok(())
+    }
+}
+
+/// The keys after `from` through the end of the transaction committed at `last_commit`.
+pub(super) fn after_through(
+    from: ChangeKey,
+    last_commit: Lsn,
+) -> (std::ops::Bound<(u64, u32)>, std::ops::Bound<(u64, u32)>) {
+    use std::ops::Bound;
+    (
+        Bound::Excluded((from.commit_lsn.0, from.seq)),
+        Bound::Included((last_commit.0, u32::MAX)),
+    )
+}
+
+/// `meta.completed_through`: every record at or before it is complete, and `current_rows`
+/// is the index as of it. A log without it is of version 7 or earlier, not yet opened by a
+/// writer of version 8 (whose recovery writes it first), and every record of those versions
+/// is complete: through its last commit.
+pub(crate) fn completed_through(
+    meta: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> Result<ChangeKey, LogError> {
+    match meta.get(META_COMPLETED_THROUGH)? {
+        None => Ok(ChangeKey::new(
+            Lsn(get_u64(meta, META_LAST_COMMIT)?.unwrap_or(0)),
+            u32::MAX,
+        )),
+        Some(v) => {
+            let bytes: [u8; 12] = v.value().try_into().map_err(|_| LogError::Corrupt {
+                what: format!("meta {META_COMPLETED_THROUGH}"),
+                source: "not 12 bytes".into(),
+            })?;
+            let (lsn, seq) = bytes.split_at(8);
+            Ok(ChangeKey::new(
+                Lsn(u64::from_le_bytes(lsn.try_into().unwrap_or_default())),
+                u32::from_le_bytes(seq.try_into().unwrap_or_default()),
+            ))
+        }
+    }
+}
+
+pub(super) fn set_completed_through(
+    meta: &mut redb::Table<'_, &'static str, &'static [u8]>,
+    through: ChangeKey,
+) -> Result<(), LogError> {
+    let mut bytes = [0u8; 12];
+    bytes[..8].copy_from_slice(&through.commit_lsn.0.to_le_bytes());
+    bytes[8..].copy_from_slice(&through.seq.to_le_bytes());
+    meta.insert(META_COMPLETED_THROUGH, bytes.as_slice())?;
+    Ok(())
 }
 
 /// Whether the log keeps the current-row index for a relation of this replica identity and
@@ -288,37 +536,6 @@ pub(super) fn index_writes<'r>(
     }
 }
 
-/// Remove every current row of a relation from the index (a TRUNCATE, or a snapshot of the
-/// table), saving undo rows when the transaction spans batches.
-pub(super) fn forget_current_rows(
-    t: &mut Tables<'_>,
-    relation_id: u32,
-    tx: &InFlight,
-) -> Result<(), LogError> {
-    if tx.atomic {
-        // Nothing of the transaction outlives a failed batch, so no undo rows. The stored rows
-        // go now, ahead of `index_through`: after a crash, recovery's replay from
-        // `index_through` reaches this transaction's forgetting again, and every row it sets
-        // for the relation after it (see `replay_index`).
-        t.overlay.forget(relation_id);
-        return remove_stored_rows(&mut t.current, relation_id);
-    }
-    let keys = t
-        .current
-        .range((relation_id, &[][..])..(relation_id + 1, &[][..]))?
-        .map(|e| e.map(|(k, _)| k.value().1.to_vec()))
-        .collect::<Result<Vec<Vec<u8>>, _>>()?;
-    for k in keys {
-        let old = t.current.remove((relation_id, k.as_slice()))?;
-        if !tx.atomic {
-            let undo = undo_value(old.as_ref().map(|v| v.value()));
-            drop(old);
-            save_undo(t, tx.undo_slot, relation_id, &k, &undo)?;
-        }
-    }
-    Ok(())
-}
-
 /// The key column values of a complete row (text form; NULL or unknown as `None`).
 pub(super) fn row_key(row: &Row, key_pos: &[usize]) -> Vec<Option<String>> {
     key_pos
@@ -361,100 +578,8 @@ pub(super) fn key_only_row(cells: &[IncomingCell], key_pos: &[usize], width: usi
         .collect()
 }
 
-pub(super) fn get_current(
-    t: &Tables<'_>,
-    relation_id: u32,
-    key: &[Option<String>],
-) -> Result<Option<Row>, LogError> {
-    let k = encode_plain(&key);
-    // The overlay holds the newer state where it has the key (never during a spanning
-    // transaction, whose Begin wrote it out).
-    if let Some(row) = t.overlay.get(relation_id, &k) {
-        return row.map(|bytes| decode(bytes, "current_rows")).transpose();
-    }
-    match t.current.get((relation_id, k.as_slice()))? {
-        Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
-        None => Ok(None),
-    }
-}
-
-pub(super) fn set_current(
-    t: &mut Tables<'_>,
-    relation_id: u32,
-    tx: &InFlight,
-    key: &[Option<String>],
-    row: Option<&Row>,
-) -> Result<(), LogError> {
-    let k = encode_plain(&key);
-    if tx.atomic {
-        // A transaction that finishes in this batch: its index changes wait in the overlay
-        // (the batch's commit stores the transaction's records, from which recovery can redo
-        // them), and need no undo rows.
-        // Encoded into the reused buffer, then copied in one allocation of the right size
-        // (see `encode_into`).
-        let row = row.map(|row| {
-            encode_into(&mut t.scratch, row);
-            t.scratch.clone()
-        });
-        t.overlay.put(relation_id, k, row);
-        return Ok(());
-    }
-    // The replaced value comes back from the insert or remove itself: one lookup, not two.
-    let undo = match row {
-        Some(row) => {
-            encode_into(&mut t.scratch, row);
-            let old = t
-                .current
-                .insert((relation_id, k.as_slice()), t.scratch.as_slice())?;
-            (!tx.atomic).then(|| undo_value(old.as_ref().map(|v| v.value())))
-        }
-        None => {
-            let old = t.current.remove((relation_id, k.as_slice()))?;
-            (!tx.atomic).then(|| undo_value(old.as_ref().map(|v| v.value())))
-        }
-    };
-    if let Some(undo) = undo {
-        save_undo(t, tx.undo_slot, relation_id, &k, &undo)?;
-    }
-    Ok(())
-}
-
-/// Remember a current-row entry as it was before the open transaction first touched it
-/// (`value` from [`undo_value`]), so that recovery can put it back if the transaction never
-/// finishes.
-pub(super) fn save_undo(
-    t: &mut Tables<'_>,
-    slot: usize,
-    relation_id: u32,
-    key: &[u8],
-    value: &[u8],
-) -> Result<(), LogError> {
-    let undo = &mut t.undo[slot];
-    // One insert in the common case; when the transaction touched this key before, the first
-    // value (the one from before the transaction) is put back.
-    let earlier = undo
-        .insert((relation_id, key), value)?
-        .map(|v| v.value().to_vec());
-    if let Some(earlier) = earlier {
-        undo.insert((relation_id, key), earlier.as_slice())?;
-    }
-    Ok(())
-}
-
-/// An undo table's value: `0` when the key had no current row, `1` and the stored
-/// `current_rows` value otherwise. [`parse_undo_value`] reads it back.
-pub(super) fn undo_value(old: Option<&[u8]>) -> Vec<u8> {
-    let mut value = Vec::with_capacity(1 + old.map_or(0, <[u8]>::len));
-    match old {
-        Some(bytes) => {
-            value.push(1);
-            value.extend_from_slice(bytes);
-        }
-        None => value.push(0),
-    }
-    value
-}
-
+/// An undo table's value (version 7 and earlier wrote them): `0` when the key had no current
+/// row, `1` and the stored `current_rows` value otherwise.
 pub(super) fn parse_undo_value(value: &[u8]) -> Result<Option<&[u8]>, LogError> {
     match value.split_first() {
         Some((1, row)) => Ok(Some(row)),
@@ -464,95 +589,4 @@ pub(super) fn parse_undo_value(value: &[u8]) -> Result<Option<&[u8]>, LogError> 
             source: "an undo value is neither absent (0) nor a row (1)".into(),
         }),
     }
-}
-
-/// Redo, into `current_rows`, the index changes of the committed transactions after `from`
-/// through `through` (commit LSNs), from their stored records; the number of records redone.
-/// Recovery runs it from `meta.index_through`, the commit through which `current_rows` held
-/// the index when the overlay was last written out, to the last commit: what the overlay held
-/// when a crash (or a failed batch) took it. Every step writes a row's state outright (or
-/// forgets a relation's rows), in commit order, so it is right whatever part of those
-/// transactions the stored index already holds (a forgetting is written ahead of the overlay,
-/// see [`forget_current_rows`]), and running it again after a crash during recovery repeats
-/// the same result.
-pub(super) fn replay_index(
-    current: &mut RowKeyed<'_>,
-    changes: &impl ReadableTable<(u64, u32), &'static [u8]>,
-    relations: &impl ReadableTable<(u32, u64, u32), &'static [u8]>,
-    snapshot_scope: &impl ReadableTable<(u64, u32), &'static [u8]>,
-    from: Lsn,
-    through: Lsn,
-) -> Result<u64, LogError> {
-    if through <= from {
-        return Ok(0);
-    }
-    let range = (from.0 + 1, 0u32)..=(through.0, u32::MAX);
-    // A snapshot (of pgtrail's, or of a table created and published in the transaction)
-    // forgets its relation's rows before its own: at the start of its transaction, which
-    // holds no earlier change of that relation (the relation is empty at the mark).
-    let mut forgets = snapshot_scope
-        .range(range.clone())?
-        .map(|e| e.map(|(k, _)| k.value()))
-        .collect::<Result<Vec<(u64, u32)>, _>>()?
-        .into_iter()
-        .peekable();
-    let mut shapes: HashMap<(u32, ChangeKey), Option<Vec<usize>>> = HashMap::new();
-    let mut redone = 0u64;
-    for entry in changes.range(range)? {
-        let (k, v) = entry?;
-        let (lsn, _) = k.value();
-        while let Some((_, relation_id)) = forgets.next_if(|(at, _)| *at <= lsn) {
-            remove_stored_rows(current, relation_id)?;
-        }
-        let record: ChangeRecord = decode(v.value(), "changes")?;
-        if record.op == Op::Message {
-            continue;
-        }
-        // The key columns of the record's schema version, or `None` where the live path
-        // keeps no index (REPLICA IDENTITY FULL, or no key).
-        let key_pos = match shapes.entry((record.relation_id, record.schema_version)) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                let version = record.schema_version;
-                let stored = relations
-                    .get((record.relation_id, version.commit_lsn.0, version.seq))?
-                    .ok_or_else(|| LogError::Corrupt {
-                        what: "relations".into(),
-                        source: format!(
-                            "change {} names schema version {version} of relation {}, which \
-                             the log does not hold",
-                            ChangeKey::new(Lsn(lsn), k.value().1),
-                            record.relation_id
-                        )
-                        .into(),
-                    })?;
-                let rel: RelationVersion = decode(stored.value(), "relations")?;
-                let key_pos = rel.key_positions();
-                e.insert(indexed(rel.replica_identity, &key_pos).then_some(key_pos))
-            }
-        };
-        let Some(key_pos) = key_pos.as_deref() else {
-            continue;
-        };
-        let relation_id = record.relation_id;
-        for write in index_writes(&record, key_pos).into_iter().flatten() {
-            match write {
-                IndexWrite::Row(key, row) => {
-                    let key = encode_plain(&key);
-                    match row {
-                        Some(row) => {
-                            current.insert((relation_id, key.as_slice()), encode(row).as_slice())?
-                        }
-                        None => current.remove((relation_id, key.as_slice()))?,
-                    };
-                }
-                IndexWrite::Forget => remove_stored_rows(current, relation_id)?,
-            }
-        }
-        redone += 1;
-    }
-    for (_, relation_id) in forgets {
-        remove_stored_rows(current, relation_id)?;
-    }
-    Ok(redone)
 }

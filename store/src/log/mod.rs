@@ -119,6 +119,7 @@ mod schema;
 pub use codec::fuzzing;
 pub(crate) use codec::{decode, encode, encode_into, encode_plain, get_u64, raw_len};
 pub(crate) use contexts::ContextCursor;
+pub(crate) use images::completed_through;
 use images::*;
 pub use reader::{ChangeEntry, LogReader, SharedLog};
 pub(crate) use schema::*;
@@ -380,11 +381,6 @@ struct InFlight {
     context: Option<String>,
     saw_context: bool,
     skip: bool,
-    /// The transaction's Commit is in the same redb write transaction as its Begin: its
-    /// current-row index changes commit or vanish together with it, so no undo rows.
-    atomic: bool,
-    /// Which of the two undo tables a spanning (not atomic) transaction writes.
-    undo_slot: usize,
 }
 
 /// The redb change log of one archive. It has one writer (the capture writer thread owns
@@ -402,18 +398,17 @@ pub struct ChangeLog {
     inflight: Option<InFlight>,
     /// Set when an apply failed half-way: the in-memory state no longer matches the file.
     poisoned: bool,
-    /// Whether the Begin being applied has its Commit in the same batch (see
-    /// `InFlight::atomic`).
-    begin_atomic: bool,
-    /// The undo table the next spanning transaction writes (alternates).
-    next_undo_slot: usize,
-    /// The undo tables of spanning transactions finished in the batch being applied: deleted
-    /// before that batch's redb commit.
-    finished_undo: [bool; 2],
     /// The buffer every stored value is encoded into (reused).
     scratch: Vec<u8>,
-    /// The current-row index's changes not yet in `current_rows` (see "The current-row index").
-    overlay: IndexOverlay,
+    /// `meta.completed_through` as this handle last wrote or read it (a compactor's steps
+    /// may have moved it further since: see [`complete_step`](Self::complete_step)).
+    completed_through: ChangeKey,
+    /// Since when a finished transaction has waited for completion, in this process, and
+    /// how many changes have been stored since.
+    completion_due_since: Option<std::time::Instant>,
+    changes_to_complete: u64,
+    /// Records completed per step at most ([`images::STEP_RECORDS`]; tests take fewer).
+    step_records: usize,
     /// `meta` entries of the capture's catalog watch ([`LogOp::CatalogSeen`],
     /// [`LogOp::LeftOut`], [`LogOp::Layouts`]) not yet written: key to encoded value, the
     /// latest of each.
@@ -485,11 +480,11 @@ impl ChangeLog {
             last_commit: Lsn::ZERO,
             inflight: None,
             poisoned: false,
-            begin_atomic: false,
-            next_undo_slot: 0,
-            finished_undo: [false; 2],
             scratch: Vec::new(),
-            overlay: IndexOverlay::default(),
+            completed_through: ChangeKey::default(),
+            completion_due_since: None,
+            changes_to_complete: 0,
+            step_records: STEP_RECORDS,
             meta_pending: HashMap::new(),
         };
         log.recover()?;
@@ -497,8 +492,6 @@ impl ChangeLog {
     }
 
     fn recover(&mut self) -> Result<(), LogError> {
-        // What the overlay held is redone below from the records it came from.
-        self.overlay.clear();
         let mut wtx = self.db.begin_write()?;
         wtx.set_two_phase_commit(true);
         {
@@ -513,8 +506,9 @@ impl ChangeLog {
                 // 1 -> 2 adds `snapshot_scope`, opened below; nothing to rewrite. 2 -> 3, 3 -> 4
                 // and 4 -> 5 re-encode the storage layouts the older version wrote. 5 -> 6
                 // adds `contexts`, opened below; the older records keep their contexts inline,
-                // which readers take as they are. 6 -> 7: an older log's index is current
-                // through its last commit, which no `index_through` (below) means. The new
+                // which readers take as they are. 6 -> 7 -> 8: an older log's index is current
+                // through its last commit, or (7) through `index_through`, and its records are
+                // complete: `completed_through` starts there (below). The new
                 // number is written in this redb transaction, with what it rewrites (see "Format versions"): a
                 // crash leaves either the old values and number or the new ones.
                 Some(v) if v < u64::from(FORMAT_VERSION) => {
@@ -566,12 +560,16 @@ impl ChangeLog {
                     restored += 1;
                     Ok(())
                 };
+            // (Only a log of version 7 has any: version 8 writes no undo rows.)
             for definition in UNDO {
-                let mut undo = wtx.open_table(definition)?;
-                while let Some((k, v)) = undo.pop_first()? {
-                    let (relation_id, key) = k.value();
-                    put_back(relation_id, key, parse_undo_value(v.value())?)?;
+                {
+                    let mut undo = wtx.open_table(definition)?;
+                    while let Some((k, v)) = undo.pop_first()? {
+                        let (relation_id, key) = k.value();
+                        put_back(relation_id, key, parse_undo_value(v.value())?)?;
+                    }
                 }
+                wtx.delete_table(definition)?;
             }
             {
                 let mut undo = wtx.open_table(UNDO_V1)?;
@@ -609,29 +607,25 @@ impl ChangeLog {
             scope.retain_in((first_unfinished, 0u32).., |_, _| false)?;
             let mut contexts = wtx.open_table(CONTEXTS)?;
             contexts.retain_in((first_unfinished, 0u32).., |_, _| false)?;
-            // The index with the undo applied is as of `index_through`; redo what the
-            // finished transactions after it did to it (see "The current-row index"). No
-            // `index_through`: a log of version 6 or earlier, or new, whose index is current.
-            let index_through = get_u64(&meta, META_INDEX_THROUGH)?.map_or(self.last_commit, Lsn);
-            let redone = replay_index(
-                &mut current,
-                &changes,
-                &relations,
-                &scope,
-                index_through,
-                self.last_commit,
-            )?;
-            meta.insert(
-                META_INDEX_THROUGH,
-                self.last_commit.0.to_le_bytes().as_slice(),
-            )?;
-            if redone > 0 {
-                tracing::info!(
-                    redone,
-                    from = %index_through,
-                    "rebuilt the current-row index's latest changes from the log"
-                );
+            // Version 8 keeps `completed_through`. A log of version 7 or earlier (its index,
+            // with the undo applied, as of `index_through`, or current through its last
+            // commit without one) starts completion there: its records are complete already,
+            // and completing one again gives the same record (see `Completer::complete`), so
+            // the steps only redo the index. A new log starts at the beginning.
+            if meta.get(META_COMPLETED_THROUGH)?.is_none() {
+                let index_through =
+                    get_u64(&meta, META_INDEX_THROUGH)?.map_or(self.last_commit, Lsn);
+                set_completed_through(&mut meta, ChangeKey::new(index_through, u32::MAX))?;
+                meta.remove(META_INDEX_THROUGH)?;
             }
+            self.completed_through = completed_through(&meta)?;
+            if self.completed_through < ChangeKey::new(self.last_commit, u32::MAX) {
+                // Left by the last process: the writer completes it when it is idle.
+                self.completion_due_since = Some(std::time::Instant::now());
+            }
+            // Unfinished transactions hold no completed record: completion stops at the last
+            // finished one.
+            debug_assert!(self.completed_through.commit_lsn <= self.last_commit);
             if restored > 0 || removed > 0 {
                 tracing::warn!(
                     removed_changes = removed,
@@ -761,50 +755,16 @@ impl ChangeLog {
                 txns: wtx.open_table(TXNS)?,
                 relations: wtx.open_table(RELATIONS)?,
                 types: wtx.open_table(TYPES)?,
-                current: wtx.open_table(CURRENT)?,
-                undo: [wtx.open_table(UNDO[0])?, wtx.open_table(UNDO[1])?],
                 snapshots: wtx.open_table(SNAPSHOTS)?,
                 snapshot_scope: wtx.open_table(SNAPSHOT_SCOPE)?,
                 contexts: wtx.open_table(CONTEXTS)?,
                 scratch: std::mem::take(&mut self.scratch),
-                overlay: std::mem::take(&mut self.overlay),
             };
-            let ops: Vec<LogOp> = ops.into_iter().collect();
-            // Which Begins have their Commit in this batch (see `InFlight::atomic`).
-            let mut atomic = vec![false; ops.len()];
-            let mut open = None;
-            for (i, op) in ops.iter().enumerate() {
-                match op {
-                    LogOp::Begin { .. } => open = Some(i),
-                    LogOp::Commit { .. } => {
-                        if let Some(b) = open.take() {
-                            atomic[b] = true;
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            for (op, atomic) in ops.into_iter().zip(atomic) {
-                self.begin_atomic = atomic;
+            for op in ops {
                 self.apply_one(&mut tables, op, &mut applied)?;
             }
             self.scratch = std::mem::take(&mut tables.scratch);
-            if tables.overlay.is_due() {
-                tables.overlay.write_to(&mut tables.current)?;
-            }
-            // Empty, the overlay leaves `current_rows` (undo applied) the index as of the last
-            // commit; otherwise `index_through` stays where the last empty one left it. A
-            // failed batch returns before this line and takes the overlay with it: recovery
-            // redoes it from the records.
-            let index_current = tables.overlay.is_empty();
-            self.overlay = std::mem::take(&mut tables.overlay);
             let mut meta = wtx.open_table(META)?;
-            if index_current {
-                meta.insert(
-                    META_INDEX_THROUGH,
-                    self.last_commit.0.to_le_bytes().as_slice(),
-                )?;
-            }
             meta.insert(META_POSITION, self.position.0.to_le_bytes().as_slice())?;
             meta.insert(
                 META_LAST_COMMIT,
@@ -814,14 +774,6 @@ impl ChangeLog {
                 meta.insert(key, value.as_slice())?;
             }
         }
-        // The undo rows of a spanning transaction finished in this batch go in the same redb
-        // commit as its `transactions` record (a crash keeps both or neither). Deleting the
-        // table frees its pages without a per-row delete.
-        for (finished, definition) in self.finished_undo.iter_mut().zip(UNDO) {
-            if std::mem::take(finished) {
-                wtx.delete_table(definition)?;
-            }
-        }
         crate::crashpoint::pause("log:before_commit");
         crate::crashpoint::hit("log:before_commit");
         wtx.commit()?;
@@ -829,6 +781,10 @@ impl ChangeLog {
         crate::crashpoint::hit("log:after_commit");
         self.durable_position = self.position;
         self.poisoned = false;
+        if applied.transactions > 0 && self.completion_due_since.is_none() {
+            self.completion_due_since = Some(std::time::Instant::now());
+        }
+        self.changes_to_complete += applied.changes;
         Ok(applied)
     }
 
@@ -877,15 +833,6 @@ impl ChangeLog {
                 xid,
                 committed_at_us,
             } => {
-                let undo_slot = self.next_undo_slot;
-                if !self.begin_atomic {
-                    // A spanning transaction writes the index through, with undo rows of the
-                    // stored values: the overlay's newer ones must be stored first.
-                    t.overlay.write_to(&mut t.current)?;
-                    // The previous spanning transaction may finish in this same batch, and its
-                    // table is deleted at the batch's end: use the other one.
-                    self.next_undo_slot ^= 1;
-                }
                 self.inflight = Some(InFlight {
                     final_lsn,
                     xid,
@@ -896,8 +843,6 @@ impl ChangeLog {
                     // Everything before `position` is stored: this is a replay.
                     skip: final_lsn < self.position,
                     holds_snapshot: false,
-                    atomic: self.begin_atomic,
-                    undo_slot,
                 });
             }
             LogOp::Change(change) => {
@@ -912,7 +857,7 @@ impl ChangeLog {
                         .ok_or(LogError::UnknownRelation {
                             relation_id: change.relation_id,
                         })?;
-                let record = complete_change(t, rel, tx, change)?;
+                let record = received_change(rel, tx, change);
                 encode_into(&mut t.scratch, &record);
                 t.changes.insert((final_lsn.0, seq), t.scratch.as_slice())?;
                 self.bump_seq()?;
@@ -981,12 +926,6 @@ impl ChangeLog {
                 // published from its creation.
                 if tx.holds_snapshot {
                     t.snapshots.insert(tx.final_lsn.0, tx.committed_at_us)?;
-                }
-                // The transaction is finished in this redb transaction: its undo rows are no
-                // longer needed (a crash now either keeps all of this or none of it). An
-                // atomic one wrote none.
-                if !tx.atomic {
-                    self.finished_undo[tx.undo_slot] = true;
                 }
                 self.last_commit = tx.final_lsn;
                 self.position = self.position.max(end_lsn);
@@ -1063,13 +1002,12 @@ impl ChangeLog {
                 // transaction: a table created in it and published from its creation (`pgtrail
                 // setup`), empty at the point of the mark, its changes in the transaction after it.
                 // Keyed by the transaction: recovery removes it with the rest of an unfinished
-                // snapshot. The index forgets the relation's rows (with undo rows when the
-                // snapshot spans batches): the snapshot's rows are its rows from here.
+                // snapshot. Completion forgets the relation's earlier rows at it: the
+                // snapshot's rows are its rows from here.
                 t.snapshot_scope.insert(
                     (tx.final_lsn.0, scope.relation_id),
                     encode(&scope).as_slice(),
                 )?;
-                forget_current_rows(t, scope.relation_id, tx)?;
             }
         }
         Ok(())
@@ -1099,40 +1037,68 @@ impl ChangeLog {
         Ok(wtx)
     }
 
-    /// Whether the current-row index has changes held in memory only (see "The current-row
-    /// index"): [`flush_index`](Self::flush_index) stores them. Nothing depends on it for
-    /// safety; it moves `index_through`, and with it how far compaction may trim.
-    pub fn index_pending(&self) -> bool {
-        !self.overlay.is_empty()
+    /// How far completion is behind (see "Completion after acknowledgement"): `None` when
+    /// every transaction this handle stored is complete (one left by an earlier process is
+    /// not known of until a step finds it), otherwise since when a finished transaction has
+    /// waited, and how many changes were stored since. Nothing depends on it for safety:
+    /// completion moves `completed_through`, and with it how far compaction may trim.
+    pub fn completion_behind(&self) -> Option<(std::time::Instant, u64)> {
+        self.completion_due_since
+            .map(|since| (since, self.changes_to_complete))
     }
 
-    /// Store the current-row index's in-memory changes in a durable commit of their own (the
-    /// capture does when it is idle and when it stops).
-    pub fn flush_index(&mut self) -> Result<(), LogError> {
-        if self.overlay.is_empty() {
-            return Ok(());
+    /// One completion step (see [`images::complete_step`]) in a durable commit of its own;
+    /// `true` once every finished transaction is complete. The capture's writer runs steps
+    /// when it has nothing to acknowledge, and compaction before it cuts.
+    pub fn complete_step(&mut self) -> Result<bool, LogError> {
+        if self.poisoned {
+            return Err(LogError::Corrupt {
+                what: "this log handle".into(),
+                source: "an earlier write failed; reopen the log".into(),
+            });
         }
-        let wtx = self.begin_unless_poisoned()?;
-        {
-            let mut current = wtx.open_table(CURRENT)?;
-            self.overlay.write_to(&mut current)?;
-            // The overlay only ever holds finished transactions' changes (a spanning one's
-            // Begin empties it), so the index is now as of the last commit.
-            let mut meta = wtx.open_table(META)?;
-            meta.insert(
-                META_INDEX_THROUGH,
-                self.last_commit.0.to_le_bytes().as_slice(),
-            )?;
+        let (through, caught_up) = complete_step_in(&self.db, self.step_records)?;
+        self.completed_through = through;
+        if caught_up {
+            self.completion_due_since = None;
+            self.changes_to_complete = 0;
         }
-        wtx.commit()?;
-        self.poisoned = false;
+        Ok(caught_up)
+    }
+
+    /// Complete every finished transaction (steps until none is left).
+    pub fn complete_all(&mut self) -> Result<(), LogError> {
+        while !self.complete_step()? {}
         Ok(())
+    }
+
+    /// The last record completed (as this handle last saw it).
+    pub fn completed_through(&self) -> ChangeKey {
+        self.completed_through
     }
 
     /// A reader over the log's latest commit.
     pub fn reader(&self) -> Result<LogReader, LogError> {
         LogReader::from_db(self.db.as_ref())
     }
+}
+
+/// One completion step ([`images::complete_step`]) in a durable commit of its own. A failure
+/// leaves the log as it was (the write transaction is dropped), so it poisons nothing.
+fn complete_step_in(db: &Database, budget: usize) -> Result<(ChangeKey, bool), LogError> {
+    let mut wtx = db.begin_write()?;
+    wtx.set_two_phase_commit(true);
+    let outcome = images::complete_step(&wtx, budget)?;
+    crate::crashpoint::hit("log:before_completion_commit");
+    wtx.commit()?;
+    Ok(outcome)
+}
+
+/// Complete every finished transaction of the log in `db`, step by step (compaction by a
+/// command that holds the archive: see [`Compactor`](crate::Compactor)).
+pub(crate) fn complete_pending(db: &Database) -> Result<(), LogError> {
+    while !complete_step_in(db, STEP_RECORDS)?.1 {}
+    Ok(())
 }
 
 /// A directory without a log must be empty (but for a file system's `lost+found`, for an
@@ -1371,19 +1337,19 @@ mod tests {
             assert_eq!(all_changes(&log).len(), 1);
             assert_eq!(log.inflight_changes(), 2);
         }
-        let log = ChangeLog::open(&archive).unwrap();
+        let mut log = ChangeLog::open(&archive).unwrap();
         let changes = all_changes(&log);
         assert_eq!(changes.len(), 1, "the unfinished transaction must be gone");
         assert_eq!(log.durable_position(), Lsn(108));
+        log.complete_all().unwrap();
         let reader = log.reader().unwrap();
         assert_eq!(
             reader.current_row_count(7).unwrap(),
             1,
-            "row 2 must be gone from the index"
+            "row 2 must not be in the index"
         );
         // The index holds row 1 as the finished transaction left it.
         drop(reader);
-        let mut log = log;
         let upd = txn(
             200,
             vec![LogOp::Change(IncomingChange {
@@ -1399,8 +1365,10 @@ mod tests {
         assert_eq!(rec.before.as_ref().unwrap()[1], Cell::Text("a".into()));
     }
 
+    /// The stored current-row index, every finished transaction completed first.
     fn current_rows(archive: &Path) -> Vec<(Vec<u8>, Row)> {
-        let log = ChangeLog::open(archive).unwrap();
+        let mut log = ChangeLog::open(archive).unwrap();
+        log.complete_all().unwrap();
         let rtx = log.db.begin_read().unwrap();
         let table = rtx.open_table(CURRENT).unwrap();
         table
@@ -1439,17 +1407,34 @@ mod tests {
         })
     }
 
-    fn undo_rows(log: &ChangeLog) -> [u64; 2] {
+    /// The change records as stored, without a reader's completion: `(key, record)` up to
+    /// the last finished transaction.
+    fn stored_records(log: &ChangeLog) -> Vec<ChangeEntry> {
         let rtx = log.db.begin_read().unwrap();
-        UNDO.map(|d| {
-            rtx.open_table(d)
-                .map(|t| t.iter().unwrap().count() as u64)
-                .unwrap_or(0)
-        })
+        let last = get_u64(&rtx.open_table(META).unwrap(), META_LAST_COMMIT)
+            .unwrap()
+            .unwrap_or(0);
+        let table = rtx.open_table(CHANGES).unwrap();
+        table
+            .range(..=(last, u32::MAX))
+            .unwrap()
+            .map(|e| {
+                let (k, v) = e.unwrap();
+                let (lsn, seq) = k.value();
+                (
+                    ChangeKey::new(Lsn(lsn), seq),
+                    decode(v.value(), "changes").unwrap(),
+                )
+            })
+            .collect()
     }
 
+    /// Transactions spanning batches, one finished in the batch that starts the next, which a
+    /// crash leaves unfinished: the finished one's records complete from the versions before
+    /// them, and the unfinished one leaves nothing, in the records or the index. Version 8
+    /// writes no undo rows.
     #[test]
-    fn spanning_transactions_meeting_in_one_batch_keep_their_own_undo() {
+    fn spanning_transactions_complete_and_an_unfinished_one_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let row = |id: &str, v: &str| {
@@ -1482,41 +1467,38 @@ mod tests {
                 update("1", "a4"),
             ])
             .unwrap();
-            // A's undo rows went with its commit; B's (keys 1, 2, 4) remain.
-            let mut counts = undo_rows(&log);
-            counts.sort_unstable();
-            assert_eq!(counts, [0, 3]);
+            let rtx = log.db.begin_read().unwrap();
+            for definition in UNDO {
+                assert!(table_if_made(&rtx, definition).unwrap().is_none());
+            }
         }
-        // The crash: B is undone to exactly what A left.
+        // The crash: B is gone, and A completes from what the first transaction left.
         let after_a = vec![
             (key("1"), row("1", "a2")),
             (key("2"), row("2", "b2")),
             (key("3"), row("3", "c")),
         ];
         assert_eq!(current_rows(&archive), after_a);
-        {
-            let mut log = ChangeLog::open(&archive).unwrap();
-            assert_eq!(all_changes(&log).len(), 5);
-            assert_eq!(undo_rows(&log), [0, 0]);
-            // A finished spanning transaction leaves nothing that a later recovery would undo.
-            log.apply(vec![begin(300, 3), update("3", "c2")]).unwrap();
-            log.apply(vec![LogOp::Commit { end_lsn: Lsn(308) }])
-                .unwrap();
-            assert_eq!(undo_rows(&log), [0, 0]);
-        }
-        let mut expected = after_a;
-        expected[2].1 = row("3", "c2");
-        assert_eq!(current_rows(&archive), expected);
+        let log = ChangeLog::open(&archive).unwrap();
+        let befores: Vec<Option<Row>> = all_changes(&log)
+            .into_iter()
+            .map(|(_, r)| r.before)
+            .collect();
+        assert_eq!(
+            befores,
+            vec![None, None, Some(row("1", "a")), None, Some(row("2", "b"))]
+        );
     }
 
-    /// The index in memory is lost by a crash and redone by recovery: over transactions that
-    /// insert, update (the unsent column completed from the index, some moving the key),
-    /// delete and truncate, in batches of one to three, some spanning two batches, with
-    /// crashes between batches (one of them inside a spanning transaction) and explicit
-    /// flushes, every update's and delete's before image is the row as the model holds it,
-    /// and the stored index equals the model at the end.
+    /// Completion after acknowledgement, against a model: over transactions that insert,
+    /// update (the unsent column completed from the index, some moving the key), delete and
+    /// truncate, some spanning two batches, with crashes between batches (one of them inside a
+    /// spanning transaction) and completion steps of one to seven records (stopping inside
+    /// transactions), every update's and delete's before image a reader sees is the row as the
+    /// model holds it, whatever completion has stored; what completion stores is what readers
+    /// saw before it; and the stored index equals the model at the end.
     #[test]
-    fn the_index_held_in_memory_is_redone_after_a_crash() {
+    fn completion_gives_every_image_from_the_model_across_crashes_and_steps() {
         let dir = tempfile::tempdir().unwrap();
         let archive = dir.path().join("a");
         let mut model: BTreeMap<String, (String, String)> = BTreeMap::new();
@@ -1538,7 +1520,7 @@ mod tests {
         let mut log = ChangeLog::open(&archive).unwrap();
         log.apply(txn(50, vec![LogOp::Relation(rel(b'd'))]))
             .unwrap();
-        let (mut crashes, mut checked) = (0, 0);
+        let (mut crashes, mut checked, mut steps, mut partial) = (0, 0, 0, 0);
         for round in 0..400u32 {
             // One transaction: its ops, its expected before images, and the model after it.
             let mut after_tx = model.clone();
@@ -1649,13 +1631,31 @@ mod tests {
             );
             checked += expected.iter().flatten().count();
             match next(8) {
-                // A crash between batches: the overlay is gone.
+                // A crash between batches: nothing of the writer's memory is needed.
                 0 => {
                     drop(log);
                     crashes += 1;
                     log = ChangeLog::open(&archive).unwrap();
                 }
-                1 => log.flush_index().unwrap(),
+                // Some completion steps, each of up to seven records.
+                1 | 2 => {
+                    let seen = all_changes(&log);
+                    log.step_records = 1 + next(7) as usize;
+                    for _ in 0..1 + next(6) {
+                        if log.complete_step().unwrap() {
+                            break;
+                        }
+                    }
+                    steps += 1;
+                    assert_eq!(all_changes(&log), seen, "a reader's view after a step");
+                    let through = log.reader().unwrap().completed_through().unwrap();
+                    let stored: Vec<ChangeEntry> = stored_records(&log)
+                        .into_iter()
+                        .filter(|(k, _)| *k <= through)
+                        .collect();
+                    assert_eq!(stored[..], seen[..stored.len()], "stored through {through}");
+                    partial += usize::from(through.seq != u32::MAX);
+                }
                 _ => {}
             }
         }
@@ -1670,12 +1670,12 @@ mod tests {
             .collect();
         assert_eq!(sorted(current_rows(&archive)), sorted(modelled));
         assert!(
-            crashes > 30 && checked > 300,
-            "{crashes} crashes, {checked} images"
+            crashes > 30 && checked > 300 && steps > 50 && partial > 10,
+            "{crashes} crashes, {checked} images, {steps} completions, {partial} inside a transaction"
         );
 
-        // A TRUNCATE and a snapshot forget the relation's rows, also when redone: rows
-        // inserted before each (held in memory only, lost by the crash) must not come back.
+        // A TRUNCATE and a snapshot forget the relation's rows, also when completed after a
+        // crash: rows inserted before each must not come back.
         let only = |id: &str| {
             let values = ("v".to_string(), "b".to_string());
             vec![(encode_plain(&vec![Some(id.to_string())]), row(id, &values))]
@@ -1752,7 +1752,6 @@ mod tests {
                 Some(vec![Cell::Text("1".into()), Cell::Unknown, Cell::Unknown]),
             ]
         );
-        log.flush_index().unwrap();
         drop(log);
         let only_3 = vec![(
             encode_plain(&vec![Some("3".to_string())]),

@@ -257,20 +257,43 @@ impl LogReader {
     /// Every change of a finished source transaction, in key order. Changes of a transaction
     /// still streaming in (or left unfinished by a crash, until the writer's recovery removes
     /// them) are keyed after the last finished one and are not shown.
+    ///
+    /// Records the writer has not completed yet (see "Completion after acknowledgement" in
+    /// the log's doc) are shown completed: from the current-row index as of
+    /// `completed_through` and the records before them, exactly as the completion step will
+    /// store them, so a reader's answer does not depend on how far completion has come.
     pub fn changes(
         &self,
     ) -> Result<impl Iterator<Item = Result<ChangeEntry, LogError>> + '_, LogError> {
-        let last_commit = get_u64(&self.rtx.open_table(META)?, META_LAST_COMMIT)?.unwrap_or(0);
+        let meta = self.rtx.open_table(META)?;
+        let last_commit = Lsn(get_u64(&meta, META_LAST_COMMIT)?.unwrap_or(0));
+        let through = images::completed_through(&meta)?;
+        let mut pending = if through < ChangeKey::new(last_commit, u32::MAX) {
+            Some(images::PendingView::open(&self.rtx, through, last_commit)?)
+        } else {
+            None
+        };
         let table = self.rtx.open_table(CHANGES)?;
-        let iter = table.range::<(u64, u32)>(..=(last_commit, u32::MAX))?;
+        let iter = table.range::<(u64, u32)>(..=(last_commit.0, u32::MAX))?;
         let mut contexts = ContextCursor::new(&self.rtx)?;
         Ok(iter.map(move |e| {
             let (k, v) = e?;
             let (lsn, seq) = k.value();
+            let key = ChangeKey::new(Lsn(lsn), seq);
             let mut rec: ChangeRecord = decode(v.value(), "changes")?;
+            if key > through
+                && let Some(pending) = &mut pending
+            {
+                pending.complete(key, &mut rec)?;
+            }
             contexts.label((lsn, seq), &mut rec)?;
-            Ok((ChangeKey::new(Lsn(lsn), seq), rec))
+            Ok((key, rec))
         }))
+    }
+
+    /// The last change record the writer has completed (see [`changes`](Self::changes)).
+    pub fn completed_through(&self) -> Result<ChangeKey, LogError> {
+        images::completed_through(&self.rtx.open_table(META)?)
     }
 
     /// The number of changes [`changes`](Self::changes) yields.

@@ -12,7 +12,8 @@ pub(crate) const RELATIONS: TableDefinition<(u32, u64, u32), &[u8]> =
 pub(crate) const TYPES: TableDefinition<u32, &[u8]> = TableDefinition::new("types");
 pub(crate) const CURRENT: TableDefinition<(u32, &[u8]), &[u8]> =
     TableDefinition::new("current_rows");
-/// The two undo tables (see the module doc); a spanning transaction uses `UNDO[slot]`.
+/// The two undo tables of version 7, which a spanning transaction wrote (see the module doc);
+/// drained by recovery when a log written by it was left mid-transaction.
 pub(crate) type UndoTable = TableDefinition<'static, (u32, &'static [u8]), &'static [u8]>;
 pub(crate) const UNDO: [UndoTable; 2] = [
     TableDefinition::new("current_undo_0"),
@@ -84,13 +85,20 @@ pub(crate) const META_PENDING_READS: &str = "pending_reads";
 /// know the key passes over it.
 pub(crate) const META_MEMBERSHIPS: &str = "memberships";
 
-/// (version 7) The commit through which `current_rows` holds the current-row index; recovery
-/// redoes the index changes of the change records after it, and compaction trims the log no
-/// further (see "The current-row index"). Absent: the index is current (versions up to 6).
+/// (version 7 only) The commit through which `current_rows` held the current-row index.
+/// Recovery upgrading a version-7 log starts completion there (every record of version 7 is
+/// complete; the index may lag) and removes the key. Absent: the index is current (versions
+/// up to 6).
 pub(crate) const META_INDEX_THROUGH: &str = "index_through";
 
+/// (version 8) The key `(commit_lsn u64, seq u32)`, 12 bytes little-endian, of the last
+/// change record completed: every record at or before it is complete, `current_rows` is the
+/// current-row index as of it, and compaction trims the log no further (see "Completion
+/// after acknowledgement"). `seq` `u32::MAX`: its whole transaction.
+pub(crate) const META_COMPLETED_THROUGH: &str = "completed_through";
+
 /// The on-disk format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 /// Encoded values larger than this are zstd-compressed.
 pub const COMPRESS_ABOVE: usize = 1024;
 /// The log's file name inside the archive directory.
