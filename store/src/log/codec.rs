@@ -119,7 +119,7 @@ pub mod fuzzing {
     }
 
     /// The `meta` keys a fuzzed log carries, in the order [`open_log_with_meta`] fills them.
-    const FUZZED_META: [&str; 10] = [
+    const FUZZED_META: [&str; 11] = [
         META_FORMAT,
         META_LAYOUTS,
         META_PENDING_READS,
@@ -130,6 +130,7 @@ pub mod fuzzing {
         META_LEFT_OUT,
         META_ENUM_TYPES,
         META_MEMBERSHIPS,
+        META_COMPLETED_THROUGH,
     ];
 
     /// `bytes`, cut at each 0xFF, as the values of a log's `meta` keys (its format version
@@ -181,6 +182,8 @@ pub mod fuzzing {
                 let _ = reader.left_out();
                 let _ = reader.enum_types();
                 let _ = reader.memberships();
+                let _ = reader.completed_through();
+                let _ = reader.changes().map(|changes| changes.count());
             }
             Err(e) => assert!(
                 !newer || matches!(e, LogError::FormatVersion { .. }),

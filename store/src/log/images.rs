@@ -506,9 +506,8 @@ pub(super) enum IndexWrite<'r> {
 }
 
 /// What a stored change does to the current-row index of its relation (`key_pos`: its schema
-/// version's key columns), in order: the one rule the live path ([`complete_change`]) and
-/// recovery's redo from the stored records ([`replay_index`]) both follow, so that what
-/// recovery rebuilds is what the live path would have written. An insert or snapshot row
+/// version's key columns), in order, applied by [`Completer::complete`] after completing the
+/// record. An insert or snapshot row
 /// sets its row; an update removes the row under its before image's key when its key changed,
 /// then sets its after image; a delete removes the row under its before image's key, unless no
 /// key value is known (an old image entirely unknown names no row); a truncate forgets the

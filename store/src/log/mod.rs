@@ -2,9 +2,9 @@
 //!
 //! This module is the writer ([`ChangeLog`]: open, apply, and crash recovery); beside it,
 //! `schema` names every table and `meta` key (the on-disk format), `codec` encodes values,
-//! `images` completes row images and keeps the current-row index with its undo rows, and
-//! `reader` is the read view ([`LogReader`], including the segment manifest's reading). The
-//! manifest's own tables are `crate::manifest`'s.
+//! `images` builds the stored records and completes their row images, keeping the
+//! current-row index, and `reader` is the read view ([`LogReader`], including the segment
+//! manifest's reading). The manifest's own tables are `crate::manifest`'s.
 //!
 //! # Tables
 //!
@@ -14,58 +14,63 @@
 //! | `transactions` | `commit_lsn u64`                      | encoded [`TxnRecord`]                   |
 //! | `relations`    | `(relation_id u32, commit_lsn, seq)`  | encoded [`RelationVersion`]             |
 //! | `types`        | `type_oid u32`                        | encoded `(schema, name)` of a non-builtin type |
-//! | `current_rows` | `(relation_id u32, key bytes)`        | encoded [`Row`]: the latest version     |
-//! | `current_undo_0`, `current_undo_1` | `(relation_id u32, key bytes)` | the `current_rows` value before the open transaction touched it (`0` absent, `1` + value) |
-//! | `meta`         | name                                  | position, last commit, source identity, the catalog watch's records (see `schema`) |
+//! | `current_rows` | `(relation_id u32, key bytes)`        | encoded [`Row`]: the row's version as of `meta.completed_through` |
+//! | `meta`         | name                                  | position, last commit, `completed_through`, source identity, the catalog watch's records (see `schema`) |
 //! | `gaps`         | `from_lsn u64`                        | encoded [`Gap`]                         |
 //! | `snapshots`    | `commit_lsn u64`                      | commit time (µs) of a snapshot transaction |
 //! | `snapshot_scope` | `(commit_lsn u64, relation_id u32)` | encoded [`TableScope`]: the tables a snapshot transaction holds (none listed: every table) |
 //! | `contexts`     | `(commit_lsn u64, seq u32)`           | encoded [`ContextRun`]: the context of the transaction's changes from `seq` on |
 //!
 //! Values are postcard-encoded, with a one-byte prefix: `0` plain, `1` zstd-compressed (used
-//! when the encoding is larger than [`COMPRESS_ABOVE`] bytes).
+//! when the encoding is larger than [`COMPRESS_ABOVE`] bytes). Version 7 also had the undo
+//! tables `current_undo_0` and `current_undo_1`, which recovery drains and deletes.
 //!
 //! # Commit protocol and why it is crash safe
 //!
 //! A source transaction is written under its commit LSN (the `final_lsn` of its Begin
 //! message), which is known before its first change, so a transaction of any size streams
 //! into `changes` without being held in memory: the writer commits a large transaction in
-//! several non-durable redb commits and finishes it at the source Commit, where the
-//! `transactions` record, `last_commit` and `position` are written in the same redb
-//! transaction. Only a durable ([`Durability::Immediate`]) commit makes `position` eligible
-//! for acknowledgement.
+//! several redb commits and finishes it at the source Commit, where the `transactions`
+//! record, `last_commit` and `position` are written in the same redb transaction. Every
+//! commit is durable (two-phase, fsync), and only `position` as of a finished commit is
+//! acknowledged.
 //!
-//! After a crash at any point, [`ChangeLog::open`] sees redb at its last commit (durable or
-//! not) and removes whatever belongs to a source transaction that has no `transactions`
-//! record yet: changes and relation versions keyed after `last_commit`, and the current-row
-//! index is put back from the undo tables. A transaction whose Begin and Commit arrive in the
-//! same batch (one redb write transaction: almost every transaction) writes no undo rows: its
-//! index changes are committed or lost together with its `transactions` record, so there is
-//! never an unfinished part of it to undo. A transaction spanning batches writes its undo rows
-//! to one of two tables, alternating, and the table is deleted whole in the redb transaction
-//! that stores its `transactions` record; so no commit ever holds undo rows of a finished
-//! transaction. Two tables because one batch can finish one such transaction and start the
-//! next. PostgreSQL then sends that transaction again from
-//! the slot, because nothing past the durable `position` was acknowledged. A source
-//! transaction whose commit LSN is below `position` is a replay of one already stored and is
-//! skipped whole, so nothing is stored twice.
+//! After a crash at any point, [`ChangeLog::open`] sees redb at its last commit and removes
+//! whatever belongs to a source transaction that has no `transactions` record yet: changes,
+//! relation versions, snapshot scopes and context runs keyed after `last_commit`. Nothing
+//! else was touched by it: the writer writes nothing derived from an unfinished transaction
+//! (completion, below, reads only finished ones). PostgreSQL then sends that transaction
+//! again from the slot, because nothing past the durable `position` was acknowledged. A
+//! source transaction whose commit LSN is below `position` is a replay of one already stored
+//! and is skipped whole, so nothing is stored twice.
 //!
-//! # The current-row index
+//! # Completion after acknowledgement
 //!
-//! `current_rows` is derived data: every value in it is the after image (or the absence) that
-//! a committed change record already holds. So it need not be written in every durable
-//! commit. A transaction finished in the batch that began it (almost every one) writes its
-//! index changes to an in-memory overlay, which a batch writes out to `current_rows` when it
-//! has grown ([`images::IndexOverlay`]), when it is some seconds old, when a spanning
-//! transaction begins (which writes through, with undo rows, as above), and when the capture
-//! is idle or stops. The batch that leaves the overlay empty records `meta.index_through`, the
-//! last commit then: `current_rows`, with any spanning transaction's undo rows applied, is the
-//! index as of that commit. Recovery applies the undo rows, removes the unfinished transaction,
-//! and then redoes the index changes of every change record after `index_through` from the
-//! records themselves (`images::replay_index`), so a crash that takes the overlay loses
-//! nothing. Compaction trims the log no further than `index_through`, so those records are
-//! still there to redo. Under pgbench the index's writes in every commit were a fifth of the
-//! capture's CPU (README, Performance).
+//! Under REPLICA IDENTITY DEFAULT (or USING INDEX) PostgreSQL sends an update's or delete's
+//! old row as its key alone, and an unchanged TOAST value not at all; the archive completes
+//! them from the row's latest version, which the current-row index `current_rows` keeps. The
+//! writer does not: it stores each change as PostgreSQL sent it (`images::received_change`:
+//! the values not sent are marked unknown) and acknowledges as soon as that is durable, so a
+//! backlog drains at the decoder's pace (the index's lookups and writes were the whole gap
+//! between the capture's drain and `pg_recvlogical`'s: README, Performance). Completion
+//! follows, in the writer thread when it has nothing to acknowledge (or, past a bound, after
+//! each batch: see the capture's writer), and in compaction by a command holding the archive:
+//! a step (`images::complete_step`) takes the records after `meta.completed_through` in key
+//! order, no further than the last finished transaction, completes each from the index as of
+//! just before it, writes back those that changed and the index's changes, and moves
+//! `completed_through`, all in one redb transaction. So at every commit, every record at or
+//! before `completed_through` is complete and `current_rows` is the index as of it; a crash
+//! loses at most a step, which the next one redoes from the same records, since a step's
+//! result depends only on them and on the index as of `completed_through`. Completing a
+//! complete record gives it back unchanged (the index as of just before it holds the version
+//! it was completed from), which is how a log of version 7, whose records are complete but
+//! whose index may lag, is upgraded without rewriting anything.
+//!
+//! Readers ([`LogReader::changes`]) show the records after `completed_through` completed, by
+//! the same procedure in memory (`images::PendingView`), so what a query answers does not
+//! depend on how far completion has come. Compaction trims the log no further than the last
+//! transaction completed whole: completion may still rewrite the records after it, and needs
+//! them in order.
 //!
 //! # Format versions
 //!
@@ -82,6 +87,7 @@
 //! | 5       | a [`StorageLayout`] holds a partitioned table's leaf partitions and their storage files, so that a partition rewritten, attached, detached or dropped is known. Upgrade from 2 to 4: those values are re-encoded with no partitions (`legacy`), which the capture's next look fills in |
 //! | 6       | `contexts`: a transaction's application context is stored once per run of changes that share it (Bemi's triggers send it before every row), and change records carry none. Upgrade from 5: nothing to rewrite (older records carry their context inline, and readers take it); the number says that a version-5 reader, which would find no context on the newer records, must refuse the log |
 //! | 7       | `meta.index_through`: `current_rows` may lag the log (see "The current-row index"), and recovery redoes the changes after it. Upgrade from 6: nothing to rewrite (a log without it keeps the index current through its last commit); the number says that a version-6 writer, which would take a lagging index for the current one and complete images from stale rows, must refuse the log |
+//! | 8       | `meta.completed_through`: the writer stores changes as PostgreSQL sent them and completes them after acknowledging (see "Completion after acknowledgement"); no undo tables. Upgrade from 7 or earlier: undo rows of an unfinished transaction are applied as before, then `completed_through` is set to `index_through` (or the last commit) and `index_through` removed; no record is rewritten. The number says that a version-7 reader, which would show records after `completed_through` with their images not completed, must refuse the log |
 //!
 //! A change to the layout raises [`FORMAT_VERSION`] and adds a step to the writer's
 //! recovery that rewrites the older layout in the same redb write transaction that stores
@@ -623,9 +629,19 @@ impl ChangeLog {
                 // Left by the last process: the writer completes it when it is idle.
                 self.completion_due_since = Some(std::time::Instant::now());
             }
-            // Unfinished transactions hold no completed record: completion stops at the last
-            // finished one.
-            debug_assert!(self.completed_through.commit_lsn <= self.last_commit);
+            // Completion stops at the last finished transaction: a mark beyond it was not
+            // written by pgtrail.
+            if self.completed_through.commit_lsn > self.last_commit {
+                return Err(LogError::Corrupt {
+                    what: format!("meta {META_COMPLETED_THROUGH}"),
+                    source: format!(
+                        "records are marked completed through {}, after the last finished \
+                         transaction {}",
+                        self.completed_through, self.last_commit
+                    )
+                    .into(),
+                });
+            }
             if restored > 0 || removed > 0 {
                 tracing::warn!(
                     removed_changes = removed,
