@@ -526,7 +526,11 @@ impl Compactor {
             completed.commit_lsn.min(last_commit)
         } else {
             // Part of a transaction is complete: the one before it is the last whole one.
-            match rtx.open_table(TXNS)?.range(..completed.commit_lsn.0)?.next_back() {
+            match rtx
+                .open_table(TXNS)?
+                .range(..completed.commit_lsn.0)?
+                .next_back()
+            {
                 Some(entry) => Lsn(entry?.0.value()),
                 None => Lsn::ZERO,
             }
@@ -1912,10 +1916,20 @@ mod tests {
             let last = reader.changes().unwrap().last().unwrap().unwrap();
             (last.0, last.1.before.unwrap())
         };
-        assert_eq!(last_before(&log), (ChangeKey::new(Lsn(300), 0), expected_before.clone()));
-        assert_eq!(log.reader().unwrap().completed_through().unwrap(), ChangeKey::new(Lsn(100), u32::MAX));
+        assert_eq!(
+            last_before(&log),
+            (ChangeKey::new(Lsn(300), 0), expected_before.clone())
+        );
+        assert_eq!(
+            log.reader().unwrap().completed_through().unwrap(),
+            ChangeKey::new(Lsn(100), u32::MAX)
+        );
         let beside_capture = Compactor::new(log.shared(), &archive, CompactOptions::default());
-        assert_eq!(beside_capture.run().unwrap().changes, 0, "nothing more is complete");
+        assert_eq!(
+            beside_capture.run().unwrap().changes,
+            0,
+            "nothing more is complete"
+        );
         let holding = Compactor::for_log(&log, CompactOptions::default());
         assert_eq!(holding.run().unwrap().changes, 3, "completed first");
         let reader = log.reader().unwrap();

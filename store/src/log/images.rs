@@ -45,7 +45,11 @@ impl IndexOverlay {
     /// The overlay's state of a key: `None` when it has none (the stored index has the newer
     /// state), `Some(None)` when the row is gone.
     fn get(&self, relation_id: u32, key: &[u8]) -> Option<Option<&[u8]>> {
-        match self.entries.get(&relation_id).and_then(|rows| rows.get(key)) {
+        match self
+            .entries
+            .get(&relation_id)
+            .and_then(|rows| rows.get(key))
+        {
             Some(row) => Some(row.as_deref()),
             None => self.forgotten.contains(&relation_id).then_some(None),
         }
@@ -214,7 +218,9 @@ impl Completer {
         let lookup = match (record.op, &record.before) {
             (Op::Update, Some(before)) => Some(row_key(before, &key_pos)),
             (Op::Delete, Some(before))
-                if key_pos.iter().any(|&i| !matches!(before.get(i), Some(Cell::Unknown) | None)) =>
+                if key_pos
+                    .iter()
+                    .any(|&i| !matches!(before.get(i), Some(Cell::Unknown) | None)) =>
             {
                 Some(row_key(before, &key_pos))
             }
@@ -229,7 +235,8 @@ impl Completer {
             }
             if let (Some(before), Some(after)) = (&record.before, &mut record.after) {
                 for (cell, known) in after.iter_mut().zip(before) {
-                    if matches!(cell, Cell::Unknown) && matches!(known, Cell::Null | Cell::Text(_)) {
+                    if matches!(cell, Cell::Unknown) && matches!(known, Cell::Null | Cell::Text(_))
+                    {
                         *cell = known.clone();
                         changed = true;
                     }
@@ -283,7 +290,10 @@ impl Completer {
         key: ChangeKey,
         record: &ChangeRecord,
     ) -> Result<Option<&[usize]>, LogError> {
-        let shape = match self.shapes.entry((record.relation_id, record.schema_version)) {
+        let shape = match self
+            .shapes
+            .entry((record.relation_id, record.schema_version))
+        {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
                 let version = record.schema_version;
@@ -430,9 +440,7 @@ impl PendingView {
         key: ChangeKey,
         record: &mut ChangeRecord,
     ) -> Result<(), LogError> {
-        while let Some((_, relation_id)) =
-            self.forgets.next_if(|(at, _)| *at <= key.commit_lsn.0)
-        {
+        while let Some((_, relation_id)) = self.forgets.next_if(|(at, _)| *at <= key.commit_lsn.0) {
             self.completer.overlay.forget(relation_id);
         }
         self.completer
@@ -441,11 +449,11 @@ impl PendingView {
     }
 }
 
+/// A range of `changes` keys.
+type KeyRange = (std::ops::Bound<(u64, u32)>, std::ops::Bound<(u64, u32)>);
+
 /// The keys after `from` through the end of the transaction committed at `last_commit`.
-pub(super) fn after_through(
-    from: ChangeKey,
-    last_commit: Lsn,
-) -> (std::ops::Bound<(u64, u32)>, std::ops::Bound<(u64, u32)>) {
+pub(super) fn after_through(from: ChangeKey, last_commit: Lsn) -> KeyRange {
     use std::ops::Bound;
     (
         Bound::Excluded((from.commit_lsn.0, from.seq)),
