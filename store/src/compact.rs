@@ -147,6 +147,12 @@ pub struct Compactor {
     /// that it compacts every finished transaction. Beside a capture, whose writer completes
     /// when it has nothing to acknowledge, compaction takes what is complete.
     complete_first: bool,
+    /// The listed segments and keyframes (their ids) after this compactor's keyframe writer
+    /// last ran without error: keyframes are derived from the listed segments, so while both
+    /// lists stay the same there is nothing new to write them from, and the writer, which
+    /// reads the whole log tail, is not run again. (A capture's compactor runs every second
+    /// while a backlog waits for completion.)
+    keyframes_seen: std::sync::Mutex<Option<(Vec<u64>, Vec<u64>)>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -246,6 +252,7 @@ impl Compactor {
             options,
             indexed: std::sync::Mutex::new(HashSet::new()),
             complete_first: false,
+            keyframes_seen: std::sync::Mutex::new(None),
         }
     }
 
@@ -262,11 +269,23 @@ impl Compactor {
         self.merge_small(&mut report)?;
         self.remove_retired(&mut report)?;
         self.index_keys(&mut report)?;
-        if let Some(writer) = &self.options.keyframes {
+        if let Some(writer) = &self.options.keyframes
+            && self.listed_ids()?
+                != *self
+                    .keyframes_seen
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+        {
             // After everything is committed: keyframes are derived from the segments listed,
             // and their failure costs speed, never a change.
             match writer.write_due(&self.log(), self.archive_dir()) {
-                Ok(n) => report.keyframes_written = n,
+                Ok(n) => {
+                    report.keyframes_written = n;
+                    *self
+                        .keyframes_seen
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = self.listed_ids()?;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "keyframes were not written; as_of reads more history until the next run writes them");
                     report.keyframe_error = Some(e);
@@ -274,6 +293,14 @@ impl Compactor {
             }
         }
         Ok(report)
+    }
+
+    /// The ids of the listed segments and keyframes (see `keyframes_seen`).
+    fn listed_ids(&self) -> Result<Option<(Vec<u64>, Vec<u64>)>, CompactError> {
+        let reader = LogReader::from_db(self.db.as_ref())?;
+        let segments = reader.manifest()?.segments.iter().map(|s| s.id).collect();
+        let keyframes = reader.keyframes()?.iter().map(|k| k.id).collect();
+        Ok(Some((segments, keyframes)))
     }
 
     /// Write the key index and the key-ordered copy ([`key_copy`]) of every listed table
@@ -1924,6 +1951,11 @@ mod tests {
             log.reader().unwrap().completed_through().unwrap(),
             ChangeKey::new(Lsn(100), u32::MAX)
         );
+        // `pgtrail status` counts them (transactions 2 and 3), from another process.
+        drop(log);
+        let status = crate::status::ArchiveStatus::collect(&archive).unwrap();
+        assert_eq!((status.log.changes, status.log.not_completed), (3, 3));
+        let log = ChangeLog::open(&archive).unwrap();
         let beside_capture = Compactor::new(log.shared(), &archive, CompactOptions::default());
         assert_eq!(
             beside_capture.run().unwrap().changes,
