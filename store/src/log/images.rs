@@ -185,7 +185,7 @@ pub(super) fn received_change(
 pub(super) struct Completer {
     pub(super) overlay: IndexOverlay,
     /// The key columns of each schema version met, or `None` where no index is kept.
-    shapes: HashMap<(u32, ChangeKey), Option<Vec<usize>>>,
+    shapes: HashMap<(u32, ChangeKey), Option<std::sync::Arc<[usize]>>>,
 }
 
 impl Completer {
@@ -213,7 +213,6 @@ impl Completer {
         let Some(key_pos) = self.key_positions(relations, key, record)? else {
             return Ok(false);
         };
-        let key_pos = key_pos.to_vec();
         let mut changed = false;
         let lookup = match (record.op, &record.before) {
             (Op::Update, Some(before)) => Some(row_key(before, &key_pos)),
@@ -289,7 +288,7 @@ impl Completer {
         relations: &impl ReadableTable<(u32, u64, u32), &'static [u8]>,
         key: ChangeKey,
         record: &ChangeRecord,
-    ) -> Result<Option<&[usize]>, LogError> {
+    ) -> Result<Option<std::sync::Arc<[usize]>>, LogError> {
         let shape = match self
             .shapes
             .entry((record.relation_id, record.schema_version))
@@ -310,10 +309,10 @@ impl Completer {
                     })?;
                 let rel: RelationVersion = decode(stored.value(), "relations")?;
                 let key_pos = rel.key_positions();
-                e.insert(indexed(rel.replica_identity, &key_pos).then_some(key_pos))
+                e.insert(indexed(rel.replica_identity, &key_pos).then(|| key_pos.into()))
             }
         };
-        Ok(shape.as_deref())
+        Ok(shape.clone())
     }
 }
 
