@@ -91,6 +91,9 @@ pub struct LogTailStatus {
     pub changes: u64,
     pub transactions: usize,
     pub file_bytes: u64,
+    /// Changes whose row images the capture has not completed in the log yet (it does when
+    /// it has nothing to acknowledge); readers show them completed, compaction waits for them.
+    pub not_completed: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -202,10 +205,13 @@ impl ArchiveStatus {
             seg_raw += seg.raw_bytes;
         }
         let mut in_log = 0u64;
+        let completed_through = reader.completed_through()?;
+        let mut not_completed = 0u64;
         for entry in reader.changes()? {
             let (key, rec) = entry?;
             total += 1;
             in_log += 1;
+            not_completed += u64::from(key > completed_through);
             let name = if rec.op == Op::Message {
                 "pgtrail.messages".to_string()
             } else {
@@ -281,6 +287,7 @@ impl ArchiveStatus {
                 file_bytes: std::fs::metadata(dir.join(LOG_FILE))
                     .map(|m| m.len())
                     .unwrap_or(0),
+                not_completed,
             },
             lsn_range: [lsn_text(lsn_span.first), lsn_text(lsn_span.last)],
             time_range: [

@@ -154,6 +154,12 @@ fn print_table(archive: &Path, r: &serde_json::Value) {
         r["log"]["transactions"],
         r["log"]["file_bytes"]
     );
+    if r["log"]["not_completed"].as_u64().is_some_and(|n| n > 0) {
+        say!(
+            "              {} of them with row images not completed yet (shown completed; the capture stores them when idle)",
+            r["log"]["not_completed"]
+        );
+    }
     let ev = &r["evidence"];
     match ev["latest_checkpoint"].as_u64() {
         Some(signed) if signed > 0 => say!(
