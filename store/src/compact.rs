@@ -152,8 +152,11 @@ pub struct Compactor {
     /// lists stay the same there is nothing new to write them from, and the writer, which
     /// reads the whole log tail, is not run again. (A capture's compactor runs every second
     /// while a backlog waits for completion.)
-    keyframes_seen: std::sync::Mutex<Option<(Vec<u64>, Vec<u64>)>>,
+    keyframes_seen: std::sync::Mutex<Option<ListedIds>>,
 }
+
+/// The ids of an archive's listed segments and keyframes.
+type ListedIds = (Vec<u64>, Vec<u64>);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Group {
@@ -296,7 +299,7 @@ impl Compactor {
     }
 
     /// The ids of the listed segments and keyframes (see `keyframes_seen`).
-    fn listed_ids(&self) -> Result<Option<(Vec<u64>, Vec<u64>)>, CompactError> {
+    fn listed_ids(&self) -> Result<Option<ListedIds>, CompactError> {
         let reader = LogReader::from_db(self.db.as_ref())?;
         let segments = reader.manifest()?.segments.iter().map(|s| s.id).collect();
         let keyframes = reader.keyframes()?.iter().map(|k| k.id).collect();
