@@ -9,14 +9,6 @@ use std::collections::HashSet;
 
 use super::*;
 
-/// A map entry's memory beyond its key and row bytes.
-const OVERLAY_ENTRY_OVERHEAD: usize = 96;
-
-/// What one overlay entry counts toward [`IndexOverlay::bytes`].
-fn entry_size(key: &[u8], row: Option<&[u8]>) -> usize {
-    key.len() + row.map_or(0, <[u8]>::len) + OVERLAY_ENTRY_OVERHEAD
-}
-
 /// Remove every stored current row of a relation (a TRUNCATE, or a snapshot of the table).
 fn remove_stored_rows(current: &mut RowKeyed<'_>, relation_id: u32) -> Result<(), LogError> {
     current.retain_in(
@@ -27,50 +19,43 @@ fn remove_stored_rows(current: &mut RowKeyed<'_>, relation_id: u32) -> Result<()
 }
 
 /// A completer's changes to the current-row index, over the stored `current_rows`:
-/// `(relation_id, encoded key)` to the encoded row, or `None` for a row that is gone, and the
+/// `(relation_id, encoded key)` to the row, or `None` for a row that is gone, and the
 /// relations whose stored rows are all gone (a TRUNCATE, or a snapshot of the table). A
 /// completion step writes it out in its own commit, each key once and in key order (a hot
-/// row is written once per step, not once per change); a reader's completer drops it.
+/// row is encoded and written once per step, not once per change); a reader's completer
+/// drops it, having encoded nothing.
 #[derive(Default)]
 pub(super) struct IndexOverlay {
     /// By relation, then by encoded key.
-    entries: HashMap<u32, HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    entries: HashMap<u32, HashMap<Vec<u8>, Option<Row>>>,
     /// Relations whose stored rows are gone: a key the overlay does not have has no row.
     forgotten: HashSet<u32>,
-    /// The entries' memory, about.
-    bytes: usize,
 }
 
 impl IndexOverlay {
     /// The overlay's state of a key: `None` when it has none (the stored index has the newer
     /// state), `Some(None)` when the row is gone.
-    fn get(&self, relation_id: u32, key: &[u8]) -> Option<Option<&[u8]>> {
+    fn get(&self, relation_id: u32, key: &[u8]) -> Option<Option<&Row>> {
         match self
             .entries
             .get(&relation_id)
             .and_then(|rows| rows.get(key))
         {
-            Some(row) => Some(row.as_deref()),
+            Some(row) => Some(row.as_ref()),
             None => self.forgotten.contains(&relation_id).then_some(None),
         }
     }
 
-    fn put(&mut self, relation_id: u32, key: Vec<u8>, row: Option<Vec<u8>>) {
-        self.bytes += entry_size(&key, row.as_deref());
-        let rows = self.entries.entry(relation_id).or_default();
-        if let Some((key, old)) = rows.remove_entry(key.as_slice()) {
-            self.bytes -= entry_size(&key, old.as_deref());
-        }
-        rows.insert(key, row);
+    fn put(&mut self, relation_id: u32, key: Vec<u8>, row: Option<Row>) {
+        self.entries
+            .entry(relation_id)
+            .or_default()
+            .insert(key, row);
     }
 
     /// Every row of a relation is gone.
     fn forget(&mut self, relation_id: u32) {
-        if let Some(rows) = self.entries.remove(&relation_id) {
-            for (key, row) in rows {
-                self.bytes -= entry_size(&key, row.as_deref());
-            }
-        }
+        self.entries.remove(&relation_id);
         self.forgotten.insert(relation_id);
     }
 
@@ -85,12 +70,16 @@ impl IndexOverlay {
         }
         let mut relations: Vec<_> = self.entries.into_iter().collect();
         relations.sort_unstable_by_key(|(relation_id, _)| *relation_id);
+        let mut scratch = Vec::new();
         for (relation_id, rows) in relations {
             let mut rows: Vec<_> = rows.into_iter().collect();
             rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             for (key, row) in rows {
                 match row {
-                    Some(row) => current.insert((relation_id, key.as_slice()), row.as_slice())?,
+                    Some(row) => {
+                        encode_into(&mut scratch, &row);
+                        current.insert((relation_id, key.as_slice()), scratch.as_slice())?
+                    }
                     None => current.remove((relation_id, key.as_slice()))?,
                 };
             }
@@ -181,14 +170,43 @@ pub(super) fn received_change(
 /// of the records not completed yet ([`LogReader::changes`]), so that what a reader shows
 /// before a step is what the step stores. It starts from `current_rows` as of
 /// `meta.completed_through` and holds its own changes to the index in an [`IndexOverlay`].
-#[derive(Default)]
 pub(super) struct Completer {
-    pub(super) overlay: IndexOverlay,
+    overlay: IndexOverlay,
     /// The key columns of each schema version met, or `None` where no index is kept.
     shapes: HashMap<(u32, ChangeKey), Option<std::sync::Arc<[usize]>>>,
+    /// The snapshots still to come, whose relations' rows the index forgets at their
+    /// transaction's start (see [`snapshot_forgets`]).
+    forgets: std::iter::Peekable<std::vec::IntoIter<(u64, u32)>>,
 }
 
 impl Completer {
+    /// A completer of the records after `from` through the transaction committed at
+    /// `through`, over the index as of `from`.
+    fn new(
+        snapshot_scope: &impl ReadableTable<(u64, u32), &'static [u8]>,
+        from: ChangeKey,
+        through: Lsn,
+    ) -> Result<Completer, LogError> {
+        Ok(Completer {
+            overlay: IndexOverlay::default(),
+            shapes: HashMap::new(),
+            forgets: snapshot_forgets(snapshot_scope, from.commit_lsn, through)?
+                .into_iter()
+                .peekable(),
+        })
+    }
+
+    /// The index's changes so far, every snapshot still to come through the last
+    /// transaction forgotten too when `to_the_end` (no record follows them).
+    fn into_overlay(mut self, to_the_end: bool) -> IndexOverlay {
+        if to_the_end {
+            for (_, relation_id) in self.forgets {
+                self.overlay.forget(relation_id);
+            }
+        }
+        self.overlay
+    }
+
     /// Complete `record`, stored under `key`, from the index as of just before it (the stored
     /// index `current` under this completer's overlay), then apply its own index changes.
     /// Returns whether the record changed (a stored one must be written again).
@@ -207,6 +225,9 @@ impl Completer {
         key: ChangeKey,
         record: &mut ChangeRecord,
     ) -> Result<bool, LogError> {
+        while let Some((_, relation_id)) = self.forgets.next_if(|(at, _)| *at <= key.commit_lsn.0) {
+            self.overlay.forget(relation_id);
+        }
         if record.op == Op::Message {
             return Ok(false);
         }
@@ -254,8 +275,8 @@ impl Completer {
         for write in index_writes(record, &key_pos).into_iter().flatten() {
             match write {
                 IndexWrite::Row(key, row) => {
-                    let row = row.map(encode);
-                    self.overlay.put(relation_id, encode_plain(&key), row);
+                    self.overlay
+                        .put(relation_id, encode_plain(&key), row.cloned());
                 }
                 IndexWrite::Forget => self.overlay.forget(relation_id),
             }
@@ -273,7 +294,7 @@ impl Completer {
     ) -> Result<Option<Row>, LogError> {
         let k = encode_plain(&key);
         if let Some(row) = self.overlay.get(relation_id, &k) {
-            return row.map(|bytes| decode(bytes, "current_rows")).transpose();
+            return Ok(row.cloned());
         }
         match current.get((relation_id, k.as_slice()))? {
             Some(v) => Ok(Some(decode(v.value(), "current_rows")?)),
@@ -346,26 +367,20 @@ pub(super) const STEP_RECORDS: usize = 50_000;
 /// (each key once, in key order); and move `completed_through` to the last record completed,
 /// or to the end of the last finished transaction when every one is. All in `wtx`, so a crash
 /// keeps the step whole or not at all, and the next step redoes it from the records.
-/// Returns the new `completed_through` and whether it reached the last finished transaction.
-pub(crate) fn complete_step(
-    wtx: &redb::WriteTransaction,
-    budget: usize,
-) -> Result<(ChangeKey, bool), LogError> {
+/// Returns whether it reached the last finished transaction.
+pub(crate) fn complete_step(wtx: &redb::WriteTransaction, budget: usize) -> Result<bool, LogError> {
     let budget = budget.max(1);
     let mut meta = wtx.open_table(META)?;
     let last_commit = Lsn(get_u64(&meta, META_LAST_COMMIT)?.unwrap_or(0));
     let from = completed_through(&meta)?;
     let end = ChangeKey::new(last_commit, u32::MAX);
     if from >= end {
-        return Ok((from, true));
+        return Ok(true);
     }
     let mut changes = wtx.open_table(CHANGES)?;
     let mut current = wtx.open_table(CURRENT)?;
     let relations = wtx.open_table(RELATIONS)?;
-    let scope = wtx.open_table(SNAPSHOT_SCOPE)?;
-    let mut forgets = snapshot_forgets(&scope, from.commit_lsn, last_commit)?
-        .into_iter()
-        .peekable();
+    let mut completer = Completer::new(&wtx.open_table(SNAPSHOT_SCOPE)?, from, last_commit)?;
     let batch: Vec<(ChangeKey, ChangeRecord)> = changes
         .range(after_through(from, last_commit))?
         .take(budget)
@@ -377,33 +392,22 @@ pub(crate) fn complete_step(
         .collect::<Result<_, LogError>>()?;
     let caught_up = batch.len() < budget;
     let last = batch.last().map(|(k, _)| *k);
-    let mut completer = Completer::default();
     let mut rewrites = Vec::new();
     for (key, mut record) in batch {
-        while let Some((_, relation_id)) = forgets.next_if(|(at, _)| *at <= key.commit_lsn.0) {
-            completer.overlay.forget(relation_id);
-        }
         if completer.complete(&current, &relations, key, &mut record)? {
             rewrites.push((key, record));
         }
     }
-    let through = if caught_up {
-        // Snapshots after the last record (of empty tables) forget their rows too.
-        for (_, relation_id) in forgets {
-            completer.overlay.forget(relation_id);
-        }
-        end
-    } else {
-        last.unwrap_or(from)
-    };
+    // Caught up, the snapshots after the last record (of empty tables) forget their rows too.
+    let through = if caught_up { end } else { last.unwrap_or(from) };
     let mut scratch = Vec::new();
     for (key, record) in &rewrites {
         encode_into(&mut scratch, record);
         changes.insert((key.commit_lsn.0, key.seq), scratch.as_slice())?;
     }
-    completer.overlay.write_to(&mut current)?;
+    completer.into_overlay(caught_up).write_to(&mut current)?;
     set_completed_through(&mut meta, through)?;
-    Ok((through, caught_up))
+    Ok(caught_up)
 }
 
 /// A reader's view of the records not completed yet (after `meta.completed_through`):
@@ -412,7 +416,6 @@ pub(super) struct PendingView {
     completer: Completer,
     current: redb::ReadOnlyTable<(u32, &'static [u8]), &'static [u8]>,
     relations: redb::ReadOnlyTable<(u32, u64, u32), &'static [u8]>,
-    forgets: std::iter::Peekable<std::vec::IntoIter<(u64, u32)>>,
 }
 
 impl PendingView {
@@ -422,14 +425,10 @@ impl PendingView {
         through: ChangeKey,
         last_commit: Lsn,
     ) -> Result<PendingView, LogError> {
-        let scope = rtx.open_table(SNAPSHOT_SCOPE)?;
         Ok(PendingView {
-            completer: Completer::default(),
+            completer: Completer::new(&rtx.open_table(SNAPSHOT_SCOPE)?, through, last_commit)?,
             current: rtx.open_table(CURRENT)?,
             relations: rtx.open_table(RELATIONS)?,
-            forgets: snapshot_forgets(&scope, through.commit_lsn, last_commit)?
-                .into_iter()
-                .peekable(),
         })
     }
 
@@ -439,9 +438,6 @@ impl PendingView {
         key: ChangeKey,
         record: &mut ChangeRecord,
     ) -> Result<(), LogError> {
-        while let Some((_, relation_id)) = self.forgets.next_if(|(at, _)| *at <= key.commit_lsn.0) {
-            self.completer.overlay.forget(relation_id);
-        }
         self.completer
             .complete(&self.current, &self.relations, key, record)?;
         Ok(())

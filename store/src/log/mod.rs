@@ -406,9 +406,6 @@ pub struct ChangeLog {
     poisoned: bool,
     /// The buffer every stored value is encoded into (reused).
     scratch: Vec<u8>,
-    /// `meta.completed_through` as this handle last wrote or read it (a compactor's steps
-    /// may have moved it further since: see [`complete_step`](Self::complete_step)).
-    completed_through: ChangeKey,
     /// Since when a finished transaction has waited for completion, in this process, and
     /// how many changes have been stored since.
     completion_due_since: Option<std::time::Instant>,
@@ -487,7 +484,6 @@ impl ChangeLog {
             inflight: None,
             poisoned: false,
             scratch: Vec::new(),
-            completed_through: ChangeKey::default(),
             completion_due_since: None,
             changes_to_complete: 0,
             step_records: STEP_RECORDS,
@@ -624,20 +620,20 @@ impl ChangeLog {
                 set_completed_through(&mut meta, ChangeKey::new(index_through, u32::MAX))?;
                 meta.remove(META_INDEX_THROUGH)?;
             }
-            self.completed_through = completed_through(&meta)?;
-            if self.completed_through < ChangeKey::new(self.last_commit, u32::MAX) {
+            let completed = completed_through(&meta)?;
+            if completed < ChangeKey::new(self.last_commit, u32::MAX) {
                 // Left by the last process: the writer completes it when it is idle.
                 self.completion_due_since = Some(std::time::Instant::now());
             }
             // Completion stops at the last finished transaction: a mark beyond it was not
             // written by pgtrail.
-            if self.completed_through.commit_lsn > self.last_commit {
+            if completed.commit_lsn > self.last_commit {
                 return Err(LogError::Corrupt {
                     what: format!("meta {META_COMPLETED_THROUGH}"),
                     source: format!(
                         "records are marked completed through {}, after the last finished \
                          transaction {}",
-                        self.completed_through, self.last_commit
+                        completed, self.last_commit
                     )
                     .into(),
                 });
@@ -1038,15 +1034,21 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// A two-phase write transaction, unless an earlier write failed; the handle counts as
-    /// poisoned until the caller's commit clears it.
-    fn begin_unless_poisoned(&mut self) -> Result<redb::WriteTransaction, LogError> {
+    /// An error once an earlier write of this handle failed (see [`apply`](Self::apply)).
+    fn refuse_if_poisoned(&self) -> Result<(), LogError> {
         if self.poisoned {
             return Err(LogError::Corrupt {
                 what: "this log handle".into(),
                 source: "an earlier write failed; reopen the log".into(),
             });
         }
+        Ok(())
+    }
+
+    /// A two-phase write transaction, unless an earlier write failed; the handle counts as
+    /// poisoned until the caller's commit clears it.
+    fn begin_unless_poisoned(&mut self) -> Result<redb::WriteTransaction, LogError> {
+        self.refuse_if_poisoned()?;
         self.poisoned = true;
         let mut wtx = self.db.begin_write()?;
         wtx.set_two_phase_commit(true);
@@ -1067,14 +1069,8 @@ impl ChangeLog {
     /// `true` once every finished transaction is complete. The capture's writer runs steps
     /// when it has nothing to acknowledge, and compaction before it cuts.
     pub fn complete_step(&mut self) -> Result<bool, LogError> {
-        if self.poisoned {
-            return Err(LogError::Corrupt {
-                what: "this log handle".into(),
-                source: "an earlier write failed; reopen the log".into(),
-            });
-        }
-        let (through, caught_up) = complete_step_in(&self.db, self.step_records)?;
-        self.completed_through = through;
+        self.refuse_if_poisoned()?;
+        let caught_up = complete_step_in(&self.db, self.step_records)?;
         if caught_up {
             self.completion_due_since = None;
             self.changes_to_complete = 0;
@@ -1088,11 +1084,6 @@ impl ChangeLog {
         Ok(())
     }
 
-    /// The last record completed (as this handle last saw it).
-    pub fn completed_through(&self) -> ChangeKey {
-        self.completed_through
-    }
-
     /// A reader over the log's latest commit.
     pub fn reader(&self) -> Result<LogReader, LogError> {
         LogReader::from_db(self.db.as_ref())
@@ -1101,19 +1092,19 @@ impl ChangeLog {
 
 /// One completion step ([`images::complete_step`]) in a durable commit of its own. A failure
 /// leaves the log as it was (the write transaction is dropped), so it poisons nothing.
-fn complete_step_in(db: &Database, budget: usize) -> Result<(ChangeKey, bool), LogError> {
+fn complete_step_in(db: &Database, budget: usize) -> Result<bool, LogError> {
     let mut wtx = db.begin_write()?;
     wtx.set_two_phase_commit(true);
-    let outcome = images::complete_step(&wtx, budget)?;
+    let caught_up = images::complete_step(&wtx, budget)?;
     crate::crashpoint::hit("log:before_completion_commit");
     wtx.commit()?;
-    Ok(outcome)
+    Ok(caught_up)
 }
 
 /// Complete every finished transaction of the log in `db`, step by step (compaction by a
 /// command that holds the archive: see [`Compactor`](crate::Compactor)).
 pub(crate) fn complete_pending(db: &Database) -> Result<(), LogError> {
-    while !complete_step_in(db, STEP_RECORDS)?.1 {}
+    while !complete_step_in(db, STEP_RECORDS)? {}
     Ok(())
 }
 
