@@ -410,7 +410,8 @@ impl LogReader {
         Ok(out)
     }
 
-    /// The number of rows in the current-row index of a relation.
+    /// The number of rows in the current-row index of a relation, as of `completed_through`
+    /// (the index lags the log while records wait for completion).
     pub fn current_row_count(&self, relation_id: u32) -> Result<u64, LogError> {
         let table = self.rtx.open_table(CURRENT)?;
         Ok(table
