@@ -1069,8 +1069,15 @@ impl ChangeLog {
     /// `true` once every finished transaction is complete. The capture's writer runs steps
     /// when it has nothing to acknowledge, and compaction before it cuts.
     pub fn complete_step(&mut self) -> Result<bool, LogError> {
+        self.complete_step_of(usize::MAX)
+    }
+
+    /// A completion step of at most `records` records (and never more than a full step's):
+    /// the writer's steps between batches while completion is overdue, kept short so that
+    /// acknowledging waits for one small step at a time, not a full one.
+    pub fn complete_step_of(&mut self, records: usize) -> Result<bool, LogError> {
         self.refuse_if_poisoned()?;
-        let caught_up = complete_step_in(&self.db, self.step_records)?;
+        let caught_up = complete_step_in(&self.db, records.clamp(1, self.step_records))?;
         if caught_up {
             self.completion_due_since = None;
             self.changes_to_complete = 0;
@@ -1644,12 +1651,30 @@ mod tests {
                     crashes += 1;
                     log = ChangeLog::open(&archive).unwrap();
                 }
-                // Some completion steps, each of up to seven records.
+                // Some completion steps, each of up to seven records: the log's own step
+                // size, or the budget the writer gives a step while completion is overdue.
                 1 | 2 => {
                     let seen = all_changes(&log);
-                    log.step_records = 1 + next(7) as usize;
+                    let budget = (next(2) == 0).then(|| 1 + next(7) as usize);
+                    log.step_records = budget.map_or(1 + next(7) as usize, |_| STEP_RECORDS);
                     for _ in 0..1 + next(6) {
-                        if log.complete_step().unwrap() {
+                        let from = log.reader().unwrap().completed_through().unwrap();
+                        let caught_up = match budget {
+                            Some(records) => log.complete_step_of(records).unwrap(),
+                            None => log.complete_step().unwrap(),
+                        };
+                        if let Some(records) = budget {
+                            let to = log.reader().unwrap().completed_through().unwrap();
+                            let completed = stored_records(&log)
+                                .iter()
+                                .filter(|(k, _)| from < *k && *k <= to)
+                                .count();
+                            assert!(
+                                completed <= records,
+                                "{completed} records in a step of {records}"
+                            );
+                        }
+                        if caught_up {
                             break;
                         }
                     }
