@@ -38,12 +38,11 @@ const IDLE_COMPLETION: Duration = Duration::from_millis(200);
 
 /// Completion is not put off any longer than this, or for more changes than
 /// [`COMPLETION_MAX_CHANGES`], however busy the writer is: past either, a step follows each
-/// batch until completion has caught up (of [`OVERDUE_STEP_PER_CHANGE`] records per change
-/// the batch stored). Records not completed are shown completed to readers
-/// (each read redoes the completion of all of them) and wait in the log (compaction takes
-/// none), so these bound a reader's extra work and the log's growth under a load the capture
-/// cannot keep up with; a backlog of the decode suite's size (1,375,000 changes drained in
-/// about 10 s) stays within them.
+/// batch until completion has caught up (a short one, see [`OVERDUE_STEP_PER_CHANGE`]).
+/// Records not completed are shown completed to readers (each read redoes the completion of
+/// all of them) and wait in the log (compaction takes none), so these bound a reader's extra
+/// work and the log's growth under a load the capture cannot keep up with; a backlog of the
+/// decode suite's size (1,375,000 changes drained in about 10 s) stays within them.
 const COMPLETION_MAX_DELAY: Duration = Duration::from_secs(60);
 const COMPLETION_MAX_CHANGES: u64 = 2_000_000;
 
