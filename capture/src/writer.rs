@@ -55,6 +55,14 @@ const COMPLETION_MAX_CHANGES: u64 = 2_000_000;
 const OVERDUE_STEP_PER_CHANGE: usize = 4;
 const OVERDUE_STEP_MIN: usize = 4_096;
 
+/// The records an overdue step completes after a batch that stored `changes`.
+fn overdue_step(changes: u64) -> usize {
+    usize::try_from(changes)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(OVERDUE_STEP_PER_CHANGE)
+        .max(OVERDUE_STEP_MIN)
+}
+
 enum WriterMsg {
     Ops(Vec<LogOp>),
     /// Drop the open source transaction's partial writes (the stream broke mid-transaction;
@@ -270,11 +278,7 @@ fn run_writer(
             if log.completion_behind().is_some_and(|(since, changes)| {
                 since.elapsed() >= COMPLETION_MAX_DELAY || changes >= COMPLETION_MAX_CHANGES
             }) {
-                let records = usize::try_from(stored)
-                    .unwrap_or(usize::MAX)
-                    .saturating_mul(OVERDUE_STEP_PER_CHANGE)
-                    .max(OVERDUE_STEP_MIN);
-                log.complete_step_of(records)?;
+                log.complete_step_of(overdue_step(stored))?;
             }
         }
         match control {

@@ -398,13 +398,13 @@ pub(crate) fn complete_step(wtx: &redb::WriteTransaction, budget: usize) -> Resu
             rewrites.push((key, record));
         }
     }
-    // Caught up, the snapshots after the last record (of empty tables) forget their rows too.
     let through = if caught_up { end } else { last.unwrap_or(from) };
     let mut scratch = Vec::new();
     for (key, record) in &rewrites {
         encode_into(&mut scratch, record);
         changes.insert((key.commit_lsn.0, key.seq), scratch.as_slice())?;
     }
+    // Caught up, the snapshots after the last record (of empty tables) forget their rows too.
     completer.into_overlay(caught_up).write_to(&mut current)?;
     set_completed_through(&mut meta, through)?;
     Ok(caught_up)
