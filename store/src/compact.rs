@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redb::{Database, ReadableDatabase, ReadableTable};
 
@@ -566,6 +566,8 @@ impl Compactor {
             }
         };
         let mut next_id = meta_u64(&meta, META_NEXT_SEGMENT)?.max(1);
+        // The tree as of the cut: the run's leaves are pushed onto it before the write lock.
+        let tree = evidence::state::frontier_in(&meta)?;
         let enums = reader.enum_types()?;
         // This run is a new evidence epoch: a fresh seed for its changes' salts, from its
         // first change on (the epoch's start is known at the first change read). The writers
@@ -680,7 +682,18 @@ impl Compactor {
                 leaves: spill.len(),
             });
         }
+        // The leaves are hashed into the tree here, before the write lock: the writer waits
+        // for that lock, and this is the larger half of what the run would do holding it (at
+        // 1.75 million changes, 0.29 s of 0.66). `append` takes the result only if the tree
+        // is still the one read with the cut.
+        let grown = if self.options.evidence {
+            let leaves = spill.merged()?.map(|l| l.map_err(CompactError::from));
+            Some(evidence::state::grow(tree, leaves, count)?)
+        } else {
+            None
+        };
         crashpoint::hit("compact:before_manifest");
+        let t_lock = Instant::now();
         let mut wtx = self.db.begin_write()?;
         wtx.set_two_phase_commit(true);
         {
@@ -722,14 +735,14 @@ impl Compactor {
         }
         // The leaves join the tree in the commit that lists their segments: the tree never
         // covers a change the manifest does not list, nor misses one it lists.
-        let frontier = if self.options.evidence {
-            let leaves = spill.merged()?.map(|l| l.map_err(CompactError::from));
-            Some(evidence::state::append(&wtx, &seed, leaves, count, cut)?)
-        } else {
-            None
+        let frontier = match grown {
+            Some(grown) => Some(evidence::state::append(&wtx, &seed, grown, count, cut)?),
+            None => None,
         };
         // The one commit that lists the segments and trims the log (two-phase, durable).
         wtx.commit()?;
+        // How long the writer could not commit (and so could not acknowledge) for this run.
+        let lock_ms = t_lock.elapsed().as_millis() as u64;
         crashpoint::hit("compact:after_commit");
         if let Some(frontier) = frontier {
             report.tree_size = frontier.size();
@@ -739,7 +752,7 @@ impl Compactor {
         report.transactions += txns;
         report.segments_written += entries.len() as u64;
         report.compacted_through = cut;
-        tracing::info!(changes = count, segments = entries.len(), through = %cut, "compacted the log into segments");
+        tracing::info!(changes = count, segments = entries.len(), through = %cut, lock_ms, "compacted the log into segments");
         Ok(())
     }
 

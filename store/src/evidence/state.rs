@@ -345,7 +345,7 @@ fn parse_redaction(bytes: &[u8]) -> Result<Redaction, LogError> {
 }
 
 /// The frontier the log records (none yet: the empty tree).
-fn frontier_in(
+pub(crate) fn frontier_in(
     meta: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> Result<Frontier, LogError> {
     match meta.get(META_FRONTIER)? {
@@ -363,38 +363,31 @@ pub(crate) fn new_seed() -> Result<Seed, LogError> {
     Ok(seed)
 }
 
-/// Append a compaction run's `count` leaves, in `(lsn, seq)` order, to the tree, in the write
-/// transaction that lists their segments: the epoch that begins at the run's first key, then
-/// the leaves, then the run's events: every gap recorded since the last run and a
-/// watermark (the cut the run compacted through, the source, when). Refuses leaves at or
-/// before the tree's last (they would not be appended but inserted, and every proof given so
-/// far would break).
-pub(crate) fn append<E: From<LogError>>(
-    wtx: &redb::WriteTransaction,
-    seed: &Seed,
+/// A compaction run's leaves pushed onto the tree as it stood when the run began: the
+/// hashing is done before the run takes the log's write lock, and [`append`] takes it only if
+/// the tree is still the one it grew from.
+pub(crate) struct Grown {
+    /// The tree the leaves were pushed onto.
+    base: Frontier,
+    /// The run's first change (its epoch begins there).
+    first: ChangeKey,
+    /// `base` with every leaf of the run pushed.
+    frontier: Frontier,
+}
+
+/// Push a compaction run's `count` leaves, in `(lsn, seq)` order, onto `base`. Refuses leaves
+/// out of order or repeated (they would not be appended but inserted, and every proof given
+/// so far would break), and a count other than the run's.
+pub(crate) fn grow<E: From<LogError>>(
+    base: Frontier,
     leaves: impl IntoIterator<Item = Result<Leaf, E>>,
     count: u64,
-    cut: Lsn,
-) -> Result<Frontier, E> {
+) -> Result<Grown, E> {
     let mut leaves = leaves.into_iter();
     let Some(first) = leaves.next().transpose()? else {
         return Err(corrupt("evidence", "a compaction run with no leaves").into());
     };
-    let mut epochs = wtx.open_table(EPOCHS).map_err(LogError::from)?;
-    if let Some(last) = epochs.last().map_err(LogError::from)? {
-        let (lsn, seq) = last.0.value();
-        if ChangeKey::new(Lsn(lsn), seq) >= first.key {
-            return Err(corrupt(
-                "evidence",
-                "a compaction run's changes do not follow the tree's last epoch",
-            )
-            .into());
-        }
-    }
-    epochs
-        .insert((first.key.commit_lsn.0, first.key.seq), seed.as_slice())
-        .map_err(LogError::from)?;
-    let mut frontier = frontier_in(&wtx.open_table(META).map_err(LogError::from)?)?;
+    let mut frontier = base.clone();
     frontier.push(first.hash);
     // The leaves come merged from the run's segments; strictly increasing keys mean none is
     // repeated and none is inserted among earlier ones.
@@ -414,7 +407,44 @@ pub(crate) fn append<E: From<LogError>>(
     if pushed != count {
         return Err(corrupt("evidence", "the leaves merged are not the run's changes").into());
     }
-    Ok(append_events(wtx, frontier, first.key, count, cut)?)
+    Ok(Grown {
+        base,
+        first: first.key,
+        frontier,
+    })
+}
+
+/// Append a compaction run's leaves ([`grow`]), in the write transaction that lists their
+/// segments: the epoch that begins at the run's first key, then the leaves, then the run's
+/// events: every gap recorded since the last run and a watermark (the cut the run compacted
+/// through, the source, when). Refuses a run whose first change does not follow the tree's
+/// last epoch, and one grown from a tree other than the log's now (only a compaction appends,
+/// one at a time, so that is a second compactor on the archive: nothing is committed).
+pub(crate) fn append(
+    wtx: &redb::WriteTransaction,
+    seed: &Seed,
+    grown: Grown,
+    count: u64,
+    cut: Lsn,
+) -> Result<Frontier, LogError> {
+    let mut epochs = wtx.open_table(EPOCHS)?;
+    if let Some(last) = epochs.last()? {
+        let (lsn, seq) = last.0.value();
+        if ChangeKey::new(Lsn(lsn), seq) >= grown.first {
+            return Err(corrupt(
+                "evidence",
+                "a compaction run's changes do not follow the tree's last epoch",
+            ));
+        }
+    }
+    if frontier_in(&wtx.open_table(META)?)? != grown.base {
+        return Err(corrupt(
+            "evidence",
+            "the tree grew while a compaction run wrote its segments (a second compactor on this archive?); the run committed nothing",
+        ));
+    }
+    epochs.insert((grown.first.commit_lsn.0, grown.first.seq), seed.as_slice())?;
+    append_events(wtx, grown.frontier, grown.first, count, cut)
 }
 
 /// The run's events after its leaves: every gap recorded since the last run, and the
@@ -873,5 +903,69 @@ impl<'a> TreeOrder<'a> {
             self.size += 1;
             self.event += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaves(keys: &[(u64, u32)]) -> Vec<Result<Leaf, LogError>> {
+        keys.iter()
+            .map(|&(lsn, seq)| {
+                Ok(Leaf {
+                    key: ChangeKey::new(Lsn(lsn), seq),
+                    hash: [lsn as u8; 32],
+                })
+            })
+            .collect()
+    }
+
+    fn tree(db: &redb::Database) -> Frontier {
+        frontier_in(&db.begin_read().unwrap().open_table(META).unwrap()).unwrap()
+    }
+
+    /// The leaves are hashed before the write lock, onto the tree read with the cut: a run
+    /// grown from a tree the log no longer holds commits nothing, and one grown from the
+    /// log's tree appends exactly its leaves.
+    #[test]
+    fn a_run_grown_from_another_tree_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = crate::ChangeLog::open(&dir.path().join("a")).unwrap();
+        let db = log.shared().0;
+        let stale = grow(tree(&db), leaves(&[(10, 0), (10, 1)]), 2).unwrap();
+        // Meanwhile another run appended (as a second compactor would).
+        let other = grow(tree(&db), leaves(&[(5, 0)]), 1).unwrap();
+        let wtx = db.begin_write().unwrap();
+        append(&wtx, &[1; 32], other, 1, Lsn(5)).unwrap();
+        wtx.commit().unwrap();
+        let before = tree(&db);
+        let wtx = db.begin_write().unwrap();
+        let refused = append(&wtx, &[2; 32], stale, 2, Lsn(10));
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| format!("{e:?}").contains("the tree grew")),
+            "{:?}",
+            refused.map(|f| f.size())
+        );
+        drop(wtx);
+        assert_eq!(tree(&db), before, "nothing was committed");
+        // Grown again from the log's tree, the same run is appended: its two leaves and the
+        // run's watermark event.
+        let fresh = grow(tree(&db), leaves(&[(10, 0), (10, 1)]), 2).unwrap();
+        let wtx = db.begin_write().unwrap();
+        let after = append(&wtx, &[2; 32], fresh, 2, Lsn(10)).unwrap();
+        wtx.commit().unwrap();
+        assert_eq!(after.size(), before.size() + 3);
+        assert_eq!(tree(&db), after);
+    }
+
+    #[test]
+    fn leaves_out_of_order_or_miscounted_are_refused() {
+        let unordered = grow(Frontier::new(), leaves(&[(10, 1), (10, 0)]), 2);
+        assert!(unordered.is_err_and(|e| format!("{e:?}").contains("out of order")));
+        let miscounted = grow(Frontier::new(), leaves(&[(10, 0)]), 2);
+        assert!(miscounted.is_err_and(|e| format!("{e:?}").contains("not the run's changes")));
     }
 }
