@@ -1436,6 +1436,12 @@ fn print_report(
             r / n
         );
     }
+    if let (Some(p), Some(r)) = (m("pgtrail", "tps"), m("pg_recvlogical", "tps")) {
+        println!(
+            "Ratio overhead: TPS with pgtrail / TPS with pg_recvlogical = **{:.2}** (goal >= 0.97: pgtrail's own process adds almost nothing to logical decoding's cost)",
+            p / r
+        );
+    }
     if let (Some(p), Some(t)) = (m("pgtrail", "tps"), m("trigger", "tps")) {
         println!(
             "Ratio overhead: TPS with pgtrail / TPS with the audit trigger = **{:.2}** (goal >= 1.3)",
