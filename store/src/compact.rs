@@ -693,8 +693,8 @@ impl Compactor {
             None
         };
         crashpoint::hit("compact:before_manifest");
-        let t_lock = Instant::now();
         let mut wtx = self.db.begin_write()?;
+        let locked = Instant::now();
         wtx.set_two_phase_commit(true);
         {
             let mut segments = wtx.open_table(SEGMENTS)?;
@@ -736,13 +736,13 @@ impl Compactor {
         // The leaves join the tree in the commit that lists their segments: the tree never
         // covers a change the manifest does not list, nor misses one it lists.
         let frontier = match grown {
-            Some(grown) => Some(evidence::state::append(&wtx, &seed, grown, count, cut)?),
+            Some(grown) => Some(evidence::state::append(&wtx, &seed, grown, cut)?),
             None => None,
         };
         // The one commit that lists the segments and trims the log (two-phase, durable).
         wtx.commit()?;
         // How long the writer could not commit (and so could not acknowledge) for this run.
-        let lock_ms = t_lock.elapsed().as_millis() as u64;
+        let lock_ms = locked.elapsed().as_millis() as u64;
         crashpoint::hit("compact:after_commit");
         if let Some(frontier) = frontier {
             report.tree_size = frontier.size();

@@ -373,6 +373,8 @@ pub(crate) struct Grown {
     first: ChangeKey,
     /// `base` with every leaf of the run pushed.
     frontier: Frontier,
+    /// The run's changes (one leaf each).
+    count: u64,
 }
 
 /// Push a compaction run's `count` leaves, in `(lsn, seq)` order, onto `base`. Refuses leaves
@@ -411,6 +413,7 @@ pub(crate) fn grow<E: From<LogError>>(
         base,
         first: first.key,
         frontier,
+        count,
     })
 }
 
@@ -424,7 +427,6 @@ pub(crate) fn append(
     wtx: &redb::WriteTransaction,
     seed: &Seed,
     grown: Grown,
-    count: u64,
     cut: Lsn,
 ) -> Result<Frontier, LogError> {
     let mut epochs = wtx.open_table(EPOCHS)?;
@@ -444,7 +446,7 @@ pub(crate) fn append(
         ));
     }
     epochs.insert((grown.first.commit_lsn.0, grown.first.seq), seed.as_slice())?;
-    append_events(wtx, grown.frontier, grown.first, count, cut)
+    append_events(wtx, grown.frontier, grown.first, grown.count, cut)
 }
 
 /// The run's events after its leaves: every gap recorded since the last run, and the
@@ -937,11 +939,11 @@ mod tests {
         // Meanwhile another run appended (as a second compactor would).
         let other = grow(tree(&db), leaves(&[(5, 0)]), 1).unwrap();
         let wtx = db.begin_write().unwrap();
-        append(&wtx, &[1; 32], other, 1, Lsn(5)).unwrap();
+        append(&wtx, &[1; 32], other, Lsn(5)).unwrap();
         wtx.commit().unwrap();
         let before = tree(&db);
         let wtx = db.begin_write().unwrap();
-        let refused = append(&wtx, &[2; 32], stale, 2, Lsn(10));
+        let refused = append(&wtx, &[2; 32], stale, Lsn(10));
         assert!(
             refused
                 .as_ref()
@@ -955,7 +957,7 @@ mod tests {
         // run's watermark event.
         let fresh = grow(tree(&db), leaves(&[(10, 0), (10, 1)]), 2).unwrap();
         let wtx = db.begin_write().unwrap();
-        let after = append(&wtx, &[2; 32], fresh, 2, Lsn(10)).unwrap();
+        let after = append(&wtx, &[2; 32], fresh, Lsn(10)).unwrap();
         wtx.commit().unwrap();
         assert_eq!(after.size(), before.size() + 3);
         assert_eq!(tree(&db), after);
