@@ -44,20 +44,29 @@ impl Default for CompactionPolicy {
     }
 }
 
+/// What the compactor thread of this process has done, read by the capture's progress.
+#[derive(Debug, Default)]
+pub struct CompactorCounters {
+    /// Changes moved into segments.
+    pub compacted: AtomicU64,
+    /// Compaction runs that moved changes.
+    pub runs: AtomicU64,
+    /// The longest time one run held the log's write lock to list its segments and trim the
+    /// log, in microseconds (the writer could not acknowledge meanwhile).
+    pub longest_lock_us: AtomicU64,
+    /// Changes the retention policy's purges redacted.
+    pub purged: AtomicU64,
+    /// Retention runs that failed (each is logged; the capture goes on).
+    pub retention_failures: AtomicU64,
+}
+
 /// The running compactor thread.
 pub struct BackgroundCompactor {
     stop: Arc<AtomicBool>,
     join: Option<JoinHandle<()>>,
     failure: Arc<Mutex<Option<CompactError>>>,
     failed: tokio::sync::watch::Receiver<bool>,
-    /// Changes moved into segments by this process.
-    pub compacted: Arc<AtomicU64>,
-    /// Compaction runs of this process that moved changes.
-    pub runs: Arc<AtomicU64>,
-    /// Changes the retention policy's purges redacted in this process.
-    pub purged: Arc<AtomicU64>,
-    /// Retention runs of this process that failed (each is logged; the capture goes on).
-    pub retention_failures: Arc<AtomicU64>,
+    pub counters: Arc<CompactorCounters>,
 }
 
 impl BackgroundCompactor {
@@ -68,18 +77,9 @@ impl BackgroundCompactor {
     ) -> BackgroundCompactor {
         let stop = Arc::new(AtomicBool::new(false));
         let failure = Arc::new(Mutex::new(None));
-        let compacted = Arc::new(AtomicU64::new(0));
-        let runs = Arc::new(AtomicU64::new(0));
-        let purged = Arc::new(AtomicU64::new(0));
-        let retention_failures = Arc::new(AtomicU64::new(0));
+        let counters: Arc<CompactorCounters> = Default::default();
         let (failed_tx, failed) = tokio::sync::watch::channel(false);
-        let (t_stop, t_failure, t_compacted, t_runs) = (
-            stop.clone(),
-            failure.clone(),
-            compacted.clone(),
-            runs.clone(),
-        );
-        let (t_purged, t_retention_failures) = (purged.clone(), retention_failures.clone());
+        let (t_stop, t_failure, t_counters) = (stop.clone(), failure.clone(), counters.clone());
         let join = std::thread::Builder::new()
             .name("pgtrail-compactor".into())
             .spawn(move || {
@@ -115,8 +115,13 @@ impl BackgroundCompactor {
                         });
                     result = outcome.map(|report| {
                         if let Some(report) = report.filter(|r| r.changes > 0) {
-                            t_compacted.fetch_add(report.changes, Ordering::Relaxed);
-                            t_runs.fetch_add(1, Ordering::Relaxed);
+                            t_counters
+                                .compacted
+                                .fetch_add(report.changes, Ordering::Relaxed);
+                            t_counters.runs.fetch_add(1, Ordering::Relaxed);
+                            t_counters
+                                .longest_lock_us
+                                .fetch_max(report.lock_us, Ordering::Relaxed);
                         }
                     });
                     // Holds and erasures asked for while the capture holds the archive
@@ -132,12 +137,7 @@ impl BackgroundCompactor {
                         && last_retention.is_none_or(|t| t.elapsed() >= retention.every)
                     {
                         last_retention = Some(Instant::now());
-                        apply_retention(
-                            &compactor,
-                            &log,
-                            retention,
-                            (&t_purged, &t_retention_failures),
-                        );
+                        apply_retention(&compactor, &log, retention, &t_counters);
                     }
                 }
                 // Stopped while a run failed: the failure is kept for `stop`, which reports it
@@ -155,10 +155,7 @@ impl BackgroundCompactor {
             join,
             failure,
             failed,
-            compacted,
-            runs,
-            purged,
-            retention_failures,
+            counters,
         }
     }
 
@@ -189,7 +186,7 @@ impl BackgroundCompactor {
 }
 
 /// Apply the retention policy once, saying what it did, and count the changes it redacted or
-/// the failed run in `(purged, failures)`.
+/// the failed run in `counters`.
 ///
 /// A failure is logged and does not stop the capture: stopping would leave the slot to hold
 /// WAL on the source, and a purge that failed part way is as safe as one that crashed (each
@@ -198,12 +195,12 @@ fn apply_retention(
     compactor: &Compactor,
     log: &SharedLog,
     policy: &RetentionPolicy,
-    (purged, failures): (&AtomicU64, &AtomicU64),
+    counters: &CompactorCounters,
 ) {
     match retention::apply(compactor, log, policy, pgtrail_store::now_us()) {
         Ok(outcomes) => {
             for o in outcomes {
-                purged.fetch_add(o.redacted, Ordering::Relaxed);
+                counters.purged.fetch_add(o.redacted, Ordering::Relaxed);
                 if o.redacted > 0 || o.counts.held > 0 {
                     tracing::info!(
                         rule = %o.rule,
@@ -222,7 +219,7 @@ fn apply_retention(
                 error = %e,
                 "retention: the purge failed; nothing it had not finished was erased, capture goes on and the next run tries again"
             );
-            failures.fetch_add(1, Ordering::Relaxed);
+            counters.retention_failures.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

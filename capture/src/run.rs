@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use pgtrail_store::Lsn;
 
-use crate::compaction::{BackgroundCompactor, CompactionPolicy};
+use crate::compaction::{BackgroundCompactor, CompactionPolicy, CompactorCounters};
 use crate::error::CaptureError;
 use crate::session::Session;
 use crate::source::SourceConfig;
@@ -85,6 +85,9 @@ pub struct Progress {
     pub compacted: u64,
     /// Compaction runs that wrote segments.
     pub compactions: u64,
+    /// The longest a compaction run held the log's write lock to list its segments and trim
+    /// the log, in microseconds: nothing was made durable (nor acknowledged) meanwhile.
+    pub longest_compaction_lock_us: u64,
     /// Changes the retention policy's purges redacted (`--retain`).
     pub purged: u64,
     /// Retention runs that failed (each logged; the capture goes on).
@@ -94,6 +97,16 @@ pub struct Progress {
     pub streaming: bool,
     /// How the replication connection is protected ("TLSv1.3 ..., server verified ...").
     pub security: String,
+}
+
+impl Progress {
+    fn count_compactions(&mut self, counters: &CompactorCounters) {
+        self.compacted = counters.compacted.load(Ordering::Relaxed);
+        self.compactions = counters.runs.load(Ordering::Relaxed);
+        self.longest_compaction_lock_us = counters.longest_lock_us.load(Ordering::Relaxed);
+        self.purged = counters.purged.load(Ordering::Relaxed);
+        self.retention_failures = counters.retention_failures.load(Ordering::Relaxed);
+    }
 }
 
 /// What [`run`] did before it stopped.
@@ -116,21 +129,11 @@ pub async fn run(
     let mut compactor = config.compaction.clone().map(|policy| {
         BackgroundCompactor::start(writer.shared_log(), config.archive.clone(), policy)
     });
-    let compacted = compactor.as_ref().map(|c| {
-        (
-            c.compacted.clone(),
-            c.runs.clone(),
-            c.purged.clone(),
-            c.retention_failures.clone(),
-        )
-    });
+    let counters = compactor.as_ref().map(|c| c.counters.clone());
     let mut on_progress = move |p: &Progress| {
         let mut p = p.clone();
-        if let Some((changes, runs, purged, failures)) = &compacted {
-            p.compacted = changes.load(Ordering::Relaxed);
-            p.compactions = runs.load(Ordering::Relaxed);
-            p.purged = purged.load(Ordering::Relaxed);
-            p.retention_failures = failures.load(Ordering::Relaxed);
+        if let Some(c) = &counters {
+            p.count_compactions(c);
         }
         on_progress(&p)
     };
@@ -208,8 +211,7 @@ pub async fn run(
     }
     summary.streaming = false;
     if let Some(c) = compactor {
-        summary.compacted = c.compacted.load(Ordering::Relaxed);
-        summary.compactions = c.runs.load(Ordering::Relaxed);
+        summary.count_compactions(&c.counters);
         if let Some(e) = c.stop() {
             writer.finish()?;
             return Err(CaptureError::Compaction(Some(Box::new(e))));

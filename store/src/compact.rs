@@ -128,6 +128,10 @@ pub struct CompactReport {
     pub checkpoint: Option<PathBuf>,
     /// Keyframes written after the run.
     pub keyframes_written: u64,
+    /// The longest time one commit of the run that listed new segments and trimmed the log
+    /// held the log's write lock, in microseconds: the writer could not make anything durable
+    /// (nor acknowledge it) meanwhile. 0 when the run compacted nothing.
+    pub lock_us: u64,
     /// Why the keyframes that were due were not written (the run itself succeeded: a
     /// keyframe only speeds `as_of` up, and the next run tries again).
     pub keyframe_error: Option<String>,
@@ -742,7 +746,8 @@ impl Compactor {
         // The one commit that lists the segments and trims the log (two-phase, durable).
         wtx.commit()?;
         // How long the writer could not commit (and so could not acknowledge) for this run.
-        let lock_ms = locked.elapsed().as_millis() as u64;
+        let lock_us = locked.elapsed().as_micros() as u64;
+        let lock_ms = lock_us / 1000;
         crashpoint::hit("compact:after_commit");
         if let Some(frontier) = frontier {
             report.tree_size = frontier.size();
@@ -752,6 +757,7 @@ impl Compactor {
         report.transactions += txns;
         report.segments_written += entries.len() as u64;
         report.compacted_through = cut;
+        report.lock_us = report.lock_us.max(lock_us);
         tracing::info!(changes = count, segments = entries.len(), through = %cut, lock_ms, "compacted the log into segments");
         Ok(())
     }

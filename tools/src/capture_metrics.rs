@@ -99,6 +99,11 @@ impl LatestProgress {
             p.lag_seconds,
         );
         out.gauge(
+            "pgtrail_capture_compaction_lock_longest_seconds",
+            "The longest a compaction run of this process held the log's write lock to list its segments and trim the log: nothing was made durable or acknowledged meanwhile.",
+            p.longest_compaction_lock_us as f64 / 1e6,
+        );
+        out.gauge(
             "pgtrail_capture_streaming",
             "1 while a replication session streams from the slot; 0 while connecting or waiting to reconnect.",
             f64::from(u8::from(p.streaming)),

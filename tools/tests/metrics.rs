@@ -177,6 +177,10 @@ fn capture_metrics_count_what_the_workload_did_and_show_reconnects_and_compactio
         "{m:#?}"
     );
     assert_eq!(m["pgtrail_archive_changes"], 300.0, "{m:#?}");
+    // A run listed segments under the write lock; its hold is reported (some time, well
+    // under the minute a stall would be).
+    let lock = m["pgtrail_capture_compaction_lock_longest_seconds"];
+    assert!(lock > 0.0 && lock < 60.0, "{m:#?}");
     assert!(m["pgtrail_archive_segments"] >= 1.0 && m["pgtrail_archive_segment_bytes"] > 0.0);
     let status = pgtrail()
         .args(["status", "--format", "json", "--archive"])

@@ -233,6 +233,46 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How far a capture has settled after its initial snapshot, as its progress callback (on
+/// the capture's task) reports it to the bench's thread.
+#[derive(Default)]
+struct Settling {
+    /// The capture streams from the slot: the initial snapshot is stored, so `snapshot_rows`
+    /// is final (zero for empty tables).
+    streaming: std::sync::atomic::AtomicBool,
+    snapshot_rows: std::sync::atomic::AtomicU64,
+    /// Changes the compactor has moved from the log into segments.
+    compacted: std::sync::atomic::AtomicU64,
+}
+
+impl Settling {
+    fn observe(&self, progress: &pgtrail_capture::Progress) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.snapshot_rows.store(progress.snapshot_rows, Relaxed);
+        self.compacted.store(progress.compacted, Relaxed);
+        self.streaming.store(progress.streaming, Relaxed);
+    }
+
+    /// The snapshot is stored and, if it was large enough to make a compaction due (at
+    /// `compaction_due_at` changes), compacted.
+    fn settled(&self, compaction_due_at: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let rows = self.snapshot_rows.load(Relaxed);
+        self.streaming.load(Relaxed)
+            && (rows < compaction_due_at || self.compacted.load(Relaxed) >= rows)
+    }
+
+    fn describe(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        format!(
+            "streaming {}, {} of {} snapshot rows compacted",
+            self.streaming.load(Relaxed),
+            self.compacted.load(Relaxed),
+            self.snapshot_rows.load(Relaxed)
+        )
+    }
+}
+
 /// pgtrail capturing `public.bench` from `url` into `archive` (no compaction, no stop LSN).
 fn bench_capture(url: &str, archive: &std::path::Path) -> anyhow::Result<CaptureConfig> {
     Ok(CaptureConfig {
@@ -926,20 +966,14 @@ fn overhead_suite(
                         }),
                     ));
                     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                    // The snapshot's rows and how many changes the compactor has moved.
-                    let settling: std::sync::Arc<[std::sync::atomic::AtomicU64; 2]> =
-                        Default::default();
+                    let settling: std::sync::Arc<Settling> = Default::default();
                     let seen = settling.clone();
                     let task = rt.spawn(pgtrail_capture::run(
                         config,
                         async move {
                             let _ = stopped.await;
                         },
-                        move |p| {
-                            use std::sync::atomic::Ordering::Relaxed;
-                            seen[0].store(p.snapshot_rows, Relaxed);
-                            seen[1].store(p.compacted, Relaxed);
-                        },
+                        move |p| seen.observe(p),
                     ));
                     // Measure once the initial snapshot is stored and the slot streams.
                     let deadline = Instant::now() + Duration::from_secs(600);
@@ -958,16 +992,11 @@ fn overhead_suite(
                     // reported beside (snapshot_settled); a snapshot too small to make a
                     // compaction due waits for nothing.
                     let streaming = Instant::now();
-                    loop {
-                        use std::sync::atomic::Ordering::Relaxed;
-                        let (rows, compacted) =
-                            (settling[0].load(Relaxed), settling[1].load(Relaxed));
-                        if rows > 0 && (rows < compaction_due_at || compacted >= rows) {
-                            break;
-                        }
+                    while !settling.settled(compaction_due_at) {
                         if Instant::now() > deadline || task.is_finished() {
                             bail!(
-                                "pgtrail did not compact its initial snapshot ({compacted} of {rows} rows)"
+                                "pgtrail did not compact its initial snapshot ({})",
+                                settling.describe()
                             );
                         }
                         std::thread::sleep(Duration::from_millis(200));
@@ -1067,6 +1096,13 @@ fn overhead_suite(
                 if summary.changes == 0 {
                     bail!("pgtrail captured nothing during pgbench");
                 }
+                // The snapshot's compaction (during the settle) and the runs' own: how long
+                // the writer could not acknowledge while one listed its segments.
+                lag_metrics.push((
+                    "compaction_lock_longest",
+                    summary.longest_compaction_lock_us as f64 / 1000.0,
+                    "ms",
+                ));
                 drop_slots(cluster, &db, Some("pgtrail"))?;
                 cluster.psql(&db, "DROP PUBLICATION pgtrail")?;
             }
@@ -1513,6 +1549,11 @@ fn print_report(
     if let Some(s) = m("pgtrail", "snapshot_settled") {
         println!(
             "Overhead: the TPS runs begin once pgtrail's initial snapshot is completed and compacted, {s:.1} s after it streamed (a one-off; the source idle meanwhile)"
+        );
+    }
+    if let Some(l) = m("pgtrail", "compaction_lock_longest") {
+        println!(
+            "Overhead: the longest a compaction held the log's write lock (no acknowledgement meanwhile), median over the repetitions: {l:.0} ms"
         );
     }
     queries::report(&medians);
