@@ -410,6 +410,37 @@ fn as_of_reconstructs_what_postgres_returned_at_each_moment_offline() {
             scanned.sort();
             assert!(!view.is_empty(), "{name} {key:?} has a history");
             assert_eq!(view, scanned, "row_history of {name} {key:?}");
+            // In change order when asked (row_history declares its order when it has checked
+            // it, and the sort is then left out): each change once, strictly rising.
+            let ordered = rt.block_on(async {
+                pgtrail_query::read_only_query(
+                    &ctx,
+                    &format!(
+                        "SELECT lsn, seq FROM row_history('{name}', {}) ORDER BY lsn, seq",
+                        args.join(", ")
+                    ),
+                )
+                .await
+                .unwrap()
+                .collect()
+                .await
+                .unwrap()
+            });
+            let positions: Vec<(u64, u32)> = ordered
+                .iter()
+                .flat_map(|b| {
+                    use datafusion::arrow::array::AsArray;
+                    use datafusion::arrow::datatypes::{UInt32Type, UInt64Type};
+                    let lsn = b.column(0).as_primitive::<UInt64Type>().clone();
+                    let seq = b.column(1).as_primitive::<UInt32Type>().clone();
+                    (0..b.num_rows()).map(move |i| (lsn.value(i), seq.value(i)))
+                })
+                .collect();
+            assert_eq!(positions.len(), view.len(), "{name} {key:?}");
+            assert!(
+                positions.windows(2).all(|w| w[0] < w[1]),
+                "row_history of {name} {key:?} in change order: {positions:?}"
+            );
             all.push(view);
         }
         all
