@@ -77,7 +77,12 @@ fn main() -> anyhow::Result<()> {
     for (i, mut t) in times.into_iter().enumerate() {
         t.sort_by(f64::total_cmp);
         if let (Some(min), Some(max)) = (t.first(), t.last()) {
-            println!("{},{:.2},{min:.2},{max:.2},{}", i + 1, t[t.len() / 2], t.len());
+            println!(
+                "{},{:.2},{min:.2},{max:.2},{}",
+                i + 1,
+                t[t.len() / 2],
+                t.len()
+            );
         }
     }
     Ok(())
