@@ -213,7 +213,13 @@ impl SegmentReader {
             // A read of a few rows (one key's, from its key-ordered copy) is asked again and
             // again of the same file; its footer with every page's location is parsed once.
             let metadata = footer_cache::load(path, &file).map_err(parquet_error)?;
-            let file = SpanReader::new(file, metadata.metadata().row_groups(), rows).map_err(
+            // The read ahead spans every column of its row groups: for a read of some columns
+            // only (a replay's key columns) it would fetch the others too, so it has none.
+            let ahead = match bounds.columns {
+                None => rows,
+                Some(_) => &[],
+            };
+            let file = SpanReader::new(file, metadata.metadata().row_groups(), ahead).map_err(
                 |source| SegmentError::Io {
                     path: path.to_path_buf(),
                     source,
@@ -1193,10 +1199,6 @@ fn group_range(rg: &RowGroupMetaData) -> RowGroupRange {
     }
 }
 
-/// Parsed footers, their pages' locations included, of the files read a few rows at a time.
-/// Parsing the page index of a key-ordered copy (18 row groups of 23 columns of up to 256
-/// pages: about 100,000 locations) was a third of a `row_history` request's time in `pgtrail
-/// serve`; it is the same for every request.
 /// A segment file whose bytes around a few selected rows were read in one go.
 ///
 /// A key's run of changes in the key-ordered copy sits in one or two row groups, a page of
@@ -1219,7 +1221,7 @@ impl SpanReader {
 
     /// `file`, with the row groups of `row_groups` that hold one of `rows` (sorted row
     /// numbers, counted across all row groups) read ahead if they are at most
-    /// [`Self::MAX_SPAN`] bytes from the first to the last.
+    /// [`Self::MAX_SPAN`] bytes from the first to the last (none with no `rows`).
     fn new(file: File, row_groups: &[RowGroupMetaData], rows: &[usize]) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
         let mut span: Option<(u64, u64)> = None;
@@ -1289,6 +1291,10 @@ impl ChunkReader for SpanReader {
     }
 }
 
+/// Parsed footers, their pages' locations included, of the files read a few rows at a time.
+/// Parsing the page index of a key-ordered copy (18 row groups of 23 columns of up to 256
+/// pages: about 100,000 locations) was a third of a `row_history` request's time in `pgtrail
+/// serve`; it is the same for every request.
 mod footer_cache {
     use std::collections::{HashMap, VecDeque};
     use std::fs::File;
