@@ -428,7 +428,9 @@ pub fn row_replay_diff_batch(
 /// `before` and `after`, then every column of the changes whose key equals the values (read
 /// to the key columns' types), and only of those (Parquet row selection). It applies when every
 /// schema version has the same primary key and each value reads as its column's type (else
-/// `None`: the row scan compares PostgreSQL's text). The changes come out in key order.
+/// `None`: the row scan compares PostgreSQL's text). The changes come out segment by segment
+/// in the table's segment order, each segment's in its row order, then the log tail's: change
+/// order when the segments do not overlap, which `RowHistory` checks before declaring it.
 fn row_history_columnar(
     archive: &ArchiveSnapshot,
     table: &TableHistory,
