@@ -13,10 +13,10 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::parquet::arrow::ProjectionMask;
 use datafusion::parquet::arrow::arrow_reader::{
-    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
-    RowSelector,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder, RowSelection, RowSelector,
 };
-use datafusion::parquet::file::metadata::{PageIndexPolicy, RowGroupMetaData};
+use datafusion::parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, RowGroupMetaData};
 use datafusion::parquet::file::page_index::column_index::ColumnIndexMetaData;
 use datafusion::parquet::file::reader::{ChunkReader, Length};
 use datafusion::parquet::file::statistics::Statistics;
@@ -91,6 +91,129 @@ struct ReadBounds<'a> {
     rows: Option<&'a [usize]>,
     /// Only this row group (of those `lsn` and `committed_at` keep).
     row_group: Option<usize>,
+}
+
+/// The segment's description and Arrow schema from its footer, checked: a pgtrail segment of a
+/// format version this code reads, whose columns are those its description implies.
+fn checked_description(
+    path: &Path,
+    metadata: &ArrowReaderMetadata,
+) -> Result<(SegmentContent, SchemaRef), SegmentError> {
+    let corrupt = |reason: String| SegmentError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let description = metadata
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .and_then(|kv| kv.iter().find(|kv| kv.key == SEGMENT_METADATA_KEY))
+        .and_then(|kv| kv.value.as_deref())
+        .ok_or_else(|| {
+            corrupt(format!(
+                "no {SEGMENT_METADATA_KEY} metadata: not a pgtrail segment"
+            ))
+        })?;
+    let description: Description = serde_json::from_str(description)
+        .map_err(|e| corrupt(format!("unreadable {SEGMENT_METADATA_KEY} metadata: {e}")))?;
+    // Every version up to this code's is read (there is one so far); a newer one is refused,
+    // naming both, rather than misread.
+    if description.format_version > SEGMENT_FORMAT_VERSION {
+        return Err(SegmentError::FormatVersion {
+            path: path.to_path_buf(),
+            found: description.format_version,
+            supported: SEGMENT_FORMAT_VERSION,
+        });
+    }
+    if description.format_version == 0 {
+        return Err(corrupt("segment format version 0 does not exist".into()));
+    }
+    let schema = metadata.schema().clone();
+    // Every later read takes the columns to be of the types the description implies; a file
+    // whose columns differ (damaged, or crafted) is refused here rather than panic there
+    // (found by the segment reader's fuzz target). The row-group statistics read next are
+    // those of columns 0 and 3, which this check makes sure exist.
+    let expected = super::segment_schema(&description.content);
+    let same = schema.fields().len() == expected.fields().len()
+        && schema
+            .fields()
+            .iter()
+            .zip(expected.fields())
+            .all(|(found, want)| {
+                found.name() == want.name() && found.data_type().equals_datatype(want.data_type())
+            });
+    if !same {
+        return Err(corrupt(
+            "its columns do not match the table its metadata describes".into(),
+        ));
+    }
+    Ok((description.content, schema))
+}
+
+/// The row groups a read of `bounds` takes, in file order, and its rows renumbered across them.
+struct ChosenRowGroups {
+    groups: Vec<usize>,
+    selection: Option<RowSelection>,
+}
+
+impl ChosenRowGroups {
+    /// The row groups whose `lsn` and `committed_at` statistics overlap the bounds (only
+    /// `row_group` if given) and, with `rows`, only those holding one of them. A row group in
+    /// the read costs a page reader, a decompression context and its pages' locations for
+    /// every column even when all its rows are skipped (with 18 row groups of 23 columns, 414
+    /// of them for one key's few rows; the contexts alone were a third of a `row_history`
+    /// request's time). The segment reader and its read ahead both take this one list, so
+    /// they cannot disagree on which row groups a row's number falls in.
+    fn new(metadata: &ParquetMetaData, bounds: &ReadBounds<'_>) -> Self {
+        let (lsn, committed_at) = (bounds.lsn, bounds.committed_at);
+        let kept = metadata
+            .row_groups()
+            .iter()
+            .enumerate()
+            .filter(|(_, rg)| {
+                let range = |i: usize| match rg.column(i).statistics() {
+                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
+                    _ => None,
+                };
+                // UInt64 is stored as INT64 with the same bits; LSNs stay below 2^63.
+                let lsn_ok =
+                    range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
+                let time_ok =
+                    range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
+                lsn_ok && time_ok
+            })
+            .map(|(i, _)| i)
+            .filter(|i| bounds.row_group.is_none_or(|only| only == *i));
+        let Some(rows) = bounds.rows else {
+            return ChosenRowGroups {
+                groups: kept.collect(),
+                selection: None,
+            };
+        };
+        // `rows` are numbered across the row groups kept; they are renumbered across those
+        // left, as the reader numbers them.
+        let mut groups = Vec::new();
+        let mut renumbered = Vec::with_capacity(rows.len());
+        let (mut start, mut next, mut chosen_rows) = (0usize, 0usize, 0usize);
+        for group in kept {
+            let len = metadata.row_group(group).num_rows().max(0) as usize;
+            let end = start + len;
+            let first = next;
+            while next < rows.len() && rows[next] < end {
+                next += 1;
+            }
+            if next > first {
+                renumbered.extend(rows[first..next].iter().map(|r| r - start + chosen_rows));
+                groups.push(group);
+                chosen_rows += len;
+            }
+            start = end;
+        }
+        ChosenRowGroups {
+            groups,
+            selection: Some(row_selection(&renumbered, chosen_rows)),
+        }
+    }
 }
 
 /// The selection of `rows` (sorted, distinct) out of `total`: runs of selected rows and the
@@ -202,125 +325,38 @@ impl SegmentReader {
         batch_rows: usize,
         bounds: ReadBounds<'_>,
     ) -> Result<SegmentReader, SegmentError> {
-        // With a row selection, the page locations let the reader skip the pages that hold
-        // none of the rows unread (without them it decompresses every page to skip rows).
-        let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip);
         let parquet_error = |source| SegmentError::Parquet {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(rows) = bounds.rows {
+        let metadata = if bounds.rows.is_some() {
             // A read of a few rows (one key's, from its key-ordered copy) is asked again and
             // again of the same file; its footer with every page's location is parsed once.
-            let metadata = footer_cache::load(path, &file).map_err(parquet_error)?;
-            // The read ahead spans every column of its row groups: for a read of some columns
-            // only (a replay's key columns) it would fetch the others too, so it has none.
-            let ahead = match bounds.columns {
-                None => rows,
-                Some(_) => &[],
-            };
-            let file = SpanReader::new(file, metadata.metadata().row_groups(), ahead).map_err(
-                |source| SegmentError::Io {
+            footer_cache::load(path, &file)
+        } else {
+            // With a row selection, the page locations let the reader skip the pages that
+            // hold none of the rows unread; without one they are not needed.
+            let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip);
+            ArrowReaderMetadata::load(&file, options)
+        }
+        .map_err(parquet_error)?;
+        let (content, schema) = checked_description(path, &metadata)?;
+        let chosen = ChosenRowGroups::new(metadata.metadata(), &bounds);
+        // The read ahead spans every column of its row groups: for a read of some columns
+        // only (a replay's key columns) it would fetch the others too, so it has none.
+        let ahead = match (bounds.rows, bounds.columns) {
+            (Some(_), None) => chosen.groups.as_slice(),
+            _ => &[],
+        };
+        let file =
+            SpanReader::new(file, metadata.metadata().row_groups(), ahead).map_err(|source| {
+                SegmentError::Io {
                     path: path.to_path_buf(),
                     source,
-                },
-            )?;
-            let builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata);
-            Self::build(path, builder, batch_rows, bounds)
-        } else {
-            let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-                .map_err(parquet_error)?;
-            Self::build(path, builder, batch_rows, bounds)
-        }
-    }
-
-    /// The reader of what `bounds` asks for, from `builder` over the file at `path` (its
-    /// description and columns checked first).
-    fn build<T: ChunkReader + 'static>(
-        path: &Path,
-        builder: ParquetRecordBatchReaderBuilder<T>,
-        batch_rows: usize,
-        bounds: ReadBounds<'_>,
-    ) -> Result<SegmentReader, SegmentError> {
-        let ReadBounds {
-            lsn,
-            committed_at,
-            columns,
-            rows,
-            row_group,
-        } = bounds;
-        let description = builder
-            .metadata()
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|kv| kv.key == SEGMENT_METADATA_KEY))
-            .and_then(|kv| kv.value.as_deref())
-            .ok_or_else(|| SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("no {SEGMENT_METADATA_KEY} metadata: not a pgtrail segment"),
+                }
             })?;
-        let description: Description =
-            serde_json::from_str(description).map_err(|e| SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                reason: format!("unreadable {SEGMENT_METADATA_KEY} metadata: {e}"),
-            })?;
-        // Every version up to this code's is read (there is one so far); a newer one is
-        // refused, naming both, rather than misread.
-        if description.format_version > SEGMENT_FORMAT_VERSION {
-            return Err(SegmentError::FormatVersion {
-                path: path.to_path_buf(),
-                found: description.format_version,
-                supported: SEGMENT_FORMAT_VERSION,
-            });
-        }
-        if description.format_version == 0 {
-            return Err(SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                reason: "segment format version 0 does not exist".into(),
-            });
-        }
-        let schema = builder.schema().clone();
-        // Every later read takes the columns to be of the types the description implies; a
-        // file whose columns differ (damaged, or crafted) is refused here rather than panic
-        // there (found by the segment reader's fuzz target).
-        let expected = super::segment_schema(&description.content);
-        let same = schema.fields().len() == expected.fields().len()
-            && schema
-                .fields()
-                .iter()
-                .zip(expected.fields())
-                .all(|(found, want)| {
-                    found.name() == want.name()
-                        && found.data_type().equals_datatype(want.data_type())
-                });
-        if !same {
-            return Err(SegmentError::Corrupt {
-                path: path.to_path_buf(),
-                reason: "its columns do not match the table its metadata describes".into(),
-            });
-        }
-        let mut keep: Vec<usize> = builder
-            .metadata()
-            .row_groups()
-            .iter()
-            .enumerate()
-            .filter(|(_, rg)| {
-                let range = |i: usize| match rg.column(i).statistics() {
-                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
-                    _ => None,
-                };
-                // UInt64 is stored as INT64 with the same bits; LSNs stay below 2^63.
-                let lsn_ok =
-                    range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
-                let time_ok =
-                    range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
-                lsn_ok && time_ok
-            })
-            .map(|(i, _)| i)
-            .filter(|i| row_group.is_none_or(|only| only == *i))
-            .collect();
-        let mut builder = builder;
-        if let Some(columns) = columns {
+        let mut builder = ParquetRecordBatchReaderBuilder::new_with_metadata(file, metadata);
+        if let Some(columns) = bounds.columns {
             let descr = builder.parquet_schema();
             let leaves: Vec<usize> = (0..descr.num_columns())
                 .filter(|&i| {
@@ -333,35 +369,11 @@ impl SegmentReader {
             let mask = ProjectionMask::leaves(descr, leaves);
             builder = builder.with_projection(mask);
         }
-        if let Some(rows) = rows {
-            // Only the row groups holding one of `rows` are read: a row group in the read
-            // costs a page reader, a decompression context and its pages' locations for
-            // every column even when all its rows are skipped (with 18 row groups of 23
-            // columns, 414 of them for one key's few rows; the contexts alone were a third of
-            // a `row_history` request's time). `rows` are renumbered across the row groups
-            // left, as the reader numbers them.
-            let mut narrowed = Vec::with_capacity(keep.len());
-            let mut renumbered = Vec::with_capacity(rows.len());
-            let (mut start, mut next, mut narrowed_rows) = (0usize, 0usize, 0usize);
-            for &group in &keep {
-                let len = builder.metadata().row_group(group).num_rows().max(0) as usize;
-                let end = start + len;
-                let first = next;
-                while next < rows.len() && rows[next] < end {
-                    next += 1;
-                }
-                if next > first {
-                    renumbered.extend(rows[first..next].iter().map(|r| r - start + narrowed_rows));
-                    narrowed.push(group);
-                    narrowed_rows += len;
-                }
-                start = end;
-            }
-            keep = narrowed;
-            builder = builder.with_row_selection(row_selection(&renumbered, narrowed_rows));
+        if let Some(selection) = chosen.selection {
+            builder = builder.with_row_selection(selection);
         }
         let reader = builder
-            .with_row_groups(keep)
+            .with_row_groups(chosen.groups)
             .with_batch_size(batch_rows.max(1))
             .build()
             .map_err(|source| SegmentError::Parquet {
@@ -370,7 +382,7 @@ impl SegmentReader {
             })?;
         Ok(SegmentReader {
             path: path.to_path_buf(),
-            content: description.content,
+            content,
             schema,
             reader,
         })
@@ -981,6 +993,60 @@ mod tests {
         }
     }
 
+    /// The read ahead spans the row groups the selection reads and no others, however its
+    /// rows are numbered: across every row group, across those LSN bounds keep, or within one
+    /// row group.
+    #[test]
+    fn the_read_ahead_spans_the_row_groups_a_selection_reads() {
+        // 60 changes at LSNs 100..=6000, row group g holding LSNs 100 * (7g + 1) to 100 * (7g + 7).
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_of(dir.path(), "s", 60);
+        let file = File::open(&path).unwrap();
+        let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::new()).unwrap();
+        let row_groups = metadata.metadata().row_groups();
+        let bytes_of = |groups: &[usize]| {
+            groups
+                .iter()
+                .flat_map(|&g| row_groups[g].columns())
+                .map(|c| (c.byte_range().0, c.byte_range().0 + c.byte_range().1))
+                .reduce(|(lo, hi), (s, e)| (lo.min(s), hi.max(e)))
+                .unwrap()
+        };
+        let everything = (0, u64::MAX);
+        for (lsn, row_group, rows, want) in [
+            (everything, None, vec![8], vec![1]),
+            (everything, None, vec![0, 59], vec![0, 8]),
+            // LSNs 1,500 to 4,000 keep row groups 2 to 5; rows are numbered from group 2's first.
+            ((1500, 4000), None, vec![0, 27], vec![2, 5]),
+            // Rows of row group 4, numbered within it.
+            (everything, Some(4), vec![0, 1], vec![4]),
+        ] {
+            let bounds = ReadBounds {
+                lsn,
+                committed_at: (i64::MIN, i64::MAX),
+                columns: None,
+                rows: Some(&rows),
+                row_group,
+            };
+            let chosen = ChosenRowGroups::new(metadata.metadata(), &bounds);
+            assert_eq!(
+                chosen.groups, want,
+                "rows {rows:?} of {lsn:?}, {row_group:?}"
+            );
+            let ahead =
+                SpanReader::new(File::open(&path).unwrap(), row_groups, &chosen.groups).unwrap();
+            let span = (ahead.start, ahead.start + ahead.bytes.len() as u64);
+            assert_eq!(
+                span,
+                bytes_of(&want),
+                "rows {rows:?} of {lsn:?}, {row_group:?}"
+            );
+        }
+        // Nothing chosen, nothing read ahead: every byte comes from the file.
+        let none = SpanReader::new(File::open(&path).unwrap(), row_groups, &[]).unwrap();
+        assert!(none.bytes.is_empty());
+    }
+
     /// A file put in the place of another under the same name (as a compaction renames a new
     /// key-ordered copy over the old one) is read with its own footer, never with the one
     /// kept from the file it replaced.
@@ -1219,27 +1285,20 @@ impl SpanReader {
     /// The most read ahead for one selection; larger row groups are read page by page.
     const MAX_SPAN: u64 = 4 << 20;
 
-    /// `file`, with the row groups of `row_groups` that hold one of `rows` (sorted row
-    /// numbers, counted across all row groups) read ahead if they are at most
-    /// [`Self::MAX_SPAN`] bytes from the first to the last (none with no `rows`).
-    fn new(file: File, row_groups: &[RowGroupMetaData], rows: &[usize]) -> std::io::Result<Self> {
+    /// `file`, with the row groups `groups` (indexes into `row_groups`, as
+    /// [`ChosenRowGroups`] lists those holding a read's rows) read ahead if they are at most
+    /// [`Self::MAX_SPAN`] bytes from the first to the last (nothing with no `groups`).
+    fn new(file: File, row_groups: &[RowGroupMetaData], groups: &[usize]) -> std::io::Result<Self> {
         let len = file.metadata()?.len();
-        let mut span: Option<(u64, u64)> = None;
-        let mut first_row = 0usize;
-        for group in row_groups {
-            let end_row = first_row + group.num_rows().max(0) as usize;
-            // `rows` is sorted: the first at or after this group's start says whether it
-            // holds any.
-            let at = rows.partition_point(|&r| r < first_row);
-            if rows.get(at).is_some_and(|&r| r < end_row) {
-                for column in group.columns() {
-                    let (start, length) = column.byte_range();
-                    let (lo, hi) = span.unwrap_or((start, start + length));
-                    span = Some((lo.min(start), hi.max(start + length)));
-                }
-            }
-            first_row = end_row;
-        }
+        let span = groups
+            .iter()
+            .filter_map(|&group| row_groups.get(group))
+            .flat_map(RowGroupMetaData::columns)
+            .map(|column| {
+                let (start, length) = column.byte_range();
+                (start, start.saturating_add(length))
+            })
+            .reduce(|(lo, hi), (start, end)| (lo.min(start), hi.max(end)));
         let (start, bytes) = match span {
             Some((lo, hi)) if hi > lo && hi - lo <= Self::MAX_SPAN && hi <= len => {
                 let mut buffer = vec![0u8; (hi - lo) as usize];
