@@ -148,8 +148,18 @@ async fn query(
     sql: &str,
     max_rows: usize,
 ) -> Result<Answer, ApiError> {
-    let plan = async { Ok(pgtrail_query::read_only_query(ctx, sql).await?) };
-    run(state, plan, max_rows).await
+    run(state, plan_off_runtime(ctx, sql), max_rows).await
+}
+
+/// `sql` (read-only) planned on a blocking thread. A table function (`row_history`, `as_of`,
+/// `diff`) reads its segments while it is planned, synchronously: on a runtime worker that
+/// read would stall every other request and stream the worker serves. The query's execution
+/// is off the runtime already (its scans read on blocking threads). When the request's time
+/// limit ends first, the planning finishes on its thread and its result is dropped.
+async fn plan_off_runtime(ctx: &SessionContext, sql: &str) -> Result<DataFrame, ApiError> {
+    let (ctx, sql) = (ctx.clone(), sql.to_owned());
+    let runtime = tokio::runtime::Handle::current();
+    off_runtime(move || runtime.block_on(pgtrail_query::read_only_query(&ctx, &sql))).await
 }
 
 /// Plan and run a query: at most `max_rows` rows (then `truncated`), within the request's
