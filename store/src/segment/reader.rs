@@ -131,8 +131,7 @@ fn checked_description(
     let schema = metadata.schema().clone();
     // Every later read takes the columns to be of the types the description implies; a file
     // whose columns differ (damaged, or crafted) is refused here rather than panic there
-    // (found by the segment reader's fuzz target). The row-group statistics read next are
-    // those of columns 0 and 3, which this check makes sure exist.
+    // (found by the segment reader's fuzz target).
     let expected = super::segment_schema(&description.content);
     let same = schema.fields().len() == expected.fields().len()
         && schema
@@ -171,15 +170,11 @@ impl ChosenRowGroups {
             .iter()
             .enumerate()
             .filter(|(_, rg)| {
-                let range = |i: usize| match rg.column(i).statistics() {
-                    Some(Statistics::Int64(s)) => s.min_opt().copied().zip(s.max_opt().copied()),
-                    _ => None,
-                };
-                // UInt64 is stored as INT64 with the same bits; LSNs stay below 2^63.
-                let lsn_ok =
-                    range(0).is_none_or(|(lo, hi)| (hi as u64) >= lsn.0 && (lo as u64) <= lsn.1);
-                let time_ok =
-                    range(3).is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
+                let range = group_range(rg);
+                let lsn_ok = range.lsn.is_none_or(|(lo, hi)| hi >= lsn.0 && lo <= lsn.1);
+                let time_ok = range
+                    .committed_at
+                    .is_none_or(|(lo, hi)| hi >= committed_at.0 && lo <= committed_at.1);
                 lsn_ok && time_ok
             })
             .map(|(i, _)| i)
@@ -334,8 +329,8 @@ impl SegmentReader {
             // again of the same file; its footer with every page's location is parsed once.
             footer_cache::load(path, &file)
         } else {
-            // With a row selection, the page locations let the reader skip the pages that
-            // hold none of the rows unread; without one they are not needed.
+            // A read of every row decodes every page: it needs no page locations (a row
+            // selection's read has them, from the cache, to skip pages unread).
             let options = ArrowReaderOptions::new().with_page_index_policy(PageIndexPolicy::Skip);
             ArrowReaderMetadata::load(&file, options)
         }
